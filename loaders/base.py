@@ -1,0 +1,104 @@
+"""What every loader backend shares: its arguments, its output, and the device-side prefetcher."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+from moco_fast.augment import AugSpec
+
+
+class Batch(NamedTuple):
+    im_q: torch.Tensor  # N x 3 x H x W, on the device, trainer dtype and memory format
+    im_k: torch.Tensor  # N x 3 x H x W, a second independent view of the same images
+    label: torch.Tensor  # N, long
+    index: torch.Tensor  # N, long: position of each sample in the dataset
+
+
+@dataclass
+class LoaderArgs:
+    data: str | None  # a data root (see moco_fast.data), a backend-specific file, or None: demo set
+    aug: AugSpec
+    batch_size: int  # per process
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = True
+    workers: int = 4
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    synthetic_steps: int = 100
+    check_images: bool = True
+
+
+class TrainLoader(Protocol):
+    num_images: int
+    classes: list[str]
+
+    def __len__(self) -> int: ...  # steps per epoch (drop_last: every rank runs the same number)
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
+def normalize_on_device(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format
+) -> torch.Tensor:
+    """uint8 N x 3 x H x W (any device) -> normalised `dtype` on mean's device. mean/std: 1x3x1x1, 0-255."""
+    x = x.to(mean.device, non_blocking=True)
+    return ((x.float() - mean) / std).to(dtype).contiguous(memory_format=memory_format)
+
+
+def mean_std_255(spec: AugSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
+class DevicePrefetcher:
+    """Moves uint8 NCHW batches to the device, normalises them there, and casts to the trainer's
+    dtype and memory format. On CUDA the copy and the normalisation run on a side stream one batch
+    ahead, so they overlap the step (timm's PrefetchLoader idea).
+
+    `source` yields (view1_uint8, view2_uint8, label, index) on the host.
+    """
+
+    def __init__(self, source: Iterable, spec: AugSpec, device: torch.device, dtype: torch.dtype, channels_last: bool):
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean, self.std = mean_std_255(spec, device)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _prepare(self, item) -> Batch:
+        v1, v2, label, index = item
+        v1, v2 = (normalize_on_device(v, self.mean, self.std, self.dtype, self.memory_format) for v in (v1, v2))
+        return Batch(v1, v2, label.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.stream is None:
+            for item in self.source:
+                yield self._prepare(item)
+            return
+        it = iter(self.source)
+        nxt = self._next_on_stream(it)
+        while nxt is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            batch = nxt
+            for t in batch:
+                t.record_stream(torch.cuda.current_stream(self.device))
+            nxt = self._next_on_stream(it)
+            yield batch
+
+    def _next_on_stream(self, it) -> Batch | None:
+        try:
+            item = next(it)
+        except StopIteration:
+            return None
+        with torch.cuda.stream(self.stream):
+            return self._prepare(item)

@@ -1,0 +1,45 @@
+"""Random tensors made once on the device: measures the trainer alone, with no data cost."""
+
+from __future__ import annotations
+
+import torch
+
+from . import register_loader
+from .base import Batch, LoaderArgs
+
+
+class SyntheticLoader:
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, args: LoaderArgs):
+        self.args = args
+        self.num_images = args.batch_size * args.synthetic_steps * args.world_size
+        g = torch.Generator(device="cpu").manual_seed(args.seed + args.rank)
+        shape = (args.batch_size, 3, args.aug.image_size, args.aug.image_size)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+
+        def view() -> torch.Tensor:
+            return torch.randn(shape, generator=g).to(args.device, args.dtype).contiguous(memory_format=fmt)
+
+        start = args.rank * args.batch_size
+        self.batch = Batch(
+            view(),
+            view(),
+            torch.randint(len(self.classes), (args.batch_size,), generator=g).to(args.device),
+            torch.arange(start, start + args.batch_size).to(args.device),
+        )
+
+    def __len__(self) -> int:
+        return self.args.synthetic_steps
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            yield self.batch
+
+
+@register_loader("synthetic")
+def build_synthetic_loader(args: LoaderArgs) -> SyntheticLoader:
+    return SyntheticLoader(args)

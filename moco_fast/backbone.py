@@ -1,0 +1,92 @@
+"""Backbones: any torchvision ResNet, with an optional CIFAR stem and split BatchNorm."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torchvision
+from torch import nn
+
+from moco_fast.config import ConfigError
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics come from `num_splits` equal sub-batches.
+
+    On one device this stands in for the paper's per-GPU BatchNorm: with the key batch shuffled
+    before the key encoder, a query and its positive key never share BN statistics, so the model
+    cannot cheat through them. Works for any memory format (no reshape-to-channels trick, which
+    would force a copy of a channels-last tensor). Running statistics are the mean of the
+    sub-batches' statistics, as in the official MoCo CIFAR demo.
+    """
+
+    def __init__(self, num_features: int, num_splits: int = 1, **kw):
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.num_splits
+        if not self.training or s == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % s:
+            raise ValueError(f"batch {n} is not divisible by bn_splits={s}")
+        xs = x.view(s, n // s, c, h, w)  # a view for NCHW and channels-last alike
+        var, mean = torch.var_mean(xs.float(), dim=(1, 3, 4), correction=0, keepdim=True)  # s,1,C,1,1
+        with torch.no_grad():
+            cnt = (n // s) * h * w
+            unbiased = var.mean(0).flatten() * (cnt / max(cnt - 1, 1))
+            mom = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.lerp_(mean.mean(0).flatten(), mom)
+            self.running_var.lerp_(unbiased, mom)
+            self.num_batches_tracked.add_(1)
+        scale = self.weight.view(1, 1, c, 1, 1) * torch.rsqrt(var + self.eps)
+        shift = self.bias.view(1, 1, c, 1, 1) - mean * scale
+        return (xs * scale.to(x.dtype) + shift.to(x.dtype)).view(n, c, h, w)
+
+
+def resolve_stem(stem: str, image_size: int) -> str:
+    if stem == "auto":
+        return "cifar" if image_size <= 64 else "imagenet"
+    if stem not in ("cifar", "imagenet"):
+        raise ConfigError(f"unknown stem {stem!r}: use cifar, imagenet or auto")
+    return stem
+
+
+def build_backbone(arch: str, stem: str = "imagenet", bn_splits: int = 1) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its classifier (`fc` is Identity) and its feature width."""
+    if not arch.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(torchvision.models, arch):
+        raise ConfigError(f"unknown arch {arch!r}: use a torchvision ResNet such as resnet18 or resnet50")
+    norm = partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    width = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, width
+
+
+def build_head(width: int, dim: int, mlp: bool) -> nn.Module:
+    """MoCo v1: one linear layer; v2: Linear-ReLU-Linear."""
+    if not mlp:
+        return nn.Linear(width, dim)
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+
+
+def set_bn_splits(module: nn.Module, num_splits: int) -> None:
+    for m in module.modules():
+        if isinstance(m, SplitBatchNorm2d):
+            m.num_splits = num_splits
+
+
+def plain_bn_state(module: nn.Module) -> None:
+    """Turn SplitBatchNorm2d layers back into nn.BatchNorm2d in place (for export and eval)."""
+    for name, child in module.named_children():
+        if isinstance(child, SplitBatchNorm2d):
+            bn = nn.BatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            plain_bn_state(child)

@@ -1,0 +1,89 @@
+"""Checkpoints that continue a run exactly: written atomically, holding every piece of state."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moco_fast.data import DataError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(states)
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
+    half-written checkpoint under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise DataError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def find_resume(resume: str | None, out: str | Path) -> Path | None:
+    """`--resume` with no path means the last checkpoint in `out`; None when there is none."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        p = Path(out) / CHECKPOINT_NAME
+        return p if p.is_file() else None
+    p = Path(resume)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {p}")
+    return p
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu"):
+    """(MoCo model in eval mode, TrainConfig) from a training checkpoint."""
+    from moco_fast.config import from_dict
+    from moco_fast.model import MoCo
+
+    state = load(path, map_location="cpu")
+    if "model" not in state or "config" not in state:
+        raise DataError(f"{path} is not a moco-fast training checkpoint")
+    cfg = from_dict(state["config"])
+    model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=state.get("num_images", 0))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg

@@ -1,0 +1,48 @@
+"""`moco-fast knn`: weighted kNN accuracy of a checkpoint's features."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "knn",
+        help="weighted kNN accuracy of a checkpoint (k=200, t=0.1)",
+        description="Weighted kNN (Wu et al. 2018) on L2-normalised features: the train split is the memory, "
+        "val/ or test/ the queries. Prints top-1.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="a moco-fast training checkpoint (OUT/checkpoint.pt)")
+    p.add_argument("--data", help="a root with train/ and val/ or test/ (default: the demo set)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--k", type=int, default=200, help="neighbours")
+    p.add_argument("--t", type=float, default=0.1, help="temperature of the neighbour weights")
+    p.add_argument("--features", choices=["backbone", "head", "both"], default="backbone",
+                   help="pooled backbone features, the MoCo head's output, or both")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moco_fast.checkpoint import load_model
+    from moco_fast.data import DataError, load_splits
+    from moco_fast.knn import knn_accuracy
+    from moco_fast.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.checkpoint, device)
+    splits = load_splits(args.data)
+    if splits.eval is None:
+        raise DataError("kNN needs an eval split: a data root holding train/ and val/ or test/")
+    nets = {"backbone": model.backbone(), "head": model.encoder_q}
+    names = ["backbone", "head"] if args.features == "both" else [args.features]
+    for name in names:
+        with torch.no_grad():
+            acc = knn_accuracy(nets[name], splits.train, splits.eval, cfg.data.aug, device, args.k, args.t,
+                               args.batch_size, args.workers)
+        print(f"kNN top-1 ({name}, k={args.k}, t={args.t}): {acc:.2f}%")
+    return 0

@@ -1,0 +1,180 @@
+"""Nested dataclass configs. Each default lives here once; presets only override fields.
+
+The resolved config is written to `<out>/config.json` by the trainer and stored in checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from moco_fast.augment import AUG_PRESETS, AugSpec
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    # "imagenet": the torchvision stem (7x7 conv, stride 2, max-pool); "cifar": 3x3 conv, no pool.
+    # "auto" picks "cifar" for images of 64 px or less.
+    stem: str = "auto"
+    dim: int = 128
+    mlp: bool = True
+
+
+@dataclass
+class MoCoConfig:
+    # "moco": momentum encoder + queue; "memory-bank": one momentum-updated feature per image;
+    # "end-to-end": keys from the query encoder, the current batch is the only set of negatives.
+    mechanism: str = "moco"
+    k: int = 65536
+    m: float = 0.999
+    t: float = 0.2
+    symmetric: bool = False
+    shuffle_bn: bool = True
+    # Sub-batches with their own BN statistics that emulate the paper's 8 GPUs on one device.
+    bn_splits: int = 8
+    # Memory-bank momentum (Wu et al. 2018).
+    bank_m: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 200
+    batch_size: int = 256  # per process; the learning rate scales with the global batch
+    lr: float = 0.03  # for a global batch of 256; scaled by global_batch / 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # "cosine" or "step"
+    lr_steps: tuple[float, ...] = (0.6, 0.8)  # fractions of the run, for "step"
+
+
+@dataclass
+class DataConfig:
+    data: str | None = None  # None: the demo set shipped in the package
+    loader: str = "torch"
+    workers: int = 4
+    aug: AugSpec = field(default_factory=AugSpec)
+    synthetic_steps: int = 100  # steps per epoch of the synthetic loader
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"
+    amp: str = "auto"  # "bf16", "fp16", "off"; "auto": bf16 on CUDA, off on the CPU
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    out: str = "runs/moco"
+    resume: str | None = None  # "auto" (last checkpoint in out) or a path
+    knn_every: int = 0
+    final_knn: bool = True  # kNN after the last epoch when the data has an eval split
+    knn_baseline: bool = False  # also the kNN of a randomly initialised backbone, for comparison
+    knn_k: int = 200
+    knn_t: float = 0.1
+    log_every: int = 10  # steps between host syncs for the progress bar
+    gpus: int = 1
+    sync_bn: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    preset: str = "v2"
+
+
+class ConfigError(ValueError):
+    """Settings that contradict each other or the machine: the CLI prints it as one line."""
+
+
+# Presets: overrides on top of the dataclass defaults, as dotted names.
+PRESETS: dict[str, dict[str, Any]] = {
+    # MoCo v1: linear head, T=0.07, step schedule at 120/160 of 200 epochs, v1 augmentations.
+    "v1": {"model.mlp": False, "moco.t": 0.07, "optim.schedule": "step"},
+    # MoCo v2: MLP head, T=0.2, cosine schedule, blur.
+    "v2": {},
+    # The official MoCo CIFAR-10 demo (ResNet-18, CIFAR stem, 128-d linear head, split BN with 8
+    # splits, K 4096, m 0.99, T 0.1, batch 512, lr 0.06 cosine, wd 5e-4).
+    "cifar": {
+        "model.arch": "resnet18",
+        "model.stem": "cifar",
+        "model.mlp": False,
+        "moco.k": 4096,
+        "moco.m": 0.99,
+        "moco.t": 0.1,
+        "optim.batch_size": 512,
+        "optim.lr": 0.06 * 256 / 512,
+        "optim.weight_decay": 5e-4,
+    },
+    # `moco-fast train` with no --data: the CIFAR-10 demo set on a laptop-class CPU in minutes. The
+    # ImageNet stem (stride 4 before layer1) makes a ResNet-18 step ~10x cheaper at 32 px than the
+    # CIFAR stem, which buys many more epochs in the same time.
+    "demo": {
+        "model.arch": "resnet18",
+        "model.stem": "imagenet",
+        "model.mlp": False,
+        "moco.k": 1024,
+        "moco.m": 0.99,
+        "moco.t": 0.1,
+        "optim.epochs": 15,
+        "optim.batch_size": 128,
+        "optim.lr": 0.06 * 256 / 512,
+        "optim.weight_decay": 5e-4,
+        "runtime.knn_baseline": True,
+        "runtime.out": "runs/demo",
+    },
+}
+
+
+def set_dotted(cfg: Any, name: str, value: Any) -> None:
+    *path, last = name.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part)
+    if not any(f.name == last for f in fields(obj)):
+        raise KeyError(f"unknown config field {name!r}")
+    setattr(obj, last, value)
+
+
+def build_config(preset: str = "v2", overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the preset, then explicit overrides (None values are ignored)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = TrainConfig(preset=preset)
+    cfg.data.aug = AUG_PRESETS[preset]
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for name, value in {**PRESETS[preset], **given}.items():
+        set_dotted(cfg, name, value)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> TrainConfig:
+    def build(cls: type, values: dict[str, Any]) -> Any:
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                kwargs[f.name] = build(f.default_factory, v)  # type: ignore[arg-type]
+            elif isinstance(v, list):
+                kwargs[f.name] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+            else:
+                kwargs[f.name] = v
+        return cls(**kwargs)
+
+    return build(TrainConfig, d)
+
+
+def save_json(cfg: TrainConfig, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(to_dict(cfg), fh, indent=2, sort_keys=True)

@@ -1,0 +1,80 @@
+"""Weighted kNN monitor (Wu et al. 2018; the official MoCo CIFAR demo): k=200, t=0.1 on
+L2-normalised backbone features; the train split is the memory bank, val/test the queries."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from moco_fast.augment import AugSpec
+from moco_fast.data import ImageDataset, ImageList
+from moco_fast.loaders.base import mean_std_255, normalize_on_device
+from moco_fast.loaders.torch_loader import eval_transform
+
+
+def _collate(items):
+    x, y, _ = zip(*items, strict=True)
+    return torch.stack(x), torch.tensor(y)
+
+
+@torch.no_grad()
+def extract_features(
+    net: nn.Module,
+    images: ImageList,
+    spec: AugSpec,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 2,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N x D L2-normalised fp32 features, N labels), both on `device`. `net` maps images to N x D."""
+    was_training = net.training
+    net.eval()
+    ds = ImageDataset(images, eval_transform(spec.image_size))
+    dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate, shuffle=False)
+    mean, std = mean_std_255(spec, device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feats, labels = [], []
+    for x, y in dl:
+        x = normalize_on_device(x, mean, std, torch.float32, fmt)
+        feats.append(F.normalize(net(x).float(), dim=1))
+        labels.append(y.to(device))
+    net.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(
+    query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int = 200, t: float = 0.1
+) -> torch.Tensor:
+    """Top-1 class for each query row. query: Q x D, bank: N x D (both normalised), labels: N."""
+    k = min(k, bank.shape[0])
+    preds = []
+    for chunk in query.split(1024):
+        sim = chunk @ bank.t()  # q x N cosine similarity
+        sim_k, idx = sim.topk(k, dim=1)  # q x k
+        weights = (sim_k / t).exp()
+        one_hot = F.one_hot(bank_labels[idx], num_classes).float()  # q x k x classes
+        scores = (one_hot * weights.unsqueeze(-1)).sum(dim=1)
+        preds.append(scores.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(
+    net: nn.Module,
+    train: ImageList,
+    test: ImageList,
+    spec: AugSpec,
+    device: torch.device,
+    k: int = 200,
+    t: float = 0.1,
+    batch_size: int = 256,
+    workers: int = 2,
+) -> float:
+    """Top-1 accuracy (%) of weighted kNN."""
+    bank, bank_labels = extract_features(net, train, spec, device, batch_size, workers)
+    query, query_labels = extract_features(net, test, spec, device, batch_size, workers)
+    pred = knn_predict(query, bank, bank_labels, len(train.classes), k, t)
+    return (pred == query_labels).float().mean().item() * 100  # host sync: once per evaluation

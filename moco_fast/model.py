@@ -1,0 +1,171 @@
+"""MoCo (He et al. 2020) as one module: query encoder, momentum key encoder, queue, InfoNCE.
+
+Shapes: N = batch, C = feature dim (128), K = queue length. The queue is a ring buffer of K x C
+fp32 keys on the training device; its pointer is a 0-d device tensor that the step never reads on
+the host. Also the paper's two other mechanisms (Figure 3): "end-to-end" (keys from the query
+encoder, negatives are the batch) and "memory-bank" (one momentum-updated feature per image).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco_fast import distributed as dist_utils
+from moco_fast.backbone import build_backbone, build_head, resolve_stem
+from moco_fast.config import ConfigError, ModelConfig, MoCoConfig
+from moco_fast.kernels import momentum_update
+
+MECHANISMS = ("moco", "memory-bank", "end-to-end")
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE in fp32. q, k: N x C (L2-normalised); negatives: K x C. Returns (loss, top-1 acc).
+
+    Logits are N x (1 + K) with the positive in column 0.
+    """
+    q, k, negatives = q.float(), k.float(), negatives.float()
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
+    l_neg = q @ negatives.t()  # N x K
+    logits = torch.cat([l_pos, l_neg], dim=1) / t
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == 0).float().mean()
+
+
+def info_nce_in_batch(
+    q: torch.Tensor, k: torch.Tensor, t: float, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """End-to-end InfoNCE: the other keys of the batch are the negatives.
+
+    q: N x C, k: M x C (M >= N, all ranks' keys); q[i]'s positive is k[offset + i].
+    """
+    logits = q.float() @ k.float().t() / t  # N x M
+    labels = torch.arange(q.shape[0], device=q.device) + offset
+    return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == labels).float().mean()
+
+
+def build_encoder(model: ModelConfig, image_size: int, bn_splits: int) -> nn.Sequential:
+    backbone, width = build_backbone(model.arch, resolve_stem(model.stem, image_size), bn_splits)
+    return nn.Sequential(OrderedDict(backbone=backbone, head=build_head(width, model.dim, model.mlp)))
+
+
+class MoCo(nn.Module):
+    def __init__(
+        self,
+        model: ModelConfig,
+        moco: MoCoConfig,
+        image_size: int,
+        num_images: int = 0,
+        momentum_backend: str = "foreach",
+    ):
+        super().__init__()
+        if moco.mechanism not in MECHANISMS:
+            raise ConfigError(f"unknown mechanism {moco.mechanism!r}; choose one of {MECHANISMS}")
+        if moco.k < 1:
+            raise ConfigError("--moco-k must be at least 1")
+        self.mechanism = moco.mechanism
+        self.t = moco.t
+        self.symmetric = moco.symmetric
+        self.shuffle_bn = moco.shuffle_bn
+        self.bank_m = moco.bank_m
+        self.momentum_backend = momentum_backend
+        # Emulated shuffle BN on one device: sub-batches with their own statistics. Across several
+        # processes each rank's batch already has its own statistics (see distributed.py).
+        splits = moco.bn_splits if moco.shuffle_bn and not dist_utils.is_distributed() else 1
+        self.encoder_q = build_encoder(model, image_size, splits)
+        self.encoder_k: nn.Module | None = None
+        if self.mechanism == "moco":
+            self.encoder_k = copy.deepcopy(self.encoder_q)
+            for p in self.encoder_k.parameters():
+                p.requires_grad_(False)
+        if self.mechanism == "memory-bank":
+            if num_images < 1:
+                raise ValueError("the memory bank needs the number of training images")
+            bank = F.normalize(torch.randn(num_images, model.dim), dim=1)
+            self.register_buffer("bank", bank)
+            self.k = min(moco.k, num_images)
+        else:
+            self.k = moco.k
+        # Ring buffer of negatives: K x C, oldest keys overwritten first.
+        self.register_buffer("queue", F.normalize(torch.randn(moco.k, model.dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    # -- the queue ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write N keys at the pointer, wrapping around; no host sync (the pointer stays on device)."""
+        n, k = keys.shape[0], self.queue.shape[0]
+        if n > k:
+            raise ValueError(f"the queue (K={k}) is smaller than the keys of one step ({n}): raise --moco-k")
+        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % k  # N
+        self.queue.index_copy_(0, idx, keys.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % k)
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        assert self.encoder_k is not None
+        momentum_update(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), m, self.momentum_backend)
+
+    # -- encoders -------------------------------------------------------------------------------
+    def encode_q(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encoder_q(x), dim=1)  # N x C
+
+    def encode_k(self, x: torch.Tensor, encoder: nn.Module) -> torch.Tensor:
+        """Keys through shuffled BN: shuffle the batch, encode, restore the order."""
+        if not self.shuffle_bn:
+            return F.normalize(encoder(x), dim=1)
+        x, idx_unshuffle = dist_utils.batch_shuffle(x)
+        k = F.normalize(encoder(x), dim=1)
+        return dist_utils.batch_unshuffle(k, idx_unshuffle)
+
+    def backbone(self) -> nn.Module:
+        return self.encoder_q.backbone
+
+    # -- the step -------------------------------------------------------------------------------
+    def forward(
+        self, im_q: torch.Tensor, im_k: torch.Tensor, m: float, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (loss, pretext top-1 accuracy) as device tensors; updates keys and queue."""
+        if self.mechanism == "end-to-end":
+            q = self.encode_q(im_q)
+            k = self.encode_k(im_k, self.encoder_q)  # gradients flow into the keys too
+            k_all = dist_utils.all_gather_with_grad(k)  # (N * world) x C
+            return info_nce_in_batch(q, k_all, self.t, offset=dist_utils.rank() * q.shape[0])
+        if self.mechanism == "memory-bank":
+            return self._memory_bank_step(im_q, index)
+        with torch.no_grad():
+            self.momentum_update(m)
+        if self.symmetric:
+            q1, q2 = self.encode_q(im_q), self.encode_q(im_k)
+            with torch.no_grad():
+                k1, k2 = self.encode_k(im_q, self.encoder_k), self.encode_k(im_k, self.encoder_k)
+            loss1, acc1 = info_nce(q1, k2, self.queue.clone(), self.t)
+            loss2, acc2 = info_nce(q2, k1, self.queue.clone(), self.t)
+            self.enqueue(dist_utils.all_gather(torch.cat([k1, k2])))
+            return loss1 + loss2, (acc1 + acc2) / 2
+        q = self.encode_q(im_q)
+        with torch.no_grad():
+            k = self.encode_k(im_k, self.encoder_k)
+        # The queue is read by the loss before the new keys overwrite it; autograd keeps the value
+        # it saw only if we hand it a copy (index_copy_ below is in place).
+        loss, acc = info_nce(q, k, self.queue.clone(), self.t)
+        self.enqueue(dist_utils.all_gather(k))
+        return loss, acc
+
+    def _memory_bank_step(self, im_q: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if index is None:
+            raise ValueError("the memory-bank mechanism needs sample indices from the loader")
+        q = self.encode_q(im_q)
+        n = self.bank.shape[0]
+        neg_idx = torch.randint(n, (self.k,), device=q.device)  # K random entries (may include positives)
+        loss, acc = info_nce(q, self.bank[index], self.bank[neg_idx], self.t)
+        with torch.no_grad():
+            idx = dist_utils.all_gather(index)
+            feats = dist_utils.all_gather(q.detach().float())
+            new = F.normalize(self.bank[idx] * self.bank_m + feats * (1 - self.bank_m), dim=1)
+            self.bank.index_copy_(0, idx, new)
+        return loss, acc

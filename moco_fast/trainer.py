@@ -1,0 +1,280 @@
+"""The MoCo training loop: a small `train_step` and a thin epoch loop around it.
+
+The step never syncs the device to the host: losses are summed on the device and read once every
+`log_every` steps (for the progress bar) and once per epoch (for metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moco_fast import checkpoint as ckpt
+from moco_fast import distributed as dist_utils
+from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
+from moco_fast.data import DataError, load_splits
+from moco_fast.knn import knn_accuracy
+from moco_fast.loaders import LoaderArgs, create_loader
+from moco_fast.metrics import MetricsWriter, progress
+from moco_fast.model import MoCo
+
+log = logging.getLogger("moco_fast")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32. auto: bf16 on CUDA (no loss scaling needed), fp32 on the CPU."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+    if amp not in table:
+        raise ConfigError(f"--amp must be one of bf16, fp16, off (got {amp!r})")
+    if amp == "fp16" and device.type == "cpu":
+        raise ConfigError("--amp fp16 needs a GPU; use --amp bf16 or --amp off on the CPU")
+    return table[amp]
+
+
+def lr_at(cfg: TrainConfig, epoch: int, base_lr: float) -> float:
+    """Learning rate for an epoch: half-cosine (v2) or x0.1 steps at fractions of the run (v1)."""
+    o = cfg.optim
+    if o.schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / o.epochs))
+    if o.schedule == "step":
+        return base_lr * 0.1 ** sum(epoch >= round(f * o.epochs) for f in o.lr_steps)
+    raise ConfigError(f"unknown schedule {o.schedule!r}: use cosine or step")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def validate(cfg: TrainConfig, world: int) -> None:
+    o, m = cfg.optim, cfg.moco
+    global_batch = o.batch_size * world
+    if o.epochs < 1 or o.batch_size < 1:
+        raise ConfigError("--epochs and --batch-size must be positive")
+    if not 0.0 <= m.m <= 1.0:
+        raise ConfigError(f"--moco-m must be in [0, 1] (got {m.m})")
+    if m.t <= 0:
+        raise ConfigError(f"--moco-t must be positive (got {m.t})")
+    if m.mechanism == "moco" and m.k < global_batch * (2 if m.symmetric else 1):
+        raise ConfigError(
+            f"--moco-k {m.k} is smaller than the keys one step enqueues ({global_batch}): "
+            "raise --moco-k or lower --batch-size"
+        )
+    splits = m.bn_splits if m.shuffle_bn and world == 1 else 1
+    if o.batch_size % splits:
+        raise ConfigError(f"--batch-size {o.batch_size} must be a multiple of --bn-splits {splits}")
+    if cfg.runtime.sync_bn and world == 1:
+        log.warning("--sync-bn has no effect with one process")
+
+
+@dataclass
+class StepState:
+    model: nn.Module  # MoCo, possibly DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    device: torch.device
+
+
+def train_step(s: StepState, batch, m: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MoCo step. Returns detached (loss, pretext accuracy) device tensors: no host sync.
+
+    With fp16, GradScaler's inf check stays on the device because fused SGD takes `found_inf`.
+    """
+    autocast = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else nullcontext()
+    with autocast:
+        loss, acc = s.model(batch.im_q, batch.im_k, m, batch.index)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    return loss.detach(), acc.detach()
+
+
+def make_optimizer(model: MoCo, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.encoder_q.parameters() if p.requires_grad]
+    # fused SGD: one kernel for the whole update, and GradScaler needs no host sync with it.
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, **kind)
+
+
+def _check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = to_dict(cfg)
+    for section in ("model", "moco"):
+        old, new = saved[section], now[section]
+        diff = [k for k in new if k in old and old[k] != new[k] and k not in ("m", "t", "symmetric", "bank_m")]
+        if diff:
+            raise ConfigError(
+                f"--resume: the checkpoint was trained with other {section} settings "
+                + ", ".join(f"{k}={old[k]!r} (now {new[k]!r})" for k in diff)
+            )
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as configured; returns the last metrics row (plus final kNN figures when computed)."""
+    dist_utils.init_from_env(cfg.runtime.device)
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    device = dist_utils.local_device(resolve_device(cfg.runtime.device))
+    amp_dtype = resolve_amp(cfg.runtime.amp, device)
+    validate(cfg, world)
+    out = Path(cfg.runtime.out)
+    resume_path = ckpt.find_resume(cfg.runtime.resume, out)
+    if cfg.runtime.resume == "auto" and resume_path is None:
+        log.warning("--resume: no checkpoint in %s yet; starting from scratch", out)
+    seed_everything(cfg.runtime.seed + rank)
+
+    loader = create_loader(
+        cfg.data.loader,
+        LoaderArgs(
+            data=cfg.data.data,
+            aug=cfg.data.aug,
+            batch_size=cfg.optim.batch_size,
+            device=device,
+            dtype=amp_dtype or torch.float32,
+            channels_last=cfg.runtime.channels_last,
+            workers=cfg.data.workers,
+            seed=cfg.runtime.seed,
+            rank=rank,
+            world_size=world,
+            synthetic_steps=cfg.data.synthetic_steps,
+        ),
+    )
+    if len(loader) < 1:
+        raise DataError("the data gives no full batch: lower --batch-size")
+    splits = None
+    if cfg.runtime.knn_every or cfg.runtime.final_knn:
+        if cfg.data.loader == "synthetic":
+            splits = None
+        else:
+            splits = load_splits(cfg.data.data, check=False) if cfg.data.loader in ("torch", "dali") else None
+            if splits is not None and splits.eval is None:
+                if cfg.runtime.knn_every:
+                    raise ConfigError("--knn-every needs an eval split: a data root with train/ and val/ or test/")
+                splits = None
+
+    model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images).to(device)
+    if cfg.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start_epoch = 0
+    if resume_path is not None:
+        state = ckpt.load(resume_path, map_location=device)
+        _check_same_model(state["config"], cfg)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"]
+        if state.get("world_size", 1) == world:
+            ckpt.set_rng_state(state["rng"])
+        log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+    if cfg.runtime.compile:
+        model.encoder_q.compile()
+        if model.encoder_k is not None:
+            model.encoder_k.compile()
+    step_model = dist_utils.wrap_ddp(model, device, cfg.runtime.sync_bn)
+    s = StepState(step_model, optimizer, scaler, amp_dtype, device)
+
+    writer = MetricsWriter(out, enabled=dist_utils.is_main())
+    if dist_utils.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(cfg, str(out / "config.json"))
+    base_lr = cfg.optim.lr * cfg.optim.batch_size * world / 256
+    row: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        lr = lr_at(cfg, epoch, base_lr)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=device)
+        acc_sum = torch.zeros((), device=device)
+        steps = len(loader)
+        bar = progress(total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", enabled=dist_utils.is_main())
+        t0 = time.perf_counter()
+        n = 0
+        for i, batch in enumerate(loader):
+            loss, acc = train_step(s, batch, cfg.moco.m)
+            loss_sum += loss
+            acc_sum += acc
+            n += 1
+            if (i + 1) % cfg.runtime.log_every == 0 or i + 1 == steps:
+                # Host sync point: only every log_every steps, for the progress bar.
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{n * cfg.optim.batch_size * world / elapsed:.0f}")
+            bar.update(1)
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        stats = dist_utils.all_reduce_mean(torch.stack([loss_sum, acc_sum]) / max(n, 1))
+        row = {
+            "epoch": epoch + 1,
+            "loss": stats[0].item(),
+            "pretext_acc": stats[1].item() * 100,
+            "lr": lr,
+            "img_per_s": n * cfg.optim.batch_size * world / elapsed,
+            "img_per_s_per_device": n * cfg.optim.batch_size / elapsed,
+            "epoch_time_s": elapsed,
+        }
+        if splits is not None and cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0:
+            row["knn_top1"] = _knn(model, splits, cfg, device)
+        writer.write(row)
+        if dist_utils.is_main():
+            ckpt.save_atomic(
+                {
+                    "config": to_dict(cfg),
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": ckpt.rng_state(),
+                    "world_size": world,
+                    "num_images": loader.num_images,
+                },
+                out / ckpt.CHECKPOINT_NAME,
+            )
+    if splits is not None and cfg.runtime.final_knn:
+        row = dict(row)
+        row["final_knn_top1"] = row["knn_top1"] if "knn_top1" in row else _knn(model, splits, cfg, device)
+        if cfg.runtime.knn_baseline:
+            rand = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images).to(device)
+            row["random_knn_top1"] = _knn(rand, splits, cfg, device)
+        writer.write_summary(row)
+    writer.close()
+    dist_utils.barrier()
+    return row
+
+
+def _knn(model: MoCo, splits, cfg: TrainConfig, device: torch.device) -> float:
+    return knn_accuracy(
+        model.backbone(),
+        splits.train,
+        splits.eval,
+        cfg.data.aug,
+        device,
+        k=cfg.runtime.knn_k,
+        t=cfg.runtime.knn_t,
+        workers=min(cfg.data.workers, 4),
+    )

@@ -1,0 +1,159 @@
+"""The trainer end to end on the CPU: loss falls, resume equals an uninterrupted run, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from moco_fast.cli import main
+from moco_fast.config import build_config
+from moco_fast.data import list_images
+from moco_fast.loaders import LoaderArgs, create_loader
+from moco_fast.model import MoCo
+from moco_fast.trainer import StepState, make_optimizer, train, train_step
+
+TINY = {
+    "model.arch": "resnet18",
+    "model.stem": "imagenet",
+    "moco.k": 32,
+    "moco.bn_splits": 2,
+    "optim.batch_size": 8,
+    "runtime.device": "cpu",
+    "data.workers": 0,
+    "runtime.final_knn": False,
+    "runtime.knn_baseline": False,
+}
+
+
+def tiny_config(root, out, **extra):
+    cfg = build_config("cifar", {**TINY, "data.data": str(root), "runtime.out": str(out), **extra})
+    return cfg
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mechanism", ["end-to-end", "memory-bank"])
+def test_loss_falls_on_a_tiny_set(tiny_root, mechanism):
+    # A fixed batch of real images: the step must learn to tell its 8 images apart. (With the MoCo
+    # queue a repeated batch fills the queue with copies of its own positives, so the queue-free
+    # mechanisms show the optimisation working; the queue has its own tests.)
+    torch.manual_seed(0)
+    cfg = tiny_config(tiny_root, "unused", **{"moco.mechanism": mechanism, "moco.k": 16})
+    model = MoCo(cfg.model, cfg.moco, 32, num_images=32)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    for g in opt.param_groups:
+        g["lr"] = 0.05
+    s = StepState(model, opt, torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"))
+    loader = create_loader(
+        "torch", LoaderArgs(str(tiny_root), cfg.data.aug, batch_size=8, device=torch.device("cpu"), workers=0)
+    )
+    batch = next(iter(loader))
+    losses = [train_step(s, batch, 0.9)[0].item() for _ in range(15)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.8, losses
+
+
+def test_resume_equals_uninterrupted(tiny_root, tmp_path):
+    full = tmp_path / "full"
+    train(tiny_config(tiny_root, full, **{"optim.epochs": 3}))
+    part = tmp_path / "part"
+    train(tiny_config(tiny_root, part, **{"optim.epochs": 1}))
+    row = train(tiny_config(tiny_root, part, **{"optim.epochs": 3, "runtime.resume": "auto"}))
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["epoch"] for r in b] == [1, 2, 3]  # finished epochs are not redone
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert row["epoch"] == 3
+    sa = torch.load(full / "checkpoint.pt", weights_only=False)
+    sb = torch.load(part / "checkpoint.pt", weights_only=False)
+    for k in ("queue", "queue_ptr", "encoder_k.backbone.conv1.weight", "encoder_q.head.weight"):
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_checkpoint_holds_everything(tiny_root, tmp_path):
+    train(tiny_config(tiny_root, tmp_path, **{"optim.epochs": 1}))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert {"config", "epoch", "model", "optimizer", "scaler", "rng"} <= set(state)
+    assert any(k.startswith("encoder_k.") for k in state["model"])
+    assert "queue_ptr" in state["model"]
+    assert not list(tmp_path.glob(".checkpoint.pt.*"))  # no temporary file left behind
+    rows = read_metrics(tmp_path)
+    assert {"epoch", "loss", "lr", "img_per_s"} <= set(rows[0])
+    assert (tmp_path / "config.json").is_file() and any((tmp_path / "tb").iterdir())
+
+
+def test_cli_trains_and_reports_knn(tiny_root, tmp_path, capsys):
+    rc = main([
+        "train", "--data", str(tiny_root), "--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet",
+        "--epochs", "1", "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--device", "cpu",
+        "--workers", "0", "--out", str(tmp_path), "--knn-baseline",
+    ])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1" in out and "random-init backbone" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 <= summary["final_knn_top1"] <= 100
+    rc = main(["knn", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--data", str(tiny_root), "--device", "cpu",
+               "--workers", "0", "--features", "both"])
+    assert rc == 0
+    assert "backbone" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--moco-k", "4", "--batch-size", "8"], "smaller than the keys"),
+        (["--batch-size", "6", "--bn-splits", "4"], "multiple of --bn-splits"),
+        (["--arch", "vgg16"], "unknown arch"),
+        (["--moco-m", "1.5"], "--moco-m"),
+        (["--amp", "fp16"], "needs a GPU"),
+    ],
+)
+def test_contradicting_flags_are_one_line_errors(tiny_root, tmp_path, capsys, args, message):
+    base = ["train", "--data", str(tiny_root), "--device", "cpu", "--epochs", "1", "--out", str(tmp_path),
+            "--workers", "0", "--batch-size", "8", "--moco-k", "64"]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_missing_and_empty_data(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope"), "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty"), "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "no class subfolders" in capsys.readouterr().err
+
+
+def test_bad_files_are_named_and_skipped(fresh_root, caplog):
+    cls = fresh_root / "train" / sorted(p.name for p in (fresh_root / "train").iterdir())[0]
+    (cls / "notes.txt").write_text("not an image")
+    (cls / "fake.jpg").write_text("not a jpeg either")
+    good = sorted(cls.glob("*.jpg"))[0].read_bytes()
+    (cls / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    images = list_images(fresh_root / "train")
+    skipped = {p.split("/")[-1]: r for p, r in images.skipped}
+    assert set(skipped) == {"notes.txt", "fake.jpg", "truncated.jpg"}
+    assert "skipped 3 of" in caplog.text and "fake.jpg" in caplog.text
+    assert len(images) == 16  # 2 classes x 8 good images
+    # Without the up-front check, decoding the truncated JPEG warns by name and substitutes another.
+    from moco_fast.data import ImageDataset
+
+    images = list_images(fresh_root / "train", check=False)
+    ds = ImageDataset(images)
+    i = [n.split("/")[-1] for n in images.files].index("truncated.jpg")
+    with pytest.warns(UserWarning, match="truncated.jpg"):
+        img, label, j = ds[i]
+    assert j != i and img.mode == "RGB"
+
+
+def test_grayscale_and_cmyk_become_rgb(fresh_root):
+    from PIL import Image
+
+    from moco_fast.data import load_rgb
+
+    src = sorted((fresh_root / "train").rglob("*.jpg"))[0]
+    Image.open(src).convert("L").save(fresh_root / "gray.jpg")
+    Image.open(src).convert("CMYK").save(fresh_root / "cmyk.jpg")
+    for name in ("gray.jpg", "cmyk.jpg"):
+        assert load_rgb(str(fresh_root / name)).mode == "RGB"
