@@ -8,7 +8,12 @@ setup(
     # The repository keeps loaders/ and kernels/ at the top level (the product layout); they install
     # under the moco_fast namespace, never as bare `loaders`/`kernels`.
     packages=["moco_fast", "moco_fast.commands", "moco_fast.loaders", "moco_fast.kernels"],
-    package_dir={"moco_fast": "moco_fast", "moco_fast.commands": "moco_fast/commands", "moco_fast.loaders": "loaders", "moco_fast.kernels": "kernels"},
+    package_dir={
+        "moco_fast": "moco_fast",
+        "moco_fast.commands": "moco_fast/commands",
+        "moco_fast.loaders": "loaders",
+        "moco_fast.kernels": "kernels",
+    },
     package_data={"moco_fast": ["demo_data/*/*/*.jpg", "demo_data/*.md"]},
     install_requires=[
         "torch>=2.11",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
@@ -32,6 +32,9 @@ class LoaderArgs:
     world_size: int = 1
     synthetic_steps: int = 100
     check_images: bool = True
+    # Backend-specific knobs (e.g. DALI's hw_decoder_load), from `--loader-option KEY=VALUE`. Each
+    # backend documents and validates its own keys; the augmentation recipe never goes here.
+    options: dict[str, str] = field(default_factory=dict)
 
 
 class TrainLoader(Protocol):

@@ -9,10 +9,9 @@ from .base import Batch, LoaderArgs
 
 
 class SyntheticLoader:
-    classes = [str(i) for i in range(10)]
-
     def __init__(self, args: LoaderArgs):
         self.args = args
+        self.classes = [str(i) for i in range(10)]
         self.num_images = args.batch_size * args.synthetic_steps * args.world_size
         g = torch.Generator(device="cpu").manual_seed(args.seed + args.rank)
         shape = (args.batch_size, 3, args.aug.image_size, args.aug.image_size)

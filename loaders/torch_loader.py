@@ -20,7 +20,9 @@ from .base import DevicePrefetcher, LoaderArgs
 
 def view_transform(spec: AugSpec) -> T.Compose:
     """One random view as the spec describes it, on a PIL image; returns uint8 3 x H x W."""
-    jitter = T.RandomApply([T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_prob)
+    jitter = T.RandomApply(
+        [T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_prob
+    )
     gray = T.RandomGrayscale(p=spec.gray_prob)
     ops = [T.RandomResizedCrop(spec.image_size, scale=spec.crop_scale, ratio=spec.crop_ratio)]
     ops += [gray, jitter] if spec.gray_before_jitter else [jitter, gray]
@@ -35,7 +37,7 @@ def eval_transform(image_size: int) -> T.Compose:
     if image_size <= 64:
         ops = [T.Resize(image_size), T.CenterCrop(image_size)]
     else:
-        ops = [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size)]
+        ops = [T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size)]
     return T.Compose([*ops, T.PILToTensor()])
 
 

@@ -57,6 +57,7 @@ class DataConfig:
     workers: int = 4
     aug: AugSpec = field(default_factory=AugSpec)
     synthetic_steps: int = 100  # steps per epoch of the synthetic loader
+    loader_options: dict[str, str] = field(default_factory=dict)  # backend-specific, see each loader
 
 
 @dataclass

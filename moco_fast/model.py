@@ -17,7 +17,7 @@ from torch import nn
 
 from moco_fast import distributed as dist_utils
 from moco_fast.backbone import build_backbone, build_head, resolve_stem
-from moco_fast.config import ConfigError, ModelConfig, MoCoConfig
+from moco_fast.config import ConfigError, MoCoConfig, ModelConfig
 from moco_fast.kernels import momentum_update
 
 MECHANISMS = ("moco", "memory-bank", "end-to-end")
@@ -36,9 +36,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float
     return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == 0).float().mean()
 
 
-def info_nce_in_batch(
-    q: torch.Tensor, k: torch.Tensor, t: float, offset: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce_in_batch(q: torch.Tensor, k: torch.Tensor, t: float, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """End-to-end InfoNCE: the other keys of the batch are the negatives.
 
     q: N x C, k: M x C (M >= N, all ranks' keys); q[i]'s positive is k[offset + i].

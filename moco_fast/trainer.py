@@ -117,7 +117,9 @@ def make_optimizer(model: MoCo, cfg: TrainConfig, device: torch.device) -> torch
     params = [p for p in model.encoder_q.parameters() if p.requires_grad]
     # fused SGD: one kernel for the whole update, and GradScaler needs no host sync with it.
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, **kind)
+    return torch.optim.SGD(
+        params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, **kind
+    )
 
 
 def _check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -159,6 +161,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             rank=rank,
             world_size=world,
             synthetic_steps=cfg.data.synthetic_steps,
+            options=dict(cfg.data.loader_options),
         ),
     )
     if len(loader) < 1:

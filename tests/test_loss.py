@@ -47,8 +47,13 @@ def test_info_nce_in_batch_matches_reference():
     k = F.normalize(torch.randn(6, 8, generator=g), dim=1)
     loss, _ = info_nce_in_batch(q, k, 0.1)
     # For sample i the positive is k[i] and the negatives are the other keys of the batch.
-    ref = sum(
-        reference_info_nce(q[i : i + 1].double(), k[i : i + 1].double(), torch.cat([k[:i], k[i + 1 :]]).double(), 0.1)[0]
-        for i in range(6)
-    ) / 6
+    ref = (
+        sum(
+            reference_info_nce(
+                q[i : i + 1].double(), k[i : i + 1].double(), torch.cat([k[:i], k[i + 1 :]]).double(), 0.1
+            )[0]
+            for i in range(6)
+        )
+        / 6
+    )
     assert loss.item() == pytest.approx(ref, rel=1e-5)

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-
 from moco_fast.kernels import momentum_update, momentum_update_foreach, momentum_update_reference
 from moco_fast.kernels.momentum import MOMENTUM_BACKENDS
-from moco_fast.model import build_encoder
+
 from moco_fast.config import ModelConfig
+from moco_fast.model import build_encoder
 
 
 def encoders():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moco_fast.config import ConfigError, ModelConfig, MoCoConfig
+from moco_fast.config import ConfigError, MoCoConfig, ModelConfig
 from moco_fast.model import MoCo
 
 

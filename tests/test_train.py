@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from moco_fast.loaders import LoaderArgs, create_loader
 
 from moco_fast.cli import main
 from moco_fast.config import build_config
 from moco_fast.data import list_images
-from moco_fast.loaders import LoaderArgs, create_loader
 from moco_fast.model import MoCo
 from moco_fast.trainer import StepState, make_optimizer, train, train_step
 
@@ -83,18 +83,54 @@ def test_checkpoint_holds_everything(tiny_root, tmp_path):
 
 
 def test_cli_trains_and_reports_knn(tiny_root, tmp_path, capsys):
-    rc = main([
-        "train", "--data", str(tiny_root), "--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet",
-        "--epochs", "1", "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--device", "cpu",
-        "--workers", "0", "--out", str(tmp_path), "--knn-baseline",
-    ])
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(tiny_root),
+            "--preset",
+            "cifar",
+            "--arch",
+            "resnet18",
+            "--stem",
+            "imagenet",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--moco-k",
+            "16",
+            "--bn-splits",
+            "2",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--knn-baseline",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "kNN top-1" in out and "random-init backbone" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 <= summary["final_knn_top1"] <= 100
-    rc = main(["knn", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--data", str(tiny_root), "--device", "cpu",
-               "--workers", "0", "--features", "both"])
+    rc = main(
+        [
+            "knn",
+            "--checkpoint",
+            str(tmp_path / "checkpoint.pt"),
+            "--data",
+            str(tiny_root),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--features",
+            "both",
+        ]
+    )
     assert rc == 0
     assert "backbone" in capsys.readouterr().out
 
@@ -110,8 +146,23 @@ def test_cli_trains_and_reports_knn(tiny_root, tmp_path, capsys):
     ],
 )
 def test_contradicting_flags_are_one_line_errors(tiny_root, tmp_path, capsys, args, message):
-    base = ["train", "--data", str(tiny_root), "--device", "cpu", "--epochs", "1", "--out", str(tmp_path),
-            "--workers", "0", "--batch-size", "8", "--moco-k", "64"]
+    base = [
+        "train",
+        "--data",
+        str(tiny_root),
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--moco-k",
+        "64",
+    ]
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
@@ -143,7 +194,7 @@ def test_bad_files_are_named_and_skipped(fresh_root, caplog):
     ds = ImageDataset(images)
     i = [n.split("/")[-1] for n in images.files].index("truncated.jpg")
     with pytest.warns(UserWarning, match="truncated.jpg"):
-        img, label, j = ds[i]
+        img, _label, j = ds[i]
     assert j != i and img.mode == "RGB"
 
 

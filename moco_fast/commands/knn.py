@@ -20,8 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--k", type=int, default=200, help="neighbours")
     p.add_argument("--t", type=float, default=0.1, help="temperature of the neighbour weights")
-    p.add_argument("--features", choices=["backbone", "head", "both"], default="backbone",
-                   help="pooled backbone features, the MoCo head's output, or both")
+    p.add_argument(
+        "--features",
+        choices=["backbone", "head", "both"],
+        default="backbone",
+        help="pooled backbone features, the MoCo head's output, or both",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=run)
@@ -42,7 +46,16 @@ def run(args: argparse.Namespace) -> int:
     names = ["backbone", "head"] if args.features == "both" else [args.features]
     for name in names:
         with torch.no_grad():
-            acc = knn_accuracy(nets[name], splits.train, splits.eval, cfg.data.aug, device, args.k, args.t,
-                               args.batch_size, args.workers)
+            acc = knn_accuracy(
+                nets[name],
+                splits.train,
+                splits.eval,
+                cfg.data.aug,
+                device,
+                args.k,
+                args.t,
+                args.batch_size,
+                args.workers,
+            )
         print(f"kNN top-1 ({name}, k={args.k}, t={args.t}): {acc:.2f}%")
     return 0

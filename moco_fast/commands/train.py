@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 
 from moco_fast.augment import AUG_PRESETS
-from moco_fast.config import PRESETS, build_config
+from moco_fast.config import PRESETS, ConfigError, build_config
 
 # flag dest -> dotted config field. Flags default to None: the preset (then the dataclass) decides.
 FLAG_FIELDS = {
@@ -57,50 +57,87 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     B = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="image folder with class subfolders, or a root with train/ and val/ or test/ "
-                   "(FFCV: a .beton file); default: the demo set")
+    g.add_argument(
+        "--data",
+        help="image folder with class subfolders, or a root with train/ and val/ or test/ "
+        "(FFCV: a .beton file); default: the demo set",
+    )
     g.add_argument("--loader", help="torch | synthetic | dali | ffcv (default torch)")
     g.add_argument("--workers", type=int, help="data loading workers per process (default 4)")
     g.add_argument("--image-size", type=int, help="training crop size (default: the preset's, 224; cifar 32)")
+    g.add_argument(
+        "--loader-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend-specific loader setting, repeatable (e.g. dali: hw_decoder_load=0.9); see docs/",
+    )
     g.add_argument("--synthetic-steps", type=int, help="steps per epoch with --loader synthetic (default 100)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="v1: linear head, T=0.07, step schedule, v1 augmentations; v2: MLP head, T=0.2, cosine, "
-                   "blur; cifar: the official CIFAR-10 demo (ResNet-18, CIFAR stem, K=4096, m=0.99, T=0.1); "
-                   "demo: a few minutes on a CPU on the shipped demo set (default: demo without --data, else v2)")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="v1: linear head, T=0.07, step schedule, v1 augmentations; v2: MLP head, T=0.2, cosine, "
+        "blur; cifar: the official CIFAR-10 demo (ResNet-18, CIFAR stem, K=4096, m=0.99, T=0.1); "
+        "demo: a few minutes on a CPU on the shipped demo set (default: demo without --data, else v2)",
+    )
     g.add_argument("--arch", help="any torchvision ResNet: resnet18, resnet50, wide_resnet50_2, ... (default resnet50)")
-    g.add_argument("--stem", choices=["auto", "imagenet", "cifar"], help="cifar: 3x3 conv, no max-pool (auto: for <= 64 px)")
+    g.add_argument(
+        "--stem", choices=["auto", "imagenet", "cifar"], help="cifar: 3x3 conv, no max-pool (auto: for <= 64 px)"
+    )
     g.add_argument("--dim", type=int, help="feature dimension (default 128)")
     g.add_argument("--mlp", action=B, default=None, help="MLP projection head (v2) instead of a linear one (v1)")
     g = p.add_argument_group("MoCo")
-    g.add_argument("--mechanism", choices=["moco", "memory-bank", "end-to-end"], help="the paper's Figure 3 mechanisms (default moco)")
+    g.add_argument(
+        "--mechanism",
+        choices=["moco", "memory-bank", "end-to-end"],
+        help="the paper's Figure 3 mechanisms (default moco)",
+    )
     g.add_argument("--moco-k", type=int, help="queue length K: number of negatives (default 65536)")
     g.add_argument("--moco-m", type=float, help="key encoder momentum; 0 copies the query encoder (default 0.999)")
     g.add_argument("--moco-t", type=float, help="softmax temperature (v1 0.07, v2 0.2)")
     g.add_argument("--symmetric", action=B, default=None, help="symmetric loss (both views as queries)")
-    g.add_argument("--shuffle-bn", action=B, default=None,
-                   help="shuffle BN: keys never share BN statistics with their queries (default on)")
+    g.add_argument(
+        "--shuffle-bn",
+        action=B,
+        default=None,
+        help="shuffle BN: keys never share BN statistics with their queries (default on)",
+    )
     g.add_argument("--bn-splits", type=int, help="on one device, sub-batches with their own BN statistics (default 8)")
     g.add_argument("--sync-bn", action=B, default=None, help="SyncBatchNorm across processes instead of shuffle BN")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="default 200")
-    g.add_argument("--batch-size", type=int, help="per process (per GPU); the global batch is this times the number of processes (default 256)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help="per process (per GPU); the global batch is this times the number of processes (default 256)",
+    )
     g.add_argument("--lr", type=float, help="learning rate for a global batch of 256, scaled linearly (default 0.03)")
     g.add_argument("--weight-decay", type=float, help="default 1e-4")
     g.add_argument("--schedule", choices=["cosine", "step"], help="v2 cosine, v1 step")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="cpu | cuda | cuda:N | auto (default auto)")
     g.add_argument("--gpus", type=int, help="start one worker per GPU on this machine")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on CUDA, off on CPU")
+    g.add_argument(
+        "--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on CUDA, off on CPU"
+    )
     g.add_argument("--channels-last", action=B, default=None, help="channels-last memory format (default on)")
     g.add_argument("--compile", action=B, default=None, help="torch.compile the encoders")
     g.add_argument("--seed", type=int, help="default 0")
     g.add_argument("--out", help="run folder: checkpoint.pt, metrics.jsonl, config.json, tb/ (default runs/moco)")
-    g.add_argument("--resume", nargs="?", const="auto",
-                   help="continue from the checkpoint in --out, or from the given checkpoint path")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        help="continue from the checkpoint in --out, or from the given checkpoint path",
+    )
     g.add_argument("--knn-every", type=int, help="kNN accuracy every N epochs (needs an eval split; 0: off)")
-    g.add_argument("--final-knn", action=B, default=None, help="kNN accuracy after the last epoch, when there is an eval split")
-    g.add_argument("--knn-baseline", action=B, default=None, help="also report the kNN of a randomly initialised backbone")
+    g.add_argument(
+        "--final-knn", action=B, default=None, help="kNN accuracy after the last epoch, when there is an eval split"
+    )
+    g.add_argument(
+        "--knn-baseline", action=B, default=None, help="also report the kNN of a randomly initialised backbone"
+    )
     g.add_argument("--log-every", type=int, help="steps between progress-bar updates (each one is a host sync)")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run)
@@ -110,6 +147,11 @@ def config_from_args(args: argparse.Namespace):
     preset = args.preset or ("demo" if args.data is None and args.loader in (None, "torch") else "v2")
     overrides = {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()}
     cfg = build_config(preset, overrides)
+    for opt in args.loader_option:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--loader-option expects KEY=VALUE, got {opt!r}")
+        cfg.data.loader_options[key] = value
     if args.image_size is not None:
         cfg.data.aug = cfg.data.aug.with_size(args.image_size)
     elif args.data is None and cfg.data.loader != "synthetic" and cfg.data.aug.image_size != 32:
