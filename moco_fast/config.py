@@ -54,7 +54,7 @@ class OptimConfig:
 class DataConfig:
     data: str | None = None  # None: the demo set shipped in the package
     loader: str = "torch"
-    workers: int = 4
+    workers: int = -1  # data loading processes per training process; -1: auto (see resolve_workers)
     aug: AugSpec = field(default_factory=AugSpec)
     synthetic_steps: int = 100  # steps per epoch of the synthetic loader
     loader_options: dict[str, str] = field(default_factory=dict)  # backend-specific, see each loader

@@ -98,3 +98,10 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def local_world_size() -> int:
+    """Processes on this machine (torchrun sets LOCAL_WORLD_SIZE)."""
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))

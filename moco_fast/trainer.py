@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -60,6 +61,16 @@ def lr_at(cfg: TrainConfig, epoch: int, base_lr: float) -> float:
     if o.schedule == "step":
         return base_lr * 0.1 ** sum(epoch >= round(f * o.epochs) for f in o.lr_steps)
     raise ConfigError(f"unknown schedule {o.schedule!r}: use cosine or step")
+
+
+def resolve_workers(workers: int, device: torch.device) -> int:
+    """-1 (auto): on a GPU up to 8 per process; on the CPU half the cores, since the step itself
+    needs the rest."""
+    if workers >= 0:
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores // dist_utils.local_world_size())
+    return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
 
 
 def seed_everything(seed: int) -> None:
@@ -156,7 +167,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             device=device,
             dtype=amp_dtype or torch.float32,
             channels_last=cfg.runtime.channels_last,
-            workers=cfg.data.workers,
+            workers=resolve_workers(cfg.data.workers, device),
             seed=cfg.runtime.seed,
             rank=rank,
             world_size=world,
@@ -279,5 +290,5 @@ def _knn(model: MoCo, splits, cfg: TrainConfig, device: torch.device) -> float:
         device,
         k=cfg.runtime.knn_k,
         t=cfg.runtime.knn_t,
-        workers=min(cfg.data.workers, 4),
+        workers=min(resolve_workers(cfg.data.workers, device), 4),
     )
