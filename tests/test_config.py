@@ -1,0 +1,47 @@
+"""Configs: presets override the dataclass defaults, flags override presets, round trips are exact."""
+
+import json
+
+import pytest
+
+from moco_fast.augment import MOCO_V1, MOCO_V2
+from moco_fast.cli import build_parser, main
+from moco_fast.commands.train import config_from_args
+from moco_fast.config import ConfigError, build_config, from_dict, to_dict
+
+
+def parse(*argv):
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_presets():
+    v1, v2 = build_config("v1"), build_config("v2")
+    assert (v1.model.mlp, v1.moco.t, v1.optim.schedule, v1.data.aug) == (False, 0.07, "step", MOCO_V1)
+    assert (v2.model.mlp, v2.moco.t, v2.optim.schedule, v2.data.aug) == (True, 0.2, "cosine", MOCO_V2)
+    assert MOCO_V1.blur_prob == 0 and MOCO_V2.blur_prob == 0.5
+    with pytest.raises(ConfigError):
+        build_config("v3")
+
+
+def test_flags_override_presets_and_unset_flags_do_not():
+    cfg = parse("--data", "x", "--preset", "cifar", "--moco-k", "123", "--no-shuffle-bn")
+    assert (cfg.model.arch, cfg.moco.k, cfg.moco.shuffle_bn, cfg.moco.m) == ("resnet18", 123, False, 0.99)
+
+
+def test_default_preset_depends_on_data():
+    assert parse().preset == "demo" and parse().data.aug.image_size == 32
+    assert parse("--data", "x").preset == "v2" and parse("--data", "x").data.aug.image_size == 224
+    assert parse("--data", "x", "--image-size", "96").data.aug.image_size == 96
+
+
+def test_round_trip():
+    cfg = parse("--data", "x", "--preset", "v1", "--loader-option", "a=1")
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+def test_bad_loader_option_and_help(capsys):
+    assert main(["train", "--loader-option", "novalue", "--print-config"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--moco-k" in capsys.readouterr().out
