@@ -54,6 +54,12 @@ MOMENTUM_BACKENDS: dict[str, Callable[[Tensors, Tensors, float], None]] = {
 _apex = _apex_update()
 if _apex is not None:
     MOMENTUM_BACKENDS["apex"] = _apex
+# The Triton multi-tensor kernel, where it can run: triton importable and a GPU (or, on the CPU,
+# TRITON_INTERPRET=1 when this module is imported). It refuses CPU tensors outside the interpreter.
+from .momentum_triton import momentum_update_triton, triton_available  # noqa: E402
+
+if triton_available():
+    MOMENTUM_BACKENDS["triton"] = momentum_update_triton
 
 
 def momentum_update(params_k: Tensors, params_q: Tensors, m: float, backend: str = "foreach") -> None:
