@@ -1,0 +1,311 @@
+"""Batched colour jitter, grayscale, Gaussian blur and flip with per-image random parameters.
+
+Why: decoding and cropping keep the CPU busy (FFCV's Numba pipeline, DALI's decoder); the colour
+and blur work of MoCo v2 is cheap for a GPU when done for the whole batch at once, and too slow for
+the CPU (16 cores ran a DALI CPU pipeline with blur at only 400 img/s). Both views of a batch go
+through `apply` in one pass, on whatever device they are on (on a machine without a GPU: the CPU).
+
+The API is split in two so that the fast version and the per-image reference consume the very same
+random numbers (that is how the tests compare them):
+
+    params = sample_params(n, spec, device, generator)   # draws every random choice, on `device`
+    out = apply(x, params)                                # fast: vectorised over the batch
+    out = apply_reference(x, params)                      # plain loop over torchvision.functional
+
+`x` is float N x 3 x H x W in [0, 1]. Semantics follow torchvision's tensor functions (the torch
+loader's recipe): `RandomApply(ColorJitter, p)`, `RandomGrayscale(p)` (before or after the jitter as
+the spec says), `RandomApply(GaussianBlur(k, sigma), p)`, `RandomHorizontalFlip(p)`.
+
+ColorJitter order: torchvision applies brightness, contrast, saturation and hue in a new random order
+for every image. `order="sample"` (default) does the same: four stages, and at each stage every
+image gets the operation its own permutation names; brightness/contrast/saturation are one blend
+`clamp(f * x + (1 - f) * target)` whose target is 0, the image's mean luma, or its luma, and hue is
+computed for the images whose stage it is. That costs four hue passes. `order="batch"` draws one
+random order per batch (host side, no device sync): every image's own distribution is unchanged,
+only images of one batch share the order, and hue runs once. Images whose jitter is not applied get
+identity factors (1, 1, 1, 0) instead of a mask, and images not blurred get a delta kernel.
+
+No host-device sync anywhere: every random choice stays a device tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moco_fast.augment import AugSpec
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision's ColorJitter fn_idx numbering
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+ORDERS = ("sample", "batch")
+
+
+@dataclass
+class AugParams:
+    """Every random choice for a batch of N images. Tensors live on the batch's device."""
+
+    jitter: torch.Tensor  # N bool: colour jitter applied
+    factors: torch.Tensor  # N x 4 float: brightness, contrast, saturation factors, hue shift
+    order: torch.Tensor  # N x 4 long: the order of the four jitter ops for each image
+    gray: torch.Tensor  # N bool
+    blur: torch.Tensor  # N bool
+    sigma: torch.Tensor  # N float: blur sigma (used where blur)
+    flip: torch.Tensor | None  # N bool; None: this pass does not flip (FFCV flips on the CPU)
+    # Host-side facts, fixed by the spec (so `apply` never has to look at device values):
+    shared_order: tuple[int, ...] | None  # the batch's one jitter order, with order="batch"
+    kernel_size: int  # blur kernel side (odd)
+    gray_first: bool  # MoCo v1: grayscale before the jitter
+    use_jitter: bool
+    use_hue: bool
+    use_gray: bool
+    use_blur: bool
+
+    def __len__(self) -> int:
+        return self.jitter.shape[0]
+
+
+def _uniform(n: int, lo: float, hi: float, device, generator) -> torch.Tensor:
+    return torch.rand(n, device=device, generator=generator) * (hi - lo) + lo
+
+
+def sample_params(
+    n: int,
+    spec: AugSpec,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    order: str = "sample",
+    flip: bool = True,
+) -> AugParams:
+    """Draw the random parameters of `n` images as the spec describes (torchvision's ranges).
+
+    `generator` must live on `device` (None: the global RNG). With `order="batch"` the shared order
+    comes from `generator` when it is a CPU generator, else from the global CPU RNG (no device sync).
+    `flip=False` leaves flipping to someone else (FFCV's Numba pipeline does it on the CPU).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    device = torch.device(device)
+
+    def rand():
+        return torch.rand(n, device=device, generator=generator)
+
+    b, c, s, h = spec.brightness, spec.contrast, spec.saturation, spec.hue
+    factors = torch.stack(
+        [
+            _uniform(n, max(0.0, 1 - b), 1 + b, device, generator),
+            _uniform(n, max(0.0, 1 - c), 1 + c, device, generator),
+            _uniform(n, max(0.0, 1 - s), 1 + s, device, generator),
+            _uniform(n, -h, h, device, generator),
+        ],
+        dim=1,
+    )  # N x 4
+    shared = None
+    if order == "sample":
+        perm = torch.rand(n, 4, device=device, generator=generator).argsort(dim=1)  # N x 4, a permutation per row
+    else:
+        host_gen = generator if generator is not None and generator.device.type == "cpu" else None
+        shared = tuple(torch.randperm(4, generator=host_gen).tolist())  # host tensor: no device sync
+        perm = torch.tensor(shared, device=device).expand(n, 4)
+    return AugParams(
+        jitter=rand() < spec.jitter_prob,
+        factors=factors,
+        order=perm,
+        gray=rand() < spec.gray_prob,
+        blur=rand() < spec.blur_prob,
+        sigma=_uniform(n, spec.blur_sigma[0], spec.blur_sigma[1], device, generator),
+        flip=(rand() < spec.flip_prob) if flip else None,
+        shared_order=shared,
+        kernel_size=spec.blur_kernel_size,
+        gray_first=spec.gray_before_jitter,
+        use_jitter=spec.jitter_prob > 0 and max(b, c, s, h) > 0,
+        use_hue=spec.jitter_prob > 0 and h > 0,
+        use_gray=spec.gray_prob > 0,
+        use_blur=spec.blur_prob > 0,
+    )
+
+
+# ---- the fast, batched version ---------------------------------------------------------------
+
+
+def _col(t: torch.Tensor) -> torch.Tensor:
+    """N -> N x 1 x 1 x 1, to broadcast a per-image value over an image batch."""
+    return t.view(-1, 1, 1, 1)
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """N x 3 x H x W -> N x 1 x H x W, torchvision's rgb_to_grayscale arithmetic."""
+    r, g, b = x.unbind(dim=1)
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """N x 3 x H x W RGB in [0, 1] -> HSV, the arithmetic of torchvision's `_rgb2hsv`."""
+    r, g, b = x.unbind(dim=1)
+    maxc = x.amax(dim=1)
+    minc = x.amin(dim=1)
+    eqc = maxc == minc  # grey pixels: hue and saturation are 0, and no division by zero
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), dim=1)
+
+
+# For sector i = floor(6h), which of (v, q, p, t) each output channel takes (torchvision's table).
+_SECTOR_PICK = torch.tensor(
+    [
+        [0, 1, 2, 2, 3, 0],  # r: v q p p t v
+        [3, 0, 0, 1, 2, 2],  # g: t v v q p p
+        [2, 2, 3, 0, 0, 1],  # b: p p t v v q
+    ]
+)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """The inverse, torchvision's `_hsv2rgb` arithmetic with a gather instead of a one-hot einsum."""
+    h, s, v = hsv.unbind(dim=1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    p = torch.clamp(v * (1.0 - s), 0.0, 1.0)
+    q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
+    t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
+    sector = i.to(torch.long) % 6  # N x H x W
+    cand = torch.stack((v, q, p, t), dim=1)  # N x 4 x H x W
+    pick = _SECTOR_PICK.to(hsv.device)[:, sector].permute(1, 0, 2, 3)  # N x 3 x H x W, index into cand
+    return torch.gather(cand, 1, pick)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each image by its own shift (N, in [-0.5, 0.5])."""
+    hsv = rgb_to_hsv(x)
+    h = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
+    return hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+
+
+def _jitter(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device, dtype=p.factors.dtype)
+    factors = torch.where(p.jitter[:, None], p.factors, identity)  # N x 4: not jittered -> identity
+    stages = p.shared_order if p.shared_order is not None else range(4)
+    for k, stage in enumerate(stages):
+        # The op each image applies at this stage: one host int (shared order) or an N vector.
+        op = stage if p.shared_order is not None else p.order[:, k]
+        if p.shared_order is not None and op == HUE:
+            if p.use_hue:
+                x = adjust_hue(x, factors[:, HUE])
+            continue
+        if p.shared_order is not None:
+            f = factors[:, op]
+            target = {BRIGHTNESS: None, CONTRAST: "mean", SATURATION: "luma"}[op]
+            if target is None:
+                x = (_col(f) * x).clamp(0.0, 1.0)
+            else:
+                y = luma(x)
+                y = y.mean(dim=(1, 2, 3), keepdim=True) if target == "mean" else y
+                x = (_col(f) * x + (1.0 - _col(f)) * y).clamp(0.0, 1.0)
+            continue
+        # Per-image order: brightness, contrast and saturation are one blend towards 0, the mean
+        # luma or the luma; images whose op at this stage is hue blend with f = 1 (unchanged).
+        is_hue = op == HUE
+        f = torch.where(is_hue, torch.ones_like(factors[:, 0]), factors.gather(1, op.clamp(max=2)[:, None])[:, 0])
+        y = luma(x)  # N x 1 x H x W
+        target = torch.where(
+            _col(op == SATURATION), y, torch.where(_col(op == CONTRAST), y.mean(dim=(1, 2, 3), keepdim=True), 0.0)
+        )
+        x = (_col(f) * x + (1.0 - _col(f)) * target).clamp(0.0, 1.0)
+        if p.use_hue:
+            x = torch.where(_col(is_hue), adjust_hue(x, factors[:, HUE]), x)
+    return x
+
+
+def _gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    return torch.where(_col(p.gray), luma(x).expand_as(x), x)
+
+
+def gaussian_kernels(sigma: torch.Tensor, blur: torch.Tensor, k: int) -> torch.Tensor:
+    """N x k normalised 1-D Gaussians (torchvision's formula); a delta where an image is not blurred."""
+    half = (k - 1) * 0.5
+    t = torch.linspace(-half, half, steps=k, device=sigma.device, dtype=sigma.dtype)
+    pdf = torch.exp(-0.5 * (t[None, :] / sigma[:, None]).pow(2))
+    kern = pdf / pdf.sum(dim=1, keepdim=True)
+    delta = (t == 0).to(kern.dtype).expand_as(kern)
+    return torch.where(blur[:, None], kern, delta)
+
+
+def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Per-image separable blur with reflect padding: N x C x H x W, kernels N x k.
+
+    The images become the channels of one depthwise convolution (groups = N * C); a vertical then a
+    horizontal pass equal torchvision's single 2-D pass over the same reflect-padded image.
+    """
+    n, c, h, w = x.shape
+    k = kernels.shape[1]
+    wk = kernels.to(x.dtype).repeat_interleave(c, dim=0)  # (N*C) x k
+    xp = F.pad(x.contiguous().view(1, n * c, h, w), [k // 2] * 4, mode="reflect")
+    xp = F.conv2d(xp, wk.view(n * c, 1, k, 1), groups=n * c)  # vertical: 1 x NC x H x (W + k - 1)
+    xp = F.conv2d(xp, wk.view(n * c, 1, 1, k), groups=n * c)  # horizontal: 1 x NC x H x W
+    return xp.view(n, c, h, w)
+
+
+@torch.no_grad()
+def apply(x: torch.Tensor, params: AugParams) -> torch.Tensor:
+    """Augment a batch: float N x 3 x H x W in [0, 1] -> the same shape, in one vectorised pass."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected N x 3 x H x W, got {tuple(x.shape)}")
+    if x.shape[0] != len(params):
+        raise ValueError(f"{x.shape[0]} images but parameters for {len(params)}")
+    p = params
+    if p.use_gray and p.gray_first:
+        x = _gray(x, p)
+    if p.use_jitter:
+        x = _jitter(x, p)
+    if p.use_gray and not p.gray_first:
+        x = _gray(x, p)
+    if p.use_blur:
+        x = gaussian_blur(x, gaussian_kernels(p.sigma, p.blur, p.kernel_size))
+    if p.flip is not None:
+        x = torch.where(_col(p.flip), x.flip(-1), x)
+    return x
+
+
+# ---- the plain reference: one image at a time through torchvision.transforms.functional ---------
+
+
+@torch.no_grad()
+def apply_reference(x: torch.Tensor, params: AugParams) -> torch.Tensor:
+    """The same augmentation, image by image with torchvision's functions (slow; for the tests)."""
+    from torchvision.transforms import functional as TF
+
+    p = params
+    jitter_fns = {
+        BRIGHTNESS: TF.adjust_brightness,
+        CONTRAST: TF.adjust_contrast,
+        SATURATION: TF.adjust_saturation,
+        HUE: TF.adjust_hue,
+    }
+    out = []
+    for i in range(x.shape[0]):
+        img = x[i]
+        gray = p.use_gray and bool(p.gray[i])
+        if gray and p.gray_first:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        if p.use_jitter and bool(p.jitter[i]):
+            for op in p.order[i].tolist():
+                if op == HUE and not p.use_hue:
+                    continue  # ColorJitter(hue=0) skips hue
+                img = jitter_fns[op](img, float(p.factors[i, op]))
+        if gray and not p.gray_first:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        if p.use_blur and bool(p.blur[i]):
+            s = float(p.sigma[i])
+            img = TF.gaussian_blur(img, [p.kernel_size, p.kernel_size], [s, s])
+        if p.flip is not None and bool(p.flip[i]):
+            img = TF.hflip(img)
+        out.append(img)
+    return torch.stack(out)
