@@ -16,6 +16,7 @@ import warnings
 COMMANDS = [
     "moco_fast.commands.train",
     "moco_fast.commands.knn",
+    "moco_fast.commands.convert",
 ]
 
 

@@ -1,0 +1,70 @@
+"""`moco-fast convert`: an image folder -> an FFCV .beton or WebDataset shards (see moco_fast/convert.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="image folder -> FFCV .beton or WebDataset shards",
+        description="Convert an image folder (SRC/<class>/<images>, or a root with train/ and val/ or test/) "
+        "into an FFCV .beton (for --loader ffcv) or a WebDataset shard set with DALI indexes (for --loader dali "
+        "and streaming). Every file is decoded once to check it: files that are not images and truncated or "
+        "corrupt images are skipped and named with the reason; grayscale and CMYK images become RGB. The output "
+        "is written under a temporary name and renamed at the end. Exit 0 when images were written.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="image folder with class subfolders, or a root with train/")
+    p.add_argument(
+        "dst", metavar="DST", help="output: X.beton (ffcv; class names go to X.beton.json) or a folder (wds)"
+    )
+    p.add_argument("--format", choices=["ffcv", "wds"], default="ffcv", help="output format")
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        default="train",
+        help="with a root holding train/ and val/ or test/: which split to convert (labels follow train/'s classes)",
+    )
+    p.add_argument(
+        "--max-resolution",
+        type=int,
+        help="shrink images so the longer side is at most this many pixels (FFCV ImageNet recipes: 256-512); "
+        "default: keep the size",
+    )
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored images (1-100)")
+    p.add_argument(
+        "--write-mode",
+        choices=["jpg", "raw", "smart", "proportion"],
+        default="jpg",
+        help="ffcv: how images are stored: jpg; raw pixels (fastest to read, ~10x larger); smart: raw up to "
+        "256x256 pixels, JPEG above; proportion: half raw, half JPEG at random",
+    )
+    p.add_argument("--shard-size", type=int, default=1000, help="wds: images per shard")
+    p.add_argument("--seed", type=int, default=0, help="wds: seed of the shuffled sample order across shards")
+    p.add_argument("--workers", type=int, default=0, help="processes decoding and encoding (0: every core)")
+    p.add_argument("--force", action="store_true", help="replace DST when it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moco_fast.convert import ConvertConfig, convert
+
+    cfg = ConvertConfig(
+        src=args.src,
+        dst=args.dst,
+        format=args.format,
+        split=args.split,
+        max_resolution=args.max_resolution,
+        jpeg_quality=args.jpeg_quality,
+        write_mode=args.write_mode,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        force=args.force,
+        seed=args.seed,
+    )
+    summary = convert(cfg)
+    print(summary.text(), file=sys.stdout)
+    return 0

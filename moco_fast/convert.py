@@ -1,0 +1,316 @@
+"""`moco-fast convert`: an image folder -> an FFCV `.beton` or a WebDataset shard set.
+
+Every file is checked: list_images skips files that are not images (by extension or header); then
+each image is decoded in full, so truncated or corrupt files are skipped too, each named with its
+reason. Grayscale, CMYK and palette images become RGB. `max_resolution` shrinks an image so that
+its longer side is at most that many pixels (JPEGs are decoded at a reduced DCT scale first, which
+is faster and as sharp).
+
+The output never appears half-written under its final name: it is written under a temporary name
+in the same folder and renamed at the end; an existing output is replaced only with `force`.
+
+FFCV: the .beton has the fields `image` (RGBImageField) and `label` (IntField), in the folder's
+sorted order; `X.beton.json` beside it holds the class names. Its writer runs its own worker
+processes and cannot skip a sample, so the images are decoded once to check them and once more to
+write them. WebDataset: see moco_fast/convert_wds.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from moco_fast.data import DataError, ImageList, list_images, resolve_root, split_dirs
+
+log = logging.getLogger("moco_fast")
+
+FORMATS = ("ffcv", "wds")
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")
+
+
+@dataclass
+class ConvertConfig:
+    src: str
+    dst: str
+    format: str = "ffcv"
+    split: str = "train"  # with a root holding train/ and val/ or test/: which one (classes from train/)
+    max_resolution: int | None = None  # longer side, pixels; None: keep
+    jpeg_quality: int = 90
+    write_mode: str = "jpg"  # ffcv: jpg | raw | smart | proportion (FFCV's RGBImageField modes)
+    shard_size: int = 1000  # wds: images per shard
+    workers: int = 0  # 0: every core of this machine
+    force: bool = False
+    seed: int = 0  # wds: the shuffled sample order
+
+
+@dataclass
+class ConvertSummary:
+    dst: Path
+    written: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def text(self, show: int = 20) -> str:
+        lines = [
+            f"wrote {self.written} images to {self.dst} ({self.bytes / 2**20:.1f} MiB) in {self.seconds:.1f} s; "
+            f"skipped {len(self.skipped)}"
+        ]
+        for path, reason in self.skipped[:show]:
+            lines.append(f"  skipped {path}: {reason}")
+        if len(self.skipped) > show:
+            lines.append(f"  ... and {len(self.skipped) - show} more (all listed in the output's json)")
+        return "\n".join(lines)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ---- decoding, with the checks ------------------------------------------------------------------
+
+
+def load_resized(path: str, max_resolution: int | None) -> Image.Image:
+    """Decode in full (raises on a truncated file), convert to RGB, shrink the longer side to at most
+    `max_resolution` (bicubic, antialiased)."""
+    with Image.open(path) as im:
+        if max_resolution and im.format == "JPEG" and max(im.size) > max_resolution:
+            s = max_resolution / max(im.size)
+            # DCT scaling: decode at 1/2, 1/4 or 1/8 size, never below the requested size.
+            im.draft("RGB", (math.ceil(im.size[0] * s), math.ceil(im.size[1] * s)))
+        im.load()
+        img = im.convert("RGB")
+    if max_resolution and max(img.size) > max_resolution:
+        w, h = img.size
+        s = max_resolution / max(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
+    return img
+
+
+def check_task(job: tuple[str, int | None]) -> tuple[int, int] | str:
+    """(width, height) after resizing, or the reason the file cannot be converted."""
+    path, max_res = job
+    try:
+        return load_resized(path, max_res).size
+    except Exception as e:  # PIL raises many types for bad files
+        return f"cannot decode ({type(e).__name__}: {e})"
+
+
+def parallel_map(fn: Callable, jobs: list, workers: int, desc: str) -> Iterator:
+    """fn over jobs in order, in `workers` processes, with a progress bar. Works in windows, so that
+    results never pile up in memory faster than the caller consumes them."""
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+    try:
+        if workers <= 1:
+            for j in jobs:
+                yield fn(j)
+                bar.update()
+            return
+        window = workers * 64
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            for start in range(0, len(jobs), window):
+                chunk = jobs[start : start + window]
+                for r in ex.map(fn, chunk, chunksize=16):
+                    yield r
+                    bar.update()
+    finally:
+        bar.close()
+
+
+# ---- input and output ---------------------------------------------------------------------------
+
+
+def source_images(cfg: ConvertConfig) -> ImageList:
+    root = resolve_root(cfg.src)
+    train_dir, eval_dir = split_dirs(root)
+    if cfg.split == "train":
+        if eval_dir is not None:
+            log.info(
+                "%s has %s/ too: convert it with `moco-fast convert %s DST --split %s`",
+                root,
+                eval_dir.name,
+                root,
+                eval_dir.name,
+            )
+        return list_images(train_dir, check=True, workers=max(1, cfg.workers))
+    if train_dir == root or eval_dir is None or eval_dir.name != cfg.split:
+        raise DataError(f"--split {cfg.split}: {root} has no train/ and {cfg.split}/ folders")
+    classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir())
+    return list_images(eval_dir, classes=classes, check=True, workers=max(1, cfg.workers))
+
+
+def temp_path(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def publish(tmp: Path, dst: Path, force: bool) -> None:
+    """Rename tmp to dst. An existing dst (only with force) is moved aside first and removed after,
+    so that dst is never a half-written output."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise FileExistsError(f"{dst} exists: pass --force to replace it")
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        remove(old)
+
+
+def size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---- FFCV ---------------------------------------------------------------------------------------
+
+
+class BetonSource:
+    """What FFCV's writer reads in its worker processes: (H x W x 3 uint8, label).
+
+    The files passed the check pass already; one that fails now anyway (it changed on disk) is
+    written black and counted, because FFCV's writer cannot skip a sample."""
+
+    def __init__(self, files: list[str], labels: list[int], max_res: int | None):
+        self.files, self.labels, self.max_res = files, labels, max_res
+        self.failed = mp.get_context("fork").Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            img = np.asarray(load_resized(self.files[i], self.max_res))
+        except Exception as e:
+            print(f"warning: {self.files[i]} failed to decode on the second pass ({e}); written black", file=sys.stderr)
+            with self.failed.get_lock():
+                self.failed.value += 1
+            img = np.zeros((8, 8, 3), np.uint8)
+        return img, self.labels[i]
+
+
+def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tuple[int, int]], cfg: ConvertConfig):
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    # A sample must fit in one page: pages of 8 MiB (FFCV's default) or the next power of two above
+    # the largest raw image, with room for a JPEG that came out larger than its pixels.
+    biggest = max(w * h * 3 for w, h in sizes)
+    page = max(8 << 20, 1 << math.ceil(math.log2(biggest * 3 // 2 + 65536)))
+    fields = {
+        "image": RGBImageField(
+            write_mode=cfg.write_mode,
+            max_resolution=cfg.max_resolution,
+            jpeg_quality=cfg.jpeg_quality,
+            smart_threshold=256 * 256 * 3,  # smart: images above 256x256 pixels stored as JPEG
+        ),
+        "label": IntField(),
+    }
+    source = BetonSource(files, labels, cfg.max_resolution)
+    DatasetWriter(str(tmp), fields, page_size=page, num_workers=cfg.workers).from_indexed_dataset(source)
+    if source.failed.value:
+        raise DataError(f"{source.failed.value} images failed to decode while writing (they changed on disk?)")
+
+
+def convert_ffcv(images: ImageList, tmp: Path, cfg: ConvertConfig) -> tuple[int, list[tuple[str, str]], dict]:
+    jobs = [(f, cfg.max_resolution) for f in images.files]
+    results = list(parallel_map(check_task, jobs, cfg.workers, "checking"))
+    skipped = [(f, r) for f, r in zip(images.files, results, strict=True) if isinstance(r, str)]
+    for path, reason in skipped:
+        log.warning("skipping %s: %s", path, reason)
+    keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    if not keep:
+        raise DataError(f"none of the {len(images)} images in {images.root} could be decoded")
+    files = [images.files[i] for i in keep]
+    labels = [images.labels[i] for i in keep]
+    write_beton(tmp, files, labels, [results[i] for i in keep], cfg)
+    return len(files), skipped, {"fields": {"image": "RGBImageField", "label": "IntField"}}
+
+
+# ---- the command's work -------------------------------------------------------------------------
+
+
+def validate(cfg: ConvertConfig) -> None:
+    from moco_fast.config import ConfigError
+
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if cfg.write_mode not in WRITE_MODES:
+        raise ConfigError(f"--write-mode must be one of {', '.join(WRITE_MODES)}, got {cfg.write_mode!r}")
+    if not 1 <= cfg.jpeg_quality <= 100:
+        raise ConfigError(f"--jpeg-quality must be in 1..100, got {cfg.jpeg_quality}")
+    if cfg.max_resolution is not None and cfg.max_resolution < 8:
+        raise ConfigError(f"--max-resolution must be at least 8 pixels, got {cfg.max_resolution}")
+    if cfg.shard_size < 1:
+        raise ConfigError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+
+
+def convert(cfg: ConvertConfig) -> ConvertSummary:
+    """Convert as configured; returns what was written and skipped. Raises DataError when nothing
+    could be written, FileExistsError when the output exists and `force` is off."""
+    validate(cfg)
+    if cfg.workers <= 0:
+        cfg.workers = default_workers()
+    dst = Path(cfg.dst)
+    if (dst.exists() or dst.is_symlink()) and not cfg.force:
+        raise FileExistsError(f"{dst} exists: pass --force to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    images = source_images(cfg)
+    tmp = temp_path(dst)
+    extra_tmp: list[Path] = []
+    try:
+        if cfg.format == "ffcv":
+            written, skipped, info = convert_ffcv(images, tmp, cfg)
+        else:
+            from moco_fast.convert_wds import write_shard_set
+
+            written, skipped, info = write_shard_set(images, tmp, cfg)
+        skipped = images.skipped + skipped
+        meta = {
+            "format": cfg.format,
+            "classes": images.classes,
+            "num_images": written,
+            **info,
+            "source": str(images.root),
+            "max_resolution": cfg.max_resolution,
+            "jpeg_quality": cfg.jpeg_quality,
+            "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        }
+        if cfg.format == "ffcv":
+            meta["write_mode"] = cfg.write_mode
+            side_tmp = temp_path(dst.with_name(dst.name + ".json"))
+            extra_tmp.append(side_tmp)
+            side_tmp.write_text(json.dumps(meta, indent=1))
+            publish(tmp, dst, cfg.force)
+            publish(side_tmp, dst.with_name(dst.name + ".json"), True)
+        else:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            publish(tmp, dst, cfg.force)
+    except BaseException:
+        for p in (tmp, *extra_tmp):
+            remove(p)
+        raise
+    return ConvertSummary(dst, written, skipped, size_of(dst), time.perf_counter() - start)

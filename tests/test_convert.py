@@ -1,0 +1,210 @@
+"""`moco-fast convert`: bad files named and skipped, .beton and WebDataset outputs that read back right,
+no overwrite without --force, no half-written output under the final name."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moco_fast import convert_wds
+from moco_fast.cli import main
+from moco_fast.convert import ConvertConfig, convert
+from moco_fast.data import DataError
+
+BAD = {"trunc.jpg": "cannot decode", "broken.jpg": "not a readable image", "notes.txt": "not an image"}
+
+
+@pytest.fixture
+def bad_root(fresh_root: Path) -> Path:
+    """fresh_root's train/ (2 classes x 8) plus a truncated JPEG, a broken one, a text file, and a
+    CMYK JPEG and a grayscale PNG of odd sizes (these two must land, as RGB)."""
+    first = sorted((fresh_root / "train").iterdir())[0]
+    good = sorted(first.iterdir())[0].read_bytes()
+    (first / "trunc.jpg").write_bytes(good[: int(len(good) * 0.9)])  # header fine, decode fails
+    (first / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (first / "notes.txt").write_text("not an image")
+    yy, xx = np.mgrid[0:24, 0:40]
+    smooth = np.stack([xx * 6, yy * 10, 255 - xx * 6], axis=-1).astype(np.uint8)  # 24 x 40, JPEG-friendly
+    Image.fromarray(smooth).convert("CMYK").save(first / "cmyk.jpg", quality=95)
+    Image.fromarray(smooth[..., 0].T.copy(), "L").save(first / "gray.png")
+    return fresh_root
+
+
+def expected(root: Path) -> tuple[list[str], list[int], list[tuple[int, int]]]:
+    """The good files of train/ in sorted order, their labels and (width, height)."""
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    files, labels, sizes = [], [], []
+    for i, c in enumerate(classes):
+        for f in sorted((root / "train" / c).iterdir()):
+            if f.name not in BAD:
+                files.append(str(f))
+                labels.append(i)
+                sizes.append(Image.open(f).size)
+    return files, labels, sizes
+
+
+def assert_bad_named(summary):
+    named = {Path(p).name: r for p, r in summary.skipped}
+    assert set(named) == set(BAD)
+    for name, reason in BAD.items():
+        assert reason in named[name]
+
+
+def beton_images(path: Path):
+    """(labels, sizes, jpeg bytes) straight from the .beton's tables, without FFCV's JIT."""
+    from ffcv.reader import Reader
+
+    r = Reader(str(path))
+    img, lab = r.metadata["f0"], r.metadata["f1"]
+    sizes = {int(p): int(s) for p, s in zip(r.alloc_table["ptr"], r.alloc_table["size"])}
+    raw = path.read_bytes()
+    blobs = [raw[int(p) : int(p) + sizes[int(p)]] for p in img["data_ptr"]]
+    return lab.tolist(), list(zip(img["width"].tolist(), img["height"].tolist())), blobs
+
+
+def no_partials(folder: Path):
+    return [p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
+
+
+def test_beton_round_trip_and_bad_files(bad_root, tmp_path):
+    dst = tmp_path / "out" / "train.beton"
+    summary = convert(ConvertConfig(str(bad_root), str(dst), format="ffcv", workers=2))
+    files, labels, sizes = expected(bad_root)
+    assert summary.written == len(files) == 18
+    assert_bad_named(summary)
+    got_labels, got_sizes, blobs = beton_images(dst)
+    assert got_labels == labels
+    assert got_sizes == sizes  # CMYK 40x24 and gray 24x40 kept their sizes
+    for f, blob in zip(files, blobs):
+        src = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
+        back = np.asarray(Image.open(io.BytesIO(blob)), dtype=np.float32)
+        assert back.shape == src.shape and np.abs(back - src).mean() < 8  # JPEG at quality 90
+    side = json.loads((dst.parent / "train.beton.json").read_text())
+    assert side["classes"] == sorted(p.name for p in (bad_root / "train").iterdir())
+    assert side["num_images"] == 18 and len(side["skipped"]) == 3
+    assert no_partials(dst.parent)
+    assert "skipped 3" in summary.text() and "trunc.jpg" in summary.text()
+
+
+def test_max_resolution_shrinks(bad_root, tmp_path):
+    dst = tmp_path / "small.beton"
+    convert(ConvertConfig(str(bad_root), str(dst), max_resolution=16, workers=1))
+    _, sizes, _ = beton_images(dst)
+    assert max(max(s) for s in sizes) == 16
+    assert (16, 10) in sizes  # the 40x24 CMYK image, aspect kept
+
+
+def test_wds_shards_meta_and_index_agree(bad_root, tmp_path):
+    dst = tmp_path / "wds"
+    summary = convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=7, workers=2))
+    assert_bad_named(summary)
+    _, labels, _ = expected(bad_root)
+    meta = json.loads((dst / "meta.json").read_text())
+    assert meta["format"] == "wds" and meta["num_images"] == 18
+    assert meta["shards"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert meta["shard_sizes"] == [7, 7, 4]
+    keys, got_labels = [], []
+    for shard in meta["shards"]:
+        tar = dst / shard
+        idx = tar.with_suffix(".idx").read_text().splitlines()
+        head, lines = idx[0].split(), idx[1:]
+        assert head == ["v1.2", str(len(lines))]
+        raw = tar.read_bytes()
+        members = {m.name: m for m in tarfile.open(tar) if m.isreg()}
+        for line in lines:
+            parts = line.split()
+            assert [parts[0], parts[4]] == ["jpg", "cls"]
+            for ext, off, size, name in (parts[0:4], parts[4:8]):
+                assert name.endswith("." + ext) and members[name].offset_data == int(off)
+                assert members[name].size == int(size)
+            jpg = raw[int(parts[1]) : int(parts[1]) + int(parts[2])]
+            assert Image.open(io.BytesIO(jpg)).mode == "RGB"
+            got_labels.append(int(raw[int(parts[5]) : int(parts[5]) + int(parts[6])].decode("ascii")))
+            keys.append(parts[3].split(".")[0])
+    assert keys == [f"{i:08d}" for i in range(18)]
+    assert sorted(got_labels) == sorted(labels)  # shuffled order, same labels
+    assert got_labels != labels
+
+
+def test_wds_index_is_what_dali_writes(bad_root, tmp_path):
+    wds2idx = pytest.importorskip("wds2idx", reason="DALI's wds2idx tool is not installed")
+    dst = tmp_path / "wds"
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=10, workers=1))
+    for tar in sorted(dst.glob("*.tar")):
+        ref = tmp_path / (tar.stem + ".ref.idx")
+        with wds2idx.IndexCreator(str(tar), str(ref), verbose=False) as ic:
+            ic.create_index()
+        assert tar.with_suffix(".idx").read_text() == ref.read_text()
+
+
+def test_wds_meta_reads_with_the_loader_contract(bad_root, tmp_path):
+    wds = pytest.importorskip("moco_fast.loaders.wds")
+    dst = tmp_path / "wds"
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=10, workers=1))
+    meta = wds.read_meta(dst)
+    assert meta.num_images == 18 and len(meta.shards) == 2
+
+
+def test_refuses_to_overwrite_without_force(bad_root, tmp_path, capsys):
+    dst = tmp_path / "x.beton"
+    dst.write_text("precious")
+    assert main(["convert", str(bad_root), str(dst), "--workers", "1"]) == 2
+    assert "exists: pass --force" in capsys.readouterr().err
+    assert dst.read_text() == "precious"
+    assert main(["convert", str(bad_root), str(dst), "--workers", "1", "--force"]) == 0
+    assert "wrote 18 images" in capsys.readouterr().out
+    assert beton_images(dst)[0] == expected(bad_root)[1]
+    assert no_partials(tmp_path)
+
+
+def test_force_replaces_a_folder(bad_root, tmp_path):
+    dst = tmp_path / "wds"
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=100, workers=1))
+    (dst / "stale.txt").write_text("old")
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=5, workers=1, force=True))
+    assert not (dst / "stale.txt").exists() and len(list(dst.glob("*.tar"))) == 4
+    assert no_partials(tmp_path)
+
+
+def test_failure_leaves_no_partial_output(bad_root, tmp_path, monkeypatch):
+    dst = tmp_path / "wds"
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1))
+    before = (dst / "meta.json").read_text()
+    calls = []
+
+    def dying(job):
+        calls.append(job)
+        if len(calls) > 5:
+            raise RuntimeError("disk on fire")
+        return b"\xff\xd8fake"
+
+    monkeypatch.setattr(convert_wds, "encode_task", dying)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1, force=True))
+    assert (dst / "meta.json").read_text() == before  # the old output is intact
+    assert no_partials(tmp_path)
+
+
+def test_nothing_convertible_is_a_clear_error(tmp_path, capsys):
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    (src / "a.jpg").write_bytes(b"garbage")
+    (src / "b.txt").write_text("text")
+    with pytest.raises(DataError, match="no readable images"):
+        convert(ConvertConfig(str(tmp_path / "src"), str(tmp_path / "out.beton"), workers=1))
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "o"), "--format", "wds"]) == 2
+    assert "no readable images" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_val_split_keeps_train_labels(bad_root, tmp_path):
+    dst = tmp_path / "val"
+    summary = convert(ConvertConfig(str(bad_root), str(dst), format="wds", split="test", workers=1))
+    meta = json.loads((dst / "meta.json").read_text())
+    assert summary.written == 8 and meta["classes"] == sorted(p.name for p in (bad_root / "train").iterdir())
+    with pytest.raises(DataError, match="--split val"):
+        convert(ConvertConfig(str(bad_root), str(tmp_path / "v2"), format="wds", split="val", workers=1))
