@@ -1,0 +1,165 @@
+"""The FFCV loader for real (no mock) on a small .beton written once per session.
+
+FFCV's Numba pipeline compiles on first use (~20-40 s per Loader on this CPU), so one loader is
+shared by the module's tests; the end-to-end `moco-fast train` run and the stock-decoder path pay
+one compile each.
+"""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from moco_fast.loaders import LoaderArgs, create_loader
+
+from moco_fast.augment import MOCO_CIFAR
+from moco_fast.cli import main
+from moco_fast.config import ConfigError
+from moco_fast.convert import ConvertConfig, convert
+from moco_fast.data import DataError
+
+pytestmark = pytest.mark.slow
+BATCH = 8
+
+
+@pytest.fixture(scope="session")
+def tiny_beton(tiny_root, tmp_path_factory):
+    """tiny_root's train/ (2 classes x 16 CIFAR images) as a .beton."""
+    dst = tmp_path_factory.mktemp("beton") / "tiny.beton"
+    convert(ConvertConfig(str(tiny_root), str(dst), format="ffcv", workers=2))
+    return dst
+
+
+def beton_labels(path) -> list[int]:
+    from ffcv.reader import Reader
+
+    return Reader(str(path)).metadata["f1"].tolist()
+
+
+def loader_args(beton, **kw) -> LoaderArgs:
+    base = dict(
+        data=None if beton is None else str(beton),
+        aug=MOCO_CIFAR,
+        batch_size=BATCH,
+        device=torch.device("cpu"),
+        workers=1,
+        seed=3,
+    )
+    return LoaderArgs(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def loader(tiny_beton):
+    return create_loader("ffcv", loader_args(tiny_beton))
+
+
+def epoch_indices(loader, epoch: int) -> list[int]:
+    loader.set_epoch(epoch)
+    return [i for b in loader for i in b.index.tolist()]
+
+
+def test_batches_are_two_normalised_views(loader, tiny_beton):
+    assert loader.num_images == 32 and len(loader) == 32 // BATCH
+    assert loader.classes == sorted(json.loads(tiny_beton.with_name("tiny.beton.json").read_text())["classes"])
+    labels = beton_labels(tiny_beton)
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    mean, std = torch.tensor(MOCO_CIFAR.mean), torch.tensor(MOCO_CIFAR.std)
+    lo, hi = ((0 - mean) / std).min().item(), ((1 - mean) / std).max().item()
+    for b in batches:
+        for v in (b.im_q, b.im_k):
+            assert v.shape == (BATCH, 3, 32, 32) and v.dtype == torch.float32
+            assert v.is_contiguous(memory_format=torch.channels_last)
+            assert lo - 1e-4 <= v.min().item() and v.max().item() <= hi + 1e-4
+        assert not torch.equal(b.im_q, b.im_k)  # independent crops and colours
+        assert b.label.tolist() == [labels[i] for i in b.index.tolist()]
+    seen = [i for b in batches for i in b.index.tolist()]
+    assert sorted(seen) == list(range(32))
+
+
+def test_order_follows_seed_and_epoch(loader):
+    e0, e1, e0_again = epoch_indices(loader, 0), epoch_indices(loader, 1), epoch_indices(loader, 0)
+    assert e0 == e0_again and e0 != e1
+    assert sorted(e0) == sorted(e1) == list(range(32))
+
+
+def test_views_follow_dtype_and_memory_format(loader):
+    other = copy.copy(loader)
+    other.args = loader_args(loader.args.data, dtype=torch.bfloat16, channels_last=False)
+    other.memory_format = torch.contiguous_format
+    b = next(iter(other))
+    assert b.im_q.dtype == torch.bfloat16 and b.im_q.is_contiguous()
+
+
+def test_views_match_what_the_crops_and_colour_pass_make(loader):
+    """Statistically: a gray view has equal channels, and about gray_prob of views are gray."""
+    gray = total = 0
+    mean = torch.tensor(MOCO_CIFAR.mean).view(1, 3, 1, 1)
+    std = torch.tensor(MOCO_CIFAR.std).view(1, 3, 1, 1)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for b in loader:
+            for v in (b.im_q, b.im_k):
+                x = v * std + mean  # back to [0, 1]
+                same = (x[:, 0] - x[:, 1]).abs().flatten(1).amax(1) < 1e-3
+                gray += int(same.sum())
+                total += v.shape[0]
+    assert total == 192
+    # gray_prob 0.2 of 192 views: mean 38, sd 5.5
+    assert abs(gray / total - MOCO_CIFAR.gray_prob) < 4 * math.sqrt(0.2 * 0.8 / total)
+
+
+def test_rank_shards_are_disjoint_and_equal():
+    from moco_fast.loaders.ffcv import RankShardOrder
+
+    class FakeLoader:
+        indices = range(30)
+
+    shards = [RankShardOrder(seed=1, rank=r, world_size=3)(FakeLoader()).sample_order(2).tolist() for r in range(3)]
+    assert all(len(s) == 10 for s in shards)
+    assert sorted(i for s in shards for i in s) == list(range(30))
+    again = RankShardOrder(seed=1, rank=0, world_size=3)(FakeLoader()).sample_order(2).tolist()
+    assert again == shards[0]
+
+
+def test_options_are_checked(tiny_beton):
+    with pytest.raises(ConfigError, match="unknown ffcv loader option"):
+        create_loader("ffcv", loader_args(tiny_beton, options={"speed": "max"}))
+    with pytest.raises(ConfigError, match="jitter_order"):
+        create_loader("ffcv", loader_args(tiny_beton, options={"jitter_order": "never"}))
+    with pytest.raises(ConfigError, match="expected a bool"):
+        create_loader("ffcv", loader_args(tiny_beton, options={"os_cache": "maybe"}))
+
+
+def test_bad_data_is_a_clear_error(tiny_beton, tmp_path):
+    with pytest.raises(DataError, match="needs --data"):
+        create_loader("ffcv", loader_args(None))
+    with pytest.raises(DataError, match=r"must be a \.beton file"):
+        create_loader("ffcv", loader_args(tmp_path))
+    junk = tmp_path / "junk.beton"
+    junk.write_bytes(b"\0" * 100)
+    with pytest.raises(DataError, match=r"not a readable \.beton"):
+        create_loader("ffcv", loader_args(junk))
+    with pytest.raises(DataError, match="fewer than one batch"):
+        create_loader("ffcv", loader_args(tiny_beton, batch_size=64))
+
+
+def test_stock_two_decoder_path(tiny_beton):
+    ld = create_loader(
+        "ffcv", loader_args(tiny_beton, batch_size=16, options={"decode": "twice", "jitter_order": "batch"})
+    )
+    b = next(iter(ld))
+    assert b.im_q.shape == b.im_k.shape == (16, 3, 32, 32) and not torch.equal(b.im_q, b.im_k)
+    assert b.label.tolist() == [beton_labels(tiny_beton)[i] for i in b.index.tolist()]
+
+
+def test_train_end_to_end(tiny_beton, tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--loader", "ffcv", "--device", "cpu", "--data", str(tiny_beton), "--preset", "cifar"]
+    argv += ["--arch", "resnet18", "--dim", "16", "--moco-k", "32", "--epochs", "1", "--batch-size", "8"]
+    argv += ["--workers", "1", "--out", str(out)]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] == 1 and math.isfinite(rows[-1]["loss"])
+    assert json.loads((out / "config.json").read_text())["data"]["loader"] == "ffcv"
