@@ -3,3 +3,9 @@
 from .momentum import momentum_update, momentum_update_foreach, momentum_update_reference
 
 __all__ = ["momentum_update", "momentum_update_foreach", "momentum_update_reference"]
+
+# Batched augmentations (colour jitter, grayscale, blur, flip) for the FFCV/DALI device pass.
+from .augment_gpu import AugParams, apply_reference, sample_params
+from .augment_gpu import apply as augment_batch
+
+__all__ += ["AugParams", "apply_reference", "augment_batch", "sample_params"]
