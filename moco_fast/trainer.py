@@ -26,6 +26,7 @@ from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
 from moco_fast.data import DataError, load_splits
 from moco_fast.knn import knn_accuracy
 from moco_fast.loaders import LoaderArgs, create_loader
+from moco_fast.loaders.wds import is_wds_root
 from moco_fast.metrics import MetricsWriter, progress
 from moco_fast.model import MoCo
 
@@ -181,6 +182,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.runtime.knn_every or cfg.runtime.final_knn:
         if cfg.data.loader == "synthetic":
             splits = None
+        elif is_wds_root(cfg.data.data):  # a shard set has no eval split for the kNN monitor
+            if cfg.runtime.knn_every:
+                raise ConfigError("--knn-every needs an image folder with train/ and val/ or test/, not a shard set")
         else:
             splits = load_splits(cfg.data.data, check=False) if cfg.data.loader in ("torch", "dali") else None
             if splits is not None and splits.eval is None:
