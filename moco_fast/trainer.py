@@ -148,8 +148,10 @@ def _check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; returns the last metrics row (plus final kNN figures when computed)."""
-    dist_utils.init_from_env(cfg.runtime.device)
+    owns_group = dist_utils.init_from_env(cfg.runtime.device)
     world, rank = dist_utils.world_size(), dist_utils.rank()
+    if rank != 0:
+        log.setLevel(logging.WARNING)  # only rank 0 logs progress; warnings and errors from every rank
     device = dist_utils.local_device(resolve_device(cfg.runtime.device))
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
     validate(cfg, world)
@@ -205,13 +207,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"]
-        if state.get("world_size", 1) == world:
-            ckpt.set_rng_state(state["rng"])
+        _restore_rng(state, cfg, world, rank, start_epoch)
         log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+    # Every rank must start at the same epoch, or the first collective would wait forever.
+    starts = dist_utils.all_gather_objects(start_epoch)
+    if len(set(starts)) > 1:
+        raise ConfigError(
+            f"--resume: the ranks found different checkpoints (epochs {starts}): "
+            "put --out on a file system that every machine sees"
+        )
     if cfg.runtime.compile:
         model.encoder_q.compile()
         if model.encoder_k is not None:
             model.encoder_k.compile()
+    if cfg.runtime.sync_bn and world > 1 and model.shuffle_bn:
+        # SyncBatchNorm's statistics cover the global batch wherever each image sits: shuffling
+        # the keys across ranks would change nothing and cost traffic (docs/distributed.md).
+        model.shuffle_bn = False
     step_model = dist_utils.wrap_ddp(model, device, cfg.runtime.sync_bn)
     s = StepState(step_model, optimizer, scaler, amp_dtype, device)
 
@@ -257,8 +269,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "epoch_time_s": elapsed,
         }
         if splits is not None and cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0:
-            row["knn_top1"] = _knn(model, splits, cfg, device)
+            if dist_utils.is_main():  # kNN on rank 0 alone; the others wait at the barrier
+                row["knn_top1"] = _knn(model, splits, cfg, device)
+            dist_utils.barrier()
         writer.write(row)
+        rng_states = dist_utils.all_gather_objects(ckpt.rng_state())  # each rank's streams, for --resume
         if dist_utils.is_main():
             ckpt.save_atomic(
                 {
@@ -267,13 +282,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
-                    "rng": ckpt.rng_state(),
+                    "rng": rng_states[0],
+                    "rng_per_rank": rng_states,
                     "world_size": world,
                     "num_images": loader.num_images,
                 },
                 out / ckpt.CHECKPOINT_NAME,
             )
-    if splits is not None and cfg.runtime.final_knn:
+    if splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
         row = dict(row)
         row["final_knn_top1"] = row["knn_top1"] if "knn_top1" in row else _knn(model, splits, cfg, device)
         if cfg.runtime.knn_baseline:
@@ -282,7 +298,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         writer.write_summary(row)
     writer.close()
     dist_utils.barrier()
+    if owns_group:
+        dist_utils.destroy()
     return row
+
+
+def _restore_rng(state: dict[str, Any], cfg: TrainConfig, world: int, rank: int, epoch: int) -> None:
+    """Each rank continues its own random streams when the number of ranks is unchanged. Otherwise
+    (N workers resumed with M) the streams start afresh from (seed, rank, epoch); data order and
+    augmentations do not depend on them (the loaders seed from seed, epoch and rank)."""
+    per_rank = state.get("rng_per_rank") or [state["rng"]]
+    if len(per_rank) == world:
+        ckpt.set_rng_state(per_rank[rank])
+        return
+    seed_everything(cfg.runtime.seed + rank + 1_000_003 * epoch)
+    log.info("--resume: the checkpoint was written by %d processes, now %d: new random streams", len(per_rank), world)
 
 
 def _knn(model: MoCo, splits, cfg: TrainConfig, device: torch.device) -> float:

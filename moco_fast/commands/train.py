@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import replace
 
 from moco_fast.augment import AUG_PRESETS
@@ -175,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     from moco_fast.trainer import train
 
     row = train(cfg)
-    _report(row)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        _report(row)
     return 0
 
 

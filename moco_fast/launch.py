@@ -1,0 +1,122 @@
+"""`moco-fast train --gpus N`: one training worker per GPU on this machine.
+
+The workers are started by PyTorch's elastic launcher, the engine under `torchrun`, so they see the
+same environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a free local port) and the
+trainer runs the same code either way. The launcher watches the workers: when one exits with an
+error or a signal, it stops the others and we report which rank failed and why, instead of leaving
+the rest waiting forever in a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moco_fast.config import ConfigError, TrainConfig
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process ended with an error; the message names its rank and the cause."""
+
+
+def check_local_gpus(cfg: TrainConfig) -> int:
+    """The number of workers `--gpus` asks for, or a ConfigError before anything starts."""
+    n = cfg.runtime.gpus
+    if n < 1:
+        raise ConfigError(f"--gpus must be at least 1 (got {n})")
+    if any(v in os.environ for v in TORCHRUN_VARS):
+        raise ConfigError(
+            "--gpus starts its own workers: under torchrun leave it out (--nproc_per_node sets the count)"
+        )
+    if cfg.runtime.device == "cpu":
+        raise ConfigError(
+            f"--gpus {n} starts one worker per GPU; for {n} CPU processes use torchrun (gloo): "
+            f"torchrun --standalone --nproc_per_node {n} -m moco_fast train --device cpu ..."
+        )
+    if cfg.runtime.device not in ("auto", "cuda"):
+        raise ConfigError(
+            f"--gpus uses GPUs 0..{n - 1}: choose them with CUDA_VISIBLE_DEVICES, not --device {cfg.runtime.device}"
+        )
+    have = torch.cuda.device_count()
+    if n > have:
+        raise ConfigError(f"--gpus {n}: this machine has {have} CUDA GPU{'s' if have != 1 else ''}")
+    return n
+
+
+def launch_local(cfg: TrainConfig) -> int:
+    """Train with one worker per GPU; returns the exit status (the CLI's)."""
+    from moco_fast.trainer import validate
+
+    n = check_local_gpus(cfg)
+    validate(cfg, n)  # contradicting flags fail here once, not in every worker
+    try:
+        run_workers(_train_worker, (cfg,), n)
+    except WorkerFailed as e:
+        print(f"moco-fast train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train_worker(cfg: TrainConfig) -> None:
+    from moco_fast.trainer import train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    train(cfg)
+
+
+def _recorded(fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs in each worker: `record` writes an exception's text where the launcher reads it."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(fn)(*args)
+
+
+def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
+    """Run fn(*args) in nprocs local processes joined by torch.distributed's environment.
+
+    fn must be importable by name (the workers are spawned). Returns each rank's result; raises
+    WorkerFailed naming the first rank that failed, with its exit code or signal and its error.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The agent's step-by-step INFO lines would bury the training log.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nprocs,
+        run_id=f"moco-fast-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
+        max_restarts=0,  # a failed step is not retried on its own: the user decides (--resume)
+        monitor_interval=0.1,
+        start_method="spawn",  # CUDA cannot be forked
+    )
+    try:
+        results = elastic_launch(config, _recorded)(fn, *args)
+    except ChildFailedError as e:
+        raise WorkerFailed(describe_failure(e)) from None
+    return [results[r] for r in sorted(results)]
+
+
+def describe_failure(e: Any) -> str:
+    """One line from a ChildFailedError: which rank, exit code or signal, the exception's text."""
+    rank, failure = e.get_first_failure()
+    how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+    message = failure.message
+    if isinstance(message, dict):  # written by `record`: {"message": "Error: text", "extraInfo": ...}
+        message = message.get("message", "")
+    if not message or message.startswith(("To enable traceback", "Signal ")):
+        message = "no Python exception (killed or crashed; see its output above)"
+    others = sorted(set(e.failures) - {rank})
+    also = f" (also failed: rank {', '.join(map(str, others))})" if others else ""
+    return f"worker rank {rank} failed with {how}: {message.strip().splitlines()[0]}{also}"

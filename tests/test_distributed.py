@@ -1,0 +1,338 @@
+"""Several processes on the CPU (gloo): cross-rank shuffle BN, DDP against one process, the queue,
+torchrun, resume with another world size, and the failures of `--gpus` and of a dying worker.
+
+Workers run through moco_fast.launch.run_workers (PyTorch's elastic launcher), which hands their
+return values back to the test. Starting processes costs far more than the work here, so one
+launch serves the shuffle and DDP tests, and the model and trainer are imported only where needed
+(the workers of the failure tests import this module). GPU variants skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moco_fast import distributed as dist_utils
+from moco_fast.cli import main
+from moco_fast.config import build_config
+from moco_fast.launch import WorkerFailed, run_workers
+
+
+def _join(device: str) -> torch.device:
+    """In a worker: join the group the launcher described; one thread, the CPU is shared."""
+    torch.set_num_threads(1)
+    dist_utils.init_from_env(device)
+    return dist_utils.local_device(torch.device(device))
+
+
+# -- shuffle BN across ranks ----------------------------------------------------------------------
+def _shuffle_run(dev: torch.device, sizes: tuple[int, ...]) -> dict:
+    r = dist_utils.rank()
+    torch.manual_seed(100 + r)  # per-rank streams, as in training: the plan must not depend on them
+    out = {}
+    for n in sizes:
+        x = (r * n + torch.arange(n, device=dev)).float().view(n, 1).repeat(1, 3)  # row = global image id
+        for mode in dist_utils.SHUFFLE_MODES:
+            y, plan = dist_utils.batch_shuffle(x, mode)
+            reference = dist_utils.all_gather(x)[plan.perm[r * n : (r + 1) * n]]  # the paper's way
+            back = dist_utils.batch_unshuffle(y * 2 + 1, plan)  # a per-sample "encoder"
+            # Gradients through the exchange (end-to-end keys): d/dp of sum(coef * unshuffle(p * shuffle(x))).
+            p = torch.ones((), device=dev, requires_grad=True)
+            ys, plan2 = dist_utils.batch_shuffle(x, mode)
+            coef = torch.arange(n, device=dev).float().view(n, 1) + 10 * r
+            (dist_utils.batch_unshuffle(ys * p, plan2) * coef).sum().backward()
+            out[(n, mode)] = {
+                "x": x.cpu(),
+                "y": y.cpu(),
+                "reference": reference.cpu(),
+                "back": back.cpu(),
+                "perm": plan.perm.cpu(),
+                "grad": p.grad.cpu(),
+                "expected_grad": (x * coef).sum().cpu(),
+            }
+    return {f"{n}/{m}": v for (n, m), v in out.items()}
+
+
+def check_shuffle(results: list[dict], sizes: tuple[int, ...]) -> None:
+    w = len(results)
+    for n in sizes:
+        for mode in dist_utils.SHUFFLE_MODES:
+            per_rank = [res[f"{n}/{mode}"] for res in results]
+            perm = per_rank[0]["perm"]
+            assert sorted(perm.tolist()) == list(range(w * n)), (n, mode)
+            for r, res in enumerate(per_rank):
+                assert torch.equal(res["perm"], perm), f"rank {r} drew another permutation"
+                assert torch.equal(res["y"], res["reference"]), (n, mode, r)  # all-to-all == gather+slice
+                assert torch.equal(res["back"], res["x"] * 2 + 1), (n, mode, r)  # unshuffle undoes it
+            sizes = dist_utils.split_sizes(n, w)  # the key batch of rank r mixes N / W images of every rank
+            for r, res in enumerate(per_rank):
+                owners = (res["y"][:, 0] // n).long()
+                assert torch.bincount(owners, minlength=w).tolist() == [row[r] for row in sizes], (n, mode, r)
+            total = sum(res["grad"] for res in per_rank)
+            assert torch.allclose(total, sum(res["expected_grad"] for res in per_rank)), (n, mode)
+
+
+# -- DDP against one process ----------------------------------------------------------------------
+TINY = {
+    "model.arch": "resnet18",
+    "model.stem": "imagenet",
+    "model.dim": 16,
+    "moco.k": 32,
+    "moco.bn_splits": 2,
+    "moco.m": 0.9,
+    "runtime.device": "cpu",
+}
+
+
+def _global_batch(n: int, steps: int, dtype=torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random 16 px image pairs: the smallest input a ResNet with the ImageNet stem takes (1 x 1 at layer4)."""
+    g = torch.Generator().manual_seed(7)
+    return [tuple(torch.randn(n, 3, 16, 16, generator=g, dtype=dtype) for _ in range(2)) for _ in range(steps)]
+
+
+def _run_steps(model, step_model, cfg, batches, rank: int, world: int, device: torch.device) -> dict:
+    from moco_fast.loaders.base import Batch
+
+    from moco_fast.trainer import StepState, make_optimizer, train_step
+
+    opt = make_optimizer(model, cfg, device)
+    s = StepState(step_model, opt, torch.amp.GradScaler(device.type, enabled=False), None, device)
+    losses = []
+    for im_q, im_k in batches:
+        n = im_q.shape[0] // world
+        part = slice(rank * n, (rank + 1) * n)
+        b = Batch(im_q[part].to(device), im_k[part].to(device), torch.zeros(n, dtype=torch.long), None)
+        loss, _ = train_step(s, b, cfg.moco.m)
+        losses.append(dist_utils.all_reduce_mean(loss).cpu())
+    keep = ("encoder_q.", "encoder_k.", "queue")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k.startswith(keep)}
+    state = {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}
+    grads = {k: p.grad.detach().cpu().clone() for k, p in model.encoder_q.named_parameters()}
+    return {"losses": torch.stack(losses), "state": state, "grads": grads}
+
+
+def _ddp_run(dev: torch.device, cfgs: dict, batches) -> dict:
+    from moco_fast.model import MoCo
+
+    r, w = dist_utils.rank(), dist_utils.world_size()
+    out = {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(cfg.runtime.seed + r)  # ranks start from different weights and queues
+        model = MoCo(cfg.model, cfg.moco, 32).to(dev, batches[0][0].dtype)
+        out[name] = _run_steps(model, dist_utils.wrap_ddp(model, dev), cfg, batches, r, w, dev)
+    return out
+
+
+def _worker(device: str, sizes: tuple[int, ...], cfgs: dict, batches) -> dict:
+    dev = _join(device)
+    out = {"shuffle": _shuffle_run(dev, sizes), "ddp": _ddp_run(dev, cfgs, batches)}
+    dist_utils.destroy()
+    return out
+
+
+SIZES = (8, 5, 1)  # images per rank: an even split, an uneven one, fewer images than ranks
+
+
+def tiny_cfg(**extra):
+    return build_config("cifar", {**TINY, **extra})
+
+
+class PerRankBN(nn.BatchNorm2d):
+    """BatchNorm with statistics from each rank's slice of the global batch, as W processes have."""
+
+    ranks = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([nn.BatchNorm2d.forward(self, part) for part in x.chunk(self.ranks)])
+
+
+def one_process_reference(cfg, batches) -> dict:
+    """One process, the global batch; BN statistics per rank's slice (not shuffled)."""
+    from moco_fast.model import MoCo
+
+    torch.manual_seed(cfg.runtime.seed)  # rank 0's start: DDP copies it to every rank
+    model = MoCo(cfg.model, cfg.moco, 32).to(batches[0][0].dtype)
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = PerRankBN
+    return _run_steps(model, model, cfg, batches, 0, 1, torch.device("cpu"))
+
+
+def check_ddp(results: list[dict], cfgs: dict, batches) -> None:
+    for name, res in ((n, [r[n] for r in results]) for n in cfgs):
+        for key in res[0]["state"]:  # every rank holds the same encoders, queue and pointer
+            assert torch.equal(res[0]["state"][key], res[1]["state"][key]), (name, key)
+    ref = one_process_reference(cfgs["no_shuffle"], batches)
+    got = results[0]["no_shuffle"]
+    # The loss is fp32 by design (info_nce); the rest is float64: only the order of sums differs.
+    torch.testing.assert_close(got["losses"], ref["losses"], rtol=1e-6, atol=1e-6)
+    for key, g in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][key], g, rtol=1e-5, atol=1e-8, msg=key)
+    for key, v in ref["state"].items():  # both encoders, the queue and its pointer after 2 steps
+        torch.testing.assert_close(got["state"][key], v, rtol=1e-5, atol=1e-8, msg=key)
+
+
+def ddp_case(device: str = "cpu"):
+    cfgs = {
+        "no_shuffle": tiny_cfg(**{"moco.shuffle_bn": False, "runtime.device": device}),
+        "shuffle": tiny_cfg(**{"runtime.device": device}),
+    }
+    # float64, so that only the order of sums differs: 4 images per rank; step 2 reads step 1's keys.
+    return cfgs, _global_batch(8, steps=2)
+
+
+@pytest.fixture(scope="module")
+def two_cpu_ranks():
+    cfgs, batches = ddp_case()
+    return run_workers(_worker, ("cpu", SIZES, cfgs, batches), 2), cfgs, batches
+
+
+@pytest.mark.slow
+def test_shuffle_across_ranks_is_undone_and_agreed(two_cpu_ranks):
+    results, _, _ = two_cpu_ranks
+    check_shuffle([r["shuffle"] for r in results], SIZES)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_share_the_queue(two_cpu_ranks):
+    results, cfgs, batches = two_cpu_ranks
+    check_ddp([r["ddp"] for r in results], cfgs, batches)
+
+
+# -- the CLI under torchrun, and resume with another world size -----------------------------------
+def cli_args(root, out, epochs: int, batch: int = 8) -> list[str]:
+    return [
+        "train", "--data", str(root), "--device", "cpu", "--preset", "cifar", "--arch", "resnet18",
+        "--stem", "imagenet", "--moco-k", "32", "--bn-splits", "2", "--batch-size", str(batch),
+        "--epochs", str(epochs), "--workers", "0", "--out", str(out),
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_then_resume_with_one_process(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moco_fast"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd + cli_args(tiny_root, out, 1), capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("finished epoch 1") == 1, p.stdout  # rank 0 alone reports
+    assert sorted(f.name for f in out.iterdir() if f.suffix == ".pt" or f.name.startswith(".")) == ["checkpoint.pt"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert 0 <= json.loads((out / "summary.json").read_text())["final_knn_top1"] <= 100  # kNN on rank 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
+    print(f"torchrun, 2 CPU processes, 1 epoch: {time.perf_counter() - t0:.1f} s")
+
+    # Written by 2 processes (global batch 16), continued by 1: same model, queue and optimizer.
+    assert main([*cli_args(tiny_root, out, 2, batch=16), "--resume", "--no-final-knn"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    state2 = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state2["world_size"] == 1 and state2["epoch"] == 2
+    assert not torch.equal(state2["model"]["encoder_q.head.weight"], state["model"]["encoder_q.head.weight"])
+
+
+# -- failures -------------------------------------------------------------------------------------
+def test_more_gpus_than_the_machine_has_is_one_line(tiny_root, tmp_path, capsys):
+    n = max(8, torch.cuda.device_count() + 1)
+    out = tmp_path / "never"
+    assert main([*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", str(n)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--gpus {n}: this machine has" in err[0], err
+    assert main([*cli_args(tiny_root, out, 1), "--gpus", "2"]) == 2  # --device cpu
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torchrun" in err[0], err
+    assert not out.exists()  # nothing started
+
+
+def _failing_worker(how: str) -> None:
+    torch.set_num_threads(1)
+    if int(os.environ["RANK"]) == 1:
+        if how == "kill":
+            os.kill(os.getpid(), 9)
+        raise RuntimeError("disk full on rank 1")
+    dist_utils.init_from_env("cpu")  # rank 0 waits for rank 1 here, which never comes
+    dist.barrier()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("how", "why"), [("raise", "RuntimeError: disk full on rank 1"), ("kill", "signal SIGKILL")])
+def test_a_dying_worker_ends_the_job_with_its_rank_and_cause(how, why):
+    t0 = time.perf_counter()
+    with pytest.raises(WorkerFailed) as e:
+        run_workers(_failing_worker, (how,), 2)
+    assert "worker rank 1 failed" in str(e.value) and why in str(e.value), str(e.value)
+    assert time.perf_counter() - t0 < 120  # ended, not hung
+
+
+# -- GPU: NCCL and the cost of the distributed path -----------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_nccl_shuffle_and_ddp_on_two_gpus():
+    cfgs, batches = ddp_case("cuda")
+    results = run_workers(_worker, ("cuda", (32, 5), cfgs, batches), 2)
+    check_shuffle([r["shuffle"] for r in results], (32, 5))
+    ddp = [r["ddp"] for r in results]
+    for name in cfgs:  # cuDNN is not bitwise the CPU: compare the ranks with each other only
+        for key in ddp[0][name]["state"]:
+            assert torch.equal(ddp[0][name]["state"][key], ddp[1][name]["state"][key]), (name, key)
+
+
+def _overhead_worker(steps: int, rounds: int) -> dict:
+    """One worker (NCCL, world 1): ms per step of the plain single-process step (split BN, local
+    shuffle) and of the distributed path forced on (DDP, all-to-all shuffle, gathered keys)."""
+    from moco_fast.loaders.base import Batch
+
+    from moco_fast.model import MoCo
+    from moco_fast.trainer import StepState, make_optimizer, train_step
+
+    dev = _join("cuda")
+    torch.backends.cudnn.benchmark = True
+    cfg = build_config("v2", {"optim.batch_size": 64, "runtime.device": "cuda"})
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = [torch.randn(64, 3, 224, 224, device=dev, generator=g).to(memory_format=torch.channels_last) for _ in range(2)]
+    batch = Batch(x[0], x[1], torch.zeros(64, dtype=torch.long, device=dev), None)
+
+    def state(distributed: bool) -> StepState:
+        dist_utils.is_distributed = (lambda: True) if distributed else real  # the model reads it at build
+        model = MoCo(cfg.model, cfg.moco, 224).to(dev, memory_format=torch.channels_last)
+        step_model = dist_utils.wrap_ddp(model, dev)
+        opt = make_optimizer(model, cfg, dev)
+        return StepState(step_model, opt, torch.amp.GradScaler("cuda", enabled=False), torch.bfloat16, dev)
+
+    real = dist_utils.is_distributed
+    states = {"plain": state(False), "distributed": state(True)}
+    times: dict[str, list[float]] = {k: [] for k in states}
+    for _ in range(rounds):  # interleaved, so that clock drift hits both alike
+        for name, s in states.items():
+            dist_utils.is_distributed = (lambda: True) if name == "distributed" else real
+            for _ in range(5):
+                train_step(s, batch, 0.999)
+            torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                train_step(s, batch, 0.999)
+            torch.cuda.synchronize(dev)
+            times[name].append((time.perf_counter() - t0) / steps * 1000)
+    dist_utils.is_distributed = real
+    dist_utils.destroy()
+    return {k: min(v) for k, v in times.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_worker_distributed_path_costs_under_3_percent():
+    ms = run_workers(_overhead_worker, (30, 3), 1)[0]
+    print(f"ResNet-50 224 px, batch 64, bf16, one GPU: ms/step {ms}", json.dumps(ms))
+    assert ms["distributed"] <= ms["plain"] * 1.03, ms
