@@ -39,7 +39,9 @@ def triton_available() -> bool:
     return triton is not None and (torch.cuda.is_available() or interpreting())
 
 
-def _momentum_body(k_addr, q_addr, sizes, chunk_tensor, chunk_start, w, ELEM: tl.constexpr, HIGH: tl.constexpr, BLOCK: tl.constexpr):
+def _momentum_body(
+    k_addr, q_addr, sizes, chunk_tensor, chunk_start, w, ELEM: tl.constexpr, HIGH: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)  # which tensor this program updates
     start = tl.load(chunk_start + pid)  # and where in it
@@ -78,9 +80,7 @@ class _Tables:
         sizes = [k.numel() for k in ks]
         chunk_tensor = [i for i, n in enumerate(sizes) for _ in range(0, n, BLOCK)]
         chunk_start = [s for n in sizes for s in range(0, n, BLOCK)]
-        host = torch.tensor(
-            [[k.data_ptr() for k in ks], [q.data_ptr() for q in qs], sizes], dtype=torch.int64
-        )  # 3 x T
+        host = torch.tensor([[k.data_ptr() for k in ks], [q.data_ptr() for q in qs], sizes], dtype=torch.int64)  # 3 x T
         chunks = torch.tensor([chunk_tensor, chunk_start], dtype=torch.int64)  # 2 x chunks
         if device.type == "cuda":
             # Pinned + non_blocking: built once, and even then no blocking copy (the sync-free test

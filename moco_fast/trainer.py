@@ -13,6 +13,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,70 @@ def make_optimizer(model: MoCo, cfg: TrainConfig, device: torch.device) -> torch
     )
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets the learning rate; in place where it is a device tensor (a captured CUDA graph reads it there)."""
+    for g in optimizer.param_groups:
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = lr
+
+
+def check_cuda_graph(device: torch.device, world: int = 1) -> None:
+    if device.type != "cuda":
+        raise ConfigError(f"--cuda-graph captures the step on a CUDA GPU; the device is {device}: drop --cuda-graph")
+    if world > 1:
+        raise ConfigError("--cuda-graph runs with one process only (DDP's collectives are not captured here)")
+
+
+class GraphedStep:
+    """`train_step` captured once as a CUDA graph and replayed: one launch per step instead of
+    hundreds, which removes the launch gaps between small kernels.
+
+    The first `warmup` calls run eagerly on a side stream (cuDNN/cuBLAS set-up, the optimizer's
+    momentum buffers, torch.compile), the next call captures the step and every call replays it:
+    each batch is trained on exactly once. What a replay cannot change: the batch shape (the loaders
+    drop the last partial batch), the momentum `m`, and the tensors' addresses; the batch is copied
+    into static buffers, the learning rate lives in a device tensor (`set_lr` fills it), and fp16's
+    GradScaler stays on the device (fused SGD takes its inf flag). See docs/performance.md.
+    """
+
+    def __init__(self, s: StepState, m: float, warmup: int = 3):
+        check_cuda_graph(s.device, dist_utils.world_size())
+        self.s, self.m, self.warmup = s, m, warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static = None  # Batch of input buffers the graph reads
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None  # (loss, acc) the graph writes
+        for g in s.optimizer.param_groups:
+            if not isinstance(g["lr"], torch.Tensor):
+                g["lr"] = torch.tensor(float(g["lr"]), device=s.device)
+
+    def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.s.device
+        self.calls += 1
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                out = train_step(self.s, batch, self.m)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            for t in out:
+                t.record_stream(torch.cuda.current_stream(dev))
+            return out
+        if self.graph is None:
+            self.static = type(batch)(*(t.clone() for t in batch))
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the DataLoader's pin-memory thread may call CUDA while we capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.out = train_step(self.s, self.static, self.m)
+        else:
+            for dst, src in zip(self.static, batch):
+                dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.out
+
+
 def _check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = to_dict(cfg)
     for section in ("model", "moco"):
@@ -155,6 +220,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     device = dist_utils.local_device(resolve_device(cfg.runtime.device))
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
     validate(cfg, world)
+    if cfg.runtime.cuda_graph:
+        check_cuda_graph(device, world)
     out = Path(cfg.runtime.out)
     resume_path = ckpt.find_resume(cfg.runtime.resume, out)
     if cfg.runtime.resume == "auto" and resume_path is None:
@@ -232,11 +299,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, str(out / "config.json"))
     base_lr = cfg.optim.lr * cfg.optim.batch_size * world / 256
+    torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
+    step = GraphedStep(s, cfg.moco.m) if cfg.runtime.cuda_graph else partial(train_step, s, m=cfg.moco.m)
     row: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.optim.epochs):
         lr = lr_at(cfg, epoch, base_lr)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(optimizer, lr)
         loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
         acc_sum = torch.zeros((), device=device)
@@ -245,7 +313,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         n = 0
         for i, batch in enumerate(loader):
-            loss, acc = train_step(s, batch, cfg.moco.m)
+            loss, acc = step(batch)
             loss_sum += loss
             acc_sum += acc
             n += 1

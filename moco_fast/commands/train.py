@@ -36,6 +36,7 @@ FLAG_FIELDS = {
     "amp": "runtime.amp",
     "channels_last": "runtime.channels_last",
     "compile": "runtime.compile",
+    "cuda_graph": "runtime.cuda_graph",
     "seed": "runtime.seed",
     "out": "runtime.out",
     "resume": "runtime.resume",
@@ -124,6 +125,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--channels-last", action=B, default=None, help="channels-last memory format (default on)")
     g.add_argument("--compile", action=B, default=None, help="torch.compile the encoders")
+    g.add_argument(
+        "--cuda-graph",
+        action=B,
+        default=None,
+        help="capture the whole step as a CUDA graph after 3 warm-up steps (one GPU, fixed batch; "
+        "see docs/performance.md)",
+    )
     g.add_argument("--seed", type=int, help="default 0")
     g.add_argument("--out", help="run folder: checkpoint.pt, metrics.jsonl, config.json, tb/ (default runs/moco)")
     g.add_argument(

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one prepared script, for a session that has the GPU machine.
+# Prints one table at the end and leaves JSON (and a plot) under $OUT.
+#
+#   bash bench/gpu_check.sh                      # all phases, within BUDGET seconds (default 570)
+#   bash bench/gpu_check.sh tests throughput     # only these phases
+#
+# Phases, in order (rough times on an H100):
+#   env         nvidia-smi, versions                                            (~5 s)
+#   tests       pytest -m gpu (sync-free step, CUDA graph, Triton kernel, ...)   (~2 min)
+#   momentum    bench/momentum_kernels.py: every EMA backend, ResNet-50 + head   (~20 s)
+#   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256: the reference row,
+#               bf16/fp16 eager, + CUDA graph, + torch.compile, + both, Triton EMA; and a profile
+#               breakdown of the bf16 eager step                                 (~4-5 min)
+#   e2e         bench/throughput.py --loader torch on the demo set (loader, end-to-end)   (~1 min)
+#   hooks       other helpers' checks when present: bench/ffcv_loader.py, DALI end to end
+#               (bench/throughput.py --loader dali, needs DALI brought over: shared/device/README)
+# A phase starts only if its time box fits in what is left of BUDGET, so one 10-minute command never
+# runs past its limit; run the phases it skipped in a second command.
+# The machine has no package registry: nothing is installed. Without an installed moco_fast, a
+# symlinked package (moco_fast + loaders/ + kernels/) goes on PYTHONPATH.
+
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-570}
+PHASES=${*:-env tests momentum throughput e2e hooks}
+LOG=$OUT/gpu_check.log
+export PYTHONUNBUFFERED=1
+: >"$LOG"
+
+if ! $PY -c "import moco_fast.loaders, moco_fast.kernels" 2>/dev/null; then
+  SHIM=$(mktemp -d)/site
+  mkdir -p "$SHIM/moco_fast"
+  for f in moco_fast/*; do ln -s "$PWD/$f" "$SHIM/moco_fast/"; done
+  ln -s "$PWD/loaders" "$SHIM/moco_fast/loaders"
+  ln -s "$PWD/kernels" "$SHIM/moco_fast/kernels"
+  export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# run NAME MAX_SECONDS COMMAND...: runs under a time box cut to what is left of BUDGET.
+STATUS=()
+run() {
+  local name=$1 max=$2
+  shift 2
+  local left=$((BUDGET - SECONDS - 10))
+  if ((left < max / 2)); then
+    echo "== $name: skipped, ${left}s left of BUDGET=${BUDGET}s (needs ~${max}s)" | tee -a "$LOG"
+    STATUS+=("$name: skipped (time)")
+    return
+  fi
+  local box=$((max < left ? max : left))
+  echo "== $name (time box ${box}s)" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=15 "$box" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  STATUS+=("$name: rc=$rc in $((SECONDS - t0))s")
+}
+
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+
+if has env; then
+  run env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv; \
+    $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
+fi
+if has tests; then
+  run tests 200 $PY -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors tests/
+fi
+if has momentum; then
+  run momentum 90 $PY bench/momentum_kernels.py --json "$OUT/momentum.json"
+fi
+if has throughput; then
+  ROWS=reference,trainer:bf16,trainer:fp16,trainer:bf16+graph,trainer:fp16+graph,trainer:bf16+triton
+  ROWS=$ROWS,trainer:bf16+compile,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile+graph
+  run throughput 330 $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
+    --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png"
+fi
+if has e2e; then
+  run e2e 120 $PY bench/throughput.py --device cuda --loader torch --rows loader,end-to-end,trainer \
+    --steps 30 --warmup 10 --json "$OUT/throughput-torch.json"
+fi
+if has hooks; then
+  if [[ -f bench/ffcv_loader.py ]] && $PY -c "import ffcv" 2>/dev/null; then
+    run ffcv 120 $PY bench/ffcv_loader.py --device cuda --json "$OUT/ffcv.json"
+  else
+    echo "== ffcv: skipped (bench/ffcv_loader.py or the ffcv package is missing here)" | tee -a "$LOG"
+    STATUS+=("ffcv: skipped (missing)")
+  fi
+  if $PY -c "import nvidia.dali" 2>/dev/null; then
+    run dali 150 $PY bench/throughput.py --device cuda --loader dali ${DALI_DATA:+--data "$DALI_DATA"} \
+      --rows loader,end-to-end,trainer --steps 30 --warmup 10 --json "$OUT/throughput-dali.json"
+  else
+    echo "== dali: skipped (DALI is not importable; bring it over as ../shared/device/README.md says)" | tee -a "$LOG"
+    STATUS+=("dali: skipped (missing)")
+  fi
+fi
+
+# One table of everything measured, last (the reply carries the end of the output).
+$PY - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+print("\n==== GPU checks: summary ====")
+lines = [("what", "img/s", "ms/step", "x ref", "peak GiB", "GPU %", "W")]
+for f in sorted(out.glob("throughput-*.json")):
+    res = json.loads(f.read_text())
+    for r in res["rows"]:
+        if r.get("img_per_s") is None:
+            lines.append((f"{f.stem[11:]}: {r['name']}", "failed: " + str(r.get("error", ""))[:60], "", "", "", "", ""))
+            continue
+        fmt = lambda k, s: s.format(r[k]) if r.get(k) is not None else ""  # noqa: E731
+        lines.append((f"{f.stem[11:]}: {r['name']}", fmt("img_per_s", "{:,.0f}"), fmt("ms_per_step", "{:.1f}"),
+                      fmt("vs_reference", "{:.2f}"), fmt("peak_mem_gib", "{:.1f}"), fmt("gpu_util_pct", "{:.0f}"),
+                      fmt("gpu_power_w", "{:.0f}")))
+    dev = res["device"].get("name", "?")
+    print(f"{f.name}: {dev}, torch {res['torch']}")
+w = [max(len(x[i]) for x in lines) for i in range(len(lines[0]))]
+for x in lines:
+    print("  ".join(v.ljust(w[i]) if i == 0 else v.rjust(w[i]) for i, v in enumerate(x)))
+m = out / "momentum.json"
+if m.exists():
+    res = json.loads(m.read_text())
+    print(f"\nmomentum update, {res['tensors']} tensors, {res['numel'] / 1e6:.1f} M parameters on {res['device']}:")
+    for r in res["rows"]:
+        got = f"{r['ms']:.3f} ms, {r['gb_per_s']:.0f} GB/s" if r.get("ms") is not None else f"failed: {r.get('error')}"
+        print(f"  {r['name']:<24} {got}")
+for f in sorted(out.glob("throughput-*.json")):
+    for r in json.loads(f.read_text())["rows"]:
+        p = r.get("profile")
+        if p:
+            print(f"\nprofile of {r['name']}: wall {p['wall_ms_per_step']:.1f} ms/step, busy {p['busy_ms_per_step']:.1f}, "
+                  f"gaps {p['gaps_ms_per_step'] or 0:.1f}")
+            print("  phases: " + ", ".join(f"{k} {v:.2f}" for k, v in p["phases_ms"].items()))
+            print("  kernels: " + ", ".join(f"{k} {v:.2f}" for k, v in p["kernels_ms"].items()))
+EOF
+echo
+printf '%s\n' "${STATUS[@]}" | tee -a "$LOG"
+echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -1,0 +1,130 @@
+"""Times every momentum (EMA) backend on a real encoder's parameters and checks each against float64.
+
+    python bench/momentum_kernels.py                  # GPU: ResNet-50 + MLP head (161 tensors)
+    python bench/momentum_kernels.py --device cpu --arch resnet18
+
+Rows: each backend in moco_fast.kernels.momentum.MOMENTUM_BACKENDS (reference loop, foreach, triton
+where it runs, apex where installed), the official code's allocating loop
+(`param_k.data = param_k.data * m + param_q.data * (1 - m)`), and the floor: one lerp over a single
+flat tensor of the same size. Bytes moved per update: read k, read q, write k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from moco_fast.kernels.momentum import MOMENTUM_BACKENDS
+from moco_fast.kernels.momentum_triton import interpreting
+
+from moco_fast.config import ModelConfig
+from moco_fast.model import build_encoder
+from moco_fast.trainer import resolve_device
+
+M = 0.999
+
+
+def official_loop(ks, qs, m):
+    for pk, pq in zip(ks, qs):
+        pk.data = pk.data * m + pq.data * (1.0 - m)
+
+
+def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds per call (CUDA events on a GPU, the host clock on a CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def rel_error(ks, k0, q0, m) -> float:
+    """||out - ref|| / ||ref|| over all tensors, the reference in float64 from the same inputs."""
+    num = den = 0.0
+    for k, a, b in zip(ks, k0, q0):
+        ref = a.double() * m + b.double() * (1 - m)
+        num += float((k.double() - ref).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True, help="MoCo v2 head (default on)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, help="timed calls per row (default 50 on GPU, 5 on CPU)")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    repeats = args.repeats or (50 if device.type == "cuda" else 5)
+    torch.manual_seed(0)
+    enc_q = build_encoder(ModelConfig(arch=args.arch, mlp=args.mlp), 224, bn_splits=1).to(device)
+    qs = [p.detach() for p in enc_q.parameters()]
+    k_init = [q + 0.01 * torch.randn_like(q) for q in qs]  # random data, never zeros
+    numel = sum(q.numel() for q in qs)
+    nbytes = 3 * sum(q.numel() * q.element_size() for q in qs)
+
+    backends = dict(MOMENTUM_BACKENDS)
+    if device.type == "cpu" and not interpreting():
+        backends.pop("triton", None)
+    fns = {name: (lambda ks, fn=fn: fn(ks, qs, M)) for name, fn in backends.items()}
+    fns["official-loop"] = lambda ks: official_loop(ks, qs, M)
+    rows = []
+    for name, fn in fns.items():
+        ks = [copy.deepcopy(k) for k in k_init]
+        try:
+            fn(ks)  # one update from k_init: the correctness check
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            err = rel_error(ks, k_init, qs, M)
+            ms = time_calls(lambda ks=ks, fn=fn: fn(ks), device, args.warmup, repeats)
+            rows.append({"name": name, "ms": ms, "gb_per_s": nbytes / ms / 1e6, "rel_err": err})
+        except (RuntimeError, ValueError) as e:
+            rows.append({"name": name, "ms": None, "error": f"{type(e).__name__}: {e}"})
+    flat_k, flat_q = torch.cat([k.flatten() for k in k_init]), torch.cat([q.flatten() for q in qs])
+    ms = time_calls(lambda: flat_k.lerp_(flat_q, 1 - M), device, args.warmup, repeats)
+    rows.append({"name": "floor (one flat lerp)", "ms": ms, "gb_per_s": nbytes / ms / 1e6, "rel_err": None})
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"\nmomentum update of {args.arch}{' + MLP head' if args.mlp else ''}: {len(qs)} tensors, {numel / 1e6:.1f} M"
+    )
+    print(f"parameters, {nbytes / 1e6:.0f} MB moved per update, on {name}; median of {repeats} calls")
+    print(f"{'backend':<24}{'ms/update':>10}{'GB/s':>9}{'rel err':>10}")
+    for r in rows:
+        if r.get("ms") is None:
+            print(f"{r['name']:<24}failed: {r['error'][:70]}")
+            continue
+        err = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else ""
+        print(f"{r['name']:<24}{r['ms']:>10.3f}{r['gb_per_s']:>9.0f}{err:>10}")
+    if args.json:
+        out = {"rows": rows, "device": name, "torch": torch.__version__, "tensors": len(qs), "numel": numel}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    bad = [r["name"] for r in rows if r.get("rel_err") is not None and r["rel_err"] > 1e-6]
+    if bad:
+        print(f"WRONG: {bad} differ from the float64 reference by more than 1e-6", file=sys.stderr)
+    return 1 if bad or any(r.get("ms") is None for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""A PNG bar chart of a bench/throughput.py result: images/s per row, with the ratio to the reference.
+
+    python bench/plot.py bench/results/cpu-2core-throughput.json throughput.png
+
+matplotlib is optional (`pip install 'moco-fast[plot]'`): without it, no plot and a one-line note.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def plot_rows(result: dict, path: str | Path) -> bool:
+    """Writes the chart to `path`; returns False (and says why) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install 'moco-fast[plot]')", file=sys.stderr)
+        return False
+    rows = [r for r in result["rows"] if r.get("img_per_s")]
+    if not rows:
+        print("no plot: no row has a figure", file=sys.stderr)
+        return False
+    labels = [f"{r['name']}\n{r.get('settings', '')}" for r in rows]
+    values = [r["img_per_s"] for r in rows]
+    colors = ["#999999" if r["kind"] == "reference" else "#3b75af" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.7 * len(rows) + 1.5))
+    y = list(range(len(rows)))[::-1]  # first row on top, as in the table
+    ax.barh(y, values, color=colors)
+    ax.set_yticks(y, labels, fontsize=8)
+    for yi, r in zip(y, rows):
+        note = f" {r['img_per_s']:,.0f}"
+        if r.get("vs_reference") is not None and r["kind"] != "reference":
+            note += f"  ({r['vs_reference']:.2f}x ref)"
+        ax.text(r["img_per_s"], yi, note, va="center", fontsize=8)
+    ax.set_xlim(0, max(values) * 1.3)
+    ax.set_xlabel("images / s per device")
+    cfg = result.get("config", {}).get("train", {})
+    model, optim, aug = cfg.get("model", {}), cfg.get("optim", {}), cfg.get("data", {}).get("aug", {})
+    dev = result.get("device", {})
+    ax.set_title(
+        f"MoCo {cfg.get('preset', '')} {model.get('arch', '')}, batch {optim.get('batch_size', '?')}, "
+        f"{aug.get('image_size', '?')} px on {dev.get('name', dev.get('type', '?'))}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python bench/plot.py RESULT.json OUT.png", file=sys.stderr)
+        return 2
+    return 0 if plot_rows(json.loads(Path(argv[0]).read_text()), argv[1]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

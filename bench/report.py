@@ -1,0 +1,79 @@
+"""The table and the machine description of a bench/throughput.py run."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"type": device.type, "host_cpus": os.cpu_count(), "platform": platform.platform()}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(name=p.name, memory_gib=p.total_memory / 2**30, capability=f"{p.major}.{p.minor}")
+        info["multiprocessors"] = p.multi_processor_count
+    else:
+        info["name"] = _cpu_name()
+        info["torch_threads"] = torch.get_num_threads()
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1min"] = os.getloadavg()[0]  # a shared machine's figures are noisy: say how busy it was
+    return info
+
+
+COLUMNS = [  # (key, header, format)
+    ("img_per_s", "img/s", "{:,.0f}"),  # one decimal below 100 (CPU figures), see _fmt
+    ("ms_per_step", "ms/step", "{:.1f}"),
+    ("vs_reference", "x ref", "{:.2f}"),
+    ("peak_mem_gib", "peak GiB", "{:.1f}"),
+    ("gpu_util_pct", "GPU %", "{:.0f}"),
+    ("gpu_mem_bus_pct", "mem-bus %", "{:.0f}"),
+    ("gpu_mem_used_gib", "GPU GiB", "{:.1f}"),
+    ("gpu_power_w", "W", "{:.0f}"),
+]
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return ""
+    if fmt == "{:,.0f}" and value < 100:
+        return f"{value:.1f}"
+    return fmt.format(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    """One table; columns that no row has (GPU figures on a CPU) are left out."""
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    header = ["row", "settings", *(h for _, h, _ in cols)]
+    body = []
+    for r in rows:
+        if r.get("error"):
+            body.append([r["name"], r.get("settings", ""), f"failed: {r['error']}"[:80]])
+            continue
+        body.append([r["name"], r["settings"], *(_fmt(r.get(k), f) for k, _, f in cols)])
+    widths = [max(len(str(x[i])) for x in [header, *body] if i < len(x)) for i in range(len(header))]
+    lines = [
+        "  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w) for i, (v, w) in enumerate(zip(x, widths)))
+        for x in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    ref = next((r for r in rows if r["kind"] == "reference" and r.get("img_per_s")), None)
+    for r in rows:
+        if ref is not None and r.get("img_per_s"):
+            r["vs_reference"] = r["img_per_s"] / ref["img_per_s"]

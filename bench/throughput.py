@@ -1,0 +1,352 @@
+"""Throughput of MoCo pretraining, one table per run: loader-only, trainer-only, end-to-end, and the
+official-style reference step on the same device, with every row also a ratio to the reference.
+
+    python bench/throughput.py                                  # GPU: ResNet-50, MoCo v2, batch 256, bf16
+    python bench/throughput.py --loader synthetic --rows reference,trainer:fp16,trainer:bf16+compile+graph
+    python bench/throughput.py --device cpu --arch resnet18     # CPU smoke run (64 px, batch 16, < 1 min)
+
+Each row warms up, synchronizes, times `--steps` steps and synchronizes again (nanoGPT's bench.py).
+On a GPU the row also reports peak allocated memory and, from NVML (pynvml), the mean utilisation,
+memory-bus utilisation and power, and the most device memory used while it ran.
+The JSON (`--json`) is rewritten after every row, so a run cut short still leaves its finished rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+
+from gpu_stats import GpuSampler
+from moco_fast.loaders import LoaderArgs, create_loader
+from reference_step import build_reference, reference_step
+from report import add_ratios, device_info, format_table
+
+from moco_fast.config import ConfigError, build_config, to_dict
+from moco_fast.data import DataError
+from moco_fast.model import MoCo
+from moco_fast.trainer import (
+    GraphedStep,
+    StepState,
+    check_cuda_graph,
+    make_optimizer,
+    resolve_amp,
+    resolve_device,
+    resolve_workers,
+    train_step,
+    validate,
+)
+
+KINDS = ("loader", "trainer", "end-to-end", "reference")
+DEFAULT_ROWS = "loader,trainer,end-to-end,reference"
+# Row modifiers (after a colon, joined by '+'): field -> value of a RowSpec.
+MODIFIERS = {
+    "bf16": {"amp": "bf16"},
+    "fp16": {"amp": "fp16"},
+    "fp32": {"amp": "off"},
+    "compile": {"compile": True},
+    "graph": {"graph": True},
+    "eager": {"compile": False, "graph": False},
+    "cl": {"channels_last": True},
+    "nchw": {"channels_last": False},
+    "foreach": {"momentum": "foreach"},
+    "triton": {"momentum": "triton"},
+    "apex": {"momentum": "apex"},
+    "loop": {"momentum": "reference"},
+}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    name: str  # as written in --rows
+    kind: str  # loader | trainer | end-to-end | reference
+    amp: str
+    channels_last: bool
+    compile: bool
+    graph: bool
+    momentum: str
+
+    def settings(self, amp_dtype: torch.dtype | None, workers: int, loader: str) -> str:
+        if self.kind == "reference":
+            return "fp32, NCHW, per-parameter EMA loop, host queue pointer"
+        parts = [{torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]]
+        parts.append("channels-last" if self.channels_last else "NCHW")
+        if self.kind in ("loader", "end-to-end"):
+            parts.insert(0, f"{loader} loader" + (f", workers {workers}" if loader == "torch" else ""))
+        if self.kind != "loader":
+            parts += ["compile"] * self.compile + ["cuda graph"] * self.graph + [f"EMA {self.momentum}"]
+        return ", ".join(parts)
+
+
+def parse_rows(text: str, args: argparse.Namespace) -> list[RowSpec]:
+    base = RowSpec("", "", args.amp, args.channels_last, args.compile, args.cuda_graph, args.momentum_backend)
+    rows = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        kind, _, mods = item.partition(":")
+        if kind not in KINDS:
+            raise ConfigError(f"--rows: unknown row {kind!r}; choose from {', '.join(KINDS)}")
+        spec = replace(base, name=item, kind=kind)
+        for mod in filter(None, mods.split("+")):
+            if mod not in MODIFIERS:
+                raise ConfigError(f"--rows: unknown modifier {mod!r} in {item!r}; choose from {', '.join(MODIFIERS)}")
+            spec = replace(spec, **MODIFIERS[mod])
+        rows.append(spec)
+    if not rows:
+        raise ConfigError("--rows names no row")
+    return rows
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forever(loader):
+    """Batches across epochs, as a long run sees them (epoch boundaries included)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def timed(fn, warmup: int, steps: int, batch: int, device: torch.device) -> dict:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    with GpuSampler(device) as gpu:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        dt = time.perf_counter() - t0
+    row = {"img_per_s": batch * steps / dt, "ms_per_step": dt / steps * 1000, "steps": steps, "warmup": warmup}
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    row.update(gpu.summary())
+    return row
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, cfg, device: torch.device):
+        self.args, self.cfg, self.device = args, cfg, device
+        self.workers = resolve_workers(cfg.data.workers, device)
+
+    def loader(self, amp_dtype, channels_last: bool, synthetic: bool = False):
+        c = self.cfg
+        return create_loader(
+            "synthetic" if synthetic else c.data.loader,
+            LoaderArgs(
+                data=c.data.data,
+                aug=c.data.aug,
+                batch_size=c.optim.batch_size,
+                device=self.device,
+                dtype=amp_dtype or torch.float32,
+                channels_last=channels_last,
+                workers=self.workers,
+                seed=c.runtime.seed,
+                synthetic_steps=1,
+                check_images=False,  # the trainer checks files; a benchmark should not time that
+                options=dict(c.data.loader_options),
+            ),
+        )
+
+    def step(self, spec: RowSpec, amp_dtype, num_images: int):
+        """The moco_fast step as the trainer builds it; returns (step(batch), model, optimizer)."""
+        c, device = self.cfg, self.device
+        if spec.graph:
+            check_cuda_graph(device)
+        model = MoCo(c.model, c.moco, c.data.aug.image_size, num_images=num_images, momentum_backend=spec.momentum)
+        model = model.to(device)
+        if spec.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, c, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        if spec.compile:
+            model.encoder_q.compile()
+            if model.encoder_k is not None:
+                model.encoder_k.compile()
+        s = StepState(model, optimizer, scaler, amp_dtype, device)
+        if spec.graph:
+            return GraphedStep(s, c.moco.m), model, optimizer
+        return (lambda batch: train_step(s, batch, c.moco.m)), model, optimizer
+
+    def run(self, spec: RowSpec) -> dict:
+        a, c, device = self.args, self.cfg, self.device
+        amp_dtype = None if spec.kind == "reference" else resolve_amp(spec.amp, device)
+        row = {"name": spec.name, "kind": spec.kind, "settings": spec.settings(amp_dtype, self.workers, c.data.loader)}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        n = c.optim.batch_size
+        it = None
+        if spec.kind == "reference":
+            model, optimizer = build_reference(c, device)
+            shape = (n, 3, c.data.aug.image_size, c.data.aug.image_size)
+            x1, x2 = torch.randn(shape, device=device), torch.randn(shape, device=device)
+            row.update(timed(lambda: reference_step(model, optimizer, x1, x2), a.warmup, a.steps, n, device))
+        elif spec.kind == "loader":
+            it = forever(self.loader(amp_dtype, spec.channels_last))
+            row.update(timed(lambda: next(it), a.warmup, a.steps, n, device))
+        else:
+            loader = self.loader(amp_dtype, spec.channels_last, synthetic=spec.kind == "trainer")
+            step, model, optimizer = self.step(spec, amp_dtype, loader.num_images)
+            if spec.kind == "trainer":
+                batch = next(iter(loader))
+                fn = lambda: step(batch)  # noqa: E731
+            else:
+                it = forever(loader)
+                fn = lambda: step(next(it))  # noqa: E731
+            row.update(timed(fn, a.warmup, a.steps, n, device))
+            if a.profile and spec.kind == "trainer" and not spec.graph and not self.profiled:
+                from profile_step import profile_breakdown
+
+                self.profiled = True
+                row["profile"] = profile_breakdown(fn, model, optimizer, device, steps=a.profile_steps)
+        if it is not None:
+            it.close()  # stops DataLoader workers now, not at garbage collection
+        return row
+
+    profiled = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Rows (--rows, comma-separated): loader (iterate the loader), trainer (the moco_fast step on one "
+        "fixed synthetic batch), end-to-end (loader + step), reference (bench/reference_step.py: fp32, NCHW, "
+        "per-parameter EMA loop, queue pointer read on the host). A row takes modifiers after a colon, joined "
+        f"by '+': {', '.join(MODIFIERS)}; e.g. trainer:fp16+compile+graph. CPU defaults: 64 px, batch 16, "
+        "the ImageNet stem (the CIFAR stem at 64 px costs 16x), 1 warm-up and 3 timed steps.",
+    )
+    B = argparse.BooleanOptionalAction
+    p.add_argument("--loader", default="torch", help="torch | synthetic | dali | ffcv (default torch)")
+    p.add_argument("--data", help="data root (or a .beton for ffcv); default: the demo set in the package")
+    p.add_argument("--workers", type=int, default=-1, help="data workers; -1: as the trainer picks (default)")
+    p.add_argument("--loader-option", action="append", default=[], metavar="KEY=VALUE", help="backend-specific")
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet (default resnet50)")
+    p.add_argument("--preset", default="v2", help="config preset: v1, v2, cifar, demo (default v2)")
+    p.add_argument("--stem", choices=["auto", "imagenet", "cifar"], help="default: the preset's; imagenet on CPU")
+    p.add_argument("--batch-size", type=int, help="per device (default 256; 16 on the CPU)")
+    p.add_argument("--image-size", type=int, help="crop size (default: the preset's; 64 on the CPU)")
+    p.add_argument("--moco-k", type=int, help="queue length (default: the preset's, 65536)")
+    p.add_argument(
+        "--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="auto: bf16 on GPU, off on CPU"
+    )
+    p.add_argument("--channels-last", action=B, default=True, help="channels-last (default on)")
+    p.add_argument("--compile", action=B, default=False, help="torch.compile the encoders")
+    p.add_argument("--cuda-graph", action=B, default=False, help="capture the whole step as a CUDA graph")
+    p.add_argument("--momentum-backend", default="foreach", help="EMA kernel: foreach, triton, apex, reference")
+    p.add_argument("--steps", type=int, help="timed steps per row (default 30; 3 on the CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 10; 1 on the CPU)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"rows to run (default {DEFAULT_ROWS})")
+    p.add_argument("--json", help="write the results here (rewritten after every row)")
+    p.add_argument("--plot", help="write a PNG bar chart of the rows here (needs matplotlib)")
+    p.add_argument("--profile", action="store_true", help="profile breakdown of the first eager trainer row")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (default 3)")
+    return p
+
+
+def make_config(args: argparse.Namespace, device: torch.device):
+    cpu = device.type == "cpu"
+    overrides = {
+        "model.arch": args.arch,
+        "model.stem": args.stem or ("imagenet" if cpu else None),
+        "moco.k": args.moco_k,
+        "optim.batch_size": args.batch_size or (16 if cpu else 256),
+        "data.loader": args.loader,
+        "data.data": args.data,
+        "data.workers": args.workers,
+        "runtime.device": str(device),
+    }
+    cfg = build_config(args.preset, overrides)
+    for opt in args.loader_option:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--loader-option expects KEY=VALUE, got {opt!r}")
+        cfg.data.loader_options[key] = value
+    size = args.image_size or (64 if cpu else None)
+    if size:
+        cfg.data.aug = cfg.data.aug.with_size(size)
+    validate(cfg, 1)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        args.steps = args.steps or (3 if device.type == "cpu" else 30)
+        args.warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 10)
+        if args.steps < 1 or args.warmup < 0:
+            raise ConfigError("--steps must be at least 1 and --warmup at least 0")
+        cfg = make_config(args, device)
+        specs = parse_rows(args.rows, args)
+        for spec in specs:
+            if spec.graph:
+                check_cuda_graph(device)
+            if spec.kind != "reference":
+                resolve_amp(spec.amp, device)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = True  # fixed shapes; main_moco.py sets it too
+    bench = Bench(args, cfg, device)
+    result = {
+        "rows": [],
+        "device": device_info(device),
+        "torch": torch.__version__,
+        "config": {"args": vars(args), "train": to_dict(cfg)},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for spec in specs:
+        try:
+            row = bench.run(spec)
+        except (ConfigError, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (RuntimeError, ValueError, torch.OutOfMemoryError) as e:  # one failed row must not lose the others
+            row = {"name": spec.name, "kind": spec.kind, "img_per_s": None, "error": f"{type(e).__name__}: {e}"}
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if spec.compile:
+                torch._dynamo.reset()  # new models would otherwise pile up recompiles of one code object
+        result["rows"].append(row)
+        add_ratios(result["rows"])
+        done = f"{row['img_per_s']:,.0f} img/s" if row.get("img_per_s") else row.get("error", "")
+        print(f"[{len(result['rows'])}/{len(specs)}] {spec.name}: {done}", file=sys.stderr, flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    c = cfg
+    print(
+        f"\n{c.model.arch} MoCo {c.preset}, batch {c.optim.batch_size}, {c.data.aug.image_size} px, K {c.moco.k}, "
+        f"on {result['device']['name']} ({device}); torch {torch.__version__}"
+    )
+    print(format_table(result["rows"]))
+    for r in result["rows"]:
+        if "profile" in r:
+            from profile_step import format_breakdown
+
+            print(f"\nwhere the time goes ({r['name']}):\n{format_breakdown(r['profile'])}")
+    if args.plot:
+        from plot import plot_rows
+
+        if plot_rows(result, args.plot):
+            print(f"plot: {args.plot}")
+    return 0 if all(r.get("img_per_s") for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

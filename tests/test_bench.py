@@ -1,0 +1,166 @@
+"""bench/: the throughput script end to end on the CPU, its row parsing and table, the plot, the
+profile breakdown, and the official-style reference step it compares against."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import plot  # noqa: E402
+import profile_step  # noqa: E402
+import reference_step  # noqa: E402
+import throughput  # noqa: E402
+from gpu_stats import GpuSampler  # noqa: E402
+from moco_fast.loaders.base import Batch  # noqa: E402
+from report import add_ratios, format_table  # noqa: E402
+
+import moco_fast.model as moco_model  # noqa: E402
+from moco_fast.config import build_config  # noqa: E402
+from moco_fast.model import MoCo  # noqa: E402
+from moco_fast.trainer import StepState, make_optimizer, train_step  # noqa: E402
+
+TINY = ["--device", "cpu", "--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--moco-k", "64"]
+
+
+@pytest.mark.slow
+def test_cpu_run_writes_the_table_json_and_plot(tiny_root, tmp_path):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    args = [*TINY, "--data", str(tiny_root), "--workers", "0", "--steps", "1", "--warmup", "0"]
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "throughput.py"), *args, "--json", str(out), "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {"rows", "device", "torch", "config", "time"} <= set(result)
+    assert result["device"]["type"] == "cpu" and result["torch"] == torch.__version__
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["loader", "trainer", "end-to-end", "reference"]
+    ref = rows["reference"]["img_per_s"]
+    for r in rows.values():
+        assert r["img_per_s"] > 0 and r["ms_per_step"] > 0 and r["steps"] == 1
+        # images/s and ms/step describe the same timing: batch 16 per step
+        assert r["img_per_s"] == pytest.approx(16 * 1000 / r["ms_per_step"], rel=1e-6)
+        assert r["vs_reference"] == pytest.approx(r["img_per_s"] / ref)
+        assert "gpu_util_pct" not in r and "peak_mem_gib" not in r  # no GPU: no GPU figures
+    assert result["config"]["train"]["optim"]["batch_size"] == 16
+    assert "img/s" in run.stdout and "reference" in run.stdout and "GPU %" not in run.stdout
+    if plot_available():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def plot_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def parse(rows: str, *extra: str):
+    args = throughput.build_parser().parse_args([*TINY, *extra, "--rows", rows])
+    return throughput.parse_rows(args.rows, args)
+
+
+def test_rows_and_modifiers():
+    specs = parse("trainer,trainer:fp16+compile+graph,reference,end-to-end:nchw+triton", "--amp", "bf16")
+    assert [s.kind for s in specs] == ["trainer", "trainer", "reference", "end-to-end"]
+    plain, fast, _, e2e = specs
+    assert (plain.amp, plain.compile, plain.graph, plain.channels_last) == ("bf16", False, False, True)
+    assert (fast.amp, fast.compile, fast.graph) == ("fp16", True, True)
+    assert (e2e.channels_last, e2e.momentum) == (False, "triton")
+    # global flags are the modifiers' starting point; "eager" takes compile and graph off again
+    (spec,) = parse("trainer:eager", "--compile", "--cuda-graph")
+    assert not spec.compile and not spec.graph
+
+
+@pytest.mark.parametrize("rows", ["trainer:fp8", "warp-drive", ","])
+def test_bad_rows_are_one_line_errors(rows, capsys):
+    assert throughput.main([*TINY, "--rows", rows]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --rows") and err.count("\n") == 1
+
+
+def test_cuda_graph_on_cpu_is_refused_before_any_work(capsys):
+    assert throughput.main([*TINY, "--rows", "trainer:graph"]) == 2
+    assert "--cuda-graph" in capsys.readouterr().err
+
+
+def test_table_leaves_out_gpu_columns_without_figures():
+    rows = [
+        {"name": "trainer", "kind": "trainer", "settings": "bf16", "img_per_s": 3000.0, "ms_per_step": 85.3},
+        {"name": "reference", "kind": "reference", "settings": "fp32", "img_per_s": 1200.0, "ms_per_step": 213.3},
+        {"name": "trainer:graph", "kind": "trainer", "img_per_s": None, "error": "RuntimeError: capture failed"},
+    ]
+    add_ratios(rows)
+    assert rows[0]["vs_reference"] == pytest.approx(2.5) and "vs_reference" not in rows[2]
+    table = format_table(rows)
+    assert "3,000" in table and "2.50" in table and "failed: RuntimeError" in table
+    assert "GPU %" not in table and "W" not in table.split("\n")[0].split()
+    rows[0].update(gpu_util_pct=97.0, gpu_power_w=612.0)
+    header = format_table(rows).split("\n")[0]
+    assert "GPU %" in header and header.split()[-1] == "W"
+
+
+def test_gpu_sampler_is_silent_without_a_gpu():
+    with GpuSampler(torch.device("cpu")) as s:
+        pass
+    assert s.summary() == {}
+
+
+def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = {"rows": [{"name": "trainer", "kind": "trainer", "img_per_s": 1.0}]}
+    assert plot.plot_rows(result, tmp_path / "x.png") is False
+    assert not (tmp_path / "x.png").exists()
+    assert "matplotlib" in capsys.readouterr().err
+
+
+def tiny_cfg():
+    return build_config(
+        "v2", {"model.arch": "resnet18", "model.stem": "imagenet", "moco.k": 32, "optim.batch_size": 16}
+    )
+
+
+def test_profile_breakdown_names_the_phases_and_undoes_its_wrappers():
+    cfg = tiny_cfg()
+    model = MoCo(cfg.model, cfg.moco, 32)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    s = StepState(model, opt, torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"))
+    x = torch.randn(8, 3, 32, 32)
+    batch = Batch(x, x.clone(), torch.zeros(8, dtype=torch.long), torch.arange(8))
+    info_nce = moco_model.info_nce
+    b = profile_step.profile_breakdown(lambda: train_step(s, batch, 0.99), model, opt, torch.device("cpu"), steps=1)
+    for phase in ("forward q", "forward k", "backward", "optimizer", "momentum", "loss", "queue"):
+        assert b["phases_ms"][phase] > 0, b["phases_ms"]
+    assert b["kernels_ms"]["convolution / GEMM"] > 0 and b["wall_ms_per_step"] >= b["phases_ms"]["forward q"]
+    assert "encode_q" not in model.__dict__ and "step" not in opt.__dict__ and moco_model.info_nce is info_nce
+    assert "by phase" in profile_step.format_breakdown(b)
+
+
+def test_reference_model_matches_the_trainers_size_and_steps_like_the_official_code():
+    cfg = tiny_cfg()
+    ref, opt = reference_step.build_reference(cfg, torch.device("cpu"))
+    ours = MoCo(cfg.model, cfg.moco, 32)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ref.encoder_q) == count(ours.encoder_q) and ref.queue.shape == (128, 32)  # C x K
+    x = torch.randn(16, 3, 32, 32)
+    loss = reference_step.reference_step(ref, opt, x, x.clone())
+    assert isinstance(loss, float) and loss > 0
+    assert int(ref.queue_ptr) == 16  # the pointer advanced by one batch
+    # The next step's per-parameter loop moves k towards the q that the optimiser just changed.
+    k1 = [p.clone() for p in ref.encoder_k.parameters()]
+    q1 = [p.detach().clone() for p in ref.encoder_q.parameters()]
+    reference_step.reference_step(ref, opt, x, x.clone())
+    for pk, k, q in zip(ref.encoder_k.parameters(), k1, q1):
+        torch.testing.assert_close(pk, k * 0.999 + q * 0.001)
+    assert any(not torch.equal(a, b) for a, b in zip(k1, q1))  # the optimiser did move q
+    assert int(ref.queue_ptr) == 0  # K = 32: two batches of 16 wrap around
