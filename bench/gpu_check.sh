@@ -5,16 +5,17 @@
 #   bash bench/gpu_check.sh                      # all phases, within BUDGET seconds (default 570)
 #   bash bench/gpu_check.sh tests throughput     # only these phases
 #
-# Phases, in order (rough times on an H100):
+# Phases, in this order (rough times on an H100, not yet measured):
 #   env         nvidia-smi, versions                                            (~5 s)
-#   tests       pytest -m gpu (sync-free step, CUDA graph, Triton kernel, ...)   (~2 min)
-#   momentum    bench/momentum_kernels.py: every EMA backend, ResNet-50 + head   (~20 s)
 #   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256: the reference row,
 #               bf16/fp16 eager, + CUDA graph, + torch.compile, + both, Triton EMA; and a profile
 #               breakdown of the bf16 eager step                                 (~4-5 min)
+#   tests       pytest -m gpu (sync-free step, CUDA graph, Triton kernel, ...)   (~2 min)
+#   momentum    bench/momentum_kernels.py: every EMA backend, ResNet-50 + head   (~20 s)
 #   e2e         bench/throughput.py --loader torch on the demo set (loader, end-to-end)   (~1 min)
-#   hooks       other helpers' checks when present: bench/ffcv_loader.py, DALI end to end
-#               (bench/throughput.py --loader dali, needs DALI brought over: shared/device/README)
+#   hooks       other helpers' checks when present: bench/ffcv_loader.py (whole FFCV rows with ffcv and
+#               FFCV_DATA=folder, else its GPU augmentation rows), DALI end to end (bench/throughput.py
+#               --loader dali [DALI_DATA=folder], needs DALI brought over: ../shared/device/README.md)
 # A phase starts only if its time box fits in what is left of BUDGET, so one 10-minute command never
 # runs past its limit; run the phases it skipped in a second command.
 # The machine has no package registry: nothing is installed. Without an installed moco_fast, a
@@ -26,7 +27,7 @@ OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-570}
-PHASES=${*:-env tests momentum throughput e2e hooks}
+PHASES=${*:-env throughput tests momentum e2e hooks}
 LOG=$OUT/gpu_check.log
 export PYTHONUNBUFFERED=1
 : >"$LOG"
@@ -65,28 +66,32 @@ if has env; then
   run env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv; \
     $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
 fi
-if has tests; then
-  run tests 200 $PY -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors tests/
-fi
-if has momentum; then
-  run momentum 90 $PY bench/momentum_kernels.py --json "$OUT/momentum.json"
-fi
 if has throughput; then
   ROWS=reference,trainer:bf16,trainer:fp16,trainer:bf16+graph,trainer:fp16+graph,trainer:bf16+triton
   ROWS=$ROWS,trainer:bf16+compile,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile+graph
   run throughput 330 $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
     --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png"
 fi
+if has tests; then
+  run tests 200 $PY -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors tests/
+fi
+if has momentum; then
+  run momentum 90 $PY bench/momentum_kernels.py --json "$OUT/momentum.json"
+fi
 if has e2e; then
   run e2e 120 $PY bench/throughput.py --device cuda --loader torch --rows loader,end-to-end,trainer \
     --steps 30 --warmup 10 --json "$OUT/throughput-torch.json"
 fi
 if has hooks; then
-  if [[ -f bench/ffcv_loader.py ]] && $PY -c "import ffcv" 2>/dev/null; then
-    run ffcv 120 $PY bench/ffcv_loader.py --device cuda --json "$OUT/ffcv.json"
-  else
-    echo "== ffcv: skipped (bench/ffcv_loader.py or the ffcv package is missing here)" | tee -a "$LOG"
+  if [[ ! -f bench/ffcv_loader.py ]]; then
+    echo "== ffcv: skipped (no bench/ffcv_loader.py)" | tee -a "$LOG"
     STATUS+=("ffcv: skipped (missing)")
+  elif $PY -c "import ffcv" 2>/dev/null && [[ -n "${FFCV_DATA:-}" ]]; then
+    run ffcv 150 $PY bench/ffcv_loader.py --device cuda --data "$FFCV_DATA" --json "$OUT/ffcv.json"
+  else
+    # No FFCV (or no data) on the machine: the batched GPU augmentation pass it shares needs neither.
+    run ffcv-aug 90 $PY bench/ffcv_loader.py --rows aug-sample,aug-batch --device cuda --batch-size 256 \
+      --json "$OUT/ffcv.json"
   fi
   if $PY -c "import nvidia.dali" 2>/dev/null; then
     run dali 150 $PY bench/throughput.py --device cuda --loader dali ${DALI_DATA:+--data "$DALI_DATA"} \

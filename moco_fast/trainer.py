@@ -189,6 +189,8 @@ class GraphedStep:
         if self.graph is None:
             self.static = type(batch)(*(t.clone() for t in batch))
             self.graph = torch.cuda.CUDAGraph()
+            # Gradients from the graph's own memory pool: backward inside the capture allocates them.
+            self.s.optimizer.zero_grad(set_to_none=True)
             # thread_local: the DataLoader's pin-memory thread may call CUDA while we capture.
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.out = train_step(self.s, self.static, self.m)
