@@ -27,20 +27,23 @@ def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
+@pytest.mark.parametrize("select", ["where", "index"])  # the GPU and the CPU formulation, both on the CPU
 @pytest.mark.parametrize("order", ["sample", "batch"])
 @pytest.mark.parametrize(
     "spec,size",
     [(MOCO_V2, 64), (MOCO_V1, 40), (MOCO_CIFAR, 32), (replace(MOCO_V2, jitter_prob=1.0, blur_prob=1.0), 48)],
     ids=["v2-k23", "v1-gray-first", "cifar", "all-on"],
 )
-def test_fast_matches_reference(spec, size, order):
+def test_fast_matches_reference(spec, size, order, select):
     n = 16
     g = torch.Generator().manual_seed(1)
     params = sample_params(n, spec, "cpu", g, order=order)
     x = images(n, size)
-    fast, ref = apply(x, params), apply_reference(x, params)
+    before = x.clone()
+    fast, ref = apply(x, params, select=select), apply_reference(x, params)
     torch.testing.assert_close(fast, ref, rtol=0, atol=2e-5)
     assert not torch.equal(fast, x)  # the recipe did something
+    assert torch.equal(x, before)  # and left its input alone
 
 
 def test_flip_can_be_left_out():
@@ -50,9 +53,10 @@ def test_flip_can_be_left_out():
     assert torch.equal(apply(x, params), x)
 
 
-def test_nothing_on_is_identity():
+@pytest.mark.parametrize("select", ["where", "index"])
+def test_nothing_on_is_identity(select):
     x = images(16, 20)
-    assert torch.equal(apply(x, sample_params(16, NOTHING)), x)
+    assert torch.equal(apply(x, sample_params(16, NOTHING), select=select), x)
 
 
 def test_unblurred_images_are_exact():
@@ -104,14 +108,15 @@ def test_batch_order_is_shared_and_varies_across_batches():
     assert len(orders) > 10  # 24 possible
 
 
+@pytest.mark.parametrize("select", ["where", "index"])
 @pytest.mark.parametrize("op", ["jitter", "gray", "blur", "flip"])
-def test_applied_rates_match_spec(op):
+def test_applied_rates_match_spec(op, select):
     """Measured on the outputs: the share of images each op changed is its probability."""
     n, size = 3000, 12
     prob = {"jitter": 0.8, "gray": 0.2, "blur": 0.5, "flip": 0.5}[op]
     spec = replace(NOTHING, image_size=size, **{f"{op}_prob": prob})
     x = images(n, size, seed=3)
-    out = apply(x, sample_params(n, spec, "cpu", torch.Generator().manual_seed(4)))
+    out = apply(x, sample_params(n, spec, "cpu", torch.Generator().manual_seed(4)), select=select)
     if op == "gray":
         hit = (out[:, 0] == out[:, 1]).flatten(1).all(dim=1) & (out[:, 1] == out[:, 2]).flatten(1).all(dim=1)
     elif op == "flip":
@@ -129,6 +134,8 @@ def test_bad_input_is_refused():
         apply(torch.rand(5, 3, 8, 8), p)
     with pytest.raises(ValueError, match="order"):
         sample_params(4, MOCO_V2, order="random")
+    with pytest.raises(ValueError, match="select"):
+        apply(torch.rand(4, 3, 8, 8), p, select="some")
 
 
 @pytest.mark.gpu
