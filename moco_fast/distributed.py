@@ -53,21 +53,37 @@ def local_world_size() -> int:
 
 
 # -- gathering ------------------------------------------------------------------------------------
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x with dim 0 outermost and dense, without a copy for a channels-last batch (N x H x W x C):
+    `.contiguous()` would rewrite it as NCHW and hand the encoder the slow layout."""
+    return x.permute(0, 2, 3, 1) if _channels_last(x) else x.contiguous()
+
+
+def _unrows(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return out.permute(0, 3, 1, 2) if _channels_last(like) else out
+
+
 @torch.no_grad()
 def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x from all ranks along dim 0 (no gradient)."""
+    """Concatenate x from all ranks along dim 0 (no gradient); keeps channels-last."""
     if not is_distributed():
         return x
-    out = torch.empty((world_size() * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x.contiguous())
-    return out
+    src = _rows(x)
+    out = src.new_empty((world_size() * src.shape[0], *src.shape[1:]))
+    _all_gather_single(out, src)
+    return _unrows(out, x)
 
 
 def _exchange(x: torch.Tensor, out_sizes: list[int], in_sizes: list[int]) -> torch.Tensor:
     """x's rows, cut into in_sizes pieces, go to ranks 0..W-1; out_sizes rows come from each."""
-    out = x.new_empty((sum(out_sizes), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes)
-    return out
+    src = _rows(x)
+    out = src.new_empty((sum(out_sizes), *src.shape[1:]))
+    dist.all_to_all_single(out, src, out_sizes, in_sizes)
+    return _unrows(out, x)
 
 
 class _AllToAll(torch.autograd.Function):

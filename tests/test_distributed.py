@@ -49,6 +49,12 @@ def _shuffle_run(dev: torch.device, sizes: tuple[int, ...]) -> dict:
             ys, plan2 = dist_utils.batch_shuffle(x, mode)
             coef = torch.arange(n, device=dev).float().view(n, 1) + 10 * r
             (dist_utils.batch_unshuffle(ys * p, plan2) * coef).sum().backward()
+            # Images in channels-last arrive in channels-last (the encoder's fast layout).
+            im = x[:, :1, None, None] + torch.randn(n, 3, 4, 4, device=dev).to(memory_format=torch.channels_last)
+            im_y, im_plan = dist_utils.batch_shuffle(im, mode)
+            im_ok = im_y.is_contiguous(memory_format=torch.channels_last) and torch.equal(
+                im_y, dist_utils.all_gather(im)[im_plan.perm[r * n : (r + 1) * n]]
+            )
             out[(n, mode)] = {
                 "x": x.cpu(),
                 "y": y.cpu(),
@@ -57,6 +63,7 @@ def _shuffle_run(dev: torch.device, sizes: tuple[int, ...]) -> dict:
                 "perm": plan.perm.cpu(),
                 "grad": p.grad.cpu(),
                 "expected_grad": (x * coef).sum().cpu(),
+                "channels_last_kept": im_ok,
             }
     return {f"{n}/{m}": v for (n, m), v in out.items()}
 
@@ -72,6 +79,7 @@ def check_shuffle(results: list[dict], sizes: tuple[int, ...]) -> None:
                 assert torch.equal(res["perm"], perm), f"rank {r} drew another permutation"
                 assert torch.equal(res["y"], res["reference"]), (n, mode, r)  # all-to-all == gather+slice
                 assert torch.equal(res["back"], res["x"] * 2 + 1), (n, mode, r)  # unshuffle undoes it
+                assert res["channels_last_kept"], (n, mode, r)
             sizes = dist_utils.split_sizes(n, w)  # the key batch of rank r mixes N / W images of every rank
             for r, res in enumerate(per_rank):
                 owners = (res["y"][:, 0] // n).long()
@@ -289,8 +297,10 @@ def test_nccl_shuffle_and_ddp_on_two_gpus():
 
 
 def _overhead_worker(steps: int, rounds: int) -> dict:
-    """One worker (NCCL, world 1): ms per step of the plain single-process step (split BN, local
-    shuffle) and of the distributed path forced on (DDP, all-to-all shuffle, gathered keys)."""
+    """One worker (NCCL, world 1), ms per step of three set-ups of the same step:
+    plain: what one GPU runs (split BN, local shuffle); plain_bn: the same with the plain BatchNorm
+    the distributed model builds; distributed: that model with the distributed path forced on (DDP,
+    all-to-all shuffle, gathered keys). distributed vs plain_bn isolates the distributed machinery."""
     from moco_fast.loaders.base import Batch
 
     from moco_fast.model import MoCo
@@ -301,21 +311,23 @@ def _overhead_worker(steps: int, rounds: int) -> dict:
     cfg = build_config("v2", {"optim.batch_size": 64, "runtime.device": "cuda"})
     g = torch.Generator(device=dev).manual_seed(0)
     x = [torch.randn(64, 3, 224, 224, device=dev, generator=g).to(memory_format=torch.channels_last) for _ in range(2)]
-    batch = Batch(x[0], x[1], torch.zeros(64, dtype=torch.long, device=dev), None)
+    batch = Batch(x[0].bfloat16(), x[1].bfloat16(), torch.zeros(64, dtype=torch.long, device=dev), None)
+    real = dist_utils.is_distributed
+    forced = {"plain": False, "plain_bn": False, "distributed": True}  # is_distributed() while stepping
 
-    def state(distributed: bool) -> StepState:
-        dist_utils.is_distributed = (lambda: True) if distributed else real  # the model reads it at build
+    def state(name: str) -> StepState:
+        dist_utils.is_distributed = real if name == "plain" else (lambda: True)  # the model reads it at build
         model = MoCo(cfg.model, cfg.moco, 224).to(dev, memory_format=torch.channels_last)
+        dist_utils.is_distributed = (lambda: True) if forced[name] else real
         step_model = dist_utils.wrap_ddp(model, dev)
         opt = make_optimizer(model, cfg, dev)
         return StepState(step_model, opt, torch.amp.GradScaler("cuda", enabled=False), torch.bfloat16, dev)
 
-    real = dist_utils.is_distributed
-    states = {"plain": state(False), "distributed": state(True)}
+    states = {name: state(name) for name in forced}
     times: dict[str, list[float]] = {k: [] for k in states}
-    for _ in range(rounds):  # interleaved, so that clock drift hits both alike
+    for _ in range(rounds):  # interleaved, so that clock drift hits all alike
         for name, s in states.items():
-            dist_utils.is_distributed = (lambda: True) if name == "distributed" else real
+            dist_utils.is_distributed = (lambda: True) if forced[name] else real
             for _ in range(5):
                 train_step(s, batch, 0.999)
             torch.cuda.synchronize(dev)
@@ -334,5 +346,6 @@ def _overhead_worker(steps: int, rounds: int) -> dict:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_one_worker_distributed_path_costs_under_3_percent():
     ms = run_workers(_overhead_worker, (30, 3), 1)[0]
-    print(f"ResNet-50 224 px, batch 64, bf16, one GPU: ms/step {ms}", json.dumps(ms))
-    assert ms["distributed"] <= ms["plain"] * 1.03, ms
+    print(f"ResNet-50 224 px, batch 64, bf16, one GPU, ms/step: {json.dumps(ms)}")
+    assert ms["distributed"] <= ms["plain_bn"] * 1.03, ms  # the distributed machinery itself
+    assert ms["distributed"] <= ms["plain"] * 1.03, ms  # against what one GPU runs by default
