@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -16,9 +17,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
     On one device this stands in for the paper's per-GPU BatchNorm: with the key batch shuffled
     before the key encoder, a query and its positive key never share BN statistics, so the model
-    cannot cheat through them. Works for any memory format (no reshape-to-channels trick, which
-    would force a copy of a channels-last tensor). Running statistics are the mean of the
-    sub-batches' statistics, as in the official MoCo CIFAR demo.
+    cannot cheat through them. Running statistics are the mean of the sub-batches' statistics, as
+    in the official MoCo CIFAR demo.
     """
 
     def __init__(self, num_features: int, num_splits: int = 1, **kw):
@@ -29,21 +29,25 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         s = self.num_splits
         if not self.training or s == 1:
             return super().forward(x)
-        n, c, h, w = x.shape
+        n = x.shape[0]
         if n % s:
             raise ValueError(f"batch {n} is not divisible by bn_splits={s}")
-        xs = x.view(s, n // s, c, h, w)  # a view for NCHW and channels-last alike
-        var, mean = torch.var_mean(xs.float(), dim=(1, 3, 4), correction=0, keepdim=True)  # s,1,C,1,1
+        # The native batch_norm kernel (cuDNN / oneDNN) on each sub-batch: a slice of a
+        # channels-last batch along N stays channels-last, so there is no layout copy (the official
+        # demo's reshape to s*C channels would force one). Each sub-batch updates its own copy of the
+        # running statistics; their mean becomes the new running statistics.
+        mom = self.momentum if self.momentum is not None else 0.1
+        run_mean = self.running_mean.unsqueeze(0).repeat(s, 1)  # s x C
+        run_var = self.running_var.unsqueeze(0).repeat(s, 1)
+        outs = [
+            F.batch_norm(chunk, run_mean[i], run_var[i], self.weight, self.bias, True, mom, self.eps)
+            for i, chunk in enumerate(x.chunk(s))
+        ]
         with torch.no_grad():
-            cnt = (n // s) * h * w
-            unbiased = var.mean(0).flatten() * (cnt / max(cnt - 1, 1))
-            mom = self.momentum if self.momentum is not None else 0.1
-            self.running_mean.lerp_(mean.mean(0).flatten(), mom)
-            self.running_var.lerp_(unbiased, mom)
+            self.running_mean.copy_(run_mean.mean(0))
+            self.running_var.copy_(run_var.mean(0))
             self.num_batches_tracked.add_(1)
-        scale = self.weight.view(1, 1, c, 1, 1) * torch.rsqrt(var + self.eps)
-        shift = self.bias.view(1, 1, c, 1, 1) - mean * scale
-        return (xs * scale.to(x.dtype) + shift.to(x.dtype)).view(n, c, h, w)
+        return torch.cat(outs)
 
 
 def resolve_stem(stem: str, image_size: int) -> str:
