@@ -16,6 +16,10 @@ import warnings
 COMMANDS = [
     "moco_fast.commands.train",
     "moco_fast.commands.knn",
+    "moco_fast.commands.lincls",
+    "moco_fast.commands.finetune",
+    "moco_fast.commands.sweep",
+    "moco_fast.commands.export",
     "moco_fast.commands.convert",
 ]
 

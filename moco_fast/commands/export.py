@@ -1,0 +1,36 @@
+"""`moco-fast export`: the query backbone for torchvision or detectron2."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write the query backbone as a torchvision state dict or a detectron2 checkpoint",
+        description="torchvision: a ResNet state dict that torchvision.models.<arch>() loads with strict=False "
+        "(only fc.* missing); a CIFAR-stem backbone exports too, but rebuild its stem (3x3 conv1, no max-pool) "
+        "before loading. detectron2: the official MoCo conversion (stem., res2..res5, shortcut, convK.norm; "
+        "a pickle with matching_heuristics), for the paper's detection transfer; CIFAR stems are refused.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a moco-fast training checkpoint (OUT/checkpoint.pt)")
+    p.add_argument("--format", required=True, choices=["torchvision", "detectron2"])
+    p.add_argument("--output", required=True, help="file to write (.pth for torchvision, .pkl for detectron2)")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    p.add_argument("--device", default="cpu", help="accepted for symmetry with other commands; export runs on the CPU")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moco_fast.export import export
+
+    res = export(args.checkpoint, args.format, args.output, force=args.force)
+    print(f"wrote {res['output']}: {res['keys']} tensors of the {res['arch']} query backbone ({res['format']})")
+    if res["format"] == "torchvision" and res["stem"] == "cifar":
+        print(
+            "note: CIFAR stem. Before load_state_dict, set net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) "
+            "and net.maxpool = nn.Identity()"
+        )
+    return 0

@@ -1,0 +1,66 @@
+"""`moco-fast lincls`: the linear classification protocol on a frozen backbone."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lincls",
+        help="linear classification on the frozen backbone (the paper's protocol)",
+        description="The MoCo linear classification protocol: the backbone is frozen in eval mode, one linear "
+        "layer trains on its pooled features (SGD, momentum 0.9, lr 30, weight decay 0, 100 epochs, x0.1 at "
+        "epochs 60 and 80). Train views: random resized crop + flip; evaluation: center crop; reports top-1 and "
+        "top-5 and writes them as JSON. Image size and normalisation come from the checkpoint's training "
+        "recipe. At the end the backbone is compared with the checkpoint and the run fails if it changed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="a moco-fast training checkpoint (OUT/checkpoint.pt)")
+    p.add_argument("--data", help="a root with train/ and val/ or test/ class folders (default: the demo set)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=30.0, help="not scaled with the batch size (official lincls)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="60,80", help="epochs where the lr drops x0.1, or 'cos' for half-cosine")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=4, help="data loading workers")
+    p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's training size)")
+    p.add_argument(
+        "--cached-features",
+        action="store_true",
+        help="extract center-crop features once and train on them (fast, but no augmentation: not the protocol)",
+    )
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast of the backbone")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="result JSON (default: lincls.json beside the checkpoint)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moco_fast.lincls import LinclsConfig, run_lincls
+
+    cfg = LinclsConfig(
+        checkpoint=args.checkpoint,
+        data=args.data,
+        epochs=args.epochs,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        image_size=args.image_size,
+        cached_features=args.cached_features,
+        device=args.device,
+        amp=args.amp,
+        seed=args.seed,
+        out=args.out,
+    )
+    res = run_lincls(cfg)
+    print(
+        f"linear classification: top-1 {res['top1']:.2f}%  top-{res['topk']} {res['top5']:.2f}%  "
+        f"({res['eval_images']} eval images, {cfg.epochs} epochs; backbone unchanged)"
+    )
+    return 0

@@ -1,0 +1,94 @@
+"""Export the query backbone for downstream use.
+
+- torchvision: a plain ResNet state dict (`conv1.weight`, `layer1.0.bn1.running_mean`, ...), which
+  `torchvision.models.<arch>()` loads with `strict=False`, only `fc.weight`/`fc.bias` missing.
+  SplitBatchNorm2d holds ordinary BN state, so nothing is renamed. A CIFAR-stem backbone exports
+  too, but its `conv1` is 3x3 and it has no max-pool: rebuild that stem before loading.
+- detectron2: the official MoCo `detection/convert-pretrain-to-detectron2.py` naming: the stem under
+  `stem.`, `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`, `downsample.0/1` -> `shortcut` /
+  `shortcut.norm`; numpy arrays in a pickled dict with `__author__: "MOCO"` and
+  `matching_heuristics: True`. detectron2 has no CIFAR stem, so that export is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moco_fast.backbone import plain_bn_state, resolve_stem
+from moco_fast.config import ConfigError
+
+FORMATS = ("torchvision", "detectron2")
+
+
+def query_backbone(model: nn.Module) -> nn.Module:
+    """A CPU copy of the MoCo query backbone with plain BatchNorm2d layers."""
+    backbone = copy.deepcopy(model.encoder_q.backbone).cpu()
+    plain_bn_state(backbone)
+    return backbone
+
+
+def torchvision_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # fc is nn.Identity in our backbone, so no fc keys: torchvision's fc stays at its init.
+    return {k: v.detach().clone() for k, v in query_backbone(model).state_dict().items()}
+
+
+def detectron2_name(key: str) -> str:
+    """One torchvision ResNet key in detectron2's naming (the official MoCo conversion's rules)."""
+    if "layer" not in key:
+        key = "stem." + key  # conv1.weight -> stem.conv1.weight, bn1.* -> stem.conv1.norm.*
+    for t in (1, 2, 3, 4):
+        key = key.replace(f"layer{t}", f"res{t + 1}")
+    for t in (1, 2, 3):
+        key = key.replace(f"bn{t}", f"conv{t}.norm")
+    key = key.replace("downsample.0", "shortcut")
+    return key.replace("downsample.1", "shortcut.norm")
+
+
+def detectron2_checkpoint(model: nn.Module) -> dict[str, Any]:
+    state = torchvision_state(model)
+    return {
+        "model": {detectron2_name(k): v.numpy() for k, v in state.items()},
+        "__author__": "MOCO",
+        "matching_heuristics": True,
+    }
+
+
+def export(checkpoint: str | Path, fmt: str, output: str | Path, force: bool = False) -> dict[str, Any]:
+    """Write the export; returns {"format", "output", "keys", "arch", "stem"}."""
+    from moco_fast.checkpoint import load_model
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    output = Path(output)
+    if output.exists() and not force:
+        raise FileExistsError(f"{output} exists: pass --force to overwrite it")
+    model, cfg = load_model(checkpoint, "cpu")
+    stem = resolve_stem(cfg.model.stem, cfg.data.aug.image_size)
+    if fmt == "detectron2":
+        if stem == "cifar":
+            raise ConfigError(
+                "detectron2 has no CIFAR stem (3x3 conv, no max-pool): this backbone cannot be exported "
+                "for detectron2; use --format torchvision"
+            )
+        obj = detectron2_checkpoint(model)
+        keys = len(obj["model"])
+        _atomic_write(output, lambda fh: pickle.dump(obj, fh))
+    else:
+        state = torchvision_state(model)
+        keys = len(state)
+        _atomic_write(output, lambda fh: torch.save(state, fh))
+    return {"format": fmt, "output": str(output), "keys": keys, "arch": cfg.model.arch, "stem": stem}
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+    tmp.replace(path)

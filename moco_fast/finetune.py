@@ -1,0 +1,178 @@
+"""End-to-end fine-tuning (the paper's comparison of MoCo initialisation with random init).
+
+Every layer trains, BatchNorm included (train mode, plain per-batch statistics). The same schedule
+runs from the MoCo backbone or, with `from_scratch`, from a random initialisation of the same
+architecture: the baseline the paper compares against.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moco_fast.augment import AUG_PRESETS
+from moco_fast.backbone import build_backbone, plain_bn_state, resolve_stem
+from moco_fast.config import ConfigError
+from moco_fast.data import DataError
+from moco_fast.lincls import (
+    Normalizer,
+    autocast_for,
+    evaluate,
+    feature_width,
+    image_batches,
+    load_splits_with_eval,
+    lr_at,
+    new_classifier,
+    parse_schedule,
+    progress_iter,
+    write_json,
+)
+
+log = logging.getLogger("moco_fast")
+
+
+@dataclass
+class FinetuneConfig:
+    checkpoint: str | None = None  # a moco-fast training checkpoint; optional with from_scratch
+    data: str | None = None
+    from_scratch: bool = False  # random init of the same architecture: the baseline
+    arch: str = "resnet50"  # with from_scratch and no checkpoint
+    stem: str = "auto"
+    epochs: int = 90
+    lr: float = 0.1  # for a batch of 256, scaled linearly with --batch-size
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cos"  # "cos", or epochs where the lr drops x0.1 (e.g. 30,60,80)
+    batch_size: int = 256
+    workers: int = 4
+    image_size: int | None = None  # None: the checkpoint's training size (224 without one)
+    device: str = "auto"
+    amp: str = "auto"
+    seed: int = 0
+    out: str | None = None  # JSON result; None: finetune.json (finetune_scratch.json) beside the checkpoint
+
+
+def build_network(cfg: FinetuneConfig, num_classes: int):
+    """(backbone + linear classifier as one nn.Sequential, AugSpec, image size, what it started from)."""
+    if cfg.checkpoint is None:
+        if not cfg.from_scratch:
+            raise ConfigError("--checkpoint is required (or --from-scratch for the random-init baseline)")
+        size = cfg.image_size or 224
+        spec = AUG_PRESETS["cifar" if size <= 64 else "v2"]
+        backbone, width = build_backbone(cfg.arch, resolve_stem(cfg.stem, size))
+        return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, "scratch"
+
+    from moco_fast.checkpoint import load_model
+
+    model, train_cfg = load_model(cfg.checkpoint, "cpu")
+    spec = train_cfg.data.aug
+    size = cfg.image_size or spec.image_size
+    width = feature_width(model)
+    if cfg.from_scratch:
+        m = train_cfg.model
+        backbone, _ = build_backbone(m.arch, resolve_stem(m.stem, spec.image_size))
+        start = "scratch"
+    else:
+        backbone = model.encoder_q.backbone
+        plain_bn_state(backbone)  # fine-tuning uses ordinary per-batch BN statistics
+        start = "moco"
+    return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, start
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune, evaluate, write the JSON result and return it."""
+    result, _ = fine_tune(cfg)
+    write_json(result, result_path(cfg, result["init"]))
+    return result
+
+
+def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
+    """(result, the fine-tuned backbone + classifier in eval mode)."""
+    from moco_fast.trainer import resolve_amp, resolve_device
+
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError("--epochs and --batch-size must be positive")
+    steps = parse_schedule(cfg.schedule)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+
+    splits = load_splits_with_eval(cfg.data)
+    classes = len(splits.train.classes)
+    net, spec, size, start = build_network(cfg, classes)
+    net = net.to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    norm = Normalizer(spec, device)
+    base_lr = cfg.lr * cfg.batch_size / 256
+    params = net.parameters()
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    opt = torch.optim.SGD(params, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kind)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # drop_last: a last batch of one image would break BatchNorm in train mode.
+    loader = image_batches(splits.train, size, True, cfg.batch_size, cfg.workers, cfg.seed, drop_last=True)
+    if len(loader) < 1:
+        raise DataError(
+            f"{len(splits.train)} training images give no full batch of {cfg.batch_size}: lower --batch-size"
+        )
+
+    history = []
+    for epoch in range(cfg.epochs):
+        net.train()
+        lr = lr_at(base_lr, epoch, cfg.epochs, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        n = 0
+        for x, y in progress_iter(loader, f"finetune epoch {epoch + 1}/{cfg.epochs}"):
+            with autocast_for(device, amp_dtype):
+                loss = F.cross_entropy(net(norm(x)).float(), y.to(device, non_blocking=True))
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            loss_sum += loss.detach()
+            n += 1
+        history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)})  # host sync per epoch
+        log.debug("finetune epoch %d: loss %.4f", epoch + 1, history[-1]["loss"])
+
+    net.eval()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(device, amp_dtype):
+            return net(norm(x))
+
+    eval_batches = image_batches(splits.eval, size, False, cfg.batch_size, cfg.workers, cfg.seed)
+    top1, top5 = evaluate(forward, eval_batches, device, classes)
+    result = {
+        "protocol": "end-to-end fine-tuning",
+        "init": start,
+        "top1": top1,
+        "top5": top5,
+        "topk": min(5, classes),
+        "num_classes": classes,
+        "train_images": len(splits.train),
+        "eval_images": len(splits.eval),
+        "image_size": size,
+        "final_train_loss": history[-1]["loss"],
+        "history": history,
+        "wall_s": time.perf_counter() - t0,
+        "device": str(device),
+        "config": asdict(cfg),
+    }
+    return result, net
+
+
+def result_path(cfg: FinetuneConfig, start: str) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    folder = Path(cfg.checkpoint).parent if cfg.checkpoint else Path(".")
+    return folder / ("finetune.json" if start == "moco" else "finetune_scratch.json")

@@ -1,0 +1,340 @@
+"""The linear classification protocol (MoCo §4.1; the official `main_lincls.py`).
+
+A frozen backbone in eval mode (its BatchNorm statistics never move), one linear layer on its
+pooled features, SGD with lr 30, momentum 0.9, weight decay 0, 100 epochs with x0.1 steps at 60
+and 80. Training images: random resized crop + flip; evaluation: center crop. Top-1 and top-5.
+At the end the backbone is compared with the checkpoint file, tensor by tensor: a classifier that
+silently trained (or mis-loaded) its backbone would report a number that is not linear evaluation.
+
+`--cached-features` is a faster, non-standard variant for small experiments: features of the
+center crops are extracted once and the linear layer trains on them (no augmentation).
+
+Also the pieces that fine-tuning shares (data, schedule, evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from moco_fast.augment import AugSpec
+from moco_fast.backbone import plain_bn_state
+from moco_fast.config import ConfigError
+from moco_fast.data import DataError, DataSplits, ImageDataset, ImageList, load_splits
+from moco_fast.loaders.base import mean_std_255, normalize_on_device
+from moco_fast.loaders.torch_loader import eval_transform
+from moco_fast.metrics import progress
+
+log = logging.getLogger("moco_fast")
+
+BACKBONE_PREFIX = "encoder_q.backbone."
+
+
+class BackboneChangedError(RuntimeError):
+    """The frozen backbone differs from the checkpoint after linear classification: a bug."""
+
+
+@dataclass
+class LinclsConfig:
+    checkpoint: str
+    data: str | None = None  # a root with train/ and val/ or test/; None: the demo set
+    epochs: int = 100
+    lr: float = 30.0  # not scaled with the batch (as in the official main_lincls.py)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "60,80"  # epochs where the lr drops x0.1, or "cos"
+    batch_size: int = 256
+    workers: int = 4
+    image_size: int | None = None  # None: the checkpoint's training size
+    cached_features: bool = False
+    device: str = "auto"
+    amp: str = "auto"
+    seed: int = 0
+    out: str | None = None  # JSON result; None: lincls.json beside the checkpoint
+
+
+# -- shared by lincls and finetune --------------------------------------------------------------
+def parse_schedule(text: str) -> tuple[int, ...] | None:
+    """'60,80' -> (60, 80) (x0.1 at each epoch); 'cos' -> None (half-cosine)."""
+    if text.strip().lower() in ("cos", "cosine"):
+        return None
+    try:
+        steps = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--schedule expects epochs like 60,80 or 'cos' (got {text!r})") from None
+    if any(s < 1 for s in steps):
+        raise ConfigError(f"--schedule epochs must be positive (got {text!r})")
+    return steps
+
+
+def lr_at(base_lr: float, epoch: int, epochs: int, steps: tuple[int, ...] | None) -> float:
+    if steps is None:
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return base_lr * 0.1 ** sum(epoch >= s for s in steps)
+
+
+def classify_transform(image_size: int, train: bool) -> Callable:
+    """uint8 3 x S x S. Train: random resized crop + flip (official lincls); eval: center crop."""
+    if not train:
+        return eval_transform(image_size)
+    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
+
+
+def _collate(items):
+    x, y, _ = zip(*items, strict=True)
+    return torch.stack(x), torch.tensor(y)
+
+
+def image_batches(
+    images: ImageList, image_size: int, train: bool, batch_size: int, workers: int, seed: int, drop_last: bool = False
+) -> DataLoader:
+    """Host uint8 batches (x, y); shuffled with a seeded generator when `train`."""
+    return DataLoader(
+        ImageDataset(images, classify_transform(image_size, train)),
+        batch_size=batch_size,
+        shuffle=train,
+        num_workers=workers,
+        collate_fn=_collate,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=workers > 0,
+    )
+
+
+class Normalizer:
+    """uint8 host batch -> normalised fp32 on the device, in the model's memory format."""
+
+    def __init__(self, spec: AugSpec, device: torch.device):
+        self.mean, self.std = mean_std_255(spec, device)
+        self.fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize_on_device(x, self.mean, self.std, torch.float32, self.fmt)
+
+
+def load_splits_with_eval(data: str | None) -> DataSplits:
+    splits = load_splits(data)
+    if splits.eval is None:
+        raise DataError("classification needs an eval split: a data root holding train/ and val/ or test/")
+    return splits
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 hits, top-k hits) as device scalars. logits: N x classes; k <= classes."""
+    top = logits.topk(k, dim=1).indices  # N x k
+    hits = top == labels.unsqueeze(1)
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
+
+
+@torch.no_grad()
+def evaluate(
+    forward: Callable[[Any], torch.Tensor],
+    batches: Iterable,
+    device: torch.device,
+    num_classes: int,
+    desc: str = "eval",
+) -> tuple[float, float]:
+    """(top-1 %, top-5 %) of `forward(x)` over (x, y) batches; top-5 is top-min(5, classes)."""
+    k = min(5, num_classes)
+    c1 = torch.zeros((), dtype=torch.long, device=device)
+    ck = torch.zeros((), dtype=torch.long, device=device)
+    n = 0
+    bar = progress(total=len(batches) if hasattr(batches, "__len__") else 0, desc=desc)
+    for x, y in batches:
+        y = y.to(device, non_blocking=True)
+        a, b = topk_correct(forward(x).float(), y, k)
+        c1 += a
+        ck += b
+        n += y.shape[0]
+        bar.update(1)
+    bar.close()
+    return c1.item() * 100 / max(n, 1), ck.item() * 100 / max(n, 1)  # host sync: once per evaluation
+
+
+def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
+    from contextlib import nullcontext
+
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+
+def feature_width(model: nn.Module) -> int:
+    """Width of the pooled backbone features: the input width of the MoCo head's first layer."""
+    return next(m for m in model.encoder_q.head.modules() if isinstance(m, nn.Linear)).in_features
+
+
+def new_classifier(width: int, num_classes: int) -> nn.Linear:
+    fc = nn.Linear(width, num_classes)
+    nn.init.normal_(fc.weight, 0.0, 0.01)  # as the official lincls
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
+# -- the frozen-backbone check -------------------------------------------------------------------
+def checkpoint_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The query backbone's tensors as stored in a training checkpoint (names without prefix)."""
+    from moco_fast import checkpoint as ckpt
+
+    model = ckpt.load(path)["model"]
+    return {k[len(BACKBONE_PREFIX) :]: v for k, v in model.items() if k.startswith(BACKBONE_PREFIX)}
+
+
+def check_unchanged(backbone: nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    """Raise BackboneChangedError unless every tensor (weights and BN statistics) equals `reference`."""
+    state = backbone.state_dict()
+    missing = sorted(set(reference) ^ set(state))
+    changed = [k for k in reference if k in state and not torch.equal(state[k].cpu(), reference[k].cpu())]
+    if missing or changed:
+        raise BackboneChangedError(
+            "the frozen backbone changed during linear classification: "
+            + ", ".join((changed + missing)[:5])
+            + (f" and {len(changed) + len(missing) - 5} more" if len(changed) + len(missing) > 5 else "")
+        )
+
+
+# -- the protocol --------------------------------------------------------------------------------
+@torch.no_grad()
+def extract(
+    backbone: nn.Module, batches: Iterable, norm: Normalizer, device: torch.device, amp_dtype, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N x D fp32 pooled features, N labels) on the device, for --cached-features."""
+    feats, labels = [], []
+    for x, y in progress_iter(batches, desc):
+        with autocast_for(device, amp_dtype):
+            feats.append(backbone(norm(x)).float())
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def progress_iter(batches: Iterable, desc: str):
+    bar = progress(total=len(batches) if hasattr(batches, "__len__") else 0, desc=desc)
+    for item in batches:
+        yield item
+        bar.update(1)
+    bar.close()
+
+
+def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, g: torch.Generator | None):
+    order = (
+        torch.randperm(x.shape[0], generator=g).to(x.device) if shuffle else torch.arange(x.shape[0], device=x.device)
+    )
+    return [(x[i], y[i]) for i in order.split(batch_size)]
+
+
+def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
+    """Train and evaluate a linear classifier on the frozen backbone; writes and returns the result."""
+    from moco_fast.checkpoint import load_model
+    from moco_fast.trainer import resolve_amp, resolve_device
+
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError("--epochs and --batch-size must be positive")
+    steps = parse_schedule(cfg.schedule)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+
+    model, train_cfg = load_model(cfg.checkpoint, "cpu")
+    spec = train_cfg.data.aug
+    size = cfg.image_size or spec.image_size
+    backbone = model.encoder_q.backbone
+    width = feature_width(model)
+    del model  # the key encoder, head and queue are not needed
+    plain_bn_state(backbone)
+    backbone = backbone.to(device).eval().requires_grad_(False)
+    if device.type == "cuda":
+        backbone = backbone.to(memory_format=torch.channels_last)
+    splits = load_splits_with_eval(cfg.data)
+    classes = len(splits.train.classes)
+    norm = Normalizer(spec, device)
+    fc = new_classifier(width, classes).to(device)
+    opt = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    workers = cfg.workers
+
+    if cfg.cached_features:
+        train_x, train_y = extract(
+            backbone,
+            image_batches(splits.train, size, False, cfg.batch_size, workers, cfg.seed),
+            norm,
+            device,
+            amp_dtype,
+            "features (train)",
+        )
+        eval_x, eval_y = extract(
+            backbone,
+            image_batches(splits.eval, size, False, cfg.batch_size, workers, cfg.seed),
+            norm,
+            device,
+            amp_dtype,
+            "features (eval)",
+        )
+        g = torch.Generator().manual_seed(cfg.seed)
+        train_epoch = lambda: tensor_batches(train_x, train_y, cfg.batch_size, True, g)  # noqa: E731
+        features = lambda x: x  # noqa: E731
+        eval_batches = tensor_batches(eval_x, eval_y, cfg.batch_size, False, None)
+    else:
+        loader = image_batches(splits.train, size, True, cfg.batch_size, workers, cfg.seed)
+        train_epoch = lambda: loader  # noqa: E731
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), autocast_for(device, amp_dtype):
+                return backbone(norm(x)).float()  # N x D
+
+        eval_batches = image_batches(splits.eval, size, False, cfg.batch_size, workers, cfg.seed)
+
+    history = []
+    for epoch in range(cfg.epochs):
+        lr = lr_at(cfg.lr, epoch, cfg.epochs, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        n = 0
+        for x, y in progress_iter(train_epoch(), f"lincls epoch {epoch + 1}/{cfg.epochs}"):
+            loss = F.cross_entropy(fc(features(x)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            n += 1
+        history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)})  # host sync per epoch
+        log.debug("lincls epoch %d: loss %.4f", epoch + 1, history[-1]["loss"])
+
+    top1, top5 = evaluate(lambda x: fc(features(x)), eval_batches, device, classes)
+    check_unchanged(backbone, checkpoint_backbone_state(cfg.checkpoint))
+    result = {
+        "protocol": "linear classification (frozen backbone)",
+        "top1": top1,
+        "top5": top5,
+        "topk": min(5, classes),
+        "num_classes": classes,
+        "train_images": len(splits.train),
+        "eval_images": len(splits.eval),
+        "image_size": size,
+        "backbone_unchanged": True,
+        "final_train_loss": history[-1]["loss"],
+        "history": history,
+        "wall_s": time.perf_counter() - t0,
+        "device": str(device),
+        "config": asdict(cfg),
+    }
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / "lincls.json"
+    write_json(result, out)
+    return result
+
+
+def write_json(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)

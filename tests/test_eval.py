@@ -1,0 +1,297 @@
+"""Evaluation on the CPU: linear classification, fine-tuning, export, the sweep table."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+import torchvision
+from conftest import make_image_root
+from torch import nn
+
+from moco_fast.cli import main
+from moco_fast.config import build_config, save_json, to_dict
+from moco_fast.model import MoCo
+from moco_fast.trainer import train
+
+TINY = {
+    "model.arch": "resnet18",
+    "model.stem": "imagenet",
+    "moco.k": 16,
+    "moco.bn_splits": 2,
+    "optim.batch_size": 8,
+    "optim.epochs": 1,
+    "runtime.device": "cpu",
+    "data.workers": 0,
+    "runtime.final_knn": False,
+}
+
+
+@pytest.fixture(scope="module")
+def six_root(tmp_path_factory):
+    """6 classes (so that top-5 is not trivially 100%): 6 train and 3 test images each."""
+    return make_image_root(tmp_path_factory.mktemp("six"), per_class=6, classes=6, test_per_class=3)
+
+
+@pytest.fixture(scope="module")
+def ckpt(six_root, tmp_path_factory):
+    """A one-epoch MoCo checkpoint (ResNet-18, ImageNet stem, 32 px)."""
+    out = tmp_path_factory.mktemp("run")
+    train(build_config("cifar", {**TINY, "data.data": str(six_root), "runtime.out": str(out)}))
+    return out / "checkpoint.pt"
+
+
+def save_untrained_checkpoint(path, preset="cifar", **overrides):
+    """A checkpoint of a freshly built model (enough for export: load_model reads config + model)."""
+    cfg = build_config(preset, {**TINY, **overrides})
+    model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size)
+    torch.save({"config": to_dict(cfg), "model": model.state_dict(), "epoch": 0}, path)
+    return model
+
+
+# -- lincls ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cached", [False, True])
+def test_lincls_reports_topk_and_checks_the_backbone(ckpt, six_root, tmp_path, capsys, cached):
+    out = tmp_path / "lincls.json"
+    args = ["lincls", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "2", "--batch-size", "8"]
+    args += ["--workers", "0", "--device", "cpu", "--out", str(out)] + (["--cached-features"] if cached else [])
+    assert main(args) == 0
+    res = json.loads(out.read_text())
+    assert 0 <= res["top1"] <= res["top5"] <= 100
+    assert res["topk"] == 5 and res["num_classes"] == 6 and res["eval_images"] == 18
+    assert res["backbone_unchanged"] is True and len(res["history"]) == 2
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_lincls_learns_on_cached_features(ckpt, six_root, tmp_path):
+    from moco_fast.lincls import LinclsConfig, run_lincls
+
+    res = run_lincls(
+        LinclsConfig(
+            str(ckpt), str(six_root), epochs=10, lr=0.02, batch_size=12, workers=0, cached_features=True,
+            device="cpu", out=str(tmp_path / "r.json"),
+        )
+    )  # fmt: skip
+    losses = [h["loss"] for h in res["history"]]
+    assert losses[-1] < losses[0] * 0.7, losses
+
+
+def test_backbone_check_catches_changes(ckpt):
+    from moco_fast.checkpoint import load_model
+    from moco_fast.lincls import BackboneChangedError, check_unchanged, checkpoint_backbone_state
+
+    reference = checkpoint_backbone_state(ckpt)
+    backbone = load_model(ckpt)[0].encoder_q.backbone.eval()
+    check_unchanged(backbone, reference)  # untouched: passes
+    with torch.no_grad():
+        backbone(torch.randn(4, 3, 32, 32))  # eval mode: BN statistics stay
+    check_unchanged(backbone, reference)
+    backbone.train()
+    with torch.no_grad():
+        backbone(torch.randn(4, 3, 32, 32))  # train mode: running statistics move
+    with pytest.raises(BackboneChangedError, match="running_mean"):
+        check_unchanged(backbone, reference)
+    backbone = load_model(ckpt)[0].encoder_q.backbone
+    with torch.no_grad():
+        backbone.layer4[1].conv2.weight[0, 0, 0, 0] += 1e-3
+    with pytest.raises(BackboneChangedError, match=r"layer4\.1\.conv2\.weight"):
+        check_unchanged(backbone, reference)
+
+
+def test_lincls_fails_when_the_backbone_differs(ckpt, six_root, tmp_path, monkeypatch):
+    import moco_fast.lincls as lincls
+
+    real = lincls.checkpoint_backbone_state
+
+    def tampered(path):
+        ref = real(path)
+        ref["conv1.weight"] = ref["conv1.weight"] + 1
+        return ref
+
+    monkeypatch.setattr(lincls, "checkpoint_backbone_state", tampered)
+    cfg = lincls.LinclsConfig(str(ckpt), str(six_root), epochs=1, batch_size=8, workers=0, device="cpu")
+    with pytest.raises(lincls.BackboneChangedError, match="conv1.weight"):
+        lincls.run_lincls(cfg)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--schedule", "sixty"], "--schedule"), (["--epochs", "0"], "positive")],
+)
+def test_lincls_bad_input_is_one_line(ckpt, six_root, capsys, extra, message):
+    args = ["lincls", "--checkpoint", str(ckpt), "--data", str(six_root), "--device", "cpu", "--workers", "0"]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_lincls_needs_an_eval_split(ckpt, tmp_path, capsys):
+    root = make_image_root(tmp_path / "d", per_class=2, classes=2)
+    (root / "test").rename(tmp_path / "elsewhere")
+    assert main(["lincls", "--checkpoint", str(ckpt), "--data", str(root), "--device", "cpu"]) == 2
+    assert "eval split" in capsys.readouterr().err
+
+
+# -- finetune -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_finetune_from_moco_and_from_scratch(ckpt, six_root, tmp_path):
+    from moco_fast.finetune import FinetuneConfig, build_network, fine_tune
+    from moco_fast.lincls import checkpoint_backbone_state
+
+    base = dict(checkpoint=str(ckpt), data=str(six_root), epochs=1, batch_size=8, workers=0, device="cpu", lr=0.05)
+    ref = checkpoint_backbone_state(ckpt)
+    net, *_ = build_network(FinetuneConfig(**base), 6)
+    assert torch.equal(net[0].conv1.weight, ref["conv1.weight"])  # starts from the MoCo backbone
+    scratch, *_ = build_network(FinetuneConfig(**base, from_scratch=True), 6)
+    assert not torch.equal(scratch[0].conv1.weight, ref["conv1.weight"])
+    assert type(scratch[0].layer1[0].bn1) is nn.BatchNorm2d
+
+    res, tuned = fine_tune(FinetuneConfig(**base))
+    assert res["init"] == "moco" and 0 <= res["top1"] <= res["top5"] <= 100
+    # Every layer trained, BatchNorm included (weights and running statistics).
+    state = tuned[0].state_dict()
+    for key in ("conv1.weight", "layer1.0.bn1.weight", "layer4.1.bn2.running_mean"):
+        assert not torch.equal(state[key], ref[key]), key
+    res, _ = fine_tune(FinetuneConfig(**base, from_scratch=True))
+    assert res["init"] == "scratch"
+
+
+def test_finetune_cli(ckpt, six_root, tmp_path, capsys):
+    out = tmp_path / "ft.json"
+    args = ["finetune", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
+    assert main(args + ["--workers", "0", "--device", "cpu", "--out", str(out), "--schedule", "1"]) == 0
+    assert json.loads(out.read_text())["init"] == "moco"
+    assert "fine-tuning from moco" in capsys.readouterr().out
+    assert main(["finetune", "--data", str(six_root), "--device", "cpu"]) == 2
+    assert "--from-scratch" in capsys.readouterr().err
+
+
+# -- export ---------------------------------------------------------------------------------------
+def test_export_torchvision_round_trip(ckpt, tmp_path, capsys):
+    from moco_fast.checkpoint import load_model
+
+    out = tmp_path / "r18.pth"
+    assert main(["export", str(ckpt), "--format", "torchvision", "--output", str(out)]) == 0
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(out), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    net.fc = nn.Identity()
+    ours = load_model(ckpt)[0].backbone()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), ours.eval()(x))
+    # No silent overwrite.
+    assert main(["export", str(ckpt), "--format", "torchvision", "--output", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--format", "torchvision", "--output", str(out), "--force"]) == 0
+
+
+def test_export_cifar_stem(tmp_path, capsys):
+    path = tmp_path / "cifar.pt"
+    model = save_untrained_checkpoint(path, **{"model.stem": "cifar", "moco.shuffle_bn": True})
+    out = tmp_path / "r18.pth"
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(out)]) == 0
+    assert "CIFAR stem" in capsys.readouterr().out
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    net.load_state_dict(torch.load(out), strict=False)
+    net.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), model.backbone().eval()(x))  # split BN state is plain BN
+    assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "d2.pkl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CIFAR stem" in err[0]
+
+
+def test_export_detectron2_names_resnet50(tmp_path):
+    path = tmp_path / "r50.pt"
+    model = save_untrained_checkpoint(path, "v2", **{"model.arch": "resnet50", "model.stem": "imagenet"})
+    out = tmp_path / "r50.pkl"
+    assert main(["export", str(path), "--format", "detectron2", "--output", str(out)]) == 0
+    with open(out, "rb") as fh:
+        obj = pickle.load(fh)
+    assert obj["__author__"] == "MOCO" and obj["matching_heuristics"] is True
+    keys = obj["model"]
+    # Names that the official convert-pretrain-to-detectron2.py produces for a ResNet-50.
+    for key in (
+        "stem.conv1.weight",
+        "stem.conv1.norm.weight",
+        "stem.conv1.norm.running_var",
+        "res2.0.conv1.weight",
+        "res2.0.conv3.norm.bias",
+        "res2.0.shortcut.weight",
+        "res2.0.shortcut.norm.running_mean",
+        "res3.3.conv2.norm.weight",
+        "res4.5.conv3.weight",
+        "res5.0.shortcut.norm.weight",
+        "res5.2.conv3.norm.running_var",
+    ):
+        assert key in keys, key
+    assert not [k for k in keys if any(s in k for s in ("layer", "bn", "downsample", "fc", "encoder", "head"))]
+    assert len(keys) == len(torchvision.models.resnet50().state_dict()) - 2  # everything but fc
+    ref = model.encoder_q.backbone.state_dict()
+    assert (keys["res4.5.conv3.weight"] == ref["layer3.5.conv3.weight"].numpy()).all()
+    assert (keys["stem.conv1.norm.running_mean"] == ref["bn1.running_mean"].numpy()).all()
+
+
+# -- sweep ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sweep_two_settings_table_and_resume(six_root, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--out", str(out), "--moco-m", "0,0.99", "--device", "cpu", "--lincls-epochs", "2", "--"]
+    args += ["--preset", "cifar", "--data", str(six_root), "--arch", "resnet18", "--stem", "imagenet"]
+    args += ["--epochs", "1", "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--workers", "0"]
+    assert main(args) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["m"] for r in rows] == [0.0, 0.99]
+    for r in rows:
+        assert r["epochs"] == 1 and r["k"] == 16 and r["loss"] > 0
+        assert 0 <= r["pretext_acc"] <= 100 and 0 <= r["knn_top1"] <= 100 and 0 <= r["knn_head_top1"] <= 100
+        assert 0 <= r["linear_top1"] <= 100
+    table = (out / "sweep.md").read_text().splitlines()
+    assert len(table) == 4 and "kNN top-1 % (backbone)" in table[0]
+    assert (out / "sweep.png").stat().st_size > 0
+    assert "| moco | 16 | 0 |" in capsys.readouterr().out
+    # A second run skips the finished settings: no training, the same rows.
+    metrics = (out / rows[0]["name"] / "metrics.jsonl").read_text()
+    assert main(args) == 0
+    assert (out / rows[0]["name"] / "metrics.jsonl").read_text() == metrics
+    assert json.loads((out / "sweep.json").read_text()) == rows
+
+
+def test_sweep_grid_merges_repeated_runs():
+    from moco_fast.sweep import expand
+
+    settings = expand([256, 4096], [0.0, 0.99], ["moco", "end-to-end", "memory-bank"], [True])
+    names = [s.name for s in settings]
+    assert len(names) == len(set(names)) == 4 + 1 + 2
+    assert "end-to-end_Kbatch_sbn-on" in names and "memory-bank_K4096_sbn-on" in names
+
+
+def test_sweep_rejects_a_bad_setting_before_training(tiny_root, tmp_path, capsys):
+    args = ["sweep", "--out", str(tmp_path), "--moco-k", "4,64", "--", "--data", str(tiny_root)]
+    assert main(args + ["--batch-size", "8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "moco_K4_" in err and "smaller than the keys" in err
+    assert not any(tmp_path.iterdir())  # nothing trained
+
+
+def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    from moco_fast.sweep import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plot([{"name": "a", "knn_top1": 50.0}], tmp_path / "p.png") is False
+    assert not (tmp_path / "p.png").exists()
+
+
+# -- learning ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_short_run_knn_beats_random_init(tmp_path):
+    pytest.skip("settings being measured")
+    save_json  # noqa: B018
