@@ -112,7 +112,7 @@ def test_lincls_fails_when_the_backbone_differs(ckpt, six_root, tmp_path, monkey
 
     monkeypatch.setattr(lincls, "checkpoint_backbone_state", tampered)
     cfg = lincls.LinclsConfig(str(ckpt), str(six_root), epochs=1, batch_size=8, workers=0, device="cpu")
-    with pytest.raises(lincls.BackboneChangedError, match="conv1.weight"):
+    with pytest.raises(lincls.BackboneChangedError, match=r"conv1\.weight"):
         lincls.run_lincls(cfg)
 
 
@@ -161,7 +161,7 @@ def test_finetune_from_moco_and_from_scratch(ckpt, six_root, tmp_path):
 def test_finetune_cli(ckpt, six_root, tmp_path, capsys):
     out = tmp_path / "ft.json"
     args = ["finetune", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
-    assert main(args + ["--workers", "0", "--device", "cpu", "--out", str(out), "--schedule", "1"]) == 0
+    assert main([*args, "--workers", "0", "--device", "cpu", "--out", str(out), "--schedule", "1"]) == 0
     assert json.loads(out.read_text())["init"] == "moco"
     assert "fine-tuning from moco" in capsys.readouterr().out
     assert main(["finetune", "--data", str(six_root), "--device", "cpu"]) == 2
@@ -274,7 +274,7 @@ def test_sweep_grid_merges_repeated_runs():
 
 def test_sweep_rejects_a_bad_setting_before_training(tiny_root, tmp_path, capsys):
     args = ["sweep", "--out", str(tmp_path), "--moco-k", "4,64", "--", "--data", str(tiny_root)]
-    assert main(args + ["--batch-size", "8", "--device", "cpu"]) == 2
+    assert main([*args, "--batch-size", "8", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "moco_K4_" in err and "smaller than the keys" in err
     assert not any(tmp_path.iterdir())  # nothing trained

@@ -1,0 +1,170 @@
+"""The paper's three mechanisms (Figure 3), each checked against what it is meant to do.
+
+- moco: the key encoder follows the query encoder with momentum m; each step's keys enter the
+  queue at the pointer; the negatives are the queue as it was before the step.
+- memory-bank (Wu et al. 2018): one feature per image; the step's rows become
+  normalize(bank_m * old + (1 - bank_m) * q), every other row stays; the bank stays unit-norm.
+- end-to-end: keys come from the query encoder itself, with gradients; the negatives are the other
+  keys of the batch (K = batch), and there is no queue.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from moco_fast.loaders import LoaderArgs, create_loader
+
+from moco_fast.config import build_config
+from moco_fast.model import MoCo, info_nce
+from moco_fast.trainer import StepState, make_optimizer, train_step
+
+N, DIM, IMAGES = 8, 16, 40
+
+
+def make(mechanism: str, shuffle_bn: bool = False, bn_splits: int = 2, k: int = 24, m: float = 0.9) -> MoCo:
+    cfg = build_config(
+        "cifar",
+        {
+            "model.arch": "resnet18",
+            "model.stem": "imagenet",
+            "model.dim": DIM,
+            "moco.mechanism": mechanism,
+            "moco.k": k,
+            "moco.m": m,
+            "moco.shuffle_bn": shuffle_bn,
+            "moco.bn_splits": bn_splits,
+        },
+    )
+    torch.manual_seed(0)
+    return MoCo(cfg.model, cfg.moco, 32, num_images=IMAGES)
+
+
+def views(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, 3, 32, 32, generator=g), torch.randn(N, 3, 32, 32, generator=g)
+
+
+@pytest.mark.parametrize("mechanism", ["moco", "memory-bank", "end-to-end"])
+def test_each_mechanism_trains_a_step_on_real_images(tiny_root, mechanism):
+    cfg = build_config(
+        "cifar",
+        {"model.arch": "resnet18", "model.stem": "imagenet", "moco.mechanism": mechanism, "moco.k": 16},
+    )
+    cfg.moco.bn_splits = 2
+    loader = create_loader(
+        "torch", LoaderArgs(str(tiny_root), cfg.data.aug, batch_size=N, device=torch.device("cpu"), workers=0)
+    )
+    model = MoCo(cfg.model, cfg.moco, 32, num_images=loader.num_images)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    s = StepState(model, opt, torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = next(iter(loader))
+    loss, acc = train_step(s, batch, cfg.moco.m)
+    assert torch.isfinite(loss) and 0 <= acc.item() <= 1
+    after = model.state_dict()
+    assert not torch.equal(after["encoder_q.backbone.conv1.weight"], before["encoder_q.backbone.conv1.weight"])
+    assert ("encoder_k.backbone.conv1.weight" in after) == (mechanism == "moco")
+    changed_queue = not torch.equal(after["queue"], before["queue"])
+    assert changed_queue == (mechanism == "moco")
+    if mechanism == "memory-bank":
+        rows = (after["bank"] != before["bank"]).any(dim=1).nonzero().flatten()
+        assert sorted(rows.tolist()) == sorted(batch.index.tolist())
+
+
+def test_moco_momentum_update_and_queue():
+    model = make("moco", m=0.9)
+    with torch.no_grad():  # make the encoders differ, as after some training
+        for p in model.encoder_q.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    k_before = [p.clone() for p in model.encoder_k.parameters()]
+    q_params = [p.clone() for p in model.encoder_q.parameters()]
+    model.queue_ptr.fill_(20)  # near the end: the step's keys wrap around (K = 24, N = 8)
+    queue_before = model.queue.clone()
+    im_q, im_k = views()
+    loss, _ = model(im_q, im_k, 0.9)
+
+    for pk, old, pq in zip(model.encoder_k.parameters(), k_before, q_params):
+        torch.testing.assert_close(pk, 0.9 * old + 0.1 * pq)
+    with torch.no_grad():
+        k = F.normalize(model.encoder_k(im_k), dim=1)  # the updated key encoder, as in the step
+        q = F.normalize(model.encoder_q(im_q), dim=1)
+    rows = [(20 + i) % 24 for i in range(N)]
+    torch.testing.assert_close(model.queue[rows], k)
+    others = [i for i in range(24) if i not in rows]
+    assert torch.equal(model.queue[others], queue_before[others])
+    assert model.queue_ptr.item() == (20 + N) % 24
+    # The negatives were the queue before this step's keys entered it.
+    torch.testing.assert_close(loss, info_nce(q, k, queue_before, model.t)[0])
+
+
+def test_shuffle_bn_restores_the_key_order():
+    # Without split BN the batch statistics do not depend on the order, so shuffled keys must come
+    # back equal to unshuffled ones: the unshuffle pairs each key with its own query.
+    a, b = make("moco", shuffle_bn=True, bn_splits=1), make("moco", shuffle_bn=False)
+    im_q, im_k = views()
+    a(im_q, im_k, 0.9)
+    b(im_q, im_k, 0.9)
+    torch.testing.assert_close(a.queue, b.queue)
+
+
+def test_memory_bank_updates_its_rows_with_momentum():
+    model = make("memory-bank")
+    model.bank_m = 0.5
+    bank_before = model.bank.clone()
+    index = torch.tensor([3, 0, 17, 39, 8, 21, 5, 30])
+    im_q, im_k = views()
+    loss, acc = model(im_q, im_k, 0.9, index)
+    with torch.no_grad():
+        q = F.normalize(model.encoder_q(im_q), dim=1)  # the step's queries (no optimizer step yet)
+    expected = F.normalize(0.5 * bank_before[index] + 0.5 * q, dim=1)
+    torch.testing.assert_close(model.bank[index], expected)
+    others = torch.ones(IMAGES, dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(model.bank[others], bank_before[others])
+    torch.testing.assert_close(model.bank.norm(dim=1), torch.ones(IMAGES))
+    assert model.k == 24 and torch.isfinite(loss) and 0 <= acc.item() <= 1
+    assert torch.equal(model.queue, make("memory-bank").queue)  # the moco queue is not used
+
+    model.bank_m = 0.0  # m = 0: the row becomes the new feature itself
+    model(im_q, im_k, 0.9, index)
+    torch.testing.assert_close(model.bank[index], q)
+
+
+def test_memory_bank_loss_reads_the_bank():
+    # Positives: each image's own bank row; negatives: K random rows; both as before the update.
+    model = make("memory-bank")
+    index = torch.arange(N)
+    bank = model.bank.clone()
+    im_q, im_k = views()
+    with torch.no_grad():
+        q = F.normalize(model.encoder_q(im_q), dim=1)
+    torch.manual_seed(5)
+    loss, _ = model(im_q, im_k, 0.9, index)
+    torch.manual_seed(5)
+    neg_idx = torch.randint(IMAGES, (model.k,))  # the step's draw
+    torch.testing.assert_close(loss, info_nce(q, bank[index], bank[neg_idx], model.t)[0])
+
+
+def test_memory_bank_needs_indices():
+    with pytest.raises(ValueError, match="indices"):
+        make("memory-bank")(*views(), 0.9, None)
+
+
+def test_end_to_end_negatives_are_the_batch_and_keys_get_gradients():
+    model = make("end-to-end", shuffle_bn=False)
+    assert model.encoder_k is None
+    queue_before, ptr_before = model.queue.clone(), model.queue_ptr.clone()
+    im_q, im_k = views()
+    loss, _ = model(im_q, im_k, 0.9)
+    q = F.normalize(model.encoder_q(im_q), dim=1)
+    k = F.normalize(model.encoder_q(im_k), dim=1)
+    logits = q @ k.t() / model.t  # N x N: K = batch, the positive on the diagonal
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.arange(N)))
+    assert torch.equal(model.queue, queue_before) and torch.equal(model.queue_ptr, ptr_before)
+
+    # Gradients flow through the keys too: detaching them changes the gradient.
+    w = model.encoder_q.backbone.conv1.weight
+    (g_full,) = torch.autograd.grad(loss, w)
+    (g_detached,) = torch.autograd.grad(F.cross_entropy(q @ k.detach().t() / model.t, torch.arange(N)), w)
+    assert not torch.allclose(g_full, g_detached)
