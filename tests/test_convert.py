@@ -70,6 +70,7 @@ def no_partials(folder: Path):
     return [p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
 
 
+@pytest.mark.slow  # imports FFCV (~5-15 s here) and runs its writer processes
 def test_beton_round_trip_and_bad_files(bad_root, tmp_path):
     dst = tmp_path / "out" / "train.beton"
     summary = convert(ConvertConfig(str(bad_root), str(dst), format="ffcv", workers=2))
@@ -90,6 +91,7 @@ def test_beton_round_trip_and_bad_files(bad_root, tmp_path):
     assert "skipped 3" in summary.text() and "trunc.jpg" in summary.text()
 
 
+@pytest.mark.slow
 def test_max_resolution_shrinks(bad_root, tmp_path):
     dst = tmp_path / "small.beton"
     convert(ConvertConfig(str(bad_root), str(dst), max_resolution=16, workers=1))
@@ -149,6 +151,7 @@ def test_wds_meta_reads_with_the_loader_contract(bad_root, tmp_path):
     assert meta.num_images == 18 and len(meta.shards) == 2
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_without_force(bad_root, tmp_path, capsys):
     dst = tmp_path / "x.beton"
     dst.write_text("precious")

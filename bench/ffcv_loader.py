@@ -1,0 +1,262 @@
+"""Loader-only throughput: FFCV against the torch loader making the same two 224-px MoCo v2 views,
+on the same cores, in one run. One table plus JSON (`--json`).
+
+    python bench/ffcv_loader.py                          # ../shared/data/imagenet-sample, 1,000 images
+    python bench/ffcv_loader.py --rows torch,ffcv --steps 20 --json bench/results/cpu-ffcv-loader.json
+
+The sample is converted first (into a temporary folder) to a .beton at `--max-resolution` (256 by
+default: the size FFCV's ImageNet recipes use for low-resolution training, and enough for 224 crops)
+and, for a like-for-like torch row, to a folder of the same 256-px JPEGs. Rows:
+
+    torch           torch loader on the original full-size JPEGs: decode, crop, jitter, gray, blur, flip
+    torch-crops     torch loader on the originals doing only the crops and flips (FFCV's CPU share)
+    torch-256       the same as torch on the 256-px copies (what a torch user could prepare too)
+    torch-crops-256 torch-crops on the 256-px copies: the like-for-like engine comparison
+    ffcv            FFCV's Numba pipeline: one decode, two crops, flips (uint8 views, the CPU part)
+    ffcv-twice      the same with FFCV's stock decoder run once per view
+    ffcv+aug        the whole FFCV backend: + colour jitter, gray, blur, normalise in one batched pass
+                    on the training device (here the CPU; on a GPU machine it runs there)
+    aug-sample      only that device pass, on `--device`, for 2 x batch views of 224 px (uint8 in,
+    aug-batch       normalised out), with ColorJitter order per image or per batch (no data needed)
+
+Each row warms up (`--warmup` batches, which includes FFCV's Numba compile) and then times at least
+`--steps` batches and `--min-seconds`, across epochs when the set is shorter. `img/s` counts images, each with its two views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+
+from moco_fast.loaders import LoaderArgs, create_loader
+from report import device_info
+
+from moco_fast.augment import MOCO_V2
+from moco_fast.convert import ConvertConfig, convert, load_resized
+from moco_fast.data import IMAGE_EXTENSIONS
+
+ROWS = ("torch", "torch-crops", "torch-256", "torch-crops-256", "ffcv", "ffcv-twice", "ffcv+aug")
+# The device pass alone (the FFCV backend's colour/blur/normalise step) on --device: not in the
+# default rows; on a GPU run `--rows aug-sample,aug-batch --device cuda --batch-size 256`.
+AUG_ROWS = ("aug-sample", "aug-batch")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+
+
+def class_tree(src: Path, dst: Path) -> Path:
+    """A folder with class subfolders: `src` itself if it has them, else symlinks grouped by the
+    file-name prefix before the first '_' (ImageNet's `n01440764_tench.JPEG`)."""
+    if any(p.is_dir() for p in src.iterdir()):
+        return src
+    for f in sorted(src.iterdir()):
+        if f.suffix.lower() in IMAGE_EXTENSIONS:
+            (dst / f.name.split("_")[0]).mkdir(parents=True, exist_ok=True)
+            (dst / f.name.split("_")[0] / f.name).symlink_to(f.resolve())
+    return dst
+
+
+def resized_tree(src: Path, dst: Path, max_res: int, quality: int) -> Path:
+    for f in sorted(src.rglob("*")):
+        if f.is_file() or f.is_symlink():
+            out = dst / f.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            load_resized(str(f), max_res).save(out.with_suffix(".jpg"), "JPEG", quality=quality)
+    return dst
+
+
+def timed(batches, warmup: int, steps: int, batch_size: int, min_seconds: float = 0.0) -> dict:
+    """Time at least `steps` batches and at least `min_seconds` (fast rows get more batches)."""
+    it = batches()
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    n = 0
+    while n < steps or time.perf_counter() - t0 < min_seconds:
+        next(it)
+        n += 1
+    dt = time.perf_counter() - t0
+    return {"img_per_s": n * batch_size / dt, "ms_per_batch": 1000 * dt / n, "seconds": dt, "batches": n}
+
+
+def endless(loader, raw: bool = False):
+    """Batches across epochs; `raw` iterates FFCV's own loader (no device pass)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from (loader.ffcv if raw else loader)
+        epoch += 1
+
+
+def run_row(row: str, roots: dict, a: argparse.Namespace) -> dict:
+    spec = MOCO_V2
+    data = {"torch": roots["full"], "torch-crops": roots["full"]}.get(row) or (
+        roots["small"] if row.startswith("torch") else None
+    )
+    if row.startswith("torch-crops"):
+        spec = replace(spec, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
+    options = {"decode": "twice"} if row == "ffcv-twice" else {}
+    args = LoaderArgs(
+        data=str(data or roots["beton"]),
+        aug=spec,
+        batch_size=a.batch_size,
+        device=torch.device("cpu"),
+        workers=a.workers,
+        seed=0,
+        check_images=False,
+        options=options,
+    )
+    loader = create_loader("torch" if row.startswith("torch") else "ffcv", args)
+    t0 = time.perf_counter()
+    raw = row in ("ffcv", "ffcv-twice")
+    out = timed(lambda: endless(loader, raw=raw), a.warmup, a.steps, a.batch_size, a.min_seconds)
+    out["warmup_s"] = time.perf_counter() - t0 - out["seconds"]
+    return out
+
+
+def run_aug_row(row: str, a: argparse.Namespace) -> dict:
+    """The FFCV backend's device pass alone: uint8 views -> augmented, normalised views."""
+    from moco_fast.kernels.augment_gpu import apply, sample_params
+    from moco_fast.loaders.base import mean_std_255
+
+    dev = torch.device(a.device)
+    spec, n = MOCO_V2, 2 * a.batch_size
+    u8 = torch.randint(0, 256, (n, 3, spec.image_size, spec.image_size), dtype=torch.uint8, device=dev)
+    mean, std = mean_std_255(spec, dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    order = row.removeprefix("aug-")
+
+    def passes():
+        while True:
+            x = apply(u8.float().div_(255.0), sample_params(n, spec, dev, g, order=order, flip=False))
+            out = ((x * 255.0 - mean) / std).to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
+            out = out.contiguous(memory_format=torch.channels_last)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            yield out
+
+    out = timed(passes, a.warmup, a.steps, a.batch_size, a.min_seconds)
+    if dev.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'what':<16} {'img/s':>8} {'ms/batch':>9} {'x torch':>8}  settings"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['row']:<16} failed: {r['error']}")
+            continue
+        lines.append(
+            f"{r['row']:<16} {r['img_per_s']:>8.1f} {r['ms_per_batch']:>9.0f} "
+            f"{format(r['vs_torch'], '8.2f') if 'vs_torch' in r else '':>8}  {r['settings']}"
+        )
+    return "\n".join(lines)
+
+
+SETTINGS = {
+    "torch": "full-size JPEGs, PIL decode + all MoCo v2 ops in DataLoader workers",
+    "torch-crops": "full-size JPEGs, PIL decode + crops + flips only",
+    "torch-256": "256-px JPEGs, PIL decode + all MoCo v2 ops in DataLoader workers",
+    "torch-crops-256": "256-px JPEGs, PIL decode + crops + flips only",
+    "ffcv": ".beton (256 px, JPEG q90), Numba: 1 decode, 2 crops, flips; uint8 out",
+    "ffcv-twice": "as ffcv with the stock decoder once per view",
+    "ffcv+aug": "as ffcv + batched jitter/gray/blur/normalise on the CPU (torch)",
+    "aug-sample": "device pass only, ColorJitter order per image",
+    "aug-batch": "device pass only, ColorJitter order per batch",
+}
+
+
+def run_loader_rows(rows: list[str], a: argparse.Namespace, results: list[dict]) -> dict:
+    """Convert the sample (beton, and 256-px JPEGs when a -256 row asks), then time each row."""
+    with tempfile.TemporaryDirectory(prefix="ffcv-bench-") as tmp:
+        tmp = Path(tmp)
+        full = class_tree(Path(a.data), tmp / "full")
+        t0 = time.perf_counter()
+        beton = tmp / "sample.beton"
+        cfg = ConvertConfig(
+            str(full), str(beton), max_resolution=a.max_resolution, jpeg_quality=a.jpeg_quality, workers=a.workers
+        )
+        summary = convert(cfg)
+        conversion = {"images": summary.written, "seconds": time.perf_counter() - t0, "mib": summary.bytes / 2**20}
+        small = None
+        if any(r.endswith("-256") for r in rows):
+            small = resized_tree(full, tmp / "small", a.max_resolution, a.jpeg_quality)
+        roots = {"full": full, "small": small, "beton": beton}
+        for row in rows:
+            print(f"running {row} ...", file=sys.stderr)
+            try:
+                r = {"row": row, "settings": SETTINGS[row], **run_row(row, roots, a)}
+            except Exception as e:  # one failed row must not lose the others
+                r = {"row": row, "error": f"{type(e).__name__}: {e}"}
+            results.append(r)
+    return conversion
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="image folder (flat ImageNet-style names, or classes)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
+    p.add_argument("--max-resolution", type=int, default=256)
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes / threads")
+    p.add_argument("--warmup", type=int, default=3, help="batches before timing")
+    p.add_argument("--steps", type=int, default=30, help="timed batches, at least")
+    p.add_argument("--min-seconds", type=float, default=20.0, help="time each row for at least this long")
+    p.add_argument("--device", default="cpu", help="where the aug-* rows run (cpu | cuda)")
+    p.add_argument("--note", default="", help="free text for the JSON (e.g. what else shared the machine)")
+    p.add_argument("--json", help="write the results here")
+    a = p.parse_args(argv)
+    rows = [r for r in a.rows.split(",") if r]
+    bad = [r for r in rows if r not in ROWS + AUG_ROWS]
+    if bad:
+        p.error(f"unknown rows {bad}; choose from {', '.join(ROWS + AUG_ROWS)}")
+
+    results: list[dict] = []
+    for row in (r for r in rows if r in AUG_ROWS):
+        print(f"running {row} ...", file=sys.stderr)
+        results.append({"row": row, "settings": SETTINGS[row] + f" ({a.device})", **run_aug_row(row, a)})
+    loader_rows = [r for r in rows if r not in AUG_ROWS]
+    conversion = run_loader_rows(loader_rows, a, results) if loader_rows else None
+    base = next((r for r in results if r["row"] == "torch" and "img_per_s" in r), None)
+    for r in results:
+        if base and "img_per_s" in r:
+            r["vs_torch"] = r["img_per_s"] / base["img_per_s"]
+    print(format_table(results))
+    if a.json:
+        info = device_info(torch.device(a.device)) | {"cores_used": a.workers}
+        doc = {
+            "bench": "ffcv_loader",
+            "machine": info,
+            "note": a.note,
+            "settings": {
+                "data": a.data,
+                "aug": "MoCo v2, 224 px, two views",
+                "batch_size": a.batch_size,
+                "workers": a.workers,
+                "warmup": a.warmup,
+                "steps": a.steps,
+                "min_seconds": a.min_seconds,
+                "max_resolution": a.max_resolution,
+                "jpeg_quality": a.jpeg_quality,
+            },
+            "conversion": conversion,
+            "rows": results,
+        }
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
