@@ -240,7 +240,8 @@ class FFCVLoader:
             raise DataError(
                 f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: lower --batch-size"
             )
-        self.mean, self.std = mean_std_255(args.aug, self.device)
+        mean, std = mean_std_255(args.aug, self.device)
+        self.mean, self.std = mean / 255.0, std / 255.0  # the device pass works on [0, 1]
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.ffcv = self._build(path)
 
@@ -315,7 +316,7 @@ class FFCVLoader:
             x = self._views(out)  # 2N x 3 x S x S
             params = sample_params(x.shape[0], a.aug, self.device, g, order=self.opts.jitter_order, flip=False)
             x = apply(x, params)
-            x = ((x * 255.0 - self.mean) / self.std).to(a.dtype)
+            x = ((x - self.mean) / self.std).to(a.dtype)
             n = x.shape[0] // 2
             im_q = x[:n].contiguous(memory_format=self.memory_format)
             im_k = x[n:].contiguous(memory_format=self.memory_format)
