@@ -96,8 +96,11 @@ def validate(cfg: TrainConfig, world: int) -> None:
             "raise --moco-k or lower --batch-size"
         )
     splits = m.bn_splits if m.shuffle_bn and world == 1 else 1
-    if o.batch_size % splits:
-        raise ConfigError(f"--batch-size {o.batch_size} must be a multiple of --bn-splits {splits}")
+    if o.batch_size % splits or o.batch_size // splits < 2:
+        raise ConfigError(
+            f"--batch-size {o.batch_size} must be a multiple of --bn-splits {splits} with at least 2 images "
+            "per BN sub-batch: lower --bn-splits or raise --batch-size"
+        )
     if cfg.runtime.sync_bn and world == 1:
         log.warning("--sync-bn has no effect with one process")
 

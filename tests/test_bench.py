@@ -135,8 +135,8 @@ def test_profile_breakdown_names_the_phases_and_undoes_its_wrappers():
     model = MoCo(cfg.model, cfg.moco, 32)
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     s = StepState(model, opt, torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"))
-    x = torch.randn(8, 3, 32, 32)
-    batch = Batch(x, x.clone(), torch.zeros(8, dtype=torch.long), torch.arange(8))
+    x = torch.randn(16, 3, 32, 32)  # 8 BN sub-batches of 2
+    batch = Batch(x, x.clone(), torch.zeros(16, dtype=torch.long), torch.arange(16))
     info_nce = moco_model.info_nce
     b = profile_step.profile_breakdown(lambda: train_step(s, batch, 0.99), model, opt, torch.device("cpu"), steps=1)
     for phase in ("forward q", "forward k", "backward", "optimizer", "momentum", "loss", "queue"):

@@ -140,6 +140,7 @@ def test_cli_trains_and_reports_knn(tiny_root, tmp_path, capsys):
     [
         (["--moco-k", "4", "--batch-size", "8"], "smaller than the keys"),
         (["--batch-size", "6", "--bn-splits", "4"], "multiple of --bn-splits"),
+        (["--batch-size", "8", "--bn-splits", "8"], "at least 2 images"),
         (["--arch", "vgg16"], "unknown arch"),
         (["--moco-m", "1.5"], "--moco-m"),
         (["--amp", "fp16"], "needs a GPU"),
