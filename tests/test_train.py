@@ -160,7 +160,7 @@ def test_contradicting_flags_are_one_line_errors(tiny_root, tmp_path, capsys, ar
         "--workers",
         "0",
         "--batch-size",
-        "8",
+        "16",
         "--moco-k",
         "64",
     ]
