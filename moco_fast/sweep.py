@@ -95,6 +95,7 @@ def run_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int) -> dict[str, A
         "loss": row.get("loss"),
         "pretext_acc": row.get("pretext_acc"),
         "knn_top1": row.get("final_knn_top1"),
+        "random_knn_top1": row.get("random_knn_top1"),  # with --knn-baseline
         "img_per_s": row.get("img_per_s"),
     }
     res.update(_head_knn(cfg, folder / CHECKPOINT_NAME))
@@ -192,6 +193,7 @@ COLUMNS = [
     ("pretext_acc", "pretext acc %", "{:.1f}"),
     ("knn_top1", "kNN top-1 % (backbone)", "{:.2f}"),
     ("knn_head_top1", "kNN top-1 % (head)", "{:.2f}"),
+    ("random_knn_top1", "kNN % random init", "{:.2f}"),
     ("linear_top1", "linear top-1 %", "{:.2f}"),
     ("wall_s", "time s", "{:.0f}"),
 ]
