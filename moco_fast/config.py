@@ -123,10 +123,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "moco.k": 1024,
         "moco.m": 0.99,
         "moco.t": 0.1,
-        "optim.epochs": 15,
-        "optim.batch_size": 128,
-        "optim.lr": 0.06 * 256 / 512,
+        "optim.epochs": 8,
+        "optim.batch_size": 128,  # 8 BN splits of 16: with 4 images per split MoCo does not learn here
+        "optim.lr": 0.12,  # 0.06 at this batch of 128: a short run wants the official demo's rate
         "optim.weight_decay": 5e-4,
+        "runtime.channels_last": False,  # measured faster than channels-last on the CPU
         "runtime.knn_baseline": True,
         "runtime.out": "runs/demo",
     },
