@@ -83,8 +83,10 @@ def run_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int) -> dict[str, A
     cfg.runtime.resume = "auto" if (folder / CHECKPOINT_NAME).is_file() else None
     t0 = time.perf_counter()
     row = train(cfg)
-    if not row:  # the checkpoint had already finished every epoch: read its last metrics row
-        row = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    # When the checkpoint had already finished every epoch (a crash after training), train() returns
+    # only the final kNN figures: the loss and pretext accuracy come from the last metrics row.
+    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    row = {**last, **row}
     res: dict[str, Any] = {
         "name": s.name,
         "mechanism": s.mechanism,

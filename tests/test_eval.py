@@ -261,6 +261,13 @@ def test_sweep_two_settings_table_and_resume(six_root, tmp_path, capsys):
     assert main(args) == 0
     assert (out / rows[0]["name"] / "metrics.jsonl").read_text() == metrics
     assert json.loads((out / "sweep.json").read_text()) == rows
+    # A setting that trained but lost its result.json (a crash after training) is completed from its
+    # checkpoint without training again.
+    (out / rows[0]["name"] / "result.json").unlink()
+    assert main(args) == 0
+    again = json.loads((out / "sweep.json").read_text())
+    assert (out / rows[0]["name"] / "metrics.jsonl").read_text() == metrics
+    assert again[0]["loss"] == rows[0]["loss"] and again[0]["knn_top1"] == rows[0]["knn_top1"]
 
 
 def test_sweep_grid_merges_repeated_runs():
