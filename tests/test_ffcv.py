@@ -157,7 +157,20 @@ def test_stock_two_decoder_path(tiny_beton):
 def test_train_end_to_end(tiny_beton, tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--loader", "ffcv", "--device", "cpu", "--data", str(tiny_beton), "--preset", "cifar"]
-    argv += ["--arch", "resnet18", "--dim", "16", "--moco-k", "32", "--epochs", "1", "--batch-size", "8"]
+    argv += [
+        "--arch",
+        "resnet18",
+        "--dim",
+        "16",
+        "--moco-k",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--bn-splits",
+        "2",
+    ]
     argv += ["--workers", "1", "--out", str(out)]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -65,7 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(FFCV: a .beton file); default: the demo set",
     )
     g.add_argument("--loader", help="torch | synthetic | dali | ffcv (default torch)")
-    g.add_argument("--workers", type=int, help="data loading workers per process (default auto: up to 8 per GPU; half the cores on a CPU)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="data loading workers per process (default auto: up to 8 per GPU; half the cores on a CPU)",
+    )
     g.add_argument("--image-size", type=int, help="training crop size (default: the preset's, 224; cifar 32)")
     g.add_argument(
         "--loader-option",
