@@ -1,0 +1,116 @@
+"""One MoCo training step, plain or captured as a CUDA graph, and its optimizer.
+
+The step never syncs the device to the host: it returns detached device tensors, and the trainer
+reads them only every `log_every` steps.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moco_fast import distributed as dist_utils
+from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.model import MoCo
+
+
+@dataclass
+class StepState:
+    model: nn.Module  # MoCo, possibly DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    device: torch.device
+
+
+def train_step(s: StepState, batch, m: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MoCo step. Returns detached (loss, pretext accuracy) device tensors: no host sync.
+
+    With fp16, GradScaler's inf check stays on the device because fused SGD takes `found_inf`.
+    """
+    autocast = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else nullcontext()
+    with autocast:
+        loss, acc = s.model(batch.im_q, batch.im_k, m, batch.index)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    return loss.detach(), acc.detach()
+
+
+def make_optimizer(model: MoCo, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in model.encoder_q.parameters() if p.requires_grad]
+    # fused SGD: one kernel for the whole update, and GradScaler needs no host sync with it.
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(
+        params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, **kind
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets the learning rate; in place where it is a device tensor (a captured CUDA graph reads it there)."""
+    for g in optimizer.param_groups:
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = lr
+
+
+def check_cuda_graph(device: torch.device, world: int = 1) -> None:
+    if device.type != "cuda":
+        raise ConfigError(f"--cuda-graph captures the step on a CUDA GPU; the device is {device}: drop --cuda-graph")
+    if world > 1:
+        raise ConfigError("--cuda-graph runs with one process only (DDP's collectives are not captured here)")
+
+
+class GraphedStep:
+    """`train_step` captured once as a CUDA graph and replayed: one launch per step instead of
+    hundreds, which removes the launch gaps between small kernels.
+
+    The first `warmup` calls run eagerly on a side stream (cuDNN/cuBLAS set-up, the optimizer's
+    momentum buffers, torch.compile), the next call captures the step and every call replays it:
+    each batch is trained on exactly once. What a replay cannot change: the batch shape (the loaders
+    drop the last partial batch), the momentum `m`, and the tensors' addresses; the batch is copied
+    into static buffers, the learning rate lives in a device tensor (`set_lr` fills it), and fp16's
+    GradScaler stays on the device (fused SGD takes its inf flag). See docs/performance.md.
+    """
+
+    def __init__(self, s: StepState, m: float, warmup: int = 3):
+        check_cuda_graph(s.device, dist_utils.world_size())
+        self.s, self.m, self.warmup = s, m, warmup
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static = None  # Batch of input buffers the graph reads
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None  # (loss, acc) the graph writes
+        for g in s.optimizer.param_groups:
+            if not isinstance(g["lr"], torch.Tensor):
+                g["lr"] = torch.tensor(float(g["lr"]), device=s.device)
+
+    def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.s.device
+        self.calls += 1
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                out = train_step(self.s, batch, self.m)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            for t in out:
+                t.record_stream(torch.cuda.current_stream(dev))
+            return out
+        if self.graph is None:
+            self.static = type(batch)(*(t.clone() for t in batch))
+            self.graph = torch.cuda.CUDAGraph()
+            # Gradients from the graph's own memory pool: backward inside the capture allocates them.
+            self.s.optimizer.zero_grad(set_to_none=True)
+            # thread_local: the DataLoader's pin-memory thread may call CUDA while we capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.out = train_step(self.s, self.static, self.m)
+        else:
+            for dst, src in zip(self.static, batch):
+                dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.out
