@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from moco_fast.lincls import (
     new_classifier,
     parse_schedule,
     progress_iter,
+    result_record,
     write_json,
 )
 
@@ -152,22 +153,9 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
 
     eval_batches = image_batches(splits.eval, size, False, cfg.batch_size, cfg.workers, cfg.seed)
     top1, top5 = evaluate(forward, eval_batches, device, classes)
-    result = {
-        "protocol": "end-to-end fine-tuning",
-        "init": start,
-        "top1": top1,
-        "top5": top5,
-        "topk": min(5, classes),
-        "num_classes": classes,
-        "train_images": len(splits.train),
-        "eval_images": len(splits.eval),
-        "image_size": size,
-        "final_train_loss": history[-1]["loss"],
-        "history": history,
-        "wall_s": time.perf_counter() - t0,
-        "device": str(device),
-        "config": asdict(cfg),
-    }
+    result = result_record(
+        "end-to-end fine-tuning", top1, top5, classes, splits, size, history, t0, device, cfg, init=start
+    )
     return result, net
 
 

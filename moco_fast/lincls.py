@@ -312,8 +312,41 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
 
     top1, top5 = evaluate(lambda x: fc(features(x)), eval_batches, device, classes)
     check_unchanged(backbone, checkpoint_backbone_state(cfg.checkpoint))
-    result = {
-        "protocol": "linear classification (frozen backbone)",
+    result = result_record(
+        "linear classification (frozen backbone)",
+        top1,
+        top5,
+        classes,
+        splits,
+        size,
+        history,
+        t0,
+        device,
+        cfg,
+        backbone_unchanged=True,
+    )
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / "lincls.json"
+    write_json(result, out)
+    return result
+
+
+def result_record(
+    protocol: str,
+    top1: float,
+    top5: float,
+    classes: int,
+    splits,
+    size: int,
+    history: list[dict[str, Any]],
+    t0: float,
+    device: torch.device,
+    cfg: Any,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The JSON record that lincls and finetune write: accuracy, data sizes, history, timing, config."""
+    return {
+        "protocol": protocol,
+        **extra,
         "top1": top1,
         "top5": top5,
         "topk": min(5, classes),
@@ -321,16 +354,12 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         "train_images": len(splits.train),
         "eval_images": len(splits.eval),
         "image_size": size,
-        "backbone_unchanged": True,
         "final_train_loss": history[-1]["loss"],
         "history": history,
         "wall_s": time.perf_counter() - t0,
         "device": str(device),
         "config": asdict(cfg),
     }
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / "lincls.json"
-    write_json(result, out)
-    return result
 
 
 def write_json(obj: dict[str, Any], path: Path) -> None:
