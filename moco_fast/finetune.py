@@ -8,7 +8,6 @@ architecture: the baseline the paper compares against.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,9 @@ from moco_fast.lincls import (
     load_splits_with_eval,
     lr_at,
     new_classifier,
-    parse_schedule,
     progress_iter,
     result_record,
+    start_run,
     write_json,
 )
 
@@ -96,15 +95,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
     """(result, the fine-tuned backbone + classifier in eval mode)."""
-    from moco_fast.trainer import resolve_amp, resolve_device
-
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError("--epochs and --batch-size must be positive")
-    steps = parse_schedule(cfg.schedule)
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_amp(cfg.amp, device)
-    torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+    steps, device, amp_dtype, t0 = start_run(cfg)
 
     splits = load_splits_with_eval(cfg.data)
     classes = len(splits.train.classes)

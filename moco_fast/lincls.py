@@ -232,9 +232,8 @@ def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: b
     return [(x[i], y[i]) for i in order.split(batch_size)]
 
 
-def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
-    """Train and evaluate a linear classifier on the frozen backbone; writes and returns the result."""
-    from moco_fast.checkpoint import load_model
+def start_run(cfg: Any) -> tuple[tuple[int, ...] | None, torch.device, torch.dtype | None, float]:
+    """What lincls and finetune check and set up first: (lr steps, device, autocast dtype, start time)."""
     from moco_fast.trainer import resolve_amp, resolve_device
 
     if cfg.epochs < 1 or cfg.batch_size < 1:
@@ -243,7 +242,14 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+    return steps, device, amp_dtype, time.perf_counter()
+
+
+def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
+    """Train and evaluate a linear classifier on the frozen backbone; writes and returns the result."""
+    from moco_fast.checkpoint import load_model
+
+    steps, device, amp_dtype, t0 = start_run(cfg)
 
     model, train_cfg = load_model(cfg.checkpoint, "cpu")
     spec = train_cfg.data.aug
