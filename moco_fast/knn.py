@@ -14,7 +14,8 @@ from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 
 
-def _collate(items):
+def collate_labeled(items):
+    """ImageDataset items (image, label, index) -> (N x 3 x H x W uint8, N labels)."""
     x, y, _ = zip(*items, strict=True)
     return torch.stack(x), torch.tensor(y)
 
@@ -33,7 +34,7 @@ def extract_features(
     was_training = net.training
     net.eval()
     ds = ImageDataset(images, eval_transform(spec.image_size))
-    dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate, shuffle=False)
+    dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_labeled, shuffle=False)
     mean, std = mean_std_255(spec, device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     feats, labels = [], []

@@ -33,6 +33,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.backbone import plain_bn_state
 from moco_fast.config import ConfigError
 from moco_fast.data import DataError, DataSplits, ImageDataset, ImageList, load_splits
+from moco_fast.knn import collate_labeled
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
@@ -92,11 +93,6 @@ def classify_transform(image_size: int, train: bool) -> Callable:
     return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
-def _collate(items):
-    x, y, _ = zip(*items, strict=True)
-    return torch.stack(x), torch.tensor(y)
-
-
 def image_batches(
     images: ImageList, image_size: int, train: bool, batch_size: int, workers: int, seed: int, drop_last: bool = False
 ) -> DataLoader:
@@ -106,7 +102,7 @@ def image_batches(
         batch_size=batch_size,
         shuffle=train,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate_labeled,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
