@@ -151,19 +151,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     if len(loader) < 1:
         raise DataError("the data gives no full batch: lower --batch-size")
-    splits = None
-    if cfg.runtime.knn_every or cfg.runtime.final_knn:
-        if cfg.data.loader == "synthetic":
-            splits = None
-        elif is_wds_root(cfg.data.data):  # a shard set has no eval split for the kNN monitor
-            if cfg.runtime.knn_every:
-                raise ConfigError("--knn-every needs an image folder with train/ and val/ or test/, not a shard set")
-        else:
-            splits = load_splits(cfg.data.data, check=False) if cfg.data.loader in ("torch", "dali") else None
-            if splits is not None and splits.eval is None:
-                if cfg.runtime.knn_every:
-                    raise ConfigError("--knn-every needs an eval split: a data root with train/ and val/ or test/")
-                splits = None
+    splits = _knn_splits(cfg)
 
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images).to(device)
     if cfg.runtime.channels_last:
@@ -273,6 +261,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if owns_group:
         dist_utils.destroy()
     return row
+
+
+def _knn_splits(cfg: TrainConfig):
+    """The image-folder splits for the kNN monitor, or None where there is no eval split to use.
+
+    Only image folders read by the torch or DALI loader have one; `--knn-every` without it is an error.
+    """
+    r = cfg.runtime
+    if not (r.knn_every or r.final_knn) or cfg.data.loader not in ("torch", "dali"):
+        return None
+    if is_wds_root(cfg.data.data):  # a shard set has no eval split
+        splits, need = None, "an image folder with train/ and val/ or test/, not a shard set"
+    else:
+        splits = load_splits(cfg.data.data, check=False)
+        need = "an eval split: a data root with train/ and val/ or test/"
+    if splits is None or splits.eval is None:
+        if r.knn_every:
+            raise ConfigError(f"--knn-every needs {need}")
+        return None
+    return splits
 
 
 def _restore_rng(state: dict[str, Any], cfg: TrainConfig, world: int, rank: int, epoch: int) -> None:

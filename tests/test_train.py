@@ -209,3 +209,11 @@ def test_grayscale_and_cmyk_become_rgb(fresh_root):
     Image.open(src).convert("CMYK").save(fresh_root / "cmyk.jpg")
     for name in ("gray.jpg", "cmyk.jpg"):
         assert load_rgb(str(fresh_root / name)).mode == "RGB"
+
+
+def test_knn_every_needs_an_eval_split(tiny_root, tmp_path, capsys):
+    argv = ["train", "--data", str(tiny_root / "train"), "--device", "cpu", "--epochs", "1", "--out", str(tmp_path)]
+    argv += ["--workers", "0", "--batch-size", "16", "--moco-k", "64", "--knn-every", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--knn-every needs an eval split" in err[0], err
