@@ -40,7 +40,7 @@ import os
 import re
 import tempfile
 from collections import deque
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ from moco_fast.data import DataError, ImageList, load_splits
 from moco_fast.metrics import progress
 
 from . import register_loader
-from .base import Batch, LoaderArgs
+from .base import Batch, LoaderArgs, parse_options
 from .dali_pipeline import PipelineSettings, folder_pipeline, probe_pipeline, wds_pipeline
 from .torch_loader import EpochShardSampler
 from .wds import WdsMeta, is_wds_root, read_index_keys, read_meta, split_name, write_index
@@ -71,17 +71,7 @@ class DaliOptions:
 
     @classmethod
     def parse(cls, options: dict[str, str]) -> DaliOptions:
-        known = {f.name: f for f in fields(cls)}
-        values = {}
-        for key, raw in options.items():
-            if key not in known:
-                raise ConfigError(f"unknown DALI loader option {key!r}; known: {', '.join(known)}")
-            kind = float if key == "hw_decoder_load" else str if key == "decoder" else int
-            try:
-                values[key] = kind(raw)
-            except ValueError as e:
-                raise ConfigError(f"--loader-option {key}={raw!r}: expected a {kind.__name__}") from e
-        o = cls(**values)
+        o = parse_options(cls, options, "DALI")
         if not 0 <= o.hw_decoder_load <= 1:
             raise ConfigError("--loader-option hw_decoder_load must be within 0-1")
         if o.decoder not in ("auto", "mixed", "cpu"):

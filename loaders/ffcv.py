@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ from moco_fast.config import ConfigError
 from moco_fast.data import DataError
 
 from . import register_loader
-from .base import Batch, LoaderArgs, mean_std_255
+from .base import Batch, LoaderArgs, mean_std_255, parse_options
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("moco_fast")
@@ -169,22 +169,7 @@ class FFCVOptions:
 
     @classmethod
     def parse(cls, options: dict[str, str]) -> FFCVOptions:
-        known = {f.name: f for f in fields(cls)}
-        out = cls()
-        for key, value in options.items():
-            if key not in known:
-                raise ConfigError(f"unknown ffcv loader option {key!r}; known: {', '.join(known)}")
-            default = getattr(out, key)
-            try:
-                if isinstance(default, bool):
-                    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                        raise ValueError(value)
-                    parsed = value.lower() in ("1", "true", "yes")
-                else:
-                    parsed = type(default)(value)
-            except ValueError:
-                raise ConfigError(f"ffcv loader option {key}={value!r}: expected a {type(default).__name__}") from None
-            setattr(out, key, parsed)
+        out = parse_options(cls, options, "ffcv")
         if out.jitter_order not in ("sample", "batch"):
             raise ConfigError(f"ffcv loader option jitter_order must be sample or batch, got {out.jitter_order!r}")
         if out.decode not in ("once", "twice"):
