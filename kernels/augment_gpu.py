@@ -111,7 +111,8 @@ def sample_params(
     else:
         host_gen = generator if generator is not None and generator.device.type == "cpu" else None
         shared = tuple(torch.randperm(4, generator=host_gen).tolist())  # host tensor: no device sync
-        perm = torch.tensor(shared, device=device).expand(n, 4)
+        # Filled on the device (torch.tensor(list, device=cuda) would be a blocking host copy).
+        perm = torch.stack([torch.full((n,), op, device=device, dtype=torch.long) for op in shared], dim=1)
     return AugParams(
         jitter=rand() < spec.jitter_prob,
         factors=factors,
@@ -169,7 +170,8 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     third of the memory passes (no HSV tensor, no sector one-hot)."""
     h, maxc, cr = hue_of(x)
     h = (h + shift.view(-1, 1, 1)) % 1.0
-    n = torch.tensor(_SECTOR_OFFSET, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    # (5, 3, 1) made on the device: a torch.tensor of a list would be a blocking host->device copy.
+    n = (_SECTOR_OFFSET[0] - 2.0 * torch.arange(3, device=x.device, dtype=x.dtype)).view(1, 3, 1, 1)
     k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)  # N x 3 x H x W
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return maxc.unsqueeze(1) - cr.unsqueeze(1) * ramp
@@ -215,7 +217,7 @@ def _jitter(x: torch.Tensor, p: AugParams, index: bool) -> torch.Tensor:
                 mask = p.jitter if stage is None else p.jitter & (stage == op)
                 x = _masked(True, mask, JITTER_OPS[op], x, p.factors[:, op])
         return x
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device, dtype=p.factors.dtype)
+    identity = (torch.arange(4, device=x.device) < HUE).to(p.factors.dtype)  # 1, 1, 1, 0 (no host copy)
     factors = torch.where(p.jitter[:, None], p.factors, identity)  # N x 4: not jittered -> identity
     if p.shared_order is not None:  # one op per stage for the whole batch
         for op in p.shared_order:
