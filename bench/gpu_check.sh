@@ -16,6 +16,15 @@
 #   hooks       other helpers' checks when present: bench/ffcv_loader.py (whole FFCV rows with ffcv and
 #               FFCV_DATA=folder, else its GPU augmentation rows), DALI end to end (bench/throughput.py
 #               --loader dali [DALI_DATA=folder], needs DALI brought over: ../shared/device/README.md)
+#   cifar-speed ResNet-18 CIFAR step (the cifar preset, batch 512) fed by --loader resident from CIFAR-10:
+#               trainer eager / CUDA graph, end-to-end, loader; predicts the 200-epoch wall time (~90 s)
+# Not in the default list (a command of its own, ~9.5 min):
+#   cifar       the issue-7 target run: `moco-fast train --preset cifar --loader resident` on CIFAR-10,
+#               200 epochs (CIFAR_FLAGS adds flags, e.g. --cuda-graph), then kNN on backbone and head.
+#               It resumes from runs/cifar10-r18 when run again on the same warm machine.
+# CIFAR-10 travels as one pack (bench/pack_folder.py; 60,000 files as a tar would pass 64 MiB):
+#   here:  python bench/pack_folder.py pack ../shared/data/cifar10 .devdata/cifar10.npz
+#   then:  run(command="bash bench/gpu_check.sh cifar-speed", carry=[".devdata/cifar10.npz"])
 # A phase starts only if its time box fits in what is left of BUDGET, so one 10-minute command never
 # runs past its limit; run the phases it skipped in a second command.
 # The machine has no package registry: nothing is installed. Without an installed moco_fast, a
@@ -27,7 +36,7 @@ OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-570}
-PHASES=${*:-env throughput tests momentum e2e hooks}
+PHASES=${*:-env throughput tests momentum e2e hooks cifar-speed}
 LOG=$OUT/gpu_check.log
 export PYTHONUNBUFFERED=1
 : >"$LOG"
@@ -99,6 +108,38 @@ if has hooks; then
   else
     echo "== dali: skipped (DALI is not importable; bring it over as ../shared/device/README.md says)" | tee -a "$LOG"
     STATUS+=("dali: skipped (missing)")
+  fi
+fi
+
+# CIFAR-10: unpacked once from the carried pack (or CIFAR_DATA=folder).
+CIFAR=${CIFAR_DATA:-/tmp/cifar10}
+if (has cifar-speed || has cifar) && [[ ! -d $CIFAR/train && -f .devdata/cifar10.npz ]]; then
+  $PY bench/pack_folder.py unpack .devdata/cifar10.npz "$CIFAR" 2>&1 | tee -a "$LOG"
+fi
+if has cifar-speed; then
+  if [[ -d $CIFAR/train ]]; then
+    run cifar-speed 150 $PY bench/throughput.py --device cuda --preset cifar --arch resnet18 --stem cifar \
+      --image-size 32 --batch-size 512 --loader resident --data "$CIFAR" \
+      --rows trainer,trainer:graph,end-to-end,end-to-end:graph,loader --steps 50 --warmup 10 \
+      --json "$OUT/throughput-cifar.json"
+  else
+    echo "== cifar-speed: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
+    STATUS+=("cifar-speed: skipped (no data)")
+  fi
+fi
+if has cifar; then
+  if [[ -d $CIFAR/train ]]; then
+    RUN=runs/cifar10-r18
+    RESUME=()
+    [[ -f $RUN/checkpoint.pt ]] && RESUME=(--resume)
+    run cifar 560 $PY -m moco_fast train --preset cifar --data "$CIFAR" --loader resident --device cuda \
+      --knn-every 50 --out "$RUN" "${RESUME[@]}" ${CIFAR_FLAGS:-}
+    run cifar-knn 60 $PY -m moco_fast knn --checkpoint "$RUN/checkpoint.pt" --data "$CIFAR" --device cuda \
+      --features both
+    cp "$RUN"/metrics.jsonl "$RUN"/summary.json "$RUN"/config.json "$OUT"/ 2>/dev/null
+  else
+    echo "== cifar: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
+    STATUS+=("cifar: skipped (no data)")
   fi
 fi
 

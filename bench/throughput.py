@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the ImageNet stem (the CIFAR stem at 64 px costs 16x), 1 warm-up and 3 timed steps.",
     )
     B = argparse.BooleanOptionalAction
-    p.add_argument("--loader", default="torch", help="torch | synthetic | dali | ffcv (default torch)")
+    p.add_argument("--loader", default="torch", help="torch | resident | dali | ffcv | synthetic (default torch)")
     p.add_argument("--data", help="data root (or a .beton for ffcv); default: the demo set in the package")
     p.add_argument("--workers", type=int, default=-1, help="data workers; -1: as the trainer picks (default)")
     p.add_argument("--loader-option", action="append", default=[], metavar="KEY=VALUE", help="backend-specific")

@@ -20,7 +20,12 @@ _MODULES = {
     "synthetic": ".synthetic",
     "dali": ".dali",
     "ffcv": ".ffcv",
+    "resident": ".resident",
 }
+
+# Backends that read an image folder (class subfolders, train/ and val/ or test/): the kNN monitor and
+# the demo set work with them.
+IMAGE_FOLDER_LOADERS = ("torch", "dali", "resident")
 
 
 def register_loader(name: str):
@@ -43,4 +48,12 @@ def create_loader(name: str, args: LoaderArgs) -> TrainLoader:
     return _LOADERS[name](args)
 
 
-__all__ = ["Batch", "LoaderArgs", "TrainLoader", "available_loaders", "create_loader", "register_loader"]
+__all__ = [
+    "IMAGE_FOLDER_LOADERS",
+    "Batch",
+    "LoaderArgs",
+    "TrainLoader",
+    "available_loaders",
+    "create_loader",
+    "register_loader",
+]

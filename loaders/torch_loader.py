@@ -63,13 +63,17 @@ class EpochShardSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.per_rank
 
-    def __iter__(self):
+    def indices(self) -> torch.Tensor:
+        """This rank's share of the epoch's order: per_rank dataset positions (long, on the host)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
-        return iter(order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank].tolist())
+        return order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+
+    def __iter__(self):
+        return iter(self.indices().tolist())
 
 
 def collate_views(items):

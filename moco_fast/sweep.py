@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.loaders import IMAGE_FOLDER_LOADERS
 
 log = logging.getLogger("moco_fast")
 
@@ -109,7 +110,7 @@ def run_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int) -> dict[str, A
 
 def _head_knn(cfg: TrainConfig, checkpoint: Path) -> dict[str, Any]:
     """kNN on the head's 128-d output (the figure the official CIFAR demo reports)."""
-    if cfg.data.loader not in ("torch", "dali"):
+    if cfg.data.loader not in IMAGE_FOLDER_LOADERS:
         return {}
     from moco_fast.checkpoint import load_model
     from moco_fast.data import load_splits

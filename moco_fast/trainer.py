@@ -23,7 +23,7 @@ from moco_fast import distributed as dist_utils
 from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
 from moco_fast.data import DataError, load_splits
 from moco_fast.knn import knn_accuracy
-from moco_fast.loaders import LoaderArgs, create_loader
+from moco_fast.loaders import IMAGE_FOLDER_LOADERS, LoaderArgs, create_loader
 from moco_fast.loaders.wds import is_wds_root
 from moco_fast.metrics import MetricsWriter, progress
 from moco_fast.model import MoCo
@@ -266,10 +266,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _knn_splits(cfg: TrainConfig):
     """The image-folder splits for the kNN monitor, or None where there is no eval split to use.
 
-    Only image folders read by the torch or DALI loader have one; `--knn-every` without it is an error.
+    Only image folders (read by the torch, DALI or resident loader) have one; `--knn-every` without it is an error.
     """
     r = cfg.runtime
-    if not (r.knn_every or r.final_knn) or cfg.data.loader not in ("torch", "dali"):
+    if not (r.knn_every or r.final_knn) or cfg.data.loader not in IMAGE_FOLDER_LOADERS:
         return None
     if is_wds_root(cfg.data.data):  # a shard set has no eval split
         splits, need = None, "an image folder with train/ and val/ or test/, not a shard set"

@@ -12,6 +12,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import pack_folder  # noqa: E402
 import plot  # noqa: E402
 import profile_step  # noqa: E402
 import reference_step  # noqa: E402
@@ -164,3 +165,15 @@ def test_reference_model_matches_the_trainers_size_and_steps_like_the_official_c
         torch.testing.assert_close(pk, k * 0.999 + q * 0.001)
     assert any(not torch.equal(a, b) for a, b in zip(k1, q1))  # the optimiser did move q
     assert int(ref.queue_ptr) == 0  # K = 32: two batches of 16 wrap around
+
+
+def test_pack_folder_round_trip(tiny_root, tmp_path, capsys):
+    pack = tmp_path / "p" / "set.npz"
+    assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
+    assert not list(pack.parent.glob("*.part*"))
+    assert pack_folder.main(["unpack", str(pack), str(tmp_path / "out")]) == 0
+    src = sorted(p.relative_to(tiny_root) for p in tiny_root.rglob("*") if p.is_file())
+    got = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert src == got and len(src) == 40
+    assert all((tiny_root / f).read_bytes() == (tmp_path / "out" / f).read_bytes() for f in src)
+    assert "packed 40 files" in capsys.readouterr().out

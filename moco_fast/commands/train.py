@@ -64,7 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="image folder with class subfolders, or a root with train/ and val/ or test/ "
         "(FFCV: a .beton file); default: the demo set",
     )
-    g.add_argument("--loader", help="torch | synthetic | dali | ffcv (default torch)")
+    g.add_argument(
+        "--loader",
+        help="torch | resident | dali | ffcv | synthetic (default torch); resident keeps the whole set on the device",
+    )
     g.add_argument(
         "--workers",
         type=int,
@@ -157,7 +160,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    preset = args.preset or ("demo" if args.data is None and args.loader in (None, "torch") else "v2")
+    preset = args.preset or ("demo" if args.data is None and args.loader in (None, "torch", "resident") else "v2")
     overrides = {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()}
     cfg = build_config(preset, overrides)
     for opt in args.loader_option:

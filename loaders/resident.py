@@ -1,0 +1,207 @@
+"""Resident backend: the training set decoded once into device memory and augmented there.
+
+For data that fits on the GPU (CIFAR-10's 50,000 images take 154 MB as uint8). Nothing happens on
+the host per step: no worker processes, no decode, no host-to-device copy. Each step indexes the
+resident uint8 tensor with this rank's slice of the epoch permutation, then, for each view, in
+batched device ops without a host sync:
+
+    random resized crop          kernels/resized_crop.py   (torchvision's get_params, antialiased)
+    jitter, grayscale, blur, flip kernels/augment_gpu.py    (the FFCV backend's colour pass)
+    normalise, cast, channels-last
+
+Order: the torch loader's per-epoch permutation (seed, epoch), cut into equal rank shards; every
+rank holds the whole set. Randomness of the views: a device generator seeded by (seed, epoch, rank),
+so a resumed run draws what an uninterrupted one would.
+
+Images that all share one size are kept as they are. Otherwise (or with `size=S`) each image is
+resized, shorter side to S, and centre-cropped to S x S when loaded; the default S is
+image_size / 0.875 (256 for 224), the usual resize before a 224 crop. Unreadable files are named and
+left out when the set is loaded.
+
+Backend options (`--loader-option KEY=VALUE`):
+    size=0              0: keep the images' own size when they all share one, else image_size / 0.875
+    jitter_order=sample ColorJitter order per image as torchvision (sample) or one per batch (batch)
+    memory_fraction=0.5 the largest share of the device's free memory (or of the host's RAM on a
+                        CPU run) that the images may take; past it the loader refuses to start
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from moco_fast.kernels.augment_gpu import apply, sample_params
+from moco_fast.kernels.resized_crop import resized_crop, sample_boxes
+from PIL import Image
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+from moco_fast.config import ConfigError
+from moco_fast.data import DataError, ImageList, load_rgb, load_splits
+
+from . import register_loader
+from .base import Batch, LoaderArgs, parse_options
+from .torch_loader import EpochShardSampler
+
+log = logging.getLogger("moco_fast")
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class ResidentOptions:
+    size: int = 0
+    jitter_order: str = "sample"
+    memory_fraction: float = 0.5
+
+    @classmethod
+    def parse(cls, options: dict[str, str]) -> ResidentOptions:
+        o = parse_options(cls, options, "resident")
+        if o.size < 0:
+            raise ConfigError("resident loader option size must be 0 (automatic) or a side in pixels")
+        if o.jitter_order not in ("sample", "batch"):
+            raise ConfigError(f"resident loader option jitter_order must be sample or batch, got {o.jitter_order!r}")
+        if not 0 < o.memory_fraction <= 1:
+            raise ConfigError("resident loader option memory_fraction must be within (0, 1]")
+        return o
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of the device the images will live on (host RAM for a CPU run)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * GiB
+
+
+def _decode(path: str, size: int) -> np.ndarray | str:
+    """H x W x 3 uint8 (resized and centre-cropped to size x size when size > 0), or why it failed."""
+    try:
+        img = load_rgb(path)
+        if size:
+            img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+        return np.asarray(img)
+    except Exception as e:  # PIL raises many types for bad files
+        return f"{type(e).__name__}: {e}"
+
+
+def load_resident(
+    images: ImageList, size: int, side: int, device: torch.device, budget: int, workers: int, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor, ImageList]:
+    """Decode every image into one N x 3 x H x W uint8 tensor on `device` (labels: N long).
+
+    size > 0: every image resized and centre-cropped to size x size. size == 0: kept as they are when
+    they all share one size, else loaded again at `side`. Refuses before decoding when the estimate
+    passes `budget` bytes. Returns the images, their labels and the files kept (unreadable ones are
+    named and dropped)."""
+    if size == 0:
+        with Image.open(images.files[0]) as im:
+            w, h = im.size
+    else:
+        w = h = size
+    need = len(images) * 3 * h * w
+    if need > budget:
+        raise DataError(
+            f"--loader resident: {len(images)} images of {w}x{h} need {need / GiB:.1f} GiB on {device}, more than "
+            f"the {budget / GiB:.1f} GiB allowed (memory_fraction of what is free); pass a smaller "
+            "--loader-option size=S, or use --loader dali|ffcv|torch"
+        )
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        it = pool.map(_decode, images.files, [size] * len(images), chunksize=64)
+        arrays = list(tqdm(it, total=len(images), desc="loading images", unit="img", disable=not progress))
+    bad = [(f, a) for f, a in zip(images.files, arrays, strict=True) if isinstance(a, str)]
+    for path, reason in bad:
+        log.warning("skipping unreadable image %s (%s)", path, reason)
+    keep = [i for i, a in enumerate(arrays) if not isinstance(a, str)]
+    if not keep:
+        raise DataError(f"no image in {images.root} could be decoded")
+    shapes = {arrays[i].shape for i in keep}
+    if len(shapes) > 1:  # only with size == 0: with a size every image is cropped to size x size
+        log.info("resident loader: images of %d sizes; loading them at %dx%d", len(shapes), side, side)
+        return load_resident(images, side, side, device, budget, workers, progress)
+    kept = ImageList(
+        images.root,
+        [images.files[i] for i in keep],
+        [images.labels[i] for i in keep],
+        images.classes,
+        images.skipped + bad,
+    )
+    host = torch.from_numpy(np.stack([arrays[i] for i in keep])).permute(0, 3, 1, 2)  # N x 3 x H x W view
+    data = host.to(device).contiguous()
+    return data, torch.tensor(kept.labels, device=device), kept
+
+
+class ResidentLoader:
+    def __init__(self, args: LoaderArgs, images: ImageList | None = None):
+        self.args = args
+        self.opts = ResidentOptions.parse(args.options)
+        if images is None:
+            images = load_splits(args.data, check=args.check_images).train
+        side = round(args.aug.image_size / 0.875)  # the default side for images of mixed sizes
+        budget = int(available_bytes(args.device) * self.opts.memory_fraction)
+        self.data, self.labels, kept = load_resident(
+            images, self.opts.size, side, args.device, budget, args.workers, progress=args.rank == 0
+        )
+        self.num_images = len(kept)
+        self.classes = kept.classes
+        if self.num_images // args.world_size < args.batch_size:
+            raise DataError(
+                f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: "
+                "lower --batch-size"
+            )
+        self.sampler = EpochShardSampler(self.num_images, args.seed, args.rank, args.world_size)
+        self.epoch = 0
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        spec = args.aug
+        self.mean = torch.tensor(spec.mean, device=args.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, device=args.device).view(1, 3, 1, 1)
+        h, w = self.data.shape[2:]
+        log.info(
+            "resident loader: %d images of %dx%d on %s (%.2f GiB)",
+            self.num_images,
+            w,
+            h,
+            args.device,
+            self.data.numel() / GiB,
+        )
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.args.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def _view(self, raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """uint8 N x 3 x H x W on the device -> one augmented, normalised view."""
+        spec, dev = self.args.aug, self.args.device
+        n, _, h, w = raw.shape
+        boxes = sample_boxes(n, h, w, spec.crop_scale, spec.crop_ratio, dev, gen)
+        x = resized_crop(raw.float(), boxes, spec.image_size).div_(255.0)  # N x 3 x S x S in [0, 1]
+        # With jitter_order=batch the batch's one order is drawn on the host (no device sync).
+        params = sample_params(n, spec, dev, gen, order=self.opts.jitter_order)
+        x = apply(x, params)
+        x = (x - self.mean) / self.std
+        return x.to(self.args.dtype).contiguous(memory_format=self.memory_format)
+
+    def __iter__(self):
+        a = self.args
+        seed = (a.seed * 1_000_003 + self.epoch) * 1009 + a.rank
+        gen = torch.Generator(device=a.device).manual_seed(seed)
+        order = self.sampler.indices().to(a.device, non_blocking=True)  # this rank's share of the epoch
+        b = a.batch_size
+        for step in range(len(self)):
+            idx = order[step * b : (step + 1) * b]  # device slice: no sync
+            raw = self.data[idx]
+            yield Batch(self._view(raw, gen), self._view(raw, gen), self.labels[idx], idx)
+
+
+@register_loader("resident")
+def build_resident_loader(args: LoaderArgs) -> ResidentLoader:
+    return ResidentLoader(args)
