@@ -30,7 +30,7 @@ def pack(src: Path, dst: Path) -> int:
     blobs = [p.read_bytes() for p in paths]
     offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in blobs], out=offsets[1:])
-    names = np.array([p.relative_to(src).as_posix() for p in paths])
+    names = np.array([p.relative_to(src).as_posix().encode() for p in paths])  # bytes: 1/4 of numpy's str
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".part.npz")
     np.savez(tmp, data=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, names=names)
@@ -41,9 +41,10 @@ def pack(src: Path, dst: Path) -> int:
 def unpack(src: Path, dst: Path) -> int:
     with np.load(src) as z:
         data, offsets, names = z["data"], z["offsets"], z["names"]
-    for i, name in enumerate(names):
-        out = dst / str(name)
-        if ".." in Path(str(name)).parts or Path(str(name)).is_absolute():
+    for i, raw in enumerate(names):
+        name = raw.decode()
+        out = dst / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
             raise SystemExit(f"error: refusing a path outside the destination: {name}")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data[offsets[i] : offsets[i + 1]].tobytes())
