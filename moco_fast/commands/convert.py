@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moco_fast.commands import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and streaming). Every file is decoded once to check it: files that are not images and truncated or "
         "corrupt images are skipped and named with the reason; grayscale and CMYK images become RGB. The output "
         "is written under a temporary name and renamed at the end. Exit 0 when images were written.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help="image folder with class subfolders, or a root with train/")
     p.add_argument(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moco_fast.commands import HelpFormatter
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(only fc.* missing); a CIFAR-stem backbone exports too, but rebuild its stem (3x3 conv1, no max-pool) "
         "before loading. detectron2: the official MoCo conversion (stem., res2..res5, shortcut, convK.norm; "
         "a pickle with matching_heuristics), for the paper's detection transfer; CIFAR stems are refused.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint", help="a moco-fast training checkpoint (OUT/checkpoint.pt)")
     p.add_argument("--format", required=True, choices=["torchvision", "detectron2"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moco_fast.commands import HelpFormatter, add_eval_runtime_flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "classifier: the paper's comparison of MoCo initialisation with random initialisation. Run it twice, "
         "with and without --from-scratch, on the same schedule. Train views: random resized crop + flip; "
         "evaluation: center crop; top-1 and top-5 go to a JSON file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", help="a moco-fast training checkpoint (optional with --from-scratch)")
     p.add_argument("--data", help="a root with train/ and val/ or test/ class folders (default: the demo set)")
@@ -33,12 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--schedule", default="cos", help="'cos' for half-cosine, or epochs where the lr drops x0.1 (30,60,80)"
     )
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4, help="data loading workers")
     p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's training size; 224 without)")
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
-    p.add_argument("--seed", type=int, default=0)
+    add_eval_runtime_flags(p, amp_help="mixed precision")
     p.add_argument("--out", help="result JSON (default: finetune.json / finetune_scratch.json beside the checkpoint)")
     p.set_defaults(func=run)
 

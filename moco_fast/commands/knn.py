@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from moco_fast.commands import HelpFormatter, add_eval_runtime_flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,11 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="weighted kNN accuracy of a checkpoint (k=200, t=0.1)",
         description="Weighted kNN (Wu et al. 2018) on L2-normalised features: the train split is the memory, "
         "val/ or test/ the queries. Prints top-1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="a moco-fast training checkpoint (OUT/checkpoint.pt)")
     p.add_argument("--data", help="a root with train/ and val/ or test/ (default: the demo set)")
-    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--k", type=int, default=200, help="neighbours")
     p.add_argument("--t", type=float, default=0.1, help="temperature of the neighbour weights")
     p.add_argument(
@@ -26,8 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="backbone",
         help="pooled backbone features, the MoCo head's output, or both",
     )
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    add_eval_runtime_flags(p, workers=2, seed=False)
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moco_fast.commands import HelpFormatter, add_eval_runtime_flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "epochs 60 and 80). Train views: random resized crop + flip; evaluation: center crop; reports top-1 and "
         "top-5 and writes them as JSON. Image size and normalisation come from the checkpoint's training "
         "recipe. At the end the backbone is compared with the checkpoint and the run fails if it changed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="a moco-fast training checkpoint (OUT/checkpoint.pt)")
     p.add_argument("--data", help="a root with train/ and val/ or test/ class folders (default: the demo set)")
@@ -23,17 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", default="60,80", help="epochs where the lr drops x0.1, or 'cos' for half-cosine")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=4, help="data loading workers")
     p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's training size)")
     p.add_argument(
         "--cached-features",
         action="store_true",
         help="extract center-crop features once and train on them (fast, but no augmentation: not the protocol)",
     )
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast of the backbone")
-    p.add_argument("--seed", type=int, default=0)
+    add_eval_runtime_flags(p, amp_help="autocast of the backbone")
     p.add_argument("--out", help="result JSON (default: lincls.json beside the checkpoint)")
     p.set_defaults(func=run)
 

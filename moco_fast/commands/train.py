@@ -8,6 +8,7 @@ import os
 from dataclasses import replace
 
 from moco_fast.augment import AUG_PRESETS
+from moco_fast.commands import HelpFormatter
 from moco_fast.config import PRESETS, ConfigError, build_config
 
 # flag dest -> dotted config field. Flags default to None: the preset (then the dataclass) decides.
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="MoCo pretraining",
         description="MoCo pretraining. Without --data it trains on the small demo set shipped in the "
         "package. Flags left out take the preset's value; the resolved config is written to OUT/config.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     B = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
