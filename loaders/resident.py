@@ -91,40 +91,62 @@ def _decode(path: str, size: int) -> np.ndarray | str:
         return f"{type(e).__name__}: {e}"
 
 
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from the file's header (no decode), or None when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # PIL raises many types for bad files; the decode names the file
+        return None
+
+
 def load_resident(
     images: ImageList, size: int, side: int, device: torch.device, budget: int, workers: int, progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor, ImageList]:
     """Decode every image into one N x 3 x H x W uint8 tensor on `device` (labels: N long).
 
-    size > 0: every image resized and centre-cropped to size x size. size == 0: kept as they are when
-    they all share one size, else loaded again at `side`. Refuses before decoding when the estimate
-    passes `budget` bytes. Returns the images, their labels and the files kept (unreadable ones are
-    named and dropped)."""
-    if size == 0:
-        with Image.open(images.files[0]) as im:
-            w, h = im.size
-    else:
-        w = h = size
-    need = len(images) * 3 * h * w
-    if need > budget:
-        raise DataError(
-            f"--loader resident: {len(images)} images of {w}x{h} need {need / GiB:.1f} GiB on {device}, more than "
-            f"the {budget / GiB:.1f} GiB allowed (memory_fraction of what is free); pass a smaller "
-            "--loader-option size=S, or use --loader dali|ffcv|torch"
-        )
+    size > 0: every image resized and centre-cropped to size x size. size == 0: the images' own size
+    when the file headers all give one, else `side`. Refuses before decoding when the images would
+    take more than `budget` bytes. Returns the images (channels-last strides: the decoded N x H x W x 3
+    buffer as it is), their labels and the files kept (unreadable ones are named and dropped)."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        it = pool.map(_decode, images.files, [size] * len(images), chunksize=64)
-        arrays = list(tqdm(it, total=len(images), desc="loading images", unit="img", disable=not progress))
-    bad = [(f, a) for f, a in zip(images.files, arrays, strict=True) if isinstance(a, str)]
+        if size == 0:
+            sizes = set(pool.map(_header_size, images.files, chunksize=256)) - {None}
+            if len(sizes) == 1:
+                ((w, h),) = sizes
+            else:
+                size = side
+                log.info("resident loader: images of %d sizes; loading them at %dx%d", len(sizes), side, side)
+        if size:
+            w = h = size
+        need = len(images) * 3 * h * w
+        if need > budget:
+            raise DataError(
+                f"--loader resident: {len(images)} images of {w}x{h} need {need / GiB:.1f} GiB on {device}, more "
+                f"than the {budget / GiB:.1f} GiB allowed (memory_fraction of what is free); pass a smaller "
+                "--loader-option size=S, or use --loader dali|ffcv|torch"
+            )
+        host = np.empty((len(images), h, w, 3), np.uint8)  # filled in place by the threads
+
+        def load(i: int) -> str | None:
+            out = _decode(images.files[i], size)
+            if isinstance(out, str):
+                return out
+            if out.shape != (h, w, 3):
+                return f"decoded as {out.shape[1]}x{out.shape[0]}, the header said {w}x{h}"
+            host[i] = out
+            return None
+
+        it = pool.map(load, range(len(images)), chunksize=64)
+        reasons = list(tqdm(it, total=len(images), desc="loading images", unit="img", disable=not progress))
+    bad = [(f, r) for f, r in zip(images.files, reasons, strict=True) if r is not None]
     for path, reason in bad:
         log.warning("skipping unreadable image %s (%s)", path, reason)
-    keep = [i for i, a in enumerate(arrays) if not isinstance(a, str)]
+    keep = [i for i, r in enumerate(reasons) if r is None]
     if not keep:
         raise DataError(f"no image in {images.root} could be decoded")
-    shapes = {arrays[i].shape for i in keep}
-    if len(shapes) > 1:  # only with size == 0: with a size every image is cropped to size x size
-        log.info("resident loader: images of %d sizes; loading them at %dx%d", len(shapes), side, side)
-        return load_resident(images, side, side, device, budget, workers, progress)
+    if bad:
+        host = host[keep]
     kept = ImageList(
         images.root,
         [images.files[i] for i in keep],
@@ -132,8 +154,7 @@ def load_resident(
         images.classes,
         images.skipped + bad,
     )
-    host = torch.from_numpy(np.stack([arrays[i] for i in keep])).permute(0, 3, 1, 2)  # N x 3 x H x W view
-    data = host.to(device).contiguous()
+    data = torch.from_numpy(host).to(device).permute(0, 3, 1, 2)  # N x 3 x H x W view, no layout copy
     return data, torch.tensor(kept.labels, device=device), kept
 
 
@@ -183,7 +204,7 @@ class ResidentLoader:
         spec, dev = self.args.aug, self.args.device
         n, _, h, w = raw.shape
         boxes = sample_boxes(n, h, w, spec.crop_scale, spec.crop_ratio, dev, gen)
-        x = resized_crop(raw.float(), boxes, spec.image_size).div_(255.0)  # N x 3 x S x S in [0, 1]
+        x = resized_crop(raw.float().contiguous(), boxes, spec.image_size).div_(255.0)  # N x 3 x S x S, 0-1
         # With jitter_order=batch the batch's one order is drawn on the host (no device sync).
         params = sample_params(n, spec, dev, gen, order=self.opts.jitter_order)
         x = apply(x, params)
