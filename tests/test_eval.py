@@ -244,7 +244,8 @@ def test_sweep_two_settings_table_and_resume(six_root, tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["sweep", "--out", str(out), "--moco-m", "0,0.99", "--device", "cpu", "--lincls-epochs", "2", "--"]
     args += ["--preset", "cifar", "--data", str(six_root), "--arch", "resnet18", "--stem", "imagenet"]
-    args += ["--epochs", "1", "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--workers", "0"]
+    # --workers left at its default (auto, -1): the kNN and linear steps must resolve it too.
+    args += ["--epochs", "1", "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2"]
     assert main(args) == 0
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["m"] for r in rows] == [0.0, 0.99]
