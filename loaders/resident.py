@@ -2,8 +2,9 @@
 
 For data that fits on the GPU (CIFAR-10's 50,000 images take 154 MB as uint8). Nothing happens on
 the host per step: no worker processes, no decode, no host-to-device copy. Each step indexes the
-resident uint8 tensor with this rank's slice of the epoch permutation, then, for each view, in
-batched device ops without a host sync:
+resident uint8 tensor with this rank's slice of the epoch permutation, then augments both views of
+every image in one pass (2N images, each with its own random parameters), in batched device ops
+without a host sync:
 
     random resized crop          kernels/resized_crop.py   (torchvision's get_params, antialiased)
     jitter, grayscale, blur, flip kernels/augment_gpu.py    (the FFCV backend's colour pass)
@@ -20,7 +21,8 @@ left out when the set is loaded.
 
 Backend options (`--loader-option KEY=VALUE`):
     size=0              0: keep the images' own size when they all share one, else image_size / 0.875
-    jitter_order=sample ColorJitter order per image as torchvision (sample) or one per batch (batch)
+    jitter_order=sample ColorJitter order per image as torchvision (sample) or one per batch, both
+                        views together (batch)
     memory_fraction=0.5 the largest share of the device's free memory (or of the host's RAM on a
                         CPU run) that the images may take; past it the loader refuses to start
 """
@@ -199,14 +201,16 @@ class ResidentLoader:
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
 
-    def _view(self, raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """uint8 N x 3 x H x W on the device -> one augmented, normalised view."""
+    def _views(self, raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """uint8 M x 3 x H x W on the device -> M augmented, normalised views, each with its own
+        random crop and colour parameters. Both views of a batch go through in one call (M = 2N):
+        half the kernel launches of two calls, and the two views stay independent."""
         spec, dev = self.args.aug, self.args.device
-        n, _, h, w = raw.shape
-        boxes = sample_boxes(n, h, w, spec.crop_scale, spec.crop_ratio, dev, gen)
-        x = resized_crop(raw.float().contiguous(), boxes, spec.image_size).div_(255.0)  # N x 3 x S x S, 0-1
+        m, _, h, w = raw.shape
+        boxes = sample_boxes(m, h, w, spec.crop_scale, spec.crop_ratio, dev, gen)
+        x = resized_crop(raw.float().contiguous(), boxes, spec.image_size).div_(255.0)  # M x 3 x S x S, 0-1
         # With jitter_order=batch the batch's one order is drawn on the host (no device sync).
-        params = sample_params(n, spec, dev, gen, order=self.opts.jitter_order)
+        params = sample_params(m, spec, dev, gen, order=self.opts.jitter_order)
         x = apply(x, params)
         x = (x - self.mean) / self.std
         return x.to(self.args.dtype).contiguous(memory_format=self.memory_format)
@@ -219,8 +223,9 @@ class ResidentLoader:
         b = a.batch_size
         for step in range(len(self)):
             idx = order[step * b : (step + 1) * b]  # device slice: no sync
-            raw = self.data[idx]
-            yield Batch(self._view(raw, gen), self._view(raw, gen), self.labels[idx], idx)
+            views = self._views(self.data[idx.repeat(2)], gen)  # 2N: every image twice
+            # Slices along N of a channels-last batch are themselves channels-last: no copy.
+            yield Batch(views[:b], views[b:], self.labels[idx], idx)
 
 
 @register_loader("resident")
