@@ -16,8 +16,9 @@
 #   hooks       other helpers' checks when present: bench/ffcv_loader.py (whole FFCV rows with ffcv and
 #               FFCV_DATA=folder, else its GPU augmentation rows), DALI end to end (bench/throughput.py
 #               --loader dali [DALI_DATA=folder], needs DALI brought over: ../shared/device/README.md)
-#   cifar-speed ResNet-18 CIFAR step (the cifar preset, batch 512) fed by --loader resident from CIFAR-10:
-#               trainer eager / CUDA graph, end-to-end, loader; predicts the 200-epoch wall time (~90 s)
+#   cifar-speed (runs right after throughput) ResNet-18 CIFAR step (the cifar preset, batch 512) fed
+#               by --loader resident from CIFAR-10: trainer eager / CUDA graph, end-to-end, loader;
+#               predicts the 200-epoch wall time (~90 s)
 # Not in the default list (a command of its own, ~9.5 min):
 #   cifar       the issue-7 target run: `moco-fast train --preset cifar --loader resident` on CIFAR-10,
 #               200 epochs (CIFAR_FLAGS adds flags, e.g. --cuda-graph), then kNN on backbone and head.
@@ -81,6 +82,22 @@ if has throughput; then
   run throughput 330 $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
     --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png"
 fi
+# CIFAR-10: unpacked once from the carried pack (or CIFAR_DATA=folder).
+CIFAR=${CIFAR_DATA:-/tmp/cifar10}
+if (has cifar-speed || has cifar) && [[ ! -d $CIFAR/train && -f .devdata/cifar10.npz ]]; then
+  $PY bench/pack_folder.py unpack .devdata/cifar10.npz "$CIFAR" 2>&1 | tee -a "$LOG"
+fi
+if has cifar-speed; then
+  if [[ -d $CIFAR/train ]]; then
+    run cifar-speed 150 $PY bench/throughput.py --device cuda --preset cifar --arch resnet18 --stem cifar \
+      --image-size 32 --batch-size 512 --loader resident --data "$CIFAR" \
+      --rows trainer,trainer:graph,end-to-end,end-to-end:graph,loader --steps 50 --warmup 10 \
+      --json "$OUT/throughput-cifar.json"
+  else
+    echo "== cifar-speed: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
+    STATUS+=("cifar-speed: skipped (no data)")
+  fi
+fi
 if has tests; then
   run tests 200 $PY -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors tests/
 fi
@@ -111,22 +128,6 @@ if has hooks; then
   fi
 fi
 
-# CIFAR-10: unpacked once from the carried pack (or CIFAR_DATA=folder).
-CIFAR=${CIFAR_DATA:-/tmp/cifar10}
-if (has cifar-speed || has cifar) && [[ ! -d $CIFAR/train && -f .devdata/cifar10.npz ]]; then
-  $PY bench/pack_folder.py unpack .devdata/cifar10.npz "$CIFAR" 2>&1 | tee -a "$LOG"
-fi
-if has cifar-speed; then
-  if [[ -d $CIFAR/train ]]; then
-    run cifar-speed 150 $PY bench/throughput.py --device cuda --preset cifar --arch resnet18 --stem cifar \
-      --image-size 32 --batch-size 512 --loader resident --data "$CIFAR" \
-      --rows trainer,trainer:graph,end-to-end,end-to-end:graph,loader --steps 50 --warmup 10 \
-      --json "$OUT/throughput-cifar.json"
-  else
-    echo "== cifar-speed: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
-    STATUS+=("cifar-speed: skipped (no data)")
-  fi
-fi
 if has cifar; then
   if [[ -d $CIFAR/train ]]; then
     RUN=runs/cifar10-r18
