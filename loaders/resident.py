@@ -72,6 +72,10 @@ class ResidentOptions:
         return o
 
 
+def human_bytes(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
 def available_bytes(device: torch.device) -> int:
     """Free memory of the device the images will live on (host RAM for a CPU run)."""
     if device.type == "cuda":
@@ -124,8 +128,8 @@ def load_resident(
         need = len(images) * 3 * h * w
         if need > budget:
             raise DataError(
-                f"--loader resident: {len(images)} images of {w}x{h} need {need / GiB:.1f} GiB on {device}, more "
-                f"than the {budget / GiB:.1f} GiB allowed (memory_fraction of what is free); pass a smaller "
+                f"--loader resident: {len(images)} images of {w}x{h} need {human_bytes(need)} on {device}, more "
+                f"than the {human_bytes(budget)} allowed (memory_fraction of what is free); pass a smaller "
                 "--loader-option size=S, or use --loader dali|ffcv|torch"
             )
         host = np.empty((len(images), h, w, 3), np.uint8)  # filled in place by the threads
@@ -186,12 +190,12 @@ class ResidentLoader:
         self.std = torch.tensor(spec.std, device=args.device).view(1, 3, 1, 1)
         h, w = self.data.shape[2:]
         log.info(
-            "resident loader: %d images of %dx%d on %s (%.2f GiB)",
+            "resident loader: %d images of %dx%d on %s (%s)",
             self.num_images,
             w,
             h,
             args.device,
-            self.data.numel() / GiB,
+            human_bytes(self.data.numel()),
         )
 
     def __len__(self) -> int:

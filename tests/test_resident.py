@@ -162,7 +162,7 @@ def test_mixed_sizes_bad_files_and_the_size_option(tmp_path, caplog):
 
 
 def test_refuses_data_that_does_not_fit_and_bad_options(tiny_root):
-    with pytest.raises(DataError, match="GiB"):
+    with pytest.raises(DataError, match=r"32 images of 32x32 need 0\.1 MiB"):
         resident(tiny_root, memory_fraction=1e-9)
     with pytest.raises(ConfigError, match="unknown resident loader option"):
         resident(tiny_root, colour=1)
