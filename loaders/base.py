@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Protocol, TypeVar
 
 import torch
+from moco_fast.kernels.augment_gpu import apply, sample_params
 
 from moco_fast.augment import AugSpec
 from moco_fast.config import ConfigError
@@ -63,6 +64,12 @@ def parse_options(cls: type[T], options: dict[str, str], backend: str) -> T:
                 f"{backend} loader option {key}={raw!r}: expected {'an' if kind is int else 'a'} {kind.__name__}"
             ) from None
     return cls(**values)
+
+
+def stream_seed(seed: int, position: int, rank: int) -> int:
+    """The seed of one rank's random stream at one epoch (or step). Every backend mixes (run seed,
+    position, rank) the same way, so that a resumed run draws what an uninterrupted one would."""
+    return (seed * 1_000_003 + position) * 1009 + rank
 
 
 class TrainLoader(Protocol):
@@ -133,3 +140,27 @@ class DevicePrefetcher:
             return None
         with torch.cuda.stream(self.stream):
             return self._prepare(item)
+
+
+class DeviceAugment:
+    """The device half of the FFCV and resident backends: the batched colour pass of
+    `kernels/augment_gpu.py` (jitter, grayscale, blur, and flip unless the loader flipped already)
+    over both views at once, then normalisation into the trainer's dtype and memory format.
+
+    Called with float 2N x 3 x S x S in [0, 1] on the device (view 1 of the N images, then view 2)
+    and the device generator of the epoch; returns (im_q, im_k), N each."""
+
+    def __init__(self, args: LoaderArgs, jitter_order: str, flip: bool = True):
+        self.spec, self.device, self.dtype = args.aug, args.device, args.dtype
+        self.jitter_order, self.flip = jitter_order, flip
+        self.mean = torch.tensor(args.aug.mean, device=args.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(args.aug.std, device=args.device).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # With jitter_order=batch the batch's one order is drawn on the host (no device sync).
+        params = sample_params(x.shape[0], self.spec, self.device, generator, order=self.jitter_order, flip=self.flip)
+        x = apply(x, params)
+        x = ((x - self.mean) / self.std).to(self.dtype).contiguous(memory_format=self.memory_format)
+        n = x.shape[0] // 2
+        return x[:n], x[n:]  # slices along N of a channels-last batch are channels-last: no copy

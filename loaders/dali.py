@@ -51,7 +51,7 @@ from moco_fast.data import DataError, ImageList, load_splits
 from moco_fast.metrics import progress
 
 from . import register_loader
-from .base import Batch, LoaderArgs, parse_options
+from .base import Batch, LoaderArgs, parse_options, stream_seed
 from .dali_pipeline import PipelineSettings, folder_pipeline, probe_pipeline, wds_pipeline
 from .torch_loader import EpochShardSampler
 from .wds import WdsMeta, is_wds_root, read_index_keys, read_meta, split_name, write_index
@@ -90,10 +90,6 @@ def one_file_per_iteration(paths: list[str]):
         return ([path_bytes(paths[min(iteration, len(paths) - 1)])],)
 
     return source
-
-
-def stream_seed(seed: int, rank: int, start_step: int) -> int:
-    return ((seed * 1_000_003 + start_step) * 1009 + rank) % (2**31 - 1)
 
 
 class FolderSource:
@@ -246,7 +242,7 @@ class DaliLoader:
     def _start(self, step: int) -> None:
         """(Re)build the pipeline so that its first batch is global step `step`."""
         self._pipe = None  # free the old pipeline's threads and buffers first
-        s = replace(self.settings, seed=stream_seed(self.args.seed, self.args.rank, step))
+        s = replace(self.settings, seed=stream_seed(self.args.seed, step, self.args.rank) % (2**31 - 1))
         if self.folder is not None:
             self.folder.start_step = step
             self.folder.fed.clear()

@@ -42,13 +42,12 @@ from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.reader import Reader
 from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
-from moco_fast.kernels.augment_gpu import apply, sample_params
 
 from moco_fast.config import ConfigError
 from moco_fast.data import DataError
 
 from . import register_loader
-from .base import Batch, LoaderArgs, mean_std_255, parse_options
+from .base import Batch, DeviceAugment, LoaderArgs, parse_options, stream_seed
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("moco_fast")
@@ -225,9 +224,7 @@ class FFCVLoader:
             raise DataError(
                 f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: lower --batch-size"
             )
-        mean, std = mean_std_255(args.aug, self.device)
-        self.mean, self.std = mean / 255.0, std / 255.0  # the device pass works on [0, 1]
-        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.augment = DeviceAugment(args, self.opts.jitter_order, flip=False)  # FFCV flipped already
         self.ffcv = self._build(path)
 
     def _pipelines(self) -> dict:
@@ -288,8 +285,7 @@ class FFCVLoader:
     def __iter__(self):
         a = self.args
         epoch = self.ffcv.next_epoch
-        g = torch.Generator(device=self.device)
-        g.manual_seed((a.seed * 1_000_003 + epoch) * 1009 + a.rank)
+        g = torch.Generator(device=self.device).manual_seed(stream_seed(a.seed, epoch, a.rank))
         # FFCV sets torch's thread count to its worker count (Compiler.set_num_threads); a CPU run
         # wants its own back once FFCV's thread has started.
         threads = torch.get_num_threads()
@@ -298,13 +294,7 @@ class FFCVLoader:
             if i == 0:
                 torch.set_num_threads(threads)
             out = dict(zip(names, batch, strict=True))
-            x = self._views(out)  # 2N x 3 x S x S
-            params = sample_params(x.shape[0], a.aug, self.device, g, order=self.opts.jitter_order, flip=False)
-            x = apply(x, params)
-            x = ((x - self.mean) / self.std).to(a.dtype)
-            n = x.shape[0] // 2
-            im_q = x[:n].contiguous(memory_format=self.memory_format)
-            im_k = x[n:].contiguous(memory_format=self.memory_format)
+            im_q, im_k = self.augment(self._views(out), g)  # from 2N x 3 x S x S in [0, 1]
             label = out["label"].to(self.device, non_blocking=True).view(-1)
             index = out["index"].to(self.device, non_blocking=True).view(-1)
             yield Batch(im_q, im_k, label, index)

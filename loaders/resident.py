@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from moco_fast.kernels.augment_gpu import apply, sample_params
 from moco_fast.kernels.resized_crop import resized_crop, sample_boxes
 from PIL import Image
 from torchvision.transforms import functional as TF
@@ -46,7 +45,7 @@ from moco_fast.config import ConfigError
 from moco_fast.data import DataError, ImageList, load_rgb, load_splits
 
 from . import register_loader
-from .base import Batch, LoaderArgs, parse_options
+from .base import Batch, DeviceAugment, LoaderArgs, parse_options, stream_seed
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("moco_fast")
@@ -165,11 +164,10 @@ def load_resident(
 
 
 class ResidentLoader:
-    def __init__(self, args: LoaderArgs, images: ImageList | None = None):
+    def __init__(self, args: LoaderArgs):
         self.args = args
         self.opts = ResidentOptions.parse(args.options)
-        if images is None:
-            images = load_splits(args.data, check=args.check_images).train
+        images = load_splits(args.data, check=args.check_images).train
         side = round(args.aug.image_size / 0.875)  # the default side for images of mixed sizes
         budget = int(available_bytes(args.device) * self.opts.memory_fraction)
         self.data, self.labels, kept = load_resident(
@@ -183,11 +181,7 @@ class ResidentLoader:
                 "lower --batch-size"
             )
         self.sampler = EpochShardSampler(self.num_images, args.seed, args.rank, args.world_size)
-        self.epoch = 0
-        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        spec = args.aug
-        self.mean = torch.tensor(spec.mean, device=args.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec.std, device=args.device).view(1, 3, 1, 1)
+        self.augment = DeviceAugment(args, self.opts.jitter_order)
         h, w = self.data.shape[2:]
         log.info(
             "resident loader: %d images of %dx%d on %s (%s)",
@@ -202,34 +196,27 @@ class ResidentLoader:
         return len(self.sampler) // self.args.batch_size
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         self.sampler.set_epoch(epoch)
 
-    def _views(self, raw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """uint8 M x 3 x H x W on the device -> M augmented, normalised views, each with its own
-        random crop and colour parameters. Both views of a batch go through in one call (M = 2N):
-        half the kernel launches of two calls, and the two views stay independent."""
-        spec, dev = self.args.aug, self.args.device
+    def _views(self, raw: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 2N x 3 x H x W on the device (every image twice) -> (im_q, im_k). Both views go
+        through in one call: half the kernel launches of two calls, and each of the 2N images draws
+        its own crop and colour parameters, so the two views stay independent."""
+        spec = self.args.aug
         m, _, h, w = raw.shape
-        boxes = sample_boxes(m, h, w, spec.crop_scale, spec.crop_ratio, dev, gen)
-        x = resized_crop(raw.float().contiguous(), boxes, spec.image_size).div_(255.0)  # M x 3 x S x S, 0-1
-        # With jitter_order=batch the batch's one order is drawn on the host (no device sync).
-        params = sample_params(m, spec, dev, gen, order=self.opts.jitter_order)
-        x = apply(x, params)
-        x = (x - self.mean) / self.std
-        return x.to(self.args.dtype).contiguous(memory_format=self.memory_format)
+        boxes = sample_boxes(m, h, w, spec.crop_scale, spec.crop_ratio, self.args.device, gen)
+        x = resized_crop(raw.float().contiguous(), boxes, spec.image_size).div_(255.0)  # 2N x 3 x S x S, 0-1
+        return self.augment(x, gen)
 
     def __iter__(self):
         a = self.args
-        seed = (a.seed * 1_000_003 + self.epoch) * 1009 + a.rank
-        gen = torch.Generator(device=a.device).manual_seed(seed)
+        gen = torch.Generator(device=a.device).manual_seed(stream_seed(a.seed, self.sampler.epoch, a.rank))
         order = self.sampler.indices().to(a.device, non_blocking=True)  # this rank's share of the epoch
         b = a.batch_size
         for step in range(len(self)):
             idx = order[step * b : (step + 1) * b]  # device slice: no sync
-            views = self._views(self.data[idx.repeat(2)], gen)  # 2N: every image twice
-            # Slices along N of a channels-last batch are themselves channels-last: no copy.
-            yield Batch(views[:b], views[b:], self.labels[idx], idx)
+            im_q, im_k = self._views(self.data[idx.repeat(2)], gen)
+            yield Batch(im_q, im_k, self.labels[idx], idx)
 
 
 @register_loader("resident")

@@ -15,7 +15,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.data import DataError, ImageDataset, ImageList, load_splits
 
 from . import register_loader
-from .base import DevicePrefetcher, LoaderArgs
+from .base import DevicePrefetcher, LoaderArgs, stream_seed
 
 
 def view_transform(spec: AugSpec) -> T.Compose:
@@ -93,18 +93,16 @@ class TorchLoader:
         self.classes = images.classes
         self.dataset = ImageDataset(images, TwoViews(view_transform(args.aug)))
         self.sampler = EpochShardSampler(len(images), args.seed, args.rank, args.world_size)
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.sampler) // self.args.batch_size
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         self.sampler.set_epoch(epoch)
 
     def __iter__(self):
         a = self.args
-        g = torch.Generator().manual_seed((a.seed * 1_000_003 + self.epoch) * 1009 + a.rank)
+        g = torch.Generator().manual_seed(stream_seed(a.seed, self.sampler.epoch, a.rank))
         dl = DataLoader(
             self.dataset,
             batch_size=a.batch_size,

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from moco_fast.loaders import LoaderArgs, create_loader
+from moco_fast.loaders.base import DeviceAugment
 
 from moco_fast.augment import MOCO_CIFAR
 from moco_fast.cli import main
@@ -87,7 +88,7 @@ def test_order_follows_seed_and_epoch(loader):
 def test_views_follow_dtype_and_memory_format(loader):
     other = copy.copy(loader)
     other.args = loader_args(loader.args.data, dtype=torch.bfloat16, channels_last=False)
-    other.memory_format = torch.contiguous_format
+    other.augment = DeviceAugment(other.args, loader.opts.jitter_order, flip=False)  # dtype and format live here
     b = next(iter(other))
     assert b.im_q.dtype == torch.bfloat16 and b.im_q.is_contiguous()
 
