@@ -115,7 +115,7 @@ def _head_knn(cfg: TrainConfig, checkpoint: Path) -> dict[str, Any]:
     from moco_fast.checkpoint import load_model
     from moco_fast.data import load_splits
     from moco_fast.knn import knn_accuracy
-    from moco_fast.trainer import resolve_device, resolve_workers
+    from moco_fast.trainer import eval_workers, resolve_device
 
     splits = load_splits(cfg.data.data, check=False)
     if splits.eval is None:
@@ -130,14 +130,14 @@ def _head_knn(cfg: TrainConfig, checkpoint: Path) -> dict[str, Any]:
         device,
         cfg.runtime.knn_k,
         cfg.runtime.knn_t,
-        workers=min(resolve_workers(cfg.data.workers, device), 4),  # -1 is "auto", not a count
+        workers=eval_workers(cfg.data.workers, device),
     )
     return {"knn_head_top1": acc}
 
 
 def _linear(cfg: TrainConfig, folder: Path, epochs: int) -> float | None:
     from moco_fast.lincls import LinclsConfig, run_lincls
-    from moco_fast.trainer import resolve_device, resolve_workers
+    from moco_fast.trainer import eval_workers, resolve_device
 
     steps = ",".join(str(max(1, round(epochs * f))) for f in (0.6, 0.8))
     res = run_lincls(
@@ -147,7 +147,7 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int) -> float | None:
             epochs=epochs,
             schedule=steps,
             cached_features=True,
-            workers=min(resolve_workers(cfg.data.workers, resolve_device(cfg.runtime.device)), 4),
+            workers=eval_workers(cfg.data.workers, resolve_device(cfg.runtime.device)),
             device=cfg.runtime.device,
             seed=cfg.runtime.seed,
             out=str(folder / "lincls.json"),

@@ -73,6 +73,12 @@ def resolve_workers(workers: int, device: torch.device) -> int:
     return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
 
 
+def eval_workers(workers: int, device: torch.device) -> int:
+    """Workers for the kNN and linear feature passes after training: the run's own (resolved: -1 is
+    "auto", not a count), at most 4."""
+    return min(resolve_workers(workers, device), 4)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -304,5 +310,5 @@ def _knn(model: MoCo, splits, cfg: TrainConfig, device: torch.device) -> float:
         device,
         k=cfg.runtime.knn_k,
         t=cfg.runtime.knn_t,
-        workers=min(resolve_workers(cfg.data.workers, device), 4),
+        workers=eval_workers(cfg.data.workers, device),
     )
