@@ -34,6 +34,7 @@ from moco_fast.lincls import (
     start_run,
     write_json,
 )
+from moco_fast.step import fast_sgd, set_lr
 
 log = logging.getLogger("moco_fast")
 
@@ -105,9 +106,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
         net = net.to(memory_format=torch.channels_last)
     norm = Normalizer(spec, device)
     base_lr = cfg.lr * cfg.batch_size / 256
-    params = net.parameters()
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    opt = torch.optim.SGD(params, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kind)
+    opt = fast_sgd(net.parameters(), device, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # drop_last: a last batch of one image would break BatchNorm in train mode.
     loader = image_batches(splits.train, size, True, cfg.batch_size, cfg.workers, cfg.seed, drop_last=True)
@@ -120,8 +119,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
     for epoch in range(cfg.epochs):
         net.train()
         lr = lr_at(base_lr, epoch, cfg.epochs, steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, lr)
         loss_sum = torch.zeros((), device=device)
         n = 0
         for x, y in progress_iter(loader, f"finetune epoch {epoch + 1}/{cfg.epochs}"):

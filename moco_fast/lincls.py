@@ -37,6 +37,7 @@ from moco_fast.knn import collate_labeled
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
+from moco_fast.step import set_lr
 
 log = logging.getLogger("moco_fast")
 
@@ -147,15 +148,12 @@ def evaluate(
     c1 = torch.zeros((), dtype=torch.long, device=device)
     ck = torch.zeros((), dtype=torch.long, device=device)
     n = 0
-    bar = progress(total=len(batches) if hasattr(batches, "__len__") else 0, desc=desc)
-    for x, y in batches:
+    for x, y in progress_iter(batches, desc):
         y = y.to(device, non_blocking=True)
         a, b = topk_correct(forward(x).float(), y, k)
         c1 += a
         ck += b
         n += y.shape[0]
-        bar.update(1)
-    bar.close()
     return c1.item() * 100 / max(n, 1), ck.item() * 100 / max(n, 1)  # host sync: once per evaluation
 
 
@@ -262,44 +260,32 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
     norm = Normalizer(spec, device)
     fc = new_classifier(width, classes).to(device)
     opt = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    workers = cfg.workers
 
+    def batches(images: ImageList, train: bool) -> DataLoader:
+        return image_batches(images, size, train, cfg.batch_size, cfg.workers, cfg.seed)
+
+    eval_images = batches(splits.eval, train=False)
     if cfg.cached_features:
-        train_x, train_y = extract(
-            backbone,
-            image_batches(splits.train, size, False, cfg.batch_size, workers, cfg.seed),
-            norm,
-            device,
-            amp_dtype,
-            "features (train)",
-        )
-        eval_x, eval_y = extract(
-            backbone,
-            image_batches(splits.eval, size, False, cfg.batch_size, workers, cfg.seed),
-            norm,
-            device,
-            amp_dtype,
-            "features (eval)",
-        )
+        train_x, train_y = extract(backbone, batches(splits.train, False), norm, device, amp_dtype, "features (train)")
+        eval_x, eval_y = extract(backbone, eval_images, norm, device, amp_dtype, "features (eval)")
         g = torch.Generator().manual_seed(cfg.seed)
         train_epoch = lambda: tensor_batches(train_x, train_y, cfg.batch_size, True, g)  # noqa: E731
         features = lambda x: x  # noqa: E731
         eval_batches = tensor_batches(eval_x, eval_y, cfg.batch_size, False, None)
     else:
-        loader = image_batches(splits.train, size, True, cfg.batch_size, workers, cfg.seed)
+        loader = batches(splits.train, train=True)
         train_epoch = lambda: loader  # noqa: E731
 
         def features(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), autocast_for(device, amp_dtype):
                 return backbone(norm(x)).float()  # N x D
 
-        eval_batches = image_batches(splits.eval, size, False, cfg.batch_size, workers, cfg.seed)
+        eval_batches = eval_images
 
     history = []
     for epoch in range(cfg.epochs):
         lr = lr_at(cfg.lr, epoch, cfg.epochs, steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, lr)
         loss_sum = torch.zeros((), device=device)
         n = 0
         for x, y in progress_iter(train_epoch(), f"lincls epoch {epoch + 1}/{cfg.epochs}"):

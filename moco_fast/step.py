@@ -41,13 +41,15 @@ def train_step(s: StepState, batch, m: float) -> tuple[torch.Tensor, torch.Tenso
     return loss.detach(), acc.detach()
 
 
+def fast_sgd(params, device: torch.device, **kw) -> torch.optim.SGD:
+    """SGD as one fused kernel on CUDA (and GradScaler needs no host sync with it); foreach elsewhere."""
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(params, **kw, **kind)
+
+
 def make_optimizer(model: MoCo, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.encoder_q.parameters() if p.requires_grad]
-    # fused SGD: one kernel for the whole update, and GradScaler needs no host sync with it.
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(
-        params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, **kind
-    )
+    return fast_sgd(params, device, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
