@@ -8,7 +8,7 @@ import os
 from dataclasses import replace
 
 from moco_fast.augment import AUG_PRESETS
-from moco_fast.commands import HelpFormatter
+from moco_fast.commands import AMP_CHOICES, HelpFormatter
 from moco_fast.config import PRESETS, ConfigError, build_config
 
 # flag dest -> dotted config field. Flags default to None: the preset (then the dataclass) decides.
@@ -128,9 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="cpu | cuda | cuda:N | auto (default auto)")
     g.add_argument("--gpus", type=int, help="start one worker per GPU on this machine")
-    g.add_argument(
-        "--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision; auto: bf16 on CUDA, off on CPU"
-    )
+    g.add_argument("--amp", choices=AMP_CHOICES, help="mixed precision; auto: bf16 on CUDA, off on CPU")
     g.add_argument("--channels-last", action=B, default=None, help="channels-last memory format (default on)")
     g.add_argument("--compile", action=B, default=None, help="torch.compile the encoders")
     g.add_argument(
