@@ -54,7 +54,7 @@ from . import register_loader
 from .base import Batch, LoaderArgs, parse_options, stream_seed
 from .dali_pipeline import PipelineSettings, folder_pipeline, probe_pipeline, wds_pipeline
 from .torch_loader import EpochShardSampler
-from .wds import WdsMeta, is_wds_root, read_index_keys, read_meta, split_name, write_index
+from .wds import WdsMeta, index_text, is_wds_root, read_index_keys, read_meta, split_name, write_index
 
 log = logging.getLogger("moco_fast")
 
@@ -143,12 +143,12 @@ class WdsSource:
     def __init__(self, meta: WdsMeta):
         self.meta = meta
         self.tmp = tempfile.TemporaryDirectory(prefix="moco-fast-wds-")
-        self.paths = [str(p) for p in meta.shard_paths()]
+        shards = meta.shard_paths()
+        self.paths = [str(p) for p in shards]
         self.index_paths: list[str] = []
         self.position: dict[str, dict[str, int]] = {}
         self.keys: dict[str, list[str]] = {}
         n = 0
-        shards = meta.shard_paths()
         bar = progress(total=len(shards), desc="shard indexes", enabled=len(shards) > 8)
         for tar in shards:
             idx = tar.with_suffix(".idx")
@@ -188,7 +188,7 @@ class WdsSource:
         lines = idx.read_text().splitlines()
         kept = [line for line in lines[1:] if split_name(line.split()[3])[0] != key]
         new = Path(self.tmp.name) / f"{Path(path).stem}.{len(kept)}.idx"
-        new.write_text(f"{lines[0].split()[0]} {len(kept)}\n" + "\n".join(kept) + "\n")
+        new.write_text(index_text(kept))
         self.index_paths[i] = str(new)
 
 

@@ -91,10 +91,15 @@ def index_lines(tar_path: Path) -> list[str]:
     return [" ".join(s) for s in samples]
 
 
+def index_text(lines: list[str]) -> str:
+    """A DALI index file: its header, then one line per sample."""
+    return f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n"
+
+
 def write_index(tar_path: Path, idx_path: Path) -> list[str]:
     """Write DALI's index of `tar_path` to `idx_path`; returns the sample keys in order."""
     lines = index_lines(tar_path)
-    idx_path.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n")
+    idx_path.write_text(index_text(lines))
     return [split_name(line.split(" ", 4)[3])[0] for line in lines]
 
 

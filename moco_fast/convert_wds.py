@@ -22,10 +22,9 @@ from pathlib import Path
 
 from moco_fast.convert import ConvertConfig, load_resized, parallel_map
 from moco_fast.data import DataError, ImageList
+from moco_fast.loaders.wds import index_text
 
 log = logging.getLogger("moco_fast")
-
-INDEX_VERSION = "v1.2"
 
 
 def shard_name(i: int) -> str:
@@ -68,9 +67,7 @@ class ShardWriter:
 
     def close(self) -> str:
         self.tar.close()
-        (self.folder / f"{self.name}.idx").write_text(
-            f"{INDEX_VERSION} {len(self.lines)}\n" + "\n".join(self.lines) + "\n"
-        )
+        (self.folder / f"{self.name}.idx").write_text(index_text(self.lines))
         return f"{self.name}.tar"
 
 
