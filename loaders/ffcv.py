@@ -44,6 +44,7 @@ from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
 from moco_fast.config import ConfigError
+from moco_fast.convert import sidecar_path
 from moco_fast.data import DataError
 
 from . import register_loader
@@ -176,10 +177,6 @@ class FFCVOptions:
         if out.batches_ahead < 1:
             raise ConfigError("ffcv loader option batches_ahead must be at least 1")
         return out
-
-
-def sidecar_path(beton: Path) -> Path:
-    return beton.with_name(beton.name + ".json")
 
 
 def read_classes(beton: Path, labels: np.ndarray) -> list[str]:

@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from moco_fast.data import DataError, ImageList, list_images, resolve_root, split_dirs
+from moco_fast.loaders.wds import META_NAME
 
 log = logging.getLogger("moco_fast")
 
@@ -151,6 +152,11 @@ def source_images(cfg: ConvertConfig) -> ImageList:
         raise DataError(f"--split {cfg.split}: {root} has no train/ and {cfg.split}/ folders")
     classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir())
     return list_images(eval_dir, classes=classes, check=True, workers=max(1, cfg.workers))
+
+
+def sidecar_path(beton: Path) -> Path:
+    """The JSON beside a .beton (class names, counts, what was skipped), read by the FFCV loader."""
+    return beton.with_name(beton.name + ".json")
 
 
 def temp_path(dst: Path) -> Path:
@@ -301,13 +307,13 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         }
         if cfg.format == "ffcv":
             meta["write_mode"] = cfg.write_mode
-            side_tmp = temp_path(dst.with_name(dst.name + ".json"))
+            side_tmp = temp_path(sidecar_path(dst))
             extra_tmp.append(side_tmp)
             side_tmp.write_text(json.dumps(meta, indent=1))
             publish(tmp, dst, cfg.force)
-            publish(side_tmp, dst.with_name(dst.name + ".json"), True)
+            publish(side_tmp, sidecar_path(dst), True)
         else:
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
             publish(tmp, dst, cfg.force)
     except BaseException:
         for p in (tmp, *extra_tmp):
