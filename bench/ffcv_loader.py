@@ -123,22 +123,20 @@ def run_row(row: str, roots: dict, a: argparse.Namespace) -> dict:
 
 
 def run_aug_row(row: str, a: argparse.Namespace) -> dict:
-    """The FFCV backend's device pass alone: uint8 views -> augmented, normalised views."""
-    from moco_fast.kernels.augment_gpu import apply, sample_params
-    from moco_fast.loaders.base import mean_std_255
+    """The FFCV backend's device pass alone (its `DeviceAugment`): uint8 views -> augmented,
+    normalised views in the trainer's dtype and channels-last."""
+    from moco_fast.loaders.base import DeviceAugment, LoaderArgs
 
     dev = torch.device(a.device)
     spec, n = MOCO_V2, 2 * a.batch_size
     u8 = torch.randint(0, 256, (n, 3, spec.image_size, spec.image_size), dtype=torch.uint8, device=dev)
-    mean, std = mean_std_255(spec, dev)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    augment = DeviceAugment(LoaderArgs(None, spec, a.batch_size, dev, dtype), row.removeprefix("aug-"), flip=False)
     g = torch.Generator(device=dev).manual_seed(0)
-    order = row.removeprefix("aug-")
 
     def passes():
         while True:
-            x = apply(u8.float().div_(255.0), sample_params(n, spec, dev, g, order=order, flip=False))
-            out = ((x * 255.0 - mean) / std).to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
-            out = out.contiguous(memory_format=torch.channels_last)
+            out = augment(u8.float().div_(255.0), g)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             yield out
