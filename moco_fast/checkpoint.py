@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -32,15 +33,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states)
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
-    half-written checkpoint under the final name."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """write(fh) into a temporary file in the same folder, then rename: a crash never leaves a
+    half-written file under the final name (checkpoints, exports, result JSON)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -48,6 +49,11 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save through `atomic_write`."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -61,7 +61,7 @@ def detectron2_checkpoint(model: nn.Module) -> dict[str, Any]:
 
 def export(checkpoint: str | Path, fmt: str, output: str | Path, force: bool = False) -> dict[str, Any]:
     """Write the export; returns {"format", "output", "keys", "arch", "stem"}."""
-    from moco_fast.checkpoint import load_model
+    from moco_fast.checkpoint import atomic_write, load_model
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; choose one of {FORMATS}")
@@ -78,17 +78,9 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path, force: bool = F
             )
         obj = detectron2_checkpoint(model)
         keys = len(obj["model"])
-        _atomic_write(output, lambda fh: pickle.dump(obj, fh))
+        atomic_write(output, lambda fh: pickle.dump(obj, fh))
     else:
         state = torchvision_state(model)
         keys = len(state)
-        _atomic_write(output, lambda fh: torch.save(state, fh))
+        atomic_write(output, lambda fh: torch.save(state, fh))
     return {"format": fmt, "output": str(output), "keys": keys, "arch": cfg.model.arch, "stem": stem}
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-    tmp.replace(path)

@@ -351,7 +351,6 @@ def result_record(
 
 
 def write_json(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    from moco_fast.checkpoint import atomic_write
+
+    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2).encode()))
