@@ -4,6 +4,10 @@ evaluation commands (knn, lincls, finetune) share, so that they read and default
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
+from typing import TypeVar
+
+T = TypeVar("T")
 
 AMP_CHOICES = ["auto", "bf16", "fp16", "off"]
 
@@ -19,6 +23,11 @@ def add_eval_runtime_flags(
         p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=amp_help)
     if seed:
         p.add_argument("--seed", type=int, default=0)
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """A command's dataclass config from its parsed flags: each field from the flag of that name."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moco_fast.commands import HelpFormatter
+from moco_fast.commands import HelpFormatter, dataclass_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,19 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moco_fast.convert import ConvertConfig, convert
 
-    cfg = ConvertConfig(
-        src=args.src,
-        dst=args.dst,
-        format=args.format,
-        split=args.split,
-        max_resolution=args.max_resolution,
-        jpeg_quality=args.jpeg_quality,
-        write_mode=args.write_mode,
-        shard_size=args.shard_size,
-        workers=args.workers,
-        force=args.force,
-        seed=args.seed,
-    )
+    cfg = dataclass_from_args(ConvertConfig, args)
     summary = convert(cfg)
     print(summary.text(), file=sys.stdout)
     return 0

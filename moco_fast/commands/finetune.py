@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moco_fast.commands import HelpFormatter, add_eval_runtime_flags
+from moco_fast.commands import HelpFormatter, add_eval_runtime_flags, dataclass_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,26 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moco_fast.finetune import FinetuneConfig, run_finetune
 
-    fields = (
-        "checkpoint",
-        "data",
-        "from_scratch",
-        "arch",
-        "stem",
-        "epochs",
-        "lr",
-        "momentum",
-        "weight_decay",
-        "schedule",
-        "batch_size",
-        "workers",
-        "image_size",
-        "device",
-        "amp",
-        "seed",
-        "out",
-    )
-    res = run_finetune(FinetuneConfig(**{f: getattr(args, f) for f in fields}))
+    res = run_finetune(dataclass_from_args(FinetuneConfig, args))
     print(
         f"fine-tuning from {res['init']}: top-1 {res['top1']:.2f}%  top-{res['topk']} {res['top5']:.2f}%  "
         f"({res['eval_images']} eval images, {args.epochs} epochs)"

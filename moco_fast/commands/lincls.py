@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moco_fast.commands import HelpFormatter, add_eval_runtime_flags
+from moco_fast.commands import HelpFormatter, add_eval_runtime_flags, dataclass_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,23 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moco_fast.lincls import LinclsConfig, run_lincls
 
-    cfg = LinclsConfig(
-        checkpoint=args.checkpoint,
-        data=args.data,
-        epochs=args.epochs,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        image_size=args.image_size,
-        cached_features=args.cached_features,
-        device=args.device,
-        amp=args.amp,
-        seed=args.seed,
-        out=args.out,
-    )
+    cfg = dataclass_from_args(LinclsConfig, args)
     res = run_lincls(cfg)
     print(
         f"linear classification: top-1 {res['top1']:.2f}%  top-{res['topk']} {res['top5']:.2f}%  "
