@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 
 from moco_fast.loaders import LoaderArgs, create_loader
-from report import device_info
+from report import device_info, forever, format_table
 
 from moco_fast.augment import MOCO_V2
 from moco_fast.convert import ConvertConfig, convert, load_resized
@@ -87,15 +87,6 @@ def timed(batches, warmup: int, steps: int, batch_size: int, min_seconds: float 
     return {"img_per_s": n * batch_size / dt, "ms_per_batch": 1000 * dt / n, "seconds": dt, "batches": n}
 
 
-def endless(loader, raw: bool = False):
-    """Batches across epochs; `raw` iterates FFCV's own loader (no device pass)."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from (loader.ffcv if raw else loader)
-        epoch += 1
-
-
 def run_row(row: str, roots: dict, a: argparse.Namespace) -> dict:
     spec = MOCO_V2
     data = {"torch": roots["full"], "torch-crops": roots["full"]}.get(row) or (
@@ -117,7 +108,9 @@ def run_row(row: str, roots: dict, a: argparse.Namespace) -> dict:
     loader = create_loader("torch" if row.startswith("torch") else "ffcv", args)
     t0 = time.perf_counter()
     raw = row in ("ffcv", "ffcv-twice")
-    out = timed(lambda: endless(loader, raw=raw), a.warmup, a.steps, a.batch_size, a.min_seconds)
+    out = timed(
+        lambda: forever(loader, (lambda x: x.ffcv) if raw else None), a.warmup, a.steps, a.batch_size, a.min_seconds
+    )
     out["warmup_s"] = time.perf_counter() - t0 - out["seconds"]
     return out
 
@@ -147,18 +140,7 @@ def run_aug_row(row: str, a: argparse.Namespace) -> dict:
     return out
 
 
-def format_table(rows: list[dict]) -> str:
-    head = f"{'what':<16} {'img/s':>8} {'ms/batch':>9} {'x torch':>8}  settings"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['row']:<16} failed: {r['error']}")
-            continue
-        lines.append(
-            f"{r['row']:<16} {r['img_per_s']:>8.1f} {r['ms_per_batch']:>9.0f} "
-            f"{format(r['vs_torch'], '8.2f') if 'vs_torch' in r else '':>8}  {r['settings']}"
-        )
-    return "\n".join(lines)
+COLUMNS = [("img_per_s", "img/s", "{:,.0f}"), ("ms_per_batch", "ms/batch", "{:.1f}"), ("vs_torch", "x torch", "{:.2f}")]
 
 
 SETTINGS = {
@@ -230,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if base and "img_per_s" in r:
             r["vs_torch"] = r["img_per_s"] / base["img_per_s"]
-    print(format_table(results))
+    print(format_table(results, COLUMNS, name_key="row"))
     if a.json:
         info = device_info(torch.device(a.device)) | {"cores_used": a.workers}
         doc = {

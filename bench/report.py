@@ -1,4 +1,4 @@
-"""The table and the machine description of a bench/throughput.py run."""
+"""The table, the machine description and the endless batch stream of the bench/ scripts."""
 
 from __future__ import annotations
 
@@ -53,16 +53,16 @@ def _fmt(value, fmt: str) -> str:
     return fmt.format(value)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]] = COLUMNS, name_key: str = "name") -> str:
     """One table; columns that no row has (GPU figures on a CPU) are left out."""
-    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    cols = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
     header = ["row", "settings", *(h for _, h, _ in cols)]
     body = []
     for r in rows:
         if r.get("error"):
-            body.append([r["name"], r.get("settings", ""), f"failed: {r['error']}"[:80]])
+            body.append([r[name_key], r.get("settings", ""), f"failed: {r['error']}"[:80]])
             continue
-        body.append([r["name"], r["settings"], *(_fmt(r.get(k), f) for k, _, f in cols)])
+        body.append([r[name_key], r.get("settings", ""), *(_fmt(r.get(k), f) for k, _, f in cols)])
     widths = [max(len(str(x[i])) for x in [header, *body] if i < len(x)) for i in range(len(header))]
     lines = [
         "  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w) for i, (v, w) in enumerate(zip(x, widths)))
@@ -70,6 +70,16 @@ def format_table(rows: list[dict]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def forever(loader, batches=None):
+    """Batches across epochs, as a long run sees them (epoch boundaries included). `batches(loader)`
+    picks what to iterate (default: the loader itself)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from (loader if batches is None else batches(loader))
+        epoch += 1
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 from gpu_stats import GpuSampler
 from moco_fast.loaders import LoaderArgs, create_loader
 from reference_step import build_reference, reference_step
-from report import add_ratios, device_info, format_table
+from report import add_ratios, device_info, forever, format_table
 
 from moco_fast.config import ConfigError, build_config, to_dict
 from moco_fast.data import DataError
@@ -107,15 +107,6 @@ def parse_rows(text: str, args: argparse.Namespace) -> list[RowSpec]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def forever(loader):
-    """Batches across epochs, as a long run sees them (epoch boundaries included)."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def timed(fn, warmup: int, steps: int, batch: int, device: torch.device) -> dict:
