@@ -174,6 +174,26 @@ if m.exists():
     for r in res["rows"]:
         got = f"{r['ms']:.3f} ms, {r['gb_per_s']:.0f} GB/s" if r.get("ms") is not None else f"failed: {r.get('error')}"
         print(f"  {r['name']:<24} {got}")
+# The issues' ratios, each measured within one run: loader-fed step against the synthetic-input step
+# (issue 3: DALI >= 95%), and the FFCV device augmentation pass against the ResNet-50 step (issue 4: < 5%).
+print("\nratios:")
+steps = {}
+for f in sorted(out.glob("throughput-*.json")):
+    rows = {r["name"]: r for r in json.loads(f.read_text())["rows"] if r.get("img_per_s")}
+    steps.update({f"{f.stem[11:]}: {k}": v["ms_per_step"] for k, v in rows.items() if k.startswith("trainer")})
+    for name, r in rows.items():
+        if name.startswith("end-to-end"):
+            t = rows.get(name.replace("end-to-end", "trainer", 1))
+            if t:
+                print(f"  {f.stem[11:]}: {name} = {100 * r['img_per_s'] / t['img_per_s']:.1f}% of {t['name']}")
+ff = out / "ffcv.json"
+if ff.exists():
+    for r in json.loads(ff.read_text())["rows"]:
+        if r.get("row", "").startswith("aug") and r.get("ms_per_batch"):
+            for k in ("synthetic: trainer:bf16", "synthetic: trainer:fp16"):
+                if k in steps:
+                    print(f"  ffcv {r['row']}: {r['ms_per_batch']:.2f} ms = {100 * r['ms_per_batch'] / steps[k]:.1f}% "
+                          f"of the {k.split(': ')[1]} step ({steps[k]:.1f} ms); {r['img_per_s']:,.0f} img/s")
 for f in sorted(out.glob("throughput-*.json")):
     for r in json.loads(f.read_text())["rows"]:
         p = r.get("profile")
