@@ -30,7 +30,9 @@ Augmentation seeds differ per rank and per starting point: (seed, rank, first st
 A corrupt image does not stop a run: when DALI fails on a batch, the loader finds the file (named in
 DALI's error, or found by decoding the files of the batches in flight one by one), logs it by name,
 replaces it by the next good file of the epoch and rebuilds the pipeline at the same step. In a shard
-set, a sample DALI names is dropped from that shard's index the same way.
+set, the sample (named by DALI, or found by replaying the failed pipeline's reader up to the batches
+in flight and decoding those one by one) is dropped from its shard's index the same way. A run gives
+up only when more than MAX_BAD_FRACTION of its images (and more than MAX_BAD_MIN) cannot be decoded.
 """
 
 from __future__ import annotations
@@ -52,13 +54,14 @@ from moco_fast.metrics import progress
 
 from . import register_loader
 from .base import Batch, LoaderArgs, parse_options, stream_seed
-from .dali_pipeline import PipelineSettings, folder_pipeline, probe_pipeline, wds_pipeline
+from .dali_pipeline import PipelineSettings, folder_pipeline, probe_pipeline, wds_pipeline, wds_replay_pipeline
 from .torch_loader import EpochShardSampler
 from .wds import WdsMeta, index_text, is_wds_root, read_index_keys, read_meta, split_name, write_index
 
 log = logging.getLogger("moco_fast")
 
-MAX_RECOVERIES = 100  # pipeline rebuilds after decode failures in one run before giving up
+# A run gives up when more than this share of its images (and more than MAX_BAD_MIN) cannot be decoded.
+MAX_BAD_FRACTION, MAX_BAD_MIN = 0.1, 16
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,9 @@ def path_bytes(path: str) -> np.ndarray:
     return np.frombuffer(os.fsencode(path), np.uint8)
 
 
-def one_file_per_iteration(paths: list[str]):
+def one_per_iteration(items: list[np.ndarray]):
     def source(iteration: int):
-        return ([path_bytes(paths[min(iteration, len(paths) - 1)])],)
+        return ([items[min(iteration, len(items) - 1)]],)
 
     return source
 
@@ -150,11 +153,11 @@ class WdsSource:
         self.keys: dict[str, list[str]] = {}
         n = 0
         bar = progress(total=len(shards), desc="shard indexes", enabled=len(shards) > 8)
-        for tar in shards:
+        for i, tar in enumerate(shards):
             idx = tar.with_suffix(".idx")
             keys = read_index_keys(idx) if idx.is_file() else None
-            if keys is None:
-                idx = Path(self.tmp.name) / (tar.stem + ".idx")
+            if keys is None:  # numbered: shards in different folders may share a name
+                idx = Path(self.tmp.name) / f"{i:06d}-{tar.stem}.idx"
                 keys = write_index(tar, idx)
             self.index_paths.append(str(idx))
             self.keys[str(tar)] = keys
@@ -163,6 +166,7 @@ class WdsSource:
             bar.update(1)
         bar.close()
         self.num_images = n
+        self.dropped = 0  # samples taken out of the indexes during the run
         if n != meta.num_images:
             log.warning("%s says %d images, the shards hold %d: using %d", meta.root, meta.num_images, n, n)
 
@@ -187,7 +191,8 @@ class WdsSource:
         idx = Path(self.index_paths[i])
         lines = idx.read_text().splitlines()
         kept = [line for line in lines[1:] if split_name(line.split()[3])[0] != key]
-        new = Path(self.tmp.name) / f"{Path(path).stem}.{len(kept)}.idx"
+        new = Path(self.tmp.name) / f"{i:06d}-{Path(path).stem}.{len(kept)}.idx"
+        self.dropped += 1
         new.write_text(index_text(kept))
         self.index_paths[i] = str(new)
 
@@ -230,7 +235,7 @@ class DaliLoader:
         self.epoch = 0
         self._pipe = None
         self._consumed = 0  # global steps taken out of the pipeline stream
-        self._recoveries = 0
+        self._stream: tuple[int, PipelineSettings] = (0, self.settings)  # the pipeline's first step, settings
         self._held: deque = deque()  # (CUDA event, DALI outputs) still read by queued GPU work
 
     def __len__(self) -> int:
@@ -253,6 +258,7 @@ class DaliLoader:
             self._pipe = wds_pipeline(w.paths, w.index_paths, self.opts.shuffle_buffer, a.rank, a.world_size, a.aug, s)
         self._pipe.build()
         self._consumed = step
+        self._stream = (step, s)
 
     def __iter__(self):
         first = self.epoch * self.steps
@@ -276,9 +282,14 @@ class DaliLoader:
                 return self._pipe.run()
             except RuntimeError as e:  # DALI: "Current pipeline object is no longer valid"
                 self._pipe = None
-                self._recoveries += 1
-                if self._recoveries > MAX_RECOVERIES or not self._skip_culprits(str(e)):
+                if not self._skip_culprits(str(e)):
                     raise
+                bad = len(self.folder.bad) if self.folder is not None else self.wds.dropped
+                if bad > max(MAX_BAD_MIN, MAX_BAD_FRACTION * self.num_images):
+                    raise DataError(
+                        f"{bad} of {self.num_images} images could not be decoded (more than "
+                        f"{MAX_BAD_FRACTION:.0%}): check the data set"
+                    ) from e
                 self._start(self._consumed)
 
     def _skip_culprits(self, msg: str) -> bool:
@@ -289,6 +300,8 @@ class DaliLoader:
             named = [
                 (p, split_name(m)[0]) for p, _, m in re.findall(r"(\S+\.tar):(\d+):(\S+)", msg) if p in self.wds.paths
             ]
+            if not named:  # DALI's decoders name no sample: replay the reader to find it
+                named = self._undecodable_samples()
             for path, key in named:
                 log.warning("skipping sample %s of %s: DALI could not decode it", key, path)
                 self.wds.drop(path, key)
@@ -300,26 +313,59 @@ class DaliLoader:
         if not bad:
             m = re.search(r"sample #(\d+)", msg)
             first = sorted({b[int(m.group(1))] for b in batches if m and int(m.group(1)) < len(b)})
-            bad = self._undecodable(first) or self._undecodable(candidates)
+            bad = self._undecodable_files(first) or self._undecodable_files(candidates)
         for k in bad:
             log.warning("skipping unreadable image %s: DALI could not decode it", f.files[k])
         f.bad.update(bad)
         return bool(bad)
 
-    def _undecodable(self, candidates: list[int]) -> list[int]:
-        """Decode the candidates one at a time with the run's decoder; return those that fail."""
-        paths = [self.folder.files[k] for k in candidates]
+    def _undecodable_files(self, candidates: list[int]) -> list[int]:
+        """The folder images among `candidates` that the run's decoder fails on."""
+        paths = [path_bytes(self.folder.files[k]) for k in candidates]
+        return [candidates[i] for i in self._undecodable(paths, read_files=True)]
+
+    def _undecodable_samples(self) -> list[tuple[str, str]]:
+        """(shard path, key) of the shard samples in flight that the run's decoder fails on. A reader
+        with the failed pipeline's settings replays its stream up to the batches in flight (reading,
+        not decoding: at most about one epoch of this rank's share, once per bad sample found)."""
+        start, s = self._stream
+        first = self._consumed - start
+        a, w = self.args, self.wds
+        replay = wds_replay_pipeline(w.paths, w.index_paths, self.opts.shuffle_buffer, a.rank, a.world_size, s)
+        replay.build()
+        data, names = [], []
+        bar = progress(total=first, desc="finding the sample DALI failed on", enabled=first > 100)
+        for b in range(first + s.prefetch + 1):
+            try:
+                jpg, _ = replay.run()
+            except RuntimeError:  # the reader itself failed (a damaged tar): nothing to blame here
+                break
+            if b < first:
+                bar.update(1)
+                continue
+            for i in range(len(jpg)):
+                path, _, member = jpg[i].source_info().rsplit(":", 2)
+                data.append(np.array(jpg[i]))
+                names.append((path, split_name(member)[0]))
+        bar.close()
+        del replay
+        # a sample can be in flight twice (the stream runs on across epoch ends): name it once
+        return list(dict.fromkeys(names[i] for i in self._undecodable(data, read_files=False)))
+
+    def _undecodable(self, items: list[np.ndarray], read_files: bool) -> list[int]:
+        """Decode `items` (paths as bytes, or encoded images) one at a time with the run's decoder;
+        returns the positions of those that fail."""
         bad, i = [], 0
-        while i < len(paths):
-            rest = paths[i:]  # a failed probe pipeline is dead: a new one starts after the bad file
-            probe = probe_pipeline(one_file_per_iteration(rest), self.settings)
+        while i < len(items):
+            # a failed probe pipeline is dead: a new one starts after the bad item
+            probe = probe_pipeline(one_per_iteration(items[i:]), self.settings, read_files=read_files)
             probe.build()
             try:
-                while i < len(paths):
+                while i < len(items):
                     probe.run()
                     i += 1
             except RuntimeError:
-                bad.append(candidates[i])
+                bad.append(i)
                 i += 1
             del probe
         return bad

@@ -21,6 +21,8 @@ Where DALI's operators differ from torchvision's (the reference, `torch_loader.v
 - Random resized crop: the same scale/ratio sampling with 10 attempts and antialiased linear resize;
   after 10 misses both fall back to the largest crop within the ratio range (checked by hand: the same
   size; torchvision centres it, DALI may place it a few pixels off centre).
+- Decoding: EXIF orientation is not applied (DALI's default would rotate such photos; PIL, and so the
+  torch loader and the FFCV conversion, keep the stored pixel order).
 - Flip and normalisation are fused into `crop_mirror_normalize`, which writes the trainer's dtype
   (float16 or float32; DALI has no bfloat16, see `dali.py`) in NHWC or NCHW.
 """
@@ -39,6 +41,9 @@ from moco_fast.augment import AugSpec
 # so that the decoder does not reallocate (and stall) when a larger image turns up.
 DEVICE_MEMORY_PADDING = 211_025_920
 HOST_MEMORY_PADDING = 140_544_512
+# RGB, and the stored pixel order: EXIF orientation is not applied, as PIL's decode in the torch
+# loader and `moco-fast convert` (the FFCV path) do not apply it, so every backend sees the same image.
+DECODE = {"output_type": types.RGB, "adjust_orientation": False}
 
 
 @dataclass(frozen=True)
@@ -124,17 +129,18 @@ def one_view(images, spec: AugSpec, s: PipelineSettings):
 
 
 def decode(encoded, s: PipelineSettings):
-    """Encoded bytes (CPU) -> HWC uint8 RGB: on the GPU ("mixed") or on the CPU."""
+    """Encoded bytes (CPU) -> HWC uint8 RGB, on the GPU ("mixed"), or on the CPU and then moved to
+    the device where the augmentations run (`decoder=cpu` on a GPU run)."""
     if s.gpu_decode:
         return fn.decoders.image(
             encoded,
             device="mixed",
-            output_type=types.RGB,
             hw_decoder_load=s.hw_decoder_load,
             device_memory_padding=DEVICE_MEMORY_PADDING,
             host_memory_padding=HOST_MEMORY_PADDING,
+            **DECODE,
         )
-    return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+    return _on_device(fn.decoders.image(encoded, device="cpu", **DECODE), s)
 
 
 def _pipeline(s: PipelineSettings) -> Pipeline:
@@ -168,6 +174,23 @@ def folder_pipeline(source: Callable[[int], tuple], spec: AugSpec, s: PipelineSe
     return pipe
 
 
+def _wds_reader(paths, index_paths, shuffle_buffer: int, shard_id: int, num_shards: int, seed: int):
+    """(jpg bytes, cls bytes) of this rank's share; the order is fixed by `seed` alone, so a second
+    reader with the same arguments replays the samples a pipeline was given."""
+    return fn.readers.webdataset(
+        paths=list(paths),
+        index_paths=list(index_paths),
+        ext=["jpg", "cls"],
+        missing_component_behavior="error",
+        random_shuffle=True,
+        initial_fill=shuffle_buffer,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=seed,
+        name="reader",
+    )
+
+
 def wds_pipeline(
     paths: Sequence[str],
     index_paths: Sequence[str],
@@ -181,30 +204,31 @@ def wds_pipeline(
     names the sample ("shard.tar:offset:key.cls"), from which the loader makes labels and indices."""
     pipe = _pipeline(s)
     with pipe:
-        jpg, cls = fn.readers.webdataset(
-            paths=list(paths),
-            index_paths=list(index_paths),
-            ext=["jpg", "cls"],
-            missing_component_behavior="error",
-            random_shuffle=True,
-            initial_fill=shuffle_buffer,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            seed=s.seed,
-            name="reader",
-        )
+        jpg, cls = _wds_reader(paths, index_paths, shuffle_buffer, shard_id, num_shards, s.seed)
         images = decode(jpg, s)
         pipe.set_outputs(one_view(images, spec, s), one_view(images, spec, s), cls)
     return pipe
 
 
-def probe_pipeline(source: Callable[[int], tuple], s: PipelineSettings) -> Pipeline:
-    """Decode only, one file at a time: finds the file that made the decoder fail."""
+def wds_replay_pipeline(
+    paths: Sequence[str], index_paths: Sequence[str], shuffle_buffer: int, shard_id: int, num_shards: int, s
+) -> Pipeline:
+    """The reader of `wds_pipeline` with the same settings, alone on the CPU (no decode): it yields
+    the encoded samples that pipeline was given, batch for batch, to find one it could not decode."""
+    pipe = Pipeline(batch_size=s.batch_size, num_threads=1, device_id=None, seed=s.seed, prefetch_queue_depth=1)
+    with pipe:
+        pipe.set_outputs(*_wds_reader(paths, index_paths, shuffle_buffer, shard_id, num_shards, s.seed))
+    return pipe
+
+
+def probe_pipeline(source: Callable[[int], tuple], s: PipelineSettings, read_files: bool = True) -> Pipeline:
+    """Decode only, one file at a time: finds the file that made the decoder fail. `source(i)` gives
+    the i-th file's path as bytes (`read_files`) or its encoded contents."""
     pipe = Pipeline(batch_size=1, num_threads=1, device_id=s.device_id, prefetch_queue_depth=1, exec_dynamic=True)
     with pipe:
-        (path,) = fn.external_source(source=source, num_outputs=1, batch=True, dtype=[types.UINT8])
-        raw = fn.io.file.read(path)
+        (data,) = fn.external_source(source=source, num_outputs=1, batch=True, dtype=[types.UINT8])
+        raw = fn.io.file.read(data) if read_files else data
         # the run's decoder, without the big scratch padding: this pipeline lives for a few files
         kw = {"device": "mixed", "hw_decoder_load": s.hw_decoder_load} if s.gpu_decode else {"device": "cpu"}
-        pipe.set_outputs(fn.decoders.image(raw, output_type=types.RGB, **kw))
+        pipe.set_outputs(fn.decoders.image(raw, **kw, **DECODE))
     return pipe

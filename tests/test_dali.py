@@ -307,6 +307,47 @@ def test_shard_set_ranks(tiny_root, tmp_path):
     assert all(len(s) == 16 for s in shares) and not shares[0] & shares[1]
 
 
+def test_shards_with_the_same_name_in_two_folders(tiny_root, tmp_path):
+    # Neither has an index: the ones made on the fly must not overwrite each other.
+    write_shards(tiny_root / "train", tmp_path / "wds")
+    root = tmp_path / "wds"
+    meta = json.loads((root / "meta.json").read_text())
+    for i, name in enumerate(meta["shards"]):
+        (root / name.replace(".tar", ".idx")).unlink(missing_ok=True)
+        (root / f"part{i}").mkdir()
+        (root / name).rename(root / f"part{i}" / "shard.tar")
+    meta["shards"] = [f"part{i}/shard.tar" for i in range(len(meta["shards"]))]
+    (root / "meta.json").write_text(json.dumps(meta))
+    ld = dali_loader(root, IDENTITY, batch_size=8)
+    assert len(set(ld.wds.index_paths)) == 2
+    assert sorted(i for b in ld for i in b.index.tolist()) == list(range(32))
+
+
+def test_corrupt_sample_in_a_shard_set_is_found_and_dropped(tiny_root, tmp_path, caplog):
+    truth = write_shards(tiny_root / "train", tmp_path / "wds")
+    root = tmp_path / "wds"
+    # Zero one JPEG inside the first shard, in place: the tar and its index stay valid, DALI's decoder
+    # fails on the sample without naming it.
+    lines = (root / "shard-000000.idx").read_text().splitlines()[1:]
+    jpg = next(line.split() for line in lines[3:] if line.split()[3].endswith(".jpg"))
+    offset, size, member = int(jpg[1]), int(jpg[2]), jpg[3]
+    with open(root / "shard-000000.tar", "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(size))
+    key = member.rsplit(".", 1)[0]
+    bad = next(i for i, (f, _) in truth.items() if f"{f.parent.name}_{f.stem}" == key)
+    ld = dali_loader(root, COLOUR, batch_size=8)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        seen = []
+        for epoch in range(2):
+            ld.set_epoch(epoch)
+            steps = [b.index.tolist() for b in ld]
+            assert len(steps) == len(ld) == 4
+            seen += [i for s in steps for i in s]
+    assert bad not in seen and len(set(seen)) == 31
+    assert caplog.text.count(f"skipping sample {key} of {root / 'shard-000000.tar'}") == 1
+
+
 def test_corrupt_images_are_named_and_skipped(fresh_root, caplog):
     cls = fresh_root / "train" / "airplane"
     good = sorted(cls.glob("*.jpg"))[0].read_bytes()
@@ -374,3 +415,12 @@ def test_gpu_pipeline_matches_the_spec(synth, tiny_root):
     views, index = dali_views(synth["flat"], COLOUR, torch.device("cuda"))
     grey, jit = colour_stats(views, colours[index])
     assert abs(grey.mean() - COLOUR.gray_prob) < 0.07 and abs(jit[~grey].mean() - COLOUR.jitter_prob) < 0.07
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_decoder_on_a_gpu_run_gives_gpu_views(tiny_root):
+    ld = dali_loader(tiny_root, COLOUR, device=torch.device("cuda"), batch_size=8, options={"decoder": "cpu"})
+    b = next(iter(ld))
+    assert not ld.settings.gpu_decode
+    assert b.im_q.is_cuda and b.im_k.is_cuda and b.label.is_cuda and b.index.is_cuda
