@@ -166,7 +166,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch = 0
     if resume_path is not None:
-        state = ckpt.load(resume_path, map_location=device)
+        # on the CPU: the RNG states must stay there; model and optimizer states are copied to the device
+        state = ckpt.load(resume_path, map_location="cpu")
         _check_same_model(state["config"], cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -70,6 +70,17 @@ def test_resume_equals_uninterrupted(tiny_root, tmp_path):
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resume_on_cuda(tiny_root, tmp_path):
+    # The checkpoint's RNG states must reach torch as CPU tensors, whatever device the run is on.
+    cuda = {"runtime.device": "cuda", "runtime.amp": "bf16"}
+    train(tiny_config(tiny_root, tmp_path, **cuda, **{"optim.epochs": 1}))
+    row = train(tiny_config(tiny_root, tmp_path, **cuda, **{"optim.epochs": 2, "runtime.resume": "auto"}))
+    assert row["epoch"] == 2 and [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["rng"]["cuda"].device.type == "cpu"
+
+
 def test_checkpoint_holds_everything(tiny_root, tmp_path):
     train(tiny_config(tiny_root, tmp_path, **{"optim.epochs": 1}))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
