@@ -29,7 +29,8 @@
 # A phase starts only if its time box fits in what is left of BUDGET, so one 10-minute command never
 # runs past its limit; run the phases it skipped in a second command.
 # The machine has no package registry: nothing is installed. Without an installed moco_fast, a
-# symlinked package (moco_fast + loaders/ + kernels/) goes on PYTHONPATH.
+# symlinked package (moco_fast + loaders/ + kernels/) goes on PYTHONPATH (checked here by a clone
+# run with a Python that has the dependencies but not the project).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -49,6 +50,9 @@ if ! $PY -c "import moco_fast.loaders, moco_fast.kernels" 2>/dev/null; then
   ln -s "$PWD/loaders" "$SHIM/moco_fast/loaders"
   ln -s "$PWD/kernels" "$SHIM/moco_fast/kernels"
   export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
+  # `python -m` and `-c` put the working directory first, where ./moco_fast (without loaders/ and
+  # kernels/) would shadow the shim: keep it off sys.path (the bench scripts add their own folder).
+  export PYTHONSAFEPATH=1
 fi
 
 # run NAME MAX_SECONDS COMMAND...: runs under a time box cut to what is left of BUDGET.
