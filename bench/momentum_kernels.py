@@ -1,6 +1,6 @@
 """Times every momentum (EMA) backend on a real encoder's parameters and checks each against float64.
 
-    python bench/momentum_kernels.py                  # GPU: ResNet-50 + MLP head (161 tensors)
+    python bench/momentum_kernels.py                  # GPU: ResNet-50 + MLP head (163 tensors), channels-last
     python bench/momentum_kernels.py --device cpu --arch resnet18
 
 Rows: each backend in moco_fast.kernels.momentum.MOMENTUM_BACKENDS (reference loop, foreach, triton
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True, help="MoCo v2 head (default on)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="(default on)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, help="timed calls per row (default 50 on GPU, 5 on CPU)")
     p.add_argument("--json", help="write the rows here")
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (50 if device.type == "cuda" else 5)
     torch.manual_seed(0)
     enc_q = build_encoder(ModelConfig(arch=args.arch, mlp=args.mlp), 224, bn_splits=1).to(device)
+    if args.channels_last:  # the trainer's layout: 4-d weights are dense but not contiguous
+        enc_q = enc_q.to(memory_format=torch.channels_last)
     qs = [p.detach() for p in enc_q.parameters()]
     k_init = [q + 0.01 * torch.randn_like(q) for q in qs]  # random data, never zeros
     numel = sum(q.numel() for q in qs)

@@ -107,6 +107,18 @@ def _tables(ks: Tensors, qs: Tensors) -> _Tables:
     return found
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """The elements fill one block of memory with no gaps or overlaps, in any dimension order
+    (contiguous, channels-last, transposed): the kernel walks each tensor as a flat buffer, which is
+    elementwise-correct when key and query share the strides."""
+    expect = 1
+    for size, stride in sorted(((sz, st) for sz, st in zip(t.shape, t.stride()) if sz != 1), key=lambda d: d[1]):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
 def _check(ks: Tensors, qs: Tensors) -> None:
     if len(ks) != len(qs):
         raise ValueError("key and query parameter lists differ in length")
@@ -120,8 +132,11 @@ def _check(ks: Tensors, qs: Tensors) -> None:
     for k, q in zip(ks, qs):
         if k.device != device or q.device != device or k.dtype != dtype or q.dtype != dtype:
             raise ValueError("the triton momentum kernel needs all parameters on one device in one dtype")
-        if k.shape != q.shape or not (k.is_contiguous() and q.is_contiguous()):
-            raise ValueError("the triton momentum kernel needs contiguous key/query pairs of equal shape")
+        if k.shape != q.shape or k.stride() != q.stride() or not _dense(k):
+            raise ValueError(
+                "the triton momentum kernel needs key/query pairs of equal shape and strides, each one dense "
+                "block of memory (contiguous or channels-last)"
+            )
 
 
 @torch.no_grad()

@@ -76,6 +76,21 @@ def test_half_precision_parameters(interpret, dtype):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
+def test_channels_last_and_transposed_parameters(interpret):
+    # The trainer's encoders are channels-last: 4-d conv weights are dense but not "contiguous".
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 1))
+    ks = list(enc.to(memory_format=torch.channels_last).parameters())
+    qs = [torch.randn_like(k) for k in ks]  # randn_like keeps the layout
+    assert not ks[0].is_contiguous() and qs[0].stride() == ks[0].stride()
+    ks += [torch.randn(5, 7).t()]
+    qs += [torch.randn(5, 7).t()]
+    ref = [k.clone() for k in ks]
+    momentum_update_reference(ref, qs, 0.9)
+    mt.momentum_update_triton(ks, qs, 0.9)
+    for a, b in zip(ks, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_tables_are_cached_per_parameter_list(interpret):
     ks, qs = param_pairs(SHAPES)
     mt.momentum_update_triton(ks, qs, 0.9)
@@ -98,8 +113,10 @@ def test_bad_input_is_refused(interpret, monkeypatch):
         mt.momentum_update_triton(ks[:-1], qs, 0.9)
     with pytest.raises(ValueError, match="one dtype"):
         mt.momentum_update_triton(ks, [qs[0].double(), *qs[1:]], 0.9)
-    with pytest.raises(ValueError, match="contiguous"):
-        mt.momentum_update_triton([ks[0].transpose(0, 1), *ks[1:]], [qs[0].transpose(0, 1), *qs[1:]], 0.9)
+    with pytest.raises(ValueError, match="strides"):  # the same shape, laid out differently
+        mt.momentum_update_triton(ks, [qs[0].transpose(0, 1).contiguous().transpose(0, 1), *qs[1:]], 0.9)
+    with pytest.raises(ValueError, match="dense"):  # gaps between the elements
+        mt.momentum_update_triton([ks[0][:, :, ::2], *ks[1:]], [qs[0][:, :, ::2], *qs[1:]], 0.9)
     with pytest.raises(ValueError, match="fp32/fp16/bf16"):
         mt.momentum_update_triton([k.double() for k in ks], [q.double() for q in qs], 0.9)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
