@@ -23,17 +23,23 @@ from moco_fast.kernels import momentum_update
 MECHANISMS = ("moco", "memory-bank", "end-to-end")
 
 
+def fp32(x: torch.Tensor):
+    """A region where autocast is off on x's device: the float32 inputs stay float32."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE in fp32. q, k: N x C (L2-normalised); negatives: K x C. Returns (loss, top-1 acc).
 
     Logits are N x (1 + K) with the positive in column 0.
     """
-    q, k, negatives = q.float(), k.float(), negatives.float()
-    l_pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
-    l_neg = q @ negatives.t()  # N x K
-    logits = torch.cat([l_pos, l_neg], dim=1) / t
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == 0).float().mean()
+    with fp32(q):  # the step runs under autocast, which would run the N x K matmul in bf16/fp16
+        q, k, negatives = q.float(), k.float(), negatives.float()
+        l_pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
+        l_neg = q @ negatives.t()  # N x K
+        logits = torch.cat([l_pos, l_neg], dim=1) / t
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == 0).float().mean()
 
 
 def info_nce_in_batch(q: torch.Tensor, k: torch.Tensor, t: float, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,9 +47,10 @@ def info_nce_in_batch(q: torch.Tensor, k: torch.Tensor, t: float, offset: int = 
 
     q: N x C, k: M x C (M >= N, all ranks' keys); q[i]'s positive is k[offset + i].
     """
-    logits = q.float() @ k.float().t() / t  # N x M
-    labels = torch.arange(q.shape[0], device=q.device) + offset
-    return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == labels).float().mean()
+    with fp32(q):
+        logits = q.float() @ k.float().t() / t  # N x M
+        labels = torch.arange(q.shape[0], device=q.device) + offset
+        return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == labels).float().mean()
 
 
 def build_encoder(model: ModelConfig, image_size: int, bn_splits: int) -> nn.Sequential:

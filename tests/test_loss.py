@@ -41,6 +41,19 @@ def test_info_nce_is_fp32_from_low_precision_features():
     assert loss.dtype == torch.float32
 
 
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_losses_stay_fp32_under_autocast(amp):
+    # The step runs under autocast: the logits matmuls must not drop to bf16/fp16 there.
+    g = torch.Generator().manual_seed(0)
+    q, k = (F.normalize(torch.randn(8, 16, generator=g), dim=1).to(amp) for _ in range(2))
+    queue = F.normalize(torch.randn(64, 16, generator=g), dim=1)
+    plain = info_nce(q, k, queue, 0.2), info_nce_in_batch(q, k, 0.2)
+    with torch.autocast("cpu", dtype=amp):
+        cast = info_nce(q, k, queue, 0.2), info_nce_in_batch(q, k, 0.2)
+    for (a, _), (b, _) in zip(plain, cast):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_info_nce_in_batch_matches_reference():
     g = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(6, 8, generator=g), dim=1)
