@@ -7,18 +7,22 @@
 #
 # Phases, in this order (rough times on an H100, not yet measured):
 #   env         nvidia-smi, versions                                            (~5 s)
+#   tests       pytest -m gpu (sync-free step, CUDA graph, Triton kernel, resume on CUDA, DALI/resident
+#               GPU paths, ...): first, so that a short budget still proves the step sync-free (~2 min)
 #   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256: the reference row,
-#               bf16/fp16 eager, + CUDA graph, + torch.compile, + both, Triton EMA; and a profile
-#               breakdown of the bf16 eager step                                 (~4-5 min)
-#   tests       pytest -m gpu (sync-free step, CUDA graph, Triton kernel, ...)   (~2 min)
+#               bf16/fp16 eager, fp16 without split BN, + CUDA graph, Triton EMA, then torch.compile
+#               rows (last: each compiles for 1-2 min); a profile breakdown of the bf16 eager step (~5 min)
+#   cifar-speed ResNet-18 CIFAR step (the cifar preset, batch 512) fed by --loader resident from
+#               CIFAR-10: trainer eager / CUDA graph, end-to-end, loader; predicts the 200-epoch wall
+#               time (~90 s)
 #   momentum    bench/momentum_kernels.py: every EMA backend, ResNet-50 + head   (~20 s)
 #   e2e         bench/throughput.py --loader torch on the demo set (loader, end-to-end)   (~1 min)
-#   hooks       other helpers' checks when present: bench/ffcv_loader.py (whole FFCV rows with ffcv and
-#               FFCV_DATA=folder, else its GPU augmentation rows), DALI end to end (bench/throughput.py
-#               --loader dali [DALI_DATA=folder], needs DALI brought over: ../shared/device/README.md)
-#   cifar-speed (runs right after throughput) ResNet-18 CIFAR step (the cifar preset, batch 512) fed
-#               by --loader resident from CIFAR-10: trainer eager / CUDA graph, end-to-end, loader;
-#               predicts the 200-epoch wall time (~90 s)
+#   hooks       bench/ffcv_loader.py (whole FFCV rows with ffcv and FFCV_DATA=folder, else its GPU
+#               augmentation rows), DALI end to end (bench/throughput.py --loader dali [DALI_DATA=folder],
+#               needs DALI brought over: ../shared/device/README.md)
+# One 10-minute command does not hold them all: phases that no longer fit BUDGET are skipped and
+# named at the end; run those as a second command (e.g. `bash bench/gpu_check.sh cifar-speed
+# momentum e2e hooks`).
 # Not in the default list (a command of its own, ~9.5 min):
 #   cifar       the issue-7 target run: `moco-fast train --preset cifar --loader resident` on CIFAR-10,
 #               200 epochs (CIFAR_FLAGS adds flags, e.g. --cuda-graph), then kNN on backbone and head.
@@ -38,7 +42,7 @@ OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-570}
-PHASES=${*:-env throughput tests momentum e2e hooks cifar-speed}
+PHASES=${*:-env tests throughput cifar-speed momentum e2e hooks}
 LOG=$OUT/gpu_check.log
 export PYTHONUNBUFFERED=1
 : >"$LOG"
@@ -81,8 +85,9 @@ if has env; then
     $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
 fi
 if has throughput; then
-  ROWS=reference,trainer:bf16,trainer:fp16,trainer:bf16+graph,trainer:fp16+graph,trainer:bf16+triton
-  ROWS=$ROWS,trainer:bf16+compile,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile+graph
+  # torch.compile rows last (1-2 min each to compile): a time box that runs out loses only those.
+  ROWS=reference,trainer:bf16,trainer:fp16,trainer:fp16+noshuffle,trainer:bf16+graph,trainer:fp16+graph
+  ROWS=$ROWS,trainer:fp16+triton,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
   run throughput 330 $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
     --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png"
 fi
@@ -156,8 +161,16 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print("\n==== GPU checks: summary ====")
 lines = [("what", "img/s", "ms/step", "x ref", "peak GiB", "GPU %", "W")]
+def load(f):
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        print(f"{f.name}: unreadable ({e})")
+        return {"rows": [], "device": {}, "torch": "?"}
+
+
 for f in sorted(out.glob("throughput-*.json")):
-    res = json.loads(f.read_text())
+    res = load(f)
     for r in res["rows"]:
         if r.get("img_per_s") is None:
             lines.append((f"{f.stem[11:]}: {r['name']}", "failed: " + str(r.get("error", ""))[:60], "", "", "", "", ""))
@@ -172,8 +185,8 @@ w = [max(len(x[i]) for x in lines) for i in range(len(lines[0]))]
 for x in lines:
     print("  ".join(v.ljust(w[i]) if i == 0 else v.rjust(w[i]) for i, v in enumerate(x)))
 m = out / "momentum.json"
-if m.exists():
-    res = json.loads(m.read_text())
+res = load(m) if m.exists() else {}
+if res.get("rows"):
     print(f"\nmomentum update, {res['tensors']} tensors, {res['numel'] / 1e6:.1f} M parameters on {res['device']}:")
     for r in res["rows"]:
         got = f"{r['ms']:.3f} ms, {r['gb_per_s']:.0f} GB/s" if r.get("ms") is not None else f"failed: {r.get('error')}"
@@ -183,7 +196,7 @@ if m.exists():
 print("\nratios:")
 steps = {}
 for f in sorted(out.glob("throughput-*.json")):
-    rows = {r["name"]: r for r in json.loads(f.read_text())["rows"] if r.get("img_per_s")}
+    rows = {r["name"]: r for r in load(f)["rows"] if r.get("img_per_s")}
     steps.update({f"{f.stem[11:]}: {k}": v["ms_per_step"] for k, v in rows.items() if k.startswith("trainer")})
     for name, r in rows.items():
         if name.startswith("end-to-end"):
@@ -192,14 +205,14 @@ for f in sorted(out.glob("throughput-*.json")):
                 print(f"  {f.stem[11:]}: {name} = {100 * r['img_per_s'] / t['img_per_s']:.1f}% of {t['name']}")
 ff = out / "ffcv.json"
 if ff.exists():
-    for r in json.loads(ff.read_text())["rows"]:
+    for r in load(ff)["rows"]:
         if r.get("row", "").startswith("aug") and r.get("ms_per_batch"):
             for k in ("synthetic: trainer:bf16", "synthetic: trainer:fp16"):
                 if k in steps:
                     print(f"  ffcv {r['row']}: {r['ms_per_batch']:.2f} ms = {100 * r['ms_per_batch'] / steps[k]:.1f}% "
                           f"of the {k.split(': ')[1]} step ({steps[k]:.1f} ms); {r['img_per_s']:,.0f} img/s")
 for f in sorted(out.glob("throughput-*.json")):
-    for r in json.loads(f.read_text())["rows"]:
+    for r in load(f)["rows"]:
         p = r.get("profile")
         if p:
             print(f"\nprofile of {r['name']}: wall {p['wall_ms_per_step']:.1f} ms/step, busy {p['busy_ms_per_step']:.1f}, "

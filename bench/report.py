@@ -60,7 +60,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]] = COLUMNS
     body = []
     for r in rows:
         if r.get("error"):
-            body.append([r[name_key], r.get("settings", ""), f"failed: {r['error']}"[:80]])
+            body.append([r[name_key], f"failed: {r['error']}"[:100]])  # in the settings column
             continue
         body.append([r[name_key], r.get("settings", ""), *(_fmt(r.get(k), f) for k, _, f in cols)])
     widths = [max(len(str(x[i])) for x in [header, *body] if i < len(x)) for i in range(len(header))]

@@ -30,6 +30,7 @@ from moco_fast.loaders import LoaderArgs, create_loader
 from reference_step import build_reference, reference_step
 from report import add_ratios, device_info, forever, format_table
 
+from moco_fast.checkpoint import atomic_write
 from moco_fast.config import ConfigError, build_config, to_dict
 from moco_fast.data import DataError
 from moco_fast.model import MoCo
@@ -61,6 +62,7 @@ MODIFIERS = {
     "triton": {"momentum": "triton"},
     "apex": {"momentum": "apex"},
     "loop": {"momentum": "reference"},
+    "noshuffle": {"shuffle_bn": False},  # plain BN: what split BN (shuffle BN on one device) costs
 }
 
 
@@ -73,6 +75,7 @@ class RowSpec:
     compile: bool
     graph: bool
     momentum: str
+    shuffle_bn: bool = True
 
     def settings(self, amp_dtype: torch.dtype | None, workers: int, loader: str) -> str:
         if self.kind == "reference":
@@ -83,6 +86,7 @@ class RowSpec:
             parts.insert(0, f"{loader} loader" + (f", workers {workers}" if loader == "torch" else ""))
         if self.kind != "loader":
             parts += ["compile"] * self.compile + ["cuda graph"] * self.graph + [f"EMA {self.momentum}"]
+            parts += ["no shuffle BN"] * (not self.shuffle_bn)
         return ", ".join(parts)
 
 
@@ -113,6 +117,8 @@ def timed(fn, warmup: int, steps: int, batch: int, device: torch.device) -> dict
     for _ in range(warmup):
         fn()
     sync(device)
+    if device.type == "cuda":  # the steady state's peak, not cuDNN's search or a graph capture
+        torch.cuda.reset_peak_memory_stats(device)
     with GpuSampler(device) as gpu:
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -155,7 +161,8 @@ class Bench:
         c, device = self.cfg, self.device
         if spec.graph:
             check_cuda_graph(device)
-        model = MoCo(c.model, c.moco, c.data.aug.image_size, num_images=num_images, momentum_backend=spec.momentum)
+        moco = c.moco if spec.shuffle_bn else replace(c.moco, shuffle_bn=False)
+        model = MoCo(c.model, moco, c.data.aug.image_size, num_images=num_images, momentum_backend=spec.momentum)
         model = model.to(device)
         if spec.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -174,8 +181,6 @@ class Bench:
         a, c, device = self.args, self.cfg, self.device
         amp_dtype = None if spec.kind == "reference" else resolve_amp(spec.amp, device)
         row = {"name": spec.name, "kind": spec.kind, "settings": spec.settings(amp_dtype, self.workers, c.data.loader)}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         n = c.optim.batch_size
         it = None
         if spec.kind == "reference":
@@ -206,6 +211,10 @@ class Bench:
         return row
 
     profiled = False
+
+
+def write_json(path: str, result: dict) -> None:
+    atomic_write(path, lambda fh: fh.write(json.dumps(result, indent=2, default=str).encode()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,13 +308,19 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"args": vars(args), "train": to_dict(cfg)},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    for spec in specs:
+    for i, spec in enumerate(specs):
         try:
             row = bench.run(spec)
         except (ConfigError, DataError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        except (RuntimeError, ValueError, torch.OutOfMemoryError) as e:  # one failed row must not lose the others
+        except KeyboardInterrupt:  # a time box ran out (Ctrl-C, timeout -s INT): report what was measured
+            result["rows"] += [
+                {"name": x.name, "kind": x.kind, "img_per_s": None, "error": "not run (interrupted)"} for x in specs[i:]
+            ]
+            print(f"interrupted at {spec.name}", file=sys.stderr)
+            break
+        except Exception as e:  # one failed row (OOM, a compiler error) must not lose the others
             row = {"name": spec.name, "kind": spec.kind, "img_per_s": None, "error": f"{type(e).__name__}: {e}"}
         finally:
             gc.collect()
@@ -317,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         add_ratios(result["rows"])
         done = f"{row['img_per_s']:,.0f} img/s" if row.get("img_per_s") else row.get("error", "")
         print(f"[{len(result['rows'])}/{len(specs)}] {spec.name}: {done}", file=sys.stderr, flush=True)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        if args.json:  # after every row, atomically: a run cut short keeps what it measured
+            write_json(args.json, result)
+    if args.json:
+        write_json(args.json, result)
     c = cfg
     print(
         f"\n{c.model.arch} MoCo {c.preset}, batch {c.optim.batch_size}, {c.data.aug.image_size} px, K {c.moco.k}, "
