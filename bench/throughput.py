@@ -205,7 +205,9 @@ class Bench:
                 from profile_step import profile_breakdown
 
                 self.profiled = True
-                row["profile"] = profile_breakdown(fn, model, optimizer, device, steps=a.profile_steps)
+                row["profile"] = profile_breakdown(
+                    fn, model, optimizer, device, steps=a.profile_steps, unprofiled_ms=row["ms_per_step"]
+                )
         if it is not None:
             it.close()  # stops DataLoader workers now, not at garbage collection
         return row
