@@ -51,25 +51,28 @@ def check_local_gpus(cfg: TrainConfig) -> int:
     return n
 
 
-def launch_local(cfg: TrainConfig) -> int:
-    """Train with one worker per GPU; returns the exit status (the CLI's)."""
+def launch_local(cfg: TrainConfig) -> tuple[int, dict]:
+    """Train with one worker per GPU; returns (the CLI's exit status, rank 0's last metrics row)."""
+    from moco_fast.step import check_cuda_graph
     from moco_fast.trainer import validate
 
     n = check_local_gpus(cfg)
     validate(cfg, n)  # contradicting flags fail here once, not in every worker
+    if cfg.runtime.cuda_graph:
+        check_cuda_graph(torch.device("cuda"), n)
     try:
-        run_workers(_train_worker, (cfg,), n)
+        rows = run_workers(_train_worker, (cfg,), n)
     except WorkerFailed as e:
         print(f"moco-fast train: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 1, {}
+    return 0, rows[0]
 
 
-def _train_worker(cfg: TrainConfig) -> None:
+def _train_worker(cfg: TrainConfig) -> dict:
     from moco_fast.trainer import train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    train(cfg)
+    return train(cfg)
 
 
 def _recorded(fn: Callable[..., Any], *args: Any) -> Any:

@@ -109,6 +109,14 @@ def validate(cfg: TrainConfig, world: int) -> None:
         log.warning("--sync-bn has no effect with one process")
 
 
+def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
+    """The flags that need a kind of device, checked before the data and the model are built."""
+    if cfg.runtime.cuda_graph:
+        check_cuda_graph(device, world)
+    if cfg.runtime.sync_bn and world > 1 and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only)")
+
+
 def _check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = to_dict(cfg)
     for section in ("model", "moco"):
@@ -130,8 +138,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     device = dist_utils.local_device(resolve_device(cfg.runtime.device))
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
     validate(cfg, world)
-    if cfg.runtime.cuda_graph:
-        check_cuda_graph(device, world)
+    validate_device(cfg, device, world)
     out = Path(cfg.runtime.out)
     resume_path = ckpt.find_resume(cfg.runtime.resume, out)
     if cfg.runtime.resume == "auto" and resume_path is None:

@@ -22,8 +22,9 @@ from torch import nn
 
 from moco_fast import distributed as dist_utils
 from moco_fast.cli import main
-from moco_fast.config import build_config
+from moco_fast.config import ConfigError, build_config
 from moco_fast.launch import WorkerFailed, run_workers
+from moco_fast.trainer import validate_device
 
 
 def _join(device: str) -> torch.device:
@@ -268,7 +269,23 @@ def test_more_gpus_than_the_machine_has_is_one_line(tiny_root, tmp_path, capsys)
     assert main([*cli_args(tiny_root, out, 1), "--gpus", "2"]) == 2  # --device cpu
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torchrun" in err[0], err
+    assert main([*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpus must be at least 1" in err[0], err
+    if not torch.cuda.is_available():  # asked for one GPU where there is none: not a silent CPU run
+        assert main([*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "1"]) == 2
+        assert "--gpus 1: this machine has 0 CUDA GPUs" in capsys.readouterr().err
     assert not out.exists()  # nothing started
+
+
+def test_device_flags_fail_before_the_data_is_read(tmp_path, capsys):
+    # --cuda-graph on the CPU and --sync-bn with CPU processes: one line, before the data is touched.
+    missing = str(tmp_path / "no-such-data")
+    assert main(["train", "--device", "cpu", "--cuda-graph", "--data", missing]) == 2
+    assert "--cuda-graph" in capsys.readouterr().err
+    cfg = build_config("cifar", {"data.data": missing, "runtime.device": "cpu", "runtime.sync_bn": True})
+    with pytest.raises(ConfigError, match="--sync-bn needs CUDA"):
+        validate_device(cfg, torch.device("cpu"), world=2)
 
 
 def _failing_worker(how: str) -> None:

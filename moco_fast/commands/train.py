@@ -183,10 +183,17 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
+    if args.gpus is not None:  # asked for: checked (count, device, torchrun) even for one
+        from moco_fast.launch import check_local_gpus
+
+        check_local_gpus(cfg)
     if cfg.runtime.gpus > 1:
         from moco_fast.launch import launch_local
 
-        return launch_local(cfg)
+        rc, row = launch_local(cfg)
+        if rc == 0:
+            _report(row)
+        return rc
     from moco_fast.trainer import train
 
     row = train(cfg)
