@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from moco_fast.data import DataError, ImageList, list_images, resolve_root, split_dirs
+from moco_fast.data import DataError, ImageList, list_images, resolve_root, split_dirs, to_rgb
 from moco_fast.loaders.wds import META_NAME
 
 log = logging.getLogger("moco_fast")
@@ -94,7 +94,7 @@ def load_resized(path: str, max_resolution: int | None) -> Image.Image:
             # DCT scaling: decode at 1/2, 1/4 or 1/8 size, never below the requested size.
             im.draft("RGB", (math.ceil(im.size[0] * s), math.ceil(im.size[1] * s)))
         im.load()
-        img = im.convert("RGB")
+        img = to_rgb(im)
     if max_resolution and max(img.size) > max_resolution:
         w, h = img.size
         s = max_resolution / max(w, h)

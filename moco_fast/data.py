@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 log = logging.getLogger("moco_fast")
@@ -128,11 +129,32 @@ def load_splits(data: str | None, check: bool = True) -> DataSplits:
     return DataSplits(train, ev)
 
 
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # one channel, more than 8 bits
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB. Grayscale, CMYK, palette and RGBA convert as PIL does; 16-bit and
+    32-bit grayscale are scaled to 0-255 first (PIL's own conversion clips them, which turns a 16-bit
+    image almost white): 16-bit modes by 65535 / 255, 32-bit integers by the range their values use
+    (8 or 16 bits), floats by 1 when they lie within 0-1, else by 255."""
+    if im.mode in HIGH_DEPTH_MODES:
+        a = np.asarray(im, dtype=np.float64)
+        top = a.max(initial=0)
+        if im.mode.startswith("I;16") or (im.mode == "I" and top > 255):
+            full = 65535.0
+        elif im.mode == "F" and top <= 1:
+            full = 1.0
+        else:
+            full = 255.0
+        im = Image.fromarray(np.clip(np.rint(a * (255.0 / full)), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Decode fully and convert to RGB (grayscale, CMYK, palette and RGBA all become RGB)."""
+    """Decode fully and convert to 8-bit RGB (`to_rgb`)."""
     with Image.open(path) as im:
         im.load()  # raises OSError on a truncated file
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 class ImageDataset:

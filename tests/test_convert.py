@@ -211,3 +211,24 @@ def test_val_split_keeps_train_labels(bad_root, tmp_path):
     assert summary.written == 8 and meta["classes"] == sorted(p.name for p in (bad_root / "train").iterdir())
     with pytest.raises(DataError, match="--split val"):
         convert(ConvertConfig(str(bad_root), str(tmp_path / "v2"), format="wds", split="val", workers=1))
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "full"),
+    [("I;16", np.uint16, 65535), ("I", np.int32, 65535), ("F", np.float32, 1.0), ("L", np.uint8, 255)],
+)
+def test_high_depth_grayscale_is_scaled_not_clipped(tmp_path, mode, values, full):
+    # A 16-bit PNG gradient: PIL's own convert("RGB") clips it to almost all white.
+    from moco_fast.convert import load_resized
+    from moco_fast.data import load_rgb
+
+    ramp = np.linspace(0, full, 64 * 64, dtype=np.float64).reshape(64, 64).astype(values)
+    im = Image.fromarray(ramp) if mode != "I;16" else Image.frombytes("I;16", (64, 64), ramp.astype("<u2").tobytes())
+    assert im.mode == mode
+    path = tmp_path / ("g.png" if mode in ("I;16", "L") else "g.tiff")
+    im.save(path)
+    expect = np.rint(ramp.astype(np.float64) / full * 255)
+    for rgb in (load_rgb(str(path)), load_resized(str(path), None)):
+        a = np.asarray(rgb).astype(np.float64)
+        assert rgb.mode == "RGB" and a.shape == (64, 64, 3)
+        assert np.abs(a[..., 0] - expect).max() <= 1, (mode, a.min(), a.max())
