@@ -23,6 +23,12 @@ _MODULES = {
     "resident": ".resident",
 }
 
+# Optional backends: what their extra installs.
+_EXTRAS = {
+    "dali": "NVIDIA DALI, nvidia-dali-cuda130",
+    "ffcv": "FFCV and numba; FFCV builds against pkg-config, libopencv-dev and libturbojpeg0-dev",
+}
+
 # Backends that read an image folder (class subfolders, train/ and val/ or test/): the kNN monitor and
 # the demo set work with them.
 IMAGE_FOLDER_LOADERS = ("torch", "dali", "resident")
@@ -44,7 +50,15 @@ def create_loader(name: str, args: LoaderArgs) -> TrainLoader:
     if name not in _MODULES:
         raise ConfigError(f"unknown loader {name!r}; choose one of {available_loaders()}")
     if name not in _LOADERS:
-        importlib.import_module(_MODULES[name], __name__)
+        try:
+            importlib.import_module(_MODULES[name], __name__)
+        except ModuleNotFoundError as e:
+            if name not in _EXTRAS or (e.name or "").startswith("moco_fast"):
+                raise
+            raise ConfigError(
+                f"--loader {name} needs the {e.name!r} module, which this Python lacks: "
+                f"pip install 'moco-fast[{name}]' ({_EXTRAS[name]})"
+            ) from e
     return _LOADERS[name](args)
 
 

@@ -258,6 +258,12 @@ def convert_ffcv(images: ImageList, tmp: Path, cfg: ConvertConfig) -> tuple[int,
 # ---- the command's work -------------------------------------------------------------------------
 
 
+def missing_modules(names: list[str]) -> list[str]:
+    import importlib.util
+
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
 def validate(cfg: ConvertConfig) -> None:
     from moco_fast.config import ConfigError
 
@@ -271,6 +277,13 @@ def validate(cfg: ConvertConfig) -> None:
         raise ConfigError(f"--max-resolution must be at least 8 pixels, got {cfg.max_resolution}")
     if cfg.shard_size < 1:
         raise ConfigError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    if cfg.format == "ffcv":  # before hours of checking images, not after
+        missing = missing_modules(["ffcv", "numba"])
+        if missing:
+            raise ConfigError(
+                f"--format ffcv needs {', '.join(missing)}, which this Python lacks: install the extra with "
+                "pip install 'moco-fast[ffcv]' (FFCV builds against pkg-config, libopencv-dev and libturbojpeg0-dev)"
+            )
 
 
 def convert(cfg: ConvertConfig) -> ConvertSummary:

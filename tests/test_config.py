@@ -45,3 +45,29 @@ def test_bad_loader_option_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--moco-k" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("loader", "blocked"), [("dali", "nvidia.dali"), ("ffcv", "ffcv")])
+def test_a_missing_optional_backend_is_a_clear_error(monkeypatch, tmp_path, capsys, loader, blocked):
+    # As on a machine without the extra: importing the backend fails on its dependency.
+    import sys
+
+    from moco_fast import loaders
+
+    monkeypatch.setitem(sys.modules, blocked, None)
+    monkeypatch.delitem(loaders._LOADERS, loader, raising=False)
+    for mod in [m for m in sys.modules if m.startswith(f"moco_fast.loaders.{loader}")]:
+        monkeypatch.delitem(sys.modules, mod)
+    args = ["train", "--device", "cpu", "--loader", loader, "--epochs", "1", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"pip install 'moco-fast[{loader}]'" in err and "Traceback" not in err
+
+
+def test_convert_to_ffcv_without_ffcv_fails_before_reading_images(monkeypatch, tmp_path, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ffcv", None)
+    (tmp_path / "src" / "c").mkdir(parents=True)  # no images: the FFCV check must come first
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "x.beton"), "--format", "ffcv"]) == 2
+    assert "moco-fast[ffcv]" in capsys.readouterr().err
