@@ -292,8 +292,9 @@ class FFCVLoader:
                 torch.set_num_threads(threads)
             out = dict(zip(names, batch, strict=True))
             im_q, im_k = self.augment(self._views(out), g)  # from 2N x 3 x S x S in [0, 1]
-            label = out["label"].to(self.device, non_blocking=True).view(-1)
-            index = out["index"].to(self.device, non_blocking=True).view(-1)
+            # On a GPU they arrive as FFCV's device copies; on the CPU they are FFCV's batch buffers,
+            # which it reuses a few batches later: copied, so that a batch held by the caller stays whole.
+            label, index = (out[k].view(-1) if out[k].is_cuda else out[k].view(-1).clone() for k in ("label", "index"))
             yield Batch(im_q, im_k, label, index)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from moco_fast.data import DEMO_ROOT
 
@@ -40,3 +42,30 @@ def imagenet_sample() -> Path:
     if not p.is_dir():
         pytest.skip("../shared/data/imagenet-sample is not present")
     return p
+
+
+# -- augmentation statistics (DALI, FFCV) ---------------------------------------------------------
+def coordinate_image() -> np.ndarray:
+    """64 x 64 RGB with R = 4x, G = 4y: a view's corner colours give its crop box and its flip."""
+    y, x = np.mgrid[0:64, 0:64]
+    return np.stack([4 * x, 4 * y, np.full_like(x, 128)], -1).astype(np.uint8)
+
+
+def to_uint8(v: torch.Tensor, spec) -> np.ndarray:
+    """Normalised N x 3 x H x W -> uint8 N x H x W x 3 on the host."""
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
+    x = v.float().cpu() * std + mean
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def crop_stats(views: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coordinate-image views -> (crop area fraction, aspect ratio w/h, flipped)."""
+    v = views.astype(np.float64)
+    s = v.shape[1]
+    r = v[..., 0].mean(1)  # N x W: the x coordinate along the columns
+    g = v[..., 1].mean(2)  # N x H: the y coordinate along the rows
+    # Output pixel centres span (S-1)/S of the crop: undo that to get the crop size in source pixels.
+    w = np.abs(r[:, -1] - r[:, 0]) / 4 * s / (s - 1)
+    h = np.abs(g[:, -1] - g[:, 0]) / 4 * s / (s - 1)
+    return w * h / 64**2, w / h, r[:, -1] < r[:, 0]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import coordinate_image, crop_stats, to_uint8
 from moco_fast.loaders import LoaderArgs, create_loader
 from moco_fast.loaders.dali import DaliOptions
 from moco_fast.loaders.torch_loader import view_transform
@@ -61,8 +62,7 @@ def save(path: Path, a: np.ndarray) -> None:
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("synth")
-    y, x = np.mgrid[0:64, 0:64]
-    coords = np.stack([4 * x, 4 * y, np.full_like(x, 128)], -1).astype(np.uint8)
+    coords = coordinate_image()
     rng = np.random.default_rng(0)
     for i in range(N_IMAGES):
         save(root / "coords" / "c" / f"{i:03d}.jpg", coords)
@@ -75,14 +75,6 @@ def synth(tmp_path_factory) -> dict[str, Path]:
 def dali_loader(data, spec, device=CPU, batch_size=N_IMAGES, **kw):
     args = LoaderArgs(str(data), spec, batch_size=batch_size, device=device, workers=2, **kw)
     return create_loader("dali", args)
-
-
-def to_uint8(v: torch.Tensor, spec) -> np.ndarray:
-    """Normalised N x 3 x H x W -> uint8 N x H x W x 3 on the host."""
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255
-    x = v.float().cpu() * std + mean
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def dali_views(data, spec, device=CPU, epochs=EPOCHS) -> tuple[np.ndarray, np.ndarray]:
@@ -108,18 +100,6 @@ def torch_views(data, spec, n=EPOCHS * 2 * N_IMAGES) -> np.ndarray:
         return np.stack([t(images[i % len(images)]).permute(1, 2, 0).numpy() for i in range(n)])
     finally:
         torch.set_num_threads(threads)
-
-
-def crop_stats(views: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Coordinate-image views -> (crop area fraction, aspect ratio w/h, flipped)."""
-    v = views.astype(np.float64)
-    s = v.shape[1]
-    r = v[..., 0].mean(1)  # N x W: the x coordinate along the columns
-    g = v[..., 1].mean(2)  # N x H: the y coordinate along the rows
-    # Output pixel centres span (S-1)/S of the crop: undo that to get the crop size in source pixels.
-    w = np.abs(r[:, -1] - r[:, 0]) / 4 * s / (s - 1)
-    h = np.abs(g[:, -1] - g[:, 0]) / 4 * s / (s - 1)
-    return w * h / 64**2, w / h, r[:, -1] < r[:, 0]
 
 
 def colour_stats(views: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

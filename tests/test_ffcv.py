@@ -8,11 +8,16 @@ one compile each.
 import copy
 import json
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from conftest import coordinate_image, crop_stats, to_uint8
 from moco_fast.loaders import LoaderArgs, create_loader
 from moco_fast.loaders.base import DeviceAugment
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
 
 from moco_fast.augment import MOCO_CIFAR
 from moco_fast.cli import main
@@ -22,6 +27,7 @@ from moco_fast.data import DataError
 
 pytestmark = pytest.mark.slow
 BATCH = 8
+GEOMETRY = replace(MOCO_CIFAR, crop_scale=(0.2, 1.0), jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
 
 
 @pytest.fixture(scope="session")
@@ -177,3 +183,52 @@ def test_train_end_to_end(tiny_beton, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["epoch"] == 1 and math.isfinite(rows[-1]["loss"])
     assert json.loads((out / "config.json").read_text())["data"]["loader"] == "ffcv"
+
+
+# -- the crops and flips of FFCV's own pipeline (the colour pass is off) ------------------------------
+@pytest.fixture(scope="module")
+def coords_loader(tmp_path_factory):
+    """40 coordinate images stored raw (no JPEG error in the coordinates), colour off: a second
+    compiled pipeline, shared by the tests below."""
+    root = tmp_path_factory.mktemp("coords")
+    (root / "c").mkdir()
+    for i in range(40):
+        Image.fromarray(coordinate_image()).save(root / "c" / f"{i:03d}.png")
+    beton = root / "coords.beton"
+    convert(ConvertConfig(str(root), str(beton), format="ffcv", write_mode="raw", workers=1))
+    return create_loader("ffcv", loader_args(beton, aug=GEOMETRY, batch_size=4))
+
+
+def test_crops_and_flips_match_the_spec_and_torchvision(coords_loader):
+    views, same = [], 0
+    for epoch in range(5):
+        coords_loader.set_epoch(epoch)
+        for b in coords_loader:
+            q, k = to_uint8(b.im_q, GEOMETRY), to_uint8(b.im_k, GEOMETRY)
+            same += int((q == k).reshape(len(q), -1).all(1).sum())
+            views += [q, k]
+    area, ratio, flip = crop_stats(np.concatenate(views))
+    assert len(area) == 400 and same == 0  # two independent crops of each image
+    assert abs(flip.mean() - GEOMETRY.flip_prob) < 0.1  # sd 0.025
+    lo, hi = GEOMETRY.crop_scale
+    assert area.min() > lo - 0.05 and area.max() < hi + 0.05
+    assert ratio.min() > GEOMETRY.crop_ratio[0] - 0.08 and ratio.max() < GEOMETRY.crop_ratio[1] + 0.08
+    # torchvision's RandomResizedCrop boxes on the same 64 x 64 image, sampled directly
+    torch.manual_seed(0)
+    rrc = RandomResizedCrop(32, scale=GEOMETRY.crop_scale, ratio=GEOMETRY.crop_ratio)
+    boxes = np.array([rrc.get_params(torch.zeros(3, 64, 64), rrc.scale, rrc.ratio)[2:] for _ in range(4000)])
+    area_t, ratio_t = boxes[:, 0] * boxes[:, 1] / 64**2, boxes[:, 1] / boxes[:, 0]
+    q = [0.25, 0.5, 0.75]
+    assert np.abs(np.quantile(area, q) - np.quantile(area_t, q)).max() < 0.08
+    assert abs(np.log(ratio).mean() - np.log(ratio_t).mean()) < 0.05
+
+
+def test_a_held_batch_is_not_overwritten_by_later_ones(coords_loader):
+    # On the CPU the labels and indices must not alias FFCV's reused batch buffers.
+    coords_loader.set_epoch(0)
+    it = iter(coords_loader)
+    first = next(it)
+    kept = first.index.clone(), first.label.clone(), first.im_q.clone()
+    rest = list(it)
+    assert len(rest) == len(coords_loader) - 1
+    assert torch.equal(first.index, kept[0]) and torch.equal(first.label, kept[1]) and torch.equal(first.im_q, kept[2])
