@@ -283,7 +283,14 @@ def _knn_splits(cfg: TrainConfig):
     Only image folders (read by the torch, DALI or resident loader) have one; `--knn-every` without it is an error.
     """
     r = cfg.runtime
-    if not (r.knn_every or r.final_knn) or cfg.data.loader not in IMAGE_FOLDER_LOADERS:
+    if not (r.knn_every or r.final_knn):
+        return None
+    if cfg.data.loader not in IMAGE_FOLDER_LOADERS:
+        if r.knn_every:
+            raise ConfigError(
+                f"--knn-every needs an image folder with an eval split; --loader {cfg.data.loader} has none "
+                "(run `moco-fast knn --checkpoint ... --data FOLDER` on the checkpoint instead)"
+            )
         return None
     if is_wds_root(cfg.data.data):  # a shard set has no eval split
         splits, need = None, "an image folder with train/ and val/ or test/, not a shard set"

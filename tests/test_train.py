@@ -7,10 +7,10 @@ import torch
 from moco_fast.loaders import LoaderArgs, create_loader
 
 from moco_fast.cli import main
-from moco_fast.config import build_config
+from moco_fast.config import ConfigError, build_config
 from moco_fast.data import list_images
 from moco_fast.model import MoCo
-from moco_fast.trainer import StepState, make_optimizer, train, train_step
+from moco_fast.trainer import StepState, _knn_splits, make_optimizer, train, train_step
 
 TINY = {
     "model.arch": "resnet18",
@@ -228,3 +228,7 @@ def test_knn_every_needs_an_eval_split(tiny_root, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--knn-every needs an eval split" in err[0], err
+    # a loader without an image folder (FFCV reads a .beton): said, not silently ignored
+    cfg = tiny_config(tiny_root, tmp_path, **{"data.loader": "ffcv", "runtime.knn_every": 1})
+    with pytest.raises(ConfigError, match="--knn-every needs an image folder"):
+        _knn_splits(cfg)
