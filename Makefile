@@ -28,9 +28,10 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 # Trains MoCo on the demo set shipped in the package (CPU, a few minutes) and prints the kNN
-# accuracy of the trained backbone next to a randomly initialised one.
+# accuracy of the trained backbone next to a randomly initialised one. --force: a second
+# `make demo` starts over in runs/moco instead of refusing to overwrite the first one's run.
 demo: $(STAMP)
-	$(BIN)/moco-fast train --device cpu
+	$(BIN)/moco-fast train --device cpu --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -44,6 +44,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would follow the umask
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -53,6 +54,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -65,9 +72,21 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
         raise DataError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(state, dict):
+        raise DataError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict)")
+    return state
+
+
+def load_weights(module: torch.nn.Module, weights: dict[str, Any], path: str | Path) -> None:
+    """module.load_state_dict, with a one-line error when the checkpoint does not fit the model."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0].rstrip(":. ")
+        raise DataError(f"{path}: the saved weights do not fit the model its config describes ({first})") from None
 
 
 def find_resume(resume: str | None, out: str | Path) -> Path | None:
@@ -95,5 +114,5 @@ def load_model(path: str | Path, device: torch.device | str = "cpu"):
         raise DataError(f"{path} is not a moco-fast training checkpoint")
     cfg = from_dict(state["config"])
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=state.get("num_images", 0))
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path)
     return model.to(device).eval(), cfg

@@ -70,6 +70,7 @@ class RuntimeConfig:
     seed: int = 0
     out: str = "runs/moco"
     resume: str | None = None  # "auto" (last checkpoint in out) or a path
+    force: bool = False  # start over in an --out that holds another run
     knn_every: int = 0
     final_knn: bool = True  # kNN after the last epoch when the data has an eval split
     knn_baseline: bool = False  # also the kNN of a randomly initialised backbone, for comparison
@@ -182,5 +183,7 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
 
 
 def save_json(cfg: TrainConfig, path: str) -> None:
-    with open(path, "w") as fh:
-        json.dump(to_dict(cfg), fh, indent=2, sort_keys=True)
+    from moco_fast.checkpoint import atomic_write
+
+    text = json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda fh: fh.write(text.encode()))

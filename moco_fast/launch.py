@@ -54,10 +54,11 @@ def check_local_gpus(cfg: TrainConfig) -> int:
 def launch_local(cfg: TrainConfig) -> tuple[int, dict]:
     """Train with one worker per GPU; returns (the CLI's exit status, rank 0's last metrics row)."""
     from moco_fast.step import check_cuda_graph
-    from moco_fast.trainer import validate
+    from moco_fast.trainer import check_output, validate
 
     n = check_local_gpus(cfg)
     validate(cfg, n)  # contradicting flags fail here once, not in every worker
+    check_output(cfg)
     if cfg.runtime.cuda_graph:
         check_cuda_graph(torch.device("cuda"), n)
     try:

@@ -45,9 +45,42 @@ class MetricsWriter:
     def write_summary(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.out / "summary.json", "w") as fh:
-            json.dump(row, fh, indent=2)
+        from moco_fast.checkpoint import atomic_write
+
+        text = json.dumps(row, indent=2) + "\n"
+        atomic_write(self.out / "summary.json", lambda fh: fh.write(text.encode()))
+
+    def keep_epochs(self, last: int) -> None:
+        """Drop rows of epochs after `last` (the checkpoint a run resumes from): a run stopped
+        between writing an epoch's row and its checkpoint would otherwise log that epoch twice."""
+        path = self.out / "metrics.jsonl"
+        if not self.enabled or not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("epoch", 0) <= last:
+                    kept.append(line)
+            except ValueError:  # a row cut short by a crash
+                pass
+        if len(kept) != len(lines):
+            log.info(
+                "metrics.jsonl: dropped %d rows after epoch %d (the checkpoint resumed)", len(lines) - len(kept), last
+            )
+            path.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def clear_run(out: str | Path) -> None:
+    """Start over in an old run's folder (`train --force`): its checkpoint, rows, summary and
+    TensorBoard logs go, so that nothing of the old run mixes with the new one."""
+    import shutil
+
+    out = Path(out)
+    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)

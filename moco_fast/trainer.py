@@ -25,7 +25,7 @@ from moco_fast.data import DataError, load_splits
 from moco_fast.knn import knn_accuracy
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS, LoaderArgs, create_loader
 from moco_fast.loaders.wds import is_wds_root
-from moco_fast.metrics import MetricsWriter, progress
+from moco_fast.metrics import MetricsWriter, clear_run, progress
 from moco_fast.model import MoCo
 from moco_fast.step import GraphedStep, StepState, check_cuda_graph, make_optimizer, set_lr, train_step
 
@@ -35,7 +35,12 @@ log = logging.getLogger("moco_fast")
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: moco-fast runs on cpu or cuda (cuda:N), or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
     return dev
@@ -90,6 +95,22 @@ def validate(cfg: TrainConfig, world: int) -> None:
     global_batch = o.batch_size * world
     if o.epochs < 1 or o.batch_size < 1:
         raise ConfigError("--epochs and --batch-size must be positive")
+    r, d = cfg.runtime, cfg.data
+    for flag, value, least in (
+        ("--bn-splits", m.bn_splits, 1),
+        ("--log-every", r.log_every, 1),
+        ("--dim", cfg.model.dim, 1),
+        ("--knn-every", r.knn_every, 0),
+        ("--workers", d.workers, -1),
+        ("--synthetic-steps", d.synthetic_steps, 1),
+        ("--image-size", d.aug.image_size, 8),
+    ):
+        if value < least:
+            raise ConfigError(
+                f"{flag} must be at least {least} (got {value})" + (" (-1: auto)" * (flag == "--workers"))
+            )
+    if o.lr <= 0 or o.weight_decay < 0:
+        raise ConfigError(f"--lr must be positive and --weight-decay not negative (got {o.lr}, {o.weight_decay})")
     if not 0.0 <= m.m <= 1.0:
         raise ConfigError(f"--moco-m must be in [0, 1] (got {m.m})")
     if m.t <= 0:
@@ -117,6 +138,45 @@ def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
         raise ConfigError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only)")
 
 
+def check_output(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run), or a ConfigError when --out holds another
+    run that neither --resume nor --force accounts for. Called before any data or worker starts."""
+    out = Path(cfg.runtime.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: it must be a run folder")
+    resume_path = ckpt.find_resume(cfg.runtime.resume, out)
+    if cfg.runtime.resume == "auto" and resume_path is None:
+        log.warning("--resume: no checkpoint in %s yet; starting from scratch", out)
+    if resume_path is None and (out / ckpt.CHECKPOINT_NAME).is_file() and not cfg.runtime.force:
+        raise ConfigError(
+            f"{out} holds a run already: --resume continues it, --force starts over there (its checkpoint "
+            "and logs are deleted), or choose another --out"
+        )
+    return resume_path
+
+
+def _warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """A resumed run may change its data, optimisation or epochs; say what changed."""
+    now = to_dict(cfg)
+    changed = [
+        f"{section}.{k} {old!r} -> {now[section].get(k)!r}"
+        for section in ("data", "optim")
+        for k, old in saved.get(section, {}).items()
+        if k not in ("epochs", "workers") and _plain(now[section].get(k)) != _plain(old)
+    ]
+    if changed:
+        log.warning("--resume with changed settings: %s", "; ".join(changed))
+
+
+def _plain(v: Any) -> Any:
+    """JSON-like form for comparing a saved config value with a live one (tuples vs lists)."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
 def _check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = to_dict(cfg)
     for section in ("model", "moco"):
@@ -140,9 +200,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     validate(cfg, world)
     validate_device(cfg, device, world)
     out = Path(cfg.runtime.out)
-    resume_path = ckpt.find_resume(cfg.runtime.resume, out)
-    if cfg.runtime.resume == "auto" and resume_path is None:
-        log.warning("--resume: no checkpoint in %s yet; starting from scratch", out)
+    resume_path = check_output(cfg)
     seed_everything(cfg.runtime.seed + rank)
 
     loader = create_loader(
@@ -175,8 +233,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if resume_path is not None:
         # on the CPU: the RNG states must stay there; model and optimizer states are copied to the device
         state = ckpt.load(resume_path, map_location="cpu")
+        if not {"config", "model", "optimizer", "epoch"} <= set(state):
+            raise DataError(f"--resume: {resume_path} is not a moco-fast training checkpoint")
         _check_same_model(state["config"], cfg)
-        model.load_state_dict(state["model"])
+        _warn_changed(state["config"], cfg)
+        ckpt.load_weights(model, state["model"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"]
@@ -200,7 +261,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     step_model = dist_utils.wrap_ddp(model, device, cfg.runtime.sync_bn)
     s = StepState(step_model, optimizer, scaler, amp_dtype, device)
 
+    if dist_utils.is_main() and resume_path is None and cfg.runtime.force:
+        clear_run(out)
     writer = MetricsWriter(out, enabled=dist_utils.is_main())
+    if start_epoch:
+        writer.keep_epochs(start_epoch)
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, str(out / "config.json"))
@@ -263,7 +328,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 },
                 out / ckpt.CHECKPOINT_NAME,
             )
-    if splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
+    if start_epoch >= cfg.optim.epochs:
+        log.info("%s: all %d epochs were done already; nothing to train", out, cfg.optim.epochs)
+    elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
         row = dict(row)
         row["final_knn_top1"] = row["knn_top1"] if "knn_top1" in row else _knn(model, splits, cfg, device)
         if cfg.runtime.knn_baseline:

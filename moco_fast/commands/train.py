@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from dataclasses import replace
 
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.commands import AMP_CHOICES, HelpFormatter
-from moco_fast.config import PRESETS, ConfigError, build_config
+from moco_fast.config import PRESETS, ConfigError, build_config, set_dotted
+
+log = logging.getLogger("moco_fast")
 
 # flag dest -> dotted config field. Flags default to None: the preset (then the dataclass) decides.
 FLAG_FIELDS = {
@@ -41,6 +44,7 @@ FLAG_FIELDS = {
     "seed": "runtime.seed",
     "out": "runtime.out",
     "resume": "runtime.resume",
+    "force": "runtime.force",
     "knn_every": "runtime.knn_every",
     "final_knn": "runtime.final_knn",
     "knn_baseline": "runtime.knn_baseline",
@@ -144,7 +148,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume",
         nargs="?",
         const="auto",
-        help="continue from the checkpoint in --out, or from the given checkpoint path",
+        help="continue from the checkpoint in --out, or from the given checkpoint path, with the settings "
+        "it was trained with (flags given now override them; more --epochs extends the run)",
+    )
+    g.add_argument(
+        "--force",
+        action="store_true",
+        default=None,
+        help="start a fresh run in an --out that holds another run (its checkpoint and logs are deleted)",
     )
     g.add_argument("--knn-every", type=int, help="kNN accuracy every N epochs (needs an eval split; 0: off)")
     g.add_argument(
@@ -159,9 +170,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    preset = args.preset or ("demo" if args.data is None and args.loader in (None, "torch", "resident") else "v2")
-    overrides = {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()}
-    cfg = build_config(preset, overrides)
+    """Preset, then flags. With --resume and a checkpoint to resume from, the checkpoint's own
+    config instead of the preset: `train --resume --out RUN` continues RUN as it was configured,
+    and only the flags given on this command line change it."""
+    saved = _resumed_config(args)
+    if saved is not None:
+        cfg = saved
+        for dest, field in FLAG_FIELDS.items():
+            if getattr(args, dest, None) is not None:
+                set_dotted(cfg, field, getattr(args, dest))
+        if args.preset is not None and args.preset != cfg.preset:
+            log.warning(
+                "--resume: the run was configured with preset %s; --preset %s is ignored", cfg.preset, args.preset
+            )
+    else:
+        preset = args.preset or ("demo" if args.data is None and args.loader in (None, "torch", "resident") else "v2")
+        cfg = build_config(preset, {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()})
     for opt in args.loader_option:
         key, sep, value = opt.partition("=")
         if not sep or not key:
@@ -169,10 +193,32 @@ def config_from_args(args: argparse.Namespace):
         cfg.data.loader_options[key] = value
     if args.image_size is not None:
         cfg.data.aug = cfg.data.aug.with_size(args.image_size)
-    elif args.data is None and cfg.data.loader != "synthetic" and cfg.data.aug.image_size != 32:
+    elif saved is None and args.data is None and cfg.data.loader != "synthetic" and cfg.data.aug.image_size != 32:
         # The demo set is CIFAR-sized: train at its native size and statistics unless told otherwise.
         demo = AUG_PRESETS["demo"]
         cfg.data.aug = replace(cfg.data.aug, image_size=demo.image_size, mean=demo.mean, std=demo.std)
+    return cfg
+
+
+def _resumed_config(args: argparse.Namespace):
+    """The config saved in the checkpoint that --resume will continue, or None (no --resume, or
+    nothing to resume yet)."""
+    if args.resume is None:
+        return None
+    from moco_fast import checkpoint as ckpt
+    from moco_fast.config import RuntimeConfig, from_dict
+    from moco_fast.data import DataError
+
+    path = ckpt.find_resume(args.resume, args.out or RuntimeConfig.out)
+    if path is None:
+        return None
+    state = ckpt.load(path, map_location="cpu")
+    if not isinstance(state.get("config"), dict):
+        raise DataError(f"--resume: {path} is not a moco-fast training checkpoint")
+    cfg = from_dict(state["config"])
+    cfg.runtime.out = args.out or str(path.parent)
+    cfg.runtime.resume = args.resume
+    cfg.runtime.force = False
     return cfg
 
 

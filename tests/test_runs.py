@@ -1,0 +1,121 @@
+"""What a run folder holds across commands: `--resume` continues a run as it was configured,
+a finished run is not redone, another run's folder is not overwritten without --force, and bad
+flag values are one-line errors before anything starts."""
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from moco_fast import checkpoint as ckpt
+from moco_fast.cli import main
+from moco_fast.data import DataError
+
+
+def tiny_args(data, out, epochs=1):
+    return [
+        "train", "--data", str(data), "--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet",
+        "--epochs", str(epochs), "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2",
+        "--device", "cpu", "--workers", "0", "--out", str(out), "--no-final-knn",
+    ]  # fmt: skip
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_with_only_out_continues_the_run_as_configured(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_root, out)) == 0
+    # No preset, data or model flags: they come from the checkpoint (the defaults would differ:
+    # demo preset, K 1024, 8 BN splits, the demo set).
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu", "--workers", "0"]) == 0
+    assert [r["epoch"] for r in rows(out)] == [1, 2]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["moco"]["k"] == 16 and saved["data"]["data"] == str(tiny_root) and saved["optim"]["epochs"] == 2
+    assert "finished epoch 2" in capsys.readouterr().out
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*tiny_args(tiny_root, out), "--final-knn"]
+    assert main(args) == 0
+    summary = (out / "summary.json").read_text()
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "summary.json").read_text() == summary and len(rows(out)) == 1
+    after = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert torch.equal(after["model"]["encoder_q.head.weight"], state["model"]["encoder_q.head.weight"])
+
+
+def test_another_runs_folder_is_not_overwritten_without_force(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_root, out, epochs=2)) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(tiny_args(tiny_root, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run already" in err[0] and "--force" in err[0], err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # --force starts over: the old rows and TensorBoard events go with the old checkpoint
+    old_events = set((out / "tb").iterdir())
+    assert main([*tiny_args(tiny_root, out), "--force"]) == 0
+    assert [r["epoch"] for r in rows(out)] == [1]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert not old_events & set((out / "tb").iterdir())
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint(tiny_root, tmp_path):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_root, out)) == 0
+    with open(out / "metrics.jsonl", "a") as fh:  # as if a run died between its row and its checkpoint
+        fh.write(json.dumps({"epoch": 2, "loss": 9.9}) + "\n" + '{"epoch": 3, "lo')
+    assert main([*tiny_args(tiny_root, out, epochs=2), "--resume"]) == 0
+    got = rows(out)
+    assert [r["epoch"] for r in got] == [1, 2] and got[1]["loss"] != 9.9
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--bn-splits", "0", "--bn-splits must be at least 1"),
+        ("--log-every", "0", "--log-every must be at least 1"),
+        ("--image-size", "0", "--image-size must be at least 8"),
+        ("--device", "gpu", "--device 'gpu'"),
+        ("--workers", "-2", "--workers must be at least -1"),
+        ("--lr", "-1", "--lr must be positive"),
+    ],
+)
+def test_bad_values_are_one_line_errors(tiny_root, tmp_path, capsys, flag, value, says):
+    args = tiny_args(tiny_root, tmp_path / "never")
+    if flag in args:
+        i = args.index(flag)
+        args[i + 1] = value
+    else:
+        args += [flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "never").exists()
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ckpt.save_atomic({"x": 1}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == 0o644
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "t.pt")
+    with pytest.raises(DataError, match="not a checkpoint"):
+        ckpt.load(tmp_path / "t.pt")
+    torch.save({"config": {}, "model": {}}, tmp_path / "d.pt")
+    with pytest.raises(DataError):
+        ckpt.load_model(tmp_path / "d.pt")
