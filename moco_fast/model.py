@@ -70,7 +70,7 @@ class MoCo(nn.Module):
         super().__init__()
         if moco.mechanism not in MECHANISMS:
             raise ConfigError(f"unknown mechanism {moco.mechanism!r}; choose one of {MECHANISMS}")
-        if moco.k < 1:
+        if moco.k < 1 and moco.mechanism != "end-to-end":  # end-to-end: K is the batch, --moco-k unused
             raise ConfigError("--moco-k must be at least 1")
         self.mechanism = moco.mechanism
         self.t = moco.t
@@ -95,8 +95,10 @@ class MoCo(nn.Module):
             self.k = min(moco.k, num_images)
         else:
             self.k = moco.k
-        # Ring buffer of negatives: K x C, oldest keys overwritten first.
-        self.register_buffer("queue", F.normalize(torch.randn(moco.k, model.dim), dim=1))
+        # Ring buffer of negatives: K x C, oldest keys overwritten first (only MoCo reads it: the other
+        # mechanisms keep an empty one, so that every checkpoint has the same keys).
+        queue_len = moco.k if self.mechanism == "moco" else 0
+        self.register_buffer("queue", F.normalize(torch.randn(queue_len, model.dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     # -- the queue ------------------------------------------------------------------------------

@@ -168,3 +168,12 @@ def test_end_to_end_negatives_are_the_batch_and_keys_get_gradients():
     (g_full,) = torch.autograd.grad(loss, w)
     (g_detached,) = torch.autograd.grad(F.cross_entropy(q @ k.detach().t() / model.t, torch.arange(N)), w)
     assert not torch.allclose(g_full, g_detached)
+
+
+def test_only_moco_keeps_a_queue():
+    # end-to-end's K is the batch: --moco-k 0 is fine there, and no K x C queue is allocated for nothing
+    assert make("end-to-end", k=0).queue.shape == (0, DIM)
+    assert make("memory-bank", k=24).queue.shape == (0, DIM) and make("memory-bank", k=24).k == 24
+    assert make("moco", k=24).queue.shape == (24, DIM)
+    with pytest.raises(ValueError, match="--moco-k"):
+        make("moco", k=0)
