@@ -152,7 +152,7 @@ class Bench:
                 seed=c.runtime.seed,
                 synthetic_steps=1,
                 check_images=False,  # the trainer checks files; a benchmark should not time that
-                options=dict(c.data.loader_options),
+                options={} if synthetic else dict(c.data.loader_options),
             ),
         )
 

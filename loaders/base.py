@@ -50,6 +50,8 @@ def parse_options(cls: type[T], options: dict[str, str], backend: str) -> T:
     values = {}
     for key, raw in options.items():
         if key not in known:
+            if not known:
+                raise ConfigError(f"the {backend} loader takes no --loader-option (got {key}={raw})")
             raise ConfigError(f"unknown {backend} loader option {key!r}; known: {', '.join(sorted(known))}")
         kind = type(getattr(defaults, key))
         try:
@@ -64,6 +66,11 @@ def parse_options(cls: type[T], options: dict[str, str], backend: str) -> T:
                 f"{backend} loader option {key}={raw!r}: expected {'an' if kind is int else 'a'} {kind.__name__}"
             ) from None
     return cls(**values)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a backend that has none: any --loader-option is an error, not ignored."""
 
 
 def stream_seed(seed: int, position: int, rank: int) -> int:

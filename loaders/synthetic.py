@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import register_loader
-from .base import Batch, LoaderArgs
+from .base import Batch, LoaderArgs, NoOptions, parse_options
 
 
 class SyntheticLoader:
@@ -41,4 +41,5 @@ class SyntheticLoader:
 
 @register_loader("synthetic")
 def build_synthetic_loader(args: LoaderArgs) -> SyntheticLoader:
+    parse_options(NoOptions, args.options, "synthetic")
     return SyntheticLoader(args)

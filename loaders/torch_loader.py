@@ -15,7 +15,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.data import DataError, ImageDataset, ImageList, load_splits
 
 from . import register_loader
-from .base import DevicePrefetcher, LoaderArgs, stream_seed
+from .base import DevicePrefetcher, LoaderArgs, NoOptions, parse_options, stream_seed
 
 
 def view_transform(spec: AugSpec) -> T.Compose:
@@ -119,4 +119,5 @@ class TorchLoader:
 
 @register_loader("torch")
 def build_torch_loader(args: LoaderArgs) -> TorchLoader:
+    parse_options(NoOptions, args.options, "torch")
     return TorchLoader(load_splits(args.data, check=args.check_images).train, args)

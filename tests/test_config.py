@@ -71,3 +71,10 @@ def test_convert_to_ffcv_without_ffcv_fails_before_reading_images(monkeypatch, t
     (tmp_path / "src" / "c").mkdir(parents=True)  # no images: the FFCV check must come first
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "x.beton"), "--format", "ffcv"]) == 2
     assert "moco-fast[ffcv]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loader", ["torch", "synthetic"])
+def test_a_loader_without_options_refuses_them(loader, tmp_path, capsys):
+    args = ["train", "--device", "cpu", "--loader", loader, "--loader-option", "threads=4", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert f"the {loader} loader takes no --loader-option (got threads=4)" in capsys.readouterr().err
