@@ -128,6 +128,8 @@ def validate(cfg: TrainConfig, world: int) -> None:
         )
     if cfg.runtime.sync_bn and world == 1:
         log.warning("--sync-bn has no effect with one process")
+    if m.symmetric and m.mechanism != "moco":
+        log.warning("--symmetric applies to --mechanism moco only; the %s loss is used as it is", m.mechanism)
 
 
 def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
