@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh                      # all phases, within BUDGET seconds (default 570)
 #   bash bench/gpu_check.sh tests throughput     # only these phases
+#   DRY=1 bash bench/gpu_check.sh                # on a CPU, toy sizes: checks the script itself
 #
 # Phases, in this order (rough times on an H100, not yet measured):
 #   env         nvidia-smi, versions                                            (~5 s)
@@ -42,6 +43,18 @@ OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-570}
+# DRY=1: the same phases on the CPU at toy sizes (ResNet-18, 32 px, one step), to check the script,
+# its flags and its summary before spending device time; no figure of a dry run means anything.
+DRY=${DRY:-}
+if [[ -n $DRY ]]; then
+  TP=(--device cpu --arch resnet18 --batch-size 8 --image-size 32 --moco-k 64 --steps 1 --warmup 0 --workers 0)
+  MOM=(--device cpu --arch resnet18 --repeats 1 --warmup 0)
+  AUG=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)
+  TRAIN=(--device cpu --epochs 1 --batch-size 32 --moco-k 64 --workers 0 --knn-every 0)
+  KNN=(--device cpu --workers 0)
+else
+  TP=() MOM=() AUG=() TRAIN=() KNN=()
+fi
 PHASES=${*:-env tests throughput cifar-speed momentum e2e hooks}
 LOG=$OUT/gpu_check.log
 export PYTHONUNBUFFERED=1
@@ -84,15 +97,21 @@ if has env; then
   run env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv; \
     $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
 fi
+if has tests; then
+  run tests 200 $PY -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors tests/
+fi
 if has throughput; then
   # torch.compile rows last (1-2 min each to compile): a time box that runs out loses only those.
   ROWS=reference,trainer:bf16,trainer:fp16,trainer:fp16+noshuffle,trainer:bf16+graph,trainer:fp16+graph
   ROWS=$ROWS,trainer:fp16+triton,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
+  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,trainer:fp16+noshuffle,trainer:bf16+graph  # no CPU compiles
   run throughput 330 $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
-    --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png"
+    --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png" \
+    "${TP[@]}"
 fi
 # CIFAR-10: unpacked once from the carried pack (or CIFAR_DATA=folder).
 CIFAR=${CIFAR_DATA:-/tmp/cifar10}
+[[ -n $DRY && ! -d $CIFAR/train && ! -f .devdata/cifar10.npz ]] && CIFAR=moco_fast/demo_data  # same layout
 if (has cifar-speed || has cifar) && [[ ! -d $CIFAR/train && -f .devdata/cifar10.npz ]]; then
   $PY bench/pack_folder.py unpack .devdata/cifar10.npz "$CIFAR" 2>&1 | tee -a "$LOG"
 fi
@@ -101,21 +120,18 @@ if has cifar-speed; then
     run cifar-speed 150 $PY bench/throughput.py --device cuda --preset cifar --arch resnet18 --stem cifar \
       --image-size 32 --batch-size 512 --loader resident --data "$CIFAR" \
       --rows trainer,trainer:graph,end-to-end,end-to-end:graph,loader --steps 50 --warmup 10 \
-      --json "$OUT/throughput-cifar.json"
+      --json "$OUT/throughput-cifar.json" "${TP[@]}"
   else
     echo "== cifar-speed: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
     STATUS+=("cifar-speed: skipped (no data)")
   fi
 fi
-if has tests; then
-  run tests 200 $PY -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors tests/
-fi
 if has momentum; then
-  run momentum 90 $PY bench/momentum_kernels.py --json "$OUT/momentum.json"
+  run momentum 90 $PY bench/momentum_kernels.py --json "$OUT/momentum.json" "${MOM[@]}"
 fi
 if has e2e; then
   run e2e 120 $PY bench/throughput.py --device cuda --loader torch --rows loader,end-to-end,trainer \
-    --steps 30 --warmup 10 --json "$OUT/throughput-torch.json"
+    --steps 30 --warmup 10 --json "$OUT/throughput-torch.json" "${TP[@]}"
 fi
 if has hooks; then
   if [[ ! -f bench/ffcv_loader.py ]]; then
@@ -126,11 +142,11 @@ if has hooks; then
   else
     # No FFCV (or no data) on the machine: the batched GPU augmentation pass it shares needs neither.
     run ffcv-aug 90 $PY bench/ffcv_loader.py --rows aug-sample,aug-batch --device cuda --batch-size 256 \
-      --json "$OUT/ffcv.json"
+      --json "$OUT/ffcv.json" "${AUG[@]}"
   fi
   if $PY -c "import nvidia.dali" 2>/dev/null; then
     run dali 150 $PY bench/throughput.py --device cuda --loader dali ${DALI_DATA:+--data "$DALI_DATA"} \
-      --rows loader,end-to-end,trainer --steps 30 --warmup 10 --json "$OUT/throughput-dali.json"
+      --rows loader,end-to-end,trainer --steps 30 --warmup 10 --json "$OUT/throughput-dali.json" "${TP[@]}"
   else
     echo "== dali: skipped (DALI is not importable; bring it over as ../shared/device/README.md says)" | tee -a "$LOG"
     STATUS+=("dali: skipped (missing)")
@@ -140,12 +156,13 @@ fi
 if has cifar; then
   if [[ -d $CIFAR/train ]]; then
     RUN=runs/cifar10-r18
+    [[ -n $DRY ]] && RUN=$OUT/cifar-run
     RESUME=()
     [[ -f $RUN/checkpoint.pt ]] && RESUME=(--resume)
     run cifar 560 $PY -m moco_fast train --preset cifar --data "$CIFAR" --loader resident --device cuda \
-      --knn-every 50 --out "$RUN" "${RESUME[@]}" ${CIFAR_FLAGS:-}
+      --knn-every 50 --out "$RUN" "${RESUME[@]}" ${CIFAR_FLAGS:-} "${TRAIN[@]}"
     run cifar-knn 60 $PY -m moco_fast knn --checkpoint "$RUN/checkpoint.pt" --data "$CIFAR" --device cuda \
-      --features both
+      --features both "${KNN[@]}"
     cp "$RUN"/metrics.jsonl "$RUN"/summary.json "$RUN"/config.json "$OUT"/ 2>/dev/null
   else
     echo "== cifar: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
