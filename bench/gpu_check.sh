@@ -47,10 +47,10 @@ BUDGET=${BUDGET:-570}
 # its flags and its summary before spending device time; no figure of a dry run means anything.
 DRY=${DRY:-}
 if [[ -n $DRY ]]; then
-  TP=(--device cpu --arch resnet18 --batch-size 8 --image-size 32 --moco-k 64 --steps 1 --warmup 0 --workers 0)
+  TP=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --moco-k 64 --steps 1 --warmup 0 --workers 0)
   MOM=(--device cpu --arch resnet18 --repeats 1 --warmup 0)
   AUG=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)
-  TRAIN=(--device cpu --epochs 1 --batch-size 32 --moco-k 64 --workers 0 --knn-every 0)
+  TRAIN=(--device cpu --epochs 1 --batch-size 64 --moco-k 128 --stem imagenet --workers 0 --knn-every 0)
   KNN=(--device cpu --workers 0)
 else
   TP=() MOM=() AUG=() TRAIN=() KNN=()
