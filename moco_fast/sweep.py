@@ -1,10 +1,16 @@
 """The paper's ablations at an affordable scale: a grid over K, m, mechanism and shuffle BN.
 
 Each setting trains in-process with `trainer.train` into its own folder under the sweep's `out`,
-then gets a kNN accuracy on the backbone (and on the head's output) and, optionally, a linear
-classifier on cached features. A finished setting leaves `result.json` and is skipped when the
-sweep runs again; an interrupted one continues from its checkpoint. The table is written as
-markdown, JSON and (with matplotlib) a PNG.
+then its checkpoint is evaluated: kNN on the backbone and on the head's output (and of a random
+init with --knn-baseline) and, optionally, a linear classifier on cached features. The table of
+every result in the sweep folder is written as markdown, JSON and (with matplotlib) a PNG, so
+several grids can share one folder.
+
+A setting's earlier result is reused only when the full resolved training configuration it was
+trained with (`training_config`: everything but the purely runtime fields in RUNTIME_ONLY) equals
+the one asked for; other kNN or linear-classifier settings evaluate the finished checkpoint again.
+A finished or interrupted run trained otherwise is never continued or overwritten silently: the
+sweep stops before anything trains, and `--redo` (or another --out) is the way on.
 
 Settings that would repeat one run are merged: end-to-end has no K (its negatives are the batch)
 and no momentum; the memory bank has no key encoder, so no m.
@@ -16,6 +22,8 @@ import copy
 import itertools
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,123 +76,34 @@ def setting_config(base: TrainConfig, s: Setting, root: Path) -> TrainConfig:
     return cfg
 
 
-def _finished(folder: Path, epochs: int) -> dict[str, Any] | None:
-    p = folder / RESULT_NAME
-    if not p.is_file():
-        return None
-    res = json.loads(p.read_text())
-    return res if res.get("epochs") == epochs else None
-
-
-def run_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int) -> dict[str, Any]:
-    from moco_fast.checkpoint import CHECKPOINT_NAME
-    from moco_fast.trainer import train
-
-    folder = Path(cfg.runtime.out)
-    cfg.runtime.resume = "auto" if (folder / CHECKPOINT_NAME).is_file() else None
-    t0 = time.perf_counter()
-    row = train(cfg)
-    # When the checkpoint had already finished every epoch (a crash after training), train() returns
-    # only the final kNN figures: the loss and pretext accuracy come from the last metrics row.
-    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
-    row = {**last, **row}
-    res: dict[str, Any] = {
-        "name": s.name,
-        "mechanism": s.mechanism,
-        "k": s.k if s.k is not None else cfg.optim.batch_size,
-        "m": s.m,
-        "shuffle_bn": s.shuffle_bn,
-        "epochs": cfg.optim.epochs,
-        "loss": row.get("loss"),
-        "pretext_acc": row.get("pretext_acc"),
-        "knn_top1": row.get("final_knn_top1"),
-        "random_knn_top1": row.get("random_knn_top1"),  # with --knn-baseline
-        "img_per_s": row.get("img_per_s"),
+# Fields of the resolved TrainConfig that do not change what a run learns or how it is evaluated.
+RUNTIME_ONLY = frozenset(
+    {
+        "preset",  # a source of values; the values themselves are compared
+        "data.workers",
+        "runtime.out",
+        "runtime.resume",
+        "runtime.force",
+        "runtime.device",
+        "runtime.log_every",
+        "runtime.gpus",
+        "runtime.sync_bn",  # no effect with one process, the only kind a sweep runs
+        "runtime.channels_last",
+        "runtime.compile",
+        "runtime.cuda_graph",
+        "runtime.knn_every",
+        "runtime.final_knn",  # always on in a sweep
     }
-    res.update(_head_knn(cfg, folder / CHECKPOINT_NAME))
-    if lincls_epochs > 0:
-        res["linear_top1"] = _linear(cfg, folder, lincls_epochs)
-    res["wall_s"] = time.perf_counter() - t0
-    return res
-
-
-def _head_knn(cfg: TrainConfig, checkpoint: Path) -> dict[str, Any]:
-    """kNN on the head's 128-d output (the figure the official CIFAR demo reports)."""
-    if cfg.data.loader not in IMAGE_FOLDER_LOADERS:
-        return {}
-    from moco_fast.checkpoint import load_model
-    from moco_fast.data import load_splits
-    from moco_fast.knn import knn_accuracy
-    from moco_fast.trainer import eval_workers, resolve_device
-
-    splits = load_splits(cfg.data.data, check=False)
-    if splits.eval is None:
-        return {}
-    device = resolve_device(cfg.runtime.device)
-    model, _ = load_model(checkpoint, device)
-    acc = knn_accuracy(
-        model.encoder_q,
-        splits.train,
-        splits.eval,
-        cfg.data.aug,
-        device,
-        cfg.runtime.knn_k,
-        cfg.runtime.knn_t,
-        workers=eval_workers(cfg.data.workers, device),
-    )
-    return {"knn_head_top1": acc}
-
-
-def _linear(cfg: TrainConfig, folder: Path, epochs: int) -> float | None:
-    from moco_fast.lincls import LinclsConfig, run_lincls
-    from moco_fast.trainer import eval_workers, resolve_device
-
-    steps = ",".join(str(max(1, round(epochs * f))) for f in (0.6, 0.8))
-    res = run_lincls(
-        LinclsConfig(
-            checkpoint=str(folder / "checkpoint.pt"),
-            data=cfg.data.data,
-            epochs=epochs,
-            schedule=steps,
-            cached_features=True,
-            workers=eval_workers(cfg.data.workers, resolve_device(cfg.runtime.device)),
-            device=cfg.runtime.device,
-            seed=cfg.runtime.seed,
-            out=str(folder / "lincls.json"),
-        )
-    )
-    return res["top1"]
-
-
-def run_sweep(base: TrainConfig, settings: list[Setting], out: Path, lincls_epochs: int = 0) -> list[dict[str, Any]]:
-    """Run (or skip, when finished) each setting; write the table; return one row per setting."""
-    from moco_fast.trainer import validate
-
-    if base.runtime.gpus > 1:
-        raise ConfigError("moco-fast sweep runs each setting in this process: use --gpus 1")
-    if not settings:
-        raise ConfigError("the grid is empty")
-    configs = [setting_config(base, s, out) for s in settings]
-    for cfg, s in zip(configs, settings):
-        try:
-            validate(cfg, 1)  # a bad setting fails now, not after hours of the others
-        except ConfigError as e:
-            raise ConfigError(f"setting {s.name}: {e}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, (cfg, s) in enumerate(zip(configs, settings)):
-        done = _finished(Path(cfg.runtime.out), cfg.optim.epochs)
-        if done is not None:
-            log.info("[%d/%d] %s: finished earlier, skipped", i + 1, len(settings), s.name)
-            results.append(done)
-            continue
-        log.info("[%d/%d] %s", i + 1, len(settings), s.name)
-        res = run_setting(cfg, s, lincls_epochs)
-        (Path(cfg.runtime.out) / RESULT_NAME).write_text(json.dumps(res, indent=2))
-        results.append(res)
-        write_table(results, out)  # a partial table survives an interruption
-    write_table(results, out)
-    return results
+)
+# How a finished checkpoint is evaluated: a change evaluates it again, it does not train again.
+EVAL_KEYS = ("runtime.knn_k", "runtime.knn_t", "runtime.knn_baseline")
+# Fields a mechanism does not read: a finished run is reused whatever they were.
+UNUSED = {
+    "moco": frozenset({"moco.bank_m"}),
+    "memory-bank": frozenset({"moco.m", "moco.symmetric"}),
+    "end-to-end": frozenset({"moco.k", "moco.m", "moco.symmetric", "moco.bank_m"}),
+}
+GRID_KEYS = frozenset({"moco.mechanism", "moco.k", "moco.m", "moco.shuffle_bn"})
 
 
 COLUMNS = [
@@ -215,12 +134,6 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             cells.append("-" if v is None else fmt.format(v) if not isinstance(v, str) else v)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_table(results: list[dict[str, Any]], out: Path) -> None:
-    (out / "sweep.md").write_text(markdown_table(results))
-    (out / "sweep.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "sweep.png")
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> bool:
@@ -257,3 +170,418 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+# -- what makes two runs the same -----------------------------------------------------------------
+def _plain(v: Any) -> Any:
+    """JSON's form of a config value (tuples as lists), so that saved and live configs compare."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return v
+
+
+def _comparable(nested: dict[str, Any]) -> dict[str, Any]:
+    """A config dict (`to_dict`, config.json, a checkpoint's) as {"section.field": value}, without
+    RUNTIME_ONLY and with the data path made absolute."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            key = prefix + str(k)
+            if isinstance(v, dict) and key != "data.loader_options":
+                walk(v, key + ".")
+            elif key not in RUNTIME_ONLY:
+                flat[key] = _plain(v)
+
+    walk(nested, "")
+    data = flat.get("data.data")
+    if isinstance(data, str) and "://" not in data:
+        flat["data.data"] = os.path.abspath(os.path.expanduser(data))
+    return flat
+
+
+def training_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved configuration a setting's result stands for (stored in its result.json)."""
+    from moco_fast.config import to_dict
+
+    return _comparable(to_dict(cfg))
+
+
+def _defaults() -> dict[str, Any]:
+    """Each field's default: the value a config saved before that field existed was trained with."""
+    from moco_fast.config import TrainConfig, to_dict
+
+    return _comparable(to_dict(TrainConfig()))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], ignore: frozenset[str] | set[str]) -> list[str]:
+    defaults = _defaults()
+    return [
+        f"{k} {old.get(k, defaults.get(k))!r} -> {v!r}"
+        for k, v in new.items()
+        if k not in ignore and old.get(k, defaults.get(k)) != v
+    ]
+
+
+def _evaluation(config: dict[str, Any], lincls_epochs: int | None, lincls_lr: float | None) -> dict[str, Any]:
+    defaults = _defaults()
+    ev: dict[str, Any] = {k: config.get(k, defaults.get(k)) for k in EVAL_KEYS}
+    ev["lincls_epochs"] = lincls_epochs
+    ev["lincls_lr"] = lincls_lr if lincls_epochs else None
+    return ev
+
+
+def _conflict(folder: Path, what: str, diffs: list[str]) -> ConfigError:
+    listed = ", ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+    return ConfigError(
+        f"{folder} holds {what} trained with other settings ({listed}): pass --redo to delete it and "
+        "train again, or choose another --out"
+    )
+
+
+# -- files ------------------------------------------------------------------------------------------
+def _write_text(path: Path, text: str) -> None:
+    from moco_fast.checkpoint import atomic_write
+
+    data = text.encode()
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _read_json(path: Path, kind: type) -> Any:
+    """The JSON in `path` when it is a `kind`; None when missing; None and a warning when unreadable
+    (a file cut short by a crash of an older version, say)."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        log.warning("ignoring %s: it cannot be read (%s)", path, e)
+        return None
+    if not isinstance(value, kind):
+        log.warning("ignoring %s: it holds a %s, not a %s", path, type(value).__name__, kind.__name__)
+        return None
+    return value
+
+
+def _results_in(out: Path) -> dict[str, dict[str, Any]]:
+    """Every setting folder's result in the sweep folder, by folder name; unreadable ones are left
+    out with a warning (their setting counts as unfinished)."""
+
+    if not out.is_dir():
+        return {}
+    found = {}
+    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
+        res = _read_json(folder / RESULT_NAME, dict)
+        if res is not None and not isinstance(res.get("mechanism"), str):
+            log.warning("ignoring %s: it is not a sweep result", folder / RESULT_NAME)
+        elif res is not None:
+            found[folder.name] = res
+    return found
+
+
+# -- the sweep ------------------------------------------------------------------------------------
+def run_sweep(
+    base: TrainConfig,
+    settings: list[Setting],
+    out: Path,
+    *,
+    lincls_epochs: int = 0,
+    lincls_lr: float = 30.0,
+    redo: bool = False,
+) -> list[dict[str, Any]]:
+    """Run, continue or reuse each setting; write the table of every result in `out`; return its rows."""
+    from moco_fast.trainer import validate
+
+    if base.runtime.gpus > 1:
+        raise ConfigError("moco-fast sweep runs each setting in this process: use --gpus 1")
+    if not settings:
+        raise ConfigError("the grid is empty")
+    configs = [setting_config(base, s, out) for s in settings]
+    for cfg, s in zip(configs, settings):
+        try:
+            validate(cfg, 1)  # a bad setting fails now, not after hours of the others
+        except ConfigError as e:
+            raise ConfigError(f"setting {s.name}: {e}") from None
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: it must be the sweep folder")
+    if redo:
+        for s in settings:
+            if (out / s.name).is_dir():
+                log.info("--redo: deleting %s", out / s.name)
+                shutil.rmtree(out / s.name)
+    previous = _read_json(out / "sweep.json", list) or []
+    order = [r["name"] for r in previous if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    order += [s.name for s in settings]
+    found = _results_in(out)
+    # Every setting is checked against what its folder holds before the first one trains.
+    evaluation = (lincls_epochs, lincls_lr)
+    plans = [_plan(cfg, s, found.get(s.name), evaluation) for cfg, s in zip(configs, settings)]
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
+        head = f"[{i + 1}/{len(settings)}] {s.name}"
+        if plan == "reuse":
+            log.info("%s: finished earlier with the same settings, reused", head)
+            continue
+        log.info(
+            "%s%s",
+            head,
+            {
+                "train": "",
+                "resume": ": continues from its checkpoint",
+                "evaluate": ": trained earlier with the same settings; evaluating its checkpoint again",
+            }[plan],
+        )
+        t0 = time.perf_counter()
+        if plan in ("train", "resume"):
+            _train(cfg)
+        res = _evaluate(cfg, s, lincls_epochs, lincls_lr)
+        res["wall_s"] = time.perf_counter() - t0
+        if plan == "evaluate" and isinstance(found[s.name].get("wall_s"), (int, float)):
+            res["wall_s"] = found[s.name]["wall_s"]  # the time of the setting's training, kept
+        res["config"] = training_config(cfg)
+        _write_json(Path(cfg.runtime.out) / RESULT_NAME, res)
+        found[s.name] = res
+        write_table(_rows(found, order), out)  # a partial table survives an interruption
+    rows = _rows(found, order)
+    write_table(rows, out)
+    mixed = _mixed_settings([found[r["name"]] for r in rows if r["name"] in found])
+    if mixed:
+        log.warning("the table mixes runs whose settings differ beyond the grid: %s", "; ".join(mixed))
+    return rows
+
+
+def _plan(cfg: TrainConfig, s: Setting, res: dict[str, Any] | None, evaluation: tuple[int, float]) -> str:
+    """What a setting needs: "reuse" its result, "evaluate" its finished checkpoint again, "resume"
+    its interrupted run, or "train" from scratch. A ConfigError when its folder holds a run
+    trained with other settings."""
+    from moco_fast import checkpoint as ckpt
+    from moco_fast.data import DataError
+
+    folder = Path(cfg.runtime.out)
+    want = training_config(cfg)
+    checkpoint = folder / ckpt.CHECKPOINT_NAME
+    if res is not None:
+        old = res.get("config")
+        if not isinstance(old, dict):  # written by an older moco-fast: the run's own config.json
+            saved = _read_json(folder / "config.json", dict)
+            if saved is None:
+                raise ConfigError(
+                    f"{folder} holds a finished run without a record of its settings (config.json): pass "
+                    "--redo to delete it and train again, or choose another --out"
+                )
+            old = _comparable(saved)
+        diffs = _differences(old, want, UNUSED.get(s.mechanism, frozenset()) | set(EVAL_KEYS))
+        if diffs:
+            raise _conflict(folder, "a finished run", diffs)
+        if "config" in res and _evaluation(old, res.get("lincls_epochs"), res.get("lincls_lr")) == _evaluation(
+            want, *evaluation
+        ):
+            return "reuse"
+        if not checkpoint.is_file():
+            if "config" not in res:
+                return "reuse"  # an older result whose checkpoint is gone: shown as it was
+            raise ConfigError(
+                f"{folder}: its checkpoint is gone, so it cannot be evaluated with other kNN or linear "
+                "classifier settings: use the earlier ones, --redo to train it again, or another --out"
+            )
+        return "evaluate"
+    if checkpoint.is_file():
+        try:
+            saved = ckpt.load(checkpoint)
+        except DataError as e:
+            raise DataError(f"{e}: pass --redo to delete it and train again, or choose another --out") from None
+        if not isinstance(saved.get("config"), dict):
+            raise DataError(f"{checkpoint} is not a moco-fast training checkpoint: pass --redo or another --out")
+        diffs = _differences(_comparable(saved["config"]), want, frozenset(EVAL_KEYS))
+        if diffs:
+            raise _conflict(folder, "an unfinished run", diffs)
+        return "resume"
+    return "train"
+
+
+def _train(cfg: TrainConfig) -> None:
+    """Train (or continue) one setting. kNN and the linear classifier run on the checkpoint after."""
+    from moco_fast.checkpoint import CHECKPOINT_NAME
+    from moco_fast.trainer import train
+
+    cfg = copy.deepcopy(cfg)
+    cfg.runtime.final_knn = False
+    cfg.runtime.knn_baseline = False
+    cfg.runtime.resume = "auto" if (Path(cfg.runtime.out) / CHECKPOINT_NAME).is_file() else None
+    train(cfg)
+
+
+def _last_row(path: Path) -> dict[str, Any]:
+    """The last epoch's row of metrics.jsonl ({} without one); a row cut short is skipped."""
+    if not path.is_file():
+        return {}
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "loss" in row:
+            return row
+    return {}
+
+
+def _evaluate(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr: float) -> dict[str, Any]:
+    """One setting's result from its finished checkpoint and metrics: kNN on the backbone and on
+    the head output (and of a random init with --knn-baseline), the linear classifier if asked."""
+    from dataclasses import replace
+    from functools import partial
+
+    import torch
+
+    from moco_fast.checkpoint import CHECKPOINT_NAME, load_model
+    from moco_fast.knn import knn_accuracy
+    from moco_fast.model import MoCo
+    from moco_fast.trainer import eval_workers, resolve_device
+
+    folder = Path(cfg.runtime.out)
+    last = _last_row(folder / "metrics.jsonl")
+    device = resolve_device(cfg.runtime.device)
+    model, _ = load_model(folder / CHECKPOINT_NAME, device)
+    res: dict[str, Any] = {"name": s.name, "mechanism": s.mechanism}
+    if s.mechanism == "end-to-end":
+        res["k"] = cfg.optim.batch_size  # the negatives are the batch's other keys (one process)
+    else:
+        res["k"] = int(model.k)  # the memory bank draws at most one negative per training image
+        if res["k"] != cfg.moco.k:
+            res["k_asked"] = cfg.moco.k
+    res.update(
+        {
+            "m": s.m,
+            "shuffle_bn": s.shuffle_bn,
+            "epochs": cfg.optim.epochs,
+            "loss": last.get("loss"),
+            "pretext_acc": last.get("pretext_acc"),
+            "knn_top1": None,
+            "knn_head_top1": None,
+            "random_knn_top1": None,  # with --knn-baseline
+            "img_per_s": last.get("img_per_s"),
+        }
+    )
+    splits = _eval_splits(cfg)
+    if splits is not None:
+        knn = partial(
+            knn_accuracy,
+            train=splits.train,
+            test=splits.eval,
+            spec=cfg.data.aug,
+            device=device,
+            k=cfg.runtime.knn_k,
+            t=cfg.runtime.knn_t,
+            workers=eval_workers(cfg.data.workers, device),
+        )
+        res["knn_top1"] = knn(model.backbone())
+        res["knn_head_top1"] = knn(model.encoder_q)  # the figure the official CIFAR demo reports
+        if cfg.runtime.knn_baseline:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.runtime.seed)
+                # end-to-end: the same backbone, without a key encoder or memory bank to build
+                rand = MoCo(cfg.model, replace(cfg.moco, mechanism="end-to-end"), cfg.data.aug.image_size)
+            res["random_knn_top1"] = knn(rand.to(device).eval().backbone())
+            del rand
+    del model
+    if lincls_epochs > 0:
+        res["linear_top1"] = _linear(cfg, folder, lincls_epochs, lincls_lr)
+    res["lincls_epochs"] = lincls_epochs
+    res["lincls_lr"] = lincls_lr if lincls_epochs > 0 else None
+    return res
+
+
+def _eval_splits(cfg: TrainConfig):
+    """The train and eval image lists for kNN, or None where the data has no eval split."""
+    from moco_fast.data import load_splits
+    from moco_fast.loaders.wds import is_wds_root
+
+    if cfg.data.loader not in IMAGE_FOLDER_LOADERS or is_wds_root(cfg.data.data):
+        return None
+    splits = load_splits(cfg.data.data, check=False)
+    return splits if splits.eval is not None else None
+
+
+def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | None:
+    from moco_fast.checkpoint import CHECKPOINT_NAME
+    from moco_fast.lincls import LinclsConfig, run_lincls
+    from moco_fast.trainer import eval_workers, resolve_device
+
+    steps = ",".join(str(max(1, round(epochs * f))) for f in (0.6, 0.8))
+    res = run_lincls(
+        LinclsConfig(
+            checkpoint=str(folder / CHECKPOINT_NAME),
+            data=cfg.data.data,
+            epochs=epochs,
+            lr=lr,
+            schedule=steps,
+            cached_features=True,
+            workers=eval_workers(cfg.data.workers, resolve_device(cfg.runtime.device)),
+            device=cfg.runtime.device,
+            seed=cfg.runtime.seed,
+            out=str(folder / "lincls.json"),
+        )
+    )
+    return res["top1"]
+
+
+# -- the table ------------------------------------------------------------------------------------
+def _rows(found: dict[str, dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """One row per result in the sweep folder: first in the order of the last table, then this
+    grid's, then any others by name; without the stored configs."""
+    rows = []
+    for name in dict.fromkeys([*order, *sorted(found)]):
+        if name in found:
+            row = {k: v for k, v in found[name].items() if k != "config"}
+            row["name"] = name
+            rows.append(row)
+    return rows
+
+
+def _mixed_settings(results: list[dict[str, Any]]) -> list[str]:
+    """The fields, other than the grid's, whose values differ between the table's runs."""
+    values: dict[str, list[Any]] = {}
+    for res in results:
+        config = res.get("config")
+        if not isinstance(config, dict):
+            continue
+        skip = GRID_KEYS | UNUSED.get(str(res.get("mechanism")), frozenset())
+        for k, v in config.items():
+            seen = values.setdefault(k, [])
+            if k not in skip and v not in seen:
+                seen.append(v)
+    return [f"{k} ({', '.join(repr(v) for v in vs)})" for k, vs in values.items() if len(vs) > 1]
+
+
+def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as the markdown table shows them: K says where it is not the K asked for."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("mechanism") == "end-to-end" and r.get("k") is not None:
+            r["k"] = f"{r['k']} (batch)"
+        elif r.get("k_asked") is not None:
+            r["k"] = f"{r['k']} (bank size; {r['k_asked']} asked)"
+        out.append(r)
+    return out
+
+
+def write_table(rows: list[dict[str, Any]], out: Path) -> None:
+    """OUT/sweep.md, sweep.json and (with matplotlib) sweep.png, each replaced whole."""
+
+    _write_text(out / "sweep.md", markdown_table(shown(rows)))
+    _write_json(out / "sweep.json", rows)
+    tmp = out / ".sweep.tmp.png"
+    try:
+        if plot(rows, tmp):
+            os.replace(tmp, out / "sweep.png")
+        else:
+            (out / "sweep.png").unlink(missing_ok=True)  # an old plot would not show these rows
+    finally:
+        tmp.unlink(missing_ok=True)

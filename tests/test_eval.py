@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -269,6 +271,146 @@ def test_sweep_two_settings_table_and_resume(six_root, tmp_path, capsys):
     again = json.loads((out / "sweep.json").read_text())
     assert (out / rows[0]["name"] / "metrics.jsonl").read_text() == metrics
     assert again[0]["loss"] == rows[0]["loss"] and again[0]["knn_top1"] == rows[0]["knn_top1"]
+
+
+# The base `moco-fast train` flags of the sweep tests: ResNet-18 at 32 px, one epoch of batches of 8.
+SWEEP_TRAIN = ["--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet", "--epochs", "1"]
+SWEEP_TRAIN += ["--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--workers", "0"]
+SWEEP_RUN = "moco_K16_m0.99_sbn-on"
+
+
+def sweep_args(out, root, *grid, train=()):
+    """`moco-fast sweep` on `root` into `out`: the grid flags, then the base train flags (and `train`)."""
+    return ["sweep", "--out", str(out), "--device", "cpu", *grid, "--", "--data", str(root), *SWEEP_TRAIN, *train]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(six_root, tmp_path_factory):
+    """A sweep folder with one finished setting (moco, K 16, m 0.99); tests work on copies."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    return out
+
+
+def last_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.slow
+def test_sweep_reuses_a_result_only_for_the_same_training_settings(
+    finished_sweep, six_root, tiny_root, tmp_path, capsys
+):
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    run = out / SWEEP_RUN
+    metrics = (run / "metrics.jsonl").read_text()
+    # The same settings (a runtime flag aside): reused, nothing trains.
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=["--log-every", "3"])) == 0
+    assert (run / "metrics.jsonl").read_text() == metrics
+    capsys.readouterr()
+    # Other training settings: one line that names them, and the finished run is neither continued
+    # (more epochs would have resumed it under another schedule) nor overwritten.
+    for flags, field in (
+        (["--lr", "0.1"], "optim.lr 0.03 -> 0.1"),
+        (["--epochs", "2"], "optim.epochs 1 -> 2"),
+        (["--data", str(tiny_root)], "data.data"),
+        (["--weight-decay", "0.01"], "optim.weight_decay"),
+    ):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=flags)) == 2
+        err = last_error(capsys)
+        assert err.startswith("moco-fast sweep: error:") and "a finished run" in err, err
+        assert field in err and "--redo" in err and "--out" in err, err
+        assert (run / "metrics.jsonl").read_text() == metrics
+        assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    # An interrupted run (no result.json yet) is not continued under other settings either.
+    (run / "result.json").unlink()
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=["--epochs", "2"])) == 2
+    err = last_error(capsys)
+    assert "an unfinished run" in err and "optim.epochs 1 -> 2" in err and "--redo" in err, err
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    # --redo deletes the old run and trains the setting again, from scratch.
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--redo", train=["--lr", "0.1"])) == 0
+    res = json.loads((run / "result.json").read_text())
+    assert res["config"]["optim.lr"] == 0.1 and res["epochs"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # no row of the old run
+    assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == [SWEEP_RUN]
+
+
+@pytest.mark.slow
+def test_sweep_table_covers_every_grid_in_the_folder(finished_sweep, six_root, tmp_path, capsys):
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    first = json.loads((out / "sweep.json").read_text())
+    # A second grid into the same folder: end-to-end (K is the batch) and a memory bank with a K
+    # larger than the 36 training images (it draws from the bank, so 36 at most).
+    assert main(sweep_args(out, six_root, "--mechanism", "end-to-end,memory-bank", "--moco-k", "64")) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    names = [SWEEP_RUN, "end-to-end_Kbatch_sbn-on", "memory-bank_K64_sbn-on"]
+    assert [r["name"] for r in rows] == names
+    assert rows[0] == first[0]
+    e2e, bank = rows[1], rows[2]
+    assert e2e["k"] == 8 and bank["k"] == 36 and bank["k_asked"] == 64 and "k_asked" not in rows[0]
+    table = (out / "sweep.md").read_text()
+    assert len(table.splitlines()) == 2 + 3
+    assert "| moco | 16 | 0.99 |" in table
+    assert "| end-to-end | 8 (batch) |" in table and "| memory-bank | 36 (bank size; 64 asked) |" in table
+    assert table in capsys.readouterr().out
+    # The first grid again: nothing trains, and the table keeps all three rows in their order.
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    assert json.loads((out / "sweep.json").read_text()) == rows
+    assert (out / "sweep.md").read_text() == table
+
+
+def test_sweep_treats_a_cut_short_result_as_unfinished(finished_sweep, six_root, tmp_path, caplog, monkeypatch):
+    from moco_fast import checkpoint
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    run = out / SWEEP_RUN
+    metrics = (run / "metrics.jsonl").read_text()
+    good = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(json.dumps(good)[:50])  # left by a crash of an older version
+    written = []
+    real = checkpoint.atomic_write
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda path, write: (written.append(path), real(path, write)))
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(run / "result.json") in w for w in warnings), warnings
+    # Completed from its checkpoint, without training again.
+    assert (run / "metrics.jsonl").read_text() == metrics
+    again = json.loads((run / "result.json").read_text())
+    assert again["loss"] == good["loss"] and again["knn_top1"] == good["knn_top1"]
+    assert again["config"] == good["config"]
+    # The result and the table are replaced whole, never written in place.
+    assert {run / "result.json", out / "sweep.md", out / "sweep.json"} <= set(written)
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and "tmp" in p.name]
+
+
+def test_sweep_linear_classifier_lr(finished_sweep, six_root, tmp_path, monkeypatch):
+    from moco_fast import lincls
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    run = out / SWEEP_RUN
+    metrics = (run / "metrics.jsonl").read_text()
+    seen = []
+    monkeypatch.setattr(lincls, "run_lincls", lambda cfg: seen.append(cfg) or {"top1": 12.5})
+    args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3", "--lincls-lr", "0.5")
+    assert main(args) == 0
+    assert [(c.epochs, c.lr, c.cached_features) for c in seen] == [(3, 0.5, True)]
+    # Other evaluation flags evaluate the finished checkpoint again; they do not train it again.
+    assert (run / "metrics.jsonl").read_text() == metrics
+    res = json.loads((run / "result.json").read_text())
+    assert res["linear_top1"] == 12.5 and res["lincls_epochs"] == 3 and res["lincls_lr"] == 0.5
+    assert main(args) == 0 and len(seen) == 1  # the same flags again: reused
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3", "--lincls-lr", "0")) == 2
+
+
+def test_sweep_help_is_wrapped_and_names_every_flag(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "--lincls-lr" in text and "default: 30" in text and "--redo" in text
 
 
 def test_sweep_grid_merges_repeated_runs():

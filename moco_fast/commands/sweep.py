@@ -1,19 +1,46 @@
-"""`moco-fast sweep`: the paper's ablations (K, m, mechanism, shuffle BN) as one table."""
+"""`moco-fast sweep`: the paper's ablations (K, m, mechanism, shuffle BN) as one table. The flags
+and the grid are read here; moco_fast.sweep runs it."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
+from moco_fast.commands import HelpFormatter
 from moco_fast.config import ConfigError
 
-EPILOG = """example (the paper's m and shuffle-BN ablations on CIFAR-10, 20 epochs each):
+log = logging.getLogger("moco_fast")
+
+DESCRIPTION = """\
+Runs one MoCo training per setting of the grid (in this process), then kNN
+accuracy on the backbone and on the head output, and optionally a linear
+classifier on cached features, and writes one table (markdown, JSON, and a PNG
+plot when matplotlib is installed) of accuracy, final loss and pretext accuracy
+per setting.
+
+A grid flag left out keeps the base config's value. Settings that would repeat
+a run are merged (end-to-end has no K or m; the memory bank has no m). The K
+column is the number of negatives each query really had: the batch for
+end-to-end, at most the number of training images for the memory bank."""
+
+EPILOG = """\
+example (the paper's m and shuffle-BN ablations on CIFAR-10, 20 epochs each):
   moco-fast sweep --out runs/sweep --moco-m 0,0.9,0.99 --shuffle-bn on,off -- \\
       --preset cifar --data ../shared/data/cifar10 --epochs 20
 
-Flags after `--` are `moco-fast train` flags for every setting (see `moco-fast train --help`).
-Each setting trains in OUT/<setting>/; finished settings are skipped when the sweep runs again,
-interrupted ones continue from their checkpoint. The table: OUT/sweep.md, sweep.json, sweep.png."""
+Flags after `--` are `moco-fast train` flags for every setting (see
+`moco-fast train --help`). Each setting trains in OUT/<setting>/.
+
+When the sweep runs again, a finished setting is reused only if it was trained
+with the same settings (all but --device, --workers, --log-every and other
+runtime flags); an interrupted one continues from its checkpoint. A setting
+trained with other settings stops the sweep before anything trains: --redo
+trains the grid's settings again, or choose another --out. Other kNN or linear
+classifier flags only evaluate the finished checkpoint again.
+
+The table (OUT/sweep.md, sweep.json, sweep.png) lists every setting with a
+result in OUT, so that several grids can share one folder."""
 
 
 def _list(kind):
@@ -33,17 +60,17 @@ def _onoff(v: str) -> bool:
     return table[v.lower()]
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The description and epilog as written (wrapped here, examples kept), flag defaults shown."""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
         help="a grid over K, m, mechanism and shuffle BN, written as one table",
-        description="Runs one MoCo training per setting of the grid (in this process), then kNN accuracy on the "
-        "backbone and on the head output, and optionally a linear classifier, and writes one table (markdown, "
-        "JSON, PNG plot when matplotlib is installed) of accuracy, final loss and pretext accuracy per setting. "
-        "A grid flag left out keeps the base config's value. Settings that would repeat a run are merged "
-        "(end-to-end has no K or m; the memory bank has no m).",
+        description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     p.add_argument("--out", required=True, help="sweep folder: one subfolder per setting, plus the table")
     p.add_argument("--moco-k", type=_list(int), help="queue lengths K, e.g. 256,4096")
@@ -54,7 +81,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--lincls-epochs",
         type=int,
         default=0,
-        help="also a linear classifier on cached center-crop features for this many epochs (0: off)",
+        help="also a linear classifier on cached center-crop features for this many epochs (default 0: off)",
+    )
+    p.add_argument(
+        "--lincls-lr",
+        type=float,
+        default=30.0,
+        help="learning rate of that linear classifier, not scaled with the batch (default: 30, the paper's)",
+    )
+    p.add_argument(
+        "--redo",
+        action="store_true",
+        help="train every setting of this grid again: its old run folder in OUT is deleted first "
+        "(other settings' folders are kept)",
     )
     p.add_argument("--device", help="cpu | cuda | auto (overrides a --device after --)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="`--` then moco-fast train flags for every setting")
@@ -76,7 +115,7 @@ def base_config(train_args: list[str]):
 
 def run(args: argparse.Namespace) -> int:
     from moco_fast.model import MECHANISMS
-    from moco_fast.sweep import expand, markdown_table, run_sweep
+    from moco_fast.sweep import expand, markdown_table, run_sweep, shown
 
     base = base_config(args.train_args)
     if args.device:
@@ -93,9 +132,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.lincls_epochs < 0:
         raise ConfigError("--lincls-epochs must be 0 or more")
+    if not args.lincls_lr > 0:
+        raise ConfigError(f"--lincls-lr must be positive (got {args.lincls_lr})")
     out = Path(args.out)
-    results = run_sweep(base, settings, out, args.lincls_epochs)
-    print(markdown_table(results), end="")
+    rows = run_sweep(base, settings, out, lincls_epochs=args.lincls_epochs, lincls_lr=args.lincls_lr, redo=args.redo)
+    print(markdown_table(shown(rows)), end="")
     print(
         f"table: {out / 'sweep.md'}, {out / 'sweep.json'}"
         + (f", {out / 'sweep.png'}" if (out / "sweep.png").is_file() else "")
