@@ -132,7 +132,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
             loss_sum += loss.detach()
             n += 1
         history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)})  # host sync per epoch
-        log.debug("finetune epoch %d: loss %.4f", epoch + 1, history[-1]["loss"])
+        log.info("finetune epoch %d/%d: loss %.4f, lr %.4g", epoch + 1, cfg.epochs, history[-1]["loss"], lr)
 
     net.eval()
 

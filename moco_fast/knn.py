@@ -12,6 +12,10 @@ from moco_fast.augment import AugSpec
 from moco_fast.data import ImageDataset, ImageList
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
+from moco_fast.metrics import progress
+
+# A feature pass of this many batches or fewer ends too soon to need a progress bar.
+PROGRESS_MIN_BATCHES = 4
 
 
 def collate_labeled(items):
@@ -29,8 +33,10 @@ def extract_features(
     batch_size: int = 256,
     workers: int = 2,
     channels_last: bool = False,
+    desc: str = "kNN features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N x D L2-normalised fp32 features, N labels), both on `device`. `net` maps images to N x D."""
+    """(N x D L2-normalised fp32 features, N labels), both on `device`. `net` maps images to N x D.
+    A progress bar (`desc`) shows when the pass has more than PROGRESS_MIN_BATCHES batches."""
     was_training = net.training
     net.eval()
     ds = ImageDataset(images, eval_transform(spec.image_size))
@@ -38,10 +44,13 @@ def extract_features(
     mean, std = mean_std_255(spec, device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     feats, labels = [], []
+    bar = progress(total=len(dl), desc=desc, enabled=len(dl) > PROGRESS_MIN_BATCHES)
     for x, y in dl:
         x = normalize_on_device(x, mean, std, torch.float32, fmt)
         feats.append(F.normalize(net(x).float(), dim=1))
         labels.append(y.to(device))
+        bar.update(1)
+    bar.close()
     net.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
@@ -75,7 +84,7 @@ def knn_accuracy(
     workers: int = 2,
 ) -> float:
     """Top-1 accuracy (%) of weighted kNN."""
-    bank, bank_labels = extract_features(net, train, spec, device, batch_size, workers)
-    query, query_labels = extract_features(net, test, spec, device, batch_size, workers)
+    bank, bank_labels = extract_features(net, train, spec, device, batch_size, workers, desc="kNN features (train)")
+    query, query_labels = extract_features(net, test, spec, device, batch_size, workers, desc="kNN features (eval)")
     pred = knn_predict(query, bank, bank_labels, len(train.classes), k, t)
     return (pred == query_labels).float().mean().item() * 100  # host sync: once per evaluation

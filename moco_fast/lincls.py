@@ -296,7 +296,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
             loss_sum += loss.detach()
             n += 1
         history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)})  # host sync per epoch
-        log.debug("lincls epoch %d: loss %.4f", epoch + 1, history[-1]["loss"])
+        log.info("lincls epoch %d/%d: loss %.4f, lr %.4g", epoch + 1, cfg.epochs, history[-1]["loss"], lr)
 
     top1, top5 = evaluate(lambda x: fc(features(x)), eval_batches, device, classes)
     check_unchanged(backbone, checkpoint_backbone_state(cfg.checkpoint))

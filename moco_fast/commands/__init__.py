@@ -4,10 +4,22 @@ evaluation commands (knn, lincls, finetune) share, so that they read and default
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import os
+import re
+import tempfile
 from dataclasses import fields
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from moco_fast.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
+log = logging.getLogger("moco_fast")
 
 AMP_CHOICES = ["auto", "bf16", "fp16", "off"]
 
@@ -17,12 +29,109 @@ def add_eval_runtime_flags(
 ) -> None:
     """--batch-size, --workers, --device, and (when asked) --amp and --seed."""
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
-    p.add_argument("--workers", type=int, default=workers, help="data loading workers")
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--workers", type=int, default=workers, help="data loading workers; -1: auto")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (a GPU when there is one)")
     if amp_help:
         p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=amp_help)
     if seed:
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="random seed (classifier init, data order, crops)")
+
+
+# -- argument checks: one-line errors (ConfigError) before any data or checkpoint is read ------------
+def require(ok: bool, message: str) -> None:
+    """ConfigError(message) unless `ok`."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_device_name(name: str) -> None:
+    """ConfigError unless `name` is a device string the commands accept (for export, which does not
+    resolve it: the others go through `trainer.resolve_device`)."""
+    require(
+        re.fullmatch(r"cpu|auto|cuda(:\d+)?", name) is not None,
+        f"--device {name!r} is not a device: use cpu, cuda, cuda:N (N a GPU index) or auto",
+    )
+
+
+def resolve_eval_runtime(args: argparse.Namespace) -> torch.device:
+    """Checks the flags that `add_eval_runtime_flags` adds (--batch-size, --workers, --device: an error
+    for a GPU this machine lacks), turns --workers -1 (auto) into a count in `args`; returns the device."""
+    import torch
+
+    from moco_fast.trainer import resolve_device, resolve_workers
+
+    require(args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})")
+    require(args.workers >= -1, f"--workers must be -1 (auto) or a count >= 0 (got {args.workers})")
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        require(device.index < count, f"--device {args.device}: this machine has {count} GPU(s) (cuda:0..)")
+    args.workers = resolve_workers(args.workers, device)
+    return device
+
+
+def check_schedule(schedule: str, epochs: int) -> tuple[int, ...] | None:
+    """Parses --schedule (ConfigError when malformed) and warns about milestones that --epochs never
+    reaches: the lr would never drop there."""
+    from moco_fast.lincls import parse_schedule
+
+    steps = parse_schedule(schedule)
+    late = [s for s in steps or () if s >= epochs]
+    if late:
+        log.warning(
+            "--schedule %s with --epochs %d: the lr never drops at %s (not below --epochs); "
+            "give milestones below %d, or --schedule cos",
+            schedule,
+            epochs,
+            ",".join(map(str, late)),
+            epochs,
+        )
+    return steps
+
+
+def check_classifier_args(args: argparse.Namespace) -> None:
+    """--epochs, --lr, --momentum, --weight-decay, --image-size and --schedule of lincls and finetune
+    (a warning for schedule milestones that --epochs never reaches)."""
+    require(args.epochs >= 1, f"--epochs must be positive (got {args.epochs})")
+    require(args.lr > 0 and math.isfinite(args.lr), f"--lr must be above 0 (got {args.lr})")
+    require(args.momentum >= 0, f"--momentum must be 0 or more (got {args.momentum})")
+    require(args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})")
+    require(args.image_size is None or args.image_size >= 1, f"--image-size must be positive (got {args.image_size})")
+    check_schedule(args.schedule, args.epochs)
+
+
+def resolve_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Path:
+    """A training checkpoint given as its file or as its run folder (RUN/checkpoint.pt);
+    FileNotFoundError (a one-line error, prefixed with `flag` when given) when there is none."""
+    from moco_fast.checkpoint import CHECKPOINT_NAME
+
+    p = Path(path)
+    prefix = f"{flag}: " if flag else ""
+    if p.is_dir():
+        if not (p / CHECKPOINT_NAME).is_file():
+            raise FileNotFoundError(f"{prefix}{p} is a folder without a {CHECKPOINT_NAME}")
+        return p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"{prefix}checkpoint not found: {p}")
+    return p
+
+
+def check_output(path: str | Path, flag: str) -> Path:
+    """ConfigError unless a file can be written at `path` (as `atomic_write` does: its folder, created
+    if missing, must take new files); an existing folder at `path` is refused. Writes nothing that stays."""
+    p = Path(path)
+    require(not p.is_dir(), f"{flag} {p} is a folder: give a file path")
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest existing ancestor: the one that must take the new folders
+    require(folder.is_dir(), f"{flag} {p}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".moco-fast-write-check.", dir=folder)
+    except OSError as e:
+        raise ConfigError(f"{flag} {p}: cannot write in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return p
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from moco_fast.commands import HelpFormatter
+from moco_fast.commands import HelpFormatter, check_device_name, check_output, resolve_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,18 +22,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a pickle with matching_heuristics), for the paper's detection transfer; CIFAR stems are refused.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("checkpoint", help="a moco-fast training checkpoint (OUT/checkpoint.pt)")
-    p.add_argument("--format", required=True, choices=["torchvision", "detectron2"])
+    p.add_argument("checkpoint", help="a moco-fast training checkpoint (OUT/checkpoint.pt, or the run folder OUT)")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["torchvision", "detectron2"],
+        help="torchvision: a ResNet state dict (torch.save); detectron2: the official MoCo conversion (a pickle)",
+    )
     p.add_argument("--output", required=True, help="file to write (.pth for torchvision, .pkl for detectron2)")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     p.add_argument("--device", default="cpu", help="accepted for symmetry with other commands; export runs on the CPU")
     p.set_defaults(func=run)
 
 
+def torchvision_network_state(backbone: nn.Module, fc: nn.Linear | None = None) -> dict[str, torch.Tensor]:
+    """A CPU torchvision ResNet state dict of a backbone (its `fc` an Identity), converted as `export
+    --format torchvision` converts the query backbone; with `fc`, that classifier as `fc.weight`/`fc.bias`,
+    so that torchvision.models.<arch>(num_classes=...) loads it with strict=True (ImageNet stem)."""
+    from types import SimpleNamespace
+
+    from moco_fast.export import torchvision_state
+
+    state = torchvision_state(SimpleNamespace(encoder_q=SimpleNamespace(backbone=backbone)))  # reads only that
+    if fc is not None:
+        state["fc.weight"] = fc.weight.detach().cpu().clone()
+        state["fc.bias"] = fc.bias.detach().cpu().clone()
+    return state
+
+
 def run(args: argparse.Namespace) -> int:
     from moco_fast.export import export
 
-    res = export(args.checkpoint, args.format, args.output, force=args.force)
+    check_device_name(args.device)
+    checkpoint = resolve_checkpoint(args.checkpoint, flag="")
+    output = check_output(args.output, "--output")  # an existing folder is refused even with --force
+    res = export(checkpoint, args.format, output, force=args.force)
     print(f"wrote {res['output']}: {res['keys']} tensors of the {res['arch']} query backbone ({res['format']})")
     if res["format"] == "torchvision" and res["stem"] == "cifar":
         print(

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
-from moco_fast.commands import HelpFormatter, add_eval_runtime_flags, dataclass_from_args
+from moco_fast.commands import (
+    HelpFormatter,
+    add_eval_runtime_flags,
+    check_classifier_args,
+    check_output,
+    dataclass_from_args,
+    require,
+    resolve_checkpoint,
+    resolve_eval_runtime,
+)
+
+DEFAULT_ARCH = "resnet50"
+DEFAULT_STEM = "auto"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,39 +27,118 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Fine-tunes every layer (BatchNorm trainable, per-batch statistics) with a new linear "
         "classifier: the paper's comparison of MoCo initialisation with random initialisation. Run it twice, "
         "with and without --from-scratch, on the same schedule. Train views: random resized crop + flip; "
-        "evaluation: center crop; top-1 and top-5 go to a JSON file.",
+        "evaluation: center crop; top-1 and top-5 go to a JSON file, the fine-tuned network to a torchvision "
+        "ResNet state dict beside it.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", help="a moco-fast training checkpoint (optional with --from-scratch)")
+    p.add_argument(
+        "--checkpoint",
+        help="a moco-fast training checkpoint (OUT/checkpoint.pt, or the run folder OUT); "
+        "no default: required unless --from-scratch",
+    )
     p.add_argument("--data", help="a root with train/ and val/ or test/ class folders (default: the demo set)")
     p.add_argument(
         "--from-scratch",
         action="store_true",
         help="random init of the checkpoint's architecture (or of --arch without a checkpoint)",
     )
-    p.add_argument("--arch", default="resnet50", help="with --from-scratch and no checkpoint")
+    # None: not given. With --checkpoint the network is the checkpoint's; a different --arch/--stem is an error.
     p.add_argument(
-        "--stem", default="auto", choices=["auto", "imagenet", "cifar"], help="with --from-scratch and no checkpoint"
+        "--arch",
+        help=f"with --from-scratch and no checkpoint (default: {DEFAULT_ARCH}); "
+        "with --checkpoint it must match the checkpoint's",
     )
-    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument(
+        "--stem",
+        choices=["auto", "imagenet", "cifar"],
+        help=f"with --from-scratch and no checkpoint (default: {DEFAULT_STEM}: cifar up to 64 px); "
+        "with --checkpoint it must match the checkpoint's",
+    )
+    p.add_argument("--epochs", type=int, default=90, help="training epochs")
     p.add_argument("--lr", type=float, default=0.1, help="for a batch of 256; scaled linearly with --batch-size")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (BatchNorm and bias included)")
     p.add_argument(
         "--schedule", default="cos", help="'cos' for half-cosine, or epochs where the lr drops x0.1 (30,60,80)"
     )
     p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's training size; 224 without)")
     add_eval_runtime_flags(p, amp_help="mixed precision")
     p.add_argument("--out", help="result JSON (default: finetune.json / finetune_scratch.json beside the checkpoint)")
+    p.add_argument(
+        "--save-model",
+        help="the fine-tuned network as a torchvision ResNet state dict, fc included "
+        "(default: the result JSON's path with .pt)",
+    )
+    p.add_argument("--no-save-model", action="store_true", help="write only the result JSON")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from moco_fast.finetune import FinetuneConfig, run_finetune
+def check_arch(args: argparse.Namespace) -> None:
+    """ConfigError when --arch or --stem contradicts the checkpoint, whose architecture is what runs."""
+    from moco_fast.backbone import resolve_stem
+    from moco_fast.checkpoint import load
+    from moco_fast.config import from_dict
 
-    res = run_finetune(dataclass_from_args(FinetuneConfig, args))
+    state = load(args.checkpoint)
+    if "config" not in state:
+        return  # not a training checkpoint: load_model says so
+    cfg = from_dict(state["config"])
+    arch, stem = cfg.model.arch, resolve_stem(cfg.model.stem, cfg.data.aug.image_size)
+    why = "with --checkpoint the network is the checkpoint's architecture"
+    require(
+        args.arch in (None, arch),
+        f"--arch {args.arch} contradicts the checkpoint, a {arch} ({why}; leave --arch out)",
+    )
+    require(
+        args.stem in (None, "auto", stem),
+        f"--stem {args.stem} contradicts the checkpoint, a {stem}-stem network ({why}; leave --stem out)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from moco_fast.checkpoint import atomic_write
+    from moco_fast.commands.export import torchvision_network_state
+    from moco_fast.finetune import FinetuneConfig, fine_tune, result_path
+    from moco_fast.lincls import write_json
+
+    # Every value is checked, and the output folders tried, before the checkpoint or the data is read.
+    check_classifier_args(args)
+    resolve_eval_runtime(args)
+    if args.checkpoint is None:
+        require(args.from_scratch, "--checkpoint is required (or --from-scratch for the random-init baseline)")
+    else:
+        args.checkpoint = str(resolve_checkpoint(args.checkpoint))
+    explicit = args.arch is not None or args.stem is not None
+    cfg = replace(
+        dataclass_from_args(FinetuneConfig, args), arch=args.arch or DEFAULT_ARCH, stem=args.stem or DEFAULT_STEM
+    )
+    out = check_output(result_path(cfg, "scratch" if cfg.from_scratch else "moco"), "--out")
+    model_path = None
+    if not args.no_save_model:
+        model_path = check_output(args.save_model or out.with_suffix(".pt"), "--save-model")
+        require(
+            model_path.resolve() != out.resolve(),
+            f"--save-model and --out are both {out}: give --save-model another path",
+        )
+    if cfg.checkpoint is not None and explicit:
+        check_arch(args)
+
+    res, net = fine_tune(cfg)
+    if model_path is not None:
+        state = torchvision_network_state(net[0], net[1])
+        atomic_write(model_path, lambda fh: torch.save(state, fh))
+        res["model"] = str(model_path)
+    write_json(res, out)
     print(
         f"fine-tuning from {res['init']}: top-1 {res['top1']:.2f}%  top-{res['topk']} {res['top5']:.2f}%  "
         f"({res['eval_images']} eval images, {args.epochs} epochs)"
     )
+    if model_path is not None:
+        cifar = isinstance(net[0].maxpool, torch.nn.Identity)
+        print(
+            f"wrote {model_path}: the fine-tuned network as a torchvision ResNet state dict (fc included)"
+            + ("; CIFAR stem: rebuild conv1 (3x3) and maxpool (Identity) before loading it" if cifar else "")
+        )
     return 0

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from moco_fast.commands import HelpFormatter, add_eval_runtime_flags
+from moco_fast.commands import HelpFormatter, add_eval_runtime_flags, require, resolve_checkpoint, resolve_eval_runtime
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "val/ or test/ the queries. Prints top-1.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="a moco-fast training checkpoint (OUT/checkpoint.pt)")
+    p.add_argument(
+        "--checkpoint", required=True, help="a moco-fast training checkpoint (OUT/checkpoint.pt, or the run folder OUT)"
+    )
     p.add_argument("--data", help="a root with train/ and val/ or test/ (default: the demo set)")
-    p.add_argument("--k", type=int, default=200, help="neighbours")
-    p.add_argument("--t", type=float, default=0.1, help="temperature of the neighbour weights")
+    p.add_argument("--k", type=int, default=200, help="neighbours (at least 1)")
+    p.add_argument("--t", type=float, default=0.1, help="temperature of the neighbour weights (above 0)")
     p.add_argument(
         "--features",
         choices=["backbone", "head", "both"],
@@ -35,10 +37,12 @@ def run(args: argparse.Namespace) -> int:
     from moco_fast.checkpoint import load_model
     from moco_fast.data import DataError, load_splits
     from moco_fast.knn import knn_accuracy
-    from moco_fast.trainer import resolve_device
 
-    device = resolve_device(args.device)
-    model, cfg = load_model(args.checkpoint, device)
+    # Every value is checked before the checkpoint or the data is read.
+    require(args.k >= 1, f"--k must be at least 1 (got {args.k})")
+    require(args.t > 0, f"--t must be above 0 (got {args.t})")
+    device = resolve_eval_runtime(args)
+    model, cfg = load_model(resolve_checkpoint(args.checkpoint), device)
     splits = load_splits(args.data)
     if splits.eval is None:
         raise DataError("kNN needs an eval split: a data root holding train/ and val/ or test/")

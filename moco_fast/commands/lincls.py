@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from moco_fast.commands import HelpFormatter, add_eval_runtime_flags, dataclass_from_args
+from moco_fast.commands import (
+    HelpFormatter,
+    add_eval_runtime_flags,
+    check_classifier_args,
+    check_output,
+    dataclass_from_args,
+    resolve_checkpoint,
+    resolve_eval_runtime,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,12 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "recipe. At the end the backbone is compared with the checkpoint and the run fails if it changed.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="a moco-fast training checkpoint (OUT/checkpoint.pt)")
+    p.add_argument(
+        "--checkpoint", required=True, help="a moco-fast training checkpoint (OUT/checkpoint.pt, or the run folder OUT)"
+    )
     p.add_argument("--data", help="a root with train/ and val/ or test/ class folders (default: the demo set)")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100, help="training epochs of the linear layer")
     p.add_argument("--lr", type=float, default=30.0, help="not scaled with the batch size (official lincls)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
     p.add_argument("--schedule", default="60,80", help="epochs where the lr drops x0.1, or 'cos' for half-cosine")
     p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's training size)")
     p.add_argument(
@@ -39,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moco_fast.lincls import LinclsConfig, run_lincls
 
+    # Every value is checked, and the result's folder tried, before the checkpoint or the data is read.
+    check_classifier_args(args)
+    resolve_eval_runtime(args)
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))
+    args.out = str(check_output(args.out or Path(args.checkpoint).parent / "lincls.json", "--out"))
     cfg = dataclass_from_args(LinclsConfig, args)
     res = run_lincls(cfg)
     print(

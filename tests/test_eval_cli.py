@@ -1,0 +1,268 @@
+"""The evaluation commands' arguments (knn, lincls, finetune, export), on the CPU: values checked
+before any data or checkpoint is read, one-line errors, outputs tried before training, run folders
+for --checkpoint, help texts, the fine-tuned network saved, the kNN progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import make_image_root
+from torch import nn
+
+from moco_fast.cli import build_parser, main
+from moco_fast.commands import HelpFormatter
+from moco_fast.config import build_config, to_dict
+from moco_fast.model import MoCo
+
+TINY = {
+    "model.arch": "resnet18",
+    "model.stem": "imagenet",
+    "moco.k": 16,
+    "optim.batch_size": 8,
+    "optim.epochs": 1,
+    "runtime.device": "cpu",
+    "data.workers": 0,
+}
+COMMANDS = ("knn", "lincls", "finetune", "export")
+
+
+class Stop(Exception):
+    """Raised by a stand-in for the training function: the command got past its checks."""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """3 classes x 6 train / 2 test images."""
+    return make_image_root(tmp_path_factory.mktemp("data"), per_class=6, classes=3, test_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder holding checkpoint.pt of an untrained ResNet-18 (ImageNet stem, 32 px)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = build_config("cifar", TINY)
+    model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size)
+    torch.save({"config": to_dict(cfg), "model": model.state_dict(), "epoch": 1}, out / "checkpoint.pt")
+    return out
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def stop_training(monkeypatch) -> list:
+    """Replaces run_lincls and fine_tune with a stand-in that records its config and raises Stop."""
+    import moco_fast.finetune
+    import moco_fast.lincls
+
+    seen = []
+
+    def stand_in(cfg):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(moco_fast.lincls, "run_lincls", stand_in)
+    monkeypatch.setattr(moco_fast.finetune, "fine_tune", stand_in)
+    return seen
+
+
+# -- help -------------------------------------------------------------------------------------------
+def test_every_flag_has_help_that_states_its_default(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd in COMMANDS:
+        for action in sub.choices[cmd]._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (cmd, action.dest)
+            if action.required or not action.option_strings or action.nargs == 0:
+                continue  # nothing to default (required, positional, on/off flags)
+            text = HelpFormatter(cmd)._get_help_string(action)
+            assert "default" in text, (cmd, action.dest, text)
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "training epochs (default: 90)" in text and "(default: 0.0001)" in text
+    with pytest.raises(SystemExit):
+        main(["lincls", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 100)" in text and "SGD weight decay (default: 0.0)" in text and "--seed SEED random" in text
+
+
+# -- values checked up front ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["knn", "--k", "-1"], "--k must be at least 1"),
+        (["knn", "--k", "0"], "--k must be at least 1"),
+        (["knn", "--t", "0"], "--t must be above 0"),
+        (["knn", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["knn", "--workers", "-2"], "--workers must be -1 (auto)"),
+        (["lincls", "--workers", "-2"], "--workers must be -1 (auto)"),
+        (["lincls", "--lr", "-1"], "--lr must be above 0"),
+        (["lincls", "--image-size", "0"], "--image-size must be positive"),
+        (["finetune", "--lr", "0"], "--lr must be above 0"),
+        (["finetune", "--weight-decay", "-1"], "--weight-decay"),
+        (["knn", "--device", "gpu"], "cpu, cuda, cuda:N"),
+        (["lincls", "--device", "gpu"], "cpu, cuda, cuda:N"),
+        (["finetune", "--device", "gpu"], "cpu, cuda, cuda:N"),
+    ],
+)
+def test_bad_values_are_one_line_errors_before_anything_is_read(argv, message, tmp_path, capsys):
+    # The checkpoint does not exist: a value error first shows that nothing was read before the checks.
+    assert main([*argv, "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_export_device_is_checked(run_dir, tmp_path, capsys):
+    argv = ["export", str(run_dir), "--format", "torchvision", "--output", str(tmp_path / "x.pth")]
+    assert main([*argv, "--device", "gpu"]) == 2
+    assert "cuda:N" in one_line_error(capsys)
+
+
+def test_schedule_milestones_past_the_end_warn(run_dir, monkeypatch, caplog):
+    stop_training(monkeypatch)
+    base = ["--checkpoint", str(run_dir), "--device", "cpu", "--no-save-model"]
+    with caplog.at_level(logging.WARNING, logger="moco_fast"), pytest.raises(Stop):
+        main(["lincls", *base[:4], "--epochs", "10"])  # the default --schedule 60,80
+    assert "never drops at 60,80" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"), pytest.raises(Stop):
+        main(["finetune", *base, "--epochs", "10", "--schedule", "5,10"])
+    assert "never drops at 10 " in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"), pytest.raises(Stop):
+        main(["lincls", *base[:4], "--epochs", "10", "--schedule", "6,9"])
+    with caplog.at_level(logging.WARNING, logger="moco_fast"), pytest.raises(Stop):
+        main(["finetune", *base, "--epochs", "10"])  # cos
+    assert "never drops" not in caplog.text
+
+
+# -- outputs tried before training --------------------------------------------------------------------
+def bad_outputs(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    bad = {"folder": tmp_path / "a_folder", "under a file": tmp_path / "a_file" / "r.json"}
+    if Path("/proc/self").is_dir():
+        bad["/proc"] = Path("/proc/moco-fast-test.json")  # not writable, not even for root
+    return bad
+
+
+@pytest.mark.parametrize("cmd", ["lincls", "finetune"])
+def test_out_is_checked_before_training(cmd, run_dir, tmp_path, monkeypatch, capsys):
+    stop_training(monkeypatch)
+    for why, out in bad_outputs(tmp_path).items():
+        argv = [cmd, "--checkpoint", str(run_dir / "checkpoint.pt"), "--device", "cpu", "--out", str(out)]
+        assert main(argv) == 2, why
+        assert one_line_error(capsys).startswith(f"moco-fast {cmd}: error: --out"), why
+    assert not (tmp_path / "a_file").is_dir() and not list(Path(tmp_path / "a_folder").iterdir())
+
+
+def test_finetune_save_model_is_checked_before_training(run_dir, tmp_path, monkeypatch, capsys):
+    stop_training(monkeypatch)
+    argv = ["finetune", "--checkpoint", str(run_dir), "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    for why, path in bad_outputs(tmp_path).items():
+        assert main([*argv, "--save-model", str(path)]) == 2, why
+        assert "--save-model" in one_line_error(capsys), why
+    assert main([*argv[:-1], str(tmp_path / "r.pt")]) == 2  # the model would go where the JSON goes
+    assert "--save-model and --out" in one_line_error(capsys)
+
+
+def test_run_folder_and_defaults_reach_the_config(run_dir, tmp_path, monkeypatch):
+    seen = stop_training(monkeypatch)
+    with pytest.raises(Stop):
+        main(["lincls", "--checkpoint", str(run_dir), "--device", "cpu", "--workers", "-1"])
+    cfg = seen[-1]
+    assert cfg.checkpoint == str(run_dir / "checkpoint.pt") and cfg.out == str(run_dir / "lincls.json")
+    assert cfg.workers >= 1  # auto, resolved into a count that a DataLoader takes
+    with pytest.raises(Stop):
+        main(["finetune", "--from-scratch", "--device", "cpu", "--out", str(tmp_path / "s.json")])
+    assert seen[-1].arch == "resnet50" and seen[-1].stem == "auto"
+
+
+# -- finetune -----------------------------------------------------------------------------------------
+def test_finetune_arch_and_stem_must_match_the_checkpoint(run_dir, monkeypatch, capsys):
+    stop_training(monkeypatch)
+    argv = ["finetune", "--checkpoint", str(run_dir), "--device", "cpu", "--no-save-model"]
+    assert main([*argv, "--arch", "resnet50"]) == 2
+    assert "--arch resnet50 contradicts the checkpoint, a resnet18" in one_line_error(capsys)
+    assert main([*argv, "--from-scratch", "--stem", "cifar"]) == 2
+    assert "--stem cifar contradicts" in one_line_error(capsys)
+    with pytest.raises(Stop):  # agreeing flags pass
+        main([*argv, "--arch", "resnet18", "--stem", "imagenet"])
+
+
+def test_finetune_saves_the_network_as_torchvision_weights(run_dir, data, tmp_path, capsys):
+    from moco_fast.lincls import checkpoint_backbone_state
+
+    out = tmp_path / "res" / "ft.json"
+    argv = ["finetune", "--checkpoint", str(run_dir), "--data", str(data), "--epochs", "1", "--batch-size", "8"]
+    assert main([*argv, "--workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    weights = out.with_suffix(".pt")
+    assert json.loads(out.read_text())["model"] == str(weights)
+    assert str(weights) in capsys.readouterr().out
+    state = torch.load(weights)
+    net = torchvision.models.resnet18(num_classes=3)
+    net.load_state_dict(state)  # strict: every key, the classifier included
+    ref = checkpoint_backbone_state(run_dir / "checkpoint.pt")
+    assert not torch.equal(state["conv1.weight"], ref["conv1.weight"])  # the fine-tuned weights, not the start
+    assert not [p.name for p in weights.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_finetune_no_save_model_writes_only_the_json(tmp_path, monkeypatch):
+    import moco_fast.finetune
+
+    res = {"init": "scratch", "top1": 50.0, "top5": 100.0, "topk": 3, "eval_images": 6}
+    monkeypatch.setattr(moco_fast.finetune, "fine_tune", lambda cfg: (res, None))
+    out = tmp_path / "ft.json"
+    assert main(["finetune", "--from-scratch", "--device", "cpu", "--out", str(out), "--no-save-model"]) == 0
+    assert json.loads(out.read_text()) == res and not out.with_suffix(".pt").exists()
+
+
+# -- knn, export ---------------------------------------------------------------------------------------
+def test_knn_and_export_take_a_run_folder(run_dir, data, tmp_path, capsys):
+    argv = ["knn", "--checkpoint", str(run_dir), "--data", str(data), "--k", "3", "--device", "cpu", "--workers", "0"]
+    assert main(argv) == 0
+    assert "kNN top-1 (backbone, k=3" in capsys.readouterr().out
+    out = tmp_path / "r18.pth"
+    assert main(["export", str(run_dir), "--format", "torchvision", "--output", str(out)]) == 0
+    assert len(torch.load(out)) == len(torchvision.models.resnet18().state_dict()) - 2
+    assert main(["export", str(tmp_path), "--format", "torchvision", "--output", str(tmp_path / "x.pth")]) == 2
+    assert "is a folder without a checkpoint.pt" in one_line_error(capsys)
+
+
+def test_export_refuses_a_folder_as_output(run_dir, tmp_path, capsys):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for force in ([], ["--force"]):
+        assert main(["export", str(run_dir), "--format", "torchvision", "--output", str(folder), *force]) == 2
+        assert "--output" in one_line_error(capsys)
+
+
+def test_knn_feature_pass_shows_a_bar_when_long(data, monkeypatch):
+    import moco_fast.knn as knn
+    from moco_fast.data import load_splits
+
+    bars = []
+    real = knn.progress
+
+    def recording(total, desc, enabled=True):
+        bars.append((total, desc, enabled))
+        return real(total=total, desc=desc, enabled=False)
+
+    monkeypatch.setattr(knn, "progress", recording)
+    train = load_splits(str(data)).train
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    spec = build_config("cifar", {}).data.aug
+    feats, labels = knn.extract_features(net, train, spec, torch.device("cpu"), batch_size=2, workers=0)
+    assert feats.shape == (18, 3) and labels.shape == (18,)
+    knn.extract_features(net, train, spec, torch.device("cpu"), batch_size=64, workers=0)
+    assert bars == [(9, "kNN features", True), (1, "kNN features", False)]
