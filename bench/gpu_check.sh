@@ -104,7 +104,7 @@ if has throughput; then
   # torch.compile rows last (1-2 min each to compile): a time box that runs out loses only those.
   ROWS=reference,trainer:bf16,trainer:fp16,trainer:fp16+noshuffle,trainer:bf16+graph,trainer:fp16+graph
   ROWS=$ROWS,trainer:fp16+triton,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
-  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,trainer:fp16+noshuffle,trainer:bf16+graph  # no CPU compiles
+  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,trainer:bf16+noshuffle  # the CPU has no fp16, graphs; no compiles
   run throughput 330 $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
     --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png" \
     "${TP[@]}"
@@ -116,10 +116,12 @@ if (has cifar-speed || has cifar) && [[ ! -d $CIFAR/train && -f .devdata/cifar10
   $PY bench/pack_folder.py unpack .devdata/cifar10.npz "$CIFAR" 2>&1 | tee -a "$LOG"
 fi
 if has cifar-speed; then
+  CIFAR_ROWS=trainer,trainer:graph,end-to-end,end-to-end:graph,loader
+  [[ -n $DRY ]] && CIFAR_ROWS=trainer,end-to-end,loader
   if [[ -d $CIFAR/train ]]; then
     run cifar-speed 150 $PY bench/throughput.py --device cuda --preset cifar --arch resnet18 --stem cifar \
       --image-size 32 --batch-size 512 --loader resident --data "$CIFAR" \
-      --rows trainer,trainer:graph,end-to-end,end-to-end:graph,loader --steps 50 --warmup 10 \
+      --rows "$CIFAR_ROWS" --steps 50 --warmup 10 \
       --json "$OUT/throughput-cifar.json" "${TP[@]}"
   else
     echo "== cifar-speed: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
