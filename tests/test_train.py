@@ -126,7 +126,8 @@ def test_cli_trains_and_reports_knn(tiny_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kNN top-1" in out and "random-init backbone" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert 0 <= summary["final_knn_top1"] <= 100
+    assert 0 <= summary["final_knn_top1"] <= 100 and 0 <= summary["final_knn_head_top1"] <= 100
+    assert "trained head output" in out
     rc = main(
         [
             "knn",

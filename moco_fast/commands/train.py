@@ -258,3 +258,5 @@ def _report(row: dict) -> None:
         if "random_knn_top1" in row:
             line += f"   random-init backbone: {row['random_knn_top1']:.2f}%"
         print(line)
+    if "final_knn_head_top1" in row:
+        print(f"kNN top-1 (k=200, trained head output): {row['final_knn_head_top1']:.2f}%")
