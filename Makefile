@@ -29,7 +29,7 @@ $(STAMP): setup.py Makefile
 
 # Trains MoCo on the demo set shipped in the package (CPU, a few minutes) and prints the kNN
 # accuracy of the trained backbone next to a randomly initialised one. --force: a second
-# `make demo` starts over in runs/moco instead of refusing to overwrite the first one's run.
+# `make demo` starts over in runs/demo instead of refusing to overwrite the first one's run.
 demo: $(STAMP)
 	$(BIN)/moco-fast train --device cpu --force
 

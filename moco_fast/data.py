@@ -108,8 +108,15 @@ def list_images(folder: Path, classes: list[str] | None = None, check: bool = Tr
             files.append(entry.path)
             labels.append(index[c])
     if check and files:
+        from moco_fast.metrics import progress
+
+        bar = progress(total=len(files), desc=f"checking {folder.name}/", enabled=len(files) > 20_000)
         with ThreadPoolExecutor(workers) as pool:
-            reasons = list(pool.map(check_image, files))
+            reasons = []
+            for r in pool.map(check_image, files):
+                reasons.append(r)
+                bar.update(1)
+        bar.close()
         keep = [i for i, r in enumerate(reasons) if r is None]
         skipped += [(files[i], r) for i, r in enumerate(reasons) if r is not None]
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
@@ -182,7 +189,7 @@ class ImageDataset:
                 img = load_rgb(self.images.files[j])
             except Exception as e:
                 self._bad.add(j)
-                warnings.warn(f"skipping unreadable image {self.images.files[j]} ({e}); using another", stacklevel=2)
+                warnings.warn(f"skipping unreadable image {self.images.files[j]} ({e}); using another", stacklevel=1)
                 continue
             out = self.transform(img) if self.transform else img
             return out, self.images.labels[j], j
