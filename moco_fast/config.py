@@ -164,6 +164,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return asdict(cfg)
 
 
+def plain(v: Any) -> Any:
+    """JSON's form of a config value (tuples as lists, string keys), so that a saved config (a
+    checkpoint's, config.json) and a live one compare equal when they hold the same values."""
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items()}
+    return v
+
+
 def from_dict(d: dict[str, Any]) -> TrainConfig:
     def build(cls: type, values: dict[str, Any]) -> Any:
         kwargs = {}

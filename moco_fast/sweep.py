@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.config import ConfigError, TrainConfig, plain
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS
 
 log = logging.getLogger("moco_fast")
@@ -173,15 +173,6 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
 
 
 # -- what makes two runs the same -----------------------------------------------------------------
-def _plain(v: Any) -> Any:
-    """JSON's form of a config value (tuples as lists), so that saved and live configs compare."""
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    return v
-
-
 def _comparable(nested: dict[str, Any]) -> dict[str, Any]:
     """A config dict (`to_dict`, config.json, a checkpoint's) as {"section.field": value}, without
     RUNTIME_ONLY and with the data path made absolute."""
@@ -193,7 +184,7 @@ def _comparable(nested: dict[str, Any]) -> dict[str, Any]:
             if isinstance(v, dict) and key != "data.loader_options":
                 walk(v, key + ".")
             elif key not in RUNTIME_ONLY:
-                flat[key] = _plain(v)
+                flat[key] = plain(v)
 
     walk(nested, "")
     data = flat.get("data.data")

@@ -20,7 +20,7 @@ import torch
 
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
-from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
+from moco_fast.config import ConfigError, TrainConfig, plain, save_json, to_dict
 from moco_fast.data import DataError, load_splits
 from moco_fast.knn import knn_accuracy
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS, LoaderArgs, create_loader
@@ -164,19 +164,10 @@ def _warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
         f"{section}.{k} {old!r} -> {now[section].get(k)!r}"
         for section in ("data", "optim")
         for k, old in saved.get(section, {}).items()
-        if k not in ("epochs", "workers") and _plain(now[section].get(k)) != _plain(old)
+        if k not in ("epochs", "workers") and plain(now[section].get(k)) != plain(old)
     ]
     if changed:
         log.warning("--resume with changed settings: %s", "; ".join(changed))
-
-
-def _plain(v: Any) -> Any:
-    """JSON-like form for comparing a saved config value with a live one (tuples vs lists)."""
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
 
 
 def _check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
