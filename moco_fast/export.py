@@ -26,16 +26,22 @@ from moco_fast.config import ConfigError
 FORMATS = ("torchvision", "detectron2")
 
 
-def query_backbone(model: nn.Module) -> nn.Module:
-    """A CPU copy of the MoCo query backbone with plain BatchNorm2d layers."""
-    backbone = copy.deepcopy(model.encoder_q.backbone).cpu()
-    plain_bn_state(backbone)
-    return backbone
+def backbone_state(backbone: nn.Module, fc: nn.Linear | None = None) -> dict[str, torch.Tensor]:
+    """A torchvision ResNet state dict (CPU tensors, plain BN names) of one of our backbones, whose
+    fc is an Identity: without `fc` no fc keys (torchvision's fc stays at its init); with a trained
+    classifier (finetune) its fc.weight/fc.bias, so that torchvision.models.<arch>(num_classes=...)
+    loads it strictly (ImageNet stem)."""
+    plain = copy.deepcopy(backbone).cpu()
+    plain_bn_state(plain)
+    state = {k: v.detach().clone() for k, v in plain.state_dict().items()}
+    if fc is not None:
+        state["fc.weight"] = fc.weight.detach().cpu().clone()
+        state["fc.bias"] = fc.bias.detach().cpu().clone()
+    return state
 
 
 def torchvision_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    # fc is nn.Identity in our backbone, so no fc keys: torchvision's fc stays at its init.
-    return {k: v.detach().clone() for k, v in query_backbone(model).state_dict().items()}
+    return backbone_state(model.encoder_q.backbone)
 
 
 def detectron2_name(key: str) -> str:

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 from moco_fast.commands import HelpFormatter, check_device_name, check_output, resolve_checkpoint
 
 if TYPE_CHECKING:
-    import torch
-    from torch import nn
+    pass
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,21 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     p.add_argument("--device", default="cpu", help="accepted for symmetry with other commands; export runs on the CPU")
     p.set_defaults(func=run)
-
-
-def torchvision_network_state(backbone: nn.Module, fc: nn.Linear | None = None) -> dict[str, torch.Tensor]:
-    """A CPU torchvision ResNet state dict of a backbone (its `fc` an Identity), converted as `export
-    --format torchvision` converts the query backbone; with `fc`, that classifier as `fc.weight`/`fc.bias`,
-    so that torchvision.models.<arch>(num_classes=...) loads it with strict=True (ImageNet stem)."""
-    from types import SimpleNamespace
-
-    from moco_fast.export import torchvision_state
-
-    state = torchvision_state(SimpleNamespace(encoder_q=SimpleNamespace(backbone=backbone)))  # reads only that
-    if fc is not None:
-        state["fc.weight"] = fc.weight.detach().cpu().clone()
-        state["fc.bias"] = fc.bias.detach().cpu().clone()
-    return state
 
 
 def run(args: argparse.Namespace) -> int:
