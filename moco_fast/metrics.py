@@ -81,6 +81,9 @@ def clear_run(out: str | Path) -> None:
     import shutil
 
     out = Path(out)
-    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
+    # the run's own files, and what the evaluation commands and the sweep write beside its checkpoint
+    names = ["checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", "lincls.json", "result.json"]
+    names += [f"finetune{kind}.{ext}" for kind in ("", "_scratch") for ext in ("json", "pt")]
+    for name in names:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "tb", ignore_errors=True)

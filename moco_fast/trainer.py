@@ -141,20 +141,32 @@ def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
 
 
 def check_output(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run), or a ConfigError when --out holds another
-    run that neither --resume nor --force accounts for. Called before any data or worker starts."""
+    """The checkpoint to resume from (None: a fresh run), or a ConfigError when --out holds a run
+    (its checkpoint, or rows or a summary) that this one does not continue and --force does not
+    replace. Called before any data or worker starts."""
     out = Path(cfg.runtime.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be a run folder")
     resume_path = ckpt.find_resume(cfg.runtime.resume, out)
     if cfg.runtime.resume == "auto" and resume_path is None:
         log.warning("--resume: no checkpoint in %s yet; starting from scratch", out)
-    if resume_path is None and (out / ckpt.CHECKPOINT_NAME).is_file() and not cfg.runtime.force:
+    if holds_run(out) and not continues_in(out, resume_path) and not cfg.runtime.force:
+        what = "another run" if resume_path is not None else "a run already"
         raise ConfigError(
-            f"{out} holds a run already: --resume continues it, --force starts over there (its checkpoint "
+            f"{out} holds {what}: --resume continues the run there, --force replaces it (its checkpoint "
             "and logs are deleted), or choose another --out"
         )
     return resume_path
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / name).is_file() for name in (ckpt.CHECKPOINT_NAME, "metrics.jsonl", "summary.json"))
+
+
+def continues_in(out: Path, resume_path: Path | None) -> bool:
+    """True when the run resumes from the checkpoint in `out` itself (not from another run's)."""
+    here = out / ckpt.CHECKPOINT_NAME
+    return resume_path is not None and here.is_file() and os.path.samefile(here, resume_path)
 
 
 def _warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
@@ -229,7 +241,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if not {"config", "model", "optimizer", "epoch"} <= set(state):
             raise DataError(f"--resume: {resume_path} is not a moco-fast training checkpoint")
         _check_same_model(state["config"], cfg)
-        _warn_changed(state["config"], cfg)
+        if state["epoch"] < cfg.optim.epochs:
+            _warn_changed(state["config"], cfg)
         ckpt.load_weights(model, state["model"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -254,12 +267,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     step_model = dist_utils.wrap_ddp(model, device, cfg.runtime.sync_bn)
     s = StepState(step_model, optimizer, scaler, amp_dtype, device)
 
-    if dist_utils.is_main() and resume_path is None and cfg.runtime.force:
+    finished = start_epoch >= cfg.optim.epochs  # nothing to train: the folder stays as it is
+    if dist_utils.is_main() and cfg.runtime.force and not continues_in(out, resume_path):
         clear_run(out)
-    writer = MetricsWriter(out, enabled=dist_utils.is_main())
-    if start_epoch:
+    writer = MetricsWriter(out, enabled=dist_utils.is_main() and not finished)
+    if resume_path is not None:
         writer.keep_epochs(start_epoch)
-    if dist_utils.is_main():
+    if dist_utils.is_main() and not finished:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, str(out / "config.json"))
     base_lr = cfg.optim.lr * cfg.optim.batch_size * world / 256

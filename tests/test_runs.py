@@ -42,12 +42,13 @@ def test_resuming_a_finished_run_changes_nothing(tiny_root, tmp_path, capsys):
     out = tmp_path / "run"
     args = [*tiny_args(tiny_root, out), "--final-knn"]
     assert main(args) == 0
-    summary = (out / "summary.json").read_text()
+    summary, config = (out / "summary.json").read_text(), (out / "config.json").read_text()
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     capsys.readouterr()
-    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--resume", "--lr", "0.5"]) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert (out / "summary.json").read_text() == summary and len(rows(out)) == 1
+    assert (out / "config.json").read_text() == config  # flags that trained nothing are not recorded
     after = torch.load(out / "checkpoint.pt", weights_only=False)
     assert torch.equal(after["model"]["encoder_q.head.weight"], state["model"]["encoder_q.head.weight"])
 
@@ -119,3 +120,46 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
     torch.save({"config": {}, "model": {}}, tmp_path / "d.pt")
     with pytest.raises(DataError):
         ckpt.load_model(tmp_path / "d.pt")
+
+
+def test_resuming_another_run_into_a_run_folder_needs_force(tiny_root, tmp_path, capsys):
+    a, c = tmp_path / "a", tmp_path / "c"
+    assert main(tiny_args(tiny_root, a)) == 0
+    assert main([*tiny_args(tiny_root, c, epochs=3), "--seed", "7"]) == 0
+    before = (c / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    resume_a = [*tiny_args(tiny_root, c, epochs=2), "--resume", str(a / "checkpoint.pt")]
+    assert main(resume_a) == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert (c / "checkpoint.pt").read_bytes() == before
+    # --force: c's files go, a's run continues there (its epoch 2 only: epoch 1 was logged in a)
+    (c / "lincls.json").write_text("{}")  # an evaluation of the old run goes with it
+    assert main([*resume_a, "--force"]) == 0
+    assert [r["epoch"] for r in rows(c)] == [2] and not (c / "lincls.json").exists()
+    assert torch.load(c / "checkpoint.pt", weights_only=False)["config"]["runtime"]["seed"] == 0
+
+
+def test_leftover_rows_without_a_checkpoint_count_as_a_run(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_root, out)) == 0
+    (out / "checkpoint.pt").unlink()  # as if a run died before its first checkpoint
+    capsys.readouterr()
+    assert main(tiny_args(tiny_root, out)) == 2
+    assert "holds a run already" in capsys.readouterr().err
+    assert main([*tiny_args(tiny_root, out), "--force"]) == 0
+    assert [r["epoch"] for r in rows(out)] == [1]
+
+
+def test_resume_without_out_finds_the_presets_folder(tmp_path, monkeypatch):
+    # The demo preset writes runs/demo: `train --resume` alone continues that run as configured.
+    from moco_fast.cli import build_parser
+    from moco_fast.commands.train import config_from_args
+    from moco_fast.config import build_config, to_dict
+
+    monkeypatch.chdir(tmp_path)
+    saved = build_config("demo", {"optim.epochs": 3, "moco.k": 512, "optim.lr": 0.05})
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    torch.save({"config": to_dict(saved), "epoch": 1}, tmp_path / "runs" / "demo" / "checkpoint.pt")
+    cfg = config_from_args(build_parser().parse_args(["train", "--resume"]))
+    assert (cfg.moco.k, cfg.optim.epochs, cfg.optim.lr) == (512, 3, 0.05)
+    assert cfg.runtime.out == "runs/demo"

@@ -184,7 +184,7 @@ def config_from_args(args: argparse.Namespace):
                 "--resume: the run was configured with preset %s; --preset %s is ignored", cfg.preset, args.preset
             )
     else:
-        preset = args.preset or ("demo" if args.data is None and args.loader in (None, "torch", "resident") else "v2")
+        preset = args.preset or _default_preset(args)
         cfg = build_config(preset, {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()})
     for opt in args.loader_option:
         key, sep, value = opt.partition("=")
@@ -200,6 +200,10 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
+def _default_preset(args: argparse.Namespace) -> str:
+    return "demo" if args.data is None and args.loader in (None, "torch", "resident") else "v2"
+
+
 def _resumed_config(args: argparse.Namespace):
     """The config saved in the checkpoint that --resume will continue, or None (no --resume, or
     nothing to resume yet)."""
@@ -209,7 +213,9 @@ def _resumed_config(args: argparse.Namespace):
     from moco_fast.config import RuntimeConfig, from_dict
     from moco_fast.data import DataError
 
-    path = ckpt.find_resume(args.resume, args.out or RuntimeConfig.out)
+    # without --out: the folder a fresh run with these flags would write (the demo preset's is runs/demo)
+    preset = args.preset or _default_preset(args)
+    path = ckpt.find_resume(args.resume, args.out or PRESETS[preset].get("runtime.out", RuntimeConfig.out))
     if path is None:
         return None
     state = ckpt.load(path, map_location="cpu")
