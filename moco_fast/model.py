@@ -101,6 +101,14 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(queue_len, model.dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before 2026-11-28 kept an unused K x C queue for end-to-end and the
+        # memory bank; only MoCo has one now: such a queue is dropped, not a size mismatch.
+        key = prefix + "queue"
+        if self.mechanism != "moco" and key in state_dict and state_dict[key].shape[0] != 0:
+            state_dict[key] = self.queue.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # -- the queue ------------------------------------------------------------------------------
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:

@@ -177,3 +177,12 @@ def test_only_moco_keeps_a_queue():
     assert make("moco", k=24).queue.shape == (24, DIM)
     with pytest.raises(ValueError, match="--moco-k"):
         make("moco", k=0)
+
+
+@pytest.mark.parametrize("mechanism", ["end-to-end", "memory-bank"])
+def test_checkpoints_with_the_old_unused_queue_still_load(mechanism):
+    old = make(mechanism).state_dict()
+    old["queue"] = F.normalize(torch.randn(24, DIM), dim=1)  # as saved before only MoCo kept a queue
+    model = make(mechanism)
+    model.load_state_dict(old)
+    assert model.queue.shape == (0, DIM)
