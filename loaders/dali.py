@@ -24,7 +24,8 @@ a folder, each epoch is the torch loader's permutation (`EpochShardSampler`: the
 cut into equal rank slices; the remainder waits for another epoch's permutation). DALI streams
 across epoch ends, so the next epoch's first batches are already prepared when one ends. For shards,
 DALI's reader gives each rank its own share of the samples (`shard_id` = rank) and shuffles in a
-buffer; it streams on past the end of its share, so the same step count holds on every rank.
+buffer; each epoch starts a new reader stream (seeded by the epoch), which reads on past the end of
+the rank's share when needed, so the same step count holds on every rank.
 Augmentation seeds differ per rank and per starting point: (seed, rank, first step of the stream).
 
 A corrupt image does not stop a run: when DALI fails on a batch, the loader finds the file (named in
@@ -263,8 +264,10 @@ class DaliLoader:
     def __iter__(self):
         first = self.epoch * self.steps
         # A folder stream must sit at this epoch's first step (a new run, a resume, or an epoch cut
-        # short); a shard stream just goes on.
-        if self._pipe is None or (self.folder is not None and self._consumed != first):
+        # short) and then runs on into the next epoch. A shard stream starts afresh each epoch (the
+        # reader's shuffle seeded by the epoch's first step): a resumed run reads what an
+        # uninterrupted one does, and finding a bad sample replays at most one epoch.
+        if self._pipe is None or self._consumed != first or (self.wds is not None and self._stream[0] != first):
             self._start(first)
         for _ in range(self.steps):
             outs = self._run()
@@ -327,7 +330,7 @@ class DaliLoader:
     def _undecodable_samples(self) -> list[tuple[str, str]]:
         """(shard path, key) of the shard samples in flight that the run's decoder fails on. A reader
         with the failed pipeline's settings replays its stream up to the batches in flight (reading,
-        not decoding: at most about one epoch of this rank's share, once per bad sample found)."""
+        not decoding: at most one epoch of this rank's share, since each epoch starts a new stream)."""
         start, s = self._stream
         first = self._consumed - start
         a, w = self.args, self.wds

@@ -287,6 +287,20 @@ def test_shard_set_ranks(tiny_root, tmp_path):
     assert all(len(s) == 16 for s in shares) and not shares[0] & shares[1]
 
 
+def test_shard_epochs_are_the_same_after_a_resume(tiny_root, tmp_path):
+    # Each epoch starts its own reader stream: epoch 1 reads the same samples in the same order
+    # whether the loader ran epoch 0 first or starts there (a resumed run).
+    write_shards(tiny_root / "train", tmp_path / "wds")
+    ran = dali_loader(tmp_path / "wds", IDENTITY, batch_size=8)
+    for epoch in range(2):
+        ran.set_epoch(epoch)
+        order = [b.index.tolist() for b in ran]
+    fresh = dali_loader(tmp_path / "wds", IDENTITY, batch_size=8)
+    fresh.set_epoch(1)
+    assert [b.index.tolist() for b in fresh] == order
+    assert ran._stream[0] == ran.steps  # the stream of epoch 1 started at its first step
+
+
 def test_shards_with_the_same_name_in_two_folders(tiny_root, tmp_path):
     # Neither has an index: the ones made on the fly must not overwrite each other.
     write_shards(tiny_root / "train", tmp_path / "wds")
