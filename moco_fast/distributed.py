@@ -277,12 +277,14 @@ def destroy() -> None:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """Each process on a CUDA machine uses the GPU of its LOCAL_RANK."""
-    if device.type == "cuda" and device.index is None:
-        idx = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(idx)
-        return torch.device("cuda", idx)
-    return device
+    """Each process on a CUDA machine uses the GPU of its LOCAL_RANK (or the one --device names),
+    made the current device: what defaults to the current device (the CUDA RNG state a checkpoint
+    saves and restores, new CUDA tensors) then means the training GPU."""
+    if device.type != "cuda":
+        return device
+    idx = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(idx)
+    return torch.device("cuda", idx)
 
 
 @torch.no_grad()
