@@ -37,6 +37,9 @@ class MoCoConfig:
     bn_splits: int = 8
     # Memory-bank momentum (Wu et al. 2018).
     bank_m: float = 0.5
+    # Shuffle BN across processes: "alltoall" sends each rank only the images it needs, "allgather"
+    # (the official code's) gathers every image everywhere. Same keys either way; a speed choice.
+    shuffle_exchange: str = "alltoall"
 
 
 @dataclass

@@ -76,6 +76,7 @@ class MoCo(nn.Module):
         self.t = moco.t
         self.symmetric = moco.symmetric
         self.shuffle_bn = moco.shuffle_bn
+        self.shuffle_exchange = moco.shuffle_exchange
         self.bank_m = moco.bank_m
         self.momentum_backend = momentum_backend
         # Emulated shuffle BN on one device: sub-batches with their own statistics. Across several
@@ -133,7 +134,7 @@ class MoCo(nn.Module):
         """Keys through shuffled BN: shuffle the batch, encode, restore the order."""
         if not self.shuffle_bn:
             return F.normalize(encoder(x), dim=1)
-        x, idx_unshuffle = dist_utils.batch_shuffle(x)
+        x, idx_unshuffle = dist_utils.batch_shuffle(x, self.shuffle_exchange)
         k = F.normalize(encoder(x), dim=1)
         return dist_utils.batch_unshuffle(k, idx_unshuffle)
 

@@ -88,6 +88,7 @@ RUNTIME_ONLY = frozenset(
         "runtime.log_every",
         "runtime.gpus",
         "runtime.sync_bn",  # no effect with one process, the only kind a sweep runs
+        "moco.shuffle_exchange",  # with one process, no exchange at all
         "runtime.channels_last",
         "runtime.compile",
         "runtime.cuda_graph",

@@ -128,6 +128,8 @@ def validate(cfg: TrainConfig, world: int) -> None:
         )
     if cfg.runtime.sync_bn and world == 1:
         log.warning("--sync-bn has no effect with one process")
+    if m.shuffle_exchange not in dist_utils.SHUFFLE_MODES:
+        raise ConfigError(f"--shuffle-exchange must be one of {', '.join(dist_utils.SHUFFLE_MODES)}")
     if m.symmetric and m.mechanism != "moco":
         log.warning("--symmetric applies to --mechanism moco only; the %s loss is used as it is", m.mechanism)
 
@@ -186,7 +188,8 @@ def _check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = to_dict(cfg)
     for section in ("model", "moco"):
         old, new = saved[section], now[section]
-        diff = [k for k in new if k in old and old[k] != new[k] and k not in ("m", "t", "symmetric", "bank_m")]
+        changeable = ("m", "t", "symmetric", "bank_m", "shuffle_exchange")
+        diff = [k for k in new if k in old and old[k] != new[k] and k not in changeable]
         if diff:
             raise ConfigError(
                 f"--resume: the checkpoint was trained with other {section} settings "

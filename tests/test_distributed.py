@@ -240,7 +240,9 @@ def test_cli_under_torchrun_then_resume_with_one_process(tiny_root, tmp_path, ca
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moco_fast"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    p = subprocess.run(cmd + cli_args(tiny_root, out, 1), capture_output=True, text=True, env=env, timeout=240)
+    # the official code's exchange for shuffle BN (the default all-to-all runs in the DDP tests above)
+    args = [*cli_args(tiny_root, out, 1), "--shuffle-exchange", "allgather"]
+    p = subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("finished epoch 1") == 1, p.stdout  # rank 0 alone reports
     assert sorted(f.name for f in out.iterdir() if f.suffix == ".pt" or f.name.startswith(".")) == ["checkpoint.pt"]
@@ -248,6 +250,7 @@ def test_cli_under_torchrun_then_resume_with_one_process(tiny_root, tmp_path, ca
     assert 0 <= json.loads((out / "summary.json").read_text())["final_knn_top1"] <= 100  # kNN on rank 0
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    assert state["config"]["moco"]["shuffle_exchange"] == "allgather"
     assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
     print(f"torchrun, 2 CPU processes, 1 epoch: {time.perf_counter() - t0:.1f} s")
 

@@ -31,6 +31,7 @@ FLAG_FIELDS = {
     "symmetric": "moco.symmetric",
     "shuffle_bn": "moco.shuffle_bn",
     "bn_splits": "moco.bn_splits",
+    "shuffle_exchange": "moco.shuffle_exchange",
     "epochs": "optim.epochs",
     "batch_size": "optim.batch_size",
     "lr": "optim.lr",
@@ -119,6 +120,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--bn-splits", type=int, help="on one device, sub-batches with their own BN statistics (default 8)")
     g.add_argument("--sync-bn", action=B, default=None, help="SyncBatchNorm across processes instead of shuffle BN")
+    g.add_argument(
+        "--shuffle-exchange",
+        choices=["alltoall", "allgather"],
+        help="how shuffle BN moves images between processes: alltoall sends each rank the images it needs, "
+        "allgather (the official code's) gathers all of them everywhere; the same keys either way "
+        "(default alltoall; docs/distributed.md models the traffic)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="default 200")
     g.add_argument(
