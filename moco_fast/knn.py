@@ -65,7 +65,7 @@ def knn_predict(
     for chunk in query.split(1024):
         sim = chunk @ bank.t()  # q x N cosine similarity
         sim_k, idx = sim.topk(k, dim=1)  # q x k
-        weights = (sim_k / t).exp()
+        weights = ((sim_k - sim_k[:, :1]) / t).exp()  # shifted by the row's largest: no overflow at small t
         one_hot = F.one_hot(bank_labels[idx], num_classes).float()  # q x k x classes
         scores = (one_hot * weights.unsqueeze(-1)).sum(dim=1)
         preds.append(scores.argmax(dim=1))

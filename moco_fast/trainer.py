@@ -101,6 +101,7 @@ def validate(cfg: TrainConfig, world: int) -> None:
         ("--log-every", r.log_every, 1),
         ("--dim", cfg.model.dim, 1),
         ("--knn-every", r.knn_every, 0),
+        ("--knn-k", r.knn_k, 1),
         ("--workers", d.workers, -1),
         ("--synthetic-steps", d.synthetic_steps, 1),
         ("--image-size", d.aug.image_size, 8),
@@ -109,6 +110,8 @@ def validate(cfg: TrainConfig, world: int) -> None:
             raise ConfigError(
                 f"{flag} must be at least {least} (got {value})" + (" (-1: auto)" * (flag == "--workers"))
             )
+    if not r.knn_t > 0:
+        raise ConfigError(f"--knn-t must be positive (got {r.knn_t})")
     if o.lr <= 0 or o.weight_decay < 0:
         raise ConfigError(f"--lr must be positive and --weight-decay not negative (got {o.lr}, {o.weight_decay})")
     if not 0.0 <= m.m <= 1.0:

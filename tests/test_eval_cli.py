@@ -266,3 +266,38 @@ def test_knn_feature_pass_shows_a_bar_when_long(data, monkeypatch):
     assert feats.shape == (18, 3) and labels.shape == (18,)
     knn.extract_features(net, train, spec, torch.device("cpu"), batch_size=64, workers=0)
     assert bars == [(9, "kNN features", True), (1, "kNN features", False)]
+
+
+# -- outputs never replace the checkpoint a command reads -------------------------------------------
+def test_no_command_writes_over_its_own_checkpoint(run_dir, tmp_path, monkeypatch, capsys):
+    stop_training(monkeypatch)
+    ckpt = tmp_path / "moco_r18.pt"
+    ckpt.write_bytes((run_dir / "checkpoint.pt").read_bytes())
+    before = ckpt.read_bytes()
+    common = ["--checkpoint", str(ckpt), "--device", "cpu"]
+    # finetune's default --save-model is the JSON's path with .pt: here the checkpoint itself
+    for argv in (
+        ["finetune", *common, "--out", str(tmp_path / "moco_r18.json")],
+        ["lincls", *common, "--out", str(ckpt)],
+        ["export", str(ckpt), "--format", "torchvision", "--output", str(ckpt), "--force"],
+    ):
+        assert main(argv) == 2, argv
+        assert "is the checkpoint this command reads" in one_line_error(capsys), argv
+    assert ckpt.read_bytes() == before
+
+
+def test_knn_weights_do_not_overflow_at_a_small_temperature():
+    from moco_fast.knn import knn_predict
+
+    # The query's nearest neighbours are class 1; at t = 0.005, exp(sim / t) overflows fp32.
+    query = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05]]), dim=1)
+    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.2, 1.0]]), dim=1)
+    labels = torch.tensor([1, 1, 0, 0])
+    for t in (0.1, 0.005):
+        assert knn_predict(query, bank, labels, num_classes=2, k=4, t=t).tolist() == [1], t
+
+
+def test_sweep_refuses_run_level_train_flags(tmp_path, capsys):
+    for flag in ("--resume", "--force", "--print-config"):
+        assert main(["sweep", "--out", str(tmp_path / "s"), "--", "--device", "cpu", flag]) == 2
+        assert f"{flag} is not a setting" in one_line_error(capsys)

@@ -89,6 +89,8 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tiny_root, tmp_path):
         ("--device", "gpu", "--device 'gpu'"),
         ("--workers", "-2", "--workers must be at least -1"),
         ("--lr", "-1", "--lr must be positive"),
+        ("--knn-k", "0", "--knn-k must be at least 1"),
+        ("--knn-t", "0", "--knn-t must be positive"),
     ],
 )
 def test_bad_values_are_one_line_errors(tiny_root, tmp_path, capsys, flag, value, says):

@@ -116,11 +116,17 @@ def resolve_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Path:
     return p
 
 
-def check_output(path: str | Path, flag: str) -> Path:
+def check_output(path: str | Path, flag: str, inputs: tuple[str | Path | None, ...] = ()) -> Path:
     """ConfigError unless a file can be written at `path` (as `atomic_write` does: its folder, created
-    if missing, must take new files); an existing folder at `path` is refused. Writes nothing that stays."""
+    if missing, must take new files); an existing folder at `path`, or one of the command's `inputs`
+    (the checkpoint it reads), is refused. Writes nothing that stays."""
     p = Path(path)
     require(not p.is_dir(), f"{flag} {p} is a folder: give a file path")
+    for given in inputs:
+        require(
+            given is None or not p.exists() or not os.path.samefile(p, given),
+            f"{flag} {p} is the checkpoint this command reads: give another path",
+        )
     folder = p.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # the nearest existing ancestor: the one that must take the new folders

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_device_name(args.device)
     checkpoint = resolve_checkpoint(args.checkpoint, flag="")
-    output = check_output(args.output, "--output")  # an existing folder is refused even with --force
+    # an existing folder, or the checkpoint itself, is refused even with --force
+    output = check_output(args.output, "--output", inputs=(checkpoint,))
     res = export(checkpoint, args.format, output, force=args.force)
     print(f"wrote {res['output']}: {res['keys']} tensors of the {res['arch']} query backbone ({res['format']})")
     if res["format"] == "torchvision" and res["stem"] == "cifar":

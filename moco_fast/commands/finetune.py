@@ -114,10 +114,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(
         dataclass_from_args(FinetuneConfig, args), arch=args.arch or DEFAULT_ARCH, stem=args.stem or DEFAULT_STEM
     )
-    out = check_output(result_path(cfg, "scratch" if cfg.from_scratch else "moco"), "--out")
+    out = check_output(result_path(cfg, "scratch" if cfg.from_scratch else "moco"), "--out", inputs=(args.checkpoint,))
     model_path = None
     if not args.no_save_model:
-        model_path = check_output(args.save_model or out.with_suffix(".pt"), "--save-model")
+        model_path = check_output(args.save_model or out.with_suffix(".pt"), "--save-model", inputs=(args.checkpoint,))
         require(
             model_path.resolve() != out.resolve(),
             f"--save-model and --out are both {out}: give --save-model another path",

@@ -54,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     check_classifier_args(args)
     resolve_eval_runtime(args)
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))
-    args.out = str(check_output(args.out or Path(args.checkpoint).parent / "lincls.json", "--out"))
+    args.out = str(
+        check_output(args.out or Path(args.checkpoint).parent / "lincls.json", "--out", inputs=(args.checkpoint,))
+    )
     cfg = dataclass_from_args(LinclsConfig, args)
     res = run_lincls(cfg)
     print(

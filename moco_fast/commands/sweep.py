@@ -108,6 +108,11 @@ def base_config(train_args: list[str]):
         train_args = train_args[1:]
     if any(a == "--out" or a.startswith("--out=") for a in train_args):
         raise ConfigError("give the sweep folder as `moco-fast sweep --out DIR`, not after `--`")
+    for flag in ("--resume", "--force", "--print-config"):
+        if any(a == flag or a.startswith(flag + "=") for a in train_args):
+            raise ConfigError(
+                f"{flag} is not a setting of the grid's runs: the sweep resumes and replaces runs itself (--redo)"
+            )
     parser = argparse.ArgumentParser(prog="moco-fast sweep ... --")
     train_cmd.register(parser.add_subparsers(dest="command"))
     return train_cmd.config_from_args(parser.parse_args(["train", *train_args]))

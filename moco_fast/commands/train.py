@@ -49,6 +49,8 @@ FLAG_FIELDS = {
     "knn_every": "runtime.knn_every",
     "final_knn": "runtime.final_knn",
     "knn_baseline": "runtime.knn_baseline",
+    "knn_k": "runtime.knn_k",
+    "knn_t": "runtime.knn_t",
     "log_every": "runtime.log_every",
     "gpus": "runtime.gpus",
     "sync_bn": "runtime.sync_bn",
@@ -172,6 +174,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--knn-baseline", action=B, default=None, help="also report the kNN of a randomly initialised backbone"
     )
+    g.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor (default 200)")
+    g.add_argument("--knn-t", type=float, help="temperature of the kNN monitor's weights (default 0.1)")
     g.add_argument("--log-every", type=int, help="steps between progress-bar updates (each one is a host sync)")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run)
