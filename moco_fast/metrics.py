@@ -83,6 +83,7 @@ def clear_run(out: str | Path) -> None:
     out = Path(out)
     # the run's own files, and what the evaluation commands and the sweep write beside its checkpoint
     names = ["checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", "lincls.json", "result.json"]
+    names += ["sweep_lincls.json"]
     names += [f"finetune{kind}.{ext}" for kind in ("", "_scratch") for ext in ("json", "pt")]
     for name in names:
         (out / name).unlink(missing_ok=True)

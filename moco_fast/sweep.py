@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moco_fast.checkpoint import CHECKPOINT_NAME
 from moco_fast.config import ConfigError, TrainConfig, plain
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS
 
 log = logging.getLogger("moco_fast")
 
 RESULT_NAME = "result.json"
+LINCLS_NAME = "sweep_lincls.json"  # the sweep's short linear classifier on cached features
 
 
 @dataclass(frozen=True)
@@ -302,6 +304,7 @@ def run_sweep(
             raise ConfigError(f"setting {s.name}: {e}") from None
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be the sweep folder")
+    _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything
     if redo:
         for s in settings:
             if (out / s.name).is_dir():
@@ -329,14 +332,14 @@ def run_sweep(
                 "evaluate": ": trained earlier with the same settings; evaluating its checkpoint again",
             }[plan],
         )
-        t0 = time.perf_counter()
         if plan in ("train", "resume"):
             _train(cfg)
+        t0 = time.perf_counter()
         res = _evaluate(cfg, s, lincls_epochs, lincls_lr)
-        res["wall_s"] = time.perf_counter() - t0
-        if plan == "evaluate" and isinstance(found[s.name].get("wall_s"), (int, float)):
-            res["wall_s"] = found[s.name]["wall_s"]  # the time of the setting's training, kept
+        # training (every epoch, from its rows, also those of an earlier interrupted part) + evaluation
+        res["wall_s"] = _train_seconds(Path(cfg.runtime.out)) + time.perf_counter() - t0
         res["config"] = training_config(cfg)
+        res["checkpoint_stamp"] = _stamp(Path(cfg.runtime.out) / CHECKPOINT_NAME)  # what was evaluated
         _write_json(Path(cfg.runtime.out) / RESULT_NAME, res)
         found[s.name] = res
         write_table(_rows(found, order), out)  # a partial table survives an interruption
@@ -358,6 +361,11 @@ def _plan(cfg: TrainConfig, s: Setting, res: dict[str, Any] | None, evaluation: 
     folder = Path(cfg.runtime.out)
     want = training_config(cfg)
     checkpoint = folder / ckpt.CHECKPOINT_NAME
+    if res is not None and checkpoint.is_file() and res.get("checkpoint_stamp") not in (None, _stamp(checkpoint)):
+        # trained further since it was evaluated (`train --resume` in the setting's folder): the
+        # result describes an older checkpoint; the checkpoint's own config decides below
+        log.info("%s: its checkpoint changed since its result was written", folder)
+        res = None
     if res is not None:
         old = res.get("config")
         if not isinstance(old, dict):  # written by an older moco-fast: the run's own config.json
@@ -392,9 +400,58 @@ def _plan(cfg: TrainConfig, s: Setting, res: dict[str, Any] | None, evaluation: 
             raise DataError(f"{checkpoint} is not a moco-fast training checkpoint: pass --redo or another --out")
         diffs = _differences(_comparable(saved["config"]), want, frozenset(EVAL_KEYS))
         if diffs:
-            raise _conflict(folder, "an unfinished run", diffs)
-        return "resume"
+            raise _conflict(folder, "a run", diffs)
+        return "resume"  # an interrupted run continues; a finished one trains no more and is evaluated
+    from moco_fast.trainer import holds_run
+
+    if holds_run(folder):
+        raise ConfigError(
+            f"{folder} holds the logs of a run without its checkpoint (it stopped before its first one?): "
+            "pass --redo to delete it and train again, or choose another --out"
+        )
     return "train"
+
+
+def _stamp(path: Path) -> list[int] | None:
+    """(mtime in ns, size) of a checkpoint: a result records the one it evaluated."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
+def _train_seconds(folder: Path) -> float:
+    """The training time of a setting: the sum of its epochs' times in metrics.jsonl."""
+    total = 0.0
+    path = folder / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            total += float(json.loads(line).get("epoch_time_s", 0.0))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return total
+
+
+def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> None:
+    """What `validate` does not see and would otherwise fail after the first setting trained (or
+    after --redo deleted the old runs): the device, the training data, and an eval split for the
+    linear classifier."""
+    from moco_fast.data import load_splits
+    from moco_fast.loaders import IMAGE_FOLDER_LOADERS
+    from moco_fast.loaders.wds import is_wds_root
+    from moco_fast.trainer import resolve_device, validate_device
+
+    cfg = configs[0]  # the grid changes K, m, mechanism and shuffle BN only
+    validate_device(cfg, resolve_device(cfg.runtime.device), 1)
+    folder = cfg.data.loader in IMAGE_FOLDER_LOADERS and not is_wds_root(cfg.data.data)
+    if folder:
+        load_splits(cfg.data.data, check=False)  # DataError when the folder is missing or empty
+    if lincls_epochs > 0 and (not folder or _eval_splits(cfg) is None):
+        raise ConfigError(
+            "--lincls-epochs needs an image folder with train/ and val/ or test/ (the linear classifier's "
+            f"data); --loader {cfg.data.loader} with --data {cfg.data.data} has none"
+        )
 
 
 def _train(cfg: TrainConfig) -> None:
@@ -517,7 +574,7 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
             workers=eval_workers(cfg.data.workers, resolve_device(cfg.runtime.device)),
             device=cfg.runtime.device,
             seed=cfg.runtime.seed,
-            out=str(folder / "lincls.json"),
+            out=str(folder / LINCLS_NAME),  # not lincls.json: `moco-fast lincls`'s own result stays
         )
     )
     return res["top1"]

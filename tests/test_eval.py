@@ -6,6 +6,7 @@ import json
 import logging
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torchvision
 from conftest import make_image_root
 from torch import nn
 
-from moco_fast.cli import main
+from moco_fast.cli import build_parser, main
 from moco_fast.config import build_config, to_dict
 from moco_fast.model import MoCo
 from moco_fast.trainer import train
@@ -326,7 +327,7 @@ def test_sweep_reuses_a_result_only_for_the_same_training_settings(
     (run / "result.json").unlink()
     assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=["--epochs", "2"])) == 2
     err = last_error(capsys)
-    assert "an unfinished run" in err and "optim.epochs 1 -> 2" in err and "--redo" in err, err
+    assert "holds a run trained with other settings" in err and "optim.epochs 1 -> 2" in err and "--redo" in err, err
     assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
     # --redo deletes the old run and trains the setting again, from scratch.
     assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--redo", train=["--lr", "0.1"])) == 0
@@ -396,6 +397,7 @@ def test_sweep_linear_classifier_lr(finished_sweep, six_root, tmp_path, monkeypa
     args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3", "--lincls-lr", "0.5")
     assert main(args) == 0
     assert [(c.epochs, c.lr, c.cached_features) for c in seen] == [(3, 0.5, True)]
+    assert Path(seen[0].out).name == "sweep_lincls.json"  # `moco-fast lincls`'s lincls.json is not replaced
     # Other evaluation flags evaluate the finished checkpoint again; they do not train it again.
     assert (run / "metrics.jsonl").read_text() == metrics
     res = json.loads((run / "result.json").read_text())
@@ -410,7 +412,10 @@ def test_sweep_help_is_wrapped_and_names_every_flag(capsys, monkeypatch):
         main(["sweep", "--help"])
     text = capsys.readouterr().out
     assert max(len(line) for line in text.splitlines()) <= 100
-    assert "--lincls-lr" in text and "default: 30" in text and "--redo" in text
+    parser = next(a for a in build_parser()._actions if a.dest == "command").choices["sweep"]
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and action.option_strings[-1] in text, action.option_strings
 
 
 def test_sweep_grid_merges_repeated_runs():
@@ -469,3 +474,47 @@ def test_short_run_knn_beats_random_init(tmp_path):
     )
     row = train(cfg)
     assert row["final_knn_top1"] > row["random_knn_top1"], row
+
+
+@pytest.mark.slow
+def test_sweep_follows_a_run_trained_further_in_its_folder(finished_sweep, six_root, tmp_path, capsys):
+    # `train --resume --epochs 2` in a setting's folder: its result.json describes the old checkpoint
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    run = out / SWEEP_RUN
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--device", "cpu", "--no-final-knn"]) == 0
+    capsys.readouterr()
+    # the grid as it was (1 epoch): not the stale 1-epoch row, an error naming the difference
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 2
+    assert "optim.epochs 2 -> 1" in last_error(capsys)
+    # the grid at 2 epochs: the checkpoint is evaluated (no training), its row says 2 epochs
+    metrics = (run / "metrics.jsonl").read_text()
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=["--epochs", "2"])) == 0
+    assert (run / "metrics.jsonl").read_text() == metrics
+    res = json.loads((run / "result.json").read_text())
+    assert res["epochs"] == 2 and res["loss"] == json.loads(metrics.splitlines()[-1])["loss"]
+    rows = [json.loads(line) for line in metrics.splitlines()]
+    assert res["wall_s"] >= sum(r["epoch_time_s"] for r in rows)  # both epochs' training counted
+
+
+def test_sweep_stops_before_training_on_what_would_fail_later(six_root, tmp_path, capsys, monkeypatch):
+    from moco_fast import sweep
+
+    trained = []
+    monkeypatch.setattr(sweep, "_train", lambda cfg: trained.append(cfg))
+    out = tmp_path / "sweep"
+    # the logs of a run without its checkpoint (it died in its first epoch)
+    (out / SWEEP_RUN).mkdir(parents=True)
+    (out / SWEEP_RUN / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
+    assert main(sweep_args(out, six_root, "--moco-m", "0.5,0.99")) == 2
+    assert "--redo" in last_error(capsys) and not trained
+    # --redo with a device this machine lacks, or missing data: nothing is deleted
+    if not torch.cuda.is_available():
+        cuda = ["sweep", "--out", str(out), "--device", "cuda", "--moco-m", "0.99", "--redo", "--"]
+        assert main([*cuda, "--data", str(six_root), *SWEEP_TRAIN]) == 2
+        assert (out / SWEEP_RUN / "metrics.jsonl").is_file()
+    assert main(sweep_args(out, tmp_path / "nowhere", "--moco-m", "0.99", "--redo")) == 2
+    assert (out / SWEEP_RUN / "metrics.jsonl").is_file() and not trained
+    # a linear classifier needs an eval split: said before the synthetic loader trains
+    args = ["sweep", "--out", str(tmp_path / "s2"), "--device", "cpu", "--lincls-epochs", "1", "--"]
+    assert main([*args, "--loader", "synthetic", *SWEEP_TRAIN]) == 2
+    assert "--lincls-epochs needs an image folder" in last_error(capsys) and not trained
