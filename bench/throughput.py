@@ -113,11 +113,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, warmup: int, steps: int, batch: int, device: torch.device) -> dict:
+def timed(fn, warmup: int, steps: int, batch: int, device: torch.device, peak_from_warmup: bool = False) -> dict:
+    """`peak_from_warmup`: the peak memory counts the warm-up too. A CUDA graph's replays allocate
+    nothing (its activations live in the pool the capture, during warm-up, allocated), so for graph
+    rows the steady-state peak would leave them out."""
+    if device.type == "cuda" and peak_from_warmup:
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         fn()
     sync(device)
-    if device.type == "cuda":  # the steady state's peak, not cuDNN's search or a graph capture
+    if device.type == "cuda" and not peak_from_warmup:  # the steady state's, not cuDNN's search
         torch.cuda.reset_peak_memory_stats(device)
     with GpuSampler(device) as gpu:
         t0 = time.perf_counter()
@@ -200,7 +205,7 @@ class Bench:
             else:
                 it = forever(loader)
                 fn = lambda: step(next(it))  # noqa: E731
-            row.update(timed(fn, a.warmup, a.steps, n, device))
+            row.update(timed(fn, a.warmup, a.steps, n, device, peak_from_warmup=spec.graph))
             if a.profile and spec.kind == "trainer" and not spec.graph and not self.profiled:
                 from profile_step import profile_breakdown
 

@@ -107,6 +107,12 @@ def _tables(ks: Tensors, qs: Tensors) -> _Tables:
     return found
 
 
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides that decide the layout: a dimension of size 1 may have any stride (channels-last
+    1x1 conv weights come out of an elementwise op as (C, 1, 1, 1) or (C, 1, C, C))."""
+    return tuple(st for sz, st in zip(t.shape, t.stride()) if sz != 1)
+
+
 def _dense(t: torch.Tensor) -> bool:
     """The elements fill one block of memory with no gaps or overlaps, in any dimension order
     (contiguous, channels-last, transposed): the kernel walks each tensor as a flat buffer, which is
@@ -132,7 +138,7 @@ def _check(ks: Tensors, qs: Tensors) -> None:
     for k, q in zip(ks, qs):
         if k.device != device or q.device != device or k.dtype != dtype or q.dtype != dtype:
             raise ValueError("the triton momentum kernel needs all parameters on one device in one dtype")
-        if k.shape != q.shape or k.stride() != q.stride() or not _dense(k):
+        if k.shape != q.shape or _strides(k) != _strides(q) or not _dense(k):
             raise ValueError(
                 "the triton momentum kernel needs key/query pairs of equal shape and strides, each one dense "
                 "block of memory (contiguous or channels-last)"

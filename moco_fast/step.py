@@ -44,12 +44,28 @@ def train_step(s: StepState, batch, m: float) -> tuple[torch.Tensor, torch.Tenso
 def fast_sgd(params, device: torch.device, **kw) -> torch.optim.SGD:
     """SGD as one fused kernel on CUDA (and GradScaler needs no host sync with it); foreach elsewhere."""
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(params, **kw, **kind)
+    opt = torch.optim.SGD(params, **kw, **kind)
+    if kw.get("momentum"):
+        # Momentum buffers from the start, zero: the first step is the same (0 * m + grad), and there
+        # is no first step in which SGD makes them with empty_like and relies on the kernel to fill
+        # them, which fused SGD skips when fp16's GradScaler found an overflow (NaN from step 2 on).
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return opt
 
 
 def make_optimizer(model: MoCo, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.encoder_q.parameters() if p.requires_grad]
     return fast_sgd(params, device, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
+def momentum_tables() -> list:
+    """The Triton momentum kernel's address tables now cached: a captured graph keeps them alive."""
+    import sys
+
+    mt = sys.modules.get("moco_fast.kernels.momentum_triton")
+    return list(mt._TABLES.values()) if mt is not None else []
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -88,8 +104,12 @@ class GraphedStep:
         self.static = None  # Batch of input buffers the graph reads
         self.out: tuple[torch.Tensor, torch.Tensor] | None = None  # (loss, acc) the graph writes
         for g in s.optimizer.param_groups:
-            if not isinstance(g["lr"], torch.Tensor):
-                g["lr"] = torch.tensor(float(g["lr"]), device=s.device)
+            # A device tensor that the replays read (set_lr fills it). A resumed optimizer state brings
+            # the saved lr back as a CPU tensor, which fused SGD would read once, at capture, as a constant.
+            lr = g["lr"]
+            if not (isinstance(lr, torch.Tensor) and lr.device == s.device):
+                g["lr"] = torch.tensor(float(lr), device=s.device)
+        self.keep: list = []  # what the captured kernels address but nothing else holds (Triton tables)
 
     def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.s.device
@@ -111,6 +131,7 @@ class GraphedStep:
             # thread_local: the DataLoader's pin-memory thread may call CUDA while we capture.
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.out = train_step(self.s, self.static, self.m)
+            self.keep = momentum_tables()
         else:
             for dst, src in zip(self.static, batch):
                 dst.copy_(src, non_blocking=True)

@@ -161,3 +161,14 @@ def test_compiled_kernel_on_cuda(monkeypatch, dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for a, b in zip(ks, ref):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_strides_of_size_one_dimensions_do_not_matter(interpret):
+    # Channels-last 1x1 conv weights: an elementwise op may give (C, 1, 1, 1) where the parameter has
+    # (C, 1, C, C); both are the same layout.
+    k = torch.empty_strided((8, 4, 1, 1), (4, 1, 4, 4)).normal_()
+    q = torch.empty_strided((8, 4, 1, 1), (4, 1, 1, 1)).normal_()
+    ref = k.clone()
+    momentum_update_reference([ref], [q], 0.9)
+    mt.momentum_update_triton([k], [q], 0.9)
+    torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-6)

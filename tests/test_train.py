@@ -10,6 +10,7 @@ from moco_fast.cli import main
 from moco_fast.config import ConfigError, build_config
 from moco_fast.data import list_images
 from moco_fast.model import MoCo
+from moco_fast.step import fast_sgd
 from moco_fast.trainer import StepState, _knn_splits, make_optimizer, train, train_step
 
 TINY = {
@@ -79,6 +80,53 @@ def test_resume_on_cuda(tiny_root, tmp_path):
     row = train(tiny_config(tiny_root, tmp_path, **cuda, **{"optim.epochs": 2, "runtime.resume": "auto"}))
     assert row["epoch"] == 2 and [r["epoch"] for r in read_metrics(tmp_path)] == [1, 2]
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["rng"]["cuda"].device.type == "cpu"
+
+
+def test_sgd_momentum_buffers_exist_from_the_start_and_change_nothing():
+    # Zero buffers made up front: the first step equals stock SGD's, which makes them from the gradient.
+    torch.manual_seed(0)
+    w = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    w_ref = [t.detach().clone().requires_grad_() for t in w]
+    opt = fast_sgd(w, torch.device("cpu"), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    ref = torch.optim.SGD(w_ref, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in w)
+    for _ in range(3):
+        for params, o in ((w, opt), (w_ref, ref)):
+            o.zero_grad()
+            sum((p**2).sum() for p in params).backward()
+            o.step()
+    for a, b in zip(w, w_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_overflow_on_the_first_step_leaves_no_nan():
+    # Fused SGD skips a step whose gradients overflowed; its momentum buffers must already be valid.
+    w = torch.nn.Parameter(torch.ones(64, device="cuda"))
+    opt = fast_sgd([w], torch.device("cuda"), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda")
+    for factor in (float("inf"), 1.0, 1.0):  # the first step overflows and is skipped
+        opt.zero_grad()
+        scaler.scale(w.sum() * factor).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert torch.isfinite(w).all() and (w < 1).all()  # the two finite steps moved it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_reads_a_resumed_lr_from_the_device():
+    # A resumed optimizer brings its lr back as a CPU tensor; the graph must read a device one.
+    from moco_fast.step import GraphedStep
+
+    cfg = tiny_config("unused", "unused", **{"runtime.device": "cuda"})
+    model = MoCo(cfg.model, cfg.moco, 32).cuda()
+    opt = make_optimizer(model, cfg, torch.device("cuda"))
+    opt.param_groups[0]["lr"] = torch.tensor(0.05)  # as load_state_dict(map_location="cpu") leaves it
+    s = StepState(model, opt, torch.amp.GradScaler("cuda", enabled=False), torch.bfloat16, torch.device("cuda"))
+    GraphedStep(s, 0.99)
+    assert opt.param_groups[0]["lr"].device.type == "cuda" and opt.param_groups[0]["lr"].item() == 0.05
 
 
 def test_checkpoint_holds_everything(tiny_root, tmp_path):
