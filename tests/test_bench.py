@@ -177,3 +177,37 @@ def test_pack_folder_round_trip(tiny_root, tmp_path, capsys):
     assert src == got and len(src) == 40
     assert all((tiny_root / f).read_bytes() == (tmp_path / "out" / f).read_bytes() for f in src)
     assert "packed 40 files" in capsys.readouterr().out
+
+
+def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
+    # The script never runs here (it needs a GPU; `DRY=1` runs it on a CPU in minutes): its shell
+    # syntax, and the one table it prints from the JSON the phases leave, are checked.
+    script = BENCH / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    start = text.index("\n", text.index("<<'EOF'")) + 1  # the heredoc of the summary
+    summary = text[start : text.index("\nEOF\n", start)]
+    rows = {"device": {"name": "H100"}, "torch": "2.11"}
+    (tmp_path / "throughput-synthetic.json").write_text(
+        json.dumps({**rows, "rows": [{"name": "trainer:bf16", "img_per_s": 3000.0, "ms_per_step": 80.0}]})
+    )
+    (tmp_path / "throughput-dali.json").write_text(
+        json.dumps(
+            {
+                **rows,
+                "rows": [
+                    {"name": "end-to-end", "img_per_s": 2880.0, "ms_per_step": 88.9},
+                    {"name": "trainer", "img_per_s": 3000.0, "ms_per_step": 85.3},
+                ],
+            }
+        )
+    )
+    (tmp_path / "ffcv.json").write_text(
+        json.dumps({"rows": [{"row": "aug-batch", "img_per_s": 1e5, "ms_per_batch": 2.0}]})
+    )
+    (tmp_path / "momentum.json").write_text('{"cut short')
+    out = subprocess.run([sys.executable, "-", str(tmp_path)], input=summary, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "dali: end-to-end = 96.0% of trainer" in out.stdout
+    assert "ffcv aug-batch: 2.00 ms = 2.5% of the trainer:bf16 step (80.0 ms)" in out.stdout
+    assert "momentum.json: unreadable" in out.stdout
