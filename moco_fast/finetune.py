@@ -32,7 +32,6 @@ from moco_fast.lincls import (
     progress_iter,
     result_record,
     start_run,
-    write_json,
 )
 from moco_fast.step import fast_sgd, set_lr
 
@@ -85,13 +84,6 @@ def build_network(cfg: FinetuneConfig, num_classes: int):
         plain_bn_state(backbone)  # fine-tuning uses ordinary per-batch BN statistics
         start = "moco"
     return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, start
-
-
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune, evaluate, write the JSON result and return it."""
-    result, _ = fine_tune(cfg)
-    write_json(result, result_path(cfg, result["init"]))
-    return result
 
 
 def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
