@@ -30,7 +30,7 @@ from moco_fast.loaders import LoaderArgs, create_loader
 from reference_step import build_reference, reference_step
 from report import add_ratios, device_info, forever, format_table
 
-from moco_fast.checkpoint import atomic_write
+from moco_fast.checkpoint import atomic_write_text
 from moco_fast.config import ConfigError, build_config, to_dict
 from moco_fast.data import DataError
 from moco_fast.model import MoCo
@@ -221,7 +221,7 @@ class Bench:
 
 
 def write_json(path: str, result: dict) -> None:
-    atomic_write(path, lambda fh: fh.write(json.dumps(result, indent=2, default=str).encode()))
+    atomic_write_text(path, json.dumps(result, indent=2, default=str))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,6 +62,12 @@ def _umask() -> int:
     return mask
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """UTF-8 text through `atomic_write` (result JSON, tables, configs)."""
+    data = text.encode()
+    atomic_write(path, lambda fh: fh.write(data))
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save through `atomic_write`."""
     atomic_write(path, lambda fh: torch.save(obj, fh))

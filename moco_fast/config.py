@@ -196,7 +196,6 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
 
 
 def save_json(cfg: TrainConfig, path: str) -> None:
-    from moco_fast.checkpoint import atomic_write
+    from moco_fast.checkpoint import atomic_write_text
 
-    text = json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode()))
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")

@@ -67,7 +67,7 @@ def detectron2_checkpoint(model: nn.Module) -> dict[str, Any]:
 
 def export(checkpoint: str | Path, fmt: str, output: str | Path, force: bool = False) -> dict[str, Any]:
     """Write the export; returns {"format", "output", "keys", "arch", "stem"}."""
-    from moco_fast.checkpoint import atomic_write, load_model
+    from moco_fast.checkpoint import atomic_write, load_model, save_atomic
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; choose one of {FORMATS}")
@@ -88,5 +88,5 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path, force: bool = F
     else:
         state = torchvision_state(model)
         keys = len(state)
-        atomic_write(output, lambda fh: torch.save(state, fh))
+        save_atomic(state, output)
     return {"format": fmt, "output": str(output), "keys": keys, "arch": cfg.model.arch, "stem": stem}

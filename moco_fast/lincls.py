@@ -351,6 +351,6 @@ def result_record(
 
 
 def write_json(obj: dict[str, Any], path: Path) -> None:
-    from moco_fast.checkpoint import atomic_write
+    from moco_fast.checkpoint import atomic_write_text
 
-    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2).encode()))
+    atomic_write_text(path, json.dumps(obj, indent=2))

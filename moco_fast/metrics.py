@@ -45,10 +45,9 @@ class MetricsWriter:
     def write_summary(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from moco_fast.checkpoint import atomic_write
+        from moco_fast.checkpoint import atomic_write_text
 
-        text = json.dumps(row, indent=2) + "\n"
-        atomic_write(self.out / "summary.json", lambda fh: fh.write(text.encode()))
+        atomic_write_text(self.out / "summary.json", json.dumps(row, indent=2) + "\n")
 
     def keep_epochs(self, last: int) -> None:
         """Drop rows of epochs after `last` (the checkpoint a run resumes from): a run stopped

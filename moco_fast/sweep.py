@@ -236,15 +236,10 @@ def _conflict(folder: Path, what: str, diffs: list[str]) -> ConfigError:
 
 
 # -- files ------------------------------------------------------------------------------------------
-def _write_text(path: Path, text: str) -> None:
-    from moco_fast.checkpoint import atomic_write
-
-    data = text.encode()
-    atomic_write(path, lambda fh: fh.write(data))
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2) + "\n")
+    from moco_fast.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _read_json(path: Path, kind: type) -> Any:
@@ -438,16 +433,15 @@ def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> No
     after --redo deleted the old runs): the device, the training data, and an eval split for the
     linear classifier."""
     from moco_fast.data import load_splits
-    from moco_fast.loaders import IMAGE_FOLDER_LOADERS
     from moco_fast.loaders.wds import is_wds_root
     from moco_fast.trainer import resolve_device, validate_device
 
     cfg = configs[0]  # the grid changes K, m, mechanism and shuffle BN only
     validate_device(cfg, resolve_device(cfg.runtime.device), 1)
-    folder = cfg.data.loader in IMAGE_FOLDER_LOADERS and not is_wds_root(cfg.data.data)
-    if folder:
-        load_splits(cfg.data.data, check=False)  # DataError when the folder is missing or empty
-    if lincls_epochs > 0 and (not folder or _eval_splits(cfg) is None):
+    splits = None
+    if cfg.data.loader in IMAGE_FOLDER_LOADERS and not is_wds_root(cfg.data.data):
+        splits = load_splits(cfg.data.data, check=False)  # DataError when the folder is missing or empty
+    if lincls_epochs > 0 and (splits is None or splits.eval is None):
         raise ConfigError(
             "--lincls-epochs needs an image folder with train/ and val/ or test/ (the linear classifier's "
             f"data); --loader {cfg.data.loader} with --data {cfg.data.data} has none"
@@ -489,9 +483,8 @@ def _evaluate(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr: float
     import torch
 
     from moco_fast.checkpoint import CHECKPOINT_NAME, load_model
-    from moco_fast.knn import knn_accuracy
     from moco_fast.model import MoCo
-    from moco_fast.trainer import eval_workers, resolve_device
+    from moco_fast.trainer import knn_top1, resolve_device
 
     folder = Path(cfg.runtime.out)
     last = _last_row(folder / "metrics.jsonl")
@@ -519,16 +512,7 @@ def _evaluate(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr: float
     )
     splits = _eval_splits(cfg)
     if splits is not None:
-        knn = partial(
-            knn_accuracy,
-            train=splits.train,
-            test=splits.eval,
-            spec=cfg.data.aug,
-            device=device,
-            k=cfg.runtime.knn_k,
-            t=cfg.runtime.knn_t,
-            workers=eval_workers(cfg.data.workers, device),
-        )
+        knn = partial(knn_top1, splits=splits, cfg=cfg, device=device)
         res["knn_top1"] = knn(model.backbone())
         res["knn_head_top1"] = knn(model.encoder_q)  # the figure the official CIFAR demo reports
         if cfg.runtime.knn_baseline:
@@ -623,8 +607,9 @@ def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     """OUT/sweep.md, sweep.json and (with matplotlib) sweep.png, each replaced whole."""
+    from moco_fast.checkpoint import atomic_write_text
 
-    _write_text(out / "sweep.md", markdown_table(shown(rows)))
+    atomic_write_text(out / "sweep.md", markdown_table(shown(rows)))
     _write_json(out / "sweep.json", rows)
     tmp = out / ".sweep.tmp.png"
     try:

@@ -322,7 +322,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
         if splits is not None and cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0:
             if dist_utils.is_main():  # kNN on rank 0 alone; the others wait at the barrier
-                row["knn_top1"] = _knn(model.backbone(), splits, cfg, device)
+                row["knn_top1"] = knn_top1(model.backbone(), splits, cfg, device)
             dist_utils.barrier()
         writer.write(row)
         rng_states = dist_utils.all_gather_objects(ckpt.rng_state())  # each rank's streams, for --resume
@@ -341,16 +341,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 },
                 out / ckpt.CHECKPOINT_NAME,
             )
-    if start_epoch >= cfg.optim.epochs:
+    if finished:
         log.info("%s: all %d epochs were done already; nothing to train", out, cfg.optim.epochs)
     elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
         row = dict(row)
-        row["final_knn_top1"] = row["knn_top1"] if "knn_top1" in row else _knn(model.backbone(), splits, cfg, device)
+        row["final_knn_top1"] = (
+            row["knn_top1"] if "knn_top1" in row else knn_top1(model.backbone(), splits, cfg, device)
+        )
         # the head's output (128-d): the figure the official CIFAR-10 demo reports
-        row["final_knn_head_top1"] = _knn(model.encoder_q, splits, cfg, device)
+        row["final_knn_head_top1"] = knn_top1(model.encoder_q, splits, cfg, device)
         if cfg.runtime.knn_baseline:
             rand = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images).to(device)
-            row["random_knn_top1"] = _knn(rand.backbone(), splits, cfg, device)
+            row["random_knn_top1"] = knn_top1(rand.backbone(), splits, cfg, device)
         writer.write_summary(row)
     writer.close()
     dist_utils.barrier()
@@ -398,7 +400,8 @@ def _restore_rng(state: dict[str, Any], cfg: TrainConfig, world: int, rank: int,
     log.info("--resume: the checkpoint was written by %d processes, now %d: new random streams", len(per_rank), world)
 
 
-def _knn(net: torch.nn.Module, splits, cfg: TrainConfig, device: torch.device) -> float:
+def knn_top1(net: torch.nn.Module, splits, cfg: TrainConfig, device: torch.device) -> float:
+    """Weighted kNN top-1 (%) of `net` on the run's splits, with the run's k, t and eval workers."""
     return knn_accuracy(
         net,
         splits.train,

@@ -98,7 +98,7 @@ def check_arch(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moco_fast.checkpoint import atomic_write
+    from moco_fast.checkpoint import save_atomic
     from moco_fast.export import backbone_state
     from moco_fast.finetune import FinetuneConfig, fine_tune, result_path
     from moco_fast.lincls import write_json
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     res, net = fine_tune(cfg)
     if model_path is not None:
         state = backbone_state(net[0], net[1])
-        atomic_write(model_path, lambda fh: torch.save(state, fh))
+        save_atomic(state, model_path)
         res["model"] = str(model_path)
     write_json(res, out)
     print(
