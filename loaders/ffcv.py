@@ -10,6 +10,10 @@ Order: the same per-epoch permutation as the torch loader (seeded by `seed` and 
 equal rank shards when `world_size > 1` (FFCV's `distributed=True`; every rank runs the same number
 of steps). The crops are drawn by Numba's RNG, which FFCV does not seed.
 
+Differs from torchvision: a crop is resized by FFCV's `resize_crop`, which is OpenCV's INTER_AREA
+(checked against cv2.resize, exactly equal), where torchvision uses antialiased bilinear; and the
+pixels are the JPEG that `convert` re-encoded (`--jpeg-quality`, default 90), not the source file.
+
 Backend options (`--loader-option KEY=VALUE`):
     os_cache=1          map the file through the OS page cache (best when it fits in RAM, and shared
                         by the processes of a machine); 0: FFCV's own process cache

@@ -1,8 +1,9 @@
 """The augmentation recipe: one frozen description that every loader backend translates.
 
 No backend-specific field lives here (no DALI operator names, no FFCV pipeline objects): a backend
-reads the numbers and builds its own operators. `tests/test_augment_spec.py` checks each backend
-against this spec statistically.
+reads the numbers and builds its own operators. Each backend's tests check it against this spec
+statistically (flip, grayscale, jitter and blur rates, crop areas and ratios): tests/test_dali.py,
+test_ffcv.py, test_resident.py and test_augment_kernels.py (the batched colour pass).
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ class MoCoConfig:
     # Memory-bank momentum (Wu et al. 2018).
     bank_m: float = 0.5
     # Shuffle BN across processes: "alltoall" sends each rank only the images it needs, "allgather"
-    # (the official code's) gathers every image everywhere. Same keys either way; a speed choice.
+    # gathers every image everywhere (the official code's exchange). Both use the same balanced
+    # permutation (each key batch holds N/W images of every rank; the official one is uniform over
+    # the global batch), so the keys are the same either way: a speed choice.
     shuffle_exchange: str = "alltoall"
 
 

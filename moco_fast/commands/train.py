@@ -126,8 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--shuffle-exchange",
         choices=["alltoall", "allgather"],
         help="how shuffle BN moves images between processes: alltoall sends each rank the images it needs, "
-        "allgather (the official code's) gathers all of them everywhere; the same keys either way "
-        "(default alltoall; docs/distributed.md models the traffic)",
+        "allgather gathers all of them everywhere (the official code's exchange); the same balanced "
+        "permutation and keys either way (default alltoall; docs/distributed.md models the traffic)",
     )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="default 200")
