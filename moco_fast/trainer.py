@@ -118,9 +118,10 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"--moco-m must be in [0, 1] (got {m.m})")
     if m.t <= 0:
         raise ConfigError(f"--moco-t must be positive (got {m.t})")
-    if m.mechanism == "moco" and m.k < global_batch * (2 if m.symmetric else 1):
+    keys_per_step = global_batch * (2 if m.symmetric else 1)  # --symmetric enqueues both views' keys
+    if m.mechanism == "moco" and m.k < keys_per_step:
         raise ConfigError(
-            f"--moco-k {m.k} is smaller than the keys one step enqueues ({global_batch}): "
+            f"--moco-k {m.k} is smaller than the keys one step enqueues ({keys_per_step}): "
             "raise --moco-k or lower --batch-size"
         )
     splits = m.bn_splits if m.shuffle_bn and world == 1 else 1

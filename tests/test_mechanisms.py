@@ -10,19 +10,23 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from moco_fast.loaders import LoaderArgs, create_loader
 
-from moco_fast.config import build_config
+from moco_fast.config import ConfigError, build_config
 from moco_fast.model import MoCo, info_nce
-from moco_fast.trainer import StepState, make_optimizer, train_step
+from moco_fast.trainer import StepState, make_optimizer, train_step, validate
 
 N, DIM, IMAGES = 8, 16, 40
 
 
-def make(mechanism: str, shuffle_bn: bool = False, bn_splits: int = 2, k: int = 24, m: float = 0.9) -> MoCo:
+def make(
+    mechanism: str, shuffle_bn: bool = False, bn_splits: int = 2, k: int = 24, m: float = 0.9, symmetric: bool = False
+) -> MoCo:
     cfg = build_config(
         "cifar",
         {
@@ -34,6 +38,7 @@ def make(mechanism: str, shuffle_bn: bool = False, bn_splits: int = 2, k: int = 
             "moco.m": m,
             "moco.shuffle_bn": shuffle_bn,
             "moco.bn_splits": bn_splits,
+            "moco.symmetric": symmetric,
         },
     )
     torch.manual_seed(0)
@@ -106,6 +111,51 @@ def test_shuffle_bn_restores_the_key_order():
     a(im_q, im_k, 0.9)
     b(im_q, im_k, 0.9)
     torch.testing.assert_close(a.queue, b.queue)
+
+
+def test_shuffle_bn_with_split_bn_encodes_the_keys_of_a_shuffled_batch():
+    # With 2 BN splits the keys depend on which images share a sub-batch: they must be the keys of
+    # the batch permuted by the step's draw, put back in the queries' order, and not the plain keys.
+    model = make("moco", shuffle_bn=True, bn_splits=2)
+    ref = copy.deepcopy(model)
+    im_q, im_k = views()
+    torch.manual_seed(3)
+    model(im_q, im_k, 0.9)
+    torch.manual_seed(3)
+    idx = torch.randperm(N)  # the step's only random draw
+    assert set(idx[: N // 2].tolist()) != set(range(N // 2))  # the draw mixes the two sub-batches
+    with torch.no_grad():
+        ref.momentum_update(0.9)
+        shuffled = F.normalize(ref.encoder_k(im_k[idx]), dim=1)[torch.argsort(idx)]
+        plain = F.normalize(ref.encoder_k(im_k), dim=1)
+    torch.testing.assert_close(model.queue[:N], shuffled)
+    assert not torch.allclose(model.queue[:N], plain, atol=1e-3)
+
+
+def test_symmetric_loss_uses_both_views_as_queries():
+    model = make("moco", k=24, symmetric=True)
+    model.queue_ptr.fill_(20)  # the 2N = 16 keys wrap around
+    ref, queue_before = copy.deepcopy(model), model.queue.clone()
+    im_q, im_k = views()
+    loss, acc = model(im_q, im_k, 0.9)
+    with torch.no_grad():
+        ref.momentum_update(0.9)
+        q1, q2 = F.normalize(ref.encoder_q(im_q), dim=1), F.normalize(ref.encoder_q(im_k), dim=1)
+        k1, k2 = F.normalize(ref.encoder_k(im_q), dim=1), F.normalize(ref.encoder_k(im_k), dim=1)
+    (l12, a12), (l21, a21) = info_nce(q1, k2, queue_before, model.t), info_nce(q2, k1, queue_before, model.t)
+    torch.testing.assert_close(loss, l12 + l21)
+    torch.testing.assert_close(acc, (a12 + a21) / 2)
+    rows = [(20 + i) % 24 for i in range(2 * N)]
+    torch.testing.assert_close(model.queue[rows], torch.cat([k1, k2]))
+    assert model.queue_ptr.item() == (20 + 2 * N) % 24
+
+
+def test_symmetric_needs_a_queue_of_two_batches():
+    cfg = build_config("cifar", {"optim.batch_size": 64, "moco.k": 100, "moco.symmetric": True, "moco.bn_splits": 2})
+    with pytest.raises(ConfigError, match=r"--moco-k 100 is smaller than the keys one step enqueues \(128\)"):
+        validate(cfg, world=1)
+    cfg.moco.symmetric = False
+    validate(cfg, world=1)  # 64 keys a step fit
 
 
 def test_memory_bank_updates_its_rows_with_momentum():
