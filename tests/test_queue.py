@@ -40,6 +40,7 @@ def test_queue_and_pointer_are_in_the_state_dict():
     other = small_moco(6)
     other.load_state_dict(state)
     assert torch.equal(other.queue, m.queue)
+    assert other.queue_ptr.item() == 4  # the pointer comes back too, not only the keys
 
 
 def test_bad_k_is_a_config_error():

@@ -129,7 +129,7 @@ def test_same_seed_and_epoch_same_views_and_ranks_split_the_order(tiny_root):
     assert not set(i0) & set(i1) and len(set(i0) | set(i1)) == 32
 
 
-def test_grayscale_and_flip_rates_follow_the_spec(tiny_root):
+def test_grayscale_rate_follows_the_spec(tiny_root):
     # 32 images x 2 views x 12 epochs = 768 views; a grey view has three equal channels.
     loader = resident(tiny_root, batch=16)
     grey = total = 0
@@ -142,6 +142,29 @@ def test_grayscale_and_flip_rates_follow_the_spec(tiny_root):
                 grey += int((spread < 1e-4).sum())
                 total += v.shape[0]
     assert abs(grey / total - MOCO_CIFAR.gray_prob) < 0.05, grey / total
+
+
+def test_flip_rate_follows_the_spec(tiny_root):
+    # Whole-image crops and no colour: every view is its stored image, flipped or not, and about
+    # flip_prob of them are flipped. 32 images x 2 views x 8 epochs = 512 views.
+    from dataclasses import replace
+
+    spec = replace(MOCO_CIFAR, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), jitter_prob=0.0, gray_prob=0.0)
+    loader = resident(tiny_root, batch=16, spec=spec)
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    flipped = total = 0
+    for epoch in range(8):
+        loader.set_epoch(epoch)
+        for b in loader:
+            stored = loader.data[b.index].float() / 255
+            for v in (b.im_q, b.im_k):
+                raw = v * std + mean
+                as_is, mirrored = ((raw - x).abs().flatten(1).amax(1) < 1e-4 for x in (stored, stored.flip(-1)))
+                assert (as_is | mirrored).all()  # nothing else was done to the views
+                flipped += int((mirrored & ~as_is).sum())  # a symmetric image counts as not flipped
+                total += v.shape[0]
+    sd = (spec.flip_prob * (1 - spec.flip_prob) / total) ** 0.5
+    assert abs(flipped / total - spec.flip_prob) < 4 * sd + 0.02, flipped / total
 
 
 def test_mixed_sizes_bad_files_and_the_size_option(tmp_path, caplog):

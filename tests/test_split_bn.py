@@ -34,6 +34,9 @@ def test_split_bn_matches_per_chunk_bn(s, channels_last):
     chunks = x.contiguous().chunk(s)
     exp_mean = 0.9 * 0 + 0.1 * torch.stack([c.mean(dim=(0, 2, 3)) for c in chunks]).mean(0)
     torch.testing.assert_close(bn.running_mean, exp_mean, rtol=1e-4, atol=1e-5)
+    # BN records the unbiased variance of each sub-batch (n - 1 in the denominator).
+    exp_var = 0.9 * 1 + 0.1 * torch.stack([c.var(dim=(0, 2, 3), unbiased=True) for c in chunks]).mean(0)
+    torch.testing.assert_close(bn.running_var, exp_var, rtol=1e-4, atol=1e-5)
 
 
 def test_split_bn_eval_is_plain_bn_and_rejects_uneven_batches():

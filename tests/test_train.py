@@ -281,3 +281,35 @@ def test_knn_every_needs_an_eval_split(tiny_root, tmp_path, capsys):
     cfg = tiny_config(tiny_root, tmp_path, **{"data.loader": "ffcv", "runtime.knn_every": 1})
     with pytest.raises(ConfigError, match="--knn-every needs an image folder"):
         _knn_splits(cfg)
+
+
+def test_epoch_rows_average_the_steps(tmp_path, monkeypatch):
+    # The step is replaced by one that returns known losses and accuracies: each epoch's row must be
+    # their mean (pretext_acc in %), with the lr of the schedule and the images the epoch saw.
+    import moco_fast.trainer as trainer
+
+    losses = iter([4.0, 5.0, 6.0, 1.0, 2.0, 6.0])
+    accs = iter([0.0, 0.5, 1.0, 0.25, 0.25, 0.25])
+    calls = []
+
+    def fake_step(s, batch, m):
+        calls.append(m)
+        return torch.tensor(next(losses)), torch.tensor(next(accs))
+
+    monkeypatch.setattr(trainer, "train_step", fake_step)
+    cfg = tiny_config(
+        None,
+        tmp_path / "run",
+        **{"data.loader": "synthetic", "data.synthetic_steps": 3, "optim.epochs": 2, "moco.m": 0.95},
+    )
+    train(cfg)
+    rows = read_metrics(tmp_path / "run")
+    assert calls == [0.95] * 6
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["loss"] for r in rows] == pytest.approx([5.0, 3.0])
+    assert [r["pretext_acc"] for r in rows] == pytest.approx([50.0, 25.0])
+    base = cfg.optim.lr * 8 / 256
+    assert [r["lr"] for r in rows] == pytest.approx([base, base * 0.5])  # cosine over 2 epochs: 1, 1/2
+    for r in rows:
+        assert r["img_per_s"] * r["epoch_time_s"] == pytest.approx(3 * 8)
+        assert r["img_per_s_per_device"] == pytest.approx(r["img_per_s"])  # one process
