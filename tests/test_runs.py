@@ -4,6 +4,7 @@ flag values are one-line errors before anything starts."""
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -22,13 +23,27 @@ def tiny_args(data, out, epochs=1):
     ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory):
+    """One finished 1-epoch run, trained once for the module; tests change copies of it (`run`)."""
+    out = tmp_path_factory.mktemp("runs") / "one-epoch"
+    assert main(tiny_args(tiny_root, out)) == 0
+    return out
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
 def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_with_only_out_continues_the_run_as_configured(tiny_root, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(tiny_args(tiny_root, out)) == 0
+def test_resume_with_only_out_continues_the_run_as_configured(tiny_root, run, capsys):
+    out = run
     # No preset, data or model flags: they come from the checkpoint (the defaults would differ:
     # demo preset, K 1024, 8 BN splits, the demo set).
     assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu", "--workers", "0"]) == 0
@@ -70,9 +85,8 @@ def test_another_runs_folder_is_not_overwritten_without_force(tiny_root, tmp_pat
     assert not old_events & set((out / "tb").iterdir())
 
 
-def test_resume_drops_rows_logged_after_the_checkpoint(tiny_root, tmp_path):
-    out = tmp_path / "run"
-    assert main(tiny_args(tiny_root, out)) == 0
+def test_resume_drops_rows_logged_after_the_checkpoint(tiny_root, run):
+    out = run
     with open(out / "metrics.jsonl", "a") as fh:  # as if a run died between its row and its checkpoint
         fh.write(json.dumps({"epoch": 2, "loss": 9.9}) + "\n" + '{"epoch": 3, "lo')
     assert main([*tiny_args(tiny_root, out, epochs=2), "--resume"]) == 0
@@ -124,9 +138,8 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
         ckpt.load_model(tmp_path / "d.pt")
 
 
-def test_resuming_another_run_into_a_run_folder_needs_force(tiny_root, tmp_path, capsys):
-    a, c = tmp_path / "a", tmp_path / "c"
-    assert main(tiny_args(tiny_root, a)) == 0
+def test_resuming_another_run_into_a_run_folder_needs_force(tiny_root, run, tmp_path, capsys):
+    a, c = run, tmp_path / "c"
     assert main([*tiny_args(tiny_root, c, epochs=3), "--seed", "7"]) == 0
     before = (c / "checkpoint.pt").read_bytes()
     capsys.readouterr()
@@ -141,9 +154,8 @@ def test_resuming_another_run_into_a_run_folder_needs_force(tiny_root, tmp_path,
     assert torch.load(c / "checkpoint.pt", weights_only=False)["config"]["runtime"]["seed"] == 0
 
 
-def test_leftover_rows_without_a_checkpoint_count_as_a_run(tiny_root, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(tiny_args(tiny_root, out)) == 0
+def test_leftover_rows_without_a_checkpoint_count_as_a_run(tiny_root, run, capsys):
+    out = run
     (out / "checkpoint.pt").unlink()  # as if a run died before its first checkpoint
     capsys.readouterr()
     assert main(tiny_args(tiny_root, out)) == 2
