@@ -33,6 +33,15 @@
 #   then:  run(command="bash bench/gpu_check.sh cifar-speed", carry=[".devdata/cifar10.npz"])
 # A phase starts only if its time box fits in what is left of BUDGET, so one 10-minute command never
 # runs past its limit; run the phases it skipped in a second command.
+# A session is lent 15 minutes of device time, machine start included, so one session holds about one
+# full command. In order of what the open issues still owe (a later session takes the next one):
+#   1. env tests throughput               issue 6 (3.5x target, fp16/bf16, graphs, compile, profile,
+#                                         sync-free test), issue 5 (one-worker overhead, in tests)
+#   2. cifar-speed momentum e2e hooks     carry .devdata/cifar10.npz: issue 7's speed forecast, the EMA
+#                                         backends, issue 4's augmentation-pass share of the step
+#   3. cifar                              issue 7's 200-epoch run (CIFAR_FLAGS from what 2 measured)
+#   4. DALI brought over in five calls, then `hooks` with DALI_DATA: issue 3's 95% target
+# First here: `DRY=1 bash bench/gpu_check.sh PHASES` (a minute on the CPU) for the phases you will run.
 # The machine has no package registry: nothing is installed. Without an installed moco_fast, a
 # symlinked package (moco_fast + loaders/ + kernels/) goes on PYTHONPATH (checked here by a clone
 # run with a Python that has the dependencies but not the project).
