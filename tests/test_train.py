@@ -305,6 +305,8 @@ def test_epoch_rows_average_the_steps(tmp_path, monkeypatch):
     assert [r["pretext_acc"] for r in rows] == pytest.approx([50.0, 25.0])
     base = cfg.optim.lr * 8 / 256
     assert [r["lr"] for r in rows] == pytest.approx([base, base * 0.5])  # cosine over 2 epochs: 1, 1/2
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([base * 0.5])  # set, not only logged
     for r in rows:
         assert r["img_per_s"] * r["epoch_time_s"] == pytest.approx(3 * 8)
         assert r["img_per_s_per_device"] == pytest.approx(r["img_per_s"])  # one process
