@@ -233,14 +233,6 @@ def start_run(cfg: Any) -> tuple[tuple[int, ...] | None, torch.device, torch.dty
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError("--epochs and --batch-size must be positive")
     steps = parse_schedule(cfg.schedule)
-    late = [s for s in steps or () if s >= cfg.epochs]
-    if late:  # the steps are epoch numbers, not fractions of the run: `--epochs 10` keeps the default 60,80
-        log.warning(
-            "--schedule: the lr drops at epoch %s never happen in --epochs %d (e.g. --schedule %s)",
-            ",".join(map(str, late)),
-            cfg.epochs,
-            ",".join(str(max(1, round(cfg.epochs * f))) for f in (0.6, 0.8)),
-        )
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
     torch.manual_seed(cfg.seed)

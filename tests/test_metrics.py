@@ -309,11 +309,18 @@ def test_demo_set_has_the_documented_size():
 
 def test_lincls_warns_of_lr_steps_past_the_last_epoch(caplog):
     # The steps are epoch numbers: with --epochs 10 the default 60,80 would train at lr 30 throughout.
+    from moco_fast.commands import check_schedule
+
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
-        lincls.start_run(lincls.LinclsConfig(checkpoint="unused", epochs=10, device="cpu"))
-    assert "drops at epoch 60,80 never happen in --epochs 10 (e.g. --schedule 6,8)" in caplog.text
+        assert check_schedule("60,80", 10) == (60, 80)
+    assert "the lr never drops at 60,80" in caplog.text and "below 10" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
-        lincls.start_run(lincls.LinclsConfig(checkpoint="unused", epochs=100, device="cpu"))
-        lincls.start_run(lincls.LinclsConfig(checkpoint="unused", epochs=10, schedule="6,8", device="cpu"))
-    assert "never happen" not in caplog.text
+        check_schedule("60,80", 1)
+    assert "never drops" in caplog.text and "below 1" not in caplog.text  # no milestone fits one epoch
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        check_schedule("60,80", 100)
+        check_schedule("6,8", 10)
+        check_schedule("cos", 1)
+    assert caplog.text == ""

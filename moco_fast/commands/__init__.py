@@ -79,12 +79,11 @@ def check_schedule(schedule: str, epochs: int) -> tuple[int, ...] | None:
     late = [s for s in steps or () if s >= epochs]
     if late:
         log.warning(
-            "--schedule %s with --epochs %d: the lr never drops at %s (not below --epochs); "
-            "give milestones below %d, or --schedule cos",
+            "--schedule %s with --epochs %d: the lr never drops at %s (not below --epochs); %s",
             schedule,
             epochs,
             ",".join(map(str, late)),
-            epochs,
+            f"give milestones below {epochs}, or --schedule cos" if epochs > 1 else "one epoch has no milestones",
         )
     return steps
 
