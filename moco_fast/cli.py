@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
+import threading
 import warnings
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args)`.
@@ -42,10 +45,46 @@ class UserError(Exception):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that end a command with one line and exit status 2 (evaluated only when one is raised)."""
     from moco_fast.config import ConfigError
     from moco_fast.data import DataError
+    from moco_fast.trainer import Diverged, RunFolderBusy
 
-    return (UserError, DataError, ConfigError, FileNotFoundError, NotADirectoryError, FileExistsError)
+    return (
+        UserError,
+        DataError,
+        ConfigError,
+        Diverged,
+        RunFolderBusy,
+        FileNotFoundError,
+        NotADirectoryError,
+        FileExistsError,
+    )
+
+
+def interruption(e: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM, see main) behind `e`, also when it struck inside code that raised
+    another error on its way out (torch.save's zip writer does: "unexpected pos")."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        e = e.__context__
+    return None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, SLURM, docker stop): unwinds like Ctrl-C, so that temporary files go."""
+
+
+_MAIN_PID = os.getpid()
+
+
+def _on_sigterm(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked worker inherited this handler: die as before
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,14 +93,26 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr
     )
     warnings.filterwarnings("default", module="moco_fast")
+    global _MAIN_PID
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        _MAIN_PID = os.getpid()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args) or 0
     except user_errors() as e:
         print(f"moco-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except BaseException as e:
+        stop = interruption(e)
+        if stop is None:
+            raise
+        terminated = isinstance(stop, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

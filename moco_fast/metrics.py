@@ -49,6 +49,17 @@ class MetricsWriter:
 
         atomic_write_text(self.out / "summary.json", json.dumps(row, indent=2) + "\n")
 
+    def last_row(self) -> dict[str, Any] | None:
+        """The last whole row of metrics.jsonl (None: no rows)."""
+        path = self.out / "metrics.jsonl"
+        rows = []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a row cut short by a crash
+                pass
+        return rows[-1] if rows else None
+
     def keep_epochs(self, last: int) -> None:
         """Drop rows of epochs after `last` (the checkpoint a run resumes from): a run stopped
         between writing an epoch's row and its checkpoint would otherwise log that epoch twice."""
@@ -86,4 +97,6 @@ def clear_run(out: str | Path) -> None:
     names += [f"finetune{kind}.{ext}" for kind in ("", "_scratch") for ext in ("json", "pt")]
     for name in names:
         (out / name).unlink(missing_ok=True)
+    for tmp in out.glob(".*.tmp"):  # what a killed run's atomic writes left (checkpoint.atomic_write)
+        tmp.unlink()
     shutil.rmtree(out / "tb", ignore_errors=True)

@@ -6,11 +6,14 @@ The step never syncs the device to the host: losses are summed on the device and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -110,13 +113,15 @@ def validate(cfg: TrainConfig, world: int) -> None:
             raise ConfigError(
                 f"{flag} must be at least {least} (got {value})" + (" (-1: auto)" * (flag == "--workers"))
             )
-    if not r.knn_t > 0:
+    if not 0 < r.knn_t < math.inf:
         raise ConfigError(f"--knn-t must be positive (got {r.knn_t})")
-    if o.lr <= 0 or o.weight_decay < 0:
+    if not (0 < o.lr < math.inf and 0 <= o.weight_decay < math.inf):  # NaN fails both
         raise ConfigError(f"--lr must be positive and --weight-decay not negative (got {o.lr}, {o.weight_decay})")
     if not 0.0 <= m.m <= 1.0:
         raise ConfigError(f"--moco-m must be in [0, 1] (got {m.m})")
-    if m.t <= 0:
+    if not 0.0 <= m.bank_m <= 1.0:
+        raise ConfigError(f"moco.bank_m (the memory bank's momentum) must be in [0, 1] (got {m.bank_m})")
+    if not 0 < m.t < math.inf:
         raise ConfigError(f"--moco-t must be positive (got {m.t})")
     keys_per_step = global_batch * (2 if m.symmetric else 1)  # --symmetric enqueues both views' keys
     if m.mechanism == "moco" and m.k < keys_per_step:
@@ -154,15 +159,60 @@ def check_output(cfg: TrainConfig) -> Path | None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be a run folder")
     resume_path = ckpt.find_resume(cfg.runtime.resume, out)
-    if cfg.runtime.resume == "auto" and resume_path is None:
-        log.warning("--resume: no checkpoint in %s yet; starting from scratch", out)
-    if holds_run(out) and not continues_in(out, resume_path) and not cfg.runtime.force:
+    if starts_over(cfg, resume_path):
+        log.warning(
+            "--resume: no checkpoint in %s yet; starting from scratch%s",
+            out,
+            " (the rows its run logged before its first checkpoint go)" if holds_run(out) else "",
+        )
+    elif holds_run(out) and not continues_in(out, resume_path) and not cfg.runtime.force:
         what = "another run" if resume_path is not None else "a run already"
         raise ConfigError(
             f"{out} holds {what}: --resume continues the run there, --force replaces it (its checkpoint "
             "and logs are deleted), or choose another --out"
         )
     return resume_path
+
+
+def starts_over(cfg: TrainConfig, resume_path: Path | None) -> bool:
+    """`--resume` where the run folder has no checkpoint and no summary: its run stopped before its
+    first checkpoint (or never began), so it starts from scratch there."""
+    out = Path(cfg.runtime.out)
+    return cfg.runtime.resume == "auto" and resume_path is None and not (out / "summary.json").is_file()
+
+
+class RunFolderBusy(RuntimeError):
+    """Another `train` is writing to the same --out."""
+
+
+@contextlib.contextmanager
+def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[None]:
+    """Holds an exclusive lock on the run folder while a run uses it (rank 0 only), so that a second
+    `train` into the same --out fails at once instead of mixing its rows and checkpoints with the
+    first's. The lock is a flock on the folder itself (no lock file) and goes with the process.
+    A folder created here and left empty (the run failed before writing) is removed."""
+    if not enabled:
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: it must be a run folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderBusy(
+                f"{out}: another moco-fast train is writing there now; wait for it to end or choose another --out"
+            ) from None
+        except OSError as e:  # a file system without flock: run unguarded
+            log.debug("no lock on %s: %s", out, e)
+        yield
+    finally:
+        os.close(fd)
+        if created and not any(out.iterdir()):
+            out.rmdir()
 
 
 def holds_run(out: Path) -> bool:
@@ -192,7 +242,9 @@ def _check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = to_dict(cfg)
     for section in ("model", "moco"):
         old, new = saved[section], now[section]
-        changeable = ("m", "t", "symmetric", "bank_m", "shuffle_exchange")
+        # these change how a step runs, not the weights (split BN keeps plain BN's buffers): a run
+        # trained by N processes (plain BN) resumes in one (split BN), and the other way round
+        changeable = ("m", "t", "symmetric", "bank_m", "shuffle_exchange", "bn_splits", "shuffle_bn")
         diff = [k for k in new if k in old and old[k] != new[k] and k not in changeable]
         if diff:
             raise ConfigError(
@@ -212,6 +264,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     validate(cfg, world)
     validate_device(cfg, device, world)
     out = Path(cfg.runtime.out)
+    with hold_run_folder(out, enabled=dist_utils.is_main()):
+        return _train_held(cfg, out, device, amp_dtype, world, rank, owns_group)
+
+
+def _train_held(
+    cfg: TrainConfig,
+    out: Path,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    world: int,
+    rank: int,
+    owns_group: bool,
+) -> dict[str, Any]:
+    """train() while this process holds the run folder (rank 0)."""
     resume_path = check_output(cfg)
     seed_everything(cfg.runtime.seed + rank)
 
@@ -275,9 +341,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     s = StepState(step_model, optimizer, scaler, amp_dtype, device)
 
     finished = start_epoch >= cfg.optim.epochs  # nothing to train: the folder stays as it is
-    if dist_utils.is_main() and cfg.runtime.force and not continues_in(out, resume_path):
-        clear_run(out)
-    writer = MetricsWriter(out, enabled=dist_utils.is_main() and not finished)
+    # ... unless the final evaluation of a finished run was interrupted: that part runs now
+    summary_owed = (
+        finished
+        and continues_in(out, resume_path)
+        and splits is not None
+        and cfg.runtime.final_knn
+        and not (out / "summary.json").is_file()
+    )
+    if dist_utils.is_main() and not continues_in(out, resume_path):
+        if cfg.runtime.force or starts_over(cfg, resume_path):
+            clear_run(out)
+    if dist_utils.is_main() and not finished:
+        for tmp in out.glob(f".{ckpt.CHECKPOINT_NAME}.*.tmp"):  # left by a killed run (we hold the folder)
+            tmp.unlink()
+    writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed))
     if resume_path is not None:
         writer.keep_epochs(start_epoch)
     if dist_utils.is_main() and not finished:
@@ -312,6 +390,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
         stats = dist_utils.all_reduce_mean(torch.stack([loss_sum, acc_sum]) / max(n, 1))
+        check_finite(model, stats[0], epoch + 1, amp_dtype)
         row = {
             "epoch": epoch + 1,
             "loss": stats[0].item(),
@@ -342,7 +421,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 },
                 out / ckpt.CHECKPOINT_NAME,
             )
-    if finished:
+    if summary_owed:
+        log.info("%s: all %d epochs were done already; computing the final kNN it lacks", out, cfg.optim.epochs)
+        row = writer.last_row() or {"epoch": start_epoch}
+    if finished and not summary_owed:
         log.info("%s: all %d epochs were done already; nothing to train", out, cfg.optim.epochs)
     elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
         row = dict(row)
@@ -352,14 +434,41 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # the head's output (128-d): the figure the official CIFAR-10 demo reports
         row["final_knn_head_top1"] = knn_top1(model.encoder_q, splits, cfg, device)
         if cfg.runtime.knn_baseline:
-            rand = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images).to(device)
-            row["random_knn_top1"] = knn_top1(rand.backbone(), splits, cfg, device)
+            # drawn from the run's seed, not from the RNG where training left it: the same network
+            # however long the run trained
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.runtime.seed)
+                rand = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images)
+            row["random_knn_top1"] = knn_top1(rand.to(device).backbone(), splits, cfg, device)
         writer.write_summary(row)
     writer.close()
     dist_utils.barrier()
     if owns_group:
         dist_utils.destroy()
     return row
+
+
+class Diverged(RuntimeError):
+    """The weights became NaN or infinite: the run stops and keeps its last good checkpoint."""
+
+
+def check_finite(model: torch.nn.Module, loss: torch.Tensor, epoch: int, amp_dtype: torch.dtype | None) -> None:
+    """Once per epoch (a host sync): non-finite weights stop the run before they are saved over the
+    last good checkpoint; a non-finite epoch loss with finite weights is a warning (under fp16 the
+    loss scaler skips the steps that overflow, and training goes on)."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise Diverged(
+            f"the run diverged in epoch {epoch}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); "
+            "the last checkpoint is kept: lower --lr, or use --amp bf16/off"
+        )
+    if not math.isfinite(loss.item()):
+        log.warning(
+            "epoch %d: the mean loss is %s (some steps overflowed%s)",
+            epoch,
+            loss.item(),
+            "; the loss scaler skipped them" if amp_dtype == torch.float16 else "",
+        )
 
 
 def _knn_splits(cfg: TrainConfig):

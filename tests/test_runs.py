@@ -89,7 +89,8 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tiny_root, run):
     out = run
     with open(out / "metrics.jsonl", "a") as fh:  # as if a run died between its row and its checkpoint
         fh.write(json.dumps({"epoch": 2, "loss": 9.9}) + "\n" + '{"epoch": 3, "lo')
-    assert main([*tiny_args(tiny_root, out, epochs=2), "--resume"]) == 0
+    # --bn-splits may change on resume (a run from N processes, plain BN, resumes in one with split BN)
+    assert main([*tiny_args(tiny_root, out, epochs=2), "--resume", "--bn-splits", "4"]) == 0
     got = rows(out)
     assert [r["epoch"] for r in got] == [1, 2] and got[1]["loss"] != 9.9
 
@@ -105,6 +106,11 @@ def test_resume_drops_rows_logged_after_the_checkpoint(tiny_root, run):
         ("--lr", "-1", "--lr must be positive"),
         ("--knn-k", "0", "--knn-k must be at least 1"),
         ("--knn-t", "0", "--knn-t must be positive"),
+        ("--lr", "nan", "--lr must be positive"),  # NaN passes every `<= 0` check
+        ("--lr", "inf", "--lr must be positive"),
+        ("--weight-decay", "nan", "--weight-decay not negative"),
+        ("--moco-t", "nan", "--moco-t must be positive"),
+        ("--knn-t", "inf", "--knn-t must be positive"),
     ],
 )
 def test_bad_values_are_one_line_errors(tiny_root, tmp_path, capsys, flag, value, says):
@@ -160,8 +166,9 @@ def test_leftover_rows_without_a_checkpoint_count_as_a_run(tiny_root, run, capsy
     capsys.readouterr()
     assert main(tiny_args(tiny_root, out)) == 2
     assert "holds a run already" in capsys.readouterr().err
-    assert main([*tiny_args(tiny_root, out), "--force"]) == 0
-    assert [r["epoch"] for r in rows(out)] == [1]
+    # --resume asks to go on with that run: with no checkpoint to go on from, it starts over there
+    assert main([*tiny_args(tiny_root, out, epochs=2), "--resume"]) == 0
+    assert [r["epoch"] for r in rows(out)] == [1, 2]
 
 
 def test_resume_without_out_finds_the_presets_folder(tmp_path, monkeypatch):
@@ -177,3 +184,85 @@ def test_resume_without_out_finds_the_presets_folder(tmp_path, monkeypatch):
     cfg = config_from_args(build_parser().parse_args(["train", "--resume"]))
     assert (cfg.moco.k, cfg.optim.epochs, cfg.optim.lr) == (512, 3, 0.05)
     assert cfg.runtime.out == "runs/demo"
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tiny_root, run, capsys):
+    (run / ".checkpoint.pt.4242.tmp").write_bytes(b"half")  # left by a run killed while saving
+    before = (run / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*tiny_args(tiny_root, run, epochs=2), "--resume", "--lr", "1e30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "diverged in epoch 2" in err[-1] and "NaN or inf" in err[-1], err
+    assert (run / "checkpoint.pt").read_bytes() == before  # not overwritten with NaN weights
+    assert [r["epoch"] for r in rows(run)] == [1]
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
+    from moco_fast.trainer import Diverged, check_finite
+
+    net = torch.nn.Linear(2, 2)
+    with caplog.at_level("WARNING", logger="moco_fast"):
+        check_finite(net, torch.tensor(float("inf")), 3, torch.float16)
+    assert "epoch 3: the mean loss is inf" in caplog.text and "skipped" in caplog.text
+    with torch.no_grad():
+        net.bias[1] = float("nan")
+    with pytest.raises(Diverged, match="1 weight tensors hold NaN or inf \\(first: bias\\)"):
+        check_finite(net, torch.tensor(1.0), 3, None)
+
+
+def test_a_second_train_into_a_busy_folder_fails_at_once(tiny_root, tmp_path, capsys):
+    from moco_fast.trainer import hold_run_folder
+
+    out = tmp_path / "busy"
+    with hold_run_folder(out):  # as another process training there
+        assert main(tiny_args(tiny_root, out)) == 2
+    assert "another moco-fast train is writing there" in capsys.readouterr().err
+    assert not out.exists()  # the holder created it and left it empty: removed
+    # a run that fails before writing anything leaves no folder behind either
+    assert main(tiny_args(tmp_path / "missing-data", tmp_path / "never")) == 2
+    assert not (tmp_path / "never").exists()
+
+
+def test_data_is_saved_as_an_absolute_path(tiny_root, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_root.parent)
+    assert main(["train", "--data", tiny_root.name, "--print-config"]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["data"]["data"] == str(tiny_root)  # a --resume from another folder finds the same data
+
+
+def test_resume_computes_a_final_knn_that_was_interrupted(tiny_root, run, capsys):
+    # The 1-epoch run has no summary (as if Ctrl-C struck during its final kNN): --resume computes it
+    # without training, and the random-init baseline is the same network after more epochs.
+    before = (run / "checkpoint.pt").read_bytes()
+    assert main([*tiny_args(tiny_root, run), "--resume", "--final-knn", "--knn-baseline"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epoch"] == 1 and 0 <= summary["final_knn_top1"] <= 100
+    assert (run / "checkpoint.pt").read_bytes() == before and len(rows(run)) == 1
+    assert main([*tiny_args(tiny_root, run, epochs=2), "--resume", "--final-knn", "--knn-baseline"]) == 0
+    later = json.loads((run / "summary.json").read_text())
+    assert later["epoch"] == 2 and later["random_knn_top1"] == summary["random_knn_top1"]
+
+
+def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys):
+    import signal
+
+    import moco_fast.commands.export as export
+
+    def zip_writer_error(args):  # torch.save's writer raises this when Ctrl-C strikes inside it
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+
+    def sigterm(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(export, "run", zip_writer_error)
+    assert main(argv) == 130 and "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(export, "run", sigterm)
+    assert main(argv) == 143 and "terminated" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # main put the process's handler back

@@ -74,7 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--loader",
-        help="torch | resident | dali | ffcv | synthetic (default torch); resident keeps the whole set on the device",
+        help="torch | resident | dali | ffcv | synthetic (default: resident for the demo preset, torch for the "
+        "others); resident keeps the whole set on the device",
     )
     g.add_argument(
         "--workers",
@@ -153,13 +154,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "see docs/performance.md)",
     )
     g.add_argument("--seed", type=int, help="default 0")
-    g.add_argument("--out", help="run folder: checkpoint.pt, metrics.jsonl, config.json, tb/ (default runs/moco)")
+    g.add_argument(
+        "--out",
+        help="run folder: checkpoint.pt, metrics.jsonl, config.json, tb/ (default runs/demo for the demo "
+        "preset, runs/moco for the others)",
+    )
     g.add_argument(
         "--resume",
         nargs="?",
         const="auto",
         help="continue from the checkpoint in --out, or from the given checkpoint path, with the settings "
-        "it was trained with (flags given now override them; more --epochs extends the run)",
+        "it was trained with (data, optimisation and run flags given now override them; of the model and MoCo "
+        "settings only --moco-m, --moco-t, --symmetric, --bn-splits, --shuffle-bn and --shuffle-exchange may "
+        "change; more --epochs extends the run)",
     )
     g.add_argument(
         "--force",
@@ -203,6 +210,8 @@ def config_from_args(args: argparse.Namespace):
         if not sep or not key:
             raise ConfigError(f"--loader-option expects KEY=VALUE, got {opt!r}")
         cfg.data.loader_options[key] = value
+    if args.data is not None:  # saved in config.json and the checkpoint: a --resume from elsewhere finds it
+        cfg.data.data = os.path.abspath(args.data)
     if args.image_size is not None:
         cfg.data.aug = cfg.data.aug.with_size(args.image_size)
     elif saved is None and args.data is None and cfg.data.loader != "synthetic" and cfg.data.aug.image_size != 32:
