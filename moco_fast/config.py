@@ -71,7 +71,7 @@ class RuntimeConfig:
     amp: str = "auto"  # "bf16", "fp16", "off"; "auto": bf16 on CUDA, off on the CPU
     channels_last: bool = True
     compile: bool = False
-    cuda_graph: bool = False  # capture the whole step as a CUDA graph (trainer.GraphedStep)
+    cuda_graph: bool = False  # capture the whole step as a CUDA graph (step.GraphedStep)
     seed: int = 0
     out: str = "runs/moco"
     resume: str | None = None  # "auto" (last checkpoint in out) or a path
