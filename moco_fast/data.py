@@ -1,10 +1,13 @@
 """Image folders: finding the splits, listing and checking the files, decoding them safely.
 
 A data root is either one image folder with class subfolders (training only), or a root holding
-`train/` and `val/` or `test/`. Every file is checked when the list is built: files that are not
-images are skipped with a warning naming each of them; grayscale, CMYK and palette images are
-converted to RGB on load; an image that fails to decode later (a truncated JPEG) is reported by
-name and replaced by another image so that a run goes on.
+`train/` and `val/` or `test/`. Class folders are the non-hidden subfolders that hold image files
+(hidden dot-folders such as `.ipynb_checkpoints` are ignored; folders with no image files are named
+and left out). Every file is checked when the list is built: files that are not images, broken links
+and files in subfolders of a class folder are skipped with a warning naming each of them; grayscale,
+CMYK and palette images are converted to RGB on load; an image that fails to decode later (a
+truncated JPEG) is reported by name and, in training, replaced by another image so that a run goes
+on; evaluation (kNN) leaves it out instead, so that every image is counted once.
 """
 
 from __future__ import annotations
@@ -83,30 +86,123 @@ def check_image(path: str) -> str | None:
         return f"not a readable image ({type(e).__name__}: {e})"
 
 
+def _is_hidden(name: str) -> bool:
+    """Dot-names (`.ipynb_checkpoints`, `.git`, `.Trash-1000`): never classes, never read."""
+    return name.startswith(".")
+
+
+def _broken_link(entry: os.DirEntry) -> str | None:
+    """The reason a symbolic link cannot be read (its target is missing or loops), else None."""
+    if not entry.is_symlink():
+        return None
+    try:
+        os.stat(entry.path)
+        return None
+    except OSError as e:
+        return f"broken symbolic link to {os.readlink(entry.path)} ({e.strerror or type(e).__name__})"
+
+
+def _list_class(folder: Path, skipped: list[tuple[str, str]]) -> list[str]:
+    """Image files directly in one class folder, sorted; everything else is added to `skipped` by name
+    with the reason: other extensions, broken links, other non-files, and each file in a subfolder
+    (only the files directly in `<class>/` are read; hidden subfolders are ignored)."""
+    images: list[str] = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if reason := _broken_link(entry):  # first: is_dir() raises on a link that loops
+            skipped.append((entry.path, reason))
+            continue
+        if entry.is_dir():
+            if _is_hidden(entry.name):
+                continue
+            reason = f"in a subfolder of the class folder {folder.name}/ (only files directly in it are read)"
+            for sub, dirs, names in os.walk(entry.path):  # links to folders are named, not followed
+                shown = [d for d in dirs if not _is_hidden(d)]
+                links = [d for d in shown if os.path.islink(os.path.join(sub, d))]
+                dirs[:] = sorted(d for d in shown if d not in links)
+                skipped += [(os.path.join(sub, n), reason) for n in sorted(names + links)]
+            continue
+        if not entry.is_file():
+            skipped.append((entry.path, "not a regular file"))
+            continue
+        if not _is_image_file(entry):
+            skipped.append((entry.path, "not an image file extension"))
+            continue
+        images.append(entry.path)
+    return images
+
+
+def _is_image_file(entry: os.DirEntry) -> bool:
+    return entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_classes(folder: Path) -> list[str]:
+    """The class names `list_images(folder)` derives, without listing or checking the files: the
+    non-hidden subfolders that hold at least one image file (by extension), sorted. An eval split
+    listed on its own (`list_images(eval_dir, classes=find_classes(train_dir))`) numbers its labels
+    as the training split does."""
+    classes = []
+    for d in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not _is_hidden(d.name) and not _broken_link(d) and d.is_dir():
+            with os.scandir(d.path) as it:
+                if any(_is_image_file(e) for e in it):
+                    classes.append(d.name)
+    return classes
+
+
 def list_images(folder: Path, classes: list[str] | None = None, check: bool = True, workers: int = 8) -> ImageList:
-    """List `folder/<class>/<file>`; with `check`, verify each file's header and skip bad ones."""
+    """List `folder/<class>/<file>`; with `check`, verify each file's header and skip bad ones.
+
+    Hidden folders (dot-names) are ignored. With `classes=None` the classes are the class folders that
+    hold at least one image file (by extension, whatever `check`, so that a listing numbers its classes
+    the same with or without the check); the others are named in a warning and left out. With `classes`
+    given (an eval split listed against the training classes) the labels are indices into that list; a
+    folder that is not in it is an error unless it holds no image files (then it is named and ignored).
+    """
     if not folder.is_dir():
         raise DataError(f"data folder not found: {folder}")
-    found = sorted(d.name for d in os.scandir(folder) if d.is_dir())
-    if classes is None:
-        classes = found
-    if not classes:
+    skipped: list[tuple[str, str]] = []
+    found: list[str] = []
+    for d in sorted(os.scandir(folder), key=lambda e: e.name):
+        if _is_hidden(d.name):
+            continue
+        if reason := _broken_link(d):  # perhaps a class folder that moved
+            skipped.append((d.path, reason))
+        elif d.is_dir():
+            found.append(d.name)
+    if not found:
         raise DataError(f"no class subfolders in {folder}: expected {folder}/<class>/<image files>")
+    per_class = {c: _list_class(folder / c, skipped) for c in found}
+    empty = [c for c in found if not per_class[c]]
+    if classes is None:
+        classes = [c for c in found if per_class[c]]
+        if empty:
+            log.warning(
+                "left out of the classes: %d folder(s) in %s hold no image files: %s",
+                len(empty),
+                folder,
+                ", ".join(empty),
+            )
+        if not classes:
+            raise DataError(f"no image files in any class folder of {folder}")
+    else:
+        for c in found:
+            if c not in classes and per_class[c]:
+                raise DataError(
+                    f"class folder {folder / c} is not among the training classes "
+                    "(the training split's folders that hold image files)"
+                )
+        stray = [c for c in empty if c not in classes]  # e.g. the twin of a training folder left out as empty
+        if stray:
+            log.warning(
+                "ignoring folder(s) in %s with no image files, not among the classes: %s", folder, ", ".join(stray)
+            )
     index = {c: i for i, c in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []
-    skipped: list[tuple[str, str]] = []
     for c in found:
-        if c not in index:
-            raise DataError(f"class folder {folder / c} is not among the training classes")
-        for entry in sorted(os.scandir(folder / c), key=lambda e: e.name):
-            if not entry.is_file():
-                continue
-            if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                skipped.append((entry.path, "not an image file extension"))
-                continue
-            files.append(entry.path)
-            labels.append(index[c])
+        if c in index:
+            files += per_class[c]
+            labels += [index[c]] * len(per_class[c])
     if check and files:
         from moco_fast.metrics import progress
 
@@ -164,22 +260,40 @@ def load_rgb(path: str) -> Image.Image:
         return to_rgb(im)
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """What `ImageDataset(..., substitute=False)` returns in place of an image that fails to decode."""
+
+    path: str
+    reason: str
+
+
 class ImageDataset:
     """A map-style dataset over an ImageList that survives images that fail to decode.
 
     `__getitem__` returns (transform(image), label, index). A file that fails to decode is reported
-    once by name and replaced by the next good one, so that a run goes on.
+    once by name and replaced by the next good one, so that a run goes on (training). With
+    `substitute=False` (evaluation: every image counted once) it comes back as (Unreadable(path,
+    reason), label, index) instead, without a warning: the caller leaves it out and names it.
     """
 
-    def __init__(self, images: ImageList, transform: Callable | None = None):
+    def __init__(self, images: ImageList, transform: Callable | None = None, substitute: bool = True):
         self.images = images
         self.transform = transform
+        self.substitute = substitute
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
+        if not self.substitute:
+            path = self.images.files[i]
+            try:
+                img = load_rgb(path)
+            except Exception as e:  # PIL raises many types for bad files
+                return Unreadable(path, f"{type(e).__name__}: {e}"), self.images.labels[i], i
+            return (self.transform(img) if self.transform else img), self.images.labels[i], i
         n = len(self.images)
         for step in range(n):
             j = (i + step) % n

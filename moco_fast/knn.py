@@ -3,13 +3,15 @@ L2-normalised backbone features; the train split is the memory bank, val/test th
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from moco_fast.augment import AugSpec
-from moco_fast.data import ImageDataset, ImageList
+from moco_fast.data import DataError, ImageDataset, ImageList, Unreadable
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
@@ -24,6 +26,16 @@ def collate_labeled(items):
     return torch.stack(x), torch.tensor(y)
 
 
+def collate_decodable(items):
+    """ImageDataset(substitute=False) items -> (N x 3 x H x W uint8 or None, N labels or None, the
+    Unreadable items): the images that failed to decode are left out of the batch."""
+    bad = [x for x, _, _ in items if isinstance(x, Unreadable)]
+    good = [it for it in items if not isinstance(it[0], Unreadable)]
+    if not good:
+        return None, None, bad
+    return (*collate_labeled(good), bad)
+
+
 @torch.no_grad()
 def extract_features(
     net: nn.Module,
@@ -36,22 +48,38 @@ def extract_features(
     desc: str = "kNN features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N x D L2-normalised fp32 features, N labels), both on `device`. `net` maps images to N x D.
-    A progress bar (`desc`) shows when the pass has more than PROGRESS_MIN_BATCHES batches."""
+    A progress bar (`desc`) shows when the pass has more than PROGRESS_MIN_BATCHES batches.
+
+    Images that fail to decode (a listing made with `check=False`, or a truncated JPEG that passes
+    the header check) are left out, not replaced by another image, and named in one warning: the
+    features cover exactly the decodable images, each once, whatever the listing's check flag.
+    """
     was_training = net.training
     net.eval()
-    ds = ImageDataset(images, eval_transform(spec.image_size))
-    dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_labeled, shuffle=False)
+    ds = ImageDataset(images, eval_transform(spec.image_size), substitute=False)
+    dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_decodable, shuffle=False)
     mean, std = mean_std_255(spec, device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    feats, labels = [], []
+    feats, labels, bad = [], [], []
     bar = progress(total=len(dl), desc=desc, enabled=len(dl) > PROGRESS_MIN_BATCHES)
-    for x, y in dl:
-        x = normalize_on_device(x, mean, std, torch.float32, fmt)
-        feats.append(F.normalize(net(x).float(), dim=1))
-        labels.append(y.to(device))
+    for x, y, unreadable in dl:
+        bad += unreadable
+        if x is not None:
+            x = normalize_on_device(x, mean, std, torch.float32, fmt)
+            feats.append(F.normalize(net(x).float(), dim=1))
+            labels.append(y.to(device))
         bar.update(1)
     bar.close()
     net.train(was_training)
+    if bad:
+        # the same text for the same files: shown once per process under the default warning filter
+        warnings.warn(
+            f"{desc}: left out {len(bad)} of {len(images)} images in {images.root} that failed to decode:\n"
+            + "\n".join(f"  {u.path}: {u.reason}" for u in bad),
+            stacklevel=1,
+        )
+    if not feats:
+        raise DataError(f"none of the {len(images)} images in {images.root} could be decoded")
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -489,6 +489,10 @@ def _knn_splits(cfg: TrainConfig):
     if is_wds_root(cfg.data.data):  # a shard set has no eval split
         splits, need = None, "an image folder with train/ and val/ or test/, not a shard set"
     else:
+        # No header check here: the loader has just checked both splits (a second pass over a large
+        # set costs minutes), and a truncated JPEG passes it anyway. The kNN feature passes leave out
+        # every image that fails to decode (knn.extract_features), so the monitor counts exactly the
+        # decodable images, as `moco-fast knn` does on its checked listing.
         splits = load_splits(cfg.data.data, check=False)
         need = "an eval split: a data root with train/ and val/ or test/"
     if splits is None or splits.eval is None:

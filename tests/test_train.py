@@ -310,3 +310,46 @@ def test_epoch_rows_average_the_steps(tmp_path, monkeypatch):
     for r in rows:
         assert r["img_per_s"] * r["epoch_time_s"] == pytest.approx(3 * 8)
         assert r["img_per_s_per_device"] == pytest.approx(r["img_per_s"])  # one process
+
+
+def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_root, tmp_path, capsys):
+    # The trainer lists its kNN splits without the header check (and a truncated JPEG passes it): the
+    # feature passes must leave out whatever fails to decode, not count another image in its place,
+    # so that train's monitor and summary, `moco-fast knn` and a copy without the bad files agree.
+    import shutil
+
+    from moco_fast.checkpoint import load_model
+    from moco_fast.data import load_splits
+    from moco_fast.knn import knn_accuracy
+
+    clean = tmp_path / "clean"
+    shutil.copytree(fresh_root, clean)
+    for split, n_junk in (("train", 1), ("test", 2)):
+        for c in sorted((fresh_root / split).iterdir()):
+            good = sorted(c.iterdir())[0].read_bytes()
+            (c / "0000a_trunc.jpg").write_bytes(good[: int(len(good) * 0.9)])  # header fine, decode fails
+            for i in range(n_junk):
+                (c / f"0000b_junk{i}.jpg").write_text("junk")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(fresh_root), "--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet"]
+    argv += ["--epochs", "1", "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--device", "cpu"]
+    argv += ["--workers", "0", "--knn-every", "1", "--out", str(out)]
+    with pytest.warns(UserWarning, match="0000b_junk1.jpg"):
+        assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert read_metrics(out)[-1]["knn_top1"] == summary["final_knn_top1"]
+    capsys.readouterr()
+    knn_argv = ["knn", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(fresh_root), "--device", "cpu"]
+    with pytest.warns(UserWarning, match="0000a_trunc.jpg"):  # the header check let it through: named here
+        assert main([*knn_argv, "--workers", "0", "--features", "both"]) == 0
+    printed = capsys.readouterr().out
+    assert f"(backbone, k=200, t=0.1): {summary['final_knn_top1']:.2f}%" in printed, printed
+    assert f"(head, k=200, t=0.1): {summary['final_knn_head_top1']:.2f}%" in printed, printed
+    # exactly the decodable images: the same number as on a copy that never had the bad files
+    model, cfg = load_model(out / "checkpoint.pt", "cpu")
+    splits = load_splits(str(clean))
+    assert len(splits.eval) == 8
+    cpu = torch.device("cpu")
+    for net, key in ((model.backbone(), "final_knn_top1"), (model.encoder_q, "final_knn_head_top1")):
+        ref = knn_accuracy(net, splits.train, splits.eval, cfg.data.aug, cpu, workers=0)
+        assert summary[key] == pytest.approx(ref, abs=1e-6)

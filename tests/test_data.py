@@ -1,0 +1,204 @@
+"""Listing image folders (hidden and empty folders, broken links, nested files) and kNN feature passes
+over files that fail to decode: left out and named, never replaced by another image."""
+
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from moco_fast.augment import AugSpec
+from moco_fast.data import DataError, find_classes, list_images, load_splits
+from moco_fast.knn import extract_features, knn_accuracy
+
+
+class ChannelMean(nn.Module):
+    """Features = the mean colour: kNN on colour-separable images is exact."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+RED, BLUE = (220, 10, 10), (10, 10, 220)
+
+
+def solid(path: Path, colour) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), colour).save(path)
+
+
+def truncate(path: Path) -> None:
+    """A JPEG cut short: its header passes the check, the decode fails."""
+    good = path.read_bytes()
+    path.write_bytes(good[: int(len(good) * 0.9)])
+
+
+# -- hidden and empty folders ------------------------------------------------------------------------
+def test_hidden_and_empty_folders_are_not_classes(fresh_root, caplog):
+    train = fresh_root / "train"
+    real = sorted(p.name for p in train.iterdir())
+    (train / ".ipynb_checkpoints").mkdir()
+    shutil.copy(next((train / real[0]).iterdir()), train / ".ipynb_checkpoints" / "copy.jpg")  # hidden: never read
+    (train / "aaa_empty").mkdir()  # sorts first: would shift every label
+    (train / "zz_notes").mkdir()
+    (train / "zz_notes" / "readme.txt").write_text("no images here")
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        splits = load_splits(str(fresh_root))
+    assert splits.train.classes == real and splits.eval.classes == real
+    assert find_classes(train) == real
+    assert "aaa_empty" in caplog.text and "zz_notes" in caplog.text and "hold no image files" in caplog.text
+    assert ".ipynb_checkpoints" not in caplog.text
+    assert not any(".ipynb_checkpoints" in f for f in splits.train.files)
+    assert len(splits.train) == 16 and len(splits.eval) == 8
+    # labels stay the folder's index in the class list, in both splits
+    for images in (splits.train, splits.eval):
+        assert [images.classes[y] for y in images.labels] == [Path(f).parent.name for f in images.files]
+    # the text file of the left-out folder is still named as skipped
+    assert [Path(p).name for p, _ in splits.train.skipped] == ["readme.txt"]
+
+
+def test_eval_split_keeps_the_given_classes(fresh_root, caplog):
+    train, test = fresh_root / "train", fresh_root / "test"
+    real = sorted(p.name for p in train.iterdir())
+    (train / "zz_empty").mkdir()
+    (test / "zz_empty").mkdir()  # its twin in test/: no images, ignored with a warning, not an error
+    (test / ".ipynb_checkpoints").mkdir()
+    shutil.rmtree(test / real[1])
+    (test / real[1]).mkdir()  # a training class with no eval images: still label 1 of the train list
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        splits = load_splits(str(fresh_root))
+    assert splits.train.classes == real and splits.eval.classes == real
+    assert set(splits.eval.labels) == {0}
+    assert "zz_empty" in caplog.text
+    # a folder of images that is not a training class stays an error
+    solid(test / "zz_new" / "0.png", RED)
+    with pytest.raises(DataError, match=r"zz_new.*not among the training classes"):
+        list_images(test, classes=real)
+
+
+def test_only_empty_or_hidden_folders_is_an_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    solid(tmp_path / ".hidden" / "0.png", RED)
+    with pytest.raises(DataError, match="no image files in any class folder"):
+        list_images(tmp_path)
+    shutil.rmtree(tmp_path / "a")
+    with pytest.raises(DataError, match="no class subfolders"):
+        list_images(tmp_path)
+
+
+# -- files skipped without a word before --------------------------------------------------------------
+def test_broken_links_and_nested_files_are_named(fresh_root, caplog):
+    train = fresh_root / "train"
+    cls = sorted(train.iterdir())[0]
+    first = sorted(cls.iterdir())[0]
+    os.symlink(cls / "gone.jpg", cls / "dangling.jpg")
+    os.symlink(cls / "loop.jpg", cls / "loop.jpg")  # a link to itself
+    os.symlink(first, cls / "alias.jpg")  # a good link is read
+    (cls / "extra" / "deeper").mkdir(parents=True)
+    shutil.copy(first, cls / "extra" / "nested.jpg")
+    shutil.copy(first, cls / "extra" / "deeper" / "nested2.jpg")
+    (cls / ".thumbs").mkdir()  # hidden: ignored
+    shutil.copy(first, cls / ".thumbs" / "t.jpg")
+    os.symlink(train / "moved_away", train / "zz_link")  # a class folder whose target is gone
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        images = list_images(train)
+    reasons = {Path(p).name: r for p, r in images.skipped}
+    assert set(reasons) == {"dangling.jpg", "loop.jpg", "nested.jpg", "nested2.jpg", "zz_link"}
+    assert "broken symbolic link" in reasons["dangling.jpg"] and "broken symbolic link" in reasons["loop.jpg"]
+    assert "broken symbolic link" in reasons["zz_link"]
+    assert "subfolder" in reasons["nested.jpg"] and "subfolder" in reasons["nested2.jpg"]
+    for name in reasons:
+        assert name in caplog.text
+    assert "skipped 5 of" in caplog.text
+    assert str(cls / "alias.jpg") in images.files and len(images) == 17
+    assert images.classes == sorted(p.name for p in train.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def test_convert_names_the_new_skipped_files(fresh_root, tmp_path):
+    from moco_fast.convert import ConvertConfig, convert
+
+    cls = sorted((fresh_root / "train").iterdir())[0]
+    os.symlink(cls / "gone.jpg", cls / "dangling.jpg")
+    (cls / "extra").mkdir()
+    shutil.copy(sorted(cls.iterdir())[0], cls / "extra" / "nested.jpg")
+    (fresh_root / "train" / ".ipynb_checkpoints").mkdir()
+    summary = convert(ConvertConfig(str(fresh_root), str(tmp_path / "shards"), format="wds", workers=1))
+    assert summary.written == 16
+    assert {Path(p).name for p, _ in summary.skipped} == {"dangling.jpg", "nested.jpg"}
+    assert "dangling.jpg" in summary.text() and "nested.jpg" in summary.text()
+
+
+# -- kNN over files that fail to decode ---------------------------------------------------------------
+def colour_root(root: Path) -> Path:
+    """train/: 3 blue, 3 red; test/: 4 blue, and in red/ 3 red, an unreadable file and, sorted after it,
+    a blue image labelled red (the one kNN gets wrong)."""
+    for i in range(3):
+        solid(root / "train" / "blue" / f"{i}.png", BLUE)
+        solid(root / "train" / "red" / f"{i}.png", RED)
+    for i in range(4):
+        solid(root / "test" / "blue" / f"{i}.png", BLUE)
+    for i in range(3):
+        solid(root / "test" / "red" / f"{i}.png", RED)
+    (root / "test" / "red" / "3.png").write_text("junk")
+    solid(root / "test" / "red" / "4.png", BLUE)
+    return root
+
+
+def test_knn_leaves_out_undecodable_images_instead_of_substituting(tmp_path):
+    splits = load_splits(str(colour_root(tmp_path)), check=False)  # as the trainer and the sweep list them
+    assert len(splits.eval) == 9  # the junk file is still listed
+    with pytest.warns(UserWarning, match="3.png"):
+        acc = knn_accuracy(
+            ChannelMean(), splits.train, splits.eval, AugSpec(image_size=8), torch.device("cpu"), workers=0
+        )
+    # 8 decodable eval images, one of them (4.png) wrong. Replacing 3.png by the next image (4.png)
+    # would count the wrong one twice: 7 / 9.
+    assert acc == pytest.approx(7 / 8 * 100)
+    checked = load_splits(str(tmp_path), check=True)
+    assert len(checked.eval) == 8
+    same = knn_accuracy(
+        ChannelMean(), checked.train, checked.eval, AugSpec(image_size=8), torch.device("cpu"), workers=0
+    )
+    assert same == acc
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_feature_pass_covers_exactly_the_decodable_images(fresh_root, workers):
+    cls = sorted((fresh_root / "train").iterdir())
+    shutil.copy(sorted(cls[0].iterdir())[0], cls[0] / "0000a_trunc.jpg")
+    truncate(cls[0] / "0000a_trunc.jpg")
+    (cls[1] / "0000a_junk.jpg").write_text("junk")
+    clean = list_images(fresh_root / "train", check=True)  # the header check catches the junk only
+    assert [Path(p).name for p, _ in clean.skipped] == ["0000a_junk.jpg"]
+    unchecked = list_images(fresh_root / "train", check=False)
+    net, spec, cpu = ChannelMean(), AugSpec(image_size=8), torch.device("cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        feats, labels = extract_features(net, unchecked, spec, cpu, batch_size=3, workers=workers)
+    ours = [w for w in caught if "failed to decode" in str(w.message)]
+    assert len(ours) == 1  # one warning for the pass, naming both files
+    assert "0000a_trunc.jpg" in str(ours[0].message) and "0000a_junk.jpg" in str(ours[0].message)
+    assert "left out 2 of 18" in str(ours[0].message)
+    good = [f for f in unchecked.files if "0000a_" not in f]
+    assert feats.shape[0] == labels.shape[0] == len(good) == 16
+    # the same features, in the same order, as a listing of the good files alone
+    shutil.rmtree(fresh_root / "test")
+    for c in cls:
+        for f in c.glob("0000a_*"):
+            f.unlink()
+    ref, ref_labels = extract_features(net, list_images(fresh_root / "train"), spec, cpu, batch_size=3, workers=0)
+    assert torch.equal(labels, ref_labels) and torch.allclose(feats, ref)
+
+
+def test_a_split_with_nothing_decodable_is_an_error(tmp_path):
+    solid(tmp_path / "a" / "0.png", RED)
+    images = list_images(tmp_path, check=False)
+    (tmp_path / "a" / "0.png").write_text("junk")
+    with pytest.warns(UserWarning, match="0.png"), pytest.raises(DataError, match="could be decoded"):
+        extract_features(ChannelMean(), images, AugSpec(image_size=8), torch.device("cpu"), workers=0)
