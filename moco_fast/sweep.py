@@ -50,9 +50,17 @@ class Setting:
     def name(self) -> str:
         parts = [self.mechanism, "Kbatch" if self.k is None else f"K{self.k}"]
         if self.m is not None:
-            parts.append(f"m{self.m:g}")
+            parts.append(f"m{number_text(self.m)}")
         parts.append("sbn-on" if self.shuffle_bn else "sbn-off")
         return "_".join(parts)
+
+
+def number_text(v: float) -> str:
+    """`{:g}` (0.99, 0, 1e-05: the folder names sweeps have always had, so that they are found again)
+    where that reads back as `v`, else the shortest text that does (0.9999999, not the `{:g}` 1 that
+    m = 1 also gives): two distinct values never share a folder name or a table cell."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(float(v))
 
 
 def expand(ks: list[int], ms: list[float], mechanisms: list[str], shuffle_bns: list[bool]) -> list[Setting]:
@@ -291,6 +299,11 @@ def run_sweep(
         raise ConfigError("moco-fast sweep runs each setting in this process: use --gpus 1")
     if not settings:
         raise ConfigError("the grid is empty")
+    folders: dict[str, Setting] = {}
+    for s in settings:
+        other = folders.setdefault(s.name, s)
+        if other != s:  # a guard: number_text keeps distinct values apart
+            raise ConfigError(f"settings {other} and {s} would share the folder {out / s.name}")
     configs = [setting_config(base, s, out) for s in settings]
     for cfg, s in zip(configs, settings):
         try:
@@ -601,6 +614,8 @@ def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r["k"] = f"{r['k']} (batch)"
         elif r.get("k_asked") is not None:
             r["k"] = f"{r['k']} (bank size; {r['k_asked']} asked)"
+        if isinstance(r.get("m"), float):
+            r["m"] = number_text(r["m"])  # 0.9999999, not the `{:g}` 1
         out.append(r)
     return out
 

@@ -518,3 +518,74 @@ def test_sweep_stops_before_training_on_what_would_fail_later(six_root, tmp_path
     args = ["sweep", "--out", str(tmp_path / "s2"), "--device", "cpu", "--lincls-epochs", "1", "--"]
     assert main([*args, "--loader", "synthetic", *SWEEP_TRAIN]) == 2
     assert "--lincls-epochs needs an image folder" in last_error(capsys) and not trained
+
+
+# -- sweep: grid flags and folder names -------------------------------------------------------------
+def stub_sweep_runs(monkeypatch) -> list:
+    """Replaces a sweep setting's training and evaluation with stand-ins; returns the settings trained."""
+    from moco_fast import sweep
+
+    trained = []
+    monkeypatch.setattr(sweep, "_train", lambda cfg: trained.append(cfg))
+    monkeypatch.setattr(
+        sweep, "_evaluate", lambda cfg, s, *a: {"name": s.name, "mechanism": s.mechanism, "k": s.k, "m": s.m}
+    )
+    return trained
+
+
+def test_sweep_distinct_momenta_never_share_a_folder(six_root, tmp_path, capsys, monkeypatch):
+    from moco_fast import sweep
+
+    # the usual values keep the folder names they always had, so that earlier sweeps are found again
+    names = [s.name for s in sweep.expand([16], [0.99, 0.999, 0.0, 0.9, 1.0, 1e-05], ["moco"], [True])]
+    assert names == [f"moco_K16_m{m}_sbn-on" for m in ("0.99", "0.999", "0", "0.9", "1", "1e-05")]
+    trained = stub_sweep_runs(monkeypatch)
+    out = tmp_path / "sweep"
+    # `{:g}` wrote both as m1: the second setting reused the first one's run, one row for two settings
+    assert main(sweep_args(out, six_root, "--moco-m", "1,0.9999999")) == 0
+    folders = [Path(cfg.runtime.out).name for cfg in trained]
+    assert folders == ["moco_K16_m1_sbn-on", "moco_K16_m0.9999999_sbn-on"]
+    assert [r["m"] for r in json.loads((out / "sweep.json").read_text())] == [1.0, 0.9999999]
+    table = (out / "sweep.md").read_text()
+    assert "| moco | 16 | 1 |" in table and "| moco | 16 | 0.9999999 |" in table
+    # the guard: settings that would share a folder stop the sweep before anything trains
+    monkeypatch.setattr(sweep, "number_text", lambda v: f"{v:g}")
+    assert main(sweep_args(tmp_path / "s2", six_root, "--moco-m", "1,0.9999999")) == 2
+    assert "would share the folder" in last_error(capsys) and len(trained) == 2
+    assert not (tmp_path / "s2").exists()
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        (["--moco-k", ","], "--moco-k ',' is an empty list"),
+        (["--moco-m", ""], "--moco-m '' is an empty list"),
+        (["--shuffle-bn", " , "], "--shuffle-bn ' , ' is an empty list"),
+        (["--moco-k", "16,,64"], "(got '16,,64': an empty item)"),
+        (["--moco-k", "16,4.5"], "'4.5' is not an integer"),
+        (["--moco-m", "0.9,x"], "'x' is not a number"),
+        (["--shuffle-bn", "on,maybe"], "'maybe' is not on or off"),
+    ],
+)
+def test_sweep_empty_or_malformed_grid_lists_are_one_line_errors(
+    grid, message, six_root, tmp_path, capsys, monkeypatch
+):
+    trained = stub_sweep_runs(monkeypatch)
+    assert main(sweep_args(tmp_path / "sweep", six_root, *grid)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moco-fast sweep: error:") and message in err[0], err
+    assert not trained and not (tmp_path / "sweep").exists()
+
+
+def test_sweep_says_train_flags_go_after_the_separator(six_root, tmp_path, capsys):
+    for argv in (["--data", str(six_root)], ["--moco-k", "16", "--data", str(six_root), "--epochs", "1"]):
+        with pytest.raises(SystemExit) as e:
+            main(["sweep", "--out", str(tmp_path / "s"), *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "moco-fast sweep: error: unrecognized arguments: --data" in err, err
+        assert "flags go after `--`" in err and "-- --data ROOT" in err, err
+    # a train argument without the `--` before it
+    assert main(["sweep", "--out", str(tmp_path / "s"), str(six_root)]) == 2
+    assert "flags go after `--`" in last_error(capsys)
+    assert not (tmp_path / "s").exists()

@@ -43,14 +43,22 @@ The table (OUT/sweep.md, sweep.json, sweep.png) lists every setting with a
 result in OUT, so that several grids can share one folder."""
 
 
-def _list(kind):
-    def parse(text: str):
+def grid_list(text: str | None, flag: str, kind, what: str, example: str) -> list | None:
+    """A grid flag's comma-separated values (None when the flag was not given); ConfigError for an
+    empty list or item (`--moco-k ,` would otherwise run the base config's K) or a bad value."""
+    if text is None:
+        return None
+    items = [v.strip() for v in text.split(",")]
+    if not any(items):
+        raise ConfigError(f"{flag} {text!r} is an empty list: give values like {example}, or leave {flag} out")
+    values = []
+    for v in items:
         try:
-            return [kind(v.strip()) for v in text.split(",") if v.strip()]
+            values.append(kind(v))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
-
-    return parse
+            why = "an empty item" if not v else f"{v!r} is not {what}"
+            raise ConfigError(f"{flag} expects a comma-separated list like {example} (got {text!r}: {why})") from None
+    return values
 
 
 def _onoff(v: str) -> bool:
@@ -64,6 +72,22 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
     """The description and epilog as written (wrapped here, examples kept), flag defaults shown."""
 
 
+TRAIN_FLAGS_HINT = (
+    "`moco-fast train` flags go after `--`, e.g. moco-fast sweep --out x --moco-k 256,1024 -- --data ROOT"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The sweep's parser: a flag it does not know (a train flag given before `--`) is an error that
+    says where train flags go, not the top-level parser's bare "unrecognized arguments"."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)} ({TRAIN_FLAGS_HINT})")
+        return parsed, extras
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
@@ -72,11 +96,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=_Formatter,
     )
+    p.__class__ = _Parser  # add_parser makes the top-level parser's class
     p.add_argument("--out", required=True, help="sweep folder: one subfolder per setting, plus the table")
-    p.add_argument("--moco-k", type=_list(int), help="queue lengths K, e.g. 256,4096")
-    p.add_argument("--moco-m", type=_list(float), help="key encoder momenta, e.g. 0,0.9,0.99")
-    p.add_argument("--mechanism", type=_list(str), help="moco, memory-bank, end-to-end (comma-separated)")
-    p.add_argument("--shuffle-bn", type=_list(_onoff), help="on, off or on,off")
+    p.add_argument("--moco-k", help="queue lengths K, e.g. 256,4096")
+    p.add_argument("--moco-m", help="key encoder momenta, e.g. 0,0.9,0.99")
+    p.add_argument("--mechanism", help="moco, memory-bank, end-to-end (comma-separated)")
+    p.add_argument("--shuffle-bn", help="on, off or on,off")
     p.add_argument(
         "--lincls-epochs",
         type=int,
@@ -106,6 +131,8 @@ def base_config(train_args: list[str]):
 
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
+    elif train_args:
+        raise ConfigError(f"unrecognized arguments: {' '.join(train_args)} ({TRAIN_FLAGS_HINT})")
     if any(a == "--out" or a.startswith("--out=") for a in train_args):
         raise ConfigError("give the sweep folder as `moco-fast sweep --out DIR`, not after `--`")
     for flag in ("--resume", "--force", "--print-config"):
@@ -122,18 +149,22 @@ def run(args: argparse.Namespace) -> int:
     from moco_fast.model import MECHANISMS
     from moco_fast.sweep import expand, markdown_table, run_sweep, shown
 
+    # the grid first: a malformed list is an error before the train flags are read
+    ks = grid_list(args.moco_k, "--moco-k", int, "an integer", "256,4096")
+    ms = grid_list(args.moco_m, "--moco-m", float, "a number", "0,0.9,0.99")
+    mechanisms = grid_list(args.mechanism, "--mechanism", str, "a name", "moco,end-to-end")
+    shuffle_bns = grid_list(args.shuffle_bn, "--shuffle-bn", _onoff, "on or off", "on,off")
+    bad = [m for m in mechanisms or () if m not in MECHANISMS]
+    if bad:
+        raise ConfigError(f"unknown mechanism {bad[0]!r}; choose from {', '.join(MECHANISMS)}")
     base = base_config(args.train_args)
     if args.device:
         base.runtime.device = args.device
-    mechanisms = args.mechanism or [base.moco.mechanism]
-    bad = [m for m in mechanisms if m not in MECHANISMS]
-    if bad:
-        raise ConfigError(f"unknown mechanism {bad[0]!r}; choose from {', '.join(MECHANISMS)}")
     settings = expand(
-        args.moco_k or [base.moco.k],
-        args.moco_m or [base.moco.m],
-        mechanisms,
-        args.shuffle_bn or [base.moco.shuffle_bn],
+        ks or [base.moco.k],
+        ms or [base.moco.m],
+        mechanisms or [base.moco.mechanism],
+        shuffle_bns or [base.moco.shuffle_bn],
     )
     if args.lincls_epochs < 0:
         raise ConfigError("--lincls-epochs must be 0 or more")
