@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from moco_fast.data import DataError, ImageList, list_images, resolve_root, split_dirs, to_rgb
+from moco_fast.data import DataError, ImageList, find_classes, list_images, resolve_root, split_dirs, to_rgb
 from moco_fast.loaders.wds import META_NAME
 
 log = logging.getLogger("moco_fast")
@@ -150,8 +150,8 @@ def source_images(cfg: ConvertConfig) -> ImageList:
         return list_images(train_dir, check=True, workers=max(1, cfg.workers))
     if train_dir == root or eval_dir is None or eval_dir.name != cfg.split:
         raise DataError(f"--split {cfg.split}: {root} has no train/ and {cfg.split}/ folders")
-    classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir())
-    return list_images(eval_dir, classes=classes, check=True, workers=max(1, cfg.workers))
+    # numbered as train/ is listed (hidden and empty folders are no classes there either)
+    return list_images(eval_dir, classes=find_classes(train_dir), check=True, workers=max(1, cfg.workers))
 
 
 def sidecar_path(beton: Path) -> Path:

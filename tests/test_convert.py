@@ -206,10 +206,14 @@ def test_nothing_convertible_is_a_clear_error(tmp_path, capsys):
 
 
 def test_val_split_keeps_train_labels(bad_root, tmp_path):
+    real = sorted(p.name for p in (bad_root / "train").iterdir())
+    # a hidden and an empty folder in train/ are no classes (the empty one would sort first)
+    (bad_root / "train" / ".ipynb_checkpoints").mkdir()
+    (bad_root / "train" / "0_empty").mkdir()
     dst = tmp_path / "val"
     summary = convert(ConvertConfig(str(bad_root), str(dst), format="wds", split="test", workers=1))
     meta = json.loads((dst / "meta.json").read_text())
-    assert summary.written == 8 and meta["classes"] == sorted(p.name for p in (bad_root / "train").iterdir())
+    assert summary.written == 8 and meta["classes"] == real
     with pytest.raises(DataError, match="--split val"):
         convert(ConvertConfig(str(bad_root), str(tmp_path / "v2"), format="wds", split="val", workers=1))
 
