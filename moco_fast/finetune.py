@@ -59,6 +59,19 @@ class FinetuneConfig:
     out: str | None = None  # JSON result; None: finetune.json (finetune_scratch.json) beside the checkpoint
 
 
+def check_args(cfg: FinetuneConfig) -> None:
+    """ConfigError, before the data is listed, for a batch that BatchNorm cannot train on and, without
+    a checkpoint, for an --arch or --stem that `build_network` would refuse after listing it."""
+    if cfg.batch_size < 2:
+        raise ConfigError(
+            f"--batch-size must be at least 2 for fine-tuning (got {cfg.batch_size}): BatchNorm trains on "
+            "the statistics of each batch, which one image does not give"
+        )
+    if cfg.checkpoint is None:
+        with torch.device("meta"):  # the network's checks, without its memory or its initialisation
+            build_backbone(cfg.arch, resolve_stem(cfg.stem, cfg.image_size or 224))
+
+
 def build_network(cfg: FinetuneConfig, num_classes: int):
     """(backbone + linear classifier as one nn.Sequential, AugSpec, image size, what it started from)."""
     if cfg.checkpoint is None:
@@ -89,6 +102,7 @@ def build_network(cfg: FinetuneConfig, num_classes: int):
 def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
     """(result, the fine-tuned backbone + classifier in eval mode)."""
     steps, device, amp_dtype, t0 = start_run(cfg)
+    check_args(cfg)
 
     splits = load_splits_with_eval(cfg.data)
     classes = len(splits.train.classes)

@@ -17,7 +17,7 @@ from torch import nn
 
 from moco_fast.cli import build_parser, main
 from moco_fast.commands import HelpFormatter
-from moco_fast.config import build_config, to_dict
+from moco_fast.config import ConfigError, build_config, to_dict
 from moco_fast.model import MoCo
 
 TINY = {
@@ -301,3 +301,31 @@ def test_sweep_refuses_run_level_train_flags(tmp_path, capsys):
     for flag in ("--resume", "--force", "--print-config"):
         assert main(["sweep", "--out", str(tmp_path / "s"), "--", "--device", "cpu", flag]) == 2
         assert f"{flag} is not a setting" in one_line_error(capsys)
+
+
+def test_finetune_needs_two_images_per_batch(run_dir, data, tmp_path, capsys):
+    from moco_fast.finetune import FinetuneConfig, fine_tune
+
+    # A ResNet-18 with the ImageNet stem at 32 px ends in 1 x 1 maps: with one image per batch its
+    # BatchNorm failed mid-training ("Expected more than 1 value per channel when training").
+    argv = ["finetune", "--checkpoint", str(run_dir), "--data", str(data), "--epochs", "1", "--workers", "0"]
+    assert main([*argv, "--device", "cpu", "--batch-size", "1", "--out", str(tmp_path / "ft.json")]) == 2
+    assert "--batch-size must be at least 2 for fine-tuning (got 1)" in one_line_error(capsys)
+    assert not list(tmp_path.iterdir())
+    # the library says so too, before the data is listed
+    cfg = FinetuneConfig(str(run_dir / "checkpoint.pt"), str(tmp_path / "nowhere"), batch_size=1, device="cpu")
+    with pytest.raises(ConfigError, match="--batch-size must be at least 2"):
+        fine_tune(cfg)
+
+
+def test_finetune_from_scratch_checks_arch_before_the_data(tmp_path, monkeypatch, capsys):
+    import moco_fast.finetune
+
+    listed = []
+    monkeypatch.setattr(moco_fast.finetune, "load_splits_with_eval", lambda data: listed.append(data))
+    argv = ["finetune", "--from-scratch", "--data", str(tmp_path / "nowhere"), "--device", "cpu"]
+    assert main([*argv, "--arch", "vgg16", "--out", str(tmp_path / "s.json")]) == 2
+    assert "unknown arch 'vgg16'" in one_line_error(capsys) and not listed
+    with pytest.raises(ConfigError, match="unknown arch 'vgg16'"):  # the library too
+        moco_fast.finetune.fine_tune(moco_fast.finetune.FinetuneConfig(from_scratch=True, arch="vgg16", device="cpu"))
+    assert not listed
