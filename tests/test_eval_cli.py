@@ -329,3 +329,54 @@ def test_finetune_from_scratch_checks_arch_before_the_data(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="unknown arch 'vgg16'"):  # the library too
         moco_fast.finetune.fine_tune(moco_fast.finetune.FinetuneConfig(from_scratch=True, arch="vgg16", device="cpu"))
     assert not listed
+
+
+# -- files that are not checkpoints -------------------------------------------------------------------
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(run_dir, data, tmp_path, monkeypatch, capsys):
+    import zipfile
+
+    stop_training(monkeypatch)
+    d2 = tmp_path / "model_final.pkl"  # the detectron2 export of a checkpoint: a plain pickle
+    assert main(["export", str(run_dir), "--format", "detectron2", "--output", str(d2)]) == 0
+    (tmp_path / "lincls.json").write_text(json.dumps({"top1": 12.5, "top5": 50.0}, indent=2))
+    (tmp_path / "notes.txt").write_text("epochs 200, lr 0.03\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as z:
+        z.writestr("a.txt", "not a checkpoint")
+    (tmp_path / "cut.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:4096])  # a copy cut short
+    kinds = {
+        "lincls.json": "it holds JSON text",
+        "notes.txt": "it is a text file",
+        "model_final.pkl": "it is a pickle, not a torch checkpoint",
+        "empty.pt": "it is empty",
+        "images.zip": "it is a zip file without the data.pkl",
+        "cut.pt": "it is a zip file (torch's format) that cannot be opened: cut short or damaged?",
+    }
+    capsys.readouterr()
+    for name, what in kinds.items():
+        path = str(tmp_path / name)
+        for argv in (
+            ["knn", "--checkpoint", path, "--data", str(data)],
+            ["lincls", "--checkpoint", path, "--out", str(tmp_path / "r.json")],
+            ["finetune", "--checkpoint", path, "--out", str(tmp_path / "r.json")],
+            ["export", path, "--format", "torchvision", "--output", str(tmp_path / "x.pth")],
+        ):
+            assert main([*argv, "--device", "cpu"]) == 2, argv
+            err = one_line_error(capsys)
+            assert f"{path} is not a moco-fast checkpoint: {what}" in err, (argv, err)
+    # lincls's default --out is lincls.json beside the checkpoint: here the file itself, but what is
+    # wrong is that it is no checkpoint (it said "--out .../lincls.json is the checkpoint this command reads")
+    assert main(["lincls", "--checkpoint", str(tmp_path / "lincls.json"), "--device", "cpu"]) == 2
+    err = one_line_error(capsys)
+    assert "lincls.json is not a moco-fast checkpoint: it holds JSON text" in err and "--out" not in err, err
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_checkpoints_in_torch_legacy_format_still_load(run_dir, tmp_path, capsys):
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    for protocol in (2, 4):
+        old = tmp_path / f"legacy{protocol}.pt"
+        torch.save(state, old, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+        out = tmp_path / f"r18_{protocol}.pth"
+        assert main(["export", str(old), "--format", "torchvision", "--output", str(out)]) == 0
+        assert len(torch.load(out)) == len(torchvision.models.resnet18().state_dict()) - 2
