@@ -32,7 +32,16 @@ from torchvision import transforms as T
 from moco_fast.augment import AugSpec
 from moco_fast.backbone import plain_bn_state
 from moco_fast.config import ConfigError
-from moco_fast.data import DataError, DataSplits, ImageDataset, ImageList, load_splits
+from moco_fast.data import (
+    DataError,
+    DataSplits,
+    ImageDataset,
+    ImageList,
+    find_classes,
+    load_splits,
+    resolve_root,
+    split_dirs,
+)
 from moco_fast.knn import collate_labeled
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
@@ -122,6 +131,17 @@ class Normalizer:
 
 
 def load_splits_with_eval(data: str | None) -> DataSplits:
+    """The train and eval splits; DataError without an eval split or (before the images are listed)
+    with a single class, where top-1 would be 100% whatever the network."""
+    train_dir, eval_dir = split_dirs(resolve_root(data))
+    if eval_dir is None:
+        raise DataError("classification needs an eval split: a data root holding train/ and val/ or test/")
+    classes = find_classes(train_dir)
+    if len(classes) == 1:
+        raise DataError(
+            f"{train_dir} holds a single class ({classes[0]}): a classifier of one class scores 100% whatever "
+            "the backbone; classification needs two class folders or more"
+        )
     splits = load_splits(data)
     if splits.eval is None:
         raise DataError("classification needs an eval split: a data root holding train/ and val/ or test/")

@@ -459,6 +459,11 @@ def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> No
             "--lincls-epochs needs an image folder with train/ and val/ or test/ (the linear classifier's "
             f"data); --loader {cfg.data.loader} with --data {cfg.data.data} has none"
         )
+    if splits is not None and splits.eval is not None and len(splits.train.classes) == 1:
+        single = f"{splits.train.root} holds a single class ({splits.train.classes[0]})"
+        if lincls_epochs > 0:
+            raise ConfigError(f"--lincls-epochs: {single}, where a linear classifier scores 100% whatever the backbone")
+        log.warning("%s: kNN top-1 is 100%% whatever the features", single)
 
 
 def _train(cfg: TrainConfig) -> None:

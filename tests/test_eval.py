@@ -589,3 +589,13 @@ def test_sweep_says_train_flags_go_after_the_separator(six_root, tmp_path, capsy
     assert main(["sweep", "--out", str(tmp_path / "s"), str(six_root)]) == 2
     assert "flags go after `--`" in last_error(capsys)
     assert not (tmp_path / "s").exists()
+
+
+def test_sweep_linear_classifier_on_a_single_class_is_an_error(tmp_path, capsys, caplog, monkeypatch):
+    trained = stub_sweep_runs(monkeypatch)
+    one = make_image_root(tmp_path / "one", per_class=8, classes=1, test_per_class=2)
+    assert main(sweep_args(tmp_path / "s", one, "--moco-m", "0.99", "--lincls-epochs", "1")) == 2
+    assert "holds a single class (airplane)" in last_error(capsys) and not trained
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):  # kNN alone: a warning
+        assert main(sweep_args(tmp_path / "s", one, "--moco-m", "0.99")) == 0
+    assert "holds a single class (airplane): kNN top-1 is 100%" in caplog.text and len(trained) == 1

@@ -380,3 +380,38 @@ def test_checkpoints_in_torch_legacy_format_still_load(run_dir, tmp_path, capsys
         out = tmp_path / f"r18_{protocol}.pth"
         assert main(["export", str(old), "--format", "torchvision", "--output", str(out)]) == 0
         assert len(torch.load(out)) == len(torchvision.models.resnet18().state_dict()) - 2
+
+
+# -- one class ------------------------------------------------------------------------------------------
+def test_classification_on_a_single_class_is_an_error(run_dir, tmp_path, monkeypatch, capsys, caplog):
+    import moco_fast.lincls
+    from moco_fast.commands import accuracy_text
+
+    one = make_image_root(tmp_path / "one", per_class=4, classes=1, test_per_class=2)
+    listed = []
+    real = moco_fast.lincls.load_splits
+    monkeypatch.setattr(moco_fast.lincls, "load_splits", lambda *a, **k: listed.append(a) or real(*a, **k))
+    # lincls printed "top-1 100.00%  top-1 100.00%" for any backbone, without a word
+    base = ["--checkpoint", str(run_dir), "--data", str(one), "--epochs", "1", "--workers", "0", "--device", "cpu"]
+    for cmd in ("lincls", "finetune"):
+        assert main([cmd, *base, "--batch-size", "2", "--out", str(tmp_path / f"{cmd}.json")]) == 2
+        err = one_line_error(capsys)
+        assert f"{one / 'train'} holds a single class (airplane)" in err and "100%" in err, err
+        assert not (tmp_path / f"{cmd}.json").exists()
+    assert not listed  # said before the images are listed
+    # kNN warns (its accuracy is 100% too)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(["knn", *base[:4], "--k", "3", "--device", "cpu", "--workers", "0"]) == 0
+    assert "holds a single class (airplane)" in caplog.text and "100%" in caplog.text
+    # the printed accuracy: top-k only where it says more than top-1
+    assert accuracy_text({"top1": 50.0, "top5": 100.0, "topk": 3}) == "top-1 50.00%  top-3 100.00%"
+    assert accuracy_text({"top1": 100.0, "top5": 100.0, "topk": 1}) == "top-1 100.00%"
+
+
+def test_lincls_prints_top1_and_topk(run_dir, data, tmp_path, capsys):
+    argv = ["lincls", "--checkpoint", str(run_dir), "--data", str(data), "--epochs", "1", "--cached-features"]
+    assert main([*argv, "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "l.json")]) == 0
+    res = json.loads((tmp_path / "l.json").read_text())
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert res["topk"] == 3  # 3 classes
+    assert line.startswith(f"linear classification: top-1 {res['top1']:.2f}%  top-3 {res['top5']:.2f}%  (6 eval"), line

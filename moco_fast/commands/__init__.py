@@ -192,6 +192,13 @@ def check_output(path: str | Path, flag: str, inputs: tuple[str | Path | None, .
     return p
 
 
+def accuracy_text(res: dict) -> str:
+    """The accuracy of a lincls or finetune result: top-1 X%  top-K Y% with K = min(5, classes); top-1
+    alone where K is 1 (it printed "top-1 X%  top-1 X%")."""
+    text = f"top-1 {res['top1']:.2f}%"
+    return text + (f"  top-{res['topk']} {res['top5']:.2f}%" if res["topk"] > 1 else "")
+
+
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """A command's dataclass config from its parsed flags: each field from the flag of that name."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

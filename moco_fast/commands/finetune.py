@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from moco_fast.commands import (
     HelpFormatter,
+    accuracy_text,
     add_eval_runtime_flags,
     check_classifier_args,
     check_output,
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         res["model"] = str(model_path)
     write_json(res, out)
     print(
-        f"fine-tuning from {res['init']}: top-1 {res['top1']:.2f}%  top-{res['topk']} {res['top5']:.2f}%  "
+        f"fine-tuning from {res['init']}: {accuracy_text(res)}  "
         f"({res['eval_images']} eval images, {args.epochs} epochs)"
     )
     if model_path is not None:

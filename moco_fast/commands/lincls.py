@@ -7,6 +7,7 @@ from pathlib import Path
 
 from moco_fast.commands import (
     HelpFormatter,
+    accuracy_text,
     add_eval_runtime_flags,
     check_classifier_args,
     check_output,
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclass_from_args(LinclsConfig, args)
     res = run_lincls(cfg)
     print(
-        f"linear classification: top-1 {res['top1']:.2f}%  top-{res['topk']} {res['top5']:.2f}%  "
+        f"linear classification: {accuracy_text(res)}  "
         f"({res['eval_images']} eval images, {cfg.epochs} epochs; backbone unchanged)"
     )
     return 0
