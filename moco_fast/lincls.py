@@ -18,8 +18,10 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from moco_fast.data import (
     resolve_root,
     split_dirs,
 )
-from moco_fast.knn import collate_labeled
+from moco_fast.knn import collate_decodable, collate_labeled
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
@@ -106,17 +108,35 @@ def classify_transform(image_size: int, train: bool) -> Callable:
 def image_batches(
     images: ImageList, image_size: int, train: bool, batch_size: int, workers: int, seed: int, drop_last: bool = False
 ) -> DataLoader:
-    """Host uint8 batches (x, y); shuffled with a seeded generator when `train`."""
+    """Host uint8 batches (x, y); shuffled with a seeded generator when `train`. Evaluation passes
+    (train=False: the eval split, --cached-features) leave out images that fail to decode, so that
+    each image counts once, as in kNN; training replaces them by another image, as pretraining does."""
+    if train:
+        ds, collate = ImageDataset(images, classify_transform(image_size, True)), collate_labeled
+    else:
+        ds = ImageDataset(images, classify_transform(image_size, False), substitute=False)
+        collate = partial(collate_eval, image_size=image_size)
     return DataLoader(
-        ImageDataset(images, classify_transform(image_size, train)),
+        ds,
         batch_size=batch_size,
         shuffle=train,
         num_workers=workers,
-        collate_fn=collate_labeled,
+        collate_fn=collate,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
     )
+
+
+def collate_eval(items, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An evaluation batch without the images that failed to decode (each named in a warning); a
+    batch where none decoded is empty (0 x 3 x S x S), so that the counts stay right."""
+    x, y, bad = collate_decodable(items)
+    for u in bad:
+        warnings.warn(f"left out {u.path}, which failed to decode: {u.reason}", stacklevel=1)
+    if x is None:
+        return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return x, y
 
 
 class Normalizer:

@@ -202,3 +202,30 @@ def test_a_split_with_nothing_decodable_is_an_error(tmp_path):
     (tmp_path / "a" / "0.png").write_text("junk")
     with pytest.warns(UserWarning, match="0.png"), pytest.raises(DataError, match="could be decoded"):
         extract_features(ChannelMean(), images, AugSpec(image_size=8), torch.device("cpu"), workers=0)
+
+
+def test_classification_eval_batches_leave_out_what_fails_to_decode(fresh_root):
+    # lincls/finetune's eval split and --cached-features: each decodable image once, the others
+    # named; a batch where nothing decodes is empty rather than an error or a stand-in image.
+    from moco_fast.lincls import image_batches
+
+    cls = sorted((fresh_root / "train").iterdir())
+    for i in range(2):  # sorted first: the first batch of 2 holds nothing decodable
+        shutil.copy(sorted(cls[0].iterdir())[0], cls[0] / f"000-{i}_trunc.jpg")
+        truncate(cls[0] / f"000-{i}_trunc.jpg")
+    images = list_images(fresh_root / "train", check=True)  # truncated JPEGs pass the header check
+    assert len(images) == 18
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(image_batches(images, 8, False, batch_size=2, workers=0, seed=0))
+    assert batches[0][0].shape == (0, 3, 8, 8) and batches[0][1].shape == (0,)
+    assert sum(len(y) for _, y in batches) == 16
+    assert torch.cat([y for _, y in batches]).tolist() == [
+        lab for f, lab in zip(images.files, images.labels) if "_trunc" not in f
+    ]
+    named = sorted(
+        Path(str(w.message).split()[2].rstrip(",")).name for w in caught if "failed to decode" in str(w.message)
+    )
+    assert named == ["000-0_trunc.jpg", "000-1_trunc.jpg"]
+    train = list(image_batches(images, 8, True, batch_size=2, workers=0, seed=0))  # training replaces them
+    assert sum(len(y) for _, y in train) == 18
