@@ -499,6 +499,10 @@ def _knn_splits(cfg: TrainConfig):
         if r.knn_every:
             raise ConfigError(f"--knn-every needs {need}")
         return None
+    if len(splits.train.classes) == 1:
+        log.warning(
+            "the data holds one class (%s): its kNN accuracy is 100%% whatever the network", splits.train.classes[0]
+        )
     return splits
 
 

@@ -1,6 +1,7 @@
 """The trainer end to end on the CPU: loss falls, resume equals an uninterrupted run, the CLI."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -276,6 +277,15 @@ def test_knn_every_needs_an_eval_split(tiny_root, tmp_path, capsys):
     cfg = tiny_config(tiny_root, tmp_path, **{"data.loader": "ffcv", "runtime.knn_every": 1})
     with pytest.raises(ConfigError, match="--knn-every needs an image folder"):
         _knn_splits(cfg)
+
+
+def test_knn_on_one_class_is_flagged(tmp_path, caplog):
+    from conftest import make_image_root
+
+    root = make_image_root(tmp_path / "one", per_class=2, classes=1, test_per_class=2)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert _knn_splits(tiny_config(root, tmp_path / "run", **{"runtime.final_knn": True})) is not None
+    assert "holds one class (airplane): its kNN accuracy is 100%" in caplog.text
 
 
 def test_epoch_rows_average_the_steps(tmp_path, monkeypatch):
