@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -80,10 +81,59 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise DataError(f"cannot read checkpoint {path}: {e}") from e
+        why = not_a_checkpoint(path)
+        raise DataError(
+            f"{path} is not a moco-fast checkpoint: {why}" if why else f"cannot read checkpoint {path}: {e}"
+        ) from e
     if not isinstance(state, dict):
         raise DataError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict)")
     return state
+
+
+# torch.save's legacy (non-zip) format: a pickle whose first object is this number (a LONG1)
+_LEGACY_TORCH_MAGIC = b"\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little")
+
+
+def not_a_checkpoint(path: Path) -> str | None:
+    """What a file is when its first bytes show that torch.load cannot read it as a checkpoint (JSON,
+    other text, a plain pickle such as a detectron2 export, an empty file, a zip without torch's
+    data.pkl); None when it may be one (torch.load decides). Cheap: the whole file is never read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if not head:
+        return "it is empty"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "it is a zip file (torch's format) that cannot be opened: cut short or damaged?"
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return None
+        return "it is a zip file without the data.pkl of torch.save"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # a pickle's PROTO opcode
+        if _LEGACY_TORCH_MAGIC in head[:24]:  # after PROTO (and FRAME from protocol 4 on)
+            return None
+        return "it is a pickle, not a torch checkpoint (a detectron2 .pkl export?)"
+    if b"\0" not in head and _is_text(head):
+        if head.lstrip()[:1] in (b"{", b"["):
+            return "it holds JSON text (a result file such as lincls.json?)"
+        return "it is a text file"
+    return None
+
+
+def _is_text(head: bytes) -> bool:
+    """UTF-8 (up to a character cut at the end of `head`) without control characters but whitespace."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:
+            return False
+        text = head[: e.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
 
 
 def load_weights(module: torch.nn.Module, weights: dict[str, Any], path: str | Path) -> None:

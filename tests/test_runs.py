@@ -139,6 +139,9 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "t.pt")
     with pytest.raises(DataError, match="not a checkpoint"):
         ckpt.load(tmp_path / "t.pt")
+    (tmp_path / "lincls.json").write_text('{"top1": 1.0}')  # e.g. `train --resume RUN/lincls.json`
+    with pytest.raises(DataError, match="is not a moco-fast checkpoint: it holds JSON text"):
+        ckpt.load(tmp_path / "lincls.json")
     torch.save({"config": {}, "model": {}}, tmp_path / "d.pt")
     with pytest.raises(DataError):
         ckpt.load_model(tmp_path / "d.pt")

@@ -103,7 +103,7 @@ def resolve_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Path:
     """A training checkpoint given as its file or as its run folder (RUN/checkpoint.pt);
     FileNotFoundError (a one-line error, prefixed with `flag` when given) when there is none, and
     DataError when its first bytes show that it is no torch checkpoint (`not_a_checkpoint`)."""
-    from moco_fast.checkpoint import CHECKPOINT_NAME
+    from moco_fast.checkpoint import CHECKPOINT_NAME, not_a_checkpoint
     from moco_fast.data import DataError
 
     p = Path(path)
@@ -118,54 +118,6 @@ def resolve_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Path:
     if why:
         raise DataError(f"{prefix}{p} is not a moco-fast checkpoint: {why}")
     return p
-
-
-# torch.save's legacy (non-zip) format: a pickle whose first object is this number (a LONG1)
-_LEGACY_TORCH_MAGIC = b"\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little")
-
-
-def not_a_checkpoint(path: Path) -> str | None:
-    """What a file is when its first bytes show that torch.load cannot read it as a checkpoint (JSON,
-    other text, a plain pickle such as a detectron2 export, an empty file, a zip without torch's
-    data.pkl); None when it may be one (torch.load decides). Cheap: the whole file is never read."""
-    import zipfile
-
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(512)
-    except OSError as e:
-        return f"it cannot be read ({e.strerror or e})"
-    if not head:
-        return "it is empty"
-    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return "it is a zip file (torch's format) that cannot be opened: cut short or damaged?"
-        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-            return None
-        return "it is a zip file without the data.pkl of torch.save"
-    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # a pickle's PROTO opcode
-        if _LEGACY_TORCH_MAGIC in head[:24]:  # after PROTO (and FRAME from protocol 4 on)
-            return None
-        return "it is a pickle, not a torch checkpoint (a detectron2 .pkl export?)"
-    if b"\0" not in head and _is_text(head):
-        if head.lstrip()[:1] in (b"{", b"["):
-            return "it holds JSON text (a result file such as lincls.json?)"
-        return "it is a text file"
-    return None
-
-
-def _is_text(head: bytes) -> bool:
-    """UTF-8 (up to a character cut at the end of `head`) without control characters but whitespace."""
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.start < len(head) - 3:
-            return False
-        text = head[: e.start].decode("utf-8")
-    return all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
 
 
 def check_output(path: str | Path, flag: str, inputs: tuple[str | Path | None, ...] = ()) -> Path:
