@@ -135,10 +135,21 @@ def _ddp_run(dev: torch.device, cfgs: dict, batches) -> dict:
 
     r, w = dist_utils.rank(), dist_utils.world_size()
     out = {}
+    shuffle = dist_utils.batch_shuffle
     for name, cfg in cfgs.items():
+        perms = []  # each step's key permutation, for the one-process reference to replay
+
+        def recording(x, mode="alltoall", perms=perms):
+            y, plan = shuffle(x, mode)
+            perms.append(plan.perm.cpu())
+            return y, plan
+
+        dist_utils.batch_shuffle = recording
         torch.manual_seed(cfg.runtime.seed + r)  # ranks start from different weights and queues
         model = MoCo(cfg.model, cfg.moco, 32).to(dev, batches[0][0].dtype)
         out[name] = _run_steps(model, dist_utils.wrap_ddp(model, dev), cfg, batches, r, w, dev)
+        out[name]["perms"] = perms
+    dist_utils.batch_shuffle = shuffle
     return out
 
 
@@ -165,8 +176,10 @@ class PerRankBN(nn.BatchNorm2d):
         return torch.cat([nn.BatchNorm2d.forward(self, part) for part in x.chunk(self.ranks)])
 
 
-def one_process_reference(cfg, batches) -> dict:
-    """One process, the global batch; BN statistics per rank's slice (not shuffled)."""
+def one_process_reference(cfg, batches, perms=()) -> dict:
+    """One process, the global batch; BN statistics per rank's slice. With shuffle BN (`perms`: the
+    ranks' key permutations, step by step) the keys are encoded on the permuted global batch, whose
+    split BN (bn_splits = 2 = ranks) gives each rank's key batch its own statistics, then put back."""
     from moco_fast.model import MoCo
 
     torch.manual_seed(cfg.runtime.seed)  # rank 0's start: DDP copies it to every rank
@@ -174,7 +187,17 @@ def one_process_reference(cfg, batches) -> dict:
     for m in model.modules():
         if type(m) is nn.BatchNorm2d:
             m.__class__ = PerRankBN
-    return _run_steps(model, model, cfg, batches, 0, 1, torch.device("cpu"))
+    steps = iter(perms)
+
+    def replay(x, mode="alltoall"):
+        perm = next(steps)
+        return x[perm], torch.argsort(perm)
+
+    shuffle, dist_utils.batch_shuffle = dist_utils.batch_shuffle, replay
+    try:
+        return _run_steps(model, model, cfg, batches, 0, 1, torch.device("cpu"))
+    finally:
+        dist_utils.batch_shuffle = shuffle
 
 
 def check_ddp(results: list[dict], cfgs: dict, batches) -> None:
@@ -184,10 +207,12 @@ def check_ddp(results: list[dict], cfgs: dict, batches) -> None:
     # Everything runs in float64 except the logits (fp32 by design): a gradient that flows only
     # through the queries' fp32 logits matches to ~1e-12, one that also flows through the keys'
     # (end-to-end) to ~1e-5 of its largest entry. A wrong reduction would be off by O(1).
-    tolerance = {"no_shuffle": 1e-7, "end_to_end": 1e-4}
+    # shuffle: the default set-up (cross-rank shuffle BN), replayed with the permutations the ranks drew
+    tolerance = {"no_shuffle": 1e-7, "shuffle": 1e-7, "end_to_end": 1e-4}
     for name, tol in tolerance.items():
-        ref = one_process_reference(cfgs[name], batches)
         got = results[0][name]
+        ref = one_process_reference(cfgs[name], batches, got["perms"])
+        assert len(got["perms"]) == (len(batches) if name == "shuffle" else 0)
         torch.testing.assert_close(got["losses"], ref["losses"], rtol=1e-6, atol=1e-6, msg=name)
         for kind in ("grads", "state"):  # state: both encoders, the queue and its pointer after 2 steps
             for key, v in ref[kind].items():
