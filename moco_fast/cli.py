@@ -73,7 +73,11 @@ def interruption(e: BaseException | None) -> KeyboardInterrupt | None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, SLURM, docker stop): unwinds like Ctrl-C, so that temporary files go."""
+    """SIGTERM (timeout, SLURM, docker stop): unwinds like Ctrl-C, so that temporary files go.
+
+    Only in a process of its own: a torchrun worker keeps the default action, since a Python
+    handler waits for the main thread to leave native code (a collective waiting on a dead peer),
+    and torchrun ends its workers with SIGTERM."""
 
 
 _MAIN_PID = os.getpid()
@@ -95,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("default", module="moco_fast")
     global _MAIN_PID
     previous = None
-    if threading.current_thread() is threading.main_thread():
+    worker = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if threading.current_thread() is threading.main_thread() and not worker:
         _MAIN_PID = os.getpid()
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        if previous is None:  # set outside Python: the default is the nearest we can put back
+            previous = signal.SIG_DFL
     try:
         return args.func(args) or 0
     except user_errors() as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable
@@ -53,11 +54,15 @@ def check_local_gpus(cfg: TrainConfig) -> int:
 
 def launch_local(cfg: TrainConfig) -> tuple[int, dict]:
     """Train with one worker per GPU; returns (the CLI's exit status, rank 0's last metrics row)."""
+    from pathlib import Path
+
     from moco_fast.step import check_cuda_graph
-    from moco_fast.trainer import check_output, validate
+    from moco_fast.trainer import check_output, ensure_not_busy, hold_run_folder, validate
 
     n = check_local_gpus(cfg)
     validate(cfg, n)  # contradicting flags fail here once, not in every worker
+    with hold_run_folder(Path(cfg.runtime.out)) as held:  # a run in progress there: one line, no workers
+        ensure_not_busy([held], Path(cfg.runtime.out))
     check_output(cfg)
     if cfg.runtime.cuda_graph:
         check_cuda_graph(torch.device("cuda"), n)
@@ -89,6 +94,7 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
     fn must be importable by name (the workers are spawned). Returns each rank's result; raises
     WorkerFailed naming the first rank that failed, with its exit code or signal and its error.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -105,10 +111,21 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
         monitor_interval=0.1,
         start_method="spawn",  # CUDA cannot be forked
     )
+    # The launcher installs its own handlers for these and turns them into SignalException: put
+    # ours back afterwards, and let SIGTERM / SIGINT end the command as they do without --gpus.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
         results = elastic_launch(config, _recorded)(fn, *args)
     except ChildFailedError as e:
         raise WorkerFailed(describe_failure(e)) from None
+    except SignalException as e:
+        from moco_fast.cli import Terminated
+
+        raise (Terminated() if e.sigval == signal.SIGTERM else KeyboardInterrupt()) from None
+    finally:
+        for s, h in handlers.items():
+            if h is not None:
+                signal.signal(s, h)
     return [results[r] for r in sorted(results)]
 
 

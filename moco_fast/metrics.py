@@ -85,18 +85,21 @@ class MetricsWriter:
             self.tb.close()
 
 
+# what the evaluation commands and the sweep write beside a run's checkpoint
+RUN_RESULTS = (
+    "lincls.json",
+    "result.json",
+    "sweep_lincls.json",
+    *(f"finetune{kind}.{ext}" for kind in ("", "_scratch") for ext in ("json", "pt")),
+)
+
+
 def clear_run(out: str | Path) -> None:
     """Start over in an old run's folder (`train --force`): its checkpoint, rows, summary and
     TensorBoard logs go, so that nothing of the old run mixes with the new one."""
     import shutil
 
     out = Path(out)
-    # the run's own files, and what the evaluation commands and the sweep write beside its checkpoint
-    names = ["checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", "lincls.json", "result.json"]
-    names += ["sweep_lincls.json"]
-    names += [f"finetune{kind}.{ext}" for kind in ("", "_scratch") for ext in ("json", "pt")]
-    for name in names:
+    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", *RUN_RESULTS):
         (out / name).unlink(missing_ok=True)
-    for tmp in out.glob(".*.tmp"):  # what a killed run's atomic writes left (checkpoint.atomic_write)
-        tmp.unlink()
     shutil.rmtree(out / "tb", ignore_errors=True)

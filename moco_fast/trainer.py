@@ -28,7 +28,7 @@ from moco_fast.data import DataError, load_splits
 from moco_fast.knn import knn_accuracy
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS, LoaderArgs, create_loader
 from moco_fast.loaders.wds import is_wds_root
-from moco_fast.metrics import MetricsWriter, clear_run, progress
+from moco_fast.metrics import RUN_RESULTS, MetricsWriter, clear_run, progress
 from moco_fast.model import MoCo
 from moco_fast.step import GraphedStep, StepState, check_cuda_graph, make_optimizer, set_lr, train_step
 
@@ -156,8 +156,7 @@ def check_output(cfg: TrainConfig) -> Path | None:
     (its checkpoint, or rows or a summary) that this one does not continue and --force does not
     replace. Called before any data or worker starts."""
     out = Path(cfg.runtime.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file: it must be a run folder")
+    check_run_folder(out)
     resume_path = ckpt.find_resume(cfg.runtime.resume, out)
     if starts_over(cfg, resume_path):
         log.warning(
@@ -174,42 +173,77 @@ def check_output(cfg: TrainConfig) -> Path | None:
     return resume_path
 
 
+def check_run_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: it must be a run folder")
+
+
 def starts_over(cfg: TrainConfig, resume_path: Path | None) -> bool:
-    """`--resume` where the run folder has no checkpoint and no summary: its run stopped before its
-    first checkpoint (or never began), so it starts from scratch there."""
+    """`--resume` in a run folder whose run stopped before its first checkpoint (or never began): it
+    starts from scratch there. Only then: no checkpoint, no row past epoch 1 (a row is written just
+    before its epoch's checkpoint), no summary and no evaluation beside it. A folder whose checkpoint
+    was moved away still holds a run, and --resume there is refused as before."""
     out = Path(cfg.runtime.out)
-    return cfg.runtime.resume == "auto" and resume_path is None and not (out / "summary.json").is_file()
+    if cfg.runtime.resume != "auto" or resume_path is not None:
+        return False
+    if any((out / name).is_file() for name in ("summary.json", *RUN_RESULTS)):
+        return False
+    last = MetricsWriter(out, enabled=False).last_row()
+    return last is None or last.get("epoch", 0) <= 1
 
 
 class RunFolderBusy(RuntimeError):
     """Another `train` is writing to the same --out."""
 
 
+def ensure_not_busy(held: list[bool], out: Path) -> None:
+    """RunFolderBusy unless every process that tried to hold the run folder (`hold_run_folder`) did."""
+    if not all(held):
+        raise RunFolderBusy(
+            f"{out}: another moco-fast train is writing there now; wait for it to end or choose another --out"
+        )
+
+
+_HELD: set[int] = set()  # the run-folder locks this process holds
+
+
+def _close_held_in_child() -> None:
+    # A forked child (a DataLoader worker) would keep the lock alive after its parent died.
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 @contextlib.contextmanager
-def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[None]:
+def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
     """Holds an exclusive lock on the run folder while a run uses it (rank 0 only), so that a second
     `train` into the same --out fails at once instead of mixing its rows and checkpoints with the
-    first's. The lock is a flock on the folder itself (no lock file) and goes with the process.
-    A folder created here and left empty (the run failed before writing) is removed."""
+    first's; yields False when another process holds it (and True otherwise, or when not `enabled`).
+    The lock is a flock on the folder itself (no lock file) and goes with the process; forked
+    processes (DataLoader workers) close their copy. A folder created here and left empty (the run
+    failed before writing) is removed."""
     if not enabled:
-        yield
+        yield True
         return
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file: it must be a run folder")
+    check_run_folder(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)
+    _HELD.add(fd)
     try:
+        held = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunFolderBusy(
-                f"{out}: another moco-fast train is writing there now; wait for it to end or choose another --out"
-            ) from None
+            held = False
         except OSError as e:  # a file system without flock: run unguarded
             log.debug("no lock on %s: %s", out, e)
-        yield
+        yield held
     finally:
+        _HELD.discard(fd)
         os.close(fd)
         if created and not any(out.iterdir()):
             out.rmdir()
@@ -264,7 +298,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     validate(cfg, world)
     validate_device(cfg, device, world)
     out = Path(cfg.runtime.out)
-    with hold_run_folder(out, enabled=dist_utils.is_main()):
+    with hold_run_folder(out, enabled=dist_utils.is_main()) as held:
+        ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone
         return _train_held(cfg, out, device, amp_dtype, world, rank, owns_group)
 
 
@@ -453,14 +488,17 @@ class Diverged(RuntimeError):
 
 
 def check_finite(model: torch.nn.Module, loss: torch.Tensor, epoch: int, amp_dtype: torch.dtype | None) -> None:
-    """Once per epoch (a host sync): non-finite weights stop the run before they are saved over the
-    last good checkpoint; a non-finite epoch loss with finite weights is a warning (under fp16 the
-    loss scaler skips the steps that overflow, and training goes on)."""
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
+    """Once per epoch (one host sync): non-finite weights, BN statistics or queue stop the run
+    before they are saved over the last good checkpoint (an fp16 forward that overflows poisons BN's
+    running statistics for good even though the scaler skips its step); a non-finite epoch loss with
+    a finite state is a warning (the fp16 scaler skipped those steps, and training goes on)."""
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point() and v.numel()}
+    finite = torch.stack([torch.isfinite(v).all() for v in state.values()])
+    if not bool(finite.all()):
+        bad = [k for k, ok in zip(state, finite.tolist(), strict=True) if not ok]
         raise Diverged(
-            f"the run diverged in epoch {epoch}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); "
-            "the last checkpoint is kept: lower --lr, or use --amp bf16/off"
+            f"the run diverged in epoch {epoch}: {len(bad)} tensors of the model hold NaN or inf "
+            f"(first: {bad[0]}); the last checkpoint is kept: lower --lr, or use --amp bf16/off"
         )
     if not math.isfinite(loss.item()):
         log.warning(

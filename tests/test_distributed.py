@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,6 +336,44 @@ def test_a_dying_worker_ends_the_job_with_its_rank_and_cause(how, why):
         run_workers(_failing_worker, (how,), 2)
     assert "worker rank 1 failed" in str(e.value) and why in str(e.value), str(e.value)
     assert time.perf_counter() - t0 < 120  # ended, not hung
+
+
+def _sleeping_worker(marker: str) -> None:
+    Path(f"{marker}.{os.environ['RANK']}").touch()  # started: the launcher's handlers are in place
+    time.sleep(60)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_ends_it_as_without_gpus(tmp_path):
+    # `--gpus N` runs under PyTorch's launcher, which turns SIGTERM into its SignalException (a
+    # traceback from main) and leaves its own handlers behind; run_workers makes it the CLI's
+    # Terminated (exit 143) and puts the process's handlers back.
+    import signal
+    import threading
+
+    from moco_fast.cli import Terminated
+
+    def fallback(signum, frame):  # in place of pytest's default, should the signal come early
+        raise Terminated()
+
+    marker = str(tmp_path / "started")
+
+    def stop_when_started():
+        for _ in range(600):
+            if all(Path(f"{marker}.{r}").exists() for r in range(2)):
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    old = signal.signal(signal.SIGTERM, fallback)
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        threading.Thread(target=stop_when_started, daemon=True).start()
+        with pytest.raises(Terminated):
+            run_workers(_sleeping_worker, (marker,), 2)
+        assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # -- GPU: NCCL and the cost of the distributed path -----------------------------------------------

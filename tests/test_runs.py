@@ -210,8 +210,13 @@ def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
     assert "epoch 3: the mean loss is inf" in caplog.text and "skipped" in caplog.text
     with torch.no_grad():
         net.bias[1] = float("nan")
-    with pytest.raises(Diverged, match="1 weight tensors hold NaN or inf \\(first: bias\\)"):
+    with pytest.raises(Diverged, match="1 tensors of the model hold NaN or inf \\(first: bias\\)"):
         check_finite(net, torch.tensor(1.0), 3, None)
+    # BN statistics too: an fp16 forward that overflows poisons them although the scaler skips its step
+    bn = torch.nn.BatchNorm1d(2)
+    bn.running_var[0] = float("inf")
+    with pytest.raises(Diverged, match="first: running_var"):
+        check_finite(bn, torch.tensor(1.0), 3, torch.float16)
 
 
 def test_a_second_train_into_a_busy_folder_fails_at_once(tiny_root, tmp_path, capsys):
@@ -269,3 +274,23 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys):
     monkeypatch.setattr(export, "run", sigterm)
     assert main(argv) == 143 and "terminated" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before  # main put the process's handler back
+    # a torchrun worker keeps the default action: a Python handler would wait for a blocked collective
+    seen = []
+    monkeypatch.setattr(export, "run", lambda args: seen.append(signal.getsignal(signal.SIGTERM)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv) == 0 and seen == [before]
+
+
+def test_resume_never_starts_over_a_run_that_checkpointed(tiny_root, run, capsys):
+    # Its checkpoint moved away: rows past epoch 1 or an evaluation beside it show that the run got
+    # further than its first checkpoint, so --resume is refused rather than wiping the folder.
+    (run / "checkpoint.pt").rename(run.parent / "elsewhere.pt")
+    (run / "lincls.json").write_text("{}")
+    capsys.readouterr()
+    assert main([*tiny_args(tiny_root, run, epochs=2), "--resume"]) == 2
+    assert "holds a run already" in capsys.readouterr().err and (run / "lincls.json").is_file()
+    (run / "lincls.json").unlink()
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"epoch": 2, "loss": 1.0}) + "\n")
+    assert main([*tiny_args(tiny_root, run, epochs=3), "--resume"]) == 2
+    assert [r["epoch"] for r in rows(run)] == [1, 2]

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moco_fast.checkpoint import save_atomic
     from moco_fast.export import backbone_state
-    from moco_fast.finetune import FinetuneConfig, check_args, fine_tune, result_path
+    from moco_fast.finetune import FinetuneConfig, fine_tune, result_path
     from moco_fast.lincls import write_json
 
     # Every value is checked, and the output folders tried, before the checkpoint or the data is read.
@@ -115,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(
         dataclass_from_args(FinetuneConfig, args), arch=args.arch or DEFAULT_ARCH, stem=args.stem or DEFAULT_STEM
     )
-    check_args(cfg)  # --batch-size 2 or more; without a checkpoint, --arch and --stem
     out = check_output(result_path(cfg, "scratch" if cfg.from_scratch else "moco"), "--out", inputs=(args.checkpoint,))
     model_path = None
     if not args.no_save_model:
