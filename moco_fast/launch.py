@@ -61,8 +61,9 @@ def launch_local(cfg: TrainConfig) -> tuple[int, dict]:
 
     n = check_local_gpus(cfg)
     validate(cfg, n)  # contradicting flags fail here once, not in every worker
-    with hold_run_folder(Path(cfg.runtime.out)) as held:  # a run in progress there: one line, no workers
-        ensure_not_busy([held], Path(cfg.runtime.out))
+    out = Path(cfg.runtime.out)
+    with hold_run_folder(out) as held:  # a run in progress there: one line, no workers
+        ensure_not_busy([held], out)
     check_output(cfg)
     if cfg.runtime.cuda_graph:
         check_cuda_graph(torch.device("cuda"), n)

@@ -16,6 +16,21 @@ def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
+def read_rows(out: str | Path) -> list[dict[str, Any]]:
+    """The rows of OUT/metrics.jsonl in order (none without the file); a row cut short by a crash
+    is left out."""
+    path = Path(out) / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 class MetricsWriter:
     def __init__(self, out: str | Path, enabled: bool = True):
         self.enabled = enabled
@@ -48,17 +63,6 @@ class MetricsWriter:
         from moco_fast.checkpoint import atomic_write_text
 
         atomic_write_text(self.out / "summary.json", json.dumps(row, indent=2) + "\n")
-
-    def last_row(self) -> dict[str, Any] | None:
-        """The last whole row of metrics.jsonl (None: no rows)."""
-        path = self.out / "metrics.jsonl"
-        rows = []
-        for line in path.read_text().splitlines() if path.is_file() else []:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a row cut short by a crash
-                pass
-        return rows[-1] if rows else None
 
     def keep_epochs(self, last: int) -> None:
         """Drop rows of epochs after `last` (the checkpoint a run resumes from): a run stopped

@@ -431,12 +431,13 @@ def _stamp(path: Path) -> list[int] | None:
 
 def _train_seconds(folder: Path) -> float:
     """The training time of a setting: the sum of its epochs' times in metrics.jsonl."""
+    from moco_fast.metrics import read_rows
+
     total = 0.0
-    path = folder / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for row in read_rows(folder):
         try:
-            total += float(json.loads(line).get("epoch_time_s", 0.0))
-        except (ValueError, TypeError, AttributeError):
+            total += float(row.get("epoch_time_s", 0.0))
+        except (ValueError, TypeError):
             continue
     return total
 
@@ -478,18 +479,11 @@ def _train(cfg: TrainConfig) -> None:
     train(cfg)
 
 
-def _last_row(path: Path) -> dict[str, Any]:
-    """The last epoch's row of metrics.jsonl ({} without one); a row cut short is skipped."""
-    if not path.is_file():
-        return {}
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "loss" in row:
-            return row
-    return {}
+def _last_row(folder: Path) -> dict[str, Any]:
+    """The last epoch's row of the setting's metrics.jsonl ({} without one)."""
+    from moco_fast.metrics import read_rows
+
+    return next((row for row in reversed(read_rows(folder)) if "loss" in row), {})
 
 
 def _evaluate(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr: float) -> dict[str, Any]:
@@ -505,7 +499,7 @@ def _evaluate(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr: float
     from moco_fast.trainer import knn_top1, resolve_device
 
     folder = Path(cfg.runtime.out)
-    last = _last_row(folder / "metrics.jsonl")
+    last = _last_row(folder)
     device = resolve_device(cfg.runtime.device)
     model, _ = load_model(folder / CHECKPOINT_NAME, device)
     res: dict[str, Any] = {"name": s.name, "mechanism": s.mechanism}

@@ -28,7 +28,7 @@ from moco_fast.data import DataError, load_splits
 from moco_fast.knn import knn_accuracy
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS, LoaderArgs, create_loader
 from moco_fast.loaders.wds import is_wds_root
-from moco_fast.metrics import RUN_RESULTS, MetricsWriter, clear_run, progress
+from moco_fast.metrics import RUN_RESULTS, MetricsWriter, clear_run, progress, read_rows
 from moco_fast.model import MoCo
 from moco_fast.step import GraphedStep, StepState, check_cuda_graph, make_optimizer, set_lr, train_step
 
@@ -188,8 +188,8 @@ def starts_over(cfg: TrainConfig, resume_path: Path | None) -> bool:
         return False
     if any((out / name).is_file() for name in ("summary.json", *RUN_RESULTS)):
         return False
-    last = MetricsWriter(out, enabled=False).last_row()
-    return last is None or last.get("epoch", 0) <= 1
+    rows = read_rows(out)
+    return not rows or rows[-1].get("epoch", 0) <= 1
 
 
 class RunFolderBusy(RuntimeError):
@@ -458,7 +458,7 @@ def _train_held(
             )
     if summary_owed:
         log.info("%s: all %d epochs were done already; computing the final kNN it lacks", out, cfg.optim.epochs)
-        row = writer.last_row() or {"epoch": start_epoch}
+        row = (read_rows(out) or [{"epoch": start_epoch}])[-1]
     if finished and not summary_owed:
         log.info("%s: all %d epochs were done already; nothing to train", out, cfg.optim.epochs)
     elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
