@@ -33,6 +33,7 @@ from moco_fast.lincls import (
     result_record,
     start_run,
 )
+from moco_fast.metrics import FINETUNE_RESULTS
 from moco_fast.step import fast_sgd, set_lr
 
 log = logging.getLogger("moco_fast")
@@ -158,4 +159,4 @@ def result_path(cfg: FinetuneConfig, start: str) -> Path:
     if cfg.out:
         return Path(cfg.out)
     folder = Path(cfg.checkpoint).parent if cfg.checkpoint else Path(".")
-    return folder / ("finetune.json" if start == "moco" else "finetune_scratch.json")
+    return folder / FINETUNE_RESULTS[start]

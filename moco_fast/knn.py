@@ -3,6 +3,7 @@ L2-normalised backbone features; the train split is the memory bank, val/test th
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -16,8 +17,21 @@ from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
 
+log = logging.getLogger("moco_fast")
+
 # A feature pass of this many batches or fewer ends too soon to need a progress bar.
 PROGRESS_MIN_BATCHES = 4
+
+
+def warn_if_single_class(train: ImageList) -> None:
+    """The one warning of every kNN entry point (train's monitor, `moco-fast knn`, the sweep) for a
+    memory bank of one class."""
+    if len(train.classes) == 1:
+        log.warning(
+            "%s holds a single class (%s): every neighbour votes for it, so kNN top-1 is 100%% whatever the features",
+            train.root,
+            train.classes[0],
+        )
 
 
 def collate_labeled(items):

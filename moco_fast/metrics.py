@@ -89,12 +89,17 @@ class MetricsWriter:
             self.tb.close()
 
 
-# what the evaluation commands and the sweep write beside a run's checkpoint
+# What the evaluation commands and the sweep write beside a run's checkpoint, each named once.
+LINCLS_RESULT = "lincls.json"  # `moco-fast lincls`
+SWEEP_RESULT = "result.json"  # the sweep's row for the run
+SWEEP_LINCLS_RESULT = "sweep_lincls.json"  # the sweep's short linear classifier on cached features
+FINETUNE_RESULTS = {"moco": "finetune.json", "scratch": "finetune_scratch.json"}  # by initialisation
 RUN_RESULTS = (
-    "lincls.json",
-    "result.json",
-    "sweep_lincls.json",
-    *(f"finetune{kind}.{ext}" for kind in ("", "_scratch") for ext in ("json", "pt")),
+    LINCLS_RESULT,
+    SWEEP_RESULT,
+    SWEEP_LINCLS_RESULT,
+    *FINETUNE_RESULTS.values(),
+    *(Path(name).with_suffix(".pt").name for name in FINETUNE_RESULTS.values()),  # --save-model's default
 )
 
 

@@ -32,11 +32,9 @@ from typing import Any
 from moco_fast.checkpoint import CHECKPOINT_NAME
 from moco_fast.config import ConfigError, TrainConfig, plain
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS
+from moco_fast.metrics import SWEEP_LINCLS_RESULT, SWEEP_RESULT, read_rows
 
 log = logging.getLogger("moco_fast")
-
-RESULT_NAME = "result.json"
-LINCLS_NAME = "sweep_lincls.json"  # the sweep's short linear classifier on cached features
 
 
 @dataclass(frozen=True)
@@ -274,9 +272,9 @@ def _results_in(out: Path) -> dict[str, dict[str, Any]]:
         return {}
     found = {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
-        res = _read_json(folder / RESULT_NAME, dict)
+        res = _read_json(folder / SWEEP_RESULT, dict)
         if res is not None and not isinstance(res.get("mechanism"), str):
-            log.warning("ignoring %s: it is not a sweep result", folder / RESULT_NAME)
+            log.warning("ignoring %s: it is not a sweep result", folder / SWEEP_RESULT)
         elif res is not None:
             found[folder.name] = res
     return found
@@ -348,7 +346,7 @@ def run_sweep(
         res["wall_s"] = _train_seconds(Path(cfg.runtime.out)) + time.perf_counter() - t0
         res["config"] = training_config(cfg)
         res["checkpoint_stamp"] = _stamp(Path(cfg.runtime.out) / CHECKPOINT_NAME)  # what was evaluated
-        _write_json(Path(cfg.runtime.out) / RESULT_NAME, res)
+        _write_json(Path(cfg.runtime.out) / SWEEP_RESULT, res)
         found[s.name] = res
         write_table(_rows(found, order), out)  # a partial table survives an interruption
     rows = _rows(found, order)
@@ -431,7 +429,6 @@ def _stamp(path: Path) -> list[int] | None:
 
 def _train_seconds(folder: Path) -> float:
     """The training time of a setting: the sum of its epochs' times in metrics.jsonl."""
-    from moco_fast.metrics import read_rows
 
     total = 0.0
     for row in read_rows(folder):
@@ -447,6 +444,7 @@ def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> No
     after --redo deleted the old runs): the device, the training data, and an eval split for the
     linear classifier."""
     from moco_fast.data import load_splits
+    from moco_fast.knn import warn_if_single_class
     from moco_fast.loaders.wds import is_wds_root
     from moco_fast.trainer import resolve_device, validate_device
 
@@ -460,11 +458,13 @@ def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> No
             "--lincls-epochs needs an image folder with train/ and val/ or test/ (the linear classifier's "
             f"data); --loader {cfg.data.loader} with --data {cfg.data.data} has none"
         )
-    if splits is not None and splits.eval is not None and len(splits.train.classes) == 1:
-        single = f"{splits.train.root} holds a single class ({splits.train.classes[0]})"
-        if lincls_epochs > 0:
-            raise ConfigError(f"--lincls-epochs: {single}, where a linear classifier scores 100% whatever the backbone")
-        log.warning("%s: kNN top-1 is 100%% whatever the features", single)
+    if splits is not None and splits.eval is not None:
+        if lincls_epochs > 0 and len(splits.train.classes) == 1:
+            raise ConfigError(
+                f"--lincls-epochs: {splits.train.root} holds a single class ({splits.train.classes[0]}), "
+                "where a linear classifier scores 100% whatever the backbone"
+            )
+        warn_if_single_class(splits.train)
 
 
 def _train(cfg: TrainConfig) -> None:
@@ -481,7 +481,6 @@ def _train(cfg: TrainConfig) -> None:
 
 def _last_row(folder: Path) -> dict[str, Any]:
     """The last epoch's row of the setting's metrics.jsonl ({} without one)."""
-    from moco_fast.metrics import read_rows
 
     return next((row for row in reversed(read_rows(folder)) if "loss" in row), {})
 
@@ -570,7 +569,7 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
             workers=eval_workers(cfg.data.workers, resolve_device(cfg.runtime.device)),
             device=cfg.runtime.device,
             seed=cfg.runtime.seed,
-            out=str(folder / LINCLS_NAME),  # not lincls.json: `moco-fast lincls`'s own result stays
+            out=str(folder / SWEEP_LINCLS_RESULT),  # not lincls.json: `moco-fast lincls`'s own result stays
         )
     )
     return res["top1"]

@@ -25,7 +25,7 @@ from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.config import ConfigError, TrainConfig, plain, save_json, to_dict
 from moco_fast.data import DataError, load_splits
-from moco_fast.knn import knn_accuracy
+from moco_fast.knn import knn_accuracy, warn_if_single_class
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS, LoaderArgs, create_loader
 from moco_fast.loaders.wds import is_wds_root
 from moco_fast.metrics import RUN_RESULTS, MetricsWriter, clear_run, progress, read_rows
@@ -537,10 +537,7 @@ def _knn_splits(cfg: TrainConfig):
         if r.knn_every:
             raise ConfigError(f"--knn-every needs {need}")
         return None
-    if len(splits.train.classes) == 1:
-        log.warning(
-            "the data holds one class (%s): its kNN accuracy is 100%% whatever the network", splits.train.classes[0]
-        )
+    warn_if_single_class(splits.train)
     return splits
 
 

@@ -285,7 +285,7 @@ def test_knn_on_one_class_is_flagged(tmp_path, caplog):
     root = make_image_root(tmp_path / "one", per_class=2, classes=1, test_per_class=2)
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert _knn_splits(tiny_config(root, tmp_path / "run", **{"runtime.final_knn": True})) is not None
-    assert "holds one class (airplane): its kNN accuracy is 100%" in caplog.text
+    assert "holds a single class (airplane): every neighbour votes for it, so kNN top-1 is 100%" in caplog.text
 
 
 def test_epoch_rows_average_the_steps(tmp_path, monkeypatch):

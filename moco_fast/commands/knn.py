@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import torch
 
 from moco_fast.commands import HelpFormatter, add_eval_runtime_flags, require, resolve_checkpoint, resolve_eval_runtime
-
-log = logging.getLogger("moco_fast")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moco_fast.checkpoint import load_model
     from moco_fast.data import DataError, load_splits
-    from moco_fast.knn import knn_accuracy
+    from moco_fast.knn import knn_accuracy, warn_if_single_class
 
     # Every value is checked before the checkpoint or the data is read.
     require(args.k >= 1, f"--k must be at least 1 (got {args.k})")
@@ -49,12 +46,7 @@ def run(args: argparse.Namespace) -> int:
     splits = load_splits(args.data)
     if splits.eval is None:
         raise DataError("kNN needs an eval split: a data root holding train/ and val/ or test/")
-    if len(splits.train.classes) == 1:
-        log.warning(
-            "%s holds a single class (%s): every neighbour votes for it, so kNN top-1 is 100%% whatever the features",
-            splits.train.root,
-            splits.train.classes[0],
-        )
+    warn_if_single_class(splits.train)
     nets = {"backbone": model.backbone(), "head": model.encoder_q}
     names = ["backbone", "head"] if args.features == "both" else [args.features]
     for name in names:

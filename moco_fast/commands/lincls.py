@@ -50,13 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moco_fast.lincls import LinclsConfig, run_lincls
+    from moco_fast.metrics import LINCLS_RESULT
 
     # Every value is checked, and the result's folder tried, before the checkpoint or the data is read.
     check_classifier_args(args)
     resolve_eval_runtime(args)
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     args.out = str(
-        check_output(args.out or Path(args.checkpoint).parent / "lincls.json", "--out", inputs=(args.checkpoint,))
+        check_output(args.out or Path(args.checkpoint).parent / LINCLS_RESULT, "--out", inputs=(args.checkpoint,))
     )
     cfg = dataclass_from_args(LinclsConfig, args)
     res = run_lincls(cfg)
