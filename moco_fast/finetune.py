@@ -33,7 +33,7 @@ from moco_fast.lincls import (
     result_record,
     start_run,
 )
-from moco_fast.metrics import FINETUNE_RESULTS
+from moco_fast.run_folder import FINETUNE_RESULTS
 from moco_fast.step import fast_sgd, set_lr
 
 log = logging.getLogger("moco_fast")

@@ -56,8 +56,9 @@ def launch_local(cfg: TrainConfig) -> tuple[int, dict]:
     """Train with one worker per GPU; returns (the CLI's exit status, rank 0's last metrics row)."""
     from pathlib import Path
 
+    from moco_fast.run_folder import check_output, ensure_not_busy, hold_run_folder
     from moco_fast.step import check_cuda_graph
-    from moco_fast.trainer import check_output, ensure_not_busy, hold_run_folder, validate
+    from moco_fast.trainer import validate
 
     n = check_local_gpus(cfg)
     validate(cfg, n)  # contradicting flags fail here once, not in every worker

@@ -11,6 +11,9 @@ from tqdm import tqdm
 
 log = logging.getLogger("moco_fast")
 
+METRICS_NAME = "metrics.jsonl"  # a JSON row per epoch
+SUMMARY_NAME = "summary.json"  # the final row, with the final evaluation
+
 
 def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
@@ -19,7 +22,7 @@ def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
 def read_rows(out: str | Path) -> list[dict[str, Any]]:
     """The rows of OUT/metrics.jsonl in order (none without the file); a row cut short by a crash
     is left out."""
-    path = Path(out) / "metrics.jsonl"
+    path = Path(out) / METRICS_NAME
     rows = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
@@ -49,7 +52,7 @@ class MetricsWriter:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.out / "metrics.jsonl", "a") as fh:
+        with open(self.out / METRICS_NAME, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
@@ -62,12 +65,12 @@ class MetricsWriter:
             return
         from moco_fast.checkpoint import atomic_write_text
 
-        atomic_write_text(self.out / "summary.json", json.dumps(row, indent=2) + "\n")
+        atomic_write_text(self.out / SUMMARY_NAME, json.dumps(row, indent=2) + "\n")
 
     def keep_epochs(self, last: int) -> None:
         """Drop rows of epochs after `last` (the checkpoint a run resumes from): a run stopped
         between writing an epoch's row and its checkpoint would otherwise log that epoch twice."""
-        path = self.out / "metrics.jsonl"
+        path = self.out / METRICS_NAME
         if not self.enabled or not path.is_file():
             return
         lines = path.read_text().splitlines()
@@ -87,28 +90,3 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-# What the evaluation commands and the sweep write beside a run's checkpoint, each named once.
-LINCLS_RESULT = "lincls.json"  # `moco-fast lincls`
-SWEEP_RESULT = "result.json"  # the sweep's row for the run
-SWEEP_LINCLS_RESULT = "sweep_lincls.json"  # the sweep's short linear classifier on cached features
-FINETUNE_RESULTS = {"moco": "finetune.json", "scratch": "finetune_scratch.json"}  # by initialisation
-RUN_RESULTS = (
-    LINCLS_RESULT,
-    SWEEP_RESULT,
-    SWEEP_LINCLS_RESULT,
-    *FINETUNE_RESULTS.values(),
-    *(Path(name).with_suffix(".pt").name for name in FINETUNE_RESULTS.values()),  # --save-model's default
-)
-
-
-def clear_run(out: str | Path) -> None:
-    """Start over in an old run's folder (`train --force`): its checkpoint, rows, summary and
-    TensorBoard logs go, so that nothing of the old run mixes with the new one."""
-    import shutil
-
-    out = Path(out)
-    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", *RUN_RESULTS):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "tb", ignore_errors=True)

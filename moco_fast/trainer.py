@@ -6,14 +6,11 @@ The step never syncs the device to the host: losses are summed on the device and
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,8 +25,18 @@ from moco_fast.data import DataError, load_splits
 from moco_fast.knn import knn_accuracy, warn_if_single_class
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS, LoaderArgs, create_loader
 from moco_fast.loaders.wds import is_wds_root
-from moco_fast.metrics import RUN_RESULTS, MetricsWriter, clear_run, progress, read_rows
+from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, progress, read_rows
 from moco_fast.model import MoCo
+from moco_fast.run_folder import (
+    CONFIG_NAME,
+    check_output,
+    clear_run,
+    continues_in,
+    ensure_not_busy,
+    hold_run_folder,
+    remove_stale_temporaries,
+    starts_over,
+)
 from moco_fast.step import GraphedStep, StepState, check_cuda_graph, make_optimizer, set_lr, train_step
 
 log = logging.getLogger("moco_fast")
@@ -151,114 +158,6 @@ def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
         raise ConfigError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only)")
 
 
-def check_output(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run), or a ConfigError when --out holds a run
-    (its checkpoint, or rows or a summary) that this one does not continue and --force does not
-    replace. Called before any data or worker starts."""
-    out = Path(cfg.runtime.out)
-    check_run_folder(out)
-    resume_path = ckpt.find_resume(cfg.runtime.resume, out)
-    if starts_over(cfg, resume_path):
-        log.warning(
-            "--resume: no checkpoint in %s yet; starting from scratch%s",
-            out,
-            " (the rows its run logged before its first checkpoint go)" if holds_run(out) else "",
-        )
-    elif holds_run(out) and not continues_in(out, resume_path) and not cfg.runtime.force:
-        what = "another run" if resume_path is not None else "a run already"
-        raise ConfigError(
-            f"{out} holds {what}: --resume continues the run there, --force replaces it (its checkpoint "
-            "and logs are deleted), or choose another --out"
-        )
-    return resume_path
-
-
-def check_run_folder(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file: it must be a run folder")
-
-
-def starts_over(cfg: TrainConfig, resume_path: Path | None) -> bool:
-    """`--resume` in a run folder whose run stopped before its first checkpoint (or never began): it
-    starts from scratch there. Only then: no checkpoint, no row past epoch 1 (a row is written just
-    before its epoch's checkpoint), no summary and no evaluation beside it. A folder whose checkpoint
-    was moved away still holds a run, and --resume there is refused as before."""
-    out = Path(cfg.runtime.out)
-    if cfg.runtime.resume != "auto" or resume_path is not None:
-        return False
-    if any((out / name).is_file() for name in ("summary.json", *RUN_RESULTS)):
-        return False
-    rows = read_rows(out)
-    return not rows or rows[-1].get("epoch", 0) <= 1
-
-
-class RunFolderBusy(RuntimeError):
-    """Another `train` is writing to the same --out."""
-
-
-def ensure_not_busy(held: list[bool], out: Path) -> None:
-    """RunFolderBusy unless every process that tried to hold the run folder (`hold_run_folder`) did."""
-    if not all(held):
-        raise RunFolderBusy(
-            f"{out}: another moco-fast train is writing there now; wait for it to end or choose another --out"
-        )
-
-
-_HELD: set[int] = set()  # the run-folder locks this process holds
-
-
-def _close_held_in_child() -> None:
-    # A forked child (a DataLoader worker) would keep the lock alive after its parent died.
-    for fd in _HELD:
-        os.close(fd)
-    _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_close_held_in_child)
-
-
-@contextlib.contextmanager
-def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
-    """Holds an exclusive lock on the run folder while a run uses it (rank 0 only), so that a second
-    `train` into the same --out fails at once instead of mixing its rows and checkpoints with the
-    first's; yields False when another process holds it (and True otherwise, or when not `enabled`).
-    The lock is a flock on the folder itself (no lock file) and goes with the process; forked
-    processes (DataLoader workers) close their copy. A folder created here and left empty (the run
-    failed before writing) is removed."""
-    if not enabled:
-        yield True
-        return
-    check_run_folder(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
-    _HELD.add(fd)
-    try:
-        held = True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held = False
-        except OSError as e:  # a file system without flock: run unguarded
-            log.debug("no lock on %s: %s", out, e)
-        yield held
-    finally:
-        _HELD.discard(fd)
-        os.close(fd)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-
-
-def holds_run(out: Path) -> bool:
-    return any((out / name).is_file() for name in (ckpt.CHECKPOINT_NAME, "metrics.jsonl", "summary.json"))
-
-
-def continues_in(out: Path, resume_path: Path | None) -> bool:
-    """True when the run resumes from the checkpoint in `out` itself (not from another run's)."""
-    here = out / ckpt.CHECKPOINT_NAME
-    return resume_path is not None and here.is_file() and os.path.samefile(here, resume_path)
-
-
 def _warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
     """A resumed run may change its data, optimisation or epochs; say what changed."""
     now = to_dict(cfg)
@@ -342,21 +241,7 @@ def _train_held(
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch = 0
-    if resume_path is not None:
-        # on the CPU: the RNG states must stay there; model and optimizer states are copied to the device
-        state = ckpt.load(resume_path, map_location="cpu")
-        if not {"config", "model", "optimizer", "epoch"} <= set(state):
-            raise DataError(f"--resume: {resume_path} is not a moco-fast training checkpoint")
-        _check_same_model(state["config"], cfg)
-        if state["epoch"] < cfg.optim.epochs:
-            _warn_changed(state["config"], cfg)
-        ckpt.load_weights(model, state["model"], resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"]
-        _restore_rng(state, cfg, world, rank, start_epoch)
-        log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+    start_epoch = 0 if resume_path is None else _resume(resume_path, cfg, model, optimizer, scaler, world, rank)
     # Every rank must start at the same epoch, or the first collective would wait forever.
     starts = dist_utils.all_gather_objects(start_epoch)
     if len(set(starts)) > 1:
@@ -382,20 +267,19 @@ def _train_held(
         and continues_in(out, resume_path)
         and splits is not None
         and cfg.runtime.final_knn
-        and not (out / "summary.json").is_file()
+        and not (out / SUMMARY_NAME).is_file()
     )
     if dist_utils.is_main() and not continues_in(out, resume_path):
         if cfg.runtime.force or starts_over(cfg, resume_path):
             clear_run(out)
     if dist_utils.is_main() and not finished:
-        for tmp in out.glob(f".{ckpt.CHECKPOINT_NAME}.*.tmp"):  # left by a killed run (we hold the folder)
-            tmp.unlink()
+        remove_stale_temporaries(out)
     writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed))
     if resume_path is not None:
         writer.keep_epochs(start_epoch)
     if dist_utils.is_main() and not finished:
         out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, str(out / "config.json"))
+        save_json(cfg, str(out / CONFIG_NAME))
     base_lr = cfg.optim.lr * cfg.optim.batch_size * world / 256
     torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
     step = GraphedStep(s, cfg.moco.m) if cfg.runtime.cuda_graph else partial(train_step, s, m=cfg.moco.m)
@@ -404,37 +288,8 @@ def _train_held(
         lr = lr_at(cfg, epoch, base_lr)
         set_lr(optimizer, lr)
         loader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=device)
-        acc_sum = torch.zeros((), device=device)
-        steps = len(loader)
-        bar = progress(total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", enabled=dist_utils.is_main())
-        t0 = time.perf_counter()
-        n = 0
-        for i, batch in enumerate(loader):
-            loss, acc = step(batch)
-            loss_sum += loss
-            acc_sum += acc
-            n += 1
-            if (i + 1) % cfg.runtime.log_every == 0 or i + 1 == steps:
-                # Host sync point: only every log_every steps, for the progress bar.
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{n * cfg.optim.batch_size * world / elapsed:.0f}")
-            bar.update(1)
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        stats = dist_utils.all_reduce_mean(torch.stack([loss_sum, acc_sum]) / max(n, 1))
-        check_finite(model, stats[0], epoch + 1, amp_dtype)
-        row = {
-            "epoch": epoch + 1,
-            "loss": stats[0].item(),
-            "pretext_acc": stats[1].item() * 100,
-            "lr": lr,
-            "img_per_s": n * cfg.optim.batch_size * world / elapsed,
-            "img_per_s_per_device": n * cfg.optim.batch_size / elapsed,
-            "epoch_time_s": elapsed,
-        }
+        row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world)
+        check_finite(model, mean_loss, epoch + 1, amp_dtype)
         if splits is not None and cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0:
             if dist_utils.is_main():  # kNN on rank 0 alone; the others wait at the barrier
                 row["knn_top1"] = knn_top1(model.backbone(), splits, cfg, device)
@@ -462,24 +317,87 @@ def _train_held(
     if finished and not summary_owed:
         log.info("%s: all %d epochs were done already; nothing to train", out, cfg.optim.epochs)
     elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
-        row = dict(row)
-        row["final_knn_top1"] = (
-            row["knn_top1"] if "knn_top1" in row else knn_top1(model.backbone(), splits, cfg, device)
-        )
-        # the head's output (128-d): the figure the official CIFAR-10 demo reports
-        row["final_knn_head_top1"] = knn_top1(model.encoder_q, splits, cfg, device)
-        if cfg.runtime.knn_baseline:
-            # drawn from the run's seed, not from the RNG where training left it: the same network
-            # however long the run trained
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.runtime.seed)
-                rand = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images)
-            row["random_knn_top1"] = knn_top1(rand.to(device).backbone(), splits, cfg, device)
+        row = _final_evaluation(row, model, splits, cfg, device, loader.num_images)
         writer.write_summary(row)
     writer.close()
     dist_utils.barrier()
     if owns_group:
         dist_utils.destroy()
+    return row
+
+
+def _resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, world: int, rank: int) -> int:
+    """Loads a training checkpoint into the model, optimizer, scaler and random streams; returns
+    the epoch it ends."""
+    # on the CPU: the RNG states must stay there; model and optimizer states are copied to the device
+    state = ckpt.load(resume_path, map_location="cpu")
+    if not {"config", "model", "optimizer", "epoch"} <= set(state):
+        raise DataError(f"--resume: {resume_path} is not a moco-fast training checkpoint")
+    _check_same_model(state["config"], cfg)
+    if state["epoch"] < cfg.optim.epochs:
+        _warn_changed(state["config"], cfg)
+    ckpt.load_weights(model, state["model"], resume_path)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    _restore_rng(state, cfg, world, rank, state["epoch"])
+    log.info("resumed from %s at epoch %d", resume_path, state["epoch"])
+    return state["epoch"]
+
+
+def _run_epoch(
+    step, loader, cfg: TrainConfig, epoch: int, lr: float, device: torch.device, world: int
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """One pass over the loader: the epoch's row (mean loss and pretext accuracy over every rank's
+    steps, speed, time) and the mean loss as a device scalar (for check_finite)."""
+    loss_sum = torch.zeros((), device=device)
+    acc_sum = torch.zeros((), device=device)
+    steps = len(loader)
+    bar = progress(total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", enabled=dist_utils.is_main())
+    t0 = time.perf_counter()
+    n = 0
+    for i, batch in enumerate(loader):
+        loss, acc = step(batch)
+        loss_sum += loss
+        acc_sum += acc
+        n += 1
+        if (i + 1) % cfg.runtime.log_every == 0 or i + 1 == steps:
+            # Host sync point: only every log_every steps, for the progress bar.
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{n * cfg.optim.batch_size * world / elapsed:.0f}")
+        bar.update(1)
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    stats = dist_utils.all_reduce_mean(torch.stack([loss_sum, acc_sum]) / max(n, 1))  # host sync: once an epoch
+    row = {
+        "epoch": epoch + 1,
+        "loss": stats[0].item(),
+        "pretext_acc": stats[1].item() * 100,
+        "lr": lr,
+        "img_per_s": n * cfg.optim.batch_size * world / elapsed,
+        "img_per_s_per_device": n * cfg.optim.batch_size / elapsed,
+        "epoch_time_s": elapsed,
+    }
+    return row, stats[0]
+
+
+def _final_evaluation(
+    row: dict[str, Any], model: MoCo, splits, cfg: TrainConfig, device: torch.device, num_images: int
+) -> dict[str, Any]:
+    """The summary: the last row plus the final kNN on the backbone and on the head's output, and
+    on a random-init network when asked."""
+    row = dict(row)
+    row["final_knn_top1"] = row["knn_top1"] if "knn_top1" in row else knn_top1(model.backbone(), splits, cfg, device)
+    # the head's output (128-d): the figure the official CIFAR-10 demo reports
+    row["final_knn_head_top1"] = knn_top1(model.encoder_q, splits, cfg, device)
+    if cfg.runtime.knn_baseline:
+        # drawn from the run's seed, not from the RNG where training left it: the same network
+        # however long the run trained
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.runtime.seed)
+            rand = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=num_images)
+        row["random_knn_top1"] = knn_top1(rand.to(device).backbone(), splits, cfg, device)
     return row
 
 

@@ -438,7 +438,7 @@ def test_sweep_rejects_a_bad_setting_before_training(tiny_root, tmp_path, capsys
 def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     import sys
 
-    from moco_fast.sweep import plot
+    from moco_fast.sweep_table import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert plot([{"name": "a", "knn_top1": 50.0}], tmp_path / "p.png") is False

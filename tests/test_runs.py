@@ -220,7 +220,7 @@ def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
 
 
 def test_a_second_train_into_a_busy_folder_fails_at_once(tiny_root, tmp_path, capsys):
-    from moco_fast.trainer import hold_run_folder
+    from moco_fast.run_folder import hold_run_folder
 
     out = tmp_path / "busy"
     with hold_run_folder(out):  # as another process training there

@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moco_fast.lincls import LinclsConfig, run_lincls
-    from moco_fast.metrics import LINCLS_RESULT
+    from moco_fast.run_folder import LINCLS_RESULT
 
     # Every value is checked, and the result's folder tried, before the checkpoint or the data is read.
     check_classifier_args(args)

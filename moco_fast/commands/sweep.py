@@ -147,7 +147,8 @@ def base_config(train_args: list[str]):
 
 def run(args: argparse.Namespace) -> int:
     from moco_fast.model import MECHANISMS
-    from moco_fast.sweep import expand, markdown_table, run_sweep, shown
+    from moco_fast.sweep import expand, run_sweep
+    from moco_fast.sweep_table import markdown_table, shown
 
     # the grid first: a malformed list is an error before the train flags are read
     ks = grid_list(args.moco_k, "--moco-k", int, "an integer", "256,4096")

@@ -1,0 +1,161 @@
+"""A run folder (`train --out`): what it holds, whether a new run may write there, and the lock
+that keeps a second `train` out while one runs.
+
+A folder holds the run's checkpoint, metrics.jsonl (a row per epoch), summary.json (the final
+evaluation), config.json, TensorBoard logs in tb/, and what the evaluation commands and the sweep
+write beside the checkpoint (RUN_RESULTS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from moco_fast import checkpoint as ckpt
+from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.metrics import METRICS_NAME, SUMMARY_NAME, read_rows
+
+log = logging.getLogger("moco_fast")
+
+CONFIG_NAME = "config.json"  # the resolved TrainConfig of the run
+
+# What the evaluation commands and the sweep write beside a run's checkpoint, each named once.
+LINCLS_RESULT = "lincls.json"  # `moco-fast lincls`
+SWEEP_RESULT = "result.json"  # the sweep's row for the run
+SWEEP_LINCLS_RESULT = "sweep_lincls.json"  # the sweep's short linear classifier on cached features
+FINETUNE_RESULTS = {"moco": "finetune.json", "scratch": "finetune_scratch.json"}  # by initialisation
+RUN_RESULTS = (
+    LINCLS_RESULT,
+    SWEEP_RESULT,
+    SWEEP_LINCLS_RESULT,
+    *FINETUNE_RESULTS.values(),
+    *(Path(name).with_suffix(".pt").name for name in FINETUNE_RESULTS.values()),  # --save-model's default
+)
+
+
+def check_output(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run), or a ConfigError when --out holds a run
+    (its checkpoint, or rows or a summary) that this one does not continue and --force does not
+    replace. Called before any data or worker starts."""
+    out = Path(cfg.runtime.out)
+    check_run_folder(out)
+    resume_path = ckpt.find_resume(cfg.runtime.resume, out)
+    if starts_over(cfg, resume_path):
+        log.warning(
+            "--resume: no checkpoint in %s yet; starting from scratch%s",
+            out,
+            " (the rows its run logged before its first checkpoint go)" if holds_run(out) else "",
+        )
+    elif holds_run(out) and not continues_in(out, resume_path) and not cfg.runtime.force:
+        what = "another run" if resume_path is not None else "a run already"
+        raise ConfigError(
+            f"{out} holds {what}: --resume continues the run there, --force replaces it (its checkpoint "
+            "and logs are deleted), or choose another --out"
+        )
+    return resume_path
+
+
+def check_run_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: it must be a run folder")
+
+
+def starts_over(cfg: TrainConfig, resume_path: Path | None) -> bool:
+    """`--resume` in a run folder whose run stopped before its first checkpoint (or never began): it
+    starts from scratch there. Only then: no checkpoint, no row past epoch 1 (a row is written just
+    before its epoch's checkpoint), no summary and no evaluation beside it. A folder whose checkpoint
+    was moved away still holds a run, and --resume there is refused as before."""
+    out = Path(cfg.runtime.out)
+    if cfg.runtime.resume != "auto" or resume_path is not None:
+        return False
+    if any((out / name).is_file() for name in (SUMMARY_NAME, *RUN_RESULTS)):
+        return False
+    rows = read_rows(out)
+    return not rows or rows[-1].get("epoch", 0) <= 1
+
+
+class RunFolderBusy(RuntimeError):
+    """Another `train` is writing to the same --out."""
+
+
+def ensure_not_busy(held: list[bool], out: Path) -> None:
+    """RunFolderBusy unless every process that tried to hold the run folder (`hold_run_folder`) did."""
+    if not all(held):
+        raise RunFolderBusy(
+            f"{out}: another moco-fast train is writing there now; wait for it to end or choose another --out"
+        )
+
+
+_HELD: set[int] = set()  # the run-folder locks this process holds
+
+
+def _close_held_in_child() -> None:
+    # A forked child (a DataLoader worker) would keep the lock alive after its parent died.
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+@contextlib.contextmanager
+def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
+    """Holds an exclusive lock on the run folder while a run uses it (rank 0 only), so that a second
+    `train` into the same --out fails at once instead of mixing its rows and checkpoints with the
+    first's; yields False when another process holds it (and True otherwise, or when not `enabled`).
+    The lock is a flock on the folder itself (no lock file) and goes with the process; forked
+    processes (DataLoader workers) close their copy. A folder created here and left empty (the run
+    failed before writing) is removed."""
+    if not enabled:
+        yield True
+        return
+    check_run_folder(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    _HELD.add(fd)
+    try:
+        held = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = False
+        except OSError as e:  # a file system without flock: run unguarded
+            log.debug("no lock on %s: %s", out, e)
+        yield held
+    finally:
+        _HELD.discard(fd)
+        os.close(fd)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / name).is_file() for name in (ckpt.CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME))
+
+
+def continues_in(out: Path, resume_path: Path | None) -> bool:
+    """True when the run resumes from the checkpoint in `out` itself (not from another run's)."""
+    here = out / ckpt.CHECKPOINT_NAME
+    return resume_path is not None and here.is_file() and os.path.samefile(here, resume_path)
+
+
+def clear_run(out: str | Path) -> None:
+    """Start over in an old run's folder (`train --force`): its checkpoint, rows, summary and
+    TensorBoard logs go, so that nothing of the old run mixes with the new one."""
+    out = Path(out)
+    for name in (ckpt.CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, CONFIG_NAME, *RUN_RESULTS):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Temporary checkpoint files left by a killed run (call it while holding the folder)."""
+    for tmp in out.glob(f".{ckpt.CHECKPOINT_NAME}.*.tmp"):
+        tmp.unlink()

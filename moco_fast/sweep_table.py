@@ -1,0 +1,121 @@
+"""The sweep's table: one row per setting as markdown (sweep.md), JSON (sweep.json) and a bar
+chart (sweep.png, with matplotlib), each file replaced whole."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from moco_fast.checkpoint import atomic_write_text
+
+log = logging.getLogger("moco_fast")
+
+
+def number_text(v: float) -> str:
+    """`{:g}` (0.99, 0, 1e-05: the folder names sweeps have always had, so that they are found again)
+    where that reads back as `v`, else the shortest text that does (0.9999999, not the `{:g}` 1 that
+    m = 1 also gives): two distinct values never share a folder name or a table cell."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(float(v))
+
+
+COLUMNS = [
+    ("mechanism", "mechanism", "{}"),
+    ("k", "K", "{}"),
+    ("m", "m", "{:g}"),
+    ("shuffle_bn", "shuffle BN", "{}"),
+    ("epochs", "epochs", "{}"),
+    ("loss", "final loss", "{:.3f}"),
+    ("pretext_acc", "pretext acc %", "{:.1f}"),
+    ("knn_top1", "kNN top-1 % (backbone)", "{:.2f}"),
+    ("knn_head_top1", "kNN top-1 % (head)", "{:.2f}"),
+    ("random_knn_top1", "kNN % random init", "{:.2f}"),
+    ("linear_top1", "linear top-1 %", "{:.2f}"),
+    ("wall_s", "time s", "{:.0f}"),
+]
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in results)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        cells = []
+        for key, _, fmt in cols:
+            v = r.get(key)
+            if isinstance(v, bool):
+                v = "on" if v else "off"
+            cells.append("-" if v is None else fmt.format(v) if not isinstance(v, str) else v)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> bool:
+    """A bar chart of kNN (and linear) accuracy and pretext accuracy per setting; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    names = [r["name"] for r in results]
+    x = range(len(results))
+    series = [
+        (k, label)
+        for k, label in (("knn_top1", "kNN (backbone)"), ("knn_head_top1", "kNN (head)"), ("linear_top1", "linear"))
+        if any(r.get(k) is not None for r in results)
+    ]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(results) + 2), 7), sharex=True)
+    width = 0.8 / max(len(series), 1)
+    for j, (key, label) in enumerate(series):
+        offset = (j - (len(series) - 1) / 2) * width  # the group stays centred on its tick
+        ax1.bar([i + offset for i in x], [r.get(key) or 0 for r in results], width, label=label)
+    ax1.set_ylabel("top-1 %")
+    ax1.set_title("downstream accuracy per setting")
+    if series:
+        ax1.legend()
+    ax2.bar(list(x), [r.get("pretext_acc") or 0 for r in results], 0.6, color="gray")
+    ax2.set_ylabel("pretext acc % (last epoch)")
+    ax2.set_xticks(list(x))
+    ax2.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as the markdown table shows them: K says where it is not the K asked for."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("mechanism") == "end-to-end" and r.get("k") is not None:
+            r["k"] = f"{r['k']} (batch)"
+        elif r.get("k_asked") is not None:
+            r["k"] = f"{r['k']} (bank size; {r['k_asked']} asked)"
+        if isinstance(r.get("m"), float):
+            r["m"] = number_text(r["m"])  # 0.9999999, not the `{:g}` 1
+        out.append(r)
+    return out
+
+
+def write_table(rows: list[dict[str, Any]], out: Path) -> None:
+    """OUT/sweep.md, sweep.json and (with matplotlib) sweep.png, each replaced whole."""
+    atomic_write_text(out / "sweep.md", markdown_table(shown(rows)))
+    write_json(out / "sweep.json", rows)
+    tmp = out / ".sweep.tmp.png"
+    try:
+        if plot(rows, tmp):
+            os.replace(tmp, out / "sweep.png")
+        else:
+            (out / "sweep.png").unlink(missing_ok=True)  # an old plot would not show these rows
+    finally:
+        tmp.unlink(missing_ok=True)
