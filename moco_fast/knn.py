@@ -50,6 +50,18 @@ def collate_decodable(items):
     return (*collate_labeled(good), bad)
 
 
+def warn_left_out(bad: list[Unreadable], images: ImageList, desc: str) -> None:
+    """One warning per evaluation pass (kNN features, lincls/finetune evaluation) naming the images
+    it left out because they failed to decode; the same text for the same files is shown once per
+    process under the default warning filter."""
+    if bad:
+        warnings.warn(
+            f"{desc}: left out {len(bad)} of {len(images)} images in {images.root} that failed to decode:\n"
+            + "\n".join(f"  {u.path}: {u.reason}" for u in bad),
+            stacklevel=2,
+        )
+
+
 @torch.no_grad()
 def extract_features(
     net: nn.Module,
@@ -85,13 +97,7 @@ def extract_features(
         bar.update(1)
     bar.close()
     net.train(was_training)
-    if bad:
-        # the same text for the same files: shown once per process under the default warning filter
-        warnings.warn(
-            f"{desc}: left out {len(bad)} of {len(images)} images in {images.root} that failed to decode:\n"
-            + "\n".join(f"  {u.path}: {u.reason}" for u in bad),
-            stacklevel=1,
-        )
+    warn_left_out(bad, images, desc)
     if not feats:
         raise DataError(f"none of the {len(images)} images in {images.root} could be decoded")
     return torch.cat(feats), torch.cat(labels)

@@ -18,10 +18,8 @@ import json
 import logging
 import math
 import time
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,7 @@ from moco_fast.data import (
     resolve_root,
     split_dirs,
 )
-from moco_fast.knn import collate_decodable, collate_labeled
+from moco_fast.knn import collate_decodable, collate_labeled, warn_left_out
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
@@ -106,17 +104,24 @@ def classify_transform(image_size: int, train: bool) -> Callable:
 
 
 def image_batches(
-    images: ImageList, image_size: int, train: bool, batch_size: int, workers: int, seed: int, drop_last: bool = False
-) -> DataLoader:
+    images: ImageList,
+    image_size: int,
+    train: bool,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    drop_last: bool = False,
+    desc: str = "evaluation",
+) -> DataLoader | EvalBatches:
     """Host uint8 batches (x, y); shuffled with a seeded generator when `train`. Evaluation passes
     (train=False: the eval split, --cached-features) leave out images that fail to decode, so that
-    each image counts once, as in kNN; training replaces them by another image, as pretraining does."""
+    each image counts once, as in kNN (EvalBatches; `desc` names the pass in its warning); training
+    replaces them by another image, as pretraining does."""
     if train:
         ds, collate = ImageDataset(images, classify_transform(image_size, True)), collate_labeled
     else:
-        ds = ImageDataset(images, classify_transform(image_size, False), substitute=False)
-        collate = partial(collate_eval, image_size=image_size)
-    return DataLoader(
+        ds, collate = ImageDataset(images, classify_transform(image_size, False), substitute=False), collate_decodable
+    loader = DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=train,
@@ -126,17 +131,29 @@ def image_batches(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
     )
+    return loader if train else EvalBatches(loader, images, image_size, desc)
 
 
-def collate_eval(items, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An evaluation batch without the images that failed to decode (each named in a warning); a
-    batch where none decoded is empty (0 x 3 x S x S), so that the counts stay right."""
-    x, y, bad = collate_decodable(items)
-    for u in bad:
-        warnings.warn(f"left out {u.path}, which failed to decode: {u.reason}", stacklevel=1)
-    if x is None:
-        return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-    return x, y
+class EvalBatches:
+    """The (x, y) host batches of an evaluation pass over `images`: the images that failed to decode
+    are left out and named in one warning when the pass ends (as kNN does); a batch where none
+    decoded is empty (0 x 3 x S x S), so that the counts stay right."""
+
+    def __init__(self, loader: DataLoader, images: ImageList, image_size: int, desc: str):
+        self.loader, self.images, self.image_size, self.desc = loader, images, image_size, desc
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        bad = []
+        for x, y, unreadable in self.loader:
+            bad += unreadable
+            if x is None:
+                s = self.image_size
+                x, y = torch.empty(0, 3, s, s, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+            yield x, y
+        warn_left_out(bad, self.images, self.desc)
 
 
 class Normalizer:
@@ -298,12 +315,13 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
     fc = new_classifier(width, classes).to(device)
     opt = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-    def batches(images: ImageList, train: bool) -> DataLoader:
-        return image_batches(images, size, train, cfg.batch_size, cfg.workers, cfg.seed)
+    def batches(images: ImageList, train: bool, desc: str = "evaluation") -> DataLoader | EvalBatches:
+        return image_batches(images, size, train, cfg.batch_size, cfg.workers, cfg.seed, desc=desc)
 
     eval_images = batches(splits.eval, train=False)
     if cfg.cached_features:
-        train_x, train_y = extract(backbone, batches(splits.train, False), norm, device, amp_dtype, "features (train)")
+        train_feats = batches(splits.train, False, "features (train)")
+        train_x, train_y = extract(backbone, train_feats, norm, device, amp_dtype, "features (train)")
         eval_x, eval_y = extract(backbone, eval_images, norm, device, amp_dtype, "features (eval)")
         g = torch.Generator().manual_seed(cfg.seed)
         train_epoch = lambda: tensor_batches(train_x, train_y, cfg.batch_size, True, g)  # noqa: E731

@@ -223,9 +223,9 @@ def test_classification_eval_batches_leave_out_what_fails_to_decode(fresh_root):
     assert torch.cat([y for _, y in batches]).tolist() == [
         lab for f, lab in zip(images.files, images.labels) if "_trunc" not in f
     ]
-    named = sorted(
-        Path(str(w.message).split()[2].rstrip(",")).name for w in caught if "failed to decode" in str(w.message)
-    )
-    assert named == ["000-0_trunc.jpg", "000-1_trunc.jpg"]
+    ours = [str(w.message) for w in caught if "failed to decode" in str(w.message)]
+    assert len(ours) == 1, ours  # one warning for the pass, as kNN's feature pass gives
+    assert ours[0].startswith("evaluation: left out 2 of 18 images")
+    assert "000-0_trunc.jpg" in ours[0] and "000-1_trunc.jpg" in ours[0]
     train = list(image_batches(images, 8, True, batch_size=2, workers=0, seed=0))  # training replaces them
     assert sum(len(y) for _, y in train) == 18
