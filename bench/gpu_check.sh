@@ -8,8 +8,9 @@
 #
 # Phases, in this order (rough times on an H100, not yet measured):
 #   env         nvidia-smi, versions                                            (~5 s)
-#   tests       pytest -m gpu (sync-free step, CUDA graph, Triton kernel, resume on CUDA, DALI/resident
-#               GPU paths, ...): first, so that a short budget still proves the step sync-free (~2 min)
+#   tests       pytest -m "gpu and not slow" (sync-free step, CUDA graph, Triton kernel, resume on CUDA,
+#               DALI/resident GPU paths, ...), test_sync_free.py and test_train.py first: first, so that
+#               a short budget still proves the step sync-free (~2 min)
 #   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256: the reference row,
 #               bf16/fp16 eager, fp16 without split BN, + CUDA graph, Triton EMA, then torch.compile
 #               rows (last: each compiles for 1-2 min); a profile breakdown of the bf16 eager step (~5 min)
@@ -21,9 +22,12 @@
 #   hooks       bench/ffcv_loader.py (whole FFCV rows with ffcv and FFCV_DATA=folder, else its GPU
 #               augmentation rows), DALI end to end (bench/throughput.py --loader dali [DALI_DATA=folder],
 #               needs DALI brought over: ../shared/device/README.md)
+#   tests-slow  pytest -m "gpu and slow": the one-worker distributed overhead (issue 5, < 3%: three
+#               ResNet-50 steppers, an NCCL worker) and the compiled CUDA-graph step's sync check
+#               (a cold torch.compile) (~3 min)
 # One 10-minute command does not hold them all: phases that no longer fit BUDGET are skipped and
 # named at the end; run those as a second command (e.g. `bash bench/gpu_check.sh cifar-speed
-# momentum e2e hooks`).
+# momentum e2e hooks tests-slow`).
 # Not in the default list (a command of its own, ~9.5 min):
 #   cifar       the issue-7 target run: `moco-fast train --preset cifar --loader resident` on CIFAR-10,
 #               200 epochs (CIFAR_FLAGS adds flags, e.g. --cuda-graph), then kNN on backbone and head.
@@ -37,8 +41,11 @@
 # full command. In order of what the open issues still owe (a later session takes the next one):
 #   1. env tests throughput               issue 6 (3.5x target, fp16/bf16, graphs, compile, profile,
 #                                         sync-free test), issue 5 (one-worker overhead, in tests)
-#   2. cifar-speed momentum e2e hooks     carry .devdata/cifar10.npz: issue 7's speed forecast, the EMA
-#                                         backends, issue 4's augmentation-pass share of the step
+#   2. cifar-speed momentum e2e hooks tests-slow
+#                                         carry .devdata/cifar10.npz: issue 7's speed forecast, the EMA
+#                                         backends, issue 4's augmentation-pass share of the step (against
+#                                         e2e's trainer row, ResNet-50 b256, same command), issue 5's
+#                                         one-worker overhead
 #   3. cifar                              issue 7's 200-epoch run (CIFAR_FLAGS from what 2 measured)
 #   4. DALI brought over in five calls, then `hooks` with DALI_DATA: issue 3's 95% target
 # First here: `DRY=1 bash bench/gpu_check.sh PHASES` (a minute on the CPU) for the phases you will run.
@@ -64,7 +71,7 @@ if [[ -n $DRY ]]; then
 else
   TP=() MOM=() AUG=() TRAIN=() KNN=()
 fi
-PHASES=${*:-env tests throughput cifar-speed momentum e2e hooks}
+PHASES=${*:-env tests throughput cifar-speed momentum e2e hooks tests-slow}
 LOG=$OUT/gpu_check.log
 export PYTHONUNBUFFERED=1
 : >"$LOG"
@@ -106,8 +113,12 @@ if has env; then
   run env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv; \
     $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
 fi
+# The step's own GPU tests first (files named one by one: pytest would merge a file into a folder
+# given beside it, in the folder's order).
+GPU_TESTS=(-q -rs --durations=8 -p no:cacheprovider --continue-on-collection-errors
+  tests/test_sync_free.py tests/test_train.py $(ls tests/test_*.py | grep -v -e /test_sync_free.py -e /test_train.py))
 if has tests; then
-  run tests 200 $PY -m pytest -q -rs -m gpu -p no:cacheprovider --continue-on-collection-errors tests/
+  run tests 200 $PY -m pytest -m "gpu and not slow" "${GPU_TESTS[@]}"
 fi
 if has throughput; then
   # torch.compile rows last (1-2 min each to compile): a time box that runs out loses only those.
@@ -162,6 +173,10 @@ if has hooks; then
     echo "== dali: skipped (DALI is not importable; bring it over as ../shared/device/README.md says)" | tee -a "$LOG"
     STATUS+=("dali: skipped (missing)")
   fi
+fi
+
+if has tests-slow; then
+  run tests-slow 200 $PY -m pytest -m "gpu and slow" "${GPU_TESTS[@]}"
 fi
 
 if has cifar; then
@@ -235,14 +250,17 @@ ff = out / "ffcv.json"
 if ff.exists():
     for r in load(ff)["rows"]:
         if r.get("row", "").startswith("aug") and r.get("ms_per_batch"):
-            for k in ("synthetic: trainer:bf16", "synthetic: trainer:fp16"):
+            # the ResNet-50 b256 step of this command: throughput's rows (command 1) or e2e's (command 2)
+            for k in ("synthetic: trainer:bf16", "synthetic: trainer:fp16", "torch: trainer"):
                 if k in steps:
                     print(f"  ffcv {r['row']}: {r['ms_per_batch']:.2f} ms = {100 * r['ms_per_batch'] / steps[k]:.1f}% "
                           f"of the {k.split(': ')[1]} step ({steps[k]:.1f} ms); {r['img_per_s']:,.0f} img/s")
 for f in sorted(out.glob("throughput-*.json")):
     for r in load(f)["rows"]:
         p = r.get("profile")
-        if p:
+        if p and "error" in p:
+            print(f"\nprofile of {r['name']}: none ({p['error']})")
+        elif p:
             print(f"\nprofile of {r['name']}: wall {p['wall_ms_per_step']:.1f} ms/step, busy {p['busy_ms_per_step']:.1f}, "
                   f"gaps {p['gaps_ms_per_step'] or 0:.1f}")
             print("  phases: " + ", ".join(f"{k} {v:.2f}" for k, v in p["phases_ms"].items()))

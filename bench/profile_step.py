@@ -111,6 +111,10 @@ def profile_breakdown(
         top.append((us, e.key, e.count))
     busy_ms = busy_us / 1000 / steps
     top.sort(reverse=True)
+    if cuda and busy_us == 0:
+        # CUPTI gave the profiler no kernel (profiling restricted to admins, say): every figure
+        # below would be zero and the whole step would read as gaps
+        return {"error": "the profiler recorded no CUDA kernel (is CUPTI restricted on this machine?)"}
     return {
         "steps": steps,
         "wall_ms_per_step": wall_ms,
@@ -126,6 +130,8 @@ def profile_breakdown(
 
 
 def format_breakdown(b: dict) -> str:
+    if "error" in b:
+        return f"no profile: {b['error']}"
     unit = "device" if b.get("gaps_ms_per_step") is not None else "CPU"
     lines = [f"wall {b['wall_ms_per_step']:.1f} ms/step profiled; {unit} busy {b['busy_ms_per_step']:.1f} ms/step"]
     if b.get("unprofiled_ms_per_step"):

@@ -33,8 +33,9 @@ from moco_fast.config import ConfigError
 from moco_fast.data import load_splits
 
 CPU = torch.device("cpu")
-CUDA = pytest.param(
-    torch.device("cuda"), marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = pytest.param(  # marked gpu too: `pytest -m gpu` (bench/gpu_check.sh) must select it
+    torch.device("cuda"),
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
 )
 N_IMAGES = 40  # per synthetic root; batches of 40 over 5 epochs give 400 views
 EPOCHS = 5
