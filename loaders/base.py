@@ -130,6 +130,8 @@ class DevicePrefetcher:
             for item in self.source:
                 yield self._prepare(item)
             return
+        # mean and std were made on the current stream (in __init__): the side stream reads them
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         it = iter(self.source)
         nxt = self._next_on_stream(it)
         while nxt is not None:
