@@ -308,6 +308,30 @@ def test_more_gpus_than_the_machine_has_is_one_line(tiny_root, tmp_path, capsys)
     assert not out.exists()  # nothing started
 
 
+def test_gpus_checks_the_run_folder_before_starting_workers(tiny_root, tmp_path, capsys, monkeypatch):
+    # --gpus N: a folder in use by another train, or holding a run that --resume/--force do not
+    # name, is one line before any worker starts (here with 2 pretend GPUs; no worker may start).
+    from moco_fast import launch
+    from moco_fast.run_folder import hold_run_folder
+
+    started = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch, "run_workers", lambda *a: started.append(a) or [{}])
+    out = tmp_path / "run"
+    args = [*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]
+    with hold_run_folder(out):  # as another train writing there (a flock: a second open is refused)
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another moco-fast train is writing there" in err[0], err
+    out.mkdir()  # (the lock's folder, left empty, went with it)
+    (out / "metrics.jsonl").write_text('{"epoch": 3}\n')  # a run that got past its first checkpoint
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume continues the run there, --force replaces it" in err[0], err
+    assert not started
+    assert main([*args, "--force"]) == 0 and len(started) == 1  # the folder is free: the workers start
+
+
 def test_device_flags_fail_before_the_data_is_read(tmp_path, capsys):
     # --cuda-graph on the CPU and --sync-bn with CPU processes: one line, before the data is touched.
     missing = str(tmp_path / "no-such-data")
