@@ -290,6 +290,22 @@ def test_cli_under_torchrun_then_resume_with_one_process(tiny_root, tmp_path, ca
 
 
 # -- failures -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_every_torchrun_rank_stops_at_a_run_folder_in_use(tiny_root, tmp_path):
+    # Rank 0 alone takes the folder's lock; the other ranks learn its result (all-gathered) and
+    # stop too, instead of waiting in their first collective for a rank 0 that has gone.
+    from moco_fast.run_folder import hold_run_folder
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moco_fast"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with hold_run_folder(out):  # as another train writing there
+        p = subprocess.run(cmd + cli_args(tiny_root, out, 1), capture_output=True, text=True, env=env, timeout=180)
+        assert p.returncode != 0
+        assert p.stderr.count("another moco-fast train is writing there") == 2, p.stderr[-3000:]  # each rank's line
+        assert not any(out.iterdir())  # nothing written
+
+
 def test_more_gpus_than_the_machine_has_is_one_line(tiny_root, tmp_path, capsys):
     n = max(8, torch.cuda.device_count() + 1)
     out = tmp_path / "never"
