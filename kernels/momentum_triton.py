@@ -40,25 +40,48 @@ def triton_available() -> bool:
 
 
 def _momentum_body(
-    k_addr, q_addr, sizes, chunk_tensor, chunk_start, w, ELEM: tl.constexpr, HIGH: tl.constexpr, BLOCK: tl.constexpr
+    k_addr,
+    q_addr,
+    sizes,
+    chunk_tensor,
+    chunk_start,
+    w,
+    ELEM: tl.constexpr,
+    HIGH: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)  # which tensor this program updates
-    start = tl.load(chunk_start + pid)  # and where in it
+    start = tl.multiple_of(tl.load(chunk_start + pid), BLOCK)  # and where in it (a whole number of chunks)
     n = tl.load(sizes + t)
     # The tables hold raw addresses (int64); ELEM is the parameters' element type.
     kp = tl.load(k_addr + t).to(tl.pointer_type(ELEM))
     qp = tl.load(q_addr + t).to(tl.pointer_type(ELEM))
+    if ALIGNED:  # every address is a multiple of 16 bytes (checked on the host)
+        kp = tl.multiple_of(kp, 16)
+        qp = tl.multiple_of(qp, 16)
     offs = start + tl.arange(0, BLOCK)
+    # A whole chunk loads and stores without a mask: with the alignment above, 16-byte vector
+    # accesses (ld.global.v4 in the PTX for sm_90; a mask against a size read from memory, or
+    # addresses of unknown alignment, leave one element per access). The last chunk is masked.
+    whole = start + BLOCK <= n
     mask = offs < n
-    k = tl.load(kp + offs, mask=mask).to(tl.float32)
-    q = tl.load(qp + offs, mask=mask).to(tl.float32)
+    if whole:
+        k = tl.load(kp + offs).to(tl.float32)
+        q = tl.load(qp + offs).to(tl.float32)
+    else:
+        k = tl.load(kp + offs, mask=mask).to(tl.float32)
+        q = tl.load(qp + offs, mask=mask).to(tl.float32)
     # torch.lerp's two forms, exact at both ends (w = 0 keeps k, w = 1 copies q) like the reference.
     if HIGH:
-        out = q - (q - k) * (1.0 - w)
+        out = (q - (q - k) * (1.0 - w)).to(ELEM)
     else:
-        out = k + w * (q - k)
-    tl.store(kp + offs, out.to(ELEM), mask=mask)
+        out = (k + w * (q - k)).to(ELEM)
+    if whole:
+        tl.store(kp + offs, out)
+    else:
+        tl.store(kp + offs, out, mask=mask)
 
 
 # The jitted kernel is made on first use, so that TRITON_INTERPRET set after import still counts;
@@ -90,6 +113,8 @@ class _Tables:
         self.table = host.to(device, non_blocking=True)
         self.chunks = chunks.to(device, non_blocking=True)
         self.num_chunks = len(chunk_tensor)
+        # 16-byte aligned addresses (PyTorch's allocations are; a view into a flat buffer may not be)
+        self.aligned = all(k.data_ptr() % 16 == 0 and q.data_ptr() % 16 == 0 for k, q in zip(ks, qs, strict=True))
 
 
 _TABLES: OrderedDict[tuple, _Tables] = OrderedDict()
@@ -158,5 +183,14 @@ def momentum_update_triton(params_k: Tensors, params_q: Tensors, m: float) -> No
     w = 1.0 - m
     elem = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[ks[0].dtype]
     _kernel()[(t.num_chunks,)](
-        t.table[0], t.table[1], t.table[2], t.chunks[0], t.chunks[1], w, ELEM=elem, HIGH=w >= 0.5, BLOCK=BLOCK
+        t.table[0],
+        t.table[1],
+        t.table[2],
+        t.chunks[0],
+        t.chunks[1],
+        w,
+        ELEM=elem,
+        HIGH=w >= 0.5,
+        BLOCK=BLOCK,
+        ALIGNED=t.aligned,
     )
