@@ -40,7 +40,7 @@
 # A session is lent 15 minutes of device time, machine start included, so one session holds about one
 # full command. In order of what the open issues still owe (a later session takes the next one):
 #   1. env tests throughput               issue 6 (3.5x target, fp16/bf16, graphs, compile, profile,
-#                                         sync-free test), issue 5 (one-worker overhead, in tests)
+#                                         sync-free test)
 #   2. cifar-speed momentum e2e hooks tests-slow
 #                                         carry .devdata/cifar10.npz: issue 7's speed forecast, the EMA
 #                                         backends, issue 4's augmentation-pass share of the step (against

@@ -46,6 +46,7 @@ from moco_fast.knn import collate_decodable, collate_labeled, warn_left_out
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
+from moco_fast.run_folder import LINCLS_RESULT
 from moco_fast.step import set_lr
 
 log = logging.getLogger("moco_fast")
@@ -368,7 +369,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         cfg,
         backbone_unchanged=True,
     )
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / "lincls.json"
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / LINCLS_RESULT
     write_json(result, out)
     return result
 
