@@ -97,6 +97,17 @@ def test_every_flag_has_help_that_states_its_default(capsys):
     assert "(default: 100)" in text and "SGD weight decay (default: 0.0)" in text and "--seed SEED random" in text
 
 
+def test_help_does_not_import_torch():
+    # `moco-fast --help` and every `moco-fast COMMAND --help` answer in a tenth of a second: the
+    # parser's modules leave torch (2 s to import) to the commands' run functions.
+    import subprocess
+    import sys
+
+    code = "import sys; from moco_fast.cli import build_parser; build_parser(); print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'numpy'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 # -- values checked up front ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("argv", "message"),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from moco_fast.commands import HelpFormatter, add_eval_runtime_flags, require, resolve_checkpoint, resolve_eval_runtime
 
 
@@ -34,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from moco_fast.checkpoint import load_model
     from moco_fast.data import DataError, load_splits
     from moco_fast.knn import knn_accuracy, warn_if_single_class
