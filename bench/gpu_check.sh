@@ -12,7 +12,8 @@
 #               DALI/resident GPU paths, ...), test_sync_free.py and test_train.py first: first, so that
 #               a short budget still proves the step sync-free (~2 min)
 #   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256: the reference row,
-#               bf16/fp16 eager, fp16 without split BN, + CUDA graph, Triton EMA, then torch.compile
+#               bf16/fp16 eager, fp16 and the reference without split BN (plain BN, as the official
+#               ImageNet code on one GPU), + CUDA graph, Triton EMA, then torch.compile
 #               rows (last: each compiles for 1-2 min); a profile breakdown of the bf16 eager step (~5 min)
 #   cifar-speed ResNet-18 CIFAR step (the cifar preset, batch 512) fed by --loader resident from
 #               CIFAR-10: trainer eager / CUDA graph, end-to-end, loader; predicts the 200-epoch wall
@@ -122,9 +123,9 @@ if has tests; then
 fi
 if has throughput; then
   # torch.compile rows last (1-2 min each to compile): a time box that runs out loses only those.
-  ROWS=reference,trainer:bf16,trainer:fp16,trainer:fp16+noshuffle,trainer:bf16+graph,trainer:fp16+graph
+  ROWS=reference,trainer:bf16,trainer:fp16,reference:noshuffle,trainer:fp16+noshuffle,trainer:bf16+graph,trainer:fp16+graph
   ROWS=$ROWS,trainer:fp16+triton,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
-  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,trainer:bf16+noshuffle  # the CPU has no fp16, graphs; no compiles
+  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,reference:noshuffle,trainer:bf16+noshuffle  # no fp16, graphs, compiles
   run throughput 330 $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
     --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png" \
     "${TP[@]}"
@@ -229,6 +230,7 @@ for f in sorted(out.glob("throughput-*.json")):
 w = [max(len(x[i]) for x in lines) for i in range(len(lines[0]))]
 for x in lines:
     print("  ".join(v.ljust(w[i]) if i == 0 else v.rjust(w[i]) for i, v in enumerate(x)))
+print("x ref: against the run's reference row with the same BN (split BN; +noshuffle rows: plain BN)")
 m = out / "momentum.json"
 res = load(m) if m.exists() else {}
 if res.get("rows"):

@@ -123,11 +123,13 @@ class ReferenceMoCo(nn.Module):
         return logits, labels
 
 
-def build_reference(cfg, device: torch.device) -> tuple[ReferenceMoCo, torch.optim.Optimizer]:
-    """The reference model and optimiser for a moco_fast TrainConfig (same arch, K, T, m, splits)."""
+def build_reference(cfg, device: torch.device, shuffle_bn: bool = True) -> tuple[ReferenceMoCo, torch.optim.Optimizer]:
+    """The reference model and optimiser for a moco_fast TrainConfig (same arch, K, T, m, splits);
+    without `shuffle_bn` (or the config's), plain BN over the whole batch, as the official ImageNet
+    code computes it on one GPU."""
     from moco_fast.backbone import resolve_stem
 
-    splits = cfg.moco.bn_splits if cfg.moco.shuffle_bn else 1
+    splits = cfg.moco.bn_splits if cfg.moco.shuffle_bn and shuffle_bn else 1
     model = ReferenceMoCo(
         cfg.model.arch,
         cfg.model.dim,

@@ -83,7 +83,16 @@ def forever(loader, batches=None):
 
 
 def add_ratios(rows: list[dict]) -> None:
-    ref = next((r for r in rows if r["kind"] == "reference" and r.get("img_per_s")), None)
+    """Each measured row's speed over a reference row of the run: the one with the same BN set-up
+    (`shuffle_bn`: split BN, or plain BN with `+noshuffle`) where the run has one, else the first;
+    the row names it in `reference`."""
+    refs: dict[bool, dict] = {}
     for r in rows:
+        if r["kind"] == "reference" and r.get("img_per_s"):
+            refs.setdefault(r.get("shuffle_bn", True), r)
+    first = next(iter(refs.values()), None)
+    for r in rows:
+        ref = refs.get(r.get("shuffle_bn", True), first)
         if ref is not None and r.get("img_per_s"):
             r["vs_reference"] = r["img_per_s"] / ref["img_per_s"]
+            r["reference"] = ref["name"]

@@ -79,7 +79,8 @@ class RowSpec:
 
     def settings(self, amp_dtype: torch.dtype | None, workers: int, loader: str) -> str:
         if self.kind == "reference":
-            return "fp32, NCHW, per-parameter EMA loop, host queue pointer"
+            bn = "" if self.shuffle_bn else ", no shuffle BN"
+            return "fp32, NCHW, per-parameter EMA loop, host queue pointer" + bn
         parts = [{torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]]
         parts.append("channels-last" if self.channels_last else "NCHW")
         if self.kind in ("loader", "end-to-end"):
@@ -186,10 +187,12 @@ class Bench:
         a, c, device = self.args, self.cfg, self.device
         amp_dtype = None if spec.kind == "reference" else resolve_amp(spec.amp, device)
         row = {"name": spec.name, "kind": spec.kind, "settings": spec.settings(amp_dtype, self.workers, c.data.loader)}
+        if spec.kind != "loader":
+            row["shuffle_bn"] = spec.shuffle_bn
         n = c.optim.batch_size
         it = None
         if spec.kind == "reference":
-            model, optimizer = build_reference(c, device)
+            model, optimizer = build_reference(c, device, shuffle_bn=spec.shuffle_bn)
             shape = (n, 3, c.data.aug.image_size, c.data.aug.image_size)
             x1, x2 = torch.randn(shape, device=device), torch.randn(shape, device=device)
             row.update(timed(lambda: reference_step(model, optimizer, x1, x2), a.warmup, a.steps, n, device))

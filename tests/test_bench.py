@@ -147,6 +147,33 @@ def test_profile_breakdown_names_the_phases_and_undoes_its_wrappers():
     assert "by phase" in profile_step.format_breakdown(b)
 
 
+def test_each_row_is_paired_with_the_reference_of_its_bn_set_up():
+    # Split BN against split BN, plain BN (+noshuffle) against plain BN; a run without a plain-BN
+    # reference compares everything with the first reference row.
+    rows = [
+        {"name": "reference", "kind": "reference", "shuffle_bn": True, "img_per_s": 1000.0},
+        {"name": "trainer:fp16", "kind": "trainer", "shuffle_bn": True, "img_per_s": 3500.0},
+        {"name": "reference:noshuffle", "kind": "reference", "shuffle_bn": False, "img_per_s": 1250.0},
+        {"name": "trainer:fp16+noshuffle", "kind": "trainer", "shuffle_bn": False, "img_per_s": 5000.0},
+        {"name": "loader", "kind": "loader", "img_per_s": 9000.0},
+    ]
+    add_ratios(rows)
+    got = {r["name"]: (r["vs_reference"], r["reference"]) for r in rows}
+    assert got["trainer:fp16"] == (3.5, "reference") and got["trainer:fp16+noshuffle"] == (4.0, "reference:noshuffle")
+    assert got["loader"] == (9.0, "reference") and got["reference:noshuffle"] == (1.0, "reference:noshuffle")
+    del rows[2]
+    add_ratios(rows)
+    assert rows[2]["vs_reference"] == 5.0 and rows[2]["reference"] == "reference"
+    # the plain-BN reference is built with plain BN (the split-BN one with the demo's split BN)
+    cfg = tiny_cfg()
+    split = reference_step.build_reference(cfg, torch.device("cpu"))[0]
+    plain = reference_step.build_reference(cfg, torch.device("cpu"), shuffle_bn=False)[0]
+    kinds = lambda m: {type(x).__name__ for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)}  # noqa: E731
+    assert kinds(split) == {"DemoSplitBatchNorm"} and kinds(plain) == {"BatchNorm2d"}
+    (spec,) = parse("reference:noshuffle")
+    assert not spec.shuffle_bn and "no shuffle BN" in spec.settings(None, 0, "synthetic")
+
+
 def test_reference_model_matches_the_trainers_size_and_steps_like_the_official_code():
     cfg = tiny_cfg()
     ref, opt = reference_step.build_reference(cfg, torch.device("cpu"))
