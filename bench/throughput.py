@@ -99,9 +99,16 @@ def parse_rows(text: str, args: argparse.Namespace) -> list[RowSpec]:
         if kind not in KINDS:
             raise ConfigError(f"--rows: unknown row {kind!r}; choose from {', '.join(KINDS)}")
         spec = replace(base, name=item, kind=kind)
+        if kind == "reference":  # the official step as it is; the global --compile/--cuda-graph are not its
+            spec = replace(spec, amp="off", channels_last=False, compile=False, graph=False, momentum="reference")
         for mod in filter(None, mods.split("+")):
             if mod not in MODIFIERS:
                 raise ConfigError(f"--rows: unknown modifier {mod!r} in {item!r}; choose from {', '.join(MODIFIERS)}")
+            if kind == "reference" and mod != "noshuffle":
+                raise ConfigError(
+                    f"--rows: {item!r}: the reference row is the official step as it is (fp32, NCHW, the "
+                    "per-parameter EMA loop); only noshuffle (plain BN) applies to it"
+                )
             spec = replace(spec, **MODIFIERS[mod])
         rows.append(spec)
     if not rows:

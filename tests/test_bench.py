@@ -81,9 +81,12 @@ def test_rows_and_modifiers():
     # global flags are the modifiers' starting point; "eager" takes compile and graph off again
     (spec,) = parse("trainer:eager", "--compile", "--cuda-graph")
     assert not spec.compile and not spec.graph
+    # ... but not the reference row's: it stays the official step
+    (ref,) = parse("reference", "--compile", "--cuda-graph", "--amp", "fp16")
+    assert (ref.compile, ref.graph, ref.amp, ref.channels_last) == (False, False, "off", False)
 
 
-@pytest.mark.parametrize("rows", ["trainer:fp8", "warp-drive", ","])
+@pytest.mark.parametrize("rows", ["trainer:fp8", "warp-drive", ",", "reference:fp16", "reference:compile"])
 def test_bad_rows_are_one_line_errors(rows, capsys):
     assert throughput.main([*TINY, "--rows", rows]) == 2
     err = capsys.readouterr().err
