@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,6 +102,7 @@ def parse_rows(text: str, args: argparse.Namespace) -> list[RowSpec]:
         spec = replace(base, name=item, kind=kind)
         if kind == "reference":  # the official step as it is; the global --compile/--cuda-graph are not its
             spec = replace(spec, amp="off", channels_last=False, compile=False, graph=False, momentum="reference")
+        chosen: dict[str, tuple[str, object]] = {}  # field -> (modifier, value) within this row
         for mod in filter(None, mods.split("+")):
             if mod not in MODIFIERS:
                 raise ConfigError(f"--rows: unknown modifier {mod!r} in {item!r}; choose from {', '.join(MODIFIERS)}")
@@ -109,6 +111,10 @@ def parse_rows(text: str, args: argparse.Namespace) -> list[RowSpec]:
                     f"--rows: {item!r}: the reference row is the official step as it is (fp32, NCHW, the "
                     "per-parameter EMA loop); only noshuffle (plain BN) applies to it"
                 )
+            for field, value in MODIFIERS[mod].items():
+                if field in chosen and chosen[field][1] != value:
+                    raise ConfigError(f"--rows: {item!r}: {chosen[field][0]} and {mod} contradict each other")
+                chosen[field] = (mod, value)
             spec = replace(spec, **MODIFIERS[mod])
         rows.append(spec)
     if not rows:
@@ -248,7 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", default="torch", help="torch | resident | dali | ffcv | synthetic (default torch)")
     p.add_argument("--data", help="data root (or a .beton for ffcv); default: the demo set in the package")
     p.add_argument("--workers", type=int, default=-1, help="data workers; -1: as the trainer picks (default)")
-    p.add_argument("--loader-option", action="append", default=[], metavar="KEY=VALUE", help="backend-specific")
+    p.add_argument(
+        "--loader-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a backend option, as `moco-fast train --loader-option` takes it (repeatable)",
+    )
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet (default resnet50)")
     p.add_argument("--preset", default="v2", help="config preset: v1, v2, cifar, demo (default v2)")
     p.add_argument("--stem", choices=["auto", "imagenet", "cifar"], help="default: the preset's; imagenet on CPU")
@@ -259,18 +271,101 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="auto: bf16 on GPU, off on CPU"
     )
     p.add_argument("--channels-last", action=B, default=True, help="channels-last (default on)")
-    p.add_argument("--compile", action=B, default=False, help="torch.compile the encoders")
-    p.add_argument("--cuda-graph", action=B, default=False, help="capture the whole step as a CUDA graph")
+    p.add_argument(
+        "--compile",
+        action=B,
+        default=False,
+        help="torch.compile the encoders (default off; a row's +compile/+eager overrides)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action=B,
+        default=False,
+        help="capture the whole step as a CUDA graph (default off; +graph/+eager per row)",
+    )
     p.add_argument("--momentum-backend", default="foreach", help="EMA kernel: foreach, triton, apex, reference")
     p.add_argument("--steps", type=int, help="timed steps per row (default 30; 3 on the CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 10; 1 on the CPU)")
-    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda where there is one)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"rows to run (default {DEFAULT_ROWS})")
-    p.add_argument("--json", help="write the results here (rewritten after every row)")
-    p.add_argument("--plot", help="write a PNG bar chart of the rows here (needs matplotlib)")
+    p.add_argument("--json", help="write the results here, a .json file (rewritten after every row)")
+    p.add_argument("--plot", help="write a bar chart of the rows here, a .png file (needs matplotlib)")
     p.add_argument("--profile", action="store_true", help="profile breakdown of the first eager trainer row")
     p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (default 3)")
     return p
+
+
+def default(value, fallback):
+    """The flag's value where given (0 included: it is checked, not replaced), else the fallback."""
+    return fallback if value is None else value
+
+
+def check_output_path(path: str | None, flag: str, suffix: str) -> None:
+    """Before any row runs: an output path that cannot be written is a one-line error, not a
+    traceback after the first row."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.suffix.lower() != suffix:
+        raise ConfigError(f"{flag} {path}: name a {suffix} file")
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder: name a {suffix} file")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create its folder ({e.strerror or e})") from None
+    try:  # a real write: os.access says yes to root where the file system says no
+        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in its folder ({e.strerror or e})") from None
+
+
+OPTIONAL_BACKENDS = ("triton", "apex")  # registered only where they can run
+
+
+def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.device) -> None:
+    """What each row needs, checked before the first row runs (a run must not die at row 3 of 10)."""
+    from moco_fast.kernels.momentum import MOMENTUM_BACKENDS
+    from moco_fast.loaders import available_loaders
+
+    names = [s.name for s in specs]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"--rows names {dup!r} twice")
+    if args.loader not in available_loaders():
+        raise ConfigError(f"--loader {args.loader!r}: choose from {', '.join(available_loaders())}")
+    for spec in specs:
+        if spec.graph:
+            check_cuda_graph(device)
+        if spec.kind == "reference":
+            continue
+        resolve_amp(spec.amp, device)
+        if spec.kind != "loader" and spec.momentum not in MOMENTUM_BACKENDS:
+            if spec.momentum not in OPTIONAL_BACKENDS:  # a typo: nothing runs
+                raise ConfigError(
+                    f"{spec.name}: unknown momentum backend {spec.momentum!r}; "
+                    f"choose from {', '.join(sorted({*MOMENTUM_BACKENDS, *OPTIONAL_BACKENDS}))}"
+                )
+            # a backend this machine lacks fails its own rows only (the others of a GPU run stay)
+            print(f"warning: {spec.name}: momentum backend {spec.momentum!r} is not available here", file=sys.stderr)
+    if args.profile and args.profile_steps < 1:
+        raise ConfigError("--profile-steps must be at least 1")
+
+
+def check_data(cfg) -> None:
+    """The loader rows' data, listed before the first row runs (without decoding or building a
+    loader: the resident loader alone would decode the whole set)."""
+    from moco_fast.loaders.wds import is_wds_root
+
+    from moco_fast.data import load_splits
+
+    loader, data = cfg.data.loader, cfg.data.data
+    if loader == "ffcv":
+        if data is None or not Path(data).is_file():
+            raise DataError(f"--loader ffcv needs --data X.beton (a file; got {data})")
+    elif loader != "synthetic" and not is_wds_root(data):
+        load_splits(data, check=False)  # DataError: missing, a file, empty, no class folders
 
 
 def make_config(args: argparse.Namespace, device: torch.device):
@@ -279,7 +374,7 @@ def make_config(args: argparse.Namespace, device: torch.device):
         "model.arch": args.arch,
         "model.stem": args.stem or ("imagenet" if cpu else None),
         "moco.k": args.moco_k,
-        "optim.batch_size": args.batch_size or (16 if cpu else 256),
+        "optim.batch_size": default(args.batch_size, 16 if cpu else 256),
         "data.loader": args.loader,
         "data.data": args.data,
         "data.workers": args.workers,
@@ -291,8 +386,8 @@ def make_config(args: argparse.Namespace, device: torch.device):
         if not sep or not key:
             raise ConfigError(f"--loader-option expects KEY=VALUE, got {opt!r}")
         cfg.data.loader_options[key] = value
-    size = args.image_size or (64 if cpu else None)
-    if size:
+    size = default(args.image_size, 64 if cpu else None)
+    if size is not None:
         cfg.data.aug = cfg.data.aug.with_size(size)
     validate(cfg, 1)
     return cfg
@@ -302,17 +397,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)
-        args.steps = args.steps or (3 if device.type == "cpu" else 30)
-        args.warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 10)
+        args.steps = default(args.steps, 3 if device.type == "cpu" else 30)
+        args.warmup = default(args.warmup, 1 if device.type == "cpu" else 10)
         if args.steps < 1 or args.warmup < 0:
             raise ConfigError("--steps must be at least 1 and --warmup at least 0")
+        for flag, value in (("--batch-size", args.batch_size), ("--image-size", args.image_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be positive (got {value})")
+        check_output_path(args.json, "--json", ".json")
+        check_output_path(args.plot, "--plot", ".png")
         cfg = make_config(args, device)
         specs = parse_rows(args.rows, args)
-        for spec in specs:
-            if spec.graph:
-                check_cuda_graph(device)
-            if spec.kind != "reference":
-                resolve_amp(spec.amp, device)
+        check_specs(specs, args, device)
+        if any(s.kind in ("loader", "end-to-end") for s in specs):
+            check_data(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -325,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"args": vars(args), "train": to_dict(cfg)},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    interrupted = False
     for i, spec in enumerate(specs):
         try:
             row = bench.run(spec)
@@ -336,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"name": x.name, "kind": x.kind, "img_per_s": None, "error": "not run (interrupted)"} for x in specs[i:]
             ]
             print(f"interrupted at {spec.name}", file=sys.stderr)
+            interrupted = True
             break
         except Exception as e:  # one failed row (OOM, a compiler error) must not lose the others
             row = {"name": spec.name, "kind": spec.kind, "img_per_s": None, "error": f"{type(e).__name__}: {e}"}
@@ -369,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if plot_rows(result, args.plot):
             print(f"plot: {args.plot}")
+    if interrupted:
+        return 130  # as for Ctrl-C, after the table of what was measured
     return 0 if all(r.get("img_per_s") for r in result["rows"]) else 1
 
 

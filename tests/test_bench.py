@@ -86,11 +86,42 @@ def test_rows_and_modifiers():
     assert (ref.compile, ref.graph, ref.amp, ref.channels_last) == (False, False, "off", False)
 
 
-@pytest.mark.parametrize("rows", ["trainer:fp8", "warp-drive", ",", "reference:fp16", "reference:compile"])
+@pytest.mark.parametrize(
+    "rows",
+    ["trainer:fp8", "warp-drive", ",", "reference:fp16", "reference:compile", "trainer,trainer", "trainer:fp16+bf16"],
+)
 def test_bad_rows_are_one_line_errors(rows, capsys):
     assert throughput.main([*TINY, "--rows", rows]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --rows") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--image-size", "0"], "--image-size must be positive"),
+        (["--json", "{tmp}/r.txt"], "--json {tmp}/r.txt: name a .json file"),
+        (["--json", "{tmp}"], "name a .json file"),
+        (["--json", "{tmp}/afile/r.json"], "cannot create its folder"),
+        (["--plot", "{tmp}/p.txt"], "name a .png file"),
+        (["--loader", "bogus", "--rows", "trainer"], "--loader 'bogus': choose from"),
+        (["--momentum-backend", "bogus", "--rows", "trainer"], "unknown momentum backend 'bogus'"),
+        (["--data", "{tmp}/missing", "--rows", "reference,end-to-end"], "not found"),
+        (["--rows", "trainer", "--profile", "--profile-steps", "0"], "--profile-steps must be at least 1"),
+    ],
+)
+def test_bad_flags_fail_before_the_first_row(flags, says, tmp_path, capsys, monkeypatch):
+    # Each is one line and exit 2 before anything is measured (a value of 0 is not the default).
+    (tmp_path / "afile").write_text("x")
+    ran = []
+    monkeypatch.setattr(throughput.Bench, "run", lambda self, spec: ran.append(spec))
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert throughput.main([*TINY, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says.format(tmp=tmp_path) in err and err.count("\n") == 1, err
+    assert not ran
 
 
 def test_cuda_graph_on_cpu_is_refused_before_any_work(capsys):
