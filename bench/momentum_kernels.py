@@ -17,13 +17,14 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from moco_fast.kernels.momentum import MOMENTUM_BACKENDS
 from moco_fast.kernels.momentum_triton import interpreting
+from report import check_output_path
 
-from moco_fast.config import ModelConfig
+from moco_fast.checkpoint import atomic_write_text
+from moco_fast.config import ConfigError, ModelConfig
 from moco_fast.model import build_encoder
 from moco_fast.trainer import resolve_device
 
@@ -67,18 +68,27 @@ def rel_error(ks, k0, q0, m) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda where there is one)")
+    p.add_argument(
+        "--arch", default="resnet50", help="torchvision ResNet whose parameters are updated (default resnet50)"
+    )
     p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True, help="MoCo v2 head (default on)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="(default on)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls per row first (default 5)")
     p.add_argument("--repeats", type=int, help="timed calls per row (default 50 on GPU, 5 on CPU)")
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--json", help="write the rows here, a .json file")
     args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    repeats = args.repeats or (50 if device.type == "cuda" else 5)
-    torch.manual_seed(0)
-    enc_q = build_encoder(ModelConfig(arch=args.arch, mlp=args.mlp), 224, bn_splits=1).to(device)
+    try:  # every value checked before any work: one line and exit 2
+        device = resolve_device(args.device)
+        repeats = (50 if device.type == "cuda" else 5) if args.repeats is None else args.repeats
+        if repeats < 1 or args.warmup < 0:
+            raise ConfigError(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats}, {args.warmup})")
+        check_output_path(args.json, "--json", ".json")
+        torch.manual_seed(0)
+        enc_q = build_encoder(ModelConfig(arch=args.arch, mlp=args.mlp), 224, bn_splits=1).to(device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.channels_last:  # the trainer's layout: 4-d weights are dense but not contiguous
         enc_q = enc_q.to(memory_format=torch.channels_last)
     qs = [p.detach() for p in enc_q.parameters()]
@@ -121,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['name']:<24}{r['ms']:>10.3f}{r['gb_per_s']:>9.0f}{err:>10}")
     if args.json:
         out = {"rows": rows, "device": name, "torch": torch.__version__, "tensors": len(qs), "numel": numel}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        atomic_write_text(args.json, json.dumps(out, indent=2))
     bad = [r["name"] for r in rows if r.get("rel_err") is not None and r["rel_err"] > 1e-6]
     if bad:
         print(f"WRONG: {bad} differ from the float64 reference by more than 1e-6", file=sys.stderr)

@@ -1,12 +1,16 @@
-"""The table, the machine description and the endless batch stream of the bench/ scripts."""
+"""The table, the machine description, the endless batch stream and the output-path check of the
+bench/ scripts."""
 
 from __future__ import annotations
 
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 import torch
+
+from moco_fast.config import ConfigError
 
 
 def _cpu_name() -> str:
@@ -96,3 +100,24 @@ def add_ratios(rows: list[dict]) -> None:
         if ref is not None and r.get("img_per_s"):
             r["vs_reference"] = r["img_per_s"] / ref["img_per_s"]
             r["reference"] = ref["name"]
+
+
+def check_output_path(path: str | None, flag: str, suffix: str) -> None:
+    """Before any row runs: an output path that cannot be written is a one-line error, not a
+    traceback after the first row."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.suffix.lower() != suffix:
+        raise ConfigError(f"{flag} {path}: name a {suffix} file")
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder: name a {suffix} file")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create its folder ({e.strerror or e})") from None
+    try:  # a real write: os.access says yes to root where the file system says no
+        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in its folder ({e.strerror or e})") from None

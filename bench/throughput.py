@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 from gpu_stats import GpuSampler
 from moco_fast.loaders import LoaderArgs, create_loader
 from reference_step import build_reference, reference_step
-from report import add_ratios, device_info, forever, format_table
+from report import add_ratios, check_output_path, device_info, forever, format_table
 
 from moco_fast.checkpoint import atomic_write_text
 from moco_fast.config import ConfigError, build_config, to_dict
@@ -298,27 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
 def default(value, fallback):
     """The flag's value where given (0 included: it is checked, not replaced), else the fallback."""
     return fallback if value is None else value
-
-
-def check_output_path(path: str | None, flag: str, suffix: str) -> None:
-    """Before any row runs: an output path that cannot be written is a one-line error, not a
-    traceback after the first row."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.suffix.lower() != suffix:
-        raise ConfigError(f"{flag} {path}: name a {suffix} file")
-    if p.is_dir():
-        raise ConfigError(f"{flag} {path} is a folder: name a {suffix} file")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot create its folder ({e.strerror or e})") from None
-    try:  # a real write: os.access says yes to root where the file system says no
-        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write in its folder ({e.strerror or e})") from None
 
 
 OPTIONAL_BACKENDS = ("triton", "apex")  # registered only where they can run

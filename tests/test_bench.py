@@ -124,6 +124,18 @@ def test_bad_flags_fail_before_the_first_row(flags, says, tmp_path, capsys, monk
     assert not ran
 
 
+@pytest.mark.parametrize(
+    "flags", [["--device", "gpu"], ["--arch", "resnet7"], ["--repeats", "0"], ["--warmup", "-1"], ["--json", "{tmp}"]]
+)
+def test_momentum_bench_refuses_bad_flags_in_one_line(flags, tmp_path, capsys):
+    import momentum_kernels
+
+    args = ["--device", "cpu", "--arch", "resnet18", *[f.format(tmp=tmp_path) for f in flags]]
+    assert momentum_kernels.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
 def test_cuda_graph_on_cpu_is_refused_before_any_work(capsys):
     assert throughput.main([*TINY, "--rows", "trainer:graph"]) == 2
     assert "--cuda-graph" in capsys.readouterr().err
