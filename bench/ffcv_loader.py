@@ -39,11 +39,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 
 from moco_fast.loaders import LoaderArgs, create_loader
-from report import device_info, forever, format_table
+from report import check_output_path, device_info, forever, format_table
 
 from moco_fast.augment import MOCO_V2
+from moco_fast.checkpoint import atomic_write_text
+from moco_fast.config import ConfigError
 from moco_fast.convert import ConvertConfig, convert, load_resized
-from moco_fast.data import IMAGE_EXTENSIONS
+from moco_fast.data import IMAGE_EXTENSIONS, DataError
 
 ROWS = ("torch", "torch-crops", "torch-256", "torch-crops-256", "ffcv", "ffcv-twice", "ffcv+aug")
 # The device pass alone (the FFCV backend's colour/blur/normalise step) on --device: not in the
@@ -146,9 +148,9 @@ COLUMNS = [("img_per_s", "img/s", "{:,.0f}"), ("ms_per_batch", "ms/batch", "{:.1
 SETTINGS = {
     "torch": "full-size JPEGs, PIL decode + all MoCo v2 ops in DataLoader workers",
     "torch-crops": "full-size JPEGs, PIL decode + crops + flips only",
-    "torch-256": "256-px JPEGs, PIL decode + all MoCo v2 ops in DataLoader workers",
-    "torch-crops-256": "256-px JPEGs, PIL decode + crops + flips only",
-    "ffcv": ".beton (256 px, JPEG q90), Numba: 1 decode, 2 crops, flips; uint8 out",
+    "torch-256": "{res}-px JPEGs, PIL decode + all MoCo v2 ops in DataLoader workers",
+    "torch-crops-256": "{res}-px JPEGs, PIL decode + crops + flips only",
+    "ffcv": ".beton ({res} px, JPEG q{q}), Numba: 1 decode, 2 crops, flips; uint8 out",
     "ffcv-twice": "as ffcv with the stock decoder once per view",
     "ffcv+aug": "as ffcv + batched jitter/gray/blur/normalise on the CPU (torch)",
     "aug-sample": "device pass only, ColorJitter order per image",
@@ -175,9 +177,10 @@ def run_loader_rows(rows: list[str], a: argparse.Namespace, results: list[dict])
         for row in rows:
             print(f"running {row} ...", file=sys.stderr)
             try:
-                r = {"row": row, "settings": SETTINGS[row], **run_row(row, roots, a)}
+                settings = SETTINGS[row].format(res=a.max_resolution, q=a.jpeg_quality)
+                r = {"row": row, "name": row, "settings": settings, **run_row(row, roots, a)}
             except Exception as e:  # one failed row must not lose the others
-                r = {"row": row, "error": f"{type(e).__name__}: {e}"}
+                r = {"row": row, "name": row, "error": f"{type(e).__name__}: {e}"}
             results.append(r)
     return conversion
 
@@ -185,27 +188,36 @@ def run_loader_rows(rows: list[str], a: argparse.Namespace, results: list[dict])
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="image folder (flat ImageNet-style names, or classes)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
-    p.add_argument("--max-resolution", type=int, default=256)
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes / threads")
-    p.add_argument("--warmup", type=int, default=3, help="batches before timing")
-    p.add_argument("--steps", type=int, default=30, help="timed batches, at least")
-    p.add_argument("--min-seconds", type=float, default=20.0, help="time each row for at least this long")
-    p.add_argument("--device", default="cpu", help="where the aug-* rows run (cpu | cuda)")
+    p.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"comma-separated, from {', '.join(ROWS + AUG_ROWS)} (default: all but the aug-* rows)",
+    )
+    p.add_argument(
+        "--max-resolution", type=int, default=256, help="the .beton's (and copies') longer side (default 256)"
+    )
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the .beton and copies (default 90)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    cores = len(os.sched_getaffinity(0))
+    p.add_argument("--workers", type=int, default=cores, help=f"processes / threads (default: the cores, {cores})")
+    p.add_argument("--warmup", type=int, default=3, help="batches before timing (default 3)")
+    p.add_argument("--steps", type=int, default=30, help="timed batches, at least (default 30)")
+    p.add_argument("--min-seconds", type=float, default=20.0, help="time each row for at least this long (default 20)")
+    p.add_argument("--device", default="cpu", help="where the aug-* rows run: cpu | cuda (default cpu)")
     p.add_argument("--note", default="", help="free text for the JSON (e.g. what else shared the machine)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", help="write the results here, a .json file")
     a = p.parse_args(argv)
     rows = [r for r in a.rows.split(",") if r]
-    bad = [r for r in rows if r not in ROWS + AUG_ROWS]
-    if bad:
-        p.error(f"unknown rows {bad}; choose from {', '.join(ROWS + AUG_ROWS)}")
+    try:  # every value checked before the conversion or any row: one line and exit 2
+        check_args(a, rows)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     results: list[dict] = []
     for row in (r for r in rows if r in AUG_ROWS):
         print(f"running {row} ...", file=sys.stderr)
-        results.append({"row": row, "settings": SETTINGS[row] + f" ({a.device})", **run_aug_row(row, a)})
+        results.append({"row": row, "name": row, "settings": SETTINGS[row] + f" ({a.device})", **run_aug_row(row, a)})
     loader_rows = [r for r in rows if r not in AUG_ROWS]
     conversion = run_loader_rows(loader_rows, a, results) if loader_rows else None
     base = next((r for r in results if r["row"] == "torch" and "img_per_s" in r), None)
@@ -233,9 +245,38 @@ def main(argv: list[str] | None = None) -> int:
             "conversion": conversion,
             "rows": results,
         }
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
-    return 0
+        atomic_write_text(a.json, json.dumps(doc, indent=1) + "\n")
+    return 0 if all("img_per_s" in r for r in results) else 1
+
+
+def check_args(a: argparse.Namespace, rows: list[str]) -> None:
+    from moco_fast.trainer import resolve_device
+
+    if not rows:
+        raise ConfigError("--rows names no row")
+    bad = [r for r in rows if r not in ROWS + AUG_ROWS]
+    if bad:
+        raise ConfigError(f"--rows: unknown rows {bad}; choose from {', '.join(ROWS + AUG_ROWS)}")
+    for flag, value, least in (
+        ("--batch-size", a.batch_size, 1),
+        ("--workers", a.workers, 0),
+        ("--warmup", a.warmup, 0),
+        ("--steps", a.steps, 1),
+        ("--max-resolution", a.max_resolution, MOCO_V2.image_size),
+        ("--jpeg-quality", a.jpeg_quality, 1),
+    ):
+        if value < least:
+            raise ConfigError(f"{flag} must be at least {least} (got {value})")
+    if not 0 <= a.min_seconds < float("inf") or a.jpeg_quality > 100:
+        raise ConfigError("--min-seconds must be 0 or more and --jpeg-quality at most 100")
+    resolve_device(a.device)  # ConfigError: not cpu/cuda, or no GPU
+    check_output_path(a.json, "--json", ".json")
+    if any(r not in AUG_ROWS for r in rows):
+        data = Path(a.data)
+        if not data.is_dir():
+            raise DataError(f"--data {data}: not a folder (the loader rows convert an image folder)")
+        if not any(data.iterdir()):
+            raise DataError(f"--data {data} is empty")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,20 @@ def test_momentum_bench_refuses_bad_flags_in_one_line(flags, tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [["--data", "{tmp}/missing"], ["--batch-size", "0"], ["--steps", "0"], ["--rows", ","], ["--device", "gpu"]],
+)
+def test_ffcv_bench_refuses_bad_flags_in_one_line(flags, tmp_path, capsys, monkeypatch):
+    import ffcv_loader
+
+    ran = []
+    monkeypatch.setattr(ffcv_loader, "run_loader_rows", lambda *a: ran.append(a))
+    assert ffcv_loader.main([f.format(tmp=tmp_path) for f in flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and not ran, err
+
+
 def test_cuda_graph_on_cpu_is_refused_before_any_work(capsys):
     assert throughput.main([*TINY, "--rows", "trainer:graph"]) == 2
     assert "--cuda-graph" in capsys.readouterr().err
