@@ -111,8 +111,12 @@ run() {
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 
 if has env; then
-  run env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv; \
-    $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
+  if [[ -n $DRY ]]; then  # no GPU to describe: the versions only
+    run env 30 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "(dry run: no GPU)")'
+  else
+    run env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv; \
+      $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
+  fi
 fi
 # The step's own GPU tests first (files named one by one: pytest would merge a file into a folder
 # given beside it, in the folder's order).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,44 +22,71 @@ from pathlib import Path
 import numpy as np
 
 
+class PackError(Exception):
+    """Input the script cannot use: one line, exit status 2."""
+
+
 def pack(src: Path, dst: Path) -> int:
     if not src.is_dir():
-        raise SystemExit(f"error: {src} is not a folder")
-    paths = sorted(p for p in src.rglob("*") if p.is_file())
+        raise PackError(f"{src} is not a folder")
+    if dst.is_dir():
+        raise PackError(f"{dst} is a folder: name the .npz file to write")
+    tmp = dst.with_name(dst.name + ".part.npz")
+    skip = {dst.resolve(), tmp.resolve()}  # a pack written inside the folder is not packed again
+    paths = sorted(p for p in src.rglob("*") if p.is_file() and p.resolve() not in skip)
     if not paths:
-        raise SystemExit(f"error: no files under {src}")
+        raise PackError(f"no files under {src}")
     blobs = [p.read_bytes() for p in paths]
     offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in blobs], out=offsets[1:])
-    names = np.array([p.relative_to(src).as_posix().encode() for p in paths])  # bytes: 1/4 of numpy's str
+    # bytes (1/4 of numpy's str), as the file system names them (any encoding)
+    names = np.array([os.fsencode(p.relative_to(src).as_posix()) for p in paths])
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".part.npz")
     np.savez(tmp, data=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, names=names)
     os.replace(tmp, dst)
     return len(paths)
 
 
 def unpack(src: Path, dst: Path) -> int:
-    with np.load(src) as z:
-        data, offsets, names = z["data"], z["offsets"], z["names"]
-    for i, raw in enumerate(names):
-        name = raw.decode()
-        out = dst / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            raise SystemExit(f"error: refusing a path outside the destination: {name}")
+    """Into a new (or empty) folder, through DST.part: an interrupted unpack leaves no half folder
+    under the final name, and the next one starts over."""
+    if not src.is_file():
+        raise PackError(f"{src} is not a file")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise PackError(f"{dst} exists and is not an empty folder: unpack into a new one")
+    try:
+        with np.load(src) as z:
+            data, offsets, names = z["data"], z["offsets"], z["names"]
+    except (OSError, ValueError, KeyError) as e:
+        raise PackError(f"{src} is not a pack written by this script ({type(e).__name__}: {e})") from None
+    decoded = [os.fsdecode(bytes(raw)) for raw in names]
+    unsafe = [n for n in decoded if ".." in Path(n).parts or Path(n).is_absolute()]
+    if unsafe:  # checked before anything is written
+        raise PackError(f"refusing a path outside the destination: {unsafe[0]}")
+    tmp = dst.with_name(dst.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for i, name in enumerate(decoded):
+        out = tmp / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data[offsets[i] : offsets[i + 1]].tobytes())
-    return len(names)
+    if dst.exists():
+        dst.rmdir()  # empty (checked above)
+    os.replace(tmp, dst)
+    return len(decoded)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["pack", "unpack"])
     p.add_argument("src", type=Path, help="pack: the folder; unpack: the .npz")
-    p.add_argument("dst", type=Path, help="pack: the .npz to write; unpack: the folder to fill")
+    p.add_argument("dst", type=Path, help="pack: the .npz to write; unpack: a new folder to fill")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    n = (pack if a.action == "pack" else unpack)(a.src, a.dst)
+    try:
+        n = (pack if a.action == "pack" else unpack)(a.src, a.dst)
+    except PackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     size = (a.dst if a.action == "pack" else a.src).stat().st_size
     print(f"{a.action}ed {n} files ({size / 2**20:.1f} MiB pack) in {time.perf_counter() - t0:.1f} s")
     return 0

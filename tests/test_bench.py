@@ -266,6 +266,35 @@ def test_pack_folder_round_trip(tiny_root, tmp_path, capsys):
     assert "packed 40 files" in capsys.readouterr().out
 
 
+def test_pack_folder_refuses_what_it_cannot_use(tiny_root, tmp_path, capsys):
+    # one line and exit 2, nothing half-written under a final name
+    pack = tmp_path / "set.npz"
+    (tmp_path / "notes.txt").write_text("not a pack")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    for argv in (
+        ["pack", str(tmp_path / "missing"), str(pack)],
+        ["pack", str(tiny_root), str(tmp_path)],  # a folder as the pack
+        ["unpack", str(tmp_path / "missing.npz"), str(tmp_path / "o1")],
+        ["unpack", str(tmp_path / "notes.txt"), str(tmp_path / "o2")],
+    ):
+        assert pack_folder.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
+    assert pack_folder.main(["unpack", str(pack), str(tmp_path / "full")]) == 2  # would merge into a full folder
+    assert "not an empty folder" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # a pack written inside the folder it packs is not packed again
+    inner = tiny_root / "self.npz"
+    try:
+        assert pack_folder.main(["pack", str(tiny_root), str(inner)]) == 0
+        assert pack_folder.main(["pack", str(tiny_root), str(inner)]) == 0
+        assert "packed 40 files" in capsys.readouterr().out.splitlines()[-1]
+    finally:
+        inner.unlink(missing_ok=True)
+
+
 def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
     # The script never runs here (it needs a GPU; `DRY=1` runs it on a CPU in minutes): its shell
     # syntax, and the one table it prints from the JSON the phases leave, are checked.
