@@ -7,6 +7,7 @@ matplotlib is optional (`pip install 'moco-fast[plot]'`): without it, no plot an
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,16 +27,16 @@ def plot_rows(result: dict, path: str | Path) -> bool:
     if not rows:
         print("no plot: no row has a figure", file=sys.stderr)
         return False
-    labels = [f"{r['name']}\n{r.get('settings', '')}" for r in rows]
+    labels = [f"{r.get('name', r.get('row'))}\n{r.get('settings', '')}" for r in rows]  # row: older ffcv JSON
     values = [r["img_per_s"] for r in rows]
-    colors = ["#999999" if r["kind"] == "reference" else "#3b75af" for r in rows]
+    colors = ["#999999" if r.get("kind") == "reference" else "#3b75af" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.7 * len(rows) + 1.5))
     y = list(range(len(rows)))[::-1]  # first row on top, as in the table
     ax.barh(y, values, color=colors)
     ax.set_yticks(y, labels, fontsize=8)
     for yi, r in zip(y, rows):
         note = f" {r['img_per_s']:,.0f}"
-        if r.get("vs_reference") is not None and r["kind"] != "reference":
+        if r.get("vs_reference") is not None and r.get("kind") != "reference":
             note += f"  ({r['vs_reference']:.2f}x ref)"
         ax.text(r["img_per_s"], yi, note, va="center", fontsize=8)
     ax.set_xlim(0, max(values) * 1.3)
@@ -56,11 +57,21 @@ def plot_rows(result: dict, path: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python bench/plot.py RESULT.json OUT.png", file=sys.stderr)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("result", help="a result JSON of bench/throughput.py (or bench/ffcv_loader.py)")
+    p.add_argument("png", help="the chart to write, a .png file")
+    a = p.parse_args(argv)
+    if Path(a.png).suffix.lower() != ".png":
+        print(f"error: {a.png}: name a .png file", file=sys.stderr)
         return 2
-    return 0 if plot_rows(json.loads(Path(argv[0]).read_text()), argv[1]) else 1
+    try:
+        result = json.loads(Path(a.result).read_text())
+        if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+            raise ValueError("it holds no rows")
+    except (OSError, ValueError) as e:
+        print(f"error: {a.result}: not a bench result ({e})", file=sys.stderr)
+        return 2
+    return 0 if plot_rows(result, a.png) else 1
 
 
 if __name__ == "__main__":

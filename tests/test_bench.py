@@ -185,6 +185,19 @@ def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
     assert "matplotlib" in capsys.readouterr().err
 
 
+def test_plot_script_reads_either_bench_json_and_refuses_others(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    ffcv = {"rows": [{"row": "torch", "img_per_s": 50.0}, {"row": "ffcv", "img_per_s": 450.0, "vs_torch": 9.0}]}
+    (tmp_path / "ffcv.json").write_text(json.dumps(ffcv))  # ffcv_loader's rows: "row", no "kind"
+    assert plot.main([str(tmp_path / "ffcv.json"), str(tmp_path / "f.png")]) == 0
+    assert (tmp_path / "f.png").stat().st_size > 0
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    for argv in ([str(tmp_path / "missing.json"), "x.png"], [str(tmp_path / "bad.json"), "x.png"], ["a.json", "x.txt"]):
+        assert plot.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
 def tiny_cfg():
     return build_config(
         "v2", {"model.arch": "resnet18", "model.stem": "imagenet", "moco.k": 32, "optim.batch_size": 16}
