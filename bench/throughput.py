@@ -329,6 +329,8 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
             print(f"warning: {spec.name}: momentum backend {spec.momentum!r} is not available here", file=sys.stderr)
     if args.profile and args.profile_steps < 1:
         raise ConfigError("--profile-steps must be at least 1")
+    if args.profile and not any(s.kind == "trainer" and not s.graph for s in specs):
+        raise ConfigError("--profile profiles the first eager trainer row, and --rows has none (add trainer)")
 
 
 def check_data(cfg) -> None:

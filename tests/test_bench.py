@@ -110,6 +110,7 @@ def test_bad_rows_are_one_line_errors(rows, capsys):
         (["--momentum-backend", "bogus", "--rows", "trainer"], "unknown momentum backend 'bogus'"),
         (["--data", "{tmp}/missing", "--rows", "reference,end-to-end"], "not found"),
         (["--rows", "trainer", "--profile", "--profile-steps", "0"], "--profile-steps must be at least 1"),
+        (["--rows", "reference", "--profile"], "--rows has none"),
     ],
 )
 def test_bad_flags_fail_before_the_first_row(flags, says, tmp_path, capsys, monkeypatch):
