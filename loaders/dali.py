@@ -32,15 +32,13 @@ A corrupt image does not stop a run: when DALI fails on a batch, the loader find
 DALI's error, or found by decoding the files of the batches in flight one by one), logs it by name,
 replaces it by the next good file of the epoch and rebuilds the pipeline at the same step. In a shard
 set, the sample (named by DALI, or found by replaying the failed pipeline's reader up to the batches
-in flight and decoding those one by one) is dropped from its shard's index the same way. A run gives
+in flight and decoding those one by one) is dropped from its shard's index the same way (`dali_recovery.py`). A run gives
 up only when more than MAX_BAD_FRACTION of its images (and more than MAX_BAD_MIN) cannot be decoded.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import tempfile
 from collections import deque
 from dataclasses import dataclass, replace
@@ -55,7 +53,8 @@ from moco_fast.metrics import progress
 
 from . import register_loader
 from .base import Batch, LoaderArgs, parse_options, stream_seed
-from .dali_pipeline import PipelineSettings, folder_pipeline, probe_pipeline, wds_pipeline, wds_replay_pipeline
+from .dali_pipeline import PipelineSettings, folder_pipeline, wds_pipeline
+from .dali_recovery import SkipsBadSamples, path_bytes
 from .torch_loader import EpochShardSampler
 from .wds import WdsMeta, index_text, is_wds_root, read_index_keys, read_meta, split_name, write_index
 
@@ -83,17 +82,6 @@ class DaliOptions:
         if o.threads < 0 or o.prefetch < 1 or o.shuffle_buffer < 1:
             raise ConfigError("--loader-option threads must be >= 0, prefetch and shuffle_buffer >= 1")
         return o
-
-
-def path_bytes(path: str) -> np.ndarray:
-    return np.frombuffer(os.fsencode(path), np.uint8)
-
-
-def one_per_iteration(items: list[np.ndarray]):
-    def source(iteration: int):
-        return ([items[min(iteration, len(items) - 1)]],)
-
-    return source
 
 
 class FolderSource:
@@ -198,7 +186,7 @@ class WdsSource:
         self.index_paths[i] = str(new)
 
 
-class DaliLoader:
+class DaliLoader(SkipsBadSamples):
     def __init__(self, args: LoaderArgs):
         self.args = args
         self.opts = DaliOptions.parse(args.options)
@@ -294,84 +282,6 @@ class DaliLoader:
                         f"{MAX_BAD_FRACTION:.0%}): check the data set"
                     ) from e
                 self._start(self._consumed)
-
-    def _skip_culprits(self, msg: str) -> bool:
-        """Find and skip what made DALI fail; False when nothing can be blamed (then the error stands)."""
-        if "decoders" not in msg and "file.read" not in msg:
-            return False
-        if self.wds is not None:
-            named = [
-                (p, split_name(m)[0]) for p, _, m in re.findall(r"(\S+\.tar):(\d+):(\S+)", msg) if p in self.wds.paths
-            ]
-            if not named:  # DALI's decoders name no sample: replay the reader to find it
-                named = self._undecodable_samples()
-            for path, key in named:
-                log.warning("skipping sample %s of %s: DALI could not decode it", key, path)
-                self.wds.drop(path, key)
-            return bool(named)
-        f = self.folder
-        batches = f.in_flight(self._consumed)
-        candidates = sorted({k for b in batches for k in b})
-        bad = [k for k in candidates if f.files[k] in msg]
-        if not bad:
-            m = re.search(r"sample #(\d+)", msg)
-            first = sorted({b[int(m.group(1))] for b in batches if m and int(m.group(1)) < len(b)})
-            bad = self._undecodable_files(first) or self._undecodable_files(candidates)
-        for k in bad:
-            log.warning("skipping unreadable image %s: DALI could not decode it", f.files[k])
-        f.bad.update(bad)
-        return bool(bad)
-
-    def _undecodable_files(self, candidates: list[int]) -> list[int]:
-        """The folder images among `candidates` that the run's decoder fails on."""
-        paths = [path_bytes(self.folder.files[k]) for k in candidates]
-        return [candidates[i] for i in self._undecodable(paths, read_files=True)]
-
-    def _undecodable_samples(self) -> list[tuple[str, str]]:
-        """(shard path, key) of the shard samples in flight that the run's decoder fails on. A reader
-        with the failed pipeline's settings replays its stream up to the batches in flight (reading,
-        not decoding: at most one epoch of this rank's share, since each epoch starts a new stream)."""
-        start, s = self._stream
-        first = self._consumed - start
-        a, w = self.args, self.wds
-        replay = wds_replay_pipeline(w.paths, w.index_paths, self.opts.shuffle_buffer, a.rank, a.world_size, s)
-        replay.build()
-        data, names = [], []
-        bar = progress(total=first, desc="finding the sample DALI failed on", enabled=first > 100)
-        for b in range(first + s.prefetch + 1):
-            try:
-                jpg, _ = replay.run()
-            except RuntimeError:  # the reader itself failed (a damaged tar): nothing to blame here
-                break
-            if b < first:
-                bar.update(1)
-                continue
-            for i in range(len(jpg)):
-                path, _, member = jpg[i].source_info().rsplit(":", 2)
-                data.append(np.array(jpg[i]))
-                names.append((path, split_name(member)[0]))
-        bar.close()
-        del replay
-        # a sample can be in flight twice (the stream runs on across epoch ends): name it once
-        return list(dict.fromkeys(names[i] for i in self._undecodable(data, read_files=False)))
-
-    def _undecodable(self, items: list[np.ndarray], read_files: bool) -> list[int]:
-        """Decode `items` (paths as bytes, or encoded images) one at a time with the run's decoder;
-        returns the positions of those that fail."""
-        bad, i = [], 0
-        while i < len(items):
-            # a failed probe pipeline is dead: a new one starts after the bad item
-            probe = probe_pipeline(one_per_iteration(items[i:]), self.settings, read_files=read_files)
-            probe.build()
-            try:
-                while i < len(items):
-                    probe.run()
-                    i += 1
-            except RuntimeError:
-                bad.append(i)
-                i += 1
-            del probe
-        return bad
 
     def _to_batch(self, outs) -> Batch:
         a = self.args
