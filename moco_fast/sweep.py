@@ -408,14 +408,10 @@ def _last_row(folder: Path) -> dict[str, Any]:
 def _evaluate(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr: float) -> dict[str, Any]:
     """One setting's result from its finished checkpoint and metrics: kNN on the backbone and on
     the head output (and of a random init with --knn-baseline), the linear classifier if asked."""
-    from dataclasses import replace
     from functools import partial
 
-    import torch
-
     from moco_fast.checkpoint import CHECKPOINT_NAME, load_model
-    from moco_fast.model import MoCo
-    from moco_fast.trainer import knn_top1, resolve_device
+    from moco_fast.trainer import knn_top1, random_init_backbone, resolve_device
 
     folder = Path(cfg.runtime.out)
     last = _last_row(folder)
@@ -447,12 +443,7 @@ def _evaluate(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr: float
         res["knn_top1"] = knn(model.backbone())
         res["knn_head_top1"] = knn(model.encoder_q)  # the figure the official CIFAR demo reports
         if cfg.runtime.knn_baseline:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.runtime.seed)
-                # end-to-end: the same backbone, without a key encoder or memory bank to build
-                rand = MoCo(cfg.model, replace(cfg.moco, mechanism="end-to-end"), cfg.data.aug.image_size)
-            res["random_knn_top1"] = knn(rand.to(device).eval().backbone())
-            del rand
+            res["random_knn_top1"] = knn(random_init_backbone(cfg, device))
     del model
     if lincls_epochs > 0:
         res["linear_top1"] = _linear(cfg, folder, lincls_epochs, lincls_lr)

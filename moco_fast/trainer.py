@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -317,7 +318,7 @@ def _train_held(
     if finished and not summary_owed:
         log.info("%s: all %d epochs were done already; nothing to train", out, cfg.optim.epochs)
     elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
-        row = _final_evaluation(row, model, splits, cfg, device, loader.num_images)
+        row = _final_evaluation(row, model, splits, cfg, device)
         writer.write_summary(row)
     writer.close()
     dist_utils.barrier()
@@ -383,7 +384,7 @@ def _run_epoch(
 
 
 def _final_evaluation(
-    row: dict[str, Any], model: MoCo, splits, cfg: TrainConfig, device: torch.device, num_images: int
+    row: dict[str, Any], model: MoCo, splits, cfg: TrainConfig, device: torch.device
 ) -> dict[str, Any]:
     """The summary: the last row plus the final kNN on the backbone and on the head's output, and
     on a random-init network when asked."""
@@ -392,13 +393,19 @@ def _final_evaluation(
     # the head's output (128-d): the figure the official CIFAR-10 demo reports
     row["final_knn_head_top1"] = knn_top1(model.encoder_q, splits, cfg, device)
     if cfg.runtime.knn_baseline:
-        # drawn from the run's seed, not from the RNG where training left it: the same network
-        # however long the run trained
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.runtime.seed)
-            rand = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=num_images)
-        row["random_knn_top1"] = knn_top1(rand.to(device).backbone(), splits, cfg, device)
+        row["random_knn_top1"] = knn_top1(random_init_backbone(cfg, device), splits, cfg, device)
     return row
+
+
+def random_init_backbone(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The random-init baseline of the final kNN (train's summary, the sweep): the backbone the
+    run started from, drawn from its seed, not from the RNG where training left it (the same network
+    however long the run trained). Built as end-to-end: the same backbone (the query encoder is
+    drawn first in every mechanism) without a key encoder, queue or memory bank to make."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.runtime.seed)
+        rand = MoCo(cfg.model, replace(cfg.moco, mechanism="end-to-end"), cfg.data.aug.image_size)
+    return rand.to(device).eval().backbone()
 
 
 class Diverged(RuntimeError):
