@@ -528,7 +528,7 @@ def stub_sweep_runs(monkeypatch) -> list:
     trained = []
     monkeypatch.setattr(sweep, "_train", lambda cfg: trained.append(cfg))
     monkeypatch.setattr(
-        sweep, "_evaluate", lambda cfg, s, *a: {"name": s.name, "mechanism": s.mechanism, "k": s.k, "m": s.m}
+        sweep, "evaluate_setting", lambda cfg, s, *a: {"name": s.name, "mechanism": s.mechanism, "k": s.k, "m": s.m}
     )
     return trained
 

@@ -1,0 +1,103 @@
+"""A sweep setting's result from its finished run: the last epoch's row, kNN on the backbone and
+on the head's output (and of a random init with --knn-baseline), and optionally a short linear
+classifier on cached features (written as sweep_lincls.json beside the checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moco_fast.config import TrainConfig
+from moco_fast.loaders import IMAGE_FOLDER_LOADERS
+from moco_fast.metrics import read_rows
+from moco_fast.run_folder import SWEEP_LINCLS_RESULT
+
+if TYPE_CHECKING:
+    from moco_fast.sweep import Setting
+
+
+def _last_row(folder: Path) -> dict[str, Any]:
+    """The last epoch's row of the setting's metrics.jsonl ({} without one)."""
+
+    return next((row for row in reversed(read_rows(folder)) if "loss" in row), {})
+
+
+def evaluate_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr: float) -> dict[str, Any]:
+    """One setting's result from its finished checkpoint and metrics: kNN on the backbone and on
+    the head output (and of a random init with --knn-baseline), the linear classifier if asked."""
+    from functools import partial
+
+    from moco_fast.checkpoint import CHECKPOINT_NAME, load_model
+    from moco_fast.trainer import knn_top1, random_init_backbone, resolve_device
+
+    folder = Path(cfg.runtime.out)
+    last = _last_row(folder)
+    device = resolve_device(cfg.runtime.device)
+    model, _ = load_model(folder / CHECKPOINT_NAME, device)
+    res: dict[str, Any] = {"name": s.name, "mechanism": s.mechanism}
+    if s.mechanism == "end-to-end":
+        res["k"] = cfg.optim.batch_size  # the negatives are the batch's other keys (one process)
+    else:
+        res["k"] = int(model.k)  # the memory bank draws at most one negative per training image
+        if res["k"] != cfg.moco.k:
+            res["k_asked"] = cfg.moco.k
+    res.update(
+        {
+            "m": s.m,
+            "shuffle_bn": s.shuffle_bn,
+            "epochs": cfg.optim.epochs,
+            "loss": last.get("loss"),
+            "pretext_acc": last.get("pretext_acc"),
+            "knn_top1": None,
+            "knn_head_top1": None,
+            "random_knn_top1": None,  # with --knn-baseline
+            "img_per_s": last.get("img_per_s"),
+        }
+    )
+    splits = _eval_splits(cfg)
+    if splits is not None:
+        knn = partial(knn_top1, splits=splits, cfg=cfg, device=device)
+        res["knn_top1"] = knn(model.backbone())
+        res["knn_head_top1"] = knn(model.encoder_q)  # the figure the official CIFAR demo reports
+        if cfg.runtime.knn_baseline:
+            res["random_knn_top1"] = knn(random_init_backbone(cfg, device))
+    del model
+    if lincls_epochs > 0:
+        res["linear_top1"] = _linear(cfg, folder, lincls_epochs, lincls_lr)
+    res["lincls_epochs"] = lincls_epochs
+    res["lincls_lr"] = lincls_lr if lincls_epochs > 0 else None
+    return res
+
+
+def _eval_splits(cfg: TrainConfig):
+    """The train and eval image lists for kNN, or None where the data has no eval split."""
+    from moco_fast.data import load_splits
+    from moco_fast.loaders.wds import is_wds_root
+
+    if cfg.data.loader not in IMAGE_FOLDER_LOADERS or is_wds_root(cfg.data.data):
+        return None
+    splits = load_splits(cfg.data.data, check=False)
+    return splits if splits.eval is not None else None
+
+
+def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | None:
+    from moco_fast.checkpoint import CHECKPOINT_NAME
+    from moco_fast.lincls import LinclsConfig, run_lincls
+    from moco_fast.trainer import eval_workers, resolve_device
+
+    steps = ",".join(str(max(1, round(epochs * f))) for f in (0.6, 0.8))
+    res = run_lincls(
+        LinclsConfig(
+            checkpoint=str(folder / CHECKPOINT_NAME),
+            data=cfg.data.data,
+            epochs=epochs,
+            lr=lr,
+            schedule=steps,
+            cached_features=True,
+            workers=eval_workers(cfg.data.workers, resolve_device(cfg.runtime.device)),
+            device=cfg.runtime.device,
+            seed=cfg.runtime.seed,
+            out=str(folder / SWEEP_LINCLS_RESULT),  # not lincls.json: `moco-fast lincls`'s own result stays
+        )
+    )
+    return res["top1"]
