@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
@@ -103,21 +102,12 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def check_output_path(path: str | None, flag: str, suffix: str) -> None:
-    """Before any row runs: an output path that cannot be written is a one-line error, not a
-    traceback after the first row."""
+    """Before any row runs: an output path that cannot be written (the CLI's `check_output`) or
+    that does not end in `suffix` is a one-line error, not a traceback after the first row."""
     if path is None:
         return
-    p = Path(path)
-    if p.suffix.lower() != suffix:
+    from moco_fast.commands import check_output
+
+    if Path(path).suffix.lower() != suffix:
         raise ConfigError(f"{flag} {path}: name a {suffix} file")
-    if p.is_dir():
-        raise ConfigError(f"{flag} {path} is a folder: name a {suffix} file")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot create its folder ({e.strerror or e})") from None
-    try:  # a real write: os.access says yes to root where the file system says no
-        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write in its folder ({e.strerror or e})") from None
+    check_output(path, flag)

@@ -104,7 +104,7 @@ def test_bad_rows_are_one_line_errors(rows, capsys):
         (["--image-size", "0"], "--image-size must be positive"),
         (["--json", "{tmp}/r.txt"], "--json {tmp}/r.txt: name a .json file"),
         (["--json", "{tmp}"], "name a .json file"),
-        (["--json", "{tmp}/afile/r.json"], "cannot create its folder"),
+        (["--json", "{tmp}/afile/r.json"], "afile is not a folder"),
         (["--plot", "{tmp}/p.txt"], "name a .png file"),
         (["--loader", "bogus", "--rows", "trainer"], "--loader 'bogus': choose from"),
         (["--momentum-backend", "bogus", "--rows", "trainer"], "unknown momentum backend 'bogus'"),
