@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,36 @@ def warn_left_out(bad: list[Unreadable], images: ImageList, desc: str) -> None:
         )
 
 
+class EvalBatches:
+    """The (x, y) host batches of an evaluation pass over `images`: the images that failed to decode
+    are left out and named in one warning when the pass ends; a batch where none decoded is empty
+    (0 x 3 x S x S), so that the counts stay right."""
+
+    def __init__(self, loader: DataLoader, images: ImageList, image_size: int, desc: str):
+        self.loader, self.images, self.image_size, self.desc = loader, images, image_size, desc
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        bad = []
+        for x, y, unreadable in self.loader:
+            bad += unreadable
+            if x is None:
+                s = self.image_size
+                x, y = torch.empty(0, 3, s, s, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+            yield x, y
+        warn_left_out(bad, self.images, self.desc)
+
+
+def eval_batches(images: ImageList, image_size: int, batch_size: int, workers: int, desc: str) -> EvalBatches:
+    """Center-cropped uint8 batches of every decodable image of `images`, each once, in order: the
+    one evaluation pass of kNN, lincls and finetune (and lincls's cached train features)."""
+    ds = ImageDataset(images, eval_transform(image_size), substitute=False)
+    dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_decodable, shuffle=False)
+    return EvalBatches(dl, images, image_size, desc)
+
+
 @torch.no_grad()
 def extract_features(
     net: nn.Module,
@@ -82,22 +113,19 @@ def extract_features(
     """
     was_training = net.training
     net.eval()
-    ds = ImageDataset(images, eval_transform(spec.image_size), substitute=False)
-    dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_decodable, shuffle=False)
+    batches = eval_batches(images, spec.image_size, batch_size, workers, desc)
     mean, std = mean_std_255(spec, device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    feats, labels, bad = [], [], []
-    bar = progress(total=len(dl), desc=desc, enabled=len(dl) > PROGRESS_MIN_BATCHES)
-    for x, y, unreadable in dl:
-        bad += unreadable
-        if x is not None:
+    feats, labels = [], []
+    bar = progress(total=len(batches), desc=desc, enabled=len(batches) > PROGRESS_MIN_BATCHES)
+    for x, y in batches:  # the warning naming what was left out comes when the pass ends
+        if len(y):
             x = normalize_on_device(x, mean, std, torch.float32, fmt)
             feats.append(F.normalize(net(x).float(), dim=1))
             labels.append(y.to(device))
         bar.update(1)
     bar.close()
     net.train(was_training)
-    warn_left_out(bad, images, desc)
     if not feats:
         raise DataError(f"none of the {len(images)} images in {images.root} could be decoded")
     return torch.cat(feats), torch.cat(labels)

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,8 @@ from moco_fast.data import (
     resolve_root,
     split_dirs,
 )
-from moco_fast.knn import collate_decodable, collate_labeled, warn_left_out
+from moco_fast.knn import EvalBatches, collate_labeled, eval_batches
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
-from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
 from moco_fast.run_folder import LINCLS_RESULT
 from moco_fast.step import set_lr
@@ -97,10 +96,9 @@ def lr_at(base_lr: float, epoch: int, epochs: int, steps: tuple[int, ...] | None
     return base_lr * 0.1 ** sum(epoch >= s for s in steps)
 
 
-def classify_transform(image_size: int, train: bool) -> Callable:
-    """uint8 3 x S x S. Train: random resized crop + flip (official lincls); eval: center crop."""
-    if not train:
-        return eval_transform(image_size)
+def train_transform(image_size: int) -> Callable:
+    """uint8 3 x S x S: random resized crop + flip (official lincls); evaluation center-crops
+    (knn.eval_batches)."""
     return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
@@ -118,43 +116,18 @@ def image_batches(
     (train=False: the eval split, --cached-features) leave out images that fail to decode, so that
     each image counts once, as in kNN (EvalBatches; `desc` names the pass in its warning); training
     replaces them by another image, as pretraining does."""
-    if train:
-        ds, collate = ImageDataset(images, classify_transform(image_size, True)), collate_labeled
-    else:
-        ds, collate = ImageDataset(images, classify_transform(image_size, False), substitute=False), collate_decodable
-    loader = DataLoader(
-        ds,
+    if not train:
+        return eval_batches(images, image_size, batch_size, workers, desc)
+    return DataLoader(
+        ImageDataset(images, train_transform(image_size)),
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=True,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_labeled,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
     )
-    return loader if train else EvalBatches(loader, images, image_size, desc)
-
-
-class EvalBatches:
-    """The (x, y) host batches of an evaluation pass over `images`: the images that failed to decode
-    are left out and named in one warning when the pass ends (as kNN does); a batch where none
-    decoded is empty (0 x 3 x S x S), so that the counts stay right."""
-
-    def __init__(self, loader: DataLoader, images: ImageList, image_size: int, desc: str):
-        self.loader, self.images, self.image_size, self.desc = loader, images, image_size, desc
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        bad = []
-        for x, y, unreadable in self.loader:
-            bad += unreadable
-            if x is None:
-                s = self.image_size
-                x, y = torch.empty(0, 3, s, s, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-            yield x, y
-        warn_left_out(bad, self.images, self.desc)
 
 
 class Normalizer:
