@@ -11,6 +11,7 @@ from moco_fast.kernels.augment_gpu import apply, sample_params
 
 from moco_fast.augment import AugSpec
 from moco_fast.config import ConfigError
+from moco_fast.data import DataSplits
 
 T = TypeVar("T")
 
@@ -82,6 +83,9 @@ def stream_seed(seed: int, position: int, rank: int) -> int:
 class TrainLoader(Protocol):
     num_images: int
     classes: list[str]
+    # the image folder's train and eval lists as the loader found them (the kNN monitor's data),
+    # None where the data is not an image folder (a shard set, a .beton, synthetic)
+    splits: DataSplits | None
 
     def __len__(self) -> int: ...  # steps per epoch (drop_last: every rank runs the same number)
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from moco_fast.config import ConfigError
-from moco_fast.data import DataError, ImageList, load_splits
+from moco_fast.data import DataError, DataSplits, ImageList, load_splits
 from moco_fast.metrics import progress
 
 from . import register_loader
@@ -210,9 +210,11 @@ class DaliLoader(SkipsBadSamples):
         if is_wds_root(args.data):
             self.wds: WdsSource | None = WdsSource(read_meta(args.data))
             self.folder: FolderSource | None = None
+            self.splits: DataSplits | None = None
             self.num_images, self.classes = self.wds.num_images, self.wds.meta.classes
         else:
-            images = load_splits(args.data, check=args.check_images).train
+            self.splits = load_splits(args.data, check=args.check_images)
+            images = self.splits.train
             self.wds, self.folder = None, FolderSource(images, args.batch_size, args.seed, args.rank, args.world_size)
             self.num_images, self.classes = len(images), images.classes
         self.steps = self.num_images // args.world_size // args.batch_size

@@ -219,6 +219,7 @@ class FFCVLoader:
         for name in ("image", "label"):
             if name not in names:
                 raise DataError(f"{path} has no {name!r} field (fields: {', '.join(names)})")
+        self.splits = None  # a .beton: no image folder
         self.num_images = reader.num_samples
         self.classes = read_classes(path, reader.metadata[f"f{names.index('label')}"])
         if self.num_images // args.world_size < args.batch_size:

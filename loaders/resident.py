@@ -167,7 +167,8 @@ class ResidentLoader:
     def __init__(self, args: LoaderArgs):
         self.args = args
         self.opts = ResidentOptions.parse(args.options)
-        images = load_splits(args.data, check=args.check_images).train
+        self.splits = load_splits(args.data, check=args.check_images)
+        images = self.splits.train
         side = round(args.aug.image_size / 0.875)  # the default side for images of mixed sizes
         budget = int(available_bytes(args.device) * self.opts.memory_fraction)
         self.data, self.labels, kept = load_resident(

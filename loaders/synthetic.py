@@ -12,6 +12,7 @@ class SyntheticLoader:
     def __init__(self, args: LoaderArgs):
         self.args = args
         self.classes = [str(i) for i in range(10)]
+        self.splits = None  # no image folder
         self.num_images = args.batch_size * args.synthetic_steps * args.world_size
         g = torch.Generator(device="cpu").manual_seed(args.seed + args.rank)
         shape = (args.batch_size, 3, args.aug.image_size, args.aug.image_size)

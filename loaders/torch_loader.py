@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
 from moco_fast.augment import AugSpec
-from moco_fast.data import DataError, ImageDataset, ImageList, load_splits
+from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 
 from . import register_loader
 from .base import DevicePrefetcher, LoaderArgs, NoOptions, parse_options, stream_seed
@@ -83,12 +83,14 @@ def collate_views(items):
 
 
 class TorchLoader:
-    def __init__(self, images: ImageList, args: LoaderArgs):
+    def __init__(self, splits: DataSplits, args: LoaderArgs):
+        images = splits.train
         if len(images) // args.world_size < args.batch_size:
             raise DataError(
                 f"{len(images)} images give fewer than one batch of {args.batch_size} per process: lower --batch-size"
             )
         self.args = args
+        self.splits = splits
         self.num_images = len(images)
         self.classes = images.classes
         self.dataset = ImageDataset(images, TwoViews(view_transform(args.aug)))
@@ -120,4 +122,4 @@ class TorchLoader:
 @register_loader("torch")
 def build_torch_loader(args: LoaderArgs) -> TorchLoader:
     parse_options(NoOptions, args.options, "torch")
-    return TorchLoader(load_splits(args.data, check=args.check_images).train, args)
+    return TorchLoader(load_splits(args.data, check=args.check_images), args)

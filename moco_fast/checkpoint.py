@@ -25,6 +25,12 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     # The states must be CPU byte tensors, wherever the checkpoint was loaded to.
     torch.set_rng_state(state["torch"].cpu())

@@ -31,7 +31,6 @@ from typing import Any
 
 from moco_fast.checkpoint import CHECKPOINT_NAME
 from moco_fast.config import ConfigError, TrainConfig, plain
-from moco_fast.loaders import IMAGE_FOLDER_LOADERS
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, holds_run
 from moco_fast.sweep_eval import evaluate_setting
@@ -364,22 +363,19 @@ def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> No
     """What `validate` does not see and would otherwise fail after the first setting trained (or
     after --redo deleted the old runs): the device, the training data, and an eval split for the
     linear classifier."""
-    from moco_fast.data import load_splits
     from moco_fast.knn import warn_if_single_class
-    from moco_fast.loaders.wds import is_wds_root
+    from moco_fast.monitor import eval_splits
     from moco_fast.trainer import resolve_device, validate_device
 
     cfg = configs[0]  # the grid changes K, m, mechanism and shuffle BN only
     validate_device(cfg, resolve_device(cfg.runtime.device), 1)
-    splits = None
-    if cfg.data.loader in IMAGE_FOLDER_LOADERS and not is_wds_root(cfg.data.data):
-        splits = load_splits(cfg.data.data, check=False)  # DataError when the folder is missing or empty
-    if lincls_epochs > 0 and (splits is None or splits.eval is None):
+    splits, _ = eval_splits(cfg)  # DataError when the folder is missing or empty
+    if lincls_epochs > 0 and splits is None:
         raise ConfigError(
             "--lincls-epochs needs an image folder with train/ and val/ or test/ (the linear classifier's "
             f"data); --loader {cfg.data.loader} with --data {cfg.data.data} has none"
         )
-    if splits is not None and splits.eval is not None:
+    if splits is not None:
         if lincls_epochs > 0 and len(splits.train.classes) == 1:
             raise ConfigError(
                 f"--lincls-epochs: {splits.train.root} holds a single class ({splits.train.classes[0]}), "

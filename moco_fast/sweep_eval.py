@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moco_fast.config import TrainConfig
-from moco_fast.loaders import IMAGE_FOLDER_LOADERS
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import SWEEP_LINCLS_RESULT
 
@@ -25,10 +24,9 @@ def _last_row(folder: Path) -> dict[str, Any]:
 def evaluate_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr: float) -> dict[str, Any]:
     """One setting's result from its finished checkpoint and metrics: kNN on the backbone and on
     the head output (and of a random init with --knn-baseline), the linear classifier if asked."""
-    from functools import partial
-
     from moco_fast.checkpoint import CHECKPOINT_NAME, load_model
-    from moco_fast.trainer import knn_top1, random_init_backbone, resolve_device
+    from moco_fast.monitor import eval_splits, knn_figures
+    from moco_fast.trainer import resolve_device
 
     folder = Path(cfg.runtime.out)
     last = _last_row(folder)
@@ -54,30 +52,15 @@ def evaluate_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr
             "img_per_s": last.get("img_per_s"),
         }
     )
-    splits = _eval_splits(cfg)
+    splits, _ = eval_splits(cfg)
     if splits is not None:
-        knn = partial(knn_top1, splits=splits, cfg=cfg, device=device)
-        res["knn_top1"] = knn(model.backbone())
-        res["knn_head_top1"] = knn(model.encoder_q)  # the figure the official CIFAR demo reports
-        if cfg.runtime.knn_baseline:
-            res["random_knn_top1"] = knn(random_init_backbone(cfg, device))
+        res.update(knn_figures(model, splits, cfg, device))
     del model
     if lincls_epochs > 0:
         res["linear_top1"] = _linear(cfg, folder, lincls_epochs, lincls_lr)
     res["lincls_epochs"] = lincls_epochs
     res["lincls_lr"] = lincls_lr if lincls_epochs > 0 else None
     return res
-
-
-def _eval_splits(cfg: TrainConfig):
-    """The train and eval image lists for kNN, or None where the data has no eval split."""
-    from moco_fast.data import load_splits
-    from moco_fast.loaders.wds import is_wds_root
-
-    if cfg.data.loader not in IMAGE_FOLDER_LOADERS or is_wds_root(cfg.data.data):
-        return None
-    splits = load_splits(cfg.data.data, check=False)
-    return splits if splits.eval is not None else None
 
 
 def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | None:

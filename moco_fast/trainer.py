@@ -9,25 +9,22 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
-from moco_fast.config import ConfigError, TrainConfig, plain, save_json, to_dict
-from moco_fast.data import DataError, load_splits
-from moco_fast.knn import knn_accuracy, warn_if_single_class
-from moco_fast.loaders import IMAGE_FOLDER_LOADERS, LoaderArgs, create_loader
-from moco_fast.loaders.wds import is_wds_root
+from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
+from moco_fast.data import DataError
+from moco_fast.loaders import LoaderArgs, create_loader
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, progress, read_rows
 from moco_fast.model import MoCo
+from moco_fast.monitor import knn_figures, knn_top1, monitor_splits
+from moco_fast.resume import resume
 from moco_fast.run_folder import (
     CONFIG_NAME,
     check_output,
@@ -95,12 +92,6 @@ def eval_workers(workers: int, device: torch.device) -> int:
     return min(resolve_workers(workers, device), 4)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def validate(cfg: TrainConfig, world: int) -> None:
     o, m = cfg.optim, cfg.moco
     global_batch = o.batch_size * world
@@ -159,34 +150,6 @@ def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
         raise ConfigError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only)")
 
 
-def _warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    """A resumed run may change its data, optimisation or epochs; say what changed."""
-    now = to_dict(cfg)
-    changed = [
-        f"{section}.{k} {old!r} -> {now[section].get(k)!r}"
-        for section in ("data", "optim")
-        for k, old in saved.get(section, {}).items()
-        if k not in ("epochs", "workers") and plain(now[section].get(k)) != plain(old)
-    ]
-    if changed:
-        log.warning("--resume with changed settings: %s", "; ".join(changed))
-
-
-def _check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    now = to_dict(cfg)
-    for section in ("model", "moco"):
-        old, new = saved[section], now[section]
-        # these change how a step runs, not the weights (split BN keeps plain BN's buffers): a run
-        # trained by N processes (plain BN) resumes in one (split BN), and the other way round
-        changeable = ("m", "t", "symmetric", "bank_m", "shuffle_exchange", "bn_splits", "shuffle_bn")
-        diff = [k for k in new if k in old and old[k] != new[k] and k not in changeable]
-        if diff:
-            raise ConfigError(
-                f"--resume: the checkpoint was trained with other {section} settings "
-                + ", ".join(f"{k}={old[k]!r} (now {new[k]!r})" for k in diff)
-            )
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; returns the last metrics row (plus final kNN figures when computed)."""
     owns_group = dist_utils.init_from_env(cfg.runtime.device)
@@ -214,7 +177,7 @@ def _train_held(
 ) -> dict[str, Any]:
     """train() while this process holds the run folder (rank 0)."""
     resume_path = check_output(cfg)
-    seed_everything(cfg.runtime.seed + rank)
+    ckpt.seed_everything(cfg.runtime.seed + rank)
 
     loader = create_loader(
         cfg.data.loader,
@@ -235,14 +198,14 @@ def _train_held(
     )
     if len(loader) < 1:
         raise DataError("the data gives no full batch: lower --batch-size")
-    splits = _knn_splits(cfg)
+    splits = monitor_splits(cfg, loader.splits)
 
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images).to(device)
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch = 0 if resume_path is None else _resume(resume_path, cfg, model, optimizer, scaler, world, rank)
+    start_epoch = 0 if resume_path is None else resume(resume_path, cfg, model, optimizer, scaler, world, rank)
     # Every rank must start at the same epoch, or the first collective would wait forever.
     starts = dist_utils.all_gather_objects(start_epoch)
     if len(set(starts)) > 1:
@@ -327,24 +290,6 @@ def _train_held(
     return row
 
 
-def _resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, world: int, rank: int) -> int:
-    """Loads a training checkpoint into the model, optimizer, scaler and random streams; returns
-    the epoch it ends."""
-    # on the CPU: the RNG states must stay there; model and optimizer states are copied to the device
-    state = ckpt.load(resume_path, map_location="cpu")
-    if not {"config", "model", "optimizer", "epoch"} <= set(state):
-        raise DataError(f"--resume: {resume_path} is not a moco-fast training checkpoint")
-    _check_same_model(state["config"], cfg)
-    if state["epoch"] < cfg.optim.epochs:
-        _warn_changed(state["config"], cfg)
-    ckpt.load_weights(model, state["model"], resume_path)
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    _restore_rng(state, cfg, world, rank, state["epoch"])
-    log.info("resumed from %s at epoch %d", resume_path, state["epoch"])
-    return state["epoch"]
-
-
 def _run_epoch(
     step, loader, cfg: TrainConfig, epoch: int, lr: float, device: torch.device, world: int
 ) -> tuple[dict[str, Any], torch.Tensor]:
@@ -386,26 +331,10 @@ def _run_epoch(
 def _final_evaluation(
     row: dict[str, Any], model: MoCo, splits, cfg: TrainConfig, device: torch.device
 ) -> dict[str, Any]:
-    """The summary: the last row plus the final kNN on the backbone and on the head's output, and
-    on a random-init network when asked."""
-    row = dict(row)
-    row["final_knn_top1"] = row["knn_top1"] if "knn_top1" in row else knn_top1(model.backbone(), splits, cfg, device)
-    # the head's output (128-d): the figure the official CIFAR-10 demo reports
-    row["final_knn_head_top1"] = knn_top1(model.encoder_q, splits, cfg, device)
-    if cfg.runtime.knn_baseline:
-        row["random_knn_top1"] = knn_top1(random_init_backbone(cfg, device), splits, cfg, device)
-    return row
-
-
-def random_init_backbone(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The random-init baseline of the final kNN (train's summary, the sweep): the backbone the
-    run started from, drawn from its seed, not from the RNG where training left it (the same network
-    however long the run trained). Built as end-to-end: the same backbone (the query encoder is
-    drawn first in every mechanism) without a key encoder, queue or memory bank to make."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.runtime.seed)
-        rand = MoCo(cfg.model, replace(cfg.moco, mechanism="end-to-end"), cfg.data.aug.image_size)
-    return rand.to(device).eval().backbone()
+    """The summary: the last row plus the final kNN figures (monitor.knn_figures)."""
+    f = knn_figures(model, splits, cfg, device, backbone_top1=row.get("knn_top1"))
+    row = {**row, "final_knn_top1": f.pop("knn_top1"), "final_knn_head_top1": f.pop("knn_head_top1")}
+    return {**row, **f}  # and random_knn_top1 with --knn-baseline
 
 
 class Diverged(RuntimeError):
@@ -432,61 +361,3 @@ def check_finite(model: torch.nn.Module, loss: torch.Tensor, epoch: int, amp_dty
             loss.item(),
             "; the loss scaler skipped them" if amp_dtype == torch.float16 else "",
         )
-
-
-def _knn_splits(cfg: TrainConfig):
-    """The image-folder splits for the kNN monitor, or None where there is no eval split to use.
-
-    Only image folders (read by the torch, DALI or resident loader) have one; `--knn-every` without it is an error.
-    """
-    r = cfg.runtime
-    if not (r.knn_every or r.final_knn):
-        return None
-    if cfg.data.loader not in IMAGE_FOLDER_LOADERS:
-        if r.knn_every:
-            raise ConfigError(
-                f"--knn-every needs an image folder with an eval split; --loader {cfg.data.loader} has none "
-                "(run `moco-fast knn --checkpoint ... --data FOLDER` on the checkpoint instead)"
-            )
-        return None
-    if is_wds_root(cfg.data.data):  # a shard set has no eval split
-        splits, need = None, "an image folder with train/ and val/ or test/, not a shard set"
-    else:
-        # No header check here: the loader has just checked both splits (a second pass over a large
-        # set costs minutes), and a truncated JPEG passes it anyway. The kNN feature passes leave out
-        # every image that fails to decode (knn.extract_features), so the monitor counts exactly the
-        # decodable images, as `moco-fast knn` does on its checked listing.
-        splits = load_splits(cfg.data.data, check=False)
-        need = "an eval split: a data root with train/ and val/ or test/"
-    if splits is None or splits.eval is None:
-        if r.knn_every:
-            raise ConfigError(f"--knn-every needs {need}")
-        return None
-    warn_if_single_class(splits.train)
-    return splits
-
-
-def _restore_rng(state: dict[str, Any], cfg: TrainConfig, world: int, rank: int, epoch: int) -> None:
-    """Each rank continues its own random streams when the number of ranks is unchanged. Otherwise
-    (N workers resumed with M) the streams start afresh from (seed, rank, epoch); data order and
-    augmentations do not depend on them (the loaders seed from seed, epoch and rank)."""
-    per_rank = state.get("rng_per_rank") or [state["rng"]]
-    if len(per_rank) == world:
-        ckpt.set_rng_state(per_rank[rank])
-        return
-    seed_everything(cfg.runtime.seed + rank + 1_000_003 * epoch)
-    log.info("--resume: the checkpoint was written by %d processes, now %d: new random streams", len(per_rank), world)
-
-
-def knn_top1(net: torch.nn.Module, splits, cfg: TrainConfig, device: torch.device) -> float:
-    """Weighted kNN top-1 (%) of `net` on the run's splits, with the run's k, t and eval workers."""
-    return knn_accuracy(
-        net,
-        splits.train,
-        splits.eval,
-        cfg.data.aug,
-        device,
-        k=cfg.runtime.knn_k,
-        t=cfg.runtime.knn_t,
-        workers=eval_workers(cfg.data.workers, device),
-    )

@@ -11,8 +11,9 @@ from moco_fast.cli import main
 from moco_fast.config import ConfigError, build_config
 from moco_fast.data import list_images
 from moco_fast.model import MoCo
+from moco_fast.monitor import monitor_splits
 from moco_fast.step import fast_sgd
-from moco_fast.trainer import StepState, _knn_splits, make_optimizer, train, train_step
+from moco_fast.trainer import StepState, make_optimizer, train, train_step
 
 TINY = {
     "model.arch": "resnet18",
@@ -278,7 +279,25 @@ def test_knn_every_needs_an_eval_split(tiny_root, tmp_path, capsys):
     # a loader without an image folder (FFCV reads a .beton): said, not silently ignored
     cfg = tiny_config(tiny_root, tmp_path, **{"data.loader": "ffcv", "runtime.knn_every": 1})
     with pytest.raises(ConfigError, match="--knn-every needs an image folder"):
-        _knn_splits(cfg)
+        monitor_splits(cfg)
+
+
+def test_knn_monitor_uses_the_loaders_listing(tiny_root, tmp_path, monkeypatch):
+    # The loader has just listed (and header-checked) both splits; the kNN monitor and the final kNN
+    # take those lists rather than walking the folder a second time (minutes on a large set).
+    import moco_fast.monitor
+
+    def list_again(*args, **kwargs):
+        raise AssertionError("the image folder was listed a second time")
+
+    monkeypatch.setattr(moco_fast.monitor, "load_splits", list_again)
+    cfg = tiny_config(tiny_root, tmp_path / "run", **{"optim.epochs": 1, "runtime.knn_every": 1})
+    cfg.runtime.final_knn = True
+    summary = train(cfg)
+    assert summary["knn_top1"] == summary["final_knn_top1"] and 0 <= summary["final_knn_head_top1"] <= 100
+    # without the loader's lists (the sweep evaluates a finished checkpoint) the folder is listed
+    with pytest.raises(AssertionError, match="listed a second time"):
+        monitor_splits(cfg)
 
 
 def test_knn_on_one_class_is_flagged(tmp_path, caplog):
@@ -286,7 +305,7 @@ def test_knn_on_one_class_is_flagged(tmp_path, caplog):
 
     root = make_image_root(tmp_path / "one", per_class=2, classes=1, test_per_class=2)
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
-        assert _knn_splits(tiny_config(root, tmp_path / "run", **{"runtime.final_knn": True})) is not None
+        assert monitor_splits(tiny_config(root, tmp_path / "run", **{"runtime.final_knn": True})) is not None
     assert "holds a single class (airplane): every neighbour votes for it, so kNN top-1 is 100%" in caplog.text
 
 
@@ -324,10 +343,11 @@ def test_epoch_rows_average_the_steps(tmp_path, monkeypatch):
         assert r["img_per_s_per_device"] == pytest.approx(r["img_per_s"])  # one process
 
 
-def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_root, tmp_path, capsys):
-    # The trainer lists its kNN splits without the header check (and a truncated JPEG passes it): the
-    # feature passes must leave out whatever fails to decode, not count another image in its place,
-    # so that train's monitor and summary, `moco-fast knn` and a copy without the bad files agree.
+def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_root, tmp_path, capsys, caplog):
+    # The trainer's kNN takes the loader's header-checked lists, and a truncated JPEG passes that
+    # check: the feature passes must leave out whatever fails to decode, not count another image in
+    # its place, so that train's monitor and summary, `moco-fast knn` and a copy without the bad
+    # files agree.
     import shutil
 
     from moco_fast.checkpoint import load_model
@@ -346,8 +366,9 @@ def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_roo
     argv = ["train", "--data", str(fresh_root), "--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet"]
     argv += ["--epochs", "1", "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--device", "cpu"]
     argv += ["--workers", "0", "--knn-every", "1", "--out", str(out)]
-    with pytest.warns(UserWarning, match="0000b_junk1.jpg"):
+    with pytest.warns(UserWarning, match="(?s)kNN features \\(eval\\): left out 2 of 10 .*0000a_trunc.jpg"):
         assert main(argv) == 0
+    assert "test/airplane/0000b_junk1.jpg: not a readable image" in caplog.text  # the header check's
     summary = json.loads((out / "summary.json").read_text())
     assert read_metrics(out)[-1]["knn_top1"] == summary["final_knn_top1"]
     capsys.readouterr()

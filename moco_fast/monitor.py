@@ -1,0 +1,94 @@
+"""kNN on a training run's own data: the monitor every `--knn-every` epochs, the final figures of
+train's summary, and the same figures for each setting of a sweep.
+
+Only an image folder with an eval split (train/ and val/ or test/, read by the torch, DALI or
+resident loader) has data for it; `eval_splits` says what is missing where there is none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.data import DataSplits, load_splits
+from moco_fast.knn import knn_accuracy, warn_if_single_class
+from moco_fast.loaders import IMAGE_FOLDER_LOADERS
+from moco_fast.loaders.wds import is_wds_root
+from moco_fast.model import MoCo
+
+
+def eval_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> tuple[DataSplits | None, str]:
+    """The run's train and eval image lists, or (None, what the data lacks). `listed`: the lists
+    the loader has just made (and header-checked); without them the folder is listed here, unchecked
+    (a truncated JPEG passes a header check anyway: the kNN feature passes leave out every image
+    that fails to decode, as `moco-fast knn` does)."""
+    if cfg.data.loader not in IMAGE_FOLDER_LOADERS:
+        return None, (
+            f"an image folder with an eval split; --loader {cfg.data.loader} has none "
+            "(run `moco-fast knn --checkpoint ... --data FOLDER` on the checkpoint instead)"
+        )
+    if is_wds_root(cfg.data.data):
+        return None, "an image folder with train/ and val/ or test/, not a shard set"
+    splits = listed if listed is not None else load_splits(cfg.data.data, check=False)
+    if splits.eval is None:
+        return None, "an eval split: a data root with train/ and val/ or test/"
+    return splits, ""
+
+
+def monitor_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> DataSplits | None:
+    """The data of train's kNN monitor and final kNN, or None where neither is asked or there is
+    none to use; `--knn-every` without it is an error (the final kNN is skipped quietly)."""
+    r = cfg.runtime
+    if not (r.knn_every or r.final_knn):
+        return None
+    splits, missing = eval_splits(cfg, listed)
+    if splits is None:
+        if r.knn_every:
+            raise ConfigError(f"--knn-every needs {missing}")
+        return None
+    warn_if_single_class(splits.train)
+    return splits
+
+
+def knn_top1(net: torch.nn.Module, splits: DataSplits, cfg: TrainConfig, device: torch.device) -> float:
+    """Weighted kNN top-1 (%) of `net` on the run's splits, with the run's k, t and eval workers."""
+    from moco_fast.trainer import eval_workers
+
+    return knn_accuracy(
+        net,
+        splits.train,
+        splits.eval,
+        cfg.data.aug,
+        device,
+        k=cfg.runtime.knn_k,
+        t=cfg.runtime.knn_t,
+        workers=eval_workers(cfg.data.workers, device),
+    )
+
+
+def knn_figures(
+    model: MoCo, splits: DataSplits, cfg: TrainConfig, device: torch.device, backbone_top1: float | None = None
+) -> dict[str, float]:
+    """kNN top-1 on the backbone (`backbone_top1` when the monitor has just measured it), on the
+    head's output (128-d: the figure the official CIFAR-10 demo reports) and, with --knn-baseline,
+    on the random-init network."""
+    res = {
+        "knn_top1": knn_top1(model.backbone(), splits, cfg, device) if backbone_top1 is None else backbone_top1,
+        "knn_head_top1": knn_top1(model.encoder_q, splits, cfg, device),
+    }
+    if cfg.runtime.knn_baseline:
+        res["random_knn_top1"] = knn_top1(random_init_backbone(cfg, device), splits, cfg, device)
+    return res
+
+
+def random_init_backbone(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The random-init baseline of the final kNN (train's summary, the sweep): the backbone the
+    run started from, drawn from its seed, not from the RNG where training left it (the same network
+    however long the run trained). Built as end-to-end: the same backbone (the query encoder is
+    drawn first in every mechanism) without a key encoder, queue or memory bank to make."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.runtime.seed)
+        rand = MoCo(cfg.model, replace(cfg.moco, mechanism="end-to-end"), cfg.data.aug.image_size)
+    return rand.to(device).eval().backbone()

@@ -1,0 +1,73 @@
+"""`train --resume`: a checkpoint back into the model, optimizer, scaler and random streams, after
+checking that it was trained with the same model (what a resumed run may change is said)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from moco_fast import checkpoint as ckpt
+from moco_fast.config import ConfigError, TrainConfig, plain, to_dict
+from moco_fast.data import DataError
+from moco_fast.model import MoCo
+
+log = logging.getLogger("moco_fast")
+
+
+def resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, world: int, rank: int) -> int:
+    """Loads a training checkpoint into the model, optimizer, scaler and random streams; returns
+    the epoch it ends."""
+    # on the CPU: the RNG states must stay there; model and optimizer states are copied to the device
+    state = ckpt.load(resume_path, map_location="cpu")
+    if not {"config", "model", "optimizer", "epoch"} <= set(state):
+        raise DataError(f"--resume: {resume_path} is not a moco-fast training checkpoint")
+    check_same_model(state["config"], cfg)
+    if state["epoch"] < cfg.optim.epochs:
+        warn_changed(state["config"], cfg)
+    ckpt.load_weights(model, state["model"], resume_path)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng(state, cfg, world, rank, state["epoch"])
+    log.info("resumed from %s at epoch %d", resume_path, state["epoch"])
+    return state["epoch"]
+
+
+def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """A resumed run may change its data, optimisation or epochs; say what changed."""
+    now = to_dict(cfg)
+    changed = [
+        f"{section}.{k} {old!r} -> {now[section].get(k)!r}"
+        for section in ("data", "optim")
+        for k, old in saved.get(section, {}).items()
+        if k not in ("epochs", "workers") and plain(now[section].get(k)) != plain(old)
+    ]
+    if changed:
+        log.warning("--resume with changed settings: %s", "; ".join(changed))
+
+
+def check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = to_dict(cfg)
+    for section in ("model", "moco"):
+        old, new = saved[section], now[section]
+        # these change how a step runs, not the weights (split BN keeps plain BN's buffers): a run
+        # trained by N processes (plain BN) resumes in one (split BN), and the other way round
+        changeable = ("m", "t", "symmetric", "bank_m", "shuffle_exchange", "bn_splits", "shuffle_bn")
+        diff = [k for k in new if k in old and old[k] != new[k] and k not in changeable]
+        if diff:
+            raise ConfigError(
+                f"--resume: the checkpoint was trained with other {section} settings "
+                + ", ".join(f"{k}={old[k]!r} (now {new[k]!r})" for k in diff)
+            )
+
+
+def restore_rng(state: dict[str, Any], cfg: TrainConfig, world: int, rank: int, epoch: int) -> None:
+    """Each rank continues its own random streams when the number of ranks is unchanged. Otherwise
+    (N workers resumed with M) the streams start afresh from (seed, rank, epoch); data order and
+    augmentations do not depend on them (the loaders seed from seed, epoch and rank)."""
+    per_rank = state.get("rng_per_rank") or [state["rng"]]
+    if len(per_rank) == world:
+        ckpt.set_rng_state(per_rank[rank])
+        return
+    ckpt.seed_everything(cfg.runtime.seed + rank + 1_000_003 * epoch)
+    log.info("--resume: the checkpoint was written by %d processes, now %d: new random streams", len(per_rank), world)
