@@ -18,6 +18,7 @@ from torch import nn
 
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.backbone import build_backbone, plain_bn_state, resolve_stem
+from moco_fast.classifier_epochs import EpochLoop
 from moco_fast.config import ConfigError
 from moco_fast.data import DataError
 from moco_fast.lincls import (
@@ -57,6 +58,8 @@ class FinetuneConfig:
     device: str = "auto"
     amp: str = "auto"
     seed: int = 0
+    eval_every: int = 0  # evaluate every N epochs too (0: after the last only); adds the best epoch
+    resume: bool = False  # continue the interrupted run whose state lies beside `out`
     out: str | None = None  # JSON result; None: finetune.json (finetune_scratch.json) beside the checkpoint
 
 
@@ -122,8 +125,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
             f"{len(splits.train)} training images give no full batch of {cfg.batch_size}: lower --batch-size"
         )
 
-    history = []
-    for epoch in range(cfg.epochs):
+    def one_epoch(epoch: int) -> dict[str, Any]:
         net.train()
         lr = lr_at(base_lr, epoch, cfg.epochs, steps)
         set_lr(opt, lr)
@@ -138,17 +140,22 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
             scaler.update()
             loss_sum += loss.detach()
             n += 1
-        history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)})  # host sync per epoch
-        log.info("finetune epoch %d/%d: loss %.4f, lr %.4g", epoch + 1, cfg.epochs, history[-1]["loss"], lr)
-
-    net.eval()
+        return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)}  # host sync per epoch
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with autocast_for(device, amp_dtype):
             return net(norm(x))
 
     eval_batches = image_batches(splits.eval, size, False, cfg.batch_size, cfg.workers, cfg.seed)
-    top1, top5 = evaluate(forward, eval_batches, device, classes)
+
+    def evaluate_now() -> tuple[float, float]:
+        net.eval()
+        return evaluate(forward, eval_batches, device, classes)
+
+    parts = {"network": net, "optimizer": opt, "scaler": scaler}
+    history = EpochLoop("finetune", cfg, result_path(cfg, start), parts, loader.generator).run(one_epoch, evaluate_now)
+    net.eval()
+    top1, top5 = history[-1]["top1"], history[-1]["top5"]
     result = result_record(
         "end-to-end fine-tuning", top1, top5, classes, splits, size, history, t0, device, cfg, init=start
     )

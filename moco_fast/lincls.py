@@ -31,6 +31,7 @@ from torchvision import transforms as T
 
 from moco_fast.augment import AugSpec
 from moco_fast.backbone import plain_bn_state
+from moco_fast.classifier_epochs import EpochLoop, best_of, clear_state
 from moco_fast.config import ConfigError
 from moco_fast.data import (
     DataError,
@@ -73,6 +74,8 @@ class LinclsConfig:
     device: str = "auto"
     amp: str = "auto"
     seed: int = 0
+    eval_every: int = 0  # evaluate every N epochs too (0: after the last only); adds the best epoch
+    resume: bool = False  # continue the interrupted run whose state lies beside `out`
     out: str | None = None  # JSON result; None: lincls.json beside the checkpoint
 
 
@@ -297,12 +300,13 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         train_feats = batches(splits.train, False, "features (train)")
         train_x, train_y = extract(backbone, train_feats, norm, device, amp_dtype, "features (train)")
         eval_x, eval_y = extract(backbone, eval_images, norm, device, amp_dtype, "features (eval)")
-        g = torch.Generator().manual_seed(cfg.seed)
-        train_epoch = lambda: tensor_batches(train_x, train_y, cfg.batch_size, True, g)  # noqa: E731
+        order = torch.Generator().manual_seed(cfg.seed)
+        train_epoch = lambda: tensor_batches(train_x, train_y, cfg.batch_size, True, order)  # noqa: E731
         features = lambda x: x  # noqa: E731
         eval_batches = tensor_batches(eval_x, eval_y, cfg.batch_size, False, None)
     else:
         loader = batches(splits.train, train=True)
+        order = loader.generator
         train_epoch = lambda: loader  # noqa: E731
 
         def features(x: torch.Tensor) -> torch.Tensor:
@@ -311,8 +315,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
 
         eval_batches = eval_images
 
-    history = []
-    for epoch in range(cfg.epochs):
+    def one_epoch(epoch: int) -> dict[str, Any]:
         lr = lr_at(cfg.lr, epoch, cfg.epochs, steps)
         set_lr(opt, lr)
         loss_sum = torch.zeros((), device=device)
@@ -324,11 +327,17 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
             opt.step()
             loss_sum += loss.detach()
             n += 1
-        history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)})  # host sync per epoch
-        log.info("lincls epoch %d/%d: loss %.4f, lr %.4g", epoch + 1, cfg.epochs, history[-1]["loss"], lr)
+        return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)}  # host sync per epoch
 
-    top1, top5 = evaluate(lambda x: fc(features(x)), eval_batches, device, classes)
-    check_unchanged(backbone, checkpoint_backbone_state(cfg.checkpoint))
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / LINCLS_RESULT
+    loop = EpochLoop("lincls", cfg, out, {"classifier": fc, "optimizer": opt}, order)
+    history = loop.run(one_epoch, lambda: evaluate(lambda x: fc(features(x)), eval_batches, device, classes))
+    top1, top5 = history[-1]["top1"], history[-1]["top5"]
+    try:
+        check_unchanged(backbone, checkpoint_backbone_state(cfg.checkpoint))
+    except BackboneChangedError:
+        clear_state(out)  # epochs on a backbone that moved are nothing to resume
+        raise
     result = result_record(
         "linear classification (frozen backbone)",
         top1,
@@ -342,8 +351,8 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         cfg,
         backbone_unchanged=True,
     )
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / LINCLS_RESULT
     write_json(result, out)
+    clear_state(out)
     return result
 
 
@@ -372,6 +381,7 @@ def result_record(
         "eval_images": len(splits.eval),
         "image_size": size,
         "final_train_loss": history[-1]["loss"],
+        **(best_of(history) if cfg.eval_every else {}),
         "history": history,
         "wall_s": time.perf_counter() - t0,
         "device": str(device),

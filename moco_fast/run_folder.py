@@ -29,12 +29,21 @@ LINCLS_RESULT = "lincls.json"  # `moco-fast lincls`
 SWEEP_RESULT = "result.json"  # the sweep's row for the run
 SWEEP_LINCLS_RESULT = "sweep_lincls.json"  # the sweep's short linear classifier on cached features
 FINETUNE_RESULTS = {"moco": "finetune.json", "scratch": "finetune_scratch.json"}  # by initialisation
+
+
+def state_name(result: str) -> str:
+    """The file where lincls or finetune keeps its state between epochs, beside its `result`
+    (moco_fast.classifier_epochs): lincls.json -> lincls.state.pt."""
+    return Path(result).stem + ".state.pt"
+
+
 RUN_RESULTS = (
     LINCLS_RESULT,
     SWEEP_RESULT,
     SWEEP_LINCLS_RESULT,
     *FINETUNE_RESULTS.values(),
     *(Path(name).with_suffix(".pt").name for name in FINETUNE_RESULTS.values()),  # --save-model's default
+    *(state_name(name) for name in (LINCLS_RESULT, SWEEP_LINCLS_RESULT, *FINETUNE_RESULTS.values())),
 )
 
 

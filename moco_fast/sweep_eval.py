@@ -65,9 +65,11 @@ def evaluate_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr
 
 def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | None:
     from moco_fast.checkpoint import CHECKPOINT_NAME
+    from moco_fast.classifier_epochs import state_path
     from moco_fast.lincls import LinclsConfig, run_lincls
     from moco_fast.trainer import eval_workers, resolve_device
 
+    out = folder / SWEEP_LINCLS_RESULT  # not lincls.json: `moco-fast lincls`'s own result stays
     steps = ",".join(str(max(1, round(epochs * f))) for f in (0.6, 0.8))
     res = run_lincls(
         LinclsConfig(
@@ -80,7 +82,8 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
             workers=eval_workers(cfg.data.workers, resolve_device(cfg.runtime.device)),
             device=cfg.runtime.device,
             seed=cfg.runtime.seed,
-            out=str(folder / SWEEP_LINCLS_RESULT),  # not lincls.json: `moco-fast lincls`'s own result stays
+            out=str(out),
+            resume=state_path(out).is_file(),  # a sweep stopped in this setting's classifier
         )
     )
     return res["top1"]

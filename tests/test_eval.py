@@ -117,6 +117,7 @@ def test_lincls_fails_when_the_backbone_differs(ckpt, six_root, tmp_path, monkey
     cfg = lincls.LinclsConfig(str(ckpt), str(six_root), epochs=1, batch_size=8, workers=0, device="cpu")
     with pytest.raises(lincls.BackboneChangedError, match=r"conv1\.weight"):
         lincls.run_lincls(cfg)
+    assert not (ckpt.parent / "lincls.state.pt").exists()  # nothing to resume: the next run starts afresh
 
 
 @pytest.mark.parametrize(
@@ -135,6 +136,77 @@ def test_lincls_needs_an_eval_split(ckpt, tmp_path, capsys):
     (root / "test").rename(tmp_path / "elsewhere")
     assert main(["lincls", "--checkpoint", str(ckpt), "--data", str(root), "--device", "cpu"]) == 2
     assert "eval split" in capsys.readouterr().err
+
+
+# -- lincls and finetune: interrupted and resumed, evaluated every N epochs ---------------------------
+def interrupt_at(monkeypatch, module, epoch):
+    """Ctrl-C at the start of `epoch` (0-based) of lincls or finetune."""
+    real = module.lr_at
+
+    def lr_at(lr, e, *args):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return real(lr, e, *args)
+
+    monkeypatch.setattr(module, "lr_at", lr_at)
+
+
+def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsys, monkeypatch):
+    import moco_fast.lincls
+
+    def lincls(out, *extra):
+        argv = ["lincls", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "3", "--lr", "0.5"]
+        return main([*argv, "--batch-size", "8", "--workers", "0", "--device", "cpu", "--out", str(out), *extra])
+
+    whole = tmp_path / "whole.json"
+    assert lincls(whole, "--eval-every", "1") == 0
+    ref = json.loads(whole.read_text())
+    tops = [row["top1"] for row in ref["history"]]
+    assert len(tops) == 3 and ref["top1"] == tops[-1]  # top1 stays the last epoch's
+    assert ref["best_top1"] == max(tops) and ref["history"][ref["best_epoch"] - 1]["top1"] == max(tops)
+    assert f"(best epoch {ref['best_epoch']}: top-1 {max(tops):.2f}%)" in capsys.readouterr().out
+    # evaluating along the way draws nothing from the training's random streams
+    plain = tmp_path / "plain.json"
+    assert lincls(plain) == 0
+    assert json.loads(plain.read_text())["top1"] == ref["top1"] and "best_epoch" not in json.loads(plain.read_text())
+
+    out = tmp_path / "lincls.json"
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.lincls, 2)
+        assert lincls(out, "--eval-every", "1") == 130
+    state = tmp_path / "lincls.state.pt"
+    assert state.is_file() and not out.exists()
+    capsys.readouterr()
+    assert lincls(out, "--eval-every", "1") == 2  # starting over would drop two epochs silently
+    assert f"{state} holds an interrupted lincls run: --resume continues it" in capsys.readouterr().err
+    assert lincls(out, "--eval-every", "1", "--resume", "--lr", "0.1") == 2
+    assert "was run with other settings: lr=0.5 (now 0.1)" in capsys.readouterr().err
+    assert lincls(out, "--eval-every", "1", "--resume") == 0
+    res = json.loads(out.read_text())
+    assert res["history"] == ref["history"] and res["top1"] == ref["top1"]  # --workers 0: exactly
+    assert not state.exists()
+
+
+@pytest.mark.slow
+def test_finetune_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, monkeypatch):
+    import moco_fast.finetune
+
+    def finetune(out, *extra):
+        argv = ["finetune", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "2", "--lr", "0.05"]
+        return main([*argv, "--batch-size", "8", "--workers", "0", "--device", "cpu", "--out", str(out), *extra])
+
+    assert finetune(tmp_path / "whole.json") == 0
+    out = tmp_path / "ft.json"
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.finetune, 1)
+        assert finetune(out) == 130
+    assert (tmp_path / "ft.state.pt").is_file()
+    assert finetune(out, "--resume") == 0
+    ref, res = (json.loads((tmp_path / name).read_text()) for name in ("whole.json", "ft.json"))
+    assert res["history"] == ref["history"] and res["top1"] == ref["top1"]
+    whole, resumed = (torch.load(tmp_path / name) for name in ("whole.pt", "ft.pt"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # the network and its BN statistics
+    assert not (tmp_path / "ft.state.pt").exists()
 
 
 # -- finetune -------------------------------------------------------------------------------------

@@ -121,6 +121,7 @@ def test_help_does_not_import_torch():
         (["lincls", "--lr", "-1"], "--lr must be above 0"),
         (["lincls", "--image-size", "0"], "--image-size must be positive"),
         (["finetune", "--lr", "0"], "--lr must be above 0"),
+        (["lincls", "--eval-every", "-1"], "--eval-every must be 0 or more"),
         (["finetune", "--weight-decay", "-1"], "--weight-decay"),
         (["knn", "--device", "gpu"], "cpu, cuda, cuda:N"),
         (["lincls", "--device", "gpu"], "cpu, cuda, cuda:N"),

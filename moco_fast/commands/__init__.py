@@ -37,6 +37,24 @@ def add_eval_runtime_flags(
         p.add_argument("--seed", type=int, default=0, help="random seed (classifier init, data order, crops)")
 
 
+def add_epoch_loop_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """--eval-every and --resume of lincls and finetune (moco_fast.classifier_epochs)."""
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="evaluate every N epochs as well as after the last, and report the best epoch too (the official "
+        "script's figure); 0: after the last only. top1 stays the last epoch's",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue an interrupted run: {command} saves its state after every epoch beside the result "
+        "(OUT's name with .state.pt) and deletes it when done",
+    )
+
+
 # -- argument checks: one-line errors (ConfigError) before any data or checkpoint is read ------------
 def require(ok: bool, message: str) -> None:
     """ConfigError(message) unless `ok`."""
@@ -89,13 +107,14 @@ def check_schedule(schedule: str, epochs: int) -> tuple[int, ...] | None:
 
 
 def check_classifier_args(args: argparse.Namespace) -> None:
-    """--epochs, --lr, --momentum, --weight-decay, --image-size and --schedule of lincls and finetune
+    """--epochs, --lr, --momentum, --weight-decay, --image-size, --eval-every and --schedule of lincls and finetune
     (a warning for schedule milestones that --epochs never reaches)."""
     require(args.epochs >= 1, f"--epochs must be positive (got {args.epochs})")
     require(args.lr > 0 and math.isfinite(args.lr), f"--lr must be above 0 (got {args.lr})")
     require(args.momentum >= 0, f"--momentum must be 0 or more (got {args.momentum})")
     require(args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})")
     require(args.image_size is None or args.image_size >= 1, f"--image-size must be positive (got {args.image_size})")
+    require(args.eval_every >= 0, f"--eval-every must be 0 or more (got {args.eval_every})")
     check_schedule(args.schedule, args.epochs)
 
 
@@ -146,9 +165,12 @@ def check_output(path: str | Path, flag: str, inputs: tuple[str | Path | None, .
 
 def accuracy_text(res: dict) -> str:
     """The accuracy of a lincls or finetune result: top-1 X%  top-K Y% with K = min(5, classes); top-1
-    alone where K is 1 (it printed "top-1 X%  top-1 X%")."""
+    alone where K is 1 (it printed "top-1 X%  top-1 X%"); the best epoch with --eval-every."""
     text = f"top-1 {res['top1']:.2f}%"
-    return text + (f"  top-{res['topk']} {res['top5']:.2f}%" if res["topk"] > 1 else "")
+    text += f"  top-{res['topk']} {res['top5']:.2f}%" if res["topk"] > 1 else ""
+    if "best_epoch" in res:  # --eval-every
+        text += f"  (best epoch {res['best_epoch']}: top-1 {res['best_top1']:.2f}%)"
+    return text
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -8,6 +8,7 @@ from dataclasses import replace
 from moco_fast.commands import (
     HelpFormatter,
     accuracy_text,
+    add_epoch_loop_flags,
     add_eval_runtime_flags,
     check_classifier_args,
     check_output,
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's training size; 224 without)")
     add_eval_runtime_flags(p, amp_help="mixed precision")
+    add_epoch_loop_flags(p, "finetune")
     p.add_argument("--out", help="result JSON (default: finetune.json / finetune_scratch.json beside the checkpoint)")
     p.add_argument(
         "--save-model",
@@ -100,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from moco_fast.checkpoint import save_atomic
+    from moco_fast.classifier_epochs import check_state, clear_state, state_path
     from moco_fast.export import backbone_state
     from moco_fast.finetune import FinetuneConfig, fine_tune, result_path
     from moco_fast.lincls import write_json
@@ -123,6 +126,11 @@ def run(args: argparse.Namespace) -> int:
             model_path.resolve() != out.resolve(),
             f"--save-model and --out are both {out}: give --save-model another path",
         )
+        require(
+            model_path.resolve() != state_path(out).resolve(),
+            f"--save-model {model_path} is where the run keeps its state between epochs: give another path",
+        )
+    check_state(out, args.resume, "finetune")
     if cfg.checkpoint is not None and explicit:
         check_arch(args)
 
@@ -132,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         save_atomic(state, model_path)
         res["model"] = str(model_path)
     write_json(res, out)
+    clear_state(out)
     print(
         f"fine-tuning from {res['init']}: {accuracy_text(res)}  "
         f"({res['eval_images']} eval images, {args.epochs} epochs)"

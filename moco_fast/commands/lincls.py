@@ -8,6 +8,7 @@ from pathlib import Path
 from moco_fast.commands import (
     HelpFormatter,
     accuracy_text,
+    add_epoch_loop_flags,
     add_eval_runtime_flags,
     check_classifier_args,
     check_output,
@@ -44,11 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="extract center-crop features once and train on them (fast, but no augmentation: not the protocol)",
     )
     add_eval_runtime_flags(p, amp_help="autocast of the backbone")
+    add_epoch_loop_flags(p, "lincls")
     p.add_argument("--out", help="result JSON (default: lincls.json beside the checkpoint)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from moco_fast.classifier_epochs import check_state
     from moco_fast.lincls import LinclsConfig, run_lincls
     from moco_fast.run_folder import LINCLS_RESULT
 
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     args.out = str(
         check_output(args.out or Path(args.checkpoint).parent / LINCLS_RESULT, "--out", inputs=(args.checkpoint,))
     )
+    check_state(Path(args.out), args.resume, "lincls")
     cfg = dataclass_from_args(LinclsConfig, args)
     res = run_lincls(cfg)
     print(
