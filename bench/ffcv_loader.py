@@ -158,8 +158,9 @@ SETTINGS = {
 }
 
 
-def run_loader_rows(rows: list[str], a: argparse.Namespace, results: list[dict]) -> dict:
-    """Convert the sample (beton, and 256-px JPEGs when a -256 row asks), then time each row."""
+def run_loader_rows(rows: list[str], a: argparse.Namespace, results: list[dict], conversion: dict) -> None:
+    """Convert the sample (beton, and 256-px JPEGs when a -256 row asks; its figures go into
+    `conversion`), then time each row into `results`."""
     with tempfile.TemporaryDirectory(prefix="ffcv-bench-") as tmp:
         tmp = Path(tmp)
         full = class_tree(Path(a.data), tmp / "full")
@@ -169,7 +170,7 @@ def run_loader_rows(rows: list[str], a: argparse.Namespace, results: list[dict])
             str(full), str(beton), max_resolution=a.max_resolution, jpeg_quality=a.jpeg_quality, workers=a.workers
         )
         summary = convert(cfg)
-        conversion = {"images": summary.written, "seconds": time.perf_counter() - t0, "mib": summary.bytes / 2**20}
+        conversion |= {"images": summary.written, "seconds": time.perf_counter() - t0, "mib": summary.bytes / 2**20}
         small = None
         if any(r.endswith("-256") for r in rows):
             small = resized_tree(full, tmp / "small", a.max_resolution, a.jpeg_quality)
@@ -182,7 +183,6 @@ def run_loader_rows(rows: list[str], a: argparse.Namespace, results: list[dict])
             except Exception as e:  # one failed row must not lose the others
                 r = {"row": row, "name": row, "error": f"{type(e).__name__}: {e}"}
             results.append(r)
-    return conversion
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,11 +215,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     results: list[dict] = []
-    for row in (r for r in rows if r in AUG_ROWS):
-        print(f"running {row} ...", file=sys.stderr)
-        results.append({"row": row, "name": row, "settings": SETTINGS[row] + f" ({a.device})", **run_aug_row(row, a)})
-    loader_rows = [r for r in rows if r not in AUG_ROWS]
-    conversion = run_loader_rows(loader_rows, a, results) if loader_rows else None
+    conversion: dict = {}
+    interrupted = False
+    try:
+        for row in (r for r in rows if r in AUG_ROWS):
+            print(f"running {row} ...", file=sys.stderr)
+            settings = SETTINGS[row] + f" ({a.device})"
+            results.append({"row": row, "name": row, "settings": settings, **run_aug_row(row, a)})
+        loader_rows = [r for r in rows if r not in AUG_ROWS]
+        if loader_rows:
+            run_loader_rows(loader_rows, a, results, conversion)
+    except KeyboardInterrupt:  # Ctrl-C, or a time box (timeout -s INT): the table of what was measured
+        interrupted = True
+        done = {r["row"] for r in results}
+        results += [{"row": r, "name": r, "error": "not run (interrupted)"} for r in rows if r not in done]
+        print("interrupted: the rows not measured are marked", file=sys.stderr)
     base = next((r for r in results if r["row"] == "torch" and "img_per_s" in r), None)
     for r in results:
         if base and "img_per_s" in r:
@@ -242,10 +252,12 @@ def main(argv: list[str] | None = None) -> int:
                 "max_resolution": a.max_resolution,
                 "jpeg_quality": a.jpeg_quality,
             },
-            "conversion": conversion,
+            "conversion": conversion or None,
             "rows": results,
         }
         atomic_write_text(a.json, json.dumps(doc, indent=1) + "\n")
+    if interrupted:
+        return 130  # as for Ctrl-C, after the table
     return 0 if all("img_per_s" in r for r in results) else 1
 
 

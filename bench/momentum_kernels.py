@@ -21,7 +21,7 @@ import time
 import torch
 from moco_fast.kernels.momentum import MOMENTUM_BACKENDS
 from moco_fast.kernels.momentum_triton import interpreting
-from report import check_output_path
+from report import check_output_path, device_info
 
 from moco_fast.checkpoint import atomic_write_text
 from moco_fast.config import ConfigError, ModelConfig
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ms = time_calls(lambda: flat_k.lerp_(flat_q, 1 - M), device, args.warmup, repeats)
     rows.append({"name": "floor (one flat lerp)", "ms": ms, "gb_per_s": nbytes / ms / 1e6, "rel_err": None})
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    info = device_info(device)  # the same record as throughput.py's JSON
+    name = info["name"]
     print(
         f"\nmomentum update of {args.arch}{' + MLP head' if args.mlp else ''}: {len(qs)} tensors, {numel / 1e6:.1f} M"
     )
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         err = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else ""
         print(f"{r['name']:<24}{r['ms']:>10.3f}{r['gb_per_s']:>9.0f}{err:>10}")
     if args.json:
-        out = {"rows": rows, "device": name, "torch": torch.__version__, "tensors": len(qs), "numel": numel}
+        out = {"rows": rows, "device": info, "torch": torch.__version__, "tensors": len(qs), "numel": numel}
         atomic_write_text(args.json, json.dumps(out, indent=2))
     bad = [r["name"] for r in rows if r.get("rel_err") is not None and r["rel_err"] > 1e-6]
     if bad:

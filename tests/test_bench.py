@@ -125,6 +125,20 @@ def test_bad_flags_fail_before_the_first_row(flags, says, tmp_path, capsys, monk
     assert not ran
 
 
+def test_momentum_bench_json_matches_throughputs(tmp_path, capsys):
+    # every backend agrees with the float64 reference, and the JSON names the device as
+    # throughput.py's does (a record, which bench/plot.py and gpu_check read), not as a bare string
+    import momentum_kernels
+
+    out = tmp_path / "momentum.json"
+    args = ["--device", "cpu", "--arch", "resnet18", "--repeats", "1", "--warmup", "0", "--json", str(out)]
+    assert momentum_kernels.main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["device"]["type"] == "cpu" and res["device"]["name"] in capsys.readouterr().out
+    assert {"reference", "foreach", "official-loop"} <= {r["name"] for r in res["rows"]}
+    assert all(r["ms"] > 0 for r in res["rows"])
+
+
 @pytest.mark.parametrize(
     "flags", [["--device", "gpu"], ["--arch", "resnet7"], ["--repeats", "0"], ["--warmup", "-1"], ["--json", "{tmp}"]]
 )
@@ -149,6 +163,25 @@ def test_ffcv_bench_refuses_bad_flags_in_one_line(flags, tmp_path, capsys, monke
     assert ffcv_loader.main([f.format(tmp=tmp_path) for f in flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and not ran, err
+
+
+def test_ffcv_bench_interrupted_keeps_what_it_measured(tmp_path, capsys, monkeypatch):
+    # Ctrl-C (or a time box's SIGINT) in the second row: the first row's figures are printed and
+    # written, the others marked, exit 130; before, a traceback and nothing kept
+    import ffcv_loader
+
+    def aug_row(row, a):
+        if row == "aug-batch":
+            raise KeyboardInterrupt
+        return {"img_per_s": 123.0, "ms_per_batch": 4.0}
+
+    monkeypatch.setattr(ffcv_loader, "run_aug_row", aug_row)
+    out = tmp_path / "ffcv.json"
+    assert ffcv_loader.main(["--rows", "aug-sample,aug-batch", "--json", str(out)]) == 130
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["aug-sample"]["img_per_s"] == 123.0 and rows["aug-batch"]["error"] == "not run (interrupted)"
+    printed = capsys.readouterr()
+    assert "123" in printed.out and "not run (interrupted)" in printed.out and "interrupted" in printed.err
 
 
 def test_cuda_graph_on_cpu_is_refused_before_any_work(capsys):
