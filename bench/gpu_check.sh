@@ -33,6 +33,9 @@
 #   cifar       the issue-7 target run: `moco-fast train --preset cifar --loader resident` on CIFAR-10,
 #               200 epochs (CIFAR_FLAGS adds flags, e.g. --cuda-graph), then kNN on backbone and head.
 #               It resumes from runs/cifar10-r18 when run again on the same warm machine.
+#   cifar-lincls the linear protocol on that checkpoint (runs/cifar10-r18, so the same warm machine, right
+#               after `cifar`): 100 epochs, lr 30, steps at 60 and 80, evaluated every 10 epochs (best and
+#               last); it continues with --resume when run again (its state is kept after every epoch).
 # CIFAR-10 travels as one pack (bench/pack_folder.py; 60,000 files as a tar would pass 64 MiB):
 #   here:  python bench/pack_folder.py pack ../shared/data/cifar10 .devdata/cifar10.npz
 #   then:  run(command="bash bench/gpu_check.sh cifar-speed", carry=[".devdata/cifar10.npz"])
@@ -47,7 +50,8 @@
 #                                         backends, issue 4's augmentation-pass share of the step (against
 #                                         e2e's trainer row, ResNet-50 b256, same command), issue 5's
 #                                         one-worker overhead
-#   3. cifar                              issue 7's 200-epoch run (CIFAR_FLAGS from what 2 measured)
+#   3. cifar                              issue 7's 200-epoch run (CIFAR_FLAGS from what 2 measured);
+#                                         then `cifar-lincls` on the same warm machine if time is left
 #   4. DALI brought over in five calls, then `hooks` with DALI_DATA: issue 3's 95% target
 # First here: `DRY=1 bash bench/gpu_check.sh PHASES` (a minute on the CPU) for the phases you will run.
 # The machine has no package registry: nothing is installed. Without an installed moco_fast, a
@@ -69,8 +73,9 @@ if [[ -n $DRY ]]; then
   AUG=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)
   TRAIN=(--device cpu --epochs 1 --batch-size 64 --moco-k 128 --stem imagenet --workers 0 --knn-every 0)
   KNN=(--device cpu --workers 0)
+  LINCLS=(--device cpu --workers 0 --epochs 2 --schedule 1 --eval-every 1 --batch-size 256)
 else
-  TP=() MOM=() AUG=() TRAIN=() KNN=()
+  TP=() MOM=() AUG=() TRAIN=() KNN=() LINCLS=()
 fi
 PHASES=${*:-env tests throughput cifar-speed momentum e2e hooks tests-slow}
 LOG=$OUT/gpu_check.log
@@ -139,7 +144,7 @@ CIFAR=${CIFAR_DATA:-/tmp/cifar10}
 # A dry run trains on the demo set (same layout) unless CIFAR_DATA names a folder: a CIFAR-10 left
 # in /tmp by an earlier run would take a CPU far past the phases' time boxes.
 [[ -n $DRY && -z ${CIFAR_DATA:-} ]] && CIFAR=moco_fast/demo_data
-if (has cifar-speed || has cifar) && [[ ! -d $CIFAR/train && -f .devdata/cifar10.npz ]]; then
+if (has cifar-speed || has cifar || has cifar-lincls) && [[ ! -d $CIFAR/train && -f .devdata/cifar10.npz ]]; then
   $PY bench/pack_folder.py unpack .devdata/cifar10.npz "$CIFAR" 2>&1 | tee -a "$LOG"
 fi
 if has cifar-speed; then
@@ -186,10 +191,10 @@ if has tests-slow; then
   run tests-slow 200 $PY -m pytest -m "gpu and slow" "${GPU_TESTS[@]}"
 fi
 
+RUN=runs/cifar10-r18
+[[ -n $DRY ]] && RUN=$OUT/cifar-run
 if has cifar; then
   if [[ -d $CIFAR/train ]]; then
-    RUN=runs/cifar10-r18
-    [[ -n $DRY ]] && RUN=$OUT/cifar-run
     RESUME=()
     [[ -f $RUN/checkpoint.pt ]] && RESUME=(--resume)
     run cifar 560 $PY -m moco_fast train --preset cifar --data "$CIFAR" --loader resident --device cuda \
@@ -200,6 +205,18 @@ if has cifar; then
   else
     echo "== cifar: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
     STATUS+=("cifar: skipped (no data)")
+  fi
+fi
+if has cifar-lincls; then
+  if [[ -d $CIFAR/train && -f $RUN/checkpoint.pt ]]; then
+    RESUME=()
+    [[ -f $RUN/lincls.state.pt ]] && RESUME=(--resume)
+    run cifar-lincls 560 $PY -m moco_fast lincls --checkpoint "$RUN" --data "$CIFAR" --device cuda --workers 16 \
+      --eval-every 10 "${RESUME[@]}" "${LINCLS[@]}"
+    cp "$RUN"/lincls.json "$OUT"/ 2>/dev/null
+  else
+    echo "== cifar-lincls: skipped (needs CIFAR-10 and the cifar phase's $RUN/checkpoint.pt)" | tee -a "$LOG"
+    STATUS+=("cifar-lincls: skipped (no checkpoint)")
   fi
 fi
 
@@ -263,6 +280,13 @@ if ff.exists():
                 if k in steps:
                     print(f"  ffcv {r['row']}: {r['ms_per_batch']:.2f} ms = {100 * r['ms_per_batch'] / steps[k]:.1f}% "
                           f"of the {k.split(': ')[1]} step ({steps[k]:.1f} ms); {r['img_per_s']:,.0f} img/s")
+lc = out / "lincls.json"
+if lc.exists():
+    r = load(lc)
+    if "top1" in r:
+        best = f"; best {r['best_top1']:.2f}% at epoch {r['best_epoch']}" if "best_epoch" in r else ""
+        print(f"\nlincls (CIFAR-10 checkpoint): top-1 {r['top1']:.2f}% after {len(r['history'])} epochs{best}, "
+              f"{r['wall_s']:.0f} s on {r['device']}")
 for f in sorted(out.glob("throughput-*.json")):
     for r in load(f)["rows"]:
         p = r.get("profile")
