@@ -44,6 +44,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda.cpu())
 
 
+def file_stamp(path: str | Path) -> list[int] | None:
+    """(mtime in ns, size) of a checkpoint, None when there is none: what was evaluated or trained
+    on can be told from a checkpoint trained further since."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """write(fh) into a temporary file in the same folder, then rename: a crash never leaves a
     half-written file under the final name (checkpoints, exports, result JSON)."""

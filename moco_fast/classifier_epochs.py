@@ -16,6 +16,7 @@ choosing on the test set.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -25,12 +26,15 @@ import torch
 
 from moco_fast import checkpoint as ckpt
 from moco_fast.config import ConfigError
+from moco_fast.data import DataError
 from moco_fast.run_folder import state_name
+from moco_fast.step import load_optimizer_state
 
 log = logging.getLogger("moco_fast")
 
-# settings a resumed run may change: they change where and how fast it runs, not what it computes
-MAY_CHANGE = ("workers", "device", "amp", "out", "resume", "eval_every")
+# settings a resumed run may change: where it runs and how fast, where its result goes, when it evaluates
+# (not --amp: it changes what the features are, and a GradScaler state cannot move between fp16 and not)
+MAY_CHANGE = ("workers", "device", "out", "resume", "eval_every")
 
 
 def state_path(out: Path) -> Path:
@@ -57,14 +61,26 @@ def clear_state(out: Path) -> None:
 class EpochLoop:
     """Runs `one_epoch(epoch) -> {"epoch", "lr", "loss"}` for the configured epochs, with
     `evaluate() -> (top1, top5)` every `eval_every` epochs and after the last, saving `parts`
-    (name -> an object with state_dict/load_state_dict) and `generator` (the training order's) after
-    each epoch. `cfg`: a LinclsConfig or FinetuneConfig (epochs, eval_every, resume)."""
+    (name -> an object with state_dict/load_state_dict: what trains, an optimizer, a GradScaler) and
+    `generator` (the training order's) after each epoch. `cfg`: a LinclsConfig or FinetuneConfig
+    (checkpoint, epochs, eval_every, resume)."""
 
     def __init__(
-        self, command: str, cfg: Any, out: Path, parts: dict[str, Any], generator: torch.Generator | None = None
+        self,
+        command: str,
+        cfg: Any,
+        out: Path,
+        parts: dict[str, Any],
+        generator: torch.Generator | None,
+        t0: float,  # when the run started (time.perf_counter)
     ):
         self.command, self.cfg, self.out, self.parts, self.generator = command, cfg, out, parts, generator
         self.path = state_path(out)
+        self.t0, self.earlier_s = t0, 0.0
+
+    def wall_s(self) -> float:
+        """Seconds the run has taken, its interrupted parts included."""
+        return self.earlier_s + time.perf_counter() - self.t0
 
     def run(self, one_epoch: Callable[[int], dict[str, Any]], evaluate: Callable[[], tuple[float, float]]):
         """The history: one row per epoch, with top1 and top5 where it was evaluated (always the last)."""
@@ -84,15 +100,13 @@ class EpochLoop:
             self._save(epoch + 1, history)
         return history
 
-    def _config(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self.cfg).items() if k not in MAY_CHANGE}
-
     def _save(self, epoch: int, history: list[dict[str, Any]]) -> None:
         state = {
             "command": self.command,
-            "config": self._config(),
+            "config": settings(self.cfg),
             "epoch": epoch,
             "history": history,
+            "wall_s": self.wall_s(),
             "rng": ckpt.rng_state(),
             "generator": None if self.generator is None else self.generator.get_state(),
             **{name: part.state_dict() for name, part in self.parts.items()},
@@ -103,23 +117,60 @@ class EpochLoop:
         if not self.path.is_file():
             log.warning("--resume: no interrupted %s run at %s; starting from the first epoch", self.command, self.path)
             return 0, []
-        state = ckpt.load(self.path, map_location="cpu")
-        if state.get("command") != self.command:
-            raise ConfigError(f"--resume: {self.path} is not the state of a {self.command} run")
-        saved, now = state["config"], self._config()
-        diff = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in now if saved.get(k) != now[k]]
+        state = load_state(self.path, self.command)
+        diff = differences(state, self.cfg)
         if diff:
             raise ConfigError(
-                f"--resume: {self.path} was run with other settings: {', '.join(diff)}; "
+                f"--resume: {self.path} was run with other settings or another checkpoint: {', '.join(diff)}; "
                 "resume with those, or delete it to start over"
             )
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            if isinstance(part, torch.optim.Optimizer):
+                load_optimizer_state(part, state[name])  # saved on another device, maybe
+            else:
+                part.load_state_dict(state[name])
         ckpt.set_rng_state(state["rng"])
         if self.generator is not None:
             self.generator.set_state(state["generator"])
+        self.earlier_s = state.get("wall_s", 0.0)
         log.info("--resume: %s continues after epoch %d of %d", self.command, state["epoch"], self.cfg.epochs)
         return state["epoch"], state["history"]
+
+
+def settings(cfg: Any) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: every setting but MAY_CHANGE, and the
+    checkpoint file itself (trained further since, it is another backbone)."""
+    now = {k: v for k, v in asdict(cfg).items() if k not in MAY_CHANGE}
+    now["checkpoint_stamp"] = ckpt.file_stamp(cfg.checkpoint) if cfg.checkpoint else None
+    return now
+
+
+def load_state(path: Path, command: str) -> dict[str, Any]:
+    """The state file, or a one-line error that says how to go on."""
+    try:
+        state = ckpt.load(path, map_location="cpu")
+    except DataError as e:
+        raise DataError(f"--resume: {e}; delete it to start over") from None
+    if not isinstance(state, dict) or state.get("command") != command:
+        raise DataError(f"--resume: {path} is not the state of a {command} run; delete it to start over")
+    return state
+
+
+def differences(state: dict[str, Any], cfg: Any) -> list[str]:
+    """How `cfg` differs from the settings the state was run with ([] when it may resume)."""
+    saved, now = state["config"], settings(cfg)
+    return [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in now if saved.get(k) != now[k]]
+
+
+def resumable(out: Path, cfg: Any, command: str) -> bool:
+    """A state beside `out` that `cfg` may resume (for the sweep, which starts its own over otherwise)."""
+    path = state_path(out)
+    if not path.is_file():
+        return False
+    try:
+        return not differences(load_state(path, command), cfg)
+    except DataError:
+        return False
 
 
 def best_of(history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.backbone import build_backbone, plain_bn_state, resolve_stem
-from moco_fast.classifier_epochs import EpochLoop
+from moco_fast.classifier_epochs import EpochLoop, clear_state
 from moco_fast.config import ConfigError
 from moco_fast.data import DataError
 from moco_fast.lincls import (
@@ -33,6 +33,7 @@ from moco_fast.lincls import (
     progress_iter,
     result_record,
     start_run,
+    write_json,
 )
 from moco_fast.run_folder import FINETUNE_RESULTS
 from moco_fast.step import fast_sgd, set_lr
@@ -104,7 +105,8 @@ def build_network(cfg: FinetuneConfig, num_classes: int):
 
 
 def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
-    """(result, the fine-tuned backbone + classifier in eval mode)."""
+    """(result, the fine-tuned backbone + classifier in eval mode). Its state between epochs stays
+    beside the result until the caller has written what it keeps (run_finetune does)."""
     steps, device, amp_dtype, t0 = start_run(cfg)
     check_args(cfg)
 
@@ -153,13 +155,30 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
         return evaluate(forward, eval_batches, device, classes)
 
     parts = {"network": net, "optimizer": opt, "scaler": scaler}
-    history = EpochLoop("finetune", cfg, result_path(cfg, start), parts, loader.generator).run(one_epoch, evaluate_now)
+    loop = EpochLoop("finetune", cfg, result_path(cfg, start), parts, loader.generator, t0)
+    history = loop.run(one_epoch, evaluate_now)
     net.eval()
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
     result = result_record(
-        "end-to-end fine-tuning", top1, top5, classes, splits, size, history, t0, device, cfg, init=start
+        "end-to-end fine-tuning", top1, top5, classes, splits, size, history, loop.wall_s(), device, cfg, init=start
     )
     return result, net
+
+
+def run_finetune(cfg: FinetuneConfig, model_path: Path | None) -> tuple[dict[str, Any], nn.Module]:
+    """fine_tune, then its outputs: the network as a torchvision state dict at `model_path` (when
+    given) and the result JSON; the state kept between epochs goes only once both are written."""
+    from moco_fast.checkpoint import save_atomic
+    from moco_fast.export import backbone_state
+
+    res, net = fine_tune(cfg)
+    if model_path is not None:
+        save_atomic(backbone_state(net[0], net[1]), model_path)
+        res["model"] = str(model_path)
+    out = result_path(cfg, res["init"])
+    write_json(res, out)
+    clear_state(out)
+    return res, net
 
 
 def result_path(cfg: FinetuneConfig, start: str) -> Path:

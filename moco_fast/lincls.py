@@ -330,7 +330,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)}  # host sync per epoch
 
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / LINCLS_RESULT
-    loop = EpochLoop("lincls", cfg, out, {"classifier": fc, "optimizer": opt}, order)
+    loop = EpochLoop("lincls", cfg, out, {"classifier": fc, "optimizer": opt}, order, t0)
     history = loop.run(one_epoch, lambda: evaluate(lambda x: fc(features(x)), eval_batches, device, classes))
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
     try:
@@ -346,7 +346,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         splits,
         size,
         history,
-        t0,
+        loop.wall_s(),
         device,
         cfg,
         backbone_unchanged=True,
@@ -364,7 +364,7 @@ def result_record(
     splits,
     size: int,
     history: list[dict[str, Any]],
-    t0: float,
+    wall_s: float,  # the run's seconds, its interrupted parts included
     device: torch.device,
     cfg: Any,
     **extra: Any,
@@ -383,7 +383,7 @@ def result_record(
         "final_train_loss": history[-1]["loss"],
         **(best_of(history) if cfg.eval_every else {}),
         "history": history,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
         "device": str(device),
         "config": asdict(cfg),
     }

@@ -11,6 +11,7 @@ from moco_fast import checkpoint as ckpt
 from moco_fast.config import ConfigError, TrainConfig, plain, to_dict
 from moco_fast.data import DataError
 from moco_fast.model import MoCo
+from moco_fast.step import load_optimizer_state
 
 log = logging.getLogger("moco_fast")
 
@@ -26,7 +27,7 @@ def resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, 
     if state["epoch"] < cfg.optim.epochs:
         warn_changed(state["config"], cfg)
     ckpt.load_weights(model, state["model"], resume_path)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     restore_rng(state, cfg, world, rank, state["epoch"])
     log.info("resumed from %s at epoch %d", resume_path, state["epoch"])

@@ -55,6 +55,22 @@ def fast_sgd(params, device: torch.device, **kw) -> torch.optim.SGD:
     return opt
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)` for a state that may come from another device (a run
+    resumed on the CPU after a GPU, or the other way): the optimizer keeps its own kernel (fused on
+    CUDA, foreach elsewhere, as fast_sgd chose; load_state_dict would take the saved run's, and CPU
+    fused SGD then pairs a channels-last buffer with a contiguous parameter element by element in
+    the wrong order), and each buffer takes its parameter's memory layout."""
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kernel in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(kernel)
+    for p, st in optimizer.state.items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                st[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)  # p's layout
+
+
 def make_optimizer(model: MoCo, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in model.encoder_q.parameters() if p.requires_grad]
     return fast_sgd(params, device, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moco_fast.checkpoint import CHECKPOINT_NAME
+from moco_fast.checkpoint import CHECKPOINT_NAME, file_stamp
 from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import SWEEP_RESULT
 from moco_fast.sweep_eval import evaluate_setting
-from moco_fast.sweep_plan import GRID_KEYS, UNUSED, plan_setting, read_json, stamp, training_config
+from moco_fast.sweep_plan import GRID_KEYS, UNUSED, plan_setting, read_json, training_config
 from moco_fast.sweep_table import number_text, write_json, write_table
 
 log = logging.getLogger("moco_fast")
@@ -159,7 +159,7 @@ def run_sweep(
         # training (every epoch, from its rows, also those of an earlier interrupted part) + evaluation
         res["wall_s"] = _train_seconds(Path(cfg.runtime.out)) + time.perf_counter() - t0
         res["config"] = training_config(cfg)
-        res["checkpoint_stamp"] = stamp(Path(cfg.runtime.out) / CHECKPOINT_NAME)  # what was evaluated
+        res["checkpoint_stamp"] = file_stamp(Path(cfg.runtime.out) / CHECKPOINT_NAME)  # what was evaluated
         write_json(Path(cfg.runtime.out) / SWEEP_RESULT, res)
         found[s.name] = res
         write_table(_rows(found, order), out)  # a partial table survives an interruption

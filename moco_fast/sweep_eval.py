@@ -4,6 +4,8 @@ classifier on cached features (written as sweep_lincls.json beside the checkpoin
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,8 @@ from moco_fast.run_folder import SWEEP_LINCLS_RESULT
 
 if TYPE_CHECKING:
     from moco_fast.sweep import Setting
+
+log = logging.getLogger("moco_fast")
 
 
 def _last_row(folder: Path) -> dict[str, Any]:
@@ -65,25 +69,27 @@ def evaluate_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr
 
 def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | None:
     from moco_fast.checkpoint import CHECKPOINT_NAME
-    from moco_fast.classifier_epochs import state_path
+    from moco_fast.classifier_epochs import clear_state, resumable, state_path
     from moco_fast.lincls import LinclsConfig, run_lincls
     from moco_fast.trainer import eval_workers, resolve_device
 
     out = folder / SWEEP_LINCLS_RESULT  # not lincls.json: `moco-fast lincls`'s own result stays
     steps = ",".join(str(max(1, round(epochs * f))) for f in (0.6, 0.8))
-    res = run_lincls(
-        LinclsConfig(
-            checkpoint=str(folder / CHECKPOINT_NAME),
-            data=cfg.data.data,
-            epochs=epochs,
-            lr=lr,
-            schedule=steps,
-            cached_features=True,
-            workers=eval_workers(cfg.data.workers, resolve_device(cfg.runtime.device)),
-            device=cfg.runtime.device,
-            seed=cfg.runtime.seed,
-            out=str(out),
-            resume=state_path(out).is_file(),  # a sweep stopped in this setting's classifier
-        )
+    lc = LinclsConfig(
+        checkpoint=str(folder / CHECKPOINT_NAME),
+        data=cfg.data.data,
+        epochs=epochs,
+        lr=lr,
+        schedule=steps,
+        cached_features=True,
+        workers=eval_workers(cfg.data.workers, resolve_device(cfg.runtime.device)),
+        device=cfg.runtime.device,
+        seed=cfg.runtime.seed,
+        out=str(out),
     )
-    return res["top1"]
+    # a sweep stopped in this setting's classifier continues it; one run with other settings (another
+    # --lincls-epochs, a checkpoint trained further) is the sweep's own to start over
+    if state_path(out).is_file() and not resumable(out, lc, "lincls"):
+        log.info("%s: its linear classifier stopped with other settings or checkpoint; it starts over", folder)
+        clear_state(out)
+    return run_lincls(replace(lc, resume=state_path(out).is_file()))["top1"]

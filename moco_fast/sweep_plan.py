@@ -136,7 +136,11 @@ def plan_setting(cfg: TrainConfig, s: Setting, res: dict[str, Any] | None, evalu
     folder = Path(cfg.runtime.out)
     want = training_config(cfg)
     checkpoint = folder / ckpt.CHECKPOINT_NAME
-    if res is not None and checkpoint.is_file() and res.get("checkpoint_stamp") not in (None, stamp(checkpoint)):
+    if (
+        res is not None
+        and checkpoint.is_file()
+        and res.get("checkpoint_stamp") not in (None, ckpt.file_stamp(checkpoint))
+    ):
         # trained further since it was evaluated (`train --resume` in the setting's folder): the
         # result describes an older checkpoint; the checkpoint's own config decides below
         log.info("%s: its checkpoint changed since its result was written", folder)
@@ -183,12 +187,3 @@ def plan_setting(cfg: TrainConfig, s: Setting, res: dict[str, Any] | None, evalu
             "pass --redo to delete it and train again, or choose another --out"
         )
     return "train"
-
-
-def stamp(path: Path) -> list[int] | None:
-    """(mtime in ns, size) of a checkpoint: a result records the one it evaluated."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_mtime_ns, st.st_size]

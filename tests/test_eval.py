@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -176,15 +177,38 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
         assert lincls(out, "--eval-every", "1") == 130
     state = tmp_path / "lincls.state.pt"
     assert state.is_file() and not out.exists()
+    interrupted_s = torch.load(state, weights_only=False)["wall_s"]
     capsys.readouterr()
     assert lincls(out, "--eval-every", "1") == 2  # starting over would drop two epochs silently
     assert f"{state} holds an interrupted lincls run: --resume continues it" in capsys.readouterr().err
     assert lincls(out, "--eval-every", "1", "--resume", "--lr", "0.1") == 2
-    assert "was run with other settings: lr=0.5 (now 0.1)" in capsys.readouterr().err
-    assert lincls(out, "--eval-every", "1", "--resume") == 0
+    assert "run with other settings or another checkpoint: lr=0.5 (now 0.1)" in capsys.readouterr().err
+    assert lincls(out, "--eval-every", "1", "--resume", "--amp", "bf16") == 2  # other features
+    assert "amp='auto' (now 'bf16')" in capsys.readouterr().err
+    # the checkpoint trained further since (`train --resume` keeps lincls.state.pt): another backbone
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        assert lincls(out, "--eval-every", "1", "--resume") == 2
+        assert "checkpoint_stamp=" in capsys.readouterr().err
+    finally:
+        os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert lincls(out, "--eval-every", "1", "--resume", "--workers", "0") == 0
     res = json.loads(out.read_text())
     assert res["history"] == ref["history"] and res["top1"] == ref["top1"]  # --workers 0: exactly
+    assert res["wall_s"] > interrupted_s  # the interrupted part counts
     assert not state.exists()
+
+
+def test_a_damaged_state_says_how_to_go_on(ckpt, six_root, tmp_path, capsys):
+    (tmp_path / "l.state.pt").write_bytes(b"")  # a disk that filled up, say
+    argv = ["lincls", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
+    argv += ["--workers", "0", "--device", "cpu", "--out", str(tmp_path / "l.json")]
+    assert main(argv) == 2
+    assert "--resume continues it" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "l.state.pt" in err[0] and err[0].endswith("delete it to start over"), err
 
 
 @pytest.mark.slow
@@ -216,6 +240,7 @@ def test_finetune_from_moco_and_from_scratch(ckpt, six_root, tmp_path):
     from moco_fast.lincls import checkpoint_backbone_state
 
     base = dict(checkpoint=str(ckpt), data=str(six_root), epochs=1, batch_size=8, workers=0, device="cpu", lr=0.05)
+    base["out"] = str(tmp_path / "ft.json")  # its state stays beside it (fine_tune leaves it to its caller)
     ref = checkpoint_backbone_state(ckpt)
     net, *_ = build_network(FinetuneConfig(**base), 6)
     assert torch.equal(net[0].conv1.weight, ref["conv1.weight"])  # starts from the MoCo backbone
@@ -229,7 +254,7 @@ def test_finetune_from_moco_and_from_scratch(ckpt, six_root, tmp_path):
     state = tuned[0].state_dict()
     for key in ("conv1.weight", "layer1.0.bn1.weight", "layer4.1.bn2.running_mean"):
         assert not torch.equal(state[key], ref[key]), key
-    res, _ = fine_tune(FinetuneConfig(**base, from_scratch=True))
+    res, _ = fine_tune(FinetuneConfig(**{**base, "out": str(tmp_path / "scratch.json")}, from_scratch=True))
     assert res["init"] == "scratch"
 
 
@@ -476,6 +501,34 @@ def test_sweep_linear_classifier_lr(finished_sweep, six_root, tmp_path, monkeypa
     assert res["linear_top1"] == 12.5 and res["lincls_epochs"] == 3 and res["lincls_lr"] == 0.5
     assert main(args) == 0 and len(seen) == 1  # the same flags again: reused
     assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3", "--lincls-lr", "0")) == 2
+
+
+def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
+    finished_sweep, six_root, tmp_path, monkeypatch, caplog
+):
+    # Interrupted in a setting's linear classifier, the sweep continues it with the same flags and
+    # starts it over with others (its own state: no error for the user to clear).
+    import moco_fast.lincls
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    state = out / SWEEP_RUN / "sweep_lincls.state.pt"
+    args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.lincls, 1)
+        assert main(args) == 130
+    assert state.is_file()
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(args) == 0
+    assert "--resume: lincls continues after epoch 1 of 2" in caplog.text and not state.exists()
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.lincls, 1)
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "4")) == 130
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3")) == 0
+    assert "its linear classifier stopped with other settings or checkpoint; it starts over" in caplog.text
+    res = json.loads((out / SWEEP_RUN / "result.json").read_text())
+    assert res["lincls_epochs"] == 3 and not state.exists()
 
 
 def test_sweep_help_is_wrapped_and_names_every_flag(capsys, monkeypatch):

@@ -108,6 +108,36 @@ def test_sgd_momentum_buffers_exist_from_the_start_and_change_nothing():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
+def test_an_optimizer_state_from_another_device_keeps_this_ones_kernel_and_layout():
+    # A state saved on a GPU: fused SGD, channels-last momentum buffers. Resumed on the CPU (foreach,
+    # contiguous parameters) it must step as an uninterrupted CPU run would; loaded as it came,
+    # CPU fused SGD paired the channels-last buffer with the parameter in the wrong order.
+    from moco_fast.step import load_optimizer_state
+
+    torch.manual_seed(0)
+    cl = torch.nn.Parameter(torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last))
+    gpu_like = torch.optim.SGD([cl], lr=0.1, momentum=0.9, fused=True)
+    cl.grad = torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    gpu_like.step()
+    saved = gpu_like.state_dict()
+    assert not saved["state"][0]["momentum_buffer"].is_contiguous()  # what a CUDA run saves
+
+    w = torch.nn.Parameter(cl.detach().contiguous())
+    opt = fast_sgd([w], torch.device("cpu"), lr=0.1, momentum=0.9)
+    load_optimizer_state(opt, saved)
+    assert opt.param_groups[0]["foreach"] and not opt.param_groups[0].get("fused")
+    assert opt.state[w]["momentum_buffer"].stride() == w.stride()
+    ref = torch.nn.Parameter(cl.detach().contiguous())
+    plain = torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    plain.state[ref]["momentum_buffer"] = saved["state"][0]["momentum_buffer"].contiguous()
+    for _ in range(2):
+        grad = torch.randn(4, 3, 3, 3)
+        w.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        plain.step()
+    torch.testing.assert_close(w, ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_overflow_on_the_first_step_leaves_no_nan():

@@ -101,11 +101,8 @@ def check_arch(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moco_fast.checkpoint import save_atomic
-    from moco_fast.classifier_epochs import check_state, clear_state, state_path
-    from moco_fast.export import backbone_state
-    from moco_fast.finetune import FinetuneConfig, fine_tune, result_path
-    from moco_fast.lincls import write_json
+    from moco_fast.classifier_epochs import check_state, state_path
+    from moco_fast.finetune import FinetuneConfig, result_path, run_finetune
 
     # Every value is checked, and the output folders tried, before the checkpoint or the data is read.
     check_classifier_args(args)
@@ -134,13 +131,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.checkpoint is not None and explicit:
         check_arch(args)
 
-    res, net = fine_tune(cfg)
-    if model_path is not None:
-        state = backbone_state(net[0], net[1])
-        save_atomic(state, model_path)
-        res["model"] = str(model_path)
-    write_json(res, out)
-    clear_state(out)
+    res, net = run_finetune(cfg, model_path)
     print(
         f"fine-tuning from {res['init']}: {accuracy_text(res)}  "
         f"({res['eval_images']} eval images, {args.epochs} epochs)"
