@@ -5,7 +5,8 @@ After every epoch the loop writes a state file beside the result (`lincls.json` 
 interrupted run (100 epochs of lincls on ImageNet take hours) continues from there with `--resume`,
 and the file goes once the result is written. With `--workers 0` a resumed run is the uninterrupted
 one exactly; with workers it goes on with a new data order and new crops (the worker processes'
-random streams are not saved).
+random streams are not saved). The commands hold a lock beside the result while they run
+(`run_folder.hold_output`), so a second run into the same result stops at once.
 
 `--eval-every N` evaluates every N epochs as well as after the last: the history holds each
 evaluation, and the result adds the best epoch (`best_top1`, `best_epoch`), the figure the official
@@ -16,6 +17,7 @@ choosing on the test set.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -32,8 +34,9 @@ from moco_fast.step import load_optimizer_state
 
 log = logging.getLogger("moco_fast")
 
-# settings a resumed run may change: where it runs and how fast, where its result goes, when it evaluates
-# (not --amp: it changes what the features are, and a GradScaler state cannot move between fp16 and not)
+# settings a resumed run may change: where it runs and how fast, and when it evaluates (not --amp: it
+# changes what the features are, and a GradScaler state cannot move between fp16 and not; not --out:
+# the state lies beside the result)
 MAY_CHANGE = ("workers", "device", "out", "resume", "eval_every")
 
 
@@ -42,28 +45,53 @@ def state_path(out: Path) -> Path:
     return out.with_name(state_name(out.name))
 
 
-def check_state(out: Path, resume: bool, command: str) -> None:
-    """ConfigError when an interrupted run left its state beside `out` and `resume` is off: starting
-    over would throw its epochs away, silently."""
+def check_state(out: Path, cfg: Any, command: str) -> None:
+    """Before the data is read: a ConfigError when a state beside `out` would be thrown away (no
+    --resume) or may not be resumed by `cfg` (other settings, another checkpoint), and when --resume
+    finds no state but a finished result it would overwrite."""
     state = state_path(out)
-    if state.is_file() and not resume:
+    if state.exists() and not state.is_file():
+        raise ConfigError(f"{state}, where {command} keeps its state between epochs, is not a file: move it away")
+    if not cfg.resume:
+        if state.is_file():
+            raise ConfigError(
+                f"{state} holds an interrupted {command} run: --resume continues it (with the same settings); "
+                "delete it to start over"
+            )
+        return
+    if state.is_file():
+        diff = differences(load_state(state, command), cfg)
+        if diff:
+            raise ConfigError(
+                f"--resume: {state} was run with other settings: {', '.join(diff)}; resume with those, "
+                "or delete it to start over"
+            )
+    elif out.is_file():
         raise ConfigError(
-            f"{state} holds an interrupted {command} run: --resume continues it (with the same settings); "
-            "delete it to start over"
+            f"--resume: {out} is a finished {command} result and there is no state to continue ({state}): "
+            "run without --resume to run it again"
         )
 
 
 def clear_state(out: Path) -> None:
-    """After the result is written: the run is done, its state goes."""
+    """After the result is written: the run is done, its state goes (and what a killed save left)."""
     state_path(out).unlink(missing_ok=True)
+    remove_partial_saves(out)
+
+
+def remove_partial_saves(out: Path) -> None:
+    """The temporary files of state saves cut short (a kill while saving: a finetune state is hundreds
+    of MB); call it only while holding the output's lock."""
+    for tmp in out.parent.glob(f".{state_path(out).name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 class EpochLoop:
     """Runs `one_epoch(epoch) -> {"epoch", "lr", "loss"}` for the configured epochs, with
     `evaluate() -> (top1, top5)` every `eval_every` epochs and after the last, saving `parts`
     (name -> an object with state_dict/load_state_dict: what trains, an optimizer, a GradScaler) and
-    `generator` (the training order's) after each epoch. `cfg`: a LinclsConfig or FinetuneConfig
-    (checkpoint, epochs, eval_every, resume)."""
+    `generator` (the training order's) after each epoch, and again after its evaluation. `cfg`: a
+    LinclsConfig or FinetuneConfig (checkpoint, epochs, eval_every, resume)."""
 
     def __init__(
         self,
@@ -84,27 +112,45 @@ class EpochLoop:
 
     def run(self, one_epoch: Callable[[int], dict[str, Any]], evaluate: Callable[[], tuple[float, float]]):
         """The history: one row per epoch, with top1 and top5 where it was evaluated (always the last)."""
-        check_state(self.out, self.cfg.resume, self.command)
+        check_state(self.out, self.cfg, self.command)
+        remove_partial_saves(self.out)
         start, history = self._load() if self.cfg.resume else (0, [])
-        epochs, every = self.cfg.epochs, self.cfg.eval_every
-        for epoch in range(start, epochs):
-            row = one_epoch(epoch)
-            if epoch + 1 == epochs or (every and (epoch + 1) % every == 0):
-                with torch.random.fork_rng(devices=[]):  # training draws the same with or without it
-                    row["top1"], row["top5"] = evaluate()
-            history.append(row)
-            acc = f", top-1 {row['top1']:.2f}%" if "top1" in row else ""
-            log.info(
-                "%s epoch %d/%d: loss %.4f, lr %.4g%s", self.command, epoch + 1, epochs, row["loss"], row["lr"], acc
-            )
-            self._save(epoch + 1, history)
+        try:
+            if history and self._due(start) and "top1" not in history[-1]:
+                self._evaluate(history, evaluate)  # interrupted in that evaluation
+            for epoch in range(start, self.cfg.epochs):
+                history.append(one_epoch(epoch))
+                self._save(history)
+                if self._due(epoch + 1):
+                    self._evaluate(history, evaluate)
+                row = history[-1]
+                acc = f", top-1 {row['top1']:.2f}%" if "top1" in row else ""
+                log.info(
+                    "%s epoch %d/%d: loss %.4f, lr %.4g%s",
+                    *(self.command, epoch + 1, self.cfg.epochs, row["loss"], row["lr"], acc),
+                )
+        except KeyboardInterrupt:
+            if history:
+                log.warning(
+                    "%s: stopped; %s holds epochs 1-%d: --resume continues", self.command, self.path, len(history)
+                )
+            raise
         return history
 
-    def _save(self, epoch: int, history: list[dict[str, Any]]) -> None:
+    def _due(self, epochs_done: int) -> bool:
+        every = self.cfg.eval_every
+        return epochs_done == self.cfg.epochs or bool(every and epochs_done % every == 0)
+
+    def _evaluate(self, history: list[dict[str, Any]], evaluate: Callable[[], tuple[float, float]]) -> None:
+        with torch.random.fork_rng(devices=[]):  # training draws the same with or without it
+            history[-1]["top1"], history[-1]["top5"] = evaluate()
+        self._save(history)
+
+    def _save(self, history: list[dict[str, Any]]) -> None:
         state = {
             "command": self.command,
             "config": settings(self.cfg),
-            "epoch": epoch,
+            "epoch": len(history),
             "history": history,
             "wall_s": self.wall_s(),
             "rng": ckpt.rng_state(),
@@ -117,13 +163,7 @@ class EpochLoop:
         if not self.path.is_file():
             log.warning("--resume: no interrupted %s run at %s; starting from the first epoch", self.command, self.path)
             return 0, []
-        state = load_state(self.path, self.command)
-        diff = differences(state, self.cfg)
-        if diff:
-            raise ConfigError(
-                f"--resume: {self.path} was run with other settings or another checkpoint: {', '.join(diff)}; "
-                "resume with those, or delete it to start over"
-            )
+        state = load_state(self.path, self.command)  # check_state compared its settings
         for name, part in self.parts.items():
             if isinstance(part, torch.optim.Optimizer):
                 load_optimizer_state(part, state[name])  # saved on another device, maybe
@@ -138,9 +178,20 @@ class EpochLoop:
 
 
 def settings(cfg: Any) -> dict[str, Any]:
-    """What a resumed run must share with the interrupted one: every setting but MAY_CHANGE, and the
-    checkpoint file itself (trained further since, it is another backbone)."""
+    """What a resumed run must share with the interrupted one: every setting but MAY_CHANGE, paths
+    made absolute, the schedule in one spelling, and the checkpoint file itself (trained further
+    since, it is another backbone). With a checkpoint, finetune's --arch and --stem are the
+    checkpoint's whatever was typed."""
+    from moco_fast.lincls import parse_schedule
+
     now = {k: v for k, v in asdict(cfg).items() if k not in MAY_CHANGE}
+    for k in ("checkpoint", "data"):
+        if now.get(k):
+            now[k] = os.path.abspath(os.path.expanduser(now[k]))
+    now["schedule"] = parse_schedule(cfg.schedule) or "cos"
+    if cfg.checkpoint:
+        now.pop("arch", None)
+        now.pop("stem", None)
     now["checkpoint_stamp"] = ckpt.file_stamp(cfg.checkpoint) if cfg.checkpoint else None
     return now
 
@@ -150,16 +201,24 @@ def load_state(path: Path, command: str) -> dict[str, Any]:
     try:
         state = ckpt.load(path, map_location="cpu")
     except DataError as e:
-        raise DataError(f"--resume: {e}; delete it to start over") from None
+        raise DataError(f"--resume: {command}'s state {e}; delete it to start over") from None
     if not isinstance(state, dict) or state.get("command") != command:
         raise DataError(f"--resume: {path} is not the state of a {command} run; delete it to start over")
     return state
 
 
 def differences(state: dict[str, Any], cfg: Any) -> list[str]:
-    """How `cfg` differs from the settings the state was run with ([] when it may resume)."""
+    """How `cfg` differs from what the state was run with, flag by flag ([] when it may resume)."""
     saved, now = state["config"], settings(cfg)
-    return [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in now if saved.get(k) != now[k]]
+    diff = []
+    for k in now:
+        if saved.get(k) == now[k]:
+            continue
+        if k == "checkpoint_stamp":
+            diff.append("the checkpoint has changed since (trained further?)")
+        else:
+            diff.append(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})")
+    return diff
 
 
 def resumable(out: Path, cfg: Any, command: str) -> bool:

@@ -89,7 +89,7 @@ def starts_over(cfg: TrainConfig, resume_path: Path | None) -> bool:
 
 
 class RunFolderBusy(RuntimeError):
-    """Another `train` is writing to the same --out."""
+    """Another `train` is writing to the same --out (or another lincls / finetune to the same result)."""
 
 
 def ensure_not_busy(held: list[bool], out: Path) -> None:
@@ -143,6 +143,41 @@ def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
         os.close(fd)
         if created and not any(out.iterdir()):
             out.rmdir()
+
+
+@contextlib.contextmanager
+def hold_output(out: Path, command: str) -> Iterator[None]:
+    """An exclusive lock on the result `out` of lincls or finetune while it runs, so that a second run
+    writing the same result (and the same state between epochs) stops at once (RunFolderBusy). The
+    lock is a flock on a hidden file beside it, `.NAME.lock`, removed when the run ends; a run that
+    locked a file the holder then removed locks the new one."""
+    lock = out.with_name(f".{out.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderBusy(
+                f"{out}: another moco-fast {command} is writing it now; wait for it to end or choose another --out"
+            ) from None
+        except OSError as e:  # a file system without flock: run unguarded
+            log.debug("no lock on %s: %s", out, e)
+            break
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file its holder removed: lock the one there now
+    _HELD.add(fd)
+    try:
+        yield
+    finally:
+        _HELD.discard(fd)
+        lock.unlink(missing_ok=True)  # while still held
+        os.close(fd)
 
 
 def holds_run(out: Path) -> bool:

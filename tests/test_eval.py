@@ -152,7 +152,7 @@ def interrupt_at(monkeypatch, module, epoch):
     monkeypatch.setattr(module, "lr_at", lr_at)
 
 
-def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsys, monkeypatch):
+def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsys, caplog, monkeypatch):
     import moco_fast.lincls
 
     def lincls(out, *extra):
@@ -171,33 +171,67 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
     assert lincls(plain) == 0
     assert json.loads(plain.read_text())["top1"] == ref["top1"] and "best_epoch" not in json.loads(plain.read_text())
 
+    # Ctrl-C in the evaluation after epoch 2: the state holds the two epochs, the second unevaluated
     out = tmp_path / "lincls.json"
-    with monkeypatch.context() as m:
-        interrupt_at(m, moco_fast.lincls, 2)
+    calls = []
+    real_evaluate = moco_fast.lincls.evaluate
+
+    def evaluate(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="moco_fast"):
+        m.setattr(moco_fast.lincls, "evaluate", evaluate)
         assert lincls(out, "--eval-every", "1") == 130
     state = tmp_path / "lincls.state.pt"
-    assert state.is_file() and not out.exists()
-    interrupted_s = torch.load(state, weights_only=False)["wall_s"]
+    assert f"lincls: stopped; {state} holds epochs 1-2: --resume continues" in caplog.text
+    saved = torch.load(state, weights_only=False)
+    assert state.is_file() and not out.exists() and [("top1" in row) for row in saved["history"]] == [True, False]
     capsys.readouterr()
-    assert lincls(out, "--eval-every", "1") == 2  # starting over would drop two epochs silently
-    assert f"{state} holds an interrupted lincls run: --resume continues it" in capsys.readouterr().err
-    assert lincls(out, "--eval-every", "1", "--resume", "--lr", "0.1") == 2
-    assert "run with other settings or another checkpoint: lr=0.5 (now 0.1)" in capsys.readouterr().err
-    assert lincls(out, "--eval-every", "1", "--resume", "--amp", "bf16") == 2  # other features
-    assert "amp='auto' (now 'bf16')" in capsys.readouterr().err
-    # the checkpoint trained further since (`train --resume` keeps lincls.state.pt): another backbone
-    st = ckpt.stat()
-    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    try:
-        assert lincls(out, "--eval-every", "1", "--resume") == 2
-        assert "checkpoint_stamp=" in capsys.readouterr().err
-    finally:
-        os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert lincls(out, "--eval-every", "1", "--resume", "--workers", "0") == 0
+    # what would be thrown away or may not resume is refused before the checkpoint or the data is read
+    with monkeypatch.context() as m:
+        m.setattr(moco_fast.lincls, "run_lincls", lambda cfg: pytest.fail("ran"))
+        assert lincls(out, "--eval-every", "1") == 2  # starting over would drop two epochs silently
+        assert f"{state} holds an interrupted lincls run: --resume continues it" in capsys.readouterr().err
+        assert lincls(out, "--eval-every", "1", "--resume", "--lr", "0.1") == 2
+        assert "was run with other settings: --lr 0.5 (now 0.1)" in capsys.readouterr().err
+        assert lincls(out, "--eval-every", "1", "--resume", "--amp", "bf16") == 2  # other features
+        assert "--amp 'auto' (now 'bf16')" in capsys.readouterr().err
+        # the checkpoint trained further since (`train --resume` keeps lincls.state.pt): another backbone
+        st = ckpt.stat()
+        os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        try:
+            assert lincls(out, "--eval-every", "1", "--resume") == 2
+            assert "the checkpoint has changed since (trained further?)" in capsys.readouterr().err
+        finally:
+            os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    partial = tmp_path / ".lincls.state.pt.x1y2.tmp"  # a save that a kill cut short
+    partial.write_bytes(b"0" * 100)
+    # the same settings spelt otherwise (a trailing slash, the run folder for its checkpoint) resume;
+    # the owed evaluation of epoch 2 runs first
+    argv = ["lincls", "--checkpoint", str(ckpt.parent), "--data", f"{six_root}/", "--epochs", "3", "--lr", "0.5"]
+    argv += ["--batch-size", "8", "--workers", "0", "--device", "cpu", "--out", str(out)]
+    assert main([*argv, "--eval-every", "1", "--resume"]) == 0
     res = json.loads(out.read_text())
     assert res["history"] == ref["history"] and res["top1"] == ref["top1"]  # --workers 0: exactly
-    assert res["wall_s"] > interrupted_s  # the interrupted part counts
-    assert not state.exists()
+    assert res["wall_s"] > saved["wall_s"]  # the interrupted part counts
+    assert not state.exists() and not partial.exists()
+    capsys.readouterr()
+    assert lincls(out, "--resume") == 2  # nothing to continue, and a finished result to overwrite
+    assert f"--resume: {out} is a finished lincls result and there is no state to continue" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_result_stops_at_once(ckpt, six_root, tmp_path, capsys):
+    from moco_fast.run_folder import hold_output
+
+    out = tmp_path / "l.json"
+    argv = ["lincls", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
+    with hold_output(out, "lincls"):  # as a first run holds it
+        assert main([*argv, "--workers", "0", "--device", "cpu", "--out", str(out)]) == 2
+    assert f"{out}: another moco-fast lincls is writing it now" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # the lock file goes with the run that held it
 
 
 def test_a_damaged_state_says_how_to_go_on(ckpt, six_root, tmp_path, capsys):

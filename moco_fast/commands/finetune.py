@@ -66,7 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's training size; 224 without)")
     add_eval_runtime_flags(p, amp_help="mixed precision")
     add_epoch_loop_flags(p, "finetune")
-    p.add_argument("--out", help="result JSON (default: finetune.json / finetune_scratch.json beside the checkpoint)")
+    p.add_argument(
+        "--out",
+        help="result JSON (default: finetune.json / finetune_scratch.json beside the checkpoint; in the current "
+        "folder without one)",
+    )
     p.add_argument(
         "--save-model",
         help="the fine-tuned network as a torchvision ResNet state dict, fc included "
@@ -103,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moco_fast.classifier_epochs import check_state, state_path
     from moco_fast.finetune import FinetuneConfig, result_path, run_finetune
+    from moco_fast.run_folder import hold_output
 
     # Every value is checked, and the output folders tried, before the checkpoint or the data is read.
     check_classifier_args(args)
@@ -127,11 +132,11 @@ def run(args: argparse.Namespace) -> int:
             model_path.resolve() != state_path(out).resolve(),
             f"--save-model {model_path} is where the run keeps its state between epochs: give another path",
         )
-    check_state(out, args.resume, "finetune")
     if cfg.checkpoint is not None and explicit:
         check_arch(args)
-
-    res, net = run_finetune(cfg, model_path)
+    with hold_output(out, "finetune"):
+        check_state(out, cfg, "finetune")
+        res, net = run_finetune(cfg, model_path)
     print(
         f"fine-tuning from {res['init']}: {accuracy_text(res)}  "
         f"({res['eval_images']} eval images, {args.epochs} epochs)"

@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moco_fast.classifier_epochs import check_state
     from moco_fast.lincls import LinclsConfig, run_lincls
-    from moco_fast.run_folder import LINCLS_RESULT
+    from moco_fast.run_folder import LINCLS_RESULT, hold_output
 
     # Every value is checked, and the result's folder tried, before the checkpoint or the data is read.
     check_classifier_args(args)
@@ -62,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
     args.out = str(
         check_output(args.out or Path(args.checkpoint).parent / LINCLS_RESULT, "--out", inputs=(args.checkpoint,))
     )
-    check_state(Path(args.out), args.resume, "lincls")
     cfg = dataclass_from_args(LinclsConfig, args)
-    res = run_lincls(cfg)
+    with hold_output(Path(args.out), "lincls"):
+        check_state(Path(args.out), cfg, "lincls")
+        res = run_lincls(cfg)
     print(
         f"linear classification: {accuracy_text(res)}  "
         f"({res['eval_images']} eval images, {cfg.epochs} epochs; backbone unchanged)"
