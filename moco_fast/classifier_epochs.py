@@ -129,8 +129,10 @@ class EpochLoop:
                     "%s epoch %d/%d: loss %.4f, lr %.4g%s",
                     *(self.command, epoch + 1, self.cfg.epochs, row["loss"], row["lr"], acc),
                 )
-        except KeyboardInterrupt:
-            if history:
+        except BaseException as e:
+            from moco_fast.cli import interruption  # Ctrl-C or SIGTERM, maybe behind a DataLoader's error
+
+            if history and interruption(e) is not None:
                 log.warning(
                     "%s: stopped; %s holds epochs 1-%d: --resume continues", self.command, self.path, len(history)
                 )

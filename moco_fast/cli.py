@@ -89,6 +89,10 @@ def _on_sigterm(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
+    # SIGTERM to the process group (SLURM, docker stop) ends the DataLoader workers too; torch's SIGCHLD
+    # handler would then raise "worker killed by signal" wherever the unwinding is, even at exit (a
+    # traceback after "terminated"). Their deaths are expected now.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise Terminated()
 
 

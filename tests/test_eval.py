@@ -223,6 +223,29 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
     assert f"--resume: {out} is a finished lincls result and there is no state to continue" in capsys.readouterr().err
 
 
+def test_a_stop_behind_a_dataloader_error_still_says_how_to_resume(tmp_path, caplog):
+    # SIGTERM to the process group kills the DataLoader workers too: the error that reaches the loop
+    # can be the DataLoader's, with the Terminated behind it; the hint must still come
+    import time
+
+    from moco_fast.classifier_epochs import EpochLoop
+    from moco_fast.lincls import LinclsConfig
+
+    def one_epoch(epoch):
+        if epoch == 1:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.") from None
+        return {"epoch": epoch + 1, "lr": 0.1, "loss": 1.0}
+
+    cfg = LinclsConfig(str(tmp_path / "none.pt"), epochs=3, out=str(tmp_path / "l.json"))
+    loop = EpochLoop("lincls", cfg, tmp_path / "l.json", {"classifier": nn.Linear(2, 2)}, None, time.perf_counter())
+    with caplog.at_level(logging.WARNING, logger="moco_fast"), pytest.raises(RuntimeError):
+        loop.run(one_epoch, lambda: (50.0, 90.0))
+    assert f"lincls: stopped; {tmp_path / 'l.state.pt'} holds epochs 1-1: --resume continues" in caplog.text
+
+
 def test_a_second_run_into_the_same_result_stops_at_once(ckpt, six_root, tmp_path, capsys):
     from moco_fast.run_folder import hold_output
 

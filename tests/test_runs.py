@@ -294,3 +294,20 @@ def test_resume_never_starts_over_a_run_that_checkpointed(tiny_root, run, capsys
         fh.write(json.dumps({"epoch": 2, "loss": 1.0}) + "\n")
     assert main([*tiny_args(tiny_root, run, epochs=3), "--resume"]) == 2
     assert [r["epoch"] for r in rows(run)] == [1, 2]
+
+
+def test_sigterm_stops_the_watch_on_dataloader_workers():
+    # SIGTERM to the process group ends the DataLoader workers with the main process: torch's SIGCHLD
+    # handler, left in place, raised "DataLoader worker ... killed by signal: Terminated" with a
+    # traceback at exit, after "terminated" (seen with `lincls --workers 2` and `kill -TERM -PGID`).
+    import signal
+
+    from moco_fast import cli
+
+    old = signal.signal(signal.SIGCHLD, lambda *args: None)  # as torch's DataLoader installs one
+    try:
+        with pytest.raises(cli.Terminated):
+            cli._on_sigterm(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGCHLD, old)
