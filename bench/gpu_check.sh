@@ -255,7 +255,8 @@ print("x ref: against the run's reference row with the same BN (split BN; +noshu
 m = out / "momentum.json"
 res = load(m) if m.exists() else {}
 if res.get("rows"):
-    print(f"\nmomentum update, {res['tensors']} tensors, {res['numel'] / 1e6:.1f} M parameters on {res['device'].get('name', '?')}:")
+    dev = res["device"] if isinstance(res["device"], str) else res["device"].get("name", "?")  # a string before 2026-11-28
+    print(f"\nmomentum update, {res['tensors']} tensors, {res['numel'] / 1e6:.1f} M parameters on {dev}:")
     for r in res["rows"]:
         got = f"{r['ms']:.3f} ms, {r['gb_per_s']:.0f} GB/s" if r.get("ms") is not None else f"failed: {r.get('error')}"
         print(f"  {r['name']:<24} {got}")
