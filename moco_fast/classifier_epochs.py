@@ -105,6 +105,7 @@ class EpochLoop:
         self.command, self.cfg, self.out, self.parts, self.generator = command, cfg, out, parts, generator
         self.path = state_path(out)
         self.t0, self.earlier_s = t0, 0.0
+        self.saved = 0  # the epochs the state file holds
 
     def wall_s(self) -> float:
         """Seconds the run has taken, its interrupted parts included."""
@@ -132,9 +133,9 @@ class EpochLoop:
         except BaseException as e:
             from moco_fast.cli import interruption  # Ctrl-C or SIGTERM, maybe behind a DataLoader's error
 
-            if history and interruption(e) is not None:
+            if self.saved and interruption(e) is not None:
                 log.warning(
-                    "%s: stopped; %s holds epochs 1-%d: --resume continues", self.command, self.path, len(history)
+                    "%s: stopped; %s holds epochs 1-%d: --resume continues", self.command, self.path, self.saved
                 )
             raise
         return history
@@ -160,6 +161,7 @@ class EpochLoop:
             **{name: part.state_dict() for name, part in self.parts.items()},
         }
         ckpt.save_atomic(state, self.path)
+        self.saved = len(history)
 
     def _load(self) -> tuple[int, list[dict[str, Any]]]:
         if not self.path.is_file():
@@ -175,6 +177,7 @@ class EpochLoop:
         if self.generator is not None:
             self.generator.set_state(state["generator"])
         self.earlier_s = state.get("wall_s", 0.0)
+        self.saved = state["epoch"]
         log.info("--resume: %s continues after epoch %d of %d", self.command, state["epoch"], self.cfg.epochs)
         return state["epoch"], state["history"]
 

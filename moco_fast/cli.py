@@ -91,9 +91,15 @@ def _on_sigterm(signum, frame):
         return
     # SIGTERM to the process group (SLURM, docker stop) ends the DataLoader workers too; torch's SIGCHLD
     # handler would then raise "worker killed by signal" wherever the unwinding is, even at exit (a
-    # traceback after "terminated"). Their deaths are expected now.
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # traceback after "terminated"). Their deaths are expected now: a handler that does nothing (not
+    # SIG_DFL, which turns a SIGCHLD already pending into "OSError: Signal 17 ignored due to race
+    # condition"; not SIG_IGN, which reaps the children before multiprocessing can join them).
+    signal.signal(signal.SIGCHLD, _children_end)
     raise Terminated()
+
+
+def _children_end(signum, frame):
+    """SIGCHLD after SIGTERM: the workers' ends are expected (see _on_sigterm)."""
 
 
 def main(argv: list[str] | None = None) -> int:

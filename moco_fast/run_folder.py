@@ -149,12 +149,13 @@ def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
 def hold_output(out: Path, command: str) -> Iterator[None]:
     """An exclusive lock on the result `out` of lincls or finetune while it runs, so that a second run
     writing the same result (and the same state between epochs) stops at once (RunFolderBusy). The
-    lock is a flock on a hidden file beside it, `.NAME.lock`, removed when the run ends; a run that
-    locked a file the holder then removed locks the new one."""
-    lock = out.with_name(f".{out.name}.lock")
+    lock is a flock on a hidden file named after the state, `.NAME.state.pt.lock`, removed when the run
+    ends; a run that locked a file the holder then removed locks the new one. Opened read-only: a
+    lock file another user left in a shared folder still locks."""
+    lock = out.with_name(f".{state_name(out.name)}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -176,7 +177,8 @@ def hold_output(out: Path, command: str) -> Iterator[None]:
         yield
     finally:
         _HELD.discard(fd)
-        lock.unlink(missing_ok=True)  # while still held
+        with contextlib.suppress(OSError):  # another user's, in a sticky folder: it stays, harmlessly
+            lock.unlink(missing_ok=True)  # while still held
         os.close(fd)
 
 

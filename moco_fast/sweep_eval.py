@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from moco_fast.config import TrainConfig
 from moco_fast.metrics import read_rows
-from moco_fast.run_folder import SWEEP_LINCLS_RESULT
+from moco_fast.run_folder import SWEEP_LINCLS_RESULT, hold_output
 
 if TYPE_CHECKING:
     from moco_fast.sweep import Setting
@@ -89,7 +89,8 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
     )
     # a sweep stopped in this setting's classifier continues it; one run with other settings (another
     # --lincls-epochs, a checkpoint trained further) is the sweep's own to start over
-    if state_path(out).is_file() and not resumable(out, lc, "lincls"):
-        log.info("%s: its linear classifier stopped with other settings or checkpoint; it starts over", folder)
-        clear_state(out)
-    return run_lincls(replace(lc, resume=state_path(out).is_file()))["top1"]
+    with hold_output(out, "sweep"):  # two sweeps into one folder may evaluate the same setting
+        if state_path(out).is_file() and not resumable(out, lc, "lincls"):
+            log.info("%s: its linear classifier stopped with other settings or checkpoint; it starts over", folder)
+            clear_state(out)
+        return run_lincls(replace(lc, resume=state_path(out).is_file()))["top1"]

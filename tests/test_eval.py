@@ -223,7 +223,7 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
     assert f"--resume: {out} is a finished lincls result and there is no state to continue" in capsys.readouterr().err
 
 
-def test_a_stop_behind_a_dataloader_error_still_says_how_to_resume(tmp_path, caplog):
+def test_a_stop_behind_a_dataloader_error_still_says_how_to_resume(tmp_path, caplog, monkeypatch):
     # SIGTERM to the process group kills the DataLoader workers too: the error that reaches the loop
     # can be the DataLoader's, with the Terminated behind it; the hint must still come
     import time
@@ -244,6 +244,25 @@ def test_a_stop_behind_a_dataloader_error_still_says_how_to_resume(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="moco_fast"), pytest.raises(RuntimeError):
         loop.run(one_epoch, lambda: (50.0, 90.0))
     assert f"lincls: stopped; {tmp_path / 'l.state.pt'} holds epochs 1-1: --resume continues" in caplog.text
+    # stopped inside the save of epoch 2: the file still holds epoch 1 alone, and says so
+    import moco_fast.classifier_epochs as ce
+
+    real_save, saves = ce.ckpt.save_atomic, []
+
+    def save_atomic(state, path):
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        real_save(state, path)
+
+    (tmp_path / "l.state.pt").unlink()
+    caplog.clear()
+    loop = EpochLoop("lincls", cfg, tmp_path / "l.json", {"classifier": nn.Linear(2, 2)}, None, time.perf_counter())
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="moco_fast"):
+        m.setattr(ce.ckpt, "save_atomic", save_atomic)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0))
+    assert "holds epochs 1-1: --resume continues" in caplog.text
 
 
 def test_a_second_run_into_the_same_result_stops_at_once(ckpt, six_root, tmp_path, capsys):

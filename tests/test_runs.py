@@ -297,17 +297,38 @@ def test_resume_never_starts_over_a_run_that_checkpointed(tiny_root, run, capsys
 
 
 def test_sigterm_stops_the_watch_on_dataloader_workers():
-    # SIGTERM to the process group ends the DataLoader workers with the main process: torch's SIGCHLD
-    # handler, left in place, raised "DataLoader worker ... killed by signal: Terminated" with a
-    # traceback at exit, after "terminated" (seen with `lincls --workers 2` and `kill -TERM -PGID`).
-    import signal
+    # SIGTERM to the process group ends the DataLoader workers with the main process, so SIGTERM and
+    # SIGCHLD arrive together. torch's SIGCHLD handler, left in place, raised "DataLoader worker ...
+    # killed by signal: Terminated" with a traceback after "terminated" (seen with `lincls --workers
+    # 2` and `kill -TERM -PGID`); SIG_DFL in its place printed "Signal 17 ignored due to race
+    # condition". Both signals pending at once, in a process of its own:
+    import subprocess
+    import sys
 
-    from moco_fast import cli
+    code = """
+import os, signal
+from moco_fast import cli
 
-    old = signal.signal(signal.SIGCHLD, lambda *args: None)  # as torch's DataLoader installs one
-    try:
-        with pytest.raises(cli.Terminated):
-            cli._on_sigterm(signal.SIGTERM, None)
-        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
-    finally:
-        signal.signal(signal.SIGCHLD, old)
+def torch_like(signum, frame):
+    raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+signal.signal(signal.SIGCHLD, torch_like)
+signal.signal(signal.SIGTERM, cli._on_sigterm)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # the child has ended: SIGCHLD is pending
+os.kill(os.getpid(), signal.SIGTERM)
+try:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGCHLD})
+    for _ in range(100000):
+        pass
+except cli.Terminated:
+    print("terminated")
+for _ in range(100000):
+    pass
+os.waitpid(pid, 0)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "terminated" and run.stderr == "", run.stderr
