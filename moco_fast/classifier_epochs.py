@@ -60,16 +60,21 @@ def check_state(out: Path, cfg: Any, command: str) -> None:
             )
         return
     if state.is_file():
-        diff = differences(load_state(state, command), cfg)
-        if diff:
-            raise ConfigError(
-                f"--resume: {state} was run with other settings: {', '.join(diff)}; resume with those, "
-                "or delete it to start over"
-            )
+        refuse_other_settings(state, load_state(state, command), cfg)
     elif out.is_file():
         raise ConfigError(
             f"--resume: {out} is a finished {command} result and there is no state to continue ({state}): "
             "run without --resume to run it again"
+        )
+
+
+def refuse_other_settings(path: Path, state: dict[str, Any], cfg: Any) -> None:
+    """ConfigError, flag by flag, when `cfg` may not resume the state at `path`."""
+    diff = differences(state, cfg)
+    if diff:
+        raise ConfigError(
+            f"--resume: {path} was run with other settings: {', '.join(diff)}; resume with those, "
+            "or delete it to start over"
         )
 
 
@@ -113,7 +118,8 @@ class EpochLoop:
 
     def run(self, one_epoch: Callable[[int], dict[str, Any]], evaluate: Callable[[], tuple[float, float]]):
         """The history: one row per epoch, with top1 and top5 where it was evaluated (always the last)."""
-        check_state(self.out, self.cfg, self.command)
+        if not self.cfg.resume:
+            check_state(self.out, self.cfg, self.command)  # with --resume, _load checks what it loads
         remove_partial_saves(self.out)
         start, history = self._load() if self.cfg.resume else (0, [])
         try:
@@ -165,9 +171,11 @@ class EpochLoop:
 
     def _load(self) -> tuple[int, list[dict[str, Any]]]:
         if not self.path.is_file():
+            check_state(self.out, self.cfg, self.command)  # no finished result to overwrite
             log.warning("--resume: no interrupted %s run at %s; starting from the first epoch", self.command, self.path)
             return 0, []
-        state = load_state(self.path, self.command)  # check_state compared its settings
+        state = load_state(self.path, self.command)
+        refuse_other_settings(self.path, state, self.cfg)
         for name, part in self.parts.items():
             if isinstance(part, torch.optim.Optimizer):
                 load_optimizer_state(part, state[name])  # saved on another device, maybe

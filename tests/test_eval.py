@@ -16,7 +16,7 @@ from conftest import make_image_root
 from torch import nn
 
 from moco_fast.cli import build_parser, main
-from moco_fast.config import build_config, to_dict
+from moco_fast.config import ConfigError, build_config, to_dict
 from moco_fast.model import MoCo
 from moco_fast.trainer import train
 
@@ -263,6 +263,29 @@ def test_a_stop_behind_a_dataloader_error_still_says_how_to_resume(tmp_path, cap
         with pytest.raises(KeyboardInterrupt):
             loop.run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0))
     assert "holds epochs 1-1: --resume continues" in caplog.text
+
+
+def test_the_loop_itself_refuses_a_state_of_other_settings(tmp_path):
+    # the commands check before reading data; a caller of the library (the sweep) meets the loop's check
+    import time
+
+    from moco_fast.classifier_epochs import EpochLoop
+    from moco_fast.lincls import LinclsConfig
+
+    def loop(**kw):
+        cfg = LinclsConfig(str(tmp_path / "none.pt"), epochs=2, out=str(tmp_path / "l.json"), **kw)
+        net = nn.Linear(2, 2)
+        return EpochLoop("lincls", cfg, tmp_path / "l.json", {"classifier": net}, None, time.perf_counter())
+
+    def stop_in_epoch_2(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return {"epoch": epoch + 1, "lr": 0.1, "loss": 1.0}
+
+    with pytest.raises(KeyboardInterrupt):
+        loop().run(stop_in_epoch_2, lambda: (50.0, 90.0))
+    with pytest.raises(ConfigError, match=r"was run with other settings: --lr 30.0 \(now 1.0\)"):
+        loop(lr=1.0, resume=True).run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0))
 
 
 def test_a_second_run_into_the_same_result_stops_at_once(ckpt, six_root, tmp_path, capsys):
