@@ -111,6 +111,7 @@ class EpochLoop:
         self.path = state_path(out)
         self.t0, self.earlier_s = t0, 0.0
         self.saved = 0  # the epochs the state file holds
+        self.settings = settings(cfg)  # with the stamp of the checkpoint this run read
 
     def wall_s(self) -> float:
         """Seconds the run has taken, its interrupted parts included."""
@@ -158,7 +159,7 @@ class EpochLoop:
     def _save(self, history: list[dict[str, Any]]) -> None:
         state = {
             "command": self.command,
-            "config": settings(self.cfg),
+            "config": self.settings,
             "epoch": len(history),
             "history": history,
             "wall_s": self.wall_s(),

@@ -113,6 +113,19 @@ def _close_held_in_child() -> None:
 os.register_at_fork(after_in_child=_close_held_in_child)
 
 
+def _try_flock(fd: int, what: Path) -> bool | None:
+    """An exclusive flock on `fd` without waiting: True when held, False when another process holds
+    it, None on a file system without flock (the run goes unguarded)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        log.debug("no lock on %s: %s", what, e)
+        return None
+    return True
+
+
 @contextlib.contextmanager
 def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
     """Holds an exclusive lock on the run folder while a run uses it (rank 0 only), so that a second
@@ -130,14 +143,7 @@ def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
     fd = os.open(out, os.O_RDONLY)
     _HELD.add(fd)
     try:
-        held = True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held = False
-        except OSError as e:  # a file system without flock: run unguarded
-            log.debug("no lock on %s: %s", out, e)
-        yield held
+        yield _try_flock(fd, out) is not False
     finally:
         _HELD.discard(fd)
         os.close(fd)
@@ -156,15 +162,13 @@ def hold_output(out: Path, command: str) -> Iterator[None]:
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        held = _try_flock(fd, out)
+        if held is False:
             os.close(fd)
             raise RunFolderBusy(
                 f"{out}: another moco-fast {command} is writing it now; wait for it to end or choose another --out"
-            ) from None
-        except OSError as e:  # a file system without flock: run unguarded
-            log.debug("no lock on %s: %s", out, e)
+            )
+        if held is None:
             break
         try:
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
