@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,19 @@ log = logging.getLogger("moco_fast")
 # changes what the features are, and a GradScaler state cannot move between fp16 and not; not --out:
 # the state lies beside the result)
 MAY_CHANGE = ("workers", "device", "out", "resume", "eval_every")
+
+# what continues a stopped run, for the stop message: the command's --resume, or its caller (the sweep)
+_HOW_TO_CONTINUE: ContextVar[str] = ContextVar("how_to_continue", default="--resume continues")
+
+
+@contextmanager
+def continued_by(how: str) -> Iterator[None]:
+    """Runs inside it that stop say `how` they continue (e.g. "running the sweep again continues")."""
+    token = _HOW_TO_CONTINUE.set(how)
+    try:
+        yield
+    finally:
+        _HOW_TO_CONTINUE.reset(token)
 
 
 def state_path(out: Path) -> Path:
@@ -142,7 +157,8 @@ class EpochLoop:
 
             if self.saved and interruption(e) is not None:
                 log.warning(
-                    "%s: stopped; %s holds epochs 1-%d: --resume continues", self.command, self.path, self.saved
+                    "%s: stopped; %s holds epochs 1-%d: %s",
+                    *(self.command, self.path, self.saved, _HOW_TO_CONTINUE.get()),
                 )
             raise
         return history

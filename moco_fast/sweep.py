@@ -139,29 +139,16 @@ def run_sweep(
     plans = [plan_setting(cfg, s, found.get(s.name), evaluation) for cfg, s in zip(configs, settings)]
     out.mkdir(parents=True, exist_ok=True)
     for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
-        head = f"[{i + 1}/{len(settings)}] {s.name}"
-        if plan == "reuse":
-            log.info("%s: finished earlier with the same settings, reused", head)
-            continue
-        log.info(
-            "%s%s",
-            head,
-            {
-                "train": "",
-                "resume": ": continues from its checkpoint",
-                "evaluate": ": trained earlier with the same settings; evaluating its checkpoint again",
-            }[plan],
-        )
-        if plan in ("train", "resume"):
-            _train(cfg)
-        t0 = time.perf_counter()
-        res = evaluate_setting(cfg, s, lincls_epochs, lincls_lr)
-        # training (every epoch, from its rows, also those of an earlier interrupted part) + evaluation
-        res["wall_s"] = _train_seconds(Path(cfg.runtime.out)) + time.perf_counter() - t0
-        res["config"] = training_config(cfg)
-        res["checkpoint_stamp"] = file_stamp(Path(cfg.runtime.out) / CHECKPOINT_NAME)  # what was evaluated
-        write_json(Path(cfg.runtime.out) / SWEEP_RESULT, res)
-        found[s.name] = res
+        try:
+            _run_setting(cfg, s, plan, f"[{i + 1}/{len(settings)}] {s.name}", found, lincls_epochs, lincls_lr)
+        except BaseException as e:
+            from moco_fast.cli import interruption
+
+            if interruption(e) is not None:
+                log.warning(
+                    "sweep: stopped in %s; the same sweep command continues (finished settings are reused)", s.name
+                )
+            raise
         write_table(_rows(found, order), out)  # a partial table survives an interruption
     rows = _rows(found, order)
     write_table(rows, out)
@@ -169,6 +156,34 @@ def run_sweep(
     if mixed:
         log.warning("the table mixes runs whose settings differ beyond the grid: %s", "; ".join(mixed))
     return rows
+
+
+def _run_setting(
+    cfg: TrainConfig, s: Setting, plan: str, head: str, found: dict[str, dict], lincls_epochs: int, lincls_lr: float
+) -> None:
+    """Trains (or continues) and evaluates one setting as `plan` says; its result goes into `found`."""
+    if plan == "reuse":
+        log.info("%s: finished earlier with the same settings, reused", head)
+        return
+    log.info(
+        "%s%s",
+        head,
+        {
+            "train": "",
+            "resume": ": continues from its checkpoint",
+            "evaluate": ": trained earlier with the same settings; evaluating its checkpoint again",
+        }[plan],
+    )
+    if plan in ("train", "resume"):
+        _train(cfg)
+    t0 = time.perf_counter()
+    res = evaluate_setting(cfg, s, lincls_epochs, lincls_lr)
+    # training (every epoch, from its rows, also those of an earlier interrupted part) + evaluation
+    res["wall_s"] = _train_seconds(Path(cfg.runtime.out)) + time.perf_counter() - t0
+    res["config"] = training_config(cfg)
+    res["checkpoint_stamp"] = file_stamp(Path(cfg.runtime.out) / CHECKPOINT_NAME)  # what was evaluated
+    write_json(Path(cfg.runtime.out) / SWEEP_RESULT, res)
+    found[s.name] = res
 
 
 def _train_seconds(folder: Path) -> float:

@@ -69,7 +69,7 @@ def evaluate_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr
 
 def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | None:
     from moco_fast.checkpoint import CHECKPOINT_NAME
-    from moco_fast.classifier_epochs import clear_state, resumable, state_path
+    from moco_fast.classifier_epochs import clear_state, continued_by, resumable, state_path
     from moco_fast.lincls import LinclsConfig, run_lincls
     from moco_fast.trainer import eval_workers, resolve_device
 
@@ -93,4 +93,5 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
         if state_path(out).is_file() and not resumable(out, lc, "lincls"):
             log.info("%s: its linear classifier stopped with other settings or checkpoint; it starts over", folder)
             clear_state(out)
-        return run_lincls(replace(lc, resume=state_path(out).is_file()))["top1"]
+        with continued_by("the same sweep command continues it"):
+            return run_lincls(replace(lc, resume=state_path(out).is_file()))["top1"]

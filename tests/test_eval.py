@@ -288,15 +288,41 @@ def test_the_loop_itself_refuses_a_state_of_other_settings(tmp_path):
         loop(lr=1.0, resume=True).run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0))
 
 
-def test_a_second_run_into_the_same_result_stops_at_once(ckpt, six_root, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["lincls", "finetune"])
+def test_a_second_run_into_the_same_result_stops_at_once(command, ckpt, six_root, tmp_path, capsys):
     from moco_fast.run_folder import hold_output
 
     out = tmp_path / "l.json"
-    argv = ["lincls", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
-    with hold_output(out, "lincls"):  # as a first run holds it
+    argv = [command, "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
+    with hold_output(out, command):  # as a first run holds it
         assert main([*argv, "--workers", "0", "--device", "cpu", "--out", str(out)]) == 2
-    assert f"{out}: another moco-fast lincls is writing it now" in capsys.readouterr().err
+    assert f"{out}: another moco-fast {command} is writing it now" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # the lock file goes with the run that held it
+
+
+def test_the_output_lock_follows_a_lock_file_its_holder_removed(tmp_path, monkeypatch):
+    # Between this run's open and its flock, the run that held the lock ended and removed the file: a
+    # lock on that unlinked file guards nothing, so the run must lock the file now at the path.
+    import moco_fast.run_folder as rf
+
+    out = tmp_path / "l.json"
+    lock = tmp_path / ".l.state.pt.lock"
+    real_flock, tries = rf._try_flock, []
+
+    def holder_ends_first(fd, what):
+        tries.append(fd)
+        if len(tries) == 1:
+            lock.unlink()
+        return real_flock(fd, what)
+
+    with monkeypatch.context() as m:
+        m.setattr(rf, "_try_flock", holder_ends_first)
+        with rf.hold_output(out, "lincls"):
+            assert len(tries) == 2 and lock.is_file()
+            with pytest.raises(rf.RunFolderBusy):  # a second run finds the file this one holds
+                with rf.hold_output(out, "lincls"):
+                    pass
+    assert not lock.exists()
 
 
 def test_a_damaged_state_says_how_to_go_on(ckpt, six_root, tmp_path, capsys):
@@ -612,10 +638,14 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
     out = shutil.copytree(finished_sweep, tmp_path / "sweep")
     state = out / SWEEP_RUN / "sweep_lincls.state.pt"
     args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="moco_fast"):
         interrupt_at(m, moco_fast.lincls, 1)
         assert main(args) == 130
     assert state.is_file()
+    # what continues it is the sweep, not lincls's --resume
+    assert f"lincls: stopped; {state} holds epochs 1-1: the same sweep command continues it" in caplog.text
+    assert f"sweep: stopped in {SWEEP_RUN}; the same sweep command continues" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="moco_fast"):
         assert main(args) == 0
     assert "--resume: lincls continues after epoch 1 of 2" in caplog.text and not state.exists()
