@@ -167,6 +167,22 @@ class ShufflePlan:
 
 _generators: dict[torch.device, torch.Generator] = {}
 _routes: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_resumed: dict[str, Any] | None = None  # a checkpoint's shuffle generator, taken up at the first shuffle
+
+
+def shuffle_generator_state() -> dict[str, Any] | None:
+    """The shared shuffle generator's state (the same on every rank), for the checkpoint: a resumed
+    run then draws the permutations the uninterrupted one would have. None before the first shuffle."""
+    for device, g in _generators.items():
+        return {"device": device.type, "state": g.get_state()}
+    return _resumed
+
+
+def resume_shuffle_generator(saved: dict[str, Any] | None) -> None:
+    """Continue the shuffle generator of a checkpoint written by as many ranks (every rank loads the
+    same one, so all agree); None (or a state from another device type) seeds a new one."""
+    global _resumed
+    _resumed = saved
 
 
 def _shared_generator(device: torch.device) -> torch.Generator:
@@ -174,6 +190,10 @@ def _shared_generator(device: torch.device) -> torch.Generator:
     seeded RNG) and broadcasts it. Every rank then draws the same numbers, so the permutation never
     has to travel."""
     g = _generators.get(device)
+    if g is None and _resumed is not None and _resumed.get("device") == device.type:
+        g = torch.Generator(device=device)
+        g.set_state(_resumed["state"])
+        _generators[device] = g
     if g is None:
         seed = torch.randint(2**62, (1,), dtype=torch.long, device=device)
         dist.broadcast(seed, src=0)
@@ -274,6 +294,7 @@ def destroy() -> None:
         dist.destroy_process_group()
     _generators.clear()
     _routes.clear()
+    resume_shuffle_generator(None)
 
 
 def local_device(device: torch.device) -> torch.device:

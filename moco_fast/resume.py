@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moco_fast import checkpoint as ckpt
+from moco_fast import distributed as dist_utils
 from moco_fast.config import ConfigError, TrainConfig, plain, to_dict
 from moco_fast.data import DataError
 from moco_fast.model import MoCo
@@ -69,6 +70,8 @@ def restore_rng(state: dict[str, Any], cfg: TrainConfig, world: int, rank: int, 
     per_rank = state.get("rng_per_rank") or [state["rng"]]
     if len(per_rank) == world:
         ckpt.set_rng_state(per_rank[rank])
+        dist_utils.resume_shuffle_generator(state.get("shuffle_generator"))  # shuffle BN's permutations
         return
+    dist_utils.resume_shuffle_generator(None)
     ckpt.seed_everything(cfg.runtime.seed + rank + 1_000_003 * epoch)
     log.info("--resume: the checkpoint was written by %d processes, now %d: new random streams", len(per_rank), world)

@@ -270,6 +270,7 @@ def _train_held(
                     "scaler": scaler.state_dict(),
                     "rng": rng_states[0],
                     "rng_per_rank": rng_states,
+                    "shuffle_generator": dist_utils.shuffle_generator_state(),
                     "world_size": world,
                     "num_images": loader.num_images,
                 },

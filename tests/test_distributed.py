@@ -289,6 +289,28 @@ def test_cli_under_torchrun_then_resume_with_one_process(tiny_root, tmp_path, ca
     assert not torch.equal(state2["model"]["encoder_q.head.weight"], state["model"]["encoder_q.head.weight"])
 
 
+def _cli_worker(argv: list[str]) -> int:
+    torch.set_num_threads(1)
+    return main(argv)
+
+
+@pytest.mark.slow
+def test_a_resume_with_as_many_ranks_continues_shuffle_bn_exactly(tiny_root, tmp_path):
+    # The cross-rank shuffle draws its permutations from a generator shared by the ranks: a resumed
+    # run must continue it, not seed a new one, or the resumed run trains on other key batches.
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_workers(_cli_worker, (cli_args(tiny_root, whole, 2),), 2) == [0, 0]
+    assert run_workers(_cli_worker, (cli_args(tiny_root, cut, 1),), 2) == [0, 0]
+    saved = torch.load(cut / "checkpoint.pt", weights_only=False)["shuffle_generator"]
+    assert saved["device"] == "cpu" and saved["state"].numel() > 0
+    assert run_workers(_cli_worker, ([*cli_args(tiny_root, cut, 2), "--resume"],), 2) == [0, 0]
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)
+    b = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert a["config"]["moco"]["shuffle_bn"] and a["world_size"] == b["world_size"] == 2
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
 # -- failures -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_every_torchrun_rank_stops_at_a_run_folder_in_use(tiny_root, tmp_path):

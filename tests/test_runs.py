@@ -332,3 +332,25 @@ os.waitpid(pid, 0)
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "terminated" and run.stderr == "", run.stderr
+
+
+def test_a_run_trained_with_gpus_resumes_where_those_workers_cannot_start(tiny_root, run, monkeypatch, caplog):
+    # --gpus is how a launch runs, not what the run is: a checkpoint of `--gpus 2` continues in one
+    # process on a machine without those GPUs, and under torchrun, whose --nproc_per_node decides.
+    import logging
+
+    from moco_fast.cli import build_parser
+    from moco_fast.commands.train import config_from_args
+
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["runtime"]["gpus"] = 2
+    torch.save(state, run / "checkpoint.pt")
+    with monkeypatch.context() as m:
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+            m.setenv(name, value)
+        cfg = config_from_args(build_parser().parse_args(["train", "--resume", "--out", str(run)]))
+    assert cfg.runtime.gpus == 1
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--device", "cpu", "--workers", "0"]) == 0
+    assert "--resume: the run was trained with --gpus 2, which this launch cannot start" in caplog.text
+    assert [r["epoch"] for r in rows(run)] == [1, 2]

@@ -202,6 +202,8 @@ def config_from_args(args: argparse.Namespace):
             log.warning(
                 "--resume: the run was configured with preset %s; --preset %s is ignored", cfg.preset, args.preset
             )
+        if args.gpus is None and cfg.runtime.gpus > 1:
+            cfg.runtime.gpus = _gpus_to_resume_with(cfg)
     else:
         preset = args.preset or _default_preset(args)
         cfg = build_config(preset, {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()})
@@ -247,6 +249,27 @@ def _resumed_config(args: argparse.Namespace):
     cfg.runtime.resume = args.resume
     cfg.runtime.force = False
     return cfg
+
+
+def _gpus_to_resume_with(cfg) -> int:
+    """The worker count of a resumed run trained with --gpus N and resumed without --gpus: N again
+    where this launch can start N workers, else one process (under torchrun, --nproc_per_node sets
+    the count). A checkpoint resumes with any number of workers; the saved N is not a requirement."""
+    from moco_fast.launch import TORCHRUN_VARS, check_local_gpus
+
+    n = cfg.runtime.gpus
+    if any(v in os.environ for v in TORCHRUN_VARS):
+        log.info("--resume: the run was trained with --gpus %d; under torchrun --nproc_per_node sets the count", n)
+        return 1
+    try:
+        return check_local_gpus(cfg)
+    except ConfigError as e:
+        log.warning(
+            "--resume: the run was trained with --gpus %d, which this launch cannot start (%s); "
+            "it continues in one process (--gpus M or torchrun for more)",
+            *(n, e),
+        )
+        return 1
 
 
 def run(args: argparse.Namespace) -> int:
