@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -105,10 +106,16 @@ def run_sweep(
     redo: bool = False,
 ) -> list[dict[str, Any]]:
     """Run, continue or reuse each setting; write the table of every result in `out`; return its rows."""
+    from moco_fast.launch import TORCHRUN_VARS
     from moco_fast.trainer import validate
 
     if base.runtime.gpus > 1:
         raise ConfigError("moco-fast sweep runs each setting in this process: use --gpus 1")
+    if any(v in os.environ for v in TORCHRUN_VARS):  # each setting would make and end a process group
+        raise ConfigError(
+            "moco-fast sweep runs each setting in this one process: start it without torchrun "
+            "(to train a setting on several GPUs, run `moco-fast train` under torchrun with its flags)"
+        )
     if not settings:
         raise ConfigError("the grid is empty")
     folders: dict[str, Setting] = {}

@@ -315,6 +315,15 @@ def test_sweep_refuses_run_level_train_flags(tmp_path, capsys):
         assert f"{flag} is not a setting" in one_line_error(capsys)
 
 
+def test_sweep_under_torchrun_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    # each setting would create and destroy the process group, and every rank would write the table
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    assert main(["sweep", "--out", str(tmp_path / "s"), "--moco-k", "16,32", "--", "--device", "cpu"]) == 2
+    assert "start it without torchrun" in one_line_error(capsys)
+    assert not (tmp_path / "s").exists()
+
+
 def test_finetune_needs_two_images_per_batch(run_dir, data, tmp_path, capsys):
     from moco_fast.finetune import FinetuneConfig, fine_tune
 
