@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from moco_fast.config import ConfigError
 from moco_fast.data import DataError, ImageList, find_classes, list_images, resolve_root, split_dirs, to_rgb
 from moco_fast.loaders.wds import META_NAME
 
@@ -136,8 +137,10 @@ def parallel_map(fn: Callable, jobs: list, workers: int, desc: str) -> Iterator:
 
 
 def source_images(cfg: ConvertConfig) -> ImageList:
-    root = resolve_root(cfg.src)
+    root = resolve_root(cfg.src, "SRC")
     train_dir, eval_dir = split_dirs(root)
+    if cfg.split != "train" and train_dir != root and (root / cfg.split).is_dir():
+        eval_dir = root / cfg.split  # split_dirs prefers val/ where both are there
     if cfg.split == "train":
         if eval_dir is not None:
             log.info(
@@ -161,6 +164,50 @@ def sidecar_path(beton: Path) -> Path:
 
 def temp_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+
+
+def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
+    """ConfigError before any image is read when DST cannot be written or replaced: DST is SRC or a
+    folder above it (--force would delete the images), an existing DST without --force, a folder
+    that --force would delete but is no earlier output (a .beton is a file; a shard set has its
+    meta.json), or a folder that does not take new files."""
+    from moco_fast.commands import check_writable_beside
+
+    s, d = src.resolve(), dst.resolve()
+    if d == s or d in s.parents:
+        raise ConfigError(f"DST {dst} holds the images it would replace (SRC {src}): choose another DST")
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise FileExistsError(f"{dst} exists: pass --force to replace it")
+        if fmt == "ffcv" and dst.is_dir() and not dst.is_symlink():
+            raise ConfigError(f"DST {dst} is a folder: --force replaces an earlier .beton, not a folder")
+        if fmt == "wds" and dst.is_dir() and not (dst / META_NAME).is_file():
+            raise ConfigError(
+                f"DST {dst} is a folder but not a shard set written by convert (no {META_NAME}): "
+                "--force replaces only such a set; choose another DST"
+            )
+    check_writable_beside(dst, "DST")  # the output is written beside it, then renamed
+
+
+def remove_stale_partials(dst: Path) -> None:
+    """Temporary outputs of an earlier convert to DST that was killed (`.DST.partial-PID`, the moved
+    aside `.DST.old-PID`, and the .beton's sidecar): removed when that process is gone."""
+    for name in (dst.name, sidecar_path(dst).name):
+        for tmp in [*dst.parent.glob(f".{name}.partial-*"), *dst.parent.glob(f".{name}.old-*")]:
+            pid = tmp.name.rpartition("-")[2]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                log.info("removing %s, left by a convert that was stopped", tmp)
+                remove(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove(path: Path) -> None:
@@ -265,8 +312,6 @@ def missing_modules(names: list[str]) -> list[str]:
 
 
 def validate(cfg: ConvertConfig) -> None:
-    from moco_fast.config import ConfigError
-
     if cfg.format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if cfg.write_mode not in WRITE_MODES:
@@ -293,9 +338,9 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
     if cfg.workers <= 0:
         cfg.workers = default_workers()
     dst = Path(cfg.dst)
-    if (dst.exists() or dst.is_symlink()) and not cfg.force:
-        raise FileExistsError(f"{dst} exists: pass --force to replace it")
+    check_destination(resolve_root(cfg.src, "SRC"), dst, cfg.format, cfg.force)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(dst)
     start = time.perf_counter()
     images = source_images(cfg)
     tmp = temp_path(dst)

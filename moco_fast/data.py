@@ -53,12 +53,12 @@ class DataSplits:
     eval: ImageList | None  # val/ or test/, when present
 
 
-def resolve_root(data: str | None) -> Path:
+def resolve_root(data: str | None, name: str = "--data") -> Path:
     root = Path(data) if data else DEMO_ROOT
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
-        raise DataError(f"--data must be a folder of images (class subfolders), got a file: {root}")
+        raise DataError(f"{name} must be a folder of images (class subfolders), got a file: {root}")
     return root
 
 

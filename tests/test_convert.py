@@ -3,6 +3,9 @@ no overwrite without --force, no half-written output under the final name."""
 
 import io
 import json
+import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -237,3 +240,73 @@ def test_high_depth_grayscale_is_scaled_not_clipped(tmp_path, mode, values, full
         a = np.asarray(rgb).astype(np.float64)
         assert rgb.mode == "RGB" and a.shape == (64, 64, 3)
         assert np.abs(a[..., 0] - expect).max() <= 1, (mode, a.min(), a.max())
+
+
+def test_force_never_deletes_the_source_or_an_unrelated_folder(bad_root, tmp_path, capsys):
+    # DST as SRC, or a folder above it: --force replaced the folder, images and all
+    images = sorted(p.relative_to(bad_root) for p in bad_root.rglob("*"))
+    for dst in (bad_root, bad_root.parent, bad_root / "train"):
+        src = bad_root / "train" if dst == bad_root / "train" else bad_root
+        for fmt in ("wds", "ffcv"):
+            assert main(["convert", str(src), str(dst), "--format", fmt, "--force", "--workers", "1"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "holds the images it would replace" in err[0], err
+    assert sorted(p.relative_to(bad_root) for p in bad_root.rglob("*")) == images
+    # a folder that is no earlier output: named, and left as it was
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("years of work")
+    assert main(["convert", str(bad_root), str(docs), "--format", "wds", "--force"]) == 2
+    assert "not a shard set written by convert" in capsys.readouterr().err
+    assert main(["convert", str(bad_root), str(docs), "--format", "ffcv", "--force"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert (docs / "thesis.txt").read_text() == "years of work"
+
+
+def test_output_checks_come_before_any_image_is_read(bad_root, tmp_path, monkeypatch, capsys):
+    import moco_fast.convert as conv
+
+    monkeypatch.setattr(conv, "list_images", lambda *a, **k: pytest.fail("images read before the check"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # root writes anywhere: a file as the parent folder fails the same check
+            ro = tmp_path / "file"
+            ro.write_text("")
+        assert main(["convert", str(bad_root), str(ro / "x.beton")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "DST" in err[0], err
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    # a file as SRC is named as SRC (convert has no --data)
+    (tmp_path / "src.txt").write_text("")
+    assert main(["convert", str(tmp_path / "src.txt"), str(tmp_path / "y.beton")]) == 2
+    assert "SRC must be a folder of images" in capsys.readouterr().err
+
+
+def test_temporaries_of_a_killed_convert_are_removed(bad_root, tmp_path):
+    dst = tmp_path / "wds"
+    dead = _dead_pid()
+    stale = [tmp_path / f".wds.partial-{dead}", tmp_path / f".wds.old-{dead}"]
+    stale[0].mkdir()
+    (stale[0] / "shard-000000.tar").write_bytes(b"half")
+    stale[1].write_text("old")
+    live = tmp_path / f".wds.partial-{os.getppid()}"  # a convert still running: not touched
+    live.write_text("busy")
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1))
+    assert not any(p.exists() for p in stale) and live.exists()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_a_test_split_beside_a_val_split(bad_root, tmp_path):
+    shutil.copytree(bad_root / "test", bad_root / "val")
+    for f in (bad_root / "val").rglob("*.jpg"):
+        f.unlink()  # val/ empty of images: --split test must read test/, not val/
+    summary = convert(ConvertConfig(str(bad_root), str(tmp_path / "t"), format="wds", split="test", workers=1))
+    assert summary.written == 8

@@ -150,6 +150,13 @@ def check_output(path: str | Path, flag: str, inputs: tuple[str | Path | None, .
             given is None or not p.exists() or not os.path.samefile(p, given),
             f"{flag} {p} is the checkpoint this command reads: give another path",
         )
+    check_writable_beside(p, flag)
+    return p
+
+
+def check_writable_beside(p: Path, flag: str) -> None:
+    """ConfigError unless new files can be made beside `p` (in its folder, or in the nearest existing
+    folder above it, which must take the folders to create). Writes nothing that stays."""
     folder = p.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # the nearest existing ancestor: the one that must take the new folders
@@ -160,7 +167,6 @@ def check_output(path: str | Path, flag: str, inputs: tuple[str | Path | None, .
         raise ConfigError(f"{flag} {p}: cannot write in {folder} ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
-    return p
 
 
 def accuracy_text(res: dict) -> str:

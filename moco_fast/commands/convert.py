@@ -47,7 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="wds: images per shard")
     p.add_argument("--seed", type=int, default=0, help="wds: seed of the shuffled sample order across shards")
     p.add_argument("--workers", type=int, default=0, help="processes decoding and encoding (0: every core)")
-    p.add_argument("--force", action="store_true", help="replace DST when it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DST when it exists (an earlier output only: never SRC or a folder of other files)",
+    )
     p.set_defaults(func=run)
 
 
