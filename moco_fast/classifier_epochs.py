@@ -108,7 +108,7 @@ def remove_partial_saves(out: Path) -> None:
 
 class EpochLoop:
     """Runs `one_epoch(epoch) -> {"epoch", "lr", "loss"}` for the configured epochs, with
-    `evaluate() -> (top1, top5)` every `eval_every` epochs and after the last, saving `parts`
+    `evaluate() -> (top1, top5, images evaluated)` every `eval_every` epochs and after the last, saving `parts`
     (name -> an object with state_dict/load_state_dict: what trains, an optimizer, a GradScaler) and
     `generator` (the training order's) after each epoch, and again after its evaluation. `cfg`: a
     LinclsConfig or FinetuneConfig (checkpoint, epochs, eval_every, resume)."""
@@ -132,7 +132,7 @@ class EpochLoop:
         """Seconds the run has taken, its interrupted parts included."""
         return self.earlier_s + time.perf_counter() - self.t0
 
-    def run(self, one_epoch: Callable[[int], dict[str, Any]], evaluate: Callable[[], tuple[float, float]]):
+    def run(self, one_epoch: Callable[[int], dict[str, Any]], evaluate: Callable[[], tuple[float, float, int]]):
         """The history: one row per epoch, with top1 and top5 where it was evaluated (always the last)."""
         if not self.cfg.resume:
             check_state(self.out, self.cfg, self.command)  # with --resume, _load checks what it loads
@@ -167,9 +167,10 @@ class EpochLoop:
         every = self.cfg.eval_every
         return epochs_done == self.cfg.epochs or bool(every and epochs_done % every == 0)
 
-    def _evaluate(self, history: list[dict[str, Any]], evaluate: Callable[[], tuple[float, float]]) -> None:
+    def _evaluate(self, history: list[dict[str, Any]], evaluate: Callable[[], tuple[float, float, int]]) -> None:
         with torch.random.fork_rng(devices=[]):  # training draws the same with or without it
-            history[-1]["top1"], history[-1]["top5"] = evaluate()
+            top1, top5, n = evaluate()
+        history[-1].update(top1=top1, top5=top5, eval_images=n)
         self._save(history)
 
     def _save(self, history: list[dict[str, Any]]) -> None:

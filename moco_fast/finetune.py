@@ -150,7 +150,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
 
     eval_batches = image_batches(splits.eval, size, False, cfg.batch_size, cfg.workers, cfg.seed)
 
-    def evaluate_now() -> tuple[float, float]:
+    def evaluate_now() -> tuple[float, float, int]:
         net.eval()
         return evaluate(forward, eval_batches, device, classes)
 

@@ -173,8 +173,9 @@ def evaluate(
     device: torch.device,
     num_classes: int,
     desc: str = "eval",
-) -> tuple[float, float]:
-    """(top-1 %, top-5 %) of `forward(x)` over (x, y) batches; top-5 is top-min(5, classes)."""
+) -> tuple[float, float, int]:
+    """(top-1 %, top-5 %, images evaluated) of `forward(x)` over (x, y) batches; top-5 is
+    top-min(5, classes). The count leaves out the images an evaluation pass could not decode."""
     k = min(5, num_classes)
     c1 = torch.zeros((), dtype=torch.long, device=device)
     ck = torch.zeros((), dtype=torch.long, device=device)
@@ -185,7 +186,7 @@ def evaluate(
         c1 += a
         ck += b
         n += y.shape[0]
-    return c1.item() * 100 / max(n, 1), ck.item() * 100 / max(n, 1)  # host sync: once per evaluation
+    return c1.item() * 100 / max(n, 1), ck.item() * 100 / max(n, 1), n  # host sync: once per evaluation
 
 
 def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
@@ -349,6 +350,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         loop.wall_s(),
         device,
         cfg,
+        train_images=len(train_y) if cfg.cached_features else None,
         backbone_unchanged=True,
     )
     write_json(result, out)
@@ -367,6 +369,7 @@ def result_record(
     wall_s: float,  # the run's seconds, its interrupted parts included
     device: torch.device,
     cfg: Any,
+    train_images: int | None = None,  # the decodable ones, where known (cached features)
     **extra: Any,
 ) -> dict[str, Any]:
     """The JSON record that lincls and finetune write: accuracy, data sizes, history, timing, config."""
@@ -377,8 +380,8 @@ def result_record(
         "top5": top5,
         "topk": min(5, classes),
         "num_classes": classes,
-        "train_images": len(splits.train),
-        "eval_images": len(splits.eval),
+        "train_images": len(splits.train) if train_images is None else train_images,
+        "eval_images": history[-1].get("eval_images", len(splits.eval)),  # those the last evaluation read
         "image_size": size,
         "final_train_loss": history[-1]["loss"],
         **(best_of(history) if cfg.eval_every else {}),

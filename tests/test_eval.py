@@ -69,6 +69,30 @@ def test_lincls_reports_topk_and_checks_the_backbone(ckpt, six_root, tmp_path, c
     assert "top-1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["lincls", "finetune"])
+def test_image_counts_are_of_the_images_really_used(command, ckpt, six_root, tmp_path, capsys):
+    # a truncated JPEG passes the header check and is left out of the evaluation when it fails to
+    # decode: the accuracy is over 18 images, and the record and the printed line say 18, not 19
+    import shutil
+
+    root = shutil.copytree(six_root, tmp_path / "data")
+    good = next((root / "test").rglob("*.jpg"))
+    data = good.read_bytes()
+    (good.parent / "zz_trunc.jpg").write_bytes(data[: int(len(data) * 0.8)])
+    (root / "train" / good.parent.name / "zz_trunc.jpg").write_bytes(data[: int(len(data) * 0.8)])
+    out = tmp_path / "r.json"
+    args = [command, "--checkpoint", str(ckpt), "--data", str(root), "--epochs", "1", "--batch-size", "8"]
+    args += ["--workers", "0", "--device", "cpu", "--out", str(out)]
+    args += ["--cached-features"] if command == "lincls" else ["--no-save-model"]
+    with pytest.warns(UserWarning, match="zz_trunc.jpg"):
+        assert main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["eval_images"] == 18 and res["history"][-1]["eval_images"] == 18
+    if command == "lincls":  # the cached features hold the decodable training images alone
+        assert res["train_images"] == 36
+    assert "(18 eval images" in capsys.readouterr().out
+
+
 def test_lincls_learns_on_cached_features(ckpt, six_root, tmp_path):
     from moco_fast.lincls import LinclsConfig, run_lincls
 
@@ -242,7 +266,7 @@ def test_a_stop_behind_a_dataloader_error_still_says_how_to_resume(tmp_path, cap
     cfg = LinclsConfig(str(tmp_path / "none.pt"), epochs=3, out=str(tmp_path / "l.json"))
     loop = EpochLoop("lincls", cfg, tmp_path / "l.json", {"classifier": nn.Linear(2, 2)}, None, time.perf_counter())
     with caplog.at_level(logging.WARNING, logger="moco_fast"), pytest.raises(RuntimeError):
-        loop.run(one_epoch, lambda: (50.0, 90.0))
+        loop.run(one_epoch, lambda: (50.0, 90.0, 10))
     assert f"lincls: stopped; {tmp_path / 'l.state.pt'} holds epochs 1-1: --resume continues" in caplog.text
     # stopped inside the save of epoch 2: the file still holds epoch 1 alone, and says so
     import moco_fast.classifier_epochs as ce
@@ -261,7 +285,7 @@ def test_a_stop_behind_a_dataloader_error_still_says_how_to_resume(tmp_path, cap
     with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="moco_fast"):
         m.setattr(ce.ckpt, "save_atomic", save_atomic)
         with pytest.raises(KeyboardInterrupt):
-            loop.run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0))
+            loop.run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0, 10))
     assert "holds epochs 1-1: --resume continues" in caplog.text
 
 
@@ -283,9 +307,9 @@ def test_the_loop_itself_refuses_a_state_of_other_settings(tmp_path):
         return {"epoch": epoch + 1, "lr": 0.1, "loss": 1.0}
 
     with pytest.raises(KeyboardInterrupt):
-        loop().run(stop_in_epoch_2, lambda: (50.0, 90.0))
+        loop().run(stop_in_epoch_2, lambda: (50.0, 90.0, 10))
     with pytest.raises(ConfigError, match=r"was run with other settings: --lr 30.0 \(now 1.0\)"):
-        loop(lr=1.0, resume=True).run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0))
+        loop(lr=1.0, resume=True).run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0, 10))
 
 
 @pytest.mark.parametrize("command", ["lincls", "finetune"])

@@ -267,15 +267,15 @@ def test_evaluate_pools_batches_and_reports_top5():
     # top-1: 2 of 5 = 40 %; top-5: 4 of 5 = 80 % (a mean of per-batch figures would give 25 % and 87.5 %).
     b1 = (ranked_logits([0, 0, 4, 5], 10, [1, 2, 3, 4]), torch.tensor([1, 2, 3, 4]))
     b2 = (ranked_logits([2], 10, [8]), torch.tensor([8]))
-    top1, top5 = lincls.evaluate(lambda x: x, [b1, b2], torch.device("cpu"), num_classes=10)
-    assert (top1, top5) == (40.0, 80.0)
+    top1, top5, n = lincls.evaluate(lambda x: x, [b1, b2], torch.device("cpu"), num_classes=10)
+    assert (top1, top5, n) == (40.0, 80.0, 5)
 
 
 def test_evaluate_with_fewer_than_five_classes_uses_all_of_them():
     # 3 classes: top-min(5, 3) = top-3, which holds every label; top-1 is 1 of 4.
     labels = [0, 1, 2, 0]
     logits = ranked_logits([0, 1, 2, 2], 3, labels).half()  # low-precision logits are fine
-    top1, top3 = lincls.evaluate(lambda x: x, [(logits, torch.tensor(labels))], torch.device("cpu"), num_classes=3)
+    top1, top3, _ = lincls.evaluate(lambda x: x, [(logits, torch.tensor(labels))], torch.device("cpu"), num_classes=3)
     assert (top1, top3) == (25.0, 100.0)
 
 
@@ -283,12 +283,12 @@ def test_evaluate_uses_the_forward_function():
     # forward negates the logits: the label that was last is now first.
     labels = torch.tensor([0, 1])
     logits = ranked_logits([5, 5], 6, [0, 1])  # each label the lowest of 6
-    top1, top5 = lincls.evaluate(lambda x: -x, [(logits, labels)], torch.device("cpu"), num_classes=6)
+    top1, top5, _ = lincls.evaluate(lambda x: -x, [(logits, labels)], torch.device("cpu"), num_classes=6)
     assert (top1, top5) == (100.0, 100.0)
 
 
 def test_evaluate_with_no_batches_is_zero_not_an_error():
-    assert lincls.evaluate(lambda x: x, [], torch.device("cpu"), num_classes=10) == (0.0, 0.0)
+    assert lincls.evaluate(lambda x: x, [], torch.device("cpu"), num_classes=10) == (0.0, 0.0, 0)
 
 
 # -- the shipped demo set --------------------------------------------------------------------------

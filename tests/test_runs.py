@@ -354,3 +354,14 @@ def test_a_run_trained_with_gpus_resumes_where_those_workers_cannot_start(tiny_r
         assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--device", "cpu", "--workers", "0"]) == 0
     assert "--resume: the run was trained with --gpus 2, which this launch cannot start" in caplog.text
     assert [r["epoch"] for r in rows(run)] == [1, 2]
+
+
+def test_the_final_report_names_the_knn_settings_the_run_used(capsys):
+    from moco_fast.commands.train import _report
+    from moco_fast.config import build_config
+
+    cfg = build_config("cifar", {"runtime.knn_k": 5, "runtime.knn_t": 0.07})
+    _report({"epoch": 1, "loss": 1.0, "img_per_s": 10.0, "final_knn_top1": 43.75, "final_knn_head_top1": 6.25}, cfg)
+    out = capsys.readouterr().out
+    assert "kNN top-1 (k=5, t=0.07, trained backbone): 43.75%" in out
+    assert "kNN top-1 (k=5, t=0.07, trained head output): 6.25%" in out

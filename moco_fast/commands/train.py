@@ -288,25 +288,26 @@ def run(args: argparse.Namespace) -> int:
 
         rc, row = launch_local(cfg)
         if rc == 0:
-            _report(row)
+            _report(row, cfg)
         return rc
     from moco_fast.trainer import train
 
     row = train(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
-        _report(row)
+        _report(row, cfg)
     return 0
 
 
-def _report(row: dict) -> None:
+def _report(row: dict, cfg) -> None:
     if not row:
         print("nothing to do: the run had already finished all epochs")
         return
     print(f"finished epoch {row['epoch']}: loss {row['loss']:.4f}, {row['img_per_s']:.0f} img/s")
+    knn = f"k={cfg.runtime.knn_k}, t={cfg.runtime.knn_t:g}"
     if "final_knn_top1" in row:
-        line = f"kNN top-1 (k=200, trained backbone): {row['final_knn_top1']:.2f}%"
+        line = f"kNN top-1 ({knn}, trained backbone): {row['final_knn_top1']:.2f}%"
         if "random_knn_top1" in row:
             line += f"   random-init backbone: {row['random_knn_top1']:.2f}%"
         print(line)
     if "final_knn_head_top1" in row:
-        print(f"kNN top-1 (k=200, trained head output): {row['final_knn_head_top1']:.2f}%")
+        print(f"kNN top-1 ({knn}, trained head output): {row['final_knn_head_top1']:.2f}%")
