@@ -111,9 +111,9 @@ def check_classifier_args(args: argparse.Namespace) -> None:
     (a warning for schedule milestones that --epochs never reaches)."""
     require(args.epochs >= 1, f"--epochs must be positive (got {args.epochs})")
     require(args.lr > 0 and math.isfinite(args.lr), f"--lr must be above 0 (got {args.lr})")
-    require(args.momentum >= 0, f"--momentum must be 0 or more (got {args.momentum})")
+    require(0 <= args.momentum < 1, f"--momentum must be in [0, 1) (got {args.momentum})")
     require(args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})")
-    require(args.image_size is None or args.image_size >= 1, f"--image-size must be positive (got {args.image_size})")
+    require(args.image_size is None or args.image_size >= 8, f"--image-size must be at least 8 (got {args.image_size})")
     require(args.eval_every >= 0, f"--eval-every must be 0 or more (got {args.eval_every})")
     check_schedule(args.schedule, args.epochs)
 
