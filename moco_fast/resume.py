@@ -27,6 +27,13 @@ def resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, 
     check_same_model(state["config"], cfg)
     if state["epoch"] < cfg.optim.epochs:
         warn_changed(state["config"], cfg)
+    bank = state["model"].get("bank")
+    if bank is not None and hasattr(model, "bank") and bank.shape[0] != model.bank.shape[0]:
+        raise DataError(
+            f"--resume: {resume_path} is a memory-bank run whose bank holds a feature for each of its "
+            f"{bank.shape[0]} training images, and the data now has {model.bank.shape[0]}: resume it on "
+            "the data it trained on"
+        )
     ckpt.load_weights(model, state["model"], resume_path)
     load_optimizer_state(optimizer, state["optimizer"])
     scaler.load_state_dict(state["scaler"])

@@ -365,3 +365,14 @@ def test_the_final_report_names_the_knn_settings_the_run_used(capsys):
     out = capsys.readouterr().out
     assert "kNN top-1 (k=5, t=0.07, trained backbone): 43.75%" in out
     assert "kNN top-1 (k=5, t=0.07, trained head output): 6.25%" in out
+
+
+def test_a_memory_bank_run_resumed_on_other_data_says_why_it_cannot(tiny_root, fresh_root, tmp_path, capsys):
+    out = tmp_path / "mb"
+    assert main([*tiny_args(tiny_root, out), "--mechanism", "memory-bank"]) == 0
+    capsys.readouterr()
+    argv = ["train", "--resume", "--out", str(out), "--data", str(fresh_root), "--epochs", "2"]
+    assert main([*argv, "--device", "cpu", "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bank holds a feature for each of its 32 training images" in err[0], err
+    assert "the data now has 16" in err[0]
