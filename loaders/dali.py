@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from moco_fast.config import ConfigError
-from moco_fast.data import DataError, DataSplits, ImageList, load_splits
+from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError, DataSplits, ImageList, load_splits
 from moco_fast.metrics import progress
 
 from . import register_loader
@@ -59,9 +59,6 @@ from .torch_loader import EpochShardSampler
 from .wds import WdsMeta, index_text, is_wds_root, read_index_keys, read_meta, split_name, write_index
 
 log = logging.getLogger("moco_fast")
-
-# A run gives up when more than this share of its images (and more than MAX_BAD_MIN) cannot be decoded.
-MAX_BAD_FRACTION, MAX_BAD_MIN = 0.1, 16
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def error_text(e: BaseException) -> str:
+    """The one line a user error prints. An error raised in a DataLoader worker comes back wrapped:
+    "Caught DataError in DataLoader worker process 0." and the worker's traceback; its own message is
+    the traceback's last line, after the exception's name."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        name = f"{type(e).__module__}.{type(e).__qualname__}: "
+        for prefix in (name, f"{type(e).__qualname__}: "):
+            if last.startswith(prefix):
+                return last[len(prefix) :]
+    return text
+
+
 def interruption(e: BaseException | None) -> KeyboardInterrupt | None:
     """The Ctrl-C (or SIGTERM, see main) behind `e`, also when it struck inside code that raised
     another error on its way out (torch.save's zip writer does: "unexpected pos")."""
@@ -119,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except user_errors() as e:
-        print(f"moco-fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"moco-fast {args.command}: error: {error_text(e)}", file=sys.stderr)
         return 2
     except BaseException as e:
         stop = interruption(e)

@@ -268,6 +268,11 @@ class Unreadable:
     reason: str
 
 
+# A run gives up when more than this share of its images (and more than MAX_BAD_MIN) cannot be
+# decoded (the torch loader: of those each worker has read; DALI: of the data set).
+MAX_BAD_FRACTION, MAX_BAD_MIN = 0.1, 16
+
+
 class ImageDataset:
     """A map-style dataset over an ImageList that survives images that fail to decode.
 
@@ -282,6 +287,7 @@ class ImageDataset:
         self.transform = transform
         self.substitute = substitute
         self._bad: set[int] = set()
+        self._decoded = 0  # images this process decoded (substitute=True), for the share that failed
 
     def __len__(self) -> int:
         return len(self.images)
@@ -304,7 +310,17 @@ class ImageDataset:
             except Exception as e:
                 self._bad.add(j)
                 warnings.warn(f"skipping unreadable image {self.images.files[j]} ({e}); using another", stacklevel=1)
+                self._give_up_on_many_bad()
                 continue
+            self._decoded += 1
             out = self.transform(img) if self.transform else img
             return out, self.images.labels[j], j
         raise DataError(f"no image in {self.images.root} could be decoded")
+
+    def _give_up_on_many_bad(self) -> None:
+        bad = len(self._bad)
+        if bad > max(MAX_BAD_MIN, MAX_BAD_FRACTION * (bad + self._decoded)):
+            raise DataError(
+                f"{bad} of the {bad + self._decoded} images read from {self.images.root} could not be decoded "
+                f"(more than {MAX_BAD_FRACTION:.0%}): check the data set"
+            )

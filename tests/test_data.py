@@ -229,3 +229,25 @@ def test_classification_eval_batches_leave_out_what_fails_to_decode(fresh_root):
     assert "000-0_trunc.jpg" in ours[0] and "000-1_trunc.jpg" in ours[0]
     train = list(image_batches(images, 8, True, batch_size=2, workers=0, seed=0))  # training replaces them
     assert sum(len(y) for _, y in train) == 18
+
+
+def test_torch_loader_gives_up_on_a_data_set_of_mostly_bad_images_in_one_line(tmp_path, capsys):
+    # Truncated JPEGs pass the header check and fail when decoded, in a DataLoader worker: past 10%
+    # (and 16 images) the run stops, as DALI's does, with the worker's message alone (not the
+    # "Caught DataError in DataLoader worker process 0" and its traceback that torch wraps it in)
+    from conftest import make_image_root
+
+    from moco_fast.cli import main
+
+    root = make_image_root(tmp_path / "data", per_class=16, classes=2, test_per_class=2)
+    for f in sorted((root / "train").rglob("*.jpg"))[:20]:
+        data = f.read_bytes()
+        f.write_bytes(data[: int(len(data) * 0.8)])
+    argv = ["train", "--data", str(root), "--loader", "torch", "--device", "cpu", "--arch", "resnet18"]
+    argv += ["--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--workers", "1", "--epochs", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*argv, "--out", str(tmp_path / "run"), "--no-final-knn"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line or "Traceback" in line]
+    assert len(err) == 1, err
+    assert "of the 2" in err[0] and "images read from" in err[0] and "could not be decoded (more than 10%)" in err[0]
