@@ -17,13 +17,17 @@ write them. WebDataset: see moco_fast/convert_wds.py.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import json
 import logging
 import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -249,11 +253,16 @@ class BetonSource:
     def __init__(self, files: list[str], labels: list[int], max_res: int | None):
         self.files, self.labels, self.max_res = files, labels, max_res
         self.failed = mp.get_context("fork").Value("i", 0)
+        self.parent = os.getpid()
+        self.quiet = False  # in a worker: Ctrl-C is the main process's to handle (see watched_workers)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
+        if not self.quiet and os.getpid() != self.parent:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # no KeyboardInterrupt traceback per worker
+            self.quiet = True
         try:
             img = np.asarray(load_resized(self.files[i], self.max_res))
         except Exception as e:
@@ -262,6 +271,59 @@ class BetonSource:
                 self.failed.value += 1
             img = np.zeros((8, 8, 3), np.uint8)
         return img, self.labels[i]
+
+
+@contextlib.contextmanager
+def watched_workers() -> Iterator[None]:
+    """Runs the block while a thread watches the worker processes it starts. FFCV's writer waits
+    forever for the samples of a worker that died (the OOM killer, a SIGKILL): when one ends with an
+    error, the block is stopped by a DataError that names it. However the block ends (that error,
+    Ctrl-C, any other), the workers still running are stopped. The watch needs the main thread (it
+    interrupts it with SIGUSR1); elsewhere only the clean-up runs."""
+    from multiprocessing import process as mp_process
+
+    before = set(mp_process._children)  # the multiprocessing module's own record of this process's children
+    died: list[str] = []
+    stop = threading.Event()
+
+    def ours() -> list:
+        try:
+            return [p for p in list(mp_process._children) if p not in before]
+        except RuntimeError:  # the set changed while copied: next time
+            return []
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            for p in ours():
+                code = p.exitcode
+                if code not in (None, 0):
+                    cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+                    died.append(
+                        f"an FFCV writer worker (pid {p.pid}) ended with {cause} (out of memory? try fewer "
+                        "--workers); nothing was written"
+                    )
+                    _thread.interrupt_main(signal.SIGUSR1)
+                    return
+
+    def on_usr1(signum, frame):
+        raise DataError(died[0] if died else "stopped by SIGUSR1")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGUSR1, on_usr1) if main else None
+    watcher = threading.Thread(target=watch, daemon=True, name="ffcv-writer-watch")
+    if main:
+        watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if main:
+            watcher.join()
+            signal.signal(signal.SIGUSR1, previous)
+        for p in ours():
+            if p.exitcode is None:  # the block ended before its workers did
+                p.terminate()
+                p.join(5)
 
 
 def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tuple[int, int]], cfg: ConvertConfig):
@@ -282,7 +344,8 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tupl
         "label": IntField(),
     }
     source = BetonSource(files, labels, cfg.max_resolution)
-    DatasetWriter(str(tmp), fields, page_size=page, num_workers=cfg.workers).from_indexed_dataset(source)
+    with watched_workers():
+        DatasetWriter(str(tmp), fields, page_size=page, num_workers=cfg.workers).from_indexed_dataset(source)
     if source.failed.value:
         raise DataError(f"{source.failed.value} images failed to decode while writing (they changed on disk?)")
 

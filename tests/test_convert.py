@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -310,3 +311,30 @@ def test_a_test_split_beside_a_val_split(bad_root, tmp_path):
         f.unlink()  # val/ empty of images: --split test must read test/, not val/
     summary = convert(ConvertConfig(str(bad_root), str(tmp_path / "t"), format="wds", split="test", workers=1))
     assert summary.written == 8
+
+
+KILLED_WORKER = """
+import os, signal, sys
+from moco_fast import convert as conv
+real = conv.BetonSource.__getitem__
+def dies(self, i):
+    if os.getpid() != self.parent and i == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer does
+    return real(self, i)
+conv.BetonSource.__getitem__ = dies
+sys.exit(conv.__name__ and __import__("moco_fast.cli").cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_writer_worker_that_dies_ends_the_convert_instead_of_hanging(bad_root, tmp_path):
+    # FFCV's writer polls a counter of written samples until it reaches the total: a worker killed
+    # mid-way left it waiting forever. The convert must end with one line naming the worker.
+    dst = tmp_path / "out" / "x.beton"
+    argv = ["convert", str(bad_root), str(dst), "--workers", "2"]
+    p = subprocess.run([sys.executable, "-c", KILLED_WORKER, *argv], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(err) == 1 and "writer worker (pid" in err[0] and "signal SIGKILL" in err[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
