@@ -17,8 +17,8 @@ write them. WebDataset: see moco_fast/convert_wds.py.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import glob
 import json
 import logging
 import math
@@ -26,6 +26,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -166,8 +167,14 @@ def sidecar_path(beton: Path) -> Path:
     return beton.with_name(beton.name + ".json")
 
 
+def _owner() -> str:
+    """This process, as temporary names record it: host and PID (a shared folder may be written from
+    several machines, where a PID says nothing)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def temp_path(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    return dst.with_name(f".{dst.name}.partial-{_owner()}")
 
 
 def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
@@ -193,15 +200,29 @@ def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
     check_writable_beside(dst, "DST")  # the output is written beside it, then renamed
 
 
-def remove_stale_partials(dst: Path) -> None:
-    """Temporary outputs of an earlier convert to DST that was killed (`.DST.partial-PID`, the moved
-    aside `.DST.old-PID`, and the .beton's sidecar): removed when that process is gone."""
+def tidy_after_a_stopped_convert(dst: Path) -> None:
+    """What an earlier convert to DST on this machine left when it was killed: its temporary output
+    (`.DST.partial-HOST-PID`, and the .beton sidecar's) is removed; the previous output it had moved
+    aside to replace it (`.DST.old-HOST-PID`) is put back where DST is missing (it is then the only
+    copy), else removed. Files of a process still running, or of another machine, are left alone."""
+    host = socket.gethostname()
     for name in (dst.name, sidecar_path(dst).name):
-        for tmp in [*dst.parent.glob(f".{name}.partial-*"), *dst.parent.glob(f".{name}.old-*")]:
-            pid = tmp.name.rpartition("-")[2]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                log.info("removing %s, left by a convert that was stopped", tmp)
-                remove(tmp)
+        for kind in ("partial", "old"):
+            prefix = f".{name}.{kind}-"
+            for tmp in dst.parent.glob(glob.escape(prefix) + "*"):
+                owner, _, pid = tmp.name[len(prefix) :].rpartition("-")
+                if owner != host or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                    continue
+                target = tmp.with_name(name)
+                try:
+                    if kind == "old" and not (target.exists() or target.is_symlink()):
+                        os.replace(tmp, target)
+                        log.warning("%s: put back the output that a stopped convert had moved aside", target)
+                    else:
+                        log.info("removing %s, left by a convert that was stopped", tmp)
+                        remove(tmp)
+                except OSError as e:
+                    log.warning("could not tidy %s: %s", tmp, e)
 
 
 def _alive(pid: int) -> bool:
@@ -228,7 +249,7 @@ def publish(tmp: Path, dst: Path, force: bool) -> None:
     if dst.exists() or dst.is_symlink():
         if not force:
             raise FileExistsError(f"{dst} exists: pass --force to replace it")
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = dst.with_name(f".{dst.name}.old-{_owner()}")
         os.replace(dst, old)
     os.replace(tmp, dst)
     if old is not None:
@@ -302,10 +323,13 @@ def watched_workers() -> Iterator[None]:
                         f"an FFCV writer worker (pid {p.pid}) ended with {cause} (out of memory? try fewer "
                         "--workers); nothing was written"
                     )
-                    _thread.interrupt_main(signal.SIGUSR1)
+                    # a real signal: it also wakes a main thread blocked in a read (FFCV's queue.get)
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
                     return
 
     def on_usr1(signum, frame):
+        if stop.is_set():  # the block has ended already: its own outcome stands
+            return
         raise DataError(died[0] if died else "stopped by SIGUSR1")
 
     main = threading.current_thread() is threading.main_thread()
@@ -344,8 +368,17 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tupl
         "label": IntField(),
     }
     source = BetonSource(files, labels, cfg.max_resolution)
-    with watched_workers():
-        DatasetWriter(str(tmp), fields, page_size=page, num_workers=cfg.workers).from_indexed_dataset(source)
+    writer = DatasetWriter(str(tmp), fields, page_size=page, num_workers=cfg.workers)
+    try:
+        with watched_workers():
+            writer.from_indexed_dataset(source)
+    except BaseException:
+        sm = getattr(writer, "metadata_sm", None)  # FFCV unlinks its shared memory only when it finishes
+        if sm is not None:
+            with contextlib.suppress(OSError):
+                sm.close()
+                sm.unlink()
+        raise
     if source.failed.value:
         raise DataError(f"{source.failed.value} images failed to decode while writing (they changed on disk?)")
 
@@ -401,9 +434,9 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
     if cfg.workers <= 0:
         cfg.workers = default_workers()
     dst = Path(cfg.dst)
+    tidy_after_a_stopped_convert(dst)  # first: an output it puts back is an existing DST
     check_destination(resolve_root(cfg.src, "SRC"), dst, cfg.format, cfg.force)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(dst)
     start = time.perf_counter()
     images = source_images(cfg)
     tmp = temp_path(dst)

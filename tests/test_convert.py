@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -289,14 +290,19 @@ def test_output_checks_come_before_any_image_is_read(bad_root, tmp_path, monkeyp
 def test_temporaries_of_a_killed_convert_are_removed(bad_root, tmp_path):
     dst = tmp_path / "wds"
     dead = _dead_pid()
-    stale = [tmp_path / f".wds.partial-{dead}", tmp_path / f".wds.old-{dead}"]
-    stale[0].mkdir()
-    (stale[0] / "shard-000000.tar").write_bytes(b"half")
-    stale[1].write_text("old")
-    live = tmp_path / f".wds.partial-{os.getppid()}"  # a convert still running: not touched
+    host = socket.gethostname()
+    stale = tmp_path / f".wds.partial-{host}-{dead}"
+    stale.mkdir()
+    (stale / "shard-000000.tar").write_bytes(b"half")
+    live = tmp_path / f".wds.partial-{host}-{os.getppid()}"  # a convert still running: not touched
     live.write_text("busy")
     convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1))
-    assert not any(p.exists() for p in stale) and live.exists()
+    assert not stale.exists() and live.exists()
+    # the old output of a convert killed after it published the new one: removed
+    aside = tmp_path / f".wds.old-{host}-{dead}"
+    aside.mkdir()
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1, force=True))
+    assert not aside.exists()
 
 
 def _dead_pid() -> int:
@@ -326,15 +332,47 @@ sys.exit(conv.__name__ and __import__("moco_fast.cli").cli.main(sys.argv[1:]))
 """
 
 
+KILLED_LATE = """
+import os, signal, sys, time
+import ffcv.writer as fw
+real = fw.worker_job_indexed_dataset
+def dies_late(input_queue, metadata_sm, metadata_type, fields, allocator, done_number, allocations_queue, *rest):
+    class Late:
+        def put(self, content):  # the samples are counted: the parent now waits in allocations_queue.get()
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGKILL)
+    args = (input_queue, metadata_sm, metadata_type, fields, allocator, done_number, Late(), *rest)
+    return real(*args)
+fw.worker_job_indexed_dataset = dies_late
+sys.exit(__import__("moco_fast.cli").cli.main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
-def test_a_writer_worker_that_dies_ends_the_convert_instead_of_hanging(bad_root, tmp_path):
+@pytest.mark.parametrize("script", [KILLED_WORKER, KILLED_LATE], ids=["while-writing", "after-the-last-sample"])
+def test_a_writer_worker_that_dies_ends_the_convert_instead_of_hanging(script, bad_root, tmp_path):
     # FFCV's writer polls a counter of written samples until it reaches the total: a worker killed
     # mid-way left it waiting forever. The convert must end with one line naming the worker.
     dst = tmp_path / "out" / "x.beton"
     argv = ["convert", str(bad_root), str(dst), "--workers", "2"]
-    p = subprocess.run([sys.executable, "-c", KILLED_WORKER, *argv], capture_output=True, text=True, timeout=180)
+    p = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=180)
     assert p.returncode == 2, p.stderr[-2000:]
     err = [line for line in p.stderr.splitlines() if "error:" in line]
     assert len(err) == 1 and "writer worker (pid" in err[0] and "signal SIGKILL" in err[0], p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr and "leaked shared_memory" not in p.stderr
     assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
+
+
+def test_an_output_moved_aside_by_a_killed_convert_is_put_back(bad_root, tmp_path):
+    # killed between moving the old output aside and publishing the new one: the old one is the only
+    # copy there is, and the next convert puts it back rather than deleting it
+    dst = tmp_path / "out" / "wds"
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1))
+    before = (dst / "meta.json").read_text()
+    aside = dst.with_name(f".wds.old-{socket.gethostname()}-{_dead_pid()}")
+    dst.rename(aside)
+    other_host = dst.with_name(f".wds.partial-elsewhere-{_dead_pid()}")  # maybe running there: kept
+    other_host.mkdir()
+    with pytest.raises(FileExistsError):  # put back: an existing DST again
+        convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1))
+    assert (dst / "meta.json").read_text() == before and not aside.exists() and other_host.exists()

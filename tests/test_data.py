@@ -250,4 +250,32 @@ def test_torch_loader_gives_up_on_a_data_set_of_mostly_bad_images_in_one_line(tm
         assert main([*argv, "--out", str(tmp_path / "run"), "--no-final-knn"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line or "Traceback" in line]
     assert len(err) == 1, err
-    assert "of the 2" in err[0] and "images read from" in err[0] and "could not be decoded (more than 10%)" in err[0]
+    assert "of the 32 images in" in err[0] and "could not be decoded (more than 10%)" in err[0]
+
+
+def test_a_block_of_bad_images_under_the_limit_never_stops_the_torch_loader(tmp_path, monkeypatch):
+    # one class folder of 60 truncated files among 1,000 (6%): the walk to the next good image passes
+    # all 60 at once, early in the first epoch; that is no reason to stop
+    import moco_fast.data as data
+    from moco_fast.data import ImageDataset, ImageList
+
+    files = [f"/x/{i:04d}.jpg" for i in range(1000)]
+    images = ImageList(tmp_path, files, [0] * 1000, ["a"])
+
+    def load(path):
+        if 100 <= int(Path(path).stem) < 160:
+            raise OSError("image file is truncated")
+        return Image.new("RGB", (8, 8))
+
+    monkeypatch.setattr(data, "load_rgb", load)
+    ds = ImageDataset(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ds[100][2] == 160  # replaced by the next good one
+        for i in range(1000):
+            ds[i]
+    assert len(ds._bad) == 60
+    images = ImageList(tmp_path, files[:400], [0] * 400, ["a"])  # the same 60 are 15% of 400
+    with warnings.catch_warnings(), pytest.raises(DataError, match="41 of the 400 images in"):
+        warnings.simplefilter("ignore")
+        ImageDataset(images)[100]
