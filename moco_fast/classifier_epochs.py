@@ -47,7 +47,8 @@ _HOW_TO_CONTINUE: ContextVar[str] = ContextVar("how_to_continue", default="--res
 
 @contextmanager
 def continued_by(how: str) -> Iterator[None]:
-    """Runs inside it that stop say `how` they continue (e.g. "running the sweep again continues")."""
+    """A run stopped inside this block says that `how` continues it (the sweep: "the same sweep
+    command continues it"), not --resume."""
     token = _HOW_TO_CONTINUE.set(how)
     try:
         yield

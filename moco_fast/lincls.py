@@ -86,10 +86,10 @@ def parse_schedule(text: str) -> tuple[int, ...] | None:
         return None
     try:
         steps = tuple(int(s) for s in text.split(",") if s.strip())
+        if not steps:
+            raise ValueError(text)
     except ValueError:
         raise ConfigError(f"--schedule expects epochs like 60,80 or 'cos' (got {text!r})") from None
-    if not steps:
-        raise ConfigError(f"--schedule expects epochs like 60,80 or 'cos' (got {text!r})")
     if any(s < 1 for s in steps):
         raise ConfigError(f"--schedule epochs must be positive (got {text!r})")
     return steps
