@@ -28,12 +28,17 @@ class WorkerFailed(RuntimeError):
     """A worker process ended with an error; the message names its rank and the cause."""
 
 
+def under_torchrun() -> bool:
+    """True in a process that torchrun (or --gpus's launcher) started: it joins a process group."""
+    return any(v in os.environ for v in TORCHRUN_VARS)
+
+
 def check_local_gpus(cfg: TrainConfig) -> int:
     """The number of workers `--gpus` asks for, or a ConfigError before anything starts."""
     n = cfg.runtime.gpus
     if n < 1:
         raise ConfigError(f"--gpus must be at least 1 (got {n})")
-    if any(v in os.environ for v in TORCHRUN_VARS):
+    if under_torchrun():
         raise ConfigError(
             "--gpus starts its own workers: under torchrun leave it out (--nproc_per_node sets the count)"
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -106,12 +105,12 @@ def run_sweep(
     redo: bool = False,
 ) -> list[dict[str, Any]]:
     """Run, continue or reuse each setting; write the table of every result in `out`; return its rows."""
-    from moco_fast.launch import TORCHRUN_VARS
+    from moco_fast.launch import under_torchrun
     from moco_fast.trainer import validate
 
     if base.runtime.gpus > 1:
         raise ConfigError("moco-fast sweep runs each setting in this process: use --gpus 1")
-    if any(v in os.environ for v in TORCHRUN_VARS):  # each setting would make and end a process group
+    if under_torchrun():  # each setting would make and end a process group
         raise ConfigError(
             "moco-fast sweep runs each setting in this one process: start it without torchrun "
             "(to train a setting on several GPUs, run `moco-fast train` under torchrun with its flags)"

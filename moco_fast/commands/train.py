@@ -255,10 +255,10 @@ def _gpus_to_resume_with(cfg) -> int:
     """The worker count of a resumed run trained with --gpus N and resumed without --gpus: N again
     where this launch can start N workers, else one process (under torchrun, --nproc_per_node sets
     the count). A checkpoint resumes with any number of workers; the saved N is not a requirement."""
-    from moco_fast.launch import TORCHRUN_VARS, check_local_gpus
+    from moco_fast.launch import check_local_gpus, under_torchrun
 
     n = cfg.runtime.gpus
-    if any(v in os.environ for v in TORCHRUN_VARS):
+    if under_torchrun():
         log.info("--resume: the run was trained with --gpus %d; under torchrun --nproc_per_node sets the count", n)
         return 1
     try:
