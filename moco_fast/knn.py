@@ -35,6 +35,22 @@ def warn_if_single_class(train: ImageList) -> None:
         )
 
 
+def neighbours(k: int, train: ImageList) -> int:
+    """The k that kNN uses on `train`: k, or every image of a train split smaller than k (the
+    figure that the printed labels name). Listed images that then fail to decode are named in their
+    own warning, and warn_few_neighbours gives the exact number that voted."""
+    return min(k, len(train))
+
+
+def warn_few_neighbours(k: int, bank_size: int, train: ImageList) -> None:
+    """The warning of a kNN whose memory bank holds fewer images than k: all of them vote. Shown
+    once per process for the same bank (train's monitor measures every few epochs)."""
+    warnings.warn(
+        f"kNN: k={k} is more than the {bank_size} images of {train.root}: all {bank_size} are the neighbours",
+        stacklevel=2,
+    )
+
+
 def collate_labeled(items):
     """ImageDataset items (image, label, index) -> (N x 3 x H x W uint8, N labels)."""
     x, y, _ = zip(*items, strict=True)
@@ -135,7 +151,8 @@ def extract_features(
 def knn_predict(
     query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int, k: int = 200, t: float = 0.1
 ) -> torch.Tensor:
-    """Top-1 class for each query row. query: Q x D, bank: N x D (both normalised), labels: N."""
+    """Top-1 class for each query row. query: Q x D, bank: N x D (both normalised), labels: N. A bank
+    of fewer than k rows votes with all of them."""
     k = min(k, bank.shape[0])
     preds = []
     for chunk in query.split(1024):
@@ -162,5 +179,7 @@ def knn_accuracy(
     """Top-1 accuracy (%) of weighted kNN."""
     bank, bank_labels = extract_features(net, train, spec, device, batch_size, workers, desc="kNN features (train)")
     query, query_labels = extract_features(net, test, spec, device, batch_size, workers, desc="kNN features (eval)")
+    if k > len(bank):
+        warn_few_neighbours(k, len(bank), train)
     pred = knn_predict(query, bank, bank_labels, len(train.classes), k, t)
     return (pred == query_labels).float().mean().item() * 100  # host sync: once per evaluation

@@ -13,7 +13,7 @@ import torch
 
 from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.data import DataSplits, load_splits
-from moco_fast.knn import knn_accuracy, warn_if_single_class
+from moco_fast.knn import knn_accuracy, neighbours, warn_if_single_class
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS
 from moco_fast.loaders.wds import is_wds_root
 from moco_fast.model import MoCo
@@ -73,8 +73,9 @@ def knn_figures(
 ) -> dict[str, float]:
     """kNN top-1 on the backbone (`backbone_top1` when the monitor has just measured it), on the
     head's output (128-d: the figure the official CIFAR-10 demo reports) and, with --knn-baseline,
-    on the random-init network."""
+    on the random-init network; "knn_k" is the k used (knn.neighbours)."""
     res = {
+        "knn_k": neighbours(cfg.runtime.knn_k, splits.train),
         "knn_top1": knn_top1(model.backbone(), splits, cfg, device) if backbone_top1 is None else backbone_top1,
         "knn_head_top1": knn_top1(model.encoder_q, splits, cfg, device),
     }

@@ -365,6 +365,9 @@ def test_the_final_report_names_the_knn_settings_the_run_used(capsys):
     out = capsys.readouterr().out
     assert "kNN top-1 (k=5, t=0.07, trained backbone): 43.75%" in out
     assert "kNN top-1 (k=5, t=0.07, trained head output): 6.25%" in out
+    # A train split smaller than --knn-k: the summary's knn_k, the k really used, is the one named.
+    _report({"epoch": 1, "loss": 1.0, "img_per_s": 10.0, "final_knn_top1": 50.0, "knn_k": 3}, cfg)
+    assert "kNN top-1 (k=3, t=0.07, trained backbone): 50.00%" in capsys.readouterr().out
 
 
 def test_a_memory_bank_run_resumed_on_other_data_says_why_it_cannot(tiny_root, fresh_root, tmp_path, capsys):

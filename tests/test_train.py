@@ -205,6 +205,9 @@ def test_cli_trains_and_reports_knn(tiny_root, tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 <= summary["final_knn_top1"] <= 100 and 0 <= summary["final_knn_head_top1"] <= 100
     assert "trained head output" in out
+    # fewer train images than the default k=200: all of them vote, and that k is the one named
+    n_train = sum(1 for _ in (tiny_root / "train").rglob("*.jpg"))
+    assert summary["knn_k"] == n_train < 200 and f"kNN top-1 (k={n_train}, t=0.1, trained backbone)" in out
     rc = main(
         [
             "knn",
@@ -406,8 +409,9 @@ def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_roo
     with pytest.warns(UserWarning, match="0000a_trunc.jpg"):  # the header check let it through: named here
         assert main([*knn_argv, "--workers", "0", "--features", "both"]) == 0
     printed = capsys.readouterr().out
-    assert f"(backbone, k=200, t=0.1): {summary['final_knn_top1']:.2f}%" in printed, printed
-    assert f"(head, k=200, t=0.1): {summary['final_knn_head_top1']:.2f}%" in printed, printed
+    k = summary["knn_k"]  # the train split is smaller than the default k=200
+    assert f"(backbone, k={k}, t=0.1): {summary['final_knn_top1']:.2f}%" in printed, printed
+    assert f"(head, k={k}, t=0.1): {summary['final_knn_head_top1']:.2f}%" in printed, printed
     # exactly the decodable images: the same number as on a copy that never had the bad files
     model, cfg = load_model(out / "checkpoint.pt", "cpu")
     splits = load_splits(str(clean))

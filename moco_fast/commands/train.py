@@ -303,7 +303,7 @@ def _report(row: dict, cfg) -> None:
         print("nothing to do: the run had already finished all epochs")
         return
     print(f"finished epoch {row['epoch']}: loss {row['loss']:.4f}, {row['img_per_s']:.0f} img/s")
-    knn = f"k={cfg.runtime.knn_k}, t={cfg.runtime.knn_t:g}"
+    knn = f"k={row.get('knn_k', cfg.runtime.knn_k)}, t={cfg.runtime.knn_t:g}"  # knn_k: the k used
     if "final_knn_top1" in row:
         line = f"kNN top-1 ({knn}, trained backbone): {row['final_knn_top1']:.2f}%"
         if "random_knn_top1" in row:
