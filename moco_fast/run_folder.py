@@ -205,6 +205,17 @@ def clear_run(out: str | Path) -> None:
     shutil.rmtree(out / "tb", ignore_errors=True)
 
 
+def forget_a_run_without_epochs(out: Path) -> None:
+    """A run that stopped (an error, Ctrl-C) before it logged its first epoch leaves nothing behind:
+    its config.json and tb/ go, so that the folder is as it was (hold_run_folder then removes a
+    folder that the run created). Called only by the run that wrote them; a folder holding rows or a
+    checkpoint is left as it is."""
+    if holds_run(out):
+        return
+    (out / CONFIG_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)
+
+
 def remove_stale_temporaries(out: Path) -> None:
     """Temporary checkpoint files left by a killed run (call it while holding the folder)."""
     for tmp in out.glob(f".{ckpt.CHECKPOINT_NAME}.*.tmp"):

@@ -31,6 +31,7 @@ from moco_fast.run_folder import (
     clear_run,
     continues_in,
     ensure_not_busy,
+    forget_a_run_without_epochs,
     hold_run_folder,
     remove_stale_temporaries,
     starts_over,
@@ -244,46 +245,52 @@ def _train_held(
     if dist_utils.is_main() and not finished:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, str(out / CONFIG_NAME))
-    base_lr = cfg.optim.lr * cfg.optim.batch_size * world / 256
-    torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
-    step = GraphedStep(s, cfg.moco.m) if cfg.runtime.cuda_graph else partial(train_step, s, m=cfg.moco.m)
-    row: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        lr = lr_at(cfg, epoch, base_lr)
-        set_lr(optimizer, lr)
-        loader.set_epoch(epoch)
-        row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world)
-        check_finite(model, mean_loss, epoch + 1, amp_dtype)
-        if splits is not None and cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0:
-            if dist_utils.is_main():  # kNN on rank 0 alone; the others wait at the barrier
-                row["knn_top1"] = knn_top1(model.backbone(), splits, cfg, device)
-            dist_utils.barrier()
-        writer.write(row)
-        rng_states = dist_utils.all_gather_objects(ckpt.rng_state())  # each rank's streams, for --resume
-        if dist_utils.is_main():
-            ckpt.save_atomic(
-                {
-                    "config": to_dict(cfg),
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng_states[0],
-                    "rng_per_rank": rng_states,
-                    "shuffle_generator": dist_utils.shuffle_generator_state(),
-                    "world_size": world,
-                    "num_images": loader.num_images,
-                },
-                out / ckpt.CHECKPOINT_NAME,
-            )
-    if summary_owed:
-        log.info("%s: all %d epochs were done already; computing the final kNN it lacks", out, cfg.optim.epochs)
-        row = (read_rows(out) or [{"epoch": start_epoch}])[-1]
-    if finished and not summary_owed:
-        log.info("%s: all %d epochs were done already; nothing to train", out, cfg.optim.epochs)
-    elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
-        row = _final_evaluation(row, model, splits, cfg, device)
-        writer.write_summary(row)
+    try:
+        base_lr = cfg.optim.lr * cfg.optim.batch_size * world / 256
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
+        step = GraphedStep(s, cfg.moco.m) if cfg.runtime.cuda_graph else partial(train_step, s, m=cfg.moco.m)
+        row: dict[str, Any] = {}
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            lr = lr_at(cfg, epoch, base_lr)
+            set_lr(optimizer, lr)
+            loader.set_epoch(epoch)
+            row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world)
+            check_finite(model, mean_loss, epoch + 1, amp_dtype)
+            if splits is not None and cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0:
+                if dist_utils.is_main():  # kNN on rank 0 alone; the others wait at the barrier
+                    row["knn_top1"] = knn_top1(model.backbone(), splits, cfg, device)
+                dist_utils.barrier()
+            writer.write(row)
+            rng_states = dist_utils.all_gather_objects(ckpt.rng_state())  # each rank's streams, for --resume
+            if dist_utils.is_main():
+                ckpt.save_atomic(
+                    {
+                        "config": to_dict(cfg),
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": rng_states[0],
+                        "rng_per_rank": rng_states,
+                        "shuffle_generator": dist_utils.shuffle_generator_state(),
+                        "world_size": world,
+                        "num_images": loader.num_images,
+                    },
+                    out / ckpt.CHECKPOINT_NAME,
+                )
+        if summary_owed:
+            log.info("%s: all %d epochs were done already; computing the final kNN it lacks", out, cfg.optim.epochs)
+            row = (read_rows(out) or [{"epoch": start_epoch}])[-1]
+        if finished and not summary_owed:
+            log.info("%s: all %d epochs were done already; nothing to train", out, cfg.optim.epochs)
+        elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
+            row = _final_evaluation(row, model, splits, cfg, device)
+            writer.write_summary(row)
+    except BaseException:
+        writer.close()
+        if dist_utils.is_main() and not finished:
+            forget_a_run_without_epochs(out)  # what it wrote before its first epoch ended
+        raise
     writer.close()
     dist_utils.barrier()
     if owns_group:

@@ -201,6 +201,19 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tiny_root, run,
     assert not list(run.glob(".*.tmp"))
 
 
+def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_as_it_was(tiny_root, tmp_path, capsys):
+    # It diverges in epoch 1, after it wrote config.json and opened tb/: those go, and the folder
+    # it created goes with them; a folder that was there keeps what it held.
+    new, kept = tmp_path / "new", tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for out in (new, kept):
+        assert main([*tiny_args(tiny_root, out), "--lr", "1e30"]) == 2
+        assert "diverged in epoch 1" in capsys.readouterr().err
+    assert not new.exists()
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
 def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
     from moco_fast.trainer import Diverged, check_finite
 
