@@ -76,7 +76,7 @@ def check_state(out: Path, cfg: Any, command: str) -> None:
             )
         return
     if state.is_file():
-        refuse_other_settings(state, load_state(state, command), cfg)
+        refuse_other_settings(state, load_state(state, command, mmap=True), cfg)  # _load reads it whole
     elif out.is_file():
         raise ConfigError(
             f"--resume: {out} is a finished {command} result and there is no state to continue ({state}): "
@@ -228,10 +228,11 @@ def settings(cfg: Any) -> dict[str, Any]:
     return now
 
 
-def load_state(path: Path, command: str) -> dict[str, Any]:
-    """The state file, or a one-line error that says how to go on."""
+def load_state(path: Path, command: str, mmap: bool = False) -> dict[str, Any]:
+    """The state file, or a one-line error that says how to go on. `mmap`: to look at its settings
+    (checkpoint.load)."""
     try:
-        state = ckpt.load(path, map_location="cpu")
+        state = ckpt.load(path, map_location="cpu", mmap=mmap)
     except DataError as e:
         raise DataError(f"--resume: {command}'s state {e}; delete it to start over") from None
     if not isinstance(state, dict) or state.get("command") != command:
@@ -259,7 +260,7 @@ def resumable(out: Path, cfg: Any, command: str) -> bool:
     if not path.is_file():
         return False
     try:
-        return not differences(load_state(path, command), cfg)
+        return not differences(load_state(path, command, mmap=True), cfg)
     except DataError:
         return False
 

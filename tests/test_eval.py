@@ -374,7 +374,14 @@ def test_finetune_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, mon
         interrupt_at(m, moco_fast.finetune, 1)
         assert finetune(out) == 130
     assert (tmp_path / "ft.state.pt").is_file()
+    reads = []  # (file, mapped): the command's early check maps the state, the loop reads it whole once
+    real_load = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda f, *a, **kw: reads.append((Path(f).name, kw.get("mmap"))) or real_load(f, *a, **kw)
+    )
     assert finetune(out, "--resume") == 0
+    monkeypatch.undo()
+    assert [mmap for name, mmap in reads if name == "ft.state.pt"] == [True, False]
     ref, res = (json.loads((tmp_path / name).read_text()) for name in ("whole.json", "ft.json"))
     assert res["history"] == ref["history"] and res["top1"] == ref["top1"]
     whole, resumed = (torch.load(tmp_path / name) for name in ("whole.pt", "ft.pt"))
