@@ -30,13 +30,13 @@ from moco_fast.lincls import (
     load_splits_with_eval,
     lr_at,
     new_classifier,
-    progress_iter,
     result_record,
+    sgd_epoch,
     start_run,
     write_json,
 )
 from moco_fast.run_folder import FINETUNE_RESULTS
-from moco_fast.step import fast_sgd, set_lr
+from moco_fast.step import fast_sgd
 
 log = logging.getLogger("moco_fast")
 
@@ -127,22 +127,15 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
             f"{len(splits.train)} training images give no full batch of {cfg.batch_size}: lower --batch-size"
         )
 
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast_for(device, amp_dtype):
+            return F.cross_entropy(net(norm(x)).float(), y)
+
     def one_epoch(epoch: int) -> dict[str, Any]:
         net.train()
         lr = lr_at(base_lr, epoch, cfg.epochs, steps)
-        set_lr(opt, lr)
-        loss_sum = torch.zeros((), device=device)
-        n = 0
-        for x, y in progress_iter(loader, f"finetune epoch {epoch + 1}/{cfg.epochs}"):
-            with autocast_for(device, amp_dtype):
-                loss = F.cross_entropy(net(norm(x)).float(), y.to(device, non_blocking=True))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += loss.detach()
-            n += 1
-        return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)}  # host sync per epoch
+        desc = f"finetune epoch {epoch + 1}/{cfg.epochs}"
+        return {"epoch": epoch + 1, "lr": lr, "loss": sgd_epoch(loader, loss_of, opt, lr, device, desc, scaler)}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with autocast_for(device, amp_dtype):

@@ -191,6 +191,36 @@ def evaluate(
     return c1.item() * 100 / max(n, 1), ck.item() * 100 / max(n, 1), n  # host sync: once per evaluation
 
 
+def sgd_epoch(
+    batches: Iterable,
+    loss_of: Callable[[Any, torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    lr: float,
+    device: torch.device,
+    desc: str,
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """One training pass of lincls or finetune at `lr`: a step on `loss_of(x, labels on the device)`
+    per (x, y) batch, through `scaler` (fp16) when given, under a progress bar named `desc`. The mean
+    loss, read once (a host sync per epoch)."""
+    set_lr(opt, lr)
+    loss_sum = torch.zeros((), device=device)
+    n = 0
+    for x, y in progress_iter(batches, desc):
+        loss = loss_of(x, y.to(device, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        loss_sum += loss.detach()
+        n += 1
+    return loss_sum.item() / max(n, 1)
+
+
 def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
     from contextlib import nullcontext
 
@@ -320,17 +350,9 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
 
     def one_epoch(epoch: int) -> dict[str, Any]:
         lr = lr_at(cfg.lr, epoch, cfg.epochs, steps)
-        set_lr(opt, lr)
-        loss_sum = torch.zeros((), device=device)
-        n = 0
-        for x, y in progress_iter(train_epoch(), f"lincls epoch {epoch + 1}/{cfg.epochs}"):
-            loss = F.cross_entropy(fc(features(x)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
-            n += 1
-        return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum.item() / max(n, 1)}  # host sync per epoch
+        desc = f"lincls epoch {epoch + 1}/{cfg.epochs}"
+        loss = sgd_epoch(train_epoch(), lambda x, y: F.cross_entropy(fc(features(x)), y), opt, lr, device, desc)
+        return {"epoch": epoch + 1, "lr": lr, "loss": loss}
 
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / LINCLS_RESULT
     loop = EpochLoop("lincls", cfg, out, {"classifier": fc, "optimizer": opt}, order, t0)
