@@ -63,6 +63,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _user_errors_or_none() -> tuple[type[BaseException], ...]:
+    """user_errors(), or none where they cannot be imported (an import that a Ctrl-C cut short)."""
+    try:
+        return user_errors()
+    except Exception:
+        return ()
+
+
 def error_text(e: BaseException) -> str:
     """The one line a user error prints. An error raised in a DataLoader worker comes back wrapped:
     "Caught DataError in DataLoader worker process 0." and the worker's traceback; its own message is
@@ -118,9 +126,10 @@ def _children_end(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr
-    )
+    # INFO for moco-fast's own messages; other libraries' at WARNING (torch's import sets its own levels,
+    # but one cut short by Ctrl-C does not, and its exit hooks logged at INFO after "interrupted")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("moco_fast").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     warnings.filterwarnings("default", module="moco_fast")
     global _MAIN_PID
     previous = None
@@ -132,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             previous = signal.SIG_DFL
     try:
         return args.func(args) or 0
-    except user_errors() as e:
-        print(f"moco-fast {args.command}: error: {error_text(e)}", file=sys.stderr)
-        return 2
     except BaseException as e:
+        # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,
+        # and user_errors() imports modules that import torch.
+        if not isinstance(e, KeyboardInterrupt) and isinstance(e, _user_errors_or_none()):
+            print(f"moco-fast {args.command}: error: {error_text(e)}", file=sys.stderr)
+            return 2
         stop = interruption(e)
         if stop is None:
             raise

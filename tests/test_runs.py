@@ -286,6 +286,24 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys):
     assert main(argv) == 130 and "interrupted" in capsys.readouterr().err
     monkeypatch.setattr(export, "run", sigterm)
     assert main(argv) == 143 and "terminated" in capsys.readouterr().err
+    # Ctrl-C while torch was being imported: the modules that name the user errors import torch,
+    # which is half-imported now; the command still ends as interrupted, without a traceback.
+    import moco_fast.cli
+
+    def torch_cut_short(args):
+        try:
+            raise KeyboardInterrupt  # in torch's import
+        except KeyboardInterrupt:
+            raise AttributeError("partially initialized module 'torch' has no attribute 'cuda'") from None
+
+    def user_errors():
+        raise AttributeError("partially initialized module 'torch' has no attribute 'cuda'")
+
+    with monkeypatch.context() as m:
+        m.setattr(moco_fast.cli, "user_errors", user_errors)
+        for run in (lambda args: (_ for _ in ()).throw(KeyboardInterrupt), torch_cut_short):
+            m.setattr(export, "run", run)
+            assert main(argv) == 130 and capsys.readouterr().err.strip() == "interrupted"
     assert signal.getsignal(signal.SIGTERM) == before  # main put the process's handler back
     # a torchrun worker keeps the default action: a Python handler would wait for a blocked collective
     seen = []
