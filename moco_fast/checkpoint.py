@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -44,14 +45,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda.cpu())
 
 
-def file_stamp(path: str | Path) -> list[int] | None:
-    """(mtime in ns, size) of a checkpoint, None when there is none: what was evaluated or trained
-    on can be told from a checkpoint trained further since."""
+def file_stamp(path: str | Path) -> list[Any] | None:
+    """What tells a checkpoint's content from a checkpoint trained further since (None when there is
+    none): the id each of train's saves writes (["save_id", hex]: a copy, `cp -r` or rsync, keeps
+    it), or, in a checkpoint without one, the file's [mtime in ns, size]. Reads the file mapped
+    (its tensors are not read)."""
     try:
         st = Path(path).stat()
     except OSError:
         return None
-    return [st.st_mtime_ns, st.st_size]
+    try:
+        save_id = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("save_id")
+    except Exception:  # not a checkpoint (yet): the file's own stamp
+        save_id = None
+    return ["save_id", save_id] if isinstance(save_id, str) else [st.st_mtime_ns, st.st_size]
+
+
+def new_save_id() -> str:
+    """The `save_id` of a checkpoint save (file_stamp)."""
+    return uuid.uuid4().hex
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:

@@ -241,11 +241,12 @@ def new_classifier(width: int, num_classes: int) -> nn.Linear:
 
 # -- the frozen-backbone check -------------------------------------------------------------------
 def checkpoint_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The query backbone's tensors as stored in a training checkpoint (names without prefix)."""
+    """The query backbone's tensors as stored in a training checkpoint (names without prefix), copied
+    into memory (the file may be rewritten later: a run that goes on training)."""
     from moco_fast import checkpoint as ckpt
 
-    model = ckpt.load(path)["model"]
-    return {k[len(BACKBONE_PREFIX) :]: v for k, v in model.items() if k.startswith(BACKBONE_PREFIX)}
+    model = ckpt.load(path, mmap=True)["model"]
+    return {k[len(BACKBONE_PREFIX) :]: v.clone() for k, v in model.items() if k.startswith(BACKBONE_PREFIX)}
 
 
 def check_unchanged(backbone: nn.Module, reference: dict[str, torch.Tensor]) -> None:
@@ -305,11 +306,15 @@ def start_run(cfg: Any) -> tuple[tuple[int, ...] | None, torch.device, torch.dty
 
 def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
     """Train and evaluate a linear classifier on the frozen backbone; writes and returns the result."""
+    from moco_fast import checkpoint as ckpt
     from moco_fast.checkpoint import load_model
 
     steps, device, amp_dtype, t0 = start_run(cfg)
 
     model, train_cfg = load_model(cfg.checkpoint, "cpu")
+    # what the backbone must still be at the end: the file as it is now (a run training on in the
+    # checkpoint's folder may rewrite it meanwhile)
+    stamp, reference = ckpt.file_stamp(cfg.checkpoint), checkpoint_backbone_state(cfg.checkpoint)
     spec = train_cfg.data.aug
     size = cfg.image_size or spec.image_size
     backbone = model.encoder_q.backbone
@@ -358,8 +363,14 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
     loop = EpochLoop("lincls", cfg, out, {"classifier": fc, "optimizer": opt}, order, t0)
     history = loop.run(one_epoch, lambda: evaluate(lambda x: fc(features(x)), eval_batches, device, classes))
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
+    if ckpt.file_stamp(cfg.checkpoint) != stamp:
+        log.warning(
+            "%s was rewritten during linear classification (trained further?): the result is that of the "
+            "checkpoint as it was when lincls read it",
+            cfg.checkpoint,
+        )
     try:
-        check_unchanged(backbone, checkpoint_backbone_state(cfg.checkpoint))
+        check_unchanged(backbone, reference)
     except BackboneChangedError:
         clear_state(out)  # epochs on a backbone that moved are nothing to resume
         raise

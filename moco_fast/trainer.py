@@ -275,6 +275,7 @@ def _train_held(
                         "shuffle_generator": dist_utils.shuffle_generator_state(),
                         "world_size": world,
                         "num_images": loader.num_images,
+                        "save_id": ckpt.new_save_id(),  # what the evaluations' results name (file_stamp)
                     },
                     out / ckpt.CHECKPOINT_NAME,
                 )

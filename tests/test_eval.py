@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,32 @@ def test_lincls_fails_when_the_backbone_differs(ckpt, six_root, tmp_path, monkey
     assert not (ckpt.parent / "lincls.state.pt").exists()  # nothing to resume: the next run starts afresh
 
 
+def test_lincls_outlives_its_checkpoint_being_trained_further(ckpt, six_root, tmp_path, monkeypatch, caplog):
+    # `train --resume` in the checkpoint's folder rewrites checkpoint.pt while lincls runs: the frozen
+    # backbone is checked against the checkpoint as lincls read it, and the result is written.
+    import moco_fast.lincls as lincls
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ckpt, run / "checkpoint.pt")
+    real = lincls.lr_at
+
+    def lr_at(lr, epoch, *args):
+        if epoch == 1:  # between the epochs: the run saves its next epoch (atomically, a new file)
+            later = torch.load(run / "checkpoint.pt", weights_only=False)
+            later["model"]["encoder_q.backbone.conv1.weight"] += 1
+            torch.save({**later, "save_id": "a later save"}, tmp_path / "later.pt")
+            os.replace(tmp_path / "later.pt", run / "checkpoint.pt")
+        return real(lr, epoch, *args)
+
+    monkeypatch.setattr(lincls, "lr_at", lr_at)
+    cfg = lincls.LinclsConfig(str(run / "checkpoint.pt"), str(six_root), epochs=2, batch_size=8, workers=0)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        res = lincls.run_lincls(replace(cfg, device="cpu", schedule="cos"))
+    assert res["backbone_unchanged"] and (run / "lincls.json").is_file()
+    assert "was rewritten during linear classification (trained further?)" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--schedule", "sixty"], "--schedule"), (["--epochs", "0"], "positive")],
@@ -224,13 +251,14 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
         assert lincls(out, "--eval-every", "1", "--resume", "--amp", "bf16") == 2  # other features
         assert "--amp 'auto' (now 'bf16')" in capsys.readouterr().err
         # the checkpoint trained further since (`train --resume` keeps lincls.state.pt): another backbone
-        st = ckpt.stat()
-        os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        # (another save of the run); the same checkpoint copied (a new mtime) is the same backbone
+        original = ckpt.read_bytes()
+        torch.save({**torch.load(ckpt, weights_only=False), "save_id": "a later save"}, ckpt)
         try:
             assert lincls(out, "--eval-every", "1", "--resume") == 2
             assert "the checkpoint has changed since (trained further?)" in capsys.readouterr().err
         finally:
-            os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+            ckpt.write_bytes(original)
     partial = tmp_path / ".lincls.state.pt.x1y2.tmp"  # a save that a kill cut short
     partial.write_bytes(b"0" * 100)
     # the same settings spelt otherwise (a trailing slash, the run folder for its checkpoint) resume;
@@ -612,6 +640,25 @@ def test_sweep_table_covers_every_grid_in_the_folder(finished_sweep, six_root, t
     assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
     assert json.loads((out / "sweep.json").read_text()) == rows
     assert (out / "sweep.md").read_text() == table
+
+
+def test_sweep_tells_a_copied_checkpoint_from_one_trained_further(finished_sweep, six_root, tmp_path, caplog):
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep", copy_function=shutil.copy)  # new mtimes, as cp -r
+    run = out / SWEEP_RUN
+    result = (run / "result.json").read_text()
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    assert (run / "result.json").read_text() == result  # reused: not evaluated again
+    assert "changed since" not in caplog.text
+    caplog.clear()
+    # another save of the run (`train --resume` there): evaluated again
+    torch.save(
+        {**torch.load(run / "checkpoint.pt", weights_only=False), "save_id": "a later save"}, run / "checkpoint.pt"
+    )
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    assert "its checkpoint changed since its result was written" in caplog.text
+    assert json.loads((run / "result.json").read_text())["checkpoint_stamp"] == ["save_id", "a later save"]
 
 
 def test_sweep_treats_a_cut_short_result_as_unfinished(finished_sweep, six_root, tmp_path, caplog, monkeypatch):
