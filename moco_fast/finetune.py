@@ -8,7 +8,7 @@ architecture: the baseline the paper compares against.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +78,17 @@ def check_args(cfg: FinetuneConfig) -> None:
 
 
 def build_network(cfg: FinetuneConfig, num_classes: int):
-    """(backbone + linear classifier as one nn.Sequential, AugSpec, image size, what it started from)."""
+    """(backbone + linear classifier as one nn.Sequential, AugSpec, image size, what it started from,
+    the `cfg` that ran: with a checkpoint, its architecture and stem, whatever --arch/--stem said)."""
     if cfg.checkpoint is None:
         if not cfg.from_scratch:
             raise ConfigError("--checkpoint is required (or --from-scratch for the random-init baseline)")
         size = cfg.image_size or 224
         spec = AUG_PRESETS["cifar" if size <= 64 else "v2"]
-        backbone, width = build_backbone(cfg.arch, resolve_stem(cfg.stem, size))
-        return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, "scratch"
+        stem = resolve_stem(cfg.stem, size)
+        backbone, width = build_backbone(cfg.arch, stem)
+        ran = replace(cfg, stem=stem)
+        return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, "scratch", ran
 
     from moco_fast.checkpoint import load_model
 
@@ -93,15 +96,16 @@ def build_network(cfg: FinetuneConfig, num_classes: int):
     spec = train_cfg.data.aug
     size = cfg.image_size or spec.image_size
     width = feature_width(model)
+    m = train_cfg.model
+    ran = replace(cfg, arch=m.arch, stem=resolve_stem(m.stem, spec.image_size))
     if cfg.from_scratch:
-        m = train_cfg.model
-        backbone, _ = build_backbone(m.arch, resolve_stem(m.stem, spec.image_size))
+        backbone, _ = build_backbone(ran.arch, ran.stem)
         start = "scratch"
     else:
         backbone = model.encoder_q.backbone
         plain_bn_state(backbone)  # fine-tuning uses ordinary per-batch BN statistics
         start = "moco"
-    return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, start
+    return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, start, ran
 
 
 def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
@@ -112,7 +116,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
 
     splits = load_splits_with_eval(cfg.data)
     classes = len(splits.train.classes)
-    net, spec, size, start = build_network(cfg, classes)
+    net, spec, size, start, ran = build_network(cfg, classes)
     net = net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
@@ -153,7 +157,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
     net.eval()
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
     result = result_record(
-        "end-to-end fine-tuning", top1, top5, classes, splits, size, history, loop.wall_s(), device, cfg, init=start
+        "end-to-end fine-tuning", top1, top5, classes, splits, size, history, loop.wall_s(), device, ran, init=start
     )
     return result, net
 

@@ -446,8 +446,10 @@ def test_finetune_cli(ckpt, six_root, tmp_path, capsys):
     out = tmp_path / "ft.json"
     args = ["finetune", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
     assert main([*args, "--workers", "0", "--device", "cpu", "--out", str(out), "--schedule", "1"]) == 0
-    assert json.loads(out.read_text())["init"] == "moco"
-    assert "fine-tuning from moco" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["init"] == "moco" and "fine-tuning from moco" in capsys.readouterr().out
+    # the network that ran, the checkpoint's, not --arch's default (resnet50)
+    assert (res["config"]["arch"], res["config"]["stem"]) == ("resnet18", "imagenet")
     assert main(["finetune", "--data", str(six_root), "--device", "cpu"]) == 2
     assert "--from-scratch" in capsys.readouterr().err
 
