@@ -40,6 +40,8 @@ from moco_fast.step import fast_sgd
 
 log = logging.getLogger("moco_fast")
 
+PROTOCOL = "end-to-end fine-tuning"  # a finetune result's "protocol"
+
 
 @dataclass
 class FinetuneConfig:
@@ -156,9 +158,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
     history = loop.run(one_epoch, evaluate_now)
     net.eval()
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
-    result = result_record(
-        "end-to-end fine-tuning", top1, top5, classes, splits, size, history, loop.wall_s(), device, ran, init=start
-    )
+    result = result_record(PROTOCOL, top1, top5, classes, splits, size, history, loop.wall_s(), device, ran, init=start)
     return result, net
 
 

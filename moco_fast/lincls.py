@@ -52,6 +52,7 @@ from moco_fast.step import set_lr
 log = logging.getLogger("moco_fast")
 
 BACKBONE_PREFIX = "encoder_q.backbone."
+PROTOCOL = "linear classification (frozen backbone)"  # a lincls result's "protocol"
 
 
 class BackboneChangedError(RuntimeError):
@@ -375,7 +376,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         clear_state(out)  # epochs on a backbone that moved are nothing to resume
         raise
     result = result_record(
-        "linear classification (frozen backbone)",
+        PROTOCOL,
         top1,
         top5,
         classes,

@@ -192,6 +192,52 @@ def test_finetune_save_model_is_checked_before_training(run_dir, tmp_path, monke
     assert "--save-model and --out" in one_line_error(capsys)
 
 
+def test_only_an_earlier_output_of_the_same_kind_is_replaced(run_dir, tmp_path, monkeypatch, capsys):
+    # A run folder's own files and other commands' results are not overwritten by --out or --save-model.
+    from moco_fast.finetune import PROTOCOL as FINETUNE
+    from moco_fast.lincls import PROTOCOL as LINCLS
+
+    stop_training(monkeypatch)
+    files = {
+        "config.json": json.dumps({"optim": {"lr": 0.03}}),
+        "metrics.jsonl": '{"epoch": 1, "loss": 9.1}\n',
+        "lincls.json": json.dumps({"protocol": LINCLS, "top1": 50.0}),
+        "finetune.json": json.dumps({"protocol": FINETUNE, "top1": 60.0}),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "finetune.pt")  # an earlier network
+    exported = torchvision.models.resnet18().state_dict()
+    del exported["fc.weight"], exported["fc.bias"]
+    torch.save(exported, tmp_path / "r18.pth")  # `moco-fast export`'s: no fc
+    ckpt = ["--checkpoint", str(run_dir), "--device", "cpu"]
+    refused = [
+        ("lincls", "--out", "config.json"),
+        ("lincls", "--out", "metrics.jsonl"),
+        ("lincls", "--out", "finetune.json"),
+        ("finetune", "--out", "lincls.json"),
+        ("finetune", "--save-model", "lincls.json"),
+        ("finetune", "--save-model", "r18.pth"),
+    ]
+    for cmd, flag, name in refused:
+        extra = (
+            ["--out", str(tmp_path / "new.json")]
+            if flag == "--save-model"
+            else ["--no-save-model"] * (cmd == "finetune")
+        )
+        assert main([cmd, *ckpt, flag, str(tmp_path / name), *extra]) == 2, (cmd, flag, name)
+        assert f"{flag} {tmp_path / name} exists and is not an earlier" in one_line_error(capsys)
+    for name, text in files.items():
+        assert (tmp_path / name).read_text() == text
+    # an earlier result of the same kind is replaced: the command runs
+    with pytest.raises(Stop):
+        main(["lincls", *ckpt, "--out", str(tmp_path / "lincls.json")])
+    with pytest.raises(Stop):
+        main(
+            ["finetune", *ckpt, "--out", str(tmp_path / "finetune.json"), "--save-model", str(tmp_path / "finetune.pt")]
+        )
+
+
 def test_run_folder_and_defaults_reach_the_config(run_dir, tmp_path, monkeypatch):
     seen = stop_training(monkeypatch)
     with pytest.raises(Stop):

@@ -4,11 +4,13 @@ evaluation commands (knn, lincls, finetune) share, so that they read and default
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -139,10 +141,17 @@ def resolve_checkpoint(path: str | Path, flag: str = "--checkpoint") -> Path:
     return p
 
 
-def check_output(path: str | Path, flag: str, inputs: tuple[str | Path | None, ...] = ()) -> Path:
+def check_output(
+    path: str | Path,
+    flag: str,
+    inputs: tuple[str | Path | None, ...] = (),
+    replaces: Callable[[Path], str | None] | None = None,
+) -> Path:
     """ConfigError unless a file can be written at `path` (as `atomic_write` does: its folder, created
     if missing, must take new files); an existing folder at `path`, or one of the command's `inputs`
-    (the checkpoint it reads), is refused. Writes nothing that stays."""
+    (the checkpoint it reads), is refused, and so is an existing file that `replaces(path)` says why
+    the command would not replace (an earlier output of the same kind: None). Writes nothing that
+    stays."""
     p = Path(path)
     require(not p.is_dir(), f"{flag} {p} is a folder: give a file path")
     for given in inputs:
@@ -150,8 +159,49 @@ def check_output(path: str | Path, flag: str, inputs: tuple[str | Path | None, .
             given is None or not p.exists() or not os.path.samefile(p, given),
             f"{flag} {p} is the checkpoint this command reads: give another path",
         )
+    if replaces is not None and p.is_file():
+        why = replaces(p)
+        require(why is None, f"{flag} {p} exists and {why}: give another path, or delete it first")
     check_writable_beside(p, flag)
     return p
+
+
+# A result JSON is a few KB; a larger file is something else, and is not read to find out.
+RESULT_MAX_BYTES = 16 << 20
+
+
+def result_of(command: str, protocol: str) -> Callable[[Path], str | None]:
+    """check_output's `replaces` for a result JSON: an earlier result of `command` (its "protocol")
+    is replaced, anything else (a run's config.json or metrics.jsonl, another command's result) is
+    not."""
+
+    def why_not(p: Path) -> str | None:
+        try:
+            obj = json.loads(p.read_text()) if p.stat().st_size <= RESULT_MAX_BYTES else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            obj = None
+        if isinstance(obj, dict) and obj.get("protocol") == protocol:
+            return None
+        return f"is not an earlier {command} result"
+
+    return why_not
+
+
+def network_state(p: Path) -> str | None:
+    """check_output's `replaces` for finetune's --save-model: an earlier fine-tuned network (a
+    torchvision state dict with its fc) is replaced, anything else is not."""
+    import torch
+
+    from moco_fast.checkpoint import not_a_checkpoint
+
+    if not_a_checkpoint(p) is None:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # nothing is read but names
+        except Exception:  # a training checkpoint (not weights alone), a damaged file
+            state = None
+        if isinstance(state, dict) and "fc.weight" in state:
+            return None
+    return "is not an earlier fine-tuned network (a torchvision state dict with its fc)"
 
 
 def check_writable_beside(p: Path, flag: str) -> None:

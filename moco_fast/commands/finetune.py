@@ -13,9 +13,11 @@ from moco_fast.commands import (
     check_classifier_args,
     check_output,
     dataclass_from_args,
+    network_state,
     require,
     resolve_checkpoint,
     resolve_eval_runtime,
+    result_of,
 )
 
 DEFAULT_ARCH = "resnet50"
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from moco_fast.classifier_epochs import check_state, state_path
-    from moco_fast.finetune import FinetuneConfig, result_path, run_finetune
+    from moco_fast.finetune import PROTOCOL, FinetuneConfig, result_path, run_finetune
     from moco_fast.run_folder import hold_output
 
     # Every value is checked, and the output folders tried, before the checkpoint or the data is read.
@@ -120,10 +122,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(
         dataclass_from_args(FinetuneConfig, args), arch=args.arch or DEFAULT_ARCH, stem=args.stem or DEFAULT_STEM
     )
-    out = check_output(result_path(cfg, "scratch" if cfg.from_scratch else "moco"), "--out", inputs=(args.checkpoint,))
+    out = result_path(cfg, "scratch" if cfg.from_scratch else "moco")
+    out = check_output(out, "--out", inputs=(args.checkpoint,), replaces=result_of("finetune", PROTOCOL))
     model_path = None
     if not args.no_save_model:
-        model_path = check_output(args.save_model or out.with_suffix(".pt"), "--save-model", inputs=(args.checkpoint,))
+        model_path = args.save_model or out.with_suffix(".pt")
+        model_path = check_output(model_path, "--save-model", inputs=(args.checkpoint,), replaces=network_state)
         require(
             model_path.resolve() != out.resolve(),
             f"--save-model and --out are both {out}: give --save-model another path",

@@ -15,6 +15,7 @@ from moco_fast.commands import (
     dataclass_from_args,
     resolve_checkpoint,
     resolve_eval_runtime,
+    result_of,
 )
 
 
@@ -52,16 +53,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moco_fast.classifier_epochs import check_state
-    from moco_fast.lincls import LinclsConfig, run_lincls
+    from moco_fast.lincls import PROTOCOL, LinclsConfig, run_lincls
     from moco_fast.run_folder import LINCLS_RESULT, hold_output
 
     # Every value is checked, and the result's folder tried, before the checkpoint or the data is read.
     check_classifier_args(args)
     resolve_eval_runtime(args)
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))
-    args.out = str(
-        check_output(args.out or Path(args.checkpoint).parent / LINCLS_RESULT, "--out", inputs=(args.checkpoint,))
-    )
+    out = args.out or Path(args.checkpoint).parent / LINCLS_RESULT
+    args.out = str(check_output(out, "--out", inputs=(args.checkpoint,), replaces=result_of("lincls", PROTOCOL)))
     cfg = dataclass_from_args(LinclsConfig, args)
     with hold_output(Path(args.out), "lincls"):
         check_state(Path(args.out), cfg, "lincls")
