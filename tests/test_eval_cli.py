@@ -363,6 +363,12 @@ def test_sweep_refuses_run_level_train_flags(tmp_path, capsys):
     for flag in ("--resume", "--force", "--print-config"):
         assert main(["sweep", "--out", str(tmp_path / "s"), "--", "--device", "cpu", flag]) == 2
         assert f"{flag} is not a setting" in one_line_error(capsys)
+    # a train flag that is wrong is one line of the sweep's, not a usage line of a `train` subcommand
+    for bad, says in ((["--bogus-flag"], "unrecognized arguments: --bogus-flag"), (["--epochs", "x"], "--epochs")):
+        assert main(["sweep", "--out", str(tmp_path / "s"), "--", "--device", "cpu", *bad]) == 2
+        err = one_line_error(capsys)
+        assert err.startswith("moco-fast sweep: error: after --:") and says in err, err
+    assert not (tmp_path / "s").exists()
 
 
 def test_sweep_under_torchrun_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):

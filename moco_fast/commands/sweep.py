@@ -135,14 +135,25 @@ def base_config(train_args: list[str]):
         raise ConfigError(f"unrecognized arguments: {' '.join(train_args)} ({TRAIN_FLAGS_HINT})")
     if any(a == "--out" or a.startswith("--out=") for a in train_args):
         raise ConfigError("give the sweep folder as `moco-fast sweep --out DIR`, not after `--`")
-    for flag in ("--resume", "--force", "--print-config"):
+    refused = {
+        "--resume": "the sweep resumes and replaces runs itself (--redo)",
+        "--force": "the sweep resumes and replaces runs itself (--redo)",
+        "--print-config": "`moco-fast train --print-config` with the same flags prints a setting's config",
+    }
+    for flag, why in refused.items():
         if any(a == flag or a.startswith(flag + "=") for a in train_args):
-            raise ConfigError(
-                f"{flag} is not a setting of the grid's runs: the sweep resumes and replaces runs itself (--redo)"
-            )
-    parser = argparse.ArgumentParser(prog="moco-fast sweep ... --")
+            raise ConfigError(f"{flag} is not a setting of the grid's runs: {why}")
+    parser = _TrainFlags(prog="moco-fast sweep ... --")
     train_cmd.register(parser.add_subparsers(dest="command"))
     return train_cmd.config_from_args(parser.parse_args(["train", *train_args]))
+
+
+class _TrainFlags(argparse.ArgumentParser):
+    """The parser of the train flags after `--`: a bad one is the sweep's one-line error (argparse
+    printed a usage line of a `train` subcommand that the user never typed)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"after --: {message} (they are `moco-fast train` flags: see moco-fast train --help)")
 
 
 def run(args: argparse.Namespace) -> int:
