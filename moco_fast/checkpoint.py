@@ -79,9 +79,14 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        from moco_fast.cli import interruption, os_error_behind
+
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = None if interruption(e) else os_error_behind(e)
+        if cause is not None and cause is not e and not cause.filename:  # torch.save's writer: "unexpected pos"
+            raise OSError(cause.errno, cause.strerror, str(path)) from e  # a full disk, named with the file
         raise
 
 

@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -71,6 +72,18 @@ def _user_errors_or_none() -> tuple[type[BaseException], ...]:
         return ()
 
 
+# What the machine refuses, not a bug: a full disk or quota, a path that may not be written.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def _environment_error(e: BaseException) -> str | None:
+    """The one line for an OSError of ENVIRONMENT_ERRNOS in `e` or behind it, or None."""
+    cause = os_error_behind(e)
+    if cause is None or cause.errno not in ENVIRONMENT_ERRNOS:
+        return None
+    return f"{cause.strerror}: {cause.filename}" if cause.filename else (cause.strerror or str(cause))
+
+
 def error_text(e: BaseException) -> str:
     """The one line a user error prints. An error raised in a DataLoader worker comes back wrapped:
     "Caught DataError in DataLoader worker process 0." and the worker's traceback; its own message is
@@ -90,6 +103,16 @@ def interruption(e: BaseException | None) -> KeyboardInterrupt | None:
     another error on its way out (torch.save's zip writer does: "unexpected pos")."""
     while e is not None:
         if isinstance(e, KeyboardInterrupt):
+            return e
+        e = e.__context__
+    return None
+
+
+def os_error_behind(e: BaseException | None) -> OSError | None:
+    """The OSError in `e` or behind it (its context): torch.save's zip writer turns a full disk into
+    RuntimeError("... unexpected pos ...") raised while handling the OSError."""
+    while e is not None:
+        if isinstance(e, OSError):
             return e
         e = e.__context__
     return None
@@ -149,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         stop = interruption(e)
         if stop is None:
-            raise
+            cause = _environment_error(e)
+            if cause is None:
+                raise
+            print(f"moco-fast {args.command}: error: {cause}", file=sys.stderr)
+            return 2
         terminated = isinstance(stop, Terminated)
         print("terminated" if terminated else "interrupted", file=sys.stderr)
         return 143 if terminated else 130

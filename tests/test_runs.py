@@ -312,6 +312,41 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys):
     assert main(argv) == 0 and seen == [before]
 
 
+def test_a_full_disk_or_a_folder_that_may_not_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import moco_fast.commands.export as export
+    from moco_fast.checkpoint import atomic_write
+
+    def zip_writer(fh):  # torch.save on a full disk: its writer raises while handling the OSError
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    target = tmp_path / "checkpoint.pt"
+    monkeypatch.setattr(export, "run", lambda args: atomic_write(target, zip_writer))
+    argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
+    assert main(argv) == 2
+    assert one_line(capsys) == f"moco-fast export: error: No space left on device: {target}"
+    assert list(tmp_path.iterdir()) == []  # the temporary file went
+    monkeypatch.setattr(export, "run", lambda args: os.mkdir(tmp_path / "x" / "y"))  # as the OS refuses
+    monkeypatch.setattr(
+        os, "mkdir", lambda p: (_ for _ in ()).throw(PermissionError(errno.EPERM, "Operation not permitted", str(p)))
+    )
+    assert main(argv) == 2
+    assert one_line(capsys) == f"moco-fast export: error: Operation not permitted: {tmp_path / 'x' / 'y'}"
+    monkeypatch.setattr(export, "run", lambda args: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):  # not the user's to fix: the traceback stays
+        main(argv)
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
 def test_resume_never_starts_over_a_run_that_checkpointed(tiny_root, run, capsys):
     # Its checkpoint moved away: rows past epoch 1 or an evaluation beside it show that the run got
     # further than its first checkpoint, so --resume is refused rather than wiping the folder.
