@@ -176,9 +176,12 @@ def knn_accuracy(
     batch_size: int = 256,
     workers: int = 2,
 ) -> float:
-    """Top-1 accuracy (%) of weighted kNN."""
-    bank, bank_labels = extract_features(net, train, spec, device, batch_size, workers, desc="kNN features (train)")
-    query, query_labels = extract_features(net, test, spec, device, batch_size, workers, desc="kNN features (eval)")
+    """Top-1 accuracy (%) of weighted kNN. It draws nothing from the process's random streams (the
+    feature passes' DataLoaders draw their seeds from it): train's monitor leaves the training as it
+    would be without it."""
+    with torch.random.fork_rng(devices=[]):
+        bank, bank_labels = extract_features(net, train, spec, device, batch_size, workers, desc="kNN features (train)")
+        query, query_labels = extract_features(net, test, spec, device, batch_size, workers, desc="kNN features (eval)")
     if k > len(bank):
         warn_few_neighbours(k, len(bank), train)
     pred = knn_predict(query, bank, bank_labels, len(train.classes), k, t)

@@ -222,9 +222,11 @@ def colour_splits(root, eval_folders):
 def test_knn_accuracy_on_colour_separable_classes(tmp_path):
     train, test = colour_splits(tmp_path, {"blue": BLUES, "red": REDS})
     net = ChannelMean().train()
+    rng = torch.get_rng_state()
     with pytest.warns(UserWarning, match=r"k=200 is more than the 6 images of .*train: all 6 are the neighbours"):
         acc = knn_accuracy(net, train, test, AugSpec(image_size=8), torch.device("cpu"), k=200, t=0.1, workers=0)
     assert acc == 100.0
+    assert torch.equal(torch.get_rng_state(), rng)  # train's monitor does not change what training draws
     assert net.training  # the feature pass puts the net back in training mode
 
 
