@@ -174,6 +174,27 @@ def test_leftover_rows_without_a_checkpoint_count_as_a_run(tiny_root, run, capsy
     assert [r["epoch"] for r in rows(out)] == [1, 2]
 
 
+def test_resume_before_a_checkpoint_starts_over_with_the_runs_own_settings(tiny_root, run, tmp_path, capsys):
+    # `train --resume --out RUN` alone, where the run stopped before its first checkpoint: its
+    # config.json decides, as a checkpoint's config would (it trained the default demo recipe)
+    from moco_fast.config import from_dict
+
+    (run / "checkpoint.pt").unlink()
+    saved = from_dict(json.loads((run / "config.json").read_text()))
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--moco-m", "0.9", "--print-config"]) == 0
+    printed = from_dict(json.loads(capsys.readouterr().out))
+    assert (printed.moco.k, printed.optim.batch_size, printed.data.data) == (saved.moco.k, 8, str(tiny_root))
+    assert printed.moco.m == 0.9  # a flag given changes it
+    # a folder with no run and a command line with nothing to train: a mistyped --out
+    assert main(["train", "--resume", "--out", str(tmp_path / "runn")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        f"--resume: {tmp_path / 'runn'} holds no run to resume (no checkpoint.pt, no config.json): check --out, or give the run's flags to start it there"
+    )
+    assert not (tmp_path / "runn").exists()
+
+
 def test_resume_without_out_finds_the_presets_folder(tmp_path, monkeypatch):
     # The demo preset writes runs/demo: `train --resume` alone continues that run as configured.
     from moco_fast.cli import build_parser

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from dataclasses import replace
+from pathlib import Path
 
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.commands import AMP_CHOICES, HelpFormatter
@@ -238,14 +239,48 @@ def _resumed_config(args: argparse.Namespace):
 
     # without --out: the folder a fresh run with these flags would write (the demo preset's is runs/demo)
     preset = args.preset or _default_preset(args)
-    path = ckpt.find_resume(args.resume, args.out or PRESETS[preset].get("runtime.out", RuntimeConfig.out))
+    out = args.out or PRESETS[preset].get("runtime.out", RuntimeConfig.out)
+    path = ckpt.find_resume(args.resume, out)
     if path is None:
-        return None
+        return _config_before_a_checkpoint(args, Path(out))
     state = ckpt.load(path, map_location="cpu")
     if not isinstance(state.get("config"), dict):
         raise DataError(f"--resume: {path} is not a moco-fast training checkpoint")
     cfg = from_dict(state["config"])
     cfg.runtime.out = args.out or str(path.parent)
+    cfg.runtime.resume = args.resume
+    cfg.runtime.force = False
+    return cfg
+
+
+def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
+    """`--resume` where there is no checkpoint yet: the run there starts over with the settings of its
+    config.json (a run stopped in its first epoch), the flags given changing them as they would a
+    checkpoint's. None where there is no config.json but the command line describes a run (a job
+    script that passes --resume and its flags at every launch); a ConfigError where it gives
+    nothing to train (`--resume --out` with a mistyped folder trained the default recipe)."""
+    from moco_fast.checkpoint import CHECKPOINT_NAME
+    from moco_fast.config import from_dict
+    from moco_fast.data import DataError
+    from moco_fast.run_folder import CONFIG_NAME
+
+    saved = out / CONFIG_NAME
+    if not saved.is_file():
+        given = [d for d in FLAG_FIELDS if d not in ("out", "resume", "force") and getattr(args, d, None) is not None]
+        if not given and args.preset is None and not args.loader_option:
+            raise ConfigError(
+                f"--resume: {out} holds no run to resume (no {CHECKPOINT_NAME}, no {CONFIG_NAME}): check --out, "
+                "or give the run's flags to start it there"
+            )
+        return None
+    try:
+        cfg = from_dict(json.loads(saved.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(
+            f"--resume: {saved} cannot be read ({e}): give the run's flags and --force to start over"
+        ) from None
+    log.info("--resume: %s has no checkpoint yet; its run starts over with the settings of %s", out, saved)
+    cfg.runtime.out = str(out)
     cfg.runtime.resume = args.resume
     cfg.runtime.force = False
     return cfg
