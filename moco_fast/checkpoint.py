@@ -122,7 +122,24 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool 
         ) from e
     if not isinstance(state, dict):
         raise DataError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict)")
+    bad = None if mmap else damaged_record(path)
+    if bad is not None:
+        raise DataError(
+            f"{path} is damaged: its record {bad} fails its checksum (a disk or copy fault?); use another "
+            "copy of it, or start over"
+        )
     return state
+
+
+def damaged_record(path: Path) -> str | None:
+    """The first record of a checkpoint (a zip: torch.save's format) whose CRC-32 does not match its
+    bytes, or None. torch.load does not check them: a flipped block loaded as garbage weights (a
+    resumed run then "diverged"). A pass over the file, just read, so from the page cache."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, OSError):  # not a zip (torch.load read it): nothing to check
+        return None
 
 
 # torch.save's legacy (non-zip) format: a pickle whose first object is this number (a LONG1)

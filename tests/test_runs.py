@@ -147,6 +147,19 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
         ckpt.load_model(tmp_path / "d.pt")
 
 
+def test_a_damaged_checkpoint_is_named_before_its_weights_are_used(tmp_path):
+    # A block of 0xff in the weights' bytes (a disk or copy fault): torch.load reads it as NaN
+    # weights without a word, and a resumed run then "diverged"; the records' checksums tell.
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"config": {}, "model": {"w": torch.zeros(100_000)}}, path)
+    assert ckpt.load(path)["model"]["w"].sum() == 0
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)  # inside the 400 KB of w
+        fh.write(b"\xff" * 64)
+    with pytest.raises(DataError, match=r"checkpoint.pt is damaged: its record .*/data/0 fails its checksum"):
+        ckpt.load(path)
+
+
 def test_resuming_another_run_into_a_run_folder_needs_force(tiny_root, run, tmp_path, capsys):
     a, c = run, tmp_path / "c"
     assert main([*tiny_args(tiny_root, c, epochs=3), "--seed", "7"]) == 0
