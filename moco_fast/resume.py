@@ -9,6 +9,7 @@ from typing import Any
 
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
+from moco_fast.backbone import resolve_stem
 from moco_fast.config import ConfigError, TrainConfig, plain, to_dict
 from moco_fast.data import DataError
 from moco_fast.model import MoCo
@@ -58,7 +59,10 @@ def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
 def check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = to_dict(cfg)
     for section in ("model", "moco"):
-        old, new = saved[section], now[section]
+        old, new = dict(saved[section]), now[section]
+        if section == "model" and "stem" in old:  # "auto" as the stem it made at the saved image size
+            old["stem"] = resolve_stem(old["stem"], saved["data"]["aug"]["image_size"])
+            new = {**new, "stem": resolve_stem(new["stem"], cfg.data.aug.image_size)}
         # these change how a step runs, not the weights (split BN keeps plain BN's buffers): a run
         # trained by N processes (plain BN) resumes in one (split BN), and the other way round
         changeable = ("m", "t", "symmetric", "bank_m", "shuffle_exchange", "bn_splits", "shuffle_bn")

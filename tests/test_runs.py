@@ -12,6 +12,7 @@ import torch
 
 from moco_fast import checkpoint as ckpt
 from moco_fast.cli import main
+from moco_fast.config import ConfigError
 from moco_fast.data import DataError
 
 
@@ -158,6 +159,30 @@ def test_a_damaged_checkpoint_is_named_before_its_weights_are_used(tmp_path):
         fh.write(b"\xff" * 64)
     with pytest.raises(DataError, match=r"checkpoint.pt is damaged: its record .*/data/0 fails its checksum"):
         ckpt.load(path)
+
+
+def test_a_resume_at_another_image_size_keeps_the_stem_of_the_weights(tmp_path, capsys):
+    # trained at 16 px, where --stem auto makes the CIFAR stem; resumed at 96 px, where auto would make
+    # the ImageNet one (the weights then did not fit: "the saved weights do not fit the model")
+    from moco_fast.cli import build_parser
+    from moco_fast.commands.train import config_from_args
+    from moco_fast.config import from_dict, to_dict
+    from moco_fast.resume import check_same_model
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = build_parser().parse_args(["train", "--loader", "synthetic", "--image-size", "16", "--out", str(out)])
+    trained = to_dict(config_from_args(args))
+    assert trained["model"]["stem"] == "auto"
+    torch.save({"config": trained, "model": {}, "optimizer": {}, "epoch": 1}, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--image-size", "96", "--print-config"]) == 0
+    resumed = from_dict(json.loads(capsys.readouterr().out))
+    assert resumed.model.stem == "cifar" and resumed.data.aug.image_size == 96
+    check_same_model(trained, resumed)  # the same network
+    resumed.model.stem = "auto"  # `--stem auto` typed: the ImageNet stem at 96 px, another network
+    with pytest.raises(ConfigError, match="stem='cifar' \\(now 'imagenet'\\)"):
+        check_same_model(trained, resumed)
 
 
 def test_resuming_another_run_into_a_run_folder_needs_force(tiny_root, run, tmp_path, capsys):

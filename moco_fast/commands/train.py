@@ -195,7 +195,7 @@ def config_from_args(args: argparse.Namespace):
     and only the flags given on this command line change it."""
     saved = _resumed_config(args)
     if saved is not None:
-        cfg = saved
+        cfg, saved_size = saved, saved.data.aug.image_size
         for dest, field in FLAG_FIELDS.items():
             if getattr(args, dest, None) is not None:
                 set_dotted(cfg, field, getattr(args, dest))
@@ -205,6 +205,11 @@ def config_from_args(args: argparse.Namespace):
             )
         if args.gpus is None and cfg.runtime.gpus > 1:
             cfg.runtime.gpus = _gpus_to_resume_with(cfg)
+        if cfg.model.stem == "auto" and args.stem is None:
+            from moco_fast.backbone import resolve_stem
+
+            # the weights' stem: an --image-size across 64 px would turn "auto" into the other one
+            cfg.model.stem = resolve_stem("auto", saved_size)
     else:
         preset = args.preset or _default_preset(args)
         cfg = build_config(preset, {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()})
