@@ -10,7 +10,7 @@ from typing import Any
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.backbone import resolve_stem
-from moco_fast.config import ConfigError, TrainConfig, plain, to_dict
+from moco_fast.config import ConfigError, TrainConfig, from_dict, plain, to_dict
 from moco_fast.data import DataError
 from moco_fast.model import MoCo
 from moco_fast.step import load_optimizer_state
@@ -28,6 +28,7 @@ def resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, 
     check_same_model(state["config"], cfg)
     if state["epoch"] < cfg.optim.epochs:
         warn_changed(state["config"], cfg)
+        warn_rescheduled(state["config"], cfg, state["epoch"], world)
     bank = state["model"].get("bank")
     if bank is not None and hasattr(model, "bank") and bank.shape[0] != model.bank.shape[0]:
         raise DataError(
@@ -46,14 +47,41 @@ def resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, 
 def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
     """A resumed run may change its data, optimisation or epochs; say what changed."""
     now = to_dict(cfg)
-    changed = [
-        f"{section}.{k} {old!r} -> {now[section].get(k)!r}"
-        for section in ("data", "optim")
-        for k, old in saved.get(section, {}).items()
-        if k not in ("epochs", "workers") and plain(now[section].get(k)) != plain(old)
-    ]
+    changed = []
+    for section in ("data", "optim"):
+        for k, old in saved.get(section, {}).items():
+            new = now[section].get(k)
+            if k in ("epochs", "workers") or plain(new) == plain(old):
+                continue
+            if isinstance(old, dict) and isinstance(new, dict):  # the augmentation: the fields that changed
+                changed += [
+                    f"{section}.{k}.{f} {v!r} -> {new.get(f)!r}"
+                    for f, v in old.items()
+                    if plain(new.get(f)) != plain(v)
+                ]
+            else:
+                changed.append(f"{section}.{k} {old!r} -> {new!r}")
     if changed:
         log.warning("--resume with changed settings: %s", "; ".join(changed))
+
+
+def warn_rescheduled(saved: dict[str, Any], cfg: TrainConfig, done: int, world: int) -> None:
+    """A run extended (or shortened) with --epochs: the lr schedule is that of the new length, so the
+    lr of its next epoch is not where the old schedule ended (a cosine run 200 -> 400 goes from about
+    0 back to half the base lr). Said with the two figures."""
+    from moco_fast.trainer import lr_at
+
+    before = from_dict(saved)
+    if before.optim.epochs == cfg.optim.epochs:
+        return
+    base = cfg.optim.lr * cfg.optim.batch_size * world / 256
+    old_base = before.optim.lr * before.optim.batch_size * world / 256
+    last, nxt = lr_at(before, done - 1, old_base), lr_at(cfg, done, base)
+    log.warning(
+        "--resume: --epochs %d (the run was scheduled for %d): the %s schedule now spans %d epochs, so "
+        "epoch %d trains at lr %.4g where epoch %d had %.4g",
+        *(cfg.optim.epochs, before.optim.epochs, cfg.optim.schedule, cfg.optim.epochs, done + 1, nxt, done, last),
+    )
 
 
 def check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:

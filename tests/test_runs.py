@@ -3,6 +3,7 @@ a finished run is not redone, another run's folder is not overwritten without --
 flag values are one-line errors before anything starts."""
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -43,11 +44,17 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_with_only_out_continues_the_run_as_configured(tiny_root, run, capsys):
+def test_resume_with_only_out_continues_the_run_as_configured(tiny_root, run, capsys, caplog):
     out = run
     # No preset, data or model flags: they come from the checkpoint (the defaults would differ:
     # demo preset, K 1024, 8 BN splits, the demo set).
-    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu", "--workers", "0"]) == 0
+    argv = ["train", "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu", "--workers", "0"]
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*argv, "--image-size", "24"]) == 0
+    # what changed is named field by field, and the lr schedule stretched to the new length with its figures
+    assert "--resume with changed settings: data.aug.image_size 32 -> 24" in caplog.text
+    assert "--resume: --epochs 2 (the run was scheduled for 1): the cosine schedule now spans 2 epochs" in caplog.text
+    assert "epoch 2 trains at lr 0.0004687 where epoch 1 had 0.0009375" in caplog.text, caplog.text
     assert [r["epoch"] for r in rows(out)] == [1, 2]
     saved = json.loads((out / "config.json").read_text())
     assert saved["moco"]["k"] == 16 and saved["data"]["data"] == str(tiny_root) and saved["optim"]["epochs"] == 2
