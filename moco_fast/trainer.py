@@ -359,9 +359,10 @@ def check_finite(model: torch.nn.Module, loss: torch.Tensor, epoch: int, amp_dty
     finite = torch.stack([torch.isfinite(v).all() for v in state.values()])
     if not bool(finite.all()):
         bad = [k for k, ok in zip(state, finite.tolist(), strict=True) if not ok]
+        amp = {torch.float16: ", or use --amp bf16 or off", torch.bfloat16: ", or use --amp off"}.get(amp_dtype, "")
         raise Diverged(
             f"the run diverged in epoch {epoch}: {len(bad)} tensors of the model hold NaN or inf "
-            f"(first: {bad[0]}); the last checkpoint is kept: lower --lr, or use --amp bf16/off"
+            f"(first: {bad[0]}); the last checkpoint is kept: lower --lr{amp}"
         )
     if not math.isfinite(loss.item()):
         log.warning(

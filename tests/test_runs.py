@@ -289,8 +289,17 @@ def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
     assert "epoch 3: the mean loss is inf" in caplog.text and "skipped" in caplog.text
     with torch.no_grad():
         net.bias[1] = float("nan")
-    with pytest.raises(Diverged, match="1 tensors of the model hold NaN or inf \\(first: bias\\)"):
+    with pytest.raises(Diverged, match="1 tensors of the model hold NaN or inf \\(first: bias\\)") as e:
         check_finite(net, torch.tensor(1.0), 3, None)
+    assert str(e.value).endswith("lower --lr")  # fp32: no --amp to change
+    # the advice names another --amp than the run's
+    for dtype, says in (
+        (torch.float16, "lower --lr, or use --amp bf16 or off"),
+        (torch.bfloat16, "lower --lr, or use --amp off"),
+    ):
+        with pytest.raises(Diverged) as e:
+            check_finite(net, torch.tensor(1.0), 3, dtype)
+        assert str(e.value).endswith(says)
     # BN statistics too: an fp16 forward that overflows poisons them although the scaler skips its step
     bn = torch.nn.BatchNorm1d(2)
     bn.running_var[0] = float("inf")
