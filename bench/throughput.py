@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="per device (default 256; 16 on the CPU)")
     p.add_argument("--image-size", type=int, help="crop size (default: the preset's; 64 on the CPU)")
     p.add_argument("--moco-k", type=int, help="queue length (default: the preset's, 65536)")
+    p.add_argument("--bn-splits", type=int, help="split-BN sub-batches (default: the preset's, 8)")
     p.add_argument(
         "--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="auto: bf16 on GPU, off on CPU"
     )
@@ -354,6 +355,7 @@ def make_config(args: argparse.Namespace, device: torch.device):
         "model.arch": args.arch,
         "model.stem": args.stem or ("imagenet" if cpu else None),
         "moco.k": args.moco_k,
+        "moco.bn_splits": args.bn_splits,
         "optim.batch_size": default(args.batch_size, 16 if cpu else 256),
         "data.loader": args.loader,
         "data.data": args.data,
