@@ -53,11 +53,11 @@ def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
             new = now[section].get(k)
             if k in ("epochs", "workers") or plain(new) == plain(old):
                 continue
-            if isinstance(old, dict) and isinstance(new, dict):  # the augmentation: the fields that changed
+            if isinstance(old, dict) and isinstance(new, dict):  # augmentation, loader options: by field
                 changed += [
-                    f"{section}.{k}.{f} {v!r} -> {new.get(f)!r}"
-                    for f, v in old.items()
-                    if plain(new.get(f)) != plain(v)
+                    f"{section}.{k}.{f} {old.get(f)!r} -> {new.get(f)!r}"
+                    for f in {**old, **new}
+                    if plain(new.get(f)) != plain(old.get(f))
                 ]
             else:
                 changed.append(f"{section}.{k} {old!r} -> {new!r}")

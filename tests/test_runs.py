@@ -55,6 +55,17 @@ def test_resume_with_only_out_continues_the_run_as_configured(tiny_root, run, ca
     assert "--resume with changed settings: data.aug.image_size 32 -> 24" in caplog.text
     assert "--resume: --epochs 2 (the run was scheduled for 1): the cosine schedule now spans 2 epochs" in caplog.text
     assert "epoch 2 trains at lr 0.0004687 where epoch 1 had 0.0009375" in caplog.text, caplog.text
+    # a field that only one side has (a --loader-option added on resume) is named too
+    from moco_fast.config import from_dict, to_dict
+    from moco_fast.resume import warn_changed
+
+    saved = to_dict(from_dict(json.loads((out / "config.json").read_text())))
+    now = from_dict(json.loads((out / "config.json").read_text()))
+    now.data.loader_options["hw_decoder_load"] = "0.9"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        warn_changed(saved, now)
+    assert "data.loader_options.hw_decoder_load None -> '0.9'" in caplog.text
     assert [r["epoch"] for r in rows(out)] == [1, 2]
     saved = json.loads((out / "config.json").read_text())
     assert saved["moco"]["k"] == 16 and saved["data"]["data"] == str(tiny_root) and saved["optim"]["epochs"] == 2
@@ -183,6 +194,10 @@ def test_a_resume_at_another_image_size_keeps_the_stem_of_the_weights(tmp_path, 
     assert trained["model"]["stem"] == "auto"
     torch.save({"config": trained, "model": {}, "optimizer": {}, "epoch": 1}, out / "checkpoint.pt")
     capsys.readouterr()
+    # at the same size, or a size on the same side of 64 px, "auto" stays as saved (the sweep compares it)
+    for same in ([], ["--image-size", "24"]):
+        assert main(["train", "--resume", "--out", str(out), *same, "--print-config"]) == 0
+        assert from_dict(json.loads(capsys.readouterr().out)).model.stem == "auto"
     assert main(["train", "--resume", "--out", str(out), "--image-size", "96", "--print-config"]) == 0
     resumed = from_dict(json.loads(capsys.readouterr().out))
     assert resumed.model.stem == "cifar" and resumed.data.aug.image_size == 96

@@ -193,7 +193,7 @@ def config_from_args(args: argparse.Namespace):
     """Preset, then flags. With --resume and a checkpoint to resume from, the checkpoint's own
     config instead of the preset: `train --resume --out RUN` continues RUN as it was configured,
     and only the flags given on this command line change it."""
-    saved = _resumed_config(args)
+    saved, weights = _resumed_config(args)
     if saved is not None:
         cfg, saved_size = saved, saved.data.aug.image_size
         for dest, field in FLAG_FIELDS.items():
@@ -205,11 +205,12 @@ def config_from_args(args: argparse.Namespace):
             )
         if args.gpus is None and cfg.runtime.gpus > 1:
             cfg.runtime.gpus = _gpus_to_resume_with(cfg)
-        if cfg.model.stem == "auto" and args.stem is None:
+        if weights and cfg.model.stem == "auto" and args.stem is None and args.image_size is not None:
             from moco_fast.backbone import resolve_stem
 
             # the weights' stem: an --image-size across 64 px would turn "auto" into the other one
-            cfg.model.stem = resolve_stem("auto", saved_size)
+            if resolve_stem("auto", args.image_size) != resolve_stem("auto", saved_size):
+                cfg.model.stem = resolve_stem("auto", saved_size)
     else:
         preset = args.preset or _default_preset(args)
         cfg = build_config(preset, {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()})
@@ -234,10 +235,11 @@ def _default_preset(args: argparse.Namespace) -> str:
 
 
 def _resumed_config(args: argparse.Namespace):
-    """The config saved in the checkpoint that --resume will continue, or None (no --resume, or
-    nothing to resume yet)."""
+    """(the config saved in the checkpoint that --resume will continue, True), (that of the run's
+    config.json before its first checkpoint, False), or (None, False): no --resume, or nothing to
+    resume yet."""
     if args.resume is None:
-        return None
+        return None, False
     from moco_fast import checkpoint as ckpt
     from moco_fast.config import RuntimeConfig, from_dict
     from moco_fast.data import DataError
@@ -247,15 +249,15 @@ def _resumed_config(args: argparse.Namespace):
     out = args.out or PRESETS[preset].get("runtime.out", RuntimeConfig.out)
     path = ckpt.find_resume(args.resume, out)
     if path is None:
-        return _config_before_a_checkpoint(args, Path(out))
-    state = ckpt.load(path, map_location="cpu")
+        return _config_before_a_checkpoint(args, Path(out)), False
+    state = ckpt.load(path, map_location="cpu", mmap=True)  # its config: the weights are read by resume
     if not isinstance(state.get("config"), dict):
         raise DataError(f"--resume: {path} is not a moco-fast training checkpoint")
     cfg = from_dict(state["config"])
     cfg.runtime.out = args.out or str(path.parent)
     cfg.runtime.resume = args.resume
     cfg.runtime.force = False
-    return cfg
+    return cfg, True
 
 
 def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
