@@ -13,7 +13,7 @@ import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from moco_fast import checkpoint as ckpt
@@ -205,15 +205,33 @@ def clear_run(out: str | Path) -> None:
     shutil.rmtree(out / "tb", ignore_errors=True)
 
 
-def forget_a_run_without_epochs(out: Path) -> None:
-    """A run that stopped (an error, Ctrl-C) before it logged its first epoch leaves nothing behind:
-    its config.json and tb/ go, so that the folder is as it was (hold_run_folder then removes a
-    folder that the run created). Called only by the run that wrote them; a folder holding rows or a
-    checkpoint is left as it is."""
+def made_from_now(out: Path) -> Callable[[], list[Path]]:
+    """A function that lists what a run adds to `out` from now on: its config.json and tb/, or the
+    files in a tb/ that was there already."""
+    config, tb = out / CONFIG_NAME, out / "tb"
+    had_config = config.exists()
+    had_tb = set(os.listdir(tb)) if tb.is_dir() else None
+
+    def made() -> list[Path]:
+        new = [] if had_config else [config]
+        if had_tb is None:
+            return [*new, tb]
+        return new + [tb / name for name in os.listdir(tb) if name not in had_tb] if tb.is_dir() else new
+
+    return made
+
+
+def forget_a_run_without_epochs(out: Path, made: list[Path]) -> None:
+    """A run that failed (bad data, a divergence) before it logged its first epoch takes back what it
+    `made` there (config.json, tb/), so that the folder is as it was (hold_run_folder then removes a
+    folder that the run created). A folder holding rows or a checkpoint is left as it is."""
     if holds_run(out):
         return
-    (out / CONFIG_NAME).unlink(missing_ok=True)
-    shutil.rmtree(out / "tb", ignore_errors=True)
+    for p in made:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(out: Path) -> None:

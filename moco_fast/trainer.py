@@ -18,6 +18,7 @@ import torch
 
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
+from moco_fast.cli import interruption
 from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
 from moco_fast.data import DataError
 from moco_fast.loaders import LoaderArgs, create_loader
@@ -33,6 +34,7 @@ from moco_fast.run_folder import (
     ensure_not_busy,
     forget_a_run_without_epochs,
     hold_run_folder,
+    made_from_now,
     remove_stale_temporaries,
     starts_over,
 )
@@ -239,6 +241,7 @@ def _train_held(
             clear_run(out)
     if dist_utils.is_main() and not finished:
         remove_stale_temporaries(out)
+    made = made_from_now(out)  # what this run adds to the folder, for forget_a_run_without_epochs
     writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed))
     if resume_path is not None:
         writer.keep_epochs(start_epoch)
@@ -287,10 +290,10 @@ def _train_held(
         elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
             row = _final_evaluation(row, model, splits, cfg, device)
             writer.write_summary(row)
-    except BaseException:
+    except BaseException as e:
         writer.close()
-        if dist_utils.is_main() and not finished:
-            forget_a_run_without_epochs(out)  # what it wrote before its first epoch ended
+        if dist_utils.is_main() and interruption(e) is None:  # a stop keeps config.json: --resume reads it
+            forget_a_run_without_epochs(out, made())  # what it made before its first epoch ended
         raise
     writer.close()
     dist_utils.barrier()

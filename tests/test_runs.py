@@ -282,17 +282,30 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tiny_root, run,
     assert not list(run.glob(".*.tmp"))
 
 
-def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_as_it_was(tiny_root, tmp_path, capsys):
-    # It diverges in epoch 1, after it wrote config.json and opened tb/: those go, and the folder
-    # it created goes with them; a folder that was there keeps what it held.
+def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_as_it_was(tiny_root, tmp_path, capsys, monkeypatch):
+    # It diverges in epoch 1, after it wrote config.json and opened tb/: what it made goes, and the
+    # folder it created goes with them; a folder that was there keeps what it held, tb/ included.
     new, kept = tmp_path / "new", tmp_path / "kept"
-    kept.mkdir()
+    (kept / "tb").mkdir(parents=True)
     (kept / "notes.txt").write_text("mine")
+    (kept / "tb" / "events.old").write_text("an earlier run's")
     for out in (new, kept):
         assert main([*tiny_args(tiny_root, out), "--lr", "1e30"]) == 2
         assert "diverged in epoch 1" in capsys.readouterr().err
     assert not new.exists()
-    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == ["notes.txt", "tb", "tb/events.old"]
+    # stopped in epoch 1 (Ctrl-C, SIGTERM, a preemption): config.json stays, and --resume alone
+    # starts the run over with it
+    import moco_fast.trainer
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(moco_fast.trainer, "_run_epoch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(tiny_args(tiny_root, stopped)) == 130
+    monkeypatch.undo()
+    assert (stopped / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(stopped), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["moco"]["k"] == 16  # tiny_args', not the default 1024
 
 
 def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
