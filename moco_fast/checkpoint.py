@@ -134,12 +134,22 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool 
 def damaged_record(path: Path) -> str | None:
     """The first record of a checkpoint (a zip: torch.save's format) whose CRC-32 does not match its
     bytes, or None. torch.load does not check them: a flipped block loaded as garbage weights (a
-    resumed run then "diverged"). A pass over the file, just read, so from the page cache."""
+    resumed run then "diverged"). A pass over the file, just read, so from the page cache. Records
+    saved without a checksum (CRC 0) are not checked."""
     try:
         with zipfile.ZipFile(path) as z:
-            return z.testzip()
+            for info in z.infolist():
+                if info.CRC == 0 and info.file_size:  # saved without checksums (torch's compute_crc32 off)
+                    continue
+                try:
+                    with z.open(info) as fh:
+                        while fh.read(1 << 24):  # zipfile checks the CRC-32 at the record's end
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename
     except (zipfile.BadZipFile, OSError):  # not a zip (torch.load read it): nothing to check
         return None
+    return None
 
 
 # torch.save's legacy (non-zip) format: a pickle whose first object is this number (a LONG1)

@@ -177,6 +177,13 @@ def test_a_damaged_checkpoint_is_named_before_its_weights_are_used(tmp_path):
         fh.write(b"\xff" * 64)
     with pytest.raises(DataError, match=r"checkpoint.pt is damaged: its record .*/data/0 fails its checksum"):
         ckpt.load(path)
+    # a file saved without checksums (torch can: compute_crc32 off) is read as it is
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"config": {}, "model": {"w": torch.ones(1000)}}, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert ckpt.load(tmp_path / "nocrc.pt")["model"]["w"].sum() == 1000
 
 
 def test_a_resume_at_another_image_size_keeps_the_stem_of_the_weights(tmp_path, capsys):
