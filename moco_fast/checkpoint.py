@@ -55,9 +55,15 @@ def file_stamp(path: str | Path) -> list[Any] | None:
     except OSError:
         return None
     try:
-        save_id = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("save_id")
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception:  # not a checkpoint (yet): the file's own stamp
-        save_id = None
+        state = None
+    return stamp_of(state, st)
+
+
+def stamp_of(state: Any, st: os.stat_result) -> list[Any]:
+    """file_stamp of a checkpoint already read (`state`), the file's stat taken before reading it."""
+    save_id = state.get("save_id") if isinstance(state, dict) else None
     return ["save_id", save_id] if isinstance(save_id, str) else [st.st_mtime_ns, st.st_size]
 
 
@@ -222,12 +228,14 @@ def find_resume(resume: str | None, out: str | Path) -> Path | None:
     return p
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu"):
-    """(MoCo model in eval mode, TrainConfig) from a training checkpoint."""
+def load_model(path: str | Path, device: torch.device | str = "cpu", state: dict[str, Any] | None = None):
+    """(MoCo model in eval mode, TrainConfig) from a training checkpoint (`state`: the one read already
+    from `path`)."""
     from moco_fast.config import from_dict
     from moco_fast.model import MoCo
 
-    state = load(path, map_location="cpu")
+    if state is None:
+        state = load(path, map_location="cpu")
     if "model" not in state or "config" not in state:
         raise DataError(f"{path} is not a moco-fast training checkpoint")
     cfg = from_dict(state["config"])

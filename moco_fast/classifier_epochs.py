@@ -122,12 +122,13 @@ class EpochLoop:
         parts: dict[str, Any],
         generator: torch.Generator | None,
         t0: float,  # when the run started (time.perf_counter)
+        checkpoint_stamp: list[Any] | None = None,  # of the checkpoint as the run read it (else: as it is now)
     ):
         self.command, self.cfg, self.out, self.parts, self.generator = command, cfg, out, parts, generator
         self.path = state_path(out)
         self.t0, self.earlier_s = t0, 0.0
         self.saved = 0  # the epochs the state file holds
-        self.settings = settings(cfg)  # with the stamp of the checkpoint this run read
+        self.settings = settings(cfg, checkpoint_stamp)  # with the stamp of the checkpoint this run read
 
     def wall_s(self) -> float:
         """Seconds the run has taken, its interrupted parts included."""
@@ -209,7 +210,7 @@ class EpochLoop:
         return state["epoch"], state["history"]
 
 
-def settings(cfg: Any) -> dict[str, Any]:
+def settings(cfg: Any, checkpoint_stamp: list[Any] | None = None) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one: every setting but MAY_CHANGE, paths
     made absolute, the schedule in one spelling, and the checkpoint file itself (trained further
     since, it is another backbone). With a checkpoint, finetune's --arch and --stem are the
@@ -224,7 +225,9 @@ def settings(cfg: Any) -> dict[str, Any]:
     if cfg.checkpoint:
         now.pop("arch", None)
         now.pop("stem", None)
-    now["checkpoint_stamp"] = ckpt.file_stamp(cfg.checkpoint) if cfg.checkpoint else None
+    if checkpoint_stamp is None and cfg.checkpoint:
+        checkpoint_stamp = ckpt.file_stamp(cfg.checkpoint)
+    now["checkpoint_stamp"] = checkpoint_stamp
     return now
 
 

@@ -242,12 +242,15 @@ def new_classifier(width: int, num_classes: int) -> nn.Linear:
 
 # -- the frozen-backbone check -------------------------------------------------------------------
 def checkpoint_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The query backbone's tensors as stored in a training checkpoint (names without prefix), copied
-    into memory (the file may be rewritten later: a run that goes on training)."""
+    """The query backbone's tensors as stored in a training checkpoint (names without prefix)."""
     from moco_fast import checkpoint as ckpt
 
-    model = ckpt.load(path, mmap=True)["model"]
-    return {k[len(BACKBONE_PREFIX) :]: v.clone() for k, v in model.items() if k.startswith(BACKBONE_PREFIX)}
+    return backbone_tensors(ckpt.load(path)["model"])
+
+
+def backbone_tensors(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The query backbone's tensors of a checkpoint's "model" state (names without prefix)."""
+    return {k[len(BACKBONE_PREFIX) :]: v for k, v in model_state.items() if k.startswith(BACKBONE_PREFIX)}
 
 
 def check_unchanged(backbone: nn.Module, reference: dict[str, torch.Tensor]) -> None:
@@ -312,10 +315,15 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
 
     steps, device, amp_dtype, t0 = start_run(cfg)
 
-    model, train_cfg = load_model(cfg.checkpoint, "cpu")
-    # what the backbone must still be at the end: the file as it is now (a run training on in the
-    # checkpoint's folder may rewrite it meanwhile)
-    stamp, reference = ckpt.file_stamp(cfg.checkpoint), checkpoint_backbone_state(cfg.checkpoint)
+    # One read of the checkpoint gives the model, what its backbone must still be at the end, and the
+    # stamp that the state between epochs names: a run training on in the checkpoint's folder may
+    # rewrite the file meanwhile. (load_state_dict copies: the read tensors stay as read.)
+    st = Path(cfg.checkpoint).stat()
+    state = ckpt.load(cfg.checkpoint)
+    stamp = ckpt.stamp_of(state, st)
+    model, train_cfg = load_model(cfg.checkpoint, "cpu", state=state)
+    reference = backbone_tensors(state["model"])
+    del state
     spec = train_cfg.data.aug
     size = cfg.image_size or spec.image_size
     backbone = model.encoder_q.backbone
@@ -361,7 +369,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         return {"epoch": epoch + 1, "lr": lr, "loss": loss}
 
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / LINCLS_RESULT
-    loop = EpochLoop("lincls", cfg, out, {"classifier": fc, "optimizer": opt}, order, t0)
+    loop = EpochLoop("lincls", cfg, out, {"classifier": fc, "optimizer": opt}, order, t0, stamp)
     history = loop.run(one_epoch, lambda: evaluate(lambda x: fc(features(x)), eval_batches, device, classes))
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
     if ckpt.file_stamp(cfg.checkpoint) != stamp:

@@ -132,14 +132,14 @@ def test_backbone_check_catches_changes(ckpt):
 def test_lincls_fails_when_the_backbone_differs(ckpt, six_root, tmp_path, monkeypatch):
     import moco_fast.lincls as lincls
 
-    real = lincls.checkpoint_backbone_state
+    real = lincls.backbone_tensors
 
-    def tampered(path):
-        ref = real(path)
+    def tampered(model_state):  # the reference lincls compares the backbone with at the end
+        ref = real(model_state)
         ref["conv1.weight"] = ref["conv1.weight"] + 1
         return ref
 
-    monkeypatch.setattr(lincls, "checkpoint_backbone_state", tampered)
+    monkeypatch.setattr(lincls, "backbone_tensors", tampered)
     cfg = lincls.LinclsConfig(str(ckpt), str(six_root), epochs=1, batch_size=8, workers=0, device="cpu")
     with pytest.raises(lincls.BackboneChangedError, match=r"conv1\.weight"):
         lincls.run_lincls(cfg)
@@ -170,6 +170,34 @@ def test_lincls_outlives_its_checkpoint_being_trained_further(ckpt, six_root, tm
         res = lincls.run_lincls(replace(cfg, device="cpu", schedule="cos"))
     assert res["backbone_unchanged"] and (run / "lincls.json").is_file()
     assert "was rewritten during linear classification (trained further?)" in caplog.text
+
+
+def test_lincls_state_names_the_checkpoint_it_read(ckpt, six_root, tmp_path, monkeypatch):
+    # The checkpoint is rewritten while lincls extracts its cached features (before its epochs):
+    # the state between epochs names the checkpoint lincls read, so a --resume on the new one is
+    # refused instead of going on with a classifier of the old backbone.
+    import moco_fast.lincls as lincls
+    from moco_fast import checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ckpt, run / "checkpoint.pt")
+    read = checkpoint.file_stamp(run / "checkpoint.pt")
+    real_extract = lincls.extract
+
+    def extract(*args):
+        later = torch.load(run / "checkpoint.pt", weights_only=False)
+        torch.save({**later, "save_id": "a later save"}, tmp_path / "later.pt")
+        os.replace(tmp_path / "later.pt", run / "checkpoint.pt")
+        return real_extract(*args)
+
+    monkeypatch.setattr(lincls, "extract", extract)
+    interrupt_at(monkeypatch, lincls, 1)
+    cfg = lincls.LinclsConfig(str(run / "checkpoint.pt"), str(six_root), epochs=2, batch_size=8, workers=0)
+    with pytest.raises(KeyboardInterrupt):
+        lincls.run_lincls(replace(cfg, device="cpu", cached_features=True))
+    state = torch.load(run / "lincls.state.pt", weights_only=False)
+    assert state["config"]["checkpoint_stamp"] == read != checkpoint.file_stamp(run / "checkpoint.pt")
 
 
 @pytest.mark.parametrize(
