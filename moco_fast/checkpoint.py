@@ -90,9 +90,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
 
         if os.path.exists(tmp):
             os.unlink(tmp)
-        cause = None if interruption(e) else os_error_behind(e)
-        if cause is not None and cause is not e and not cause.filename:  # torch.save's writer: "unexpected pos"
-            raise OSError(cause.errno, cause.strerror, str(path)) from e  # a full disk, named with the file
+        cause = None if interruption(e) else os_error_behind(e)  # behind it: torch.save's "unexpected pos"
+        if cause is not None and not cause.filename:  # a full disk from a write or fsync: name the file
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
 
 

@@ -77,11 +77,11 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.
 
 
 def _environment_error(e: BaseException) -> str | None:
-    """The one line for an OSError of ENVIRONMENT_ERRNOS in `e` or behind it, or None."""
-    cause = os_error_behind(e)
-    if cause is None or cause.errno not in ENVIRONMENT_ERRNOS:
+    """The one line for an OSError of ENVIRONMENT_ERRNOS, or None. Only `e` itself: an error raised
+    while handling one is another error (checkpoint.atomic_write names the file behind torch.save's)."""
+    if not isinstance(e, OSError) or e.errno not in ENVIRONMENT_ERRNOS:
         return None
-    return f"{cause.strerror}: {cause.filename}" if cause.filename else (cause.strerror or str(cause))
+    return f"{e.strerror}: {e.filename}" if e.filename else (e.strerror or str(e))
 
 
 def error_text(e: BaseException) -> str:

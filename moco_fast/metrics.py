@@ -52,8 +52,14 @@ class MetricsWriter:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.out / METRICS_NAME, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        path = self.out / METRICS_NAME
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError as e:
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror, str(path)) from e  # a full disk: name the file
         if self.tb is not None:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, (int, float)):

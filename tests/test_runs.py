@@ -440,6 +440,21 @@ def test_a_full_disk_or_a_folder_that_may_not_be_written_is_one_line(tmp_path, m
     assert main(argv) == 2
     assert one_line(capsys) == f"moco-fast export: error: No space left on device: {target}"
     assert list(tmp_path.iterdir()) == []  # the temporary file went
+    # a quota met by a plain write or fsync: named with the file too
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded")
+    monkeypatch.setattr(export, "run", lambda args: atomic_write(target, lambda fh: (_ for _ in ()).throw(quota)))
+    assert main(argv) == 2
+    assert one_line(capsys) == f"moco-fast export: error: Disk quota exceeded: {target}"
+
+    def bug_in_a_handler(args):  # another error raised while handling one: its traceback stays
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise ValueError("a bug") from None
+
+    monkeypatch.setattr(export, "run", bug_in_a_handler)
+    with pytest.raises(ValueError, match="a bug"):
+        main(argv)
     monkeypatch.setattr(export, "run", lambda args: os.mkdir(tmp_path / "x" / "y"))  # as the OS refuses
     monkeypatch.setattr(
         os, "mkdir", lambda p: (_ for _ in ()).throw(PermissionError(errno.EPERM, "Operation not permitted", str(p)))
