@@ -260,6 +260,8 @@ def test_resume_before_a_checkpoint_starts_over_with_the_runs_own_settings(tiny_
         f"--resume: {tmp_path / 'runn'} holds no run to resume (no checkpoint.pt, no config.json): check --out, or give the run's flags to start it there"
     )
     assert not (tmp_path / "runn").exists()
+    for flag in (["--image-size", "24"], ["--preset", "cifar"], ["--epochs", "2"]):  # a run described: it starts there
+        assert main(["train", "--resume", "--out", str(tmp_path / "runn"), *flag, "--print-config"]) == 0, flag
 
 
 def test_resume_without_out_finds_the_presets_folder(tmp_path, monkeypatch):

@@ -274,7 +274,7 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
     saved = out / CONFIG_NAME
     if not saved.is_file():
         given = [d for d in FLAG_FIELDS if d not in ("out", "resume", "force") and getattr(args, d, None) is not None]
-        if not given and args.preset is None and not args.loader_option:
+        if not given and args.preset is None and args.image_size is None and not args.loader_option:
             raise ConfigError(
                 f"--resume: {out} holds no run to resume (no {CHECKPOINT_NAME}, no {CONFIG_NAME}): check --out, "
                 "or give the run's flags to start it there"
