@@ -35,13 +35,6 @@ def warn_if_single_class(train: ImageList) -> None:
         )
 
 
-def neighbours(k: int, train: ImageList) -> int:
-    """The k that kNN uses on `train`: k, or every image of a train split smaller than k (the
-    figure that the printed labels name). Listed images that then fail to decode are named in their
-    own warning, and warn_few_neighbours gives the exact number that voted."""
-    return min(k, len(train))
-
-
 def warn_few_neighbours(k: int, bank_size: int, train: ImageList) -> None:
     """The warning of a kNN whose memory bank holds fewer images than k: all of them vote. Shown
     once per process for the same bank (train's monitor measures every few epochs)."""
@@ -176,13 +169,29 @@ def knn_accuracy(
     batch_size: int = 256,
     workers: int = 2,
 ) -> float:
-    """Top-1 accuracy (%) of weighted kNN. It draws nothing from the process's random streams (the
-    feature passes' DataLoaders draw their seeds from it): train's monitor leaves the training as it
-    would be without it."""
+    """Top-1 accuracy (%) of weighted kNN (knn_eval)."""
+    return knn_eval(net, train, test, spec, device, k, t, batch_size, workers)[0]
+
+
+def knn_eval(
+    net: nn.Module,
+    train: ImageList,
+    test: ImageList,
+    spec: AugSpec,
+    device: torch.device,
+    k: int = 200,
+    t: float = 0.1,
+    batch_size: int = 256,
+    workers: int = 2,
+) -> tuple[float, int]:
+    """(top-1 accuracy %, the k used) of weighted kNN: the k used is every decodable train image
+    where there are fewer than k (one warning says so). It draws nothing from the process's random
+    streams (the feature passes' DataLoaders draw their seeds from it): train's monitor leaves the
+    training as it would be without it."""
     with torch.random.fork_rng(devices=[]):
         bank, bank_labels = extract_features(net, train, spec, device, batch_size, workers, desc="kNN features (train)")
         query, query_labels = extract_features(net, test, spec, device, batch_size, workers, desc="kNN features (eval)")
     if k > len(bank):
         warn_few_neighbours(k, len(bank), train)
     pred = knn_predict(query, bank, bank_labels, len(train.classes), k, t)
-    return (pred == query_labels).float().mean().item() * 100  # host sync: once per evaluation
+    return (pred == query_labels).float().mean().item() * 100, min(k, len(bank))  # host sync: once per evaluation

@@ -13,7 +13,7 @@ import torch
 
 from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.data import DataSplits, load_splits
-from moco_fast.knn import knn_accuracy, neighbours, warn_if_single_class
+from moco_fast.knn import knn_eval, warn_if_single_class
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS
 from moco_fast.loaders.wds import is_wds_root
 from moco_fast.model import MoCo
@@ -54,9 +54,16 @@ def monitor_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> DataSp
 
 def knn_top1(net: torch.nn.Module, splits: DataSplits, cfg: TrainConfig, device: torch.device) -> float:
     """Weighted kNN top-1 (%) of `net` on the run's splits, with the run's k, t and eval workers."""
+    return knn_top1_and_k(net, splits, cfg, device)[0]
+
+
+def knn_top1_and_k(
+    net: torch.nn.Module, splits: DataSplits, cfg: TrainConfig, device: torch.device
+) -> tuple[float, int]:
+    """knn_top1 and the k it used (knn.knn_eval)."""
     from moco_fast.trainer import eval_workers
 
-    return knn_accuracy(
+    return knn_eval(
         net,
         splits.train,
         splits.eval,
@@ -73,11 +80,13 @@ def knn_figures(
 ) -> dict[str, float]:
     """kNN top-1 on the backbone (`backbone_top1` when the monitor has just measured it), on the
     head's output (128-d: the figure the official CIFAR-10 demo reports) and, with --knn-baseline,
-    on the random-init network; "knn_k" is the k used (knn.neighbours)."""
+    on the random-init network; "knn_k" is the k used (every decodable train image where fewer than
+    --knn-k)."""
+    head, k = knn_top1_and_k(model.encoder_q, splits, cfg, device)
     res = {
-        "knn_k": neighbours(cfg.runtime.knn_k, splits.train),
+        "knn_k": k,
         "knn_top1": knn_top1(model.backbone(), splits, cfg, device) if backbone_top1 is None else backbone_top1,
-        "knn_head_top1": knn_top1(model.encoder_q, splits, cfg, device),
+        "knn_head_top1": head,
     }
     if cfg.runtime.knn_baseline:
         res["random_knn_top1"] = knn_top1(random_init_backbone(cfg, device), splits, cfg, device)

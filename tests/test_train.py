@@ -416,6 +416,7 @@ def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_roo
     model, cfg = load_model(out / "checkpoint.pt", "cpu")
     splits = load_splits(str(clean))
     assert len(splits.eval) == 8
+    assert k == len(splits.train)  # the k used: every decodable train image, not the listed ones
     cpu = torch.device("cpu")
     for net, key in ((model.backbone(), "final_knn_top1"), (model.encoder_q, "final_knn_head_top1")):
         ref = knn_accuracy(net, splits.train, splits.eval, cfg.data.aug, cpu, workers=0)

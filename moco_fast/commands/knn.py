@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moco_fast.checkpoint import load_model
     from moco_fast.data import DataError, load_splits
-    from moco_fast.knn import knn_accuracy, neighbours, warn_if_single_class
+    from moco_fast.knn import knn_eval, warn_if_single_class
 
     # Every value is checked before the checkpoint or the data is read.
     require(args.k >= 1, f"--k must be at least 1 (got {args.k})")
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     names = ["backbone", "head"] if args.features == "both" else [args.features]
     for name in names:
         with torch.no_grad():
-            acc = knn_accuracy(
+            acc, k = knn_eval(
                 nets[name],
                 splits.train,
                 splits.eval,
@@ -62,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
                 args.batch_size,
                 args.workers,
             )
-        print(f"kNN top-1 ({name}, k={neighbours(args.k, splits.train)}, t={args.t:g}): {acc:.2f}%")
+        print(f"kNN top-1 ({name}, k={k}, t={args.t:g}): {acc:.2f}%")
     return 0
