@@ -28,7 +28,7 @@ def resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, 
     check_same_model(state["config"], cfg)
     if state["epoch"] < cfg.optim.epochs:
         warn_changed(state["config"], cfg)
-        warn_rescheduled(state["config"], cfg, state["epoch"], world)
+        warn_rescheduled(state["config"], cfg, state["epoch"], world, state.get("world_size", world))
     bank = state["model"].get("bank")
     if bank is not None and hasattr(model, "bank") and bank.shape[0] != model.bank.shape[0]:
         raise DataError(
@@ -65,7 +65,7 @@ def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
         log.warning("--resume with changed settings: %s", "; ".join(changed))
 
 
-def warn_rescheduled(saved: dict[str, Any], cfg: TrainConfig, done: int, world: int) -> None:
+def warn_rescheduled(saved: dict[str, Any], cfg: TrainConfig, done: int, world: int, saved_world: int) -> None:
     """A run extended (or shortened) with --epochs: the lr schedule is that of the new length, so the
     lr of its next epoch is not where the old schedule ended (a cosine run 200 -> 400 goes from about
     0 back to half the base lr). Said with the two figures."""
@@ -75,7 +75,7 @@ def warn_rescheduled(saved: dict[str, Any], cfg: TrainConfig, done: int, world: 
     if before.optim.epochs == cfg.optim.epochs:
         return
     base = cfg.optim.lr * cfg.optim.batch_size * world / 256
-    old_base = before.optim.lr * before.optim.batch_size * world / 256
+    old_base = before.optim.lr * before.optim.batch_size * saved_world / 256  # the processes that trained it
     last, nxt = lr_at(before, done - 1, old_base), lr_at(cfg, done, base)
     log.warning(
         "--resume: --epochs %d (the run was scheduled for %d): the %s schedule now spans %d epochs, so "

@@ -66,6 +66,14 @@ def test_resume_with_only_out_continues_the_run_as_configured(tiny_root, run, ca
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         warn_changed(saved, now)
     assert "data.loader_options.hw_decoder_load None -> '0.9'" in caplog.text
+    # a run trained by 2 processes and extended in 1: its last epoch's lr was that of the 2-process batch
+    from moco_fast.resume import warn_rescheduled
+
+    caplog.clear()
+    now.optim.epochs = 3
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        warn_rescheduled(saved, now, 2, 1, 2)
+    assert "epoch 3 trains at lr 0.0002344 where epoch 2 had 0.0009375" in caplog.text, caplog.text
     assert [r["epoch"] for r in rows(out)] == [1, 2]
     saved = json.loads((out / "config.json").read_text())
     assert saved["moco"]["k"] == 16 and saved["data"]["data"] == str(tiny_root) and saved["optim"]["epochs"] == 2
