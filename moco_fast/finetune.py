@@ -8,6 +8,7 @@ architecture: the baseline the paper compares against.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ def run_finetune(cfg: FinetuneConfig, model_path: Path | None) -> tuple[dict[str
     res, net = fine_tune(cfg)
     if model_path is not None:
         save_atomic(backbone_state(net[0], net[1]), model_path)
-        res["model"] = str(model_path)
+        res["model"] = os.path.abspath(model_path)  # what a rerun may replace (commands.network_of)
     out = result_path(cfg, res["init"])
     write_json(res, out)
     clear_state(out)

@@ -198,38 +198,40 @@ def test_only_an_earlier_output_of_the_same_kind_is_replaced(run_dir, tmp_path, 
     from moco_fast.lincls import PROTOCOL as LINCLS
 
     stop_training(monkeypatch)
+    earlier = {"protocol": FINETUNE, "top1": 60.0, "model": str(tmp_path / "finetune.pt")}
     files = {
         "config.json": json.dumps({"optim": {"lr": 0.03}}),
         "metrics.jsonl": '{"epoch": 1, "loss": 9.1}\n',
         "lincls.json": json.dumps({"protocol": LINCLS, "top1": 50.0}),
-        "finetune.json": json.dumps({"protocol": FINETUNE, "top1": 60.0}),
+        "finetune.json": json.dumps(earlier),
+        "sweep_lincls.json": json.dumps({"protocol": LINCLS, "top1": 40.0}),  # the sweep's short classifier
     }
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "finetune.pt")  # an earlier network
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "finetune.pt")  # the network it names
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18-tv.pth")  # torchvision's own
     exported = torchvision.models.resnet18().state_dict()
     del exported["fc.weight"], exported["fc.bias"]
     torch.save(exported, tmp_path / "r18.pth")  # `moco-fast export`'s: no fc
     ckpt = ["--checkpoint", str(run_dir), "--device", "cpu"]
     refused = [
-        ("lincls", "--out", "config.json"),
-        ("lincls", "--out", "metrics.jsonl"),
-        ("lincls", "--out", "finetune.json"),
-        ("finetune", "--out", "lincls.json"),
-        ("finetune", "--save-model", "lincls.json"),
-        ("finetune", "--save-model", "r18.pth"),
+        ("lincls", "--out", "config.json", []),
+        ("lincls", "--out", "metrics.jsonl", []),
+        ("lincls", "--out", "finetune.json", []),
+        ("lincls", "--out", "sweep_lincls.json", []),
+        ("finetune", "--out", "lincls.json", ["--no-save-model"]),
+        ("finetune", "--save-model", "lincls.json", ["--out", str(tmp_path / "finetune.json")]),
+        ("finetune", "--save-model", "r18.pth", ["--out", str(tmp_path / "finetune.json")]),
+        ("finetune", "--save-model", "resnet18-tv.pth", ["--out", str(tmp_path / "finetune.json")]),
+        ("finetune", "--save-model", "finetune.pt", ["--out", str(tmp_path / "new.json")]),  # no result names it
     ]
-    for cmd, flag, name in refused:
-        extra = (
-            ["--out", str(tmp_path / "new.json")]
-            if flag == "--save-model"
-            else ["--no-save-model"] * (cmd == "finetune")
-        )
+    for cmd, flag, name, extra in refused:
         assert main([cmd, *ckpt, flag, str(tmp_path / name), *extra]) == 2, (cmd, flag, name)
-        assert f"{flag} {tmp_path / name} exists and is not an earlier" in one_line_error(capsys)
+        err = one_line_error(capsys)
+        assert err.startswith(f"moco-fast {cmd}: error: {flag} {tmp_path / name} exists and is"), err
     for name, text in files.items():
         assert (tmp_path / name).read_text() == text
-    # an earlier result of the same kind is replaced: the command runs
+    # an earlier result of the same kind, and the network it names, are replaced: the command runs
     with pytest.raises(Stop):
         main(["lincls", *ckpt, "--out", str(tmp_path / "lincls.json")])
     with pytest.raises(Stop):

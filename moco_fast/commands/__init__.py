@@ -172,36 +172,44 @@ RESULT_MAX_BYTES = 16 << 20
 
 def result_of(command: str, protocol: str) -> Callable[[Path], str | None]:
     """check_output's `replaces` for a result JSON: an earlier result of `command` (its "protocol")
-    is replaced, anything else (a run's config.json or metrics.jsonl, another command's result) is
-    not."""
+    is replaced, anything else (a run's config.json or metrics.jsonl, another command's result, the
+    sweep's short linear classifier's) is not."""
 
     def why_not(p: Path) -> str | None:
-        try:
-            obj = json.loads(p.read_text()) if p.stat().st_size <= RESULT_MAX_BYTES else None
-        except (OSError, UnicodeDecodeError, ValueError):
-            obj = None
-        if isinstance(obj, dict) and obj.get("protocol") == protocol:
+        from moco_fast.run_folder import SWEEP_LINCLS_RESULT, SWEEP_RESULT
+
+        if p.name in (SWEEP_RESULT, SWEEP_LINCLS_RESULT):
+            return "is the sweep's"
+        obj = read_result(p)
+        if obj is not None and obj.get("protocol") == protocol:
             return None
         return f"is not an earlier {command} result"
 
     return why_not
 
 
-def network_state(p: Path) -> str | None:
-    """check_output's `replaces` for finetune's --save-model: an earlier fine-tuned network (a
-    torchvision state dict with its fc) is replaced, anything else is not."""
-    import torch
+def network_of(result: Path) -> Callable[[Path], str | None]:
+    """check_output's `replaces` for finetune's --save-model: the network that the earlier finetune
+    result at `result` names as its "model" is replaced; any other file (torchvision's weights, an
+    export, a checkpoint) is not."""
 
-    from moco_fast.checkpoint import not_a_checkpoint
-
-    if not_a_checkpoint(p) is None:
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # nothing is read but names
-        except Exception:  # a training checkpoint (not weights alone), a damaged file
-            state = None
-        if isinstance(state, dict) and "fc.weight" in state:
+    def why_not(p: Path) -> str | None:
+        obj = read_result(result)
+        named = obj.get("model") if obj is not None else None
+        if isinstance(named, str) and os.path.exists(named) and os.path.samefile(named, p):
             return None
-    return "is not an earlier fine-tuned network (a torchvision state dict with its fc)"
+        return f"is not the network of an earlier finetune result at {result}"
+
+    return why_not
+
+
+def read_result(p: Path) -> dict | None:
+    """The JSON object in a result file, or None (missing, not JSON, larger than any result)."""
+    try:
+        obj = json.loads(p.read_text()) if p.stat().st_size <= RESULT_MAX_BYTES else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def check_writable_beside(p: Path, flag: str) -> None:

@@ -13,7 +13,7 @@ from moco_fast.commands import (
     check_classifier_args,
     check_output,
     dataclass_from_args,
-    network_state,
+    network_of,
     require,
     resolve_checkpoint,
     resolve_eval_runtime,
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     model_path = None
     if not args.no_save_model:
         model_path = args.save_model or out.with_suffix(".pt")
-        model_path = check_output(model_path, "--save-model", inputs=(args.checkpoint,), replaces=network_state)
+        model_path = check_output(model_path, "--save-model", inputs=(args.checkpoint,), replaces=network_of(out))
         require(
             model_path.resolve() != out.resolve(),
             f"--save-model and --out are both {out}: give --save-model another path",
