@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,19 +159,9 @@ def knn_predict(
     return torch.cat(preds)
 
 
-def knn_accuracy(
-    net: nn.Module,
-    train: ImageList,
-    test: ImageList,
-    spec: AugSpec,
-    device: torch.device,
-    k: int = 200,
-    t: float = 0.1,
-    batch_size: int = 256,
-    workers: int = 2,
-) -> float:
-    """Top-1 accuracy (%) of weighted kNN (knn_eval)."""
-    return knn_eval(net, train, test, spec, device, k, t, batch_size, workers)[0]
+def knn_accuracy(*args: Any, **kwargs: Any) -> float:
+    """Top-1 accuracy (%) of weighted kNN: knn_eval's first figure, for its arguments."""
+    return knn_eval(*args, **kwargs)[0]
 
 
 def knn_eval(
