@@ -123,6 +123,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool 
         state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:
         why = not_a_checkpoint(path)
+        bad = None if why else damaged_record(path)
+        if bad is not None:
+            raise DataError(_damaged(path, bad)) from e
         raise DataError(
             f"{path} is not a moco-fast checkpoint: {why}" if why else f"cannot read checkpoint {path}: {e}"
         ) from e
@@ -130,11 +133,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool 
         raise DataError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict)")
     bad = None if mmap else damaged_record(path)
     if bad is not None:
-        raise DataError(
-            f"{path} is damaged: its record {bad} fails its checksum (a disk or copy fault?); use another "
-            "copy of it, or start over"
-        )
+        raise DataError(_damaged(path, bad))
     return state
+
+
+def _damaged(path: Path, record: str) -> str:
+    return (
+        f"{path} is damaged: its record {record} fails its checksum (a disk or copy fault?); use another copy "
+        "of it, or start over"
+    )
 
 
 def damaged_record(path: Path) -> str | None:
@@ -153,7 +160,7 @@ def damaged_record(path: Path) -> str | None:
                             pass
                 except zipfile.BadZipFile:
                     return info.filename
-    except (zipfile.BadZipFile, OSError):  # not a zip (torch.load read it): nothing to check
+    except Exception:  # not a zip, or one zipfile cannot open (torch.load or not_a_checkpoint says so)
         return None
     return None
 
@@ -177,7 +184,7 @@ def not_a_checkpoint(path: Path) -> str | None:
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-        except (zipfile.BadZipFile, OSError):
+        except Exception:  # BadZipFile, OSError; a damaged directory: UnicodeDecodeError, ValueError...
             return "it is a zip file (torch's format) that cannot be opened: cut short or damaged?"
         if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
             return None

@@ -185,6 +185,14 @@ def test_a_damaged_checkpoint_is_named_before_its_weights_are_used(tmp_path):
         fh.write(b"\xff" * 64)
     with pytest.raises(DataError, match=r"checkpoint.pt is damaged: its record .*/data/0 fails its checksum"):
         ckpt.load(path)
+    # damage where torch.load itself fails: the zip directory at the end, the pickle at the start
+    for where, says in ((-1000, "cut short or damaged"), (200, "is damaged: its record .*data.pkl fails its checksum")):
+        torch.save({"config": {}, "model": {"w": torch.zeros(100_000)}}, path)
+        with open(path, "r+b") as fh:
+            fh.seek(where if where > 0 else path.stat().st_size + where)
+            fh.write(b"\xff" * 1000)
+        with pytest.raises(DataError, match=says):
+            ckpt.load(path)
     # a file saved without checksums (torch can: compute_crc32 off) is read as it is
     torch.serialization.set_crc32_options(False)
     try:
