@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -70,8 +71,31 @@ def check_output(cfg: TrainConfig) -> Path | None:
 
 
 def check_run_folder(out: Path) -> None:
+    """ConfigError for an --out that is a file, or a folder whose config.json is not a run's (another
+    tool's folder: a run would overwrite that file)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be a run folder")
+    if (out / CONFIG_NAME).is_file():
+        read_run_config(out / CONFIG_NAME)
+
+
+# The sections of a saved TrainConfig (config.json, a checkpoint's "config").
+CONFIG_SECTIONS = ("data", "model", "moco", "optim", "runtime")
+
+
+def read_run_config(path: Path) -> dict:
+    """The TrainConfig dict saved at `path` (a run's config.json), or a ConfigError naming the file
+    when it holds something else: a run never overwrites it, nor starts from it."""
+    try:
+        obj = json.loads(path.read_text()) if path.stat().st_size <= 1 << 20 else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        obj = None
+    if not (isinstance(obj, dict) and all(isinstance(obj.get(k), dict) for k in CONFIG_SECTIONS)):
+        raise ConfigError(
+            f"{path} is not the config.json of a moco-fast run (another tool's?): a run there would overwrite "
+            "it; choose another --out, or move it away"
+        )
+    return obj
 
 
 def starts_over(cfg: TrainConfig, resume_path: Path | None) -> bool:

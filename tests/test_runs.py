@@ -333,6 +333,26 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_as_it_was(tiny_ro
     assert json.loads(capsys.readouterr().out)["moco"]["k"] == 16  # tiny_args', not the default 1024
 
 
+def test_a_folder_whose_config_json_is_not_a_runs_is_left_alone(tiny_root, tmp_path, capsys):
+    # another tool's folder (a model folder with its own config.json), or a partial file: a run there
+    # would overwrite it, and --resume would start the default recipe from it
+    for text in ('{"foo": 1}', '{"model": {"arch": "resnet18"}, "optim": {"epochs": 1}}'):
+        out = tmp_path / "other"
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text(text)
+        for argv in (
+            tiny_args(tiny_root, out),
+            ["train", "--resume", "--out", str(out)],
+            [*tiny_args(tiny_root, out), "--force"],
+        ):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1].endswith(
+                f"{out / 'config.json'} is not the config.json of a moco-fast run (another tool's?): a run there would overwrite it; choose another --out, or move it away"
+            ), err
+        assert (out / "config.json").read_text() == text and [p.name for p in out.iterdir()] == ["config.json"]
+
+
 def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
     from moco_fast.trainer import Diverged, check_finite
 

@@ -269,7 +269,7 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
     from moco_fast.checkpoint import CHECKPOINT_NAME
     from moco_fast.config import from_dict
     from moco_fast.data import DataError
-    from moco_fast.run_folder import CONFIG_NAME
+    from moco_fast.run_folder import CONFIG_NAME, read_run_config
 
     saved = out / CONFIG_NAME
     if not saved.is_file():
@@ -281,11 +281,9 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
             )
         return None
     try:
-        cfg = from_dict(json.loads(saved.read_text()))
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
-        raise DataError(
-            f"--resume: {saved} cannot be read ({e}): give the run's flags and --force to start over"
-        ) from None
+        cfg = from_dict(read_run_config(saved))
+    except (TypeError, AttributeError) as e:
+        raise DataError(f"--resume: {saved} cannot be read ({e}): move it away, or choose another --out") from None
     log.info("--resume: %s has no checkpoint yet; its run starts over with the settings of %s", out, saved)
     cfg.runtime.out = str(out)
     cfg.runtime.resume = args.resume
