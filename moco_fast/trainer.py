@@ -236,12 +236,14 @@ def _train_held(
         and cfg.runtime.final_knn
         and not (out / SUMMARY_NAME).is_file()
     )
+    # what this run adds to the folder, for forget_a_run_without_epochs: taken before an old run's
+    # files are cleared (a config.json that a run stopped in its first epoch left stays a config.json)
+    made = made_from_now(out)
     if dist_utils.is_main() and not continues_in(out, resume_path):
         if cfg.runtime.force or starts_over(cfg, resume_path):
             clear_run(out)
     if dist_utils.is_main() and not finished:
         remove_stale_temporaries(out)
-    made = made_from_now(out)  # what this run adds to the folder, for forget_a_run_without_epochs
     writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed))
     if resume_path is not None:
         writer.keep_epochs(start_epoch)

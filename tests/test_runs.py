@@ -331,6 +331,9 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_as_it_was(tiny_ro
     capsys.readouterr()
     assert main(["train", "--resume", "--out", str(stopped), "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["moco"]["k"] == 16  # tiny_args', not the default 1024
+    # that restart fails in its epoch 1 in turn: the folder keeps a config.json to --resume from
+    assert main(["train", "--resume", "--out", str(stopped), "--lr", "1e30"]) == 2
+    assert (stopped / "config.json").is_file()
 
 
 def test_a_folder_whose_config_json_is_not_a_runs_is_left_alone(tiny_root, tmp_path, capsys):
