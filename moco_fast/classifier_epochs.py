@@ -70,6 +70,7 @@ def check_state(out: Path, cfg: Any, command: str) -> None:
         raise ConfigError(f"{state}, where {command} keeps its state between epochs, is not a file: move it away")
     if not cfg.resume:
         if state.is_file():
+            load_state(state, command, mmap=True)  # another command's state: says so
             raise ConfigError(
                 f"{state} holds an interrupted {command} run: --resume continues it (with the same settings); "
                 "delete it to start over"
@@ -238,7 +239,13 @@ def load_state(path: Path, command: str, mmap: bool = False) -> dict[str, Any]:
         state = ckpt.load(path, map_location="cpu", mmap=mmap)
     except DataError as e:
         raise DataError(f"--resume: {command}'s state {e}; delete it to start over") from None
-    if not isinstance(state, dict) or state.get("command") != command:
+    other = state.get("command") if isinstance(state, dict) else None
+    if other in ("lincls", "finetune") and other != command:  # a result of the same stem: foo.json, foo.txt
+        raise ConfigError(
+            f"{path} is the state of an interrupted {other} run, whose result has the same name before its "
+            f"suffix: give --out another name (`moco-fast {other} --resume` finishes that run)"
+        )
+    if other != command:
         raise DataError(f"--resume: {path} is not the state of a {command} run; delete it to start over")
     return state
 
@@ -264,7 +271,7 @@ def resumable(out: Path, cfg: Any, command: str) -> bool:
         return False
     try:
         return not differences(load_state(path, command, mmap=True), cfg)
-    except DataError:
+    except (DataError, ConfigError):
         return False
 
 

@@ -240,6 +240,23 @@ def test_only_an_earlier_output_of_the_same_kind_is_replaced(run_dir, tmp_path, 
         )
 
 
+def test_another_commands_state_of_the_same_name_is_named_not_offered_for_deletion(
+    run_dir, tmp_path, monkeypatch, capsys
+):
+    # finetune's state for x.json is x.state.pt; lincls --out x.txt would keep its own there
+    stop_training(monkeypatch)
+    state = tmp_path / "x.state.pt"
+    torch.save({"command": "finetune", "config": {}, "epoch": 1, "history": []}, state)
+    before = state.read_bytes()
+    argv = ["lincls", "--checkpoint", str(run_dir), "--device", "cpu", "--out", str(tmp_path / "x.txt")]
+    for resume in ([], ["--resume"]):
+        assert main([*argv, *resume]) == 2
+        err = one_line_error(capsys)
+        assert f"{state} is the state of an interrupted finetune run" in err and "delete" not in err, err
+        assert "give --out another name" in err
+    assert state.read_bytes() == before
+
+
 def test_run_folder_and_defaults_reach_the_config(run_dir, tmp_path, monkeypatch):
     seen = stop_training(monkeypatch)
     with pytest.raises(Stop):
