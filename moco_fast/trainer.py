@@ -367,7 +367,8 @@ def check_finite(model: torch.nn.Module, loss: torch.Tensor, epoch: int, amp_dty
         amp = {torch.float16: ", or use --amp bf16 or off", torch.bfloat16: ", or use --amp off"}.get(amp_dtype, "")
         raise Diverged(
             f"the run diverged in epoch {epoch}: {len(bad)} tensors of the model hold NaN or inf "
-            f"(first: {bad[0]}); the last checkpoint is kept: lower --lr{amp}"
+            f"(first: {bad[0]}); {'the last checkpoint is kept' if epoch > 1 else 'nothing was saved'}: "
+            f"lower --lr{amp}"
         )
     if not math.isfinite(loss.item()):
         log.warning(

@@ -302,6 +302,7 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tiny_root, run,
     assert main([*tiny_args(tiny_root, run, epochs=2), "--resume", "--lr", "1e30"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "diverged in epoch 2" in err[-1] and "NaN or inf" in err[-1], err
+    assert "the last checkpoint is kept" in err[-1]
     assert (run / "checkpoint.pt").read_bytes() == before  # not overwritten with NaN weights
     assert [r["epoch"] for r in rows(run)] == [1]
     assert not list(run.glob(".*.tmp"))
@@ -316,7 +317,8 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_as_it_was(tiny_ro
     (kept / "tb" / "events.old").write_text("an earlier run's")
     for out in (new, kept):
         assert main([*tiny_args(tiny_root, out), "--lr", "1e30"]) == 2
-        assert "diverged in epoch 1" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "diverged in epoch 1" in err and "nothing was saved: lower --lr" in err, err
     assert not new.exists()
     assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == ["notes.txt", "tb", "tb/events.old"]
     # stopped in epoch 1 (Ctrl-C, SIGTERM, a preemption): config.json stays, and --resume alone
