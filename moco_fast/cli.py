@@ -147,6 +147,27 @@ def _children_end(signum, frame):
     """SIGCHLD after SIGTERM: the workers' ends are expected (see _on_sigterm)."""
 
 
+HELD_IMPORTS = ("torch", "torchvision")  # what every command imports, before it runs
+
+
+def _import_holding_signals(modules: tuple[str, ...]) -> None:
+    """Imports what every command imports (torch: 2 s) with Ctrl-C and SIGTERM held until it is in,
+    then acts on them: one that lands in the C++ side of the import (a pybind11 callback) aborted
+    the process (SIGABRT, "terminate called after throwing ... KeyboardInterrupt")."""
+    held: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+    if held:
+        signal.raise_signal(held[0])  # now, through the handlers the command runs with
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # INFO for moco-fast's own messages; other libraries' at WARNING (torch's import sets its own levels,
@@ -163,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         if previous is None:  # set outside Python: the default is the nearest we can put back
             previous = signal.SIG_DFL
     try:
+        if threading.current_thread() is threading.main_thread():
+            _import_holding_signals(HELD_IMPORTS)
         return args.func(args) or 0
     except BaseException as e:
         # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import stat
+import sys
 
 import pytest
 import torch
@@ -418,7 +419,7 @@ def test_resume_computes_a_final_knn_that_was_interrupted(tiny_root, run, capsys
     assert later["epoch"] == 2 and later["random_knn_top1"] == summary["random_knn_top1"]
 
 
-def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys):
+def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_path):
     import signal
 
     import moco_fast.commands.export as export
@@ -452,6 +453,18 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys):
     def user_errors():
         raise AttributeError("partially initialized module 'torch' has no attribute 'cuda'")
 
+    # Ctrl-C while torch is imported is held until the import is done (in torch's C++ side it aborted
+    # the process), then ends the command as interrupted before it runs
+    ran = []
+    (tmp_path / "held_import_probe.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nDONE = True\n"
+    )
+    with monkeypatch.context() as m:
+        m.syspath_prepend(str(tmp_path))
+        m.setattr(moco_fast.cli, "HELD_IMPORTS", ("held_import_probe",))
+        m.setattr(export, "run", lambda args: ran.append(1))
+        assert main(argv) == 130 and capsys.readouterr().err.strip() == "interrupted"
+        assert sys.modules.pop("held_import_probe").DONE and not ran  # the import ran to its end
     with monkeypatch.context() as m:
         m.setattr(moco_fast.cli, "user_errors", user_errors)
         for run in (lambda args: (_ for _ in ()).throw(KeyboardInterrupt), torch_cut_short):
