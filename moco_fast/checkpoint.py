@@ -77,7 +77,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     half-written file under the final name (checkpoints, exports, result JSON)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a folder that may not be written: name the file, not the temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would follow the umask
         with os.fdopen(fd, "wb") as fh:

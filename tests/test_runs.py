@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -501,6 +502,16 @@ def test_a_full_disk_or_a_folder_that_may_not_be_written_is_one_line(tmp_path, m
     monkeypatch.setattr(export, "run", lambda args: atomic_write(target, lambda fh: (_ for _ in ()).throw(quota)))
     assert main(argv) == 2
     assert one_line(capsys) == f"moco-fast export: error: Disk quota exceeded: {target}"
+
+    # a folder that may not be written: the file is named, not the temporary one beside it
+    def refused(prefix, suffix, dir):
+        raise PermissionError(errno.EPERM, "Operation not permitted", f"{dir}/{prefix}x1y2{suffix}")
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", refused)
+        m.setattr(export, "run", lambda args: atomic_write(target, lambda fh: None))
+        assert main(argv) == 2
+    assert one_line(capsys) == f"moco-fast export: error: Operation not permitted: {target}"
 
     def bug_in_a_handler(args):  # another error raised while handling one: its traceback stays
         try:
