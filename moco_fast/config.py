@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from moco_fast.augment import AUG_PRESETS, AugSpec
@@ -195,6 +196,16 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
         return cls(**kwargs)
 
     return build(TrainConfig, d)
+
+
+def read_json_object(path: Path, max_bytes: int = 16 << 20) -> dict[str, Any] | None:
+    """The JSON object in a small file the project writes (a result, a run's config.json), or None:
+    missing, not JSON, not an object, or larger than any such file (not read to find out)."""
+    try:
+        obj = json.loads(path.read_text()) if path.stat().st_size <= max_bytes else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def save_json(cfg: TrainConfig, path: str) -> None:

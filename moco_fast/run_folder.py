@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from moco_fast import checkpoint as ckpt
-from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.config import ConfigError, TrainConfig, read_json_object
 from moco_fast.metrics import METRICS_NAME, SUMMARY_NAME, read_rows
 
 log = logging.getLogger("moco_fast")
@@ -86,11 +85,8 @@ CONFIG_SECTIONS = ("data", "model", "moco", "optim", "runtime")
 def read_run_config(path: Path) -> dict:
     """The TrainConfig dict saved at `path` (a run's config.json), or a ConfigError naming the file
     when it holds something else: a run never overwrites it, nor starts from it."""
-    try:
-        obj = json.loads(path.read_text()) if path.stat().st_size <= 1 << 20 else None
-    except (OSError, UnicodeDecodeError, ValueError):
-        obj = None
-    if not (isinstance(obj, dict) and all(isinstance(obj.get(k), dict) for k in CONFIG_SECTIONS)):
+    obj = read_json_object(path)
+    if obj is None or not all(isinstance(obj.get(k), dict) for k in CONFIG_SECTIONS):
         raise ConfigError(
             f"{path} is not the config.json of a moco-fast run (another tool's?): a run there would overwrite "
             "it; choose another --out, or move it away"

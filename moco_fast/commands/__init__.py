@@ -4,7 +4,6 @@ evaluation commands (knn, lincls, finetune) share, so that they read and default
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -15,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from moco_fast.config import ConfigError
+from moco_fast.config import ConfigError, read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -166,10 +165,6 @@ def check_output(
     return p
 
 
-# A result JSON is a few KB; a larger file is something else, and is not read to find out.
-RESULT_MAX_BYTES = 16 << 20
-
-
 def result_of(command: str, protocol: str) -> Callable[[Path], str | None]:
     """check_output's `replaces` for a result JSON: an earlier result of `command` (its "protocol")
     is replaced, anything else (a run's config.json or metrics.jsonl, another command's result, the
@@ -180,7 +175,7 @@ def result_of(command: str, protocol: str) -> Callable[[Path], str | None]:
 
         if p.name in (SWEEP_RESULT, SWEEP_LINCLS_RESULT):
             return "is the sweep's"
-        obj = read_result(p)
+        obj = read_json_object(p)
         if obj is not None and obj.get("protocol") == protocol:
             return None
         return f"is not an earlier {command} result"
@@ -194,22 +189,13 @@ def network_of(result: Path) -> Callable[[Path], str | None]:
     export, a checkpoint) is not."""
 
     def why_not(p: Path) -> str | None:
-        obj = read_result(result)
+        obj = read_json_object(result)
         named = obj.get("model") if obj is not None else None
         if isinstance(named, str) and os.path.exists(named) and os.path.samefile(named, p):
             return None
         return f"is not the network of an earlier finetune result at {result}"
 
     return why_not
-
-
-def read_result(p: Path) -> dict | None:
-    """The JSON object in a result file, or None (missing, not JSON, larger than any result)."""
-    try:
-        obj = json.loads(p.read_text()) if p.stat().st_size <= RESULT_MAX_BYTES else None
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def check_writable_beside(p: Path, flag: str) -> None:
