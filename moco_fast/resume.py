@@ -69,14 +69,13 @@ def warn_rescheduled(saved: dict[str, Any], cfg: TrainConfig, done: int, world: 
     """A run extended (or shortened) with --epochs: the lr schedule is that of the new length, so the
     lr of its next epoch is not where the old schedule ended (a cosine run 200 -> 400 goes from about
     0 back to half the base lr). Said with the two figures."""
-    from moco_fast.trainer import lr_at
+    from moco_fast.trainer import base_lr, lr_at
 
     before = from_dict(saved)
     if before.optim.epochs == cfg.optim.epochs:
         return
-    base = cfg.optim.lr * cfg.optim.batch_size * world / 256
-    old_base = before.optim.lr * before.optim.batch_size * saved_world / 256  # the processes that trained it
-    last, nxt = lr_at(before, done - 1, old_base), lr_at(cfg, done, base)
+    last = lr_at(before, done - 1, base_lr(before, saved_world))  # as the processes that trained it had it
+    nxt = lr_at(cfg, done, base_lr(cfg, world))
     log.warning(
         "--resume: --epochs %d (the run was scheduled for %d): the %s schedule now spans %d epochs, so "
         "epoch %d trains at lr %.4g where epoch %d had %.4g",

@@ -69,13 +69,18 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return table[amp]
 
 
-def lr_at(cfg: TrainConfig, epoch: int, base_lr: float) -> float:
+def base_lr(cfg: TrainConfig, world: int) -> float:
+    """--lr for a global batch of 256, scaled linearly with the global batch (world processes)."""
+    return cfg.optim.lr * cfg.optim.batch_size * world / 256
+
+
+def lr_at(cfg: TrainConfig, epoch: int, base: float) -> float:
     """Learning rate for an epoch: half-cosine (v2) or x0.1 steps at fractions of the run (v1)."""
     o = cfg.optim
     if o.schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / o.epochs))
+        return base * 0.5 * (1.0 + math.cos(math.pi * epoch / o.epochs))
     if o.schedule == "step":
-        return base_lr * 0.1 ** sum(epoch >= round(f * o.epochs) for f in o.lr_steps)
+        return base * 0.1 ** sum(epoch >= round(f * o.epochs) for f in o.lr_steps)
     raise ConfigError(f"unknown schedule {o.schedule!r}: use cosine or step")
 
 
@@ -251,12 +256,12 @@ def _train_held(
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, str(out / CONFIG_NAME))
     try:
-        base_lr = cfg.optim.lr * cfg.optim.batch_size * world / 256
+        base = base_lr(cfg, world)
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
         step = GraphedStep(s, cfg.moco.m) if cfg.runtime.cuda_graph else partial(train_step, s, m=cfg.moco.m)
         row: dict[str, Any] = {}
         for epoch in range(start_epoch, cfg.optim.epochs):
-            lr = lr_at(cfg, epoch, base_lr)
+            lr = lr_at(cfg, epoch, base)
             set_lr(optimizer, lr)
             loader.set_epoch(epoch)
             row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world)
