@@ -16,6 +16,7 @@ choosing on the test set.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -70,7 +71,8 @@ def check_state(out: Path, cfg: Any, command: str) -> None:
         raise ConfigError(f"{state}, where {command} keeps its state between epochs, is not a file: move it away")
     if not cfg.resume:
         if state.is_file():
-            load_state(state, command, mmap=True)  # another command's state: says so
+            with contextlib.suppress(DataError):  # a damaged one: --resume names it
+                load_state(state, command, mmap=True)  # another command's state: says so
             raise ConfigError(
                 f"{state} holds an interrupted {command} run: --resume continues it (with the same settings); "
                 "delete it to start over"
