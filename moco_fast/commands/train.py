@@ -253,11 +253,15 @@ def _resumed_config(args: argparse.Namespace):
     state = ckpt.load(path, map_location="cpu", mmap=True)  # its config: the weights are read by resume
     if not isinstance(state.get("config"), dict):
         raise DataError(f"--resume: {path} is not a moco-fast training checkpoint")
-    cfg = from_dict(state["config"])
-    cfg.runtime.out = args.out or str(path.parent)
+    return _continued(from_dict(state["config"]), args.out or str(path.parent), args), True
+
+
+def _continued(cfg, out: str, args: argparse.Namespace):
+    """A saved config (a checkpoint's, a config.json) as the run that --resume continues in `out`."""
+    cfg.runtime.out = out
     cfg.runtime.resume = args.resume
     cfg.runtime.force = False
-    return cfg, True
+    return cfg
 
 
 def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
@@ -285,10 +289,7 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
     except (TypeError, AttributeError) as e:
         raise DataError(f"--resume: {saved} cannot be read ({e}): move it away, or choose another --out") from None
     log.info("--resume: %s has no checkpoint yet; its run starts over with the settings of %s", out, saved)
-    cfg.runtime.out = str(out)
-    cfg.runtime.resume = args.resume
-    cfg.runtime.force = False
-    return cfg
+    return _continued(cfg, str(out), args)
 
 
 def _gpus_to_resume_with(cfg) -> int:
