@@ -147,11 +147,13 @@ def _children_end(signum, frame):
     """SIGCHLD after SIGTERM: the workers' ends are expected (see _on_sigterm)."""
 
 
-HELD_IMPORTS = ("torch", "torchvision")  # what every command imports, before it runs
+# What every command imports, before it runs: torch (2 s). Not torchvision: `convert` never imports
+# it, and it would add 1.5 s to its start.
+HELD_IMPORTS = ("torch",)
 
 
 def _import_holding_signals(modules: tuple[str, ...]) -> None:
-    """Imports what every command imports (torch: 2 s) with Ctrl-C and SIGTERM held until it is in,
+    """Imports what every command imports (HELD_IMPORTS) with Ctrl-C and SIGTERM held until it is in,
     then acts on them: one that lands in the C++ side of the import (a pybind11 callback) aborted
     the process (SIGABRT, "terminate called after throwing ... KeyboardInterrupt")."""
     held: list[int] = []
