@@ -147,13 +147,14 @@ def _children_end(signum, frame):
     """SIGCHLD after SIGTERM: the workers' ends are expected (see _on_sigterm)."""
 
 
-# What every command imports, before it runs: torch (2 s). Not torchvision: `convert` never imports
-# it, and it would add 1.5 s to its start.
-HELD_IMPORTS = ("torch",)
+# What a command imports before it runs: torch (2 s) and torchvision (1.5 s, whose C++ ops load the
+# same way). A command whose parser sets `held_imports` imports only those: `convert` never imports
+# torchvision, and holding it would add 1.5 s to its start.
+HELD_IMPORTS = ("torch", "torchvision")
 
 
 def _import_holding_signals(modules: tuple[str, ...]) -> None:
-    """Imports what every command imports (HELD_IMPORTS) with Ctrl-C and SIGTERM held until it is in,
+    """Imports what a command imports (HELD_IMPORTS, or its own `held_imports`) with Ctrl-C and SIGTERM held until it is in,
     then acts on them: one that lands in the C++ side of the import (a pybind11 callback) aborted
     the process (SIGABRT, "terminate called after throwing ... KeyboardInterrupt")."""
     held: list[int] = []
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             previous = signal.SIG_DFL
     try:
         if threading.current_thread() is threading.main_thread():
-            _import_holding_signals(HELD_IMPORTS)
+            _import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
         return args.func(args) or 0
     except BaseException as e:
         # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,

@@ -479,6 +479,41 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_
     assert main(argv) == 0 and seen == [before]
 
 
+def test_each_command_holds_ctrl_c_over_the_imports_it_makes(tmp_path):
+    # Every command but convert imports torchvision, whose C++ ops load like torch's: a Ctrl-C held
+    # over torch's import alone could still land in there. convert never imports it (holding it would
+    # cost 1.5 s at its start), which a process of its own shows.
+    import subprocess
+
+    from moco_fast.cli import HELD_IMPORTS, build_parser
+
+    argv = {
+        "train": [],
+        "knn": ["--checkpoint", "c"],
+        "lincls": ["--checkpoint", "c"],
+        "finetune": ["--checkpoint", "c"],
+        "export": ["c", "--format", "torchvision", "--output", "x"],
+        "sweep": ["--out", "o"],
+        "convert": ["a", "b", "--format", "wds"],
+    }
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert set(commands) == set(argv)  # a new command is added here too
+    for command, rest in argv.items():
+        held = getattr(build_parser().parse_args([command, *rest]), "held_imports", HELD_IMPORTS)
+        assert held[0] == "torch" and ("torchvision" in held) == (command != "convert"), command
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (24, 16), (200, 10, 10)).save(tmp_path / "src" / "a" / "0.jpg")
+    code = (
+        "import sys; from moco_fast.cli import main; "
+        f"rc = main(['convert', {str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}, '--format', 'wds']); "
+        "print(rc, 'torchvision' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[-2:] == ["0", "False"], done.stderr
+
+
 def test_a_full_disk_or_a_folder_that_may_not_be_written_is_one_line(tmp_path, monkeypatch, capsys):
     import errno
 

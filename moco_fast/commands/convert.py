@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace DST when it exists (an earlier output only: never SRC or a folder of other files)",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, held_imports=("torch",))  # it never imports torchvision (cli.HELD_IMPORTS)
 
 
 def run(args: argparse.Namespace) -> int:
