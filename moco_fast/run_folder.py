@@ -47,6 +47,15 @@ RUN_RESULTS = (
 )
 
 
+def run_file(p: Path) -> str | None:
+    """check_output's `replaces` for an output that is no part of a run (an export): a file a run or
+    its evaluations keep under its own name (checkpoint.pt, config.json, metrics.jsonl, summary.json,
+    lincls.json, a state...) is never replaced, not even with --force."""
+    if p.name in (ckpt.CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, *RUN_RESULTS):
+        return f"is a training run's {p.name}"
+    return None
+
+
 def check_output(cfg: TrainConfig) -> Path | None:
     """The checkpoint to resume from (None: a fresh run), or a ConfigError when --out holds a run
     (its checkpoint, or rows or a summary) that this one does not continue and --force does not

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,28 @@ def test_export_refuses_a_folder_as_output(run_dir, tmp_path, capsys):
     for force in ([], ["--force"]):
         assert main(["export", str(run_dir), "--format", "torchvision", "--output", str(folder), *force]) == 2
         assert "--output" in one_line_error(capsys)
+
+
+def test_export_never_replaces_a_run_s_own_files_even_with_force(run_dir, tmp_path, capsys):
+    # --force replaces an earlier export; `--output RUN/config.json --force` overwrote the run's
+    # config (and another run's checkpoint.pt its weights), which --resume and the evaluations read.
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    for name in ("config.json", "checkpoint.pt", "metrics.jsonl", "summary.json", "lincls.json"):
+        target = other / name
+        if not target.exists():
+            target.write_text("{}")
+        before = target.read_bytes()
+        argv = ["export", str(run_dir), "--format", "torchvision", "--output", str(target), "--force"]
+        assert main(argv) == 2 and target.read_bytes() == before
+        assert one_line_error(capsys) == (
+            f"moco-fast export: error: --output {target} exists and is a training run's {name}: "
+            "give another path, or delete it first"
+        )
+    out = tmp_path / "r18.pth"  # an earlier export is replaced with --force
+    out.write_bytes(b"old")
+    assert main(["export", str(run_dir), "--format", "torchvision", "--output", str(out), "--force"]) == 0
+    assert len(torch.load(out)) > 0
 
 
 def test_knn_feature_pass_shows_a_bar_when_long(data, monkeypatch):

@@ -25,18 +25,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="torchvision: a ResNet state dict (torch.save); detectron2: the official MoCo conversion (a pickle)",
     )
     p.add_argument("--output", required=True, help="file to write (.pth for torchvision, .pkl for detectron2)")
-    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite --output if it exists (never a run's own file: checkpoint.pt, config.json...)",
+    )
     p.add_argument("--device", default="cpu", help="accepted for symmetry with other commands; export runs on the CPU")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from moco_fast.export import export
+    from moco_fast.run_folder import run_file
 
     check_device_name(args.device)
     checkpoint = resolve_checkpoint(args.checkpoint, flag="")
-    # an existing folder, or the checkpoint itself, is refused even with --force
-    output = check_output(args.output, "--output", inputs=(checkpoint,))
+    # an existing folder, the checkpoint itself, or a run's own file is refused even with --force
+    output = check_output(args.output, "--output", inputs=(checkpoint,), replaces=run_file)
     res = export(checkpoint, args.format, output, force=args.force)
     print(f"wrote {res['output']}: {res['keys']} tensors of the {res['arch']} query backbone ({res['format']})")
     if res["format"] == "torchvision" and res["stem"] == "cifar":
