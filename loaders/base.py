@@ -37,6 +37,9 @@ class LoaderArgs:
     world_size: int = 1
     synthetic_steps: int = 100
     check_images: bool = True
+    # The eval split beside train/ (moco_fast.data.load_splits): "list" it, "try" (only the final
+    # kNN uses it), or "skip" it (nothing evaluates). Folder loaders only.
+    eval_split: str = "list"
     # Backend-specific knobs (e.g. DALI's hw_decoder_load), from `--loader-option KEY=VALUE`. Each
     # backend documents and validates its own keys; the augmentation recipe never goes here.
     options: dict[str, str] = field(default_factory=dict)

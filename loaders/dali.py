@@ -210,7 +210,7 @@ class DaliLoader(SkipsBadSamples):
             self.splits: DataSplits | None = None
             self.num_images, self.classes = self.wds.num_images, self.wds.meta.classes
         else:
-            self.splits = load_splits(args.data, check=args.check_images)
+            self.splits = load_splits(args.data, check=args.check_images, eval_split=args.eval_split)
             images = self.splits.train
             self.wds, self.folder = None, FolderSource(images, args.batch_size, args.seed, args.rank, args.world_size)
             self.num_images, self.classes = len(images), images.classes

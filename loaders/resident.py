@@ -47,6 +47,7 @@ from moco_fast.data import DataError, ImageList, load_rgb, load_splits
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, parse_options, stream_seed
 from .torch_loader import EpochShardSampler
+from .wds import refuse_shard_set
 
 log = logging.getLogger("moco_fast")
 
@@ -167,7 +168,8 @@ class ResidentLoader:
     def __init__(self, args: LoaderArgs):
         self.args = args
         self.opts = ResidentOptions.parse(args.options)
-        self.splits = load_splits(args.data, check=args.check_images)
+        refuse_shard_set(args.data, "resident")
+        self.splits = load_splits(args.data, check=args.check_images, eval_split=args.eval_split)
         images = self.splits.train
         side = round(args.aug.image_size / 0.875)  # the default side for images of mixed sizes
         budget = int(available_bytes(args.device) * self.opts.memory_fraction)

@@ -16,6 +16,7 @@ from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 
 from . import register_loader
 from .base import DevicePrefetcher, LoaderArgs, NoOptions, parse_options, stream_seed
+from .wds import refuse_shard_set
 
 
 def view_transform(spec: AugSpec) -> T.Compose:
@@ -122,4 +123,5 @@ class TorchLoader:
 @register_loader("torch")
 def build_torch_loader(args: LoaderArgs) -> TorchLoader:
     parse_options(NoOptions, args.options, "torch")
-    return TorchLoader(load_splits(args.data, check=args.check_images), args)
+    refuse_shard_set(args.data, "torch")
+    return TorchLoader(load_splits(args.data, check=args.check_images, eval_split=args.eval_split), args)

@@ -36,7 +36,23 @@ class WdsMeta:
 
 
 def is_wds_root(data: str | Path | None) -> bool:
-    return data is not None and (Path(data) / META_NAME).is_file()
+    """A shard set: its meta.json says "format": "wds" (an image folder may hold a meta.json of its
+    own), or cannot be read beside .tar files (a damaged set, which read_meta then names)."""
+    if data is None or not (Path(data) / META_NAME).is_file():
+        return False
+    try:
+        meta = json.loads((Path(data) / META_NAME).read_text())
+    except (OSError, ValueError):
+        return any(Path(data).glob("*.tar"))
+    return isinstance(meta, dict) and meta.get("format") == "wds"
+
+
+def refuse_shard_set(data: str | Path | None, loader: str) -> None:
+    """A folder loader given a shard set: say what reads it (its listing said "no class subfolders")."""
+    if is_wds_root(data):
+        raise DataError(
+            f"{data} is a WebDataset shard set, which --loader dali reads; --loader {loader} reads image folders"
+        )
 
 
 def read_meta(root: str | Path) -> WdsMeta:

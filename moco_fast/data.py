@@ -87,7 +87,8 @@ def check_image(path: str) -> str | None:
 
 
 def _is_hidden(name: str) -> bool:
-    """Dot-names (`.ipynb_checkpoints`, `.git`, `.Trash-1000`): never classes, never read."""
+    """Dot-names (`.ipynb_checkpoints`, `.git`, `.Trash-1000`, macOS's `._x.jpg`): never classes,
+    never read."""
     return name.startswith(".")
 
 
@@ -104,17 +105,20 @@ def _broken_link(entry: os.DirEntry) -> str | None:
 
 def _list_class(folder: Path, skipped: list[tuple[str, str]]) -> list[str]:
     """Image files directly in one class folder, sorted; everything else is added to `skipped` by name
-    with the reason: other extensions, broken links, other non-files, and each file in a subfolder
-    (only the files directly in `<class>/` are read; hidden subfolders are ignored)."""
+    with the reason: other extensions, broken links, other non-files, each file in a subfolder (only
+    the files directly in `<class>/` are read) and a link to a folder; hidden names are ignored."""
     images: list[str] = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if _is_hidden(entry.name):  # macOS's ._x.jpg beside x.jpg, .thumbs/, editors' files
+            continue
         if reason := _broken_link(entry):  # first: is_dir() raises on a link that loops
             skipped.append((entry.path, reason))
             continue
         if entry.is_dir():
-            if _is_hidden(entry.name):
-                continue
             reason = f"in a subfolder of the class folder {folder.name}/ (only files directly in it are read)"
+            if entry.is_symlink():  # named once, not walked (a link to / would list the whole disk)
+                skipped.append((entry.path, f"a link to a folder, {reason}"))
+                continue
             for sub, dirs, names in os.walk(entry.path):  # links to folders are named, not followed
                 shown = [d for d in dirs if not _is_hidden(d)]
                 links = [d for d in shown if os.path.islink(os.path.join(sub, d))]
@@ -144,7 +148,7 @@ def find_classes(folder: Path) -> list[str]:
     for d in sorted(os.scandir(folder), key=lambda e: e.name):
         if not _is_hidden(d.name) and not _broken_link(d) and d.is_dir():
             with os.scandir(d.path) as it:
-                if any(_is_image_file(e) for e in it):
+                if any(not _is_hidden(e.name) and _is_image_file(e) for e in it):
                     classes.append(d.name)
     return classes
 
@@ -152,7 +156,7 @@ def find_classes(folder: Path) -> list[str]:
 def list_images(folder: Path, classes: list[str] | None = None, check: bool = True, workers: int = 8) -> ImageList:
     """List `folder/<class>/<file>`; with `check`, verify each file's header and skip bad ones.
 
-    Hidden folders (dot-names) are ignored. With `classes=None` the classes are the class folders that
+    Hidden names (dot-names) are ignored; image files directly in `folder` are named as skipped. With `classes=None` the classes are the class folders that
     hold at least one image file (by extension, whatever `check`, so that a listing numbers its classes
     the same with or without the check); the others are named in a warning and left out. With `classes`
     given (an eval split listed against the training classes) the labels are indices into that list; a
@@ -169,6 +173,8 @@ def list_images(folder: Path, classes: list[str] | None = None, check: bool = Tr
             skipped.append((d.path, reason))
         elif d.is_dir():
             found.append(d.name)
+        elif _is_image_file(d):  # read by nothing: said, not dropped without a word
+            skipped.append((d.path, f"directly in {folder.name}/, not in a class folder {folder.name}/<class>/"))
     if not found:
         raise DataError(f"no class subfolders in {folder}: expected {folder}/<class>/<image files>")
     per_class = {c: _list_class(folder / c, skipped) for c in found}
@@ -225,11 +231,27 @@ def list_images(folder: Path, classes: list[str] | None = None, check: bool = Tr
     return ImageList(folder, files, labels, classes, skipped)
 
 
-def load_splits(data: str | None, check: bool = True) -> DataSplits:
+EVAL_SPLIT_USES = ("list", "try", "skip")
+
+
+def load_splits(data: str | None, check: bool = True, eval_split: str = "list") -> DataSplits:
+    """The train split and the eval split (val/ or test/ beside train/, else None). `eval_split`:
+    "list" it (its errors are errors), "try" (a run whose only use of it is an optional evaluation,
+    train's final kNN: an eval split that cannot be read is a warning, and None), or "skip" it (not
+    used: a flat ImageNet-style val/ does not stop a run that never evaluates, and is not read)."""
+    if eval_split not in EVAL_SPLIT_USES:
+        raise ValueError(f"eval_split must be one of {EVAL_SPLIT_USES}, got {eval_split!r}")
     train_dir, eval_dir = split_dirs(resolve_root(data))
     train = list_images(train_dir, check=check)
-    ev = list_images(eval_dir, classes=train.classes, check=check) if eval_dir else None
-    return DataSplits(train, ev)
+    if eval_dir is None or eval_split == "skip":
+        return DataSplits(train, None)
+    try:
+        return DataSplits(train, list_images(eval_dir, classes=train.classes, check=check))
+    except DataError as e:
+        if eval_split == "list":
+            raise
+        log.warning("the eval split %s cannot be used (%s): the run goes on without it", eval_dir, e)
+        return DataSplits(train, None)
 
 
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # one channel, more than 8 bits

@@ -37,6 +37,14 @@ def eval_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> tuple[Dat
     return splits, ""
 
 
+def eval_split_use(cfg: TrainConfig) -> str:
+    """How the run's loader treats the eval split (moco_fast.data.load_splits): `--knn-every` needs
+    it; the final kNN, on by default, is skipped without it (a warning says why); a run with neither
+    does not read it."""
+    r = cfg.runtime
+    return "list" if r.knn_every else "try" if r.final_knn else "skip"
+
+
 def monitor_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> DataSplits | None:
     """The data of train's kNN monitor and final kNN, or None where neither is asked or there is
     none to use; `--knn-every` without it is an error (the final kNN is skipped quietly)."""

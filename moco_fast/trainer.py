@@ -24,7 +24,7 @@ from moco_fast.data import DataError
 from moco_fast.loaders import LoaderArgs, create_loader
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, progress, read_rows
 from moco_fast.model import MoCo
-from moco_fast.monitor import knn_figures, knn_top1, monitor_splits
+from moco_fast.monitor import eval_split_use, knn_figures, knn_top1, monitor_splits
 from moco_fast.resume import resume
 from moco_fast.run_folder import (
     CONFIG_NAME,
@@ -201,12 +201,23 @@ def _train_held(
             rank=rank,
             world_size=world,
             synthetic_steps=cfg.data.synthetic_steps,
+            eval_split=eval_split_use(cfg),
             options=dict(cfg.data.loader_options),
         ),
     )
     if len(loader) < 1:
         raise DataError("the data gives no full batch: lower --batch-size")
     splits = monitor_splits(cfg, loader.splits)
+    ev = "" if splits is None or splits.eval is None else f"; kNN on {len(splits.eval)} eval images"
+    log.info(
+        "data: %d images in %d classes (--loader %s), %d steps of %d a process per epoch%s",
+        loader.num_images,
+        len(loader.classes),
+        cfg.data.loader,
+        len(loader),
+        cfg.optim.batch_size,
+        ev,
+    )
 
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images).to(device)
     if cfg.runtime.channels_last:

@@ -120,6 +120,58 @@ def test_broken_links_and_nested_files_are_named(fresh_root, caplog):
     assert images.classes == sorted(p.name for p in train.iterdir() if p.is_dir() and not p.is_symlink())
 
 
+def test_loose_images_links_to_folders_and_hidden_files(fresh_root, tmp_path, caplog):
+    # Images beside the class folders were dropped without a word; a link to a folder inside a class
+    # folder was walked whole (a link to /usr named 127,612 files); macOS's ._x.jpg files were read.
+    train = fresh_root / "train"
+    cls = sorted(train.iterdir())[0]
+    first = sorted(cls.iterdir())[0]
+    shutil.copy(first, train / "loose.jpg")
+    (train / "notes.txt").write_text("not an image: ignored")
+    big = tmp_path / "elsewhere"
+    for i in range(30):
+        solid(big / "sub" / f"{i}.png", RED)
+    os.symlink(big, cls / "linked")
+    (cls / "._0000.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (train / "zz_only_hidden").mkdir()
+    (train / "zz_only_hidden" / "._x.jpg").write_bytes(b"junk")
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        images = list_images(train)
+    reasons = {Path(p).name: r for p, r in images.skipped}
+    assert set(reasons) == {"loose.jpg", "linked"}
+    assert "not in a class folder" in reasons["loose.jpg"] and "a link to a folder" in reasons["linked"]
+    assert "._" not in caplog.text and "skipped 2 of 18 files" in caplog.text
+    assert images.classes == find_classes(train) == sorted(p.name for p in train.iterdir() if p.is_dir())[:2]
+    assert len(images) == 16
+
+
+def test_an_eval_split_the_run_does_not_need_never_stops_it(fresh_root, caplog):
+    # A flat val/ (ImageNet's layout) stopped every folder loader with "no class subfolders", even with
+    # the kNN off. "try": the final kNN goes without it; "skip": nothing reads it.
+    from moco_fast.config import build_config
+    from moco_fast.monitor import eval_split_use
+
+    for f in (fresh_root / "test").rglob("*.jpg"):
+        f.rename(fresh_root / "test" / f"{f.parent.name}_{f.name}")
+    for d in [d for d in (fresh_root / "test").iterdir() if d.is_dir()]:
+        d.rmdir()
+    with pytest.raises(DataError, match="no class subfolders"):
+        load_splits(str(fresh_root))
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        splits = load_splits(str(fresh_root), eval_split="try")
+    assert splits.eval is None and len(splits.train) == 16
+    assert "the eval split" in caplog.text and "no class subfolders" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert load_splits(str(fresh_root), eval_split="skip").eval is None and not caplog.text
+    uses = {
+        (every, final): eval_split_use(build_config("cifar", {"runtime.knn_every": every, "runtime.final_knn": final}))
+        for every in (0, 2)
+        for final in (False, True)
+    }
+    assert uses == {(0, False): "skip", (0, True): "try", (2, False): "list", (2, True): "list"}
+
+
 def test_convert_names_the_new_skipped_files(fresh_root, tmp_path):
     from moco_fast.convert import ConvertConfig, convert
 
@@ -279,3 +331,28 @@ def test_a_block_of_bad_images_under_the_limit_never_stops_the_torch_loader(tmp_
     with warnings.catch_warnings(), pytest.raises(DataError, match="41 of the 400 images in"):
         warnings.simplefilter("ignore")
         ImageDataset(images)[100]
+
+
+def test_a_meta_json_of_its_own_does_not_make_an_image_folder_a_shard_set(fresh_root, tmp_path):
+    # Any meta.json made the folder a shard set: the final kNN was skipped without a word, and
+    # --knn-every and the DALI loader refused the image folder.
+    import json
+
+    from moco_fast.loaders import LoaderArgs, create_loader
+    from moco_fast.loaders.wds import is_wds_root
+
+    (fresh_root / "meta.json").write_text(json.dumps({"description": "my data set"}))
+    assert not is_wds_root(fresh_root)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "meta.json").write_text("{damaged")
+    assert not is_wds_root(shards)
+    (shards / "shard-000000.tar").write_bytes(b"")
+    assert is_wds_root(shards)  # a damaged set: the DALI loader names its meta.json
+    (shards / "meta.json").write_text(json.dumps({"format": "wds"}))
+    assert is_wds_root(shards)
+    # a folder loader given a shard set says which loader reads it (it said "no class subfolders")
+    args = LoaderArgs(str(shards), AugSpec(), batch_size=2, device=torch.device("cpu"), workers=0)
+    for loader in ("torch", "resident"):
+        with pytest.raises(DataError, match=f"is a WebDataset shard set, which --loader dali reads; --loader {loader}"):
+            create_loader(loader, args)

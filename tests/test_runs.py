@@ -672,3 +672,21 @@ def test_a_memory_bank_run_resumed_on_other_data_says_why_it_cannot(tiny_root, f
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bank holds a feature for each of its 32 training images" in err[0], err
     assert "the data now has 16" in err[0]
+
+
+def test_a_flat_eval_split_leaves_out_the_final_knn_and_stops_only_knn_every(tiny_root, tmp_path, capsys, caplog):
+    # ImageNet's val/ comes flat. It stopped every folder loader before training, even with no kNN.
+    data = tmp_path / "data"
+    shutil.copytree(tiny_root / "train", data / "train")
+    (data / "val").mkdir()
+    for f in (tiny_root / "test").rglob("*.jpg"):
+        shutil.copy(f, data / "val" / f"{f.parent.name}_{f.name}")
+    argv = [a for a in tiny_args(data, tmp_path / "run") if a != "--no-final-knn"]
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(argv) == 0
+    assert f"the eval split {data / 'val'} cannot be used (no class subfolders" in caplog.text
+    assert [r["epoch"] for r in rows(tmp_path / "run")] == [1]  # trained; no final kNN, so no summary.json
+    assert not (tmp_path / "run" / "summary.json").exists()
+    capsys.readouterr()
+    assert main([*argv, "--force", "--knn-every", "1"]) == 2
+    assert "no class subfolders in" in one_line(capsys)
