@@ -7,7 +7,9 @@ its longer side is at most that many pixels (JPEGs are decoded at a reduced DCT 
 is faster and as sharp).
 
 The output never appears half-written under its final name: it is written under a temporary name
-in the same folder and renamed at the end; an existing output is replaced only with `force`.
+in the same folder and renamed at the end; an existing output is replaced only with `force`, and
+only when it is an earlier output of convert (moco_fast/convert_dst.py, checked before any image is
+read).
 
 FFCV: the .beton has the fields `image` (RGBImageField) and `label` (IntField), in the folder's
 sorted order; `X.beton.json` beside it holds the class names. Its writer runs its own worker
@@ -40,6 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from moco_fast.config import ConfigError
+from moco_fast.convert_dst import check_destination, sidecar_path
 from moco_fast.data import DataError, ImageList, find_classes, list_images, resolve_root, split_dirs, to_rgb
 from moco_fast.loaders.wds import META_NAME
 
@@ -162,11 +165,6 @@ def source_images(cfg: ConvertConfig) -> ImageList:
     return list_images(eval_dir, classes=find_classes(train_dir), check=True, workers=max(1, cfg.workers))
 
 
-def sidecar_path(beton: Path) -> Path:
-    """The JSON beside a .beton (class names, counts, what was skipped), read by the FFCV loader."""
-    return beton.with_name(beton.name + ".json")
-
-
 def _owner() -> str:
     """This process, as temporary names record it: host and PID (a shared folder may be written from
     several machines, where a PID says nothing)."""
@@ -175,29 +173,6 @@ def _owner() -> str:
 
 def temp_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.partial-{_owner()}")
-
-
-def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
-    """ConfigError before any image is read when DST cannot be written or replaced: DST is SRC or a
-    folder above it (--force would delete the images), an existing DST without --force, a folder
-    that --force would delete but is no earlier output (a .beton is a file; a shard set has its
-    meta.json), or a folder that does not take new files."""
-    from moco_fast.commands import check_writable_beside
-
-    s, d = src.resolve(), dst.resolve()
-    if d == s or d in s.parents:
-        raise ConfigError(f"DST {dst} holds the images it would replace (SRC {src}): choose another DST")
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise FileExistsError(f"{dst} exists: pass --force to replace it")
-        if fmt == "ffcv" and dst.is_dir() and not dst.is_symlink():
-            raise ConfigError(f"DST {dst} is a folder: --force replaces an earlier .beton, not a folder")
-        if fmt == "wds" and dst.is_dir() and not (dst / META_NAME).is_file():
-            raise ConfigError(
-                f"DST {dst} is a folder but not a shard set written by convert (no {META_NAME}): "
-                "--force replaces only such a set; choose another DST"
-            )
-    check_writable_beside(dst, "DST")  # the output is written beside it, then renamed
 
 
 def tidy_after_a_stopped_convert(dst: Path) -> None:
@@ -429,7 +404,8 @@ def validate(cfg: ConvertConfig) -> None:
 
 def convert(cfg: ConvertConfig) -> ConvertSummary:
     """Convert as configured; returns what was written and skipped. Raises DataError when nothing
-    could be written, FileExistsError when the output exists and `force` is off."""
+    could be written, FileExistsError when the output exists and `force` is off, ConfigError when
+    DST is something that `force` never replaces (check_destination)."""
     validate(cfg)
     if cfg.workers <= 0:
         cfg.workers = default_workers()
@@ -465,7 +441,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
             extra_tmp.append(side_tmp)
             side_tmp.write_text(json.dumps(meta, indent=1))
             publish(tmp, dst, cfg.force)
-            publish(side_tmp, sidecar_path(dst), True)
+            publish(side_tmp, sidecar_path(dst), cfg.force)  # check_destination: an earlier sidecar only
         else:
             (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
             publish(tmp, dst, cfg.force)

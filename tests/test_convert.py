@@ -18,6 +18,7 @@ from PIL import Image
 from moco_fast import convert_wds
 from moco_fast.cli import main
 from moco_fast.convert import ConvertConfig, convert
+from moco_fast.convert_dst import beton_samples, check_destination
 from moco_fast.data import DataError
 
 BAD = {"trunc.jpg": "cannot decode", "broken.jpg": "not a readable image", "notes.txt": "not an image"}
@@ -158,25 +159,56 @@ def test_wds_meta_reads_with_the_loader_contract(bad_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_refuses_to_overwrite_without_force(bad_root, tmp_path, capsys):
+def test_an_earlier_beton_is_replaced_only_with_force(bad_root, tmp_path, capsys):
     dst = tmp_path / "x.beton"
-    dst.write_text("precious")
+    side = tmp_path / "x.beton.json"
+    assert main(["convert", str(bad_root), str(dst), "--workers", "1"]) == 0
+    capsys.readouterr()
+    before = dst.read_bytes()
+    assert beton_samples(dst) == 18
+    (tmp_path / "cut.beton").write_bytes(before[:-8])
+    assert beton_samples(tmp_path / "cut.beton") == "it is an FFCV file cut short or damaged"
+    (tmp_path / "cut.beton").unlink()
     assert main(["convert", str(bad_root), str(dst), "--workers", "1"]) == 2
     assert "exists: pass --force" in capsys.readouterr().err
-    assert dst.read_text() == "precious"
-    assert main(["convert", str(bad_root), str(dst), "--workers", "1", "--force"]) == 0
+    assert dst.read_bytes() == before
+    # a .beton is convert's only with convert's sidecar describing it (ffcv-imagenet's has the same fields)
+    meta = json.loads(side.read_text())
+    for changed in (None, {**meta, "num_images": 5}, {**meta, "format": "wds"}):
+        side.unlink(missing_ok=True)
+        if changed is not None:
+            side.write_text(json.dumps(changed))
+        assert main(["convert", str(bad_root), str(dst), "--workers", "1", "--force"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"DST {dst} exists and is a .beton without the x.beton.json" in err[0], err
+        assert dst.read_bytes() == before
+    side.write_text(json.dumps(meta))
+    assert main(["convert", str(bad_root), str(dst), "--workers", "1", "--force", "--jpeg-quality", "50"]) == 0
     assert "wrote 18 images" in capsys.readouterr().out
     assert beton_images(dst)[0] == expected(bad_root)[1]
+    assert json.loads(side.read_text())["jpeg_quality"] == 50  # the sidecar went with it
     assert no_partials(tmp_path)
+    # the sidecar of a .beton since deleted: an earlier output, replaced with --force only
+    dst.unlink()
+    with pytest.raises(FileExistsError, match="the sidecar of DST"):
+        check_destination(bad_root, dst, "ffcv", force=False)
+    check_destination(bad_root, dst, "ffcv", force=True)
 
 
-def test_force_replaces_a_folder(bad_root, tmp_path):
+def test_force_replaces_an_earlier_shard_set_only(bad_root, tmp_path, capsys):
     dst = tmp_path / "wds"
     convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=100, workers=1))
-    (dst / "stale.txt").write_text("old")
     convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=5, workers=1, force=True))
-    assert not (dst / "stale.txt").exists() and len(list(dst.glob("*.tar"))) == 4
+    assert len(list(dst.glob("*.tar"))) == 4 and len(list(dst.glob("*.idx"))) == 4
     assert no_partials(tmp_path)
+    # a file put into the set since is no part of it: the folder is not replaced
+    (dst / "notes.txt").write_text("mine")
+    shards = sorted(p.name for p in dst.iterdir())
+    capsys.readouterr()
+    assert main(["convert", str(bad_root), str(dst), "--format", "wds", "--force", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"DST {dst} exists and holds files that are not its shard set's (notes.txt)" in err[0]
+    assert sorted(p.name for p in dst.iterdir()) == shards and (dst / "notes.txt").read_text() == "mine"
 
 
 def test_failure_leaves_no_partial_output(bad_root, tmp_path, monkeypatch):
@@ -263,6 +295,50 @@ def test_force_never_deletes_the_source_or_an_unrelated_folder(bad_root, tmp_pat
     assert main(["convert", str(bad_root), str(docs), "--format", "ffcv", "--force"]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert (docs / "thesis.txt").read_text() == "years of work"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "dst", "why"),
+    [
+        ("ffcv", "notes.txt", "exists and is not a .beton that convert wrote (it has no FFCV header)"),
+        ("ffcv", "data/train/{cls}/keep.jpg", "is inside SRC"),  # a source image
+        ("wds", "data/train/{cls}/keep.jpg", "is inside SRC"),
+        ("wds", "data/train/{cls}", "is inside SRC"),  # a class folder
+        ("wds", "notes.txt", "is a file: give a folder path"),
+        ("ffcv", "x.jpg", "exists and is not a .beton that convert wrote (it has no FFCV header)"),
+    ],
+)
+def test_force_never_replaces_what_is_no_earlier_output(bad_root, tmp_path, monkeypatch, capsys, fmt, dst, why):
+    # --force replaced any file at DST: notes.txt became a 16 MB .beton, a source image too
+    import moco_fast.convert as conv
+
+    cls = sorted((bad_root / "train").iterdir())[0]
+    image = sorted(cls.glob("*.jpg"))[0].read_bytes()
+    (cls / "keep.jpg").write_bytes(image)
+    (tmp_path / "notes.txt").write_text("notes")
+    (tmp_path / "x.jpg").write_bytes(image)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(conv, "list_images", lambda *a, **k: pytest.fail("images read before the check"))
+    path = tmp_path / dst.format(cls=cls.name)
+    assert main(["convert", str(bad_root), str(path), "--format", fmt, "--force", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"DST {path} {why}" in err[0], err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no sidecar either
+
+
+def test_a_sidecar_that_convert_did_not_write_is_never_replaced(bad_root, tmp_path, monkeypatch, capsys):
+    # the .beton's sidecar was published with force=True: a user's X.beton.json went, even without --force
+    import moco_fast.convert as conv
+
+    monkeypatch.setattr(conv, "list_images", lambda *a, **k: pytest.fail("images read before the check"))
+    side = tmp_path / "x.beton.json"
+    side.write_text('{"my": "notes"}')
+    for force in ([], ["--force"]):
+        assert main(["convert", str(bad_root), str(tmp_path / "x.beton"), "--workers", "1", *force]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"DST's sidecar {side} exists and is not a class list that convert wrote" in err[0]
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert side.read_text() == '{"my": "notes"}' and left == ["data", side.name]  # and no x.beton
 
 
 def test_output_checks_come_before_any_image_is_read(bad_root, tmp_path, monkeypatch, capsys):

@@ -145,20 +145,25 @@ def check_output(
     flag: str,
     inputs: tuple[str | Path | None, ...] = (),
     replaces: Callable[[Path], str | None] | None = None,
+    folder: bool = False,
 ) -> Path:
     """ConfigError unless a file can be written at `path` (as `atomic_write` does: its folder, created
     if missing, must take new files); an existing folder at `path`, or one of the command's `inputs`
     (the checkpoint it reads), is refused, and so is an existing file that `replaces(path)` says why
-    the command would not replace (an earlier output of the same kind: None). Writes nothing that
-    stays."""
+    the command would not replace (an earlier output of the same kind: None). With `folder` the
+    output is a folder (convert's shard set): an existing file is refused and `replaces` judges an
+    existing folder. Writes nothing that stays."""
     p = Path(path)
-    require(not p.is_dir(), f"{flag} {p} is a folder: give a file path")
+    if folder:
+        require(not p.exists() or p.is_dir(), f"{flag} {p} is a file: give a folder path")
+    else:
+        require(not p.is_dir(), f"{flag} {p} is a folder: give a file path")
     for given in inputs:
         require(
             given is None or not p.exists() or not os.path.samefile(p, given),
             f"{flag} {p} is the checkpoint this command reads: give another path",
         )
-    if replaces is not None and p.is_file():
+    if replaces is not None and (p.is_dir() if folder else p.is_file()):
         why = replaces(p)
         require(why is None, f"{flag} {p} exists and {why}: give another path, or delete it first")
     check_writable_beside(p, flag)

@@ -50,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace DST when it exists (an earlier output only: never SRC or a folder of other files)",
+        help="replace DST when it is an earlier output of convert of this format: a .beton with convert's "
+        "X.beton.json beside it, or a shard set holding only its own files. Never SRC, anything inside it, or "
+        "any other file or folder (refused, with or without --force)",
     )
     p.set_defaults(func=run, held_imports=("torch",))  # it never imports torchvision (cli.HELD_IMPORTS)
 

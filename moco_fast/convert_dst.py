@@ -1,0 +1,125 @@
+"""What `moco-fast convert` may write at DST, checked before any image is read.
+
+`--force` replaces only an earlier output of convert of the same kind: an FFCV .beton that its header
+shows to be one (version, the `image` and `label` fields that convert writes) with convert's sidecar
+beside it, or a shard-set folder whose meta.json says `"format": "wds"` and that holds nothing but
+that set's files. Never SRC, a folder above it or anything inside it, and never another file: a
+mistyped DST (notes.txt, a source image) used to be replaced by 16 MB of .beton. The checks go
+through `commands.check_output` with a `replaces` callback, as every other command's outputs do.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from moco_fast.config import ConfigError, read_json_object
+from moco_fast.loaders.wds import META_NAME
+
+# FFCV's file layout (ffcv/types.py), read here without importing FFCV (seconds, with Numba): a
+# header (HeaderType), then one FieldDescType per field, ..., and the allocation table at the end.
+BETON_HEADER = struct.Struct("<HHIQQ")  # version, num_fields, page_size, num_samples, alloc_table_ptr
+BETON_VERSION = 2  # ffcv.types.CURRENT_VERSION: what FFCV's Reader accepts
+FIELD_DESC_SIZE = 1 + 16 + 1024  # type_id, name (NUL-padded), arguments
+ALLOC_ENTRY_SIZE = 3 * 8  # sample_id, ptr, size
+CONVERT_FIELDS = ((2, b"image"), (1, b"label"))  # (FFCV type_id, name): RGBImageField, IntField
+
+
+def sidecar_path(beton: Path) -> Path:
+    """The JSON beside a .beton (class names, counts, what was skipped), read by the FFCV loader."""
+    return beton.with_name(beton.name + ".json")
+
+
+def beton_samples(path: Path) -> int | str:
+    """The number of samples in the .beton at `path`, from its header; or, when the header shows that
+    it is no .beton that convert writes (FFCV's Reader would refuse it, or its fields differ), what
+    it is instead. Reads the first 2 KiB only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(BETON_HEADER.size + len(CONVERT_FIELDS) * FIELD_DESC_SIZE)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if len(head) < BETON_HEADER.size:
+        return "it has no FFCV header" if head else "it is empty"
+    version, num_fields, page_size, samples, alloc_table = BETON_HEADER.unpack_from(head)
+    if version != BETON_VERSION or page_size == 0 or page_size & (page_size - 1):
+        return "it has no FFCV header"
+    if len(head) < BETON_HEADER.size + len(CONVERT_FIELDS) * FIELD_DESC_SIZE:
+        return "it is an FFCV file cut short or damaged"
+    starts = range(BETON_HEADER.size, len(head), FIELD_DESC_SIZE)
+    fields = tuple((head[at], head[at + 1 : at + 17].rstrip(b"\0")) for at in starts)
+    if num_fields != len(CONVERT_FIELDS) or fields != CONVERT_FIELDS:
+        return "it is an FFCV file without convert's fields (image, label)"
+    if samples < 1 or not BETON_HEADER.size < alloc_table <= size or (size - alloc_table) % ALLOC_ENTRY_SIZE:
+        return "it is an FFCV file cut short or damaged"
+    return samples
+
+
+def beton_of_convert(p: Path) -> str | None:
+    """check_output's `replaces` for DST with --format ffcv: a .beton is replaced when it is convert's,
+    its header and its sidecar (`"format": "ffcv"`, as many images as the header's samples) both say
+    so. Anything else is refused: another file (a source image, notes.txt), and a .beton of another
+    tool (ffcv-imagenet's has the same fields; only the sidecar tells them apart)."""
+    samples = beton_samples(p)
+    if isinstance(samples, str):
+        return f"is not a .beton that convert wrote ({samples})"
+    meta = read_json_object(sidecar_path(p))
+    if meta is None or meta.get("format") != "ffcv" or meta.get("num_images") != samples:
+        return f"is a .beton without the {sidecar_path(p).name} of convert that describes it (another tool's?)"
+    return None
+
+
+def sidecar_of_convert(p: Path) -> str | None:
+    """check_output's `replaces` for the sidecar X.beton.json where DST X.beton is new: an earlier
+    sidecar of convert (`"format": "ffcv"`, left when its .beton was deleted) is replaced, another
+    file of that name (the user's own) is not."""
+    meta = read_json_object(p)
+    if meta is not None and meta.get("format") == "ffcv" and isinstance(meta.get("classes"), list):
+        return None
+    return 'is not a class list that convert wrote (no "format": "ffcv")'
+
+
+def shard_set_of_convert(p: Path) -> str | None:
+    """check_output's `replaces` for DST with --format wds: a folder is replaced when its meta.json is
+    a shard set's (`"format": "wds"`) and it holds that set's files only (meta.json, the shards it
+    lists, their DALI indexes); a file put there since, and any other folder, is not."""
+    meta = read_json_object(p / META_NAME)
+    shards = meta.get("shards") if meta is not None and meta.get("format") == "wds" else None
+    if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
+        return f'is not a shard set written by convert (no {META_NAME} with "format": "wds")'
+    ours = {META_NAME, *shards, *(str(Path(s).with_suffix(".idx")) for s in shards)}
+    others = sorted(name for name in os.listdir(p) if name not in ours)
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        return f"holds files that are not its shard set's ({', '.join(others[:3])}{more})"
+    return None
+
+
+def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
+    """ConfigError before any image is read when DST cannot be written or replaced: DST is SRC or a
+    folder above it (--force would delete the images), an existing DST inside SRC, a DST (or the
+    sidecar of a DST .beton) that --force would replace but is no earlier output of convert of this
+    format (see the `replaces` callbacks above), or a folder that does not take new files. Refused
+    with or without --force; an earlier output without --force is a FileExistsError."""
+    from moco_fast.commands import check_output
+
+    s, d = src.resolve(), dst.resolve()
+    if d == s or d in s.parents:
+        raise ConfigError(f"DST {dst} holds the images it would replace (SRC {src}): choose another DST")
+    exists = dst.exists() or dst.is_symlink()
+    where = dst.parent.resolve() / dst.name  # a link itself, where its target is d
+    if exists and (s in d.parents or s in where.parents):
+        raise ConfigError(
+            f"DST {dst} is inside SRC {src}: convert never replaces a file or folder there; give a path outside SRC"
+        )
+    wds = fmt == "wds"
+    check_output(dst, "DST", replaces=shard_set_of_convert if wds else beton_of_convert, folder=wds)
+    if exists and not force:
+        raise FileExistsError(f"{dst} exists: pass --force to replace it")
+    side = sidecar_path(dst)
+    if not wds and not exists and (side.exists() or side.is_symlink()):  # with DST, checked by beton_of_convert
+        check_output(side, "DST's sidecar", replaces=sidecar_of_convert)
+        if not force:
+            raise FileExistsError(f"{side} exists (the sidecar of DST {dst}): pass --force to replace it")
