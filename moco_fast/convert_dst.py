@@ -99,7 +99,8 @@ def shard_set_of_convert(p: Path) -> str | None:
 
 def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
     """ConfigError before any image is read when DST cannot be written or replaced: DST is SRC or a
-    folder above it (--force would delete the images), an existing DST inside SRC, a DST (or the
+    folder above it (--force would delete the images), an existing DST inside SRC that is no earlier
+    output (a source image, a class folder), a DST (or the
     sidecar of a DST .beton) that --force would replace but is no earlier output of convert of this
     format (see the `replaces` callbacks above), or a folder that does not take new files. Refused
     with or without --force; an earlier output without --force is a FileExistsError."""
@@ -110,12 +111,14 @@ def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
         raise ConfigError(f"DST {dst} holds the images it would replace (SRC {src}): choose another DST")
     exists = dst.exists() or dst.is_symlink()
     where = dst.parent.resolve() / dst.name  # a link itself, where its target is d
-    if exists and (s in d.parents or s in where.parents):
+    wds = fmt == "wds"
+    ours = shard_set_of_convert if wds else beton_of_convert
+    if exists and (s in d.parents or s in where.parents) and not (dst.is_dir() == wds and ours(dst) is None):
+        # (an earlier output beside train/, `convert data data/train.beton`, is replaced as anywhere)
         raise ConfigError(
             f"DST {dst} is inside SRC {src}: convert never replaces a file or folder there; give a path outside SRC"
         )
-    wds = fmt == "wds"
-    check_output(dst, "DST", replaces=shard_set_of_convert if wds else beton_of_convert, folder=wds)
+    check_output(dst, "DST", replaces=ours, folder=wds)
     if exists and not force:
         raise FileExistsError(f"{dst} exists: pass --force to replace it")
     side = sidecar_path(dst)

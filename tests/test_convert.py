@@ -209,6 +209,11 @@ def test_force_replaces_an_earlier_shard_set_only(bad_root, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"DST {dst} exists and holds files that are not its shard set's (notes.txt)" in err[0]
     assert sorted(p.name for p in dst.iterdir()) == shards and (dst / "notes.txt").read_text() == "mine"
+    # an earlier set beside train/ in SRC (`convert data data/shards`) is replaced as anywhere else
+    inside = bad_root / "shards"
+    convert(ConvertConfig(str(bad_root), str(inside), format="wds", shard_size=100, workers=1))
+    assert main(["convert", str(bad_root), str(inside), "--format", "wds", "--force", "--shard-size", "5"]) == 0
+    assert len(list(inside.glob("*.tar"))) == 4
 
 
 def test_failure_leaves_no_partial_output(bad_root, tmp_path, monkeypatch):
