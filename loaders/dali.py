@@ -8,7 +8,8 @@ CPU-only mode (`device_id=None`). The graph itself lives in `dali_pipeline.py`.
 
 Sources (`--data`):
 - an image folder (class subfolders, as `moco_fast.data.load_splits` reads it): the file list is
-  built and checked there, bad files named and skipped; `index` = position in that list;
+  built and checked there, bad files named and skipped; files of a kind DALI's decoder does not read
+  (GIF, ...) are then left out, in one warning (`decodable_images`); `index` = position in that list;
 - a WebDataset shard set: a folder with `meta.json` (the contract is in `wds.py`).
 
 Options (`--loader-option KEY=VALUE`):
@@ -39,8 +40,9 @@ up only when more than MAX_BAD_FRACTION of its images (and more than MAX_BAD_MIN
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,12 +55,13 @@ from moco_fast.metrics import progress
 
 from . import register_loader
 from .base import Batch, LoaderArgs, parse_options, stream_seed
-from .dali_pipeline import PipelineSettings, folder_pipeline, wds_pipeline
+from .dali_pipeline import PipelineSettings, decodable, folder_pipeline, wds_pipeline
 from .dali_recovery import SkipsBadSamples, path_bytes
 from .torch_loader import EpochShardSampler
 from .wds import WdsMeta, index_text, is_wds_root, read_index_keys, read_meta, split_name, write_index
 
 log = logging.getLogger("moco_fast")
+SHOW_LEFT_OUT = 5  # files named in the warning on those left out
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,52 @@ class DaliOptions:
         if o.threads < 0 or o.prefetch < 1 or o.shuffle_buffer < 1:
             raise ConfigError("--loader-option threads must be >= 0, prefetch and shuffle_buffer >= 1")
         return o
+
+
+def decodable_images(images: ImageList) -> ImageList:
+    """`images` less the files of a kind DALI's decoder does not read (GIF, TGA, 1-bit TIFF, ...: see
+    `dali_pipeline.DECODABLE`), named in one warning before the run.
+
+    The list was checked with PIL, which reads more kinds than DALI: left in, each such file would
+    fail in the decoder mid-epoch, be hunted down as corrupt, and count toward MAX_BAD_FRACTION (a set
+    with 11% GIFs stopped late in its first epoch). A list built without the check has no kinds:
+    it is used as it is, and the decoder's failures are found during the run."""
+    if not images.kinds:
+        return images
+    keep = [i for i, kind in enumerate(images.kinds) if decodable(kind)]
+    if len(keep) == len(images):
+        return images
+    out = [i for i, kind in enumerate(images.kinds) if not decodable(kind)]
+    counts = Counter(images.kinds[i] for i in out)
+    named = [os.path.relpath(images.files[i], images.root) for i in out[:SHOW_LEFT_OUT]]
+    more = f" and {len(out) - len(named)} more" if len(out) > len(named) else ""
+    log.warning(
+        "--loader dali leaves out %d of %d images in %s, of kinds its decoder does not read (%s): %s%s. "
+        "To train on them, convert the folder (`moco-fast convert %s DST --format wds` stores every image "
+        "as a JPEG) or use --loader torch",
+        len(out),
+        len(images),
+        images.root,
+        ", ".join(f"{n} {kind}" for kind, n in counts.most_common()),
+        ", ".join(named),
+        more,
+        images.root,
+    )
+    if not keep:
+        raise DataError(
+            f"none of the {len(images)} images in {images.root} is of a kind DALI's decoder reads "
+            "(JPEG, PNG, BMP, TIFF, JPEG 2000, WebP, PNM): convert the folder (moco-fast convert "
+            "--format wds) or use --loader torch"
+        )
+    reason = "a kind DALI's decoder does not read ({}): --loader dali leaves it out"
+    return ImageList(
+        images.root,
+        [images.files[i] for i in keep],
+        [images.labels[i] for i in keep],
+        images.classes,
+        images.skipped + [(images.files[i], reason.format(images.kinds[i])) for i in out],
+        [images.kinds[i] for i in keep],
+    )
 
 
 class FolderSource:
@@ -211,7 +260,7 @@ class DaliLoader(SkipsBadSamples):
             self.num_images, self.classes = self.wds.num_images, self.wds.meta.classes
         else:
             self.splits = load_splits(args.data, check=args.check_images, eval_split=args.eval_split)
-            images = self.splits.train
+            images = decodable_images(self.splits.train)  # the kNN monitor still reads them all (PIL)
             self.wds, self.folder = None, FolderSource(images, args.batch_size, args.seed, args.rank, args.world_size)
             self.num_images, self.classes = len(images), images.classes
         self.steps = self.num_images // args.world_size // args.batch_size

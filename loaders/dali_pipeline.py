@@ -45,6 +45,34 @@ HOST_MEMORY_PADDING = 140_544_512
 # loader and `moco-fast convert` (the FFCV path) do not apply it, so every backend sees the same image.
 DECODE = {"output_type": types.RGB, "adjust_orientation": False}
 
+# What `fn.decoders.image` reads, by the kind PIL gives a file ("FORMAT": {modes}, see
+# `moco_fast.data.check_image`): the image folder's files of other kinds are left out up front. Found
+# by experiment on DALI 2.4's CPU decoder (one file of each kind decoded with DECODE and compared with
+# PIL's `to_rgb`; tests/test_dali.py keeps doing it): only kinds that decode to PIL's pixels are
+# listed. Not read: GIF, TGA, ICO, PCX, SGI, QOI, DDS, ... (any format not listed), 1-bit TIFF
+# (uncompressed ones without a BitsPerSample tag, as PIL writes them, fail DALI's parser; all are left
+# out), 32-bit integer TIFF, grey JPEG 2000 with alpha. Read, but not as PIL reads them, so left out
+# too: TIFF LA (DALI takes grey and alpha for colour channels), float TIFF (DALI clips values above 1,
+# PIL's `to_rgb` scales them), TIFF LAB. The GPU ("mixed") decoder has not been measured (no GPU
+# here), so a GPU run uses this measured CPU list too; a file that still fails in the decoder is
+# found and skipped during the run, as a corrupt one is.
+DECODABLE = {
+    "JPEG": {"L", "RGB", "CMYK"},
+    "MPO": {"RGB"},  # a camera's JPEG with extra frames: the first is decoded
+    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"},
+    "BMP": {"1", "L", "P", "RGB"},
+    "TIFF": {"L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I;16"},
+    "JPEG2000": {"L", "RGB", "RGBA", "I;16"},
+    "WEBP": {"RGB", "RGBA"},
+    "PPM": {"1", "L", "RGB", "I"},  # PBM, PGM (8 and 16 bits), PPM
+}
+
+
+def decodable(kind: str) -> bool:
+    """Whether DALI's decoder reads a file of this kind ("FORMAT/mode", see DECODABLE)."""
+    fmt, _, mode = kind.partition("/")
+    return mode in DECODABLE.get(fmt, ())
+
 
 @dataclass(frozen=True)
 class PipelineSettings:

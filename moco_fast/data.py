@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,8 @@ class ImageList:
     labels: list[int]
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # PIL's "FORMAT/mode" of each file ("JPEG/RGB"), as `check_image` found it; empty when not checked
+    kinds: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -72,18 +75,22 @@ def split_dirs(root: Path) -> tuple[Path, Path | None]:
     return root, None
 
 
-def check_image(path: str) -> str | None:
-    """None when the file looks like a readable image, else the reason it is not.
+def check_image(path: str) -> tuple[str, str | None]:
+    """(kind, reason): the file's kind as PIL opened it, "FORMAT/mode" ("JPEG/RGB", "GIF/P"; "" when
+    PIL cannot open it), and None when the file looks like a readable image, else the reason it is not.
 
     Reads the header and verifies the file structure (cheap: no full decode). Truncated JPEGs pass
-    this check and are caught when decoded (see `load_rgb`).
+    this check and are caught when decoded (see `load_rgb`). The kind is kept because PIL reads more
+    than some decoders do: the DALI loader leaves out, up front, the kinds its decoder does not read.
     """
+    kind = ""
     try:
         with Image.open(path) as im:
+            kind = sys.intern(f"{im.format}/{im.mode}")  # one string per kind, not one per file
             im.verify()
-        return None
+        return kind, None
     except Exception as e:  # PIL raises many types for bad files
-        return f"not a readable image ({type(e).__name__}: {e})"
+        return kind, f"not a readable image ({type(e).__name__}: {e})"
 
 
 def _is_hidden(name: str) -> bool:
@@ -214,21 +221,24 @@ def list_images(folder: Path, classes: list[str] | None = None, check: bool = Tr
 
         bar = progress(total=len(files), desc=f"checking {folder.name}/", enabled=len(files) > 20_000)
         with ThreadPoolExecutor(workers) as pool:
-            reasons = []
-            for r in pool.map(check_image, files):
+            kinds, reasons = [], []
+            for kind, r in pool.map(check_image, files):
+                kinds.append(kind)
                 reasons.append(r)
                 bar.update(1)
         bar.close()
         keep = [i for i, r in enumerate(reasons) if r is None]
         skipped += [(files[i], r) for i, r in enumerate(reasons) if r is not None]
-        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        files, labels, kinds = [files[i] for i in keep], [labels[i] for i in keep], [kinds[i] for i in keep]
+    else:
+        kinds = []
     for path, reason in skipped:
         log.warning("skipping %s: %s", path, reason)
     if skipped:
         log.warning("skipped %d of %d files in %s", len(skipped), len(skipped) + len(files), folder)
     if not files:
         raise DataError(f"no readable images in {folder}")
-    return ImageList(folder, files, labels, classes, skipped)
+    return ImageList(folder, files, labels, classes, skipped, kinds)
 
 
 EVAL_SPLIT_USES = ("list", "try", "skip")
