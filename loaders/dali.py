@@ -10,7 +10,9 @@ Sources (`--data`):
 - an image folder (class subfolders, as `moco_fast.data.load_splits` reads it): the file list is
   built and checked there, bad files named and skipped; files of a kind DALI's decoder does not read
   (GIF, ...) are then left out, in one warning (`decodable_images`); `index` = position in that list;
-- a WebDataset shard set: a folder with `meta.json` (the contract is in `wds.py`).
+- a WebDataset shard set: a folder with `meta.json` (the contract is in `wds.py`); each shard and
+  its index are checked when the set is opened (`wds.shard_index`), and what DALI's reader still
+  raises about a shard is one DataError naming it (`_unreadable_shard`).
 
 Options (`--loader-option KEY=VALUE`):
     hw_decoder_load  share of JPEGs for the hardware decoder, 0-1 (default 0.9: 17,500 img/s of
@@ -58,10 +60,10 @@ from .base import Batch, LoaderArgs, parse_options, stream_seed
 from .dali_pipeline import PipelineSettings, decodable, folder_pipeline, wds_pipeline
 from .dali_recovery import SkipsBadSamples, path_bytes
 from .torch_loader import EpochShardSampler
-from .wds import WdsMeta, index_text, is_wds_root, read_index_keys, read_meta, split_name, write_index
+from .wds import WdsMeta, index_text, is_wds_root, read_meta, shard_index, split_name
 
 log = logging.getLogger("moco_fast")
-SHOW_LEFT_OUT = 5  # files named in the warning on those left out
+SHOW_LEFT_OUT = 5  # files or shards named in a warning on those left out or indexed again
 
 
 @dataclass(frozen=True)
@@ -187,19 +189,30 @@ class WdsSource:
         self.position: dict[str, dict[str, int]] = {}
         self.keys: dict[str, list[str]] = {}
         n = 0
+        remade: list[str] = []  # why a shard's own index was not used
         bar = progress(total=len(shards), desc="shard indexes", enabled=len(shards) > 8)
         for i, tar in enumerate(shards):
-            idx = tar.with_suffix(".idx")
-            keys = read_index_keys(idx) if idx.is_file() else None
-            if keys is None:  # numbered: shards in different folders may share a name
-                idx = Path(self.tmp.name) / f"{i:06d}-{tar.stem}.idx"
-                keys = write_index(tar, idx)
+            # checked against the tar; made again when missing or wrong (numbered: shards in different
+            # folders may share a name)
+            idx, keys, why = shard_index(tar, Path(self.tmp.name) / f"{i:06d}-{tar.stem}.idx")
+            if why:
+                remade.append(why)
             self.index_paths.append(str(idx))
             self.keys[str(tar)] = keys
             self.position[str(tar)] = {k: n + i for i, k in enumerate(keys)}
             n += len(keys)
             bar.update(1)
         bar.close()
+        if remade:
+            more = f"; and {len(remade) - SHOW_LEFT_OUT} more" if len(remade) > SHOW_LEFT_OUT else ""
+            log.warning(
+                "%d shard index(es) in %s do not match their tars, made again from the tars (in a temporary "
+                "folder): %s%s",
+                len(remade),
+                meta.root,
+                "; ".join(remade[:SHOW_LEFT_OUT]),
+                more,
+            )
         self.num_images = n
         self.dropped = 0  # samples taken out of the indexes during the run
         if n != meta.num_images:
@@ -293,7 +306,13 @@ class DaliLoader(SkipsBadSamples):
             a = self.args
             w = self.wds
             self._pipe = wds_pipeline(w.paths, w.index_paths, self.opts.shuffle_buffer, a.rank, a.world_size, a.aug, s)
-        self._pipe.build()
+        try:
+            self._pipe.build()  # DALI's shard reader opens the shards and checks the indexes here
+        except RuntimeError as e:
+            self._pipe = None
+            if (error := self._unreadable_shard(str(e))) is None:
+                raise
+            raise error from e
         self._consumed = step
         self._stream = (step, s)
 
@@ -322,7 +341,9 @@ class DaliLoader(SkipsBadSamples):
             except RuntimeError as e:  # DALI: "Current pipeline object is no longer valid"
                 self._pipe = None
                 if not self._skip_culprits(str(e)):
-                    raise
+                    if (error := self._unreadable_shard(str(e))) is None:
+                        raise
+                    raise error from e
                 bad = len(self.folder.bad) if self.folder is not None else self.wds.dropped
                 if bad > max(MAX_BAD_MIN, MAX_BAD_FRACTION * self.num_images):
                     raise DataError(

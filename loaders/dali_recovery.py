@@ -5,6 +5,10 @@ run's decoder), log it by name and skip it; the loader then rebuilds its pipelin
 A folder's culprit is left out of the file list for the rest of the run; a shard set's sample is
 dropped from its shard's index (found, when DALI names no sample, by replaying the failed
 pipeline's reader up to the batches in flight: at most one epoch of this rank's share).
+
+A shard that DALI's reader cannot read (damaged after the set was checked when opened, see
+`wds.shard_index`, or in a way that check does not see) is no sample to skip: its error, a C++ assert
+and traceback, becomes one DataError naming the shard (`_unreadable_shard`).
 """
 
 from __future__ import annotations
@@ -15,16 +19,26 @@ import re
 
 import numpy as np
 
+from moco_fast.data import DataError
 from moco_fast.metrics import progress
 
 from .dali_pipeline import probe_pipeline, wds_replay_pipeline
-from .wds import split_name
+from .wds import REWRITE, split_name
 
 log = logging.getLogger("moco_fast")
 
 
 def path_bytes(path: str) -> np.ndarray:
     return np.frombuffer(os.fsencode(path), np.uint8)
+
+
+def dali_reason(msg: str) -> str:
+    """The line of a DALI error that says what went wrong (after "encountered:"), less the text of the
+    C++ assert: 'Malformed index file at "x.idx" line 3 - tar offset is not a multiple of ...'."""
+    lines = [line.strip() for line in msg.splitlines()]
+    after = lines[lines.index("encountered:") + 1 :] if "encountered:" in lines else lines
+    reason = next((line for line in after if line and not line.startswith("Critical error")), msg.strip())
+    return re.sub(r'^Assert on ".*?" failed: ', "", reason)
 
 
 def one_per_iteration(items: list[np.ndarray]):
@@ -64,6 +78,15 @@ class SkipsBadSamples:
             log.warning("skipping unreadable image %s: DALI could not decode it", f.files[k])
         f.bad.update(bad)
         return bool(bad)
+
+    def _unreadable_shard(self, msg: str) -> DataError | None:
+        """A DALI error from the shard reader as one DataError naming the shard (named in the error by
+        its path or its index's path); None for any other error, which then stands."""
+        if self.wds is None or "readers.webdataset" not in msg:
+            return None
+        named = [tar for tar, idx in zip(self.wds.paths, self.wds.index_paths, strict=True) if tar in msg or idx in msg]
+        what = f"shard {max(named, key=len)}" if named else f"the shard set {self.wds.meta.root}"
+        return DataError(f"DALI cannot read {what} ({dali_reason(msg)}): {REWRITE}")
 
     def _undecodable_files(self, candidates: list[int]) -> list[int]:
         """The folder images among `candidates` that the run's decoder fails on."""

@@ -9,6 +9,12 @@ A shard set is a folder holding
 `--data` pointing at a folder with `meta.json` means a shard set. Sample i of the set is the i-th
 sample of the shards taken in the order `meta.json` lists them: that position is the `index` a loader
 yields. This module needs no DALI, so the trainer and `moco-fast convert` can use it too.
+
+Each shard and its index are checked when the set is opened (`shard_index`), because DALI's reader
+trusts them: a wrong offset in an index fails its build with a C++ assert, a truncated tar fails a
+batch mid-epoch, and an index left over from another tar hands it other samples' bytes (decoded as
+garbage or skipped as corrupt). An index that does not match its tar is made again from the tar; a
+tar that cannot be read, or whose samples are not {key}.jpg + {key}.cls, is a DataError naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from moco_fast.data import DataError
 
 META_NAME = "meta.json"
 INDEX_VERSION = "v1.2"  # DALI's index format with member names (tools/wds2idx.py in DALI)
+EXTENSIONS = ("jpg", "cls")  # the members of every sample, as the contract above says
+TAR_BLOCK = 512  # a tar is 512-byte blocks: a member's header is the block before its data
+REWRITE = "rewrite the set (moco-fast convert SRC DST --format wds) or take the shard out of meta.json"
 
 
 @dataclass(frozen=True)
@@ -86,24 +95,30 @@ def split_name(name: str) -> tuple[str, str]:
 def index_lines(tar_path: Path) -> list[str]:
     """DALI index lines of one tar, one per sample: 'ext offset size name' per member, in tar order.
 
-    Reads only the tar headers (tarfile seeks past the data)."""
+    Reads only the tar headers (tarfile seeks past the data). A file that is not an uncompressed tar
+    (DALI reads no other), or one cut short, is a DataError naming it."""
     samples: list[list[str]] = []
     last_key = None
-    with tarfile.open(tar_path) as tf:
-        for m in tf:
-            if not m.isreg():
-                continue
-            key, ext = split_name(m.name)
-            if not key or key.endswith("/"):  # hidden files such as .DS_Store
-                continue
-            part = f"{ext} {m.offset_data} {m.size} {m.name}"
-            if key != last_key:
-                samples.append([part])
-                last_key = key
-            else:
-                samples[-1].append(part)
+    try:
+        with tarfile.open(tar_path, "r:") as tf:
+            for m in tf:
+                if not m.isreg():
+                    continue
+                key, ext = split_name(m.name)
+                if not key or key.endswith("/"):  # hidden files such as .DS_Store
+                    continue
+                if len(m.name.split()) != 1:
+                    raise DataError(f"shard {tar_path}: {m.name!r} has white space, which DALI's index cannot hold")
+                part = f"{ext} {m.offset_data} {m.size} {m.name}"
+                if key != last_key:
+                    samples.append([part])
+                    last_key = key
+                else:
+                    samples[-1].append(part)
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"shard {tar_path} is not a readable tar ({e}): {REWRITE}") from e
     if not samples:
-        raise DataError(f"{tar_path}: no samples in this tar")
+        raise DataError(f"shard {tar_path}: no samples in this tar: {REWRITE}")
     return [" ".join(s) for s in samples]
 
 
@@ -116,22 +131,120 @@ def write_index(tar_path: Path, idx_path: Path) -> list[str]:
     """Write DALI's index of `tar_path` to `idx_path`; returns the sample keys in order."""
     lines = index_lines(tar_path)
     idx_path.write_text(index_text(lines))
-    return [split_name(line.split(" ", 4)[3])[0] for line in lines]
+    return index_keys(lines)
 
 
-def read_index_keys(idx_path: Path) -> list[str] | None:
-    """Sample keys of a DALI index file, or None when it is not a v1.2 index (then make a new one)."""
+def members(line: str) -> list[tuple[str, int, int, str]] | None:
+    """One index line -> (ext, data offset, size, member name) per member; None when malformed."""
+    parts = line.split()
+    if not parts or len(parts) % 4:
+        return None
+    out = []
+    for i in range(0, len(parts), 4):
+        ext, offset, size, name = parts[i : i + 4]
+        if not (offset.isdigit() and size.isdigit()):
+            return None
+        out.append((ext, int(offset), int(size), name))
+    return out
+
+
+def index_keys(lines: list[str]) -> list[str]:
+    return [split_name(line.split(maxsplit=4)[3])[0] for line in lines]
+
+
+def read_index(idx_path: Path) -> list[str] | None:
+    """The sample lines of a DALI index file, or None when it is not a v1.2 index with one
+    well-formed line per sample (then make a new one)."""
     try:
         lines = idx_path.read_text().splitlines()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
         return None
-    keys = []
-    for line in lines[1:]:
-        parts = line.split()
-        if len(parts) < 4:
-            return None
-        keys.append(split_name(parts[3])[0])
-    return keys
+    if any(members(line) is None for line in lines[1:]):
+        return None
+    return lines[1:]
+
+
+def index_mismatch(tar_path: Path, lines: list[str]) -> str | None:
+    """Why `lines` (an index) do not describe the tar at `tar_path`, or None when they do.
+
+    Every member is checked against the tar's size and block grid (what DALI asserts, in C++, when
+    it builds its reader or reaches the member), which costs nothing; the tar headers of the first,
+    middle and last samples are read (a few 512-byte reads per shard, where reading them all would
+    cost as much as indexing the tar again), which tells an index left over from another tar."""
+    if not lines:
+        return "it lists no samples"
+    size = tar_path.stat().st_size
+    for line in lines:
+        parts = members(line)
+        key = split_name(parts[0][3])[0]
+        for ext, offset, length, name in parts:
+            if split_name(name) != (key, ext):
+                return f"the line of sample {key} lists {name} as {ext!r}"
+            if offset < TAR_BLOCK or offset % TAR_BLOCK:
+                return f"{name} at offset {offset}, not at a {TAR_BLOCK}-byte tar block after a header"
+            if offset + length > size:
+                return f"{name} at {offset}-{offset + length} lies past the end of the tar ({size} bytes)"
+    n = len(lines)
+    try:
+        with open(tar_path, "rb") as f:
+            for i in sorted({0, n // 2, n - 1}):
+                for _, offset, length, name in members(lines[i]):
+                    f.seek(offset - TAR_BLOCK)
+                    try:
+                        h = tarfile.TarInfo.frombuf(f.read(TAR_BLOCK), "utf-8", "surrogateescape")
+                    except tarfile.HeaderError:
+                        return f"no tar header before {name} (offset {offset})"
+                    # a name of 100 characters or more is held elsewhere (a PAX or GNU record): size only
+                    if (h.name != name and len(name) < 100) or h.size != length:
+                        return f"the tar holds {h.name} ({h.size} bytes) where the index puts {name} ({length} bytes)"
+    except OSError as e:  # indexing the tar again will name it
+        return f"the tar cannot be read ({e})"
+    return None
+
+
+def check_samples(tar_path: Path, lines: list[str]) -> None:
+    """Every sample of the shard holds the members of EXTENSIONS (DALI's reader would stop the run
+    at the first that does not, as an "Underful sample"); else a DataError naming the shard."""
+    lacking = []
+    for line in lines:
+        parts = members(line)
+        if not set(EXTENSIONS) <= {ext for ext, *_ in parts}:
+            lacking.append(parts)
+    if lacking:
+        first = lacking[0]
+        key, held = split_name(first[0][3])[0], ", ".join(name for *_, name in first)
+        need = " + ".join(f"{{key}}.{e}" for e in EXTENSIONS)
+        raise DataError(
+            f"shard {tar_path}: {len(lacking)} of its {len(lines)} samples are not the {need} of a shard set "
+            f"(sample {key} holds {held}): {REWRITE}"
+        )
+
+
+def shard_index(tar_path: Path, scratch: Path) -> tuple[Path, list[str], str | None]:
+    """(the index DALI is to read `tar_path` with, its sample keys, why the shard's own index was not
+    used or None).
+
+    The shard's own index (`shard.idx` beside `shard.tar`) is used when it matches the tar
+    (`index_mismatch`); else the tar is indexed again into `scratch`. A tar that is empty or cannot be
+    read, or whose samples are not those of the contract, is a DataError naming it."""
+    try:
+        size = tar_path.stat().st_size
+    except OSError as e:
+        raise DataError(f"cannot read shard {tar_path}: {e}") from e
+    if size == 0:
+        raise DataError(f"shard {tar_path} is empty (0 bytes): {REWRITE}")
+    own = tar_path.with_suffix(".idx")
+    why = None
+    if own.is_file():
+        lines = read_index(own)
+        why = "not a v1.2 index with one line per sample" if lines is None else index_mismatch(tar_path, lines)
+        if why is None:
+            check_samples(tar_path, lines)
+            return own, index_keys(lines), None
+    lines = index_lines(tar_path)  # a tar cut short, or not a tar: a DataError
+    check_samples(tar_path, lines)
+    scratch.write_text(index_text(lines))
+    return scratch, index_keys(lines), why and f"{own}: {why}"

@@ -3,7 +3,11 @@
 not of the contract (checked when the set is opened; what DALI still raises about a shard is one
 DataError naming it)."""
 
+import io
 import logging
+import re
+import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +15,9 @@ import pytest
 from moco_fast.loaders.dali_pipeline import DECODABLE, PipelineSettings, decodable, probe_pipeline
 from moco_fast.loaders.dali_recovery import one_per_iteration, path_bytes
 from PIL import Image
-from test_dali import COLOUR, dali_loader
+from test_dali import COLOUR, IDENTITY, dali_loader
 
+from moco_fast.cli import main
 from moco_fast.data import DataError, check_image, load_splits, to_rgb
 
 SETTINGS = PipelineSettings(1, None, 1, 1, 0, False, 0.0, False, True)
@@ -126,3 +131,113 @@ def test_a_folder_dali_cannot_read_at_all_is_one_error(tmp_path):
         write_kind(tmp_path / "a" / f"{i}.jpg", "GIF", "P")
     with pytest.raises(DataError, match=r"none of the 4 images .* DALI's decoder reads"):
         dali_loader(tmp_path, COLOUR, batch_size=2)
+
+
+# -- shard sets ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shard_set(tiny_root, tmp_path_factory) -> Path:
+    """`moco-fast convert --format wds --shard-size 8` of the 32 training images: 4 shards, indexed."""
+    dst = tmp_path_factory.mktemp("wds") / "set"
+    assert main(["convert", str(tiny_root / "train"), str(dst), "--format", "wds", "--shard-size", "8"]) == 0
+    return dst
+
+
+def truncate(tar: Path) -> None:
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+
+
+def png_members(tar: Path) -> None:
+    """The shard rewritten by hand as {key}.png + {key}.cls (meta.json stays valid)."""
+    with tarfile.open(tar) as tf:
+        samples = [(m.name, tf.extractfile(m).read()) for m in tf]
+    with tarfile.open(tar, "w") as tf:
+        for name, data in samples:
+            if name.endswith(".jpg"):
+                buf = io.BytesIO()
+                Image.open(io.BytesIO(data)).save(buf, "PNG")
+                name, data = name[:-3] + "png", buf.getvalue()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+DAMAGES = {  # what is done to shard-000001.tar; the index: kept, or deleted (then indexed here)
+    "truncated, index kept": (truncate, False),
+    "truncated, no index": (truncate, True),
+    "empty, no index": (lambda t: t.write_bytes(b""), True),
+    "empty, index kept": (lambda t: t.write_bytes(b""), False),
+    "random bytes, no index": (lambda t: t.write_bytes(np.random.default_rng(0).bytes(t.stat().st_size)), True),
+    "png members, no index": (png_members, True),
+    "png members, index kept": (png_members, False),  # the index is then stale too
+}
+
+
+def damaged_copy(shard_set: Path, dst: Path, damage, drop_index: bool) -> Path:
+    shutil.copytree(shard_set, dst)
+    damage(dst / "shard-000001.tar")
+    if drop_index:
+        (dst / "shard-000001.idx").unlink()
+    return dst / "shard-000001.tar"
+
+
+def one_epoch(root: Path) -> list[int]:
+    return [i for b in dali_loader(root, IDENTITY, batch_size=8) for i in b.index.tolist()]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_or_foreign_shard_is_one_error_naming_it(shard_set, tmp_path, damage):
+    # These crashed with a traceback (tarfile's ReadError, DALI's C++ asserts at build or mid-epoch)
+    tar = damaged_copy(shard_set, tmp_path / "set", *DAMAGES[damage])
+    with pytest.raises(DataError, match=f"shard {re.escape(str(tar))}") as e:
+        one_epoch(tmp_path / "set")
+    assert "\n" not in str(e.value) and "moco-fast convert" in str(e.value)
+
+
+def shift_an_offset(idx: Path) -> None:
+    lines = idx.read_text().splitlines()
+    parts = lines[3].split()
+    parts[1] = str(int(parts[1]) + 100)
+    idx.write_text("\n".join([*lines[:3], " ".join(parts), *lines[4:]]) + "\n")
+
+
+@pytest.mark.parametrize("wrong", ["an offset moved by 100", "the index of another shard"])
+def test_a_wrong_index_is_made_again_from_its_tar(shard_set, tmp_path, caplog, wrong):
+    # An offset off the tar's 512-byte grid failed DALI's build; another shard's index was trusted,
+    # and the run skipped that shard's 7 good samples as undecodable, naming keys it does not hold.
+    root = tmp_path / "set"
+    shutil.copytree(shard_set, root)
+    idx = root / "shard-000001.idx"
+    if wrong == "an offset moved by 100":
+        shift_an_offset(idx)
+    else:
+        shutil.copy(root / "shard-000000.idx", idx)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        seen = one_epoch(root)
+    assert sorted(seen) == list(range(32))  # every sample once, none skipped
+    assert "skipping sample" not in caplog.text
+    assert caplog.text.count("do not match their tars") == 1 and str(idx) in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_shard_damaged_after_the_set_was_opened_is_one_error_naming_it(shard_set, tmp_path, damage):
+    # What the check at opening cannot see: DALI's reader fails (at build: empty; mid-epoch:
+    # truncated); its C++ error becomes one line naming the shard.
+    root = tmp_path / "set"
+    shutil.copytree(shard_set, root)
+    ld = dali_loader(root, IDENTITY, batch_size=8)
+    tar = root / "shard-000001.tar"
+    truncate(tar) if damage == "truncated" else tar.write_bytes(b"")
+    with pytest.raises(DataError, match=f"DALI cannot read shard {re.escape(str(tar))}") as e:
+        list(ld)
+    assert "\n" not in str(e.value)
+
+
+def test_train_names_the_damaged_shard_in_one_line(shard_set, tmp_path, capsys):
+    damaged_copy(shard_set, tmp_path / "set", truncate, False)
+    args = ["train", "--loader", "dali", "--device", "cpu", "--data", str(tmp_path / "set"), "--arch", "resnet18"]
+    args += ["--image-size", "32", "--epochs", "1", "--batch-size", "4", "--moco-k", "16", "--bn-splits", "2"]
+    args += ["--workers", "1", "--out", str(tmp_path / "run"), "--no-final-knn", "--knn-every", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("moco-fast train: error: shard ") and "shard-000001.tar" in err[-1]
+    assert "Traceback" not in "\n".join(err)
