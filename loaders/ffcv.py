@@ -23,7 +23,8 @@ Backend options (`--loader-option KEY=VALUE`):
     decode=once         once: one JPEG decode for both views; twice: FFCV's stock
                         RandomResizedCropRGBImageDecoder and flip, one pipeline per view
 The sidecar `X.beton.json` (written by convert) holds the class names; without it classes are the
-label numbers.
+label numbers. A .beton from another writer needs the field types convert writes: `image` an
+RGBImageField, `label` an IntField.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.basics import BasicDecoder, IntDecoder
 from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
@@ -216,9 +218,17 @@ class FFCVLoader:
         except Exception as e:  # FFCV raises assorted errors for files that are not .beton
             raise DataError(f"{path} is not a readable .beton file ({type(e).__name__}: {e})") from e
         names = list(reader.handlers)
-        for name in ("image", "label"):
+        # Checked before any pipeline is compiled: the decoders read the metadata of these two types
+        # (another type's fails deep in FFCV with an IndexError, or is read as garbage).
+        for name, kind in (("image", RGBImageField), ("label", IntField)):
             if name not in names:
                 raise DataError(f"{path} has no {name!r} field (fields: {', '.join(names)})")
+            field = reader.handlers[name]
+            if not isinstance(field, kind):
+                raise DataError(
+                    f"{path}: its {name!r} field is {type(field).__name__}, --loader ffcv reads {name!r} as "
+                    f"{kind.__name__} (as `moco-fast convert` writes it)"
+                )
         self.splits = None  # a .beton: no image folder
         self.num_images = reader.num_samples
         self.classes = read_classes(path, reader.metadata[f"f{names.index('label')}"])

@@ -152,6 +152,41 @@ def test_bad_data_is_a_clear_error(tiny_beton, tmp_path):
         create_loader("ffcv", loader_args(tiny_beton, batch_size=64))
 
 
+def write_foreign_beton(path, image_field, label_field, label=int):
+    """16 samples written by FFCV's own writer, as another tool would, with these field types."""
+    from ffcv.writer import DatasetWriter
+
+    class Samples:
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return np.full((32, 32, 3), i, np.uint8), label(i % 2)
+
+    DatasetWriter(str(path), {"image": image_field, "label": label_field}, num_workers=1).from_indexed_dataset(
+        Samples()
+    )
+    return path
+
+
+def test_fields_of_another_type_are_a_one_line_error(tmp_path, capsys):
+    """Not a traceback from deep in FFCV (an IndexError in the decoder's declare_state_and_memory),
+    and before any pipeline is compiled."""
+    from ffcv.fields import FloatField, IntField, NDArrayField, RGBImageField
+
+    nd = write_foreign_beton(tmp_path / "nd.beton", NDArrayField(np.dtype("uint8"), (32, 32, 3)), IntField())
+    with pytest.raises(DataError, match=r"'image' field is NDArrayField, --loader ffcv reads 'image' as RGBImageField"):
+        create_loader("ffcv", loader_args(nd))
+    fl = write_foreign_beton(tmp_path / "fl.beton", RGBImageField(), FloatField(), label=float)
+    with pytest.raises(DataError, match=r"'label' field is FloatField, --loader ffcv reads 'label' as IntField"):
+        create_loader("ffcv", loader_args(fl))
+    argv = ["train", "--loader", "ffcv", "--device", "cpu", "--data", str(nd), "--arch", "resnet18"]
+    assert main([*argv, "--batch-size", "8", "--bn-splits", "2", "--workers", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"moco-fast train: error: {nd}: its 'image' field is NDArrayField" in err
+
+
 def test_stock_two_decoder_path(tiny_beton):
     ld = create_loader(
         "ffcv", loader_args(tiny_beton, batch_size=16, options={"decode": "twice", "jitter_order": "batch"})
