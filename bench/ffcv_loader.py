@@ -13,7 +13,7 @@ and, for a like-for-like torch row, to a folder of the same 256-px JPEGs. Rows:
     torch-256       the same as torch on the 256-px copies (what a torch user could prepare too)
     torch-crops-256 torch-crops on the 256-px copies: the like-for-like engine comparison
     ffcv            FFCV's Numba pipeline: one decode, two crops, flips (uint8 views, the CPU part)
-    ffcv-twice      the same with FFCV's stock decoder run once per view
+    ffcv-twice      the same with one decode per view (decode=twice: the stock decoder's work)
     ffcv+aug        the whole FFCV backend: + colour jitter, gray, blur, normalise in one batched pass
                     on the training device (here the CPU; on a GPU machine it runs there)
     aug-sample      only that device pass, on `--device`, for 2 x batch views of 224 px (uint8 in,

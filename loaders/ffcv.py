@@ -1,10 +1,11 @@
 """FFCV backend: `.beton` files (written by `moco-fast convert SRC X.beton --format ffcv`).
 
 The CPU work runs in FFCV's compiled Numba pipeline, in threads: each JPEG is decoded once and cut
-into two independent random resized crops with MoCo's scale and ratio (`TwoViewResizedCrop`), and
-each view is flipped on its own (`TwoViewFlip`). Colour jitter, grayscale and blur of both views
-then run in one batched pass of `moco_fast.kernels.augment_gpu` on the training device (on a CPU
-run: the CPU), followed by normalisation into the trainer's dtype and memory format.
+into two independent random resized crops with MoCo's scale and ratio (`ResizedCrops`), and each
+view is flipped on its own (`FlipViews`; the operations are in `ffcv_ops.py`). Colour jitter,
+grayscale and blur of both views then run in one batched pass of `moco_fast.kernels.augment_gpu` on
+the training device (on a CPU run: the CPU), followed by normalisation into the trainer's dtype and
+memory format.
 
 Order: the same per-epoch permutation as the torch loader (seeded by `seed` and the epoch), cut into
 equal rank shards when `world_size > 1` (FFCV's `distributed=True`; every rank runs the same number
@@ -14,14 +15,22 @@ Differs from torchvision: a crop is resized by FFCV's `resize_crop`, which is Op
 (checked against cv2.resize, exactly equal), where torchvision uses antialiased bilinear; and the
 pixels are the JPEG that `convert` re-encoded (`--jpeg-quality`, default 90), not the source file.
 
+An image that cannot be read (a JPEG that does not decode or whose size is not the recorded one;
+raw pixels that do not fit their record) does not stop a run, and is not trained on: the decoder
+zeroes its views and marks it in a status output read on the host (no device sync); the loader logs
+it once by its index in the .beton and its class (the .beton records no file names) and hands on
+the next image of the batch that was read instead, with its label and index, as the other loaders
+use the next good file. A run gives up when more than MAX_BAD_FRACTION of the images (and more than
+MAX_BAD_MIN) cannot be read, or when no image of a batch can.
+
 Backend options (`--loader-option KEY=VALUE`):
     os_cache=1          map the file through the OS page cache (best when it fits in RAM, and shared
                         by the processes of a machine); 0: FFCV's own process cache
     batches_ahead=3     batches FFCV prepares ahead of the one in use
     jitter_order=sample ColorJitter order per image as torchvision (sample) or one per batch (batch:
                         cheaper, see kernels/augment_gpu.py)
-    decode=once         once: one JPEG decode for both views; twice: FFCV's stock
-                        RandomResizedCropRGBImageDecoder and flip, one pipeline per view
+    decode=once         once: one JPEG decode for both views; twice: one decode per view, one
+                        pipeline each (the work of FFCV's stock RandomResizedCropRGBImageDecoder)
 The sidecar `X.beton.json` (written by convert) holds the class names; without it classes are the
 label numbers. A .beton from another writer needs the field types convert writes: `image` an
 RGBImageField, `label` an IntField.
@@ -31,118 +40,32 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.basics import BasicDecoder, IntDecoder
-from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.reader import Reader
-from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor
+from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
 from moco_fast.config import ConfigError
 from moco_fast.convert import sidecar_path
-from moco_fast.data import DataError
+from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError
 
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, parse_options, stream_seed
+from .ffcv_ops import FAILURES, DecodeStatus, FlipViews, ResizedCrops, SampleIndexDecoder
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("moco_fast")
 
 
-# ---- FFCV operations (each declares its output state apart from the code that computes it) -------
-
-
-class TwoViewResizedCrop(RandomResizedCropRGBImageDecoder):
-    """Decode each image once and cut two independent random resized crops: N x 2 x S x S x 3 uint8.
-
-    The code is FFCV's RandomResizedCropRGBImageDecoder with a second crop from the same decoded
-    buffer, which halves the decode work of a two-view pipeline."""
-
-    def declare_state_and_memory(self, previous_state):
-        state, (_, temp) = super().declare_state_and_memory(previous_state)
-        shape = (2, self.output_size[0], self.output_size[1], 3)
-        return replace(state, shape=shape), (AllocationQuery(shape, np.dtype("<u1")), temp)
-
-    def generate_code(self):
-        mem_read = self.memory_read
-        my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        get_crop_c = Compiler.compile(self.get_crop_generator)
-        scale, ratio = np.array(self.scale), np.array(self.ratio)
-
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
-            for dst_ix in my_range(len(batch_indices)):
-                field = metadata[batch_indices[dst_ix]]
-                image_data = mem_read(field["data_ptr"], storage_state)
-                height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                if field["mode"] == 0:  # jpg
-                    buf = temp_storage[dst_ix]
-                    imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False)
-                    buf = buf.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
-                else:  # raw pixels
-                    buf = image_data.reshape(height, width, 3)
-                for v in range(2):
-                    i, j, h, w = get_crop_c(height, width, scale, ratio)
-                    resize_crop_c(buf, i, i + h, j, j + w, destination[dst_ix, v])
-            return destination[: len(batch_indices)]
-
-        decode.is_parallel = True
-        return decode
-
-
-class TwoViewFlip(Operation):
-    """Flip each view of N x 2 x S x S x 3 horizontally with probability p, independently."""
-
-    def __init__(self, flip_prob: float = 0.5):
-        super().__init__()
-        self.flip_prob = flip_prob
-
-    def generate_code(self):
-        my_range = Compiler.get_iterator()
-        p = self.flip_prob
-
-        def flip(images, dst):
-            should = np.random.rand(images.shape[0], 2) < p
-            for i in my_range(images.shape[0]):
-                for v in range(2):
-                    if should[i, v]:
-                        dst[i, v] = images[i, v, :, ::-1]
-                    else:
-                        dst[i, v] = images[i, v]
-            return dst
-
-        flip.is_parallel = True
-        return flip
-
-    def declare_state_and_memory(self, previous_state):
-        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
-
-
-class SampleIndexDecoder(BasicDecoder):
-    """Reads no data: yields each sample's position in the .beton (MoCo's memory bank needs it)."""
-
-    dtype = np.dtype("<i8")
-
-    def generate_code(self):
-        def decoder(indices, destination, metadata, storage_state):
-            for ix in range(len(indices)):
-                destination[ix, 0] = indices[ix]
-            return destination[: len(indices)]
-
-        return decoder
+# ---- the order, options, class names, the loader (the operations are in ffcv_ops.py) -------------
 
 
 class RankShardOrder(TraversalOrder):
@@ -161,9 +84,6 @@ class RankShardOrder(TraversalOrder):
     def sample_order(self, epoch: int):
         self.sampler.set_epoch(epoch)
         return np.fromiter(iter(self.sampler), dtype=np.int64, count=len(self.sampler))
-
-
-# ---- options, class names, the loader ---------------------------------------------------------
 
 
 @dataclass
@@ -230,8 +150,11 @@ class FFCVLoader:
                     f"{kind.__name__} (as `moco-fast convert` writes it)"
                 )
         self.splits = None  # a .beton: no image folder
+        self.path = path
         self.num_images = reader.num_samples
-        self.classes = read_classes(path, reader.metadata[f"f{names.index('label')}"])
+        self.labels = reader.metadata[f"f{names.index('label')}"]
+        self.classes = read_classes(path, self.labels)
+        self.bad: set[int] = set()  # .beton indices whose image could not be read (named once each)
         if self.num_images // args.world_size < args.batch_size:
             raise DataError(
                 f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: lower --batch-size"
@@ -247,20 +170,13 @@ class FFCVLoader:
             "label": [IntDecoder(), *to],
             "index": PipelineSpec("label", decoder=SampleIndexDecoder(), transforms=list(to)),
         }
-        if self.opts.decode == "once":
-            pipes["image"] = [
-                TwoViewResizedCrop(size, scale=spec.crop_scale, ratio=spec.crop_ratio),
-                TwoViewFlip(spec.flip_prob),
-                *to,
-            ]
-        else:  # FFCV's stock decoder twice on the same field: one pipeline per view
-            for name in ("image", "image2"):
-                ops = [
-                    RandomResizedCropRGBImageDecoder(size, scale=spec.crop_scale, ratio=spec.crop_ratio),
-                    RandomHorizontalFlip(spec.flip_prob),
-                    *to,
-                ]
-                pipes[name] = ops if name == "image" else PipelineSpec("image", decoder=ops[0], transforms=ops[1:])
+        # once: one decoder cuts both views; twice: one decode per view (FFCV's stock pipeline's work),
+        # each its own pipeline. Each decoder's status is an output of its own, on the host.
+        once = self.opts.decode == "once"
+        for name in ("image",) if once else ("image", "image2"):
+            crops = ResizedCrops(size, spec.crop_scale, spec.crop_ratio, views=2 if once else 1)
+            pipes[name] = PipelineSpec("image", decoder=crops, transforms=[FlipViews(spec.flip_prob), *to])
+            pipes[f"{name}_status"] = PipelineSpec(crops, transforms=[DecodeStatus()])
         return pipes
 
     def _build(self, path: Path) -> Loader:
@@ -284,15 +200,45 @@ class FFCVLoader:
     def set_epoch(self, epoch: int) -> None:
         self.ffcv.next_epoch = epoch  # FFCV counts its epochs itself, one per __iter__
 
-    def _views(self, out: dict) -> torch.Tensor:
-        """uint8 views from FFCV -> float 2N x 3 x S x S in [0, 1] on the device, view 1 then view 2."""
-        if self.opts.decode == "once":
-            u8 = out["image"]  # N x 2 x S x S x 3
-        else:
-            u8 = torch.stack((out["image"], out["image2"]), dim=1)
+    def _views(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 2 x S x S x 3 -> float 2N x 3 x S x S in [0, 1] on the device, view 1 then view 2."""
         u8 = u8.to(self.device, non_blocking=True)
         n, _, s, _, _ = u8.shape
         return u8.permute(1, 0, 4, 2, 3).reshape(2 * n, 3, s, s).float().div_(255.0)
+
+    def _replacements(self, status: np.ndarray) -> torch.Tensor:
+        """The row each row of a batch is read from: itself, or for a sample whose image could not be
+        read (status: failure code, .beton index; see ResizedCrops) the next row that was read, as
+        the other loaders use the next good image. Names each such sample once; stops the run when
+        more than MAX_BAD_FRACTION of the images (and more than MAX_BAD_MIN) could not be read, or
+        when no image of the batch could."""
+        failed = np.flatnonzero(status[:, 0])
+        for row in failed:
+            code, sample = (int(x) for x in status[row])
+            if sample not in self.bad:
+                self.bad.add(sample)
+                log.warning(
+                    "skipping unreadable image %d of %s (class %s): %s; using another image of its batch",
+                    sample,
+                    self.path,
+                    self.classes[self.labels[sample]],
+                    FAILURES.get(code, f"failure {code}"),
+                )
+        bad, n = len(self.bad), self.num_images
+        if bad > max(MAX_BAD_MIN, MAX_BAD_FRACTION * n):
+            raise DataError(
+                f"{bad} of the {n} images in {self.path} could not be decoded (more than "
+                f"{MAX_BAD_FRACTION:.0%}): check the data set"
+            )
+        read = np.flatnonzero(status[:, 0] == 0)
+        if not len(read):
+            raise DataError(
+                f"no image of a batch of {len(status)} from {self.path} could be decoded (images "
+                f"{', '.join(str(int(i)) for i in status[:, 1])}): check the data set"
+            )
+        rows = np.arange(len(status))
+        rows[failed] = read[np.searchsorted(read, failed) % len(read)]
+        return torch.from_numpy(rows)
 
     def __iter__(self):
         a = self.args
@@ -306,10 +252,21 @@ class FFCVLoader:
             if i == 0:
                 torch.set_num_threads(threads)
             out = dict(zip(names, batch, strict=True))
-            im_q, im_k = self.augment(self._views(out), g)  # from 2N x 3 x S x S in [0, 1]
+            if self.opts.decode == "once":
+                u8, status = out["image"], out["image_status"].numpy()  # N x 2 x S x S x 3; N x 2
+            else:  # the two decoders read the same images: a failure is in both statuses
+                u8 = torch.cat((out["image"], out["image2"]), dim=1)
+                status = np.maximum(out["image_status"].numpy(), out["image2_status"].numpy())
             # On a GPU they arrive as FFCV's device copies; on the CPU they are FFCV's batch buffers,
             # which it reuses a few batches later: copied, so that a batch held by the caller stays whole.
             label, index = (out[k].view(-1) if out[k].is_cuda else out[k].view(-1).clone() for k in ("label", "index"))
+            if status[:, 0].any():  # the status is on the host: no device sync
+                rows = self._replacements(status)
+                if self.device.type == "cuda":
+                    rows = rows.pin_memory().to(self.device, non_blocking=True)
+                u8 = u8.to(self.device, non_blocking=True)
+                u8, label, index = (t.index_select(0, rows) for t in (u8, label, index))
+            im_q, im_k = self.augment(self._views(u8), g)  # from 2N x 3 x S x S in [0, 1]
             yield Batch(im_q, im_k, label, index)
 
 

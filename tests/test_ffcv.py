@@ -1,13 +1,15 @@
 """The FFCV loader for real (no mock) on a small .beton written once per session.
 
 FFCV's Numba pipeline compiles on first use (~20-40 s per Loader on this CPU), so one loader is
-shared by the module's tests; the end-to-end `moco-fast train` run and the stock-decoder path pay
-one compile each.
+shared by the module's tests; the end-to-end `moco-fast train` run and the one-decode-per-view path
+pay one compile each (both read a copy with damaged JPEGs), the raw coordinate images one more.
 """
 
 import copy
 import json
+import logging
 import math
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -36,6 +38,34 @@ def tiny_beton(tiny_root, tmp_path_factory):
     dst = tmp_path_factory.mktemp("beton") / "tiny.beton"
     convert(ConvertConfig(str(tiny_root), str(dst), format="ffcv", workers=2))
     return dst
+
+
+@pytest.fixture(scope="session")
+def corrupt_beton(tiny_beton, tmp_path_factory):
+    """A copy of tiny_beton with three JPEGs damaged in place, as a bad disk or copy leaves them:
+    {index: the name of the failure the decoder reports}. The .beton and its sidecar stay valid."""
+    from ffcv.reader import Reader
+
+    dst = tmp_path_factory.mktemp("corrupt") / "corrupt.beton"
+    shutil.copy(tiny_beton, dst)
+    shutil.copy(tiny_beton.with_name("tiny.beton.json"), dst.with_name("corrupt.beton.json"))
+    reader = Reader(str(dst))
+    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist(), strict=True))
+    data = bytearray(dst.read_bytes())
+
+    def jpeg(i):
+        start = int(reader.metadata["f0"]["data_ptr"][i])
+        return start, start + sizes[start]
+
+    start, _ = jpeg(3)
+    data[start : start + 64] = bytes(64)  # no start-of-image marker left: imdecode fails
+    start, end = jpeg(12)
+    data[(start + end) // 2 : end] = bytes(end - (start + end) // 2)  # the second half lost: it warns
+    start, end = jpeg(25)
+    sof = data.index(b"\xff\xc0", start, end)
+    data[sof + 5 : sof + 7] = (16).to_bytes(2, "big")  # says 16 rows: it would decode, half of it stale
+    dst.write_bytes(bytes(data))
+    return dst, {3: "BAD_JPEG", 12: "BAD_JPEG", 25: "BAD_SIZE"}
 
 
 def beton_labels(path) -> list[int]:
@@ -187,18 +217,82 @@ def test_fields_of_another_type_are_a_one_line_error(tmp_path, capsys):
     assert f"moco-fast train: error: {nd}: its 'image' field is NDArrayField" in err
 
 
-def test_stock_two_decoder_path(tiny_beton):
-    ld = create_loader(
-        "ffcv", loader_args(tiny_beton, batch_size=16, options={"decode": "twice", "jitter_order": "batch"})
-    )
-    b = next(iter(ld))
-    assert b.im_q.shape == b.im_k.shape == (16, 3, 32, 32) and not torch.equal(b.im_q, b.im_k)
-    assert b.label.tolist() == [beton_labels(tiny_beton)[i] for i in b.index.tolist()]
+def test_corrupt_images_are_named_and_replaced(corrupt_beton, caplog):
+    """FFCV ignores imdecode's failure: the sample was cropped from the previous image's pixels and
+    trained on with its own label, without a word. Here its views are zeroed and its status says
+    why; the loader names it once and hands on another image of the batch (with that image's label
+    and index). The path with one decode per view (decode=twice), on two Numba threads (prange)."""
+    path, bad = corrupt_beton
+    opts = {"decode": "twice", "jitter_order": "batch"}
+    ld = create_loader("ffcv", loader_args(path, batch_size=16, workers=2, options=opts))
+    labels, seen = beton_labels(path), []
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        for epoch in range(2):
+            ld.set_epoch(epoch)
+            for b in ld:
+                assert b.im_q.shape == b.im_k.shape == (16, 3, 32, 32) and not torch.equal(b.im_q, b.im_k)
+                assert b.label.tolist() == [labels[i] for i in b.index.tolist()]
+                seen += b.index.tolist()
+    assert set(seen) == set(range(32)) - set(bad)
+    for i in bad:
+        assert caplog.text.count(f"skipping unreadable image {i} of {path}") == 1
+    import moco_fast.loaders.ffcv_ops as ffcv_ops
+
+    assert ffcv_ops.FAILURES[ffcv_ops.BAD_SIZE] in caplog.text
+    code = {i: getattr(ffcv_ops, name) for i, name in bad.items()}
+    names = list(ld.ffcv.pipeline_specs)
+    ld.set_epoch(0)
+    for batch in ld.ffcv:  # FFCV's own output, before the loader replaces anything
+        out = dict(zip(names, batch, strict=True))
+        for view in ("image", "image2"):
+            status = out[f"{view}_status"].numpy()
+            assert [c for c, _ in status] == [code.get(i, 0) for _, i in status]
+            assert all(not out[view][row].any() for row, (c, _) in enumerate(status) if c)  # zeroed, not stale
 
 
-def test_train_end_to_end(tiny_beton, tmp_path):
+def test_unreadable_images_past_the_limit_stop_the_run(loader):
+    """The rows a batch is read from, and the limits, on a status as the decoder writes it."""
+    from moco_fast.loaders.ffcv_ops import BAD_JPEG
+
+    ld = copy.copy(loader)
+    ld.bad = set()
+    status = np.array([[0, 5], [BAD_JPEG, 6], [0, 7], [BAD_JPEG, 8], [BAD_JPEG, 9]])
+    assert ld._replacements(status).tolist() == [0, 2, 2, 0, 0]  # the next image that was read
+    assert ld.bad == {6, 8, 9}
+    with pytest.raises(DataError, match=r"no image of a batch of 2 from .* could be decoded \(images 10, 11\)"):
+        ld._replacements(np.array([[BAD_JPEG, 10], [BAD_JPEG, 11]]))
+    ld._replacements(np.array([[BAD_JPEG, i] for i in range(12, 23)] + [[0, 31]]))  # 16 of 32: not more than 16
+    with pytest.raises(DataError, match=r"17 of the 32 images in .* could not be decoded \(more than 10%\)"):
+        ld._replacements(np.array([[BAD_JPEG, 23], [0, 31]]))
+
+
+def test_raw_images_that_do_not_fit_their_record_are_replaced(coords_loader, caplog):
+    """Raw pixels are not decoded, but their record can be wrong: a size of 0 made OpenCV abort the
+    process, pixels that do not fill height x width x 3 made FFCV's thread die and the loop wait
+    forever. The shared raw pipeline, reading a copy of its metadata with three bad records."""
+    from moco_fast.loaders.ffcv_ops import BAD_MODE, BAD_RAW, EMPTY, FAILURES
+
+    ld = copy.copy(coords_loader)
+    ld.bad = set()
+    ld.ffcv = copy.copy(coords_loader.ffcv)
+    ld.ffcv.reader = copy.copy(coords_loader.ffcv.reader)
+    meta = coords_loader.ffcv.reader.metadata.copy()  # read-only like FFCV's own: the compiled code fits
+    meta["f0"]["height"][0], meta["f0"]["mode"][1], meta["f0"]["width"][2] = 0, 7, 63
+    meta.setflags(write=False)
+    ld.ffcv.reader.metadata = meta
+    ld.set_epoch(0)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        seen = [i for b in ld for i in b.index.tolist()]
+    assert len(seen) == 40 and set(seen) == set(range(3, 40))
+    for i, code in enumerate((EMPTY, BAD_MODE, BAD_RAW)):
+        assert f"skipping unreadable image {i} of {ld.path} (class c): {FAILURES[code]}" in caplog.text
+
+
+def test_train_end_to_end_past_corrupt_images(corrupt_beton, tmp_path, caplog):
+    """The tester's case: a run over a .beton with damaged JPEGs names each and trains on."""
+    path, bad = corrupt_beton
     out = tmp_path / "run"
-    argv = ["train", "--loader", "ffcv", "--device", "cpu", "--data", str(tiny_beton), "--preset", "cifar"]
+    argv = ["train", "--loader", "ffcv", "--device", "cpu", "--data", str(path), "--preset", "cifar"]
     argv += [
         "--arch",
         "resnet18",
@@ -214,7 +308,10 @@ def test_train_end_to_end(tiny_beton, tmp_path):
         "2",
     ]
     argv += ["--workers", "1", "--out", str(out)]
-    assert main(argv) == 0
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(argv) == 0
+    for i in bad:
+        assert caplog.text.count(f"skipping unreadable image {i} of {path}") == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["epoch"] == 1 and math.isfinite(rows[-1]["loss"])
     assert json.loads((out / "config.json").read_text())["data"]["loader"] == "ffcv"

@@ -1,0 +1,184 @@
+"""The FFCV operations of the FFCV backend (`ffcv.py`): each declares its output state apart from the
+code that computes it, and its code is compiled by Numba into FFCV's pipeline, which runs in threads.
+
+`ResizedCrops` decodes an image and cuts its random resized crops (and checks what FFCV's decoder
+leaves unchecked), `FlipViews` flips each view, `DecodeStatus` hands the decoder's per-sample status
+to the loader on the host, `SampleIndexDecoder` yields each sample's position in the .beton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from ffcv.fields.basics import BasicDecoder
+from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+
+# Why a sample's image could not be read, as the decoder records it in its status (0: read).
+EMPTY, BAD_JPEG, BAD_SIZE, BAD_RAW, BAD_MODE = 1, 2, 3, 4, 5
+FAILURES = {
+    EMPTY: "the .beton records it as 0 pixels high or wide",
+    BAD_JPEG: "its JPEG does not decode",
+    BAD_SIZE: "its JPEG's height and width are not those the .beton records",
+    BAD_RAW: "its raw pixels are not the height x width x 3 bytes the .beton records",
+    BAD_MODE: "it is stored in an unknown mode (neither jpg nor raw)",
+}
+
+
+def jpeg_size(data: np.ndarray) -> tuple[int, int]:
+    """(height, width) from a JPEG's frame header (SOF0-15), (0, 0) when there is none before the scan.
+
+    imdecode is given the size the .beton records and decodes a smaller JPEG without an error: the
+    rest of the buffer would keep the previous image. Plain code over the bytes: Numba compiles it
+    into the decoder."""
+    i, n = 2, len(data)  # after SOI
+    while i + 3 < n:
+        if data[i] != 0xFF:
+            return 0, 0
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+        elif marker == 0xDA:  # start of scan: no frame header before it
+            return 0, 0
+        elif 0xC0 <= marker <= 0xCF and marker != 0xC4 and marker != 0xC8 and marker != 0xCC:
+            if i + 8 >= n:
+                return 0, 0
+            return np.int64(data[i + 5]) * 256 + data[i + 6], np.int64(data[i + 7]) * 256 + data[i + 8]
+        else:  # a segment with its length: APPn (EXIF), DQT, DHT, COM, ...
+            i += 2 + np.int64(data[i + 2]) * 256 + data[i + 3]
+    return 0, 0
+
+
+class ResizedCrops(RandomResizedCropRGBImageDecoder):
+    """Decode each image once and cut `views` independent random resized crops: N x V x S x S x 3
+    uint8, beside each sample's status, N x 2 int64 (failure code, 0 when read; the .beton index).
+
+    The code is FFCV's RandomResizedCropRGBImageDecoder with more crops from the same decoded buffer
+    (two halve the decode work of a two-view pipeline) and the check that it leaves out: FFCV ignores
+    imdecode's -1, so a JPEG that does not decode was cropped from whatever the previous image left in
+    the reused buffer, and trained on silently with its own label. Here such a sample's views are
+    zeroed and its status says why; the loader names it and replaces it (Numba code cannot log).
+    FFCV passes one result down a pipeline: this one is the pair (views, status). The declared state
+    is the views', which `FlipViews` takes from the pair; `DecodeStatus` takes the status."""
+
+    def __init__(self, output_size, scale, ratio, views: int = 2):
+        super().__init__(output_size, scale=scale, ratio=ratio)
+        self.views = views
+
+    def declare_state_and_memory(self, previous_state):
+        state, (_, temp) = super().declare_state_and_memory(previous_state)
+        shape = (self.views, self.output_size[0], self.output_size[1], 3)
+        status = AllocationQuery((2,), np.dtype("<i8"))
+        return replace(state, shape=shape), (AllocationQuery(shape, np.dtype("<u1")), temp, status)
+
+    def generate_code(self):
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        get_crop_c = Compiler.compile(self.get_crop_generator)
+        jpeg_size_c = Compiler.compile(jpeg_size)
+        scale, ratio = np.array(self.scale), np.array(self.ratio)
+        views = self.views
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage, status = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                field = metadata[batch_indices[dst_ix]]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                jpg = field["mode"] == 0
+                failure = 0
+                if height == 0 or width == 0:  # a crop of nothing: OpenCV would abort the process
+                    failure = EMPTY
+                elif jpg:
+                    jh, jw = jpeg_size_c(image_data)
+                    if jh != height or jw != width:
+                        failure = BAD_SIZE if jh else BAD_JPEG
+                    else:  # imdecode: 0, or -1 when libjpeg-turbo fails or warns (a truncated JPEG)
+                        buf = temp_storage[dst_ix]
+                        if imdecode_c(image_data, buf, height, width, height, width, 0, 0, 1, 1, False, False):
+                            failure = BAD_JPEG
+                elif field["mode"] != 1:
+                    failure = BAD_MODE
+                elif image_data.size != 3 * height * width:  # reshape would raise in FFCV's thread: a hang
+                    failure = BAD_RAW
+                status[dst_ix, 0] = failure
+                status[dst_ix, 1] = batch_indices[dst_ix]
+                if failure:
+                    destination[dst_ix] = 0
+                else:
+                    if jpg:
+                        buf = temp_storage[dst_ix].reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    else:  # raw pixels
+                        buf = image_data.reshape(height, width, 3)
+                    for v in range(views):
+                        i, j, h, w = get_crop_c(height, width, scale, ratio)
+                        resize_crop_c(buf, i, i + h, j, j + w, destination[dst_ix, v])
+            n = len(batch_indices)
+            return destination[:n], status[:n]
+
+        decode.is_parallel = True
+        return decode
+
+
+class FlipViews(Operation):
+    """Flip each view of ResizedCrops' N x V x S x S x 3 horizontally with probability p, independently."""
+
+    def __init__(self, flip_prob: float = 0.5):
+        super().__init__()
+        self.flip_prob = flip_prob
+
+    def generate_code(self):
+        my_range = Compiler.get_iterator()
+        p = self.flip_prob
+
+        def flip(decoded, dst):
+            images = decoded[0]  # (views, status): see ResizedCrops
+            should = np.random.rand(images.shape[0], images.shape[1]) < p
+            for i in my_range(images.shape[0]):
+                for v in range(images.shape[1]):
+                    if should[i, v]:
+                        dst[i, v] = images[i, v, :, ::-1]
+                    else:
+                        dst[i, v] = images[i, v]
+            return dst
+
+        flip.is_parallel = True
+        return flip
+
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
+
+
+class DecodeStatus(Operation):
+    """ResizedCrops' status as a host tensor (the loader reads it on the host: never moved to the
+    device, no sync). Its own pipeline, which refers to the decoder: PipelineSpec(source=decoder)."""
+
+    def generate_code(self):
+        def status(decoded, dst):
+            return torch.from_numpy(decoded[1])
+
+        return status
+
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=False, shape=(2,), dtype=torch.int64), None
+
+
+class SampleIndexDecoder(BasicDecoder):
+    """Reads no data: yields each sample's position in the .beton (MoCo's memory bank needs it)."""
+
+    dtype = np.dtype("<i8")
+
+    def generate_code(self):
+        def decoder(indices, destination, metadata, storage_state):
+            for ix in range(len(indices)):
+                destination[ix, 0] = indices[ix]
+            return destination[: len(indices)]
+
+        return decoder
