@@ -50,6 +50,37 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         return torch.cat(outs)
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that computes a 1 x 1 map from a 1 x 1 map with the one tap that covers the input.
+
+    A ResNet's stride-2 3 x 3 convolution meets a 1 x 1 map where the images are small (layer4's
+    first one with the ImageNet stem at 16 px). There every tap but the centre sees only zero
+    padding, so its gradient is exactly zero; on the CPU, oneDNN's bf16 weight-gradient kernel
+    (jit_bf16:avx512_core_bf16; torch 2.14.1, oneDNN 3.12) leaves those taps uninitialised instead:
+    garbage in ~9 calls out of 10, at times 1e33 or inf/NaN, and --amp bf16 then diverges within a
+    few steps. The 1 x 1 convolution with the centre tap is the same function and never reaches
+    that kernel; autograd gives the other taps exact zeros.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tap = self._covering_tap(x)
+        if tap is None:
+            return super().forward(x)
+        i, j = tap
+        return F.conv2d(x, self.weight[:, :, i : i + 1, j : j + 1], self.bias, groups=self.groups)
+
+    def _covering_tap(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """(i, j) where a 1 x 1 input makes a 1 x 1 output through tap (i, j) alone, else None."""
+        if x.shape[-2:] != (1, 1) or self.kernel_size == (1, 1) or isinstance(self.padding, str):
+            return None
+        if self.padding_mode != "zeros" or self.dilation != (1, 1):
+            return None
+        for k, p, s in zip(self.kernel_size, self.padding, self.stride):
+            if not (p < k and 0 <= 1 + 2 * p - k < s):  # the input under a tap, one output position
+                return None
+        return self.padding[0], self.padding[1]
+
+
 def resolve_stem(stem: str, image_size: int) -> str:
     if stem == "auto":
         return "cifar" if image_size <= 64 else "imagenet"
@@ -67,6 +98,9 @@ def build_backbone(arch: str, stem: str = "imagenet", bn_splits: int = 1) -> tup
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
+    for m in net.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = Conv2d  # the same module (parameters, state_dict keys); see Conv2d
     width = net.fc.in_features
     net.fc = nn.Identity()
     return net, width
