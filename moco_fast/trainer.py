@@ -18,6 +18,7 @@ import torch
 
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
+from moco_fast.agreement import agree
 from moco_fast.cli import interruption
 from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
 from moco_fast.data import DataError
@@ -225,13 +226,9 @@ def _train_held(
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch = 0 if resume_path is None else resume(resume_path, cfg, model, optimizer, scaler, world, rank)
-    # Every rank must start at the same epoch, or the first collective would wait forever.
-    starts = dist_utils.all_gather_objects(start_epoch)
-    if len(set(starts)) > 1:
-        raise ConfigError(
-            f"--resume: the ranks found different checkpoints (epochs {starts}): "
-            "put --out on a file system that every machine sees"
-        )
+    # Every rank must run the same settings, from the same epoch, on the same number of steps, or
+    # a collective would wait for the collective timeout (an hour) or mix different queues.
+    agree(cfg, device, amp_dtype, start_epoch, loader)
     if cfg.runtime.compile:
         model.encoder_q.compile()
         if model.encoder_k is not None:

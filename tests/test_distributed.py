@@ -9,6 +9,7 @@ launch serves the shuffle and DDP tests, and the model and trainer are imported 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -312,6 +313,102 @@ def test_a_resume_with_as_many_ranks_continues_shuffle_bn_exactly(tiny_root, tmp
 
 
 # -- failures -------------------------------------------------------------------------------------
+def _per_rank_cli_worker(argvs: list[list[str]]) -> tuple[int, str]:
+    """main() with this rank's own command line: its exit status and what it wrote on stderr."""
+    import contextlib
+    import io
+
+    torch.set_num_threads(1)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argvs[int(os.environ["RANK"])])
+    return rc, err.getvalue()
+
+
+def synthetic_args(out, *extra: str) -> list[str]:
+    return [
+        "train", "--loader", "synthetic", "--synthetic-steps", "2", "--device", "cpu", "--arch", "resnet18",
+        "--image-size", "16", "--dim", "16", "--batch-size", "8", "--moco-k", "32", "--epochs", "1",
+        "--workers", "0", "--no-final-knn", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ranks_with_different_settings_stop_with_one_line(tmp_path):
+    # Nothing compared the ranks' settings: a rank with another --moco-k trained "fine" (rank 0's
+    # queue was broadcast into it, cut to size). Every rank now stops with the same line.
+    out = tmp_path / "run"
+    argvs = [synthetic_args(out), synthetic_args(out, "--moco-k", "64", "--moco-t", "0.5")]
+    results = run_workers(_per_rank_cli_worker, (argvs,), 2)
+    for rc, err in results:
+        last = err.strip().splitlines()[-1]
+        assert rc == 2 and "Traceback" not in err, err[-3000:]
+        assert last == (
+            "moco-fast train: error: the ranks were started with different settings: "
+            "moco.k: 32 on rank 0, 64 on rank 1; moco.t: 0.2 on rank 0, 0.5 on rank 1: "
+            "start every rank with the same flags"
+        ), last
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_what_the_ranks_must_agree_on_is_named_with_each_ranks_value():
+    from moco_fast.agreement import by_rank, check_ranks_agree
+    from moco_fast.data import DataError
+
+    def report(settings=None, start_epoch=0, num_images=96, steps=6):
+        return {"settings": settings or {"moco.k": 256}, "start_epoch": start_epoch, "num_images": num_images,
+                "steps": steps}  # fmt: skip
+
+    check_ranks_agree([report()] * 3)  # the same: nothing to say
+    check_ranks_agree([report(num_images=5)])  # one rank: nothing to compare
+    with pytest.raises(DataError, match=r"^the ranks see different data: 96 images \(6 steps an epoch\) on rank 0, "
+                       r"48 images \(3 steps an epoch\) on rank 1: every rank must read the same images"):  # fmt: skip
+        check_ranks_agree([report(), report(num_images=48, steps=3)])
+    with pytest.raises(ConfigError, match=r"different checkpoints \(epochs \[3, 0\]\)"):
+        check_ranks_agree([report(start_epoch=3), report(num_images=48, steps=3)])  # the checkpoint first
+    many = {f"f{i}": i for i in range(5)}
+    with pytest.raises(ConfigError, match=r"f0: 0 on ranks 0, 1, 1 on rank 2; .*\(and 2 more\)") as e:
+        check_ranks_agree([report(many), report(many), report({k: v + 1 for k, v in many.items()})])
+    assert "; f3" not in str(e.value)
+    assert by_rank([1, 1, 1, 2, 1]) == "1 on ranks 0-2, 4, 2 on rank 3"
+
+
+@pytest.mark.slow
+def test_ranks_with_different_data_stop_instead_of_hanging(tmp_path):
+    # Rank 1 with half the images ran half the steps, then waited in the epoch's all-reduce while
+    # rank 0 waited in its next step's all-to-all: silent until the one-hour collective timeout.
+    # Under torchrun, with a deadline: the processes of a hung job are killed by the pids they wrote.
+    from conftest import make_image_root
+
+    big = make_image_root(tmp_path / "big", per_class=16)
+    small = make_image_root(tmp_path / "small", per_class=8)
+    pids = tmp_path / "pids"
+    script = tmp_path / "perrank.sh"
+    script.write_text(
+        f'#!/bin/sh\necho $$ >> {pids}\nif [ "$RANK" = 1 ]; then data={small}; else data={big}; fi\n'
+        f'exec {sys.executable} -m moco_fast "$@" --data "$data"\n'
+    )
+    script.chmod(0o755)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
+    args = [str(script), "train", *cli_args(big, out, 1)[3:], "--no-final-knn"]  # the script adds --data
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        p = subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=180)
+    except subprocess.TimeoutExpired:
+        for pid in pids.read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+        pytest.fail("the ranks with different data hung")
+    lines = [line for line in p.stderr.splitlines() if "moco-fast train: error:" in line]
+    assert p.returncode != 0 and len(lines) == 2, p.stderr[-3000:]
+    assert lines[0].endswith(
+        "the ranks see different data: 32 images (2 steps an epoch) on rank 0, 16 images (1 step an epoch) on "
+        "rank 1: every rank must read the same images (--data on each machine holding the same set)"
+    ), lines
+    assert not (out / "checkpoint.pt").exists()
+
+
 @pytest.mark.slow
 def test_every_torchrun_rank_stops_at_a_run_folder_in_use(tiny_root, tmp_path):
     # Rank 0 alone takes the folder's lock; the other ranks learn its result (all-gathered) and
