@@ -98,6 +98,15 @@ def error_text(e: BaseException) -> str:
     return text
 
 
+def one_line(e: BaseException) -> str | None:
+    """The one line that ends a command for `e` (exit status 2): a user error's text, or what the
+    machine refused (a full disk); None for anything else, a bug that keeps its traceback. Also
+    what a `--gpus` worker reports to the launcher (launch._recorded)."""
+    if not isinstance(e, KeyboardInterrupt) and isinstance(e, _user_errors_or_none()):
+        return error_text(e)
+    return None if interruption(e) is not None else _environment_error(e)
+
+
 def interruption(e: BaseException | None) -> KeyboardInterrupt | None:
     """The Ctrl-C (or SIGTERM, see main) behind `e`, also when it struck inside code that raised
     another error on its way out (torch.save's zip writer does: "unexpected pos")."""
@@ -193,16 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,
         # and user_errors() imports modules that import torch.
-        if not isinstance(e, KeyboardInterrupt) and isinstance(e, _user_errors_or_none()):
-            print(f"moco-fast {args.command}: error: {error_text(e)}", file=sys.stderr)
+        line = one_line(e)
+        if line is not None:
+            print(f"moco-fast {args.command}: error: {line}", file=sys.stderr)
             return 2
         stop = interruption(e)
         if stop is None:
-            cause = _environment_error(e)
-            if cause is None:
-                raise
-            print(f"moco-fast {args.command}: error: {cause}", file=sys.stderr)
-            return 2
+            raise
         terminated = isinstance(stop, Terminated)
         print("terminated" if terminated else "interrupted", file=sys.stderr)
         return 143 if terminated else 130

@@ -4,28 +4,45 @@ The workers are started by PyTorch's elastic launcher, the engine under `torchru
 same environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a free local port) and the
 trainer runs the same code either way. The launcher watches the workers: when one exits with an
 error or a signal, it stops the others and we report which rank failed and why, instead of leaving
-the rest waiting forever in a collective.
+the rest waiting forever in a collective. A user error (bad data, contradicting flags) ends the
+command with its one line and exit status 2, as it does without --gpus.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from moco_fast.cli import UserError
 from moco_fast.config import ConfigError, TrainConfig
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
+# A worker's exit status for an error a user can fix (cli.one_line), as the CLI's own.
+USER_ERROR_EXIT = 2
+# The loggers that report a failed worker in the launching process: the failure with the worker's
+# traceback (ERROR), and the others being stopped (WARNING).
+FAILURE_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")
+
+
 class WorkerFailed(RuntimeError):
     """A worker process ended with an error; the message names its rank and the cause."""
+
+
+class WorkerUserError(UserError):
+    """A worker stopped at an error a user can fix (bad data, contradicting flags, a run folder in
+    use, a diverged run): the CLI prints its message as one line, exit status 2, as without --gpus."""
 
 
 def under_torchrun() -> bool:
@@ -58,9 +75,8 @@ def check_local_gpus(cfg: TrainConfig) -> int:
 
 
 def launch_local(cfg: TrainConfig) -> tuple[int, dict]:
-    """Train with one worker per GPU; returns (the CLI's exit status, rank 0's last metrics row)."""
-    from pathlib import Path
-
+    """Train with one worker per GPU; returns (the CLI's exit status, rank 0's last metrics row).
+    A user error in the workers is raised as WorkerUserError (one line, exit 2, by the CLI)."""
     from moco_fast.run_folder import check_output, ensure_not_busy, hold_run_folder
     from moco_fast.step import check_cuda_graph
     from moco_fast.trainer import validate
@@ -88,17 +104,53 @@ def _train_worker(cfg: TrainConfig) -> dict:
     return train(cfg)
 
 
-def _recorded(fn: Callable[..., Any], *args: Any) -> Any:
-    """Runs in each worker: `record` writes an exception's text where the launcher reads it."""
+def _recorded(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
+    """Runs in each worker: `record` writes a bug's text where the launcher reads it (its traceback
+    stays); a user error is said through `reports` instead (_reported)."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(fn)(*args)
+    return record(_reported)(fn, reports, *args)
+
+
+def _reported(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
+    """fn(*args); a user error (cli.one_line) is written to `reports`/RANK and ends the worker with
+    USER_ERROR_EXIT, without a traceback: the launcher prints it as the CLI would."""
+    from moco_fast.cli import one_line
+
+    try:
+        return fn(*args)
+    except BaseException as e:
+        line = one_line(e)
+        if line is None:
+            raise
+        Path(reports, os.environ.get("RANK", "0")).write_text(line)
+        sys.exit(USER_ERROR_EXIT)  # not an Exception: `record` and spawn let it end the process as it is
+
+
+class _QuietOnUserErrors(logging.Filter):
+    """Drops the launcher's failure logs (a worker's traceback, "Terminating process ...") once a
+    worker has reported a user error: its one line says it all, as without --gpus."""
+
+    def __init__(self, reports: str) -> None:
+        super().__init__()
+        self.reports = Path(reports)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(self.reports.iterdir())
+
+
+def user_error_text(reports: dict[int, str]) -> str:
+    """The line for the workers' user errors: their message, with the ranks only where they differ."""
+    if len(set(reports.values())) == 1:
+        return next(iter(reports.values()))
+    return "; ".join(f"rank {r}: {text}" for r, text in sorted(reports.items()))
 
 
 def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
     """Run fn(*args) in nprocs local processes joined by torch.distributed's environment.
 
     fn must be importable by name (the workers are spawned). Returns each rank's result; raises
+    WorkerUserError with the message of a user error that stopped the workers (cli.one_line), else
     WorkerFailed naming the first rank that failed, with its exit code or signal and its error.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -107,6 +159,10 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
 
     # The agent's step-by-step INFO lines would bury the training log.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    reports = tempfile.mkdtemp(prefix="moco-fast-workers-")  # the workers' user errors, one file a rank
+    quiet = _QuietOnUserErrors(reports)
+    for name in FAILURE_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -122,8 +178,11 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
     # ours back afterwards, and let SIGTERM / SIGINT end the command as they do without --gpus.
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
-        results = elastic_launch(config, _recorded)(fn, *args)
+        results = elastic_launch(config, _recorded)(fn, reports, *args)
     except ChildFailedError as e:
+        said = {int(p.name): p.read_text() for p in Path(reports).iterdir()}
+        if said and e.get_first_failure()[0] in said:
+            raise WorkerUserError(user_error_text(said)) from None
         raise WorkerFailed(describe_failure(e)) from None
     except SignalException as e:
         from moco_fast.cli import Terminated
@@ -133,6 +192,9 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
         for s, h in handlers.items():
             if h is not None:
                 signal.signal(s, h)
+        for name in FAILURE_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
+        shutil.rmtree(reports, ignore_errors=True)
     return [results[r] for r in sorted(results)]
 
 

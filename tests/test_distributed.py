@@ -497,6 +497,29 @@ def test_a_dying_worker_ends_the_job_with_its_rank_and_cause(how, why):
     assert time.perf_counter() - t0 < 120  # ended, not hung
 
 
+@pytest.mark.slow
+def test_a_user_error_in_the_gpus_workers_is_one_line(tmp_path):
+    # `--gpus 2` (2 pretend GPUs; the workers run on the CPU): data that the workers find missing
+    # printed the launcher's 45-line ERROR log of the worker's traceback and exited 1. Now the
+    # CLI's own line, exit 2, as without --gpus.
+    fake = "import sys, torch; torch.cuda.device_count = lambda: 2; from moco_fast.cli import main; sys.exit(main())"
+    args = [*cli_args(tmp_path / "no-such-data", tmp_path / "run", 1), "--device", "auto", "--gpus", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", fake, *args], capture_output=True, text=True, env=env, timeout=240,
+                       cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.splitlines() == [f"moco-fast train: error: data folder not found: {tmp_path / 'no-such-data'}"]
+
+
+def test_the_workers_user_errors_name_the_ranks_only_where_they_differ():
+    from moco_fast.launch import user_error_text
+
+    assert user_error_text({1: "data folder not found: /x", 0: "data folder not found: /x"}) == (
+        "data folder not found: /x"
+    )
+    assert user_error_text({1: "b", 0: "a"}) == "rank 0: a; rank 1: b"
+
+
 def _sleeping_worker(marker: str) -> None:
     Path(f"{marker}.{os.environ['RANK']}").touch()  # started: the launcher's handlers are in place
     time.sleep(60)
