@@ -520,6 +520,51 @@ def test_the_workers_user_errors_name_the_ranks_only_where_they_differ():
     assert user_error_text({1: "b", 0: "a"}) == "rank 0: a; rank 1: b"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_manual_launch_whose_peer_never_comes_ends_with_one_line(tmp_path):
+    # RANK=0 WORLD_SIZE=2 by hand, and rank 1 never starts: the join waited the collectives' hour
+    # in silence. It says what it waits for, and gives up after its own timeout with one line.
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "MOCO_FAST_JOIN_TIMEOUT": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "moco_fast", *synthetic_args(tmp_path / "run")], capture_output=True,
+                       text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
+    port = env["MASTER_PORT"]
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        f"INFO waiting for WORLD_SIZE=2 processes to join at 127.0.0.1:{port} (at most 2 s)",
+        f"moco-fast train: error: 1 of the 2 processes joined at 127.0.0.1:{port} within 2 s: start all 2 processes "
+        "(RANK 0 to 1) with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT, check that every machine reaches rank "
+        "0's address and port, or wait longer (MOCO_FAST_JOIN_TIMEOUT=SECONDS)",
+    ], p.stderr[-3000:]
+
+
+def test_a_manual_launch_without_its_address_or_rank_0_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match=r"^RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not: "):
+        dist_utils.init_from_env("cpu")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # nobody listens there
+    monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "never")
+    with pytest.raises(ConfigError, match=r"^MOCO_FAST_JOIN_TIMEOUT=never: give the seconds"):
+        dist_utils.init_from_env("cpu")
+    monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "1")
+    with pytest.raises(
+        ConfigError, match=r"^rank 1 could not reach rank 0 at 127\.0\.0\.1:\d+ within 1 s: start all 2"
+    ):
+        dist_utils.init_from_env("cpu")
+    assert not dist.is_initialized()
+
+
 def _sleeping_worker(marker: str) -> None:
     Path(f"{marker}.{os.environ['RANK']}").touch()  # started: the launcher's handlers are in place
     time.sleep(60)
