@@ -28,6 +28,12 @@ COMMANDS = [
 ]
 
 
+# The commands that run on several processes (under torchrun, or `train --gpus N`). Under torchrun
+# every rank would run the others whole, each writing the same files: the second writer of a result
+# found the first one's lock ("another moco-fast lincls is writing it now") and left it behind.
+DISTRIBUTED_COMMANDS = frozenset({"train"})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moco-fast",
@@ -127,6 +133,19 @@ def os_error_behind(e: BaseException | None) -> OSError | None:
     return None
 
 
+def refuse_torchrun(command: str) -> None:
+    """A ConfigError for a command that runs in one process, started by torchrun: before it takes a
+    lock or writes a file, so that every rank stops with the same line."""
+    from moco_fast.config import ConfigError
+    from moco_fast.launch import under_torchrun
+
+    if under_torchrun():
+        raise ConfigError(
+            f"moco-fast {command} runs in one process: start it without torchrun (every rank would run all "
+            "of it, writing the same files; `moco-fast train` is the command that runs on several processes)"
+        )
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (timeout, SLURM, docker stop): unwinds like Ctrl-C, so that temporary files go.
 
@@ -198,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if threading.current_thread() is threading.main_thread():
             _import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
+        if args.command not in DISTRIBUTED_COMMANDS:
+            refuse_torchrun(args.command)
         return args.func(args) or 0
     except BaseException as e:
         # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,

@@ -422,6 +422,32 @@ def test_sweep_under_torchrun_is_refused_before_anything_runs(tmp_path, capsys, 
     assert not (tmp_path / "s").exists()
 
 
+def test_the_one_process_commands_under_torchrun_are_refused_before_any_lock(run_dir, data, tmp_path, capsys,
+                                                                             monkeypatch):  # fmt: skip
+    # lincls under torchrun with 2 processes: rank 1 found rank 0's lock on the result and said
+    # "another moco-fast lincls is writing it now", and the lock stayed behind. Every command but
+    # train runs in one process: each rank now stops with the same line before it takes a lock.
+    seen = stop_training(monkeypatch)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    ckpt, out = str(run_dir / "checkpoint.pt"), tmp_path / "out"
+    commands = {
+        "knn": ["--checkpoint", ckpt, "--data", str(data), "--device", "cpu"],
+        "lincls": ["--checkpoint", ckpt, "--data", str(data), "--device", "cpu", "--out", str(out / "lincls.json")],
+        "finetune": ["--checkpoint", ckpt, "--data", str(data), "--device", "cpu", "--out", str(out / "ft.json")],
+        "export": [ckpt, "--format", "torchvision", "--output", str(out / "backbone.pt")],
+        "convert": [str(data), str(out / "data.beton")],
+    }
+    for command, args in commands.items():
+        assert main([command, *args]) == 2, command
+        assert one_line_error(capsys) == (
+            f"moco-fast {command}: error: moco-fast {command} runs in one process: start it without torchrun "
+            "(every rank would run all of it, writing the same files; `moco-fast train` is the command that runs "
+            "on several processes)"
+        )
+    assert not seen and not out.exists() and sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt"]
+
+
 def test_finetune_needs_two_images_per_batch(run_dir, data, tmp_path, capsys):
     from moco_fast.finetune import FinetuneConfig, fine_tune
 
