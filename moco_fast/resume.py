@@ -4,6 +4,7 @@ checking that it was trained with the same model (what a resumed run may change 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ def resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, 
     if state["epoch"] < cfg.optim.epochs:
         warn_changed(state["config"], cfg)
         warn_rescheduled(state["config"], cfg, state["epoch"], world, state.get("world_size", world))
+        warn_rescaled(state["config"], cfg, world, state.get("world_size", world))
     bank = state["model"].get("bank")
     if bank is not None and hasattr(model, "bank") and bank.shape[0] != model.bank.shape[0]:
         raise DataError(
@@ -80,6 +82,24 @@ def warn_rescheduled(saved: dict[str, Any], cfg: TrainConfig, done: int, world: 
         "--resume: --epochs %d (the run was scheduled for %d): the %s schedule now spans %d epochs, so "
         "epoch %d trains at lr %.4g where epoch %d had %.4g",
         *(cfg.optim.epochs, before.optim.epochs, cfg.optim.schedule, cfg.optim.epochs, done + 1, nxt, done, last),
+    )
+
+
+def warn_rescaled(saved: dict[str, Any], cfg: TrainConfig, world: int, saved_world: int) -> None:
+    """A run resumed by another number of processes: --lr is for a global batch of 256 and scales
+    with the global batch, so the lr changes with the world size (2 workers resumed in 1 halve it).
+    Said with the two figures and the --lr that keeps the old one; nothing where the lr stays."""
+    from moco_fast.trainer import base_lr
+
+    before = from_dict(saved)
+    old, new = base_lr(before, saved_world), base_lr(cfg, world)
+    if world == saved_world or math.isclose(old, new):
+        return
+    log.warning(
+        "--resume: the run was trained by %d process%s, now %d: the global batch goes from %d to %d, and the "
+        "lr, which scales with it, from %.4g to %.4g (--lr %.4g keeps %.4g)",
+        *(saved_world, "es" * (saved_world != 1), world, before.optim.batch_size * saved_world),
+        *(cfg.optim.batch_size * world, old, new, old * 256 / (cfg.optim.batch_size * world), old),
     )
 
 

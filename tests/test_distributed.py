@@ -312,6 +312,24 @@ def test_a_resume_with_as_many_ranks_continues_shuffle_bn_exactly(tiny_root, tmp
         assert torch.equal(tensor, b["model"][name]), name
 
 
+def test_a_resume_with_another_world_size_says_how_the_lr_changes(tmp_path, caplog):
+    # 2 workers resumed in 1: the linear scaling halved the lr (0.00375 -> 0.001875 there) and only
+    # "new random streams" was said. The warning gives both figures and the --lr that keeps the old.
+    import logging
+
+    out = tmp_path / "run"
+    assert main(synthetic_args(out, "--bn-splits", "2")) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["world_size"] = 2  # as if 2 workers had trained it (global batch 16)
+    torch.save(state, out / "checkpoint.pt")
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*synthetic_args(out), "--resume", "--epochs", "2"]) == 0
+    assert (
+        "--resume: the run was trained by 2 processes, now 1: the global batch goes from 16 to 8, and the lr, "
+        "which scales with it, from 0.001875 to 0.0009375 (--lr 0.06 keeps 0.001875)"
+    ) in caplog.text
+
+
 # -- failures -------------------------------------------------------------------------------------
 def _per_rank_cli_worker(argvs: list[list[str]]) -> tuple[int, str]:
     """main() with this rank's own command line: its exit status and what it wrote on stderr."""
