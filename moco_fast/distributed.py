@@ -377,11 +377,19 @@ def destroy() -> None:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """Each process on a CUDA machine uses the GPU of its LOCAL_RANK (or the one --device names),
-    made the current device: what defaults to the current device (the CUDA RNG state a checkpoint
+    """Each process on a CUDA machine uses the GPU of its LOCAL_RANK (one process alone: the one
+    --device names; with several an index is an error), made the current device: what defaults to the current device (the CUDA RNG state a checkpoint
     saves and restores, new CUDA tensors) then means the training GPU."""
     if device.type != "cuda":
         return device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.index is not None and world > 1:  # every process would take that one GPU
+        from moco_fast.config import ConfigError
+
+        raise ConfigError(
+            f"--device {device}: with {world} processes each takes the GPU of its LOCAL_RANK, and an index "
+            "would put them all on that one; choose the GPUs with CUDA_VISIBLE_DEVICES and give --device cuda"
+        )
     idx = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(idx)
     return torch.device("cuda", idx)

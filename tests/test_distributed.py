@@ -495,6 +495,19 @@ def test_device_flags_fail_before_the_data_is_read(tmp_path, capsys):
         validate_device(cfg, torch.device("cpu"), world=2)
 
 
+def test_device_with_an_index_is_refused_with_several_processes(monkeypatch):
+    # Under torchrun `--device cuda:1` put every rank on GPU 1 (local_device took the index for all);
+    # --gpus already refused it. Checked by the logic alone: the refusal comes before any CUDA call.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"^--device cuda:1: with 2 processes each takes the GPU of its LOCAL_RANK"):
+        dist_utils.local_device(torch.device("cuda", 1))
+    assert dist_utils.local_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the GPU it names (needs one to go further)
+    if torch.cuda.is_available():
+        assert dist_utils.local_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+
+
 def _failing_worker(how: str) -> None:
     torch.set_num_threads(1)
     if int(os.environ["RANK"]) == 1:
