@@ -103,6 +103,46 @@ def warn_rescaled(saved: dict[str, Any], cfg: TrainConfig, world: int, saved_wor
     )
 
 
+def saved_world_size(cfg: TrainConfig) -> int | None:
+    """The number of processes that wrote the checkpoint --resume continues; None where there is none
+    (a fresh run, a run that starts over, or a checkpoint that cannot be read: the run says so later)."""
+    try:
+        path = ckpt.find_resume(cfg.runtime.resume, cfg.runtime.out)
+        state = None if path is None else ckpt.load(path, map_location="cpu", mmap=True)  # its tensors unread
+    except (FileNotFoundError, DataError):
+        return None
+    if not isinstance(state, dict) or "config" not in state:
+        return None
+    return int(state.get("world_size") or len(state.get("rng_per_rank") or [None]))
+
+
+def queue_fix(cfg: TrainConfig, world: int, saved_world: int, per_image: int) -> str:
+    """What to do where the resumed run's global batch enqueues more keys (per_image each) than its
+    queue holds. Not --moco-k: it is part of the model a checkpoint holds (check_same_model)."""
+    k, b = cfg.moco.k, cfg.optim.batch_size
+    ways = []
+    if k // (world * per_image) >= 1:
+        ways.append(f"lower --batch-size to {k // (world * per_image)} or less")
+    most = k // (b * per_image)
+    if most >= 1:
+        ways.append("resume in one process" if most == 1 else f"resume with at most {most} processes")
+    trained = f"trained by {saved_world} process{'es' * (saved_world != 1)}, now {world}"
+    return f"the queue of the checkpoint ({trained}) holds {k} keys, and --resume keeps it: " + " or ".join(ways)
+
+
+def bn_splits_fix(cfg: TrainConfig, saved_world: int) -> str:
+    """What to do where a run that several processes trained (plain BN: their batches are apart
+    already) resumes in one, whose split BN cuts each batch into --bn-splits sub-batches."""
+    b, splits = cfg.optim.batch_size, cfg.moco.bn_splits
+    fits = [d for d in range(min(splits, b // 2), 0, -1) if b % d == 0]
+    way = f"give --bn-splits {fits[0]}" if fits else "raise --batch-size"
+    return (
+        f"the run was trained by {saved_world} processes, which do not split BN; in one process split BN cuts "
+        f"each batch of {b} into --bn-splits {splits} sub-batches: {way} (it may change on --resume), or "
+        f"resume with {saved_world} processes"
+    )
+
+
 def check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = to_dict(cfg)
     for section in ("model", "moco"):

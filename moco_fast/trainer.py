@@ -26,7 +26,7 @@ from moco_fast.loaders import LoaderArgs, create_loader
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, progress, read_rows
 from moco_fast.model import MoCo
 from moco_fast.monitor import eval_split_use, knn_figures, knn_top1, monitor_splits
-from moco_fast.resume import resume
+from moco_fast.resume import bn_splits_fix, queue_fix, resume, saved_world_size
 from moco_fast.run_folder import (
     CONFIG_NAME,
     check_output,
@@ -101,7 +101,9 @@ def eval_workers(workers: int, device: torch.device) -> int:
     return min(resolve_workers(workers, device), 4)
 
 
-def validate(cfg: TrainConfig, world: int) -> None:
+def validate(cfg: TrainConfig, world: int, saved_world: int | None = None) -> None:
+    """Contradicting flags, as one ConfigError. saved_world: the process count of the checkpoint that
+    --resume continues, whose model (--moco-k) cannot change: the errors then name a fix it allows."""
     o, m = cfg.optim, cfg.moco
     global_batch = o.batch_size * world
     if o.epochs < 1 or o.batch_size < 1:
@@ -133,15 +135,18 @@ def validate(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"--moco-t must be positive (got {m.t})")
     keys_per_step = global_batch * (2 if m.symmetric else 1)  # --symmetric enqueues both views' keys
     if m.mechanism == "moco" and m.k < keys_per_step:
-        raise ConfigError(
-            f"--moco-k {m.k} is smaller than the keys one step enqueues ({keys_per_step}): "
-            "raise --moco-k or lower --batch-size"
-        )
+        fix = "raise --moco-k or lower --batch-size"
+        if saved_world is not None:
+            fix = queue_fix(cfg, world, saved_world, 2 if m.symmetric else 1)
+        raise ConfigError(f"--moco-k {m.k} is smaller than the keys one step enqueues ({keys_per_step}): {fix}")
     splits = m.bn_splits if m.shuffle_bn and world == 1 else 1
     if o.batch_size % splits or o.batch_size // splits < 2:
+        fix = "lower --bn-splits or raise --batch-size"
+        if saved_world is not None and saved_world > 1 and splits > 1:
+            fix = bn_splits_fix(cfg, saved_world)
         raise ConfigError(
             f"--batch-size {o.batch_size} must be a multiple of --bn-splits {splits} with at least 2 images "
-            "per BN sub-batch: lower --bn-splits or raise --batch-size"
+            f"per BN sub-batch: {fix}"
         )
     if cfg.runtime.sync_bn and world == 1:
         log.warning("--sync-bn has no effect with one process")
@@ -167,7 +172,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.setLevel(logging.WARNING)  # only rank 0 logs progress; warnings and errors from every rank
     device = dist_utils.local_device(resolve_device(cfg.runtime.device))
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
-    validate(cfg, world)
+    validate(cfg, world, saved_world_size(cfg))
     validate_device(cfg, device, world)
     out = Path(cfg.runtime.out)
     with hold_run_folder(out, enabled=dist_utils.is_main()) as held:

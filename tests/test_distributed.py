@@ -330,6 +330,39 @@ def test_a_resume_with_another_world_size_says_how_the_lr_changes(tmp_path, capl
     ) in caplog.text
 
 
+def test_a_resume_with_another_world_size_names_a_fix_that_it_allows(tmp_path, capsys):
+    # 2 workers (plain BN) resumed in one process, whose split BN needs --bn-splits 8 to divide a
+    # batch of 8 in pieces of 2 or more: the fresh-run message did not say why, nor which value works.
+    out = tmp_path / "run"
+    assert main(synthetic_args(out, "--bn-splits", "2")) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["world_size"], state["config"]["moco"]["bn_splits"] = 2, 8  # as `--gpus 2 --batch-size 8` had it
+    torch.save(state, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "moco-fast train: error: --batch-size 8 must be a multiple of --bn-splits 8 with at least 2 images per BN "
+        "sub-batch: the run was trained by 2 processes, which do not split BN; in one process split BN cuts each "
+        "batch of 8 into --bn-splits 8 sub-batches: give --bn-splits 4 (it may change on --resume), or resume "
+        "with 2 processes"
+    )
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--bn-splits", "4"]) == 0  # it works
+
+    # 1 process resumed by 2: --moco-k cannot change on --resume, so "raise --moco-k" did not help.
+    from moco_fast.trainer import validate
+
+    cfg = build_config("v2", {"moco.k": 256, "optim.batch_size": 256})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, 2, saved_world=1)
+    assert str(e.value) == (
+        "--moco-k 256 is smaller than the keys one step enqueues (512): the queue of the checkpoint (trained by 1 "
+        "process, now 2) holds 256 keys, and --resume keeps it: lower --batch-size to 128 or less or resume in one "
+        "process"
+    )
+    with pytest.raises(ConfigError, match=r"raise --moco-k or lower --batch-size$"):
+        validate(cfg, 2)  # a fresh run may raise --moco-k
+
+
 # -- failures -------------------------------------------------------------------------------------
 def _per_rank_cli_worker(argvs: list[list[str]]) -> tuple[int, str]:
     """main() with this rank's own command line: its exit status and what it wrote on stderr."""
