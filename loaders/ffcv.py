@@ -129,7 +129,11 @@ class FFCVLoader:
             raise DataError("--loader ffcv needs --data X.beton (make one with `moco-fast convert SRC X.beton`)")
         path = Path(args.data)
         if not path.is_file():
-            raise DataError(f"--loader ffcv: --data must be a .beton file, {path} is not a file")
+            what = "not found" if not path.exists() else "a folder" if path.is_dir() else "not a file"
+            raise DataError(
+                f"--loader ffcv reads a .beton file, and --data {path} is {what} "
+                "(make one with `moco-fast convert SRC X.beton`)"
+            )
         self.args = args
         self.opts = FFCVOptions.parse(args.options)
         self.device = args.device

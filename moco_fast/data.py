@@ -61,6 +61,8 @@ def resolve_root(data: str | None, name: str = "--data") -> Path:
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
+        if root.suffix == ".beton":  # what convert writes for --loader ffcv
+            raise DataError(f"{name} {root} is an FFCV .beton, which --loader ffcv reads; this reads image folders")
         raise DataError(f"{name} must be a folder of images (class subfolders), got a file: {root}")
     return root
 

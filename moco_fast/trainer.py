@@ -193,6 +193,8 @@ def _train_held(
     resume_path = check_output(cfg)
     ckpt.seed_everything(cfg.runtime.seed + rank)
 
+    if cfg.data.loader == "synthetic" and cfg.data.data is not None:
+        log.warning("--loader synthetic makes its own images: --data %s is not read", cfg.data.data)
     loader = create_loader(
         cfg.data.loader,
         LoaderArgs(

@@ -364,3 +364,10 @@ def test_a_held_batch_is_not_overwritten_by_later_ones(coords_loader):
     rest = list(it)
     assert len(rest) == len(coords_loader) - 1
     assert torch.equal(first.index, kept[0]) and torch.equal(first.label, kept[1]) and torch.equal(first.im_q, kept[2])
+
+
+def test_a_missing_path_or_a_folder_is_named_as_such(tmp_path):
+    # "--data must be a .beton file, /nonexistent is not a file" for a path that is not there at all
+    for path, what in ((tmp_path / "gone.beton", "not found"), (tmp_path, "a folder")):
+        with pytest.raises(DataError, match=f"--data {path} is {what} \\(make one with `moco-fast convert"):
+            create_loader("ffcv", loader_args(path))

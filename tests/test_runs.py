@@ -693,3 +693,15 @@ def test_a_flat_eval_split_leaves_out_the_final_knn_and_stops_only_knn_every(tin
     capsys.readouterr()
     assert main([*argv, "--force", "--knn-every", "1"]) == 2
     assert "no class subfolders in" in one_line(capsys)
+
+
+def test_synthetic_says_that_it_reads_no_data(tmp_path, caplog):
+    # `--loader synthetic --data /nonexistent` trained without a word and kept the path in config.json
+    argv = [
+        "train", "--loader", "synthetic", "--synthetic-steps", "1", "--data", str(tmp_path / "gone"),
+        "--arch", "resnet18", "--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--moco-k", "16",
+        "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run"), "--no-final-knn",
+    ]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(argv) == 0
+    assert f"--loader synthetic makes its own images: --data {tmp_path / 'gone'} is not read" in caplog.text
