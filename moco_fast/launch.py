@@ -79,13 +79,15 @@ def check_local_gpus(cfg: TrainConfig) -> int:
 def launch_local(cfg: TrainConfig) -> tuple[int, dict]:
     """Train with one worker per GPU; returns (the CLI's exit status, rank 0's last metrics row).
     A user error in the workers is raised as WorkerUserError (one line, exit 2, by the CLI)."""
+    from functools import partial
+
     from moco_fast.resume import saved_world_size
     from moco_fast.run_folder import check_output, ensure_not_busy, hold_run_folder
     from moco_fast.step import check_cuda_graph
     from moco_fast.trainer import validate
 
     n = check_local_gpus(cfg)
-    validate(cfg, n, saved_world_size(cfg))  # contradicting flags fail here once, not in every worker
+    validate(cfg, n, partial(saved_world_size, cfg))  # contradicting flags fail here once, not in every worker
     out = Path(cfg.runtime.out)
     with hold_run_folder(out) as held:  # a run in progress there: one line, no workers
         ensure_not_busy([held], out)

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,11 @@ def eval_workers(workers: int, device: torch.device) -> int:
     return min(resolve_workers(workers, device), 4)
 
 
-def validate(cfg: TrainConfig, world: int, saved_world: int | None = None) -> None:
+def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int | None] | None = None) -> None:
     """Contradicting flags, as one ConfigError. saved_world: the process count of the checkpoint that
-    --resume continues, whose model (--moco-k) cannot change: the errors then name a fix it allows."""
+    --resume continues, whose model (--moco-k) cannot change: the errors then name a fix it allows.
+    A callable is asked only where an error needs it (resume.saved_world_size reads the checkpoint,
+    which a run that validates needs not read twice)."""
     o, m = cfg.optim, cfg.moco
     global_batch = o.batch_size * world
     if o.epochs < 1 or o.batch_size < 1:
@@ -136,14 +139,14 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | None = None) -> No
     keys_per_step = global_batch * (2 if m.symmetric else 1)  # --symmetric enqueues both views' keys
     if m.mechanism == "moco" and m.k < keys_per_step:
         fix = "raise --moco-k or lower --batch-size"
-        if saved_world is not None:
-            fix = queue_fix(cfg, world, saved_world, 2 if m.symmetric else 1)
+        if (saved := _asked(saved_world)) is not None:
+            fix = queue_fix(cfg, world, saved, 2 if m.symmetric else 1)
         raise ConfigError(f"--moco-k {m.k} is smaller than the keys one step enqueues ({keys_per_step}): {fix}")
     splits = m.bn_splits if m.shuffle_bn and world == 1 else 1
     if o.batch_size % splits or o.batch_size // splits < 2:
         fix = "lower --bn-splits or raise --batch-size"
-        if saved_world is not None and saved_world > 1 and splits > 1:
-            fix = bn_splits_fix(cfg, saved_world)
+        if splits > 1 and (saved := _asked(saved_world)) is not None and saved > 1:
+            fix = bn_splits_fix(cfg, saved)
         raise ConfigError(
             f"--batch-size {o.batch_size} must be a multiple of --bn-splits {splits} with at least 2 images "
             f"per BN sub-batch: {fix}"
@@ -154,6 +157,10 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | None = None) -> No
         raise ConfigError(f"--shuffle-exchange must be one of {', '.join(dist_utils.SHUFFLE_MODES)}")
     if m.symmetric and m.mechanism != "moco":
         log.warning("--symmetric applies to --mechanism moco only; the %s loss is used as it is", m.mechanism)
+
+
+def _asked(value: int | Callable[[], int | None] | None) -> int | None:
+    return value() if callable(value) else value
 
 
 def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
@@ -172,7 +179,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.setLevel(logging.WARNING)  # only rank 0 logs progress; warnings and errors from every rank
     device = dist_utils.local_device(resolve_device(cfg.runtime.device))
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
-    validate(cfg, world, saved_world_size(cfg))
+    validate(cfg, world, partial(saved_world_size, cfg))
     validate_device(cfg, device, world)
     out = Path(cfg.runtime.out)
     with hold_run_folder(out, enabled=dist_utils.is_main()) as held:

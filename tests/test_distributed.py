@@ -361,6 +361,17 @@ def test_a_resume_with_another_world_size_names_a_fix_that_it_allows(tmp_path, c
     )
     with pytest.raises(ConfigError, match=r"raise --moco-k or lower --batch-size$"):
         validate(cfg, 2)  # a fresh run may raise --moco-k
+    # the checkpoint is read for a fix only where an error needs one (train and --gpus pass a function)
+    with pytest.raises(ConfigError) as asked:
+        validate(cfg, 2, saved_world=lambda: 1)
+    assert str(asked.value) == str(e.value)
+    import moco_fast.trainer
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(moco_fast.trainer, "saved_world_size", lambda cfg: pytest.fail("read for a run that validates"))
+        argv = ["train", "--loader", "synthetic", "--synthetic-steps", "1", "--arch", "resnet18", "--image-size", "16"]
+        argv += ["--batch-size", "8", "--bn-splits", "2", "--moco-k", "16", "--epochs", "1", "--device", "cpu"]
+        assert main([*argv, "--out", str(tmp_path / "fresh"), "--no-final-knn"]) == 0
 
 
 # -- failures -------------------------------------------------------------------------------------
