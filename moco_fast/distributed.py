@@ -13,28 +13,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
-import re
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
-# How long a collective may wait for the slowest rank. Rank 0 alone runs the kNN monitor while the
-# others wait at a barrier, which can take longer than the 10-minute NCCL default on large sets. A
-# rank that dies does not wait this long: torchrun / `--gpus` end the job as soon as a worker exits.
-COLLECTIVE_TIMEOUT = timedelta(hours=1)
-
-# How long the processes of a launch wait for each other to join the process group. A manual env://
-# launch (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by hand or by a scheduler) whose peer never
-# comes, or comes to another address, would otherwise wait COLLECTIVE_TIMEOUT, an hour, without a
-# word: torch's join uses the collectives' timeout. Overridden by JOIN_TIMEOUT_ENV (seconds).
-# torchrun's and --gpus's workers join at once: their launcher gathered them first.
-JOIN_TIMEOUT = timedelta(minutes=10)
-JOIN_TIMEOUT_ENV = "MOCO_FAST_JOIN_TIMEOUT"
 
 SHUFFLE_MODES = ("alltoall", "allgather")
 
@@ -289,85 +273,7 @@ def batch_unshuffle(x: torch.Tensor, plan: ShufflePlan | torch.Tensor) -> torch.
     return back[torch.argsort(plan.local)]
 
 
-# -- process group, devices, DDP ------------------------------------------------------------------
-def init_from_env(device: str = "auto") -> bool:
-    """Join the process group that torchrun (or `--gpus N`) described in the environment, if any.
-
-    Returns True when this call created the group (the caller then owns `destroy()`). The join waits
-    at most join_timeout(); the group's collectives then wait COLLECTIVE_TIMEOUT.
-    """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return False
-    from moco_fast.config import ConfigError
-
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
-    if missing:
-        raise ConfigError(
-            f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
-            "a manual launch sets MASTER_ADDR and MASTER_PORT (rank 0's address and a free port) in every "
-            "process; or start the processes with torchrun"
-        )
-    rank, world, addr, port = (os.environ[v] for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-    timeout = join_timeout()
-    if "TORCHELASTIC_RUN_ID" not in os.environ and rank == "0":  # a manual launch: it may wait a while
-        log.info("waiting for WORLD_SIZE=%s processes to join at %s:%s (at most %s)", world, addr, port, _span(timeout))
-    try:
-        # torch's own join (init_process_group's env:// rendezvous), with a timeout of its own
-        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-    except ValueError as e:  # a RANK, WORLD_SIZE or MASTER_PORT that is not a number
-        raise ConfigError(f"RANK, WORLD_SIZE and MASTER_PORT must be numbers ({e})") from None
-    except dist.DistError as e:
-        raise ConfigError(join_failed(str(e), rank, world, addr, port, timeout)) from None
-    store.set_timeout(COLLECTIVE_TIMEOUT)
-    backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(
-        backend,
-        store=dist.PrefixStore("default_pg", store),  # as init_process_group wraps the store it makes
-        rank=int(rank),
-        world_size=int(world),
-        timeout=COLLECTIVE_TIMEOUT,
-    )
-    return True
-
-
-def _span(t: timedelta) -> str:
-    seconds = t.total_seconds()
-    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
-
-
-def join_timeout() -> timedelta:
-    """JOIN_TIMEOUT, or the seconds that JOIN_TIMEOUT_ENV gives."""
-    raw = os.environ.get(JOIN_TIMEOUT_ENV)
-    if raw is None:
-        return JOIN_TIMEOUT
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < math.inf:
-        from moco_fast.config import ConfigError
-
-        raise ConfigError(f"{JOIN_TIMEOUT_ENV}={raw}: give the seconds to wait for the processes to join")
-    return timedelta(seconds=seconds)
-
-
-def join_failed(cause: str, rank: str, world: str, addr: str, port: str, timeout: timedelta) -> str:
-    """The one line for a join that did not complete: how many joined where rank 0 knows, and what
-    to check."""
-    joined = re.search(r"(\d+)/(\d+) clients joined", cause)
-    if rank == "0" and not joined:  # the store could not start: the port is taken, the address not ours
-        return f"rank 0 could not listen at {addr}:{port} ({cause.splitlines()[0]}): choose a free MASTER_PORT"
-    if joined:
-        what = f"{joined[1]} of the {world} processes joined at {addr}:{port} within {_span(timeout)}"
-    else:
-        what = f"rank {rank} could not reach rank 0 at {addr}:{port} within {_span(timeout)}"
-    return (
-        f"{what}: start all {world} processes (RANK 0 to {int(world) - 1}) with the same WORLD_SIZE, "
-        f"MASTER_ADDR and MASTER_PORT, check that every machine reaches rank 0's address and port, "
-        f"or wait longer ({JOIN_TIMEOUT_ENV}=SECONDS)"
-    )
-
-
+# -- process group, devices, DDP (joining it: moco_fast/join.py) --------------------------------
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

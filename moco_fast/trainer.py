@@ -23,6 +23,7 @@ from moco_fast.agreement import agree
 from moco_fast.cli import interruption
 from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
 from moco_fast.data import DataError
+from moco_fast.join import init_from_env
 from moco_fast.loaders import LoaderArgs, create_loader
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, progress, read_rows
 from moco_fast.model import MoCo
@@ -173,7 +174,7 @@ def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; returns the last metrics row (plus final kNN figures when computed)."""
-    owns_group = dist_utils.init_from_env(cfg.runtime.device)
+    owns_group = init_from_env(cfg.runtime.device)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     if rank != 0:
         log.setLevel(logging.WARNING)  # only rank 0 logs progress; warnings and errors from every rank

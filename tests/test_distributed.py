@@ -25,6 +25,7 @@ from torch import nn
 from moco_fast import distributed as dist_utils
 from moco_fast.cli import main
 from moco_fast.config import ConfigError, build_config
+from moco_fast.join import init_from_env
 from moco_fast.launch import WorkerFailed, run_workers
 from moco_fast.trainer import validate_device
 
@@ -32,7 +33,7 @@ from moco_fast.trainer import validate_device
 def _join(device: str) -> torch.device:
     """In a worker: join the group the launcher described; one thread, the CPU is shared."""
     torch.set_num_threads(1)
-    dist_utils.init_from_env(device)
+    init_from_env(device)
     return dist_utils.local_device(torch.device(device))
 
 
@@ -558,7 +559,7 @@ def _failing_worker(how: str) -> None:
         if how == "kill":
             os.kill(os.getpid(), 9)
         raise RuntimeError("disk full on rank 1")
-    dist_utils.init_from_env("cpu")  # rank 0 waits for rank 1 here, which never comes
+    init_from_env("cpu")  # rank 0 waits for rank 1 here, which never comes
     dist.barrier()
 
 
@@ -626,17 +627,17 @@ def test_a_manual_launch_without_its_address_or_rank_0_is_a_config_error(monkeyp
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(ConfigError, match=r"^RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not: "):
-        dist_utils.init_from_env("cpu")
+        init_from_env("cpu")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # nobody listens there
     monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "never")
     with pytest.raises(ConfigError, match=r"^MOCO_FAST_JOIN_TIMEOUT=never: give the seconds"):
-        dist_utils.init_from_env("cpu")
+        init_from_env("cpu")
     monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "1")
     with pytest.raises(
         ConfigError, match=r"^rank 1 could not reach rank 0 at 127\.0\.0\.1:\d+ within 1 s: start all 2"
     ):
-        dist_utils.init_from_env("cpu")
+        init_from_env("cpu")
     assert not dist.is_initialized()
 
 
