@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import coordinate_image, crop_stats, to_uint8
-from moco_fast.loaders import LoaderArgs, create_loader
+from dali_helpers import BLUR, COLOUR, CPU, IDENTITY, dali_loader
 from moco_fast.loaders.dali import DaliOptions
 from moco_fast.loaders.torch_loader import view_transform
 from moco_fast.loaders.wds import write_index
@@ -32,7 +32,6 @@ from moco_fast.cli import main
 from moco_fast.config import ConfigError
 from moco_fast.data import load_splits
 
-CPU = torch.device("cpu")
 CUDA = pytest.param(  # marked gpu too: `pytest -m gpu` (bench/gpu_check.sh) must select it
     torch.device("cuda"),
     marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
@@ -41,18 +40,6 @@ N_IMAGES = 40  # per synthetic root; batches of 40 over 5 epochs give 400 views
 EPOCHS = 5
 
 GEOMETRY = replace(MOCO_V2, image_size=32, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
-COLOUR = MOCO_V2.with_size(32)  # the whole v2 recipe; crop, flip and blur leave a flat image as it is
-BLUR = replace(
-    MOCO_V2,
-    image_size=32,
-    crop_scale=(1.0, 1.0),
-    crop_ratio=(1.0, 1.0),
-    jitter_prob=0.0,
-    gray_prob=0.0,
-    flip_prob=0.0,
-    blur_sigma=(1.5, 1.5),
-)
-IDENTITY = replace(BLUR, blur_prob=0.0)
 
 
 def save(path: Path, a: np.ndarray) -> None:
@@ -73,14 +60,9 @@ def synth(tmp_path_factory) -> dict[str, Path]:
     return {k: root / k for k in ("coords", "flat", "noise")}
 
 
-def dali_loader(data, spec, device=CPU, batch_size=N_IMAGES, **kw):
-    args = LoaderArgs(str(data), spec, batch_size=batch_size, device=device, workers=2, **kw)
-    return create_loader("dali", args)
-
-
 def dali_views(data, spec, device=CPU, epochs=EPOCHS) -> tuple[np.ndarray, np.ndarray]:
     """(views N x H x W x 3 uint8, the index of each view's image)."""
-    ld = dali_loader(data, spec, device)
+    ld = dali_loader(data, spec, device, batch_size=N_IMAGES)
     views, index = [], []
     for e in range(epochs):
         ld.set_epoch(e)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dali_helpers import COLOUR, IDENTITY, dali_loader
 from moco_fast.loaders.dali_pipeline import DECODABLE, PipelineSettings, decodable, probe_pipeline
 from moco_fast.loaders.dali_recovery import one_per_iteration, path_bytes
 from PIL import Image
-from test_dali import COLOUR, IDENTITY, dali_loader
 
 from moco_fast.cli import main
 from moco_fast.data import DataError, check_image, load_splits, to_rgb
