@@ -177,7 +177,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     owns_group = init_from_env(cfg.runtime.device)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     if rank != 0:
-        log.setLevel(logging.WARNING)  # only rank 0 logs progress; warnings and errors from every rank
+        # Only rank 0 logs progress. Until agree() below, ranks > 0 say errors only: what they would
+        # warn of in setup (skipped files, settings) is rank 0's warning again, on the data and the
+        # settings that agree() proves they share. After it, what a rank warns of is its own.
+        log.setLevel(logging.ERROR)
     device = dist_utils.local_device(resolve_device(cfg.runtime.device))
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
     validate(cfg, world, partial(saved_world_size, cfg))
@@ -244,6 +247,8 @@ def _train_held(
     # Every rank must run the same settings, from the same epoch, on the same number of steps, or
     # a collective would wait for the collective timeout (an hour) or mix different queues.
     agree(cfg, device, amp_dtype, start_epoch, loader)
+    if rank != 0:
+        log.setLevel(logging.WARNING)  # an unreadable image of this rank's part of the data, say
     if cfg.runtime.compile:
         model.encoder_q.compile()
         if model.encoder_k is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -265,6 +266,9 @@ def cli_args(root, out, epochs: int, batch: int = 8) -> list[str]:
 @pytest.mark.slow
 def test_cli_under_torchrun_then_resume_with_one_process(tiny_root, tmp_path, capsys):
     out = tmp_path / "run"
+    shutil.copytree(tiny_root, tmp_path / "data")
+    tiny_root = tmp_path / "data"
+    next((tiny_root / "train").iterdir()).joinpath("notes.txt").write_text("not an image")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moco_fast"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
@@ -273,6 +277,7 @@ def test_cli_under_torchrun_then_resume_with_one_process(tiny_root, tmp_path, ca
     p = subprocess.run(cmd + args, capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("finished epoch 1") == 1, p.stdout  # rank 0 alone reports
+    assert p.stderr.count("notes.txt: not an image file") == 1, p.stderr  # said once, not once per rank
     assert sorted(f.name for f in out.iterdir() if f.suffix == ".pt" or f.name.startswith(".")) == ["checkpoint.pt"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert 0 <= json.loads((out / "summary.json").read_text())["final_knn_top1"] <= 100  # kNN on rank 0
