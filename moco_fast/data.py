@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import unicodedata
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -162,6 +163,24 @@ def find_classes(folder: Path) -> list[str]:
     return classes
 
 
+def _nfc(name: str) -> str:
+    """A class name as Unicode's composed form: "café" typed on Linux (NFC) and "café" from a macOS
+    copy (NFD, e + combining accent) are two spellings of one class, and the splits match by it."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _refuse_twin_spellings(folder: Path, names: list[str]) -> None:
+    """Two folders of one split whose names differ only in Unicode form would be two classes that
+    look the same in every listing: the user must merge or rename them."""
+    seen: dict[str, str] = {}
+    for n in names:
+        if (twin := seen.setdefault(_nfc(n), n)) != n:
+            raise DataError(
+                f"class folders {folder / twin} and {folder / n} have the same name in two Unicode forms "
+                f"({twin!a} and {n!a}): merge them into one folder or rename one"
+            )
+
+
 def list_images(folder: Path, classes: list[str] | None = None, check: bool = True, workers: int = 8) -> ImageList:
     """List `folder/<class>/<file>`; with `check`, verify each file's header and skip bad ones.
 
@@ -186,6 +205,7 @@ def list_images(folder: Path, classes: list[str] | None = None, check: bool = Tr
             skipped.append((d.path, f"directly in {folder.name}/, not in a class folder {folder.name}/<class>/"))
     if not found:
         raise DataError(f"no class subfolders in {folder}: expected {folder}/<class>/<image files>")
+    _refuse_twin_spellings(folder, found)
     per_class = {c: _list_class(folder / c, skipped) for c in found}
     empty = [c for c in found if not per_class[c]]
     if classes is None:
@@ -200,24 +220,25 @@ def list_images(folder: Path, classes: list[str] | None = None, check: bool = Tr
         if not classes:
             raise DataError(f"no image files in any class folder of {folder}")
     else:
+        known = {_nfc(k) for k in classes}
         for c in found:
-            if c not in classes and per_class[c]:
+            if _nfc(c) not in known and per_class[c]:
                 raise DataError(
                     f"class folder {folder / c} is not among the training classes "
                     "(the training split's folders that hold image files)"
                 )
-        stray = [c for c in empty if c not in classes]  # e.g. the twin of a training folder left out as empty
+        stray = [c for c in empty if _nfc(c) not in known]  # e.g. the twin of a training folder left out as empty
         if stray:
             log.warning(
                 "ignoring folder(s) in %s with no image files, not among the classes: %s", folder, ", ".join(stray)
             )
-    index = {c: i for i, c in enumerate(classes)}
+    index = {_nfc(c): i for i, c in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []
     for c in found:
-        if c in index:
+        if _nfc(c) in index:
             files += per_class[c]
-            labels += [index[c]] * len(per_class[c])
+            labels += [index[_nfc(c)]] * len(per_class[c])
     if check and files:
         from moco_fast.metrics import progress
 

@@ -81,6 +81,22 @@ def test_eval_split_keeps_the_given_classes(fresh_root, caplog):
         list_images(test, classes=real)
 
 
+def test_class_names_in_two_unicode_forms(tmp_path):
+    # "café" typed here (NFC) and "café" copied from macOS (NFD: e + combining accent)
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    for split, name in (("train", nfc), ("test", nfd)):
+        solid(tmp_path / split / name / "0.png", RED)
+        solid(tmp_path / split / "tea" / "0.png", BLUE)
+    # across splits they are one class: the eval split's folder gets the training label
+    splits = load_splits(str(tmp_path))
+    assert splits.train.classes == [nfc, "tea"]
+    assert splits.eval.labels == [0, 1] and Path(splits.eval.files[0]).parent.name == nfd
+    # in one split they would be two classes that look the same: refused, both named
+    solid(tmp_path / "train" / nfd / "1.png", RED)
+    with pytest.raises(DataError, match=r"same name in two Unicode forms \('cafe\\u0301' and 'caf\\xe9'\)"):
+        list_images(tmp_path / "train")
+
+
 def test_only_empty_or_hidden_folders_is_an_error(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / ".hidden").mkdir()
