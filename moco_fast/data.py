@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import unicodedata
 import warnings
@@ -92,6 +93,10 @@ def check_image(path: str) -> tuple[str, str | None]:
             kind = sys.intern(f"{im.format}/{im.mode}")  # one string per kind, not one per file
             im.verify()
         return kind, None
+    except Image.DecompressionBombError as e:  # PIL's guard against files that claim a huge size
+        px = re.findall(r"\d+", str(e))
+        size = f"{int(px[0]):,} pixels, over PIL's limit of {int(px[1]):,}" if len(px) >= 2 else str(e)
+        return kind, f"too large to decode safely ({size}, a guard against decompression bombs): resize it to keep it"
     except Exception as e:  # PIL raises many types for bad files
         return kind, f"not a readable image ({type(e).__name__}: {e})"
 

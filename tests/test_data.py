@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from moco_fast.augment import AugSpec
-from moco_fast.data import DataError, find_classes, list_images, load_splits
+from moco_fast.data import DataError, check_image, find_classes, list_images, load_splits
 from moco_fast.knn import extract_features, knn_accuracy
 
 
@@ -95,6 +95,16 @@ def test_class_names_in_two_unicode_forms(tmp_path):
     solid(tmp_path / "train" / nfd / "1.png", RED)
     with pytest.raises(DataError, match=r"same name in two Unicode forms \('cafe\\u0301' and 'caf\\xe9'\)"):
         list_images(tmp_path / "train")
+
+
+def test_an_image_over_pils_size_guard_is_named_with_the_fix(tmp_path, monkeypatch):
+    solid(tmp_path / "big.png", RED)  # 256 pixels: over twice a limit of 100, where PIL refuses it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    _, reason = check_image(str(tmp_path / "big.png"))
+    assert reason == (
+        "too large to decode safely (256 pixels, over PIL's limit of 200, a guard against decompression bombs): "
+        "resize it to keep it"
+    )
 
 
 def test_only_empty_or_hidden_folders_is_an_error(tmp_path):
