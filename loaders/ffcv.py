@@ -21,7 +21,8 @@ zeroes its views and marks it in a status output read on the host (no device syn
 it once by its index in the .beton and its class (the .beton records no file names) and hands on
 the next image of the batch that was read instead, with its label and index, as the other loaders
 use the next good file. A run gives up when more than MAX_BAD_FRACTION of the images (and more than
-MAX_BAD_MIN) cannot be read, or when no image of a batch can.
+MAX_BAD_MIN) cannot be read, or when no image of a batch can. Any other error in FFCV's loader
+thread (an I/O error reading the .beton) ends the epoch with that error, where FFCV alone would hang.
 
 Backend options (`--loader-option KEY=VALUE`):
     os_cache=1          map the file through the OS page cache (best when it fits in RAM, and shared
@@ -40,14 +41,17 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Full
 
 import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader
+from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.reader import Reader
 from ffcv.transforms import ToDevice, ToTensor
@@ -252,7 +256,11 @@ class FFCVLoader:
         # wants its own back once FFCV's thread has started.
         threads = torch.get_num_threads()
         names = list(self.ffcv.pipeline_specs)
+        _hand_thread_errors_to_the_consumer()
         for i, batch in enumerate(self.ffcv):
+            if isinstance(batch, _ThreadFailed):
+                e = batch.error
+                raise RuntimeError(f"FFCV's loader thread stopped reading {self.path}: {type(e).__name__}: {e}") from e
             if i == 0:
                 torch.set_num_threads(threads)
             out = dict(zip(names, batch, strict=True))
@@ -272,6 +280,39 @@ class FFCVLoader:
                 u8, label, index = (t.index_select(0, rows) for t in (u8, label, index))
             im_q, im_k = self.augment(self._views(u8), g)  # from 2N x 3 x S x S in [0, 1]
             yield Batch(im_q, im_k, label, index)
+
+
+@dataclass
+class _ThreadFailed:
+    """What the hook below hands to the consumer of an FFCV epoch whose thread died."""
+
+    error: BaseException
+
+
+def _hand_thread_errors_to_the_consumer() -> None:
+    """FFCV's epoch thread (EpochIterator.run) catches StopIteration only: any other error there (an
+    I/O error reading the .beton, a fault in a pipeline stage) ends the thread after printing its
+    traceback, and the training loop then waits on the thread's queue forever, a job that hangs
+    without a word. This threading.excepthook, installed once, puts the error into that queue
+    instead, in the (slot, batch) form that EpochIterator.__next__ returns, and FFCVLoader raises it."""
+    previous = threading.excepthook
+    if getattr(previous, "moco_fast_ffcv", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        t = args.thread
+        if not isinstance(t, EpochIterator) or args.exc_value is None:
+            previous(args)
+            return
+        while not t.terminate_event.is_set():  # the consumer stopped reading: nobody is waiting
+            try:
+                t.output_queue.put((0, _ThreadFailed(args.exc_value)), timeout=0.5)  # slot 0 always exists
+                return
+            except Full:
+                pass
+
+    hook.moco_fast_ffcv = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 @register_loader("ffcv")

@@ -9,7 +9,9 @@ import copy
 import json
 import logging
 import math
+import re
 import shutil
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -264,6 +266,38 @@ def test_unreadable_images_past_the_limit_stop_the_run(loader):
     ld._replacements(np.array([[BAD_JPEG, i] for i in range(12, 23)] + [[0, 31]]))  # 16 of 32: not more than 16
     with pytest.raises(DataError, match=r"17 of the 32 images in .* could not be decoded \(more than 10%\)"):
         ld._replacements(np.array([[BAD_JPEG, 23], [0, 31]]))
+
+
+def test_an_error_in_ffcvs_loader_thread_ends_the_epoch_with_it(loader, monkeypatch):
+    # FFCV's epoch thread catches StopIteration only: before, the loop then waited on its queue forever
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    run_pipeline = EpochIterator.run_pipeline
+
+    def failing(self, b_ix, *args):
+        if b_ix == 1:
+            raise OSError(5, "Input/output error")
+        return run_pipeline(self, b_ix, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", failing)
+    got, error = [], []
+
+    def consume():
+        try:
+            got.extend(b.index for b in loader)
+        except RuntimeError as e:
+            error.append(e)
+
+    t = threading.Thread(target=consume, daemon=True)  # a hang fails the test instead of CI
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "the epoch hung"
+    assert len(got) == 1 and len(error) == 1
+    assert re.fullmatch(
+        r"FFCV's loader thread stopped reading .*\.beton: OSError: \[Errno 5\] Input/output error", str(error[0])
+    )
+    monkeypatch.undo()
+    assert len(epoch_indices(loader, 1)) == loader.num_images  # the next epoch reads again
 
 
 def test_raw_images_that_do_not_fit_their_record_are_replaced(coords_loader, caplog):
