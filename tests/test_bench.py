@@ -302,6 +302,43 @@ def test_reference_model_matches_the_trainers_size_and_steps_like_the_official_c
     assert int(ref.queue_ptr) == 0  # K = 32: two batches of 16 wrap around
 
 
+def test_the_fast_step_computes_what_the_official_step_does():
+    # Same weights, images and shuffle draws: over 3 steps (the third wraps the queue) the trainer's
+    # step (foreach SGD, the fused momentum update, the K x C ring buffer with its device pointer,
+    # shuffle BN and its unshuffle) gives the official step's loss, query and key encoders and queue.
+    # Plain BN: the official demo's split BN groups the batch in another order (strided, not chunks).
+    cfg = build_config(
+        "v2",
+        {"model.arch": "resnet18", "model.stem": "cifar", "model.dim": 16, "moco.k": 24,
+         "moco.m": 0.9, "moco.bn_splits": 1, "optim.batch_size": 8},
+    )  # fmt: skip
+    ref, ref_opt = reference_step.build_reference(cfg, torch.device("cpu"))
+    ours = MoCo(cfg.model, cfg.moco, 16)
+    for a, b in zip(ours.encoder_q.parameters(), ref.encoder_q.parameters(), strict=True):
+        b.data.copy_(a.data)
+    for a, b in zip(ours.encoder_k.parameters(), ref.encoder_k.parameters(), strict=True):
+        b.data.copy_(a.data)
+    ref.queue.copy_(ours.queue.T)
+    opt = make_optimizer(ours, cfg, torch.device("cpu"))
+    for g in opt.param_groups:
+        g["lr"] = ref_opt.param_groups[0]["lr"]  # the reference's batch-scaled lr, no schedule
+    s = StepState(ours, opt, torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"))
+    close = dict(rtol=1e-4, atol=1e-5)
+    for step in range(3):
+        x = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+        torch.manual_seed(10 + step)  # the shuffle's permutation: one randperm(8) in both steps
+        loss, _ = train_step(s, Batch(*x, torch.zeros(8, dtype=torch.long), torch.arange(8)), 0.9)
+        torch.manual_seed(10 + step)
+        ref_loss = reference_step.reference_step(ref, ref_opt, *x)
+        assert loss.item() == pytest.approx(ref_loss, rel=1e-5), step
+        for a, b in zip(ours.encoder_q.parameters(), ref.encoder_q.parameters()):
+            torch.testing.assert_close(a, b, **close)
+        for a, b in zip(ours.encoder_k.parameters(), ref.encoder_k.parameters()):
+            torch.testing.assert_close(a, b, **close)
+        torch.testing.assert_close(ours.queue, ref.queue.T, **close)
+        assert ours.queue_ptr.item() == ref.queue_ptr.item() == (step + 1) * 8 % 24
+
+
 def test_pack_folder_round_trip(tiny_root, tmp_path, capsys):
     pack = tmp_path / "p" / "set.npz"
     assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
