@@ -54,8 +54,9 @@ DECODE = {"output_type": types.RGB, "adjust_orientation": False}
 # out), 32-bit integer TIFF, grey JPEG 2000 with alpha. Read, but not as PIL reads them, so left out
 # too: TIFF LA (DALI takes grey and alpha for colour channels), float TIFF (DALI clips values above 1,
 # PIL's `to_rgb` scales them), TIFF LAB. The GPU ("mixed") decoder has not been measured (no GPU
-# here), so a GPU run uses this measured CPU list too; a file that still fails in the decoder is
-# found and skipped during the run, as a corrupt one is.
+# here; the `mixed` case of tests/test_dali_inputs.py checks it against this list, in the `tests`
+# phase of bench/gpu_check.sh), so a GPU run uses this measured CPU list too; a file that still
+# fails in the decoder is found and skipped during the run, as a corrupt one is.
 DECODABLE = {
     "JPEG": {"L", "RGB", "CMYK"},
     "MPO": {"RGB"},  # a camera's JPEG with extra frames: the first is decoded

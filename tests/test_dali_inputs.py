@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from dali_helpers import COLOUR, IDENTITY, dali_loader
+from moco_fast.loaders.dali import DaliOptions
 from moco_fast.loaders.dali_pipeline import DECODABLE, PipelineSettings, decodable, probe_pipeline
 from moco_fast.loaders.dali_recovery import one_per_iteration, path_bytes
 from PIL import Image
@@ -63,23 +65,37 @@ NOT_DECODABLE = [
 ]
 
 
-def dali_reads_as_pil(path: Path) -> bool:
-    """Whether DALI's CPU decoder, as the loader runs it, gives PIL's pixels (`to_rgb`) for the file."""
-    probe = probe_pipeline(one_per_iteration([path_bytes(str(path))]), SETTINGS)
+# The run's GPU decoder ("mixed": nvJPEG, the hardware decoder taking hw_decoder_load of the JPEGs)
+MIXED = PipelineSettings(1, 0, 1, 1, 0, True, DaliOptions().hw_decoder_load, False, True)
+DECODERS = [
+    pytest.param(SETTINGS, id="cpu"),
+    pytest.param(
+        MIXED,
+        id="mixed",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    ),
+]
+
+
+def dali_reads_as_pil(path: Path, settings: PipelineSettings = SETTINGS) -> bool:
+    """Whether DALI's decoder, as the loader runs it, gives PIL's pixels (`to_rgb`) for the file."""
+    probe = probe_pipeline(one_per_iteration([path_bytes(str(path))]), settings)
     probe.build()
     try:
         (out,) = probe.run()
     except RuntimeError:
         return False
-    got = np.array(out[0]).astype(int)
+    got = np.array(out.as_cpu()[0] if hasattr(out, "as_cpu") else out[0]).astype(int)
     with Image.open(path) as im:
         want = np.asarray(to_rgb(im)).astype(int)
     return got.shape == want.shape and np.abs(got - want).mean() < 1.5
 
 
-def test_the_kinds_dali_reads_are_those_it_decodes_as_pil_does(tmp_path):
+@pytest.mark.parametrize("settings", DECODERS)
+def test_the_kinds_dali_reads_are_those_it_decodes_as_pil_does(tmp_path, settings):
     # The list of kinds the loader hands DALI, measured against DALI itself: every kind listed decodes
     # to PIL's pixels, and the kinds left out do not (a newer DALI may read more: then list them).
+    # Measured on the CPU decoder; the "mixed" case checks the GPU decoder against the same list.
     files = [
         (f"{fmt}/{m}", write_kind(tmp_path / f"{fmt}-{m}".replace(";", ""), fmt, m))
         for fmt in DECODABLE
@@ -90,7 +106,7 @@ def test_the_kinds_dali_reads_are_those_it_decodes_as_pil_does(tmp_path):
     for want, path in files:
         kind, reason = check_image(str(path))
         assert reason is None and kind == want.replace("I32", "I"), (want, kind, reason)
-        if decodable(kind) != dali_reads_as_pil(path):
+        if decodable(kind) != dali_reads_as_pil(path, settings):
             wrong.append(f"{want} ({'listed' if decodable(kind) else 'not listed'})")
     assert not wrong, f"DECODABLE does not match DALI's decoder: {wrong}"
 
