@@ -21,8 +21,9 @@ per setting.
 
 A grid flag left out keeps the base config's value. Settings that would repeat
 a run are merged (end-to-end has no K or m; the memory bank has no m). The K
-column is the number of negatives each query really had: the batch for
-end-to-end, at most the number of training images for the memory bank."""
+column says what each query was really contrasted with: for end-to-end the
+batch (each query's positive and batch - 1 negatives), for the memory bank at
+most the number of training images."""
 
 EPILOG = """\
 example (the paper's m and shuffle-BN ablations on CIFAR-10, 20 epochs each):
