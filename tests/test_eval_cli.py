@@ -98,6 +98,16 @@ def test_every_flag_has_help_that_states_its_default(capsys):
     assert "(default: 100)" in text and "SGD weight decay (default: 0.0)" in text and "--seed SEED random" in text
 
 
+def test_resume_help_names_each_commands_own_state_file(capsys):
+    # finetune's --resume help named lincls's files (lincls.json -> lincls.state.pt)
+    for cmd in ("lincls", "finetune"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"{cmd}.json -> {cmd}.state.pt" in text, cmd
+        assert ("lincls.state.pt" in text) == (cmd == "lincls"), cmd
+
+
 def test_help_does_not_import_torch():
     # `moco-fast --help` and every `moco-fast COMMAND --help` answer in a tenth of a second: the
     # parser's modules leave torch (2 s to import) to the commands' run functions.

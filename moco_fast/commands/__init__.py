@@ -52,7 +52,7 @@ def add_epoch_loop_flags(p: argparse.ArgumentParser, command: str) -> None:
         "--resume",
         action="store_true",
         help=f"continue an interrupted run: {command} saves its state after every epoch beside the result "
-        "(OUT with .state.pt for its extension: lincls.json -> lincls.state.pt) and deletes it when done",
+        f"(OUT with .state.pt for its extension: {command}.json -> {command}.state.pt) and deletes it when done",
     )
 
 
