@@ -216,7 +216,30 @@ class WdsSource:
         self.num_images = n
         self.dropped = 0  # samples taken out of the indexes during the run
         if n != meta.num_images:
-            log.warning("%s says %d images, the shards hold %d: using %d", meta.root, meta.num_images, n, n)
+            self._short_shards(n)
+
+    def _short_shards(self, n: int) -> None:
+        """The shards hold another number of samples than meta.json says: a shard cut short between
+        two samples (an interrupted copy) reads as a shorter shard. Named where meta.json records the
+        sizes; a run stops, as on unreadable images, when more than MAX_BAD_FRACTION are missing."""
+        meta = self.meta
+        short = ""
+        if meta.shard_sizes is not None:
+            cut = [
+                f"{s} holds {len(self.keys[str(p)])} of {want}"
+                for s, p, want in zip(meta.shards, meta.shard_paths(), meta.shard_sizes)
+                if len(self.keys[str(p)]) < want
+            ]
+            more = f"; and {len(cut) - SHOW_LEFT_OUT} more" if len(cut) > SHOW_LEFT_OUT else ""
+            short = f" ({'; '.join(cut[:SHOW_LEFT_OUT])}{more})" if cut else ""
+        missing = meta.num_images - n
+        if missing > max(MAX_BAD_MIN, MAX_BAD_FRACTION * meta.num_images):
+            raise DataError(
+                f"{meta.root} says {meta.num_images} images, the shards hold {n}{short}: more than "
+                f"{MAX_BAD_FRACTION:.0%} are missing (a shard cut short by an interrupted copy?); copy the "
+                "set again or rewrite it (moco-fast convert --format wds --force)"
+            )
+        log.warning("%s says %d images, the shards hold %d%s: using %d", meta.root, meta.num_images, n, short, n)
 
     def labels_and_indices(self, cls) -> np.ndarray:
         """DALI's raw `.cls` batch (CPU) -> int64 2 x N (labels, indices). Host work, no device sync."""

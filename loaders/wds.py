@@ -39,6 +39,7 @@ class WdsMeta:
     classes: list[str]
     num_images: int
     shards: list[str]  # file names relative to root, in sample order
+    shard_sizes: list[int] | None = None  # samples per shard, as convert wrote them (None: not recorded)
 
     def shard_paths(self) -> list[Path]:
         return [self.root / s for s in self.shards]
@@ -82,7 +83,11 @@ def read_meta(root: str | Path) -> WdsMeta:
     missing = [s for s in meta["shards"] if not (root / s).is_file()]
     if missing:
         raise DataError(f"{path} lists shards that are not there: {', '.join(missing[:5])}")
-    return WdsMeta(root, [str(c) for c in meta["classes"]], meta["num_images"], [str(s) for s in meta["shards"]])
+    sizes = meta.get("shard_sizes")
+    if not (isinstance(sizes, list) and len(sizes) == len(meta["shards"]) and all(type(n) is int for n in sizes)):
+        sizes = None  # a set from another writer: the shards are not checked against it
+    shards = [str(s) for s in meta["shards"]]
+    return WdsMeta(root, [str(c) for c in meta["classes"]], meta["num_images"], shards, sizes)
 
 
 def split_name(name: str) -> tuple[str, str]:

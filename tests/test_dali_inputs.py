@@ -209,6 +209,33 @@ def test_a_damaged_or_foreign_shard_is_one_error_naming_it(shard_set, tmp_path, 
     assert "\n" not in str(e.value) and "moco-fast convert" in str(e.value)
 
 
+def cut_between_samples(tar: Path, keep: int) -> None:
+    """The shard as an interrupted copy leaves it: whole up to its sample `keep`, nothing after."""
+    with tarfile.open(tar) as tf:
+        starts = [m.offset for m in tf if m.name.endswith(".jpg")]  # a sample's first member
+    tar.write_bytes(tar.read_bytes()[: starts[keep]])
+    tar.with_suffix(".idx").unlink()
+
+
+def test_shards_cut_short_between_samples_are_named_and_too_many_stop_the_run(shard_set, tmp_path, caplog):
+    # A tar cut at a sample boundary reads as a shorter shard: the run said only that meta.json's count
+    # differs, and trained on, whatever was missing (77 of 120 images, in the helper's case).
+    root = tmp_path / "set"
+    shutil.copytree(shard_set, root)
+    cut_between_samples(root / "shard-000001.tar", 5)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert len(one_epoch(root)) == 24  # 29 samples, 3 full batches
+    assert "says 32 images, the shards hold 29 (shard-000001.tar holds 5 of 8): using 29" in caplog.text
+    for name in ("shard-000002.tar", "shard-000003.tar"):  # 17 of 32 missing: more than 10% and 16
+        cut_between_samples(root / name, 1)
+    with pytest.raises(
+        DataError,
+        match=r"says 32 images, the shards hold 15 \(shard-000001.tar holds 5 of 8; "
+        r"shard-000002.tar holds 1 of 8; shard-000003.tar holds 1 of 8\): more than 10% are missing",
+    ):
+        one_epoch(root)
+
+
 def shift_an_offset(idx: Path) -> None:
     lines = idx.read_text().splitlines()
     parts = lines[3].split()
