@@ -78,8 +78,9 @@ def _user_errors_or_none() -> tuple[type[BaseException], ...]:
         return ()
 
 
-# What the machine refuses, not a bug: a full disk or quota, a path that may not be written.
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+# What the machine refuses, not a bug: a full disk or quota, a file-size limit (`ulimit -f`, a
+# file system's largest file), a path that may not be written.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 def _environment_error(e: BaseException) -> str | None:

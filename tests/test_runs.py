@@ -705,3 +705,22 @@ def test_synthetic_says_that_it_reads_no_data(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert main(argv) == 0
     assert f"--loader synthetic makes its own images: --data {tmp_path / 'gone'} is not read" in caplog.text
+
+
+def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
+    # `ulimit -f` (a cluster's job limit) or a file system's largest file: writes fail with EFBIG,
+    # which ended train at its checkpoint save with a traceback ("OSError: [Errno 27] File too large").
+    import subprocess
+
+    target = tmp_path / "checkpoint.pt"
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+        "import moco_fast.commands.export as export; from moco_fast.checkpoint import atomic_write; "
+        f"export.run = lambda args: atomic_write({str(target)!r}, lambda fh: fh.write(bytes(8192))); "
+        "from moco_fast.cli import main; "
+        "sys.exit(main(['export', 'c', '--format', 'torchvision', '--output', 'x.pth']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"moco-fast export: error: File too large: {target}"]
+    assert list(tmp_path.iterdir()) == []  # the temporary file went
