@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from moco_fast.cli import ENVIRONMENT_ERRNOS, interruption, os_error_behind
 from moco_fast.config import ConfigError
 from moco_fast.convert_dst import check_destination, sidecar_path
 from moco_fast.data import DataError, ImageList, find_classes, list_images, resolve_root, split_dirs, to_rgb
@@ -200,6 +201,14 @@ def tidy_after_a_stopped_convert(dst: Path) -> None:
                     log.warning("could not tidy %s: %s", tmp, e)
 
 
+def _inside(filename, tmp: Path) -> bool:
+    """True for an error's `filename` that is none, the temporary output `tmp` or a file in it."""
+    if not filename:
+        return True
+    name = os.fsdecode(filename) if isinstance(filename, (str, bytes)) else str(filename)
+    return name == str(tmp) or name.startswith(str(tmp) + os.sep)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -270,16 +279,17 @@ class BetonSource:
 
 
 @contextlib.contextmanager
-def watched_workers() -> Iterator[None]:
+def watched_workers(refused=None, output: Path | None = None) -> Iterator[None]:
     """Runs the block while a thread watches the worker processes it starts. FFCV's writer waits
     forever for the samples of a worker that died (the OOM killer, a SIGKILL): when one ends with an
-    error, the block is stopped by a DataError that names it. However the block ends (that error,
-    Ctrl-C, any other), the workers still running are stopped. The watch needs the main thread (it
-    interrupts it with SIGUSR1); elsewhere only the clean-up runs."""
+    error, the block is stopped by a DataError that names it, or by the OSError that its write of
+    `output` met when `refused` (recorded_write_errors) holds its errno (a full disk). However the
+    block ends (that error, Ctrl-C, any other), the workers still running are stopped. The watch
+    needs the main thread (it interrupts it with SIGUSR1); elsewhere only the clean-up runs."""
     from multiprocessing import process as mp_process
 
     before = set(mp_process._children)  # the multiprocessing module's own record of this process's children
-    died: list[str] = []
+    died: list[BaseException] = []
     stop = threading.Event()
 
     def ours() -> list:
@@ -294,9 +304,14 @@ def watched_workers() -> Iterator[None]:
                 code = p.exitcode
                 if code not in (None, 0):
                     cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+                    err = refused.value if refused is not None and code > 0 else 0
                     died.append(
-                        f"an FFCV writer worker (pid {p.pid}) ended with {cause} (out of memory? try fewer "
-                        "--workers); nothing was written"
+                        OSError(err, os.strerror(err), str(output))
+                        if err
+                        else DataError(
+                            f"an FFCV writer worker (pid {p.pid}) ended with {cause} (out of memory? try fewer "
+                            "--workers); nothing was written"
+                        )
                     )
                     # a real signal: it also wakes a main thread blocked in a read (FFCV's queue.get)
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
@@ -305,7 +320,7 @@ def watched_workers() -> Iterator[None]:
     def on_usr1(signum, frame):
         if stop.is_set():  # the block has ended already: its own outcome stands
             return
-        raise DataError(died[0] if died else "stopped by SIGUSR1")
+        raise died[0] if died else DataError("stopped by SIGUSR1")
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGUSR1, on_usr1) if main else None
@@ -323,6 +338,32 @@ def watched_workers() -> Iterator[None]:
             if p.exitcode is None:  # the block ended before its workers did
                 p.terminate()
                 p.join(5)
+
+
+@contextlib.contextmanager
+def recorded_write_errors(refused) -> Iterator[None]:
+    """FFCV's writer workers write the .beton's pages themselves: one whose write met a full disk (a
+    quota, a file-size limit) printed its traceback and ended with status 1, which watched_workers
+    could only name as "out of memory?". For the block, their work function records such an error's
+    errno in `refused` (a shared int) and the worker ends quietly with status 1."""
+    import ffcv.writer as fw
+
+    work = fw.worker_job_indexed_dataset
+
+    def recording(*args):
+        try:
+            work(*args)
+        except OSError as e:
+            if not e.errno:
+                raise
+            refused.value = e.errno
+            sys.exit(1)
+
+    fw.worker_job_indexed_dataset = recording
+    try:
+        yield
+    finally:
+        fw.worker_job_indexed_dataset = work
 
 
 def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tuple[int, int]], cfg: ConvertConfig):
@@ -344,8 +385,9 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tupl
     }
     source = BetonSource(files, labels, cfg.max_resolution)
     writer = DatasetWriter(str(tmp), fields, page_size=page, num_workers=cfg.workers)
+    refused = mp.get_context("fork").Value("i", 0)  # the errno of a write a worker could not make
     try:
-        with watched_workers():
+        with watched_workers(refused, tmp), recorded_write_errors(refused):
             writer.from_indexed_dataset(source)
     except BaseException:
         sm = getattr(writer, "metadata_sm", None)  # FFCV unlinks its shared memory only when it finishes
@@ -445,8 +487,12 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         else:
             (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
             publish(tmp, dst, cfg.force)
-    except BaseException:
+    except BaseException as e:
         for p in (tmp, *extra_tmp):
             remove(p)
+        refused = None if interruption(e) else os_error_behind(e)
+        if refused is not None and refused.errno in ENVIRONMENT_ERRNOS and _inside(refused.filename, tmp):
+            # a full disk met by a write (a tar member's, an FFCV worker's page): DST is what the user named
+            raise OSError(refused.errno, refused.strerror, str(dst)) from e
         raise
     return ConvertSummary(dst, written, skipped, size_of(dst), time.perf_counter() - start)

@@ -14,6 +14,7 @@ written from the offsets known while writing, so the tar is never read back.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import random
@@ -82,18 +83,24 @@ def write_shard_set(images: ImageList, folder: Path, cfg: ConvertConfig) -> tupl
     skipped: list[tuple[str, str]] = []
     writer: ShardWriter | None = None
     written = 0
-    for i, result in zip(order, parallel_map(encode_task, jobs, cfg.workers, "writing shards"), strict=True):
-        if isinstance(result, str):
-            log.warning("skipping %s: %s", images.files[i], result)
-            skipped.append((images.files[i], result))
-            continue
-        if writer is None or writer.count == cfg.shard_size:
-            if writer is not None:
-                shards.append(writer.close())
-                sizes.append(writer.count)
-            writer = ShardWriter(folder, len(shards))
-        writer.add(f"{written:08d}", [("jpg", result), ("cls", str(images.labels[i]).encode("ascii"))])
-        written += 1
+    try:
+        for i, result in zip(order, parallel_map(encode_task, jobs, cfg.workers, "writing shards"), strict=True):
+            if isinstance(result, str):
+                log.warning("skipping %s: %s", images.files[i], result)
+                skipped.append((images.files[i], result))
+                continue
+            if writer is None or writer.count == cfg.shard_size:
+                if writer is not None:
+                    shards.append(writer.close())
+                    sizes.append(writer.count)
+                writer = ShardWriter(folder, len(shards))
+            writer.add(f"{written:08d}", [("jpg", result), ("cls", str(images.labels[i]).encode("ascii"))])
+            written += 1
+    except BaseException:
+        if writer is not None:  # a full disk: the open shard is closed (its file goes with the folder)
+            with contextlib.suppress(OSError):
+                writer.tar.close()
+        raise
     if writer is None:
         raise DataError(f"none of the {len(images)} images in {images.root} could be decoded")
     shards.append(writer.close())

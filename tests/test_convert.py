@@ -457,3 +457,30 @@ def test_an_output_moved_aside_by_a_killed_convert_is_put_back(bad_root, tmp_pat
     with pytest.raises(FileExistsError):  # put back: an existing DST again
         convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1))
     assert (dst / "meta.json").read_text() == before and not aside.exists() and other_host.exists()
+
+
+FILE_SIZE_LIMIT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # `ulimit -f 4`: writes past it fail with EFBIG
+sys.exit(__import__("moco_fast.cli").cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["wds", "ffcv"])
+def test_a_write_the_disk_refuses_is_one_line_naming_the_output(fmt, bad_root, tmp_path):
+    # A full disk or a file-size limit met while the output was written: wds said only "No space left
+    # on device" (no path) and warned of an unclosed shard; FFCV's writer worker printed its traceback
+    # and the convert blamed memory ("out of memory? try fewer --workers").
+    dst = tmp_path / "out" / f"x.{fmt}"
+    argv = ["convert", str(bad_root), str(dst), "--format", fmt, "--workers", "2", "--shard-size", "4"]
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    p = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, *argv], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = [line for line in p.stderr.splitlines() if "error:" in line]
+    # (FFCV's progress bar may end without a newline before the error)
+    assert len(err) == 1 and err[0].endswith(f"moco-fast convert: error: File too large: {dst}"), p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "ResourceWarning" not in p.stderr, p.stderr[-2000:]
+    assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
