@@ -61,9 +61,12 @@ class MetricsWriter:
                 raise
             raise OSError(e.errno, e.strerror, str(path)) from e  # a full disk: name the file
         if self.tb is not None:
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row.get("epoch", 0))
+            try:
+                for k, v in row.items():
+                    if k != "epoch" and isinstance(v, (int, float)):
+                        self.tb.add_scalar(k, v, row.get("epoch", 0))
+            except OSError as e:  # its writer thread's error (a full disk), raised here: name the folder
+                raise _named(e, self.out / "tb") from e
         log.info("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
     def write_summary(self, row: dict[str, Any]) -> None:
@@ -95,4 +98,13 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
+            tb, self.tb = self.tb, None
+            try:
+                tb.close()
+            except OSError as e:
+                raise _named(e, self.out / "tb") from e
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """`e`, or where it names no file (a write to an open file), the same error naming `path`."""
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))

@@ -6,6 +6,7 @@ The step never syncs the device to the host: losses are summed on the device and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -326,7 +327,8 @@ def _train_held(
             row = _final_evaluation(row, model, splits, cfg, device)
             writer.write_summary(row)
     except BaseException as e:
-        writer.close()
+        with contextlib.suppress(OSError):  # its logs on the same full disk: the first error stands
+            writer.close()
         if dist_utils.is_main() and interruption(e) is None:  # a stop keeps config.json: --resume reads it
             forget_a_run_without_epochs(out, made())  # what it made before its first epoch ended
         raise

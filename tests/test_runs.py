@@ -724,3 +724,44 @@ def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [f"moco-fast export: error: File too large: {target}"]
     assert list(tmp_path.iterdir()) == []  # the temporary file went
+
+
+def test_tensorboard_logs_on_a_full_disk_are_named(tiny_root, tmp_path, monkeypatch, capsys):
+    # TensorBoard writes its event file in a thread; a full disk there came back from add_scalar or
+    # close() as "No space left on device" without a path, and in the clean-up after another error
+    # its close() raised over the first error.
+    import errno
+
+    from tensorboard.summary.writer import record_writer
+
+    real = record_writer.RecordWriter.write
+    calls = []
+
+    def full(self, data):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_root, out, epochs=2)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert err == [f"moco-fast train: error: No space left on device: {out / 'tb'}"]
+    assert ckpt.load(out / "checkpoint.pt")["epoch"] >= 1  # the last good checkpoint stays
+
+    # another error (here a bug at the checkpoint save) while the event file's thread has failed too:
+    # the first error stands, not close()'s
+    import time
+
+    class Boom(Exception):
+        pass
+
+    def save_fails(obj, path):
+        time.sleep(1)  # the event file's thread meets the full disk meanwhile
+        raise Boom("the first error")
+
+    calls.clear()
+    monkeypatch.setattr(ckpt, "save_atomic", save_fails)
+    with pytest.raises(Boom, match="the first error"):
+        main(tiny_args(tiny_root, tmp_path / "second"))
