@@ -210,8 +210,8 @@ def list_images(folder: Path, classes: list[str] | None = None, check: bool = Tr
             skipped.append((d.path, f"directly in {folder.name}/, not in a class folder {folder.name}/<class>/"))
     if not found:
         raise DataError(f"no class subfolders in {folder}: expected {folder}/<class>/<image files>")
-    _refuse_twin_spellings(folder, found)
     per_class = {c: _list_class(folder / c, skipped) for c in found}
+    _refuse_twin_spellings(folder, [c for c in found if per_class[c]])  # an empty twin is left out below
     empty = [c for c in found if not per_class[c]]
     if classes is None:
         classes = [c for c in found if per_class[c]]
