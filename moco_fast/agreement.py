@@ -10,6 +10,7 @@ same one-line error where they differ, naming what differs and each rank's value
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -28,6 +29,33 @@ PER_RANK_FIELDS = frozenset(
 
 # The settings named in one error; more are counted.
 SHOWN = 3
+
+log = logging.getLogger("moco_fast")
+
+
+class HeldWarnings(logging.Filter):
+    """On ranks > 0, from the start of train until agree() passes: their warnings of the setup
+    (skipped files, settings) are rank 0's again when the ranks share data and settings, so they are
+    held, dropped once agree() passes (`release(show=False)`), and printed when the setup fails
+    (`release(show=True)`): the ranks may then see different data, and a rank's skipped file is the
+    clue. Errors pass at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        log.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        self.records.append(record)
+        return False
+
+    def release(self, show: bool) -> None:
+        log.removeFilter(self)
+        records, self.records = self.records, []
+        for r in records if show else ():
+            log.handle(r)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
-from moco_fast.agreement import agree
+from moco_fast.agreement import HeldWarnings, agree
 from moco_fast.cli import interruption
 from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
 from moco_fast.data import DataError
@@ -177,19 +177,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as configured; returns the last metrics row (plus final kNN figures when computed)."""
     owns_group = init_from_env(cfg.runtime.device)
     world, rank = dist_utils.world_size(), dist_utils.rank()
+    setup_warnings = None
     if rank != 0:
-        # Only rank 0 logs progress. Until agree() below, ranks > 0 say errors only: what they would
-        # warn of in setup (skipped files, settings) is rank 0's warning again, on the data and the
-        # settings that agree() proves they share. After it, what a rank warns of is its own.
-        log.setLevel(logging.ERROR)
-    device = dist_utils.local_device(resolve_device(cfg.runtime.device))
-    amp_dtype = resolve_amp(cfg.runtime.amp, device)
-    validate(cfg, world, partial(saved_world_size, cfg))
-    validate_device(cfg, device, world)
-    out = Path(cfg.runtime.out)
-    with hold_run_folder(out, enabled=dist_utils.is_main()) as held:
-        ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone
-        return _train_held(cfg, out, device, amp_dtype, world, rank, owns_group)
+        log.setLevel(logging.WARNING)  # only rank 0 logs progress; warnings and errors from every rank
+        setup_warnings = HeldWarnings()  # until agree(): rank 0 says them, unless the ranks disagree
+    try:
+        device = dist_utils.local_device(resolve_device(cfg.runtime.device))
+        amp_dtype = resolve_amp(cfg.runtime.amp, device)
+        validate(cfg, world, partial(saved_world_size, cfg))
+        validate_device(cfg, device, world)
+        out = Path(cfg.runtime.out)
+        with hold_run_folder(out, enabled=dist_utils.is_main()) as held:
+            ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone
+            return _train_held(cfg, out, device, amp_dtype, world, rank, owns_group, setup_warnings)
+    except BaseException:
+        if setup_warnings is not None:
+            setup_warnings.release(show=True)  # nothing if agree() had passed
+        raise
 
 
 def _train_held(
@@ -200,6 +204,7 @@ def _train_held(
     world: int,
     rank: int,
     owns_group: bool,
+    setup_warnings: HeldWarnings | None,
 ) -> dict[str, Any]:
     """train() while this process holds the run folder (rank 0)."""
     resume_path = check_output(cfg)
@@ -248,8 +253,8 @@ def _train_held(
     # Every rank must run the same settings, from the same epoch, on the same number of steps, or
     # a collective would wait for the collective timeout (an hour) or mix different queues.
     agree(cfg, device, amp_dtype, start_epoch, loader)
-    if rank != 0:
-        log.setLevel(logging.WARNING)  # an unreadable image of this rank's part of the data, say
+    if setup_warnings is not None:  # from here on, what a rank warns of is its own (an unreadable image)
+        setup_warnings.release(show=False)
     if cfg.runtime.compile:
         model.encoder_q.compile()
         if model.encoder_k is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moco_fast import distributed as dist_utils
+from moco_fast.agreement import HeldWarnings
 from moco_fast.cli import main
 from moco_fast.config import ConfigError, build_config
 from moco_fast.join import init_from_env
@@ -651,6 +653,23 @@ def _threads_worker() -> tuple[str | None, int]:
 
 
 @pytest.mark.slow
+def test_a_ranks_setup_warnings_show_only_when_the_ranks_disagree(caplog):
+    # Ranks > 0 hold their setup warnings: rank 0 says them when agree() passes; when the setup fails
+    # (the ranks see different data) a rank's skipped file is the clue, and it is printed then.
+    log = logging.getLogger("moco_fast")
+    for show in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            held = HeldWarnings()
+            log.warning("skipping a.jpg: not a readable image")
+            log.error("an error passes at once")
+            assert [r.getMessage() for r in caplog.records] == ["an error passes at once"]
+            held.release(show=show)
+            log.warning("after the setup")
+        shown = ["skipping a.jpg: not a readable image"] if show else []
+        assert [r.getMessage() for r in caplog.records] == ["an error passes at once", *shown, "after the setup"]
+
+
 def test_gpus_workers_get_one_omp_thread_each_as_under_torchrun(monkeypatch, caplog):
     # torchrun sets OMP_NUM_THREADS=1 for several processes a machine where it is not set; --gpus's
     # launcher did not, and 2 workers each ran a thread per core (a CPU epoch: 83.9 s, 11.0 s with 1).
