@@ -21,8 +21,11 @@ zeroes its views and marks it in a status output read on the host (no device syn
 it once by its index in the .beton and its class (the .beton records no file names) and hands on
 the next image of the batch that was read instead, with its label and index, as the other loaders
 use the next good file. A run gives up when more than MAX_BAD_FRACTION of the images (and more than
-MAX_BAD_MIN) cannot be read, or when no image of a batch can. Any other error in FFCV's loader
-thread (an I/O error reading the .beton) ends the epoch with that error, where FFCV alone would hang.
+MAX_BAD_MIN) cannot be read, or when no image of a batch can. Any other error in FFCV's epoch
+thread (a fault in a pipeline stage) ends the epoch with that error, where FFCV alone would hang; a
+.beton gone at the start of an epoch is one line (FFCV's page readers, with os_cache=0, would die
+opening it and hang the epoch too). Read errors later are FFCV's to ignore: the pages then fail to
+decode and count as unreadable images.
 
 Backend options (`--loader-option KEY=VALUE`):
     os_cache=1          map the file through the OS page cache (best when it fits in RAM, and shared
@@ -257,6 +260,12 @@ class FFCVLoader:
         threads = torch.get_num_threads()
         names = list(self.ffcv.pipeline_specs)
         _hand_thread_errors_to_the_consumer()
+        try:  # FFCV's page readers (os_cache=0) open it in threads of their own, where its loss hangs the epoch
+            open(self.path, "rb").close()
+        except OSError as e:
+            raise DataError(
+                f"cannot read {self.path} at epoch {epoch + 1} ({e.strerror}): was it moved or deleted?"
+            ) from e
         for i, batch in enumerate(self.ffcv):
             if isinstance(batch, _ThreadFailed):
                 e = batch.error
@@ -290,9 +299,8 @@ class _ThreadFailed:
 
 
 def _hand_thread_errors_to_the_consumer() -> None:
-    """FFCV's epoch thread (EpochIterator.run) catches StopIteration only: any other error there (an
-    I/O error reading the .beton, a fault in a pipeline stage) ends the thread after printing its
-    traceback, and the training loop then waits on the thread's queue forever, a job that hangs
+    """FFCV's epoch thread (EpochIterator.run) catches StopIteration only: any other error there (a
+    fault in a pipeline stage) ends the thread after printing its traceback, and the training loop then waits on the thread's queue forever, a job that hangs
     without a word. This threading.excepthook, installed once, puts the error into that queue
     instead, in the (slot, batch) form that EpochIterator.__next__ returns, and FFCVLoader raises it."""
     previous = threading.excepthook

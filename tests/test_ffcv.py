@@ -300,6 +300,20 @@ def test_an_error_in_ffcvs_loader_thread_ends_the_epoch_with_it(loader, monkeypa
     assert len(epoch_indices(loader, 1)) == loader.num_images  # the next epoch reads again
 
 
+def test_a_beton_gone_at_an_epochs_start_is_one_line(loader, tiny_beton):
+    # With os_cache=0 FFCV's page readers open the file in threads of their own: gone, they died and
+    # the epoch hung. The loader now opens it first, whatever os_cache.
+    moved = tiny_beton.with_name("moved.beton")
+    tiny_beton.rename(moved)
+    try:
+        loader.set_epoch(4)
+        with pytest.raises(DataError, match=r"cannot read .*\.beton at epoch 5 \(No such file or directory\): was it"):
+            next(iter(loader))
+    finally:
+        moved.rename(tiny_beton)
+    assert len(epoch_indices(loader, 4)) == loader.num_images
+
+
 def test_raw_images_that_do_not_fit_their_record_are_replaced(coords_loader, caplog):
     """Raw pixels are not decoded, but their record can be wrong: a size of 0 made OpenCV abort the
     process, pixels that do not fill height x width x 3 made FFCV's thread die and the loop wait
