@@ -9,6 +9,7 @@ import shutil
 import stat
 import sys
 import tempfile
+from functools import partial
 
 import pytest
 import torch
@@ -420,7 +421,7 @@ def test_resume_computes_a_final_knn_that_was_interrupted(tiny_root, run, capsys
     assert later["epoch"] == 2 and later["random_knn_top1"] == summary["random_knn_top1"]
 
 
-def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_path):
+def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_path, request):
     import signal
 
     import moco_fast.commands.export as export
@@ -437,6 +438,10 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_
 
     argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
     before = signal.getsignal(signal.SIGTERM)
+    # Python's own Ctrl-C handler, as in a terminal: a job started in the background by a shell
+    # without job control (`make test &`) inherits SIGINT ignored, and the command rightly keeps it so
+    request.addfinalizer(partial(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(export, "run", zip_writer_error)
     assert main(argv) == 130 and "interrupted" in capsys.readouterr().err
     monkeypatch.setattr(export, "run", sigterm)
