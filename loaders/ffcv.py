@@ -300,9 +300,10 @@ class _ThreadFailed:
 
 def _hand_thread_errors_to_the_consumer() -> None:
     """FFCV's epoch thread (EpochIterator.run) catches StopIteration only: any other error there (a
-    fault in a pipeline stage) ends the thread after printing its traceback, and the training loop then waits on the thread's queue forever, a job that hangs
-    without a word. This threading.excepthook, installed once, puts the error into that queue
-    instead, in the (slot, batch) form that EpochIterator.__next__ returns, and FFCVLoader raises it."""
+    fault in a pipeline stage) ends the thread after printing its traceback, and the training loop
+    then waits on the thread's queue forever, a job that hangs without a word. This
+    threading.excepthook, installed once, puts the error into that queue instead, in the (slot,
+    batch) form that EpochIterator.__next__ returns, and FFCVLoader raises it."""
     previous = threading.excepthook
     if getattr(previous, "moco_fast_ffcv", False):
         return
