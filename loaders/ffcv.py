@@ -63,6 +63,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from moco_fast.config import ConfigError
 from moco_fast.convert import sidecar_path
 from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError
+from moco_fast.threads import handle_thread_errors
 
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, parse_options, stream_seed
@@ -259,7 +260,7 @@ class FFCVLoader:
         # wants its own back once FFCV's thread has started.
         threads = torch.get_num_threads()
         names = list(self.ffcv.pipeline_specs)
-        _hand_thread_errors_to_the_consumer()
+        handle_thread_errors(_to_the_consumer)
         try:  # FFCV's page readers (os_cache=0) open it in threads of their own, where its loss hangs the epoch
             open(self.path, "rb").close()
         except OSError as e:
@@ -298,30 +299,22 @@ class _ThreadFailed:
     error: BaseException
 
 
-def _hand_thread_errors_to_the_consumer() -> None:
+def _to_the_consumer(args: threading.ExceptHookArgs) -> bool:
     """FFCV's epoch thread (EpochIterator.run) catches StopIteration only: any other error there (a
     fault in a pipeline stage) ends the thread after printing its traceback, and the training loop
-    then waits on the thread's queue forever, a job that hangs without a word. This
-    threading.excepthook, installed once, puts the error into that queue instead, in the (slot,
-    batch) form that EpochIterator.__next__ returns, and FFCVLoader raises it."""
-    previous = threading.excepthook
-    if getattr(previous, "moco_fast_ffcv", False):
-        return
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        t = args.thread
-        if not isinstance(t, EpochIterator) or args.exc_value is None:
-            previous(args)
-            return
-        while not t.terminate_event.is_set():  # the consumer stopped reading: nobody is waiting
-            try:
-                t.output_queue.put((0, _ThreadFailed(args.exc_value)), timeout=0.5)  # slot 0 always exists
-                return
-            except Full:
-                pass
-
-    hook.moco_fast_ffcv = True  # type: ignore[attr-defined]
-    threading.excepthook = hook
+    then waits on the thread's queue forever, a job that hangs without a word. This handler of
+    moco_fast.threads puts the error into that queue instead, in the (slot, batch) form that
+    EpochIterator.__next__ returns, and FFCVLoader raises it."""
+    t = args.thread
+    if not isinstance(t, EpochIterator) or args.exc_value is None:
+        return False
+    while not t.terminate_event.is_set():  # the consumer stopped reading: nobody is waiting
+        try:
+            t.output_queue.put((0, _ThreadFailed(args.exc_value)), timeout=0.5)  # slot 0 always exists
+            break
+        except Full:
+            pass
+    return True
 
 
 @register_loader("ffcv")

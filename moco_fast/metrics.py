@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from moco_fast.threads import handle_thread_errors
 
 log = logging.getLogger("moco_fast")
 
@@ -46,6 +49,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.out / "tb"))
+            handle_thread_errors(_raised_again_by_the_writer)
         except ImportError:  # tensorboard is a dependency, but a run must not die without it
             log.warning("tensorboard is not installed: no TensorBoard logs")
 
@@ -103,6 +107,18 @@ class MetricsWriter:
                 tb.close()
             except OSError as e:
                 raise _named(e, self.out / "tb") from e
+
+
+def _raised_again_by_the_writer(args: threading.ExceptHookArgs) -> bool:
+    """TensorBoard's event-file thread keeps its error, and the writer's next call in the training
+    loop raises it (MetricsWriter then names the folder, one line): for what the machine refuses (a
+    full disk), the thread's own traceback would only say it first, above that line."""
+    from moco_fast.cli import ENVIRONMENT_ERRNOS
+
+    e = args.exc_value
+    return (
+        type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS
+    )
 
 
 def _named(e: OSError, path: Path) -> OSError:

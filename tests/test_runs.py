@@ -731,7 +731,7 @@ def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary file went
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's own traceback
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's own traceback
 def test_tensorboard_logs_on_a_full_disk_are_named(tiny_root, tmp_path, monkeypatch, capsys):
     # TensorBoard writes its event file in a thread; a full disk there came back from add_scalar or
     # close() as "No space left on device" without a path, and in the clean-up after another error

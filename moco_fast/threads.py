@@ -1,0 +1,27 @@
+"""One threading.excepthook for the threads of libraries whose errors moco-fast handles itself:
+FFCV's epoch thread (loaders/ffcv.py) and TensorBoard's event-file writer (metrics.py)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+# Each gets an uncaught thread error first and returns True when it dealt with it.
+_HANDLERS: list[Callable[[threading.ExceptHookArgs], bool]] = []
+
+
+def handle_thread_errors(handler: Callable[[threading.ExceptHookArgs], bool]) -> None:
+    """Adds `handler` (once) before the hook that was there (Python's, which prints the traceback,
+    or a test runner's); the errors no handler takes go on to that hook."""
+    if handler not in _HANDLERS:
+        _HANDLERS.append(handler)
+    if getattr(threading.excepthook, "moco_fast", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not any(h(args) for h in _HANDLERS):
+            previous(args)
+
+    hook.moco_fast = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
