@@ -83,6 +83,9 @@ def check_run_folder(out: Path) -> None:
     tool's folder: a run would overwrite that file)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be a run folder")
+    above = next((p for p in out.parents if p.exists()), None)  # the folder that mkdir would start from
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"--out {out} lies under {above}, which is a file: it must be a run folder")
     if (out / CONFIG_NAME).is_file():
         read_run_config(out / CONFIG_NAME)
 

@@ -731,6 +731,19 @@ def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary file went
 
 
+def test_an_out_that_is_or_lies_under_a_file_is_one_line(tiny_root, tmp_path, capsys):
+    # under a file, mkdir said "[Errno 20] Not a directory: 'notes.txt/run'"
+    (tmp_path / "notes.txt").write_text("a file")
+    for out, why in (
+        ("notes.txt", "is a file"),
+        ("notes.txt/run", f"lies under {tmp_path / 'notes.txt'}, which is a file"),
+    ):
+        assert main(tiny_args(tiny_root, tmp_path / out)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"moco-fast train: error: --out {tmp_path / out} {why}: it must be a run folder"]
+    assert (tmp_path / "notes.txt").read_text() == "a file"
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's own traceback
 def test_tensorboard_logs_on_a_full_disk_are_named(tiny_root, tmp_path, monkeypatch, capsys):
     # TensorBoard writes its event file in a thread; a full disk there came back from add_scalar or
