@@ -200,6 +200,13 @@ def _import_holding_signals(modules: tuple[str, ...]) -> None:
         signal.raise_signal(held[0])  # now, through the handlers the command runs with
 
 
+def say(line: str) -> None:
+    """One line to stderr in one write: print() writes the text and its newline apart, and the ranks
+    of a job that share stderr (torchrun, --gpus) ran their error lines together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # INFO for moco-fast's own messages; other libraries' at WARNING (torch's import sets its own levels,
@@ -226,13 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         # and user_errors() imports modules that import torch.
         line = one_line(e)
         if line is not None:
-            print(f"moco-fast {args.command}: error: {line}", file=sys.stderr)
+            say(f"moco-fast {args.command}: error: {line}")
             return 2
         stop = interruption(e)
         if stop is None:
             raise
         terminated = isinstance(stop, Terminated)
-        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        say("terminated" if terminated else "interrupted")
         return 143 if terminated else 130
     finally:
         if previous is not None:

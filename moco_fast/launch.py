@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from moco_fast.cli import UserError
+from moco_fast.cli import UserError, say
 from moco_fast.config import ConfigError, TrainConfig
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -97,7 +97,7 @@ def launch_local(cfg: TrainConfig) -> tuple[int, dict]:
     try:
         rows = run_workers(_train_worker, (cfg,), n)
     except WorkerFailed as e:
-        print(f"moco-fast train: error: {e}", file=sys.stderr)
+        say(f"moco-fast train: error: {e}")
         return 1, {}
     return 0, rows[0]
 

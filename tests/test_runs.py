@@ -2,6 +2,7 @@
 a finished run is not redone, another run's folder is not overwritten without --force, and bad
 flag values are one-line errors before anything starts."""
 
+import io
 import json
 import logging
 import os
@@ -729,6 +730,25 @@ def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [f"moco-fast export: error: File too large: {target}"]
     assert list(tmp_path.iterdir()) == []  # the temporary file went
+
+
+def test_the_error_line_is_one_write(tmp_path, monkeypatch):
+    # The ranks of a torchrun job share stderr: print() wrote the line and its newline apart, and two
+    # ranks' error lines came out run together on one line.
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, text):
+            self.calls.append(text)
+            return super().write(text)
+
+    err = Writes()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["export", str(tmp_path / "missing.pt"), "--format", "torchvision", "--output", "x.pth"]) == 2
+    assert len(err.calls) == 1 and err.calls[0].startswith("moco-fast export: error: ")
+    assert err.calls[0].endswith("\n") and err.calls[0].count("\n") == 1
 
 
 def test_an_out_that_is_or_lies_under_a_file_is_one_line(tiny_root, tmp_path, capsys):
