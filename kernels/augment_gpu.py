@@ -249,11 +249,15 @@ def _gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
 
 
 def gaussian_kernels(sigma: torch.Tensor, blur: torch.Tensor | None, k: int) -> torch.Tensor:
-    """N x k normalised 1-D Gaussians (torchvision's formula); a delta where `blur` is False."""
+    """N x k normalised 1-D Gaussians (torchvision's formula); a delta where `blur` is False.
+
+    Weights under 1e-12 are zeroed (all of them together move no pixel by 1e-10): at small sigmas
+    the tails are denormal floats, which x86 multiplies slowly, and they made the CPU blur ~6x slower."""
     half = (k - 1) * 0.5
     t = torch.linspace(-half, half, steps=k, device=sigma.device, dtype=sigma.dtype)
     pdf = torch.exp(-0.5 * (t[None, :] / sigma[:, None]).pow(2))
     kern = pdf / pdf.sum(dim=1, keepdim=True)
+    kern = kern.masked_fill(kern < 1e-12, 0.0)
     if blur is None:
         return kern
     delta = (t == 0).to(kern.dtype).expand_as(kern)
