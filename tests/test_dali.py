@@ -78,7 +78,7 @@ def torch_views(data, spec, n=EPOCHS * 2 * N_IMAGES) -> np.ndarray:
     images = [Image.open(f).convert("RGB") for f in files]
     t = view_transform(spec)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker; tiny blurs with several threads crawl here
+    torch.set_num_threads(1)  # as in a DataLoader worker
     try:
         return np.stack([t(images[i % len(images)]).permute(1, 2, 0).numpy() for i in range(n)])
     finally:
