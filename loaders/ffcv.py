@@ -18,9 +18,9 @@ pixels are the JPEG that `convert` re-encoded (`--jpeg-quality`, default 90), no
 An image that cannot be read (a JPEG that does not decode or whose size is not the recorded one;
 raw pixels that do not fit their record) does not stop a run, and is not trained on: the decoder
 zeroes its views and marks it in a status output read on the host (no device sync); the loader logs
-it once by its index in the .beton and its class (the .beton records no file names) and hands on
-the next image of the batch that was read instead, with its label and index, as the other loaders
-use the next good file. A run gives up when more than MAX_BAD_FRACTION of the images (and more than
+it once by its index in the .beton, its source file (see below) and its class, and hands on the
+next image of the batch that was read instead, with its label and index, as the other loaders use
+the next good file. A run gives up when more than MAX_BAD_FRACTION of the images (and more than
 MAX_BAD_MIN) cannot be read, or when no image of a batch can. Any other error in FFCV's epoch
 thread (a fault in a pipeline stage) ends the epoch with that error, where FFCV alone would hang; a
 .beton gone at the start of an epoch is one line (FFCV's page readers, with os_cache=0, would die
@@ -36,8 +36,11 @@ Backend options (`--loader-option KEY=VALUE`):
     decode=once         once: one JPEG decode for both views; twice: one decode per view, one
                         pipeline each (the work of FFCV's stock RandomResizedCropRGBImageDecoder)
 The sidecar `X.beton.json` (written by convert) holds the class names; without it classes are the
-label numbers. A .beton from another writer needs the field types convert writes: `image` an
-RGBImageField, `label` an IntField.
+label numbers. The .beton records no file names: convert writes them beside it, `X.beton.files.txt`
+(FileNames), read at the first image skipped, never at the start (ImageNet's is ~40 MB); without it
+(an older convert's .beton, another tool's) a skipped image is named by its index and class only.
+A .beton from another writer needs the field types convert writes: `image` an RGBImageField,
+`label` an IntField.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
 from moco_fast.config import ConfigError
-from moco_fast.convert import sidecar_path
+from moco_fast.convert_dst import NAMES_HEADER, names_path, sidecar_path
 from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError
 from moco_fast.threads import handle_thread_errors
 
@@ -131,6 +134,51 @@ def read_classes(beton: Path, labels: np.ndarray) -> list[str]:
     return [str(i) for i in range(n_labels)]
 
 
+class FileNames:
+    """The source file of each image of a .beton, from the list convert writes beside it (names_path:
+    a header line, then one name a line in .beton order). Read at the first lookup, not at the
+    start: the list is scanned once for where its lines start (8 bytes an image are kept, not its
+    ~40 MB for ImageNet), and each lookup reads its own line. None for every image where there is no
+    list (an older convert's .beton, another tool's), or one that does not fit the .beton (said once)."""
+
+    def __init__(self, beton: Path, num_images: int):
+        self.path, self.num_images = names_path(beton), num_images
+        self.starts: np.ndarray | None = None  # byte offset of each image's line, and the end of the last
+        self.unusable = False
+
+    def __getitem__(self, i: int) -> str | None:
+        if self.starts is None and not self.unusable:
+            self.starts = self._scan()
+            self.unusable = self.starts is None
+        if self.unusable:
+            return None
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(int(self.starts[i]))
+                line = fh.read(int(self.starts[i + 1] - self.starts[i]) - 1)
+        except OSError:  # moved or deleted since: the name is a courtesy, the run goes on without it
+            return None
+        return line.decode("utf-8", errors="backslashreplace")
+
+    def _scan(self) -> np.ndarray | None:
+        try:
+            data = np.fromfile(self.path, dtype=np.uint8)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("ignoring %s: %s", self.path, e)
+            return None
+        ends = np.flatnonzero(data == ord("\n"))
+        if data[: len(NAMES_HEADER)].tobytes() != NAMES_HEADER.encode():
+            why = "it is not a file list that convert wrote"
+        elif len(ends) - 1 != self.num_images:
+            why = f"it names {len(ends) - 1} files, the .beton holds {self.num_images} images"
+        else:
+            return ends + 1  # image i's line: [ends[i] + 1, ends[i + 1]), after the header's line
+        log.warning("ignoring %s: %s", self.path, why)
+        return None
+
+
 class FFCVLoader:
     def __init__(self, args: LoaderArgs):
         if args.data is None:
@@ -167,6 +215,7 @@ class FFCVLoader:
         self.labels = reader.metadata[f"f{names.index('label')}"]
         self.classes = read_classes(path, self.labels)
         self.bad: set[int] = set()  # .beton indices whose image could not be read (named once each)
+        self.files = FileNames(path, self.num_images)
         if self.num_images // args.world_size < args.batch_size:
             raise DataError(
                 f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: lower --batch-size"
@@ -229,10 +278,12 @@ class FFCVLoader:
             code, sample = (int(x) for x in status[row])
             if sample not in self.bad:
                 self.bad.add(sample)
+                name = self.files[sample]
                 log.warning(
-                    "skipping unreadable image %d of %s (class %s): %s; using another image of its batch",
+                    "skipping unreadable image %d of %s (%sclass %s): %s; using another image of its batch",
                     sample,
                     self.path,
+                    "" if name is None else f"file {name}, ",
                     self.classes[self.labels[sample]],
                     FAILURES.get(code, f"failure {code}"),
                 )

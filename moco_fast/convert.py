@@ -12,7 +12,9 @@ only when it is an earlier output of convert (moco_fast/convert_dst.py, checked 
 read).
 
 FFCV: the .beton has the fields `image` (RGBImageField) and `label` (IntField), in the folder's
-sorted order; `X.beton.json` beside it holds the class names. Its writer runs its own worker
+sorted order; `X.beton.json` beside it holds the class names, and `X.beton.files.txt` the source
+file of each image (relative to SRC's split folder, one a line in .beton order, after a header line;
+the FFCV loader names the file of an image it skips by it). Its writer runs its own worker
 processes and cannot skip a sample, so the images are decoded once to check them and once more to
 write them. WebDataset: see moco_fast/convert_wds.py.
 """
@@ -43,7 +45,7 @@ from tqdm import tqdm
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS, interruption, os_error_behind
 from moco_fast.config import ConfigError
-from moco_fast.convert_dst import check_destination, sidecar_path
+from moco_fast.convert_dst import NAMES_HEADER, check_destination, names_path, sidecar_path
 from moco_fast.data import DataError, ImageList, find_classes, list_images, resolve_root, split_dirs, to_rgb
 from moco_fast.loaders.wds import META_NAME
 
@@ -178,11 +180,11 @@ def temp_path(dst: Path) -> Path:
 
 def tidy_after_a_stopped_convert(dst: Path) -> None:
     """What an earlier convert to DST on this machine left when it was killed: its temporary output
-    (`.DST.partial-HOST-PID`, and the .beton sidecar's) is removed; the previous output it had moved
+    (`.DST.partial-HOST-PID`, and the .beton sidecars') is removed; the previous output it had moved
     aside to replace it (`.DST.old-HOST-PID`) is put back where DST is missing (it is then the only
     copy), else removed. Files of a process still running, or of another machine, are left alone."""
     host = socket.gethostname()
-    for name in (dst.name, sidecar_path(dst).name):
+    for name in (dst.name, sidecar_path(dst).name, names_path(dst).name):
         for kind in ("partial", "old"):
             prefix = f".{name}.{kind}-"
             for tmp in dst.parent.glob(glob.escape(prefix) + "*"):
@@ -400,7 +402,22 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tupl
         raise DataError(f"{source.failed.value} images failed to decode while writing (they changed on disk?)")
 
 
-def convert_ffcv(images: ImageList, tmp: Path, cfg: ConvertConfig) -> tuple[int, list[tuple[str, str]], dict]:
+def write_names(path: Path, files: list[str], root: Path) -> None:
+    """The file list (names_path): NAMES_HEADER and `root`, then each file relative to it, a line each.
+    A newline in a name is written as the two characters \\n (the list names files to a reader,
+    nothing parses it back into paths); bytes that are not UTF-8 are written as they are."""
+
+    def line(name: str) -> str:
+        return name.replace("\n", "\\n") + "\n"
+
+    with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
+        fh.write(NAMES_HEADER + line(str(root)))
+        fh.writelines(line(os.path.relpath(f, root)) for f in files)
+
+
+def convert_ffcv(
+    images: ImageList, tmp: Path, names_tmp: Path, cfg: ConvertConfig
+) -> tuple[int, list[tuple[str, str]], dict]:
     jobs = [(f, cfg.max_resolution) for f in images.files]
     results = list(parallel_map(check_task, jobs, cfg.workers, "checking"))
     skipped = [(f, r) for f, r in zip(images.files, results, strict=True) if isinstance(r, str)]
@@ -412,6 +429,7 @@ def convert_ffcv(images: ImageList, tmp: Path, cfg: ConvertConfig) -> tuple[int,
     files = [images.files[i] for i in keep]
     labels = [images.labels[i] for i in keep]
     write_beton(tmp, files, labels, [results[i] for i in keep], cfg)
+    write_names(names_tmp, files, images.root)
     return len(files), skipped, {"fields": {"image": "RGBImageField", "label": "IntField"}}
 
 
@@ -461,7 +479,9 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
     extra_tmp: list[Path] = []
     try:
         if cfg.format == "ffcv":
-            written, skipped, info = convert_ffcv(images, tmp, cfg)
+            names_tmp = temp_path(names_path(dst))
+            extra_tmp.append(names_tmp)
+            written, skipped, info = convert_ffcv(images, tmp, names_tmp, cfg)
         else:
             from moco_fast.convert_wds import write_shard_set
 
@@ -482,8 +502,12 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
             side_tmp = temp_path(sidecar_path(dst))
             extra_tmp.append(side_tmp)
             side_tmp.write_text(json.dumps(meta, indent=1))
+            # An earlier list goes first: killed before the new one is in place, the new .beton has
+            # none (the loader then names images by number) rather than one of other files.
+            names_path(dst).unlink(missing_ok=True)  # check_destination: an earlier list of convert only
             publish(tmp, dst, cfg.force)
             publish(side_tmp, sidecar_path(dst), cfg.force)  # check_destination: an earlier sidecar only
+            publish(names_tmp, names_path(dst), cfg.force)
         else:
             (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
             publish(tmp, dst, cfg.force)

@@ -2,10 +2,11 @@
 
 `--force` replaces only an earlier output of convert of the same kind: an FFCV .beton that its header
 shows to be one (version, the `image` and `label` fields that convert writes) with convert's sidecar
-beside it, or a shard-set folder whose meta.json says `"format": "wds"` and that holds nothing but
-that set's files. Never SRC, a folder above it or anything inside it, and never another file: a
-mistyped DST (notes.txt, a source image) used to be replaced by 16 MB of .beton. The checks go
-through `commands.check_output` with a `replaces` callback, as every other command's outputs do.
+beside it (and its file list, where there is one), or a shard-set folder whose meta.json says
+`"format": "wds"` and that holds nothing but that set's files. Never SRC, a folder above it or
+anything inside it, and never another file: a mistyped DST (notes.txt, a source image) used to be
+replaced by 16 MB of .beton. The checks go through `commands.check_output` with a `replaces`
+callback, as every other command's outputs do.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ CONVERT_FIELDS = ((2, b"image"), (1, b"label"))  # (FFCV type_id, name): RGBImag
 def sidecar_path(beton: Path) -> Path:
     """The JSON beside a .beton (class names, counts, what was skipped), read by the FFCV loader."""
     return beton.with_name(beton.name + ".json")
+
+
+# The first line of the file list beside a .beton (names_path): what tells convert's list from a
+# user's file of that name, as "format" does in the json.
+NAMES_HEADER = "# moco-fast convert: the source file of each image of the .beton, in its order, relative to "
+
+
+def names_path(beton: Path) -> Path:
+    """The file list beside a .beton: NAMES_HEADER + SRC's split folder, then one source file a line
+    (relative to it) in the .beton's order, read by the FFCV loader to name an image it skips. Plain
+    text: ImageNet's is ~40 MB, where json would be read whole at every start."""
+    return beton.with_name(beton.name + ".files.txt")
 
 
 def beton_samples(path: Path) -> int | str:
@@ -81,6 +94,19 @@ def sidecar_of_convert(p: Path) -> str | None:
     return 'is not a class list that convert wrote (no "format": "ffcv")'
 
 
+def names_of_convert(p: Path) -> str | None:
+    """check_output's `replaces` for the file list X.beton.files.txt: convert's (NAMES_HEADER first)
+    is replaced with its .beton or as an earlier one whose .beton is gone; a user's file is not."""
+    try:
+        with open(p, "rb") as fh:
+            first = fh.readline(len(NAMES_HEADER) + 1)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if first.startswith(NAMES_HEADER.encode()):
+        return None
+    return "is not a file list that convert wrote (its first line is not convert's)"
+
+
 def shard_set_of_convert(p: Path) -> str | None:
     """check_output's `replaces` for DST with --format wds: a folder is replaced when its meta.json is
     a shard set's (`"format": "wds"`) and it holds that set's files only (meta.json, the shards it
@@ -100,10 +126,10 @@ def shard_set_of_convert(p: Path) -> str | None:
 def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
     """ConfigError before any image is read when DST cannot be written or replaced: DST is SRC or a
     folder above it (--force would delete the images), an existing DST inside SRC that is no earlier
-    output (a source image, a class folder), a DST (or the
-    sidecar of a DST .beton) that --force would replace but is no earlier output of convert of this
-    format (see the `replaces` callbacks above), or a folder that does not take new files. Refused
-    with or without --force; an earlier output without --force is a FileExistsError."""
+    output (a source image, a class folder), a DST (or the sidecar or file list of a DST .beton)
+    that --force would replace but is no earlier output of convert of this format (see the
+    `replaces` callbacks above), or a folder that does not take new files. Refused with or without
+    --force; an earlier output without --force is a FileExistsError."""
     from moco_fast.commands import check_output
 
     s, d = src.resolve(), dst.resolve()
@@ -121,8 +147,12 @@ def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
     check_output(dst, "DST", replaces=ours, folder=wds)
     if exists and not force:
         raise FileExistsError(f"{dst} exists: pass --force to replace it")
-    side = sidecar_path(dst)
+    side, names = sidecar_path(dst), names_path(dst)
     if not wds and not exists and (side.exists() or side.is_symlink()):  # with DST, checked by beton_of_convert
         check_output(side, "DST's sidecar", replaces=sidecar_of_convert)
         if not force:
             raise FileExistsError(f"{side} exists (the sidecar of DST {dst}): pass --force to replace it")
+    if not wds and (names.exists() or names.is_symlink()):  # a .beton of an older convert has none
+        check_output(names, "DST's file list", replaces=names_of_convert)
+        if not force:
+            raise FileExistsError(f"{names} exists (the file list of DST {dst}): pass --force to replace it")

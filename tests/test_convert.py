@@ -18,7 +18,7 @@ from PIL import Image
 from moco_fast import convert_wds
 from moco_fast.cli import main
 from moco_fast.convert import ConvertConfig, convert
-from moco_fast.convert_dst import beton_samples, check_destination
+from moco_fast.convert_dst import NAMES_HEADER, beton_samples, check_destination
 from moco_fast.data import DataError
 
 BAD = {"trunc.jpg": "cannot decode", "broken.jpg": "not a readable image", "notes.txt": "not an image"}
@@ -93,6 +93,10 @@ def test_beton_round_trip_and_bad_files(bad_root, tmp_path):
     side = json.loads((dst.parent / "train.beton.json").read_text())
     assert side["classes"] == sorted(p.name for p in (bad_root / "train").iterdir())
     assert side["num_images"] == 18 and len(side["skipped"]) == 3
+    # the source file of each image, in .beton order, for the loader to name one it skips
+    header, *names = (dst.parent / "train.beton.files.txt").read_text().splitlines()
+    assert header == NAMES_HEADER + str(bad_root / "train")
+    assert names == [os.path.relpath(f, bad_root / "train") for f in files]
     assert no_partials(dst.parent)
     assert "skipped 3" in summary.text() and "trunc.jpg" in summary.text()
 
@@ -191,6 +195,10 @@ def test_an_earlier_beton_is_replaced_only_with_force(bad_root, tmp_path, capsys
     # the sidecar of a .beton since deleted: an earlier output, replaced with --force only
     dst.unlink()
     with pytest.raises(FileExistsError, match="the sidecar of DST"):
+        check_destination(bad_root, dst, "ffcv", force=False)
+    check_destination(bad_root, dst, "ffcv", force=True)
+    side.unlink()  # and the file list of one, alone
+    with pytest.raises(FileExistsError, match="the file list of DST"):
         check_destination(bad_root, dst, "ffcv", force=False)
     check_destination(bad_root, dst, "ffcv", force=True)
 
@@ -331,19 +339,28 @@ def test_force_never_replaces_what_is_no_earlier_output(bad_root, tmp_path, monk
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no sidecar either
 
 
-def test_a_sidecar_that_convert_did_not_write_is_never_replaced(bad_root, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "name, what, text",
+    [
+        ("x.beton.json", "DST's sidecar {} exists and is not a class list", '{"my": "notes"}'),
+        ("x.beton.files.txt", "DST's file list {} exists and is not a file list", "a.jpg\nb.jpg\n"),
+    ],
+)
+def test_a_sidecar_that_convert_did_not_write_is_never_replaced(
+    name, what, text, bad_root, tmp_path, monkeypatch, capsys
+):
     # the .beton's sidecar was published with force=True: a user's X.beton.json went, even without --force
     import moco_fast.convert as conv
 
     monkeypatch.setattr(conv, "list_images", lambda *a, **k: pytest.fail("images read before the check"))
-    side = tmp_path / "x.beton.json"
-    side.write_text('{"my": "notes"}')
+    side = tmp_path / name
+    side.write_text(text)
     for force in ([], ["--force"]):
         assert main(["convert", str(bad_root), str(tmp_path / "x.beton"), "--workers", "1", *force]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"DST's sidecar {side} exists and is not a class list that convert wrote" in err[0]
+        assert len(err) == 1 and what.format(side) in err[0], err
         left = sorted(p.name for p in tmp_path.iterdir())
-        assert side.read_text() == '{"my": "notes"}' and left == ["data", side.name]  # and no x.beton
+        assert side.read_text() == text and left == ["data", side.name]  # and no x.beton
 
 
 def test_output_checks_come_before_any_image_is_read(bad_root, tmp_path, monkeypatch, capsys):
@@ -384,6 +401,17 @@ def test_temporaries_of_a_killed_convert_are_removed(bad_root, tmp_path):
     aside.mkdir()
     convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1, force=True))
     assert not aside.exists()
+
+
+def test_the_beton_sidecars_of_a_killed_convert_are_removed(tmp_path):
+    from moco_fast.convert import tidy_after_a_stopped_convert
+
+    owner = f"{socket.gethostname()}-{_dead_pid()}"
+    left = [tmp_path / f".x.beton{side}.partial-{owner}" for side in ("", ".json", ".files.txt")]
+    for p in left:
+        p.write_text("half")
+    tidy_after_a_stopped_convert(tmp_path / "x.beton")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _dead_pid() -> int:

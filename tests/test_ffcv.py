@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import threading
@@ -45,12 +46,13 @@ def tiny_beton(tiny_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def corrupt_beton(tiny_beton, tmp_path_factory):
     """A copy of tiny_beton with three JPEGs damaged in place, as a bad disk or copy leaves them:
-    {index: the name of the failure the decoder reports}. The .beton and its sidecar stay valid."""
+    {index: the name of the failure the decoder reports}. The .beton and its sidecars stay valid."""
     from ffcv.reader import Reader
 
     dst = tmp_path_factory.mktemp("corrupt") / "corrupt.beton"
     shutil.copy(tiny_beton, dst)
-    shutil.copy(tiny_beton.with_name("tiny.beton.json"), dst.with_name("corrupt.beton.json"))
+    for side in (".json", ".files.txt"):
+        shutil.copy(tiny_beton.with_name("tiny.beton" + side), dst.with_name("corrupt.beton" + side))
     reader = Reader(str(dst))
     sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist(), strict=True))
     data = bytearray(dst.read_bytes())
@@ -68,6 +70,12 @@ def corrupt_beton(tiny_beton, tmp_path_factory):
     data[sof + 5 : sof + 7] = (16).to_bytes(2, "big")  # says 16 rows: it would decode, half of it stale
     dst.write_bytes(bytes(data))
     return dst, {3: "BAD_JPEG", 12: "BAD_JPEG", 25: "BAD_SIZE"}
+
+
+def source_files(root) -> list[str]:
+    """root's train/ files as convert writes them into the .beton: sorted, relative to train/."""
+    train = root / "train"
+    return [f"{c.name}/{f.name}" for c in sorted(train.iterdir()) for f in sorted(c.iterdir())]
 
 
 def beton_labels(path) -> list[int]:
@@ -115,6 +123,7 @@ def test_batches_are_two_normalised_views(loader, tiny_beton):
         assert b.label.tolist() == [labels[i] for i in b.index.tolist()]
     seen = [i for b in batches for i in b.index.tolist()]
     assert sorted(seen) == list(range(32))
+    assert loader.files.starts is None  # no image skipped: the file list was never read
 
 
 def test_order_follows_seed_and_epoch(loader):
@@ -219,11 +228,12 @@ def test_fields_of_another_type_are_a_one_line_error(tmp_path, capsys):
     assert f"moco-fast train: error: {nd}: its 'image' field is NDArrayField" in err
 
 
-def test_corrupt_images_are_named_and_replaced(corrupt_beton, caplog):
+def test_corrupt_images_are_named_and_replaced(corrupt_beton, tiny_root, caplog):
     """FFCV ignores imdecode's failure: the sample was cropped from the previous image's pixels and
     trained on with its own label, without a word. Here its views are zeroed and its status says
-    why; the loader names it once and hands on another image of the batch (with that image's label
-    and index). The path with one decode per view (decode=twice), on two Numba threads (prange)."""
+    why; the loader names it once, by its source file too (from convert's list beside the .beton),
+    and hands on another image of the batch (with that image's label and index). The path with one
+    decode per view (decode=twice), on two Numba threads (prange)."""
     path, bad = corrupt_beton
     opts = {"decode": "twice", "jitter_order": "batch"}
     ld = create_loader("ffcv", loader_args(path, batch_size=16, workers=2, options=opts))
@@ -236,8 +246,11 @@ def test_corrupt_images_are_named_and_replaced(corrupt_beton, caplog):
                 assert b.label.tolist() == [labels[i] for i in b.index.tolist()]
                 seen += b.index.tolist()
     assert set(seen) == set(range(32)) - set(bad)
+    files = source_files(tiny_root)
     for i in bad:
         assert caplog.text.count(f"skipping unreadable image {i} of {path}") == 1
+        cls = files[i].split("/")[0]
+        assert f"skipping unreadable image {i} of {path} (file {files[i]}, class {cls}): " in caplog.text
     import moco_fast.loaders.ffcv_ops as ffcv_ops
 
     assert ffcv_ops.FAILURES[ffcv_ops.BAD_SIZE] in caplog.text
@@ -336,9 +349,13 @@ def test_raw_images_that_do_not_fit_their_record_are_replaced(coords_loader, cap
         assert f"skipping unreadable image {i} of {ld.path} (class c): {FAILURES[code]}" in caplog.text
 
 
-def test_train_end_to_end_past_corrupt_images(corrupt_beton, tmp_path, caplog):
-    """The tester's case: a run over a .beton with damaged JPEGs names each and trains on."""
-    path, bad = corrupt_beton
+def test_train_end_to_end_past_corrupt_images(corrupt_beton, tiny_root, tmp_path, caplog):
+    """The tester's case: a run over a .beton with damaged JPEGs names each and trains on. This
+    .beton has no file list beside it (an older convert's): each is named by index and class."""
+    path = tmp_path / "old.beton"
+    shutil.copy(corrupt_beton[0], path)
+    shutil.copy(corrupt_beton[0].with_name("corrupt.beton.json"), tmp_path / "old.beton.json")
+    bad = corrupt_beton[1]
     out = tmp_path / "run"
     argv = ["train", "--loader", "ffcv", "--device", "cpu", "--data", str(path), "--preset", "cifar"]
     argv += [
@@ -358,8 +375,9 @@ def test_train_end_to_end_past_corrupt_images(corrupt_beton, tmp_path, caplog):
     argv += ["--workers", "1", "--out", str(out)]
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert main(argv) == 0
+    files = source_files(tiny_root)
     for i in bad:
-        assert caplog.text.count(f"skipping unreadable image {i} of {path}") == 1
+        assert caplog.text.count(f"skipping unreadable image {i} of {path} (class {files[i].split('/')[0]}): ") == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["epoch"] == 1 and math.isfinite(rows[-1]["loss"])
     assert json.loads((out / "config.json").read_text())["data"]["loader"] == "ffcv"
@@ -419,3 +437,29 @@ def test_a_missing_path_is_named_as_such(tmp_path):
     path = tmp_path / "gone.beton"
     with pytest.raises(DataError, match=f"--data {path} is not found \\(make one with `moco-fast convert"):
         create_loader("ffcv", loader_args(path))
+
+
+def test_the_file_list_is_read_at_the_first_lookup_and_must_fit_the_beton(tmp_path, caplog):
+    from moco_fast.loaders.ffcv import FileNames
+
+    from moco_fast.convert import write_names
+    from moco_fast.convert_dst import names_path
+
+    beton = tmp_path / "x.beton"
+    names = ["cat/1.jpg", "cat/two\nlines.jpg", "dog/café.jpg", os.fsdecode(b"dog/caf\xe9.jpg")]
+    write_names(names_path(beton), [str(tmp_path / "src" / n) for n in names], tmp_path / "src")
+    files = FileNames(beton, 4)
+    assert files.starts is None  # nothing read until a name is asked for
+    assert [files[i] for i in (3, 0, 2, 1)] == ["dog/caf\\xe9.jpg", "cat/1.jpg", "dog/café.jpg", "cat/two\\nlines.jpg"]
+    names_path(beton).unlink()  # gone since: no name, no error
+    assert files[0] is None
+    assert FileNames(beton, 4)[0] is None and caplog.text == ""  # none at all: said nowhere
+    write_names(names_path(beton), [str(tmp_path / n) for n in names[:3]], tmp_path)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        short = FileNames(beton, 4)
+        assert short[0] is None and short[1] is None
+    assert caplog.text.count("names 3 files, the .beton holds 4 images") == 1
+    names_path(beton).write_text("cat/1.jpg\ncat/2.jpg\ncat/3.jpg\ncat/4.jpg\n")  # no header: not convert's
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert FileNames(beton, 3)[0] is None
+    assert "is not a file list that convert wrote" in caplog.text

@@ -21,7 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", metavar="SRC", help="image folder with class subfolders, or a root with train/")
     p.add_argument(
-        "dst", metavar="DST", help="output: X.beton (ffcv; class names go to X.beton.json) or a folder (wds)"
+        "dst",
+        metavar="DST",
+        help="output: X.beton (ffcv; class names go to X.beton.json, source file names to X.beton.files.txt) "
+        "or a folder (wds)",
     )
     p.add_argument("--format", choices=["ffcv", "wds"], default="ffcv", help="output format")
     p.add_argument(
