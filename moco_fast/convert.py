@@ -203,12 +203,30 @@ def tidy_after_a_stopped_convert(dst: Path) -> None:
                     log.warning("could not tidy %s: %s", tmp, e)
 
 
-def _inside(filename, tmp: Path) -> bool:
-    """True for an error's `filename` that is none, the temporary output `tmp` or a file in it."""
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """The block writes the temporary output `path` (or a file in it): an OSError of ENVIRONMENT_ERRNOS
+    that it raises without a path (a write to an open file has none: a full disk, a file-size limit)
+    is raised again with `path`, which convert then reports as DST. Errors without a path from
+    anything else keep none: a semaphore that /dev/shm refuses (EACCES) is no write of DST's."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno in ENVIRONMENT_ERRNOS:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def _final(filename, temporaries: dict[Path, Path]) -> Path | None:
+    """The output that an error's `filename` is the temporary of (it is one of `temporaries`, or a file
+    in one: a shard of the temporary folder), else None; None for no filename."""
     if not filename:
-        return True
+        return None
     name = os.fsdecode(filename) if isinstance(filename, (str, bytes)) else str(filename)
-    return name == str(tmp) or name.startswith(str(tmp) + os.sep)
+    for tmp, final in temporaries.items():
+        if name == str(tmp) or name.startswith(str(tmp) + os.sep):
+            return final
+    return None
 
 
 def _alive(pid: int) -> bool:
@@ -387,6 +405,8 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tupl
     }
     source = BetonSource(files, labels, cfg.max_resolution)
     writer = DatasetWriter(str(tmp), fields, page_size=page, num_workers=cfg.workers)
+    for step in ("prepare", "finalize"):  # FFCV's own writes of the .beton in this process (header, tables)
+        setattr(writer, step, writing(tmp)(getattr(writer, step)))
     refused = mp.get_context("fork").Value("i", 0)  # the errno of a write a worker could not make
     try:
         with watched_workers(refused, tmp), recorded_write_errors(refused):
@@ -429,7 +449,8 @@ def convert_ffcv(
     files = [images.files[i] for i in keep]
     labels = [images.labels[i] for i in keep]
     write_beton(tmp, files, labels, [results[i] for i in keep], cfg)
-    write_names(names_tmp, files, images.root)
+    with writing(names_tmp):
+        write_names(names_tmp, files, images.root)
     return len(files), skipped, {"fields": {"image": "RGBImageField", "label": "IntField"}}
 
 
@@ -476,11 +497,11 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
     start = time.perf_counter()
     images = source_images(cfg)
     tmp = temp_path(dst)
-    extra_tmp: list[Path] = []
+    temporaries = {tmp: dst}  # each temporary, and the output it becomes
     try:
         if cfg.format == "ffcv":
             names_tmp = temp_path(names_path(dst))
-            extra_tmp.append(names_tmp)
+            temporaries[names_tmp] = names_path(dst)
             written, skipped, info = convert_ffcv(images, tmp, names_tmp, cfg)
         else:
             from moco_fast.convert_wds import write_shard_set
@@ -500,8 +521,9 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         if cfg.format == "ffcv":
             meta["write_mode"] = cfg.write_mode
             side_tmp = temp_path(sidecar_path(dst))
-            extra_tmp.append(side_tmp)
-            side_tmp.write_text(json.dumps(meta, indent=1))
+            temporaries[side_tmp] = sidecar_path(dst)
+            with writing(side_tmp):
+                side_tmp.write_text(json.dumps(meta, indent=1))
             # An earlier list goes first: killed before the new one is in place, the new .beton has
             # none (the loader then names images by number) rather than one of other files.
             names_path(dst).unlink(missing_ok=True)  # check_destination: an earlier list of convert only
@@ -509,14 +531,17 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
             publish(side_tmp, sidecar_path(dst), cfg.force)  # check_destination: an earlier sidecar only
             publish(names_tmp, names_path(dst), cfg.force)
         else:
-            (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
+            with writing(tmp):
+                (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
             publish(tmp, dst, cfg.force)
     except BaseException as e:
-        for p in (tmp, *extra_tmp):
+        for p in temporaries:
             remove(p)
         refused = None if interruption(e) else os_error_behind(e)
-        if refused is not None and refused.errno in ENVIRONMENT_ERRNOS and _inside(refused.filename, tmp):
-            # a full disk met by a write (a tar member's, an FFCV worker's page): DST is what the user named
-            raise OSError(refused.errno, refused.strerror, str(dst)) from e
+        final = None if refused is None else _final(refused.filename, temporaries)
+        if final is not None and refused.errno in ENVIRONMENT_ERRNOS:
+            # a full disk met by a write (a tar member's, an FFCV worker's page): DST is what the user
+            # named. An error without a path is not DST's unless `writing` gave it DST's temporary.
+            raise OSError(refused.errno, refused.strerror, str(final)) from e
         raise
     return ConvertSummary(dst, written, skipped, size_of(dst), time.perf_counter() - start)

@@ -21,7 +21,7 @@ import random
 import tarfile
 from pathlib import Path
 
-from moco_fast.convert import ConvertConfig, load_resized, parallel_map
+from moco_fast.convert import ConvertConfig, load_resized, parallel_map, writing
 from moco_fast.data import DataError, ImageList
 from moco_fast.loaders.wds import index_text
 
@@ -89,12 +89,13 @@ def write_shard_set(images: ImageList, folder: Path, cfg: ConvertConfig) -> tupl
                 log.warning("skipping %s: %s", images.files[i], result)
                 skipped.append((images.files[i], result))
                 continue
-            if writer is None or writer.count == cfg.shard_size:
-                if writer is not None:
-                    shards.append(writer.close())
-                    sizes.append(writer.count)
-                writer = ShardWriter(folder, len(shards))
-            writer.add(f"{written:08d}", [("jpg", result), ("cls", str(images.labels[i]).encode("ascii"))])
+            with writing(folder):  # a write to a shard raises without a path
+                if writer is None or writer.count == cfg.shard_size:
+                    if writer is not None:
+                        shards.append(writer.close())
+                        sizes.append(writer.count)
+                    writer = ShardWriter(folder, len(shards))
+                writer.add(f"{written:08d}", [("jpg", result), ("cls", str(images.labels[i]).encode("ascii"))])
             written += 1
     except BaseException:
         if writer is not None:  # a full disk: the open shard is closed (its file goes with the folder)
@@ -103,6 +104,7 @@ def write_shard_set(images: ImageList, folder: Path, cfg: ConvertConfig) -> tupl
         raise
     if writer is None:
         raise DataError(f"none of the {len(images)} images in {images.root} could be decoded")
-    shards.append(writer.close())
+    with writing(folder):
+        shards.append(writer.close())
     sizes.append(writer.count)
     return written, skipped, {"shards": shards, "shard_sizes": sizes, "seed": cfg.seed}

@@ -1,6 +1,7 @@
 """`moco-fast convert`: bad files named and skipped, .beton and WebDataset outputs that read back right,
 no overwrite without --force, no half-written output under the final name."""
 
+import errno
 import io
 import json
 import os
@@ -512,3 +513,20 @@ def test_a_write_the_disk_refuses_is_one_line_naming_the_output(fmt, bad_root, t
     assert len(err) == 1 and err[0].endswith(f"moco-fast convert: error: File too large: {dst}"), p.stderr[-2000:]
     assert "Traceback" not in p.stderr and "ResourceWarning" not in p.stderr, p.stderr[-2000:]
     assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
+
+
+def test_an_error_without_a_path_is_not_blamed_on_dst(bad_root, tmp_path, monkeypatch, capsys):
+    # An OSError without a path was reported as DST's whatever raised it. A container whose /dev/shm
+    # may not be written refuses the semaphores of the worker pool (sem_open: EACCES, no path) before
+    # any output is written: that was "Permission denied: DST", for a DST that can be written.
+    import multiprocessing.synchronize
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(multiprocessing.synchronize.SemLock, "__init__", refused)
+    dst = tmp_path / "out"
+    assert main(["convert", str(bad_root), str(dst), "--format", "wds", "--workers", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and err[0].endswith("moco-fast convert: error: Permission denied"), err
+    assert not dst.exists() and no_partials(tmp_path)
