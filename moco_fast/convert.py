@@ -34,6 +34,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -323,15 +324,17 @@ def watched_workers(refused=None, output: Path | None = None) -> Iterator[None]:
             for p in ours():
                 code = p.exitcode
                 if code not in (None, 0):
-                    cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+                    # a signal: the OOM killer's SIGKILL, most likely; an exit status: an error it printed
+                    cause = (
+                        f"signal {signal.Signals(-code).name} (out of memory? try fewer --workers)"
+                        if code < 0
+                        else f"exit status {code} (its error is printed above)"
+                    )
                     err = refused.value if refused is not None and code > 0 else 0
                     died.append(
                         OSError(err, os.strerror(err), str(output))
                         if err
-                        else DataError(
-                            f"an FFCV writer worker (pid {p.pid}) ended with {cause} (out of memory? try fewer "
-                            "--workers); nothing was written"
-                        )
+                        else DataError(f"an FFCV writer worker (pid {p.pid}) ended with {cause}; nothing was written")
                     )
                     # a real signal: it also wakes a main thread blocked in a read (FFCV's queue.get)
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
@@ -364,8 +367,12 @@ def watched_workers(refused=None, output: Path | None = None) -> Iterator[None]:
 def recorded_write_errors(refused) -> Iterator[None]:
     """FFCV's writer workers write the .beton's pages themselves: one whose write met a full disk (a
     quota, a file-size limit) printed its traceback and ended with status 1, which watched_workers
-    could only name as "out of memory?". For the block, their work function records such an error's
-    errno in `refused` (a shared int) and the worker ends quietly with status 1."""
+    could only name as "out of memory?". For the block, their work function records the errno of
+    such an error (ENVIRONMENT_ERRNOS, raised where FFCV's page allocator opens or writes the .beton)
+    in `refused` (a shared int), and the worker ends quietly with status 1. Any other error is not
+    the output's to report (an EIO, a full disk met by something else): the worker prints it and
+    ends, as before."""
+    import ffcv.memory_allocator as allocator
     import ffcv.writer as fw
 
     work = fw.worker_job_indexed_dataset
@@ -374,7 +381,8 @@ def recorded_write_errors(refused) -> Iterator[None]:
         try:
             work(*args)
         except OSError as e:
-            if not e.errno:
+            frames = traceback.walk_tb(e.__traceback__)
+            if e.errno not in ENVIRONMENT_ERRNOS or all(f.f_code.co_filename != allocator.__file__ for f, _ in frames):
                 raise
             refused.value = e.errno
             sys.exit(1)
@@ -539,9 +547,10 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
             remove(p)
         refused = None if interruption(e) else os_error_behind(e)
         final = None if refused is None else _final(refused.filename, temporaries)
-        if final is not None and refused.errno in ENVIRONMENT_ERRNOS:
+        if final is not None and (refused.errno in ENVIRONMENT_ERRNOS or refused is e):
             # a full disk met by a write (a tar member's, an FFCV worker's page): DST is what the user
-            # named. An error without a path is not DST's unless `writing` gave it DST's temporary.
+            # named, and the temporary is gone. An error without a path is not DST's unless `writing`
+            # gave it DST's temporary.
             raise OSError(refused.errno, refused.strerror, str(final)) from e
         raise
     return ConvertSummary(dst, written, skipped, size_of(dst), time.perf_counter() - start)

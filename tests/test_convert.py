@@ -530,3 +530,58 @@ def test_an_error_without_a_path_is_not_blamed_on_dst(bad_root, tmp_path, monkey
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and err[0].endswith("moco-fast convert: error: Permission denied"), err
     assert not dst.exists() and no_partials(tmp_path)
+
+
+FAULTY_WORKER = """
+import errno, os, sys
+from ffcv.memory_allocator import MemoryAllocator
+from moco_fast import convert as conv
+CODE = getattr(errno, sys.argv.pop(1))
+WHERE = sys.argv.pop(1)
+
+class Refusing:  # the .beton as a writer worker holds it open: each page write fails
+    def __init__(self, fp):
+        self.fp = fp
+    def seek(self, *args):
+        return self.fp.seek(*args)
+    def write(self, data):
+        raise OSError(CODE, os.strerror(CODE))
+    def close(self):
+        self.fp.close()
+
+if WHERE == "page":
+    enter = MemoryAllocator.__enter__
+    def refusing(self):
+        enter(self)
+        self.fp = Refusing(self.fp)
+    MemoryAllocator.__enter__ = refusing
+else:  # another call of the worker fails without a path (a warning printed to a stderr on a full disk)
+    get = conv.BetonSource.__getitem__
+    def failing(self, i):
+        if os.getpid() != self.parent:
+            raise OSError(CODE, os.strerror(CODE))
+        return get(self, i)
+    conv.BetonSource.__getitem__ = failing
+sys.exit(__import__("moco_fast.cli").cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code, where", [("ENOSPC", "page"), ("EIO", "page"), ("ENOSPC", "sample")])
+def test_a_writer_workers_error_is_dsts_only_when_the_disk_refused_its_page(code, where, bad_root, tmp_path):
+    # The workers' wrapper recorded every errno as a write of the output's: an EIO came back as an
+    # OSError naming the temporary .beton (removed by then), and a full disk met by anything else in
+    # a worker as "No space left on device: DST". Only what the disk refused a page is DST's now.
+    dst = tmp_path / "out" / "x.beton"
+    argv = [code, where, "convert", str(bad_root), str(dst), "--workers", "2"]
+    p = subprocess.run([sys.executable, "-c", FAULTY_WORKER, *argv], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(err) == 1 and ".partial-" not in err[0], p.stderr[-2000:]
+    if (code, where) == ("ENOSPC", "page"):
+        assert err[0].endswith(f"moco-fast convert: error: No space left on device: {dst}"), err
+        assert "Traceback" not in p.stderr
+    else:  # the worker printed its own error, and the convert names the worker
+        assert "writer worker (pid" in err[0] and "exit status 1 (its error is printed above)" in err[0], err
+        assert f"OSError: [Errno {getattr(errno, code)}]" in p.stderr and str(dst) not in err[0]
+    assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
