@@ -346,7 +346,9 @@ def test_raw_images_that_do_not_fit_their_record_are_replaced(coords_loader, cap
         seen = [i for b in ld for i in b.index.tolist()]
     assert len(seen) == 40 and set(seen) == set(range(3, 40))
     for i, code in enumerate((EMPTY, BAD_MODE, BAD_RAW)):
-        assert f"skipping unreadable image {i} of {ld.path} (class c): {FAILURES[code]}" in caplog.text
+        assert (
+            f"skipping unreadable image {i} of {ld.path} (file c/{i:03d}.png, class c): {FAILURES[code]}" in caplog.text
+        )
 
 
 def test_train_end_to_end_past_corrupt_images(corrupt_beton, tiny_root, tmp_path, caplog):
