@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import logging
@@ -115,7 +116,7 @@ def one_line(e: BaseException) -> str | None:
 
 
 def interruption(e: BaseException | None) -> KeyboardInterrupt | None:
-    """The Ctrl-C (or SIGTERM, see main) behind `e`, also when it struck inside code that raised
+    """The Ctrl-C (or stop signal, see STOP_SIGNALS) behind `e`, also when it struck inside code that raised
     another error on its way out (torch.save's zip writer does: "unexpected pos")."""
     while e is not None:
         if isinstance(e, KeyboardInterrupt):
@@ -147,33 +148,57 @@ def refuse_torchrun(command: str) -> None:
         )
 
 
+# The signals that end a command as SIGTERM does: SIGTERM (timeout, docker stop, a scheduler's
+# kill), SIGHUP (the terminal or ssh session closed), SIGUSR1 and SIGUSR2 (SLURM's --signal warning
+# before a time limit or a preemption). Their default action ends the process at once, leaving
+# temporary files and saying nothing.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, SLURM, docker stop): unwinds like Ctrl-C, so that temporary files go.
+    """A signal of STOP_SIGNALS (`signum`): unwinds like Ctrl-C, so that temporary files go; the
+    command ends with stop_line and exit status 128 + signum.
 
     Only in a process of its own: a torchrun worker keeps the default action, since a Python
     handler waits for the main thread to leave native code (a collective waiting on a dead peer),
-    and torchrun ends its workers with SIGTERM."""
+    and torchrun ends its workers with SIGTERM (or the signal it got)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signal.Signals(signum)
+
+
+def stop_line(stop: KeyboardInterrupt) -> str:
+    """The line a command stopped by `stop` ends with (its exit status: exit_status)."""
+    if not isinstance(stop, Terminated):
+        return "interrupted"
+    return "terminated" if stop.signum == signal.SIGTERM else f"stopped by {stop.signum.name}"
+
+
+def exit_status(stop: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended: 130 for Ctrl-C."""
+    return 128 + (stop.signum if isinstance(stop, Terminated) else signal.SIGINT)
 
 
 _MAIN_PID = os.getpid()
 
 
-def _on_sigterm(signum, frame):
+def _on_stop_signal(signum, frame):
     if os.getpid() != _MAIN_PID:  # a forked worker inherited this handler: die as before
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
         return
-    # SIGTERM to the process group (SLURM, docker stop) ends the DataLoader workers too; torch's SIGCHLD
+    # A signal to the process group (SLURM, docker stop) ends the DataLoader workers too; torch's SIGCHLD
     # handler would then raise "worker killed by signal" wherever the unwinding is, even at exit (a
     # traceback after "terminated"). Their deaths are expected now: a handler that does nothing (not
     # SIG_DFL, which turns a SIGCHLD already pending into "OSError: Signal 17 ignored due to race
     # condition"; not SIG_IGN, which reaps the children before multiprocessing can join them).
     signal.signal(signal.SIGCHLD, _children_end)
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def _children_end(signum, frame):
-    """SIGCHLD after SIGTERM: the workers' ends are expected (see _on_sigterm)."""
+    """SIGCHLD after a stop signal: the workers' ends are expected (see _on_stop_signal)."""
 
 
 # What a command imports before it runs: torch (2 s) and torchvision (1.5 s, whose C++ ops load the
@@ -183,12 +208,13 @@ HELD_IMPORTS = ("torch", "torchvision")
 
 
 def _import_holding_signals(modules: tuple[str, ...]) -> None:
-    """Imports what a command imports (HELD_IMPORTS, or its own `held_imports`) with Ctrl-C and SIGTERM held until it is in,
-    then acts on them: one that lands in the C++ side of the import (a pybind11 callback) aborted
-    the process (SIGABRT, "terminate called after throwing ... KeyboardInterrupt")."""
+    """Imports what a command imports (HELD_IMPORTS, or its own `held_imports`) with Ctrl-C and the
+    STOP_SIGNALS held until it is in, then acts on them: one that lands in the C++ side of the
+    import (a pybind11 callback) aborted the process (SIGABRT, "terminate called after throwing ...
+    KeyboardInterrupt")."""
     held: list[int] = []
     previous = {
-        sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)
+        sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in (signal.SIGINT, *STOP_SIGNALS)
     }
     try:
         for name in modules:
@@ -215,13 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("moco_fast").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     warnings.filterwarnings("default", module="moco_fast")
     global _MAIN_PID
-    previous = None
+    previous = {}
     worker = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if threading.current_thread() is threading.main_thread() and not worker:
         _MAIN_PID = os.getpid()
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-        if previous is None:  # set outside Python: the default is the nearest we can put back
-            previous = signal.SIG_DFL
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # `nohup` ignores SIGHUP: the command goes on
+                continue
+            handler = signal.signal(sig, _on_stop_signal)
+            previous[sig] = signal.SIG_DFL if handler is None else handler  # None: set outside Python
     try:
         if threading.current_thread() is threading.main_thread():
             _import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
@@ -238,12 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         stop = interruption(e)
         if stop is None:
             raise
-        terminated = isinstance(stop, Terminated)
-        say("terminated" if terminated else "interrupted")
-        return 143 if terminated else 130
+        with contextlib.suppress(OSError):  # stderr on a terminal that SIGHUP says is gone: EIO
+            say(stop_line(stop))
+        return exit_status(stop)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -438,7 +438,9 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_
         raise AssertionError("SIGTERM did not stop the command")
 
     argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
-    before = signal.getsignal(signal.SIGTERM)
+    from moco_fast.cli import STOP_SIGNALS
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     # Python's own Ctrl-C handler, as in a terminal: a job started in the background by a shell
     # without job control (`make test &`) inherits SIGINT ignored, and the command rightly keeps it so
     request.addfinalizer(partial(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)))
@@ -477,15 +479,71 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_
         for run in (lambda args: (_ for _ in ()).throw(KeyboardInterrupt), torch_cut_short):
             m.setattr(export, "run", run)
             assert main(argv) == 130 and capsys.readouterr().err.strip() == "interrupted"
-    assert signal.getsignal(signal.SIGTERM) == before  # main put the process's handler back
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before  # main put the process's handlers back
     # a torchrun worker keeps the default action: a Python handler would wait for a blocked collective
     # (train: the one command that runs under torchrun)
     import moco_fast.commands.train as train
 
     seen = []
-    monkeypatch.setattr(train, "run", lambda args: seen.append(signal.getsignal(signal.SIGTERM)))
+    monkeypatch.setattr(train, "run", lambda args: seen.append({s: signal.getsignal(s) for s in STOP_SIGNALS}))
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train"]) == 0 and seen == [before]
+
+
+STOPPED_IN_A_SAVE = """
+import json, os, pathlib, signal, sys, torch
+from moco_fast import trainer
+from moco_fast.cli import main
+
+argv, out = json.loads(sys.argv[1]), pathlib.Path(sys.argv[2])
+real_save, sig, before = torch.save, None, (out / "checkpoint.pt").read_bytes()
+
+def save_then_signal(obj, fh, *a, **k):  # the signal lands inside a checkpoint's write
+    fh.write(b"half a checkpoint")
+    os.kill(os.getpid(), sig)
+    fh.seek(0)  # ignored: the save goes on
+    fh.truncate()
+    real_save(obj, fh, *a, **k)
+
+torch.save = save_then_signal
+# the epoch's steps are not what is tested (and take seconds each on a loaded machine)
+trainer._run_epoch = lambda step, loader, cfg, epoch, lr, *rest: ({"epoch": epoch + 1, "loss": 1.0, "lr": lr, "img_per_s": 1.0}, torch.ones(()))
+done = {}
+for name in sys.argv[3:]:
+    sig = getattr(signal, name)
+    done[name] = main([*argv, "--resume", "--epochs", "2"])
+    done[name + " handler put back"] = signal.getsignal(sig) == signal.SIG_DFL
+done["checkpoint kept"] = (out / "checkpoint.pt").read_bytes() == before
+done["temporaries"] = [p.name for p in out.glob(".*.tmp")]
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup` starts it: the run goes on
+sig = signal.SIGHUP
+done["nohup"] = main([*argv, "--resume", "--epochs", "2"])
+print(json.dumps(done))
+"""
+
+
+def test_hup_usr1_and_usr2_end_a_run_as_sigterm_does(run, tiny_root):
+    # SIGHUP (the terminal or ssh session closed), SIGUSR1/SIGUSR2 (SLURM's --signal warning before a
+    # time limit) ended the run at once: the checkpoint's temporary stayed, and nothing was said. Each
+    # lands inside the save of epoch 2: one line, 128 + the signal, no temporary, epoch 1's checkpoint.
+    import signal
+    import subprocess
+
+    names = ["SIGHUP", "SIGUSR1", "SIGUSR2"]
+    argv = [json.dumps(tiny_args(tiny_root, run)), str(run), *names]
+    done = subprocess.run([sys.executable, "-c", STOPPED_IN_A_SAVE, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got == {
+        **{n: 128 + getattr(signal, n) for n in names},
+        **{f"{n} handler put back": True for n in names},
+        "checkpoint kept": True,
+        "temporaries": [],
+        "nohup": 0,  # a SIGHUP that was ignored stays ignored
+    }
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("stopped", "Traceback"))]
+    assert lines == [f"stopped by {n}" for n in names], done.stderr[-2000:]
+    assert ckpt.load(run / "checkpoint.pt")["epoch"] == 2
 
 
 def test_each_command_holds_ctrl_c_over_the_imports_it_makes(tmp_path):
@@ -615,7 +673,7 @@ def torch_like(signum, frame):
     raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
 
 signal.signal(signal.SIGCHLD, torch_like)
-signal.signal(signal.SIGTERM, cli._on_sigterm)
+signal.signal(signal.SIGTERM, cli._on_stop_signal)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
 pid = os.fork()
 if pid == 0:
