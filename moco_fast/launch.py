@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from moco_fast.cli import UserError, say
+from moco_fast.cli import STOP_SIGNALS, Terminated, UserError, say
 from moco_fast.config import ConfigError, TrainConfig
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -168,6 +168,10 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
     quiet = _QuietOnUserErrors(reports)
     for name in FAILURE_LOGGERS:
         logging.getLogger(name).addFilter(quiet)
+    # The launcher turns these into its SignalException and ends the workers with the same signal; by
+    # default not SIGUSR1 and SIGUSR2 (SLURM's warning before a time limit), which would end it at
+    # once and leave the workers running. One that is ignored (SIGHUP under `nohup`) stays ignored.
+    handled = [s for s in (signal.SIGINT, signal.SIGQUIT, *STOP_SIGNALS) if signal.getsignal(s) is not signal.SIG_IGN]
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -178,6 +182,7 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
         max_restarts=0,  # a failed step is not retried on its own: the user decides (--resume)
         monitor_interval=0.1,
         start_method="spawn",  # CUDA cannot be forked
+        signals_to_handle=",".join(s.name for s in handled),
     )
     # As torchrun: with several workers on a machine, one OpenMP thread each unless the user says
     # otherwise. Each worker's CPU ops (and its data loading) would start a thread per core, and the
@@ -190,9 +195,9 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
             *(omp, nprocs),
         )
         os.environ["OMP_NUM_THREADS"] = omp  # the agent passes it to the workers
-    # The launcher installs its own handlers for these and turns them into SignalException: put
-    # ours back afterwards, and let SIGTERM / SIGINT end the command as they do without --gpus.
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    # The launcher installs its own handlers for those: put ours back afterwards, and let each signal
+    # end the command as it does without --gpus.
+    handlers = {s: signal.getsignal(s) for s in handled}
     try:
         results = elastic_launch(config, _recorded)(fn, reports, *args)
     except ChildFailedError as e:
@@ -201,9 +206,7 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
             raise WorkerUserError(user_error_text(said)) from None
         raise WorkerFailed(describe_failure(e)) from None
     except SignalException as e:
-        from moco_fast.cli import Terminated
-
-        raise (Terminated() if e.sigval == signal.SIGTERM else KeyboardInterrupt()) from None
+        raise (KeyboardInterrupt() if e.sigval == signal.SIGINT else Terminated(e.sigval)) from None
     finally:
         for s, h in handlers.items():
             if h is not None:

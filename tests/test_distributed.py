@@ -683,41 +683,83 @@ def test_gpus_workers_get_one_omp_thread_each_as_under_torchrun(monkeypatch, cap
 
 
 def _sleeping_worker(marker: str) -> None:
-    Path(f"{marker}.{os.environ['RANK']}").touch()  # started: the launcher's handlers are in place
-    time.sleep(60)
-
-
-@pytest.mark.slow
-def test_sigterm_to_the_launcher_ends_it_as_without_gpus(tmp_path):
-    # `--gpus N` runs under PyTorch's launcher, which turns SIGTERM into its SignalException (a
-    # traceback from main) and leaves its own handlers behind; run_workers makes it the CLI's
-    # Terminated (exit 143) and puts the process's handlers back.
     import signal
+
+    def got(signum, frame):  # the signal the launcher ended this worker with
+        Path(f"{marker}.{os.environ['RANK']}.got").write_text(signal.Signals(signum).name)
+        os._exit(1)
+
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, got)
+    Path(f"{marker}.{os.environ['RANK']}").touch()  # started: the launcher's handlers are in place
+    for _ in range(600):
+        if Path(f"{marker}.go").exists():  # told to finish
+            return
+        time.sleep(0.1)
+
+
+def _signal_when_started(marker: str, sig: int, then=None) -> None:
     import threading
 
-    from moco_fast.cli import Terminated
-
-    def fallback(signum, frame):  # in place of pytest's default, should the signal come early
-        raise Terminated()
-
-    marker = str(tmp_path / "started")
-
-    def stop_when_started():
+    def send():
         for _ in range(600):
             if all(Path(f"{marker}.{r}").exists() for r in range(2)):
                 break
             time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
+        if then is not None:
+            time.sleep(0.5)  # time for the signal to be handled, or ignored
+            then()
 
-    old = signal.signal(signal.SIGTERM, fallback)
+    threading.Thread(target=send, daemon=True).start()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGUSR1"])
+def test_a_stop_signal_to_the_launcher_ends_it_as_without_gpus(name, tmp_path):
+    # `--gpus N` runs under PyTorch's launcher, which turns SIGTERM and SIGHUP into its SignalException
+    # (a traceback from main) and leaves its own handlers behind; run_workers makes it the CLI's
+    # Terminated (exit 128 + the signal) and puts the process's handlers back. SIGHUP was "interrupted"
+    # (130); SIGUSR1 and SIGUSR2 (SLURM's warning), which it left alone, reach the workers as they are.
+    import signal
+
+    from moco_fast.cli import STOP_SIGNALS, Terminated, _on_stop_signal
+
+    sig, marker = getattr(signal, name), str(tmp_path / "started")
+    old = signal.signal(sig, _on_stop_signal)  # the CLI's, should the signal come before the launcher's
     try:
-        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        threading.Thread(target=stop_when_started, daemon=True).start()
-        with pytest.raises(Terminated):
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, *STOP_SIGNALS)}
+        _signal_when_started(marker, sig)
+        stop = None
+        try:
             run_workers(_sleeping_worker, (marker,), 2)
-        assert {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} == before
+        except KeyboardInterrupt as e:  # a plain one would end the pytest session
+            stop = e
+        assert isinstance(stop, Terminated) and stop.signum == sig, repr(stop)
+        assert {s: signal.getsignal(s) for s in (signal.SIGINT, *STOP_SIGNALS)} == before
+        assert [Path(f"{marker}.{r}.got").read_text() for r in range(2)] == [name, name]
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(sig, old)
+
+
+@pytest.mark.slow
+def test_a_launcher_started_by_nohup_keeps_sighup_ignored(tmp_path):
+    # PyTorch's launcher handles SIGHUP whatever it was: `nohup moco-fast train --gpus 8` stopped when
+    # its terminal closed
+    import signal
+
+    marker = str(tmp_path / "started")
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        _signal_when_started(marker, signal.SIGHUP, then=Path(f"{marker}.go").touch)
+        try:
+            assert run_workers(_sleeping_worker, (marker,), 2) == [None, None]
+        except KeyboardInterrupt as e:  # as is, it would end the pytest session
+            pytest.fail(f"the SIGHUP that nohup ignores stopped the launcher: {e!r}")
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old)
 
 
 # -- GPU: NCCL and the cost of the distributed path -----------------------------------------------
