@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from moco_fast.cli import ENVIRONMENT_ERRNOS, interruption, os_error_behind
+from moco_fast.cli import ENVIRONMENT_ERRNOS, STOP_SIGNALS, interruption, os_error_behind
 from moco_fast.config import ConfigError
 from moco_fast.convert_dst import NAMES_HEADER, check_destination, names_path, sidecar_path
 from moco_fast.data import DataError, ImageList, find_classes, list_images, resolve_root, split_dirs, to_rgb
@@ -341,14 +341,24 @@ def watched_workers(refused=None, output: Path | None = None) -> Iterator[None]:
                     return
 
     def on_usr1(signum, frame):
-        if stop.is_set():  # the block has ended already: its own outcome stands
+        if died and os.getpid() == parent:  # the watch's wake-up
+            if not stop.is_set():  # else the block has ended already: its own outcome stands
+                raise died[0]
             return
-        raise died[0] if died else DataError("stopped by SIGUSR1")
+        # Not the watch's: a SIGUSR1 from outside (SLURM's warning before a time limit), also one that
+        # a forked worker got. It does what it does without the watch (the CLI: ends the command).
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise DataError("stopped by SIGUSR1")  # not the default's sudden end: the temporaries go
 
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGUSR1, on_usr1) if main else None
+    parent = os.getpid()
+    previous = signal.getsignal(signal.SIGUSR1)  # before on_usr1 is in place: it reads it
+    previous = signal.SIG_DFL if previous is None else previous  # None: set outside Python
     watcher = threading.Thread(target=watch, daemon=True, name="ffcv-writer-watch")
     if main:
+        signal.signal(signal.SIGUSR1, on_usr1)
         watcher.start()
     try:
         yield
@@ -394,6 +404,20 @@ def recorded_write_errors(refused) -> Iterator[None]:
         fw.worker_job_indexed_dataset = work
 
 
+def start_resource_tracker() -> None:
+    """Starts multiprocessing's resource tracker, the process that unlinks shared memory left behind
+    (FFCV's writer makes some), with the STOP_SIGNALS blocked: it ignores SIGINT and SIGTERM itself,
+    but a SIGHUP or SIGUSR1 to the process group (a closed terminal, SLURM) ended it, and the one
+    started in its place printed a KeyError traceback for memory it had not seen registered."""
+    from multiprocessing import resource_tracker
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the tracker inherits the mask
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one that came meanwhile is acted on now
+
+
 def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tuple[int, int]], cfg: ConvertConfig):
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -412,6 +436,7 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tupl
         "label": IntField(),
     }
     source = BetonSource(files, labels, cfg.max_resolution)
+    start_resource_tracker()
     writer = DatasetWriter(str(tmp), fields, page_size=page, num_workers=cfg.workers)
     for step in ("prepare", "finalize"):  # FFCV's own writes of the .beton in this process (header, tables)
         setattr(writer, step, writing(tmp)(getattr(writer, step)))

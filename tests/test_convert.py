@@ -473,6 +473,47 @@ def test_a_writer_worker_that_dies_ends_the_convert_instead_of_hanging(script, b
     assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
 
 
+SIGUSR1_FROM_OUTSIDE = """
+import os, signal, sys, time
+from moco_fast import convert as conv
+real = conv.BetonSource.__getitem__
+def signals(self, i):
+    if os.getpid() != self.parent and i == 3:
+        if sys.argv[1] == "group":
+            os.killpg(0, signal.SIGUSR1)  # as SLURM's --signal: the writer workers get it too
+        else:
+            os.kill(self.parent, signal.SIGUSR1)
+        time.sleep(5)
+    return real(self, i)
+conv.BetonSource.__getitem__ = signals
+sys.exit(__import__("moco_fast.cli").cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["parent", "group"])
+def test_a_sigusr1_from_outside_ends_an_ffcv_convert_as_sigterm_does(to, bad_root, tmp_path):
+    # The writer's watch wakes the main thread with SIGUSR1 when a worker dies (see the test above); a
+    # SIGUSR1 from outside (SLURM's warning before a time limit) is not a worker's death: it ends the
+    # convert as SIGTERM does, not as an error ("moco-fast convert: error: stopped by SIGUSR1", exit 2)
+    import signal
+
+    dst = tmp_path / "out" / "x.beton"
+    argv = [to, "convert", str(bad_root), str(dst), "--workers", "2"]
+    p = subprocess.run(
+        [sys.executable, "-c", SIGUSR1_FROM_OUTSIDE, *argv],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        start_new_session=True,  # its own process group
+    )
+    assert p.returncode == 128 + signal.SIGUSR1, p.stderr[-2000:]
+    said = [line for line in p.stderr.splitlines() if "SIGUSR1" in line]
+    assert len(said) == 1 and said[0].endswith("stopped by SIGUSR1"), p.stderr[-2000:]  # after FFCV's bar
+    assert "Traceback" not in p.stderr and "leaked shared_memory" not in p.stderr
+    assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
+
+
 def test_an_output_moved_aside_by_a_killed_convert_is_put_back(bad_root, tmp_path):
     # killed between moving the old output aside and publishing the new one: the old one is the only
     # copy there is, and the next convert puts it back rather than deleting it
