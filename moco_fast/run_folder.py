@@ -18,6 +18,7 @@ from pathlib import Path
 
 from moco_fast import checkpoint as ckpt
 from moco_fast.config import ConfigError, TrainConfig, read_json_object
+from moco_fast.data import DataError
 from moco_fast.metrics import METRICS_NAME, SUMMARY_NAME, read_rows
 
 log = logging.getLogger("moco_fast")
@@ -76,6 +77,31 @@ def check_output(cfg: TrainConfig) -> Path | None:
             "and logs are deleted), or choose another --out"
         )
     return resume_path
+
+
+def check_writable(cfg: TrainConfig, resume_path: Path | None) -> None:
+    """ConfigError naming --out and the cause when the run may not write there (mode bits, a
+    read-only mount): said before the data is read, not at the run's first file after the data scan
+    and the model build. A run that resumes its own finished checkpoint writes nothing, and may.
+    Call it where the run writes (rank 0), once the folder exists (hold_run_folder)."""
+    from moco_fast.commands import write_refused
+
+    out = Path(cfg.runtime.out)
+    if continues_in(out, resume_path) and _epochs_done(resume_path) >= cfg.optim.epochs:
+        return
+    why = write_refused(out)
+    if why is not None:
+        raise ConfigError(f"--out {out}: cannot write in {out} ({why})")
+
+
+def _epochs_done(path: Path) -> int:
+    """The epochs the checkpoint at `path` holds (0 where it cannot be read: resume says why later)."""
+    try:
+        state = ckpt.load(path, map_location="cpu", mmap=True)  # its tensors unread
+    except (FileNotFoundError, DataError):
+        return 0
+    epoch = state.get("epoch")
+    return epoch if isinstance(epoch, int) else 0
 
 
 def check_run_folder(out: Path) -> None:

@@ -33,6 +33,7 @@ from moco_fast.resume import bn_splits_fix, queue_fix, resume, saved_world_size
 from moco_fast.run_folder import (
     CONFIG_NAME,
     check_output,
+    check_writable,
     clear_run,
     continues_in,
     ensure_not_busy,
@@ -208,6 +209,8 @@ def _train_held(
 ) -> dict[str, Any]:
     """train() while this process holds the run folder (rank 0)."""
     resume_path = check_output(cfg)
+    if dist_utils.is_main():
+        check_writable(cfg, resume_path)
     ckpt.seed_everything(cfg.runtime.seed + rank)
 
     if cfg.data.loader == "synthetic" and cfg.data.data is not None:

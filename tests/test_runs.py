@@ -862,3 +862,61 @@ def test_tensorboard_logs_on_a_full_disk_are_named(tiny_root, tmp_path, monkeypa
     monkeypatch.setattr(ckpt, "save_atomic", save_fails)
     with pytest.raises(Boom, match="the first error"):
         main(tiny_args(tiny_root, tmp_path / "second"))
+
+
+def read_only_prefix(folders: list) -> list[str]:
+    """A command prefix under which `folders` (and what they hold) may not be written: mode 555 where
+    that binds (not for root, who writes anyway), else read-only bind mounts in a mount namespace of
+    the command's own. Skips where neither is possible."""
+    import subprocess
+
+    for f in folders:
+        f.chmod(0o555)
+    if not any(os.access(f, os.W_OK) for f in folders):
+        return []
+    for f in folders:
+        f.chmod(0o755)
+    mounts = " && ".join(f"mount --bind -o ro '{f}' '{f}'" for f in folders)
+    prefix = ["unshare", "-m", "sh", "-c", f'{mounts} && exec "$@"', "sh"]
+    if shutil.which("unshare") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("root here, and no read-only mount can be made (unshare -m, mount --bind -o ro)")
+    return prefix
+
+
+@pytest.mark.slow
+def test_an_out_that_may_not_be_written_is_one_line_before_the_data_is_read(tiny_root, trained, tmp_path):
+    # A read-only folder (mode 555, a read-only mount) failed only at the TensorBoard log, after the
+    # data scan and the model build, and a --resume there with a traceback from the event-file thread
+    import subprocess
+
+    ro, fin, empty = tmp_path / "ro", tmp_path / "ro" / "fin", tmp_path / "ro" / "empty"
+    shutil.copytree(trained, fin)
+    empty.mkdir()
+    before = (fin / "checkpoint.pt").read_bytes()
+    prefix = read_only_prefix([ro, fin, empty])
+    resume = ["train", "--resume", "--out", str(fin), "--device", "cpu", "--workers", "0"]
+
+    def train(argv):
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "moco_fast", *argv], capture_output=True, text=True, timeout=300
+        )
+        return done.returncode, done.stderr.strip().splitlines()
+
+    try:
+        for argv, out in ((tiny_args(tiny_root, empty), empty), ([*resume, "--epochs", "2"], fin)):
+            rc, err = train(argv)
+            assert rc == 2 and len(err) == 1, err  # no "data: ..." line: nothing was read
+            assert err[0] in (
+                f"moco-fast train: error: --out {out}: cannot write in {out} ({why})"
+                for why in ("Permission denied", "Read-only file system")
+            ), err
+        # a folder to be made in one that may not be written: mkdir's error, as early
+        rc, err = train(tiny_args(tiny_root, ro / "new"))
+        assert rc == 2 and len(err) == 1 and err[0].endswith(f": {ro / 'new'}"), err
+        # a finished run writes nothing: --resume there still says so
+        rc, err = train(resume)
+        assert rc == 0, err
+    finally:
+        for f in (ro, fin, empty):
+            f.chmod(0o755)
+    assert (fin / "checkpoint.pt").read_bytes() == before and sorted(p.name for p in empty.iterdir()) == []

@@ -210,12 +210,21 @@ def check_writable_beside(p: Path, flag: str) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # the nearest existing ancestor: the one that must take the new folders
     require(folder.is_dir(), f"{flag} {p}: {folder} is not a folder")
+    why = write_refused(folder)
+    require(why is None, f"{flag} {p}: cannot write in {folder} ({why})")
+
+
+def write_refused(folder: Path) -> str | None:
+    """Why no new file can be made in `folder` ("Permission denied", "Read-only file system"), or
+    None. It tries, so mode bits, ACLs, a read-only mount and root's rights all count as they will
+    for the real file. Writes nothing that stays."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".moco-fast-write-check.", dir=folder)
     except OSError as e:
-        raise ConfigError(f"{flag} {p}: cannot write in {folder} ({e.strerror or e})") from None
+        return e.strerror or str(e)
     os.close(fd)
     os.unlink(probe)
+    return None
 
 
 def accuracy_text(res: dict) -> str:
