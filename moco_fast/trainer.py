@@ -22,7 +22,7 @@ from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.agreement import HeldWarnings, agree
 from moco_fast.cli import interruption
-from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
+from moco_fast.config import PRESETS, ConfigError, OptimConfig, TrainConfig, save_json, to_dict
 from moco_fast.data import DataError
 from moco_fast.join import init_from_env
 from moco_fast.loaders import LoaderArgs, create_loader
@@ -302,7 +302,7 @@ def _train_held(
             set_lr(optimizer, lr)
             loader.set_epoch(epoch)
             row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world)
-            check_finite(model, mean_loss, epoch + 1, amp_dtype)
+            check_finite(model, mean_loss, epoch + 1, amp_dtype, cfg)
             if splits is not None and cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0:
                 if dist_utils.is_main():  # kNN on rank 0 alone; the others wait at the barrier
                     row["knn_top1"] = knn_top1(model.backbone(), splits, cfg, device)
@@ -398,11 +398,27 @@ class Diverged(RuntimeError):
     """The weights became NaN or infinite: the run stops and keeps its last good checkpoint."""
 
 
-def check_finite(model: torch.nn.Module, loss: torch.Tensor, epoch: int, amp_dtype: torch.dtype | None) -> None:
+def divergence_fix(cfg: TrainConfig) -> str:
+    """The advice of a divergence: the flags whose values stand far out, each with its value (a
+    temperature under 0.01, where the logits l / T overflow; an lr over 10x its preset's), or
+    "lower --lr" where none does."""
+    fixes = []
+    if cfg.moco.t < 0.01:  # v1 0.07, v2 0.2, cifar 0.1
+        fixes.append(f"raise --moco-t {cfg.moco.t:g} (usually 0.05-0.2)")
+    preset_lr = PRESETS[cfg.preset].get("optim.lr", OptimConfig.lr)
+    if cfg.optim.lr > 10 * preset_lr:
+        fixes.append(f"lower --lr {cfg.optim.lr:g} (the {cfg.preset} preset's is {preset_lr:g})")
+    return " and ".join(fixes) or "lower --lr"
+
+
+def check_finite(
+    model: torch.nn.Module, loss: torch.Tensor, epoch: int, amp_dtype: torch.dtype | None, cfg: TrainConfig
+) -> None:
     """Once per epoch (one host sync): non-finite weights, BN statistics or queue stop the run
     before they are saved over the last good checkpoint (an fp16 forward that overflows poisons BN's
     running statistics for good even though the scaler skips its step); a non-finite epoch loss with
-    a finite state is a warning (the fp16 scaler skipped those steps, and training goes on)."""
+    a finite state is a warning (the fp16 scaler skipped those steps, and training goes on). The
+    message advises what `cfg` makes likely (divergence_fix)."""
     state = {k: v for k, v in model.state_dict().items() if v.is_floating_point() and v.numel()}
     finite = torch.stack([torch.isfinite(v).all() for v in state.values()])
     if not bool(finite.all()):
@@ -411,7 +427,7 @@ def check_finite(model: torch.nn.Module, loss: torch.Tensor, epoch: int, amp_dty
         raise Diverged(
             f"the run diverged in epoch {epoch}: {len(bad)} tensors of the model hold NaN or inf "
             f"(first: {bad[0]}); {'the last checkpoint is kept' if epoch > 1 else 'nothing was saved'}: "
-            f"lower --lr{amp}"
+            f"{divergence_fix(cfg)}{amp}"
         )
     if not math.isfinite(loss.item()):
         log.warning(

@@ -363,16 +363,18 @@ def test_a_folder_whose_config_json_is_not_a_runs_is_left_alone(tiny_root, tmp_p
 
 
 def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
+    from moco_fast.config import build_config
     from moco_fast.trainer import Diverged, check_finite
 
+    check = partial(check_finite, cfg=build_config("v2"))  # T 0.2, lr 0.03: nothing stands out
     net = torch.nn.Linear(2, 2)
     with caplog.at_level("WARNING", logger="moco_fast"):
-        check_finite(net, torch.tensor(float("inf")), 3, torch.float16)
+        check(net, torch.tensor(float("inf")), 3, torch.float16)
     assert "epoch 3: the mean loss is inf" in caplog.text and "skipped" in caplog.text
     with torch.no_grad():
         net.bias[1] = float("nan")
     with pytest.raises(Diverged, match="1 tensors of the model hold NaN or inf \\(first: bias\\)") as e:
-        check_finite(net, torch.tensor(1.0), 3, None)
+        check(net, torch.tensor(1.0), 3, None)
     assert str(e.value).endswith("lower --lr")  # fp32: no --amp to change
     # the advice names another --amp than the run's
     for dtype, says in (
@@ -380,13 +382,13 @@ def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
         (torch.bfloat16, "lower --lr, or use --amp off"),
     ):
         with pytest.raises(Diverged) as e:
-            check_finite(net, torch.tensor(1.0), 3, dtype)
+            check(net, torch.tensor(1.0), 3, dtype)
         assert str(e.value).endswith(says)
     # BN statistics too: an fp16 forward that overflows poisons them although the scaler skips its step
     bn = torch.nn.BatchNorm1d(2)
     bn.running_var[0] = float("inf")
     with pytest.raises(Diverged, match="first: running_var"):
-        check_finite(bn, torch.tensor(1.0), 3, torch.float16)
+        check(bn, torch.tensor(1.0), 3, torch.float16)
 
 
 def test_a_second_train_into_a_busy_folder_fails_at_once(tiny_root, tmp_path, capsys):
@@ -920,3 +922,35 @@ def test_an_out_that_may_not_be_written_is_one_line_before_the_data_is_read(tiny
         for f in (ro, fin, empty):
             f.chmod(0o755)
     assert (fin / "checkpoint.pt").read_bytes() == before and sorted(p.name for p in empty.iterdir()) == []
+
+
+def synthetic_args(out, *flags):
+    return [
+        "train", "--loader", "synthetic", "--synthetic-steps", "1", "--arch", "resnet18", "--image-size", "16",
+        "--batch-size", "8", "--bn-splits", "2", "--moco-k", "16", "--epochs", "1", "--device", "cpu",
+        "--out", str(out), "--no-final-knn", *flags,
+    ]  # fmt: skip
+
+
+def test_the_divergence_advice_names_the_flag_that_stands_out(tmp_path, capsys):
+    # --moco-t 1e-40 overflows the logits (l / T): the run diverged, and the message said "lower --lr"
+    from moco_fast.config import build_config
+    from moco_fast.trainer import Diverged, check_finite
+
+    assert main(synthetic_args(tmp_path / "run", "--moco-t", "1e-40")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "diverged in epoch 1" in err[-1] and err[-1].endswith(
+        "nothing was saved: raise --moco-t 1e-40 (usually 0.05-0.2)"
+    ), err
+    # each flag that stands far out is named with its value, before the --amp advice; "lower --lr" else
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.bias[1] = float("nan")
+    for overrides, says in (
+        ({"optim.lr": 0.2, "moco.t": 0.05}, "lower --lr, or use --amp off"),  # high and low, not far out
+        ({"optim.lr": 1.0}, "lower --lr 1 (the cifar preset's is 0.03), or use --amp off"),
+        ({"optim.lr": 1.0, "moco.t": 1e-3}, "raise --moco-t 0.001 (usually 0.05-0.2) and lower --lr 1 (the cifar preset's is 0.03), or use --amp off"),
+    ):  # fmt: skip
+        with pytest.raises(Diverged) as e:
+            check_finite(net, torch.tensor(1.0), 3, torch.bfloat16, build_config("cifar", overrides))
+        assert str(e.value).endswith(says), overrides
