@@ -255,12 +255,16 @@ def continues_in(out: Path, resume_path: Path | None) -> bool:
 
 
 def clear_run(out: str | Path) -> None:
-    """Start over in an old run's folder (`train --force`): its checkpoint, rows, summary and
-    TensorBoard logs go, so that nothing of the old run mixes with the new one."""
+    """Start over in an old run's folder (`train --force`, a --resume restart): its rows, summary,
+    evaluations, TensorBoard logs and checkpoint go, so that nothing of the old run mixes with the new
+    one. A kill at any point leaves a folder that --resume continues: the checkpoint goes last (rows
+    past epoch 1 without it would be refused), and config.json stays until the new run writes its
+    own over it (atomically)."""
     out = Path(out)
-    for name in (ckpt.CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, CONFIG_NAME, *RUN_RESULTS):
+    for name in (METRICS_NAME, SUMMARY_NAME, *RUN_RESULTS):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "tb", ignore_errors=True)
+    (out / ckpt.CHECKPOINT_NAME).unlink(missing_ok=True)
 
 
 def made_from_now(out: Path) -> Callable[[], list[Path]]:

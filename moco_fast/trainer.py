@@ -283,7 +283,7 @@ def _train_held(
     made = made_from_now(out)
     if dist_utils.is_main() and not continues_in(out, resume_path):
         if cfg.runtime.force or starts_over(cfg, resume_path):
-            clear_run(out)
+            clear_run(out)  # all but config.json: a kill from here to its save leaves a run to --resume
     if dist_utils.is_main() and not finished:
         remove_stale_temporaries(out)
     writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed))
