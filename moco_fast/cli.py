@@ -56,8 +56,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that end a command with one line and exit status 2 (evaluated only when one is raised)."""
     from moco_fast.config import ConfigError
     from moco_fast.data import DataError
+    from moco_fast.divergence import Diverged
     from moco_fast.run_folder import RunFolderBusy
-    from moco_fast.trainer import Diverged
 
     return (
         UserError,

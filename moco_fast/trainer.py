@@ -22,8 +22,9 @@ from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.agreement import HeldWarnings, agree
 from moco_fast.cli import interruption
-from moco_fast.config import PRESETS, ConfigError, OptimConfig, TrainConfig, save_json, to_dict
+from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
 from moco_fast.data import DataError
+from moco_fast.divergence import check_finite
 from moco_fast.join import init_from_env
 from moco_fast.loaders import LoaderArgs, create_loader
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, progress, read_rows
@@ -392,47 +393,3 @@ def _final_evaluation(
     f = knn_figures(model, splits, cfg, device, backbone_top1=row.get("knn_top1"))
     row = {**row, "final_knn_top1": f.pop("knn_top1"), "final_knn_head_top1": f.pop("knn_head_top1")}
     return {**row, **f}  # and random_knn_top1 with --knn-baseline
-
-
-class Diverged(RuntimeError):
-    """The weights became NaN or infinite: the run stops and keeps its last good checkpoint."""
-
-
-def divergence_fix(cfg: TrainConfig) -> str:
-    """The advice of a divergence: the flags whose values stand far out, each with its value (a
-    temperature under 0.01, where the logits l / T overflow; an lr over 10x its preset's), or
-    "lower --lr" where none does."""
-    fixes = []
-    if cfg.moco.t < 0.01:  # v1 0.07, v2 0.2, cifar 0.1
-        fixes.append(f"raise --moco-t {cfg.moco.t:g} (usually 0.05-0.2)")
-    preset_lr = PRESETS[cfg.preset].get("optim.lr", OptimConfig.lr)
-    if cfg.optim.lr > 10 * preset_lr:
-        fixes.append(f"lower --lr {cfg.optim.lr:g} (the {cfg.preset} preset's is {preset_lr:g})")
-    return " and ".join(fixes) or "lower --lr"
-
-
-def check_finite(
-    model: torch.nn.Module, loss: torch.Tensor, epoch: int, amp_dtype: torch.dtype | None, cfg: TrainConfig
-) -> None:
-    """Once per epoch (one host sync): non-finite weights, BN statistics or queue stop the run
-    before they are saved over the last good checkpoint (an fp16 forward that overflows poisons BN's
-    running statistics for good even though the scaler skips its step); a non-finite epoch loss with
-    a finite state is a warning (the fp16 scaler skipped those steps, and training goes on). The
-    message advises what `cfg` makes likely (divergence_fix)."""
-    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point() and v.numel()}
-    finite = torch.stack([torch.isfinite(v).all() for v in state.values()])
-    if not bool(finite.all()):
-        bad = [k for k, ok in zip(state, finite.tolist(), strict=True) if not ok]
-        amp = {torch.float16: ", or use --amp bf16 or off", torch.bfloat16: ", or use --amp off"}.get(amp_dtype, "")
-        raise Diverged(
-            f"the run diverged in epoch {epoch}: {len(bad)} tensors of the model hold NaN or inf "
-            f"(first: {bad[0]}); {'the last checkpoint is kept' if epoch > 1 else 'nothing was saved'}: "
-            f"{divergence_fix(cfg)}{amp}"
-        )
-    if not math.isfinite(loss.item()):
-        log.warning(
-            "epoch %d: the mean loss is %s (some steps overflowed%s)",
-            epoch,
-            loss.item(),
-            "; the loss scaler skipped them" if amp_dtype == torch.float16 else "",
-        )

@@ -364,7 +364,7 @@ def test_a_folder_whose_config_json_is_not_a_runs_is_left_alone(tiny_root, tmp_p
 
 def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
     from moco_fast.config import build_config
-    from moco_fast.trainer import Diverged, check_finite
+    from moco_fast.divergence import Diverged, check_finite
 
     check = partial(check_finite, cfg=build_config("v2"))  # T 0.2, lr 0.03: nothing stands out
     net = torch.nn.Linear(2, 2)
@@ -935,7 +935,7 @@ def synthetic_args(out, *flags):
 def test_the_divergence_advice_names_the_flag_that_stands_out(tmp_path, capsys):
     # --moco-t 1e-40 overflows the logits (l / T): the run diverged, and the message said "lower --lr"
     from moco_fast.config import build_config
-    from moco_fast.trainer import Diverged, check_finite
+    from moco_fast.divergence import Diverged, check_finite
 
     assert main(synthetic_args(tmp_path / "run", "--moco-t", "1e-40")) == 2
     err = capsys.readouterr().err.strip().splitlines()
