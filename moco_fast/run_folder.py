@@ -82,13 +82,20 @@ def check_output(cfg: TrainConfig) -> Path | None:
 def check_writable(cfg: TrainConfig, resume_path: Path | None) -> None:
     """ConfigError naming --out and the cause when the run may not write there (mode bits, a
     read-only mount): said before the data is read, not at the run's first file after the data scan
-    and the model build. A run that resumes its own finished checkpoint writes nothing, and may.
-    Call it where the run writes (rank 0), once the folder exists (hold_run_folder)."""
-    from moco_fast.commands import write_refused
-
+    and the model build. A run that resumes its own finished checkpoint writes nothing but the final
+    kNN's summary.json it may owe, which only the data tells (the trainer checks that case with
+    refuse_unwritable once it knows). Call it where the run writes (rank 0), once the folder exists
+    (hold_run_folder)."""
     out = Path(cfg.runtime.out)
     if continues_in(out, resume_path) and _epochs_done(resume_path) >= cfg.optim.epochs:
         return
+    refuse_unwritable(out)
+
+
+def refuse_unwritable(out: Path) -> None:
+    """ConfigError naming --out and the cause when no file can be made in it."""
+    from moco_fast.commands import write_refused
+
     why = write_refused(out)
     if why is not None:
         raise ConfigError(f"--out {out}: cannot write in {out} ({why})")

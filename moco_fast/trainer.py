@@ -41,6 +41,7 @@ from moco_fast.run_folder import (
     forget_a_run_without_epochs,
     hold_run_folder,
     made_from_now,
+    refuse_unwritable,
     remove_stale_temporaries,
     starts_over,
 )
@@ -279,6 +280,8 @@ def _train_held(
         and cfg.runtime.final_knn
         and not (out / SUMMARY_NAME).is_file()
     )
+    if summary_owed and dist_utils.is_main():
+        refuse_unwritable(out)  # before the kNN (check_writable let a finished run by)
     # what this run adds to the folder, for forget_a_run_without_epochs: taken before an old run's
     # files are cleared (a config.json that a run stopped in its first epoch left stays a config.json)
     made = made_from_now(out)

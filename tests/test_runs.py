@@ -924,6 +924,34 @@ def test_an_out_that_may_not_be_written_is_one_line_before_the_data_is_read(tiny
     assert (fin / "checkpoint.pt").read_bytes() == before and sorted(p.name for p in empty.iterdir()) == []
 
 
+@pytest.mark.slow
+def test_a_finished_run_that_owes_its_summary_says_its_out_may_not_be_written(tiny_root, trained, tmp_path):
+    # check_writable lets a finished run by (it "writes nothing"), but one whose final kNN was cut
+    # short still writes summary.json: on a read-only --out that was a traceback from TensorBoard's
+    # event-file thread after the data scan, not the one line
+    import subprocess
+
+    ro = tmp_path / "ro"
+    fin = ro / "fin"
+    shutil.copytree(trained, fin)  # trained with --no-final-knn: no summary.json
+    prefix = read_only_prefix([ro, fin])
+    argv = ["train", "--resume", "--out", str(fin), "--device", "cpu", "--workers", "0", "--final-knn"]
+    try:
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "moco_fast", *argv], capture_output=True, text=True, timeout=300
+        )
+    finally:
+        for f in (ro, fin):
+            f.chmod(0o755)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert err[-1] in (
+        f"moco-fast train: error: --out {fin}: cannot write in {fin} ({why})"
+        for why in ("Permission denied", "Read-only file system")
+    ), err
+    assert sorted(p.name for p in fin.iterdir()) == sorted(p.name for p in trained.iterdir())
+
+
 def synthetic_args(out, *flags):
     return [
         "train", "--loader", "synthetic", "--synthetic-steps", "1", "--arch", "resnet18", "--image-size", "16",
