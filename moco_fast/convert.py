@@ -463,9 +463,14 @@ def write_names(path: Path, files: list[str], root: Path) -> None:
     def line(name: str) -> str:
         return name.replace("\n", "\\n") + "\n"
 
+    prefix = os.path.join(root, "")  # the listing's files start with it: slicing, not relpath (10 s for ImageNet)
+
+    def relative(f: str) -> str:
+        return f[len(prefix) :] if f.startswith(prefix) else os.path.relpath(f, root)
+
     with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
         fh.write(NAMES_HEADER + line(str(root)))
-        fh.writelines(line(os.path.relpath(f, root)) for f in files)
+        fh.writelines(line(relative(f)) for f in files)
 
 
 def convert_ffcv(
