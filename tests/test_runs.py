@@ -277,9 +277,13 @@ def test_resume_before_a_checkpoint_starts_over_with_the_runs_own_settings(tiny_
     assert main(["train", "--resume", "--out", str(tmp_path / "runn")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(
-        f"--resume: {tmp_path / 'runn'} holds no run to resume (no checkpoint.pt, no config.json): check --out, or give the run's flags to start it there"
+        f"--resume: {tmp_path / 'runn'} holds no run to resume (no checkpoint.pt, no config.json): check --out, or give the run's flags (--data, --preset, --epochs...) to start it there"
     )
     assert not (tmp_path / "runn").exists()
+    # where and how to run is no run: these trained the default recipe in the mistyped folder
+    for flag in (["--device", "cpu"], ["--workers", "0"], ["--gpus", "1"], ["--amp", "off"], ["--no-final-knn"]):
+        assert main(["train", "--resume", "--out", str(tmp_path / "runn"), *flag, "--print-config"]) == 2, flag
+        assert "holds no run to resume" in capsys.readouterr().err
     for flag in (["--image-size", "24"], ["--preset", "cifar"], ["--epochs", "2"]):  # a run described: it starts there
         assert main(["train", "--resume", "--out", str(tmp_path / "runn"), *flag, "--print-config"]) == 0, flag
 

@@ -57,6 +57,9 @@ FLAG_FIELDS = {
     "sync_bn": "runtime.sync_bn",
 }
 
+# The fields that say what a run trains, as opposed to where and how it runs (runtime.*, the worker count).
+RUN_FIELDS = {f for f in FLAG_FIELDS.values() if not f.startswith("runtime.") and f != "data.workers"}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -277,11 +280,14 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
 
     saved = out / CONFIG_NAME
     if not saved.is_file():
-        given = [d for d in FLAG_FIELDS if d not in ("out", "resume", "force") and getattr(args, d, None) is not None]
+        # what a run trains (its data, model, MoCo and optimisation flags) describes it; where and how it
+        # runs (--device, --gpus, --workers, --amp, the kNN monitor...) does not: `--resume --device cpu`
+        # on a mistyped --out trained the default recipe there
+        given = [d for d, f in FLAG_FIELDS.items() if f in RUN_FIELDS and getattr(args, d, None) is not None]
         if not given and args.preset is None and args.image_size is None and not args.loader_option:
             raise ConfigError(
                 f"--resume: {out} holds no run to resume (no {CHECKPOINT_NAME}, no {CONFIG_NAME}): check --out, "
-                "or give the run's flags to start it there"
+                "or give the run's flags (--data, --preset, --epochs...) to start it there"
             )
         return None
     try:
