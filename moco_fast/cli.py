@@ -227,8 +227,14 @@ def _import_holding_signals(modules: tuple[str, ...]) -> None:
 
 
 def say(line: str) -> None:
-    """One line to stderr in one write: print() writes the text and its newline apart, and the ranks
-    of a job that share stderr (torchrun, --gpus) ran their error lines together."""
+    """The command's last line (an error, `interrupted`) to stderr in one write: print() writes the
+    text and its newline apart, and the ranks of a job that share stderr (torchrun, --gpus) ran their
+    error lines together. A progress bar that the end cut short is closed first (the epoch's clears
+    its line): the line was written after the bar, on the bar's line."""
+    tqdm = sys.modules.get("tqdm")  # imported where a command drew a bar
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(ValueError, OSError):  # its stream closed or gone: nothing to clear
+            bar.close()
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 

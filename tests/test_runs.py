@@ -815,6 +815,21 @@ def test_the_error_line_is_one_write(tmp_path, monkeypatch):
     assert err.calls[0].endswith("\n") and err.calls[0].count("\n") == 1
 
 
+def test_the_error_line_starts_a_line_of_its_own_after_a_progress_bar(tmp_path, monkeypatch):
+    # A stop or an error in an epoch wrote its line on the line of the progress bar it cut short
+    # ("epoch 1/2:  30%|███ | 3/10 interrupted"): the bar is cleared first.
+    from moco_fast.metrics import progress
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = progress(total=10, desc="epoch 1/2")
+    bar.update(3)
+    bar.refresh()
+    assert main(["export", str(tmp_path / "missing.pt"), "--format", "torchvision", "--output", "x.pth"]) == 2
+    shown = err.getvalue().split("\n")[-2].split("\r")[-1]  # the last line as a terminal shows it
+    assert shown.startswith("moco-fast export: error: "), repr(err.getvalue())
+
+
 def test_an_out_that_is_or_lies_under_a_file_is_one_line(tiny_root, tmp_path, capsys):
     # under a file, mkdir said "[Errno 20] Not a directory: 'notes.txt/run'"
     (tmp_path / "notes.txt").write_text("a file")
