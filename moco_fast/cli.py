@@ -85,8 +85,12 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.E
 
 
 def _environment_error(e: BaseException) -> str | None:
-    """The one line for an OSError of ENVIRONMENT_ERRNOS, or None. Only `e` itself: an error raised
-    while handling one is another error (checkpoint.atomic_write names the file behind torch.save's)."""
+    """The one line for an OSError of ENVIRONMENT_ERRNOS, or for an EIO that names its file (a failing
+    disk or network file system: the file is what the user needs; without it the traceback says where),
+    or None. Only `e` itself: an error raised while handling one is another error
+    (checkpoint.atomic_write names the file behind torch.save's)."""
+    if isinstance(e, OSError) and e.errno == errno.EIO and e.filename:
+        return f"{e.strerror}: {e.filename} (the disk or the network file system failed to read or write it)"
     if not isinstance(e, OSError) or e.errno not in ENVIRONMENT_ERRNOS:
         return None
     return f"{e.strerror}: {e.filename}" if e.filename else (e.strerror or str(e))

@@ -796,6 +796,19 @@ def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary file went
 
 
+def test_an_io_error_naming_its_file_is_one_line():
+    # EIO (a failing disk, a network file system gone) was a bug's traceback; with its file it is what
+    # the user must look at. Without a file the traceback still says where it came from.
+    import errno
+
+    from moco_fast.cli import one_line
+
+    line = one_line(OSError(errno.EIO, "Input/output error", "/nfs/runs/moco/checkpoint.pt"))
+    assert line.startswith("Input/output error: /nfs/runs/moco/checkpoint.pt (the disk or the network")
+    assert one_line(OSError(errno.EIO, "Input/output error")) is None
+    assert one_line(OSError(errno.EINVAL, "Invalid argument", "/x")) is None  # a bug's: traceback
+
+
 def test_the_error_line_is_one_write(tmp_path, monkeypatch):
     # The ranks of a torchrun job share stderr: print() wrote the line and its newline apart, and two
     # ranks' error lines came out run together on one line.
