@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from moco_fast.kernels.augment_gpu import gaussian_kernels
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
@@ -58,13 +59,12 @@ class SeparableBlur(torch.nn.Module):
 
 
 def gaussian_taps(kernel_size: int, sigma: float) -> np.ndarray:
-    """torchvision's 1-D Gaussian kernel (kernel_size taps, normalised over them) without the end
-    taps under 1e-6: together they weigh under 2.5e-5, a 160th of a grey level at most."""
-    half = (kernel_size - 1) * 0.5
-    w = np.exp(-0.5 * (np.linspace(-half, half, kernel_size) / sigma) ** 2)
-    w /= w.sum()
+    """torchvision's 1-D Gaussian kernel (kernels.augment_gpu.gaussian_kernels: kernel_size taps,
+    normalised over them, float32) without the end taps under 1e-6: together they weigh under
+    2.5e-5, a 160th of a grey level at most."""
+    w = gaussian_kernels(torch.tensor([sigma]), None, kernel_size)[0].numpy()
     r = int(np.count_nonzero(w[: kernel_size // 2] >= 1e-6))  # taps each side of the centre
-    return w[kernel_size // 2 - r : kernel_size // 2 + r + 1].astype(np.float32)
+    return w[kernel_size // 2 - r : kernel_size // 2 + r + 1]
 
 
 def _convolve(a: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
