@@ -19,14 +19,13 @@ from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 
 from . import register_loader
 from .base import DevicePrefetcher, LoaderArgs, NoOptions, parse_options, stream_seed
+from .color_jitter import ColorJitter
 from .wds import refuse_shard_set
 
 
 def view_transform(spec: AugSpec) -> T.Compose:
     """One random view as the spec describes it, on a PIL image; returns uint8 3 x H x W."""
-    jitter = T.RandomApply(
-        [T.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_prob
-    )
+    jitter = T.RandomApply([ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_prob)
     gray = T.RandomGrayscale(p=spec.gray_prob)
     ops = [T.RandomResizedCrop(spec.image_size, scale=spec.crop_scale, ratio=spec.crop_ratio)]
     ops += [gray, jitter] if spec.gray_before_jitter else [jitter, gray]
