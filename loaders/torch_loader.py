@@ -24,7 +24,10 @@ from .wds import refuse_shard_set
 
 
 def view_transform(spec: AugSpec) -> T.Compose:
-    """One random view as the spec describes it, on a PIL image; returns uint8 3 x H x W."""
+    """One random view as the spec describes it, on a PIL image; returns uint8 3 x H x W.
+
+    torchvision's transforms and draws, two of them re-implemented for speed: the blur
+    (SeparableBlur, to one grey level) and ColorJitter's hue step (color_jitter.py, the same bytes)."""
     jitter = T.RandomApply([ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_prob)
     gray = T.RandomGrayscale(p=spec.gray_prob)
     ops = [T.RandomResizedCrop(spec.image_size, scale=spec.crop_scale, ratio=spec.crop_ratio)]
