@@ -64,7 +64,7 @@ from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
 from moco_fast.config import ConfigError
-from moco_fast.convert_dst import NAMES_HEADER, names_path, sidecar_path
+from moco_fast.convert_dst import NAMES_HEADER, beton_fingerprint, names_fingerprint, names_path, sidecar_path, stale
 from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError
 from moco_fast.threads import handle_thread_errors
 
@@ -116,13 +116,17 @@ class FFCVOptions:
         return out
 
 
-def read_classes(beton: Path, labels: np.ndarray) -> list[str]:
-    """Class names from the sidecar written by convert; else the label numbers."""
+def read_classes(beton: Path, labels: np.ndarray, fingerprint: str | None) -> list[str]:
+    """Class names from the sidecar written by convert; else the label numbers. A sidecar that
+    records another .beton's fingerprint (beton_fingerprint) than the .beton's, `fingerprint`, is
+    stale (a convert stopped between publishing the two), and is ignored with a line that says so."""
     side = sidecar_path(beton)
     n_labels = int(labels.max()) + 1 if len(labels) else 0
     if side.is_file():
         try:
             meta = json.loads(side.read_text())
+            if meta.get("beton_fingerprint") not in (None, fingerprint):
+                raise ValueError(stale(beton))
             classes = [str(c) for c in meta["classes"]]
             if meta.get("num_images") not in (None, len(labels)):
                 raise ValueError(f"it describes {meta['num_images']} images, the .beton holds {len(labels)}")
@@ -139,10 +143,12 @@ class FileNames:
     a header line, then one name a line in .beton order). Read at the first lookup, not at the
     start: the list is scanned once for where its lines start (8 bytes an image are kept, not its
     ~40 MB for ImageNet), and each lookup reads its own line. None for every image where there is no
-    list (an older convert's .beton, another tool's), or one that does not fit the .beton (said once)."""
+    list (an older convert's .beton, another tool's), or one that does not fit the .beton (said once):
+    one of another count, or one whose header records another fingerprint than the .beton's,
+    `fingerprint` (beton_fingerprint; a convert stopped between publishing the two)."""
 
-    def __init__(self, beton: Path, num_images: int):
-        self.path, self.num_images = names_path(beton), num_images
+    def __init__(self, beton: Path, num_images: int, fingerprint: str | None):
+        self.beton, self.path, self.num_images, self.fingerprint = beton, names_path(beton), num_images, fingerprint
         self.starts: np.ndarray | None = None  # byte offset of each image's line, and the end of the last
         self.unusable = False
 
@@ -169,8 +175,11 @@ class FileNames:
             log.warning("ignoring %s: %s", self.path, e)
             return None
         ends = np.flatnonzero(data == ord("\n"))
-        if data[: len(NAMES_HEADER)].tobytes() != NAMES_HEADER.encode():
+        header = data[: ends[0] if len(ends) else len(data)].tobytes().decode("utf-8", errors="replace")
+        if not header.startswith(NAMES_HEADER):
             why = "it is not a file list that convert wrote"
+        elif names_fingerprint(header) not in (None, self.fingerprint):
+            why = stale(self.beton) + "; images are named by their index"
         elif len(ends) - 1 != self.num_images:
             why = f"it names {len(ends) - 1} files, the .beton holds {self.num_images} images"
         else:
@@ -213,9 +222,10 @@ class FFCVLoader:
         self.path = path
         self.num_images = reader.num_samples
         self.labels = reader.metadata[f"f{names.index('label')}"]
-        self.classes = read_classes(path, self.labels)
+        fingerprint = beton_fingerprint(path)  # what its sidecar and file list must record, if anything
+        self.classes = read_classes(path, self.labels, fingerprint)
         self.bad: set[int] = set()  # .beton indices whose image could not be read (named once each)
-        self.files = FileNames(path, self.num_images)
+        self.files = FileNames(path, self.num_images, fingerprint)
         if self.num_images // args.world_size < args.batch_size:
             raise DataError(
                 f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: lower --batch-size"

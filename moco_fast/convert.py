@@ -14,7 +14,8 @@ read).
 FFCV: the .beton has the fields `image` (RGBImageField) and `label` (IntField), in the folder's
 sorted order; `X.beton.json` beside it holds the class names, and `X.beton.files.txt` the source
 file of each image (relative to SRC's split folder, one a line in .beton order, after a header line;
-the FFCV loader names the file of an image it skips by it). Its writer runs its own worker
+the FFCV loader names the file of an image it skips by it). Both record the .beton's fingerprint
+(convert_dst.beton_fingerprint), so that a reader tells them from those of the .beton they replace. Its writer runs its own worker
 processes and cannot skip a sample, so the images are decoded once to check them and once more to
 write them. WebDataset: see moco_fast/convert_wds.py.
 """
@@ -46,7 +47,14 @@ from tqdm import tqdm
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS, STOP_SIGNALS, interruption, os_error_behind
 from moco_fast.config import ConfigError
-from moco_fast.convert_dst import NAMES_HEADER, check_destination, names_path, sidecar_path
+from moco_fast.convert_dst import (
+    NAMES_FINGERPRINT,
+    NAMES_HEADER,
+    beton_fingerprint,
+    check_destination,
+    names_path,
+    sidecar_path,
+)
 from moco_fast.data import DataError, ImageList, find_classes, list_images, resolve_root, split_dirs, to_rgb
 from moco_fast.loaders.wds import META_NAME
 
@@ -455,10 +463,11 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tupl
         raise DataError(f"{source.failed.value} images failed to decode while writing (they changed on disk?)")
 
 
-def write_names(path: Path, files: list[str], root: Path) -> None:
-    """The file list (names_path): NAMES_HEADER and `root`, then each file relative to it, a line each.
-    A newline in a name is written as the two characters \\n (the list names files to a reader,
-    nothing parses it back into paths); bytes that are not UTF-8 are written as they are."""
+def write_names(path: Path, files: list[str], root: Path, fingerprint: str) -> None:
+    """The file list (names_path): NAMES_HEADER, `root` and the `fingerprint` of its .beton, then each
+    file relative to `root`, a line each. A newline in a name is written as the two characters \\n
+    (the list names files to a reader, nothing parses it back into paths); bytes that are not UTF-8
+    are written as they are."""
 
     def line(name: str) -> str:
         return name.replace("\n", "\\n") + "\n"
@@ -469,7 +478,7 @@ def write_names(path: Path, files: list[str], root: Path) -> None:
         return f[len(prefix) :] if f.startswith(prefix) else os.path.relpath(f, root)
 
     with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as fh:
-        fh.write(NAMES_HEADER + line(str(root)))
+        fh.write(NAMES_HEADER + str(root).replace("\n", "\\n") + NAMES_FINGERPRINT + line(fingerprint))
         fh.writelines(line(relative(f)) for f in files)
 
 
@@ -487,9 +496,12 @@ def convert_ffcv(
     files = [images.files[i] for i in keep]
     labels = [images.labels[i] for i in keep]
     write_beton(tmp, files, labels, [results[i] for i in keep], cfg)
+    with writing(tmp):
+        fingerprint = beton_fingerprint(tmp)  # in the sidecar and the file list: they name this .beton
     with writing(names_tmp):
-        write_names(names_tmp, files, images.root)
-    return len(files), skipped, {"fields": {"image": "RGBImageField", "label": "IntField"}}
+        write_names(names_tmp, files, images.root, fingerprint)
+    fields = {"image": "RGBImageField", "label": "IntField"}
+    return len(files), skipped, {"fields": fields, "beton_fingerprint": fingerprint}
 
 
 # ---- the command's work -------------------------------------------------------------------------
@@ -563,7 +575,9 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
             with writing(side_tmp):
                 side_tmp.write_text(json.dumps(meta, indent=1))
             # An earlier list goes first: killed before the new one is in place, the new .beton has
-            # none (the loader then names images by number) rather than one of other files.
+            # none (the loader then names images by number) rather than one of other files. Killed
+            # after the .beton, before its sidecar: the old sidecar records the old .beton's
+            # fingerprint, and its readers (the loader, --force) see that it is stale.
             names_path(dst).unlink(missing_ok=True)  # check_destination: an earlier list of convert only
             publish(tmp, dst, cfg.force)
             publish(side_tmp, sidecar_path(dst), cfg.force)  # check_destination: an earlier sidecar only

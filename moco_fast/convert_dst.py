@@ -11,6 +11,7 @@ callback, as every other command's outputs do.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -25,6 +26,10 @@ BETON_VERSION = 2  # ffcv.types.CURRENT_VERSION: what FFCV's Reader accepts
 FIELD_DESC_SIZE = 1 + 16 + 1024  # type_id, name (NUL-padded), arguments
 ALLOC_ENTRY_SIZE = 3 * 8  # sample_id, ptr, size
 CONVERT_FIELDS = ((2, b"image"), (1, b"label"))  # (FFCV type_id, name): RGBImageField, IntField
+# One image's record in the table after the field descriptions (ffcv.types.get_metadata_type of the
+# two fields, aligned): the image's mode, width, height and data pointer (13 bytes, padded to 16),
+# then the label (int64). tests/test_ffcv.py checks it against FFCV's.
+SAMPLE_RECORD_SIZE = 24
 
 
 def sidecar_path(beton: Path) -> Path:
@@ -35,6 +40,8 @@ def sidecar_path(beton: Path) -> Path:
 # The first line of the file list beside a .beton (names_path): what tells convert's list from a
 # user's file of that name, as "format" does in the json.
 NAMES_HEADER = "# moco-fast convert: the source file of each image of the .beton, in its order, relative to "
+# Ends the header line after SRC's folder, then the beton_fingerprint of the .beton the list names.
+NAMES_FINGERPRINT = "\t# of the .beton "
 
 
 def names_path(beton: Path) -> Path:
@@ -42,6 +49,21 @@ def names_path(beton: Path) -> Path:
     (relative to it) in the .beton's order, read by the FFCV loader to name an image it skips. Plain
     text: ImageNet's is ~40 MB, where json would be read whole at every start."""
     return beton.with_name(beton.name + ".files.txt")
+
+
+def names_fingerprint(first_line: str) -> str | None:
+    """The beton_fingerprint that a file list's header line records; None in an older convert's list,
+    which records none (it is then checked by its count of names only)."""
+    _, tag, recorded = first_line.rpartition(NAMES_FINGERPRINT)
+    return recorded.strip() if tag else None
+
+
+def stale(beton: Path) -> str:
+    """Why a reader ignores a sidecar or file list that records another .beton's fingerprint."""
+    return (
+        f"it describes another .beton than {beton.name} (a convert stopped while replacing it): run "
+        f"`moco-fast convert` to {beton} again (with --force) to make the set whole"
+    )
 
 
 def beton_samples(path: Path) -> int | str:
@@ -70,15 +92,44 @@ def beton_samples(path: Path) -> int | str:
     return samples
 
 
+def beton_fingerprint(path: Path) -> str | None:
+    """What identifies a .beton that convert wrote, recorded in its sidecar (`"beton_fingerprint"`)
+    and its file list (after NAMES_FINGERPRINT): a hash of its tables (header, field descriptions,
+    each image's record with its size, label and where its bytes lie, and the allocation table), not
+    of the images' bytes (ImageNet: ~60 MB read, not 60 GB). A sidecar or list whose fingerprint
+    differs describes another .beton: the set of a convert stopped between publishing its files.
+    None when the header is no convert's .beton (beton_samples)."""
+    samples = beton_samples(path)
+    if isinstance(samples, str):
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        alloc_table = BETON_HEADER.unpack(fh.read(BETON_HEADER.size))[4]
+        fh.seek(0)
+        left = BETON_HEADER.size + len(CONVERT_FIELDS) * FIELD_DESC_SIZE + samples * SAMPLE_RECORD_SIZE
+        while left > 0 and (chunk := fh.read(min(left, 8 << 20))):
+            digest.update(chunk)
+            left -= len(chunk)
+        fh.seek(alloc_table)
+        while chunk := fh.read(8 << 20):  # the allocation table, to the end of the file
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def beton_of_convert(p: Path) -> str | None:
     """check_output's `replaces` for DST with --format ffcv: a .beton is replaced when it is convert's,
     its header and its sidecar (`"format": "ffcv"`, as many images as the header's samples) both say
     so. Anything else is refused: another file (a source image, notes.txt), and a .beton of another
-    tool (ffcv-imagenet's has the same fields; only the sidecar tells them apart)."""
+    tool (ffcv-imagenet's has the same fields; only the sidecar tells them apart). A sidecar that
+    records the fingerprint of another .beton is one that a convert stopped before replacing it
+    (the .beton beside it is that convert's): replaced as well, or the set could never be remade."""
     samples = beton_samples(p)
     if isinstance(samples, str):
         return f"is not a .beton that convert wrote ({samples})"
     meta = read_json_object(sidecar_path(p))
+    recorded = None if meta is None else meta.get("beton_fingerprint")
+    if meta is not None and meta.get("format") == "ffcv" and recorded is not None and recorded != beton_fingerprint(p):
+        return None
     if meta is None or meta.get("format") != "ffcv" or meta.get("num_images") != samples:
         return f"is a .beton without the {sidecar_path(p).name} of convert that describes it (another tool's?)"
     return None

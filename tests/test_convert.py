@@ -19,7 +19,7 @@ from PIL import Image
 from moco_fast import convert_wds
 from moco_fast.cli import main
 from moco_fast.convert import ConvertConfig, convert
-from moco_fast.convert_dst import NAMES_HEADER, beton_samples, check_destination
+from moco_fast.convert_dst import NAMES_FINGERPRINT, NAMES_HEADER, beton_fingerprint, beton_samples, check_destination
 from moco_fast.data import DataError
 
 BAD = {"trunc.jpg": "cannot decode", "broken.jpg": "not a readable image", "notes.txt": "not an image"}
@@ -96,7 +96,8 @@ def test_beton_round_trip_and_bad_files(bad_root, tmp_path):
     assert side["num_images"] == 18 and len(side["skipped"]) == 3
     # the source file of each image, in .beton order, for the loader to name one it skips
     header, *names = (dst.parent / "train.beton.files.txt").read_text().splitlines()
-    assert header == NAMES_HEADER + str(bad_root / "train")
+    assert header == NAMES_HEADER + str(bad_root / "train") + NAMES_FINGERPRINT + beton_fingerprint(dst)
+    assert side["beton_fingerprint"] == beton_fingerprint(dst)  # both name this .beton
     assert names == [os.path.relpath(f, bad_root / "train") for f in files]
     assert no_partials(dst.parent)
     assert "skipped 3" in summary.text() and "trunc.jpg" in summary.text()
@@ -202,6 +203,52 @@ def test_an_earlier_beton_is_replaced_only_with_force(bad_root, tmp_path, capsys
     with pytest.raises(FileExistsError, match="the file list of DST"):
         check_destination(bad_root, dst, "ffcv", force=False)
     check_destination(bad_root, dst, "ffcv", force=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("published", [1, 2])
+def test_a_convert_killed_between_publishing_its_files_leaves_a_set_its_readers_check(
+    published, bad_root, tmp_path, monkeypatch, caplog
+):
+    # --force over an earlier .beton of as many images (the count alone cannot tell them apart),
+    # killed after `published` of its files (the .beton; then its sidecar) were in place
+    from moco_fast.loaders.ffcv import FileNames, read_classes
+
+    from moco_fast import convert as convert_module
+
+    dst = tmp_path / "x.beton"
+    convert(ConvertConfig(str(bad_root), str(dst), jpeg_quality=50, workers=1))
+    old_side = (tmp_path / "x.beton.json").read_text()
+    real, calls = convert_module.publish, []
+
+    def killed(tmp, final, force):
+        if len(calls) == published:
+            raise KeyboardInterrupt
+        calls.append(final)
+        real(tmp, final, force)
+
+    monkeypatch.setattr(convert_module, "publish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        convert(ConvertConfig(str(bad_root), str(dst), workers=1, force=True))
+    monkeypatch.setattr(convert_module, "publish", real)
+    assert no_partials(tmp_path) and beton_samples(dst) == 18
+    labels, fingerprint = np.array(expected(bad_root)[1]), beton_fingerprint(dst)
+    side_is_old = (tmp_path / "x.beton.json").read_text() == old_side
+    assert side_is_old == (published == 1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moco_fast"):
+        classes = read_classes(dst, labels, fingerprint)
+        assert FileNames(dst, 18, fingerprint)[0] is None  # the old list went first, the new one never came
+    if side_is_old:  # said in one line, and not taken for the new .beton's
+        assert classes == ["0", "1"] and caplog.text.count("another .beton than x.beton") == 1
+        assert "run `moco-fast convert` to" in caplog.text
+    else:
+        assert classes == sorted(p.name for p in (bad_root / "train").iterdir()) and caplog.text == ""
+    # and --force remakes the set (a stale sidecar is convert's, whatever count it records)
+    if side_is_old:
+        (tmp_path / "x.beton.json").write_text(json.dumps({**json.loads(old_side), "num_images": 7}))
+    convert(ConvertConfig(str(bad_root), str(dst), workers=1, force=True))
+    assert json.loads((tmp_path / "x.beton.json").read_text())["beton_fingerprint"] == beton_fingerprint(dst)
 
 
 def test_force_replaces_an_earlier_shard_set_only(bad_root, tmp_path, capsys):

@@ -449,19 +449,40 @@ def test_the_file_list_is_read_at_the_first_lookup_and_must_fit_the_beton(tmp_pa
 
     beton = tmp_path / "x.beton"
     names = ["cat/1.jpg", "cat/two\nlines.jpg", "dog/café.jpg", os.fsdecode(b"dog/caf\xe9.jpg")]
-    write_names(names_path(beton), [str(tmp_path / "src" / n) for n in names], tmp_path / "src")
-    files = FileNames(beton, 4)
+    ours = "0f" * 16  # the fingerprint of the .beton (beton_fingerprint), recorded in its list
+    write_names(names_path(beton), [str(tmp_path / "src" / n) for n in names], tmp_path / "src", ours)
+    files = FileNames(beton, 4, ours)
     assert files.starts is None  # nothing read until a name is asked for
     assert [files[i] for i in (3, 0, 2, 1)] == ["dog/caf\\xe9.jpg", "cat/1.jpg", "dog/café.jpg", "cat/two\\nlines.jpg"]
     names_path(beton).unlink()  # gone since: no name, no error
     assert files[0] is None
-    assert FileNames(beton, 4)[0] is None and caplog.text == ""  # none at all: said nowhere
-    write_names(names_path(beton), [str(tmp_path / n) for n in names[:3]], tmp_path)
+    assert FileNames(beton, 4, ours)[0] is None and caplog.text == ""  # none at all: said nowhere
+    write_names(names_path(beton), [str(tmp_path / n) for n in names[:3]], tmp_path, ours)
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
-        short = FileNames(beton, 4)
+        short = FileNames(beton, 4, ours)
         assert short[0] is None and short[1] is None
     assert caplog.text.count("names 3 files, the .beton holds 4 images") == 1
+    # the list of another .beton (a convert stopped after publishing the new .beton): not used
+    write_names(names_path(beton), [str(tmp_path / n) for n in names], tmp_path, "ee" * 16)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert FileNames(beton, 4, ours)[0] is None
+    assert caplog.text.count("another .beton than x.beton") == 1 and "named by their index" in caplog.text
+    # an older convert's list records no fingerprint: checked by its count alone
+    lines = names_path(beton).read_bytes().split(b"\n", 1)
+    names_path(beton).write_bytes(lines[0].partition(b"\t")[0] + b"\n" + lines[1])
+    assert FileNames(beton, 4, ours)[0] == "cat/1.jpg"
     names_path(beton).write_text("cat/1.jpg\ncat/2.jpg\ncat/3.jpg\ncat/4.jpg\n")  # no header: not convert's
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
-        assert FileNames(beton, 3)[0] is None
+        assert FileNames(beton, 3, ours)[0] is None
     assert "is not a file list that convert wrote" in caplog.text
+
+
+def test_the_fingerprint_reads_the_tables_where_ffcv_puts_them():
+    # convert_dst reads the .beton without FFCV: its record size must be FFCV's for convert's fields
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.types import get_metadata_type
+
+    from moco_fast.convert_dst import SAMPLE_RECORD_SIZE
+
+    assert get_metadata_type([RGBImageField(), IntField()]).itemsize == SAMPLE_RECORD_SIZE
