@@ -230,15 +230,23 @@ def _import_holding_signals(modules: tuple[str, ...]) -> None:
         signal.raise_signal(held[0])  # now, through the handlers the command runs with
 
 
+def _draws_nothing(*args, **kwargs) -> bool:
+    """tqdm's display() for a bar that say() closed."""
+    return True
+
+
 def say(line: str) -> None:
     """The command's last line (an error, `interrupted`) to stderr in one write: print() writes the
     text and its newline apart, and the ranks of a job that share stderr (torchrun, --gpus) ran their
     error lines together. A progress bar that the end cut short is closed first (the epoch's clears
-    its line): the line was written after the bar, on the bar's line."""
+    its line): the line was written after the bar, on the bar's line. A closed bar draws nothing
+    more: a thread that was redrawing it (FFCV's writer's, tqdm's monitor) may have seen it open
+    just before, and drew it once more after the line, waiting for tqdm's lock while close() held it."""
     tqdm = sys.modules.get("tqdm")  # imported where a command drew a bar
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
         with contextlib.suppress(ValueError, OSError):  # its stream closed or gone: nothing to clear
             bar.close()
+        bar.display = _draws_nothing  # this bar only; tqdm's update and refresh draw through it
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 

@@ -843,6 +843,48 @@ def test_the_error_line_starts_a_line_of_its_own_after_a_progress_bar(tmp_path, 
     assert shown.startswith("moco-fast export: error: "), repr(err.getvalue())
 
 
+def test_a_bar_that_a_thread_was_redrawing_draws_nothing_after_the_error_line(tmp_path, monkeypatch):
+    # A thread (FFCV's writer's bar, tqdm's monitor) that had seen the bar open and waited for tqdm's
+    # lock while say() closed it drew the bar once more, after the line: the line was no longer last.
+    import threading
+
+    from tqdm import tqdm
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = tqdm(total=10, desc="writing", mininterval=0, miniters=1, file=sys.stderr)
+    bar.update(3)
+    waiting, go = threading.Event(), threading.Event()
+
+    class Gate:  # tqdm's lock, where the thread is held: past the check that the bar is open
+        def __init__(self, lock):
+            self.lock = lock
+
+        def acquire(self, *args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                waiting.set()
+                go.wait(10)
+            return self.lock.acquire(*args, **kwargs)
+
+        def release(self):
+            self.lock.release()
+
+        __enter__ = acquire
+
+        def __exit__(self, *exc):
+            self.release()
+
+    bar._lock = Gate(bar._lock)
+    drawing = threading.Thread(target=bar.update, args=(2,))
+    drawing.start()
+    assert waiting.wait(10)
+    assert main(["export", str(tmp_path / "missing.pt"), "--format", "torchvision", "--output", "x.pth"]) == 2
+    go.set()
+    drawing.join(10)
+    assert err.getvalue().endswith("\n") and "\r" not in err.getvalue().rpartition("error: ")[2], repr(err.getvalue())
+    assert err.getvalue().split("\n")[-2].split("\r")[-1].startswith("moco-fast export: error: ")
+
+
 def test_an_out_that_is_or_lies_under_a_file_is_one_line(tiny_root, tmp_path, capsys):
     # under a file, mkdir said "[Errno 20] Not a directory: 'notes.txt/run'"
     (tmp_path / "notes.txt").write_text("a file")
