@@ -84,16 +84,31 @@ def _user_errors_or_none() -> tuple[type[BaseException], ...]:
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS})
 
 
-def _environment_error(e: BaseException) -> str | None:
-    """The one line for an OSError of ENVIRONMENT_ERRNOS, or for an EIO that names its file (a failing
-    disk or network file system: the file is what the user needs; without it the traceback says where),
-    or None. Only `e` itself: an error raised while handling one is another error
-    (checkpoint.atomic_write names the file behind torch.save's)."""
-    if isinstance(e, OSError) and e.errno == errno.EIO and e.filename:
-        return f"{e.strerror}: {e.filename} (the disk or the network file system failed to read or write it)"
-    if not isinstance(e, OSError) or e.errno not in ENVIRONMENT_ERRNOS:
+def _environment_error(e: BaseException, where: str | None = None) -> str | None:
+    """The one line for an OSError of ENVIRONMENT_ERRNOS or an EIO (a failing disk or network file
+    system), or None. With its file, the file; an EIO without one (a read or write of a file already
+    open) names `where`: what the command reads and writes (command_paths), the most it can say. Only `e`
+    itself: an error raised while handling one is another error (checkpoint.atomic_write names the
+    file behind torch.save's)."""
+    if not isinstance(e, OSError) or (e.errno not in ENVIRONMENT_ERRNOS and e.errno != errno.EIO):
         return None
-    return f"{e.strerror}: {e.filename}" if e.filename else (e.strerror or str(e))
+    text = e.strerror or str(e)
+    failed = "the disk or the network file system failed"
+    if e.filename:
+        return f"{text}: {e.filename}" + (f" ({failed} to read or write it)" if e.errno == errno.EIO else "")
+    if e.errno != errno.EIO:  # a full disk's, or a semaphore's that /dev/shm refused: no file of the command's
+        return text
+    what = f"the command reads and writes {where}" if where else "a file open for reading or writing"
+    return f"{text} ({failed}; {what})"
+
+
+def command_paths(args: argparse.Namespace) -> str | None:
+    """What a command reads and writes, from its flags (its parser's `io_paths`: (name, attribute)
+    pairs), as an error without a file names it: "SRC data and DST x.beton"; None where not known."""
+    named = [
+        f"{name} {getattr(args, attr)}" for name, attr in getattr(args, "io_paths", ()) if getattr(args, attr, None)
+    ]
+    return " and ".join(named) or None
 
 
 def error_text(e: BaseException) -> str:
@@ -110,13 +125,14 @@ def error_text(e: BaseException) -> str:
     return text
 
 
-def one_line(e: BaseException) -> str | None:
+def one_line(e: BaseException, where: str | None = None) -> str | None:
     """The one line that ends a command for `e` (exit status 2): a user error's text, or what the
-    machine refused (a full disk); None for anything else, a bug that keeps its traceback. Also
-    what a `--gpus` worker reports to the launcher (launch._recorded)."""
+    machine refused (a full disk, a failing disk; `where`: what the command reads and writes, for an
+    error that names no file); None for anything else, a bug that keeps its traceback. Also what a
+    `--gpus` worker reports to the launcher (launch._recorded)."""
     if not isinstance(e, KeyboardInterrupt) and isinstance(e, _user_errors_or_none()):
         return error_text(e)
-    return None if interruption(e) is not None else _environment_error(e)
+    return None if interruption(e) is not None else _environment_error(e, where)
 
 
 def interruption(e: BaseException | None) -> KeyboardInterrupt | None:
@@ -277,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,
         # and user_errors() imports modules that import torch.
-        line = one_line(e)
+        line = one_line(e, command_paths(args))
         if line is not None:
             say(f"moco-fast {args.command}: error: {line}")
             return 2

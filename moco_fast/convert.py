@@ -23,6 +23,7 @@ write them. WebDataset: see moco_fast/convert_wds.py.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
@@ -215,13 +216,14 @@ def tidy_after_a_stopped_convert(dst: Path) -> None:
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[None]:
     """The block writes the temporary output `path` (or a file in it): an OSError of ENVIRONMENT_ERRNOS
-    that it raises without a path (a write to an open file has none: a full disk, a file-size limit)
-    is raised again with `path`, which convert then reports as DST. Errors without a path from
-    anything else keep none: a semaphore that /dev/shm refuses (EACCES) is no write of DST's."""
+    or an EIO that it raises without a path (a write to an open file has none: a full disk, a
+    file-size limit, a failing disk) is raised again with `path`, which convert then reports as DST.
+    Errors without a path from anything else keep none: a semaphore that /dev/shm refuses (EACCES)
+    is no write of DST's."""
     try:
         yield
     except OSError as e:
-        if e.filename is None and e.errno in ENVIRONMENT_ERRNOS:
+        if e.filename is None and (e.errno in ENVIRONMENT_ERRNOS or e.errno == errno.EIO):
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 

@@ -620,6 +620,31 @@ def test_an_error_without_a_path_is_not_blamed_on_dst(bad_root, tmp_path, monkey
     assert not dst.exists() and no_partials(tmp_path)
 
 
+def test_an_io_error_without_a_path_is_one_line_naming_src_and_dst(bad_root, tmp_path, monkeypatch, capsys):
+    # EIO (a failing disk, a network file system gone) without a path was a bug's traceback. A write of
+    # the output's names DST; elsewhere the line names what convert reads and writes.
+    from moco_fast import convert as convert_module
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    dst = tmp_path / "out"
+    monkeypatch.setattr(convert_wds.ShardWriter, "add", failing)  # a write to an open shard
+    assert main(["convert", str(bad_root), str(dst), "--format", "wds", "--workers", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert err == [
+        f"moco-fast convert: error: Input/output error: {dst} (the disk or the network file system failed to read or write it)"
+    ]
+    monkeypatch.setattr(convert_module, "source_images", failing)  # a read of SRC's
+    assert main(["convert", str(bad_root), str(dst), "--format", "wds", "--workers", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert err == [
+        "moco-fast convert: error: Input/output error (the disk or the network file system failed; "
+        f"the command reads and writes SRC {bad_root} and DST {dst})"
+    ]
+    assert not dst.exists() and no_partials(tmp_path)
+
+
 FAULTY_WORKER = """
 import errno, os, sys
 from ffcv.memory_allocator import MemoryAllocator

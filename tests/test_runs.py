@@ -636,8 +636,9 @@ def test_a_full_disk_or_a_folder_that_may_not_be_written_is_one_line(tmp_path, m
     )
     assert main(argv) == 2
     assert one_line(capsys) == f"moco-fast export: error: Operation not permitted: {tmp_path / 'x' / 'y'}"
-    monkeypatch.setattr(export, "run", lambda args: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(OSError, match="I/O error"):  # not the user's to fix: the traceback stays
+    # (an EIO is the disk's: one line, see test_an_io_error_without_a_file_is_one_line_naming_...)
+    monkeypatch.setattr(export, "run", lambda args: (_ for _ in ()).throw(OSError(errno.EBADF, "Bad file descriptor")))
+    with pytest.raises(OSError, match="Bad file descriptor"):  # a bug's, not the user's to fix: the traceback stays
         main(argv)
 
 
@@ -805,8 +806,35 @@ def test_an_io_error_naming_its_file_is_one_line():
 
     line = one_line(OSError(errno.EIO, "Input/output error", "/nfs/runs/moco/checkpoint.pt"))
     assert line.startswith("Input/output error: /nfs/runs/moco/checkpoint.pt (the disk or the network")
-    assert one_line(OSError(errno.EIO, "Input/output error")) is None
     assert one_line(OSError(errno.EINVAL, "Invalid argument", "/x")) is None  # a bug's: traceback
+
+
+def test_an_io_error_without_a_file_is_one_line_naming_what_the_command_reads_and_writes(tmp_path, monkeypatch, capsys):
+    # A read or write of a file already open raises EIO without a file: that was a bug's traceback.
+    import errno
+
+    from moco_fast import trainer
+
+    def failing(cfg):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(trainer, "train", failing)
+    data, out = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    assert main(["train", "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "moco-fast train: error: Input/output error (the disk or the network file system failed; "
+        f"the command reads and writes --data {data} and --out {out})"
+    ]
+    # where a command names no paths (a --gpus worker's report): that it was a file open
+    from moco_fast.cli import one_line
+
+    assert one_line(OSError(errno.EIO, "Input/output error")).endswith("failed; a file open for reading or writing)")
+    # anything else without a file is a bug's, and keeps its traceback
+    monkeypatch.setattr(trainer, "train", lambda cfg: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")))
+    with pytest.raises(OSError, match="Invalid argument"):
+        main(["train", "--data", str(data), "--out", str(out)])
 
 
 def test_the_error_line_is_one_write(tmp_path, monkeypatch):

@@ -189,7 +189,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--knn-t", type=float, help="temperature of the kNN monitor's weights (default 0.1)")
     g.add_argument("--log-every", type=int, help="steps between progress-bar updates (each one is a host sync)")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, io_paths=(("--data", "data"), ("--out", "out")))  # cli.command_paths
 
 
 def config_from_args(args: argparse.Namespace):
