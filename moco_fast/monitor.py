@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from moco_fast.config import ConfigError, TrainConfig
-from moco_fast.data import DataSplits, load_splits
+from moco_fast.data import DataError, DataSplits, load_splits, resolve_root, split_dirs
 from moco_fast.knn import knn_eval, warn_if_single_class
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS
 from moco_fast.loaders.wds import is_wds_root
@@ -43,6 +43,20 @@ def eval_split_use(cfg: TrainConfig) -> str:
     does not read it."""
     r = cfg.runtime
     return "list" if r.knn_every else "try" if r.final_knn else "skip"
+
+
+def may_have_eval_split(cfg: TrainConfig) -> bool:
+    """Whether the run's data may hold an eval split for the final kNN, told from its folders alone
+    (no image is listed): False for a loader without image folders, a shard set, or a root without
+    train/ and val/ or test/; True where the folders show one (it may still be unreadable: the final
+    kNN is then skipped) or where the data cannot be looked at (the data scan then says why)."""
+    if cfg.data.loader not in IMAGE_FOLDER_LOADERS or is_wds_root(cfg.data.data):
+        return False
+    try:
+        root = resolve_root(cfg.data.data)
+    except DataError:
+        return True
+    return split_dirs(root)[1] is not None
 
 
 def monitor_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> DataSplits | None:

@@ -83,22 +83,32 @@ def check_writable(cfg: TrainConfig, resume_path: Path | None) -> None:
     """ConfigError naming --out and the cause when the run may not write there (mode bits, a
     read-only mount): said before the data is read, not at the run's first file after the data scan
     and the model build. A run that resumes its own finished checkpoint writes nothing but the final
-    kNN's summary.json it may owe, which only the data tells (the trainer checks that case with
-    refuse_unwritable once it knows). Call it where the run writes (rank 0), once the folder exists
-    (hold_run_folder)."""
+    kNN's summary.json it may owe: checked here where the data's folders show an eval split
+    (monitor.may_have_eval_split), and where a finished run writes nothing (no final kNN, a
+    summary.json there, data without an eval split) a folder that may not be written is fine. What
+    the folders cannot tell (an eval split that turns out unreadable) the trainer checks with
+    refuse_unwritable once the data is read. Call it where the run writes (rank 0), once the folder
+    exists (hold_run_folder)."""
+    from moco_fast.monitor import may_have_eval_split
+
     out = Path(cfg.runtime.out)
     if continues_in(out, resume_path) and _epochs_done(resume_path) >= cfg.optim.epochs:
+        if cfg.runtime.final_knn and not (out / SUMMARY_NAME).is_file() and may_have_eval_split(cfg):
+            refuse_unwritable(
+                out, f": the finished run's final kNN writes {SUMMARY_NAME} there (--no-final-knn skips it)"
+            )
         return
     refuse_unwritable(out)
 
 
-def refuse_unwritable(out: Path) -> None:
-    """ConfigError naming --out and the cause when no file can be made in it."""
+def refuse_unwritable(out: Path, then: str = "") -> None:
+    """ConfigError naming --out and the cause when no file can be made in it (`then`: what the run
+    would write there, where that is not plain)."""
     from moco_fast.commands import write_refused
 
     why = write_refused(out)
     if why is not None:
-        raise ConfigError(f"--out {out}: cannot write in {out} ({why})")
+        raise ConfigError(f"--out {out}: cannot write in {out} ({why}){then}")
 
 
 def _epochs_done(path: Path) -> int:

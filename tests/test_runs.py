@@ -1047,11 +1047,36 @@ def test_a_finished_run_that_owes_its_summary_says_its_out_may_not_be_written(ti
             f.chmod(0o755)
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert err[-1] in (
-        f"moco-fast train: error: --out {fin}: cannot write in {fin} ({why})"
+    assert len(err) == 1, err  # before the data scan: no "data: ..." line
+    assert err[0] in (
+        f"moco-fast train: error: --out {fin}: cannot write in {fin} ({why}): the finished run's final kNN "
+        "writes summary.json there (--no-final-knn skips it)"
         for why in ("Permission denied", "Read-only file system")
     ), err
     assert sorted(p.name for p in fin.iterdir()) == sorted(p.name for p in trained.iterdir())
+
+
+@pytest.mark.slow
+def test_a_finished_run_on_data_without_an_eval_split_owes_nothing_in_a_read_only_out(tiny_root, tmp_path):
+    # its final kNN has no eval split to run on: a folder that may not be written is no obstacle
+    import subprocess
+
+    flat, ro = tmp_path / "flat", tmp_path / "ro"
+    shutil.copytree(tiny_root / "train", flat)  # class folders only: no train/ and val/ or test/
+    fin = ro / "fin"
+    assert main(tiny_args(flat, fin)) == 0
+    files = sorted(p.name for p in fin.iterdir())
+    prefix = read_only_prefix([ro, fin])
+    argv = ["train", "--resume", "--out", str(fin), "--device", "cpu", "--workers", "0", "--final-knn"]
+    try:
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "moco_fast", *argv], capture_output=True, text=True, timeout=300
+        )
+    finally:
+        for f in (ro, fin):
+            f.chmod(0o755)
+    assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr[-2000:]
+    assert sorted(p.name for p in fin.iterdir()) == files
 
 
 def synthetic_args(out, *flags):
