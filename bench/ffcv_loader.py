@@ -44,7 +44,8 @@ from report import check_output_path, device_info, forever, format_table
 from moco_fast.augment import MOCO_V2
 from moco_fast.checkpoint import atomic_write_text
 from moco_fast.config import ConfigError
-from moco_fast.convert import ConvertConfig, convert, load_resized
+from moco_fast.convert import ConvertConfig, convert
+from moco_fast.convert_images import load_resized
 from moco_fast.data import IMAGE_EXTENSIONS, DataError
 
 ROWS = ("torch", "torch-crops", "torch-256", "torch-crops-256", "ffcv", "ffcv-twice", "ffcv+aug")

@@ -21,7 +21,9 @@ import random
 import tarfile
 from pathlib import Path
 
-from moco_fast.convert import ConvertConfig, load_resized, parallel_map, writing
+from moco_fast.convert import ConvertConfig
+from moco_fast.convert_files import writing
+from moco_fast.convert_images import load_resized, parallel_map
 from moco_fast.data import DataError, ImageList
 from moco_fast.loaders.wds import index_text
 

@@ -322,7 +322,7 @@ def test_val_split_keeps_train_labels(bad_root, tmp_path):
 )
 def test_high_depth_grayscale_is_scaled_not_clipped(tmp_path, mode, values, full):
     # A 16-bit PNG gradient: PIL's own convert("RGB") clips it to almost all white.
-    from moco_fast.convert import load_resized
+    from moco_fast.convert_images import load_resized
     from moco_fast.data import load_rgb
 
     ramp = np.linspace(0, full, 64 * 64, dtype=np.float64).reshape(64, 64).astype(values)
@@ -452,7 +452,7 @@ def test_temporaries_of_a_killed_convert_are_removed(bad_root, tmp_path):
 
 
 def test_the_beton_sidecars_of_a_killed_convert_are_removed(tmp_path):
-    from moco_fast.convert import tidy_after_a_stopped_convert
+    from moco_fast.convert_files import tidy_after_a_stopped_convert
 
     owner = f"{socket.gethostname()}-{_dead_pid()}"
     left = [tmp_path / f".x.beton{side}.partial-{owner}" for side in ("", ".json", ".files.txt")]
@@ -478,7 +478,7 @@ def test_a_test_split_beside_a_val_split(bad_root, tmp_path):
 
 KILLED_WORKER = """
 import os, signal, sys
-from moco_fast import convert as conv
+from moco_fast import convert_beton as conv
 real = conv.BetonSource.__getitem__
 def dies(self, i):
     if os.getpid() != self.parent and i == 3:
@@ -522,7 +522,7 @@ def test_a_writer_worker_that_dies_ends_the_convert_instead_of_hanging(script, b
 
 SIGUSR1_FROM_OUTSIDE = """
 import os, signal, sys, time
-from moco_fast import convert as conv
+from moco_fast import convert_beton as conv
 real = conv.BetonSource.__getitem__
 def signals(self, i):
     if os.getpid() != self.parent and i == 3:
@@ -648,7 +648,7 @@ def test_an_io_error_without_a_path_is_one_line_naming_src_and_dst(bad_root, tmp
 FAULTY_WORKER = """
 import errno, os, sys
 from ffcv.memory_allocator import MemoryAllocator
-from moco_fast import convert as conv
+from moco_fast import convert_beton as conv
 CODE = getattr(errno, sys.argv.pop(1))
 WHERE = sys.argv.pop(1)
 

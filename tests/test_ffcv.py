@@ -444,7 +444,7 @@ def test_a_missing_path_is_named_as_such(tmp_path):
 def test_the_file_list_is_read_at_the_first_lookup_and_must_fit_the_beton(tmp_path, caplog):
     from moco_fast.loaders.ffcv import FileNames
 
-    from moco_fast.convert import write_names
+    from moco_fast.convert_beton import write_names
     from moco_fast.convert_dst import names_path
 
     beton = tmp_path / "x.beton"

@@ -1,0 +1,121 @@
+"""The files of `moco-fast convert`'s output: the temporary name it is written under (in DST's
+folder, named by host and PID), publishing it (renamed into place; an existing output moved aside
+first and removed after), what a convert that was killed left (tidy_after_a_stopped_convert), and
+the errors of a write of the output, named as DST.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from moco_fast.cli import ENVIRONMENT_ERRNOS
+from moco_fast.convert_dst import names_path, sidecar_path
+
+log = logging.getLogger("moco_fast")
+
+
+def _owner() -> str:
+    """This process, as temporary names record it: host and PID (a shared folder may be written from
+    several machines, where a PID says nothing)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def temp_path(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.partial-{_owner()}")
+
+
+def tidy_after_a_stopped_convert(dst: Path) -> None:
+    """What an earlier convert to DST on this machine left when it was killed: its temporary output
+    (`.DST.partial-HOST-PID`, and the .beton sidecars') is removed; the previous output it had moved
+    aside to replace it (`.DST.old-HOST-PID`) is put back where DST is missing (it is then the only
+    copy), else removed. Files of a process still running, or of another machine, are left alone."""
+    host = socket.gethostname()
+    for name in (dst.name, sidecar_path(dst).name, names_path(dst).name):
+        for kind in ("partial", "old"):
+            prefix = f".{name}.{kind}-"
+            for tmp in dst.parent.glob(glob.escape(prefix) + "*"):
+                owner, _, pid = tmp.name[len(prefix) :].rpartition("-")
+                if owner != host or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                    continue
+                target = tmp.with_name(name)
+                try:
+                    if kind == "old" and not (target.exists() or target.is_symlink()):
+                        os.replace(tmp, target)
+                        log.warning("%s: put back the output that a stopped convert had moved aside", target)
+                    else:
+                        log.info("removing %s, left by a convert that was stopped", tmp)
+                        remove(tmp)
+                except OSError as e:
+                    log.warning("could not tidy %s: %s", tmp, e)
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """The block writes the temporary output `path` (or a file in it): an OSError of ENVIRONMENT_ERRNOS
+    or an EIO that it raises without a path (a write to an open file has none: a full disk, a
+    file-size limit, a failing disk) is raised again with `path`, which convert then reports as DST.
+    Errors without a path from anything else keep none: a semaphore that /dev/shm refuses (EACCES)
+    is no write of DST's."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and (e.errno in ENVIRONMENT_ERRNOS or e.errno == errno.EIO):
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def output_of(filename, temporaries: dict[Path, Path]) -> Path | None:
+    """The output that an error's `filename` is the temporary of (it is one of `temporaries`, or a file
+    in one: a shard of the temporary folder), else None; None for no filename."""
+    if not filename:
+        return None
+    name = os.fsdecode(filename) if isinstance(filename, (str, bytes)) else str(filename)
+    for tmp, final in temporaries.items():
+        if name == str(tmp) or name.startswith(str(tmp) + os.sep):
+            return final
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def publish(tmp: Path, dst: Path, force: bool) -> None:
+    """Rename tmp to dst. An existing dst (only with force) is moved aside first and removed after,
+    so that dst is never a half-written output."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise FileExistsError(f"{dst} exists: pass --force to replace it")
+        old = dst.with_name(f".{dst.name}.old-{_owner()}")
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        remove(old)
+
+
+def size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
