@@ -70,6 +70,7 @@ from moco_fast.threads import handle_thread_errors
 
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, parse_options, stream_seed
+from .ffcv_cache import use_page_cache_manager
 from .ffcv_ops import FAILURES, DecodeStatus, FlipViews, ResizedCrops, SampleIndexDecoder
 from .torch_loader import EpochShardSampler
 
@@ -252,6 +253,7 @@ class FFCVLoader:
 
     def _build(self, path: Path) -> Loader:
         a = self.args
+        use_page_cache_manager()  # FFCV's os_cache reader changes a Numba type that compiled code shares
         return Loader(
             str(path),
             batch_size=a.batch_size,
