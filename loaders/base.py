@@ -83,6 +83,11 @@ def stream_seed(seed: int, position: int, rank: int) -> int:
     return (seed * 1_000_003 + position) * 1009 + rank
 
 
+def check_start_step(start_step: int, steps: int) -> None:
+    if not 0 <= start_step < steps:
+        raise ValueError(f"start_step {start_step} is not a step of an epoch of {steps}")
+
+
 class TrainLoader(Protocol):
     num_images: int
     classes: list[str]
@@ -90,9 +95,16 @@ class TrainLoader(Protocol):
     # None where the data is not an image folder (a shard set, a .beton, synthetic)
     splits: DataSplits | None
 
+    # False where an epoch can only start at its first step (DALI's reader on a shard set, whose
+    # order lives inside DALI): the trainer then saves at epoch ends only
+    starts_mid_epoch: bool
+
     def __len__(self) -> int: ...  # steps per epoch (drop_last: every rank runs the same number)
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next __iter__ yields epoch `epoch` from its step `start_step` on (len - start_step
+        batches, those an uninterrupted epoch yields there), without reading the skipped ones: a run
+        resumed from a checkpoint saved within an epoch."""
 
     def __iter__(self) -> Iterator[Batch]: ...
 

@@ -25,10 +25,13 @@ Options (`--loader-option KEY=VALUE`):
 Epochs and ranks: every rank runs floor(num_images / world_size / batch_size) steps per epoch. For
 a folder, each epoch is the torch loader's permutation (`EpochShardSampler`: the same on every rank,
 cut into equal rank slices; the remainder waits for another epoch's permutation). DALI streams
-across epoch ends, so the next epoch's first batches are already prepared when one ends. For shards,
+across epoch ends, so the next epoch's first batches are already prepared when one ends; an epoch
+resumed at a step starts its stream there (`set_epoch(epoch, start_step)`). For shards,
 DALI's reader gives each rank its own share of the samples (`shard_id` = rank) and shuffles in a
 buffer; each epoch starts a new reader stream (seeded by the epoch), which reads on past the end of
-the rank's share when needed, so the same step count holds on every rank.
+the rank's share when needed, so the same step count holds on every rank. Its order lives inside
+DALI, whose reader starts at a shard's first sample only: a run on shards saves at epoch ends only
+(`starts_mid_epoch` False).
 Augmentation seeds differ per rank and per starting point: (seed, rank, first step of the stream).
 
 A corrupt image does not stop a run: when DALI fails on a batch, the loader finds the file (named in
@@ -56,7 +59,7 @@ from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError, DataSplits,
 from moco_fast.metrics import progress
 
 from . import register_loader
-from .base import Batch, LoaderArgs, parse_options, stream_seed
+from .base import Batch, LoaderArgs, check_start_step, parse_options, stream_seed
 from .dali_pipeline import PipelineSettings, decodable, folder_pipeline, wds_pipeline
 from .dali_recovery import SkipsBadSamples, path_bytes
 from .torch_loader import EpochShardSampler
@@ -306,6 +309,9 @@ class DaliLoader(SkipsBadSamples):
                 "lower --batch-size"
             )
         self.epoch = 0
+        self.start_step = 0
+        # a shard set's order lives in DALI's reader, which starts at a shard's first sample only
+        self.starts_mid_epoch = self.folder is not None
         self._pipe = None
         self._consumed = 0  # global steps taken out of the pipeline stream
         self._stream: tuple[int, PipelineSettings] = (0, self.settings)  # the pipeline's first step, settings
@@ -314,8 +320,11 @@ class DaliLoader(SkipsBadSamples):
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        check_start_step(start_step, len(self))
+        if start_step and not self.starts_mid_epoch:
+            raise ValueError("DALI on a shard set starts an epoch at its first step only")
+        self.epoch, self.start_step = epoch, start_step
 
     def _start(self, step: int) -> None:
         """(Re)build the pipeline so that its first batch is global step `step`."""
@@ -340,14 +349,14 @@ class DaliLoader(SkipsBadSamples):
         self._stream = (step, s)
 
     def __iter__(self):
-        first = self.epoch * self.steps
+        first = self.epoch * self.steps + self.start_step
         # A folder stream must sit at this epoch's first step (a new run, a resume, or an epoch cut
         # short) and then runs on into the next epoch. A shard stream starts afresh each epoch (the
         # reader's shuffle seeded by the epoch's first step): a resumed run reads what an
         # uninterrupted one does, and finding a bad sample replays at most one epoch.
         if self._pipe is None or self._consumed != first or (self.wds is not None and self._stream[0] != first):
             self._start(first)
-        for _ in range(self.steps):
+        for _ in range(self.start_step, self.steps):
             outs = self._run()
             self._consumed += 1
             if self.folder is not None:

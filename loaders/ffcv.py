@@ -69,7 +69,7 @@ from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError
 from moco_fast.threads import handle_thread_errors
 
 from . import register_loader
-from .base import Batch, DeviceAugment, LoaderArgs, parse_options, stream_seed
+from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, parse_options, stream_seed
 from .ffcv_cache import use_page_cache_manager
 from .ffcv_ops import FAILURES, DecodeStatus, FlipViews, ResizedCrops, SampleIndexDecoder
 from .torch_loader import EpochShardSampler
@@ -88,6 +88,7 @@ class RankShardOrder(TraversalOrder):
 
     def __init__(self, seed: int, rank: int, world_size: int):
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.start = 0  # the first sample of the shard that the next epoch reads (a resumed epoch)
 
     def __call__(self, loader):
         self.sampler = EpochShardSampler(len(loader.indices), self.seed, self.rank, self.world_size)
@@ -95,7 +96,8 @@ class RankShardOrder(TraversalOrder):
 
     def sample_order(self, epoch: int):
         self.sampler.set_epoch(epoch)
-        return np.fromiter(iter(self.sampler), dtype=np.int64, count=len(self.sampler))
+        # FFCV cuts the order into batches as it is: a shorter one starts the epoch at a later step
+        return self.sampler.indices()[self.start :].numpy()
 
 
 @dataclass
@@ -190,6 +192,8 @@ class FileNames:
 
 
 class FFCVLoader:
+    starts_mid_epoch = True
+
     def __init__(self, args: LoaderArgs):
         if args.data is None:
             raise DataError("--loader ffcv needs --data X.beton (make one with `moco-fast convert SRC X.beton`)")
@@ -270,8 +274,10 @@ class FFCVLoader:
     def __len__(self) -> int:
         return len(self.ffcv)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        check_start_step(start_step, len(self))
         self.ffcv.next_epoch = epoch  # FFCV counts its epochs itself, one per __iter__
+        self.ffcv.traversal_order.start = start_step * self.args.batch_size
 
     def _views(self, u8: torch.Tensor) -> torch.Tensor:
         """uint8 N x 2 x S x S x 3 -> float 2N x 3 x S x S in [0, 1] on the device, view 1 then view 2."""

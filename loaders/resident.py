@@ -11,8 +11,9 @@ without a host sync:
     normalise, cast, channels-last
 
 Order: the torch loader's per-epoch permutation (seed, epoch), cut into equal rank shards; every
-rank holds the whole set. Randomness of the views: a device generator seeded by (seed, epoch, rank),
-so a resumed run draws what an uninterrupted one would.
+rank holds the whole set. Randomness of the views: a device generator seeded by (seed, global step,
+rank) at each step, so a resumed run, also one resumed within an epoch, draws what an uninterrupted
+one would.
 
 Images that all share one size are kept as they are. Otherwise (or with `size=S`) each image is
 resized, shorter side to S, and centre-cropped to S x S when loaded; the default S is
@@ -45,7 +46,7 @@ from moco_fast.config import ConfigError
 from moco_fast.data import DataError, ImageList, load_rgb, load_splits
 
 from . import register_loader
-from .base import Batch, DeviceAugment, LoaderArgs, parse_options, stream_seed
+from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, parse_options, stream_seed
 from .torch_loader import EpochShardSampler
 from .wds import refuse_shard_set
 
@@ -165,8 +166,11 @@ def load_resident(
 
 
 class ResidentLoader:
+    starts_mid_epoch = True
+
     def __init__(self, args: LoaderArgs):
         self.args = args
+        self.start_step = 0
         self.opts = ResidentOptions.parse(args.options)
         refuse_shard_set(args.data, "resident")
         self.splits = load_splits(args.data, check=args.check_images, eval_split=args.eval_split)
@@ -198,8 +202,10 @@ class ResidentLoader:
     def __len__(self) -> int:
         return len(self.sampler) // self.args.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        check_start_step(start_step, len(self))
         self.sampler.set_epoch(epoch)
+        self.start_step = start_step
 
     def _views(self, raw: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 2N x 3 x H x W on the device (every image twice) -> (im_q, im_k). Both views go
@@ -213,10 +219,13 @@ class ResidentLoader:
 
     def __iter__(self):
         a = self.args
-        gen = torch.Generator(device=a.device).manual_seed(stream_seed(a.seed, self.sampler.epoch, a.rank))
+        gen = torch.Generator(device=a.device)
         order = self.sampler.indices().to(a.device, non_blocking=True)  # this rank's share of the epoch
-        b = a.batch_size
-        for step in range(len(self)):
+        b, first = a.batch_size, self.sampler.epoch * len(self)
+        for step in range(self.start_step, len(self)):
+            # seeded by the global step (host state only, no sync): a step draws the same views
+            # whichever step its epoch started at (a run resumed within an epoch)
+            gen.manual_seed(stream_seed(a.seed, first + step, a.rank))
             idx = order[step * b : (step + 1) * b]  # device slice: no sync
             im_q, im_k = self._views(self.data[idx.repeat(2)], gen)
             yield Batch(im_q, im_k, self.labels[idx], idx)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 
 from . import register_loader
-from .base import Batch, LoaderArgs, NoOptions, parse_options
+from .base import Batch, LoaderArgs, NoOptions, check_start_step, parse_options
 
 
 class SyntheticLoader:
+    starts_mid_epoch = True
+
     def __init__(self, args: LoaderArgs):
         self.args = args
+        self.start_step = 0
         self.classes = [str(i) for i in range(10)]
         self.splits = None  # no image folder
         self.num_images = args.batch_size * args.synthetic_steps * args.world_size
@@ -32,11 +35,12 @@ class SyntheticLoader:
     def __len__(self) -> int:
         return self.args.synthetic_steps
 
-    def set_epoch(self, epoch: int) -> None:
-        pass
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        check_start_step(start_step, len(self))
+        self.start_step = start_step  # every step's batch is the same: only the count changes
 
     def __iter__(self):
-        for _ in range(len(self)):
+        for _ in range(self.start_step, len(self)):
             yield self.batch
 
 

@@ -18,7 +18,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 
 from . import register_loader
-from .base import DevicePrefetcher, LoaderArgs, NoOptions, parse_options, stream_seed
+from .base import DevicePrefetcher, LoaderArgs, NoOptions, check_start_step, parse_options, stream_seed
 from .color_jitter import ColorJitter
 from .wds import refuse_shard_set
 
@@ -140,6 +140,8 @@ def collate_views(items):
 
 
 class TorchLoader:
+    starts_mid_epoch = True
+
     def __init__(self, splits: DataSplits, args: LoaderArgs):
         images = splits.train
         if len(images) // args.world_size < args.batch_size:
@@ -152,20 +154,25 @@ class TorchLoader:
         self.classes = images.classes
         self.dataset = ImageDataset(images, TwoViews(view_transform(args.aug)))
         self.sampler = EpochShardSampler(len(images), args.seed, args.rank, args.world_size)
+        self.start_step = 0
 
     def __len__(self) -> int:
         return len(self.sampler) // self.args.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        check_start_step(start_step, len(self))
         self.sampler.set_epoch(epoch)
+        self.start_step = start_step
 
     def __iter__(self):
         a = self.args
         g = torch.Generator().manual_seed(stream_seed(a.seed, self.sampler.epoch, a.rank))
+        # the epoch's order from the first sample of step start_step: the skipped ones are not read
+        order = self.sampler.indices()[self.start_step * a.batch_size :].tolist()
         dl = DataLoader(
             self.dataset,
             batch_size=a.batch_size,
-            sampler=self.sampler,
+            sampler=order,
             num_workers=a.workers,
             collate_fn=collate_views,
             pin_memory=a.device.type == "cuda",

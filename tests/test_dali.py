@@ -195,6 +195,25 @@ def test_epoch_cut_short_then_next_epoch_restarts_in_step(tiny_root):
     assert [x.index.tolist() for x in a] == [x.index.tolist() for x in b]
 
 
+def test_an_epoch_started_at_a_step_yields_the_rest_of_that_epoch(tiny_root, tmp_path):
+    # a run resumed within an epoch: its stream starts at that step, and runs on into the next epoch
+    full = dali_loader(tiny_root, COLOUR, batch_size=4)
+    full.set_epoch(1)
+    whole = [(b.index.tolist(), b.label.tolist()) for b in full]
+    full.set_epoch(2)
+    after = [b.index.tolist() for b in full]
+    resumed = dali_loader(tiny_root, COLOUR, batch_size=4)
+    resumed.set_epoch(1, start_step=3)
+    assert [(b.index.tolist(), b.label.tolist()) for b in resumed] == whole[3:]
+    resumed.set_epoch(2)
+    assert [b.index.tolist() for b in resumed] == after
+    write_shards(tiny_root / "train", tmp_path / "wds")
+    shards = dali_loader(tmp_path / "wds", COLOUR, batch_size=4)
+    assert full.starts_mid_epoch and not shards.starts_mid_epoch  # DALI's reader starts at a shard's start
+    with pytest.raises(ValueError, match="first step only"):
+        shards.set_epoch(1, start_step=3)
+
+
 @pytest.mark.parametrize("device", [CPU, CUDA])
 def test_a_batch_is_not_overwritten_by_later_ones(tiny_root, device):
     # The views share DALI's buffers (no copy): they must stay intact while later batches come.

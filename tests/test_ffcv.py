@@ -129,6 +129,15 @@ def test_batches_are_two_normalised_views(loader, tiny_beton):
     assert loader.files.starts is None  # no image skipped: the file list was never read
 
 
+def test_an_epoch_started_at_a_step_yields_the_rest_of_that_epoch(loader, tiny_beton):
+    # a run resumed within an epoch: FFCV reads from that step on, and the next epoch is whole again
+    loader.set_epoch(2)
+    whole = [(b.index.tolist(), b.label.tolist()) for b in loader]
+    loader.set_epoch(2, start_step=1)
+    assert [(b.index.tolist(), b.label.tolist()) for b in loader] == whole[1:]
+    assert epoch_indices(loader, 2) == [i for ids, _ in whole for i in ids]
+
+
 def test_order_follows_seed_and_epoch(loader):
     e0, e1, e0_again = epoch_indices(loader, 0), epoch_indices(loader, 1), epoch_indices(loader, 0)
     assert e0 == e0_again and e0 != e1
