@@ -82,7 +82,10 @@ class RuntimeConfig:
     knn_baseline: bool = False  # also the kNN of a randomly initialised backbone, for comparison
     knn_k: int = 200
     knn_t: float = 0.1
-    log_every: int = 10  # steps between host syncs for the progress bar
+    log_every: int = 10  # steps between host syncs for the progress bar (and where a stop is acted on)
+    # minutes between checkpoints within an epoch (rank 0's clock, read at the host syncs); 0: at
+    # epoch ends and stops only
+    save_every: float = 30.0
     gpus: int = 1
     sync_bn: bool = False
 

@@ -138,6 +138,15 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x / world_size()
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum over the ranks (x itself with one process)."""
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -18,8 +18,8 @@ METRICS_NAME = "metrics.jsonl"  # a JSON row per epoch
 SUMMARY_NAME = "summary.json"  # the final row, with the final evaluation
 
 
-def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
-    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+def progress(total: int, desc: str, enabled: bool = True, initial: int = 0) -> tqdm:
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
 def read_rows(out: str | Path) -> list[dict[str, Any]]:

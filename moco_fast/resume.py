@@ -19,9 +19,12 @@ from moco_fast.step import load_optimizer_state
 log = logging.getLogger("moco_fast")
 
 
-def resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, world: int, rank: int) -> int:
+def resume(
+    resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, world: int, rank: int
+) -> tuple[int, dict[str, Any] | None]:
     """Loads a training checkpoint into the model, optimizer, scaler and random streams; returns
-    the epoch it ends."""
+    the epochs it finished and, for one saved within the next epoch (a stop, --save-every), the part
+    of that epoch done (epoch.EpochPart's fields; None at an epoch end)."""
     # on the CPU: the RNG states must stay there; model and optimizer states are copied to the device
     state = ckpt.load(resume_path, map_location="cpu")
     if not {"config", "model", "optimizer", "epoch"} <= set(state):
@@ -42,8 +45,10 @@ def resume(resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, 
     load_optimizer_state(optimizer, state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     restore_rng(state, cfg, world, rank, state["epoch"])
-    log.info("resumed from %s at epoch %d", resume_path, state["epoch"])
-    return state["epoch"]
+    part = {**state["epoch_part"], "step": state["step"]} if state.get("step") else None
+    within = f", step {part['step']} of epoch {state['epoch'] + 1}" if part else ""
+    log.info("resumed from %s at epoch %d%s", resume_path, state["epoch"], within)
+    return state["epoch"], part
 
 
 def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:

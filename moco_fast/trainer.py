@@ -1,8 +1,5 @@
-"""The MoCo training loop: a small `train_step` and a thin epoch loop around it.
-
-The step never syncs the device to the host: losses are summed on the device and read once every
-`log_every` steps (for the progress bar) and once per epoch (for metrics.jsonl).
-"""
+"""The MoCo training run: setup, the epochs (each one `epoch.run_epoch` around a small
+`train_step`), the LR schedule, atomic checkpoints at epoch ends and within epochs, the summary."""
 
 from __future__ import annotations
 
@@ -10,7 +7,6 @@ import contextlib
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -25,9 +21,12 @@ from moco_fast.cli import interruption
 from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
 from moco_fast.data import DataError
 from moco_fast.divergence import check_finite
+from moco_fast.epoch import EpochPart, resumed_part
+from moco_fast.epoch import run_epoch as _run_epoch
 from moco_fast.join import init_from_env
+from moco_fast.launch import under_torchrun
 from moco_fast.loaders import LoaderArgs, create_loader
-from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, progress, read_rows
+from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, read_rows
 from moco_fast.model import MoCo
 from moco_fast.monitor import eval_split_use, knn_figures, knn_top1, monitor_splits
 from moco_fast.resume import bn_splits_fix, queue_fix, resume, saved_world_size
@@ -46,6 +45,7 @@ from moco_fast.run_folder import (
     starts_over,
 )
 from moco_fast.step import GraphedStep, StepState, check_cuda_graph, make_optimizer, set_lr, train_step
+from moco_fast.stops import SaveClock, StopRequests
 
 log = logging.getLogger("moco_fast")
 
@@ -131,6 +131,10 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int |
             raise ConfigError(
                 f"{flag} must be at least {least} (got {value})" + (" (-1: auto)" * (flag == "--workers"))
             )
+    if not 0 <= r.save_every < math.inf:  # NaN fails too
+        raise ConfigError(
+            f"--save-every must be 0 (epoch ends and stops only) or a number of minutes (got {r.save_every})"
+        )
     if not 0 < r.knn_t < math.inf:
         raise ConfigError(f"--knn-t must be positive (got {r.knn_t})")
     if not (0 < o.lr < math.inf and 0 <= o.weight_decay < math.inf):  # NaN fails both
@@ -254,7 +258,16 @@ def _train_held(
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch = 0 if resume_path is None else resume(resume_path, cfg, model, optimizer, scaler, world, rank)
+    start_epoch, saved_part = 0, None
+    if resume_path is not None:
+        start_epoch, saved_part = resume(resume_path, cfg, model, optimizer, scaler, world, rank)
+    done = resumed_part(saved_part, start_epoch, loader, cfg.optim.batch_size, world)
+    if not loader.starts_mid_epoch:
+        log.info(
+            "--loader %s on this data starts an epoch at its first step only: checkpoints at epoch ends only "
+            "(no --save-every; a stop drops the epoch in progress)",
+            cfg.data.loader,
+        )
     # Every rank must run the same settings, from the same epoch, on the same number of steps, or
     # a collective would wait for the collective timeout (an hour) or mix different queues.
     agree(cfg, device, amp_dtype, start_epoch, loader)
@@ -301,35 +314,27 @@ def _train_held(
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
         step = GraphedStep(s, cfg.moco.m) if cfg.runtime.cuda_graph else partial(train_step, s, m=cfg.moco.m)
         row: dict[str, Any] = {}
+        save = partial(_save, out, cfg, model, optimizer, scaler, world, loader.num_images)
+        stops = StopRequests(repeats_wait=under_torchrun())
+        clock = SaveClock(cfg.runtime.save_every if loader.starts_mid_epoch else 0)
         for epoch in range(start_epoch, cfg.optim.epochs):
             lr = lr_at(cfg, epoch, base)
             set_lr(optimizer, lr)
-            loader.set_epoch(epoch)
-            row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world)
+            loader.set_epoch(epoch, done.step if done else 0)
+            within = partial(save, epoch) if loader.starts_mid_epoch else None
+            row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world, done, stops, clock, within)
+            done = None
             check_finite(model, mean_loss, epoch + 1, amp_dtype, cfg)
-            if splits is not None and cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0:
+            knn_due = cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0
+            if splits is not None and knn_due and not stops.agreed:  # a stop does not wait for the kNN
                 if dist_utils.is_main():  # kNN on rank 0 alone; the others wait at the barrier
                     row["knn_top1"] = knn_top1(model.backbone(), splits, cfg, device)
                 dist_utils.barrier()
             writer.write(row)
-            rng_states = dist_utils.all_gather_objects(ckpt.rng_state())  # each rank's streams, for --resume
-            if dist_utils.is_main():
-                ckpt.save_atomic(
-                    {
-                        "config": to_dict(cfg),
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng": rng_states[0],
-                        "rng_per_rank": rng_states,
-                        "shuffle_generator": dist_utils.shuffle_generator_state(),
-                        "world_size": world,
-                        "num_images": loader.num_images,
-                        "save_id": ckpt.new_save_id(),  # what the evaluations' results name (file_stamp)
-                    },
-                    out / ckpt.CHECKPOINT_NAME,
-                )
+            save(epoch + 1)
+            clock.saved()
+            if stops.agreed:  # noticed at the epoch's last step: saved as its end
+                raise stops.error()
         if summary_owed:
             log.info("%s: all %d epochs were done already; computing the final kNN it lacks", out, cfg.optim.epochs)
             row = (read_rows(out) or [{"epoch": start_epoch}])[-1]
@@ -351,42 +356,40 @@ def _train_held(
     return row
 
 
-def _run_epoch(
-    step, loader, cfg: TrainConfig, epoch: int, lr: float, device: torch.device, world: int
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """One pass over the loader: the epoch's row (mean loss and pretext accuracy over every rank's
-    steps, speed, time) and the mean loss as a device scalar (for check_finite)."""
-    loss_sum = torch.zeros((), device=device)
-    acc_sum = torch.zeros((), device=device)
-    steps = len(loader)
-    bar = progress(total=steps, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", enabled=dist_utils.is_main())
-    t0 = time.perf_counter()
-    n = 0
-    for i, batch in enumerate(loader):
-        loss, acc = step(batch)
-        loss_sum += loss
-        acc_sum += acc
-        n += 1
-        if (i + 1) % cfg.runtime.log_every == 0 or i + 1 == steps:
-            # Host sync point: only every log_every steps, for the progress bar.
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{n * cfg.optim.batch_size * world / elapsed:.0f}")
-        bar.update(1)
-    bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - t0
-    stats = dist_utils.all_reduce_mean(torch.stack([loss_sum, acc_sum]) / max(n, 1))  # host sync: once an epoch
-    row = {
-        "epoch": epoch + 1,
-        "loss": stats[0].item(),
-        "pretext_acc": stats[1].item() * 100,
-        "lr": lr,
-        "img_per_s": n * cfg.optim.batch_size * world / elapsed,
-        "img_per_s_per_device": n * cfg.optim.batch_size / elapsed,
-        "epoch_time_s": elapsed,
+def _save(
+    out: Path,
+    cfg: TrainConfig,
+    model: MoCo,
+    optimizer,
+    scaler,
+    world: int,
+    num_images: int,
+    epochs_done: int,
+    part: EpochPart | None = None,
+) -> None:
+    """checkpoint.pt (on rank 0; every rank takes part: the RNG states are gathered). "epoch" is
+    the epochs finished, whatever else reads the file (evaluations, find_resume, the run folder's
+    checks); a save within the next epoch adds "step" (its steps done) and "epoch_part" (EpochPart)."""
+    rng_states = dist_utils.all_gather_objects(ckpt.rng_state())  # each rank's streams, for --resume
+    if not dist_utils.is_main():
+        return
+    state = {
+        "config": to_dict(cfg),
+        "epoch": epochs_done,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_states[0],
+        "rng_per_rank": rng_states,
+        "shuffle_generator": dist_utils.shuffle_generator_state(),
+        "world_size": world,
+        "num_images": num_images,
+        "save_id": ckpt.new_save_id(),  # what the evaluations' results name (file_stamp)
     }
-    return row, stats[0]
+    if part is not None:
+        state.update(step=part.step, epoch_part=part.to_dict())
+        log.info("saved %s at step %d of epoch %d", out / ckpt.CHECKPOINT_NAME, part.step, epochs_done + 1)
+    ckpt.save_atomic(state, out / ckpt.CHECKPOINT_NAME)
 
 
 def _final_evaluation(

@@ -53,6 +53,7 @@ FLAG_FIELDS = {
     "knn_k": "runtime.knn_k",
     "knn_t": "runtime.knn_t",
     "log_every": "runtime.log_every",
+    "save_every": "runtime.save_every",
     "gpus": "runtime.gpus",
     "sync_bn": "runtime.sync_bn",
 }
@@ -187,7 +188,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor (default 200)")
     g.add_argument("--knn-t", type=float, help="temperature of the kNN monitor's weights (default 0.1)")
-    g.add_argument("--log-every", type=int, help="steps between progress-bar updates (each one is a host sync)")
+    g.add_argument(
+        "--log-every",
+        type=int,
+        help="steps between progress-bar updates (each one is a host sync, where a stop signal or Ctrl-C is "
+        "acted on: a checkpoint of that step, then the run ends)",
+    )
+    g.add_argument(
+        "--save-every",
+        type=float,
+        metavar="MINUTES",
+        help="also save checkpoint.pt within an epoch when this many minutes passed since the last save, so that "
+        "a kill or crash loses at most that much; --resume continues at the next step (0: at epoch ends and "
+        "stops only; default 30)",
+    )
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run, io_paths=(("--data", "data"), ("--out", "out")))  # cli.command_paths
 

@@ -1,0 +1,198 @@
+"""Checkpoints within an epoch: a stop signal or Ctrl-C during the steps is acted on at the next host
+sync (a checkpoint of that step, then the stop as before), --save-every saves within an epoch, and
+--resume continues the epoch at the next step as an uninterrupted run would have trained it."""
+
+import json
+import logging
+import os
+import signal
+
+import pytest
+import torch
+
+import moco_fast.trainer as trainer
+from moco_fast.cli import Terminated, _on_stop_signal, main
+from moco_fast.config import ConfigError, build_config
+from moco_fast.epoch import EpochPart, resumed_part
+from moco_fast.stops import SaveClock, StopRequests
+
+TINY = {
+    "model.arch": "resnet18",
+    "model.stem": "imagenet",
+    "moco.k": 32,
+    "moco.bn_splits": 2,
+    "optim.batch_size": 8,
+    "runtime.device": "cpu",
+    "data.workers": 0,
+    "runtime.final_knn": False,
+    "runtime.log_every": 2,
+    "runtime.save_every": 0.0,
+}
+
+
+def config(out, root=None, **extra):
+    data = {"data.data": str(root)} if root else {"data.loader": "synthetic", "data.synthetic_steps": 5}
+    return build_config("cifar", {**TINY, **data, "runtime.out": str(out), **extra})
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def handlers(request):
+    """The CLI's handlers, as `moco-fast train` runs with them: a stop that is not deferred raises."""
+    old = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
+def signal_at(monkeypatch, steps: dict[int, int]):
+    """train_step, which sends itself signal steps[n] after its n-th call (1-based, over the run)."""
+    real, calls = trainer.train_step, []
+
+    def step(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) in steps:
+            os.kill(os.getpid(), steps[len(calls)])
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    return calls
+
+
+def same_weights(a, b):
+    sa = torch.load(a / "checkpoint.pt", weights_only=False)["model"]
+    sb = torch.load(b / "checkpoint.pt", weights_only=False)["model"]
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+def test_a_stop_within_an_epoch_saves_its_step_and_resume_trains_as_without_it(
+    tiny_root, tmp_path, monkeypatch, handlers
+):
+    # torch loader, no workers: its draws come from the RNG state the checkpoint holds, so the
+    # resumed run trains exactly as the uninterrupted one (4 steps an epoch, a sync every 2)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    trainer.train(config(whole, tiny_root, **{"optim.epochs": 2}))
+    calls = signal_at(monkeypatch, {5: signal.SIGTERM})  # in epoch 2's first step: acted on after its second
+    with pytest.raises(Terminated) as stop:
+        trainer.train(config(cut, tiny_root, **{"optim.epochs": 2}))
+    assert stop.value.signum == signal.SIGTERM and len(calls) == 6  # the steps up to the sync, no more
+    state = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"], state["epoch_part"]["steps"]) == (1, 2, 4)
+    assert [r["epoch"] for r in rows(cut)] == [1]
+    monkeypatch.undo()
+    trainer.train(config(cut, tiny_root, **{"optim.epochs": 2, "runtime.resume": "auto"}))
+    a, b = rows(whole), rows(cut)
+    assert [r["epoch"] for r in b] == [1, 2]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["pretext_acc"] for r in a] == [r["pretext_acc"] for r in b]
+    for r in b:  # every step of the epoch counted, the part before the stop too
+        assert r["img_per_s"] * r["epoch_time_s"] == pytest.approx(4 * 8)
+    state = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2 and "step" not in state
+    assert same_weights(whole, cut) == []
+
+
+def test_a_stop_at_an_epochs_last_step_is_its_end(tmp_path, monkeypatch, handlers):
+    # Ctrl-C in the 5th (last) step of epoch 1: the epoch ends as usual (row, checkpoint), then the stop
+    calls = signal_at(monkeypatch, {5: signal.SIGINT})
+    with pytest.raises(KeyboardInterrupt) as stop:
+        trainer.train(config(tmp_path, **{"optim.epochs": 2}))
+    assert not isinstance(stop.value, Terminated) and len(calls) == 5
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and "step" not in state
+    assert [r["epoch"] for r in rows(tmp_path)] == [1]
+
+
+def test_the_cli_stops_with_its_line_and_status_and_resume_ends_as_a_whole_run(tmp_path, monkeypatch, capsys, caplog):
+    # synthetic data (every step the same batch): the weights of stopped + resumed equal a whole run's
+    args = ["train", "--loader", "synthetic", "--synthetic-steps", "5", "--preset", "cifar", "--arch", "resnet18",
+            "--stem", "imagenet", "--epochs", "2", "--batch-size", "8", "--moco-k", "32", "--bn-splits", "2",
+            "--device", "cpu", "--workers", "0", "--log-every", "2", "--save-every", "0", "--no-final-knn"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    cut = tmp_path / "cut"
+    calls = signal_at(monkeypatch, {8: signal.SIGUSR1})  # epoch 2, step 3: the sync after step 4 acts
+    assert main([*args, "--out", str(cut)]) == 128 + signal.SIGUSR1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped by SIGUSR1"
+    assert len(calls) == 9 and torch.load(cut / "checkpoint.pt", weights_only=False)["step"] == 4
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, "moco_fast"):
+        assert main([*args, "--out", str(cut), "--resume"]) == 0
+    assert "epoch 2 continues at step 5 of 5" in caplog.text
+    assert [r["epoch"] for r in rows(cut)] == [1, 2]
+    assert [r["loss"] for r in rows(cut)] == [r["loss"] for r in rows(tmp_path / "whole")]
+    assert same_weights(tmp_path / "whole", cut) == []
+
+
+def test_save_every_saves_within_an_epoch(tmp_path, monkeypatch):
+    saved = []
+    real = trainer.ckpt.save_atomic
+    monkeypatch.setattr(
+        trainer.ckpt, "save_atomic", lambda state, path: (saved.append(state.get("step")), real(state, path))
+    )
+    clock = iter(range(0, 10**6, 7))  # seconds: 7 between readings, against a save every 0.2 min (12 s)
+    monkeypatch.setattr("moco_fast.stops._now", lambda: next(clock))
+    trainer.train(config(tmp_path, **{"optim.epochs": 1, "data.synthetic_steps": 9, "runtime.save_every": 0.2}))
+    # syncs after steps 2, 4, 6, 8 (and 9, the end): the clock reads 7, 14 (due: saved), 21, 28 (due)
+    assert saved == [4, 8, None]
+    saved.clear()
+    trainer.train(config(tmp_path / "off", **{"optim.epochs": 1, "data.synthetic_steps": 9}))
+    assert saved == [None]  # 0: at the epoch's end only
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_save_every_must_be_minutes(tmp_path, value):
+    with pytest.raises(ConfigError, match="--save-every"):
+        trainer.validate(config(tmp_path, **{"runtime.save_every": float(value)}), 1)
+
+
+class Loader:
+    def __init__(self, steps, mid=True):
+        self.steps, self.starts_mid_epoch = steps, mid
+
+    def __len__(self):
+        return self.steps
+
+
+def test_a_resume_with_other_steps_per_epoch_restarts_the_epoch(caplog):
+    saved = {**EpochPart(3, 1.5, 0.5, 2.0, 10, 8, 2).to_dict()}
+    assert resumed_part(saved, 4, Loader(10), 8, 2) == EpochPart(3, 1.5, 0.5, 2.0, 10, 8, 2)
+    with caplog.at_level(logging.WARNING, "moco_fast"):
+        assert resumed_part(saved, 4, Loader(20), 8, 1) is None  # one process: twice the steps
+        assert "epoch 5 starts again from its first step" in caplog.text and "10 steps of 8 images in 2" in caplog.text
+        caplog.clear()
+        assert resumed_part(saved, 4, Loader(10, mid=False), 8, 2) is None  # DALI on shards
+        assert "starts an epoch at its first step only" in caplog.text
+    assert resumed_part(None, 4, Loader(10), 8, 2) is None
+
+
+def test_a_second_signal_stops_at_once_and_one_after_the_last_sync_on_leaving(handlers):
+    stops = StopRequests()
+    with pytest.raises(Terminated), stops.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stops.signum == signal.SIGTERM  # recorded, not raised
+        os.kill(os.getpid(), signal.SIGUSR1)  # the second: at once
+        raise AssertionError("a second signal was held")
+    assert signal.getsignal(signal.SIGTERM) is _on_stop_signal  # the handlers are back
+    stops = StopRequests()
+    with pytest.raises(KeyboardInterrupt), stops.deferred():
+        os.kill(os.getpid(), signal.SIGINT)  # no sync point agreed on it: raised when the steps end
+    # a launcher's worker waits through repeats (the job's signal and the launcher's copy of it)
+    stops = StopRequests(repeats_wait=True)
+    with stops.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        stops.agreed = True
+    assert stops.signum == signal.SIGTERM
+
+
+def test_save_clock_is_rank_zeros_and_zero_is_off(monkeypatch):
+    now = iter([0.0, 59.0, 61.0, 0.0, 1e9])
+    monkeypatch.setattr("moco_fast.stops._now", lambda: next(now))
+    clock = SaveClock(1)
+    assert not clock.due() and clock.due()
+    assert not SaveClock(0).due()
