@@ -120,11 +120,13 @@ def _recorded(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
 def _reported(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
     """fn(*args); a user error (cli.one_line) is written to `reports`/RANK and ends the worker with
     USER_ERROR_EXIT, without a traceback: the launcher prints it as the CLI would."""
-    from moco_fast.cli import one_line
+    from moco_fast.cli import exit_status, interruption, one_line
 
     try:
         return fn(*args)
     except BaseException as e:
+        if (stop := interruption(e)) is not None:  # a stop the trainer acted on (its step saved): no traceback
+            sys.exit(exit_status(stop))
         line = one_line(e)
         if line is None:
             raise
@@ -204,6 +206,8 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
         said = {int(p.name): p.read_text() for p in Path(reports).iterdir()}
         if said and e.get_first_failure()[0] in said:
             raise WorkerUserError(user_error_text(said)) from None
+        if (stop := _stopped(e.get_first_failure()[1].exitcode)) is not None:
+            raise stop from None  # the workers stopped on a signal that reached them, not the launcher
         raise WorkerFailed(describe_failure(e)) from None
     except SignalException as e:
         raise (KeyboardInterrupt() if e.sigval == signal.SIGINT else Terminated(e.sigval)) from None
@@ -217,6 +221,13 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
             del os.environ["OMP_NUM_THREADS"]
         shutil.rmtree(reports, ignore_errors=True)
     return [results[r] for r in sorted(results)]
+
+
+def _stopped(exitcode: int) -> KeyboardInterrupt | None:
+    """The stop behind a worker's exit status 128 + a stop signal or SIGINT (_reported), or None."""
+    if exitcode - 128 == signal.SIGINT:
+        return KeyboardInterrupt()
+    return Terminated(exitcode - 128) if exitcode - 128 in STOP_SIGNALS else None
 
 
 def describe_failure(e: Any) -> str:

@@ -196,3 +196,48 @@ def test_save_clock_is_rank_zeros_and_zero_is_off(monkeypatch):
     clock = SaveClock(1)
     assert not clock.due() and clock.due()
     assert not SaveClock(0).due()
+
+
+# -- several processes (gloo on the CPU) ----------------------------------------------------------
+def _stopping_worker(argv: list[str], at: int) -> int:
+    """`moco-fast train` in a worker; rank 1 alone sends itself SIGTERM in its `at`-th step (0: none)."""
+    torch.set_num_threads(1)
+    if at and os.environ["RANK"] == "1":
+        real, calls = trainer.train_step, []
+
+        def step(*a, **k):
+            calls.append(1)
+            out = real(*a, **k)
+            if len(calls) == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        trainer.train_step = step
+    return main(argv)
+
+
+def _terminated_worker() -> None:
+    raise Terminated(signal.SIGUSR1)
+
+
+@pytest.mark.slow
+def test_every_rank_stops_at_the_same_step_and_rank_0_saves_it(tiny_root, tmp_path):
+    from moco_fast.launch import run_workers
+
+    # 32 images, 2 ranks of 8: 2 steps an epoch, a sync after each; rank 1's signal in epoch 2's
+    # first step stops both there, and the resumed run ends as the whole one
+    args = ["train", "--data", str(tiny_root), "--device", "cpu", "--preset", "cifar", "--arch", "resnet18",
+            "--stem", "imagenet", "--moco-k", "32", "--bn-splits", "2", "--batch-size", "8", "--epochs", "2",
+            "--workers", "0", "--log-every", "1", "--save-every", "0", "--no-final-knn"]  # fmt: skip
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_workers(_stopping_worker, ([*args, "--out", str(whole)], 0), 2) == [0, 0]
+    assert run_workers(_stopping_worker, ([*args, "--out", str(cut)], 3), 2) == [143, 143]
+    state = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"], state["world_size"]) == (1, 1, 2)
+    assert run_workers(_stopping_worker, ([*args, "--out", str(cut), "--resume"], 0), 2) == [0, 0]
+    assert [r["loss"] for r in rows(cut)] == [r["loss"] for r in rows(whole)]
+    assert same_weights(whole, cut) == []
+    # a worker's stop (exit status 128 + the signal) ends the launcher as that stop, not as a failure
+    with pytest.raises(Terminated) as stop:
+        run_workers(_terminated_worker, (), 2)
+    assert stop.value.signum == signal.SIGUSR1
