@@ -126,6 +126,7 @@ def _reported(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
         return fn(*args)
     except BaseException as e:
         if (stop := interruption(e)) is not None:  # a stop the trainer acted on (its step saved): no traceback
+            Path(reports, f"stop.{os.environ.get('RANK', '0')}").touch()  # quiets the launcher's failure logs
             sys.exit(exit_status(stop))
         line = one_line(e)
         if line is None:
@@ -136,7 +137,7 @@ def _reported(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
 
 class _QuietOnUserErrors(logging.Filter):
     """Drops the launcher's failure logs (a worker's traceback, "Terminating process ...") once a
-    worker has reported a user error: its one line says it all, as without --gpus."""
+    worker has reported a user error or a stop: its one line says it all, as without --gpus."""
 
     def __init__(self, reports: str) -> None:
         super().__init__()
@@ -203,7 +204,7 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
     try:
         results = elastic_launch(config, _recorded)(fn, reports, *args)
     except ChildFailedError as e:
-        said = {int(p.name): p.read_text() for p in Path(reports).iterdir()}
+        said = {int(p.name): p.read_text() for p in Path(reports).iterdir() if p.name.isdigit()}
         if said and e.get_first_failure()[0] in said:
             raise WorkerUserError(user_error_text(said)) from None
         if (stop := _stopped(e.get_first_failure()[1].exitcode)) is not None:
