@@ -2,7 +2,10 @@
 
 Workers decode and augment to uint8 tensors (4x less to copy than float); `DevicePrefetcher`
 normalises on the device. Randomness: each epoch's order and worker seeds come from
-(seed, epoch, rank), so a resumed run draws the same views as an uninterrupted one.
+(seed, epoch, rank), so a resumed run draws the same views as an uninterrupted one. An epoch resumed
+at a step (`set_epoch(epoch, start_step)`) reads the same images from there on; its views are the
+same only without workers (the main process's RNG, which the checkpoint holds): each worker's stream
+depends on the batches it made before.
 """
 
 from __future__ import annotations
