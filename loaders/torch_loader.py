@@ -10,6 +10,8 @@ depends on the batches it made before.
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from moco_fast.kernels.augment_gpu import gaussian_kernels
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
 from moco_fast.augment import AugSpec
+from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 
 from . import register_loader
@@ -136,6 +139,17 @@ class EpochShardSampler(Sampler[int]):
         return iter(self.indices().tolist())
 
 
+def leave_stops_to_the_trainer(worker_id: int) -> None:
+    """A training DataLoader worker ignores Ctrl-C and the stop signals. A signal to the whole
+    process group (a terminal's Ctrl-C, SLURM, `docker stop`) reaches the workers too, while the
+    trainer goes on to its next sync point to save the step (moco_fast.stops) and needs their
+    batches: torch's own SIGTERM handler in a worker ends it, and the epoch then failed with "DataLoader
+    worker exited unexpectedly". The trainer's process ends its workers as at any epoch's end; a
+    worker whose process died ends of itself (torch's watchdog)."""
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def collate_views(items):
     views, label, index = zip(*items, strict=True)
     v1, v2 = zip(*views, strict=True)
@@ -182,6 +196,7 @@ class TorchLoader:
             drop_last=True,
             generator=g,
             prefetch_factor=4 if a.workers > 0 else None,
+            worker_init_fn=leave_stops_to_the_trainer,
         )
         return iter(DevicePrefetcher(dl, a.aug, a.device, a.dtype, a.channels_last))
 

@@ -241,3 +241,42 @@ def test_every_rank_stops_at_the_same_step_and_rank_0_saves_it(tiny_root, tmp_pa
     with pytest.raises(Terminated) as stop:
         run_workers(_terminated_worker, (), 2)
     assert stop.value.signum == signal.SIGUSR1
+
+
+STOPPED_WITH_ITS_GROUP = """
+import json, os, signal, sys
+from moco_fast import trainer
+from moco_fast.cli import main
+
+real, calls = trainer.train_step, []
+
+def step(*a, **k):
+    out = real(*a, **k)
+    calls.append(1)
+    if len(calls) == 2:  # as SLURM signals a job: every process, the DataLoader workers too
+        os.killpg(0, signal.SIGTERM)
+    return out
+
+trainer.train_step = step
+sys.exit(main(json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_the_process_group_with_dataloader_workers_saves_the_step(tiny_root, tmp_path):
+    # the workers, forked while the steps run, record the signal too instead of dying of it (which
+    # ended the epoch with "DataLoader worker killed by signal")
+    import subprocess
+    import sys
+
+    args = ["train", "--data", str(tiny_root), "--device", "cpu", "--preset", "cifar", "--arch", "resnet18",
+            "--stem", "imagenet", "--moco-k", "32", "--bn-splits", "2", "--batch-size", "8", "--epochs", "1",
+            "--workers", "2", "--log-every", "3", "--no-final-knn", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_WITH_ITS_GROUP, json.dumps(args)],
+        capture_output=True, text=True, timeout=300, start_new_session=True,
+    )  # fmt: skip
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "terminated", done.stderr[-3000:]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"]) == (0, 3)
