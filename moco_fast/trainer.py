@@ -261,7 +261,9 @@ def _train_held(
     start_epoch, saved_part = 0, None
     if resume_path is not None:
         start_epoch, saved_part = resume(resume_path, cfg, model, optimizer, scaler, world, rank)
-    done = resumed_part(saved_part, start_epoch, loader, cfg.optim.batch_size, world)
+    done = None  # the part of the next epoch done (a checkpoint saved within it)
+    if start_epoch < cfg.optim.epochs:
+        done = resumed_part(saved_part, start_epoch, loader, cfg.optim.batch_size, world)
     if not loader.starts_mid_epoch:
         log.info(
             "--loader %s on this data starts an epoch at its first step only: checkpoints at epoch ends only "
@@ -388,8 +390,9 @@ def _save(
     }
     if part is not None:
         state.update(step=part.step, epoch_part=part.to_dict())
-        log.info("saved %s at step %d of epoch %d", out / ckpt.CHECKPOINT_NAME, part.step, epochs_done + 1)
     ckpt.save_atomic(state, out / ckpt.CHECKPOINT_NAME)
+    if part is not None:
+        log.info("saved %s at step %d of epoch %d", out / ckpt.CHECKPOINT_NAME, part.step, epochs_done + 1)
 
 
 def _final_evaluation(
