@@ -29,6 +29,7 @@ RUNTIME_ONLY = frozenset(
         "runtime.force",
         "runtime.device",
         "runtime.log_every",
+        "runtime.save_every",  # when checkpoints are written, not what is trained
         "runtime.gpus",
         "runtime.sync_bn",  # no effect with one process, the only kind a sweep runs
         "moco.shuffle_exchange",  # with one process, no exchange at all

@@ -146,6 +146,13 @@ def test_save_every_saves_within_an_epoch(tmp_path, monkeypatch):
     assert saved == [None]  # 0: at the epoch's end only
 
 
+def test_a_sweep_reuses_a_result_whatever_its_save_every(tmp_path):
+    from moco_fast.sweep_plan import training_config
+
+    a, b = config(tmp_path, **{"runtime.save_every": 5.0}), config(tmp_path, **{"runtime.save_every": 0.0})
+    assert training_config(a) == training_config(b)  # when checkpoints are written, not what is trained
+
+
 @pytest.mark.parametrize("value", ["-1", "nan"])
 def test_save_every_must_be_minutes(tmp_path, value):
     with pytest.raises(ConfigError, match="--save-every"):
