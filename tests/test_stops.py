@@ -146,6 +146,24 @@ def test_save_every_saves_within_an_epoch(tmp_path, monkeypatch):
     assert saved == [None]  # 0: at the epoch's end only
 
 
+def test_a_loader_that_starts_epochs_at_their_first_step_only_saves_at_epoch_ends(
+    tmp_path, monkeypatch, handlers, caplog
+):
+    # as DALI on a shard set: no save within an epoch (a stop drops the epoch in progress), said once
+    from moco_fast.loaders.synthetic import SyntheticLoader
+
+    monkeypatch.setattr(SyntheticLoader, "starts_mid_epoch", False)
+    saved = []
+    real = trainer.ckpt.save_atomic
+    monkeypatch.setattr(
+        trainer.ckpt, "save_atomic", lambda state, path: (saved.append(state["epoch"]), real(state, path))
+    )
+    signal_at(monkeypatch, {7: signal.SIGTERM})  # epoch 2, step 2
+    with caplog.at_level(logging.INFO, "moco_fast"), pytest.raises(Terminated):
+        trainer.train(config(tmp_path, **{"optim.epochs": 2, "runtime.save_every": 1e-9}))
+    assert saved == [1] and "checkpoints at epoch ends only" in caplog.text
+
+
 def test_a_sweep_reuses_a_result_whatever_its_save_every(tmp_path):
     from moco_fast.sweep_plan import training_config
 
