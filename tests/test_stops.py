@@ -71,23 +71,25 @@ def same_weights(a, b):
     return [k for k in sa if not torch.equal(sa[k], sb[k])]
 
 
+@pytest.mark.parametrize("loader", ["torch", "resident"])
 def test_a_stop_within_an_epoch_saves_its_step_and_resume_trains_as_without_it(
-    tiny_root, tmp_path, monkeypatch, handlers
+    tiny_root, tmp_path, monkeypatch, handlers, loader
 ):
-    # torch loader, no workers: its draws come from the RNG state the checkpoint holds, so the
-    # resumed run trains exactly as the uninterrupted one (4 steps an epoch, a sync every 2)
+    # the torch loader without workers draws from the RNG state the checkpoint holds, the resident
+    # loader from the step's own seed: the resumed run trains exactly as the uninterrupted one (4
+    # steps an epoch, a sync every 2)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    trainer.train(config(whole, tiny_root, **{"optim.epochs": 2}))
+    trainer.train(config(whole, tiny_root, **{"optim.epochs": 2, "data.loader": loader}))
     calls = signal_at(monkeypatch, {5: signal.SIGTERM})  # in epoch 2's first step: acted on after its second
     with pytest.raises(Terminated) as stop:
-        trainer.train(config(cut, tiny_root, **{"optim.epochs": 2}))
+        trainer.train(config(cut, tiny_root, **{"optim.epochs": 2, "data.loader": loader}))
     assert stop.value.signum == signal.SIGTERM and len(calls) == 6  # the steps up to the sync, no more
     state = torch.load(cut / "checkpoint.pt", weights_only=False)
     assert (state["epoch"], state["step"], state["epoch_part"]["steps"]) == (1, 2, 4)
     assert [r["epoch"] for r in rows(cut)] == [1]
     load_model(cut / "checkpoint.pt")  # the evaluations (knn, lincls, export) read it as the weights of that step
     monkeypatch.undo()
-    trainer.train(config(cut, tiny_root, **{"optim.epochs": 2, "runtime.resume": "auto"}))
+    trainer.train(config(cut, tiny_root, **{"optim.epochs": 2, "runtime.resume": "auto", "data.loader": loader}))
     a, b = rows(whole), rows(cut)
     assert [r["epoch"] for r in b] == [1, 2]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
