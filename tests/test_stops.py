@@ -179,6 +179,19 @@ def test_save_every_must_be_minutes(tmp_path, value):
         trainer.validate(config(tmp_path, **{"runtime.save_every": float(value)}), 1)
 
 
+def test_a_resume_with_another_batch_size_restarts_the_epoch(tmp_path, monkeypatch, handlers, caplog):
+    signal_at(monkeypatch, {2: signal.SIGTERM})  # epoch 1, step 2 of 5: saved there
+    with pytest.raises(Terminated):
+        trainer.train(config(tmp_path, **{"optim.epochs": 1}))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, "moco_fast"):
+        trainer.train(config(tmp_path, **{"optim.epochs": 1, "optim.batch_size": 4, "runtime.resume": "auto"}))
+    assert "epoch 1 starts again from its first step" in caplog.text
+    (row,) = rows(tmp_path)
+    assert row["img_per_s"] * row["epoch_time_s"] == pytest.approx(5 * 4)  # the restarted epoch's steps only
+
+
 class Loader:
     def __init__(self, steps, mid=True):
         self.steps, self.starts_mid_epoch = steps, mid
