@@ -192,6 +192,17 @@ def test_a_resume_with_another_batch_size_restarts_the_epoch(tmp_path, monkeypat
     assert row["img_per_s"] * row["epoch_time_s"] == pytest.approx(5 * 4)  # the restarted epoch's steps only
 
 
+def test_a_checkpoint_within_an_epoch_past_a_shortened_run_is_a_finished_run(tmp_path, monkeypatch, handlers, caplog):
+    signal_at(monkeypatch, {7: signal.SIGTERM})  # epoch 2, step 2 of 5: saved there
+    with pytest.raises(Terminated):
+        trainer.train(config(tmp_path, **{"optim.epochs": 2}))
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, "moco_fast"):
+        trainer.train(config(tmp_path, **{"optim.epochs": 1, "runtime.resume": "auto"}))
+    assert "all 1 epochs were done already" in caplog.text and "continues" not in caplog.text
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2  # left as it was
+
+
 class Loader:
     def __init__(self, steps, mid=True):
         self.steps, self.starts_mid_epoch = steps, mid
