@@ -128,6 +128,8 @@ def read_classes(beton: Path, labels: np.ndarray, fingerprint: str | None) -> li
     if side.is_file():
         try:
             meta = json.loads(side.read_text())
+            if not isinstance(meta, dict):  # a user's file of that name (meta.get would be a traceback)
+                raise ValueError("it is not a JSON object, as convert writes it")
             if meta.get("beton_fingerprint") not in (None, fingerprint):
                 raise ValueError(stale(beton))
             classes = [str(c) for c in meta["classes"]]

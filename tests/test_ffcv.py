@@ -476,6 +476,18 @@ def test_a_missing_path_is_named_as_such(tmp_path):
         create_loader("ffcv", loader_args(path))
 
 
+@pytest.mark.parametrize("text", ['["cat", "dog"]', '"cat"', "7"])
+def test_a_sidecar_that_is_no_json_object_is_ignored_in_one_line(text, tmp_path, caplog):
+    # a user's file of that name: its class names are not read from it, and the run goes on (the
+    # fingerprint check read it with meta.get, an AttributeError traceback for a JSON list)
+    from moco_fast.loaders.ffcv import read_classes
+
+    (tmp_path / "x.beton.json").write_text(text)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert read_classes(tmp_path / "x.beton", np.array([0, 1, 1]), "0f" * 16) == ["0", "1"]
+    assert caplog.text.count("ignoring") == 1 and "x.beton.json" in caplog.text
+
+
 def test_the_file_list_is_read_at_the_first_lookup_and_must_fit_the_beton(tmp_path, caplog):
     from moco_fast.loaders.ffcv import FileNames
 
