@@ -122,13 +122,21 @@ def beton_of_convert(p: Path) -> str | None:
     so. Anything else is refused: another file (a source image, notes.txt), and a .beton of another
     tool (ffcv-imagenet's has the same fields; only the sidecar tells them apart). A sidecar that
     records the fingerprint of another .beton is one that a convert stopped before replacing it
-    (the .beton beside it is that convert's): replaced as well, or the set could never be remade."""
+    (the .beton beside it is that convert's): replaced as well, or the set could never be remade;
+    but only without a file list, which that convert removed first: beside a list, the .beton was
+    put there by something else (another tool's, written over convert's)."""
     samples = beton_samples(p)
     if isinstance(samples, str):
         return f"is not a .beton that convert wrote ({samples})"
     meta = read_json_object(sidecar_path(p))
     recorded = None if meta is None else meta.get("beton_fingerprint")
     if meta is not None and meta.get("format") == "ffcv" and recorded is not None and recorded != beton_fingerprint(p):
+        names = names_path(p)
+        if names.exists() or names.is_symlink():
+            return (
+                f"is a .beton that {sidecar_path(p).name} and {names.name} do not describe (they record another "
+                ".beton's fingerprint: another tool's .beton written in its place?)"
+            )
         return None
     if meta is None or meta.get("format") != "ffcv" or meta.get("num_images") != samples:
         return f"is a .beton without the {sidecar_path(p).name} of convert that describes it (another tool's?)"

@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -203,6 +204,51 @@ def test_an_earlier_beton_is_replaced_only_with_force(bad_root, tmp_path, capsys
     with pytest.raises(FileExistsError, match="the file list of DST"):
         check_destination(bad_root, dst, "ffcv", force=False)
     check_destination(bad_root, dst, "ffcv", force=True)
+
+
+def fake_beton(path: Path, samples: int, seed: int) -> None:
+    """A file laid out as FFCV writes convert's fields (header, field descriptions, one record an
+    image, the images' bytes, the allocation table), its tables drawn from `seed`: no FFCV needed."""
+    from moco_fast.convert_dst import (
+        ALLOC_ENTRY_SIZE,
+        BETON_HEADER,
+        CONVERT_FIELDS,
+        FIELD_DESC_SIZE,
+        SAMPLE_RECORD_SIZE,
+    )
+
+    rng = np.random.default_rng(seed)
+    fields = b"".join(bytes([t]) + name.ljust(16, b"\0") + bytes(FIELD_DESC_SIZE - 17) for t, name in CONVERT_FIELDS)
+    records = rng.bytes(samples * SAMPLE_RECORD_SIZE) + rng.bytes(4096)  # then the images' bytes
+    alloc_table = BETON_HEADER.size + len(fields) + len(records)
+    header = BETON_HEADER.pack(2, len(CONVERT_FIELDS), 1 << 21, samples, alloc_table)
+    path.write_bytes(header + fields + records + rng.bytes(samples * ALLOC_ENTRY_SIZE))
+
+
+def test_force_replaces_a_beton_beside_a_stale_sidecar_only_where_a_killed_convert_left_it(tmp_path):
+    # A --force convert killed after renaming its .beton into place, before its sidecar, leaves the
+    # old sidecar (another fingerprint) and no file list (removed first): --force remakes that set.
+    # A file list still there says the .beton came from elsewhere (another tool's written over
+    # convert's, of as many images): not replaced, as without a sidecar.
+    from moco_fast.config import ConfigError
+    from moco_fast.convert_beton import write_names
+    from moco_fast.convert_dst import names_path, sidecar_path
+
+    src, dst = tmp_path / "src", tmp_path / "x.beton"
+    src.mkdir()
+    fake_beton(dst, 5, seed=0)
+    ours = beton_fingerprint(dst)
+    assert ours is not None and beton_samples(dst) == 5
+    meta = {"format": "ffcv", "classes": ["a", "b"], "num_images": 5, "beton_fingerprint": ours}
+    sidecar_path(dst).write_text(json.dumps(meta))
+    write_names(names_path(dst), [str(src / f"a/{i}.jpg") for i in range(5)], src, ours)
+    check_destination(src, dst, "ffcv", force=True)  # the set as convert left it
+    fake_beton(dst, 5, seed=1)  # another .beton in its place, the sidecar and list left beside it
+    assert beton_fingerprint(dst) != ours
+    with pytest.raises(ConfigError, match=re.escape(f"DST {dst} exists and is a .beton that x.beton.json and")):
+        check_destination(src, dst, "ffcv", force=True)
+    names_path(dst).unlink()  # as a convert killed between its .beton and its sidecar leaves it
+    check_destination(src, dst, "ffcv", force=True)
 
 
 @pytest.mark.slow
