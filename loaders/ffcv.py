@@ -169,7 +169,9 @@ class FileNames:
                 line = fh.read(int(self.starts[i + 1] - self.starts[i]) - 1)
         except OSError:  # moved or deleted since: the name is a courtesy, the run goes on without it
             return None
-        return line.decode("utf-8", errors="backslashreplace")
+        # a list whose line endings were made CRLF (copied through Windows): the \r would return the
+        # cursor in the middle of the log line that names the file
+        return line.removesuffix(b"\r").decode("utf-8", errors="backslashreplace")
 
     def _scan(self) -> np.ndarray | None:
         try:

@@ -519,6 +519,10 @@ def test_the_file_list_is_read_at_the_first_lookup_and_must_fit_the_beton(tmp_pa
     lines = names_path(beton).read_bytes().split(b"\n", 1)
     names_path(beton).write_bytes(lines[0].partition(b"\t")[0] + b"\n" + lines[1])
     assert FileNames(beton, 4, ours)[0] == "cat/1.jpg"
+    # a list whose line endings became CRLF (copied through Windows): the same names, no \r in them
+    names_path(beton).write_bytes(names_path(beton).read_bytes().replace(b"\n", b"\r\n"))
+    crlf = FileNames(beton, 4, ours)
+    assert [crlf[i] for i in (0, 2)] == ["cat/1.jpg", "dog/café.jpg"]
     names_path(beton).write_text("cat/1.jpg\ncat/2.jpg\ncat/3.jpg\ncat/4.jpg\n")  # no header: not convert's
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert FileNames(beton, 3, ours)[0] is None
