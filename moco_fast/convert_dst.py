@@ -45,9 +45,10 @@ NAMES_FINGERPRINT = "\t# of the .beton "
 
 
 def names_path(beton: Path) -> Path:
-    """The file list beside a .beton: NAMES_HEADER + SRC's split folder, then one source file a line
-    (relative to it) in the .beton's order, read by the FFCV loader to name an image it skips. Plain
-    text: ImageNet's is ~40 MB, where json would be read whole at every start."""
+    """The file list beside a .beton: NAMES_HEADER + SRC's split folder + NAMES_FINGERPRINT + the
+    .beton's fingerprint on the first line, then one source file a line (relative to that folder) in
+    the .beton's order, read by the FFCV loader to name an image it skips. Plain text: ImageNet's is
+    ~40 MB, where json would be read whole at every start."""
     return beton.with_name(beton.name + ".files.txt")
 
 

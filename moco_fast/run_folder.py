@@ -85,10 +85,11 @@ def check_writable(cfg: TrainConfig, resume_path: Path | None) -> None:
     and the model build. A run that resumes its own finished checkpoint writes nothing but the final
     kNN's summary.json it may owe: checked here where the data's folders show an eval split
     (monitor.may_have_eval_split), and where a finished run writes nothing (no final kNN, a
-    summary.json there, data without an eval split) a folder that may not be written is fine. What
-    the folders cannot tell (an eval split that turns out unreadable) the trainer checks with
-    refuse_unwritable once the data is read. Call it where the run writes (rank 0), once the folder
-    exists (hold_run_folder)."""
+    summary.json there, data without an eval split) a folder that may not be written is fine. An
+    eval split that the folders show but that turns out unreadable (the final kNN is then skipped,
+    nothing written) is refused all the same: the price of saying it before the data scan, and
+    --no-final-knn, which the line names, gets past it. Call it where the run writes (rank 0), once
+    the folder exists (hold_run_folder)."""
     from moco_fast.monitor import may_have_eval_split
 
     out = Path(cfg.runtime.out)
