@@ -1026,25 +1026,31 @@ def test_an_out_that_may_not_be_written_is_one_line_before_the_data_is_read(tiny
     assert (fin / "checkpoint.pt").read_bytes() == before and sorted(p.name for p in empty.iterdir()) == []
 
 
-@pytest.mark.slow
-def test_a_finished_run_that_owes_its_summary_says_its_out_may_not_be_written(tiny_root, trained, tmp_path):
-    # check_writable lets a finished run by (it "writes nothing"), but one whose final kNN was cut
-    # short still writes summary.json: on a read-only --out that was a traceback from TensorBoard's
-    # event-file thread after the data scan, not the one line
+def resume_read_only(fin, ro):
+    """`train --resume --final-knn` on the finished run `fin` in a subprocess, with `fin` and `ro`
+    (the folder above it) not writable."""
     import subprocess
 
-    ro = tmp_path / "ro"
-    fin = ro / "fin"
-    shutil.copytree(trained, fin)  # trained with --no-final-knn: no summary.json
     prefix = read_only_prefix([ro, fin])
     argv = ["train", "--resume", "--out", str(fin), "--device", "cpu", "--workers", "0", "--final-knn"]
     try:
-        done = subprocess.run(
+        return subprocess.run(
             [*prefix, sys.executable, "-m", "moco_fast", *argv], capture_output=True, text=True, timeout=300
         )
     finally:
         for f in (ro, fin):
             f.chmod(0o755)
+
+
+@pytest.mark.slow
+def test_a_finished_run_that_owes_its_summary_says_its_out_may_not_be_written(tiny_root, trained, tmp_path):
+    # check_writable lets a finished run by (it "writes nothing"), but one whose final kNN was cut
+    # short still writes summary.json: on a read-only --out that was a traceback from TensorBoard's
+    # event-file thread after the data scan, not the one line
+    ro = tmp_path / "ro"
+    fin = ro / "fin"
+    shutil.copytree(trained, fin)  # trained with --no-final-knn: no summary.json
+    done = resume_read_only(fin, ro)
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert len(err) == 1, err  # before the data scan: no "data: ..." line
@@ -1059,22 +1065,12 @@ def test_a_finished_run_that_owes_its_summary_says_its_out_may_not_be_written(ti
 @pytest.mark.slow
 def test_a_finished_run_on_data_without_an_eval_split_owes_nothing_in_a_read_only_out(tiny_root, tmp_path):
     # its final kNN has no eval split to run on: a folder that may not be written is no obstacle
-    import subprocess
-
     flat, ro = tmp_path / "flat", tmp_path / "ro"
     shutil.copytree(tiny_root / "train", flat)  # class folders only: no train/ and val/ or test/
     fin = ro / "fin"
     assert main(tiny_args(flat, fin)) == 0
     files = sorted(p.name for p in fin.iterdir())
-    prefix = read_only_prefix([ro, fin])
-    argv = ["train", "--resume", "--out", str(fin), "--device", "cpu", "--workers", "0", "--final-knn"]
-    try:
-        done = subprocess.run(
-            [*prefix, sys.executable, "-m", "moco_fast", *argv], capture_output=True, text=True, timeout=300
-        )
-    finally:
-        for f in (ro, fin):
-            f.chmod(0o755)
+    done = resume_read_only(fin, ro)
     assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr[-2000:]
     assert sorted(p.name for p in fin.iterdir()) == files
 
