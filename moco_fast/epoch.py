@@ -85,8 +85,8 @@ def run_epoch(
     epoch's row (mean loss and pretext accuracy over every rank's steps, speed, time) and the mean
     loss as a device scalar (for check_finite). At each host sync, a stop that a rank recorded or a
     save due by `clock` calls save(part) (None: the loader cannot resume within an epoch, and a stop
-    drops the steps of the epoch done) and then raises the stop; at the epoch's last step the stop is
-    left agreed in `stops` for the trainer, after its epoch-end save."""
+    drops the steps of the epoch done) and then raises the stop; a stop after the epoch's last sync
+    within it (to the loop's end) is left agreed in `stops` for the trainer, after its epoch-end save."""
     done = done or EpochPart()
     stops = stops or StopRequests()
     clock = clock or SaveClock(0)
@@ -111,16 +111,22 @@ def run_epoch(
                 # ranks agree on (a stop, a save: one all-reduce with several processes).
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{n * b * world / elapsed:.0f}")
-                signum, due = agree_at_sync(stops, clock, device)
-                if i + 1 < steps and (signum or due) and save is not None:
+                # the last step's agreement comes after the loop: the loader ends its epoch first
+                signum, due = agree_at_sync(stops, clock, device) if i + 1 < steps else (None, False)
+                if (signum or due) and save is not None:
                     began = time.perf_counter()
                     sums = dist_utils.all_reduce_mean(torch.stack([loss_sum, acc_sum])).tolist()  # host sync
                     save(EpochPart(i + 1, *sums, elapsed, steps, b, world))
                     clock.saved()
                     t0 += time.perf_counter() - began  # the save's time is not the epoch's
-                if signum and i + 1 < steps:
+                if signum:
                     bar.close()
                     raise stops.error()
+        # The epoch's end (a host sync already, for its row): a stop that came after the last
+        # --log-every sync, or while the loader ended, is agreed here, so that every rank saves the
+        # epoch's end and then stops, rather than the rank that got it stopping alone (the others
+        # waiting in the next collective) and the epoch's steps being lost.
+        agree_at_sync(stops, clock, device)
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -38,7 +38,8 @@ class StopRequests:
         """While in it, the stop signals and Ctrl-C are recorded in `signum` (those ignored stay
         ignored: `nohup`'s SIGHUP). The first one puts the handlers back in a process of its own, so
         that a second stops at once. Leaving it with a signal recorded that no sync point agreed on
-        (it came after the epoch's last one) raises it, as without deferring."""
+        (it came after the epoch's final agreement, run_epoch's last act in here) raises it, as
+        without deferring."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return

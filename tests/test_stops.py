@@ -112,6 +112,26 @@ def test_a_stop_at_an_epochs_last_step_is_its_end(tmp_path, monkeypatch, handler
     assert [r["epoch"] for r in rows(tmp_path)] == [1]
 
 
+def test_a_stop_after_an_epochs_last_sync_is_its_end(tmp_path, monkeypatch, handlers):
+    # SIGTERM while the loader ends epoch 1 (after its last --log-every sync): agreed at the epoch's
+    # end, which ends as usual (row, checkpoint), then the stop; not raised on leaving the steps by
+    # the rank that got it alone, the epoch lost
+    from moco_fast.loaders.synthetic import SyntheticLoader
+
+    real = SyntheticLoader.__iter__
+
+    def ends_with_a_stop(self):
+        yield from real(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(SyntheticLoader, "__iter__", ends_with_a_stop)
+    with pytest.raises(Terminated):
+        trainer.train(config(tmp_path, **{"optim.epochs": 2}))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and "step" not in state
+    assert [r["epoch"] for r in rows(tmp_path)] == [1]
+
+
 def test_the_cli_stops_with_its_line_and_status_and_resume_ends_as_a_whole_run(tmp_path, monkeypatch, capsys, caplog):
     # synthetic data (every step the same batch): the weights of stopped + resumed equal a whole run's
     args = ["train", "--loader", "synthetic", "--synthetic-steps", "5", "--preset", "cifar", "--arch", "resnet18",
