@@ -32,8 +32,9 @@ def resume(
     check_same_model(state["config"], cfg)
     if state["epoch"] < cfg.optim.epochs:
         warn_changed(state["config"], cfg)
-        warn_rescheduled(state["config"], cfg, state["epoch"], world, state.get("world_size", world))
-        warn_rescaled(state["config"], cfg, world, state.get("world_size", world))
+        saved_world = state.get("world_size", world)
+        warn_rescheduled(state["config"], cfg, state["epoch"], world, saved_world, state.get("step") or 0)
+        warn_rescaled(state["config"], cfg, world, saved_world)
     bank = state["model"].get("bank")
     if bank is not None and hasattr(model, "bank") and bank.shape[0] != model.bank.shape[0]:
         raise DataError(
@@ -72,21 +73,26 @@ def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
         log.warning("--resume with changed settings: %s", "; ".join(changed))
 
 
-def warn_rescheduled(saved: dict[str, Any], cfg: TrainConfig, done: int, world: int, saved_world: int) -> None:
+def warn_rescheduled(
+    saved: dict[str, Any], cfg: TrainConfig, done: int, world: int, saved_world: int, step: int = 0
+) -> None:
     """A run extended (or shortened) with --epochs: the lr schedule is that of the new length, so the
     lr of its next epoch is not where the old schedule ended (a cosine run 200 -> 400 goes from about
-    0 back to half the base lr). Said with the two figures."""
+    0 back to half the base lr). Said with the two figures. `step`: the steps of epoch done + 1 that
+    a checkpoint saved within it holds, trained at the old schedule's lr for that epoch."""
     from moco_fast.trainer import base_lr, lr_at
 
     before = from_dict(saved)
     if before.optim.epochs == cfg.optim.epochs:
         return
-    last = lr_at(before, done - 1, base_lr(before, saved_world))  # as the processes that trained it had it
+    # as the processes that trained it had it: that of its last epoch, or of the one it is within
+    last = lr_at(before, done if step else done - 1, base_lr(before, saved_world))
+    had = f"its first {step} steps had" if step else f"epoch {done} had"
     nxt = lr_at(cfg, done, base_lr(cfg, world))
     log.warning(
         "--resume: --epochs %d (the run was scheduled for %d): the %s schedule now spans %d epochs, so "
-        "epoch %d trains at lr %.4g where epoch %d had %.4g",
-        *(cfg.optim.epochs, before.optim.epochs, cfg.optim.schedule, cfg.optim.epochs, done + 1, nxt, done, last),
+        "epoch %d trains at lr %.4g where %s %.4g",
+        *(cfg.optim.epochs, before.optim.epochs, cfg.optim.schedule, cfg.optim.epochs, done + 1, nxt, had, last),
     )
 
 

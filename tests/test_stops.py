@@ -205,10 +205,15 @@ def test_a_resume_with_another_batch_size_restarts_the_epoch(tmp_path, monkeypat
         trainer.train(config(tmp_path, **{"optim.epochs": 1}))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
     monkeypatch.undo()
+    longer = config(tmp_path, **{"optim.epochs": 2, "optim.batch_size": 4, "runtime.resume": "auto"})
     with caplog.at_level(logging.WARNING, "moco_fast"):
-        trainer.train(config(tmp_path, **{"optim.epochs": 1, "optim.batch_size": 4, "runtime.resume": "auto"}))
+        trainer.train(longer)
     assert "epoch 1 starts again from its first step" in caplog.text
-    (row,) = rows(tmp_path)
+    # and --epochs 1 -> 2: the lr of epoch 1 is compared with the one its first steps had, not an epoch 0's
+    was = trainer.lr_at(config(tmp_path, **{"optim.epochs": 1}), 0, trainer.base_lr(config(tmp_path), 1))
+    will = trainer.lr_at(longer, 0, trainer.base_lr(longer, 1))
+    assert f"epoch 1 trains at lr {will:.4g} where its first 2 steps had {was:.4g}" in caplog.text, caplog.text
+    row = rows(tmp_path)[0]
     assert row["img_per_s"] * row["epoch_time_s"] == pytest.approx(5 * 4)  # the restarted epoch's steps only
 
 
