@@ -302,9 +302,10 @@ def made_from_now(out: Path) -> Callable[[], list[Path]]:
 
 
 def forget_a_run_without_epochs(out: Path, made: list[Path]) -> None:
-    """A run that failed (bad data, a divergence) before it logged its first epoch takes back what it
-    `made` there (config.json, tb/), so that the folder is as it was (hold_run_folder then removes a
-    folder that the run created). A folder holding rows or a checkpoint is left as it is."""
+    """A run that failed (bad data, a divergence) before its first row or checkpoint (one saved
+    within its first epoch counts) takes back what it `made` there (config.json, tb/), so that the
+    folder is as it was (hold_run_folder then removes a folder that the run created). A folder
+    holding rows or a checkpoint is left as it is."""
     if holds_run(out):
         return
     for p in made:

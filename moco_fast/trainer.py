@@ -316,26 +316,26 @@ def _train_held(
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
         step = GraphedStep(s, cfg.moco.m) if cfg.runtime.cuda_graph else partial(train_step, s, m=cfg.moco.m)
         row: dict[str, Any] = {}
-        save = partial(_save, out, cfg, model, optimizer, scaler, world, loader.num_images)
+        saves = _Checkpoints(out, cfg, model, optimizer, scaler, world, loader.num_images, amp_dtype, resume_path)
         stops = StopRequests(repeats_wait=under_torchrun())
         clock = SaveClock(cfg.runtime.save_every if loader.starts_mid_epoch else 0)
         for epoch in range(start_epoch, cfg.optim.epochs):
             lr = lr_at(cfg, epoch, base)
             set_lr(optimizer, lr)
             loader.set_epoch(epoch, done.step if done else 0)
-            within = partial(save, epoch) if loader.starts_mid_epoch else None
+            within = partial(saves.save, epoch) if loader.starts_mid_epoch else None
             row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world, done, stops, clock, within)
             done = None
-            check_finite(model, mean_loss, epoch + 1, amp_dtype, cfg)
+            saves.check(mean_loss, epoch + 1)
             knn_due = cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0
             if splits is not None and knn_due and not stops.agreed:  # a stop does not wait for the kNN
                 if dist_utils.is_main():  # kNN on rank 0 alone; the others wait at the barrier
                     row["knn_top1"] = knn_top1(model.backbone(), splits, cfg, device)
                 dist_utils.barrier()
             writer.write(row)
-            save(epoch + 1)
+            saves.save(epoch + 1)
             clock.saved()
-            if stops.agreed:  # noticed at the epoch's last step: saved as its end
+            if stops.agreed:  # agreed at the epoch's end (run_epoch): saved as its end
                 raise stops.error()
         if summary_owed:
             log.info("%s: all %d epochs were done already; computing the final kNN it lacks", out, cfg.optim.epochs)
@@ -358,41 +358,59 @@ def _train_held(
     return row
 
 
-def _save(
-    out: Path,
-    cfg: TrainConfig,
-    model: MoCo,
-    optimizer,
-    scaler,
-    world: int,
-    num_images: int,
-    epochs_done: int,
-    part: EpochPart | None = None,
-) -> None:
-    """checkpoint.pt (on rank 0; every rank takes part: the RNG states are gathered). "epoch" is
-    the epochs finished, whatever else reads the file (evaluations, find_resume, the run folder's
-    checks); a save within the next epoch adds "step" (its steps done) and "epoch_part" (EpochPart)."""
-    rng_states = dist_utils.all_gather_objects(ckpt.rng_state())  # each rank's streams, for --resume
-    if not dist_utils.is_main():
-        return
-    state = {
-        "config": to_dict(cfg),
-        "epoch": epochs_done,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng_states[0],
-        "rng_per_rank": rng_states,
-        "shuffle_generator": dist_utils.shuffle_generator_state(),
-        "world_size": world,
-        "num_images": num_images,
-        "save_id": ckpt.new_save_id(),  # what the evaluations' results name (file_stamp)
-    }
-    if part is not None:
-        state.update(step=part.step, epoch_part=part.to_dict())
-    ckpt.save_atomic(state, out / ckpt.CHECKPOINT_NAME)
-    if part is not None:
-        log.info("saved %s at step %d of epoch %d", out / ckpt.CHECKPOINT_NAME, part.step, epochs_done + 1)
+class _Checkpoints:
+    """The run's checkpoint.pt, and the check that its weights are finite (divergence.check_finite)."""
+
+    def __init__(
+        self,
+        out: Path,
+        cfg: TrainConfig,
+        model: MoCo,
+        optimizer,
+        scaler,
+        world,
+        num_images,
+        amp_dtype,
+        resumed: Path | None,
+    ):
+        self.out, self.cfg, self.model, self.optimizer, self.scaler = out, cfg, model, optimizer, scaler
+        self.world, self.num_images, self.amp_dtype = world, num_images, amp_dtype
+        # a checkpoint of the run is there (the one resumed from, or one saved since): a divergence says so
+        self.kept = resumed is not None
+
+    def check(self, mean_loss: torch.Tensor | None, epoch: int) -> None:
+        check_finite(self.model, mean_loss, epoch, self.amp_dtype, self.cfg, self.kept)
+
+    def save(self, epochs_done: int, part: EpochPart | None = None) -> None:
+        """checkpoint.pt (on rank 0; every rank takes part: the RNG states are gathered). "epoch" is
+        the epochs finished, whatever else reads the file (evaluations, find_resume, the run folder's
+        checks); a save within the next epoch adds "step" (its steps done) and "epoch_part" (EpochPart),
+        after the check an epoch's end makes: non-finite weights must not replace the last good save."""
+        if part is not None:
+            self.check(None, epochs_done + 1)  # a host sync, at a sync point
+        rng_states = dist_utils.all_gather_objects(ckpt.rng_state())  # each rank's streams, for --resume
+        self.kept = True
+        if not dist_utils.is_main():
+            return
+        state = {
+            "config": to_dict(self.cfg),
+            "epoch": epochs_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states[0],
+            "rng_per_rank": rng_states,
+            "shuffle_generator": dist_utils.shuffle_generator_state(),
+            "world_size": self.world,
+            "num_images": self.num_images,
+            "save_id": ckpt.new_save_id(),  # what the evaluations' results name (file_stamp)
+        }
+        if part is not None:
+            state.update(step=part.step, epoch_part=part.to_dict())
+        path = self.out / ckpt.CHECKPOINT_NAME
+        ckpt.save_atomic(state, path)
+        if part is not None:
+            log.info("saved %s at step %d of epoch %d", path, part.step, epochs_done + 1)
 
 
 def _final_evaluation(

@@ -168,6 +168,29 @@ def test_save_every_saves_within_an_epoch(tmp_path, monkeypatch):
     assert saved == [None]  # 0: at the epoch's end only
 
 
+def test_a_save_within_an_epoch_never_replaces_the_last_good_checkpoint_with_nan_weights(tmp_path, monkeypatch):
+    # a save at every sync (after steps 2 and 4); the weights turn NaN in step 3: the run stops as a
+    # divergence at the sync after step 4, which an epoch's end checks, keeping the save of step 2
+    from moco_fast.divergence import Diverged
+
+    real, calls = trainer.train_step, []
+
+    def step(s, *a, **k):
+        out = real(s, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                next(s.model.parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    with pytest.raises(Diverged, match=r"diverged in epoch 1: .*; the last checkpoint is kept"):
+        trainer.train(config(tmp_path, **{"optim.epochs": 1, "runtime.save_every": 1e-9}))
+    assert len(calls) == 4
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2 and all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+
+
 def test_a_loader_that_starts_epochs_at_their_first_step_only_saves_at_epoch_ends(
     tmp_path, monkeypatch, handlers, caplog
 ):
