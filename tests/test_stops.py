@@ -297,6 +297,8 @@ def test_save_clock_is_rank_zeros_and_zero_is_off(monkeypatch):
     clock = SaveClock(1)
     assert not clock.due() and clock.due()
     assert not SaveClock(0).due()
+    monkeypatch.setattr("moco_fast.stops.dist_utils.is_main", lambda: False)
+    assert not clock.due()  # another rank's clock (1e9 s on) asks for nothing: the ranks follow rank 0's
 
 
 # -- several processes (gloo on the CPU) ----------------------------------------------------------
@@ -326,12 +328,14 @@ def test_every_rank_stops_at_the_same_step_and_rank_0_saves_it(tiny_root, tmp_pa
     from moco_fast.launch import run_workers
 
     # 32 images, 2 ranks of 8: 2 steps an epoch, a sync after each; rank 1's signal in epoch 2's
-    # first step stops both there, and the resumed run ends as the whole one
+    # first step stops both there, and the resumed run ends as the whole one. The whole one saves at
+    # every sync (--save-every, by rank 0's clock): both ranks take part in each save (its RNG
+    # gather), or they would wait in different collectives
     args = ["train", "--data", str(tiny_root), "--device", "cpu", "--preset", "cifar", "--arch", "resnet18",
             "--stem", "imagenet", "--moco-k", "32", "--bn-splits", "2", "--batch-size", "8", "--epochs", "2",
             "--workers", "0", "--log-every", "1", "--save-every", "0", "--no-final-knn"]  # fmt: skip
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert run_workers(_stopping_worker, ([*args, "--out", str(whole)], 0), 2) == [0, 0]
+    assert run_workers(_stopping_worker, ([*args, "--out", str(whole), "--save-every", "1e-9"], 0), 2) == [0, 0]
     assert run_workers(_stopping_worker, ([*args, "--out", str(cut)], 3), 2) == [143, 143]
     state = torch.load(cut / "checkpoint.pt", weights_only=False)
     assert (state["epoch"], state["step"], state["world_size"]) == (1, 1, 2)
