@@ -1,10 +1,10 @@
 """Stops at a step boundary, and the saves within an epoch: what the ranks agree on at the training
-loop's host syncs (every --log-every steps).
+loop's host syncs (every --log-every steps, and the epoch's end).
 
 While the steps run, the first stop signal (cli.STOP_SIGNALS) or Ctrl-C is recorded, not raised: a
-step cut in two would leave nothing to save. The loop reads the record at its next host sync, the
-ranks agree on it there (one all-reduce, only there), the trainer saves the step and raises the
-stop as cli's handler would have (Terminated or KeyboardInterrupt: same line, same exit status).
+step cut in two would leave nothing to save. The loop reads the record at its next host sync (or
+the epoch's end), the ranks agree on it there (one all-reduce, only there), the trainer saves the
+step and raises the stop as cli's handler would have (Terminated or KeyboardInterrupt: same line, same exit status).
 A second one in a process of its own acts at once, as without this. A worker of torchrun or
 `--gpus` records repeats too: the launcher passes on the signal that the whole job got (a terminal's
 Ctrl-C, SLURM's signal to every process), a second copy of the same stop; the launcher ends a worker
