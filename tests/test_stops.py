@@ -385,3 +385,28 @@ def test_a_sigterm_to_the_process_group_with_dataloader_workers_saves_the_step(t
     assert done.stderr.strip().splitlines()[-1] == "terminated", done.stderr[-3000:]
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert (state["epoch"], state["step"]) == (0, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_stop_within_an_epoch_on_cuda_saves_its_step_and_resumes(tiny_root, tmp_path, monkeypatch, handlers):
+    # On the GPU: the epoch's sums stay on the device between syncs, the resident loader reseeds its
+    # CUDA generator each step, the RNG states go into the checkpoint as CPU tensors. cuDNN may pick
+    # other algorithms in another process: the losses are compared as close, not equal.
+    cuda = {"runtime.device": "cuda", "runtime.amp": "bf16", "data.loader": "resident", "optim.epochs": 2}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    trainer.train(config(whole, tiny_root, **cuda))
+    calls = signal_at(monkeypatch, {5: signal.SIGTERM})
+    with pytest.raises(Terminated):
+        trainer.train(config(cut, tiny_root, **cuda))
+    assert len(calls) == 6
+    state = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state["step"], state["epoch_part"]["steps"]) == (1, 2, 4)
+    monkeypatch.undo()
+    trainer.train(config(cut, tiny_root, **cuda, **{"runtime.resume": "auto"}))
+    a, b = rows(whole), rows(cut)
+    assert [r["epoch"] for r in b] == [1, 2]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=0.02)
+    for r in b:
+        assert r["img_per_s"] * r["epoch_time_s"] == pytest.approx(4 * 8)
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["epoch"] == 2
