@@ -1,5 +1,5 @@
 """The MoCo training run: setup, the epochs (each one `epoch.run_epoch` around a small
-`train_step`), the LR schedule, atomic checkpoints at epoch ends and within epochs, the summary."""
+`train_step`), the LR schedule, the summary; its checkpoints are run_checkpoint.RunCheckpoints."""
 
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.agreement import HeldWarnings, agree
 from moco_fast.cli import interruption
-from moco_fast.config import ConfigError, TrainConfig, save_json, to_dict
+from moco_fast.config import ConfigError, TrainConfig, save_json
 from moco_fast.data import DataError
-from moco_fast.divergence import check_finite
-from moco_fast.epoch import EpochPart, resumed_part
+from moco_fast.epoch import resumed_part
 from moco_fast.epoch import run_epoch as _run_epoch
 from moco_fast.join import init_from_env
 from moco_fast.launch import under_torchrun
@@ -30,6 +29,7 @@ from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, read_rows
 from moco_fast.model import MoCo
 from moco_fast.monitor import eval_split_use, knn_figures, knn_top1, monitor_splits
 from moco_fast.resume import bn_splits_fix, queue_fix, resume, saved_world_size
+from moco_fast.run_checkpoint import RunCheckpoints
 from moco_fast.run_folder import (
     CONFIG_NAME,
     check_output,
@@ -316,7 +316,7 @@ def _train_held(
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
         step = GraphedStep(s, cfg.moco.m) if cfg.runtime.cuda_graph else partial(train_step, s, m=cfg.moco.m)
         row: dict[str, Any] = {}
-        saves = _Checkpoints(out, cfg, model, optimizer, scaler, world, loader.num_images, amp_dtype, resume_path)
+        saves = RunCheckpoints(out, cfg, model, optimizer, scaler, world, loader.num_images, amp_dtype, resume_path)
         stops = StopRequests(repeats_wait=under_torchrun())
         clock = SaveClock(cfg.runtime.save_every if loader.starts_mid_epoch else 0)
         for epoch in range(start_epoch, cfg.optim.epochs):
@@ -356,61 +356,6 @@ def _train_held(
     if owns_group:
         dist_utils.destroy()
     return row
-
-
-class _Checkpoints:
-    """The run's checkpoint.pt, and the check that its weights are finite (divergence.check_finite)."""
-
-    def __init__(
-        self,
-        out: Path,
-        cfg: TrainConfig,
-        model: MoCo,
-        optimizer,
-        scaler,
-        world,
-        num_images,
-        amp_dtype,
-        resumed: Path | None,
-    ):
-        self.out, self.cfg, self.model, self.optimizer, self.scaler = out, cfg, model, optimizer, scaler
-        self.world, self.num_images, self.amp_dtype = world, num_images, amp_dtype
-        # a checkpoint of the run is there (the one resumed from, or one saved since): a divergence says so
-        self.kept = resumed is not None
-
-    def check(self, mean_loss: torch.Tensor | None, epoch: int) -> None:
-        check_finite(self.model, mean_loss, epoch, self.amp_dtype, self.cfg, self.kept)
-
-    def save(self, epochs_done: int, part: EpochPart | None = None) -> None:
-        """checkpoint.pt (on rank 0; every rank takes part: the RNG states are gathered). "epoch" is
-        the epochs finished, whatever else reads the file (evaluations, find_resume, the run folder's
-        checks); a save within the next epoch adds "step" (its steps done) and "epoch_part" (EpochPart),
-        after the check an epoch's end makes: non-finite weights must not replace the last good save."""
-        if part is not None:
-            self.check(None, epochs_done + 1)  # a host sync, at a sync point
-        rng_states = dist_utils.all_gather_objects(ckpt.rng_state())  # each rank's streams, for --resume
-        self.kept = True
-        if not dist_utils.is_main():
-            return
-        state = {
-            "config": to_dict(self.cfg),
-            "epoch": epochs_done,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_states[0],
-            "rng_per_rank": rng_states,
-            "shuffle_generator": dist_utils.shuffle_generator_state(),
-            "world_size": self.world,
-            "num_images": self.num_images,
-            "save_id": ckpt.new_save_id(),  # what the evaluations' results name (file_stamp)
-        }
-        if part is not None:
-            state.update(step=part.step, epoch_part=part.to_dict())
-        path = self.out / ckpt.CHECKPOINT_NAME
-        ckpt.save_atomic(state, path)
-        if part is not None:
-            log.info("saved %s at step %d of epoch %d", path, part.step, epochs_done + 1)
 
 
 def _final_evaluation(
