@@ -125,7 +125,9 @@ def _reported(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
     try:
         return fn(*args)
     except BaseException as e:
-        if (stop := interruption(e)) is not None:  # a stop the trainer acted on (its step saved): no traceback
+        # a stop: one acted on during the steps saved its step first; a Ctrl-C elsewhere (the setup, the
+        # kNN) saved nothing. No traceback either way
+        if (stop := interruption(e)) is not None:
             Path(reports, f"stop.{os.environ.get('RANK', '0')}").touch()  # quiets the launcher's failure logs
             sys.exit(exit_status(stop))
         line = one_line(e)

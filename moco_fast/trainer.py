@@ -298,7 +298,7 @@ def _train_held(
     if summary_owed and dist_utils.is_main():
         refuse_unwritable(out)  # before the kNN: check_writable did, but --out may have changed since
     # what this run adds to the folder, for forget_a_run_without_epochs: taken before an old run's
-    # files are cleared (a config.json that a run stopped in its first epoch left stays a config.json)
+    # files are cleared (a config.json that a run stopped before its first save left stays a config.json)
     made = made_from_now(out)
     if dist_utils.is_main() and not continues_in(out, resume_path):
         if cfg.runtime.force or starts_over(cfg, resume_path):

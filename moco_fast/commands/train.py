@@ -283,10 +283,12 @@ def _continued(cfg, out: str, args: argparse.Namespace):
 
 def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
     """`--resume` where there is no checkpoint yet: the run there starts over with the settings of its
-    config.json (a run stopped in its first epoch), the flags given changing them as they would a
-    checkpoint's. None where there is no config.json but the command line describes a run (a job
-    script that passes --resume and its flags at every launch); a ConfigError where it gives
-    nothing to train (`--resume --out` with a mistyped folder trained the default recipe)."""
+    config.json (a run stopped or killed before its first save: in its setup, before the first
+    --log-every sync, within the first epoch of a loader that saves at epoch ends only), the flags
+    given changing them as they would a checkpoint's. None where there is no config.json but the
+    command line describes a run (a job script that passes --resume and its flags at every launch);
+    a ConfigError where it gives nothing to train (`--resume --out` with a mistyped folder trained
+    the default recipe)."""
     from moco_fast.checkpoint import CHECKPOINT_NAME
     from moco_fast.config import from_dict
     from moco_fast.data import DataError
