@@ -6,9 +6,10 @@ step cut in two would leave nothing to save. The loop reads the record at its ne
 the epoch's end), the ranks agree on it there (one all-reduce, only there), the trainer saves the
 step and raises the stop as cli's handler would have (Terminated or KeyboardInterrupt: same line, same exit status).
 A second one in a process of its own acts at once, as without this. A worker of torchrun or
-`--gpus` records repeats too: the launcher passes on the signal that the whole job got (a terminal's
-Ctrl-C, SLURM's signal to every process), a second copy of the same stop; the launcher ends a worker
-that has not stopped within its shutdown timeout (30 s) with SIGKILL.
+`--gpus` records repeats too, until it ends (its save at the epoch's end and its unwinding come
+after the steps): the launcher passes on the signal that the whole job got (a terminal's Ctrl-C,
+SLURM's signal to every process), a second copy of the same stop; the launcher ends a worker that
+has not stopped within its shutdown timeout (30 s) with SIGKILL.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class StopRequests:
     def deferred(self) -> Iterator[StopRequests]:
         """While in it, the stop signals and Ctrl-C are recorded in `signum` (those ignored stay
         ignored: `nohup`'s SIGHUP). The first one puts the handlers back in a process of its own, so
-        that a second stops at once. Leaving it with a signal recorded that no sync point agreed on
+        that a second stops at once; a launcher's worker records the repeats, after it too. Leaving it with a signal recorded that no sync point agreed on
         (it came after the epoch's final agreement, run_epoch's last act in here) raises it, as
         without deferring."""
         if threading.current_thread() is not threading.main_thread():
@@ -60,7 +61,12 @@ class StopRequests:
         try:
             yield self
         finally:
-            _put_back(previous)
+            # A launcher's worker with a stop recorded keeps recording repeats until it ends: after the
+            # steps (the epoch's end save, the unwinding) a repeat (the launcher's copy, a second
+            # Ctrl-C) would end it by the signal's default action, its save cut short and the launcher
+            # reporting a failed worker. The launcher's SIGKILL after its timeout ends one that hangs.
+            if self.signum is None or not self.repeats_wait:
+                _put_back(previous)
         if self.signum is not None and not self.agreed:
             raise self.error()
 

@@ -291,6 +291,30 @@ def test_a_second_signal_stops_at_once_and_one_after_the_last_sync_on_leaving(ha
     assert stops.signum == signal.SIGTERM
 
 
+REPEAT_AFTER_THE_STEPS = """
+import os, signal
+from moco_fast.stops import StopRequests
+
+stops = StopRequests(repeats_wait=True)
+with stops.deferred():
+    os.kill(os.getpid(), signal.SIGTERM)
+    stops.agreed = True  # at the epoch's end: the save comes after the steps
+for sig in (signal.SIGTERM, signal.SIGINT):  # the launcher's copy, a second Ctrl-C: during the save
+    os.kill(os.getpid(), sig)
+print("saved", stops.signum)
+"""
+
+
+def test_a_workers_repeats_after_the_steps_do_not_end_it_before_its_save():
+    # a worker keeps the signals' default action outside the steps: a repeat there killed it (SIGTERM's
+    # default), its epoch-end save cut short and the launcher naming a failed worker, not a stop
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", REPEAT_AFTER_THE_STEPS], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, f"saved {int(signal.SIGTERM)}"), done.stderr[-2000:]
+
+
 def test_save_clock_is_rank_zeros_and_zero_is_off(monkeypatch):
     now = iter([0.0, 59.0, 61.0, 0.0, 1e9])
     monkeypatch.setattr("moco_fast.stops._now", lambda: next(now))
@@ -316,6 +340,28 @@ def _stopping_worker(argv: list[str], at: int) -> int:
             return out
 
         trainer.train_step = step
+    return main(argv)
+
+
+def _repeated_worker(argv: list[str]) -> int:
+    """`moco-fast train` in a worker: rank 1 gets SIGTERM in its first step, and each rank a repeat of
+    it in the epoch-end save that follows (its gather of the random streams)."""
+    import moco_fast.checkpoint as ckpt
+
+    torch.set_num_threads(1)
+    real_step, real_rng, sent = trainer.train_step, ckpt.rng_state, []
+
+    def step(*a, **k):
+        out = real_step(*a, **k)
+        if os.environ["RANK"] == "1" and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return out
+
+    def rng_state():
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_rng()
+
+    trainer.train_step, ckpt.rng_state = step, rng_state
     return main(argv)
 
 
@@ -346,6 +392,20 @@ def test_every_rank_stops_at_the_same_step_and_rank_0_saves_it(tiny_root, tmp_pa
     with pytest.raises(Terminated) as stop:
         run_workers(_terminated_worker, (), 2)
     assert stop.value.signum == signal.SIGUSR1
+
+
+@pytest.mark.slow
+def test_a_repeat_during_a_workers_epoch_end_save_waits_for_it(tiny_root, tmp_path):
+    from moco_fast.launch import run_workers
+
+    # 2 steps an epoch and no --log-every sync within it: rank 1's stop is agreed at the epoch's end,
+    # saved after the steps; the repeats there killed the workers (WorkerFailed, no checkpoint)
+    args = ["train", "--data", str(tiny_root), "--device", "cpu", "--preset", "cifar", "--arch", "resnet18",
+            "--stem", "imagenet", "--moco-k", "32", "--bn-splits", "2", "--batch-size", "8", "--epochs", "2",
+            "--workers", "0", "--log-every", "10", "--save-every", "0", "--no-final-knn", "--out", str(tmp_path)]  # fmt: skip
+    assert run_workers(_repeated_worker, (args,), 2) == [143, 143]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state.get("step")) == (1, None)
 
 
 STOPPED_WITH_ITS_GROUP = """
