@@ -365,6 +365,13 @@ def _repeated_worker(argv: list[str]) -> int:
     return main(argv)
 
 
+def two_rank_args(root, *flags: str) -> list[str]:
+    """`moco-fast train` of 2 epochs on `root` (32 images: 2 steps an epoch with 2 ranks of 8)."""
+    return ["train", "--data", str(root), "--device", "cpu", "--preset", "cifar", "--arch", "resnet18",
+            "--stem", "imagenet", "--moco-k", "32", "--bn-splits", "2", "--batch-size", "8", "--epochs", "2",
+            "--workers", "0", "--save-every", "0", "--no-final-knn", *flags]  # fmt: skip
+
+
 def _terminated_worker() -> None:
     raise Terminated(signal.SIGUSR1)
 
@@ -377,9 +384,7 @@ def test_every_rank_stops_at_the_same_step_and_rank_0_saves_it(tiny_root, tmp_pa
     # first step stops both there, and the resumed run ends as the whole one. The whole one saves at
     # every sync (--save-every, by rank 0's clock): both ranks take part in each save (its RNG
     # gather), or they would wait in different collectives
-    args = ["train", "--data", str(tiny_root), "--device", "cpu", "--preset", "cifar", "--arch", "resnet18",
-            "--stem", "imagenet", "--moco-k", "32", "--bn-splits", "2", "--batch-size", "8", "--epochs", "2",
-            "--workers", "0", "--log-every", "1", "--save-every", "0", "--no-final-knn"]  # fmt: skip
+    args = two_rank_args(tiny_root, "--log-every", "1")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_workers(_stopping_worker, ([*args, "--out", str(whole), "--save-every", "1e-9"], 0), 2) == [0, 0]
     assert run_workers(_stopping_worker, ([*args, "--out", str(cut)], 3), 2) == [143, 143]
@@ -400,9 +405,7 @@ def test_a_repeat_during_a_workers_epoch_end_save_waits_for_it(tiny_root, tmp_pa
 
     # 2 steps an epoch and no --log-every sync within it: rank 1's stop is agreed at the epoch's end,
     # saved after the steps; the repeats there killed the workers (WorkerFailed, no checkpoint)
-    args = ["train", "--data", str(tiny_root), "--device", "cpu", "--preset", "cifar", "--arch", "resnet18",
-            "--stem", "imagenet", "--moco-k", "32", "--bn-splits", "2", "--batch-size", "8", "--epochs", "2",
-            "--workers", "0", "--log-every", "10", "--save-every", "0", "--no-final-knn", "--out", str(tmp_path)]  # fmt: skip
+    args = two_rank_args(tiny_root, "--log-every", "10", "--out", str(tmp_path))
     assert run_workers(_repeated_worker, (args,), 2) == [143, 143]
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert (state["epoch"], state.get("step")) == (1, None)
