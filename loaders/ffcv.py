@@ -9,7 +9,10 @@ memory format.
 
 Order: the same per-epoch permutation as the torch loader (seeded by `seed` and the epoch), cut into
 equal rank shards when `world_size > 1` (FFCV's `distributed=True`; every rank runs the same number
-of steps). The crops are drawn by Numba's RNG, which FFCV does not seed.
+of steps). Randomness of the views: each image's crops and flips come from its own stream, seeded
+by (seed, epoch, its index in the .beton) (`ffcv_ops.EpochKey`; whatever the thread that takes
+it), the colour pass from a device generator seeded by (seed, global step, rank) at each step, as
+the resident loader's: a run resumed within an epoch trains on the views of an uninterrupted one.
 
 Differs from torchvision: a crop is resized by FFCV's `resize_crop`, which is OpenCV's INTER_AREA
 (checked against cv2.resize, exactly equal), where torchvision uses antialiased bilinear; and the
@@ -71,7 +74,7 @@ from moco_fast.threads import handle_thread_errors
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, parse_options, stream_seed
 from .ffcv_cache import use_page_cache_manager
-from .ffcv_ops import FAILURES, DecodeStatus, FlipViews, ResizedCrops, SampleIndexDecoder
+from .ffcv_ops import FAILURES, DecodeStatus, EpochKey, FlipViews, ResizedCrops, SampleIndexDecoder
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("moco_fast")
@@ -240,6 +243,7 @@ class FFCVLoader:
                 f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: lower --batch-size"
             )
         self.augment = DeviceAugment(args, self.opts.jitter_order, flip=False)  # FFCV flipped already
+        self.key = EpochKey(args.seed)  # the epoch of the crops and flips, which FFCV's ops read
         self.ffcv = self._build(path)
 
     def _pipelines(self) -> dict:
@@ -253,9 +257,12 @@ class FFCVLoader:
         # once: one decoder cuts both views; twice: one decode per view (FFCV's stock pipeline's work),
         # each its own pipeline. Each decoder's status is an output of its own, on the host.
         once = self.opts.decode == "once"
-        for name in ("image",) if once else ("image", "image2"):
-            crops = ResizedCrops(size, spec.crop_scale, spec.crop_ratio, views=2 if once else 1)
-            pipes[name] = PipelineSpec("image", decoder=crops, transforms=[FlipViews(spec.flip_prob), *to])
+        for first, name in enumerate(("image",) if once else ("image", "image2")):
+            crops = ResizedCrops(
+                size, spec.crop_scale, spec.crop_ratio, self.key, views=2 if once else 1, first_view=first
+            )
+            flips = FlipViews(self.key, spec.flip_prob, first_view=first)
+            pipes[name] = PipelineSpec("image", decoder=crops, transforms=[flips, *to])
             pipes[f"{name}_status"] = PipelineSpec(crops, transforms=[DecodeStatus()])
         return pipes
 
@@ -328,7 +335,9 @@ class FFCVLoader:
     def __iter__(self):
         a = self.args
         epoch = self.ffcv.next_epoch
-        g = torch.Generator(device=self.device).manual_seed(stream_seed(a.seed, epoch, a.rank))
+        self.key.set(epoch)  # before FFCV's epoch thread starts (at the loop below)
+        first = epoch * len(self) + self.ffcv.traversal_order.start // a.batch_size  # global step of the first batch
+        g = torch.Generator(device=self.device)
         # FFCV sets torch's thread count to its worker count (Compiler.set_num_threads); a CPU run
         # wants its own back once FFCV's thread has started.
         threads = torch.get_num_threads()
@@ -347,6 +356,9 @@ class FFCVLoader:
             if i == 0:
                 torch.set_num_threads(threads)
             out = dict(zip(names, batch, strict=True))
+            # seeded by the global step (host state only, no sync): a step draws the same colour pass
+            # whichever step its epoch started at
+            g.manual_seed(stream_seed(a.seed, first + i, a.rank))
             if self.opts.decode == "once":
                 u8, status = out["image"], out["image_status"].numpy()  # N x 2 x S x S x 3; N x 2
             else:  # the two decoders read the same images: a failure is in both statuses

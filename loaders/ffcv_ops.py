@@ -4,17 +4,25 @@ code that computes it, and its code is compiled by Numba into FFCV's pipeline, w
 `ResizedCrops` decodes an image and cuts its random resized crops (and checks what FFCV's decoder
 leaves unchecked), `FlipViews` flips each view, `DecodeStatus` hands the decoder's per-sample status
 to the loader on the host, `SampleIndexDecoder` yields each sample's position in the .beton.
+
+The crops and flips are drawn from a counter-based stream of their own for each (run seed, epoch,
+.beton index, view), splitmix64 (`view_stream`, `draw`), not from Numba's per-thread RNG, which
+nothing seeds and whose draws go to whichever thread takes an image: an image's views depend on the
+seed, the epoch and the image only, whatever the thread count, the batch or the step an epoch
+started at (a run resumed within an epoch trains on the views of an uninterrupted one). The epoch
+reaches the compiled code through `EpochKey`, read at each batch (FFCV passes ops no epoch).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import BasicDecoder
 from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import ctypes_memcopy, imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -54,6 +62,82 @@ def jpeg_size(data: np.ndarray) -> tuple[int, int]:
     return 0, 0
 
 
+# ---- the random streams: splitmix64 (Steele et al. 2014), one per (seed, epoch, image, view, use) ----
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
+CROP, FLIP = 0, 1  # the uses of a view's randomness: each its own stream
+_jit = numba.njit(nogil=True)  # callable from Python too (the tests, EpochKey)
+
+
+@_jit
+def mix64(x):
+    """splitmix64's finaliser: a uint64 to a well mixed uint64."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@_jit
+def view_stream(key, index, view, use):
+    """The start of the stream of one use (CROP, FLIP) of one view of the .beton's image `index`, in
+    the epoch of `key` (EpochKey)."""
+    return mix64(mix64(mix64(key + np.uint64(index)) + np.uint64(view)) + np.uint64(use))
+
+
+@_jit
+def draw(state, lo, hi):
+    """The stream's next number, uniform in [lo, hi): (the stream's new state, the number)."""
+    state = state + GOLDEN
+    return state, lo + (hi - lo) * np.float64(mix64(state) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@_jit
+def crop_box(height, width, scale, ratio, state):
+    """torchvision's RandomResizedCrop box (top, left, h, w), as FFCV's get_random_crop draws it (10
+    tries, the ratio uniform in log space, then the central crop of the ratio's bounds), from `state`'s
+    stream instead of Numba's RNG."""
+    height, width = np.int64(height), np.int64(width)
+    area = np.float64(height) * np.float64(width)
+    log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
+    for _ in range(10):
+        state, s = draw(state, scale[0], scale[1])
+        state, r = draw(state, log_lo, log_hi)
+        target_area, aspect_ratio = area * s, np.exp(r)
+        w = np.int64(np.round(np.sqrt(target_area * aspect_ratio)))
+        h = np.int64(np.round(np.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            state, u = draw(state, 0.0, height - h + 1.0)
+            state, v = draw(state, 0.0, width - w + 1.0)
+            return min(int(u), height - h), min(int(v), width - w), h, w  # min: a float rounded up to hi
+    in_ratio = width / height
+    if in_ratio < min(ratio[0], ratio[1]):
+        w = width
+        h = np.int64(np.round(w / min(ratio[0], ratio[1])))
+    elif in_ratio > max(ratio[0], ratio[1]):
+        h = height
+        w = np.int64(np.round(h * max(ratio[0], ratio[1])))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class EpochKey:
+    """(run seed, epoch) as one uint64 that the compiled ops read at the start of each batch.
+
+    FFCV hands its ops the batch's .beton indices, never the epoch, and Numba compiles an array it
+    captures as a constant: the ops capture this array's address instead and copy the key from it
+    (ctypes_memcopy, FFCV's own). The loader sets it before each epoch's FFCV thread starts; the
+    array lives as long as the ops that hold this object."""
+
+    def __init__(self, seed: int):
+        self.seed = np.uint64(seed % 2**64)
+        self.value = np.zeros(1, np.uint64)
+        self.address = self.value.ctypes.data
+
+    def set(self, epoch: int) -> None:
+        self.value[0] = mix64(mix64(self.seed) + np.uint64(epoch))
+
+
 class ResizedCrops(RandomResizedCropRGBImageDecoder):
     """Decode each image once and cut `views` independent random resized crops: N x V x S x S x 3
     uint8, beside each sample's status, N x 2 int64 (failure code, 0 when read; the .beton index).
@@ -64,11 +148,13 @@ class ResizedCrops(RandomResizedCropRGBImageDecoder):
     the reused buffer, and trained on silently with its own label. Here such a sample's views are
     zeroed and its status says why; the loader names it and replaces it (Numba code cannot log).
     FFCV passes one result down a pipeline: this one is the pair (views, status). The declared state
-    is the views', which `FlipViews` takes from the pair; `DecodeStatus` takes the status."""
+    is the views', which `FlipViews` takes from the pair; `DecodeStatus` takes the status.
+    View v's crop is drawn from view_stream(key, index, first_view + v, CROP): a second decoder of
+    the same images (decode=twice) counts its views from first_view=1."""
 
-    def __init__(self, output_size, scale, ratio, views: int = 2):
+    def __init__(self, output_size, scale, ratio, key: EpochKey, views: int = 2, first_view: int = 0):
         super().__init__(output_size, scale=scale, ratio=ratio)
-        self.views = views
+        self.key, self.views, self.first_view = key, views, first_view
 
     def declare_state_and_memory(self, previous_state):
         state, (_, temp) = super().declare_state_and_memory(previous_state)
@@ -81,13 +167,14 @@ class ResizedCrops(RandomResizedCropRGBImageDecoder):
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
-        get_crop_c = Compiler.compile(self.get_crop_generator)
         jpeg_size_c = Compiler.compile(jpeg_size)
-        scale, ratio = np.array(self.scale), np.array(self.ratio)
-        views = self.views
+        scale, ratio = np.array(self.scale, dtype=np.float64), np.array(self.ratio, dtype=np.float64)
+        views, first_view, key_address = self.views, self.first_view, self.key.address
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage, status = my_storage
+            key = np.empty(1, np.uint64)
+            ctypes_memcopy(key_address, key.ctypes.data, 8)  # this epoch's EpochKey
             for dst_ix in my_range(len(batch_indices)):
                 field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
@@ -118,7 +205,8 @@ class ResizedCrops(RandomResizedCropRGBImageDecoder):
                     else:  # raw pixels
                         buf = image_data.reshape(height, width, 3)
                     for v in range(views):
-                        i, j, h, w = get_crop_c(height, width, scale, ratio)
+                        state = view_stream(key[0], batch_indices[dst_ix], first_view + v, CROP)
+                        i, j, h, w = crop_box(height, width, scale, ratio, state)
                         resize_crop_c(buf, i, i + h, j, j + w, destination[dst_ix, v])
             n = len(batch_indices)
             return destination[:n], status[:n]
@@ -128,22 +216,25 @@ class ResizedCrops(RandomResizedCropRGBImageDecoder):
 
 
 class FlipViews(Operation):
-    """Flip each view of ResizedCrops' N x V x S x S x 3 horizontally with probability p, independently."""
+    """Flip each view of ResizedCrops' N x V x S x S x 3 horizontally with probability p, independently:
+    view v of image i by view_stream(key, its .beton index, first_view + v, FLIP), as ResizedCrops."""
 
-    def __init__(self, flip_prob: float = 0.5):
+    def __init__(self, key: EpochKey, flip_prob: float = 0.5, first_view: int = 0):
         super().__init__()
-        self.flip_prob = flip_prob
+        self.key, self.flip_prob, self.first_view = key, flip_prob, first_view
 
     def generate_code(self):
         my_range = Compiler.get_iterator()
-        p = self.flip_prob
+        p, first_view, key_address = self.flip_prob, self.first_view, self.key.address
 
         def flip(decoded, dst):
-            images = decoded[0]  # (views, status): see ResizedCrops
-            should = np.random.rand(images.shape[0], images.shape[1]) < p
+            images, status = decoded  # see ResizedCrops: status[i, 1] is image i's .beton index
+            key = np.empty(1, np.uint64)
+            ctypes_memcopy(key_address, key.ctypes.data, 8)
             for i in my_range(images.shape[0]):
                 for v in range(images.shape[1]):
-                    if should[i, v]:
+                    _, u = draw(view_stream(key[0], status[i, 1], first_view + v, FLIP), 0.0, 1.0)
+                    if u < p:
                         dst[i, v] = images[i, v, :, ::-1]
                     else:
                         dst[i, v] = images[i, v]

@@ -30,6 +30,16 @@ def tiny_root(tmp_path_factory) -> Path:
     return make_image_root(tmp_path_factory.mktemp("tiny"), per_class=16, classes=2, test_per_class=4)
 
 
+@pytest.fixture(scope="session")
+def tiny_beton(tiny_root, tmp_path_factory) -> Path:
+    """tiny_root's train/ (2 classes x 16 CIFAR images) as a .beton (test_ffcv.py, test_stops.py)."""
+    from moco_fast.convert import ConvertConfig, convert
+
+    dst = tmp_path_factory.mktemp("beton") / "tiny.beton"
+    convert(ConvertConfig(str(tiny_root), str(dst), format="ffcv", workers=2))
+    return dst
+
+
 @pytest.fixture
 def fresh_root(tmp_path) -> Path:
     """A writable copy that a test may damage."""

@@ -39,14 +39,6 @@ GEOMETRY = replace(MOCO_CIFAR, crop_scale=(0.2, 1.0), jitter_prob=0.0, gray_prob
 
 
 @pytest.fixture(scope="session")
-def tiny_beton(tiny_root, tmp_path_factory):
-    """tiny_root's train/ (2 classes x 16 CIFAR images) as a .beton."""
-    dst = tmp_path_factory.mktemp("beton") / "tiny.beton"
-    convert(ConvertConfig(str(tiny_root), str(dst), format="ffcv", workers=2))
-    return dst
-
-
-@pytest.fixture(scope="session")
 def corrupt_beton(tiny_beton, tmp_path_factory):
     """A copy of tiny_beton with three JPEGs damaged in place, as a bad disk or copy leaves them:
     {index: the name of the failure the decoder reports}. The .beton and its sidecars stay valid."""
@@ -130,12 +122,38 @@ def test_batches_are_two_normalised_views(loader, tiny_beton):
 
 
 def test_an_epoch_started_at_a_step_yields_the_rest_of_that_epoch(loader, tiny_beton):
-    # a run resumed within an epoch: FFCV reads from that step on, and the next epoch is whole again
+    # a run resumed within an epoch: FFCV reads from that step on, with the same views (the crops
+    # and flips drawn by image, the colour pass by global step), and the next epoch is whole again
     loader.set_epoch(2)
-    whole = [(b.index.tolist(), b.label.tolist()) for b in loader]
+    whole = list(loader)
     loader.set_epoch(2, start_step=1)
-    assert [(b.index.tolist(), b.label.tolist()) for b in loader] == whole[1:]
-    assert epoch_indices(loader, 2) == [i for ids, _ in whole for i in ids]
+    rest = list(loader)
+    assert [(b.index.tolist(), b.label.tolist()) for b in rest] == [
+        (b.index.tolist(), b.label.tolist()) for b in whole[1:]
+    ]
+    for a, b in zip(whole[1:], rest, strict=True):
+        assert torch.equal(a.im_q, b.im_q) and torch.equal(a.im_k, b.im_k)
+    assert epoch_indices(loader, 2) == [i for b in whole for i in b.index.tolist()]
+
+
+def views_by_image(batches) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    return {int(i): (b.im_q[r], b.im_k[r]) for b in batches for r, i in enumerate(b.index.tolist())}
+
+
+def test_an_images_views_depend_on_the_epoch_not_on_the_thread_count(loader, tiny_beton):
+    # the crops and flips come from each image's own stream (seed, epoch, index), whichever of
+    # FFCV's threads decodes it: two threads draw what one does (a second compiled pipeline)
+    two = create_loader("ffcv", loader_args(tiny_beton, workers=2))
+    one = loader
+    for ld in (one, two):
+        ld.set_epoch(4)
+    a, b = views_by_image(one), views_by_image(two)
+    assert sorted(a) == sorted(b) == list(range(32))
+    for i in a:
+        assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+    one.set_epoch(5)
+    other = views_by_image(one)  # another epoch: other views of each image
+    assert sum(torch.equal(a[i][0], other[i][0]) for i in a) < 4
 
 
 def test_order_follows_seed_and_epoch(loader):

@@ -71,13 +71,16 @@ def same_weights(a, b):
     return [k for k in sa if not torch.equal(sa[k], sb[k])]
 
 
-@pytest.mark.parametrize("loader", ["torch", "resident"])
+@pytest.mark.parametrize("loader", ["torch", "resident", pytest.param("ffcv", marks=pytest.mark.slow)])
 def test_a_stop_within_an_epoch_saves_its_step_and_resume_trains_as_without_it(
-    tiny_root, tmp_path, monkeypatch, handlers, loader
+    tiny_root, tmp_path, monkeypatch, handlers, loader, request
 ):
     # the torch loader without workers draws from the RNG state the checkpoint holds, the resident
-    # loader from the step's own seed: the resumed run trains exactly as the uninterrupted one (4
-    # steps an epoch, a sync every 2)
+    # loader from the step's own seed, FFCV's crops and flips from each image's (seed, epoch, index)
+    # and its colour pass from the step's seed: the resumed run trains exactly as the uninterrupted
+    # one (4 steps an epoch, a sync every 2; FFCV compiles a pipeline per run, ~25 s each)
+    if loader == "ffcv":
+        tiny_root = request.getfixturevalue("tiny_beton")  # the same 32 images
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     trainer.train(config(whole, tiny_root, **{"optim.epochs": 2, "data.loader": loader}))
     calls = signal_at(monkeypatch, {5: signal.SIGTERM})  # in epoch 2's first step: acted on after its second
