@@ -293,6 +293,10 @@ def test_corrupt_images_are_named_and_replaced(corrupt_beton, tiny_root, caplog)
             status = out[f"{view}_status"].numpy()
             assert [c for c, _ in status] == [code.get(i, 0) for _, i in status]
             assert all(not out[view][row].any() for row, (c, _) in enumerate(status) if c)  # zeroed, not stale
+        # the two decoders crop and flip from streams of their own (views 0 and 1), not the same crop twice
+        good = out["image_status"].numpy()[:, 0] == 0
+        same = (out["image"][good] == out["image2"][good]).flatten(1).all(1)
+        assert int(same.sum()) <= 1
 
 
 def test_unreadable_images_past_the_limit_stop_the_run(loader):
