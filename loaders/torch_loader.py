@@ -1,11 +1,12 @@
 """The reference backend: PIL + torchvision transforms in DataLoader workers.
 
 Workers decode and augment to uint8 tensors (4x less to copy than float); `DevicePrefetcher`
-normalises on the device. Randomness: each epoch's order and worker seeds come from
-(seed, epoch, rank), so a resumed run draws the same views as an uninterrupted one. An epoch resumed
-at a step (`set_epoch(epoch, start_step)`) reads the same images from there on; its views are the
-same only without workers (the main process's RNG, which the checkpoint holds): each worker's stream
-depends on the batches it made before.
+normalises on the device. Randomness: each epoch's order comes from (seed, epoch); the draws of an
+image's two views from (seed, epoch, its index in the data set) alone (`SeededViews`), whichever
+worker or rank makes it and whatever it made before. So the views are the same with any --workers,
+and an epoch resumed at a step (`set_epoch(epoch, start_step)`) reads the same images from there on
+with the same views: a resumed run trains as an uninterrupted one. (lincls and finetune have their
+own training loader, resumed at epoch ends: classifier_epochs.py.)
 """
 
 from __future__ import annotations
@@ -112,6 +113,38 @@ class TwoViews:
         return self.transform(img), self.transform(img)
 
 
+def image_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's draws at one epoch: distinct for index < 1e9 and epoch < 1e6 (as
+    base.stream_seed mixes a rank, whose place is too small for an image index)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**64
+
+
+class SeededViews:
+    """A dataset whose item i at epoch `epoch` draws from torch's generator seeded with
+    image_seed(seed, epoch, i): torchvision's transforms draw from the process's default generator
+    (no generator argument), and a DataLoader worker's stream otherwise depends on which images it
+    made before, which --workers and the step an epoch starts at change. A replaced unreadable
+    image (ImageDataset) draws from the seed of the index asked for. The generator's state is put
+    back after each item: without workers this is the trainer's process, whose stream the
+    checkpoint holds. Cost: about 4 us an image (against ~10 ms a view)."""
+
+    def __init__(self, dataset: ImageDataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self.epoch = 0  # set before each epoch's DataLoader, which hands a copy to its workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        g = torch.default_generator  # the CPU's only: CUDA's streams are the trainer's
+        state = g.get_state()
+        g.manual_seed(image_seed(self.seed, self.epoch, i))
+        try:
+            return self.dataset[i]
+        finally:
+            g.set_state(state)
+
+
 class EpochShardSampler(Sampler[int]):
     """A per-epoch permutation, cut into equal rank shards (every rank runs the same steps)."""
 
@@ -169,7 +202,7 @@ class TorchLoader:
         self.splits = splits
         self.num_images = len(images)
         self.classes = images.classes
-        self.dataset = ImageDataset(images, TwoViews(view_transform(args.aug)))
+        self.dataset = SeededViews(ImageDataset(images, TwoViews(view_transform(args.aug))), args.seed)
         self.sampler = EpochShardSampler(len(images), args.seed, args.rank, args.world_size)
         self.start_step = 0
 
@@ -179,10 +212,13 @@ class TorchLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         check_start_step(start_step, len(self))
         self.sampler.set_epoch(epoch)
+        self.dataset.epoch = epoch
         self.start_step = start_step
 
     def __iter__(self):
         a = self.args
+        # the workers' base seed, drawn from this generator rather than the trainer's stream (the
+        # views no longer depend on it: SeededViews)
         g = torch.Generator().manual_seed(stream_seed(a.seed, self.sampler.epoch, a.rank))
         # the epoch's order from the first sample of step start_step: the skipped ones are not read
         order = self.sampler.indices()[self.start_step * a.batch_size :].tolist()

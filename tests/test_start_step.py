@@ -1,9 +1,12 @@
 """`set_epoch(epoch, start_step)`: an epoch resumed at step s yields the batches s.. of the full epoch
-(indices and labels; the views too where the loader's draws are positional), for the torch,
-resident and synthetic backends. FFCV's and DALI's are in their own test files (their fixtures)."""
+(indices and labels, and the views), for the torch, resident and synthetic backends; the torch
+loader's views are the same with any number of DataLoader workers. FFCV's and DALI's are in their own test files (their fixtures)."""
+
+import warnings
 
 import pytest
 import torch
+from conftest import make_image_root
 from moco_fast.loaders import LoaderArgs, create_loader
 
 from moco_fast.augment import MOCO_CIFAR
@@ -11,13 +14,13 @@ from moco_fast.augment import MOCO_CIFAR
 CPU = torch.device("cpu")
 
 
-def loader(name, root, world=1, rank=0, batch=4):
+def loader(name, root, world=1, rank=0, batch=4, workers=0):
     args = LoaderArgs(
         None if name == "synthetic" else str(root),
         MOCO_CIFAR,
         batch_size=batch,
         device=CPU,
-        workers=0,
+        workers=workers,
         seed=5,
         rank=rank,
         world_size=world,
@@ -41,13 +44,58 @@ def test_an_epoch_started_at_a_step_yields_the_rest_of_that_epoch(tiny_root, nam
     assert len(rest) == len(full) - 2
     for a, b in zip(full[2:], rest, strict=True):
         assert torch.equal(a.index, b.index) and torch.equal(a.label, b.label)
-    if name in ("resident", "synthetic"):  # positional draws: the same views as well
-        for a, b in zip(full[2:], rest, strict=True):
-            assert torch.equal(a.im_q, b.im_q) and torch.equal(a.im_k, b.im_k)
+    for a, b in zip(full[2:], rest, strict=True):  # the same views as well
+        assert torch.equal(a.im_q, b.im_q) and torch.equal(a.im_k, b.im_k)
     # the next epoch starts at its first step again
     assert [b.index.tolist() for b in epoch(ld, 2)] == [
         b.index.tolist() for b in epoch(loader(name, tiny_root, world, rank), 2)
     ]
+
+
+def same_batches(a, b):
+    return all(
+        torch.equal(x.index, y.index) and torch.equal(x.im_q, y.im_q) and torch.equal(x.im_k, y.im_k)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_the_torch_loaders_views_are_the_same_with_any_workers_and_from_any_step(tiny_root):
+    # each image's draws come from (seed, epoch, image): not from which worker made it, nor from
+    # the images that worker made before (which a start step and --workers change)
+    full = epoch(loader("torch", tiny_root), 1)
+    with_workers = loader("torch", tiny_root, workers=2)
+    assert same_batches(full, epoch(with_workers, 1))
+    assert same_batches(full[2:], epoch(with_workers, 1, start=2))
+    assert not torch.equal(full[0].im_q, full[0].im_k)  # two draws, not one view twice
+    # another epoch draws other views of an image
+    other = {int(i): q for b in epoch(with_workers, 2) for i, q in zip(b.index, b.im_q, strict=True)}
+    assert not any(torch.equal(other[int(i)], q) for i, q in zip(full[0].index, full[0].im_q, strict=True))
+
+
+def test_an_unreadable_images_stand_in_draws_from_the_seed_of_the_index_asked_for(tmp_path):
+    # ImageDataset replaces a file that fails to decode by the next good one: its views come from the
+    # bad image's seed (not the stand-in's, which the epoch draws too), with any workers
+    root = make_image_root(tmp_path / "data", per_class=8, classes=2, test_per_class=2)
+    bad = sorted((root / "train").rglob("*.jpg"))[3]
+    data = bad.read_bytes()
+    bad.write_bytes(data[: int(len(data) * 0.8)])  # passes the listing's check, fails to decode
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = epoch(loader("torch", root), 0)
+        assert same_batches(full, epoch(loader("torch", root, workers=2), 0))
+    views = [(int(i), q) for b in full for i, q in zip(b.index, b.im_q, strict=True)]
+    stand_in = [q for i, q in views if i == 4]  # the next good image, once for itself, once for image 3
+    assert 3 not in [i for i, _ in views] and len(stand_in) == 2
+    assert not torch.equal(stand_in[0], stand_in[1])
+
+
+def test_the_torch_loader_without_workers_leaves_the_trainers_random_stream_alone(tiny_root):
+    # the main process's generator is the trainer's (its state is in the checkpoint): the per-image
+    # seeding puts it back
+    ld = loader("torch", tiny_root)
+    before = torch.get_rng_state()
+    epoch(ld, 0)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_a_start_step_outside_the_epoch_is_refused(tiny_root):
