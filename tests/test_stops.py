@@ -71,28 +71,37 @@ def same_weights(a, b):
     return [k for k in sa if not torch.equal(sa[k], sb[k])]
 
 
-@pytest.mark.parametrize("loader", ["torch", "resident", pytest.param("ffcv", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "loader,workers",
+    [
+        ("torch", 0),
+        pytest.param("torch", 2, marks=pytest.mark.slow),
+        ("resident", 0),
+        pytest.param("ffcv", 1, marks=pytest.mark.slow),
+    ],
+)
 def test_a_stop_within_an_epoch_saves_its_step_and_resume_trains_as_without_it(
-    tiny_root, tmp_path, monkeypatch, handlers, loader, request
+    tiny_root, tmp_path, monkeypatch, handlers, loader, workers, request
 ):
-    # the torch loader without workers draws from the RNG state the checkpoint holds, the resident
-    # loader from the step's own seed, FFCV's crops and flips from each image's (seed, epoch, index)
-    # and its colour pass from the step's seed: the resumed run trains exactly as the uninterrupted
-    # one (4 steps an epoch, a sync every 2; FFCV compiles a pipeline per run, ~25 s each)
+    # the torch loader draws each image's views from (seed, epoch, image) whatever worker makes it,
+    # the resident loader from the step's own seed, FFCV's crops and flips from each image's (seed,
+    # epoch, index) and its colour pass from the step's seed: the resumed run trains exactly as the
+    # uninterrupted one (4 steps an epoch, a sync every 2; FFCV compiles a pipeline per run, ~25 s each)
     if loader == "ffcv":
         tiny_root = request.getfixturevalue("tiny_beton")  # the same 32 images
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    trainer.train(config(whole, tiny_root, **{"optim.epochs": 2, "data.loader": loader}))
+    run = {"optim.epochs": 2, "data.loader": loader, "data.workers": workers}
+    trainer.train(config(whole, tiny_root, **run))
     calls = signal_at(monkeypatch, {5: signal.SIGTERM})  # in epoch 2's first step: acted on after its second
     with pytest.raises(Terminated) as stop:
-        trainer.train(config(cut, tiny_root, **{"optim.epochs": 2, "data.loader": loader}))
+        trainer.train(config(cut, tiny_root, **run))
     assert stop.value.signum == signal.SIGTERM and len(calls) == 6  # the steps up to the sync, no more
     state = torch.load(cut / "checkpoint.pt", weights_only=False)
     assert (state["epoch"], state["step"], state["epoch_part"]["steps"]) == (1, 2, 4)
     assert [r["epoch"] for r in rows(cut)] == [1]
     load_model(cut / "checkpoint.pt")  # the evaluations (knn, lincls, export) read it as the weights of that step
     monkeypatch.undo()
-    trainer.train(config(cut, tiny_root, **{"optim.epochs": 2, "runtime.resume": "auto", "data.loader": loader}))
+    trainer.train(config(cut, tiny_root, **run, **{"runtime.resume": "auto"}))
     a, b = rows(whole), rows(cut)
     assert [r["epoch"] for r in b] == [1, 2]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
