@@ -11,7 +11,10 @@ own training loader, resumed at epoch ends: classifier_epochs.py.)
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
+import time
 
 import numpy as np
 import torch
@@ -183,6 +186,33 @@ def leave_stops_to_the_trainer(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def end_daemonic_children(grace: float = 2.0) -> None:
+    """At exit, what multiprocessing's own exit hook does, but able to end a worker that ignores
+    SIGTERM (leave_stops_to_the_trainer): that hook sends its daemonic children SIGTERM and then
+    waits for them without end, so a process whose workers were still running (an iterator held by a
+    traceback or a global at exit) never ended. SIGTERM first; SIGKILL for one still alive after
+    `grace` seconds. Registered after multiprocessing's hook, so it runs before it (atexit: LIFO)."""
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in children:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+_ENDS_WORKERS_AT_EXIT: list[bool] = []
+
+
+def end_workers_at_exit() -> None:
+    """Registers end_daemonic_children once per process (at the first loader with workers)."""
+    if not _ENDS_WORKERS_AT_EXIT:
+        atexit.register(end_daemonic_children)
+        _ENDS_WORKERS_AT_EXIT.append(True)
+
+
 def collate_views(items):
     views, label, index = zip(*items, strict=True)
     v1, v2 = zip(*views, strict=True)
@@ -222,6 +252,8 @@ class TorchLoader:
         g = torch.Generator().manual_seed(stream_seed(a.seed, self.sampler.epoch, a.rank))
         # the epoch's order from the first sample of step start_step: the skipped ones are not read
         order = self.sampler.indices()[self.start_step * a.batch_size :].tolist()
+        if a.workers > 0:
+            end_workers_at_exit()
         dl = DataLoader(
             self.dataset,
             batch_size=a.batch_size,

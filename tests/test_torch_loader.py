@@ -1,6 +1,8 @@
 """The torch backend's blur and hue step against torchvision's GaussianBlur and ColorJitter, which
 they replace for speed."""
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -153,3 +155,27 @@ def test_views_are_torchvisions_from_the_same_seed(spec):
         assert diff.max() <= (1 if spec.blur_prob > 0 else 0), seed
         differ.append((diff > 0).float().mean())
     assert torch.stack(differ).mean() < 0.001
+
+
+def test_a_process_that_exits_with_its_workers_still_running_ends(tiny_root):
+    # The training workers ignore SIGTERM (leave_stops_to_the_trainer); multiprocessing's exit ends
+    # the daemonic children it still has with SIGTERM and then waits for them: an iterator still
+    # alive at exit (held by a traceback, a global) hung the process there for ever.
+    script = f"""
+import torch
+from moco_fast.augment import MOCO_V2
+from moco_fast.loaders import LoaderArgs, create_loader
+args = LoaderArgs(data={str(tiny_root)!r}, aug=MOCO_V2, batch_size=4, device=torch.device("cpu"), workers=2,
+                  seed=0, check_images=False)
+loader = create_loader("torch", args)
+loader.set_epoch(0)
+KEPT = iter(loader)
+next(KEPT)
+print("one batch", flush=True)
+"""
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not end: multiprocessing waits on workers that ignore its SIGTERM")
+    assert out.returncode == 0, out.stderr
+    assert "one batch" in out.stdout
