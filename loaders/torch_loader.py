@@ -12,6 +12,7 @@ own training loader, resumed at epoch ends: classifier_epochs.py.)
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import signal
 import time
@@ -203,14 +204,10 @@ def end_daemonic_children(grace: float = 2.0) -> None:
             p.join()
 
 
-_ENDS_WORKERS_AT_EXIT: list[bool] = []
-
-
+@functools.cache
 def end_workers_at_exit() -> None:
     """Registers end_daemonic_children once per process (at the first loader with workers)."""
-    if not _ENDS_WORKERS_AT_EXIT:
-        atexit.register(end_daemonic_children)
-        _ENDS_WORKERS_AT_EXIT.append(True)
+    atexit.register(end_daemonic_children)
 
 
 def collate_views(items):
