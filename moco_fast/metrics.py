@@ -80,25 +80,31 @@ class MetricsWriter:
 
         atomic_write_text(self.out / SUMMARY_NAME, json.dumps(row, indent=2) + "\n")
 
-    def keep_epochs(self, last: int) -> None:
-        """Drop rows of epochs after `last` (the checkpoint a run resumes from): a run stopped
-        between writing an epoch's row and its checkpoint would otherwise log that epoch twice."""
+    def keep_epochs(self, last: int, last_row: dict[str, Any] | None = None) -> None:
+        """Drop rows of epochs after `last` (the checkpoint a run resumes from), and write that
+        epoch's row (`last_row`, which the checkpoint holds) where it is missing: a run that ended
+        between its epoch's checkpoint and its row (in the kNN monitor) would otherwise lack it."""
         path = self.out / METRICS_NAME
-        if not self.enabled or not path.is_file():
+        if not self.enabled:
             return
-        lines = path.read_text().splitlines()
-        kept = []
+        lines = path.read_text().splitlines() if path.is_file() else []
+        kept, epochs = [], set()
         for line in lines:
             try:
-                if json.loads(line).get("epoch", 0) <= last:
-                    kept.append(line)
+                epoch = json.loads(line).get("epoch", 0)
             except ValueError:  # a row cut short by a crash
-                pass
+                continue
+            if epoch <= last:
+                kept.append(line)
+                epochs.add(epoch)
         if len(kept) != len(lines):
             log.info(
                 "metrics.jsonl: dropped %d rows after epoch %d (the checkpoint resumed)", len(lines) - len(kept), last
             )
             path.write_text("".join(line + "\n" for line in kept))
+        if last_row is not None and last_row.get("epoch") == last and last not in epochs:
+            log.info("metrics.jsonl: epoch %d's row from the checkpoint (the run ended before writing it)", last)
+            self.write(last_row)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -21,10 +21,11 @@ log = logging.getLogger("moco_fast")
 
 def resume(
     resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, world: int, rank: int
-) -> tuple[int, dict[str, Any] | None]:
+) -> tuple[int, dict[str, Any] | None, dict[str, Any] | None]:
     """Loads a training checkpoint into the model, optimizer, scaler and random streams; returns
-    the epochs it finished and, for one saved within the next epoch (a stop, --save-every), the part
-    of that epoch done (epoch.EpochPart's fields; None at an epoch end)."""
+    the epochs it finished; for one saved within the next epoch (a stop, --save-every), the part
+    of that epoch done (epoch.EpochPart's fields; None at an epoch end); and the metrics row of the
+    last epoch it finished (None: saved within the first epoch, or before checkpoints held it)."""
     # on the CPU: the RNG states must stay there; model and optimizer states are copied to the device
     state = ckpt.load(resume_path, map_location="cpu")
     if not {"config", "model", "optimizer", "epoch"} <= set(state):
@@ -49,7 +50,7 @@ def resume(
     part = {**state["epoch_part"], "step": state["step"]} if state.get("step") else None
     within = f", step {part['step']} of epoch {state['epoch'] + 1}" if part else ""
     log.info("resumed from %s at epoch %d%s", resume_path, state["epoch"], within)
-    return state["epoch"], part
+    return state["epoch"], part, state.get("row")
 
 
 def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:

@@ -41,11 +41,13 @@ class RunCheckpoints:
     def check(self, mean_loss: torch.Tensor | None, epoch: int) -> None:
         check_finite(self.model, mean_loss, epoch, self.amp_dtype, self.cfg, self.kept)
 
-    def save(self, epochs_done: int, part: EpochPart | None = None) -> None:
+    def save(self, epochs_done: int, part: EpochPart | None = None, row: dict | None = None) -> None:
         """checkpoint.pt (on rank 0; every rank takes part: the RNG states are gathered). "epoch" is
         the epochs finished, whatever else reads the file (evaluations, find_resume, the run folder's
         checks); a save within the next epoch adds "step" (its steps done) and "epoch_part" (EpochPart),
-        after the check an epoch's end makes: non-finite weights must not replace the last good save."""
+        after the check an epoch's end makes: non-finite weights must not replace the last good save.
+        `row`: the metrics row of the epoch just finished, which --resume writes where the run ended
+        before its writer did (an epoch's end saves first, then runs its kNN monitor)."""
         if part is not None:
             self.check(None, epochs_done + 1)  # a host sync, at a sync point
         rng_states = dist_utils.all_gather_objects(ckpt.rng_state())  # each rank's streams, for --resume
@@ -67,6 +69,8 @@ class RunCheckpoints:
         }
         if part is not None:
             state.update(step=part.step, epoch_part=part.to_dict())
+        if row is not None:
+            state["row"] = row
         path = self.out / ckpt.CHECKPOINT_NAME
         ckpt.save_atomic(state, path)
         if part is not None:

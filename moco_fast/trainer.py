@@ -258,9 +258,9 @@ def _train_held(
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, saved_part = 0, None
+    start_epoch, saved_part, saved_row = 0, None, None
     if resume_path is not None:
-        start_epoch, saved_part = resume(resume_path, cfg, model, optimizer, scaler, world, rank)
+        start_epoch, saved_part, saved_row = resume(resume_path, cfg, model, optimizer, scaler, world, rank)
     done = None  # the part of the next epoch done (a checkpoint saved within it)
     if start_epoch < cfg.optim.epochs:
         done = resumed_part(saved_part, start_epoch, loader, cfg.optim.batch_size, world)
@@ -307,7 +307,7 @@ def _train_held(
         remove_stale_temporaries(out)
     writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed))
     if resume_path is not None:
-        writer.keep_epochs(start_epoch)
+        writer.keep_epochs(start_epoch, saved_row)
     if dist_utils.is_main() and not finished:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, str(out / CONFIG_NAME))
@@ -327,14 +327,14 @@ def _train_held(
             row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world, done, stops, clock, within)
             done = None
             saves.check(mean_loss, epoch + 1)
+            # saved before the kNN, which can take minutes: a stop or a crash in it loses no step.
+            # The checkpoint holds the row, which --resume writes if the run ended before it did.
+            saves.save(epoch + 1, row=row)
+            clock.saved()
             knn_due = cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0
             if splits is not None and knn_due and not stops.agreed:  # a stop does not wait for the kNN
-                if dist_utils.is_main():  # kNN on rank 0 alone; the others wait at the barrier
-                    row["knn_top1"] = knn_top1(model.backbone(), splits, cfg, device)
-                dist_utils.barrier()
+                row = _with_knn(row, writer, lambda: knn_top1(model.backbone(), splits, cfg, device))
             writer.write(row)
-            saves.save(epoch + 1)
-            clock.saved()
             if stops.agreed:  # agreed at the epoch's end (run_epoch): saved as its end
                 raise stops.error()
         if summary_owed:
@@ -355,6 +355,21 @@ def _train_held(
     dist_utils.barrier()
     if owns_group:
         dist_utils.destroy()
+    return row
+
+
+def _with_knn(row: dict[str, Any], writer: MetricsWriter, top1: Callable[[], float]) -> dict[str, Any]:
+    """The epoch's row with its kNN monitor's figure (on rank 0 alone; the others wait at the
+    barrier). A stop or an error in the kNN writes the row without it first: the checkpoint that
+    covers the epoch is already saved."""
+    try:
+        if dist_utils.is_main():
+            row = {**row, "knn_top1": top1()}
+        dist_utils.barrier()
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk: the kNN's error stands
+            writer.write(row)
+        raise
     return row
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from moco_fast.cli import _on_stop_signal
 from moco_fast.data import DEMO_ROOT
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -79,3 +81,13 @@ def crop_stats(views: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w = np.abs(r[:, -1] - r[:, 0]) / 4 * s / (s - 1)
     h = np.abs(g[:, -1] - g[:, 0]) / 4 * s / (s - 1)
     return w * h / 64**2, w / h, r[:, -1] < r[:, 0]
+
+
+@pytest.fixture
+def handlers(request):
+    """The CLI's handlers, as `moco-fast train` runs with them: a stop that is not deferred raises."""
+    old = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for s, h in old.items():
+        signal.signal(s, h)

@@ -40,16 +40,6 @@ def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def handlers(request):
-    """The CLI's handlers, as `moco-fast train` runs with them: a stop that is not deferred raises."""
-    old = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    for s, h in old.items():
-        signal.signal(s, h)
-
-
 def signal_at(monkeypatch, steps: dict[int, int]):
     """train_step, which sends itself signal steps[n] after its n-th call (1-based, over the run)."""
     real, calls = trainer.train_step, []

@@ -1,0 +1,63 @@
+"""An epoch's end saves its checkpoint before the kNN monitor (--knn-every), which can take minutes:
+a stop or a crash in the kNN loses no step, and the epoch's row, which the checkpoint holds, is in
+metrics.jsonl after a --resume whether or not the run wrote it."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from test_stops import config, rows, same_weights
+
+import moco_fast.trainer as trainer
+from moco_fast.cli import Terminated
+from moco_fast.metrics import MetricsWriter
+
+RUN = {"optim.epochs": 2, "data.loader": "torch", "runtime.knn_every": 1}
+
+
+def stop_in_the_first_knn(monkeypatch):
+    """The kNN monitor, which gets SIGTERM during its first pass (cli's handler raises at once)."""
+    real, calls = trainer.knn_top1, []
+
+    def knn(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "knn_top1", knn)
+
+
+def test_a_stop_in_the_knn_monitor_keeps_the_epoch_and_its_row(tiny_root, tmp_path, monkeypatch, handlers):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    trainer.train(config(whole, tiny_root, **RUN))
+    stop_in_the_first_knn(monkeypatch)
+    with pytest.raises(Terminated):
+        trainer.train(config(cut, tiny_root, **RUN))
+    state = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and "step" not in state  # the epoch, saved before its kNN
+    (first,) = rows(cut)
+    assert first["epoch"] == 1 and "knn_top1" not in first  # written on the way out, without the kNN
+    assert state["row"] == first  # what --resume writes where a SIGKILL left no row
+    monkeypatch.undo()
+    trainer.train(config(cut, tiny_root, **RUN, **{"runtime.resume": "auto"}))
+    a, b = rows(whole), rows(cut)
+    assert [r["epoch"] for r in b] == [1, 2]
+    assert (b[0]["loss"], b[1]["loss"], b[1]["knn_top1"]) == (a[0]["loss"], a[1]["loss"], a[1]["knn_top1"])
+    assert same_weights(whole, cut) == []
+
+
+def test_resume_writes_the_checkpoints_row_where_the_run_did_not(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    saved = {"epoch": 2, "loss": 1.5}
+    path.write_text('{"epoch": 1, "loss": 2.0}\n{"epoch": 3, "loss": 1.0}\n')  # epoch 3: after the checkpoint
+    writer = MetricsWriter(tmp_path)
+    writer.keep_epochs(2, saved)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": 1, "loss": 2.0}, saved]
+    writer.keep_epochs(2, {**saved, "loss": 9.9})  # the row is there: left as it is
+    writer.keep_epochs(2, None)  # a checkpoint without a row (within the first epoch, or older)
+    writer.keep_epochs(2, {"epoch": 1, "loss": 9.9})  # a row of another epoch than the checkpoint's
+    writer.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": 1, "loss": 2.0}, saved]
