@@ -27,6 +27,7 @@ from torchvision import transforms as T
 from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
+from moco_fast.seeded_images import seeded_draws
 
 from . import register_loader
 from .base import DevicePrefetcher, LoaderArgs, NoOptions, check_start_step, parse_options, stream_seed
@@ -117,20 +118,10 @@ class TwoViews:
         return self.transform(img), self.transform(img)
 
 
-def image_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one image's draws at one epoch: distinct for index < 1e9 and epoch < 1e6 (as
-    base.stream_seed mixes a rank, whose place is too small for an image index)."""
-    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**64
-
-
 class SeededViews:
-    """A dataset whose item i at epoch `epoch` draws from torch's generator seeded with
-    image_seed(seed, epoch, i): torchvision's transforms draw from the process's default generator
-    (no generator argument), and a DataLoader worker's stream otherwise depends on which images it
-    made before, which --workers and the step an epoch starts at change. A replaced unreadable
-    image (ImageDataset) draws from the seed of the index asked for. The generator's state is put
-    back after each item: without workers this is the trainer's process, whose stream the
-    checkpoint holds. Cost: about 4 us an image (against ~10 ms a view)."""
+    """A dataset whose item i at epoch `epoch` draws from seeded_draws(seed, epoch, i)
+    (moco_fast.seeded_images: the same views with any --workers and from any step). A replaced
+    unreadable image (ImageDataset) draws from the seed of the index asked for."""
 
     def __init__(self, dataset: ImageDataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -140,13 +131,8 @@ class SeededViews:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        g = torch.default_generator  # the CPU's only: CUDA's streams are the trainer's
-        state = g.get_state()
-        g.manual_seed(image_seed(self.seed, self.epoch, i))
-        try:
+        with seeded_draws(self.seed, self.epoch, i):
             return self.dataset[i]
-        finally:
-            g.set_state(state)
 
 
 class EpochShardSampler(Sampler[int]):
