@@ -6,7 +6,7 @@ image's two views from (seed, epoch, its index in the data set) alone (`SeededVi
 worker or rank makes it and whatever it made before. So the views are the same with any --workers,
 and an epoch resumed at a step (`set_epoch(epoch, start_step)`) reads the same images from there on
 with the same views: a resumed run trains as an uninterrupted one. (lincls and finetune have their
-own training loader, resumed at epoch ends: classifier_epochs.py.)
+own training loader, resumed at epoch ends and seeded the same way: moco_fast/seeded_images.py.)
 """
 
 from __future__ import annotations

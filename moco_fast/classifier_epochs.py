@@ -3,9 +3,10 @@
 After every epoch the loop writes a state file beside the result (`lincls.json` ->
 `lincls.state.pt`): what trains, the optimizer, the random streams and the history so far. An
 interrupted run (100 epochs of lincls on ImageNet take hours) continues from there with `--resume`,
-and the file goes once the result is written. With `--workers 0` a resumed run is the uninterrupted
-one exactly; with workers it goes on with a new data order and new crops (the worker processes'
-random streams are not saved). The commands hold a lock beside the result while they run
+and the file goes once the result is written. A resumed run draws the batches of the uninterrupted
+one, with any `--workers`: the order comes from the saved generator, each image's crop and flip from
+(seed, epoch, its index) alone (lincls.image_batches, seeded_images.py), so on the CPU it ends with
+the same weights. The commands hold a lock beside the result while they run
 (`run_folder.hold_output`), so a second run into the same result stops at once.
 
 `--eval-every N` evaluates every N epochs as well as after the last: the history holds each

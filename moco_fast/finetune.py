@@ -142,6 +142,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
         net.train()
         lr = lr_at(base_lr, epoch, cfg.epochs, steps)
         desc = f"finetune epoch {epoch + 1}/{cfg.epochs}"
+        loader.sampler.set_epoch(epoch)
         return {"epoch": epoch + 1, "lr": lr, "loss": sgd_epoch(loader, loss_of, opt, lr, device, desc, scaler)}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +156,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
         return evaluate(forward, eval_batches, device, classes)
 
     parts = {"network": net, "optimizer": opt, "scaler": scaler}
-    loop = EpochLoop("finetune", cfg, result_path(cfg, start), parts, loader.generator, t0)
+    loop = EpochLoop("finetune", cfg, result_path(cfg, start), parts, loader.sampler.generator, t0)
     history = loop.run(one_epoch, evaluate_now)
     net.eval()
     top1, top5 = history[-1]["top1"], history[-1]["top5"]

@@ -47,6 +47,7 @@ from moco_fast.knn import EvalBatches, collate_labeled, eval_batches
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.metrics import progress
 from moco_fast.run_folder import LINCLS_RESULT
+from moco_fast.seeded_images import EpochKeys, KeyedImages
 from moco_fast.step import set_lr
 
 log = logging.getLogger("moco_fast")
@@ -118,19 +119,24 @@ def image_batches(
     drop_last: bool = False,
     desc: str = "evaluation",
 ) -> DataLoader | EvalBatches:
-    """Host uint8 batches (x, y); shuffled with a seeded generator when `train`. Evaluation passes
-    (train=False: the eval split, --cached-features) leave out images that fail to decode, so that
-    each image counts once, as in kNN (EvalBatches; `desc` names the pass in its warning); training
-    replaces them by another image, as pretraining does."""
+    """Host uint8 batches (x, y). Evaluation passes (train=False: the eval split, --cached-features)
+    leave out images that fail to decode, so that each image counts once, as in kNN (EvalBatches;
+    `desc` names the pass in its warning); training replaces them by another image, as pretraining
+    does. Training batches: `loader.sampler.set_epoch(e)` before epoch e; the order comes from
+    `loader.sampler.generator` (seeded with `seed`, saved by the classifier's state), each image's
+    crop and flip from (seed, e, its index) alone (seeded_images), so that any --workers and a resumed
+    run draw the same. The workers persist across epochs: the epoch travels with each index."""
     if not train:
         return eval_batches(images, image_size, batch_size, workers, desc)
     return DataLoader(
-        ImageDataset(images, train_transform(image_size)),
+        KeyedImages(ImageDataset(images, train_transform(image_size)), seed),
         batch_size=batch_size,
-        shuffle=True,
+        sampler=EpochKeys(len(images), torch.Generator().manual_seed(seed)),
         num_workers=workers,
         collate_fn=collate_labeled,
         drop_last=drop_last,
+        # the workers' base seed only (their draws are seeded per image): not the order's generator
+        # nor the process's stream, which it would advance once per DataLoader iterator
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
     )
@@ -348,13 +354,16 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         train_x, train_y = extract(backbone, train_feats, norm, device, amp_dtype, "features (train)")
         eval_x, eval_y = extract(backbone, eval_images, norm, device, amp_dtype, "features (eval)")
         order = torch.Generator().manual_seed(cfg.seed)
-        train_epoch = lambda: tensor_batches(train_x, train_y, cfg.batch_size, True, order)  # noqa: E731
+        train_epoch = lambda epoch: tensor_batches(train_x, train_y, cfg.batch_size, True, order)  # noqa: E731
         features = lambda x: x  # noqa: E731
         eval_batches = tensor_batches(eval_x, eval_y, cfg.batch_size, False, None)
     else:
         loader = batches(splits.train, train=True)
-        order = loader.generator
-        train_epoch = lambda: loader  # noqa: E731
+        order = loader.sampler.generator
+
+        def train_epoch(epoch: int) -> DataLoader:
+            loader.sampler.set_epoch(epoch)
+            return loader
 
         def features(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), autocast_for(device, amp_dtype):
@@ -365,7 +374,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
     def one_epoch(epoch: int) -> dict[str, Any]:
         lr = lr_at(cfg.lr, epoch, cfg.epochs, steps)
         desc = f"lincls epoch {epoch + 1}/{cfg.epochs}"
-        loss = sgd_epoch(train_epoch(), lambda x, y: F.cross_entropy(fc(features(x)), y), opt, lr, device, desc)
+        loss = sgd_epoch(train_epoch(epoch), lambda x, y: F.cross_entropy(fc(features(x)), y), opt, lr, device, desc)
         return {"epoch": epoch + 1, "lr": lr, "loss": loss}
 
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / LINCLS_RESULT

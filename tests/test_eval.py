@@ -303,6 +303,31 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
     assert f"--resume: {out} is a finished lincls result and there is no state to continue" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_lincls_resumed_with_workers_ends_as_an_uninterrupted_run(ckpt, six_root, tmp_path, monkeypatch):
+    # the DataLoader workers persist across epochs and their random streams are not saved: each
+    # image's crop and flip come from (seed, epoch, index) alone (seeded_images), and the order from
+    # the saved generator, so a run resumed with workers draws what the uninterrupted one drew
+    import moco_fast.lincls
+
+    made, real = [], moco_fast.lincls.new_classifier
+    monkeypatch.setattr(moco_fast.lincls, "new_classifier", lambda *a: made.append(real(*a)) or made[-1])
+
+    def lincls(out, *extra):
+        argv = ["lincls", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "2", "--lr", "0.5"]
+        return main([*argv, "--batch-size", "8", "--workers", "2", "--device", "cpu", "--out", str(out), *extra])
+
+    assert lincls(tmp_path / "whole.json") == 0
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.lincls, 1)
+        assert lincls(tmp_path / "l.json") == 130
+    assert lincls(tmp_path / "l.json", "--resume") == 0
+    whole, _, resumed = made
+    assert torch.equal(whole.weight, resumed.weight) and torch.equal(whole.bias, resumed.bias)
+    ref, res = (json.loads((tmp_path / name).read_text()) for name in ("whole.json", "l.json"))
+    assert res["history"] == ref["history"]
+
+
 def test_a_stop_behind_a_dataloader_error_still_says_how_to_resume(tmp_path, caplog, monkeypatch):
     # SIGTERM to the process group kills the DataLoader workers too: the error that reaches the loop
     # can be the DataLoader's, with the Terminated behind it; the hint must still come
@@ -422,7 +447,8 @@ def test_finetune_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, mon
 
     def finetune(out, *extra):
         argv = ["finetune", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "2", "--lr", "0.05"]
-        return main([*argv, "--batch-size", "8", "--workers", "0", "--device", "cpu", "--out", str(out), *extra])
+        # with DataLoader workers: they persist across epochs, and the crops still come out the same
+        return main([*argv, "--batch-size", "8", "--workers", "2", "--device", "cpu", "--out", str(out), *extra])
 
     assert finetune(tmp_path / "whole.json") == 0
     out = tmp_path / "ft.json"
