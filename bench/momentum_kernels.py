@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda where there is one)")
     p.add_argument(
-        "--arch", default="resnet50", help="torchvision ResNet whose parameters are updated (default resnet50)"
+        "--arch",
+        default="resnet50",
+        help="ResNet whose parameters are updated: torchvision's, or resnet50w2/resnet50w4 (default resnet50)",
     )
     p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True, help="MoCo v2 head (default on)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="(default on)")

@@ -23,8 +23,9 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
+
+from moco_fast.backbone import resnet
 
 
 class DemoSplitBatchNorm(nn.BatchNorm2d):
@@ -58,9 +59,9 @@ class DemoSplitBatchNorm(nn.BatchNorm2d):
 
 def _encoder(arch: str, dim: int, mlp: bool, bn_splits: int, cifar_stem: bool) -> nn.Module:
     norm = partial(DemoSplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
-    net = getattr(torchvision.models, arch)(num_classes=dim, norm_layer=norm)
+    net = resnet(arch, num_classes=dim, norm_layer=norm)  # torchvision's, or the paper's wider ResNet-50s
     if cifar_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     if mlp:  # MoCo v2: the fc layer becomes Linear-ReLU-fc
         width = net.fc.weight.shape[1]

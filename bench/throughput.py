@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a backend option, as `moco-fast train --loader-option` takes it (repeatable)",
     )
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet (default resnet50)")
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet, or resnet50w2/resnet50w4 (default resnet50)")
     p.add_argument("--preset", default="v2", help="config preset: v1, v2, cifar, demo (default v2)")
     p.add_argument("--stem", choices=["auto", "imagenet", "cifar"], help="default: the preset's; imagenet on CPU")
     p.add_argument("--batch-size", type=int, help="per device (default 256; 16 on the CPU)")

@@ -1,4 +1,5 @@
-"""Backbones: any torchvision ResNet, with an optional CIFAR stem and split BatchNorm."""
+"""Backbones: any torchvision ResNet or the paper's wider ResNet-50s, with an optional CIFAR stem and
+split BatchNorm."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
 
 from moco_fast.config import ConfigError
 
@@ -89,14 +91,59 @@ def resolve_stem(stem: str, image_size: int) -> str:
     return stem
 
 
-def build_backbone(arch: str, stem: str = "imagenet", bn_splits: int = 1) -> tuple[nn.Module, int]:
-    """A torchvision ResNet without its classifier (`fc` is Identity) and its feature width."""
+# The paper's bigger backbones (MoCo, Table 1: R50w2x and R50w4x, after Kolesnikov et al. 2019):
+# ResNet-50 with every layer k times wider, the stem too: 64k stem channels, 2048k features, about
+# 94M and 375M parameters. torchvision's wide_resnet50_2 is another network: only the bottlenecks'
+# inner width doubles (2048 features, 67M parameters).
+WIDER = {"resnet50w2": 2, "resnet50w4": 4}
+
+
+class WiderResNet50(ResNet):
+    """ResNet-50 with all widths times k: torchvision's ResNet (its forward, its layer builder and
+    its state-dict names, so the exports and every reader of a torchvision ResNet state dict work)
+    with 64k stem channels and Bottleneck blocks of k times the planes."""
+
+    def __init__(self, k: int, norm_layer=nn.BatchNorm2d, num_classes: int = 1000):
+        nn.Module.__init__(self)
+        # what ResNet._make_layer reads
+        self._norm_layer, self.dilation, self.groups, self.base_width = norm_layer, 1, 1, 64
+        self.inplanes = 64 * k
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(Bottleneck, 64 * k, 3)
+        self.layer2 = self._make_layer(Bottleneck, 128 * k, 4, stride=2)
+        self.layer3 = self._make_layer(Bottleneck, 256 * k, 6, stride=2)
+        self.layer4 = self._make_layer(Bottleneck, 512 * k, 3, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * k * Bottleneck.expansion, num_classes)
+        for m in self.modules():  # torchvision's ResNet initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
+def resnet(arch: str, **kw) -> ResNet:
+    """torchvision.models.<arch>(**kw), or a WiderResNet50 for WIDER's names; ConfigError for others."""
+    if arch in WIDER:
+        return WiderResNet50(WIDER[arch], **kw)
     if not arch.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(torchvision.models, arch):
-        raise ConfigError(f"unknown arch {arch!r}: use a torchvision ResNet such as resnet18 or resnet50")
+        raise ConfigError(
+            f"unknown arch {arch!r}: use a torchvision ResNet such as resnet18, resnet50 or wide_resnet50_2, "
+            "or the paper's wider ResNet-50s resnet50w2 and resnet50w4"
+        )
+    return getattr(torchvision.models, arch)(weights=None, **kw)
+
+
+def build_backbone(arch: str, stem: str = "imagenet", bn_splits: int = 1) -> tuple[nn.Module, int]:
+    """A ResNet (`resnet`) without its classifier (`fc` is Identity) and its feature width."""
     norm = partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
-    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)
+    net = resnet(arch, norm_layer=norm)
     if stem == "cifar":
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     for m in net.modules():
         if type(m) is nn.Conv2d:

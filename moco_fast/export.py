@@ -3,11 +3,14 @@
 - torchvision: a plain ResNet state dict (`conv1.weight`, `layer1.0.bn1.running_mean`, ...), which
   `torchvision.models.<arch>()` loads with `strict=False`, only `fc.weight`/`fc.bias` missing.
   SplitBatchNorm2d holds ordinary BN state, so nothing is renamed. A CIFAR-stem backbone exports
-  too, but its `conv1` is 3x3 and it has no max-pool: rebuild that stem before loading.
+  too, but its `conv1` is 3x3 and it has no max-pool: rebuild that stem before loading. The paper's
+  wider ResNet-50s (resnet50w2/w4) are not in torchvision: `moco_fast.backbone.resnet(arch)` builds
+  them, with torchvision's class and names.
 - detectron2: the official MoCo `detection/convert-pretrain-to-detectron2.py` naming: the stem under
   `stem.`, `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`, `downsample.0/1` -> `shortcut` /
   `shortcut.norm`; numpy arrays in a pickled dict with `__author__: "MOCO"` and
-  `matching_heuristics: True`. detectron2 has no CIFAR stem, so that export is refused.
+  `matching_heuristics: True`. detectron2 has no CIFAR stem, so that export is refused. A wider
+  ResNet-50 keeps the names; detectron2's config gives it its widths (commands/export.loading_notes).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The backbone's convolutions: a 1 x 1 map through a padded 3 x 3 convolution (16 px, ImageNet stem)."""
+"""The backbones: the convolutions (a 1 x 1 map through a padded 3 x 3 convolution, 16 px, ImageNet
+stem), and the paper's wider ResNet-50s (resnet50w2/w4): their shapes, and their exports."""
 
 import pytest
 import torch
@@ -47,3 +48,58 @@ def test_conv_is_nn_conv2d(size, kernel, stride, padding):
     torch.testing.assert_close(
         torch.autograd.grad(y, conv.parameters(), go), torch.autograd.grad(y_ref, ref.parameters(), go)
     )
+
+
+def test_the_papers_wider_resnet50s_are_every_layer_k_times_wider():
+    # R50w2x (MoCo Table 1, after Kolesnikov et al.): every tensor of torchvision's ResNet-50 under
+    # the same name, its channel counts times 2 (the stem's output too; its 3 input channels stay)
+    base = build_backbone("resnet50")[0].state_dict()
+    net, width = build_backbone("resnet50w2")
+    wide = net.state_dict()
+    assert width == 2 * 2048 and list(wide) == list(base)
+    for name, t in base.items():
+        expect = list(t.shape)
+        if t.dim() == 4:  # conv: out x in x kh x kw
+            expect = [2 * expect[0], expect[1] if name == "conv1.weight" else 2 * expect[1], *expect[2:]]
+        elif t.dim() == 1:  # BN
+            expect = [2 * expect[0]]
+        assert list(wide[name].shape) == expect, name
+    assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(94, abs=0.5)  # the paper's 94M
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 4096)
+    cifar, _ = build_backbone("resnet50w2", "cifar", bn_splits=2)  # its 3x3 stem keeps the stem's width
+    assert cifar.conv1.out_channels == 128 and cifar(torch.randn(4, 3, 8, 8)).shape == (4, 4096)
+
+
+def test_an_unknown_arch_names_the_wider_resnets():
+    from moco_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="resnet50w2 and resnet50w4"):
+        build_backbone("resnet50w3")
+
+
+def test_a_wider_resnet50_exports_for_torchvision_and_detectron2(tmp_path, capsys):
+    import pickle
+
+    from moco_fast.backbone import resnet
+    from moco_fast.cli import main
+    from moco_fast.config import build_config, to_dict
+    from moco_fast.model import MoCo
+
+    cfg = build_config("cifar", {"model.arch": "resnet50w2", "model.stem": "imagenet", "model.mlp": False})
+    model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size)
+    torch.save({"config": to_dict(cfg), "model": model.state_dict(), "epoch": 0}, tmp_path / "w2.pt")
+    pth, pkl = tmp_path / "w2.pth", tmp_path / "w2.pkl"
+    assert main(["export", str(tmp_path / "w2.pt"), "--format", "torchvision", "--output", str(pth)]) == 0
+    assert "moco_fast.backbone.resnet('resnet50w2')" in capsys.readouterr().out
+    net = resnet("resnet50w2")
+    assert net.load_state_dict(torch.load(pth), strict=False).missing_keys == ["fc.weight", "fc.bias"]
+    net.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), model.backbone().eval()(x))
+    assert main(["export", str(tmp_path / "w2.pt"), "--format", "detectron2", "--output", str(pkl)]) == 0
+    out = capsys.readouterr().out
+    assert "STEM_OUT_CHANNELS 128" in out and "RES2_OUT_CHANNELS 512" in out and "WIDTH_PER_GROUP 128" in out
+    with open(pkl, "rb") as fh:
+        keys = pickle.load(fh)["model"]
+    assert keys["stem.conv1.weight"].shape == (128, 3, 7, 7) and keys["res5.2.conv3.weight"].shape[0] == 4096

@@ -44,9 +44,30 @@ def run(args: argparse.Namespace) -> int:
     output = check_output(args.output, "--output", inputs=(checkpoint,), replaces=run_file)
     res = export(checkpoint, args.format, output, force=args.force)
     print(f"wrote {res['output']}: {res['keys']} tensors of the {res['arch']} query backbone ({res['format']})")
-    if res["format"] == "torchvision" and res["stem"] == "cifar":
-        print(
-            "note: CIFAR stem. Before load_state_dict, set net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) "
+    for line in loading_notes(res["format"], res["arch"], res["stem"]):
+        print(f"note: {line}")
+    return 0
+
+
+def loading_notes(fmt: str, arch: str, stem: str) -> list[str]:
+    """What loading the export needs beyond torchvision's or detectron2's defaults."""
+    from moco_fast.backbone import WIDER
+
+    k = WIDER.get(arch, 1)
+    notes = []
+    if fmt == "torchvision" and k > 1:
+        notes.append(
+            f"{arch} is not in torchvision: moco_fast.backbone.resnet({arch!r}) builds it (torchvision's ResNet "
+            f"class, every width times {k}); load this file into it with strict=False"
+        )
+    if fmt == "torchvision" and stem == "cifar":
+        notes.append(
+            f"CIFAR stem. Before load_state_dict, set net.conv1 = nn.Conv2d(3, {64 * k}, 3, 1, 1, bias=False) "
             "and net.maxpool = nn.Identity()"
         )
-    return 0
+    if fmt == "detectron2" and k > 1:
+        notes.append(
+            f"{arch} is {k}x wider than detectron2's R-50: set MODEL.RESNETS.STEM_OUT_CHANNELS {64 * k}, "
+            f"MODEL.RESNETS.RES2_OUT_CHANNELS {256 * k} and MODEL.RESNETS.WIDTH_PER_GROUP {64 * k} in its config"
+        )
+    return notes

@@ -104,7 +104,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "blur; cifar: the official CIFAR-10 demo (ResNet-18, CIFAR stem, K=4096, m=0.99, T=0.1); "
         "demo: a few minutes on a CPU on the shipped demo set (default: demo without --data, else v2)",
     )
-    g.add_argument("--arch", help="any torchvision ResNet: resnet18, resnet50, wide_resnet50_2, ... (default resnet50)")
+    g.add_argument(
+        "--arch",
+        help="any torchvision ResNet (resnet18, resnet50, wide_resnet50_2, ...) or the paper's wider ResNet-50s "
+        "resnet50w2 and resnet50w4 (every layer 2x or 4x wider) (default resnet50)",
+    )
     g.add_argument(
         "--stem", choices=["auto", "imagenet", "cifar"], help="cifar: 3x3 conv, no max-pool (auto: for <= 64 px)"
     )
