@@ -18,7 +18,7 @@ import torch
 
 from moco_fast import distributed as dist_utils
 from moco_fast.config import TrainConfig
-from moco_fast.metrics import progress
+from moco_fast.metrics import progress, rate
 from moco_fast.stops import SaveClock, StopRequests, agree_at_sync
 
 log = logging.getLogger("moco_fast")
@@ -110,7 +110,7 @@ def run_epoch(
                 # Host sync point: only every log_every steps, for the progress bar and what the
                 # ranks agree on (a stop, a save: one all-reduce with several processes).
                 elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{n * b * world / elapsed:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=rate(n * b * world / elapsed), refresh=False)
                 # the last step's agreement comes after the loop: the loader ends its epoch first
                 signum, due = agree_at_sync(stops, clock, device) if i + 1 < steps else (None, False)
                 if (signum or due) and save is not None:

@@ -22,6 +22,12 @@ def progress(total: int, desc: str, enabled: bool = True, initial: int = 0) -> t
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
 
 
+def rate(per_s: float) -> str:
+    """Images a second as a person reads them: whole numbers, and two digits below 10 (a wide
+    network on a CPU makes 0.23 img/s, which ".0f" showed as 0)."""
+    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2g}"
+
+
 def read_rows(out: str | Path) -> list[dict[str, Any]]:
     """The rows of OUT/metrics.jsonl in order (none without the file); a row cut short by a crash
     is left out."""

@@ -424,6 +424,6 @@ def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_roo
 
 
 def test_the_report_shows_a_slow_runs_images_a_second():
-    from moco_fast.commands.train import rate
+    from moco_fast.metrics import rate
 
     assert [rate(v) for v in (0.2333, 0.0451, 9.96, 91.94, 1160.4)] == ["0.23", "0.045", "10", "92", "1160"]

@@ -365,13 +365,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def rate(per_s: float) -> str:
-    """Images a second as a person reads them: whole numbers, and two digits below 10 (a wide
-    network on a CPU makes 0.23 img/s, which ".0f" showed as 0)."""
-    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2g}"
-
-
 def _report(row: dict, cfg) -> None:
+    from moco_fast.metrics import rate
+
     if not row:
         print("nothing to do: the run had already finished all epochs")
         return
