@@ -307,7 +307,8 @@ def _train_held(
         remove_stale_temporaries(out)
     writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed))
     if resume_path is not None:
-        writer.keep_epochs(start_epoch, saved_row)
+        # the checkpoint's row belongs in its own run's folder only: another run's epochs were logged there
+        writer.keep_epochs(start_epoch, saved_row if continues_in(out, resume_path) else None)
     if dist_utils.is_main() and not finished:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, str(out / CONFIG_NAME))
