@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from run_helpers import tiny_args
 
-from moco_fast.cli import _on_stop_signal
+from moco_fast.cli import _on_stop_signal, main
 from moco_fast.data import DEMO_ROOT
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -91,3 +92,19 @@ def handlers(request):
     yield
     for s, h in old.items():
         signal.signal(s, h)
+
+
+# -- a finished run (test_run_folder.py, test_resume.py, test_run_signals.py, test_run_messages.py) --
+@pytest.fixture(scope="session")
+def trained(tiny_root, tmp_path_factory):
+    """One finished 1-epoch run, trained once for the session; tests change copies of it (`run`)."""
+    out = tmp_path_factory.mktemp("runs") / "one-epoch"
+    assert main(tiny_args(tiny_root, out)) == 0
+    return out
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out

@@ -1,0 +1,227 @@
+"""What a run folder holds and how a run leaves it: another run's folder is not overwritten without
+--force, a busy folder fails at once, a run that fails in its first epoch or diverges leaves the
+folder as it was (with its last good checkpoint), files that are not a run's or not a checkpoint
+are named, written files follow the umask."""
+
+import json
+import os
+import stat
+from functools import partial
+
+import pytest
+import torch
+from run_helpers import rows, tiny_args
+
+from moco_fast import checkpoint as ckpt
+from moco_fast.cli import main
+from moco_fast.data import DataError
+
+
+def test_another_runs_folder_is_not_overwritten_without_force(tiny_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_root, out, epochs=2)) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(tiny_args(tiny_root, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run already" in err[0] and "--force" in err[0], err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # --force starts over: the old rows and TensorBoard events go with the old checkpoint
+    old_events = set((out / "tb").iterdir())
+    assert main([*tiny_args(tiny_root, out), "--force"]) == 0
+    assert [r["epoch"] for r in rows(out)] == [1]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert not old_events & set((out / "tb").iterdir())
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ckpt.save_atomic({"x": 1}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == 0o644
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "t.pt")
+    with pytest.raises(DataError, match="not a checkpoint"):
+        ckpt.load(tmp_path / "t.pt")
+    (tmp_path / "lincls.json").write_text('{"top1": 1.0}')  # e.g. `train --resume RUN/lincls.json`
+    with pytest.raises(DataError, match="is not a moco-fast checkpoint: it holds JSON text"):
+        ckpt.load(tmp_path / "lincls.json")
+    torch.save({"config": {}, "model": {}}, tmp_path / "d.pt")
+    with pytest.raises(DataError):
+        ckpt.load_model(tmp_path / "d.pt")
+
+
+def test_a_damaged_checkpoint_is_named_before_its_weights_are_used(tmp_path):
+    # A block of 0xff in the weights' bytes (a disk or copy fault): torch.load reads it as NaN
+    # weights without a word, and a resumed run then "diverged"; the records' checksums tell.
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"config": {}, "model": {"w": torch.zeros(100_000)}}, path)
+    assert ckpt.load(path)["model"]["w"].sum() == 0
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)  # inside the 400 KB of w
+        fh.write(b"\xff" * 64)
+    with pytest.raises(DataError, match=r"checkpoint.pt is damaged: its record .*/data/0 fails its checksum"):
+        ckpt.load(path)
+    # damage where torch.load itself fails: the zip directory at the end, the pickle at the start
+    for where, says in ((-1000, "cut short or damaged"), (200, "is damaged: its record .*data.pkl fails its checksum")):
+        torch.save({"config": {}, "model": {"w": torch.zeros(100_000)}}, path)
+        with open(path, "r+b") as fh:
+            fh.seek(where if where > 0 else path.stat().st_size + where)
+            fh.write(b"\xff" * 1000)
+        with pytest.raises(DataError, match=says):
+            ckpt.load(path)
+    # a file saved without checksums (torch can: compute_crc32 off) is read as it is
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"config": {}, "model": {"w": torch.ones(1000)}}, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert ckpt.load(tmp_path / "nocrc.pt")["model"]["w"].sum() == 1000
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tiny_root, run, capsys):
+    (run / ".checkpoint.pt.4242.tmp").write_bytes(b"half")  # left by a run killed while saving
+    before = (run / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*tiny_args(tiny_root, run, epochs=2), "--resume", "--lr", "1e30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "diverged in epoch 2" in err[-1] and "NaN or inf" in err[-1], err
+    assert "the last checkpoint is kept" in err[-1]
+    assert (run / "checkpoint.pt").read_bytes() == before  # not overwritten with NaN weights
+    assert [r["epoch"] for r in rows(run)] == [1]
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_as_it_was(tiny_root, tmp_path, capsys, monkeypatch):
+    # It diverges in epoch 1, after it wrote config.json and opened tb/: what it made goes, and the
+    # folder it created goes with them; a folder that was there keeps what it held, tb/ included.
+    new, kept = tmp_path / "new", tmp_path / "kept"
+    (kept / "tb").mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    (kept / "tb" / "events.old").write_text("an earlier run's")
+    for out in (new, kept):
+        assert main([*tiny_args(tiny_root, out), "--lr", "1e30"]) == 2
+        err = capsys.readouterr().err
+        assert "diverged in epoch 1" in err and "nothing was saved: lower --lr" in err, err
+    assert not new.exists()
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == ["notes.txt", "tb", "tb/events.old"]
+    # stopped in epoch 1 (Ctrl-C, SIGTERM, a preemption): config.json stays, and --resume alone
+    # starts the run over with it
+    import moco_fast.trainer
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(moco_fast.trainer, "_run_epoch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(tiny_args(tiny_root, stopped)) == 130
+    monkeypatch.undo()
+    assert (stopped / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(stopped), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["moco"]["k"] == 16  # tiny_args', not the default 1024
+    # that restart fails in its epoch 1 in turn: the folder keeps a config.json to --resume from
+    assert main(["train", "--resume", "--out", str(stopped), "--lr", "1e30"]) == 2
+    assert (stopped / "config.json").is_file()
+
+
+def test_a_folder_whose_config_json_is_not_a_runs_is_left_alone(tiny_root, tmp_path, capsys):
+    # another tool's folder (a model folder with its own config.json), or a partial file: a run there
+    # would overwrite it, and --resume would start the default recipe from it
+    for text in ('{"foo": 1}', '{"model": {"arch": "resnet18"}, "optim": {"epochs": 1}}'):
+        out = tmp_path / "other"
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text(text)
+        for argv in (
+            tiny_args(tiny_root, out),
+            ["train", "--resume", "--out", str(out)],
+            [*tiny_args(tiny_root, out), "--force"],
+        ):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1].endswith(
+                f"{out / 'config.json'} is not the config.json of a moco-fast run (another tool's?): a run there would overwrite it; choose another --out, or move it away"
+            ), err
+        assert (out / "config.json").read_text() == text and [p.name for p in out.iterdir()] == ["config.json"]
+
+
+def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
+    from moco_fast.config import build_config
+    from moco_fast.divergence import Diverged, check_finite
+
+    check = partial(check_finite, cfg=build_config("v2"))  # T 0.2, lr 0.03: nothing stands out
+    net = torch.nn.Linear(2, 2)
+    with caplog.at_level("WARNING", logger="moco_fast"):
+        check(net, torch.tensor(float("inf")), 3, torch.float16)
+    assert "epoch 3: the mean loss is inf" in caplog.text and "skipped" in caplog.text
+    with torch.no_grad():
+        net.bias[1] = float("nan")
+    with pytest.raises(Diverged, match="1 tensors of the model hold NaN or inf \\(first: bias\\)") as e:
+        check(net, torch.tensor(1.0), 3, None)
+    assert str(e.value).endswith("lower --lr")  # fp32: no --amp to change
+    # the advice names another --amp than the run's
+    for dtype, says in (
+        (torch.float16, "lower --lr, or use --amp bf16 or off"),
+        (torch.bfloat16, "lower --lr, or use --amp off"),
+    ):
+        with pytest.raises(Diverged) as e:
+            check(net, torch.tensor(1.0), 3, dtype)
+        assert str(e.value).endswith(says)
+    # BN statistics too: an fp16 forward that overflows poisons them although the scaler skips its step
+    bn = torch.nn.BatchNorm1d(2)
+    bn.running_var[0] = float("inf")
+    with pytest.raises(Diverged, match="first: running_var"):
+        check(bn, torch.tensor(1.0), 3, torch.float16)
+
+
+def test_a_second_train_into_a_busy_folder_fails_at_once(tiny_root, tmp_path, capsys):
+    from moco_fast.run_folder import hold_run_folder
+
+    out = tmp_path / "busy"
+    with hold_run_folder(out):  # as another process training there
+        assert main(tiny_args(tiny_root, out)) == 2
+    assert "another moco-fast train is writing there" in capsys.readouterr().err
+    assert not out.exists()  # the holder created it and left it empty: removed
+    # a run that fails before writing anything leaves no folder behind either
+    assert main(tiny_args(tmp_path / "missing-data", tmp_path / "never")) == 2
+    assert not (tmp_path / "never").exists()
+
+
+def test_data_is_saved_as_an_absolute_path(tiny_root, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_root.parent)
+    assert main(["train", "--data", tiny_root.name, "--print-config"]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["data"]["data"] == str(tiny_root)  # a --resume from another folder finds the same data
+
+
+def synthetic_args(out, *flags):
+    return [
+        "train", "--loader", "synthetic", "--synthetic-steps", "1", "--arch", "resnet18", "--image-size", "16",
+        "--batch-size", "8", "--bn-splits", "2", "--moco-k", "16", "--epochs", "1", "--device", "cpu",
+        "--out", str(out), "--no-final-knn", *flags,
+    ]  # fmt: skip
+
+
+def test_the_divergence_advice_names_the_flag_that_stands_out(tmp_path, capsys):
+    # --moco-t 1e-40 overflows the logits (l / T): the run diverged, and the message said "lower --lr"
+    from moco_fast.config import build_config
+    from moco_fast.divergence import Diverged, check_finite
+
+    assert main(synthetic_args(tmp_path / "run", "--moco-t", "1e-40")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "diverged in epoch 1" in err[-1] and err[-1].endswith(
+        "nothing was saved: raise --moco-t 1e-40 (usually 0.05-0.2)"
+    ), err
+    # each flag that stands far out is named with its value, before the --amp advice; "lower --lr" else
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.bias[1] = float("nan")
+    for overrides, says in (
+        ({"optim.lr": 0.2, "moco.t": 0.05}, "lower --lr, or use --amp off"),  # high and low, not far out
+        ({"optim.lr": 1.0}, "lower --lr 1 (the cifar preset's is 0.03), or use --amp off"),
+        ({"optim.lr": 1.0, "moco.t": 1e-3}, "raise --moco-t 0.001 (usually 0.05-0.2) and lower --lr 1 (the cifar preset's is 0.03), or use --amp off"),
+    ):  # fmt: skip
+        with pytest.raises(Diverged) as e:
+            check_finite(net, torch.tensor(1.0), 3, torch.bfloat16, build_config("cifar", overrides))
+        assert str(e.value).endswith(says), overrides

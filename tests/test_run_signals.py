@@ -1,0 +1,210 @@
+"""How a run ends on a signal: Ctrl-C and SIGTERM end it with their exit status (also inside a
+checkpoint's write), SIGHUP, SIGUSR1 and SIGUSR2 as SIGTERM does, each command holds Ctrl-C over
+the imports it makes, and SIGTERM stops the watch on DataLoader workers."""
+
+import json
+import os
+import sys
+from functools import partial
+
+from run_helpers import tiny_args
+
+from moco_fast import checkpoint as ckpt
+from moco_fast.cli import main
+
+
+def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_path, request):
+    import signal
+
+    import moco_fast.commands.export as export
+
+    def zip_writer_error(args):  # torch.save's writer raises this when Ctrl-C strikes inside it
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+
+    def sigterm(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
+    from moco_fast.cli import STOP_SIGNALS
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    # Python's own Ctrl-C handler, as in a terminal: a job started in the background by a shell
+    # without job control (`make test &`) inherits SIGINT ignored, and the command rightly keeps it so
+    request.addfinalizer(partial(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    monkeypatch.setattr(export, "run", zip_writer_error)
+    assert main(argv) == 130 and "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(export, "run", sigterm)
+    assert main(argv) == 143 and "terminated" in capsys.readouterr().err
+    # Ctrl-C while torch was being imported: the modules that name the user errors import torch,
+    # which is half-imported now; the command still ends as interrupted, without a traceback.
+    import moco_fast.cli
+
+    def torch_cut_short(args):
+        try:
+            raise KeyboardInterrupt  # in torch's import
+        except KeyboardInterrupt:
+            raise AttributeError("partially initialized module 'torch' has no attribute 'cuda'") from None
+
+    def user_errors():
+        raise AttributeError("partially initialized module 'torch' has no attribute 'cuda'")
+
+    # Ctrl-C while torch is imported is held until the import is done (in torch's C++ side it aborted
+    # the process), then ends the command as interrupted before it runs
+    ran = []
+    (tmp_path / "held_import_probe.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nDONE = True\n"
+    )
+    with monkeypatch.context() as m:
+        m.syspath_prepend(str(tmp_path))
+        m.setattr(moco_fast.cli, "HELD_IMPORTS", ("held_import_probe",))
+        m.setattr(export, "run", lambda args: ran.append(1))
+        assert main(argv) == 130 and capsys.readouterr().err.strip() == "interrupted"
+        assert sys.modules.pop("held_import_probe").DONE and not ran  # the import ran to its end
+    with monkeypatch.context() as m:
+        m.setattr(moco_fast.cli, "user_errors", user_errors)
+        for run in (lambda args: (_ for _ in ()).throw(KeyboardInterrupt), torch_cut_short):
+            m.setattr(export, "run", run)
+            assert main(argv) == 130 and capsys.readouterr().err.strip() == "interrupted"
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before  # main put the process's handlers back
+    # a torchrun worker keeps the default action: a Python handler would wait for a blocked collective
+    # (train: the one command that runs under torchrun)
+    import moco_fast.commands.train as train
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda args: seen.append({s: signal.getsignal(s) for s in STOP_SIGNALS}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train"]) == 0 and seen == [before]
+
+
+STOPPED_IN_A_SAVE = """
+import json, os, pathlib, signal, sys, torch
+from moco_fast import trainer
+from moco_fast.cli import main
+
+argv, out = json.loads(sys.argv[1]), pathlib.Path(sys.argv[2])
+real_save, sig, before = torch.save, None, (out / "checkpoint.pt").read_bytes()
+
+def save_then_signal(obj, fh, *a, **k):  # the signal lands inside a checkpoint's write
+    fh.write(b"half a checkpoint")
+    os.kill(os.getpid(), sig)
+    fh.seek(0)  # ignored: the save goes on
+    fh.truncate()
+    real_save(obj, fh, *a, **k)
+
+torch.save = save_then_signal
+# the epoch's steps are not what is tested (and take seconds each on a loaded machine)
+trainer._run_epoch = lambda step, loader, cfg, epoch, lr, *rest: ({"epoch": epoch + 1, "loss": 1.0, "lr": lr, "img_per_s": 1.0}, torch.ones(()))
+done = {}
+for name in sys.argv[3:]:
+    sig = getattr(signal, name)
+    done[name] = main([*argv, "--resume", "--epochs", "2"])
+    done[name + " handler put back"] = signal.getsignal(sig) == signal.SIG_DFL
+done["checkpoint kept"] = (out / "checkpoint.pt").read_bytes() == before
+done["temporaries"] = [p.name for p in out.glob(".*.tmp")]
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup` starts it: the run goes on
+sig = signal.SIGHUP
+done["nohup"] = main([*argv, "--resume", "--epochs", "2"])
+print(json.dumps(done))
+"""
+
+
+def test_hup_usr1_and_usr2_end_a_run_as_sigterm_does(run, tiny_root):
+    # SIGHUP (the terminal or ssh session closed), SIGUSR1/SIGUSR2 (SLURM's --signal warning before a
+    # time limit) ended the run at once: the checkpoint's temporary stayed, and nothing was said. Each
+    # lands inside the save of epoch 2: one line, 128 + the signal, no temporary, epoch 1's checkpoint.
+    import signal
+    import subprocess
+
+    names = ["SIGHUP", "SIGUSR1", "SIGUSR2"]
+    argv = [json.dumps(tiny_args(tiny_root, run)), str(run), *names]
+    done = subprocess.run([sys.executable, "-c", STOPPED_IN_A_SAVE, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got == {
+        **{n: 128 + getattr(signal, n) for n in names},
+        **{f"{n} handler put back": True for n in names},
+        "checkpoint kept": True,
+        "temporaries": [],
+        "nohup": 0,  # a SIGHUP that was ignored stays ignored
+    }
+    lines = [line for line in done.stderr.splitlines() if line.startswith(("stopped", "Traceback"))]
+    assert lines == [f"stopped by {n}" for n in names], done.stderr[-2000:]
+    assert ckpt.load(run / "checkpoint.pt")["epoch"] == 2
+
+
+def test_each_command_holds_ctrl_c_over_the_imports_it_makes(tmp_path):
+    # Every command but convert imports torchvision, whose C++ ops load like torch's: a Ctrl-C held
+    # over torch's import alone could still land in there. convert never imports it (holding it would
+    # cost 1.5 s at its start), which a process of its own shows.
+    import subprocess
+
+    from moco_fast.cli import HELD_IMPORTS, build_parser
+
+    argv = {
+        "train": [],
+        "knn": ["--checkpoint", "c"],
+        "lincls": ["--checkpoint", "c"],
+        "finetune": ["--checkpoint", "c"],
+        "export": ["c", "--format", "torchvision", "--output", "x"],
+        "sweep": ["--out", "o"],
+        "convert": ["a", "b", "--format", "wds"],
+    }
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert set(commands) == set(argv)  # a new command is added here too
+    for command, rest in argv.items():
+        held = getattr(build_parser().parse_args([command, *rest]), "held_imports", HELD_IMPORTS)
+        assert held[0] == "torch" and ("torchvision" in held) == (command != "convert"), command
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (24, 16), (200, 10, 10)).save(tmp_path / "src" / "a" / "0.jpg")
+    code = (
+        "import sys; from moco_fast.cli import main; "
+        f"rc = main(['convert', {str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r}, '--format', 'wds']); "
+        "print(rc, 'torchvision' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split()[-2:] == ["0", "False"], done.stderr
+
+
+def test_sigterm_stops_the_watch_on_dataloader_workers():
+    # SIGTERM to the process group ends the DataLoader workers with the main process, so SIGTERM and
+    # SIGCHLD arrive together. torch's SIGCHLD handler, left in place, raised "DataLoader worker ...
+    # killed by signal: Terminated" with a traceback after "terminated" (seen with `lincls --workers
+    # 2` and `kill -TERM -PGID`); SIG_DFL in its place printed "Signal 17 ignored due to race
+    # condition". Both signals pending at once, in a process of its own:
+    import subprocess
+    import sys
+
+    code = """
+import os, signal
+from moco_fast import cli
+
+def torch_like(signum, frame):
+    raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+signal.signal(signal.SIGCHLD, torch_like)
+signal.signal(signal.SIGTERM, cli._on_stop_signal)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # the child has ended: SIGCHLD is pending
+os.kill(os.getpid(), signal.SIGTERM)
+try:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGCHLD})
+    for _ in range(100000):
+        pass
+except cli.Terminated:
+    print("terminated")
+for _ in range(100000):
+    pass
+os.waitpid(pid, 0)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "terminated" and run.stderr == "", run.stderr
