@@ -6,13 +6,16 @@ import shutil
 import signal
 from pathlib import Path
 
+import eval_helpers
 import numpy as np
 import pytest
 import torch
 from run_helpers import tiny_args
 
 from moco_fast.cli import _on_stop_signal, main
+from moco_fast.config import build_config
 from moco_fast.data import DEMO_ROOT
+from moco_fast.trainer import train
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -108,3 +111,18 @@ def run(trained, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained, out)
     return out
+
+
+# -- a checkpoint to evaluate (test_classifiers.py, test_classifier_resume.py, test_export.py, test_sweep.py) --
+@pytest.fixture(scope="session")
+def six_root(tmp_path_factory):
+    """6 classes (so that top-5 is not trivially 100%): 6 train and 3 test images each."""
+    return make_image_root(tmp_path_factory.mktemp("six"), per_class=6, classes=6, test_per_class=3)
+
+
+@pytest.fixture(scope="session")
+def ckpt(six_root, tmp_path_factory):
+    """A one-epoch MoCo checkpoint (ResNet-18, ImageNet stem, 32 px), trained once for the session."""
+    out = tmp_path_factory.mktemp("run")
+    train(build_config("cifar", {**eval_helpers.TINY, "data.data": str(six_root), "runtime.out": str(out)}))
+    return out / "checkpoint.pt"

@@ -1,0 +1,28 @@
+"""What the evaluation test files share (not a test module: pytest does not collect it): the tiny
+training settings of their checkpoints and a classifier run interrupted at an epoch."""
+
+from __future__ import annotations
+
+TINY = {
+    "model.arch": "resnet18",
+    "model.stem": "imagenet",
+    "moco.k": 16,
+    "moco.bn_splits": 2,
+    "optim.batch_size": 8,
+    "optim.epochs": 1,
+    "runtime.device": "cpu",
+    "data.workers": 0,
+    "runtime.final_knn": False,
+}
+
+
+def interrupt_at(monkeypatch, module, epoch):
+    """Ctrl-C at the start of `epoch` (0-based) of lincls or finetune."""
+    real = module.lr_at
+
+    def lr_at(lr, e, *args):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return real(lr, e, *args)
+
+    monkeypatch.setattr(module, "lr_at", lr_at)

@@ -1,0 +1,257 @@
+"""The linear classifier and fine-tuning interrupted and resumed: a run resumed (with --workers too)
+ends as an uninterrupted one, a stop says how to resume, a state of other settings or a damaged
+one is refused with what to do, and a second run into the same result stops at once (the lock)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from eval_helpers import interrupt_at
+from torch import nn
+
+from moco_fast.cli import main
+from moco_fast.config import ConfigError
+
+
+def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsys, caplog, monkeypatch):
+    import moco_fast.lincls
+
+    def lincls(out, *extra):
+        argv = ["lincls", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "3", "--lr", "0.5"]
+        return main([*argv, "--batch-size", "8", "--workers", "0", "--device", "cpu", "--out", str(out), *extra])
+
+    whole = tmp_path / "whole.json"
+    assert lincls(whole, "--eval-every", "1") == 0
+    ref = json.loads(whole.read_text())
+    tops = [row["top1"] for row in ref["history"]]
+    assert len(tops) == 3 and ref["top1"] == tops[-1]  # top1 stays the last epoch's
+    assert ref["best_top1"] == max(tops) and ref["history"][ref["best_epoch"] - 1]["top1"] == max(tops)
+    assert f"(best epoch {ref['best_epoch']}: top-1 {max(tops):.2f}%)" in capsys.readouterr().out
+    # evaluating along the way draws nothing from the training's random streams
+    plain = tmp_path / "plain.json"
+    assert lincls(plain) == 0
+    assert json.loads(plain.read_text())["top1"] == ref["top1"] and "best_epoch" not in json.loads(plain.read_text())
+
+    # Ctrl-C in the evaluation after epoch 2: the state holds the two epochs, the second unevaluated
+    out = tmp_path / "lincls.json"
+    calls = []
+    real_evaluate = moco_fast.lincls.evaluate
+
+    def evaluate(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="moco_fast"):
+        m.setattr(moco_fast.lincls, "evaluate", evaluate)
+        assert lincls(out, "--eval-every", "1") == 130
+    state = tmp_path / "lincls.state.pt"
+    assert f"lincls: stopped; {state} holds epochs 1-2: --resume continues" in caplog.text
+    saved = torch.load(state, weights_only=False)
+    assert state.is_file() and not out.exists() and [("top1" in row) for row in saved["history"]] == [True, False]
+    capsys.readouterr()
+    # what would be thrown away or may not resume is refused before the checkpoint or the data is read
+    with monkeypatch.context() as m:
+        m.setattr(moco_fast.lincls, "run_lincls", lambda cfg: pytest.fail("ran"))
+        assert lincls(out, "--eval-every", "1") == 2  # starting over would drop two epochs silently
+        assert f"{state} holds an interrupted lincls run: --resume continues it" in capsys.readouterr().err
+        assert lincls(out, "--eval-every", "1", "--resume", "--lr", "0.1") == 2
+        assert "was run with other settings: --lr 0.5 (now 0.1)" in capsys.readouterr().err
+        assert lincls(out, "--eval-every", "1", "--resume", "--amp", "bf16") == 2  # other features
+        assert "--amp 'auto' (now 'bf16')" in capsys.readouterr().err
+        # the checkpoint trained further since (`train --resume` keeps lincls.state.pt): another backbone
+        # (another save of the run); the same checkpoint copied (a new mtime) is the same backbone
+        original = ckpt.read_bytes()
+        torch.save({**torch.load(ckpt, weights_only=False), "save_id": "a later save"}, ckpt)
+        try:
+            assert lincls(out, "--eval-every", "1", "--resume") == 2
+            assert "the checkpoint has changed since (trained further?)" in capsys.readouterr().err
+        finally:
+            ckpt.write_bytes(original)
+    partial = tmp_path / ".lincls.state.pt.x1y2.tmp"  # a save that a kill cut short
+    partial.write_bytes(b"0" * 100)
+    # the same settings spelt otherwise (a trailing slash, the run folder for its checkpoint) resume;
+    # the owed evaluation of epoch 2 runs first
+    argv = ["lincls", "--checkpoint", str(ckpt.parent), "--data", f"{six_root}/", "--epochs", "3", "--lr", "0.5"]
+    argv += ["--batch-size", "8", "--workers", "0", "--device", "cpu", "--out", str(out)]
+    assert main([*argv, "--eval-every", "1", "--resume"]) == 0
+    res = json.loads(out.read_text())
+    assert res["history"] == ref["history"] and res["top1"] == ref["top1"]  # --workers 0: exactly
+    assert res["wall_s"] > saved["wall_s"]  # the interrupted part counts
+    assert not state.exists() and not partial.exists()
+    capsys.readouterr()
+    assert lincls(out, "--resume") == 2  # nothing to continue, and a finished result to overwrite
+    assert f"--resume: {out} is a finished lincls result and there is no state to continue" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lincls_resumed_with_workers_ends_as_an_uninterrupted_run(ckpt, six_root, tmp_path, monkeypatch):
+    # the DataLoader workers persist across epochs and their random streams are not saved: each
+    # image's crop and flip come from (seed, epoch, index) alone (seeded_images), and the order from
+    # the saved generator, so a run resumed with workers draws what the uninterrupted one drew
+    import moco_fast.lincls
+
+    made, real = [], moco_fast.lincls.new_classifier
+    monkeypatch.setattr(moco_fast.lincls, "new_classifier", lambda *a: made.append(real(*a)) or made[-1])
+
+    def lincls(out, *extra):
+        argv = ["lincls", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "2", "--lr", "0.5"]
+        return main([*argv, "--batch-size", "8", "--workers", "2", "--device", "cpu", "--out", str(out), *extra])
+
+    assert lincls(tmp_path / "whole.json") == 0
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.lincls, 1)
+        assert lincls(tmp_path / "l.json") == 130
+    assert lincls(tmp_path / "l.json", "--resume") == 0
+    whole, _, resumed = made
+    assert torch.equal(whole.weight, resumed.weight) and torch.equal(whole.bias, resumed.bias)
+    ref, res = (json.loads((tmp_path / name).read_text()) for name in ("whole.json", "l.json"))
+    assert res["history"] == ref["history"]
+
+
+def test_a_stop_behind_a_dataloader_error_still_says_how_to_resume(tmp_path, caplog, monkeypatch):
+    # SIGTERM to the process group kills the DataLoader workers too: the error that reaches the loop
+    # can be the DataLoader's, with the Terminated behind it; the hint must still come
+    import time
+
+    from moco_fast.classifier_epochs import EpochLoop
+    from moco_fast.lincls import LinclsConfig
+
+    def one_epoch(epoch):
+        if epoch == 1:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.") from None
+        return {"epoch": epoch + 1, "lr": 0.1, "loss": 1.0}
+
+    cfg = LinclsConfig(str(tmp_path / "none.pt"), epochs=3, out=str(tmp_path / "l.json"))
+    loop = EpochLoop("lincls", cfg, tmp_path / "l.json", {"classifier": nn.Linear(2, 2)}, None, time.perf_counter())
+    with caplog.at_level(logging.WARNING, logger="moco_fast"), pytest.raises(RuntimeError):
+        loop.run(one_epoch, lambda: (50.0, 90.0, 10))
+    assert f"lincls: stopped; {tmp_path / 'l.state.pt'} holds epochs 1-1: --resume continues" in caplog.text
+    # stopped inside the save of epoch 2: the file still holds epoch 1 alone, and says so
+    import moco_fast.classifier_epochs as ce
+
+    real_save, saves = ce.ckpt.save_atomic, []
+
+    def save_atomic(state, path):
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        real_save(state, path)
+
+    (tmp_path / "l.state.pt").unlink()
+    caplog.clear()
+    loop = EpochLoop("lincls", cfg, tmp_path / "l.json", {"classifier": nn.Linear(2, 2)}, None, time.perf_counter())
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="moco_fast"):
+        m.setattr(ce.ckpt, "save_atomic", save_atomic)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0, 10))
+    assert "holds epochs 1-1: --resume continues" in caplog.text
+
+
+def test_the_loop_itself_refuses_a_state_of_other_settings(tmp_path):
+    # the commands check before reading data; a caller of the library (the sweep) meets the loop's check
+    import time
+
+    from moco_fast.classifier_epochs import EpochLoop
+    from moco_fast.lincls import LinclsConfig
+
+    def loop(**kw):
+        cfg = LinclsConfig(str(tmp_path / "none.pt"), epochs=2, out=str(tmp_path / "l.json"), **kw)
+        net = nn.Linear(2, 2)
+        return EpochLoop("lincls", cfg, tmp_path / "l.json", {"classifier": net}, None, time.perf_counter())
+
+    def stop_in_epoch_2(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return {"epoch": epoch + 1, "lr": 0.1, "loss": 1.0}
+
+    with pytest.raises(KeyboardInterrupt):
+        loop().run(stop_in_epoch_2, lambda: (50.0, 90.0, 10))
+    with pytest.raises(ConfigError, match=r"was run with other settings: --lr 30.0 \(now 1.0\)"):
+        loop(lr=1.0, resume=True).run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0, 10))
+
+
+@pytest.mark.parametrize("command", ["lincls", "finetune"])
+def test_a_second_run_into_the_same_result_stops_at_once(command, ckpt, six_root, tmp_path, capsys):
+    from moco_fast.run_folder import hold_output
+
+    out = tmp_path / "l.json"
+    argv = [command, "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
+    with hold_output(out, command):  # as a first run holds it
+        assert main([*argv, "--workers", "0", "--device", "cpu", "--out", str(out)]) == 2
+    assert f"{out}: another moco-fast {command} is writing it now" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # the lock file goes with the run that held it
+
+
+def test_the_output_lock_follows_a_lock_file_its_holder_removed(tmp_path, monkeypatch):
+    # Between this run's open and its flock, the run that held the lock ended and removed the file: a
+    # lock on that unlinked file guards nothing, so the run must lock the file now at the path.
+    import moco_fast.run_folder as rf
+
+    out = tmp_path / "l.json"
+    lock = tmp_path / ".l.state.pt.lock"
+    real_flock, tries = rf._try_flock, []
+
+    def holder_ends_first(fd, what):
+        tries.append(fd)
+        if len(tries) == 1:
+            lock.unlink()
+        return real_flock(fd, what)
+
+    with monkeypatch.context() as m:
+        m.setattr(rf, "_try_flock", holder_ends_first)
+        with rf.hold_output(out, "lincls"):
+            assert len(tries) == 2 and lock.is_file()
+            with pytest.raises(rf.RunFolderBusy):  # a second run finds the file this one holds
+                with rf.hold_output(out, "lincls"):
+                    pass
+    assert not lock.exists()
+
+
+def test_a_damaged_state_says_how_to_go_on(ckpt, six_root, tmp_path, capsys):
+    (tmp_path / "l.state.pt").write_bytes(b"")  # a disk that filled up, say
+    argv = ["lincls", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
+    argv += ["--workers", "0", "--device", "cpu", "--out", str(tmp_path / "l.json")]
+    assert main(argv) == 2
+    assert "--resume continues it" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "l.state.pt" in err[0] and err[0].endswith("delete it to start over"), err
+
+
+@pytest.mark.slow
+def test_finetune_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, monkeypatch):
+    import moco_fast.finetune
+
+    def finetune(out, *extra):
+        argv = ["finetune", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "2", "--lr", "0.05"]
+        # with DataLoader workers: they persist across epochs, and the crops still come out the same
+        return main([*argv, "--batch-size", "8", "--workers", "2", "--device", "cpu", "--out", str(out), *extra])
+
+    assert finetune(tmp_path / "whole.json") == 0
+    out = tmp_path / "ft.json"
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.finetune, 1)
+        assert finetune(out) == 130
+    assert (tmp_path / "ft.state.pt").is_file()
+    reads = []  # (file, mapped): the command's early check maps the state, the loop reads it whole once
+    real_load = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda f, *a, **kw: reads.append((Path(f).name, kw.get("mmap"))) or real_load(f, *a, **kw)
+    )
+    assert finetune(out, "--resume") == 0
+    monkeypatch.undo()
+    assert [mmap for name, mmap in reads if name == "ft.state.pt"] == [True, False]
+    ref, res = (json.loads((tmp_path / name).read_text()) for name in ("whole.json", "ft.json"))
+    assert res["history"] == ref["history"] and res["top1"] == ref["top1"]
+    whole, resumed = (torch.load(tmp_path / name) for name in ("whole.pt", "ft.pt"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # the network and its BN statistics
+    assert not (tmp_path / "ft.state.pt").exists()

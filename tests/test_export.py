@@ -1,0 +1,93 @@
+"""`moco-fast export`: torchvision weights that round-trip, the CIFAR stem, and detectron2's names
+for a ResNet-50."""
+
+from __future__ import annotations
+
+import pickle
+
+import torch
+import torchvision
+from eval_helpers import TINY
+from torch import nn
+
+from moco_fast.cli import main
+from moco_fast.config import build_config, to_dict
+from moco_fast.model import MoCo
+
+
+def save_untrained_checkpoint(path, preset="cifar", **overrides):
+    """A checkpoint of a freshly built model (enough for export: load_model reads config + model)."""
+    cfg = build_config(preset, {**TINY, **overrides})
+    model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size)
+    torch.save({"config": to_dict(cfg), "model": model.state_dict(), "epoch": 0}, path)
+    return model
+
+
+# -- export ---------------------------------------------------------------------------------------
+def test_export_torchvision_round_trip(ckpt, tmp_path, capsys):
+    from moco_fast.checkpoint import load_model
+
+    out = tmp_path / "r18.pth"
+    assert main(["export", str(ckpt), "--format", "torchvision", "--output", str(out)]) == 0
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(out), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    net.fc = nn.Identity()
+    ours = load_model(ckpt)[0].backbone()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), ours.eval()(x))
+    # No silent overwrite.
+    assert main(["export", str(ckpt), "--format", "torchvision", "--output", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--format", "torchvision", "--output", str(out), "--force"]) == 0
+
+
+def test_export_cifar_stem(tmp_path, capsys):
+    path = tmp_path / "cifar.pt"
+    model = save_untrained_checkpoint(path, **{"model.stem": "cifar", "moco.shuffle_bn": True})
+    out = tmp_path / "r18.pth"
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(out)]) == 0
+    assert "CIFAR stem" in capsys.readouterr().out
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    net.load_state_dict(torch.load(out), strict=False)
+    net.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), model.backbone().eval()(x))  # split BN state is plain BN
+    assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "d2.pkl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CIFAR stem" in err[0]
+
+
+def test_export_detectron2_names_resnet50(tmp_path):
+    path = tmp_path / "r50.pt"
+    model = save_untrained_checkpoint(path, "v2", **{"model.arch": "resnet50", "model.stem": "imagenet"})
+    out = tmp_path / "r50.pkl"
+    assert main(["export", str(path), "--format", "detectron2", "--output", str(out)]) == 0
+    with open(out, "rb") as fh:
+        obj = pickle.load(fh)
+    assert obj["__author__"] == "MOCO" and obj["matching_heuristics"] is True
+    keys = obj["model"]
+    # Names that the official convert-pretrain-to-detectron2.py produces for a ResNet-50.
+    for key in (
+        "stem.conv1.weight",
+        "stem.conv1.norm.weight",
+        "stem.conv1.norm.running_var",
+        "res2.0.conv1.weight",
+        "res2.0.conv3.norm.bias",
+        "res2.0.shortcut.weight",
+        "res2.0.shortcut.norm.running_mean",
+        "res3.3.conv2.norm.weight",
+        "res4.5.conv3.weight",
+        "res5.0.shortcut.norm.weight",
+        "res5.2.conv3.norm.running_var",
+    ):
+        assert key in keys, key
+    assert not [k for k in keys if any(s in k for s in ("layer", "bn", "downsample", "fc", "encoder", "head"))]
+    assert len(keys) == len(torchvision.models.resnet50().state_dict()) - 2  # everything but fc
+    ref = model.encoder_q.backbone.state_dict()
+    assert (keys["res4.5.conv3.weight"] == ref["layer3.5.conv3.weight"].numpy()).all()
+    assert (keys["stem.conv1.norm.running_mean"] == ref["bn1.running_mean"].numpy()).all()

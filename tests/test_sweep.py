@@ -1,0 +1,400 @@
+"""`moco-fast sweep`: the table of several settings, a result reused only for the same training
+settings, resumed or restarted linear classifiers, runs trained further in their folder, grid flags
+and folder names, and the errors it finds before training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_image_root
+from eval_helpers import interrupt_at
+
+from moco_fast.cli import build_parser, main
+
+
+# -- sweep ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sweep_two_settings_table_and_resume(six_root, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--out", str(out), "--moco-m", "0,0.99", "--device", "cpu", "--lincls-epochs", "2", "--"]
+    args += ["--preset", "cifar", "--data", str(six_root), "--arch", "resnet18", "--stem", "imagenet"]
+    # --workers left at its default (auto, -1): the kNN and linear steps must resolve it too.
+    args += ["--epochs", "1", "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2"]
+    assert main(args) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["m"] for r in rows] == [0.0, 0.99]
+    for r in rows:
+        assert r["epochs"] == 1 and r["k"] == 16 and r["loss"] > 0
+        assert 0 <= r["pretext_acc"] <= 100 and 0 <= r["knn_top1"] <= 100 and 0 <= r["knn_head_top1"] <= 100
+        assert 0 <= r["linear_top1"] <= 100
+    table = (out / "sweep.md").read_text().splitlines()
+    assert len(table) == 4 and "kNN top-1 % (backbone)" in table[0]
+    assert (out / "sweep.png").stat().st_size > 0
+    assert "| moco | 16 | 0 |" in capsys.readouterr().out
+    # A second run skips the finished settings: no training, the same rows.
+    metrics = (out / rows[0]["name"] / "metrics.jsonl").read_text()
+    assert main(args) == 0
+    assert (out / rows[0]["name"] / "metrics.jsonl").read_text() == metrics
+    assert json.loads((out / "sweep.json").read_text()) == rows
+    # A setting that trained but lost its result.json (a crash after training) is completed from its
+    # checkpoint without training again.
+    (out / rows[0]["name"] / "result.json").unlink()
+    assert main(args) == 0
+    again = json.loads((out / "sweep.json").read_text())
+    assert (out / rows[0]["name"] / "metrics.jsonl").read_text() == metrics
+    assert again[0]["loss"] == rows[0]["loss"] and again[0]["knn_top1"] == rows[0]["knn_top1"]
+
+
+# The base `moco-fast train` flags of the sweep tests: ResNet-18 at 32 px, one epoch of batches of 8.
+SWEEP_TRAIN = ["--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet", "--epochs", "1"]
+SWEEP_TRAIN += ["--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--workers", "0"]
+SWEEP_RUN = "moco_K16_m0.99_sbn-on"
+
+
+def sweep_args(out, root, *grid, train=()):
+    """`moco-fast sweep` on `root` into `out`: the grid flags, then the base train flags (and `train`)."""
+    return ["sweep", "--out", str(out), "--device", "cpu", *grid, "--", "--data", str(root), *SWEEP_TRAIN, *train]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(six_root, tmp_path_factory):
+    """A sweep folder with one finished setting (moco, K 16, m 0.99); tests work on copies."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    return out
+
+
+def last_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.slow
+def test_sweep_reuses_a_result_only_for_the_same_training_settings(
+    finished_sweep, six_root, tiny_root, tmp_path, capsys
+):
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    run = out / SWEEP_RUN
+    metrics = (run / "metrics.jsonl").read_text()
+    # The same settings (a runtime flag aside): reused, nothing trains.
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=["--log-every", "3"])) == 0
+    assert (run / "metrics.jsonl").read_text() == metrics
+    capsys.readouterr()
+    # Other training settings: one line that names them, and the finished run is neither continued
+    # (more epochs would have resumed it under another schedule) nor overwritten.
+    for flags, field in (
+        (["--lr", "0.1"], "optim.lr 0.03 -> 0.1"),
+        (["--epochs", "2"], "optim.epochs 1 -> 2"),
+        (["--data", str(tiny_root)], "data.data"),
+        (["--weight-decay", "0.01"], "optim.weight_decay"),
+    ):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=flags)) == 2
+        err = last_error(capsys)
+        assert err.startswith("moco-fast sweep: error:") and "a finished run" in err, err
+        assert field in err and "--redo" in err and "--out" in err, err
+        assert (run / "metrics.jsonl").read_text() == metrics
+        assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    # An interrupted run (no result.json yet) is not continued under other settings either.
+    (run / "result.json").unlink()
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=["--epochs", "2"])) == 2
+    err = last_error(capsys)
+    assert "holds a run trained with other settings" in err and "optim.epochs 1 -> 2" in err and "--redo" in err, err
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    # --redo deletes the old run and trains the setting again, from scratch.
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--redo", train=["--lr", "0.1"])) == 0
+    res = json.loads((run / "result.json").read_text())
+    assert res["config"]["optim.lr"] == 0.1 and res["epochs"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # no row of the old run
+    assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == [SWEEP_RUN]
+
+
+@pytest.mark.slow
+def test_sweep_table_covers_every_grid_in_the_folder(finished_sweep, six_root, tmp_path, capsys):
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    first = json.loads((out / "sweep.json").read_text())
+    # A second grid into the same folder: end-to-end (K is the batch) and a memory bank with a K
+    # larger than the 36 training images (it draws from the bank, so 36 at most).
+    assert main(sweep_args(out, six_root, "--mechanism", "end-to-end,memory-bank", "--moco-k", "64")) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    names = [SWEEP_RUN, "end-to-end_Kbatch_sbn-on", "memory-bank_K64_sbn-on"]
+    assert [r["name"] for r in rows] == names
+    assert rows[0] == first[0]
+    e2e, bank = rows[1], rows[2]
+    assert e2e["k"] == 8 and bank["k"] == 36 and bank["k_asked"] == 64 and "k_asked" not in rows[0]
+    table = (out / "sweep.md").read_text()
+    assert len(table.splitlines()) == 2 + 3
+    assert "| moco | 16 | 0.99 |" in table
+    assert "| end-to-end | 8 (batch) |" in table and "| memory-bank | 36 (bank size; 64 asked) |" in table
+    assert table in capsys.readouterr().out
+    # The first grid again: nothing trains, and the table keeps all three rows in their order.
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    assert json.loads((out / "sweep.json").read_text()) == rows
+    assert (out / "sweep.md").read_text() == table
+
+
+def test_sweep_tells_a_copied_checkpoint_from_one_trained_further(finished_sweep, six_root, tmp_path, caplog):
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep", copy_function=shutil.copy)  # new mtimes, as cp -r
+    run = out / SWEEP_RUN
+    result = (run / "result.json").read_text()
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    assert (run / "result.json").read_text() == result  # reused: not evaluated again
+    assert "changed since" not in caplog.text
+    caplog.clear()
+    # another save of the run (`train --resume` there): evaluated again
+    torch.save(
+        {**torch.load(run / "checkpoint.pt", weights_only=False), "save_id": "a later save"}, run / "checkpoint.pt"
+    )
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    assert "its checkpoint changed since its result was written" in caplog.text
+    assert json.loads((run / "result.json").read_text())["checkpoint_stamp"] == ["save_id", "a later save"]
+
+
+def test_sweep_treats_a_cut_short_result_as_unfinished(finished_sweep, six_root, tmp_path, caplog, monkeypatch):
+    from moco_fast import checkpoint
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    run = out / SWEEP_RUN
+    metrics = (run / "metrics.jsonl").read_text()
+    good = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(json.dumps(good)[:50])  # left by a crash of an older version
+    written = []
+    real = checkpoint.atomic_write
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda path, write: (written.append(path), real(path, write)))
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(run / "result.json") in w for w in warnings), warnings
+    # Completed from its checkpoint, without training again.
+    assert (run / "metrics.jsonl").read_text() == metrics
+    again = json.loads((run / "result.json").read_text())
+    assert again["loss"] == good["loss"] and again["knn_top1"] == good["knn_top1"]
+    assert again["config"] == good["config"]
+    # The result and the table are replaced whole, never written in place.
+    assert {run / "result.json", out / "sweep.md", out / "sweep.json"} <= set(written)
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and "tmp" in p.name]
+
+
+def test_sweep_linear_classifier_lr(finished_sweep, six_root, tmp_path, monkeypatch):
+    from moco_fast import lincls
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    run = out / SWEEP_RUN
+    metrics = (run / "metrics.jsonl").read_text()
+    seen = []
+    monkeypatch.setattr(lincls, "run_lincls", lambda cfg: seen.append(cfg) or {"top1": 12.5})
+    args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3", "--lincls-lr", "0.5")
+    assert main(args) == 0
+    assert [(c.epochs, c.lr, c.cached_features) for c in seen] == [(3, 0.5, True)]
+    assert Path(seen[0].out).name == "sweep_lincls.json"  # `moco-fast lincls`'s lincls.json is not replaced
+    # Other evaluation flags evaluate the finished checkpoint again; they do not train it again.
+    assert (run / "metrics.jsonl").read_text() == metrics
+    res = json.loads((run / "result.json").read_text())
+    assert res["linear_top1"] == 12.5 and res["lincls_epochs"] == 3 and res["lincls_lr"] == 0.5
+    assert main(args) == 0 and len(seen) == 1  # the same flags again: reused
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3", "--lincls-lr", "0")) == 2
+
+
+def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
+    finished_sweep, six_root, tmp_path, monkeypatch, caplog
+):
+    # Interrupted in a setting's linear classifier, the sweep continues it with the same flags and
+    # starts it over with others (its own state: no error for the user to clear).
+    import moco_fast.lincls
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    state = out / SWEEP_RUN / "sweep_lincls.state.pt"
+    args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="moco_fast"):
+        interrupt_at(m, moco_fast.lincls, 1)
+        assert main(args) == 130
+    assert state.is_file()
+    # what continues it is the sweep, not lincls's --resume
+    assert f"lincls: stopped; {state} holds epochs 1-1: the same sweep command continues it" in caplog.text
+    assert f"sweep: stopped in {SWEEP_RUN}; the same sweep command continues" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(args) == 0
+    assert "--resume: lincls continues after epoch 1 of 2" in caplog.text and not state.exists()
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.lincls, 1)
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "4")) == 130
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3")) == 0
+    assert "its linear classifier stopped with other settings or checkpoint; it starts over" in caplog.text
+    res = json.loads((out / SWEEP_RUN / "result.json").read_text())
+    assert res["lincls_epochs"] == 3 and not state.exists()
+
+
+def test_sweep_help_is_wrapped_and_names_every_flag(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()) <= 100
+    parser = next(a for a in build_parser()._actions if a.dest == "command").choices["sweep"]
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and action.option_strings[-1] in text, action.option_strings
+
+
+def test_sweep_grid_merges_repeated_runs():
+    from moco_fast.sweep import expand
+
+    settings = expand([256, 4096], [0.0, 0.99], ["moco", "end-to-end", "memory-bank"], [True])
+    names = [s.name for s in settings]
+    assert len(names) == len(set(names)) == 4 + 1 + 2
+    assert "end-to-end_Kbatch_sbn-on" in names and "memory-bank_K4096_sbn-on" in names
+
+
+def test_sweep_rejects_a_bad_setting_before_training(tiny_root, tmp_path, capsys):
+    args = ["sweep", "--out", str(tmp_path), "--moco-k", "4,64", "--", "--data", str(tiny_root)]
+    assert main([*args, "--batch-size", "8", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "moco_K4_" in err and "smaller than the keys" in err
+    assert not any(tmp_path.iterdir())  # nothing trained
+
+
+def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    from moco_fast.sweep_table import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plot([{"name": "a", "knn_top1": 50.0}], tmp_path / "p.png") is False
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.slow
+def test_sweep_follows_a_run_trained_further_in_its_folder(finished_sweep, six_root, tmp_path, capsys):
+    # `train --resume --epochs 2` in a setting's folder: its result.json describes the old checkpoint
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    run = out / SWEEP_RUN
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--device", "cpu", "--no-final-knn"]) == 0
+    capsys.readouterr()
+    # the grid as it was (1 epoch): not the stale 1-epoch row, an error naming the difference
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 2
+    assert "optim.epochs 2 -> 1" in last_error(capsys)
+    # the grid at 2 epochs: the checkpoint is evaluated (no training), its row says 2 epochs
+    metrics = (run / "metrics.jsonl").read_text()
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=["--epochs", "2"])) == 0
+    assert (run / "metrics.jsonl").read_text() == metrics
+    res = json.loads((run / "result.json").read_text())
+    assert res["epochs"] == 2 and res["loss"] == json.loads(metrics.splitlines()[-1])["loss"]
+    rows = [json.loads(line) for line in metrics.splitlines()]
+    assert res["wall_s"] >= sum(r["epoch_time_s"] for r in rows)  # both epochs' training counted
+
+
+def test_sweep_stops_before_training_on_what_would_fail_later(six_root, tmp_path, capsys, monkeypatch):
+    from moco_fast import sweep
+
+    trained = []
+    monkeypatch.setattr(sweep, "_train", lambda cfg: trained.append(cfg))
+    out = tmp_path / "sweep"
+    # the logs of a run without its checkpoint (it died in its first epoch)
+    (out / SWEEP_RUN).mkdir(parents=True)
+    (out / SWEEP_RUN / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
+    assert main(sweep_args(out, six_root, "--moco-m", "0.5,0.99")) == 2
+    assert "--redo" in last_error(capsys) and not trained
+    # --redo with a device this machine lacks, or missing data: nothing is deleted
+    if not torch.cuda.is_available():
+        cuda = ["sweep", "--out", str(out), "--device", "cuda", "--moco-m", "0.99", "--redo", "--"]
+        assert main([*cuda, "--data", str(six_root), *SWEEP_TRAIN]) == 2
+        assert (out / SWEEP_RUN / "metrics.jsonl").is_file()
+    assert main(sweep_args(out, tmp_path / "nowhere", "--moco-m", "0.99", "--redo")) == 2
+    assert (out / SWEEP_RUN / "metrics.jsonl").is_file() and not trained
+    # a linear classifier needs an eval split: said before the synthetic loader trains
+    args = ["sweep", "--out", str(tmp_path / "s2"), "--device", "cpu", "--lincls-epochs", "1", "--"]
+    assert main([*args, "--loader", "synthetic", *SWEEP_TRAIN]) == 2
+    assert "--lincls-epochs needs an image folder" in last_error(capsys) and not trained
+
+
+# -- sweep: grid flags and folder names -------------------------------------------------------------
+def stub_sweep_runs(monkeypatch) -> list:
+    """Replaces a sweep setting's training and evaluation with stand-ins; returns the settings trained."""
+    from moco_fast import sweep
+
+    trained = []
+    monkeypatch.setattr(sweep, "_train", lambda cfg: trained.append(cfg))
+    monkeypatch.setattr(
+        sweep, "evaluate_setting", lambda cfg, s, *a: {"name": s.name, "mechanism": s.mechanism, "k": s.k, "m": s.m}
+    )
+    return trained
+
+
+def test_sweep_distinct_momenta_never_share_a_folder(six_root, tmp_path, capsys, monkeypatch):
+    from moco_fast import sweep
+
+    # the usual values keep the folder names they always had, so that earlier sweeps are found again
+    names = [s.name for s in sweep.expand([16], [0.99, 0.999, 0.0, 0.9, 1.0, 1e-05], ["moco"], [True])]
+    assert names == [f"moco_K16_m{m}_sbn-on" for m in ("0.99", "0.999", "0", "0.9", "1", "1e-05")]
+    trained = stub_sweep_runs(monkeypatch)
+    out = tmp_path / "sweep"
+    # `{:g}` wrote both as m1: the second setting reused the first one's run, one row for two settings
+    assert main(sweep_args(out, six_root, "--moco-m", "1,0.9999999")) == 0
+    folders = [Path(cfg.runtime.out).name for cfg in trained]
+    assert folders == ["moco_K16_m1_sbn-on", "moco_K16_m0.9999999_sbn-on"]
+    assert [r["m"] for r in json.loads((out / "sweep.json").read_text())] == [1.0, 0.9999999]
+    table = (out / "sweep.md").read_text()
+    assert "| moco | 16 | 1 |" in table and "| moco | 16 | 0.9999999 |" in table
+    # the guard: settings that would share a folder stop the sweep before anything trains
+    monkeypatch.setattr(sweep, "number_text", lambda v: f"{v:g}")
+    assert main(sweep_args(tmp_path / "s2", six_root, "--moco-m", "1,0.9999999")) == 2
+    assert "would share the folder" in last_error(capsys) and len(trained) == 2
+    assert not (tmp_path / "s2").exists()
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        (["--moco-k", ","], "--moco-k ',' is an empty list"),
+        (["--moco-m", ""], "--moco-m '' is an empty list"),
+        (["--shuffle-bn", " , "], "--shuffle-bn ' , ' is an empty list"),
+        (["--moco-k", "16,,64"], "(got '16,,64': an empty item)"),
+        (["--moco-k", "16,4.5"], "'4.5' is not an integer"),
+        (["--moco-m", "0.9,x"], "'x' is not a number"),
+        (["--shuffle-bn", "on,maybe"], "'maybe' is not on or off"),
+    ],
+)
+def test_sweep_empty_or_malformed_grid_lists_are_one_line_errors(
+    grid, message, six_root, tmp_path, capsys, monkeypatch
+):
+    trained = stub_sweep_runs(monkeypatch)
+    assert main(sweep_args(tmp_path / "sweep", six_root, *grid)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moco-fast sweep: error:") and message in err[0], err
+    assert not trained and not (tmp_path / "sweep").exists()
+
+
+def test_sweep_says_train_flags_go_after_the_separator(six_root, tmp_path, capsys):
+    for argv in (["--data", str(six_root)], ["--moco-k", "16", "--data", str(six_root), "--epochs", "1"]):
+        with pytest.raises(SystemExit) as e:
+            main(["sweep", "--out", str(tmp_path / "s"), *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "moco-fast sweep: error: unrecognized arguments: --data" in err, err
+        assert "flags go after `--`" in err and "-- --data ROOT" in err, err
+    # a train argument without the `--` before it
+    assert main(["sweep", "--out", str(tmp_path / "s"), str(six_root)]) == 2
+    assert "flags go after `--`" in last_error(capsys)
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_linear_classifier_on_a_single_class_is_an_error(tmp_path, capsys, caplog, monkeypatch):
+    trained = stub_sweep_runs(monkeypatch)
+    one = make_image_root(tmp_path / "one", per_class=8, classes=1, test_per_class=2)
+    assert main(sweep_args(tmp_path / "s", one, "--moco-m", "0.99", "--lincls-epochs", "1")) == 2
+    assert "holds a single class (airplane)" in last_error(capsys) and not trained
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):  # kNN alone: a warning
+        assert main(sweep_args(tmp_path / "s", one, "--moco-m", "0.99")) == 0
+    assert (
+        "holds a single class (airplane): every neighbour votes for it, so kNN top-1 is 100%" in caplog.text
+        and len(trained) == 1
+    )
