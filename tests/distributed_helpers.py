@@ -1,0 +1,20 @@
+"""What the distributed test files share (not a test module: pytest does not collect it): the
+`moco-fast train` command lines of a tiny run on images and of a synthetic one."""
+
+from __future__ import annotations
+
+
+def cli_args(root, out, epochs: int, batch: int = 8) -> list[str]:
+    return [
+        "train", "--data", str(root), "--device", "cpu", "--preset", "cifar", "--arch", "resnet18",
+        "--stem", "imagenet", "--moco-k", "32", "--bn-splits", "2", "--batch-size", str(batch),
+        "--epochs", str(epochs), "--workers", "0", "--out", str(out),
+    ]  # fmt: skip
+
+
+def synthetic_args(out, *extra: str) -> list[str]:
+    return [
+        "train", "--loader", "synthetic", "--synthetic-steps", "2", "--device", "cpu", "--arch", "resnet18",
+        "--image-size", "16", "--dim", "16", "--batch-size", "8", "--moco-k", "32", "--epochs", "1",
+        "--workers", "0", "--no-final-knn", "--out", str(out), *extra,
+    ]  # fmt: skip

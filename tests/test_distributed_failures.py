@@ -1,0 +1,296 @@
+"""The failures of `--gpus` and of several processes: too many GPUs, a run folder in use, device flags
+checked before the data is read, a dying worker or a user error in one ends the job with its rank
+and cause, a manual launch without its peer or address, the ranks' setup warnings, each worker's
+OMP threads, and a stop signal to the launcher.
+
+The workers of these tests import this module: the model and trainer are imported only where needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_helpers import cli_args, synthetic_args
+
+from moco_fast import distributed as dist_utils
+from moco_fast.agreement import HeldWarnings
+from moco_fast.cli import main
+from moco_fast.config import ConfigError, build_config
+from moco_fast.join import init_from_env
+from moco_fast.launch import WorkerFailed, run_workers
+from moco_fast.trainer import validate_device
+
+
+def test_more_gpus_than_the_machine_has_is_one_line(tiny_root, tmp_path, capsys):
+    n = max(8, torch.cuda.device_count() + 1)
+    out = tmp_path / "never"
+    assert main([*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", str(n)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--gpus {n}: this machine has" in err[0], err
+    assert main([*cli_args(tiny_root, out, 1), "--gpus", "2"]) == 2  # --device cpu
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torchrun" in err[0], err
+    assert main([*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpus must be at least 1" in err[0], err
+    if not torch.cuda.is_available():  # asked for one GPU where there is none: not a silent CPU run
+        assert main([*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "1"]) == 2
+        assert "--gpus 1: this machine has 0 CUDA GPUs" in capsys.readouterr().err
+    assert not out.exists()  # nothing started
+
+
+def test_gpus_checks_the_run_folder_before_starting_workers(tiny_root, tmp_path, capsys, monkeypatch):
+    # --gpus N: a folder in use by another train, or holding a run that --resume/--force do not
+    # name, is one line before any worker starts (here with 2 pretend GPUs; no worker may start).
+    from moco_fast import launch
+    from moco_fast.run_folder import hold_run_folder
+
+    started = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch, "run_workers", lambda *a: started.append(a) or [{}])
+    out = tmp_path / "run"
+    args = [*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]
+    with hold_run_folder(out):  # as another train writing there (a flock: a second open is refused)
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another moco-fast train is writing there" in err[0], err
+    out.mkdir()  # (the lock's folder, left empty, went with it)
+    (out / "metrics.jsonl").write_text('{"epoch": 3}\n')  # a run that got past its first checkpoint
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume continues the run there, --force replaces it" in err[0], err
+    assert not started
+    assert main([*args, "--force"]) == 0 and len(started) == 1  # the folder is free: the workers start
+
+
+def test_device_flags_fail_before_the_data_is_read(tmp_path, capsys):
+    # --cuda-graph on the CPU and --sync-bn with CPU processes: one line, before the data is touched.
+    missing = str(tmp_path / "no-such-data")
+    assert main(["train", "--device", "cpu", "--cuda-graph", "--data", missing]) == 2
+    assert "--cuda-graph" in capsys.readouterr().err
+    cfg = build_config("cifar", {"data.data": missing, "runtime.device": "cpu", "runtime.sync_bn": True})
+    with pytest.raises(ConfigError, match="--sync-bn needs CUDA"):
+        validate_device(cfg, torch.device("cpu"), world=2)
+
+
+def test_device_with_an_index_is_refused_with_several_processes(monkeypatch):
+    # Under torchrun `--device cuda:1` put every rank on GPU 1 (local_device took the index for all);
+    # --gpus already refused it. Checked by the logic alone: the refusal comes before any CUDA call.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"^--device cuda:1: with 2 processes each takes the GPU of its LOCAL_RANK"):
+        dist_utils.local_device(torch.device("cuda", 1))
+    assert dist_utils.local_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the GPU it names (needs one to go further)
+    if torch.cuda.is_available():
+        assert dist_utils.local_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+
+
+def _failing_worker(how: str) -> None:
+    torch.set_num_threads(1)
+    if int(os.environ["RANK"]) == 1:
+        if how == "kill":
+            os.kill(os.getpid(), 9)
+        raise RuntimeError("disk full on rank 1")
+    init_from_env("cpu")  # rank 0 waits for rank 1 here, which never comes
+    dist.barrier()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("how", "why"), [("raise", "RuntimeError: disk full on rank 1"), ("kill", "signal SIGKILL")])
+def test_a_dying_worker_ends_the_job_with_its_rank_and_cause(how, why):
+    t0 = time.perf_counter()
+    with pytest.raises(WorkerFailed) as e:
+        run_workers(_failing_worker, (how,), 2)
+    assert "worker rank 1 failed" in str(e.value) and why in str(e.value), str(e.value)
+    assert time.perf_counter() - t0 < 120  # ended, not hung
+
+
+@pytest.mark.slow
+def test_a_user_error_in_the_gpus_workers_is_one_line(tmp_path):
+    # `--gpus 2` (2 pretend GPUs; the workers run on the CPU): data that the workers find missing
+    # printed the launcher's 45-line ERROR log of the worker's traceback and exited 1. Now the
+    # CLI's own line, exit 2, as without --gpus.
+    fake = "import sys, torch; torch.cuda.device_count = lambda: 2; from moco_fast.cli import main; sys.exit(main())"
+    args = [*cli_args(tmp_path / "no-such-data", tmp_path / "run", 1), "--device", "auto", "--gpus", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", fake, *args], capture_output=True, text=True, env=env, timeout=240,
+                       cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.splitlines() == [f"moco-fast train: error: data folder not found: {tmp_path / 'no-such-data'}"]
+
+
+def test_the_workers_user_errors_name_the_ranks_only_where_they_differ():
+    from moco_fast.launch import user_error_text
+
+    assert user_error_text({1: "data folder not found: /x", 0: "data folder not found: /x"}) == (
+        "data folder not found: /x"
+    )
+    assert user_error_text({1: "b", 0: "a"}) == "rank 0: a; rank 1: b"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_manual_launch_whose_peer_never_comes_ends_with_one_line(tmp_path):
+    # RANK=0 WORLD_SIZE=2 by hand, and rank 1 never starts: the join waited the collectives' hour
+    # in silence. It says what it waits for, and gives up after its own timeout with one line.
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "MOCO_FAST_JOIN_TIMEOUT": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "moco_fast", *synthetic_args(tmp_path / "run")], capture_output=True,
+                       text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
+    port = env["MASTER_PORT"]
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        f"INFO waiting for WORLD_SIZE=2 processes to join at 127.0.0.1:{port} (at most 2 s)",
+        f"moco-fast train: error: 1 of the 2 processes joined at 127.0.0.1:{port} within 2 s: start all 2 processes "
+        "(RANK 0 to 1) with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT, check that every machine reaches rank "
+        "0's address and port, or wait longer (MOCO_FAST_JOIN_TIMEOUT=SECONDS)",
+    ], p.stderr[-3000:]
+
+
+def test_a_manual_launch_without_its_address_or_rank_0_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match=r"^RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not: "):
+        init_from_env("cpu")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # nobody listens there
+    monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "never")
+    with pytest.raises(ConfigError, match=r"^MOCO_FAST_JOIN_TIMEOUT=never: give the seconds"):
+        init_from_env("cpu")
+    monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "1")
+    with pytest.raises(
+        ConfigError, match=r"^rank 1 could not reach rank 0 at 127\.0\.0\.1:\d+ within 1 s: start all 2"
+    ):
+        init_from_env("cpu")
+    assert not dist.is_initialized()
+
+
+def _threads_worker() -> tuple[str | None, int]:
+    return os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+
+
+@pytest.mark.slow
+def test_a_ranks_setup_warnings_show_only_when_the_ranks_disagree(caplog):
+    # Ranks > 0 hold their setup warnings: rank 0 says them when agree() passes; when the setup fails
+    # (the ranks see different data) a rank's skipped file is the clue, and it is printed then.
+    log = logging.getLogger("moco_fast")
+    for show in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            held = HeldWarnings()
+            log.warning("skipping a.jpg: not a readable image")
+            log.error("an error passes at once")
+            assert [r.getMessage() for r in caplog.records] == ["an error passes at once"]
+            held.release(show=show)
+            log.warning("after the setup")
+        shown = ["skipping a.jpg: not a readable image"] if show else []
+        assert [r.getMessage() for r in caplog.records] == ["an error passes at once", *shown, "after the setup"]
+
+
+def test_gpus_workers_get_one_omp_thread_each_as_under_torchrun(monkeypatch, caplog):
+    # torchrun sets OMP_NUM_THREADS=1 for several processes a machine where it is not set; --gpus's
+    # launcher did not, and 2 workers each ran a thread per core (a CPU epoch: 83.9 s, 11.0 s with 1).
+    import logging
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert run_workers(_threads_worker, (), 2) == [("1", 1), ("1", 1)]
+    assert caplog.text.count("setting OMP_NUM_THREADS=1 for each of the 2 workers, as torchrun does") == 1
+    assert "OMP_NUM_THREADS" not in os.environ  # the launching process's own setting is left as it was
+
+
+def _sleeping_worker(marker: str) -> None:
+    import signal
+
+    def got(signum, frame):  # the signal the launcher ended this worker with
+        Path(f"{marker}.{os.environ['RANK']}.got").write_text(signal.Signals(signum).name)
+        os._exit(1)
+
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, got)
+    Path(f"{marker}.{os.environ['RANK']}").touch()  # started: the launcher's handlers are in place
+    for _ in range(600):
+        if Path(f"{marker}.go").exists():  # told to finish
+            return
+        time.sleep(0.1)
+
+
+def _signal_when_started(marker: str, sig: int, then=None) -> None:
+    import threading
+
+    def send():
+        for _ in range(600):
+            if all(Path(f"{marker}.{r}").exists() for r in range(2)):
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), sig)
+        if then is not None:
+            time.sleep(0.5)  # time for the signal to be handled, or ignored
+            then()
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGUSR1"])
+def test_a_stop_signal_to_the_launcher_ends_it_as_without_gpus(name, tmp_path):
+    # `--gpus N` runs under PyTorch's launcher, which turns SIGTERM and SIGHUP into its SignalException
+    # (a traceback from main) and leaves its own handlers behind; run_workers makes it the CLI's
+    # Terminated (exit 128 + the signal) and puts the process's handlers back. SIGHUP was "interrupted"
+    # (130); SIGUSR1 and SIGUSR2 (SLURM's warning), which it left alone, reach the workers as they are.
+    import signal
+
+    from moco_fast.cli import STOP_SIGNALS, Terminated, _on_stop_signal
+
+    sig, marker = getattr(signal, name), str(tmp_path / "started")
+    old = signal.signal(sig, _on_stop_signal)  # the CLI's, should the signal come before the launcher's
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, *STOP_SIGNALS)}
+        _signal_when_started(marker, sig)
+        stop = None
+        try:
+            run_workers(_sleeping_worker, (marker,), 2)
+        except KeyboardInterrupt as e:  # a plain one would end the pytest session
+            stop = e
+        assert isinstance(stop, Terminated) and stop.signum == sig, repr(stop)
+        assert {s: signal.getsignal(s) for s in (signal.SIGINT, *STOP_SIGNALS)} == before
+        assert [Path(f"{marker}.{r}.got").read_text() for r in range(2)] == [name, name]
+    finally:
+        signal.signal(sig, old)
+
+
+@pytest.mark.slow
+def test_a_launcher_started_by_nohup_keeps_sighup_ignored(tmp_path):
+    # PyTorch's launcher handles SIGHUP whatever it was: `nohup moco-fast train --gpus 8` stopped when
+    # its terminal closed
+    import signal
+
+    marker = str(tmp_path / "started")
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        _signal_when_started(marker, signal.SIGHUP, then=Path(f"{marker}.go").touch)
+        try:
+            assert run_workers(_sleeping_worker, (marker,), 2) == [None, None]
+        except KeyboardInterrupt as e:  # as is, it would end the pytest session
+            pytest.fail(f"the SIGHUP that nohup ignores stopped the launcher: {e!r}")
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old)
