@@ -10,6 +10,7 @@ import eval_helpers
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from run_helpers import tiny_args
 
 from moco_fast.cli import _on_stop_signal, main
@@ -126,3 +127,20 @@ def ckpt(six_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train(build_config("cifar", {**eval_helpers.TINY, "data.data": str(six_root), "runtime.out": str(out)}))
     return out / "checkpoint.pt"
+
+
+# -- convert's input (test_convert_outputs.py, test_convert_force.py, test_convert_failures.py) ------
+@pytest.fixture
+def bad_root(fresh_root: Path) -> Path:
+    """fresh_root's train/ (2 classes x 8) plus a truncated JPEG, a broken one, a text file, and a
+    CMYK JPEG and a grayscale PNG of odd sizes (these two must land, as RGB)."""
+    first = sorted((fresh_root / "train").iterdir())[0]
+    good = sorted(first.iterdir())[0].read_bytes()
+    (first / "trunc.jpg").write_bytes(good[: int(len(good) * 0.9)])  # header fine, decode fails
+    (first / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (first / "notes.txt").write_text("not an image")
+    yy, xx = np.mgrid[0:24, 0:40]
+    smooth = np.stack([xx * 6, yy * 10, 255 - xx * 6], axis=-1).astype(np.uint8)  # 24 x 40, JPEG-friendly
+    Image.fromarray(smooth).convert("CMYK").save(first / "cmyk.jpg", quality=95)
+    Image.fromarray(smooth[..., 0].T.copy(), "L").save(first / "gray.png")
+    return fresh_root

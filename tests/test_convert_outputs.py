@@ -1,0 +1,168 @@
+"""`moco-fast convert`: bad files named and skipped, .beton and WebDataset outputs that read back
+right (labels, sizes, the index DALI writes, the loader's meta), --max-resolution, val and test
+splits, high-depth grayscale scaled."""
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from convert_helpers import BAD, beton_images, expected, no_partials
+from PIL import Image
+
+from moco_fast.cli import main
+from moco_fast.convert import ConvertConfig, convert
+from moco_fast.convert_dst import NAMES_FINGERPRINT, NAMES_HEADER, beton_fingerprint
+from moco_fast.data import DataError
+
+
+def assert_bad_named(summary):
+    named = {Path(p).name: r for p, r in summary.skipped}
+    assert set(named) == set(BAD)
+    for name, reason in BAD.items():
+        assert reason in named[name]
+
+
+@pytest.mark.slow  # imports FFCV (~5-15 s here) and runs its writer processes
+def test_beton_round_trip_and_bad_files(bad_root, tmp_path):
+    dst = tmp_path / "out" / "train.beton"
+    summary = convert(ConvertConfig(str(bad_root), str(dst), format="ffcv", workers=2))
+    files, labels, sizes = expected(bad_root)
+    assert summary.written == len(files) == 18
+    assert_bad_named(summary)
+    got_labels, got_sizes, blobs = beton_images(dst)
+    assert got_labels == labels
+    assert got_sizes == sizes  # CMYK 40x24 and gray 24x40 kept their sizes
+    for f, blob in zip(files, blobs):
+        src = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
+        back = np.asarray(Image.open(io.BytesIO(blob)), dtype=np.float32)
+        assert back.shape == src.shape and np.abs(back - src).mean() < 8  # JPEG at quality 90
+    side = json.loads((dst.parent / "train.beton.json").read_text())
+    assert side["classes"] == sorted(p.name for p in (bad_root / "train").iterdir())
+    assert side["num_images"] == 18 and len(side["skipped"]) == 3
+    # the source file of each image, in .beton order, for the loader to name one it skips
+    header, *names = (dst.parent / "train.beton.files.txt").read_text().splitlines()
+    assert header == NAMES_HEADER + str(bad_root / "train") + NAMES_FINGERPRINT + beton_fingerprint(dst)
+    assert side["beton_fingerprint"] == beton_fingerprint(dst)  # both name this .beton
+    assert names == [os.path.relpath(f, bad_root / "train") for f in files]
+    assert no_partials(dst.parent)
+    assert "skipped 3" in summary.text() and "trunc.jpg" in summary.text()
+
+
+@pytest.mark.slow
+def test_max_resolution_shrinks(bad_root, tmp_path):
+    dst = tmp_path / "small.beton"
+    convert(ConvertConfig(str(bad_root), str(dst), max_resolution=16, workers=1))
+    _, sizes, _ = beton_images(dst)
+    assert max(max(s) for s in sizes) == 16
+    assert (16, 10) in sizes  # the 40x24 CMYK image, aspect kept
+
+
+def test_wds_shards_meta_and_index_agree(bad_root, tmp_path):
+    dst = tmp_path / "wds"
+    summary = convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=7, workers=2))
+    assert_bad_named(summary)
+    _, labels, _ = expected(bad_root)
+    meta = json.loads((dst / "meta.json").read_text())
+    assert meta["format"] == "wds" and meta["num_images"] == 18
+    assert meta["shards"] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert meta["shard_sizes"] == [7, 7, 4]
+    keys, got_labels = [], []
+    for shard in meta["shards"]:
+        tar = dst / shard
+        idx = tar.with_suffix(".idx").read_text().splitlines()
+        head, lines = idx[0].split(), idx[1:]
+        assert head == ["v1.2", str(len(lines))]
+        raw = tar.read_bytes()
+        members = {m.name: m for m in tarfile.open(tar) if m.isreg()}
+        for line in lines:
+            parts = line.split()
+            assert [parts[0], parts[4]] == ["jpg", "cls"]
+            for ext, off, size, name in (parts[0:4], parts[4:8]):
+                assert name.endswith("." + ext) and members[name].offset_data == int(off)
+                assert members[name].size == int(size)
+            jpg = raw[int(parts[1]) : int(parts[1]) + int(parts[2])]
+            assert Image.open(io.BytesIO(jpg)).mode == "RGB"
+            got_labels.append(int(raw[int(parts[5]) : int(parts[5]) + int(parts[6])].decode("ascii")))
+            keys.append(parts[3].split(".")[0])
+    assert keys == [f"{i:08d}" for i in range(18)]
+    assert sorted(got_labels) == sorted(labels)  # shuffled order, same labels
+    assert got_labels != labels
+
+
+def test_wds_index_is_what_dali_writes(bad_root, tmp_path):
+    wds2idx = pytest.importorskip("wds2idx", reason="DALI's wds2idx tool is not installed")
+    dst = tmp_path / "wds"
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=10, workers=1))
+    for tar in sorted(dst.glob("*.tar")):
+        ref = tmp_path / (tar.stem + ".ref.idx")
+        with wds2idx.IndexCreator(str(tar), str(ref), verbose=False) as ic:
+            ic.create_index()
+        assert tar.with_suffix(".idx").read_text() == ref.read_text()
+
+
+def test_wds_meta_reads_with_the_loader_contract(bad_root, tmp_path):
+    from moco_fast.loaders import wds  # the project's own module: a failure to import is a failure
+
+    dst = tmp_path / "wds"
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=10, workers=1))
+    meta = wds.read_meta(dst)
+    assert meta.num_images == 18 and len(meta.shards) == 2
+
+
+def test_nothing_convertible_is_a_clear_error(tmp_path, capsys):
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    (src / "a.jpg").write_bytes(b"garbage")
+    (src / "b.txt").write_text("text")
+    with pytest.raises(DataError, match="no readable images"):
+        convert(ConvertConfig(str(tmp_path / "src"), str(tmp_path / "out.beton"), workers=1))
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "o"), "--format", "wds"]) == 2
+    assert "no readable images" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_val_split_keeps_train_labels(bad_root, tmp_path):
+    real = sorted(p.name for p in (bad_root / "train").iterdir())
+    # a hidden and an empty folder in train/ are no classes (the empty one would sort first)
+    (bad_root / "train" / ".ipynb_checkpoints").mkdir()
+    (bad_root / "train" / "0_empty").mkdir()
+    dst = tmp_path / "val"
+    summary = convert(ConvertConfig(str(bad_root), str(dst), format="wds", split="test", workers=1))
+    meta = json.loads((dst / "meta.json").read_text())
+    assert summary.written == 8 and meta["classes"] == real
+    with pytest.raises(DataError, match="--split val"):
+        convert(ConvertConfig(str(bad_root), str(tmp_path / "v2"), format="wds", split="val", workers=1))
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "full"),
+    [("I;16", np.uint16, 65535), ("I", np.int32, 65535), ("F", np.float32, 1.0), ("L", np.uint8, 255)],
+)
+def test_high_depth_grayscale_is_scaled_not_clipped(tmp_path, mode, values, full):
+    # A 16-bit PNG gradient: PIL's own convert("RGB") clips it to almost all white.
+    from moco_fast.convert_images import load_resized
+    from moco_fast.data import load_rgb
+
+    ramp = np.linspace(0, full, 64 * 64, dtype=np.float64).reshape(64, 64).astype(values)
+    im = Image.fromarray(ramp) if mode != "I;16" else Image.frombytes("I;16", (64, 64), ramp.astype("<u2").tobytes())
+    assert im.mode == mode
+    path = tmp_path / ("g.png" if mode in ("I;16", "L") else "g.tiff")
+    im.save(path)
+    expect = np.rint(ramp.astype(np.float64) / full * 255)
+    for rgb in (load_rgb(str(path)), load_resized(str(path), None)):
+        a = np.asarray(rgb).astype(np.float64)
+        assert rgb.mode == "RGB" and a.shape == (64, 64, 3)
+        assert np.abs(a[..., 0] - expect).max() <= 1, (mode, a.min(), a.max())
+
+
+def test_a_test_split_beside_a_val_split(bad_root, tmp_path):
+    shutil.copytree(bad_root / "test", bad_root / "val")
+    for f in (bad_root / "val").rglob("*.jpg"):
+        f.unlink()  # val/ empty of images: --split test must read test/, not val/
+    summary = convert(ConvertConfig(str(bad_root), str(tmp_path / "t"), format="wds", split="test", workers=1))
+    assert summary.written == 8
