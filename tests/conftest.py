@@ -6,6 +6,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import eval_cli_helpers
 import eval_helpers
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from PIL import Image
 from run_helpers import tiny_args
 
 from moco_fast.cli import _on_stop_signal, main
-from moco_fast.config import build_config
+from moco_fast.config import build_config, to_dict
 from moco_fast.data import DEMO_ROOT
+from moco_fast.model import MoCo
 from moco_fast.trainer import train
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -144,3 +146,20 @@ def bad_root(fresh_root: Path) -> Path:
     Image.fromarray(smooth).convert("CMYK").save(first / "cmyk.jpg", quality=95)
     Image.fromarray(smooth[..., 0].T.copy(), "L").save(first / "gray.png")
     return fresh_root
+
+
+# -- the evaluation commands' inputs (test_eval_args.py, test_eval_outputs.py) ------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """3 classes x 6 train / 2 test images."""
+    return make_image_root(tmp_path_factory.mktemp("data"), per_class=6, classes=3, test_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run folder holding checkpoint.pt of an untrained ResNet-18 (ImageNet stem, 32 px)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = build_config("cifar", eval_cli_helpers.TINY)
+    model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size)
+    torch.save({"config": to_dict(cfg), "model": model.state_dict(), "epoch": 1}, out / "checkpoint.pt")
+    return out
