@@ -3,7 +3,7 @@
 No backend-specific field lives here (no DALI operator names, no FFCV pipeline objects): a backend
 reads the numbers and builds its own operators. Each backend's tests check it against this spec
 statistically (flip, grayscale, jitter and blur rates, crop areas and ratios): tests/test_dali.py,
-test_ffcv.py, test_resident.py and test_augment_kernels.py (the batched colour pass).
+test_ffcv_batches.py, test_resident.py and test_augment_kernels.py (the batched colour pass).
 """
 
 from __future__ import annotations

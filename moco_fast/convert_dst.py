@@ -28,7 +28,7 @@ ALLOC_ENTRY_SIZE = 3 * 8  # sample_id, ptr, size
 CONVERT_FIELDS = ((2, b"image"), (1, b"label"))  # (FFCV type_id, name): RGBImageField, IntField
 # One image's record in the table after the field descriptions (ffcv.types.get_metadata_type of the
 # two fields, aligned): the image's mode, width, height and data pointer (13 bytes, padded to 16),
-# then the label (int64). tests/test_ffcv.py checks it against FFCV's.
+# then the label (int64). tests/test_ffcv_errors.py checks it against FFCV's.
 SAMPLE_RECORD_SIZE = 24
 
 

@@ -11,6 +11,8 @@ import eval_helpers
 import numpy as np
 import pytest
 import torch
+from ffcv_helpers import loader_args
+from moco_fast.loaders import create_loader
 from PIL import Image
 from run_helpers import tiny_args
 
@@ -41,7 +43,7 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_beton(tiny_root, tmp_path_factory) -> Path:
-    """tiny_root's train/ (2 classes x 16 CIFAR images) as a .beton (test_ffcv.py, test_stops.py)."""
+    """tiny_root's train/ (2 classes x 16 CIFAR images) as a .beton (test_ffcv_*.py, test_stops.py)."""
     from moco_fast.convert import ConvertConfig, convert
 
     dst = tmp_path_factory.mktemp("beton") / "tiny.beton"
@@ -163,3 +165,11 @@ def run_dir(tmp_path_factory) -> Path:
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size)
     torch.save({"config": to_dict(cfg), "model": model.state_dict(), "epoch": 1}, out / "checkpoint.pt")
     return out
+
+
+# -- the FFCV loader (test_ffcv_batches.py, test_ffcv_errors.py) -----------------------------------------
+@pytest.fixture(scope="session")
+def loader(tiny_beton):
+    """An FFCV loader on tiny_beton, shared by the session: its Numba pipeline compiles on first use
+    (~20-40 s per Loader on a CPU)."""
+    return create_loader("ffcv", loader_args(tiny_beton))
