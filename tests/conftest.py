@@ -1,4 +1,7 @@
-"""Shared fixtures: small real-image folders cut from the demo set, and the shared data sets when present."""
+"""Shared fixtures: small real-image folders cut from the demo set, the shared data sets when present,
+and the inputs that several test files of one area read (a finished run, a checkpoint to evaluate,
+convert's damaged input, the FFCV loader), each section naming its files; the plain helpers of an
+area live in its *_helpers.py."""
 
 from __future__ import annotations
 
