@@ -1,7 +1,8 @@
 """What a run folder holds and how a run leaves it: another run's folder is not overwritten without
 --force, a busy folder fails at once, a run that fails in its first epoch or diverges leaves the
-folder as it was (with its last good checkpoint), files that are not a run's or not a checkpoint
-are named, written files follow the umask."""
+folder as it was (with its last good checkpoint; the advice names the flag that stands out, and a
+loss the fp16 scaler skipped warns), files that are not a run's or not a checkpoint are named,
+written files follow the umask, the data's path is saved absolute."""
 
 import json
 import os
