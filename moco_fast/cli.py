@@ -16,6 +16,9 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Callable, Iterator
+
+from moco_fast import stop_watch
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args)`.
 COMMANDS = [
@@ -177,11 +180,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 class Terminated(KeyboardInterrupt):
     """A signal of STOP_SIGNALS (`signum`): unwinds like Ctrl-C, so that temporary files go; the
-    command ends with stop_line and exit status 128 + signum.
-
-    Only in a process of its own: a torchrun worker keeps the default action, since a Python
-    handler waits for the main thread to leave native code (a collective waiting on a dead peer),
-    and torchrun ends its workers with SIGTERM (or the signal it got)."""
+    command ends with stop_line and exit status 128 + signum. A torchrun or `--gpus` worker ends the
+    same way (the launcher reads its exit status as a stop: launch.run_workers); during the training
+    steps the signal is recorded instead (stops.StopRequests)."""
 
     def __init__(self, signum: int = signal.SIGTERM) -> None:
         super().__init__(signum)
@@ -208,6 +209,7 @@ def _on_stop_signal(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
+    stop_watch.handler_ran()
     # A signal to the process group (SLURM, docker stop) ends the DataLoader workers too; torch's SIGCHLD
     # handler would then raise "worker killed by signal" wherever the unwinding is, even at exit (a
     # traceback after "terminated"). Their deaths are expected now: a handler that does nothing (not
@@ -219,6 +221,34 @@ def _on_stop_signal(signum, frame):
 
 def _children_end(signum, frame):
     """SIGCHLD after a stop signal: the workers' ends are expected (see _on_stop_signal)."""
+
+
+@contextlib.contextmanager
+def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[None]:
+    """While in it, STOP_SIGNALS end the process's command as Terminated (_on_stop_signal), not by
+    their default action; one that is ignored stays ignored (`nohup`'s SIGHUP: the command goes on).
+    In the main thread only (elsewhere: nothing). Also in a torchrun or `--gpus` worker: the default
+    action killed one that a stop reached outside the training steps (the kNN, a save, the data scan),
+    and the launcher reported a failed worker. A worker blocked in native code (a collective on a
+    peer that died) is ended by stop_watch after a few seconds, through `end(signum)`
+    (a worker's: its line or its note to the launcher; None: no watch, a process of its own)."""
+    global _MAIN_PID
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _MAIN_PID = os.getpid()
+    previous = {}
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            continue
+        handler = signal.signal(sig, _on_stop_signal)
+        previous[sig] = signal.SIG_DFL if handler is None else handler  # None: set outside Python
+    try:
+        with stop_watch.watching(end, _on_stop_signal, STOP_SIGNALS) if end else contextlib.nullcontext():
+            yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # What a command imports before it runs: torch (2 s) and torchvision (1.5 s, whose C++ ops load the
@@ -274,16 +304,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("moco_fast").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     warnings.filterwarnings("default", module="moco_fast")
-    global _MAIN_PID
-    previous = {}
-    worker = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-    if threading.current_thread() is threading.main_thread() and not worker:
-        _MAIN_PID = os.getpid()
-        for sig in STOP_SIGNALS:
-            if signal.getsignal(sig) is signal.SIG_IGN:  # `nohup` ignores SIGHUP: the command goes on
-                continue
-            handler = signal.signal(sig, _on_stop_signal)
-            previous[sig] = signal.SIG_DFL if handler is None else handler  # None: set outside Python
+    with stop_signals_handled(_say_stopped if _in_a_worker() else None):
+        return _run(args)
+
+
+def _in_a_worker() -> bool:
+    """A process of a job of several (torchrun, or RANK and WORLD_SIZE set by hand)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _say_stopped(signum: int) -> None:
+    """A torchrun worker's line for a stop that stop_watch acts on."""
+    with contextlib.suppress(OSError):
+        say(stop_line(Terminated(signum)))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command; a user error or a stop ends it with its one line and exit status."""
     try:
         if threading.current_thread() is threading.main_thread():
             _import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
@@ -303,9 +340,6 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):  # stderr on a terminal that SIGHUP says is gone: EIO
             say(stop_line(stop))
         return exit_status(stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ same environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT on a free local
 trainer runs the same code either way. The launcher watches the workers: when one exits with an
 error or a signal, it stops the others and we report which rank failed and why, instead of leaving
 the rest waiting forever in a collective. A user error (bad data, contradicting flags) ends the
-command with its one line and exit status 2, as it does without --gpus.
+command with its one line and exit status 2, as it does without --gpus. A stop signal that reached
+a worker ends the job as a stop (its line, exit status 128 + the signal) when that worker is the
+first to end; one that the launcher stopped after another's crash does not make the crash a stop.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -118,35 +120,63 @@ def _recorded(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
 
 
 def _reported(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
-    """fn(*args); a user error (cli.one_line) is written to `reports`/RANK and ends the worker with
-    USER_ERROR_EXIT, without a traceback: the launcher prints it as the CLI would."""
-    from moco_fast.cli import exit_status, interruption, one_line
+    """fn(*args), the stop signals ending it as they end one process (cli.stop_signals_handled); a
+    user error (cli.one_line) is written to `reports`/RANK and ends the worker with USER_ERROR_EXIT,
+    without a traceback: the launcher prints it as the CLI would. A stop ends it with its exit status
+    (128 + the signal), written to `reports`/stop.RANK: the launcher takes it for a stop (_stopped)."""
+    from moco_fast.cli import exit_status, interruption, one_line, stop_signals_handled
 
+    rank = os.environ.get("RANK", "0")
     try:
-        return fn(*args)
+        with stop_signals_handled(lambda signum: Path(reports, f"stop.{rank}").write_text(str(128 + signum))):
+            return fn(*args)
     except BaseException as e:
-        # a stop: one acted on during the steps saved its step first; a Ctrl-C elsewhere (the setup, the
-        # kNN) saved nothing. No traceback either way
+        # a stop: one acted on during the steps saved its step first; one elsewhere (the setup, the
+        # kNN, a save) saved nothing. No traceback either way
         if (stop := interruption(e)) is not None:
-            Path(reports, f"stop.{os.environ.get('RANK', '0')}").touch()  # quiets the launcher's failure logs
-            sys.exit(exit_status(stop))
+            _stop_ends(reports, rank, exit_status(stop))
         line = one_line(e)
         if line is None:
+            if (status := _a_peers_stop(reports, rank)) is not None:
+                # a collective whose peer stopped and left (gloo: "Connection closed by peer"): the
+                # same stop, whichever of the two the launcher sees end first
+                _stop_ends(reports, rank, status)
             raise
-        Path(reports, os.environ.get("RANK", "0")).write_text(line)
+        Path(reports, rank).write_text(line)
         sys.exit(USER_ERROR_EXIT)  # not an Exception: `record` and spawn let it end the process as it is
+
+
+def _stop_ends(reports: str, rank: str, status: int) -> NoReturn:
+    """Ends a worker that stopped: its exit status, written where the launcher reads it (_stopped)."""
+    Path(reports, f"stop.{rank}").write_text(str(status))
+    sys.exit(status)
+
+
+def _a_peers_stop(reports: str, rank: str) -> int | None:
+    """The exit status of another rank that ended on a stop (_stop_ends), or None."""
+    for p in Path(reports).glob("stop.*"):
+        if p.name != f"stop.{rank}" and (text := p.read_text()).isdigit():
+            return int(text)
+    return None
 
 
 class _QuietOnUserErrors(logging.Filter):
     """Drops the launcher's failure logs (a worker's traceback, "Terminating process ...") once a
-    worker has reported a user error or a stop: its one line says it all, as without --gpus."""
+    worker has reported a user error, or when a worker had stopped before them: its one line says it
+    all, as without --gpus. Only before: the first of those logs comes as the launcher starts ending
+    the workers, and a worker it ends (SIGTERM) after another's crash stops too; that crash's
+    traceback stays."""
 
     def __init__(self, reports: str) -> None:
         super().__init__()
         self.reports = Path(reports)
+        self.stopped: bool | None = None  # a stop before the first failure log (None: no log yet)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(self.reports.iterdir())
+        names = [p.name for p in self.reports.iterdir()]
+        if self.stopped is None:
+            self.stopped = any(n.startswith("stop.") for n in names)
+        return not (self.stopped or any(n.isdigit() for n in names))
 
 
 def user_error_text(reports: dict[int, str]) -> str:
@@ -209,7 +239,7 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
         said = {int(p.name): p.read_text() for p in Path(reports).iterdir() if p.name.isdigit()}
         if said and e.get_first_failure()[0] in said:
             raise WorkerUserError(user_error_text(said)) from None
-        if (stop := _stopped(e.get_first_failure()[1].exitcode)) is not None:
+        if (stop := _stopped(reports, *e.get_first_failure())) is not None:
             raise stop from None  # the workers stopped on a signal that reached them, not the launcher
         raise WorkerFailed(describe_failure(e)) from None
     except SignalException as e:
@@ -226,11 +256,17 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
     return [results[r] for r in sorted(results)]
 
 
-def _stopped(exitcode: int) -> KeyboardInterrupt | None:
-    """The stop behind a worker's exit status 128 + a stop signal or SIGINT (_reported), or None."""
-    if exitcode - 128 == signal.SIGINT:
+def _stopped(reports: str, rank: int, failure: Any) -> KeyboardInterrupt | None:
+    """The stop behind the first worker to end (`rank`, its ProcessFailure), or None: its exit status
+    128 + a stop signal or SIGINT, that it said it ended with (_stop_ends). The launcher picks the
+    first before it ends the others, so a worker that its SIGTERM stopped after a crash is not it."""
+    said = Path(reports, f"stop.{rank}")
+    n = failure.exitcode - 128
+    if not said.is_file() or said.read_text() != str(failure.exitcode):
+        return None
+    if n == signal.SIGINT:
         return KeyboardInterrupt()
-    return Terminated(exitcode - 128) if exitcode - 128 in STOP_SIGNALS else None
+    return Terminated(n) if n in STOP_SIGNALS else None
 
 
 def describe_failure(e: Any) -> str:

@@ -9,7 +9,9 @@ A second one in a process of its own acts at once, as without this. A worker of 
 `--gpus` records repeats too, until it ends (its save at the epoch's end and its unwinding come
 after the steps): the launcher passes on the signal that the whole job got (a terminal's Ctrl-C,
 SLURM's signal to every process), a second copy of the same stop; the launcher ends a worker that
-has not stopped within its shutdown timeout (30 s) with SIGKILL.
+has not stopped within its shutdown timeout (30 s) with SIGKILL. Outside the steps (the data scan,
+the kNN, a save) a first one stops a worker at once, as it stops one process
+(cli.stop_signals_handled), and the launcher ends the others.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ class StopRequests:
         finally:
             # A launcher's worker with a stop recorded keeps recording repeats until it ends: after the
             # steps (the epoch's end save, the unwinding) a repeat (the launcher's copy, a second
-            # Ctrl-C) would end it by the signal's default action, its save cut short and the launcher
-            # reporting a failed worker. The launcher's SIGKILL after its timeout ends one that hangs.
+            # Ctrl-C) would stop it at once (cli's handler), its save cut short. The launcher's SIGKILL
+            # after its timeout ends one that hangs.
             if self.signum is None or not self.repeats_wait:
                 _put_back(previous)
         if self.signum is not None and not self.agreed:

@@ -308,8 +308,8 @@ print("saved", stops.signum)
 
 
 def test_a_workers_repeats_after_the_steps_do_not_end_it_before_its_save():
-    # a worker keeps the signals' default action outside the steps: a repeat there killed it (SIGTERM's
-    # default), its epoch-end save cut short and the launcher naming a failed worker, not a stop
+    # a repeat after the steps killed a worker (SIGTERM's default action then; cli's handler would stop
+    # it now), its epoch-end save cut short and the launcher naming a failed worker, not a stop
     import subprocess
     import sys
 

@@ -1,0 +1,85 @@
+"""A stop signal that a worker's main thread cannot act on.
+
+Python runs a signal's handler in the main thread, between its steps. A torchrun or `--gpus` worker
+may sit in native code for long: a rendezvous or a collective that waits for a peer that died (NCCL
+waits for its timeout, an hour). The launcher's SIGTERM after another worker's crash, or a user's
+stop, then waited for the launcher's SIGKILL after its shutdown timeout (30 s), where the signal's
+default action ended the worker at once. Here a thread sees each signal arrive (signal.set_wakeup_fd:
+the C-level handler writes its number there, whatever the main thread does); when the main thread
+has not run a stop handler within GRACE_S, the thread ends the worker as the handler would have:
+`end(signum)` (its line, or its note to the launcher), exit status 128 + the signal, without the
+unwinding (a save cut short leaves a temporary file, removed at the next start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+GRACE_S = 5.0  # well under the launcher's 30 s; a handler runs within milliseconds outside native code
+
+_ran = threading.Event()  # a stop handler ran in the main thread: the worker is stopping, as it would alone
+_writer: list[socket.socket] = []  # the wakeup socket's end that signals write to, while watching
+
+
+def handler_ran() -> None:
+    """Called by the stop handler (cli._on_stop_signal) as it runs."""
+    _ran.set()
+
+
+@contextlib.contextmanager
+def watching(end: Callable[[int], None], handler: object, signums: tuple[int, ...]) -> Iterator[None]:
+    """While in it, a signal of `signums` whose Python handler is `handler` and that the main thread
+    has not acted on within GRACE_S ends the process from a thread (see the module's docstring).
+    Main thread only; inside another `watching`, the outer one watches."""
+    if threading.current_thread() is not threading.main_thread() or _writer:
+        yield
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)  # a signal handler must never block on it
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    _writer.append(writer)
+    _ran.clear()
+    args = (reader, end, handler, frozenset(signums))
+    threading.Thread(target=_watch, args=args, name="moco-fast stop watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        _writer.clear()
+        writer.close()  # the thread reads the end of the stream and ends
+
+
+def _watch(reader: socket.socket, end: Callable[[int], None], handler: object, signums: frozenset[int]) -> None:
+    with reader:
+        while data := _received(reader):
+            for signum in data:
+                if signum not in signums or _ran.is_set() or signal.getsignal(signum) is not handler:
+                    continue  # another signal, a stop already acted on, or the steps' own (stops.StopRequests)
+                if _ran.wait(GRACE_S) or signal.getsignal(signum) is not handler:
+                    continue
+                end(signum)
+                os._exit(128 + signum)
+
+
+def _received(reader: socket.socket) -> bytes:
+    try:
+        return reader.recv(64)
+    except OSError:
+        return b""
+
+
+def _in_a_forked_child() -> None:
+    # A forked child (a DataLoader worker) would write its own signals to the parent's socket, and
+    # the parent's thread would wait for a handler that its main thread never gets to run.
+    if _writer:
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+            _writer.pop().close()
+
+
+os.register_at_fork(after_in_child=_in_a_forked_child)

@@ -1,0 +1,199 @@
+"""A stop signal that reaches a `--gpus` worker outside the training steps (here: the per-epoch kNN,
+rank 0's alone while the others wait at the barrier) ends the job as a stop: the launcher's one
+line, exit status 128 + the signal, the last epoch's checkpoint kept. It killed the worker by the
+signal's default action, and the launcher reported "worker rank N failed with signal SIGUSR1"
+(exit status 1). A crash stays a crash, though the launcher's SIGTERM now stops the other workers."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from moco_fast.checkpoint import load_model
+from moco_fast.cli import main
+
+# `moco-fast train --gpus 2` on the CPU: the launcher sees 2 pretend GPUs, the workers' --device auto
+# none. The spawned workers import this file as their __main__, so its patches are theirs too: each
+# rank writes its pid at each step; rank 0's kNN of epoch 2 sends SIG to rank WHO, then takes up to
+# a minute (a stop ends it: rank 0 gets the launcher's SIGTERM there)
+GPUS_2_ON_THE_CPU = """
+import os, signal, sys, time
+from pathlib import Path
+
+import torch
+
+torch.cuda.device_count = lambda: 2
+import moco_fast.trainer as trainer
+
+HERE = Path(__file__).parent
+WHO, SIG = os.environ["STOP_RANK"], signal.Signals[os.environ["STOP_SIGNAL"]]
+real_step = trainer.train_step
+
+
+def step(*a, **k):
+    (HERE / f"pid.{os.environ['RANK']}").write_text(str(os.getpid()))
+    return real_step(*a, **k)
+
+
+def knn(*a, **k):
+    (HERE / "sent").write_text(str(time.time()))
+    os.kill(int((HERE / f"pid.{WHO}").read_text()), SIG)
+    time.sleep(60)
+    return 0.0
+
+
+trainer.train_step, trainer.knn_top1 = step, knn
+if __name__ == "__main__":
+    from moco_fast.cli import main
+
+    sys.exit(main())
+"""
+
+
+def train_args(root, out, *flags: str) -> list[str]:
+    """2 epochs of 32 images, 2 steps an epoch with 2 ranks of 8, the kNN after epoch 2 only."""
+    return ["train", "--data", str(root), "--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet",
+            "--moco-k", "32", "--bn-splits", "2", "--batch-size", "8", "--epochs", "2", "--workers", "0",
+            "--save-every", "0", "--no-final-knn", "--knn-every", "2", "--out", str(out), *flags]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("who", "name"), [("0", "SIGUSR1")])
+def test_a_stop_signal_to_a_worker_during_the_knn_ends_the_job_as_a_stop(tiny_root, tmp_path, who, name):
+    # rank 0: in the kNN itself
+    script, out = tmp_path / "gpus2.py", tmp_path / "run"
+    script.write_text(GPUS_2_ON_THE_CPU)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STOP_RANK": who, "STOP_SIGNAL": name}
+    p = subprocess.run([sys.executable, str(script), *train_args(tiny_root, out, "--device", "auto", "--gpus", "2")],
+                       capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)  # fmt: skip
+    ended = time.time()
+    sig = signal.Signals[name]
+    assert p.returncode == 128 + sig, p.stderr[-3000:]
+    line = "terminated" if sig == signal.SIGTERM else f"stopped by {name}"
+    assert p.stderr.splitlines()[-1] == line, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "failed" not in p.stderr, p.stderr[-3000:]
+    assert ended - float((tmp_path / "sent").read_text()) < 30  # not after the kNN's minute
+    # the last finished epoch's checkpoint, whole; a resume (one process, the same global batch) ends the run
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (state["epoch"], state.get("step"), state["world_size"]) == (1, None, 2)
+    load_model(out / "checkpoint.pt")
+    resumed = train_args(tiny_root, out, "--device", "cpu", "--batch-size", "16", "--knn-every", "0", "--resume")
+    assert main(resumed) == 0
+    assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def _crashing_worker(marker: str) -> None:
+    """Rank 1 raises once rank 0 waits (in Python, its stop handlers in place: the launcher's SIGTERM
+    stops it, exit status 143)."""
+    from pathlib import Path
+
+    if os.environ["RANK"] == "1":
+        for _ in range(600):
+            if Path(marker).exists():
+                raise RuntimeError("disk full on rank 1")
+            time.sleep(0.05)
+    Path(marker).touch()
+    time.sleep(60)
+
+
+@pytest.mark.slow
+def test_a_crash_stays_a_crash_when_the_launcher_stops_the_other_workers(tmp_path, caplog):
+    # rank 0 ends through its stop handler too, but after the launcher began ending the workers:
+    # the crash is the first to end and is reported, its traceback kept
+    from moco_fast.launch import WorkerFailed, run_workers
+
+    with caplog.at_level(logging.ERROR), pytest.raises(WorkerFailed) as failed:
+        run_workers(_crashing_worker, (str(tmp_path / "waiting"),), 2)
+    assert str(failed.value).startswith("worker rank 1 failed with exit code 1: RuntimeError: disk full on rank 1")
+    assert "RuntimeError: disk full on rank 1" in caplog.text  # the launcher's log of its traceback
+
+
+def test_the_launchers_failure_logs_are_quiet_only_for_a_stop_before_them(tmp_path):
+    from moco_fast.launch import _QuietOnUserErrors
+
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, None)
+    stopped_first = _QuietOnUserErrors(str(tmp_path / "a"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "stop.1").write_text("138")
+    assert not stopped_first.filter(record)
+    crashed_first = _QuietOnUserErrors(str(tmp_path / "b"))
+    (tmp_path / "b").mkdir()
+    assert crashed_first.filter(record)  # "Terminating process ...": the launcher ends the others
+    (tmp_path / "b" / "stop.0").write_text("143")  # one that its SIGTERM stopped
+    assert crashed_first.filter(record)  # the crash's traceback is still shown
+    (tmp_path / "b" / "1").write_text("data folder not found: /x")
+    assert not crashed_first.filter(record)  # a user error says it in one line
+
+
+def test_the_first_worker_to_end_is_a_stop_only_if_it_said_so(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from moco_fast.cli import Terminated
+    from moco_fast.launch import _stopped
+
+    def failure(exitcode):
+        return ProcessFailure(local_rank=1, pid=1, exitcode=exitcode, error_file=str(tmp_path / "none"))
+
+    assert _stopped(str(tmp_path), 1, failure(138)) is None  # 128 + SIGUSR1, but not through our handler
+    (tmp_path / "stop.1").write_text("138")
+    stop = _stopped(str(tmp_path), 1, failure(138))
+    assert isinstance(stop, Terminated) and stop.signum == signal.SIGUSR1
+    assert _stopped(str(tmp_path), 1, failure(1)) is None  # a crash after it wrote that
+
+
+def test_an_error_after_a_peers_stop_ends_the_worker_as_that_stop(tmp_path, monkeypatch):
+    # rank 0 stopped in the kNN; rank 1's barrier then fails ("Connection closed by peer"). Whichever
+    # the launcher sees end first, the job is that stop, without rank 1's traceback
+    from moco_fast.launch import _reported
+
+    def barrier_without_rank_0():
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError):  # no stop before it: an error, its traceback kept
+        _reported(barrier_without_rank_0, str(tmp_path))
+    (tmp_path / "stop.0").write_text("138")
+    with pytest.raises(SystemExit) as ended:
+        _reported(barrier_without_rank_0, str(tmp_path))
+    assert ended.value.code == 138 and (tmp_path / "stop.1").read_text() == "138"
+
+
+BLOCKED_IN_NATIVE_CODE = """
+import datetime, os, signal, sys, threading, time
+import torch.distributed as dist
+from moco_fast import stop_watch
+from moco_fast.cli import stop_signals_handled
+
+stop_watch.GRACE_S = 1.0
+store = dist.TCPStore("127.0.0.1", 0, 1, True)
+with stop_signals_handled(lambda signum: print("ended by", signum, flush=True)):
+    if sys.argv[1] == "fork":  # a forked child's own signal (a DataLoader worker's) is not the parent's
+        if os.fork() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        os.wait()
+        time.sleep(3)
+        print("went on", flush=True)
+        sys.exit(0)
+    threading.Timer(1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    store.wait(["never"], datetime.timedelta(seconds=60))  # native code: Python's handler waits for it
+"""
+
+
+@pytest.mark.parametrize("case", ["blocked", "fork"])
+def test_a_stop_that_the_main_thread_cannot_act_on_ends_a_worker_from_a_thread(tmp_path, case):
+    # a worker in a rendezvous or collective on a dead peer ran its handler only when that gave up
+    # (here 60 s; the launcher's SIGKILL came after 30 s), where the default action ended it at once
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-c", BLOCKED_IN_NATIVE_CODE, case], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    if case == "blocked":
+        assert (p.returncode, p.stdout) == (128 + signal.SIGTERM, "ended by 15\n"), p.stderr[-2000:]
+        assert time.time() - t0 < 30
+    else:
+        assert (p.returncode, p.stdout) == (0, "went on\n"), p.stderr[-2000:]
