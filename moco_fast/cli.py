@@ -229,8 +229,9 @@ def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[N
     their default action; one that is ignored stays ignored (`nohup`'s SIGHUP: the command goes on).
     In the main thread only (elsewhere: nothing). Also in a torchrun or `--gpus` worker: the default
     action killed one that a stop reached outside the training steps (the kNN, a save, the data scan),
-    and the launcher reported a failed worker. A worker blocked in native code (a collective on a
-    peer that died) is ended by stop_watch after a few seconds, through `end(signum)`
+    and the launcher reported a failed worker. A worker that waits for rank 0 (the kNN) waits in
+    Python (distributed.barrier), where the handler runs at once; one blocked in native code (a
+    collective on a peer that died) is ended by stop_watch after a few seconds, through `end(signum)`
     (a worker's: its line or its note to the launcher; None: no watch, a process of its own)."""
     global _MAIN_PID
     if threading.current_thread() is not threading.main_thread():

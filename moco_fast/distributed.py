@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,9 +148,16 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
+def barrier(poll_s: float = 0.05) -> None:
+    """Waits for every rank, in Python: the ranks wait here while rank 0 runs the kNN alone (minutes),
+    and a stop signal's handler (cli.stop_signals_handled) runs only between Python's steps, so one
+    that reached a rank blocked in dist.barrier() waited for the kNN's end."""
+    if not is_distributed():
+        return
+    work = dist.barrier(async_op=True)
+    while not work.is_completed():
+        time.sleep(poll_s)
+    work.wait()  # a peer that died: its error
 
 
 # -- shuffle BN -----------------------------------------------------------------------------------
