@@ -80,9 +80,10 @@ def test_a_stop_signal_to_a_worker_during_the_knn_ends_the_job_as_a_stop(tiny_ro
     assert p.stderr.splitlines()[-1] == line, p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "failed" not in p.stderr, p.stderr[-3000:]
     assert ended - float((tmp_path / "sent").read_text()) < 30  # not after the kNN's minute
-    # the last finished epoch's checkpoint, whole; a resume (one process, the same global batch) ends the run
+    # epoch 2's checkpoint, whole (saved before its kNN), and its row, written on the way out; a resume
+    # (one process, the same global batch) finds the run finished
     state = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert (state["epoch"], state.get("step"), state["world_size"]) == (1, None, 2)
+    assert (state["epoch"], state.get("step"), state["world_size"]) == (2, None, 2)
     load_model(out / "checkpoint.pt")
     resumed = train_args(tiny_root, out, "--device", "cpu", "--batch-size", "16", "--knn-every", "0", "--resume")
     assert main(resumed) == 0
