@@ -158,6 +158,12 @@ def check_output(
         require(not p.exists() or p.is_dir(), f"{flag} {p} is a file: give a folder path")
     else:
         require(not p.is_dir(), f"{flag} {p} is a folder: give a file path")
+        # atomic_write renames its temporary file over the path: a device (/dev/null), FIFO or socket
+        # there would be replaced by a regular file, not written to (as root, even in /dev)
+        require(
+            not p.exists() or p.is_file(),
+            f"{flag} {p} is not a regular file (a device, FIFO or socket): give a file path",
+        )
     for given in inputs:
         require(
             given is None or not p.exists() or not os.path.samefile(p, given),

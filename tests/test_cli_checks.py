@@ -1,0 +1,60 @@
+"""Flags and outputs of knn, export, lincls and sweep that are checked before any work: each a one-line
+error (exit 2) that leaves what is on disk as it was."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from moco_fast.cli import main
+from moco_fast.config import build_config, to_dict
+from moco_fast.model import MoCo
+
+TINY = {"model.arch": "resnet18", "model.stem": "imagenet", "moco.k": 16, "optim.batch_size": 8, "optim.epochs": 1}
+
+
+class Ran(Exception):
+    """Raised by a stand-in for the command's work: the command got past its checks."""
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """checkpoint.pt of an untrained ResNet-18 (enough for export: config + model)."""
+    path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
+    cfg = build_config("cifar", TINY)
+    model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size)
+    torch.save({"config": to_dict(cfg), "model": model.state_dict(), "epoch": 1}, path)
+    return path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_an_output_that_is_a_fifo_or_device_is_refused_not_replaced(ckpt, tmp_path, monkeypatch, capsys):
+    # The output is written to a temporary file renamed over the path: `--output /dev/null --force`
+    # (as root) replaced the device node by a 45 MB file; a FIFO became a regular file.
+    import moco_fast.lincls
+
+    def ran(cfg):
+        raise Ran
+
+    monkeypatch.setattr(moco_fast.lincls, "run_lincls", ran)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for argv in (
+        ["export", str(ckpt), "--format", "torchvision", "--output", str(fifo), "--force"],
+        ["export", str(ckpt), "--format", "detectron2", "--output", str(fifo), "--force"],
+        ["lincls", "--checkpoint", str(ckpt), "--device", "cpu", "--out", str(fifo)],
+    ):
+        assert main(argv) == 2, argv
+        assert one_line_error(capsys).endswith(
+            f"{fifo} is not a regular file (a device, FIFO or socket): give a file path"
+        ), argv
+        assert stat.S_ISFIFO(fifo.stat().st_mode)
