@@ -58,3 +58,19 @@ def test_an_output_that_is_a_fifo_or_device_is_refused_not_replaced(ckpt, tmp_pa
             f"{fifo} is not a regular file (a device, FIFO or socket): give a file path"
         ), argv
         assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+@pytest.mark.parametrize("lr", ["0", "-1", "nan", "inf"])
+def test_sweep_linear_classifier_lr_must_be_a_positive_number(lr, tmp_path, monkeypatch, capsys):
+    # --lincls-lr inf passed the check: every setting trained, then its classifier's weights were NaN.
+    import moco_fast.sweep
+
+    def ran(*args, **kwargs):
+        raise Ran
+
+    monkeypatch.setattr(moco_fast.sweep, "run_sweep", ran)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--out", str(out), "--device", "cpu", "--lincls-epochs", "1", "--lincls-lr", lr]
+    assert main([*argv, "--", "--data", str(tmp_path)]) == 2
+    assert one_line_error(capsys) == f"moco-fast sweep: error: --lincls-lr must be a positive number (got {float(lr)})"
+    assert not out.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from moco_fast.commands import HelpFormatter
@@ -181,8 +182,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.lincls_epochs < 0:
         raise ConfigError("--lincls-epochs must be 0 or more")
-    if not args.lincls_lr > 0:
-        raise ConfigError(f"--lincls-lr must be positive (got {args.lincls_lr})")
+    if not 0 < args.lincls_lr < math.inf:  # NaN fails too; inf trained every setting first, then NaN weights
+        raise ConfigError(f"--lincls-lr must be a positive number (got {args.lincls_lr})")
     out = Path(args.out)
     rows = run_sweep(base, settings, out, lincls_epochs=args.lincls_epochs, lincls_lr=args.lincls_lr, redo=args.redo)
     print(markdown_table(shown(rows)), end="")
