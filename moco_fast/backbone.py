@@ -126,15 +126,23 @@ class WiderResNet50(ResNet):
                 nn.init.constant_(m.bias, 0)
 
 
-def resnet(arch: str, **kw) -> ResNet:
-    """torchvision.models.<arch>(**kw), or a WiderResNet50 for WIDER's names; ConfigError for others."""
+def check_arch(arch: str) -> None:
+    """ConfigError unless `arch` names a torchvision ResNet or one of WIDER (checked with the flags,
+    before any data is read or a model built)."""
     if arch in WIDER:
-        return WiderResNet50(WIDER[arch], **kw)
+        return
     if not arch.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(torchvision.models, arch):
         raise ConfigError(
             f"unknown arch {arch!r}: use a torchvision ResNet such as resnet18, resnet50 or wide_resnet50_2, "
             "or the paper's wider ResNet-50s resnet50w2 and resnet50w4"
         )
+
+
+def resnet(arch: str, **kw) -> ResNet:
+    """torchvision.models.<arch>(**kw), or a WiderResNet50 for WIDER's names; ConfigError for others."""
+    check_arch(arch)
+    if arch in WIDER:
+        return WiderResNet50(WIDER[arch], **kw)
     return getattr(torchvision.models, arch)(weights=None, **kw)
 
 

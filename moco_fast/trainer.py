@@ -17,6 +17,7 @@ import torch
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.agreement import HeldWarnings, agree
+from moco_fast.backbone import check_arch
 from moco_fast.cli import interruption
 from moco_fast.config import ConfigError, TrainConfig, save_json
 from moco_fast.data import DataError
@@ -113,6 +114,8 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int |
     A callable is asked only where an error needs it (resume.saved_world_size reads the checkpoint,
     which a run that validates needs not read twice)."""
     o, m = cfg.optim, cfg.moco
+    # with the flags: train read the data first, the bench ran rows (its reference: an AttributeError)
+    check_arch(cfg.model.arch)
     global_batch = o.batch_size * world
     if o.epochs < 1 or o.batch_size < 1:
         raise ConfigError("--epochs and --batch-size must be positive")

@@ -112,6 +112,7 @@ def test_bad_rows_are_one_line_errors(rows, capsys):
         (["--rows", "trainer", "--profile", "--profile-steps", "0"], "--profile-steps must be at least 1"),
         (["--rows", "reference", "--profile"], "--rows has none"),
         (["--batch-size", "6", "--bn-splits", "4"], "--batch-size 6 must be a multiple of --bn-splits 4"),
+        (["--arch", "resnet1"], "unknown arch 'resnet1'"),
     ],
 )
 def test_bad_flags_fail_before_the_first_row(flags, says, tmp_path, capsys, monkeypatch):

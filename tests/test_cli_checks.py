@@ -74,3 +74,16 @@ def test_sweep_linear_classifier_lr_must_be_a_positive_number(lr, tmp_path, monk
     assert main([*argv, "--", "--data", str(tmp_path)]) == 2
     assert one_line_error(capsys) == f"moco-fast sweep: error: --lincls-lr must be a positive number (got {float(lr)})"
     assert not out.exists()
+
+
+def test_an_unknown_arch_is_refused_with_the_flags(tmp_path, capsys):
+    # Checked with the other flags (trainer.validate): train read the data before it said so, the
+    # sweep created its folder, and the bench measured rows (its reference row failed with an
+    # AttributeError).
+    out = tmp_path / "run"
+    argv = ["train", "--arch", "resnet1", "--data", str(tmp_path / "missing"), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 2
+    assert one_line_error(capsys) == (
+        "moco-fast train: error: unknown arch 'resnet1': use a torchvision ResNet such as resnet18 or resnet50"
+    )
+    assert not out.exists()
