@@ -84,6 +84,7 @@ def test_an_unknown_arch_is_refused_with_the_flags(tmp_path, capsys):
     argv = ["train", "--arch", "resnet1", "--data", str(tmp_path / "missing"), "--out", str(out), "--device", "cpu"]
     assert main(argv) == 2
     assert one_line_error(capsys) == (
-        "moco-fast train: error: unknown arch 'resnet1': use a torchvision ResNet such as resnet18 or resnet50"
+        "moco-fast train: error: unknown arch 'resnet1': use a torchvision ResNet such as resnet18, resnet50 or "
+        "wide_resnet50_2, or the paper's wider ResNet-50s resnet50w2 and resnet50w4"
     )
     assert not out.exists()
