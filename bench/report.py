@@ -103,11 +103,14 @@ def add_ratios(rows: list[dict]) -> None:
 
 def check_output_path(path: str | None, flag: str, suffix: str) -> None:
     """Before any row runs: an output path that cannot be written (the CLI's `check_output`) or
-    that does not end in `suffix` is a one-line error, not a traceback after the first row."""
+    that does not end in `suffix` is a one-line error, not a traceback after the first row. A run's
+    own file (`--json runs/moco/config.json`, summary.json, lincls.json) is never replaced, as with
+    `moco-fast export`; an earlier bench result is."""
     if path is None:
         return
     from moco_fast.commands import check_output
+    from moco_fast.run_folder import run_file
 
     if Path(path).suffix.lower() != suffix:
         raise ConfigError(f"{flag} {path}: name a {suffix} file")
-    check_output(path, flag)
+    check_output(path, flag, replaces=run_file)

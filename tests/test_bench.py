@@ -127,6 +127,26 @@ def test_bad_flags_fail_before_the_first_row(flags, says, tmp_path, capsys, monk
     assert not ran
 
 
+def test_json_never_replaces_a_run_s_own_files(tmp_path, capsys, monkeypatch):
+    # `--json runs/moco/config.json` (or summary.json, lincls.json) replaced the run's file with the
+    # bench's results; an earlier bench result is replaced as before.
+    monkeypatch.setattr(throughput.Bench, "run", lambda self, spec: {"name": spec.name, "kind": spec.kind})
+    for name in ("config.json", "summary.json", "lincls.json"):
+        target = tmp_path / name
+        target.write_text('{"kept": true}')
+        assert throughput.main([*TINY, "--rows", "reference", "--json", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err
+            == f"error: --json {target} exists and is a training run's {name}: give another path, or delete it first\n"
+        )
+        assert target.read_text() == '{"kept": true}'
+    earlier = tmp_path / "bench.json"
+    earlier.write_text("{}")
+    assert throughput.main([*TINY, "--rows", "reference", "--json", str(earlier)]) == 1  # the row has no figure
+    assert json.loads(earlier.read_text())["rows"][0]["name"] == "reference"
+
+
 def test_momentum_bench_json_matches_throughputs(tmp_path, capsys):
     # every backend agrees with the float64 reference, and the JSON names the device as
     # throughput.py's does (a record, which bench/plot.py and gpu_check read), not as a bare string
