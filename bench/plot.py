@@ -12,6 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
+
+from report import speed_text
+
 
 def plot_rows(result: dict, path: str | Path) -> bool:
     """Writes the chart to `path`; returns False (and says why) when matplotlib is missing."""
@@ -35,7 +39,7 @@ def plot_rows(result: dict, path: str | Path) -> bool:
     ax.barh(y, values, color=colors)
     ax.set_yticks(y, labels, fontsize=8)
     for yi, r in zip(y, rows):
-        note = f" {r['img_per_s']:,.0f}"
+        note = f" {speed_text(r['img_per_s'])}"  # as the table: 4.7, not 5, on a CPU
         if r.get("vs_reference") is not None and r.get("kind") != "reference":
             note += f"  ({r['vs_reference']:.2f}x ref)"
         ax.text(r["img_per_s"], yi, note, va="center", fontsize=8)

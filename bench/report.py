@@ -48,11 +48,16 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
+def speed_text(img_per_s: float) -> str:
+    """Images/s as the table and the plot show it: one decimal below 100 (CPU figures), else whole."""
+    return f"{img_per_s:.1f}" if img_per_s < 100 else f"{img_per_s:,.0f}"
+
+
 def _fmt(value, fmt: str) -> str:
     if value is None:
         return ""
-    if fmt == "{:,.0f}" and value < 100:
-        return f"{value:.1f}"
+    if fmt == "{:,.0f}":
+        return speed_text(value)
     return fmt.format(value)
 
 
