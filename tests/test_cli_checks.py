@@ -4,6 +4,7 @@ error (exit 2) that leaves what is on disk as it was."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -88,3 +89,17 @@ def test_an_unknown_arch_is_refused_with_the_flags(tmp_path, capsys):
         "wide_resnet50_2, or the paper's wider ResNet-50s resnet50w2 and resnet50w4"
     )
     assert not out.exists()
+
+
+def test_knn_names_the_splits_it_used(ckpt, tmp_path, capsys):
+    # With val/ and test/ both in the root the output did not say which one was scored (val/).
+    from conftest import make_image_root
+
+    root = make_image_root(tmp_path / "data", per_class=4, classes=2, test_per_class=2)
+    shutil.copytree(root / "test", root / "val")
+    shutil.rmtree(root / "val" / sorted(os.listdir(root / "val"))[0])  # val/ and test/ differ
+    argv = ["knn", "--checkpoint", str(ckpt), "--data", str(root), "--k", "3", "--device", "cpu", "--workers", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"kNN memory: 8 images of {root / 'train'}; queries: 2 of {root / 'val'}"
+    assert out[1].startswith("kNN top-1 (backbone, k=3, t=0.1): ")

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "knn",
         help="weighted kNN accuracy of a checkpoint (k=200, t=0.1)",
         description="Weighted kNN (Wu et al. 2018) on L2-normalised features: the train split is the memory, "
-        "val/ or test/ the queries. Prints top-1.",
+        "val/ the queries (test/ where there is no val/). Prints the two splits used, then top-1.",
         formatter_class=HelpFormatter,
     )
     p.add_argument(
@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if splits.eval is None:
         raise DataError("kNN needs an eval split: a data root holding train/ and val/ or test/")
     warn_if_single_class(splits.train)
+    # with both val/ and test/ in the root, which one was scored is not otherwise visible
+    print(
+        f"kNN memory: {len(splits.train)} images of {splits.train.root}; queries: {len(splits.eval)} of {splits.eval.root}"
+    )
     nets = {"backbone": model.backbone(), "head": model.encoder_q}
     names = ["backbone", "head"] if args.features == "both" else [args.features]
     for name in names:
