@@ -47,7 +47,7 @@ def test_an_output_that_is_a_fifo_or_device_is_refused_not_replaced(ckpt, tmp_pa
         raise Ran
 
     monkeypatch.setattr(moco_fast.lincls, "run_lincls", ran)
-    fifo = tmp_path / "pipe"
+    fifo = tmp_path / "pipe.pkl"
     os.mkfifo(fifo)
     for argv in (
         ["export", str(ckpt), "--format", "torchvision", "--output", str(fifo), "--force"],
@@ -103,3 +103,15 @@ def test_knn_names_the_splits_it_used(ckpt, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"kNN memory: 8 images of {root / 'train'}; queries: 2 of {root / 'val'}"
     assert out[1].startswith("kNN top-1 (backbone, k=3, t=0.1): ")
+
+
+def test_a_detectron2_export_must_be_named_pkl(ckpt, tmp_path, capsys):
+    # detectron2 unpickles a .pkl only; `--output r50.pth` wrote a plain pickle that its checkpointer
+    # hands to torch.load, which cannot read it.
+    out = tmp_path / "r50.pth"
+    assert main(["export", str(ckpt), "--format", "detectron2", "--output", str(out)]) == 2
+    assert one_line_error(capsys) == (
+        f"moco-fast export: error: --output {out}: detectron2 reads this format only from a .pkl file: name it .pkl"
+    )
+    assert not out.exists()
+    assert main(["export", str(ckpt), "--format", "detectron2", "--output", str(tmp_path / "r50.PKL")]) == 0

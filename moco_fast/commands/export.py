@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moco_fast.commands import HelpFormatter, check_device_name, check_output, resolve_checkpoint
+from moco_fast.commands import HelpFormatter, check_device_name, check_output, require, resolve_checkpoint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["torchvision", "detectron2"],
         help="torchvision: a ResNet state dict (torch.save); detectron2: the official MoCo conversion (a pickle)",
     )
-    p.add_argument("--output", required=True, help="file to write (.pth for torchvision, .pkl for detectron2)")
+    p.add_argument(
+        "--output", required=True, help="file to write (.pth for torchvision; detectron2: a .pkl, which it needs)"
+    )
     p.add_argument(
         "--force",
         action="store_true",
@@ -39,6 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from moco_fast.run_folder import run_file
 
     check_device_name(args.device)
+    # detectron2's DetectionCheckpointer picks its reader by the name: only a .pkl is unpickled (with
+    # matching_heuristics); any other name goes to torch.load, which cannot read this plain pickle
+    require(
+        args.format != "detectron2" or args.output.lower().endswith(".pkl"),
+        f"--output {args.output}: detectron2 reads this format only from a .pkl file: name it .pkl",
+    )
     checkpoint = resolve_checkpoint(args.checkpoint, flag="")
     # an existing folder, the checkpoint itself, or a run's own file is refused even with --force
     output = check_output(args.output, "--output", inputs=(checkpoint,), replaces=run_file)
