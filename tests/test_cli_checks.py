@@ -115,3 +115,32 @@ def test_a_detectron2_export_must_be_named_pkl(ckpt, tmp_path, capsys):
     )
     assert not out.exists()
     assert main(["export", str(ckpt), "--format", "detectron2", "--output", str(tmp_path / "r50.PKL")]) == 0
+
+
+@pytest.mark.parametrize(
+    "grid, train",
+    [
+        (["--moco-k", "64,128"], ["--moco-k", "4096"]),
+        (["--moco-m", "0,0.99"], ["--moco-m=0.9"]),
+        (["--mechanism", "moco"], ["--mechanism", "end-to-end"]),
+        (["--shuffle-bn", "on"], ["--no-shuffle-bn"]),
+    ],
+)
+def test_sweep_refuses_a_grid_flag_given_after_the_dash_dash_too(grid, train, tmp_path, monkeypatch, capsys):
+    # The grid's values replaced the train flag's in every setting without a word.
+    import moco_fast.sweep
+
+    def ran(*args, **kwargs):
+        raise Ran
+
+    monkeypatch.setattr(moco_fast.sweep, "run_sweep", ran)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), "--device", "cpu", *grid, "--", *train]) == 2
+    flag = grid[0]
+    assert one_line_error(capsys) == (
+        f"moco-fast sweep: error: {flag} is given both as the grid and after -- (the grid's values would "
+        "replace it): give it once"
+    )
+    with pytest.raises(Ran):  # the train flag alone is the base value of a grid over something else
+        other = ["--moco-k", "8192"] if flag != "--moco-k" else ["--moco-m", "0.9"]
+        main(["sweep", "--out", str(out), "--device", "cpu", *other, "--", *train])

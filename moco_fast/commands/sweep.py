@@ -20,7 +20,8 @@ classifier on cached features, and writes one table (markdown, JSON, and a PNG
 plot when matplotlib is installed) of accuracy, final loss and pretext accuracy
 per setting.
 
-A grid flag left out keeps the base config's value. Settings that would repeat
+A grid flag left out keeps the base config's value (the train flags after
+`--`); one given is not given after `--` as well. Settings that would repeat
 a run are merged (end-to-end has no K or m; the memory bank has no m). The K
 column says what each query was really contrasted with: for end-to-end the
 batch (each query's positive and batch - 1 negatives), for the memory bank at
@@ -127,8 +128,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def base_config(train_args: list[str]):
-    """The TrainConfig that `moco-fast train <train_args>` would run."""
+# The grid flags and the train flag (its dest) that each replaces in every setting.
+GRID_FLAGS = {"moco_k": "--moco-k", "moco_m": "--moco-m", "mechanism": "--mechanism", "shuffle_bn": "--shuffle-bn"}
+
+
+def base_config(train_args: list[str], grid: tuple[str, ...] = ()):
+    """The TrainConfig that `moco-fast train <train_args>` would run. `grid`: the dests of the grid
+    flags given, which the train flags after `--` may not give too (the grid's values replaced
+    theirs without a word)."""
     from moco_fast.commands import train as train_cmd
 
     if train_args and train_args[0] == "--":
@@ -147,7 +154,14 @@ def base_config(train_args: list[str]):
             raise ConfigError(f"{flag} is not a setting of the grid's runs: {why}")
     parser = _TrainFlags(prog="moco-fast sweep ... --")
     train_cmd.register(parser.add_subparsers(dest="command"))
-    return train_cmd.config_from_args(parser.parse_args(["train", *train_args]))
+    ns = parser.parse_args(["train", *train_args])
+    for dest in grid:
+        if getattr(ns, dest, None) is not None:
+            flag = GRID_FLAGS[dest]
+            raise ConfigError(
+                f"{flag} is given both as the grid and after -- (the grid's values would replace it): give it once"
+            )
+    return train_cmd.config_from_args(ns)
 
 
 class _TrainFlags(argparse.ArgumentParser):
@@ -171,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in mechanisms or () if m not in MECHANISMS]
     if bad:
         raise ConfigError(f"unknown mechanism {bad[0]!r}; choose from {', '.join(MECHANISMS)}")
-    base = base_config(args.train_args)
+    base = base_config(args.train_args, grid=tuple(d for d in GRID_FLAGS if getattr(args, d) is not None))
     if args.device:
         base.runtime.device = args.device
     settings = expand(
