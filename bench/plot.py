@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 
 from report import speed_text
 
+from moco_fast.checkpoint import atomic_write
+
 
 def plot_rows(result: dict, path: str | Path) -> bool:
     """Writes the chart to `path`; returns False (and says why) when matplotlib is missing."""
@@ -54,9 +56,10 @@ def plot_rows(result: dict, path: str | Path) -> bool:
         fontsize=10,
     )
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # atomically: a full disk leaves no half-written PNG under the name
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -75,7 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {a.result}: not a bench result ({e})", file=sys.stderr)
         return 2
-    return 0 if plot_rows(result, a.png) else 1
+    try:
+        return 0 if plot_rows(result, a.png) else 1
+    except OSError as e:
+        from moco_fast.cli import one_line
+
+        line = one_line(e)  # a full disk, a folder that may not be written
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

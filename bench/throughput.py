@@ -396,6 +396,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return measure(args, cfg, specs, device)
+    except OSError as e:  # --json or --plot on a full disk, or a path that may no longer be written
+        from moco_fast.cli import one_line
+
+        line = one_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+def measure(args: argparse.Namespace, cfg, specs: list[RowSpec], device: torch.device) -> int:
+    """Runs the rows, prints the table, writes --json and --plot; the exit status."""
     torch.backends.cudnn.benchmark = True  # fixed shapes; main_moco.py sets it too
     bench = Bench(args, cfg, device)
     result = {

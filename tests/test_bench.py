@@ -261,6 +261,38 @@ def test_plot_labels_give_the_speed_as_the_table_does(tmp_path, monkeypatch):
     assert all(t.split("  (")[0].strip() in table for t in texts)
 
 
+def test_a_full_disk_under_json_or_plot_is_one_line(tmp_path, capsys, monkeypatch):
+    # A PNG or JSON write that fails (ENOSPC) ended the run with a traceback from PIL, after the table,
+    # and the PNG was written in place (a half file could stay under its name).
+    pytest.importorskip("matplotlib")
+    import errno
+
+    from matplotlib.figure import Figure
+
+    def full(self, fh, **kw):
+        fh.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    row = {"name": "reference", "kind": "reference", "settings": "fp32", "img_per_s": 2.8, "ms_per_step": 5670.9}
+    monkeypatch.setattr(throughput.Bench, "run", lambda self, spec: dict(row))
+    monkeypatch.setattr(Figure, "savefig", full)
+    png = tmp_path / "p.png"
+    assert throughput.main([*TINY, "--rows", "reference", "--plot", str(png)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: No space left on device: {png}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no half PNG, no temporary file
+    (tmp_path / "r.json").write_text(json.dumps({"rows": [row]}))
+    assert plot.main([str(tmp_path / "r.json"), str(png)]) == 2  # bench/plot.py too
+    assert capsys.readouterr().err == f"error: No space left on device: {png}\n"
+
+    def no_space(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(throughput, "atomic_write_text", no_space)
+    out = tmp_path / "r2.json"
+    assert throughput.main([*TINY, "--rows", "reference", "--json", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: No space left on device: {out}"
+
+
 def test_plot_script_reads_either_bench_json_and_refuses_others(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     ffcv = {"rows": [{"row": "torch", "img_per_s": 50.0}, {"row": "ffcv", "img_per_s": 450.0, "vs_torch": 9.0}]}
