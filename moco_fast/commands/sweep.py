@@ -21,9 +21,9 @@ plot when matplotlib is installed) of accuracy, final loss and pretext accuracy
 per setting.
 
 A grid flag left out keeps the base config's value (the train flags after
-`--`); one given is not given after `--` as well. Settings that would repeat
-a run are merged (end-to-end has no K or m; the memory bank has no m). The K
-column says what each query was really contrasted with: for end-to-end the
+`--`); one given replaces that flag after `--` (a warning says so). Settings
+that would repeat a run are merged (end-to-end has no K or m; the memory bank
+has no m). The K column says what each query was really contrasted with: for end-to-end the
 batch (each query's positive and batch - 1 negatives), for the memory bank at
 most the number of training images."""
 
@@ -134,8 +134,8 @@ GRID_FLAGS = {"moco_k": "--moco-k", "moco_m": "--moco-m", "mechanism": "--mechan
 
 def base_config(train_args: list[str], grid: tuple[str, ...] = ()):
     """The TrainConfig that `moco-fast train <train_args>` would run. `grid`: the dests of the grid
-    flags given, which the train flags after `--` may not give too (the grid's values replaced
-    theirs without a word)."""
+    flags given; a train flag after `--` that one replaces is named in a warning (it was replaced
+    without a word; a shared base command line under several grids is a fair use, so no error)."""
     from moco_fast.commands import train as train_cmd
 
     if train_args and train_args[0] == "--":
@@ -158,9 +158,7 @@ def base_config(train_args: list[str], grid: tuple[str, ...] = ()):
     for dest in grid:
         if getattr(ns, dest, None) is not None:
             flag = GRID_FLAGS[dest]
-            raise ConfigError(
-                f"{flag} is given both as the grid and after -- (the grid's values would replace it): give it once"
-            )
+            log.warning("%s after -- is replaced in every setting by the grid's %s", flag, flag)
     return train_cmd.config_from_args(ns)
 
 
