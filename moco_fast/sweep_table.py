@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from moco_fast.checkpoint import atomic_write_text
+from moco_fast.checkpoint import atomic_write, atomic_write_text
 
 log = logging.getLogger("moco_fast")
 
@@ -83,8 +82,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     ax2.set_xticks(list(x))
     ax2.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:  # atomically, named as itself: a full disk's error names sweep.png, not a temporary file
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -111,11 +112,5 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     """OUT/sweep.md, sweep.json and (with matplotlib) sweep.png, each replaced whole."""
     atomic_write_text(out / "sweep.md", markdown_table(shown(rows)))
     write_json(out / "sweep.json", rows)
-    tmp = out / ".sweep.tmp.png"
-    try:
-        if plot(rows, tmp):
-            os.replace(tmp, out / "sweep.png")
-        else:
-            (out / "sweep.png").unlink(missing_ok=True)  # an old plot would not show these rows
-    finally:
-        tmp.unlink(missing_ok=True)
+    if not plot(rows, out / "sweep.png"):
+        (out / "sweep.png").unlink(missing_ok=True)  # an old plot would not show these rows

@@ -149,3 +149,25 @@ def test_sweep_warns_that_a_grid_flag_replaces_the_same_flag_after_the_dash_dash
         other = ["--moco-k", "8192"] if flag != "--moco-k" else ["--moco-m", "0.9"]
         main(["sweep", "--out", str(out), "--device", "cpu", *other, "--", *train])
     assert not caplog.records
+
+
+def test_sweep_plot_on_a_full_disk_names_sweep_png(tmp_path, monkeypatch):
+    # The plot was drawn into .sweep.tmp.png and renamed: a full disk's error named no file (or the
+    # temporary one); it is now written as sweep.png itself, atomically, and the error names it.
+    pytest.importorskip("matplotlib")
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from moco_fast.sweep_table import write_table
+
+    def full(self, fh, **kw):
+        fh.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    rows = [{"name": "moco_K16_m0.99_sbn-on", "mechanism": "moco", "knn_top1": 50.0, "pretext_acc": 10.0}]
+    with pytest.raises(OSError) as e:
+        write_table(rows, tmp_path)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "sweep.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.md"]
