@@ -298,6 +298,27 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
+def _ours(filename: str) -> bool:
+    """Whether a warning was raised in moco-fast's own code (the package, its loaders and kernels)."""
+    roots = [os.path.dirname(__file__)]
+    roots += [
+        os.path.dirname(m.__file__) for n in ("moco_fast.loaders", "moco_fast.kernels") if (m := sys.modules.get(n))
+    ]
+    return any(os.path.abspath(filename).startswith(os.path.join(r, "")) for r in roots)
+
+
+def _warning_as_a_line(fmt):
+    """warnings.formatwarning for the CLI: moco-fast's own warnings read as its log lines do
+    ("WARNING kNN: k=1000 is more than ..."), without Python's "knn.py:186: UserWarning:" prefix and
+    the source line after it, which looked like part of a traceback; other libraries' keep `fmt`.
+    (The format, not showwarning: warnings recorded by catch_warnings(record=True) stay recorded.)"""
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        return f"WARNING {message}\n" if _ours(filename) else fmt(message, category, filename, lineno, line)
+
+    return formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # INFO for moco-fast's own messages; other libraries' at WARNING (torch's import sets its own levels,
@@ -305,8 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("moco_fast").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     warnings.filterwarnings("default", module="moco_fast")
-    with stop_signals_handled(_say_stopped if _in_a_worker() else None):
-        return _run(args)
+    format_before, warnings.formatwarning = warnings.formatwarning, _warning_as_a_line(warnings.formatwarning)
+    try:
+        with stop_signals_handled(_say_stopped if _in_a_worker() else None):
+            return _run(args)
+    finally:
+        warnings.formatwarning = format_before
 
 
 def _in_a_worker() -> bool:

@@ -171,3 +171,34 @@ def test_sweep_plot_on_a_full_disk_names_sweep_png(tmp_path, monkeypatch):
         write_table(rows, tmp_path)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "sweep.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.md"]
+
+
+def test_moco_fast_warnings_print_as_one_line_each(ckpt, tmp_path):
+    # Python's format put "…/moco_fast/knn.py:186: UserWarning:" before the text and the source line
+    # `warn_few_neighbours(k, len(bank), train)` after it, which read as part of a traceback. A real
+    # process: pytest records warnings instead of printing them.
+    import subprocess
+    import sys
+
+    from conftest import make_image_root
+
+    root = make_image_root(tmp_path / "data", per_class=4, classes=2, test_per_class=2)
+    argv = ["knn", "--checkpoint", str(ckpt), "--data", str(root), "--k", "100", "--device", "cpu", "--workers", "0"]
+    done = subprocess.run([sys.executable, "-m", "moco_fast", *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        f"WARNING kNN: k=100 is more than the 8 images of {root / 'train'}: all 8 are the neighbours"
+    ]
+
+
+def test_the_warning_format_is_the_cli_s_only_while_it_runs(ckpt, tmp_path):
+    import warnings
+
+    from moco_fast import cli, knn
+
+    before = warnings.formatwarning
+    line = cli._warning_as_a_line(before)
+    assert line(UserWarning("kNN: k=9"), UserWarning, knn.__file__, 186) == "WARNING kNN: k=9\n"
+    assert "UserWarning: other" in line(UserWarning("other"), UserWarning, warnings.__file__, 1)  # not ours
+    assert main(["knn", "--checkpoint", str(ckpt), "--k", "0"]) == 2
+    assert warnings.formatwarning is before
