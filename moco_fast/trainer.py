@@ -308,10 +308,13 @@ def _train_held(
             clear_run(out)  # all but config.json: a kill from here to its save leaves a run to --resume
     if dist_utils.is_main() and not finished:
         remove_stale_temporaries(out)
-    writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed))
+    # the checkpoint's row belongs in its own run's folder only: another run's epochs were logged there
+    own_row = saved_row if continues_in(out, resume_path) else None
+    # a finished run killed in its last epoch's kNN monitor (--no-final-knn, a sweep) still owes that row
+    row_owed = finished and own_row is not None and all(r.get("epoch") != start_epoch for r in read_rows(out))
+    writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed or row_owed))
     if resume_path is not None:
-        # the checkpoint's row belongs in its own run's folder only: another run's epochs were logged there
-        writer.keep_epochs(start_epoch, saved_row if continues_in(out, resume_path) else None)
+        writer.keep_epochs(start_epoch, own_row)
     if dist_utils.is_main() and not finished:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, str(out / CONFIG_NAME))

@@ -61,3 +61,13 @@ def test_resume_writes_the_checkpoints_row_where_the_run_did_not(tmp_path):
     writer.keep_epochs(2, {"epoch": 1, "loss": 9.9})  # a row of another epoch than the checkpoint's
     writer.close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": 1, "loss": 2.0}, saved]
+
+
+def test_a_finished_run_killed_in_its_last_knn_gets_its_row_without_a_final_knn(tiny_root, tmp_path):
+    # --no-final-knn (and every sweep's training) has no summary to owe: the row alone was owed
+    run = {**RUN, "optim.epochs": 1, "runtime.final_knn": False}
+    trainer.train(config(tmp_path, tiny_root, **run))
+    (row,) = rows(tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()  # a SIGKILL in the last epoch's kNN: the checkpoint, no row
+    trainer.train(config(tmp_path, tiny_root, **run, **{"runtime.resume": "auto"}))
+    assert rows(tmp_path) == [{k: v for k, v in row.items() if k != "knn_top1"}]
