@@ -103,3 +103,21 @@ def test_a_wider_resnet50_exports_for_torchvision_and_detectron2(tmp_path, capsy
     with open(pkl, "rb") as fh:
         keys = pickle.load(fh)["model"]
     assert keys["stem.conv1.weight"].shape == (128, 3, 7, 7) and keys["res5.2.conv3.weight"].shape[0] == 4096
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: a 94M-parameter network built three times
+def test_finetune_of_a_wider_resnet50_says_how_to_load_its_network(tiny_root, tmp_path, capsys):
+    from moco_fast.backbone import resnet
+    from moco_fast.cli import main
+
+    model = tmp_path / "ft.pt"
+    args = ["finetune", "--from-scratch", "--arch", "resnet50w2", "--stem", "cifar", "--image-size", "8"]
+    flags = ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--device", "cpu", "--schedule", "1"]
+    assert main([*args, "--data", str(tiny_root), *flags, "--out", str(tmp_path / "ft.json")]) == 0
+    out = capsys.readouterr().out
+    # what the notes say, followed: torchvision has no resnet50w2, and its CIFAR stem is 128 wide
+    assert "moco_fast.backbone.resnet('resnet50w2', num_classes=2)" in out
+    assert "nn.Conv2d(3, 128, 3, 1, 1, bias=False)" in out
+    net = resnet("resnet50w2", num_classes=2)
+    net.conv1, net.maxpool = nn.Conv2d(3, 128, 3, 1, 1, bias=False), nn.Identity()
+    net.load_state_dict(torch.load(model))  # strictly: the classifier is there

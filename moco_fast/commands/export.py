@@ -57,16 +57,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def loading_notes(fmt: str, arch: str, stem: str) -> list[str]:
-    """What loading the export needs beyond torchvision's or detectron2's defaults."""
+def loading_notes(fmt: str, arch: str, stem: str, num_classes: int | None = None) -> list[str]:
+    """What loading the export needs beyond torchvision's or detectron2's defaults. `num_classes`:
+    the file holds a classifier of that many classes (finetune's network), loaded strictly."""
     from moco_fast.backbone import WIDER
 
     k = WIDER.get(arch, 1)
     notes = []
     if fmt == "torchvision" and k > 1:
+        build = f"resnet({arch!r})" if num_classes is None else f"resnet({arch!r}, num_classes={num_classes})"
         notes.append(
-            f"{arch} is not in torchvision: moco_fast.backbone.resnet({arch!r}) builds it (torchvision's ResNet "
-            f"class, every width times {k}); load this file into it with strict=False"
+            f"{arch} is not in torchvision: moco_fast.backbone.{build} builds it (torchvision's ResNet "
+            f"class, every width times {k}); load this file into it"
+            + (" with strict=False" if num_classes is None else "")
         )
     if fmt == "torchvision" and stem == "cifar":
         notes.append(

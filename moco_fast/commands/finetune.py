@@ -105,7 +105,6 @@ def check_arch(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from moco_fast.classifier_epochs import check_state, state_path
     from moco_fast.finetune import PROTOCOL, FinetuneConfig, result_path, run_finetune
@@ -140,15 +139,17 @@ def run(args: argparse.Namespace) -> int:
         check_arch(args)
     with hold_output(out, "finetune"):
         check_state(out, cfg, "finetune")
-        res, net = run_finetune(cfg, model_path)
+        res, _ = run_finetune(cfg, model_path)
     print(
         f"fine-tuning from {res['init']}: {accuracy_text(res)}  "
         f"({res['eval_images']} eval images, {args.epochs} epochs)"
     )
     if model_path is not None:
-        cifar = isinstance(net[0].maxpool, torch.nn.Identity)
-        print(
-            f"wrote {model_path}: the fine-tuned network as a torchvision ResNet state dict (fc included)"
-            + ("; CIFAR stem: rebuild conv1 (3x3) and maxpool (Identity) before loading it" if cifar else "")
-        )
+        from moco_fast.commands.export import loading_notes
+
+        # the network that ran (res["config"]): a wider ResNet-50 is not in torchvision, its CIFAR stem is wider
+        ran = res["config"]
+        print(f"wrote {model_path}: the fine-tuned network as a torchvision ResNet state dict (fc included)")
+        for line in loading_notes("torchvision", ran["arch"], ran["stem"], res["num_classes"]):
+            print(f"note: {line}")
     return 0
