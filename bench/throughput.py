@@ -33,6 +33,7 @@ from report import add_ratios, check_output_path, device_info, forever, format_t
 from moco_fast.checkpoint import atomic_write_text
 from moco_fast.config import ConfigError, build_config, to_dict
 from moco_fast.data import DataError
+from moco_fast.metrics import rate
 from moco_fast.model import MoCo
 from moco_fast.trainer import (
     GraphedStep,
@@ -375,6 +376,16 @@ def make_config(args: argparse.Namespace, device: torch.device):
     return cfg
 
 
+def row_done(row: dict) -> str:
+    """A finished row's figure on the progress line, or its error: img/s with thousands separated,
+    and below 10 as train prints it (metrics.rate: a wide network on a CPU makes under 1 img/s,
+    which ",.0f" showed as 0)."""
+    if not row.get("img_per_s"):
+        return row.get("error", "")
+    per_s = row["img_per_s"]
+    return f"{per_s:,.0f} img/s" if per_s >= 10 else f"{rate(per_s)} img/s"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -443,8 +454,7 @@ def measure(args: argparse.Namespace, cfg, specs: list[RowSpec], device: torch.d
                 torch._dynamo.reset()  # new models would otherwise pile up recompiles of one code object
         result["rows"].append(row)
         add_ratios(result["rows"])
-        done = f"{row['img_per_s']:,.0f} img/s" if row.get("img_per_s") else row.get("error", "")
-        print(f"[{len(result['rows'])}/{len(specs)}] {spec.name}: {done}", file=sys.stderr, flush=True)
+        print(f"[{len(result['rows'])}/{len(specs)}] {spec.name}: {row_done(row)}", file=sys.stderr, flush=True)
         if args.json:  # after every row, atomically: a run cut short keeps what it measured
             write_json(args.json, result)
     if args.json:

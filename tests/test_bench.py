@@ -485,3 +485,10 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
     assert "dali: end-to-end = 96.0% of trainer" in out.stdout
     assert "ffcv aug-batch: 2.00 ms = 2.5% of the trainer:bf16 step (80.0 ms)" in out.stdout
     assert "momentum.json: unreadable" in out.stdout
+
+
+def test_the_progress_line_shows_a_slow_rows_images_a_second():
+    # a resnet50w2 trainer row on the CPU: 0.3 img/s, which the line showed as "0 img/s"
+    assert throughput.row_done({"img_per_s": 0.3}) == "0.3 img/s"
+    assert throughput.row_done({"img_per_s": 12345.4}) == "12,345 img/s"
+    assert throughput.row_done({"img_per_s": None, "error": "OutOfMemoryError: ..."}) == "OutOfMemoryError: ..."
