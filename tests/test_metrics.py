@@ -327,3 +327,12 @@ def test_lincls_warns_of_lr_steps_past_the_last_epoch(caplog):
         check_schedule("6,8", 10)
         check_schedule("cos", 1)
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize(
+    "per_s,shown", [(0.234, "0.23"), (0.0042, "0.0042"), (9.46, "9.5"), (10.4, "10"), (1234.6, "1235")]
+)
+def test_images_a_second_read_as_whole_numbers_and_two_digits_below_10(per_s, shown):
+    from moco_fast.metrics import rate  # train's closing line and progress bar
+
+    assert rate(per_s) == shown
