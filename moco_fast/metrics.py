@@ -43,6 +43,12 @@ def read_rows(out: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def owes_row(out: str | Path, row: Any) -> bool:
+    """Whether OUT/metrics.jsonl lacks the epoch of `row` (a checkpoint's: a run killed in the kNN
+    monitor after its epoch's save left it unwritten), which --resume then writes there."""
+    return isinstance(row, dict) and all(r.get("epoch") != row.get("epoch") for r in read_rows(out))
+
+
 class MetricsWriter:
     def __init__(self, out: str | Path, enabled: bool = True):
         self.enabled = enabled

@@ -19,7 +19,7 @@ from pathlib import Path
 from moco_fast import checkpoint as ckpt
 from moco_fast.config import ConfigError, TrainConfig, read_json_object
 from moco_fast.data import DataError
-from moco_fast.metrics import METRICS_NAME, SUMMARY_NAME, read_rows
+from moco_fast.metrics import METRICS_NAME, SUMMARY_NAME, owes_row, read_rows
 
 log = logging.getLogger("moco_fast")
 
@@ -80,23 +80,29 @@ def check_output(cfg: TrainConfig) -> Path | None:
 
 
 def check_writable(cfg: TrainConfig, resume_path: Path | None) -> None:
-    """ConfigError naming --out and the cause when the run may not write there (mode bits, a
-    read-only mount): said before the data is read, not at the run's first file after the data scan
-    and the model build. A run that resumes its own finished checkpoint writes nothing but the final
-    kNN's summary.json it may owe: checked here where the data's folders show an eval split
-    (monitor.may_have_eval_split), and where a finished run writes nothing (no final kNN, a
-    summary.json there, data without an eval split) a folder that may not be written is fine. An
-    eval split that the folders show but that turns out unreadable (the final kNN is then skipped,
-    nothing written) is refused all the same: the price of saying it before the data scan, and
-    --no-final-knn, which the line names, gets past it. Call it where the run writes (rank 0), once
-    the folder exists (hold_run_folder)."""
+    """ConfigError naming --out and the cause when the run may not write there (mode bits, a read-only
+    mount): said before the data is read, not at the run's first file after the data scan and the
+    model build. A run that resumes its own finished checkpoint writes nothing but the final kNN's
+    summary.json it may owe and the last epoch's row that a kill in its kNN monitor left unwritten
+    (the checkpoint holds it; metrics.owes_row). The summary is checked here where the data's
+    folders show an eval split (monitor.may_have_eval_split), and where a finished run writes
+    nothing (no final kNN, a summary.json there, data without an eval split, no row owed) a folder
+    that may not be written is fine. An eval split that the folders show but that turns out
+    unreadable (the final kNN is then skipped, nothing written) is refused all the same: the price
+    of saying it before the data scan, and --no-final-knn, which the line names, gets past it. Call
+    it where the run writes (rank 0), once the folder exists (hold_run_folder)."""
     from moco_fast.monitor import may_have_eval_split
 
     out = Path(cfg.runtime.out)
-    if continues_in(out, resume_path) and _epochs_done(resume_path) >= cfg.optim.epochs:
+    saved = _saved(resume_path) if continues_in(out, resume_path) else {}
+    if _epochs(saved) >= cfg.optim.epochs:
         if cfg.runtime.final_knn and not (out / SUMMARY_NAME).is_file() and may_have_eval_split(cfg):
             refuse_unwritable(
                 out, f": the finished run's final kNN writes {SUMMARY_NAME} there (--no-final-knn skips it)"
+            )
+        if owes_row(out, saved.get("row")):  # killed in its last epoch's kNN monitor
+            refuse_unwritable(
+                out, f": the finished run's last epoch lacks its row, which --resume writes in {METRICS_NAME}"
             )
         return
     refuse_unwritable(out)
@@ -112,12 +118,19 @@ def refuse_unwritable(out: Path, then: str = "") -> None:
         raise ConfigError(f"--out {out}: cannot write in {out} ({why}){then}")
 
 
-def _epochs_done(path: Path) -> int:
-    """The epochs the checkpoint at `path` holds (0 where it cannot be read: resume says why later)."""
+def _saved(path: Path | None) -> dict:
+    """The checkpoint at `path`, its tensors unread ({} where there is none or it cannot be read:
+    resume says why later)."""
+    if path is None:
+        return {}
     try:
-        state = ckpt.load(path, map_location="cpu", mmap=True)  # its tensors unread
+        return ckpt.load(path, map_location="cpu", mmap=True)
     except (FileNotFoundError, DataError):
-        return 0
+        return {}
+
+
+def _epochs(state: dict) -> int:
+    """The epochs a checkpoint (`_saved`) holds: 0 for none."""
     epoch = state.get("epoch")
     return epoch if isinstance(epoch, int) else 0
 

@@ -26,7 +26,7 @@ from moco_fast.epoch import run_epoch as _run_epoch
 from moco_fast.join import init_from_env
 from moco_fast.launch import under_torchrun
 from moco_fast.loaders import LoaderArgs, create_loader
-from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, read_rows
+from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, owes_row, read_rows
 from moco_fast.model import MoCo
 from moco_fast.monitor import eval_split_use, knn_figures, knn_top1, monitor_splits
 from moco_fast.resume import bn_splits_fix, queue_fix, resume, saved_world_size
@@ -311,7 +311,7 @@ def _train_held(
     # the checkpoint's row belongs in its own run's folder only: another run's epochs were logged there
     own_row = saved_row if continues_in(out, resume_path) else None
     # a finished run killed in its last epoch's kNN monitor (--no-final-knn, a sweep) still owes that row
-    row_owed = finished and own_row is not None and all(r.get("epoch") != start_epoch for r in read_rows(out))
+    row_owed = finished and owes_row(out, own_row)
     writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed or row_owed))
     if resume_path is not None:
         writer.keep_epochs(start_epoch, own_row)

@@ -448,3 +448,31 @@ def test_a_finished_run_on_data_without_an_eval_split_owes_nothing_in_a_read_onl
     done = resume_read_only(fin, ro)
     assert done.returncode == 0 and "nothing to do" in done.stdout, done.stderr[-2000:]
     assert sorted(p.name for p in fin.iterdir()) == files
+
+
+@pytest.mark.slow
+def test_a_finished_run_that_owes_its_last_row_says_its_out_may_not_be_written(trained, tmp_path):
+    # a run killed in its last epoch's kNN monitor (after the epoch's save) lacks that row, which
+    # --resume writes: on a read-only --out, one line before the data scan, not TensorBoard's traceback
+    import subprocess
+
+    ro = tmp_path / "ro"
+    fin = ro / "fin"
+    shutil.copytree(trained, fin)  # trained with --no-final-knn: no summary owed
+    (fin / "metrics.jsonl").unlink()
+    prefix = read_only_prefix([ro, fin])
+    argv = ["train", "--resume", "--out", str(fin), "--device", "cpu", "--workers", "0"]
+    try:
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "moco_fast", *argv], capture_output=True, text=True, timeout=300
+        )
+    finally:
+        for f in (ro, fin):
+            f.chmod(0o755)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr[-2000:]
+    assert err[0] in (
+        f"moco-fast train: error: --out {fin}: cannot write in {fin} ({why}): the finished run's last epoch "
+        "lacks its row, which --resume writes in metrics.jsonl"
+        for why in ("Permission denied", "Read-only file system")
+    ), err
