@@ -421,9 +421,3 @@ def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_roo
     for net, key in ((model.backbone(), "final_knn_top1"), (model.encoder_q, "final_knn_head_top1")):
         ref = knn_accuracy(net, splits.train, splits.eval, cfg.data.aug, cpu, workers=0)
         assert summary[key] == pytest.approx(ref, abs=1e-6)
-
-
-def test_the_report_shows_a_slow_runs_images_a_second():
-    from moco_fast.metrics import rate
-
-    assert [rate(v) for v in (0.2333, 0.0451, 9.96, 91.94, 1160.4)] == ["0.23", "0.045", "10", "92", "1160"]
