@@ -78,9 +78,10 @@ def check_local_gpus(cfg: TrainConfig) -> int:
     return n
 
 
-def launch_local(cfg: TrainConfig) -> tuple[int, dict]:
+def launch_local(cfg: TrainConfig, where: str | None = None) -> tuple[int, dict]:
     """Train with one worker per GPU; returns (the CLI's exit status, rank 0's last metrics row).
-    A user error in the workers is raised as WorkerUserError (one line, exit 2, by the CLI)."""
+    A user error in the workers is raised as WorkerUserError (one line, exit 2, by the CLI); `where`:
+    what the command reads and writes (cli.command_paths), for an error that names no file."""
     from functools import partial
 
     from moco_fast.resume import saved_world_size
@@ -97,7 +98,7 @@ def launch_local(cfg: TrainConfig) -> tuple[int, dict]:
     if cfg.runtime.cuda_graph:
         check_cuda_graph(torch.device("cuda"), n)
     try:
-        rows = run_workers(_train_worker, (cfg,), n)
+        rows = run_workers(_train_worker, (cfg,), n, where=where)
     except WorkerFailed as e:
         say(f"moco-fast train: error: {e}")
         return 1, {}
@@ -111,19 +112,20 @@ def _train_worker(cfg: TrainConfig) -> dict:
     return train(cfg)
 
 
-def _recorded(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
+def _recorded(fn: Callable[..., Any], reports: str, where: str | None, *args: Any) -> Any:
     """Runs in each worker: `record` writes a bug's text where the launcher reads it (its traceback
     stays); a user error is said through `reports` instead (_reported)."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_reported)(fn, reports, *args)
+    return record(_reported)(fn, reports, where, *args)
 
 
-def _reported(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
+def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: Any) -> Any:
     """fn(*args), the stop signals ending it as they end one process (cli.stop_signals_handled); a
-    user error (cli.one_line) is written to `reports`/RANK and ends the worker with USER_ERROR_EXIT,
-    without a traceback: the launcher prints it as the CLI would. A stop ends it with its exit status
-    (128 + the signal), written to `reports`/stop.RANK: the launcher takes it for a stop (_stopped)."""
+    user error (cli.one_line; `where` for an EIO without a file, as the CLI's command_paths) is
+    written to `reports`/RANK and ends the worker with USER_ERROR_EXIT, without a traceback: the
+    launcher prints it as the CLI would. A stop ends it with its exit status (128 + the signal),
+    written to `reports`/stop.RANK: the launcher takes it for a stop (_stopped)."""
     from moco_fast.cli import exit_status, interruption, one_line, stop_signals_handled
 
     rank = os.environ.get("RANK", "0")
@@ -135,7 +137,7 @@ def _reported(fn: Callable[..., Any], reports: str, *args: Any) -> Any:
         # kNN, a save) saved nothing. No traceback either way
         if (stop := interruption(e)) is not None:
             _stop_ends(reports, rank, exit_status(stop))
-        line = one_line(e)
+        line = one_line(e, where)
         if line is None:
             if (status := _a_peers_stop(reports, rank)) is not None:
                 # a collective whose peer stopped and left (gloo: "Connection closed by peer"): the
@@ -186,12 +188,13 @@ def user_error_text(reports: dict[int, str]) -> str:
     return "; ".join(f"rank {r}: {text}" for r, text in sorted(reports.items()))
 
 
-def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
+def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | None = None) -> list[Any]:
     """Run fn(*args) in nprocs local processes joined by torch.distributed's environment.
 
     fn must be importable by name (the workers are spawned). Returns each rank's result; raises
-    WorkerUserError with the message of a user error that stopped the workers (cli.one_line), else
-    WorkerFailed naming the first rank that failed, with its exit code or signal and its error.
+    WorkerUserError with the message of a user error that stopped the workers (cli.one_line, which
+    names `where`, what the workers read and write, for an EIO without a file), else WorkerFailed
+    naming the first rank that failed, with its exit code or signal and its error.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -234,7 +237,7 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int) -> list[Any]:
     # end the command as it does without --gpus.
     handlers = {s: signal.getsignal(s) for s in handled}
     try:
-        results = elastic_launch(config, _recorded)(fn, reports, *args)
+        results = elastic_launch(config, _recorded)(fn, reports, where, *args)
     except ChildFailedError as e:
         said = {int(p.name): p.read_text() for p in Path(reports).iterdir() if p.name.isdigit()}
         if said and e.get_first_failure()[0] in said:

@@ -1,13 +1,15 @@
 """The failures of `--gpus` and of several processes: too many GPUs, a run folder in use, device flags
 checked before the data is read, a dying worker or a user error in one ends the job with its rank
-and cause, a manual launch without its peer or address, the ranks' setup warnings, each worker's
-OMP threads, and a stop signal to the launcher.
+and cause (an EIO without a file names the command's --data and --out, as in one process), a manual
+launch without its peer or address, the ranks' setup warnings, each worker's OMP threads, and a stop
+signal to the launcher.
 
 The workers of these tests import this module: the model and trainer are imported only where needed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -55,7 +57,7 @@ def test_gpus_checks_the_run_folder_before_starting_workers(tiny_root, tmp_path,
 
     started = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(launch, "run_workers", lambda *a: started.append(a) or [{}])
+    monkeypatch.setattr(launch, "run_workers", lambda *a, **k: started.append(a) or [{}])
     out = tmp_path / "run"
     args = [*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]
     with hold_run_folder(out):  # as another train writing there (a flock: a second open is refused)
@@ -126,6 +128,31 @@ def test_a_user_error_in_the_gpus_workers_is_one_line(tmp_path):
                        cwd=tmp_path)  # fmt: skip
     assert p.returncode == 2, p.stderr[-3000:]
     assert p.stderr.splitlines() == [f"moco-fast train: error: data folder not found: {tmp_path / 'no-such-data'}"]
+
+
+def _eio_worker() -> None:
+    # what a read or write of a file already open raises on a failing disk: EIO without a file name
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+@pytest.mark.slow
+def test_an_io_error_without_a_file_in_the_gpus_workers_names_the_commands_paths(tiny_root, tmp_path, monkeypatch):
+    # One process names --data and --out for a pathless EIO; a --gpus worker's line said only "a file
+    # open for reading or writing". The command's paths reach the workers (2 pretend GPUs, no worker
+    # started), and a worker's EIO names them (real workers, on the CPU).
+    from moco_fast import launch
+
+    paths = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch, "run_workers", lambda fn, args, n, where=None: paths.append(where) or [{}])
+    out = tmp_path / "run"
+    assert main([*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]) == 0
+    assert paths == [f"--data {tiny_root} and --out {out}"]
+    with pytest.raises(launch.WorkerUserError) as e:
+        run_workers(_eio_worker, (), 2, where=paths[0])
+    assert str(e.value) == (
+        f"Input/output error (the disk or the network file system failed; the command reads and writes {paths[0]})"
+    )
 
 
 def test_the_workers_user_errors_name_the_ranks_only_where_they_differ():

@@ -202,7 +202,7 @@ def test_an_io_error_without_a_file_is_one_line_naming_what_the_command_reads_an
         "moco-fast train: error: Input/output error (the disk or the network file system failed; "
         f"the command reads and writes --data {data} and --out {out})"
     ]
-    # where a command names no paths (a --gpus worker's report): that it was a file open
+    # where no paths are known (run_workers without `where`): that it was a file open
     from moco_fast.cli import one_line
 
     assert one_line(OSError(errno.EIO, "Input/output error")).endswith("failed; a file open for reading or writing)")

@@ -159,10 +159,10 @@ def test_an_error_after_a_peers_stop_ends_the_worker_as_that_stop(tmp_path, monk
 
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(RuntimeError):  # no stop before it: an error, its traceback kept
-        _reported(barrier_without_rank_0, str(tmp_path))
+        _reported(barrier_without_rank_0, str(tmp_path), None)
     (tmp_path / "stop.0").write_text("138")
     with pytest.raises(SystemExit) as ended:
-        _reported(barrier_without_rank_0, str(tmp_path))
+        _reported(barrier_without_rank_0, str(tmp_path), None)
     assert ended.value.code == 138 and (tmp_path / "stop.1").read_text() == "138"
 
 

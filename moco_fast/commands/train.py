@@ -351,9 +351,10 @@ def run(args: argparse.Namespace) -> int:
 
         check_local_gpus(cfg)
     if cfg.runtime.gpus > 1:
+        from moco_fast.cli import command_paths
         from moco_fast.launch import launch_local
 
-        rc, row = launch_local(cfg)
+        rc, row = launch_local(cfg, command_paths(args))  # named by a worker's EIO without a file
         if rc == 0:
             _report(row, cfg)
         return rc
