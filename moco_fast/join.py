@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import re
+import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -24,6 +26,10 @@ COLLECTIVE_TIMEOUT = timedelta(hours=1)
 # torchrun's and --gpus's workers join at once: their launcher gathered them first.
 JOIN_TIMEOUT = timedelta(minutes=10)
 JOIN_TIMEOUT_ENV = "MOCO_FAST_JOIN_TIMEOUT"
+
+# How often a rank > 0 of a manual launch knocks at rank 0's address while it waits for it
+# (wait_for_rank_0): rank 0's store is found at most this long after it starts.
+KNOCK_INTERVAL = 0.5
 
 log = logging.getLogger("moco_fast")
 
@@ -46,14 +52,25 @@ def init_from_env(device: str = "auto") -> bool:
             "process; or start the processes with torchrun"
         )
     rank, world, addr, port = (os.environ[v] for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    numbers = "RANK, WORLD_SIZE and MASTER_PORT must be numbers"
+    if not all(v.strip().isdigit() for v in (rank, world, port)):  # before a wait that would be in vain
+        raise ConfigError(f"{numbers} (RANK={rank}, WORLD_SIZE={world}, MASTER_PORT={port})")
     timeout = join_timeout()
-    if "TORCHELASTIC_RUN_ID" not in os.environ and rank == "0":  # a manual launch: it may wait a while
+    manual = "TORCHELASTIC_RUN_ID" not in os.environ  # torchrun's and --gpus's workers: gathered already
+    if manual and rank == "0":  # it may wait a while
         log.info("waiting for WORLD_SIZE=%s processes to join at %s:%s (at most %s)", world, addr, port, _span(timeout))
+    left = timeout
+    if manual and rank != "0" and 0 < int(port) < 65536:  # (a port out of range: torch's error below)
+        started = time.monotonic()
+        if (why := wait_for_rank_0(addr, int(port), timeout)) is not None:
+            raise ConfigError(join_failed("", rank, world, addr, port, timeout, why))
+        # rank 0 is up: the rest of the join (the other ranks) within what is left
+        left = max(timeout - timedelta(seconds=time.monotonic() - started), timedelta(seconds=1))
     try:
         # torch's own join (init_process_group's env:// rendezvous), with a timeout of its own
-        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-    except ValueError as e:  # a RANK, WORLD_SIZE or MASTER_PORT that is not a number
-        raise ConfigError(f"RANK, WORLD_SIZE and MASTER_PORT must be numbers ({e})") from None
+        store, _, _ = next(dist.rendezvous("env://", timeout=left))
+    except ValueError as e:  # a MASTER_PORT out of range
+        raise ConfigError(f"{numbers} ({e})") from None
     except dist.DistError as e:
         raise ConfigError(join_failed(str(e), rank, world, addr, port, timeout)) from None
     store.set_timeout(COLLECTIVE_TIMEOUT)
@@ -66,6 +83,28 @@ def init_from_env(device: str = "auto") -> bool:
         timeout=COLLECTIVE_TIMEOUT,
     )
     return True
+
+
+def wait_for_rank_0(addr: str, port: int, timeout: timedelta) -> str | None:
+    """Waits until rank 0's address accepts a connection (its store is up), at most `timeout`; None
+    then, else why the last try failed ("Connection refused": nothing listens there yet).
+
+    torch's client waits for it too, but each of its tries that fails logs a C++ error with its
+    stack (47 lines above the one line for a join of two tries), and it tries again after a random
+    delay: a join bounded at 3 s gave up after 8 s, at 30 s after 76 s. A plain socket waits in
+    silence, for the timeout. Its connection, closed at once, is not a client that joined."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            # at most 5 s a try: an address that drops packets would hold one until the end
+            left = deadline - time.monotonic()
+            with socket.create_connection((addr, port), timeout=min(max(left, 0.1), 5.0)):
+                return None
+        except OSError as e:  # refused, unreachable, timed out, a name not known (yet: a pod's DNS entry)
+            why = e.strerror or str(e) or type(e).__name__
+        if (left := deadline - time.monotonic()) <= 0:
+            return why
+        time.sleep(min(KNOCK_INTERVAL, left))  # the last try at the deadline
 
 
 def _span(t: timedelta) -> str:
@@ -89,9 +128,11 @@ def join_timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def join_failed(cause: str, rank: str, world: str, addr: str, port: str, timeout: timedelta) -> str:
-    """The one line for a join that did not complete: how many joined where rank 0 knows, and what
-    to check."""
+def join_failed(
+    cause: str, rank: str, world: str, addr: str, port: str, timeout: timedelta, why: str | None = None
+) -> str:
+    """The one line for a join that did not complete: how many joined where rank 0 knows, why rank 0
+    could not be reached where known (wait_for_rank_0), and what to check."""
     joined = re.search(r"(\d+)/(\d+) clients joined", cause)
     if rank == "0" and not joined:  # the store could not start: the port is taken, the address not ours
         return f"rank 0 could not listen at {addr}:{port} ({cause.splitlines()[0]}): choose a free MASTER_PORT"
@@ -99,6 +140,7 @@ def join_failed(cause: str, rank: str, world: str, addr: str, port: str, timeout
         what = f"{joined[1]} of the {world} processes joined at {addr}:{port} within {_span(timeout)}"
     else:
         what = f"rank {rank} could not reach rank 0 at {addr}:{port} within {_span(timeout)}"
+        what += f" ({why})" if why else ""
     return (
         f"{what}: start all {world} processes (RANK 0 to {int(world) - 1}) with the same WORLD_SIZE, "
         f"MASTER_ADDR and MASTER_PORT, check that every machine reaches rank 0's address and port, "

@@ -202,11 +202,56 @@ def test_a_manual_launch_without_its_address_or_rank_0_is_a_config_error(monkeyp
     with pytest.raises(ConfigError, match=r"^MOCO_FAST_JOIN_TIMEOUT=never: give the seconds"):
         init_from_env("cpu")
     monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "1")
-    with pytest.raises(
-        ConfigError, match=r"^rank 1 could not reach rank 0 at 127\.0\.0\.1:\d+ within 1 s: start all 2"
-    ):
+    monkeypatch.setenv("RANK", "one")  # at once, not after a wait for rank 0
+    with pytest.raises(ConfigError, match=r"^RANK, WORLD_SIZE and MASTER_PORT must be numbers \(RANK=one, "):
         init_from_env("cpu")
     assert not dist.is_initialized()
+
+
+def test_a_rank_that_cannot_reach_rank_0_waits_its_timeout_in_silence_and_says_why(monkeypatch, capfd):
+    # torch's client logged each try that failed as a C++ error with its stack (47 lines above the
+    # one line) and tried again after a random delay: a join bounded at 3 s gave up after 8 s
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # nobody listens there
+    monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "2")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        init_from_env("cpu")
+    took = time.monotonic() - t0
+    assert str(e.value).startswith(
+        f"rank 1 could not reach rank 0 at 127.0.0.1:{os.environ['MASTER_PORT']} within 2 s (Connection refused): "
+        "start all 2 processes (RANK 0 to 1) with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+    )
+    assert 2 <= took < 3, took
+    assert capfd.readouterr().err == ""  # (the C++ logs write to the file descriptor itself)
+    assert not dist.is_initialized()
+
+
+JOIN = (
+    "import torch.distributed as d; from moco_fast.join import init_from_env as j; "
+    "print('joining', flush=True); j('cpu'); d.barrier(); print('ok')"
+)
+
+
+@pytest.mark.slow
+def test_a_rank_started_before_rank_0_joins_it_when_it_comes(tmp_path):
+    # rank 1 knocks at rank 0's address until its store is up (join.wait_for_rank_0); the knock is
+    # not a client that joined, and neither rank prints a word of it
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "MOCO_FAST_JOIN_TIMEOUT": "120", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    rank_1 = subprocess.Popen([sys.executable, "-c", JOIN], env={**env, "RANK": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
+    try:
+        assert rank_1.stdout.readline() == "joining\n"  # it waits for rank 0, which starts now
+        rank_0 = subprocess.run([sys.executable, "-c", JOIN], env={**env, "RANK": "0"}, capture_output=True,
+                                text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+        out, err = rank_1.communicate(timeout=120)
+    finally:
+        rank_1.kill()
+    assert (rank_0.returncode, rank_0.stdout, rank_0.stderr) == (0, "joining\nok\n", ""), rank_0.stderr[-3000:]
+    assert (rank_1.returncode, out, err) == (0, "ok\n", ""), err[-3000:]
 
 
 def _threads_worker() -> tuple[str | None, int]:
