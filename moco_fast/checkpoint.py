@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from moco_fast.config import ConfigError
 from moco_fast.data import DataError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -238,17 +239,28 @@ def find_resume(resume: str | None, out: str | Path) -> Path | None:
     return p
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", state: dict[str, Any] | None = None):
-    """(MoCo model in eval mode, TrainConfig) from a training checkpoint (`state`: the one read already
-    from `path`)."""
+def load_model(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    state: dict[str, Any] | None = None,
+    arch: str | None = None,
+):
+    """(MoCo model in eval mode, TrainConfig) from a training checkpoint, an official MoCo checkpoint
+    or a torchvision ResNet state dict (foreign.as_training_state; `arch`: --arch, which must match
+    the checkpoint's). `state`: the one read already from `path` (converted or not). A backbone
+    without a MoCo head has an Identity head (foreign.has_head)."""
     from moco_fast.config import from_dict
+    from moco_fast.foreign import HEADLESS, as_training_state
     from moco_fast.model import MoCo
 
     if state is None:
         state = load(path, map_location="cpu")
-    if "model" not in state or "config" not in state:
-        raise DataError(f"{path} is not a moco-fast training checkpoint")
+    state = as_training_state(state, path, arch)
     cfg = from_dict(state["config"])
+    if arch is not None and arch != cfg.model.arch:
+        raise ConfigError(f"--arch {arch} contradicts the checkpoint, a {cfg.model.arch} (leave --arch out)")
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=state.get("num_images", 0))
+    if state.get(HEADLESS):
+        model.encoder_q.head = torch.nn.Identity()
     load_weights(model, state["model"], path)
     return model.to(device).eval(), cfg

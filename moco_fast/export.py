@@ -68,8 +68,11 @@ def detectron2_checkpoint(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def export(checkpoint: str | Path, fmt: str, output: str | Path, force: bool = False) -> dict[str, Any]:
-    """Write the export; returns {"format", "output", "keys", "arch", "stem"}."""
+def export(
+    checkpoint: str | Path, fmt: str, output: str | Path, force: bool = False, arch: str | None = None
+) -> dict[str, Any]:
+    """Write the export of a training checkpoint, an official MoCo checkpoint or a torchvision state
+    dict (`arch`: --arch, foreign.py); returns {"format", "output", "keys", "arch", "stem"}."""
     from moco_fast.checkpoint import atomic_write, load_model, save_atomic
 
     if fmt not in FORMATS:
@@ -77,7 +80,7 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path, force: bool = F
     output = Path(output)
     if output.exists() and not force:
         raise FileExistsError(f"{output} exists: pass --force to overwrite it")
-    model, cfg = load_model(checkpoint, "cpu")
+    model, cfg = load_model(checkpoint, "cpu", arch=arch)
     stem = resolve_stem(cfg.model.stem, cfg.data.aug.image_size)
     if fmt == "detectron2":
         if stem == "cifar":

@@ -42,14 +42,19 @@ from moco_fast.step import fast_sgd
 log = logging.getLogger("moco_fast")
 
 PROTOCOL = "end-to-end fine-tuning"  # a finetune result's "protocol"
+SCRATCH_ARCH = "resnet50"  # --from-scratch without a checkpoint or --arch
 
 
 @dataclass
 class FinetuneConfig:
-    checkpoint: str | None = None  # a moco-fast training checkpoint; optional with from_scratch
+    # a training checkpoint, an official MoCo checkpoint or a torchvision state dict (foreign.py); optional
+    # with from_scratch
+    checkpoint: str | None = None
     data: str | None = None
     from_scratch: bool = False  # random init of the same architecture: the baseline
-    arch: str = "resnet50"  # with from_scratch and no checkpoint
+    # with from_scratch and no checkpoint (None: resnet50); with one, None or the checkpoint's (a
+    # torchvision state dict's, where its shapes do not tell it)
+    arch: str | None = None
     stem: str = "auto"
     epochs: int = 90
     lr: float = 0.1  # for a batch of 256, scaled linearly with --batch-size
@@ -77,7 +82,7 @@ def check_args(cfg: FinetuneConfig) -> None:
         )
     if cfg.checkpoint is None:
         with torch.device("meta"):  # the network's checks, without its memory or its initialisation
-            build_backbone(cfg.arch, resolve_stem(cfg.stem, cfg.image_size or 224))
+            build_backbone(cfg.arch or SCRATCH_ARCH, resolve_stem(cfg.stem, cfg.image_size or 224))
 
 
 def build_network(cfg: FinetuneConfig, num_classes: int):
@@ -89,13 +94,13 @@ def build_network(cfg: FinetuneConfig, num_classes: int):
         size = cfg.image_size or 224
         spec = AUG_PRESETS["cifar" if size <= 64 else "v2"]
         stem = resolve_stem(cfg.stem, size)
-        backbone, width = build_backbone(cfg.arch, stem)
-        ran = replace(cfg, stem=stem)
+        backbone, width = build_backbone(cfg.arch or SCRATCH_ARCH, stem)
+        ran = replace(cfg, arch=cfg.arch or SCRATCH_ARCH, stem=stem)
         return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, "scratch", ran
 
     from moco_fast.checkpoint import load_model
 
-    model, train_cfg = load_model(cfg.checkpoint, "cpu")
+    model, train_cfg = load_model(cfg.checkpoint, "cpu", arch=cfg.arch)
     spec = train_cfg.data.aug
     size = cfg.image_size or spec.image_size
     width = feature_width(model)

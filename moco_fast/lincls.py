@@ -62,7 +62,7 @@ class BackboneChangedError(RuntimeError):
 
 @dataclass
 class LinclsConfig:
-    checkpoint: str
+    checkpoint: str  # a training checkpoint, an official MoCo checkpoint or a torchvision state dict (foreign.py)
     data: str | None = None  # a root with train/ and val/ or test/; None: the demo set
     epochs: int = 100
     lr: float = 30.0  # not scaled with the batch (as in the official main_lincls.py)
@@ -79,6 +79,7 @@ class LinclsConfig:
     eval_every: int = 0  # evaluate every N epochs too (0: after the last only); adds the best epoch
     resume: bool = False  # continue the interrupted run whose state lies beside `out`
     out: str | None = None  # JSON result; None: lincls.json beside the checkpoint
+    arch: str | None = None  # --arch: a torchvision state dict's, where its shapes do not tell it
 
 
 # -- shared by lincls and finetune --------------------------------------------------------------
@@ -235,8 +236,12 @@ def autocast_for(device: torch.device, amp_dtype: torch.dtype | None):
 
 
 def feature_width(model: nn.Module) -> int:
-    """Width of the pooled backbone features: the input width of the MoCo head's first layer."""
-    return next(m for m in model.encoder_q.head.modules() if isinstance(m, nn.Linear)).in_features
+    """Width of the pooled backbone features: the input width of the MoCo head's first layer, or (a
+    torchvision state dict: no head) the channels of the backbone's last BatchNorm."""
+    linear = next((m for m in model.encoder_q.head.modules() if isinstance(m, nn.Linear)), None)
+    if linear is not None:
+        return linear.in_features
+    return [m for m in model.encoder_q.backbone.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
 
 def new_classifier(width: int, num_classes: int) -> nn.Linear:
@@ -318,6 +323,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
     """Train and evaluate a linear classifier on the frozen backbone; writes and returns the result."""
     from moco_fast import checkpoint as ckpt
     from moco_fast.checkpoint import load_model
+    from moco_fast.foreign import as_training_state
 
     steps, device, amp_dtype, t0 = start_run(cfg)
 
@@ -325,9 +331,11 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
     # stamp that the state between epochs names: a run training on in the checkpoint's folder may
     # rewrite the file meanwhile. (load_state_dict copies: the read tensors stay as read.)
     st = Path(cfg.checkpoint).stat()
-    state = ckpt.load(cfg.checkpoint)
-    stamp = ckpt.stamp_of(state, st)
-    model, train_cfg = load_model(cfg.checkpoint, "cpu", state=state)
+    raw = ckpt.load(cfg.checkpoint)
+    stamp = ckpt.stamp_of(raw, st)  # a file from elsewhere has no save_id: its mtime and size
+    state = as_training_state(raw, cfg.checkpoint, cfg.arch)  # an official MoCo or torchvision file too
+    del raw
+    model, train_cfg = load_model(cfg.checkpoint, "cpu", state=state, arch=cfg.arch)
     reference = backbone_tensors(state["model"])
     del state
     spec = train_cfg.data.aug

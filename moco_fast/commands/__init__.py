@@ -24,6 +24,17 @@ log = logging.getLogger("moco_fast")
 
 AMP_CHOICES = ["auto", "bf16", "fp16", "off"]
 
+# --checkpoint of the evaluations (and export's CHECKPOINT): the files moco_fast.foreign reads too
+CHECKPOINT_HELP = (
+    "a moco-fast training checkpoint (OUT/checkpoint.pt, or the run folder OUT), an official MoCo checkpoint "
+    "(moco_v2_800ep_pretrain.pth.tar: its query encoder's backbone and head), or a torchvision ResNet state dict "
+    "(export --format torchvision, torchvision's weights: the backbone alone)"
+)
+ARCH_HELP = (
+    "the architecture of a torchvision state dict (default: the one its tensor shapes fit, among torchvision's "
+    "ResNets, ResNeXts, wide ResNets and resnet50w2/w4); with another checkpoint it must match the checkpoint's"
+)
+
 
 def add_eval_runtime_flags(
     p: argparse.ArgumentParser, *, workers: int = 4, amp_help: str | None = None, seed: bool = True

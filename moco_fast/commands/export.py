@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from moco_fast.commands import HelpFormatter, check_device_name, check_output, require, resolve_checkpoint
+from moco_fast.commands import (
+    ARCH_HELP,
+    CHECKPOINT_HELP,
+    HelpFormatter,
+    check_device_name,
+    check_output,
+    require,
+    resolve_checkpoint,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,10 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="torchvision: a ResNet state dict that torchvision.models.<arch>() loads with strict=False "
         "(only fc.* missing); a CIFAR-stem backbone exports too, but rebuild its stem (3x3 conv1, no max-pool) "
         "before loading. detectron2: the official MoCo conversion (stem., res2..res5, shortcut, convK.norm; "
-        "a pickle with matching_heuristics), for the paper's detection transfer; CIFAR stems are refused.",
+        "a pickle with matching_heuristics), for the paper's detection transfer; CIFAR stems are refused. "
+        "An official MoCo checkpoint converts as the official script does (its head left out).",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("checkpoint", help="a moco-fast training checkpoint (OUT/checkpoint.pt, or the run folder OUT)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--arch", help=ARCH_HELP)
     p.add_argument(
         "--format",
         required=True,
@@ -37,10 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moco_fast.backbone import check_arch
     from moco_fast.export import export
     from moco_fast.run_folder import run_file
 
     check_device_name(args.device)
+    if args.arch is not None:
+        check_arch(args.arch)
     # detectron2's DetectionCheckpointer picks its reader by the name: only a .pkl is unpickled (with
     # matching_heuristics); any other name goes to torch.load, which cannot read this plain pickle
     require(
@@ -50,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint, flag="")
     # an existing folder, the checkpoint itself, or a run's own file is refused even with --force
     output = check_output(args.output, "--output", inputs=(checkpoint,), replaces=run_file)
-    res = export(checkpoint, args.format, output, force=args.force)
+    res = export(checkpoint, args.format, output, force=args.force, arch=args.arch)
     print(f"wrote {res['output']}: {res['keys']} tensors of the {res['arch']} query backbone ({res['format']})")
     for line in loading_notes(res["format"], res["arch"], res["stem"]):
         print(f"note: {line}")

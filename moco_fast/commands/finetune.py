@@ -6,6 +6,7 @@ import argparse
 from dataclasses import replace
 
 from moco_fast.commands import (
+    CHECKPOINT_HELP,
     HelpFormatter,
     accuracy_text,
     add_epoch_loop_flags,
@@ -35,11 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ResNet state dict beside it.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument(
-        "--checkpoint",
-        help="a moco-fast training checkpoint (OUT/checkpoint.pt, or the run folder OUT); "
-        "no default: required unless --from-scratch",
-    )
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP + "; no default: required unless --from-scratch")
     p.add_argument("--data", help="a root with train/ and val/ or test/ class folders (default: the demo set)")
     p.add_argument(
         "--from-scratch",
@@ -49,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     # None: not given. With --checkpoint the network is the checkpoint's; a different --arch/--stem is an error.
     p.add_argument(
         "--arch",
-        help=f"with --from-scratch and no checkpoint (default: {DEFAULT_ARCH}); "
-        "with --checkpoint it must match the checkpoint's",
+        help=f"with --from-scratch and no checkpoint (default: {DEFAULT_ARCH}); with --checkpoint it must match "
+        "the checkpoint's (a torchvision state dict's, where its tensor shapes do not tell it)",
     )
     p.add_argument(
         "--stem",
@@ -87,10 +84,10 @@ def check_arch(args: argparse.Namespace) -> None:
     from moco_fast.backbone import resolve_stem
     from moco_fast.checkpoint import load
     from moco_fast.config import from_dict
+    from moco_fast.foreign import as_training_state
 
-    state = load(args.checkpoint)
-    if "config" not in state:
-        return  # not a training checkpoint: load_model says so
+    # an official MoCo checkpoint names its arch; a torchvision state dict's comes from --arch or its shapes
+    state = as_training_state(load(args.checkpoint), args.checkpoint, args.arch, say=False)
     cfg = from_dict(state["config"])
     arch, stem = cfg.model.arch, resolve_stem(cfg.model.stem, cfg.data.aug.image_size)
     why = "with --checkpoint the network is the checkpoint's architecture"
@@ -119,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     explicit = args.arch is not None or args.stem is not None
     cfg = replace(
-        dataclass_from_args(FinetuneConfig, args), arch=args.arch or DEFAULT_ARCH, stem=args.stem or DEFAULT_STEM
+        dataclass_from_args(FinetuneConfig, args),
+        arch=args.arch or (DEFAULT_ARCH if args.checkpoint is None else None),  # None: the checkpoint's
+        stem=args.stem or DEFAULT_STEM,
     )
     out = result_path(cfg, "scratch" if cfg.from_scratch else "moco")
     out = check_output(out, "--out", inputs=(args.checkpoint,), replaces=result_of("finetune", PROTOCOL))

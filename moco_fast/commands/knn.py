@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
-from moco_fast.commands import HelpFormatter, add_eval_runtime_flags, require, resolve_checkpoint, resolve_eval_runtime
+from moco_fast.commands import (
+    ARCH_HELP,
+    CHECKPOINT_HELP,
+    HelpFormatter,
+    add_eval_runtime_flags,
+    require,
+    resolve_checkpoint,
+    resolve_eval_runtime,
+)
+
+log = logging.getLogger("moco_fast")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,9 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "val/ the queries (test/ where there is no val/). Prints the two splits used, then top-1.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="a moco-fast training checkpoint (OUT/checkpoint.pt, or the run folder OUT)"
-    )
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--arch", help=ARCH_HELP)
     p.add_argument("--data", help="a root with train/ and val/ or test/ (default: the demo set)")
     p.add_argument("--k", type=int, default=200, help="neighbours (at least 1)")
     p.add_argument("--t", type=float, default=0.1, help="temperature of the neighbour weights (above 0)")
@@ -25,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--features",
         choices=["backbone", "head", "both"],
         default="backbone",
-        help="pooled backbone features, the MoCo head's output, or both",
+        help="pooled backbone features, the MoCo head's output, or both (a torchvision state dict has no head)",
     )
     add_eval_runtime_flags(p, workers=2, seed=False)
     p.set_defaults(func=run)
@@ -34,15 +44,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from moco_fast.backbone import check_arch
     from moco_fast.checkpoint import load_model
     from moco_fast.data import DataError, load_splits
+    from moco_fast.foreign import has_head
     from moco_fast.knn import knn_eval, warn_if_single_class
 
     # Every value is checked before the checkpoint or the data is read.
     require(args.k >= 1, f"--k must be at least 1 (got {args.k})")
     require(args.t > 0, f"--t must be above 0 (got {args.t})")
+    if args.arch is not None:
+        check_arch(args.arch)
     device = resolve_eval_runtime(args)
-    model, cfg = load_model(resolve_checkpoint(args.checkpoint), device)
+    path = resolve_checkpoint(args.checkpoint)
+    model, cfg = load_model(path, device, arch=args.arch)
+    names = ["backbone", "head"] if args.features == "both" else [args.features]
+    if not has_head(model):  # a torchvision state dict: no MoCo head, no head figures
+        require(args.features != "head", f"--features head: {path} has no MoCo head; use --features backbone")
+        if args.features == "both":
+            log.warning("%s has no MoCo head: backbone figures only", path)
+        names = ["backbone"]
     splits = load_splits(args.data)
     if splits.eval is None:
         raise DataError("kNN needs an eval split: a data root holding train/ and val/ or test/")
@@ -52,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
         f"kNN memory: {len(splits.train)} images of {splits.train.root}; queries: {len(splits.eval)} of {splits.eval.root}"
     )
     nets = {"backbone": model.backbone(), "head": model.encoder_q}
-    names = ["backbone", "head"] if args.features == "both" else [args.features]
     for name in names:
         with torch.no_grad():
             acc, k = knn_eval(

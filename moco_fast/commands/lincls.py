@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from moco_fast.commands import (
+    ARCH_HELP,
+    CHECKPOINT_HELP,
     HelpFormatter,
     accuracy_text,
     add_epoch_loop_flags,
@@ -27,12 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "layer trains on its pooled features (SGD, momentum 0.9, lr 30, weight decay 0, 100 epochs, x0.1 at "
         "epochs 60 and 80). Train views: random resized crop + flip; evaluation: center crop; reports top-1 and "
         "top-5 and writes them as JSON. Image size and normalisation come from the checkpoint's training "
-        "recipe. At the end the backbone is compared with the checkpoint and the run fails if it changed.",
+        "recipe (MoCo v2's, 224 px, for an official MoCo checkpoint or a torchvision state dict). At the end "
+        "the backbone is compared with the checkpoint and the run fails if it changed.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="a moco-fast training checkpoint (OUT/checkpoint.pt, or the run folder OUT)"
-    )
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--arch", help=ARCH_HELP)
     p.add_argument("--data", help="a root with train/ and val/ or test/ class folders (default: the demo set)")
     p.add_argument("--epochs", type=int, default=100, help="training epochs of the linear layer")
     p.add_argument("--lr", type=float, default=30.0, help="not scaled with the batch size (official lincls)")
@@ -52,12 +54,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moco_fast.backbone import check_arch
     from moco_fast.classifier_epochs import check_state
     from moco_fast.lincls import PROTOCOL, LinclsConfig, run_lincls
     from moco_fast.run_folder import LINCLS_RESULT, hold_output
 
     # Every value is checked, and the result's folder tried, before the checkpoint or the data is read.
     check_classifier_args(args)
+    if args.arch is not None:
+        check_arch(args.arch)
     resolve_eval_runtime(args)
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     out = args.out or Path(args.checkpoint).parent / LINCLS_RESULT
