@@ -213,3 +213,13 @@ def test_an_unknown_arch_is_refused_before_the_checkpoint_is_read(tmp_path, caps
     ):
         assert main([*argv, "--arch", "resnet5", "--device", "cpu"]) == 2
         assert "unknown arch 'resnet5'" in one_line_error(capsys), argv
+
+
+def test_a_cifar_stem_state_dict_keeps_its_stem_and_the_cifar_recipe(tmp_path):
+    from moco_fast.backbone import build_backbone
+    from moco_fast.foreign import as_training_state
+
+    with torch.device("meta"):  # what `export --format torchvision` writes for a CIFAR-stem run
+        state = build_backbone("resnet18", "cifar")[0].state_dict()
+    cfg = as_training_state(state, tmp_path / "x.pth", say=False)["config"]
+    assert (cfg["model"]["arch"], cfg["model"]["stem"], cfg["data"]["aug"]["image_size"]) == ("resnet18", "cifar", 32)
