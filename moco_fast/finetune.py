@@ -36,7 +36,7 @@ from moco_fast.lincls import (
     start_run,
     write_json,
 )
-from moco_fast.run_folder import FINETUNE_RESULTS
+from moco_fast.run_folder import FINETUNE_RESULTS, result_beside
 from moco_fast.step import fast_sgd
 
 log = logging.getLogger("moco_fast")
@@ -188,5 +188,6 @@ def run_finetune(cfg: FinetuneConfig, model_path: Path | None) -> tuple[dict[str
 def result_path(cfg: FinetuneConfig, start: str) -> Path:
     if cfg.out:
         return Path(cfg.out)
-    folder = Path(cfg.checkpoint).parent if cfg.checkpoint else Path(".")
-    return folder / FINETUNE_RESULTS[start]
+    if cfg.checkpoint:
+        return result_beside(cfg.checkpoint, FINETUNE_RESULTS[start])
+    return Path(FINETUNE_RESULTS[start])

@@ -46,7 +46,7 @@ from moco_fast.data import (
 from moco_fast.knn import EvalBatches, collate_labeled, eval_batches
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.metrics import progress
-from moco_fast.run_folder import LINCLS_RESULT
+from moco_fast.run_folder import LINCLS_RESULT, result_beside
 from moco_fast.seeded_images import EpochKeys, KeyedImages
 from moco_fast.step import set_lr
 
@@ -78,7 +78,7 @@ class LinclsConfig:
     seed: int = 0
     eval_every: int = 0  # evaluate every N epochs too (0: after the last only); adds the best epoch
     resume: bool = False  # continue the interrupted run whose state lies beside `out`
-    out: str | None = None  # JSON result; None: lincls.json beside the checkpoint
+    out: str | None = None  # JSON result; None: lincls.json beside the checkpoint (run_folder.result_beside)
     arch: str | None = None  # --arch: a torchvision state dict's, where its shapes do not tell it
 
 
@@ -385,7 +385,7 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         loss = sgd_epoch(train_epoch(epoch), lambda x, y: F.cross_entropy(fc(features(x)), y), opt, lr, device, desc)
         return {"epoch": epoch + 1, "lr": lr, "loss": loss}
 
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent / LINCLS_RESULT
+    out = Path(cfg.out) if cfg.out else result_beside(cfg.checkpoint, LINCLS_RESULT)
     loop = EpochLoop("lincls", cfg, out, {"classifier": fc, "optimizer": opt}, order, t0, stamp)
     history = loop.run(one_epoch, lambda: evaluate(lambda x: fc(features(x)), eval_batches, device, classes))
     top1, top5 = history[-1]["top1"], history[-1]["top5"]

@@ -38,6 +38,20 @@ def state_name(result: str) -> str:
     return Path(result).stem + ".state.pt"
 
 
+def result_beside(checkpoint: str | Path, name: str) -> Path:
+    """Where an evaluation of `checkpoint` writes its result `name` by default: beside it, as `name`
+    for a run's checkpoint.pt; for a file of another name (an official MoCo checkpoint, torchvision
+    weights: several may share a download folder) after that name without its suffix:
+    moco_v2_800ep_pretrain.pth.tar -> moco_v2_800ep_pretrain.lincls.json."""
+    p = Path(checkpoint)
+    if p.name == ckpt.CHECKPOINT_NAME:
+        return p.parent / name
+    base = p.name.removesuffix(".tar")
+    if Path(base).suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        base = Path(base).stem
+    return p.parent / f"{base}.{name}"
+
+
 RUN_RESULTS = (
     LINCLS_RESULT,
     SWEEP_RESULT,

@@ -223,3 +223,22 @@ def test_a_cifar_stem_state_dict_keeps_its_stem_and_the_cifar_recipe(tmp_path):
         state = build_backbone("resnet18", "cifar")[0].state_dict()
     cfg = as_training_state(state, tmp_path / "x.pth", say=False)["config"]
     assert (cfg["model"]["arch"], cfg["model"]["stem"], cfg["data"]["aug"]["image_size"]) == ("resnet18", "cifar", 32)
+
+
+def test_results_of_downloaded_checkpoints_that_share_a_folder_do_not_collide(run_dir, tmp_path, monkeypatch):
+    from eval_cli_helpers import Stop, stop_training
+
+    from moco_fast.finetune import FinetuneConfig, result_path
+
+    seen = stop_training(monkeypatch)
+    for name in ("moco_v1_200ep_pretrain.pth.tar", "moco_v2_800ep_pretrain.pth.tar"):
+        official_checkpoint(tmp_path / name)
+        with pytest.raises(Stop):
+            main(["lincls", "--checkpoint", str(tmp_path / name), "--device", "cpu"])
+    assert [cfg.out for cfg in seen] == [
+        str(tmp_path / "moco_v1_200ep_pretrain.lincls.json"),
+        str(tmp_path / "moco_v2_800ep_pretrain.lincls.json"),
+    ]
+    assert result_path(FinetuneConfig(str(tmp_path / "r50.pth")), "moco") == tmp_path / "r50.finetune.json"
+    # a run's checkpoint keeps the run folder's names
+    assert result_path(FinetuneConfig(str(run_dir / "checkpoint.pt")), "scratch") == run_dir / "finetune_scratch.json"

@@ -67,8 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_epoch_loop_flags(p, "finetune")
     p.add_argument(
         "--out",
-        help="result JSON (default: finetune.json / finetune_scratch.json beside the checkpoint; in the current "
-        "folder without one)",
+        help="result JSON (default: finetune.json / finetune_scratch.json beside the checkpoint, NAME.finetune.json "
+        "beside a checkpoint file not named checkpoint.pt; in the current folder without one)",
     )
     p.add_argument(
         "--save-model",

@@ -49,7 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_eval_runtime_flags(p, amp_help="autocast of the backbone")
     add_epoch_loop_flags(p, "lincls")
-    p.add_argument("--out", help="result JSON (default: lincls.json beside the checkpoint)")
+    p.add_argument(
+        "--out",
+        help="result JSON (default: lincls.json beside the checkpoint; NAME.lincls.json beside a checkpoint file "
+        "not named checkpoint.pt, e.g. moco_v2_800ep_pretrain.lincls.json)",
+    )
     p.set_defaults(func=run)
 
 
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from moco_fast.backbone import check_arch
     from moco_fast.classifier_epochs import check_state
     from moco_fast.lincls import PROTOCOL, LinclsConfig, run_lincls
-    from moco_fast.run_folder import LINCLS_RESULT, hold_output
+    from moco_fast.run_folder import LINCLS_RESULT, hold_output, result_beside
 
     # Every value is checked, and the result's folder tried, before the checkpoint or the data is read.
     check_classifier_args(args)
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         check_arch(args.arch)
     resolve_eval_runtime(args)
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))
-    out = args.out or Path(args.checkpoint).parent / LINCLS_RESULT
+    out = args.out or result_beside(args.checkpoint, LINCLS_RESULT)
     args.out = str(check_output(out, "--out", inputs=(args.checkpoint,), replaces=result_of("lincls", PROTOCOL)))
     cfg = dataclass_from_args(LinclsConfig, args)
     with hold_output(Path(args.out), "lincls"):
