@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 GRACE_S = 5.0  # well under the launcher's 30 s; a handler runs within milliseconds outside native code
+END_S = 1.0  # for `end`'s line or note, on a thread of its own (_end)
 
 _ran = threading.Event()  # a stop handler ran in the main thread: the worker is stopping, as it would alone
 _writer: list[socket.socket] = []  # the wakeup socket's end that signals write to, while watching
@@ -62,8 +63,23 @@ def _watch(reader: socket.socket, end: Callable[[int], None], handler: object, s
                     continue  # another signal, a stop already acted on, or the steps' own (stops.StopRequests)
                 if _ran.wait(GRACE_S) or signal.getsignal(signum) is not handler:
                     continue
-                end(signum)
-                os._exit(128 + signum)
+                _end(end, signum)
+
+
+def _end(end: Callable[[int], None], signum: int) -> None:
+    """end(signum), then the exit, whatever end does: it runs on a thread of its own, waited for at
+    most END_S, as the main thread may hold a lock that it needs (say() closes tqdm's bars under
+    tqdm's lock, which a bar's write to a blocked stderr holds), and an error in it (the launcher's
+    note on a full /tmp) ended this thread, the worker left to the launcher's SIGKILL."""
+
+    def attempt() -> None:
+        with contextlib.suppress(Exception):  # best effort: the exit status says the stop too
+            end(signum)
+
+    thread = threading.Thread(target=attempt, name="moco-fast stop watch end", daemon=True)
+    thread.start()
+    thread.join(END_S)
+    os._exit(128 + signum)
 
 
 def _received(reader: socket.socket) -> bytes:
