@@ -50,7 +50,12 @@ def watching(end: Callable[[int], None], handler: object, signums: tuple[int, ..
     try:
         yield
     finally:
-        signal.set_wakeup_fd(previous)
+        # previous only where the fd is still ours: one that asyncio (add/remove_signal_handler) set or
+        # cleared in the meantime stays, and `previous` may since have been closed and its number reused
+        # (Python's C handler would write each signal's byte into that file)
+        current = signal.set_wakeup_fd(previous)
+        if current != writer.fileno():
+            signal.set_wakeup_fd(current)
         _writer.clear()
         writer.close()  # the thread reads the end of the stream and ends
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -215,3 +216,25 @@ def test_a_stop_that_the_main_thread_cannot_act_on_ends_a_worker_from_a_thread(t
     said = "ended by 15\n" if case == "blocked" else ""
     assert (p.returncode, p.stdout, p.stderr) == (128 + signal.SIGTERM, said, ""), p.stderr[-2000:]
     assert time.time() - t0 < 20
+
+
+def test_the_wakeup_fd_is_put_back_only_where_it_is_still_the_watchs():
+    # asyncio's loop sets its own fd when it adds a signal handler and -1 when it removes the last:
+    # restoring the fd from before (since closed, its number maybe another file's) would have Python
+    # write each signal's byte there
+    from moco_fast import stop_watch
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    before = signal.set_wakeup_fd(a.fileno())
+    try:
+        with stop_watch.watching(print, object(), (signal.SIGUSR1,)):
+            assert signal.set_wakeup_fd(-1) not in (-1, a.fileno())  # the watch's; now cleared
+        assert signal.set_wakeup_fd(a.fileno()) == -1  # left cleared
+        with stop_watch.watching(print, object(), (signal.SIGUSR1,)):
+            pass
+        assert signal.set_wakeup_fd(-1) == a.fileno()  # still the watch's at its end: put back
+    finally:
+        signal.set_wakeup_fd(before)
+        a.close()
+        b.close()
