@@ -55,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
     if args.arch is not None:
         check_arch(args.arch)
     # detectron2's DetectionCheckpointer picks its reader by the name: only a .pkl is unpickled (with
-    # matching_heuristics); any other name goes to torch.load, which cannot read this plain pickle
+    # matching_heuristics); any other name goes to torch.load, which cannot read this plain pickle.
+    # Its test is case-sensitive (filename.endswith(".pkl")): r50.PKL goes to torch.load too
     require(
-        args.format != "detectron2" or args.output.lower().endswith(".pkl"),
+        args.format != "detectron2" or args.output.endswith(".pkl"),
         f"--output {args.output}: detectron2 reads this format only from a .pkl file: name it .pkl",
     )
     checkpoint = resolve_checkpoint(args.checkpoint, flag="")
