@@ -319,6 +319,17 @@ def _warning_as_a_line(fmt):
     return formatwarning
 
 
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """While in it, moco-fast's own warnings print as one line each (_warning_as_a_line): around a
+    command (main), and around a `--gpus` worker's training (launch._reported), which runs no main()."""
+    before, warnings.formatwarning = warnings.formatwarning, _warning_as_a_line(warnings.formatwarning)
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # INFO for moco-fast's own messages; other libraries' at WARNING (torch's import sets its own levels,
@@ -326,12 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("moco_fast").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     warnings.filterwarnings("default", module="moco_fast")
-    format_before, warnings.formatwarning = warnings.formatwarning, _warning_as_a_line(warnings.formatwarning)
-    try:
-        with stop_signals_handled(_say_stopped if _in_a_worker() else None):
-            return _run(args)
-    finally:
-        warnings.formatwarning = format_before
+    with warnings_as_lines(), stop_signals_handled(_say_stopped if _in_a_worker() else None):
+        return _run(args)
 
 
 def _in_a_worker() -> bool:

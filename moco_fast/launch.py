@@ -126,11 +126,12 @@ def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: An
     written to `reports`/RANK and ends the worker with USER_ERROR_EXIT, without a traceback: the
     launcher prints it as the CLI would. A stop ends it with its exit status (128 + the signal),
     written to `reports`/stop.RANK: the launcher takes it for a stop (_stopped)."""
-    from moco_fast.cli import exit_status, interruption, one_line, stop_signals_handled
+    from moco_fast.cli import exit_status, interruption, one_line, stop_signals_handled, warnings_as_lines
 
     rank = os.environ.get("RANK", "0")
+    noted = stop_signals_handled(lambda signum: Path(reports, f"stop.{rank}").write_text(str(128 + signum)))
     try:
-        with stop_signals_handled(lambda signum: Path(reports, f"stop.{rank}").write_text(str(128 + signum))):
+        with noted, warnings_as_lines():  # the worker's warnings as the CLI prints them (it runs no main())
             return fn(*args)
     except BaseException as e:
         # a stop: one acted on during the steps saved its step first; one elsewhere (the setup, the

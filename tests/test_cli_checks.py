@@ -204,3 +204,21 @@ def test_the_warning_format_is_the_cli_s_only_while_it_runs(ckpt, tmp_path):
     assert "UserWarning: other" in line(UserWarning("other"), UserWarning, warnings.__file__, 1)  # not ours
     assert main(["knn", "--checkpoint", str(ckpt), "--k", "0"]) == 2
     assert warnings.formatwarning is before
+
+
+def test_a_gpus_workers_warnings_print_as_one_line_each(tmp_path, monkeypatch):
+    # a --gpus worker runs launch._reported, not main(): its kNN monitor's warning kept Python's
+    # "knn.py:186: UserWarning:" prefix and source line
+    import warnings
+
+    from moco_fast import knn
+    from moco_fast.launch import _reported
+
+    monkeypatch.setenv("RANK", "0")
+
+    def formatted():
+        return warnings.formatwarning(UserWarning("kNN: k=9"), UserWarning, knn.__file__, 186)
+
+    before = warnings.formatwarning
+    assert _reported(formatted, str(tmp_path)) == "WARNING kNN: k=9\n"
+    assert warnings.formatwarning is before
