@@ -42,12 +42,14 @@ def watching(end: Callable[[int], None], handler: object, signums: tuple[int, ..
         return
     reader, writer = socket.socketpair()
     writer.setblocking(False)  # a signal handler must never block on it
-    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    _writer.append(writer)
     _ran.clear()
-    args = (reader, end, handler, frozenset(signums))
-    threading.Thread(target=_watch, args=args, name="moco-fast stop watch", daemon=True).start()
+    _writer.append(writer)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    # from here on the fd is put back whatever happens: a stop that lands before the thread starts
+    # (its handler raises here) left it set to a socket about to be closed, its number another file's
     try:
+        args = (reader, end, handler, frozenset(signums))
+        threading.Thread(target=_watch, args=args, name="moco-fast stop watch", daemon=True).start()
         yield
     finally:
         # previous only where the fd is still ours: one that asyncio (add/remove_signal_handler) set or

@@ -238,3 +238,24 @@ def test_the_wakeup_fd_is_put_back_only_where_it_is_still_the_watchs():
         signal.set_wakeup_fd(before)
         a.close()
         b.close()
+
+
+def test_a_stop_as_the_watch_starts_puts_the_wakeup_fd_back(monkeypatch):
+    # the stop handler raises wherever the main thread is: here as the watch's thread starts
+    from moco_fast import stop_watch
+
+    class StoppedAsItStarts:
+        def __init__(self, **kwargs):
+            pass
+
+        def start(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stop_watch.threading, "Thread", StoppedAsItStarts)
+    before = signal.set_wakeup_fd(-1)
+    try:
+        with pytest.raises(KeyboardInterrupt), stop_watch.watching(print, object(), (signal.SIGUSR1,)):
+            pass
+        assert signal.set_wakeup_fd(-1) == -1 and not stop_watch._writer
+    finally:
+        signal.set_wakeup_fd(before)
