@@ -220,5 +220,5 @@ def test_a_gpus_workers_warnings_print_as_one_line_each(tmp_path, monkeypatch):
         return warnings.formatwarning(UserWarning("kNN: k=9"), UserWarning, knn.__file__, 186)
 
     before = warnings.formatwarning
-    assert _reported(formatted, str(tmp_path)) == "WARNING kNN: k=9\n"
+    assert _reported(formatted, str(tmp_path), None) == "WARNING kNN: k=9\n"
     assert warnings.formatwarning is before
