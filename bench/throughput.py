@@ -28,12 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 from gpu_stats import GpuSampler
 from moco_fast.loaders import LoaderArgs, create_loader
 from reference_step import build_reference, reference_step
-from report import add_ratios, check_output_path, device_info, forever, format_table
+from report import add_ratios, check_output_path, device_info, forever, format_table, speed_text
 
 from moco_fast.checkpoint import atomic_write_text
 from moco_fast.config import ConfigError, build_config, to_dict
 from moco_fast.data import DataError
-from moco_fast.metrics import rate
 from moco_fast.model import MoCo
 from moco_fast.trainer import (
     GraphedStep,
@@ -377,13 +376,11 @@ def make_config(args: argparse.Namespace, device: torch.device):
 
 
 def row_done(row: dict) -> str:
-    """A finished row's figure on the progress line, or its error: img/s with thousands separated,
-    and below 10 as train prints it (metrics.rate: a wide network on a CPU makes under 1 img/s,
-    which ",.0f" showed as 0)."""
+    """A finished row's figure on the progress line, as the table shows it (report.speed_text: a wide
+    network on a CPU makes under 1 img/s, which ",.0f" showed as 0), or its error."""
     if not row.get("img_per_s"):
         return row.get("error", "")
-    per_s = row["img_per_s"]
-    return f"{per_s:,.0f} img/s" if per_s >= 10 else f"{rate(per_s)} img/s"
+    return f"{speed_text(row['img_per_s'])} img/s"
 
 
 def main(argv: list[str] | None = None) -> int:
