@@ -126,10 +126,10 @@ class WiderResNet50(ResNet):
                 nn.init.constant_(m.bias, 0)
 
 
-def check_arch(arch: str) -> None:
+def check_arch(arch: str | None) -> None:
     """ConfigError unless `arch` names a torchvision ResNet or one of WIDER (checked with the flags,
-    before any data is read or a model built)."""
-    if arch in WIDER:
+    before any data is read or a model built); None (an --arch not given) is nothing to check."""
+    if arch is None or arch in WIDER:
         return
     if not arch.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(torchvision.models, arch):
         raise ConfigError(

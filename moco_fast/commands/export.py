@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from moco_fast.run_folder import run_file
 
     check_device_name(args.device)
-    if args.arch is not None:
-        check_arch(args.arch)
+    check_arch(args.arch)
     # detectron2's DetectionCheckpointer picks its reader by the name: only a .pkl is unpickled (with
     # matching_heuristics); any other name goes to torch.load, which cannot read this plain pickle.
     # Its test is case-sensitive (filename.endswith(".pkl")): r50.PKL goes to torch.load too

@@ -53,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     # Every value is checked before the checkpoint or the data is read.
     require(args.k >= 1, f"--k must be at least 1 (got {args.k})")
     require(args.t > 0, f"--t must be above 0 (got {args.t})")
-    if args.arch is not None:
-        check_arch(args.arch)
+    check_arch(args.arch)
     device = resolve_eval_runtime(args)
     path = resolve_checkpoint(args.checkpoint)
     model, cfg = load_model(path, device, arch=args.arch)

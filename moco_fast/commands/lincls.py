@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Every value is checked, and the result's folder tried, before the checkpoint or the data is read.
     check_classifier_args(args)
-    if args.arch is not None:
-        check_arch(args.arch)
+    check_arch(args.arch)
     resolve_eval_runtime(args)
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     out = args.out or result_beside(args.checkpoint, LINCLS_RESULT)
