@@ -290,26 +290,24 @@ def _train_held(
     s = StepState(step_model, optimizer, scaler, amp_dtype, device)
 
     finished = start_epoch >= cfg.optim.epochs  # nothing to train: the folder stays as it is
+    # resumed from the checkpoint in --out itself (clear_run below runs only where it is not)
+    continuing = continues_in(out, resume_path)
     # ... unless the final evaluation of a finished run was interrupted: that part runs now
     summary_owed = (
-        finished
-        and continues_in(out, resume_path)
-        and splits is not None
-        and cfg.runtime.final_knn
-        and not (out / SUMMARY_NAME).is_file()
+        finished and continuing and splits is not None and cfg.runtime.final_knn and not (out / SUMMARY_NAME).is_file()
     )
     if summary_owed and dist_utils.is_main():
         refuse_unwritable(out)  # before the kNN: check_writable did, but --out may have changed since
     # what this run adds to the folder, for forget_a_run_without_epochs: taken before an old run's
     # files are cleared (a config.json that a run stopped before its first save left stays a config.json)
     made = made_from_now(out)
-    if dist_utils.is_main() and not continues_in(out, resume_path):
+    if dist_utils.is_main() and not continuing:
         if cfg.runtime.force or starts_over(cfg, resume_path):
             clear_run(out)  # all but config.json: a kill from here to its save leaves a run to --resume
     if dist_utils.is_main() and not finished:
         remove_stale_temporaries(out)
     # the checkpoint's row belongs in its own run's folder only: another run's epochs were logged there
-    own_row = saved_row if continues_in(out, resume_path) else None
+    own_row = saved_row if continuing else None
     # a finished run killed in its last epoch's kNN monitor (--no-final-knn, a sweep) still owes that row
     row_owed = finished and owes_row(out, own_row)
     writer = MetricsWriter(out, enabled=dist_utils.is_main() and (not finished or summary_owed or row_owed))
