@@ -129,7 +129,7 @@ def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: An
     from moco_fast.cli import exit_status, interruption, one_line, stop_signals_handled, warnings_as_lines
 
     rank = os.environ.get("RANK", "0")
-    noted = stop_signals_handled(lambda signum: Path(reports, f"stop.{rank}").write_text(str(128 + signum)))
+    noted = stop_signals_handled(lambda signum: _note_stop(reports, rank, 128 + signum))
     try:
         with noted, warnings_as_lines():  # the worker's warnings as the CLI prints them (it runs no main())
             return fn(*args)
@@ -149,9 +149,14 @@ def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: An
         sys.exit(USER_ERROR_EXIT)  # not an Exception: `record` and spawn let it end the process as it is
 
 
-def _stop_ends(reports: str, rank: str, status: int) -> NoReturn:
-    """Ends a worker that stopped: its exit status, written where the launcher reads it (_stopped)."""
+def _note_stop(reports: str, rank: str, status: int) -> None:
+    """A worker's stop and its exit status, written where the launcher reads it (_stopped)."""
     Path(reports, f"stop.{rank}").write_text(str(status))
+
+
+def _stop_ends(reports: str, rank: str, status: int) -> NoReturn:
+    """Ends a worker that stopped, with its exit status (_note_stop)."""
+    _note_stop(reports, rank, status)
     sys.exit(status)
 
 
