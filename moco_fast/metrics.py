@@ -100,21 +100,19 @@ class MetricsWriter:
         if not self.enabled:
             return
         lines = path.read_text().splitlines() if path.is_file() else []
-        kept, epochs = [], set()
+        kept = []
         for line in lines:
             try:
-                epoch = json.loads(line).get("epoch", 0)
+                if json.loads(line).get("epoch", 0) <= last:
+                    kept.append(line)
             except ValueError:  # a row cut short by a crash
-                continue
-            if epoch <= last:
-                kept.append(line)
-                epochs.add(epoch)
+                pass
         if len(kept) != len(lines):
             log.info(
                 "metrics.jsonl: dropped %d rows after epoch %d (the checkpoint resumed)", len(lines) - len(kept), last
             )
             path.write_text("".join(line + "\n" for line in kept))
-        if last_row is not None and last_row.get("epoch") == last and last not in epochs:
+        if last_row is not None and last_row.get("epoch") == last and owes_row(self.out, last_row):
             log.info("metrics.jsonl: epoch %d's row from the checkpoint (the run ended before writing it)", last)
             self.write(last_row)
 
