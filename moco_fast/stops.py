@@ -4,7 +4,8 @@ loop's host syncs (every --log-every steps, and the epoch's end).
 While the steps run, the first stop signal (cli.STOP_SIGNALS) or Ctrl-C is recorded, not raised: a
 step cut in two would leave nothing to save. The loop reads the record at its next host sync (or
 the epoch's end), the ranks agree on it there (one all-reduce, only there), the trainer saves the
-step and raises the stop as cli's handler would have (Terminated or KeyboardInterrupt: same line, same exit status).
+step and raises the stop as cli's handler would have (Terminated or KeyboardInterrupt: same line,
+same exit status).
 A second one in a process of its own acts at once, as without this. A worker of torchrun or
 `--gpus` records repeats too, until it ends (its save at the epoch's end and its unwinding come
 after the steps): the launcher passes on the signal that the whole job got (a terminal's Ctrl-C,
@@ -40,9 +41,9 @@ class StopRequests:
     def deferred(self) -> Iterator[StopRequests]:
         """While in it, the stop signals and Ctrl-C are recorded in `signum` (those ignored stay
         ignored: `nohup`'s SIGHUP). The first one puts the handlers back in a process of its own, so
-        that a second stops at once; a launcher's worker records the repeats, after it too. Leaving it with a signal recorded that no sync point agreed on
-        (it came after the epoch's final agreement, run_epoch's last act in here) raises it, as
-        without deferring."""
+        that a second stops at once; a launcher's worker records the repeats, after it too. Leaving
+        it with a signal recorded that no sync point agreed on (it came after the epoch's final
+        agreement, run_epoch's last act in here) raises it, as without deferring."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return

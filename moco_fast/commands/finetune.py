@@ -102,7 +102,6 @@ def check_arch(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from moco_fast.classifier_epochs import check_state, state_path
     from moco_fast.finetune import PROTOCOL, FinetuneConfig, result_path, run_finetune
     from moco_fast.run_folder import hold_output
