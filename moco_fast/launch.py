@@ -128,6 +128,7 @@ def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: An
     written to `reports`/stop.RANK: the launcher takes it for a stop (_stopped)."""
     from moco_fast.cli import exit_status, interruption, one_line, stop_signals_handled, warnings_as_lines
 
+    as_a_process_of_its_own()
     rank = os.environ.get("RANK", "0")
     noted = stop_signals_handled(lambda signum: _note_stop(reports, rank, 128 + signum))
     try:
@@ -147,6 +148,20 @@ def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: An
             raise
         Path(reports, rank).write_text(line)
         sys.exit(USER_ERROR_EXIT)  # not an Exception: `record` and spawn let it end the process as it is
+
+
+def as_a_process_of_its_own() -> None:
+    """A spawned worker's multiprocessing start method as the platform's default (fork on Linux), as
+    in a torchrun worker or a process started alone: a spawned process inherits "spawn", and then
+    (1) each epoch's DataLoader workers started by spawn, each importing torch and this package again
+    (a `--gpus 2 --workers 2` CPU run of 2 steps an epoch: 11-15 s an epoch), and (2) tqdm's lock was
+    a named semaphore that the resource tracker warned about ("leaked semaphore objects", after the
+    command's last line) when a worker ended without its exit handlers (the launcher's SIGTERM during
+    its exit, the stop watch's exit, a SIGKILL). The DataLoader's forked workers decode on the CPU
+    and never touch the CUDA that their parent uses, as under torchrun."""
+    import multiprocessing
+
+    multiprocessing.set_start_method(None, force=True)
 
 
 def _note_stop(reports: str, rank: str, status: int) -> None:
