@@ -24,6 +24,11 @@ class ModelConfig:
     mlp: bool = True
 
 
+# `finetune --from-scratch`'s network without a checkpoint or --arch: here, where the command's --help
+# reads it without importing torch, and where moco_fast.finetune falls back on it.
+SCRATCH_ARCH = "resnet50"
+
+
 @dataclass
 class MoCoConfig:
     # "moco": momentum encoder + queue; "memory-bank": one momentum-updated feature per image;

@@ -20,7 +20,7 @@ from torch import nn
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.backbone import build_backbone, plain_bn_state, resolve_stem
 from moco_fast.classifier_epochs import EpochLoop, clear_state
-from moco_fast.config import ConfigError
+from moco_fast.config import SCRATCH_ARCH, ConfigError
 from moco_fast.data import DataError
 from moco_fast.lincls import (
     Normalizer,
@@ -42,7 +42,6 @@ from moco_fast.step import fast_sgd
 log = logging.getLogger("moco_fast")
 
 PROTOCOL = "end-to-end fine-tuning"  # a finetune result's "protocol"
-SCRATCH_ARCH = "resnet50"  # --from-scratch without a checkpoint or --arch
 
 
 @dataclass
@@ -52,7 +51,7 @@ class FinetuneConfig:
     checkpoint: str | None = None
     data: str | None = None
     from_scratch: bool = False  # random init of the same architecture: the baseline
-    # with from_scratch and no checkpoint (None: resnet50); with one, None or the checkpoint's (a
+    # with from_scratch and no checkpoint (None: SCRATCH_ARCH); with one, None or the checkpoint's (a
     # torchvision state dict's, where its shapes do not tell it)
     arch: str | None = None
     stem: str = "auto"

@@ -39,6 +39,7 @@ def test_every_flag_has_help_that_states_its_default(capsys):
         main(["finetune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "training epochs (default: 90)" in text and "(default: 0.0001)" in text
+    assert "with --from-scratch and no checkpoint (default: resnet50)" in text  # --arch: config.SCRATCH_ARCH
     with pytest.raises(SystemExit):
         main(["lincls", "--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -20,8 +20,8 @@ from moco_fast.commands import (
     resolve_eval_runtime,
     result_of,
 )
+from moco_fast.config import SCRATCH_ARCH
 
-DEFAULT_ARCH = "resnet50"
 DEFAULT_STEM = "auto"
 
 
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     # None: not given. With --checkpoint the network is the checkpoint's; a different --arch/--stem is an error.
     p.add_argument(
         "--arch",
-        help=f"with --from-scratch and no checkpoint (default: {DEFAULT_ARCH}); with --checkpoint it must match "
+        help=f"with --from-scratch and no checkpoint (default: {SCRATCH_ARCH}); with --checkpoint it must match "
         "the checkpoint's (a torchvision state dict's, where its tensor shapes do not tell it)",
     )
     p.add_argument(
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     explicit = args.arch is not None or args.stem is not None
     cfg = replace(
         dataclass_from_args(FinetuneConfig, args),
-        arch=args.arch or (DEFAULT_ARCH if args.checkpoint is None else None),  # None: the checkpoint's
+        arch=args.arch or (SCRATCH_ARCH if args.checkpoint is None else None),  # None: the checkpoint's
         stem=args.stem or DEFAULT_STEM,
     )
     out = result_path(cfg, "scratch" if cfg.from_scratch else "moco")
