@@ -227,7 +227,7 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 print("\n==== GPU checks: summary ====")
-lines = [("what", "img/s", "ms/step", "x ref", "peak GiB", "GPU %", "W")]
+lines = [("what", "img/s", "ms/step", "x ref", "loader/step", "peak GiB", "GPU %", "W")]
 def load(f):
     try:
         return json.loads(f.read_text())
@@ -240,18 +240,19 @@ for f in sorted(out.glob("throughput-*.json")):
     res = load(f)
     for r in res["rows"]:
         if r.get("img_per_s") is None:
-            lines.append((f"{f.stem[11:]}: {r['name']}", "failed: " + str(r.get("error", ""))[:60], "", "", "", "", ""))
+            lines.append((f"{f.stem[11:]}: {r['name']}", "failed: " + str(r.get("error", ""))[:60], *[""] * 6))
             continue
         fmt = lambda k, s: s.format(r[k]) if r.get(k) is not None else ""  # noqa: E731
         lines.append((f"{f.stem[11:]}: {r['name']}", fmt("img_per_s", "{:,.0f}"), fmt("ms_per_step", "{:.1f}"),
-                      fmt("vs_reference", "{:.2f}"), fmt("peak_mem_gib", "{:.1f}"), fmt("gpu_util_pct", "{:.0f}"),
-                      fmt("gpu_power_w", "{:.0f}")))
+                      fmt("vs_reference", "{:.2f}"), fmt("loader_over_step", "{:.2f}"), fmt("peak_mem_gib", "{:.1f}"),
+                      fmt("gpu_util_pct", "{:.0f}"), fmt("gpu_power_w", "{:.0f}")))
     dev = res["device"].get("name", "?")
     print(f"{f.name}: {dev}, torch {res['torch']}")
 w = [max(len(x[i]) for x in lines) for i in range(len(lines[0]))]
 for x in lines:
     print("  ".join(v.ljust(w[i]) if i == 0 else v.rjust(w[i]) for i, v in enumerate(x)))
-print("x ref: against the run's reference row with the same BN (split BN; +noshuffle rows: plain BN)")
+print("x ref: a training row against the run's reference row with the same BN (split BN; +noshuffle rows: plain BN)")
+print("loader/step: a loader row's img/s over its run's fastest step row (trainer or reference), not a speed-up")
 m = out / "momentum.json"
 res = load(m) if m.exists() else {}
 if res.get("rows"):

@@ -42,7 +42,10 @@ def plot_rows(result: dict, path: str | Path) -> bool:
     ax.set_yticks(y, labels, fontsize=8)
     for yi, r in zip(y, rows):
         note = f" {speed_text(r['img_per_s'])}"  # as the table: 4.7, not 5, on a CPU
-        if r.get("vs_reference") is not None and r.get("kind") != "reference":
+        if r.get("kind") == "loader":  # over a step, not a speed-up (a JSON before loader_over_step: none)
+            if r.get("loader_over_step") is not None:
+                note += f"  (loader/step {r['loader_over_step']:.2f})"
+        elif r.get("vs_reference") is not None and r.get("kind") != "reference":
             note += f"  ({r['vs_reference']:.2f}x ref)"
         ax.text(r["img_per_s"], yi, note, va="center", fontsize=8)
     ax.set_xlim(0, max(values) * 1.3)

@@ -39,7 +39,8 @@ def device_info(device: torch.device) -> dict:
 COLUMNS = [  # (key, header, format)
     ("img_per_s", "img/s", "{:,.0f}"),  # one decimal below 100 (CPU figures), see _fmt
     ("ms_per_step", "ms/step", "{:.1f}"),
-    ("vs_reference", "x ref", "{:.2f}"),
+    ("vs_reference", "x ref", "{:.2f}"),  # trainer, end-to-end and reference rows: see add_ratios
+    ("loader_over_step", "loader/step", "{:.2f}"),  # loader rows only
     ("peak_mem_gib", "peak GiB", "{:.1f}"),
     ("gpu_util_pct", "GPU %", "{:.0f}"),
     ("gpu_mem_bus_pct", "mem-bus %", "{:.0f}"),
@@ -91,19 +92,46 @@ def forever(loader, batches=None):
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each measured row's speed over a reference row of the run: the one with the same BN set-up
-    (`shuffle_bn`: split BN, or plain BN with `+noshuffle`) where the run has one, else the first;
-    the row names it in `reference`."""
+    """Each measured trainer, end-to-end and reference row's speed over a reference row of the run:
+    the one with the same BN set-up (`shuffle_bn`: split BN, or plain BN with `+noshuffle`) where the
+    run has one, else the first; the row names it in `reference`. A loader row gets no such ratio: its
+    images/s over a step's read as a speed-up of training. It gets `loader_over_step` instead, over the
+    fastest step row (trainer or reference, named in `step_row`; end-to-end holds the loader itself):
+    how many times as many images per second as that step takes the loader delivers (above 1 it keeps
+    up)."""
     refs: dict[bool, dict] = {}
     for r in rows:
         if r["kind"] == "reference" and r.get("img_per_s"):
             refs.setdefault(r.get("shuffle_bn", True), r)
     first = next(iter(refs.values()), None)
+    steps = [r for r in rows if r["kind"] in ("trainer", "reference") and r.get("img_per_s")]
+    fastest = max(steps, key=lambda r: r["img_per_s"], default=None)
     for r in rows:
+        if not r.get("img_per_s"):
+            continue
+        if r["kind"] == "loader":
+            if fastest is not None:
+                r["loader_over_step"] = r["img_per_s"] / fastest["img_per_s"]
+                r["step_row"] = fastest["name"]
+            continue
         ref = refs.get(r.get("shuffle_bn", True), first)
-        if ref is not None and r.get("img_per_s"):
+        if ref is not None:
             r["vs_reference"] = r["img_per_s"] / ref["img_per_s"]
             r["reference"] = ref["name"]
+
+
+def ratio_notes(rows: list[dict]) -> list[str]:
+    """The lines under the table that say what its ratio columns are, for the columns it shows."""
+    notes = []
+    if any(r.get("vs_reference") is not None for r in rows):
+        notes.append("x ref: a training row's img/s over the reference row's (the official-style step; same BN set-up)")
+    step = next((r["step_row"] for r in rows if r.get("loader_over_step") is not None), None)
+    if step is not None:
+        notes.append(
+            f"loader/step: a loader row's img/s over {step}'s, the fastest step row (above 1 the loader keeps "
+            "up; not a training speed-up)"
+        )
+    return notes
 
 
 def check_output_path(path: str | None, flag: str, suffix: str) -> None:

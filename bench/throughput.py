@@ -1,5 +1,6 @@
 """Throughput of MoCo pretraining, one table per run: loader-only, trainer-only, end-to-end, and the
-official-style reference step on the same device, with every row also a ratio to the reference.
+official-style reference step on the same device, with every step row also a ratio to the reference
+and every loader row a ratio to the fastest step row (above 1: the loader outpaces that step).
 
     python bench/throughput.py                                  # GPU: ResNet-50, MoCo v2, batch 256, bf16
     python bench/throughput.py --loader synthetic --rows reference,trainer:fp16,trainer:bf16+compile+graph
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 from gpu_stats import GpuSampler
 from moco_fast.loaders import LoaderArgs, create_loader
 from reference_step import build_reference, reference_step
-from report import add_ratios, check_output_path, device_info, forever, format_table, speed_text
+from report import add_ratios, check_output_path, device_info, forever, format_table, ratio_notes, speed_text
 
 from moco_fast.checkpoint import atomic_write_text
 from moco_fast.config import ConfigError, build_config, to_dict
@@ -462,6 +463,8 @@ def measure(args: argparse.Namespace, cfg, specs: list[RowSpec], device: torch.d
         f"on {result['device']['name']} ({device}); torch {torch.__version__}"
     )
     print(format_table(result["rows"]))
+    for note in ratio_notes(result["rows"]):
+        print(note)
     for r in result["rows"]:
         if "profile" in r:
             from profile_step import format_breakdown

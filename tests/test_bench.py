@@ -19,7 +19,7 @@ import reference_step  # noqa: E402
 import throughput  # noqa: E402
 from gpu_stats import GpuSampler  # noqa: E402
 from moco_fast.loaders.base import Batch  # noqa: E402
-from report import add_ratios, format_table  # noqa: E402
+from report import add_ratios, format_table, ratio_notes  # noqa: E402
 
 import moco_fast.model as moco_model  # noqa: E402
 from moco_fast.config import build_config  # noqa: E402
@@ -50,10 +50,15 @@ def test_cpu_run_writes_the_table_json_and_plot(tiny_root, tmp_path):
         assert r["img_per_s"] > 0 and r["ms_per_step"] > 0 and r["steps"] == 1
         # images/s and ms/step describe the same timing: batch 16 per step
         assert r["img_per_s"] == pytest.approx(16 * 1000 / r["ms_per_step"], rel=1e-6)
-        assert r["vs_reference"] == pytest.approx(r["img_per_s"] / ref)
+        if r["kind"] == "loader":  # over the fastest step row, not the reference
+            step = max(rows["trainer"]["img_per_s"], ref)
+            assert r["loader_over_step"] == pytest.approx(r["img_per_s"] / step) and "vs_reference" not in r
+        else:
+            assert r["vs_reference"] == pytest.approx(r["img_per_s"] / ref)
         assert "gpu_util_pct" not in r and "peak_mem_gib" not in r  # no GPU: no GPU figures
     assert result["config"]["train"]["optim"]["batch_size"] == 16
     assert "img/s" in run.stdout and "reference" in run.stdout and "GPU %" not in run.stdout
+    assert "\nloader/step: a loader row's img/s over " in run.stdout  # the table says what its ratios are
     if plot_available():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -227,6 +232,50 @@ def test_table_leaves_out_gpu_columns_without_figures():
     assert "GPU %" in header and header.split()[-1] == "W"
 
 
+def table_cells(table: str) -> dict[str, dict[str, str]]:
+    """Each row's cells by column header, cut at the dashed line's columns (a blank cell stays "")."""
+    lines = table.split("\n")
+    spans, start = [], None
+    for i, ch in enumerate(lines[1] + " "):
+        if ch == "-" and start is None:
+            start = i
+        elif ch != "-" and start is not None:
+            spans.append((start, i))
+            start = None
+    cut = [[line[a:b].strip() for a, b in spans] for line in lines]
+    return {row[0]: dict(zip(cut[0], row)) for row in cut[2:]}
+
+
+def test_a_loader_rows_ratio_is_over_the_fastest_step_and_not_under_x_ref():
+    # A loader row's images/s over the reference step's stood in "x ref" beside the steps' ratios,
+    # where 5.31 read as a training speed-up: it has its own column, over the fastest step row.
+    rows = [
+        {"name": "loader", "kind": "loader", "settings": "torch loader", "img_per_s": 9000.0, "ms_per_step": 28.4},
+        {"name": "trainer", "kind": "trainer", "settings": "bf16", "img_per_s": 3000.0, "ms_per_step": 85.3},
+        {"name": "trainer:fp16", "kind": "trainer", "settings": "fp16", "img_per_s": 3600.0, "ms_per_step": 71.1},
+        {"name": "end-to-end", "kind": "end-to-end", "settings": "bf16", "img_per_s": 2000.0, "ms_per_step": 128.0},
+        {"name": "reference", "kind": "reference", "settings": "fp32", "img_per_s": 1000.0, "ms_per_step": 256.0},
+    ]
+    add_ratios(rows)
+    loader = rows[0]
+    assert "vs_reference" not in loader and "reference" not in loader
+    assert loader["loader_over_step"] == pytest.approx(2.5) and loader["step_row"] == "trainer:fp16"
+    assert rows[3]["vs_reference"] == pytest.approx(2.0) and "loader_over_step" not in rows[3]
+    cells = table_cells(format_table(rows))
+    assert cells["loader"]["x ref"] == "" and cells["loader"]["loader/step"] == "2.50"
+    assert cells["trainer"]["x ref"] == "3.00" and cells["trainer"]["loader/step"] == ""
+    notes = ratio_notes(rows)
+    assert notes[0].startswith("x ref: a training row's") and notes[1].startswith("loader/step: a loader row's")
+    assert "over trainer:fp16's, the fastest step row" in notes[1] and "not a training speed-up" in notes[1]
+    # no step row (--rows loader,end-to-end): nothing for a loader to be read against, no note for it
+    alone = [dict(rows[0]), dict(rows[3])]
+    for r in alone:
+        for k in ("loader_over_step", "step_row", "vs_reference", "reference"):
+            r.pop(k, None)
+    add_ratios(alone)
+    assert "loader_over_step" not in alone[0] and "loader/step" not in format_table(alone) and ratio_notes(alone) == []
+
+
 def test_gpu_sampler_is_silent_without_a_gpu():
     with GpuSampler(torch.device("cpu")) as s:
         pass
@@ -259,6 +308,13 @@ def test_plot_labels_give_the_speed_as_the_table_does(tmp_path, monkeypatch):
     assert [t.split("  (")[0].strip() for t in texts] == ["4.7", "2.8", "1,234"]
     table = format_table(rows)
     assert all(t.split("  (")[0].strip() in table for t in texts)
+    # a loader row's ratio is over the fastest step, never "x ref" (nor in a JSON from before loader_over_step)
+    texts.clear()
+    loader = {"name": "loader", "kind": "loader", "settings": "torch loader", "img_per_s": 2468.8}
+    old = {**loader, "vs_reference": 881.7, "reference": "reference"}
+    add_ratios([*rows, loader])
+    assert plot.plot_rows({"rows": [loader, old]}, tmp_path / "l.png")
+    assert texts == [" 2,469  (loader/step 2.00)", " 2,469"]
 
 
 def test_a_full_disk_under_json_or_plot_is_one_line(tmp_path, capsys, monkeypatch):
@@ -339,9 +395,9 @@ def test_each_row_is_paired_with_the_reference_of_its_bn_set_up():
         {"name": "loader", "kind": "loader", "img_per_s": 9000.0},
     ]
     add_ratios(rows)
-    got = {r["name"]: (r["vs_reference"], r["reference"]) for r in rows}
+    got = {r["name"]: (r["vs_reference"], r["reference"]) for r in rows if r["kind"] != "loader"}
     assert got["trainer:fp16"] == (3.5, "reference") and got["trainer:fp16+noshuffle"] == (4.0, "reference:noshuffle")
-    assert got["loader"] == (9.0, "reference") and got["reference:noshuffle"] == (1.0, "reference:noshuffle")
+    assert got["reference:noshuffle"] == (1.0, "reference:noshuffle")
     del rows[2]
     add_ratios(rows)
     assert rows[2]["vs_reference"] == 5.0 and rows[2]["reference"] == "reference"
@@ -470,8 +526,10 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
             {
                 **rows,
                 "rows": [
+                    {"name": "loader", "img_per_s": 7500.0, "ms_per_step": 34.1, "loader_over_step": 2.5},
                     {"name": "end-to-end", "img_per_s": 2880.0, "ms_per_step": 88.9},
                     {"name": "trainer", "img_per_s": 3000.0, "ms_per_step": 85.3},
+                    {"name": "trainer:graph", "img_per_s": None, "error": "RuntimeError: capture failed"},
                 ],
             }
         )
@@ -483,6 +541,11 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
     out = subprocess.run([sys.executable, "-", str(tmp_path)], input=summary, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "dali: end-to-end = 96.0% of trainer" in out.stdout
+    lines = out.stdout.splitlines()
+    head, loader = (next(x for x in lines if x.startswith(s)) for s in ("what ", "dali: loader "))
+    x_ref, over = (head.index(h) + len(h) for h in ("x ref", "loader/step"))  # right-aligned columns end there
+    assert loader[over - 4 : over] == "2.50" and loader[x_ref - 5 : x_ref].strip() == ""
+    assert "loader/step: a loader row's img/s over its run's fastest step row" in out.stdout
     assert "ffcv aug-batch: 2.00 ms = 2.5% of the trainer:bf16 step (80.0 ms)" in out.stdout
     assert "momentum.json: unreadable" in out.stdout
 
