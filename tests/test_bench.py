@@ -1,5 +1,6 @@
-"""bench/: the throughput script end to end on the CPU, its row parsing and table, the plot, the
-profile breakdown, and the official-style reference step it compares against."""
+"""bench/: the throughput script end to end on the CPU, its row parsing, the plot, the profile
+breakdown, and the official-style reference step it compares against (the table and its ratios:
+test_bench_report.py)."""
 
 import json
 import subprocess
@@ -19,7 +20,7 @@ import reference_step  # noqa: E402
 import throughput  # noqa: E402
 from gpu_stats import GpuSampler  # noqa: E402
 from moco_fast.loaders.base import Batch  # noqa: E402
-from report import add_ratios, format_table, ratio_notes  # noqa: E402
+from report import add_ratios  # noqa: E402
 
 import moco_fast.model as moco_model  # noqa: E402
 from moco_fast.config import build_config  # noqa: E402
@@ -216,66 +217,6 @@ def test_cuda_graph_on_cpu_is_refused_before_any_work(capsys):
     assert "--cuda-graph" in capsys.readouterr().err
 
 
-def test_table_leaves_out_gpu_columns_without_figures():
-    rows = [
-        {"name": "trainer", "kind": "trainer", "settings": "bf16", "img_per_s": 3000.0, "ms_per_step": 85.3},
-        {"name": "reference", "kind": "reference", "settings": "fp32", "img_per_s": 1200.0, "ms_per_step": 213.3},
-        {"name": "trainer:graph", "kind": "trainer", "img_per_s": None, "error": "RuntimeError: capture failed"},
-    ]
-    add_ratios(rows)
-    assert rows[0]["vs_reference"] == pytest.approx(2.5) and "vs_reference" not in rows[2]
-    table = format_table(rows)
-    assert "3,000" in table and "2.50" in table and "failed: RuntimeError" in table
-    assert "GPU %" not in table and "W" not in table.split("\n")[0].split()
-    rows[0].update(gpu_util_pct=97.0, gpu_power_w=612.0)
-    header = format_table(rows).split("\n")[0]
-    assert "GPU %" in header and header.split()[-1] == "W"
-
-
-def table_cells(table: str) -> dict[str, dict[str, str]]:
-    """Each row's cells by column header, cut at the dashed line's columns (a blank cell stays "")."""
-    lines = table.split("\n")
-    spans, start = [], None
-    for i, ch in enumerate(lines[1] + " "):
-        if ch == "-" and start is None:
-            start = i
-        elif ch != "-" and start is not None:
-            spans.append((start, i))
-            start = None
-    cut = [[line[a:b].strip() for a, b in spans] for line in lines]
-    return {row[0]: dict(zip(cut[0], row)) for row in cut[2:]}
-
-
-def test_a_loader_rows_ratio_is_over_the_fastest_step_and_not_under_x_ref():
-    # A loader row's images/s over the reference step's stood in "x ref" beside the steps' ratios,
-    # where 5.31 read as a training speed-up: it has its own column, over the fastest step row.
-    rows = [
-        {"name": "loader", "kind": "loader", "settings": "torch loader", "img_per_s": 9000.0, "ms_per_step": 28.4},
-        {"name": "trainer", "kind": "trainer", "settings": "bf16", "img_per_s": 3000.0, "ms_per_step": 85.3},
-        {"name": "trainer:fp16", "kind": "trainer", "settings": "fp16", "img_per_s": 3600.0, "ms_per_step": 71.1},
-        {"name": "end-to-end", "kind": "end-to-end", "settings": "bf16", "img_per_s": 2000.0, "ms_per_step": 128.0},
-        {"name": "reference", "kind": "reference", "settings": "fp32", "img_per_s": 1000.0, "ms_per_step": 256.0},
-    ]
-    add_ratios(rows)
-    loader = rows[0]
-    assert "vs_reference" not in loader and "reference" not in loader
-    assert loader["loader_over_step"] == pytest.approx(2.5) and loader["step_row"] == "trainer:fp16"
-    assert rows[3]["vs_reference"] == pytest.approx(2.0) and "loader_over_step" not in rows[3]
-    cells = table_cells(format_table(rows))
-    assert cells["loader"]["x ref"] == "" and cells["loader"]["loader/step"] == "2.50"
-    assert cells["trainer"]["x ref"] == "3.00" and cells["trainer"]["loader/step"] == ""
-    notes = ratio_notes(rows)
-    assert notes[0].startswith("x ref: a training row's") and notes[1].startswith("loader/step: a loader row's")
-    assert "over trainer:fp16's, the fastest step row" in notes[1] and "not a training speed-up" in notes[1]
-    # no step row (--rows loader,end-to-end): nothing for a loader to be read against, no note for it
-    alone = [dict(rows[0]), dict(rows[3])]
-    for r in alone:
-        for k in ("loader_over_step", "step_row", "vs_reference", "reference"):
-            r.pop(k, None)
-    add_ratios(alone)
-    assert "loader_over_step" not in alone[0] and "loader/step" not in format_table(alone) and ratio_notes(alone) == []
-
-
 def test_gpu_sampler_is_silent_without_a_gpu():
     with GpuSampler(torch.device("cpu")) as s:
         pass
@@ -288,33 +229,6 @@ def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path, capsys):
     assert plot.plot_rows(result, tmp_path / "x.png") is False
     assert not (tmp_path / "x.png").exists()
     assert "matplotlib" in capsys.readouterr().err
-
-
-def test_plot_labels_give_the_speed_as_the_table_does(tmp_path, monkeypatch):
-    # The bars' labels rounded to whole images/s: a CPU row of 4.7 img/s read 5 beside the table's 4.7.
-    pytest.importorskip("matplotlib")
-    from matplotlib.axes import Axes
-
-    texts = []
-    real = Axes.text
-    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, **kw: (texts.append(s), real(self, x, y, s, **kw))[1])
-    rows = [
-        {"name": "trainer", "kind": "trainer", "settings": "fp32", "img_per_s": 4.7, "ms_per_step": 3405.3},
-        {"name": "reference", "kind": "reference", "settings": "fp32", "img_per_s": 2.8, "ms_per_step": 5670.9},
-        {"name": "trainer:bf16", "kind": "trainer", "settings": "bf16", "img_per_s": 1234.4, "ms_per_step": 13.0},
-    ]
-    add_ratios(rows)
-    assert plot.plot_rows({"rows": rows}, tmp_path / "p.png")
-    assert [t.split("  (")[0].strip() for t in texts] == ["4.7", "2.8", "1,234"]
-    table = format_table(rows)
-    assert all(t.split("  (")[0].strip() in table for t in texts)
-    # a loader row's ratio is over the fastest step, never "x ref" (nor in a JSON from before loader_over_step)
-    texts.clear()
-    loader = {"name": "loader", "kind": "loader", "settings": "torch loader", "img_per_s": 2468.8}
-    old = {**loader, "vs_reference": 881.7, "reference": "reference"}
-    add_ratios([*rows, loader])
-    assert plot.plot_rows({"rows": [loader, old]}, tmp_path / "l.png")
-    assert texts == [" 2,469  (loader/step 2.00)", " 2,469"]
 
 
 def test_a_full_disk_under_json_or_plot_is_one_line(tmp_path, capsys, monkeypatch):
