@@ -101,10 +101,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.__class__ = _Parser  # add_parser makes the top-level parser's class
     p.add_argument("--out", required=True, help="sweep folder: one subfolder per setting, plus the table")
-    p.add_argument("--moco-k", help="queue lengths K, e.g. 256,4096")
-    p.add_argument("--moco-m", help="key encoder momenta, e.g. 0,0.9,0.99")
-    p.add_argument("--mechanism", help="moco, memory-bank, end-to-end (comma-separated)")
-    p.add_argument("--shuffle-bn", help="on, off or on,off")
+    p.add_argument(
+        "--moco-k", help="queue lengths K, e.g. 256,4096 (default: the --moco-k after --, else the preset's)"
+    )
+    p.add_argument(
+        "--moco-m", help="key encoder momenta, e.g. 0,0.9,0.99 (default: the --moco-m after --, else the preset's)"
+    )
+    p.add_argument(
+        "--mechanism",
+        help="moco, memory-bank, end-to-end (comma-separated) (default: the --mechanism after --, else moco)",
+    )
+    p.add_argument("--shuffle-bn", help="on, off or on,off (default: as the train flags after -- say, else on)")
     p.add_argument(
         "--lincls-epochs",
         type=int,
@@ -123,7 +130,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train every setting of this grid again: its old run folder in OUT is deleted first "
         "(other settings' folders are kept)",
     )
-    p.add_argument("--device", help="cpu | cuda | auto (overrides a --device after --)")
+    p.add_argument(
+        "--device", help="cpu | cuda | auto (overrides a --device after --) (default: the --device after --, else auto)"
+    )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="`--` then moco-fast train flags for every setting")
     p.set_defaults(func=run)
 

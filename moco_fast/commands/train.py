@@ -87,13 +87,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="data loading workers per process (default auto: up to 8 per GPU; half the cores on a CPU)",
     )
-    g.add_argument("--image-size", type=int, help="training crop size (default: the preset's, 224; cifar 32)")
+    g.add_argument("--image-size", type=int, help="training crop size (default: the preset's, 224; cifar and demo 32)")
     g.add_argument(
         "--loader-option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="backend-specific loader setting, repeatable (e.g. dali: hw_decoder_load=0.9); see docs/",
+        help="backend-specific loader setting, repeatable (e.g. dali: hw_decoder_load=0.9) (default: the "
+        "backend's own; each is listed in docs/<backend>.md)",
     )
     g.add_argument("--synthetic-steps", type=int, help="steps per epoch with --loader synthetic (default 100)")
     g = p.add_argument_group("model")
@@ -107,23 +108,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--arch",
         help="any torchvision ResNet (resnet18, resnet50, wide_resnet50_2, ...) or the paper's wider ResNet-50s "
-        "resnet50w2 and resnet50w4 (every layer 2x or 4x wider) (default resnet50)",
+        "resnet50w2 and resnet50w4 (every layer 2x or 4x wider) (default resnet50; cifar and demo resnet18)",
     )
     g.add_argument(
-        "--stem", choices=["auto", "imagenet", "cifar"], help="cifar: 3x3 conv, no max-pool (auto: for <= 64 px)"
+        "--stem",
+        choices=["auto", "imagenet", "cifar"],
+        help="cifar: 3x3 conv, no max-pool (default auto: cifar for <= 64 px; the cifar preset cifar, demo imagenet)",
     )
     g.add_argument("--dim", type=int, help="feature dimension (default 128)")
-    g.add_argument("--mlp", action=B, default=None, help="MLP projection head (v2) instead of a linear one (v1)")
+    g.add_argument(
+        "--mlp",
+        action=B,
+        default=None,
+        help="MLP projection head instead of a linear one (default on; off for v1, cifar and demo)",
+    )
     g = p.add_argument_group("MoCo")
     g.add_argument(
         "--mechanism",
         choices=["moco", "memory-bank", "end-to-end"],
         help="the paper's Figure 3 mechanisms (default moco)",
     )
-    g.add_argument("--moco-k", type=int, help="queue length K: number of negatives (default 65536)")
-    g.add_argument("--moco-m", type=float, help="key encoder momentum; 0 copies the query encoder (default 0.999)")
-    g.add_argument("--moco-t", type=float, help="softmax temperature (v1 0.07, v2 0.2)")
-    g.add_argument("--symmetric", action=B, default=None, help="symmetric loss (both views as queries)")
+    g.add_argument(
+        "--moco-k", type=int, help="queue length K: number of negatives (default 65536; cifar 4096, demo 1024)"
+    )
+    g.add_argument(
+        "--moco-m",
+        type=float,
+        help="key encoder momentum; 0 copies the query encoder (default 0.999; cifar and demo 0.99)",
+    )
+    g.add_argument("--moco-t", type=float, help="softmax temperature (default 0.2; v1 0.07, cifar and demo 0.1)")
+    g.add_argument("--symmetric", action=B, default=None, help="symmetric loss (both views as queries) (default off)")
     g.add_argument(
         "--shuffle-bn",
         action=B,
@@ -131,7 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="shuffle BN: keys never share BN statistics with their queries (default on)",
     )
     g.add_argument("--bn-splits", type=int, help="on one device, sub-batches with their own BN statistics (default 8)")
-    g.add_argument("--sync-bn", action=B, default=None, help="SyncBatchNorm across processes instead of shuffle BN")
+    g.add_argument(
+        "--sync-bn", action=B, default=None, help="SyncBatchNorm across processes instead of shuffle BN (default off)"
+    )
     g.add_argument(
         "--shuffle-exchange",
         choices=["alltoall", "allgather"],
@@ -140,27 +156,39 @@ def register(sub: argparse._SubParsersAction) -> None:
         "permutation and keys either way (default alltoall; docs/distributed.md models the traffic)",
     )
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="default 200")
+    g.add_argument("--epochs", type=int, help="default 200; demo 8")
     g.add_argument(
         "--batch-size",
         type=int,
-        help="per process (per GPU); the global batch is this times the number of processes (default 256)",
+        help="per process (per GPU); the global batch is this times the number of processes (default 256; cifar 512, demo 128)",
     )
     g.add_argument("--lr", type=float, help="learning rate for a global batch of 256, scaled linearly (default 0.03)")
-    g.add_argument("--weight-decay", type=float, help="default 1e-4")
-    g.add_argument("--schedule", choices=["cosine", "step"], help="v2 cosine, v1 step")
+    g.add_argument("--weight-decay", type=float, help="default 0.0001; cifar and demo 0.0005")
+    g.add_argument(
+        "--schedule", choices=["cosine", "step"], help="default cosine; v1 step (x0.1 at 60%% and 80%% of the epochs)"
+    )
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="cpu | cuda | cuda:N | auto (default auto)")
-    g.add_argument("--gpus", type=int, help="start one worker per GPU on this machine")
-    g.add_argument("--amp", choices=AMP_CHOICES, help="mixed precision; auto: bf16 on CUDA, off on CPU")
-    g.add_argument("--channels-last", action=B, default=None, help="channels-last memory format (default on)")
-    g.add_argument("--compile", action=B, default=None, help="torch.compile the encoders")
+    g.add_argument(
+        "--gpus",
+        type=int,
+        help="start one worker per GPU on this machine (default 1: this process alone; --resume: the run's own "
+        "count where those GPUs are there)",
+    )
+    g.add_argument("--amp", choices=AMP_CHOICES, help="mixed precision (default auto: bf16 on CUDA, off on CPU)")
+    g.add_argument(
+        "--channels-last",
+        action=B,
+        default=None,
+        help="channels-last memory format (default on; demo off, faster on a CPU)",
+    )
+    g.add_argument("--compile", action=B, default=None, help="torch.compile the encoders (default off)")
     g.add_argument(
         "--cuda-graph",
         action=B,
         default=None,
         help="capture the whole step as a CUDA graph after 3 warm-up steps (one GPU, fixed batch; "
-        "see docs/performance.md)",
+        "see docs/performance.md) (default off)",
     )
     g.add_argument("--seed", type=int, help="default 0")
     g.add_argument(
@@ -183,12 +211,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="start a fresh run in an --out that holds another run (its checkpoint and logs are deleted)",
     )
-    g.add_argument("--knn-every", type=int, help="kNN accuracy every N epochs (needs an eval split; 0: off)")
     g.add_argument(
-        "--final-knn", action=B, default=None, help="kNN accuracy after the last epoch, when there is an eval split"
+        "--knn-every", type=int, help="kNN accuracy every N epochs (needs an eval split; 0: off) (default 0)"
     )
     g.add_argument(
-        "--knn-baseline", action=B, default=None, help="also report the kNN of a randomly initialised backbone"
+        "--final-knn",
+        action=B,
+        default=None,
+        help="kNN accuracy after the last epoch, when there is an eval split (default on)",
+    )
+    g.add_argument(
+        "--knn-baseline",
+        action=B,
+        default=None,
+        help="also report the kNN of a randomly initialised backbone (default off; demo on)",
     )
     g.add_argument("--knn-k", type=int, help="neighbours of the kNN monitor (default 200)")
     g.add_argument("--knn-t", type=float, help="temperature of the kNN monitor's weights (default 0.1)")
@@ -196,7 +232,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--log-every",
         type=int,
         help="steps between progress-bar updates (each one is a host sync, where a stop signal or Ctrl-C is "
-        "acted on: a checkpoint of that step, then the run ends)",
+        "acted on: a checkpoint of that step, then the run ends) (default 10)",
     )
     g.add_argument(
         "--save-every",
