@@ -1,4 +1,5 @@
-"""A PNG bar chart of a bench/throughput.py result: images/s per row, with the ratio to the reference.
+"""A PNG bar chart of a bench/throughput.py result: images/s per row, with a step row's ratio to the
+reference and a loader row's to the fastest step row (loader/step).
 
     python bench/plot.py bench/results/cpu-2core-throughput.json throughput.png
 
