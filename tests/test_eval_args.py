@@ -79,6 +79,11 @@ def test_train_help_names_each_presets_own_defaults():
                 wrong.append((preset, dest, value, text))
     assert not wrong, wrong
     assert TrainConfig().optim.epochs == 200 and "default 200" in helps["epochs"]
+    # without --data every preset trains the demo set at its own 32 px, v2 too
+    from moco_fast.commands.train import config_from_args
+
+    v2_on_demo = config_from_args(parser.parse_args(["train", "--preset", "v2"]))
+    assert v2_on_demo.data.aug.image_size == 32 and "32 with any preset on the demo set" in helps["image_size"]
 
 
 def test_resume_help_names_each_commands_own_state_file(capsys):

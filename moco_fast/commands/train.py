@@ -87,7 +87,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="data loading workers per process (default auto: up to 8 per GPU; half the cores on a CPU)",
     )
-    g.add_argument("--image-size", type=int, help="training crop size (default: the preset's, 224; cifar and demo 32)")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        help="training crop size (default: the preset's, 224; cifar and demo 32; 32 with any preset on the demo set)",
+    )
     g.add_argument(
         "--loader-option",
         action="append",
