@@ -98,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="backend-specific loader setting, repeatable (e.g. dali: hw_decoder_load=0.9) (default: the "
-        "backend's own; each is listed in docs/<backend>.md)",
+        "backend's own, listed in docs/dali.md, docs/ffcv.md and docs/resident.md; torch and synthetic take none)",
     )
     g.add_argument("--synthetic-steps", type=int, help="steps per epoch with --loader synthetic (default 100)")
     g = p.add_argument_group("model")
