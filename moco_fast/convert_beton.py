@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moco_fast")
 
+# How long the watch waits, for a worker that a stop signal ended, for the main thread to act on its
+# own copy of it (a signal to the process group: SLURM's --signal, a closed terminal) before taking the
+# worker's end for a failure: the watch's tick could come first on a loaded machine.
+GROUP_STOP_S = 5.0
+
 
 class BetonSource:
     """What FFCV's writer reads in its worker processes: (H x W x 3 uint8, label).
@@ -72,8 +77,10 @@ def watched_workers(refused=None, output: Path | None = None) -> Iterator[None]:
     forever for the samples of a worker that died (the OOM killer, a SIGKILL): when one ends with an
     error, the block is stopped by a DataError that names it, or by the OSError that its write of
     `output` met when `refused` (recorded_write_errors) holds its errno (a full disk). However the
-    block ends (that error, Ctrl-C, any other), the workers still running are stopped. The watch
-    needs the main thread (it interrupts it with SIGUSR1); elsewhere only the clean-up runs."""
+    block ends (that error, Ctrl-C, any other), the workers still running are stopped. A worker that
+    a stop signal ended is a failure only where the block goes on for GROUP_STOP_S: a stop to the
+    process group ends the workers too, and the block as a stop. The watch needs the main thread (it
+    interrupts it with SIGUSR1); elsewhere only the clean-up runs."""
     from multiprocessing import process as mp_process
 
     before = set(mp_process._children)  # the multiprocessing module's own record of this process's children
@@ -91,6 +98,8 @@ def watched_workers(refused=None, output: Path | None = None) -> Iterator[None]:
             for p in ours():
                 code = p.exitcode
                 if code not in (None, 0):
+                    if code < 0 and -code in STOP_SIGNALS and stop.wait(GROUP_STOP_S):
+                        return  # the group's stop, which the block ended with: no failure
                     # a signal: the OOM killer's SIGKILL, most likely; an exit status: an error it printed
                     cause = (
                         f"signal {signal.Signals(-code).name} (out of memory? try fewer --workers)"

@@ -155,6 +155,47 @@ def test_a_sigusr1_from_outside_ends_an_ffcv_convert_as_sigterm_does(to, bad_roo
     assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
 
 
+ACTED_ON_LATE = """
+import os, signal, sys, time
+from pathlib import Path
+import ffcv.writer as fw
+from moco_fast import convert_beton as conv
+SENT, USR1 = Path(sys.argv[1]), {signal.SIGUSR1}
+real_get, real_sleep = conv.BetonSource.__getitem__, fw.sleep
+def signals(self, i):
+    if os.getpid() != self.parent and i == 3 and not SENT.exists():
+        SENT.touch()
+        os.killpg(0, signal.SIGUSR1)  # as SLURM's --signal: every process of the job
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, USR1)  # this worker gets its copy now, and ends
+    return real_get(self, i)
+def late(seconds):  # FFCV's wait for its workers: the main thread gets its copy after the watch's ticks
+    if SENT.exists() and signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+        time.sleep(1.5)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, USR1)
+    real_sleep(seconds)
+conv.BetonSource.__getitem__, fw.sleep = signals, late
+signal.pthread_sigmask(signal.SIG_BLOCK, USR1)  # as are the threads and workers started from here
+sys.exit(__import__("moco_fast.cli").cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_sigusr1_to_the_group_is_a_stop_also_where_the_main_thread_acts_on_it_late(bad_root, tmp_path):
+    # The group's SIGUSR1 ends a writer worker too (cli's handler, in a forked child: the default
+    # action). On a loaded machine the watch's tick could see that worker's end before the main
+    # thread ran its own handler, which then found the watch's error: "writer worker ended with
+    # signal SIGUSR1 (out of memory? ...)", exit 2, for a stop. Here the main thread acts 1.5 s late.
+    import signal
+
+    dst = tmp_path / "out" / "x.beton"
+    argv = [str(tmp_path / "sent"), "convert", str(bad_root), str(dst), "--workers", "2"]
+    p = subprocess.run([sys.executable, "-c", ACTED_ON_LATE, *argv], capture_output=True, text=True, timeout=180,
+                       start_new_session=True)  # fmt: skip
+    assert p.returncode == 128 + signal.SIGUSR1, p.stderr[-2000:]
+    assert p.stderr.rstrip().endswith("stopped by SIGUSR1") and "error:" not in p.stderr, p.stderr[-2000:]
+    assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
+
+
 def test_an_output_moved_aside_by_a_killed_convert_is_put_back(bad_root, tmp_path):
     # killed between moving the old output aside and publishing the new one: the old one is the only
     # copy there is, and the next convert puts it back rather than deleting it
