@@ -258,21 +258,29 @@ def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[N
 HELD_IMPORTS = ("torch", "torchvision")
 
 
-def _import_holding_signals(modules: tuple[str, ...]) -> None:
-    """Imports what a command imports (HELD_IMPORTS, or its own `held_imports`) with Ctrl-C and the
-    STOP_SIGNALS held until it is in, then acts on them: one that lands in the C++ side of the
-    import (a pybind11 callback) aborted the process (SIGABRT, "terminate called after throwing ...
-    KeyboardInterrupt")."""
+@contextlib.contextmanager
+def _stops_held() -> Iterator[list[int]]:
+    """While in it, Ctrl-C and the STOP_SIGNALS are recorded in the list it yields, not acted on;
+    the handlers from before are put back after. Main thread only."""
     held: list[int] = []
     previous = {
         sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in (signal.SIGINT, *STOP_SIGNALS)
     }
     try:
-        for name in modules:
-            importlib.import_module(name)
+        yield held
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
+def _import_holding_signals(modules: tuple[str, ...]) -> None:
+    """Imports what a command imports (HELD_IMPORTS, or its own `held_imports`) with Ctrl-C and the
+    STOP_SIGNALS held until it is in, then acts on them: one that lands in the C++ side of the
+    import (a pybind11 callback) aborted the process (SIGABRT, "terminate called after throwing ...
+    KeyboardInterrupt")."""
+    with _stops_held() as held:
+        for name in modules:
+            importlib.import_module(name)
     if held:
         signal.raise_signal(held[0])  # now, through the handlers the command runs with
 
@@ -361,18 +369,22 @@ def _run(args: argparse.Namespace) -> int:
             refuse_torchrun(args.command)
         return args.func(args) or 0
     except BaseException as e:
-        # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,
-        # and user_errors() imports modules that import torch.
-        line = one_line(e, command_paths(args))
-        if line is not None:
-            say(f"moco-fast {args.command}: error: {line}")
-            return 2
-        stop = interruption(e)
-        if stop is None:
-            raise
-        with contextlib.suppress(OSError):  # stderr on a terminal that SIGHUP says is gone: EIO
-            say(stop_line(stop))
-        return exit_status(stop)
+        # The command ends here with its line: a stop that comes meanwhile is dropped. It raised from
+        # the handler, a traceback after (or instead of) the line: torchrun's SIGTERM to the ranks
+        # that are still saying the error that ended another, a job's second signal.
+        with _stops_held() if threading.current_thread() is threading.main_thread() else contextlib.nullcontext():
+            # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,
+            # and user_errors() imports modules that import torch.
+            line = one_line(e, command_paths(args))
+            if line is not None:
+                say(f"moco-fast {args.command}: error: {line}")
+                return 2
+            stop = interruption(e)
+            if stop is None:
+                raise
+            with contextlib.suppress(OSError):  # stderr on a terminal that SIGHUP says is gone: EIO
+                say(stop_line(stop))
+            return exit_status(stop)
 
 
 if __name__ == "__main__":

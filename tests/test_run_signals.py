@@ -82,6 +82,40 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_
     assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
 
 
+def test_a_stop_while_the_command_says_its_last_line_is_dropped(monkeypatch, capsys):
+    # torchrun ends the other ranks with SIGTERM once one has ended: a rank still saying the error
+    # that ended them all raised Terminated from the handler there, a traceback after its line (or,
+    # earlier in say, instead of it). A second stop while "terminated" is said did the same.
+    import signal
+
+    import moco_fast.cli as cli
+    import moco_fast.commands.export as export
+    from moco_fast.config import ConfigError
+
+    def fails(args):
+        raise ConfigError("the ranks were started with different settings")
+
+    def stopped(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    real_say, sent = cli.say, []
+
+    def say_stopped_meanwhile(line):
+        sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        real_say(line)
+
+    monkeypatch.setattr(cli, "say", say_stopped_meanwhile)
+    argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
+    for run, status, last in ((fails, 2, "moco-fast export: error: the ranks"), (stopped, 143, "terminated")):
+        monkeypatch.setattr(export, "run", run)
+        try:
+            got = main(argv)
+        except KeyboardInterrupt as e:  # as is, it would end the pytest session
+            got = e
+        assert got == status and capsys.readouterr().err.startswith(last), repr(got)
+    assert len(sent) == 2
+
+
 STOPPED_IN_A_SAVE = """
 import json, os, pathlib, signal, sys, torch
 from moco_fast import trainer
