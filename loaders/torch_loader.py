@@ -1,12 +1,16 @@
 """The reference backend: PIL + torchvision transforms in DataLoader workers.
 
 Workers decode and augment to uint8 tensors (4x less to copy than float); `DevicePrefetcher`
-normalises on the device. Randomness: each epoch's order comes from (seed, epoch); the draws of an
-image's two views from (seed, epoch, its index in the data set) alone (`SeededViews`), whichever
-worker or rank makes it and whatever it made before. So the views are the same with any --workers,
-and an epoch resumed at a step (`set_epoch(epoch, start_step)`) reads the same images from there on
-with the same views: a resumed run trains as an uninterrupted one. (lincls and finetune have their
-own training loader, resumed at epoch ends and seeded the same way: moco_fast/seeded_images.py.)
+normalises on the device. The workers are started once per run and persist across epochs: starting
+them each epoch cost 0.3-0.4 s of every epoch's first batch on a 2-core CPU with 2 workers, more
+with 8 workers forked from a process holding a GPU's context. Randomness: each epoch's order comes
+from (seed, epoch); the draws of an image's two views from (seed, epoch, its index in the data set)
+alone (`KeyedImages`, asked for by `EpochShardKeys`' (epoch, index) keys: the persistent workers
+hold a copy of the dataset made once, so the epoch travels with each index), whichever worker or
+rank makes it and whatever it made before. So the views are the same with any --workers, and an
+epoch resumed at a step (`set_epoch(epoch, start_step)`) reads the same images from there on with
+the same views: a resumed run trains as an uninterrupted one. (lincls and finetune have their own
+training loader, resumed at epoch ends and seeded the same way: moco_fast/seeded_images.py.)
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import functools
 import multiprocessing
 import signal
 import time
+import weakref
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -27,7 +33,7 @@ from torchvision import transforms as T
 from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
-from moco_fast.seeded_images import seeded_draws
+from moco_fast.seeded_images import KeyedImages
 
 from . import register_loader
 from .base import DevicePrefetcher, LoaderArgs, NoOptions, check_start_step, parse_options, stream_seed
@@ -118,23 +124,6 @@ class TwoViews:
         return self.transform(img), self.transform(img)
 
 
-class SeededViews:
-    """A dataset whose item i at epoch `epoch` draws from seeded_draws(seed, epoch, i)
-    (moco_fast.seeded_images: the same views with any --workers and from any step). A replaced
-    unreadable image (ImageDataset) draws from the seed of the index asked for."""
-
-    def __init__(self, dataset: ImageDataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-        self.epoch = 0  # set before each epoch's DataLoader, which hands a copy to its workers
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        with seeded_draws(self.seed, self.epoch, i):
-            return self.dataset[i]
-
-
 class EpochShardSampler(Sampler[int]):
     """A per-epoch permutation, cut into equal rank shards (every rank runs the same steps)."""
 
@@ -160,6 +149,25 @@ class EpochShardSampler(Sampler[int]):
 
     def __iter__(self):
         return iter(self.indices().tolist())
+
+
+class EpochShardKeys(Sampler[tuple[int, int]]):
+    """This rank's share of the epoch set last (`EpochShardSampler`), from the first sample of step
+    `start_step` on, as (epoch, index) keys for KeyedImages. A DataLoader's sampler runs in the main
+    process, persistent workers or not: each epoch's iteration reads the epoch and step set here."""
+
+    def __init__(self, sampler: EpochShardSampler, batch_size: int):
+        self.sampler, self.batch_size = sampler, batch_size
+        self.start_step = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start_step * self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch  # fixed when the epoch's iteration starts
+        # the skipped samples are not read
+        order = self.sampler.indices()[self.start_step * self.batch_size :].tolist()
+        return ((epoch, i) for i in order)
 
 
 def leave_stops_to_the_trainer(worker_id: int) -> None:
@@ -196,6 +204,11 @@ def end_workers_at_exit() -> None:
     atexit.register(end_daemonic_children)
 
 
+def _close_at_exit(ref: weakref.ref[TorchLoader]) -> None:
+    if (loader := ref()) is not None:
+        loader.close()
+
+
 def collate_views(items):
     views, label, index = zip(*items, strict=True)
     v1, v2 = zip(*views, strict=True)
@@ -215,9 +228,10 @@ class TorchLoader:
         self.splits = splits
         self.num_images = len(images)
         self.classes = images.classes
-        self.dataset = SeededViews(ImageDataset(images, TwoViews(view_transform(args.aug))), args.seed)
+        self.dataset = KeyedImages(ImageDataset(images, TwoViews(view_transform(args.aug))), args.seed)
         self.sampler = EpochShardSampler(len(images), args.seed, args.rank, args.world_size)
-        self.start_step = 0
+        self.keys = EpochShardKeys(self.sampler, args.batch_size)
+        self._batches: DataLoader | None = None  # made at the first __iter__, its workers kept to the end
 
     def __len__(self) -> int:
         return len(self.sampler) // self.args.batch_size
@@ -225,31 +239,44 @@ class TorchLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         check_start_step(start_step, len(self))
         self.sampler.set_epoch(epoch)
-        self.dataset.epoch = epoch
-        self.start_step = start_step
+        self.keys.start_step = start_step
 
     def __iter__(self):
         a = self.args
-        # the workers' base seed, drawn from this generator rather than the trainer's stream (the
-        # views no longer depend on it: SeededViews)
-        g = torch.Generator().manual_seed(stream_seed(a.seed, self.sampler.epoch, a.rank))
-        # the epoch's order from the first sample of step start_step: the skipped ones are not read
-        order = self.sampler.indices()[self.start_step * a.batch_size :].tolist()
-        if a.workers > 0:
-            end_workers_at_exit()
-        dl = DataLoader(
-            self.dataset,
-            batch_size=a.batch_size,
-            sampler=order,
-            num_workers=a.workers,
-            collate_fn=collate_views,
-            pin_memory=a.device.type == "cuda",
-            drop_last=True,
-            generator=g,
-            prefetch_factor=4 if a.workers > 0 else None,
-            worker_init_fn=leave_stops_to_the_trainer,
-        )
-        return iter(DevicePrefetcher(dl, a.aug, a.device, a.dtype, a.channels_last))
+        if self._batches is None:
+            if a.workers > 0:
+                end_workers_at_exit()
+                # registered after end_daemonic_children, so it runs before it (atexit: LIFO)
+                atexit.register(_close_at_exit, weakref.ref(self))
+            self._batches = DataLoader(
+                self.dataset,
+                batch_size=a.batch_size,
+                sampler=self.keys,
+                num_workers=a.workers,
+                collate_fn=collate_views,
+                pin_memory=a.device.type == "cuda",
+                drop_last=True,
+                # the workers' base seed, drawn once from this generator rather than the trainer's
+                # stream (the views do not depend on it: KeyedImages)
+                generator=torch.Generator().manual_seed(stream_seed(a.seed, 0, a.rank)),
+                prefetch_factor=4 if a.workers > 0 else None,
+                # a new epoch's iteration drops what the workers made ahead for an epoch left before
+                # its end (a test's partial read): torch's _reset discards it
+                persistent_workers=a.workers > 0,
+                worker_init_fn=leave_stops_to_the_trainer,
+            )
+        return iter(DevicePrefetcher(self._batches, a.aug, a.device, a.dtype, a.channels_last))
+
+    def close(self) -> None:
+        """Ends the workers as a finished DataLoader does (they leave their loop and exit), also at
+        exit while the loader is alive (a stop's or an error's traceback holds it): they ignore
+        SIGTERM (leave_stops_to_the_trainer), so end_daemonic_children would wait out its grace for
+        them and SIGKILL them, 2 s more of every stop. torch has no public call for it: dropping the
+        DataLoader does not end workers whose iterator a traceback's frame still holds."""
+        batches, self._batches = self._batches, None
+        it = getattr(batches, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
 
 @register_loader("torch")

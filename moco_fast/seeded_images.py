@@ -8,10 +8,10 @@ whoever makes it, so a resumed run draws what the uninterrupted one drew. Cost: 
 image (a busy 2-core machine), against about 4 ms for lincls's crop and flip of a 500 x 375 image to
 224 px, decoding not counted.
 
-Two datasets use it: the pretraining torch loader's `SeededViews` (loaders/torch_loader.py: a
-DataLoader made each epoch, so the epoch can be an attribute its workers copy) and lincls and
-finetune's training data (`KeyedImages` with `EpochKeys`: their workers persist across epochs and
-hold a copy of the dataset made once, so the epoch travels with each index instead).
+`KeyedImages` uses it, asked for by (epoch, index) keys: the DataLoader workers of the pretraining
+torch loader (loaders/torch_loader.py, keys from `EpochShardKeys`) and of lincls and finetune's
+training data (keys from `EpochKeys`) persist across epochs and hold a copy of the dataset made
+once, so the epoch travels with each index.
 """
 
 from __future__ import annotations

@@ -179,3 +179,25 @@ print("one batch", flush=True)
         pytest.fail("the process did not end: multiprocessing waits on workers that ignore its SIGTERM")
     assert out.returncode == 0, out.stderr
     assert "one batch" in out.stdout
+
+
+def test_a_process_that_exits_with_its_loader_alive_ends_the_workers_as_an_epochs_end_does(tiny_root):
+    # The workers persist across epochs, so a stop's or an error's traceback that holds the loader
+    # keeps them to the exit, where end_daemonic_children's SIGTERM (ignored by them) cost its 2 s
+    # grace and then a SIGKILL: the loader ends them first, and they exit of themselves (status 0).
+    script = f"""
+import atexit, multiprocessing, torch
+from moco_fast.augment import MOCO_V2
+from moco_fast.loaders import LoaderArgs, create_loader
+WORKERS = []
+atexit.register(lambda: print("exit codes", sorted(p.exitcode for p in WORKERS), flush=True))  # runs last
+args = LoaderArgs(data={str(tiny_root)!r}, aug=MOCO_V2, batch_size=4, device=torch.device("cpu"), workers=2,
+                  seed=0, check_images=False)
+LOADER = create_loader("torch", args)
+LOADER.set_epoch(0)
+list(LOADER)
+WORKERS += multiprocessing.active_children()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "exit codes [0, 0]" in out.stdout
