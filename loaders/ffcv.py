@@ -244,7 +244,12 @@ class FFCVLoader:
             )
         self.augment = DeviceAugment(args, self.opts.jitter_order, flip=False)  # FFCV flipped already
         self.key = EpochKey(args.seed)  # the epoch of the crops and flips, which FFCV's ops read
+        # FFCV sets torch's thread count to its worker count (Compiler.set_num_threads) in its
+        # Loader's __init__ and at each epoch's start: the process's own count, taken before, is put
+        # back after each (a `--gpus` worker's 1 thread: 2 on 2 processes made each CPU step 5-10x slower)
+        self.threads = torch.get_num_threads()
         self.ffcv = self._build(path)
+        torch.set_num_threads(self.threads)
 
     def _pipelines(self) -> dict:
         spec = self.args.aug
@@ -338,9 +343,6 @@ class FFCVLoader:
         self.key.set(epoch)  # before FFCV's epoch thread starts (at the loop below)
         first = epoch * len(self) + self.ffcv.traversal_order.start // a.batch_size  # global step of the first batch
         g = torch.Generator(device=self.device)
-        # FFCV sets torch's thread count to its worker count (Compiler.set_num_threads); a CPU run
-        # wants its own back once FFCV's thread has started.
-        threads = torch.get_num_threads()
         names = list(self.ffcv.pipeline_specs)
         handle_thread_errors(_to_the_consumer)
         try:  # FFCV's page readers (os_cache=0) open it in threads of their own, where its loss hangs the epoch
@@ -353,8 +355,8 @@ class FFCVLoader:
             if isinstance(batch, _ThreadFailed):
                 e = batch.error
                 raise RuntimeError(f"FFCV's loader thread stopped reading {self.path}: {type(e).__name__}: {e}") from e
-            if i == 0:
-                torch.set_num_threads(threads)
+            if i == 0:  # FFCV's thread has started (and set its count): the process's own back
+                torch.set_num_threads(self.threads)
             out = dict(zip(names, batch, strict=True))
             # seeded by the global step (host state only, no sync): a step draws the same colour pass
             # whichever step its epoch started at

@@ -203,3 +203,16 @@ def test_a_held_batch_is_not_overwritten_by_later_ones(coords_loader):
     rest = list(it)
     assert len(rest) == len(coords_loader) - 1
     assert torch.equal(first.index, kept[0]) and torch.equal(first.label, kept[1]) and torch.equal(first.im_q, kept[2])
+
+
+def test_the_processs_torch_thread_count_survives_making_the_loader(tiny_beton):
+    # FFCV's Loader sets torch's thread count to its worker count as it is made (Compiler.set_num_threads),
+    # before the epoch's restore took the count to put back: a `--gpus` worker's one thread (OMP_NUM_THREADS=1)
+    # became --workers for the whole run, and 2 such workers on 2 cores took 20-30 s an epoch, not 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        create_loader("ffcv", loader_args(tiny_beton, workers=2))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
