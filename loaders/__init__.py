@@ -12,6 +12,7 @@ import importlib
 from moco_fast.config import ConfigError
 
 from .base import Batch, LoaderArgs, TrainLoader
+from .options import check_loader_options
 
 _LOADERS: dict = {}
 # Backend name -> module that registers it (imported lazily: DALI and FFCV are optional).
@@ -46,9 +47,20 @@ def available_loaders() -> list[str]:
     return sorted(_MODULES)
 
 
-def create_loader(name: str, args: LoaderArgs) -> TrainLoader:
+def check_loader(name: str, options: dict[str, str]) -> None:
+    """ConfigError for a --loader, or a --loader-option of it, that create_loader would refuse,
+    without importing the backend (its library may be missing here: train --print-config)."""
+    _check_name(name)
+    check_loader_options(name, options)
+
+
+def _check_name(name: str) -> None:
     if name not in _MODULES:
         raise ConfigError(f"unknown loader {name!r}; choose one of {available_loaders()}")
+
+
+def create_loader(name: str, args: LoaderArgs) -> TrainLoader:
+    _check_name(name)
     if name not in _LOADERS:
         try:
             importlib.import_module(_MODULES[name], __name__)
@@ -68,6 +80,7 @@ __all__ = [
     "LoaderArgs",
     "TrainLoader",
     "available_loaders",
+    "check_loader",
     "create_loader",
     "register_loader",
 ]

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
-from typing import NamedTuple, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 import torch
 from moco_fast.kernels.augment_gpu import apply, sample_params
 
 from moco_fast.augment import AugSpec
-from moco_fast.config import ConfigError
 from moco_fast.data import DataSplits
-
-T = TypeVar("T")
 
 
 class Batch(NamedTuple):
@@ -43,38 +40,6 @@ class LoaderArgs:
     # Backend-specific knobs (e.g. DALI's hw_decoder_load), from `--loader-option KEY=VALUE`. Each
     # backend documents and validates its own keys; the augmentation recipe never goes here.
     options: dict[str, str] = field(default_factory=dict)
-
-
-def parse_options(cls: type[T], options: dict[str, str], backend: str) -> T:
-    """`--loader-option KEY=VALUE` strings -> a backend's options dataclass. Each value is parsed as
-    the type of its field's default (bool accepts 1/0, true/false, yes/no); unknown keys and bad
-    values are one-line errors. The backend checks ranges itself."""
-    known = {f.name for f in fields(cls)}
-    defaults = cls()
-    values = {}
-    for key, raw in options.items():
-        if key not in known:
-            if not known:
-                raise ConfigError(f"the {backend} loader takes no --loader-option (got {key}={raw})")
-            raise ConfigError(f"unknown {backend} loader option {key!r}; known: {', '.join(sorted(known))}")
-        kind = type(getattr(defaults, key))
-        try:
-            if kind is bool:
-                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(raw)
-                values[key] = raw.lower() in ("1", "true", "yes")
-            else:
-                values[key] = kind(raw)
-        except ValueError:
-            raise ConfigError(
-                f"{backend} loader option {key}={raw!r}: expected {'an' if kind is int else 'a'} {kind.__name__}"
-            ) from None
-    return cls(**values)
-
-
-@dataclass(frozen=True)
-class NoOptions:
-    """The options of a backend that has none: any --loader-option is an error, not ignored."""
 
 
 def stream_seed(seed: int, position: int, rank: int) -> int:

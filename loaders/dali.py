@@ -49,7 +49,7 @@ import logging
 import os
 import tempfile
 from collections import Counter, deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -60,34 +60,15 @@ from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError, DataSplits,
 from moco_fast.metrics import progress
 
 from . import register_loader
-from .base import Batch, LoaderArgs, check_start_step, parse_options, stream_seed
+from .base import Batch, LoaderArgs, check_start_step, stream_seed
 from .dali_pipeline import PipelineSettings, decodable, folder_pipeline, wds_pipeline
 from .dali_recovery import SkipsBadSamples, path_bytes
+from .options import DaliOptions
 from .torch_loader import EpochShardSampler
 from .wds import WdsMeta, index_text, is_wds_root, read_meta, shard_index, split_name
 
 log = logging.getLogger("moco_fast")
 SHOW_LEFT_OUT = 5  # files or shards named in a warning on those left out or indexed again
-
-
-@dataclass(frozen=True)
-class DaliOptions:
-    hw_decoder_load: float = 0.9
-    threads: int = 0  # 0: the resolved --workers
-    prefetch: int = 2
-    decoder: str = "auto"
-    shuffle_buffer: int = 1024
-
-    @classmethod
-    def parse(cls, options: dict[str, str]) -> DaliOptions:
-        o = parse_options(cls, options, "DALI")
-        if not 0 <= o.hw_decoder_load <= 1:
-            raise ConfigError("--loader-option hw_decoder_load must be within 0-1")
-        if o.decoder not in ("auto", "mixed", "cpu"):
-            raise ConfigError("--loader-option decoder must be auto, mixed or cpu")
-        if o.threads < 0 or o.prefetch < 1 or o.shuffle_buffer < 1:
-            raise ConfigError("--loader-option threads must be >= 0, prefetch and shuffle_buffer >= 1")
-        return o
 
 
 def decodable_images(images: ImageList) -> ImageList:

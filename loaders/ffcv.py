@@ -66,15 +66,15 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from moco_fast.config import ConfigError
 from moco_fast.convert_dst import NAMES_HEADER, beton_fingerprint, names_fingerprint, names_path, sidecar_path, stale
 from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError
 from moco_fast.threads import handle_thread_errors
 
 from . import register_loader
-from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, parse_options, stream_seed
+from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, stream_seed
 from .ffcv_cache import use_page_cache_manager
 from .ffcv_ops import FAILURES, DecodeStatus, EpochKey, FlipViews, ResizedCrops, SampleIndexDecoder
+from .options import FFCVOptions
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("moco_fast")
@@ -101,25 +101,6 @@ class RankShardOrder(TraversalOrder):
         self.sampler.set_epoch(epoch)
         # FFCV cuts the order into batches as it is: a shorter one starts the epoch at a later step
         return self.sampler.indices()[self.start :].numpy()
-
-
-@dataclass
-class FFCVOptions:
-    os_cache: bool = True
-    batches_ahead: int = 3
-    jitter_order: str = "sample"
-    decode: str = "once"
-
-    @classmethod
-    def parse(cls, options: dict[str, str]) -> FFCVOptions:
-        out = parse_options(cls, options, "ffcv")
-        if out.jitter_order not in ("sample", "batch"):
-            raise ConfigError(f"ffcv loader option jitter_order must be sample or batch, got {out.jitter_order!r}")
-        if out.decode not in ("once", "twice"):
-            raise ConfigError(f"ffcv loader option decode must be once or twice, got {out.decode!r}")
-        if out.batches_ahead < 1:
-            raise ConfigError("ffcv loader option batches_ahead must be at least 1")
-        return out
 
 
 def read_classes(beton: Path, labels: np.ndarray, fingerprint: str | None) -> list[str]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,35 +41,17 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from moco_fast.config import ConfigError
 from moco_fast.data import DataError, ImageList, load_rgb, load_splits
 
 from . import register_loader
-from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, parse_options, stream_seed
+from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, stream_seed
+from .options import ResidentOptions
 from .torch_loader import EpochShardSampler
 from .wds import refuse_shard_set
 
 log = logging.getLogger("moco_fast")
 
 GiB = 1024**3
-
-
-@dataclass(frozen=True)
-class ResidentOptions:
-    size: int = 0
-    jitter_order: str = "sample"
-    memory_fraction: float = 0.5
-
-    @classmethod
-    def parse(cls, options: dict[str, str]) -> ResidentOptions:
-        o = parse_options(cls, options, "resident")
-        if o.size < 0:
-            raise ConfigError("resident loader option size must be 0 (automatic) or a side in pixels")
-        if o.jitter_order not in ("sample", "batch"):
-            raise ConfigError(f"resident loader option jitter_order must be sample or batch, got {o.jitter_order!r}")
-        if not 0 < o.memory_fraction <= 1:
-            raise ConfigError("resident loader option memory_fraction must be within (0, 1]")
-        return o
 
 
 def human_bytes(n: float) -> str:

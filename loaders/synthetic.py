@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import register_loader
-from .base import Batch, LoaderArgs, NoOptions, check_start_step, parse_options
+from .base import Batch, LoaderArgs, check_start_step
+from .options import NoOptions, parse_options
 
 
 class SyntheticLoader:

@@ -36,8 +36,9 @@ from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 from moco_fast.seeded_images import KeyedImages
 
 from . import register_loader
-from .base import DevicePrefetcher, LoaderArgs, NoOptions, check_start_step, parse_options, stream_seed
+from .base import DevicePrefetcher, LoaderArgs, check_start_step, stream_seed
 from .color_jitter import ColorJitter
+from .options import NoOptions, parse_options
 from .wds import refuse_shard_set
 
 

@@ -78,3 +78,48 @@ def test_a_loader_without_options_refuses_them(loader, tmp_path, capsys):
     args = ["train", "--device", "cpu", "--loader", loader, "--loader-option", "threads=4", "--out", str(tmp_path)]
     assert main(args) == 2
     assert f"the {loader} loader takes no --loader-option (got threads=4)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--loader", "dali", "--loader-option", "no_such_key=1"], "unknown DALI loader option 'no_such_key'"),
+        (["--loader", "dali", "--loader-option", "hw_decoder_load=2"], "hw_decoder_load must be within 0-1"),
+        (["--loader", "ffcv", "--loader-option", "decode=thrice"], "decode must be once or twice"),
+        (["--loader", "resident", "--loader-option", "size=x"], "size='x': expected an int"),
+        (["--loader", "torch", "--loader-option", "a=1"], "the torch loader takes no --loader-option"),
+        (["--loader", "synthetic", "--loader-option", "a=1"], "the synthetic loader takes no --loader-option"),
+        (["--loader", "nosuch"], "unknown loader 'nosuch'"),
+    ],
+)
+def test_print_config_refuses_the_loader_options_the_run_refuses(capsys, flags, said):
+    # the same one line and exit status as the run, without building the loader or importing DALI/FFCV
+    assert main(["train", *flags, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_loader_options_are_checked_for_every_registered_loader():
+    from moco_fast.loaders import _MODULES, check_loader
+
+    for name in _MODULES:  # a backend added without its options here would be a KeyError
+        check_loader(name, {})
+
+
+@pytest.mark.parametrize(("loader", "blocked"), [("dali", "nvidia.dali"), ("ffcv", "ffcv")])
+def test_print_config_checks_options_where_the_backend_is_not_installed(monkeypatch, capsys, loader, blocked):
+    # a config printed here for a machine that has DALI or FFCV: its options checked, its library not needed
+    import sys
+
+    from moco_fast import loaders
+
+    monkeypatch.setitem(sys.modules, blocked, None)
+    monkeypatch.delitem(loaders._LOADERS, loader, raising=False)
+    for mod in [m for m in sys.modules if m.startswith(f"moco_fast.loaders.{loader}")]:
+        monkeypatch.delitem(sys.modules, mod)
+    args = ["train", "--data", "x", "--loader", loader, "--print-config"]
+    assert main([*args, "--loader-option", "no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    good = {"dali": "prefetch=3", "ffcv": "batches_ahead=2"}[loader]
+    assert main([*args, "--loader-option", good]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == dict([good.split("=")])

@@ -383,6 +383,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.print_config:
         from moco_fast.config import to_dict
+        from moco_fast.loaders import check_loader
+
+        # what the run's loader would refuse, without building it (its data may be on another machine)
+        check_loader(cfg.data.loader, cfg.data.loader_options)
 
         print(json.dumps(to_dict(cfg), indent=2))
         return 0

@@ -1,0 +1,116 @@
+"""Each backend's `--loader-option KEY=VALUE` settings, as a dataclass parsed and checked here.
+
+This module imports neither torch nor a backend's library (DALI, FFCV), so that `train
+--print-config` refuses what the run's loader would refuse on any machine, without building it.
+Each backend's module docstring documents its options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TypeVar
+
+from moco_fast.config import ConfigError
+
+T = TypeVar("T")
+
+
+def parse_options(cls: type[T], options: dict[str, str], backend: str) -> T:
+    """`--loader-option KEY=VALUE` strings -> a backend's options dataclass. Each value is parsed as
+    the type of its field's default (bool accepts 1/0, true/false, yes/no); unknown keys and bad
+    values are one-line errors. The backend checks ranges itself."""
+    known = {f.name for f in fields(cls)}
+    defaults = cls()
+    values = {}
+    for key, raw in options.items():
+        if key not in known:
+            if not known:
+                raise ConfigError(f"the {backend} loader takes no --loader-option (got {key}={raw})")
+            raise ConfigError(f"unknown {backend} loader option {key!r}; known: {', '.join(sorted(known))}")
+        kind = type(getattr(defaults, key))
+        try:
+            if kind is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(raw)
+                values[key] = raw.lower() in ("1", "true", "yes")
+            else:
+                values[key] = kind(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{backend} loader option {key}={raw!r}: expected {'an' if kind is int else 'a'} {kind.__name__}"
+            ) from None
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a backend that has none: any --loader-option is an error, not ignored."""
+
+
+@dataclass(frozen=True)
+class DaliOptions:
+    hw_decoder_load: float = 0.9
+    threads: int = 0  # 0: the resolved --workers
+    prefetch: int = 2
+    decoder: str = "auto"
+    shuffle_buffer: int = 1024
+
+    @classmethod
+    def parse(cls, options: dict[str, str]) -> DaliOptions:
+        o = parse_options(cls, options, "DALI")
+        if not 0 <= o.hw_decoder_load <= 1:
+            raise ConfigError("--loader-option hw_decoder_load must be within 0-1")
+        if o.decoder not in ("auto", "mixed", "cpu"):
+            raise ConfigError("--loader-option decoder must be auto, mixed or cpu")
+        if o.threads < 0 or o.prefetch < 1 or o.shuffle_buffer < 1:
+            raise ConfigError("--loader-option threads must be >= 0, prefetch and shuffle_buffer >= 1")
+        return o
+
+
+@dataclass
+class FFCVOptions:
+    os_cache: bool = True
+    batches_ahead: int = 3
+    jitter_order: str = "sample"
+    decode: str = "once"
+
+    @classmethod
+    def parse(cls, options: dict[str, str]) -> FFCVOptions:
+        out = parse_options(cls, options, "ffcv")
+        if out.jitter_order not in ("sample", "batch"):
+            raise ConfigError(f"ffcv loader option jitter_order must be sample or batch, got {out.jitter_order!r}")
+        if out.decode not in ("once", "twice"):
+            raise ConfigError(f"ffcv loader option decode must be once or twice, got {out.decode!r}")
+        if out.batches_ahead < 1:
+            raise ConfigError("ffcv loader option batches_ahead must be at least 1")
+        return out
+
+
+@dataclass(frozen=True)
+class ResidentOptions:
+    size: int = 0
+    jitter_order: str = "sample"
+    memory_fraction: float = 0.5
+
+    @classmethod
+    def parse(cls, options: dict[str, str]) -> ResidentOptions:
+        o = parse_options(cls, options, "resident")
+        if o.size < 0:
+            raise ConfigError("resident loader option size must be 0 (automatic) or a side in pixels")
+        if o.jitter_order not in ("sample", "batch"):
+            raise ConfigError(f"resident loader option jitter_order must be sample or batch, got {o.jitter_order!r}")
+        if not 0 < o.memory_fraction <= 1:
+            raise ConfigError("resident loader option memory_fraction must be within (0, 1]")
+        return o
+
+
+def check_loader_options(name: str, options: dict[str, str]) -> None:
+    """ConfigError for what backend `name` (a registered one: loaders.check_loader) would refuse in
+    `options`: its loader parses them the same way when it is built."""
+    parsers = {
+        "dali": DaliOptions.parse,
+        "ffcv": FFCVOptions.parse,
+        "resident": ResidentOptions.parse,
+        "torch": lambda o: parse_options(NoOptions, o, "torch"),
+        "synthetic": lambda o: parse_options(NoOptions, o, "synthetic"),
+    }
+    parsers[name](options)
