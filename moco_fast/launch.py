@@ -56,6 +56,15 @@ def under_torchrun() -> bool:
 
 def check_local_gpus(cfg: TrainConfig) -> int:
     """The number of workers `--gpus` asks for, or a ConfigError before anything starts."""
+    check_gpus_flag(cfg)
+    n, have = cfg.runtime.gpus, torch.cuda.device_count()
+    if n > have:
+        raise ConfigError(f"--gpus {n}: this machine has {have} CUDA GPU{'s' if have != 1 else ''}")
+    return n
+
+
+def check_gpus_flag(cfg: TrainConfig) -> None:
+    """What check_local_gpus refuses whatever GPUs this machine has (train --print-config)."""
     n = cfg.runtime.gpus
     if n < 1:
         raise ConfigError(f"--gpus must be at least 1 (got {n})")
@@ -72,10 +81,6 @@ def check_local_gpus(cfg: TrainConfig) -> int:
         raise ConfigError(
             f"--gpus uses GPUs 0..{n - 1}: choose them with CUDA_VISIBLE_DEVICES, not --device {cfg.runtime.device}"
         )
-    have = torch.cuda.device_count()
-    if n > have:
-        raise ConfigError(f"--gpus {n}: this machine has {have} CUDA GPU{'s' if have != 1 else ''}")
-    return n
 
 
 def launch_local(cfg: TrainConfig, where: str | None = None) -> tuple[int, dict]:

@@ -25,7 +25,7 @@ from moco_fast.epoch import resumed_part
 from moco_fast.epoch import run_epoch as _run_epoch
 from moco_fast.join import init_from_env
 from moco_fast.launch import under_torchrun
-from moco_fast.loaders import LoaderArgs, create_loader
+from moco_fast.loaders import LoaderArgs, check_loader, create_loader
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, owes_row, read_rows
 from moco_fast.model import MoCo
 from moco_fast.monitor import eval_split_use, knn_figures, knn_top1, monitor_splits
@@ -54,14 +54,20 @@ log = logging.getLogger("moco_fast")
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = named_device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+def named_device(name: str) -> torch.device:
+    """--device NAME (not auto) as a device, whether or not this machine has it."""
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r}: use cpu, cuda, cuda:N or auto") from None
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name!r}: moco-fast runs on cpu or cuda (cuda:N), or auto")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
     return dev
 
 
@@ -181,6 +187,20 @@ def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
         check_cuda_graph(device, world)
     if cfg.runtime.sync_bn and world > 1 and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only)")
+
+
+def check_flags(cfg: TrainConfig, world: int) -> None:
+    """What train() refuses before it reads data or builds the model, as far as the flags alone decide
+    it (`train --print-config`; world: the processes the run would start). Left to the run: what
+    depends on the machine it runs on (--device auto or cuda, an optional backend's library), the run
+    folder (--out, --force) and the data."""
+    # --device cpu is on every machine; auto and cuda are checked as on one with a GPU
+    cpu = cfg.runtime.device != "auto" and named_device(cfg.runtime.device).type == "cpu"
+    device = torch.device("cpu" if cpu else "cuda")
+    resolve_amp(cfg.runtime.amp, device)
+    validate(cfg, world, partial(saved_world_size, cfg))
+    validate_device(cfg, device, world)
+    check_loader(cfg.data.loader, cfg.data.loader_options)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -246,7 +246,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a kill or crash loses at most that much; --resume continues at the next step (0: at epoch ends and "
         "stops only; default 30)",
     )
-    g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    g.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and exit, after the checks of the flags that the run makes before it "
+        "starts (loader options, --arch, --moco-k against the batch...); the data, --out and this machine's "
+        "GPUs are not checked: the config may be for another machine",
+    )
     p.set_defaults(func=run, io_paths=(("--data", "data"), ("--out", "out")))  # cli.command_paths
 
 
@@ -383,10 +389,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.print_config:
         from moco_fast.config import to_dict
-        from moco_fast.loaders import check_loader
+        from moco_fast.launch import check_gpus_flag
+        from moco_fast.trainer import check_flags
 
-        # what the run's loader would refuse, without building it (its data may be on another machine)
-        check_loader(cfg.data.loader, cfg.data.loader_options)
+        # what the run would refuse before its first step, as far as the flags decide it: not the data
+        # or the GPUs, which may be those of another machine
+        if args.gpus is not None:
+            check_gpus_flag(cfg)
+        check_flags(cfg, cfg.runtime.gpus if cfg.runtime.gpus > 1 else int(os.environ.get("WORLD_SIZE", "1")))
 
         print(json.dumps(to_dict(cfg), indent=2))
         return 0

@@ -1,0 +1,67 @@
+"""`train --print-config` refuses what the run would refuse before it starts, as far as the flags
+alone decide it, and prints configs for machines other than this one (their GPUs, their data)."""
+
+import json
+
+import pytest
+
+from moco_fast.cli import main
+
+# flags the run refuses up front, whatever machine it runs on, and a part of its one line
+REFUSED = [
+    (["--arch", "resnet_nosuch"], "unknown arch 'resnet_nosuch'"),
+    (["--moco-k", "16", "--batch-size", "32"], "--moco-k 16 is smaller than the keys one step enqueues (32)"),
+    (["--epochs", "0"], "--epochs and --batch-size must be positive"),
+    (["--batch-size", "12", "--bn-splits", "8"], "must be a multiple of --bn-splits 8"),
+    (["--moco-t", "0"], "--moco-t must be positive"),
+    (["--knn-k", "0"], "--knn-k must be at least 1"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--device", "cpu", "--amp", "fp16"], "--amp fp16 needs a GPU"),
+    (["--device", "cpu", "--cuda-graph"], "--cuda-graph captures the step on a CUDA GPU"),
+    (["--loader", "resident", "--loader-option", "memory_fraction=2"], "memory_fraction must be within (0, 1]"),
+]
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(("flags", "said"), REFUSED)
+def test_print_config_refuses_what_the_run_refuses(tmp_path, capsys, flags, said):
+    assert main(["train", *flags, "--print-config"]) == 2
+    printed = one_line(capsys)
+    assert said in printed
+    # the run: the same line and exit status, before it reads data or writes --out
+    assert main(["train", *flags, "--out", str(tmp_path / "run")]) == 2
+    assert one_line(capsys) == printed
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--gpus", "0"], "--gpus must be at least 1"),
+        (["--gpus", "2", "--device", "cpu"], "for 2 CPU processes use torchrun"),
+        (["--gpus", "2", "--cuda-graph"], "--cuda-graph runs with one process only"),
+        (["--gpus", "2", "--batch-size", "64", "--moco-k", "64"], "the keys one step enqueues (128)"),
+    ],
+)
+def test_print_config_checks_gpus_as_the_run_would_with_those_gpus(capsys, flags, said):
+    assert main(["train", *flags, "--print-config"]) == 2
+    assert said in one_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--device", "cuda", "--amp", "fp16"],  # no GPU here: the config is for a machine that has one
+        ["--gpus", "8"],
+        ["--data", "/no/such/folder"],  # the data is not read: it may be on the other machine
+        ["--device", "cuda:1", "--cuda-graph"],
+    ],
+)
+def test_print_config_leaves_this_machine_and_the_data_to_the_run(capsys, flags):
+    assert main(["train", *flags, "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["optim"]["epochs"] > 0
