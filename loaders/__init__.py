@@ -47,11 +47,11 @@ def available_loaders() -> list[str]:
     return sorted(_MODULES)
 
 
-def check_loader(name: str, options: dict[str, str]) -> None:
-    """ConfigError for a --loader, or a --loader-option of it, that create_loader would refuse,
-    without importing the backend (its library may be missing here: train --print-config)."""
+def check_loader(name: str, options: dict[str, str], cpu: bool = False) -> None:
+    """ConfigError for a --loader, or a --loader-option of it, that create_loader would refuse (on the
+    CPU where `cpu`), without importing the backend (its library may be missing here: train --print-config)."""
     _check_name(name)
-    check_loader_options(name, options)
+    check_loader_options(name, options, cpu)
 
 
 def _check_name(name: str) -> None:

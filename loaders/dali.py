@@ -261,8 +261,7 @@ class DaliLoader(SkipsBadSamples):
         if dev.type not in ("cpu", "cuda"):
             raise ConfigError(f"--loader dali runs on cuda or cpu, not {dev.type}")
         gpu = dev.type == "cuda"
-        if self.opts.decoder == "mixed" and not gpu:
-            raise ConfigError("--loader-option decoder=mixed needs a CUDA device")
+        self.opts.check_device(gpu)
         self.settings = PipelineSettings(
             batch_size=args.batch_size,
             device_id=(dev.index if dev.index is not None else torch.cuda.current_device()) if gpu else None,

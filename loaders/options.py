@@ -65,6 +65,10 @@ class DaliOptions:
             raise ConfigError("--loader-option threads must be >= 0, prefetch and shuffle_buffer >= 1")
         return o
 
+    def check_device(self, gpu: bool) -> None:
+        if self.decoder == "mixed" and not gpu:
+            raise ConfigError("--loader-option decoder=mixed needs a CUDA device")
+
 
 @dataclass
 class FFCVOptions:
@@ -103,9 +107,9 @@ class ResidentOptions:
         return o
 
 
-def check_loader_options(name: str, options: dict[str, str]) -> None:
+def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) -> None:
     """ConfigError for what backend `name` (a registered one: loaders.check_loader) would refuse in
-    `options`: its loader parses them the same way when it is built."""
+    `options` (on the CPU where `cpu`): its loader parses them the same way when it is built."""
     parsers = {
         "dali": DaliOptions.parse,
         "ffcv": FFCVOptions.parse,
@@ -113,4 +117,6 @@ def check_loader_options(name: str, options: dict[str, str]) -> None:
         "torch": lambda o: parse_options(NoOptions, o, "torch"),
         "synthetic": lambda o: parse_options(NoOptions, o, "synthetic"),
     }
-    parsers[name](options)
+    parsed = parsers[name](options)
+    if isinstance(parsed, DaliOptions):
+        parsed.check_device(gpu=not cpu)

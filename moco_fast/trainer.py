@@ -200,7 +200,7 @@ def check_flags(cfg: TrainConfig, world: int) -> None:
     resolve_amp(cfg.runtime.amp, device)
     validate(cfg, world, partial(saved_world_size, cfg))
     validate_device(cfg, device, world)
-    check_loader(cfg.data.loader, cfg.data.loader_options)
+    check_loader(cfg.data.loader, cfg.data.loader_options, cpu)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

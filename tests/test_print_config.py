@@ -19,6 +19,7 @@ REFUSED = [
     (["--device", "cpu", "--amp", "fp16"], "--amp fp16 needs a GPU"),
     (["--device", "cpu", "--cuda-graph"], "--cuda-graph captures the step on a CUDA GPU"),
     (["--loader", "resident", "--loader-option", "memory_fraction=2"], "memory_fraction must be within (0, 1]"),
+    (["--device", "cpu", "--loader", "dali", "--loader-option", "decoder=mixed"], "decoder=mixed needs a CUDA"),
 ]
 
 
@@ -60,6 +61,7 @@ def test_print_config_checks_gpus_as_the_run_would_with_those_gpus(capsys, flags
         ["--gpus", "8"],
         ["--data", "/no/such/folder"],  # the data is not read: it may be on the other machine
         ["--device", "cuda:1", "--cuda-graph"],
+        ["--loader", "dali", "--loader-option", "decoder=mixed"],  # --device auto: mixed on a GPU machine
     ],
 )
 def test_print_config_leaves_this_machine_and_the_data_to_the_run(capsys, flags):
