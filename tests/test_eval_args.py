@@ -86,6 +86,20 @@ def test_train_help_names_each_presets_own_defaults():
     assert v2_on_demo.data.aug.image_size == 32 and "32 with any preset on the demo set" in helps["image_size"]
 
 
+def test_the_preset_help_names_the_loaders_that_make_plain_train_run_v2():
+    # without --data plain train runs the demo preset only with a loader that reads the demo set as it
+    # is: the help said "demo without --data", and `train --loader synthetic` ran v2 (200 epochs, ResNet-50)
+    from moco_fast.commands.train import config_from_args
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(next(a for a in sub.choices["train"]._actions if a.dest == "preset").help.split())
+    default = text[text.index("(default") :]
+    for loader in ("torch", "resident", "dali", "ffcv", "synthetic"):
+        preset = config_from_args(parser.parse_args(["train", "--loader", loader])).preset
+        assert (loader in default) == (preset == "v2"), (loader, preset, default)
+
+
 def test_resume_help_names_each_commands_own_state_file(capsys):
     # finetune's --resume help named lincls's files (lincls.json -> lincls.state.pt)
     for cmd in ("lincls", "finetune"):

@@ -107,7 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=sorted(PRESETS),
         help="v1: linear head, T=0.07, step schedule, v1 augmentations; v2: MLP head, T=0.2, cosine, "
         "blur; cifar: the official CIFAR-10 demo (ResNet-18, CIFAR stem, K=4096, m=0.99, T=0.1); "
-        "demo: a few minutes on a CPU on the shipped demo set (default: demo without --data, else v2)",
+        "demo: a few minutes on a CPU on the shipped demo set (default: demo without --data, v2 with it or with "
+        "--loader dali, ffcv or synthetic)",
     )
     g.add_argument(
         "--arch",
