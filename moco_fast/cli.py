@@ -259,13 +259,23 @@ HELD_IMPORTS = ("torch", "torchvision")
 
 
 @contextlib.contextmanager
-def _stops_held() -> Iterator[list[int]]:
+def _stops_held(second_ends: bool = False) -> Iterator[list[int]]:
     """While in it, Ctrl-C and the STOP_SIGNALS are recorded in the list it yields, not acted on;
-    the handlers from before are put back after. Main thread only."""
+    the handlers from before are put back after. With `second_ends`, a stop after one was held ends
+    the process at once by its default action (one that was ignored stays ignored): a last line to a
+    pipe nobody reads blocks for ever, and held stops could not end it. Main thread only."""
     held: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in (signal.SIGINT, *STOP_SIGNALS)
-    }
+    sigs = (signal.SIGINT, *STOP_SIGNALS)
+    previous = {sig: signal.getsignal(sig) for sig in sigs}  # before the handler, which reads it
+
+    def hold(signum, frame):
+        if second_ends and held and previous[signum] is not signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        held.append(signum)
+
+    for sig in sigs:
+        signal.signal(sig, hold)
     try:
         yield held
     finally:
@@ -371,8 +381,10 @@ def _run(args: argparse.Namespace) -> int:
     except BaseException as e:
         # The command ends here with its line: a stop that comes meanwhile is dropped. It raised from
         # the handler, a traceback after (or instead of) the line: torchrun's SIGTERM to the ranks
-        # that are still saying the error that ended another, a job's second signal.
-        with _stops_held() if threading.current_thread() is threading.main_thread() else contextlib.nullcontext():
+        # that are still saying the error that ended another, a job's second signal. One more ends
+        # the process: the line can block for ever (a pipe nobody reads).
+        main_thread = threading.current_thread() is threading.main_thread()
+        with _stops_held(second_ends=True) if main_thread else contextlib.nullcontext():
             # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,
             # and user_errors() imports modules that import torch.
             line = one_line(e, command_paths(args))

@@ -116,6 +116,51 @@ def test_a_stop_while_the_command_says_its_last_line_is_dropped(monkeypatch, cap
     assert len(sent) == 2
 
 
+BLOCKED_LAST_LINE = """
+import fcntl, os, sys
+import moco_fast.commands.export as export
+from moco_fast.cli import main
+from moco_fast.config import ConfigError
+
+def fails(args):
+    flags = fcntl.fcntl(2, fcntl.F_GETFL)  # stderr, a pipe nobody reads, filled: the last line blocks
+    fcntl.fcntl(2, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    for size in (4096, 1):
+        try:
+            while True:
+                os.write(2, b"x" * size)
+        except BlockingIOError:
+            pass
+    fcntl.fcntl(2, fcntl.F_SETFL, flags)
+    print("full", flush=True)
+    raise ConfigError("the ranks were started with different settings")
+
+export.run = fails
+sys.exit(main(["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]))
+"""
+
+
+def test_a_second_stop_ends_a_command_whose_last_line_blocks():
+    # A stop while the last line is said is held (above); a line to a pipe nobody reads blocks for
+    # ever, where held stops alone left SIGKILL as the only end: the one after a held one ends it.
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKED_LAST_LINE], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"full\n"
+        for _ in range(40):  # the first can come before the line (it ends the command), or in it (held)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.25)
+            if proc.poll() is not None:
+                break
+        assert proc.poll() == -signal.SIGTERM, "the command did not end: its stops were held"
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 STOPPED_IN_A_SAVE = """
 import json, os, pathlib, signal, sys, torch
 from moco_fast import trainer
