@@ -14,6 +14,7 @@ unwinding (a save cut short leaves a temporary file, removed at the next start).
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -86,7 +87,17 @@ def _end(end: Callable[[int], None], signum: int) -> None:
     thread = threading.Thread(target=attempt, name="moco-fast stop watch end", daemon=True)
     thread.start()
     thread.join(END_S)
+    _end_daemonic_children()
     os._exit(128 + signum)
+
+
+def _end_daemonic_children() -> None:
+    """What multiprocessing's exit hook does for the daemonic children, which os._exit skips: the torch
+    loader's DataLoader workers persist across epochs (and ignore SIGTERM), and lived on as orphans
+    until torch's watchdog saw it (up to 5 s), holding the job's stdout and stderr open."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
 
 
 def _received(reader: socket.socket) -> bytes:

@@ -168,7 +168,7 @@ def test_an_error_after_a_peers_stop_ends_the_worker_as_that_stop(tmp_path, monk
 
 
 BLOCKED_IN_NATIVE_CODE = """
-import ctypes, os, signal, sys, threading, time
+import ctypes, multiprocessing, os, signal, sys, threading, time
 from moco_fast import stop_watch
 from moco_fast.cli import stop_signals_handled
 
@@ -192,6 +192,16 @@ with stop_signals_handled(end):
         time.sleep(3)
         print("went on", flush=True)
         sys.exit(0)
+    if case == "workers":  # the torch loader's, kept across epochs
+        import torch
+        from moco_fast.augment import MOCO_CIFAR
+        from moco_fast.loaders import LoaderArgs, create_loader
+
+        args = LoaderArgs(sys.argv[2], MOCO_CIFAR, batch_size=8, device=torch.device("cpu"), workers=2, seed=0)
+        loader = create_loader("torch", args)
+        loader.set_epoch(0)
+        list(loader)
+        print(*(p.pid for p in multiprocessing.active_children()), flush=True)
     threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
     # native code that a signal does not end (a collective on a dead peer): Python's handler waits
     # for it; a CDLL call lets the other threads run, as torch's collectives do
@@ -216,6 +226,30 @@ def test_a_stop_that_the_main_thread_cannot_act_on_ends_a_worker_from_a_thread(t
     said = "ended by 15\n" if case == "blocked" else ""
     assert (p.returncode, p.stdout, p.stderr) == (128 + signal.SIGTERM, said, ""), p.stderr[-2000:]
     assert time.time() - t0 < 20
+
+
+def test_a_worker_that_the_watch_ends_takes_its_dataloader_workers_with_it(tiny_root):
+    # os._exit skips the exit hooks that end them: the torch loader's workers, kept across epochs,
+    # lived on as orphans until torch's watchdog saw it (up to 5 s), holding the job's stdout and stderr
+    p = subprocess.Popen([sys.executable, "-c", BLOCKED_IN_NATIVE_CODE, "workers", str(tiny_root)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        workers = [int(pid) for pid in p.stdout.readline().split()]
+        assert p.wait(timeout=30) == 128 + signal.SIGTERM
+        time.sleep(0.2)  # SIGKILL's end is not synchronous
+        assert len(workers) == 2 and not [pid for pid in workers if running(pid)]
+    finally:
+        p.kill()
+        p.communicate()
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan that init has not reaped yet counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_the_wakeup_fd_is_put_back_only_where_it_is_still_the_watchs():
