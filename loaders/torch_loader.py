@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import atexit
 import functools
-import multiprocessing
 import signal
-import time
 import weakref
 from collections.abc import Iterator
 
@@ -34,6 +32,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 from moco_fast.seeded_images import KeyedImages
+from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
 from .base import DevicePrefetcher, LoaderArgs, check_start_step, stream_seed
@@ -180,23 +179,6 @@ def leave_stops_to_the_trainer(worker_id: int) -> None:
     worker whose process died ends of itself (torch's watchdog)."""
     for sig in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(sig, signal.SIG_IGN)
-
-
-def end_daemonic_children(grace: float = 2.0) -> None:
-    """At exit, what multiprocessing's own exit hook does, but able to end a worker that ignores
-    SIGTERM (leave_stops_to_the_trainer): that hook sends its daemonic children SIGTERM and then
-    waits for them without end, so a process whose workers were still running (an iterator held by a
-    traceback or a global at exit) never ended. SIGTERM first; SIGKILL for one still alive after
-    `grace` seconds. Registered after multiprocessing's hook, so it runs before it (atexit: LIFO)."""
-    children = [p for p in multiprocessing.active_children() if p.daemon]
-    for p in children:
-        p.terminate()
-    deadline = time.monotonic() + grace
-    for p in children:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join()
 
 
 @functools.cache

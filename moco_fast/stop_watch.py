@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 GRACE_S = 5.0  # well under the launcher's 30 s; a handler runs within milliseconds outside native code
@@ -87,17 +88,28 @@ def _end(end: Callable[[int], None], signum: int) -> None:
     thread = threading.Thread(target=attempt, name="moco-fast stop watch end", daemon=True)
     thread.start()
     thread.join(END_S)
-    _end_daemonic_children()
+    # os._exit skips the exit hooks: the torch loader's DataLoader workers, kept across epochs, lived
+    # on as orphans until torch's watchdog saw it (up to 5 s), holding the job's stdout and stderr
+    end_daemonic_children(grace=0.0)
     os._exit(128 + signum)
 
 
-def _end_daemonic_children() -> None:
-    """What multiprocessing's exit hook does for the daemonic children, which os._exit skips: the torch
-    loader's DataLoader workers persist across epochs (and ignore SIGTERM), and lived on as orphans
-    until torch's watchdog saw it (up to 5 s), holding the job's stdout and stderr open."""
-    for p in multiprocessing.active_children():
-        if p.daemon:
+def end_daemonic_children(grace: float = 2.0) -> None:
+    """At exit, what multiprocessing's own exit hook does, but able to end a worker that ignores
+    SIGTERM (loaders/torch_loader.leave_stops_to_the_trainer): that hook sends its daemonic children
+    SIGTERM and then waits for them without end, so a process whose workers were still running (an
+    iterator held by a traceback or a global at exit) never ended. SIGTERM first; SIGKILL for one
+    still alive after `grace` seconds. The torch loader registers it after multiprocessing's hook, so
+    it runs before it (atexit: LIFO); _end calls it before os._exit, which skips both."""
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in children:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
             p.kill()
+            p.join()
 
 
 def _received(reader: socket.socket) -> bytes:
