@@ -4,7 +4,8 @@ and cause (an EIO without a file names the command's --data and --out, as in one
 launch without its peer or address, the ranks' setup warnings, each worker's OMP threads, and a stop
 signal to the launcher.
 
-The workers of these tests import this module: the model and trainer are imported only where needed.
+The workers of these tests import this module: the model and trainer are imported only where needed
+(moco_fast.trainer brings torchvision and torch._dynamo: ~2 s more in each spawned worker).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from moco_fast.cli import main
 from moco_fast.config import ConfigError, build_config
 from moco_fast.join import init_from_env
 from moco_fast.launch import WorkerFailed, run_workers
-from moco_fast.trainer import validate_device
 
 
 def test_more_gpus_than_the_machine_has_is_one_line(tiny_root, tmp_path, capsys):
@@ -75,6 +75,8 @@ def test_gpus_checks_the_run_folder_before_starting_workers(tiny_root, tmp_path,
 
 def test_device_flags_fail_before_the_data_is_read(tmp_path, capsys):
     # --cuda-graph on the CPU and --sync-bn with CPU processes: one line, before the data is touched.
+    from moco_fast.trainer import validate_device  # here: the spawned workers import this module
+
     missing = str(tmp_path / "no-such-data")
     assert main(["train", "--device", "cpu", "--cuda-graph", "--data", missing]) == 2
     assert "--cuda-graph" in capsys.readouterr().err
