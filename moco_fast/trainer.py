@@ -362,6 +362,8 @@ def _train_held(
             writer.write(row)
             if stops.agreed:  # agreed at the epoch's end (run_epoch): saved as its end
                 raise stops.error()
+        if close := getattr(loader, "close", None):  # its kept workers, idle from here (the torch loader's)
+            close()
         if summary_owed:
             log.info("%s: all %d epochs were done already; computing the final kNN it lacks", out, cfg.optim.epochs)
             row = (read_rows(out) or [{"epoch": start_epoch}])[-1]

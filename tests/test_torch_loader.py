@@ -201,3 +201,26 @@ WORKERS += multiprocessing.active_children()
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "exit codes [0, 0]" in out.stdout
+
+
+def test_the_training_workers_are_gone_before_the_final_evaluation(tiny_root, tmp_path, monkeypatch):
+    # the torch loader keeps its DataLoader workers across epochs: after the last epoch they sat idle,
+    # holding their memory, through the final kNN and its own workers
+    import multiprocessing
+
+    from run_helpers import tiny_args
+
+    import moco_fast.trainer as trainer
+    from moco_fast.cli import main
+
+    alive = []
+
+    def final_evaluation(row, *args):
+        alive.append(len(multiprocessing.active_children()))
+        return row
+
+    monkeypatch.setattr(trainer, "_final_evaluation", final_evaluation)
+    argv = tiny_args(tiny_root, tmp_path / "run")
+    argv[argv.index("--workers") + 1] = "2"
+    argv.remove("--no-final-knn")
+    assert main(argv) == 0 and alive == [0]
