@@ -34,13 +34,26 @@ KNOCK_INTERVAL = 0.5
 log = logging.getLogger("moco_fast")
 
 
+def describes_group() -> bool:
+    """RANK and WORLD_SIZE are both set: init_from_env joins a group (a WORLD_SIZE alone, as some
+    shells and schedulers export, starts none: the run is one process)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env_world_size() -> int:
+    """The processes of the group init_from_env would join: WORLD_SIZE where describes_group(), else 1
+    (also for a WORLD_SIZE that is not a number, which init_from_env refuses when the run starts)."""
+    world = os.environ.get("WORLD_SIZE", "")
+    return int(world) if describes_group() and world.strip().isdigit() else 1
+
+
 def init_from_env(device: str = "auto") -> bool:
     """Join the process group that torchrun (or `--gpus N`) described in the environment, if any.
 
     Returns True when this call created the group (the caller then owns `destroy()`). The join waits
     at most join_timeout(); the group's collectives then wait COLLECTIVE_TIMEOUT.
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
+    if not describes_group() or dist.is_initialized():
         return False
     from moco_fast.config import ConfigError
 

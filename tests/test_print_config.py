@@ -67,3 +67,16 @@ def test_print_config_checks_gpus_as_the_run_would_with_those_gpus(capsys, flags
 def test_print_config_leaves_this_machine_and_the_data_to_the_run(capsys, flags):
     assert main(["train", *flags, "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["optim"]["epochs"] > 0
+
+
+def test_print_config_counts_the_processes_of_the_group_the_environment_describes(monkeypatch, capsys):
+    flags = ["train", "--batch-size", "32", "--moco-k", "64", "--print-config"]
+    # a WORLD_SIZE alone starts no group (join.init_from_env): the run is one process and accepts these
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(flags) == 0
+    capsys.readouterr()
+    # with RANK too it is one process of 4: 128 keys a step for a queue of 64
+    monkeypatch.setenv("RANK", "0")
+    assert main(flags) == 2
+    assert "the keys one step enqueues (128)" in one_line(capsys)

@@ -390,14 +390,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.print_config:
         from moco_fast.config import to_dict
+        from moco_fast.join import env_world_size
         from moco_fast.launch import check_gpus_flag
         from moco_fast.trainer import check_flags
 
         # what the run would refuse before its first step, as far as the flags decide it: not the data
-        # or the GPUs, which may be those of another machine
+        # or the GPUs, which may be those of another machine. Its processes: --gpus N's workers, else
+        # the group the environment describes (a WORLD_SIZE without RANK: one process, as train runs)
         if args.gpus is not None:
             check_gpus_flag(cfg)
-        check_flags(cfg, cfg.runtime.gpus if cfg.runtime.gpus > 1 else int(os.environ.get("WORLD_SIZE", "1")))
+        check_flags(cfg, cfg.runtime.gpus if cfg.runtime.gpus > 1 else env_world_size())
 
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
