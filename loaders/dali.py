@@ -63,7 +63,7 @@ from . import register_loader
 from .base import Batch, LoaderArgs, check_start_step, stream_seed
 from .dali_pipeline import PipelineSettings, decodable, folder_pipeline, wds_pipeline
 from .dali_recovery import SkipsBadSamples, path_bytes
-from .options import DaliOptions
+from .options import DaliOptions, parse_loader_options
 from .torch_loader import EpochShardSampler
 from .wds import WdsMeta, index_text, is_wds_root, read_meta, shard_index, split_name
 
@@ -256,7 +256,7 @@ class WdsSource:
 class DaliLoader(SkipsBadSamples):
     def __init__(self, args: LoaderArgs):
         self.args = args
-        self.opts = DaliOptions.parse(args.options)
+        self.opts: DaliOptions = parse_loader_options("dali", args.options)
         dev = args.device
         if dev.type not in ("cpu", "cuda"):
             raise ConfigError(f"--loader dali runs on cuda or cpu, not {dev.type}")

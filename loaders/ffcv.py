@@ -74,7 +74,7 @@ from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, stream_seed
 from .ffcv_cache import use_page_cache_manager
 from .ffcv_ops import FAILURES, DecodeStatus, EpochKey, FlipViews, ResizedCrops, SampleIndexDecoder
-from .options import FFCVOptions
+from .options import FFCVOptions, parse_loader_options
 from .torch_loader import EpochShardSampler
 
 log = logging.getLogger("moco_fast")
@@ -193,7 +193,7 @@ class FFCVLoader:
                 "(make one with `moco-fast convert SRC X.beton`)"
             )
         self.args = args
-        self.opts = FFCVOptions.parse(args.options)
+        self.opts: FFCVOptions = parse_loader_options("ffcv", args.options)
         self.device = args.device
         try:
             reader = Reader(str(path))

@@ -7,7 +7,7 @@ Each backend's module docstring documents its options."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from moco_fast.config import ConfigError
 
@@ -107,9 +107,10 @@ class ResidentOptions:
         return o
 
 
-def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) -> None:
-    """ConfigError for what backend `name` (a registered one: loaders.check_loader) would refuse in
-    `options` (on the CPU where `cpu`): its loader parses them the same way when it is built."""
+def parse_loader_options(name: str, options: dict[str, str]) -> Any:
+    """Backend `name`'s `--loader-option` values, parsed and checked (its options dataclass). Its loader
+    is built with what this returns and check_loader refuses what this refuses: one table, so that
+    `train --print-config` cannot refuse an option that a backend came to take."""
     parsers = {
         "dali": DaliOptions.parse,
         "ffcv": FFCVOptions.parse,
@@ -117,6 +118,12 @@ def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) 
         "torch": lambda o: parse_options(NoOptions, o, "torch"),
         "synthetic": lambda o: parse_options(NoOptions, o, "synthetic"),
     }
-    parsed = parsers[name](options)
+    return parsers[name](options)
+
+
+def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) -> None:
+    """ConfigError for what backend `name` (a registered one: loaders.check_loader) would refuse in
+    `options` (on the CPU where `cpu`), as its loader does when it is built."""
+    parsed = parse_loader_options(name, options)
     if isinstance(parsed, DaliOptions):
         parsed.check_device(gpu=not cpu)

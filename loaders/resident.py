@@ -45,7 +45,7 @@ from moco_fast.data import DataError, ImageList, load_rgb, load_splits
 
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, stream_seed
-from .options import ResidentOptions
+from .options import ResidentOptions, parse_loader_options
 from .torch_loader import EpochShardSampler
 from .wds import refuse_shard_set
 
@@ -152,7 +152,7 @@ class ResidentLoader:
     def __init__(self, args: LoaderArgs):
         self.args = args
         self.start_step = 0
-        self.opts = ResidentOptions.parse(args.options)
+        self.opts: ResidentOptions = parse_loader_options("resident", args.options)
         refuse_shard_set(args.data, "resident")
         self.splits = load_splits(args.data, check=args.check_images, eval_split=args.eval_split)
         images = self.splits.train

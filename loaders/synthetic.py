@@ -6,7 +6,7 @@ import torch
 
 from . import register_loader
 from .base import Batch, LoaderArgs, check_start_step
-from .options import NoOptions, parse_options
+from .options import parse_loader_options
 
 
 class SyntheticLoader:
@@ -47,5 +47,5 @@ class SyntheticLoader:
 
 @register_loader("synthetic")
 def build_synthetic_loader(args: LoaderArgs) -> SyntheticLoader:
-    parse_options(NoOptions, args.options, "synthetic")
+    parse_loader_options("synthetic", args.options)
     return SyntheticLoader(args)

@@ -37,7 +37,7 @@ from moco_fast.stop_watch import end_daemonic_children
 from . import register_loader
 from .base import DevicePrefetcher, LoaderArgs, check_start_step, stream_seed
 from .color_jitter import ColorJitter
-from .options import NoOptions, parse_options
+from .options import parse_loader_options
 from .wds import refuse_shard_set
 
 
@@ -264,6 +264,6 @@ class TorchLoader:
 
 @register_loader("torch")
 def build_torch_loader(args: LoaderArgs) -> TorchLoader:
-    parse_options(NoOptions, args.options, "torch")
+    parse_loader_options("torch", args.options)
     refuse_shard_set(args.data, "torch")
     return TorchLoader(load_splits(args.data, check=args.check_images, eval_split=args.eval_split), args)
