@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _in_a_worker() -> bool:
     """A process of a job of several (torchrun, or RANK and WORLD_SIZE set by hand)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    world = os.environ.get("WORLD_SIZE", "1").strip()  # not a number: the run refuses it (join), in one line
+    return (world.isdigit() and int(world) > 1) or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def _say_stopped(signum: int) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moco_fast.join import env_world_size
+
 SHUFFLE_MODES = ("alltoall", "allgather")
 
 log = logging.getLogger("moco_fast")
@@ -305,7 +307,7 @@ def local_device(device: torch.device) -> torch.device:
     saves and restores, new CUDA tensors) then means the training GPU."""
     if device.type != "cuda":
         return device
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world_size()
     if device.index is not None and world > 1:  # every process would take that one GPU
         from moco_fast.config import ConfigError
 

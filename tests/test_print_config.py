@@ -80,3 +80,21 @@ def test_print_config_counts_the_processes_of_the_group_the_environment_describe
     monkeypatch.setenv("RANK", "0")
     assert main(flags) == 2
     assert "the keys one step enqueues (128)" in one_line(capsys)
+
+
+def test_a_world_size_that_is_not_a_number_is_no_traceback(monkeypatch, capsys):
+    # every command read WORLD_SIZE as a number to decide whether it runs in a worker: `WORLD_SIZE=x`
+    # (a scheduler's template left unfilled) was a ValueError traceback before any check
+    from moco_fast.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["train", "--print-config"]) == 0  # no group described: one process
+    capsys.readouterr()
+    for name, value in (("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    assert main(["train", "--device", "cpu", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "moco-fast train: error: RANK, WORLD_SIZE and MASTER_PORT must be numbers (RANK=0, WORLD_SIZE=x, MASTER_PORT=29500)"
+    ]
