@@ -89,6 +89,7 @@ def test_device_with_an_index_is_refused_with_several_processes(monkeypatch):
     # Under torchrun `--device cuda:1` put every rank on GPU 1 (local_device took the index for all);
     # --gpus already refused it. Checked by the logic alone: the refusal comes before any CUDA call.
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it: a WORLD_SIZE alone is one process
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ConfigError, match=r"^--device cuda:1: with 2 processes each takes the GPU of its LOCAL_RANK"):
         dist_utils.local_device(torch.device("cuda", 1))
