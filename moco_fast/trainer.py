@@ -196,11 +196,17 @@ def check_flags(cfg: TrainConfig, world: int) -> None:
     folder (--out, --force) and the data."""
     # --device cpu is on every machine; auto and cuda are checked as on one with a GPU
     cpu = cfg.runtime.device != "auto" and named_device(cfg.runtime.device).type == "cpu"
-    device = torch.device("cpu" if cpu else "cuda")
-    resolve_amp(cfg.runtime.amp, device)
+    _checked_for(cfg, torch.device("cpu" if cpu else "cuda"), world)
+    check_loader(cfg.data.loader, cfg.data.loader_options, cpu)
+
+
+def _checked_for(cfg: TrainConfig, device: torch.device, world: int) -> torch.dtype | None:
+    """The checks of the flags on `device` with `world` processes, the run's and check_flags' alike;
+    returns the AMP dtype."""
+    amp_dtype = resolve_amp(cfg.runtime.amp, device)
     validate(cfg, world, partial(saved_world_size, cfg))
     validate_device(cfg, device, world)
-    check_loader(cfg.data.loader, cfg.data.loader_options, cpu)
+    return amp_dtype
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -213,9 +219,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         setup_warnings = HeldWarnings()  # until agree(): rank 0 says them, unless the ranks disagree
     try:
         device = dist_utils.local_device(resolve_device(cfg.runtime.device))
-        amp_dtype = resolve_amp(cfg.runtime.amp, device)
-        validate(cfg, world, partial(saved_world_size, cfg))
-        validate_device(cfg, device, world)
+        amp_dtype = _checked_for(cfg, device, world)
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main()) as held:
             ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone
