@@ -12,6 +12,7 @@ first to end; one that the launcher stopped after another's crash does not make 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -222,6 +223,7 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
     names `where`, what the workers read and write, for an EIO without a file), else WorkerFailed
     naming the first rank that failed, with its exit code or signal and its error.
     """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -229,6 +231,9 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
     # The agent's step-by-step INFO lines would bury the training log.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     reports = tempfile.mkdtemp(prefix="moco-fast-workers-")  # the workers' user errors, one file a rank
+    # the agent's own folder (its error files, a folder a rank): by default a new torchelastic_* in
+    # the temporary directory that nobody removes, one more for each run
+    agent_dir = tempfile.mkdtemp(prefix="moco-fast-agent-")
     quiet = _QuietOnUserErrors(reports)
     for name in FAILURE_LOGGERS:
         logging.getLogger(name).addFilter(quiet)
@@ -247,6 +252,7 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
         monitor_interval=0.1,
         start_method="spawn",  # CUDA cannot be forked
         signals_to_handle=",".join(s.name for s in handled),
+        logs_specs=DefaultLogsSpecs(log_dir=agent_dir),
     )
     # As torchrun: with several workers on a machine, one OpenMP thread each unless the user says
     # otherwise. Each worker's CPU ops (and its data loading) would start a thread per core, and the
@@ -263,7 +269,10 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
     # end the command as it does without --gpus.
     handlers = {s: signal.getsignal(s) for s in handled}
     try:
-        results = elastic_launch(config, _recorded)(fn, reports, where, *args)
+        # start_processes' error files (a failed worker's traceback) are temporary files of this
+        # process that nobody removes: they go to agent_dir too
+        with _temporary_files_in(agent_dir):
+            results = elastic_launch(config, _recorded)(fn, reports, where, *args)
     except ChildFailedError as e:
         said = {int(p.name): p.read_text() for p in Path(reports).iterdir() if p.name.isdigit()}
         if said and e.get_first_failure()[0] in said:
@@ -282,7 +291,18 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
         if omp is not None:  # this process's own setting is as it was
             del os.environ["OMP_NUM_THREADS"]
         shutil.rmtree(reports, ignore_errors=True)
+        shutil.rmtree(agent_dir, ignore_errors=True)
     return [results[r] for r in sorted(results)]
+
+
+@contextlib.contextmanager
+def _temporary_files_in(folder: str) -> Iterator[None]:
+    """tempfile's folder for this process, while in it (spawned workers read TMPDIR again)."""
+    before, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
 
 
 def _stopped(reports: str, rank: int, failure: Any) -> KeyboardInterrupt | None:

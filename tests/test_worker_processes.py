@@ -2,7 +2,10 @@
 DataLoader workers were spawned each epoch (importing torch again: a 2-step epoch took 11-15 s on
 the CPU, 1.9 s now), and tqdm's lock was a named semaphore that the resource tracker reported as
 leaked, after the command's last line, when a worker ended without its exit handlers. A worker now
-runs with the platform's default start method, as a torchrun worker does."""
+runs with the platform's default start method, as a torchrun worker does.
+
+And a run of workers leaves nothing in the temporary directory (the elastic agent's folders and a
+failed worker's error file stayed there, one more each run)."""
 
 import subprocess
 import sys
@@ -58,3 +61,33 @@ def test_a_spawned_workers_processes_start_as_they_would_alone(tmp_path, case):
         assert p.stdout == "the worker's\nexit 0\n", p.stderr[-2000:]
     else:
         assert p.stdout == "exit 138\n" and "leaked" not in p.stderr, p.stderr[-2000:]
+
+
+def _returns_its_rank() -> int:
+    import os
+
+    return int(os.environ["RANK"])
+
+
+def _fails() -> int:
+    raise RuntimeError("a worker's failure")
+
+
+@pytest.mark.parametrize("fn", [_returns_its_rank, _fails])
+def test_a_run_of_workers_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch, fn):
+    # the elastic agent made a torchelastic_* folder there for each run, and a failed worker's
+    # traceback stayed in a pytorch-errorfile-*.pickle
+    import tempfile
+
+    from moco_fast.launch import WorkerFailed, run_workers
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the workers' too
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read again from TMPDIR
+    if fn is _fails:
+        with pytest.raises(WorkerFailed, match="a worker's failure"):
+            run_workers(fn, (), 2)
+    else:
+        assert run_workers(fn, (), 2) == [0, 1]
+    # torch's compiler cache (one for the user, made on a failure's report) is no litter
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")] == []
+    assert tempfile.gettempdir() == str(tmp_path)  # put back
