@@ -45,7 +45,8 @@ def bar_then_gone():
 
 
 if __name__ == "__main__":
-    p = mp.get_context("spawn").Process(target=_reported, args=(globals()[sys.argv[1]], tempfile.mkdtemp(), None))
+    reports = tempfile.mkdtemp(dir=os.path.dirname(__file__))  # in the test's tmp_path, not left in /tmp
+    p = mp.get_context("spawn").Process(target=_reported, args=(globals()[sys.argv[1]], reports, None))
     p.start()
     p.join()
     print("exit", p.exitcode, flush=True)
