@@ -1,7 +1,9 @@
 """What the distributed test files share (not a test module: pytest does not collect it): the
-`moco-fast train` command lines of a tiny run on images and of a synthetic one."""
+`moco-fast train` command lines of a tiny run on images and of a synthetic one, and torchrun's."""
 
 from __future__ import annotations
+
+import sys
 
 
 def cli_args(root, out, epochs: int, batch: int = 8) -> list[str]:
@@ -17,4 +19,13 @@ def synthetic_args(out, *extra: str) -> list[str]:
         "train", "--loader", "synthetic", "--synthetic-steps", "2", "--device", "cpu", "--arch", "resnet18",
         "--image-size", "16", "--dim", "16", "--batch-size", "8", "--moco-k", "32", "--epochs", "1",
         "--workers", "0", "--no-final-knn", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def torchrun(tmp_path, *flags: str) -> list[str]:
+    """torchrun for 2 local processes, its log folder in tmp_path: by default a torchelastic_* folder
+    in /tmp, left there."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "--log-dir", str(tmp_path / "torchrun"), *flags,
     ]  # fmt: skip

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from distributed_helpers import cli_args, synthetic_args
+from distributed_helpers import cli_args, synthetic_args, torchrun
 
 from moco_fast.cli import main
 from moco_fast.config import ConfigError, build_config
@@ -31,7 +31,7 @@ def test_cli_under_torchrun_then_resume_with_one_process(tiny_root, tmp_path, ca
     shutil.copytree(tiny_root, tmp_path / "data")
     tiny_root = tmp_path / "data"
     next((tiny_root / "train").iterdir()).joinpath("notes.txt").write_text("not an image")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moco_fast"]
+    cmd = torchrun(tmp_path, "-m", "moco_fast")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     # the official code's exchange for shuffle BN (the default all-to-all runs in the DDP tests above)
@@ -212,7 +212,7 @@ def test_ranks_with_different_data_stop_instead_of_hanging(tmp_path):
     )
     script.chmod(0o755)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
+    cmd = torchrun(tmp_path, "--no-python")
     args = [str(script), "train", *cli_args(big, out, 1)[3:], "--no-final-knn"]  # the script adds --data
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
@@ -238,7 +238,7 @@ def test_every_torchrun_rank_stops_at_a_run_folder_in_use(tiny_root, tmp_path):
     from moco_fast.run_folder import hold_run_folder
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moco_fast"]
+    cmd = torchrun(tmp_path, "-m", "moco_fast")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with hold_run_folder(out):  # as another train writing there
         p = subprocess.run(cmd + cli_args(tiny_root, out, 1), capture_output=True, text=True, env=env, timeout=180)
