@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,15 @@ class Ran(Exception):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """checkpoint.pt of an untrained ResNet-18 (enough for export: config + model)."""
+def ckpt(tmp_path_factory) -> Iterator[Path]:
+    """checkpoint.pt of an untrained ResNet-18 (enough for export: config + model), 90 MB: removed
+    after the module, not kept to the session's end."""
     path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
     cfg = build_config("cifar", TINY)
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size)
     torch.save({"config": to_dict(cfg), "model": model.state_dict(), "epoch": 1}, path)
-    return path
+    yield path
+    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def one_line_error(capsys) -> str:

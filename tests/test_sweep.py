@@ -66,7 +66,8 @@ def finished_sweep(six_root, tmp_path_factory):
     """A sweep folder with one finished setting (moco, K 16, m 0.99); tests work on copies."""
     out = tmp_path_factory.mktemp("sweep") / "sweep"
     assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)  # its run's checkpoint: not kept to the session's end
 
 
 def last_error(capsys) -> str:
