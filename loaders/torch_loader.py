@@ -32,6 +32,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 from moco_fast.seeded_images import KeyedImages
+from moco_fast.shared_memory import stack_shared, tensor_shared
 from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
@@ -193,9 +194,11 @@ def _close_at_exit(ref: weakref.ref[TorchLoader]) -> None:
 
 
 def collate_views(items):
+    """(N x 3 x S x S uint8 view 1, view 2, N labels, N indices), in shared memory in a worker
+    (shared_memory: a full /dev/shm is then an error, not a batch dropped for ever)."""
     views, label, index = zip(*items, strict=True)
     v1, v2 = zip(*views, strict=True)
-    return torch.stack(v1), torch.stack(v2), torch.tensor(label), torch.tensor(index)
+    return stack_shared(v1), stack_shared(v2), tensor_shared(label), tensor_shared(index)
 
 
 class TorchLoader:

@@ -18,7 +18,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 
-from moco_fast import stop_watch
+from moco_fast import shared_memory, stop_watch
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args)`.
 COMMANDS = [
@@ -131,11 +131,14 @@ def error_text(e: BaseException) -> str:
 def one_line(e: BaseException, where: str | None = None) -> str | None:
     """The one line that ends a command for `e` (exit status 2): a user error's text, or what the
     machine refused (a full disk, a failing disk; `where`: what the command reads and writes, for an
-    error that names no file); None for anything else, a bug that keeps its traceback. Also what a
-    `--gpus` worker reports to the launcher (launch._recorded)."""
+    error that names no file; a /dev/shm that DataLoader workers filled: shared_memory); None for
+    anything else, a bug that keeps its traceback. Also what a `--gpus` worker reports to the
+    launcher (launch._recorded)."""
     if not isinstance(e, KeyboardInterrupt) and isinstance(e, _user_errors_or_none()):
         return error_text(e)
-    return None if interruption(e) is not None else _environment_error(e, where)
+    if interruption(e) is not None:
+        return None
+    return _environment_error(e, where) or shared_memory.exhausted_line(e)
 
 
 def interruption(e: BaseException | None) -> KeyboardInterrupt | None:

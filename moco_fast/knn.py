@@ -18,6 +18,7 @@ from moco_fast.data import DataError, ImageDataset, ImageList, Unreadable
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
+from moco_fast.shared_memory import stack_shared, tensor_shared
 
 log = logging.getLogger("moco_fast")
 
@@ -46,9 +47,10 @@ def warn_few_neighbours(k: int, bank_size: int, train: ImageList) -> None:
 
 
 def collate_labeled(items):
-    """ImageDataset items (image, label, index) -> (N x 3 x H x W uint8, N labels)."""
+    """ImageDataset items (image, label, index) -> (N x 3 x H x W uint8, N labels), in shared memory
+    in a DataLoader worker (shared_memory: a full /dev/shm is then an error, not a hang)."""
     x, y, _ = zip(*items, strict=True)
-    return torch.stack(x), torch.tensor(y)
+    return stack_shared(x), tensor_shared(y)
 
 
 def collate_decodable(items):

@@ -1,0 +1,93 @@
+"""DataLoader workers and /dev/shm: their batches in shared memory, and the one line for a full one.
+
+A DataLoader worker hands each batch to the main process in shared memory (/dev/shm). A container
+has 64 MiB of it unless started with --shm-size or --ipc=host, less than a few batches of images.
+Where the worker's batch goes into shared memory decides what the user sees: torch's queue moves a
+batch there in a feeder thread, which prints its error and drops the batch, and the main process then
+waited for it for ever (ignoring SIGTERM too: the trainer acts on a stop between steps). The collate
+functions make their output in shared memory themselves (`stack_shared`, `tensor_shared`, as torch's
+own default_collate does): the error is raised in the worker's loop, which DataLoader hands to the
+main process, and the command ends with `exhausted_line`'s one line.
+
+torch is imported inside the collate helpers only: cli reads `exhausted_line` for any error, also
+one raised before torch was imported.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Sequence
+
+SHM = "/dev/shm"
+
+ADVICE = "run the container with --shm-size=8g (or --ipc=host), or use --workers 0"
+
+# torch's messages (c10/ATen's MapAllocator, torch/csrc/DataLoader.cpp) for a shared-memory file it
+# could not make ("unable to allocate shared memory(shm) for file </torch_1_2_3>: No space left on
+# device (28)"; "unable to write to file <...>" where the file system has no fallocate), and for a
+# worker that a bus error killed, which is what writing to a full /dev/shm does.
+_NO_SPACE = re.compile(rf"file </torch_[^>]*>: [^\n]*\({errno.ENOSPC}\)")
+_BUS_ERROR = "killed by signal: Bus error"
+
+
+def shm_bytes(path: str = SHM) -> tuple[int, int] | None:
+    """(size, free) of the shared-memory file system in bytes; None where there is none."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+def size_text(n: int) -> str:
+    """Bytes as `df -h` shows them, to a tenth: 64 KiB, 1.5 MiB, 8 GiB."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n >= scale:
+            return f"{round(n / scale, 1):g} {unit}"
+    return f"{round(n / 1024, 1):g} KiB"
+
+
+def _shm_text(path: str = SHM) -> str:
+    sizes = shm_bytes(path)
+    return f"{path}: {size_text(sizes[0])}" if sizes else f"no {path}"
+
+
+def exhausted_line(e: BaseException | None, path: str = SHM) -> str | None:
+    """The one line for a DataLoader whose workers ran out of shared memory, from the error the main
+    process raises (its cause and context too: torch raises "worker exited unexpectedly" from the bus
+    error's), or None for any other error."""
+    while e is not None:
+        text = str(e)
+        if _NO_SPACE.search(text):
+            return f"DataLoader workers ran out of shared memory ({_shm_text(path)}): {ADVICE}"
+        if _BUS_ERROR in text:
+            return (
+                f"a DataLoader worker was killed by a bus error, as a full shared memory does ({_shm_text(path)}): "
+                f"{ADVICE}"
+            )
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def stack_shared(tensors: Sequence):
+    """torch.stack(tensors), made in shared memory in a DataLoader worker (see the module's text)."""
+    import torch
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = torch.UntypedStorage._new_shared(len(tensors) * first.nbytes, device=first.device)
+    out = torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, 0, (len(tensors), *first.shape))
+    return torch.stack(tensors, out=out)
+
+
+def tensor_shared(values: Sequence):
+    """torch.tensor(values), moved to shared memory in a DataLoader worker (a few bytes: labels, indices)."""
+    import torch
+    from torch.utils.data import get_worker_info
+
+    out = torch.tensor(values)
+    return out if get_worker_info() is None else out.share_memory_()

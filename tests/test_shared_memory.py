@@ -1,0 +1,140 @@
+"""DataLoader workers out of shared memory (/dev/shm), as in a container started without --shm-size:
+one line naming /dev/shm and what to do, never a traceback or a hang (moco_fast/shared_memory.py).
+
+The runs under a small /dev/shm mount a tmpfs of their own in a mount namespace (`unshare -m`, as
+root); where that is not permitted they skip. Without the fix they hang: they fail at their timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from run_helpers import tiny_args
+from torch.utils.data import DataLoader, Dataset
+
+from moco_fast import shared_memory
+from moco_fast.cli import one_line
+from moco_fast.shared_memory import ADVICE
+
+
+def under_small_shm(size: str, argv: list[str]) -> list[str]:
+    """argv run with a /dev/shm of `size` (tmpfs's size=, e.g. 64k) of its own."""
+    mount = f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", mount, "sh", *argv]
+
+
+@pytest.fixture(scope="module")
+def small_shm() -> None:
+    try:
+        done = subprocess.run(under_small_shm("64k", ["true"]), capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        done = None
+    if done is None or done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs on /dev/shm in a mount namespace here (unshare -m needs root)")
+
+
+def run_small_shm(argv: list[str], timeout: int = 90) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of argv under a 64 KiB /dev/shm; a hang is ended and fails the test."""
+    proc = subprocess.Popen(
+        under_small_shm("64k", argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"still running after {timeout} s (a batch dropped: a hang):\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+FULL = f"DataLoader workers ran out of shared memory (/dev/shm: 64 KiB): {ADVICE}"
+
+
+def test_train_with_its_workers_out_of_shared_memory_ends_with_one_line(small_shm, tiny_root, tmp_path):
+    # one view of a batch (8 x 3 x 64 x 64 bytes, 96 KiB) does not fit in the 64 KiB
+    argv = [*tiny_args(tiny_root, tmp_path / "run"), "--loader", "torch", "--workers", "2", "--image-size", "64"]
+    status, _, err = run_small_shm([sys.executable, "-m", "moco_fast", *argv])
+    assert (status, err.splitlines()[-1].strip()) == (2, f"moco-fast train: error: {FULL}"), err[-3000:]
+    assert "Traceback" not in err
+
+
+EVAL_LOADER = """
+import sys
+from pathlib import Path
+from moco_fast.cli import one_line
+from moco_fast.data import list_images
+from moco_fast.knn import eval_batches
+from moco_fast.lincls import image_batches
+
+images = list_images(Path(sys.argv[1]))
+if sys.argv[2] == "eval":
+    batches = eval_batches(images, 64, 8, 2, "kNN features")
+else:
+    batches = image_batches(images, 64, True, 8, 2, seed=0)
+try:
+    next(iter(batches))
+    print("read a batch")
+except RuntimeError as e:
+    print(one_line(e))
+"""
+
+
+@pytest.mark.parametrize("which", ["eval", "train"])
+def test_evaluation_loaders_out_of_shared_memory_raise_the_line(small_shm, tiny_root, which):
+    # eval: kNN's and lincls/finetune's evaluation passes (collate_decodable); train: lincls/finetune's
+    # training loader (collate_labeled). One view of a batch (8 x 3 x 64 x 64 bytes) does not fit.
+    _, out, err = run_small_shm([sys.executable, "-c", EVAL_LOADER, str(tiny_root / "train"), which])
+    assert out.splitlines() == [FULL], err[-3000:]
+
+
+class BusError(Dataset):
+    """A worker that dies as one writing to a full /dev/shm does (SIGBUS)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        os.kill(os.getpid(), signal.SIGBUS)
+
+
+def test_a_worker_killed_by_a_bus_error_is_named_with_dev_shm():
+    # torch's own error, raised in the main process (its SIGCHLD handler, "exited unexpectedly" from it)
+    with pytest.raises(RuntimeError) as caught:
+        next(iter(DataLoader(BusError(), num_workers=1)))
+    line = one_line(caught.value)
+    size = shared_memory.size_text(shared_memory.shm_bytes()[0])
+    assert (
+        line
+        == f"a DataLoader worker was killed by a bus error, as a full shared memory does (/dev/shm: {size}): {ADVICE}"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # torch's (c10/ATen MapAllocator) where posix_fallocate fails, and where it falls back to writing
+        "unable to allocate shared memory(shm) for file </torch_23638_836510378_7>: No space left on device (28)",
+        "unable to write to file </torch_6_7_8>: No space left on device (28)",
+    ],
+)
+def test_torch_messages_for_a_full_dev_shm_are_recognised(text):
+    wrapped = RuntimeError(
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        f'  File "x.py", line 1, in collate\nRuntimeError: {text}\n'
+    )
+    assert one_line(wrapped).startswith("DataLoader workers ran out of shared memory (/dev/shm: ")
+
+
+@pytest.mark.parametrize(
+    "e",
+    [
+        RuntimeError("unable to write to file </data/x.bin>: No space left on device (28)"),  # not torch's shm
+        RuntimeError("unable to open shared memory object </torch_1_2_3> in read-write mode: Too many open files (24)"),
+        RuntimeError("DataLoader worker (pid 12) is killed by signal: Segmentation fault. "),
+    ],
+)
+def test_other_errors_are_not_taken_for_a_full_dev_shm(e):
+    assert shared_memory.exhausted_line(e) is None
