@@ -32,7 +32,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 from moco_fast.seeded_images import KeyedImages
-from moco_fast.shared_memory import stack_shared, tensor_shared
+from moco_fast.shared_memory import stack_shared, tensor_shared, warn_if_short
 from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
@@ -201,6 +201,10 @@ def collate_views(items):
     return stack_shared(v1), stack_shared(v2), tensor_shared(label), tensor_shared(index)
 
 
+# Batches each DataLoader worker makes ahead of the trainer (torch's prefetch_factor).
+PREFETCH = 4
+
+
 class TorchLoader:
     starts_mid_epoch = True
 
@@ -218,6 +222,10 @@ class TorchLoader:
         self.sampler = EpochShardSampler(len(images), args.seed, args.rank, args.world_size)
         self.keys = EpochShardKeys(self.sampler, args.batch_size)
         self._batches: DataLoader | None = None  # made at the first __iter__, its workers kept to the end
+        # before the epoch's progress bar: a batch's two uint8 views, its labels and indices (int64)
+        warn_if_short(
+            args.workers, PREFETCH, args.batch_size * (2 * 3 * args.aug.image_size**2 + 2 * 8), "--loader torch"
+        )
 
     def __len__(self) -> int:
         return len(self.sampler) // self.args.batch_size
@@ -245,7 +253,7 @@ class TorchLoader:
                 # the workers' base seed, drawn once from this generator rather than the trainer's
                 # stream (the views do not depend on it: KeyedImages)
                 generator=torch.Generator().manual_seed(stream_seed(a.seed, 0, a.rank)),
-                prefetch_factor=4 if a.workers > 0 else None,
+                prefetch_factor=PREFETCH if a.workers > 0 else None,
                 # a new epoch's iteration drops what the workers made ahead for an epoch left before
                 # its end (a test's partial read): torch's _reset discards it
                 persistent_workers=a.workers > 0,

@@ -18,7 +18,7 @@ from moco_fast.data import DataError, ImageDataset, ImageList, Unreadable
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
-from moco_fast.shared_memory import stack_shared, tensor_shared
+from moco_fast.shared_memory import stack_shared, tensor_shared, warn_if_short
 
 log = logging.getLogger("moco_fast")
 
@@ -51,6 +51,12 @@ def collate_labeled(items):
     in a DataLoader worker (shared_memory: a full /dev/shm is then an error, not a hang)."""
     x, y, _ = zip(*items, strict=True)
     return stack_shared(x), tensor_shared(y)
+
+
+def warn_if_shm_short(workers: int, batch_size: int, image_size: int, desc: str) -> None:
+    """shared_memory.warn_if_short for a DataLoader of collate_labeled batches (uint8 images, int64
+    labels) at torch's default prefetch_factor, 2: kNN, lincls and finetune's loaders."""
+    warn_if_short(workers, 2, batch_size * (3 * image_size**2 + 8), desc)
 
 
 def collate_decodable(items):
@@ -101,6 +107,7 @@ def eval_batches(images: ImageList, image_size: int, batch_size: int, workers: i
     """Center-cropped uint8 batches of every decodable image of `images`, each once, in order: the
     one evaluation pass of kNN, lincls and finetune (and lincls's cached train features)."""
     ds = ImageDataset(images, eval_transform(image_size), substitute=False)
+    warn_if_shm_short(workers, batch_size, image_size, desc)
     dl = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_decodable, shuffle=False)
     return EvalBatches(dl, images, image_size, desc)
 

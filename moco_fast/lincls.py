@@ -43,7 +43,7 @@ from moco_fast.data import (
     resolve_root,
     split_dirs,
 )
-from moco_fast.knn import EvalBatches, collate_labeled, eval_batches
+from moco_fast.knn import EvalBatches, collate_labeled, eval_batches, warn_if_shm_short
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.metrics import progress
 from moco_fast.run_folder import LINCLS_RESULT, result_beside
@@ -129,6 +129,7 @@ def image_batches(
     run draw the same. The workers persist across epochs: the epoch travels with each index."""
     if not train:
         return eval_batches(images, image_size, batch_size, workers, desc)
+    warn_if_shm_short(workers, batch_size, image_size, "the classifier's training loader")
     return DataLoader(
         KeyedImages(ImageDataset(images, train_transform(image_size)), seed),
         batch_size=batch_size,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import warnings
 from collections.abc import Sequence
 
 SHM = "/dev/shm"
@@ -69,6 +70,22 @@ def exhausted_line(e: BaseException | None, path: str = SHM) -> str | None:
             )
         e = e.__cause__ or e.__context__
     return None
+
+
+def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str, path: str = SHM) -> None:
+    """One warning where the free shared memory is less than what `workers` DataLoader workers hold
+    there at once when they are `ahead` batches each ahead of the main process (its prefetch_factor,
+    reached whenever the main process pauses: a save, an evaluation), `batch_bytes` each."""
+    sizes = shm_bytes(path)
+    need = workers * ahead * batch_bytes
+    if workers == 0 or sizes is None or sizes[1] >= need:
+        return
+    warnings.warn(
+        f"{path} has {size_text(sizes[1])} free of {size_text(sizes[0])}, less than the {size_text(need)} that "
+        f"{workers} DataLoader workers of {what} hold there ({ahead} batches of {size_text(batch_bytes)} each): "
+        f"the command stops when it fills; {ADVICE}",
+        stacklevel=2,
+    )
 
 
 def stack_shared(tensors: Sequence):

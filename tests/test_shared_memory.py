@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 from run_helpers import tiny_args
@@ -59,6 +60,9 @@ def test_train_with_its_workers_out_of_shared_memory_ends_with_one_line(small_sh
     status, _, err = run_small_shm([sys.executable, "-m", "moco_fast", *argv])
     assert (status, err.splitlines()[-1].strip()) == (2, f"moco-fast train: error: {FULL}"), err[-3000:]
     assert "Traceback" not in err
+    # the warning at the start, before the first batch
+    # 2 workers x 4 batches x 8 x (2 views of 3 x 64 x 64 bytes + 2 int64) = 1.5 MiB
+    assert "WARNING /dev/shm has " in err and "less than the 1.5 MiB that 2 DataLoader workers of --loader torch" in err
 
 
 EVAL_LOADER = """
@@ -88,6 +92,9 @@ def test_evaluation_loaders_out_of_shared_memory_raise_the_line(small_shm, tiny_
     # training loader (collate_labeled). One view of a batch (8 x 3 x 64 x 64 bytes) does not fit.
     _, out, err = run_small_shm([sys.executable, "-c", EVAL_LOADER, str(tiny_root / "train"), which])
     assert out.splitlines() == [FULL], err[-3000:]
+    # the warning before it: 2 workers x 2 batches x 8 x (3 x 64 x 64 bytes + an int64) = 384.2 KiB
+    loader = "kNN features" if which == "eval" else "the classifier's training loader"
+    assert f"less than the 384.2 KiB that 2 DataLoader workers of {loader} hold there" in err, err[-3000:]
 
 
 class BusError(Dataset):
@@ -138,3 +145,16 @@ def test_torch_messages_for_a_full_dev_shm_are_recognised(text):
 )
 def test_other_errors_are_not_taken_for_a_full_dev_shm(e):
     assert shared_memory.exhausted_line(e) is None
+
+
+def test_the_warning_comes_where_the_workers_hold_more_than_is_free(monkeypatch):
+    monkeypatch.setattr(shared_memory, "shm_bytes", lambda path="/dev/shm": (64 << 20, 60 << 20))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        shared_memory.warn_if_short(2, 4, (15 << 20) // 2, "--loader torch")  # 60 MiB: fits
+        shared_memory.warn_if_short(0, 4, 1 << 30, "--loader torch")  # no workers: nothing in /dev/shm
+        shared_memory.warn_if_short(2, 4, (15 << 20) // 2 + 1, "--loader torch")
+    assert [str(w.message) for w in seen] == [
+        "/dev/shm has 60 MiB free of 64 MiB, less than the 60 MiB that 2 DataLoader workers of --loader torch hold "
+        f"there (4 batches of 7.5 MiB each): the command stops when it fills; {ADVICE}"
+    ]
