@@ -75,15 +75,20 @@ def exhausted_line(e: BaseException | None, path: str = SHM) -> str | None:
 def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str, path: str = SHM) -> None:
     """One warning where the free shared memory is less than what `workers` DataLoader workers hold
     there at once when they are `ahead` batches each ahead of the main process (its prefetch_factor,
-    reached whenever the main process pauses: a save, an evaluation), `batch_bytes` each."""
+    reached whenever the main process pauses: a save, an evaluation), `batch_bytes` each; for each of
+    the machine's processes (`--gpus N`, torchrun), which all share its /dev/shm."""
+    from moco_fast.distributed import local_world_size
+
     sizes = shm_bytes(path)
-    need = workers * ahead * batch_bytes
+    processes = local_world_size()
+    need = processes * workers * ahead * batch_bytes
     if workers == 0 or sizes is None or sizes[1] >= need:
         return
+    whose = f"each of {processes} processes' " if processes > 1 else ""
     warnings.warn(
         f"{path} has {size_text(sizes[1])} free of {size_text(sizes[0])}, less than the {size_text(need)} that "
-        f"{workers} DataLoader workers of {what} hold there ({ahead} batches of {size_text(batch_bytes)} each): "
-        f"the command stops when it fills; {ADVICE}",
+        f"{whose}{workers} DataLoader workers of {what} hold there ({ahead} batches of {size_text(batch_bytes)} "
+        f"each): the command stops when it fills; {ADVICE}",
         stacklevel=2,
     )
 

@@ -158,3 +158,17 @@ def test_the_warning_comes_where_the_workers_hold_more_than_is_free(monkeypatch)
         "/dev/shm has 60 MiB free of 64 MiB, less than the 60 MiB that 2 DataLoader workers of --loader torch hold "
         f"there (4 batches of 7.5 MiB each): the command stops when it fills; {ADVICE}"
     ]
+
+
+def test_the_warning_counts_the_workers_of_each_process_on_the_machine(monkeypatch):
+    # `--gpus 2` or torchrun: both processes' workers fill the one /dev/shm
+    monkeypatch.setattr(shared_memory, "shm_bytes", lambda path="/dev/shm": (64 << 20, 60 << 20))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        shared_memory.warn_if_short(2, 4, (15 << 20) // 4, "--loader torch")  # 2 x 30 MiB: fits
+        shared_memory.warn_if_short(2, 4, (15 << 20) // 2, "--loader torch")
+    assert [str(w.message) for w in seen] == [
+        "/dev/shm has 60 MiB free of 64 MiB, less than the 120 MiB that each of 2 processes' 2 DataLoader workers "
+        f"of --loader torch hold there (4 batches of 7.5 MiB each): the command stops when it fills; {ADVICE}"
+    ]
