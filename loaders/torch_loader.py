@@ -32,7 +32,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 from moco_fast.seeded_images import KeyedImages
-from moco_fast.shared_memory import stack_shared, tensor_shared, warn_if_short
+from moco_fast.shared_memory import check_room_to_start, stack_shared, tensor_shared, warn_if_short
 from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
@@ -242,7 +242,7 @@ class TorchLoader:
                 end_workers_at_exit()
                 # registered after end_daemonic_children, so it runs before it (atexit: LIFO)
                 atexit.register(_close_at_exit, weakref.ref(self))
-            self._batches = DataLoader(
+            batches = DataLoader(
                 self.dataset,
                 batch_size=a.batch_size,
                 sampler=self.keys,
@@ -259,6 +259,8 @@ class TorchLoader:
                 persistent_workers=a.workers > 0,
                 worker_init_fn=leave_stops_to_the_trainer,
             )
+            check_room_to_start(batches)
+            self._batches = batches
         return iter(DevicePrefetcher(self._batches, a.aug, a.device, a.dtype, a.channels_last))
 
     def close(self) -> None:

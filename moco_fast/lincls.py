@@ -48,6 +48,7 @@ from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.metrics import progress
 from moco_fast.run_folder import LINCLS_RESULT, result_beside
 from moco_fast.seeded_images import EpochKeys, KeyedImages
+from moco_fast.shared_memory import check_room_to_start
 from moco_fast.step import set_lr
 
 log = logging.getLogger("moco_fast")
@@ -130,7 +131,7 @@ def image_batches(
     if not train:
         return eval_batches(images, image_size, batch_size, workers, desc)
     warn_if_shm_short(workers, batch_size, image_size, "the classifier's training loader")
-    return DataLoader(
+    loader = DataLoader(
         KeyedImages(ImageDataset(images, train_transform(image_size)), seed),
         batch_size=batch_size,
         sampler=EpochKeys(len(images), torch.Generator().manual_seed(seed)),
@@ -142,6 +143,8 @@ def image_batches(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
     )
+    check_room_to_start(loader)  # its workers start at the first epoch, once (persistent)
+    return loader
 
 
 class Normalizer:

@@ -7,7 +7,8 @@ batch there in a feeder thread, which prints its error and drops the batch, and 
 waited for it for ever (ignoring SIGTERM too: the trainer acts on a stop between steps). The collate
 functions make their output in shared memory themselves (`stack_shared`, `tensor_shared`, as torch's
 own default_collate does): the error is raised in the worker's loop, which DataLoader hands to the
-main process, and the command ends with `exhausted_line`'s one line.
+main process, and the command ends with `exhausted_line`'s one line. A /dev/shm already full when
+the workers start is found before they start (`check_room_to_start`), with the same line.
 
 torch is imported inside the collate helpers only: cli reads `exhausted_line` for any error, also
 one raised before torch was imported.
@@ -55,13 +56,17 @@ def _shm_text(path: str = SHM) -> str:
     return f"{path}: {size_text(sizes[0])}" if sizes else f"no {path}"
 
 
+class NoRoomToStart(RuntimeError):
+    """A /dev/shm with no room for what a DataLoader's workers start with (check_room_to_start)."""
+
+
 def exhausted_line(e: BaseException | None, path: str = SHM) -> str | None:
     """The one line for a DataLoader whose workers ran out of shared memory, from the error the main
     process raises (its cause and context too: torch raises "worker exited unexpectedly" from the bus
     error's), or None for any other error."""
     while e is not None:
         text = str(e)
-        if _NO_SPACE.search(text):
+        if isinstance(e, NoRoomToStart) or _NO_SPACE.search(text):
             return f"DataLoader workers ran out of shared memory ({_shm_text(path)}): {ADVICE}"
         if _BUS_ERROR in text:
             return (
@@ -91,6 +96,30 @@ def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str, path: s
         f"each): the command stops when it fills; {ADVICE}",
         stacklevel=2,
     )
+
+
+def check_room_to_start(loader) -> None:
+    """Raises NoRoomToStart where /dev/shm has no room for the semaphores that the iterator of
+    `loader` (a DataLoader) makes before it starts its workers; call it before iterating.
+
+    Each semaphore is a file of a page in /dev/shm. On a full one torch's iterator fails at its first
+    with a bare OSError ("No space left on device", no file named), and the half-made iterator's
+    __del__ prints a traceback. Made here first, through the same multiprocessing context, then
+    released: the error comes before the iterator exists. The objects are the iterator's (a result
+    queue, a done event, an index queue per worker); a later torch that needed more would only meet
+    the ENOSPC it meets today."""
+    if loader.num_workers == 0:
+        return
+    import torch.multiprocessing
+
+    context = loader.multiprocessing_context or torch.multiprocessing  # what the iterator uses
+    try:
+        made = [context.Queue(), context.Event(), *(context.Queue() for _ in range(loader.num_workers))]
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise NoRoomToStart(f"{SHM} has no room for the semaphores of {loader.num_workers} DataLoader workers") from e
+    del made  # their pages are free again for the iterator's own
 
 
 def stack_shared(tensors: Sequence):

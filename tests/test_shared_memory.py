@@ -20,9 +20,11 @@ from moco_fast.cli import one_line
 from moco_fast.shared_memory import ADVICE
 
 
-def under_small_shm(size: str, argv: list[str]) -> list[str]:
-    """argv run with a /dev/shm of `size` (tmpfs's size=, e.g. 64k) of its own."""
-    mount = f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"'
+def under_small_shm(size: str, argv: list[str], filled_kib: int = 0) -> list[str]:
+    """argv run with a /dev/shm of `size` (tmpfs's size=, e.g. 64k) of its own, `filled_kib` of it
+    taken by a file (dd stops where it is full)."""
+    fill = f"dd if=/dev/zero of=/dev/shm/fill bs=1k count={filled_kib} 2>/dev/null; " if filled_kib else ""
+    mount = f'mount -t tmpfs -o size={size} tmpfs /dev/shm && {fill}exec "$@"'
     return ["unshare", "-m", "sh", "-c", mount, "sh", *argv]
 
 
@@ -36,10 +38,15 @@ def small_shm() -> None:
         pytest.skip("cannot mount a tmpfs on /dev/shm in a mount namespace here (unshare -m needs root)")
 
 
-def run_small_shm(argv: list[str], timeout: int = 90) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of argv under a 64 KiB /dev/shm; a hang is ended and fails the test."""
+def run_small_shm(argv: list[str], timeout: int = 90, filled_kib: int = 0) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of argv under a 64 KiB /dev/shm (`filled_kib` of it taken); a
+    hang is ended and fails the test."""
     proc = subprocess.Popen(
-        under_small_shm("64k", argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        under_small_shm("64k", argv, filled_kib),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -64,6 +71,15 @@ def test_train_with_its_workers_out_of_shared_memory_ends_with_one_line(small_sh
     assert "WARNING /dev/shm has " in err and "less than the 1.5 MiB that 2 DataLoader workers of --loader torch" in err
 
 
+def test_train_where_dev_shm_is_full_before_its_workers_start_ends_with_one_line(small_shm, tiny_root, tmp_path):
+    # the iterator's first semaphore finds no room: torch's bare OSError ("No space left on device")
+    # and its half-made iterator's __del__ traceback ("Exception ignored in ...") without the check
+    argv = [*tiny_args(tiny_root, tmp_path / "run"), "--loader", "torch", "--workers", "2"]
+    status, _, err = run_small_shm([sys.executable, "-m", "moco_fast", *argv], filled_kib=64)
+    assert (status, err.splitlines()[-1].strip()) == (2, f"moco-fast train: error: {FULL}"), err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+
+
 EVAL_LOADER = """
 import sys
 from pathlib import Path
@@ -73,11 +89,11 @@ from moco_fast.knn import eval_batches
 from moco_fast.lincls import image_batches
 
 images = list_images(Path(sys.argv[1]))
-if sys.argv[2] == "eval":
-    batches = eval_batches(images, 64, 8, 2, "kNN features")
-else:
-    batches = image_batches(images, 64, True, 8, 2, seed=0)
 try:
+    if sys.argv[2] == "eval":
+        batches = eval_batches(images, 64, 8, 2, "kNN features")
+    else:
+        batches = image_batches(images, 64, True, 8, 2, seed=0)
     next(iter(batches))
     print("read a batch")
 except RuntimeError as e:
@@ -94,6 +110,15 @@ def test_evaluation_loaders_out_of_shared_memory_raise_the_line(small_shm, tiny_
     # the warning before it: 2 workers x 2 batches x 8 x (3 x 64 x 64 bytes + an int64) = 384.2 KiB
     loader = "kNN features" if which == "eval" else "the classifier's training loader"
     assert f"less than the 384.2 KiB that 2 DataLoader workers of {loader} hold there" in err, err[-3000:]
+
+
+@pytest.mark.parametrize(("which", "filled_kib"), [("eval", 64), ("eval", 32), ("train", 64)])
+def test_evaluation_loaders_where_dev_shm_is_full_before_their_workers_start(small_shm, tiny_root, which, filled_kib):
+    # 64: full; 32: 8 pages free, fewer than the 14 semaphores (a page each) of 2 workers' start
+    argv = [sys.executable, "-c", EVAL_LOADER, str(tiny_root / "train"), which]
+    _, out, err = run_small_shm(argv, filled_kib=filled_kib)
+    assert out.splitlines() == [FULL], err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
 
 
 BUS_ERROR = """
