@@ -52,6 +52,11 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+def local_rank() -> int:
+    """This process's index among the machine's (torchrun and --gpus set LOCAL_RANK; 0 alone)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 # -- gathering ------------------------------------------------------------------------------------
 def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -315,7 +320,7 @@ def local_device(device: torch.device) -> torch.device:
             f"--device {device}: with {world} processes each takes the GPU of its LOCAL_RANK, and an index "
             "would put them all on that one; choose the GPUs with CUDA_VISIBLE_DEVICES and give --device cuda"
         )
-    idx = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+    idx = device.index if device.index is not None else local_rank()
     torch.cuda.set_device(idx)
     return torch.device("cuda", idx)
 

@@ -81,9 +81,12 @@ def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str, path: s
     """One warning where the free shared memory is less than what `workers` DataLoader workers hold
     there at once when they are `ahead` batches each ahead of the main process (its prefetch_factor,
     reached whenever the main process pauses: a save, an evaluation), `batch_bytes` each; for each of
-    the machine's processes (`--gpus N`, torchrun), which all share its /dev/shm."""
-    from moco_fast.distributed import local_world_size
+    the machine's processes (`--gpus N`, torchrun), which all share its /dev/shm. Each of them
+    finds the same need: the machine's first process (local rank 0) alone says it."""
+    from moco_fast.distributed import local_rank, local_world_size
 
+    if local_rank() != 0:
+        return
     sizes = shm_bytes(path)
     processes = local_world_size()
     need = processes * workers * ahead * batch_bytes

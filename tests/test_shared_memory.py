@@ -207,3 +207,15 @@ def test_the_warning_counts_the_workers_of_each_process_on_the_machine(monkeypat
         "/dev/shm has 60 MiB free of 64 MiB, less than the 120 MiB that each of 2 processes' 2 DataLoader workers "
         f"of --loader torch hold there (4 batches of 7.5 MiB each): the command stops when it fills; {ADVICE}"
     ]
+
+
+@pytest.mark.parametrize(("local_rank", "warned"), [("0", 1), ("1", 0)])
+def test_the_warning_is_said_once_per_machine(monkeypatch, local_rank, warned):
+    # every process of `--gpus 2` or torchrun finds the same need: the one of local rank 0 says it
+    monkeypatch.setattr(shared_memory, "shm_bytes", lambda path="/dev/shm": (64 << 20, 60 << 20))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        shared_memory.warn_if_short(2, 4, 15 << 20, "--loader torch")
+    assert len(seen) == warned
