@@ -10,7 +10,7 @@ own default_collate does): the error is raised in the worker's loop, which DataL
 main process, and the command ends with `exhausted_line`'s one line. A /dev/shm already full when
 the workers start is found before they start (`check_room_to_start`), with the same line.
 
-torch is imported inside the collate helpers only: cli reads `exhausted_line` for any error, also
+torch is imported inside the functions that use it only: cli reads `exhausted_line` for any error, also
 one raised before torch was imported.
 """
 
