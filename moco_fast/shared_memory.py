@@ -29,8 +29,13 @@ ADVICE = "run the container with --shm-size=8g (or --ipc=host), or use --workers
 # torch's messages (c10/ATen's MapAllocator, torch/csrc/DataLoader.cpp) for a shared-memory file it
 # could not make ("unable to allocate shared memory(shm) for file </torch_1_2_3>: No space left on
 # device (28)"; "unable to write to file <...>" where the file system has no fallocate), and for a
-# worker that a bus error killed, which is what writing to a full /dev/shm does.
-_NO_SPACE = re.compile(rf"file </torch_[^>]*>: [^\n]*\({errno.ENOSPC}\)")
+# worker that a bus error killed, which is what writing to a full /dev/shm does. The first names any
+# errno: torch before pytorch#176069 (2.11 among them) printed a stale errno for a failed
+# posix_fallocate ("Success (0)"), which returns its error instead of setting errno; on a tmpfs its
+# one failure in practice is a full one.
+_NO_SPACE = re.compile(
+    rf"unable to allocate shared memory\(shm\) for file </torch_[^>]*>: |file </torch_[^>]*>: [^\n]*\({errno.ENOSPC}\)"
+)
 _BUS_ERROR = "killed by signal: Bus error"
 
 

@@ -160,6 +160,9 @@ def test_a_worker_killed_by_a_bus_error_is_named_with_dev_shm():
         # torch's (c10/ATen MapAllocator) where posix_fallocate fails, and where it falls back to writing
         "unable to allocate shared memory(shm) for file </torch_23638_836510378_7>: No space left on device (28)",
         "unable to write to file </torch_6_7_8>: No space left on device (28)",
+        # torch 2.11's: posix_fallocate's error was lost, errno printed as it was before (pytorch#176069)
+        "unable to allocate shared memory(shm) for file </torch_14955_2313084393_0>: Success (0)",
+        "unable to allocate shared memory(shm) for file </torch_1_2_3>: Resource temporarily unavailable (11)",
     ],
 )
 def test_torch_messages_for_a_full_dev_shm_are_recognised(text):
