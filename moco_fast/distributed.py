@@ -11,6 +11,7 @@ compute the same shuffle and the tests check one against the other. See docs/dis
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import logging
 import os
@@ -162,9 +163,22 @@ def barrier(poll_s: float = 0.05) -> None:
     if not is_distributed():
         return
     work = dist.barrier(async_op=True)
-    while not work.is_completed():
-        time.sleep(poll_s)
+    try:
+        while not work.is_completed():
+            time.sleep(poll_s)
+    except BaseException:  # a stop: the process ends with the barrier still waiting for the others
+        _outlive_the_exit(dist.group.WORLD)
+        raise
     work.wait()  # a peer that died: its error
+
+
+def _outlive_the_exit(group: Any) -> None:
+    """Keeps `group` from being destroyed when the process exits. A barrier left waiting keeps gloo's
+    worker thread in it until every peer arrives, and torch 2.11's ProcessGroupGloo destructor joins
+    that thread: the exit of a rank stopped at the barrier (the interpreter's teardown, after its
+    line) waited for rank 0's kNN to end (minutes), and the launcher for it. One reference that is
+    never released (CPython's own count, from C): the process's end frees what it holds."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
 
 
 # -- shuffle BN -----------------------------------------------------------------------------------

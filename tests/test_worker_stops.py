@@ -293,3 +293,48 @@ def test_a_stop_as_the_watch_starts_puts_the_wakeup_fd_back(monkeypatch):
         assert signal.set_wakeup_fd(-1) == -1 and not stop_watch._writer
     finally:
         signal.set_wakeup_fd(before)
+
+
+# rank 1 waits at distributed.barrier for rank 0, which never comes (its kNN), and a stop (here an
+# alarm's) ends it there
+BARRIER_LEFT = """
+import signal, sys, time
+import torch.distributed as dist
+from moco_fast import distributed
+
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+print("joined", flush=True)
+if rank == 0:
+    time.sleep(600)
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGALRM, stop)
+signal.alarm(1)
+try:
+    distributed.barrier()
+except KeyboardInterrupt:
+    sys.exit(3)
+"""
+
+
+def test_a_rank_stopped_at_the_barrier_ends_without_waiting_for_the_others(tmp_path):
+    # torch 2.11: its exit (the gloo group's destructor) waited for the barrier, i.e. for rank 0
+    script = tmp_path / "barrier.py"
+    script.write_text(BARRIER_LEFT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ranks = [subprocess.Popen([sys.executable, str(script), r, port], stdout=subprocess.PIPE, text=True)
+             for r in ("0", "1")]  # fmt: skip
+    try:
+        assert ranks[1].stdout.readline() == "joined\n"
+        assert ranks[1].wait(timeout=20) == 3  # the alarm's second and the exit; not rank 0's 600 s
+    finally:
+        for p in ranks:
+            p.kill()
+            p.communicate()
