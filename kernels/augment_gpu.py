@@ -142,39 +142,37 @@ def _col(t: torch.Tensor) -> torch.Tensor:
 def luma(x: torch.Tensor) -> torch.Tensor:
     """N x 3 x H x W -> N x 1 x H x W, torchvision's rgb_to_grayscale arithmetic."""
     r, g, b = x.unbind(dim=1)
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
-
-
-def hue_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hue in [0, 1), max, max - min) per pixel of N x 3 x H x W, torchvision's `_rgb2hsv` arithmetic."""
-    r, g, b = x.unbind(dim=1)
-    maxc = x.amax(dim=1)
-    minc = x.amin(dim=1)
-    cr = maxc - minc
-    cr_div = torch.where(cr == 0, 1.0, cr)  # grey pixels: any hue, and no division by zero
-    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
-    is_r, is_g = maxc == r, maxc == g
-    h = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
-    return torch.fmod(h / 6.0 + 1.0, 1.0), maxc, cr
+    # Accumulated in place: 3 passes and one new tensor, where `w0 * r + w1 * g + w2 * b` made 5 of each.
+    return (LUMA[0] * r).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(1)
 
 
 # Output channel c of the HSV -> RGB map is max - chroma * clamp(min(k, 4 - k), 0, 1) with
-# k = (n_c + 6 h) mod 6: the six-sector table of torchvision's `_hsv2rgb` in closed form.
+# k = (n_c + 6 h) mod 6: the six-sector table of torchvision's `_hsv2rgb` in closed form. With
+# min(k, 4 - k) = 2 - |k - 2| and min = max - chroma it is min + chroma * clamp(|k - 2| - 1, 0, 1).
 _SECTOR_OFFSET = (5.0, 3.0, 1.0)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the hue of each image by its own shift (N, in [-0.5, 0.5]); value and saturation kept.
 
-    Equals torchvision's RGB -> HSV -> RGB round trip up to float rounding (~1e-6), in about a
-    third of the memory passes (no HSV tensor, no sector one-hot)."""
-    h, maxc, cr = hue_of(x)
-    h = (h + shift.view(-1, 1, 1)) % 1.0
+    Equals torchvision's RGB -> HSV -> RGB round trip up to float rounding (~1e-6). Fewer passes
+    than its arithmetic, on every device: no HSV tensor, no sector one-hot; the hue is kept in
+    sixths of a turn (no /6, fmod, % 1), one division instead of three, and the N x 3 x H x W
+    steps are in place on one new tensor (on the CPU each new tensor of a batch costs page faults)."""
+    r, g, b = x.unbind(dim=1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)  # N x H x W
+    cr = maxc - minc
+    # torchvision's 6h = bc - gc, 2 + rc - bc or 4 + gc - rc (xc = (max - x) / cr) over a common cr.
+    h6 = torch.where(
+        maxc == r, g - b, torch.where(maxc == g, torch.add(b - r, cr, alpha=2.0), torch.add(r - g, cr, alpha=4.0))
+    )
+    # Grey pixels (cr = 0) have a numerator of 0 and any hue: the clamp only avoids 0 / 0.
+    h6.div_(cr.clamp(min=torch.finfo(x.dtype).tiny)).add_(6.0 * shift.view(-1, 1, 1))
     # (5, 3, 1) made on the device: a torch.tensor of a list would be a blocking host->device copy.
     n = (_SECTOR_OFFSET[0] - 2.0 * torch.arange(3, device=x.device, dtype=x.dtype)).view(1, 3, 1, 1)
-    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)  # N x 3 x H x W
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return maxc.unsqueeze(1) - cr.unsqueeze(1) * ramp
+    k = (n + h6.unsqueeze(1)).remainder_(6.0)  # N x 3 x H x W
+    ramp = k.sub_(2.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+    return torch.addcmul(minc.unsqueeze(1), cr.unsqueeze(1), ramp)
 
 
 def _masked(index: bool, mask: torch.Tensor, fn, x: torch.Tensor, *per_image: torch.Tensor) -> torch.Tensor:
@@ -193,12 +191,14 @@ def _masked(index: bool, mask: torch.Tensor, fn, x: torch.Tensor, *per_image: to
 
 
 def _blend(x: torch.Tensor, f: torch.Tensor, target) -> torch.Tensor:
-    return (_col(f) * x + (1.0 - _col(f)) * target).clamp(0.0, 1.0)
+    # (1 - f) * target + f * x as one pass over x (addcmul), clamped in place: on every device one
+    # pass and one new N x 3 x H x W tensor fewer than the three-term expression.
+    return torch.addcmul((1.0 - _col(f)) * target, _col(f), x).clamp_(0.0, 1.0)
 
 
 # One jitter op with a per-image factor (N): torchvision's adjust_* arithmetic, batched.
 JITTER_OPS = {
-    BRIGHTNESS: lambda x, f: (_col(f) * x).clamp(0.0, 1.0),
+    BRIGHTNESS: lambda x, f: (_col(f) * x).clamp_(0.0, 1.0),  # in place on the product: no second tensor
     CONTRAST: lambda x, f: _blend(x, f, luma(x).mean(dim=(1, 2, 3), keepdim=True)),
     SATURATION: lambda x, f: _blend(x, f, luma(x)),
     HUE: adjust_hue,
@@ -244,8 +244,8 @@ def _jitter(x: torch.Tensor, p: AugParams, index: bool) -> torch.Tensor:
     return x
 
 
-def _gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
-    return torch.where(_col(p.gray), luma(x).expand_as(x), x)
+def _gray(x: torch.Tensor, p: AugParams, index: bool) -> torch.Tensor:
+    return _masked(index, p.gray, lambda xs: luma(xs).expand_as(xs), x)
 
 
 def gaussian_kernels(sigma: torch.Tensor, blur: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -297,11 +297,11 @@ def apply(x: torch.Tensor, params: AugParams, select: str = "auto") -> torch.Ten
     if index:
         x = x.clone()  # the masked ops are written in place
     if p.use_gray and p.gray_first:
-        x = _gray(x, p)
+        x = _gray(x, p, index)
     if p.use_jitter:
         x = _jitter(x, p, index)
     if p.use_gray and not p.gray_first:
-        x = _gray(x, p)
+        x = _gray(x, p, index)
     if p.use_blur:
         if index:
             x = _masked(

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 from moco_fast.kernels.augment_gpu import (
+    adjust_hue,
     apply,
     apply_reference,
     gaussian_blur,
@@ -44,6 +45,17 @@ def test_fast_matches_reference(spec, size, order, select):
     torch.testing.assert_close(fast, ref, rtol=0, atol=2e-5)
     assert not torch.equal(fast, x)  # the recipe did something
     assert torch.equal(x, before)  # and left its input alone
+
+
+def test_hue_rotation_matches_torchvision_over_the_whole_range():
+    """Every shift from -0.5 to 0.5 and every sector, with grey, black, white and pure colours."""
+    from torchvision.transforms import functional as TF
+
+    x = images(11, 20, seed=7)
+    x[:, :, 0, :6] = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 0, 0], [1, 1, 1]]).T
+    shift = torch.linspace(-0.5, 0.5, 11)
+    ref = torch.stack([TF.adjust_hue(img, float(s)) for img, s in zip(x, shift)])
+    torch.testing.assert_close(adjust_hue(x, shift), ref, rtol=0, atol=2e-5)
 
 
 def test_flip_can_be_left_out():
