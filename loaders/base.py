@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
-from moco_fast.kernels.augment_gpu import apply, sample_params
+from moco_fast.kernels.augment_gpu import apply, cpu_chunks, sample_params
 
 from moco_fast.augment import AugSpec
 from moco_fast.data import DataSplits
@@ -153,7 +153,19 @@ class DeviceAugment:
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # With jitter_order=batch the batch's one order is drawn on the host (no device sync).
         params = sample_params(x.shape[0], self.spec, self.device, generator, order=self.jitter_order, flip=self.flip)
-        x = apply(x, params)
-        x = ((x - self.mean) / self.std).to(self.dtype).contiguous(memory_format=self.memory_format)
+        if x.device.type == "cpu":
+            x = self._on_the_cpu(x, params)
+        else:
+            x = apply(x, params)
+            x = ((x - self.mean) / self.std).to(self.dtype).contiguous(memory_format=self.memory_format)
         n = x.shape[0] // 2
         return x[:n], x[n:]  # slices along N of a channels-last batch are channels-last: no copy
+
+    def _on_the_cpu(self, x: torch.Tensor, params) -> torch.Tensor:
+        """The same on the CPU, a chunk of the batch at a time to the end, normalisation included,
+        into the one output tensor: no temporary is a whole batch's (each would cost page faults, see
+        kernels/augment_gpu.CPU_CHUNK_PIXELS) and the normalisation is done in place."""
+        out = torch.empty(x.shape, dtype=self.dtype, memory_format=self.memory_format)
+        for s in cpu_chunks(x):
+            out[s] = apply(x[s], params.rows(s)).sub_(self.mean).div_(self.std)  # apply's CPU result is its own
+        return out

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from moco_fast.kernels import augment_gpu
 from moco_fast.kernels.augment_gpu import (
     adjust_hue,
     apply,
@@ -12,6 +13,9 @@ from moco_fast.kernels.augment_gpu import (
     gaussian_kernels,
     sample_params,
 )
+from moco_fast.loaders import LoaderArgs
+from moco_fast.loaders import base as loader_base
+from moco_fast.loaders.base import DeviceAugment
 
 from moco_fast.augment import MOCO_CIFAR, MOCO_V1, MOCO_V2
 
@@ -45,6 +49,52 @@ def test_fast_matches_reference(spec, size, order, select):
     torch.testing.assert_close(fast, ref, rtol=0, atol=2e-5)
     assert not torch.equal(fast, x)  # the recipe did something
     assert torch.equal(x, before)  # and left its input alone
+
+
+ALL_ON = replace(MOCO_V2, jitter_prob=1.0, gray_prob=1.0, blur_prob=1.0)
+
+
+@pytest.mark.parametrize("order", ["sample", "batch"])
+def test_cpu_pass_goes_a_chunk_at_a_time(monkeypatch, order):
+    """On the CPU no op sees more than CPU_CHUNK_PIXELS (whole-batch temporaries cost page faults),
+    and the chunks, their last one short, make the reference's result."""
+    monkeypatch.setattr(augment_gpu, "CPU_CHUNK_PIXELS", 6 * 24 * 24)
+    seen = []
+    blur = augment_gpu.gaussian_blur
+    monkeypatch.setattr(augment_gpu, "gaussian_blur", lambda x, k: seen.append(x.shape[0]) or blur(x, k))
+    params = sample_params(16, ALL_ON, "cpu", torch.Generator().manual_seed(2), order=order)
+    x = images(16, 24)
+    out = apply(x, params)
+    assert seen == [6, 6, 4]
+    torch.testing.assert_close(out, apply_reference(x, params), rtol=0, atol=2e-5)
+
+
+def test_cpu_chunks_are_by_pixels():
+    """2 x 64 views of 224 px go in two passes; a CIFAR batch, small images, stays one pass."""
+    assert augment_gpu.cpu_chunks(torch.empty(128, 3, 224, 224)) == [slice(0, 64), slice(64, 128)]
+    assert augment_gpu.cpu_chunks(torch.empty(1024, 3, 32, 32)) == [slice(0, 1024)]
+
+
+@pytest.mark.parametrize(
+    "dtype,channels_last,atol", [(torch.float32, True, 1e-4), (torch.bfloat16, False, 0.02)], ids=["fp32-cl", "bf16"]
+)
+def test_device_augment_on_the_cpu_goes_a_chunk_at_a_time(monkeypatch, dtype, channels_last, atol):
+    """The loaders' CPU pass, normalisation included, chunk by chunk into one output tensor: the
+    same views as the whole batch's pass and normalisation, in the trainer's dtype and format."""
+    monkeypatch.setattr(augment_gpu, "CPU_CHUNK_PIXELS", 6 * 24 * 24)
+    seen = []
+    monkeypatch.setattr(loader_base, "apply", lambda x, p: seen.append(x.shape[0]) or apply(x, p))
+    args = LoaderArgs(None, ALL_ON, 8, torch.device("cpu"), dtype, channels_last=channels_last)
+    x = images(16, 24)
+    q, k = DeviceAugment(args, "sample")(x, torch.Generator().manual_seed(3))
+    assert seen == [6, 6, 4]
+    params = sample_params(16, ALL_ON, "cpu", torch.Generator().manual_seed(3))
+    mean, std = torch.tensor(ALL_ON.mean).view(1, 3, 1, 1), torch.tensor(ALL_ON.std).view(1, 3, 1, 1)
+    want = (apply_reference(x, params) - mean) / std
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for got, ref in ((q, want[:8]), (k, want[8:])):
+        assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(got.float(), ref, rtol=0, atol=atol)  # bf16: its rounding of ~2.5
 
 
 def test_hue_rotation_matches_torchvision_over_the_whole_range():
