@@ -71,6 +71,11 @@ class DataConfig:
     loader_options: dict[str, str] = field(default_factory=dict)  # backend-specific, see each loader
 
 
+# --seed's range: numpy's global generator (checkpoint.seed_everything) takes no seed outside
+# 0..2**32-1, and torch's none above 2**64-1 (a traceback at the run's start, not a one-line error)
+MAX_SEED = 2**32 - 1
+
+
 @dataclass
 class RuntimeConfig:
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto"

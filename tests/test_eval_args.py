@@ -140,6 +140,8 @@ def test_help_does_not_import_torch():
         (["finetune", "--lr", "0"], "--lr must be above 0"),
         (["lincls", "--eval-every", "-1"], "--eval-every must be 0 or more"),
         (["finetune", "--weight-decay", "-1"], "--weight-decay"),
+        (["lincls", "--seed", str(2**64)], "--seed must be in 0..4294967295"),  # torch's seed overflowed
+        (["finetune", "--seed", "-1"], "--seed must be in 0..4294967295"),
         (["knn", "--device", "gpu"], "cpu, cuda, cuda:N"),
         (["lincls", "--device", "gpu"], "cpu, cuda, cuda:N"),
         (["finetune", "--device", "gpu"], "cpu, cuda, cuda:N"),

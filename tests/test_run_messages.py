@@ -33,6 +33,8 @@ from moco_fast.cli import main
         ("--weight-decay", "nan", "--weight-decay not negative"),
         ("--moco-t", "nan", "--moco-t must be positive"),
         ("--knn-t", "inf", "--knn-t must be positive"),
+        ("--seed", "-1", "--seed must be in 0..4294967295"),  # numpy's global seed raised at the start
+        ("--seed", str(2**32), "--seed must be in 0..4294967295"),
     ],
 )
 def test_bad_values_are_one_line_errors(tiny_root, tmp_path, capsys, flag, value, says):

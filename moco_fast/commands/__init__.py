@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from moco_fast.config import ConfigError, read_json_object
+from moco_fast.config import MAX_SEED, ConfigError, read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,9 @@ def add_eval_runtime_flags(
     if amp_help:
         p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=amp_help)
     if seed:
-        p.add_argument("--seed", type=int, default=0, help="random seed (classifier init, data order, crops)")
+        p.add_argument(
+            "--seed", type=int, default=0, help="random seed (classifier init, data order, crops), 0..4294967295"
+        )
 
 
 def add_epoch_loop_flags(p: argparse.ArgumentParser, command: str) -> None:
@@ -119,14 +121,15 @@ def check_schedule(schedule: str, epochs: int) -> tuple[int, ...] | None:
 
 
 def check_classifier_args(args: argparse.Namespace) -> None:
-    """--epochs, --lr, --momentum, --weight-decay, --image-size, --eval-every and --schedule of lincls and finetune
-    (a warning for schedule milestones that --epochs never reaches)."""
+    """--epochs, --lr, --momentum, --weight-decay, --image-size, --eval-every, --seed and --schedule of lincls and
+    finetune (a warning for schedule milestones that --epochs never reaches)."""
     require(args.epochs >= 1, f"--epochs must be positive (got {args.epochs})")
     require(args.lr > 0 and math.isfinite(args.lr), f"--lr must be above 0 (got {args.lr})")
     require(0 <= args.momentum < 1, f"--momentum must be in [0, 1) (got {args.momentum})")
     require(args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})")
     require(args.image_size is None or args.image_size >= 8, f"--image-size must be at least 8 (got {args.image_size})")
     require(args.eval_every >= 0, f"--eval-every must be 0 or more (got {args.eval_every})")
+    require(0 <= args.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED} (got {args.seed})")
     check_schedule(args.schedule, args.epochs)
 
 
