@@ -280,3 +280,13 @@ def test_a_kill_while_a_restart_clears_the_old_run_leaves_a_folder_that_resumes(
     capsys.readouterr()
     assert main([*resume, "--epochs", "2"]) == 0, capsys.readouterr().err
     assert [r["epoch"] for r in rows(run)] == [1, 2]
+
+
+def test_resume_of_the_run_in_out_with_force_is_refused(run, capsys):
+    # --force was dropped without a word: the run went on (finished: "nothing to do") where a fresh one was asked for
+    before = (run / "checkpoint.pt").read_bytes()
+    for given in ([], [str(run)], [str(run / "checkpoint.pt")]):
+        assert main(["train", "--out", str(run), "--resume", *given, "--force", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--resume continues the run in" in err[0] and "--force" in err[0], err
+    assert (run / "checkpoint.pt").read_bytes() == before

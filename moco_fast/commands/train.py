@@ -214,7 +214,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--force",
         action="store_true",
         default=None,
-        help="start a fresh run in an --out that holds another run (its checkpoint and logs are deleted)",
+        help="start a fresh run in an --out that holds another run (its checkpoint and logs are deleted); with "
+        "--resume PATH: continue another run's checkpoint there (--resume of --out's own run and --force contradict)",
     )
     g.add_argument(
         "--knn-every", type=int, help="kNN accuracy every N epochs (needs an eval split; 0: off) (default 0)"
@@ -311,6 +312,7 @@ def _resumed_config(args: argparse.Namespace):
     from moco_fast import checkpoint as ckpt
     from moco_fast.config import RuntimeConfig, from_dict
     from moco_fast.data import DataError
+    from moco_fast.run_folder import continues_in
 
     # without --out: the folder a fresh run with these flags would write (the demo preset's is runs/demo)
     preset = args.preset or _default_preset(args)
@@ -318,10 +320,17 @@ def _resumed_config(args: argparse.Namespace):
     path = ckpt.find_resume(args.resume, out)
     if path is None:
         return _config_before_a_checkpoint(args, Path(out)), False
+    run_out = args.out or str(path.parent)
+    if args.force and continues_in(Path(run_out), path):
+        # --force was dropped: the run went on (or, finished, did nothing) where a fresh one was asked for
+        raise ConfigError(
+            f"--resume continues the run in {run_out} and --force would replace it: drop --force to continue "
+            "it, or --resume to start a fresh run there"
+        )
     state = ckpt.load(path, map_location="cpu", mmap=True)  # its config: the weights are read by resume
     if not isinstance(state.get("config"), dict):
         raise DataError(f"--resume: {path} is not a moco-fast training checkpoint")
-    return _continued(from_dict(state["config"]), args.out or str(path.parent), args), True
+    return _continued(from_dict(state["config"]), run_out, args), True
 
 
 def _continued(cfg, out: str, args: argparse.Namespace):
