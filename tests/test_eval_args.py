@@ -142,6 +142,7 @@ def test_help_does_not_import_torch():
         (["finetune", "--weight-decay", "-1"], "--weight-decay"),
         (["lincls", "--seed", str(2**64)], "--seed must be in 0..4294967295"),  # torch's seed overflowed
         (["finetune", "--seed", "-1"], "--seed must be in 0..4294967295"),
+        (["finetune", "--save-model", "m.pt", "--no-save-model"], "--save-model m.pt and --no-save-model contradict"),
         (["knn", "--device", "gpu"], "cpu, cuda, cuda:N"),
         (["lincls", "--device", "gpu"], "cpu, cuda, cuda:N"),
         (["finetune", "--device", "gpu"], "cpu, cuda, cuda:N"),

@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the fine-tuned network as a torchvision ResNet state dict, fc included "
         "(default: the result JSON's path with .pt)",
     )
-    p.add_argument("--no-save-model", action="store_true", help="write only the result JSON")
+    p.add_argument("--no-save-model", action="store_true", help="write only the result JSON (not with --save-model)")
     p.set_defaults(func=run)
 
 
@@ -108,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
 
     # Every value is checked, and the output folders tried, before the checkpoint or the data is read.
     check_classifier_args(args)
+    # the model was left unwritten without a word where --save-model named where to write it
+    require(
+        not (args.no_save_model and args.save_model),
+        f"--save-model {args.save_model} and --no-save-model contradict: give one of them",
+    )
     resolve_eval_runtime(args)
     if args.checkpoint is None:
         require(args.from_scratch, "--checkpoint is required (or --from-scratch for the random-init baseline)")
