@@ -261,7 +261,8 @@ def differences(state: dict[str, Any], cfg: Any) -> list[str]:
         if saved.get(k) == now[k]:
             continue
         if k == "checkpoint_stamp":
-            diff.append("the checkpoint has changed since (trained further?)")
+            if saved.get("checkpoint") == now.get("checkpoint"):  # another file's stamp differs anyway
+                diff.append("the checkpoint has changed since (trained further?)")
         else:
             diff.append(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})")
     return diff

@@ -255,3 +255,17 @@ def test_finetune_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, mon
     whole, resumed = (torch.load(tmp_path / name) for name in ("whole.pt", "ft.pt"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # the network and its BN statistics
     assert not (tmp_path / "ft.state.pt").exists()
+
+
+def test_a_state_of_another_checkpoint_names_that_alone(tmp_path):
+    # another --checkpoint was also called "changed since (trained further?)": its stamp differs too
+    from moco_fast.classifier_epochs import differences, settings
+    from moco_fast.lincls import LinclsConfig
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"a")
+    b.write_bytes(b"bb")
+    state = {"config": settings(LinclsConfig(str(a)))}
+    assert differences(state, LinclsConfig(str(b))) == [f"--checkpoint {str(a)!r} (now {str(b)!r})"]
+    a.write_bytes(b"aa-trained-further")
+    assert differences(state, LinclsConfig(str(a))) == ["the checkpoint has changed since (trained further?)"]
