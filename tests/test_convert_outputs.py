@@ -166,3 +166,15 @@ def test_a_test_split_beside_a_val_split(bad_root, tmp_path):
         f.unlink()  # val/ empty of images: --split test must read test/, not val/
     summary = convert(ConvertConfig(str(bad_root), str(tmp_path / "t"), format="wds", split="test", workers=1))
     assert summary.written == 8
+
+
+def test_a_flag_of_the_other_format_is_warned_of(bad_root, tmp_path, caplog):
+    # --format wds --write-mode raw stored JPEGs, and a .beton's --shard-size was dropped, without a word
+    import logging
+
+    argv = ["convert", str(bad_root), str(tmp_path / "wds"), "--format", "wds", "--workers", "1"]
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*argv, "--write-mode", "raw", "--shard-size", "10"]) == 0
+    assert "--write-mode: a --format ffcv setting, which --format wds ignores" in caplog.text
+    assert "--shard-size" not in caplog.text
+    assert len(list((tmp_path / "wds").glob("*.tar"))) == 2  # --shard-size 10 of 18 images: it still applies

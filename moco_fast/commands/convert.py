@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from moco_fast.commands import HelpFormatter, dataclass_from_args
+
+log = logging.getLogger("moco_fast")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,15 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default: keep the size",
     )
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored images (1-100)")
+    # None where not given: a flag of the other format is warned of (run), not dropped without a word
     p.add_argument(
         "--write-mode",
         choices=["jpg", "raw", "smart", "proportion"],
-        default="jpg",
         help="ffcv: how images are stored: jpg; raw pixels (fastest to read, ~10x larger); smart: raw up to "
-        "256x256 pixels, JPEG above; proportion: half raw, half JPEG at random",
+        "256x256 pixels, JPEG above; proportion: half raw, half JPEG at random (default jpg)",
     )
-    p.add_argument("--shard-size", type=int, default=1000, help="wds: images per shard")
-    p.add_argument("--seed", type=int, default=0, help="wds: seed of the shuffled sample order across shards")
+    p.add_argument("--shard-size", type=int, help="wds: images per shard (default 1000)")
+    p.add_argument("--seed", type=int, help="wds: seed of the shuffled sample order across shards (default 0)")
     p.add_argument("--workers", type=int, default=0, help="processes decoding and encoding (0: every core)")
     p.add_argument(
         "--force",
@@ -61,9 +64,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, held_imports=("torch",), io_paths=(("SRC", "src"), ("DST", "dst")))
 
 
+# the flags of one format, which the other ignores
+FORMAT_FLAGS = {"ffcv": (("--write-mode", "write_mode"),), "wds": (("--shard-size", "shard_size"), ("--seed", "seed"))}
+
+
 def run(args: argparse.Namespace) -> int:
     from moco_fast.convert import ConvertConfig, convert
 
+    for fmt, flags in FORMAT_FLAGS.items():
+        given = [flag for flag, dest in flags if getattr(args, dest) is not None]
+        if given and fmt != args.format:
+            log.warning(
+                "%s: a --format %s setting, which --format %s ignores%s",
+                " and ".join(given),
+                fmt,
+                args.format,
+                " (it stores every image as a JPEG: --jpeg-quality)" if args.format == "wds" else "",
+            )
+        for _, dest in flags:
+            if getattr(args, dest) is None:
+                setattr(args, dest, getattr(ConvertConfig, dest))  # the dataclass's default
     cfg = dataclass_from_args(ConvertConfig, args)
     summary = convert(cfg)
     print(summary.text(), file=sys.stdout)
