@@ -131,6 +131,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise ConfigError(f"--max-resolution must be at least 8 pixels, got {cfg.max_resolution}")
     if cfg.shard_size < 1:
         raise ConfigError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    if cfg.workers < 0:  # -2 ran on every core as 0 does, where the other commands refuse it
+        raise ConfigError(f"--workers must be 0 (every core) or a count, got {cfg.workers}")
     if cfg.format == "ffcv":  # before hours of checking images, not after
         missing = missing_modules(["ffcv", "numba"])
         if missing:

@@ -178,3 +178,13 @@ def test_a_flag_of_the_other_format_is_warned_of(bad_root, tmp_path, caplog):
     assert "--write-mode: a --format ffcv setting, which --format wds ignores" in caplog.text
     assert "--shard-size" not in caplog.text
     assert len(list((tmp_path / "wds").glob("*.tar"))) == 2  # --shard-size 10 of 18 images: it still applies
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--workers", "-2"), ("--shard-size", "0"), ("--jpeg-quality", "101")])
+def test_bad_numbers_are_one_line_errors_before_any_image_is_read(flag, value, tmp_path, capsys):
+    # --workers -2 ran on every core as 0 does, where the other commands refuse a count below -1
+    dst = tmp_path / "out" / "x"
+    assert main(["convert", str(tmp_path / "no-such-src"), str(dst), "--format", "wds", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} must be" in err[0], err
+    assert not dst.parent.exists()
