@@ -36,6 +36,8 @@ def resume(
         saved_world = state.get("world_size", world)
         warn_rescheduled(state["config"], cfg, state["epoch"], world, saved_world, state.get("step") or 0)
         warn_rescaled(state["config"], cfg, world, saved_world)
+    else:
+        warn_other_data(state["config"], cfg)
     bank = state["model"].get("bank")
     if bank is not None and hasattr(model, "bank") and bank.shape[0] != model.bank.shape[0]:
         raise DataError(
@@ -72,6 +74,17 @@ def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
                 changed.append(f"{section}.{k} {old!r} -> {new!r}")
     if changed:
         log.warning("--resume with changed settings: %s", "; ".join(changed))
+
+
+def warn_other_data(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """A finished run resumed on other --data: the final kNN it still owes reads that data, and its
+    summary.json does not name it (it went into the run's figures without a word)."""
+    trained_on = saved.get("data", {}).get("data")
+    if trained_on is not None and cfg.data.data is not None and trained_on != cfg.data.data:
+        log.warning(
+            "--resume: the run trained on --data %s; its final kNN, where still owed, reads --data %s",
+            *(trained_on, cfg.data.data),
+        )
 
 
 def warn_rescheduled(

@@ -290,3 +290,17 @@ def test_resume_of_the_run_in_out_with_force_is_refused(run, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--resume continues the run in" in err[0] and "--force" in err[0], err
     assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_finished_run_resumed_on_other_data_says_which_its_final_knn_reads(tiny_root, run, tmp_path, caplog):
+    # its owed final kNN read the new --data, and summary.json (which names no data) took its figures without a word
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_root, moved)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*tiny_args(moved, run), "--resume", "--final-knn"]) == 0
+    assert (
+        f"the run trained on --data {tiny_root}; its final kNN, where still owed, reads --data {moved}" in caplog.text
+    )
+    assert (run / "summary.json").is_file()
