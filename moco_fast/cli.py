@@ -351,8 +351,26 @@ def warnings_as_lines() -> Iterator[None]:
         warnings.formatwarning = before
 
 
+# the commands' path flags and arguments (their argparse dest)
+PATH_DESTS = ("data", "out", "checkpoint", "resume", "src", "dst", "output", "save_model")
+
+
+def empty_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The path flag (or SRC, DST...) of the command given as an empty string, or None. `--out "$RUN"`
+    with RUN unset made the current folder the run folder (train wrote its checkpoint, config.json and
+    tb/ there, --force cleared its run files), `--checkpoint ""` read ./checkpoint.pt."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[args.command]._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in PATH_DESTS and isinstance(value, str) and not value.strip():
+            return max(action.option_strings, key=len) if action.option_strings else (action.metavar or action.dest)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.empty_flag = empty_flag(parser, args)
     # INFO for moco-fast's own messages; other libraries' at WARNING (torch's import sets its own levels,
     # but one cut short by Ctrl-C does not, and its exit hooks logged at INFO after "interrupted")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
@@ -377,6 +395,8 @@ def _say_stopped(signum: int) -> None:
 def _run(args: argparse.Namespace) -> int:
     """The command; a user error or a stop ends it with its one line and exit status."""
     try:
+        if getattr(args, "empty_flag", None):
+            raise UserError(f"{args.empty_flag} is empty: give a path (an unset shell variable?)")
         if threading.current_thread() is threading.main_thread():
             _import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
         if args.command not in DISTRIBUTED_COMMANDS:

@@ -225,3 +225,22 @@ def test_a_gpus_workers_warnings_print_as_one_line_each(tmp_path, monkeypatch):
     before = warnings.formatwarning
     assert _reported(formatted, str(tmp_path), None) == "WARNING kNN: k=9\n"
     assert warnings.formatwarning is before
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["train", "--device", "cpu", "--out", ""], "--out"),  # the current folder became the run folder
+        (["train", "--device", "cpu", "--data", " ", "--out", "x"], "--data"),
+        (["knn", "--checkpoint", ""], "--checkpoint"),  # ./checkpoint.pt was read
+        (["export", "", "--format", "torchvision", "--output", "x.pth"], "checkpoint"),
+        (["convert", "src", ""], "DST"),
+        (["lincls", "--checkpoint", "c.pt", "--out", ""], "--out"),
+    ],
+)
+def test_an_empty_path_is_a_one_line_error(argv, flag, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"moco-fast {argv[0]}: error: {flag} is empty: give a path (an unset shell variable?)"], err
+    assert list(tmp_path.iterdir()) == []
