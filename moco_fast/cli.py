@@ -18,7 +18,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 
-from moco_fast import shared_memory, stop_watch
+from moco_fast import __version__, shared_memory, stop_watch
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args)`.
 COMMANDS = [
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Run `moco-fast COMMAND --help` for the flags of each command.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"moco-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)

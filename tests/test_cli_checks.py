@@ -244,3 +244,12 @@ def test_an_empty_path_is_a_one_line_error(argv, flag, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"moco-fast {argv[0]}: error: {flag} is empty: give a path (an unset shell variable?)"], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_version_prints_the_package_version_and_exits_0(capsys):
+    import moco_fast
+
+    with pytest.raises(SystemExit) as end:
+        main(["--version"])
+    assert end.value.code == 0
+    assert capsys.readouterr().out.strip() == f"moco-fast {moco_fast.__version__}"
