@@ -83,7 +83,8 @@ def warn_other_data(saved: dict[str, Any], cfg: TrainConfig) -> None:
     if trained_on is not None and cfg.data.data is not None and trained_on != cfg.data.data:
         log.warning(
             "--resume: the run trained on --data %s; its final kNN, where still owed, reads --data %s",
-            *(trained_on, cfg.data.data),
+            trained_on,
+            cfg.data.data,
         )
 
 

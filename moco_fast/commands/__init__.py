@@ -47,7 +47,7 @@ def add_eval_runtime_flags(
         p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=amp_help)
     if seed:
         p.add_argument(
-            "--seed", type=int, default=0, help="random seed (classifier init, data order, crops), 0..4294967295"
+            "--seed", type=int, default=0, help=f"random seed (classifier init, data order, crops), 0..{MAX_SEED}"
         )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.commands import AMP_CHOICES, HelpFormatter
-from moco_fast.config import PRESETS, ConfigError, build_config, set_dotted
+from moco_fast.config import MAX_SEED, PRESETS, ConfigError, build_config, set_dotted
 
 log = logging.getLogger("moco_fast")
 
@@ -195,7 +195,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="capture the whole step as a CUDA graph after 3 warm-up steps (one GPU, fixed batch; "
         "see docs/performance.md) (default off)",
     )
-    g.add_argument("--seed", type=int, help="0..4294967295 (default 0)")
+    g.add_argument("--seed", type=int, help=f"0..{MAX_SEED} (default 0)")
     g.add_argument(
         "--out",
         help="run folder: checkpoint.pt, metrics.jsonl, config.json, tb/ (default runs/demo for the demo "
