@@ -34,6 +34,7 @@ With "where", no host-device sync anywhere: every random choice stays a device t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -307,23 +308,38 @@ def apply(x: torch.Tensor, params: AugParams, select: str = "auto") -> torch.Ten
 
     `select`: how an op reaches only some images. "where" computes it for all and selects (no host
     sync; the GPU default), "index" computes it for the selected images only, CPU_CHUNK_PIXELS at a
-    time (the CPU default), "auto" picks by device. Both give the same result. With "index" the
-    result is always a new tensor (the caller may change it in place)."""
+    time (the CPU default, `augment_into`), "auto" picks by device. Both give the same result. With
+    "index" the result is always a new tensor (the caller may change it in place)."""
     if select not in ("auto", "where", "index"):
         raise ValueError(f"select must be auto, where or index, got {select!r}")
+    if select == "index" or (select == "auto" and x.device.type == "cpu"):
+        return augment_into(torch.empty_like(x), x, params)
+    _check_batch(x, params)
+    return _apply(x, params, index=False)
+
+
+@torch.no_grad()
+def augment_into(
+    out: torch.Tensor, x: torch.Tensor, params: AugParams, finish: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The CPU formulation ("index"): x's images augmented into `out` (x's shape, any dtype and
+    memory format), CPU_CHUNK_PIXELS at a time, so that no temporary is a whole batch's. `finish`
+    (say, the loaders' normalisation) runs on each augmented chunk, a tensor of its own that it may
+    change in place, before the chunk is written. Returns `out`."""
+    _check_batch(x, params)
+    if out.shape != x.shape:
+        raise ValueError(f"out is {tuple(out.shape)} for a batch of {tuple(x.shape)}")
+    for s in cpu_chunks(x):
+        y = _apply(x[s].clone(), params.rows(s), index=True)  # the masked ops write in place
+        out[s] = y if finish is None else finish(y)
+    return out
+
+
+def _check_batch(x: torch.Tensor, params: AugParams) -> None:
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected N x 3 x H x W, got {tuple(x.shape)}")
     if x.shape[0] != len(params):
         raise ValueError(f"{x.shape[0]} images but parameters for {len(params)}")
-    if not (select == "index" or (select == "auto" and x.device.type == "cpu")):
-        return _apply(x, params, index=False)
-    chunks = cpu_chunks(x)
-    if len(chunks) == 1:
-        return _apply(x.clone(), params, index=True)  # the masked ops write in place
-    out = torch.empty_like(x)
-    for s in chunks:
-        out[s] = _apply(x[s].clone(), params.rows(s), index=True)  # the masked ops write in place
-    return out
 
 
 def _apply(x: torch.Tensor, p: AugParams, index: bool) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
-from moco_fast.kernels.augment_gpu import apply, cpu_chunks, sample_params
+from moco_fast.kernels.augment_gpu import apply, augment_into, sample_params
 
 from moco_fast.augment import AugSpec
 from moco_fast.data import DataSplits
@@ -166,6 +166,4 @@ class DeviceAugment:
         into the one output tensor: no temporary is a whole batch's (each would cost page faults, see
         kernels/augment_gpu.CPU_CHUNK_PIXELS) and the normalisation is done in place."""
         out = torch.empty(x.shape, dtype=self.dtype, memory_format=self.memory_format)
-        for s in cpu_chunks(x):
-            out[s] = apply(x[s], params.rows(s)).sub_(self.mean).div_(self.std)  # apply's CPU result is its own
-        return out
+        return augment_into(out, x, params, finish=lambda y: y.sub_(self.mean).div_(self.std))

@@ -14,7 +14,6 @@ from moco_fast.kernels.augment_gpu import (
     sample_params,
 )
 from moco_fast.loaders import LoaderArgs
-from moco_fast.loaders import base as loader_base
 from moco_fast.loaders.base import DeviceAugment
 
 from moco_fast.augment import MOCO_CIFAR, MOCO_V1, MOCO_V2
@@ -83,7 +82,8 @@ def test_device_augment_on_the_cpu_goes_a_chunk_at_a_time(monkeypatch, dtype, ch
     same views as the whole batch's pass and normalisation, in the trainer's dtype and format."""
     monkeypatch.setattr(augment_gpu, "CPU_CHUNK_PIXELS", 6 * 24 * 24)
     seen = []
-    monkeypatch.setattr(loader_base, "apply", lambda x, p: seen.append(x.shape[0]) or apply(x, p))
+    blur = augment_gpu.gaussian_blur
+    monkeypatch.setattr(augment_gpu, "gaussian_blur", lambda x, k: seen.append(x.shape[0]) or blur(x, k))
     args = LoaderArgs(None, ALL_ON, 8, torch.device("cpu"), dtype, channels_last=channels_last)
     x = images(16, 24)
     q, k = DeviceAugment(args, "sample")(x, torch.Generator().manual_seed(3))
@@ -223,3 +223,9 @@ def test_cuda_matches_cpu():
         params, **{k: getattr(params, k).cpu() for k in ("jitter", "factors", "order", "gray", "blur", "sigma", "flip")}
     )
     torch.testing.assert_close(fast.cpu(), apply_reference(x.cpu(), cpu_params), rtol=0, atol=1e-4)
+
+
+def test_augment_into_refuses_an_output_of_another_shape():
+    params = sample_params(4, ALL_ON, "cpu", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="out is"):
+        augment_gpu.augment_into(torch.empty(4, 3, 20, 24), images(4, 24), params)
