@@ -20,6 +20,7 @@ from moco_fast import checkpoint as ckpt
 from moco_fast.config import ConfigError, TrainConfig, read_json_object
 from moco_fast.data import DataError
 from moco_fast.metrics import METRICS_NAME, SUMMARY_NAME, owes_row, read_rows
+from moco_fast.sweep_table import TABLE_JSON
 
 log = logging.getLogger("moco_fast")
 
@@ -157,6 +158,8 @@ def check_run_folder(out: Path) -> None:
     above = next((p for p in out.parents if p.exists()), None)  # the folder that mkdir would start from
     if above is not None and not above.is_dir():
         raise ConfigError(f"--out {out} lies under {above}, which is a file: it must be a run folder")
+    if (out / TABLE_JSON).is_file():  # the settings' folders and the sweep's table would mix with the run's
+        raise ConfigError(f"--out {out} is a sweep's folder: a run needs a folder of its own (a setting's is in it)")
     if (out / CONFIG_NAME).is_file():
         read_run_config(out / CONFIG_NAME)
 

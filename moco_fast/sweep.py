@@ -30,10 +30,10 @@ from typing import Any
 from moco_fast.checkpoint import CHECKPOINT_NAME, file_stamp
 from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.metrics import read_rows
-from moco_fast.run_folder import SWEEP_RESULT
+from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, holds_run
 from moco_fast.sweep_eval import evaluate_setting
 from moco_fast.sweep_plan import GRID_KEYS, UNUSED, plan_setting, read_json, training_config
-from moco_fast.sweep_table import number_text, write_json, write_table
+from moco_fast.sweep_table import TABLE_JSON, number_text, write_json, write_table
 
 log = logging.getLogger("moco_fast")
 
@@ -130,13 +130,15 @@ def run_sweep(
             raise ConfigError(f"setting {s.name}: {e}") from None
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be the sweep folder")
+    if holds_run(out) or (out / CONFIG_NAME).is_file():  # its files and the settings' folders would mix
+        raise ConfigError(f"--out {out} holds a training run: give the sweep a folder of its own")
     _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything
     if redo:
         for s in settings:
             if (out / s.name).is_dir():
                 log.info("--redo: deleting %s", out / s.name)
                 shutil.rmtree(out / s.name)
-    previous = read_json(out / "sweep.json", list) or []
+    previous = read_json(out / TABLE_JSON, list) or []
     order = [r["name"] for r in previous if isinstance(r, dict) and isinstance(r.get("name"), str)]
     order += [s.name for s in settings]
     found = _results_in(out)

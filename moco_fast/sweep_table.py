@@ -10,6 +10,8 @@ from typing import Any
 
 from moco_fast.checkpoint import atomic_write, atomic_write_text
 
+TABLE_JSON = "sweep.json"  # marks a sweep's folder (run_folder: no run trains into one)
+
 log = logging.getLogger("moco_fast")
 
 
@@ -111,6 +113,6 @@ def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     """OUT/sweep.md, sweep.json and (with matplotlib) sweep.png, each replaced whole."""
     atomic_write_text(out / "sweep.md", markdown_table(shown(rows)))
-    write_json(out / "sweep.json", rows)
+    write_json(out / TABLE_JSON, rows)
     if not plot(rows, out / "sweep.png"):
         (out / "sweep.png").unlink(missing_ok=True)  # an old plot would not show these rows

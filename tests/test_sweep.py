@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import make_image_root
 from eval_helpers import interrupt_at
+from run_helpers import tiny_args
 
 from moco_fast.cli import build_parser, main
 
@@ -315,6 +316,23 @@ def test_sweep_stops_before_training_on_what_would_fail_later(six_root, tmp_path
     args = ["sweep", "--out", str(tmp_path / "s2"), "--device", "cpu", "--lincls-epochs", "1", "--"]
     assert main([*args, "--loader", "synthetic", *SWEEP_TRAIN]) == 2
     assert "--lincls-epochs needs an image folder" in last_error(capsys) and not trained
+
+
+def test_a_sweep_and_a_training_run_never_share_a_folder(six_root, tmp_path, capsys, monkeypatch):
+    """A sweep's --out holding a run, or a run's --out holding a sweep's table: refused before
+    anything trains (each would put its files among the other's)."""
+    trained = stub_sweep_runs(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
+    assert main(sweep_args(run, six_root, "--moco-m", "0.99")) == 2
+    assert last_error(capsys).endswith(f"--out {run} holds a training run: give the sweep a folder of its own")
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"] and not trained
+    sweep_out = tmp_path / "sweep"
+    assert main(sweep_args(sweep_out, six_root, "--moco-m", "0.99")) == 0  # writes its table
+    assert main(tiny_args(six_root, sweep_out)) == 2
+    assert "is a sweep's folder: a run needs a folder of its own" in last_error(capsys)
+    assert not (sweep_out / "checkpoint.pt").exists() and not (sweep_out / "config.json").exists()
 
 
 # -- sweep: grid flags and folder names -------------------------------------------------------------

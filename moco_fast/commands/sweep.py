@@ -100,7 +100,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=_Formatter,
     )
     p.__class__ = _Parser  # add_parser makes the top-level parser's class
-    p.add_argument("--out", required=True, help="sweep folder: one subfolder per setting, plus the table")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="sweep folder, its own (not a training run's): one subfolder per setting, plus the table",
+    )
     p.add_argument(
         "--moco-k", help="queue lengths K, e.g. 256,4096 (default: the --moco-k after --, else the preset's)"
     )
