@@ -118,7 +118,14 @@ def check_room_to_start(loader) -> None:
     the ENOSPC it meets today."""
     if loader.num_workers == 0:
         return
+    import multiprocessing.util
+
     import torch.multiprocessing
+
+    # The workers inherit this process's temporary folder (made now if not yet): the sockets through
+    # which each passes its batches' shared memory on lie there, removed at this process's exit. Made
+    # by each worker, they lay in a pymp-* folder of its own, which a worker killed by a signal left.
+    multiprocessing.util.get_temp_dir()
 
     context = loader.multiprocessing_context or torch.multiprocessing  # what the iterator uses
     try:

@@ -222,3 +222,39 @@ def test_the_warning_is_said_once_per_machine(monkeypatch, local_rank, warned):
         warnings.simplefilter("always")
         shared_memory.warn_if_short(2, 4, 15 << 20, "--loader torch")
     assert len(seen) == warned
+
+
+KILLED_WORKERS = """
+import os, signal, time
+import torch
+from torch.utils.data import DataLoader, Dataset
+from moco_fast.shared_memory import check_room_to_start, stack_shared
+
+
+class Images(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 8, 8)
+
+
+loader = DataLoader(Images(), batch_size=4, num_workers=2, collate_fn=stack_shared)
+check_room_to_start(loader)
+it = iter(loader)
+next(it)  # each worker has passed a batch's shared memory on, through a socket of its own
+time.sleep(1)
+for w in it._workers:
+    os.kill(w.pid, signal.SIGKILL)
+    w.join()
+print("killed")
+"""
+
+
+def test_workers_killed_by_a_signal_leave_no_folder_in_the_temporary_directory(tmp_path):
+    # A worker's socket for passing shared memory on (multiprocessing's resource_sharer) lay in a
+    # pymp-* folder of its own, which a worker killed by a signal never removed.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", KILLED_WORKERS], capture_output=True, text=True, timeout=120, env=env)
+    assert p.stdout.splitlines() == ["killed"], p.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
