@@ -18,7 +18,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 
-from moco_fast import __version__, shared_memory, stop_watch
+from moco_fast import __version__, bar_lines, shared_memory, stop_watch
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args)`.
 COMMANDS = [
@@ -333,7 +333,8 @@ def _warning_as_a_line(fmt):
     """warnings.formatwarning for the CLI: moco-fast's own warnings read as its log lines do
     ("WARNING kNN: k=1000 is more than ..."), without Python's "knn.py:186: UserWarning:" prefix and
     the source line after it, which looked like part of a traceback; other libraries' keep `fmt`.
-    (The format, not showwarning: warnings recorded by catch_warnings(record=True) stay recorded.)"""
+    (The format, not a showwarning that prints: warnings recorded by catch_warnings(record=True) stay
+    recorded; warnings_as_lines' showwarning hands each to the one before it.)"""
 
     def formatwarning(message, category, filename, lineno, line=None):
         return f"WARNING {message}\n" if _ours(filename) else fmt(message, category, filename, lineno, line)
@@ -343,13 +344,16 @@ def _warning_as_a_line(fmt):
 
 @contextlib.contextmanager
 def warnings_as_lines() -> Iterator[None]:
-    """While in it, moco-fast's own warnings print as one line each (_warning_as_a_line): around a
+    """While in it, moco-fast's own warnings print as one line each (_warning_as_a_line), and a warning
+    shown while a progress bar is open goes on a line of its own (bar_lines.between_bars): around a
     command (main), and around a `--gpus` worker's training (launch._reported), which runs no main()."""
-    before, warnings.formatwarning = warnings.formatwarning, _warning_as_a_line(warnings.formatwarning)
+    before = warnings.formatwarning, warnings.showwarning
+    warnings.formatwarning = _warning_as_a_line(before[0])
+    warnings.showwarning = bar_lines.between_bars(before[1])
     try:
         yield
     finally:
-        warnings.formatwarning = before
+        warnings.formatwarning, warnings.showwarning = before
 
 
 # the commands' path flags and arguments (their argparse dest)
@@ -373,8 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.empty_flag = empty_flag(parser, args)
     # INFO for moco-fast's own messages; other libraries' at WARNING (torch's import sets its own levels,
-    # but one cut short by Ctrl-C does not, and its exit hooks logged at INFO after "interrupted")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
+    # but one cut short by Ctrl-C does not, and its exit hooks logged at INFO after "interrupted").
+    # A record written while a progress bar is open goes on a line of its own (bar_lines.LineHandler).
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(message)s", handlers=[bar_lines.LineHandler(sys.stderr)]
+    )
     logging.getLogger("moco_fast").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     warnings.filterwarnings("default", module="moco_fast")
     with warnings_as_lines(), stop_signals_handled(_say_stopped if _in_a_worker() else None):

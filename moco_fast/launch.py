@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from moco_fast.bar_lines import LineHandler
 from moco_fast.cli import STOP_SIGNALS, Terminated, UserError, say
 from moco_fast.config import ConfigError, TrainConfig
 
@@ -114,7 +115,8 @@ def launch_local(cfg: TrainConfig, where: str | None = None) -> tuple[int, dict]
 def _train_worker(cfg: TrainConfig) -> dict:
     from moco_fast.trainer import train
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    # as main()'s: a record written while rank 0's progress bar is open goes on a line of its own
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", handlers=[LineHandler(sys.stderr)])
     return train(cfg)
 
 

@@ -1,0 +1,64 @@
+"""Log records and warnings written while a progress bar is open: each on a line of its own.
+
+A tqdm bar (metrics.progress, convert's, the resident loader's "loading images") keeps its line open
+on stderr, without a newline. A line written meanwhile ("saved checkpoint at step N" of --save-every,
+a warning) came right after the bar's text, on the bar's line, and the bar's next draw went after it.
+Here the bars are cleared first and drawn again after the line, as tqdm.write does it (through its
+`external_write_mode`), and only where this process has a bar open: with none (a rank > 0, whose
+epoch bar is disabled, or a forked worker, whose inherited bars are its parent's) the line is written
+as before, without tqdm's lock. Not tqdm.write itself, nor its logging_redirect_tqdm: they write the text and its
+newline apart (the ranks of a job share stderr, and their lines ran together, see cli.say), and take
+tqdm's lock, making it where there is none, for every line of every process.
+
+Locks: a line takes tqdm's lock while the bars are cleared and drawn again, as a bar's own draw does.
+The stop handlers (cli._on_stop_signal, stops.StopRequests') take neither it nor logging's; cli's
+raises in the main thread, and the unwinding releases both (both are reentrant for say() after it). The stop watch's end (stop_watch._end) runs say() on a thread of its
+own, waited for at most a second, for a main thread that holds the lock (a write to a blocked stderr).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import IO
+
+_PID = os.getpid()  # a forked child's bars are its parent's: it writes as before
+
+
+@contextlib.contextmanager
+def bars_cleared(stream: IO[str]) -> Iterator[None]:
+    """While in it, this process's open bars that share `stream`'s terminal are cleared; they are
+    drawn again after it. Without an open bar (or tqdm never imported): nothing, and no lock."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)  # imported where a command drew a bar
+    bars = getattr(tqdm, "_instances", ())  # a disabled bar is not among them
+    if tqdm is None or os.getpid() != _PID or not any(hasattr(bar, "start_t") for bar in list(bars)):
+        yield
+        return
+    with tqdm.external_write_mode(file=stream):
+        yield
+
+
+class LineHandler(logging.StreamHandler):
+    """logging's StreamHandler (a record in one write), with the open bars cleared around it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            with bars_cleared(self.stream):
+                super().emit(record)
+        except Exception:  # a bar's stream gone: as the write's own errors, never the caller's
+            self.handleError(record)
+
+
+def between_bars(showwarning: Callable[..., None]) -> Callable[..., None]:
+    """warnings.showwarning that shows a warning through `showwarning` with the open bars cleared
+    around it. `showwarning` still decides where it goes: catch_warnings(record=True) puts Python's
+    own back, so warnings recorded there stay recorded."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        with bars_cleared(sys.stderr if file is None else file):
+            showwarning(message, category, filename, lineno, file, line)
+
+    return show

@@ -1,0 +1,101 @@
+"""Log records and warnings written while a progress bar is open stand on lines of their own
+(moco_fast.bar_lines): they came right after the bar's text, on the bar's line."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import sys
+import warnings
+
+import pytest
+
+from moco_fast import bar_lines, cli, knn
+from moco_fast.metrics import progress
+
+BAR = "epoch 1/2"
+SAVED = "INFO saved checkpoint at step 3"
+WARNED = "WARNING kNN: k=9 is more than the 8 images"
+
+
+def segments(text: str) -> list[str]:
+    """The text as a terminal draws it, piece by piece: a bar redraws its line after each \\r."""
+    return re.split(r"[\r\n]", text)
+
+
+def on_a_line_of_its_own(text: str, line: str) -> bool:
+    parts = segments(text)
+    return line in parts and not any(line in p and p != line for p in parts)
+
+
+def stderr(monkeypatch, caplog) -> io.StringIO:
+    """sys.stderr as a StringIO (bars and lines alike write there), Python's own showwarning in place
+    of pytest's recording one, and the moco_fast logger at INFO through a LineHandler, as main() sets
+    them up. (In the test itself: pytest sets its own sys.stderr again after the fixtures.)"""
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):  # Python's, which pytest records
+        (sys.stderr if file is None else file).write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", showwarning)
+    handler = bar_lines.LineHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("moco_fast")
+    monkeypatch.setattr(log, "handlers", [handler])
+    monkeypatch.setattr(log, "propagate", False)  # pytest's handlers on the root
+    caplog.set_level(logging.INFO, "moco_fast")
+    return err
+
+
+def log_and_warn() -> None:
+    with cli.warnings_as_lines(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        logging.getLogger("moco_fast").info(SAVED.removeprefix("INFO "))
+        warnings.warn_explicit(WARNED.removeprefix("WARNING "), UserWarning, knn.__file__, 186)
+
+
+def test_a_log_line_and_a_warning_under_an_open_bar_stand_on_lines_of_their_own(monkeypatch, caplog):
+    err = stderr(monkeypatch, caplog)
+    bar = progress(total=10, desc=BAR)
+    bar.update(3)
+    bar.refresh()
+    log_and_warn()
+    text = err.getvalue()
+    bar.close()
+    assert on_a_line_of_its_own(text, SAVED), repr(text)
+    assert on_a_line_of_its_own(text, WARNED), repr(text)
+    assert not any(BAR in p and ("saved" in p or "kNN" in p) for p in segments(text)), repr(text)
+    assert segments(text)[-1].startswith(BAR), repr(text)  # the bar drawn again after them
+
+
+@pytest.mark.parametrize("bar", ["none", "disabled", "a forked parent's"])
+def test_without_a_bar_of_this_process_the_lines_are_written_as_before(monkeypatch, caplog, bar):
+    # no bar, a rank > 0's (disabled), or one that a forked worker inherited from its parent: the
+    # lines as they are, nothing cleared or drawn
+    err = stderr(monkeypatch, caplog)
+    drawn = None if bar == "none" else progress(total=10, desc=BAR, enabled=bar != "disabled")
+    if bar == "a forked parent's":
+        monkeypatch.setattr(bar_lines, "_PID", -1)
+    start = len(err.getvalue())
+    log_and_warn()
+    written = err.getvalue()[start:]
+    if drawn is not None:
+        drawn.close()
+    assert written == f"{SAVED}\n{WARNED}\n"
+
+
+def test_a_line_logged_within_an_epoch_stands_on_a_line_of_its_own(tmp_path, monkeypatch, capsys):
+    # through main()'s own logging set-up (root's handler: pytest's are set aside), --save-every's
+    # line within an epoch, while its bar is open
+    monkeypatch.setattr(logging.root, "handlers", [])
+    args = ["train", "--loader", "synthetic", "--synthetic-steps", "4", "--preset", "cifar", "--arch", "resnet18",
+            "--stem", "imagenet", "--epochs", "1", "--batch-size", "8", "--moco-k", "32", "--bn-splits", "2",
+            "--device", "cpu", "--workers", "0", "--log-every", "2", "--save-every", "1e-9", "--no-final-knn",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert cli.main(args) == 0
+    text = capsys.readouterr().err
+    saved = [p for p in segments(text) if "at step 2 of epoch 1" in p]
+    assert saved == [f"INFO saved {tmp_path / 'run' / 'checkpoint.pt'} at step 2 of epoch 1"], repr(text)
+    assert any(p.startswith("epoch 1/1") for p in segments(text)), repr(text)  # the bar was drawn
