@@ -61,7 +61,9 @@ def test_a_log_line_and_a_warning_under_an_open_bar_stand_on_lines_of_their_own(
     bar = progress(total=10, desc=BAR)
     bar.update(3)
     bar.refresh()
+    before = warnings.showwarning
     log_and_warn()
+    assert warnings.showwarning is before  # the CLI's only while a command runs
     text = err.getvalue()
     bar.close()
     assert on_a_line_of_its_own(text, SAVED), repr(text)
