@@ -32,7 +32,7 @@ def on_a_line_of_its_own(text: str, line: str) -> bool:
 def stderr(monkeypatch, caplog) -> io.StringIO:
     """sys.stderr as a StringIO (bars and lines alike write there), Python's own showwarning in place
     of pytest's recording one, and the moco_fast logger at INFO through a LineHandler, as main() sets
-    them up. (In the test itself: pytest sets its own sys.stderr again after the fixtures.)"""
+    them up. Called in the test, not a fixture: pytest sets its own sys.stderr again after the fixtures."""
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
 
