@@ -29,7 +29,9 @@ def rng_state() -> dict[str, Any]:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    # numpy's global generator takes 0..2**32-1 alone, and its callers add the rank (and the epoch) to
+    # --seed, which may be MAX_SEED: rank 1 of `--seed 4294967295` raised numpy's ValueError traceback
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 

@@ -71,8 +71,9 @@ class DataConfig:
     loader_options: dict[str, str] = field(default_factory=dict)  # backend-specific, see each loader
 
 
-# --seed's range: numpy's global generator (checkpoint.seed_everything) takes no seed outside
-# 0..2**32-1, and torch's none above 2**64-1 (a traceback at the run's start, not a one-line error)
+# --seed's range: numpy's global generator takes no seed outside 0..2**32-1, and torch's none above
+# 2**64-1 (a traceback at the run's start, not a one-line error); checkpoint.seed_everything gives
+# numpy what the rank and epoch add to it modulo 2**32
 MAX_SEED = 2**32 - 1
 
 

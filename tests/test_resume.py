@@ -304,3 +304,20 @@ def test_a_finished_run_resumed_on_other_data_says_which_its_final_knn_reads(tin
         f"the run trained on --data {tiny_root}; its final kNN, where still owed, reads --data {moved}" in caplog.text
     )
     assert (run / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(("rank", "epoch"), [(1, 0), (0, 3)])
+def test_new_random_streams_from_the_largest_seed(rank, epoch):
+    # seed + rank (+ 1_000_003 x epoch) passed numpy's 2**32 - 1: rank 1 of `--seed MAX_SEED` (train's
+    # start), a resumed run on another number of processes, raised numpy's ValueError
+    import numpy as np
+
+    from moco_fast.config import MAX_SEED, TrainConfig
+    from moco_fast.resume import restore_rng
+
+    cfg = TrainConfig()
+    cfg.runtime.seed = MAX_SEED
+    restore_rng({"rng": None}, cfg, world=2, rank=rank, epoch=epoch)  # saved by 1 process, resumed by 2
+    drawn = np.random.randint(2**31), torch.randint(2**31, ()).item()
+    restore_rng({"rng": None}, cfg, world=2, rank=rank, epoch=epoch)
+    assert (np.random.randint(2**31), torch.randint(2**31, ()).item()) == drawn
