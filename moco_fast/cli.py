@@ -358,6 +358,7 @@ def warnings_as_lines() -> Iterator[None]:
 
 # the commands' path flags and arguments (their argparse dest)
 PATH_DESTS = ("data", "out", "checkpoint", "resume", "src", "dst", "output", "save_model")
+EMPTY_PATH = "{} is empty: give a path (an unset shell variable?)"
 
 
 def empty_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
@@ -404,7 +405,7 @@ def _run(args: argparse.Namespace) -> int:
     """The command; a user error or a stop ends it with its one line and exit status."""
     try:
         if getattr(args, "empty_flag", None):
-            raise UserError(f"{args.empty_flag} is empty: give a path (an unset shell variable?)")
+            raise UserError(EMPTY_PATH.format(args.empty_flag))
         if threading.current_thread() is threading.main_thread():
             _import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
         if args.command not in DISTRIBUTED_COMMANDS:

@@ -236,6 +236,7 @@ def test_a_gpus_workers_warnings_print_as_one_line_each(tmp_path, monkeypatch):
         (["export", "", "--format", "torchvision", "--output", "x.pth"], "checkpoint"),
         (["convert", "src", ""], "DST"),
         (["lincls", "--checkpoint", "c.pt", "--out", ""], "--out"),
+        (["sweep", "--out", "s", "--", "--device", "cpu", "--data", ""], "after --: --data"),  # trained on ./
     ],
 )
 def test_an_empty_path_is_a_one_line_error(argv, flag, tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import logging
 import math
 from pathlib import Path
 
+from moco_fast.cli import EMPTY_PATH, empty_flag
 from moco_fast.commands import HelpFormatter
 from moco_fast.config import ConfigError
 
@@ -168,6 +169,9 @@ def base_config(train_args: list[str], grid: tuple[str, ...] = ()):
     parser = _TrainFlags(prog="moco-fast sweep ... --")
     train_cmd.register(parser.add_subparsers(dest="command"))
     ns = parser.parse_args(["train", *train_args])
+    empty = empty_flag(parser, ns)  # cli's check sees the sweep's own flags: `-- --data ""` read the current folder
+    if empty:
+        raise ConfigError("after --: " + EMPTY_PATH.format(empty))
     for dest in grid:
         if getattr(ns, dest, None) is not None:
             flag = GRID_FLAGS[dest]
