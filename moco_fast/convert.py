@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS, interruption, os_error_behind
-from moco_fast.config import ConfigError
+from moco_fast.config import MAX_SEED, ConfigError
 from moco_fast.convert_beton import convert_ffcv
 from moco_fast.convert_dst import check_destination, names_path, sidecar_path
 from moco_fast.convert_files import (
@@ -133,6 +133,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise ConfigError(f"--shard-size must be at least 1, got {cfg.shard_size}")
     if cfg.workers < 0:  # -2 ran on every core as 0 does, where the other commands refuse it
         raise ConfigError(f"--workers must be 0 (every core) or a count, got {cfg.workers}")
+    if not 0 <= cfg.seed <= MAX_SEED:  # -1 shuffled as 1 does (Python's random takes its absolute value)
+        raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {cfg.seed}")
     if cfg.format == "ffcv":  # before hours of checking images, not after
         missing = missing_modules(["ffcv", "numba"])
         if missing:

@@ -180,7 +180,10 @@ def test_a_flag_of_the_other_format_is_warned_of(bad_root, tmp_path, caplog):
     assert len(list((tmp_path / "wds").glob("*.tar"))) == 2  # --shard-size 10 of 18 images: it still applies
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--workers", "-2"), ("--shard-size", "0"), ("--jpeg-quality", "101")])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--workers", "-2"), ("--shard-size", "0"), ("--jpeg-quality", "101"), ("--seed", "-1"), ("--seed", str(2**32))],
+)
 def test_bad_numbers_are_one_line_errors_before_any_image_is_read(flag, value, tmp_path, capsys):
     # --workers -2 ran on every core as 0 does, where the other commands refuse a count below -1
     dst = tmp_path / "out" / "x"

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from moco_fast.commands import HelpFormatter, dataclass_from_args
+from moco_fast.config import MAX_SEED
 
 log = logging.getLogger("moco_fast")
 
@@ -51,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "256x256 pixels, JPEG above; proportion: half raw, half JPEG at random (default jpg)",
     )
     p.add_argument("--shard-size", type=int, help="wds: images per shard (default 1000)")
-    p.add_argument("--seed", type=int, help="wds: seed of the shuffled sample order across shards (default 0)")
+    p.add_argument(
+        "--seed", type=int, help=f"wds: seed of the shuffled sample order across shards, 0..{MAX_SEED} (default 0)"
+    )
     p.add_argument("--workers", type=int, default=0, help="processes decoding and encoding (0: every core)")
     p.add_argument(
         "--force",
