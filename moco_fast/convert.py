@@ -129,11 +129,12 @@ def validate(cfg: ConvertConfig) -> None:
         raise ConfigError(f"--jpeg-quality must be in 1..100, got {cfg.jpeg_quality}")
     if cfg.max_resolution is not None and cfg.max_resolution < 8:
         raise ConfigError(f"--max-resolution must be at least 8 pixels, got {cfg.max_resolution}")
-    if cfg.shard_size < 1:
-        raise ConfigError(f"--shard-size must be at least 1, got {cfg.shard_size}")
     if cfg.workers < 0:  # -2 ran on every core as 0 does, where the other commands refuse it
         raise ConfigError(f"--workers must be 0 (every core) or a count, got {cfg.workers}")
-    if not 0 <= cfg.seed <= MAX_SEED:  # -1 shuffled as 1 does (Python's random takes its absolute value)
+    # wds's flags alone: --format ffcv ignores them, with a warning (commands/convert), not an error after it
+    if cfg.format == "wds" and cfg.shard_size < 1:
+        raise ConfigError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    if cfg.format == "wds" and not 0 <= cfg.seed <= MAX_SEED:  # -1 shuffled as 1 does (random's abs)
         raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {cfg.seed}")
     if cfg.format == "ffcv":  # before hours of checking images, not after
         missing = missing_modules(["ffcv", "numba"])

@@ -191,3 +191,18 @@ def test_bad_numbers_are_one_line_errors_before_any_image_is_read(flag, value, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{flag} must be" in err[0], err
     assert not dst.parent.exists()
+
+
+def test_the_other_formats_flags_are_ignored_not_refused(tmp_path, monkeypatch, capsys, caplog):
+    # --format ffcv --shard-size 0 warned that ffcv ignores it, then refused it as a bad --shard-size
+    import logging
+
+    import moco_fast.convert
+
+    monkeypatch.setattr(moco_fast.convert, "missing_modules", lambda names: [])  # an FFCV-less CI gets as far
+    argv = ["convert", str(tmp_path / "no-such-src"), str(tmp_path / "x.beton"), "--format", "ffcv"]
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*argv, "--shard-size", "0", "--seed", "-1"]) == 2
+    assert "--shard-size and --seed: a --format wds setting, which --format ffcv ignores" in caplog.text
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-src" in err[0] and "must be" not in err[0], err
