@@ -1,8 +1,15 @@
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+# One version, moco_fast.__version__ (what `moco-fast --version` prints), read here without importing
+# the package (its dependencies may not be installed yet).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "moco_fast/__init__.py").read_text(), re.M)[1]
 
 setup(
     name="moco-fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fast MoCo (Momentum Contrast) self-supervised pretraining: DALI/FFCV loaders, AMP, fused kernels",
     python_requires=">=3.10",
     # The repository keeps loaders/ and kernels/ at the top level (the product layout); they install

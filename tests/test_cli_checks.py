@@ -254,3 +254,17 @@ def test_version_prints_the_package_version_and_exits_0(capsys):
         main(["--version"])
     assert end.value.code == 0
     assert capsys.readouterr().out.strip() == f"moco-fast {moco_fast.__version__}"
+
+
+def test_the_package_installs_with_the_version_that_version_prints(tmp_path):
+    # setup.py wrote its own "0.1.0" beside moco_fast.__version__: a release that raised one left the
+    # other behind. A copy with another version shows that setup.py reads it from the package.
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "moco_fast").mkdir()
+    shutil.copy(root / "setup.py", tmp_path)
+    (tmp_path / "moco_fast" / "__init__.py").write_text('"""x"""\n\n__version__ = "9.8.7"\n')
+    done = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "9.8.7", done.stderr[-2000:]
