@@ -123,11 +123,16 @@ def run_sweep(
         if other != s:  # a guard: number_text keeps distinct values apart
             raise ConfigError(f"settings {other} and {s} would share the folder {out / s.name}")
     configs = [setting_config(base, s, out) for s in settings]
+    errors: dict[str, str] = {}
     for cfg, s in zip(configs, settings):
         try:
             validate(cfg, 1)  # a bad setting fails now, not after hours of the others
         except ConfigError as e:
-            raise ConfigError(f"setting {s.name}: {e}") from None
+            errors[s.name] = str(e)
+    if len(errors) == len(settings) and len(set(errors.values())) == 1:
+        raise ConfigError(errors[settings[0].name])  # a flag after --, whatever the setting
+    for name, why in errors.items():
+        raise ConfigError(f"setting {name}: {why}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be the sweep folder")
     if holds_run(out) or (out / CONFIG_NAME).is_file():  # its files and the settings' folders would mix

@@ -16,6 +16,7 @@ from eval_helpers import interrupt_at
 from run_helpers import tiny_args
 
 from moco_fast.cli import build_parser, main
+from moco_fast.config import MAX_SEED
 
 
 # -- sweep ----------------------------------------------------------------------------------------
@@ -262,6 +263,16 @@ def test_sweep_rejects_a_bad_setting_before_training(tiny_root, tmp_path, capsys
     err = capsys.readouterr().err
     assert "moco_K4_" in err and "smaller than the keys" in err
     assert not any(tmp_path.iterdir())  # nothing trained
+
+
+def test_a_bad_flag_of_every_setting_is_named_without_a_settings_name(tiny_root, tmp_path, capsys):
+    # it read "setting moco_K4_m0.9_sbn-on: --seed must be ...", as if that setting alone were wrong
+    args = ["sweep", "--out", str(tmp_path), "--moco-m", "0.9,0.99", "--", "--data", str(tiny_root), "--seed", "-3"]
+    assert main([*args, "--batch-size", "8", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"moco-fast sweep: error: --seed must be in 0..{MAX_SEED} (got -3)"
+    ]
+    assert not any(tmp_path.iterdir())
 
 
 def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
