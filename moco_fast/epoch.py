@@ -20,6 +20,7 @@ from moco_fast import distributed as dist_utils
 from moco_fast.config import TrainConfig
 from moco_fast.metrics import progress, rate
 from moco_fast.stops import SaveClock, StopRequests, agree_at_sync
+from moco_fast.text import plural
 
 log = logging.getLogger("moco_fast")
 
@@ -56,7 +57,8 @@ def resumed_part(saved: dict[str, Any] | None, epoch: int, loader, batch_size: i
     why = (
         "this loader starts an epoch at its first step only"
         if not loader.starts_mid_epoch
-        else f"it had {part.steps} steps of {part.batch_size} images in {part.world_size} process(es), now "
+        else f"it had {plural(part.steps, 'step')} of {plural(part.batch_size, 'image')} in "
+        f"{plural(part.world_size, 'process', 'processes')}, now "
         f"{now[0]} of {now[1]} in {now[2]}"
     )
     log.warning(

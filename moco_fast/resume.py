@@ -15,6 +15,7 @@ from moco_fast.config import ConfigError, TrainConfig, from_dict, plain, to_dict
 from moco_fast.data import DataError
 from moco_fast.model import MoCo
 from moco_fast.step import load_optimizer_state
+from moco_fast.text import plural
 
 log = logging.getLogger("moco_fast")
 
@@ -102,12 +103,13 @@ def warn_rescheduled(
         return
     # as the processes that trained it had it: that of its last epoch, or of the one it is within
     last = lr_at(before, done if step else done - 1, base_lr(before, saved_world))
-    had = f"its first {step} steps had" if step else f"epoch {done} had"
+    had = f"its first {plural(step, 'step')} had" if step else f"epoch {done} had"
     nxt = lr_at(cfg, done, base_lr(cfg, world))
     log.warning(
-        "--resume: --epochs %d (the run was scheduled for %d): the %s schedule now spans %d epochs, so "
+        "--resume: --epochs %d (the run was scheduled for %d): the %s schedule now spans %s, so "
         "epoch %d trains at lr %.4g where %s %.4g",
-        *(cfg.optim.epochs, before.optim.epochs, cfg.optim.schedule, cfg.optim.epochs, done + 1, nxt, had, last),
+        *(cfg.optim.epochs, before.optim.epochs, cfg.optim.schedule, plural(cfg.optim.epochs, "epoch"), done + 1),
+        *(nxt, had, last),
     )
 
 

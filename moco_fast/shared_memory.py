@@ -22,6 +22,8 @@ import re
 import warnings
 from collections.abc import Sequence
 
+from moco_fast.text import plural
+
 SHM = "/dev/shm"
 
 ADVICE = "run the container with --shm-size=8g (or --ipc=host), or use --workers 0"
@@ -100,8 +102,9 @@ def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str, path: s
     whose = f"each of {processes} processes' " if processes > 1 else ""
     warnings.warn(
         f"{path} has {size_text(sizes[1])} free of {size_text(sizes[0])}, less than the {size_text(need)} that "
-        f"{whose}{workers} DataLoader workers of {what} hold there ({ahead} batches of {size_text(batch_bytes)} "
-        f"each): the command stops when it fills; {ADVICE}",
+        f"{whose}{plural(workers, 'DataLoader worker')} of {what} hold there "
+        f"({plural(ahead, 'batch', 'batches')} of {size_text(batch_bytes)} each): the command stops when it fills; "
+        f"{ADVICE}",
         stacklevel=2,
     )
 

@@ -47,6 +47,7 @@ from moco_fast.run_folder import (
 )
 from moco_fast.step import GraphedStep, StepState, check_cuda_graph, make_optimizer, set_lr, train_step
 from moco_fast.stops import SaveClock, StopRequests
+from moco_fast.text import plural
 
 log = logging.getLogger("moco_fast")
 
@@ -273,11 +274,11 @@ def _train_held(
     splits = monitor_splits(cfg, loader.splits)
     ev = "" if splits is None or splits.eval is None else f"; kNN on {len(splits.eval)} eval images"
     log.info(
-        "data: %d images in %d classes (--loader %s), %d steps of %d a process per epoch%s",
-        loader.num_images,
-        len(loader.classes),
+        "data: %s in %s (--loader %s), %s of %d a process per epoch%s",
+        plural(loader.num_images, "image"),
+        plural(len(loader.classes), "class", "classes"),
         cfg.data.loader,
-        len(loader),
+        plural(len(loader), "step"),
         cfg.optim.batch_size,
         ev,
     )
@@ -371,10 +372,14 @@ def _train_held(
         if close := getattr(loader, "close", None):  # its kept workers, idle from here (the torch loader's)
             close()
         if summary_owed:
-            log.info("%s: all %d epochs were done already; computing the final kNN it lacks", out, cfg.optim.epochs)
+            log.info(
+                "%s: trained for its %s already; computing the final kNN it lacks",
+                out,
+                plural(cfg.optim.epochs, "epoch"),
+            )
             row = (read_rows(out) or [{"epoch": start_epoch}])[-1]
         if finished and not summary_owed:
-            log.info("%s: all %d epochs were done already; nothing to train", out, cfg.optim.epochs)
+            log.info("%s: trained for its %s already; nothing to train", out, plural(cfg.optim.epochs, "epoch"))
         elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
             row = _final_evaluation(row, model, splits, cfg, device)
             writer.write_summary(row)

@@ -229,3 +229,14 @@ def test_lincls_prints_top1_and_topk(run_dir, data, tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert res["topk"] == 3  # 3 classes
     assert line.startswith(f"linear classification: top-1 {res['top1']:.2f}%  top-3 {res['top5']:.2f}%  (6 eval"), line
+
+
+@pytest.mark.parametrize(("n", "said"), [(1, "(1 eval image, 1 epoch; "), (2, "(2 eval images, 2 epochs; ")])
+def test_lincls_line_says_one_epoch_in_the_singular(n, said, run_dir, data, tmp_path, monkeypatch, capsys):
+    import moco_fast.lincls
+
+    res = {"top1": 50.0, "top5": 100.0, "topk": 2, "eval_images": n}
+    monkeypatch.setattr(moco_fast.lincls, "run_lincls", lambda cfg: res)  # the line alone: no training
+    argv = ["lincls", "--checkpoint", str(run_dir), "--data", str(data), "--epochs", str(n), "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "l.json")]) == 0
+    assert said in capsys.readouterr().out  # --epochs 1 said "1 epochs"

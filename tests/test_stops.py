@@ -249,7 +249,7 @@ def test_a_checkpoint_within_an_epoch_past_a_shortened_run_is_a_finished_run(tmp
     monkeypatch.undo()
     with caplog.at_level(logging.INFO, "moco_fast"):
         trainer.train(config(tmp_path, **{"optim.epochs": 1, "runtime.resume": "auto"}))
-    assert "all 1 epochs were done already" in caplog.text and "continues" not in caplog.text
+    assert "trained for its 1 epoch already" in caplog.text and "continues" not in caplog.text
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2  # left as it was
 
 

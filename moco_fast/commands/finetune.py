@@ -21,6 +21,7 @@ from moco_fast.commands import (
     result_of,
 )
 from moco_fast.config import SCRATCH_ARCH
+from moco_fast.text import plural
 
 DEFAULT_STEM = "auto"
 
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         res, _ = run_finetune(cfg, model_path)
     print(
         f"fine-tuning from {res['init']}: {accuracy_text(res)}  "
-        f"({res['eval_images']} eval images, {args.epochs} epochs)"
+        f"({plural(res['eval_images'], 'eval image')}, {plural(args.epochs, 'epoch')})"
     )
     if model_path is not None:
         from moco_fast.commands.export import loading_notes

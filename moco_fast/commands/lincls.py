@@ -19,6 +19,7 @@ from moco_fast.commands import (
     resolve_eval_runtime,
     result_of,
 )
+from moco_fast.text import plural
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,6 +77,6 @@ def run(args: argparse.Namespace) -> int:
         res = run_lincls(cfg)
     print(
         f"linear classification: {accuracy_text(res)}  "
-        f"({res['eval_images']} eval images, {cfg.epochs} epochs; backbone unchanged)"
+        f"({plural(res['eval_images'], 'eval image')}, {plural(cfg.epochs, 'epoch')}; backbone unchanged)"
     )
     return 0
