@@ -57,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = named_device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
+        raise ConfigError(f"--device {name} was asked for but no CUDA GPU is available")  # cuda:N as given
     return dev
 
 

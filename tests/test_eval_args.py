@@ -154,6 +154,13 @@ def test_bad_values_are_one_line_errors_before_anything_is_read(argv, message, t
     assert message in one_line_error(capsys)
 
 
+@pytest.mark.parametrize("cmd", ["knn", "lincls", "finetune"])
+def test_a_missing_gpu_is_named_as_the_device_flag_gave_it(cmd, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine, also on a GPU one
+    assert main([cmd, "--device", "cuda:3", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert one_line_error(capsys).endswith("--device cuda:3 was asked for but no CUDA GPU is available")  # said cuda
+
+
 def test_export_device_is_checked(run_dir, tmp_path, capsys):
     argv = ["export", str(run_dir), "--format", "torchvision", "--output", str(tmp_path / "x.pth")]
     assert main([*argv, "--device", "gpu"]) == 2
