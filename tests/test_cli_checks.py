@@ -1,5 +1,5 @@
-"""Flags and outputs of knn, export, lincls and sweep that are checked before any work: each a one-line
-error (exit 2) that leaves what is on disk as it was."""
+"""Flags and outputs of knn, export, lincls, sweep (and train's --device) that are checked before any
+work: each a one-line error (exit 2) that leaves what is on disk as it was."""
 
 from __future__ import annotations
 
@@ -268,3 +268,12 @@ def test_the_package_installs_with_the_version_that_version_prints(tmp_path):
     (tmp_path / "moco_fast" / "__init__.py").write_text('"""x"""\n\n__version__ = "9.8.7"\n')
     done = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tmp_path, capture_output=True, text=True)
     assert done.stdout.strip().splitlines()[-1] == "9.8.7", done.stderr[-2000:]
+
+
+def test_a_gpu_index_past_the_machine_s_gpus_is_a_one_line_error_in_train_too(tiny_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = ["--device", "cuda:3", "--out", str(tmp_path / "run")]
+    assert main(["train", "--data", str(tiny_root), "--epochs", "1", "--workers", "0", *argv]) == 2
+    # train's torch.cuda.set_device(3) raised CUDA's 'invalid device ordinal' traceback
+    assert capsys.readouterr().err.strip().endswith("--device cuda:3: this machine has 1 GPU(s) (cuda:0..)")

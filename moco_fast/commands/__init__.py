@@ -88,16 +88,11 @@ def check_device_name(name: str) -> None:
 def resolve_eval_runtime(args: argparse.Namespace) -> torch.device:
     """Checks the flags that `add_eval_runtime_flags` adds (--batch-size, --workers, --device: an error
     for a GPU this machine lacks), turns --workers -1 (auto) into a count in `args`; returns the device."""
-    import torch
-
     from moco_fast.trainer import resolve_device, resolve_workers
 
     require(args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})")
     require(args.workers >= -1, f"--workers must be -1 (auto) or a count >= 0 (got {args.workers})")
     device = resolve_device(args.device)
-    if device.type == "cuda" and device.index is not None:
-        count = torch.cuda.device_count()
-        require(device.index < count, f"--device {args.device}: this machine has {count} GPU(s) (cuda:0..)")
     args.workers = resolve_workers(args.workers, device)
     return device
 
