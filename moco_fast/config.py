@@ -76,6 +76,11 @@ class DataConfig:
 # numpy what the rank and epoch add to it modulo 2**32
 MAX_SEED = 2**32 - 1
 
+# --image-size's largest: fine-tuning at high resolution goes to 1024 px or so, and a 4096 px crop is
+# already 200 MiB an image in fp32; past it a size is a typo (22400 for 224: 6 GiB an image), which
+# ran until the batches' allocation failed or swapped the machine, not a one-line error
+MAX_IMAGE_SIZE = 4096
+
 
 @dataclass
 class RuntimeConfig:

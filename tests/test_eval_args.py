@@ -134,6 +134,8 @@ def test_help_does_not_import_torch():
         (["lincls", "--lr", "-1"], "--lr must be above 0"),
         (["lincls", "--image-size", "0"], "--image-size must be at least 8"),
         (["finetune", "--image-size", "4"], "--image-size must be at least 8"),
+        (["lincls", "--image-size", "22400"], "--image-size must be at most 4096"),  # allocated for ever
+        (["finetune", "--image-size", "22400"], "--image-size must be at most 4096"),
         (["lincls", "--momentum", "2"], "--momentum must be in [0, 1)"),
         (["finetune", "--momentum", "-0.5"], "--momentum must be in [0, 1)"),
         (["lincls", "--schedule", ","], "--schedule expects epochs like 60,80"),
@@ -159,6 +161,16 @@ def test_a_missing_gpu_is_named_as_the_device_flag_gave_it(cmd, tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine, also on a GPU one
     assert main([cmd, "--device", "cuda:3", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert one_line_error(capsys).endswith("--device cuda:3 was asked for but no CUDA GPU is available")  # said cuda
+
+
+@pytest.mark.parametrize("cmd", ["lincls", "finetune"])
+def test_a_large_image_size_within_the_bound_passes_the_checks(cmd, run_dir, tmp_path, monkeypatch):
+    seen = stop_training(monkeypatch)
+    argv = [cmd, "--checkpoint", str(run_dir), "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    argv += ["--no-save-model"] if cmd == "finetune" else []
+    with pytest.raises(Stop):  # 4096 (config.MAX_IMAGE_SIZE): fine-tuning at high resolution stays possible
+        main([*argv, "--image-size", "4096"])
+    assert seen[-1].image_size == 4096
 
 
 def test_export_device_is_checked(run_dir, tmp_path, capsys):

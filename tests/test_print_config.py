@@ -61,6 +61,7 @@ def test_print_config_checks_gpus_as_the_run_would_with_those_gpus(capsys, flags
         ["--gpus", "8"],
         ["--data", "/no/such/folder"],  # the data is not read: it may be on the other machine
         ["--device", "cuda:1", "--cuda-graph"],
+        ["--image-size", "4096"],  # the largest (config.MAX_IMAGE_SIZE): high-resolution runs stay possible
         ["--loader", "dali", "--loader-option", "decoder=mixed"],  # --device auto: mixed on a GPU machine
     ],
 )

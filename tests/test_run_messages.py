@@ -23,6 +23,7 @@ from moco_fast.cli import main
         ("--bn-splits", "0", "--bn-splits must be at least 1"),
         ("--log-every", "0", "--log-every must be at least 1"),
         ("--image-size", "0", "--image-size must be at least 8"),
+        ("--image-size", "22400", "--image-size must be at most 4096"),  # a typo that allocated for ever
         ("--device", "gpu", "--device 'gpu'"),
         ("--workers", "-2", "--workers must be at least -1"),
         ("--lr", "-1", "--lr must be positive"),

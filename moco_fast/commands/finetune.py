@@ -20,7 +20,7 @@ from moco_fast.commands import (
     resolve_eval_runtime,
     result_of,
 )
-from moco_fast.config import SCRATCH_ARCH
+from moco_fast.config import MAX_IMAGE_SIZE, SCRATCH_ARCH
 from moco_fast.text import plural
 
 DEFAULT_STEM = "auto"
@@ -63,7 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--schedule", default="cos", help="'cos' for half-cosine, or epochs where the lr drops x0.1 (30,60,80)"
     )
-    p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's training size; 224 without)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help=f"crop size, 8..{MAX_IMAGE_SIZE} (default: the checkpoint's training size; 224 without)",
+    )
     add_eval_runtime_flags(p, amp_help="mixed precision")
     add_epoch_loop_flags(p, "finetune")
     p.add_argument(

@@ -19,6 +19,7 @@ from moco_fast.commands import (
     resolve_eval_runtime,
     result_of,
 )
+from moco_fast.config import MAX_IMAGE_SIZE
 from moco_fast.text import plural
 
 
@@ -42,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
     p.add_argument("--schedule", default="60,80", help="epochs where the lr drops x0.1, or 'cos' for half-cosine")
-    p.add_argument("--image-size", type=int, help="crop size (default: the checkpoint's training size)")
+    p.add_argument(
+        "--image-size", type=int, help=f"crop size, 8..{MAX_IMAGE_SIZE} (default: the checkpoint's training size)"
+    )
     p.add_argument(
         "--cached-features",
         action="store_true",

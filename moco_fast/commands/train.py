@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.commands import AMP_CHOICES, HelpFormatter
-from moco_fast.config import MAX_SEED, PRESETS, ConfigError, build_config, set_dotted
+from moco_fast.config import MAX_IMAGE_SIZE, MAX_SEED, PRESETS, ConfigError, build_config, set_dotted
 
 log = logging.getLogger("moco_fast")
 
@@ -90,7 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--image-size",
         type=int,
-        help="training crop size (default: the preset's, 224; cifar and demo 32; 32 with any preset on the demo set)",
+        help=f"training crop size, 8..{MAX_IMAGE_SIZE} (default: the preset's, 224; cifar and demo 32; 32 with any preset "
+        "on the demo set)",
     )
     g.add_argument(
         "--loader-option",
