@@ -206,6 +206,7 @@ def exit_status(stop: KeyboardInterrupt) -> int:
 
 
 _MAIN_PID = os.getpid()
+_sigchld_before: Callable | int = signal.SIG_DFL  # the SIGCHLD handler that a stop replaced
 
 
 def _on_stop_signal(signum, frame):
@@ -219,7 +220,11 @@ def _on_stop_signal(signum, frame):
     # traceback after "terminated"). Their deaths are expected now: a handler that does nothing (not
     # SIG_DFL, which turns a SIGCHLD already pending into "OSError: Signal 17 ignored due to race
     # condition"; not SIG_IGN, which reaps the children before multiprocessing can join them).
-    signal.signal(signal.SIGCHLD, _children_end)
+    # stop_signals_handled puts the one it replaces (torch's) back when the command ends.
+    global _sigchld_before
+    replaced = signal.signal(signal.SIGCHLD, _children_end)
+    if replaced is not _children_end:  # a second stop: the first one kept the handler to put back
+        _sigchld_before = signal.SIG_DFL if replaced is None else replaced  # None: set outside Python
     raise Terminated(signum)
 
 
@@ -254,6 +259,10 @@ def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[N
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        # A stop left SIGCHLD on _children_end: torch sets its handler once per process, so a process
+        # that goes on (a test, a notebook) no longer learnt that a later DataLoader's worker died
+        if signal.getsignal(signal.SIGCHLD) is _children_end:
+            signal.signal(signal.SIGCHLD, _sigchld_before)
 
 
 # What a command imports before it runs: torch (2 s) and torchvision (1.5 s, whose C++ ops load the

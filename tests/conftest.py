@@ -101,6 +101,7 @@ def handlers(request):
     """The CLI's handlers, as `moco-fast train` runs with them: a stop that is not deferred raises."""
     old = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)  # a stop's handler replaces it (cli._on_stop_signal)
     yield
     for s, h in old.items():
         signal.signal(s, h)

@@ -291,3 +291,29 @@ os.waitpid(pid, 0)
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "terminated" and run.stderr == "", run.stderr
+
+
+def test_a_stopped_command_puts_back_the_sigchld_handler(monkeypatch, capsys, request):
+    # The stop handler puts a no-op on SIGCHLD (see the test above); it stayed after the command, in
+    # a process that goes on: torch sets its own once per process, so its DataLoaders no longer
+    # reported a worker's death. Set before the command, or during it (torch's first DataLoader):
+    import signal
+
+    import moco_fast.commands.export as export
+
+    def torch_like(signum, frame):
+        pass
+
+    request.addfinalizer(partial(signal.signal, signal.SIGCHLD, signal.getsignal(signal.SIGCHLD)))
+    argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
+    for during in (False, True):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if during else torch_like)
+
+        def stopped(args, during=during):
+            if during:
+                signal.signal(signal.SIGCHLD, torch_like)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(export, "run", stopped)
+        assert main(argv) == 143 and "terminated" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGCHLD) is torch_like, during
