@@ -32,7 +32,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 from moco_fast.seeded_images import KeyedImages
-from moco_fast.shared_memory import check_room_to_start, stack_shared, tensor_shared, warn_if_short
+from moco_fast.shared_memory import check_room_to_start, stack_shared, started, tensor_shared, warn_if_short
 from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
@@ -261,7 +261,8 @@ class TorchLoader:
             )
             check_room_to_start(batches)
             self._batches = batches
-        return iter(DevicePrefetcher(self._batches, a.aug, a.device, a.dtype, a.channels_last))
+        # the DataLoader's iterator made here, not at DevicePrefetcher's first batch: see `started`
+        return iter(DevicePrefetcher(started(self._batches), a.aug, a.device, a.dtype, a.channels_last))
 
     def close(self) -> None:
         """Ends the workers as a finished DataLoader does (they leave their loop and exit), also at

@@ -48,7 +48,7 @@ from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.metrics import progress
 from moco_fast.run_folder import LINCLS_RESULT, result_beside
 from moco_fast.seeded_images import EpochKeys, KeyedImages
-from moco_fast.shared_memory import check_room_to_start
+from moco_fast.shared_memory import check_room_to_start, started
 from moco_fast.step import set_lr
 
 log = logging.getLogger("moco_fast")
@@ -297,7 +297,7 @@ def extract(
 
 def progress_iter(batches: Iterable, desc: str):
     bar = progress(total=len(batches) if hasattr(batches, "__len__") else 0, desc=desc)
-    for item in batches:
+    for item in started(batches):  # image_batches' training DataLoader starts its workers here
         yield item
         bar.update(1)
     bar.close()

@@ -8,7 +8,8 @@ waited for it for ever (ignoring SIGTERM too: the trainer acts on a stop between
 functions make their output in shared memory themselves (`stack_shared`, `tensor_shared`, as torch's
 own default_collate does): the error is raised in the worker's loop, which DataLoader hands to the
 main process, and the command ends with `exhausted_line`'s one line. A /dev/shm already full when
-the workers start is found before they start (`check_room_to_start`), with the same line.
+the workers start is found before they start (`check_room_to_start`), with the same line; so is one
+that fills between that check and the iterator's start (`started`).
 
 torch is imported inside the functions that use it only: cli reads `exhausted_line` for any error, also
 one raised before torch was imported.
@@ -16,11 +17,12 @@ one raised before torch was imported.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from moco_fast.text import plural
 
@@ -138,6 +140,38 @@ def check_room_to_start(loader) -> None:
             raise
         raise NoRoomToStart(f"{SHM} has no room for the semaphores of {loader.num_workers} DataLoader workers") from e
     del made  # their pages are free again for the iterator's own
+
+
+def started(loader) -> Iterator:
+    """iter(loader), a DataLoader (or any iterable) that check_room_to_start passed: where /dev/shm
+    filled meanwhile (another process's data), the iterator's own start meets the full one, as a bare
+    OSError (ENOSPC, no file named) or torch's "unable to allocate shared memory": raised as
+    NoRoomToStart, so that the command ends with exhausted_line's line as when the check finds it."""
+    try:
+        return iter(loader)
+    except (OSError, RuntimeError) as e:
+        if not (e.errno == errno.ENOSPC if isinstance(e, OSError) else _NO_SPACE.search(str(e))):
+            raise
+        _end_half_made(e)
+        workers = getattr(loader, "num_workers", 0)
+        raise NoRoomToStart(f"{SHM} filled up as {plural(workers, 'DataLoader worker')} started") from e
+
+
+def _end_half_made(e: BaseException) -> None:
+    """Ends the DataLoader iterator whose start raised `e` (the `self` of a frame of its traceback):
+    the workers it started, and its __del__, which printed a traceback after the command's line
+    ("Exception ignored in ... __del__": the attributes it reads were never made)."""
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    tb = e.__traceback__
+    while tb is not None:
+        it = tb.tb_frame.f_locals.get("self")
+        if isinstance(it, _BaseDataLoaderIter):
+            with contextlib.suppress(Exception):  # the same missing attributes; its `finally` ends the workers
+                it._shutdown_workers()
+            it._shutdown = True  # nothing left for its __del__ to do
+            return
+        tb = tb.tb_next
 
 
 def stack_shared(tensors: Sequence):

@@ -6,6 +6,7 @@ root); where that is not permitted they skip. Without the fix they hang: they fa
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -119,6 +120,108 @@ def test_evaluation_loaders_where_dev_shm_is_full_before_their_workers_start(sma
     _, out, err = run_small_shm(argv, filled_kib=filled_kib)
     assert out.splitlines() == [FULL], err[-3000:]
     assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+
+
+FILLED_AFTER_THE_CHECK = """
+import multiprocessing, os, sys, torch
+from pathlib import Path
+import moco_fast.knn, moco_fast.lincls, moco_fast.loaders.torch_loader
+from moco_fast.augment import MOCO_V2
+from moco_fast.cli import one_line
+from moco_fast.data import list_images
+from moco_fast.knn import eval_batches
+from moco_fast.lincls import image_batches, progress_iter
+from moco_fast.loaders import LoaderArgs, create_loader
+
+root, which, pages_left = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+module = {"eval": moco_fast.knn, "train": moco_fast.lincls, "torch": moco_fast.loaders.torch_loader}[which]
+check = module.check_room_to_start
+
+def check_then_fill(loader):  # the check passes; then another process takes /dev/shm but `pages_left`
+    check(loader)
+    fd = os.open("/dev/shm/fill", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError:
+        os.ftruncate(fd, max(0, os.fstat(fd).st_size - pages_left * 4096))
+    os.close(fd)
+
+module.check_room_to_start = check_then_fill
+if which == "eval":
+    batches = eval_batches(list_images(root / "train"), 64, 8, 2, "kNN features")
+elif which == "train":  # iterated by lincls/finetune through progress_iter
+    batches = progress_iter(image_batches(list_images(root / "train"), 64, True, 8, 2, seed=0), "train")
+else:
+    args = LoaderArgs(data=str(root), aug=MOCO_V2, batch_size=4, device=torch.device("cpu"), workers=2, seed=0)
+    batches = create_loader("torch", args)
+try:
+    next(iter(batches))
+    print("read a batch")
+except (OSError, RuntimeError) as e:
+    print(one_line(e))
+for worker in multiprocessing.active_children():  # told to end (torch 2.11 does not wait for them)
+    worker.join(timeout=5)
+print("workers left:", len(multiprocessing.active_children()))
+"""
+
+
+@pytest.mark.parametrize(("which", "pages_left"), [("eval", 0), ("eval", 12), ("train", 0), ("torch", 0)])
+def test_dev_shm_filled_between_the_check_and_the_workers_start_ends_with_the_line(
+    small_shm, tiny_root, which, pages_left
+):
+    # The iterator's start met the full /dev/shm itself: a bare "No space left on device" (no file,
+    # no advice) and the half-made iterator's __del__ traceback; 12 pages left: one of its workers
+    # had started (its __del__ ended it, where it got that far)
+    argv = [sys.executable, "-c", FILLED_AFTER_THE_CHECK, str(tiny_root), which, str(pages_left)]
+    _, out, err = run_small_shm(argv)
+    assert out.splitlines() == [FULL, "workers left: 0"], err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+
+
+NO_ROOM = [
+    OSError(errno.ENOSPC, "No space left on device"),  # a semaphore's, as multiprocessing raises it
+    RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_3>: No space left on device (28)"),
+]
+
+
+@pytest.mark.parametrize("error", NO_ROOM, ids=["OSError", "torch"])
+@pytest.mark.parametrize("which", ["eval", "train", "torch"])
+def test_the_iterator_s_start_out_of_shared_memory_is_no_room_to_start(tiny_root, monkeypatch, which, error):
+    # As where the mount namespace of the test above is not permitted: the check passes (there is room
+    # here), then the DataLoader's iterator fails to start as on a /dev/shm filled meanwhile
+    import torch
+    from moco_fast.loaders import LoaderArgs, create_loader
+    from torch.utils.data import DataLoader
+
+    from moco_fast.augment import MOCO_V2
+    from moco_fast.data import list_images
+    from moco_fast.knn import eval_batches
+    from moco_fast.lincls import image_batches, progress_iter
+
+    def fails(self):
+        raise error
+
+    monkeypatch.setattr(DataLoader, "__iter__", fails)
+    if which == "eval":
+        batches = eval_batches(list_images(tiny_root / "train"), 32, 8, 1, "kNN features")
+    elif which == "train":  # iterated by lincls/finetune through progress_iter
+        batches = progress_iter(image_batches(list_images(tiny_root / "train"), 32, True, 8, 1, seed=0), "train")
+    else:
+        args = LoaderArgs(data=str(tiny_root), aug=MOCO_V2, batch_size=4, device=torch.device("cpu"), workers=1)
+        batches = create_loader("torch", args)
+    with pytest.raises(shared_memory.NoRoomToStart) as raised:
+        next(iter(batches))
+    assert one_line(raised.value).startswith("DataLoader workers ran out of shared memory (/dev/shm")
+
+
+def test_other_errors_of_the_iterator_s_start_are_left_as_they_are():
+    class Refused:
+        def __iter__(self):
+            raise OSError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(PermissionError):
+        shared_memory.started(Refused())
 
 
 BUS_ERROR = """
