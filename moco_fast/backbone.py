@@ -168,12 +168,6 @@ def build_head(width: int, dim: int, mlp: bool) -> nn.Module:
     return nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
 
 
-def set_bn_splits(module: nn.Module, num_splits: int) -> None:
-    for m in module.modules():
-        if isinstance(m, SplitBatchNorm2d):
-            m.num_splits = num_splits
-
-
 def plain_bn_state(module: nn.Module) -> None:
     """Turn SplitBatchNorm2d layers back into nn.BatchNorm2d in place (for export and eval)."""
     for name, child in module.named_children():
