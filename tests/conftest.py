@@ -1,7 +1,6 @@
-"""Shared fixtures: small real-image folders cut from the demo set, the shared data sets when present,
-and the inputs that several test files of one area read (a finished run, a checkpoint to evaluate,
-convert's damaged input, the FFCV loader), each section naming its files; the plain helpers of an
-area live in its *_helpers.py."""
+"""Shared fixtures: small real-image folders cut from the demo set, and the inputs that several test
+files of one area read (a finished run, a checkpoint to evaluate, convert's damaged input, the FFCV
+loader), each section naming its files; the plain helpers of an area live in its *_helpers.py."""
 
 from __future__ import annotations
 
@@ -25,8 +24,6 @@ from moco_fast.config import build_config, to_dict
 from moco_fast.data import DEMO_ROOT
 from moco_fast.model import MoCo
 from moco_fast.trainer import train
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def make_image_root(dst: Path, per_class: int = 8, classes: int = 2, test_per_class: int = 4) -> Path:
@@ -59,14 +56,6 @@ def tiny_beton(tiny_root, tmp_path_factory) -> Path:
 def fresh_root(tmp_path) -> Path:
     """A writable copy that a test may damage."""
     return make_image_root(tmp_path / "data", per_class=8, classes=2, test_per_class=4)
-
-
-@pytest.fixture(scope="session")
-def imagenet_sample() -> Path:
-    p = SHARED_DATA / "imagenet-sample"
-    if not p.is_dir():
-        pytest.skip("../shared/data/imagenet-sample is not present")
-    return p
 
 
 # -- augmentation statistics (DALI, FFCV) ---------------------------------------------------------
