@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -167,11 +166,6 @@ def knn_predict(
         scores = (one_hot * weights.unsqueeze(-1)).sum(dim=1)
         preds.append(scores.argmax(dim=1))
     return torch.cat(preds)
-
-
-def knn_accuracy(*args: Any, **kwargs: Any) -> float:
-    """Top-1 accuracy (%) of weighted kNN: knn_eval's first figure, for its arguments."""
-    return knn_eval(*args, **kwargs)[0]
 
 
 def knn_eval(
