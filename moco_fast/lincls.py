@@ -256,13 +256,6 @@ def new_classifier(width: int, num_classes: int) -> nn.Linear:
 
 
 # -- the frozen-backbone check -------------------------------------------------------------------
-def checkpoint_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The query backbone's tensors as stored in a training checkpoint (names without prefix)."""
-    from moco_fast import checkpoint as ckpt
-
-    return backbone_tensors(ckpt.load(path)["model"])
-
-
 def backbone_tensors(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The query backbone's tensors of a checkpoint's "model" state (names without prefix)."""
     return {k[len(BACKBONE_PREFIX) :]: v for k, v in model_state.items() if k.startswith(BACKBONE_PREFIX)}

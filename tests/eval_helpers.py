@@ -1,7 +1,11 @@
 """What the evaluation test files share (not a test module: pytest does not collect it): the tiny
-training settings of their checkpoints and a classifier run interrupted at an epoch."""
+training settings of their checkpoints, a classifier run interrupted at an epoch and the backbone
+a checkpoint holds."""
 
 from __future__ import annotations
+
+from moco_fast.checkpoint import load
+from moco_fast.lincls import backbone_tensors
 
 TINY = {
     "model.arch": "resnet18",
@@ -26,3 +30,8 @@ def interrupt_at(monkeypatch, module, epoch):
         return real(lr, e, *args)
 
     monkeypatch.setattr(module, "lr_at", lr_at)
+
+
+def checkpoint_backbone_state(path):
+    """The query backbone's tensors as stored in a training checkpoint (names without prefix)."""
+    return backbone_tensors(load(path)["model"])

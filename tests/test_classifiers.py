@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import make_image_root
-from eval_helpers import interrupt_at
+from eval_helpers import checkpoint_backbone_state, interrupt_at
 from torch import nn
 
 from moco_fast.cli import main
@@ -75,7 +75,7 @@ def test_lincls_learns_on_cached_features(ckpt, six_root, tmp_path):
 
 def test_backbone_check_catches_changes(ckpt):
     from moco_fast.checkpoint import load_model
-    from moco_fast.lincls import BackboneChangedError, check_unchanged, checkpoint_backbone_state
+    from moco_fast.lincls import BackboneChangedError, check_unchanged
 
     reference = checkpoint_backbone_state(ckpt)
     backbone = load_model(ckpt)[0].encoder_q.backbone.eval()
@@ -188,7 +188,6 @@ def test_lincls_needs_an_eval_split(ckpt, tmp_path, capsys):
 @pytest.mark.slow
 def test_finetune_from_moco_and_from_scratch(ckpt, six_root, tmp_path):
     from moco_fast.finetune import FinetuneConfig, build_network, fine_tune
-    from moco_fast.lincls import checkpoint_backbone_state
 
     base = dict(checkpoint=str(ckpt), data=str(six_root), epochs=1, batch_size=8, workers=0, device="cpu", lr=0.05)
     base["out"] = str(tmp_path / "ft.json")  # its state stays beside it (fine_tune leaves it to its caller)

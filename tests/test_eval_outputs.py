@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision
 from eval_cli_helpers import Stop, one_line_error, stop_training
+from eval_helpers import checkpoint_backbone_state
 from torch import nn
 
 from moco_fast.cli import main
@@ -115,8 +116,6 @@ def test_another_commands_state_of_the_same_name_is_named_not_offered_for_deleti
 
 
 def test_finetune_saves_the_network_as_torchvision_weights(run_dir, data, tmp_path, capsys):
-    from moco_fast.lincls import checkpoint_backbone_state
-
     out = tmp_path / "res" / "ft.json"
     argv = ["finetune", "--checkpoint", str(run_dir), "--data", str(data), "--epochs", "1", "--batch-size", "8"]
     assert main([*argv, "--workers", "0", "--device", "cpu", "--out", str(out)]) == 0
