@@ -132,13 +132,6 @@ def index_text(lines: list[str]) -> str:
     return f"{INDEX_VERSION} {len(lines)}\n" + "\n".join(lines) + "\n"
 
 
-def write_index(tar_path: Path, idx_path: Path) -> list[str]:
-    """Write DALI's index of `tar_path` to `idx_path`; returns the sample keys in order."""
-    lines = index_lines(tar_path)
-    idx_path.write_text(index_text(lines))
-    return index_keys(lines)
-
-
 def members(line: str) -> list[tuple[str, int, int, str]] | None:
     """One index line -> (ext, data offset, size, member name) per member; None when malformed."""
     parts = line.split()

@@ -23,7 +23,7 @@ from conftest import coordinate_image, crop_stats, to_uint8
 from dali_helpers import BLUR, COLOUR, CPU, IDENTITY, dali_loader
 from moco_fast.loaders.dali import DaliOptions
 from moco_fast.loaders.torch_loader import view_transform
-from moco_fast.loaders.wds import write_index
+from moco_fast.loaders.wds import index_lines, index_text
 from PIL import Image
 from torchvision.transforms import functional as TF
 
@@ -257,7 +257,8 @@ def write_shards(src: Path, dst: Path, per_shard: int = 16) -> dict[int, tuple[P
         shards.append(name)
     meta = {"format": "wds", "classes": images.classes, "num_images": len(truth), "shards": shards}
     (dst / "meta.json").write_text(json.dumps(meta))
-    write_index(dst / shards[0], dst / shards[0].replace(".tar", ".idx"))  # the other is indexed on the fly
+    first = dst / shards[0]
+    first.with_suffix(".idx").write_text(index_text(index_lines(first)))  # the other is indexed on the fly
     return truth
 
 
