@@ -6,6 +6,5 @@ __all__ = ["momentum_update", "momentum_update_foreach", "momentum_update_refere
 
 # Batched augmentations (colour jitter, grayscale, blur, flip) for the FFCV/DALI device pass.
 from .augment_gpu import AugParams, apply_reference, sample_params
-from .augment_gpu import apply as augment_batch
 
-__all__ += ["AugParams", "apply_reference", "augment_batch", "sample_params"]
+__all__ += ["AugParams", "apply_reference", "sample_params"]
