@@ -43,10 +43,10 @@ _NO_SPACE = re.compile(
 _BUS_ERROR = "killed by signal: Bus error"
 
 
-def shm_bytes(path: str = SHM) -> tuple[int, int] | None:
+def shm_bytes() -> tuple[int, int] | None:
     """(size, free) of the shared-memory file system in bytes; None where there is none."""
     try:
-        st = os.statvfs(path)
+        st = os.statvfs(SHM)
     except OSError:
         return None
     return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
@@ -60,33 +60,32 @@ def size_text(n: int) -> str:
     return f"{round(n / 1024, 1):g} KiB"
 
 
-def _shm_text(path: str = SHM) -> str:
-    sizes = shm_bytes(path)
-    return f"{path}: {size_text(sizes[0])}" if sizes else f"no {path}"
+def _shm_text() -> str:
+    sizes = shm_bytes()
+    return f"{SHM}: {size_text(sizes[0])}" if sizes else f"no {SHM}"
 
 
 class NoRoomToStart(RuntimeError):
     """A /dev/shm with no room for what a DataLoader's workers start with (check_room_to_start)."""
 
 
-def exhausted_line(e: BaseException | None, path: str = SHM) -> str | None:
+def exhausted_line(e: BaseException | None) -> str | None:
     """The one line for a DataLoader whose workers ran out of shared memory, from the error the main
     process raises (its cause and context too: torch raises "worker exited unexpectedly" from the bus
     error's), or None for any other error."""
     while e is not None:
         text = str(e)
         if isinstance(e, NoRoomToStart) or _NO_SPACE.search(text):
-            return f"DataLoader workers ran out of shared memory ({_shm_text(path)}): {ADVICE}"
+            return f"DataLoader workers ran out of shared memory ({_shm_text()}): {ADVICE}"
         if _BUS_ERROR in text:
             return (
-                f"a DataLoader worker was killed by a bus error, as a full shared memory does ({_shm_text(path)}): "
-                f"{ADVICE}"
+                f"a DataLoader worker was killed by a bus error, as a full shared memory does ({_shm_text()}): {ADVICE}"
             )
         e = e.__cause__ or e.__context__
     return None
 
 
-def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str, path: str = SHM) -> None:
+def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str) -> None:
     """One warning where the free shared memory is less than what `workers` DataLoader workers hold
     there at once when they are `ahead` batches each ahead of the main process (its prefetch_factor,
     reached whenever the main process pauses: a save, an evaluation), `batch_bytes` each; for each of
@@ -96,14 +95,14 @@ def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str, path: s
 
     if local_rank() != 0:
         return
-    sizes = shm_bytes(path)
+    sizes = shm_bytes()
     processes = local_world_size()
     need = processes * workers * ahead * batch_bytes
     if workers == 0 or sizes is None or sizes[1] >= need:
         return
     whose = f"each of {processes} processes' " if processes > 1 else ""
     warnings.warn(
-        f"{path} has {size_text(sizes[1])} free of {size_text(sizes[0])}, less than the {size_text(need)} that "
+        f"{SHM} has {size_text(sizes[1])} free of {size_text(sizes[0])}, less than the {size_text(need)} that "
         f"{whose}{plural(workers, 'DataLoader worker')} of {what} hold there "
         f"({plural(ahead, 'batch', 'batches')} of {size_text(batch_bytes)} each): the command stops when it fills; "
         f"{ADVICE}",

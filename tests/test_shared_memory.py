@@ -289,7 +289,7 @@ def test_other_errors_are_not_taken_for_a_full_dev_shm(e):
 
 
 def test_the_warning_comes_where_the_workers_hold_more_than_is_free(monkeypatch):
-    monkeypatch.setattr(shared_memory, "shm_bytes", lambda path="/dev/shm": (64 << 20, 60 << 20))
+    monkeypatch.setattr(shared_memory, "shm_bytes", lambda: (64 << 20, 60 << 20))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         shared_memory.warn_if_short(2, 4, (15 << 20) // 2, "--loader torch")  # 60 MiB: fits
@@ -303,7 +303,7 @@ def test_the_warning_comes_where_the_workers_hold_more_than_is_free(monkeypatch)
 
 def test_the_warning_counts_the_workers_of_each_process_on_the_machine(monkeypatch):
     # `--gpus 2` or torchrun: both processes' workers fill the one /dev/shm
-    monkeypatch.setattr(shared_memory, "shm_bytes", lambda path="/dev/shm": (64 << 20, 60 << 20))
+    monkeypatch.setattr(shared_memory, "shm_bytes", lambda: (64 << 20, 60 << 20))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -318,7 +318,7 @@ def test_the_warning_counts_the_workers_of_each_process_on_the_machine(monkeypat
 @pytest.mark.parametrize(("local_rank", "warned"), [("0", 1), ("1", 0)])
 def test_the_warning_is_said_once_per_machine(monkeypatch, local_rank, warned):
     # every process of `--gpus 2` or torchrun finds the same need: the one of local rank 0 says it
-    monkeypatch.setattr(shared_memory, "shm_bytes", lambda path="/dev/shm": (64 << 20, 60 << 20))
+    monkeypatch.setattr(shared_memory, "shm_bytes", lambda: (64 << 20, 60 << 20))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     with warnings.catch_warnings(record=True) as seen:
