@@ -340,11 +340,11 @@ def local_device(device: torch.device) -> torch.device:
 
 
 @torch.no_grad()
-def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Copy every buffer (BN statistics, the queue, its pointer, the memory bank) from rank src."""
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy every buffer (BN statistics, the queue, its pointer, the memory bank) from rank 0."""
     if is_distributed():
         for b in module.buffers():
-            dist.broadcast(b, src)
+            dist.broadcast(b, 0)
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, sync_bn: bool = False) -> torch.nn.Module:

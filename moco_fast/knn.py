@@ -120,7 +120,6 @@ def extract_features(
     device: torch.device,
     batch_size: int = 256,
     workers: int = 2,
-    channels_last: bool = False,
     desc: str = "kNN features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N x D L2-normalised fp32 features, N labels), both on `device`. `net` maps images to N x D.
@@ -134,12 +133,11 @@ def extract_features(
     net.eval()
     batches = eval_batches(images, spec.image_size, batch_size, workers, desc)
     mean, std = mean_std_255(spec, device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     feats, labels = [], []
     bar = progress(total=len(batches), desc=desc, enabled=len(batches) > PROGRESS_MIN_BATCHES)
     for x, y in batches:  # the warning naming what was left out comes when the pass ends
         if len(y):
-            x = normalize_on_device(x, mean, std, torch.float32, fmt)
+            x = normalize_on_device(x, mean, std, torch.float32, torch.contiguous_format)
             feats.append(F.normalize(net(x).float(), dim=1))
             labels.append(y.to(device))
         bar.update(1)

@@ -186,7 +186,6 @@ def evaluate(
     batches: Iterable,
     device: torch.device,
     num_classes: int,
-    desc: str = "eval",
 ) -> tuple[float, float, int]:
     """(top-1 %, top-5 %, images evaluated) of `forward(x)` over (x, y) batches; top-5 is
     top-min(5, classes). The count leaves out the images an evaluation pass could not decode."""
@@ -194,7 +193,7 @@ def evaluate(
     c1 = torch.zeros((), dtype=torch.long, device=device)
     ck = torch.zeros((), dtype=torch.long, device=device)
     n = 0
-    for x, y in progress_iter(batches, desc):
+    for x, y in progress_iter(batches, "eval"):
         y = y.to(device, non_blocking=True)
         a, b = topk_correct(forward(x).float(), y, k)
         c1 += a
