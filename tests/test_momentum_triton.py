@@ -35,14 +35,19 @@ def param_pairs(shapes, dtype=torch.float32, device="cpu", seed=0):
 SHAPES = [(16, 3, 3, 3), (16,), (16,), (32, 16, 3, 3), (32,), (64, 32), (1,), (mt.BLOCK + 1,)]
 
 
-@pytest.mark.parametrize("m", [0.0, 0.3, 0.5, 0.99, 0.999, 1.0])
-def test_matches_reference(interpret, m):
-    ks, qs = param_pairs(SHAPES, seed=int(m * 1000))
+def check_against_reference(ks, qs, m):
+    """The Triton update of `ks` (in place) equals the per-parameter reference loop's."""
     ref = [k.clone() for k in ks]
     momentum_update_reference(ref, qs, m)
     mt.momentum_update_triton(ks, qs, m)
     for a, b in zip(ks, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [0.0, 0.3, 0.5, 0.99, 0.999, 1.0])
+def test_matches_reference(interpret, m):
+    ks, qs = param_pairs(SHAPES, seed=int(m * 1000))
+    check_against_reference(ks, qs, m)
 
 
 def test_ends_are_exact(interpret):
@@ -59,11 +64,7 @@ def test_ends_are_exact(interpret):
 def test_every_element_at_chunk_edges(interpret, n):
     # Fresh random data each size; a tensor whose tail chunk were skipped would keep its old values.
     ks, qs = param_pairs([(n,), (3,), (n,)], seed=n)
-    ref = [k.clone() for k in ks]
-    momentum_update_reference(ref, qs, 0.9)
-    mt.momentum_update_triton(ks, qs, 0.9)
-    for a, b in zip(ks, ref):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    check_against_reference(ks, qs, 0.9)
 
 
 def test_views_at_unaligned_addresses(interpret):
@@ -72,11 +73,7 @@ def test_views_at_unaligned_addresses(interpret):
     n = 2 * mt.BLOCK + 5
     kbuf, qbuf = torch.randn(2 * n + 1), torch.randn(2 * n + 1)
     ks, qs = [kbuf[1 : n + 1], kbuf[n + 1 :]], [qbuf[1 : n + 1], qbuf[n + 1 :]]
-    ref = [k.clone() for k in ks]
-    momentum_update_reference(ref, qs, 0.9)
-    mt.momentum_update_triton(ks, qs, 0.9)
-    for a, b in zip(ks, ref):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    check_against_reference(ks, qs, 0.9)
     assert not mt._tables(ks, qs).aligned
     assert mt._tables(*param_pairs(SHAPES)).aligned  # separate allocations are
 
@@ -126,11 +123,7 @@ def test_channels_last_and_transposed_parameters(interpret):
     assert not ks[0].is_contiguous() and qs[0].stride() == ks[0].stride()
     ks += [torch.randn(5, 7).t()]
     qs += [torch.randn(5, 7).t()]
-    ref = [k.clone() for k in ks]
-    momentum_update_reference(ref, qs, 0.9)
-    mt.momentum_update_triton(ks, qs, 0.9)
-    for a, b in zip(ks, ref):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    check_against_reference(ks, qs, 0.9)
 
 
 def test_tables_are_cached_per_parameter_list(interpret):
@@ -141,12 +134,8 @@ def test_tables_are_cached_per_parameter_list(interpret):
     assert mt._tables(ks, qs) is t1
     # Other tensors get their own tables (never the stale addresses of the first list).
     ks2, qs2 = param_pairs(SHAPES, seed=7)
-    ref = [k.clone() for k in ks2]
-    momentum_update_reference(ref, qs2, 0.5)
-    mt.momentum_update_triton(ks2, qs2, 0.5)
+    check_against_reference(ks2, qs2, 0.5)
     assert mt._tables(ks2, qs2) is not t1
-    for a, b in zip(ks2, ref):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_input_is_refused(interpret, monkeypatch):
@@ -210,7 +199,4 @@ def test_strides_of_size_one_dimensions_do_not_matter(interpret):
     # (C, 1, C, C); both are the same layout.
     k = torch.empty_strided((8, 4, 1, 1), (4, 1, 4, 4)).normal_()
     q = torch.empty_strided((8, 4, 1, 1), (4, 1, 1, 1)).normal_()
-    ref = k.clone()
-    momentum_update_reference([ref], [q], 0.9)
-    mt.momentum_update_triton([k], [q], 0.9)
-    torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-6)
+    check_against_reference([k], [q], 0.9)
