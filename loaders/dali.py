@@ -107,14 +107,7 @@ def decodable_images(images: ImageList) -> ImageList:
             "--format wds) or use --loader torch"
         )
     reason = "a kind DALI's decoder does not read ({}): --loader dali leaves it out"
-    return ImageList(
-        images.root,
-        [images.files[i] for i in keep],
-        [images.labels[i] for i in keep],
-        images.classes,
-        images.skipped + [(images.files[i], reason.format(images.kinds[i])) for i in out],
-        [images.kinds[i] for i in keep],
-    )
+    return images.keeping(keep, [(images.files[i], reason.format(images.kinds[i])) for i in out])
 
 
 class FolderSource:

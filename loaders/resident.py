@@ -135,13 +135,7 @@ def load_resident(
         raise DataError(f"no image in {images.root} could be decoded")
     if bad:
         host = host[keep]
-    kept = ImageList(
-        images.root,
-        [images.files[i] for i in keep],
-        [images.labels[i] for i in keep],
-        images.classes,
-        images.skipped + bad,
-    )
+    kept = images.keeping(keep, bad)
     data = torch.from_numpy(host).to(device).permute(0, 3, 1, 2)  # N x 3 x H x W view, no layout copy
     return data, torch.tensor(kept.labels, device=device), kept
 

@@ -51,6 +51,17 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.files)
 
+    def keeping(self, keep: list[int], dropped: list[tuple[str, str]]) -> ImageList:
+        """The images at positions `keep`, in that order; `dropped` (path, reason) joins what was skipped."""
+        return ImageList(
+            self.root,
+            [self.files[i] for i in keep],
+            [self.labels[i] for i in keep],
+            self.classes,
+            self.skipped + dropped,
+            [self.kinds[i] for i in keep] if self.kinds else [],
+        )
+
 
 @dataclass
 class DataSplits:
