@@ -8,7 +8,8 @@ import signal
 
 import pytest
 import torch
-from test_stops import config, rows, same_weights
+from run_helpers import rows
+from test_stops import config, same_weights
 
 import moco_fast.trainer as trainer
 from moco_fast.cli import Terminated

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from run_helpers import rows
 
 import moco_fast.trainer as trainer
 from moco_fast.checkpoint import load_model
@@ -34,10 +35,6 @@ TINY = {
 def config(out, root=None, **extra):
     data = {"data.data": str(root)} if root else {"data.loader": "synthetic", "data.synthetic_steps": 5}
     return build_config("cifar", {**TINY, **data, "runtime.out": str(out), **extra})
-
-
-def rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def signal_at(monkeypatch, steps: dict[int, int]):

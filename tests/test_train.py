@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 from moco_fast.loaders import LoaderArgs, create_loader
+from run_helpers import rows as read_metrics
 
 from moco_fast.cli import main
 from moco_fast.config import ConfigError, build_config
@@ -31,10 +32,6 @@ TINY = {
 def tiny_config(root, out, **extra):
     cfg = build_config("cifar", {**TINY, "data.data": str(root), "runtime.out": str(out), **extra})
     return cfg
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("mechanism", ["end-to-end", "memory-bank"])
