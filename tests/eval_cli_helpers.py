@@ -1,6 +1,6 @@
 """What the evaluation-command test files share (not a test module: pytest does not collect it): the
-settings of the `run_dir` fixture's checkpoint (conftest.py), the one-line error, and a stand-in for
-the training that records its config and stops."""
+settings of the `run_dir` fixture's checkpoint (conftest.py), the one-line error (test_cli_checks and
+test_run_messages read it too), and a stand-in for the training that records its config and stops."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from eval_cli_helpers import one_line_error
 
 from moco_fast.cli import main
 from moco_fast.config import build_config, to_dict
@@ -34,12 +35,6 @@ def ckpt(tmp_path_factory) -> Iterator[Path]:
     torch.save({"config": to_dict(cfg), "model": model.state_dict(), "epoch": 1}, path)
     yield path
     shutil.rmtree(path.parent, ignore_errors=True)
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_an_output_that_is_a_fifo_or_device_is_refused_not_replaced(ckpt, tmp_path, monkeypatch, capsys):

@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 import pytest
+from eval_cli_helpers import one_line_error
 from run_helpers import rows, tiny_args
 
 from moco_fast import checkpoint as ckpt
@@ -67,13 +68,13 @@ def test_a_full_disk_or_a_folder_that_may_not_be_written_is_one_line(tmp_path, m
     monkeypatch.setattr(export, "run", lambda args: atomic_write(target, zip_writer))
     argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
     assert main(argv) == 2
-    assert one_line(capsys) == f"moco-fast export: error: No space left on device: {target}"
+    assert one_line_error(capsys) == f"moco-fast export: error: No space left on device: {target}"
     assert list(tmp_path.iterdir()) == []  # the temporary file went
     # a quota met by a plain write or fsync: named with the file too
     quota = OSError(errno.EDQUOT, "Disk quota exceeded")
     monkeypatch.setattr(export, "run", lambda args: atomic_write(target, lambda fh: (_ for _ in ()).throw(quota)))
     assert main(argv) == 2
-    assert one_line(capsys) == f"moco-fast export: error: Disk quota exceeded: {target}"
+    assert one_line_error(capsys) == f"moco-fast export: error: Disk quota exceeded: {target}"
 
     # a folder that may not be written: the file is named, not the temporary one beside it
     def refused(prefix, suffix, dir):
@@ -83,7 +84,7 @@ def test_a_full_disk_or_a_folder_that_may_not_be_written_is_one_line(tmp_path, m
         m.setattr(tempfile, "mkstemp", refused)
         m.setattr(export, "run", lambda args: atomic_write(target, lambda fh: None))
         assert main(argv) == 2
-    assert one_line(capsys) == f"moco-fast export: error: Operation not permitted: {target}"
+    assert one_line_error(capsys) == f"moco-fast export: error: Operation not permitted: {target}"
 
     def bug_in_a_handler(args):  # another error raised while handling one: its traceback stays
         try:
@@ -99,17 +100,11 @@ def test_a_full_disk_or_a_folder_that_may_not_be_written_is_one_line(tmp_path, m
         os, "mkdir", lambda p: (_ for _ in ()).throw(PermissionError(errno.EPERM, "Operation not permitted", str(p)))
     )
     assert main(argv) == 2
-    assert one_line(capsys) == f"moco-fast export: error: Operation not permitted: {tmp_path / 'x' / 'y'}"
+    assert one_line_error(capsys) == f"moco-fast export: error: Operation not permitted: {tmp_path / 'x' / 'y'}"
     # (an EIO is the disk's: one line, see test_an_io_error_without_a_file_is_one_line_naming_...)
     monkeypatch.setattr(export, "run", lambda args: (_ for _ in ()).throw(OSError(errno.EBADF, "Bad file descriptor")))
     with pytest.raises(OSError, match="Bad file descriptor"):  # a bug's, not the user's to fix: the traceback stays
         main(argv)
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_the_final_report_names_the_knn_settings_the_run_used(capsys):
@@ -141,7 +136,7 @@ def test_a_flat_eval_split_leaves_out_the_final_knn_and_stops_only_knn_every(tin
     assert not (tmp_path / "run" / "summary.json").exists()
     capsys.readouterr()
     assert main([*argv, "--force", "--knn-every", "1"]) == 2
-    assert "no class subfolders in" in one_line(capsys)
+    assert "no class subfolders in" in one_line_error(capsys)
 
 
 def test_synthetic_says_that_it_reads_no_data(tmp_path, caplog):
