@@ -12,7 +12,9 @@ tqdm's lock, making it where there is none, for every line of every process.
 
 Locks: a line takes tqdm's lock while the bars are cleared and drawn again, as a bar's own draw does.
 The stop handlers (cli._on_stop_signal, stops.StopRequests') take neither it nor logging's; cli's
-raises in the main thread, and the unwinding releases both (both are reentrant for say() after it). The stop watch's end (stop_watch._end) runs say() on a thread of its
+raises in the main thread, wherever it lands, and the unwinding releases both (both are reentrant for
+say() after it): bars_cleared lets go of each part of tqdm's lock that it took, where tqdm's own
+release assumed both taken. The stop watch's end (stop_watch._end) runs say() on a thread of its
 own, waited for at most a second, for a main thread that holds the lock (a write to a blocked stderr).
 """
 
@@ -37,8 +39,43 @@ def bars_cleared(stream: IO[str]) -> Iterator[None]:
     if tqdm is None or os.getpid() != _PID or not any(hasattr(bar, "start_t") for bar in list(bars)):
         yield
         return
-    with tqdm.external_write_mode(file=stream):
-        yield
+    lock = tqdm.get_lock()
+    parts = getattr(lock, "locks", None)  # tqdm's own: a multiprocessing and a threading RLock
+    if parts is None:  # another lock (tqdm.set_lock): tqdm's way
+        with tqdm.external_write_mode(file=stream):
+            yield
+        return
+    held = any(_owned(part) for part in parts)  # this thread holds it already: its holder lets go of it
+    try:
+        if not held:
+            lock.acquire()
+        with tqdm.external_write_mode(file=stream, nolock=True):
+            yield
+    finally:
+        # A stop signal's handler raises where it lands: between the two parts' acquire (one taken, the
+        # other not), external_write_mode's release of both raised "cannot release un-acquired lock",
+        # which LineHandler reported as a logging error in place of the stop (the command went on);
+        # within the release, a part stayed taken, and any other thread's bar (FFCV's writer) waited
+        # for it for ever. Each part this line took is let go, also by a second pass where one landed.
+        if not held:
+            try:
+                _let_go(parts)
+            except BaseException:
+                _let_go(parts)
+                raise
+
+
+def _let_go(parts: list) -> None:
+    """Releases each part of tqdm's lock that this thread holds."""
+    for part in reversed(parts):
+        if _owned(part):
+            part.release()
+
+
+def _owned(lock) -> bool:
+    """Whether this thread holds `lock`, a threading RLock or a multiprocessing one."""
+    semlock = getattr(lock, "_semlock", None)
+    return semlock._is_mine() if semlock is not None else lock._is_owned()
 
 
 class LineHandler(logging.StreamHandler):

@@ -101,3 +101,57 @@ def test_a_line_logged_within_an_epoch_stands_on_a_line_of_its_own(tmp_path, mon
     saved = [p for p in segments(text) if "at step 2 of epoch 1" in p]
     assert saved == [f"INFO saved {tmp_path / 'run' / 'checkpoint.pt'} at step 2 of epoch 1"], repr(text)
     assert any(p.startswith("epoch 1/1") for p in segments(text)), repr(text)  # the bar was drawn
+
+
+class StopLands:
+    """The threading part of tqdm's lock, where a stop signal's handler raises as it is taken
+    (`where="acquire"`: before it, the multiprocessing part already taken) or let go ("release":
+    after it, the multiprocessing part not yet)."""
+
+    def __init__(self, lock, where: str) -> None:
+        self.lock, self.where = lock, where
+
+    def acquire(self, *args, **kwargs) -> bool:
+        if self.where == "acquire":
+            raise cli.Terminated()
+        return self.lock.acquire(*args, **kwargs)
+
+    def release(self) -> None:
+        self.lock.release()
+        if self.where == "release":
+            raise cli.Terminated()
+
+    def _is_owned(self) -> bool:
+        return self.lock._is_owned()
+
+
+@pytest.mark.parametrize("where", ["acquire", "release"])
+def test_a_stop_that_lands_within_a_line_under_a_bar_ends_it_and_leaves_tqdms_lock_free(monkeypatch, caplog, where):
+    # It raised "cannot release un-acquired lock" in place of the stop (reported as a logging error,
+    # the command went on), or left the multiprocessing part taken (another thread's bar waited for ever)
+    import threading
+
+    import tqdm
+
+    stderr(monkeypatch, caplog)
+    bar = progress(total=10, desc=BAR)
+    bar.update(3)
+    lock = tqdm.tqdm.get_lock()
+    parts = list(lock.locks)
+    monkeypatch.setattr(lock, "locks", [*parts[:-1], StopLands(parts[-1], where)])
+    with pytest.raises(cli.Terminated):
+        logging.getLogger("moco_fast").info(SAVED.removeprefix("INFO "))
+    monkeypatch.setattr(lock, "locks", parts)
+    free = []
+
+    def take_and_let_go() -> None:  # as another thread's bar draw
+        taken = [p for p in parts if p.acquire(timeout=2)]
+        free.append(len(taken) == len(parts))
+        for p in reversed(taken):
+            p.release()
+
+    other = threading.Thread(target=take_and_let_go)
+    other.start()
+    other.join()
+    bar.close()
+    assert free == [True]
