@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import importlib
 import logging
 import os
@@ -220,7 +221,7 @@ def _on_stop_signal(signum, frame):
     # traceback after "terminated"). Their deaths are expected now: a handler that does nothing (not
     # SIG_DFL, which turns a SIGCHLD already pending into "OSError: Signal 17 ignored due to race
     # condition"; not SIG_IGN, which reaps the children before multiprocessing can join them).
-    # stop_signals_handled puts the one it replaces (torch's) back when the command ends.
+    # The one it replaces (torch's) is put back as the next command starts (_put_back_sigchld).
     global _sigchld_before
     replaced = signal.signal(signal.SIGCHLD, _children_end)
     if replaced is not _children_end:  # a second stop: the first one kept the handler to put back
@@ -247,6 +248,7 @@ def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[N
         yield
         return
     _MAIN_PID = os.getpid()
+    _put_back_sigchld()
     previous = {}
     for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is signal.SIG_IGN:
@@ -259,10 +261,19 @@ def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[N
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        # A stop left SIGCHLD on _children_end: torch sets its handler once per process, so a process
-        # that goes on (a test, a notebook) no longer learnt that a later DataLoader's worker died
-        if signal.getsignal(signal.SIGCHLD) is _children_end:
-            signal.signal(signal.SIGCHLD, _sigchld_before)
+
+
+def _put_back_sigchld() -> None:
+    """The SIGCHLD handler that an earlier command's stop replaced (torch's, which it sets once per
+    process) put back as the next command starts, in a process that went on (a test, a notebook):
+    without it, a later DataLoader's dead worker was found by torch's status check alone, 5 s on. Not
+    as the stopped command ends: its workers, which a stop to the process group ends too, may die
+    after that, and torch's handler raised "DataLoader worker (pid N) is killed by signal:
+    Terminated", a traceback at exit after "terminated". gc first: an iterator of the stopped command
+    that a reference cycle still holds names its dead workers to torch's handler."""
+    if signal.getsignal(signal.SIGCHLD) is _children_end:
+        gc.collect()
+        signal.signal(signal.SIGCHLD, _sigchld_before)
 
 
 # What a command imports before it runs: torch (2 s) and torchvision (1.5 s, whose C++ ops load the
