@@ -418,3 +418,14 @@ def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_roo
     for net, key in ((model.backbone(), "final_knn_top1"), (model.encoder_q, "final_knn_head_top1")):
         ref, _ = knn_eval(net, splits.train, splits.eval, cfg.data.aug, cpu, workers=0)
         assert summary[key] == pytest.approx(ref, abs=1e-6)
+
+
+def test_a_run_without_an_eval_split_says_how_to_get_its_knn(tiny_root, tmp_path, capsys):
+    # --data with no eval split (here train/ alone; a .beton or shards alike): the final kNN is
+    # skipped, no summary.json is written, and the last lines say how to get the figure
+    argv = ["train", "--data", str(tiny_root / "train"), "--preset", "cifar", "--arch", "resnet18", "--epochs", "1"]
+    argv += ["--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--device", "cpu", "--workers", "0"]
+    assert main([*argv, "--image-size", "16", "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert f"`moco-fast knn --checkpoint {tmp_path / 'run' / 'checkpoint.pt'} --data ROOT`" in printed, printed

@@ -434,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(row: dict, cfg) -> None:
+    from moco_fast.checkpoint import CHECKPOINT_NAME
     from moco_fast.metrics import rate
 
     if not row:
@@ -448,3 +449,11 @@ def _report(row: dict, cfg) -> None:
         print(line)
     if "final_knn_head_top1" in row:
         print(f"kNN top-1 ({knn}, trained head output): {row['final_knn_head_top1']:.2f}%")
+    elif "final_knn_top1" not in row and cfg.runtime.final_knn:
+        # no eval split to measure on (a .beton, shards, synthetic data, a folder without val/ or test/):
+        # the run ends without a figure or summary.json, so say how to get one
+        checkpoint = Path(cfg.runtime.out) / CHECKPOINT_NAME
+        print(
+            "no final kNN: --data gives no eval images (a .beton, shards, synthetic data, no val/ or test/); "
+            f"for a figure run `moco-fast knn --checkpoint {checkpoint} --data ROOT`, ROOT with train/ and val/ or test/"
+        )
