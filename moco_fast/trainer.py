@@ -102,13 +102,17 @@ def lr_at(cfg: TrainConfig, epoch: int, base: float) -> float:
     raise ConfigError(f"unknown schedule {o.schedule!r}: use cosine or step")
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_workers(workers: int, device: torch.device) -> int:
     """-1 (auto): on a GPU up to 8 per process; on the CPU half the cores, since the step itself
     needs the rest."""
     if workers >= 0:
         return workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = max(1, cores // dist_utils.local_world_size())
+    cores = max(1, available_cores() // dist_utils.local_world_size())
     return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
 
 

@@ -384,3 +384,19 @@ def test_classification_on_a_single_class_is_an_error(run_dir, tmp_path, monkeyp
     # the printed accuracy: top-k only where it says more than top-1
     assert accuracy_text({"top1": 50.0, "top5": 100.0, "topk": 3}) == "top-1 50.00%  top-3 100.00%"
     assert accuracy_text({"top1": 100.0, "top5": 100.0, "topk": 1}) == "top-1 100.00%"
+
+
+@pytest.mark.parametrize("command", ["lincls", "finetune", "knn"])
+def test_default_workers_are_at_most_the_cores(command, monkeypatch):
+    # lincls' 4 workers on a 2-core machine made torch warn ("suggested max number of worker"), with
+    # its source line, twice a run; a count given on the command line is kept as given
+    import moco_fast.trainer
+    from moco_fast.commands import resolve_eval_runtime
+
+    monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 1)
+    args = build_parser().parse_args([command, "--checkpoint", "x.pt", "--device", "cpu"])
+    resolve_eval_runtime(args)
+    assert args.workers == 1
+    args = build_parser().parse_args([command, "--checkpoint", "x.pt", "--device", "cpu", "--workers", "3"])
+    resolve_eval_runtime(args)
+    assert args.workers == 3

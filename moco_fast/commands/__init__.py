@@ -41,7 +41,15 @@ def add_eval_runtime_flags(
 ) -> None:
     """--batch-size, --workers, --device, and (when asked) --amp and --seed."""
     p.add_argument("--batch-size", type=int, default=256, help="images per batch")
-    p.add_argument("--workers", type=int, default=workers, help="data loading workers; -1: auto")
+    # default None: `workers`, at most the cores (resolve_eval_runtime); 4 DataLoader workers on a 2-core
+    # machine made torch print its "suggested max number of worker" warning, with its source line, twice
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"data loading workers; -1: auto (default: {workers}, at most the cores)",
+    )
+    p.set_defaults(default_workers=workers)
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (a GPU when there is one)")
     if amp_help:
         p.add_argument("--amp", default="auto", choices=AMP_CHOICES, help=amp_help)
@@ -88,9 +96,11 @@ def check_device_name(name: str) -> None:
 def resolve_eval_runtime(args: argparse.Namespace) -> torch.device:
     """Checks the flags that `add_eval_runtime_flags` adds (--batch-size, --workers, --device: an error
     for a GPU this machine lacks), turns --workers -1 (auto) into a count in `args`; returns the device."""
-    from moco_fast.trainer import resolve_device, resolve_workers
+    from moco_fast.trainer import available_cores, resolve_device, resolve_workers
 
     require(args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})")
+    if args.workers is None:
+        args.workers = min(args.default_workers, available_cores())
     require(args.workers >= -1, f"--workers must be -1 (auto) or a count >= 0 (got {args.workers})")
     device = resolve_device(args.device)
     args.workers = resolve_workers(args.workers, device)
