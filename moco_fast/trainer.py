@@ -60,7 +60,7 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name} was asked for but no CUDA GPU is available")  # cuda:N as given
     if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):
         # train's torch.cuda.set_device raised CUDA's 'invalid device ordinal' traceback
-        raise ConfigError(f"--device {name}: this machine has {count} GPU(s) (cuda:0..)")
+        raise ConfigError(f"--device {name}: this machine has {plural(count, 'GPU')} (cuda:0..)")
     return dev
 
 

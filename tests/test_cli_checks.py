@@ -271,4 +271,4 @@ def test_a_gpu_index_past_the_machine_s_gpus_is_a_one_line_error_in_train_too(ti
     argv = ["--device", "cuda:3", "--out", str(tmp_path / "run")]
     assert main(["train", "--data", str(tiny_root), "--epochs", "1", "--workers", "0", *argv]) == 2
     # train's torch.cuda.set_device(3) raised CUDA's 'invalid device ordinal' traceback
-    assert capsys.readouterr().err.strip().endswith("--device cuda:3: this machine has 1 GPU(s) (cuda:0..)")
+    assert capsys.readouterr().err.strip().endswith("--device cuda:3: this machine has 1 GPU (cuda:0..)")
