@@ -162,10 +162,8 @@ class EpochLoop:
             from moco_fast.cli import interruption  # Ctrl-C or SIGTERM, maybe behind a DataLoader's error
 
             if self.saved and interruption(e) is not None:
-                log.warning(
-                    "%s: stopped; %s holds epochs 1-%d: %s",
-                    *(self.command, self.path, self.saved, _HOW_TO_CONTINUE.get()),
-                )
+                held = "epoch 1" if self.saved == 1 else f"epochs 1-{self.saved}"  # not "epochs 1-1"
+                log.warning("%s: stopped; %s holds %s: %s", self.command, self.path, held, _HOW_TO_CONTINUE.get())
             raise
         return history
 

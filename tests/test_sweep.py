@@ -219,7 +219,7 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
         assert main(args) == 130
     assert state.is_file()
     # what continues it is the sweep, not lincls's --resume
-    assert f"lincls: stopped; {state} holds epochs 1-1: the same sweep command continues it" in caplog.text
+    assert f"lincls: stopped; {state} holds epoch 1: the same sweep command continues it" in caplog.text
     assert f"sweep: stopped in {SWEEP_RUN}; the same sweep command continues" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="moco_fast"):
