@@ -11,6 +11,7 @@ reach of the stop signals.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import multiprocessing as mp
@@ -194,6 +195,20 @@ def start_resource_tracker() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one that came meanwhile is acted on now
 
 
+@contextlib.contextmanager
+def _labelled_bar() -> Iterator[None]:
+    """FFCV's writer draws its bar without a label or unit ("45%|####  | 450/1000"), after convert's
+    own "checking" bar: while in it, the bar says what it counts, as convert's others do."""
+    import ffcv.writer
+
+    plain = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(plain, desc="writing .beton", unit="img", dynamic_ncols=True, file=sys.stderr)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = plain
+
+
 def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tuple[int, int]], cfg: ConvertConfig):
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -218,7 +233,7 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tupl
         setattr(writer, step, writing(tmp)(getattr(writer, step)))
     refused = mp.get_context("fork").Value("i", 0)  # the errno of a write a worker could not make
     try:
-        with watched_workers(refused, tmp), recorded_write_errors(refused):
+        with watched_workers(refused, tmp), recorded_write_errors(refused), _labelled_bar():
             writer.from_indexed_dataset(source)
     except BaseException:
         sm = getattr(writer, "metadata_sm", None)  # FFCV unlinks its shared memory only when it finishes
