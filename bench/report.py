@@ -124,7 +124,24 @@ def ratio_notes(rows: list[dict]) -> list[str]:
     """The lines under the table that say what its ratio columns are, for the columns it shows."""
     notes = []
     if any(r.get("vs_reference") is not None for r in rows):
-        notes.append("x ref: a training row's img/s over the reference row's (the official-style step; same BN set-up)")
+        # add_ratios falls back to the first reference row when none has a row's BN set-up: then the
+        # ratio of a +noshuffle row (plain BN) is over split BN, and "same BN set-up" would be untrue
+        bn = {r["name"]: r.get("shuffle_bn", True) for r in rows}
+        unlike = sorted(
+            r["name"]
+            for r in rows
+            if r.get("vs_reference") is not None and r.get("shuffle_bn", True) != bn.get(r["reference"], True)
+        )
+        if unlike:
+            notes.append(
+                "x ref: a training row's img/s over the reference row's (the official-style step); "
+                f"{', '.join(unlike)} against another BN set-up: add reference:noshuffle "
+                "or reference to --rows to compare like for like"
+            )
+        else:
+            notes.append(
+                "x ref: a training row's img/s over the reference row's (the official-style step; same BN set-up)"
+            )
     step = next((r["step_row"] for r in rows if r.get("loader_over_step") is not None), None)
     if step is not None:
         notes.append(

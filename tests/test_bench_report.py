@@ -73,6 +73,24 @@ def test_a_loader_rows_ratio_is_over_the_fastest_step_and_not_under_x_ref():
     assert "loader_over_step" not in alone[0] and "loader/step" not in format_table(alone) and ratio_notes(alone) == []
 
 
+def test_the_x_ref_note_says_same_bn_only_when_each_row_had_its_own_bn_reference():
+    # --rows trainer,trainer:noshuffle,reference: the plain-BN row's ratio falls back to the split-BN
+    # reference, and the note under the table said "same BN set-up" all the same
+    rows = [
+        {"name": "trainer", "kind": "trainer", "img_per_s": 3000.0, "shuffle_bn": True},
+        {"name": "trainer:noshuffle", "kind": "trainer", "img_per_s": 3600.0, "shuffle_bn": False},
+        {"name": "reference", "kind": "reference", "img_per_s": 1000.0, "shuffle_bn": True},
+    ]
+    add_ratios(rows)
+    assert rows[1]["reference"] == "reference"
+    note = ratio_notes(rows)[0]
+    assert "same BN set-up" not in note and "trainer:noshuffle against another BN set-up" in note
+    assert "reference:noshuffle" in note
+    rows.append({"name": "reference:noshuffle", "kind": "reference", "img_per_s": 1100.0, "shuffle_bn": False})
+    add_ratios(rows)
+    assert rows[1]["reference"] == "reference:noshuffle" and "same BN set-up" in ratio_notes(rows)[0]
+
+
 def test_plot_labels_give_the_speed_as_the_table_does(tmp_path, monkeypatch):
     # The bars' labels rounded to whole images/s: a CPU row of 4.7 img/s read 5 beside the table's 4.7.
     pytest.importorskip("matplotlib")
