@@ -214,6 +214,13 @@ def check_samples(tar_path: Path, lines: list[str]) -> None:
     if lacking:
         first = lacking[0]
         key, held = split_name(first[0][3])[0], ", ".join(name for *_, name in first)
+        if len(lacking) == 1 and first == members(lines[-1]):
+            # tarfile reads a tar that ends between two members as a whole one: a copy interrupted
+            # inside the last sample read as a set of other members
+            raise DataError(
+                f"shard {tar_path} is cut short inside its last sample (sample {key} holds only {held}; "
+                f"an interrupted copy?): {REWRITE}"
+            )
         need = " + ".join(f"{{key}}.{e}" for e in EXTENSIONS)
         raise DataError(
             f"shard {tar_path}: {len(lacking)} of its {len(lines)} samples are not the {need} of a shard set "

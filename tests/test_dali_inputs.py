@@ -236,6 +236,21 @@ def test_shards_cut_short_between_samples_are_named_and_too_many_stop_the_run(sh
         one_epoch(root)
 
 
+def test_a_shard_cut_inside_its_last_sample_is_named_as_cut_short(shard_set, tmp_path):
+    # Cut between a sample's .jpg and .cls: the error said the shard's samples were "not the
+    # {key}.jpg + {key}.cls of a shard set", as if it held other members, not that it was cut short
+    root = tmp_path / "set"
+    shutil.copytree(shard_set, root)
+    tar = root / "shard-000001.tar"
+    with tarfile.open(tar) as tf:
+        cls_start = [m.offset for m in tf if m.name.endswith(".cls")][4]
+    tar.write_bytes(tar.read_bytes()[:cls_start])
+    tar.with_suffix(".idx").unlink()
+    with pytest.raises(DataError, match=f"shard {re.escape(str(tar))} is cut short inside its last sample") as e:
+        one_epoch(root)
+    assert "holds only " in str(e.value) and "\n" not in str(e.value)
+
+
 def shift_an_offset(idx: Path) -> None:
     lines = idx.read_text().splitlines()
     parts = lines[3].split()
