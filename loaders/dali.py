@@ -272,6 +272,11 @@ class DaliLoader(SkipsBadSamples):
             self.splits: DataSplits | None = None
             self.num_images, self.classes = self.wds.num_images, self.wds.meta.classes
         else:
+            if "shuffle_buffer" in args.options:  # a folder's order is EpochShardSampler's: it would do nothing
+                raise ConfigError(
+                    "--loader-option shuffle_buffer is for a shard set (--data holding meta.json); an image "
+                    "folder is shuffled whole each epoch: leave it out"
+                )
             self.splits = load_splits(args.data, check=args.check_images, eval_split=args.eval_split)
             images = decodable_images(self.splits.train)  # the kNN monitor still reads them all (PIL)
             self.wds, self.folder = None, FolderSource(images, args.batch_size, args.seed, args.rank, args.world_size)

@@ -20,6 +20,7 @@ from moco_fast.loaders.dali_recovery import one_per_iteration, path_bytes
 from PIL import Image
 
 from moco_fast.cli import main
+from moco_fast.config import ConfigError
 from moco_fast.data import DataError, check_image, load_splits, to_rgb
 
 SETTINGS = PipelineSettings(1, None, 1, 1, 0, False, 0.0, False, True)
@@ -249,6 +250,13 @@ def test_a_shard_cut_inside_its_last_sample_is_named_as_cut_short(shard_set, tmp
     with pytest.raises(DataError, match=f"shard {re.escape(str(tar))} is cut short inside its last sample") as e:
         one_epoch(root)
     assert "holds only " in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shuffle_buffer_on_an_image_folder_is_an_error(tiny_root, shard_set):
+    # docs/dali.md: shard sets only; on a folder it was taken and did nothing, without a word
+    with pytest.raises(ConfigError, match="shuffle_buffer is for a shard set"):
+        dali_loader(tiny_root / "train", IDENTITY, options={"shuffle_buffer": "64"})
+    assert len(dali_loader(shard_set, IDENTITY, options={"shuffle_buffer": "64"})) == 4
 
 
 def shift_an_offset(idx: Path) -> None:
