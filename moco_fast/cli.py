@@ -207,7 +207,7 @@ def exit_status(stop: KeyboardInterrupt) -> int:
 
 
 _MAIN_PID = os.getpid()
-_sigchld_before: Callable | int = signal.SIG_DFL  # the SIGCHLD handler that a stop replaced
+_sigchld_before: Callable | int | None = None  # the SIGCHLD handler that a stop replaced, until put back
 
 
 def _on_stop_signal(signum, frame):
@@ -270,10 +270,13 @@ def _put_back_sigchld() -> None:
     as the stopped command ends: its workers, which a stop to the process group ends too, may die
     after that, and torch's handler raised "DataLoader worker (pid N) is killed by signal:
     Terminated", a traceback at exit after "terminated". gc first: an iterator of the stopped command
-    that a reference cycle still holds names its dead workers to torch's handler."""
-    if signal.getsignal(signal.SIGCHLD) is _children_end:
+    that a reference cycle still holds names its dead workers to torch's handler. Put back once: a
+    handler held on (a test's, whose finaliser set the no-op again) was put back by every later command."""
+    global _sigchld_before
+    if signal.getsignal(signal.SIGCHLD) is _children_end and _sigchld_before is not None:
         gc.collect()
         signal.signal(signal.SIGCHLD, _sigchld_before)
+        _sigchld_before = None
 
 
 # What a command imports before it runs: torch (2 s) and torchvision (1.5 s, whose C++ ops load the
