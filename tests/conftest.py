@@ -4,8 +4,10 @@ loader), each section naming its files; the plain helpers of an area live in its
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +86,23 @@ def crop_stats(views: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w = np.abs(r[:, -1] - r[:, 0]) / 4 * s / (s - 1)
     h = np.abs(g[:, -1] - g[:, 0]) / 4 * s / (s - 1)
     return w * h / 64**2, w / h, r[:, -1] < r[:, 0]
+
+
+def _draws_nothing(*args, **kwargs) -> bool:
+    return True
+
+
+@pytest.fixture(autouse=True)
+def no_bar_left_open():
+    """Closes, without drawing, the progress bars a test left open (a command cut short in-process,
+    a bar its test did not close): in pytest's one process they kept their places in tqdm's list, so
+    a later test's bar drew nested under them and its lines carried their cursor moves ("\x1b[A")."""
+    yield
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.display = _draws_nothing
+        with contextlib.suppress(Exception):  # its stream closed or gone
+            bar.close()
 
 
 @pytest.fixture
