@@ -367,10 +367,15 @@ def _train_held(
             within = partial(saves.save, epoch) if loader.starts_mid_epoch else None
             row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world, done, stops, clock, within)
             done = None
-            saves.check(mean_loss, epoch + 1)
-            # saved before the kNN, which can take minutes: a stop or a crash in it loses no step.
-            # The checkpoint holds the row, which --resume writes if the run ended before it did.
-            saves.save(epoch + 1, row=row)
+            # A stop that lands after the epoch's last agreement (a rank waiting here for a slower
+            # one: the check, the save's gather) is recorded and raised once the save is written,
+            # rather than ending the run at once and losing the epoch's steps since the last save.
+            # A stop agreed already is not deferred again: a second one during the save ends it at once.
+            with stops.deferred() if stops.signum is None else contextlib.nullcontext():
+                saves.check(mean_loss, epoch + 1)
+                # saved before the kNN, which can take minutes: a stop or a crash in it loses no step.
+                # The checkpoint holds the row, which --resume writes if the run ended before it did.
+                saves.save(epoch + 1, row=row)
             clock.saved()
             knn_due = cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0
             if splits is not None and knn_due and not stops.agreed:  # a stop does not wait for the kNN

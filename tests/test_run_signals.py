@@ -9,7 +9,6 @@ from functools import partial
 
 from run_helpers import tiny_args
 
-from moco_fast import checkpoint as ckpt
 from moco_fast import cli
 from moco_fast.cli import main
 
@@ -165,20 +164,29 @@ def test_a_second_stop_ends_a_command_whose_last_line_blocks():
 
 
 STOPPED_IN_A_SAVE = """
-import json, os, pathlib, signal, sys, torch
-from moco_fast import trainer
+import json, os, pathlib, shutil, signal, sys, torch
+from moco_fast import checkpoint, trainer
 from moco_fast.cli import main
 
-argv, out = json.loads(sys.argv[1]), pathlib.Path(sys.argv[2])
+argv, run = json.loads(sys.argv[1]), pathlib.Path(sys.argv[2])
 signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as from a terminal, also where the tests run under nohup
-real_save, sig, before = torch.save, None, (out / "checkpoint.pt").read_bytes()
+real_save, sig, times = torch.save, None, 1
 
 def save_then_signal(obj, fh, *a, **k):  # the signal lands inside a checkpoint's write
     fh.write(b"half a checkpoint")
-    os.kill(os.getpid(), sig)
+    for _ in range(times):
+        os.kill(os.getpid(), sig)
     fh.seek(0)  # ignored: the save goes on
     fh.truncate()
     real_save(obj, fh, *a, **k)
+
+def resumed(name):  # each run resumes its own copy of the run that finished epoch 1
+    out = run.parent / name
+    shutil.copytree(run, out)
+    at = argv.index("--out") + 1
+    rc = main([*argv[:at], str(out), *argv[at + 1:], "--resume", "--epochs", "2"])
+    saved = checkpoint.load(out / "checkpoint.pt")["epoch"]
+    return {"rc": rc, "epoch saved": saved, "temporaries": [p.name for p in out.glob(".*.tmp")]}
 
 torch.save = save_then_signal
 # the epoch's steps are not what is tested (and take seconds each on a loaded machine)
@@ -186,13 +194,13 @@ trainer._run_epoch = lambda step, loader, cfg, epoch, lr, *rest: ({"epoch": epoc
 done = {}
 for name in sys.argv[3:]:
     sig = getattr(signal, name)
-    done[name] = main([*argv, "--resume", "--epochs", "2"])
+    done[name] = resumed(name)
     done[name + " handler put back"] = signal.getsignal(sig) == signal.SIG_DFL
-done["checkpoint kept"] = (out / "checkpoint.pt").read_bytes() == before
-done["temporaries"] = [p.name for p in out.glob(".*.tmp")]
+sig, times = signal.SIGUSR1, 2  # a second stop in the save ends it at once
+done["twice"] = resumed("twice")
 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup` starts it: the run goes on
-sig = signal.SIGHUP
-done["nohup"] = main([*argv, "--resume", "--epochs", "2"])
+sig, times = signal.SIGHUP, 1
+done["nohup"] = resumed("nohup")
 print(json.dumps(done))
 """
 
@@ -200,7 +208,9 @@ print(json.dumps(done))
 def test_hup_usr1_and_usr2_end_a_run_as_sigterm_does(run, tiny_root):
     # SIGHUP (the terminal or ssh session closed), SIGUSR1/SIGUSR2 (SLURM's --signal warning before a
     # time limit) ended the run at once: the checkpoint's temporary stayed, and nothing was said. Each
-    # lands inside the save of epoch 2: one line, 128 + the signal, no temporary, epoch 1's checkpoint.
+    # lands inside the save at epoch 2's end, which it lets finish (the epoch's steps are kept): one
+    # line, 128 + the signal, no temporary. A second one in the save ends it at once: epoch 1's
+    # checkpoint is kept, no temporary.
     import signal
     import subprocess
 
@@ -210,15 +220,13 @@ def test_hup_usr1_and_usr2_end_a_run_as_sigterm_does(run, tiny_root):
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.splitlines()[-1])
     assert got == {
-        **{n: 128 + getattr(signal, n) for n in names},
+        **{n: {"rc": 128 + getattr(signal, n), "epoch saved": 2, "temporaries": []} for n in names},
         **{f"{n} handler put back": True for n in names},
-        "checkpoint kept": True,
-        "temporaries": [],
-        "nohup": 0,  # a SIGHUP that was ignored stays ignored
+        "twice": {"rc": 128 + signal.SIGUSR1, "epoch saved": 1, "temporaries": []},
+        "nohup": {"rc": 0, "epoch saved": 2, "temporaries": []},  # a SIGHUP that was ignored stays ignored
     }
     lines = [line for line in done.stderr.splitlines() if line.startswith(("stopped", "Traceback"))]
-    assert lines == [f"stopped by {n}" for n in names], done.stderr[-2000:]
-    assert ckpt.load(run / "checkpoint.pt")["epoch"] == 2
+    assert lines == [*(f"stopped by {n}" for n in names), "stopped by SIGUSR1"], done.stderr[-2000:]
 
 
 def test_each_command_holds_ctrl_c_over_the_imports_it_makes(tmp_path):

@@ -131,6 +131,24 @@ def test_a_stop_after_an_epochs_last_sync_is_its_end(tmp_path, monkeypatch, hand
     assert [r["epoch"] for r in rows(tmp_path)] == [1]
 
 
+def test_a_stop_in_an_epochs_end_save_waits_for_the_save(tmp_path, monkeypatch, handlers):
+    # SIGTERM after the epoch's last agreement, as its checkpoint is checked and written (where a rank
+    # waits for a slower one): the save is written first, the epoch's steps kept, then the stop
+    from moco_fast.run_checkpoint import RunCheckpoints
+
+    real = RunCheckpoints.check
+
+    def check_then_stop(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RunCheckpoints, "check", check_then_stop)
+    with pytest.raises(Terminated):
+        trainer.train(config(tmp_path, **{"optim.epochs": 2}))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and "step" not in state
+
+
 def test_the_cli_stops_with_its_line_and_status_and_resume_ends_as_a_whole_run(tmp_path, monkeypatch, capsys, caplog):
     # synthetic data (every step the same batch): the weights of stopped + resumed equal a whole run's
     args = ["train", "--loader", "synthetic", "--synthetic-steps", "5", "--preset", "cifar", "--arch", "resnet18",
