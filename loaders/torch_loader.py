@@ -32,7 +32,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 from moco_fast.seeded_images import KeyedImages
-from moco_fast.shared_memory import check_room_to_start, stack_shared, started, tensor_shared, warn_if_short
+from moco_fast.shared_memory import stack_shared, start_workers, tensor_shared, warn_if_short
 from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
@@ -237,7 +237,8 @@ class TorchLoader:
 
     def __iter__(self):
         a = self.args
-        if self._batches is None:
+        first = self._batches is None
+        if first:
             if a.workers > 0:
                 end_workers_at_exit()
                 # registered after end_daemonic_children, so it runs before it (atexit: LIFO)
@@ -259,10 +260,11 @@ class TorchLoader:
                 persistent_workers=a.workers > 0,
                 worker_init_fn=leave_stops_to_the_trainer,
             )
-            check_room_to_start(batches)
             self._batches = batches
-        # the DataLoader's iterator made here, not at DevicePrefetcher's first batch: see `started`
-        return iter(DevicePrefetcher(started(self._batches), a.aug, a.device, a.dtype, a.channels_last))
+        # the DataLoader's iterator made here, not at DevicePrefetcher's first batch: see `start_workers`;
+        # its persistent workers start at the first iterator only, the one that needs /dev/shm checked
+        it = start_workers(self._batches, check=first)
+        return iter(DevicePrefetcher(it, a.aug, a.device, a.dtype, a.channels_last))
 
     def close(self) -> None:
         """Ends the workers as a finished DataLoader does (they leave their loop and exit), also at

@@ -17,7 +17,7 @@ from moco_fast.data import DataError, ImageDataset, ImageList, Unreadable
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
-from moco_fast.shared_memory import check_room_to_start, stack_shared, started, tensor_shared, warn_if_short
+from moco_fast.shared_memory import stack_shared, start_workers, tensor_shared, warn_if_short
 
 log = logging.getLogger("moco_fast")
 
@@ -92,9 +92,8 @@ class EvalBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        check_room_to_start(self.loader)  # each pass starts its workers anew
         bad = []
-        for x, y, unreadable in started(self.loader):
+        for x, y, unreadable in start_workers(self.loader):  # each pass starts its workers anew
             bad += unreadable
             if x is None:
                 s = self.image_size

@@ -48,7 +48,7 @@ from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.metrics import progress
 from moco_fast.run_folder import LINCLS_RESULT, result_beside
 from moco_fast.seeded_images import EpochKeys, KeyedImages
-from moco_fast.shared_memory import check_room_to_start, started
+from moco_fast.shared_memory import check_room_to_start, start_workers
 from moco_fast.step import set_lr
 
 log = logging.getLogger("moco_fast")
@@ -289,7 +289,9 @@ def extract(
 
 def progress_iter(batches: Iterable, desc: str):
     bar = progress(total=len(batches) if hasattr(batches, "__len__") else 0, desc=desc)
-    for item in started(batches):  # image_batches' training DataLoader starts its workers here
+    # image_batches' training DataLoader starts its workers here, at the first epoch: checked when it
+    # was built; an evaluation pass (EvalBatches) checks and starts its own
+    for item in start_workers(batches, check=False):
         yield item
         bar.update(1)
     bar.close()

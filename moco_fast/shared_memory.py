@@ -9,7 +9,8 @@ functions make their output in shared memory themselves (`stack_shared`, `tensor
 own default_collate does): the error is raised in the worker's loop, which DataLoader hands to the
 main process, and the command ends with `exhausted_line`'s one line. A /dev/shm already full when
 the workers start is found before they start (`check_room_to_start`), with the same line; so is one
-that fills between that check and the iterator's start (`started`).
+that fills between that check and the iterator's start. `start_workers` does both, check then start,
+at every site that iterates a DataLoader.
 
 torch is imported inside the functions that use it only: cli reads `exhausted_line` for any error, also
 one raised before torch was imported.
@@ -112,7 +113,8 @@ def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str) -> None
 
 def check_room_to_start(loader) -> None:
     """Raises NoRoomToStart where /dev/shm has no room for the semaphores that the iterator of
-    `loader` (a DataLoader) makes before it starts its workers; call it before iterating.
+    `loader` (a DataLoader) makes before it starts its workers; start_workers calls it before
+    iterating (a loader checked once when built calls it itself).
 
     Each semaphore is a file of a page in /dev/shm. On a full one torch's iterator fails at its first
     with a bare OSError ("No space left on device", no file named), and the half-made iterator's
@@ -141,11 +143,16 @@ def check_room_to_start(loader) -> None:
     del made  # their pages are free again for the iterator's own
 
 
-def started(loader) -> Iterator:
-    """iter(loader), a DataLoader (or any iterable) that check_room_to_start passed: where /dev/shm
-    filled meanwhile (another process's data), the iterator's own start meets the full one, as a bare
-    OSError (ENOSPC, no file named) or torch's "unable to allocate shared memory": raised as
-    NoRoomToStart, so that the command ends with exhausted_line's line as when the check finds it."""
+def start_workers(loader, check: bool = True) -> Iterator:
+    """iter(loader), a DataLoader (or any iterable, with check=False), after check_room_to_start
+    unless `check` is False: a persistent loader's workers start at its first iterator only, so that
+    its later ones (an epoch each) need no check, nor does one that was checked when it was built.
+    Where /dev/shm filled after the check (another process's data), the iterator's own start meets the
+    full one, as a bare OSError (ENOSPC, no file named) or torch's "unable to allocate shared memory":
+    raised as NoRoomToStart, so that the command ends with exhausted_line's line as when the check
+    finds it."""
+    if check:
+        check_room_to_start(loader)
     try:
         return iter(loader)
     except (OSError, RuntimeError) as e:

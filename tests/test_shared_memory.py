@@ -125,7 +125,7 @@ def test_evaluation_loaders_where_dev_shm_is_full_before_their_workers_start(sma
 FILLED_AFTER_THE_CHECK = """
 import multiprocessing, os, sys, torch
 from pathlib import Path
-import moco_fast.knn, moco_fast.lincls, moco_fast.loaders.torch_loader
+import moco_fast.lincls, moco_fast.shared_memory
 from moco_fast.augment import MOCO_V2
 from moco_fast.cli import one_line
 from moco_fast.data import list_images
@@ -134,7 +134,8 @@ from moco_fast.lincls import image_batches, progress_iter
 from moco_fast.loaders import LoaderArgs, create_loader
 
 root, which, pages_left = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-module = {"eval": moco_fast.knn, "train": moco_fast.lincls, "torch": moco_fast.loaders.torch_loader}[which]
+# where the check is looked up: start_workers' own (kNN's pass, the torch loader), lincls' when it builds
+module = moco_fast.lincls if which == "train" else moco_fast.shared_memory
 check = module.check_room_to_start
 
 def check_then_fill(loader):  # the check passes; then another process takes /dev/shm but `pages_left`
@@ -221,7 +222,7 @@ def test_other_errors_of_the_iterator_s_start_are_left_as_they_are():
             raise OSError(errno.EACCES, "Permission denied")
 
     with pytest.raises(PermissionError):
-        shared_memory.started(Refused())
+        shared_memory.start_workers(Refused(), check=False)
 
 
 BUS_ERROR = """
