@@ -131,7 +131,8 @@ def run_sweep(
             errors[s.name] = str(e)
     if len(errors) == len(settings) and len(set(errors.values())) == 1:
         raise ConfigError(errors[settings[0].name])  # a flag after --, whatever the setting
-    for name, why in errors.items():
+    if errors:  # the first bad setting, in the grid's order
+        name, why = next(iter(errors.items()))
         raise ConfigError(f"setting {name}: {why}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be the sweep folder")
