@@ -32,7 +32,7 @@ from reference_step import build_reference, reference_step
 from report import add_ratios, check_output_path, device_info, forever, format_table, ratio_notes, speed_text
 
 from moco_fast.checkpoint import atomic_write_text
-from moco_fast.config import ConfigError, build_config, to_dict
+from moco_fast.config import ConfigError, build_config, check_image_size, to_dict
 from moco_fast.data import DataError
 from moco_fast.model import MoCo
 from moco_fast.trainer import (
@@ -392,9 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = default(args.warmup, 1 if device.type == "cpu" else 10)
         if args.steps < 1 or args.warmup < 0:
             raise ConfigError("--steps must be at least 1 and --warmup at least 0")
-        for flag, value in (("--batch-size", args.batch_size), ("--image-size", args.image_size)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag} must be positive (got {value})")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be positive (got {args.batch_size})")
+        if args.image_size is not None:  # before make_config sizes anything by it
+            check_image_size(args.image_size)
         check_output_path(args.json, "--json", ".json")
         check_output_path(args.plot, "--plot", ".png")
         cfg = make_config(args, device)

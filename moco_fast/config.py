@@ -120,6 +120,15 @@ class ConfigError(ValueError):
     """Settings that contradict each other or the machine: the CLI prints it as one line."""
 
 
+def check_image_size(size: int) -> None:
+    """--image-size in 8..MAX_IMAGE_SIZE, else a ConfigError: the one check of train, sweep and the
+    bench (trainer.validate) and of lincls and finetune (commands.check_classifier_args)."""
+    if size < 8:
+        raise ConfigError(f"--image-size must be at least 8 (got {size})")
+    if size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"--image-size must be at most {MAX_IMAGE_SIZE} (got {size})")
+
+
 # Presets: overrides on top of the dataclass defaults, as dotted names.
 PRESETS: dict[str, dict[str, Any]] = {
     # MoCo v1: linear head, T=0.07, step schedule at 120/160 of 200 epochs, v1 augmentations.

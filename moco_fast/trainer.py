@@ -19,7 +19,7 @@ from moco_fast import distributed as dist_utils
 from moco_fast.agreement import HeldWarnings, agree
 from moco_fast.backbone import check_arch
 from moco_fast.cli import interruption
-from moco_fast.config import MAX_IMAGE_SIZE, MAX_SEED, ConfigError, TrainConfig, save_json
+from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, check_image_size, save_json
 from moco_fast.data import DataError
 from moco_fast.epoch import resumed_part
 from moco_fast.epoch import run_epoch as _run_epoch
@@ -142,14 +142,12 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int |
         ("--knn-k", r.knn_k, 1),
         ("--workers", d.workers, -1),
         ("--synthetic-steps", d.synthetic_steps, 1),
-        ("--image-size", d.aug.image_size, 8),
     ):
         if value < least:
             raise ConfigError(
                 f"{flag} must be at least {least} (got {value})" + (" (-1: auto)" * (flag == "--workers"))
             )
-    if d.aug.image_size > MAX_IMAGE_SIZE:
-        raise ConfigError(f"--image-size must be at most {MAX_IMAGE_SIZE} (got {d.aug.image_size})")
+    check_image_size(d.aug.image_size)
     if not 0 <= r.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be in 0..{MAX_SEED} (got {r.seed})")
     if not 0 <= r.save_every < math.inf:  # NaN fails too

@@ -107,7 +107,8 @@ def test_bad_rows_are_one_line_errors(rows, capsys):
     [
         (["--steps", "0"], "--steps must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be positive"),
-        (["--image-size", "0"], "--image-size must be positive"),
+        (["--image-size", "0"], "--image-size must be at least 8"),  # train's bounds (config.check_image_size)
+        (["--image-size", "22400"], "--image-size must be at most 4096"),
         (["--json", "{tmp}/r.txt"], "--json {tmp}/r.txt: name a .json file"),
         (["--json", "{tmp}"], "name a .json file"),
         (["--json", "{tmp}/afile/r.json"], "afile is not a folder"),

@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from moco_fast.config import MAX_IMAGE_SIZE, MAX_SEED, ConfigError, read_json_object
+from moco_fast.config import MAX_SEED, ConfigError, check_image_size, read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -132,11 +132,8 @@ def check_classifier_args(args: argparse.Namespace) -> None:
     require(args.lr > 0 and math.isfinite(args.lr), f"--lr must be above 0 (got {args.lr})")
     require(0 <= args.momentum < 1, f"--momentum must be in [0, 1) (got {args.momentum})")
     require(args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})")
-    require(args.image_size is None or args.image_size >= 8, f"--image-size must be at least 8 (got {args.image_size})")
-    require(
-        args.image_size is None or args.image_size <= MAX_IMAGE_SIZE,
-        f"--image-size must be at most {MAX_IMAGE_SIZE} (got {args.image_size})",
-    )
+    if args.image_size is not None:  # None: the checkpoint's training size
+        check_image_size(args.image_size)
     require(args.eval_every >= 0, f"--eval-every must be 0 or more (got {args.eval_every})")
     require(0 <= args.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED} (got {args.seed})")
     check_schedule(args.schedule, args.epochs)
