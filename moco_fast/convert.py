@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from moco_fast.convert_files import (
     tidy_after_a_stopped_convert,
     writing,
 )
+from moco_fast.cores import available_cores
 from moco_fast.data import DataError, ImageList, find_classes, list_images, resolve_root, split_dirs
 from moco_fast.loaders.wds import META_NAME
 
@@ -81,10 +81,6 @@ class ConvertSummary:
         if len(self.skipped) > show:
             lines.append(f"  ... and {len(self.skipped) - show} more (all listed in the output's json)")
         return "\n".join(lines)
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ---- input -------------------------------------------------------------------------------------
@@ -151,7 +147,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
     DST is something that `force` never replaces (check_destination)."""
     validate(cfg)
     if cfg.workers <= 0:
-        cfg.workers = default_workers()
+        cfg.workers = available_cores()
     dst = Path(cfg.dst)
     tidy_after_a_stopped_convert(dst)  # first: an output it puts back is an existing DST
     check_destination(resolve_root(cfg.src, "SRC"), dst, cfg.format, cfg.force)

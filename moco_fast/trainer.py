@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ from moco_fast.agreement import HeldWarnings, agree
 from moco_fast.backbone import check_arch
 from moco_fast.cli import interruption
 from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, check_image_size, save_json
+from moco_fast.cores import available_cores
 from moco_fast.data import DataError
 from moco_fast.epoch import resumed_part
 from moco_fast.epoch import run_epoch as _run_epoch
@@ -100,11 +100,6 @@ def lr_at(cfg: TrainConfig, epoch: int, base: float) -> float:
     if o.schedule == "step":
         return base * 0.1 ** sum(epoch >= round(f * o.epochs) for f in o.lr_steps)
     raise ConfigError(f"unknown schedule {o.schedule!r}: use cosine or step")
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:

@@ -390,10 +390,10 @@ def test_classification_on_a_single_class_is_an_error(run_dir, tmp_path, monkeyp
 def test_default_workers_are_at_most_the_cores(command, monkeypatch):
     # lincls' 4 workers on a 2-core machine made torch warn ("suggested max number of worker"), with
     # its source line, twice a run; a count given on the command line is kept as given
-    import moco_fast.trainer
+    import moco_fast.cores
     from moco_fast.commands import resolve_eval_runtime
 
-    monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 1)
+    monkeypatch.setattr(moco_fast.cores, "available_cores", lambda: 1)
     args = build_parser().parse_args([command, "--checkpoint", "x.pt", "--device", "cpu"])
     resolve_eval_runtime(args)
     assert args.workers == 1

@@ -96,7 +96,8 @@ def check_device_name(name: str) -> None:
 def resolve_eval_runtime(args: argparse.Namespace) -> torch.device:
     """Checks the flags that `add_eval_runtime_flags` adds (--batch-size, --workers, --device: an error
     for a GPU this machine lacks), turns --workers -1 (auto) into a count in `args`; returns the device."""
-    from moco_fast.trainer import available_cores, resolve_device, resolve_workers
+    from moco_fast.cores import available_cores
+    from moco_fast.trainer import resolve_device, resolve_workers
 
     require(args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.workers is None:
