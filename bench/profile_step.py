@@ -10,6 +10,7 @@ overhead, host syncs and Python, which CUDA graphs and torch.compile exist to re
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -72,6 +73,29 @@ def _ranges(model, optimizer):
                 setattr(obj, attr, old)
 
 
+# Kineto, the profiler's C++ half, reads its log level from this variable when it starts, at the
+# process's first profile. A build of torch with CUDA asks the CUDA runtime for the GPUs' properties
+# whatever the profile's activities: on a machine without a GPU that logged "ERROR: ...
+# gpuGetDeviceCount failed with code 35", and torch 2.14's kineto a "USDT: ... profiler_start" and
+# "profiler_stop" line, at every CPU profile. 6, above its highest level (USDT, 5), leaves none;
+# on a GPU its lines stay, as they name what a CUDA profile lacks (CUPTI restricted, say).
+KINETO_LOG_LEVEL = "KINETO_LOG_LEVEL"
+KINETO_SILENT = "6"
+
+
+@contextmanager
+def _kineto_quiet(cuda: bool):
+    """Kineto's log silenced for a CPU profile, unless the user set its level."""
+    set_here = not cuda and KINETO_LOG_LEVEL not in os.environ
+    if set_here:
+        os.environ[KINETO_LOG_LEVEL] = KINETO_SILENT
+    try:
+        yield
+    finally:
+        if set_here:
+            os.environ.pop(KINETO_LOG_LEVEL, None)
+
+
 def profile_breakdown(
     step_fn, model, optimizer, device: torch.device, steps: int = 3, unprofiled_ms: float | None = None
 ) -> dict:
@@ -80,7 +104,10 @@ def profile_breakdown(
     are counted against that wall time, not the profiled one."""
     cuda = device.type == "cuda"
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with _ranges(model, optimizer), torch.profiler.profile(activities=acts) as prof:
+    # acc_events: one cycle, so the same events; without it torch 2.11 warned at every profile that
+    # "Profiler clears events at the end of each cycle" (a UserWarning with its source line)
+    profiler = torch.profiler.profile(activities=acts, acc_events=True)
+    with _ranges(model, optimizer), _kineto_quiet(cuda), profiler as prof:
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()

@@ -3,6 +3,8 @@ breakdown, and the official-style reference step it compares against (the table 
 test_bench_report.py)."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -281,6 +283,37 @@ def tiny_cfg():
     return build_config(
         "v2", {"model.arch": "resnet18", "model.stem": "imagenet", "moco.k": 32, "optim.batch_size": 16}
     )
+
+
+PROFILE_ON_THE_CPU = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from profile_step import profile_breakdown
+
+model = torch.nn.Linear(4, 4)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x = torch.randn(2, 4)
+
+def step():
+    model(x).sum().backward()
+    opt.step()
+
+print(profile_breakdown(step, model, opt, torch.device("cpu"), steps=1)["steps"])
+"""
+
+
+def test_a_cpu_profile_prints_none_of_the_profiler_s_own_lines():
+    # torch's kineto probed the GPUs at every profile: "ERROR:... gpuGetDeviceCount failed with code
+    # 35" on a machine without one, and "USDT:... profiler_start" (torch 2.14); torch 2.11 warned that
+    # the "Profiler clears events at the end of each cycle". In a process of its own: kineto reads its
+    # log level at the process's first profile.
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    run = subprocess.run(
+        [sys.executable, "-c", PROFILE_ON_THE_CPU, str(BENCH)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert run.stdout.split() == ["1"], run.stderr[-3000:]
+    kineto = re.compile(r"^(VERBOSE|INFO|WARNING|STAGE|ERROR|USDT):\d{4}-", re.MULTILINE)  # its log lines' start
+    assert not kineto.search(run.stderr) and "Profiler clears events" not in run.stderr, run.stderr[-3000:]
 
 
 def test_profile_breakdown_names_the_phases_and_undoes_its_wrappers():
