@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,7 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
             "classes": images.classes,
             "num_images": written,
             **info,
-            "source": str(images.root),
+            "source": os.path.abspath(images.root),  # train's last line finds its eval split from any folder
             "max_resolution": cfg.max_resolution,
             "jpeg_quality": cfg.jpeg_quality,
             "skipped": [{"path": p, "reason": r} for p, r in skipped],

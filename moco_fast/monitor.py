@@ -7,15 +7,18 @@ resident loader) has data for it; `eval_splits` says what is missing where there
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.config import ConfigError, TrainConfig, read_json_object
+from moco_fast.convert_dst import beton_fingerprint, sidecar_path
 from moco_fast.data import DataError, DataSplits, load_splits, resolve_root, split_dirs
 from moco_fast.knn import knn_eval, warn_if_single_class
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS
-from moco_fast.loaders.wds import is_wds_root
+from moco_fast.loaders.wds import META_NAME, is_wds_root
 from moco_fast.model import MoCo
 
 
@@ -57,6 +60,32 @@ def may_have_eval_split(cfg: TrainConfig) -> bool:
     except DataError:
         return True
     return split_dirs(root)[1] is not None
+
+
+def converted_from(cfg: TrainConfig) -> Path | None:
+    """The folder that convert recorded as the source of the run's .beton (in its sidecar, where
+    that describes this .beton) or shard set (meta.json), else None: other data, or a source not
+    recorded as an absolute path (an older convert's was relative to a folder it did not record)."""
+    data = cfg.data.data
+    if cfg.data.loader == "ffcv" and data and Path(data).is_file():
+        meta = read_json_object(sidecar_path(Path(data)))
+        if meta is not None and meta.get("beton_fingerprint") not in (None, beton_fingerprint(Path(data))):
+            meta = None  # a stale sidecar (convert_dst.stale): another .beton's source
+    elif cfg.data.loader == "dali" and is_wds_root(data):
+        meta = read_json_object(Path(data) / META_NAME)
+    else:
+        return None
+    source = None if meta is None else meta.get("source")
+    return Path(source) if isinstance(source, str) and os.path.isabs(source) else None
+
+
+def knn_root(source: Path) -> Path | None:
+    """The data root whose train/ or eval split `source` is, where that root still has train/ and
+    val/ or test/ (what `moco-fast knn --data` reads); else None (moved, deleted, no eval split)."""
+    root = source.parent
+    if source.name in ("train", "val", "test") and source.is_dir() and split_dirs(root)[1] is not None:
+        return root
+    return None
 
 
 def monitor_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> DataSplits | None:
