@@ -5,8 +5,9 @@ shows to be one (version, the `image` and `label` fields that convert writes) wi
 beside it (and its file list, where there is one), or a shard-set folder whose meta.json says
 `"format": "wds"` and that holds nothing but that set's files. Never SRC, a folder above it or
 anything inside it, and never another file: a mistyped DST (notes.txt, a source image) used to be
-replaced by 16 MB of .beton. The checks go through `commands.check_output` with a `replaces`
-callback, as every other command's outputs do.
+replaced by 16 MB of .beton. An output is not written where a scan of SRC reads (its train/,
+val/, test/; scanned_folder) either: every later scan would meet it there. The checks go through
+`commands.check_output` with a `replaces` callback, as every other command's outputs do.
 """
 
 from __future__ import annotations
@@ -183,13 +184,35 @@ def shard_set_of_convert(p: Path) -> str | None:
     return None
 
 
+SPLIT_NAMES = ("train", "val", "test")  # the folders of a root that data.split_dirs and --split read
+
+
+def scanned_folder(src: Path, where: Path) -> Path | None:
+    """The folder of SRC that a scan of it reads (data.list_images: class folders and everything in
+    them, files beside them) and that holds `where`, else None. A root with train/: its split folders,
+    val/ and test/ too where they are not there yet (made for DST, one would become the eval split);
+    a root without: SRC itself (a train/ made there would make it such a root). Dot-names are never
+    read, nor what is beside train/ in a root (an earlier output there is replaced as anywhere)."""
+    if src not in where.parents:
+        return None
+    parts = where.relative_to(src).parts
+    if (src / "train").is_dir():
+        if parts[0] not in SPLIT_NAMES:
+            return None
+        folder, parts = src / parts[0], parts[1:]
+    else:
+        folder = src
+    return None if any(part.startswith(".") for part in parts) else folder
+
+
 def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
     """ConfigError before any image is read when DST cannot be written or replaced: DST is SRC or a
     folder above it (--force would delete the images), an existing DST inside SRC that is no earlier
     output (a source image, a class folder), a DST (or the sidecar or file list of a DST .beton)
     that --force would replace but is no earlier output of convert of this format (see the
-    `replaces` callbacks above), or a folder that does not take new files. Refused with or without
-    --force; an earlier output without --force is a FileExistsError."""
+    `replaces` callbacks above), a DST in a folder that a scan of SRC reads (scanned_folder), or a
+    folder that does not take new files. Refused with or without --force; an earlier output without
+    --force is a FileExistsError."""
     from moco_fast.commands import check_output
 
     s, d = src.resolve(), dst.resolve()
@@ -203,6 +226,15 @@ def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
         # (an earlier output beside train/, `convert data data/train.beton`, is replaced as anywhere)
         raise ConfigError(
             f"DST {dst} is inside SRC {src}: convert never replaces a file or folder there; give a path outside SRC"
+        )
+    if (scanned := scanned_folder(s, where)) is not None:
+        # every later scan of SRC would meet the output there: a stray file named at each run, a class
+        # folder without images, or a val/ made beside train/ as the eval split
+        shown = src / scanned.relative_to(s)
+        what = f"would be SRC's split folder {shown}" if scanned == where else f"is inside {shown}"
+        away = "outside SRC" if scanned == s else "beside train/ in SRC or outside SRC"
+        raise ConfigError(
+            f"DST {dst} {what}, which every scan of SRC {src} reads (convert, train, knn): give a path {away}"
         )
     check_output(dst, "DST", replaces=ours, folder=wds)
     if exists and not force:

@@ -263,3 +263,41 @@ def test_output_checks_come_before_any_image_is_read(bad_root, tmp_path, monkeyp
     (tmp_path / "src.txt").write_text("")
     assert main(["convert", str(tmp_path / "src.txt"), str(tmp_path / "y.beton")]) == 2
     assert "SRC must be a folder of images" in capsys.readouterr().err
+
+
+SPLIT_AWAY = (
+    "which every scan of SRC {src} reads (convert, train, knn): give a path beside train/ in SRC or outside SRC"
+)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "src", "dst", "says"),
+    [
+        ("ffcv", "data", "data/train/x.beton", "is inside {tmp}/data/train, " + SPLIT_AWAY),
+        ("ffcv", "data", "data/train/{cls}/x.beton", "is inside {tmp}/data/train, " + SPLIT_AWAY),
+        ("wds", "data", "data/test/shards", "is inside {tmp}/data/test, " + SPLIT_AWAY),
+        ("ffcv", "data", "data/val/x.beton", "is inside {tmp}/data/val, " + SPLIT_AWAY),  # val/ made: the eval split
+        ("wds", "data", "data/val", "would be SRC's split folder {tmp}/data/val, " + SPLIT_AWAY),
+        # SRC without train/: all of it is read
+        ("wds", "data/train", "data/train/shards", "is inside {src}, which every scan of SRC {src} reads"),
+    ],
+)
+def test_an_output_where_a_scan_of_src_reads_is_refused(fresh_root, tmp_path, monkeypatch, capsys, fmt, src, dst, says):
+    # `convert data data/train/x.beton` wrote it there: every later scan of data met it (a stray file
+    # named at each run, an empty class folder, a val/ without classes as the eval split)
+    import moco_fast.convert as conv
+
+    monkeypatch.setattr(conv, "list_images", lambda *a, **k: pytest.fail("images read before the check"))
+    cls = sorted((fresh_root / "train").iterdir())[0].name
+    before = sorted(tmp_path.rglob("*"))
+    path = tmp_path / dst.format(cls=cls)
+    assert main(["convert", str(tmp_path / src), str(path), "--format", fmt, "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"DST {path} {says.format(tmp=tmp_path, src=tmp_path / src)}" in err[0], err
+    assert sorted(tmp_path.rglob("*")) == before  # no val/ made either
+
+
+def test_an_output_under_src_that_no_scan_reads_is_allowed(fresh_root):
+    # beside train/, in another folder of the root, under a dot-name (never read): checked as anywhere
+    for dst in ("x.beton", "betons/x.beton", "train/.cache/x.beton", "train/.x.beton"):
+        check_destination(fresh_root, fresh_root / dst, "ffcv", False)

@@ -162,11 +162,11 @@ def coords_loader(tmp_path_factory):
     """40 coordinate images stored raw (no JPEG error in the coordinates), colour off: a second
     compiled pipeline, shared by the tests below."""
     root = tmp_path_factory.mktemp("coords")
-    (root / "c").mkdir()
+    (root / "images" / "c").mkdir(parents=True)
     for i in range(40):
-        Image.fromarray(coordinate_image()).save(root / "c" / f"{i:03d}.png")
-    beton = root / "coords.beton"
-    convert(ConvertConfig(str(root), str(beton), format="ffcv", write_mode="raw", workers=1))
+        Image.fromarray(coordinate_image()).save(root / "images" / "c" / f"{i:03d}.png")
+    beton = root / "coords.beton"  # beside SRC: convert refuses an output inside a folder its scan reads
+    convert(ConvertConfig(str(root / "images"), str(beton), format="ffcv", write_mode="raw", workers=1))
     return create_loader("ffcv", loader_args(beton, aug=GEOMETRY, batch_size=4))
 
 
