@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,41 @@ def knn_predict(
     return torch.cat(preds)
 
 
+class KnnScore(NamedTuple):
+    """What one weighted kNN measured: top-1 (%), the k used, and the images it used: the decodable
+    ones of the memory (train) and the queries (eval), which a listing made before decoding may
+    overstate (a truncated JPEG passes the header check)."""
+
+    top1: float
+    k: int
+    memory: int
+    queries: int
+
+
+def knn_score(
+    net: nn.Module,
+    train: ImageList,
+    test: ImageList,
+    spec: AugSpec,
+    device: torch.device,
+    k: int = 200,
+    t: float = 0.1,
+    batch_size: int = 256,
+    workers: int = 2,
+) -> KnnScore:
+    """Weighted kNN of `net`: the k used is every decodable train image where there are fewer than k
+    (one warning says so). It draws nothing from the process's random streams (the feature passes'
+    DataLoaders draw their seeds from it): train's monitor leaves the training as it would be without it."""
+    with torch.random.fork_rng(devices=[]):
+        bank, bank_labels = extract_features(net, train, spec, device, batch_size, workers, desc="kNN features (train)")
+        query, query_labels = extract_features(net, test, spec, device, batch_size, workers, desc="kNN features (eval)")
+    if k > len(bank):
+        warn_few_neighbours(k, len(bank), train)
+    pred = knn_predict(query, bank, bank_labels, len(train.classes), k, t)
+    top1 = (pred == query_labels).float().mean().item() * 100  # host sync: once per evaluation
+    return KnnScore(top1, min(k, len(bank)), len(bank), len(query))
+
+
 def knn_eval(
     net: nn.Module,
     train: ImageList,
@@ -176,14 +212,5 @@ def knn_eval(
     batch_size: int = 256,
     workers: int = 2,
 ) -> tuple[float, int]:
-    """(top-1 accuracy %, the k used) of weighted kNN: the k used is every decodable train image
-    where there are fewer than k (one warning says so). It draws nothing from the process's random
-    streams (the feature passes' DataLoaders draw their seeds from it): train's monitor leaves the
-    training as it would be without it."""
-    with torch.random.fork_rng(devices=[]):
-        bank, bank_labels = extract_features(net, train, spec, device, batch_size, workers, desc="kNN features (train)")
-        query, query_labels = extract_features(net, test, spec, device, batch_size, workers, desc="kNN features (eval)")
-    if k > len(bank):
-        warn_few_neighbours(k, len(bank), train)
-    pred = knn_predict(query, bank, bank_labels, len(train.classes), k, t)
-    return (pred == query_labels).float().mean().item() * 100, min(k, len(bank))  # host sync: once per evaluation
+    """(top-1 accuracy %, the k used) of `knn_score`."""
+    return knn_score(net, train, test, spec, device, k, t, batch_size, workers)[:2]

@@ -104,6 +104,22 @@ def test_knn_names_the_splits_it_used(ckpt, tmp_path, capsys):
     assert out[1].startswith("kNN top-1 (backbone, k=3, t=0.1): ")
 
 
+def test_knn_counts_the_images_it_used_not_those_listed(ckpt, tmp_path, capsys):
+    # A JPEG cut short passes the listing's header check and is left out by the feature pass: the
+    # line said "queries: 3" while top-1 was of 2.
+    from conftest import make_image_root
+
+    root = make_image_root(tmp_path / "data", per_class=4, classes=2, test_per_class=2)
+    first = sorted((root / "test").iterdir())[0]
+    good = sorted(first.iterdir())[0].read_bytes()
+    (first / "cut.jpg").write_bytes(good[: int(len(good) * 0.9)])
+    argv = ["knn", "--checkpoint", str(ckpt), "--data", str(root), "--k", "3", "--device", "cpu", "--workers", "0"]
+    with pytest.warns(UserWarning, match="cut.jpg"):
+        assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"kNN memory: 8 images of {root / 'train'}; queries: 4 of {root / 'test'}"
+
+
 def test_a_detectron2_export_must_be_named_pkl(ckpt, tmp_path, capsys):
     # detectron2 unpickles a .pkl only; `--output r50.pth` wrote a plain pickle that its checkpointer
     # hands to torch.load, which cannot read it.

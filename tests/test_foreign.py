@@ -60,14 +60,14 @@ def assert_same(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
 
 
 def record_nets(monkeypatch) -> list:
-    """moco_fast.knn.knn_eval, recording each network it is given (a copy of its state dict)."""
-    seen, real = [], moco_fast.knn.knn_eval
+    """moco_fast.knn.knn_score, recording each network it is given (a copy of its state dict)."""
+    seen, real = [], moco_fast.knn.knn_score
 
     def recording(net, *args, **kwargs):
         seen.append({n: t.detach().clone() for n, t in net.state_dict().items()})
         return real(net, *args, **kwargs)
 
-    monkeypatch.setattr(moco_fast.knn, "knn_eval", recording)
+    monkeypatch.setattr(moco_fast.knn, "knn_score", recording)
     return seen
 
 

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from moco_fast.checkpoint import load_model
     from moco_fast.data import DataError, load_splits
     from moco_fast.foreign import has_head
-    from moco_fast.knn import knn_eval, warn_if_single_class
+    from moco_fast.knn import knn_score, warn_if_single_class
 
     # Every value is checked before the checkpoint or the data is read.
     require(args.k >= 1, f"--k must be at least 1 (got {args.k})")
@@ -67,14 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if splits.eval is None:
         raise DataError("kNN needs an eval split: a data root holding train/ and val/ or test/")
     warn_if_single_class(splits.train)
-    # with both val/ and test/ in the root, which one was scored is not otherwise visible
-    print(
-        f"kNN memory: {len(splits.train)} images of {splits.train.root}; queries: {len(splits.eval)} of {splits.eval.root}"
-    )
     nets = {"backbone": model.backbone(), "head": model.encoder_q}
-    for name in names:
+    for i, name in enumerate(names):
         with torch.no_grad():
-            acc, k = knn_eval(
+            score = knn_score(
                 nets[name],
                 splits.train,
                 splits.eval,
@@ -85,5 +81,12 @@ def run(args: argparse.Namespace) -> int:
                 args.batch_size,
                 args.workers,
             )
-        print(f"kNN top-1 ({name}, k={k}, t={args.t:g}): {acc:.2f}%")
+        if i == 0:
+            # which split was scored (val/ before test/), and the images used: the decodable ones, not
+            # the listing's count (a truncated JPEG passes its header check and is left out here)
+            print(
+                f"kNN memory: {score.memory} images of {splits.train.root}; "
+                f"queries: {score.queries} of {splits.eval.root}"
+            )
+        print(f"kNN top-1 ({name}, k={score.k}, t={args.t:g}): {score.top1:.2f}%")
     return 0
