@@ -183,6 +183,13 @@ def backbone_shapes(arch: str, stem: str) -> tuple[tuple[str, tuple[int, ...]], 
 
 def found(state: dict[str, Any]) -> str:
     """What a dict that is no checkpoint moco-fast reads holds, in a few words."""
+    command = state.get("command")
+    if command in ("lincls", "finetune") and "history" in state:  # classifier_epochs' state between epochs
+        return (
+            f"it is the state of an interrupted {command} run, kept between its epochs: "
+            f"`moco-fast {command} --resume` with that run's flags finishes it"
+            + (" and writes the fine-tuned network" if command == "finetune" else "")
+        )
     keys = [str(k) for k in state]
     shown = ", ".join(repr(k) for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
     return (

@@ -179,6 +179,23 @@ def test_a_dict_that_is_no_checkpoint_is_a_one_line_error(data, tmp_path, capsys
     assert f"{path} is not a checkpoint moco-fast can read: a dict with the keys 'encoder', 'step'" in line
 
 
+@pytest.mark.parametrize("command", ["lincls", "finetune"])
+def test_a_classifier_s_state_between_epochs_is_named_as_such(command, data, tmp_path, capsys):
+    # finetune.state.pt holds the network being fine-tuned: given as a checkpoint it was "a dict with
+    # the keys 'command', 'config', 'epoch', 'history', 'wall_s' and 4 more", which said nothing of
+    # what it is or how to get the network out of it.
+    path = tmp_path / f"{command}.state.pt"
+    state = {"command": command, "config": {}, "epoch": 1, "history": [{"epoch": 1, "lr": 0.1, "loss": 1.0}]}
+    torch.save({**state, "wall_s": 1.0, "rng": None, "generator": None, "optimizer": {}}, path)
+    for argv in (["knn", "--checkpoint", str(path), "--data", str(data), *EVAL],
+                 ["export", str(path), "--format", "torchvision", "--output", str(tmp_path / "out.pth")]):  # fmt: skip
+        assert main(argv) == 2
+        line = one_line_error(capsys)
+        assert f"{path} is not a checkpoint moco-fast can read: it is the state of an interrupted {command} run" in line
+        assert f"`moco-fast {command} --resume` with that run's flags finishes it" in line
+    assert not (tmp_path / "out.pth").exists()
+
+
 def test_finetune_starts_from_a_torchvision_state_dict(data, tmp_path, monkeypatch, capsys):
     import moco_fast.finetune
 
