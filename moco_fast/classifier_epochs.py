@@ -33,8 +33,10 @@ import torch
 from moco_fast import checkpoint as ckpt
 from moco_fast.config import ConfigError
 from moco_fast.data import DataError
+from moco_fast.divergence import Diverged
 from moco_fast.run_folder import state_name
 from moco_fast.step import load_optimizer_state
+from moco_fast.text import plural
 
 log = logging.getLogger("moco_fast")
 
@@ -149,6 +151,7 @@ class EpochLoop:
                 self._evaluate(history, evaluate)  # interrupted in that evaluation
             for epoch in range(start, self.cfg.epochs):
                 history.append(one_epoch(epoch))
+                self._refuse_divergence(epoch + 1)  # before the save: the state keeps the last good epoch
                 self._save(history)
                 if self._due(epoch + 1):
                     self._evaluate(history, evaluate)
@@ -166,6 +169,27 @@ class EpochLoop:
                 log.warning("%s: stopped; %s holds %s: %s", self.command, self.path, held, _HOW_TO_CONTINUE.get())
             raise
         return history
+
+    def _refuse_divergence(self, epoch: int) -> None:
+        """Diverged when what trains (the parts that are modules: lincls's classifier, finetune's
+        network with its BatchNorm statistics) holds NaN or inf after `epoch`: NaN logits still have a
+        top-1 (lincls reported 33% on 3 classes) and finetune would write the network. One host sync
+        an epoch, as the epoch's loss."""
+        for name, part in self.parts.items():
+            if not isinstance(part, torch.nn.Module):
+                continue
+            state = {k: v for k, v in part.state_dict().items() if v.is_floating_point() and v.numel()}
+            finite = torch.stack([torch.isfinite(v).all() for v in state.values()])
+            if bool(finite.all()):  # host sync: once per epoch
+                continue
+            bad = [k for k, ok in zip(state, finite.tolist(), strict=True) if not ok]
+            fix = f"lower --lr (now {self.cfg.lr:g})" + (", or use --amp bf16 or off" if self.cfg.amp == "fp16" else "")
+            held = "epoch 1" if self.saved == 1 else f"epochs 1-{self.saved}"
+            kept = f"; {self.path} holds {held}, which --resume continues with these settings only: delete it"
+            raise Diverged(
+                f"{self.command} diverged in epoch {epoch}: NaN or inf in {plural(len(bad), 'tensor')} of its {name} "
+                f"(first: {bad[0]}): {fix} and start over{kept if self.saved else ''}"
+            )
 
     def _due(self, epochs_done: int) -> bool:
         every = self.cfg.eval_every

@@ -179,6 +179,43 @@ def test_the_loop_itself_refuses_a_state_of_other_settings(tmp_path):
         loop(lr=1.0, resume=True).run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0, 10))
 
 
+def test_a_diverged_classifier_stops_before_its_save_and_its_evaluation(tmp_path):
+    # NaN logits still have a top-1: lincls --lr 1e30 reported 33.33% on 3 classes, and finetune wrote
+    # a network of NaN as its result's model
+    import time
+
+    from moco_fast.classifier_epochs import EpochLoop, state_path
+    from moco_fast.divergence import Diverged
+    from moco_fast.lincls import LinclsConfig
+
+    out = tmp_path / "l.json"
+    cfg = LinclsConfig(str(tmp_path / "none.pt"), epochs=3, eval_every=1, lr=1e30, out=str(out))
+    net = nn.Linear(2, 2)
+    evaluated = []
+
+    def nan_in_epoch_2(epoch):
+        if epoch == 1:
+            with torch.no_grad():
+                net.bias[1] = float("nan")
+        return {"epoch": epoch + 1, "lr": 1e30, "loss": 1.0}
+
+    def evaluate():
+        evaluated.append(torch.isfinite(net.bias).all().item())
+        return 50.0, 90.0, 10
+
+    loop = EpochLoop("lincls", cfg, out, {"classifier": net}, None, time.perf_counter())
+    with pytest.raises(Diverged) as e:
+        loop.run(nan_in_epoch_2, evaluate)
+    assert str(e.value) == (
+        "lincls diverged in epoch 2: NaN or inf in 1 tensor of its classifier (first: bias): lower --lr (now 1e+30) "
+        f"and start over; {state_path(out)} holds epoch 1, which --resume continues with these settings only: "
+        "delete it"
+    )
+    assert evaluated == [True]  # epoch 1 only
+    state = torch.load(state_path(out), weights_only=False)
+    assert state["epoch"] == 1 and torch.isfinite(state["classifier"]["bias"]).all()
+
+
 @pytest.mark.parametrize("command", ["lincls", "finetune"])
 def test_a_second_run_into_the_same_result_stops_at_once(command, ckpt, six_root, tmp_path, capsys):
     from moco_fast.run_folder import hold_output
