@@ -286,8 +286,14 @@ def differences(state: dict[str, Any], cfg: Any) -> list[str]:
             if saved.get("checkpoint") == now.get("checkpoint"):  # another file's stamp differs anyway
                 diff.append("the checkpoint has changed since (trained further?)")
         else:
-            diff.append(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})")
+            diff.append(f"--{k.replace('_', '-')} {_as_given(saved.get(k))} (now {_as_given(now[k])})")
     return diff
+
+
+def _as_given(value: Any) -> str:
+    """A setting as `differences` shows it: None (a flag left to its default: --image-size, --data)
+    as "not given", not as a value the flag never takes ("--image-size None (now 32)")."""
+    return "not given" if value is None else repr(value)
 
 
 def resumable(out: Path, cfg: Any, command: str) -> bool:

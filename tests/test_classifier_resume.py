@@ -64,6 +64,8 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
         assert "was run with other settings: --lr 0.5 (now 0.1)" in capsys.readouterr().err
         assert lincls(out, "--eval-every", "1", "--resume", "--amp", "bf16") == 2  # other features
         assert "--amp 'auto' (now 'bf16')" in capsys.readouterr().err
+        assert lincls(out, "--eval-every", "1", "--resume", "--image-size", "40") == 2
+        assert "--image-size not given (now 40)" in capsys.readouterr().err  # it said "--image-size None"
         # the checkpoint trained further since (`train --resume` keeps lincls.state.pt): another backbone
         # (another save of the run); the same checkpoint copied (a new mtime) is the same backbone
         original = ckpt.read_bytes()
