@@ -441,6 +441,7 @@ def result_record(
         "num_classes": classes,
         "train_images": len(splits.train) if train_images is None else train_images,
         "eval_images": history[-1].get("eval_images", len(splits.eval)),  # those the last evaluation read
+        "eval_split": str(splits.eval.root),  # val/ where the root holds test/ too
         "image_size": size,
         "final_train_loss": history[-1]["loss"],
         **(best_of(history) if cfg.eval_every else {}),

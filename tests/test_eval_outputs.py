@@ -133,7 +133,7 @@ def test_finetune_saves_the_network_as_torchvision_weights(run_dir, data, tmp_pa
 def test_finetune_no_save_model_writes_only_the_json(tmp_path, monkeypatch):
     import moco_fast.finetune
 
-    res = {"init": "scratch", "top1": 50.0, "top5": 100.0, "topk": 3, "eval_images": 6}
+    res = {"init": "scratch", "top1": 50.0, "top5": 100.0, "topk": 3, "eval_images": 6, "eval_split": "val"}
     monkeypatch.setattr(moco_fast.finetune, "fine_tune", lambda cfg: (res, None))
     out = tmp_path / "ft.json"
     assert main(["finetune", "--from-scratch", "--device", "cpu", "--out", str(out), "--no-save-model"]) == 0
@@ -230,11 +230,31 @@ def test_lincls_prints_top1_and_topk(run_dir, data, tmp_path, capsys):
     assert line.startswith(f"linear classification: top-1 {res['top1']:.2f}%  top-3 {res['top5']:.2f}%  (6 eval"), line
 
 
-@pytest.mark.parametrize(("n", "said"), [(1, "(1 eval image, 1 epoch; "), (2, "(2 eval images, 2 epochs; ")])
+@pytest.mark.parametrize("command", ["lincls", "finetune"])
+def test_the_split_scored_is_named_where_the_root_holds_val_and_test(command, run_dir, data, tmp_path, capsys):
+    # val/ is scored before test/; the line said "(4 eval images, 1 epoch" and the result named neither
+    import shutil
+
+    root = shutil.copytree(data, tmp_path / "data")
+    shutil.copytree(root / "test", root / "val")
+    shutil.rmtree(root / "val" / sorted((root / "val").iterdir())[0].name)  # val/ and test/ differ: 4 and 6 images
+    out = tmp_path / "r.json"
+    argv = [command, "--checkpoint", str(run_dir), "--data", str(root), "--epochs", "1", "--batch-size", "6"]
+    argv += ["--workers", "0", "--device", "cpu", "--out", str(out)]
+    argv += ["--cached-features"] if command == "lincls" else ["--no-save-model"]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["eval_split"] == str(root / "val") and res["eval_images"] == 4
+    assert "(4 eval images of val/, 1 epoch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("n", "said"), [(1, "(1 eval image of test/, 1 epoch; "), (2, "(2 eval images of test/, 2 epochs; ")]
+)
 def test_lincls_line_says_one_epoch_in_the_singular(n, said, run_dir, data, tmp_path, monkeypatch, capsys):
     import moco_fast.lincls
 
-    res = {"top1": 50.0, "top5": 100.0, "topk": 2, "eval_images": n}
+    res = {"top1": 50.0, "top5": 100.0, "topk": 2, "eval_images": n, "eval_split": str(data / "test")}
     monkeypatch.setattr(moco_fast.lincls, "run_lincls", lambda cfg: res)  # the line alone: no training
     argv = ["lincls", "--checkpoint", str(run_dir), "--data", str(data), "--epochs", str(n), "--device", "cpu"]
     assert main([*argv, "--out", str(tmp_path / "l.json")]) == 0

@@ -264,6 +264,14 @@ def accuracy_text(res: dict) -> str:
     return text
 
 
+def eval_images_of(res: dict) -> str:
+    """The evaluation of a lincls or finetune result: "60 eval images of val/" (the split's folder: a
+    root with both val/ and test/ is scored on val/, and the line did not say which)."""
+    from moco_fast.text import plural
+
+    return f"{plural(res['eval_images'], 'eval image')} of {Path(res['eval_split']).name}/"
+
+
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """A command's dataclass config from its parsed flags: each field from the flag of that name."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})

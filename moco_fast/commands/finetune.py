@@ -14,6 +14,7 @@ from moco_fast.commands import (
     check_classifier_args,
     check_output,
     dataclass_from_args,
+    eval_images_of,
     network_of,
     require,
     resolve_checkpoint,
@@ -149,8 +150,7 @@ def run(args: argparse.Namespace) -> int:
         check_state(out, cfg, "finetune")
         res, _ = run_finetune(cfg, model_path)
     print(
-        f"fine-tuning from {res['init']}: {accuracy_text(res)}  "
-        f"({plural(res['eval_images'], 'eval image')}, {plural(args.epochs, 'epoch')})"
+        f"fine-tuning from {res['init']}: {accuracy_text(res)}  ({eval_images_of(res)}, {plural(args.epochs, 'epoch')})"
     )
     if model_path is not None:
         from moco_fast.commands.export import loading_notes

@@ -15,6 +15,7 @@ from moco_fast.commands import (
     check_classifier_args,
     check_output,
     dataclass_from_args,
+    eval_images_of,
     resolve_checkpoint,
     resolve_eval_runtime,
     result_of,
@@ -80,6 +81,6 @@ def run(args: argparse.Namespace) -> int:
         res = run_lincls(cfg)
     print(
         f"linear classification: {accuracy_text(res)}  "
-        f"({plural(res['eval_images'], 'eval image')}, {plural(cfg.epochs, 'epoch')}; backbone unchanged)"
+        f"({eval_images_of(res)}, {plural(cfg.epochs, 'epoch')}; backbone unchanged)"
     )
     return 0
