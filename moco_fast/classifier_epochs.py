@@ -46,18 +46,21 @@ log = logging.getLogger("moco_fast")
 MAY_CHANGE = ("workers", "device", "out", "resume", "eval_every")
 
 # what continues a stopped run, for the stop message: the command's --resume, or its caller (the sweep)
-_HOW_TO_CONTINUE: ContextVar[str] = ContextVar("how_to_continue", default="--resume continues")
+_HOW_TO_CONTINUE: ContextVar[str | None] = ContextVar("how_to_continue", default=None)  # None: --resume
+# the flag that sets the lr, for a divergence's message: the command's --lr, or its caller's (the sweep)
+_LR_FLAG: ContextVar[str] = ContextVar("lr_flag", default="--lr")
 
 
 @contextmanager
-def continued_by(how: str) -> Iterator[None]:
+def continued_by(how: str, lr_flag: str) -> Iterator[None]:
     """A run stopped inside this block says that `how` continues it (the sweep: "the same sweep
-    command continues it"), not --resume."""
-    token = _HOW_TO_CONTINUE.set(how)
+    command continues it"), not --resume; one that diverged names `lr_flag` (--lincls-lr), not --lr."""
+    tokens = _HOW_TO_CONTINUE.set(how), _LR_FLAG.set(lr_flag)
     try:
         yield
     finally:
-        _HOW_TO_CONTINUE.reset(token)
+        _HOW_TO_CONTINUE.reset(tokens[0])
+        _LR_FLAG.reset(tokens[1])
 
 
 def state_path(out: Path) -> Path:
@@ -166,7 +169,8 @@ class EpochLoop:
 
             if self.saved and interruption(e) is not None:
                 held = "epoch 1" if self.saved == 1 else f"epochs 1-{self.saved}"  # not "epochs 1-1"
-                log.warning("%s: stopped; %s holds %s: %s", self.command, self.path, held, _HOW_TO_CONTINUE.get())
+                how = _HOW_TO_CONTINUE.get() or "--resume continues"
+                log.warning("%s: stopped; %s holds %s: %s", self.command, self.path, held, how)
             raise
         return history
 
@@ -183,12 +187,19 @@ class EpochLoop:
             if bool(finite.all()):  # host sync: once per epoch
                 continue
             bad = [k for k, ok in zip(state, finite.tolist(), strict=True) if not ok]
-            fix = f"lower --lr (now {self.cfg.lr:g})" + (", or use --amp bf16 or off" if self.cfg.amp == "fp16" else "")
+            fix = f"lower {_LR_FLAG.get()} (now {self.cfg.lr:g})"
+            fix += ", or use --amp bf16 or off" if self.cfg.amp == "fp16" else ""
             held = "epoch 1" if self.saved == 1 else f"epochs 1-{self.saved}"
-            kept = f"; {self.path} holds {held}, which --resume continues with these settings only: delete it"
+            # the sweep starts its own state over when its flags change: nothing to delete
+            kept = self.saved and _HOW_TO_CONTINUE.get() is None
             raise Diverged(
                 f"{self.command} diverged in epoch {epoch}: NaN or inf in {plural(len(bad), 'tensor')} of its {name} "
-                f"(first: {bad[0]}): {fix} and start over{kept if self.saved else ''}"
+                f"(first: {bad[0]}): {fix} and start over"
+                + (
+                    f"; {self.path} holds {held}, which --resume continues with these settings only: delete it"
+                    if kept
+                    else ""
+                )
             )
 
     def _due(self, epochs_done: int) -> bool:

@@ -93,5 +93,5 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
         if state_path(out).is_file() and not resumable(out, lc, "lincls"):
             log.info("%s: its linear classifier stopped with other settings or checkpoint; it starts over", folder)
             clear_state(out)
-        with continued_by("the same sweep command continues it"):
+        with continued_by("the same sweep command continues it", "--lincls-lr"):
             return run_lincls(replace(lc, resume=state_path(out).is_file()))["top1"]

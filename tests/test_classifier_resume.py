@@ -186,7 +186,7 @@ def test_a_diverged_classifier_stops_before_its_save_and_its_evaluation(tmp_path
     # a network of NaN as its result's model
     import time
 
-    from moco_fast.classifier_epochs import EpochLoop, state_path
+    from moco_fast.classifier_epochs import EpochLoop, continued_by, state_path
     from moco_fast.divergence import Diverged
     from moco_fast.lincls import LinclsConfig
 
@@ -216,6 +216,12 @@ def test_a_diverged_classifier_stops_before_its_save_and_its_evaluation(tmp_path
     assert evaluated == [True]  # epoch 1 only
     state = torch.load(state_path(out), weights_only=False)
     assert state["epoch"] == 1 and torch.isfinite(state["classifier"]["bias"]).all()
+    # the sweep's short classifier: its lr flag, and no state to delete (the sweep starts its own over)
+    state_path(out).unlink()
+    net.bias.data.zero_()
+    with continued_by("the same sweep command continues it", "--lincls-lr"), pytest.raises(Diverged) as e:
+        EpochLoop("lincls", cfg, out, {"classifier": net}, None, time.perf_counter()).run(nan_in_epoch_2, evaluate)
+    assert str(e.value).endswith("(first: bias): lower --lincls-lr (now 1e+30) and start over")
 
 
 @pytest.mark.parametrize("command", ["lincls", "finetune"])
