@@ -60,6 +60,23 @@ def test_image_counts_are_of_the_images_really_used(command, ckpt, six_root, tmp
     assert "(18 eval images" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_an_eval_split_where_nothing_decodes_is_an_error_not_0_percent(cached, ckpt, six_root, tmp_path, capsys):
+    # every val/ image cut short (each passes the header check): lincls said "top-1 0.00%  top-5 0.00%
+    # (0 eval images" and wrote it as its result
+    root = shutil.copytree(six_root, tmp_path / "data")
+    for f in (root / "test").rglob("*.jpg"):
+        f.write_bytes(f.read_bytes()[: int(f.stat().st_size * 0.8)])
+    out = tmp_path / "r.json"
+    args = ["lincls", "--checkpoint", str(ckpt), "--data", str(root), "--epochs", "1", "--batch-size", "8"]
+    args += ["--workers", "0", "--device", "cpu", "--out", str(out), *(["--cached-features"] if cached else [])]
+    with pytest.warns(UserWarning, match="failed to decode"):
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"moco-fast lincls: error: none of the 18 images in {root / 'test'} could be decoded", err
+    assert not out.exists()
+
+
 def test_lincls_learns_on_cached_features(ckpt, six_root, tmp_path):
     from moco_fast.lincls import LinclsConfig, run_lincls
 
