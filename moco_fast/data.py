@@ -291,16 +291,72 @@ def load_splits(data: str | None, check: bool = True, eval_split: str = "list") 
     if eval_split not in EVAL_SPLIT_USES:
         raise ValueError(f"eval_split must be one of {EVAL_SPLIT_USES}, got {eval_split!r}")
     train_dir, eval_dir = split_dirs(resolve_root(data))
-    train = list_images(train_dir, check=check)
     if eval_dir is None or eval_split == "skip":
-        return DataSplits(train, None)
+        return DataSplits(list_images(train_dir, check=check), None)
     try:
-        return DataSplits(train, list_images(eval_dir, classes=train.classes, check=check))
+        _refuse_same_folder(train_dir, eval_dir)  # before the training split's listing: it may be long
     except DataError as e:
-        if eval_split == "list":
-            raise
-        log.warning("the eval split %s cannot be used (%s): the run goes on without it", eval_dir, e)
+        _eval_unusable(eval_split, eval_dir, e)
+        return DataSplits(list_images(train_dir, check=check), None)
+    train = list_images(train_dir, check=check)
+    try:
+        evaluated = list_images(eval_dir, classes=train.classes, check=check)
+        _check_shared_files(train, evaluated)
+        return DataSplits(train, evaluated)
+    except DataError as e:
+        _eval_unusable(eval_split, eval_dir, e)
         return DataSplits(train, None)
+
+
+def _eval_unusable(eval_split: str, eval_dir: Path, e: DataError) -> None:
+    """An eval split that cannot be used: raised where it is listed ("list"), else a warning."""
+    if eval_split == "list":
+        raise e
+    log.warning("the eval split %s cannot be used (%s): the run goes on without it", eval_dir, e)
+
+
+def _refuse_same_folder(train_dir: Path, eval_dir: Path) -> None:
+    """val/ that is train/ under another name (a link, a bind mount) scores the training images:
+    every kNN, lincls and finetune figure would be inflated without a sign."""
+    if os.path.samefile(train_dir, eval_dir):
+        raise DataError(
+            f"the eval split {eval_dir} is the same folder as {train_dir} (a link or a mount of it): scores on "
+            f"it would be scores on the training images; make {eval_dir.name}/ a folder of held-out images"
+        )
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file a path reaches (links followed), or None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:  # gone since the listing: it fails to decode later, and is named there
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_shared_files(train: ImageList, evaluated: ImageList) -> None:
+    """Eval images that are training images (the same file through a symbolic or hard link, or a
+    class folder linked into both splits) inflate the scores: all of them is an error, some a
+    warning with the count and a first one. Only the files' identities are compared (one stat
+    each), not their contents: a copy is not found."""
+    train_ids = {_file_id(f) for f in train.files} - {None}
+    shared = [f for f in evaluated.files if _file_id(f) in train_ids]
+    if not shared:
+        return
+    root, where = evaluated.root, f"{evaluated.root} are training images of {train.root} (links to the same files)"
+    if len(shared) == len(evaluated):
+        raise DataError(
+            f"all {len(shared)} images of the eval split {where}: scores on it would be scores on the training "
+            f"images; make {root.name}/ a folder of held-out images"
+        )
+    log.warning(
+        "%d of the %d images of the eval split %s: the scores on it are inflated (first: %s); remove them from "
+        "one of the two splits",
+        len(shared),
+        len(evaluated),
+        where,
+        shared[0],
+    )
 
 
 HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # one channel, more than 8 bits

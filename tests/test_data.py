@@ -3,6 +3,7 @@ over files that fail to decode: left out and named, never replaced by another im
 
 import logging
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -199,6 +200,42 @@ def test_an_eval_split_the_run_does_not_need_never_stops_it(fresh_root, caplog):
         for final in (False, True)
     }
     assert uses == {(0, False): "skip", (0, True): "try", (2, False): "list", (2, True): "list"}
+
+
+def test_an_eval_split_made_of_training_images_is_refused_or_named(fresh_root, caplog):
+    # A val/ linked to train/, or holding links to its files, was scored as held-out data: every kNN,
+    # lincls and finetune figure inflated without a word.
+    test, train = fresh_root / "test", fresh_root / "train"
+    train_files = sorted(train.rglob("*.jpg"))
+    evaluated = sorted(test.rglob("*.jpg"))
+    evaluated[0].unlink()
+    os.link(train_files[0], evaluated[0])  # a hard link
+    evaluated[1].unlink()
+    evaluated[1].symlink_to(train_files[1])  # a symbolic link
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        splits = load_splits(str(fresh_root))
+    assert len(splits.eval) == 8
+    assert "2 of the 8 images of the eval split" in caplog.text and str(evaluated[0]) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        load_splits(str(fresh_root / "train"))  # no eval split: nothing to compare
+    assert not caplog.text
+    shutil.rmtree(test)
+    test.mkdir()
+    for c in sorted(train.iterdir()):
+        (test / c.name).symlink_to(c)  # its class folders linked: every image is a training image
+    with pytest.raises(
+        DataError, match=re.escape(f"all 16 images of the eval split {test} are training images of {train}")
+    ):
+        load_splits(str(fresh_root))
+    shutil.rmtree(test)
+    test.symlink_to(train)  # the same folder: refused before the training split is listed
+    with pytest.raises(DataError, match=re.escape(f"the eval split {test} is the same folder as {train}")):
+        load_splits(str(fresh_root))
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):  # train's optional final kNN goes without it
+        assert load_splits(str(fresh_root), eval_split="try").eval is None
+    assert "same folder" in caplog.text
+    assert load_splits(str(fresh_root), eval_split="skip").eval is None
 
 
 def test_convert_names_the_new_skipped_files(fresh_root, tmp_path):
