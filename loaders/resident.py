@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from moco_fast.kernels.resized_crop import resized_crop, sample_boxes
 from PIL import Image
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from moco_fast.data import DataError, ImageList, load_rgb, load_splits
 
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, stream_seed
+from .center_crop import ResizeCenterCrop
 from .options import ResidentOptions, parse_loader_options
 from .torch_loader import EpochShardSampler
 from .wds import refuse_shard_set
@@ -73,7 +73,7 @@ def _decode(path: str, size: int) -> np.ndarray | str:
     try:
         img = load_rgb(path)
         if size:
-            img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+            img = ResizeCenterCrop(size, size)(img)  # a thin image is cut before its resize
         return np.asarray(img)
     except Exception as e:  # PIL raises many types for bad files
         return f"{type(e).__name__}: {e}"

@@ -37,6 +37,7 @@ from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
 from .base import DevicePrefetcher, LoaderArgs, check_start_step, stream_seed
+from .center_crop import ResizeCenterCrop
 from .color_jitter import ColorJitter
 from .options import parse_loader_options
 from .wds import refuse_shard_set
@@ -109,12 +110,10 @@ def _convolve(a: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
 
 
 def eval_transform(image_size: int) -> T.Compose:
-    """Resize + center crop (ImageNet's 0.875 ratio), or a plain resize for small images."""
-    if image_size <= 64:
-        ops = [T.Resize(image_size), T.CenterCrop(image_size)]
-    else:
-        ops = [T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size)]
-    return T.Compose([*ops, T.PILToTensor()])
+    """Resize + center crop (ImageNet's 0.875 ratio), or a plain resize for small images; a very
+    thin image is cut before its resize (center_crop.ResizeCenterCrop)."""
+    size = image_size if image_size <= 64 else round(image_size / 0.875)
+    return T.Compose([ResizeCenterCrop(size, image_size), T.PILToTensor()])
 
 
 class TwoViews:
