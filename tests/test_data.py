@@ -238,6 +238,34 @@ def test_an_eval_split_made_of_training_images_is_refused_or_named(fresh_root, c
     assert load_splits(str(fresh_root), eval_split="skip").eval is None
 
 
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_the_training_files_are_compared_only_where_an_eval_image_is_linked(
+    fresh_root, tmp_path, monkeypatch, caplog, link
+):
+    # One stat per training image costs minutes on a network file system with ImageNet's million: a
+    # split of plain files (also under a root reached through a link) stats its eval images only.
+    from moco_fast import data
+
+    stated = []
+    real = data._file_id
+    monkeypatch.setattr(data, "_file_id", lambda path: stated.append(path) or real(path))
+    (tmp_path / "linked_root").symlink_to(fresh_root)
+    splits = load_splits(str(tmp_path / "linked_root"))
+    assert sorted(stated) == sorted(splits.eval.files)
+    # one eval image linked alone (each kind found on its own): the training split is compared
+    train_file, evaluated = (
+        sorted((fresh_root / "train").rglob("*.jpg"))[3],
+        sorted((fresh_root / "test").rglob("*.jpg"))[5],
+    )
+    evaluated.unlink()
+    os.link(train_file, evaluated) if link == "hard" else evaluated.symlink_to(train_file)
+    stated.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        splits = load_splits(str(fresh_root))
+    assert "1 of the 8 images of the eval split" in caplog.text and str(evaluated) in caplog.text
+    assert set(splits.train.files) <= set(stated)
+
+
 def test_convert_names_the_new_skipped_files(fresh_root, tmp_path):
     from moco_fast.convert import ConvertConfig, convert
 
