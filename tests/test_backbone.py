@@ -85,7 +85,10 @@ def test_a_wider_resnet50_exports_for_torchvision_and_detectron2(tmp_path, capsy
     from moco_fast.config import build_config, to_dict
     from moco_fast.model import MoCo
 
-    cfg = build_config("cifar", {"model.arch": "resnet50w2", "model.stem": "imagenet", "model.mlp": False})
+    # end-to-end: the query encoder that export reads, without the key encoder's copy of its 94M
+    # parameters in the checkpoint written and read twice
+    wide = {"model.arch": "resnet50w2", "model.stem": "imagenet", "model.mlp": False, "moco.mechanism": "end-to-end"}
+    cfg = build_config("cifar", wide)
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size)
     torch.save({"config": to_dict(cfg), "model": model.state_dict(), "epoch": 0}, tmp_path / "w2.pt")
     pth, pkl = tmp_path / "w2.pth", tmp_path / "w2.pkl"
