@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 from eval_cli_helpers import one_line_error
-from run_helpers import rows, tiny_args
+from run_helpers import forked_commands, rows, tiny_args
 
 from moco_fast import checkpoint as ckpt
 from moco_fast.cli import main
@@ -364,38 +364,30 @@ def read_only_prefix(folders: list) -> list[str]:
 def test_an_out_that_may_not_be_written_is_one_line_before_the_data_is_read(tiny_root, trained, tmp_path):
     # A read-only folder (mode 555, a read-only mount) failed only at the TensorBoard log, after the
     # data scan and the model build, and a --resume there with a traceback from the event-file thread
-    import subprocess
-
     ro, fin, empty = tmp_path / "ro", tmp_path / "ro" / "fin", tmp_path / "ro" / "empty"
     shutil.copytree(trained, fin)
     empty.mkdir()
     before = (fin / "checkpoint.pt").read_bytes()
     prefix = read_only_prefix([ro, fin, empty])
     resume = ["train", "--resume", "--out", str(fin), "--device", "cpu", "--workers", "0"]
-
-    def train(argv):
-        done = subprocess.run(
-            [*prefix, sys.executable, "-m", "moco_fast", *argv], capture_output=True, text=True, timeout=300
-        )
-        return done.returncode, done.stderr.strip().splitlines()
-
-    try:
-        for argv, out in ((tiny_args(tiny_root, empty), empty), ([*resume, "--epochs", "2"], fin)):
-            rc, err = train(argv)
-            assert rc == 2 and len(err) == 1, err  # no "data: ..." line: nothing was read
-            assert err[0] in (
-                f"moco-fast train: error: --out {out}: cannot write in {out} ({why})"
-                for why in ("Permission denied", "Read-only file system")
-            ), err
-        # a folder to be made in one that may not be written: mkdir's error, as early
-        rc, err = train(tiny_args(tiny_root, ro / "new"))
-        assert rc == 2 and len(err) == 1 and err[0].endswith(f": {ro / 'new'}"), err
-        # a finished run writes nothing: --resume there still says so
-        rc, err = train(resume)
-        assert rc == 0, err
+    commands = [tiny_args(tiny_root, empty), [*resume, "--epochs", "2"], tiny_args(tiny_root, ro / "new"), resume]
+    try:  # each in a process of its own, in the order listed
+        done = forked_commands(commands, tmp_path, prefix)
     finally:
         for f in (ro, fin, empty):
             f.chmod(0o755)
+    for (rc, err), out in zip(done[:2], (empty, fin)):
+        assert rc == 2 and len(err) == 1, err  # no "data: ..." line: nothing was read
+        assert err[0] in (
+            f"moco-fast train: error: --out {out}: cannot write in {out} ({why})"
+            for why in ("Permission denied", "Read-only file system")
+        ), err
+    # a folder to be made in one that may not be written: mkdir's error, as early
+    rc, err = done[2]
+    assert rc == 2 and len(err) == 1 and err[0].endswith(f": {ro / 'new'}"), err
+    # a finished run writes nothing: --resume there still says so
+    rc, err = done[3]
+    assert rc == 0, err
     assert (fin / "checkpoint.pt").read_bytes() == before and sorted(p.name for p in empty.iterdir()) == []
 
 
