@@ -1,5 +1,5 @@
 """What the run-folder test files share (not a test module: pytest does not collect it): the
-tiny `moco-fast train` command line, the rows of a run's metrics.jsonl and `forked_commands`, which
+tiny `moco-fast train` command line, the rows of a run's metrics.jsonl and `ForkedCommands`, which
 runs commands each in a process of its own at the cost of one interpreter's imports."""
 
 import json
@@ -18,33 +18,57 @@ def rows(out):
 
 
 # One interpreter imports torch and the trainer (most of a `python -m moco_fast train`'s start on 2
-# cores), then runs each command in a fork of itself: a process of its own (its exit status, its
-# stderr, its exit hooks), without paying the imports again.
-FORKED_COMMANDS = """
-import json, os, sys
+# cores), then runs each command it reads on stdin in a fork of itself: a process of its own (its
+# exit status, its output, its exit hooks, its kill), without paying the imports again.
+FORK_SERVER = """
+import json, os, signal, sys
 import moco_fast.trainer
 from moco_fast.cli import main
 
-codes = []
-for i, argv in enumerate(json.loads(sys.argv[1])):
+for line in sys.stdin:
+    argv, setup, out = json.loads(line)
     pid = os.fork()
     if pid == 0:
-        os.dup2(os.open(os.path.join(sys.argv[2], f"stderr.{i}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(f"{out}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        exec(setup)
         sys.exit(main(argv))
-    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(codes))
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
 
 
-def forked_commands(argvs, logs, prefix=(), timeout=300):
-    """(exit status, stderr lines) of `moco-fast ARGV` for each of `argvs` in turn, each in a process
-    of its own forked from one that made the imports once, under the command `prefix`; their stderr
-    goes through files in the folder `logs`."""
-    import subprocess
-    import sys
+class ForkedCommands:
+    """`moco-fast ARGV` in a process of its own, forked from one that made the imports once (under
+    the command `prefix`); their output goes through files in the folder `logs`. A context manager:
+    the forking interpreter ends with it."""
 
-    cmd = [*prefix, sys.executable, "-c", FORKED_COMMANDS, json.dumps([[str(a) for a in v] for v in argvs]), str(logs)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    codes = json.loads(done.stdout.splitlines()[-1])
-    return [(rc, (logs / f"stderr.{i}").read_text().strip().splitlines()) for i, rc in enumerate(codes)]
+    def __init__(self, logs, prefix=(), timeout=300):
+        import subprocess
+        import sys
+
+        self.logs, self.timeout, self.count = logs, timeout, 0
+        self.server = subprocess.Popen(
+            [*prefix, sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def __call__(self, argv, setup=""):
+        """(exit status, stderr lines) of one command; `setup`: Python run in its process first
+        (os, signal and sys imported), e.g. a patch that kills it at some point."""
+        import select
+
+        out = self.logs / f"command.{self.count}"
+        self.count += 1
+        self.server.stdin.write(json.dumps([[str(a) for a in argv], setup, str(out)]) + "\n")
+        self.server.stdin.flush()
+        ready, _, _ = select.select([self.server.stdout], [], [], self.timeout)
+        assert ready, f"{argv} ran past {self.timeout} s"
+        rc = int(self.server.stdout.readline())
+        return rc, out.with_name(out.name + ".stderr").read_text().strip().splitlines()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stdin.close()
+        self.server.wait(self.timeout)
+        self.server.stdout.close()

@@ -5,11 +5,10 @@ old run leaves a folder that resumes."""
 
 import json
 import logging
-import sys
 
 import pytest
 import torch
-from run_helpers import rows, tiny_args
+from run_helpers import ForkedCommands, rows, tiny_args
 
 from moco_fast.cli import main
 from moco_fast.config import ConfigError
@@ -252,31 +251,31 @@ Path.unlink = dying_unlink
 """
 
 
-def killed_train(argv: list[str], kill: str) -> None:
-    import subprocess
-
-    code = f"import os, signal, sys\n{kill}\nfrom moco_fast.cli import main\nsys.exit(main({argv!r}))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == -9, done.stderr
+def killed_train(train, argv: list[str], kill: str) -> None:
+    rc, err = train(argv, kill)
+    assert rc == -9, err
 
 
 @pytest.mark.slow
-def test_a_kill_while_a_restart_clears_the_old_run_leaves_a_folder_that_resumes(tiny_root, run, capsys):
+def test_a_kill_while_a_restart_clears_the_old_run_leaves_a_folder_that_resumes(tiny_root, run, tmp_path, capsys):
     # clear_run took config.json with the rest, and the new one came later: a kill in between (seen
     # once in 8 SIGKILLs of a --resume restart) left an empty folder, and --resume needed the flags
     resume = ["train", "--resume", "--out", str(run)]  # device and workers too come from the run's config
     (run / "checkpoint.pt").unlink()  # stopped in its first epoch: --resume starts it over
-    killed_train(resume, KILL_AFTER_THE_CLEAR)
-    assert main(resume) == 0
-    assert [r["epoch"] for r in rows(run)] == [1] and json.loads((run / "config.json").read_text())["moco"]["k"] == 16
-    # --force with other settings: the old run's config.json stays until the new one replaces it
-    killed_train([*tiny_args(tiny_root, run), "--force", "--moco-k", "32"], KILL_AFTER_THE_CLEAR)
-    assert main(resume) == 0 and json.loads((run / "config.json").read_text())["moco"]["k"] == 16
-    # a kill in the clear itself: the checkpoint goes last, so no rows past epoch 1 outlive it (a
-    # folder that --resume refuses to start over)
-    with open(run / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps({"epoch": 2, "loss": 1.0}) + "\n")
-    killed_train([*tiny_args(tiny_root, run), "--force"], KILL_AT_THE_ROWS)
+    with ForkedCommands(tmp_path) as train:  # each killed command in a process of its own
+        killed_train(train, resume, KILL_AFTER_THE_CLEAR)
+        assert main(resume) == 0
+        assert [r["epoch"] for r in rows(run)] == [1] and json.loads((run / "config.json").read_text())["moco"][
+            "k"
+        ] == 16
+        # --force with other settings: the old run's config.json stays until the new one replaces it
+        killed_train(train, [*tiny_args(tiny_root, run), "--force", "--moco-k", "32"], KILL_AFTER_THE_CLEAR)
+        assert main(resume) == 0 and json.loads((run / "config.json").read_text())["moco"]["k"] == 16
+        # a kill in the clear itself: the checkpoint goes last, so no rows past epoch 1 outlive it (a
+        # folder that --resume refuses to start over)
+        with open(run / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"epoch": 2, "loss": 1.0}) + "\n")
+        killed_train(train, [*tiny_args(tiny_root, run), "--force"], KILL_AT_THE_ROWS)
     capsys.readouterr()
     assert main([*resume, "--epochs", "2"]) == 0, capsys.readouterr().err
     assert [r["epoch"] for r in rows(run)] == [1, 2]

@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 from eval_cli_helpers import one_line_error
-from run_helpers import forked_commands, rows, tiny_args
+from run_helpers import ForkedCommands, rows, tiny_args
 
 from moco_fast import checkpoint as ckpt
 from moco_fast.cli import main
@@ -372,7 +372,8 @@ def test_an_out_that_may_not_be_written_is_one_line_before_the_data_is_read(tiny
     resume = ["train", "--resume", "--out", str(fin), "--device", "cpu", "--workers", "0"]
     commands = [tiny_args(tiny_root, empty), [*resume, "--epochs", "2"], tiny_args(tiny_root, ro / "new"), resume]
     try:  # each in a process of its own, in the order listed
-        done = forked_commands(commands, tmp_path, prefix)
+        with ForkedCommands(tmp_path, prefix) as train:
+            done = [train(argv) for argv in commands]
     finally:
         for f in (ro, fin, empty):
             f.chmod(0o755)
