@@ -1,11 +1,25 @@
 import re
+import shutil
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 # One version, moco_fast.__version__ (what `moco-fast --version` prints), read here without importing
 # the package (its dependencies may not be installed yet).
 VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "moco_fast/__init__.py").read_text(), re.M)[1]
+
+
+class FreshBuildPy(build_py):
+    """Empties build/lib before copying the package there: setuptools only adds to it, and a wheel takes
+    all of it, so a module or demo image removed or renamed in this checkout was still in the next
+    `pip install .` or wheel built from it (pypa/setuptools#1871). An editable install builds elsewhere."""
+
+    def run(self):
+        if not getattr(self, "editable_mode", False):
+            shutil.rmtree(self.build_lib, ignore_errors=True)
+        super().run()
+
 
 setup(
     name="moco-fast",
@@ -38,4 +52,5 @@ setup(
         "dev": ["pytest", "ruff"],
     },
     entry_points={"console_scripts": ["moco-fast=moco_fast.cli:main"]},
+    cmdclass={"build_py": FreshBuildPy},
 )
