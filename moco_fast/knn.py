@@ -200,18 +200,3 @@ def knn_score(
     pred = knn_predict(query, bank, bank_labels, len(train.classes), k, t)
     top1 = (pred == query_labels).float().mean().item() * 100  # host sync: once per evaluation
     return KnnScore(top1, min(k, len(bank)), len(bank), len(query))
-
-
-def knn_eval(
-    net: nn.Module,
-    train: ImageList,
-    test: ImageList,
-    spec: AugSpec,
-    device: torch.device,
-    k: int = 200,
-    t: float = 0.1,
-    batch_size: int = 256,
-    workers: int = 2,
-) -> tuple[float, int]:
-    """(top-1 accuracy %, the k used) of `knn_score`."""
-    return knn_score(net, train, test, spec, device, k, t, batch_size, workers)[:2]

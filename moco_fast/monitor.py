@@ -16,7 +16,7 @@ import torch
 from moco_fast.config import ConfigError, TrainConfig, read_json_object
 from moco_fast.convert_dst import beton_fingerprint, sidecar_path
 from moco_fast.data import DataError, DataSplits, load_splits, resolve_root, split_dirs
-from moco_fast.knn import knn_eval, warn_if_single_class
+from moco_fast.knn import knn_score, warn_if_single_class
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS
 from moco_fast.loaders.wds import META_NAME, is_wds_root
 from moco_fast.model import MoCo
@@ -111,10 +111,10 @@ def knn_top1(net: torch.nn.Module, splits: DataSplits, cfg: TrainConfig, device:
 def knn_top1_and_k(
     net: torch.nn.Module, splits: DataSplits, cfg: TrainConfig, device: torch.device
 ) -> tuple[float, int]:
-    """knn_top1 and the k it used (knn.knn_eval)."""
+    """knn_top1 and the k it used (knn.knn_score)."""
     from moco_fast.trainer import eval_workers
 
-    return knn_eval(
+    score = knn_score(
         net,
         splits.train,
         splits.eval,
@@ -124,6 +124,7 @@ def knn_top1_and_k(
         t=cfg.runtime.knn_t,
         workers=eval_workers(cfg.data.workers, device),
     )
+    return score.top1, score.k
 
 
 def knn_figures(

@@ -15,7 +15,7 @@ from torch import nn
 
 from moco_fast.augment import AugSpec
 from moco_fast.data import DataError, check_image, find_classes, list_images, load_splits
-from moco_fast.knn import extract_features, knn_eval
+from moco_fast.knn import extract_features, knn_score
 
 
 class ChannelMean(nn.Module):
@@ -300,7 +300,7 @@ def test_knn_leaves_out_undecodable_images_instead_of_substituting(tmp_path):
     splits = load_splits(str(colour_root(tmp_path)), check=False)  # as the trainer and the sweep list them
     assert len(splits.eval) == 9  # the junk file is still listed
     with pytest.warns(UserWarning, match="3.png"):
-        acc, _ = knn_eval(
+        acc, *_ = knn_score(
             ChannelMean(), splits.train, splits.eval, AugSpec(image_size=8), torch.device("cpu"), workers=0
         )
     # 8 decodable eval images, one of them (4.png) wrong. Replacing 3.png by the next image (4.png)
@@ -308,7 +308,7 @@ def test_knn_leaves_out_undecodable_images_instead_of_substituting(tmp_path):
     assert acc == pytest.approx(7 / 8 * 100)
     checked = load_splits(str(tmp_path), check=True)
     assert len(checked.eval) == 8
-    same, _ = knn_eval(
+    same, *_ = knn_score(
         ChannelMean(), checked.train, checked.eval, AugSpec(image_size=8), torch.device("cpu"), workers=0
     )
     assert same == acc

@@ -20,7 +20,7 @@ from moco_fast import lincls
 from moco_fast.augment import AugSpec
 from moco_fast.config import ConfigError, build_config
 from moco_fast.data import DEMO_ROOT, list_images, load_splits
-from moco_fast.knn import knn_eval, knn_predict
+from moco_fast.knn import knn_predict, knn_score
 from moco_fast.trainer import lr_at
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -224,7 +224,7 @@ def test_knn_accuracy_on_colour_separable_classes(tmp_path):
     net = ChannelMean().train()
     rng = torch.get_rng_state()
     with pytest.warns(UserWarning, match=r"k=200 is more than the 6 images of .*train: all 6 are the neighbours"):
-        acc, _ = knn_eval(net, train, test, AugSpec(image_size=8), torch.device("cpu"), k=200, t=0.1, workers=0)
+        acc, *_ = knn_score(net, train, test, AugSpec(image_size=8), torch.device("cpu"), k=200, t=0.1, workers=0)
     assert acc == 100.0
     assert torch.equal(torch.get_rng_state(), rng)  # train's monitor does not change what training draws
     assert net.training  # the feature pass puts the net back in training mode
@@ -234,7 +234,7 @@ def test_knn_accuracy_counts_a_mislabelled_eval_image(tmp_path):
     # A red image filed under blue/ in the eval split: kNN calls it red, so 7 of 8 are right.
     train, test = colour_splits(tmp_path, {"blue": [*BLUES[:3], REDS[3]], "red": REDS})
     assert len(test) == 8
-    acc, _ = knn_eval(ChannelMean(), train, test, AugSpec(image_size=8), torch.device("cpu"), k=200, workers=0)
+    acc, *_ = knn_score(ChannelMean(), train, test, AugSpec(image_size=8), torch.device("cpu"), k=200, workers=0)
     assert acc == 87.5
 
 

@@ -382,7 +382,7 @@ def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_roo
 
     from moco_fast.checkpoint import load_model
     from moco_fast.data import load_splits
-    from moco_fast.knn import knn_eval
+    from moco_fast.knn import knn_score
 
     clean = tmp_path / "clean"
     shutil.copytree(fresh_root, clean)
@@ -416,7 +416,7 @@ def test_knn_in_train_and_in_the_knn_command_agree_on_unreadable_files(fresh_roo
     assert k == len(splits.train)  # the k used: every decodable train image, not the listed ones
     cpu = torch.device("cpu")
     for net, key in ((model.backbone(), "final_knn_top1"), (model.encoder_q, "final_knn_head_top1")):
-        ref, _ = knn_eval(net, splits.train, splits.eval, cfg.data.aug, cpu, workers=0)
+        ref, *_ = knn_score(net, splits.train, splits.eval, cfg.data.aug, cpu, workers=0)
         assert summary[key] == pytest.approx(ref, abs=1e-6)
 
 
