@@ -74,12 +74,15 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     width = 0.8 / max(len(series), 1)
     for j, (key, label) in enumerate(series):
         offset = (j - (len(series) - 1) / 2) * width  # the group stays centred on its tick
-        ax1.bar([i + offset for i in x], [r.get(key) or 0 for r in results], width, label=label)
+        # a setting without this figure (a grid run without --lincls-epochs) gets no bar, not a 0%
+        shown = [(i, r[key]) for i, r in zip(x, results) if r.get(key) is not None]
+        ax1.bar([i + offset for i, _ in shown], [v for _, v in shown], width, label=label)
     ax1.set_ylabel("top-1 %")
     ax1.set_title("downstream accuracy per setting")
     if series:
         ax1.legend()
-    ax2.bar(list(x), [r.get("pretext_acc") or 0 for r in results], 0.6, color="gray")
+    pretext = [(i, r["pretext_acc"]) for i, r in zip(x, results) if r.get("pretext_acc") is not None]
+    ax2.bar([i for i, _ in pretext], [v for _, v in pretext], 0.6, color="gray")
     ax2.set_ylabel("pretext acc % (last epoch)")
     ax2.set_xticks(list(x))
     ax2.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
