@@ -316,6 +316,12 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
     if args.loader not in available_loaders():
         raise ConfigError(f"--loader {args.loader!r}: choose from {', '.join(available_loaders())}")
     for spec in specs:
+        if spec.graph and device.type != "cuda" and "graph" in spec.name.partition(":")[2].split("+"):
+            # the row's own +graph, not --cuda-graph: "drop --cuda-graph" would name a flag not given
+            raise ConfigError(
+                f"--rows: {spec.name!r}: graph captures the step on a CUDA GPU; the device is {device}: "
+                "drop +graph from it"
+            )
         if spec.graph:
             check_cuda_graph(device)
         if spec.kind == "reference":

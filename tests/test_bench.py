@@ -216,8 +216,12 @@ def test_ffcv_bench_interrupted_keeps_what_it_measured(tmp_path, capsys, monkeyp
 
 
 def test_cuda_graph_on_cpu_is_refused_before_any_work(capsys):
-    assert throughput.main([*TINY, "--rows", "trainer:graph"]) == 2
-    assert "--cuda-graph" in capsys.readouterr().err
+    # each error names what asked for the graph: the flag, or the row's +graph (no flag to drop)
+    assert throughput.main([*TINY, "--rows", "trainer", "--cuda-graph"]) == 2
+    assert "drop --cuda-graph" in capsys.readouterr().err
+    assert throughput.main([*TINY, "--rows", "reference,trainer:fp32+graph"]) == 2
+    err = capsys.readouterr().err
+    assert "'trainer:fp32+graph'" in err and "--cuda-graph" not in err
 
 
 def test_gpu_sampler_is_silent_without_a_gpu():
