@@ -316,12 +316,16 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
     if args.loader not in available_loaders():
         raise ConfigError(f"--loader {args.loader!r}: choose from {', '.join(available_loaders())}")
     for spec in specs:
-        if spec.graph and device.type != "cuda" and "graph" in spec.name.partition(":")[2].split("+"):
-            # the row's own +graph, not --cuda-graph: "drop --cuda-graph" would name a flag not given
+        # a row's own +graph or +fp16 on a CPU names the row: "drop --cuda-graph" or "use --amp bf16"
+        # would name a flag that was not given
+        own = spec.name.partition(":")[2].split("+")
+        if spec.graph and device.type != "cuda" and "graph" in own:
             raise ConfigError(
                 f"--rows: {spec.name!r}: graph captures the step on a CUDA GPU; the device is {device}: "
                 "drop +graph from it"
             )
+        if spec.amp == "fp16" and device.type == "cpu" and "fp16" in own:
+            raise ConfigError(f"--rows: {spec.name!r}: fp16 needs a GPU; use +bf16 or +fp32 in it on the CPU")
         if spec.graph:
             check_cuda_graph(device)
         if spec.kind == "reference":

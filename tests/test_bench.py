@@ -96,7 +96,10 @@ def test_rows_and_modifiers():
 
 @pytest.mark.parametrize(
     "rows",
-    ["trainer:fp8", "warp-drive", ",", "reference:fp16", "reference:compile", "trainer,trainer", "trainer:fp16+bf16"],
+    [
+        *["trainer:fp8", "warp-drive", ",", "reference:fp16", "reference:compile", "trainer,trainer"],
+        *["trainer:fp16+bf16", "loader:fp16", "trainer:cl+graph"],  # the last two: what a CPU cannot run
+    ],
 )
 def test_bad_rows_are_one_line_errors(rows, capsys):
     assert throughput.main([*TINY, "--rows", rows]) == 2
