@@ -236,12 +236,13 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
     assert res["lincls_epochs"] == 3 and not state.exists()
 
 
-def test_sweep_help_is_wrapped_and_names_every_flag(capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "100")
+@pytest.mark.parametrize("columns", [80, 100])
+def test_sweep_help_is_wrapped_and_names_every_flag(columns, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", str(columns))
     with pytest.raises(SystemExit):
         main(["sweep", "--help"])
     text = capsys.readouterr().out
-    assert max(len(line) for line in text.splitlines()) <= 100
+    assert max(len(line) for line in text.splitlines()) <= columns
     parser = next(a for a in build_parser()._actions if a.dest == "command").choices["sweep"]
     for action in parser._actions:
         if action.option_strings and action.dest != "help":

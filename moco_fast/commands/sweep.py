@@ -24,9 +24,9 @@ per setting.
 A grid flag left out keeps the base config's value (the train flags after
 `--`); one given replaces that flag after `--` (a warning says so). Settings
 that would repeat a run are merged (end-to-end has no K or m; the memory bank
-has no m). The K column says what each query was really contrasted with: for end-to-end the
-batch (each query's positive and batch - 1 negatives), for the memory bank at
-most the number of training images."""
+has no m). The K column says what each query was really contrasted with: for
+end-to-end the batch (each query's positive and batch - 1 negatives), for the
+memory bank at most the number of training images."""
 
 EPILOG = """\
 example (the paper's m and shuffle-BN ablations on CIFAR-10, 20 epochs each):
