@@ -242,8 +242,8 @@ def write_json(path: str, result: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        # one paragraph each, wrapped by argparse to the terminal (raw, the epilog was one 540-character line)
+        description=" ".join(__doc__.split("\n\n")[0].split()),
         epilog="Rows (--rows, comma-separated): loader (iterate the loader), trainer (the moco_fast step on one "
         "fixed synthetic batch), end-to-end (loader + step), reference (bench/reference_step.py: fp32, NCHW, "
         "per-parameter EMA loop, queue pointer read on the host). A row takes modifiers after a colon, joined "

@@ -510,3 +510,13 @@ def test_the_progress_line_shows_a_slow_rows_images_a_second():
     assert throughput.row_done({"img_per_s": 0.3}) == "0.3 img/s"
     assert throughput.row_done({"img_per_s": 12345.4}) == "12,345 img/s"
     assert throughput.row_done({"img_per_s": None, "error": "OutOfMemoryError: ..."}) == "OutOfMemoryError: ..."
+
+
+def test_help_fits_an_80_column_terminal(capsys, monkeypatch):
+    # the rows' epilog, one paragraph, was printed raw as one 540-character line
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        throughput.main(["--help"])
+    text = capsys.readouterr().out
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "trainer:fp16+compile+graph" in text and "noshuffle" in text
