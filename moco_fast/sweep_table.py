@@ -79,8 +79,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
         ax1.bar([i + offset for i, _ in shown], [v for _, v in shown], width, label=label)
     ax1.set_ylabel("top-1 %")
     ax1.set_title("downstream accuracy per setting")
-    if series:
-        ax1.legend()
+    if series:  # beside the axes: inside, "best" still hid the bars of a setting near the top
+        ax1.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     pretext = [(i, r["pretext_acc"]) for i, r in zip(x, results) if r.get("pretext_acc") is not None]
     ax2.bar([i for i, _ in pretext], [v for _, v in pretext], 0.6, color="gray")
     ax2.set_ylabel("pretext acc % (last epoch)")
