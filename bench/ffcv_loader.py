@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 
 from moco_fast.loaders import LoaderArgs, create_loader
-from report import check_output_path, device_info, forever, format_table
+from report import NOT_RUN, check_output_path, device_info, forever, format_table
 
 from moco_fast.augment import MOCO_V2
 from moco_fast.checkpoint import atomic_write_text
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C, or a time box (timeout -s INT): the table of what was measured
         interrupted = True
         done = {r["row"] for r in results}
-        results += [{"row": r, "name": r, "error": "not run (interrupted)"} for r in rows if r not in done]
+        results += [{"row": r, "name": r, "error": NOT_RUN} for r in rows if r not in done]
         print("interrupted: the rows not measured are marked", file=sys.stderr)
     base = next((r for r in results if r["row"] == "torch" and "img_per_s" in r), None)
     for r in results:

@@ -49,6 +49,9 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
+NOT_RUN = "not run (interrupted)"  # the error of the rows after the one Ctrl-C stopped
+
+
 def speed_text(img_per_s: float) -> str:
     """Images/s as the table and the plot show it: one decimal below 100 (CPU figures), else whole."""
     return f"{img_per_s:.1f}" if img_per_s < 100 else f"{img_per_s:,.0f}"
@@ -68,8 +71,9 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]] = COLUMNS
     header = ["row", "settings", *(h for _, h, _ in cols)]
     body = []
     for r in rows:
-        if r.get("error"):
-            body.append([r[name_key], f"failed: {r['error']}"[:100]])  # in the settings column
+        if r.get("error"):  # in the settings column; a row an interruption left is not a failure
+            text = r["error"] if r["error"] == NOT_RUN else f"failed: {r['error']}"
+            body.append([r[name_key], text[:100]])
             continue
         body.append([r[name_key], r.get("settings", ""), *(_fmt(r.get(k), f) for k, _, f in cols)])
     widths = [max(len(str(x[i])) for x in [header, *body] if i < len(x)) for i in range(len(header))]

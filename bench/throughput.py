@@ -29,7 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 from gpu_stats import GpuSampler
 from moco_fast.loaders import LoaderArgs, create_loader
 from reference_step import build_reference, reference_step
-from report import add_ratios, check_output_path, device_info, forever, format_table, ratio_notes, speed_text
+from report import (
+    NOT_RUN,
+    add_ratios,
+    check_output_path,
+    device_info,
+    forever,
+    format_table,
+    ratio_notes,
+    speed_text,
+)
 
 from moco_fast.checkpoint import atomic_write_text
 from moco_fast.config import ConfigError, build_config, check_image_size, to_dict
@@ -447,9 +456,7 @@ def measure(args: argparse.Namespace, cfg, specs: list[RowSpec], device: torch.d
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # a time box ran out (Ctrl-C, timeout -s INT): report what was measured
-            result["rows"] += [
-                {"name": x.name, "kind": x.kind, "img_per_s": None, "error": "not run (interrupted)"} for x in specs[i:]
-            ]
+            result["rows"] += [{"name": x.name, "kind": x.kind, "img_per_s": None, "error": NOT_RUN} for x in specs[i:]]
             print(f"interrupted at {spec.name}", file=sys.stderr)
             interrupted = True
             break

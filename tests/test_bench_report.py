@@ -29,6 +29,15 @@ def test_table_leaves_out_gpu_columns_without_figures():
     assert "GPU %" in header and header.split()[-1] == "W"
 
 
+def test_rows_an_interruption_left_are_not_shown_as_failed():
+    rows = [
+        {"name": "loader", "kind": "loader", "settings": "torch", "img_per_s": 37.6, "ms_per_step": 106.4},
+        {"name": "trainer", "kind": "trainer", "img_per_s": None, "error": "not run (interrupted)"},
+    ]
+    table = format_table(rows)
+    assert "not run (interrupted)" in table and "failed" not in table
+
+
 def table_cells(table: str) -> dict[str, dict[str, str]]:
     """Each row's cells by column header, cut at the dashed line's columns (a blank cell stays "")."""
     lines = table.split("\n")
