@@ -159,6 +159,9 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int |
         raise ConfigError(f"moco.bank_m (the memory bank's momentum) must be in [0, 1] (got {m.bank_m})")
     if not 0 < m.t < math.inf:
         raise ConfigError(f"--moco-t must be positive (got {m.t})")
+    if m.mechanism != "end-to-end" and m.k < 1:  # end-to-end: K is the batch, --moco-k unused
+        # here, not at the model's build only: a sweep's memory-bank K 0 failed after its folder was made
+        raise ConfigError(f"--moco-k must be at least 1 (got {m.k})")
     keys_per_step = global_batch * (2 if m.symmetric else 1)  # --symmetric enqueues both views' keys
     if m.mechanism == "moco" and m.k < keys_per_step:
         fix = "raise --moco-k or lower --batch-size"

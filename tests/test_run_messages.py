@@ -29,6 +29,7 @@ from moco_fast.cli import main
         ("--workers", "-2", "--workers must be at least -1"),
         ("--lr", "-1", "--lr must be positive"),
         ("--knn-k", "0", "--knn-k must be at least 1"),
+        ("--moco-k", "-5", "--moco-k must be at least 1 (got -5)"),  # not "lower --batch-size"
         ("--knn-t", "0", "--knn-t must be positive"),
         ("--lr", "nan", "--lr must be positive"),  # NaN passes every `<= 0` check
         ("--lr", "inf", "--lr must be positive"),

@@ -276,6 +276,18 @@ def test_a_bad_flag_of_every_setting_is_named_without_a_settings_name(tiny_root,
     assert not any(tmp_path.iterdir())
 
 
+def test_a_memory_bank_k_below_1_is_refused_before_training(tiny_root, tmp_path, capsys):
+    # it failed in the model's build, after the sweep had made the setting's folder
+    args = ["sweep", "--out", str(tmp_path), "--mechanism", "memory-bank", "--moco-k", "0"]
+    assert (
+        main([*args, "--device", "cpu", "--", "--data", str(tiny_root), "--batch-size", "8", "--bn-splits", "2"]) == 2
+    )
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "moco-fast sweep: error: --moco-k must be at least 1 (got 0)"
+    )
+    assert not any(tmp_path.iterdir())
+
+
 def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     import sys
 
