@@ -66,9 +66,11 @@ RUN_RESULTS = (
 def run_file(p: Path) -> str | None:
     """check_output's `replaces` for an output that is no part of a run (an export): a file a run or
     its evaluations keep under its own name (checkpoint.pt, config.json, metrics.jsonl, summary.json,
-    lincls.json, a state...) is never replaced, not even with --force."""
+    lincls.json, a state...) or a sweep's sweep.json is never replaced, not even with --force."""
     if p.name in (ckpt.CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, *RUN_RESULTS):
         return f"is a training run's {p.name}"
+    if p.name == TABLE_JSON:  # the sweep's order of rows and a mark no run trains into its folder
+        return f"is a sweep's table ({TABLE_JSON})"
     return None
 
 

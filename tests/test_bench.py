@@ -153,6 +153,10 @@ def test_json_never_replaces_a_run_s_own_files(tmp_path, capsys, monkeypatch):
             == f"error: --json {target} exists and is a training run's {name}: give another path, or delete it first\n"
         )
         assert target.read_text() == '{"kept": true}'
+    table = tmp_path / "sweep.json"  # a sweep's table: it was replaced
+    table.write_text("[]")
+    assert throughput.main([*TINY, "--rows", "reference", "--json", str(table)]) == 2
+    assert "is a sweep's table (sweep.json)" in capsys.readouterr().err and table.read_text() == "[]"
     earlier = tmp_path / "bench.json"
     earlier.write_text("{}")
     assert throughput.main([*TINY, "--rows", "reference", "--json", str(earlier)]) == 1  # the row has no figure
