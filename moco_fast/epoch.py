@@ -46,26 +46,34 @@ def resumed_part(saved: dict[str, Any] | None, epoch: int, loader, batch_size: i
     """The part of epoch `epoch` (0-based) that the checkpoint holds, where this run can continue it
     at the next step; None at an epoch end. A checkpoint of other steps per epoch (another
     --batch-size, number of processes or data) or a loader that starts epochs at their first step
-    only restarts the epoch, with a warning: its steps stay trained, their images come again."""
+    only restarts the epoch, with a warning: its steps stay trained, their images come again.
+    `saved["num_images"]` (the checkpoint's, where it has it): a data folder whose images were
+    added or removed since restarts it too, even at the same steps per epoch, as the epoch's order
+    of images is drawn over the new list and its steps done would not be the ones skipped."""
     if not saved or not saved.get("step"):
         return None
     part = EpochPart(**{k: saved[k] for k in EpochPart.__dataclass_fields__ if k in saved})
     now = (len(loader), batch_size, world)
-    if (part.steps, part.batch_size, part.world_size) == now and loader.starts_mid_epoch:
+    images = saved.get("num_images")
+    data_changed = images is not None and images != loader.num_images
+    if (part.steps, part.batch_size, part.world_size) == now and loader.starts_mid_epoch and not data_changed:
         log.info("--resume: epoch %d continues at step %d of %d", epoch + 1, part.step + 1, part.steps)
         return part
-    why = (
-        "this loader starts an epoch at its first step only"
-        if not loader.starts_mid_epoch
-        else f"it had {plural(part.steps, 'step')} of {plural(part.batch_size, 'image')} in "
-        f"{plural(part.world_size, 'process', 'processes')}, now "
-        f"{now[0]} of {now[1]} in {now[2]}"
-    )
+    if not loader.starts_mid_epoch:
+        why, advice = "this loader starts an epoch at its first step only", ""
+    elif data_changed:
+        why = f"the data had {plural(images, 'image')} then, {loader.num_images} now (images added or removed)"
+        advice = "; resume on the same images to continue it"
+    else:
+        why = (
+            f"it had {plural(part.steps, 'step')} of {plural(part.batch_size, 'image')} in "
+            f"{plural(part.world_size, 'process', 'processes')}, now {now[0]} of {now[1]} in {now[2]}"
+        )
+        advice = "; resume with the same --batch-size and process count to continue it"
     log.warning(
         "--resume: the checkpoint was saved at step %d of epoch %d, and %s: epoch %d starts again from its first "
-        "step (the steps done stay in the weights; resume with the same --batch-size and process count to "
-        "continue it)",
-        *(part.step, epoch + 1, why, epoch + 1),
+        "step (the steps done stay in the weights%s)",
+        *(part.step, epoch + 1, why, epoch + 1, advice),
     )
     return None
 

@@ -51,6 +51,8 @@ def resume(
     scaler.load_state_dict(state["scaler"])
     restore_rng(state, cfg, world, rank, state["epoch"])
     part = {**state["epoch_part"], "step": state["step"]} if state.get("step") else None
+    if part is not None and "num_images" in state:  # resumed_part: the same data, or the epoch restarts
+        part["num_images"] = state["num_images"]
     within = f", step {part['step']} of epoch {state['epoch'] + 1}" if part else ""
     log.info("resumed from %s at epoch %d%s", resume_path, state["epoch"], within)
     return state["epoch"], part, state.get("row")

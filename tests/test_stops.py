@@ -12,6 +12,7 @@ import torch
 from run_helpers import rows
 
 import moco_fast.trainer as trainer
+from moco_fast import checkpoint as ckpt
 from moco_fast.checkpoint import load_model
 from moco_fast.cli import Terminated, _on_stop_signal, main
 from moco_fast.config import ConfigError, build_config
@@ -268,9 +269,22 @@ def test_a_checkpoint_within_an_epoch_past_a_shortened_run_is_a_finished_run(tmp
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2  # left as it was
 
 
+def test_a_checkpoint_within_an_epoch_hands_its_image_count_to_the_resume(tmp_path, monkeypatch, handlers, caplog):
+    # the data's images changed since the stop (the checkpoint's count stands for the old list)
+    signal_at(monkeypatch, {2: signal.SIGTERM})  # step 2 of 5: saved there
+    with pytest.raises(Terminated):
+        trainer.train(config(tmp_path, **{"optim.epochs": 1}))
+    monkeypatch.undo()
+    state = ckpt.load(tmp_path / "checkpoint.pt")
+    ckpt.save_atomic({**state, "num_images": state["num_images"] + 1}, tmp_path / "checkpoint.pt")
+    with caplog.at_level(logging.INFO, "moco_fast"):
+        trainer.train(config(tmp_path, **{"optim.epochs": 1, "runtime.resume": "auto"}))
+    assert "images added or removed" in caplog.text and "continues at step" not in caplog.text
+
+
 class Loader:
-    def __init__(self, steps, mid=True):
-        self.steps, self.starts_mid_epoch = steps, mid
+    def __init__(self, steps, mid=True, num_images=80):
+        self.steps, self.starts_mid_epoch, self.num_images = steps, mid, num_images
 
     def __len__(self):
         return self.steps
@@ -286,6 +300,19 @@ def test_a_resume_with_other_steps_per_epoch_restarts_the_epoch(caplog):
         assert resumed_part(saved, 4, Loader(10, mid=False), 8, 2) is None  # DALI on shards
         assert "starts an epoch at its first step only" in caplog.text
     assert resumed_part(None, 4, Loader(10), 8, 2) is None
+
+
+def test_a_resume_on_images_added_since_restarts_the_epoch_even_at_the_same_steps(caplog):
+    # 80 images then, 82 now (a class folder of 2 added): still 10 steps of 8, but the epoch's
+    # order is drawn over the new list, so its first 3 steps now are not the ones trained
+    saved = {**EpochPart(3, 1.5, 0.5, 2.0, 10, 8, 1).to_dict(), "num_images": 80}
+    assert resumed_part(saved, 4, Loader(10, num_images=80), 8, 1) == EpochPart(3, 1.5, 0.5, 2.0, 10, 8, 1)
+    with caplog.at_level(logging.WARNING, "moco_fast"):
+        assert resumed_part(saved, 4, Loader(10, num_images=82), 8, 1) is None
+    assert "the data had 80 images then, 82 now" in caplog.text and "epoch 5 starts again" in caplog.text
+    assert "--batch-size" not in caplog.text  # not the advice for another batch or process count
+    del saved["num_images"]  # a checkpoint from before it held the count: continued as before
+    assert resumed_part(saved, 4, Loader(10, num_images=82), 8, 1) == EpochPart(3, 1.5, 0.5, 2.0, 10, 8, 1)
 
 
 def test_a_second_signal_stops_at_once_and_one_after_the_last_sync_on_leaving(handlers):
