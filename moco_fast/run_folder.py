@@ -88,6 +88,12 @@ def check_output(cfg: TrainConfig) -> Path | None:
             " (the rows its run logged before its first checkpoint go)" if holds_run(out) else "",
         )
     elif holds_run(out) and not continues_in(out, resume_path) and not cfg.runtime.force:
+        if cfg.runtime.resume == "auto" and resume_path is None:  # "--resume continues it" would be no help
+            raise ConfigError(
+                f"--resume: {out} holds a run that got past its first checkpoint, but no {ckpt.CHECKPOINT_NAME} "
+                "(moved or deleted?): put it back to continue the run, --force starts over there, or choose "
+                "another --out"
+            )
         what = "another run" if resume_path is not None else "a run already"
         raise ConfigError(
             f"{out} holds {what}: --resume continues the run there, --force replaces it (its checkpoint "
@@ -187,9 +193,13 @@ def starts_over(cfg: TrainConfig, resume_path: Path | None) -> bool:
     starts from scratch there. Only then: no checkpoint, no row past epoch 1 (a row is written just
     before its epoch's checkpoint), no summary and no evaluation beside it. A folder whose checkpoint
     was moved away still holds a run, and --resume there is refused as before."""
-    out = Path(cfg.runtime.out)
     if cfg.runtime.resume != "auto" or resume_path is not None:
         return False
+    return stopped_before_its_first_checkpoint(Path(cfg.runtime.out))
+
+
+def stopped_before_its_first_checkpoint(out: Path) -> bool:
+    """starts_over's look at a folder without a checkpoint: nothing there shows a run that saved one."""
     if any((out / name).is_file() for name in (SUMMARY_NAME, *RUN_RESULTS)):
         return False
     rows = read_rows(out)

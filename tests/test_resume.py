@@ -192,7 +192,14 @@ def test_resume_never_starts_over_a_run_that_checkpointed(tiny_root, run, capsys
     (run / "lincls.json").write_text("{}")
     capsys.readouterr()
     assert main([*tiny_args(tiny_root, run, epochs=2), "--resume"]) == 2
-    assert "holds a run already" in capsys.readouterr().err and (run / "lincls.json").is_file()
+    err = capsys.readouterr().err
+    assert (run / "lincls.json").is_file()
+    # the error names the missing checkpoint (not "--resume continues the run there", to one who gave
+    # it), and no line before it says that the run starts over
+    assert "no checkpoint.pt (moved or deleted?): put it back" in err and "starts over with" not in err, err
+    assert main(["train", "--resume", "--out", str(run)]) == 2  # its config.json's settings: the same
+    err = capsys.readouterr().err
+    assert "put it back" in err and "starts over with" not in err, err
     (run / "lincls.json").unlink()
     with open(run / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"epoch": 2, "loss": 1.0}) + "\n")

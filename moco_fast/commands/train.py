@@ -354,7 +354,7 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
     from moco_fast.checkpoint import CHECKPOINT_NAME
     from moco_fast.config import from_dict
     from moco_fast.data import DataError
-    from moco_fast.run_folder import CONFIG_NAME, read_run_config
+    from moco_fast.run_folder import CONFIG_NAME, read_run_config, stopped_before_its_first_checkpoint
 
     saved = out / CONFIG_NAME
     if not saved.is_file():
@@ -372,7 +372,8 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
         cfg = from_dict(read_run_config(saved))
     except (TypeError, AttributeError) as e:
         raise DataError(f"--resume: {saved} cannot be read ({e}): move it away, or choose another --out") from None
-    log.info("--resume: %s has no checkpoint yet; its run starts over with the settings of %s", out, saved)
+    if stopped_before_its_first_checkpoint(out):  # else check_output refuses it: the checkpoint is gone
+        log.info("--resume: %s has no checkpoint yet; its run starts over with the settings of %s", out, saved)
     return _continued(cfg, str(out), args)
 
 
