@@ -21,7 +21,7 @@ log = logging.getLogger("moco_fast")
 
 
 def resume(
-    resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, world: int, rank: int
+    resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, world: int, rank: int, num_images: int
 ) -> tuple[int, dict[str, Any] | None, dict[str, Any] | None]:
     """Loads a training checkpoint into the model, optimizer, scaler and random streams; returns
     the epochs it finished; for one saved within the next epoch (a stop, --save-every), the part
@@ -53,9 +53,22 @@ def resume(
     part = {**state["epoch_part"], "step": state["step"]} if state.get("step") else None
     if part is not None and "num_images" in state:  # resumed_part: the same data, or the epoch restarts
         part["num_images"] = state["num_images"]
+    elif state["epoch"] < cfg.optim.epochs:
+        warn_other_images(state.get("num_images"), num_images)
     within = f", step {part['step']} of epoch {state['epoch'] + 1}" if part else ""
     log.info("resumed from %s at epoch %d%s", resume_path, state["epoch"], within)
     return state["epoch"], part, state.get("row")
+
+
+def warn_other_images(saved: int | None, now: int) -> None:
+    """The data's images counted anew differ from the checkpoint's (`saved`; None: not recorded): a
+    folder changed in place (a class folder added) is no changed setting, and warn_changed misses it."""
+    if saved is not None and saved != now:
+        log.warning(
+            "--resume: the data has %d images now, the run trained on %d (images or class folders added or "
+            "removed since): it goes on with the %d",
+            *(now, saved, now),
+        )
 
 
 def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:

@@ -295,7 +295,9 @@ def _train_held(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, saved_part, saved_row = 0, None, None
     if resume_path is not None:
-        start_epoch, saved_part, saved_row = resume(resume_path, cfg, model, optimizer, scaler, world, rank)
+        start_epoch, saved_part, saved_row = resume(
+            resume_path, cfg, model, optimizer, scaler, world, rank, loader.num_images
+        )
     done = None  # the part of the next epoch done (a checkpoint saved within it)
     if start_epoch < cfg.optim.epochs:
         done = resumed_part(saved_part, start_epoch, loader, cfg.optim.batch_size, world)

@@ -119,6 +119,18 @@ def test_resuming_another_run_into_a_run_folder_needs_force(tiny_root, run, tmp_
     assert torch.load(c / "checkpoint.pt", weights_only=False)["config"]["runtime"]["seed"] == 0
 
 
+def test_resume_on_data_whose_images_changed_in_place_says_so(tiny_root, run, caplog):
+    # the same --data, a class folder added since (here: the checkpoint's count made one less)
+    from moco_fast import checkpoint as ckpt
+
+    state = ckpt.load(run / "checkpoint.pt")
+    ckpt.save_atomic({**state, "num_images": state["num_images"] - 1}, run / "checkpoint.pt")
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*tiny_args(tiny_root, run, epochs=2), "--resume"]) == 0
+    now = state["num_images"]
+    assert f"the data has {now} images now, the run trained on {now - 1}" in caplog.text, caplog.text
+
+
 def test_leftover_rows_without_a_checkpoint_count_as_a_run(tiny_root, run, capsys):
     out = run
     (out / "checkpoint.pt").unlink()  # as if a run died before its first checkpoint
