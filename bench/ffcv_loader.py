@@ -34,19 +34,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 
-from moco_fast.loaders import LoaderArgs, create_loader
-from report import NOT_RUN, check_output_path, device_info, forever, format_table
+from before_rows import LINE as BEFORE_ROWS
+from before_rows import interrupted_before_rows
 
-from moco_fast.augment import MOCO_V2
-from moco_fast.checkpoint import atomic_write_text
-from moco_fast.config import ConfigError
-from moco_fast.convert import ConvertConfig, convert
-from moco_fast.convert_images import load_resized
-from moco_fast.data import IMAGE_EXTENSIONS, DataError
+with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here is one line too
+    import torch
+    from moco_fast.loaders import LoaderArgs, create_loader
+    from report import NOT_RUN, check_output_path, device_info, forever, format_table
+
+    from moco_fast.augment import MOCO_V2
+    from moco_fast.checkpoint import atomic_write_text
+    from moco_fast.config import ConfigError
+    from moco_fast.convert import ConvertConfig, convert
+    from moco_fast.convert_images import load_resized
+    from moco_fast.data import IMAGE_EXTENSIONS, DataError
 
 ROWS = ("torch", "torch-crops", "torch-256", "torch-crops-256", "ffcv", "ffcv-twice", "ffcv+aug")
 # The device pass alone (the FFCV backend's colour/blur/normalise step) on --device: not in the
@@ -214,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # resolve_device may initialise CUDA, and --data is listed (seconds)
+        print(BEFORE_ROWS, file=sys.stderr)
+        return 130
 
     results: list[dict] = []
     conversion: dict = {}

@@ -22,39 +22,42 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 
-from gpu_stats import GpuSampler
-from moco_fast.loaders import LoaderArgs, create_loader
-from reference_step import build_reference, reference_step
-from report import (
-    NOT_RUN,
-    add_ratios,
-    check_output_path,
-    device_info,
-    forever,
-    format_table,
-    ratio_notes,
-    speed_text,
-)
+from before_rows import LINE as BEFORE_ROWS
+from before_rows import interrupted_before_rows
 
-from moco_fast.checkpoint import atomic_write_text
-from moco_fast.config import ConfigError, build_config, check_image_size, to_dict
-from moco_fast.data import DataError
-from moco_fast.model import MoCo
-from moco_fast.trainer import (
-    GraphedStep,
-    StepState,
-    check_cuda_graph,
-    make_optimizer,
-    resolve_amp,
-    resolve_device,
-    resolve_workers,
-    train_step,
-    validate,
-)
+with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here is one line too
+    import torch
+    from gpu_stats import GpuSampler
+    from moco_fast.loaders import LoaderArgs, create_loader
+    from reference_step import build_reference, reference_step
+    from report import (
+        NOT_RUN,
+        add_ratios,
+        check_output_path,
+        device_info,
+        forever,
+        format_table,
+        ratio_notes,
+        speed_text,
+    )
+
+    from moco_fast.checkpoint import atomic_write_text
+    from moco_fast.config import ConfigError, build_config, check_image_size, to_dict
+    from moco_fast.data import DataError
+    from moco_fast.model import MoCo
+    from moco_fast.trainer import (
+        GraphedStep,
+        StepState,
+        check_cuda_graph,
+        make_optimizer,
+        resolve_amp,
+        resolve_device,
+        resolve_workers,
+        train_step,
+        validate,
+    )
 
 KINDS = ("loader", "trainer", "end-to-end", "reference")
 DEFAULT_ROWS = "loader,trainer,end-to-end,reference"
@@ -425,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the data check reads the folder (seconds on a network disk)
+        print(BEFORE_ROWS, file=sys.stderr)
+        return 130
     try:
         return measure(args, cfg, specs, device)
     except OSError as e:  # --json or --plot on a full disk, or a path that may no longer be written

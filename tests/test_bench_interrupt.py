@@ -1,0 +1,77 @@
+"""Ctrl-C before a bench's first row (torch importing, flags and data being checked) ends as an
+interrupted bench does: one line, exit status 130, nothing written; it was Python's traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+# A real SIGINT to the bench run as a script, as its imports reach moco_fast.loaders (after torch).
+SIGINT_IN_IMPORTS = """
+import importlib.abc, os, runpy, signal, sys
+
+class Interrupt(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "moco_fast.loaders":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["throughput.py", "ffcv_loader.py"])
+def test_sigint_while_importing_is_one_line_and_130(script, tmp_path):
+    out = tmp_path / "rows.json"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-c", SIGINT_IN_IMPORTS, str(BENCH / script), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 130, run.stderr
+    assert run.stderr.startswith("interrupted") and run.stderr.count("\n") == 1, run.stderr
+    assert not out.exists()
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def status(main, argv: list[str]) -> int | str:
+    """main's exit status; a Ctrl-C that escapes it would end pytest's whole session."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        return "KeyboardInterrupt escaped main"
+
+
+def test_throughput_interrupted_in_data_check(tmp_path, capsys, monkeypatch):
+    import throughput
+
+    monkeypatch.setattr(throughput, "check_data", interrupt)
+    out = tmp_path / "rows.json"
+    assert status(throughput.main, ["--device", "cpu", "--loader", "synthetic", "--json", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted") and err.count("\n") == 1 and not out.exists(), err
+
+
+def test_ffcv_bench_interrupted_in_its_checks(tmp_path, capsys, monkeypatch):
+    import ffcv_loader
+
+    monkeypatch.setattr(ffcv_loader, "check_output_path", interrupt)
+    out = tmp_path / "rows.json"
+    assert status(ffcv_loader.main, ["--rows", "aug-sample", "--json", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted") and err.count("\n") == 1 and not out.exists(), err
