@@ -248,14 +248,32 @@ def _try_flock(fd: int, what: Path) -> bool | None:
 def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
     """Holds an exclusive lock on the run folder while a run uses it (rank 0 only), so that a second
     `train` into the same --out fails at once instead of mixing its rows and checkpoints with the
-    first's; yields False when another process holds it (and True otherwise, or when not `enabled`).
-    The lock is a flock on the folder itself (no lock file) and goes with the process; forked
-    processes (DataLoader workers) close their copy. A folder created here and left empty (the run
-    failed before writing) is removed."""
+    first's; yields False when another process holds it (and True otherwise, or when not `enabled`)."""
     if not enabled:
         yield True
         return
     check_run_folder(out)
+    with _hold_folder(out) as held:
+        yield held
+
+
+@contextlib.contextmanager
+def hold_sweep_folder(out: Path) -> Iterator[None]:
+    """Holds an exclusive lock on a sweep's --out while the sweep runs: a second sweep there stops at
+    once (RunFolderBusy) instead of training or evaluating the same settings beside the first."""
+    with _hold_folder(out) as held:
+        if not held:
+            raise RunFolderBusy(
+                f"{out}: another moco-fast sweep is running there now; wait for it to end or choose another --out"
+            )
+        yield
+
+
+@contextlib.contextmanager
+def _hold_folder(out: Path) -> Iterator[bool]:
+    """A flock on the folder `out` itself (no lock file), made if missing; yields whether this process
+    holds it. The lock goes with the process; forked processes (DataLoader workers) close their copy.
+    A folder created here and left empty (the command failed before writing) is removed."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)

@@ -30,7 +30,7 @@ from typing import Any
 from moco_fast.checkpoint import CHECKPOINT_NAME, file_stamp
 from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.metrics import read_rows
-from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, holds_run
+from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run
 from moco_fast.sweep_eval import evaluate_setting
 from moco_fast.sweep_plan import GRID_KEYS, UNUSED, plan_setting, read_json, training_config
 from moco_fast.sweep_table import TABLE_JSON, number_text, write_json, write_table
@@ -138,38 +138,38 @@ def run_sweep(
         raise ConfigError(f"--out {out} is a file: it must be the sweep folder")
     if holds_run(out) or (out / CONFIG_NAME).is_file():  # its files and the settings' folders would mix
         raise ConfigError(f"--out {out} holds a training run: give the sweep a folder of its own")
-    _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything
-    if redo:
-        for s in settings:
-            if (out / s.name).is_dir():
-                log.info("--redo: deleting %s", out / s.name)
-                shutil.rmtree(out / s.name)
-    previous = read_json(out / TABLE_JSON, list) or []
-    order = [r["name"] for r in previous if isinstance(r, dict) and isinstance(r.get("name"), str)]
-    order += [s.name for s in settings]
-    found = _results_in(out)
-    # Every setting is checked against what its folder holds before the first one trains.
-    evaluation = (lincls_epochs, lincls_lr)
-    plans = [plan_setting(cfg, s, found.get(s.name), evaluation) for cfg, s in zip(configs, settings)]
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
-        try:
-            _run_setting(cfg, s, plan, f"[{i + 1}/{len(settings)}] {s.name}", found, lincls_epochs, lincls_lr)
-        except BaseException as e:
-            from moco_fast.cli import interruption
+    with hold_sweep_folder(out):  # a second sweep there: one line, before any work
+        _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything
+        if redo:
+            for s in settings:
+                if (out / s.name).is_dir():
+                    log.info("--redo: deleting %s", out / s.name)
+                    shutil.rmtree(out / s.name)
+        previous = read_json(out / TABLE_JSON, list) or []
+        order = [r["name"] for r in previous if isinstance(r, dict) and isinstance(r.get("name"), str)]
+        order += [s.name for s in settings]
+        found = _results_in(out)
+        # Every setting is checked against what its folder holds before the first one trains.
+        evaluation = (lincls_epochs, lincls_lr)
+        plans = [plan_setting(cfg, s, found.get(s.name), evaluation) for cfg, s in zip(configs, settings)]
+        for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
+            try:
+                _run_setting(cfg, s, plan, f"[{i + 1}/{len(settings)}] {s.name}", found, lincls_epochs, lincls_lr)
+            except BaseException as e:
+                from moco_fast.cli import interruption
 
-            if interruption(e) is not None:
-                log.warning(
-                    "sweep: stopped in %s; the same sweep command continues (finished settings are reused)", s.name
-                )
-            raise
-        write_table(_rows(found, order), out)  # a partial table survives an interruption
-    rows = _rows(found, order)
-    write_table(rows, out)
-    mixed = _mixed_settings([found[r["name"]] for r in rows if r["name"] in found])
-    if mixed:
-        log.warning("the table mixes runs whose settings differ beyond the grid: %s", "; ".join(mixed))
-    return rows
+                if interruption(e) is not None:
+                    log.warning(
+                        "sweep: stopped in %s; the same sweep command continues (finished settings are reused)", s.name
+                    )
+                raise
+            write_table(_rows(found, order), out)  # a partial table survives an interruption
+        rows = _rows(found, order)
+        write_table(rows, out)
+        mixed = _mixed_settings([found[r["name"]] for r in rows if r["name"] in found])
+        if mixed:
+            log.warning("the table mixes runs whose settings differ beyond the grid: %s", "; ".join(mixed))
+        return rows
 
 
 def _run_setting(

@@ -401,6 +401,22 @@ def test_a_sweep_and_a_training_run_never_share_a_folder(six_root, tmp_path, cap
     assert not (sweep_out / "checkpoint.pt").exists() and not (sweep_out / "config.json").exists()
 
 
+def test_a_second_sweep_into_a_running_sweeps_folder_stops_at_once(six_root, tmp_path, capsys, monkeypatch):
+    # two sweeps in one --out each trained and evaluated the settings that neither had finished
+    from moco_fast.run_folder import hold_sweep_folder
+
+    trained = stub_sweep_runs(monkeypatch)
+    out = tmp_path / "sweep"
+    with hold_sweep_folder(out):  # the first sweep, running
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 2
+        assert last_error(capsys).endswith(
+            f"{out}: another moco-fast sweep is running there now; wait for it to end or choose another --out"
+        )
+        assert not trained and not any(out.iterdir())
+    assert not out.exists()  # the folder the first one made, left empty, goes with it
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0 and len(trained) == 1
+
+
 # -- sweep: grid flags and folder names -------------------------------------------------------------
 def stub_sweep_runs(monkeypatch) -> list:
     """Replaces a sweep setting's training and evaluation with stand-ins; returns the settings trained."""
