@@ -22,6 +22,10 @@ $(STAMP): setup.py Makefile
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@free=$$(df -Pk $(VENV) | awk 'NR == 2 { print int($$4 / 1048576) }'); \
+	if [ "$${free:-99}" -lt 8 ] && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  echo "warning: the install needs about 7 GB (torch with its CUDA libraries, DALI, FFCV); $$free GB free where $(VENV) is" >&2; \
+	fi
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_PINS)
 	$(BIN)/python -m pip install -q -e '.[dev,dali,ffcv,plot]'
