@@ -48,7 +48,6 @@ A .beton from another writer needs the field types convert writes: `image` an RG
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -66,7 +65,15 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
-from moco_fast.convert_dst import NAMES_HEADER, beton_fingerprint, names_fingerprint, names_path, sidecar_path, stale
+from moco_fast.convert_dst import (
+    NAMES_HEADER,
+    beton_fingerprint,
+    names_fingerprint,
+    names_path,
+    sidecar_of,
+    sidecar_path,
+    stale,
+)
 from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError
 from moco_fast.threads import handle_thread_errors
 
@@ -105,25 +112,20 @@ class RankShardOrder(TraversalOrder):
 
 def read_classes(beton: Path, labels: np.ndarray, fingerprint: str | None) -> list[str]:
     """Class names from the sidecar written by convert; else the label numbers. A sidecar that
-    records another .beton's fingerprint (beton_fingerprint) than the .beton's, `fingerprint`, is
-    stale (a convert stopped between publishing the two), and is ignored with a line that says so."""
-    side = sidecar_path(beton)
+    convert_dst.sidecar_of ignores (unreadable, stale: it records another .beton's fingerprint than
+    `fingerprint`, the .beton's) or that does not fit the labels is ignored with a line that says so."""
     n_labels = int(labels.max()) + 1 if len(labels) else 0
-    if side.is_file():
+    meta = sidecar_of(beton, fingerprint, warn=True)
+    if meta is not None:
         try:
-            meta = json.loads(side.read_text())
-            if not isinstance(meta, dict):  # a user's file of that name (meta.get would be a traceback)
-                raise ValueError("it is not a JSON object, as convert writes it")
-            if meta.get("beton_fingerprint") not in (None, fingerprint):
-                raise ValueError(stale(beton))
             classes = [str(c) for c in meta["classes"]]
             if meta.get("num_images") not in (None, len(labels)):
                 raise ValueError(f"it describes {meta['num_images']} images, the .beton holds {len(labels)}")
             if len(classes) >= n_labels:
                 return classes
             raise ValueError(f"{len(classes)} classes but labels up to {n_labels - 1}")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring %s: %s", side, e)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring %s: %s", sidecar_path(beton), e)
     return [str(i) for i in range(n_labels)]
 
 

@@ -13,12 +13,15 @@ val/, test/; scanned_folder) either: every later scan would meet it there. The c
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
 from pathlib import Path
 
 from moco_fast.config import ConfigError, read_json_object
 from moco_fast.loaders.wds import META_NAME
+
+log = logging.getLogger("moco_fast")
 
 # FFCV's file layout (ffcv/types.py), read here without importing FFCV (seconds, with Numba): a
 # header (HeaderType), then one FieldDescType per field, ..., and the allocation table at the end.
@@ -118,21 +121,40 @@ def beton_fingerprint(path: Path) -> str | None:
     return digest.hexdigest()
 
 
+def sidecar_of(beton: Path, fingerprint: str | None = None, warn: bool = False) -> dict | None:
+    """convert's sidecar of `beton` (sidecar_path) where it describes this .beton, else None: it is
+    missing, unreadable, no JSON object, or stale (it records another .beton's beton_fingerprint: a
+    convert stopped between publishing the two). `fingerprint`: this .beton's, where the caller has
+    it; else it is hashed here, and only where the sidecar records one (an older convert's does not).
+    `warn`: a sidecar that is there but ignored is named in one line with why."""
+    side = sidecar_path(beton)
+    meta = read_json_object(side)
+    if meta is None:
+        if warn and side.is_file():  # (none there: nothing to say)
+            log.warning("ignoring %s: it cannot be read as the JSON object that convert writes", side)
+        return None
+    recorded = meta.get("beton_fingerprint")
+    if recorded is not None and recorded != (fingerprint or beton_fingerprint(beton)):
+        if warn:
+            log.warning("ignoring %s: %s", side, stale(beton))
+        return None
+    return meta
+
+
 def beton_of_convert(p: Path) -> str | None:
     """check_output's `replaces` for DST with --format ffcv: a .beton is replaced when it is convert's,
     its header and its sidecar (`"format": "ffcv"`, as many images as the header's samples) both say
     so. Anything else is refused: another file (a source image, notes.txt), and a .beton of another
-    tool (ffcv-imagenet's has the same fields; only the sidecar tells them apart). A sidecar that
-    records the fingerprint of another .beton is one that a convert stopped before replacing it
-    (the .beton beside it is that convert's): replaced as well, or the set could never be remade;
-    but only without a file list, which that convert removed first: beside a list, the .beton was
-    put there by something else (another tool's, written over convert's)."""
+    tool (ffcv-imagenet's has the same fields; only the sidecar tells them apart). A sidecar of
+    convert that sidecar_of finds stale is one that a convert stopped before replacing it (the
+    .beton beside it is that convert's): replaced as well, or the set could never be remade; but
+    only without a file list, which that convert removed first: beside a list, the .beton was put
+    there by something else (another tool's, written over convert's)."""
     samples = beton_samples(p)
     if isinstance(samples, str):
         return f"is not a .beton that convert wrote ({samples})"
-    meta = read_json_object(sidecar_path(p))
-    recorded = None if meta is None else meta.get("beton_fingerprint")
-    if meta is not None and meta.get("format") == "ffcv" and recorded is not None and recorded != beton_fingerprint(p):
+    meta = sidecar_of(p)
+    if meta is None and (read_json_object(sidecar_path(p)) or {}).get("format") == "ffcv":  # stale
         names = names_path(p)
         if names.exists() or names.is_symlink():
             return (

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from moco_fast.config import ConfigError, TrainConfig, read_json_object
-from moco_fast.convert_dst import beton_fingerprint, sidecar_path
+from moco_fast.convert_dst import sidecar_of
 from moco_fast.data import DataError, DataSplits, load_splits, resolve_root, split_dirs
 from moco_fast.knn import knn_score, warn_if_single_class
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS
@@ -68,9 +68,7 @@ def converted_from(cfg: TrainConfig) -> Path | None:
     recorded as an absolute path (an older convert's was relative to a folder it did not record)."""
     data = cfg.data.data
     if cfg.data.loader == "ffcv" and data and Path(data).is_file():
-        meta = read_json_object(sidecar_path(Path(data)))
-        if meta is not None and meta.get("beton_fingerprint") not in (None, beton_fingerprint(Path(data))):
-            meta = None  # a stale sidecar (convert_dst.stale): another .beton's source
+        meta = sidecar_of(Path(data))  # not a stale one: it names another .beton's source
     elif cfg.data.loader == "dali" and is_wds_root(data):
         meta = read_json_object(Path(data) / META_NAME)
     else:

@@ -301,3 +301,23 @@ def test_an_output_under_src_that_no_scan_reads_is_allowed(fresh_root):
     # beside train/, in another folder of the root, under a dot-name (never read): checked as anywhere
     for dst in ("x.beton", "betons/x.beton", "train/.cache/x.beton", "train/.x.beton"):
         check_destination(fresh_root, fresh_root / dst, "ffcv", False)
+
+
+def test_sidecar_of_reads_a_sidecar_only_where_it_describes_this_beton(tmp_path, caplog):
+    # the one check of the loader's class names, train's knn line and convert --force: missing,
+    # no JSON object, and another .beton's fingerprint are None (said only with warn)
+    from moco_fast.convert_dst import sidecar_of
+
+    beton, side = tmp_path / "x.beton", tmp_path / "x.beton.json"
+    with caplog.at_level("WARNING", logger="moco_fast"):
+        assert sidecar_of(beton, "aa", warn=True) is None and caplog.text == ""
+        side.write_text("[1, 2]")
+        assert sidecar_of(beton, "aa") is None and caplog.text == ""
+        assert sidecar_of(beton, "aa", warn=True) is None and caplog.text.count("ignoring") == 1
+        caplog.clear()
+        side.write_text(json.dumps({"classes": ["a"], "beton_fingerprint": "bb"}))
+        assert sidecar_of(beton, "aa", warn=True) is None and "another .beton than x.beton" in caplog.text
+        caplog.clear()
+        assert sidecar_of(beton, "bb", warn=True) == {"classes": ["a"], "beton_fingerprint": "bb"}
+        side.write_text(json.dumps({"classes": ["a"]}))  # an older convert's records no fingerprint
+        assert sidecar_of(beton, "aa", warn=True) == {"classes": ["a"]} and caplog.text == ""
