@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 
 from moco_fast.config import ConfigError, read_json_object
+from moco_fast.data import SPLIT_NAMES
 from moco_fast.loaders.wds import META_NAME
 
 log = logging.getLogger("moco_fast")
@@ -204,9 +205,6 @@ def shard_set_of_convert(p: Path) -> str | None:
         more = f" and {len(others) - 3} more" if len(others) > 3 else ""
         return f"holds files that are not its shard set's ({', '.join(others[:3])}{more})"
     return None
-
-
-SPLIT_NAMES = ("train", "val", "test")  # the folders of a root that data.split_dirs and --split read
 
 
 def scanned_folder(src: Path, where: Path) -> Path | None:

@@ -30,6 +30,9 @@ log = logging.getLogger("moco_fast")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEMO_ROOT = Path(__file__).parent / "demo_data"
+# The folders of a data root: train/, then the eval split, val/ where both it and test/ are there
+# (split_dirs; convert --split reads one of them, convert_dst.scanned_folder keeps DST out of them)
+SPLIT_NAMES = ("train", "val", "test")
 
 
 class DataError(ValueError):
@@ -82,11 +85,12 @@ def resolve_root(data: str | None, name: str = "--data") -> Path:
 
 def split_dirs(root: Path) -> tuple[Path, Path | None]:
     """(train folder, eval folder or None) for a data root."""
-    if (root / "train").is_dir():
-        for name in ("val", "test"):
+    train, *evals = SPLIT_NAMES
+    if (root / train).is_dir():
+        for name in evals:
             if (root / name).is_dir():
-                return root / "train", root / name
-        return root / "train", None
+                return root / train, root / name
+        return root / train, None
     return root, None
 
 

@@ -15,7 +15,7 @@ import torch
 
 from moco_fast.config import ConfigError, TrainConfig, read_json_object
 from moco_fast.convert_dst import sidecar_of
-from moco_fast.data import DataError, DataSplits, load_splits, resolve_root, split_dirs
+from moco_fast.data import SPLIT_NAMES, DataError, DataSplits, load_splits, resolve_root, split_dirs
 from moco_fast.knn import knn_score, warn_if_single_class
 from moco_fast.loaders import IMAGE_FOLDER_LOADERS
 from moco_fast.loaders.wds import META_NAME, is_wds_root
@@ -81,7 +81,7 @@ def knn_root(source: Path) -> Path | None:
     """The data root whose train/ or eval split `source` is, where that root still has train/ and
     val/ or test/ (what `moco-fast knn --data` reads); else None (moved, deleted, no eval split)."""
     root = source.parent
-    if source.name in ("train", "val", "test") and source.is_dir() and split_dirs(root)[1] is not None:
+    if source.name in SPLIT_NAMES and source.is_dir() and split_dirs(root)[1] is not None:
         return root
     return None
 
