@@ -9,13 +9,18 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-LINE = "interrupted before the first row: nothing measured or written"
+
+def stopped_before_rows() -> int:
+    """Says so in one line; the exit status, 128 + SIGINT, as for a Ctrl-C during the rows. A main()
+    returns it from its checks (`except KeyboardInterrupt:`), interrupted_before_rows exits with it."""
+    print("interrupted before the first row: nothing measured or written", file=sys.stderr)
+    return 130
 
 
 @contextlib.contextmanager
 def interrupted_before_rows() -> Iterator[None]:
+    """Around the imports at a bench's top, where no main() is there yet to return from."""
     try:
         yield
     except KeyboardInterrupt:
-        print(LINE, file=sys.stderr)
-        sys.exit(130)  # 128 + SIGINT, as for a Ctrl-C during the rows
+        sys.exit(stopped_before_rows())

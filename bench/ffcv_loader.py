@@ -36,8 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 
-from before_rows import LINE as BEFORE_ROWS
-from before_rows import interrupted_before_rows
+from before_rows import interrupted_before_rows, stopped_before_rows
 
 with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here is one line too
     import torch
@@ -218,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # resolve_device may initialise CUDA, and --data is listed (seconds)
-        print(BEFORE_ROWS, file=sys.stderr)
-        return 130
+        return stopped_before_rows()
 
     results: list[dict] = []
     conversion: dict = {}

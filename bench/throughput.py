@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 
-from before_rows import LINE as BEFORE_ROWS
-from before_rows import interrupted_before_rows
+from before_rows import interrupted_before_rows, stopped_before_rows
 
 with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here is one line too
     import torch
@@ -429,8 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the data check reads the folder (seconds on a network disk)
-        print(BEFORE_ROWS, file=sys.stderr)
-        return 130
+        return stopped_before_rows()
     try:
         return measure(args, cfg, specs, device)
     except OSError as e:  # --json or --plot on a full disk, or a path that may no longer be written
