@@ -42,6 +42,18 @@ class EpochPart:
         return asdict(self)
 
 
+def other_images(saved: int | None, now: int) -> str | None:
+    """Where the data's images, counted anew (`now`), are not the checkpoint's count (`saved`; None:
+    a checkpoint from before it held one), what changed, for a resume's warning; else None. A folder
+    changed in place (a class folder added) is no changed setting: only the count tells."""
+    if saved is None or saved == now:
+        return None
+    return (
+        f"the data has {plural(now, 'image')} now, the run trained on {saved} "
+        "(images or class folders added or removed since)"
+    )
+
+
 def resumed_part(saved: dict[str, Any] | None, epoch: int, loader, batch_size: int, world: int) -> EpochPart | None:
     """The part of epoch `epoch` (0-based) that the checkpoint holds, where this run can continue it
     at the next step; None at an epoch end. A checkpoint of other steps per epoch (another
@@ -54,16 +66,14 @@ def resumed_part(saved: dict[str, Any] | None, epoch: int, loader, batch_size: i
         return None
     part = EpochPart(**{k: saved[k] for k in EpochPart.__dataclass_fields__ if k in saved})
     now = (len(loader), batch_size, world)
-    images = saved.get("num_images")
-    data_changed = images is not None and images != loader.num_images
+    data_changed = other_images(saved.get("num_images"), loader.num_images)
     if (part.steps, part.batch_size, part.world_size) == now and loader.starts_mid_epoch and not data_changed:
         log.info("--resume: epoch %d continues at step %d of %d", epoch + 1, part.step + 1, part.steps)
         return part
     if not loader.starts_mid_epoch:
         why, advice = "this loader starts an epoch at its first step only", ""
     elif data_changed:
-        why = f"the data had {plural(images, 'image')} then, {loader.num_images} now (images added or removed)"
-        advice = "; resume on the same images to continue it"
+        why, advice = data_changed, "; resume on the same images to continue it"
     else:
         why = (
             f"it had {plural(part.steps, 'step')} of {plural(part.batch_size, 'image')} in "

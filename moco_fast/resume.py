@@ -13,6 +13,7 @@ from moco_fast import distributed as dist_utils
 from moco_fast.backbone import resolve_stem
 from moco_fast.config import ConfigError, TrainConfig, from_dict, plain, to_dict
 from moco_fast.data import DataError
+from moco_fast.epoch import other_images
 from moco_fast.model import MoCo
 from moco_fast.step import load_optimizer_state
 from moco_fast.text import plural
@@ -63,12 +64,8 @@ def resume(
 def warn_other_images(saved: int | None, now: int) -> None:
     """The data's images counted anew differ from the checkpoint's (`saved`; None: not recorded): a
     folder changed in place (a class folder added) is no changed setting, and warn_changed misses it."""
-    if saved is not None and saved != now:
-        log.warning(
-            "--resume: the data has %d images now, the run trained on %d (images or class folders added or "
-            "removed since): it goes on with the %d",
-            *(now, saved, now),
-        )
+    if changed := other_images(saved, now):
+        log.warning("--resume: %s: it goes on with the %d", changed, now)
 
 
 def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:

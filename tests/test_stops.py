@@ -278,7 +278,7 @@ def test_a_checkpoint_within_an_epoch_hands_its_image_count_to_the_resume(tmp_pa
     ckpt.save_atomic({**state, "num_images": state["num_images"] + 1}, tmp_path / "checkpoint.pt")
     with caplog.at_level(logging.INFO, "moco_fast"):
         trainer.train(config(tmp_path, **{"optim.epochs": 1, "runtime.resume": "auto"}))
-    assert "images added or removed" in caplog.text and "continues at step" not in caplog.text
+    assert "class folders added or removed" in caplog.text and "continues at step" not in caplog.text
 
 
 class Loader:
@@ -308,7 +308,7 @@ def test_a_resume_on_images_added_since_restarts_the_epoch_even_at_the_same_step
     assert resumed_part(saved, 4, Loader(10, num_images=80), 8, 1) == EpochPart(3, 1.5, 0.5, 2.0, 10, 8, 1)
     with caplog.at_level(logging.WARNING, "moco_fast"):
         assert resumed_part(saved, 4, Loader(10, num_images=82), 8, 1) is None
-    assert "the data had 80 images then, 82 now" in caplog.text and "epoch 5 starts again" in caplog.text
+    assert "the data has 82 images now, the run trained on 80" in caplog.text and "epoch 5 starts again" in caplog.text
     assert "--batch-size" not in caplog.text  # not the advice for another batch or process count
     del saved["num_images"]  # a checkpoint from before it held the count: continued as before
     assert resumed_part(saved, 4, Loader(10, num_images=82), 8, 1) == EpochPart(3, 1.5, 0.5, 2.0, 10, 8, 1)
