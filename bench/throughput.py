@@ -19,7 +19,7 @@ import gc
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
@@ -41,6 +41,7 @@ with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here 
         ratio_notes,
         speed_text,
     )
+    from row_specs import DEFAULT_ROWS, MODIFIERS, RowSpec, parse_rows
 
     from moco_fast.checkpoint import atomic_write_text
     from moco_fast.config import ConfigError, build_config, check_image_size, to_dict
@@ -57,80 +58,6 @@ with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here 
         train_step,
         validate,
     )
-
-KINDS = ("loader", "trainer", "end-to-end", "reference")
-DEFAULT_ROWS = "loader,trainer,end-to-end,reference"
-# Row modifiers (after a colon, joined by '+'): field -> value of a RowSpec.
-MODIFIERS = {
-    "bf16": {"amp": "bf16"},
-    "fp16": {"amp": "fp16"},
-    "fp32": {"amp": "off"},
-    "compile": {"compile": True},
-    "graph": {"graph": True},
-    "eager": {"compile": False, "graph": False},
-    "cl": {"channels_last": True},
-    "nchw": {"channels_last": False},
-    "foreach": {"momentum": "foreach"},
-    "triton": {"momentum": "triton"},
-    "apex": {"momentum": "apex"},
-    "loop": {"momentum": "reference"},
-    "noshuffle": {"shuffle_bn": False},  # plain BN: what split BN (shuffle BN on one device) costs
-}
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    name: str  # as written in --rows
-    kind: str  # loader | trainer | end-to-end | reference
-    amp: str
-    channels_last: bool
-    compile: bool
-    graph: bool
-    momentum: str
-    shuffle_bn: bool = True
-
-    def settings(self, amp_dtype: torch.dtype | None, workers: int, loader: str) -> str:
-        if self.kind == "reference":
-            bn = "" if self.shuffle_bn else ", no shuffle BN"
-            return "fp32, NCHW, per-parameter EMA loop, host queue pointer" + bn
-        parts = [{torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype]]
-        parts.append("channels-last" if self.channels_last else "NCHW")
-        if self.kind in ("loader", "end-to-end"):
-            parts.insert(0, f"{loader} loader" + (f", workers {workers}" if loader == "torch" else ""))
-        if self.kind != "loader":
-            parts += ["compile"] * self.compile + ["cuda graph"] * self.graph + [f"EMA {self.momentum}"]
-            parts += ["no shuffle BN"] * (not self.shuffle_bn)
-        return ", ".join(parts)
-
-
-def parse_rows(text: str, args: argparse.Namespace) -> list[RowSpec]:
-    base = RowSpec("", "", args.amp, args.channels_last, args.compile, args.cuda_graph, args.momentum_backend)
-    rows = []
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        kind, _, mods = item.partition(":")
-        if kind not in KINDS:
-            raise ConfigError(f"--rows: unknown row {kind!r}; choose from {', '.join(KINDS)}")
-        spec = replace(base, name=item, kind=kind)
-        if kind == "reference":  # the official step as it is; the global --compile/--cuda-graph are not its
-            spec = replace(spec, amp="off", channels_last=False, compile=False, graph=False, momentum="reference")
-        chosen: dict[str, tuple[str, object]] = {}  # field -> (modifier, value) within this row
-        for mod in filter(None, mods.split("+")):
-            if mod not in MODIFIERS:
-                raise ConfigError(f"--rows: unknown modifier {mod!r} in {item!r}; choose from {', '.join(MODIFIERS)}")
-            if kind == "reference" and mod != "noshuffle":
-                raise ConfigError(
-                    f"--rows: {item!r}: the reference row is the official step as it is (fp32, NCHW, the "
-                    "per-parameter EMA loop); only noshuffle (plain BN) applies to it"
-                )
-            for field, value in MODIFIERS[mod].items():
-                if field in chosen and chosen[field][1] != value:
-                    raise ConfigError(f"--rows: {item!r}: {chosen[field][0]} and {mod} contradict each other")
-                chosen[field] = (mod, value)
-            spec = replace(spec, **MODIFIERS[mod])
-        rows.append(spec)
-    if not rows:
-        raise ConfigError("--rows names no row")
-    return rows
 
 
 def sync(device: torch.device) -> None:
