@@ -38,12 +38,14 @@ class StopRequests:
         self.repeats_wait = repeats_wait  # a launcher's worker: see the module's docstring
 
     @contextlib.contextmanager
-    def deferred(self) -> Iterator[StopRequests]:
+    def deferred(self, raise_on_leaving: bool = True) -> Iterator[StopRequests]:
         """While in it, the stop signals and Ctrl-C are recorded in `signum` (those ignored stay
         ignored: `nohup`'s SIGHUP). The first one puts the handlers back in a process of its own, so
         that a second stops at once; a launcher's worker records the repeats, after it too. Leaving
         it with a signal recorded that no sync point agreed on (it came after the epoch's final
-        agreement, run_epoch's last act in here) raises it, as without deferring."""
+        agreement, run_epoch's last act in here) raises it, as without deferring; with
+        `raise_on_leaving` False the caller acts on `signum` itself (the epoch's end save: the
+        epoch's row is written first)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -70,7 +72,7 @@ class StopRequests:
             # after its timeout ends one that hangs.
             if self.signum is None or not self.repeats_wait:
                 _put_back(previous)
-        if self.signum is not None and not self.agreed:
+        if raise_on_leaving and self.signum is not None and not self.agreed:
             raise self.error()
 
     def error(self) -> KeyboardInterrupt:

@@ -366,20 +366,23 @@ def _train_held(
             row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world, done, stops, clock, within)
             done = None
             # A stop that lands after the epoch's last agreement (a rank waiting here for a slower
-            # one: the check, the save's gather) is recorded and raised once the save is written,
+            # one: the check, the save's gather) is recorded and acted on once the save is written,
             # rather than ending the run at once and losing the epoch's steps since the last save.
             # A stop agreed already is not deferred again: a second one during the save ends it at once.
-            with stops.deferred() if stops.signum is None else contextlib.nullcontext():
+            with stops.deferred(raise_on_leaving=False) if stops.signum is None else contextlib.nullcontext():
                 saves.check(mean_loss, epoch + 1)
                 # saved before the kNN, which can take minutes: a stop or a crash in it loses no step.
                 # The checkpoint holds the row, which --resume writes if the run ended before it did.
                 saves.save(epoch + 1, row=row)
             clock.saved()
+            # agreed at the epoch's end (run_epoch) or recorded in its save: the epoch ends as saved,
+            # its row written without the kNN (a stop does not wait for it), then the stop
+            stopped = stops.signum is not None
             knn_due = cfg.runtime.knn_every and (epoch + 1) % cfg.runtime.knn_every == 0
-            if splits is not None and knn_due and not stops.agreed:  # a stop does not wait for the kNN
+            if splits is not None and knn_due and not stopped:
                 row = _with_knn(row, writer, lambda: knn_top1(model.backbone(), splits, cfg, device))
             writer.write(row)
-            if stops.agreed:  # agreed at the epoch's end (run_epoch): saved as its end
+            if stopped:
                 raise stops.error()
         if close := getattr(loader, "close", None):  # its kept workers, idle from here (the torch loader's)
             close()

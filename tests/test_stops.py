@@ -147,6 +147,9 @@ def test_a_stop_in_an_epochs_end_save_waits_for_the_save(tmp_path, monkeypatch, 
         trainer.train(config(tmp_path, **{"optim.epochs": 2}))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 1 and "step" not in state
+    # its row written as at any epoch end a stop ends (it was left to a --resume, which a run stopped
+    # at its last epoch never gets)
+    assert [r["epoch"] for r in rows(tmp_path)] == [1]
 
 
 def test_the_cli_stops_with_its_line_and_status_and_resume_ends_as_a_whole_run(tmp_path, monkeypatch, capsys, caplog):
