@@ -291,7 +291,7 @@ def differences(state: dict[str, Any], cfg: Any) -> list[str]:
     saved, now = state["config"], settings(cfg)
     diff = []
     for k in now:
-        if saved.get(k) == now[k]:
+        if saved.get(k) == now[k] or _same_when_resolved(k, saved, now, cfg):
             continue
         if k == "checkpoint_stamp":
             if saved.get("checkpoint") == now.get("checkpoint"):  # another file's stamp differs anyway
@@ -299,6 +299,35 @@ def differences(state: dict[str, Any], cfg: Any) -> list[str]:
         else:
             diff.append(f"--{k.replace('_', '-')} {_as_given(saved.get(k))} (now {_as_given(now[k])})")
     return diff
+
+
+def _same_when_resolved(k: str, saved: dict[str, Any], now: dict[str, Any], cfg: Any) -> bool:
+    """A flag given with the value its default resolves to is the same setting: --image-size left out
+    is the checkpoint's training size (224 without one), --stem auto the stem of the image size (a
+    scratch finetune's; a checkpoint's stem is its own). `--resume --image-size 32` of a run that left
+    it out at 32 px was refused as "--image-size not given (now 32)"."""
+    if k == "image_size":
+        return (saved.get(k) or default_image_size(cfg)) == (now[k] or default_image_size(cfg))
+    if k == "stem":
+        from moco_fast.backbone import resolve_stem
+
+        def stem(settings: dict[str, Any]) -> Any:
+            size = settings.get("image_size") or default_image_size(cfg)
+            return resolve_stem(settings[k], size) if isinstance(settings.get(k), str) else settings.get(k)
+
+        return stem(saved) == stem(now)
+    return False
+
+
+def default_image_size(cfg: Any) -> int:
+    """The size a run without --image-size trains and evaluates at: the checkpoint's training size
+    (its config; a foreign checkpoint's as foreign.py reads it), 224 without a checkpoint."""
+    if not cfg.checkpoint:
+        return 224
+    from moco_fast.foreign import as_training_state
+
+    state = as_training_state(ckpt.load(cfg.checkpoint, mmap=True), cfg.checkpoint, cfg.arch, say=False)
+    return state["config"]["data"]["aug"]["image_size"]
 
 
 def _as_given(value: Any) -> str:

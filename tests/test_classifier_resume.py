@@ -314,3 +314,26 @@ def test_a_state_of_another_checkpoint_names_that_alone(tmp_path):
     assert differences(state, LinclsConfig(str(b))) == [f"--checkpoint {str(a)!r} (now {str(b)!r})"]
     a.write_bytes(b"aa-trained-further")
     assert differences(state, LinclsConfig(str(a))) == ["the checkpoint has changed since (trained further?)"]
+
+
+def test_a_flag_given_with_the_value_it_left_to_its_default_resumes(ckpt, tmp_path):
+    # --image-size 32 given again on --resume, where the interrupted run left it out and ran at the
+    # checkpoint's own 32 px, was refused as "--image-size not given (now 32)"; likewise a scratch
+    # finetune's --stem cifar where "auto" made the CIFAR stem at 32 px
+    from dataclasses import replace
+
+    from moco_fast.classifier_epochs import differences, settings
+    from moco_fast.finetune import FinetuneConfig
+    from moco_fast.lincls import LinclsConfig
+
+    lincls = LinclsConfig(str(ckpt))
+    state = {"config": settings(lincls)}
+    assert differences(state, replace(lincls, image_size=32)) == []
+    assert differences(state, replace(lincls, image_size=40)) == ["--image-size not given (now 40)"]
+    assert differences({"config": settings(replace(lincls, image_size=32))}, lincls) == []
+    scratch = FinetuneConfig(from_scratch=True, arch="resnet18", image_size=32)
+    state = {"config": settings(scratch)}
+    assert differences(state, replace(scratch, stem="cifar")) == []
+    assert differences(state, replace(scratch, stem="imagenet")) == ["--stem 'auto' (now 'imagenet')"]
+    scratch = FinetuneConfig(from_scratch=True, arch="resnet18")  # 224 px without a checkpoint
+    assert differences({"config": settings(scratch)}, replace(scratch, image_size=224)) == []
