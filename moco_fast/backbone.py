@@ -131,7 +131,11 @@ def check_arch(arch: str | None) -> None:
     before any data is read or a model built); None (an --arch not given) is nothing to check."""
     if arch is None or arch in WIDER:
         return
-    if not arch.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(torchvision.models, arch):
+    # torchvision's registry of networks: its namespace also holds modules (torchvision.models.resnet,
+    # which --arch resnet built as "'module' object is not callable")
+    if not arch.startswith(("resnet", "wide_resnet", "resnext")) or arch not in torchvision.models.list_models(
+        module=torchvision.models
+    ):
         raise ConfigError(
             f"unknown arch {arch!r}: use a torchvision ResNet such as resnet18, resnet50 or wide_resnet50_2, "
             "or the paper's wider ResNet-50s resnet50w2 and resnet50w4"

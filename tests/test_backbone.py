@@ -77,6 +77,19 @@ def test_an_unknown_arch_names_the_wider_resnets():
         build_backbone("resnet50w3")
 
 
+@pytest.mark.parametrize("arch", ["resnet", "resnet50_", "ResNet"])
+def test_a_name_in_torchvision_models_that_is_no_network_is_an_unknown_arch(arch):
+    # torchvision.models.resnet is the module the ResNets live in: --arch resnet passed the check and
+    # train, finetune and the bench ended in "TypeError: 'module' object is not callable"
+    from moco_fast.backbone import check_arch
+    from moco_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"unknown arch '{arch}'"):
+        check_arch(arch)
+    check_arch("resnext50_32x4d")  # every torchvision ResNet stays a choice
+    check_arch("wide_resnet101_2")
+
+
 def test_a_wider_resnet50_exports_for_torchvision_and_detectron2(tmp_path, capsys):
     import pickle
 
