@@ -289,6 +289,11 @@ def _train_held(
     )
 
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images).to(device)
+    if model.mechanism == "memory-bank" and model.k < cfg.moco.k:  # config.json keeps the K asked for
+        log.warning(
+            "--moco-k %d is more than the %s, one row each in the memory bank: each step draws %d negatives from it",
+            *(cfg.moco.k, plural(loader.num_images, "training image"), model.k),
+        )
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg, device)

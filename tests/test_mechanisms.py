@@ -236,3 +236,21 @@ def test_checkpoints_with_the_old_unused_queue_still_load(mechanism):
     model = make(mechanism)
     model.load_state_dict(old)
     assert model.queue.shape == (0, DIM)
+
+
+def test_a_memory_bank_k_above_the_image_count_says_the_negatives_it_draws(tiny_root, tmp_path, caplog):
+    # the bank holds one row per image, and K was cut to that count without a word: config.json said
+    # K 64 for a run that drew 32 negatives a step (the sweep's table said so, train did not)
+    import logging
+
+    from run_helpers import tiny_args
+
+    from moco_fast.cli import main
+
+    argv = [*tiny_args(tiny_root, tmp_path / "mb"), "--mechanism", "memory-bank", "--moco-k", "64"]
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(argv) == 0
+    assert (
+        "--moco-k 64 is more than the 32 training images, one row each in the memory bank: "
+        "each step draws 32 negatives from it" in caplog.text
+    )
