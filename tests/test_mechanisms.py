@@ -254,3 +254,23 @@ def test_a_memory_bank_k_above_the_image_count_says_the_negatives_it_draws(tiny_
         "--moco-k 64 is more than the 32 training images, one row each in the memory bank: "
         "each step draws 32 negatives from it" in caplog.text
     )
+
+
+def test_a_flag_the_mechanism_does_not_read_is_named(tiny_root, tmp_path, capsys, caplog):
+    # --mechanism end-to-end --moco-k 4096 trained with the batch's keys without a word
+    import logging
+
+    from moco_fast.cli import main
+
+    base = ["train", "--data", str(tiny_root), "--out", str(tmp_path / "run"), "--device", "cpu", "--print-config"]
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*base, "--mechanism", "end-to-end", "--moco-k", "4096", "--moco-m", "0.9"]) == 0
+        assert main([*base, "--mechanism", "memory-bank", "--moco-k", "4096", "--moco-m", "0.9"]) == 0
+        assert main([*base, "--mechanism", "moco", "--moco-k", "4096", "--moco-m", "0.9"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == [
+        "--moco-k 4096 has no effect with --mechanism end-to-end: its negatives are the other keys of the batch "
+        "(K = the batch)",
+        "--moco-m 0.9 has no effect with --mechanism end-to-end: its keys come from the query encoder",
+        "--moco-m 0.9 has no effect with --mechanism memory-bank: it has no key encoder",
+    ]

@@ -400,6 +400,7 @@ def _gpus_to_resume_with(cfg) -> int:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    warn_unused(args, cfg.moco.mechanism)
     if args.print_config:
         from moco_fast.config import to_dict
         from moco_fast.join import env_world_size
@@ -433,6 +434,25 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         _report(row, cfg)
     return 0
+
+
+# what each mechanism does without (--symmetric: trainer.validate warns, as a sweep's setting may carry it)
+UNUSED_FLAGS = {
+    "memory-bank": {"moco_m": "it has no key encoder"},
+    "end-to-end": {
+        "moco_k": "its negatives are the other keys of the batch (K = the batch)",
+        "moco_m": "its keys come from the query encoder",
+    },
+}
+
+
+def warn_unused(args: argparse.Namespace, mechanism: str) -> None:
+    """One line for each flag given that the mechanism does not read (config.json records it all the
+    same): `--mechanism end-to-end --moco-k 4096` trained with the batch's keys without a word."""
+    for dest, why in UNUSED_FLAGS.get(mechanism, {}).items():
+        if getattr(args, dest, None) is not None:
+            flag = "--" + dest.replace("_", "-")
+            log.warning("%s %s has no effect with --mechanism %s: %s", flag, getattr(args, dest), mechanism, why)
 
 
 def _report(row: dict, cfg) -> None:
