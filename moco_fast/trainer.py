@@ -169,6 +169,8 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int |
             fix = queue_fix(cfg, world, saved, 2 if m.symmetric else 1)
         raise ConfigError(f"--moco-k {m.k} is smaller than the keys one step enqueues ({keys_per_step}): {fix}")
     splits = m.bn_splits if m.shuffle_bn and world == 1 else 1
+    if o.batch_size < 2:  # one BN group (split BN off, or one split): no --bn-splits to lower
+        raise ConfigError(f"--batch-size {o.batch_size} gives BN 1 image a batch: raise it to 2 or more")
     if o.batch_size % splits or o.batch_size // splits < 2:
         fix = "lower --bn-splits or raise --batch-size"
         if splits > 1 and (saved := _asked(saved_world)) is not None and saved > 1:

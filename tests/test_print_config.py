@@ -13,6 +13,9 @@ REFUSED = [
     (["--moco-k", "16", "--batch-size", "32"], "--moco-k 16 is smaller than the keys one step enqueues (32)"),
     (["--epochs", "0"], "--epochs and --batch-size must be positive"),
     (["--batch-size", "12", "--bn-splits", "8"], "must be a multiple of --bn-splits 8"),
+    # split BN off: the line asked to lower a --bn-splits of 1 (or one not in use) below 1
+    (["--batch-size", "1", "--no-shuffle-bn"], "--batch-size 1 gives BN 1 image a batch: raise it to 2 or more"),
+    (["--batch-size", "1", "--bn-splits", "1"], "--batch-size 1 gives BN 1 image a batch: raise it to 2 or more"),
     (["--moco-t", "0"], "--moco-t must be positive"),
     (["--knn-k", "0"], "--knn-k must be at least 1"),
     (["--device", "tpu"], "--device 'tpu'"),
