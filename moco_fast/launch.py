@@ -74,6 +74,8 @@ def check_gpus_flag(cfg: TrainConfig) -> None:
         raise ConfigError(
             "--gpus starts its own workers: under torchrun leave it out (--nproc_per_node sets the count)"
         )
+    if cfg.runtime.device == "cpu" and n == 1:
+        raise ConfigError("--gpus 1 asks for a GPU and --device cpu for none: drop --gpus to train on the CPU")
     if cfg.runtime.device == "cpu":
         raise ConfigError(
             f"--gpus {n} starts one worker per GPU; for {n} CPU processes use torchrun (gloo): "

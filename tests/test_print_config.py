@@ -20,6 +20,9 @@ REFUSED = [
     (["--knn-k", "0"], "--knn-k must be at least 1"),
     (["--device", "tpu"], "--device 'tpu'"),
     (["--device", "cpu", "--amp", "fp16"], "--amp fp16 needs a GPU"),
+    # it said "for 1 CPU processes use torchrun ... --nproc_per_node 1", where one CPU process is train alone
+    (["--device", "cpu", "--gpus", "1"], "--gpus 1 asks for a GPU and --device cpu for none: drop --gpus"),
+    (["--device", "cpu", "--gpus", "2"], "for 2 CPU processes use torchrun (gloo)"),
     (["--device", "cpu", "--cuda-graph"], "--cuda-graph captures the step on a CUDA GPU"),
     (["--loader", "resident", "--loader-option", "memory_fraction=2"], "memory_fraction must be within (0, 1]"),
     (["--device", "cpu", "--loader", "dali", "--loader-option", "decoder=mixed"], "decoder=mixed needs a CUDA"),
