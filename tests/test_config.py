@@ -34,6 +34,15 @@ def test_default_preset_depends_on_data():
     assert parse("--data", "x", "--image-size", "96").data.aug.image_size == 96
 
 
+def test_the_demo_sets_size_given_again_keeps_its_statistics():
+    # `--preset v2` on the demo set trains at its 32 px with its CIFAR statistics; --image-size 32,
+    # the same size given, normalised with ImageNet's (another run than the one left to its default)
+    left, given = parse("--preset", "v2"), parse("--preset", "v2", "--image-size", "32")
+    assert given.data.aug == left.data.aug and left.data.aug.mean != MOCO_V2.mean
+    assert parse("--preset", "v2", "--image-size", "64").data.aug == left.data.aug.with_size(64)  # the data's
+    assert parse("--data", "x", "--image-size", "32").data.aug == MOCO_V2.with_size(32)  # other data: the preset's
+
+
 def test_round_trip():
     cfg = parse("--data", "x", "--preset", "v1", "--loader-option", "a=1")
     assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg

@@ -92,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--image-size",
         type=int,
         help=f"training crop size, 8..{MAX_IMAGE_SIZE} (default: the preset's, 224; cifar and demo 32; 32 with any preset "
-        "on the demo set)",
+        "on the demo set, normalised with its own statistics at any size)",
     )
     g.add_argument(
         "--loader-option",
@@ -292,12 +292,14 @@ def config_from_args(args: argparse.Namespace):
         cfg.data.loader_options[key] = value
     if args.data is not None:  # saved in config.json and the checkpoint: a --resume from elsewhere finds it
         cfg.data.data = os.path.abspath(args.data)
-    if args.image_size is not None:
-        cfg.data.aug = cfg.data.aug.with_size(args.image_size)
-    elif saved is None and args.data is None and cfg.data.loader != "synthetic" and cfg.data.aug.image_size != 32:
-        # The demo set is CIFAR-sized: train at its native size and statistics unless told otherwise.
+    if saved is None and args.data is None and cfg.data.loader != "synthetic":
+        # The demo set is CIFAR-sized: its own statistics, at its native size unless --image-size says
+        # otherwise (the statistics are the data's: --image-size 32 gave ImageNet's to `--preset v2`)
         demo = AUG_PRESETS["demo"]
-        cfg.data.aug = replace(cfg.data.aug, image_size=demo.image_size, mean=demo.mean, std=demo.std)
+        size = demo.image_size if args.image_size is None else args.image_size
+        cfg.data.aug = replace(cfg.data.aug, image_size=size, mean=demo.mean, std=demo.std)
+    elif args.image_size is not None:
+        cfg.data.aug = cfg.data.aug.with_size(args.image_size)
     return cfg
 
 
