@@ -69,10 +69,11 @@ def warn_other_images(saved: int | None, now: int) -> None:
 
 
 def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    """A resumed run may change its data, optimisation or epochs; say what changed."""
+    """A resumed run may change its data, optimisation, epochs and the MoCo settings that
+    check_same_model lets change (--moco-m, --moco-t, --symmetric, shuffle BN); say what changed."""
     now = to_dict(cfg)
     changed = []
-    for section in ("data", "optim"):
+    for section in ("data", "optim", "moco"):
         for k, old in saved.get(section, {}).items():
             new = now[section].get(k)
             if k in ("epochs", "workers") or plain(new) == plain(old):

@@ -339,3 +339,20 @@ def test_new_random_streams_from_the_largest_seed(rank, epoch):
     drawn = np.random.randint(2**31), torch.randint(2**31, ()).item()
     restore_rng({"rng": None}, cfg, world=2, rank=rank, epoch=epoch)
     assert (np.random.randint(2**31), torch.randint(2**31, ()).item()) == drawn
+
+
+def test_a_resume_names_the_moco_settings_it_changes(caplog):
+    # --moco-m, --moco-t, --symmetric, --shuffle-bn and --bn-splits may change on --resume; config.json
+    # then records the new values for the whole run, and the change went without a word
+    from moco_fast.config import build_config, to_dict
+    from moco_fast.resume import warn_changed
+
+    saved = to_dict(build_config("cifar"))
+    now = build_config("cifar", {"moco.m": 0.9, "moco.t": 0.2, "moco.shuffle_bn": False})
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        warn_changed(saved, now)
+        warn_changed(saved, build_config("cifar"))  # nothing changed: nothing said
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "--resume with changed settings: moco.m 0.99 -> 0.9; moco.t 0.1 -> 0.2; moco.shuffle_bn True -> False"
+    ]
