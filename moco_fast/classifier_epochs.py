@@ -265,7 +265,17 @@ def settings(cfg: Any, checkpoint_stamp: list[Any] | None = None) -> dict[str, A
     if checkpoint_stamp is None and cfg.checkpoint:
         checkpoint_stamp = ckpt.file_stamp(cfg.checkpoint)
     now["checkpoint_stamp"] = checkpoint_stamp
+    now["amp_ran"] = amp_ran(cfg)
     return now
+
+
+def amp_ran(cfg: Any) -> str:
+    """--amp as it runs on --device (which may change on --resume): auto is bf16 on CUDA, off on the CPU."""
+    if cfg.amp != "auto":
+        return cfg.amp
+    from moco_fast.trainer import resolve_device
+
+    return "bf16" if resolve_device(cfg.device).type == "cuda" else "off"
 
 
 def load_state(path: Path, command: str, mmap: bool = False) -> dict[str, Any]:
@@ -291,6 +301,14 @@ def differences(state: dict[str, Any], cfg: Any) -> list[str]:
     saved, now = state["config"], settings(cfg)
     diff = []
     for k in now:
+        if k == "amp_ran":
+            continue  # with --amp
+        if k == "amp":
+            # what ran: auto and off on the CPU are the same features, auto on a GPU (bf16) and on the
+            # CPU (off) are not; a state saved before amp_ran has --amp as typed only
+            if saved["amp_ran"] != now["amp_ran"] if "amp_ran" in saved else saved[k] != now[k]:
+                diff.append(f"--amp {_amp_as_given(saved)} (now {_amp_as_given(now)})")
+            continue
         if saved.get(k) == now[k] or _same_when_resolved(k, saved, now, cfg):
             continue
         if k == "checkpoint_stamp":
@@ -328,6 +346,12 @@ def default_image_size(cfg: Any) -> int:
 
     state = as_training_state(ckpt.load(cfg.checkpoint, mmap=True), cfg.checkpoint, cfg.arch, say=False)
     return state["config"]["data"]["aug"]["image_size"]
+
+
+def _amp_as_given(settings: dict[str, Any]) -> str:
+    """--amp as typed, and what auto made of it where known (a state saved before amp_ran has not)."""
+    ran = settings.get("amp_ran", settings["amp"])
+    return repr(settings["amp"]) + ("" if ran == settings["amp"] else f", i.e. {ran}")
 
 
 def _as_given(value: Any) -> str:

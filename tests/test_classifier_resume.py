@@ -63,7 +63,7 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
         assert lincls(out, "--eval-every", "1", "--resume", "--lr", "0.1") == 2
         assert "was run with other settings: --lr 0.5 (now 0.1)" in capsys.readouterr().err
         assert lincls(out, "--eval-every", "1", "--resume", "--amp", "bf16") == 2  # other features
-        assert "--amp 'auto' (now 'bf16')" in capsys.readouterr().err
+        assert "--amp 'auto', i.e. off (now 'bf16')" in capsys.readouterr().err
         assert lincls(out, "--eval-every", "1", "--resume", "--image-size", "40") == 2
         assert "--image-size not given (now 40)" in capsys.readouterr().err  # it said "--image-size None"
         # the checkpoint trained further since (`train --resume` keeps lincls.state.pt): another backbone
@@ -337,3 +337,26 @@ def test_a_flag_given_with_the_value_it_left_to_its_default_resumes(ckpt, tmp_pa
     assert differences(state, replace(scratch, stem="imagenet")) == ["--stem 'auto' (now 'imagenet')"]
     scratch = FinetuneConfig(from_scratch=True, arch="resnet18")  # 224 px without a checkpoint
     assert differences({"config": settings(scratch)}, replace(scratch, image_size=224)) == []
+
+
+def test_amp_is_compared_as_it_ran(tmp_path):
+    # --amp off given again on the CPU, where the interrupted run's auto ran without autocast, was
+    # refused as "--amp 'auto' (now 'off')"; auto resumed on the CPU after a GPU's auto (bf16), other
+    # features, went through as the same setting
+    from dataclasses import replace
+
+    from moco_fast.classifier_epochs import differences, settings
+    from moco_fast.lincls import LinclsConfig
+
+    a = tmp_path / "a.pt"
+    a.write_bytes(b"a")
+    cpu = LinclsConfig(str(a), device="cpu")
+    state = {"config": settings(cpu)}
+    assert differences(state, replace(cpu, amp="off")) == []
+    assert differences(state, replace(cpu, amp="bf16")) == ["--amp 'auto', i.e. off (now 'bf16')"]
+    on_a_gpu = {"config": {**state["config"], "amp_ran": "bf16"}}
+    assert differences(on_a_gpu, cpu) == ["--amp 'auto', i.e. bf16 (now 'auto', i.e. off)"]
+    before = {"config": {k: v for k, v in state["config"].items() if k != "amp_ran"}}  # an older state
+    assert differences(before, cpu) == [] and differences(before, replace(cpu, amp="off")) == [
+        "--amp 'auto' (now 'off')"
+    ]
