@@ -274,3 +274,9 @@ def test_a_flag_the_mechanism_does_not_read_is_named(tiny_root, tmp_path, capsys
         "--moco-m 0.9 has no effect with --mechanism end-to-end: its keys come from the query encoder",
         "--moco-m 0.9 has no effect with --mechanism memory-bank: it has no key encoder",
     ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*base, "--no-shuffle-bn", "--bn-splits", "4"]) == 0  # split BN is part of shuffle BN
+        assert main([*base, "--shuffle-bn", "--bn-splits", "4"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == ["--bn-splits 4 has no effect with --no-shuffle-bn: BN normalises each process's whole batch"]

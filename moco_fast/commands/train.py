@@ -402,7 +402,7 @@ def _gpus_to_resume_with(cfg) -> int:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    warn_unused(args, cfg.moco.mechanism)
+    warn_unused(args, cfg.moco.mechanism, cfg.moco.shuffle_bn)
     if args.print_config:
         from moco_fast.config import to_dict
         from moco_fast.join import env_world_size
@@ -448,13 +448,19 @@ UNUSED_FLAGS = {
 }
 
 
-def warn_unused(args: argparse.Namespace, mechanism: str) -> None:
+def warn_unused(args: argparse.Namespace, mechanism: str, shuffle_bn: bool) -> None:
     """One line for each flag given that the mechanism does not read (config.json records it all the
-    same): `--mechanism end-to-end --moco-k 4096` trained with the batch's keys without a word."""
+    same): `--mechanism end-to-end --moco-k 4096` trained with the batch's keys without a word, and
+    `--no-shuffle-bn --bn-splits 4` with one BN group."""
     for dest, why in UNUSED_FLAGS.get(mechanism, {}).items():
         if getattr(args, dest, None) is not None:
             flag = "--" + dest.replace("_", "-")
             log.warning("%s %s has no effect with --mechanism %s: %s", flag, getattr(args, dest), mechanism, why)
+    if args.bn_splits is not None and not shuffle_bn:
+        log.warning(
+            "--bn-splits %d has no effect with --no-shuffle-bn: BN normalises each process's whole batch",
+            args.bn_splits,
+        )
 
 
 def _report(row: dict, cfg) -> None:
