@@ -103,7 +103,7 @@ def check_arch(args: argparse.Namespace) -> None:
     )
     require(
         args.stem in (None, "auto", stem),
-        f"--stem {args.stem} contradicts the checkpoint, a {stem}-stem network ({why}; leave --stem out)",
+        f"--stem {args.stem} contradicts the checkpoint, a network with the {stem} stem ({why}; leave --stem out)",
     )
 
 
