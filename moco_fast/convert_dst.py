@@ -256,6 +256,16 @@ def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
         raise ConfigError(
             f"DST {dst} {what}, which every scan of SRC {src} reads (convert, train, knn): give a path {away}"
         )
+    root = s.parent
+    if s.name in SPLIT_NAMES and (root / "train").is_dir() and (scanned := scanned_folder(root, where)) is not None:
+        # SRC is a split of a root (`convert data/train data/val/x.beton`): train and knn of that
+        # root read its val/ and test/ as well, and would meet the output there
+        shown = src.parent / scanned.relative_to(root)
+        what = f"would be the split folder {shown}" if scanned == where else f"is inside {shown}"
+        raise ConfigError(
+            f"DST {dst} {what}, which every scan of {src.parent} (SRC's root) reads (convert, train, knn): "
+            f"give a path beside {src.name}/ or outside {src.parent}"
+        )
     check_output(dst, "DST", replaces=ours, folder=wds)
     if exists and not force:
         raise FileExistsError(f"{dst} exists: pass --force to replace it")

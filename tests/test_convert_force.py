@@ -270,6 +270,12 @@ SPLIT_AWAY = (
 )
 
 
+ROOT_AWAY = (
+    "which every scan of {{tmp}}/data (SRC's root) reads (convert, train, knn): give a path beside {split}/ or "
+    "outside {{tmp}}/data"
+)
+
+
 @pytest.mark.parametrize(
     ("fmt", "src", "dst", "says"),
     [
@@ -280,6 +286,20 @@ SPLIT_AWAY = (
         ("wds", "data", "data/val", "would be SRC's split folder {tmp}/data/val, " + SPLIT_AWAY),
         # SRC without train/: all of it is read
         ("wds", "data/train", "data/train/shards", "is inside {src}, which every scan of SRC {src} reads"),
+        # SRC a split of a root: a scan of the root reads its other splits (convert data/train data/test/x.beton)
+        ("ffcv", "data/train", "data/test/x.beton", "is inside {tmp}/data/test, " + ROOT_AWAY.format(split="train")),
+        (
+            "wds",
+            "data/train",
+            "data/val",
+            "would be the split folder {tmp}/data/val, " + ROOT_AWAY.format(split="train"),
+        ),
+        (
+            "ffcv",
+            "data/test",
+            "data/train/{cls}/x.beton",
+            "is inside {tmp}/data/train, " + ROOT_AWAY.format(split="test"),
+        ),
     ],
 )
 def test_an_output_where_a_scan_of_src_reads_is_refused(fresh_root, tmp_path, monkeypatch, capsys, fmt, src, dst, says):
@@ -301,6 +321,8 @@ def test_an_output_under_src_that_no_scan_reads_is_allowed(fresh_root):
     # beside train/, in another folder of the root, under a dot-name (never read): checked as anywhere
     for dst in ("x.beton", "betons/x.beton", "train/.cache/x.beton", "train/.x.beton"):
         check_destination(fresh_root, fresh_root / dst, "ffcv", False)
+    for dst in ("x.beton", "betons/x.beton", "test/.x.beton"):  # SRC a split of the root: beside it too
+        check_destination(fresh_root / "train", fresh_root / dst, "ffcv", False)
 
 
 def test_sidecar_of_reads_a_sidecar_only_where_it_describes_this_beton(tmp_path, caplog):

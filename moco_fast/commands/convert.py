@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dst",
         metavar="DST",
         help="output: X.beton (ffcv; class names go to X.beton.json, source file names to X.beton.files.txt) "
-        "or a folder (wds); not inside SRC's train/, val/ or test/ (a SRC without train/: not inside SRC)",
+        "or a folder (wds); not inside SRC's train/, val/ or test/ (a SRC without train/: not inside SRC; "
+        "a SRC that is ROOT/train: not inside ROOT's train/, val/ or test/)",
     )
     p.add_argument("--format", choices=["ffcv", "wds"], default="ffcv", help="output format")
     p.add_argument(
