@@ -80,6 +80,10 @@ def resolve_root(data: str | None, name: str = "--data") -> Path:
         if root.suffix == ".beton":  # what convert writes for --loader ffcv
             raise DataError(f"{name} {root} is an FFCV .beton, which --loader ffcv reads; this reads image folders")
         raise DataError(f"{name} must be a folder of images (class subfolders), got a file: {root}")
+    from moco_fast.loaders.wds import is_wds_root  # loaders.wds imports this module
+
+    if is_wds_root(root):  # its listing said "no class subfolders", or lincls "needs an eval split"
+        raise DataError(f"{name} {root} is a WebDataset shard set, which --loader dali reads; this reads image folders")
     return root
 
 

@@ -462,3 +462,19 @@ def test_a_beton_given_to_a_folder_loader_names_the_loader_that_reads_it(tmp_pat
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="must be a folder of images"):
         resolve_root(str(tmp_path / "notes.txt"))
+
+
+def test_a_shard_set_given_where_image_folders_are_read_names_the_loader_that_reads_it(tmp_path, capsys):
+    # knn, lincls, finetune and convert's SRC said "no class subfolders in DIR" or "needs an eval split"
+    from moco_fast.cli import main
+    from moco_fast.lincls import load_splits_with_eval
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "meta.json").write_text('{"format": "wds", "classes": ["a"], "num_images": 1, "shards": []}')
+    said = f"{shards} is a WebDataset shard set, which --loader dali reads; this reads image folders"
+    for read in (load_splits, load_splits_with_eval):
+        with pytest.raises(DataError, match=f"^--data {re.escape(said)}$"):
+            read(str(shards))
+    assert main(["convert", str(shards), str(tmp_path / "x"), "--format", "wds", "--workers", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"moco-fast convert: error: SRC {said}"]
