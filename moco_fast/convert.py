@@ -102,7 +102,11 @@ def source_images(cfg: ConvertConfig) -> ImageList:
                 eval_dir.name,
             )
         return list_images(train_dir, check=True, workers=max(1, cfg.workers))
-    if train_dir == root or eval_dir is None or eval_dir.name != cfg.split:
+    if train_dir != root and eval_dir is not None and eval_dir.name != cfg.split:  # CIFAR-10's is test/
+        raise DataError(
+            f"--split {cfg.split}: {root} has no {cfg.split}/ folder; its eval split is {eval_dir.name}/: give --split {eval_dir.name}"
+        )
+    if train_dir == root or eval_dir is None:
         raise DataError(f"--split {cfg.split}: {root} has no train/ and {cfg.split}/ folders")
     # numbered as train/ is listed (hidden and empty folders are no classes there either)
     return list_images(eval_dir, classes=find_classes(train_dir), check=True, workers=max(1, cfg.workers))

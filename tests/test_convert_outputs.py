@@ -135,7 +135,10 @@ def test_val_split_keeps_train_labels(bad_root, tmp_path):
     summary = convert(ConvertConfig(str(bad_root), str(dst), format="wds", split="test", workers=1))
     meta = json.loads((dst / "meta.json").read_text())
     assert summary.written == 8 and meta["classes"] == real
-    with pytest.raises(DataError, match="--split val"):
+    # the root has test/ (CIFAR-10's), not val/: it said "has no train/ and val/ folders"
+    with pytest.raises(
+        DataError, match=r"--split val: .* has no val/ folder; its eval split is test/: give --split test$"
+    ):
         convert(ConvertConfig(str(bad_root), str(tmp_path / "v2"), format="wds", split="val", workers=1))
 
 
