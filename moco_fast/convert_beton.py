@@ -29,13 +29,45 @@ import numpy as np
 from moco_fast.cli import ENVIRONMENT_ERRNOS, STOP_SIGNALS
 from moco_fast.convert_dst import NAMES_FINGERPRINT, NAMES_HEADER, beton_fingerprint
 from moco_fast.convert_files import writing
-from moco_fast.convert_images import check_task, load_resized, parallel_map
+from moco_fast.convert_images import load_resized, parallel_map
 from moco_fast.data import DataError, ImageList
 
 if TYPE_CHECKING:
     from moco_fast.convert import ConvertConfig
 
 log = logging.getLogger("moco_fast")
+
+# FFCV's default page. A sample must fit in one page, and each writer worker leaves its last page
+# part-empty: pages sized for one large image cost up to that page per worker (--workers 0: a core).
+DEFAULT_PAGE = 8 << 20
+
+
+def page_need(stored: int) -> int:
+    """The page a sample stored in `stored` bytes needs, with room for FFCV's own bytes."""
+    return stored * 3 // 2 + 65536
+
+
+def check_task(job: tuple[str, int | None, int | None]) -> tuple[int, int, int] | str:
+    """(width, height, bytes stored in the .beton) after resizing, or the reason the file cannot be
+    converted. Stored: the raw pixels, or with `quality` (images that FFCV stores as JPEGs) the JPEG
+    that FFCV's field encodes, for an image whose pixels would not fit the default page (the rest fit
+    either way): a 6000 x 4000 photo made every page 128 MiB, a 63-image .beton 256 MiB."""
+    path, max_res, quality = job
+    try:
+        img = load_resized(path, max_res)
+    except Exception as e:  # PIL raises many types for bad files
+        return f"cannot decode ({type(e).__name__}: {e})"
+    w, h = img.size
+    stored = w * h * 3
+    if quality is not None and page_need(stored) > DEFAULT_PAGE:
+        import cv2  # imported by convert_ffcv before the fork
+
+        # FFCV's encode_jpeg, without importing FFCV here: its import compiles Numba functions, and a
+        # Ctrl-C then is swallowed by llvmlite's callback
+        bgr = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR)
+        stored = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), quality])[1].nbytes
+    return w, h, stored
+
 
 # How long the watch waits, for a worker that a stop signal ended, for the main thread to act on its
 # own copy of it (a signal to the process group: SLURM's --signal, a closed terminal) before taking the
@@ -209,14 +241,13 @@ def _labelled_bar() -> Iterator[None]:
         ffcv.writer.tqdm = plain
 
 
-def write_beton(tmp: Path, files: list[str], labels: list[int], sizes: list[tuple[int, int]], cfg: ConvertConfig):
+def write_beton(tmp: Path, files: list[str], labels: list[int], stored: list[int], cfg: ConvertConfig):
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
     # A sample must fit in one page: pages of 8 MiB (FFCV's default) or the next power of two above
-    # the largest raw image, with room for a JPEG that came out larger than its pixels.
-    biggest = max(w * h * 3 for w, h in sizes)
-    page = max(8 << 20, 1 << math.ceil(math.log2(biggest * 3 // 2 + 65536)))
+    # the largest sample as stored (check_task), with room for a JPEG larger than its pixels.
+    page = max(DEFAULT_PAGE, 1 << math.ceil(math.log2(page_need(max(stored)))))
     fields = {
         "image": RGBImageField(
             write_mode=cfg.write_mode,
@@ -268,7 +299,11 @@ def write_names(path: Path, files: list[str], root: Path, fingerprint: str) -> N
 def convert_ffcv(
     images: ImageList, tmp: Path, names_tmp: Path, cfg: ConvertConfig
 ) -> tuple[int, list[tuple[str, str]], dict]:
-    jobs = [(f, cfg.max_resolution) for f in images.files]
+    # jpg and smart store an image above 256 x 256 pixels (every one past the default page) as a JPEG
+    quality = cfg.jpeg_quality if cfg.write_mode in ("jpg", "smart") else None
+    if quality is not None:
+        import cv2  # noqa: F401  here, not in each worker process that needs it
+    jobs = [(f, cfg.max_resolution, quality) for f in images.files]
     results = list(parallel_map(check_task, jobs, cfg.workers, "checking"))
     skipped = [(f, r) for f, r in zip(images.files, results, strict=True) if isinstance(r, str)]
     for path, reason in skipped:
@@ -278,7 +313,7 @@ def convert_ffcv(
         raise DataError(f"none of the {len(images)} images in {images.root} could be decoded")
     files = [images.files[i] for i in keep]
     labels = [images.labels[i] for i in keep]
-    write_beton(tmp, files, labels, [results[i] for i in keep], cfg)
+    write_beton(tmp, files, labels, [results[i][2] for i in keep], cfg)
     with writing(tmp):
         fingerprint = beton_fingerprint(tmp)  # in the sidecar and the file list: they name this .beton
     with writing(names_tmp):

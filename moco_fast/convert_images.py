@@ -35,15 +35,6 @@ def load_resized(path: str, max_resolution: int | None) -> Image.Image:
     return img
 
 
-def check_task(job: tuple[str, int | None]) -> tuple[int, int] | str:
-    """(width, height) after resizing, or the reason the file cannot be converted."""
-    path, max_res = job
-    try:
-        return load_resized(path, max_res).size
-    except Exception as e:  # PIL raises many types for bad files
-        return f"cannot decode ({type(e).__name__}: {e})"
-
-
 def parallel_map(fn: Callable, jobs: list, workers: int, desc: str) -> Iterator:
     """fn over jobs in order, in `workers` processes, with a progress bar. Works in windows, so that
     results never pile up in memory faster than the caller consumes them."""

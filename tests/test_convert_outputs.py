@@ -209,3 +209,29 @@ def test_the_other_formats_flags_are_ignored_not_refused(tmp_path, monkeypatch, 
     assert "--shard-size and --seed: a --format wds setting, which --format ffcv ignores" in caplog.text
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-src" in err[0] and "must be" not in err[0], err
+
+
+@pytest.mark.slow  # FFCV's writer processes
+@pytest.mark.parametrize(("mode", "page"), [("jpg", 8 << 20), ("raw", 16 << 20)])
+def test_a_large_image_sizes_the_pages_by_what_the_beton_stores(tmp_path, mode, page):
+    # Pages were sized for the largest image's pixels even where FFCV stores it as a JPEG: a 2000 x
+    # 1500 photo (9 MB of pixels, a 0.1 MB JPEG) made them 16 MiB, and each writer worker leaves its
+    # last page part-empty (a 6000 x 4000 photo: 128 MiB pages, a 63-image .beton of 256 MiB)
+    from moco_fast.convert_beton import check_task
+    from moco_fast.convert_dst import BETON_HEADER
+
+    yy, xx = np.mgrid[0:1500, 0:2000]
+    smooth = np.stack([xx * 255 // 2000, yy * 255 // 1500, np.full_like(xx, 90)], -1).astype(np.uint8)
+    for cls, img in (("big", smooth), ("small", smooth[:40, :60])):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        Image.fromarray(img).save(tmp_path / "src" / cls / "x.jpg", quality=95)
+    dst = tmp_path / "x.beton"
+    convert(ConvertConfig(str(tmp_path / "src"), str(dst), write_mode=mode, workers=1))
+    assert BETON_HEADER.unpack_from(dst.read_bytes())[2] == page
+    labels, sizes, blobs = beton_images(dst)
+    assert labels == [0, 1] and sizes == [(2000, 1500), (60, 40)]
+    if mode == "jpg":
+        decoded = np.asarray(Image.open(io.BytesIO(blobs[0])))
+        assert np.abs(decoded.astype(int) - smooth).mean() < 3
+        # the check pass measured the JPEG that FFCV's field wrote
+        assert check_task((str(tmp_path / "src" / "big" / "x.jpg"), None, 90)) == (2000, 1500, len(blobs[0]))
