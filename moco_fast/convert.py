@@ -130,6 +130,11 @@ def validate(cfg: ConvertConfig) -> None:
         raise ConfigError(f"--jpeg-quality must be in 1..100, got {cfg.jpeg_quality}")
     if cfg.max_resolution is not None and cfg.max_resolution < 8:
         raise ConfigError(f"--max-resolution must be at least 8 pixels, got {cfg.max_resolution}")
+    if cfg.format == "ffcv" and cfg.dst.endswith(("/", os.sep)):  # Path drops the slash: `out/` wrote a file `out`
+        raise ConfigError(
+            f"DST {cfg.dst} ends with a slash (a folder), and --format ffcv writes one file: "
+            f"give its name ({os.path.join(cfg.dst, 'train.beton')})"
+        )
     if cfg.workers < 0:  # -2 ran on every core as 0 does, where the other commands refuse it
         raise ConfigError(f"--workers must be 0 (every core) or a count, got {cfg.workers}")
     # wds's flags alone: --format ffcv ignores them, with a warning (commands/convert), not an error after it

@@ -196,6 +196,21 @@ def test_bad_numbers_are_one_line_errors_before_any_image_is_read(flag, value, t
     assert not dst.parent.exists()
 
 
+def test_a_beton_dst_ending_with_a_slash_is_refused_before_any_image_is_read(tmp_path, monkeypatch, capsys):
+    # `convert data betons/` wrote a .beton file named betons (Path drops the slash), not one in it
+    import moco_fast.convert
+
+    monkeypatch.setattr(moco_fast.convert, "missing_modules", lambda names: [])  # an FFCV-less CI gets as far
+    dst = f"{tmp_path}/betons/"
+    assert main(["convert", str(tmp_path / "no-such-src"), dst]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"moco-fast convert: error: DST {dst} ends with a slash (a folder), and --format ffcv writes one file: "
+        f"give its name ({dst}train.beton)"
+    ]
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_the_other_formats_flags_are_ignored_not_refused(tmp_path, monkeypatch, capsys, caplog):
     # --format ffcv --shard-size 0 warned that ffcv ignores it, then refused it as a bad --shard-size
     import logging
