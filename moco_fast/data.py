@@ -397,6 +397,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
         else:
             full = 255.0
         im = Image.fromarray(np.clip(np.rint(a * (255.0 / full)), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and isinstance(im.info.get("transparency"), bytes):
+        # the same pixels as P -> RGB, without PIL's UserWarning (its file:line and source line, in
+        # convert's and the torch loader's output, between progress bars) that asks for this step
+        im = im.convert("RGBA")
     return im.convert("RGB")
 
 

@@ -8,6 +8,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -478,3 +479,21 @@ def test_a_shard_set_given_where_image_folders_are_read_names_the_loader_that_re
             read(str(shards))
     assert main(["convert", str(shards), str(tmp_path / "x"), "--format", "wds", "--workers", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"moco-fast convert: error: SRC {said}"]
+
+
+def test_a_palette_image_with_transparency_becomes_rgb_without_pils_warning(tmp_path):
+    # PIL warned "Palette images with Transparency expressed in bytes should be converted to RGBA
+    # images" (file:line and its source line) in convert's and a run's output, once a process
+    from moco_fast.data import load_rgb
+
+    gray = Image.fromarray((np.arange(24 * 32).reshape(24, 32) % 200).astype(np.uint8), "L")
+    gray.convert("P").save(tmp_path / "t.png", transparency=bytes([0, 128, 255] + [255] * 60))
+    with Image.open(tmp_path / "t.png") as im:
+        assert im.mode == "P" and isinstance(im.info["transparency"], bytes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plain = np.asarray(im.convert("RGB"))  # PIL's own conversion, its warning silenced
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rgb = load_rgb(str(tmp_path / "t.png"))
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb), plain)
