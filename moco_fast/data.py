@@ -34,6 +34,10 @@ DEMO_ROOT = Path(__file__).parent / "demo_data"
 # (split_dirs; convert --split reads one of them, convert_dst.scanned_folder keeps DST out of them)
 SPLIT_NAMES = ("train", "val", "test")
 
+# PIL warns at each open of an image above MAX_IMAGE_PIXELS (it refuses one above twice that) with
+# its own file:line, without naming the image: check_image names each such file once instead.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 
 class DataError(ValueError):
     """Bad data on input: the CLI prints it as one line."""
@@ -111,6 +115,16 @@ def check_image(path: str) -> tuple[str, str | None]:
         with Image.open(path) as im:
             kind = sys.intern(f"{im.format}/{im.mode}")  # one string per kind, not one per file
             im.verify()
+        pixels, limit = im.size[0] * im.size[1], Image.MAX_IMAGE_PIXELS
+        if limit and pixels > limit:
+            log.warning(
+                "%s has %s pixels, over PIL's decompression-bomb limit (%s): read anyway, ~%d MiB a decode; "
+                "shrink it (or convert with --max-resolution) to save time and memory",
+                path,
+                f"{pixels:,}",
+                f"{limit:,}",
+                pixels * 3 >> 20,
+            )
         return kind, None
     except Image.DecompressionBombError as e:  # PIL's guard against files that claim a huge size
         px = re.findall(r"\d+", str(e))
