@@ -191,6 +191,12 @@ def names_of_convert(p: Path) -> str | None:
     return "is not a file list that convert wrote (its first line is not convert's)"
 
 
+def empty_folder(p: Path) -> bool:
+    """A folder (not a link to one) that holds nothing: a shard set's DST made beforehand (`mkdir -p`),
+    which convert writes as a new one (the folder of the set is renamed over it)."""
+    return p.is_dir() and not p.is_symlink() and next(os.scandir(p), None) is None
+
+
 def shard_set_of_convert(p: Path) -> str | None:
     """check_output's `replaces` for DST with --format wds: a folder is replaced when its meta.json is
     a shard set's (`"format": "wds"`) and it holds that set's files only (meta.json, the shards it
@@ -238,9 +244,9 @@ def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
     s, d = src.resolve(), dst.resolve()
     if d == s or d in s.parents:
         raise ConfigError(f"DST {dst} holds the images it would replace (SRC {src}): choose another DST")
-    exists = dst.exists() or dst.is_symlink()
-    where = dst.parent.resolve() / dst.name  # a link itself, where its target is d
     wds = fmt == "wds"
+    exists = (dst.exists() or dst.is_symlink()) and not (wds and empty_folder(dst))
+    where = dst.parent.resolve() / dst.name  # a link itself, where its target is d
     ours = shard_set_of_convert if wds else beton_of_convert
     if exists and (s in d.parents or s in where.parents) and not (dst.is_dir() == wds and ours(dst) is None):
         # (an earlier output beside train/, `convert data data/train.beton`, is replaced as anywhere)
@@ -266,7 +272,7 @@ def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
             f"DST {dst} {what}, which every scan of {src.parent} (SRC's root) reads (convert, train, knn): "
             f"give a path beside {src.name}/ or outside {src.parent}"
         )
-    check_output(dst, "DST", replaces=ours, folder=wds)
+    check_output(dst, "DST", replaces=ours if exists else None, folder=wds)
     if exists and not force:
         raise FileExistsError(f"{dst} exists: pass --force to replace it")
     side, names = sidecar_path(dst), names_path(dst)

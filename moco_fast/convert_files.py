@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS
-from moco_fast.convert_dst import names_path, sidecar_path
+from moco_fast.convert_dst import empty_folder, names_path, sidecar_path
 
 log = logging.getLogger("moco_fast")
 
@@ -103,9 +103,10 @@ def remove(path: Path) -> None:
 
 def publish(tmp: Path, dst: Path, force: bool) -> None:
     """Rename tmp to dst. An existing dst (only with force) is moved aside first and removed after,
-    so that dst is never a half-written output."""
+    so that dst is never a half-written output. An empty folder at dst (a shard set's, made
+    beforehand) is renamed over: rename(2) replaces an empty folder (one filled since: ENOTEMPTY)."""
     old = None
-    if dst.exists() or dst.is_symlink():
+    if (dst.exists() or dst.is_symlink()) and not empty_folder(dst):
         if not force:
             raise FileExistsError(f"{dst} exists: pass --force to replace it")
         old = dst.with_name(f".{dst.name}.old-{_owner()}")

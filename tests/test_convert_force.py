@@ -169,6 +169,25 @@ def test_force_replaces_an_earlier_shard_set_only(bad_root, tmp_path, capsys):
     assert len(list(inside.glob("*.tar"))) == 4
 
 
+def test_a_shard_set_is_written_into_an_empty_folder_made_beforehand(bad_root, tmp_path, capsys):
+    # `mkdir -p out && convert data out --format wds` was refused, --force or not: "exists and is not
+    # a shard set written by convert"
+    dst = tmp_path / "wds"
+    dst.mkdir()
+    assert main(["convert", str(bad_root), str(dst), "--format", "wds", "--workers", "1"]) == 0
+    assert (dst / "meta.json").is_file() and no_partials(tmp_path)
+    # a link to an empty folder is not one: the set would be written beside the link's target
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    capsys.readouterr()
+    assert main(["convert", str(bad_root), str(tmp_path / "link"), "--format", "wds", "--workers", "1"]) == 2
+    assert "is not a shard set written by convert" in capsys.readouterr().err
+    # nor does an empty folder where a scan of SRC reads become one (val/ beside train/ and test/)
+    (bad_root / "val").mkdir()
+    assert main(["convert", str(bad_root), str(bad_root / "val"), "--format", "wds", "--workers", "1"]) == 2
+    assert "would be SRC's split folder" in capsys.readouterr().err
+
+
 def test_force_never_deletes_the_source_or_an_unrelated_folder(bad_root, tmp_path, capsys):
     # DST as SRC, or a folder above it: --force replaced the folder, images and all
     images = sorted(p.relative_to(bad_root) for p in bad_root.rglob("*"))
