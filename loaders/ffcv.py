@@ -49,6 +49,7 @@ A .beton from another writer needs the field types convert writes: `image` an RG
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,33 @@ def read_classes(beton: Path, labels: np.ndarray, fingerprint: str | None) -> li
         except (ValueError, KeyError, TypeError) as e:
             log.warning("ignoring %s: %s", sidecar_path(beton), e)
     return [str(i) for i in range(n_labels)]
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def warn_of_decode_buffers(beton: Path, images: np.ndarray, batch_size: int, batches_ahead: int, decoders: int) -> None:
+    """FFCV's decoder holds, for each image of batches_ahead + 2 batches (its EpochIterator's memory),
+    a buffer of the .beton's widest x tallest image (RandomResizedCropRGBImageDecoder's temp): one
+    large photo in a .beton converted without --max-resolution sizes them all, and a run was ended
+    by the OOM killer without a word (6000 x 4000 at batch 256: 86 GiB)."""
+    w, h = int(images["width"].max()), int(images["height"].max())
+    need, have = decoders * (batches_ahead + 2) * batch_size * w * h * 3, physical_memory()
+    if need > have // 2:
+        log.warning(
+            "%s: FFCV's decode buffers take %.1f GiB, more than half of this machine's %.1f GiB (each image of "
+            "batches_ahead + 2 = %d batches of %d has a buffer of the .beton's widest x tallest image, %d x %d): "
+            "convert it again with --max-resolution (FFCV's recipes: 256-512), or lower --batch-size or "
+            "--loader-option batches_ahead",
+            beton,
+            need / 2**30,
+            have / 2**30,
+            batches_ahead + 2,
+            batch_size,
+            w,
+            h,
+        )
 
 
 class FileNames:
@@ -225,6 +253,9 @@ class FFCVLoader:
             raise DataError(
                 f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: lower --batch-size"
             )
+        images = reader.metadata[f"f{names.index('image')}"]
+        decoders = 1 if self.opts.decode == "once" else 2
+        warn_of_decode_buffers(path, images, args.batch_size, self.opts.batches_ahead, decoders)
         self.augment = DeviceAugment(args, self.opts.jitter_order, flip=False)  # FFCV flipped already
         self.key = EpochKey(args.seed)  # the epoch of the crops and flips, which FFCV's ops read
         # FFCV sets torch's thread count to its worker count (Compiler.set_num_threads) in its

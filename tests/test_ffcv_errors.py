@@ -354,3 +354,24 @@ def test_the_fingerprint_reads_the_tables_where_ffcv_puts_them():
     from moco_fast.convert_dst import SAMPLE_RECORD_SIZE
 
     assert get_metadata_type([RGBImageField(), IntField()]).itemsize == SAMPLE_RECORD_SIZE
+
+
+@pytest.mark.parametrize("decode", ["once", "twice"])
+def test_decode_buffers_past_half_the_memory_are_named_in_a_warning(tiny_beton, monkeypatch, caplog, decode):
+    # FFCV holds a buffer of the .beton's widest x tallest image for each image of batches_ahead + 2
+    # batches: one large photo converted without --max-resolution (6000 x 4000 at batch 256: 86 GiB)
+    # and the run was ended by the OOM killer without a word
+    from moco_fast.loaders import ffcv as ffcv_loader
+
+    monkeypatch.setattr(ffcv_loader.FFCVLoader, "_build", lambda self, path: None)  # no FFCV Loader needed
+    decoders = 1 if decode == "once" else 2
+    need = decoders * (2 + 2) * 8 * 32 * 32 * 3  # batches_ahead 2, batch 8, 32 x 32 CIFAR images
+    for memory, warned in ((2 * need + 2, False), (2 * need - 2, True)):
+        monkeypatch.setattr(ffcv_loader, "physical_memory", lambda memory=memory: memory)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            create_loader("ffcv", loader_args(tiny_beton, options={"decode": decode, "batches_ahead": "2"}))
+        said = [r.getMessage() for r in caplog.records if "decode buffers" in r.getMessage()]
+        assert len(said) == warned, said
+    assert said[0].startswith(f"{tiny_beton}: FFCV's decode buffers take 0.0 GiB, more than half of this machine's")
+    assert "batches_ahead + 2 = 4 batches of 8 has a buffer of the .beton's widest x tallest image, 32 x 32" in said[0]
