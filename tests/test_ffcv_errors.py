@@ -83,6 +83,10 @@ def test_bad_data_is_a_clear_error(tiny_beton, tmp_path):
         create_loader("ffcv", loader_args(None))
     with pytest.raises(DataError, match=r"reads a \.beton file, and --data .* is a folder"):
         create_loader("ffcv", loader_args(tmp_path))
+    # convert's other output, a shard set, is named as one, with the loader that reads it
+    (tmp_path / "meta.json").write_text('{"format": "wds", "classes": [], "num_images": 1, "shards": []}')
+    with pytest.raises(DataError, match=f"--data {tmp_path} is a WebDataset shard set, which --loader dali reads"):
+        create_loader("ffcv", loader_args(tmp_path))
     junk = tmp_path / "junk.beton"
     junk.write_bytes(b"\0" * 100)
     with pytest.raises(DataError, match=r"not a readable \.beton"):
