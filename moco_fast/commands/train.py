@@ -12,6 +12,7 @@ from pathlib import Path
 
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.commands import AMP_CHOICES, HelpFormatter
+from moco_fast.commands.unused_flags import warn_unused
 from moco_fast.config import MAX_IMAGE_SIZE, MAX_SEED, PRESETS, ConfigError, build_config, set_dotted
 
 log = logging.getLogger("moco_fast")
@@ -436,31 +437,6 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         _report(row, cfg)
     return 0
-
-
-# what each mechanism does without (--symmetric: trainer.validate warns, as a sweep's setting may carry it)
-UNUSED_FLAGS = {
-    "memory-bank": {"moco_m": "it has no key encoder"},
-    "end-to-end": {
-        "moco_k": "its negatives are the other keys of the batch (K = the batch)",
-        "moco_m": "its keys come from the query encoder",
-    },
-}
-
-
-def warn_unused(args: argparse.Namespace, mechanism: str, shuffle_bn: bool) -> None:
-    """One line for each flag given that the mechanism does not read (config.json records it all the
-    same): `--mechanism end-to-end --moco-k 4096` trained with the batch's keys without a word, and
-    `--no-shuffle-bn --bn-splits 4` with one BN group."""
-    for dest, why in UNUSED_FLAGS.get(mechanism, {}).items():
-        if getattr(args, dest, None) is not None:
-            flag = "--" + dest.replace("_", "-")
-            log.warning("%s %s has no effect with --mechanism %s: %s", flag, getattr(args, dest), mechanism, why)
-    if args.bn_splits is not None and not shuffle_bn:
-        log.warning(
-            "--bn-splits %d has no effect with --no-shuffle-bn: BN normalises each process's whole batch",
-            args.bn_splits,
-        )
 
 
 def _report(row: dict, cfg) -> None:

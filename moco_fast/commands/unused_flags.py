@@ -1,0 +1,33 @@
+"""`moco-fast train`'s warnings for flags given that the run does not read: config.json records them
+all the same, so without a line a run looks as if they took effect."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("moco_fast")
+
+# what each mechanism does without (--symmetric: trainer.validate warns, as a sweep's setting may carry it)
+UNUSED_FLAGS = {
+    "memory-bank": {"moco_m": "it has no key encoder"},
+    "end-to-end": {
+        "moco_k": "its negatives are the other keys of the batch (K = the batch)",
+        "moco_m": "its keys come from the query encoder",
+    },
+}
+
+
+def warn_unused(args: argparse.Namespace, mechanism: str, shuffle_bn: bool) -> None:
+    """One line for each flag given that the mechanism does not read (config.json records it all the
+    same): `--mechanism end-to-end --moco-k 4096` trained with the batch's keys without a word, and
+    `--no-shuffle-bn --bn-splits 4` with one BN group."""
+    for dest, why in UNUSED_FLAGS.get(mechanism, {}).items():
+        if getattr(args, dest, None) is not None:
+            flag = "--" + dest.replace("_", "-")
+            log.warning("%s %s has no effect with --mechanism %s: %s", flag, getattr(args, dest), mechanism, why)
+    if args.bn_splits is not None and not shuffle_bn:
+        log.warning(
+            "--bn-splits %d has no effect with --no-shuffle-bn: BN normalises each process's whole batch",
+            args.bn_splits,
+        )
