@@ -280,3 +280,19 @@ def test_a_flag_the_mechanism_does_not_read_is_named(tiny_root, tmp_path, capsys
         assert main([*base, "--shuffle-bn", "--bn-splits", "4"]) == 0
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert said == ["--bn-splits 4 has no effect with --no-shuffle-bn: BN normalises each process's whole batch"]
+
+
+def test_a_flag_the_mechanism_does_not_read_is_named_once_a_job(tiny_root, tmp_path, monkeypatch, caplog):
+    # under torchrun every rank runs `moco-fast train` and each said the same lines (4 GPUs: 4 times)
+    import logging
+
+    from moco_fast.cli import main
+
+    args = ["train", "--data", str(tiny_root), "--out", str(tmp_path / "run"), "--device", "cpu", "--print-config"]
+    args += ["--mechanism", "end-to-end", "--moco-m", "0.9", "--no-shuffle-bn", "--bn-splits", "4"]
+    for rank, lines in (("1", 0), ("0", 2)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            assert main(args) == 0
+        assert len([r for r in caplog.records if "has no effect" in r.getMessage()]) == lines

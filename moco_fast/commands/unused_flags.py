@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger("moco_fast")
 
@@ -21,7 +22,10 @@ UNUSED_FLAGS = {
 def warn_unused(args: argparse.Namespace, mechanism: str, shuffle_bn: bool) -> None:
     """One line for each flag given that the mechanism does not read (config.json records it all the
     same): `--mechanism end-to-end --moco-k 4096` trained with the batch's keys without a word, and
-    `--no-shuffle-bn --bn-splits 4` with one BN group."""
+    `--no-shuffle-bn --bn-splits 4` with one BN group. Under torchrun every rank runs the command
+    with the same flags: rank 0 alone says them (--gpus's workers run no command)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     for dest, why in UNUSED_FLAGS.get(mechanism, {}).items():
         if getattr(args, dest, None) is not None:
             flag = "--" + dest.replace("_", "-")
