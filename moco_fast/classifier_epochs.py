@@ -307,7 +307,10 @@ def differences(state: dict[str, Any], cfg: Any) -> list[str]:
             # what ran: auto and off on the CPU are the same features, auto on a GPU (bf16) and on the
             # CPU (off) are not; a state saved before amp_ran has --amp as typed only
             if saved["amp_ran"] != now["amp_ran"] if "amp_ran" in saved else saved[k] != now[k]:
-                diff.append(f"--amp {_amp_as_given(saved)} (now {_amp_as_given(now)})")
+                # the flag that resumes it: "resume with those" read as the --amp auto given, which
+                # runs as another setting on this --device
+                fix = f": --amp {saved['amp_ran']} runs as it ran" if "amp_ran" in saved else ""
+                diff.append(f"--amp {_amp_as_given(saved)} (now {_amp_as_given(now)}{fix})")
             continue
         if saved.get(k) == now[k] or _same_when_resolved(k, saved, now, cfg):
             continue

@@ -63,7 +63,7 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
         assert lincls(out, "--eval-every", "1", "--resume", "--lr", "0.1") == 2
         assert "was run with other settings: --lr 0.5 (now 0.1)" in capsys.readouterr().err
         assert lincls(out, "--eval-every", "1", "--resume", "--amp", "bf16") == 2  # other features
-        assert "--amp 'auto', i.e. off (now 'bf16')" in capsys.readouterr().err
+        assert "--amp 'auto', i.e. off (now 'bf16': --amp off runs as it ran)" in capsys.readouterr().err
         assert lincls(out, "--eval-every", "1", "--resume", "--image-size", "40") == 2
         assert "--image-size not given (now 40)" in capsys.readouterr().err  # it said "--image-size None"
         # the checkpoint trained further since (`train --resume` keeps lincls.state.pt): another backbone
@@ -353,9 +353,13 @@ def test_amp_is_compared_as_it_ran(tmp_path):
     cpu = LinclsConfig(str(a), device="cpu")
     state = {"config": settings(cpu)}
     assert differences(state, replace(cpu, amp="off")) == []
-    assert differences(state, replace(cpu, amp="bf16")) == ["--amp 'auto', i.e. off (now 'bf16')"]
     on_a_gpu = {"config": {**state["config"], "amp_ran": "bf16"}}
-    assert differences(on_a_gpu, cpu) == ["--amp 'auto', i.e. bf16 (now 'auto', i.e. off)"]
+    # "resume with those" read as --amp auto, the flag given: the line names the one that resumes it
+    said = "--amp 'auto', i.e. bf16 (now 'auto', i.e. off: --amp bf16 runs as it ran)"
+    assert differences(on_a_gpu, cpu) == [said] and differences(on_a_gpu, replace(cpu, amp="bf16")) == []
+    assert differences(state, replace(cpu, amp="bf16")) == [
+        "--amp 'auto', i.e. off (now 'bf16': --amp off runs as it ran)"
+    ]
     before = {"config": {k: v for k, v in state["config"].items() if k != "amp_ran"}}  # an older state
     assert differences(before, cpu) == [] and differences(before, replace(cpu, amp="off")) == [
         "--amp 'auto' (now 'off')"
