@@ -296,3 +296,21 @@ def test_a_flag_the_mechanism_does_not_read_is_named_once_a_job(tiny_root, tmp_p
         with caplog.at_level(logging.WARNING, logger="moco_fast"):
             assert main(args) == 0
         assert len([r for r in caplog.records if "has no effect" in r.getMessage()]) == lines
+
+
+def test_bn_splits_with_several_processes_is_named(tiny_root, tmp_path, monkeypatch, caplog):
+    # split BN is shuffle BN on one device: with several processes each one's BN normalises its own
+    # batch (trainer.validate's splits), and --bn-splits 4 went without a word into config.json
+    import logging
+
+    from moco_fast.cli import main
+
+    args = ["train", "--data", str(tiny_root), "--out", str(tmp_path / "run"), "--device", "cpu", "--print-config"]
+    monkeypatch.setenv("RANK", "0")
+    for world, lines in (("2", 1), ("1", 0)):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            assert main([*args, "--bn-splits", "4", "--batch-size", "16", "--moco-k", "64"]) == 0
+        said = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
+        assert said == ["--bn-splits 4 has no effect with 2 processes: each one's BN normalises its own batch"][:lines]

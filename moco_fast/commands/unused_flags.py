@@ -35,3 +35,19 @@ def warn_unused(args: argparse.Namespace, mechanism: str, shuffle_bn: bool) -> N
             "--bn-splits %d has no effect with --no-shuffle-bn: BN normalises each process's whole batch",
             args.bn_splits,
         )
+    elif args.bn_splits is not None and (processes := _processes(args)) > 1:
+        # split BN is shuffle BN on one device (trainer.validate's splits); across processes the
+        # batch is shuffled between them instead
+        log.warning(
+            "--bn-splits %d has no effect with %d processes: each one's BN normalises its own batch",
+            *(args.bn_splits, processes),
+        )
+
+
+def _processes(args: argparse.Namespace) -> int:
+    """The processes this command trains with, where the flags and environment say so: --gpus N's
+    workers, else torchrun's group (a --resume of a --gpus run given no --gpus may start fewer than
+    it had: it is not counted)."""
+    from moco_fast.join import env_world_size
+
+    return args.gpus if args.gpus is not None and args.gpus > 1 else env_world_size()
