@@ -219,7 +219,9 @@ def _refuse_twin_spellings(folder: Path, names: list[str]) -> None:
             )
 
 
-def list_images(folder: Path, classes: list[str] | None = None, check: bool = True, workers: int = 8) -> ImageList:
+def list_images(
+    folder: Path, classes: list[str] | None = None, check: bool = True, workers: int = 8, labelled: bool = False
+) -> ImageList:
     """List `folder/<class>/<file>`; with `check`, verify each file's header and skip bad ones.
 
     Hidden names (dot-names) are ignored; image files directly in `folder` are named as skipped. With `classes=None` the classes are the class folders that
@@ -227,6 +229,7 @@ def list_images(folder: Path, classes: list[str] | None = None, check: bool = Tr
     the same with or without the check); the others are named in a warning and left out. With `classes`
     given (an eval split listed against the training classes) the labels are indices into that list; a
     folder that is not in it is an error unless it holds no image files (then it is named and ignored).
+    Class folders that are one folder (links) are a warning, an error where `labelled` (check_linked_classes).
     """
     if not folder.is_dir():
         raise DataError(f"data folder not found: {folder}")
@@ -245,6 +248,9 @@ def list_images(folder: Path, classes: list[str] | None = None, check: bool = Tr
         raise DataError(f"no class subfolders in {folder}: expected {folder}/<class>/<image files>")
     per_class = {c: _list_class(folder / c, skipped) for c in found}
     _refuse_twin_spellings(folder, [c for c in found if per_class[c]])  # an empty twin is left out below
+    from moco_fast.class_folders import check_linked_classes  # here: it imports DataError from this module
+
+    check_linked_classes(folder, [c for c in found if per_class[c]], labelled)
     empty = [c for c in found if not per_class[c]]
     if classes is None:
         classes = [c for c in found if per_class[c]]
@@ -305,24 +311,25 @@ def list_images(folder: Path, classes: list[str] | None = None, check: bool = Tr
 EVAL_SPLIT_USES = ("list", "try", "skip")
 
 
-def load_splits(data: str | None, check: bool = True, eval_split: str = "list") -> DataSplits:
+def load_splits(data: str | None, check: bool = True, eval_split: str = "list", labelled: bool = False) -> DataSplits:
     """The train split and the eval split (val/ or test/ beside train/, else None). `eval_split`:
     "list" it (its errors are errors), "try" (a run whose only use of it is an optional evaluation,
     train's final kNN: an eval split that cannot be read is a warning, and None), or "skip" it (not
-    used: a flat ImageNet-style val/ does not stop a run that never evaluates, and is not read)."""
+    used: a flat ImageNet-style val/ does not stop a run that never evaluates, and is not read).
+    `labelled`: the command's figure is made of the labels (list_images)."""
     if eval_split not in EVAL_SPLIT_USES:
         raise ValueError(f"eval_split must be one of {EVAL_SPLIT_USES}, got {eval_split!r}")
     train_dir, eval_dir = split_dirs(resolve_root(data))
     if eval_dir is None or eval_split == "skip":
-        return DataSplits(list_images(train_dir, check=check), None)
+        return DataSplits(list_images(train_dir, check=check, labelled=labelled), None)
     try:
         _refuse_same_folder(train_dir, eval_dir)  # before the training split's listing: it may be long
     except DataError as e:
         _eval_unusable(eval_split, eval_dir, e)
-        return DataSplits(list_images(train_dir, check=check), None)
-    train = list_images(train_dir, check=check)
+        return DataSplits(list_images(train_dir, check=check, labelled=labelled), None)
+    train = list_images(train_dir, check=check, labelled=labelled)
     try:
-        evaluated = list_images(eval_dir, classes=train.classes, check=check)
+        evaluated = list_images(eval_dir, classes=train.classes, check=check, labelled=labelled)
         _check_shared_files(train, evaluated)
         return DataSplits(train, evaluated)
     except DataError as e:

@@ -170,7 +170,7 @@ def load_splits_with_eval(data: str | None) -> DataSplits:
             f"{train_dir} holds a single class ({classes[0]}): a classifier of one class scores 100% whatever "
             "the backbone; classification needs two class folders or more"
         )
-    return load_splits(data)  # with an eval split: split_dirs found it above
+    return load_splits(data, labelled=True)  # with an eval split: split_dirs found it above
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

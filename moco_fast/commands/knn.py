@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if args.features == "both":
             log.warning("%s has no MoCo head: backbone figures only", path)
         names = ["backbone"]
-    splits = load_splits(args.data)
+    splits = load_splits(args.data, labelled=True)  # a class folder linked to another is an error
     if splits.eval is None:
         raise DataError("kNN needs an eval split: a data root holding train/ and val/ or test/")
     warn_if_single_class(splits.train)
