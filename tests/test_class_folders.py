@@ -78,3 +78,41 @@ def test_folders_of_their_own_say_nothing(fresh_root, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         images = list_images(train, check=False, labelled=True)
     assert "one folder" not in caplog.text and "elsewhere" in images.classes
+
+
+def test_a_bind_mount_is_one_folder_by_device_and_inode(fresh_root, monkeypatch, caplog):
+    """A bind mount of b onto c needs root: faked here by giving c the stat of b. Their real paths
+    differ, so only the (st_dev, st_ino) comparison names them."""
+    train = fresh_root / "train"
+    b = sorted(train.iterdir())[1]
+    c = train / "c"
+    c.mkdir()
+    for f in b.iterdir():
+        (c / f.name).write_bytes(f.read_bytes())
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        return real_stat(b if Path(path) == c else path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        list_images(train, check=False)
+    assert f"{b}, {c} are one folder" in caplog.text and "bind mount" in caplog.text
+    with pytest.raises(DataError, match="bind mount"):
+        list_images(train, check=False, labelled=True)
+
+
+def test_no_inode_numbers_fall_back_to_real_paths(fresh_root, monkeypatch, caplog):
+    """A filesystem that gives st_ino 0 to every folder: its class folders are not all one."""
+    train = fresh_root / "train"
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        st = list(real_stat(path, *args, **kwargs))
+        st[1] = 0  # st_ino
+        return os.stat_result(st)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        images = list_images(train, check=False, labelled=True)
+    assert "one folder" not in caplog.text and len(images.classes) == 2
