@@ -1,6 +1,8 @@
-"""Class folders of one split that are one folder: a link to a sibling (`train/linkcls -> b`), two
-links to one folder, a link outside whose target is a sibling's, or a bind mount of one class folder
-onto another. Each would list the same images under two labels without a word."""
+"""Class folders of one split that are one class twice. Two names that differ only in Unicode form
+(refuse_twin_spellings): two classes that look the same in every listing. One folder under two names
+(check_linked_classes): a link to a sibling (`train/linkcls -> b`), two links to one folder, a link
+outside whose target is a sibling's, or a bind mount of one class folder onto another; each would list
+the same images under two labels without a word."""
 
 from __future__ import annotations
 
@@ -8,9 +10,21 @@ import logging
 import os
 from pathlib import Path
 
-from moco_fast.data import DataError
+from moco_fast.data import DataError, _nfc
 
 log = logging.getLogger("moco_fast")
+
+
+def refuse_twin_spellings(folder: Path, names: list[str]) -> None:
+    """Two folders of one split whose names differ only in Unicode form would be two classes that
+    look the same in every listing: the user must merge or rename them."""
+    seen: dict[str, str] = {}
+    for n in names:
+        if (twin := seen.setdefault(_nfc(n), n)) != n:
+            raise DataError(
+                f"class folders {folder / twin} and {folder / n} have the same name in two Unicode forms "
+                f"({twin!a} and {n!a}): merge them into one folder or rename one"
+            )
 
 
 def folder_identity(path: Path) -> tuple[int, int] | str:

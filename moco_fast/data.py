@@ -207,18 +207,6 @@ def _nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def _refuse_twin_spellings(folder: Path, names: list[str]) -> None:
-    """Two folders of one split whose names differ only in Unicode form would be two classes that
-    look the same in every listing: the user must merge or rename them."""
-    seen: dict[str, str] = {}
-    for n in names:
-        if (twin := seen.setdefault(_nfc(n), n)) != n:
-            raise DataError(
-                f"class folders {folder / twin} and {folder / n} have the same name in two Unicode forms "
-                f"({twin!a} and {n!a}): merge them into one folder or rename one"
-            )
-
-
 def list_images(
     folder: Path, classes: list[str] | None = None, check: bool = True, workers: int = 8, labelled: bool = False
 ) -> ImageList:
@@ -247,10 +235,12 @@ def list_images(
     if not found:
         raise DataError(f"no class subfolders in {folder}: expected {folder}/<class>/<image files>")
     per_class = {c: _list_class(folder / c, skipped) for c in found}
-    _refuse_twin_spellings(folder, [c for c in found if per_class[c]])  # an empty twin is left out below
-    from moco_fast.class_folders import check_linked_classes  # here: it imports DataError from this module
+    # Imported here, not at the top: class_folders imports DataError and _nfc from this module.
+    from moco_fast.class_folders import check_linked_classes, refuse_twin_spellings
 
-    check_linked_classes(folder, [c for c in found if per_class[c]], labelled)
+    named = [c for c in found if per_class[c]]  # an empty twin or link is left out below
+    refuse_twin_spellings(folder, named)
+    check_linked_classes(folder, named, labelled)
     empty = [c for c in found if not per_class[c]]
     if classes is None:
         classes = [c for c in found if per_class[c]]
