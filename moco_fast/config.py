@@ -116,6 +116,15 @@ class TrainConfig:
     preset: str = "v2"
 
 
+def as_run(cfg: TrainConfig, world: int) -> TrainConfig:
+    """The config as `world` processes run it, what config.json and --print-config record: --sync-bn
+    across several processes replaces shuffle BN (SyncBatchNorm's statistics span the global batch
+    wherever each image sits, so shuffling the keys would change nothing and cost traffic)."""
+    if not (cfg.runtime.sync_bn and world > 1 and cfg.moco.shuffle_bn):
+        return cfg
+    return dataclasses.replace(cfg, moco=dataclasses.replace(cfg.moco, shuffle_bn=False))
+
+
 class ConfigError(ValueError):
     """Settings that contradict each other or the machine: the CLI prints it as one line."""
 

@@ -34,8 +34,8 @@ def resume(
         raise DataError(f"--resume: {resume_path} is not a moco-fast training checkpoint")
     check_same_model(state["config"], cfg)
     if state["epoch"] < cfg.optim.epochs:
-        warn_changed(state["config"], cfg)
         saved_world = state.get("world_size", world)
+        warn_changed(saved_as_run(state["config"], saved_world), cfg)
         warn_rescheduled(state["config"], cfg, state["epoch"], world, saved_world, state.get("step") or 0)
         warn_rescaled(state["config"], cfg, world, saved_world)
     else:
@@ -66,6 +66,16 @@ def warn_other_images(saved: int | None, now: int) -> None:
     folder changed in place (a class folder added) is no changed setting, and warn_changed misses it."""
     if changed := other_images(saved, now):
         log.warning("--resume: %s: it goes on with the %d", changed, now)
+
+
+def saved_as_run(saved: dict[str, Any], saved_world: int) -> dict[str, Any]:
+    """A saved config as its `saved_world` processes ran it (config.as_run, which cfg has been through):
+    a checkpoint written before config.json recorded it says shuffle BN on beside --sync-bn, and its
+    resume with the same flags warned of shuffle BN turned off."""
+    moco, runtime = saved.get("moco", {}), saved.get("runtime", {})
+    if runtime.get("sync_bn") and saved_world > 1 and moco.get("shuffle_bn"):
+        return {**saved, "moco": {**moco, "shuffle_bn": False}}
+    return saved
 
 
 def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:

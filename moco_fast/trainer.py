@@ -18,7 +18,7 @@ from moco_fast import distributed as dist_utils
 from moco_fast.agreement import HeldWarnings, agree
 from moco_fast.backbone import check_arch
 from moco_fast.cli import interruption
-from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, check_image_size, save_json
+from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, as_run, check_image_size, save_json
 from moco_fast.cores import available_cores
 from moco_fast.data import DataError
 from moco_fast.epoch import resumed_part
@@ -229,7 +229,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         setup_warnings = HeldWarnings()  # until agree(): rank 0 says them, unless the ranks disagree
     try:
         device = dist_utils.local_device(resolve_device(cfg.runtime.device))
-        amp_dtype = _checked_for(cfg, device, world)
+        amp_dtype = _checked_for(cfg, device, world)  # on the flags as given (their warnings name them)
+        cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main()) as held:
             ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone
@@ -323,10 +324,6 @@ def _train_held(
         model.encoder_q.compile()
         if model.encoder_k is not None:
             model.encoder_k.compile()
-    if cfg.runtime.sync_bn and world > 1 and model.shuffle_bn:
-        # SyncBatchNorm's statistics cover the global batch wherever each image sits: shuffling
-        # the keys across ranks would change nothing and cost traffic (docs/distributed.md).
-        model.shuffle_bn = False
     step_model = dist_utils.wrap_ddp(model, device, cfg.runtime.sync_bn)
     s = StepState(step_model, optimizer, scaler, amp_dtype, device)
 

@@ -105,3 +105,13 @@ def test_a_world_size_that_is_not_a_number_is_no_traceback(monkeypatch, capsys):
     assert err == [
         "moco-fast train: error: RANK, WORLD_SIZE and MASTER_PORT must be numbers (RANK=0, WORLD_SIZE=x, MASTER_PORT=29500)"
     ]
+
+
+@pytest.mark.parametrize(("world", "shuffle_bn"), [("2", False), ("1", True)])
+def test_print_config_records_shuffle_bn_as_sync_bn_runs_it(monkeypatch, capsys, world, shuffle_bn):
+    # --sync-bn across processes turns shuffle BN off (SyncBatchNorm spans the global batch); the
+    # config printed, and config.json, said shuffle_bn true for a run that trained without it
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--sync-bn", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["moco"]["shuffle_bn"] is shuffle_bn

@@ -356,3 +356,18 @@ def test_a_resume_names_the_moco_settings_it_changes(caplog):
     assert said == [
         "--resume with changed settings: moco.m 0.99 -> 0.9; moco.t 0.1 -> 0.2; moco.shuffle_bn True -> False"
     ]
+
+
+def test_a_resume_compares_shuffle_bn_as_the_saved_run_ran_it(caplog):
+    # a checkpoint from before config.json recorded it says shuffle BN on beside --sync-bn of 2
+    # processes; resumed the same way (shuffle BN off, as it ran) it warned of a change
+    from moco_fast.config import as_run, build_config, to_dict
+    from moco_fast.resume import saved_as_run, warn_changed
+
+    asked = build_config("cifar", {"runtime.sync_bn": True})
+    saved = to_dict(asked)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        warn_changed(saved_as_run(saved, 2), as_run(asked, 2))  # the same: nothing said
+        warn_changed(saved_as_run(saved, 2), as_run(asked, 1))  # one process: shuffle BN runs again
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["--resume with changed settings: moco.shuffle_bn False -> True"]

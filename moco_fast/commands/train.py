@@ -405,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     warn_unused(args, cfg.moco.mechanism, cfg.moco.shuffle_bn)
     if args.print_config:
-        from moco_fast.config import to_dict
+        from moco_fast.config import as_run, to_dict
         from moco_fast.join import env_world_size
         from moco_fast.launch import check_gpus_flag
         from moco_fast.trainer import check_flags
@@ -415,9 +415,10 @@ def run(args: argparse.Namespace) -> int:
         # the group the environment describes (a WORLD_SIZE without RANK: one process, as train runs)
         if args.gpus is not None:
             check_gpus_flag(cfg)
-        check_flags(cfg, cfg.runtime.gpus if cfg.runtime.gpus > 1 else env_world_size())
+        world = cfg.runtime.gpus if cfg.runtime.gpus > 1 else env_world_size()
+        check_flags(cfg, world)
 
-        print(json.dumps(to_dict(cfg), indent=2))
+        print(json.dumps(to_dict(as_run(cfg, world)), indent=2))
         return 0
     if args.gpus is not None:  # asked for: checked (count, device, torchrun) even for one
         from moco_fast.launch import check_local_gpus
