@@ -370,13 +370,18 @@ def warnings_as_lines() -> Iterator[None]:
     """While in it, moco-fast's own warnings print as one line each (_warning_as_a_line), and a warning
     shown while a progress bar is open goes on a line of its own (bar_lines.between_bars): around a
     command (main), and around a `--gpus` worker's training (launch._reported), which runs no main()."""
-    before = warnings.formatwarning, warnings.showwarning
-    warnings.formatwarning = _warning_as_a_line(before[0])
-    warnings.showwarning = bar_lines.between_bars(before[1])
-    try:
-        yield
-    finally:
-        warnings.formatwarning, warnings.showwarning = before
+    before = warnings.formatwarning
+    with warnings.catch_warnings():  # restores showwarning and the filters on leaving
+        warnings.formatwarning = _warning_as_a_line(before)
+        warnings.showwarning = bar_lines.between_bars(warnings.showwarning)
+        # PIL's DecompressionBombWarning, at each open of an image over its pixel limit, names no file:
+        # data.check_image names each such image once. Here, not at import: code that imports moco_fast
+        # keeps PIL's warning (and over twice the limit PIL raises, which no filter hides).
+        warnings.filterwarnings("ignore", r"Image size \(\d+ pixels\) exceeds limit", RuntimeWarning, r"PIL\.Image")
+        try:
+            yield
+        finally:
+            warnings.formatwarning = before
 
 
 # the commands' path flags and arguments (their argparse dest)

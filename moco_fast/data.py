@@ -34,10 +34,6 @@ DEMO_ROOT = Path(__file__).parent / "demo_data"
 # (split_dirs; convert --split reads one of them, convert_dst.scanned_folder keeps DST out of them)
 SPLIT_NAMES = ("train", "val", "test")
 
-# PIL warns at each open of an image above MAX_IMAGE_PIXELS (it refuses one above twice that) with
-# its own file:line, without naming the image: check_image names each such file once instead.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
 
 class DataError(ValueError):
     """Bad data on input: the CLI prints it as one line."""

@@ -283,11 +283,13 @@ def test_an_image_over_pils_pixel_limit_is_named_in_one_line_not_in_pils_warning
 import logging
 from PIL import Image
 logging.basicConfig(format="%(levelname)s %(message)s")
+from moco_fast.cli import warnings_as_lines
 from moco_fast.data import check_image, load_rgb
 Image.MAX_IMAGE_PIXELS = 1000  # 40 x 40 is over it, and under the twice as many that PIL refuses
 Image.new("RGB", (40, 40)).save({str(big)!r})
-assert check_image({str(big)!r})[1] is None
-load_rgb({str(big)!r})
+with warnings_as_lines():  # around each command (cli.main) and each --gpus worker
+    assert check_image({str(big)!r})[1] is None
+    load_rgb({str(big)!r})
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -295,3 +297,35 @@ load_rgb({str(big)!r})
         f"WARNING {big} has 1,600 pixels, over PIL's decompression-bomb limit (1,000): read anyway, ~0 MiB a "
         "decode; shrink it (or convert with --max-resolution) to save time and memory"
     ]
+
+
+def test_importing_moco_fast_keeps_pils_pixel_limit_warning_and_error(tmp_path):
+    # the CLI silences PIL's DecompressionBombWarning (check_image names the file); code that imports
+    # moco_fast had it silenced process-wide at import, in its own reads of images. A process of its
+    # own: pytest sets the filters anew around each test, which hid that import's filter.
+    import subprocess
+    import sys
+
+    big = tmp_path / "big.png"
+    script = f"""
+import warnings
+from PIL import Image
+from moco_fast.cli import warnings_as_lines
+from moco_fast.data import load_rgb
+Image.new("RGB", (40, 40)).save({str(big)!r})
+Image.MAX_IMAGE_PIXELS = 1000  # 1,600 pixels: a warning; over 2,000: PIL's error
+with warnings.catch_warnings(record=True) as seen:
+    with warnings_as_lines():
+        load_rgb({str(big)!r})  # silenced in the CLI's context alone
+    load_rgb({str(big)!r})
+assert [w.category for w in seen] == [Image.DecompressionBombWarning], seen
+Image.MAX_IMAGE_PIXELS = 700
+try:
+    with warnings_as_lines():
+        load_rgb({str(big)!r})
+    raise SystemExit("no error")
+except Image.DecompressionBombError:
+    pass
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
