@@ -76,6 +76,7 @@ from moco_fast.convert_dst import (
     stale,
 )
 from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError
+from moco_fast.distributed import local_world_size
 from moco_fast.threads import handle_thread_errors
 
 from . import register_loader
@@ -135,21 +136,26 @@ def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def warn_of_decode_buffers(beton: Path, images: np.ndarray, batch_size: int, batches_ahead: int, decoders: int) -> None:
+def warn_of_decode_buffers(
+    beton: Path, images: np.ndarray, batch_size: int, batches_ahead: int, decoders: int, processes: int = 1
+) -> None:
     """FFCV's decoder holds, for each image of batches_ahead + 2 batches (its EpochIterator's memory),
     a buffer of the .beton's widest x tallest image (RandomResizedCropRGBImageDecoder's temp): one
     large photo in a .beton converted without --max-resolution sizes them all, and a run was ended
-    by the OOM killer without a word (6000 x 4000 at batch 256: 86 GiB)."""
+    by the OOM killer without a word (6000 x 4000 at batch 256: 86 GiB). `processes`: this machine's
+    (--gpus, torchrun's --nproc_per_node), each with buffers of its own: 8 under half each filled it."""
     w, h = int(images["width"].max()), int(images["height"].max())
-    need, have = decoders * (batches_ahead + 2) * batch_size * w * h * 3, physical_memory()
+    each, have = decoders * (batches_ahead + 2) * batch_size * w * h * 3, physical_memory()
+    need = each * processes
     if need > have // 2:
         log.warning(
-            "%s: FFCV's decode buffers take %.1f GiB, more than half of this machine's %.1f GiB (each image of "
+            "%s: FFCV's decode buffers take %.1f GiB%s, more than half of this machine's %.1f GiB (each image of "
             "batches_ahead + 2 = %d batches of %d has a buffer of the .beton's widest x tallest image, %d x %d): "
             "convert it again with --max-resolution (FFCV's recipes: 256-512), or lower --batch-size or "
             "--loader-option batches_ahead",
             beton,
             need / 2**30,
+            "" if processes == 1 else f" ({processes} processes, {each / 2**30:.1f} GiB each)",
             have / 2**30,
             batches_ahead + 2,
             batch_size,
@@ -261,7 +267,8 @@ class FFCVLoader:
             )
         images = reader.metadata[f"f{names.index('image')}"]
         decoders = 1 if self.opts.decode == "once" else 2
-        warn_of_decode_buffers(path, images, args.batch_size, self.opts.batches_ahead, decoders)
+        processes = local_world_size()  # this machine's, each with its own buffers
+        warn_of_decode_buffers(path, images, args.batch_size, self.opts.batches_ahead, decoders, processes)
         self.augment = DeviceAugment(args, self.opts.jitter_order, flip=False)  # FFCV flipped already
         self.key = EpochKey(args.seed)  # the epoch of the crops and flips, which FFCV's ops read
         # FFCV sets torch's thread count to its worker count (Compiler.set_num_threads) in its

@@ -379,3 +379,18 @@ def test_decode_buffers_past_half_the_memory_are_named_in_a_warning(tiny_beton, 
         assert len(said) == warned, said
     assert said[0].startswith(f"{tiny_beton}: FFCV's decode buffers take 0.0 GiB, more than half of this machine's")
     assert "batches_ahead + 2 = 4 batches of 8 has a buffer of the .beton's widest x tallest image, 32 x 32" in said[0]
+
+
+def test_decode_buffers_of_the_machines_processes_count_together(tiny_beton, monkeypatch, caplog):
+    # each of --gpus N's processes (torchrun's --nproc_per_node) holds its own buffers: 8 processes
+    # under half the memory each filled it, and the warning weighed one process's alone
+    from moco_fast.loaders import ffcv as ffcv_loader
+
+    monkeypatch.setattr(ffcv_loader.FFCVLoader, "_build", lambda self, path: None)  # no FFCV Loader needed
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    each = (2 + 2) * 8 * 32 * 32 * 3  # decode once, batches_ahead 2, batch 8, 32 x 32 CIFAR images
+    monkeypatch.setattr(ffcv_loader, "physical_memory", lambda: 4 * each)  # 2 each's under half
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        create_loader("ffcv", loader_args(tiny_beton, options={"decode": "once", "batches_ahead": "2"}))
+    said = [r.getMessage() for r in caplog.records if "decode buffers" in r.getMessage()]
+    assert len(said) == 1 and "decode buffers take 0.0 GiB (8 processes, 0.0 GiB each), more than half" in said[0]
