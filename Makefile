@@ -24,7 +24,7 @@ $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@free=$$(df -Pk $(VENV) | awk 'NR == 2 { print int($$4 / 1048576) }'); \
 	if [ "$${free:-99}" -lt 8 ] && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
-	  echo "warning: the install needs about 7 GB (torch with its CUDA libraries, DALI, FFCV); $$free GB free where $(VENV) is" >&2; \
+	  echo "warning: the install needs about 7 GiB (torch with its CUDA libraries, DALI, FFCV); $$free GiB free where $(VENV) is" >&2; \
 	fi
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_PINS)
