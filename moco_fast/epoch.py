@@ -71,7 +71,11 @@ def resumed_part(saved: dict[str, Any] | None, epoch: int, loader, batch_size: i
         log.info("--resume: epoch %d continues at step %d of %d", epoch + 1, part.step + 1, part.steps)
         return part
     if not loader.starts_mid_epoch:
+        # no advice: this loader restarts the epoch on any data; a changed count is still said, as
+        # at an epoch's end (resume.warn_other_images)
         why, advice = "this loader starts an epoch at its first step only", ""
+        if data_changed:
+            why = f"{why}, and {data_changed}"
     elif data_changed:
         why, advice = data_changed, "; resume on the same images to continue it"
     else:

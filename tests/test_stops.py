@@ -313,6 +313,10 @@ def test_a_resume_on_images_added_since_restarts_the_epoch_even_at_the_same_step
         assert resumed_part(saved, 4, Loader(10, num_images=82), 8, 1) is None
     assert "the data has 82 images now, the run trained on 80" in caplog.text and "epoch 5 starts again" in caplog.text
     assert "--batch-size" not in caplog.text  # not the advice for another batch or process count
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "moco_fast"):  # DALI on shards restarts it anyway, and says both
+        assert resumed_part(saved, 4, Loader(10, mid=False, num_images=82), 8, 1) is None
+    assert "first step only, and the data has 82 images now, the run trained on 80" in caplog.text
     del saved["num_images"]  # a checkpoint from before it held the count: continued as before
     assert resumed_part(saved, 4, Loader(10, num_images=82), 8, 1) == EpochPart(3, 1.5, 0.5, 2.0, 10, 8, 1)
 
