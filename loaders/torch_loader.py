@@ -202,6 +202,8 @@ def collate_views(items):
 
 # Batches each DataLoader worker makes ahead of the trainer (torch's prefetch_factor).
 PREFETCH = 4
+# How the training DataLoader's workers start, whatever multiprocessing's default (TorchLoader.__iter__).
+WORKER_START = "fork"
 
 
 class TorchLoader:
@@ -258,6 +260,11 @@ class TorchLoader:
                 # its end (a test's partial read): torch's _reset discards it
                 persistent_workers=a.workers > 0,
                 worker_init_fn=leave_stops_to_the_trainer,
+                # forked whatever the default (forkserver from Python 3.14): a worker must be this
+                # process's child, as torch's watchdog ends one whose parent changed, and a stop signal
+                # to the process group ends a fork server, not the workers (leave_stops_to_the_trainer);
+                # forked, they also start without importing torch again
+                multiprocessing_context=WORKER_START if a.workers > 0 else None,
             )
             self._batches = batches
         # the DataLoader's iterator made here, not at DevicePrefetcher's first batch: see `start_workers`;

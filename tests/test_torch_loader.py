@@ -224,3 +224,27 @@ def test_the_training_workers_are_gone_before_the_final_evaluation(tiny_root, tm
     argv[argv.index("--workers") + 1] = "2"
     argv.remove("--no-final-knn")
     assert main(argv) == 0 and alive == [0]
+
+
+def test_the_training_workers_are_the_trainers_own_children_under_any_start_method(tiny_root, monkeypatch):
+    # Python 3.14's default start method on Linux is forkserver: the workers were then children of a
+    # server process that a stop signal to the process group (SLURM, `docker stop`) ends, and torch's
+    # watchdog ends a worker whose parent changed, so the epoch failed with "DataLoader worker exited
+    # unexpectedly" instead of stopping at its next sync (moco_fast.stops)
+    import multiprocessing
+    import os
+
+    from moco_fast.loaders import LoaderArgs, create_loader
+
+    default = multiprocessing.context._default_context
+    monkeypatch.setattr(default, "_actual_context", multiprocessing.get_context("forkserver"))
+    args = LoaderArgs(str(tiny_root), MOCO_V2, 4, torch.device("cpu"), workers=1, check_images=False)
+    loader = create_loader("torch", args)
+    loader.set_epoch(0)
+    try:
+        next(iter(loader))
+        workers = multiprocessing.active_children()
+        parents = [int(open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[1]) for p in workers]
+    finally:
+        loader.close()
+    assert workers and parents == [os.getpid()] * len(workers)
