@@ -40,7 +40,8 @@ for line in sys.stdin:
 class ForkedCommands:
     """`moco-fast ARGV` in a process of its own, forked from one that made the imports once (under
     the command `prefix`); their output goes through files in the folder `logs`. A context manager:
-    the forking interpreter ends with it."""
+    the forking interpreter ends with it. A command that runs past `timeout` s fails the test, named,
+    after it, its processes and the forking interpreter are killed (a process group of their own)."""
 
     def __init__(self, logs, prefix=(), timeout=300):
         import subprocess
@@ -48,7 +49,11 @@ class ForkedCommands:
 
         self.logs, self.timeout, self.count = logs, timeout, 0
         self.server = subprocess.Popen(
-            [*prefix, sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [*prefix, sys.executable, "-c", FORK_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its commands and their workers: one group to kill at a timeout
         )
 
     def __call__(self, argv, setup=""):
@@ -61,7 +66,14 @@ class ForkedCommands:
         self.server.stdin.write(json.dumps([[str(a) for a in argv], setup, str(out)]) + "\n")
         self.server.stdin.flush()
         ready, _, _ = select.select([self.server.stdout], [], [], self.timeout)
-        assert ready, f"{argv} ran past {self.timeout} s"
+        if not ready:
+            # left to run, it went on forking and training after the test, and __exit__ waited on it
+            import os
+            import signal
+
+            os.killpg(self.server.pid, signal.SIGKILL)
+            self.server.wait()
+            raise AssertionError(f"moco-fast {' '.join(map(str, argv))} ran past {self.timeout} s (killed; {out}.*)")
         rc = int(self.server.stdout.readline())
         return rc, out.with_name(out.name + ".stderr").read_text().strip().splitlines()
 
