@@ -32,7 +32,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 from moco_fast.seeded_images import KeyedImages
-from moco_fast.shared_memory import stack_shared, start_workers, tensor_shared, warn_if_short
+from moco_fast.shared_memory import WORKER_START, stack_shared, start_workers, tensor_shared, warn_if_short
 from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
@@ -202,8 +202,6 @@ def collate_views(items):
 
 # Batches each DataLoader worker makes ahead of the trainer (torch's prefetch_factor).
 PREFETCH = 4
-# How the training DataLoader's workers start, whatever multiprocessing's default (TorchLoader.__iter__).
-WORKER_START = "fork"
 
 
 class TorchLoader:
@@ -260,10 +258,8 @@ class TorchLoader:
                 # its end (a test's partial read): torch's _reset discards it
                 persistent_workers=a.workers > 0,
                 worker_init_fn=leave_stops_to_the_trainer,
-                # forked whatever the default (forkserver from Python 3.14): a worker must be this
-                # process's child, as torch's watchdog ends one whose parent changed, and a stop signal
-                # to the process group ends a fork server, not the workers (leave_stops_to_the_trainer);
-                # forked, they also start without importing torch again
+                # forked whatever the default: a stop signal to the process group ends a fork server,
+                # not the workers (leave_stops_to_the_trainer), whose parent must live (WORKER_START)
                 multiprocessing_context=WORKER_START if a.workers > 0 else None,
             )
             self._batches = batches

@@ -29,6 +29,13 @@ from moco_fast.text import plural
 
 SHM = "/dev/shm"
 
+# How every DataLoader's workers start (the training loader, kNN's and the evaluations' passes),
+# whatever multiprocessing's default (forkserver from Python 3.14): forked, each is this process's
+# child, which torch's watchdog needs (it ends a worker whose parent changed, as when a stop signal to
+# the process group ends a fork server), and starts without importing torch again (forkserver: 15-20 s
+# more for each kNN pass of a CPU run with 2 workers). They decode on the CPU and never touch CUDA.
+WORKER_START = "fork"
+
 ADVICE = "run the container with --shm-size=8g (or --ipc=host), or use --workers 0"
 
 # torch's messages (c10/ATen's MapAllocator, torch/csrc/DataLoader.cpp) for a shared-memory file it

@@ -362,3 +362,29 @@ def test_workers_killed_by_a_signal_leave_no_folder_in_the_temporary_directory(t
     p = subprocess.run([sys.executable, "-c", KILLED_WORKERS], capture_output=True, text=True, timeout=120, env=env)
     assert p.stdout.splitlines() == ["killed"], p.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("site", ["knn", "lincls"])
+def test_the_evaluations_workers_are_forked_under_any_start_method(tiny_root, monkeypatch, site):
+    # Python 3.14's default start method on Linux is forkserver: each kNN pass's workers (and the
+    # classifier's) imported torch again, 15-20 s more a pass on a CPU run, and were a fork server's
+    # children (WORKER_START)
+    import multiprocessing
+
+    from moco_fast.data import load_splits
+    from moco_fast.knn import eval_batches
+    from moco_fast.lincls import image_batches
+
+    default = multiprocessing.context._default_context
+    monkeypatch.setattr(default, "_actual_context", multiprocessing.get_context("forkserver"))
+    images = load_splits(str(tiny_root)).train
+    if site == "knn":
+        batches = eval_batches(images, 32, 4, 1, "kNN").loader
+    else:
+        batches = image_batches(images, 32, True, 4, 1, seed=0)
+    it = iter(batches)
+    next(it)
+    workers = multiprocessing.active_children()
+    parents = [int(open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[1]) for p in workers]
+    it._shutdown_workers()
+    assert workers and parents == [os.getpid()] * len(workers)
