@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from moco_fast.kernels.resized_crop import resized_crop, sample_boxes
 from PIL import Image
-from tqdm import tqdm
 
 from moco_fast.data import DataError, ImageList, load_rgb, load_splits
+from moco_fast.metrics import tqdm  # with its lock made as under fork (see there)
 
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, stream_seed

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image
-from tqdm import tqdm
 
 from moco_fast.data import to_rgb
+from moco_fast.metrics import tqdm  # with its lock made as under fork (see there)
 
 
 def load_resized(path: str, max_resolution: int | None) -> Image.Image:

@@ -168,7 +168,9 @@ def as_a_process_of_its_own() -> None:
     a named semaphore that the resource tracker warned about ("leaked semaphore objects", after the
     command's last line) when a worker ended without its exit handlers (the launcher's SIGTERM during
     its exit, the stop watch's exit, a SIGKILL). The DataLoader's forked workers decode on the CPU
-    and never touch the CUDA that their parent uses, as under torchrun."""
+    and never touch the CUDA that their parent uses, as under torchrun. From Python 3.14 the default
+    is forkserver: the DataLoader workers fork anyway (shared_memory.WORKER_START), and tqdm's lock is
+    made as under fork (metrics)."""
     import multiprocessing
 
     multiprocessing.set_start_method(None, force=True)

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import threading
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.std import TqdmDefaultWriteLock
 
 from moco_fast.threads import handle_thread_errors
 
 log = logging.getLogger("moco_fast")
+
+# tqdm's lock between processes, made as under fork whatever multiprocessing's default: under
+# another (Python 3.14's forkserver; spawn) it is a named semaphore, and a process that ended without
+# its exit handlers (stop_watch's os._exit, a SIGKILL) left the resource tracker's "There appear to
+# be 1 leaked semaphore objects to clean up at shutdown" after the command's last line. Every bar of
+# moco-fast imports tqdm from here; forked children (DataLoader workers) share the lock as before.
+if not hasattr(TqdmDefaultWriteLock, "mp_lock"):
+    TqdmDefaultWriteLock.mp_lock = multiprocessing.get_context("fork").RLock()
 
 METRICS_NAME = "metrics.jsonl"  # a JSON row per epoch
 SUMMARY_NAME = "summary.json"  # the final row, with the final evaluation

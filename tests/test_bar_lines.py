@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import subprocess
 import sys
 import warnings
 
@@ -155,3 +156,21 @@ def test_a_stop_that_lands_within_a_line_under_a_bar_ends_it_and_leaves_tqdms_lo
     other.join()
     bar.close()
     assert free == [True]
+
+
+def test_a_bars_process_ended_without_its_exit_handlers_leaves_no_semaphore_under_any_start_method():
+    # Python 3.14's default start method on Linux is forkserver: tqdm's lock was then a named
+    # semaphore, and a worker that stop_watch ended (os._exit) left the resource tracker's "leaked
+    # semaphore objects" warning after the command's last line
+    script = """
+import multiprocessing, os
+multiprocessing.set_start_method("forkserver", force=True)
+from moco_fast.metrics import progress
+bar = progress(2, "steps")
+bar.update(2)
+bar.close()
+os._exit(3)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3
+    assert "leaked" not in out.stderr, out.stderr
