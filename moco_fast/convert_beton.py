@@ -228,6 +228,27 @@ def start_resource_tracker() -> None:
 
 
 @contextlib.contextmanager
+def _forked_writer_workers() -> Iterator[None]:
+    """While in it, FFCV's writer starts its workers, and makes their queues and counters, through
+    the fork context whatever multiprocessing's default: under forkserver (Python 3.14's default) the
+    convert failed with "Can't pickle local object" (recorded_write_errors' work function, set in this
+    process for its forked workers) and with the fork context's counters that its workers share."""
+    import ffcv.memory_allocator
+    import ffcv.writer
+
+    fork = mp.get_context("fork")
+    names = ((ffcv.writer, "Process"), (ffcv.writer, "Queue"), (ffcv.writer, "Value"), (ffcv.memory_allocator, "Value"))
+    plain = [getattr(module, name) for module, name in names]
+    for module, name in names:
+        setattr(module, name, getattr(fork, name))
+    try:
+        yield
+    finally:
+        for (module, name), value in zip(names, plain, strict=True):
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
 def _labelled_bar() -> Iterator[None]:
     """FFCV's writer draws its bar without a label or unit ("45%|####  | 450/1000"), after convert's
     own "checking" bar: while in it, the bar says what it counts, as convert's others do."""
@@ -264,7 +285,7 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], stored: list[int
         setattr(writer, step, writing(tmp)(getattr(writer, step)))
     refused = mp.get_context("fork").Value("i", 0)  # the errno of a write a worker could not make
     try:
-        with watched_workers(refused, tmp), recorded_write_errors(refused), _labelled_bar():
+        with watched_workers(refused, tmp), recorded_write_errors(refused), _forked_writer_workers(), _labelled_bar():
             writer.from_indexed_dataset(source)
     except BaseException:
         sm = getattr(writer, "metadata_sm", None)  # FFCV unlinks its shared memory only when it finishes

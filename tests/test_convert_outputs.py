@@ -329,3 +329,16 @@ except Image.DecompressionBombError:
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.slow  # imports FFCV and runs its writer processes
+def test_a_beton_is_written_under_any_start_method(bad_root, tmp_path, monkeypatch):
+    # Python 3.14's default start method on Linux is forkserver: FFCV's writer started its workers
+    # with it and failed to pickle the work function that moco-fast sets for its forked workers
+    import multiprocessing
+
+    default = multiprocessing.context._default_context
+    monkeypatch.setattr(default, "_actual_context", multiprocessing.get_context("forkserver"))
+    dst = tmp_path / "train.beton"
+    summary = convert(ConvertConfig(str(bad_root), str(dst), format="ffcv", workers=2))
+    assert summary.written == 18 and beton_images(dst)[0] == expected(bad_root)[1]
