@@ -21,8 +21,12 @@ log = logging.getLogger("moco_fast")
 # its exit handlers (stop_watch's os._exit, a SIGKILL) left the resource tracker's "There appear to
 # be 1 leaked semaphore objects to clean up at shutdown" after the command's last line. Every bar of
 # moco-fast imports tqdm from here; forked children (DataLoader workers) share the lock as before.
+# A /dev/shm with no room for it: none, as tqdm's own does then (a full one is named where workers start).
 if not hasattr(TqdmDefaultWriteLock, "mp_lock"):
-    TqdmDefaultWriteLock.mp_lock = multiprocessing.get_context("fork").RLock()
+    try:
+        TqdmDefaultWriteLock.mp_lock = multiprocessing.get_context("fork").RLock()
+    except OSError:
+        TqdmDefaultWriteLock.mp_lock = None
 
 METRICS_NAME = "metrics.jsonl"  # a JSON row per epoch
 SUMMARY_NAME = "summary.json"  # the final row, with the final evaluation
