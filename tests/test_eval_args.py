@@ -1,7 +1,8 @@
 """The evaluation commands' arguments (knn, lincls, finetune, export, sweep), on the CPU: help texts,
 values checked before any data or checkpoint is read, one-line errors, run folders and defaults
 for --checkpoint, what finetune needs of the checkpoint and the data, files that are not
-checkpoints, a single class, and the commands refused under torchrun."""
+checkpoints, a single class, a class folder linked to another (knn), and the commands refused under
+torchrun."""
 
 from __future__ import annotations
 
@@ -231,6 +232,18 @@ def test_knn_and_export_take_a_run_folder(run_dir, data, tmp_path, capsys):
     assert len(torch.load(out)) == len(torchvision.models.resnet18().state_dict()) - 2
     assert main(["export", str(tmp_path), "--format", "torchvision", "--output", str(tmp_path / "x.pth")]) == 2
     assert "is a folder without a checkpoint.pt" in one_line_error(capsys)
+
+
+def test_knn_refuses_a_class_folder_linked_to_another(run_dir, tmp_path, capsys):
+    # the command lists with labelled=True: the link is one line and exit 2, not a warning and a score
+    root = make_image_root(tmp_path / "data", per_class=2, classes=2, test_per_class=1)
+    b = sorted((root / "train").iterdir())[1]
+    (root / "train" / "linkcls").symlink_to(b.name)
+    argv = ["knn", "--checkpoint", str(run_dir), "--data", str(root), "--k", "1", "--device", "cpu", "--workers", "0"]
+    assert main(argv) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and len(said.err.strip().splitlines()) == 1, said
+    assert "are one folder" in said.err and str(b) in said.err and str(root / "train" / "linkcls") in said.err
 
 
 # -- refused before anything runs -------------------------------------------------------------------
