@@ -122,6 +122,18 @@ def beton_fingerprint(path: Path) -> str | None:
     return digest.hexdigest()
 
 
+def unread_why(path: Path) -> str:
+    """Why read_json_object found no JSON object in the file at `path`: the OSError's reason where it
+    cannot be opened or read (Permission denied: the user's fix differs from a damaged file's), else
+    that its text is none."""
+    try:
+        with path.open("rb") as fh:
+            fh.read(1)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    return "it cannot be read as the JSON object that convert writes"
+
+
 def sidecar_of(beton: Path, fingerprint: str | None = None, warn: bool = False) -> dict | None:
     """convert's sidecar of `beton` (sidecar_path) where it describes this .beton, else None: it is
     missing, unreadable, no JSON object, or stale (it records another .beton's beton_fingerprint: a
@@ -132,7 +144,7 @@ def sidecar_of(beton: Path, fingerprint: str | None = None, warn: bool = False) 
     meta = read_json_object(side)
     if meta is None:
         if warn and side.is_file():  # (none there: nothing to say)
-            log.warning("ignoring %s: it cannot be read as the JSON object that convert writes", side)
+            log.warning("ignoring %s: %s", side, unread_why(side))
         return None
     recorded = meta.get("beton_fingerprint")
     if recorded is not None and recorded != (fingerprint or beton_fingerprint(beton)):

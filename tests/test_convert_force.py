@@ -2,6 +2,7 @@
 replaces only what convert wrote (never the source, an unrelated folder or a sidecar of another's),
 checked before any image is read; a convert killed while publishing leaves a set its readers check."""
 
+import errno
 import json
 import os
 import re
@@ -362,3 +363,23 @@ def test_sidecar_of_reads_a_sidecar_only_where_it_describes_this_beton(tmp_path,
         assert sidecar_of(beton, "bb", warn=True) == {"classes": ["a"], "beton_fingerprint": "bb"}
         side.write_text(json.dumps({"classes": ["a"]}))  # an older convert's records no fingerprint
         assert sidecar_of(beton, "aa", warn=True) == {"classes": ["a"]} and caplog.text == ""
+
+
+def test_sidecar_of_names_why_a_sidecar_cannot_be_read(tmp_path, monkeypatch, caplog):
+    # an unreadable sidecar's line names the OSError's reason, as every other io line does; the
+    # tests run as root, where chmod denies nothing: the refusal is made at Path.open
+    from moco_fast.convert_dst import sidecar_of
+
+    beton, side = tmp_path / "x.beton", tmp_path / "x.beton.json"
+    side.write_text(json.dumps({"classes": ["a"]}))
+    real_open = Path.open
+
+    def denied(self, *args, **kwargs):
+        if self == side:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with caplog.at_level("WARNING", logger="moco_fast"):
+        assert sidecar_of(beton, "aa", warn=True) is None
+    assert caplog.messages == [f"ignoring {side}: it cannot be read ({os.strerror(errno.EACCES)})"]
