@@ -1,0 +1,58 @@
+"""`moco-fast sweep`'s plot of the table (sweep_table.plot): skipped without matplotlib, no bar for a
+figure that a setting lacks, and a legend that hides no bar."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    from moco_fast.sweep_table import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plot([{"name": "a", "knn_top1": 50.0}], tmp_path / "p.png") is False
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_leaves_out_the_bars_of_figures_a_setting_lacks(tmp_path, monkeypatch):
+    # two grids in one folder, one with --lincls-epochs: the other's settings have no linear top-1,
+    # which is no bar (the markdown's "-"), not a bar of 0%
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from moco_fast.sweep_table import plot
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    rows = [
+        {"name": "a", "knn_top1": 50.0, "linear_top1": 60.0, "pretext_acc": 40.0},
+        {"name": "b", "knn_top1": 55.0, "linear_top1": None, "pretext_acc": None},
+    ]
+    assert plot(rows, tmp_path / "p.png") is True
+    top, bottom = figures[0].axes
+    heights = sorted(round(p.get_height(), 3) for p in top.patches)
+    assert heights == [50.0, 55.0, 60.0]
+    assert [p.get_height() for p in bottom.patches] == [40.0]
+
+
+def test_plot_legend_hides_no_bar(tmp_path, monkeypatch):
+    # three settings with kNN near their best: the legend inside the axes ("best") covered the last
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from moco_fast.sweep_table import plot
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    rows = [{"name": n, "knn_top1": 46.7, "knn_head_top1": 50.0, "pretext_acc": 12.0} for n in "abc"]
+    rows[1]["linear_top1"] = 36.7
+    assert plot(rows, tmp_path / "p.png") is True
+    fig = figures[0]
+    fig.canvas.draw()
+    top = fig.axes[0]
+    legend = top.get_legend().get_window_extent()
+    assert not any(legend.overlaps(p.get_window_extent()) for p in top.patches)
