@@ -206,7 +206,10 @@ def names_of_convert(p: Path) -> str | None:
 def empty_folder(p: Path) -> bool:
     """A folder (not a link to one) that holds nothing: a shard set's DST made beforehand (`mkdir -p`),
     which convert writes as a new one (the folder of the set is renamed over it)."""
-    return p.is_dir() and not p.is_symlink() and next(os.scandir(p), None) is None
+    if not p.is_dir() or p.is_symlink():
+        return False
+    with os.scandir(p) as entries:  # closed here, not left to the collector (a ResourceWarning)
+        return next(entries, None) is None
 
 
 def shard_set_of_convert(p: Path) -> str | None:
