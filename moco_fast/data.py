@@ -239,7 +239,7 @@ def list_images(
     check_linked_classes(folder, named, labelled)
     empty = [c for c in found if not per_class[c]]
     if classes is None:
-        classes = [c for c in found if per_class[c]]
+        classes = named
         if empty:
             log.warning(
                 "left out of the classes: %d folder(s) in %s hold no image files: %s",
