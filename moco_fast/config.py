@@ -120,9 +120,14 @@ def as_run(cfg: TrainConfig, world: int) -> TrainConfig:
     """The config as `world` processes run it, what config.json and --print-config record: --sync-bn
     across several processes replaces shuffle BN (SyncBatchNorm's statistics span the global batch
     wherever each image sits, so shuffling the keys would change nothing and cost traffic)."""
-    if not (cfg.runtime.sync_bn and world > 1 and cfg.moco.shuffle_bn):
+    if not sync_bn_replaces_shuffle_bn(cfg.runtime.sync_bn, world, cfg.moco.shuffle_bn):
         return cfg
     return dataclasses.replace(cfg, moco=dataclasses.replace(cfg.moco, shuffle_bn=False))
+
+
+def sync_bn_replaces_shuffle_bn(sync_bn: bool, world: int, shuffle_bn: bool) -> bool:
+    """as_run's rule, also read on a saved config's dict (resume.saved_as_run)."""
+    return bool(sync_bn and world > 1 and shuffle_bn)
 
 
 class ConfigError(ValueError):

@@ -11,7 +11,7 @@ from typing import Any
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.backbone import resolve_stem
-from moco_fast.config import ConfigError, TrainConfig, from_dict, plain, to_dict
+from moco_fast.config import ConfigError, TrainConfig, from_dict, plain, sync_bn_replaces_shuffle_bn, to_dict
 from moco_fast.data import DataError
 from moco_fast.epoch import other_images
 from moco_fast.model import MoCo
@@ -73,7 +73,7 @@ def saved_as_run(saved: dict[str, Any], saved_world: int) -> dict[str, Any]:
     a checkpoint written before config.json recorded it says shuffle BN on beside --sync-bn, and its
     resume with the same flags warned of shuffle BN turned off."""
     moco, runtime = saved.get("moco", {}), saved.get("runtime", {})
-    if runtime.get("sync_bn") and saved_world > 1 and moco.get("shuffle_bn"):
+    if sync_bn_replaces_shuffle_bn(runtime.get("sync_bn"), saved_world, moco.get("shuffle_bn")):
         return {**saved, "moco": {**moco, "shuffle_bn": False}}
     return saved
 
