@@ -32,7 +32,7 @@ from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
 from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
 from moco_fast.seeded_images import KeyedImages
-from moco_fast.shared_memory import WORKER_START, stack_shared, start_workers, tensor_shared, warn_if_short
+from moco_fast.shared_memory import stack_shared, start_workers, tensor_shared, warn_if_short, worker_start
 from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
@@ -260,7 +260,7 @@ class TorchLoader:
                 worker_init_fn=leave_stops_to_the_trainer,
                 # forked whatever the default: a stop signal to the process group ends a fork server,
                 # not the workers (leave_stops_to_the_trainer), whose parent must live (WORKER_START)
-                multiprocessing_context=WORKER_START if a.workers > 0 else None,
+                multiprocessing_context=worker_start(a.workers),
             )
             self._batches = batches
         # the DataLoader's iterator made here, not at DevicePrefetcher's first batch: see `start_workers`;

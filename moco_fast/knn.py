@@ -18,7 +18,7 @@ from moco_fast.data import DataError, ImageDataset, ImageList, Unreadable
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
-from moco_fast.shared_memory import WORKER_START, stack_shared, start_workers, tensor_shared, warn_if_short
+from moco_fast.shared_memory import stack_shared, start_workers, tensor_shared, warn_if_short, worker_start
 
 log = logging.getLogger("moco_fast")
 
@@ -111,9 +111,12 @@ def eval_batches(images: ImageList, image_size: int, batch_size: int, workers: i
     one evaluation pass of kNN, lincls and finetune (and lincls's cached train features)."""
     ds = ImageDataset(images, eval_transform(image_size), substitute=False)
     warn_if_shm_short(workers, batch_size, image_size, desc)
-    start = WORKER_START if workers > 0 else None
     dl = DataLoader(
-        ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_decodable, multiprocessing_context=start
+        ds,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_decodable,
+        multiprocessing_context=worker_start(workers),
     )
     return EvalBatches(dl, images, image_size, desc)
 

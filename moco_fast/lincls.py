@@ -48,7 +48,7 @@ from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.metrics import progress
 from moco_fast.run_folder import LINCLS_RESULT, result_beside
 from moco_fast.seeded_images import EpochKeys, KeyedImages
-from moco_fast.shared_memory import WORKER_START, check_room_to_start, start_workers
+from moco_fast.shared_memory import check_room_to_start, start_workers, worker_start
 from moco_fast.step import set_lr
 
 log = logging.getLogger("moco_fast")
@@ -142,7 +142,7 @@ def image_batches(
         # nor the process's stream, which it would advance once per DataLoader iterator
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
-        multiprocessing_context=WORKER_START if workers > 0 else None,
+        multiprocessing_context=worker_start(workers),
     )
     check_room_to_start(loader)  # its workers start at the first epoch, once (persistent)
     return loader

@@ -36,6 +36,12 @@ SHM = "/dev/shm"
 # more for each kNN pass of a CPU run with 2 workers). They decode on the CPU and never touch CUDA.
 WORKER_START = "fork"
 
+
+def worker_start(workers: int) -> str | None:
+    """A DataLoader's multiprocessing_context for `workers`: WORKER_START, none without workers."""
+    return WORKER_START if workers > 0 else None
+
+
 ADVICE = "run the container with --shm-size=8g (or --ipc=host), or use --workers 0"
 
 # torch's messages (c10/ATen's MapAllocator, torch/csrc/DataLoader.cpp) for a shared-memory file it
