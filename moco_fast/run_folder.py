@@ -207,7 +207,8 @@ def stopped_before_its_first_checkpoint(out: Path) -> bool:
 
 
 class RunFolderBusy(RuntimeError):
-    """Another `train` is writing to the same --out (or another lincls / finetune to the same result)."""
+    """Another `train` is writing to the same --out (or another lincls / finetune to the same result,
+    another convert to the same DST)."""
 
 
 def ensure_not_busy(held: list[bool], out: Path) -> None:
@@ -291,19 +292,26 @@ def _hold_folder(out: Path) -> Iterator[bool]:
 def hold_output(out: Path, command: str) -> Iterator[None]:
     """An exclusive lock on the result `out` of lincls or finetune while it runs, so that a second run
     writing the same result (and the same state between epochs) stops at once (RunFolderBusy). The
-    lock is a flock on a hidden file named after the state, `.NAME.state.pt.lock`, removed when the run
-    ends; a run that locked a file the holder then removed locks the new one. Opened read-only: a
-    lock file another user left in a shared folder still locks."""
-    lock = out.with_name(f".{state_name(out.name)}.lock")
+    lock file is named after the state, `.NAME.state.pt.lock` (hold_lock_file)."""
+    busy = f"{out}: another moco-fast {command} is writing it now; wait for it to end or choose another --out"
+    with hold_lock_file(out.with_name(f".{state_name(out.name)}.lock"), busy):
+        yield
+
+
+@contextlib.contextmanager
+def hold_lock_file(lock: Path, busy: str) -> Iterator[None]:
+    """An exclusive flock on the hidden file `lock` while the block runs; RunFolderBusy(`busy`) at once
+    when another process holds it. The file is made (with its folder) if missing and removed when the
+    block ends; only a process killed while holding it leaves it, and a later one locks it again. A
+    process that locked a file the holder then removed locks the new one. Opened read-only: a lock
+    file another user left in a shared folder still locks."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
-        held = _try_flock(fd, out)
+        held = _try_flock(fd, lock)
         if held is False:
             os.close(fd)
-            raise RunFolderBusy(
-                f"{out}: another moco-fast {command} is writing it now; wait for it to end or choose another --out"
-            )
+            raise RunFolderBusy(busy)
         if held is None:
             break
         try:
