@@ -7,7 +7,8 @@ skipped too, each named with its reason.
 The output never appears half-written under its final name: it is written under a temporary name
 in the same folder and renamed at the end; an existing output is replaced only with `force`, and
 only when it is an earlier output of convert (moco_fast/convert_dst.py, checked before any image is
-read; the temporaries and their publishing: moco_fast/convert_files.py).
+read; the temporaries and their publishing: moco_fast/convert_files.py). A second convert to the
+same DST while one runs stops at once (convert_files.holding).
 
 FFCV: the .beton has the fields `image` (RGBImageField) and `label` (IntField), in the folder's
 sorted order; `X.beton.json` beside it holds the class names, and `X.beton.files.txt` the source
@@ -31,7 +32,9 @@ from moco_fast.config import MAX_SEED, ConfigError
 from moco_fast.convert_beton import convert_ffcv
 from moco_fast.convert_dst import check_destination, names_path, sidecar_path
 from moco_fast.convert_files import (
+    holding,
     output_of,
+    outputs_there,
     publish,
     remove,
     size_of,
@@ -160,8 +163,17 @@ def convert(cfg: ConvertConfig) -> ConvertSummary:
         cfg.workers = available_cores()
     dst = Path(cfg.dst)
     tidy_after_a_stopped_convert(dst)  # first: an output it puts back is an existing DST
-    check_destination(resolve_root(cfg.src, "SRC"), dst, cfg.format, cfg.force)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    src = resolve_root(cfg.src, "SRC")
+    check_destination(src, dst, cfg.format, cfg.force)  # before anything is made: a refused DST leaves none
+    there = outputs_there(dst)
+    with holding(dst):  # makes DST's folder
+        if outputs_there(dst) != there:  # published by another convert that ended since the check
+            check_destination(src, dst, cfg.format, cfg.force)
+        return _convert(cfg, dst)
+
+
+def _convert(cfg: ConvertConfig, dst: Path) -> ConvertSummary:
+    """convert's work, once DST is checked and held: the images read, written and published."""
     start = time.perf_counter()
     images = source_images(cfg)
     tmp = temp_path(dst)

@@ -1,7 +1,8 @@
-"""The files of `moco-fast convert`'s output: the temporary name it is written under (in DST's
-folder, named by host and PID), publishing it (renamed into place; an existing output moved aside
-first and removed after), what a convert that was killed left (tidy_after_a_stopped_convert), and
-the errors of a write of the output, named as DST.
+"""The files of `moco-fast convert`'s output: the lock that keeps a second convert to the same DST
+out (holding), the temporary name it is written under (in DST's folder, named by host and PID),
+publishing it (renamed into place; an existing output moved aside first and removed after), what a
+convert that was killed left (tidy_after_a_stopped_convert), and the errors of a write of the
+output, named as DST.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS
 from moco_fast.convert_dst import empty_folder, names_path, sidecar_path
+from moco_fast.run_folder import hold_lock_file
 
 log = logging.getLogger("moco_fast")
 
@@ -26,6 +28,33 @@ def _owner() -> str:
     """This process, as temporary names record it: host and PID (a shared folder may be written from
     several machines, where a PID says nothing)."""
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def lock_path(dst: Path) -> Path:
+    """The lock file of a convert to `dst`: hidden, beside it (never read by a scan of SRC), and apart
+    from DST itself, which publishing renames (a lock on the old file or folder would guard nothing)."""
+    return dst.with_name(f".{dst.name}.lock")
+
+
+@contextlib.contextmanager
+def holding(dst: Path) -> Iterator[None]:
+    """Holds DST's lock (lock_path, made with DST's folder) while a convert writes and publishes it:
+    a second convert to the same DST stops at once with one line (RunFolderBusy) instead of
+    publishing its files between the first's (a .beton of one beside the sidecar of the other). The
+    lock file goes when the convert ends, whether it wrote DST or failed; a convert killed outright
+    leaves it (hidden, empty), and the next convert to DST locks it again."""
+    busy = f"DST {dst}: another moco-fast convert is writing it now; wait for it to end or choose another DST"
+    with hold_lock_file(lock_path(dst), busy):
+        yield
+
+
+def outputs_there(dst: Path) -> tuple[bool, ...]:
+    """Which of DST, its sidecar and its file list are there (a link counts; an empty folder, which
+    a shard set is written into, does not): where they differ after the lock is taken from before,
+    another convert published DST meanwhile, and convert checks DST again."""
+    return tuple(
+        (p.exists() or p.is_symlink()) and not empty_folder(p) for p in (dst, sidecar_path(dst), names_path(dst))
+    )
 
 
 def temp_path(dst: Path) -> Path:

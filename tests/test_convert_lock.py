@@ -1,0 +1,51 @@
+"""Two `moco-fast convert` runs to one DST: the second stops at once with one line while the first
+holds DST's lock, a DST that another convert published before the lock was taken is checked again,
+and the lock file goes with the convert that held it."""
+
+import contextlib
+import os
+
+import pytest
+
+import moco_fast.convert as conv
+from moco_fast.cli import main
+from moco_fast.convert import ConvertConfig, convert
+from moco_fast.convert_files import holding, lock_path
+
+
+def test_a_second_convert_to_the_same_dst_stops_at_once(bad_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / "wds"
+    argv = ["convert", str(bad_root), str(dst), "--format", "wds", "--workers", "1"]
+    with holding(dst):  # as a first convert holds it, writing
+        assert main(argv) == 2
+        assert os.listdir(out) == [lock_path(dst).name]  # the second wrote nothing
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"DST {dst}: another moco-fast convert is writing it now" in err[0], err
+    assert not lock_path(dst).exists()
+    assert main(argv) == 0
+    assert os.listdir(out) == ["wds"]  # no lock file left by a convert that wrote DST
+    assert main(argv) == 2  # nor by one that failed (DST exists, no --force)
+    assert os.listdir(out) == ["wds"]
+
+
+def test_a_dst_published_before_the_lock_is_checked_again(bad_root, tmp_path, monkeypatch):
+    # Another convert to DST checked it, wrote it and ended between this one's check and its lock:
+    # without --force this one stops there, before reading an image, not at its own publishing
+    # (which would remove the other's file list first, with --format ffcv).
+    dst = tmp_path / "out" / "wds"
+
+    @contextlib.contextmanager
+    def another_ends_first(path):
+        monkeypatch.setattr(conv, "holding", holding)
+        convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1))
+        monkeypatch.setattr(conv, "source_images", lambda cfg: pytest.fail("read the images of a DST it may not write"))
+        with holding(path):
+            yield
+
+    monkeypatch.setattr(conv, "holding", another_ends_first)
+    with pytest.raises(FileExistsError, match="exists: pass --force"):
+        convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1))
+    meta = (dst / "meta.json").read_text()
+    assert '"format": "wds"' in meta and os.listdir(dst.parent) == ["wds"]
