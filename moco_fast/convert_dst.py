@@ -17,6 +17,7 @@ import logging
 import os
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 from moco_fast.config import ConfigError, read_json_object
 from moco_fast.data import SPLIT_NAMES
@@ -134,24 +135,45 @@ def unread_why(path: Path) -> str:
     return "it cannot be read as the JSON object that convert writes"
 
 
-def sidecar_of(beton: Path, fingerprint: str | None = None, warn: bool = False) -> dict | None:
-    """convert's sidecar of `beton` (sidecar_path) where it describes this .beton, else None: it is
-    missing, unreadable, no JSON object, or stale (it records another .beton's beton_fingerprint: a
-    convert stopped between publishing the two). `fingerprint`: this .beton's, where the caller has
-    it; else it is hashed here, and only where the sidecar records one (an older convert's does not).
-    `warn`: a sidecar that is there but ignored is named in one line with why."""
+class SidecarRead(NamedTuple):
+    """The sidecar of a .beton, read once (read_sidecar): `meta`, its JSON object (None: it is missing,
+    unreadable, or no JSON object), and `ignored`, why a reader ignores the sidecar that is there
+    (unreadable, no JSON object, or stale), None where it describes this .beton or is missing."""
+
+    meta: dict | None
+    ignored: str | None
+
+    @property
+    def stale(self) -> bool:
+        """A JSON object that records another .beton's fingerprint (a convert stopped between
+        publishing the two)."""
+        return self.meta is not None and self.ignored is not None
+
+
+def read_sidecar(beton: Path, fingerprint: str | None = None) -> SidecarRead:
+    """convert's sidecar of `beton` (sidecar_path) and whether it describes this .beton: not where it
+    is missing, unreadable, no JSON object, or stale (it records another .beton's beton_fingerprint).
+    `fingerprint`: this .beton's, where the caller has it; else it is hashed here, and only where the
+    sidecar records one (an older convert's does not)."""
     side = sidecar_path(beton)
     meta = read_json_object(side)
     if meta is None:
-        if warn and side.is_file():  # (none there: nothing to say)
-            log.warning("ignoring %s: %s", side, unread_why(side))
-        return None
+        return SidecarRead(None, unread_why(side) if side.is_file() else None)  # (none there: nothing to say)
     recorded = meta.get("beton_fingerprint")
     if recorded is not None and recorded != (fingerprint or beton_fingerprint(beton)):
+        return SidecarRead(meta, stale(beton))
+    return SidecarRead(meta, None)
+
+
+def sidecar_of(beton: Path, fingerprint: str | None = None, warn: bool = False) -> dict | None:
+    """convert's sidecar of `beton` where it describes this .beton (read_sidecar), else None. `warn`:
+    a sidecar that is there but ignored is named in one line with why."""
+    read = read_sidecar(beton, fingerprint)
+    if read.ignored is not None:
         if warn:
-            log.warning("ignoring %s: %s", side, stale(beton))
+            log.warning("ignoring %s: %s", sidecar_path(beton), read.ignored)
         return None
-    return meta
+    return read.meta
 
 
 def beton_of_convert(p: Path) -> str | None:
@@ -159,15 +181,15 @@ def beton_of_convert(p: Path) -> str | None:
     its header and its sidecar (`"format": "ffcv"`, as many images as the header's samples) both say
     so. Anything else is refused: another file (a source image, notes.txt), and a .beton of another
     tool (ffcv-imagenet's has the same fields; only the sidecar tells them apart). A sidecar of
-    convert that sidecar_of finds stale is one that a convert stopped before replacing it (the
+    convert that read_sidecar finds stale is one that a convert stopped before replacing it (the
     .beton beside it is that convert's): replaced as well, or the set could never be remade; but
     only without a file list, which that convert removed first: beside a list, the .beton was put
     there by something else (another tool's, written over convert's)."""
     samples = beton_samples(p)
     if isinstance(samples, str):
         return f"is not a .beton that convert wrote ({samples})"
-    meta = sidecar_of(p)
-    if meta is None and (read_json_object(sidecar_path(p)) or {}).get("format") == "ffcv":  # stale
+    read = read_sidecar(p)
+    if read.stale and read.meta.get("format") == "ffcv":
         names = names_path(p)
         if names.exists() or names.is_symlink():
             return (
@@ -175,6 +197,7 @@ def beton_of_convert(p: Path) -> str | None:
                 ".beton's fingerprint: another tool's .beton written in its place?)"
             )
         return None
+    meta = None if read.ignored is not None else read.meta
     if meta is None or meta.get("format") != "ffcv" or meta.get("num_images") != samples:
         return f"is a .beton without the {sidecar_path(p).name} of convert that describes it (another tool's?)"
     return None
