@@ -12,6 +12,7 @@ val/, test/; scanned_folder) either: every later scan would meet it there. The c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -105,8 +106,25 @@ def beton_fingerprint(path: Path) -> str | None:
     each image's record with its size, label and where its bytes lie, and the allocation table), not
     of the images' bytes (ImageNet: ~60 MB read, not 60 GB). A sidecar or list whose fingerprint
     differs describes another .beton: the set of a convert stopped between publishing its files.
-    None when the header is no convert's .beton (beton_samples)."""
-    samples = beton_samples(path)
+    None when the header is no convert's .beton (beton_samples), or the file cannot be read.
+
+    Kept for the file's version (device, inode, size, modification and change times): a train run
+    hashes its .beton once, at the loader's start, and its last line (monitor.converted_from) uses
+    that. A file changed or replaced since (a convert --force renamed a new .beton there) is a new
+    version and hashed again: its sidecar must describe the .beton there now. (A rewrite in place
+    that keeps all five, within one tick of the file system's clock, would not be told apart;
+    convert never writes a .beton in place.)"""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _tables_hash(str(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _tables_hash(path: str, version: tuple[int, ...]) -> str | None:
+    """beton_fingerprint of the file at `path` in its `version` (a key of the cache only)."""
+    samples = beton_samples(Path(path))
     if isinstance(samples, str):
         return None
     digest = hashlib.blake2b(digest_size=16)

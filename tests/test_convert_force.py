@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from convert_helpers import beton_images, expected, no_partials
+from convert_helpers import beton_images, expected, fake_beton, no_partials
 
 from moco_fast.cli import main
 from moco_fast.convert import ConvertConfig, convert
@@ -56,25 +56,6 @@ def test_an_earlier_beton_is_replaced_only_with_force(bad_root, tmp_path, capsys
     with pytest.raises(FileExistsError, match="the file list of DST"):
         check_destination(bad_root, dst, "ffcv", force=False)
     check_destination(bad_root, dst, "ffcv", force=True)
-
-
-def fake_beton(path: Path, samples: int, seed: int) -> None:
-    """A file laid out as FFCV writes convert's fields (header, field descriptions, one record an
-    image, the images' bytes, the allocation table), its tables drawn from `seed`: no FFCV needed."""
-    from moco_fast.convert_dst import (
-        ALLOC_ENTRY_SIZE,
-        BETON_HEADER,
-        CONVERT_FIELDS,
-        FIELD_DESC_SIZE,
-        SAMPLE_RECORD_SIZE,
-    )
-
-    rng = np.random.default_rng(seed)
-    fields = b"".join(bytes([t]) + name.ljust(16, b"\0") + bytes(FIELD_DESC_SIZE - 17) for t, name in CONVERT_FIELDS)
-    records = rng.bytes(samples * SAMPLE_RECORD_SIZE) + rng.bytes(4096)  # then the images' bytes
-    alloc_table = BETON_HEADER.size + len(fields) + len(records)
-    header = BETON_HEADER.pack(2, len(CONVERT_FIELDS), 1 << 21, samples, alloc_table)
-    path.write_bytes(header + fields + records + rng.bytes(samples * ALLOC_ENTRY_SIZE))
 
 
 def test_force_replaces_a_beton_beside_a_stale_sidecar_only_where_a_killed_convert_left_it(tmp_path):

@@ -2,15 +2,19 @@
 --data the image folder that convert recorded as the source of the .beton or shard set, where that
 folder still has train/ and val/ or test/, else ROOT for the user to give."""
 
+import hashlib
 import json
+import os
 
 import pytest
 from conftest import make_image_root
+from convert_helpers import fake_beton
 
 from moco_fast.commands.train import _report
 from moco_fast.config import build_config
 from moco_fast.convert import ConvertConfig, convert
-from moco_fast.convert_dst import sidecar_path
+from moco_fast.convert_dst import beton_fingerprint, sidecar_path
+from moco_fast.monitor import converted_from
 
 ROW = {"epoch": 1, "loss": 1.0, "img_per_s": 10.0}  # no final_knn_top1: the data had no eval split
 
@@ -58,3 +62,21 @@ def test_after_a_beton_the_knn_line_names_the_folder_it_was_converted_from(tmp_p
     side = sidecar_path(tmp_path / "tiny.beton")
     side.write_text(json.dumps({**json.loads(side.read_text()), "beton_fingerprint": "another"}))
     assert last_line(cfg, capsys).endswith("--data ROOT`, ROOT with train/ and val/ or test/")
+
+
+def test_the_last_line_hashes_no_beton_that_the_run_hashed_already(tmp_path, monkeypatch):
+    # The ffcv loader hashes the .beton at the run's start; the last line's look at its sidecar
+    # (converted_from) hashed it once more (ImageNet's tables: ~60 MB read again at the run's end).
+    # A .beton replaced since is another file: hashed again, and the sidecar does not describe it.
+    beton = tmp_path / "x.beton"
+    fake_beton(beton, 4, seed=0)
+    hashes, blake2b = [], hashlib.blake2b
+    monkeypatch.setattr(hashlib, "blake2b", lambda **kw: hashes.append(kw) or blake2b(**kw))
+    fingerprint = beton_fingerprint(beton)  # the loader's, at the start
+    meta = {"format": "ffcv", "source": str(tmp_path / "data" / "train"), "beton_fingerprint": fingerprint}
+    sidecar_path(beton).write_text(json.dumps(meta))
+    cfg = build_config("cifar", {"data.loader": "ffcv", "data.data": str(beton), "runtime.out": "run"})
+    assert converted_from(cfg) == tmp_path / "data" / "train" and len(hashes) == 1
+    fake_beton(tmp_path / "new.beton", 4, seed=1)
+    os.replace(tmp_path / "new.beton", beton)  # as a convert --force publishes it
+    assert converted_from(cfg) is None and len(hashes) == 2
