@@ -317,6 +317,9 @@ def load_splits(data: str | None, check: bool = True, eval_split: str = "list", 
     try:
         evaluated = list_images(eval_dir, classes=train.classes, check=check, labelled=labelled)
         _check_shared_files(train, evaluated)
+        from moco_fast.split_copies import warn_of_copies  # it imports ImageList from here
+
+        warn_of_copies(train, evaluated)
         return DataSplits(train, evaluated)
     except DataError as e:
         _eval_unusable(eval_split, eval_dir, e)
@@ -354,7 +357,8 @@ def _check_shared_files(train: ImageList, evaluated: ImageList) -> None:
     """Eval images that are training images (the same file through a symbolic or hard link, or a
     class folder linked into both splits) inflate the scores: all of them is an error, some a
     warning with the count and a first one. Only the files' identities are compared, not their
-    contents: a copy is not found. The eval files are stat'ed; the training split (a million files
+    contents: a copy is another file (found, where it keeps its class folder and name, by
+    split_copies.warn_of_copies). The eval files are stat'ed; the training split (a million files
     on ImageNet, maybe on a network file system) only where an eval file has hard links or is
     reached through a symbolic link below its split's folder (itself, a linked class folder), as no
     file of a split of plain files is. (A training image that links to an eval file is not looked for.)"""
