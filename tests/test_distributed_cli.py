@@ -98,6 +98,44 @@ def test_a_resume_with_another_world_size_says_how_the_lr_changes(tmp_path, capl
     ) in caplog.text
 
 
+def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(tmp_path, caplog, capsys, monkeypatch):
+    # --sync-bn across 2 processes replaced shuffle BN, and config.json and the checkpoint record it off;
+    # resumed in one process (sync BN a no-op) it kept that and trained with neither
+    import logging
+
+    out = tmp_path / "run"
+    assert main(synthetic_args(out, "--bn-splits", "2", "--sync-bn", "--no-shuffle-bn")) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["world_size"] = 2  # as 2 workers with --sync-bn wrote it (SyncBatchNorm needs GPUs)
+    torch.save(state, out / "checkpoint.pt")
+    saved = out / "checkpoint.pt", tmp_path / "saved.pt"
+    shutil.copy(*saved)
+    back = (
+        "--resume: the run's --sync-bn across 2 processes replaced shuffle BN; in one process sync BN does "
+        "nothing, so shuffle BN is on again (--no-shuffle-bn keeps it off)"
+    )
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*synthetic_args(out), "--resume", "--epochs", "2"]) == 0
+    assert caplog.text.count(back) == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
+    caplog.clear()
+    shutil.copy(*reversed(saved))  # --no-shuffle-bn given: as asked, without a word
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*synthetic_args(out), "--resume", "--epochs", "2", "--no-shuffle-bn"]) == 0
+    assert back not in caplog.text
+    assert not torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
+    # resumed by 2 processes, sync BN still replaces shuffle BN: nothing said, nothing changed
+    shutil.copy(*reversed(saved))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*synthetic_args(out), "--resume", "--device", "auto", "--print-config"]) == 0
+    assert back not in caplog.text
+    assert json.loads(capsys.readouterr().out)["moco"]["shuffle_bn"] is False
+
+
 def test_a_resume_with_another_world_size_names_a_fix_that_it_allows(tmp_path, capsys):
     # 2 workers (plain BN) resumed in one process, whose split BN needs --bn-splits 8 to divide a
     # batch of 8 in pieces of 2 or more: the fresh-run message did not say why, nor which value works.

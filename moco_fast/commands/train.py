@@ -267,7 +267,7 @@ def config_from_args(args: argparse.Namespace):
     and only the flags given on this command line change it."""
     saved, weights = _resumed_config(args)
     if saved is not None:
-        cfg, saved_size = saved, saved.data.aug.image_size
+        cfg, saved_size, saved_runtime = saved, saved.data.aug.image_size, replace(saved.runtime)
         for dest, field in FLAG_FIELDS.items():
             if getattr(args, dest, None) is not None:
                 set_dotted(cfg, field, getattr(args, dest))
@@ -277,6 +277,8 @@ def config_from_args(args: argparse.Namespace):
             )
         if args.gpus is None and cfg.runtime.gpus > 1:
             cfg.runtime.gpus = _gpus_to_resume_with(cfg)
+        if saved_runtime.sync_bn and not cfg.moco.shuffle_bn and args.shuffle_bn is None:
+            _shuffle_bn_where_sync_bn_stops(cfg, saved_runtime.gpus)
         if weights and cfg.model.stem == "auto" and args.stem is None and args.image_size is not None:
             from moco_fast.backbone import resolve_stem
 
@@ -401,21 +403,52 @@ def _gpus_to_resume_with(cfg) -> int:
         return 1
 
 
+def _shuffle_bn_where_sync_bn_stops(cfg, saved_gpus: int) -> None:
+    """A run of several processes trained with --sync-bn, which replaced shuffle BN (config.as_run), and
+    its config records shuffle BN off. Resumed where sync BN does nothing (one process) or is turned
+    off, it kept that and trained with neither: the keys could cheat through their batch's statistics.
+    Shuffle BN is asked for again (as_run turns it off where sync BN still replaces it); the caller
+    leaves an explicit --no-shuffle-bn alone. A run written by one process asked for no shuffle BN."""
+    from moco_fast.config import sync_bn_replaces_shuffle_bn
+    from moco_fast.resume import saved_world_size
+
+    # no checkpoint: the run starts over from config.json, which records --gpus N, not torchrun's count
+    saved_world = saved_world_size(cfg) or saved_gpus
+    if saved_world < 2:
+        return
+    cfg.moco.shuffle_bn = True
+    world = launch_world(cfg)
+    if not sync_bn_replaces_shuffle_bn(cfg.runtime.sync_bn, world, True):
+        why = "in one process sync BN does nothing" if cfg.runtime.sync_bn else "--no-sync-bn turns it off"
+        log.warning(
+            "--resume: the run's --sync-bn across %d processes replaced shuffle BN; %s, so shuffle BN is on "
+            "again (--no-shuffle-bn keeps it off)",
+            *(saved_world, why),
+        )
+
+
+def launch_world(cfg) -> int:
+    """The processes the run starts: --gpus N's workers, else the group the environment describes (a
+    WORLD_SIZE without RANK: one process, as train runs)."""
+    from moco_fast.join import env_world_size
+
+    return cfg.runtime.gpus if cfg.runtime.gpus > 1 else env_world_size()
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     warn_unused(args, cfg.moco.mechanism, cfg.moco.shuffle_bn)
     if args.print_config:
         from moco_fast.config import as_run, to_dict
-        from moco_fast.join import env_world_size
         from moco_fast.launch import check_gpus_flag
         from moco_fast.trainer import check_flags
 
         # what the run would refuse before its first step, as far as the flags decide it: not the data
         # or the GPUs, which may be those of another machine. Its processes: --gpus N's workers, else
-        # the group the environment describes (a WORLD_SIZE without RANK: one process, as train runs)
+        # the group the environment describes (launch_world)
         if args.gpus is not None:
             check_gpus_flag(cfg)
-        world = cfg.runtime.gpus if cfg.runtime.gpus > 1 else env_world_size()
+        world = launch_world(cfg)
         check_flags(cfg, world)
 
         print(json.dumps(to_dict(as_run(cfg, world)), indent=2))
