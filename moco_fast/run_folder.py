@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import shutil
@@ -274,8 +275,9 @@ def hold_sweep_folder(out: Path) -> Iterator[None]:
 def _hold_folder(out: Path) -> Iterator[bool]:
     """A flock on the folder `out` itself (no lock file), made if missing; yields whether this process
     holds it. The lock goes with the process; forked processes (DataLoader workers) close their copy.
-    A folder created here and left empty (the command failed before writing) is removed."""
-    created = not out.exists()
+    The folders created here (`out` and its missing parents) and left empty (the command failed
+    before writing) are removed."""
+    created = missing_folders(out)
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)
     _HELD.add(fd)
@@ -284,8 +286,25 @@ def _hold_folder(out: Path) -> Iterator[bool]:
     finally:
         _HELD.discard(fd)
         os.close(fd)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        remove_empty(created)
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist, deepest first: what mkdir(parents=True) makes."""
+    return list(itertools.takewhile(lambda p: not p.exists(), (path, *path.parents)))
+
+
+def remove_empty(made: list[Path]) -> None:
+    """Removes the folders `made` (missing_folders, deepest first) up to the first that holds something:
+    a command that failed before it wrote leaves no --out parents behind, and never removes a folder
+    that was there before it."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: it and the folders above hold what was written
+            return
 
 
 @contextlib.contextmanager
@@ -304,7 +323,9 @@ def hold_lock_file(lock: Path, busy: str) -> Iterator[None]:
     when another process holds it. The file is made (with its folder) if missing and removed when the
     block ends; only a process killed while holding it leaves it, and a later one locks it again. A
     process that locked a file the holder then removed locks the new one. Opened read-only: a lock
-    file another user left in a shared folder still locks."""
+    file another user left in a shared folder still locks. The folders made for it and left empty
+    (the command failed before writing) are removed."""
+    created = missing_folders(lock.parent)
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
@@ -328,6 +349,7 @@ def hold_lock_file(lock: Path, busy: str) -> Iterator[None]:
         with contextlib.suppress(OSError):  # another user's, in a sticky folder: it stays, harmlessly
             lock.unlink(missing_ok=True)  # while still held
         os.close(fd)
+        remove_empty(created)
 
 
 def holds_run(out: Path) -> bool:

@@ -40,6 +40,17 @@ def test_out_is_checked_before_training(cmd, run_dir, tmp_path, monkeypatch, cap
     assert not (tmp_path / "a_file").is_dir() and not list(Path(tmp_path / "a_folder").iterdir())
 
 
+@pytest.mark.parametrize("cmd", ["lincls", "finetune"])
+def test_a_run_that_fails_before_writing_removes_the_out_folders_it_made(cmd, run_dir, tmp_path, capsys):
+    # --out a/b/r.json made a/ and b/ for its lock: a run that failed on its data left them behind; a
+    # folder that was there before stays
+    out = tmp_path / "a" / "b" / "r.json"
+    argv = [cmd, "--checkpoint", str(run_dir / "checkpoint.pt"), "--device", "cpu", "--out", str(out)]
+    assert main([*argv, "--data", str(tmp_path / "missing"), "--epochs", "1"]) == 2
+    assert one_line_error(capsys) == f"moco-fast {cmd}: error: data folder not found: {tmp_path / 'missing'}"
+    assert tmp_path.is_dir() and not any(tmp_path.iterdir())
+
+
 def test_finetune_save_model_is_checked_before_training(run_dir, tmp_path, monkeypatch, capsys):
     stop_training(monkeypatch)
     argv = ["finetune", "--checkpoint", str(run_dir), "--device", "cpu", "--out", str(tmp_path / "r.json")]

@@ -189,6 +189,22 @@ def test_a_second_train_into_a_busy_folder_fails_at_once(tiny_root, tmp_path, ca
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_command_that_fails_before_writing_removes_the_out_parents_it_made(command, tmp_path, capsys):
+    # --out a/b/run made a/ and b/ with run/: the failed command removed run/ alone and left them behind;
+    # a folder that was there before stays
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    out, missing = kept / "a" / "b" / "run", str(tmp_path / "missing-data")
+    if command == "train":
+        argv = tiny_args(missing, out)
+    else:
+        argv = ["sweep", "--out", str(out), "--device", "cpu", "--", "--data", missing, "--epochs", "1"]
+    assert main(argv) == 2
+    assert "missing-data" in capsys.readouterr().err
+    assert kept.is_dir() and not any(kept.iterdir())
+
+
 def test_data_is_saved_as_an_absolute_path(tiny_root, monkeypatch, capsys):
     monkeypatch.chdir(tiny_root.parent)
     assert main(["train", "--data", tiny_root.name, "--print-config"]) == 0
