@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 
 from before_rows import interrupted_before_rows, stopped_before_rows
 
-with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here is one line too
+# torch takes seconds to import: a Ctrl-C here is one line too (torchvision: this bench never imports it)
+with interrupted_before_rows(held=("torch",)):
     import torch
     from moco_fast.loaders import LoaderArgs, create_loader
     from report import NOT_RUN, check_output_path, device_info, forever, format_table

@@ -310,11 +310,11 @@ def _stops_held(second_ends: bool = False) -> Iterator[list[int]]:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
-def _import_holding_signals(modules: tuple[str, ...]) -> None:
-    """Imports what a command imports (HELD_IMPORTS, or its own `held_imports`) with Ctrl-C and the
-    STOP_SIGNALS held until it is in, then acts on them: one that lands in the C++ side of the
-    import (a pybind11 callback) aborted the process (SIGABRT, "terminate called after throwing ...
-    KeyboardInterrupt")."""
+def import_holding_signals(modules: tuple[str, ...]) -> None:
+    """Imports what a command imports (HELD_IMPORTS, or its own `held_imports`; a bench's, in
+    bench/before_rows.py) with Ctrl-C and the STOP_SIGNALS held until it is in, then acts on them:
+    one that lands in the C++ side of the import (a pybind11 callback) aborted the process (SIGABRT,
+    "terminate called after throwing ... KeyboardInterrupt")."""
     with _stops_held() as held:
         for name in modules:
             importlib.import_module(name)
@@ -435,7 +435,7 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, "empty_flag", None):
             raise UserError(EMPTY_PATH.format(args.empty_flag))
         if threading.current_thread() is threading.main_thread():
-            _import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
+            import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
         if args.command not in DISTRIBUTED_COMMANDS:
             refuse_torchrun(args.command)
         return args.func(args) or 0
