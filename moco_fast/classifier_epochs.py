@@ -233,6 +233,12 @@ class EpochLoop:
             return 0, []
         state = load_state(self.path, self.command)
         refuse_other_settings(self.path, state, self.cfg)
+        if moved_checkpoint(state["config"], self.settings):
+            log.warning(
+                "--resume: %s ran on the checkpoint %s, which is the same save as --checkpoint %s (moved or "
+                "copied since): it continues on that one",
+                *(self.path, state["config"]["checkpoint"], self.settings["checkpoint"]),
+            )
         for name, part in self.parts.items():
             if isinstance(part, torch.optim.Optimizer):
                 load_optimizer_state(part, state[name])  # saved on another device, maybe
@@ -314,12 +320,27 @@ def differences(state: dict[str, Any], cfg: Any) -> list[str]:
             continue
         if saved.get(k) == now[k] or _same_when_resolved(k, saved, now, cfg):
             continue
+        if k == "checkpoint" and moved_checkpoint(saved, now):  # EpochLoop._load says so
+            continue
         if k == "checkpoint_stamp":
             if saved.get("checkpoint") == now.get("checkpoint"):  # another file's stamp differs anyway
                 diff.append("the checkpoint has changed since (trained further?)")
         else:
             diff.append(f"--{k.replace('_', '-')} {_as_given(saved.get(k))} (now {_as_given(now[k])})")
     return diff
+
+
+def moved_checkpoint(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """The state's checkpoint at another path, a run folder moved or copied since: the same save id
+    (checkpoint.file_stamp), which a copy keeps. A checkpoint without one (another tool's) is told
+    from another file by its mtime and size alone, too little to take it for the same weights."""
+    stamp = saved.get("checkpoint_stamp")
+    return (
+        saved.get("checkpoint") != now.get("checkpoint")
+        and isinstance(stamp, list)
+        and stamp[:1] == ["save_id"]
+        and stamp == now.get("checkpoint_stamp")
+    )
 
 
 def _same_when_resolved(k: str, saved: dict[str, Any], now: dict[str, Any], cfg: Any) -> bool:

@@ -158,27 +158,38 @@ def test_a_stop_behind_a_dataloader_error_still_says_how_to_resume(tmp_path, cap
     assert "holds epoch 1: --resume continues" in caplog.text
 
 
-def test_the_loop_itself_refuses_a_state_of_other_settings(tmp_path):
-    # the commands check before reading data; a caller of the library (the sweep) meets the loop's check
+def lincls_loop(tmp_path, checkpoint=None, **kw):
+    """An EpochLoop of lincls, 2 epochs of a 2x2 classifier, its result tmp_path/l.json."""
     import time
 
     from moco_fast.classifier_epochs import EpochLoop
     from moco_fast.lincls import LinclsConfig
 
-    def loop(**kw):
-        cfg = LinclsConfig(str(tmp_path / "none.pt"), epochs=2, out=str(tmp_path / "l.json"), **kw)
-        net = nn.Linear(2, 2)
-        return EpochLoop("lincls", cfg, tmp_path / "l.json", {"classifier": net}, None, time.perf_counter())
+    cfg = LinclsConfig(str(checkpoint or tmp_path / "none.pt"), epochs=2, out=str(tmp_path / "l.json"), **kw)
+    net = nn.Linear(2, 2)
+    return EpochLoop("lincls", cfg, tmp_path / "l.json", {"classifier": net}, None, time.perf_counter())
 
-    def stop_in_epoch_2(epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return {"epoch": epoch + 1, "lr": 0.1, "loss": 1.0}
 
+def an_epoch(epoch):
+    return {"epoch": epoch + 1, "lr": 0.1, "loss": 1.0}
+
+
+def stop_in_epoch_2(epoch):
+    if epoch == 1:
+        raise KeyboardInterrupt
+    return an_epoch(epoch)
+
+
+def evaluated():
+    return 50.0, 90.0, 10
+
+
+def test_the_loop_itself_refuses_a_state_of_other_settings(tmp_path):
+    # the commands check before reading data; a caller of the library (the sweep) meets the loop's check
     with pytest.raises(KeyboardInterrupt):
-        loop().run(stop_in_epoch_2, lambda: (50.0, 90.0, 10))
+        lincls_loop(tmp_path).run(stop_in_epoch_2, evaluated)
     with pytest.raises(ConfigError, match=r"was run with other settings: --lr 30.0 \(now 1.0\)"):
-        loop(lr=1.0, resume=True).run(lambda e: {"epoch": e + 1, "lr": 0.1, "loss": 1.0}, lambda: (50.0, 90.0, 10))
+        lincls_loop(tmp_path, lr=1.0, resume=True).run(an_epoch, evaluated)
 
 
 def test_a_diverged_classifier_stops_before_its_save_and_its_evaluation(tmp_path):
@@ -314,6 +325,34 @@ def test_a_state_of_another_checkpoint_names_that_alone(tmp_path):
     assert differences(state, LinclsConfig(str(b))) == [f"--checkpoint {str(a)!r} (now {str(b)!r})"]
     a.write_bytes(b"aa-trained-further")
     assert differences(state, LinclsConfig(str(a))) == ["the checkpoint has changed since (trained further?)"]
+
+
+def test_a_state_resumes_on_its_checkpoint_moved_elsewhere(tmp_path, caplog):
+    # the run folder moved (or copied) with the state beside it: --checkpoint at its new path was refused
+    # as another checkpoint although its save id, which the state records, is the same
+    import shutil
+
+    (tmp_path / "run").mkdir()
+    for name, state in (("saved", {"save_id": "0123"}), ("foreign", {"state_dict": {}})):
+        old, new = tmp_path / "run" / f"{name}.pt", tmp_path / "moved" / f"{name}.pt"
+        torch.save(state, old)
+        with pytest.raises(KeyboardInterrupt):
+            lincls_loop(tmp_path, old).run(stop_in_epoch_2, evaluated)
+        new.parent.mkdir(exist_ok=True)
+        shutil.copy(old, new)
+        if name == "foreign":  # no save id: its file's mtime and size are not enough to tell
+            with pytest.raises(ConfigError, match=f"--checkpoint {str(old)!r} \\(now {str(new)!r}\\)"):
+                lincls_loop(tmp_path, new, resume=True).run(an_epoch, evaluated)
+            continue
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            history = lincls_loop(tmp_path, new, resume=True).run(an_epoch, evaluated)
+        assert [row["epoch"] for row in history] == [1, 2]
+        assert caplog.messages == [
+            f"--resume: {tmp_path / 'l.state.pt'} ran on the checkpoint {old}, which is the same save as "
+            f"--checkpoint {new} (moved or copied since): it continues on that one"
+        ]
+        (tmp_path / "l.state.pt").unlink()
 
 
 def test_a_flag_given_with_the_value_it_left_to_its_default_resumes(ckpt, tmp_path):
