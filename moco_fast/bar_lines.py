@@ -5,9 +5,10 @@ on stderr, without a newline. A line written meanwhile ("saved checkpoint at ste
 a warning) came right after the bar's text, on the bar's line, and the bar's next draw went after it.
 Here the bars are cleared first and drawn again after the line, as tqdm.write does it (through its
 `external_write_mode`), and only where this process has a bar open: with none (a rank > 0, whose
-epoch bar is disabled, or a forked worker, whose inherited bars are its parent's) the line is written
-as before, without tqdm's lock. Not tqdm.write itself, nor its logging_redirect_tqdm: they write the text and its
-newline apart (the ranks of a job share stderr, and their lines ran together, see cli.say), and take
+epoch bar is disabled) the line is written as before, without tqdm's lock. A forked child (a
+DataLoader worker, which warns of an unreadable image) cannot clear and redraw its parent's bar: its
+line starts at the start of the bar's line instead (below_the_parents_bar). Not tqdm.write itself,
+nor its logging_redirect_tqdm: they write the text and its newline apart (the ranks of a job share stderr, and their lines ran together, see cli.say), and take
 tqdm's lock, making it where there is none, for every line of every process.
 
 Locks: a line takes tqdm's lock while the bars are cleared and drawn again, as a bar's own draw does.
@@ -23,11 +24,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from typing import IO
 
-_PID = os.getpid()  # a forked child's bars are its parent's: it writes as before
+_PID = os.getpid()  # a forked child's bars are its parent's (below_the_parents_bar)
+
+# How long a forked child waits for tqdm's lock before writing its line without it: a parent killed
+# (SIGKILL) while drawing its bar leaves the lock taken for ever.
+CHILD_LOCK_WAIT_S = 5.0
 
 
 @contextlib.contextmanager
@@ -35,9 +41,13 @@ def bars_cleared(stream: IO[str]) -> Iterator[None]:
     """While in it, this process's open bars that share `stream`'s terminal are cleared; they are
     drawn again after it. Without an open bar (or tqdm never imported): nothing, and no lock."""
     tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)  # imported where a command drew a bar
-    bars = getattr(tqdm, "_instances", ())  # a disabled bar is not among them
-    if tqdm is None or os.getpid() != _PID or not any(hasattr(bar, "start_t") for bar in list(bars)):
+    bars = [bar for bar in list(getattr(tqdm, "_instances", ())) if hasattr(bar, "start_t")]  # not a disabled one
+    if tqdm is None or not bars:
         yield
+        return
+    if os.getpid() != _PID:
+        with below_the_parents_bar(stream, tqdm, bars):
+            yield
         return
     lock = tqdm.get_lock()
     parts = getattr(lock, "locks", None)  # tqdm's own: a multiprocessing and a threading RLock
@@ -63,6 +73,61 @@ def bars_cleared(stream: IO[str]) -> Iterator[None]:
             except BaseException:
                 _let_go(parts)
                 raise
+
+
+@contextlib.contextmanager
+def below_the_parents_bar(stream: IO[str], tqdm, bars: list) -> Iterator[None]:
+    """In a forked child whose parent had `bars` open when it forked (tqdm's instances, copied by the
+    fork), one of them on `stream`: the line written while in it starts at the start of the bar's
+    line, not after the bar's text. On a terminal the line is cleared first ("\\r" and ANSI's erase to
+    its end, as tqdm's own moves use ANSI), and the parent's next draw of the bar goes below the
+    line; in a file (a log) the line starts a new one where the file ends within one (the bar's text
+    has no newline); elsewhere (a pipe) the bar's line is open while the bar is, and it always does.
+    Under the part of tqdm's lock that is shared with the parent (metrics makes it as under fork),
+    which the parent's draws and lines take: the line never lands between the parts of a draw.
+
+    Not the worker's output piped through the parent, which would clear and redraw: it changed what
+    the parent's own stderr showed (and what pytest's capsys captured) for every line of every worker.
+    The child's copy of the bars is a hint: the training loader's persistent workers keep the first
+    epoch's, and the parent has a bar open whenever they make batches."""
+    if not any(_shares(bar, stream) for bar in bars):
+        yield
+        return
+    shared = [part for part in getattr(tqdm.get_lock(), "locks", ()) if hasattr(part, "_semlock")]
+    taken = [part for part in shared if part.acquire(timeout=CHILD_LOCK_WAIT_S)]
+    try:
+        stream.write(_line_start(stream))
+        yield
+        stream.flush()
+    finally:
+        for part in reversed(taken):
+            part.release()
+
+
+def _shares(bar, stream: IO[str]) -> bool:
+    """Whether `bar` draws where `stream` writes: tqdm's rule (external_write_mode), in which
+    stdout and stderr share a terminal."""
+    return bar.fp == stream or all(f in (sys.stdout, sys.stderr) for f in (stream, bar.fp))
+
+
+def _line_start(stream: IO[str]) -> str:
+    """What a forked child writes before its line under its parent's bar (below_the_parents_bar)."""
+    try:
+        if stream.isatty():
+            return "\r\x1b[K"
+        stream.flush()
+        fd = stream.fileno()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "\n"
+        if st.st_size == 0:
+            return ""
+        # the file's last byte, read through a descriptor of its own: stderr's may be write-only (2>log)
+        with open(f"/proc/self/fd/{fd}", "rb") as fh:
+            fh.seek(st.st_size - 1)
+            return "" if fh.read(1) == b"\n" else "\n"
+    except (OSError, ValueError):  # no descriptor (a StringIO), or no /proc: a new line, in case
+        return "\n"
 
 
 def _let_go(parts: list) -> None:

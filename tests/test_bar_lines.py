@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
+import multiprocessing
+import os
 import re
+import struct
 import subprocess
 import sys
+import termios
 import warnings
 
 import pytest
 
 from moco_fast import bar_lines, cli, knn
-from moco_fast.metrics import progress
+from moco_fast.metrics import progress, tqdm
 
 BAR = "epoch 1/2"
 SAVED = "INFO saved checkpoint at step 3"
@@ -73,20 +78,75 @@ def test_a_log_line_and_a_warning_under_an_open_bar_stand_on_lines_of_their_own(
     assert segments(text)[-1].startswith(BAR), repr(text)  # the bar drawn again after them
 
 
-@pytest.mark.parametrize("bar", ["none", "disabled", "a forked parent's"])
+@pytest.mark.parametrize("bar", ["none", "disabled", "a forked parent's on another file"])
 def test_without_a_bar_of_this_process_the_lines_are_written_as_before(monkeypatch, caplog, bar):
-    # no bar, a rank > 0's (disabled), or one that a forked worker inherited from its parent: the
-    # lines as they are, nothing cleared or drawn
+    # no bar, a rank > 0's (disabled), or one that a forked worker inherited from its parent, drawn
+    # elsewhere: the lines as they are, nothing cleared or drawn
     err = stderr(monkeypatch, caplog)
-    drawn = None if bar == "none" else progress(total=10, desc=BAR, enabled=bar != "disabled")
-    if bar == "a forked parent's":
+    if bar == "a forked parent's on another file":
+        drawn = tqdm(total=10, desc=BAR, file=io.StringIO())
         monkeypatch.setattr(bar_lines, "_PID", -1)
+    else:
+        drawn = None if bar == "none" else progress(total=10, desc=BAR, enabled=bar != "disabled")
     start = len(err.getvalue())
     log_and_warn()
     written = err.getvalue()[start:]
     if drawn is not None:
         drawn.close()
     assert written == f"{SAVED}\n{WARNED}\n"
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal shows for `text`: \\r goes back to the line's start, ESC[K clears the
+    line from there, \\n starts the next line; other characters overwrite what is there."""
+    lines, line, col = [], "", 0
+    for part in re.split(r"(\r|\n|\x1b\[K)", text):
+        if part == "\r":
+            col = 0
+        elif part == "\n":
+            lines, line, col = [*lines, line], "", 0
+        elif part == "\x1b[K":
+            line = line[:col]
+        else:
+            line, col = line[:col] + part + line[col + len(part) :], col + len(part)
+    return [*lines, line]
+
+
+@pytest.mark.parametrize("where", ["a terminal", "a log file"])
+def test_a_forked_workers_lines_under_its_parents_bar_stand_on_lines_of_their_own(tmp_path, monkeypatch, caplog, where):
+    # A DataLoader worker's warning (an unreadable image) came right after its parent's bar's text,
+    # on the bar's line: the worker has no bar to clear, it inherited a copy of its parent's
+    if where == "a terminal":
+        reader, writer = os.openpty()
+        fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        out = open(writer, "w")  # closed below, as the log file
+    else:
+        out = open(tmp_path / "log", "w")
+    stderr(monkeypatch, caplog)
+    monkeypatch.setattr(sys, "stderr", out)
+    logging.getLogger("moco_fast").handlers[0].setStream(out)
+    bar = progress(total=10, desc=BAR)
+    bar.update(3)
+    bar.refresh()
+    worker = multiprocessing.get_context("fork").Process(target=log_and_warn)
+    worker.start()
+    worker.join()
+    bar.update(1)
+    bar.refresh()  # the parent's next draw
+    out.flush()
+    if where == "a terminal":
+        os.set_blocking(reader, False)
+        lines = screen(os.read(reader, 1 << 16).decode())
+    else:
+        lines = (tmp_path / "log").read_bytes().decode().split("\n")  # as grep sees the log
+    bar.close()
+    out.close()
+    if where == "a terminal":
+        os.close(reader)
+    assert worker.exitcode == 0
+    # each line the bar's (a log keeps its draw before them) or one of the worker's, whole
+    assert [line for line in lines if BAR not in line] == [SAVED, WARNED], repr(lines)
+    assert lines[-1].lstrip("\r").startswith(BAR), repr(lines)  # the parent's next draw, below them
 
 
 def test_a_line_logged_within_an_epoch_stands_on_a_line_of_its_own(tmp_path, monkeypatch, capsys):
@@ -165,7 +225,7 @@ def test_a_bars_process_ended_without_its_exit_handlers_leaves_no_semaphore_unde
     script = """
 import multiprocessing, os
 multiprocessing.set_start_method("forkserver", force=True)
-from moco_fast.metrics import progress
+from moco_fast.metrics import progress, tqdm
 bar = progress(2, "steps")
 bar.update(2)
 bar.close()
