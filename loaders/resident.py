@@ -40,7 +40,7 @@ from moco_fast.kernels.resized_crop import resized_crop, sample_boxes
 from PIL import Image
 
 from moco_fast.data import DataError, ImageList, load_rgb, load_splits
-from moco_fast.metrics import tqdm  # with its lock made as under fork (see there)
+from moco_fast.metrics import tqdm
 
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, stream_seed

@@ -83,8 +83,8 @@ def below_the_parents_bar(stream: IO[str], tqdm, bars: list) -> Iterator[None]:
     its end, as tqdm's own moves use ANSI), and the parent's next draw of the bar goes below the
     line; in a file (a log) the line starts a new one where the file ends within one (the bar's text
     has no newline); elsewhere (a pipe) the bar's line is open while the bar is, and it always does.
-    Under the part of tqdm's lock that is shared with the parent (metrics makes it as under fork),
-    which the parent's draws and lines take: the line never lands between the parts of a draw.
+    Under the part of tqdm's lock that is shared with the parent (metrics.share_bar_lock), which the
+    parent's draws and lines take: the line never lands between the parts of a draw.
 
     Not the worker's output piped through the parent, which would clear and redraw: it changed what
     the parent's own stderr showed (and what pytest's capsys captured) for every line of every worker.

@@ -413,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("moco_fast").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     warnings.filterwarnings("default", module="moco_fast")
+    from moco_fast.metrics import share_bar_lock  # imports tqdm: not at cli's own import
+
+    share_bar_lock()  # before a bar is drawn or a worker forked
     with warnings_as_lines(), stop_signals_handled(_say_stopped if _in_a_worker() else None):
         return _run(args)
 

@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from PIL import Image
 
 from moco_fast.data import to_rgb
-from moco_fast.metrics import tqdm  # with its lock made as under fork (see there)
+from moco_fast.metrics import tqdm
 
 
 def load_resized(path: str, max_resolution: int | None) -> Image.Image:

@@ -137,8 +137,10 @@ def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: An
     launcher prints it as the CLI would. A stop ends it with its exit status (128 + the signal),
     written to `reports`/stop.RANK: the launcher takes it for a stop (_stopped)."""
     from moco_fast.cli import exit_status, interruption, one_line, stop_signals_handled, warnings_as_lines
+    from moco_fast.metrics import share_bar_lock
 
     as_a_process_of_its_own()
+    share_bar_lock()  # as main() does
     rank = os.environ.get("RANK", "0")
     noted = stop_signals_handled(lambda signum: _note_stop(reports, rank, 128 + signum))
     try:
@@ -170,7 +172,7 @@ def as_a_process_of_its_own() -> None:
     its exit, the stop watch's exit, a SIGKILL). The DataLoader's forked workers decode on the CPU
     and never touch the CUDA that their parent uses, as under torchrun. From Python 3.14 the default
     is forkserver: the DataLoader workers fork anyway (shared_memory.WORKER_START), and tqdm's lock is
-    made as under fork (metrics)."""
+    made as under fork (metrics.share_bar_lock, after this)."""
     import multiprocessing
 
     multiprocessing.set_start_method(None, force=True)

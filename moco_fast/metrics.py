@@ -16,20 +16,24 @@ from moco_fast.threads import handle_thread_errors
 
 log = logging.getLogger("moco_fast")
 
-# tqdm's lock between processes, made as under fork whatever multiprocessing's default: under
-# another (Python 3.14's forkserver; spawn) it is a named semaphore, and a process that ended without
-# its exit handlers (stop_watch's os._exit, a SIGKILL) left the resource tracker's "There appear to
-# be 1 leaked semaphore objects to clean up at shutdown" after the command's last line. Every bar of
-# moco-fast imports tqdm from here; forked children (DataLoader workers) share the lock as before.
-# A /dev/shm with no room for it: none, as tqdm's own does then (a full one is named where workers start).
-if not hasattr(TqdmDefaultWriteLock, "mp_lock"):
-    try:
-        TqdmDefaultWriteLock.mp_lock = multiprocessing.get_context("fork").RLock()
-    except OSError:
-        TqdmDefaultWriteLock.mp_lock = None
-
 METRICS_NAME = "metrics.jsonl"  # a JSON row per epoch
 SUMMARY_NAME = "summary.json"  # the final row, with the final evaluation
+
+
+def share_bar_lock() -> None:
+    """tqdm's lock between processes, made as under fork whatever multiprocessing's default, where
+    tqdm has made none yet: under another (Python 3.14's forkserver; spawn) it is a named semaphore,
+    and a process that ended without its exit handlers (stop_watch's os._exit, a SIGKILL) left the
+    resource tracker's "There appear to be 1 leaked semaphore objects to clean up at shutdown" after
+    the command's last line. Forked children (DataLoader workers) share it: their lines under their
+    parent's bar take it (bar_lines.below_the_parents_bar). A /dev/shm with no room for it: none, as
+    tqdm's own does then (a full one is named where workers start). Where a command starts (cli.main,
+    a `--gpus` worker: launch._reported), not at import: code that imports moco_fast keeps tqdm's own."""
+    if not hasattr(TqdmDefaultWriteLock, "mp_lock"):
+        try:
+            TqdmDefaultWriteLock.mp_lock = multiprocessing.get_context("fork").RLock()
+        except OSError:
+            TqdmDefaultWriteLock.mp_lock = None
 
 
 def progress(total: int, desc: str, enabled: bool = True, initial: int = 0) -> tqdm:

@@ -225,7 +225,8 @@ def test_a_bars_process_ended_without_its_exit_handlers_leaves_no_semaphore_unde
     script = """
 import multiprocessing, os
 multiprocessing.set_start_method("forkserver", force=True)
-from moco_fast.metrics import progress, tqdm
+from moco_fast.metrics import progress, share_bar_lock
+share_bar_lock()  # as a command starts (cli.main, a --gpus worker)
 bar = progress(2, "steps")
 bar.update(2)
 bar.close()
@@ -234,3 +235,15 @@ os._exit(3)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 3
     assert "leaked" not in out.stderr, out.stderr
+
+
+def test_importing_moco_fast_leaves_tqdms_lock_as_tqdm_makes_it():
+    # metrics made tqdm's lock between processes as under fork at its import: a process-wide change
+    # for code that only imports moco_fast (a notebook, another program's bars)
+    script = """
+from tqdm.std import TqdmDefaultWriteLock
+import moco_fast.metrics, moco_fast.cli
+print(hasattr(TqdmDefaultWriteLock, "mp_lock"))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "False\n", out.stderr
