@@ -369,19 +369,32 @@ def _warning_as_a_line(fmt):
 def warnings_as_lines() -> Iterator[None]:
     """While in it, moco-fast's own warnings print as one line each (_warning_as_a_line), and a warning
     shown while a progress bar is open goes on a line of its own (bar_lines.between_bars): around a
-    command (main), and around a `--gpus` worker's training (launch._reported), which runs no main()."""
-    before = warnings.formatwarning
-    with warnings.catch_warnings():  # restores showwarning and the filters on leaving
-        warnings.formatwarning = _warning_as_a_line(before)
-        warnings.showwarning = bar_lines.between_bars(warnings.showwarning)
-        # PIL's DecompressionBombWarning, at each open of an image over its pixel limit, names no file:
-        # data.check_image names each such image once. Here, not at import: code that imports moco_fast
-        # keeps PIL's warning (and over twice the limit PIL raises, which no filter hides).
-        warnings.filterwarnings("ignore", r"Image size \(\d+ pixels\) exceeds limit", RuntimeWarning, r"PIL\.Image")
-        try:
-            yield
-        finally:
-            warnings.formatwarning = before
+    command (main), and around a `--gpus` worker's training (launch._reported), which runs no main().
+    On leaving, what it set is put back, and only that: its format, its showwarning and its filter,
+    each where it is still its own. Not warnings.catch_warnings, which put back every filter: one
+    that a library's import added during the command (once per process) was gone for the rest of a
+    process that goes on (a test, a notebook)."""
+    before = warnings.formatwarning, warnings.showwarning
+    filters = list(warnings.filters)
+    ours = _warning_as_a_line(before[0]), bar_lines.between_bars(before[1])
+    warnings.formatwarning, warnings.showwarning = ours
+    # PIL's DecompressionBombWarning, at each open of an image over its pixel limit, names no file:
+    # data.check_image names each such image once. Here, not at import: code that imports moco_fast
+    # keeps PIL's warning (and over twice the limit PIL raises, which no filter hides).
+    warnings.filterwarnings("ignore", r"Image size \(\d+ pixels\) exceeds limit", RuntimeWarning, r"PIL\.Image")
+    pil = warnings.filters[0]
+    try:
+        yield
+    finally:
+        if warnings.formatwarning is ours[0]:
+            warnings.formatwarning = before[0]
+        if warnings.showwarning is ours[1]:
+            warnings.showwarning = before[1]
+        if pil not in filters:  # else it was there before the command: it stays
+            # An "ignore" filter goes without warnings' version bump (a private call): the registries
+            # record warnings shown, never ones ignored, so none of them depends on it.
+            with contextlib.suppress(ValueError):  # gone already (warnings.resetwarnings)
+                warnings.filters.remove(pil)
 
 
 # the commands' path flags and arguments (their argparse dest)

@@ -220,6 +220,22 @@ def test_the_warning_format_is_the_cli_s_only_while_it_runs(ckpt, tmp_path):
     assert warnings.formatwarning is before
 
 
+def test_a_warning_filter_added_while_a_command_runs_outlives_it_and_the_commands_own_does_not():
+    # warnings_as_lines put back every filter as the command ended (warnings.catch_warnings): one that
+    # a library's import added during the command (once per process) was gone for the rest of a
+    # process that went on (a test, a notebook)
+    import warnings
+
+    from moco_fast import cli
+
+    with warnings.catch_warnings():  # the test's: the filters as they were, after it
+        before = list(warnings.filters)
+        with cli.warnings_as_lines():
+            warnings.filterwarnings("ignore", "a library's filter, added at its import")
+            added = warnings.filters[0]
+        assert warnings.filters == [added, *before]
+
+
 def test_a_gpus_workers_warnings_print_as_one_line_each(tmp_path, monkeypatch):
     # a --gpus worker runs launch._reported, not main(): its kNN monitor's warning kept Python's
     # "knn.py:186: UserWarning:" prefix and source line
