@@ -5,7 +5,7 @@ order. FFCV's writer runs its own worker processes and cannot skip a sample, so 
 decoded once to check them and once more to write them. The writer waits forever for a worker that
 died: watched_workers watches them; recorded_write_errors tells a page that the disk refused from
 the workers' other errors; start_resource_tracker keeps the tracker of FFCV's shared memory out of
-reach of the stop signals.
+reach of the stop signals. ffcv_writing sets all of it up, for one .beton of a process at a time.
 """
 
 from __future__ import annotations
@@ -248,6 +248,24 @@ def _forked_writer_workers() -> Iterator[None]:
             setattr(module, name, value)
 
 
+# FFCV's writer is set up through globals of its modules (recorded_write_errors, _forked_writer_workers,
+# _labelled_bar) and watched through this process's children (watched_workers): one .beton of a
+# process is written at a time. Two at once (threads of a program that converts) each swapped the
+# globals within the other's swap, and the second to end put the first's values back for good (and
+# the first to end stopped the other's workers as its own).
+_ONE_WRITER = threading.Lock()
+
+
+@contextlib.contextmanager
+def ffcv_writing(refused, output: Path) -> Iterator[None]:
+    """While in it, FFCV's writer runs as a convert runs it (watched_workers, for `refused` and
+    `output`; recorded_write_errors; forked workers; a labelled bar), for one .beton of this process
+    at a time (_ONE_WRITER): another convert's write waits for it."""
+    with _ONE_WRITER, watched_workers(refused, output), recorded_write_errors(refused):
+        with _forked_writer_workers(), _labelled_bar():
+            yield
+
+
 @contextlib.contextmanager
 def _labelled_bar() -> Iterator[None]:
     """FFCV's writer draws its bar without a label or unit ("45%|####  | 450/1000"), after convert's
@@ -285,7 +303,7 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], stored: list[int
         setattr(writer, step, writing(tmp)(getattr(writer, step)))
     refused = mp.get_context("fork").Value("i", 0)  # the errno of a write a worker could not make
     try:
-        with watched_workers(refused, tmp), recorded_write_errors(refused), _forked_writer_workers(), _labelled_bar():
+        with ffcv_writing(refused, tmp):
             writer.from_indexed_dataset(source)
     except BaseException:
         sm = getattr(writer, "metadata_sm", None)  # FFCV unlinks its shared memory only when it finishes

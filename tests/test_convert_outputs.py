@@ -342,3 +342,59 @@ def test_a_beton_is_written_under_any_start_method(bad_root, tmp_path, monkeypat
     dst = tmp_path / "train.beton"
     summary = convert(ConvertConfig(str(bad_root), str(dst), format="ffcv", workers=2))
     assert summary.written == 18 and beton_images(dst)[0] == expected(bad_root)[1]
+
+
+@pytest.mark.slow  # imports FFCV
+def test_the_beton_writes_of_one_process_set_up_ffcvs_writer_one_at_a_time(tmp_path, monkeypatch):
+    # two converts at once (threads of one program) each swapped FFCV's module globals within the
+    # other's swap: the second to end put the first's values back for good
+    import threading
+
+    import ffcv.memory_allocator
+    import ffcv.writer
+
+    from moco_fast import convert_beton
+
+    names = [(ffcv.writer, n) for n in ("Process", "Queue", "Value", "tqdm", "worker_job_indexed_dataset")]
+    names.append((ffcv.memory_allocator, "Value"))
+    plain = [getattr(module, name) for module, name in names]
+    moved = threading.Event()  # the second write waits for the first, or is in
+
+    class Watched:
+        """_ONE_WRITER, saying when a write has to wait for it."""
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def __enter__(self) -> None:
+            if not self.lock.acquire(blocking=False):
+                moved.set()
+                self.lock.acquire()
+
+        def __exit__(self, *exc) -> None:
+            self.lock.release()
+
+    monkeypatch.setattr(convert_beton, "_ONE_WRITER", Watched())
+    first_in, first_ends, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with convert_beton.ffcv_writing(None, tmp_path / "a.beton"):
+            first_in.set()
+            first_ends.wait()
+
+    def second() -> None:
+        first_in.wait()
+        with convert_beton.ffcv_writing(None, tmp_path / "b.beton"):
+            second_in.set()
+            moved.set()
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (first, second)]
+    for t in threads:
+        t.start()
+    moved.wait()
+    waited = not second_in.is_set()
+    first_ends.set()
+    for t in threads:
+        t.join()
+    assert waited and second_in.is_set()
+    assert [getattr(module, name) for module, name in names] == plain
