@@ -111,7 +111,7 @@ def test_a_writer_worker_that_dies_ends_the_convert_instead_of_hanging(script, b
     err = [line for line in p.stderr.splitlines() if "error:" in line]
     assert len(err) == 1 and "writer worker (pid" in err[0] and "signal SIGKILL" in err[0], p.stderr[-2000:]
     assert "Traceback" not in p.stderr and "leaked shared_memory" not in p.stderr
-    assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
+    assert not dst.parent.exists()  # no output, no temporary, and the folder the convert made is gone
 
 
 SIGUSR1_FROM_OUTSIDE = """
@@ -152,7 +152,7 @@ def test_a_sigusr1_from_outside_ends_an_ffcv_convert_as_sigterm_does(to, bad_roo
     said = [line for line in p.stderr.splitlines() if "SIGUSR1" in line]
     assert len(said) == 1 and said[0].endswith("stopped by SIGUSR1"), p.stderr[-2000:]  # after FFCV's bar
     assert "Traceback" not in p.stderr and "leaked shared_memory" not in p.stderr
-    assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
+    assert not dst.parent.exists()  # no output, no temporary, and the folder the convert made is gone
 
 
 ACTED_ON_LATE = """
@@ -193,7 +193,7 @@ def test_a_sigusr1_to_the_group_is_a_stop_also_where_the_main_thread_acts_on_it_
                        start_new_session=True)  # fmt: skip
     assert p.returncode == 128 + signal.SIGUSR1, p.stderr[-2000:]
     assert p.stderr.rstrip().endswith("stopped by SIGUSR1") and "error:" not in p.stderr, p.stderr[-2000:]
-    assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
+    assert not dst.parent.exists()  # no output, no temporary, and the folder the convert made is gone
 
 
 def test_an_output_moved_aside_by_a_killed_convert_is_put_back(bad_root, tmp_path):
@@ -235,7 +235,7 @@ def test_a_write_the_disk_refuses_is_one_line_naming_the_output(fmt, bad_root, t
     # (FFCV's progress bar may end without a newline before the error)
     assert len(err) == 1 and err[0].endswith(f"moco-fast convert: error: File too large: {dst}"), p.stderr[-2000:]
     assert "Traceback" not in p.stderr and "ResourceWarning" not in p.stderr, p.stderr[-2000:]
-    assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
+    assert not dst.parent.exists()  # no output, no temporary, and the folder the convert made is gone
 
 
 def test_an_error_without_a_path_is_not_blamed_on_dst(bad_root, tmp_path, monkeypatch, capsys):
@@ -332,4 +332,4 @@ def test_a_writer_workers_error_is_dsts_only_when_the_disk_refused_its_page(code
     else:  # the worker printed its own error, and the convert names the worker
         assert "writer worker (pid" in err[0] and "exit status 1 (its error is printed above)" in err[0], err
         assert f"OSError: [Errno {getattr(errno, code)}]" in p.stderr and str(dst) not in err[0]
-    assert sorted(f.name for f in dst.parent.iterdir()) == []  # no output, no temporary
+    assert not dst.parent.exists()  # no output, no temporary, and the folder the convert made is gone
