@@ -35,7 +35,10 @@ def resume(
     check_same_model(state["config"], cfg)
     if state["epoch"] < cfg.optim.epochs:
         saved_world = state.get("world_size", world)
-        warn_changed(saved_as_run(state["config"], saved_world), cfg)
+        saved_sync_bn = state["config"].get("runtime", {}).get("sync_bn")
+        # shuffle BN back where sync BN stops replacing it: train --resume's own line says so
+        said = ("shuffle_bn",) if cfg.moco.shuffle_bn and sync_bn_stops(saved_sync_bn, saved_world, cfg, world) else ()
+        warn_changed(saved_as_run(state["config"], saved_world), cfg, said)
         warn_rescheduled(state["config"], cfg, state["epoch"], world, saved_world, state.get("step") or 0)
         warn_rescaled(state["config"], cfg, world, saved_world)
     else:
@@ -78,15 +81,27 @@ def saved_as_run(saved: dict[str, Any], saved_world: int) -> dict[str, Any]:
     return saved
 
 
-def warn_changed(saved: dict[str, Any], cfg: TrainConfig) -> None:
+def sync_bn_stops(saved_sync_bn: bool | None, saved_world: int, cfg: TrainConfig, world: int) -> bool:
+    """A run whose --sync-bn across several processes replaced shuffle BN (config.as_run: its config
+    records shuffle BN off) resumed where sync BN replaces nothing: by one process, where it does
+    nothing, or with --no-sync-bn. train --resume turns shuffle BN back on there, unless --no-shuffle-bn
+    is given, with one line that says why (commands.train), which the changed settings and
+    trainer.validate's line of --sync-bn in one process would each say again in part."""
+    return sync_bn_replaces_shuffle_bn(saved_sync_bn, saved_world, True) and not sync_bn_replaces_shuffle_bn(
+        cfg.runtime.sync_bn, world, True
+    )
+
+
+def warn_changed(saved: dict[str, Any], cfg: TrainConfig, said: tuple[str, ...] = ()) -> None:
     """A resumed run may change its data, optimisation, epochs and the MoCo settings that
-    check_same_model lets change (--moco-m, --moco-t, --symmetric, shuffle BN); say what changed."""
+    check_same_model lets change (--moco-m, --moco-t, --symmetric, shuffle BN); say what changed.
+    said: the settings that another line named already."""
     now = to_dict(cfg)
     changed = []
     for section in ("data", "optim", "moco"):
         for k, old in saved.get(section, {}).items():
             new = now[section].get(k)
-            if k in ("epochs", "workers") or plain(new) == plain(old):
+            if k in ("epochs", "workers", *said) or plain(new) == plain(old):
                 continue
             if isinstance(old, dict) and isinstance(new, dict):  # augmentation, loader options: by field
                 changed += [

@@ -120,7 +120,7 @@ def eval_workers(workers: int, device: torch.device) -> int:
 def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int | None] | None = None) -> None:
     """Contradicting flags, as one ConfigError. saved_world: the process count of the checkpoint that
     --resume continues, whose model (--moco-k) cannot change: the errors then name a fix it allows.
-    A callable is asked only where an error needs it (resume.saved_world_size reads the checkpoint,
+    A callable is asked only where an error or a warning needs it (resume.saved_world_size reads the checkpoint,
     which a run that validates needs not read twice)."""
     o, m = cfg.optim, cfg.moco
     # with the flags: train read the data first, the bench ran rows (its reference: an AttributeError)
@@ -179,7 +179,9 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int |
             f"--batch-size {o.batch_size} must be a multiple of --bn-splits {splits} with at least 2 images "
             f"per BN sub-batch: {fix}"
         )
-    if cfg.runtime.sync_bn and world == 1:
+    # a run of several processes resumed in one with shuffle BN on: train --resume's line says what
+    # sync BN's absence means (resume.sync_bn_stops)
+    if cfg.runtime.sync_bn and world == 1 and not (m.shuffle_bn and (_asked(saved_world) or 1) > 1):
         log.warning("--sync-bn has no effect with one process")
     if m.shuffle_exchange not in dist_utils.SHUFFLE_MODES:
         raise ConfigError(f"--shuffle-exchange must be one of {', '.join(dist_utils.SHUFFLE_MODES)}")

@@ -100,7 +100,8 @@ def test_a_resume_with_another_world_size_says_how_the_lr_changes(tmp_path, capl
 
 def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(tmp_path, caplog, capsys, monkeypatch):
     # --sync-bn across 2 processes replaced shuffle BN, and config.json and the checkpoint record it off;
-    # resumed in one process (sync BN a no-op) it kept that and trained with neither
+    # resumed in one process (sync BN a no-op) it kept that and trained with neither. Turned back on, it
+    # was said three times: this line, --sync-bn's in one process and the changed settings' False -> True
     import logging
 
     out = tmp_path / "run"
@@ -114,15 +115,19 @@ def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(
         "--resume: the run's --sync-bn across 2 processes replaced shuffle BN; in one process sync BN does "
         "nothing, so shuffle BN is on again (--no-shuffle-bn keeps it off)"
     )
-    with caplog.at_level(logging.WARNING, logger="moco_fast"):
-        assert main([*synthetic_args(out), "--resume", "--epochs", "2"]) == 0
-    assert caplog.text.count(back) == 1
+
+    def bn_lines(*flags: str) -> list[str]:
+        shutil.copy(*reversed(saved))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            assert main([*synthetic_args(out), "--resume", "--epochs", "2", *flags]) == 0
+        return [r.getMessage() for r in caplog.records if "BN" in r.getMessage() or "-bn" in r.getMessage()]
+
+    assert bn_lines() == [back]
     assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
-    caplog.clear()
-    shutil.copy(*reversed(saved))  # --no-shuffle-bn given: as asked, without a word
-    with caplog.at_level(logging.WARNING, logger="moco_fast"):
-        assert main([*synthetic_args(out), "--resume", "--epochs", "2", "--no-shuffle-bn"]) == 0
-    assert back not in caplog.text
+    assert bn_lines("--shuffle-bn") == [back]  # what the resume does anyway: the same one line
+    # --no-shuffle-bn given: kept off as asked, and it trains with neither, as one line says
+    assert bn_lines("--no-shuffle-bn") == ["--sync-bn has no effect with one process"]
     assert not torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
     # resumed by 2 processes, sync BN still replaces shuffle BN: nothing said, nothing changed
     shutil.copy(*reversed(saved))
@@ -134,6 +139,23 @@ def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(
         assert main([*synthetic_args(out), "--resume", "--device", "auto", "--print-config"]) == 0
     assert back not in caplog.text
     assert json.loads(capsys.readouterr().out)["moco"]["shuffle_bn"] is False
+
+
+def test_a_resume_that_turns_shuffle_bn_back_on_leaves_other_changes_to_the_changed_settings(caplog):
+    # resume.sync_bn_stops: shuffle BN back on is train's line; a change of --moco-t is still named, and
+    # an old checkpoint (shuffle BN recorded on beside --sync-bn) compares as it ran
+    import logging
+
+    from moco_fast.config import build_config, to_dict
+    from moco_fast.resume import saved_as_run, sync_bn_stops, warn_changed
+
+    saved = to_dict(build_config("cifar", {"runtime.sync_bn": True}))
+    now = build_config("cifar", {"runtime.sync_bn": True, "moco.t": 0.2})
+    assert sync_bn_stops(True, 2, now, 1) and not sync_bn_stops(True, 2, now, 2)
+    assert not sync_bn_stops(True, 1, now, 1) and not sync_bn_stops(False, 2, now, 1)
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        warn_changed(saved_as_run(saved, 2), now, ("shuffle_bn",))
+    assert [r.getMessage() for r in caplog.records] == ["--resume with changed settings: moco.t 0.1 -> 0.2"]
 
 
 def test_a_resume_with_another_world_size_names_a_fix_that_it_allows(tmp_path, capsys):

@@ -277,7 +277,7 @@ def config_from_args(args: argparse.Namespace):
             )
         if args.gpus is None and cfg.runtime.gpus > 1:
             cfg.runtime.gpus = _gpus_to_resume_with(cfg)
-        if saved_runtime.sync_bn and not cfg.moco.shuffle_bn and args.shuffle_bn is None:
+        if saved_runtime.sync_bn and args.shuffle_bn is not False:
             _shuffle_bn_where_sync_bn_stops(cfg, saved_runtime.gpus)
         if weights and cfg.model.stem == "auto" and args.stem is None and args.image_size is not None:
             from moco_fast.backbone import resolve_stem
@@ -407,18 +407,18 @@ def _shuffle_bn_where_sync_bn_stops(cfg, saved_gpus: int) -> None:
     """A run of several processes trained with --sync-bn, which replaced shuffle BN (config.as_run), and
     its config records shuffle BN off. Resumed where sync BN does nothing (one process) or is turned
     off, it kept that and trained with neither: the keys could cheat through their batch's statistics.
-    Shuffle BN is asked for again (as_run turns it off where sync BN still replaces it); the caller
-    leaves an explicit --no-shuffle-bn alone. A run written by one process asked for no shuffle BN."""
-    from moco_fast.config import sync_bn_replaces_shuffle_bn
-    from moco_fast.resume import saved_world_size
+    Shuffle BN is on again, with one line for it all (resume.sync_bn_stops: the changed settings and
+    the line of --sync-bn in one process leave it to this one), also where --shuffle-bn asks for it;
+    the caller leaves an explicit --no-shuffle-bn alone. A run written by one process asked for no
+    shuffle BN."""
+    from moco_fast.resume import saved_world_size, sync_bn_stops
 
     # no checkpoint: the run starts over from config.json, which records --gpus N, not torchrun's count
     saved_world = saved_world_size(cfg) or saved_gpus
-    if saved_world < 2:
+    if not sync_bn_stops(True, saved_world, cfg, launch_world(cfg)):
         return
     cfg.moco.shuffle_bn = True
-    world = launch_world(cfg)
-    if not sync_bn_replaces_shuffle_bn(cfg.runtime.sync_bn, world, True):
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs the command: rank 0 says it
         why = "in one process sync BN does nothing" if cfg.runtime.sync_bn else "--no-sync-bn turns it off"
         log.warning(
             "--resume: the run's --sync-bn across %d processes replaced shuffle BN; %s, so shuffle BN is on "
