@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator
 
 from moco_fast import __version__, bar_lines, shared_memory, stop_watch
+from moco_fast.blocked_stderr import given_up_after
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args)`.
 COMMANDS = [
@@ -286,11 +287,12 @@ HELD_IMPORTS = ("torch", "torchvision")
 
 
 @contextlib.contextmanager
-def _stops_held(second_ends: bool = False) -> Iterator[list[int]]:
+def _stops_held(second_ends: bool = False, first: Callable[[], None] | None = None) -> Iterator[list[int]]:
     """While in it, Ctrl-C and the STOP_SIGNALS are recorded in the list it yields, not acted on;
     the handlers from before are put back after. With `second_ends`, a stop after one was held ends
     the process at once by its default action (one that was ignored stays ignored): a last line to a
-    pipe nobody reads blocks for ever, and held stops could not end it. Main thread only."""
+    pipe nobody reads blocks for ever, and held stops could not end it. `first()` is called as the
+    first one is held. Main thread only."""
     held: list[int] = []
     sigs = (signal.SIGINT, *STOP_SIGNALS)
     previous = {sig: signal.getsignal(sig) for sig in sigs}  # before the handler, which reads it
@@ -299,6 +301,8 @@ def _stops_held(second_ends: bool = False) -> Iterator[list[int]]:
         if second_ends and held and previous[signum] is not signal.SIG_IGN:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
+        if not held and first is not None:
+            first()
         held.append(signum)
 
     for sig in sigs:
@@ -458,10 +462,10 @@ def _run(args: argparse.Namespace) -> int:
     except BaseException as e:
         # The command ends here with its line: a stop that comes meanwhile is dropped. It raised from
         # the handler, a traceback after (or instead of) the line: torchrun's SIGTERM to the ranks
-        # that are still saying the error that ended another, a job's second signal. One more ends
-        # the process: the line can block for ever (a pipe nobody reads).
-        main_thread = threading.current_thread() is threading.main_thread()
-        with _stops_held(second_ends=True) if main_thread else contextlib.nullcontext():
+        # that are still saying the error that ended another, a job's second signal. The line can
+        # block for ever (a pipe nobody reads): a stop's line, or one during which a stop came, is
+        # given up after a while (blocked_stderr), and one more stop ends the process at once.
+        with _saying_the_last_line() as bound:
             # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,
             # and user_errors() imports modules that import torch.
             line = one_line(e, command_paths(args))
@@ -471,9 +475,22 @@ def _run(args: argparse.Namespace) -> int:
             stop = interruption(e)
             if stop is None:
                 raise
+            bound()
             with contextlib.suppress(OSError):  # stderr on a terminal that SIGHUP says is gone: EIO
                 say(stop_line(stop))
             return exit_status(stop)
+
+
+@contextlib.contextmanager
+def _saying_the_last_line() -> Iterator[Callable[[], None]]:
+    """Around a command's last line: stops held, one more ending the process (_stops_held); yields
+    bound(), from which on the line is given up after a while where stderr takes nothing
+    (blocked_stderr), also called as a stop is held. Main thread only: elsewhere neither."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    with given_up_after() as bound, _stops_held(second_ends=True, first=bound):
+        yield bound
 
 
 if __name__ == "__main__":

@@ -119,12 +119,13 @@ def test_a_stop_while_the_command_says_its_last_line_is_dropped(monkeypatch, cap
 
 
 BLOCKED_LAST_LINE = """
-import fcntl, os, sys
+import fcntl, os, signal, sys
 import moco_fast.commands.export as export
+from moco_fast import blocked_stderr
 from moco_fast.cli import main
 from moco_fast.config import ConfigError
 
-def fails(args):
+def ends(args):
     flags = fcntl.fcntl(2, fcntl.F_GETFL)  # stderr, a pipe nobody reads, filled: the last line blocks
     fcntl.fcntl(2, fcntl.F_SETFL, flags | os.O_NONBLOCK)
     for size in (4096, 1):
@@ -135,23 +136,33 @@ def fails(args):
             pass
     fcntl.fcntl(2, fcntl.F_SETFL, flags)
     print("full", flush=True)
+    if sys.argv[1] == "stop":
+        os.kill(os.getpid(), signal.SIGTERM)
     raise ConfigError("the ranks were started with different settings")
 
-export.run = fails
+blocked_stderr.WAIT_S = float(sys.argv[2])
+export.run = ends
 sys.exit(main(["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]))
 """
+
+
+def _blocked_last_line(end: str, wait_s: float):
+    import subprocess
+
+    cmd = [sys.executable, "-c", BLOCKED_LAST_LINE, end, str(wait_s)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"full\n"
+    return proc
 
 
 def test_a_second_stop_ends_a_command_whose_last_line_blocks():
     # A stop while the last line is said is held (above); a line to a pipe nobody reads blocks for
     # ever, where held stops alone left SIGKILL as the only end: the one after a held one ends it.
     import signal
-    import subprocess
     import time
 
-    proc = subprocess.Popen([sys.executable, "-c", BLOCKED_LAST_LINE], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = _blocked_last_line("error", 600)  # the first stop's wait (below) much longer than this test
     try:
-        assert proc.stdout.readline() == b"full\n"
         for _ in range(40):  # the first can come before the line (it ends the command), or in it (held)
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.25)
@@ -161,6 +172,28 @@ def test_a_second_stop_ends_a_command_whose_last_line_blocks():
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_one_stop_ends_a_command_whose_last_line_blocks():
+    # The line of a command that a stop ended (`terminated`), or of one stopped while its error line
+    # blocked, to a pipe nobody reads: the write blocked for ever and the stop did not end the process.
+    # Now stderr is given up after blocked_stderr.WAIT_S (1 s here), the process ends by itself.
+    import signal
+    import subprocess
+
+    for end, sent, status in (("stop", False, 143), ("error", True, (2, 143))):
+        proc = _blocked_last_line(end, 1)
+        try:
+            if sent:  # one stop, before the error line (its line then) or while it blocks (held)
+                proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"{end}: the command did not end: its last line blocks") from None
+            assert rc in (status if isinstance(status, tuple) else (status,)), (end, rc)
+        finally:
+            proc.kill()
+            proc.communicate()
 
 
 STOPPED_IN_A_SAVE = """

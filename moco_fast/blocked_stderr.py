@@ -1,0 +1,65 @@
+"""The last line of a command that a stop ends, to a stderr that takes nothing: a pipe nobody reads
+(`moco-fast train ... 2>&1 | less` with the pager stopped, a reader that hangs) blocked its write
+for ever, and the stop never ended the process (a second one did: cli._stops_held). Given
+WAIT_S seconds, such a stderr is given up: pointed at /dev/null, where the blocked write, woken by
+SIGALRM, is retried by Python (PEP 475) and done at once, without an exception in the code that
+wrote it. What the process writes there after (its buffered output at exit) goes there too: nobody
+reads it. By then the command has unwound: a training run's stop during its steps saved the step
+before it was raised (stops.py), so nothing but the line is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import threading
+from collections.abc import Callable, Iterator
+
+# Long enough for a pager that a person resumes, or a slow terminal, to take the line.
+WAIT_S = 10.0
+
+
+@contextlib.contextmanager
+def given_up_after() -> Iterator[Callable[[], None]]:
+    """Yields start(): from its first call, a stderr that still takes nothing WAIT_S seconds later is
+    given up (_give_up). Main thread only (SIGALRM wakes it); the timer ends with the block."""
+    timer = threading.Timer(WAIT_S, _give_up, (threading.main_thread().ident,))
+    timer.daemon = True
+    before = signal.signal(signal.SIGALRM, _woken)
+
+    def start() -> None:
+        if timer.ident is None:  # not started yet
+            timer.start()
+
+    try:
+        yield start
+    finally:
+        timer.cancel()
+        if timer.is_alive():
+            timer.join()  # a SIGALRM it sent is handled (_woken) before the handler from before is back
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if before is None else before)  # None: set outside Python
+
+
+def _woken(signum, frame) -> None:
+    """SIGALRM: it only ends the main thread's blocked write, which Python then retries."""
+
+
+def _give_up(main_thread: int) -> None:
+    """In the timer's thread: stderr (and stdout where it is the same pipe) to /dev/null where stderr
+    takes nothing (no room in the pipe), then SIGALRM to the main thread, whose write was blocked."""
+    try:
+        if 2 in select.select([], [2], [], 0)[1]:  # room: the line went, or goes now
+            return
+    except (OSError, ValueError):  # a closed stderr: nothing to give up
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        with contextlib.suppress(OSError):  # a closed stdout: stderr alone
+            if os.path.samestat(os.fstat(1), os.fstat(2)):
+                os.dup2(null, 1)
+        os.dup2(null, 2)
+    finally:
+        os.close(null)
+    signal.pthread_kill(main_thread, signal.SIGALRM)
