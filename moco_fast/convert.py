@@ -138,6 +138,11 @@ def validate(cfg: ConvertConfig) -> None:
             f"DST {cfg.dst} ends with a slash (a folder), and --format ffcv writes one file: "
             f"give its name ({os.path.join(cfg.dst, 'train.beton')})"
         )
+    if Path(cfg.dst).name in ("", ".."):  # `.`, `..`, `/`: DST's lock, temporary and sidecars are named after it
+        raise ConfigError(
+            f"DST {cfg.dst} names a folder without its name, and convert writes DST beside itself under a "
+            f"temporary name before renaming it into place: give the output's name ({os.path.join(cfg.dst, 'NAME')})"
+        )
     if cfg.workers < 0:  # -2 ran on every core as 0 does, where the other commands refuse it
         raise ConfigError(f"--workers must be 0 (every core) or a count, got {cfg.workers}")
     # wds's flags alone: --format ffcv ignores them, with a warning (commands/convert), not an error after it

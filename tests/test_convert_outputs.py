@@ -213,6 +213,21 @@ def test_a_beton_dst_ending_with_a_slash_is_refused_before_any_image_is_read(tmp
     assert sorted(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("dst", [".", "..", "sub/.."])
+def test_a_dst_without_a_name_is_one_line(dst, tmp_path, monkeypatch, capsys):
+    # `convert data . --format wds` (the shards into the current folder) ended in a traceback,
+    # "PosixPath('.') has an empty name": DST's temporary, sidecars and lock are named after it
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert main(["convert", str(tmp_path / "no-such-src"), dst, "--format", "wds"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"moco-fast convert: error: DST {dst} names a folder without its name, and convert writes DST beside "
+        f"itself under a temporary name before renaming it into place: give the output's name ({dst}/NAME)"
+    ]
+    assert os.listdir(tmp_path) == ["sub"] and os.listdir(tmp_path / "sub") == []
+
+
 def test_the_other_formats_flags_are_ignored_not_refused(tmp_path, monkeypatch, capsys, caplog):
     # --format ffcv --shard-size 0 warned that ffcv ignores it, then refused it as a bad --shard-size
     import logging
