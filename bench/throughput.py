@@ -190,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     B = argparse.BooleanOptionalAction
     p.add_argument("--loader", default="torch", help="torch | resident | dali | ffcv | synthetic (default torch)")
-    p.add_argument("--data", help="data root (or a .beton for ffcv); default: the demo set in the package")
+    p.add_argument(
+        "--data", help="data root, or a .beton for ffcv (which needs it); default: the demo set in the package"
+    )
     p.add_argument("--workers", type=int, default=-1, help="data workers; -1: as the trainer picks (default)")
     p.add_argument(
         "--loader-option",
@@ -286,14 +288,13 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
 def check_data(cfg) -> None:
     """The loader rows' data, listed before the first row runs (without decoding or building a
     loader: the resident loader alone would decode the whole set)."""
-    from moco_fast.loaders.wds import is_wds_root
+    from moco_fast.loaders.wds import beton_file, is_wds_root
 
     from moco_fast.data import load_splits
 
     loader, data = cfg.data.loader, cfg.data.data
     if loader == "ffcv":
-        if data is None or not Path(data).is_file():
-            raise DataError(f"--loader ffcv needs --data X.beton (a file; got {data})")
+        beton_file(data)  # DataError: none, missing, a folder, a shard set
     elif loader != "synthetic" and not is_wds_root(data):
         load_splits(data, check=False)  # DataError: missing, a file, empty, no class folders
 

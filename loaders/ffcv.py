@@ -85,7 +85,7 @@ from .ffcv_cache import use_page_cache_manager
 from .ffcv_ops import FAILURES, DecodeStatus, EpochKey, FlipViews, ResizedCrops, SampleIndexDecoder
 from .options import FFCVOptions, parse_loader_options
 from .torch_loader import EpochShardSampler
-from .wds import is_wds_root
+from .wds import beton_file
 
 log = logging.getLogger("moco_fast")
 
@@ -220,20 +220,7 @@ class FFCVLoader:
     starts_mid_epoch = True
 
     def __init__(self, args: LoaderArgs):
-        if args.data is None:
-            raise DataError("--loader ffcv needs --data X.beton (make one with `moco-fast convert SRC X.beton`)")
-        path = Path(args.data)
-        if not path.is_file():
-            if is_wds_root(path):  # convert's other output: "is a folder" said nothing of it
-                raise DataError(
-                    f"--loader ffcv reads a .beton file, and --data {path} is a WebDataset shard set, which "
-                    "--loader dali reads (or make a .beton with `moco-fast convert SRC X.beton`)"
-                )
-            what = "not found" if not path.exists() else "a folder" if path.is_dir() else "not a file"
-            raise DataError(
-                f"--loader ffcv reads a .beton file, and --data {path} is {what} "
-                "(make one with `moco-fast convert SRC X.beton`)"
-            )
+        path = beton_file(args.data)
         self.args = args
         self.opts: FFCVOptions = parse_loader_options("ffcv", args.options)
         self.device = args.device

@@ -65,6 +65,27 @@ def refuse_shard_set(data: str | Path | None, loader: str) -> None:
         )
 
 
+def beton_file(data: str | Path | None) -> Path:
+    """--loader ffcv's --data as a path, or one DataError saying what it is instead (a shard set, a
+    folder, nothing) and how to make a .beton. Here, beside the shard-set test it needs, so that a
+    check made before any loader is built (bench/throughput.py) needs no FFCV."""
+    if data is None:
+        raise DataError("--loader ffcv needs --data X.beton (make one with `moco-fast convert SRC X.beton`)")
+    path = Path(data)
+    if not path.is_file():
+        if is_wds_root(path):  # convert's other output: "is a folder" said nothing of it
+            raise DataError(
+                f"--loader ffcv reads a .beton file, and --data {path} is a WebDataset shard set, which "
+                "--loader dali reads (or make a .beton with `moco-fast convert SRC X.beton`)"
+            )
+        what = "not found" if not path.exists() else "a folder" if path.is_dir() else "not a file"
+        raise DataError(
+            f"--loader ffcv reads a .beton file, and --data {path} is {what} "
+            "(make one with `moco-fast convert SRC X.beton`)"
+        )
+    return path
+
+
 def read_meta(root: str | Path) -> WdsMeta:
     """Read and check `root/meta.json`; every problem is one DataError line."""
     root = Path(root)

@@ -110,6 +110,10 @@ def test_bad_rows_are_one_line_errors(rows, capsys):
         (["--loader", "bogus", "--rows", "trainer"], "--loader 'bogus': choose from"),
         (["--momentum-backend", "bogus", "--rows", "trainer"], "unknown momentum backend 'bogus'"),
         (["--data", "{tmp}/missing", "--rows", "reference,end-to-end"], "not found"),
+        # the loader's own lines (loaders/wds.beton_file), not a bare "got None" nor a path without its fault
+        (["--loader", "ffcv", "--rows", "loader"], "needs --data X.beton (make one with `moco-fast convert"),
+        (["--loader", "ffcv", "--data", "{tmp}/missing", "--rows", "loader"], "{tmp}/missing is not found (make"),
+        (["--loader", "ffcv", "--data", "{tmp}", "--rows", "loader"], "--data {tmp} is a folder (make one"),
         (["--rows", "trainer", "--profile", "--profile-steps", "0"], "--profile-steps must be at least 1"),
         (["--rows", "reference", "--profile"], "--rows has none"),
         (["--batch-size", "6", "--bn-splits", "4"], "--batch-size 6 must be a multiple of --bn-splits 4"),
