@@ -130,6 +130,7 @@ def test_help_does_not_import_torch():
         (["knn", "--k", "0"], "--k must be at least 1"),
         (["knn", "--t", "0"], "--t must be above 0"),
         (["knn", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["knn", "--image-size", "4"], "--image-size must be at least 8"),
         (["knn", "--workers", "-2"], "--workers must be -1 (auto)"),
         (["lincls", "--workers", "-2"], "--workers must be -1 (auto)"),
         (["lincls", "--lr", "-1"], "--lr must be above 0"),
@@ -232,6 +233,27 @@ def test_knn_and_export_take_a_run_folder(run_dir, data, tmp_path, capsys):
     assert len(torch.load(out)) == len(torchvision.models.resnet18().state_dict()) - 2
     assert main(["export", str(tmp_path), "--format", "torchvision", "--output", str(tmp_path / "x.pth")]) == 2
     assert "is a folder without a checkpoint.pt" in one_line_error(capsys)
+
+
+def test_knn_scores_a_state_dict_at_the_image_size_given(data, tmp_path, monkeypatch, capsys):
+    # A file without a recipe is read at 224 px: an export of a 32 px run (the demo's) took 15 min on
+    # the demo set on a CPU, against a minute for its checkpoint, with no flag to say 32 px
+    import moco_fast.knn
+
+    sizes = []
+
+    def knn_score(net, train, eval, aug, *args):
+        sizes.append(aug.image_size)
+        raise Stop
+
+    monkeypatch.setattr(moco_fast.knn, "knn_score", knn_score)
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    argv = ["knn", "--checkpoint", str(path), "--data", str(data), "--device", "cpu"]
+    for extra in ([], ["--image-size", "32"]):
+        with pytest.raises(Stop):
+            main([*argv, *extra])
+    assert sizes == [224, 32]
 
 
 def test_knn_refuses_a_class_folder_linked_to_another(run_dir, tmp_path, capsys):

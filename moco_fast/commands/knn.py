@@ -14,6 +14,7 @@ from moco_fast.commands import (
     resolve_checkpoint,
     resolve_eval_runtime,
 )
+from moco_fast.config import MAX_IMAGE_SIZE, check_image_size
 
 log = logging.getLogger("moco_fast")
 
@@ -29,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--arch", help=ARCH_HELP)
     p.add_argument("--data", help="a root with train/ and val/ or test/ (default: the demo set)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help=f"eval crop size, 8..{MAX_IMAGE_SIZE} (default: the checkpoint's training size; a state dict or an "
+        "official checkpoint, which have none: 224, or the CIFAR preset's 32 for a CIFAR stem)",
+    )
     p.add_argument("--k", type=int, default=200, help="neighbours (at least 1)")
     p.add_argument("--t", type=float, default=0.1, help="temperature of the neighbour weights (above 0)")
     p.add_argument(
@@ -42,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
     from moco_fast.backbone import check_arch
@@ -53,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     # Every value is checked before the checkpoint or the data is read.
     require(args.k >= 1, f"--k must be at least 1 (got {args.k})")
     require(args.t > 0, f"--t must be above 0 (got {args.t})")
+    if args.image_size is not None:  # None: the checkpoint's training size
+        check_image_size(args.image_size)
     check_arch(args.arch)
     device = resolve_eval_runtime(args)
     path = resolve_checkpoint(args.checkpoint)
@@ -67,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if splits.eval is None:
         raise DataError("kNN needs an eval split: a data root holding train/ and val/ or test/")
     warn_if_single_class(splits.train)
+    # a file without a recipe is read at 224 px (foreign.py): an export of a 32 px run can be scored
+    # at its own size (the demo set at 224 px costs ~50x the compute of 32 px)
+    aug = cfg.data.aug if args.image_size is None else dataclasses.replace(cfg.data.aug, image_size=args.image_size)
     nets = {"backbone": model.backbone(), "head": model.encoder_q}
     for i, name in enumerate(names):
         with torch.no_grad():
@@ -74,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 nets[name],
                 splits.train,
                 splits.eval,
-                cfg.data.aug,
+                aug,
                 device,
                 args.k,
                 args.t,
