@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moco-k", type=int, help="queue length (default: the preset's, 65536)")
     p.add_argument("--bn-splits", type=int, help="split-BN sub-batches (default: the preset's, 8)")
     p.add_argument(
-        "--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="auto: bf16 on GPU, off on CPU"
+        "--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="auto (default): bf16 on GPU, off on CPU"
     )
     p.add_argument("--channels-last", action=B, default=True, help="channels-last (default on)")
     p.add_argument(
@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="capture the whole step as a CUDA graph (default off; +graph/+eager per row)",
     )
-    p.add_argument("--momentum-backend", default="foreach", help="EMA kernel: foreach, triton, apex, reference")
+    p.add_argument(
+        "--momentum-backend", default="foreach", help="EMA kernel: foreach, triton, apex, reference (default foreach)"
+    )
     p.add_argument("--steps", type=int, help="timed steps per row (default 30; 3 on the CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 10; 1 on the CPU)")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda where there is one)")

@@ -2,6 +2,7 @@
 the momentum and FFCV benches' flags, and bench/pack_folder.py (the profile breakdown and the reference
 step: test_bench_reference.py; the table and its ratios: test_bench_report.py)."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -380,3 +381,13 @@ def test_help_fits_an_80_column_terminal(capsys, monkeypatch):
     text = capsys.readouterr().out
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "trainer:fp16+compile+graph" in text and "noshuffle" in text
+
+
+def test_every_flag_with_a_default_says_it():
+    # --momentum-backend (foreach) and --amp (auto) did not say theirs
+    silent = [
+        a.dest
+        for a in throughput.build_parser()._actions
+        if a.option_strings and a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in a.help
+    ]
+    assert silent == []
