@@ -7,7 +7,8 @@ Here the bars are cleared first and drawn again after the line, as tqdm.write do
 `external_write_mode`), and only where this process has a bar open: with none (a rank > 0, whose
 epoch bar is disabled) the line is written as before, without tqdm's lock. A forked child (a
 DataLoader worker, which warns of an unreadable image) cannot clear and redraw its parent's bar: its
-line starts at the start of the bar's line instead (below_the_parents_bar). Not tqdm.write itself,
+line starts at the start of the bar's line instead (below_the_parents_bar; worker_line for FFCV's
+writer's workers, which start before its bar). Not tqdm.write itself,
 nor its logging_redirect_tqdm: they write the text and its newline apart (the ranks of a job share stderr, and their lines ran together, see cli.say), and take
 tqdm's lock, making it where there is none, for every line of every process.
 
@@ -93,6 +94,24 @@ def below_the_parents_bar(stream: IO[str], tqdm, bars: list) -> Iterator[None]:
     if not any(_shares(bar, stream) for bar in bars):
         yield
         return
+    with _at_the_bars_line_start(stream, tqdm):
+        yield
+
+
+def worker_line(line: str, stream: IO[str]) -> None:
+    """`line` from a forked worker whose parent draws a bar on `stream` that the worker has no copy
+    of: FFCV's writer opens its bar ("writing .beton") after it starts its workers. Written as
+    below_the_parents_bar writes a line, from the start of the bar's line."""
+    from tqdm import tqdm  # imported already: FFCV's writer draws its bar with it
+
+    with _at_the_bars_line_start(stream, tqdm):
+        stream.write(line + "\n")
+
+
+@contextlib.contextmanager
+def _at_the_bars_line_start(stream: IO[str], tqdm) -> Iterator[None]:
+    """While in it, a forked child writes from the start of its parent's bar's line (_line_start),
+    under the part of tqdm's lock shared with the parent (below_the_parents_bar)."""
     shared = [part for part in getattr(tqdm.get_lock(), "locks", ()) if hasattr(part, "_semlock")]
     taken = [part for part in shared if part.acquire(timeout=CHILD_LOCK_WAIT_S)]
     try:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moco_fast import bar_lines
 from moco_fast.cli import ENVIRONMENT_ERRNOS, STOP_SIGNALS
 from moco_fast.convert_dst import NAMES_FINGERPRINT, NAMES_HEADER, beton_fingerprint
 from moco_fast.convert_files import writing
@@ -97,7 +98,10 @@ class BetonSource:
         try:
             img = np.asarray(load_resized(self.files[i], self.max_res))
         except Exception as e:
-            print(f"warning: {self.files[i]} failed to decode on the second pass ({e}); written black", file=sys.stderr)
+            # under the writer's bar, drawn by the parent (this is a worker of FFCV's writer)
+            bar_lines.worker_line(
+                f"warning: {self.files[i]} failed to decode on the second pass ({e}); written black", sys.stderr
+            )
             with self.failed.get_lock():
                 self.failed.value += 1
             img = np.zeros((8, 8, 3), np.uint8)
