@@ -374,7 +374,7 @@ def warnings_as_lines() -> Iterator[None]:
     """While in it, moco-fast's own warnings print as one line each (_warning_as_a_line), and a warning
     shown while a progress bar is open goes on a line of its own (bar_lines.between_bars): around a
     command (main), and around a `--gpus` worker's training (launch._reported), which runs no main().
-    On leaving, what it set is put back, and only that: its format, its showwarning and its filter,
+    On leaving, what it set is put back, and only that: its format, its showwarning and its filters,
     each where it is still its own. Not warnings.catch_warnings, which put back every filter: one
     that a library's import added during the command (once per process) was gone for the rest of a
     process that goes on (a test, a notebook)."""
@@ -382,11 +382,13 @@ def warnings_as_lines() -> Iterator[None]:
     filters = list(warnings.filters)
     ours = _warning_as_a_line(before[0]), bar_lines.between_bars(before[1])
     warnings.formatwarning, warnings.showwarning = ours
+    # moco-fast's own warnings are shown (once per place) whatever the caller's filters: PYTHONWARNINGS=ignore
+    warnings.filterwarnings("default", module="moco_fast")
     # PIL's DecompressionBombWarning, at each open of an image over its pixel limit, names no file:
     # data.check_image names each such image once. Here, not at import: code that imports moco_fast
     # keeps PIL's warning (and over twice the limit PIL raises, which no filter hides).
     warnings.filterwarnings("ignore", r"Image size \(\d+ pixels\) exceeds limit", RuntimeWarning, r"PIL\.Image")
-    pil = warnings.filters[0]
+    set_here = warnings.filters[:2]
     try:
         yield
     finally:
@@ -394,11 +396,16 @@ def warnings_as_lines() -> Iterator[None]:
             warnings.formatwarning = before[0]
         if warnings.showwarning is ours[1]:
             warnings.showwarning = before[1]
-        if pil not in filters:  # else it was there before the command: it stays
-            # An "ignore" filter goes without warnings' version bump (a private call): the registries
-            # record warnings shown, never ones ignored, so none of them depends on it.
-            with contextlib.suppress(ValueError):  # gone already (warnings.resetwarnings)
-                warnings.filters.remove(pil)
+        for own in set_here:
+            if own not in filters:  # else it was there before the command: it stays
+                with contextlib.suppress(ValueError):  # gone already (warnings.resetwarnings)
+                    warnings.filters.remove(own)
+        # The filters' version moves on, as at any change of them (catch_warnings' exit does it, and
+        # puts back the list it found, this one): a warning that "default" showed once during the
+        # command is marked in its module's registry, and a caller's filter under ours ("error",
+        # "always") skipped it for the rest of the process.
+        with warnings.catch_warnings():
+            pass
 
 
 # the commands' path flags and arguments (their argparse dest)
@@ -429,7 +436,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING, format="%(levelname)s %(message)s", handlers=[bar_lines.LineHandler(sys.stderr)]
     )
     logging.getLogger("moco_fast").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    warnings.filterwarnings("default", module="moco_fast")
     from moco_fast.metrics import share_bar_lock  # imports tqdm: not at cli's own import
 
     share_bar_lock()  # before a bar is drawn or a worker forked

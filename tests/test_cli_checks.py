@@ -236,6 +236,31 @@ def test_a_warning_filter_added_while_a_command_runs_outlives_it_and_the_command
         assert warnings.filters == [added, *before]
 
 
+def test_a_commands_filter_that_shows_moco_fasts_warnings_ends_with_the_command(ckpt):
+    # main() set "default" for moco_fast's warnings (shown under PYTHONWARNINGS=ignore too) for the
+    # rest of a process that went on; warnings_as_lines sets it now, and puts it back
+    import warnings
+
+    from moco_fast import cli
+
+    registry: dict = {}
+
+    def warn():
+        warnings.warn_explicit("kNN: k=9", UserWarning, "knn.py", 186, module="moco_fast.knn", registry=registry)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("error")  # the caller's
+        before = list(warnings.filters)
+        with cli.warnings_as_lines():
+            warn()  # shown, not the caller's error
+        assert [str(w.message) for w in seen] == ["kNN: k=9"]
+        assert warnings.filters == before
+        with pytest.raises(UserWarning):  # the caller's filter again, for a warning shown in the command too
+            warn()
+        assert cli.main(["knn", "--checkpoint", str(ckpt), "--k", "0"]) == 2
+        assert warnings.filters == before
+
+
 def test_a_gpus_workers_warnings_print_as_one_line_each(tmp_path, monkeypatch):
     # a --gpus worker runs launch._reported, not main(): its kNN monitor's warning kept Python's
     # "knn.py:186: UserWarning:" prefix and source line
