@@ -54,7 +54,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> bool:
-    """A bar chart of kNN (and linear) accuracy and pretext accuracy per setting; False without matplotlib."""
+    """A bar chart of kNN (and linear) accuracy and pretext accuracy per setting; False without matplotlib.
+    The random init's kNN (--knn-baseline) is a bar beside the trained ones, as it is a column of the
+    table: what a setting's training gained is read against it (a short run can score below it)."""
     try:
         import matplotlib
 
@@ -67,7 +69,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     x = range(len(results))
     series = [
         (k, label)
-        for k, label in (("knn_top1", "kNN (backbone)"), ("knn_head_top1", "kNN (head)"), ("linear_top1", "linear"))
+        for k, label in (
+            ("knn_top1", "kNN (backbone)"),
+            ("knn_head_top1", "kNN (head)"),
+            ("random_knn_top1", "kNN (random init)"),
+            ("linear_top1", "linear"),
+        )
         if any(r.get(k) is not None for r in results)
     ]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(results) + 2), 7), sharex=True)

@@ -56,3 +56,22 @@ def test_plot_legend_hides_no_bar(tmp_path, monkeypatch):
     top = fig.axes[0]
     legend = top.get_legend().get_window_extent()
     assert not any(legend.overlaps(p.get_window_extent()) for p in top.patches)
+
+
+def test_plot_shows_the_random_inits_knn_beside_the_trained_ones(tmp_path, monkeypatch):
+    # the table's "kNN % random init" column (--knn-baseline) had no bar: a setting that scored below
+    # the random init (a short run) looked as good in the plot as one that beat it
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from moco_fast.sweep_table import plot
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    rows = [{"name": n, "knn_top1": 12.5, "knn_head_top1": 10.0, "random_knn_top1": 15.0} for n in "ab"]
+    rows[1]["random_knn_top1"] = None  # a grid run without --knn-baseline: no bar
+    assert plot(rows, tmp_path / "p.png") is True
+    top = figures[0].axes[0]
+    assert sorted(round(p.get_height(), 3) for p in top.patches) == [10.0, 10.0, 12.5, 12.5, 15.0]
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["kNN (backbone)", "kNN (head)", "kNN (random init)"]
