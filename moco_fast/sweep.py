@@ -138,6 +138,7 @@ def run_sweep(
         raise ConfigError(f"--out {out} is a file: it must be the sweep folder")
     if holds_run(out) or (out / CONFIG_NAME).is_file():  # its files and the settings' folders would mix
         raise ConfigError(f"--out {out} holds a training run: give the sweep a folder of its own")
+    _refuse_out_within_data(out, base)
     with hold_sweep_folder(out):  # a second sweep there: one line, before any work
         _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything
         if redo:
@@ -210,6 +211,24 @@ def _train_seconds(folder: Path) -> float:
         except (ValueError, TypeError):
             continue
     return total
+
+
+def _refuse_out_within_data(out: Path, base: TrainConfig) -> None:
+    """ConfigError for a sweep folder within a folder whose images the settings train or are scored
+    on (--data's train or eval split, or --data itself without splits): the table's sweep.png is an
+    image, and the sweep's folder a class folder, of the next setting's data (it trained and was
+    scored on other images than the one before it, with warnings of the folder's other files)."""
+    from moco_fast.data import split_dirs
+
+    if base.data.data is None or not Path(base.data.data).is_dir():  # the demo set, a .beton
+        return
+    where = out.resolve()
+    for folder in split_dirs(Path(base.data.data)):
+        if folder is not None and where.is_relative_to(folder.resolve()):
+            raise ConfigError(
+                f"--out {out} lies within {folder}, whose images the sweep reads: its files (sweep.png) would "
+                "be read as training images; give a folder outside it"
+            )
 
 
 def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> None:

@@ -366,6 +366,26 @@ def test_a_second_sweep_into_a_running_sweeps_folder_stops_at_once(six_root, tmp
 
 
 # -- sweep: grid flags and folder names -------------------------------------------------------------
+def test_a_sweep_folder_within_the_images_it_reads_is_refused(tmp_path, capsys, monkeypatch):
+    """--out under --data's train (or eval) folder: the table's sweep.png (an image) and the sweep's
+    folder became a class of the next setting's training data and of its kNN (the demo grid's
+    second setting trained on 81 images of 11 classes, the first on 80 of 10)."""
+    trained = stub_sweep_runs(monkeypatch)
+    root = make_image_root(tmp_path / "data", per_class=4, classes=2, test_per_class=2)
+    for within in (root / "train" / "sweep", root / "test" / "sweeps" / "a"):
+        assert main(sweep_args(within, root, "--moco-m", "0.99")) == 2
+        split = "train" if "train" in within.parts else "test"
+        assert last_error(capsys).endswith(
+            f"--out {within} lies within {root / split}, whose images the sweep reads: its files (sweep.png) "
+            "would be read as training images; give a folder outside it"
+        )
+        assert not within.exists()
+    assert main(sweep_args(root / "train", root / "train", "--moco-m", "0.99")) == 2  # a class-folder root
+    assert "lies within" in last_error(capsys) and not trained
+    assert main(sweep_args(root / "sweeps", root, "--moco-m", "0.99")) == 0  # beside the splits: read by none
+    assert len(trained) == 1
+
+
 def stub_sweep_runs(monkeypatch) -> list:
     """Replaces a sweep setting's training and evaluation with stand-ins; returns the settings trained."""
     from moco_fast import sweep
