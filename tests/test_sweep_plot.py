@@ -6,6 +6,18 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures that plot() draws, as it closes them (matplotlib needed)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (drawn.append(fig), close(fig)))
+    return drawn
+
+
 def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     import sys
 
@@ -16,17 +28,11 @@ def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch):
     assert not (tmp_path / "p.png").exists()
 
 
-def test_plot_leaves_out_the_bars_of_figures_a_setting_lacks(tmp_path, monkeypatch):
+def test_plot_leaves_out_the_bars_of_figures_a_setting_lacks(tmp_path, figures):
     # two grids in one folder, one with --lincls-epochs: the other's settings have no linear top-1,
     # which is no bar (the markdown's "-"), not a bar of 0%
-    pytest.importorskip("matplotlib")
-    import matplotlib.pyplot as plt
-
     from moco_fast.sweep_table import plot
 
-    figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
     rows = [
         {"name": "a", "knn_top1": 50.0, "linear_top1": 60.0, "pretext_acc": 40.0},
         {"name": "b", "knn_top1": 55.0, "linear_top1": None, "pretext_acc": None},
@@ -38,16 +44,10 @@ def test_plot_leaves_out_the_bars_of_figures_a_setting_lacks(tmp_path, monkeypat
     assert [p.get_height() for p in bottom.patches] == [40.0]
 
 
-def test_plot_legend_hides_no_bar(tmp_path, monkeypatch):
+def test_plot_legend_hides_no_bar(tmp_path, figures):
     # three settings with kNN near their best: the legend inside the axes ("best") covered the last
-    pytest.importorskip("matplotlib")
-    import matplotlib.pyplot as plt
-
     from moco_fast.sweep_table import plot
 
-    figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
     rows = [{"name": n, "knn_top1": 46.7, "knn_head_top1": 50.0, "pretext_acc": 12.0} for n in "abc"]
     rows[1]["linear_top1"] = 36.7
     assert plot(rows, tmp_path / "p.png") is True
@@ -58,17 +58,11 @@ def test_plot_legend_hides_no_bar(tmp_path, monkeypatch):
     assert not any(legend.overlaps(p.get_window_extent()) for p in top.patches)
 
 
-def test_plot_shows_the_random_inits_knn_beside_the_trained_ones(tmp_path, monkeypatch):
+def test_plot_shows_the_random_inits_knn_beside_the_trained_ones(tmp_path, figures):
     # the table's "kNN % random init" column (--knn-baseline) had no bar: a setting that scored below
     # the random init (a short run) looked as good in the plot as one that beat it
-    pytest.importorskip("matplotlib")
-    import matplotlib.pyplot as plt
-
     from moco_fast.sweep_table import plot
 
-    figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
     rows = [{"name": n, "knn_top1": 12.5, "knn_head_top1": 10.0, "random_knn_top1": 15.0} for n in "ab"]
     rows[1]["random_knn_top1"] = None  # a grid run without --knn-baseline: no bar
     assert plot(rows, tmp_path / "p.png") is True
