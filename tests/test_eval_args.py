@@ -270,9 +270,16 @@ def test_knn_refuses_a_class_folder_linked_to_another(run_dir, tmp_path, capsys)
 
 # -- refused before anything runs -------------------------------------------------------------------
 def test_sweep_refuses_run_level_train_flags(tmp_path, capsys):
-    for flag in ("--resume", "--force", "--print-config"):
-        assert main(["sweep", "--out", str(tmp_path / "s"), "--", "--device", "cpu", flag]) == 2
-        assert f"{flag} is not a setting" in one_line_error(capsys)
+    # also abbreviated, as argparse takes them: `--forc` and `--print-conf` passed a check of the
+    # words, and were applied or dropped without a word (`--resu x`: train's "checkpoint not found")
+    abbreviated = {"--resume": "--resu=x", "--force": "--forc", "--print-config": "--print-conf"}
+    for flag, short in abbreviated.items():
+        for given in (flag, short):
+            assert main(["sweep", "--out", str(tmp_path / "s"), "--", "--device", "cpu", given]) == 2
+            assert f"{flag} is not a setting" in one_line_error(capsys)
+    for given in (["--out=x"], ["--ou", "x"], ["--out="]):
+        assert main(["sweep", "--out", str(tmp_path / "s"), "--", "--device", "cpu", *given]) == 2
+        assert "give the sweep folder as `moco-fast sweep --out DIR`, not after `--`" in one_line_error(capsys)
     # a train flag that is wrong is one line of the sweep's, not a usage line of a `train` subcommand
     for bad, says in ((["--bogus-flag"], "unrecognized arguments: --bogus-flag"), (["--epochs", "x"], "--epochs")):
         assert main(["sweep", "--out", str(tmp_path / "s"), "--", "--device", "cpu", *bad]) == 2

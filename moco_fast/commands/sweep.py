@@ -156,19 +156,24 @@ def base_config(train_args: list[str], grid: tuple[str, ...] = ()):
         train_args = train_args[1:]
     elif train_args:
         raise ConfigError(f"unrecognized arguments: {' '.join(train_args)} ({TRAIN_FLAGS_HINT})")
-    if any(a == "--out" or a.startswith("--out=") for a in train_args):
-        raise ConfigError("give the sweep folder as `moco-fast sweep --out DIR`, not after `--`")
-    refused = {
-        "--resume": "the sweep resumes and replaces runs itself (--redo)",
-        "--force": "the sweep resumes and replaces runs itself (--redo)",
-        "--print-config": "`moco-fast train --print-config` with the same flags prints a setting's config",
-    }
-    for flag, why in refused.items():
-        if any(a == flag or a.startswith(flag + "=") for a in train_args):
-            raise ConfigError(f"{flag} is not a setting of the grid's runs: {why}")
     parser = _TrainFlags(prog="moco-fast sweep ... --")
     train_cmd.register(parser.add_subparsers(dest="command"))
     ns = parser.parse_args(["train", *train_args])
+    # Read from the parsed flags, not their text: argparse takes an abbreviation (`--forc`, `--ou DIR`,
+    # `--print-conf`), which passed a check of the words and was dropped or applied without a word.
+    if ns.out is not None:
+        raise ConfigError("give the sweep folder as `moco-fast sweep --out DIR`, not after `--`")
+    refused = {
+        "resume": ("--resume", "the sweep resumes and replaces runs itself (--redo)"),
+        "force": ("--force", "the sweep resumes and replaces runs itself (--redo)"),
+        "print_config": (
+            "--print-config",
+            "`moco-fast train --print-config` with the same flags prints a setting's config",
+        ),
+    }
+    for dest, (flag, why) in refused.items():
+        if getattr(ns, dest):
+            raise ConfigError(f"{flag} is not a setting of the grid's runs: {why}")
     empty = empty_flag(parser, ns)  # cli's check sees the sweep's own flags: `-- --data ""` read the current folder
     if empty:
         raise ConfigError("after --: " + EMPTY_PATH.format(empty))
