@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import re
+import select
 import struct
 import subprocess
 import sys
@@ -113,6 +114,20 @@ def screen(text: str) -> list[str]:
     return [*lines, line]
 
 
+END = "@@the end@@"  # written after the test's last draw: what a terminal shows is read up to it
+
+
+def shown(reader: int) -> str:
+    """What the terminal `reader` (a pty's master) was sent, up to END. A pty passes written text on
+    to its master a moment later (the kernel's flip buffer): one read right after the write can miss
+    the end, and did under load. Each read waits at most 60 s."""
+    got = b""
+    while END.encode() not in got:
+        assert select.select([reader], [], [], 60)[0], f"the terminal showed no {END!r}: {got!r}"
+        got += os.read(reader, 1 << 16)
+    return got.decode()[: got.decode().index(END)]
+
+
 def second_pass_fails(source, go) -> None:
     go.wait(60)  # until the parent's bar is drawn
     source[0]
@@ -159,8 +174,9 @@ def test_a_forked_workers_lines_under_its_parents_bar_stand_on_lines_of_their_ow
     bar.refresh()  # the parent's next draw
     out.flush()
     if where == "a terminal":
-        os.set_blocking(reader, False)
-        lines = screen(os.read(reader, 1 << 16).decode())
+        out.write(END)
+        out.flush()
+        lines = screen(shown(reader))
     else:
         lines = (tmp_path / "log").read_bytes().decode().split("\n")  # as grep sees the log
     bar.close()
