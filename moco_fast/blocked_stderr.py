@@ -25,7 +25,7 @@ WAIT_S = 10.0
 def given_up_after() -> Iterator[Callable[[], None]]:
     """Yields start(): from its first call, a stderr that still takes nothing WAIT_S seconds later is
     given up (_give_up). Main thread only (SIGALRM wakes it); the timer ends with the block."""
-    timer = threading.Timer(WAIT_S, _give_up, (threading.main_thread().ident,))
+    timer = threading.Timer(WAIT_S, _give_up)
     timer.daemon = True
     before = signal.signal(signal.SIGALRM, _woken)
 
@@ -46,9 +46,11 @@ def _woken(signum, frame) -> None:
     """SIGALRM: it only ends the main thread's blocked write, which Python then retries."""
 
 
-def _give_up(main_thread: int) -> None:
+def _give_up() -> None:
     """In the timer's thread: stderr (and stdout where it is the same pipe) to /dev/null where stderr
-    takes nothing (no room in the pipe), then SIGALRM to the main thread, whose write was blocked."""
+    takes nothing (no room in the pipe), then SIGALRM to each thread, the main thread last: the write
+    that blocked may be another thread's (a bar's redraw: tqdm's monitor, FFCV's writer), which holds
+    stderr's buffer (and tqdm's lock) while it waits, and the main thread's line waits for it."""
     try:
         if 2 in select.select([], [2], [], 0)[1]:  # room: the line went, or goes now
             return
@@ -62,4 +64,7 @@ def _give_up(main_thread: int) -> None:
         os.dup2(null, 2)
     finally:
         os.close(null)
-    signal.pthread_kill(main_thread, signal.SIGALRM)
+    main = threading.main_thread()
+    for thread in [t for t in threading.enumerate() if t is not main and t is not threading.current_thread()] + [main]:
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            signal.pthread_kill(thread.ident, signal.SIGALRM)

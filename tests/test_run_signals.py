@@ -119,13 +119,13 @@ def test_a_stop_while_the_command_says_its_last_line_is_dropped(monkeypatch, cap
 
 
 BLOCKED_LAST_LINE = """
-import fcntl, os, signal, sys
+import fcntl, os, select, signal, sys, threading, time
 import moco_fast.commands.export as export
 from moco_fast import blocked_stderr
 from moco_fast.cli import main
 from moco_fast.config import ConfigError
 
-def ends(args):
+def fill():
     flags = fcntl.fcntl(2, fcntl.F_GETFL)  # stderr, a pipe nobody reads, filled: the last line blocks
     fcntl.fcntl(2, fcntl.F_SETFL, flags | os.O_NONBLOCK)
     for size in (4096, 1):
@@ -135,8 +135,18 @@ def ends(args):
         except BlockingIOError:
             pass
     fcntl.fcntl(2, fcntl.F_SETFL, flags)
+
+def fill_in_a_thread():
+    # A thread's write (a bar's redraw: tqdm's monitor) that fills stderr and blocks, holding stderr's
+    # buffer: the last line waits for it. Once the pipe is full, the thread is within its write.
+    threading.Thread(target=lambda: sys.stderr.buffer.write(b"x" * (1 << 20)), daemon=True).start()
+    while 2 in select.select([], [2], [], 0)[1]:
+        time.sleep(0.01)
+
+def ends(args):
+    fill_in_a_thread() if sys.argv[1] == "thread" else fill()
     print("full", flush=True)
-    if sys.argv[1] == "stop":
+    if sys.argv[1] in ("stop", "thread"):
         os.kill(os.getpid(), signal.SIGTERM)
     raise ConfigError("the ranks were started with different settings")
 
@@ -177,11 +187,12 @@ def test_a_second_stop_ends_a_command_whose_last_line_blocks():
 def test_one_stop_ends_a_command_whose_last_line_blocks():
     # The line of a command that a stop ended (`terminated`), or of one stopped while its error line
     # blocked, to a pipe nobody reads: the write blocked for ever and the stop did not end the process.
-    # Now stderr is given up after blocked_stderr.WAIT_S (1 s here), the process ends by itself.
+    # Now stderr is given up after blocked_stderr.WAIT_S (1 s here), the process ends by itself; also
+    # where another thread's write blocked first (it held stderr, and SIGALRM woke the main thread alone).
     import signal
     import subprocess
 
-    for end, sent, status in (("stop", False, 143), ("error", True, (2, 143))):
+    for end, sent, status in (("stop", False, 143), ("error", True, (2, 143)), ("thread", False, 143)):
         proc = _blocked_last_line(end, 1)
         try:
             if sent:  # one stop, before the error line (its line then) or while it blocks (held)
