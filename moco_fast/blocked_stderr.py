@@ -25,9 +25,17 @@ WAIT_S = 10.0
 def given_up_after() -> Iterator[Callable[[], None]]:
     """Yields start(): from its first call, a stderr that still takes nothing WAIT_S seconds later is
     given up (_give_up). Main thread only (SIGALRM wakes it); the timer ends with the block."""
-    timer = threading.Timer(WAIT_S, _give_up)
+    sent = threading.Event()  # by _give_up: the SIGALRMs from then on are its own
+    timer = threading.Timer(WAIT_S, _give_up, (sent,))
     timer.daemon = True
-    before = signal.signal(signal.SIGALRM, _woken)
+
+    def woken(signum, frame) -> None:
+        """SIGALRM: _give_up's only ends a blocked write, which Python then retries. Before it, one is
+        the caller's (signal.alarm, a test's timeout): it goes where it went before."""
+        if not sent.is_set():
+            _as_before(before, signum, frame)
+
+    before = signal.signal(signal.SIGALRM, woken)
 
     def start() -> None:
         if timer.ident is None:  # not started yet
@@ -38,15 +46,20 @@ def given_up_after() -> Iterator[Callable[[], None]]:
     finally:
         timer.cancel()
         if timer.is_alive():
-            timer.join()  # a SIGALRM it sent is handled (_woken) before the handler from before is back
+            timer.join()  # a SIGALRM it sent is handled (woken) before the handler from before is back
         signal.signal(signal.SIGALRM, signal.SIG_DFL if before is None else before)  # None: set outside Python
 
 
-def _woken(signum, frame) -> None:
-    """SIGALRM: it only ends the main thread's blocked write, which Python then retries."""
+def _as_before(handler, signum: int, frame) -> None:
+    """A signal acted on by the handler it had before (None: set outside Python, as SIG_DFL)."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:  # the default action: SIGALRM's ends the process
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
 
-def _give_up() -> None:
+def _give_up(sent: threading.Event) -> None:
     """In the timer's thread: stderr (and stdout where it is the same pipe) to /dev/null where stderr
     takes nothing (no room in the pipe), then SIGALRM to each thread, the main thread last: the write
     that blocked may be another thread's (a bar's redraw: tqdm's monitor, FFCV's writer), which holds
@@ -64,6 +77,7 @@ def _give_up() -> None:
         os.dup2(null, 2)
     finally:
         os.close(null)
+    sent.set()
     main = threading.main_thread()
     for thread in [t for t in threading.enumerate() if t is not main and t is not threading.current_thread()] + [main]:
         with contextlib.suppress(OSError):  # it ended meanwhile

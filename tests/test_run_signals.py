@@ -207,6 +207,23 @@ def test_one_stop_ends_a_command_whose_last_line_blocks():
             proc.communicate()
 
 
+def test_an_alarm_of_the_callers_during_the_last_line_reaches_its_handler():
+    # given_up_after sets its SIGALRM handler around every last line (an error's too): an alarm of a
+    # program that calls main() (signal.alarm, a test's timeout) that went off then was dropped.
+    import signal
+
+    from moco_fast import blocked_stderr
+
+    got = []
+    before = signal.signal(signal.SIGALRM, lambda signum, frame: got.append(signum))
+    try:
+        with blocked_stderr.given_up_after():
+            signal.raise_signal(signal.SIGALRM)
+    finally:
+        signal.signal(signal.SIGALRM, before)
+    assert got == [signal.SIGALRM]
+
+
 STOPPED_IN_A_SAVE = """
 import json, os, pathlib, shutil, signal, sys, torch
 from moco_fast import checkpoint, trainer
