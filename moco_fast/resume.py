@@ -172,14 +172,24 @@ def warn_rescaled(saved: dict[str, Any], cfg: TrainConfig, world: int, saved_wor
 def saved_world_size(cfg: TrainConfig) -> int | None:
     """The number of processes that wrote the checkpoint --resume continues; None where there is none
     (a fresh run, a run that starts over, or a checkpoint that cannot be read: the run says so later)."""
+    state = _resumed_state(cfg)
+    return None if state is None else int(state.get("world_size") or len(state.get("rng_per_rank") or [None]))
+
+
+def saved_sync_bn(cfg: TrainConfig) -> bool | None:
+    """Whether the checkpoint --resume continues was trained with --sync-bn; None where there is none."""
+    state = _resumed_state(cfg)
+    return None if state is None else state["config"].get("runtime", {}).get("sync_bn")
+
+
+def _resumed_state(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint --resume continues, its tensors unread (mmap); None: none, or not readable."""
     try:
         path = ckpt.find_resume(cfg.runtime.resume, cfg.runtime.out)
-        state = None if path is None else ckpt.load(path, map_location="cpu", mmap=True)  # its tensors unread
+        state = None if path is None else ckpt.load(path, map_location="cpu", mmap=True)
     except (FileNotFoundError, DataError):
         return None
-    if not isinstance(state, dict) or "config" not in state:
-        return None
-    return int(state.get("world_size") or len(state.get("rng_per_rank") or [None]))
+    return state if isinstance(state, dict) and isinstance(state.get("config"), dict) else None
 
 
 def queue_fix(cfg: TrainConfig, world: int, saved_world: int, per_image: int) -> str:

@@ -29,7 +29,7 @@ from moco_fast.loaders import LoaderArgs, check_loader, create_loader
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, owes_row, read_rows
 from moco_fast.model import MoCo
 from moco_fast.monitor import eval_split_use, knn_figures, knn_top1, monitor_splits
-from moco_fast.resume import bn_splits_fix, queue_fix, resume, saved_world_size
+from moco_fast.resume import bn_splits_fix, queue_fix, resume, saved_sync_bn, saved_world_size, sync_bn_stops
 from moco_fast.run_checkpoint import RunCheckpoints
 from moco_fast.run_folder import (
     CONFIG_NAME,
@@ -179,9 +179,9 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int |
             f"--batch-size {o.batch_size} must be a multiple of --bn-splits {splits} with at least 2 images "
             f"per BN sub-batch: {fix}"
         )
-    # a run of several processes resumed in one with shuffle BN on: train --resume's line says what
-    # sync BN's absence means (resume.sync_bn_stops)
-    if cfg.runtime.sync_bn and world == 1 and not (m.shuffle_bn and (_asked(saved_world) or 1) > 1):
+    # a --sync-bn run of several processes resumed in one with shuffle BN on: train --resume's line
+    # says what sync BN's absence means (resume.sync_bn_stops). A run without --sync-bn: this line
+    if cfg.runtime.sync_bn and world == 1 and not (m.shuffle_bn and _sync_bn_stopped(cfg, saved_world)):
         log.warning("--sync-bn has no effect with one process")
     if m.shuffle_exchange not in dist_utils.SHUFFLE_MODES:
         raise ConfigError(f"--shuffle-exchange must be one of {', '.join(dist_utils.SHUFFLE_MODES)}")
@@ -191,6 +191,13 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int |
 
 def _asked(value: int | Callable[[], int | None] | None) -> int | None:
     return value() if callable(value) else value
+
+
+def _sync_bn_stopped(cfg: TrainConfig, saved_world: int | Callable[[], int | None] | None) -> bool:
+    """A --sync-bn run of several processes resumed in one (resume.sync_bn_stops): the checkpoint is
+    read for its --sync-bn only here, where this process runs with it and shuffle BN."""
+    saved = _asked(saved_world)
+    return saved is not None and sync_bn_stops(saved_sync_bn(cfg), saved, cfg, 1)
 
 
 def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:

@@ -141,6 +141,24 @@ def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(
     assert json.loads(capsys.readouterr().out)["moco"]["shuffle_bn"] is False
 
 
+def test_sync_bn_added_to_a_resume_in_one_process_of_a_run_without_it_says_it_does_nothing(tmp_path, caplog):
+    # A run of 2 processes without --sync-bn (shuffle BN on, as it ran) resumed in one with --sync-bn:
+    # train --resume has no line (shuffle BN was on), and trainer.validate's "no effect" line, left out
+    # for any resumed run of several processes with shuffle BN on, was not said either
+    import logging
+
+    out = tmp_path / "run"
+    assert main(synthetic_args(out, "--bn-splits", "2")) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["world_size"] = 2
+    torch.save(state, out / "checkpoint.pt")
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*synthetic_args(out), "--resume", "--epochs", "2", "--sync-bn"]) == 0
+    assert [r.getMessage() for r in caplog.records if "BN" in r.getMessage() or "-bn" in r.getMessage()] == [
+        "--sync-bn has no effect with one process"
+    ]
+
+
 def test_a_resume_that_turns_shuffle_bn_back_on_leaves_other_changes_to_the_changed_settings(caplog):
     # resume.sync_bn_stops: shuffle BN back on is train's line; a change of --moco-t is still named, and
     # an old checkpoint (shuffle BN recorded on beside --sync-bn) compares as it ran
