@@ -47,6 +47,9 @@ MAY_CHANGE = ("workers", "device", "out", "resume", "eval_every")
 
 # what continues a stopped run, for the stop message: the command's --resume, or its caller (the sweep)
 _HOW_TO_CONTINUE: ContextVar[str | None] = ContextVar("how_to_continue", default=None)  # None: --resume
+# check_state's listing of --data: none yet (it runs before the data is read); a moved --data whose
+# state records its listing is left to EpochLoop._load, which compares the listing
+LISTED_LATER = "listed later"
 # the flag that sets the lr, for a divergence's message: the command's --lr, or its caller's (the sweep)
 _LR_FLAG: ContextVar[str] = ContextVar("lr_flag", default="--lr")
 
@@ -85,7 +88,7 @@ def check_state(out: Path, cfg: Any, command: str) -> None:
             )
         return
     if state.is_file():
-        refuse_other_settings(state, load_state(state, command, mmap=True), cfg)  # _load reads it whole
+        refuse_other_settings(state, load_state(state, command, mmap=True), cfg, LISTED_LATER)  # _load reads it whole
     elif out.is_file():
         raise ConfigError(
             f"--resume: {out} is a finished {command} result and there is no state to continue ({state}): "
@@ -93,9 +96,9 @@ def check_state(out: Path, cfg: Any, command: str) -> None:
         )
 
 
-def refuse_other_settings(path: Path, state: dict[str, Any], cfg: Any) -> None:
-    """ConfigError, flag by flag, when `cfg` may not resume the state at `path`."""
-    diff = differences(state, cfg)
+def refuse_other_settings(path: Path, state: dict[str, Any], cfg: Any, listing: str | None = None) -> None:
+    """ConfigError, flag by flag, when `cfg` may not resume the state at `path` (`listing`: differences')."""
+    diff = differences(state, cfg, listing)
     if diff:
         raise ConfigError(
             f"--resume: {path} was run with other settings: {', '.join(diff)}; resume with those, "
@@ -132,12 +135,14 @@ class EpochLoop:
         generator: torch.Generator | None,
         t0: float,  # when the run started (time.perf_counter)
         checkpoint_stamp: list[Any] | None = None,  # of the checkpoint as the run read it (else: as it is now)
+        data_listing: str | None = None,  # data_listing.listing_fingerprint of the splits the run reads
     ):
         self.command, self.cfg, self.out, self.parts, self.generator = command, cfg, out, parts, generator
         self.path = state_path(out)
         self.t0, self.earlier_s = t0, 0.0
         self.saved = 0  # the epochs the state file holds
-        self.settings = settings(cfg, checkpoint_stamp)  # with the stamp of the checkpoint this run read
+        # with the stamp of the checkpoint this run read and the listing of its data
+        self.settings = settings(cfg, checkpoint_stamp, data_listing)
 
     def wall_s(self) -> float:
         """Seconds the run has taken, its interrupted parts included."""
@@ -232,7 +237,13 @@ class EpochLoop:
             log.warning("--resume: no interrupted %s run at %s; starting from the first epoch", self.command, self.path)
             return 0, []
         state = load_state(self.path, self.command)
-        refuse_other_settings(self.path, state, self.cfg)
+        refuse_other_settings(self.path, state, self.cfg, self.settings["data_listing"])
+        if moved_data(state["config"], self.settings):
+            log.warning(
+                "--resume: %s ran on --data %s, which lists the same images as --data %s (moved or copied "
+                "since): it continues on that one",
+                *(self.path, state["config"]["data"], self.settings["data"]),
+            )
         if moved_checkpoint(state["config"], self.settings):
             log.warning(
                 "--resume: %s ran on the checkpoint %s, which is the same save as --checkpoint %s (moved or "
@@ -253,11 +264,12 @@ class EpochLoop:
         return state["epoch"], state["history"]
 
 
-def settings(cfg: Any, checkpoint_stamp: list[Any] | None = None) -> dict[str, Any]:
+def settings(cfg: Any, checkpoint_stamp: list[Any] | None = None, data_listing: str | None = None) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one: every setting but MAY_CHANGE, paths
     made absolute, the schedule in one spelling, and the checkpoint file itself (trained further
     since, it is another backbone). With a checkpoint, finetune's --arch and --stem are the
-    checkpoint's whatever was typed."""
+    checkpoint's whatever was typed. `data_listing` (where the data is listed): what tells the same
+    images at another --data (moved_data)."""
     from moco_fast.lincls import parse_schedule
 
     now = {k: v for k, v in asdict(cfg).items() if k not in MAY_CHANGE}
@@ -271,6 +283,7 @@ def settings(cfg: Any, checkpoint_stamp: list[Any] | None = None) -> dict[str, A
     if checkpoint_stamp is None and cfg.checkpoint:
         checkpoint_stamp = ckpt.file_stamp(cfg.checkpoint)
     now["checkpoint_stamp"] = checkpoint_stamp
+    now["data_listing"] = data_listing
     now["amp_ran"] = amp_ran(cfg)
     return now
 
@@ -302,13 +315,14 @@ def load_state(path: Path, command: str, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
-def differences(state: dict[str, Any], cfg: Any) -> list[str]:
-    """How `cfg` differs from what the state was run with, flag by flag ([] when it may resume)."""
-    saved, now = state["config"], settings(cfg)
+def differences(state: dict[str, Any], cfg: Any, listing: str | None = None) -> list[str]:
+    """How `cfg` differs from what the state was run with, flag by flag ([] when it may resume).
+    `listing`: the listing of `cfg`'s data (moved_data; None: unknown, LISTED_LATER: not listed yet)."""
+    saved, now = state["config"], settings(cfg, data_listing=listing)
     diff = []
     for k in now:
-        if k == "amp_ran":
-            continue  # with --amp
+        if k in ("amp_ran", "data_listing"):
+            continue  # with --amp, with --data
         if k == "amp":
             # what ran: auto and off on the CPU are the same features, auto on a GPU (bf16) and on the
             # CPU (off) are not; a state saved before amp_ran has --amp as typed only
@@ -320,13 +334,15 @@ def differences(state: dict[str, Any], cfg: Any) -> list[str]:
             continue
         if saved.get(k) == now[k] or _same_when_resolved(k, saved, now, cfg):
             continue
-        if k == "checkpoint" and moved_checkpoint(saved, now):  # EpochLoop._load says so
-            continue
+        if (k == "checkpoint" and moved_checkpoint(saved, now)) or (k == "data" and moved_data(saved, now)):
+            continue  # EpochLoop._load says so
         if k == "checkpoint_stamp":
             if saved.get("checkpoint") == now.get("checkpoint"):  # another file's stamp differs anyway
                 diff.append("the checkpoint has changed since (trained further?)")
         else:
-            diff.append(f"--{k.replace('_', '-')} {_as_given(saved.get(k))} (now {_as_given(now[k])})")
+            listed = k == "data" and saved.get("data_listing") and now["data_listing"] is not None  # and differs
+            other = ", other class folders or file names" if listed else ""
+            diff.append(f"--{k.replace('_', '-')} {_as_given(saved.get(k))} (now {_as_given(now[k])}{other})")
     return diff
 
 
@@ -340,6 +356,19 @@ def moved_checkpoint(saved: dict[str, Any], now: dict[str, Any]) -> bool:
         and isinstance(stamp, list)
         and stamp[:1] == ["save_id"]
         and stamp == now.get("checkpoint_stamp")
+    )
+
+
+def moved_data(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """The state's --data at another path, the folder renamed or copied since: the same listing
+    (data_listing.listing_fingerprint: class folders and file names, which a copy keeps), or one not
+    listed yet (LISTED_LATER: the loop compares it once listed). A state written before the listing
+    was recorded has none: another path is other data, as then."""
+    listing = saved.get("data_listing")
+    return (
+        saved.get("data") != now.get("data")
+        and isinstance(listing, str)
+        and now.get("data_listing") in (listing, LISTED_LATER)
     )
 
 

@@ -22,6 +22,7 @@ from moco_fast.backbone import build_backbone, plain_bn_state, resolve_stem
 from moco_fast.classifier_epochs import EpochLoop, clear_state
 from moco_fast.config import SCRATCH_ARCH, ConfigError
 from moco_fast.data import DataError
+from moco_fast.data_listing import listing_fingerprint
 from moco_fast.lincls import (
     Normalizer,
     autocast_for,
@@ -160,7 +161,8 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
         return evaluate(forward, eval_batches, device, classes)
 
     parts = {"network": net, "optimizer": opt, "scaler": scaler}
-    loop = EpochLoop("finetune", cfg, result_path(cfg, start), parts, loader.sampler.generator, t0)
+    out, listing = result_path(cfg, start), listing_fingerprint(splits)
+    loop = EpochLoop("finetune", cfg, out, parts, loader.sampler.generator, t0, data_listing=listing)
     history = loop.run(one_epoch, evaluate_now)
     net.eval()
     top1, top5 = history[-1]["top1"], history[-1]["top5"]

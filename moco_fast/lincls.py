@@ -43,6 +43,7 @@ from moco_fast.data import (
     resolve_root,
     split_dirs,
 )
+from moco_fast.data_listing import listing_fingerprint
 from moco_fast.knn import EvalBatches, collate_labeled, eval_batches, warn_if_shm_short
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.metrics import progress
@@ -385,7 +386,8 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         return {"epoch": epoch + 1, "lr": lr, "loss": loss}
 
     out = Path(cfg.out) if cfg.out else result_beside(cfg.checkpoint, LINCLS_RESULT)
-    loop = EpochLoop("lincls", cfg, out, {"classifier": fc, "optimizer": opt}, order, t0, stamp)
+    parts = {"classifier": fc, "optimizer": opt}
+    loop = EpochLoop("lincls", cfg, out, parts, order, t0, stamp, listing_fingerprint(splits))
     history = loop.run(one_epoch, lambda: evaluate(lambda x: fc(features(x)), eval_batches, device, classes))
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
     if ckpt.file_stamp(cfg.checkpoint) != stamp:

@@ -403,3 +403,49 @@ def test_amp_is_compared_as_it_ran(tmp_path):
     assert differences(before, cpu) == [] and differences(before, replace(cpu, amp="off")) == [
         "--amp 'auto' (now 'off')"
     ]
+
+
+@pytest.mark.parametrize("command", ["lincls", "finetune"])
+def test_a_state_resumes_on_its_data_moved_elsewhere(command, ckpt, six_root, tmp_path, capsys, caplog, monkeypatch):
+    # --data renamed or copied, the same images: refused as "--data 'old' (now 'new')", the state
+    # recorded the path alone. Now its listing (class folders and file names) tells the same images
+    import shutil
+
+    import moco_fast.finetune
+    import moco_fast.lincls
+
+    old, new, other = tmp_path / "data", tmp_path / "moved", tmp_path / "other"
+    shutil.copytree(six_root, old)
+    out = tmp_path / "r.json"
+
+    def run(data, *extra):
+        argv = [command, "--checkpoint", str(ckpt), "--data", str(data), "--epochs", "2", "--batch-size", "8"]
+        return main([*argv, "--lr", "0.05", "--workers", "0", "--device", "cpu", "--out", str(out), *extra])
+
+    with monkeypatch.context() as m:
+        interrupt_at(m, getattr(moco_fast, command), 1)
+        assert run(old) == 130
+    state = tmp_path / "r.state.pt"
+    shutil.copytree(old, other)
+    moved = next((other / "train").glob("*/*"))
+    moved.rename(moved.with_name("renamed" + moved.suffix))  # the same count of images, one of another name
+    capsys.readouterr()
+    assert run(other, "--resume") == 2  # after the listing, before any epoch
+    assert f"--data {str(old)!r} (now {str(other)!r}, other class folders or file names)" in capsys.readouterr().err
+    saved = torch.load(state, weights_only=False)
+    old.rename(new)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert run(new, "--resume") == 0
+    assert (
+        f"--resume: {state} ran on --data {old}, which lists the same images as --data {new} (moved or copied "
+        "since): it continues on that one"
+    ) in caplog.messages
+    assert json.loads(out.read_text())["history"][0] == saved["history"][0] and not state.exists()
+    # a state written before the listing was recorded: another path is other data, as then
+    for result in (out, out.with_suffix(".pt")):  # finetune's network too
+        result.unlink(missing_ok=True)
+    del saved["config"]["data_listing"]
+    torch.save(saved, state)
+    assert run(new, "--resume") == 2 and state.exists()
+    assert f"--data {str(old)!r} (now {str(new)!r})" in capsys.readouterr().err
