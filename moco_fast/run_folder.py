@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import logging
 import os
 import shutil
@@ -290,21 +289,21 @@ def _hold_folder(out: Path) -> Iterator[bool]:
 
 
 def missing_folders(path: Path) -> list[Path]:
-    """`path` and those of its parents that do not exist, deepest first: what mkdir(parents=True) makes."""
-    return list(itertools.takewhile(lambda p: not p.exists(), (path, *path.parents)))
+    """What mkdir(parents=True) makes for `path`, the last made first: each leading part of `path` that
+    does not exist, but one that ends in "..", which names a folder made before it or one that was
+    there (a/../b makes a/ and b/; `path`'s parents, a/.. and a/, missed b's sibling a/)."""
+    leading = (Path(*path.parts[: i + 1]) for i in range(len(path.parts)))
+    return [p for p in reversed(list(leading)) if p.name != ".." and not p.exists()]
 
 
 def remove_empty(made: list[Path]) -> None:
-    """Removes the folders `made` (missing_folders, deepest first) up to the first that holds something:
-    a command that failed before it wrote leaves no --out parents behind, and never removes a folder
-    that was there before it."""
+    """Removes the folders `made` (missing_folders, the last made first) that are empty: a command that
+    failed before it wrote leaves no --out parents behind, and never removes a folder that was there
+    before it. One that holds something stays, with the folders above it (rmdir fails there too), but
+    not a sibling made on the way (a/ of a/../b)."""
     for folder in made:
-        try:
+        with contextlib.suppress(OSError):  # gone already, or not empty: it holds what was written
             folder.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError:  # not empty: it and the folders above hold what was written
-            return
 
 
 @contextlib.contextmanager

@@ -189,6 +189,20 @@ def test_a_second_train_into_a_busy_folder_fails_at_once(tiny_root, tmp_path, ca
     assert not (tmp_path / "never").exists()
 
 
+def test_a_failed_command_removes_the_folders_an_out_through_dot_dot_made(ckpt, tmp_path, capsys):
+    # --out a/../b made a/ on the way to b/; the removal walked b's parents (a/.., then a/: "a/.." is
+    # no folder to remove) and left a/ behind. Each folder made goes, in the order opposite to its
+    # making; one that was there (kept/) stays, and so does one that holds something
+    (tmp_path / "kept").mkdir()
+    missing = str(tmp_path / "missing-data")
+    for out in ("a/../b", "kept/../c", "d/e/../../f", "kept/g/../h"):
+        assert main(tiny_args(missing, tmp_path / out)) == 2  # train (run_folder._hold_folder)
+        argv = ["lincls", "--checkpoint", str(ckpt), "--data", missing, "--device", "cpu"]
+        assert main([*argv, "--out", str(tmp_path / out / "r.json")]) == 2  # hold_lock_file
+        assert "data folder not found" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_a_command_that_fails_before_writing_removes_the_out_parents_it_made(command, tmp_path, capsys):
     # --out a/b/run made a/ and b/ with run/: the failed command removed run/ alone and left them behind;
