@@ -277,8 +277,7 @@ def _hold_folder(out: Path) -> Iterator[bool]:
     The folders created here (`out` and its missing parents) and left empty (the command failed
     before writing) are removed."""
     created = missing_folders(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
+    fd = open_in_made_folder(out, out, os.O_RDONLY)
     _HELD.add(fd)
     try:
         yield _try_flock(fd, out) is not False
@@ -286,6 +285,25 @@ def _hold_folder(out: Path) -> Iterator[bool]:
         _HELD.discard(fd)
         os.close(fd)
         remove_empty(created)
+
+
+# the times a folder is made again where another command removed it before it was opened (below)
+_MAKE_TRIES = 5
+
+
+def open_in_made_folder(folder: Path, path: Path, flags: int) -> int:
+    """os.open(`path`, `flags`) once `folder` (its folder, or `path` itself) is made, with its parents.
+    Another command that made the same new folder (two --outs or DSTs in one new folder) and failed
+    before writing removes it as its own (remove_empty) where it finds it empty: between this mkdir's
+    steps, or between it and the open, that ended in a plain "No such file or directory". The folders
+    are made again then, a few times; once this command's folder or lock file is in it, it is not
+    empty and stays."""
+    for _ in range(_MAKE_TRIES - 1):
+        with contextlib.suppress(FileNotFoundError):  # a folder on the way, removed by that command
+            folder.mkdir(parents=True, exist_ok=True)
+            return os.open(path, flags, 0o666)
+    folder.mkdir(parents=True, exist_ok=True)  # the last try: its error is the command's
+    return os.open(path, flags, 0o666)
 
 
 def missing_folders(path: Path) -> list[Path]:
@@ -325,9 +343,8 @@ def hold_lock_file(lock: Path, busy: str) -> Iterator[None]:
     file another user left in a shared folder still locks. The folders made for it and left empty
     (the command failed before writing) are removed."""
     created = missing_folders(lock.parent)
-    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+        fd = open_in_made_folder(lock.parent, lock, os.O_RDONLY | os.O_CREAT)
         held = _try_flock(fd, lock)
         if held is False:
             os.close(fd)

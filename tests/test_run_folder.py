@@ -256,3 +256,27 @@ def test_the_divergence_advice_names_the_flag_that_stands_out(tmp_path, capsys):
         with pytest.raises(Diverged) as e:
             check_finite(net, torch.tensor(1.0), 3, torch.bfloat16, build_config("cifar", overrides))
         assert str(e.value).endswith(says), overrides
+
+
+def test_a_new_folder_that_another_command_removed_before_the_open_is_made_again(tmp_path, monkeypatch):
+    # Two commands whose --outs share one new folder: the other failed before writing and removed the
+    # folder, empty, as its own, after this one's mkdir and before its open. The open of the lock
+    # file (lincls, finetune, convert) or of the run folder itself (train, sweep) ended in a plain
+    # "No such file or directory"
+    import moco_fast.run_folder as rf
+
+    new, real_open, removals = tmp_path / "new", os.open, []
+
+    def open_after_a_removal(path, *args, **kw):
+        if removals:
+            removals.pop()
+            for folder in [*sorted(new.rglob("*"), reverse=True), new]:  # the other's remove_empty
+                folder.rmdir()
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(rf.os, "open", open_after_a_removal)
+    for hold in (partial(rf.hold_output, new / "r.json", "lincls"), partial(rf.hold_run_folder, new / "run")):
+        removals.append(1)
+        with hold():
+            assert not removals and new.is_dir()
+        assert not new.exists()  # made by this command, left empty: removed when it ends
