@@ -275,16 +275,23 @@ def _hold_folder(out: Path) -> Iterator[bool]:
     """A flock on the folder `out` itself (no lock file), made if missing; yields whether this process
     holds it. The lock goes with the process; forked processes (DataLoader workers) close their copy.
     The folders created here (`out` and its missing parents) and left empty (the command failed
-    before writing) are removed."""
+    before writing) are removed, while still held: a process that opened `out` meanwhile finds it
+    gone once it holds it, and holds the folder made again (it held a removed folder, and its first
+    file there failed with "No such file or directory")."""
     created = missing_folders(out)
-    fd = open_in_made_folder(out, out, os.O_RDONLY)
+    while True:
+        fd = open_in_made_folder(out, out, os.O_RDONLY)
+        held = _try_flock(fd, out)
+        if held is not True or _still_there(out, fd):
+            break
+        os.close(fd)
     _HELD.add(fd)
     try:
-        yield _try_flock(fd, out) is not False
+        yield held is not False
     finally:
         _HELD.discard(fd)
-        os.close(fd)
         remove_empty(created)
+        os.close(fd)
 
 
 # the times a folder is made again where another command removed it before it was opened (below)
@@ -304,6 +311,14 @@ def open_in_made_folder(folder: Path, path: Path, flags: int) -> int:
             return os.open(path, flags, 0o666)
     folder.mkdir(parents=True, exist_ok=True)  # the last try: its error is the command's
     return os.open(path, flags, 0o666)
+
+
+def _still_there(path: Path, fd: int) -> bool:
+    """Whether `path` is still the file or folder opened as `fd` (its holder may have removed it)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def missing_folders(path: Path) -> list[Path]:
@@ -349,13 +364,8 @@ def hold_lock_file(lock: Path, busy: str) -> Iterator[None]:
         if held is False:
             os.close(fd)
             raise RunFolderBusy(busy)
-        if held is None:
+        if held is None or _still_there(lock, fd):
             break
-        try:
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
         os.close(fd)  # the file its holder removed: lock the one there now
     _HELD.add(fd)
     try:

@@ -280,3 +280,24 @@ def test_a_new_folder_that_another_command_removed_before_the_open_is_made_again
         with hold():
             assert not removals and new.is_dir()
         assert not new.exists()  # made by this command, left empty: removed when it ends
+
+
+def test_a_run_folder_that_its_holder_removed_before_the_flock_is_made_again(tmp_path, monkeypatch):
+    # A second train opened the same new --out just before the first, failing, removed it (empty) and
+    # let go of it: the second held a removed folder, and its config.json failed with "No such file
+    # or directory". The holder removes it while still held, and the second holds the folder made again
+    import moco_fast.run_folder as rf
+
+    new, real_flock, removals = tmp_path / "new", rf._try_flock, [1]
+
+    def flock_after_a_removal(fd, what):
+        if removals:
+            removals.pop()
+            for folder in (new / "run", new):  # the holder's remove_empty
+                folder.rmdir()
+        return real_flock(fd, what)
+
+    monkeypatch.setattr(rf, "_try_flock", flock_after_a_removal)
+    with rf.hold_run_folder(new / "run") as held:
+        assert held and not removals and (new / "run").is_dir()
+        (new / "run" / "config.json").write_text("{}")  # its first file
