@@ -33,7 +33,7 @@ from moco_fast.metrics import read_rows
 from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run
 from moco_fast.sweep_eval import evaluate_setting
 from moco_fast.sweep_plan import GRID_KEYS, UNUSED, plan_setting, read_json, training_config
-from moco_fast.sweep_table import TABLE_JSON, number_text, write_json, write_table
+from moco_fast.sweep_table import TABLE_JSON, number_text, refuse_others_tables, write_json, write_table
 
 log = logging.getLogger("moco_fast")
 
@@ -138,6 +138,7 @@ def run_sweep(
         raise ConfigError(f"--out {out} is a file: it must be the sweep folder")
     if holds_run(out) or (out / CONFIG_NAME).is_file():  # its files and the settings' folders would mix
         raise ConfigError(f"--out {out} holds a training run: give the sweep a folder of its own")
+    refuse_others_tables(out)
     _refuse_out_within_data(out, base)
     with hold_sweep_folder(out):  # a second sweep there: one line, before any work
         _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything

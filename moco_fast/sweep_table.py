@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from moco_fast.checkpoint import atomic_write, atomic_write_text
+from moco_fast.config import ConfigError
 
 TABLE_JSON = "sweep.json"  # marks a sweep's folder (run_folder: no run trains into one)
+TABLE_FILES = ("sweep.md", "sweep.png")  # the table's other files, written after TABLE_JSON
 
 log = logging.getLogger("moco_fast")
 
@@ -120,9 +122,24 @@ def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def refuse_others_tables(out: Path) -> None:
+    """ConfigError where the folder `out` of a sweep's first table holds a sweep.md or sweep.png
+    without the sweep.json that a sweep writes before them: the user's files, which the table would
+    overwrite (and a machine without matplotlib delete the png)."""
+    if (out / TABLE_JSON).is_file():
+        return
+    for name in TABLE_FILES:
+        if (out / name).exists():
+            raise ConfigError(
+                f"--out {out} holds {name} but no {TABLE_JSON}: not a sweep's table, which the sweep would "
+                "overwrite; move it away or choose another --out"
+            )
+
+
 def write_table(rows: list[dict[str, Any]], out: Path) -> None:
-    """OUT/sweep.md, sweep.json and (with matplotlib) sweep.png, each replaced whole."""
-    atomic_write_text(out / "sweep.md", markdown_table(shown(rows)))
+    """OUT/sweep.json, sweep.md and (with matplotlib) sweep.png, each replaced whole; sweep.json first:
+    a sweep.md or sweep.png without it is not a sweep's (refuse_others_tables)."""
     write_json(out / TABLE_JSON, rows)
+    atomic_write_text(out / "sweep.md", markdown_table(shown(rows)))
     if not plot(rows, out / "sweep.png"):
         (out / "sweep.png").unlink(missing_ok=True)  # an old plot would not show these rows

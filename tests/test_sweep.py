@@ -467,3 +467,22 @@ def test_sweep_linear_classifier_on_a_single_class_is_an_error(tmp_path, capsys,
         "holds a single class (airplane): every neighbour votes for it, so kNN top-1 is 100%" in caplog.text
         and len(trained) == 1
     )
+
+
+def test_sweep_refuses_a_folder_whose_table_files_are_not_a_sweeps(six_root, tmp_path, capsys, monkeypatch):
+    # --out holding the user's sweep.md or sweep.png, beside no sweep.json (the mark of a sweep's
+    # folder): the first table overwrote them without a word, and a plot-less machine deleted the png
+    trained = stub_sweep_runs(monkeypatch)
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("sweep.md", "sweep.png"):
+        (out / name).write_text("my notes")
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 2
+        assert last_error(capsys).endswith(
+            f"--out {out} holds {name} but no sweep.json: not a sweep's table, which the sweep would overwrite; "
+            "move it away or choose another --out"
+        )
+        assert not trained and (out / name).read_text() == "my notes"
+        (out / name).unlink()
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0 and len(trained) == 1
+    assert (out / "sweep.json").is_file() and (out / "sweep.md").is_file()  # its own, which it rewrites
