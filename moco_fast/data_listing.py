@@ -13,8 +13,8 @@ from moco_fast.data import DataSplits
 def listing_fingerprint(splits: DataSplits) -> str:
     """The class names, and each split's folder name and file names relative to it (class folder and
     file name), in listing order, hashed; with the counts in words. What the listing holds already:
-    no file is opened or stat'ed again (ImageNet's 1.28M images are hashed in about a second). The
-    files the listing skipped (unreadable) are left out, as the run leaves them out."""
+    no file is opened or stat'ed again, one hash update per name (ImageNet: 1.28M). The files the
+    listing skipped (unreadable) are left out, as the run leaves them out."""
     digest = hashlib.sha256()
     counts = []
     for split in (splits.train, splits.eval):
