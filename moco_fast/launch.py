@@ -22,13 +22,16 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
 from moco_fast.bar_lines import LineHandler
 from moco_fast.cli import STOP_SIGNALS, Terminated, UserError, say
 from moco_fast.config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    from moco_fast.resume import SavedRun
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -87,19 +90,20 @@ def check_gpus_flag(cfg: TrainConfig) -> None:
         )
 
 
-def launch_local(cfg: TrainConfig, where: str | None = None) -> tuple[int, dict]:
+def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | None = None) -> tuple[int, dict]:
     """Train with one worker per GPU; returns (the CLI's exit status, rank 0's last metrics row).
     A user error in the workers is raised as WorkerUserError (one line, exit 2, by the CLI); `where`:
-    what the command reads and writes (cli.command_paths), for an error that names no file."""
+    what the command reads and writes (cli.command_paths), for an error that names no file; saved:
+    as train's (the workers read it where a check needs it)."""
     from functools import partial
 
-    from moco_fast.resume import saved_world_size
+    from moco_fast.resume import saved_run
     from moco_fast.run_folder import check_output, ensure_not_busy, hold_run_folder
     from moco_fast.step import check_cuda_graph
     from moco_fast.trainer import validate
 
     n = check_local_gpus(cfg)
-    validate(cfg, n, partial(saved_world_size, cfg))  # contradicting flags fail here once, not in every worker
+    validate(cfg, n, saved or partial(saved_run, cfg))  # contradicting flags fail here once, not in every worker
     out = Path(cfg.runtime.out)
     with hold_run_folder(out) as held:  # a run in progress there: one line, no workers
         ensure_not_busy([held], out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,27 +170,32 @@ def warn_rescaled(saved: dict[str, Any], cfg: TrainConfig, world: int, saved_wor
     )
 
 
-def saved_world_size(cfg: TrainConfig) -> int | None:
-    """The number of processes that wrote the checkpoint --resume continues; None where there is none
-    (a fresh run, a run that starts over, or a checkpoint that cannot be read: the run says so later)."""
-    state = _resumed_state(cfg)
-    return None if state is None else int(state.get("world_size") or len(state.get("rng_per_rank") or [None]))
+@dataclass(frozen=True)
+class SavedRun:
+    """What the run that --resume continues was, as its checkpoint says: the processes that wrote it and
+    its --sync-bn. Read once (train --resume reads it with the checkpoint's config, else saved_run) and
+    handed to the checks that need it: the fixes that trainer.validate names, shuffle BN back on where
+    sync BN stops (sync_bn_stops) and the line of --sync-bn in one process that it leaves out."""
+
+    world: int
+    sync_bn: bool | None
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> SavedRun:
+        """That of a checkpoint read already (its tensors may be unread)."""
+        world = int(state.get("world_size") or len(state.get("rng_per_rank") or [None]))
+        return cls(world, state["config"].get("runtime", {}).get("sync_bn"))
 
 
-def saved_sync_bn(cfg: TrainConfig) -> bool | None:
-    """Whether the checkpoint --resume continues was trained with --sync-bn; None where there is none."""
-    state = _resumed_state(cfg)
-    return None if state is None else state["config"].get("runtime", {}).get("sync_bn")
-
-
-def _resumed_state(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint --resume continues, its tensors unread (mmap); None: none, or not readable."""
+def saved_run(cfg: TrainConfig) -> SavedRun | None:
+    """The checkpoint --resume continues, its tensors unread (mmap), as a SavedRun; None where there is
+    none (a fresh run, a run that starts over, or a checkpoint that cannot be read: the run says so later)."""
     try:
         path = ckpt.find_resume(cfg.runtime.resume, cfg.runtime.out)
         state = None if path is None else ckpt.load(path, map_location="cpu", mmap=True)
     except (FileNotFoundError, DataError):
         return None
-    return state if isinstance(state, dict) and isinstance(state.get("config"), dict) else None
+    return SavedRun.of(state) if isinstance(state, dict) and isinstance(state.get("config"), dict) else None
 
 
 def queue_fix(cfg: TrainConfig, world: int, saved_world: int, per_image: int) -> str:

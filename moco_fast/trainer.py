@@ -29,7 +29,7 @@ from moco_fast.loaders import LoaderArgs, check_loader, create_loader
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, owes_row, read_rows
 from moco_fast.model import MoCo
 from moco_fast.monitor import eval_split_use, knn_figures, knn_top1, monitor_splits
-from moco_fast.resume import bn_splits_fix, queue_fix, resume, saved_sync_bn, saved_world_size, sync_bn_stops
+from moco_fast.resume import SavedRun, bn_splits_fix, queue_fix, resume, saved_run, sync_bn_stops
 from moco_fast.run_checkpoint import RunCheckpoints
 from moco_fast.run_folder import (
     CONFIG_NAME,
@@ -117,11 +117,11 @@ def eval_workers(workers: int, device: torch.device) -> int:
     return min(resolve_workers(workers, device), 4)
 
 
-def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int | None] | None = None) -> None:
-    """Contradicting flags, as one ConfigError. saved_world: the process count of the checkpoint that
-    --resume continues, whose model (--moco-k) cannot change: the errors then name a fix it allows.
-    A callable is asked only where an error or a warning needs it (resume.saved_world_size reads the checkpoint,
-    which a run that validates needs not read twice)."""
+def validate(cfg: TrainConfig, world: int, saved: SavedRun | Callable[[], SavedRun | None] | None = None) -> None:
+    """Contradicting flags, as one ConfigError. saved: the checkpoint that --resume continues, whose model
+    (--moco-k) cannot change: the errors then name a fix it allows. A callable is asked only where an
+    error or a warning needs it (resume.saved_run reads the checkpoint, which a run that validates needs
+    not read twice), and once at most: each error that asks it ends the checks."""
     o, m = cfg.optim, cfg.moco
     # with the flags: train read the data first, the bench ran rows (its reference: an AttributeError)
     check_arch(cfg.model.arch)
@@ -165,23 +165,23 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int |
     keys_per_step = global_batch * (2 if m.symmetric else 1)  # --symmetric enqueues both views' keys
     if m.mechanism == "moco" and m.k < keys_per_step:
         fix = "raise --moco-k or lower --batch-size"
-        if (saved := _asked(saved_world)) is not None:
-            fix = queue_fix(cfg, world, saved, 2 if m.symmetric else 1)
+        if (run := _asked(saved)) is not None:
+            fix = queue_fix(cfg, world, run.world, 2 if m.symmetric else 1)
         raise ConfigError(f"--moco-k {m.k} is smaller than the keys one step enqueues ({keys_per_step}): {fix}")
     splits = m.bn_splits if m.shuffle_bn and world == 1 else 1
     if o.batch_size < 2:  # one BN group (split BN off, or one split): no --bn-splits to lower
         raise ConfigError(f"--batch-size {o.batch_size} gives BN 1 image a batch: raise it to 2 or more")
     if o.batch_size % splits or o.batch_size // splits < 2:
         fix = "lower --bn-splits or raise --batch-size"
-        if splits > 1 and (saved := _asked(saved_world)) is not None and saved > 1:
-            fix = bn_splits_fix(cfg, saved)
+        if splits > 1 and (run := _asked(saved)) is not None and run.world > 1:
+            fix = bn_splits_fix(cfg, run.world)
         raise ConfigError(
             f"--batch-size {o.batch_size} must be a multiple of --bn-splits {splits} with at least 2 images "
             f"per BN sub-batch: {fix}"
         )
     # a --sync-bn run of several processes resumed in one with shuffle BN on: train --resume's line
     # says what sync BN's absence means (resume.sync_bn_stops). A run without --sync-bn: this line
-    if cfg.runtime.sync_bn and world == 1 and not (m.shuffle_bn and _sync_bn_stopped(cfg, saved_world)):
+    if cfg.runtime.sync_bn and world == 1 and not (m.shuffle_bn and _sync_bn_stopped(cfg, saved)):
         log.warning("--sync-bn has no effect with one process")
     if m.shuffle_exchange not in dist_utils.SHUFFLE_MODES:
         raise ConfigError(f"--shuffle-exchange must be one of {', '.join(dist_utils.SHUFFLE_MODES)}")
@@ -189,15 +189,15 @@ def validate(cfg: TrainConfig, world: int, saved_world: int | Callable[[], int |
         log.warning("--symmetric applies to --mechanism moco only; the %s loss is used as it is", m.mechanism)
 
 
-def _asked(value: int | Callable[[], int | None] | None) -> int | None:
-    return value() if callable(value) else value
+def _asked(saved: SavedRun | Callable[[], SavedRun | None] | None) -> SavedRun | None:
+    return saved() if callable(saved) else saved
 
 
-def _sync_bn_stopped(cfg: TrainConfig, saved_world: int | Callable[[], int | None] | None) -> bool:
-    """A --sync-bn run of several processes resumed in one (resume.sync_bn_stops): the checkpoint is
-    read for its --sync-bn only here, where this process runs with it and shuffle BN."""
-    saved = _asked(saved_world)
-    return saved is not None and sync_bn_stops(saved_sync_bn(cfg), saved, cfg, 1)
+def _sync_bn_stopped(cfg: TrainConfig, saved: SavedRun | Callable[[], SavedRun | None] | None) -> bool:
+    """A --sync-bn run of several processes resumed in one (resume.sync_bn_stops): asked only where this
+    process runs with --sync-bn and shuffle BN."""
+    run = _asked(saved)
+    return run is not None and sync_bn_stops(run.sync_bn, run.world, cfg, 1)
 
 
 def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
@@ -208,28 +208,30 @@ def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
         raise ConfigError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only)")
 
 
-def check_flags(cfg: TrainConfig, world: int) -> None:
+def check_flags(cfg: TrainConfig, world: int, saved: SavedRun | None = None) -> None:
     """What train() refuses before it reads data or builds the model, as far as the flags alone decide
-    it (`train --print-config`; world: the processes the run would start). Left to the run: what
+    it (`train --print-config`; world: the processes the run would start; saved: as train's). Left to the run: what
     depends on the machine it runs on (--device auto or cuda, an optional backend's library), the run
     folder (--out, --force) and the data."""
     # --device cpu is on every machine; auto and cuda are checked as on one with a GPU
     cpu = cfg.runtime.device != "auto" and named_device(cfg.runtime.device).type == "cpu"
-    _checked_for(cfg, torch.device("cpu" if cpu else "cuda"), world)
+    _checked_for(cfg, torch.device("cpu" if cpu else "cuda"), world, saved)
     check_loader(cfg.data.loader, cfg.data.loader_options, cpu)
 
 
-def _checked_for(cfg: TrainConfig, device: torch.device, world: int) -> torch.dtype | None:
+def _checked_for(cfg: TrainConfig, device: torch.device, world: int, saved: SavedRun | None) -> torch.dtype | None:
     """The checks of the flags on `device` with `world` processes, the run's and check_flags' alike;
     returns the AMP dtype."""
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
-    validate(cfg, world, partial(saved_world_size, cfg))
+    validate(cfg, world, saved or partial(saved_run, cfg))
     validate_device(cfg, device, world)
     return amp_dtype
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train as configured; returns the last metrics row (plus final kNN figures when computed)."""
+def train(cfg: TrainConfig, saved: SavedRun | None = None) -> dict[str, Any]:
+    """Train as configured; returns the last metrics row (plus final kNN figures when computed).
+    saved: the checkpoint that --resume continues, where the caller read it already (train --resume,
+    with its config); None: read where a check needs it."""
     owns_group = init_from_env(cfg.runtime.device)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     setup_warnings = None
@@ -238,7 +240,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         setup_warnings = HeldWarnings()  # until agree(): rank 0 says them, unless the ranks disagree
     try:
         device = dist_utils.local_device(resolve_device(cfg.runtime.device))
-        amp_dtype = _checked_for(cfg, device, world)  # on the flags as given (their warnings name them)
+        amp_dtype = _checked_for(cfg, device, world, saved)  # on the flags as given (their warnings name them)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main()) as held:

@@ -98,23 +98,31 @@ def test_a_resume_with_another_world_size_says_how_the_lr_changes(tmp_path, capl
     ) in caplog.text
 
 
+SHUFFLE_BN_BACK = (
+    "--resume: the run's --sync-bn across 2 processes replaced shuffle BN; in one process sync BN does "
+    "nothing, so shuffle BN is on again (--no-shuffle-bn keeps it off)"
+)
+
+
+def _trained_by_two(out, *flags: str):
+    """`out` with a synthetic run's checkpoint, trained with `flags` and made as if 2 processes had
+    written it (--sync-bn across processes needs GPUs)."""
+    assert main(synthetic_args(out, "--bn-splits", "2", *flags)) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["world_size"] = 2
+    torch.save(state, out / "checkpoint.pt")
+    return out
+
+
 def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(tmp_path, caplog, capsys, monkeypatch):
     # --sync-bn across 2 processes replaced shuffle BN, and config.json and the checkpoint record it off;
     # resumed in one process (sync BN a no-op) it kept that and trained with neither. Turned back on, it
     # was said three times: this line, --sync-bn's in one process and the changed settings' False -> True
     import logging
 
-    out = tmp_path / "run"
-    assert main(synthetic_args(out, "--bn-splits", "2", "--sync-bn", "--no-shuffle-bn")) == 0
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
-    state["world_size"] = 2  # as 2 workers with --sync-bn wrote it (SyncBatchNorm needs GPUs)
-    torch.save(state, out / "checkpoint.pt")
+    out = _trained_by_two(tmp_path / "run", "--sync-bn", "--no-shuffle-bn")
     saved = out / "checkpoint.pt", tmp_path / "saved.pt"
     shutil.copy(*saved)
-    back = (
-        "--resume: the run's --sync-bn across 2 processes replaced shuffle BN; in one process sync BN does "
-        "nothing, so shuffle BN is on again (--no-shuffle-bn keeps it off)"
-    )
 
     def bn_lines(*flags: str) -> list[str]:
         shutil.copy(*reversed(saved))
@@ -123,9 +131,9 @@ def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(
             assert main([*synthetic_args(out), "--resume", "--epochs", "2", *flags]) == 0
         return [r.getMessage() for r in caplog.records if "BN" in r.getMessage() or "-bn" in r.getMessage()]
 
-    assert bn_lines() == [back]
+    assert bn_lines() == [SHUFFLE_BN_BACK]
     assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
-    assert bn_lines("--shuffle-bn") == [back]  # what the resume does anyway: the same one line
+    assert bn_lines("--shuffle-bn") == [SHUFFLE_BN_BACK]  # what the resume does anyway: the same one line
     # --no-shuffle-bn given: kept off as asked, and it trains with neither, as one line says
     assert bn_lines("--no-shuffle-bn") == ["--sync-bn has no effect with one process"]
     assert not torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
@@ -137,8 +145,28 @@ def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(
     capsys.readouterr()
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert main([*synthetic_args(out), "--resume", "--device", "auto", "--print-config"]) == 0
-    assert back not in caplog.text
+    assert SHUFFLE_BN_BACK not in caplog.text
     assert json.loads(capsys.readouterr().out)["moco"]["shuffle_bn"] is False
+
+
+def test_the_checks_of_a_sync_bn_resume_read_what_the_saved_run_was_once(tmp_path, caplog, monkeypatch):
+    # train --resume's line (shuffle BN back on) read the checkpoint's world size, trainer.validate read it
+    # again and its --sync-bn a third time, each a torch.load of the file, before resume() read it in full.
+    # Read now with the checkpoint's config (resume.SavedRun), where train --resume reads that config
+    import logging
+
+    from moco_fast import checkpoint as ckpt
+
+    out = _trained_by_two(tmp_path / "run", "--sync-bn", "--no-shuffle-bn")
+    loads, load = [], ckpt.load
+    monkeypatch.setattr(ckpt, "load", lambda path, *a, **k: loads.append(k.get("mmap", False)) or load(path, *a, **k))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*synthetic_args(out), "--resume", "--epochs", "2"]) == 0
+    # mapped: the command's (the config and SavedRun) and run_folder.check_output's (the epochs it holds)
+    assert loads == [True, True, False]
+    assert [r.getMessage() for r in caplog.records if "BN" in r.getMessage()] == [SHUFFLE_BN_BACK]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
 
 
 def test_sync_bn_added_to_a_resume_in_one_process_of_a_run_without_it_says_it_does_nothing(tmp_path, caplog):
@@ -147,11 +175,7 @@ def test_sync_bn_added_to_a_resume_in_one_process_of_a_run_without_it_says_it_do
     # for any resumed run of several processes with shuffle BN on, was not said either
     import logging
 
-    out = tmp_path / "run"
-    assert main(synthetic_args(out, "--bn-splits", "2")) == 0
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
-    state["world_size"] = 2
-    torch.save(state, out / "checkpoint.pt")
+    out = _trained_by_two(tmp_path / "run")
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert main([*synthetic_args(out), "--resume", "--epochs", "2", "--sync-bn"]) == 0
     assert [r.getMessage() for r in caplog.records if "BN" in r.getMessage() or "-bn" in r.getMessage()] == [
@@ -195,11 +219,12 @@ def test_a_resume_with_another_world_size_names_a_fix_that_it_allows(tmp_path, c
     assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--bn-splits", "4"]) == 0  # it works
 
     # 1 process resumed by 2: --moco-k cannot change on --resume, so "raise --moco-k" did not help.
+    from moco_fast.resume import SavedRun
     from moco_fast.trainer import validate
 
     cfg = build_config("v2", {"moco.k": 256, "optim.batch_size": 256})
     with pytest.raises(ConfigError) as e:
-        validate(cfg, 2, saved_world=1)
+        validate(cfg, 2, SavedRun(world=1, sync_bn=False))
     assert str(e.value) == (
         "--moco-k 256 is smaller than the keys one step enqueues (512): the queue of the checkpoint (trained by 1 "
         "process, now 2) holds 256 keys, and --resume keeps it: lower --batch-size to 128 or less or resume in one "
@@ -209,12 +234,12 @@ def test_a_resume_with_another_world_size_names_a_fix_that_it_allows(tmp_path, c
         validate(cfg, 2)  # a fresh run may raise --moco-k
     # the checkpoint is read for a fix only where an error needs one (train and --gpus pass a function)
     with pytest.raises(ConfigError) as asked:
-        validate(cfg, 2, saved_world=lambda: 1)
+        validate(cfg, 2, lambda: SavedRun(world=1, sync_bn=False))
     assert str(asked.value) == str(e.value)
     import moco_fast.trainer
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(moco_fast.trainer, "saved_world_size", lambda cfg: pytest.fail("read for a run that validates"))
+        m.setattr(moco_fast.trainer, "saved_run", lambda cfg: pytest.fail("read for a run that validates"))
         argv = ["train", "--loader", "synthetic", "--synthetic-steps", "1", "--arch", "resnet18", "--image-size", "16"]
         argv += ["--batch-size", "8", "--bn-splits", "2", "--moco-k", "16", "--epochs", "1", "--device", "cpu"]
         assert main([*argv, "--out", str(tmp_path / "fresh"), "--no-final-knn"]) == 0

@@ -265,7 +265,13 @@ def config_from_args(args: argparse.Namespace):
     """Preset, then flags. With --resume and a checkpoint to resume from, the checkpoint's own
     config instead of the preset: `train --resume --out RUN` continues RUN as it was configured,
     and only the flags given on this command line change it."""
-    saved, weights = _resumed_config(args)
+    return configured(args)[0]
+
+
+def configured(args: argparse.Namespace):
+    """(config_from_args, the resume.SavedRun of the checkpoint it continues, or None): read with its
+    config, the SavedRun goes to the run's checks (trainer.train), which need not read it again."""
+    saved, saved_run = _resumed_config(args)
     if saved is not None:
         cfg, saved_size, saved_runtime = saved, saved.data.aug.image_size, replace(saved.runtime)
         for dest, field in FLAG_FIELDS.items():
@@ -278,8 +284,9 @@ def config_from_args(args: argparse.Namespace):
         if args.gpus is None and cfg.runtime.gpus > 1:
             cfg.runtime.gpus = _gpus_to_resume_with(cfg)
         if saved_runtime.sync_bn and args.shuffle_bn is not False:
-            _shuffle_bn_where_sync_bn_stops(cfg, saved_runtime.gpus)
-        if weights and cfg.model.stem == "auto" and args.stem is None and args.image_size is not None:
+            # no checkpoint: the run starts over from config.json, which records --gpus N, not torchrun's count
+            _shuffle_bn_where_sync_bn_stops(cfg, saved_run.world if saved_run else saved_runtime.gpus)
+        if saved_run is not None and cfg.model.stem == "auto" and args.stem is None and args.image_size is not None:
             from moco_fast.backbone import resolve_stem
 
             # the weights' stem: an --image-size across 64 px would turn "auto" into the other one
@@ -303,7 +310,7 @@ def config_from_args(args: argparse.Namespace):
         cfg.data.aug = replace(cfg.data.aug, image_size=size, mean=demo.mean, std=demo.std)
     elif args.image_size is not None:
         cfg.data.aug = cfg.data.aug.with_size(args.image_size)
-    return cfg
+    return cfg, saved_run
 
 
 def _default_preset(args: argparse.Namespace) -> str:
@@ -311,14 +318,15 @@ def _default_preset(args: argparse.Namespace) -> str:
 
 
 def _resumed_config(args: argparse.Namespace):
-    """(the config saved in the checkpoint that --resume will continue, True), (that of the run's
-    config.json before its first checkpoint, False), or (None, False): no --resume, or nothing to
-    resume yet."""
+    """(the config saved in the checkpoint that --resume will continue, its resume.SavedRun), (that of
+    the run's config.json before its first checkpoint, None), or (None, None): no --resume, or nothing
+    to resume yet."""
     if args.resume is None:
-        return None, False
+        return None, None
     from moco_fast import checkpoint as ckpt
     from moco_fast.config import RuntimeConfig, from_dict
     from moco_fast.data import DataError
+    from moco_fast.resume import SavedRun
     from moco_fast.run_folder import continues_in
 
     # without --out: the folder a fresh run with these flags would write (the demo preset's is runs/demo)
@@ -326,7 +334,7 @@ def _resumed_config(args: argparse.Namespace):
     out = args.out or PRESETS[preset].get("runtime.out", RuntimeConfig.out)
     path = ckpt.find_resume(args.resume, out)
     if path is None:
-        return _config_before_a_checkpoint(args, Path(out)), False
+        return _config_before_a_checkpoint(args, Path(out)), None
     run_out = args.out or str(path.parent)
     if args.force and continues_in(Path(run_out), path):
         # --force was dropped: the run went on (or, finished, did nothing) where a fresh one was asked for
@@ -337,7 +345,7 @@ def _resumed_config(args: argparse.Namespace):
     state = ckpt.load(path, map_location="cpu", mmap=True)  # its config: the weights are read by resume
     if not isinstance(state.get("config"), dict):
         raise DataError(f"--resume: {path} is not a moco-fast training checkpoint")
-    return _continued(from_dict(state["config"]), run_out, args), True
+    return _continued(from_dict(state["config"]), run_out, args), SavedRun.of(state)
 
 
 def _continued(cfg, out: str, args: argparse.Namespace):
@@ -403,18 +411,16 @@ def _gpus_to_resume_with(cfg) -> int:
         return 1
 
 
-def _shuffle_bn_where_sync_bn_stops(cfg, saved_gpus: int) -> None:
+def _shuffle_bn_where_sync_bn_stops(cfg, saved_world: int) -> None:
     """A run of several processes trained with --sync-bn, which replaced shuffle BN (config.as_run), and
     its config records shuffle BN off. Resumed where sync BN does nothing (one process) or is turned
     off, it kept that and trained with neither: the keys could cheat through their batch's statistics.
     Shuffle BN is on again, with one line for it all (resume.sync_bn_stops: the changed settings and
     the line of --sync-bn in one process leave it to this one), also where --shuffle-bn asks for it;
     the caller leaves an explicit --no-shuffle-bn alone. A run written by one process asked for no
-    shuffle BN."""
-    from moco_fast.resume import saved_world_size, sync_bn_stops
+    shuffle BN. saved_world: the processes that wrote the checkpoint, or config.json's --gpus."""
+    from moco_fast.resume import sync_bn_stops
 
-    # no checkpoint: the run starts over from config.json, which records --gpus N, not torchrun's count
-    saved_world = saved_world_size(cfg) or saved_gpus
     if not sync_bn_stops(True, saved_world, cfg, launch_world(cfg)):
         return
     cfg.moco.shuffle_bn = True
@@ -436,7 +442,7 @@ def launch_world(cfg) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg, saved_run = configured(args)
     warn_unused(args, cfg.moco.mechanism, cfg.moco.shuffle_bn)
     if args.print_config:
         from moco_fast.config import as_run, to_dict
@@ -449,7 +455,7 @@ def run(args: argparse.Namespace) -> int:
         if args.gpus is not None:
             check_gpus_flag(cfg)
         world = launch_world(cfg)
-        check_flags(cfg, world)
+        check_flags(cfg, world, saved_run)
 
         print(json.dumps(to_dict(as_run(cfg, world)), indent=2))
         return 0
@@ -461,13 +467,13 @@ def run(args: argparse.Namespace) -> int:
         from moco_fast.cli import command_paths
         from moco_fast.launch import launch_local
 
-        rc, row = launch_local(cfg, command_paths(args))  # named by a worker's EIO without a file
+        rc, row = launch_local(cfg, command_paths(args), saved_run)  # named by a worker's EIO without a file
         if rc == 0:
             _report(row, cfg)
         return rc
     from moco_fast.trainer import train
 
-    row = train(cfg)
+    row = train(cfg, saved_run)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         _report(row, cfg)
     return 0
