@@ -175,10 +175,13 @@ class SavedRun:
     """What the run that --resume continues was, as its checkpoint says: the processes that wrote it and
     its --sync-bn. Read once (train --resume reads it with the checkpoint's config, else saved_run) and
     handed to the checks that need it: the fixes that trainer.validate names, shuffle BN back on where
-    sync BN stops (sync_bn_stops) and the line of --sync-bn in one process that it leaves out."""
+    sync BN stops (sync_bn_stops) and the line of --sync-bn in one process that it leaves out.
+    checkpoint False: as its config.json says (--gpus N), a run stopped before its first checkpoint,
+    which starts over (train --resume); its model may change, and validate names no fix that keeps it."""
 
     world: int
     sync_bn: bool | None
+    checkpoint: bool = True
 
     @classmethod
     def of(cls, state: dict[str, Any]) -> SavedRun:

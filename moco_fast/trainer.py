@@ -165,7 +165,7 @@ def validate(cfg: TrainConfig, world: int, saved: SavedRun | Callable[[], SavedR
     keys_per_step = global_batch * (2 if m.symmetric else 1)  # --symmetric enqueues both views' keys
     if m.mechanism == "moco" and m.k < keys_per_step:
         fix = "raise --moco-k or lower --batch-size"
-        if (run := _asked(saved)) is not None:
+        if (run := _asked(saved)) is not None and run.checkpoint:
             fix = queue_fix(cfg, world, run.world, 2 if m.symmetric else 1)
         raise ConfigError(f"--moco-k {m.k} is smaller than the keys one step enqueues ({keys_per_step}): {fix}")
     splits = m.bn_splits if m.shuffle_bn and world == 1 else 1
@@ -173,7 +173,7 @@ def validate(cfg: TrainConfig, world: int, saved: SavedRun | Callable[[], SavedR
         raise ConfigError(f"--batch-size {o.batch_size} gives BN 1 image a batch: raise it to 2 or more")
     if o.batch_size % splits or o.batch_size // splits < 2:
         fix = "lower --bn-splits or raise --batch-size"
-        if splits > 1 and (run := _asked(saved)) is not None and run.world > 1:
+        if splits > 1 and (run := _asked(saved)) is not None and run.checkpoint and run.world > 1:
             fix = bn_splits_fix(cfg, run.world)
         raise ConfigError(
             f"--batch-size {o.batch_size} must be a multiple of --bn-splits {splits} with at least 2 images "

@@ -149,6 +149,32 @@ def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(
     assert json.loads(capsys.readouterr().out)["moco"]["shuffle_bn"] is False
 
 
+def test_a_sync_bn_run_of_two_processes_stopped_before_its_first_checkpoint_says_one_line_too(tmp_path, caplog):
+    # resumed from its config.json (--gpus 2, shuffle BN off beside --sync-bn), the run starts over in one
+    # process: train --resume's line said shuffle BN on again, and trainer.validate, which looked for a
+    # checkpoint's --sync-bn to leave its own line out, said "--sync-bn has no effect" too; --shuffle-bn alike
+    import logging
+
+    out = tmp_path / "run"
+    assert main(synthetic_args(out, "--bn-splits", "2", "--sync-bn", "--no-shuffle-bn")) == 0
+    saved = json.loads((out / "config.json").read_text())
+    saved["runtime"]["gpus"] = 2  # as `--gpus 2 --sync-bn` wrote it (on GPUs), stopped before its first save
+
+    def bn_lines(*flags: str) -> list[str]:
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps(saved))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            assert main(["train", "--resume", "--out", str(out), *flags]) == 0
+        return [r.getMessage() for r in caplog.records if "BN" in r.getMessage() or "-bn" in r.getMessage()]
+
+    assert bn_lines() == [SHUFFLE_BN_BACK]
+    assert json.loads((out / "config.json").read_text())["moco"]["shuffle_bn"]
+    assert bn_lines("--shuffle-bn") == [SHUFFLE_BN_BACK]
+    assert bn_lines("--no-shuffle-bn") == ["--sync-bn has no effect with one process"]
+
+
 def test_the_checks_of_a_sync_bn_resume_read_what_the_saved_run_was_once(tmp_path, caplog, monkeypatch):
     # train --resume's line (shuffle BN back on) read the checkpoint's world size, trainer.validate read it
     # again and its --sync-bn a third time, each a torch.load of the file, before resume() read it in full.
@@ -232,6 +258,8 @@ def test_a_resume_with_another_world_size_names_a_fix_that_it_allows(tmp_path, c
     )
     with pytest.raises(ConfigError, match=r"raise --moco-k or lower --batch-size$"):
         validate(cfg, 2)  # a fresh run may raise --moco-k
+    with pytest.raises(ConfigError, match=r"raise --moco-k or lower --batch-size$"):
+        validate(cfg, 2, SavedRun(world=1, sync_bn=False, checkpoint=False))  # config.json's: it starts over
     # the checkpoint is read for a fix only where an error needs one (train and --gpus pass a function)
     with pytest.raises(ConfigError) as asked:
         validate(cfg, 2, lambda: SavedRun(world=1, sync_bn=False))

@@ -269,8 +269,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def configured(args: argparse.Namespace):
-    """(config_from_args, the resume.SavedRun of the checkpoint it continues, or None): read with its
-    config, the SavedRun goes to the run's checks (trainer.train), which need not read it again."""
+    """(config_from_args, the resume.SavedRun of the run it continues, or None): read with its config
+    (a checkpoint's or config.json's), the SavedRun goes to the run's checks (trainer.train), which need
+    not read it again."""
     saved, saved_run = _resumed_config(args)
     if saved is not None:
         cfg, saved_size, saved_runtime = saved, saved.data.aug.image_size, replace(saved.runtime)
@@ -284,9 +285,8 @@ def configured(args: argparse.Namespace):
         if args.gpus is None and cfg.runtime.gpus > 1:
             cfg.runtime.gpus = _gpus_to_resume_with(cfg)
         if saved_runtime.sync_bn and args.shuffle_bn is not False:
-            # no checkpoint: the run starts over from config.json, which records --gpus N, not torchrun's count
-            _shuffle_bn_where_sync_bn_stops(cfg, saved_run.world if saved_run else saved_runtime.gpus)
-        if saved_run is not None and cfg.model.stem == "auto" and args.stem is None and args.image_size is not None:
+            _shuffle_bn_where_sync_bn_stops(cfg, saved_run.world)
+        if saved_run.checkpoint and cfg.model.stem == "auto" and args.stem is None and args.image_size is not None:
             from moco_fast.backbone import resolve_stem
 
             # the weights' stem: an --image-size across 64 px would turn "auto" into the other one
@@ -319,8 +319,8 @@ def _default_preset(args: argparse.Namespace) -> str:
 
 def _resumed_config(args: argparse.Namespace):
     """(the config saved in the checkpoint that --resume will continue, its resume.SavedRun), (that of
-    the run's config.json before its first checkpoint, None), or (None, None): no --resume, or nothing
-    to resume yet."""
+    the run's config.json before its first checkpoint, its SavedRun), or (None, None): no --resume, or
+    nothing to resume yet."""
     if args.resume is None:
         return None, None
     from moco_fast import checkpoint as ckpt
@@ -334,7 +334,9 @@ def _resumed_config(args: argparse.Namespace):
     out = args.out or PRESETS[preset].get("runtime.out", RuntimeConfig.out)
     path = ckpt.find_resume(args.resume, out)
     if path is None:
-        return _config_before_a_checkpoint(args, Path(out)), None
+        cfg = _config_before_a_checkpoint(args, Path(out))
+        # config.json records --gpus N, not torchrun's count
+        return cfg, None if cfg is None else SavedRun(cfg.runtime.gpus, cfg.runtime.sync_bn, checkpoint=False)
     run_out = args.out or str(path.parent)
     if args.force and continues_in(Path(run_out), path):
         # --force was dropped: the run went on (or, finished, did nothing) where a fresh one was asked for
@@ -418,7 +420,7 @@ def _shuffle_bn_where_sync_bn_stops(cfg, saved_world: int) -> None:
     Shuffle BN is on again, with one line for it all (resume.sync_bn_stops: the changed settings and
     the line of --sync-bn in one process leave it to this one), also where --shuffle-bn asks for it;
     the caller leaves an explicit --no-shuffle-bn alone. A run written by one process asked for no
-    shuffle BN. saved_world: the processes that wrote the checkpoint, or config.json's --gpus."""
+    shuffle BN. saved_world: resume.SavedRun's."""
     from moco_fast.resume import sync_bn_stops
 
     if not sync_bn_stops(True, saved_world, cfg, launch_world(cfg)):
