@@ -189,7 +189,7 @@ def test_an_io_error_without_a_file_is_one_line_naming_what_the_command_reads_an
 
     from moco_fast import trainer
 
-    def failing(cfg):
+    def failing(cfg, saved_run=None):
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(trainer, "train", failing)
@@ -206,7 +206,9 @@ def test_an_io_error_without_a_file_is_one_line_naming_what_the_command_reads_an
 
     assert one_line(OSError(errno.EIO, "Input/output error")).endswith("failed; a file open for reading or writing)")
     # anything else without a file is a bug's, and keeps its traceback
-    monkeypatch.setattr(trainer, "train", lambda cfg: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")))
+    monkeypatch.setattr(
+        trainer, "train", lambda cfg, saved_run=None: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument"))
+    )
     with pytest.raises(OSError, match="Invalid argument"):
         main(["train", "--data", str(data), "--out", str(out)])
 
