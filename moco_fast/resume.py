@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.backbone import resolve_stem
@@ -16,14 +18,22 @@ from moco_fast.config import ConfigError, TrainConfig, from_dict, plain, sync_bn
 from moco_fast.data import DataError
 from moco_fast.epoch import other_images
 from moco_fast.model import MoCo
-from moco_fast.step import load_optimizer_state
+from moco_fast.step import amp_name, load_optimizer_state
 from moco_fast.text import plural
 
 log = logging.getLogger("moco_fast")
 
 
 def resume(
-    resume_path: Path, cfg: TrainConfig, model: MoCo, optimizer, scaler, world: int, rank: int, num_images: int
+    resume_path: Path,
+    cfg: TrainConfig,
+    model: MoCo,
+    optimizer,
+    scaler,
+    world: int,
+    rank: int,
+    num_images: int,
+    device: torch.device,
 ) -> tuple[int, dict[str, Any] | None, dict[str, Any] | None]:
     """Loads a training checkpoint into the model, optimizer, scaler and random streams; returns
     the epochs it finished; for one saved within the next epoch (a stop, --save-every), the part
@@ -42,6 +52,7 @@ def resume(
         warn_changed(saved_as_run(state["config"], saved_world), cfg, said)
         warn_rescheduled(state["config"], cfg, state["epoch"], world, saved_world, state.get("step") or 0)
         warn_rescaled(state["config"], cfg, world, saved_world)
+        warn_other_amp(state, cfg, device)
     else:
         warn_other_data(state["config"], cfg)
     bank = state["model"].get("bank")
@@ -114,6 +125,43 @@ def warn_changed(saved: dict[str, Any], cfg: TrainConfig, said: tuple[str, ...] 
                 changed.append(f"{section}.{k} {old!r} -> {new!r}")
     if changed:
         log.warning("--resume with changed settings: %s", "; ".join(changed))
+
+
+# what each --amp (as it runs) computes in, for warn_other_amp
+AMP_WORDS = {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "off": "fp32"}
+
+
+def warn_other_amp(state: dict[str, Any], cfg: TrainConfig, device: torch.device) -> None:
+    """A run resumed in another precision than it trained in: --amp auto is bf16 on CUDA and fp32 on the
+    CPU, so a run trained on the CPU and resumed on a GPU (or the other way round) changed its numerics
+    without a word, as an --amp given now did. Said with the --amp that keeps them, and the run goes on,
+    as with its other changed settings (lincls and finetune refuse it: classifier_epochs.amp_ran).
+    Nothing where the checkpoint does not tell (saved_amp)."""
+    from moco_fast.trainer import resolve_amp
+
+    was, now = saved_amp(state), amp_name(resolve_amp(cfg.runtime.amp, device))
+    if was is None or was == now:
+        return
+    how = f"--amp auto on {device.type}" if cfg.runtime.amp == "auto" else f"--amp {now}"
+    keep = "" if was == "fp16" and device.type != "cuda" else f" (--amp {was} keeps {AMP_WORDS[was]})"
+    log.warning(
+        "--resume: the run trained in %s and goes on in %s (%s): its numerics change%s",
+        *(AMP_WORDS[was], AMP_WORDS[now], how, keep),
+    )
+
+
+def saved_amp(state: dict[str, Any]) -> str | None:
+    """The --amp that a checkpoint's run trained with, as it ran (its amp_ran); in one saved before it
+    recorded that, as its config tells: --amp as given, or auto on a --device named (on auto: None)."""
+    if state.get("amp_ran") is not None:
+        return state["amp_ran"]
+    runtime = state["config"].get("runtime", {})
+    amp, device = runtime.get("amp", "auto"), runtime.get("device", "auto")
+    if amp != "auto":
+        return amp
+    if device == "auto":  # the machine decided
+        return None
+    return "bf16" if device.startswith("cuda") else "off"
 
 
 def warn_other_data(saved: dict[str, Any], cfg: TrainConfig) -> None:

@@ -14,6 +14,7 @@ from moco_fast.config import TrainConfig, to_dict
 from moco_fast.divergence import check_finite
 from moco_fast.epoch import EpochPart
 from moco_fast.model import MoCo
+from moco_fast.step import amp_name
 
 log = logging.getLogger("moco_fast")
 
@@ -65,6 +66,7 @@ class RunCheckpoints:
             "shuffle_generator": dist_utils.shuffle_generator_state(),
             "world_size": self.world,
             "num_images": self.num_images,
+            "amp_ran": amp_name(self.amp_dtype),  # --amp auto as it ran here (resume.warn_other_amp)
             "save_id": ckpt.new_save_id(),  # what the evaluations' results name (file_stamp)
         }
         if part is not None:

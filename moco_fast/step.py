@@ -16,6 +16,14 @@ from moco_fast import distributed as dist_utils
 from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.model import MoCo
 
+# --amp as it runs (auto resolved: trainer.resolve_amp) -> the autocast dtype; None: fp32
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The --amp that runs `dtype`: what a checkpoint records as it ran (resume.warn_other_amp)."""
+    return next(name for name, d in AMP_DTYPES.items() if d == dtype)
+
 
 @dataclass
 class StepState:

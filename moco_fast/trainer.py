@@ -45,7 +45,7 @@ from moco_fast.run_folder import (
     remove_stale_temporaries,
     starts_over,
 )
-from moco_fast.step import GraphedStep, StepState, check_cuda_graph, make_optimizer, set_lr, train_step
+from moco_fast.step import AMP_DTYPES, GraphedStep, StepState, check_cuda_graph, make_optimizer, set_lr, train_step
 from moco_fast.stops import SaveClock, StopRequests
 from moco_fast.text import plural
 
@@ -79,12 +79,11 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype, or None for fp32. auto: bf16 on CUDA (no loss scaling needed), fp32 on the CPU."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "off"
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-    if amp not in table:
+    if amp not in AMP_DTYPES:
         raise ConfigError(f"--amp must be one of bf16, fp16, off (got {amp!r})")
     if amp == "fp16" and device.type == "cpu":
         raise ConfigError("--amp fp16 needs a GPU; use --amp bf16 or --amp off on the CPU")
-    return table[amp]
+    return AMP_DTYPES[amp]
 
 
 def base_lr(cfg: TrainConfig, world: int) -> float:
@@ -315,7 +314,7 @@ def _train_held(
     start_epoch, saved_part, saved_row = 0, None, None
     if resume_path is not None:
         start_epoch, saved_part, saved_row = resume(
-            resume_path, cfg, model, optimizer, scaler, world, rank, loader.num_images
+            resume_path, cfg, model, optimizer, scaler, world, rank, loader.num_images, device
         )
     done = None  # the part of the next epoch done (a checkpoint saved within it)
     if start_epoch < cfg.optim.epochs:

@@ -371,3 +371,44 @@ def test_a_resume_compares_shuffle_bn_as_the_saved_run_ran_it(caplog):
         warn_changed(saved_as_run(saved, 2), as_run(asked, 1))  # one process: shuffle BN runs again
     said = [r.getMessage() for r in caplog.records]
     assert said == ["--resume with changed settings: moco.shuffle_bn False -> True"]
+
+
+def test_a_resume_in_another_precision_says_so(tiny_root, run, caplog):
+    # --amp auto is bf16 on CUDA and fp32 on the CPU: a run moved between the two went on in the other
+    # precision without a word (lincls and finetune refuse it; train names what changes and goes on)
+    from moco_fast.config import build_config
+    from moco_fast.resume import warn_other_amp
+
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["amp_ran"] == "off"  # --device cpu, --amp auto
+    to_fp32 = (
+        "--resume: the run trained in bf16 autocast and goes on in fp32 (--amp auto on cpu): its numerics change "
+        "(--amp bf16 keeps bf16 autocast)"
+    )
+
+    def amp_lines(saved) -> list[str]:
+        torch.save(saved, run / "checkpoint.pt")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            assert main([*tiny_args(tiny_root, run, epochs=2), "--resume"]) == 0
+        return [r.getMessage() for r in caplog.records if "autocast" in r.getMessage()]
+
+    runtime = state["config"]["runtime"]
+    # trained with --device auto on a GPU (bf16), resumed on the CPU
+    assert amp_lines({**state, "amp_ran": "bf16"}) == [to_fp32]
+    # a checkpoint from before amp_ran, of a run on --device cuda
+    old = {k: v for k, v in state.items() if k != "amp_ran"}
+    assert amp_lines({**old, "config": {**state["config"], "runtime": {**runtime, "device": "cuda"}}}) == [to_fp32]
+
+    cpu, cuda, cfg = torch.device("cpu"), torch.device("cuda"), build_config("cifar")  # --amp auto
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        warn_other_amp(state, cfg, cpu)  # as it ran: nothing
+        warn_other_amp({**old, "config": {**state["config"], "runtime": {**runtime, "device": "auto"}}}, cfg, cpu)
+        warn_other_amp(state, cfg, cuda)  # from the CPU to a GPU (named, not used)
+        warn_other_amp({**state, "amp_ran": "fp16"}, cfg, cpu)  # --amp fp16 needs a GPU: no --amp keeps it
+    assert [r.getMessage() for r in caplog.records] == [
+        "--resume: the run trained in fp32 and goes on in bf16 autocast (--amp auto on cuda): its numerics change "
+        "(--amp off keeps fp32)",
+        "--resume: the run trained in fp16 autocast and goes on in fp32 (--amp auto on cpu): its numerics change",
+    ]
