@@ -64,7 +64,7 @@ def resume(
         )
     ckpt.load_weights(model, state["model"], resume_path)
     load_optimizer_state(optimizer, state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    load_scaler(scaler, state["scaler"])
     restore_rng(state, cfg, world, rank, state["epoch"])
     part = {**state["epoch_part"], "step": state["step"]} if state.get("step") else None
     if part is not None and "num_images" in state:  # resumed_part: the same data, or the epoch restarts
@@ -74,6 +74,14 @@ def resume(
     within = f", step {part['step']} of epoch {state['epoch'] + 1}" if part else ""
     log.info("resumed from %s at epoch %d%s", resume_path, state["epoch"], within)
     return state["epoch"], part, state.get("row")
+
+
+def load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
+    """The loss scaler's state where the run kept one: a run that did not train in fp16 saved a disabled
+    scaler's empty state, which the scaler of its resume with --amp fp16 refused (a RuntimeError, "the
+    source state dict is empty"); that one starts at its own scale, as a fresh fp16 run's does."""
+    if saved:
+        scaler.load_state_dict(saved)
 
 
 def warn_other_images(saved: int | None, now: int) -> None:

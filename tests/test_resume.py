@@ -412,3 +412,15 @@ def test_a_resume_in_another_precision_says_so(tiny_root, run, caplog):
         "(--amp off keeps fp32)",
         "--resume: the run trained in fp16 autocast and goes on in fp32 (--amp auto on cpu): its numerics change",
     ]
+
+
+def test_a_resume_into_fp16_of_a_run_without_it_starts_the_loss_scale_afresh():
+    # a run that trained in bf16 or fp32 saved its disabled scaler's empty state, which an --amp fp16
+    # resume's scaler refused with a RuntimeError (on the CPU's GradScaler here: fp16 trains on GPUs only)
+    from moco_fast.resume import load_scaler
+
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    load_scaler(fp16, torch.amp.GradScaler("cpu", enabled=False).state_dict())
+    assert fp16.get_scale() == fp16.state_dict()["scale"] == 65536.0  # GradScaler's own start
+    load_scaler(fp16, {**fp16.state_dict(), "scale": 1024.0})  # an fp16 run's: continued
+    assert fp16.get_scale() == 1024.0
