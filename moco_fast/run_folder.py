@@ -277,7 +277,8 @@ def _hold_folder(out: Path) -> Iterator[bool]:
     The folders created here (`out` and its missing parents) and left empty (the command failed
     before writing) are removed, while still held: a process that opened `out` meanwhile finds it
     gone once it holds it, and holds the folder made again (it held a removed folder, and its first
-    file there failed with "No such file or directory")."""
+    file there failed with "No such file or directory"). A process that finds `out` busy removes
+    nothing: what was missing when it looked may be the holder's, made since and empty still."""
     created = missing_folders(out)
     while True:
         fd = open_in_made_folder(out, out, os.O_RDONLY)
@@ -290,7 +291,8 @@ def _hold_folder(out: Path) -> Iterator[bool]:
         yield held is not False
     finally:
         _HELD.discard(fd)
-        remove_empty(created)
+        if held is not False:
+            remove_empty(created)
         os.close(fd)
 
 

@@ -301,3 +301,19 @@ def test_a_run_folder_that_its_holder_removed_before_the_flock_is_made_again(tmp
     with rf.hold_run_folder(new / "run") as held:
         assert held and not removals and (new / "run").is_dir()
         (new / "run" / "config.json").write_text("{}")  # its first file
+
+
+@pytest.mark.parametrize("hold", ["hold_run_folder", "hold_sweep_folder"])
+def test_a_busy_folder_that_its_holder_made_after_this_look_stays(hold, tmp_path, monkeypatch):
+    # Two trains (or sweeps) started at once into one new --out: the second looked for the folders to
+    # make just before the first made and held it, found it busy, and removed it (empty: the first had
+    # written nothing yet) as its own; the first's config.json then made a folder that no lock guarded
+    import moco_fast.run_folder as rf
+
+    out = tmp_path / "new" / "run"
+    looked = rf.missing_folders(out)  # the second's look, an instant before the first's mkdir
+    with rf.hold_run_folder(out) as first:
+        monkeypatch.setattr(rf, "missing_folders", lambda path: looked)
+        with pytest.raises(rf.RunFolderBusy), getattr(rf, hold)(out) as second:
+            rf.ensure_not_busy([second], out)
+        assert first and out.is_dir()
