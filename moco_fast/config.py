@@ -250,7 +250,10 @@ def read_json_object(path: Path, max_bytes: int = 16 << 20) -> dict[str, Any] | 
     return obj if isinstance(obj, dict) else None
 
 
-def save_json(cfg: TrainConfig, path: str) -> None:
+def save_json(cfg: TrainConfig, path: str, world: int) -> None:
+    """A run's config.json: the resolved config, and the processes that run it (`world_size`, as a
+    checkpoint records it): --gpus says 1 under torchrun, and a run of several stopped before its first
+    checkpoint is resumed from this file (resume.SavedRun.of_config)."""
     from moco_fast.checkpoint import atomic_write_text
 
-    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps({**to_dict(cfg), "world_size": world}, indent=2, sort_keys=True) + "\n")

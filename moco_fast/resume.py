@@ -232,7 +232,7 @@ class SavedRun:
     its --sync-bn. Read once (train --resume reads it with the checkpoint's config, else saved_run) and
     handed to the checks that need it: the fixes that trainer.validate names, shuffle BN back on where
     sync BN stops (sync_bn_stops) and the line of --sync-bn in one process that it leaves out.
-    checkpoint False: as its config.json says (--gpus N), a run stopped before its first checkpoint,
+    checkpoint False: as its config.json says (of_config), a run stopped before its first checkpoint,
     which starts over (train --resume); its model may change, and validate names no fix that keeps it."""
 
     world: int
@@ -244,6 +244,13 @@ class SavedRun:
         """That of a checkpoint read already (its tensors may be unread)."""
         world = int(state.get("world_size") or len(state.get("rng_per_rank") or [None]))
         return cls(world, state["config"].get("runtime", {}).get("sync_bn"))
+
+    @classmethod
+    def of_config(cls, saved: dict[str, Any]) -> SavedRun:
+        """That of a run's config.json (run_folder.read_run_config): the processes that ran it, or its
+        --gpus N where it was written before it recorded them (a torchrun run's says 1 there)."""
+        runtime = saved["runtime"]
+        return cls(int(saved.get("world_size") or runtime.get("gpus") or 1), runtime.get("sync_bn"), checkpoint=False)
 
 
 def saved_run(cfg: TrainConfig) -> SavedRun | None:

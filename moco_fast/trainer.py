@@ -363,7 +363,7 @@ def _train_held(
         writer.keep_epochs(start_epoch, own_row)
     if dist_utils.is_main() and not finished:
         out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, str(out / CONFIG_NAME))
+        save_json(cfg, str(out / CONFIG_NAME), world)
     try:
         base = base_lr(cfg, world)
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once

@@ -45,6 +45,7 @@ def test_cli_under_torchrun_then_resume_with_one_process(tiny_root, tmp_path, ca
     assert 0 <= json.loads((out / "summary.json").read_text())["final_knn_top1"] <= 100  # kNN on rank 0
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2  # torchrun's count: --gpus says 1
     assert state["config"]["moco"]["shuffle_exchange"] == "allgather"
     assert not torch.equal(state["rng_per_rank"][0]["torch"], state["rng_per_rank"][1]["torch"])
     print(f"torchrun, 2 CPU processes, 1 epoch: {time.perf_counter() - t0:.1f} s")
@@ -55,6 +56,7 @@ def test_cli_under_torchrun_then_resume_with_one_process(tiny_root, tmp_path, ca
     assert [r["epoch"] for r in rows] == [1, 2]
     state2 = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state2["world_size"] == 1 and state2["epoch"] == 2
+    assert json.loads((out / "config.json").read_text())["world_size"] == 1
     assert not torch.equal(state2["model"]["encoder_q.head.weight"], state["model"]["encoder_q.head.weight"])
 
 
@@ -149,16 +151,24 @@ def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(
     assert json.loads(capsys.readouterr().out)["moco"]["shuffle_bn"] is False
 
 
-def test_a_sync_bn_run_of_two_processes_stopped_before_its_first_checkpoint_says_one_line_too(tmp_path, caplog):
-    # resumed from its config.json (--gpus 2, shuffle BN off beside --sync-bn), the run starts over in one
-    # process: train --resume's line said shuffle BN on again, and trainer.validate, which looked for a
-    # checkpoint's --sync-bn to leave its own line out, said "--sync-bn has no effect" too; --shuffle-bn alike
+@pytest.mark.parametrize("written_by", ["--gpus 2", "torchrun", "--gpus 2, before world_size"])
+def test_a_sync_bn_run_of_two_processes_stopped_before_its_first_checkpoint_says_one_line_too(
+    written_by, tmp_path, caplog
+):
+    # resumed from its config.json (2 processes, shuffle BN off beside --sync-bn), the run starts over in
+    # one process: train --resume's line said shuffle BN on again, and trainer.validate, which looked for
+    # a checkpoint's --sync-bn to leave its own line out, said "--sync-bn has no effect" too; --shuffle-bn
+    # alike. Under torchrun config.json said --gpus 1 alone, and the run trained with neither, silently
     import logging
 
     out = tmp_path / "run"
     assert main(synthetic_args(out, "--bn-splits", "2", "--sync-bn", "--no-shuffle-bn")) == 0
     saved = json.loads((out / "config.json").read_text())
-    saved["runtime"]["gpus"] = 2  # as `--gpus 2 --sync-bn` wrote it (on GPUs), stopped before its first save
+    assert saved.pop("world_size") == 1
+    # as `--gpus 2 --sync-bn` or torchrun wrote it (on GPUs), stopped before its first save
+    saved["runtime"]["gpus"] = 1 if written_by == "torchrun" else 2
+    if written_by != "--gpus 2, before world_size":
+        saved["world_size"] = 2
 
     def bn_lines(*flags: str) -> list[str]:
         shutil.rmtree(out)

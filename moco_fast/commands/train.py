@@ -334,9 +334,7 @@ def _resumed_config(args: argparse.Namespace):
     out = args.out or PRESETS[preset].get("runtime.out", RuntimeConfig.out)
     path = ckpt.find_resume(args.resume, out)
     if path is None:
-        cfg = _config_before_a_checkpoint(args, Path(out))
-        # config.json records --gpus N, not torchrun's count
-        return cfg, None if cfg is None else SavedRun(cfg.runtime.gpus, cfg.runtime.sync_bn, checkpoint=False)
+        return _config_before_a_checkpoint(args, Path(out))
     run_out = args.out or str(path.parent)
     if args.force and continues_in(Path(run_out), path):
         # --force was dropped: the run went on (or, finished, did nothing) where a fresh one was asked for
@@ -362,13 +360,14 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
     """`--resume` where there is no checkpoint yet: the run there starts over with the settings of its
     config.json (a run stopped or killed before its first save: in its setup, before the first
     --log-every sync, within the first epoch of a loader that saves at epoch ends only), the flags
-    given changing them as they would a checkpoint's. None where there is no config.json but the
-    command line describes a run (a job script that passes --resume and its flags at every launch);
-    a ConfigError where it gives nothing to train (`--resume --out` with a mistyped folder trained
-    the default recipe)."""
+    given changing them as they would a checkpoint's, and its resume.SavedRun. (None, None) where there
+    is no config.json but the command line describes a run (a job script that passes --resume and its
+    flags at every launch); a ConfigError where it gives nothing to train (`--resume --out` with a
+    mistyped folder trained the default recipe)."""
     from moco_fast.checkpoint import CHECKPOINT_NAME
     from moco_fast.config import from_dict
     from moco_fast.data import DataError
+    from moco_fast.resume import SavedRun
     from moco_fast.run_folder import CONFIG_NAME, read_run_config, stopped_before_its_first_checkpoint
 
     saved = out / CONFIG_NAME
@@ -382,14 +381,15 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
                 f"--resume: {out} holds no run to resume (no {CHECKPOINT_NAME}, no {CONFIG_NAME}): check --out, "
                 "or give the run's flags (--data, --preset, --epochs...) to start it there"
             )
-        return None
+        return None, None
     try:
-        cfg = from_dict(read_run_config(saved))
-    except (TypeError, AttributeError) as e:
+        obj = read_run_config(saved)
+        cfg, run = from_dict(obj), SavedRun.of_config(obj)
+    except (TypeError, AttributeError, ValueError) as e:
         raise DataError(f"--resume: {saved} cannot be read ({e}): move it away, or choose another --out") from None
     if stopped_before_its_first_checkpoint(out):  # else check_output refuses it: the checkpoint is gone
         log.info("--resume: %s has no checkpoint yet; its run starts over with the settings of %s", out, saved)
-    return _continued(cfg, str(out), args)
+    return _continued(cfg, str(out), args), run
 
 
 def _gpus_to_resume_with(cfg) -> int:
