@@ -33,6 +33,7 @@ import torch
 from moco_fast import checkpoint as ckpt
 from moco_fast.config import ConfigError
 from moco_fast.data import DataError
+from moco_fast.data_listing import listing_change
 from moco_fast.divergence import Diverged
 from moco_fast.run_folder import state_name
 from moco_fast.step import load_optimizer_state
@@ -319,8 +320,12 @@ def differences(state: dict[str, Any], cfg: Any, listing: str | None = None) -> 
     """How `cfg` differs from what the state was run with, flag by flag ([] when it may resume).
     `listing`: the listing of `cfg`'s data (moved_data; None: unknown, LISTED_LATER: not listed yet)."""
     saved, now = state["config"], settings(cfg, data_listing=listing)
+    other_images = other_listing(saved, now)
     diff = []
     for k in now:
+        if k == "data_listing" and other_images and saved.get("data") == now["data"]:
+            # images or class folders added or removed since the run stopped: it would go on on others
+            diff.append(f"--data {now['data']!r} lists other images since ({other_images}: put them back)")
         if k in ("amp_ran", "data_listing"):
             continue  # with --amp, with --data
         if k == "amp":
@@ -340,8 +345,7 @@ def differences(state: dict[str, Any], cfg: Any, listing: str | None = None) -> 
             if saved.get("checkpoint") == now.get("checkpoint"):  # another file's stamp differs anyway
                 diff.append("the checkpoint has changed since (trained further?)")
         else:
-            listed = k == "data" and saved.get("data_listing") and now["data_listing"] is not None  # and differs
-            other = ", other class folders or file names" if listed else ""
+            other = f", other images: {other_images}" if k == "data" and other_images else ""
             diff.append(f"--{k.replace('_', '-')} {_as_given(saved.get(k))} (now {_as_given(now[k])}{other})")
     return diff
 
@@ -370,6 +374,16 @@ def moved_data(saved: dict[str, Any], now: dict[str, Any]) -> bool:
         and isinstance(listing, str)
         and now.get("data_listing") in (listing, LISTED_LATER)
     )
+
+
+def other_listing(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs, in words (data_listing.listing_change), between the listing the state recorded
+    and `now`'s, where both are known and differ; "" otherwise (a state written before the listing
+    was recorded, a --data not listed yet)."""
+    before, after = saved.get("data_listing"), now.get("data_listing")
+    if not isinstance(before, str) or after in (None, LISTED_LATER, before):
+        return ""
+    return listing_change(before, after)
 
 
 def _same_when_resolved(k: str, saved: dict[str, Any], now: dict[str, Any], cfg: Any) -> bool:

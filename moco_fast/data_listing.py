@@ -1,7 +1,8 @@
 """What tells the images a classifier run reads without reading them: a fingerprint of its splits'
 listing. The state that lincls and finetune keep between epochs records it beside `--data`'s path,
 so that `--resume` on the same images at another path (the folder renamed, or copied elsewhere)
-continues the run, and other images there are refused (classifier_epochs.moved_data)."""
+continues the run, and other images, there or at the same path since, are refused with what changed
+(classifier_epochs.moved_data, listing_change)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ def listing_fingerprint(splits: DataSplits) -> str:
         for name in (*split.classes, *(f[cut:] for f in split.files)):
             digest.update(name.encode("utf-8", "surrogateescape") + b"\0")  # undecodable bytes too
     return f"{len(splits.train.classes)} classes, {' + '.join(counts)} images, sha256 {digest.hexdigest()}"
+
+
+def listing_change(before: str, now: str) -> str:
+    """What differs between two fingerprints, in words: the counts that changed ("6 classes, now 7",
+    "36 + 18 images, now 37 + 18"), or, where none did, that the names did (an image renamed or
+    replaced by another of another name)."""
+    was, is_ = (fingerprint.rpartition(", sha256 ")[0].split(", ") for fingerprint in (before, now))
+    changed = [f"{a}, now {b.rpartition(' ')[0]}" for a, b in zip(was, is_, strict=True) if a != b]
+    return "; ".join(changed) or "as many classes and images, other class or file names"

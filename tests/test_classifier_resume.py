@@ -431,7 +431,9 @@ def test_a_state_resumes_on_its_data_moved_elsewhere(command, ckpt, six_root, tm
     moved.rename(moved.with_name("renamed" + moved.suffix))  # the same count of images, one of another name
     capsys.readouterr()
     assert run(other, "--resume") == 2  # after the listing, before any epoch
-    assert f"--data {str(old)!r} (now {str(other)!r}, other class folders or file names)" in capsys.readouterr().err
+    assert (
+        f"--data {str(old)!r} (now {str(other)!r}, other images: as many classes and images, other class or file names)"
+    ) in capsys.readouterr().err
     saved = torch.load(state, weights_only=False)
     old.rename(new)
     caplog.clear()
@@ -449,3 +451,39 @@ def test_a_state_resumes_on_its_data_moved_elsewhere(command, ckpt, six_root, tm
     torch.save(saved, state)
     assert run(new, "--resume") == 2 and state.exists()
     assert f"--data {str(old)!r} (now {str(new)!r})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["lincls", "finetune"])
+def test_a_state_refuses_its_data_changed_since(command, ckpt, six_root, tmp_path, capsys, monkeypatch):
+    # Images added to --data since the run stopped: the same path resumed on other images without a
+    # word. The listing recorded in the state tells them apart, the line says how
+    import shutil
+
+    import moco_fast.finetune
+    import moco_fast.lincls
+
+    data, out = tmp_path / "data", tmp_path / "r.json"
+    shutil.copytree(six_root, data)
+
+    def run(*extra):
+        argv = [command, "--checkpoint", str(ckpt), "--data", str(data), "--epochs", "2", "--batch-size", "8"]
+        return main([*argv, "--lr", "0.05", "--workers", "0", "--device", "cpu", "--out", str(out), *extra])
+
+    with monkeypatch.context() as m:
+        interrupt_at(m, getattr(moco_fast, command), 1)
+        assert run() == 130
+    state = tmp_path / "r.state.pt"
+    first = next((data / "train").glob("*/*"))
+    added = first.with_name("added" + first.suffix)
+    shutil.copy(first, added)
+    capsys.readouterr()
+    assert run("--resume") == 2 and state.exists()
+    assert (
+        f"--data {str(data)!r} lists other images since (36 + 18 images, now 37 + 18: put them back); resume "
+        "with those, or delete it to start over"
+    ) in capsys.readouterr().err
+    # a state written before the listing was recorded resumes on the same path, as then
+    saved = torch.load(state, weights_only=False)
+    del saved["config"]["data_listing"]
+    torch.save(saved, state)
+    assert run("--resume") == 0 and not state.exists()
