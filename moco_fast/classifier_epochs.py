@@ -48,8 +48,8 @@ MAY_CHANGE = ("workers", "device", "out", "resume", "eval_every")
 
 # what continues a stopped run, for the stop message: the command's --resume, or its caller (the sweep)
 _HOW_TO_CONTINUE: ContextVar[str | None] = ContextVar("how_to_continue", default=None)  # None: --resume
-# check_state's listing of --data: none yet (it runs before the data is read); a moved --data whose
-# state records its listing is left to EpochLoop._load, which compares the listing
+# check_state's listing of --data: none yet (the command's check, before the data is read); a moved
+# --data whose state records its listing is left to the check once listed (run_lincls) and EpochLoop._load
 LISTED_LATER = "listed later"
 # the flag that sets the lr, for a divergence's message: the command's --lr, or its caller's (the sweep)
 _LR_FLAG: ContextVar[str] = ContextVar("lr_flag", default="--lr")
@@ -72,10 +72,12 @@ def state_path(out: Path) -> Path:
     return out.with_name(state_name(out.name))
 
 
-def check_state(out: Path, cfg: Any, command: str) -> None:
+def check_state(out: Path, cfg: Any, command: str, listing: str = LISTED_LATER) -> None:
     """Before the data is read: a ConfigError when a state beside `out` would be thrown away (no
     --resume) or may not be resumed by `cfg` (other settings, another checkpoint), and when --resume
-    finds no state but a finished result it would overwrite."""
+    finds no state but a finished result it would overwrite. Again with the data's `listing` once it
+    is listed (other images: differences), before the work that precedes the first epoch
+    (--cached-features' extraction)."""
     state = state_path(out)
     if state.exists() and not state.is_file():
         raise ConfigError(f"{state}, where {command} keeps its state between epochs, is not a file: move it away")
@@ -89,7 +91,7 @@ def check_state(out: Path, cfg: Any, command: str) -> None:
             )
         return
     if state.is_file():
-        refuse_other_settings(state, load_state(state, command, mmap=True), cfg, LISTED_LATER)  # _load reads it whole
+        refuse_other_settings(state, load_state(state, command, mmap=True), cfg, listing)  # _load reads it whole
     elif out.is_file():
         raise ConfigError(
             f"--resume: {out} is a finished {command} result and there is no state to continue ({state}): "

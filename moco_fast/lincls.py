@@ -31,7 +31,7 @@ from torchvision import transforms as T
 
 from moco_fast.augment import AugSpec
 from moco_fast.backbone import plain_bn_state
-from moco_fast.classifier_epochs import EpochLoop, best_of, clear_state
+from moco_fast.classifier_epochs import EpochLoop, best_of, check_state, clear_state
 from moco_fast.config import ConfigError
 from moco_fast.data import (
     DataError,
@@ -348,6 +348,9 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
     if device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
     splits = load_splits_with_eval(cfg.data)
+    out = Path(cfg.out) if cfg.out else result_beside(cfg.checkpoint, LINCLS_RESULT)
+    listing = listing_fingerprint(splits)
+    check_state(out, cfg, "lincls", listing)  # other images: refused before the features are extracted
     classes = len(splits.train.classes)
     norm = Normalizer(spec, device)
     fc = new_classifier(width, classes).to(device)
@@ -385,9 +388,8 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
         loss = sgd_epoch(train_epoch(epoch), lambda x, y: F.cross_entropy(fc(features(x)), y), opt, lr, device, desc)
         return {"epoch": epoch + 1, "lr": lr, "loss": loss}
 
-    out = Path(cfg.out) if cfg.out else result_beside(cfg.checkpoint, LINCLS_RESULT)
     parts = {"classifier": fc, "optimizer": opt}
-    loop = EpochLoop("lincls", cfg, out, parts, order, t0, stamp, listing_fingerprint(splits))
+    loop = EpochLoop("lincls", cfg, out, parts, order, t0, stamp, listing)
     history = loop.run(one_epoch, lambda: evaluate(lambda x: fc(features(x)), eval_batches, device, classes))
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
     if ckpt.file_stamp(cfg.checkpoint) != stamp:

@@ -487,3 +487,34 @@ def test_a_state_refuses_its_data_changed_since(command, ckpt, six_root, tmp_pat
     del saved["config"]["data_listing"]
     torch.save(saved, state)
     assert run("--resume") == 0 and not state.exists()
+
+
+def test_cached_features_refuse_other_images_before_extracting_them(ckpt, six_root, tmp_path, capsys, monkeypatch):
+    # A moved --data of other images was refused by the loop, after --cached-features had extracted
+    # the features of every image (minutes on a real set); now as soon as the data is listed
+    import shutil
+
+    import moco_fast.lincls
+
+    data, other, out = tmp_path / "data", tmp_path / "other", tmp_path / "r.json"
+    shutil.copytree(six_root, data)
+
+    def run(data, *extra):
+        argv = ["lincls", "--checkpoint", str(ckpt), "--data", str(data), "--epochs", "2", "--cached-features"]
+        return main([*argv, "--lr", "0.05", "--workers", "0", "--device", "cpu", "--out", str(out), *extra])
+
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.lincls, 1)
+        assert run(data) == 130
+    shutil.copytree(data, other)
+    gone = next((other / "train").iterdir()).name
+    for split in ("train", "test"):
+        shutil.rmtree(other / split / gone)  # a class fewer
+    extracted = []
+    real = moco_fast.lincls.extract
+    monkeypatch.setattr(moco_fast.lincls, "extract", lambda *a: extracted.append(a[-1]) or real(*a))
+    capsys.readouterr()
+    assert run(other, "--resume") == 2 and extracted == []
+    assert (
+        f"(now {str(other)!r}, other images: 6 classes, now 5; 36 + 18 images, now 30 + 15)" in capsys.readouterr().err
+    )
