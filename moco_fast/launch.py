@@ -32,6 +32,7 @@ from moco_fast.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:
     from moco_fast.resume import SavedRun
+    from moco_fast.run_folder import FolderHold
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -98,32 +99,33 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
     from functools import partial
 
     from moco_fast.resume import saved_run
-    from moco_fast.run_folder import check_output, ensure_not_busy, hold_run_folder
+    from moco_fast.run_folder import check_output, hold_for_workers
     from moco_fast.step import check_cuda_graph
     from moco_fast.trainer import validate
 
     n = check_local_gpus(cfg)
     validate(cfg, n, saved or partial(saved_run, cfg))  # contradicting flags fail here once, not in every worker
-    out = Path(cfg.runtime.out)
-    with hold_run_folder(out) as held:  # a run in progress there: one line, no workers
-        ensure_not_busy([held], out)
-    check_output(cfg)
-    if cfg.runtime.cuda_graph:
-        check_cuda_graph(torch.device("cuda"), n)
-    try:
-        rows = run_workers(_train_worker, (cfg,), n, where=where)
-    except WorkerFailed as e:
-        say(f"moco-fast train: error: {e}")
-        return 1, {}
+    # a run in progress there: one line, no workers; else the folder stays held, by this process and
+    # the workers it hands the hold to, until they end (no other train takes it in between)
+    with hold_for_workers(Path(cfg.runtime.out)) as hold:
+        check_output(cfg)
+        if cfg.runtime.cuda_graph:
+            check_cuda_graph(torch.device("cuda"), n)
+        try:
+            rows = run_workers(_train_worker, (cfg, hold), n, where=where)
+        except WorkerFailed as e:
+            say(f"moco-fast train: error: {e}")
+            return 1, {}
     return 0, rows[0]
 
 
-def _train_worker(cfg: TrainConfig) -> dict:
+def _train_worker(cfg: TrainConfig, hold: FolderHold) -> dict:
     from moco_fast.trainer import train
 
     # as main()'s: a record written while rank 0's progress bar is open goes on a line of its own
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", handlers=[LineHandler(sys.stderr)])
-    return train(cfg)
+    with hold.taken():  # the launcher's hold of the run folder: rank 0 holds it already
+        return train(cfg)
 
 
 def _recorded(fn: Callable[..., Any], reports: str, where: str | None, *args: Any) -> Any:

@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from moco_fast import checkpoint as ckpt
 from moco_fast.config import ConfigError, TrainConfig, read_json_object
@@ -250,20 +251,71 @@ def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
     """Holds an exclusive lock on the run folder while a run uses it (rank 0 only), so that a second
     `train` into the same --out fails at once instead of mixing its rows and checkpoints with the
     first's; yields False when another process holds it (and True otherwise, or when not `enabled`)."""
-    if not enabled:
+    if not enabled or _handed(out):
         yield True
         return
     check_run_folder(out)
-    with _hold_folder(out) as held:
-        yield held
+    with _hold_folder(out) as fd:
+        yield fd is not None
+
+
+_HANDED: set[int] = set()  # the launcher's holds that this worker was handed (FolderHold.taken)
+
+
+def _handed(out: Path) -> bool:
+    """Whether this process holds `out` through a hold its launcher handed it."""
+    return any(_still_there(out, fd) for fd in _HANDED)
+
+
+class FolderHold:
+    """`train --gpus N`'s hold of its run folder, which its launcher keeps while the workers run and
+    hands to each: pickled as the workers are spawned, the lock's descriptor goes with it
+    (multiprocessing's DupFd: the worker's copy shares the launcher's lock, as a forked one would).
+    The folder is never free between the launcher's check and the worker's run, where another train
+    could take it (two runs in one folder, or the workers failing as busy); and it stays held while
+    either the launcher or a worker lives."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple:
+        from multiprocessing.reduction import DupFd
+
+        return _rebuilt_hold, (DupFd(self.fd),)
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[None]:
+        """In the worker: hold_run_folder of the folder yields True (it is held) while in it."""
+        _HELD.add(self.fd)
+        _HANDED.add(self.fd)
+        try:
+            yield
+        finally:
+            _HANDED.discard(self.fd)
+            _HELD.discard(self.fd)
+            os.close(self.fd)
+
+
+def _rebuilt_hold(dup: Any) -> FolderHold:
+    return FolderHold(dup.detach())  # in the worker: its copy of the launcher's descriptor
+
+
+@contextlib.contextmanager
+def hold_for_workers(out: Path) -> Iterator[FolderHold]:
+    """hold_run_folder for the launcher of `train --gpus N`: RunFolderBusy at once when another process
+    holds `out`; else the hold to hand to the workers (FolderHold), kept until they end."""
+    check_run_folder(out)
+    with _hold_folder(out) as fd:
+        ensure_not_busy([fd is not None], out)
+        yield FolderHold(fd)
 
 
 @contextlib.contextmanager
 def hold_sweep_folder(out: Path) -> Iterator[None]:
     """Holds an exclusive lock on a sweep's --out while the sweep runs: a second sweep there stops at
     once (RunFolderBusy) instead of training or evaluating the same settings beside the first."""
-    with _hold_folder(out) as held:
-        if not held:
+    with _hold_folder(out) as fd:
+        if fd is None:
             raise RunFolderBusy(
                 f"{out}: another moco-fast sweep is running there now; wait for it to end or choose another --out"
             )
@@ -271,9 +323,10 @@ def hold_sweep_folder(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _hold_folder(out: Path) -> Iterator[bool]:
-    """A flock on the folder `out` itself (no lock file), made if missing; yields whether this process
-    holds it. The lock goes with the process; forked processes (DataLoader workers) close their copy.
+def _hold_folder(out: Path) -> Iterator[int | None]:
+    """A flock on the folder `out` itself (no lock file), made if missing; yields its descriptor where
+    this process holds it (or the file system has no flock), None where another process holds it.
+    The lock goes with the process; forked processes (DataLoader workers) close their copy.
     The folders created here (`out` and its missing parents) and left empty (the command failed
     before writing) are removed, while still held: a process that opened `out` meanwhile finds it
     gone once it holds it, and holds the folder made again (it held a removed folder, and its first
@@ -288,7 +341,7 @@ def _hold_folder(out: Path) -> Iterator[bool]:
         os.close(fd)
     _HELD.add(fd)
     try:
-        yield held is not False
+        yield fd if held is not False else None
     finally:
         _HELD.discard(fd)
         if held is not False:

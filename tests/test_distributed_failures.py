@@ -73,6 +73,63 @@ def test_gpus_checks_the_run_folder_before_starting_workers(tiny_root, tmp_path,
     assert main([*args, "--force"]) == 0 and len(started) == 1  # the folder is free: the workers start
 
 
+def test_gpus_holds_the_run_folder_while_its_workers_run(tiny_root, tmp_path, monkeypatch):
+    # The launcher's hold of --out was released before the workers took it again: another train
+    # there could take the folder in between (two runs in one folder, or the workers failing as
+    # busy). It holds it until they end (here with 2 pretend GPUs; no worker starts).
+    from moco_fast import launch
+    from moco_fast.run_folder import hold_run_folder
+
+    free = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def workers(fn, args, n, where=None):  # what another train finds as the workers start
+        with hold_run_folder(out) as held:
+            free.append(held)
+        return [{}]
+
+    monkeypatch.setattr(launch, "run_workers", workers)
+    out = tmp_path / "run"
+    assert main([*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]) == 0
+    assert free == [False]
+    with hold_run_folder(out) as held:  # and not after they end
+        assert held
+
+
+def _handed_worker(out: str, hold) -> tuple[bool, bool, bool]:
+    # in a worker handed the launcher's hold: the worker's own hold_run_folder (rank 0's, in train),
+    # the handed lock taken again on its descriptor (the launcher's lock itself), and a fresh lock
+    from moco_fast.run_folder import hold_run_folder
+
+    with hold.taken(), hold_run_folder(Path(out)) as held:
+        other = os.open(out, os.O_RDONLY)  # the folder, as another train opens it for its lock
+        try:
+            return held, _flocks(hold.fd), _flocks(other)
+        finally:
+            os.close(other)
+
+
+def _flocks(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_the_launchers_hold_of_the_run_folder_goes_to_its_workers(tmp_path):
+    # Spawned workers (on the CPU) get the launcher's own lock (its descriptor, passed as they
+    # start): each holds the folder, where another process's lock on it is refused.
+    from moco_fast.run_folder import hold_for_workers
+
+    out = tmp_path / "run"
+    with hold_for_workers(out) as hold:
+        assert run_workers(_handed_worker, (str(out), hold), 2) == [(True, True, False)] * 2
+
+
 def test_device_flags_fail_before_the_data_is_read(tmp_path, capsys):
     # --cuda-graph on the CPU and --sync-bn with CPU processes: one line, before the data is touched.
     from moco_fast.trainer import validate_device  # here: the spawned workers import this module
