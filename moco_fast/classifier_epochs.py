@@ -429,13 +429,15 @@ def _as_given(value: Any) -> str:
     return "not given" if value is None else repr(value)
 
 
-def resumable(out: Path, cfg: Any, command: str) -> bool:
-    """A state beside `out` that `cfg` may resume (for the sweep, which starts its own over otherwise)."""
+def resumable(out: Path, cfg: Any, command: str, listing: str) -> bool:
+    """A state beside `out` that `cfg` may resume (for the sweep, which starts its own over otherwise).
+    `listing`: of `cfg`'s data (data_listing.listing_fingerprint), so that other images there since, which
+    the command refuses, are a state to start over too."""
     path = state_path(out)
     if not path.is_file():
         return False
     try:
-        return not differences(load_state(path, command, mmap=True), cfg)
+        return not differences(load_state(path, command, mmap=True), cfg, listing)
     except (DataError, ConfigError):
         return False
 

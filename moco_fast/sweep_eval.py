@@ -70,7 +70,8 @@ def evaluate_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr
 def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | None:
     from moco_fast.checkpoint import CHECKPOINT_NAME
     from moco_fast.classifier_epochs import clear_state, continued_by, resumable, state_path
-    from moco_fast.lincls import LinclsConfig, run_lincls
+    from moco_fast.data_listing import listing_fingerprint
+    from moco_fast.lincls import LinclsConfig, load_splits_with_eval, run_lincls
     from moco_fast.trainer import eval_workers, resolve_device
 
     out = folder / SWEEP_LINCLS_RESULT  # not lincls.json: `moco-fast lincls`'s own result stays
@@ -88,10 +89,16 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
         out=str(out),
     )
     # a sweep stopped in this setting's classifier continues it; one run with other settings (another
-    # --lincls-epochs, a checkpoint trained further) is the sweep's own to start over
+    # --lincls-epochs, a checkpoint trained further, other images in --data since) is the sweep's own
+    # to start over. The data is listed for it only where such a state lies (run_lincls lists it again)
     with hold_output(out, "sweep"):  # two sweeps into one folder may evaluate the same setting
-        if state_path(out).is_file() and not resumable(out, lc, "lincls"):
-            log.info("%s: its linear classifier stopped with other settings or checkpoint; it starts over", folder)
-            clear_state(out)
+        if state_path(out).is_file():
+            listing = listing_fingerprint(load_splits_with_eval(lc.data))
+            if not resumable(out, lc, "lincls", listing):
+                log.info(
+                    "%s: its linear classifier stopped with other settings, checkpoint or images; it starts over",
+                    folder,
+                )
+                clear_state(out)
         with continued_by("the same sweep command continues it", "--lincls-lr"):
             return run_lincls(replace(lc, resume=state_path(out).is_file()))["top1"]

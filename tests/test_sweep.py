@@ -231,9 +231,36 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="moco_fast"):
         assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3")) == 0
-    assert "its linear classifier stopped with other settings or checkpoint; it starts over" in caplog.text
+    assert "its linear classifier stopped with other settings, checkpoint or images; it starts over" in caplog.text
     res = json.loads((out / SWEEP_RUN / "result.json").read_text())
     assert res["lincls_epochs"] == 3 and not state.exists()
+
+
+def test_sweep_restarts_a_linear_classifier_whose_images_changed(
+    finished_sweep, six_root, tmp_path, monkeypatch, caplog
+):
+    # Images added to --data between a stop in a setting's linear classifier and the rerun: lincls
+    # refuses its state then, and the sweep exited 2 where it starts its own state over
+    import moco_fast.lincls
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    state = out / SWEEP_RUN / "sweep_lincls.state.pt"
+    args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.lincls, 1)
+        assert main(args) == 130
+    assert state.is_file()
+    first = next((six_root / "train").glob("*/*"))
+    added = first.with_name("added" + first.suffix)
+    shutil.copy(first, added)  # six_root is the session's: taken out again below
+    try:
+        with caplog.at_level(logging.INFO, logger="moco_fast"):
+            assert main(args) == 0
+    finally:
+        added.unlink()
+    assert f"{out / SWEEP_RUN}: its linear classifier stopped with other settings, checkpoint or images" in caplog.text
+    assert "--resume: lincls continues" not in caplog.text and not state.exists()
+    assert json.loads((out / SWEEP_RUN / "result.json").read_text())["lincls_epochs"] == 2
 
 
 @pytest.mark.parametrize("columns", [80, 100])
