@@ -211,12 +211,80 @@ _MAIN_PID = os.getpid()
 _sigchld_before: Callable | int | None = None  # the SIGCHLD handler that a stop replaced, until put back
 
 
+class _Ending:
+    """The stops that main's handlers get outside its command's body (_outside_the_command): as the
+    command says its last line and returns, or as it starts. They are held, not raised: raised
+    there, a stop's traceback came after the line or instead of it, and could block on a full pipe
+    (the body acts on one held before it began). The first calls `first()` where
+    _saying_the_last_line set it (the line's give-up, blocked_stderr); one more ends the process at
+    once by its default action: a last line to a pipe nobody reads blocks for ever, and held stops
+    could not end it."""
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+        self.first: Callable[[], None] | None = None
+
+    def hold(self, signum: int) -> None:
+        if self.held:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        self.held.append(signum)
+        if self.first is not None and len(self.held) == 1:
+            self.first()
+
+    def arm(self, first: Callable[[], None] | None) -> None:
+        """first() from now on (None: no more), at once where a stop is held already. Called twice
+        where a stop lands between the two steps: first() starts a timer once (given_up_after)."""
+        self.first = first
+        if first is not None and self.held:
+            first()
+
+
+_ending: _Ending | None = None  # main's, around its handlers (_ending_held)
+
+
+@contextlib.contextmanager
+def _ending_held() -> Iterator[None]:
+    """While in it, a stop that main's handlers (stop_signals_handled, entered in it) get outside
+    the command's body is held (_Ending). Main thread only."""
+    global _ending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ending, _ending = _ending, _Ending()
+    try:
+        yield
+    finally:
+        _ending = ending
+
+
+def _outside_the_command(frame) -> bool:
+    """Whether a stop that lands at `frame` (the main thread's, where the handler runs) comes outside
+    main's command's body (_command): it has returned or raised, or not begun. Read from the frames
+    that run, not from a flag that the error path would set: a stop could land before it."""
+    if _ending is None:  # not main's: a `--gpus` worker's training, a test's
+        return False
+    while frame is not None:
+        if frame.f_code is _command.__code__:
+            return False
+        frame = frame.f_back
+    return True
+
+
 def _on_stop_signal(signum, frame):
     if os.getpid() != _MAIN_PID:  # a forked worker inherited this handler: die as before
+        if signum == signal.SIGINT:  # Python's own handler was there: a KeyboardInterrupt
+            signal.default_int_handler(signum, frame)
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    stop_watch.handler_ran()
+    if signum != signal.SIGINT:  # the stop watch's signals (stop_watch.watching): acted on, or held
+        stop_watch.handler_ran()
+    if _outside_the_command(frame):
+        _ending.hold(signum)
+        return
+    if signum == signal.SIGINT:
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
     # A signal to the process group (SLURM, docker stop) ends the DataLoader workers too; torch's SIGCHLD
     # handler would then raise "worker killed by signal" wherever the unwinding is, even at exit (a
     # traceback after "terminated"). Their deaths are expected now: a handler that does nothing (not
@@ -238,6 +306,8 @@ def _children_end(signum, frame):
 def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[None]:
     """While in it, STOP_SIGNALS end the process's command as Terminated (_on_stop_signal), not by
     their default action; one that is ignored stays ignored (`nohup`'s SIGHUP: the command goes on).
+    Ctrl-C too, where Python's own handler is in place (a program's own handler stays), as that
+    raises it. Outside main's command's body, they are held instead (_Ending).
     In the main thread only (elsewhere: nothing). Also in a torchrun or `--gpus` worker: the default
     action killed one that a stop reached outside the training steps (the kNN, a save, the data scan),
     and the launcher reported a failed worker. A worker that waits for rank 0 (the kNN) waits in
@@ -251,12 +321,13 @@ def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[N
     _MAIN_PID = os.getpid()
     _put_back_sigchld()
     previous = {}
-    for sig in STOP_SIGNALS:
-        if signal.getsignal(sig) is signal.SIG_IGN:
-            continue
-        handler = signal.signal(sig, _on_stop_signal)
-        previous[sig] = signal.SIG_DFL if handler is None else handler  # None: set outside Python
-    try:
+    try:  # from the first handler set: a stop that lands while the others are set raises in here
+        for sig in (signal.SIGINT, *STOP_SIGNALS):
+            handler = signal.getsignal(sig)
+            if handler is signal.SIG_IGN or (sig == signal.SIGINT and handler is not signal.default_int_handler):
+                continue
+            handler = signal.signal(sig, _on_stop_signal)
+            previous[sig] = signal.SIG_DFL if handler is None else handler  # None: set outside Python
         with stop_watch.watching(end, _on_stop_signal, STOP_SIGNALS) if end else contextlib.nullcontext():
             yield
     finally:
@@ -287,27 +358,15 @@ HELD_IMPORTS = ("torch", "torchvision")
 
 
 @contextlib.contextmanager
-def _stops_held(second_ends: bool = False, first: Callable[[], None] | None = None) -> Iterator[list[int]]:
+def _stops_held() -> Iterator[list[int]]:
     """While in it, Ctrl-C and the STOP_SIGNALS are recorded in the list it yields, not acted on;
-    the handlers from before are put back after. With `second_ends`, a stop after one was held ends
-    the process at once by its default action (one that was ignored stays ignored): a last line to a
-    pipe nobody reads blocks for ever, and held stops could not end it. `first()` is called as the
-    first one is held. Main thread only."""
+    the handlers from before are put back after. Main thread only."""
     held: list[int] = []
     sigs = (signal.SIGINT, *STOP_SIGNALS)
-    previous = {sig: signal.getsignal(sig) for sig in sigs}  # before the handler, which reads it
-
-    def hold(signum, frame):
-        if second_ends and held and previous[signum] is not signal.SIG_IGN:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        if not held and first is not None:
-            first()
-        held.append(signum)
-
-    for sig in sigs:
-        signal.signal(sig, hold)
-    try:
+    previous = {sig: signal.getsignal(sig) for sig in sigs}
+    try:  # from the first handler set: one that lands while the others are set raises in here
+        for sig in sigs:
+            signal.signal(sig, lambda signum, frame: held.append(signum))
         yield held
     finally:
         for sig, handler in previous.items():
@@ -439,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     from moco_fast.metrics import share_bar_lock  # imports tqdm: not at cli's own import
 
     share_bar_lock()  # before a bar is drawn or a worker forked
-    with warnings_as_lines(), stop_signals_handled(_say_stopped if _in_a_worker() else None):
+    with _ending_held(), stop_signals_handled(_say_stopped if _in_a_worker() else None), warnings_as_lines():
         return _run(args)
 
 
@@ -455,22 +514,30 @@ def _say_stopped(signum: int) -> None:
         say(stop_line(Terminated(signum)))
 
 
+def _command(args: argparse.Namespace) -> int:
+    """The command itself: a stop that lands in here ends it (_on_stop_signal)."""
+    if _ending is not None and _ending.held:  # one that main's handlers held before this began: now
+        signal.raise_signal(_ending.held.pop())
+    if getattr(args, "empty_flag", None):
+        raise UserError(EMPTY_PATH.format(args.empty_flag))
+    if threading.current_thread() is threading.main_thread():
+        import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
+    if args.command not in DISTRIBUTED_COMMANDS:
+        refuse_torchrun(args.command)
+    return args.func(args) or 0
+
+
 def _run(args: argparse.Namespace) -> int:
-    """The command; a user error or a stop ends it with its one line and exit status."""
+    """The command (_command); a user error or a stop ends it with its one line and exit status."""
     try:
-        if getattr(args, "empty_flag", None):
-            raise UserError(EMPTY_PATH.format(args.empty_flag))
-        if threading.current_thread() is threading.main_thread():
-            import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
-        if args.command not in DISTRIBUTED_COMMANDS:
-            refuse_torchrun(args.command)
-        return args.func(args) or 0
+        return _command(args)
     except BaseException as e:
-        # The command ends here with its line: a stop that comes meanwhile is dropped. It raised from
-        # the handler, a traceback after (or instead of) the line: torchrun's SIGTERM to the ranks
-        # that are still saying the error that ended another, a job's second signal. The line can
-        # block for ever (a pipe nobody reads): a stop's line, or one during which a stop came, is
-        # given up after a while (blocked_stderr), and one more stop ends the process at once.
+        # The command ends here with its line: a stop that comes from now on is held, and dropped
+        # (_Ending). It raised from the handler, a traceback after (or instead of) the line: torchrun's
+        # SIGTERM to the ranks that are still saying the error that ended another, a job's second
+        # signal. The line can block for ever (a pipe nobody reads): a stop's line, or one during
+        # which a stop came, is given up after a while (blocked_stderr), and one more stop ends the
+        # process at once.
         with _saying_the_last_line() as bound:
             # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,
             # and user_errors() imports modules that import torch.
@@ -489,14 +556,21 @@ def _run(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _saying_the_last_line() -> Iterator[Callable[[], None]]:
-    """Around a command's last line: stops held, one more ending the process (_stops_held); yields
-    bound(), from which on the line is given up after a while where stderr takes nothing
-    (blocked_stderr), also called as a stop is held. Main thread only: elsewhere neither."""
+    """Around a command's last line: yields bound(), from which on the line is given up after a
+    while where stderr takes nothing (blocked_stderr), also called as a stop is held (_Ending).
+    Main thread only: elsewhere neither."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
-    with given_up_after() as bound, _stops_held(second_ends=True, first=bound):
-        yield bound
+    ending = _ending
+    with given_up_after() as bound:
+        if ending is not None:
+            ending.arm(bound)
+        try:
+            yield bound
+        finally:
+            if ending is not None:
+                ending.arm(None)
 
 
 if __name__ == "__main__":

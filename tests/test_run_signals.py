@@ -118,6 +118,85 @@ def test_a_stop_while_the_command_says_its_last_line_is_dropped(monkeypatch, cap
     assert len(sent) == 2
 
 
+def _stopped_around(real, where: str, signum: int, calls: list):
+    """`real`, a context manager of main's (given_up_after, warnings_as_lines), with a stop sent to the
+    process as it is entered ("before") or left ("after"); what it yields is noted in `calls` as called."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def around():
+        if where == "before":
+            os.kill(os.getpid(), signum)
+        with real() as got:
+            yield (lambda: (calls.append(signum), got())) if callable(got) else got
+        if where == "after":
+            os.kill(os.getpid(), signum)
+
+    return around
+
+
+def _main_or_its_stop(argv):
+    try:
+        return main(argv)
+    except KeyboardInterrupt as e:  # as is, it would end the pytest session
+        return e
+
+
+def test_a_stop_as_a_command_says_its_error_is_held_wherever_it_lands(monkeypatch, capsys, request):
+    # From the command's error to the hold of its stops (the first steps of _run's except clause,
+    # before _saying_the_last_line held them), and from the end of the line to main's return, a stop
+    # raised from the handler: its traceback after the line, which could block on a full pipe. Sent
+    # here as the line's give-up (given_up_after, around the line) is entered and left. Held before
+    # the line, it starts the give-up (bound); after it, there is none.
+    import signal
+
+    import moco_fast.commands.export as export
+    from moco_fast.config import ConfigError
+
+    def fails(args):
+        raise ConfigError("the ranks were started with different settings")
+
+    request.addfinalizer(partial(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a terminal
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, *cli.STOP_SIGNALS)}
+    monkeypatch.setattr(export, "run", fails)
+    real, bound = cli.given_up_after, []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        for where in ("before", "after"):
+            monkeypatch.setattr(cli, "given_up_after", _stopped_around(real, where, signum, bound))
+            got = _main_or_its_stop(["export", "ckpt", "--format", "torchvision", "--output", "x.pth"])
+            err = capsys.readouterr().err
+            assert got == 2 and err == "moco-fast export: error: the ranks were started with different settings\n", (
+                signum,
+                where,
+                got,
+            )
+    assert bound == [signal.SIGINT, signal.SIGTERM]
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_stop_as_a_command_starts_is_held_for_it_and_one_as_it_returns_is_dropped(monkeypatch, capsys, request):
+    # Between main's handlers and the command's body (_command), and from the body's return to the
+    # handlers put back, a stop raised from the handler out of main: a traceback. Sent here as
+    # warnings_as_lines, entered in there, is entered and left. Before, it ends the command before
+    # its body runs; after, the command is done: it returns its status.
+    import signal
+
+    import moco_fast.commands.export as export
+
+    request.addfinalizer(partial(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ran = []
+    monkeypatch.setattr(export, "run", lambda args: ran.append(1))
+    real = cli.warnings_as_lines
+    for signum, line, status in ((signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "terminated", 143)):
+        for where, end in (("before", (status, f"{line}\n", [])), ("after", (0, "", [1]))):
+            monkeypatch.setattr(cli, "warnings_as_lines", _stopped_around(real, where, signum, []))
+            got = _main_or_its_stop(["export", "ckpt", "--format", "torchvision", "--output", "x.pth"])
+            assert (got, capsys.readouterr().err, ran) == end, (signum, where)
+            ran.clear()
+
+
 BLOCKED_LAST_LINE = """
 import fcntl, os, select, signal, sys, threading, time
 import moco_fast.commands.export as export
@@ -144,9 +223,11 @@ def fill_in_a_thread():
         time.sleep(0.01)
 
 def stop_once_held(main):
-    # one stop while the error line blocks, its stops held (cli._stops_held's handler in place): sent
-    # from outside right after "full", it could land before they were held, and its traceback blocked
-    while "_stops_held" not in getattr(signal.getsignal(signal.SIGTERM), "__qualname__", ""):
+    # one stop while the error line is said (its give-up armed: cli._Ending.first), held: sent from
+    # outside right after "full", it could land before the command had ended
+    from moco_fast import cli
+
+    while getattr(cli._ending, "first", None) is None:
         time.sleep(0.01)
     signal.pthread_kill(main, signal.SIGTERM)  # the main thread's write is the one it wakes
 
