@@ -495,9 +495,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING, format="%(levelname)s %(message)s", handlers=[bar_lines.LineHandler(sys.stderr)]
     )
     logging.getLogger("moco_fast").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from moco_fast.metrics import share_bar_lock  # imports tqdm: not at cli's own import
-
-    share_bar_lock()  # before a bar is drawn or a worker forked
     with _ending_held(), stop_signals_handled(_say_stopped if _in_a_worker() else None), warnings_as_lines():
         return _run(args)
 
@@ -520,6 +517,11 @@ def _command(args: argparse.Namespace) -> int:
         signal.raise_signal(_ending.held.pop())
     if getattr(args, "empty_flag", None):
         raise UserError(EMPTY_PATH.format(args.empty_flag))
+    # tqdm's import (tens of ms): in here, where a Ctrl-C ends the command with its line, not before
+    # main's handlers (a traceback); not at cli's own import
+    from moco_fast.metrics import share_bar_lock
+
+    share_bar_lock()  # before a bar is drawn or a worker forked
     if threading.current_thread() is threading.main_thread():
         import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
     if args.command not in DISTRIBUTED_COMMANDS:

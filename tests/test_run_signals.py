@@ -412,6 +412,32 @@ def test_each_command_holds_ctrl_c_over_the_imports_it_makes(tmp_path):
     assert done.stdout.split()[-2:] == ["0", "False"], done.stderr
 
 
+CTRL_C_IN_TQDMS_IMPORT = """
+import os, signal, sys
+
+class CtrlCInTqdmsImport:  # a Ctrl-C as tqdm starts to be imported; then the import goes on
+    def find_spec(self, name, path=None, target=None):
+        if name == "tqdm":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, also under a test run that ignores it
+sys.meta_path.insert(0, CtrlCInTqdmsImport())
+from moco_fast.cli import main
+sys.exit(main(["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]))
+"""
+
+
+def test_ctrl_c_while_tqdm_is_imported_ends_the_command_with_its_line():
+    # main imported tqdm (tens of ms) before its handlers and the command's: a Ctrl-C then ended the
+    # process with a traceback. The command imports it now, and ends as interrupted before it runs.
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_TQDMS_IMPORT], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "interrupted\n"), done.stderr[-2000:]
+
+
 def test_sigterm_stops_the_watch_on_dataloader_workers():
     # SIGTERM to the process group ends the DataLoader workers with the main process, so SIGTERM and
     # SIGCHLD arrive together. torch's SIGCHLD handler, left in place, raised "DataLoader worker ...
