@@ -30,7 +30,17 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import IO
 
-_PID = os.getpid()  # a forked child's bars are its parent's (below_the_parents_bar)
+_PID = os.getpid()  # the process whose bars are its own (own_bars); a forked child's are its parent's
+
+
+def own_bars() -> None:
+    """This process's bars are its own from now on, not a forked parent's (below_the_parents_bar):
+    called where a command starts (metrics.share_bar_lock). The PID at this module's import alone
+    took a program's child that it forked to run a command (after importing moco_fast) for a
+    DataLoader worker: its lines went under its own bar as under a parent's, the bar not drawn again."""
+    global _PID
+    _PID = os.getpid()
+
 
 # How long a forked child waits for tqdm's lock before writing its line without it: a parent killed
 # (SIGKILL) while drawing its bar leaves the lock taken for ever.

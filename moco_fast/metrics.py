@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.std import TqdmDefaultWriteLock
 
+from moco_fast import bar_lines
 from moco_fast.threads import handle_thread_errors
 
 log = logging.getLogger("moco_fast")
@@ -27,8 +28,10 @@ def share_bar_lock() -> None:
     resource tracker's "There appear to be 1 leaked semaphore objects to clean up at shutdown" after
     the command's last line. Forked children (DataLoader workers) share it: their lines under their
     parent's bar take it (bar_lines.below_the_parents_bar). A /dev/shm with no room for it: none, as
-    tqdm's own does then (a full one is named where workers start). Where a command starts (cli.main,
-    a `--gpus` worker: launch._reported), not at import: code that imports moco_fast keeps tqdm's own."""
+    tqdm's own does then (a full one is named where workers start). Where a command starts (cli._command,
+    a `--gpus` worker: launch._reported), not at import: code that imports moco_fast keeps tqdm's own.
+    The process's bars are its own from there on (bar_lines.own_bars)."""
+    bar_lines.own_bars()
     if not hasattr(TqdmDefaultWriteLock, "mp_lock"):
         try:
             TqdmDefaultWriteLock.mp_lock = multiprocessing.get_context("fork").RLock()

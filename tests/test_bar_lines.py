@@ -20,7 +20,7 @@ import pytest
 
 from moco_fast import bar_lines, cli, knn
 from moco_fast.convert_beton import BetonSource
-from moco_fast.metrics import progress, tqdm
+from moco_fast.metrics import progress, share_bar_lock, tqdm
 
 BAR = "epoch 1/2"
 SAVED = "INFO saved checkpoint at step 3"
@@ -96,6 +96,30 @@ def test_without_a_bar_of_this_process_the_lines_are_written_as_before(monkeypat
     if drawn is not None:
         drawn.close()
     assert written == f"{SAVED}\n{WARNED}\n"
+
+
+def test_a_command_in_a_child_that_a_program_forked_draws_its_own_bars_again(monkeypatch, caplog):
+    # bar_lines told a forked child by the PID at its import: a program that imported moco_fast, then
+    # forked a child to run a command, had the child's lines under its own bar written as under a
+    # parent's (from the bar's line start) and the bar not drawn again after them
+    read, write = os.pipe()
+    if (pid := os.fork()) == 0:  # the child: a command's start, a bar, a line
+        try:
+            err = stderr(monkeypatch, caplog)
+            share_bar_lock()  # as cli._command does
+            bar = progress(total=10, desc=BAR)
+            bar.update(3)
+            start = len(err.getvalue())
+            logging.getLogger("moco_fast").info(SAVED.removeprefix("INFO "))
+            os.write(write, err.getvalue()[start:].encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        written = fh.read().decode()
+    os.waitpid(pid, 0)
+    before, after = written.split(SAVED)
+    assert not before.startswith("\n") and BAR in after, repr(written)  # cleared, and drawn again after it
 
 
 def screen(text: str) -> list[str]:
@@ -266,7 +290,7 @@ def test_a_bars_process_ended_without_its_exit_handlers_leaves_no_semaphore_unde
 import multiprocessing, os
 multiprocessing.set_start_method("forkserver", force=True)
 from moco_fast.metrics import progress, share_bar_lock
-share_bar_lock()  # as a command starts (cli.main, a --gpus worker)
+share_bar_lock()  # as a command starts (cli._command, a --gpus worker)
 bar = progress(2, "steps")
 bar.update(2)
 bar.close()
