@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import sys
 import time
 from dataclasses import replace
@@ -44,6 +45,7 @@ with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here 
     from row_specs import DEFAULT_ROWS, MODIFIERS, RowSpec, parse_rows
 
     from moco_fast.checkpoint import atomic_write_text
+    from moco_fast.cli import log_as_lines
     from moco_fast.config import ConfigError, build_config, check_image_size, to_dict
     from moco_fast.data import DataError
     from moco_fast.model import MoCo
@@ -337,6 +339,7 @@ def row_done(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_as_lines(logging.WARNING)  # the data listing's warnings as the CLI writes them; no INFO among the rows
     try:
         device = resolve_device(args.device)
         args.steps = default(args.steps, 3 if device.type == "cpu" else 30)

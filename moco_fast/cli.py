@@ -484,17 +484,24 @@ def empty_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
     return None
 
 
+def log_as_lines(level: int) -> None:
+    """Log records to stderr as moco-fast's lines: "WARNING skipping ...", "INFO saved checkpoint ...",
+    moco-fast's own from `level`, other libraries' from WARNING (torch's import sets its own levels, but
+    one cut short by Ctrl-C does not, and its exit hooks logged at INFO after "interrupted"). A record
+    written while a progress bar is open goes on a line of its own (bar_lines.LineHandler). For the
+    CLI (main) and the benches (bench/throughput.py), whose data listing warns as train's does:
+    without it, logging's last resort wrote the bare message."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(message)s", handlers=[bar_lines.LineHandler(sys.stderr)]
+    )
+    logging.getLogger("moco_fast").setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.empty_flag = empty_flag(parser, args)
-    # INFO for moco-fast's own messages; other libraries' at WARNING (torch's import sets its own levels,
-    # but one cut short by Ctrl-C does not, and its exit hooks logged at INFO after "interrupted").
-    # A record written while a progress bar is open goes on a line of its own (bar_lines.LineHandler).
-    logging.basicConfig(
-        level=logging.WARNING, format="%(levelname)s %(message)s", handlers=[bar_lines.LineHandler(sys.stderr)]
-    )
-    logging.getLogger("moco_fast").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    log_as_lines(logging.DEBUG if args.verbose else logging.INFO)
     with _ending_held(), stop_signals_handled(_say_stopped if _in_a_worker() else None), warnings_as_lines():
         return _run(args)
 

@@ -56,6 +56,29 @@ def test_cpu_run_writes_the_table_json_and_plot(tiny_root, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+def test_the_data_listings_warnings_read_as_the_clis(tmp_path):
+    # The bench set up no logging: the listing's warnings (a file it skips) came through logging's last
+    # resort as bare messages, where the CLI writes "WARNING ..." (cli.log_as_lines)
+    from PIL import Image
+
+    for c in "ab":
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (40, 40), (30 * i, 10, 200)).save(tmp_path / "train" / c / f"{i}.jpg")
+    Image.new("RGB", (40, 40)).save(tmp_path / "train" / "stray.jpg")  # read by nothing: skipped, said
+    args = [*TINY, "--data", str(tmp_path), "--rows", "loader", "--loader", "torch", "--workers", "0", "--steps", "1"]
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "throughput.py"), *args, "--warmup", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    skipped = [line for line in run.stderr.splitlines() if "stray.jpg" in line]
+    assert skipped and all(line.startswith("WARNING skipping ") for line in skipped), run.stderr[-3000:]
+
+
 def plot_available() -> bool:
     try:
         import matplotlib  # noqa: F401
