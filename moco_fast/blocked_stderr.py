@@ -37,8 +37,11 @@ def given_up_after() -> Iterator[Callable[[], None]]:
 
     before = signal.signal(signal.SIGALRM, woken)
 
+    once = threading.Lock()  # taken by the first start(): one that a stop's handler (cli._Ending)
+    # calls within another, between its check and its start, started the timer twice (RuntimeError)
+
     def start() -> None:
-        if timer.ident is None:  # not started yet
+        if once.acquire(blocking=False):
             timer.start()
 
     try:

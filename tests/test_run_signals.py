@@ -311,6 +311,29 @@ def test_an_alarm_of_the_callers_during_the_last_line_reaches_its_handler():
     assert got == [signal.SIGALRM]
 
 
+def test_a_give_up_started_within_its_own_start_starts_once(monkeypatch):
+    # A stop held (cli._Ending) as a stopped command's line starts its give-up calls start() from the
+    # handler, which can land within the command's own start(): between its "not started yet" and
+    # the timer's start, both started it, and the second raised RuntimeError, a traceback for the line
+    import threading
+
+    from moco_fast import blocked_stderr
+
+    real, calls = threading.Timer.start, []
+
+    def start_landing_within(timer):  # as the handler lands, once, just before the timer starts
+        calls.append(timer)
+        if len(calls) == 1:
+            start()
+        real(timer)
+
+    monkeypatch.setattr(blocked_stderr, "WAIT_S", 600)  # never fires here
+    monkeypatch.setattr(threading.Timer, "start", start_landing_within)
+    with blocked_stderr.given_up_after() as start:
+        start()
+    assert len(calls) == 1 and not calls[0].is_alive()
+
+
 STOPPED_IN_A_SAVE = """
 import json, os, pathlib, shutil, signal, sys, torch
 from moco_fast import checkpoint, trainer
