@@ -319,8 +319,10 @@ def start_run(cfg: Any) -> tuple[tuple[int, ...] | None, torch.device, torch.dty
     return steps, device, amp_dtype, time.perf_counter()
 
 
-def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
-    """Train and evaluate a linear classifier on the frozen backbone; writes and returns the result."""
+def run_lincls(cfg: LinclsConfig, splits: DataSplits | None = None) -> dict[str, Any]:
+    """Train and evaluate a linear classifier on the frozen backbone; writes and returns the result.
+    `splits`: `cfg.data` as its caller has just listed it (load_splits_with_eval: the sweep, to compare
+    a stopped classifier's state with it), else listed here."""
     from moco_fast import checkpoint as ckpt
     from moco_fast.checkpoint import load_model
     from moco_fast.foreign import as_training_state
@@ -347,7 +349,8 @@ def run_lincls(cfg: LinclsConfig) -> dict[str, Any]:
     backbone = backbone.to(device).eval().requires_grad_(False)
     if device.type == "cuda":
         backbone = backbone.to(memory_format=torch.channels_last)
-    splits = load_splits_with_eval(cfg.data)
+    if splits is None:
+        splits = load_splits_with_eval(cfg.data)
     out = Path(cfg.out) if cfg.out else result_beside(cfg.checkpoint, LINCLS_RESULT)
     listing = listing_fingerprint(splits)
     check_state(out, cfg, "lincls", listing)  # other images: refused before the features are extracted

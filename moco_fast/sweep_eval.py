@@ -90,15 +90,17 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
     )
     # a sweep stopped in this setting's classifier continues it; one run with other settings (another
     # --lincls-epochs, a checkpoint trained further, other images in --data since) is the sweep's own
-    # to start over. The data is listed for it only where such a state lies (run_lincls lists it again)
+    # to start over. The data is listed for it only where such a state lies, and run_lincls takes that
+    # listing: listed again, its warnings (a file it skips, split copies) were said twice
     with hold_output(out, "sweep"):  # two sweeps into one folder may evaluate the same setting
+        splits = None
         if state_path(out).is_file():
-            listing = listing_fingerprint(load_splits_with_eval(lc.data))
-            if not resumable(out, lc, "lincls", listing):
+            splits = load_splits_with_eval(lc.data)
+            if not resumable(out, lc, "lincls", listing_fingerprint(splits)):
                 log.info(
                     "%s: its linear classifier stopped with other settings, checkpoint or images; it starts over",
                     folder,
                 )
                 clear_state(out)
         with continued_by("the same sweep command continues it", "--lincls-lr"):
-            return run_lincls(replace(lc, resume=state_path(out).is_file()))["top1"]
+            return run_lincls(replace(lc, resume=state_path(out).is_file()), splits)["top1"]

@@ -191,7 +191,7 @@ def test_sweep_linear_classifier_lr(finished_sweep, six_root, tmp_path, monkeypa
     run = out / SWEEP_RUN
     metrics = (run / "metrics.jsonl").read_text()
     seen = []
-    monkeypatch.setattr(lincls, "run_lincls", lambda cfg: seen.append(cfg) or {"top1": 12.5})
+    monkeypatch.setattr(lincls, "run_lincls", lambda cfg, splits=None: seen.append(cfg) or {"top1": 12.5})
     args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3", "--lincls-lr", "0.5")
     assert main(args) == 0
     assert [(c.epochs, c.lr, c.cached_features) for c in seen] == [(3, 0.5, True)]
@@ -222,9 +222,13 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
     assert f"lincls: stopped; {state} holds epoch 1: the same sweep command continues it" in caplog.text
     assert f"sweep: stopped in {SWEEP_RUN}; the same sweep command continues" in caplog.text
     caplog.clear()
+    listed = []  # the sweep lists the data to compare the state with it: run_lincls takes that listing
+    real = moco_fast.lincls.load_splits_with_eval
+    monkeypatch.setattr(moco_fast.lincls, "load_splits_with_eval", lambda data: listed.append(data) or real(data))
     with caplog.at_level(logging.INFO, logger="moco_fast"):
         assert main(args) == 0
     assert "--resume: lincls continues after epoch 1 of 2" in caplog.text and not state.exists()
+    assert listed == [str(six_root)]  # listed twice, its warnings were said twice
     with monkeypatch.context() as m:
         interrupt_at(m, moco_fast.lincls, 1)
         assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "4")) == 130
