@@ -20,6 +20,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -337,41 +339,63 @@ def row_done(row: dict) -> str:
     return f"{speed_text(row['img_per_s'])} img/s"
 
 
+@contextmanager
+def each_warning_once() -> Iterator[None]:
+    """moco-fast's log records, each said once while the bench runs: check_data lists the data, and
+    every loader or end-to-end row lists it again (create_loader), each listing with the same
+    warnings (a file it skips, split copies), which were said again with each."""
+    said: set[tuple[int, str]] = set()
+
+    def first_time(record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        fresh = key not in said
+        said.add(key)
+        return fresh
+
+    log = logging.getLogger("moco_fast")
+    log.addFilter(first_time)
+    try:
+        yield
+    finally:
+        log.removeFilter(first_time)  # main called in-process (the tests): the logger is the process's
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_as_lines(logging.WARNING)  # the data listing's warnings as the CLI writes them; no INFO among the rows
-    try:
-        device = resolve_device(args.device)
-        args.steps = default(args.steps, 3 if device.type == "cpu" else 30)
-        args.warmup = default(args.warmup, 1 if device.type == "cpu" else 10)
-        if args.steps < 1 or args.warmup < 0:
-            raise ConfigError("--steps must be at least 1 and --warmup at least 0")
-        if args.batch_size is not None and args.batch_size < 1:
-            raise ConfigError(f"--batch-size must be positive (got {args.batch_size})")
-        if args.image_size is not None:  # before make_config sizes anything by it
-            check_image_size(args.image_size)
-        check_output_path(args.json, "--json", ".json")
-        check_output_path(args.plot, "--plot", ".png")
-        cfg = make_config(args, device)
-        specs = parse_rows(args.rows, args)
-        check_specs(specs, args, device)
-        if any(s.kind in ("loader", "end-to-end") for s in specs):
-            check_data(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # the data check reads the folder (seconds on a network disk)
-        return stopped_before_rows()
-    try:
-        return measure(args, cfg, specs, device)
-    except OSError as e:  # --json or --plot on a full disk, or a path that may no longer be written
-        from moco_fast.cli import one_line
+    with each_warning_once():  # check_data lists the data, and each loader or end-to-end row again
+        try:
+            device = resolve_device(args.device)
+            args.steps = default(args.steps, 3 if device.type == "cpu" else 30)
+            args.warmup = default(args.warmup, 1 if device.type == "cpu" else 10)
+            if args.steps < 1 or args.warmup < 0:
+                raise ConfigError("--steps must be at least 1 and --warmup at least 0")
+            if args.batch_size is not None and args.batch_size < 1:
+                raise ConfigError(f"--batch-size must be positive (got {args.batch_size})")
+            if args.image_size is not None:  # before make_config sizes anything by it
+                check_image_size(args.image_size)
+            check_output_path(args.json, "--json", ".json")
+            check_output_path(args.plot, "--plot", ".png")
+            cfg = make_config(args, device)
+            specs = parse_rows(args.rows, args)
+            check_specs(specs, args, device)
+            if any(s.kind in ("loader", "end-to-end") for s in specs):
+                check_data(cfg)
+        except (ConfigError, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # the data check reads the folder (seconds on a network disk)
+            return stopped_before_rows()
+        try:
+            return measure(args, cfg, specs, device)
+        except OSError as e:  # --json or --plot on a full disk, or a path that may no longer be written
+            from moco_fast.cli import one_line
 
-        line = one_line(e)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return 2
+            line = one_line(e)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
+            return 2
 
 
 def measure(args: argparse.Namespace, cfg, specs: list[RowSpec], device: torch.device) -> int:

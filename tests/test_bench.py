@@ -77,6 +77,8 @@ def test_the_data_listings_warnings_read_as_the_clis(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     skipped = [line for line in run.stderr.splitlines() if "stray.jpg" in line]
     assert skipped and all(line.startswith("WARNING skipping ") for line in skipped), run.stderr[-3000:]
+    # once: the data check listed it, and the loader row again, each saying it
+    assert len(skipped) == 1, run.stderr[-3000:]
 
 
 def plot_available() -> bool:
