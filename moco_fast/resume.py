@@ -45,13 +45,12 @@ def resume(
         raise DataError(f"--resume: {resume_path} is not a moco-fast training checkpoint")
     check_same_model(state["config"], cfg)
     if state["epoch"] < cfg.optim.epochs:
-        saved_world = state.get("world_size", world)
-        saved_sync_bn = state["config"].get("runtime", {}).get("sync_bn")
+        saved = SavedRun.of(state)  # as train --resume read it with the checkpoint's config
         # shuffle BN back where sync BN stops replacing it: train --resume's own line says so
-        said = ("shuffle_bn",) if cfg.moco.shuffle_bn and sync_bn_stops(saved_sync_bn, saved_world, cfg, world) else ()
-        warn_changed(saved_as_run(state["config"], saved_world), cfg, said)
-        warn_rescheduled(state["config"], cfg, state["epoch"], world, saved_world, state.get("step") or 0)
-        warn_rescaled(state["config"], cfg, world, saved_world)
+        said = ("shuffle_bn",) if cfg.moco.shuffle_bn and sync_bn_stops(saved.sync_bn, saved.world, cfg, world) else ()
+        warn_changed(saved_as_run(state["config"], saved.world), cfg, said)
+        warn_rescheduled(state["config"], cfg, state["epoch"], world, saved.world, state.get("step") or 0)
+        warn_rescaled(state["config"], cfg, world, saved.world)
         warn_other_amp(state, cfg, device)
     else:
         warn_other_data(state["config"], cfg)
