@@ -108,7 +108,7 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
     # a run in progress there: one line, no workers; else the folder stays held, by this process and
     # the workers it hands the hold to, until they end (no other train takes it in between)
     with hold_for_workers(Path(cfg.runtime.out)) as hold:
-        check_output(cfg)
+        check_output(cfg, say=False)  # rank 0 says what it finds there
         if cfg.runtime.cuda_graph:
             check_cuda_graph(torch.device("cuda"), n)
         try:

@@ -75,14 +75,15 @@ def run_file(p: Path) -> str | None:
     return None
 
 
-def check_output(cfg: TrainConfig) -> Path | None:
+def check_output(cfg: TrainConfig, say: bool = True) -> Path | None:
     """The checkpoint to resume from (None: a fresh run), or a ConfigError when --out holds a run
     (its checkpoint, or rows or a summary) that this one does not continue and --force does not
-    replace. Called before any data or worker starts."""
+    replace. Called before any data or worker starts. say False: the launcher of `train --gpus N`,
+    whose rank 0 checks the folder again and says that the run starts over (once, not twice)."""
     out = Path(cfg.runtime.out)
     check_run_folder(out)
     resume_path = ckpt.find_resume(cfg.runtime.resume, out)
-    if starts_over(cfg, resume_path):
+    if starts_over(cfg, resume_path) and say:
         log.warning(
             "--resume: no checkpoint in %s yet; starting from scratch%s",
             out,

@@ -96,6 +96,25 @@ def test_gpus_holds_the_run_folder_while_its_workers_run(tiny_root, tmp_path, mo
         assert held
 
 
+def test_gpus_leaves_the_line_of_a_run_that_starts_over_to_its_rank_0(tiny_root, tmp_path, monkeypatch, capsys, caplog):
+    # --resume of a run stopped before its first checkpoint: the launcher's check of --out said that it
+    # starts from scratch, and rank 0's own check (in train, as without --gpus) said it again
+    from moco_fast import launch
+
+    started = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch, "run_workers", lambda *a, **k: started.append(a) or [{}])
+    out = tmp_path / "run"
+    args = [*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]
+    assert main([*args, "--print-config"]) == 0
+    out.mkdir()
+    (out / "config.json").write_text(capsys.readouterr().out)  # as a run killed in its setup left it
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*args, "--resume"]) == 0
+    assert len(started) == 1
+    assert not [r for r in caplog.records if "starting from scratch" in r.getMessage()]
+
+
 def _handed_worker(out: str, hold) -> tuple[bool, bool, bool]:
     # in a worker handed the launcher's hold: the worker's own hold_run_folder (rank 0's, in train),
     # the handed lock taken again on its descriptor (the launcher's lock itself), and a fresh lock
