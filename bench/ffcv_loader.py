@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -46,6 +47,7 @@ with interrupted_before_rows(held=("torch",)):
 
     from moco_fast.augment import MOCO_V2
     from moco_fast.checkpoint import atomic_write_text
+    from moco_fast.cli import log_as_lines
     from moco_fast.config import ConfigError
     from moco_fast.convert import ConvertConfig, convert
     from moco_fast.convert_images import load_resized
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="free text for the JSON (e.g. what else shared the machine)")
     p.add_argument("--json", help="write the results here, a .json file")
     a = p.parse_args(argv)
+    log_as_lines(logging.WARNING)  # the data listing's warnings as the CLI writes them, as throughput.py
     rows = [r for r in a.rows.split(",") if r]
     try:  # every value checked before the conversion or any row: one line and exit 2
         check_args(a, rows)

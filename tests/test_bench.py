@@ -56,10 +56,22 @@ def test_cpu_run_writes_the_table_json_and_plot(tiny_root, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# each bench that lists --data, with its flags for one short row (the folder: tmp_path/train)
+LISTING_BENCHES = {
+    "throughput.py": lambda tmp: [*TINY, "--data", str(tmp), "--rows", "loader", "--loader", "torch", "--workers", "0"],
+    "ffcv_loader.py": lambda tmp: [
+        "--data",
+        str(tmp / "train"),
+        *("--rows", "torch", "--workers", "1", "--batch-size", "4", "--min-seconds", "0"),
+    ],
+}
+
+
 @pytest.mark.slow
-def test_the_data_listings_warnings_read_as_the_clis(tmp_path):
-    # The bench set up no logging: the listing's warnings (a file it skips) came through logging's last
-    # resort as bare messages, where the CLI writes "WARNING ..." (cli.log_as_lines)
+@pytest.mark.parametrize("bench", sorted(LISTING_BENCHES))
+def test_the_data_listings_warnings_read_as_the_clis(tmp_path, bench):
+    # The benches set up no logging: the listing's warnings (a file it skips) came through logging's
+    # last resort as bare messages, where the CLI writes "WARNING ..." (cli.log_as_lines)
     from PIL import Image
 
     for c in "ab":
@@ -67,9 +79,8 @@ def test_the_data_listings_warnings_read_as_the_clis(tmp_path):
         for i in range(8):
             Image.new("RGB", (40, 40), (30 * i, 10, 200)).save(tmp_path / "train" / c / f"{i}.jpg")
     Image.new("RGB", (40, 40)).save(tmp_path / "train" / "stray.jpg")  # read by nothing: skipped, said
-    args = [*TINY, "--data", str(tmp_path), "--rows", "loader", "--loader", "torch", "--workers", "0", "--steps", "1"]
     run = subprocess.run(
-        [sys.executable, str(BENCH / "throughput.py"), *args, "--warmup", "0"],
+        [sys.executable, str(BENCH / bench), *LISTING_BENCHES[bench](tmp_path), "--steps", "1", "--warmup", "0"],
         capture_output=True,
         text=True,
         timeout=600,
