@@ -498,12 +498,16 @@ def log_as_lines(level: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.empty_flag = empty_flag(parser, args)
-    log_as_lines(logging.DEBUG if args.verbose else logging.INFO)
-    with _ending_held(), stop_signals_handled(_say_stopped if _in_a_worker() else None), warnings_as_lines():
-        return _run(args)
+    # The parser imports the commands' modules (tens of ms): under main's handlers, which hold a stop
+    # there for the command (_Ending), as they do one before its body; before them, a Ctrl-C was a
+    # KeyboardInterrupt's traceback
+    with _ending_held(), stop_signals_handled(_say_stopped if _in_a_worker() else None):
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        args.empty_flag = empty_flag(parser, args)
+        log_as_lines(logging.DEBUG if args.verbose else logging.INFO)
+        with warnings_as_lines():
+            return _run(args)
 
 
 def _in_a_worker() -> bool:

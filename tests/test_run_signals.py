@@ -7,6 +7,7 @@ import os
 import sys
 from functools import partial
 
+import pytest
 from run_helpers import tiny_args
 
 from moco_fast import cli
@@ -435,29 +436,33 @@ def test_each_command_holds_ctrl_c_over_the_imports_it_makes(tmp_path):
     assert done.stdout.split()[-2:] == ["0", "False"], done.stderr
 
 
-CTRL_C_IN_TQDMS_IMPORT = """
+CTRL_C_IN_AN_IMPORT = """
 import os, signal, sys
 
-class CtrlCInTqdmsImport:  # a Ctrl-C as tqdm starts to be imported; then the import goes on
+class CtrlCInAnImport:  # a Ctrl-C as the module named starts to be imported; then the import goes on
     def find_spec(self, name, path=None, target=None):
-        if name == "tqdm":
+        if name == sys.argv[1]:
             sys.meta_path.remove(self)
             os.kill(os.getpid(), signal.SIGINT)
         return None
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, also under a test run that ignores it
-sys.meta_path.insert(0, CtrlCInTqdmsImport())
+sys.meta_path.insert(0, CtrlCInAnImport())
 from moco_fast.cli import main
 sys.exit(main(["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]))
 """
 
 
-def test_ctrl_c_while_tqdm_is_imported_ends_the_command_with_its_line():
-    # main imported tqdm (tens of ms) before its handlers and the command's: a Ctrl-C then ended the
-    # process with a traceback. The command imports it now, and ends as interrupted before it runs.
+@pytest.mark.parametrize("module", ["tqdm", "moco_fast.commands.export"])
+def test_ctrl_c_while_main_imports_ends_the_command_with_its_line(module):
+    # main imported tqdm (tens of ms), and its parser the commands' modules (build_parser, 70 ms),
+    # before its handlers and the command's: a Ctrl-C then ended the process with a traceback. The
+    # command imports tqdm now, and main's handlers hold a stop during the parse for the command,
+    # which ends as interrupted before it runs.
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_TQDMS_IMPORT], capture_output=True, text=True, timeout=120)
+    script = [sys.executable, "-c", CTRL_C_IN_AN_IMPORT, module]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (130, "interrupted\n"), done.stderr[-2000:]
 
 
