@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -104,6 +105,8 @@ def test_a_command_in_a_child_that_a_program_forked_draws_its_own_bars_again(mon
     # parent's (from the bar's line start) and the bar not drawn again after them
     read, write = os.pipe()
     if (pid := os.fork()) == 0:  # the child: a command's start, a bar, a line
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(60)  # a lock that another thread held at the fork: the child dies, the read ends
         try:
             err = stderr(monkeypatch, caplog)
             share_bar_lock()  # as cli._command does
