@@ -70,8 +70,10 @@ def resume(
         part["num_images"] = state["num_images"]
     elif state["epoch"] < cfg.optim.epochs:
         warn_other_images(state.get("num_images"), num_images)
-    within = f", step {part['step']} of epoch {state['epoch'] + 1}" if part else ""
-    log.info("resumed from %s at epoch %d%s", resume_path, state["epoch"], within)
+    # state["epoch"]: the epochs done; "at epoch 0, step 1 of epoch 1" read as two positions
+    done = state["epoch"]
+    where = f"step {part['step']} of epoch {done + 1}" if part else f"epoch {done}" if done else "its start"
+    log.info("resumed from %s after %s", resume_path, where)
     return state["epoch"], part, state.get("row")
 
 

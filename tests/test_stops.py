@@ -167,6 +167,7 @@ def test_the_cli_stops_with_its_line_and_status_and_resume_ends_as_a_whole_run(t
     with caplog.at_level(logging.INFO, "moco_fast"):
         assert main([*args, "--out", str(cut), "--resume"]) == 0
     assert "epoch 2 continues at step 5 of 5" in caplog.text
+    assert f"resumed from {cut / 'checkpoint.pt'} after step 4 of epoch 2\n" in caplog.text  # said "at epoch 1, ..."
     assert [r["epoch"] for r in rows(cut)] == [1, 2]
     assert [r["loss"] for r in rows(cut)] == [r["loss"] for r in rows(tmp_path / "whole")]
     assert same_weights(tmp_path / "whole", cut) == []
