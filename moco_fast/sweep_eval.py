@@ -5,6 +5,7 @@ classifier on cached features (written as sweep_lincls.json beside the checkpoin
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,7 +94,7 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
     # to start over. The data is listed for it only where such a state lies, and run_lincls takes that
     # listing: listed again, its warnings (a file it skips, split copies) were said twice
     with hold_output(out, "sweep"):  # two sweeps into one folder may evaluate the same setting
-        splits = None
+        splits, started = None, time.perf_counter()  # the listing is part of the classifier's wall_s
         if state_path(out).is_file():
             splits = load_splits_with_eval(lc.data)
             if not resumable(out, lc, "lincls", listing_fingerprint(splits)):
@@ -103,4 +104,4 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
                 )
                 clear_state(out)
         with continued_by("the same sweep command continues it", "--lincls-lr"):
-            return run_lincls(replace(lc, resume=state_path(out).is_file()), splits)["top1"]
+            return run_lincls(replace(lc, resume=state_path(out).is_file()), splits, started)["top1"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from run_helpers import tiny_args
 
 from moco_fast.cli import build_parser, main
 from moco_fast.config import MAX_SEED
+from moco_fast.run_folder import SWEEP_LINCLS_RESULT
 
 
 # -- sweep ----------------------------------------------------------------------------------------
@@ -223,12 +225,20 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
     assert f"sweep: stopped in {SWEEP_RUN}; the same sweep command continues" in caplog.text
     caplog.clear()
     listed = []  # the sweep lists the data to compare the state with it: run_lincls takes that listing
-    real = moco_fast.lincls.load_splits_with_eval
-    monkeypatch.setattr(moco_fast.lincls, "load_splits_with_eval", lambda data: listed.append(data) or real(data))
+    real, clock, hours = moco_fast.lincls.load_splits_with_eval, time.perf_counter, [0]
+
+    def listing(data):  # that listing takes an hour, on a clock of its own
+        hours[0] += 1
+        return listed.append(data) or real(data)
+
+    monkeypatch.setattr(moco_fast.lincls, "load_splits_with_eval", listing)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + 3600 * hours[0])
     with caplog.at_level(logging.INFO, logger="moco_fast"):
         assert main(args) == 0
     assert "--resume: lincls continues after epoch 1 of 2" in caplog.text and not state.exists()
     assert listed == [str(six_root)]  # listed twice, its warnings were said twice
+    # its wall_s counts that listing, as a classifier's own listing counts
+    assert json.loads((out / SWEEP_RUN / SWEEP_LINCLS_RESULT).read_text())["wall_s"] >= 3600
     with monkeypatch.context() as m:
         interrupt_at(m, moco_fast.lincls, 1)
         assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "4")) == 130
