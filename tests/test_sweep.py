@@ -193,7 +193,7 @@ def test_sweep_linear_classifier_lr(finished_sweep, six_root, tmp_path, monkeypa
     run = out / SWEEP_RUN
     metrics = (run / "metrics.jsonl").read_text()
     seen = []
-    monkeypatch.setattr(lincls, "run_lincls", lambda cfg, splits=None: seen.append(cfg) or {"top1": 12.5})
+    monkeypatch.setattr(lincls, "run_lincls", lambda cfg, *listed: seen.append(cfg) or {"top1": 12.5})
     args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3", "--lincls-lr", "0.5")
     assert main(args) == 0
     assert [(c.epochs, c.lr, c.cached_features) for c in seen] == [(3, 0.5, True)]
