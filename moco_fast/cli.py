@@ -524,7 +524,9 @@ def _say_stopped(signum: int) -> None:
 
 def _command(args: argparse.Namespace) -> int:
     """The command itself: a stop that lands in here ends it (_on_stop_signal)."""
-    if _ending is not None and _ending.held:  # one that main's handlers held before this began: now
+    # One that main's handlers held before this began: now. Main thread only: _ending is the main
+    # thread's command's, and another thread's command would take its stop
+    if _ending is not None and _ending.held and threading.current_thread() is threading.main_thread():
         signal.raise_signal(_ending.held.pop())
     if getattr(args, "empty_flag", None):
         raise UserError(EMPTY_PATH.format(args.empty_flag))

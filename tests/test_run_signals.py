@@ -566,3 +566,24 @@ def test_the_sigchld_handler_a_stop_replaced_is_put_back_once(monkeypatch, capsy
     assert main(argv) == 0 and signal.getsignal(signal.SIGCHLD) is held
     signal.signal(signal.SIGCHLD, cli._children_end)  # as a finaliser that restores an earlier no-op
     assert main(argv) == 0 and signal.getsignal(signal.SIGCHLD) is cli._children_end
+
+
+def test_a_command_in_another_thread_leaves_a_stop_held_for_the_main_threads(monkeypatch):
+    # cli._ending is the main thread's command's: a cli.main in another thread at the same time took
+    # the stop held for it (and raised it from there: delivered to the main thread, as the command's
+    # body ran or after it).
+    import signal
+    import threading
+
+    import moco_fast.commands.export as export
+
+    raised, got = [], []
+    monkeypatch.setattr(cli.signal, "raise_signal", raised.append)
+    monkeypatch.setattr(export, "run", lambda args: None)
+    argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
+    with cli._ending_held():
+        cli._ending.held.append(signal.SIGTERM)  # as main's handler holds a stop before its command's body
+        other = threading.Thread(target=lambda: got.append(main(argv)))
+        other.start()
+        other.join()
+        assert (got, raised, cli._ending.held) == ([0], [], [signal.SIGTERM])
