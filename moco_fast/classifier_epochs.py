@@ -36,7 +36,7 @@ from moco_fast.data import DataError
 from moco_fast.data_listing import listing_change
 from moco_fast.divergence import Diverged
 from moco_fast.run_folder import state_name
-from moco_fast.step import load_optimizer_state
+from moco_fast.step import amp_as_run, load_optimizer_state
 from moco_fast.text import plural
 
 log = logging.getLogger("moco_fast")
@@ -292,12 +292,13 @@ def settings(cfg: Any, checkpoint_stamp: list[Any] | None = None, data_listing: 
 
 
 def amp_ran(cfg: Any) -> str:
-    """--amp as it runs on --device (which may change on --resume): auto is bf16 on CUDA, off on the CPU."""
+    """--amp as it runs on --device (which may change on --resume): step.amp_as_run; the device is
+    resolved for auto only (--device cuda on a machine without one is the run's error to say)."""
     if cfg.amp != "auto":
         return cfg.amp
     from moco_fast.trainer import resolve_device
 
-    return "bf16" if resolve_device(cfg.device).type == "cuda" else "off"
+    return amp_as_run(cfg.amp, resolve_device(cfg.device).type)
 
 
 def load_state(path: Path, command: str, mmap: bool = False) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from moco_fast.config import ConfigError, TrainConfig, from_dict, plain, sync_bn
 from moco_fast.data import DataError
 from moco_fast.epoch import other_images
 from moco_fast.model import MoCo
-from moco_fast.step import amp_name, load_optimizer_state
+from moco_fast.step import amp_as_run, amp_name, load_optimizer_state
 from moco_fast.text import plural
 
 log = logging.getLogger("moco_fast")
@@ -166,11 +166,9 @@ def saved_amp(state: dict[str, Any]) -> str | None:
         return state["amp_ran"]
     runtime = state["config"].get("runtime", {})
     amp, device = runtime.get("amp", "auto"), runtime.get("device", "auto")
-    if amp != "auto":
-        return amp
-    if device == "auto":  # the machine decided
+    if amp == "auto" and device == "auto":  # the machine decided
         return None
-    return "bf16" if device.startswith("cuda") else "off"
+    return amp_as_run(amp, device.partition(":")[0])  # cuda:1 is a cuda device
 
 
 def warn_other_data(saved: dict[str, Any], cfg: TrainConfig) -> None:

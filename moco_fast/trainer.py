@@ -45,7 +45,16 @@ from moco_fast.run_folder import (
     remove_stale_temporaries,
     starts_over,
 )
-from moco_fast.step import AMP_DTYPES, GraphedStep, StepState, check_cuda_graph, make_optimizer, set_lr, train_step
+from moco_fast.step import (
+    AMP_DTYPES,
+    GraphedStep,
+    StepState,
+    amp_as_run,
+    check_cuda_graph,
+    make_optimizer,
+    set_lr,
+    train_step,
+)
 from moco_fast.stops import SaveClock, StopRequests
 from moco_fast.text import plural
 
@@ -77,8 +86,7 @@ def named_device(name: str) -> torch.device:
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype, or None for fp32. auto: bf16 on CUDA (no loss scaling needed), fp32 on the CPU."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
+    amp = amp_as_run(amp, device.type)
     if amp not in AMP_DTYPES:
         raise ConfigError(f"--amp must be one of bf16, fp16, off (got {amp!r})")
     if amp == "fp16" and device.type == "cpu":
