@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from moco_fast.bar_lines import LineHandler
-from moco_fast.cli import STOP_SIGNALS, Terminated, UserError, say
+from moco_fast.cli import STOP_SIGNALS, Terminated, UserError, log_as_lines, say
 from moco_fast.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:
@@ -122,8 +121,8 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
 def _train_worker(cfg: TrainConfig, hold: FolderHold) -> dict:
     from moco_fast.trainer import train
 
-    # as main()'s: a record written while rank 0's progress bar is open goes on a line of its own
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", handlers=[LineHandler(sys.stderr)])
+    # as main()'s: moco-fast's INFO, other libraries' from WARNING (a spawned worker sets its own up)
+    log_as_lines(logging.INFO)
     with hold.taken():  # the launcher's hold of the run folder: rank 0 holds it already
         return train(cfg)
 

@@ -92,3 +92,27 @@ def test_a_run_of_workers_leaves_nothing_in_the_temporary_directory(tmp_path, mo
     # torch's compiler cache (one for the user, made on a failure's report) is no litter
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")] == []
     assert tempfile.gettempdir() == str(tmp_path)  # put back
+
+
+WORKER_LOGS = """
+import contextlib, logging, sys, types
+
+def train(cfg):  # what a worker's run logs, without the run
+    logging.getLogger("a_library").info("a library's INFO")
+    logging.getLogger("a_library").warning("a library's warning")
+    logging.getLogger("moco_fast").info("moco-fast's INFO")
+    return {}
+
+sys.modules["moco_fast.trainer"] = types.SimpleNamespace(train=train)
+from moco_fast.launch import _train_worker
+
+_train_worker(None, types.SimpleNamespace(taken=contextlib.nullcontext))
+"""
+
+
+def test_a_workers_log_lines_are_the_commands():
+    # a `--gpus` worker set its logging up with a copy of main's (cli.log_as_lines) that let other
+    # libraries' INFO through, which main's leaves out
+    p = subprocess.run([sys.executable, "-c", WORKER_LOGS], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stderr.splitlines() == ["WARNING a library's warning", "INFO moco-fast's INFO"]
