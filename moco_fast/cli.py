@@ -489,7 +489,7 @@ def log_as_lines(level: int) -> None:
     moco-fast's own from `level`, other libraries' from WARNING (torch's import sets its own levels, but
     one cut short by Ctrl-C does not, and its exit hooks logged at INFO after "interrupted"). A record
     written while a progress bar is open goes on a line of its own (bar_lines.LineHandler). For the
-    CLI (main) and the benches that list --data (bench/throughput.py, bench/ffcv_loader.py), whose
+    CLI (main), a `--gpus` worker (launch._train_worker) and the benches that list --data (bench/throughput.py, bench/ffcv_loader.py), whose
     listing warns as train's does: without it, logging's last resort wrote the bare message."""
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(message)s", handlers=[bar_lines.LineHandler(sys.stderr)]

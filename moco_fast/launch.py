@@ -145,7 +145,7 @@ def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: An
     from moco_fast.metrics import share_bar_lock
 
     as_a_process_of_its_own()
-    share_bar_lock()  # as main() does
+    share_bar_lock()  # as a command does (cli._command)
     rank = os.environ.get("RANK", "0")
     noted = stop_signals_handled(lambda signum: _note_stop(reports, rank, 128 + signum))
     try:
