@@ -63,7 +63,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from moco_fast.config import ConfigError
     from moco_fast.data import DataError
     from moco_fast.divergence import Diverged
-    from moco_fast.run_folder import RunFolderBusy
+    from moco_fast.folder_locks import RunFolderBusy
 
     return (
         UserError,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS
 from moco_fast.convert_dst import empty_folder, names_path, sidecar_path
-from moco_fast.run_folder import hold_lock_file
+from moco_fast.folder_locks import hold_lock_file
 
 log = logging.getLogger("moco_fast")
 

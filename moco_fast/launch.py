@@ -30,8 +30,8 @@ from moco_fast.cli import STOP_SIGNALS, Terminated, UserError, log_as_lines, say
 from moco_fast.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:
+    from moco_fast.folder_locks import FolderHold
     from moco_fast.resume import SavedRun
-    from moco_fast.run_folder import FolderHold
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 

@@ -1,5 +1,6 @@
 """A run folder (`train --out`): what it holds, whether a new run may write there, and the lock
-that keeps a second `train` out while one runs.
+that keeps a second `train` out while one runs (and a second lincls or finetune out of its result),
+on the flocks of folder_locks.
 
 A folder holds the run's checkpoint, metrics.jsonl (a row per epoch), summary.json (the final
 evaluation), config.json, TensorBoard logs in tb/, and what the evaluation commands and the sweep
@@ -9,17 +10,16 @@ write beside the checkpoint (RUN_RESULTS).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from moco_fast import checkpoint as ckpt
 from moco_fast.config import ConfigError, TrainConfig, read_json_object
 from moco_fast.data import DataError
+from moco_fast.folder_locks import FolderHold, RunFolderBusy, handed, hold_folder, hold_lock_file
 from moco_fast.metrics import METRICS_NAME, SUMMARY_NAME, owes_row, read_rows
 from moco_fast.sweep_table import TABLE_JSON
 
@@ -208,11 +208,6 @@ def stopped_before_its_first_checkpoint(out: Path) -> bool:
     return not rows or rows[-1].get("epoch", 0) <= 1
 
 
-class RunFolderBusy(RuntimeError):
-    """Another `train` is writing to the same --out (or another lincls / finetune to the same result,
-    another convert to the same DST)."""
-
-
 def ensure_not_busy(held: list[bool], out: Path) -> None:
     """RunFolderBusy unless every process that tried to hold the run folder (`hold_run_folder`) did."""
     if not all(held):
@@ -221,84 +216,17 @@ def ensure_not_busy(held: list[bool], out: Path) -> None:
         )
 
 
-_HELD: set[int] = set()  # the run-folder locks this process holds
-
-
-def _close_held_in_child() -> None:
-    # A forked child (a DataLoader worker) would keep the lock alive after its parent died.
-    for fd in _HELD:
-        os.close(fd)
-    _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_close_held_in_child)
-
-
-def _try_flock(fd: int, what: Path) -> bool | None:
-    """An exclusive flock on `fd` without waiting: True when held, False when another process holds
-    it, None on a file system without flock (the run goes unguarded)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        log.debug("no lock on %s: %s", what, e)
-        return None
-    return True
-
-
 @contextlib.contextmanager
 def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
     """Holds an exclusive lock on the run folder while a run uses it (rank 0 only), so that a second
     `train` into the same --out fails at once instead of mixing its rows and checkpoints with the
     first's; yields False when another process holds it (and True otherwise, or when not `enabled`)."""
-    if not enabled or _handed(out):
+    if not enabled or handed(out):
         yield True
         return
     check_run_folder(out)
-    with _hold_folder(out) as fd:
+    with hold_folder(out) as fd:
         yield fd is not None
-
-
-_HANDED: set[int] = set()  # the launcher's holds that this worker was handed (FolderHold.taken)
-
-
-def _handed(out: Path) -> bool:
-    """Whether this process holds `out` through a hold its launcher handed it."""
-    return any(_still_there(out, fd) for fd in _HANDED)
-
-
-class FolderHold:
-    """`train --gpus N`'s hold of its run folder, which its launcher keeps while the workers run and
-    hands to each: pickled as the workers are spawned, the lock's descriptor goes with it
-    (multiprocessing's DupFd: the worker's copy shares the launcher's lock, as a forked one would).
-    The folder is never free between the launcher's check and the worker's run, where another train
-    could take it (two runs in one folder, or the workers failing as busy); and it stays held while
-    either the launcher or a worker lives."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __reduce__(self) -> tuple:
-        from multiprocessing.reduction import DupFd
-
-        return _rebuilt_hold, (DupFd(self.fd),)
-
-    @contextlib.contextmanager
-    def taken(self) -> Iterator[None]:
-        """In the worker: hold_run_folder of the folder yields True (it is held) while in it."""
-        _HELD.add(self.fd)
-        _HANDED.add(self.fd)
-        try:
-            yield
-        finally:
-            _HANDED.discard(self.fd)
-            _HELD.discard(self.fd)
-            os.close(self.fd)
-
-
-def _rebuilt_hold(dup: Any) -> FolderHold:
-    return FolderHold(dup.detach())  # in the worker: its copy of the launcher's descriptor
 
 
 @contextlib.contextmanager
@@ -306,7 +234,7 @@ def hold_for_workers(out: Path) -> Iterator[FolderHold]:
     """hold_run_folder for the launcher of `train --gpus N`: RunFolderBusy at once when another process
     holds `out`; else the hold to hand to the workers (FolderHold), kept until they end."""
     check_run_folder(out)
-    with _hold_folder(out) as fd:
+    with hold_folder(out) as fd:
         ensure_not_busy([fd is not None], out)
         yield FolderHold(fd)
 
@@ -315,84 +243,12 @@ def hold_for_workers(out: Path) -> Iterator[FolderHold]:
 def hold_sweep_folder(out: Path) -> Iterator[None]:
     """Holds an exclusive lock on a sweep's --out while the sweep runs: a second sweep there stops at
     once (RunFolderBusy) instead of training or evaluating the same settings beside the first."""
-    with _hold_folder(out) as fd:
+    with hold_folder(out) as fd:
         if fd is None:
             raise RunFolderBusy(
                 f"{out}: another moco-fast sweep is running there now; wait for it to end or choose another --out"
             )
         yield
-
-
-@contextlib.contextmanager
-def _hold_folder(out: Path) -> Iterator[int | None]:
-    """A flock on the folder `out` itself (no lock file), made if missing; yields its descriptor where
-    this process holds it (or the file system has no flock), None where another process holds it.
-    The lock goes with the process; forked processes (DataLoader workers) close their copy.
-    The folders created here (`out` and its missing parents) and left empty (the command failed
-    before writing) are removed, while still held: a process that opened `out` meanwhile finds it
-    gone once it holds it, and holds the folder made again (it held a removed folder, and its first
-    file there failed with "No such file or directory"). A process that finds `out` busy removes
-    nothing: what was missing when it looked may be the holder's, made since and empty still."""
-    created = missing_folders(out)
-    while True:
-        fd = open_in_made_folder(out, out, os.O_RDONLY)
-        held = _try_flock(fd, out)
-        if held is not True or _still_there(out, fd):
-            break
-        os.close(fd)
-    _HELD.add(fd)
-    try:
-        yield fd if held is not False else None
-    finally:
-        _HELD.discard(fd)
-        if held is not False:
-            remove_empty(created)
-        os.close(fd)
-
-
-# the times a folder is made again where another command removed it before it was opened (below)
-_MAKE_TRIES = 5
-
-
-def open_in_made_folder(folder: Path, path: Path, flags: int) -> int:
-    """os.open(`path`, `flags`) once `folder` (its folder, or `path` itself) is made, with its parents.
-    Another command that made the same new folder (two --outs or DSTs in one new folder) and failed
-    before writing removes it as its own (remove_empty) where it finds it empty: between this mkdir's
-    steps, or between it and the open, that ended in a plain "No such file or directory". The folders
-    are made again then, a few times; once this command's folder or lock file is in it, it is not
-    empty and stays."""
-    for _ in range(_MAKE_TRIES - 1):
-        with contextlib.suppress(FileNotFoundError):  # a folder on the way, removed by that command
-            folder.mkdir(parents=True, exist_ok=True)
-            return os.open(path, flags, 0o666)
-    folder.mkdir(parents=True, exist_ok=True)  # the last try: its error is the command's
-    return os.open(path, flags, 0o666)
-
-
-def _still_there(path: Path, fd: int) -> bool:
-    """Whether `path` is still the file or folder opened as `fd` (its holder may have removed it)."""
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
-
-
-def missing_folders(path: Path) -> list[Path]:
-    """What mkdir(parents=True) makes for `path`, the last made first: each leading part of `path` that
-    does not exist, but one that ends in "..", which names a folder made before it or one that was
-    there (a/../b makes a/ and b/; `path`'s parents, a/.. and a/, missed b's sibling a/)."""
-    leading = (Path(*path.parts[: i + 1]) for i in range(len(path.parts)))
-    return [p for p in reversed(list(leading)) if p.name != ".." and not p.exists()]
-
-
-def remove_empty(made: list[Path]) -> None:
-    """Removes the folders `made` (missing_folders, the last made first) that are empty: a command that
-    failed before it wrote leaves no --out parents behind, and never removes a folder that was there
-    before it. One that holds something stays, with the folders above it (rmdir fails there too), but
-    not a sibling made on the way (a/ of a/../b)."""
-    for folder in made:
-        with contextlib.suppress(OSError):  # gone already, or not empty: it holds what was written
-            folder.rmdir()
 
 
 @contextlib.contextmanager
@@ -403,35 +259,6 @@ def hold_output(out: Path, command: str) -> Iterator[None]:
     busy = f"{out}: another moco-fast {command} is writing it now; wait for it to end or choose another --out"
     with hold_lock_file(out.with_name(f".{state_name(out.name)}.lock"), busy):
         yield
-
-
-@contextlib.contextmanager
-def hold_lock_file(lock: Path, busy: str) -> Iterator[None]:
-    """An exclusive flock on the hidden file `lock` while the block runs; RunFolderBusy(`busy`) at once
-    when another process holds it. The file is made (with its folder) if missing and removed when the
-    block ends; only a process killed while holding it leaves it, and a later one locks it again. A
-    process that locked a file the holder then removed locks the new one. Opened read-only: a lock
-    file another user left in a shared folder still locks. The folders made for it and left empty
-    (the command failed before writing) are removed."""
-    created = missing_folders(lock.parent)
-    while True:
-        fd = open_in_made_folder(lock.parent, lock, os.O_RDONLY | os.O_CREAT)
-        held = _try_flock(fd, lock)
-        if held is False:
-            os.close(fd)
-            raise RunFolderBusy(busy)
-        if held is None or _still_there(lock, fd):
-            break
-        os.close(fd)  # the file its holder removed: lock the one there now
-    _HELD.add(fd)
-    try:
-        yield
-    finally:
-        _HELD.discard(fd)
-        with contextlib.suppress(OSError):  # another user's, in a sticky folder: it stays, harmlessly
-            lock.unlink(missing_ok=True)  # while still held
-        os.close(fd)
-        remove_empty(created)
 
 
 def holds_run(out: Path) -> bool:

@@ -250,11 +250,12 @@ def test_a_second_run_into_the_same_result_stops_at_once(command, ckpt, six_root
 def test_the_output_lock_follows_a_lock_file_its_holder_removed(tmp_path, monkeypatch):
     # Between this run's open and its flock, the run that held the lock ended and removed the file: a
     # lock on that unlinked file guards nothing, so the run must lock the file now at the path.
+    import moco_fast.folder_locks as locks
     import moco_fast.run_folder as rf
 
     out = tmp_path / "l.json"
     lock = tmp_path / ".l.state.pt.lock"
-    real_flock, tries = rf._try_flock, []
+    real_flock, tries = locks._try_flock, []
 
     def holder_ends_first(fd, what):
         tries.append(fd)
@@ -263,7 +264,7 @@ def test_the_output_lock_follows_a_lock_file_its_holder_removed(tmp_path, monkey
         return real_flock(fd, what)
 
     with monkeypatch.context() as m:
-        m.setattr(rf, "_try_flock", holder_ends_first)
+        m.setattr(locks, "_try_flock", holder_ends_first)
         with rf.hold_output(out, "lincls"):
             assert len(tries) == 2 and lock.is_file()
             with pytest.raises(rf.RunFolderBusy):  # a second run finds the file this one holds

@@ -196,7 +196,7 @@ def test_a_failed_command_removes_the_folders_an_out_through_dot_dot_made(ckpt, 
     (tmp_path / "kept").mkdir()
     missing = str(tmp_path / "missing-data")
     for out in ("a/../b", "kept/../c", "d/e/../../f", "kept/g/../h"):
-        assert main(tiny_args(missing, tmp_path / out)) == 2  # train (run_folder._hold_folder)
+        assert main(tiny_args(missing, tmp_path / out)) == 2  # train (folder_locks.hold_folder)
         argv = ["lincls", "--checkpoint", str(ckpt), "--data", missing, "--device", "cpu"]
         assert main([*argv, "--out", str(tmp_path / out / "r.json")]) == 2  # hold_lock_file
         assert "data folder not found" in capsys.readouterr().err
@@ -286,9 +286,10 @@ def test_a_run_folder_that_its_holder_removed_before_the_flock_is_made_again(tmp
     # A second train opened the same new --out just before the first, failing, removed it (empty) and
     # let go of it: the second held a removed folder, and its config.json failed with "No such file
     # or directory". The holder removes it while still held, and the second holds the folder made again
+    import moco_fast.folder_locks as locks
     import moco_fast.run_folder as rf
 
-    new, real_flock, removals = tmp_path / "new", rf._try_flock, [1]
+    new, real_flock, removals = tmp_path / "new", locks._try_flock, [1]
 
     def flock_after_a_removal(fd, what):
         if removals:
@@ -297,7 +298,7 @@ def test_a_run_folder_that_its_holder_removed_before_the_flock_is_made_again(tmp
                 folder.rmdir()
         return real_flock(fd, what)
 
-    monkeypatch.setattr(rf, "_try_flock", flock_after_a_removal)
+    monkeypatch.setattr(locks, "_try_flock", flock_after_a_removal)
     with rf.hold_run_folder(new / "run") as held:
         assert held and not removals and (new / "run").is_dir()
         (new / "run" / "config.json").write_text("{}")  # its first file
@@ -308,12 +309,13 @@ def test_a_busy_folder_that_its_holder_made_after_this_look_stays(hold, tmp_path
     # Two trains (or sweeps) started at once into one new --out: the second looked for the folders to
     # make just before the first made and held it, found it busy, and removed it (empty: the first had
     # written nothing yet) as its own; the first's config.json then made a folder that no lock guarded
+    import moco_fast.folder_locks as locks
     import moco_fast.run_folder as rf
 
     out = tmp_path / "new" / "run"
-    looked = rf.missing_folders(out)  # the second's look, an instant before the first's mkdir
+    looked = locks.missing_folders(out)  # the second's look, an instant before the first's mkdir
     with rf.hold_run_folder(out) as first:
-        monkeypatch.setattr(rf, "missing_folders", lambda path: looked)
+        monkeypatch.setattr(locks, "missing_folders", lambda path: looked)
         with pytest.raises(rf.RunFolderBusy), getattr(rf, hold)(out) as second:
             rf.ensure_not_busy([second], out)
         assert first and out.is_dir()

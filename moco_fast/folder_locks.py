@@ -1,0 +1,190 @@
+"""The flocks that keep a second command out of what one is writing: a run folder (`train`, a sweep),
+held on the folder itself, and a lock file beside an output (lincls, finetune, convert's DST). Each
+makes the folders it needs, and removes those it made and left empty when the command fails before
+writing; a forked child (a DataLoader worker) closes its copies, and a `train --gpus N` launcher hands
+its hold to its workers (FolderHold). What a run folder holds and who may write it: run_folder."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("moco_fast")
+
+
+class RunFolderBusy(RuntimeError):
+    """Another `train` is writing to the same --out (or another lincls / finetune to the same result,
+    another convert to the same DST)."""
+
+
+_HELD: set[int] = set()  # the locks (run folders, lock files) this process holds
+
+
+def _close_held_in_child() -> None:
+    # A forked child (a DataLoader worker) would keep the lock alive after its parent died.
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+def _try_flock(fd: int, what: Path) -> bool | None:
+    """An exclusive flock on `fd` without waiting: True when held, False when another process holds
+    it, None on a file system without flock (the run goes unguarded)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        log.debug("no lock on %s: %s", what, e)
+        return None
+    return True
+
+
+_HANDED: set[int] = set()  # the launcher's holds that this worker was handed (FolderHold.taken)
+
+
+def handed(out: Path) -> bool:
+    """Whether this process holds `out` through a hold its launcher handed it."""
+    return any(_still_there(out, fd) for fd in _HANDED)
+
+
+class FolderHold:
+    """`train --gpus N`'s hold of its run folder, which its launcher keeps while the workers run and
+    hands to each: pickled as the workers are spawned, the lock's descriptor goes with it
+    (multiprocessing's DupFd: the worker's copy shares the launcher's lock, as a forked one would).
+    The folder is never free between the launcher's check and the worker's run, where another train
+    could take it (two runs in one folder, or the workers failing as busy); and it stays held while
+    either the launcher or a worker lives."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple:
+        from multiprocessing.reduction import DupFd
+
+        return _rebuilt_hold, (DupFd(self.fd),)
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[None]:
+        """In the worker: run_folder.hold_run_folder of the folder yields True (it is held) while in it."""
+        _HELD.add(self.fd)
+        _HANDED.add(self.fd)
+        try:
+            yield
+        finally:
+            _HANDED.discard(self.fd)
+            _HELD.discard(self.fd)
+            os.close(self.fd)
+
+
+def _rebuilt_hold(dup: Any) -> FolderHold:
+    return FolderHold(dup.detach())  # in the worker: its copy of the launcher's descriptor
+
+
+@contextlib.contextmanager
+def hold_folder(out: Path) -> Iterator[int | None]:
+    """A flock on the folder `out` itself (no lock file), made if missing; yields its descriptor where
+    this process holds it (or the file system has no flock), None where another process holds it.
+    The lock goes with the process; forked processes (DataLoader workers) close their copy.
+    The folders created here (`out` and its missing parents) and left empty (the command failed
+    before writing) are removed, while still held: a process that opened `out` meanwhile finds it
+    gone once it holds it, and holds the folder made again (it held a removed folder, and its first
+    file there failed with "No such file or directory"). A process that finds `out` busy removes
+    nothing: what was missing when it looked may be the holder's, made since and empty still."""
+    created = missing_folders(out)
+    while True:
+        fd = open_in_made_folder(out, out, os.O_RDONLY)
+        held = _try_flock(fd, out)
+        if held is not True or _still_there(out, fd):
+            break
+        os.close(fd)
+    _HELD.add(fd)
+    try:
+        yield fd if held is not False else None
+    finally:
+        _HELD.discard(fd)
+        if held is not False:
+            remove_empty(created)
+        os.close(fd)
+
+
+# the times a folder is made again where another command removed it before it was opened (below)
+_MAKE_TRIES = 5
+
+
+def open_in_made_folder(folder: Path, path: Path, flags: int) -> int:
+    """os.open(`path`, `flags`) once `folder` (its folder, or `path` itself) is made, with its parents.
+    Another command that made the same new folder (two --outs or DSTs in one new folder) and failed
+    before writing removes it as its own (remove_empty) where it finds it empty: between this mkdir's
+    steps, or between it and the open, that ended in a plain "No such file or directory". The folders
+    are made again then, a few times; once this command's folder or lock file is in it, it is not
+    empty and stays."""
+    for _ in range(_MAKE_TRIES - 1):
+        with contextlib.suppress(FileNotFoundError):  # a folder on the way, removed by that command
+            folder.mkdir(parents=True, exist_ok=True)
+            return os.open(path, flags, 0o666)
+    folder.mkdir(parents=True, exist_ok=True)  # the last try: its error is the command's
+    return os.open(path, flags, 0o666)
+
+
+def _still_there(path: Path, fd: int) -> bool:
+    """Whether `path` is still the file or folder opened as `fd` (its holder may have removed it)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """What mkdir(parents=True) makes for `path`, the last made first: each leading part of `path` that
+    does not exist, but one that ends in "..", which names a folder made before it or one that was
+    there (a/../b makes a/ and b/; `path`'s parents, a/.. and a/, missed b's sibling a/)."""
+    leading = (Path(*path.parts[: i + 1]) for i in range(len(path.parts)))
+    return [p for p in reversed(list(leading)) if p.name != ".." and not p.exists()]
+
+
+def remove_empty(made: list[Path]) -> None:
+    """Removes the folders `made` (missing_folders, the last made first) that are empty: a command that
+    failed before it wrote leaves no --out parents behind, and never removes a folder that was there
+    before it. One that holds something stays, with the folders above it (rmdir fails there too), but
+    not a sibling made on the way (a/ of a/../b)."""
+    for folder in made:
+        with contextlib.suppress(OSError):  # gone already, or not empty: it holds what was written
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def hold_lock_file(lock: Path, busy: str) -> Iterator[None]:
+    """An exclusive flock on the hidden file `lock` while the block runs; RunFolderBusy(`busy`) at once
+    when another process holds it. The file is made (with its folder) if missing and removed when the
+    block ends; only a process killed while holding it leaves it, and a later one locks it again. A
+    process that locked a file the holder then removed locks the new one. Opened read-only: a lock
+    file another user left in a shared folder still locks. The folders made for it and left empty
+    (the command failed before writing) are removed."""
+    created = missing_folders(lock.parent)
+    while True:
+        fd = open_in_made_folder(lock.parent, lock, os.O_RDONLY | os.O_CREAT)
+        held = _try_flock(fd, lock)
+        if held is False:
+            os.close(fd)
+            raise RunFolderBusy(busy)
+        if held is None or _still_there(lock, fd):
+            break
+        os.close(fd)  # the file its holder removed: lock the one there now
+    _HELD.add(fd)
+    try:
+        yield
+    finally:
+        _HELD.discard(fd)
+        with contextlib.suppress(OSError):  # another user's, in a sticky folder: it stays, harmlessly
+            lock.unlink(missing_ok=True)  # while still held
+        os.close(fd)
+        remove_empty(created)
