@@ -110,19 +110,21 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
         check_output(cfg, say=False)  # rank 0 says what it finds there
         if cfg.runtime.cuda_graph:
             check_cuda_graph(torch.device("cuda"), n)
+        level = log.getEffectiveLevel()  # main's (--verbose: DEBUG): a spawned worker has none of its own
         try:
-            rows = run_workers(_train_worker, (cfg, hold), n, where=where)
+            rows = run_workers(_train_worker, (cfg, hold, level), n, where=where)
         except WorkerFailed as e:
             say(f"moco-fast train: error: {e}")
             return 1, {}
     return 0, rows[0]
 
 
-def _train_worker(cfg: TrainConfig, hold: FolderHold) -> dict:
+def _train_worker(cfg: TrainConfig, hold: FolderHold, level: int) -> dict:
     from moco_fast.trainer import train
 
-    # as main()'s: moco-fast's INFO, other libraries' from WARNING (a spawned worker sets its own up)
-    log_as_lines(logging.INFO)
+    # as main()'s: moco-fast's from the launcher's level, other libraries' from WARNING (a spawned
+    # worker sets its own up)
+    log_as_lines(level)
     with hold.taken():  # the launcher's hold of the run folder: rank 0 holds it already
         return train(cfg)
 

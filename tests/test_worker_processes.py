@@ -7,10 +7,15 @@ runs with the platform's default start method, as a torchrun worker does.
 And a run of workers leaves nothing in the temporary directory (the elastic agent's folders and a
 failed worker's error file stayed there, one more each run)."""
 
+import logging
 import subprocess
 import sys
 
 import pytest
+import torch
+from distributed_helpers import cli_args
+
+from moco_fast.cli import main
 
 SPAWNED_WORKER = """
 import multiprocessing as mp, os, sys, tempfile
@@ -101,18 +106,37 @@ def train(cfg):  # what a worker's run logs, without the run
     logging.getLogger("a_library").info("a library's INFO")
     logging.getLogger("a_library").warning("a library's warning")
     logging.getLogger("moco_fast").info("moco-fast's INFO")
+    logging.getLogger("moco_fast").debug("moco-fast's DEBUG")
     return {}
 
 sys.modules["moco_fast.trainer"] = types.SimpleNamespace(train=train)
 from moco_fast.launch import _train_worker
 
-_train_worker(None, types.SimpleNamespace(taken=contextlib.nullcontext))
+_train_worker(None, types.SimpleNamespace(taken=contextlib.nullcontext), int(sys.argv[1]))
 """
 
 
-def test_a_workers_log_lines_are_the_commands():
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_workers_log_lines_are_the_commands(tiny_root, tmp_path, monkeypatch, verbose):
     # a `--gpus` worker set its logging up with a copy of main's (cli.log_as_lines) that let other
-    # libraries' INFO through, which main's leaves out
-    p = subprocess.run([sys.executable, "-c", WORKER_LOGS], capture_output=True, text=True, timeout=120)
+    # libraries' INFO through, which main's leaves out; and then at INFO whatever main's level was:
+    # --verbose's DEBUG lines never came out of the workers. The launcher hands its level to them
+    # (2 pretend GPUs, no worker started; what a worker logs at that level, in a process of its own)
+    from moco_fast import launch
+
+    handed = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch, "run_workers", lambda fn, args, n, where=None: handed.append(args) or [{}])
+    out = tmp_path / "run"
+    args = [*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]
+    moco_fast_log = logging.getLogger("moco_fast")
+    before = moco_fast_log.level
+    try:
+        assert main([*(["--verbose"] if verbose else []), *args]) == 0
+    finally:
+        moco_fast_log.setLevel(before)  # main's, for the tests after this one
+    ((_, _, level),) = handed
+    p = subprocess.run([sys.executable, "-c", WORKER_LOGS, str(level)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stderr.splitlines() == ["WARNING a library's warning", "INFO moco-fast's INFO"]
+    debug = ["DEBUG moco-fast's DEBUG"] if verbose else []
+    assert p.stderr.splitlines() == ["WARNING a library's warning", "INFO moco-fast's INFO", *debug]
