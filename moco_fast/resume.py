@@ -241,7 +241,7 @@ class SavedRun:
     @classmethod
     def of(cls, state: dict[str, Any]) -> SavedRun:
         """That of a checkpoint read already (its tensors may be unread)."""
-        world = int(state.get("world_size") or len(state.get("rng_per_rank") or [None]))
+        world = _processes(state.get("world_size")) or len(state.get("rng_per_rank") or [None])
         return cls(world, state["config"].get("runtime", {}).get("sync_bn"))
 
     @classmethod
@@ -249,7 +249,15 @@ class SavedRun:
         """That of a run's config.json (run_folder.read_run_config): the processes that ran it, or its
         --gpus N where it was written before it recorded them (a torchrun run's says 1 there)."""
         runtime = saved["runtime"]
-        return cls(int(saved.get("world_size") or runtime.get("gpus") or 1), runtime.get("sync_bn"), checkpoint=False)
+        world = _processes(saved.get("world_size")) or _processes(runtime.get("gpus")) or 1
+        return cls(world, runtime.get("sync_bn"), checkpoint=False)
+
+
+def _processes(saved: Any) -> int | None:
+    """A saved number of processes, None where there is none or it cannot be one (below 1: a config.json
+    or checkpoint edited by hand or damaged): the caller's fallback then, as for one never recorded."""
+    n = int(saved or 0)
+    return n if n >= 1 else None
 
 
 def saved_run(cfg: TrainConfig) -> SavedRun | None:

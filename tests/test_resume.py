@@ -373,6 +373,22 @@ def test_a_resume_compares_shuffle_bn_as_the_saved_run_ran_it(caplog):
     assert said == ["--resume with changed settings: moco.shuffle_bn False -> True"]
 
 
+@pytest.mark.parametrize("world", [0, -2])
+def test_a_saved_world_size_below_one_counts_as_unknown(world):
+    # a config.json or checkpoint edited by hand or damaged: a negative world_size (or --gpus) was
+    # taken as the number of processes that trained the run, which the checks of a resume divide by
+    # and compare with; it falls back as a missing one does (the checkpoint's random streams,
+    # config.json's --gpus), as 0 did already
+    from moco_fast.resume import SavedRun
+
+    config = {"runtime": {"gpus": 2, "sync_bn": False}}
+    assert SavedRun.of_config({**config, "world_size": world}).world == SavedRun.of_config(config).world == 2
+    assert SavedRun.of_config({"runtime": {"gpus": world}, "world_size": world}).world == 1
+    state = {"config": config, "rng_per_rank": [None, None]}
+    assert SavedRun.of({**state, "world_size": world}).world == SavedRun.of(state).world == 2
+    assert SavedRun.of({"config": config, "world_size": world}).world == 1
+
+
 def test_a_resume_in_another_precision_says_so(tiny_root, run, caplog):
     # --amp auto is bf16 on CUDA and fp32 on the CPU: a run moved between the two went on in the other
     # precision without a word (lincls and finetune refuse it; train names what changes and goes on)
