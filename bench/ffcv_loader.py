@@ -43,7 +43,7 @@ from before_rows import interrupted_before_rows, stopped_before_rows
 with interrupted_before_rows(held=("torch",)):
     import torch
     from moco_fast.loaders import LoaderArgs, create_loader
-    from report import NOT_RUN, check_output_path, device_info, forever, format_table
+    from report import NOT_RUN, check_output_path, device_info, each_warning_once, forever, format_table
 
     from moco_fast.augment import MOCO_V2
     from moco_fast.checkpoint import atomic_write_text
@@ -214,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here, a .json file")
     a = p.parse_args(argv)
     log_as_lines(logging.WARNING)  # the data listing's warnings as the CLI writes them, as throughput.py
+    with each_warning_once():  # the data is listed by the check, the conversion and the torch rows
+        return measure(a)
+
+
+def measure(a: argparse.Namespace) -> int:
+    """The rows, the table and --json; the exit status."""
     rows = [r for r in a.rows.split(",") if r]
     try:  # every value checked before the conversion or any row: one line and exit 2
         check_args(a, rows)

@@ -1,10 +1,13 @@
-"""The table, the machine description, the endless batch stream and the output-path check of the
-bench/ scripts."""
+"""The table, the machine description, the endless batch stream, the output-path check and the log
+lines said once of the bench/ scripts."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -168,3 +171,24 @@ def check_output_path(path: str | None, flag: str, suffix: str) -> None:
     if Path(path).suffix.lower() != suffix:
         raise ConfigError(f"{flag} {path}: name a {suffix} file")
     check_output(path, flag, replaces=run_file)
+
+
+@contextlib.contextmanager
+def each_warning_once() -> Iterator[None]:
+    """moco-fast's log records, each said once while a bench runs: it checks the data (a listing),
+    and every loader or end-to-end row lists it again (create_loader), each listing with the same
+    warnings (a file it skips, split copies), which were said again with each."""
+    said: set[tuple[int, str]] = set()
+
+    def first_time(record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        fresh = key not in said
+        said.add(key)
+        return fresh
+
+    log = logging.getLogger("moco_fast")
+    log.addFilter(first_time)
+    try:
+        yield
+    finally:
+        log.removeFilter(first_time)  # main called in-process (the tests): the logger is the process's

@@ -20,8 +20,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +37,7 @@ with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here 
         add_ratios,
         check_output_path,
         device_info,
+        each_warning_once,
         forever,
         format_table,
         ratio_notes,
@@ -337,27 +336,6 @@ def row_done(row: dict) -> str:
     if not row.get("img_per_s"):
         return row.get("error", "")
     return f"{speed_text(row['img_per_s'])} img/s"
-
-
-@contextmanager
-def each_warning_once() -> Iterator[None]:
-    """moco-fast's log records, each said once while the bench runs: check_data lists the data, and
-    every loader or end-to-end row lists it again (create_loader), each listing with the same
-    warnings (a file it skips, split copies), which were said again with each."""
-    said: set[tuple[int, str]] = set()
-
-    def first_time(record: logging.LogRecord) -> bool:
-        key = (record.levelno, record.getMessage())
-        fresh = key not in said
-        said.add(key)
-        return fresh
-
-    log = logging.getLogger("moco_fast")
-    log.addFilter(first_time)
-    try:
-        yield
-    finally:
-        log.removeFilter(first_time)  # main called in-process (the tests): the logger is the process's
 
 
 def main(argv: list[str] | None = None) -> int:
