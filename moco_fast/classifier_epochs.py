@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -53,6 +54,8 @@ _HOW_TO_CONTINUE: ContextVar[str | None] = ContextVar("how_to_continue", default
 LISTED_LATER = "listed later"
 # the flag that sets the lr, for a divergence's message: the command's --lr, or its caller's (the sweep)
 _LR_FLAG: ContextVar[str] = ContextVar("lr_flag", default="--lr")
+# an epoch's mean loss over this many times chance's (ln classes) warns that the lr overshoots
+LOSS_OVER_CHANCE = 10
 
 
 @contextmanager
@@ -139,8 +142,10 @@ class EpochLoop:
         t0: float,  # when the run started (time.perf_counter)
         checkpoint_stamp: list[Any] | None = None,  # of the checkpoint as the run read it (else: as it is now)
         data_listing: str | None = None,  # data_listing.listing_fingerprint of the splits the run reads
+        classes: int | None = None,  # what the classifier tells apart: a loss far above chance's warns
     ):
         self.command, self.cfg, self.out, self.parts, self.generator = command, cfg, out, parts, generator
+        self.classes, self.warned_loss = classes, False
         self.path = state_path(out)
         self.t0, self.earlier_s = t0, 0.0
         self.saved = 0  # the epochs the state file holds
@@ -172,6 +177,7 @@ class EpochLoop:
                     "%s epoch %d/%d: loss %.4f, lr %.4g%s",
                     *(self.command, epoch + 1, self.cfg.epochs, row["loss"], row["lr"], acc),
                 )
+                self._warn_if_loss_overshoots(row)
         except BaseException as e:
             from moco_fast.cli import interruption  # Ctrl-C or SIGTERM, maybe behind a DataLoader's error
 
@@ -209,6 +215,26 @@ class EpochLoop:
                     else ""
                 )
             )
+
+    def _warn_if_loss_overshoots(self, row: dict[str, Any]) -> None:
+        """One warning line, at the first epoch whose mean loss stands over LOSS_OVER_CHANCE times
+        chance's (ln classes, the loss of uniform logits, where both classifiers start): finite
+        weights whose logits overshoot by orders of magnitude, which _refuse_divergence lets through.
+        lincls's lr 30 is the official protocol's, found for ImageNet MoCo ResNet-50 features; on
+        larger ones each step grows the logits by lr x |feature|^2 (a demo backbone trained 1 epoch:
+        features of norm ~40, loss 3e4; one trained at 2 images per BN split: norm ~8000, loss 4e9)."""
+        if self.warned_loss or self.classes is None or self.classes < 2:
+            return
+        chance = math.log(self.classes)
+        if not row["loss"] > LOSS_OVER_CHANCE * chance:  # NaN: the loss is not a figure to judge
+            return
+        self.warned_loss = True
+        log.warning(
+            "%s epoch %d: the mean loss %.3g is over %dx chance's (ln %d = %.2f): the steps overshoot, and the "
+            "accuracy means little; lower %s (now %g)",
+            *(self.command, row["epoch"], row["loss"], LOSS_OVER_CHANCE, self.classes, chance, _LR_FLAG.get()),
+            self.cfg.lr,
+        )
 
     def _due(self, epochs_done: int) -> bool:
         every = self.cfg.eval_every

@@ -162,7 +162,7 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
 
     parts = {"network": net, "optimizer": opt, "scaler": scaler}
     out, listing = result_path(cfg, start), listing_fingerprint(splits)
-    loop = EpochLoop("finetune", cfg, out, parts, loader.sampler.generator, t0, data_listing=listing)
+    loop = EpochLoop("finetune", cfg, out, parts, loader.sampler.generator, t0, data_listing=listing, classes=classes)
     history = loop.run(one_epoch, evaluate_now)
     net.eval()
     top1, top5 = history[-1]["top1"], history[-1]["top5"]

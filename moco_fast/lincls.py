@@ -394,7 +394,7 @@ def run_lincls(cfg: LinclsConfig, splits: DataSplits | None = None, started: flo
         return {"epoch": epoch + 1, "lr": lr, "loss": loss}
 
     parts = {"classifier": fc, "optimizer": opt}
-    loop = EpochLoop("lincls", cfg, out, parts, order, t0, stamp, listing)
+    loop = EpochLoop("lincls", cfg, out, parts, order, t0, stamp, listing, classes)
     history = loop.run(one_epoch, lambda: evaluate(lambda x: fc(features(x)), eval_batches, device, classes))
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
     if ckpt.file_stamp(cfg.checkpoint) != stamp:

@@ -235,6 +235,48 @@ def test_a_diverged_classifier_stops_before_its_save_and_its_evaluation(tmp_path
     assert str(e.value).endswith("(first: bias): lower --lincls-lr (now 1e+30) and start over")
 
 
+def test_a_loss_far_above_chance_warns_once_naming_the_lr_flag(tmp_path, caplog):
+    # lincls at its default lr 30 on a demo backbone trained at batch 16 (2 images per BN split, whose
+    # weights grew 250x in 15 steps) logged losses of 4e9 an epoch with finite weights, and nothing said so
+    import time
+
+    from moco_fast.classifier_epochs import EpochLoop, continued_by
+    from moco_fast.lincls import LinclsConfig
+
+    losses = [1.0, 50.0, 4e9, 5e9]  # ln 6 = 1.79: 50 is over 10x chance's loss
+
+    def epoch_of(losses):
+        return lambda epoch: {"epoch": epoch + 1, "lr": 30.0, "loss": losses[epoch]}
+
+    def run(losses, classes, out):
+        cfg = LinclsConfig(str(tmp_path / "none.pt"), epochs=len(losses), out=str(tmp_path / out))
+        loop = EpochLoop(
+            "lincls", cfg, tmp_path / out, {"classifier": nn.Linear(2, 6)}, None, time.perf_counter(), classes=classes
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            loop.run(epoch_of(losses), evaluated)
+        return [r.getMessage() for r in caplog.records]
+
+    assert run(losses, 6, "a.json") == [
+        "lincls epoch 2: the mean loss 50 is over 10x chance's (ln 6 = 1.79): the steps overshoot, and the "
+        "accuracy means little; lower --lr (now 30)"
+    ]
+    assert run([1.0, 17.0], 6, "b.json") == []  # under 10 x 1.79
+    assert run([float("nan"), 1.0], 6, "c.json") == []  # no figure (fp16 skipped steps: divergence's care)
+    with continued_by("the same sweep command continues it", "--lincls-lr"):
+        assert run(losses, 6, "d.json")[0].endswith("lower --lincls-lr (now 30)")
+
+
+@pytest.mark.parametrize("command", ["lincls", "finetune"])
+def test_the_commands_judge_their_loss_against_their_classes(command, ckpt, six_root, tmp_path, caplog):
+    args = [command, "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "12"]
+    args += ["--workers", "0", "--device", "cpu", "--out", str(tmp_path / "r.json"), "--schedule", "cos"]
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*args, "--lr", "1000"]) == 0
+    assert f"{command} epoch 1: the mean loss" in caplog.text and "(ln 6 = 1.79)" in caplog.text
+
+
 @pytest.mark.parametrize("command", ["lincls", "finetune"])
 def test_a_second_run_into_the_same_result_stops_at_once(command, ckpt, six_root, tmp_path, capsys):
     from moco_fast.run_folder import hold_output
