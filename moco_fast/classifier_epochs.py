@@ -104,10 +104,17 @@ def check_state(out: Path, cfg: Any, command: str, listing: str = LISTED_LATER) 
 
 def refuse_other_settings(path: Path, state: dict[str, Any], cfg: Any, listing: str | None = None) -> None:
     """ConfigError, flag by flag, when `cfg` may not resume the state at `path` (`listing`: differences')."""
-    diff = differences(state, cfg, listing)
-    if diff:
+    images, flags = _what_differs(state, cfg, listing)
+    if images and flags:
         raise ConfigError(
-            f"--resume: {path} was run with other settings: {', '.join(diff)}; resume with those, "
+            f"--resume: {path} ran on other images: {images}, and with other settings: {', '.join(flags)}; "
+            "put the images back and resume with those settings, or delete it to start over"
+        )
+    if images:  # no setting changed: "resume with those" named none
+        raise ConfigError(f"--resume: {path} ran on other images: {images}: put them back, or delete it to start over")
+    if flags:
+        raise ConfigError(
+            f"--resume: {path} was run with other settings: {', '.join(flags)}; resume with those, "
             "or delete it to start over"
         )
 
@@ -346,15 +353,23 @@ def load_state(path: Path, command: str, mmap: bool = False) -> dict[str, Any]:
 
 
 def differences(state: dict[str, Any], cfg: Any, listing: str | None = None) -> list[str]:
-    """How `cfg` differs from what the state was run with, flag by flag ([] when it may resume).
-    `listing`: the listing of `cfg`'s data (moved_data; None: unknown, LISTED_LATER: not listed yet)."""
+    """How `cfg` differs from what the state was run with: other images at the same --data first,
+    then flag by flag ([] when it may resume). `listing`: the listing of `cfg`'s data (moved_data;
+    None: unknown, LISTED_LATER: not listed yet)."""
+    images, flags = _what_differs(state, cfg, listing)
+    return [images, *flags] if images else flags
+
+
+def _what_differs(state: dict[str, Any], cfg: Any, listing: str | None) -> tuple[str, list[str]]:
+    """`differences` in two parts: the images added or removed at the same --data since the run
+    stopped ("" where none), which no flag resumes, and the flags that differ."""
     saved, now = state["config"], settings(cfg, data_listing=listing)
     other_images = other_listing(saved, now)
+    images = ""
+    if other_images and saved.get("data") == now["data"]:  # it would go on on other images
+        images = f"--data {now['data']!r} lists other images since ({other_images})"
     diff = []
     for k in now:
-        if k == "data_listing" and other_images and saved.get("data") == now["data"]:
-            # images or class folders added or removed since the run stopped: it would go on on others
-            diff.append(f"--data {now['data']!r} lists other images since ({other_images}: put them back)")
         if k in ("amp_ran", "data_listing"):
             continue  # with --amp, with --data
         if k == "amp":
@@ -376,7 +391,7 @@ def differences(state: dict[str, Any], cfg: Any, listing: str | None = None) -> 
         else:
             other = f", other images: {other_images}" if k == "data" and other_images else ""
             diff.append(f"--{k.replace('_', '-')} {_as_given(saved.get(k))} (now {_as_given(now[k])}{other})")
-    return diff
+    return images, diff
 
 
 def moved_checkpoint(saved: dict[str, Any], now: dict[str, Any]) -> bool:

@@ -192,6 +192,34 @@ def test_the_loop_itself_refuses_a_state_of_other_settings(tmp_path):
         lincls_loop(tmp_path, lr=1.0, resume=True).run(an_epoch, evaluated)
 
 
+def test_other_images_read_as_images_beside_other_settings(tmp_path):
+    # images added at the same --data, no flag changed: the refusal said "was run with other
+    # settings: ...; resume with those"; with a flag changed too, it says both in one line
+    import time
+
+    from moco_fast.classifier_epochs import EpochLoop
+    from moco_fast.lincls import LinclsConfig
+
+    def loop(listing, **kw):
+        cfg = LinclsConfig(str(tmp_path / "none.pt"), data=str(tmp_path), epochs=2, **kw)
+        parts = {"classifier": nn.Linear(2, 2)}
+        return EpochLoop("lincls", cfg, tmp_path / "l.json", parts, None, time.perf_counter(), None, listing)
+
+    with pytest.raises(KeyboardInterrupt):
+        loop("2 classes, 4 + 2 images, sha256 a").run(stop_in_epoch_2, evaluated)
+    images = f"--data {str(tmp_path)!r} lists other images since (4 + 2 images, now 5 + 2)"
+    state = tmp_path / "l.state.pt"
+    with pytest.raises(ConfigError) as e:
+        loop("2 classes, 5 + 2 images, sha256 b", resume=True).run(an_epoch, evaluated)
+    assert str(e.value) == f"--resume: {state} ran on other images: {images}: put them back, or delete it to start over"
+    with pytest.raises(ConfigError) as e:
+        loop("2 classes, 5 + 2 images, sha256 b", resume=True, lr=1.0).run(an_epoch, evaluated)
+    assert str(e.value) == (
+        f"--resume: {state} ran on other images: {images}, and with other settings: --lr 30.0 (now 1.0); put the "
+        "images back and resume with those settings, or delete it to start over"
+    )
+
+
 def test_a_diverged_classifier_stops_before_its_save_and_its_evaluation(tmp_path):
     # NaN logits still have a top-1: lincls --lr 1e30 reported 33.33% on 3 classes, and finetune wrote
     # a network of NaN as its result's model
@@ -521,9 +549,10 @@ def test_a_state_refuses_its_data_changed_since(command, ckpt, six_root, tmp_pat
     shutil.copy(first, added)
     capsys.readouterr()
     assert run("--resume") == 2 and state.exists()
+    # no setting changed: the line said "was run with other settings ...; resume with those"
     assert (
-        f"--data {str(data)!r} lists other images since (36 + 18 images, now 37 + 18: put them back); resume "
-        "with those, or delete it to start over"
+        f"--resume: {state} ran on other images: --data {str(data)!r} lists other images since (36 + 18 images, "
+        "now 37 + 18): put them back, or delete it to start over"
     ) in capsys.readouterr().err
     # a state written before the listing was recorded resumes on the same path, as then
     saved = torch.load(state, weights_only=False)
