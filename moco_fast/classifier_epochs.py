@@ -274,17 +274,19 @@ class EpochLoop:
             return 0, []
         state = load_state(self.path, self.command)
         refuse_other_settings(self.path, state, self.cfg, self.settings["data_listing"])
-        if moved_data(state["config"], self.settings):
+        # "it continues on that one" read as either path: the line names the one it reads now
+        was, now = state["config"], self.settings
+        if moved_data(was, now):
             log.warning(
                 "--resume: %s ran on --data %s, which lists the same images as --data %s (moved or copied "
-                "since): it continues on that one",
-                *(self.path, state["config"]["data"], self.settings["data"]),
+                "since): it continues on %s, the one given now",
+                *(self.path, was["data"], now["data"], now["data"]),
             )
-        if moved_checkpoint(state["config"], self.settings):
+        if moved_checkpoint(was, now):
             log.warning(
                 "--resume: %s ran on the checkpoint %s, which is the same save as --checkpoint %s (moved or "
-                "copied since): it continues on that one",
-                *(self.path, state["config"]["checkpoint"], self.settings["checkpoint"]),
+                "copied since): it continues on %s, the one given now",
+                *(self.path, was["checkpoint"], now["checkpoint"], now["checkpoint"]),
             )
         for name, part in self.parts.items():
             if isinstance(part, torch.optim.Optimizer):

@@ -421,7 +421,7 @@ def test_a_state_resumes_on_its_checkpoint_moved_elsewhere(tmp_path, caplog):
         assert [row["epoch"] for row in history] == [1, 2]
         assert caplog.messages == [
             f"--resume: {tmp_path / 'l.state.pt'} ran on the checkpoint {old}, which is the same save as "
-            f"--checkpoint {new} (moved or copied since): it continues on that one"
+            f"--checkpoint {new} (moved or copied since): it continues on {new}, the one given now"
         ]
         (tmp_path / "l.state.pt").unlink()
 
@@ -512,7 +512,7 @@ def test_a_state_resumes_on_its_data_moved_elsewhere(command, ckpt, six_root, tm
         assert run(new, "--resume") == 0
     assert (
         f"--resume: {state} ran on --data {old}, which lists the same images as --data {new} (moved or copied "
-        "since): it continues on that one"
+        f"since): it continues on {new}, the one given now"
     ) in caplog.messages
     assert json.loads(out.read_text())["history"][0] == saved["history"][0] and not state.exists()
     # a state written before the listing was recorded: another path is other data, as then
