@@ -260,13 +260,14 @@ def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> No
 def _train(cfg: TrainConfig) -> None:
     """Train (or continue) one setting. kNN and the linear classifier run on the checkpoint after."""
     from moco_fast.checkpoint import CHECKPOINT_NAME
-    from moco_fast.trainer import train
+    from moco_fast.trainer import nothing_to_train, train
 
     cfg = copy.deepcopy(cfg)
     cfg.runtime.final_knn = False
     cfg.runtime.knn_baseline = False
     cfg.runtime.resume = "auto" if (Path(cfg.runtime.out) / CHECKPOINT_NAME).is_file() else None
-    train(cfg)
+    if not train(cfg):  # a run stopped after its training, before its evaluation
+        log.info("%s", nothing_to_train(cfg))
 
 
 # -- the table ------------------------------------------------------------------------------------

@@ -236,7 +236,8 @@ def _checked_for(cfg: TrainConfig, device: torch.device, world: int, saved: Save
 
 
 def train(cfg: TrainConfig, saved: SavedRun | None = None) -> dict[str, Any]:
-    """Train as configured; returns the last metrics row (plus final kNN figures when computed).
+    """Train as configured; returns the last metrics row (plus final kNN figures when computed), {}
+    where a resumed run had trained all its epochs and owes nothing (its caller says so: one line).
     saved: the checkpoint that --resume continues, where the caller read it already (train --resume,
     with its config); None: read where a check needs it."""
     owns_group = init_from_env(cfg.runtime.device)
@@ -415,9 +416,7 @@ def _train_held(
                 plural(cfg.optim.epochs, "epoch"),
             )
             row = (read_rows(out) or [{"epoch": start_epoch}])[-1]
-        if finished and not summary_owed:
-            log.info("%s: trained for its %s already; nothing to train", out, plural(cfg.optim.epochs, "epoch"))
-        elif splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
+        if (summary_owed or not finished) and splits is not None and cfg.runtime.final_knn and dist_utils.is_main():
             row = _final_evaluation(row, model, splits, cfg, device)
             writer.write_summary(row)
     except BaseException as e:
@@ -431,6 +430,11 @@ def _train_held(
     if owns_group:
         dist_utils.destroy()
     return row
+
+
+def nothing_to_train(cfg: TrainConfig) -> str:
+    """What `train` returning {} means, for its caller's line."""
+    return f"{cfg.runtime.out} trained for its {plural(cfg.optim.epochs, 'epoch')} already; nothing to train"
 
 
 def _with_knn(row: dict[str, Any], writer: MetricsWriter, top1: Callable[[], float]) -> dict[str, Any]:

@@ -50,15 +50,19 @@ def test_resume_with_only_out_continues_the_run_as_configured(tiny_root, run, ca
     assert "finished epoch 2" in capsys.readouterr().out
 
 
-def test_resuming_a_finished_run_changes_nothing(tiny_root, tmp_path, capsys):
+def test_resuming_a_finished_run_changes_nothing(tiny_root, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     args = [*tiny_args(tiny_root, out), "--final-knn"]
     assert main(args) == 0
     summary, config = (out / "summary.json").read_text(), (out / "config.json").read_text()
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     capsys.readouterr()
-    assert main([*args, "--resume", "--lr", "0.5"]) == 0
-    assert "nothing to do" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main([*args, "--resume", "--lr", "0.5"]) == 0
+    # once, as the command's last line: an INFO line said it before in other words
+    out_said = capsys.readouterr().out
+    assert out_said.endswith(f"nothing to do: {out} trained for its 1 epoch already; nothing to train\n")
+    assert caplog.messages and not [m for m in caplog.messages if "already" in m], caplog.messages
     assert (out / "summary.json").read_text() == summary and len(rows(out)) == 1
     assert (out / "config.json").read_text() == config  # flags that trained nothing are not recorded
     after = torch.load(out / "checkpoint.pt", weights_only=False)

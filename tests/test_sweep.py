@@ -176,8 +176,9 @@ def test_sweep_treats_a_cut_short_result_as_unfinished(finished_sweep, six_root,
         assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(run / "result.json") in w for w in warnings), warnings
-    # Completed from its checkpoint, without training again.
+    # Completed from its checkpoint, without training again, and says so
     assert (run / "metrics.jsonl").read_text() == metrics
+    assert [m for m in caplog.messages if m.startswith(f"{run} trained for its ") and "nothing to train" in m]
     again = json.loads((run / "result.json").read_text())
     assert again["loss"] == good["loss"] and again["knn_top1"] == good["knn_top1"]
     assert again["config"] == good["config"]

@@ -486,9 +486,10 @@ def run(args: argparse.Namespace) -> int:
 def _report(row: dict, cfg) -> None:
     from moco_fast.checkpoint import CHECKPOINT_NAME
     from moco_fast.metrics import rate
+    from moco_fast.trainer import nothing_to_train
 
-    if not row:
-        print("nothing to do: the run had already finished all epochs")
+    if not row:  # the command's last line, the one line that says so (train logs nothing of it)
+        print(f"nothing to do: {nothing_to_train(cfg)}")
         return
     print(f"finished epoch {row['epoch']}: loss {row['loss']:.4f}, {rate(row['img_per_s'])} img/s")
     knn = f"k={row.get('knn_k', cfg.runtime.knn_k)}, t={cfg.runtime.knn_t:g}"  # knn_k: the k used
