@@ -267,7 +267,7 @@ def _train(cfg: TrainConfig) -> None:
     cfg.runtime.knn_baseline = False
     cfg.runtime.resume = "auto" if (Path(cfg.runtime.out) / CHECKPOINT_NAME).is_file() else None
     if not train(cfg):  # a run stopped after its training, before its evaluation
-        log.info("%s", nothing_to_train(cfg))
+        log.info("%s; nothing to train", nothing_to_train(cfg))
 
 
 # -- the table ------------------------------------------------------------------------------------

@@ -434,7 +434,7 @@ def _train_held(
 
 def nothing_to_train(cfg: TrainConfig) -> str:
     """What `train` returning {} means, for its caller's line."""
-    return f"{cfg.runtime.out} trained for its {plural(cfg.optim.epochs, 'epoch')} already; nothing to train"
+    return f"{cfg.runtime.out} trained for its {plural(cfg.optim.epochs, 'epoch')} already"
 
 
 def _with_knn(row: dict[str, Any], writer: MetricsWriter, top1: Callable[[], float]) -> dict[str, Any]:

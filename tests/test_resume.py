@@ -61,7 +61,7 @@ def test_resuming_a_finished_run_changes_nothing(tiny_root, tmp_path, capsys, ca
         assert main([*args, "--resume", "--lr", "0.5"]) == 0
     # once, as the command's last line: an INFO line said it before in other words
     out_said = capsys.readouterr().out
-    assert out_said.endswith(f"nothing to do: {out} trained for its 1 epoch already; nothing to train\n")
+    assert out_said.endswith(f"nothing to do: {out} trained for its 1 epoch already\n")
     assert caplog.messages and not [m for m in caplog.messages if "already" in m], caplog.messages
     assert (out / "summary.json").read_text() == summary and len(rows(out)) == 1
     assert (out / "config.json").read_text() == config  # flags that trained nothing are not recorded
