@@ -29,6 +29,7 @@ from typing import Any
 
 from moco_fast.checkpoint import CHECKPOINT_NAME, file_stamp
 from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.data import DataSplits
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run
 from moco_fast.sweep_eval import evaluate_setting
@@ -141,7 +142,7 @@ def run_sweep(
     refuse_others_tables(out)
     _refuse_out_within_data(out, base)
     with hold_sweep_folder(out):  # a second sweep there: one line, before any work
-        _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything
+        splits = _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything
         if redo:
             for s in settings:
                 if (out / s.name).is_dir():
@@ -156,7 +157,8 @@ def run_sweep(
         plans = [plan_setting(cfg, s, found.get(s.name), evaluation) for cfg, s in zip(configs, settings)]
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
             try:
-                _run_setting(cfg, s, plan, f"[{i + 1}/{len(settings)}] {s.name}", found, lincls_epochs, lincls_lr)
+                head = f"[{i + 1}/{len(settings)}] {s.name}"
+                _run_setting(cfg, s, plan, head, found, splits, (lincls_epochs, lincls_lr))
             except BaseException as e:
                 from moco_fast.cli import interruption
 
@@ -175,9 +177,16 @@ def run_sweep(
 
 
 def _run_setting(
-    cfg: TrainConfig, s: Setting, plan: str, head: str, found: dict[str, dict], lincls_epochs: int, lincls_lr: float
+    cfg: TrainConfig,
+    s: Setting,
+    plan: str,
+    head: str,
+    found: dict[str, dict],
+    splits: DataSplits | None,
+    evaluation: tuple[int, float],
 ) -> None:
-    """Trains (or continues) and evaluates one setting as `plan` says; its result goes into `found`."""
+    """Trains (or continues) and evaluates one setting as `plan` says, its kNN on `splits` (the
+    sweep's listing, _check_device_and_data's); its result goes into `found`."""
     if plan == "reuse":
         log.info("%s: finished earlier with the same settings, reused", head)
         return
@@ -193,7 +202,7 @@ def _run_setting(
     if plan in ("train", "resume"):
         _train(cfg)
     t0 = time.perf_counter()
-    res = evaluate_setting(cfg, s, lincls_epochs, lincls_lr)
+    res = evaluate_setting(cfg, s, splits, *evaluation)
     # training (every epoch, from its rows, also those of an earlier interrupted part) + evaluation
     res["wall_s"] = _train_seconds(Path(cfg.runtime.out)) + time.perf_counter() - t0
     res["config"] = training_config(cfg)
@@ -232,10 +241,13 @@ def _refuse_out_within_data(out: Path, base: TrainConfig) -> None:
             )
 
 
-def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> None:
+def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> DataSplits | None:
     """What `validate` does not see and would otherwise fail after the first setting trained (or
     after --redo deleted the old runs): the device, the training data, and an eval split for the
-    linear classifier."""
+    linear classifier. Returns the data's kNN listing (monitor.eval_splits; None without an eval
+    split), which every setting's kNN reads: listed once, its warnings (eval images that are copies
+    of training images) are said once per sweep, not once per setting, and every setting is scored
+    on the same images."""
     from moco_fast.knn import warn_if_single_class
     from moco_fast.monitor import eval_splits
     from moco_fast.trainer import resolve_device, validate_device
@@ -255,6 +267,7 @@ def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> No
                 "where a linear classifier scores 100% whatever the backbone"
             )
         warn_if_single_class(splits.train)
+    return splits
 
 
 def _train(cfg: TrainConfig) -> None:

@@ -15,6 +15,7 @@ from moco_fast.metrics import read_rows
 from moco_fast.run_folder import SWEEP_LINCLS_RESULT, hold_output
 
 if TYPE_CHECKING:
+    from moco_fast.data import DataSplits
     from moco_fast.sweep import Setting
 
 log = logging.getLogger("moco_fast")
@@ -26,11 +27,14 @@ def _last_row(folder: Path) -> dict[str, Any]:
     return next((row for row in reversed(read_rows(folder)) if "loss" in row), {})
 
 
-def evaluate_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr: float) -> dict[str, Any]:
-    """One setting's result from its finished checkpoint and metrics: kNN on the backbone and on
-    the head output (and of a random init with --knn-baseline), the linear classifier if asked."""
+def evaluate_setting(
+    cfg: TrainConfig, s: Setting, splits: DataSplits | None, lincls_epochs: int, lincls_lr: float
+) -> dict[str, Any]:
+    """One setting's result from its finished checkpoint and metrics: kNN on `splits` (the sweep's
+    listing; None: no eval split, no kNN) on the backbone and on the head output (and of a random
+    init with --knn-baseline), the linear classifier if asked."""
     from moco_fast.checkpoint import CHECKPOINT_NAME, load_model
-    from moco_fast.monitor import eval_splits, knn_figures
+    from moco_fast.monitor import knn_figures
     from moco_fast.trainer import resolve_device
 
     folder = Path(cfg.runtime.out)
@@ -57,7 +61,6 @@ def evaluate_setting(cfg: TrainConfig, s: Setting, lincls_epochs: int, lincls_lr
             "img_per_s": last.get("img_per_s"),
         }
     )
-    splits, _ = eval_splits(cfg)
     if splits is not None:
         res.update(knn_figures(model, splits, cfg, device))
     del model

@@ -528,3 +528,27 @@ def test_sweep_refuses_a_folder_whose_table_files_are_not_a_sweeps(six_root, tmp
         (out / name).unlink()
     assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0 and len(trained) == 1
     assert (out / "sweep.json").is_file() and (out / "sweep.md").is_file()  # its own, which it rewrites
+
+
+def test_a_sweep_warns_of_eval_copies_of_training_images_once(finished_sweep, six_root, tmp_path, caplog, monkeypatch):
+    # the check before training listed the data and warned, then each setting's kNN listed it again
+    # and warned again: once per setting. Now every setting's kNN reads the check's listing
+    import moco_fast.sweep
+
+    data = shutil.copytree(six_root, tmp_path / "data")
+    first = next((data / "train").glob("*/*"))
+    shutil.copy(first, data / "test" / first.parent.name / first.name)  # an eval image copied from train/
+
+    def trained(cfg):  # the finished setting's checkpoint and metrics, instead of training each
+        Path(cfg.runtime.out).mkdir(parents=True)
+        for name in ("checkpoint.pt", "metrics.jsonl"):
+            shutil.copy(finished_sweep / SWEEP_RUN / name, Path(cfg.runtime.out) / name)
+
+    monkeypatch.setattr(moco_fast.sweep, "_train", trained)
+    out = tmp_path / "sweep"
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(sweep_args(out, data, "--moco-m", "0.9,0.99")) == 0
+    said = [m for m in caplog.messages if "are byte copies of training images" in m]
+    assert len(said) == 1 and "1 of the 19 images of the eval split" in said[0], caplog.messages
+    rows = json.loads((out / "sweep.json").read_text())
+    assert len(rows) == 2 and all(r["knn_top1"] is not None for r in rows)
