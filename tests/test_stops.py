@@ -266,9 +266,12 @@ def test_a_checkpoint_within_an_epoch_past_a_shortened_run_is_a_finished_run(tmp
     with pytest.raises(Terminated):
         trainer.train(config(tmp_path, **{"optim.epochs": 2}))
     monkeypatch.undo()
+    shortened = config(tmp_path, **{"optim.epochs": 1, "runtime.resume": "auto"})
     with caplog.at_level(logging.INFO, "moco_fast"):
-        trainer.train(config(tmp_path, **{"optim.epochs": 1, "runtime.resume": "auto"}))
-    assert "trained for its 1 epoch already" in caplog.text and "continues" not in caplog.text
+        row = trainer.train(shortened)
+    # nothing trained: {} (the caller's one line says so), and no epoch continued
+    assert row == {} and "continues" not in caplog.text
+    assert "trained for its 1 epoch already" in trainer.nothing_to_train(shortened)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2  # left as it was
 
 
