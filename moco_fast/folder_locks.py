@@ -100,12 +100,7 @@ def hold_folder(out: Path) -> Iterator[int | None]:
     file there failed with "No such file or directory"). A process that finds `out` busy removes
     nothing: what was missing when it looked may be the holder's, made since and empty still."""
     created = missing_folders(out)
-    while True:
-        fd = open_in_made_folder(out, out, os.O_RDONLY)
-        held = _try_flock(fd, out)
-        if held is not True or _still_there(out, fd):
-            break
-        os.close(fd)
+    fd, held = _opened_and_locked(out, out, os.O_RDONLY)
     _HELD.add(fd)
     try:
         yield fd if held is not False else None
@@ -114,6 +109,18 @@ def hold_folder(out: Path) -> Iterator[int | None]:
         if held is not False:
             remove_empty(created)
         os.close(fd)
+
+
+def _opened_and_locked(folder: Path, path: Path, flags: int) -> tuple[int, bool | None]:
+    """(`path` opened in its made `folder` (open_in_made_folder), _try_flock's answer on it). Where it
+    locked a file or folder that its holder removed meanwhile (_still_there), the one there now is
+    opened and locked instead: hold_folder's and hold_lock_file's loop, written once."""
+    while True:
+        fd = open_in_made_folder(folder, path, flags)
+        held = _try_flock(fd, path)
+        if held is not True or _still_there(path, fd):
+            return fd, held
+        os.close(fd)  # the one its holder removed
 
 
 # the times a folder is made again where another command removed it before it was opened (below)
@@ -170,15 +177,10 @@ def hold_lock_file(lock: Path, busy: str) -> Iterator[None]:
     file another user left in a shared folder still locks. The folders made for it and left empty
     (the command failed before writing) are removed."""
     created = missing_folders(lock.parent)
-    while True:
-        fd = open_in_made_folder(lock.parent, lock, os.O_RDONLY | os.O_CREAT)
-        held = _try_flock(fd, lock)
-        if held is False:
-            os.close(fd)
-            raise RunFolderBusy(busy)
-        if held is None or _still_there(lock, fd):
-            break
-        os.close(fd)  # the file its holder removed: lock the one there now
+    fd, held = _opened_and_locked(lock.parent, lock, os.O_RDONLY | os.O_CREAT)
+    if held is False:
+        os.close(fd)
+        raise RunFolderBusy(busy)
     _HELD.add(fd)
     try:
         yield
