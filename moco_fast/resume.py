@@ -18,7 +18,7 @@ from moco_fast.config import ConfigError, TrainConfig, from_dict, plain, sync_bn
 from moco_fast.data import DataError
 from moco_fast.epoch import other_images
 from moco_fast.model import MoCo
-from moco_fast.step import amp_as_run, amp_name, load_optimizer_state
+from moco_fast.step import amp_as_run, load_optimizer_state
 from moco_fast.text import plural
 
 log = logging.getLogger("moco_fast")
@@ -146,9 +146,7 @@ def warn_other_amp(state: dict[str, Any], cfg: TrainConfig, device: torch.device
     without a word, as an --amp given now did. Said with the --amp that keeps them, and the run goes on,
     as with its other changed settings (lincls and finetune refuse it: classifier_epochs.amp_ran).
     Nothing where the checkpoint does not tell (saved_amp)."""
-    from moco_fast.trainer import resolve_amp
-
-    was, now = saved_amp(state), amp_name(resolve_amp(cfg.runtime.amp, device))
+    was, now = saved_amp(state), amp_as_run(cfg.runtime.amp, device.type)  # checked by the run already
     if was is None or was == now:
         return
     how = f"--amp auto on {device.type}" if cfg.runtime.amp == "auto" else f"--amp {now}"
