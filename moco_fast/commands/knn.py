@@ -49,8 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import torch
 
     from moco_fast.backbone import check_arch
@@ -80,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     warn_if_single_class(splits.train)
     # a file without a recipe is read at 224 px (foreign.py): an export of a 32 px run can be scored
     # at its own size (the demo set at 224 px costs ~50x the compute of 32 px)
-    aug = cfg.data.aug if args.image_size is None else dataclasses.replace(cfg.data.aug, image_size=args.image_size)
+    aug = cfg.data.aug if args.image_size is None else cfg.data.aug.with_size(args.image_size)
     nets = {"backbone": model.backbone(), "head": model.encoder_q}
     for i, name in enumerate(names):
         with torch.no_grad():
