@@ -252,9 +252,13 @@ class SavedRun:
 
 
 def _processes(saved: Any) -> int | None:
-    """A saved number of processes, None where there is none or it cannot be one (below 1: a config.json
-    or checkpoint edited by hand or damaged): the caller's fallback then, as for one never recorded."""
-    n = int(saved or 0)
+    """A saved number of processes, None where there is none or it cannot be one (not a number, or
+    below 1: a config.json or checkpoint edited by hand or damaged): the caller's fallback then, as for
+    one never recorded."""
+    try:
+        n = int(saved or 0)
+    except (TypeError, ValueError):  # "two", [2]
+        return None
     return n if n >= 1 else None
 
 

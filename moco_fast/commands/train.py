@@ -387,7 +387,7 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
         cfg, run = from_dict(obj), SavedRun.of_config(obj)
     except ConfigError:  # a ValueError that says what is wrong already (not a run's config.json)
         raise
-    except (TypeError, AttributeError, ValueError) as e:  # ValueError: world_size not a number
+    except (TypeError, AttributeError, ValueError) as e:  # not a run's config.json (fields of other types)
         raise DataError(f"--resume: {saved} cannot be read ({e}): move it away, or choose another --out") from None
     if stopped_before_its_first_checkpoint(out):  # else check_output refuses it: the checkpoint is gone
         log.info("--resume: %s has no checkpoint yet; its run starts over with the settings of %s", out, saved)
