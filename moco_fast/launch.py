@@ -129,11 +129,14 @@ def _train_worker(cfg: TrainConfig, hold: FolderHold, level: int) -> dict:
         return train(cfg)
 
 
-def _recorded(fn: Callable[..., Any], reports: str, where: str | None, *args: Any) -> Any:
+def _recorded(call: tuple[Callable[..., Any], str, str | None, tuple]) -> Any:
     """Runs in each worker: `record` writes a bug's text where the launcher reads it (its traceback
-    stays); a user error is said through `reports` instead (_reported)."""
+    stays); a user error is said through `reports` instead (_reported). call: (fn, reports, where,
+    args) as one tuple: the launcher rewrites each string argument of a worker as a template
+    (`${local_rank}` and `$$` in a path of the user's changed), but none inside a tuple."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    fn, reports, where, args = call
     return record(_reported)(fn, reports, where, *args)
 
 
@@ -287,7 +290,7 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
         # start_processes' error files (a failed worker's traceback) are temporary files of this
         # process that nobody removes: they go to agent_dir too
         with _temporary_files_in(agent_dir):
-            results = elastic_launch(config, _recorded)(fn, reports, where, *args)
+            results = elastic_launch(config, _recorded)((fn, reports, where, args))
     except ChildFailedError as e:
         said = {int(p.name): p.read_text() for p in Path(reports).iterdir() if p.name.isdigit()}
         if said and e.get_first_failure()[0] in said:

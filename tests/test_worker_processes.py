@@ -99,6 +99,19 @@ def test_a_run_of_workers_leaves_nothing_in_the_temporary_directory(tmp_path, mo
     assert tempfile.gettempdir() == str(tmp_path)  # put back
 
 
+def _returns_its_args(*args: str) -> tuple[str, ...]:
+    return args
+
+
+def test_a_workers_string_arguments_reach_it_as_they_were(tmp_path):
+    # the elastic launcher takes each string argument of a worker for a template: a path holding
+    # "${local_rank}" reached the worker as "0", and "$$" as "$"
+    from moco_fast.launch import run_workers
+
+    paths = (str(tmp_path / "${local_rank}"), "runs/a$$b", "$local_rank")
+    assert run_workers(_returns_its_args, paths, 1) == [paths]
+
+
 WORKER_LOGS = """
 import contextlib, logging, sys, types
 
