@@ -12,7 +12,8 @@ from moco_fast.checkpoint import atomic_write, atomic_write_text
 from moco_fast.config import ConfigError
 
 TABLE_JSON = "sweep.json"  # marks a sweep's folder (run_folder: no run trains into one)
-TABLE_FILES = ("sweep.md", "sweep.png")  # the table's other files, written after TABLE_JSON
+TABLE_MD, TABLE_PNG = "sweep.md", "sweep.png"
+TABLE_FILES = (TABLE_MD, TABLE_PNG)  # the table's other files, written after TABLE_JSON
 
 log = logging.getLogger("moco_fast")
 
@@ -140,6 +141,6 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     """OUT/sweep.json, sweep.md and (with matplotlib) sweep.png, each replaced whole; sweep.json first:
     a sweep.md or sweep.png without it is not a sweep's (refuse_others_tables)."""
     write_json(out / TABLE_JSON, rows)
-    atomic_write_text(out / "sweep.md", markdown_table(shown(rows)))
-    if not plot(rows, out / "sweep.png"):
-        (out / "sweep.png").unlink(missing_ok=True)  # an old plot would not show these rows
+    atomic_write_text(out / TABLE_MD, markdown_table(shown(rows)))
+    if not plot(rows, out / TABLE_PNG):
+        (out / TABLE_PNG).unlink(missing_ok=True)  # an old plot would not show these rows

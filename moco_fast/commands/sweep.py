@@ -195,7 +195,7 @@ class _TrainFlags(argparse.ArgumentParser):
 def run(args: argparse.Namespace) -> int:
     from moco_fast.model import MECHANISMS
     from moco_fast.sweep import expand, run_sweep
-    from moco_fast.sweep_table import markdown_table, shown
+    from moco_fast.sweep_table import TABLE_JSON, TABLE_MD, TABLE_PNG, markdown_table, shown
 
     # the grid first: a malformed list is an error before the train flags are read
     ks = grid_list(args.moco_k, "--moco-k", int, "an integer", "256,4096")
@@ -221,8 +221,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rows = run_sweep(base, settings, out, lincls_epochs=args.lincls_epochs, lincls_lr=args.lincls_lr, redo=args.redo)
     print(markdown_table(shown(rows)), end="")
-    print(
-        f"table: {out / 'sweep.md'}, {out / 'sweep.json'}"
-        + (f", {out / 'sweep.png'}" if (out / "sweep.png").is_file() else "")
-    )
+    written = [out / name for name in (TABLE_MD, TABLE_JSON, TABLE_PNG)]
+    print("table:", ", ".join(str(path) for path in written if path.is_file()))
     return 0
