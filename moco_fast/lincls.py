@@ -319,17 +319,15 @@ def start_run(cfg: Any) -> tuple[tuple[int, ...] | None, torch.device, torch.dty
     return steps, device, amp_dtype, time.perf_counter()
 
 
-def run_lincls(cfg: LinclsConfig, splits: DataSplits | None = None, started: float | None = None) -> dict[str, Any]:
+def run_lincls(cfg: LinclsConfig, splits: DataSplits | None = None) -> dict[str, Any]:
     """Train and evaluate a linear classifier on the frozen backbone; writes and returns the result.
-    `splits`: `cfg.data` as its caller has just listed it (load_splits_with_eval: the sweep, to compare
-    a stopped classifier's state with it), else listed here; `started`: the time.perf_counter() at
-    which the caller began that listing, so that wall_s counts it as it counts a listing made here."""
+    `splits`: `cfg.data` as its caller listed it (as load_splits_with_eval does: the sweep, once for
+    all its settings), else listed here (wall_s then counts the listing)."""
     from moco_fast import checkpoint as ckpt
     from moco_fast.checkpoint import load_model
     from moco_fast.foreign import as_training_state
 
     steps, device, amp_dtype, t0 = start_run(cfg)
-    t0 = t0 if started is None else started
 
     # One read of the checkpoint gives the model, what its backbone must still be at the end, and the
     # stamp that the state between epochs names: a run training on in the checkpoint's folder may

@@ -244,17 +244,18 @@ def _refuse_out_within_data(out: Path, base: TrainConfig) -> None:
 def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> DataSplits | None:
     """What `validate` does not see and would otherwise fail after the first setting trained (or
     after --redo deleted the old runs): the device, the training data, and an eval split for the
-    linear classifier. Returns the data's kNN listing (monitor.eval_splits; None without an eval
-    split), which every setting's kNN reads: listed once, its warnings (eval images that are copies
-    of training images) are said once per sweep, not once per setting, and every setting is scored
-    on the same images."""
+    linear classifier. Returns the data's listing (monitor.eval_splits; None without an eval split),
+    which every setting's kNN and linear classifier read: listed once, its warnings (eval images that
+    are copies of training images) are said once per sweep, not once per setting, and every setting
+    is scored on the same images. With --lincls-epochs it is the classifier's (headers checked, class
+    folders as labels: lincls.load_splits_with_eval), which the kNN takes as it is."""
     from moco_fast.knn import warn_if_single_class
     from moco_fast.monitor import eval_splits
     from moco_fast.trainer import resolve_device, validate_device
 
     cfg = configs[0]  # the grid changes K, m, mechanism and shuffle BN only
     validate_device(cfg, resolve_device(cfg.runtime.device), 1)
-    splits, _ = eval_splits(cfg)  # DataError when the folder is missing or empty
+    splits, _ = eval_splits(cfg, labelled=lincls_epochs > 0)  # DataError when the folder is missing or empty
     if lincls_epochs > 0 and splits is None:
         raise ConfigError(
             "--lincls-epochs needs an image folder with train/ and val/ or test/ (the linear classifier's "

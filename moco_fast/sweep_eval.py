@@ -5,7 +5,6 @@ classifier on cached features (written as sweep_lincls.json beside the checkpoin
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,17 +64,19 @@ def evaluate_setting(
         res.update(knn_figures(model, splits, cfg, device))
     del model
     if lincls_epochs > 0:
-        res["linear_top1"] = _linear(cfg, folder, lincls_epochs, lincls_lr)
+        res["linear_top1"] = _linear(cfg, folder, splits, lincls_epochs, lincls_lr)
     res["lincls_epochs"] = lincls_epochs
     res["lincls_lr"] = lincls_lr if lincls_epochs > 0 else None
     return res
 
 
-def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | None:
+def _linear(cfg: TrainConfig, folder: Path, splits: DataSplits, epochs: int, lr: float) -> float | None:
+    """The linear classifier's top-1 on `splits`, the sweep's listing of the data (made once for
+    every setting: sweep._check_device_and_data)."""
     from moco_fast.checkpoint import CHECKPOINT_NAME
     from moco_fast.classifier_epochs import clear_state, continued_by, resumable, state_path
     from moco_fast.data_listing import listing_fingerprint
-    from moco_fast.lincls import LinclsConfig, load_splits_with_eval, run_lincls
+    from moco_fast.lincls import LinclsConfig, run_lincls
     from moco_fast.trainer import eval_workers, resolve_device
 
     out = folder / SWEEP_LINCLS_RESULT  # not lincls.json: `moco-fast lincls`'s own result stays
@@ -94,17 +95,12 @@ def _linear(cfg: TrainConfig, folder: Path, epochs: int, lr: float) -> float | N
     )
     # a sweep stopped in this setting's classifier continues it; one run with other settings (another
     # --lincls-epochs, a checkpoint trained further, other images in --data since) is the sweep's own
-    # to start over. The data is listed for it only where such a state lies, and run_lincls takes that
-    # listing: listed again, its warnings (a file it skips, split copies) were said twice
+    # to start over
     with hold_output(out, "sweep"):  # two sweeps into one folder may evaluate the same setting
-        splits, started = None, time.perf_counter()  # the listing is part of the classifier's wall_s
-        if state_path(out).is_file():
-            splits = load_splits_with_eval(lc.data)
-            if not resumable(out, lc, "lincls", listing_fingerprint(splits)):
-                log.info(
-                    "%s: its linear classifier stopped with other settings, checkpoint or images; it starts over",
-                    folder,
-                )
-                clear_state(out)
+        if state_path(out).is_file() and not resumable(out, lc, "lincls", listing_fingerprint(splits)):
+            log.info(
+                "%s: its linear classifier stopped with other settings, checkpoint or images; it starts over", folder
+            )
+            clear_state(out)
         with continued_by("the same sweep command continues it", "--lincls-lr"):
-            return run_lincls(replace(lc, resume=state_path(out).is_file()), splits, started)["top1"]
+            return run_lincls(replace(lc, resume=state_path(out).is_file()), splits)["top1"]
