@@ -310,8 +310,9 @@ def start_run(cfg: Any) -> tuple[tuple[int, ...] | None, torch.device, torch.dty
     """What lincls and finetune check and set up first: (lr steps, device, autocast dtype, start time)."""
     from moco_fast.trainer import resolve_amp, resolve_device
 
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError("--epochs and --batch-size must be positive")
+    for flag, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1 (got {value})")
     steps = parse_schedule(cfg.schedule)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)

@@ -133,10 +133,10 @@ def validate(cfg: TrainConfig, world: int, saved: SavedRun | Callable[[], SavedR
     # with the flags: train read the data first, the bench ran rows (its reference: an AttributeError)
     check_arch(cfg.model.arch)
     global_batch = o.batch_size * world
-    if o.epochs < 1 or o.batch_size < 1:
-        raise ConfigError("--epochs and --batch-size must be positive")
     r, d = cfg.runtime, cfg.data
     for flag, value, least in (
+        ("--epochs", o.epochs, 1),
+        ("--batch-size", o.batch_size, 1),
         ("--bn-splits", m.bn_splits, 1),
         ("--log-every", r.log_every, 1),
         ("--dim", cfg.model.dim, 1),

@@ -11,7 +11,7 @@ from moco_fast.cli import main
 REFUSED = [
     (["--arch", "resnet_nosuch"], "unknown arch 'resnet_nosuch'"),
     (["--moco-k", "16", "--batch-size", "32"], "--moco-k 16 is smaller than the keys one step enqueues (32)"),
-    (["--epochs", "0"], "--epochs and --batch-size must be positive"),
+    (["--epochs", "0"], "--epochs must be at least 1 (got 0)"),
     (["--batch-size", "12", "--bn-splits", "8"], "must be a multiple of --bn-splits 8"),
     # split BN off: the line asked to lower a --bn-splits of 1 (or one not in use) below 1
     (["--batch-size", "1", "--no-shuffle-bn"], "--batch-size 1 gives BN 1 image a batch: raise it to 2 or more"),
