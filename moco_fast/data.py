@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moco_fast.text import plural
+
 log = logging.getLogger("moco_fast")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -229,7 +231,15 @@ def list_images(
         elif _is_image_file(d):  # read by nothing: said, not dropped without a word
             skipped.append((d.path, f"directly in {folder.name}/, not in a class folder {folder.name}/<class>/"))
     if not found:
-        raise DataError(f"no class subfolders in {folder}: expected {folder}/<class>/<image files>")
+        loose = sum(reason.startswith("directly in") for _, reason in skipped)
+        # a folder of unlabelled images, which pretraining needs no labels for: one class folder will do
+        hint = (
+            f" (MoCo needs no labels: move its {plural(loose, 'image')} into one subfolder, such as {folder}/images/)"
+        )
+        raise DataError(
+            f"no class subfolders in {folder}: expected {folder}/<class>/<image files>"
+            + (hint if loose and classes is None and not labelled else "")
+        )
     per_class = {c: _list_class(folder / c, skipped) for c in found}
     # Imported here, not at the top: class_folders imports DataError and _nfc from this module.
     from moco_fast.class_folders import check_linked_classes, refuse_twin_spellings

@@ -122,6 +122,21 @@ def test_only_empty_or_hidden_folders_is_an_error(tmp_path):
         list_images(tmp_path)
 
 
+def test_a_flat_folder_of_images_is_told_how_to_train_on_it(tmp_path):
+    # pretraining needs no labels: a folder of loose images said only "expected <class>/<image files>"
+    for i in range(3):
+        solid(tmp_path / f"{i}.png", RED)
+    fix = f"(MoCo needs no labels: move its 3 images into one subfolder, such as {tmp_path}/images/)"
+    with pytest.raises(DataError, match="no class subfolders") as e:
+        list_images(tmp_path)
+    assert str(e.value).endswith(fix)
+    # where the labels are the figure (knn, lincls) or the classes are the training split's: no such fix
+    for kwargs in ({"labelled": True}, {"classes": ["a", "b"]}):
+        with pytest.raises(DataError, match="no class subfolders") as e:
+            list_images(tmp_path, **kwargs)
+        assert "MoCo needs no labels" not in str(e.value)
+
+
 # -- files skipped without a word before --------------------------------------------------------------
 def test_broken_links_and_nested_files_are_named(fresh_root, caplog):
     train = fresh_root / "train"
