@@ -10,7 +10,7 @@ import torch
 from moco_fast.kernels.augment_gpu import apply, augment_into, sample_params
 
 from moco_fast.augment import AugSpec
-from moco_fast.data import DataSplits
+from moco_fast.data import DataSplits, load_splits
 
 
 class Batch(NamedTuple):
@@ -37,6 +37,10 @@ class LoaderArgs:
     # The eval split beside train/ (moco_fast.data.load_splits): "list" it, "try" (only the final
     # kNN uses it), or "skip" it (nothing evaluates). Folder loaders only.
     eval_split: str = "list"
+    # The data as its caller listed it already (load_splits of `data` with check_images and
+    # eval_split as above: a bench lists --data before its rows); None: the loader lists `data`
+    # itself. Folder loaders only (listed_splits).
+    splits: DataSplits | None = None
     # Backend-specific knobs (e.g. DALI's hw_decoder_load), from `--loader-option KEY=VALUE`. Each
     # backend documents and validates its own keys; the augmentation recipe never goes here.
     options: dict[str, str] = field(default_factory=dict)
@@ -46,6 +50,24 @@ def stream_seed(seed: int, position: int, rank: int) -> int:
     """The seed of one rank's random stream at one epoch (or step). Every backend mixes (run seed,
     position, rank) the same way, so that a resumed run draws what an uninterrupted one would."""
     return (seed * 1_000_003 + position) * 1009 + rank
+
+
+def listed_splits(args: LoaderArgs) -> DataSplits:
+    """The image folder's train and eval lists of a folder loader (torch, DALI, resident): the
+    caller's listing (`args.splits`) where it made one, else `args.data` listed here. On ImageNet a
+    listing takes minutes, and a caller that listed the folder already (a bench checks --data before
+    its rows, each of which builds a loader) would otherwise pay it again per loader.
+
+    A listing made with other options than these args' (unchecked where the loader header-checks,
+    without the eval split it would list or try) is a ValueError, not listed again: it is the
+    caller's mistake, said, where listing anew would silently cost the minutes it meant to save."""
+    splits = args.splits
+    if splits is None:
+        return load_splits(args.data, check=args.check_images, eval_split=args.eval_split)
+    given, wanted = (splits.checked, splits.eval_split), (args.check_images, args.eval_split)
+    if given != wanted:
+        raise ValueError(f"LoaderArgs.splits was listed with (check, eval_split) {given}; the loader lists {wanted}")
+    return splits
 
 
 def check_start_step(start_step: int, steps: int) -> None:

@@ -56,11 +56,11 @@ import numpy as np
 import torch
 
 from moco_fast.config import ConfigError
-from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError, DataSplits, ImageList, load_splits
+from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError, DataSplits, ImageList
 from moco_fast.metrics import progress
 
 from . import register_loader
-from .base import Batch, LoaderArgs, check_start_step, stream_seed
+from .base import Batch, LoaderArgs, check_start_step, listed_splits, stream_seed
 from .dali_pipeline import PipelineSettings, decodable, folder_pipeline, wds_pipeline
 from .dali_recovery import SkipsBadSamples, path_bytes
 from .options import DaliOptions, parse_loader_options
@@ -277,7 +277,7 @@ class DaliLoader(SkipsBadSamples):
                     "--loader-option shuffle_buffer is for a shard set (--data holding meta.json); an image "
                     "folder is shuffled whole each epoch: leave it out"
                 )
-            self.splits = load_splits(args.data, check=args.check_images, eval_split=args.eval_split)
+            self.splits = listed_splits(args)
             images = decodable_images(self.splits.train)  # the kNN monitor still reads them all (PIL)
             self.wds, self.folder = None, FolderSource(images, args.batch_size, args.seed, args.rank, args.world_size)
             self.num_images, self.classes = len(images), images.classes

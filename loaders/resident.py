@@ -39,11 +39,11 @@ import torch
 from moco_fast.kernels.resized_crop import resized_crop, sample_boxes
 from PIL import Image
 
-from moco_fast.data import DataError, ImageList, load_rgb, load_splits
+from moco_fast.data import DataError, ImageList, load_rgb
 from moco_fast.metrics import tqdm
 
 from . import register_loader
-from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, stream_seed
+from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, listed_splits, stream_seed
 from .center_crop import ResizeCenterCrop
 from .options import ResidentOptions, parse_loader_options
 from .torch_loader import EpochShardSampler
@@ -148,7 +148,7 @@ class ResidentLoader:
         self.start_step = 0
         self.opts: ResidentOptions = parse_loader_options("resident", args.options)
         refuse_shard_set(args.data, "resident")
-        self.splits = load_splits(args.data, check=args.check_images, eval_split=args.eval_split)
+        self.splits = listed_splits(args)
         images = self.splits.train
         side = round(args.aug.image_size / 0.875)  # the default side for images of mixed sizes
         budget = int(available_bytes(args.device) * self.opts.memory_fraction)

@@ -30,13 +30,13 @@ from torchvision import transforms as T
 
 from moco_fast.augment import AugSpec
 from moco_fast.cli import STOP_SIGNALS
-from moco_fast.data import DataError, DataSplits, ImageDataset, load_splits
+from moco_fast.data import DataError, DataSplits, ImageDataset
 from moco_fast.seeded_images import KeyedImages
 from moco_fast.shared_memory import stack_shared, start_workers, tensor_shared, warn_if_short, worker_start
 from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
-from .base import DevicePrefetcher, LoaderArgs, check_start_step, stream_seed
+from .base import DevicePrefetcher, LoaderArgs, check_start_step, listed_splits, stream_seed
 from .center_crop import ResizeCenterCrop
 from .color_jitter import ColorJitter
 from .options import parse_loader_options
@@ -284,4 +284,4 @@ class TorchLoader:
 def build_torch_loader(args: LoaderArgs) -> TorchLoader:
     parse_loader_options("torch", args.options)
     refuse_shard_set(args.data, "torch")
-    return TorchLoader(load_splits(args.data, check=args.check_images, eval_split=args.eval_split), args)
+    return TorchLoader(listed_splits(args), args)

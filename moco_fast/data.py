@@ -12,6 +12,7 @@ on; evaluation (kNN) leaves it out instead, so that every image is counted once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -72,6 +73,10 @@ class ImageList:
 class DataSplits:
     train: ImageList
     eval: ImageList | None  # val/ or test/, when present
+    # load_splits' `check` and `eval_split` that made them: a loader handed this listing
+    # (loaders.base.LoaderArgs.splits) tells whether it is the one it would make itself
+    checked: bool
+    eval_split: str
 
 
 def resolve_root(data: str | None, name: str = "--data") -> Path:
@@ -316,13 +321,14 @@ def load_splits(data: str | None, check: bool = True, eval_split: str = "list", 
     if eval_split not in EVAL_SPLIT_USES:
         raise ValueError(f"eval_split must be one of {EVAL_SPLIT_USES}, got {eval_split!r}")
     train_dir, eval_dir = split_dirs(resolve_root(data))
+    listed = functools.partial(DataSplits, checked=check, eval_split=eval_split)
     if eval_dir is None or eval_split == "skip":
-        return DataSplits(list_images(train_dir, check=check, labelled=labelled), None)
+        return listed(list_images(train_dir, check=check, labelled=labelled), None)
     try:
         _refuse_same_folder(train_dir, eval_dir)  # before the training split's listing: it may be long
     except DataError as e:
         _eval_unusable(eval_split, eval_dir, e)
-        return DataSplits(list_images(train_dir, check=check, labelled=labelled), None)
+        return listed(list_images(train_dir, check=check, labelled=labelled), None)
     train = list_images(train_dir, check=check, labelled=labelled)
     try:
         evaluated = list_images(eval_dir, classes=train.classes, check=check, labelled=labelled)
@@ -330,10 +336,10 @@ def load_splits(data: str | None, check: bool = True, eval_split: str = "list", 
         from moco_fast.split_copies import warn_of_copies  # it imports ImageList from here
 
         warn_of_copies(train, evaluated)
-        return DataSplits(train, evaluated)
+        return listed(train, evaluated)
     except DataError as e:
         _eval_unusable(eval_split, eval_dir, e)
-        return DataSplits(train, None)
+        return listed(train, None)
 
 
 def _eval_unusable(eval_split: str, eval_dir: Path, e: DataError) -> None:
