@@ -175,9 +175,11 @@ def check_output_path(path: str | None, flag: str, suffix: str) -> None:
 
 @contextlib.contextmanager
 def each_warning_once() -> Iterator[None]:
-    """moco-fast's log records, each said once while a bench runs: it checks the data (a listing),
-    and every loader or end-to-end row lists it again (create_loader), each listing with the same
-    warnings (a file it skips, split copies), which were said again with each."""
+    """moco-fast's log records, each said once while a bench runs: every loader or end-to-end row
+    builds a loader that reads the data anew, and says again what it found (the resident loader
+    decodes every image, and names each it cannot decode; DALI names each file its decoder fails on,
+    and a shard set's count that its meta.json misstates). throughput.py lists the data once for all
+    its rows (check_data); bench/ffcv_loader.py lists it again to convert it."""
     said: set[tuple[int, str]] = set()
 
     def first_time(record: logging.LogRecord) -> bool:

@@ -48,7 +48,7 @@ with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here 
     from moco_fast.checkpoint import atomic_write_text
     from moco_fast.cli import log_as_lines
     from moco_fast.config import ConfigError, build_config, check_image_size, to_dict
-    from moco_fast.data import DataError
+    from moco_fast.data import DataError, DataSplits
     from moco_fast.model import MoCo
     from moco_fast.trainer import (
         GraphedStep,
@@ -93,8 +93,10 @@ def timed(fn, warmup: int, steps: int, batch: int, device: torch.device, peak_fr
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, cfg, device: torch.device):
-        self.args, self.cfg, self.device = args, cfg, device
+    def __init__(self, args: argparse.Namespace, cfg, device: torch.device, splits: DataSplits | None):
+        """`splits`: --data as check_data listed it, which every loader row reads (None: no row
+        reads an image folder)."""
+        self.args, self.cfg, self.device, self.splits = args, cfg, device, splits
         self.workers = resolve_workers(cfg.data.workers, device)
 
     def loader(self, amp_dtype, channels_last: bool, synthetic: bool = False):
@@ -112,6 +114,7 @@ class Bench:
                 seed=c.runtime.seed,
                 synthetic_steps=1,
                 check_images=False,  # the trainer checks files; a benchmark should not time that
+                splits=None if synthetic else self.splits,
                 options={} if synthetic else dict(c.data.loader_options),
             ),
         )
@@ -290,9 +293,11 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
         raise ConfigError("--profile profiles the first eager trainer row, and --rows has none (add trainer)")
 
 
-def check_data(cfg) -> None:
+def check_data(cfg) -> DataSplits | None:
     """The loader rows' data, listed before the first row runs (without decoding or building a
-    loader: the resident loader alone would decode the whole set)."""
+    loader: the resident loader alone would decode the whole set). Returns the listing of an image
+    folder, which every loader row reads (Bench.loader): listed once, not once more per row (minutes
+    each on ImageNet); None for a .beton, a shard set or synthetic data."""
     from moco_fast.loaders.wds import beton_file, is_wds_root
 
     from moco_fast.data import load_splits
@@ -301,7 +306,9 @@ def check_data(cfg) -> None:
     if loader == "ffcv":
         beton_file(data)  # DataError: none, missing, a folder, a shard set
     elif loader != "synthetic" and not is_wds_root(data):
-        load_splits(data, check=False)  # DataError: missing, a file, empty, no class folders
+        # as Bench.loader's LoaderArgs list it (unchecked, eval split listed): a loader refuses another
+        return load_splits(data, check=False)  # DataError: missing, a file, empty, no class folders
+    return None
 
 
 def make_config(args: argparse.Namespace, device: torch.device):
@@ -341,7 +348,7 @@ def row_done(row: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_as_lines(logging.WARNING)  # the data listing's warnings as the CLI writes them; no INFO among the rows
-    with each_warning_once():  # check_data lists the data, and each loader or end-to-end row again
+    with each_warning_once():  # each loader row decodes the data again (resident, DALI): its warnings too
         try:
             device = resolve_device(args.device)
             args.steps = default(args.steps, 3 if device.type == "cpu" else 30)
@@ -357,15 +364,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = make_config(args, device)
             specs = parse_rows(args.rows, args)
             check_specs(specs, args, device)
-            if any(s.kind in ("loader", "end-to-end") for s in specs):
-                check_data(cfg)
+            splits = check_data(cfg) if any(s.kind in ("loader", "end-to-end") for s in specs) else None
         except (ConfigError, DataError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:  # the data check reads the folder (seconds on a network disk)
             return stopped_before_rows()
         try:
-            return measure(args, cfg, specs, device)
+            return measure(args, cfg, specs, device, splits)
         except OSError as e:  # --json or --plot on a full disk, or a path that may no longer be written
             from moco_fast.cli import one_line
 
@@ -376,10 +382,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
 
-def measure(args: argparse.Namespace, cfg, specs: list[RowSpec], device: torch.device) -> int:
-    """Runs the rows, prints the table, writes --json and --plot; the exit status."""
+def measure(
+    args: argparse.Namespace, cfg, specs: list[RowSpec], device: torch.device, splits: DataSplits | None
+) -> int:
+    """Runs the rows, prints the table, writes --json and --plot; the exit status. `splits`: the
+    data as check_data listed it (Bench)."""
     torch.backends.cudnn.benchmark = True  # fixed shapes; main_moco.py sets it too
-    bench = Bench(args, cfg, device)
+    bench = Bench(args, cfg, device, splits)
     result = {
         "rows": [],
         "device": device_info(device),

@@ -92,6 +92,24 @@ def test_the_data_listings_warnings_read_as_the_clis(tmp_path, bench):
     assert len(skipped) == 1, run.stderr[-3000:]
 
 
+@pytest.mark.parametrize("loader", ["torch", "resident"])
+def test_the_data_is_listed_once_for_all_the_loader_rows(tiny_root, loader, monkeypatch, capsys):
+    # check_data listed --data, and then every loader row's loader listed it again: minutes a row on
+    # ImageNet, for the same listing
+    import moco_fast.data
+
+    listed, list_images = [], moco_fast.data.list_images
+
+    def counted(folder, *a, **kw):
+        listed.append(folder.name)
+        return list_images(folder, *a, **kw)
+
+    monkeypatch.setattr(moco_fast.data, "list_images", counted)
+    rows = ["--rows", "loader,loader:fp32", "--loader", loader, "--workers", "0", "--steps", "1", "--warmup", "0"]
+    assert throughput.main([*TINY, "--data", str(tiny_root), *rows]) == 0, capsys.readouterr().err
+    assert listed == ["train", "test"]
+
+
 def plot_available() -> bool:
     try:
         import matplotlib  # noqa: F401
