@@ -51,7 +51,7 @@ with interrupted_before_rows(held=("torch",)):
     from moco_fast.config import ConfigError
     from moco_fast.convert import ConvertConfig, convert
     from moco_fast.convert_images import load_resized
-    from moco_fast.data import IMAGE_EXTENSIONS, DataError
+    from moco_fast.data import IMAGE_EXTENSIONS, DataError, DataSplits, load_splits
 
 ROWS = ("torch", "torch-crops", "torch-256", "torch-crops-256", "ffcv", "ffcv-twice", "ffcv+aug")
 # The device pass alone (the FFCV backend's colour/blur/normalise step) on --device: not in the
@@ -95,11 +95,15 @@ def timed(batches, warmup: int, steps: int, batch_size: int, min_seconds: float 
     return {"img_per_s": n * batch_size / dt, "ms_per_batch": 1000 * dt / n, "seconds": dt, "batches": n}
 
 
-def run_row(row: str, roots: dict, a: argparse.Namespace) -> dict:
+def run_row(row: str, roots: dict, a: argparse.Namespace, listings: dict[Path, DataSplits]) -> dict:
+    """`listings`: each folder a torch row has read, as listed for it: the row that reads it next
+    (torch-crops after torch) takes that listing rather than listing the folder again."""
     spec = MOCO_V2
     data = {"torch": roots["full"], "torch-crops": roots["full"]}.get(row) or (
         roots["small"] if row.startswith("torch") else None
     )
+    if data is not None and data not in listings:
+        listings[data] = load_splits(str(data), check=False)  # as the LoaderArgs below list it
     if row.startswith("torch-crops"):
         spec = replace(spec, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
     options = {"decode": "twice"} if row == "ffcv-twice" else {}
@@ -111,6 +115,7 @@ def run_row(row: str, roots: dict, a: argparse.Namespace) -> dict:
         workers=a.workers,
         seed=0,
         check_images=False,
+        splits=listings.get(data),
         options=options,
     )
     loader = create_loader("torch" if row.startswith("torch") else "ffcv", args)
@@ -181,11 +186,12 @@ def run_loader_rows(rows: list[str], a: argparse.Namespace, results: list[dict],
         if any(r.endswith("-256") for r in rows):
             small = resized_tree(full, tmp / "small", a.max_resolution, a.jpeg_quality)
         roots = {"full": full, "small": small, "beton": beton}
+        listings: dict[Path, DataSplits] = {}
         for row in rows:
             print(f"running {row} ...", file=sys.stderr)
             try:
                 settings = SETTINGS[row].format(res=a.max_resolution, q=a.jpeg_quality)
-                r = {"row": row, "name": row, "settings": settings, **run_row(row, roots, a)}
+                r = {"row": row, "name": row, "settings": settings, **run_row(row, roots, a, listings)}
             except Exception as e:  # one failed row must not lose the others
                 r = {"row": row, "name": row, "error": f"{type(e).__name__}: {e}"}
             results.append(r)
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here, a .json file")
     a = p.parse_args(argv)
     log_as_lines(logging.WARNING)  # the data listing's warnings as the CLI writes them, as throughput.py
-    with each_warning_once():  # the data is listed by the check, the conversion and the torch rows
+    with each_warning_once():  # the data is listed by the conversion, and again for the torch rows
         return measure(a)
 
 

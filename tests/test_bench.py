@@ -92,22 +92,42 @@ def test_the_data_listings_warnings_read_as_the_clis(tmp_path, bench):
     assert len(skipped) == 1, run.stderr[-3000:]
 
 
-@pytest.mark.parametrize("loader", ["torch", "resident"])
-def test_the_data_is_listed_once_for_all_the_loader_rows(tiny_root, loader, monkeypatch, capsys):
-    # check_data listed --data, and then every loader row's loader listed it again: minutes a row on
-    # ImageNet, for the same listing
+@pytest.fixture
+def listed(monkeypatch) -> list[str]:
+    """The name of each folder listed (data.list_images) from here on, in order, by the loaders and
+    by convert (which holds a name of its own for list_images)."""
+    import moco_fast.convert
     import moco_fast.data
 
-    listed, list_images = [], moco_fast.data.list_images
+    names, list_images = [], moco_fast.data.list_images
 
     def counted(folder, *a, **kw):
-        listed.append(folder.name)
+        names.append(folder.name)
         return list_images(folder, *a, **kw)
 
-    monkeypatch.setattr(moco_fast.data, "list_images", counted)
+    for module in (moco_fast.data, moco_fast.convert):
+        monkeypatch.setattr(module, "list_images", counted)
+    return names
+
+
+@pytest.mark.parametrize("loader", ["torch", "resident"])
+def test_the_data_is_listed_once_for_all_the_loader_rows(tiny_root, loader, listed, capsys):
+    # check_data listed --data, and then every loader row's loader listed it again: minutes a row on
+    # ImageNet, for the same listing
     rows = ["--rows", "loader,loader:fp32", "--loader", loader, "--workers", "0", "--steps", "1", "--warmup", "0"]
     assert throughput.main([*TINY, "--data", str(tiny_root), *rows]) == 0, capsys.readouterr().err
     assert listed == ["train", "test"]
+
+
+@pytest.mark.slow
+def test_the_ffcv_bench_lists_a_folder_once_for_the_torch_rows_that_read_it(tiny_root, listed, capsys):
+    # torch and torch-crops read the same folder, each listing it again after the conversion did
+    import ffcv_loader
+
+    flags = ["--rows", "torch,torch-crops", "--workers", "1", "--batch-size", "4", "--min-seconds", "0"]
+    run = [*flags, "--steps", "1", "--warmup", "0"]
+    assert ffcv_loader.main(["--data", str(tiny_root / "train"), *run]) == 0, capsys.readouterr().err
+    assert listed == ["train", "train"]  # the conversion's (header-checked), the torch rows' (not)
 
 
 def plot_available() -> bool:
