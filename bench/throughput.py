@@ -114,6 +114,7 @@ class Bench:
                 seed=c.runtime.seed,
                 synthetic_steps=1,
                 check_images=False,  # the trainer checks files; a benchmark should not time that
+                eval_split="skip",  # no row evaluates: an ImageNet val/ not yet sorted into classes is no error
                 splits=None if synthetic else self.splits,
                 options={} if synthetic else dict(c.data.loader_options),
             ),
@@ -306,8 +307,8 @@ def check_data(cfg) -> DataSplits | None:
     if loader == "ffcv":
         beton_file(data)  # DataError: none, missing, a folder, a shard set
     elif loader != "synthetic" and not is_wds_root(data):
-        # as Bench.loader's LoaderArgs list it (unchecked, eval split listed): a loader refuses another
-        return load_splits(data, check=False)  # DataError: missing, a file, empty, no class folders
+        # as Bench.loader's LoaderArgs list it (unchecked, no eval split): a loader refuses another
+        return load_splits(data, check=False, eval_split="skip")  # DataError: missing, a file, empty, no classes
     return None
 
 
