@@ -56,16 +56,19 @@ def listed_splits(args: LoaderArgs) -> DataSplits:
     """The image folder's train and eval lists of a folder loader (torch, DALI, resident): the
     caller's listing (`args.splits`) where it made one, else `args.data` listed here. On ImageNet a
     listing takes minutes, and a caller that listed the folder already (a bench checks --data before
-    its rows, each of which builds a loader) would otherwise pay it again per loader.
+    its rows, a sweep before its settings, each of which builds a loader) would otherwise pay it
+    again per loader.
 
-    A listing made with other options than these args' (unchecked where the loader header-checks,
-    without the eval split it would list or try) is a ValueError, not listed again: it is the
-    caller's mistake, said, where listing anew would silently cost the minutes it meant to save."""
+    The listing must be one the loader would make: header-checked as `args.check_images` says, and
+    its eval split listed as `args.eval_split` says, or fully ("list": an eval split that could not
+    be listed was an error), which holds what "try" would and more than "skip" reads (the trainer's
+    kNN reads it only where asked). Any other is a ValueError, not listed again: it is the caller's
+    mistake, said, where listing anew would silently cost the minutes it meant to save."""
     splits = args.splits
     if splits is None:
         return load_splits(args.data, check=args.check_images, eval_split=args.eval_split)
     given, wanted = (splits.checked, splits.eval_split), (args.check_images, args.eval_split)
-    if given != wanted:
+    if splits.checked != args.check_images or splits.eval_split not in ("list", args.eval_split):
         raise ValueError(f"LoaderArgs.splits was listed with (check, eval_split) {given}; the loader lists {wanted}")
     return splits
 

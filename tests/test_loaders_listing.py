@@ -41,7 +41,7 @@ def test_a_folder_loader_given_a_listing_reads_it_not_the_folder(tiny_root, load
     [
         ({"check": False}, {"check_images": True}),  # unchecked where the loader header-checks
         ({"eval_split": "skip"}, {"eval_split": "list"}),  # without the eval split it would list
-        ({"eval_split": "list"}, {"eval_split": "try"}),
+        ({"eval_split": "try"}, {"eval_split": "list"}),  # an eval split it would have refused
     ],
 )
 def test_a_listing_made_with_other_options_is_refused(tiny_root, loader, listing, loader_lists):
@@ -50,3 +50,10 @@ def test_a_listing_made_with_other_options_is_refused(tiny_root, loader, listing
     listed = load_splits(str(tiny_root), **listing)
     with pytest.raises(ValueError, match=r"LoaderArgs\.splits was listed with"):
         create_loader(loader, args(tiny_root, splits=listed, **loader_lists))
+
+
+@pytest.mark.parametrize("loader_lists", ["try", "skip"])
+def test_a_listing_of_the_whole_eval_split_serves_a_loader_that_tries_or_skips_it(tiny_root, loader_lists):
+    # what a sweep hands each setting's training: the listing its kNN reads
+    listed = load_splits(str(tiny_root), eval_split="list")
+    assert create_loader("torch", args(tiny_root, splits=listed, eval_split=loader_lists)).splits is listed
