@@ -22,14 +22,11 @@ from moco_fast.loaders.wds import META_NAME, is_wds_root
 from moco_fast.model import MoCo
 
 
-def eval_splits(
-    cfg: TrainConfig, listed: DataSplits | None = None, labelled: bool = False
-) -> tuple[DataSplits | None, str]:
+def eval_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> tuple[DataSplits | None, str]:
     """The run's train and eval image lists, or (None, what the data lacks). `listed`: the lists
     the loader has just made (and header-checked); without them the folder is listed here, unchecked
     (a truncated JPEG passes a header check anyway: the kNN feature passes leave out every image
-    that fails to decode, as `moco-fast knn` does), or with `labelled` as a linear classifier lists
-    it (lincls.load_splits_with_eval: headers checked, a class folder linked to another an error)."""
+    that fails to decode, as `moco-fast knn` does)."""
     if cfg.data.loader not in IMAGE_FOLDER_LOADERS:
         return None, (
             f"an image folder with an eval split; --loader {cfg.data.loader} has none "
@@ -37,7 +34,7 @@ def eval_splits(
         )
     if is_wds_root(cfg.data.data):
         return None, "an image folder with train/ and val/ or test/, not a shard set"
-    splits = listed if listed is not None else load_splits(cfg.data.data, check=labelled, labelled=labelled)
+    splits = listed if listed is not None else load_splits(cfg.data.data, check=False)
     if splits.eval is None:
         return None, "an eval split: a data root with train/ and val/ or test/"
     return splits, ""

@@ -142,7 +142,7 @@ def run_sweep(
     refuse_others_tables(out)
     _refuse_out_within_data(out, base)
     with hold_sweep_folder(out):  # a second sweep there: one line, before any work
-        splits = _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything
+        listed, splits = _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything
         if redo:
             for s in settings:
                 if (out / s.name).is_dir():
@@ -158,7 +158,7 @@ def run_sweep(
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
             try:
                 head = f"[{i + 1}/{len(settings)}] {s.name}"
-                _run_setting(cfg, s, plan, head, found, splits, (lincls_epochs, lincls_lr))
+                _run_setting(cfg, s, plan, head, found, (listed, splits), (lincls_epochs, lincls_lr))
             except BaseException as e:
                 from moco_fast.cli import interruption
 
@@ -182,11 +182,13 @@ def _run_setting(
     plan: str,
     head: str,
     found: dict[str, dict],
-    splits: DataSplits | None,
+    data: tuple[DataSplits | None, DataSplits | None],
     evaluation: tuple[int, float],
 ) -> None:
-    """Trains (or continues) and evaluates one setting as `plan` says, its kNN on `splits` (the
-    sweep's listing, _check_device_and_data's); its result goes into `found`."""
+    """Trains (or continues) and evaluates one setting as `plan` says, on `data`, the sweep's listing
+    (_check_device_and_data's): its training reads the first, its kNN the second; its result goes
+    into `found`."""
+    listed, splits = data
     if plan == "reuse":
         log.info("%s: finished earlier with the same settings, reused", head)
         return
@@ -200,7 +202,7 @@ def _run_setting(
         }[plan],
     )
     if plan in ("train", "resume"):
-        _train(cfg)
+        _train(cfg, listed)
     t0 = time.perf_counter()
     res = evaluate_setting(cfg, s, splits, *evaluation)
     # training (every epoch, from its rows, also those of an earlier interrupted part) + evaluation
@@ -241,21 +243,32 @@ def _refuse_out_within_data(out: Path, base: TrainConfig) -> None:
             )
 
 
-def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> DataSplits | None:
+def _check_device_and_data(
+    configs: list[TrainConfig], lincls_epochs: int
+) -> tuple[DataSplits | None, DataSplits | None]:
     """What `validate` does not see and would otherwise fail after the first setting trained (or
     after --redo deleted the old runs): the device, the training data, and an eval split for the
-    linear classifier. Returns the data's listing (monitor.eval_splits; None without an eval split),
-    which every setting's kNN and linear classifier read: listed once, its warnings (eval images that
-    are copies of training images) are said once per sweep, not once per setting, and every setting
-    is scored on the same images. With --lincls-epochs it is the classifier's (headers checked, class
-    folders as labels: lincls.load_splits_with_eval), which the kNN takes as it is."""
+    linear classifier. Returns the image folder's listing (None: the data is not one), which every
+    setting's training reads (trainer.train's `splits`), and it again where it holds an eval split
+    (monitor.eval_splits; else None), which every setting's kNN reads. Listed once, header-checked
+    with its eval split as a setting's loader takes it (loaders.base.listed_splits), not once more
+    per setting (minutes each on ImageNet); its warnings (eval images that are copies of training
+    images) are said once per sweep, and every setting is scored on the same images. With
+    --lincls-epochs it is listed as the linear classifier lists it (class folders as labels: two that
+    are one folder are an error, lincls.load_splits_with_eval), and every setting's classifier reads it too."""
+    from moco_fast.data import load_splits
     from moco_fast.knn import warn_if_single_class
+    from moco_fast.loaders import IMAGE_FOLDER_LOADERS
+    from moco_fast.loaders.wds import is_wds_root
     from moco_fast.monitor import eval_splits
     from moco_fast.trainer import resolve_device, validate_device
 
     cfg = configs[0]  # the grid changes K, m, mechanism and shuffle BN only
     validate_device(cfg, resolve_device(cfg.runtime.device), 1)
-    splits, _ = eval_splits(cfg, labelled=lincls_epochs > 0)  # DataError when the folder is missing or empty
+    folder = cfg.data.loader in IMAGE_FOLDER_LOADERS and not is_wds_root(cfg.data.data)
+    # DataError: missing, empty, ...
+    listed = load_splits(cfg.data.data, labelled=lincls_epochs > 0) if folder else None
+    splits, _ = eval_splits(cfg, listed)
     if lincls_epochs > 0 and splits is None:
         raise ConfigError(
             "--lincls-epochs needs an image folder with train/ and val/ or test/ (the linear classifier's "
@@ -268,11 +281,12 @@ def _check_device_and_data(configs: list[TrainConfig], lincls_epochs: int) -> Da
                 "where a linear classifier scores 100% whatever the backbone"
             )
         warn_if_single_class(splits.train)
-    return splits
+    return listed, splits
 
 
-def _train(cfg: TrainConfig) -> None:
-    """Train (or continue) one setting. kNN and the linear classifier run on the checkpoint after."""
+def _train(cfg: TrainConfig, listed: DataSplits | None) -> None:
+    """Train (or continue) one setting on `listed`, the sweep's listing of the data (trainer.train's
+    `splits`). kNN and the linear classifier run on the checkpoint after."""
     from moco_fast.checkpoint import CHECKPOINT_NAME
     from moco_fast.trainer import nothing_to_train, train
 
@@ -280,7 +294,7 @@ def _train(cfg: TrainConfig) -> None:
     cfg.runtime.final_knn = False
     cfg.runtime.knn_baseline = False
     cfg.runtime.resume = "auto" if (Path(cfg.runtime.out) / CHECKPOINT_NAME).is_file() else None
-    if not train(cfg):  # a run stopped after its training, before its evaluation
+    if not train(cfg, splits=listed):  # a run stopped after its training, before its evaluation
         log.info("%s; nothing to train", nothing_to_train(cfg))
 
 

@@ -20,7 +20,7 @@ from moco_fast.backbone import check_arch
 from moco_fast.cli import interruption
 from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, as_run, check_image_size, save_json
 from moco_fast.cores import available_cores
-from moco_fast.data import DataError
+from moco_fast.data import DataError, DataSplits
 from moco_fast.epoch import resumed_part
 from moco_fast.epoch import run_epoch as _run_epoch
 from moco_fast.join import init_from_env
@@ -235,11 +235,13 @@ def _checked_for(cfg: TrainConfig, device: torch.device, world: int, saved: Save
     return amp_dtype
 
 
-def train(cfg: TrainConfig, saved: SavedRun | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, saved: SavedRun | None = None, splits: DataSplits | None = None) -> dict[str, Any]:
     """Train as configured; returns the last metrics row (plus final kNN figures when computed), {}
     where a resumed run had trained all its epochs and owes nothing (its caller says so: one line).
     saved: the checkpoint that --resume continues, where the caller read it already (train --resume,
-    with its config); None: read where a check needs it."""
+    with its config); None: read where a check needs it. splits: the image folder `--data` as the
+    caller listed it (a sweep, once for all its settings), which the loader reads instead of listing
+    it again (loaders.base.listed_splits says which listings it takes); None: the loader lists it."""
     owns_group = init_from_env(cfg.runtime.device)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     setup_warnings = None
@@ -253,7 +255,7 @@ def train(cfg: TrainConfig, saved: SavedRun | None = None) -> dict[str, Any]:
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main()) as held:
             ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone
-            return _train_held(cfg, out, device, amp_dtype, world, rank, owns_group, setup_warnings)
+            return _train_held(cfg, out, device, amp_dtype, world, rank, owns_group, setup_warnings, splits)
     except BaseException:
         if setup_warnings is not None:
             setup_warnings.release(show=True)  # nothing if agree() had passed
@@ -269,8 +271,9 @@ def _train_held(
     rank: int,
     owns_group: bool,
     setup_warnings: HeldWarnings | None,
+    listed: DataSplits | None,
 ) -> dict[str, Any]:
-    """train() while this process holds the run folder (rank 0)."""
+    """train() while this process holds the run folder (rank 0); `listed`: train's `splits`."""
     resume_path = check_output(cfg)
     if dist_utils.is_main():
         check_writable(cfg, resume_path)
@@ -293,6 +296,7 @@ def _train_held(
             world_size=world,
             synthetic_steps=cfg.data.synthetic_steps,
             eval_split=eval_split_use(cfg),
+            splits=listed,
             options=dict(cfg.data.loader_options),
         ),
     )

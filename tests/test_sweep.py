@@ -348,7 +348,7 @@ def test_sweep_stops_before_training_on_what_would_fail_later(six_root, tmp_path
     from moco_fast import sweep
 
     trained = []
-    monkeypatch.setattr(sweep, "_train", lambda cfg: trained.append(cfg))
+    monkeypatch.setattr(sweep, "_train", lambda cfg, listed: trained.append(cfg))
     out = tmp_path / "sweep"
     # the logs of a run without its checkpoint (it died in its first epoch)
     (out / SWEEP_RUN).mkdir(parents=True)
@@ -427,7 +427,7 @@ def stub_sweep_runs(monkeypatch) -> list:
     from moco_fast import sweep
 
     trained = []
-    monkeypatch.setattr(sweep, "_train", lambda cfg: trained.append(cfg))
+    monkeypatch.setattr(sweep, "_train", lambda cfg, listed: trained.append(cfg))
     monkeypatch.setattr(
         sweep, "evaluate_setting", lambda cfg, s, *a: {"name": s.name, "mechanism": s.mechanism, "k": s.k, "m": s.m}
     )
@@ -533,7 +533,7 @@ def test_a_sweep_warns_of_eval_copies_of_training_images_once(finished_sweep, si
     first = next((data / "train").glob("*/*"))
     shutil.copy(first, data / "test" / first.parent.name / first.name)  # an eval image copied from train/
 
-    def trained(cfg):  # the finished setting's checkpoint and metrics, instead of training each
+    def trained(cfg, listed):  # the finished setting's checkpoint and metrics, instead of training each
         Path(cfg.runtime.out).mkdir(parents=True)
         for name in ("checkpoint.pt", "metrics.jsonl"):
             shutil.copy(finished_sweep / SWEEP_RUN / name, Path(cfg.runtime.out) / name)
@@ -544,5 +544,25 @@ def test_a_sweep_warns_of_eval_copies_of_training_images_once(finished_sweep, si
         assert main(sweep_args(out, data, "--moco-m", "0.9,0.99")) == 0
     said = [m for m in caplog.messages if "are byte copies of training images" in m]
     assert len(said) == 1 and "1 of the 19 images of the eval split" in said[0], caplog.messages
+    rows = json.loads((out / "sweep.json").read_text())
+    assert len(rows) == 2 and all(r["knn_top1"] is not None for r in rows)
+
+
+@pytest.mark.slow
+def test_a_sweep_lists_its_data_once_for_all_its_settings(six_root, tmp_path, monkeypatch):
+    # the check before training listed --data, then every setting's training loader listed it again
+    # (header-checked): minutes a setting on ImageNet, for the same listing
+    import moco_fast.data
+
+    listed, list_images = [], moco_fast.data.list_images
+
+    def counted(folder, *a, **kw):
+        listed.append(folder.name)
+        return list_images(folder, *a, **kw)
+
+    monkeypatch.setattr(moco_fast.data, "list_images", counted)
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.99")) == 0
+    assert listed == ["train", "test"]
     rows = json.loads((out / "sweep.json").read_text())
     assert len(rows) == 2 and all(r["knn_top1"] is not None for r in rows)
