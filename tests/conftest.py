@@ -61,6 +61,25 @@ def fresh_root(tmp_path) -> Path:
     return make_image_root(tmp_path / "data", per_class=8, classes=2, test_per_class=4)
 
 
+@pytest.fixture
+def listed(monkeypatch) -> list[str]:
+    """The name of each folder listed (data.list_images) from here on, in order, by load_splits and
+    by convert (which holds a name of its own for list_images): how often a command lists its data
+    (test_bench.py, test_sweep.py)."""
+    import moco_fast.convert
+    import moco_fast.data
+
+    names, list_images = [], moco_fast.data.list_images
+
+    def counted(folder, *a, **kw):
+        names.append(folder.name)
+        return list_images(folder, *a, **kw)
+
+    for module in (moco_fast.data, moco_fast.convert):
+        monkeypatch.setattr(module, "list_images", counted)
+    return names
+
+
 # -- augmentation statistics (DALI, FFCV) ---------------------------------------------------------
 def coordinate_image() -> np.ndarray:
     """64 x 64 RGB with R = 4x, G = 4y: a view's corner colours give its crop box and its flip."""

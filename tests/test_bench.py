@@ -93,24 +93,6 @@ def test_the_data_listings_warnings_read_as_the_clis(tmp_path, bench):
     assert len(skipped) == 1, run.stderr[-3000:]
 
 
-@pytest.fixture
-def listed(monkeypatch) -> list[str]:
-    """The name of each folder listed (data.list_images) from here on, in order, by the loaders and
-    by convert (which holds a name of its own for list_images)."""
-    import moco_fast.convert
-    import moco_fast.data
-
-    names, list_images = [], moco_fast.data.list_images
-
-    def counted(folder, *a, **kw):
-        names.append(folder.name)
-        return list_images(folder, *a, **kw)
-
-    for module in (moco_fast.data, moco_fast.convert):
-        monkeypatch.setattr(module, "list_images", counted)
-    return names
-
-
 @pytest.mark.parametrize("loader", ["torch", "resident"])
 def test_the_data_is_listed_once_for_all_the_loader_rows(tiny_root, loader, listed, capsys):
     # check_data listed --data, and then every loader row's loader listed it again: minutes a row on

@@ -549,18 +549,9 @@ def test_a_sweep_warns_of_eval_copies_of_training_images_once(finished_sweep, si
 
 
 @pytest.mark.slow
-def test_a_sweep_lists_its_data_once_for_all_its_settings(six_root, tmp_path, monkeypatch):
+def test_a_sweep_lists_its_data_once_for_all_its_settings(six_root, tmp_path, listed):
     # the check before training listed --data, then every setting's training loader listed it again
     # (header-checked): minutes a setting on ImageNet, for the same listing
-    import moco_fast.data
-
-    listed, list_images = [], moco_fast.data.list_images
-
-    def counted(folder, *a, **kw):
-        listed.append(folder.name)
-        return list_images(folder, *a, **kw)
-
-    monkeypatch.setattr(moco_fast.data, "list_images", counted)
     out = tmp_path / "sweep"
     assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.99")) == 0
     assert listed == ["train", "test"]
