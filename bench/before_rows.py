@@ -21,9 +21,9 @@ def stopped_before_rows() -> int:
 def interrupted_before_rows(held: tuple[str, ...] | None = None) -> Iterator[None]:
     """Around the imports at a bench's top, where no main() is there yet to return from. A Ctrl-C or
     stop signal while `held` (default: the CLI's, torch and torchvision) is imported waits until it is
-    in, as in the CLI (cli.import_holding_signals): in torch's C++ side it aborted the process."""
+    in, as in the CLI (signals.import_holding_signals): in torch's C++ side it aborted the process."""
     try:
-        from moco_fast.cli import HELD_IMPORTS, import_holding_signals
+        from moco_fast.signals import HELD_IMPORTS, import_holding_signals
 
         import_holding_signals(HELD_IMPORTS if held is None else held)
         yield

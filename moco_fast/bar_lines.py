@@ -13,8 +13,8 @@ nor its logging_redirect_tqdm: they write the text and its newline apart (the ra
 tqdm's lock, making it where there is none, for every line of every process.
 
 Locks: a line takes tqdm's lock while the bars are cleared and drawn again, as a bar's own draw does.
-The stop handlers (cli._on_stop_signal, stops.StopRequests') take neither it nor logging's; cli's
-raises in the main thread, wherever it lands, and the unwinding releases both (both are reentrant for
+The stop handlers (signals._on_stop_signal, stops.StopRequests') take neither it nor logging's;
+the CLI's raises in the main thread, wherever it lands, and the unwinding releases both (both are reentrant for
 say() after it): bars_cleared lets go of each part of tqdm's lock that it took, where tqdm's own
 release assumed both taken. The stop watch's end (stop_watch._end) runs say() on a thread of its
 own, waited for at most a second, for a main thread that holds the lock (a write to a blocked stderr).

@@ -1,6 +1,6 @@
 """The last line of a command that a stop ends, to a stderr that takes nothing: a pipe nobody reads
 (`moco-fast train ... 2>&1 | less` with the pager stopped, a reader that hangs) blocked its write
-for ever, and the stop never ended the process (a second one did: cli._Ending). Given
+for ever, and the stop never ended the process (a second one did: signals._Ending). Given
 WAIT_S seconds, such a stderr is given up: pointed at /dev/null, where the blocked write, woken by
 SIGALRM, is retried by Python (PEP 475) and done at once, without an exception in the code that
 wrote it. What the process writes there after (its buffered output at exit) goes there too: nobody
@@ -37,7 +37,7 @@ def given_up_after() -> Iterator[Callable[[], None]]:
 
     before = signal.signal(signal.SIGALRM, woken)
 
-    once = threading.Lock()  # taken by the first start(): one that a stop's handler (cli._Ending)
+    once = threading.Lock()  # taken by the first start(): one that a stop's handler (signals._Ending)
     # calls within another, between its check and its start, started the timer twice (RuntimeError)
 
     def start() -> None:

@@ -1,7 +1,8 @@
 """`moco-fast` (also `python -m moco_fast`): one subcommand per module in moco_fast/commands/.
 
 Errors a user can fix (bad data, contradicting flags, missing files) print as one line and exit 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. A stop signal or Ctrl-C ends a command with its own
+line and exit status; how main's handlers raise or hold it is signals.py's.
 """
 
 from __future__ import annotations
@@ -9,18 +10,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import gc
 import importlib
 import logging
 import os
-import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-from moco_fast import __version__, bar_lines, shared_memory, stop_watch
-from moco_fast.blocked_stderr import given_up_after
+from moco_fast import __version__, bar_lines, shared_memory, signals
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args)`.
 COMMANDS = [
@@ -145,8 +143,8 @@ def one_line(e: BaseException, where: str | None = None) -> str | None:
 
 
 def interruption(e: BaseException | None) -> KeyboardInterrupt | None:
-    """The Ctrl-C (or stop signal, see STOP_SIGNALS) behind `e`, also when it struck inside code that raised
-    another error on its way out (torch.save's zip writer does: "unexpected pos")."""
+    """The Ctrl-C (or stop signal, see signals.STOP_SIGNALS) behind `e`, also when it struck inside
+    code that raised another error on its way out (torch.save's zip writer does: "unexpected pos")."""
     while e is not None:
         if isinstance(e, KeyboardInterrupt):
             return e
@@ -175,214 +173,6 @@ def refuse_torchrun(command: str) -> None:
             f"moco-fast {command} runs in one process: start it without torchrun (every rank would run all "
             "of it, writing the same files; `moco-fast train` is the command that runs on several processes)"
         )
-
-
-# The signals that end a command as SIGTERM does: SIGTERM (timeout, docker stop, a scheduler's
-# kill), SIGHUP (the terminal or ssh session closed), SIGUSR1 and SIGUSR2 (SLURM's --signal warning
-# before a time limit or a preemption). Their default action ends the process at once, leaving
-# temporary files and saying nothing.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
-
-class Terminated(KeyboardInterrupt):
-    """A signal of STOP_SIGNALS (`signum`): unwinds like Ctrl-C, so that temporary files go; the
-    command ends with stop_line and exit status 128 + signum. A torchrun or `--gpus` worker ends the
-    same way (the launcher reads its exit status as a stop: launch.run_workers); during the training
-    steps the signal is recorded instead (stops.StopRequests)."""
-
-    def __init__(self, signum: int = signal.SIGTERM) -> None:
-        super().__init__(signum)
-        self.signum = signal.Signals(signum)
-
-
-def stop_line(stop: KeyboardInterrupt) -> str:
-    """The line a command stopped by `stop` ends with (its exit status: exit_status)."""
-    if not isinstance(stop, Terminated):
-        return "interrupted"
-    return "terminated" if stop.signum == signal.SIGTERM else f"stopped by {stop.signum.name}"
-
-
-def exit_status(stop: KeyboardInterrupt) -> int:
-    """128 + the signal's number, as a shell reports a process the signal ended: 130 for Ctrl-C."""
-    return 128 + (stop.signum if isinstance(stop, Terminated) else signal.SIGINT)
-
-
-_MAIN_PID = os.getpid()
-_sigchld_before: Callable | int | None = None  # the SIGCHLD handler that a stop replaced, until put back
-
-
-class _Ending:
-    """The stops that main's handlers get outside its command's body (_outside_the_command): as the
-    command says its last line and returns, or as it starts. They are held, not raised: raised
-    there, a stop's traceback came after the line or instead of it, and could block on a full pipe
-    (the body acts on one held before it began). The first calls `first()` where
-    _saying_the_last_line set it (the line's give-up, blocked_stderr); one more ends the process at
-    once by its default action: a last line to a pipe nobody reads blocks for ever, and held stops
-    could not end it."""
-
-    def __init__(self) -> None:
-        self.held: list[int] = []
-        self.first: Callable[[], None] | None = None
-
-    def hold(self, signum: int) -> None:
-        if self.held:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        self.held.append(signum)
-        if self.first is not None and len(self.held) == 1:
-            self.first()
-
-    def arm(self, first: Callable[[], None] | None) -> None:
-        """first() from now on (None: no more), at once where a stop is held already. Called twice
-        where a stop lands between the two steps: first() starts a timer once (given_up_after)."""
-        self.first = first
-        if first is not None and self.held:
-            first()
-
-
-_ending: _Ending | None = None  # main's, around its handlers (_ending_held)
-
-
-@contextlib.contextmanager
-def _ending_held() -> Iterator[None]:
-    """While in it, a stop that main's handlers (stop_signals_handled, entered in it) get outside
-    the command's body is held (_Ending). Main thread only."""
-    global _ending
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    ending, _ending = _ending, _Ending()
-    try:
-        yield
-    finally:
-        _ending = ending
-
-
-def _outside_the_command(frame) -> bool:
-    """Whether a stop that lands at `frame` (the main thread's, where the handler runs) comes outside
-    main's command's body (_command): it has returned or raised, or not begun. Read from the frames
-    that run, not from a flag that the error path would set: a stop could land before it."""
-    if _ending is None:  # not main's: a `--gpus` worker's training, a test's
-        return False
-    while frame is not None:
-        if frame.f_code is _command.__code__:
-            return False
-        frame = frame.f_back
-    return True
-
-
-def _on_stop_signal(signum, frame):
-    if os.getpid() != _MAIN_PID:  # a forked worker inherited this handler: die as before
-        if signum == signal.SIGINT:  # Python's own handler was there: a KeyboardInterrupt
-            signal.default_int_handler(signum, frame)
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    if signum != signal.SIGINT:  # the stop watch's signals (stop_watch.watching): acted on, or held
-        stop_watch.handler_ran()
-    if _outside_the_command(frame):
-        _ending.hold(signum)
-        return
-    if signum == signal.SIGINT:
-        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
-    # A signal to the process group (SLURM, docker stop) ends the DataLoader workers too; torch's SIGCHLD
-    # handler would then raise "worker killed by signal" wherever the unwinding is, even at exit (a
-    # traceback after "terminated"). Their deaths are expected now: a handler that does nothing (not
-    # SIG_DFL, which turns a SIGCHLD already pending into "OSError: Signal 17 ignored due to race
-    # condition"; not SIG_IGN, which reaps the children before multiprocessing can join them).
-    # The one it replaces (torch's) is put back as the next command starts (_put_back_sigchld).
-    global _sigchld_before
-    replaced = signal.signal(signal.SIGCHLD, _children_end)
-    if replaced is not _children_end:  # a second stop: the first one kept the handler to put back
-        _sigchld_before = signal.SIG_DFL if replaced is None else replaced  # None: set outside Python
-    raise Terminated(signum)
-
-
-def _children_end(signum, frame):
-    """SIGCHLD after a stop signal: the workers' ends are expected (see _on_stop_signal)."""
-
-
-@contextlib.contextmanager
-def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[None]:
-    """While in it, STOP_SIGNALS end the process's command as Terminated (_on_stop_signal), not by
-    their default action; one that is ignored stays ignored (`nohup`'s SIGHUP: the command goes on).
-    Ctrl-C too, where Python's own handler is in place (a program's own handler stays), as that
-    raises it. Outside main's command's body, they are held instead (_Ending).
-    In the main thread only (elsewhere: nothing). Also in a torchrun or `--gpus` worker: the default
-    action killed one that a stop reached outside the training steps (the kNN, a save, the data scan),
-    and the launcher reported a failed worker. A worker that waits for rank 0 (the kNN) waits in
-    Python (distributed.barrier), where the handler runs at once; one blocked in native code (a
-    collective on a peer that died) is ended by stop_watch after a few seconds, through `end(signum)`
-    (a worker's: its line or its note to the launcher; None: no watch, a process of its own)."""
-    global _MAIN_PID
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _MAIN_PID = os.getpid()
-    _put_back_sigchld()
-    previous = {}
-    try:  # from the first handler set: a stop that lands while the others are set raises in here
-        for sig in (signal.SIGINT, *STOP_SIGNALS):
-            handler = signal.getsignal(sig)
-            if handler is signal.SIG_IGN or (sig == signal.SIGINT and handler is not signal.default_int_handler):
-                continue
-            handler = signal.signal(sig, _on_stop_signal)
-            previous[sig] = signal.SIG_DFL if handler is None else handler  # None: set outside Python
-        with stop_watch.watching(end, _on_stop_signal, STOP_SIGNALS) if end else contextlib.nullcontext():
-            yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _put_back_sigchld() -> None:
-    """The SIGCHLD handler that an earlier command's stop replaced (torch's, which it sets once per
-    process) put back as the next command starts, in a process that went on (a test, a notebook):
-    without it, a later DataLoader's dead worker was found by torch's status check alone, 5 s on. Not
-    as the stopped command ends: its workers, which a stop to the process group ends too, may die
-    after that, and torch's handler raised "DataLoader worker (pid N) is killed by signal:
-    Terminated", a traceback at exit after "terminated". gc first: an iterator of the stopped command
-    that a reference cycle still holds names its dead workers to torch's handler. Put back once: a
-    handler held on (a test's, whose finaliser set the no-op again) was put back by every later command."""
-    global _sigchld_before
-    if signal.getsignal(signal.SIGCHLD) is _children_end and _sigchld_before is not None:
-        gc.collect()
-        signal.signal(signal.SIGCHLD, _sigchld_before)
-        _sigchld_before = None
-
-
-# What a command imports before it runs: torch (2 s) and torchvision (1.5 s, whose C++ ops load the
-# same way). A command whose parser sets `held_imports` imports only those: `convert` never imports
-# torchvision, and holding it would add 1.5 s to its start.
-HELD_IMPORTS = ("torch", "torchvision")
-
-
-@contextlib.contextmanager
-def _stops_held() -> Iterator[list[int]]:
-    """While in it, Ctrl-C and the STOP_SIGNALS are recorded in the list it yields, not acted on;
-    the handlers from before are put back after. Main thread only."""
-    held: list[int] = []
-    sigs = (signal.SIGINT, *STOP_SIGNALS)
-    previous = {sig: signal.getsignal(sig) for sig in sigs}
-    try:  # from the first handler set: one that lands while the others are set raises in here
-        for sig in sigs:
-            signal.signal(sig, lambda signum, frame: held.append(signum))
-        yield held
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-
-
-def import_holding_signals(modules: tuple[str, ...]) -> None:
-    """Imports what a command imports (HELD_IMPORTS, or its own `held_imports`; a bench's, in
-    bench/before_rows.py) with Ctrl-C and the STOP_SIGNALS held until it is in, then acts on them:
-    one that lands in the C++ side of the import (a pybind11 callback) aborted the process (SIGABRT,
-    "terminate called after throwing ... KeyboardInterrupt")."""
-    with _stops_held() as held:
-        for name in modules:
-            importlib.import_module(name)
-    if held:
-        signal.raise_signal(held[0])  # now, through the handlers the command runs with
 
 
 def _draws_nothing(*args, **kwargs) -> bool:
@@ -499,9 +289,9 @@ def log_as_lines(level: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # The parser imports the commands' modules (tens of ms): under main's handlers, which hold a stop
-    # there for the command (_Ending), as they do one before its body; before them, a Ctrl-C was a
-    # KeyboardInterrupt's traceback
-    with _ending_held(), stop_signals_handled(_say_stopped if _in_a_worker() else None):
+    # there for the command (signals._Ending), as they do one before its body; before them, a Ctrl-C
+    # was a KeyboardInterrupt's traceback
+    with signals.ending_held(_command), signals.stop_signals_handled(_say_stopped if _in_a_worker() else None):
         parser = build_parser()
         args = parser.parse_args(argv)
         args.empty_flag = empty_flag(parser, args)
@@ -519,15 +309,12 @@ def _in_a_worker() -> bool:
 def _say_stopped(signum: int) -> None:
     """A torchrun worker's line for a stop that stop_watch acts on."""
     with contextlib.suppress(OSError):
-        say(stop_line(Terminated(signum)))
+        say(signals.stop_line(signals.Terminated(signum)))
 
 
 def _command(args: argparse.Namespace) -> int:
-    """The command itself: a stop that lands in here ends it (_on_stop_signal)."""
-    # One that main's handlers held before this began: now. Main thread only: _ending is the main
-    # thread's command's, and another thread's command would take its stop
-    if _ending is not None and _ending.held and threading.current_thread() is threading.main_thread():
-        signal.raise_signal(_ending.held.pop())
+    """The command itself: a stop that lands in here ends it (signals._on_stop_signal)."""
+    signals.raise_held_stop()  # one that main's handlers held before this began: now
     if getattr(args, "empty_flag", None):
         raise UserError(EMPTY_PATH.format(args.empty_flag))
     # tqdm's import (tens of ms): in here, where a Ctrl-C ends the command with its line, not before
@@ -536,7 +323,7 @@ def _command(args: argparse.Namespace) -> int:
 
     share_bar_lock()  # before a bar is drawn or a worker forked
     if threading.current_thread() is threading.main_thread():
-        import_holding_signals(getattr(args, "held_imports", HELD_IMPORTS))
+        signals.import_holding_signals(getattr(args, "held_imports", signals.HELD_IMPORTS))
     if args.command not in DISTRIBUTED_COMMANDS:
         refuse_torchrun(args.command)
     return args.func(args) or 0
@@ -548,12 +335,12 @@ def _run(args: argparse.Namespace) -> int:
         return _command(args)
     except BaseException as e:
         # The command ends here with its line: a stop that comes from now on is held, and dropped
-        # (_Ending). It raised from the handler, a traceback after (or instead of) the line: torchrun's
-        # SIGTERM to the ranks that are still saying the error that ended another, a job's second
-        # signal. The line can block for ever (a pipe nobody reads): a stop's line, or one during
-        # which a stop came, is given up after a while (blocked_stderr), and one more stop ends the
-        # process at once.
-        with _saying_the_last_line() as bound:
+        # (signals._Ending). It raised from the handler, a traceback after (or instead of) the line:
+        # torchrun's SIGTERM to the ranks that are still saying the error that ended another, a job's
+        # second signal. The line can block for ever (a pipe nobody reads): a stop's line, or one
+        # during which a stop came, is given up after a while (blocked_stderr), and one more stop
+        # ends the process at once.
+        with signals.saying_the_last_line() as bound:
             # A Ctrl-C first: one that struck while torch was being imported leaves it half-imported,
             # and user_errors() imports modules that import torch.
             line = one_line(e, command_paths(args))
@@ -565,27 +352,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise
             bound()
             with contextlib.suppress(OSError):  # stderr on a terminal that SIGHUP says is gone: EIO
-                say(stop_line(stop))
-            return exit_status(stop)
-
-
-@contextlib.contextmanager
-def _saying_the_last_line() -> Iterator[Callable[[], None]]:
-    """Around a command's last line: yields bound(), from which on the line is given up after a
-    while where stderr takes nothing (blocked_stderr), also called as a stop is held (_Ending).
-    Main thread only: elsewhere neither."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
-        return
-    ending = _ending
-    with given_up_after() as bound:
-        if ending is not None:
-            ending.arm(bound)
-        try:
-            yield bound
-        finally:
-            if ending is not None:
-                ending.arm(None)
+                say(signals.stop_line(stop))
+            return signals.exit_status(stop)
 
 
 if __name__ == "__main__":

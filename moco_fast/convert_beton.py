@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moco_fast import bar_lines
-from moco_fast.cli import ENVIRONMENT_ERRNOS, STOP_SIGNALS
+from moco_fast.cli import ENVIRONMENT_ERRNOS
 from moco_fast.convert_dst import NAMES_FINGERPRINT, NAMES_HEADER, beton_fingerprint
 from moco_fast.convert_files import writing
 from moco_fast.convert_images import load_resized, parallel_map
 from moco_fast.data import DataError, ImageList
+from moco_fast.signals import STOP_SIGNALS
 
 if TYPE_CHECKING:
     from moco_fast.convert import ConvertConfig

@@ -1,6 +1,6 @@
 """The CPU cores this process may run on: the one count behind the defaults of --workers (train, the
 evaluations, convert). A module of its own, importing nothing: convert, which never imports
-torchvision (cli.HELD_IMPORTS), counts with it too, and trainer imports torchvision's models."""
+torchvision (signals.HELD_IMPORTS), counts with it too, and trainer imports torchvision's models."""
 
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
 
 def barrier(poll_s: float = 0.05) -> None:
     """Waits for every rank, in Python: the ranks wait here while rank 0 runs the kNN alone (minutes),
-    and a stop signal's handler (cli.stop_signals_handled) runs only between Python's steps, so one
+    and a stop signal's handler (signals.stop_signals_handled) runs only between Python's steps, so one
     that reached a rank blocked in dist.barrier() waited for the kNN's end."""
     if not is_distributed():
         return

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from moco_fast.cli import STOP_SIGNALS, Terminated, UserError, log_as_lines, say
+from moco_fast.cli import UserError, log_as_lines, say
 from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.signals import STOP_SIGNALS, Terminated, exit_status, stop_signals_handled
 
 if TYPE_CHECKING:
     from moco_fast.folder_locks import FolderHold
@@ -141,12 +142,12 @@ def _recorded(call: tuple[Callable[..., Any], str, str | None, tuple]) -> Any:
 
 
 def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: Any) -> Any:
-    """fn(*args), the stop signals ending it as they end one process (cli.stop_signals_handled); a
+    """fn(*args), the stop signals ending it as they end one process (signals.stop_signals_handled); a
     user error (cli.one_line; `where` for an EIO without a file, as the CLI's command_paths) is
     written to `reports`/RANK and ends the worker with USER_ERROR_EXIT, without a traceback: the
     launcher prints it as the CLI would. A stop ends it with its exit status (128 + the signal),
     written to `reports`/stop.RANK: the launcher takes it for a stop (_stopped)."""
-    from moco_fast.cli import exit_status, interruption, one_line, stop_signals_handled, warnings_as_lines
+    from moco_fast.cli import interruption, one_line, warnings_as_lines
     from moco_fast.metrics import share_bar_lock
 
     as_a_process_of_its_own()

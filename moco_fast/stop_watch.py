@@ -30,7 +30,7 @@ _writer: list[socket.socket] = []  # the wakeup socket's end that signals write 
 
 
 def handler_ran() -> None:
-    """Called by the stop handler (cli._on_stop_signal) as it runs."""
+    """Called by the stop handler (signals._on_stop_signal) as it runs."""
     _ran.set()
 
 

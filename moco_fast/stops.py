@@ -1,18 +1,18 @@
 """Stops at a step boundary, and the saves within an epoch: what the ranks agree on at the training
 loop's host syncs (every --log-every steps, and the epoch's end).
 
-While the steps run, the first stop signal (cli.STOP_SIGNALS) or Ctrl-C is recorded, not raised: a
-step cut in two would leave nothing to save. The loop reads the record at its next host sync (or
-the epoch's end), the ranks agree on it there (one all-reduce, only there), the trainer saves the
-step and raises the stop as cli's handler would have (Terminated or KeyboardInterrupt: same line,
-same exit status).
+While the steps run, the first stop signal (signals.STOP_SIGNALS) or Ctrl-C is recorded, not
+raised: a step cut in two would leave nothing to save. The loop reads the record at its next host
+sync (or the epoch's end), the ranks agree on it there (one all-reduce, only there), the trainer
+saves the step and raises the stop as the CLI's handler (signals._on_stop_signal) would have
+(Terminated or KeyboardInterrupt: same line, same exit status).
 A second one in a process of its own acts at once, as without this. A worker of torchrun or
 `--gpus` records repeats too, until it ends (its save at the epoch's end and its unwinding come
 after the steps): the launcher passes on the signal that the whole job got (a terminal's Ctrl-C,
 SLURM's signal to every process), a second copy of the same stop; the launcher ends a worker that
 has not stopped within its shutdown timeout (30 s) with SIGKILL. Outside the steps (the data scan,
 the kNN, a save) a first one stops a worker at once, as it stops one process
-(cli.stop_signals_handled), and the launcher ends the others.
+(signals.stop_signals_handled), and the launcher ends the others.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from moco_fast import distributed as dist_utils
-from moco_fast.cli import STOP_SIGNALS, Terminated
+from moco_fast.signals import STOP_SIGNALS, Terminated
 
 
 class StopRequests:
@@ -68,7 +68,7 @@ class StopRequests:
         finally:
             # A launcher's worker with a stop recorded keeps recording repeats until it ends: after the
             # steps (the epoch's end save, the unwinding) a repeat (the launcher's copy, a second
-            # Ctrl-C) would stop it at once (cli's handler), its save cut short. The launcher's SIGKILL
+            # Ctrl-C) would stop it at once (the CLI's handler), its save cut short. The launcher's SIGKILL
             # after its timeout ends one that hangs.
             if self.signum is None or not self.repeats_wait:
                 _put_back(previous)
@@ -76,7 +76,7 @@ class StopRequests:
             raise self.error()
 
     def error(self) -> KeyboardInterrupt:
-        """The exception cli's handler raises for the recorded signal."""
+        """The exception the CLI's handler raises for the recorded signal."""
         assert self.signum is not None
         return KeyboardInterrupt() if self.signum == signal.SIGINT else Terminated(self.signum)
 

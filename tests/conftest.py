@@ -21,11 +21,12 @@ from moco_fast.loaders import create_loader
 from PIL import Image
 from run_helpers import tiny_args
 
-from moco_fast import cli
-from moco_fast.cli import _on_stop_signal, main
+from moco_fast import signals
+from moco_fast.cli import main
 from moco_fast.config import build_config, to_dict
 from moco_fast.data import DEMO_ROOT
 from moco_fast.model import MoCo
+from moco_fast.signals import _on_stop_signal
 from moco_fast.trainer import train
 
 
@@ -129,12 +130,12 @@ def handlers(request):
     """The CLI's handlers, as `moco-fast train` runs with them: a stop that is not deferred raises."""
     old = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
-    old[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)  # a stop's handler replaces it (cli._on_stop_signal)
-    before = cli._sigchld_before  # and keeps the one it replaced, put back by the next command
+    old[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)  # a stop's handler replaces it (signals._on_stop_signal)
+    before = signals._sigchld_before  # and keeps the one it replaced, put back by the next command
     yield
     for s, h in old.items():
         signal.signal(s, h)
-    cli._sigchld_before = before
+    signals._sigchld_before = before
 
 
 # -- a finished run (test_run_folder.py, test_resume.py, test_run_signals.py, test_run_messages.py) --

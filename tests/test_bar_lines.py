@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 
-from moco_fast import bar_lines, cli, knn
+from moco_fast import bar_lines, cli, knn, signals
 from moco_fast.convert_beton import BetonSource
 from moco_fast.metrics import progress, share_bar_lock, tqdm
 
@@ -241,13 +241,13 @@ class StopLands:
 
     def acquire(self, *args, **kwargs) -> bool:
         if self.where == "acquire":
-            raise cli.Terminated()
+            raise signals.Terminated()
         return self.lock.acquire(*args, **kwargs)
 
     def release(self) -> None:
         self.lock.release()
         if self.where == "release":
-            raise cli.Terminated()
+            raise signals.Terminated()
 
     def _is_owned(self) -> bool:
         return self.lock._is_owned()
@@ -267,7 +267,7 @@ def test_a_stop_that_lands_within_a_line_under_a_bar_ends_it_and_leaves_tqdms_lo
     lock = tqdm.tqdm.get_lock()
     parts = list(lock.locks)
     monkeypatch.setattr(lock, "locks", [*parts[:-1], StopLands(parts[-1], where)])
-    with pytest.raises(cli.Terminated):
+    with pytest.raises(signals.Terminated):
         logging.getLogger("moco_fast").info(SAVED.removeprefix("INFO "))
     monkeypatch.setattr(lock, "locks", parts)
     free = []

@@ -37,7 +37,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.mark.parametrize("script", ["throughput.py", "ffcv_loader.py"])
 # after torch, or within its import (as its C++ side loads), where the CLI holds it until torch is in
-# (cli.import_holding_signals): there it could abort the process
+# (signals.import_holding_signals): there it could abort the process
 @pytest.mark.parametrize("module", ["moco_fast.loaders", "torch._C"])
 def test_sigint_while_importing_is_one_line_and_130(script, module, tmp_path):
     out = tmp_path / "rows.json"

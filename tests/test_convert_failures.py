@@ -181,7 +181,7 @@ sys.exit(__import__("moco_fast.cli").cli.main(sys.argv[2:]))
 
 @pytest.mark.slow
 def test_a_sigusr1_to_the_group_is_a_stop_also_where_the_main_thread_acts_on_it_late(bad_root, tmp_path):
-    # The group's SIGUSR1 ends a writer worker too (cli's handler, in a forked child: the default
+    # The group's SIGUSR1 ends a writer worker too (the CLI's handler, in a forked child: the default
     # action). On a loaded machine the watch's tick could see that worker's end before the main
     # thread ran its own handler, which then found the watch's error: "writer worker ended with
     # signal SIGUSR1 (out of memory? ...)", exit 2, for a stop. Here the main thread acts 1.5 s late.

@@ -413,7 +413,7 @@ def test_a_stop_signal_to_the_launcher_ends_it_as_without_gpus(name, tmp_path):
     # (130); SIGUSR1 and SIGUSR2 (SLURM's warning), which it left alone, reach the workers as they are.
     import signal
 
-    from moco_fast.cli import STOP_SIGNALS, Terminated, _on_stop_signal
+    from moco_fast.signals import STOP_SIGNALS, Terminated, _on_stop_signal
 
     sig, marker = getattr(signal, name), str(tmp_path / "started")
     old = signal.signal(sig, _on_stop_signal)  # the CLI's, should the signal come before the launcher's

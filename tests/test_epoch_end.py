@@ -12,14 +12,14 @@ from run_helpers import rows
 from test_stops import config, same_weights
 
 import moco_fast.trainer as trainer
-from moco_fast.cli import Terminated
 from moco_fast.metrics import MetricsWriter
+from moco_fast.signals import Terminated
 
 RUN = {"optim.epochs": 2, "data.loader": "torch", "runtime.knn_every": 1}
 
 
 def stop_in_the_first_knn(monkeypatch):
-    """The kNN monitor, which gets SIGTERM during its first pass (cli's handler raises at once)."""
+    """The kNN monitor, which gets SIGTERM during its first pass (the CLI's handler raises at once)."""
     real, calls = trainer.knn_top1, []
 
     def knn(*a, **k):

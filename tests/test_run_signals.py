@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 from run_helpers import tiny_args
 
-from moco_fast import cli
+from moco_fast import cli, signals
 from moco_fast.cli import main
 
 
@@ -30,7 +30,7 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_
         raise AssertionError("SIGTERM did not stop the command")
 
     argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
-    from moco_fast.cli import STOP_SIGNALS
+    from moco_fast.signals import STOP_SIGNALS
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     # Python's own Ctrl-C handler, as in a terminal: a job started in the background by a shell
@@ -62,7 +62,7 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_
     )
     with monkeypatch.context() as m:
         m.syspath_prepend(str(tmp_path))
-        m.setattr(moco_fast.cli, "HELD_IMPORTS", ("held_import_probe",))
+        m.setattr(signals, "HELD_IMPORTS", ("held_import_probe",))
         m.setattr(export, "run", lambda args: ran.append(1))
         assert main(argv) == 130 and capsys.readouterr().err.strip() == "interrupted"
         assert sys.modules.pop("held_import_probe").DONE and not ran  # the import ran to its end
@@ -80,7 +80,7 @@ def test_ctrl_c_and_sigterm_end_with_their_exit_status(monkeypatch, capsys, tmp_
     monkeypatch.setattr(train, "run", lambda args: seen.append({s: signal.getsignal(s) for s in STOP_SIGNALS}))
     monkeypatch.setenv("WORLD_SIZE", "2")
     # (a signal that the test run was started ignoring, nohup's SIGHUP, stays ignored)
-    handled = {s: signal.SIG_IGN if h is signal.SIG_IGN else moco_fast.cli._on_stop_signal for s, h in before.items()}
+    handled = {s: signal.SIG_IGN if h is signal.SIG_IGN else signals._on_stop_signal for s, h in before.items()}
     assert main(["train"]) == 0 and seen == [handled]
     assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
 
@@ -159,12 +159,12 @@ def test_a_stop_as_a_command_says_its_error_is_held_wherever_it_lands(monkeypatc
 
     request.addfinalizer(partial(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)))
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a terminal
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, *cli.STOP_SIGNALS)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, *signals.STOP_SIGNALS)}
     monkeypatch.setattr(export, "run", fails)
-    real, bound = cli.given_up_after, []
+    real, bound = signals.given_up_after, []
     for signum in (signal.SIGINT, signal.SIGTERM):
         for where in ("before", "after"):
-            monkeypatch.setattr(cli, "given_up_after", _stopped_around(real, where, signum, bound))
+            monkeypatch.setattr(signals, "given_up_after", _stopped_around(real, where, signum, bound))
             got = _main_or_its_stop(["export", "ckpt", "--format", "torchvision", "--output", "x.pth"])
             err = capsys.readouterr().err
             assert got == 2 and err == "moco-fast export: error: the ranks were started with different settings\n", (
@@ -224,11 +224,11 @@ def fill_in_a_thread():
         time.sleep(0.01)
 
 def stop_once_held(main):
-    # one stop while the error line is said (its give-up armed: cli._Ending.first), held: sent from
+    # one stop while the error line is said (its give-up armed: signals._Ending.first), held: sent from
     # outside right after "full", it could land before the command had ended
-    from moco_fast import cli
+    from moco_fast import signals
 
-    while getattr(cli._ending, "first", None) is None:
+    while getattr(signals._ending, "first", None) is None:
         time.sleep(0.01)
     signal.pthread_kill(main, signal.SIGTERM)  # the main thread's write is the one it wakes
 
@@ -313,7 +313,7 @@ def test_an_alarm_of_the_callers_during_the_last_line_reaches_its_handler():
 
 
 def test_a_give_up_started_within_its_own_start_starts_once(monkeypatch):
-    # A stop held (cli._Ending) as a stopped command's line starts its give-up calls start() from the
+    # A stop held (signals._Ending) as a stopped command's line starts its give-up calls start() from the
     # handler, which can land within the command's own start(): between its "not started yet" and
     # the timer's start, both started it, and the second raised RuntimeError, a traceback for the line
     import threading
@@ -407,7 +407,8 @@ def test_each_command_holds_ctrl_c_over_the_imports_it_makes(tmp_path):
     # cost 1.5 s at its start), which a process of its own shows.
     import subprocess
 
-    from moco_fast.cli import HELD_IMPORTS, build_parser
+    from moco_fast.cli import build_parser
+    from moco_fast.signals import HELD_IMPORTS
 
     argv = {
         "train": [],
@@ -477,13 +478,13 @@ def test_sigterm_stops_the_watch_on_dataloader_workers():
 
     code = """
 import os, signal
-from moco_fast import cli
+from moco_fast import signals
 
 def torch_like(signum, frame):
     raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
 
 signal.signal(signal.SIGCHLD, torch_like)
-signal.signal(signal.SIGTERM, cli._on_stop_signal)
+signal.signal(signal.SIGTERM, signals._on_stop_signal)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
 pid = os.fork()
 if pid == 0:
@@ -494,7 +495,7 @@ try:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGCHLD})
     for _ in range(100000):
         pass
-except cli.Terminated:
+except signals.Terminated:
     print("terminated")
 for _ in range(100000):
     pass
@@ -520,7 +521,7 @@ def test_a_stopped_command_leaves_sigchld_to_its_workers_deaths_and_the_next_com
         raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
 
     request.addfinalizer(partial(signal.signal, signal.SIGCHLD, signal.getsignal(signal.SIGCHLD)))
-    monkeypatch.setattr(cli, "_sigchld_before", cli._sigchld_before)
+    monkeypatch.setattr(signals, "_sigchld_before", signals._sigchld_before)
     signal.signal(signal.SIGCHLD, torch_like)
     argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
     worker = {}
@@ -557,19 +558,19 @@ def test_the_sigchld_handler_a_stop_replaced_is_put_back_once(monkeypatch, capsy
         pass
 
     request.addfinalizer(partial(signal.signal, signal.SIGCHLD, signal.getsignal(signal.SIGCHLD)))
-    monkeypatch.setattr(cli, "_sigchld_before", cli._sigchld_before)
+    monkeypatch.setattr(signals, "_sigchld_before", signals._sigchld_before)
     signal.signal(signal.SIGCHLD, held)
     argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
     monkeypatch.setattr(export, "run", lambda args: os.kill(os.getpid(), signal.SIGTERM))
-    assert main(argv) == 143 and signal.getsignal(signal.SIGCHLD) is cli._children_end
+    assert main(argv) == 143 and signal.getsignal(signal.SIGCHLD) is signals._children_end
     monkeypatch.setattr(export, "run", lambda args: None)
     assert main(argv) == 0 and signal.getsignal(signal.SIGCHLD) is held
-    signal.signal(signal.SIGCHLD, cli._children_end)  # as a finaliser that restores an earlier no-op
-    assert main(argv) == 0 and signal.getsignal(signal.SIGCHLD) is cli._children_end
+    signal.signal(signal.SIGCHLD, signals._children_end)  # as a finaliser that restores an earlier no-op
+    assert main(argv) == 0 and signal.getsignal(signal.SIGCHLD) is signals._children_end
 
 
 def test_a_command_in_another_thread_leaves_a_stop_held_for_the_main_threads(monkeypatch):
-    # cli._ending is the main thread's command's: a cli.main in another thread at the same time took
+    # signals._ending is the main thread's command's: a cli.main in another thread at the same time took
     # the stop held for it (and raised it from there: delivered to the main thread, as the command's
     # body ran or after it).
     import signal
@@ -578,12 +579,12 @@ def test_a_command_in_another_thread_leaves_a_stop_held_for_the_main_threads(mon
     import moco_fast.commands.export as export
 
     raised, got = [], []
-    monkeypatch.setattr(cli.signal, "raise_signal", raised.append)
+    monkeypatch.setattr(signal, "raise_signal", raised.append)
     monkeypatch.setattr(export, "run", lambda args: None)
     argv = ["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]
-    with cli._ending_held():
-        cli._ending.held.append(signal.SIGTERM)  # as main's handler holds a stop before its command's body
+    with signals.ending_held(cli._command):
+        signals._ending.held.append(signal.SIGTERM)  # as main's handler holds a stop before its command's body
         other = threading.Thread(target=lambda: got.append(main(argv)))
         other.start()
         other.join()
-        assert (got, raised, cli._ending.held) == ([0], [], [signal.SIGTERM])
+        assert (got, raised, signals._ending.held) == ([0], [], [signal.SIGTERM])

@@ -249,7 +249,7 @@ except RuntimeError as e:
 def test_a_worker_killed_by_a_bus_error_is_named_with_dev_shm():
     # torch's own error, raised in the main process by its SIGCHLD handler ("exited unexpectedly" from
     # it). In a process of its own, as a command runs: in this one, a test's stop may have replaced
-    # that handler (cli._on_stop_signal), and then torch reports no signal, only "exited unexpectedly".
+    # that handler (signals._on_stop_signal), and then torch reports no signal, only "exited unexpectedly".
     p = subprocess.run([sys.executable, "-c", BUS_ERROR], capture_output=True, text=True, timeout=120)
     size = shared_memory.size_text(shared_memory.shm_bytes()[0])
     expected = (

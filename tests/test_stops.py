@@ -13,9 +13,10 @@ from run_helpers import rows
 import moco_fast.trainer as trainer
 from moco_fast import checkpoint as ckpt
 from moco_fast.checkpoint import load_model
-from moco_fast.cli import Terminated, _on_stop_signal, main
+from moco_fast.cli import main
 from moco_fast.config import ConfigError, build_config
 from moco_fast.epoch import EpochPart, resumed_part
+from moco_fast.signals import Terminated, _on_stop_signal
 from moco_fast.stops import SaveClock, StopRequests
 
 TINY = {

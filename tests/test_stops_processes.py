@@ -14,7 +14,8 @@ from run_helpers import rows
 from test_stops import same_weights
 
 import moco_fast.trainer as trainer
-from moco_fast.cli import Terminated, main
+from moco_fast.cli import main
+from moco_fast.signals import Terminated
 
 REPEAT_AFTER_THE_STEPS = """
 import os, signal
@@ -31,7 +32,7 @@ print("saved", stops.signum)
 
 
 def test_a_workers_repeats_after_the_steps_do_not_end_it_before_its_save():
-    # a repeat after the steps killed a worker (SIGTERM's default action then; cli's handler would stop
+    # a repeat after the steps killed a worker (SIGTERM's default action then; the CLI's handler would stop
     # it now), its epoch-end save cut short and the launcher naming a failed worker, not a stop
 
     done = subprocess.run([sys.executable, "-c", REPEAT_AFTER_THE_STEPS], capture_output=True, text=True, timeout=120)

@@ -137,8 +137,8 @@ def test_the_launchers_failure_logs_are_quiet_only_for_a_stop_before_them(tmp_pa
 def test_the_first_worker_to_end_is_a_stop_only_if_it_said_so(tmp_path):
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from moco_fast.cli import Terminated
     from moco_fast.launch import _stopped
+    from moco_fast.signals import Terminated
 
     def failure(exitcode):
         return ProcessFailure(local_rank=1, pid=1, exitcode=exitcode, error_file=str(tmp_path / "none"))
@@ -170,7 +170,7 @@ def test_an_error_after_a_peers_stop_ends_the_worker_as_that_stop(tmp_path, monk
 BLOCKED_IN_NATIVE_CODE = """
 import ctypes, multiprocessing, os, signal, sys, threading, time
 from moco_fast import stop_watch
-from moco_fast.cli import stop_signals_handled
+from moco_fast.signals import stop_signals_handled
 
 stop_watch.GRACE_S = 1.0
 case = sys.argv[1]

@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "X.beton.json beside it, or a shard set holding only its own files. Never SRC, anything inside it, or "
         "any other file or folder (refused, with or without --force)",
     )
-    # held_imports: it never imports torchvision (cli.HELD_IMPORTS); io_paths: cli.command_paths
+    # held_imports: it never imports torchvision (signals.HELD_IMPORTS); io_paths: cli.command_paths
     p.set_defaults(func=run, held_imports=("torch",), io_paths=(("SRC", "src"), ("DST", "dst")))
 
 
