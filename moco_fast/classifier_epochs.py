@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +75,30 @@ def state_path(out: Path) -> Path:
     return out.with_name(state_name(out.name))
 
 
-def check_state(out: Path, cfg: Any, command: str, listing: str = LISTED_LATER) -> None:
+@dataclass
+class LoadedState:
+    """The state that --resume continues, read once, whole (its tensors are what the loop loads), by
+    the first check that finds it (check_state, before the data is listed; the sweep's resumable_state)
+    and handed on: to the check once the data is listed, and to the loop (EpochLoop), which takes it
+    as it loads it, so that no caller holds a finetune state (the network and its optimizer's buffers,
+    hundreds of MB) through the run. Each of them read the file again: lincls three times."""
+
+    state: dict[str, Any] | None
+
+    def take(self) -> dict[str, Any] | None:
+        state, self.state = self.state, None
+        return state
+
+
+def check_state(
+    out: Path, cfg: Any, command: str, listing: str = LISTED_LATER, loaded: LoadedState | None = None
+) -> LoadedState | None:
     """Before the data is read: a ConfigError when a state beside `out` would be thrown away (no
     --resume) or may not be resumed by `cfg` (other settings, another checkpoint), and when --resume
     finds no state but a finished result it would overwrite. Again with the data's `listing` once it
     is listed (other images: differences), before the work that precedes the first epoch
-    (--cached-features' extraction)."""
+    (--cached-features' extraction), on the state that the first check read (`loaded`). Returns the
+    state that --resume continues, read (None: there is none), for the later check and the loop."""
     state = state_path(out)
     if state.exists() and not state.is_file():
         raise ConfigError(f"{state}, where {command} keeps its state between epochs, is not a file: move it away")
@@ -94,12 +112,15 @@ def check_state(out: Path, cfg: Any, command: str, listing: str = LISTED_LATER) 
             )
         return
     if state.is_file():
-        refuse_other_settings(state, load_state(state, command, mmap=True), cfg, listing)  # _load reads it whole
-    elif out.is_file():
+        loaded = loaded if loaded is not None else LoadedState(load_state(state, command))
+        refuse_other_settings(state, loaded.state, cfg, listing)
+        return loaded
+    if out.is_file():
         raise ConfigError(
             f"--resume: {out} is a finished {command} result and there is no state to continue ({state}): "
             "run without --resume to run it again"
         )
+    return None
 
 
 def refuse_other_settings(path: Path, state: dict[str, Any], cfg: Any, listing: str | None = None) -> None:
@@ -137,7 +158,8 @@ class EpochLoop:
     `evaluate() -> (top1, top5, images evaluated)` every `eval_every` epochs and after the last, saving `parts`
     (name -> an object with state_dict/load_state_dict: what trains, an optimizer, a GradScaler) and
     `generator` (the training order's) after each epoch, and again after its evaluation. `cfg`: a
-    LinclsConfig or FinetuneConfig (checkpoint, epochs, eval_every, resume)."""
+    LinclsConfig or FinetuneConfig (checkpoint, epochs, eval_every, resume). `loaded`: the state that
+    --resume continues as the command's check read it (check_state), else read here."""
 
     def __init__(
         self,
@@ -150,8 +172,10 @@ class EpochLoop:
         checkpoint_stamp: list[Any] | None = None,  # of the checkpoint as the run read it (else: as it is now)
         data_listing: str | None = None,  # data_listing.listing_fingerprint of the splits the run reads
         classes: int | None = None,  # what the classifier tells apart: a loss far above chance's warns
+        loaded: LoadedState | None = None,
     ):
         self.command, self.cfg, self.out, self.parts, self.generator = command, cfg, out, parts, generator
+        self.loaded = loaded
         self.classes, self.warned_loss = classes, False
         self.path = state_path(out)
         self.t0, self.earlier_s = t0, 0.0
@@ -268,11 +292,15 @@ class EpochLoop:
         self.saved = len(history)
 
     def _load(self) -> tuple[int, list[dict[str, Any]]]:
-        if not self.path.is_file():
-            check_state(self.out, self.cfg, self.command)  # no finished result to overwrite
-            log.warning("--resume: no interrupted %s run at %s; starting from the first epoch", self.command, self.path)
-            return 0, []
-        state = load_state(self.path, self.command)
+        state = self.loaded.take() if self.loaded is not None else None
+        if state is None:
+            if not self.path.is_file():
+                check_state(self.out, self.cfg, self.command)  # no finished result to overwrite
+                log.warning(
+                    "--resume: no interrupted %s run at %s; starting from the first epoch", self.command, self.path
+                )
+                return 0, []
+            state = load_state(self.path, self.command)
         refuse_other_settings(self.path, state, self.cfg, self.settings["data_listing"])
         # "it continues on that one" read as either path: the line names the one it reads now
         was, now = state["config"], self.settings
@@ -473,17 +501,19 @@ def _as_given(value: Any) -> str:
     return "not given" if value is None else repr(value)
 
 
-def resumable(out: Path, cfg: Any, command: str, listing: str) -> bool:
-    """A state beside `out` that `cfg` may resume (for the sweep, which starts its own over otherwise).
-    `listing`: of `cfg`'s data (data_listing.listing_fingerprint), so that other images there since, which
-    the command refuses, are a state to start over too."""
+def resumable_state(out: Path, cfg: Any, command: str, listing: str) -> LoadedState | None:
+    """The state beside `out`, read, where `cfg` may resume it (for the sweep, which starts its own over
+    otherwise, and hands it to run_lincls); None where there is none, or it cannot be read or resumed.
+    `listing`: of `cfg`'s data (data_listing.listing_fingerprint), so that other images there since,
+    which the command refuses, are a state to start over too."""
     path = state_path(out)
     if not path.is_file():
-        return False
+        return None
     try:
-        return not differences(load_state(path, command, mmap=True), cfg, listing)
+        state = load_state(path, command)
+        return None if differences(state, cfg, listing) else LoadedState(state)
     except (DataError, ConfigError):
-        return False
+        return None
 
 
 def best_of(history: list[dict[str, Any]]) -> dict[str, Any]:

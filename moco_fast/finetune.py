@@ -19,7 +19,7 @@ from torch import nn
 
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.backbone import build_backbone, plain_bn_state, resolve_stem
-from moco_fast.classifier_epochs import EpochLoop, clear_state
+from moco_fast.classifier_epochs import EpochLoop, LoadedState, clear_state
 from moco_fast.config import SCRATCH_ARCH, ConfigError
 from moco_fast.data import DataError
 from moco_fast.data_listing import listing_fingerprint
@@ -116,9 +116,10 @@ def build_network(cfg: FinetuneConfig, num_classes: int):
     return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, start, ran
 
 
-def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
+def fine_tune(cfg: FinetuneConfig, loaded: LoadedState | None = None) -> tuple[dict[str, Any], nn.Module]:
     """(result, the fine-tuned backbone + classifier in eval mode). Its state between epochs stays
-    beside the result until the caller has written what it keeps (run_finetune does)."""
+    beside the result until the caller has written what it keeps (run_finetune does). `loaded`: the
+    state that --resume continues as the command's check read it, else read here."""
     steps, device, amp_dtype, t0 = start_run(cfg)
     check_args(cfg)
 
@@ -162,7 +163,8 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
 
     parts = {"network": net, "optimizer": opt, "scaler": scaler}
     out, listing = result_path(cfg, start), listing_fingerprint(splits)
-    loop = EpochLoop("finetune", cfg, out, parts, loader.sampler.generator, t0, data_listing=listing, classes=classes)
+    generator = loader.sampler.generator
+    loop = EpochLoop("finetune", cfg, out, parts, generator, t0, data_listing=listing, classes=classes, loaded=loaded)
     history = loop.run(one_epoch, evaluate_now)
     net.eval()
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
@@ -170,13 +172,16 @@ def fine_tune(cfg: FinetuneConfig) -> tuple[dict[str, Any], nn.Module]:
     return result, net
 
 
-def run_finetune(cfg: FinetuneConfig, model_path: Path | None) -> tuple[dict[str, Any], nn.Module]:
-    """fine_tune, then its outputs: the network as a torchvision state dict at `model_path` (when
-    given) and the result JSON; the state kept between epochs goes only once both are written."""
+def run_finetune(
+    cfg: FinetuneConfig, model_path: Path | None, loaded: LoadedState | None = None
+) -> tuple[dict[str, Any], nn.Module]:
+    """fine_tune (`loaded`: its), then its outputs: the network as a torchvision state dict at
+    `model_path` (when given) and the result JSON; the state kept between epochs goes only once both
+    are written."""
     from moco_fast.checkpoint import save_atomic
     from moco_fast.export import backbone_state
 
-    res, net = fine_tune(cfg)
+    res, net = fine_tune(cfg, loaded)
     if model_path is not None:
         save_atomic(backbone_state(net[0], net[1]), model_path)
         res["model"] = os.path.abspath(model_path)  # what a rerun may replace (commands.network_of)

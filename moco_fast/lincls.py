@@ -31,7 +31,7 @@ from torchvision import transforms as T
 
 from moco_fast.augment import AugSpec
 from moco_fast.backbone import plain_bn_state
-from moco_fast.classifier_epochs import EpochLoop, best_of, check_state, clear_state
+from moco_fast.classifier_epochs import EpochLoop, LoadedState, best_of, check_state, clear_state
 from moco_fast.config import ConfigError
 from moco_fast.data import (
     DataError,
@@ -320,10 +320,13 @@ def start_run(cfg: Any) -> tuple[tuple[int, ...] | None, torch.device, torch.dty
     return steps, device, amp_dtype, time.perf_counter()
 
 
-def run_lincls(cfg: LinclsConfig, splits: DataSplits | None = None) -> dict[str, Any]:
+def run_lincls(
+    cfg: LinclsConfig, splits: DataSplits | None = None, loaded: LoadedState | None = None
+) -> dict[str, Any]:
     """Train and evaluate a linear classifier on the frozen backbone; writes and returns the result.
     `splits`: `cfg.data` as its caller listed it (as load_splits_with_eval does: the sweep, once for
-    all its settings), else listed here (wall_s then counts the listing)."""
+    all its settings), else listed here (wall_s then counts the listing); `loaded`: the state that
+    --resume continues as the caller read it (the command's check, the sweep's), else read here."""
     from moco_fast import checkpoint as ckpt
     from moco_fast.checkpoint import load_model
     from moco_fast.foreign import as_training_state
@@ -354,7 +357,7 @@ def run_lincls(cfg: LinclsConfig, splits: DataSplits | None = None) -> dict[str,
         splits = load_splits_with_eval(cfg.data)
     out = Path(cfg.out) if cfg.out else result_beside(cfg.checkpoint, LINCLS_RESULT)
     listing = listing_fingerprint(splits)
-    check_state(out, cfg, "lincls", listing)  # other images: refused before the features are extracted
+    loaded = check_state(out, cfg, "lincls", listing, loaded)  # other images: refused before the features are extracted
     classes = len(splits.train.classes)
     norm = Normalizer(spec, device)
     fc = new_classifier(width, classes).to(device)
@@ -393,7 +396,7 @@ def run_lincls(cfg: LinclsConfig, splits: DataSplits | None = None) -> dict[str,
         return {"epoch": epoch + 1, "lr": lr, "loss": loss}
 
     parts = {"classifier": fc, "optimizer": opt}
-    loop = EpochLoop("lincls", cfg, out, parts, order, t0, stamp, listing, classes)
+    loop = EpochLoop("lincls", cfg, out, parts, order, t0, stamp, listing, classes, loaded)
     history = loop.run(one_epoch, lambda: evaluate(lambda x: fc(features(x)), eval_batches, device, classes))
     top1, top5 = history[-1]["top1"], history[-1]["top5"]
     if ckpt.file_stamp(cfg.checkpoint) != stamp:

@@ -74,7 +74,7 @@ def _linear(cfg: TrainConfig, folder: Path, splits: DataSplits, epochs: int, lr:
     """The linear classifier's top-1 on `splits`, the sweep's listing of the data (made once for
     every setting: sweep._check_device_and_data)."""
     from moco_fast.checkpoint import CHECKPOINT_NAME
-    from moco_fast.classifier_epochs import clear_state, continued_by, resumable, state_path
+    from moco_fast.classifier_epochs import clear_state, continued_by, resumable_state, state_path
     from moco_fast.data_listing import listing_fingerprint
     from moco_fast.lincls import LinclsConfig, run_lincls
     from moco_fast.trainer import eval_workers, resolve_device
@@ -95,12 +95,16 @@ def _linear(cfg: TrainConfig, folder: Path, splits: DataSplits, epochs: int, lr:
     )
     # a sweep stopped in this setting's classifier continues it; one run with other settings (another
     # --lincls-epochs, a checkpoint trained further, other images in --data since) is the sweep's own
-    # to start over
+    # to start over. run_lincls takes the state as read here
     with hold_output(out, "sweep"):  # two sweeps into one folder may evaluate the same setting
-        if state_path(out).is_file() and not resumable(out, lc, "lincls", listing_fingerprint(splits)):
-            log.info(
-                "%s: its linear classifier stopped with other settings, checkpoint or images; it starts over", folder
-            )
-            clear_state(out)
+        loaded = None
+        if state_path(out).is_file():
+            loaded = resumable_state(out, lc, "lincls", listing_fingerprint(splits))
+            if loaded is None:
+                log.info(
+                    "%s: its linear classifier stopped with other settings, checkpoint or images; it starts over",
+                    folder,
+                )
+                clear_state(out)
         with continued_by("the same sweep command continues it", "--lincls-lr"):
-            return run_lincls(replace(lc, resume=state_path(out).is_file()), splits)["top1"]
+            return run_lincls(replace(lc, resume=state_path(out).is_file()), splits, loaded)["top1"]

@@ -32,7 +32,7 @@ def stop_training(monkeypatch) -> list:
 
     seen = []
 
-    def stand_in(cfg):
+    def stand_in(cfg, loaded=None):
         seen.append(cfg)
         raise Stop
 

@@ -1,8 +1,12 @@
 """What the evaluation test files share (not a test module: pytest does not collect it): the tiny
-training settings of their checkpoints, a classifier run interrupted at an epoch and the backbone
-a checkpoint holds."""
+training settings of their checkpoints, a classifier run interrupted at an epoch, the backbone
+a checkpoint holds and the files torch.load reads."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import torch
 
 from moco_fast.checkpoint import load
 from moco_fast.lincls import backbone_tensors
@@ -35,3 +39,15 @@ def interrupt_at(monkeypatch, module, epoch):
 def checkpoint_backbone_state(path):
     """The query backbone's tensors as stored in a training checkpoint (names without prefix)."""
     return backbone_tensors(load(path)["model"])
+
+
+def state_reads(monkeypatch) -> list[tuple[str, bool | None]]:
+    """The files torch.load reads from now on, each as (name, mmap)."""
+    real_load, reads = torch.load, []
+
+    def counted(f, *args, **kwargs):
+        reads.append((Path(f).name, kwargs.get("mmap")))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    return reads

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-from eval_helpers import interrupt_at
+from eval_helpers import interrupt_at, state_reads
 from torch import nn
 
 from moco_fast.cli import main
@@ -57,7 +56,7 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
     capsys.readouterr()
     # what would be thrown away or may not resume is refused before the checkpoint or the data is read
     with monkeypatch.context() as m:
-        m.setattr(moco_fast.lincls, "run_lincls", lambda cfg: pytest.fail("ran"))
+        m.setattr(moco_fast.lincls, "run_lincls", lambda cfg, loaded=None: pytest.fail("ran"))
         assert lincls(out, "--eval-every", "1") == 2  # starting over would drop two epochs silently
         assert f"{state} holds an interrupted lincls run: --resume continues it" in capsys.readouterr().err
         assert lincls(out, "--eval-every", "1", "--resume", "--lr", "0.1") == 2
@@ -81,7 +80,12 @@ def test_lincls_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, capsy
     # the owed evaluation of epoch 2 runs first
     argv = ["lincls", "--checkpoint", str(ckpt.parent), "--data", f"{six_root}/", "--epochs", "3", "--lr", "0.5"]
     argv += ["--batch-size", "8", "--workers", "0", "--device", "cpu", "--out", str(out)]
-    assert main([*argv, "--eval-every", "1", "--resume"]) == 0
+    with monkeypatch.context() as m:
+        reads = state_reads(m)
+        assert main([*argv, "--eval-every", "1", "--resume"]) == 0
+    # read once, whole, by the command's check; the check after the data listing and the loop's load
+    # read it again (twice mapped, then whole)
+    assert [mapped for name, mapped in reads if name == state.name] == [False]
     res = json.loads(out.read_text())
     assert res["history"] == ref["history"] and res["top1"] == ref["top1"]  # --workers 0: exactly
     assert res["wall_s"] > saved["wall_s"]  # the interrupted part counts
@@ -369,14 +373,11 @@ def test_finetune_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, mon
         interrupt_at(m, moco_fast.finetune, 1)
         assert finetune(out) == 130
     assert (tmp_path / "ft.state.pt").is_file()
-    reads = []  # (file, mapped): the command's early check maps the state, the loop reads it whole once
-    real_load = torch.load
-    monkeypatch.setattr(
-        torch, "load", lambda f, *a, **kw: reads.append((Path(f).name, kw.get("mmap"))) or real_load(f, *a, **kw)
-    )
-    assert finetune(out, "--resume") == 0
-    monkeypatch.undo()
-    assert [mmap for name, mmap in reads if name == "ft.state.pt"] == [True, False]
+    with monkeypatch.context() as m:
+        reads = state_reads(m)
+        assert finetune(out, "--resume") == 0
+    # read once, whole, by the command's check, and handed to the loop (which read it again)
+    assert [mapped for name, mapped in reads if name == "ft.state.pt"] == [False]
     ref, res = (json.loads((tmp_path / name).read_text()) for name in ("whole.json", "ft.json"))
     assert res["history"] == ref["history"] and res["top1"] == ref["top1"]
     whole, resumed = (torch.load(tmp_path / name) for name in ("whole.pt", "ft.pt"))

@@ -42,7 +42,7 @@ def test_an_output_that_is_a_fifo_or_device_is_refused_not_replaced(ckpt, tmp_pa
     # (as root) replaced the device node by a 45 MB file; a FIFO became a regular file.
     import moco_fast.lincls
 
-    def ran(cfg):
+    def ran(cfg, loaded=None):
         raise Ran
 
     monkeypatch.setattr(moco_fast.lincls, "run_lincls", ran)

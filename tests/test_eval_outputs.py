@@ -145,7 +145,7 @@ def test_finetune_no_save_model_writes_only_the_json(tmp_path, monkeypatch):
     import moco_fast.finetune
 
     res = {"init": "scratch", "top1": 50.0, "top5": 100.0, "topk": 3, "eval_images": 6, "eval_split": "val"}
-    monkeypatch.setattr(moco_fast.finetune, "fine_tune", lambda cfg: (res, None))
+    monkeypatch.setattr(moco_fast.finetune, "fine_tune", lambda cfg, loaded=None: (res, None))
     out = tmp_path / "ft.json"
     assert main(["finetune", "--from-scratch", "--device", "cpu", "--out", str(out), "--no-save-model"]) == 0
     assert json.loads(out.read_text()) == res and not out.with_suffix(".pt").exists()
@@ -266,7 +266,7 @@ def test_lincls_line_says_one_epoch_in_the_singular(n, said, run_dir, data, tmp_
     import moco_fast.lincls
 
     res = {"top1": 50.0, "top5": 100.0, "topk": 2, "eval_images": n, "eval_split": str(data / "test")}
-    monkeypatch.setattr(moco_fast.lincls, "run_lincls", lambda cfg: res)  # the line alone: no training
+    monkeypatch.setattr(moco_fast.lincls, "run_lincls", lambda cfg, loaded=None: res)  # the line alone: no training
     argv = ["lincls", "--checkpoint", str(run_dir), "--data", str(data), "--epochs", str(n), "--device", "cpu"]
     assert main([*argv, "--out", str(tmp_path / "l.json")]) == 0
     assert said in capsys.readouterr().out  # --epochs 1 said "1 epochs"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_image_root
-from eval_helpers import interrupt_at
+from eval_helpers import interrupt_at, state_reads
 from run_helpers import tiny_args
 
 from moco_fast.cli import build_parser, main
@@ -226,10 +226,13 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
     # the sweep lists the data once, before any setting, for every setting's kNN and classifier and to
     # compare the state with: listed again by each classifier, its warnings were said again
     listed.clear()
+    reads = state_reads(monkeypatch)
     with caplog.at_level(logging.INFO, logger="moco_fast"):
         assert main(args) == 0
     assert "--resume: lincls continues after epoch 1 of 2" in caplog.text and not state.exists()
     assert listed == ["train", "test"]
+    # the state read once, whole, to compare it: run_lincls's check and its loop read it again
+    assert [mapped for name, mapped in reads if name == state.name] == [False]
     with monkeypatch.context() as m:
         interrupt_at(m, moco_fast.lincls, 1)
         assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "4")) == 130

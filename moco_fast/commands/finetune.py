@@ -147,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
     if cfg.checkpoint is not None and explicit:
         check_arch(args)
     with hold_output(out, "finetune"):
-        check_state(out, cfg, "finetune")
-        res, _ = run_finetune(cfg, model_path)
+        loaded = check_state(out, cfg, "finetune")  # read here once: the run takes it
+        res, _ = run_finetune(cfg, model_path, loaded)
     print(
         f"fine-tuning from {res['init']}: {accuracy_text(res)}  ({eval_images_of(res)}, {plural(args.epochs, 'epoch')})"
     )

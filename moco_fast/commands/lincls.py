@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     args.out = str(check_output(out, "--out", inputs=(args.checkpoint,), replaces=result_of("lincls", PROTOCOL)))
     cfg = dataclass_from_args(LinclsConfig, args)
     with hold_output(Path(args.out), "lincls"):
-        check_state(Path(args.out), cfg, "lincls")
-        res = run_lincls(cfg)
+        loaded = check_state(Path(args.out), cfg, "lincls")  # read here once: the run takes it
+        res = run_lincls(cfg, loaded=loaded)
     print(
         f"linear classification: {accuracy_text(res)}  "
         f"({eval_images_of(res)}, {plural(cfg.epochs, 'epoch')}; backbone unchanged)"
