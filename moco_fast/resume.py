@@ -252,12 +252,12 @@ class SavedRun:
 
 
 def _processes(saved: Any) -> int | None:
-    """A saved number of processes, None where there is none or it cannot be one (not a number, or
+    """A saved number of processes, None where there is none or it cannot be one (not a number, infinite or
     below 1: a config.json or checkpoint edited by hand or damaged): the caller's fallback then, as for
     one never recorded."""
     try:
         n = int(saved or 0)
-    except (TypeError, ValueError):  # "two", [2]
+    except (TypeError, ValueError, OverflowError):  # "two", [2], 1e999 (JSON reads it as inf)
         return None
     return n if n >= 1 else None
 

@@ -377,13 +377,14 @@ def test_a_resume_compares_shuffle_bn_as_the_saved_run_ran_it(caplog):
     assert said == ["--resume with changed settings: moco.shuffle_bn False -> True"]
 
 
-@pytest.mark.parametrize("world", [0, -2, "two", [2]])
+@pytest.mark.parametrize("world", [0, -2, "two", [2], float("inf")])
 def test_a_saved_world_size_that_is_no_count_of_processes_counts_as_unknown(world):
     # a config.json or checkpoint edited by hand or damaged: a negative world_size (or --gpus) was
     # taken as the number of processes that trained the run, which the checks of a resume divide by
     # and compare with; it falls back as a missing one does (the checkpoint's random streams,
     # config.json's --gpus), as 0 did already. One that is no number ended a checkpoint's resume in a
-    # ValueError's traceback (config.json's: "cannot be read")
+    # ValueError's traceback (config.json's: "cannot be read"), and an infinite one (1e999 in JSON)
+    # in an OverflowError's, config.json's too
     from moco_fast.resume import SavedRun
 
     config = {"runtime": {"gpus": 2, "sync_bn": False}}
