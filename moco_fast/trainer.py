@@ -17,6 +17,7 @@ from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.agreement import HeldWarnings, agree
 from moco_fast.backbone import check_arch
+from moco_fast.bn_batch import bn_splits, warn_few_bn_images
 from moco_fast.cli import interruption
 from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, as_run, check_image_size, save_json
 from moco_fast.cores import available_cores
@@ -175,7 +176,7 @@ def validate(cfg: TrainConfig, world: int, saved: SavedRun | Callable[[], SavedR
         if (run := _asked(saved)) is not None and run.checkpoint:
             fix = queue_fix(cfg, world, run.world, 2 if m.symmetric else 1)
         raise ConfigError(f"--moco-k {m.k} is smaller than the keys one step enqueues ({keys_per_step}): {fix}")
-    splits = m.bn_splits if m.shuffle_bn and world == 1 else 1
+    splits = bn_splits(cfg, world)
     if o.batch_size < 2:  # one BN group (split BN off, or one split): no --bn-splits to lower
         raise ConfigError(f"--batch-size {o.batch_size} gives BN 1 image a batch: raise it to 2 or more")
     if o.batch_size % splits or o.batch_size // splits < 2:
@@ -351,6 +352,8 @@ def _train_held(
     s = StepState(step_model, optimizer, scaler, amp_dtype, device)
 
     finished = start_epoch >= cfg.optim.epochs  # nothing to train: the folder stays as it is
+    if not finished and dist_utils.is_main():
+        warn_few_bn_images(cfg, world)
     # resumed from the checkpoint in --out itself (clear_run below runs only where it is not)
     continuing = continues_in(out, resume_path)
     # ... unless the final evaluation of a finished run was interrupted: that part runs now

@@ -22,6 +22,13 @@ def synthetic_args(out, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+# trained in one process, synthetic_args with --bn-splits 2 splits each batch of 8 in two (bn_batch's warning)
+FEW_SPLIT_IMAGES = (
+    "--batch-size 8 split by --bn-splits 2 gives each BN sub-batch 4 images: their statistics are noisy and MoCo "
+    "may not learn (docs/experiments.md): raise --batch-size or lower --bn-splits"
+)
+
+
 def torchrun(tmp_path, *flags: str) -> list[str]:
     """torchrun for 2 local processes, its log folder in tmp_path: by default a torchelastic_* folder
     in /tmp, left there."""

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from distributed_helpers import cli_args, synthetic_args, torchrun
+from distributed_helpers import FEW_SPLIT_IMAGES, cli_args, synthetic_args, torchrun
 
 from moco_fast.cli import main
 from moco_fast.config import ConfigError, build_config
@@ -133,9 +133,10 @@ def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(
             assert main([*synthetic_args(out), "--resume", "--epochs", "2", *flags]) == 0
         return [r.getMessage() for r in caplog.records if "BN" in r.getMessage() or "-bn" in r.getMessage()]
 
-    assert bn_lines() == [SHUFFLE_BN_BACK]
+    # split BN back on too, in 2 sub-batches of 4: its own warning
+    assert bn_lines() == [SHUFFLE_BN_BACK, FEW_SPLIT_IMAGES]
     assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
-    assert bn_lines("--shuffle-bn") == [SHUFFLE_BN_BACK]  # what the resume does anyway: the same one line
+    assert bn_lines("--shuffle-bn") == [SHUFFLE_BN_BACK, FEW_SPLIT_IMAGES]  # what the resume does anyway: the same
     # --no-shuffle-bn given: kept off as asked, and it trains with neither, as one line says
     assert bn_lines("--no-shuffle-bn") == ["--sync-bn has no effect with one process"]
     assert not torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
@@ -179,9 +180,9 @@ def test_a_sync_bn_run_of_two_processes_stopped_before_its_first_checkpoint_says
             assert main(["train", "--resume", "--out", str(out), *flags]) == 0
         return [r.getMessage() for r in caplog.records if "BN" in r.getMessage() or "-bn" in r.getMessage()]
 
-    assert bn_lines() == [SHUFFLE_BN_BACK]
+    assert bn_lines() == [SHUFFLE_BN_BACK, FEW_SPLIT_IMAGES]  # split BN back on too, in 2 sub-batches of 4
     assert json.loads((out / "config.json").read_text())["moco"]["shuffle_bn"]
-    assert bn_lines("--shuffle-bn") == [SHUFFLE_BN_BACK]
+    assert bn_lines("--shuffle-bn") == [SHUFFLE_BN_BACK, FEW_SPLIT_IMAGES]
     assert bn_lines("--no-shuffle-bn") == ["--sync-bn has no effect with one process"]
 
 
@@ -201,7 +202,7 @@ def test_the_checks_of_a_sync_bn_resume_read_what_the_saved_run_was_once(tmp_pat
         assert main([*synthetic_args(out), "--resume", "--epochs", "2"]) == 0
     # mapped: the command's (the config and SavedRun) and run_folder.check_output's (the epochs it holds)
     assert loads == [True, True, False]
-    assert [r.getMessage() for r in caplog.records if "BN" in r.getMessage()] == [SHUFFLE_BN_BACK]
+    assert [r.getMessage() for r in caplog.records if "BN" in r.getMessage()] == [SHUFFLE_BN_BACK, FEW_SPLIT_IMAGES]
     assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
 
 
@@ -212,10 +213,12 @@ def test_sync_bn_added_to_a_resume_in_one_process_of_a_run_without_it_says_it_do
     import logging
 
     out = _trained_by_two(tmp_path / "run")
+    caplog.clear()  # the lines of that run (in one process: split BN's warning)
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert main([*synthetic_args(out), "--resume", "--epochs", "2", "--sync-bn"]) == 0
     assert [r.getMessage() for r in caplog.records if "BN" in r.getMessage() or "-bn" in r.getMessage()] == [
-        "--sync-bn has no effect with one process"
+        "--sync-bn has no effect with one process",
+        FEW_SPLIT_IMAGES,  # shuffle BN on, in one process: split BN, in 2 sub-batches of 4
     ]
 
 

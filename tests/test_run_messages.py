@@ -152,6 +152,62 @@ def test_synthetic_says_that_it_reads_no_data(tmp_path, caplog):
     assert f"--loader synthetic makes its own images: --data {tmp_path / 'gone'} is not read" in caplog.text
 
 
+FEW_BN = "images: their statistics are noisy and MoCo may not learn (docs/experiments.md)"
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (
+            ["--batch-size", "8", "--bn-splits", "2"],
+            "--batch-size 8 split by --bn-splits 2 gives each BN sub-batch 4 " + FEW_BN + ": raise --batch-size or "
+            "lower --bn-splits",
+        ),
+        (["--batch-size", "16", "--bn-splits", "2"], None),
+        (["--batch-size", "8", "--bn-splits", "2", "--no-shuffle-bn"], None),  # BN normalises the batch of 8
+        (["--batch-size", "8", "--bn-splits", "1"], None),
+        (["--batch-size", "4", "--bn-splits", "1"], "--batch-size 4 gives BN 4 " + FEW_BN + ": raise --batch-size"),
+    ],
+)
+def test_a_run_whose_bn_sees_few_images_warns_once(tmp_path, caplog, flags, says):
+    # a run at --batch-size 16 with --bn-splits 8 (2 images a BN split) trained without a word while its
+    # backbone's weights grew 250-fold. Said by the run that trains, once: not by the checks that a sweep
+    # runs before the run runs them again, nor by a --resume with nothing left to train
+    out = tmp_path / "run"
+    argv = [
+        "train", "--loader", "synthetic", "--synthetic-steps", "1", "--arch", "resnet18", "--image-size", "16",
+        "--moco-k", "16", "--epochs", "1", "--device", "cpu", "--out", str(out), "--no-final-knn", *flags,
+    ]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(argv) == 0
+        assert [m for m in caplog.messages if FEW_BN in m] == ([says] if says else [])
+        caplog.clear()
+        assert main(["train", "--resume", "--out", str(out), "--device", "cpu"]) == 0  # nothing to do
+    assert not [m for m in caplog.messages if FEW_BN in m]
+
+
+@pytest.mark.parametrize(
+    "batch, splits, sync_bn, says",
+    [
+        (4, 2, False, "--batch-size 4 gives each process's BN 4"),  # --bn-splits: no effect
+        (8, 8, False, None),
+        (2, 8, True, "--sync-bn over 2 processes of --batch-size 2 gives BN 4"),
+        (4, 8, True, None),
+    ],
+)
+def test_two_processes_warn_of_the_images_their_bn_sees(caplog, batch, splits, sync_bn, says):
+    # with several processes --bn-splits does nothing: each process's BN normalises its own batch, or
+    # with --sync-bn the batches of all of them (rank 0 of the run says it)
+    from moco_fast.bn_batch import warn_few_bn_images
+    from moco_fast.config import as_run, build_config
+
+    cfg = build_config("v2", {"optim.batch_size": batch, "moco.bn_splits": splits, "runtime.sync_bn": sync_bn})
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        warn_few_bn_images(as_run(cfg, 2), 2)  # the config the run trains with
+    said = [m for m in caplog.messages if FEW_BN in m]
+    assert said == ([f"{says} {FEW_BN}: raise --batch-size"] if says else [])
+
+
 def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
     # `ulimit -f` (a cluster's job limit) or a file system's largest file: writes fail with EFBIG,
     # which ended train at its checkpoint save with a traceback ("OSError: [Errno 27] File too large").

@@ -556,3 +556,14 @@ def test_a_sweep_lists_its_data_once_for_all_its_settings(six_root, tmp_path, li
     assert listed == ["train", "test"]
     rows = json.loads((out / "sweep.json").read_text())
     assert len(rows) == 2 and all(r["knn_top1"] is not None for r in rows)
+
+
+def test_a_sweep_warns_of_few_images_a_bn_split_once_a_setting_it_trains(finished_sweep, six_root, tmp_path, caplog):
+    # SWEEP_TRAIN's 4 images a BN split. Said by trainer.validate, it came from the check of every setting
+    # before the first trains and again from each setting's run (3 lines here); the run that trains says
+    # it now: m 0.9 trains, m 0.99 is reused
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.99")) == 0
+    said = [m for m in caplog.messages if "gives each BN sub-batch 4 images" in m]
+    assert len(said) == 1, caplog.messages
