@@ -501,19 +501,19 @@ def _as_given(value: Any) -> str:
     return "not given" if value is None else repr(value)
 
 
-def resumable_state(out: Path, cfg: Any, command: str, listing: str) -> LoadedState | None:
-    """The state beside `out`, read, where `cfg` may resume it (for the sweep, which starts its own over
-    otherwise, and hands it to run_lincls); None where there is none, or it cannot be read or resumed.
-    `listing`: of `cfg`'s data (data_listing.listing_fingerprint), so that other images there since,
-    which the command refuses, are a state to start over too."""
-    path = state_path(out)
-    if not path.is_file():
-        return None
+def resumable_state(out: Path, cfg: Any, command: str, listing: str) -> tuple[LoadedState | None, str]:
+    """The state beside `out`, read, where `cfg` may resume it (for the sweep, which hands it to
+    run_lincls), and ""; else None and why the sweep starts its own over, as its line says it: it ran
+    with other settings, or it cannot be read (cut short, or a record failing its checksum, which
+    the whole read checks). `listing`: of `cfg`'s data (data_listing.listing_fingerprint), so that
+    other images there since, which the command refuses, are a state to start over too."""
     try:
-        state = load_state(path, command)
-        return None if differences(state, cfg, listing) else LoadedState(state)
+        state = load_state(state_path(out), command)
     except (DataError, ConfigError):
-        return None
+        return None, "left a state that cannot be read (cut short or damaged?)"
+    if differences(state, cfg, listing):
+        return None, "stopped with other settings, checkpoint or images"
+    return LoadedState(state), ""
 
 
 def best_of(history: list[dict[str, Any]]) -> dict[str, Any]:

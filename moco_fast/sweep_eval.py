@@ -94,17 +94,14 @@ def _linear(cfg: TrainConfig, folder: Path, splits: DataSplits, epochs: int, lr:
         out=str(out),
     )
     # a sweep stopped in this setting's classifier continues it; one run with other settings (another
-    # --lincls-epochs, a checkpoint trained further, other images in --data since) is the sweep's own
-    # to start over. run_lincls takes the state as read here
+    # --lincls-epochs, a checkpoint trained further, other images in --data since), or one that cannot
+    # be read, is the sweep's own to start over. run_lincls takes the state as read here
     with hold_output(out, "sweep"):  # two sweeps into one folder may evaluate the same setting
         loaded = None
         if state_path(out).is_file():
-            loaded = resumable_state(out, lc, "lincls", listing_fingerprint(splits))
+            loaded, why = resumable_state(out, lc, "lincls", listing_fingerprint(splits))
             if loaded is None:
-                log.info(
-                    "%s: its linear classifier stopped with other settings, checkpoint or images; it starts over",
-                    folder,
-                )
+                log.info("%s: its linear classifier %s; it starts over", folder, why)
                 clear_state(out)
         with continued_by("the same sweep command continues it", "--lincls-lr"):
             return run_lincls(replace(lc, resume=state_path(out).is_file()), splits, loaded)["top1"]

@@ -271,6 +271,30 @@ def test_sweep_restarts_a_linear_classifier_whose_images_changed(
     assert json.loads((out / SWEEP_RUN / "result.json").read_text())["lincls_epochs"] == 2
 
 
+def test_sweep_restarts_a_linear_classifier_whose_state_is_damaged(
+    finished_sweep, six_root, tmp_path, monkeypatch, caplog
+):
+    # A state that cannot be read (here a record failing its checksum, which only the whole read
+    # checks) is the sweep's own to start over, and its line says so: it said "other settings"
+    import moco_fast.lincls
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    state = out / SWEEP_RUN / "sweep_lincls.state.pt"
+    args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")
+    with monkeypatch.context() as m:
+        interrupt_at(m, moco_fast.lincls, 1)
+        assert main(args) == 130
+    with open(state, "r+b") as fh:
+        fh.seek(200)  # the pickle's record
+        fh.write(b"\xff" * 1000)
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(args) == 0
+    said = f"{out / SWEEP_RUN}: its linear classifier left a state that cannot be read (cut short or damaged?)"
+    assert said in caplog.text and "other settings" not in caplog.text
+    assert "--resume: lincls continues" not in caplog.text and not state.exists()
+    assert json.loads((out / SWEEP_RUN / "result.json").read_text())["lincls_epochs"] == 2
+
+
 @pytest.mark.parametrize("columns", [80, 100])
 def test_sweep_help_is_wrapped_and_names_every_flag(columns, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", str(columns))
