@@ -244,11 +244,20 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
     assert res["lincls_epochs"] == 3 and not state.exists()
 
 
-def test_sweep_restarts_a_linear_classifier_whose_images_changed(
-    finished_sweep, six_root, tmp_path, monkeypatch, caplog
+@pytest.mark.parametrize(
+    "changed, said",
+    [
+        ("images", "stopped with other settings, checkpoint or images"),
+        ("state", "left a state that cannot be read (cut short or damaged?)"),
+    ],
+)
+def test_sweep_restarts_a_linear_classifier_whose_images_or_state_changed(
+    changed, said, finished_sweep, six_root, tmp_path, monkeypatch, caplog
 ):
-    # Images added to --data between a stop in a setting's linear classifier and the rerun: lincls
-    # refuses its state then, and the sweep exited 2 where it starts its own state over
+    # Between a stop in a setting's linear classifier and the rerun, images added to --data (lincls
+    # refuses its state then, and the sweep exited 2) or its state damaged (a record failing its
+    # checksum, which the whole read checks; its line said "other settings"): the sweep starts its
+    # own state over, and says why
     import moco_fast.lincls
 
     out = shutil.copytree(finished_sweep, tmp_path / "sweep")
@@ -260,37 +269,18 @@ def test_sweep_restarts_a_linear_classifier_whose_images_changed(
     assert state.is_file()
     first = next((six_root / "train").glob("*/*"))
     added = first.with_name("added" + first.suffix)
-    shutil.copy(first, added)  # six_root is the session's: taken out again below
+    if changed == "images":
+        shutil.copy(first, added)  # six_root is the session's: taken out again below
+    else:
+        with open(state, "r+b") as fh:
+            fh.seek(200)  # in the pickle's record
+            fh.write(b"\xff" * 1000)
     try:
         with caplog.at_level(logging.INFO, logger="moco_fast"):
             assert main(args) == 0
     finally:
-        added.unlink()
-    assert f"{out / SWEEP_RUN}: its linear classifier stopped with other settings, checkpoint or images" in caplog.text
-    assert "--resume: lincls continues" not in caplog.text and not state.exists()
-    assert json.loads((out / SWEEP_RUN / "result.json").read_text())["lincls_epochs"] == 2
-
-
-def test_sweep_restarts_a_linear_classifier_whose_state_is_damaged(
-    finished_sweep, six_root, tmp_path, monkeypatch, caplog
-):
-    # A state that cannot be read (here a record failing its checksum, which only the whole read
-    # checks) is the sweep's own to start over, and its line says so: it said "other settings"
-    import moco_fast.lincls
-
-    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
-    state = out / SWEEP_RUN / "sweep_lincls.state.pt"
-    args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")
-    with monkeypatch.context() as m:
-        interrupt_at(m, moco_fast.lincls, 1)
-        assert main(args) == 130
-    with open(state, "r+b") as fh:
-        fh.seek(200)  # the pickle's record
-        fh.write(b"\xff" * 1000)
-    with caplog.at_level(logging.INFO, logger="moco_fast"):
-        assert main(args) == 0
-    said = f"{out / SWEEP_RUN}: its linear classifier left a state that cannot be read (cut short or damaged?)"
-    assert said in caplog.text and "other settings" not in caplog.text
+        added.unlink(missing_ok=True)
+    assert f"{out / SWEEP_RUN}: its linear classifier {said}; it starts over" in caplog.text
     assert "--resume: lincls continues" not in caplog.text and not state.exists()
     assert json.loads((out / SWEEP_RUN / "result.json").read_text())["lincls_epochs"] == 2
 
