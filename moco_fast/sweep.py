@@ -142,19 +142,25 @@ def run_sweep(
     refuse_others_tables(out)
     _refuse_out_within_data(out, base)
     with hold_sweep_folder(out):  # a second sweep there: one line, before any work
-        listed, splits = _check_device_and_data(configs, lincls_epochs)  # before --redo deletes anything
+        found = _results_in(out)
+        # Every setting is checked against what its folder holds before the first one trains, and
+        # before the data is listed (as any setting trains or none); --redo trains every one anew.
+        evaluation = (lincls_epochs, lincls_lr)
+        plans = [
+            "train" if redo else plan_setting(cfg, s, found.get(s.name), evaluation)
+            for cfg, s in zip(configs, settings)
+        ]
+        trains = any(plan in ("train", "resume") for plan in plans)
+        listed, splits = _check_device_and_data(configs, lincls_epochs, trains)  # before --redo deletes anything
         if redo:
             for s in settings:
+                found.pop(s.name, None)
                 if (out / s.name).is_dir():
                     log.info("--redo: deleting %s", out / s.name)
                     shutil.rmtree(out / s.name)
         previous = read_json(out / TABLE_JSON, list) or []
         order = [r["name"] for r in previous if isinstance(r, dict) and isinstance(r.get("name"), str)]
         order += [s.name for s in settings]
-        found = _results_in(out)
-        # Every setting is checked against what its folder holds before the first one trains.
-        evaluation = (lincls_epochs, lincls_lr)
-        plans = [plan_setting(cfg, s, found.get(s.name), evaluation) for cfg, s in zip(configs, settings)]
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
             try:
                 head = f"[{i + 1}/{len(settings)}] {s.name}"
@@ -244,7 +250,7 @@ def _refuse_out_within_data(out: Path, base: TrainConfig) -> None:
 
 
 def _check_device_and_data(
-    configs: list[TrainConfig], lincls_epochs: int
+    configs: list[TrainConfig], lincls_epochs: int, trains: bool
 ) -> tuple[DataSplits | None, DataSplits | None]:
     """What `validate` does not see and would otherwise fail after the first setting trained (or
     after --redo deleted the old runs): the device, the training data, and an eval split for the
@@ -253,9 +259,12 @@ def _check_device_and_data(
     (monitor.eval_splits; else None), which every setting's kNN reads. Listed once, header-checked
     with its eval split as a setting's loader takes it (loaders.base.listed_splits), not once more
     per setting (minutes each on ImageNet); its warnings (eval images that are copies of training
-    images) are said once per sweep, and every setting is scored on the same images. With
-    --lincls-epochs it is listed as the linear classifier lists it (class folders as labels: two that
-    are one folder are an error, lincls.load_splits_with_eval), and every setting's classifier reads it too."""
+    images) are said once per sweep, and every setting is scored on the same images. Where no setting
+    `trains` (each reused, or its checkpoint evaluated again) the headers are not checked, as a kNN
+    alone lists it (monitor.eval_splits: its feature passes leave out what fails to decode), not every
+    image opened (minutes on ImageNet) for no loader. With --lincls-epochs it is listed as the linear
+    classifier lists it (headers checked, class folders as labels: two that are one folder are an
+    error, lincls.load_splits_with_eval), and every setting's classifier reads it too."""
     from moco_fast.data import load_splits
     from moco_fast.knn import warn_if_single_class
     from moco_fast.loaders import IMAGE_FOLDER_LOADERS
@@ -266,8 +275,8 @@ def _check_device_and_data(
     cfg = configs[0]  # the grid changes K, m, mechanism and shuffle BN only
     validate_device(cfg, resolve_device(cfg.runtime.device), 1)
     folder = cfg.data.loader in IMAGE_FOLDER_LOADERS and not is_wds_root(cfg.data.data)
-    # DataError: missing, empty, ...
-    listed = load_splits(cfg.data.data, labelled=lincls_epochs > 0) if folder else None
+    check, labelled = trains or lincls_epochs > 0, lincls_epochs > 0
+    listed = load_splits(cfg.data.data, check, labelled=labelled) if folder else None  # DataError: missing, empty, ...
     splits, _ = eval_splits(cfg, listed)
     if lincls_epochs > 0 and splits is None:
         raise ConfigError(

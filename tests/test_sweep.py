@@ -581,3 +581,22 @@ def test_a_sweep_warns_of_few_images_a_bn_split_once_a_setting_it_trains(finishe
         assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.99")) == 0
     said = [m for m in caplog.messages if "gives each BN sub-batch 4 images" in m]
     assert len(said) == 1, caplog.messages
+
+
+def test_a_sweep_that_trains_nothing_lists_its_data_without_checking_each_image(
+    finished_sweep, six_root, tmp_path, monkeypatch
+):
+    # every setting reused, or its checkpoint evaluated again: the check before training opened every
+    # image to check its header (minutes on ImageNet), a check for a training loader, where only the
+    # kNN reads the listing (which leaves out what it cannot decode)
+    import moco_fast.data
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    headers, check_image = [], moco_fast.data.check_image
+    monkeypatch.setattr(moco_fast.data, "check_image", lambda path: headers.append(path) or check_image(path))
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0  # reused
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=["--knn-k", "5"])) == 0  # evaluated again
+    assert not headers
+    trained = stub_sweep_runs(monkeypatch)
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--redo")) == 0 and len(trained) == 1
+    assert len(headers) == 54  # a setting trains on it: its 36 training and 18 eval images, as its loader checks them
