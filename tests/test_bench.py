@@ -102,13 +102,19 @@ def test_the_data_is_listed_once_for_all_the_loader_rows(tiny_root, loader, list
     assert listed == ["train"]  # no row evaluates: the eval split is not read
 
 
+def flat_val_root(tiny_root: Path, root: Path) -> None:
+    """`root` as ImageNet comes: tiny_root's train/, and a val/ of files in one folder (not sorted
+    into class folders), which no bench row reads."""
+    shutil.copytree(tiny_root / "train", root / "train")
+    (root / "val").mkdir()
+    for f in sorted((tiny_root / "test").rglob("*.jpg"))[:2]:
+        shutil.copy(f, root / "val" / f.name)
+
+
 def test_the_bench_runs_on_a_root_whose_val_is_not_sorted_into_classes(tiny_root, tmp_path, listed, capsys):
     # ImageNet's val/ as downloaded is 50,000 files in one folder; the bench listed it, and refused
     # the root ("no class subfolders in val"), though no row reads it
-    shutil.copytree(tiny_root / "train", tmp_path / "train")
-    (tmp_path / "val").mkdir()
-    for f in sorted((tiny_root / "test").rglob("*.jpg"))[:2]:
-        shutil.copy(f, tmp_path / "val" / f.name)
+    flat_val_root(tiny_root, tmp_path)
     rows = ["--rows", "loader", "--workers", "0", "--steps", "1", "--warmup", "0"]
     assert throughput.main([*TINY, "--data", str(tmp_path), *rows]) == 0, capsys.readouterr().err
     assert listed == ["train"]
@@ -123,6 +129,21 @@ def test_the_ffcv_bench_lists_a_folder_once_for_the_torch_rows_that_read_it(tiny
     run = [*flags, "--steps", "1", "--warmup", "0"]
     assert ffcv_loader.main(["--data", str(tiny_root / "train"), *run]) == 0, capsys.readouterr().err
     assert listed == ["train", "train"]  # the conversion's (header-checked), the torch rows' (not)
+
+
+@pytest.mark.slow
+def test_the_ffcv_benchs_torch_rows_run_on_a_root_whose_val_is_not_sorted_into_classes(
+    tiny_root, tmp_path, listed, capsys
+):
+    # the torch rows listed the eval split beside train/, which none reads: ImageNet's val/ as
+    # downloaded (one folder of files) failed them with 'no class subfolders in val'
+    import ffcv_loader
+
+    flat_val_root(tiny_root, tmp_path)
+    flags = ["--rows", "torch", "--workers", "1", "--batch-size", "4", "--min-seconds", "0", "--steps", "1"]
+    assert ffcv_loader.main(["--data", str(tmp_path), *flags, "--warmup", "0"]) == 0, capsys.readouterr().err
+    assert "error" not in capsys.readouterr().out
+    assert listed == ["train", "train"]  # the conversion's, the torch row's: not val/
 
 
 def plot_available() -> bool:
