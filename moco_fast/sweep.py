@@ -142,7 +142,7 @@ def run_sweep(
     refuse_others_tables(out)
     _refuse_out_within_data(out, base)
     with hold_sweep_folder(out):  # a second sweep there: one line, before any work
-        found = _results_in(out)
+        found = {} if redo else _results_in(out)  # --redo: read once its folders are deleted
         # Every setting is checked against what its folder holds before the first one trains, and
         # before the data is listed (as any setting trains or none); --redo trains every one anew.
         evaluation = (lincls_epochs, lincls_lr)
@@ -154,10 +154,10 @@ def run_sweep(
         listed, splits = _check_device_and_data(configs, lincls_epochs, trains)  # before --redo deletes anything
         if redo:
             for s in settings:
-                found.pop(s.name, None)
                 if (out / s.name).is_dir():
                     log.info("--redo: deleting %s", out / s.name)
                     shutil.rmtree(out / s.name)
+            found = _results_in(out)  # other grids' settings, which the table keeps
         previous = read_json(out / TABLE_JSON, list) or []
         order = [r["name"] for r in previous if isinstance(r, dict) and isinstance(r.get("name"), str)]
         order += [s.name for s in settings]

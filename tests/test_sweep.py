@@ -600,3 +600,15 @@ def test_a_sweep_that_trains_nothing_lists_its_data_without_checking_each_image(
     trained = stub_sweep_runs(monkeypatch)
     assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--redo")) == 0 and len(trained) == 1
     assert len(headers) == 54  # a setting trains on it: its 36 training and 18 eval images, as its loader checks them
+
+
+def test_redo_says_nothing_of_the_results_it_deletes(six_root, tmp_path, caplog, monkeypatch):
+    # the sweep read its folder's results before --redo deleted the grid's: a cut-short result.json
+    # of a setting about to train anew was named as ignored, as if it counted
+    trained = stub_sweep_runs(monkeypatch)
+    out = tmp_path / "sweep"
+    (out / SWEEP_RUN).mkdir(parents=True)
+    (out / SWEEP_RUN / "result.json").write_text('{"name": ')
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--redo")) == 0 and len(trained) == 1
+    assert not [m for m in caplog.messages if "ignoring" in m], caplog.messages
