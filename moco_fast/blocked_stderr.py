@@ -24,10 +24,13 @@ WAIT_S = 10.0
 @contextlib.contextmanager
 def given_up_after() -> Iterator[Callable[[], None]]:
     """Yields start(): from its first call, a stderr that still takes nothing WAIT_S seconds later is
-    given up (_give_up). Main thread only (SIGALRM wakes it); the timer ends with the block."""
-    sent = threading.Event()  # by _give_up: the SIGALRMs from then on are its own
+    given up (_give_up). Main thread only (SIGALRM wakes it); the timer ends with the block, and so
+    does the waking of a write that blocks (_wake_while_blocked)."""
+    sent = threading.Event()  # by _give_up or _wake_while_blocked: the SIGALRMs from then on are theirs
     timer = threading.Timer(WAIT_S, _give_up, (sent,))
     timer.daemon = True
+    done = threading.Event()
+    waker = threading.Thread(target=_wake_while_blocked, args=(done, sent), daemon=True)
 
     def woken(signum, frame) -> None:
         """SIGALRM: _give_up's only ends a blocked write, which Python then retries. Before it, one is
@@ -44,12 +47,15 @@ def given_up_after() -> Iterator[Callable[[], None]]:
         if once.acquire(blocking=False):
             timer.start()
 
+    waker.start()
     try:
         yield start
     finally:
+        done.set()
         timer.cancel()
-        if timer.is_alive():
-            timer.join()  # a SIGALRM it sent is handled (woken) before the handler from before is back
+        for thread in (timer, waker):
+            if thread.is_alive():
+                thread.join()  # a SIGALRM it sent is handled (woken) before the handler from before is back
         signal.signal(signal.SIGALRM, signal.SIG_DFL if before is None else before)  # None: set outside Python
 
 
@@ -62,15 +68,35 @@ def _as_before(handler, signum: int, frame) -> None:
         signal.raise_signal(signum)
 
 
+def _wake_while_blocked(done: threading.Event, sent: threading.Event) -> None:
+    """In a thread of its own: SIGALRM to the main thread every WAIT_S that stderr takes nothing. A
+    stop whose signal lands just before the main thread's write blocks is seen by Python only once
+    the write ends (its handler, which calls start(), runs between bytecodes): on a pipe nobody
+    reads, never, and that one stop did not end the command. Woken, the write runs the handlers that
+    wait and is retried (PEP 475)."""
+    main = threading.main_thread()
+    while not done.wait(WAIT_S):
+        if not _takes_nothing():
+            continue
+        sent.set()
+        with contextlib.suppress(OSError):  # it ended meanwhile
+            signal.pthread_kill(main.ident, signal.SIGALRM)
+
+
+def _takes_nothing() -> bool:
+    """Whether stderr has no room (a closed stderr has nothing to wait for)."""
+    try:
+        return 2 not in select.select([], [2], [], 0)[1]
+    except (OSError, ValueError):
+        return False
+
+
 def _give_up(sent: threading.Event) -> None:
     """In the timer's thread: stderr (and stdout where it is the same pipe) to /dev/null where stderr
     takes nothing (no room in the pipe), then SIGALRM to each thread, the main thread last: the write
     that blocked may be another thread's (a bar's redraw: tqdm's monitor, FFCV's writer), which holds
     stderr's buffer (and tqdm's lock) while it waits, and the main thread's line waits for it."""
-    try:
-        if 2 in select.select([], [2], [], 0)[1]:  # room: the line went, or goes now
-            return
-    except (OSError, ValueError):  # a closed stderr: nothing to give up
+    if not _takes_nothing():  # room: the line went, or goes now; or a closed stderr
         return
     null = os.open(os.devnull, os.O_WRONLY)
     try:
