@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from moco_fast.config import TrainConfig
+from moco_fast.config import MoCoConfig, TrainConfig
 
 log = logging.getLogger("moco_fast")
 
@@ -14,11 +14,12 @@ log = logging.getLogger("moco_fast")
 FEW_BN_IMAGES = 8
 
 
-def bn_splits(cfg: TrainConfig, world: int) -> int:
+def bn_splits(moco: MoCoConfig, world: int) -> int:
     """The sub-batches split BN cuts each batch into: --bn-splits with shuffle BN on one device (it
     stands in for the GPUs that shuffle BN spreads the batch over), else 1 (with several processes
-    each one's BN normalises its own batch)."""
-    return cfg.moco.bn_splits if cfg.moco.shuffle_bn and world == 1 else 1
+    each one's BN normalises its own batch). The one rule of the model's BN layers and of the checks
+    and warning on the images each sees."""
+    return moco.bn_splits if moco.shuffle_bn and world == 1 else 1
 
 
 def warn_few_bn_images(cfg: TrainConfig, world: int) -> None:
@@ -28,7 +29,7 @@ def warn_few_bn_images(cfg: TrainConfig, world: int) -> None:
     and the linear classifier on it logged losses of 1e9. Said by rank 0 of a run that trains, once:
     not by trainer.validate, which a sweep runs for each setting before training it and the run then
     runs again, nor by a refused run or one with nothing left to train."""
-    b, splits = cfg.optim.batch_size, bn_splits(cfg, world)
+    b, splits = cfg.optim.batch_size, bn_splits(cfg.moco, world)
     fix = "raise --batch-size"
     if splits > 1:
         images, what = b // splits, f"--batch-size {b} split by --bn-splits {splits} gives each BN sub-batch"

@@ -17,6 +17,7 @@ from torch import nn
 
 from moco_fast import distributed as dist_utils
 from moco_fast.backbone import build_backbone, build_head, resolve_stem
+from moco_fast.bn_batch import bn_splits
 from moco_fast.config import ConfigError, MoCoConfig, ModelConfig
 from moco_fast.kernels import momentum_update
 
@@ -81,8 +82,7 @@ class MoCo(nn.Module):
         self.momentum_backend = momentum_backend
         # Emulated shuffle BN on one device: sub-batches with their own statistics. Across several
         # processes each rank's batch already has its own statistics (see distributed.py).
-        splits = moco.bn_splits if moco.shuffle_bn and not dist_utils.is_distributed() else 1
-        self.encoder_q = build_encoder(model, image_size, splits)
+        self.encoder_q = build_encoder(model, image_size, bn_splits(moco, dist_utils.world_size()))
         self.encoder_k: nn.Module | None = None
         if self.mechanism == "moco":
             self.encoder_k = copy.deepcopy(self.encoder_q)

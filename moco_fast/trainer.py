@@ -176,7 +176,7 @@ def validate(cfg: TrainConfig, world: int, saved: SavedRun | Callable[[], SavedR
         if (run := _asked(saved)) is not None and run.checkpoint:
             fix = queue_fix(cfg, world, run.world, 2 if m.symmetric else 1)
         raise ConfigError(f"--moco-k {m.k} is smaller than the keys one step enqueues ({keys_per_step}): {fix}")
-    splits = bn_splits(cfg, world)
+    splits = bn_splits(m, world)
     if o.batch_size < 2:  # one BN group (split BN off, or one split): no --bn-splits to lower
         raise ConfigError(f"--batch-size {o.batch_size} gives BN 1 image a batch: raise it to 2 or more")
     if o.batch_size % splits or o.batch_size // splits < 2:
