@@ -132,6 +132,23 @@ def test_shuffle_bn_with_split_bn_encodes_the_keys_of_a_shuffled_batch():
     assert not torch.allclose(model.queue[:N], plain, atol=1e-3)
 
 
+@pytest.mark.parametrize("mechanism", ["moco", "memory-bank", "end-to-end"])
+def test_each_mechanisms_bn_splits_as_the_few_images_warning_counts(mechanism, monkeypatch):
+    # train's warning of few images a BN (bn_batch) counts the splits that the model's BN layers make:
+    # --bn-splits with shuffle BN in one process, plain BN with shuffle BN off or several processes
+    from moco_fast import distributed as dist_utils
+    from moco_fast.backbone import SplitBatchNorm2d
+    from moco_fast.bn_batch import bn_splits
+
+    for world, shuffle_bn in [(1, True), (1, False), (2, True)]:
+        monkeypatch.setattr(dist_utils, "world_size", lambda world=world: world)
+        model = make(mechanism, shuffle_bn=shuffle_bn, bn_splits=4)
+        bns = [b for b in model.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+        made = {b.num_splits if isinstance(b, SplitBatchNorm2d) else 1 for b in bns}
+        assert made == {bn_splits(build_config("v2", {"moco.shuffle_bn": shuffle_bn, "moco.bn_splits": 4}).moco, world)}
+        assert made == {4 if (world, shuffle_bn) == (1, True) else 1}
+
+
 def test_symmetric_loss_uses_both_views_as_queries():
     model = make("moco", k=24, symmetric=True)
     model.queue_ptr.fill_(20)  # the 2N = 16 keys wrap around
