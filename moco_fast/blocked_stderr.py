@@ -10,6 +10,7 @@ before it was raised (stops.py), so nothing but the line is lost.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import select
@@ -26,16 +27,24 @@ def given_up_after() -> Iterator[Callable[[], None]]:
     """Yields start(): from its first call, a stderr that still takes nothing WAIT_S seconds later is
     given up (_give_up). Main thread only (SIGALRM wakes it); the timer ends with the block, and so
     does the waking of a write that blocks (_wake_while_blocked)."""
-    sent = threading.Event()  # by _give_up or _wake_while_blocked: the SIGALRMs from then on are theirs
+    sent = threading.Event()  # by _give_up: the SIGALRMs from then on are its own
     timer = threading.Timer(WAIT_S, _give_up, (sent,))
     timer.daemon = True
     done = threading.Event()
-    waker = threading.Thread(target=_wake_while_blocked, args=(done, sent), daemon=True)
+    wakes: collections.deque[None] = collections.deque()  # one for each SIGALRM of the waker's not yet handled
+    waker = threading.Thread(target=_wake_while_blocked, args=(done, wakes), daemon=True)
 
     def woken(signum, frame) -> None:
-        """SIGALRM: _give_up's only ends a blocked write, which Python then retries. Before it, one is
-        the caller's (signal.alarm, a test's timeout): it goes where it went before."""
-        if not sent.is_set():
+        """SIGALRM: _give_up's and the waker's only end a blocked write, which Python then retries.
+        Another is the caller's (signal.alarm, a test's timeout), which goes where it went before: the
+        waker's, sent while stderr merely takes nothing (no stop), took it for theirs once they began
+        (a program's watchdog on a line blocked for ever was dropped). Counted, not a flag; deque's
+        pop takes no lock, which a handler run within this one would wait for."""
+        if sent.is_set():
+            return
+        try:
+            wakes.pop()
+        except IndexError:
             _as_before(before, signum, frame)
 
     before = signal.signal(signal.SIGALRM, woken)
@@ -68,7 +77,7 @@ def _as_before(handler, signum: int, frame) -> None:
         signal.raise_signal(signum)
 
 
-def _wake_while_blocked(done: threading.Event, sent: threading.Event) -> None:
+def _wake_while_blocked(done: threading.Event, wakes: collections.deque[None]) -> None:
     """In a thread of its own: SIGALRM to the main thread every WAIT_S that stderr takes nothing. A
     stop whose signal lands just before the main thread's write blocks is seen by Python only once
     the write ends (its handler, which calls start(), runs between bytecodes): on a pipe nobody
@@ -78,9 +87,11 @@ def _wake_while_blocked(done: threading.Event, sent: threading.Event) -> None:
     while not done.wait(WAIT_S):
         if not _takes_nothing():
             continue
-        sent.set()
-        with contextlib.suppress(OSError):  # it ended meanwhile
+        wakes.append(None)  # before the signal: the main thread may handle it before pthread_kill returns
+        try:
             signal.pthread_kill(main.ident, signal.SIGALRM)
+        except OSError:  # it ended meanwhile
+            wakes.pop()
 
 
 def _takes_nothing() -> bool:

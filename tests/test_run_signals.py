@@ -252,6 +252,9 @@ def ends(args):
         threading.Thread(target=stop_once_held, args=(threading.main_thread().ident,), daemon=True).start()
     elif sys.argv[1] == "elsewhere":
         threading.Thread(target=stop_elsewhere_once_held, daemon=True).start()
+    elif sys.argv[1] == "alarm":  # no stop: the program's own watchdog, set long after the first wake
+        signal.signal(signal.SIGALRM, lambda signum, frame: os._exit(7))
+        signal.setitimer(signal.ITIMER_REAL, 20 * blocked_stderr.WAIT_S)
     raise ConfigError("the ranks were started with different settings")
 
 blocked_stderr.WAIT_S = float(sys.argv[2])
@@ -326,6 +329,24 @@ def test_an_alarm_of_the_callers_during_the_last_line_reaches_its_handler():
     finally:
         signal.signal(signal.SIGALRM, before)
     assert got == [signal.SIGALRM]
+
+
+def test_an_alarm_of_the_callers_reaches_its_handler_while_the_last_line_blocks():
+    # While an error's line blocks (a pipe nobody reads, no stop), the waker (_wake_while_blocked) sends
+    # SIGALRM every WAIT_S: it took every SIGALRM from its first on for its own, and a program's
+    # watchdog (signal.setitimer, a test's timeout), the one end of such a line, was dropped
+    import subprocess
+
+    proc = _blocked_last_line("alarm", 0.1)
+    try:
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the caller's alarm was dropped: the command did not end") from None
+        assert rc == 7  # the watchdog's os._exit
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_a_give_up_started_within_its_own_start_starts_once(monkeypatch):
