@@ -150,8 +150,9 @@ def run_sweep(
             "train" if redo else plan_setting(cfg, s, found.get(s.name), evaluation)
             for cfg, s in zip(configs, settings)
         ]
-        trains = any(plan in ("train", "resume") for plan in plans)
-        listed, splits = _check_device_and_data(configs, lincls_epochs, trains)  # before --redo deletes anything
+        # a loader reads each image: a setting's training, or its linear classifier (one that is reused runs none)
+        loads = any(plan in ("train", "resume") or (lincls_epochs > 0 and plan != "reuse") for plan in plans)
+        listed, splits = _check_device_and_data(configs, lincls_epochs, loads)  # before --redo deletes anything
         if redo:
             for s in settings:
                 if (out / s.name).is_dir():
@@ -250,7 +251,7 @@ def _refuse_out_within_data(out: Path, base: TrainConfig) -> None:
 
 
 def _check_device_and_data(
-    configs: list[TrainConfig], lincls_epochs: int, trains: bool
+    configs: list[TrainConfig], lincls_epochs: int, loads: bool
 ) -> tuple[DataSplits | None, DataSplits | None]:
     """What `validate` does not see and would otherwise fail after the first setting trained (or
     after --redo deleted the old runs): the device, the training data, and an eval split for the
@@ -260,11 +261,12 @@ def _check_device_and_data(
     with its eval split as a setting's loader takes it (loaders.base.listed_splits), not once more
     per setting (minutes each on ImageNet); its warnings (eval images that are copies of training
     images) are said once per sweep, and every setting is scored on the same images. Where no setting
-    `trains` (each reused, or its checkpoint evaluated again) the headers are not checked, as a kNN
-    alone lists it (monitor.eval_splits: its feature passes leave out what fails to decode), not every
-    image opened (minutes on ImageNet) for no loader. With --lincls-epochs it is listed as the linear
-    classifier lists it (headers checked, class folders as labels: two that are one folder are an
-    error, lincls.load_splits_with_eval), and every setting's classifier reads it too."""
+    `loads` it (trains, or runs its linear classifier: each reused, or its checkpoint scored again by
+    kNN alone) the headers are not checked, as a kNN alone lists it (monitor.eval_splits: its feature
+    passes leave out what fails to decode), not every image opened (minutes on ImageNet) for no
+    loader. With --lincls-epochs it is listed as the linear classifier lists it (headers checked where
+    one runs, class folders as labels: two that are one folder are an error,
+    lincls.load_splits_with_eval), and every setting's classifier reads it too."""
     from moco_fast.data import load_splits
     from moco_fast.knn import warn_if_single_class
     from moco_fast.loaders import IMAGE_FOLDER_LOADERS
@@ -275,8 +277,9 @@ def _check_device_and_data(
     cfg = configs[0]  # the grid changes K, m, mechanism and shuffle BN only
     validate_device(cfg, resolve_device(cfg.runtime.device), 1)
     folder = cfg.data.loader in IMAGE_FOLDER_LOADERS and not is_wds_root(cfg.data.data)
-    check, labelled = trains or lincls_epochs > 0, lincls_epochs > 0
-    listed = load_splits(cfg.data.data, check, labelled=labelled) if folder else None  # DataError: missing, empty, ...
+    listed = (
+        load_splits(cfg.data.data, loads, labelled=lincls_epochs > 0) if folder else None
+    )  # DataError: missing, empty, ...
     splits, _ = eval_splits(cfg, listed)
     if lincls_epochs > 0 and splits is None:
         raise ConfigError(

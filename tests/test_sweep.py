@@ -612,3 +612,22 @@ def test_redo_says_nothing_of_the_results_it_deletes(six_root, tmp_path, caplog,
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--redo")) == 0 and len(trained) == 1
     assert not [m for m in caplog.messages if "ignoring" in m], caplog.messages
+
+
+def test_a_sweep_whose_classifiers_are_reused_lists_its_data_without_checking_each_image(
+    finished_sweep, six_root, tmp_path, monkeypatch
+):
+    # --lincls-epochs with every setting's classifier done (the same sweep run again for its table):
+    # every image was opened to check its header, for a classifier that reads none
+    import moco_fast.data
+    from moco_fast import lincls
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    headers, check_image = [], moco_fast.data.check_image
+    monkeypatch.setattr(moco_fast.data, "check_image", lambda path: headers.append(path) or check_image(path))
+    monkeypatch.setattr(lincls, "run_lincls", lambda cfg, *listed: {"top1": 12.5})
+    args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3")
+    assert main(args) == 0 and headers  # its classifier runs: the listing it reads is checked
+    headers.clear()
+    assert main(args) == 0  # reused
+    assert not headers
