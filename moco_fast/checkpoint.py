@@ -131,7 +131,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool 
         why = not_a_checkpoint(path)
         bad = None if why else damaged_record(path)
         if bad is not None:
-            raise DataError(_damaged(path, bad)) from e
+            raise Damaged(path, bad) from e
         raise DataError(
             f"{path} is not a moco-fast checkpoint: {why}" if why else f"cannot read checkpoint {path}: {e}"
         ) from e
@@ -139,15 +139,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool 
         raise DataError(f"{path} is not a checkpoint (it holds a {type(state).__name__}, not a dict)")
     bad = None if mmap else damaged_record(path)
     if bad is not None:
-        raise DataError(_damaged(path, bad))
+        raise Damaged(path, bad)
     return state
 
 
-def _damaged(path: Path, record: str) -> str:
-    return (
-        f"{path} is damaged: its record {record} fails its checksum (a disk or copy fault?); use another copy "
-        "of it, or start over"
-    )
+class Damaged(DataError):
+    """A checkpoint whose record `record` fails its checksum; `fix`: how to go on, the line's end (a
+    classifier's state says its own: delete it to start over)."""
+
+    def __init__(self, path: Path, record: str, fix: str = "use another copy of it, or start over") -> None:
+        self.path, self.record = path, record
+        super().__init__(f"{path} is damaged: its record {record} fails its checksum (a disk or copy fault?); {fix}")
 
 
 def damaged_record(path: Path) -> str | None:

@@ -369,6 +369,9 @@ def load_state(path: Path, command: str, mmap: bool = False) -> dict[str, Any]:
     (checkpoint.load)."""
     try:
         state = ckpt.load(path, map_location="cpu", mmap=mmap)
+    except ckpt.Damaged as e:  # its line ended "use another copy of it, or start over; delete it to start over"
+        fix = "use another copy of it, or delete it to start over"
+        raise DataError(f"--resume: {command}'s state {ckpt.Damaged(e.path, e.record, fix)}") from None
     except DataError as e:
         raise DataError(f"--resume: {command}'s state {e}; delete it to start over") from None
     other = state.get("command") if isinstance(state, dict) else None

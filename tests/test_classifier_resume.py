@@ -356,6 +356,16 @@ def test_a_damaged_state_says_how_to_go_on(ckpt, six_root, tmp_path, capsys):
     assert main([*argv, "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "l.state.pt" in err[0] and err[0].endswith("delete it to start over"), err
+    # a record that fails its checksum (a disk or copy fault): the fix is said once, not twice ("use
+    # another copy of it, or start over; delete it to start over")
+    torch.save({"command": "lincls", "w": torch.zeros(100_000)}, tmp_path / "l.state.pt")
+    with open(tmp_path / "l.state.pt", "r+b") as fh:
+        fh.seek((tmp_path / "l.state.pt").stat().st_size // 2)  # inside the 400 KB of w
+        fh.write(b"\xff" * 64)
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fails its checksum" in err[0], err
+    assert err[0].endswith("(a disk or copy fault?); use another copy of it, or delete it to start over"), err
 
 
 @pytest.mark.slow
