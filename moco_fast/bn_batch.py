@@ -36,8 +36,9 @@ def warn_few_bn_images(cfg: TrainConfig, world: int) -> None:
         fix += " or lower --bn-splits"
     elif world > 1 and cfg.runtime.sync_bn:  # SyncBatchNorm: the statistics of every process's batch
         images, what = b * world, f"--sync-bn over {world} processes of --batch-size {b} gives BN"
-    elif world > 1:
+    elif world > 1:  # --sync-bn would normalise every process's batch together
         images, what = b, f"--batch-size {b} gives each process's BN"
+        fix += " or add --sync-bn"
     else:
         images, what = b, f"--batch-size {b} gives BN"
     if images < FEW_BN_IMAGES:

@@ -189,7 +189,7 @@ def test_a_run_whose_bn_sees_few_images_warns_once(tmp_path, caplog, flags, says
 @pytest.mark.parametrize(
     "batch, splits, sync_bn, says",
     [
-        (4, 2, False, "--batch-size 4 gives each process's BN 4"),  # --bn-splits: no effect
+        (4, 2, False, "--batch-size 4 gives each process's BN 4"),  # --bn-splits: no effect, --sync-bn helps
         (8, 8, False, None),
         (2, 8, True, "--sync-bn over 2 processes of --batch-size 2 gives BN 4"),
         (4, 8, True, None),
@@ -205,7 +205,8 @@ def test_two_processes_warn_of_the_images_their_bn_sees(caplog, batch, splits, s
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         warn_few_bn_images(as_run(cfg, 2), 2)  # the config the run trains with
     said = [m for m in caplog.messages if FEW_BN in m]
-    assert said == ([f"{says} {FEW_BN}: raise --batch-size"] if says else [])
+    fix = "raise --batch-size" + " or add --sync-bn" * (not sync_bn)
+    assert said == ([f"{says} {FEW_BN}: {fix}"] if says else [])
 
 
 def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
