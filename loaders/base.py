@@ -37,9 +37,9 @@ class LoaderArgs:
     # The eval split beside train/ (moco_fast.data.load_splits): "list" it, "try" (only the final
     # kNN uses it), or "skip" it (nothing evaluates). Folder loaders only.
     eval_split: str = "list"
-    # The data as its caller listed it already (load_splits of `data` with check_images and
-    # eval_split as above: a bench lists --data before its rows); None: the loader lists `data`
-    # itself. Folder loaders only (listed_splits).
+    # The data as its caller listed it already (load_splits of `data` with check_images as above,
+    # and eval_split as above or "list": a bench lists --data before its rows, a sweep before its
+    # settings); None: the loader lists `data` itself. Folder loaders only (listed_splits).
     splits: DataSplits | None = None
     # Backend-specific knobs (e.g. DALI's hw_decoder_load), from `--loader-option KEY=VALUE`. Each
     # backend documents and validates its own keys; the augmentation recipe never goes here.

@@ -24,9 +24,9 @@ from moco_fast.model import MoCo
 
 def eval_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> tuple[DataSplits | None, str]:
     """The run's train and eval image lists, or (None, what the data lacks). `listed`: the lists
-    the loader has just made (and header-checked); without them the folder is listed here, unchecked
-    (a truncated JPEG passes a header check anyway: the kNN feature passes leave out every image
-    that fails to decode, as `moco-fast knn` does)."""
+    the caller made already (the loader's, header-checked; a sweep's, for all its settings); without
+    them the folder is listed here, unchecked (a truncated JPEG passes a header check anyway: the kNN
+    feature passes leave out every image that fails to decode, as `moco-fast knn` does)."""
     if cfg.data.loader not in IMAGE_FOLDER_LOADERS:
         return None, (
             f"an image folder with an eval split; --loader {cfg.data.loader} has none "

@@ -145,7 +145,7 @@ def _main_or_its_stop(argv):
 
 def test_a_stop_as_a_command_says_its_error_is_held_wherever_it_lands(monkeypatch, capsys, request):
     # From the command's error to the hold of its stops (the first steps of _run's except clause,
-    # before _saying_the_last_line held them), and from the end of the line to main's return, a stop
+    # before signals.saying_the_last_line held them), and from the end of the line to main's return, a stop
     # raised from the handler: its traceback after the line, which could block on a full pipe. Sent
     # here as the line's give-up (given_up_after, around the line) is entered and left. Held before
     # the line, it starts the give-up (bound); after it, there is none.
