@@ -36,9 +36,10 @@ def given_up_after() -> Iterator[Callable[[], None]]:
 
     def woken(signum, frame) -> None:
         """SIGALRM: _give_up's and the waker's only end a blocked write, which Python then retries.
-        Another is the caller's (signal.alarm, a test's timeout), which goes where it went before: the
-        waker's, sent while stderr merely takes nothing (no stop), took it for theirs once they began
-        (a program's watchdog on a line blocked for ever was dropped). Counted, not a flag; deque's
+        Another is the caller's (signal.alarm, a test's timeout), which goes where it went before. The
+        waker's are counted, each taken by one SIGALRM, not flagged from the first on as _give_up's
+        are: it sends them while stderr merely takes nothing (no stop), and a flag would take every
+        later SIGALRM for its own, the watchdog of a program whose line blocks for ever too. deque's
         pop takes no lock, which a handler run within this one would wait for."""
         if sent.is_set():
             return

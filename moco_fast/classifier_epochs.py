@@ -79,9 +79,9 @@ def state_path(out: Path) -> Path:
 class LoadedState:
     """The state that --resume continues, read once, whole (its tensors are what the loop loads), by
     the first check that finds it (check_state, before the data is listed; the sweep's resumable_state)
-    and handed on: to the check once the data is listed, and to the loop (EpochLoop), which takes it
-    as it loads it, so that no caller holds a finetune state (the network and its optimizer's buffers,
-    hundreds of MB) through the run. Each of them read the file again: lincls three times."""
+    and handed on, not read again by each: to the check once the data is listed, and to the loop
+    (EpochLoop), which takes it as it loads it, so that no caller holds a finetune state (the network
+    and its optimizer's buffers, hundreds of MB) through the run."""
 
     state: dict[str, Any] | None
 
