@@ -22,6 +22,13 @@ from moco_fast.loaders.wds import META_NAME, is_wds_root
 from moco_fast.model import MoCo
 
 
+def reads_image_folder(cfg: TrainConfig) -> bool:
+    """Whether the run's --data is an image folder that its loader lists (torch, DALI or resident;
+    not a shard set): the only data with an eval split, and one a caller may list for the loader
+    (a sweep, once for all its settings)."""
+    return cfg.data.loader in IMAGE_FOLDER_LOADERS and not is_wds_root(cfg.data.data)
+
+
 def eval_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> tuple[DataSplits | None, str]:
     """The run's train and eval image lists, or (None, what the data lacks). `listed`: the lists
     the caller made already (the loader's, header-checked; a sweep's, for all its settings); without
@@ -53,7 +60,7 @@ def may_have_eval_split(cfg: TrainConfig) -> bool:
     (no image is listed): False for a loader without image folders, a shard set, or a root without
     train/ and val/ or test/; True where the folders show one (it may still be unreadable: the final
     kNN is then skipped) or where the data cannot be looked at (the data scan then says why)."""
-    if cfg.data.loader not in IMAGE_FOLDER_LOADERS or is_wds_root(cfg.data.data):
+    if not reads_image_folder(cfg):
         return False
     try:
         root = resolve_root(cfg.data.data)

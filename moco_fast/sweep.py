@@ -269,17 +269,13 @@ def _check_device_and_data(
     lincls.load_splits_with_eval), and every setting's classifier reads it too."""
     from moco_fast.data import load_splits
     from moco_fast.knn import warn_if_single_class
-    from moco_fast.loaders import IMAGE_FOLDER_LOADERS
-    from moco_fast.loaders.wds import is_wds_root
-    from moco_fast.monitor import eval_splits
+    from moco_fast.monitor import eval_splits, reads_image_folder
     from moco_fast.trainer import resolve_device, validate_device
 
     cfg = configs[0]  # the grid changes K, m, mechanism and shuffle BN only
     validate_device(cfg, resolve_device(cfg.runtime.device), 1)
-    folder = cfg.data.loader in IMAGE_FOLDER_LOADERS and not is_wds_root(cfg.data.data)
-    listed = (
-        load_splits(cfg.data.data, loads, labelled=lincls_epochs > 0) if folder else None
-    )  # DataError: missing, empty, ...
+    # DataError: missing, empty, ...
+    listed = load_splits(cfg.data.data, loads, labelled=lincls_epochs > 0) if reads_image_folder(cfg) else None
     splits, _ = eval_splits(cfg, listed)
     if lincls_epochs > 0 and splits is None:
         raise ConfigError(
