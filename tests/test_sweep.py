@@ -583,17 +583,23 @@ def test_a_sweep_warns_of_few_images_a_bn_split_once_a_setting_it_trains(finishe
     assert len(said) == 1, caplog.messages
 
 
+@pytest.fixture
+def headers(monkeypatch) -> list[str]:
+    """Each image whose header is checked (data.check_image) from here on."""
+    import moco_fast.data
+
+    checked, check_image = [], moco_fast.data.check_image
+    monkeypatch.setattr(moco_fast.data, "check_image", lambda path: checked.append(path) or check_image(path))
+    return checked
+
+
 def test_a_sweep_that_trains_nothing_lists_its_data_without_checking_each_image(
-    finished_sweep, six_root, tmp_path, monkeypatch
+    finished_sweep, six_root, tmp_path, monkeypatch, headers
 ):
     # every setting reused, or its checkpoint evaluated again: the check before training opened every
     # image to check its header (minutes on ImageNet), a check for a training loader, where only the
     # kNN reads the listing (which leaves out what it cannot decode)
-    import moco_fast.data
-
     out = shutil.copytree(finished_sweep, tmp_path / "sweep")
-    headers, check_image = [], moco_fast.data.check_image
-    monkeypatch.setattr(moco_fast.data, "check_image", lambda path: headers.append(path) or check_image(path))
     assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0  # reused
     assert main(sweep_args(out, six_root, "--moco-m", "0.99", train=["--knn-k", "5"])) == 0  # evaluated again
     assert not headers
@@ -615,16 +621,13 @@ def test_redo_says_nothing_of_the_results_it_deletes(six_root, tmp_path, caplog,
 
 
 def test_a_sweep_whose_classifiers_are_reused_lists_its_data_without_checking_each_image(
-    finished_sweep, six_root, tmp_path, monkeypatch
+    finished_sweep, six_root, tmp_path, monkeypatch, headers
 ):
     # --lincls-epochs with every setting's classifier done (the same sweep run again for its table):
     # every image was opened to check its header, for a classifier that reads none
-    import moco_fast.data
     from moco_fast import lincls
 
     out = shutil.copytree(finished_sweep, tmp_path / "sweep")
-    headers, check_image = [], moco_fast.data.check_image
-    monkeypatch.setattr(moco_fast.data, "check_image", lambda path: headers.append(path) or check_image(path))
     monkeypatch.setattr(lincls, "run_lincls", lambda cfg, *listed: {"top1": 12.5})
     args = sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3")
     assert main(args) == 0 and headers  # its classifier runs: the listing it reads is checked
