@@ -325,7 +325,7 @@ def test_knn_monitor_uses_the_loaders_listing(tiny_root, tmp_path, monkeypatch):
     cfg.runtime.final_knn = True
     summary = train(cfg)
     assert summary["knn_top1"] == summary["final_knn_top1"] and 0 <= summary["final_knn_head_top1"] <= 100
-    # without the loader's lists (the sweep evaluates a finished checkpoint) the folder is listed
+    # without lists handed to it the folder is listed (train hands the loader's, a sweep its own)
     with pytest.raises(AssertionError, match="listed a second time"):
         monitor_splits(cfg)
 
