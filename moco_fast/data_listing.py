@@ -2,7 +2,7 @@
 listing. The state that lincls and finetune keep between epochs records it beside `--data`'s path,
 so that `--resume` on the same images at another path (the folder renamed, or copied elsewhere)
 continues the run, and other images, there or at the same path since, are refused with what changed
-(classifier_epochs.moved_data, listing_change)."""
+(classifier_settings.moved_data, listing_change)."""
 
 from __future__ import annotations
 

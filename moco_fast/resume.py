@@ -144,7 +144,7 @@ def warn_other_amp(state: dict[str, Any], cfg: TrainConfig, device: torch.device
     """A run resumed in another precision than it trained in: --amp auto is bf16 on CUDA and fp32 on the
     CPU, so a run trained on the CPU and resumed on a GPU (or the other way round) changed its numerics
     without a word, as an --amp given now did. Said with the --amp that keeps them, and the run goes on,
-    as with its other changed settings (lincls and finetune refuse it: classifier_epochs.amp_ran).
+    as with its other changed settings (lincls and finetune refuse it: classifier_settings.amp_ran).
     Nothing where the checkpoint does not tell (saved_amp)."""
     was, now = saved_amp(state), amp_as_run(cfg.runtime.amp, device.type)  # checked by the run already
     if was is None or was == now:

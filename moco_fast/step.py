@@ -28,7 +28,7 @@ def amp_name(dtype: torch.dtype | None) -> str:
 def amp_as_run(amp: str, device_type: str) -> str:
     """--amp as it runs on a device of `device_type`: auto is bf16 on CUDA (no loss scaling needed), off
     (fp32) elsewhere. The one place of that rule: the run's autocast (trainer.resolve_amp), and what a
-    classifier's state (classifier_epochs.amp_ran) or an old checkpoint (resume.saved_amp) ran in."""
+    classifier's state (classifier_settings.amp_ran) or an old checkpoint (resume.saved_amp) ran in."""
     if amp != "auto":
         return amp
     return "bf16" if device_type == "cuda" else "off"

@@ -397,7 +397,7 @@ def test_finetune_resumes_where_it_was_interrupted(ckpt, six_root, tmp_path, mon
 
 def test_a_state_of_another_checkpoint_names_that_alone(tmp_path):
     # another --checkpoint was also called "changed since (trained further?)": its stamp differs too
-    from moco_fast.classifier_epochs import differences, settings
+    from moco_fast.classifier_settings import differences, settings
     from moco_fast.lincls import LinclsConfig
 
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
@@ -443,7 +443,7 @@ def test_a_flag_given_with_the_value_it_left_to_its_default_resumes(ckpt, tmp_pa
     # finetune's --stem cifar where "auto" made the CIFAR stem at 32 px
     from dataclasses import replace
 
-    from moco_fast.classifier_epochs import differences, settings
+    from moco_fast.classifier_settings import differences, settings
     from moco_fast.finetune import FinetuneConfig
     from moco_fast.lincls import LinclsConfig
 
@@ -466,7 +466,7 @@ def test_amp_is_compared_as_it_ran(tmp_path):
     # features, went through as the same setting
     from dataclasses import replace
 
-    from moco_fast.classifier_epochs import differences, settings
+    from moco_fast.classifier_settings import differences, settings
     from moco_fast.lincls import LinclsConfig
 
     a = tmp_path / "a.pt"
