@@ -43,6 +43,7 @@ from before_rows import interrupted_before_rows, stopped_before_rows
 with interrupted_before_rows(held=("torch",)):
     import torch
     from moco_fast.loaders import LoaderArgs, create_loader
+    from moco_fast.loaders.base import listed_splits
     from report import NOT_RUN, check_output_path, device_info, each_warning_once, forever, format_table
 
     from moco_fast.augment import MOCO_V2
@@ -51,7 +52,7 @@ with interrupted_before_rows(held=("torch",)):
     from moco_fast.config import ConfigError
     from moco_fast.convert import ConvertConfig, convert
     from moco_fast.convert_images import load_resized
-    from moco_fast.data import IMAGE_EXTENSIONS, DataError, DataSplits, load_splits
+    from moco_fast.data import IMAGE_EXTENSIONS, DataError, DataSplits
 
 ROWS = ("torch", "torch-crops", "torch-256", "torch-crops-256", "ffcv", "ffcv-twice", "ffcv+aug")
 # The device pass alone (the FFCV backend's colour/blur/normalise step) on --device: not in the
@@ -102,8 +103,6 @@ def run_row(row: str, roots: dict, a: argparse.Namespace, listings: dict[Path, D
     data = {"torch": roots["full"], "torch-crops": roots["full"]}.get(row) or (
         roots["small"] if row.startswith("torch") else None
     )
-    if data is not None and data not in listings:
-        listings[data] = load_splits(str(data), check=False, eval_split="skip")  # as the LoaderArgs below list it
     if row.startswith("torch-crops"):
         spec = replace(spec, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
     options = {"decode": "twice"} if row == "ffcv-twice" else {}
@@ -116,9 +115,12 @@ def run_row(row: str, roots: dict, a: argparse.Namespace, listings: dict[Path, D
         seed=0,
         check_images=False,
         eval_split="skip",  # no row evaluates: an ImageNet val/ not yet sorted into classes is no error
-        splits=listings.get(data),
         options=options,
     )
+    if data is not None:  # a torch row: the folder listed once, as its loader lists it
+        if data not in listings:
+            listings[data] = listed_splits(args)
+        args.splits = listings[data]
     loader = create_loader("torch" if row.startswith("torch") else "ffcv", args)
     t0 = time.perf_counter()
     raw = row in ("ffcv", "ffcv-twice")
