@@ -165,7 +165,7 @@ def run_sweep(
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
             try:
                 head = f"[{i + 1}/{len(settings)}] {s.name}"
-                _run_setting(cfg, s, plan, head, found, (listed, splits), (lincls_epochs, lincls_lr))
+                _run_setting(cfg, s, plan, head, found, (listed, splits), evaluation)
             except BaseException as e:
                 from moco_fast.cli import interruption
 
