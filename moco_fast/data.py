@@ -226,6 +226,7 @@ def list_images(
         raise DataError(f"data folder not found: {folder}")
     skipped: list[tuple[str, str]] = []
     found: list[str] = []
+    loose = 0  # image files directly in `folder`
     for d in sorted(os.scandir(folder), key=lambda e: e.name):
         if _is_hidden(d.name):
             continue
@@ -234,9 +235,9 @@ def list_images(
         elif d.is_dir():
             found.append(d.name)
         elif _is_image_file(d):  # read by nothing: said, not dropped without a word
+            loose += 1
             skipped.append((d.path, f"directly in {folder.name}/, not in a class folder {folder.name}/<class>/"))
     if not found:
-        loose = sum(reason.startswith("directly in") for _, reason in skipped)
         # a folder of unlabelled images, which pretraining needs no labels for: one class folder will do
         hint = (
             f" (MoCo needs no labels: move its {plural(loose, 'image')} into one subfolder, such as {folder}/images/)"
