@@ -3,10 +3,10 @@
 # Prints one table at the end and leaves JSON (and a plot) under $OUT.
 #
 #   bash bench/gpu_check.sh                      # all phases, within BUDGET seconds (default 570)
-#   bash bench/gpu_check.sh tests throughput     # only these phases
+#   bash bench/gpu_check.sh dali throughput      # only these phases, in the order named
 #   DRY=1 bash bench/gpu_check.sh                # on a CPU, toy sizes: checks the script itself
 #
-# Phases, in this order (rough times on an H100, not yet measured):
+# Phases (the default list, in this order; rough times on an H100, not yet measured):
 #   env         nvidia-smi, versions                                            (~5 s)
 #   tests       pytest -m "gpu and not slow" (sync-free step, CUDA graph, Triton kernel, resume on CUDA,
 #               DALI/resident GPU paths, ...), test_sync_free.py and test_train.py first: first, so that
@@ -19,10 +19,13 @@
 #               CIFAR-10: trainer eager / CUDA graph, end-to-end, loader; predicts the 200-epoch wall
 #               time (~90 s)
 #   momentum    bench/momentum_kernels.py: every EMA backend, ResNet-50 + head   (~20 s)
-#   e2e         bench/throughput.py --loader torch on the demo set (loader, end-to-end)   (~1 min)
-#   hooks       bench/ffcv_loader.py (whole FFCV rows with ffcv and FFCV_DATA=folder, else its GPU
-#               augmentation rows), DALI end to end (bench/throughput.py --loader dali [DALI_DATA=folder],
-#               needs DALI brought over: ../shared/device/README.md)
+#   e2e         bench/throughput.py --loader torch on the demo set or E2E_DATA=folder (loader,
+#               end-to-end)   (~1 min)
+#   hooks       the two phases ffcv and dali:
+#     ffcv      bench/ffcv_loader.py (whole FFCV rows with ffcv and FFCV_DATA=folder, else its GPU
+#               augmentation rows)
+#     dali      DALI end to end (bench/throughput.py --loader dali [DALI_DATA=folder]), needs DALI
+#               brought over: ../shared/device/README.md
 #   tests-slow  pytest -m "gpu and slow": the one-worker distributed overhead (issue 5, < 3%: three
 #               ResNet-50 steppers, an NCCL worker) and the compiled CUDA-graph step's sync check
 #               (a cold torch.compile) (~3 min)
@@ -53,6 +56,8 @@
 #   3. cifar                              issue 7's 200-epoch run (CIFAR_FLAGS from what 2 measured);
 #                                         then `cifar-lincls` on the same warm machine if time is left
 #   4. DALI brought over in five calls, then `hooks` with DALI_DATA: issue 3's 95% target
+# Environment: BUDGET, TESTS (test files for tests/tests-slow), THROUGHPUT_ROWS (the throughput
+# phase's --rows), CIFAR_DATA, CIFAR_FLAGS, E2E_DATA, DALI_DATA, FFCV_DATA, PYTHON, OUT, DRY.
 # First here: `DRY=1 bash bench/gpu_check.sh PHASES` (a minute on the CPU) for the phases you will run.
 # The machine has no package registry: nothing is installed. Without an installed moco_fast, a
 # symlinked package (moco_fast + loaders/ + kernels/) goes on PYTHONPATH (checked here by a clone
@@ -113,41 +118,50 @@ run() {
   STATUS+=("$name: rc=$rc in $((SECONDS - t0))s")
 }
 
-has() { [[ " $PHASES " == *" $1 "* ]]; }
-
-if has env; then
+phase_env() {
   if [[ -n $DRY ]]; then  # no GPU to describe: the versions only
     run env 30 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "(dry run: no GPU)")'
   else
     run env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv; \
       $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
   fi
-fi
+}
 # The step's own GPU tests first (files named one by one: pytest would merge a file into a folder
 # given beside it, in the folder's order).
-GPU_TESTS=(-q -rs --durations=8 -p no:cacheprovider --continue-on-collection-errors
-  tests/test_sync_free.py tests/test_train.py $(ls tests/test_*.py | grep -v -e /test_sync_free.py -e /test_train.py))
-if has tests; then
-  run tests 200 $PY -m pytest -m "gpu and not slow" "${GPU_TESTS[@]}"
+# TESTS="tests/test_a.py ..." narrows both test phases to those files (e.g. the DALI tests, once DALI is
+# brought over).
+GPU_TESTS=(-q -rs --durations=8 -p no:cacheprovider --continue-on-collection-errors)
+if [[ -n ${TESTS:-} ]]; then
+  GPU_TESTS+=($TESTS)
+else
+  GPU_TESTS+=(tests/test_sync_free.py tests/test_train.py
+    $(ls tests/test_*.py | grep -v -e /test_sync_free.py -e /test_train.py))
 fi
-if has throughput; then
+phase_tests() {
+  run tests 200 $PY -m pytest -m "gpu and not slow" "${GPU_TESTS[@]}"
+}
+phase_throughput() {
   # torch.compile rows last (1-2 min each to compile): a time box that runs out loses only those.
   ROWS=reference,trainer:bf16,trainer:fp16,reference:noshuffle,trainer:fp16+noshuffle,trainer:bf16+graph,trainer:fp16+graph
   ROWS=$ROWS,trainer:fp16+triton,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
   [[ -n $DRY ]] && ROWS=reference,trainer:bf16,reference:noshuffle,trainer:bf16+noshuffle  # no fp16, graphs, compiles
+  ROWS=${THROUGHPUT_ROWS:-$ROWS}
   run throughput 330 $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
     --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png" \
     "${TP[@]}"
-fi
+}
 # CIFAR-10: unpacked once from the carried pack (or CIFAR_DATA=folder).
 CIFAR=${CIFAR_DATA:-/tmp/cifar10}
 # A dry run trains on the demo set (same layout) unless CIFAR_DATA names a folder: a CIFAR-10 left
 # in /tmp by an earlier run would take a CPU far past the phases' time boxes.
 [[ -n $DRY && -z ${CIFAR_DATA:-} ]] && CIFAR=moco_fast/demo_data
-if (has cifar-speed || has cifar || has cifar-lincls) && [[ ! -d $CIFAR/train && -f .devdata/cifar10.npz ]]; then
-  $PY bench/pack_folder.py unpack .devdata/cifar10.npz "$CIFAR" 2>&1 | tee -a "$LOG"
-fi
-if has cifar-speed; then
+unpack_cifar() {
+  if [[ ! -d $CIFAR/train && -f .devdata/cifar10.npz ]]; then
+    $PY bench/pack_folder.py unpack .devdata/cifar10.npz "$CIFAR" 2>&1 | tee -a "$LOG"
+  fi
+}
+phase_cifar_speed() {
+  unpack_cifar
   CIFAR_ROWS=trainer,trainer:graph,end-to-end,end-to-end:graph,loader
   [[ -n $DRY ]] && CIFAR_ROWS=trainer,end-to-end,loader
   if [[ -d $CIFAR/train ]]; then
@@ -159,15 +173,15 @@ if has cifar-speed; then
     echo "== cifar-speed: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
     STATUS+=("cifar-speed: skipped (no data)")
   fi
-fi
-if has momentum; then
+}
+phase_momentum() {
   run momentum 90 $PY bench/momentum_kernels.py --json "$OUT/momentum.json" "${MOM[@]}"
-fi
-if has e2e; then
-  run e2e 120 $PY bench/throughput.py --device cuda --loader torch --rows loader,end-to-end,trainer \
+}
+phase_e2e() {
+  run e2e 120 $PY bench/throughput.py --device cuda --loader torch ${E2E_DATA:+--data "$E2E_DATA"} --rows loader,end-to-end,trainer \
     --steps 30 --warmup 10 --json "$OUT/throughput-torch.json" "${TP[@]}"
-fi
-if has hooks; then
+}
+phase_ffcv() {
   if [[ ! -f bench/ffcv_loader.py ]]; then
     echo "== ffcv: skipped (no bench/ffcv_loader.py)" | tee -a "$LOG"
     STATUS+=("ffcv: skipped (missing)")
@@ -178,6 +192,8 @@ if has hooks; then
     run ffcv-aug 90 $PY bench/ffcv_loader.py --rows aug-sample,aug-batch --device cuda --batch-size 256 \
       --json "$OUT/ffcv.json" "${AUG[@]}"
   fi
+}
+phase_dali() {
   if $PY -c "import nvidia.dali" 2>/dev/null; then
     run dali 150 $PY bench/throughput.py --device cuda --loader dali ${DALI_DATA:+--data "$DALI_DATA"} \
       --rows loader,end-to-end,trainer --steps 30 --warmup 10 --json "$OUT/throughput-dali.json" "${TP[@]}"
@@ -185,15 +201,16 @@ if has hooks; then
     echo "== dali: skipped (DALI is not importable; bring it over as ../shared/device/README.md says)" | tee -a "$LOG"
     STATUS+=("dali: skipped (missing)")
   fi
-fi
+}
 
-if has tests-slow; then
+phase_tests_slow() {
   run tests-slow 200 $PY -m pytest -m "gpu and slow" "${GPU_TESTS[@]}"
-fi
+}
 
 RUN=runs/cifar10-r18
 [[ -n $DRY ]] && RUN=$OUT/cifar-run
-if has cifar; then
+phase_cifar() {
+  unpack_cifar
   if [[ -d $CIFAR/train ]]; then
     RESUME=()
     [[ -f $RUN/checkpoint.pt ]] && RESUME=(--resume)
@@ -206,8 +223,9 @@ if has cifar; then
     echo "== cifar: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
     STATUS+=("cifar: skipped (no data)")
   fi
-fi
-if has cifar-lincls; then
+}
+phase_cifar_lincls() {
+  unpack_cifar
   if [[ -d $CIFAR/train && -f $RUN/checkpoint.pt ]]; then
     RESUME=()
     [[ -f $RUN/lincls.state.pt ]] && RESUME=(--resume)
@@ -218,7 +236,23 @@ if has cifar-lincls; then
     echo "== cifar-lincls: skipped (needs CIFAR-10 and the cifar phase's $RUN/checkpoint.pt)" | tee -a "$LOG"
     STATUS+=("cifar-lincls: skipped (no checkpoint)")
   fi
-fi
+}
+phase_hooks() {
+  phase_ffcv
+  phase_dali
+}
+
+# Every name is checked before anything runs: a misspelt phase would otherwise be a silent no-op.
+for p in $PHASES; do
+  if ! declare -F "phase_${p//-/_}" >/dev/null; then
+    known=$(declare -F | sed -n 's/^declare -f phase_//p' | tr _ - | paste -sd ' ')
+    echo "gpu_check.sh: no phase '$p' (phases: $known)" >&2
+    exit 2
+  fi
+done
+for p in $PHASES; do
+  "phase_${p//-/_}"
+done
 
 # One table of everything measured, last (the reply carries the end of the output).
 $PY - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
