@@ -6,35 +6,37 @@
 #   bash bench/gpu_check.sh dali throughput      # only these phases, in the order named
 #   DRY=1 bash bench/gpu_check.sh                # on a CPU, toy sizes: checks the script itself
 #
-# Phases (the default list, in this order; rough times on an H100, not yet measured):
-#   env         nvidia-smi, versions                                            (~5 s)
+# Phases (the default list, in this order; times seen on one H200 on 2026-11-30,
+# bench/results/h200-2026-11-30.md):
+#   env         nvidia-smi, versions                                            (6 s)
 #   tests       pytest -m "gpu and not slow" (sync-free step, CUDA graph, Triton kernel, resume on CUDA,
 #               DALI/resident GPU paths, ...), test_sync_free.py and test_train.py first: first, so that
-#               a short budget still proves the step sync-free (~2 min)
+#               a short budget still proves the step sync-free (45 s; DALI's 5 GPU tests: 55 s more)
 #   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256: the reference row,
 #               bf16/fp16 eager, fp16 and the reference without split BN (plain BN, as the official
 #               ImageNet code on one GPU), + CUDA graph, Triton EMA, then torch.compile
-#               rows (last: each compiles for 1-2 min); a profile breakdown of the bf16 eager step (~5 min)
+#               rows (last: each compiles for 1-2 min); a profile breakdown of the first eager trainer
+#               row (7 rows and the profile: 345 s, the compile row not reached)
 #   cifar-speed ResNet-18 CIFAR step (the cifar preset, batch 512) fed by --loader resident from
 #               CIFAR-10: trainer eager / CUDA graph, end-to-end, loader; predicts the 200-epoch wall
-#               time (~90 s)
-#   momentum    bench/momentum_kernels.py: every EMA backend, ResNet-50 + head   (~20 s)
+#               time (37 s)
+#   momentum    bench/momentum_kernels.py: every EMA backend, ResNet-50 + head   (10 s)
 #   e2e         bench/throughput.py --loader torch on the demo set or E2E_DATA=folder (loader,
-#               end-to-end)   (~1 min)
+#               end-to-end)   (~1 min expected; 120 s box ran out at 92 img/s, a loader defect since)
 #   hooks       the two phases ffcv and dali:
 #     ffcv      bench/ffcv_loader.py (whole FFCV rows with ffcv and FFCV_DATA=folder, else its GPU
-#               augmentation rows)
+#               augmentation rows) (50 s)
 #     dali      DALI end to end (bench/throughput.py --loader dali [DALI_DATA=folder]), needs DALI
-#               brought over: ../shared/device/README.md
+#               brought over: ../shared/device/README.md (43 s)
 #   tests-slow  pytest -m "gpu and slow": the one-worker distributed overhead (issue 5, < 3%: three
 #               ResNet-50 steppers, an NCCL worker) and the compiled CUDA-graph step's sync check
-#               (a cold torch.compile) (~3 min)
+#               (a cold torch.compile) (197 s)
 # One 10-minute command does not hold them all: phases that no longer fit BUDGET are skipped and
-# named at the end; run those as a second command (e.g. `bash bench/gpu_check.sh cifar-speed
-# momentum e2e hooks tests-slow`).
+# named at the end; run those as a second command.
 # Not in the default list (a command of its own, ~9.5 min):
 #   cifar       the issue-7 target run: `moco-fast train --preset cifar --loader resident` on CIFAR-10,
-#               200 epochs (CIFAR_FLAGS adds flags, e.g. --cuda-graph), then kNN on backbone and head.
+#               200 epochs (CIFAR_FLAGS adds flags: --cuda-graph, which the H200's cifar-speed rows
+#               put at ~7 min against ~20 eager), then kNN on backbone and head.
 #               It resumes from runs/cifar10-r18 when run again on the same warm machine.
 #   cifar-lincls the linear protocol on that checkpoint (runs/cifar10-r18, so the same warm machine, right
 #               after `cifar`): 100 epochs, lr 30, steps at 60 and 80, evaluated every 10 epochs (best and
@@ -44,18 +46,20 @@
 #   then:  run(command="bash bench/gpu_check.sh cifar-speed", carry=[".devdata/cifar10.npz"])
 # A phase starts only if its time box fits in what is left of BUDGET, so one 10-minute command never
 # runs past its limit; run the phases it skipped in a second command.
-# A session is lent 15 minutes of device time, machine start included, so one session holds about one
-# full command. In order of what the open issues still owe (a later session takes the next one):
-#   1. env tests throughput               issue 6 (3.5x target, fp16/bf16, graphs, compile, profile,
-#                                         sync-free test)
-#   2. cifar-speed momentum e2e hooks tests-slow
-#                                         carry .devdata/cifar10.npz: issue 7's speed forecast, the EMA
-#                                         backends, issue 4's augmentation-pass share of the step (against
-#                                         e2e's trainer row, ResNet-50 b256, same command), issue 5's
-#                                         one-worker overhead
-#   3. cifar                              issue 7's 200-epoch run (CIFAR_FLAGS from what 2 measured);
-#                                         then `cifar-lincls` on the same warm machine if time is left
-#   4. DALI brought over in five calls, then `hooks` with DALI_DATA: issue 3's 95% target
+# A session is lent 15 minutes of device time, machine start included (47 s on 2026-11-30). What one
+# session did then (bench/results/h200-2026-11-30.md): call 1 carries .device-dali/p1 and starts
+# `gpu_check.sh env tests` in the background (setsid, output to /tmp), calls 2-4 carry p2-p4 (6 s
+# each, the machine stays warm 30 s), one call carries the data (ImageNet JPEGs for DALI_DATA and
+# E2E_DATA, a CIFAR pack), the main call carries p5, installs DALI, waits for the background run to
+# END, then runs the timed phases. Never let a background phase overlap a timed one: stopping one
+# takes `pkill -INT -f bench/gpu_check.sh; pkill -INT -f pytest` (each phase runs under `timeout`,
+# in a process group of its own, so a signal to the script's group misses it). The working tree
+# (counted there as 8-17 MB: p1 with 9 MB more was refused) counts toward each call's 64 MiB.
+# Still owed, in order (a later session takes the next one):
+#   1. throughput (all rows, uncontended, after the split-BN rewrite), dali, e2e: issue 6's 3.5x,
+#      bf16 against fp16, compile; issue 3's >= 95% against a fast trainer
+#   2. cifar with CIFAR_FLAGS=--cuda-graph: issue 7's 200-epoch run; then cifar-lincls
+#   3. tests-slow alone (issue 5's one-worker overhead, measured while the GPU was shared in 2026-11)
 # Environment: BUDGET, TESTS (test files for tests/tests-slow), THROUGHPUT_ROWS (the throughput
 # phase's --rows), CIFAR_DATA, CIFAR_FLAGS, E2E_DATA, DALI_DATA, FFCV_DATA, PYTHON, OUT, DRY.
 # First here: `DRY=1 bash bench/gpu_check.sh PHASES` (a minute on the CPU) for the phases you will run.
