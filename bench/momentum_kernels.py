@@ -17,6 +17,9 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
 
 import torch
 from moco_fast.kernels.momentum import MOMENTUM_BACKENDS

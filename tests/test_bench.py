@@ -1,9 +1,11 @@
 """bench/: the throughput script end to end on the CPU, its row parsing, its flags' checks, the plot,
-the momentum and FFCV benches' flags, and bench/pack_folder.py (the profile breakdown and the reference
-step: test_bench_reference.py; the table and its ratios: test_bench_report.py)."""
+the momentum and FFCV benches' flags, bench/pack_folder.py, and each script's --help as gpu_check.sh
+runs it (the profile breakdown and the reference step: test_bench_reference.py; the table and its
+ratios: test_bench_report.py)."""
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -471,6 +473,21 @@ def test_help_fits_an_80_column_terminal(capsys, monkeypatch):
     text = capsys.readouterr().out
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "trainer:fp16+compile+graph" in text and "noshuffle" in text
+
+
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_script_runs_without_its_folder_on_the_path(script, tmp_path):
+    # as bench/gpu_check.sh runs them through its package shim: PYTHONSAFEPATH=1 keeps the script's own
+    # folder off sys.path, so a script that does not put bench/ there itself cannot import report.py
+    # (momentum_kernels.py died so on the first GPU run); from another folder, so the cwd cannot stand in
+    env = os.environ | {"PYTHONSAFEPATH": "1"}
+    run = subprocess.run(
+        [sys.executable, str(BENCH / script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and run.stdout.startswith("usage: "), run.stderr
 
 
 def test_every_flag_with_a_default_says_it():
