@@ -48,7 +48,7 @@ DECODE = {"output_type": types.RGB, "adjust_orientation": False}
 # What `fn.decoders.image` reads, by the kind PIL gives a file ("FORMAT": {modes}, see
 # `moco_fast.data.check_image`): the image folder's files of other kinds are left out up front. Found
 # by experiment on DALI 2.4's CPU decoder (one file of each kind decoded with DECODE and compared with
-# PIL's `to_rgb`; tests/test_dali.py keeps doing it): only kinds that decode to PIL's pixels are
+# PIL's `to_rgb`; tests/test_dali_inputs.py keeps doing it): only kinds that decode to PIL's pixels are
 # listed. Not read: GIF, TGA, ICO, PCX, SGI, QOI, DDS, ... (any format not listed), 1-bit TIFF
 # (uncompressed ones without a BitsPerSample tag, as PIL writes them, fail DALI's parser; all are left
 # out), 32-bit integer TIFF, grey JPEG 2000 with alpha. Read, but not as PIL reads them, so left out

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from dali_helpers import COLOUR, IDENTITY, dali_loader
@@ -92,24 +93,36 @@ def dali_reads_as_pil(path: Path, settings: PipelineSettings = SETTINGS) -> bool
     return got.shape == want.shape and np.abs(got - want).mean() < 1.5
 
 
+# Every kind measured: (the kind PIL should open the file as, file name, write_kind's format and mode,
+# its save options). The listed kinds, the kinds left out, and the commonest YCbCr TIFF met in the wild
+# (JPEG-compressed), which any Pillow opens as RGB: libtiff converts it as it decodes.
+MEASURED = [
+    *[(f"{fmt}/{m}", f"{fmt}-{m}".replace(";", ""), fmt, m, {}) for fmt in DECODABLE for m in sorted(DECODABLE[fmt])],
+    *[(f"{fmt}/{m}".replace("I32", "I"), name, fmt, m, {}) for fmt, m, name in NOT_DECODABLE],
+    ("TIFF/RGB", "ycbcr-jpeg.tif", "TIFF", "YCbCr", {"compression": "jpeg"}),
+]
+
+
 @pytest.mark.parametrize("settings", DECODERS)
-def test_the_kinds_dali_reads_are_those_it_decodes_as_pil_does(tmp_path, settings):
+@pytest.mark.parametrize("want, name, fmt, mode, kw", MEASURED, ids=[m[1] for m in MEASURED])
+def test_the_kinds_dali_reads_are_those_it_decodes_as_pil_does(tmp_path, settings, want, name, fmt, mode, kw):
     # The list of kinds the loader hands DALI, measured against DALI itself: every kind listed decodes
     # to PIL's pixels, and the kinds left out do not (a newer DALI may read more: then list them).
     # Measured on the CPU decoder; the "mixed" case checks the GPU decoder against the same list.
-    files = [
-        (f"{fmt}/{m}", write_kind(tmp_path / f"{fmt}-{m}".replace(";", ""), fmt, m))
-        for fmt in DECODABLE
-        for m in DECODABLE[fmt]
-    ]
-    files += [(f"{fmt}/{m}", write_kind(tmp_path / name, fmt, m)) for fmt, m, name in NOT_DECODABLE]
-    wrong = []
-    for want, path in files:
-        kind, reason = check_image(str(path))
-        assert reason is None and kind == want.replace("I32", "I"), (want, kind, reason)
-        if decodable(kind) != dali_reads_as_pil(path, settings):
-            wrong.append(f"{want} ({'listed' if decodable(kind) else 'not listed'})")
-    assert not wrong, f"DECODABLE does not match DALI's decoder: {wrong}"
+    path = write_kind(tmp_path / name, fmt, mode, **kw)
+    with Image.open(path) as im:
+        opened = f"{im.format}/{im.mode}"
+    if opened != want:
+        # What a Pillow writes and opens is its own: Pillow 12.1.1 (tried) and older open every YCbCr
+        # TIFF as RGB (and fail to decode the uncompressed ones, python-pillow/Pillow#9770; 13.0 opens
+        # those as YCbCr, #9779), so no file of that kind exists for it, nor for a loader running on it
+        pytest.skip(f"Pillow {PIL.__version__} opens the {fmt}/{mode} file it writes as {opened}, not {want}")
+    kind, reason = check_image(str(path))
+    assert reason is None and kind == want, (kind, reason)
+    read = dali_reads_as_pil(path, settings)
+    assert decodable(kind) == read, f"DECODABLE {'lists' if decodable(kind) else 'leaves out'} {kind}, " + (
+        "which DALI's decoder reads as PIL does" if read else "which DALI's decoder does not read as PIL does"
+    )
 
 
 def test_a_folder_with_kinds_dali_cannot_read_trains_on_the_rest(fresh_root, caplog):
