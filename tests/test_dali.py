@@ -16,8 +16,11 @@ import tarfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+pytest.importorskip("nvidia.dali")  # every test here needs DALI: skipped where it is not installed
+
+import numpy as np
 import torch
 from conftest import coordinate_image, crop_stats, to_uint8
 from dali_helpers import BLUR, COLOUR, CPU, IDENTITY, dali_loader

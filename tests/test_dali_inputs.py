@@ -10,9 +10,12 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import pytest
+
+pytest.importorskip("nvidia.dali")  # every test here needs DALI: skipped where it is not installed
+
 import numpy as np
 import PIL
-import pytest
 import torch
 from dali_helpers import COLOUR, IDENTITY, dali_loader
 from moco_fast.loaders.dali import DaliOptions

@@ -14,8 +14,11 @@ import logging
 import math
 from dataclasses import replace
 
-import numpy as np
 import pytest
+
+pytest.importorskip("ffcv")  # every test here needs FFCV: skipped where it is not installed
+
+import numpy as np
 import torch
 from conftest import coordinate_image, crop_stats, to_uint8
 from ffcv_helpers import BATCH, beton_labels, epoch_indices, loader_args

@@ -20,9 +20,12 @@ import shutil
 import sys
 import threading
 
+import pytest
+
+pytest.importorskip("ffcv")  # every test here needs FFCV: skipped where it is not installed
+
 import numba
 import numpy as np
-import pytest
 import torch
 from ffcv_helpers import beton_labels, epoch_indices, loader_args
 from moco_fast.loaders import create_loader

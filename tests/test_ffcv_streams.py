@@ -2,9 +2,12 @@
 the crop box is FFCV's (torchvision's) RandomResizedCrop sampling fed from the stream, and the
 streams of the views, uses and epochs of one image are distinct."""
 
+import pytest
+
+pytest.importorskip("ffcv")  # every test here needs FFCV: skipped where it is not installed
+
 import numba
 import numpy as np
-import pytest
 from ffcv.fields import rgb_image
 from moco_fast.loaders.ffcv_ops import CROP, FLIP, EpochKey, crop_box, draw, view_stream
 
