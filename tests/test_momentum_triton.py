@@ -7,6 +7,7 @@ the compiled kernel is checked too.
 import os
 import subprocess
 import sys
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -22,6 +23,13 @@ CUDA = torch.cuda.is_available()
 @pytest.fixture
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def fresh_tables(monkeypatch):
+    """Each test its own table cache: an earlier test's lists, freed, may leave a checked entry at the
+    addresses and sizes of this test's tensors (the allocator reuses them)."""
+    monkeypatch.setattr(mt, "_TABLES", OrderedDict())
 
 
 def param_pairs(shapes, dtype=torch.float32, device="cpu", seed=0):
@@ -136,6 +144,22 @@ def test_tables_are_cached_per_parameter_list(interpret):
     ks2, qs2 = param_pairs(SHAPES, seed=7)
     check_against_reference(ks2, qs2, 0.5)
     assert mt._tables(ks2, qs2) is not t1
+
+
+def test_a_list_is_checked_when_its_tables_are_built_not_on_every_call(interpret, monkeypatch):
+    # The checks walk every pair in Python: run on each call, they took the kernel to 0.785 ms a call
+    # on an H200 (ResNet-50 + head), foreach 0.206 ms. A list seen before runs unchecked; one not seen is
+    # checked before it runs.
+    checked = []
+    check = mt._check
+    monkeypatch.setattr(mt, "_check", lambda ks, qs: checked.append(len(ks)) or check(ks, qs))
+    ks, qs = param_pairs(SHAPES)
+    for m in (0.9, 0.5, 0.99):
+        check_against_reference(ks, qs, m)
+    assert checked == [len(SHAPES)]
+    with pytest.raises(ValueError, match="one dtype"):
+        mt.momentum_update_triton(ks, [qs[0].double(), *qs[1:]], 0.9)
+    assert checked == [len(SHAPES)] * 2
 
 
 def test_bad_input_is_refused(interpret, monkeypatch):
