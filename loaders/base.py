@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -99,6 +99,16 @@ class TrainLoader(Protocol):
     def __iter__(self) -> Iterator[Batch]: ...
 
 
+def on_device(x: torch.Tensor | Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device` (non-blocking), or a batch's parts in order (a tuple: the torch
+    loader's workers make each batch together) copied there and joined there: a join on the host would
+    copy the batch once more, into memory that is not pinned."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    parts = [p.to(device, non_blocking=True) for p in x]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def normalize_on_device(
     x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format
 ) -> torch.Tensor:
@@ -118,7 +128,8 @@ class DevicePrefetcher:
     dtype and memory format. On CUDA the copy and the normalisation run on a side stream one batch
     ahead, so they overlap the step (timm's PrefetchLoader idea).
 
-    `source` yields (view1_uint8, view2_uint8, label, index) on the host.
+    `source` yields (view1_uint8, view2_uint8, label, index) on the host, each a tensor or a tuple of
+    a batch's parts (`on_device`).
     """
 
     def __init__(self, source: Iterable, spec: AugSpec, device: torch.device, dtype: torch.dtype, channels_last: bool):
@@ -130,9 +141,9 @@ class DevicePrefetcher:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _prepare(self, item) -> Batch:
-        v1, v2, label, index = item
+        v1, v2, label, index = (on_device(x, self.device) for x in item)
         v1, v2 = (normalize_on_device(v, self.mean, self.std, self.dtype, self.memory_format) for v in (v1, v2))
-        return Batch(v1, v2, label.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+        return Batch(v1, v2, label, index)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.stream is None:

@@ -99,12 +99,15 @@ def exhausted_line(e: BaseException | None) -> str | None:
     return None
 
 
-def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str) -> None:
+def warn_if_short(
+    workers: int, ahead: int, batch_bytes: int, what: str, item: tuple[str, str] = ("batch", "batches")
+) -> None:
     """One warning where the free shared memory is less than what `workers` DataLoader workers hold
     there at once when they are `ahead` batches each ahead of the main process (its prefetch_factor,
     reached whenever the main process pauses: a save, an evaluation), `batch_bytes` each; for each of
     the machine's processes (`--gpus N`, torchrun), which all share its /dev/shm. Each of them
-    finds the same need: the machine's first process (local rank 0) alone says it."""
+    finds the same need: the machine's first process (local rank 0) alone says it. `item`: what the
+    message calls what a worker makes, one and several (the torch loader's make parts of batches)."""
     from moco_fast.distributed import local_rank, local_world_size
 
     if local_rank() != 0:
@@ -118,7 +121,7 @@ def warn_if_short(workers: int, ahead: int, batch_bytes: int, what: str) -> None
     warnings.warn(
         f"{SHM} has {size_text(sizes[1])} free of {size_text(sizes[0])}, less than the {size_text(need)} that "
         f"{whose}{plural(workers, 'DataLoader worker')} of {what} hold there "
-        f"({plural(ahead, 'batch', 'batches')} of {size_text(batch_bytes)} each): the command stops when it fills; "
+        f"({plural(ahead, *item)} of {size_text(batch_bytes)} each): the command stops when it fills; "
         f"{ADVICE}",
         stacklevel=2,
     )
