@@ -67,6 +67,9 @@ def test_the_torch_loaders_views_are_the_same_with_any_workers_and_from_any_step
     with_workers = loader("torch", tiny_root, workers=2)
     assert same_batches(full, epoch(with_workers, 1))
     assert same_batches(full[2:], epoch(with_workers, 1, start=2))
+    # each worker makes a part of every batch, joined in order: 2 workers, a batch of 5 in parts of 2 and 3
+    fives = [loader("torch", tiny_root, batch=5, workers=w) for w in (0, 2)]
+    assert same_batches(*(epoch(ld, 1, start=1) for ld in fives))
     assert not torch.equal(full[0].im_q, full[0].im_k)  # two draws, not one view twice
     # another epoch draws other views of an image
     other = {int(i): q for b in epoch(with_workers, 2) for i, q in zip(b.index, b.im_q, strict=True)}
