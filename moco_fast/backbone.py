@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from moco_fast.config import ConfigError
+from moco_fast.kernels.split_bn import split_batch_norm
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -20,7 +21,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     On one device this stands in for the paper's per-GPU BatchNorm: with the key batch shuffled
     before the key encoder, a query and its positive key never share BN statistics, so the model
     cannot cheat through them. Running statistics are the mean of the sub-batches' statistics, as
-    in the official MoCo CIFAR demo.
+    in the official MoCo CIFAR demo. The arithmetic is kernels/split_bn.py's: a few whole-batch
+    passes whatever the number of splits, any memory format, fp32 statistics.
     """
 
     def __init__(self, num_features: int, num_splits: int = 1, **kw):
@@ -28,28 +30,16 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.num_splits = num_splits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.num_splits
-        if not self.training or s == 1:
+        if not self.training or self.num_splits == 1:
             return super().forward(x)
-        n = x.shape[0]
-        if n % s:
-            raise ValueError(f"batch {n} is not divisible by bn_splits={s}")
-        # The native batch_norm kernel (cuDNN / oneDNN) on each sub-batch: a slice of a
-        # channels-last batch along N stays channels-last, so there is no layout copy (the official
-        # demo's reshape to s*C channels would force one). Each sub-batch updates its own copy of the
-        # running statistics; their mean becomes the new running statistics.
-        mom = self.momentum if self.momentum is not None else 0.1
-        run_mean = self.running_mean.unsqueeze(0).repeat(s, 1)  # s x C
-        run_var = self.running_var.unsqueeze(0).repeat(s, 1)
-        outs = [
-            F.batch_norm(chunk, run_mean[i], run_var[i], self.weight, self.bias, True, mom, self.eps)
-            for i, chunk in enumerate(x.chunk(s))
-        ]
-        with torch.no_grad():
-            self.running_mean.copy_(run_mean.mean(0))
-            self.running_var.copy_(run_var.mean(0))
-            self.num_batches_tracked.add_(1)
-        return torch.cat(outs)
+        self._check_input_dim(x)
+        if self.momentum is None:  # nn.BatchNorm2d's cumulative average (split BN once used 0.1 instead)
+            raise ValueError("split BN needs a momentum: momentum=None (a cumulative average) is not implemented")
+        y = split_batch_norm(
+            x, self.num_splits, self.running_mean, self.running_var, self.weight, self.bias, self.momentum, self.eps
+        )
+        self.num_batches_tracked.add_(1)
+        return y
 
 
 class Conv2d(nn.Conv2d):

@@ -1,7 +1,12 @@
-"""Split BatchNorm (one-device shuffle BN): statistics per sub-batch, any memory format."""
+"""Split BatchNorm (one-device shuffle BN): statistics per sub-batch, any memory format; the
+whole-batch kernel (kernels/split_bn.py) against its reference (F.batch_norm per sub-batch) and
+SplitBatchNorm2d against per-chunk nn.BatchNorm2d."""
+
+import copy
 
 import pytest
 import torch
+from moco_fast.kernels.split_bn import _SplitBatchNorm, _stats, split_batch_norm_reference
 from torch import nn
 
 from moco_fast.backbone import SplitBatchNorm2d
@@ -16,6 +21,22 @@ def reference_split(x, bn: nn.BatchNorm2d, s: int):
     return torch.cat(outs)
 
 
+def split_bn(s: int, c: int = 3, **kw) -> SplitBatchNorm2d:
+    bn = SplitBatchNorm2d(c, num_splits=s, **kw)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+    return bn
+
+
+def spread_batch(n: int = 16, c: int = 3, size: int = 5, channels_last: bool = False) -> torch.Tensor:
+    """Images whose mean and spread grow along the batch: every sub-batch has statistics of its own,
+    far from the whole batch's, so mixing up the splits' statistics shows."""
+    x = torch.randn(n, c, size, size) * torch.linspace(0.5, 3, n).view(-1, 1, 1, 1) + torch.arange(n).view(-1, 1, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("s", [1, 2, 4])
 def test_split_bn_matches_per_chunk_bn(s, channels_last):
@@ -23,10 +44,7 @@ def test_split_bn_matches_per_chunk_bn(s, channels_last):
     x = torch.randn(8, 3, 5, 5) * 3 + 1
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    bn = SplitBatchNorm2d(3, num_splits=s)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 2)
-        bn.bias.uniform_(-1, 1)
+    bn = split_bn(s)
     ref = reference_split(x.contiguous(), bn, s)
     out = bn(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
@@ -39,10 +57,113 @@ def test_split_bn_matches_per_chunk_bn(s, channels_last):
     torch.testing.assert_close(bn.running_var, exp_var, rtol=1e-4, atol=1e-5)
 
 
-def test_split_bn_eval_is_plain_bn_and_rejects_uneven_batches():
+def run_both(bn: SplitBatchNorm2d, x: torch.Tensor, steps: int = 2, bf16: bool = False):
+    """(output, input grad) of SplitBatchNorm2d and of the reference kernel on a copy's parameters and
+    statistics, after `steps` steps (the second one moves running statistics that are no longer the
+    initial 0 and 1), and the copy."""
+    ref = copy.deepcopy(bn)
+    state = (ref.running_mean, ref.running_var, ref.weight, ref.bias, ref.momentum, ref.eps)
+    outs = []
+    for fn in (bn, lambda x: split_batch_norm_reference(x, ref.num_splits, *state)):
+        for step in range(steps):
+            xi = (x + step).detach().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = fn(xi)
+            # a weighted sum: the uniform gradient of y.sum() would hide mistakes in the backward
+            g = torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)
+            (y.float() * g).sum().backward()
+        outs.append((y, xi.grad))
+    return outs, ref
+
+
+def assert_same_state(bn, ref, **tol):
+    if bn.affine:
+        torch.testing.assert_close(bn.weight.grad, ref.weight.grad, **tol)
+        torch.testing.assert_close(bn.bias.grad, ref.bias.grad, **tol)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, **tol)
+    torch.testing.assert_close(bn.running_var, ref.running_var, **tol)
+    assert bn.num_batches_tracked.item() == 2
+
+
+REFERENCE_CASES = [(s, cl, affine, False) for s in (2, 4) for cl in (False, True) for affine in (True, False)]
+
+
+@pytest.mark.parametrize(("s", "channels_last", "affine", "bf16"), [*REFERENCE_CASES, (4, True, True, True)])
+def test_split_bn_matches_its_reference(s, channels_last, affine, bf16):
+    # The whole-batch passes (S x N/S x C x H x W statistics, one affine pass, the closed-form
+    # backward) against the native batch_norm once per sub-batch: outputs, input, weight and bias
+    # gradients, running statistics and the batch count, in fp32 (tight) and bf16 under autocast
+    # (loose); the output and the input gradient keep the input's dtype and layout.
+    torch.manual_seed(0)
+    bn = split_bn(s, affine=affine)
+    x = spread_batch(channels_last=channels_last).to(torch.bfloat16 if bf16 else torch.float32)
+    ((y, dx), (y_ref, dx_ref)), ref = run_both(bn, x, bf16=bf16)
+    assert y.dtype == dx.dtype == x.dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert dx.is_contiguous(memory_format=torch.channels_last) == channels_last
+    tol = {"rtol": 2e-2, "atol": 5e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    assert_same_state(bn, ref, **tol)
+
+
+def test_fp16_split_bn_keeps_fp32_statistics():
+    # A channel whose mean is ~200 stds: in fp16 the mean is off by up to 0.06 (its spacing is 0.125
+    # there), and so is every output; fp32 statistics leave only the output's own fp16 rounding.
+    torch.manual_seed(0)
+    bn = SplitBatchNorm2d(2, num_splits=2)
+    x = torch.randn(8, 2, 4, 4)
+    x[:, 1] += 200
+    x = x.half().contiguous(memory_format=torch.channels_last)
+    y = bn(x)
+    assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last)
+    x64 = x.double().view(2, 4, 2, 4, 4)
+    var, mean = torch.var_mean(x64, dim=(1, 3, 4), correction=0, keepdim=True)
+    expected = ((x64 - mean) / (var + bn.eps).sqrt()).view(x.shape)
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("welford", [True, False], ids=["cuda-welford", "cpu-two-pass"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_both_ways_to_the_statistics_are_fp32_exact(welford, dtype):
+    # CUDA's one var_mean pass and the CPU's sum and centred sum of squares, each on its own device in
+    # training, give float64's statistics of the same values to fp32's precision, a mean of ~200
+    # stds included
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 3, 5, 5)  # S x N/S x C x H x W
+    x[:, :, 1] *= 1e-3
+    x[:, :, 2] += 200
+    x = x.to(dtype)
+    var, mean = _stats(x, welford)
+    var64, mean64 = torch.var_mean(x.double(), dim=(1, 3, 4), correction=0, keepdim=True)
+    assert var.dtype == mean.dtype == torch.float32
+    torch.testing.assert_close(mean, mean64.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var, var64.float(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_closed_form_backward_is_the_gradient(affine):
+    torch.manual_seed(0)
+    xs = torch.randn(3, 2, 4, 3, 2, dtype=torch.float64, requires_grad=True)  # S x N/S x C x H x W
+    affine_args = (torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64))
+    args = (xs, *(t.requires_grad_() for t in affine_args)) if affine else (xs, None, None)
+    assert torch.autograd.gradcheck(lambda *a: _SplitBatchNorm.apply(*a, 1e-5)[0], args)
+
+
+def test_split_bn_eval_is_plain_bn_and_rejects_spread_batches():
     bn = SplitBatchNorm2d(3, num_splits=4)
     with pytest.raises(ValueError, match="divisible"):
         bn(torch.randn(6, 3, 2, 2))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(torch.randn(4, 3, 1, 1))  # one image of 1 x 1 per sub-batch, as F.batch_norm says
     bn.eval()
     x = torch.randn(6, 3, 2, 2)
     torch.testing.assert_close(bn(x), x / (1 + 1e-5) ** 0.5)
+    assert bn.num_batches_tracked.item() == 0
+
+
+def test_split_bn_without_momentum_is_refused():
+    # nn.BatchNorm2d's momentum=None is a cumulative average; split BN used 0.1 there instead
+    bn = SplitBatchNorm2d(3, num_splits=2, momentum=None)
+    with pytest.raises(ValueError, match="momentum=None"):
+        bn(torch.randn(4, 3, 2, 2))
