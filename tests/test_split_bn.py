@@ -70,7 +70,7 @@ def run_both(bn: SplitBatchNorm2d, x: torch.Tensor, steps: int = 2, bf16: bool =
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 y = fn(xi)
             # a weighted sum: the uniform gradient of y.sum() would hide mistakes in the backward
-            g = torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)
+            g = torch.cos(torch.arange(y.numel(), dtype=torch.float32, device=y.device)).view_as(y)
             (y.float() * g).sum().backward()
         outs.append((y, xi.grad))
     return outs, ref
@@ -102,6 +102,31 @@ def test_split_bn_matches_its_reference(s, channels_last, affine, bf16):
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert dx.is_contiguous(memory_format=torch.channels_last) == channels_last
     tol = {"rtol": 2e-2, "atol": 5e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    assert_same_state(bn, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
+def test_split_bn_matches_its_reference_on_each_device(device, dtype):
+    # A model cast to fp16 / bf16 (no autocast) and CUDA's own path: var_mean statistics, the affine
+    # pass and the input gradient written from fp32 operands into x's dtype, against cuDNN per sub-batch
+    torch.manual_seed(0)
+    bn = split_bn(8, c=16).to(device)
+    x = spread_batch(n=32, c=16, size=7, channels_last=True).to(device, dtype)
+    ((y, dx), (y_ref, dx_ref)), ref = run_both(bn, x)
+    assert y.dtype == dx.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
     torch.testing.assert_close(y, y_ref, **tol)
     torch.testing.assert_close(dx, dx_ref, **tol)
     assert_same_state(bn, ref, **tol)
