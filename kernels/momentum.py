@@ -24,10 +24,13 @@ def momentum_update_reference(params_k: Tensors, params_q: Tensors, m: float) ->
 
 @torch.no_grad()
 def momentum_update_foreach(params_k: Tensors, params_q: Tensors, m: float) -> None:
-    """One fused multi-tensor lerp: k + (1 - m) * (q - k) == m * k + (1 - m) * q."""
+    """One fused multi-tensor lerp: k + (1 - m) * (q - k) == m * k + (1 - m) * q.
+
+    The queries go in as they are, not detached: under no_grad autograd records nothing, and a
+    detach per tensor was one more dispatched op each (ResNet-50 + head: 163 a step)."""
     if len(params_k) != len(params_q):
         raise ValueError("key and query parameter lists differ in length")
-    torch._foreach_lerp_(list(params_k), [p.detach() for p in params_q], 1.0 - m)
+    torch._foreach_lerp_(list(params_k), list(params_q), 1.0 - m)
 
 
 def _apex_update() -> Callable[[Tensors, Tensors, float], None] | None:

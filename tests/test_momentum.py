@@ -47,3 +47,21 @@ def test_unknown_backend_and_length_mismatch():
     with pytest.raises(ValueError):
         momentum_update_foreach(list(k.parameters())[:-1], list(q.parameters()), 0.9)
     assert {"reference", "foreach"} <= set(MOMENTUM_BACKENDS)
+
+
+def top_level_aten_ops(fn) -> list[str]:
+    """The aten ops `fn` dispatches itself (not those nested in another aten op), as profiled."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [
+        e.name
+        for e in prof.events()
+        if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+    ]
+
+
+def test_foreach_update_is_one_op_whatever_the_number_of_tensors():
+    q, k = encoders()
+    pk, pq = list(k.parameters()), list(q.parameters())
+    assert top_level_aten_ops(lambda: momentum_update_foreach(pk, pq, 0.9)) == ["aten::_foreach_lerp_"]
+    assert all(p.grad is None for p in pq)
