@@ -103,6 +103,48 @@ def test_moco_momentum_update_and_queue():
     torch.testing.assert_close(loss, info_nce(q, k, queue_before, model.t)[0])
 
 
+def test_the_ema_lists_the_encoders_parameters_once_not_every_step(monkeypatch):
+    model = make("moco")
+    walks = []
+    for name in ("encoder_q", "encoder_k"):
+        encoder = getattr(model, name)
+        walk = encoder.parameters
+        monkeypatch.setattr(
+            encoder, "parameters", lambda *a, name=name, walk=walk, **k: walks.append(name) or walk(*a, **k)
+        )
+    im_q, im_k = views()
+    for _ in range(3):
+        model(im_q, im_k, 0.9)
+    assert sorted(walks) == ["encoder_k", "encoder_q"]
+
+
+def ema_moves_the_key_parameters(model: MoCo) -> bool:
+    """Whether momentum_update(0.5) moves each key parameter that the key encoder has now."""
+    k_before = [p.clone() for p in model.encoder_k.parameters()]
+    model.momentum_update(0.5)
+    expected = [0.5 * old + 0.5 * q for old, q in zip(k_before, model.encoder_q.parameters())]
+    return all(torch.allclose(p, e) for p, e in zip(model.encoder_k.parameters(), expected))
+
+
+def test_the_ema_follows_parameters_that_to_or_load_state_dict_put_in(monkeypatch):
+    model = make("moco")
+    model.momentum_update(0.9)  # the lists are made
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(1.0)
+    # .to() with torch.__future__'s overwrite flag, and load_state_dict(assign=True), put new
+    # Parameter objects in the encoders
+    monkeypatch.setattr(torch.__future__, "get_overwrite_module_params_on_conversion", lambda: True)
+    old = list(model.encoder_k.parameters())
+    model.to(torch.float64)
+    assert not any(a is b for a, b in zip(model.encoder_k.parameters(), old))
+    assert ema_moves_the_key_parameters(model)
+    old = list(model.encoder_k.parameters())
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert not any(a is b for a, b in zip(model.encoder_k.parameters(), old))
+    assert ema_moves_the_key_parameters(model)
+
+
 def test_shuffle_bn_restores_the_key_order():
     # Without split BN the batch statistics do not depend on the order, so shuffled keys must come
     # back equal to unshuffled ones: the unshuffle pairs each key with its own query.
