@@ -15,6 +15,7 @@ check it against the per-parameter reference without a GPU.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -122,20 +123,18 @@ class _Tables:
 
 
 _TABLES: OrderedDict[tuple, _Tables] = OrderedDict()
+_KEY = (torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.stride, operator.attrgetter("dtype"))
 
 
 def _tables(ks: Tensors, qs: Tensors) -> _Tables | None:
-    """The lists' tables (None for empty lists), checked and built where their addresses, sizes and
-    dtype are new: tensors at the addresses and of the sizes of a checked list are read as that list
-    (the kernel reads nothing else of them). The key is read with `map` over C methods: a Python
-    loop over the pairs, as the checks are, would cost more than the kernel."""
-    key = (
-        tuple(map(torch.Tensor.data_ptr, ks)),
-        tuple(map(torch.Tensor.data_ptr, qs)),
-        tuple(map(torch.Tensor.numel, ks)),
-        tuple(map(torch.Tensor.numel, qs)),
-        ks[0].dtype if ks else None,
-    )
+    """The lists' tables (None for empty lists), checked and built where the key is new. The key is
+    what the checks read, tensor by tensor (addresses, sizes, strides, dtypes): addresses and sizes
+    alone, all the kernel reads, let a list in another layout or dtype at a checked list's addresses
+    (its views, or a freed list's memory reused) run unchecked, its pairs matched element by element
+    in the wrong order. The devices are not in it: CUDA's unified addressing gives every device and
+    the host addresses of their own. The key is read with `map` over C methods: a Python loop over
+    the pairs, as the checks are, would cost more than the kernel."""
+    key = tuple(tuple(map(read, ts)) for read in _KEY for ts in (ks, qs))
     found = _TABLES.get(key)
     if found is None:
         _check(ks, qs)

@@ -162,6 +162,24 @@ def test_a_list_is_checked_when_its_tables_are_built_not_on_every_call(interpret
     assert checked == [len(SHAPES)] * 2
 
 
+@pytest.mark.parametrize(
+    "other, refused",
+    [
+        (lambda q: q.transpose(0, -1), "strides"),  # the query's memory read in another order
+        (lambda q: q.view(torch.int32), "one dtype"),  # its bytes read as another type
+    ],
+    ids=["transposed", "int32"],
+)
+def test_a_list_at_a_checked_lists_addresses_and_sizes_is_checked_where_its_layout_differs(interpret, other, refused):
+    # The tables are found by the tensors' addresses and sizes: a list at those of a checked one but
+    # in another layout or dtype (here views of the same tensors; in a process, a freed list's
+    # addresses reused) ran unchecked, the query's elements paired with the wrong keys' elements
+    ks, qs = param_pairs([(4, 6), (8, 2)])
+    check_against_reference(ks, qs, 0.9)
+    with pytest.raises(ValueError, match=refused):
+        mt.momentum_update_triton(ks, [other(qs[0]), qs[1]], 0.9)
+
+
 def test_bad_input_is_refused(interpret, monkeypatch):
     ks, qs = param_pairs(SHAPES[:3])
     with pytest.raises(ValueError, match="length"):
