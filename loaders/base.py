@@ -128,12 +128,14 @@ class DevicePrefetcher:
     dtype and memory format. On CUDA the copy and the normalisation run on a side stream one batch
     ahead, so they overlap the step (timm's PrefetchLoader idea).
 
-    `source` yields (view1_uint8, view2_uint8, label, index) on the host, each a tensor or a tuple of
-    a batch's parts (`on_device`).
+    Made once per loader and called with each epoch's `source`, which yields (view1_uint8,
+    view2_uint8, label, index) on the host, each a tensor or a tuple of a batch's parts
+    (`on_device`). Its mean and std reach the device by a blocking copy (the host waits for every
+    step queued before it): made for each epoch, they stopped the host at every epoch's start, at
+    every step where an epoch is one batch.
     """
 
-    def __init__(self, source: Iterable, spec: AugSpec, device: torch.device, dtype: torch.dtype, channels_last: bool):
-        self.source = source
+    def __init__(self, spec: AugSpec, device: torch.device, dtype: torch.dtype, channels_last: bool):
         self.device = device
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -145,14 +147,15 @@ class DevicePrefetcher:
         v1, v2 = (normalize_on_device(v, self.mean, self.std, self.dtype, self.memory_format) for v in (v1, v2))
         return Batch(v1, v2, label, index)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __call__(self, source: Iterable) -> Iterator[Batch]:
         if self.stream is None:
-            for item in self.source:
+            for item in source:
                 yield self._prepare(item)
             return
-        # mean and std were made on the current stream (in __init__): the side stream reads them
+        # the side stream starts after what the current one has queued (mean and std, made on it in
+        # __init__; the last epoch's steps): an event, not a host sync
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        it = iter(self.source)
+        it = iter(source)
         nxt = self._next_on_stream(it)
         while nxt is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)

@@ -254,6 +254,7 @@ class TorchLoader:
         self.keys = EpochShardKeys(self.sampler, args.batch_size)
         self.parts = max(1, min(args.workers, args.batch_size))  # of each batch: one per worker
         self._batches: DataLoader | None = None  # made at the first __iter__, its workers kept to the end
+        self._prefetch: DevicePrefetcher | None = None  # made at the first __iter__, after the fork; kept
         # before the epoch's progress bar: a part's two uint8 views, its labels and indices (int64)
         part = -(-args.batch_size // self.parts)
         part_bytes = part * (2 * 3 * args.aug.image_size**2 + 2 * 8)
@@ -297,7 +298,9 @@ class TorchLoader:
         # the DataLoader's iterator made here, not at DevicePrefetcher's first batch: see `start_workers`;
         # its persistent workers start at the first iterator only, the one that needs /dev/shm checked
         it = start_workers(self._batches, check=first)
-        return iter(DevicePrefetcher(joined(it, self.parts), a.aug, a.device, a.dtype, a.channels_last))
+        if self._prefetch is None:  # once: its constants' copy to the device waits for the GPU
+            self._prefetch = DevicePrefetcher(a.aug, a.device, a.dtype, a.channels_last)
+        return self._prefetch(joined(it, self.parts))
 
     def close(self) -> None:
         """Ends the workers as a finished DataLoader does (they leave their loop and exit), also at

@@ -279,3 +279,47 @@ def test_every_worker_makes_a_share_of_every_batch(tiny_root, tmp_path, monkeypa
     assert sorted(batch.index.tolist()) == list(range(32))
     pids = made_by.read_text().split()
     assert len(pids) == 32 and {pids.count(p) for p in set(pids)} == {16}  # two workers, half each
+
+
+def test_one_prefetcher_serves_every_epoch(tiny_root, monkeypatch):
+    # Its mean and std reach the device by a blocking copy: made again at each epoch's start (a
+    # DevicePrefetcher per __iter__), they made the host wait there for the GPU to finish the last
+    # epoch's steps, at every step where an epoch is one batch. Each epoch still gives a fresh loader's batch.
+    import moco_fast.loaders.base as base
+    from moco_fast.loaders import LoaderArgs, create_loader
+
+    made = []
+    mean_std_255 = base.mean_std_255
+    monkeypatch.setattr(base, "mean_std_255", lambda *a: made.append(a) or mean_std_255(*a))
+    args = LoaderArgs(str(tiny_root), MOCO_V2.with_size(32), 32, torch.device("cpu"), workers=0, check_images=False)
+    loader = create_loader("torch", args)  # 32 images: one batch an epoch
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        (batch,) = list(loader)
+        fresh = create_loader("torch", args)
+        fresh.set_epoch(epoch)
+        (want,) = list(fresh)
+        assert all(torch.equal(a, b) for a, b in zip(batch, want))
+    assert len(made) == 1 + 3  # the loader's one, and each fresh loader's
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_new_epoch_starts_without_a_host_sync(tiny_root):
+    # as test_one_prefetcher_serves_every_epoch, seen by CUDA: the epochs after the first, their first
+    # batches included, run under set_sync_debug_mode("error") (the blocking copy of mean and std raised)
+    from moco_fast.loaders import LoaderArgs, create_loader
+
+    args = LoaderArgs(str(tiny_root), MOCO_V2.with_size(32), 16, torch.device("cuda"), workers=0, check_images=False)
+    loader = create_loader("torch", args)  # 32 images: two batches an epoch
+    loader.set_epoch(0)
+    list(loader)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for epoch in (1, 2):
+            loader.set_epoch(epoch)
+            batches = list(loader)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(batches) == 2 and batches[-1].im_q.is_cuda
