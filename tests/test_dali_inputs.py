@@ -97,12 +97,13 @@ def dali_reads_as_pil(path: Path, settings: PipelineSettings = SETTINGS) -> bool
 
 
 # Every kind measured: (the kind PIL should open the file as, file name, write_kind's format and mode,
-# its save options). The listed kinds, the kinds left out, and the commonest YCbCr TIFF met in the wild
-# (JPEG-compressed), which any Pillow opens as RGB: libtiff converts it as it decodes.
+# its save options). The listed kinds, the kinds left out, and compressed YCbCr TIFFs (JPEG's the
+# commonest in the wild), which any Pillow opens as RGB: libtiff converts them as it decodes.
+YCBCR_COMPRESSIONS = ("jpeg", "tiff_lzw", "tiff_adobe_deflate", "packbits")
 MEASURED = [
     *[(f"{fmt}/{m}", f"{fmt}-{m}".replace(";", ""), fmt, m, {}) for fmt in DECODABLE for m in sorted(DECODABLE[fmt])],
     *[(f"{fmt}/{m}".replace("I32", "I"), name, fmt, m, {}) for fmt, m, name in NOT_DECODABLE],
-    ("TIFF/RGB", "ycbcr-jpeg.tif", "TIFF", "YCbCr", {"compression": "jpeg"}),
+    *[("TIFF/RGB", f"ycbcr-{c}.tif", "TIFF", "YCbCr", {"compression": c}) for c in YCBCR_COMPRESSIONS],
 ]
 
 
