@@ -123,17 +123,18 @@ class _Tables:
 
 
 _TABLES: OrderedDict[tuple, _Tables] = OrderedDict()
-_KEY = (torch.Tensor.data_ptr, torch.Tensor.numel, torch.Tensor.stride, operator.attrgetter("dtype"))
+_KEY = (torch.Tensor.data_ptr, torch.Tensor.size, torch.Tensor.stride, operator.attrgetter("dtype"))
 
 
 def _tables(ks: Tensors, qs: Tensors) -> _Tables | None:
     """The lists' tables (None for empty lists), checked and built where the key is new. The key is
-    what the checks read, tensor by tensor (addresses, sizes, strides, dtypes): addresses and sizes
-    alone, all the kernel reads, let a list in another layout or dtype at a checked list's addresses
-    (its views, or a freed list's memory reused) run unchecked, its pairs matched element by element
-    in the wrong order. The devices are not in it: CUDA's unified addressing gives every device and
-    the host addresses of their own. The key is read with `map` over C methods: a Python loop over
-    the pairs, as the checks are, would cost more than the kernel."""
+    what the checks read, tensor by tensor (addresses, shapes, strides, dtypes), so a list found is
+    one they passed: addresses and sizes alone, all the kernel reads, let a list in another layout,
+    shape or dtype at a checked list's addresses (its views, or a freed list's memory reused) run
+    unchecked, its pairs matched element by element in the wrong order. The devices are not in it:
+    CUDA's unified addressing gives every device and the host addresses of their own. The key is
+    read with `map` over C methods: a Python loop over the pairs, as the checks are, would cost more
+    than the kernel."""
     key = tuple(tuple(map(read, ts)) for read in _KEY for ts in (ks, qs))
     found = _TABLES.get(key)
     if found is None:

@@ -165,19 +165,23 @@ def test_a_list_is_checked_when_its_tables_are_built_not_on_every_call(interpret
 @pytest.mark.parametrize(
     "other, refused",
     [
-        (lambda q: q.transpose(0, -1), "strides"),  # the query's memory read in another order
-        (lambda q: q.view(torch.int32), "one dtype"),  # its bytes read as another type
+        (lambda k, q: (k, q.transpose(0, 1)), "strides"),  # the query's memory read in another order
+        (lambda k, q: (k, q.view(torch.int32)), "one dtype"),  # its bytes read as another type
+        # the same size and strides in another shape: rows with gaps between them, in a larger buffer
+        (lambda k, q: (k.as_strided((6, 4), (6, 1)), q.as_strided((6, 4), (6, 1))), "dense"),
     ],
-    ids=["transposed", "int32"],
+    ids=["transposed", "int32", "gaps"],
 )
-def test_a_list_at_a_checked_lists_addresses_and_sizes_is_checked_where_its_layout_differs(interpret, other, refused):
-    # The tables are found by the tensors' addresses and sizes: a list at those of a checked one but
-    # in another layout or dtype (here views of the same tensors; in a process, a freed list's
+def test_a_list_at_a_checked_lists_addresses_is_checked_where_its_layout_differs(interpret, other, refused):
+    # The tables were found by the tensors' addresses and sizes: a list at those of a checked one but
+    # in another layout, shape or dtype (here views of the same memory; in a process, a freed list's
     # addresses reused) ran unchecked, the query's elements paired with the wrong keys' elements
-    ks, qs = param_pairs([(4, 6), (8, 2)])
+    (bk, b), (bq, c) = (torch.randn(40).split([24, 16]) for _ in range(2))
+    ks, qs = [bk.view(4, 6), b], [bq.view(4, 6), c]
     check_against_reference(ks, qs, 0.9)
+    k, q = other(ks[0], qs[0])
     with pytest.raises(ValueError, match=refused):
-        mt.momentum_update_triton(ks, [other(qs[0]), qs[1]], 0.9)
+        mt.momentum_update_triton([k, b], [q, c], 0.9)
 
 
 def test_bad_input_is_refused(interpret, monkeypatch):
