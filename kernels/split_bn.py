@@ -19,8 +19,8 @@ from torch.autograd.function import once_differentiable
 def split_batch_norm(
     x: torch.Tensor,
     num_splits: int,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     momentum: float,
@@ -28,9 +28,11 @@ def split_batch_norm(
 ) -> torch.Tensor:
     """Training-mode BN of `x` (N x C x H x W) with each sub-batch's own statistics; the running
     statistics move (in place) towards the mean over sub-batches of what each one's BN would record:
-    its mean, and its unbiased variance."""
+    its mean, and its unbiased variance. None for both (track_running_stats=False): nothing recorded."""
     xs = _split(x, num_splits)
     y, mean, var = _SplitBatchNorm.apply(xs, weight, bias, eps)
+    if running_mean is None:
+        return y.view(x.shape)
     with torch.no_grad():  # S x 1 x C x 1 x 1 statistics
         count = xs.numel() // mean.numel()  # values per channel in a sub-batch
         running_mean.lerp_(mean.mean(0).flatten().to(running_mean.dtype), momentum)

@@ -33,12 +33,15 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if not self.training or self.num_splits == 1:
             return super().forward(x)
         self._check_input_dim(x)
-        if self.momentum is None:  # nn.BatchNorm2d's cumulative average (split BN once used 0.1 instead)
+        if self.momentum is None and self.track_running_stats:  # nn.BatchNorm2d's cumulative average
             raise ValueError("split BN needs a momentum: momentum=None (a cumulative average) is not implemented")
-        y = split_batch_norm(
-            x, self.num_splits, self.running_mean, self.running_var, self.weight, self.bias, self.momentum, self.eps
-        )
-        self.num_batches_tracked.add_(1)
+        # track_running_stats=False (running statistics None, or set off later): none recorded, no count,
+        # as nn.BatchNorm2d does
+        track = self.track_running_stats
+        running = (self.running_mean, self.running_var) if track else (None, None)
+        y = split_batch_norm(x, self.num_splits, *running, self.weight, self.bias, self.momentum, self.eps)
+        if track:
+            self.num_batches_tracked.add_(1)
         return y
 
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from moco_fast.kernels.split_bn import _SplitBatchNorm, _stats, split_batch_norm_reference
 from torch import nn
 
@@ -192,3 +193,28 @@ def test_split_bn_without_momentum_is_refused():
     bn = SplitBatchNorm2d(3, num_splits=2, momentum=None)
     with pytest.raises(ValueError, match="momentum=None"):
         bn(torch.randn(4, 3, 2, 2))
+
+
+@pytest.mark.parametrize("built_without", [True, False], ids=["built-without", "turned-off"])
+def test_split_bn_without_running_statistics_normalises_each_split(built_without):
+    # track_running_stats=False, at construction (running statistics None: split BN's training pass
+    # raised AttributeError on them) or set later: each sub-batch's own statistics and nothing
+    # recorded, momentum=None allowed, as nn.BatchNorm2d does
+    torch.manual_seed(0)
+    bn = split_bn(2, momentum=None, track_running_stats=not built_without)
+    bn.track_running_stats = False
+    x = spread_batch().requires_grad_()
+    y = bn(x)
+    ref = torch.cat([F.batch_norm(c, None, None, bn.weight, bn.bias, True) for c in x.chunk(2)])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)
+    dx, dw = torch.autograd.grad((y * g).sum(), (x, bn.weight))
+    dx_ref, dw_ref = torch.autograd.grad((ref * g).sum(), (x, bn.weight))
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5)
+    if built_without:
+        assert bn.running_mean is None and bn.num_batches_tracked is None
+    else:
+        torch.testing.assert_close(bn.running_mean, torch.zeros(3))
+        torch.testing.assert_close(bn.running_var, torch.ones(3))
+        assert bn.num_batches_tracked.item() == 0
