@@ -120,7 +120,8 @@ def test_split_bn_matches_its_reference(s, channels_last, affine, bf16):
     ],
 )
 def test_split_bn_matches_its_reference_on_each_device(device, dtype):
-    # A model cast to fp16 / bf16 (no autocast) and CUDA's own path: var_mean statistics, the affine
+    # fp16 / bf16 inputs without autocast (the parameters and statistics stay fp32, as autocast leaves
+    # them; moco_fast never casts the model) and CUDA's own path: var_mean statistics, the affine
     # pass and the input gradient written from fp32 operands into x's dtype, against cuDNN per sub-batch
     torch.manual_seed(0)
     bn = split_bn(8, c=16).to(device)
