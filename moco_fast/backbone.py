@@ -30,7 +30,8 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.num_splits = num_splits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.num_splits == 1:
+        if not self.training or self.num_splits == 1 or not x.numel():
+            # an empty batch: nothing to normalise, and the statistics kernel would record 0 / 0
             return super().forward(x)
         self._check_input_dim(x)
         if self.momentum is None and self.track_running_stats:  # nn.BatchNorm2d's cumulative average

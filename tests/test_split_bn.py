@@ -219,3 +219,17 @@ def test_split_bn_without_running_statistics_normalises_each_split(built_without
         torch.testing.assert_close(bn.running_mean, torch.zeros(3))
         torch.testing.assert_close(bn.running_var, torch.ones(3))
         assert bn.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5, 5), (4, 3, 0, 5)])
+def test_split_bn_of_an_empty_batch_is_plain_bns(shape):
+    # what nn.BatchNorm2d (and split BN once, per sub-batch) does: an empty output, running statistics
+    # as they were, a batch counted; the whole-batch kernel recorded the mean and variance of no values
+    # (NaN) and its backward divided by zero
+    bn = split_bn(2)
+    x = torch.randn(shape, requires_grad=True)
+    bn(x).sum().backward()
+    assert x.grad.shape == shape
+    torch.testing.assert_close(bn.running_mean, torch.zeros(3))
+    torch.testing.assert_close(bn.running_var, torch.ones(3))
+    assert bn.num_batches_tracked.item() == 1
