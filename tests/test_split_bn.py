@@ -233,3 +233,20 @@ def test_split_bn_of_an_empty_batch_is_plain_bns(shape):
     torch.testing.assert_close(bn.running_mean, torch.zeros(3))
     torch.testing.assert_close(bn.running_var, torch.ones(3))
     assert bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("cut", ["w-slice", "every-other-image", "hw-transposed"])
+def test_split_bn_takes_inputs_of_any_strides(cut):
+    # Neither dense nor NCHW / NHWC: the S x N/S x C x H x W view splits N alone, so it takes any
+    # strides, as the per-sub-batch version did; outputs, input gradients and statistics as its
+    torch.manual_seed(0)
+    big = spread_batch(n=32, size=8, channels_last=True).requires_grad_()
+    x = {"w-slice": big[..., 2:7], "every-other-image": big[::2], "hw-transposed": big.transpose(2, 3)}[cut]
+    bn = split_bn(4)
+    ref = copy.deepcopy(bn)
+    y = bn(x)
+    y_ref = split_batch_norm_reference(x, 4, ref.running_mean, ref.running_var, ref.weight, ref.bias, 0.1, ref.eps)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)
+    torch.testing.assert_close(*(torch.autograd.grad((t * g).sum(), big) for t in (y, y_ref)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
