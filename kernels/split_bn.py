@@ -84,7 +84,11 @@ class _SplitBatchNorm(torch.autograd.Function):
     (bias - mean * scale) rounded to fp16 is off by ~0.03 where a mean is ~100 stds, and so is every
     output. The affine pass and the input gradient write x's dtype from fp32 operands
     (`_addcmul_like`). Saved for backward: `x` as it came and the S x C statistics, not an fp32 copy
-    (autograd through the statistics would keep one per layer).
+    (autograd through the statistics would keep one per layer). The backward is once_differentiable:
+    no gradient of a gradient (native BN has one), which no moco_fast loss takes.
+    No torch.amp.custom_fwd / custom_bwd: with autocast on or off (the backward runs under whatever
+    state its caller has) every op here gets the same dtypes, its operands being fp32 already where
+    autocast would cast (rsqrt, sum) or promote (addcmul), and out= and dtype= calls not autocast.
     """
 
     @staticmethod
