@@ -99,6 +99,17 @@ class TrainLoader(Protocol):
     def __iter__(self) -> Iterator[Batch]: ...
 
 
+def pinned_copy(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device` without the host waiting for the GPU. CUDA may synchronise
+    with the stream before a copy from pageable memory starts (its "API synchronization behavior"
+    page), non_blocking or not: the host would wait there for every step queued before it. From
+    pinned memory the copy is asynchronous; pinning is a host-side copy into the caching host
+    allocator's memory, reused once the copy that used it last has run. Elsewhere a plain copy."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def on_device(x: torch.Tensor | Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """A host tensor copied to `device` (non-blocking), or a batch's parts in order (a tuple: the torch
     loader's workers make each batch together) copied there and joined there: a join on the host would

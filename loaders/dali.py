@@ -60,7 +60,7 @@ from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError, DataSplits,
 from moco_fast.metrics import progress
 
 from . import register_loader
-from .base import Batch, LoaderArgs, check_start_step, listed_splits, stream_seed
+from .base import Batch, LoaderArgs, check_start_step, listed_splits, pinned_copy, stream_seed
 from .dali_pipeline import PipelineSettings, decodable, folder_pipeline, wds_pipeline
 from .dali_recovery import SkipsBadSamples, path_bytes
 from .options import DaliOptions, parse_loader_options
@@ -369,9 +369,7 @@ class DaliLoader(SkipsBadSamples):
         if self.folder is not None:
             label, index = (torch.from_dlpack(t.as_tensor()) for t in outs[2:])
         else:
-            li = torch.from_numpy(self.wds.labels_and_indices(outs[2]))
-            if a.device.type == "cuda":  # pinned, so the copy is asynchronous (no host sync)
-                li = li.pin_memory().to(a.device, non_blocking=True)
+            li = pinned_copy(torch.from_numpy(self.wds.labels_and_indices(outs[2])), a.device)
             label, index = li[0], li[1]
         return Batch(q, k, label, index)
 

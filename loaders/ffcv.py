@@ -80,7 +80,7 @@ from moco_fast.distributed import local_world_size
 from moco_fast.threads import handle_thread_errors
 
 from . import register_loader
-from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, stream_seed
+from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, pinned_copy, stream_seed
 from .ffcv_cache import use_page_cache_manager
 from .ffcv_ops import FAILURES, DecodeStatus, EpochKey, FlipViews, ResizedCrops, SampleIndexDecoder
 from .options import FFCVOptions, parse_loader_options
@@ -384,9 +384,7 @@ class FFCVLoader:
             # which it reuses a few batches later: copied, so that a batch held by the caller stays whole.
             label, index = (out[k].view(-1) if out[k].is_cuda else out[k].view(-1).clone() for k in ("label", "index"))
             if status[:, 0].any():  # the status is on the host: no device sync
-                rows = self._replacements(status)
-                if self.device.type == "cuda":
-                    rows = rows.pin_memory().to(self.device, non_blocking=True)
+                rows = pinned_copy(self._replacements(status), self.device)
                 u8 = u8.to(self.device, non_blocking=True)
                 u8, label, index = (t.index_select(0, rows) for t in (u8, label, index))
             im_q, im_k = self.augment(self._views(u8), g)  # from 2N x 3 x S x S in [0, 1]

@@ -43,7 +43,7 @@ from moco_fast.data import DataError, ImageList, load_rgb
 from moco_fast.metrics import tqdm
 
 from . import register_loader
-from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, listed_splits, stream_seed
+from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, listed_splits, pinned_copy, stream_seed
 from .center_crop import ResizeCenterCrop
 from .options import ResidentOptions, parse_loader_options
 from .torch_loader import EpochShardSampler
@@ -195,7 +195,7 @@ class ResidentLoader:
     def __iter__(self):
         a = self.args
         gen = torch.Generator(device=a.device)
-        order = self.sampler.indices().to(a.device, non_blocking=True)  # this rank's share of the epoch
+        order = pinned_copy(self.sampler.indices(), a.device)  # this rank's share of the epoch, once an epoch
         b, first = a.batch_size, self.sampler.epoch * len(self)
         for step in range(self.start_step, len(self)):
             # seeded by the global step (host state only, no sync): a step draws the same views

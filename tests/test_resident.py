@@ -9,6 +9,8 @@ import pytest
 import torch
 from moco_fast.kernels.resized_crop import fallback_box, resized_crop, resized_crop_reference, sample_boxes
 from moco_fast.loaders import LoaderArgs, create_loader
+from moco_fast.loaders import resident as resident_module
+from moco_fast.loaders.base import pinned_copy
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
@@ -127,6 +129,32 @@ def test_same_seed_and_epoch_same_views_and_ranks_split_the_order(tiny_root):
     i0 = torch.cat([x.index for x in r0]).tolist()
     i1 = torch.cat([x.index for x in r1]).tolist()
     assert not set(i0) & set(i1) and len(set(i0) | set(i1)) == 32
+
+
+def test_the_epoch_order_reaches_a_gpu_from_pinned_memory(tiny_root, monkeypatch):
+    # A copy from pageable memory to a GPU may wait for the steps queued before it (a host sync at
+    # every epoch's start, non_blocking or not). The order goes through pinned_copy, once an epoch,
+    # whole (a resumed epoch slices it on the device), and pinned_copy pins before a CUDA copy.
+    copies = []
+
+    def recorded(x, device):
+        copies.append((x.clone(), device))
+        return pinned_copy(x, device)
+
+    monkeypatch.setattr(resident_module, "pinned_copy", recorded)
+    loader = resident(tiny_root)
+    loader.set_epoch(2, start_step=1)
+    indices = torch.cat([b.index for b in loader])
+    ((order, device),) = copies
+    assert device == CPU and torch.equal(order, loader.sampler.indices()) and torch.equal(indices, order[8:])
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append(("pin", self)) or self.clone())
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(("to", self, a, k)) or self)
+    pinned_copy(order, torch.device("cuda"))
+    (pin, x), (to, src, args, kwargs) = calls
+    assert (pin, to) == ("pin", "to") and x is order and src is not order
+    assert args == (torch.device("cuda"),) and kwargs == {"non_blocking": True}
 
 
 def test_grayscale_rate_follows_the_spec(tiny_root):
