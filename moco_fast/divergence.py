@@ -36,7 +36,7 @@ def divergence_fix(cfg: TrainConfig) -> str:
 
 def check_finite(
     model: torch.nn.Module,
-    loss: torch.Tensor | None,
+    loss: float | None,
     epoch: int,
     amp_dtype: torch.dtype | None,
     cfg: TrainConfig,
@@ -45,7 +45,7 @@ def check_finite(
     """Once per epoch and before a save within one (one host sync): non-finite weights, BN
     statistics or queue stop the run before they are saved over the last good checkpoint (an fp16
     forward that overflows poisons BN's running statistics for good even though the scaler skips its
-    step); a non-finite epoch loss (None: none to check) with a finite state is a warning (the fp16
+    step); a non-finite epoch loss (the row's; None: none to check) with a finite state is a warning (the fp16
     scaler skipped those steps, and training goes on). The message advises what `cfg` makes likely
     (divergence_fix) and says whether a checkpoint is `kept` (None: one is from epoch 2 on)."""
     state = {k: v for k, v in model.state_dict().items() if v.is_floating_point() and v.numel()}
@@ -60,10 +60,10 @@ def check_finite(
             f"(first: {bad[0]}); {'the last checkpoint is kept' if kept else 'nothing was saved'}: "
             f"{divergence_fix(cfg)}{amp}"
         )
-    if loss is not None and not math.isfinite(loss.item()):
+    if loss is not None and not math.isfinite(loss):
         log.warning(
             "epoch %d: the mean loss is %s (some steps overflowed%s)",
             epoch,
-            loss.item(),
+            loss,
             "; the loss scaler skipped them" if amp_dtype == torch.float16 else "",
         )

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.config import TrainConfig, to_dict
@@ -39,7 +37,7 @@ class RunCheckpoints:
         # a checkpoint of the run is there (the one resumed from, or one saved since): a divergence says so
         self.kept = resumed is not None
 
-    def check(self, mean_loss: torch.Tensor | None, epoch: int) -> None:
+    def check(self, mean_loss: float | None, epoch: int) -> None:
         check_finite(self.model, mean_loss, epoch, self.amp_dtype, self.cfg, self.kept)
 
     def save(self, epochs_done: int, part: EpochPart | None = None, row: dict | None = None) -> None:

@@ -393,14 +393,14 @@ def _train_held(
             set_lr(optimizer, lr)
             loader.set_epoch(epoch, done.step if done else 0)
             within = partial(saves.save, epoch) if loader.starts_mid_epoch else None
-            row, mean_loss = _run_epoch(step, loader, cfg, epoch, lr, device, world, done, stops, clock, within)
+            row = _run_epoch(step, loader, cfg, epoch, lr, device, world, done, stops, clock, within)
             done = None
             # A stop that lands after the epoch's last agreement (a rank waiting here for a slower
             # one: the check, the save's gather) is recorded and acted on once the save is written,
             # rather than ending the run at once and losing the epoch's steps since the last save.
             # A stop agreed already is not deferred again: a second one during the save ends it at once.
             with stops.deferred(raise_on_leaving=False) if stops.signum is None else contextlib.nullcontext():
-                saves.check(mean_loss, epoch + 1)
+                saves.check(row["loss"], epoch + 1)
                 # saved before the kNN, which can take minutes: a stop or a crash in it loses no step.
                 # The checkpoint holds the row, which --resume writes if the run ended before it did.
                 saves.save(epoch + 1, row=row)

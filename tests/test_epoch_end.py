@@ -1,6 +1,6 @@
 """An epoch's end saves its checkpoint before the kNN monitor (--knn-every), which can take minutes:
 a stop or a crash in the kNN loses no step, and the epoch's row, which the checkpoint holds, is in
-metrics.jsonl after a --resume whether or not the run wrote it."""
+metrics.jsonl after a --resume whether or not the run wrote it. Its row reads the device once."""
 
 import json
 import os
@@ -12,6 +12,8 @@ from run_helpers import rows
 from test_stops import config, same_weights
 
 import moco_fast.trainer as trainer
+from moco_fast.config import build_config
+from moco_fast.epoch import run_epoch
 from moco_fast.metrics import MetricsWriter
 from moco_fast.signals import Terminated
 
@@ -72,3 +74,17 @@ def test_a_finished_run_killed_in_its_last_knn_gets_its_row_without_a_final_knn(
     (tmp_path / "metrics.jsonl").unlink()  # a SIGKILL in the last epoch's kNN: the checkpoint, no row
     trainer.train(config(tmp_path, tiny_root, **run, **{"runtime.resume": "auto"}))
     assert rows(tmp_path) == [{k: v for k, v in row.items() if k != "knn_top1"}]
+
+
+def test_an_epochs_row_reads_the_device_once(monkeypatch):
+    # On a GPU each read of a device tensor is a copy and a host wait: the row's loss and accuracy
+    # were an .item() each, and check_finite read the loss again; both come in one .tolist() now,
+    # and check_finite reads the row's loss. The one .item() left is the progress bar's, at the
+    # epoch's last step (--log-every's sync).
+    reads = []
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _r=real, _n=name: reads.append(_n) or _r(self))
+    step = lambda batch: (torch.tensor(2.0), torch.tensor(0.5))  # noqa: E731
+    row = run_epoch(step, [None] * 4, build_config("v2", {"runtime.log_every": 100}), 0, 0.1, torch.device("cpu"), 1)
+    assert reads == ["item", "tolist"] and (row["loss"], row["pretext_acc"]) == (2.0, 50.0)

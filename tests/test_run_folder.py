@@ -154,12 +154,12 @@ def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
     check = partial(check_finite, cfg=build_config("v2"))  # T 0.2, lr 0.03: nothing stands out
     net = torch.nn.Linear(2, 2)
     with caplog.at_level("WARNING", logger="moco_fast"):
-        check(net, torch.tensor(float("inf")), 3, torch.float16)
+        check(net, float("inf"), 3, torch.float16)
     assert "epoch 3: the mean loss is inf" in caplog.text and "skipped" in caplog.text
     with torch.no_grad():
         net.bias[1] = float("nan")
     with pytest.raises(Diverged, match="1 tensors of the model hold NaN or inf \\(first: bias\\)") as e:
-        check(net, torch.tensor(1.0), 3, None)
+        check(net, 1.0, 3, None)
     assert str(e.value).endswith("lower --lr")  # fp32: no --amp to change
     # the advice names another --amp than the run's
     for dtype, says in (
@@ -167,13 +167,13 @@ def test_check_finite_warns_on_a_loss_that_the_fp16_scaler_skipped(caplog):
         (torch.bfloat16, "lower --lr, or use --amp off"),
     ):
         with pytest.raises(Diverged) as e:
-            check(net, torch.tensor(1.0), 3, dtype)
+            check(net, 1.0, 3, dtype)
         assert str(e.value).endswith(says)
     # BN statistics too: an fp16 forward that overflows poisons them although the scaler skips its step
     bn = torch.nn.BatchNorm1d(2)
     bn.running_var[0] = float("inf")
     with pytest.raises(Diverged, match="first: running_var"):
-        check(bn, torch.tensor(1.0), 3, torch.float16)
+        check(bn, 1.0, 3, torch.float16)
 
 
 def test_a_second_train_into_a_busy_folder_fails_at_once(tiny_root, tmp_path, capsys):
@@ -254,7 +254,7 @@ def test_the_divergence_advice_names_the_flag_that_stands_out(tmp_path, capsys):
         ({"optim.lr": 1.0, "moco.t": 1e-3}, "raise --moco-t 0.001 (usually 0.05-0.2) and lower --lr 1 (the cifar preset's is 0.03), or use --amp off"),
     ):  # fmt: skip
         with pytest.raises(Diverged) as e:
-            check_finite(net, torch.tensor(1.0), 3, torch.bfloat16, build_config("cifar", overrides))
+            check_finite(net, 1.0, 3, torch.bfloat16, build_config("cifar", overrides))
         assert str(e.value).endswith(says), overrides
 
 
