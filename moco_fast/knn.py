@@ -106,9 +106,13 @@ class EvalBatches:
             raise DataError(f"none of the {len(self.images)} images in {self.images.root} could be decoded")
 
 
-def eval_batches(images: ImageList, image_size: int, batch_size: int, workers: int, desc: str) -> EvalBatches:
+def eval_batches(
+    images: ImageList, image_size: int, batch_size: int, workers: int, desc: str, pin: bool = False
+) -> EvalBatches:
     """Center-cropped uint8 batches of every decodable image of `images`, each once, in order: the
-    one evaluation pass of kNN, lincls and finetune (and lincls's cached train features)."""
+    one evaluation pass of kNN, lincls and finetune (and lincls's cached train features). `pin`:
+    in pinned memory (the DataLoader's pinning thread), for a pass on a GPU, where a copy from
+    pageable memory may wait for the steps queued before it: the host would wait at every batch."""
     ds = ImageDataset(images, eval_transform(image_size), substitute=False)
     warn_if_shm_short(workers, batch_size, image_size, desc)
     dl = DataLoader(
@@ -117,6 +121,7 @@ def eval_batches(images: ImageList, image_size: int, batch_size: int, workers: i
         num_workers=workers,
         collate_fn=collate_decodable,
         multiprocessing_context=worker_start(workers),
+        pin_memory=pin,
     )
     return EvalBatches(dl, images, image_size, desc)
 
@@ -140,7 +145,7 @@ def extract_features(
     """
     was_training = net.training
     net.eval()
-    batches = eval_batches(images, spec.image_size, batch_size, workers, desc)
+    batches = eval_batches(images, spec.image_size, batch_size, workers, desc, pin=device.type == "cuda")
     mean, std = mean_std_255(spec, device)
     feats, labels = [], []
     bar = progress(total=len(batches), desc=desc, enabled=len(batches) > PROGRESS_MIN_BATCHES)
@@ -148,7 +153,7 @@ def extract_features(
         if len(y):
             x = normalize_on_device(x, mean, std, torch.float32, torch.contiguous_format)
             feats.append(F.normalize(net(x).float(), dim=1))
-            labels.append(y.to(device))
+            labels.append(y.to(device, non_blocking=True))  # a blocking copy waited for the batch's forward
         bar.update(1)
     bar.close()
     net.train(was_training)

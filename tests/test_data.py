@@ -365,6 +365,33 @@ def test_a_split_with_nothing_decodable_is_an_error(tmp_path):
         extract_features(ChannelMean(), images, AugSpec(image_size=8), torch.device("cpu"), workers=0)
 
 
+def test_a_gpu_feature_pass_copies_its_batches_without_waiting_for_the_gpu(fresh_root, monkeypatch):
+    # A copy to a GPU from pageable memory may wait for the steps queued before it, and a blocking one
+    # does: the kNN monitor's host waited for the last batch's forward at every batch. On a GPU the
+    # batches come pinned (the DataLoader's pinning thread) and the labels' copies do not block.
+    import moco_fast.knn as knn
+
+    class Asked(Exception):
+        pass
+
+    def batches(*a, pin=False):
+        raise Asked(pin)  # before anything touches a GPU this machine may not have
+
+    images, spec = list_images(fresh_root / "train"), AugSpec(image_size=8)
+    monkeypatch.setattr(knn, "eval_batches", batches)
+    with pytest.raises(Asked) as e:
+        extract_features(ChannelMean(), images, spec, torch.device("cuda"))
+    assert e.value.args == (True,)
+    monkeypatch.undo()
+    assert knn.eval_batches(images, 8, 3, 0, "kNN", pin=True).loader.pin_memory
+    copies, real = [], torch.Tensor.to
+    monkeypatch.setattr(
+        torch.Tensor, "to", lambda t, *a, **k: (t.dtype == torch.long and copies.append(k)) or real(t, *a, **k)
+    )
+    extract_features(ChannelMean(), images, spec, torch.device("cpu"), batch_size=3, workers=0)
+    assert len(copies) == 6 and all(k == {"non_blocking": True} for k in copies)
+
+
 def test_classification_eval_batches_leave_out_what_fails_to_decode(fresh_root):
     # lincls/finetune's eval split and --cached-features: each decodable image once, the others
     # named; a batch where nothing decodes is empty rather than an error or a stand-in image.
