@@ -1,10 +1,10 @@
 """The reference backend: PIL + torchvision transforms in DataLoader workers.
 
 Workers decode and augment to uint8 tensors (4x less to copy than float), each worker a part of
-every batch (`BatchParts`); `DevicePrefetcher` joins the parts and normalises on the device. The
-workers are started once per run and persist across epochs: starting them each epoch cost 0.3-0.4 s
-of every epoch's first batch on a 2-core CPU with 2 workers, more with 8 workers forked from a
-process holding a GPU's context. Randomness: each epoch's order comes
+every batch (`BatchParts`, parts of MIN_PART images or more); `DevicePrefetcher` joins the parts and
+normalises on the device. The workers are started once per run and persist across epochs: starting
+them each epoch cost 0.3-0.4 s of every epoch's first batch on a 2-core CPU with 2 workers, more
+with 8 workers forked from a process holding a GPU's context. Randomness: each epoch's order comes
 from (seed, epoch); the draws of an image's two views from (seed, epoch, its index in the data set)
 alone (`KeyedImages`, asked for by `EpochShardKeys`' (epoch, index) keys: the persistent workers
 hold a copy of the dataset made once, so the epoch travels with each index), whichever worker or
@@ -192,6 +192,23 @@ class BatchParts(Sampler[list[tuple[int, int]]]):
             yield from (batch[p * n // self.parts : (p + 1) * n // self.parts] for p in range(self.parts))
 
 
+# The fewest images in a batch's part. A part costs the main process about the same whatever its
+# size: its four tensors' shared memory comes over as four file descriptors, each fetched from its
+# worker's process in turn (torch's file_descriptor sharing; the worker's thread that hands them out
+# waits for its own GIL). On the 2-core test machine, under load, a part took 6-9 ms of wall time and
+# 1-2.5 ms of CPU time of the main process for 2 images as for 64; a whole batch was one such item.
+# Parts of 2 (batch 32, 16 workers) would make that cost a batch's 16 times over, at a few ms an
+# image, where a worker makes an image in tens of ms. From 16 images up it stays a small share, and a
+# batch of 256 is still cut for 16 workers; a batch too small to cut is made whole by one worker,
+# the batches of an epoch by all of them.
+MIN_PART = 16
+
+
+def batch_parts(batch_size: int, workers: int) -> int:
+    """How many parts each batch is cut into: one per worker, of MIN_PART images or more, one at least."""
+    return max(1, min(workers, batch_size // MIN_PART))
+
+
 def joined(items: Iterator, parts: int) -> Iterator[tuple]:
     """Each `parts` consecutive items (collate_views' tuples of one batch's parts, in order) as one
     tuple of their fields' parts: (view 1's, view 2's, labels', indices'), which DevicePrefetcher
@@ -232,7 +249,8 @@ def collate_views(items):
 
 
 # Batch parts each DataLoader worker makes ahead of the trainer (torch's prefetch_factor): with a
-# part of every batch per worker (BatchParts), as many batches ahead in all.
+# part of every batch per worker (BatchParts), as many batches ahead in all; more where a batch has
+# fewer parts than there are workers (MIN_PART).
 PREFETCH = 4
 
 
@@ -252,13 +270,14 @@ class TorchLoader:
         self.dataset = KeyedImages(ImageDataset(images, TwoViews(view_transform(args.aug))), args.seed)
         self.sampler = EpochShardSampler(len(images), args.seed, args.rank, args.world_size)
         self.keys = EpochShardKeys(self.sampler, args.batch_size)
-        self.parts = max(1, min(args.workers, args.batch_size))  # of each batch: one per worker
+        self.parts = batch_parts(args.batch_size, args.workers)
         self._batches: DataLoader | None = None  # made at the first __iter__, its workers kept to the end
         self._prefetch: DevicePrefetcher | None = None  # made at the first __iter__, after the fork; kept
         # before the epoch's progress bar: a part's two uint8 views, its labels and indices (int64)
         part = -(-args.batch_size // self.parts)
         part_bytes = part * (2 * 3 * args.aug.image_size**2 + 2 * 8)
-        warn_if_short(args.workers, PREFETCH, part_bytes, "--loader torch", ("batch part", "batch parts"))
+        item = ("batch", "batches") if self.parts == 1 else ("batch part", "batch parts")
+        warn_if_short(args.workers, PREFETCH, part_bytes, "--loader torch", item)
 
     def __len__(self) -> int:
         return len(self.sampler) // self.args.batch_size

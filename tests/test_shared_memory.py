@@ -62,18 +62,16 @@ FULL = f"DataLoader workers ran out of shared memory (/dev/shm: 64 KiB): {ADVICE
 
 
 def test_train_with_its_workers_out_of_shared_memory_ends_with_one_line(small_shm, tiny_root, tmp_path):
-    # a batch's part (4 images of the 8: each worker makes a part) does not fit in the 64 KiB: its
-    # two views are 2 x 4 x 3 x 64 x 64 bytes, 96 KiB
+    # one view of a batch (8 x 3 x 64 x 64 bytes, 96 KiB) does not fit in the 64 KiB; a batch of 8
+    # is not cut into parts (torch_loader.MIN_PART)
     argv = [*tiny_args(tiny_root, tmp_path / "run"), "--loader", "torch", "--workers", "2", "--image-size", "64"]
     status, _, err = run_small_shm([sys.executable, "-m", "moco_fast", *argv])
     assert (status, err.splitlines()[-1].strip()) == (2, f"moco-fast train: error: {FULL}"), err[-3000:]
     assert "Traceback" not in err
     # the warning at the start, before the first batch
-    # 2 workers x 4 parts x 4 x (2 views of 3 x 64 x 64 bytes + 2 int64) = 768.5 KiB
-    assert (
-        "WARNING /dev/shm has " in err and "less than the 768.5 KiB that 2 DataLoader workers of --loader torch" in err
-    )
-    assert "(4 batch parts of 96.1 KiB each)" in err
+    # 2 workers x 4 batches x 8 x (2 views of 3 x 64 x 64 bytes + 2 int64) = 1.5 MiB
+    assert "WARNING /dev/shm has " in err and "less than the 1.5 MiB that 2 DataLoader workers of --loader torch" in err
+    assert "(4 batches of 192.1 KiB each)" in err
 
 
 def test_train_where_dev_shm_is_full_before_its_workers_start_ends_with_one_line(small_shm, tiny_root, tmp_path):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from conftest import make_image_root
-from moco_fast.loaders import LoaderArgs, create_loader
+from moco_fast.loaders import LoaderArgs, create_loader, torch_loader
 
 from moco_fast.augment import MOCO_CIFAR
 
@@ -60,7 +60,7 @@ def same_batches(a, b):
     )
 
 
-def test_the_torch_loaders_views_are_the_same_with_any_workers_and_from_any_step(tiny_root):
+def test_the_torch_loaders_views_are_the_same_with_any_workers_and_from_any_step(tiny_root, monkeypatch):
     # each image's draws come from (seed, epoch, image): not from which worker made it, nor from
     # the images that worker made before (which a start step and --workers change)
     full = epoch(loader("torch", tiny_root), 1)
@@ -68,6 +68,7 @@ def test_the_torch_loaders_views_are_the_same_with_any_workers_and_from_any_step
     assert same_batches(full, epoch(with_workers, 1))
     assert same_batches(full[2:], epoch(with_workers, 1, start=2))
     # each worker makes a part of every batch, joined in order: 2 workers, a batch of 5 in parts of 2 and 3
+    monkeypatch.setattr(torch_loader, "MIN_PART", 1)
     fives = [loader("torch", tiny_root, batch=5, workers=w) for w in (0, 2)]
     assert same_batches(*(epoch(ld, 1, start=1) for ld in fives))
     assert not torch.equal(full[0].im_q, full[0].im_k)  # two draws, not one view twice

@@ -250,10 +250,9 @@ def test_the_training_workers_are_the_trainers_own_children_under_any_start_meth
     assert workers and parents == [os.getpid()] * len(workers)
 
 
-def test_every_worker_makes_a_share_of_every_batch(tiny_root, tmp_path, monkeypatch):
-    # A whole batch per worker made each batch at one core's speed: a data set of one batch an epoch
-    # (407 images, batch 256) ran as fast with 8 workers as with one (92 img/s on a 16-core machine),
-    # and every epoch's first batch waited for one worker alone. Each image's decoder names its process.
+def images_made_by_each_worker(root, tmp_path, monkeypatch, batch: int, workers: int) -> list[int]:
+    """How many images of an epoch of one batch (`root` has `batch` images) each process decoded,
+    sorted: each image's decoder names its process."""
     import os
 
     from moco_fast.loaders import LoaderArgs, create_loader
@@ -269,16 +268,30 @@ def test_every_worker_makes_a_share_of_every_batch(tiny_root, tmp_path, monkeypa
         return load_rgb(path)
 
     monkeypatch.setattr(data, "load_rgb", logged_load)  # the workers are forked: they inherit it
-    args = LoaderArgs(str(tiny_root), MOCO_V2, 32, torch.device("cpu"), workers=2, check_images=False)
-    loader = create_loader("torch", args)  # 32 images: one batch an epoch
+    args = LoaderArgs(str(root), MOCO_V2, batch, torch.device("cpu"), workers=workers, check_images=False)
+    loader = create_loader("torch", args)
     try:
         loader.set_epoch(0)
-        (batch,) = list(loader)
+        (batch_read,) = list(loader)
     finally:
         loader.close()
-    assert sorted(batch.index.tolist()) == list(range(32))
+    assert sorted(batch_read.index.tolist()) == list(range(batch))
     pids = made_by.read_text().split()
-    assert len(pids) == 32 and {pids.count(p) for p in set(pids)} == {16}  # two workers, half each
+    return sorted(pids.count(p) for p in set(pids))
+
+
+def test_every_worker_makes_a_share_of_every_batch(tiny_root, tmp_path, monkeypatch):
+    # A whole batch per worker made each batch at one core's speed: a data set of one batch an epoch
+    # (407 images, batch 256) ran as fast with 8 workers as with one (92 img/s on a 16-core machine),
+    # and every epoch's first batch waited for one worker alone.
+    assert images_made_by_each_worker(tiny_root, tmp_path, monkeypatch, 32, workers=2) == [16, 16]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")  # more than this CPU's cores
+def test_a_batchs_parts_are_of_16_images_or_more(tiny_root, tmp_path, monkeypatch):
+    # each part costs the main process about as much whatever its size (torch_loader.MIN_PART): a
+    # batch of 32 is cut in two for 4 workers, not into parts of 8
+    assert images_made_by_each_worker(tiny_root, tmp_path, monkeypatch, 32, workers=4) == [16, 16]
 
 
 def test_one_prefetcher_serves_every_epoch(tiny_root, monkeypatch):
