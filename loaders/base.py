@@ -160,8 +160,8 @@ class DevicePrefetcher:
 
     def __call__(self, source: Iterable) -> Iterator[Batch]:
         if self.stream is None:
-            for item in source:
-                yield self._prepare(item)
+            # map keeps no host item while its batch is in use (the torch loader's parts, in /dev/shm)
+            yield from map(self._prepare, source)
             return
         # the side stream starts after what the current one has queued (mean and std, made on it in
         # __init__; the last epoch's steps): an event, not a host sync

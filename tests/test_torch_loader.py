@@ -336,3 +336,28 @@ def test_a_new_epoch_starts_without_a_host_sync(tiny_root):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert len(batches) == 2 and batches[-1].im_q.is_cuda
+
+
+def test_a_batchs_parts_are_let_go_once_joined():
+    # On the CPU the parts, in /dev/shm, were held through the step of their batch (the join's group,
+    # zip's last tuple, DevicePrefetcher's item): each worker's 4 parts ahead and one more. A batch
+    # joined on the CPU is a copy: its parts can go before it is yielded.
+    import weakref
+
+    from moco_fast.loaders.base import DevicePrefetcher
+    from moco_fast.loaders.torch_loader import JoinedParts
+
+    alive = []
+
+    def part(i: int) -> tuple:
+        fields = (torch.full((2, 3, 4, 4), i, dtype=torch.uint8), torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+        fields += (torch.zeros(2, dtype=torch.long), torch.arange(2 * i, 2 * i + 2))
+        alive.extend(weakref.ref(t) for t in fields)
+        return fields
+
+    prefetch = DevicePrefetcher(MOCO_V2, torch.device("cpu"), torch.float32, False)
+    batches = prefetch(JoinedParts(map(part, range(4)), 2))
+    first = next(batches)  # the trainer's step on it
+    assert first.index.tolist() == [0, 1, 2, 3]
+    assert [r() is None for r in alive] == [True] * 8
+    assert next(batches).index.tolist() == [4, 5, 6, 7]
