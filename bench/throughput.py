@@ -100,25 +100,11 @@ class Bench:
         self.workers = resolve_workers(cfg.data.workers, device)
 
     def loader(self, amp_dtype, channels_last: bool, synthetic: bool = False):
-        c = self.cfg
-        return create_loader(
-            "synthetic" if synthetic else c.data.loader,
-            LoaderArgs(
-                data=c.data.data,
-                aug=c.data.aug,
-                batch_size=c.optim.batch_size,
-                device=self.device,
-                dtype=amp_dtype or torch.float32,
-                channels_last=channels_last,
-                workers=self.workers,
-                seed=c.runtime.seed,
-                synthetic_steps=1,
-                check_images=False,  # the trainer checks files; a benchmark should not time that
-                eval_split="skip",  # no row evaluates: an ImageNet val/ not yet sorted into classes is no error
-                splits=None if synthetic else self.splits,
-                options={} if synthetic else dict(c.data.loader_options),
-            ),
-        )
+        args = loader_args(self.cfg, self.device, self.workers, self.splits)
+        args = replace(args, dtype=amp_dtype or torch.float32, channels_last=channels_last)
+        if synthetic:
+            args = replace(args, splits=None, options={})
+        return create_loader("synthetic" if synthetic else self.cfg.data.loader, args)
 
     def step(self, spec: RowSpec, amp_dtype, num_images: int):
         """The moco_fast step as the trainer builds it; returns (step(batch), model, optimizer)."""
@@ -294,21 +280,39 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
         raise ConfigError("--profile profiles the first eager trainer row, and --rows has none (add trainer)")
 
 
-def check_data(cfg) -> DataSplits | None:
+def loader_args(cfg, device: torch.device, workers: int, splits: DataSplits | None = None) -> LoaderArgs:
+    """What every loader row's loader is given (Bench.loader sets its dtype and memory format), and
+    what check_data lists --data with: one place, since loaders.base.listed_splits refuses a listing
+    made with other options than its loader's."""
+    return LoaderArgs(
+        data=cfg.data.data,
+        aug=cfg.data.aug,
+        batch_size=cfg.optim.batch_size,
+        device=device,
+        workers=workers,
+        seed=cfg.runtime.seed,
+        synthetic_steps=1,
+        check_images=False,  # the trainer checks files; a benchmark should not time that
+        eval_split="skip",  # no row evaluates: an ImageNet val/ not yet sorted into classes is no error
+        splits=splits,
+        options=dict(cfg.data.loader_options),
+    )
+
+
+def check_data(cfg, device: torch.device) -> DataSplits | None:
     """The loader rows' data, listed before the first row runs (without decoding or building a
     loader: the resident loader alone would decode the whole set). Returns the listing of an image
     folder, which every loader row reads (Bench.loader): listed once, not once more per row (minutes
     each on ImageNet); None for a .beton, a shard set or synthetic data."""
+    from moco_fast.loaders.base import listed_splits
     from moco_fast.loaders.wds import beton_file, is_wds_root
-
-    from moco_fast.data import load_splits
 
     loader, data = cfg.data.loader, cfg.data.data
     if loader == "ffcv":
         beton_file(data)  # DataError: none, missing, a folder, a shard set
     elif loader != "synthetic" and not is_wds_root(data):
-        # as Bench.loader's LoaderArgs list it (unchecked, no eval split): a loader refuses another
-        return load_splits(data, check=False, eval_split="skip")  # DataError: missing, a file, empty, no classes
+        # DataError: missing, a file, empty, no classes
+        return listed_splits(loader_args(cfg, device, workers=0))  # as the rows' loaders list it
     return None
 
 
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = make_config(args, device)
             specs = parse_rows(args.rows, args)
             check_specs(specs, args, device)
-            splits = check_data(cfg) if any(s.kind in ("loader", "end-to-end") for s in specs) else None
+            splits = check_data(cfg, device) if any(s.kind in ("loader", "end-to-end") for s in specs) else None
         except (ConfigError, DataError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
