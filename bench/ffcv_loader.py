@@ -49,7 +49,7 @@ with interrupted_before_rows(held=("torch",)):
     from moco_fast.augment import MOCO_V2
     from moco_fast.checkpoint import atomic_write_text
     from moco_fast.cli import log_as_lines
-    from moco_fast.config import ConfigError
+    from moco_fast.config import ConfigError, check_at_least
     from moco_fast.convert import ConvertConfig, convert
     from moco_fast.convert_images import load_resized
     from moco_fast.data import IMAGE_EXTENSIONS, DataError, DataSplits
@@ -301,8 +301,7 @@ def check_args(a: argparse.Namespace, rows: list[str]) -> None:
         ("--max-resolution", a.max_resolution, MOCO_V2.image_size),
         ("--jpeg-quality", a.jpeg_quality, 1),
     ):
-        if value < least:
-            raise ConfigError(f"{flag} must be at least {least} (got {value})")
+        check_at_least(flag, value, least)
     if not 0 <= a.min_seconds < float("inf") or a.jpeg_quality > 100:
         raise ConfigError("--min-seconds must be 0 or more and --jpeg-quality at most 100")
     resolve_device(a.device)  # ConfigError: not cpu/cuda, or no GPU

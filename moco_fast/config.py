@@ -134,11 +134,18 @@ class ConfigError(ValueError):
     """Settings that contradict each other or the machine: the CLI prints it as one line."""
 
 
+def check_at_least(flag: str, value: float, least: float, note: str = "") -> None:
+    """A ConfigError "FLAG must be at least LEAST (got VALUE)" (and `note`) where `value` is below
+    `least`: the one wording of every command's lower bounds, which were written out (and worded)
+    apart in each."""
+    if value < least:
+        raise ConfigError(f"{flag} must be at least {least} (got {value}){note}")
+
+
 def check_image_size(size: int) -> None:
     """--image-size in 8..MAX_IMAGE_SIZE, else a ConfigError: the one check of train, sweep and the
     bench (trainer.validate) and of lincls and finetune (commands.check_classifier_args)."""
-    if size < 8:
-        raise ConfigError(f"--image-size must be at least 8 (got {size})")
+    check_at_least("--image-size", size, 8)
     if size > MAX_IMAGE_SIZE:
         raise ConfigError(f"--image-size must be at most {MAX_IMAGE_SIZE} (got {size})")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS, interruption, os_error_behind
-from moco_fast.config import MAX_SEED, ConfigError
+from moco_fast.config import MAX_SEED, ConfigError, check_at_least
 from moco_fast.convert_beton import convert_ffcv
 from moco_fast.convert_dst import check_destination, names_path, sidecar_path
 from moco_fast.convert_files import (
@@ -131,8 +131,8 @@ def validate(cfg: ConvertConfig) -> None:
         raise ConfigError(f"--write-mode must be one of {', '.join(WRITE_MODES)}, got {cfg.write_mode!r}")
     if not 1 <= cfg.jpeg_quality <= 100:
         raise ConfigError(f"--jpeg-quality must be in 1..100, got {cfg.jpeg_quality}")
-    if cfg.max_resolution is not None and cfg.max_resolution < 8:
-        raise ConfigError(f"--max-resolution must be at least 8 pixels, got {cfg.max_resolution}")
+    if cfg.max_resolution is not None:
+        check_at_least("--max-resolution", cfg.max_resolution, 8)
     if cfg.format == "ffcv" and cfg.dst.endswith(("/", os.sep)):  # Path drops the slash: `out/` wrote a file `out`
         raise ConfigError(
             f"DST {cfg.dst} ends with a slash (a folder), and --format ffcv writes one file: "
@@ -146,8 +146,8 @@ def validate(cfg: ConvertConfig) -> None:
     if cfg.workers < 0:  # -2 ran on every core as 0 does, where the other commands refuse it
         raise ConfigError(f"--workers must be 0 (every core) or a count, got {cfg.workers}")
     # wds's flags alone: --format ffcv ignores them, with a warning (commands/convert), not an error after it
-    if cfg.format == "wds" and cfg.shard_size < 1:
-        raise ConfigError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    if cfg.format == "wds":
+        check_at_least("--shard-size", cfg.shard_size, 1)
     if cfg.format == "wds" and not 0 <= cfg.seed <= MAX_SEED:  # -1 shuffled as 1 does (random's abs)
         raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {cfg.seed}")
     if cfg.format == "ffcv":  # before hours of checking images, not after

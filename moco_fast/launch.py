@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from moco_fast.cli import UserError, log_as_lines, say
-from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.config import ConfigError, TrainConfig, check_at_least
 from moco_fast.signals import STOP_SIGNALS, Terminated, exit_status, stop_signals_handled
 
 if TYPE_CHECKING:
@@ -72,8 +72,7 @@ def check_local_gpus(cfg: TrainConfig) -> int:
 def check_gpus_flag(cfg: TrainConfig) -> None:
     """What check_local_gpus refuses whatever GPUs this machine has (train --print-config)."""
     n = cfg.runtime.gpus
-    if n < 1:
-        raise ConfigError(f"--gpus must be at least 1 (got {n})")
+    check_at_least("--gpus", n, 1)
     if under_torchrun():
         raise ConfigError(
             "--gpus starts its own workers: under torchrun leave it out (--nproc_per_node sets the count)"

@@ -32,7 +32,7 @@ from torchvision import transforms as T
 from moco_fast.augment import AugSpec
 from moco_fast.backbone import plain_bn_state
 from moco_fast.classifier_epochs import EpochLoop, LoadedState, best_of, check_state, clear_state
-from moco_fast.config import ConfigError
+from moco_fast.config import ConfigError, check_at_least
 from moco_fast.data import (
     DataError,
     DataSplits,
@@ -310,9 +310,8 @@ def start_run(cfg: Any) -> tuple[tuple[int, ...] | None, torch.device, torch.dty
     """What lincls and finetune check and set up first: (lr steps, device, autocast dtype, start time)."""
     from moco_fast.trainer import resolve_amp, resolve_device
 
-    for flag, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1 (got {value})")
+    check_at_least("--epochs", cfg.epochs, 1)
+    check_at_least("--batch-size", cfg.batch_size, 1)
     steps = parse_schedule(cfg.schedule)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)

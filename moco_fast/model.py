@@ -18,7 +18,7 @@ from torch import nn
 from moco_fast import distributed as dist_utils
 from moco_fast.backbone import build_backbone, build_head, resolve_stem
 from moco_fast.bn_batch import bn_splits
-from moco_fast.config import ConfigError, MoCoConfig, ModelConfig
+from moco_fast.config import ConfigError, MoCoConfig, ModelConfig, check_at_least
 from moco_fast.kernels import momentum_update
 
 MECHANISMS = ("moco", "memory-bank", "end-to-end")
@@ -71,8 +71,8 @@ class MoCo(nn.Module):
         super().__init__()
         if moco.mechanism not in MECHANISMS:
             raise ConfigError(f"unknown mechanism {moco.mechanism!r}; choose one of {MECHANISMS}")
-        if moco.k < 1 and moco.mechanism != "end-to-end":  # end-to-end: K is the batch, --moco-k unused
-            raise ConfigError("--moco-k must be at least 1")
+        if moco.mechanism != "end-to-end":  # end-to-end: K is the batch, --moco-k unused
+            check_at_least("--moco-k", moco.k, 1)
         self.mechanism = moco.mechanism
         self.t = moco.t
         self.symmetric = moco.symmetric

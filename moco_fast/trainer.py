@@ -19,7 +19,7 @@ from moco_fast.agreement import HeldWarnings, agree
 from moco_fast.backbone import check_arch
 from moco_fast.bn_batch import bn_splits, warn_few_bn_images
 from moco_fast.cli import interruption
-from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, as_run, check_image_size, save_json
+from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, as_run, check_at_least, check_image_size, save_json
 from moco_fast.cores import available_cores
 from moco_fast.data import DataError, DataSplits
 from moco_fast.epoch import resumed_part
@@ -146,10 +146,7 @@ def validate(cfg: TrainConfig, world: int, saved: SavedRun | Callable[[], SavedR
         ("--workers", d.workers, -1),
         ("--synthetic-steps", d.synthetic_steps, 1),
     ):
-        if value < least:
-            raise ConfigError(
-                f"{flag} must be at least {least} (got {value})" + (" (-1: auto)" * (flag == "--workers"))
-            )
+        check_at_least(flag, value, least, " (-1: auto)" * (flag == "--workers"))
     check_image_size(d.aug.image_size)
     if not 0 <= r.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be in 0..{MAX_SEED} (got {r.seed})")
@@ -167,9 +164,9 @@ def validate(cfg: TrainConfig, world: int, saved: SavedRun | Callable[[], SavedR
         raise ConfigError(f"moco.bank_m (the memory bank's momentum) must be in [0, 1] (got {m.bank_m})")
     if not 0 < m.t < math.inf:
         raise ConfigError(f"--moco-t must be positive (got {m.t})")
-    if m.mechanism != "end-to-end" and m.k < 1:  # end-to-end: K is the batch, --moco-k unused
+    if m.mechanism != "end-to-end":  # end-to-end: K is the batch, --moco-k unused
         # here, not at the model's build only: a sweep's memory-bank K 0 failed after its folder was made
-        raise ConfigError(f"--moco-k must be at least 1 (got {m.k})")
+        check_at_least("--moco-k", m.k, 1)
     keys_per_step = global_batch * (2 if m.symmetric else 1)  # --symmetric enqueues both views' keys
     if m.mechanism == "moco" and m.k < keys_per_step:
         fix = "raise --moco-k or lower --batch-size"

@@ -198,6 +198,15 @@ def test_bad_numbers_are_one_line_errors_before_any_image_is_read(flag, value, t
     assert not dst.parent.exists()
 
 
+@pytest.mark.parametrize(("flag", "value", "least"), [("--shard-size", "0", 1), ("--max-resolution", "4", 8)])
+def test_lower_bounds_are_worded_as_the_other_commands_word_them(flag, value, least, tmp_path, capsys):
+    # convert said "--shard-size must be at least 1, got 0" and "--max-resolution must be at least 8
+    # pixels, got 4", where train, lincls, knn and the benches say "(got 0)" (config.check_at_least)
+    assert main(["convert", str(tmp_path / "no-such-src"), str(tmp_path / "x"), "--format", "wds", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"moco-fast convert: error: {flag} must be at least {least} (got {value})"]
+
+
 def test_a_beton_dst_ending_with_a_slash_is_refused_before_any_image_is_read(tmp_path, monkeypatch, capsys):
     # `convert data betons/` wrote a .beton file named betons (Path drops the slash), not one in it
     import moco_fast.convert

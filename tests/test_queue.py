@@ -44,5 +44,6 @@ def test_queue_and_pointer_are_in_the_state_dict():
 
 
 def test_bad_k_is_a_config_error():
-    with pytest.raises(ConfigError):
+    # worded as trainer.validate words it (config.check_at_least): the model said no value
+    with pytest.raises(ConfigError, match=r"^--moco-k must be at least 1 \(got 0\)$"):
         small_moco(0)

@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from moco_fast.config import MAX_SEED, ConfigError, check_image_size, read_json_object
+from moco_fast.config import MAX_SEED, ConfigError, check_at_least, check_image_size, read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +99,7 @@ def resolve_eval_runtime(args: argparse.Namespace) -> torch.device:
     from moco_fast.cores import available_cores
     from moco_fast.trainer import resolve_device, resolve_workers
 
-    require(args.batch_size >= 1, f"--batch-size must be at least 1 (got {args.batch_size})")
+    check_at_least("--batch-size", args.batch_size, 1)
     if args.workers is None:
         args.workers = min(args.default_workers, available_cores())
     require(args.workers >= -1, f"--workers must be -1 (auto) or a count >= 0 (got {args.workers})")

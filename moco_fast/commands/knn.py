@@ -14,7 +14,7 @@ from moco_fast.commands import (
     resolve_checkpoint,
     resolve_eval_runtime,
 )
-from moco_fast.config import MAX_IMAGE_SIZE, check_image_size
+from moco_fast.config import MAX_IMAGE_SIZE, check_at_least, check_image_size
 
 log = logging.getLogger("moco_fast")
 
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from moco_fast.knn import knn_score, warn_if_single_class
 
     # Every value is checked before the checkpoint or the data is read.
-    require(args.k >= 1, f"--k must be at least 1 (got {args.k})")
+    check_at_least("--k", args.k, 1)
     require(args.t > 0, f"--t must be above 0 (got {args.t})")
     if args.image_size is not None:  # None: the checkpoint's training size
         check_image_size(args.image_size)
