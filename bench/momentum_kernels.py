@@ -27,7 +27,7 @@ from moco_fast.kernels.momentum_triton import interpreting
 from report import check_output_path, device_info
 
 from moco_fast.checkpoint import atomic_write_text
-from moco_fast.config import ConfigError, ModelConfig
+from moco_fast.config import ConfigError, ModelConfig, check_at_least
 from moco_fast.model import build_encoder
 from moco_fast.trainer import resolve_device
 
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every value checked before any work: one line and exit 2
         device = resolve_device(args.device)
         repeats = (50 if device.type == "cuda" else 5) if args.repeats is None else args.repeats
-        if repeats < 1 or args.warmup < 0:
-            raise ConfigError(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats}, {args.warmup})")
+        check_at_least("--repeats", repeats, 1)
+        check_at_least("--warmup", args.warmup, 0)
         check_output_path(args.json, "--json", ".json")
         torch.manual_seed(0)
         enc_q = build_encoder(ModelConfig(arch=args.arch, mlp=args.mlp), 224, bn_splits=1).to(device)

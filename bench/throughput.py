@@ -47,7 +47,7 @@ with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here 
 
     from moco_fast.checkpoint import atomic_write_text
     from moco_fast.cli import log_as_lines
-    from moco_fast.config import ConfigError, build_config, check_image_size, to_dict
+    from moco_fast.config import ConfigError, build_config, check_at_least, check_image_size, to_dict
     from moco_fast.data import DataError, DataSplits
     from moco_fast.model import MoCo
     from moco_fast.trainer import (
@@ -274,8 +274,8 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
                 )
             # a backend this machine lacks fails its own rows only (the others of a GPU run stay)
             print(f"warning: {spec.name}: momentum backend {spec.momentum!r} is not available here", file=sys.stderr)
-    if args.profile and args.profile_steps < 1:
-        raise ConfigError("--profile-steps must be at least 1")
+    if args.profile:
+        check_at_least("--profile-steps", args.profile_steps, 1)
     if args.profile and not any(s.kind == "trainer" and not s.graph for s in specs):
         raise ConfigError("--profile profiles the first eager trainer row, and --rows has none (add trainer)")
 
@@ -358,10 +358,10 @@ def main(argv: list[str] | None = None) -> int:
             device = resolve_device(args.device)
             args.steps = default(args.steps, 3 if device.type == "cpu" else 30)
             args.warmup = default(args.warmup, 1 if device.type == "cpu" else 10)
-            if args.steps < 1 or args.warmup < 0:
-                raise ConfigError("--steps must be at least 1 and --warmup at least 0")
-            if args.batch_size is not None and args.batch_size < 1:
-                raise ConfigError(f"--batch-size must be positive (got {args.batch_size})")
+            check_at_least("--steps", args.steps, 1)
+            check_at_least("--warmup", args.warmup, 0)
+            if args.batch_size is not None:
+                check_at_least("--batch-size", args.batch_size, 1)
             if args.image_size is not None:  # before make_config sizes anything by it
                 check_image_size(args.image_size)
             check_output_path(args.json, "--json", ".json")

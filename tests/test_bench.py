@@ -192,8 +192,9 @@ def test_bad_rows_are_one_line_errors(rows, capsys):
 @pytest.mark.parametrize(
     "flags, says",
     [
-        (["--steps", "0"], "--steps must be at least 1"),
-        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--steps", "0"], "--steps must be at least 1 (got 0)"),
+        (["--warmup", "-1"], "--warmup must be at least 0 (got -1)"),
+        (["--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),  # said "must be positive"
         (["--image-size", "0"], "--image-size must be at least 8"),  # train's bounds (config.check_image_size)
         (["--image-size", "22400"], "--image-size must be at most 4096"),
         (["--json", "{tmp}/r.txt"], "--json {tmp}/r.txt: name a .json file"),
@@ -207,7 +208,7 @@ def test_bad_rows_are_one_line_errors(rows, capsys):
         (["--loader", "ffcv", "--rows", "loader"], "needs --data X.beton (make one with `moco-fast convert"),
         (["--loader", "ffcv", "--data", "{tmp}/missing", "--rows", "loader"], "{tmp}/missing is not found (make"),
         (["--loader", "ffcv", "--data", "{tmp}", "--rows", "loader"], "--data {tmp} is a folder (make one"),
-        (["--rows", "trainer", "--profile", "--profile-steps", "0"], "--profile-steps must be at least 1"),
+        (["--rows", "trainer", "--profile", "--profile-steps", "0"], "--profile-steps must be at least 1 (got 0)"),
         (["--rows", "reference", "--profile"], "--rows has none"),
         (["--batch-size", "6", "--bn-splits", "4"], "--batch-size 6 must be a multiple of --bn-splits 4"),
         (["--arch", "resnet1"], "unknown arch 'resnet1'"),
