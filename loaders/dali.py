@@ -56,7 +56,8 @@ import numpy as np
 import torch
 
 from moco_fast.config import ConfigError
-from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError, DataSplits, ImageList
+from moco_fast.data import DataError, DataSplits, ImageList
+from moco_fast.image_dataset import MAX_BAD_FRACTION, MAX_BAD_MIN
 from moco_fast.metrics import progress
 
 from . import register_loader

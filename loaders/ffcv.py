@@ -75,8 +75,9 @@ from moco_fast.convert_dst import (
     sidecar_path,
     stale,
 )
-from moco_fast.data import MAX_BAD_FRACTION, MAX_BAD_MIN, DataError
+from moco_fast.data import DataError
 from moco_fast.distributed import local_world_size
+from moco_fast.image_dataset import MAX_BAD_FRACTION, MAX_BAD_MIN
 from moco_fast.threads import handle_thread_errors
 
 from . import register_loader

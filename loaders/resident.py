@@ -39,7 +39,8 @@ import torch
 from moco_fast.kernels.resized_crop import resized_crop, sample_boxes
 from PIL import Image
 
-from moco_fast.data import DataError, ImageList, load_rgb
+from moco_fast.data import DataError, ImageList
+from moco_fast.image_dataset import load_rgb
 from moco_fast.metrics import tqdm
 
 from . import register_loader

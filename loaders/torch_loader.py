@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
 from moco_fast.augment import AugSpec
-from moco_fast.data import DataError, DataSplits, ImageDataset
+from moco_fast.data import DataError, DataSplits
+from moco_fast.image_dataset import ImageDataset
 from moco_fast.seeded_images import KeyedImages
 from moco_fast.shared_memory import stack_shared, start_workers, tensor_shared, warn_if_short, worker_start
 from moco_fast.signals import STOP_SIGNALS

@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image
 
-from moco_fast.data import to_rgb
+from moco_fast.image_dataset import to_rgb
 from moco_fast.metrics import tqdm
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from moco_fast.augment import AugSpec
-from moco_fast.data import DataError, ImageDataset, ImageList, Unreadable
+from moco_fast.data import DataError, ImageList
+from moco_fast.image_dataset import ImageDataset, Unreadable
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress

@@ -36,7 +36,6 @@ from moco_fast.config import ConfigError, check_at_least
 from moco_fast.data import (
     DataError,
     DataSplits,
-    ImageDataset,
     ImageList,
     find_classes,
     load_splits,
@@ -44,6 +43,7 @@ from moco_fast.data import (
     split_dirs,
 )
 from moco_fast.data_listing import listing_fingerprint
+from moco_fast.image_dataset import ImageDataset
 from moco_fast.knn import EvalBatches, collate_labeled, eval_batches, warn_if_shm_short
 from moco_fast.loaders.base import mean_std_255, normalize_on_device
 from moco_fast.metrics import progress

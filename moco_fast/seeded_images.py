@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.data import RandomSampler, Sampler
 
-from moco_fast.data import ImageDataset
+from moco_fast.image_dataset import ImageDataset
 
 
 def image_seed(seed: int, epoch: int, index: int) -> int:

@@ -151,7 +151,7 @@ def test_val_split_keeps_train_labels(bad_root, tmp_path):
 def test_high_depth_grayscale_is_scaled_not_clipped(tmp_path, mode, values, full):
     # A 16-bit PNG gradient: PIL's own convert("RGB") clips it to almost all white.
     from moco_fast.convert_images import load_resized
-    from moco_fast.data import load_rgb
+    from moco_fast.image_dataset import load_rgb
 
     ramp = np.linspace(0, full, 64 * 64, dtype=np.float64).reshape(64, 64).astype(values)
     im = Image.fromarray(ramp) if mode != "I;16" else Image.frombytes("I;16", (64, 64), ramp.astype("<u2").tobytes())
@@ -281,7 +281,7 @@ def test_a_large_image_sizes_the_pages_by_what_the_beton_stores(tmp_path, mode, 
 def test_a_palette_image_with_transparency_becomes_rgb_without_pils_warning(tmp_path):
     # PIL warned "Palette images with Transparency expressed in bytes should be converted to RGBA
     # images" (file:line and its source line) in convert's and a run's output, once a process
-    from moco_fast.data import load_rgb
+    from moco_fast.image_dataset import load_rgb
 
     gray = Image.fromarray((np.arange(24 * 32).reshape(24, 32) % 200).astype(np.uint8), "L")
     gray.convert("P").save(tmp_path / "t.png", transparency=bytes([0, 128, 255] + [255] * 60))
@@ -308,7 +308,8 @@ import logging
 from PIL import Image
 logging.basicConfig(format="%(levelname)s %(message)s")
 from moco_fast.cli import warnings_as_lines
-from moco_fast.data import check_image, load_rgb
+from moco_fast.data import check_image
+from moco_fast.image_dataset import load_rgb
 Image.MAX_IMAGE_PIXELS = 1000  # 40 x 40 is over it, and under the twice as many that PIL refuses
 Image.new("RGB", (40, 40)).save({str(big)!r})
 with warnings_as_lines():  # around each command (cli.main) and each --gpus worker
@@ -335,7 +336,7 @@ def test_importing_moco_fast_keeps_pils_pixel_limit_warning_and_error(tmp_path):
 import warnings
 from PIL import Image
 from moco_fast.cli import warnings_as_lines
-from moco_fast.data import load_rgb
+from moco_fast.image_dataset import load_rgb
 Image.new("RGB", (40, 40)).save({str(big)!r})
 Image.MAX_IMAGE_PIXELS = 1000  # 1,600 pixels: a warning; over 2,000: PIL's error
 with warnings.catch_warnings(record=True) as seen:

@@ -25,7 +25,8 @@ from PIL import Image
 
 from moco_fast.cli import main
 from moco_fast.config import ConfigError
-from moco_fast.data import DataError, check_image, load_splits, to_rgb
+from moco_fast.data import DataError, check_image, load_splits
+from moco_fast.image_dataset import to_rgb
 
 SETTINGS = PipelineSettings(1, None, 1, 1, 0, False, 0.0, False, True)
 

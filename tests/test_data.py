@@ -444,8 +444,9 @@ def test_torch_loader_gives_up_on_a_data_set_of_mostly_bad_images_in_one_line(tm
 def test_a_block_of_bad_images_under_the_limit_never_stops_the_torch_loader(tmp_path, monkeypatch):
     # one class folder of 60 truncated files among 1,000 (6%): the walk to the next good image passes
     # all 60 at once, early in the first epoch; that is no reason to stop
-    import moco_fast.data as data
-    from moco_fast.data import ImageDataset, ImageList
+    import moco_fast.image_dataset as image_dataset
+    from moco_fast.data import ImageList
+    from moco_fast.image_dataset import ImageDataset
 
     files = [f"/x/{i:04d}.jpg" for i in range(1000)]
     images = ImageList(tmp_path, files, [0] * 1000, ["a"])
@@ -455,7 +456,7 @@ def test_a_block_of_bad_images_under_the_limit_never_stops_the_torch_loader(tmp_
             raise OSError("image file is truncated")
         return Image.new("RGB", (8, 8))
 
-    monkeypatch.setattr(data, "load_rgb", load)
+    monkeypatch.setattr(image_dataset, "load_rgb", load)
     ds = ImageDataset(images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

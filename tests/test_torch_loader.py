@@ -257,17 +257,17 @@ def images_made_by_each_worker(root, tmp_path, monkeypatch, batch: int, workers:
 
     from moco_fast.loaders import LoaderArgs, create_loader
 
-    import moco_fast.data as data
+    import moco_fast.image_dataset as image_dataset
 
     made_by = tmp_path / "pids"
-    load_rgb = data.load_rgb
+    load_rgb = image_dataset.load_rgb
 
     def logged_load(path):
         with open(made_by, "a") as f:
             f.write(f"{os.getpid()}\n")
         return load_rgb(path)
 
-    monkeypatch.setattr(data, "load_rgb", logged_load)  # the workers are forked: they inherit it
+    monkeypatch.setattr(image_dataset, "load_rgb", logged_load)  # the workers are forked: they inherit it
     args = LoaderArgs(str(root), MOCO_V2, batch, torch.device("cpu"), workers=workers, check_images=False)
     loader = create_loader("torch", args)
     try:

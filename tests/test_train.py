@@ -278,7 +278,7 @@ def test_bad_files_are_named_and_skipped(fresh_root, caplog):
     assert "skipped 3 of" in caplog.text and "fake.jpg" in caplog.text
     assert len(images) == 16  # 2 classes x 8 good images
     # Without the up-front check, decoding the truncated JPEG warns by name and substitutes another.
-    from moco_fast.data import ImageDataset
+    from moco_fast.image_dataset import ImageDataset
 
     images = list_images(fresh_root / "train", check=False)
     ds = ImageDataset(images)
@@ -291,7 +291,7 @@ def test_bad_files_are_named_and_skipped(fresh_root, caplog):
 def test_grayscale_and_cmyk_become_rgb(fresh_root):
     from PIL import Image
 
-    from moco_fast.data import load_rgb
+    from moco_fast.image_dataset import load_rgb
 
     src = sorted((fresh_root / "train").rglob("*.jpg"))[0]
     Image.open(src).convert("L").save(fresh_root / "gray.jpg")
