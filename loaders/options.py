@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from moco_fast.config import ConfigError
+from moco_fast.config import ConfigError, check_at_least
 
 T = TypeVar("T")
 
@@ -84,8 +84,7 @@ class FFCVOptions:
             raise ConfigError(f"ffcv loader option jitter_order must be sample or batch, got {out.jitter_order!r}")
         if out.decode not in ("once", "twice"):
             raise ConfigError(f"ffcv loader option decode must be once or twice, got {out.decode!r}")
-        if out.batches_ahead < 1:
-            raise ConfigError("ffcv loader option batches_ahead must be at least 1")
+        check_at_least("ffcv loader option batches_ahead", out.batches_ahead, 1)
         return out
 
 
