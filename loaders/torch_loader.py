@@ -1,17 +1,18 @@
 """The reference backend: PIL + torchvision transforms in DataLoader workers.
 
-Workers decode and augment to uint8 tensors (4x less to copy than float), each worker a part of
-every batch (`BatchParts`, parts of MIN_PART images or more); `DevicePrefetcher` joins the parts and
-normalises on the device. The workers are started once per run and persist across epochs: starting
-them each epoch cost 0.3-0.4 s of every epoch's first batch on a 2-core CPU with 2 workers, more
-with 8 workers forked from a process holding a GPU's context. Randomness: each epoch's order comes
-from (seed, epoch); the draws of an image's two views from (seed, epoch, its index in the data set)
-alone (`KeyedImages`, asked for by `EpochShardKeys`' (epoch, index) keys: the persistent workers
-hold a copy of the dataset made once, so the epoch travels with each index), whichever worker or
-rank makes it and whatever it made before. So the views are the same with any --workers, and an
-epoch resumed at a step (`set_epoch(epoch, start_step)`) reads the same images from there on with
-the same views: a resumed run trains as an uninterrupted one. (lincls and finetune have their own
-training loader, resumed at epoch ends and seeded the same way: moco_fast/seeded_images.py.)
+Workers decode and augment to uint8 tensors (4x less to copy than float), each batch cut into a
+part per worker (`BatchParts`) of MIN_PART images or more, so fewer parts where the batch is small;
+`DevicePrefetcher` joins the parts and normalises on the device. The workers are started once per
+run and persist across epochs: starting them each epoch cost 0.3-0.4 s of every epoch's first batch
+on a 2-core CPU with 2 workers, more with 8 workers forked from a process holding a GPU's context.
+Randomness: each epoch's order comes from (seed, epoch); the draws of an image's two views from
+(seed, epoch, its index in the data set) alone (`KeyedImages`, asked for by `EpochShardKeys`'
+(epoch, index) keys: the persistent workers hold a copy of the dataset made once, so the epoch
+travels with each index), whichever worker or rank makes it and whatever it made before. So the
+views are the same with any --workers, and an epoch resumed at a step (`set_epoch(epoch,
+start_step)`) reads the same images from there on with the same views: a resumed run trains as an
+uninterrupted one. (lincls and finetune have their own training loader, resumed at epoch ends and
+seeded the same way: moco_fast/seeded_images.py.)
 """
 
 from __future__ import annotations
@@ -214,8 +215,10 @@ class JoinedParts:
     """Each `parts` consecutive items (collate_views' tuples of one batch's parts, in order) as one
     tuple of their fields' parts: (view 1's, view 2's, labels', indices'), which DevicePrefetcher
     joins on the device. It keeps no reference to a batch's parts once it has handed them on (a
-    generator's frame and zip's last tuple do): joined on the CPU, a copy, they leave /dev/shm
-    before their batch's step, not after it."""
+    generator's frame and zip's last tuple do): on the CPU, where the join and the normalisation
+    copy them, they leave /dev/shm before their batch's step, not after it (a batch of one part is
+    not joined: its labels and indices, 16 bytes an image, stay there with it). On CUDA the
+    DataLoader's pin thread has copied them out of /dev/shm already."""
 
     def __init__(self, items: Iterator, parts: int):
         self.items, self.parts = iter(items), parts
