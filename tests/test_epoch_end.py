@@ -88,3 +88,13 @@ def test_an_epochs_row_reads_the_device_once(monkeypatch):
     step = lambda batch: (torch.tensor(2.0), torch.tensor(0.5))  # noqa: E731
     row = run_epoch(step, [None] * 4, build_config("v2", {"runtime.log_every": 100}), 0, 0.1, torch.device("cpu"), 1)
     assert reads == ["item", "tolist"] and (row["loss"], row["pretext_acc"]) == (2.0, 50.0)
+
+
+def test_a_non_finite_epoch_loss_reaches_the_check_as_the_rows(tmp_path, monkeypatch, caplog):
+    # check_finite reads the row's loss (a float) since the row reads the device once: the trainer
+    # hands it over, and a NaN loss with finite weights is the warning, not a silent pass.
+    row = {"loss": float("nan"), "img_per_s": 1.0}  # the steps are not what is tested
+    monkeypatch.setattr(trainer, "_run_epoch", lambda step, loader, cfg, epoch, lr, *rest: {"epoch": epoch + 1, **row})
+    with caplog.at_level("WARNING", logger="moco_fast"):
+        trainer.train(config(tmp_path, **{"optim.epochs": 1}))
+    assert "epoch 1: the mean loss is nan" in caplog.text
