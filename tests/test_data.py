@@ -368,7 +368,7 @@ def test_a_split_with_nothing_decodable_is_an_error(tmp_path):
 def test_a_gpu_feature_pass_copies_its_batches_without_waiting_for_the_gpu(fresh_root, monkeypatch):
     # A copy to a GPU from pageable memory may wait for the steps queued before it, and a blocking one
     # does: the kNN monitor's host waited for the last batch's forward at every batch. On a GPU the
-    # batches come pinned (the DataLoader's pinning thread) and the labels' copies do not block.
+    # batches come pinned (by the DataLoader) and the labels' copies do not block.
     import moco_fast.knn as knn
 
     class Asked(Exception):
