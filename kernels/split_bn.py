@@ -1,12 +1,12 @@
 """Split BatchNorm in training: BN statistics per sub-batch (`num_splits` equal slices along N).
 
-The reference runs the native batch_norm kernel (cuDNN / oneDNN) once per sub-batch and
-concatenates the outputs: at the default 8 splits that is 8 small launches per BN layer and a copy
-of the activations, which on a GPU made the fp16 channels-last ResNet-50 step ~2.6x slower than plain
-BN (154 against 59.7 ms at batch 256 on an H200, bench/results/h200-2026-11-30.md; issue 6). `split_batch_norm` views the batch as
-S x N/S x C x H x W instead (a view for NCHW and channels-last alike: only N splits) and makes a
-few whole-batch passes whatever S is: statistics, one affine pass, and a closed-form backward.
-Neither reads a tensor on the host, so a CUDA graph can capture both.
+The reference runs the native batch_norm kernel (cuDNN / oneDNN) once per sub-batch and concatenates
+the outputs: at the default 8 splits that is 8 small launches per BN layer and a copy of the
+activations, which on a GPU made the fp16 channels-last ResNet-50 step ~2.6x slower than plain BN
+(154 against 59.7 ms at batch 256 on an H200, bench/results/h200-2026-11-30.md; issue 6).
+`split_batch_norm` views the batch as S x N/S x C x H x W instead (a view for NCHW and channels-last
+alike: only N splits) and makes a few whole-batch passes whatever S is: statistics, one affine pass,
+and a closed-form backward. Neither reads a tensor on the host, so a CUDA graph can capture both.
 """
 
 from __future__ import annotations
