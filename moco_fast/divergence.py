@@ -45,9 +45,10 @@ def check_finite(
     """Once per epoch and before a save within one (one host sync): non-finite weights, BN
     statistics or queue stop the run before they are saved over the last good checkpoint (an fp16
     forward that overflows poisons BN's running statistics for good even though the scaler skips its
-    step); a non-finite epoch loss (the row's; None: none to check) with a finite state is a warning (the fp16
-    scaler skipped those steps, and training goes on). The message advises what `cfg` makes likely
-    (divergence_fix) and says whether a checkpoint is `kept` (None: one is from epoch 2 on)."""
+    step); a non-finite epoch loss (the row's; None: none to check) with a finite state is a warning
+    (the fp16 scaler skipped those steps, and training goes on). The message advises what `cfg`
+    makes likely (divergence_fix) and says whether a checkpoint is `kept` (None: one is from epoch 2
+    on)."""
     state = {k: v for k, v in model.state_dict().items() if v.is_floating_point() and v.numel()}
     finite = torch.stack([torch.isfinite(v).all() for v in state.values()])
     if kept is None:

@@ -105,12 +105,13 @@ def run_epoch(
     clock: SaveClock | None = None,
     save: Callable[[EpochPart], None] | None = None,
 ) -> dict[str, Any]:
-    """One pass over the loader (from step `done.step`, which the loader must start at): the
-    epoch's row (mean loss and pretext accuracy over every rank's steps, speed, time; its loss is
-    what check_finite reads, so no second read of the device). At each host sync, a stop that a rank recorded or a
-    save due by `clock` calls save(part) (None: the loader cannot resume within an epoch, and a stop
-    drops the steps of the epoch done) and then raises the stop; a stop after the epoch's last sync
-    within it (to the loop's end) is left agreed in `stops` for the trainer, after its epoch-end save."""
+    """One pass over the loader (from step `done.step`, which the loader must start at): the epoch's
+    row (mean loss and pretext accuracy over every rank's steps, speed, time; its loss is what
+    check_finite reads, so no second read of the device). At each host sync, a stop that a rank
+    recorded or a save due by `clock` calls save(part) (None: the loader cannot resume within an
+    epoch, and a stop drops the steps of the epoch done) and then raises the stop; a stop after the
+    epoch's last sync within it (to the loop's end) is left agreed in `stops` for the trainer, after
+    its epoch-end save."""
     done = done or EpochPart()
     stops = stops or StopRequests()
     clock = clock or SaveClock(0)
