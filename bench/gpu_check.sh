@@ -22,7 +22,8 @@
 #               time (37 s)
 #   momentum    bench/momentum_kernels.py: every EMA backend, ResNet-50 + head   (10 s)
 #   e2e         bench/throughput.py --loader torch on the demo set or E2E_DATA=folder (loader,
-#               end-to-end)   (~1 min expected; 120 s box ran out at 92 img/s, a loader defect since)
+#               end-to-end)   (~1 min expected; its 120 s box ran out at 92 img/s, a loader defect,
+#               fixed since)
 #   hooks       the two phases ffcv and dali:
 #     ffcv      bench/ffcv_loader.py (whole FFCV rows with ffcv and FFCV_DATA=folder, else its GPU
 #               augmentation rows) (50 s)
