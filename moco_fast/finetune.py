@@ -134,7 +134,9 @@ def fine_tune(cfg: FinetuneConfig, loaded: LoadedState | None = None) -> tuple[d
     opt = fast_sgd(net.parameters(), device, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # drop_last: a last batch of one image would break BatchNorm in train mode.
-    loader = image_batches(splits.train, size, True, cfg.batch_size, cfg.workers, cfg.seed, drop_last=True)
+    loader = image_batches(
+        splits.train, size, True, cfg.batch_size, cfg.workers, cfg.seed, drop_last=True, device=device
+    )
     if len(loader) < 1:
         raise DataError(
             f"{len(splits.train)} training images give no full batch of {cfg.batch_size}: lower --batch-size"
@@ -155,7 +157,7 @@ def fine_tune(cfg: FinetuneConfig, loaded: LoadedState | None = None) -> tuple[d
         with autocast_for(device, amp_dtype):
             return net(norm(x))
 
-    eval_batches = image_batches(splits.eval, size, False, cfg.batch_size, cfg.workers, cfg.seed)
+    eval_batches = image_batches(splits.eval, size, False, cfg.batch_size, cfg.workers, cfg.seed, device=device)
 
     def evaluate_now() -> tuple[float, float, int]:
         net.eval()

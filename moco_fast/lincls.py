@@ -121,6 +121,7 @@ def image_batches(
     seed: int,
     drop_last: bool = False,
     desc: str = "evaluation",
+    device: torch.device | None = None,
 ) -> DataLoader | EvalBatches:
     """Host uint8 batches (x, y). Evaluation passes (train=False: the eval split, --cached-features)
     leave out images that fail to decode, so that each image counts once, as in kNN (EvalBatches;
@@ -128,9 +129,12 @@ def image_batches(
     does. Training batches: `loader.sampler.set_epoch(e)` before epoch e; the order comes from
     `loader.sampler.generator` (seeded with `seed`, saved by the classifier's state), each image's
     crop and flip from (seed, e, its index) alone (seeded_images), so that any --workers and a resumed
-    run draw the same. The workers persist across epochs: the epoch travels with each index."""
+    run draw the same. The workers persist across epochs: the epoch travels with each index. For a pass
+    on a CUDA `device` the batches come in pinned memory (knn.eval_batches' `pin`): a copy from
+    pageable memory may wait for the steps queued before it, the host at every batch."""
+    pin = device is not None and device.type == "cuda"
     if not train:
-        return eval_batches(images, image_size, batch_size, workers, desc)
+        return eval_batches(images, image_size, batch_size, workers, desc, pin=pin)
     warn_if_shm_short(workers, batch_size, image_size, "the classifier's training loader")
     loader = DataLoader(
         KeyedImages(ImageDataset(images, train_transform(image_size)), seed),
@@ -144,6 +148,7 @@ def image_batches(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=workers > 0,
         multiprocessing_context=worker_start(workers),
+        pin_memory=pin,
     )
     check_room_to_start(loader)  # its workers start at the first epoch, once (persistent)
     return loader
@@ -285,7 +290,7 @@ def extract(
     for x, y in progress_iter(batches, desc):
         with autocast_for(device, amp_dtype):
             feats.append(backbone(norm(x)).float())
-        labels.append(y.to(device))
+        labels.append(y.to(device, non_blocking=True))  # a blocking copy waited for the batch's forward
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -363,7 +368,7 @@ def run_lincls(
     opt = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def batches(images: ImageList, train: bool, desc: str = "evaluation") -> DataLoader | EvalBatches:
-        return image_batches(images, size, train, cfg.batch_size, cfg.workers, cfg.seed, desc=desc)
+        return image_batches(images, size, train, cfg.batch_size, cfg.workers, cfg.seed, desc=desc, device=device)
 
     eval_images = batches(splits.eval, train=False)
     if cfg.cached_features:

@@ -266,3 +266,48 @@ def test_short_run_knn_beats_random_init(tmp_path):
     )
     row = train(cfg)
     assert row["final_knn_top1"] > row["random_knn_top1"], row
+
+
+@pytest.mark.parametrize("command", ["lincls", "lincls cached", "finetune"])
+def test_classifier_batches_reach_a_gpu_from_pinned_memory(ckpt, six_root, tmp_path, monkeypatch, command):
+    # A copy to a GPU from pageable memory may wait for the steps queued before it: lincls and
+    # finetune's hosts waited for the last step at every batch, training and evaluation alike. Each
+    # of their loaders is asked for the run's device, and on a GPU gives pinned batches.
+    import moco_fast.finetune as finetune
+    import moco_fast.lincls as lincls
+    from moco_fast.data import list_images
+
+    class Asked(Exception):
+        pass
+
+    asked, real = [], lincls.image_batches
+
+    def batches(*a, **k):
+        asked.append(k.get("device"))
+        if len(asked) == 2:  # both loaders made: the training one and the evaluation one
+            raise Asked
+        return real(*a, **k)
+
+    base = dict(checkpoint=str(ckpt), data=str(six_root), epochs=1, batch_size=8, workers=0, device="cpu")
+    base["out"] = str(tmp_path / "r.json")
+    monkeypatch.setattr(finetune if command == "finetune" else lincls, "image_batches", batches)
+    with pytest.raises(Asked):
+        if command == "finetune":
+            finetune.fine_tune(finetune.FinetuneConfig(**base))
+        else:
+            lincls.run_lincls(lincls.LinclsConfig(**base, cached_features=command.endswith("cached")))
+    assert asked == [torch.device("cpu")] * 2
+    images = list_images(six_root / "train")
+    for training in (True, False):
+        for device, pinned in ((torch.device("cuda"), True), (torch.device("cpu"), False), (None, False)):
+            loader = real(images, 8, training, 4, 0, 0, device=device)
+            assert (loader if training else loader.loader).pin_memory is pinned
+    # --cached-features' labels: copied without waiting for their batch's forward
+    copies, to = [], torch.Tensor.to
+    monkeypatch.setattr(
+        torch.Tensor, "to", lambda t, *a, **k: (t.dtype == torch.long and copies.append(k)) or to(t, *a, **k)
+    )
+    x, y = torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1])
+    norm = lincls.Normalizer(lincls.AugSpec(), torch.device("cpu"))
+    lincls.extract(lambda x: x.mean((2, 3)), [(x, y)] * 2, norm, torch.device("cpu"), None, "features")
+    assert copies == [{"non_blocking": True}] * 2
