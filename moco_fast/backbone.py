@@ -34,11 +34,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             # an empty batch: nothing to normalise, and the statistics kernel would record 0 / 0
             return super().forward(x)
         self._check_input_dim(x)
-        if self.momentum is None and self.track_running_stats:  # nn.BatchNorm2d's cumulative average
+        # track_running_stats=False (running statistics None, or set off later), or built without running
+        # statistics and turned on later: none recorded, no count, as nn.BatchNorm2d does
+        track = self.track_running_stats and self.running_mean is not None
+        if self.momentum is None and track:  # nn.BatchNorm2d's cumulative average
             raise ValueError("split BN needs a momentum: momentum=None (a cumulative average) is not implemented")
-        # track_running_stats=False (running statistics None, or set off later): none recorded, no count,
-        # as nn.BatchNorm2d does
-        track = self.track_running_stats
         running = (self.running_mean, self.running_var) if track else (None, None)
         y = split_batch_norm(x, self.num_splits, *running, self.weight, self.bias, self.momentum, self.eps)
         if track:

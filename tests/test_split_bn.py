@@ -196,14 +196,20 @@ def test_split_bn_without_momentum_is_refused():
         bn(torch.randn(4, 3, 2, 2))
 
 
-@pytest.mark.parametrize("built_without", [True, False], ids=["built-without", "turned-off"])
-def test_split_bn_without_running_statistics_normalises_each_split(built_without):
+@pytest.mark.parametrize(
+    ("built_without", "tracks"),
+    [(True, False), (False, False), (True, True)],
+    ids=["built-without", "turned-off", "built-without-turned-on"],
+)
+def test_split_bn_without_running_statistics_normalises_each_split(built_without, tracks):
     # track_running_stats=False, at construction (running statistics None: split BN's training pass
     # raised AttributeError on them) or set later: each sub-batch's own statistics and nothing
-    # recorded, momentum=None allowed, as nn.BatchNorm2d does
+    # recorded, momentum=None allowed, as nn.BatchNorm2d does. Built without and turned on later
+    # there is still nothing to record into: nn.BatchNorm2d records nothing; split BN raised
+    # AttributeError on the count (None) and refused momentum=None
     torch.manual_seed(0)
     bn = split_bn(2, momentum=None, track_running_stats=not built_without)
-    bn.track_running_stats = False
+    bn.track_running_stats = tracks
     x = spread_batch().requires_grad_()
     y = bn(x)
     ref = torch.cat([F.batch_norm(c, None, None, bn.weight, bn.bias, True) for c in x.chunk(2)])
