@@ -255,4 +255,5 @@ def test_split_bn_takes_inputs_of_any_strides(cut):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     g = torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)
     torch.testing.assert_close(*(torch.autograd.grad((t * g).sum(), big) for t in (y, y_ref)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
     torch.testing.assert_close(bn.running_var, ref.running_var)
