@@ -23,6 +23,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     cannot cheat through them. Running statistics are the mean of the sub-batches' statistics, as
     in the official MoCo CIFAR demo. The arithmetic is kernels/split_bn.py's: a few whole-batch
     passes whatever the number of splits, any memory format, fp32 statistics.
+
+    Evaluation is nn.BatchNorm2d's pass: the running statistics, or, built without them
+    (track_running_stats=False), the whole batch's statistics, not each sub-batch's as the demo's
+    `training or not track_running_stats` would take (it fails there on the statistics it does not
+    have): an evaluation batch, kNN's last, need not divide into the splits.
     """
 
     def __init__(self, num_features: int, num_splits: int = 1, **kw):
