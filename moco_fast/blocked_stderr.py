@@ -39,8 +39,11 @@ def given_up_after() -> Iterator[Callable[[], None]]:
         Another is the caller's (signal.alarm, a test's timeout), which goes where it went before. The
         waker's are counted, each taken by one SIGALRM, not flagged from the first on as _give_up's
         are: it sends them while stderr merely takes nothing (no stop), and a flag would take every
-        later SIGALRM for its own, the watchdog of a program whose line blocks for ever too. deque's
-        pop takes no lock, which a handler run within this one would wait for."""
+        later SIGALRM for its own, the watchdog of a program whose line blocks for ever too. A
+        caller's SIGALRM that comes while one of the waker's is still pending merges with it (the
+        kernel keeps one pending) and is taken for the waker's: a one-shot watchdog can be lost so,
+        a repeating one cannot. deque's pop takes no lock, which a handler run within this one would
+        wait for."""
         if sent.is_set():
             return
         try:
