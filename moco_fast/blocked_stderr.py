@@ -42,7 +42,7 @@ def given_up_after() -> Iterator[Callable[[], None]]:
         later SIGALRM for its own, the watchdog of a program whose line blocks for ever too. A
         caller's SIGALRM that comes while one of the waker's is still pending merges with it (the
         kernel keeps one pending) and is taken for the waker's: a one-shot watchdog can be lost so,
-        a repeating one cannot. deque's pop takes no lock, which a handler run within this one would
+        a repeating one loses that one tick. deque's pop takes no lock, which a handler run within this one would
         wait for."""
         if sent.is_set():
             return
