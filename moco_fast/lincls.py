@@ -45,7 +45,7 @@ from moco_fast.data import (
 from moco_fast.data_listing import listing_fingerprint
 from moco_fast.image_dataset import ImageDataset
 from moco_fast.knn import EvalBatches, collate_labeled, eval_batches, warn_if_shm_short
-from moco_fast.loaders.base import mean_std_255, normalize_on_device
+from moco_fast.loaders.base import mean_std_255, normalize_on_device, pinned_copy
 from moco_fast.metrics import progress
 from moco_fast.run_folder import LINCLS_RESULT, result_beside
 from moco_fast.seeded_images import EpochKeys, KeyedImages
@@ -305,8 +305,13 @@ def progress_iter(batches: Iterable, desc: str):
 
 
 def tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, g: torch.Generator | None):
+    """--cached-features' epoch: batches of the device-resident features, in a new order each epoch
+    where `shuffle`. The order is drawn on the host (`g`, seeded) and copied without the host waiting
+    for the GPU (pinned_copy), where a plain copy waited for the last epoch's steps."""
     order = (
-        torch.randperm(x.shape[0], generator=g).to(x.device) if shuffle else torch.arange(x.shape[0], device=x.device)
+        pinned_copy(torch.randperm(x.shape[0], generator=g), x.device)
+        if shuffle
+        else torch.arange(x.shape[0], device=x.device)
     )
     return [(x[i], y[i]) for i in order.split(batch_size)]
 

@@ -90,6 +90,40 @@ def test_lincls_learns_on_cached_features(ckpt, six_root, tmp_path):
     assert losses[-1] < losses[0] * 0.7, losses
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
+def test_cached_feature_epochs_cover_each_row_once_in_the_seeded_order(device):
+    from moco_fast.lincls import tensor_batches
+
+    dev = torch.device(device)
+    x = torch.arange(40, dtype=torch.float32, device=dev).view(20, 2)  # row i holds 2i, 2i + 1
+    y = torch.arange(20, device=dev)
+    first = tensor_batches(x, y, 8, True, torch.Generator().manual_seed(3))  # before any sync check
+    if dev.type == "cuda":  # the epoch's order reaches the device without the host waiting for it
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = tensor_batches(x, y, 8, True, torch.Generator().manual_seed(3))
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert [len(b[1]) for b in again] == [8, 8, 4]
+    labels = torch.cat([b[1] for b in again]).cpu()
+    assert sorted(labels.tolist()) == list(range(20)) and labels.tolist() != list(range(20))
+    assert labels.tolist() == torch.cat([b[1] for b in first]).cpu().tolist()  # the seed decides
+    assert all(torch.equal(bx[:, 0], 2.0 * by) for bx, by in again)  # each row keeps its label
+    plain = tensor_batches(x, y, 8, False, None)
+    assert torch.cat([b[1] for b in plain]).cpu().tolist() == list(range(20))
+
+
 def test_backbone_check_catches_changes(ckpt):
     from moco_fast.checkpoint import load_model
     from moco_fast.lincls import BackboneChangedError, check_unchanged
