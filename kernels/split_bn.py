@@ -7,6 +7,8 @@ activations, which on a GPU made the fp16 channels-last ResNet-50 step ~2.6x slo
 `split_batch_norm` views the batch as S x N/S x C x H x W instead (a view for NCHW and channels-last
 alike: only N splits) and makes a few whole-batch passes whatever S is: statistics, one affine pass,
 and a closed-form backward. Neither reads a tensor on the host, so a CUDA graph can capture both.
+`split_batch_norm_regroup` is the official CIFAR demo's way, one native call on S x C channels,
+kept for bench/split_bn.py to time against the two.
 """
 
 from __future__ import annotations
@@ -64,6 +66,40 @@ def split_batch_norm_reference(
         running_mean.copy_(run_mean.mean(0))
         running_var.copy_(run_var.mean(0))
     return torch.cat(outs)
+
+
+def split_batch_norm_regroup(
+    x: torch.Tensor,
+    num_splits: int,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """The official CIFAR demo's split BN: one native F.batch_norm on the batch regrouped to
+    N/S x S*C x H x W, so that sub-batch i is images i, i + S, i + 2S, ... (interleaved, where the
+    others take N/S consecutive images: the same BN of a randomly shuffled batch, not the same
+    function). A view of an NCHW batch; any other layout (channels-last) is copied in, and the output
+    copied back to it. Running statistics as the reference keeps them: S copies, each moved by its
+    sub-batch, averaged. Timed against the others by bench/split_bn.py; no model uses it."""
+    n, c = x.shape[:2]
+    _split(x, num_splits)  # the same errors as the others
+    layout = torch.contiguous_format
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        layout = torch.channels_last
+    xr = x.contiguous().view(n // num_splits, num_splits * c, *x.shape[2:])
+    track = running_mean is not None
+    run_mean = running_mean.repeat(num_splits) if track else None  # S*C, split-major as the channels
+    run_var = running_var.repeat(num_splits) if track else None
+    affine = (None if t is None else t.repeat(num_splits) for t in (weight, bias))
+    y = F.batch_norm(xr, run_mean, run_var, *affine, True, momentum, eps)
+    if track:
+        with torch.no_grad():
+            running_mean.copy_(run_mean.view(num_splits, c).mean(0))
+            running_var.copy_(run_var.view(num_splits, c).mean(0))
+    return y.view(x.shape).contiguous(memory_format=layout)
 
 
 def _split(x: torch.Tensor, s: int) -> torch.Tensor:

@@ -1,13 +1,13 @@
 """Split BatchNorm (one-device shuffle BN): statistics per sub-batch, any memory format; the
-whole-batch kernel (kernels/split_bn.py) against its reference (F.batch_norm per sub-batch) and
-SplitBatchNorm2d against per-chunk nn.BatchNorm2d."""
+whole-batch kernel (kernels/split_bn.py) and the regrouped one (the official demo's) against the
+reference (F.batch_norm per sub-batch) and SplitBatchNorm2d against per-chunk nn.BatchNorm2d."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from moco_fast.kernels.split_bn import _SplitBatchNorm, _stats, split_batch_norm_reference
+from moco_fast.kernels.split_bn import _SplitBatchNorm, _stats, split_batch_norm_reference, split_batch_norm_regroup
 from torch import nn
 
 from moco_fast.backbone import SplitBatchNorm2d
@@ -63,27 +63,36 @@ def run_both(bn: SplitBatchNorm2d, x: torch.Tensor, steps: int = 2, bf16: bool =
     statistics, after `steps` steps (the second one moves running statistics that are no longer the
     initial 0 and 1), and the copy."""
     ref = copy.deepcopy(bn)
-    state = (ref.running_mean, ref.running_var, ref.weight, ref.bias, ref.momentum, ref.eps)
-    outs = []
-    for fn in (bn, lambda x: split_batch_norm_reference(x, ref.num_splits, *state)):
-        for step in range(steps):
-            xi = (x + step).detach().requires_grad_()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                y = fn(xi)
-            # a weighted sum: the uniform gradient of y.sum() would hide mistakes in the backward
-            g = torch.cos(torch.arange(y.numel(), dtype=torch.float32, device=y.device)).view_as(y)
-            (y.float() * g).sum().backward()
-        outs.append((y, xi.grad))
-    return outs, ref
+    return [run_steps(fn, x, steps, bf16) for fn in (bn, kernel_of(ref, split_batch_norm_reference))], ref
 
 
-def assert_same_state(bn, ref, **tol):
+def kernel_of(bn: nn.BatchNorm2d, kernel):
+    """x -> `kernel` (a split BN function) on x with bn's splits, parameters and running statistics."""
+    return lambda x: kernel(x, bn.num_splits, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.momentum, bn.eps)
+
+
+def run_steps(fn, x: torch.Tensor, steps: int = 2, bf16: bool = False):
+    """(output, input grad) of `fn` at its last step, the parameters' gradients accumulated over all."""
+    for step in range(steps):
+        xi = (x + step).detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = fn(xi)
+        # a weighted sum: the uniform gradient of y.sum() would hide mistakes in the backward
+        g = torch.cos(torch.arange(y.numel(), dtype=torch.float32, device=y.device)).view_as(y)
+        (y.float() * g).sum().backward()
+    return y, xi.grad
+
+
+def assert_same_state(bn, ref, batches: int | None = 2, **tol):
+    """Parameter gradients and running statistics alike, and `batches` counted in bn (None: not
+    looked at, for kernels called without their module)."""
     if bn.affine:
         torch.testing.assert_close(bn.weight.grad, ref.weight.grad, **tol)
         torch.testing.assert_close(bn.bias.grad, ref.bias.grad, **tol)
     torch.testing.assert_close(bn.running_mean, ref.running_mean, **tol)
     torch.testing.assert_close(bn.running_var, ref.running_var, **tol)
-    assert bn.num_batches_tracked.item() == 2
+    if batches is not None:
+        assert bn.num_batches_tracked.item() == batches
 
 
 REFERENCE_CASES = [(s, cl, affine, False) for s in (2, 4) for cl in (False, True) for affine in (True, False)]
@@ -132,6 +141,43 @@ def test_split_bn_matches_its_reference_on_each_device(device, dtype):
     torch.testing.assert_close(y, y_ref, **tol)
     torch.testing.assert_close(dx, dx_ref, **tol)
     assert_same_state(bn, ref, **tol)
+
+
+def interleaved_reference(x, s, *state):
+    """The reference on sub-batches of images i, i + S, i + 2S, ...: the regrouped split BN's."""
+    order = torch.arange(x.shape[0]).view(-1, s).t().flatten()  # sub-batch i's images, then i + 1's
+    return split_batch_norm_reference(x[order], s, *state)[torch.argsort(order)]
+
+
+@pytest.mark.parametrize(
+    ("s", "channels_last", "affine", "dtype"),
+    [
+        *((s, cl, affine, torch.float32) for s in (2, 4) for cl in (False, True) for affine in (True, False)),
+        (8, True, True, torch.float16),
+        (8, False, True, torch.bfloat16),
+    ],
+)
+def test_the_regrouped_split_bn_is_the_reference_on_interleaved_sub_batches(s, channels_last, affine, dtype):
+    # One F.batch_norm over N/S x S*C channels (the official demo's): outputs, input, weight and bias
+    # gradients and running statistics over two steps, against the reference per sub-batch of
+    # interleaved images; the output keeps the input's dtype and layout (channels-last copied back)
+    torch.manual_seed(0)
+    bn = split_bn(s, c=16, affine=affine)
+    ref = copy.deepcopy(bn)
+    x = spread_batch(n=32, c=16, channels_last=channels_last).to(dtype)
+    y, dx = run_steps(kernel_of(bn, split_batch_norm_regroup), x)
+    y_ref, dx_ref = run_steps(kernel_of(ref, interleaved_reference), x)
+    assert y.dtype == dx.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    assert_same_state(bn, ref, batches=None, **tol)
+    # without running statistics: the same outputs, nothing recorded
+    y_free = split_batch_norm_regroup(x + 1, s, None, None, bn.weight, bn.bias, bn.momentum, bn.eps)
+    torch.testing.assert_close(y_free, y, **tol)
+    with pytest.raises(ValueError, match="divisible"):
+        split_batch_norm_regroup(x[1:], s, None, None, None, None, 0.1, 1e-5)
 
 
 def test_fp16_split_bn_keeps_fp32_statistics():
