@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
@@ -24,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 import torch
 from moco_fast.kernels.momentum import MOMENTUM_BACKENDS
 from moco_fast.kernels.momentum_triton import interpreting
-from report import check_output_path, device_info
+from report import check_output_path, device_info, time_calls
 
 from moco_fast.checkpoint import atomic_write_text
 from moco_fast.config import ConfigError, ModelConfig, check_at_least
@@ -37,26 +35,6 @@ M = 0.999
 def official_loop(ks, qs, m):
     for pk, pq in zip(ks, qs):
         pk.data = pk.data * m + pq.data * (1.0 - m)
-
-
-def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median milliseconds per call (CUDA events on a GPU, the host clock on a CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def rel_error(ks, k0, q0, m) -> float:

@@ -1,5 +1,5 @@
-"""The table, the machine description, the endless batch stream, the output-path check and the log
-lines said once of the bench/ scripts."""
+"""The table, the machine description, the call timer, the endless batch stream, the output-path
+check and the log lines said once of the bench/ scripts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import contextlib
 import logging
 import os
 import platform
+import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +39,26 @@ def device_info(device: torch.device) -> dict:
     if hasattr(os, "getloadavg"):
         info["load_avg_1min"] = os.getloadavg()[0]  # a shared machine's figures are noisy: say how busy it was
     return info
+
+
+def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds per call (CUDA events on a GPU, the host clock on a CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
 
 
 COLUMNS = [  # (key, header, format)
