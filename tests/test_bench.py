@@ -1,5 +1,5 @@
 """bench/: the throughput script end to end on the CPU, its row parsing, its flags' checks, the plot,
-the momentum and FFCV benches' flags, bench/pack_folder.py, and each script's --help as gpu_check.sh
+the momentum, split-BN and FFCV benches' flags, bench/pack_folder.py, and each script's --help as gpu_check.sh
 runs it (the profile breakdown and the reference step: test_bench_reference.py; the table and its
 ratios: test_bench_report.py)."""
 
@@ -499,3 +499,38 @@ def test_every_flag_with_a_default_says_it():
         if a.option_strings and a.default not in (None, False, [], argparse.SUPPRESS) and "default" not in a.help
     ]
     assert silent == []
+
+
+def test_split_bn_bench_times_each_candidate_on_each_bn_shape_of_the_encoder(tmp_path, capsys):
+    # the shapes are the encoder's own (its BatchNorm layers counted here apart), each weighted by the
+    # layers that have it; the totals and the ratios to plain are those of the rows
+    import split_bn
+
+    from moco_fast.config import ModelConfig
+    from moco_fast.model import build_encoder
+
+    out = tmp_path / "split-bn.json"
+    args = ["--device", "cpu", "--arch", "resnet18", "--batch-size", "8", "--image-size", "32", "--splits", "2"]
+    assert split_bn.main([*args, "--dtype", "fp32", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in build_encoder(ModelConfig("resnet18"), 32, 1).modules())
+    assert res["layers"] == sum(r["layers"] for r in res["rows"]) == layers == 20
+    assert [r["shape"] for r in res["rows"]][:2] == [[8, 64, 32, 32], [8, 128, 16, 16]]  # CIFAR stem: no pooling
+    names = ["plain", "split", "reference", "regroup"]
+    for n in names:
+        assert res["total_ms"][n] == pytest.approx(sum(r[n] for r in res["rows"])) and res["total_ms"][n] > 0
+        assert res["vs_plain"][n] == pytest.approx(res["total_ms"][n] / res["total_ms"]["plain"])
+    printed = capsys.readouterr().out
+    assert "all 20 BN layers" in printed and "x plain" in printed and "fastest split path: " in printed
+    assert res["device"]["type"] == "cpu" and res["errors"] == []
+
+
+@pytest.mark.parametrize(
+    "flags", [["--splits", "3"], ["--splits", "0"], ["--rows", "split,fused"], ["--image-size", "4"], ["--arch", "vgg"]]
+)
+def test_split_bn_bench_refuses_bad_flags_in_one_line(flags, capsys):
+    import split_bn
+
+    assert split_bn.main(["--device", "cpu", "--batch-size", "16", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
