@@ -9,6 +9,10 @@
 # Phases (the default list, in this order; times seen on one H200 on 2026-11-30,
 # bench/results/h200-2026-11-30.md):
 #   env         nvidia-smi, versions                                            (6 s)
+#   splitbn     bench/split_bn.py: plain BN, split BN's whole-batch kernel, its per-sub-batch reference
+#               and the official demo's regroup, forward + backward on each BN shape of the ResNet-50
+#               encoder at batch 256, fp16 (the H200's 154 ms step) then bf16 (--amp auto), channels-last:
+#               which split-BN path is fastest (not run on a GPU yet; well under a minute expected)
 #   tests       pytest -m "gpu and not slow" (sync-free step, CUDA graph, Triton kernel, resume on CUDA,
 #               DALI/resident GPU paths, ...), test_sync_free.py and test_train.py first: first, so that
 #               a short budget still proves the step sync-free (45 s; DALI's 5 GPU tests: 55 s more)
@@ -57,7 +61,7 @@
 # in a process group of its own, so a signal to the script's group misses it). The working tree
 # (counted there as 8-17 MB: p1 with 9 MB more was refused) counts toward each call's 64 MiB.
 # Still owed, in order (a later session takes the next one):
-#   1. throughput (all rows, uncontended, after the split-BN rewrite), dali, e2e: issue 6's 3.5x,
+#   1. splitbn (seconds; it says which split-BN path to keep), throughput (all rows, uncontended, after the split-BN rewrite), dali, e2e: issue 6's 3.5x,
 #      bf16 against fp16, compile; issue 3's >= 95% against a fast trainer
 #   2. cifar with CIFAR_FLAGS=--cuda-graph: issue 7's 200-epoch run; then cifar-lincls
 #   3. tests-slow alone (issue 5's one-worker overhead, measured while the GPU was shared in 2026-11)
@@ -80,14 +84,15 @@ DRY=${DRY:-}
 if [[ -n $DRY ]]; then
   TP=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --moco-k 64 --steps 1 --warmup 0 --workers 0)
   MOM=(--device cpu --arch resnet18 --repeats 1 --warmup 0)
+  SBN=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --repeats 1 --warmup 0)
   AUG=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)
   TRAIN=(--device cpu --epochs 1 --batch-size 64 --moco-k 128 --stem imagenet --workers 0 --knn-every 0)
   KNN=(--device cpu --workers 0)
   LINCLS=(--device cpu --workers 0 --epochs 2 --schedule 1 --eval-every 1 --batch-size 256)
 else
-  TP=() MOM=() AUG=() TRAIN=() KNN=() LINCLS=()
+  TP=() MOM=() SBN=() AUG=() TRAIN=() KNN=() LINCLS=()
 fi
-PHASES=${*:-env tests throughput cifar-speed momentum e2e hooks tests-slow}
+PHASES=${*:-env splitbn tests throughput cifar-speed momentum e2e hooks tests-slow}
 LOG=$OUT/gpu_check.log
 export PYTHONUNBUFFERED=1
 : >"$LOG"
@@ -178,6 +183,11 @@ phase_cifar_speed() {
     echo "== cifar-speed: skipped (no CIFAR-10: carry .devdata/cifar10.npz or set CIFAR_DATA)" | tee -a "$LOG"
     STATUS+=("cifar-speed: skipped (no data)")
   fi
+}
+phase_splitbn() {
+  for dtype in fp16 bf16; do
+    run "splitbn-$dtype" 60 $PY bench/split_bn.py --dtype "$dtype" --json "$OUT/split-bn-$dtype.json" "${SBN[@]}"
+  done
 }
 phase_momentum() {
   run momentum 90 $PY bench/momentum_kernels.py --json "$OUT/momentum.json" "${MOM[@]}"
@@ -300,6 +310,18 @@ if res.get("rows"):
     for r in res["rows"]:
         got = f"{r['ms']:.3f} ms, {r['gb_per_s']:.0f} GB/s" if r.get("ms") is not None else f"failed: {r.get('error')}"
         print(f"  {r['name']:<24} {got}")
+for f in sorted(out.glob("split-bn-*.json")):
+    res = load(f)
+    if not res.get("rows"):
+        continue
+    c, plain = res["config"], res["total_ms"].get("plain")
+    print(f"\nsplit BN, {res['layers']} BN layers forward + backward, {c['arch']} batch {c['batch_size']}, "
+          f"{c['splits']} splits, {c['dtype']}{' channels-last' if c['channels_last'] else ' NCHW'}, on {res['device'].get('name', '?')}:")
+    for n, ms in res["total_ms"].items():
+        got = "failed" if ms is None else f"{ms:.2f} ms/step" + (f", {ms / plain:.2f}x plain" if plain else "")
+        print(f"  {n:<10} {got}")
+    for e in res["errors"]:
+        print(f"  failed: {e}")
 # The issues' ratios, each measured within one run: loader-fed step against the synthetic-input step
 # (issue 3: DALI >= 95%), and the FFCV device augmentation pass against the ResNet-50 step (issue 4: < 5%).
 print("\nratios:")

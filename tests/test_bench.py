@@ -447,6 +447,19 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
         json.dumps({"rows": [{"row": "aug-batch", "img_per_s": 1e5, "ms_per_batch": 2.0}]})
     )
     (tmp_path / "momentum.json").write_text('{"cut short')
+    config = {"arch": "resnet50", "batch_size": 256, "splits": 8, "dtype": "fp16", "channels_last": True}
+    (tmp_path / "split-bn-fp16.json").write_text(
+        json.dumps(
+            {
+                **rows,
+                "rows": [{"name": "256 x 64 x 112 x 112"}],
+                "total_ms": {"plain": 4.0, "split": 6.0, "regroup": None},
+                "errors": ["regroup on 256 x 64 x 112 x 112: OutOfMemoryError: ..."],
+                "layers": 53,
+                "config": config,
+            }
+        )
+    )
     out = subprocess.run([sys.executable, "-", str(tmp_path)], input=summary, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "dali: end-to-end = 96.0% of trainer" in out.stdout
@@ -457,6 +470,8 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
     assert "loader/step: a loader row's img/s over its run's fastest step row" in out.stdout
     assert "ffcv aug-batch: 2.00 ms = 2.5% of the trainer:bf16 step (80.0 ms)" in out.stdout
     assert "momentum.json: unreadable" in out.stdout
+    assert "split BN, 53 BN layers forward + backward, resnet50 batch 256, 8 splits, fp16 channels-last" in out.stdout
+    assert "  split      6.00 ms/step, 1.50x plain\n  regroup    failed\n" in out.stdout
 
 
 def test_the_progress_line_shows_a_slow_rows_images_a_second():
