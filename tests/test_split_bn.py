@@ -117,17 +117,13 @@ def test_split_bn_matches_its_reference(s, channels_last, affine, bf16):
     assert_same_state(bn, ref, **tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
-        ),
-    ],
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_split_bn_matches_its_reference_on_each_device(device, dtype):
     # fp16 / bf16 inputs without autocast (the parameters and statistics stay fp32, as autocast leaves
     # them; moco_fast never casts the model) and CUDA's own path: var_mean statistics, the affine
@@ -145,10 +141,11 @@ def test_split_bn_matches_its_reference_on_each_device(device, dtype):
 
 def interleaved_reference(x, s, *state):
     """The reference on sub-batches of images i, i + S, i + 2S, ...: the regrouped split BN's."""
-    order = torch.arange(x.shape[0]).view(-1, s).t().flatten()  # sub-batch i's images, then i + 1's
+    order = torch.arange(x.shape[0], device=x.device).view(-1, s).t().flatten()  # sub-batch i's images, then i + 1's
     return split_batch_norm_reference(x[order], s, *state)[torch.argsort(order)]
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize(
     ("s", "channels_last", "affine", "dtype"),
     [
@@ -157,14 +154,15 @@ def interleaved_reference(x, s, *state):
         (8, False, True, torch.bfloat16),
     ],
 )
-def test_the_regrouped_split_bn_is_the_reference_on_interleaved_sub_batches(s, channels_last, affine, dtype):
-    # One F.batch_norm over N/S x S*C channels (the official demo's): outputs, input, weight and bias
-    # gradients and running statistics over two steps, against the reference per sub-batch of
-    # interleaved images; the output keeps the input's dtype and layout (channels-last copied back)
+def test_the_regrouped_split_bn_is_the_reference_on_interleaved_sub_batches(s, channels_last, affine, dtype, device):
+    # One F.batch_norm over N/S x S*C channels (the official demo's; cuDNN's on CUDA): outputs, input,
+    # weight and bias gradients and running statistics over two steps, against the reference per
+    # sub-batch of interleaved images; the output keeps the input's dtype and layout (channels-last
+    # copied back)
     torch.manual_seed(0)
-    bn = split_bn(s, c=16, affine=affine)
+    bn = split_bn(s, c=16, affine=affine).to(device)
     ref = copy.deepcopy(bn)
-    x = spread_batch(n=32, c=16, channels_last=channels_last).to(dtype)
+    x = spread_batch(n=32, c=16, channels_last=channels_last).to(device, dtype)
     y, dx = run_steps(kernel_of(bn, split_batch_norm_regroup), x)
     y_ref, dx_ref = run_steps(kernel_of(ref, interleaved_reference), x)
     assert y.dtype == dx.dtype == dtype
@@ -173,7 +171,7 @@ def test_the_regrouped_split_bn_is_the_reference_on_interleaved_sub_batches(s, c
     torch.testing.assert_close(y, y_ref, **tol)
     torch.testing.assert_close(dx, dx_ref, **tol)
     assert_same_state(bn, ref, batches=None, **tol)
-    # without running statistics: the same outputs, nothing recorded
+    # without running statistics: the same outputs
     y_free = split_batch_norm_regroup(x + 1, s, None, None, bn.weight, bn.bias, bn.momentum, bn.eps)
     torch.testing.assert_close(y_free, y, **tol)
     with pytest.raises(ValueError, match="divisible"):
