@@ -46,6 +46,10 @@ CANDIDATES = {
     "regroup": split_batch_norm_regroup,
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Calls in one timed sample on a GPU (one on a CPU, where there is no queue). In an eager step a
+# layer's kernels queue behind the last layer's; one call between two events starts on an idle GPU
+# and ends with a sync, a latency that would count in every call (possibly much of a small layer's BN).
+CHAINED = 5
 
 
 def bn_shapes(model: ModelConfig, batch: int, image_size: int) -> dict[tuple[int, ...], int]:
@@ -69,8 +73,8 @@ def bn_shapes(model: ModelConfig, batch: int, image_size: int) -> dict[tuple[int
     return shapes
 
 
-def bn_call(fn, shape, splits: int, dtype: torch.dtype, channels_last: bool, device: torch.device):
-    """One forward + backward of `fn` on a random batch of `shape` (fp32 parameters and running
+def bn_call(fn, shape, splits: int, dtype: torch.dtype, channels_last: bool, device: torch.device, calls: int):
+    """`calls` forwards + backwards of `fn` on a random batch of `shape` (fp32 parameters and running
     statistics, as autocast leaves them): the input, weight and bias gradients of a random upstream
     gradient, as the training step takes them."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -82,8 +86,9 @@ def bn_call(fn, shape, splits: int, dtype: torch.dtype, channels_last: bool, dev
     running = torch.zeros(c, device=device), torch.ones(c, device=device)
 
     def call():
-        y = fn(x, splits, *running, weight, bias, 0.1, 1e-5)
-        torch.autograd.grad(y, (x, weight, bias), dy)
+        for _ in range(calls):
+            y = fn(x, splits, *running, weight, bias, 0.1, 1e-5)
+            torch.autograd.grad(y, (x, weight, bias), dy)
 
     return call
 
@@ -102,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=DTYPES, default="fp16", help="the activations' dtype (default fp16)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="(default on)")
     p.add_argument("--rows", default=",".join(CANDIDATES), help=f"candidates to time (default {','.join(CANDIDATES)})")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per shape and candidate first (default 3)")
-    p.add_argument("--repeats", type=int, help="timed calls per shape and candidate (default 20 on GPU, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed samples per shape and candidate first (default 3)")
+    p.add_argument("--repeats", type=int, help="timed samples per shape and candidate (default 20 on GPU, 3 on CPU)")
     p.add_argument("--json", help="write the figures here, a .json file")
     args = p.parse_args(argv)
     try:  # every value checked before any work: one line and exit 2
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]
+    chain = CHAINED if device.type == "cuda" else 1
     torch.manual_seed(0)
     rows, errors = [], []
     for shape, layers in shapes.items():
@@ -132,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         row["layers"] = layers
         for name in names:
             try:  # each call's tensors freed before the next candidate's
-                call = bn_call(CANDIDATES[name], shape, args.splits, dtype, args.channels_last, device)
-                row[name] = layers * time_calls(call, device, args.warmup, repeats)
+                call = bn_call(CANDIDATES[name], shape, args.splits, dtype, args.channels_last, device, chain)
+                row[name] = layers * time_calls(call, device, args.warmup, repeats) / chain
             except (RuntimeError, ValueError) as e:  # out of memory, a sub-batch of one value per channel
                 errors.append(f"{name} on {row['name']}: {type(e).__name__}: {str(e)[:200]}")
             call = None
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     n_layers = sum(shapes.values())
     total = {"name": f"all {n_layers} BN layers", "settings": "ms/step"}
     total.update({n: sum(r[n] for r in rows) for n in names if all(n in r for r in rows)})
-    ratio = {"name": "x plain", "settings": ""}
+    ratio = {"name": "x plain", "settings": ""}  # empty where plain BN is not timed
     if "plain" in total:
         ratio.update({n: total[n] / total["plain"] for n in names if n in total})
     columns = [(n, n, "{:.2f}") for n in names]
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = "channels-last" if args.channels_last else "NCHW"
     print(f"\nsplit BN forward + backward on {info['name']}: {args.arch} query encoder, batch {args.batch_size},")
     print(f"{args.image_size} px, {args.splits} splits, {args.dtype} {layout}; ms per step: a shape's median call")
-    print(f"(of {repeats}) times the layers that have it")
+    print(f"(of {repeats}{f' samples of {chain} calls' if chain > 1 else ''}) times the layers that have it")
     print(format_table([*rows, total, ratio], columns))
     splits_timed = [n for n in names if n != "plain" and n in total]
     if splits_timed:
