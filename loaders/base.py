@@ -99,13 +99,21 @@ class TrainLoader(Protocol):
     def __iter__(self) -> Iterator[Batch]: ...
 
 
+def pins(device: torch.device | None) -> bool:
+    """Whether host batches bound for `device` are pinned (pinned_copy, the DataLoaders' pin_memory,
+    knn.eval_batches' pin): on CUDA, where a copy from pageable memory may wait for every step queued
+    before it (pinned_copy); elsewhere (a CPU run, or None: no device) pinning is a host copy that
+    buys nothing."""
+    return device is not None and device.type == "cuda"
+
+
 def pinned_copy(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor copied to `device` without the host waiting for the GPU. CUDA may synchronise
     with the stream before a copy from pageable memory starts (its "API synchronization behavior"
     page), non_blocking or not: the host would wait there for every step queued before it. From
     pinned memory the copy is asynchronous; pinning is a host-side copy into the caching host
     allocator's memory, reused once the copy that used it last has run. Elsewhere a plain copy."""
-    if device.type == "cuda":
+    if pins(device):
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
 

@@ -39,7 +39,7 @@ from moco_fast.signals import STOP_SIGNALS
 from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
-from .base import DevicePrefetcher, LoaderArgs, check_start_step, listed_splits, stream_seed
+from .base import DevicePrefetcher, LoaderArgs, check_start_step, listed_splits, pins, stream_seed
 from .center_crop import ResizeCenterCrop
 from .color_jitter import ColorJitter
 from .options import parse_loader_options
@@ -312,7 +312,7 @@ class TorchLoader:
                 batch_sampler=BatchParts(self.keys, self.parts),
                 num_workers=a.workers,
                 collate_fn=collate_views,
-                pin_memory=a.device.type == "cuda",
+                pin_memory=pins(a.device),
                 # the workers' base seed, drawn once from this generator rather than the trainer's
                 # stream (the views do not depend on it: KeyedImages)
                 generator=torch.Generator().manual_seed(stream_seed(a.seed, 0, a.rank)),

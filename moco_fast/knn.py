@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from moco_fast.augment import AugSpec
 from moco_fast.data import DataError, ImageList
 from moco_fast.image_dataset import ImageDataset, Unreadable
-from moco_fast.loaders.base import mean_std_255, normalize_on_device
+from moco_fast.loaders.base import mean_std_255, normalize_on_device, pins
 from moco_fast.loaders.torch_loader import eval_transform
 from moco_fast.metrics import progress
 from moco_fast.shared_memory import stack_shared, start_workers, tensor_shared, warn_if_short, worker_start
@@ -147,7 +147,7 @@ def extract_features(
     """
     was_training = net.training
     net.eval()
-    batches = eval_batches(images, spec.image_size, batch_size, workers, desc, pin=device.type == "cuda")
+    batches = eval_batches(images, spec.image_size, batch_size, workers, desc, pin=pins(device))
     mean, std = mean_std_255(spec, device)
     feats, labels = [], []
     bar = progress(total=len(batches), desc=desc, enabled=len(batches) > PROGRESS_MIN_BATCHES)

@@ -45,7 +45,7 @@ from moco_fast.data import (
 from moco_fast.data_listing import listing_fingerprint
 from moco_fast.image_dataset import ImageDataset
 from moco_fast.knn import EvalBatches, collate_labeled, eval_batches, warn_if_shm_short
-from moco_fast.loaders.base import mean_std_255, normalize_on_device, pinned_copy
+from moco_fast.loaders.base import mean_std_255, normalize_on_device, pinned_copy, pins
 from moco_fast.metrics import progress
 from moco_fast.run_folder import LINCLS_RESULT, result_beside
 from moco_fast.seeded_images import EpochKeys, KeyedImages
@@ -132,7 +132,7 @@ def image_batches(
     run draw the same. The workers persist across epochs: the epoch travels with each index. For a pass
     on a CUDA `device` the batches come in pinned memory (knn.eval_batches' `pin`): a copy from
     pageable memory may wait for the steps queued before it, the host at every batch."""
-    pin = device is not None and device.type == "cuda"
+    pin = pins(device)
     if not train:
         return eval_batches(images, image_size, batch_size, workers, desc, pin=pin)
     warn_if_shm_short(workers, batch_size, image_size, "the classifier's training loader")
