@@ -145,10 +145,21 @@ def join_failed(
     cause: str, rank: str, world: str, addr: str, port: str, timeout: timedelta, why: str | None = None
 ) -> str:
     """The one line for a join that did not complete: how many joined where rank 0 knows, why rank 0
-    could not be reached where known (wait_for_rank_0), and what to check."""
+    could not be reached where known (wait_for_rank_0), and what to check.
+
+    Rank 0 starts the store (its server socket) and then connects to it at MASTER_ADDR as a client,
+    within the join timeout. Only the server's failure is the port's (taken, or not ours to take);
+    the client's is the address's (not rank 0's machine) or the timeout's: a timeout too short for
+    the connection (MOCO_FAST_JOIN_TIMEOUT=0.001) was blamed on MASTER_PORT."""
     joined = re.search(r"(\d+)/(\d+) clients joined", cause)
-    if rank == "0" and not joined:  # the store could not start: the port is taken, the address not ours
-        return f"rank 0 could not listen at {addr}:{port} ({cause.splitlines()[0]}): choose a free MASTER_PORT"
+    if rank == "0" and not joined:
+        first = cause.splitlines()[0]
+        if "server socket" in first:  # torch's "The server socket has failed to listen ..."
+            return f"rank 0 could not listen at {addr}:{port} ({first}): choose a free MASTER_PORT"
+        return (
+            f"rank 0 could not connect to its own store at {addr}:{port} within {_span(timeout)} ({first}): "
+            f"set MASTER_ADDR to an address of rank 0's machine, or wait longer ({JOIN_TIMEOUT_ENV}=SECONDS)"
+        )
     if joined:
         what = f"{joined[1]} of the {world} processes joined at {addr}:{port} within {_span(timeout)}"
     else:

@@ -312,6 +312,44 @@ def test_a_rank_that_cannot_reach_rank_0_waits_its_timeout_in_silence_and_says_w
     assert not dist.is_initialized()
 
 
+def test_rank_0_blames_its_port_only_where_it_could_not_listen(monkeypatch):
+    # rank 0 starts its store and then connects to it, within the join timeout: a timeout too short
+    # for that connection (MOCO_FAST_JOIN_TIMEOUT=0.0001) said "choose a free MASTER_PORT", as a port
+    # in use does. The ports are the test's: one it listens at, and MASTER_PORT 0 (the store's, from
+    # the system), so that no other process can take them first.
+    import socket
+
+    for name, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MOCO_FAST_JOIN_TIMEOUT", "2"),
+    ):
+        monkeypatch.setenv(name, value)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        with pytest.raises(ConfigError) as e:
+            init_from_env("cpu")
+    line = str(e.value)
+    assert line.startswith(f"rank 0 could not listen at 127.0.0.1:{port} (The server socket has failed to "), line
+    assert line.endswith("): choose a free MASTER_PORT"), line
+    monkeypatch.setenv("MASTER_PORT", "0")
+    monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "0.0001")
+    with pytest.raises(ConfigError) as e:
+        init_from_env("cpu")
+    line = str(e.value)
+    assert line.startswith(
+        "rank 0 could not connect to its own store at 127.0.0.1:0 within 0.0001 s (The client socket has timed out "
+    ), line
+    assert line.endswith(
+        "): set MASTER_ADDR to an address of rank 0's machine, or wait longer (MOCO_FAST_JOIN_TIMEOUT=SECONDS)"
+    ), line
+    assert not dist.is_initialized()
+
+
 JOIN = (
     "import torch.distributed as d; from moco_fast.join import init_from_env as j; "
     "print('joining', flush=True); j('cpu'); d.barrier(); print('ok')"
