@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -247,19 +248,27 @@ def test_the_workers_user_errors_name_the_ranks_only_where_they_differ():
     assert user_error_text({1: "b", 0: "a"}) == "rank 0: a; rank 1: b"
 
 
-def _free_port() -> int:
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port of 127.0.0.1 held for the test: bound, not listening, with SO_REUSEADDR. Nothing answers
+    there until rank 0's store listens at it, which SO_REUSEADDR allows (torch's store sets it too);
+    a bind without it fails, and binds to port 0 pick other ports. A port found free and let go (bind
+    to port 0, close), as these tests did, was free only then: rank 0 binds it seconds later, in a
+    new process, and another process may take it first, the likely cause of one failure of
+    test_a_manual_launch_whose_peer_never_comes_ends_with_one_line on a loaded machine."""
     import socket
 
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
 @pytest.mark.slow
-def test_a_manual_launch_whose_peer_never_comes_ends_with_one_line(tmp_path):
+def test_a_manual_launch_whose_peer_never_comes_ends_with_one_line(tmp_path, held_port):
     # RANK=0 WORLD_SIZE=2 by hand, and rank 1 never starts: the join waited the collectives' hour
     # in silence. It says what it waits for, and gives up after its own timeout with one line.
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(held_port),
            "MOCO_FAST_JOIN_TIMEOUT": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
     p = subprocess.run([sys.executable, "-m", "moco_fast", *synthetic_args(tmp_path / "run")], capture_output=True,
                        text=True, env=env, timeout=120, cwd=tmp_path)  # fmt: skip
@@ -272,7 +281,7 @@ def test_a_manual_launch_whose_peer_never_comes_ends_with_one_line(tmp_path):
     ], p.stderr[-3000:]
 
 
-def test_a_manual_launch_without_its_address_or_rank_0_is_a_config_error(monkeypatch):
+def test_a_manual_launch_without_its_address_or_rank_0_is_a_config_error(monkeypatch, held_port):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
@@ -280,7 +289,7 @@ def test_a_manual_launch_without_its_address_or_rank_0_is_a_config_error(monkeyp
     with pytest.raises(ConfigError, match=r"^RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not: "):
         init_from_env("cpu")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # nobody listens there
+    monkeypatch.setenv("MASTER_PORT", str(held_port))  # nobody listens there
     monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "never")
     with pytest.raises(ConfigError, match=r"^MOCO_FAST_JOIN_TIMEOUT=never: give the seconds"):
         init_from_env("cpu")
@@ -291,13 +300,13 @@ def test_a_manual_launch_without_its_address_or_rank_0_is_a_config_error(monkeyp
     assert not dist.is_initialized()
 
 
-def test_a_rank_that_cannot_reach_rank_0_waits_its_timeout_in_silence_and_says_why(monkeypatch, capfd):
+def test_a_rank_that_cannot_reach_rank_0_waits_its_timeout_in_silence_and_says_why(monkeypatch, capfd, held_port):
     # torch's client logged each try that failed as a C++ error with its stack (47 lines above the
     # one line) and tried again after a random delay: a join bounded at 3 s gave up after 8 s
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # nobody listens there
+    monkeypatch.setenv("MASTER_PORT", str(held_port))  # nobody listens there
     monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "2")
     t0 = time.monotonic()
     with pytest.raises(ConfigError) as e:
@@ -357,10 +366,10 @@ JOIN = (
 
 
 @pytest.mark.slow
-def test_a_rank_started_before_rank_0_joins_it_when_it_comes(tmp_path):
+def test_a_rank_started_before_rank_0_joins_it_when_it_comes(tmp_path, held_port):
     # rank 1 knocks at rank 0's address until its store is up (join.wait_for_rank_0); the knock is
     # not a client that joined, and neither rank prints a word of it
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(held_port),
            "MOCO_FAST_JOIN_TIMEOUT": "120", "OMP_NUM_THREADS": "1"}  # fmt: skip
     rank_1 = subprocess.Popen([sys.executable, "-c", JOIN], env={**env, "RANK": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
