@@ -279,6 +279,9 @@ class EpochLoop:
     def _save(self, history: list[dict[str, Any]]) -> None:
         state = {
             "command": self.command,
+            # what continues it: None, the command's --resume; the sweep's line for its classifier,
+            # so that the sweep tells its own state from one a user's run left under its name
+            "continued_by": _HOW_TO_CONTINUE.get(),
             "config": self.settings,
             "epoch": len(history),
             "history": history,

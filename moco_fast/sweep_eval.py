@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moco_fast.config import TrainConfig
+from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import SWEEP_LINCLS_RESULT, hold_output
 
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from moco_fast.sweep import Setting
 
 log = logging.getLogger("moco_fast")
+
+SWEEP_CONTINUES = "the same sweep command continues it"  # what its classifier's state records (continued_by)
 
 
 def _last_row(folder: Path) -> dict[str, Any]:
@@ -95,13 +97,44 @@ def _linear(cfg: TrainConfig, folder: Path, splits: DataSplits, epochs: int, lr:
     )
     # a sweep stopped in this setting's classifier continues it; one run with other settings (another
     # --lincls-epochs, a checkpoint trained further, other images in --data since), or one that cannot
-    # be read, is the sweep's own to start over. run_lincls takes the state as read here
+    # be read, is the sweep's own to start over; one it did not leave is refused (refuse_others_state).
+    # run_lincls takes the state as read here
     with hold_output(out, "sweep"):  # two sweeps into one folder may evaluate the same setting
         loaded = None
         if state_path(out).is_file():
             loaded, why = resumable_state(out, lc, "lincls", listing_fingerprint(splits))
             if loaded is None:
+                refuse_others_state(folder)  # run_sweep's check again before it goes: it may have come since
                 log.info("%s: its linear classifier %s; it starts over", folder, why)
                 clear_state(out)
-        with continued_by("the same sweep command continues it", "--lincls-lr"):
+        with continued_by(SWEEP_CONTINUES, "--lincls-lr"):
             return run_lincls(replace(lc, resume=state_path(out).is_file()), splits, loaded)["top1"]
+
+
+def refuse_others_state(folder: Path) -> None:
+    """A ConfigError when the state beside the setting's classifier result (sweep_lincls.state.pt) is
+    not one this sweep's classifier left (its continued_by): another command's, or that of a user's
+    `moco-fast lincls --out` of the same name, which the sweep would otherwise delete as its own with
+    other settings, or take over. A state that cannot be read is the sweep's to start over: nothing
+    resumes it. Called before any setting trains (run_sweep) and before the classifier runs."""
+    from moco_fast import checkpoint as ckpt
+    from moco_fast.classifier_epochs import state_path
+    from moco_fast.data import DataError
+
+    out = folder / SWEEP_LINCLS_RESULT
+    path = state_path(out)
+    if not path.is_file():
+        return
+    try:
+        state = ckpt.load(path, mmap=True)  # a look at two fields: no read of its tensors
+    except DataError:
+        return
+    if state.get("continued_by") == SWEEP_CONTINUES:
+        return
+    command = state.get("command")
+    what = f"an interrupted {command} run's state" if command in ("lincls", "finetune") else "a file"
+    finish = f" (`moco-fast {command} --resume --out {out}` with that run's flags finishes it)" if command else ""
+    raise ConfigError(
+        f"{path} holds {what} that the sweep did not leave{finish}: the sweep's linear classifier of this "
+        "setting keeps its state there; move it away, then run the sweep again"
+    )

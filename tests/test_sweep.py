@@ -231,8 +231,9 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
         assert main(args) == 0
     assert "--resume: lincls continues after epoch 1 of 2" in caplog.text and not state.exists()
     assert listed == ["train", "test"]
-    # the state read once, whole, to compare it: run_lincls's check and its loop read it again
-    assert [mapped for name, mapped in reads if name == state.name] == [False]
+    # a look at whose state it is before anything trains (mapped: refuse_others_state), then read once,
+    # whole, to compare it: run_lincls's check and its loop read it again
+    assert [mapped for name, mapped in reads if name == state.name] == [True, False]
     with monkeypatch.context() as m:
         interrupt_at(m, moco_fast.lincls, 1)
         assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "4")) == 130
@@ -283,6 +284,34 @@ def test_sweep_restarts_a_linear_classifier_whose_images_or_state_changed(
     assert f"{out / SWEEP_RUN}: its linear classifier {said}; it starts over" in caplog.text
     assert "--resume: lincls continues" not in caplog.text and not state.exists()
     assert json.loads((out / SWEEP_RUN / "result.json").read_text())["lincls_epochs"] == 2
+
+
+@pytest.mark.parametrize("command", ["lincls", "finetune"])
+def test_sweep_keeps_a_classifier_state_it_did_not_leave(
+    command, finished_sweep, six_root, tmp_path, monkeypatch, capsys
+):
+    # A user's own `moco-fast lincls --out` under the sweep's name, stopped with other settings (or
+    # another command's state there): the sweep deleted it as its own classifier's ("starts over"),
+    # or took another command's for a damaged one. It stops before anything runs and keeps it.
+    import moco_fast.lincls
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    run = out / SWEEP_RUN
+    state = run / "sweep_lincls.state.pt"
+    if command == "lincls":
+        with monkeypatch.context() as m:
+            interrupt_at(m, moco_fast.lincls, 1)
+            user = ["lincls", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(six_root), "--device", "cpu"]
+            user += ["--epochs", "3", "--cached-features", "--workers", "0", "--out", str(run / "sweep_lincls.json")]
+            assert main(user) == 130
+    else:
+        torch.save({"command": "finetune", "config": {}, "epoch": 1, "history": []}, state)
+    kept = state.read_bytes()
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")) == 2
+    error = last_error(capsys)
+    assert f"{state} holds an interrupted {command} run's state that the sweep did not leave" in error
+    assert f"`moco-fast {command} --resume --out {run / 'sweep_lincls.json'}`" in error
+    assert state.read_bytes() == kept and not (run / "sweep_lincls.json").exists()
 
 
 @pytest.mark.parametrize("columns", [80, 100])
