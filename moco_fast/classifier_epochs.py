@@ -34,8 +34,7 @@ from moco_fast import checkpoint as ckpt
 from moco_fast.classifier_settings import (
     LISTED_LATER,
     differences,
-    moved_checkpoint,
-    moved_data,
+    moved_paths,
     settings,
     what_differs,
 )
@@ -304,20 +303,8 @@ class EpochLoop:
                 return 0, []
             state = load_state(self.path, self.command)
         refuse_other_settings(self.path, state, self.cfg, self.settings["data_listing"])
-        # "it continues on that one" read as either path: the line names the one it reads now
-        was, now = state["config"], self.settings
-        if moved_data(was, now):
-            log.warning(
-                "--resume: %s ran on --data %s, which lists the same images as --data %s (moved or copied "
-                "since): it continues on %s, the one given now",
-                *(self.path, was["data"], now["data"], now["data"]),
-            )
-        if moved_checkpoint(was, now):
-            log.warning(
-                "--resume: %s ran on the checkpoint %s, which is the same save as --checkpoint %s (moved or "
-                "copied since): it continues on %s, the one given now",
-                *(self.path, was["checkpoint"], now["checkpoint"], now["checkpoint"]),
-            )
+        for moved in moved_paths(state["config"], self.settings):
+            log.warning("--resume: %s ran on %s", self.path, moved)
         for name, part in self.parts.items():
             if isinstance(part, torch.optim.Optimizer):
                 load_optimizer_state(part, state[name])  # saved on another device, maybe

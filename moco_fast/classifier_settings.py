@@ -126,6 +126,19 @@ def moved_data(saved: dict[str, Any], now: dict[str, Any]) -> bool:
     )
 
 
+def moved_paths(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The state's --data and checkpoint that a resumed run finds at another path (moved_data,
+    moved_checkpoint), each as its warning says it. "It continues on that one" read as either path:
+    each names the one it reads now."""
+    said = {"data": ("--data", "lists the same images as"), "checkpoint": ("the checkpoint", "is the same save as")}
+    return [
+        f"{said[k][0]} {saved[k]}, which {said[k][1]} --{k} {now[k]} (moved or copied since): it continues on "
+        f"{now[k]}, the one given now"
+        for k, moved in (("data", moved_data), ("checkpoint", moved_checkpoint))
+        if moved(saved, now)
+    ]
+
+
 def other_listing(saved: dict[str, Any], now: dict[str, Any]) -> str:
     """What differs, in words (data_listing.listing_change), between the listing the state recorded
     and `now`'s, where both are known and differ; "" otherwise (a state written before the listing
