@@ -144,7 +144,8 @@ def test_finetune_saves_the_network_as_torchvision_weights(run_dir, data, tmp_pa
 def test_finetune_no_save_model_writes_only_the_json(tmp_path, monkeypatch):
     import moco_fast.finetune
 
-    res = {"init": "scratch", "top1": 50.0, "top5": 100.0, "topk": 3, "eval_images": 6, "eval_split": "val"}
+    res = {"init": "scratch", "top1": 50.0, "top5": 100.0, "topk": 3, "num_classes": 3}
+    res.update(eval_images=6, eval_split="val")
     monkeypatch.setattr(moco_fast.finetune, "fine_tune", lambda cfg, loaded=None: (res, None))
     out = tmp_path / "ft.json"
     assert main(["finetune", "--from-scratch", "--device", "cpu", "--out", str(out), "--no-save-model"]) == 0
@@ -232,13 +233,14 @@ def test_knn_weights_do_not_overflow_at_a_small_temperature():
         assert knn_predict(query, bank, labels, num_classes=2, k=4, t=t).tolist() == [1], t
 
 
-def test_lincls_prints_top1_and_topk(run_dir, data, tmp_path, capsys):
+def test_lincls_prints_top1_alone_where_topk_is_every_class(run_dir, data, tmp_path, capsys):
+    # it printed "top-3 100.00%" on 3 classes, true of any backbone
     argv = ["lincls", "--checkpoint", str(run_dir), "--data", str(data), "--epochs", "1", "--cached-features"]
     assert main([*argv, "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "l.json")]) == 0
     res = json.loads((tmp_path / "l.json").read_text())
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert res["topk"] == 3  # 3 classes
-    assert line.startswith(f"linear classification: top-1 {res['top1']:.2f}%  top-3 {res['top5']:.2f}%  (6 eval"), line
+    assert res["topk"] == res["num_classes"] == 3 and res["top5"] == 100.0  # the result keeps it, with its k
+    assert line.startswith(f"linear classification: top-1 {res['top1']:.2f}%  (6 eval"), line
 
 
 @pytest.mark.parametrize("command", ["lincls", "finetune"])
@@ -265,7 +267,7 @@ def test_the_split_scored_is_named_where_the_root_holds_val_and_test(command, ru
 def test_lincls_line_says_one_epoch_in_the_singular(n, said, run_dir, data, tmp_path, monkeypatch, capsys):
     import moco_fast.lincls
 
-    res = {"top1": 50.0, "top5": 100.0, "topk": 2, "eval_images": n, "eval_split": str(data / "test")}
+    res = {"top1": 50.0, "top5": 100.0, "topk": 2, "num_classes": 2, "eval_images": n, "eval_split": str(data / "test")}
     monkeypatch.setattr(moco_fast.lincls, "run_lincls", lambda cfg, loaded=None: res)  # the line alone: no training
     argv = ["lincls", "--checkpoint", str(run_dir), "--data", str(data), "--epochs", str(n), "--device", "cpu"]
     assert main([*argv, "--out", str(tmp_path / "l.json")]) == 0

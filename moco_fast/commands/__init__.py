@@ -256,9 +256,10 @@ def write_refused(folder: Path) -> str | None:
 
 def accuracy_text(res: dict) -> str:
     """The accuracy of a lincls or finetune result: top-1 X%  top-K Y% with K = min(5, classes); top-1
-    alone where K is 1 (it printed "top-1 X%  top-1 X%"); the best epoch with --eval-every."""
+    alone where K is every class (5 or fewer: it printed "top-3 100.00%", true of any network); the
+    best epoch with --eval-every."""
     text = f"top-1 {res['top1']:.2f}%"
-    text += f"  top-{res['topk']} {res['top5']:.2f}%" if res["topk"] > 1 else ""
+    text += f"  top-{res['topk']} {res['top5']:.2f}%" if res["topk"] < res["num_classes"] else ""
     if "best_epoch" in res:  # --eval-every
         text += f"  (best epoch {res['best_epoch']}: top-1 {res['best_top1']:.2f}%)"
     return text
