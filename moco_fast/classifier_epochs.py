@@ -68,6 +68,13 @@ def continued_by(how: str, lr_flag: str) -> Iterator[None]:
         _LR_FLAG.reset(tokens[1])
 
 
+def run_by() -> str | None:
+    """What continues the run under way, as its state and result record it (continued_by): None, the
+    command's --resume; the caller's line inside continued_by (the sweep's), so that the sweep tells
+    its own classifier's files from those of a user's run of the same name (sweep_eval)."""
+    return _HOW_TO_CONTINUE.get()
+
+
 def state_path(out: Path) -> Path:
     """The state file of the run whose result is `out`."""
     return out.with_name(state_name(out.name))
@@ -278,9 +285,7 @@ class EpochLoop:
     def _save(self, history: list[dict[str, Any]]) -> None:
         state = {
             "command": self.command,
-            # what continues it: None, the command's --resume; the sweep's line for its classifier,
-            # so that the sweep tells its own state from one a user's run left under its name
-            "continued_by": _HOW_TO_CONTINUE.get(),
+            "continued_by": run_by(),
             "config": self.settings,
             "epoch": len(history),
             "history": history,

@@ -31,7 +31,7 @@ from torchvision import transforms as T
 
 from moco_fast.augment import AugSpec
 from moco_fast.backbone import plain_bn_state
-from moco_fast.classifier_epochs import EpochLoop, LoadedState, best_of, check_state, clear_state
+from moco_fast.classifier_epochs import EpochLoop, LoadedState, best_of, check_state, clear_state, run_by
 from moco_fast.config import ConfigError, check_at_least
 from moco_fast.data import (
     DataError,
@@ -470,6 +470,7 @@ def result_record(
         "wall_s": wall_s,
         "device": str(device),
         "config": asdict(cfg),
+        "continued_by": run_by(),  # the sweep's classifier: its line (sweep_eval.refuse_others_files)
     }
 
 

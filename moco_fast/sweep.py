@@ -32,7 +32,7 @@ from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.data import DataSplits
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run
-from moco_fast.sweep_eval import evaluate_setting, refuse_others_state
+from moco_fast.sweep_eval import evaluate_setting, refuse_others_files
 from moco_fast.sweep_plan import GRID_KEYS, UNUSED, plan_setting, read_json, training_config
 from moco_fast.sweep_table import TABLE_JSON, number_text, refuse_others_tables, write_json, write_table
 
@@ -153,7 +153,7 @@ def run_sweep(
         if lincls_epochs > 0 and not redo:  # --redo deletes the folders; a reused setting runs no classifier
             for cfg, plan in zip(configs, plans):
                 if plan != "reuse":
-                    refuse_others_state(Path(cfg.runtime.out))
+                    refuse_others_files(Path(cfg.runtime.out))
         # a loader reads each image: a setting's training, or its linear classifier (one that is reused runs none)
         loads = any(plan in ("train", "resume") or (lincls_epochs > 0 and plan != "reuse") for plan in plans)
         listed, splits = _check_device_and_data(configs, lincls_epochs, loads)  # before --redo deletes anything

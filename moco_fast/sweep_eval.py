@@ -97,31 +97,40 @@ def _linear(cfg: TrainConfig, folder: Path, splits: DataSplits, epochs: int, lr:
     )
     # a sweep stopped in this setting's classifier continues it; one run with other settings (another
     # --lincls-epochs, a checkpoint trained further, other images in --data since), or one that cannot
-    # be read, is the sweep's own to start over; one it did not leave is refused (refuse_others_state).
+    # be read, is the sweep's own to start over; one it did not leave is refused (refuse_others_files).
     # run_lincls takes the state as read here
     with hold_output(out, "sweep"):  # two sweeps into one folder may evaluate the same setting
         loaded = None
         if state_path(out).is_file():
             loaded, why = resumable_state(out, lc, "lincls", listing_fingerprint(splits))
             if loaded is None:
-                refuse_others_state(folder)  # run_sweep's check again before it goes: it may have come since
+                refuse_others_files(folder)  # run_sweep's check again before it goes: it may have come since
                 log.info("%s: its linear classifier %s; it starts over", folder, why)
                 clear_state(out)
         with continued_by(SWEEP_CONTINUES, "--lincls-lr"):
             return run_lincls(replace(lc, resume=state_path(out).is_file()), splits, loaded)["top1"]
 
 
-def refuse_others_state(folder: Path) -> None:
-    """A ConfigError when the state beside the setting's classifier result (sweep_lincls.state.pt) is
-    not one this sweep's classifier left (its continued_by): another command's, or that of a user's
-    `moco-fast lincls --out` of the same name, which the sweep would otherwise delete as its own with
-    other settings, or take over. A state that cannot be read is the sweep's to start over: nothing
-    resumes it. Called before any setting trains (run_sweep) and before the classifier runs."""
+def refuse_others_files(folder: Path) -> None:
+    """A ConfigError when the setting's classifier files, its result (sweep_lincls.json) and the state
+    beside it (sweep_lincls.state.pt), are not this sweep's classifier's (their continued_by): those
+    of a user's `moco-fast lincls --out` of that name, or another command's state, which the sweep
+    would otherwise overwrite, delete as its own state of other settings, or take over. A state that
+    cannot be read is the sweep's to start over (nothing resumes it); a result written before results
+    recorded continued_by is taken for the sweep's. Called before any setting trains (run_sweep) and
+    before the classifier deletes a state."""
     from moco_fast import checkpoint as ckpt
     from moco_fast.classifier_epochs import state_path
     from moco_fast.data import DataError
+    from moco_fast.sweep_plan import read_json
 
     out = folder / SWEEP_LINCLS_RESULT
+    result = read_json(out, dict) or {}
+    if result.get("continued_by", SWEEP_CONTINUES) != SWEEP_CONTINUES:
+        raise ConfigError(
+            f"{out} holds a result that the sweep did not write (a `moco-fast lincls --out` of that name?): the "
+            "sweep's linear classifier of this setting writes its own there; move it away, then run the sweep again"
+        )
     path = state_path(out)
     if not path.is_file():
         return

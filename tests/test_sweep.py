@@ -231,7 +231,7 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
         assert main(args) == 0
     assert "--resume: lincls continues after epoch 1 of 2" in caplog.text and not state.exists()
     assert listed == ["train", "test"]
-    # a look at whose state it is before anything trains (mapped: refuse_others_state), then read once,
+    # a look at whose state it is before anything trains (mapped: refuse_others_files), then read once,
     # whole, to compare it: run_lincls's check and its loop read it again
     assert [mapped for name, mapped in reads if name == state.name] == [True, False]
     with monkeypatch.context() as m:
@@ -286,32 +286,37 @@ def test_sweep_restarts_a_linear_classifier_whose_images_or_state_changed(
     assert json.loads((out / SWEEP_RUN / "result.json").read_text())["lincls_epochs"] == 2
 
 
-@pytest.mark.parametrize("command", ["lincls", "finetune"])
-def test_sweep_keeps_a_classifier_state_it_did_not_leave(
-    command, finished_sweep, six_root, tmp_path, monkeypatch, capsys
-):
-    # A user's own `moco-fast lincls --out` under the sweep's name, stopped with other settings (or
-    # another command's state there): the sweep deleted it as its own classifier's ("starts over"),
-    # or took another command's for a damaged one. It stops before anything runs and keeps it.
+@pytest.mark.parametrize("left", ["lincls state", "finetune state", "lincls result"])
+def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six_root, tmp_path, monkeypatch, capsys):
+    # A user's own `moco-fast lincls --out` under the sweep's name, stopped with other settings or
+    # finished (or another command's state there): the sweep deleted the state as its own classifier's
+    # ("starts over"), took another command's for a damaged one, and wrote over the result. It stops
+    # before anything runs and keeps them.
     import moco_fast.lincls
 
     out = shutil.copytree(finished_sweep, tmp_path / "sweep")
     run = out / SWEEP_RUN
-    state = run / "sweep_lincls.state.pt"
-    if command == "lincls":
+    result, state = run / "sweep_lincls.json", run / "sweep_lincls.state.pt"
+    user = ["lincls", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(six_root), "--device", "cpu"]
+    user += ["--epochs", "3", "--cached-features", "--workers", "0", "--out", str(result)]
+    if left == "lincls state":
         with monkeypatch.context() as m:
             interrupt_at(m, moco_fast.lincls, 1)
-            user = ["lincls", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(six_root), "--device", "cpu"]
-            user += ["--epochs", "3", "--cached-features", "--workers", "0", "--out", str(run / "sweep_lincls.json")]
             assert main(user) == 130
-    else:
+    elif left == "finetune state":
         torch.save({"command": "finetune", "config": {}, "epoch": 1, "history": []}, state)
-    kept = state.read_bytes()
+    else:
+        assert main(user) == 0
+    kept = {p: p.read_bytes() for p in (result, state) if p.exists()}
     assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")) == 2
     error = last_error(capsys)
-    assert f"{state} holds an interrupted {command} run's state that the sweep did not leave" in error
-    assert f"`moco-fast {command} --resume --out {run / 'sweep_lincls.json'}`" in error
-    assert state.read_bytes() == kept and not (run / "sweep_lincls.json").exists()
+    if left == "lincls result":
+        assert f"{result} holds a result that the sweep did not write" in error
+    else:
+        command = left.split()[0]
+        assert f"{state} holds an interrupted {command} run's state that the sweep did not leave" in error
+        assert f"`moco-fast {command} --resume --out {result}`" in error
+    assert {p: p.read_bytes() for p in (result, state) if p.exists()} == kept
 
 
 @pytest.mark.parametrize("columns", [80, 100])
