@@ -143,7 +143,9 @@ def refuse_others_files(folder: Path) -> None:
     command = state.get("command")
     what = f"an interrupted {command} run's state" if command in ("lincls", "finetune") else "a file"
     finish = f" (`moco-fast {command} --resume --out {out}` with that run's flags finishes it)" if command else ""
+    # a state saved before states recorded continued_by may be an older sweep's own: said so, not denied
+    whose = "that the sweep cannot tell for its own (saved before states said what continues them)"
     raise ConfigError(
-        f"{path} holds {what} that the sweep did not leave{finish}: the sweep's linear classifier of this "
-        "setting keeps its state there; move it away, then run the sweep again"
+        f"{path} holds {what} {whose if 'continued_by' not in state else 'that the sweep did not leave'}{finish}: "
+        "the sweep's linear classifier of this setting keeps its state there; move it away, then run the sweep again"
     )

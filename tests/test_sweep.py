@@ -286,12 +286,13 @@ def test_sweep_restarts_a_linear_classifier_whose_images_or_state_changed(
     assert json.loads((out / SWEEP_RUN / "result.json").read_text())["lincls_epochs"] == 2
 
 
-@pytest.mark.parametrize("left", ["lincls state", "finetune state", "lincls result"])
+@pytest.mark.parametrize("left", ["lincls state", "finetune state", "lincls result", "older lincls state"])
 def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six_root, tmp_path, monkeypatch, capsys):
     # A user's own `moco-fast lincls --out` under the sweep's name, stopped with other settings or
     # finished (or another command's state there): the sweep deleted the state as its own classifier's
     # ("starts over"), took another command's for a damaged one, and wrote over the result. It stops
-    # before anything runs and keeps them.
+    # before anything runs and keeps them. A state saved before states recorded what continues them
+    # (an older sweep's own, or not) is kept too, and said to be one it cannot tell.
     import moco_fast.lincls
 
     out = shutil.copytree(finished_sweep, tmp_path / "sweep")
@@ -304,7 +305,9 @@ def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six
             interrupt_at(m, moco_fast.lincls, 1)
             assert main(user) == 130
     elif left == "finetune state":
-        torch.save({"command": "finetune", "config": {}, "epoch": 1, "history": []}, state)
+        torch.save({"command": "finetune", "continued_by": None, "config": {}, "epoch": 1, "history": []}, state)
+    elif left == "older lincls state":
+        torch.save({"command": "lincls", "config": {}, "epoch": 1, "history": []}, state)
     else:
         assert main(user) == 0
     kept = {p: p.read_bytes() for p in (result, state) if p.exists()}
@@ -313,8 +316,9 @@ def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six
     if left == "lincls result":
         assert f"{result} holds a result that the sweep did not write" in error
     else:
-        command = left.split()[0]
-        assert f"{state} holds an interrupted {command} run's state that the sweep did not leave" in error
+        command = left.split()[-2]
+        whose = "cannot tell for its own" if left.startswith("older") else "did not leave"
+        assert f"{state} holds an interrupted {command} run's state that the sweep {whose}" in error
         assert f"`moco-fast {command} --resume --out {result}`" in error
     assert {p: p.read_bytes() for p in (result, state) if p.exists()} == kept
 
