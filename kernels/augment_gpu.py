@@ -342,13 +342,20 @@ def _check_batch(x: torch.Tensor, params: AugParams) -> None:
         raise ValueError(f"{x.shape[0]} images but parameters for {len(params)}")
 
 
-def _apply(x: torch.Tensor, p: AugParams, index: bool) -> torch.Tensor:
+def _colour(x: torch.Tensor, p: AugParams, index: bool) -> torch.Tensor:
+    """Jitter and grayscale, in the spec's order."""
     if p.use_gray and p.gray_first:
         x = _gray(x, p, index)
     if p.use_jitter:
         x = _jitter(x, p, index)
     if p.use_gray and not p.gray_first:
         x = _gray(x, p, index)
+    return x
+
+
+def _apply(x: torch.Tensor, p: AugParams, index: bool, colour=_colour) -> torch.Tensor:
+    """`colour` (x, p, index) -> x: jitter and grayscale (torch's, or the fused Triton kernels)."""
+    x = colour(x, p, index)
     if p.use_blur:
         if index:
             x = _masked(

@@ -1,0 +1,216 @@
+"""MoCo's colour jitter and random grayscale as two fused Triton kernels (`apply(..., kernel="triton")`).
+
+Why: the torch "where" formulation of `augment_gpu` makes a dozen-plus full passes over the batch
+(luma, mean, blend, clamp and hue at every one of the four jitter stages, then grayscale). Here each
+pixel's three channels are loaded once, every op of its image runs in registers, and it is stored
+once. Only contrast needs a value from the whole image: the mean luma of the image as it is just
+before contrast in that image's order. So:
+
+    1. `_mean_luma_kernel`, one program per image: applies the ops that precede contrast in the
+       image's order (grayscale first with MoCo v1) and sums the luma: N floats.
+    2. `_colour_kernel`, one program per image and BLOCK pixels: every op in order with those
+       means, then grayscale.
+
+The batch is read twice and written once. Arithmetic follows `augment_gpu` (torchvision's: clamps
+after each op, LUMA weights, hue through its closed-form HSV round trip), equal to its "where" path
+to float rounding. Blur and flip stay in torch (`augment_gpu._apply`). fp32 N x 3 x H x W,
+contiguous (a channels-last batch is copied first: one more pass).
+
+On the CPU the kernels run under Triton's interpreter (`TRITON_INTERPRET=1`), which is how the tests
+compare them with the torch version without a GPU. Opt-in: the GPU speed is not measured yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .augment_gpu import BRIGHTNESS, CONTRAST, HUE, LUMA, AugParams
+from .momentum_triton import interpreting, tl, triton
+
+BLOCK = 1024  # pixels per program of the colour kernel (and per step of the mean kernel's loop)
+
+# What the kernels read of this module, as constexprs (the only globals a compiled kernel may read).
+_const = tl.constexpr if tl is not None else float
+_W0, _W1, _W2 = (_const(w) for w in LUMA)
+_BRIGHTNESS, _CONTRAST, _HUE = _const(BRIGHTNESS), _const(CONTRAST), _const(HUE)
+_TINY = _const(torch.finfo(torch.float32).tiny)  # adjust_hue's guard against 0 / 0 for grey pixels
+
+
+def _luma(r, g, b):
+    return _W0 * r + _W1 * g + _W2 * b
+
+
+def _add(a, b):
+    return a + b
+
+
+def _sector(n, h6, minc, cr):
+    k = n + h6
+    k = k - 6.0 * tl.floor(k / 6.0)  # torch.remainder: the sign of the divisor
+    return minc + cr * tl.minimum(tl.maximum(tl.abs(k - 2.0) - 1.0, 0.0), 1.0)
+
+
+def _hue(r, g, b, shift):
+    # augment_gpu.adjust_hue per pixel: channel c is min + chroma * clamp(|k - 2| - 1, 0, 1) with
+    # k = (n_c + 6 h) mod 6, n = (5, 3, 1).
+    maxc = tl.maximum(tl.maximum(r, g), b)
+    minc = tl.minimum(tl.minimum(r, g), b)
+    cr = maxc - minc
+    h6 = tl.where(maxc == r, g - b, tl.where(maxc == g, b - r + 2.0 * cr, r - g + 4.0 * cr))
+    h6 = h6 / tl.maximum(cr, _TINY) + 6.0 * shift
+    return _sector(5.0, h6, minc, cr), _sector(3.0, h6, minc, cr), _sector(1.0, h6, minc, cr)
+
+
+def _op(r, g, b, op, f, mean, USE_HUE):
+    """One jitter op (`op`, read per image) with its factor; `mean`: contrast's mean luma."""
+    if op == _BRIGHTNESS:
+        r, g, b = f * r, f * g, f * b
+    elif op == _HUE:
+        if USE_HUE:
+            r, g, b = _hue(r, g, b, f)
+    else:  # contrast blends towards the image's mean luma, saturation towards each pixel's
+        target = _luma(r, g, b)
+        if op == _CONTRAST:
+            target = r * 0.0 + mean  # a block, as in the other branch
+        r, g, b = f * r + (1.0 - f) * target, f * g + (1.0 - f) * target, f * b + (1.0 - f) * target
+    if op != _HUE:
+        r = tl.minimum(tl.maximum(r, 0.0), 1.0)
+        g = tl.minimum(tl.maximum(g, 0.0), 1.0)
+        b = tl.minimum(tl.maximum(b, 0.0), 1.0)
+    return r, g, b
+
+
+def _gray(r, g, b, gray):
+    if gray:
+        y = _luma(r, g, b)
+        r, g, b = y, y, y
+    return r, g, b
+
+
+def _contrast_stage(n, order):
+    """Where contrast stands in image n's order (0-3; the order is a permutation of the four ops)."""
+    at = 0
+    for k in tl.static_range(4):
+        at += k * (tl.load(order + n * 4 + k) == _CONTRAST).to(tl.int32)
+    return at
+
+
+def _mean_luma_body(
+    x,
+    means,
+    jitter,
+    gray,
+    order,
+    factors,
+    HW,
+    USE_HUE: tl.constexpr,
+    USE_GRAY: tl.constexpr,
+    GRAY_FIRST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)  # n * 3 * HW passes 2**31 at 14k images of 224 px
+    at = _contrast_stage(n, order)
+    gr = tl.load(gray + n) != 0
+    base = x + n * 3 * HW
+    acc = tl.arange(0, BLOCK).to(tl.float32) * 0.0  # not tl.zeros: see the tl.reduce below
+    for start in range(0, HW, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < HW
+        r = tl.load(base + offs, mask=mask, other=0.0)
+        g = tl.load(base + HW + offs, mask=mask, other=0.0)
+        b = tl.load(base + 2 * HW + offs, mask=mask, other=0.0)
+        if USE_GRAY and GRAY_FIRST:
+            r, g, b = _gray(r, g, b, gr)
+        if tl.load(jitter + n) != 0:
+            for k in tl.static_range(3):  # the ops before contrast: at most the first three
+                if k < at:
+                    op = tl.load(order + n * 4 + k)
+                    r, g, b = _op(r, g, b, op, tl.load(factors + n * 4 + op), 0.0, USE_HUE)
+        acc += tl.where(mask, _luma(r, g, b), 0.0)
+    # tl.reduce with a helper of this module's: tl.sum (a jit function of triton's, built without
+    # the interpreter when triton was imported before TRITON_INTERPRET was set) cannot run under it.
+    tl.store(means + n, tl.reduce(acc, 0, _add) / HW)
+
+
+def _colour_body(
+    x,
+    out,
+    means,
+    jitter,
+    gray,
+    order,
+    factors,
+    HW,
+    USE_JITTER: tl.constexpr,
+    USE_HUE: tl.constexpr,
+    USE_GRAY: tl.constexpr,
+    GRAY_FIRST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < HW
+    src, dst = x + n * 3 * HW, out + n * 3 * HW
+    r = tl.load(src + offs, mask=mask)
+    g = tl.load(src + HW + offs, mask=mask)
+    b = tl.load(src + 2 * HW + offs, mask=mask)
+    gr = tl.load(gray + n) != 0
+    if USE_GRAY and GRAY_FIRST:
+        r, g, b = _gray(r, g, b, gr)
+    if USE_JITTER:
+        if tl.load(jitter + n) != 0:
+            mean = tl.load(means + n)
+            for k in tl.static_range(4):
+                op = tl.load(order + n * 4 + k)
+                r, g, b = _op(r, g, b, op, tl.load(factors + n * 4 + op), mean, USE_HUE)
+    if USE_GRAY and not GRAY_FIRST:
+        r, g, b = _gray(r, g, b, gr)
+    tl.store(dst + offs, r, mask=mask)
+    tl.store(dst + HW + offs, g, mask=mask)
+    tl.store(dst + 2 * HW + offs, b, mask=mask)
+
+
+# Jitted on first use, one set per mode, so that TRITON_INTERPRET set after import still counts
+# (as momentum_triton). A kernel finds its helpers by name among this module's globals, which
+# hold the plain functions until then and the current mode's jitted ones after.
+_HELPERS = ("_add", "_luma", "_sector", "_hue", "_op", "_gray", "_contrast_stage")
+_PLAIN = {name: globals()[name] for name in _HELPERS}
+_KERNELS: dict[bool, tuple] = {}
+
+
+def _kernels() -> tuple:
+    mode = interpreting()
+    if mode not in _KERNELS:
+        helpers = {name: triton.jit(fn) for name, fn in _PLAIN.items()}
+        _KERNELS[mode] = (helpers, triton.jit(_mean_luma_body), triton.jit(_colour_body))
+    helpers, *kernels = _KERNELS[mode]
+    globals().update(helpers)
+    return tuple(kernels)
+
+
+@torch.no_grad()
+def jitter_gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
+    """`augment_gpu`'s colour jitter and grayscale of a batch (float32 N x 3 x H x W in [0, 1]) in
+    two launches; a new contiguous tensor. No host sync: every per-image choice is read on the device."""
+    if triton is None:
+        raise ValueError("the triton augmentation kernel needs the triton package")
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError("the triton augmentation kernel needs a CUDA batch (or TRITON_INTERPRET=1 on the CPU)")
+    if x.dtype != torch.float32 or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"the triton augmentation kernel takes float32 N x 3 x H x W, got {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    if n == 0:
+        return out
+    mean_kernel, colour_kernel = _kernels()
+    # int8 flags and fp32 factors: small casts on the device, no copy to the host.
+    jitter, gray = p.jitter.to(torch.int8), p.gray.to(torch.int8)
+    order, factors = p.order.contiguous(), p.factors.to(torch.float32).contiguous()
+    flags = {"USE_HUE": p.use_hue, "USE_GRAY": p.use_gray, "GRAY_FIRST": p.gray_first, "BLOCK": BLOCK}
+    means = torch.empty(n, device=x.device, dtype=torch.float32)  # read only where p.use_jitter
+    if p.use_jitter:
+        mean_kernel[(n,)](x, means, jitter, gray, order, factors, h * w, **flags)
+    grid = (n, triton.cdiv(h * w, BLOCK))
+    colour_kernel[grid](x, out, means, jitter, gray, order, factors, h * w, USE_JITTER=p.use_jitter, **flags)
+    return out

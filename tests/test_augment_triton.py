@@ -1,0 +1,103 @@
+"""The fused Triton jitter + grayscale kernels against the torch "where" formulation.
+
+On the CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set per test) on tiny
+batches (the interpreter runs a program at a time in Python); the sm_90 build is checked without a
+GPU by compiling with Triton's own ptxas.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from moco_fast.kernels import augment_gpu as ag  # noqa: E402
+from moco_fast.kernels import augment_triton as at  # noqa: E402
+
+from moco_fast.augment import MOCO_V1, MOCO_V2  # noqa: E402
+
+N = 6
+# Contrast at each stage of an image's order, after and before every other op: its mean luma is
+# taken of the image as the ops before it left it.
+ORDERS = [(1, 0, 2, 3), (0, 1, 3, 2), (3, 2, 1, 0), (2, 3, 0, 1), (0, 3, 2, 1), (3, 0, 1, 2)]
+JITTER = [True, True, True, False, True, False]
+GRAY = [False, True, False, True, False, False]
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def batch_and_params(order: str, spec=MOCO_V2, seed=0, h=8, w=8):
+    """Tiny images and parameters with some images not jittered and some grayed (the masks fixed,
+    so that every case is in every batch); strong factors, so that clamps and hue move pixels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(N, 3, h, w, generator=g)
+    spec = replace(spec, brightness=0.8, contrast=0.8, saturation=0.8)
+    p = ag.sample_params(N, spec, "cpu", g, order=order, flip=False)
+    p = replace(p, jitter=torch.tensor(JITTER), gray=torch.tensor(GRAY))
+    if order == "sample":
+        p = replace(p, order=torch.tensor(ORDERS))
+    return x, p
+
+
+@pytest.mark.parametrize("order", ag.ORDERS)
+@pytest.mark.parametrize("hue", [0.0, 0.4])
+def test_matches_the_torch_where_path(interpret, order, hue):
+    x, p = batch_and_params(order, replace(MOCO_V2, hue=hue))
+    assert p.use_hue == (hue > 0)
+    out = at.jitter_gray(x, p)
+    torch.testing.assert_close(out, ag._colour(x, p, index=False), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, x)
+
+
+@pytest.mark.parametrize("order", ag.ORDERS)
+def test_gray_before_the_jitter(interpret, order):
+    # MoCo v1: grayscale first, and hue always on; contrast's mean is of the grayed image.
+    x, p = batch_and_params(order, MOCO_V1, seed=1)
+    assert p.gray_first and p.use_hue
+    torch.testing.assert_close(at.jitter_gray(x, p), ag._colour(x, p, index=False), rtol=1e-5, atol=1e-5)
+
+
+def test_only_grayscale_or_nothing(interpret):
+    x, p = batch_and_params("sample")
+    gray_only = replace(p, use_jitter=False, use_hue=False)
+    torch.testing.assert_close(at.jitter_gray(x, gray_only), ag._colour(x, gray_only, index=False))
+    nothing = replace(gray_only, use_gray=False)
+    assert torch.equal(at.jitter_gray(x, nothing), x)
+
+
+def test_refuses_what_it_cannot_run(monkeypatch):
+    x, p = batch_and_params("batch")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="float32"):
+        at.jitter_gray(x.half(), p)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA batch"):
+            at.jitter_gray(x, p)
+
+
+def test_sm90_build(monkeypatch):
+    # Both kernels compile for an H100/H200 (sm_90) without a GPU (Triton's own ptxas): the compiled
+    # frontend is stricter than the interpreter (globals only as constexprs, one type per branch).
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        get_ptxas(90)
+    except Exception as e:  # a triton build without its CUDA toolchain
+        pytest.skip(f"triton has no ptxas here: {e}")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    mean, colour = at._kernels()
+    args = {"jitter": "*i8", "gray": "*i8", "order": "*i64", "factors": "*fp32", "HW": "i32"}
+    flags = {"USE_HUE": True, "USE_GRAY": True, "GRAY_FIRST": False, "BLOCK": at.BLOCK}
+    for fn, ptrs, extra in ((mean, ("x", "means"), {}), (colour, ("x", "out", "means"), {"USE_JITTER": True})):
+        consts = flags | extra
+        sig = dict.fromkeys(ptrs, "*fp32") | args | dict.fromkeys(consts, "constexpr")
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        assert ".entry" in compiled.asm["ptx"]
