@@ -302,16 +302,29 @@ def cpu_chunks(x: torch.Tensor) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+KERNELS = ("torch", "triton")
+
+
 @torch.no_grad()
-def apply(x: torch.Tensor, params: AugParams, select: str = "auto") -> torch.Tensor:
+def apply(x: torch.Tensor, params: AugParams, select: str = "auto", kernel: str = "torch") -> torch.Tensor:
     """Augment a batch: float N x 3 x H x W in [0, 1] -> the same shape, in one vectorised pass.
 
     `select`: how an op reaches only some images. "where" computes it for all and selects (no host
     sync; the GPU default), "index" computes it for the selected images only, CPU_CHUNK_PIXELS at a
     time (the CPU default, `augment_into`), "auto" picks by device. Both give the same result. With
-    "index" the result is always a new tensor (the caller may change it in place)."""
+    "index" the result is always a new tensor (the caller may change it in place).
+
+    `kernel="triton"`: jitter and grayscale in the fused kernels of `augment_triton` (float32, a
+    CUDA batch or TRITON_INTERPRET=1; blur and flip as "where"). Opt-in: its GPU speed is unmeasured."""
     if select not in ("auto", "where", "index"):
         raise ValueError(f"select must be auto, where or index, got {select!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "triton":
+        from .augment_triton import jitter_gray
+
+        _check_batch(x, params)
+        return _apply(x, params, index=False, colour=lambda x, p, _: jitter_gray(x, p))
     if select == "index" or (select == "auto" and x.device.type == "cpu"):
         return augment_into(torch.empty_like(x), x, params)
     _check_batch(x, params)

@@ -199,11 +199,13 @@ class DeviceAugment:
     over both views at once, then normalisation into the trainer's dtype and memory format.
 
     Called with float 2N x 3 x S x S in [0, 1] on the device (view 1 of the N images, then view 2)
-    and the device generator of the epoch; returns (im_q, im_k), N each."""
+    and the device generator of the epoch; returns (im_q, im_k), N each. `kernel="triton"` (opt-in,
+    for the benches: its GPU speed is unmeasured) runs jitter and grayscale in the fused Triton
+    kernels (`augment_gpu.apply`'s `kernel`), on a GPU or under TRITON_INTERPRET=1."""
 
-    def __init__(self, args: LoaderArgs, jitter_order: str, flip: bool = True):
+    def __init__(self, args: LoaderArgs, jitter_order: str, flip: bool = True, kernel: str = "torch"):
         self.spec, self.device, self.dtype = args.aug, args.device, args.dtype
-        self.jitter_order, self.flip = jitter_order, flip
+        self.jitter_order, self.flip, self.kernel = jitter_order, flip, kernel
         self.mean = torch.tensor(args.aug.mean, device=args.device).view(1, 3, 1, 1)
         self.std = torch.tensor(args.aug.std, device=args.device).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -211,10 +213,10 @@ class DeviceAugment:
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # With jitter_order=batch the batch's one order is drawn on the host (no device sync).
         params = sample_params(x.shape[0], self.spec, self.device, generator, order=self.jitter_order, flip=self.flip)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self.kernel == "torch":
             x = self._on_the_cpu(x, params)
         else:
-            x = apply(x, params)
+            x = apply(x, params, kernel=self.kernel)
             x = ((x - self.mean) / self.std).to(self.dtype).contiguous(memory_format=self.memory_format)
         n = x.shape[0] // 2
         return x[:n], x[n:]  # slices along N of a channels-last batch are channels-last: no copy

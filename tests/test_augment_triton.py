@@ -14,6 +14,7 @@ triton = pytest.importorskip("triton")
 
 from moco_fast.kernels import augment_gpu as ag  # noqa: E402
 from moco_fast.kernels import augment_triton as at  # noqa: E402
+from moco_fast.loaders.base import DeviceAugment, LoaderArgs  # noqa: E402
 
 from moco_fast.augment import MOCO_V1, MOCO_V2  # noqa: E402
 
@@ -69,15 +70,39 @@ def test_only_grayscale_or_nothing(interpret):
     assert torch.equal(at.jitter_gray(x, nothing), x)
 
 
+@pytest.mark.parametrize("order", ag.ORDERS)
+def test_apply_with_the_triton_kernel_equals_where(interpret, order):
+    # The whole pass: blur (some images) and flip run in torch after the fused kernels.
+    x, p = batch_and_params(order, seed=2, h=9, w=7)  # odd sides: a partly masked block
+    p = replace(p, blur=torch.tensor([True, False] * 3), flip=torch.tensor([False, True] * 3), kernel_size=5)
+    got = ag.apply(x, p, kernel="triton")
+    torch.testing.assert_close(got, ag.apply(x, p, select="where"), rtol=1e-5, atol=1e-5)
+
+
+def test_device_augment_option(interpret):
+    # The loaders' device pass with kernel="triton" on the CPU (the interpreter): the same views as
+    # the default torch pass from the same generator state.
+    args = LoaderArgs(None, replace(MOCO_V2, image_size=32), 3, torch.device("cpu"))
+    x = torch.rand(N, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    views = {}
+    for kernel in ag.KERNELS:
+        views[kernel] = DeviceAugment(args, "sample", kernel=kernel)(x.clone(), torch.Generator().manual_seed(4))
+    for a, b in zip(views["triton"], views["torch"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert views["triton"][0].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_refuses_what_it_cannot_run(monkeypatch):
     x, p = batch_and_params("batch")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ag.apply(x, p, kernel="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="float32"):
         at.jitter_gray(x.half(), p)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA batch"):
-            at.jitter_gray(x, p)
+            ag.apply(x, p, kernel="triton")
 
 
 def test_sm90_build(monkeypatch):
