@@ -18,6 +18,8 @@ and, for a like-for-like torch row, to a folder of the same 256-px JPEGs. Rows:
                     on the training device (here the CPU; on a GPU machine it runs there)
     aug-sample      only that device pass, on `--device`, for 2 x batch views of 224 px (uint8 in,
     aug-batch       normalised out), with ColorJitter order per image or per batch (no data needed)
+    aug-*-triton    the same with jitter + grayscale in the fused Triton kernels (kernels/augment_triton.py;
+                    on a GPU, or on the CPU under TRITON_INTERPRET=1 at a crawl)
 
 Each row warms up (`--warmup` batches, which includes FFCV's Numba compile) and then times at least
 `--steps` batches and `--min-seconds`, across epochs when the set is shorter. `img/s` counts images, each with its two views.
@@ -56,8 +58,9 @@ with interrupted_before_rows(held=("torch",)):
 
 ROWS = ("torch", "torch-crops", "torch-256", "torch-crops-256", "ffcv", "ffcv-twice", "ffcv+aug")
 # The device pass alone (the FFCV backend's colour/blur/normalise step) on --device: not in the
-# default rows; on a GPU run `--rows aug-sample,aug-batch --device cuda --batch-size 256`.
-AUG_ROWS = ("aug-sample", "aug-batch")
+# default rows; on a GPU run `--rows aug-sample,aug-batch --device cuda --batch-size 256`. The
+# -triton rows: the same pass with jitter + grayscale in the fused Triton kernels, to time against.
+AUG_ROWS = ("aug-sample", "aug-batch", "aug-sample-triton", "aug-batch-triton")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
 
@@ -140,7 +143,10 @@ def run_aug_row(row: str, a: argparse.Namespace) -> dict:
     spec, n = MOCO_V2, 2 * a.batch_size
     u8 = torch.randint(0, 256, (n, 3, spec.image_size, spec.image_size), dtype=torch.uint8, device=dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    augment = DeviceAugment(LoaderArgs(None, spec, a.batch_size, dev, dtype), row.removeprefix("aug-"), flip=False)
+    order, triton = row.removeprefix("aug-").removesuffix("-triton"), row.endswith("-triton")
+    augment = DeviceAugment(
+        LoaderArgs(None, spec, a.batch_size, dev, dtype), order, flip=False, kernel="triton" if triton else "torch"
+    )
     g = torch.Generator(device=dev).manual_seed(0)
 
     def passes():
@@ -169,6 +175,8 @@ SETTINGS = {
     "ffcv+aug": "as ffcv + batched jitter/gray/blur/normalise on the CPU (torch)",
     "aug-sample": "device pass only, ColorJitter order per image",
     "aug-batch": "device pass only, ColorJitter order per batch",
+    "aug-sample-triton": "as aug-sample, jitter + gray in the fused Triton kernels",
+    "aug-batch-triton": "as aug-batch, jitter + gray in the fused Triton kernels",
 }
 
 
@@ -245,7 +253,11 @@ def measure(a: argparse.Namespace) -> int:
         for row in (r for r in rows if r in AUG_ROWS):
             print(f"running {row} ...", file=sys.stderr)
             settings = SETTINGS[row] + f" ({a.device})"
-            results.append({"row": row, "name": row, "settings": settings, **run_aug_row(row, a)})
+            try:
+                r = {"row": row, "name": row, "settings": settings, **run_aug_row(row, a)}
+            except Exception as e:  # one failed row must not lose the others (triton on a CPU, say)
+                r = {"row": row, "name": row, "error": f"{type(e).__name__}: {e}"}
+            results.append(r)
         loader_rows = [r for r in rows if r not in AUG_ROWS]
         if loader_rows:
             run_loader_rows(loader_rows, a, results, conversion)

@@ -30,7 +30,7 @@
 #               fixed since)
 #   hooks       the two phases ffcv and dali:
 #     ffcv      bench/ffcv_loader.py (whole FFCV rows with ffcv and FFCV_DATA=folder, else its GPU
-#               augmentation rows) (50 s)
+#               augmentation rows, torch's and the fused Triton kernels', 10 s each) (~50 s expected)
 #     dali      DALI end to end (bench/throughput.py --loader dali [DALI_DATA=folder]), needs DALI
 #               brought over: ../shared/device/README.md (43 s)
 #   tests-slow  pytest -m "gpu and slow": the one-worker distributed overhead (issue 5, < 3%: three
@@ -86,11 +86,12 @@ if [[ -n $DRY ]]; then
   MOM=(--device cpu --arch resnet18 --repeats 1 --warmup 0)
   SBN=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --repeats 1 --warmup 0)
   AUG=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)
+  AUG_ENV=(env TRITON_INTERPRET=1)  # the aug-*-triton rows on the CPU: Triton's interpreter (~25 s)
   TRAIN=(--device cpu --epochs 1 --batch-size 64 --moco-k 128 --stem imagenet --workers 0 --knn-every 0)
   KNN=(--device cpu --workers 0)
   LINCLS=(--device cpu --workers 0 --epochs 2 --schedule 1 --eval-every 1 --batch-size 256)
 else
-  TP=() MOM=() SBN=() AUG=() TRAIN=() KNN=() LINCLS=()
+  TP=() MOM=() SBN=() AUG=() AUG_ENV=() TRAIN=() KNN=() LINCLS=()
 fi
 PHASES=${*:-env splitbn tests throughput cifar-speed momentum e2e hooks tests-slow}
 LOG=$OUT/gpu_check.log
@@ -204,8 +205,9 @@ phase_ffcv() {
     run ffcv 150 $PY bench/ffcv_loader.py --device cuda --data "$FFCV_DATA" --json "$OUT/ffcv.json"
   else
     # No FFCV (or no data) on the machine: the batched GPU augmentation pass it shares needs neither.
-    run ffcv-aug 90 $PY bench/ffcv_loader.py --rows aug-sample,aug-batch --device cuda --batch-size 256 \
-      --json "$OUT/ffcv.json" "${AUG[@]}"
+    # Each order with torch's jitter + gray and with the fused Triton kernels', 10 s a row.
+    run ffcv-aug 90 "${AUG_ENV[@]}" $PY bench/ffcv_loader.py --device cuda --batch-size 256 --min-seconds 10 \
+      --rows aug-sample,aug-batch,aug-sample-triton,aug-batch-triton --json "$OUT/ffcv.json" "${AUG[@]}"
   fi
 }
 phase_dali() {

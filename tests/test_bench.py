@@ -309,6 +309,21 @@ def test_ffcv_bench_interrupted_keeps_what_it_measured(tmp_path, capsys, monkeyp
     assert "123" in printed.out and "not run (interrupted)" in printed.out and "interrupted" in printed.err
 
 
+def test_ffcv_bench_triton_rows_reach_the_fused_kernels(tmp_path, monkeypatch):
+    # On a CPU without Triton's interpreter an aug-*-triton row gets as far as the fused kernels,
+    # which refuse the batch (so its order was parsed and its kernel chosen): that row fails and
+    # says why, the other is measured, exit 1; before, one failed aug row lost the whole run.
+    pytest.importorskip("triton")
+    import ffcv_loader
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "ffcv.json"
+    flags = ["--batch-size", "1", "--steps", "1", "--warmup", "0", "--min-seconds", "0", "--json", str(out)]
+    assert ffcv_loader.main(["--rows", "aug-batch-triton,aug-sample", *flags]) == 1
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "needs a CUDA batch" in rows["aug-batch-triton"]["error"] and rows["aug-sample"]["img_per_s"] > 0
+
+
 def test_cuda_graph_on_cpu_is_refused_before_any_work(capsys):
     # each error names what asked for the graph: the flag, or the row's +graph (no flag to drop)
     assert throughput.main([*TINY, "--rows", "trainer", "--cuda-graph"]) == 2
