@@ -92,6 +92,26 @@ def test_device_augment_option(interpret):
     assert views["triton"][0].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("order", ag.ORDERS)
+def test_compiled_kernels_on_cuda(monkeypatch, order):
+    # The compiled kernels at MoCo's size (224 px: 49 whole blocks of 1,024 pixels; 225 px: a partly
+    # masked last block) against the where path, and without a host sync (gpu_check's tests phase).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for side in (224, 225):
+        g = torch.Generator(device="cuda").manual_seed(side)
+        x = torch.rand(16, 3, side, side, device="cuda", generator=g)
+        p = ag.sample_params(16, MOCO_V2, "cuda", g, order=order)
+        at.jitter_gray(x, p)  # compiled outside the sync check
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = ag.apply(x, p, kernel="triton")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.testing.assert_close(got, ag.apply(x, p, select="where"), rtol=1e-5, atol=1e-5)
+
+
 def test_refuses_what_it_cannot_run(monkeypatch):
     x, p = batch_and_params("batch")
     with pytest.raises(ValueError, match="kernel must be one of"):
