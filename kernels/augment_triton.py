@@ -98,8 +98,7 @@ def _contrast_stage(n, order):
 def _mean_luma_body(
     x,
     means,
-    jitter,
-    gray,
+    flags,
     order,
     factors,
     HW,
@@ -110,7 +109,7 @@ def _mean_luma_body(
 ):
     n = tl.program_id(0).to(tl.int64)  # n * 3 * HW passes 2**31 at 14k images of 224 px
     at = _contrast_stage(n, order)
-    gr = tl.load(gray + n) != 0
+    gr = tl.load(flags + 2 * n + 1) != 0
     base = x + n * 3 * HW
     acc = tl.arange(0, BLOCK).to(tl.float32) * 0.0  # not tl.zeros: see the tl.reduce below
     for start in range(0, HW, BLOCK):
@@ -121,7 +120,7 @@ def _mean_luma_body(
         b = tl.load(base + 2 * HW + offs, mask=mask, other=0.0)
         if USE_GRAY and GRAY_FIRST:
             r, g, b = _gray(r, g, b, gr)
-        if tl.load(jitter + n) != 0:
+        if tl.load(flags + 2 * n) != 0:
             for k in tl.static_range(3):  # the ops before contrast: at most the first three
                 if k < at:
                     op = tl.load(order + n * 4 + k)
@@ -136,8 +135,7 @@ def _colour_body(
     x,
     out,
     means,
-    jitter,
-    gray,
+    flags,
     order,
     factors,
     HW,
@@ -154,11 +152,11 @@ def _colour_body(
     r = tl.load(src + offs, mask=mask)
     g = tl.load(src + HW + offs, mask=mask)
     b = tl.load(src + 2 * HW + offs, mask=mask)
-    gr = tl.load(gray + n) != 0
+    gr = tl.load(flags + 2 * n + 1) != 0
     if USE_GRAY and GRAY_FIRST:
         r, g, b = _gray(r, g, b, gr)
     if USE_JITTER:
-        if tl.load(jitter + n) != 0:
+        if tl.load(flags + 2 * n) != 0:
             mean = tl.load(means + n)
             for k in tl.static_range(4):
                 op = tl.load(order + n * 4 + k)
@@ -204,13 +202,14 @@ def jitter_gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
     if n == 0:
         return out
     mean_kernel, colour_kernel = _kernels()
-    # int8 flags and fp32 factors: small casts on the device, no copy to the host.
-    jitter, gray = p.jitter.to(torch.int8), p.gray.to(torch.int8)
+    # Per image: jitter and gray flags (N x 2 int8), order, fp32 factors: made on the device, no
+    # copy to the host.
+    flags = torch.stack([p.jitter, p.gray], dim=1).to(torch.int8)
     order, factors = p.order.contiguous(), p.factors.to(torch.float32).contiguous()
-    flags = {"USE_HUE": p.use_hue, "USE_GRAY": p.use_gray, "GRAY_FIRST": p.gray_first, "BLOCK": BLOCK}
+    spec = {"USE_HUE": p.use_hue, "USE_GRAY": p.use_gray, "GRAY_FIRST": p.gray_first, "BLOCK": BLOCK}
     means = torch.empty(n, device=x.device, dtype=torch.float32)  # read only where p.use_jitter
     if p.use_jitter:
-        mean_kernel[(n,)](x, means, jitter, gray, order, factors, h * w, **flags)
+        mean_kernel[(n,)](x, means, flags, order, factors, h * w, **spec)
     grid = (n, triton.cdiv(h * w, BLOCK))
-    colour_kernel[grid](x, out, means, jitter, gray, order, factors, h * w, USE_JITTER=p.use_jitter, **flags)
+    colour_kernel[grid](x, out, means, flags, order, factors, h * w, USE_JITTER=p.use_jitter, **spec)
     return out

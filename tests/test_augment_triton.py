@@ -139,7 +139,7 @@ def test_sm90_build(monkeypatch):
         pytest.skip(f"triton has no ptxas here: {e}")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     mean, colour = at._kernels()
-    args = {"jitter": "*i8", "gray": "*i8", "order": "*i64", "factors": "*fp32", "HW": "i32"}
+    args = {"flags": "*i8", "order": "*i64", "factors": "*fp32", "HW": "i32"}
     flags = {"USE_HUE": True, "USE_GRAY": True, "GRAY_FIRST": False, "BLOCK": at.BLOCK}
     for fn, ptrs, extra in ((mean, ("x", "means"), {}), (colour, ("x", "out", "means"), {"USE_JITTER": True})):
         consts = flags | extra
