@@ -158,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.image_size} px, {args.splits} splits, {args.dtype} {layout}; ms per step: a shape's median call")
     print(f"(of {repeats}{f' samples of {chain} calls' if chain > 1 else ''}) times the layers that have it")
     print(format_table([*rows, total, ratio], columns))
-    splits_timed = [n for n in names if n != "plain" and n in total]
-    if splits_timed:
+    split_paths = [n for n in names if n != "plain"]
+    splits_timed = [n for n in split_paths if n in total]
+    if splits_timed:  # of the paths timed on every shape: one that failed on some is named, not ranked
         best = min(splits_timed, key=total.get)
         against = f" ({ratio[best]:.2f}x plain)" if best in ratio else ""
-        print(f"fastest split path: {best}, {total[best]:.2f} ms/step{against}")
+        failed = [n for n in split_paths if n not in total]
+        unranked = f"; not ranked, failed on a shape: {', '.join(failed)}" if failed else ""
+        print(f"fastest split path: {best}, {total[best]:.2f} ms/step{against}{unranked}")
     for e in errors:
         print(f"failed: {e}", file=sys.stderr)
     if args.json:

@@ -555,6 +555,29 @@ def test_split_bn_bench_times_each_candidate_on_each_bn_shape_of_the_encoder(tmp
     assert res["device"]["type"] == "cpu" and res["errors"] == []
 
 
+def test_split_bn_bench_ranks_only_the_paths_timed_on_every_shape(tmp_path, capsys, monkeypatch):
+    # a path that failed on one shape (out of memory on the largest) has no total: the fastest line
+    # named the fastest of the others alone, as if it had beaten that one too
+    import split_bn
+
+    def split_failing_on_64_channels(x, *args):
+        if x.shape[1] == 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return split_bn.split_batch_norm(x, *args)
+
+    monkeypatch.setitem(split_bn.CANDIDATES, "split", split_failing_on_64_channels)
+    out = tmp_path / "split-bn.json"
+    args = ["--device", "cpu", "--arch", "resnet18", "--batch-size", "8", "--image-size", "32", "--splits", "2"]
+    flags = ["--rows", "plain,split,regroup", "--repeats", "1", "--warmup", "0", "--json", str(out)]
+    assert split_bn.main([*args, *flags]) == 1
+    res = json.loads(out.read_text())
+    assert res["total_ms"]["split"] is None and res["total_ms"]["regroup"] > 0
+    assert res["errors"] == ["split on 8 x 64 x 32 x 32: OutOfMemoryError: CUDA out of memory"]
+    printed = capsys.readouterr()
+    assert "fastest split path: regroup, " in printed.out and "; not ranked, failed on a shape: split\n" in printed.out
+    assert "failed: split on 8 x 64 x 32 x 32" in printed.err
+
+
 @pytest.mark.parametrize(
     "flags", [["--splits", "3"], ["--splits", "0"], ["--rows", "split,fused"], ["--image-size", "4"], ["--arch", "vgg"]]
 )
