@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "errors": errors,
             "layers": n_layers,
             "config": {k: v for k, v in vars(args).items() if k != "json"} | {"repeats": repeats},
+            "calls_per_sample": chain,  # a figure is the median sample's time over this
             "device": info,
             "torch": torch.__version__,
         }

@@ -553,6 +553,7 @@ def test_split_bn_bench_times_each_candidate_on_each_bn_shape_of_the_encoder(tmp
     printed = capsys.readouterr().out
     assert "all 20 BN layers" in printed and "x plain" in printed and "fastest split path: " in printed
     assert res["device"]["type"] == "cpu" and res["errors"] == []
+    assert res["config"]["repeats"] == 1 and res["calls_per_sample"] == 1  # how a figure was taken
 
 
 def test_split_bn_bench_ranks_only_the_paths_timed_on_every_shape(tmp_path, capsys, monkeypatch):
