@@ -122,6 +122,11 @@ def test_cached_feature_epochs_cover_each_row_once_in_the_seeded_order(device):
     assert all(torch.equal(bx[:, 0], 2.0 * by) for bx, by in again)  # each row keeps its label
     plain = tensor_batches(x, y, 8, False, None)
     assert torch.cat([b[1] for b in plain]).cpu().tolist() == list(range(20))
+    # gathered batch by batch as the epoch goes (all at once: a second copy of the features on the
+    # device), and again for another pass (the evaluation's batches serve every epoch)
+    x.add_(100.0)
+    assert [len(b[1]) for b in plain] == [8, 8, 4] and len(plain) == 3
+    assert all(torch.equal(bx[:, 0], 2.0 * by + 100.0) for bx, by in plain)
 
 
 def test_backbone_check_catches_changes(ckpt):
