@@ -150,14 +150,16 @@ def join_failed(
     Rank 0 starts the store (its server socket) and then connects to it at MASTER_ADDR as a client,
     within the join timeout. Only the server's failure is the port's (taken, or not ours to take);
     the client's is the address's (not rank 0's machine) or the timeout's: a timeout too short for
-    the connection (MOCO_FAST_JOIN_TIMEOUT=0.001) was blamed on MASTER_PORT."""
+    the connection (MOCO_FAST_JOIN_TIMEOUT=0.001) was blamed on MASTER_PORT. "Reach", not "connect":
+    a client that connected may still wait past so short a timeout for its store's answer (torch's
+    "wait timeout after 1ms, keys: init/")."""
     joined = re.search(r"(\d+)/(\d+) clients joined", cause)
     if rank == "0" and not joined:
         first = cause.splitlines()[0]
         if "server socket" in first:  # torch's "The server socket has failed to listen ..."
             return f"rank 0 could not listen at {addr}:{port} ({first}): choose a free MASTER_PORT"
         return (
-            f"rank 0 could not connect to its own store at {addr}:{port} within {_span(timeout)} ({first}): "
+            f"rank 0 could not reach its own store at {addr}:{port} within {_span(timeout)} ({first}): "
             f"set MASTER_ADDR to an address of rank 0's machine, or wait longer ({JOIN_TIMEOUT_ENV}=SECONDS)"
         )
     if joined:
