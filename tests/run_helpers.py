@@ -1,6 +1,7 @@
 """What the run-folder test files share (not a test module: pytest does not collect it): the
-tiny `moco-fast train` command line, the rows of a run's metrics.jsonl and `ForkedCommands`, which
-runs commands each in a process of its own at the cost of one interpreter's imports."""
+tiny `moco-fast train` command line and `moco-fast sweep`'s (test_sweep.py, test_sweep_checks.py),
+the rows of a run's metrics.jsonl and `ForkedCommands`, which runs commands each in a process of its
+own at the cost of one interpreter's imports."""
 
 import json
 
@@ -11,6 +12,34 @@ def tiny_args(data, out, epochs=1):
         "--epochs", str(epochs), "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2",
         "--device", "cpu", "--workers", "0", "--out", str(out), "--no-final-knn",
     ]  # fmt: skip
+
+
+# The base `moco-fast train` flags of the sweep tests: ResNet-18 at 32 px, one epoch of batches of 8.
+SWEEP_TRAIN = ["--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet", "--epochs", "1"]
+SWEEP_TRAIN += ["--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--workers", "0"]
+SWEEP_RUN = "moco_K16_m0.99_sbn-on"
+
+
+def sweep_args(out, root, *grid, train=()):
+    """`moco-fast sweep` on `root` into `out`: the grid flags, then the base train flags (and `train`)."""
+    return ["sweep", "--out", str(out), "--device", "cpu", *grid, "--", "--data", str(root), *SWEEP_TRAIN, *train]
+
+
+def last_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def stub_sweep_runs(monkeypatch) -> list:
+    """Replaces a sweep setting's training and evaluation with stand-ins; returns the settings trained."""
+    from moco_fast import sweep
+
+    trained = []
+    monkeypatch.setattr(sweep, "_train", lambda cfg, listed: trained.append(cfg))
+    monkeypatch.setattr(
+        sweep, "evaluate_setting", lambda cfg, s, *a: {"name": s.name, "mechanism": s.mechanism, "k": s.k, "m": s.m}
+    )
+    return trained
 
 
 def rows(out):

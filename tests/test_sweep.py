@@ -1,6 +1,6 @@
 """`moco-fast sweep`: the table of several settings, a result reused only for the same training
-settings, resumed or restarted linear classifiers, runs trained further in their folder, grid flags
-and folder names, and the errors it finds before training."""
+settings, resumed or restarted linear classifiers, runs trained further in their folder, and how often
+it lists and checks its data. What it refuses before training: test_sweep_checks.py."""
 
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_root
 from eval_helpers import interrupt_at, state_reads
-from run_helpers import tiny_args
+from run_helpers import SWEEP_RUN, last_error, stub_sweep_runs, sweep_args
 
-from moco_fast.cli import build_parser, main
-from moco_fast.config import MAX_SEED
+from moco_fast.cli import main
 
 
 # -- sweep ----------------------------------------------------------------------------------------
@@ -52,17 +50,6 @@ def test_sweep_two_settings_table_and_resume(six_root, tmp_path, capsys):
     assert again[0]["loss"] == rows[0]["loss"] and again[0]["knn_top1"] == rows[0]["knn_top1"]
 
 
-# The base `moco-fast train` flags of the sweep tests: ResNet-18 at 32 px, one epoch of batches of 8.
-SWEEP_TRAIN = ["--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet", "--epochs", "1"]
-SWEEP_TRAIN += ["--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--workers", "0"]
-SWEEP_RUN = "moco_K16_m0.99_sbn-on"
-
-
-def sweep_args(out, root, *grid, train=()):
-    """`moco-fast sweep` on `root` into `out`: the grid flags, then the base train flags (and `train`)."""
-    return ["sweep", "--out", str(out), "--device", "cpu", *grid, "--", "--data", str(root), *SWEEP_TRAIN, *train]
-
-
 @pytest.fixture(scope="module")
 def finished_sweep(six_root, tmp_path_factory):
     """A sweep folder with one finished setting (moco, K 16, m 0.99); tests work on copies."""
@@ -70,11 +57,6 @@ def finished_sweep(six_root, tmp_path_factory):
     assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
     yield out
     shutil.rmtree(out.parent, ignore_errors=True)  # its run's checkpoint: not kept to the session's end
-
-
-def last_error(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    return lines[-1] if lines else ""
 
 
 @pytest.mark.slow
@@ -323,58 +305,6 @@ def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six
     assert {p: p.read_bytes() for p in (result, state) if p.exists()} == kept
 
 
-@pytest.mark.parametrize("columns", [80, 100])
-def test_sweep_help_is_wrapped_and_names_every_flag(columns, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", str(columns))
-    with pytest.raises(SystemExit):
-        main(["sweep", "--help"])
-    text = capsys.readouterr().out
-    assert max(len(line) for line in text.splitlines()) <= columns
-    parser = next(a for a in build_parser()._actions if a.dest == "command").choices["sweep"]
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            assert action.help and action.option_strings[-1] in text, action.option_strings
-
-
-def test_sweep_grid_merges_repeated_runs():
-    from moco_fast.sweep import expand
-
-    settings = expand([256, 4096], [0.0, 0.99], ["moco", "end-to-end", "memory-bank"], [True])
-    names = [s.name for s in settings]
-    assert len(names) == len(set(names)) == 4 + 1 + 2
-    assert "end-to-end_Kbatch_sbn-on" in names and "memory-bank_K4096_sbn-on" in names
-
-
-def test_sweep_rejects_a_bad_setting_before_training(tiny_root, tmp_path, capsys):
-    args = ["sweep", "--out", str(tmp_path), "--moco-k", "4,64", "--", "--data", str(tiny_root)]
-    assert main([*args, "--batch-size", "8", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert "moco_K4_" in err and "smaller than the keys" in err
-    assert not any(tmp_path.iterdir())  # nothing trained
-
-
-def test_a_bad_flag_of_every_setting_is_named_without_a_settings_name(tiny_root, tmp_path, capsys):
-    # it read "setting moco_K4_m0.9_sbn-on: --seed must be ...", as if that setting alone were wrong
-    args = ["sweep", "--out", str(tmp_path), "--moco-m", "0.9,0.99", "--", "--data", str(tiny_root), "--seed", "-3"]
-    assert main([*args, "--batch-size", "8", "--device", "cpu"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"moco-fast sweep: error: --seed must be in 0..{MAX_SEED} (got -3)"
-    ]
-    assert not any(tmp_path.iterdir())
-
-
-def test_a_memory_bank_k_below_1_is_refused_before_training(tiny_root, tmp_path, capsys):
-    # it failed in the model's build, after the sweep had made the setting's folder
-    args = ["sweep", "--out", str(tmp_path), "--mechanism", "memory-bank", "--moco-k", "0"]
-    assert (
-        main([*args, "--device", "cpu", "--", "--data", str(tiny_root), "--batch-size", "8", "--bn-splits", "2"]) == 2
-    )
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "moco-fast sweep: error: --moco-k must be at least 1 (got 0)"
-    )
-    assert not any(tmp_path.iterdir())
-
-
 @pytest.mark.slow
 def test_sweep_follows_a_run_trained_further_in_its_folder(finished_sweep, six_root, tmp_path, capsys):
     # `train --resume --epochs 2` in a setting's folder: its result.json describes the old checkpoint
@@ -393,186 +323,6 @@ def test_sweep_follows_a_run_trained_further_in_its_folder(finished_sweep, six_r
     assert res["epochs"] == 2 and res["loss"] == json.loads(metrics.splitlines()[-1])["loss"]
     rows = [json.loads(line) for line in metrics.splitlines()]
     assert res["wall_s"] >= sum(r["epoch_time_s"] for r in rows)  # both epochs' training counted
-
-
-def test_sweep_stops_before_training_on_what_would_fail_later(six_root, tmp_path, capsys, monkeypatch):
-    from moco_fast import sweep
-
-    trained = []
-    monkeypatch.setattr(sweep, "_train", lambda cfg, listed: trained.append(cfg))
-    out = tmp_path / "sweep"
-    # the logs of a run without its checkpoint (it died in its first epoch)
-    (out / SWEEP_RUN).mkdir(parents=True)
-    (out / SWEEP_RUN / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
-    assert main(sweep_args(out, six_root, "--moco-m", "0.5,0.99")) == 2
-    assert "--redo" in last_error(capsys) and not trained
-    # --redo with a device this machine lacks, or missing data: nothing is deleted
-    if not torch.cuda.is_available():
-        cuda = ["sweep", "--out", str(out), "--device", "cuda", "--moco-m", "0.99", "--redo", "--"]
-        assert main([*cuda, "--data", str(six_root), *SWEEP_TRAIN]) == 2
-        assert (out / SWEEP_RUN / "metrics.jsonl").is_file()
-    assert main(sweep_args(out, tmp_path / "nowhere", "--moco-m", "0.99", "--redo")) == 2
-    assert (out / SWEEP_RUN / "metrics.jsonl").is_file() and not trained
-    # a linear classifier needs an eval split: said before the synthetic loader trains
-    args = ["sweep", "--out", str(tmp_path / "s2"), "--device", "cpu", "--lincls-epochs", "1", "--"]
-    assert main([*args, "--loader", "synthetic", *SWEEP_TRAIN]) == 2
-    assert "--lincls-epochs needs an image folder" in last_error(capsys) and not trained
-
-
-def test_a_sweep_and_a_training_run_never_share_a_folder(six_root, tmp_path, capsys, monkeypatch):
-    """A sweep's --out holding a run, or a run's --out holding a sweep's table: refused before
-    anything trains (each would put its files among the other's)."""
-    trained = stub_sweep_runs(monkeypatch)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n')
-    assert main(sweep_args(run, six_root, "--moco-m", "0.99")) == 2
-    assert last_error(capsys).endswith(f"--out {run} holds a training run: give the sweep a folder of its own")
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"] and not trained
-    sweep_out = tmp_path / "sweep"
-    assert main(sweep_args(sweep_out, six_root, "--moco-m", "0.99")) == 0  # writes its table
-    assert main(tiny_args(six_root, sweep_out)) == 2
-    assert "is a sweep's folder: a run needs a folder of its own" in last_error(capsys)
-    assert not (sweep_out / "checkpoint.pt").exists() and not (sweep_out / "config.json").exists()
-
-
-def test_a_second_sweep_into_a_running_sweeps_folder_stops_at_once(six_root, tmp_path, capsys, monkeypatch):
-    # two sweeps in one --out each trained and evaluated the settings that neither had finished
-    from moco_fast.run_folder import hold_sweep_folder
-
-    trained = stub_sweep_runs(monkeypatch)
-    out = tmp_path / "sweep"
-    with hold_sweep_folder(out):  # the first sweep, running
-        assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 2
-        assert last_error(capsys).endswith(
-            f"{out}: another moco-fast sweep is running there now; wait for it to end or choose another --out"
-        )
-        assert not trained and not any(out.iterdir())
-    assert not out.exists()  # the folder the first one made, left empty, goes with it
-    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0 and len(trained) == 1
-
-
-# -- sweep: grid flags and folder names -------------------------------------------------------------
-def test_a_sweep_folder_within_the_images_it_reads_is_refused(tmp_path, capsys, monkeypatch):
-    """--out under --data's train (or eval) folder: the table's sweep.png (an image) and the sweep's
-    folder became a class of the next setting's training data and of its kNN (the demo grid's
-    second setting trained on 81 images of 11 classes, the first on 80 of 10)."""
-    trained = stub_sweep_runs(monkeypatch)
-    root = make_image_root(tmp_path / "data", per_class=4, classes=2, test_per_class=2)
-    for within in (root / "train" / "sweep", root / "test" / "sweeps" / "a"):
-        assert main(sweep_args(within, root, "--moco-m", "0.99")) == 2
-        split = "train" if "train" in within.parts else "test"
-        assert last_error(capsys).endswith(
-            f"--out {within} lies within {root / split}, whose images the sweep reads: its files (sweep.png) "
-            "would be read as training images; give a folder outside it"
-        )
-        assert not within.exists()
-    assert main(sweep_args(root / "train", root / "train", "--moco-m", "0.99")) == 2  # a class-folder root
-    assert "lies within" in last_error(capsys) and not trained
-    assert main(sweep_args(root / "sweeps", root, "--moco-m", "0.99")) == 0  # beside the splits: read by none
-    assert len(trained) == 1
-
-
-def stub_sweep_runs(monkeypatch) -> list:
-    """Replaces a sweep setting's training and evaluation with stand-ins; returns the settings trained."""
-    from moco_fast import sweep
-
-    trained = []
-    monkeypatch.setattr(sweep, "_train", lambda cfg, listed: trained.append(cfg))
-    monkeypatch.setattr(
-        sweep, "evaluate_setting", lambda cfg, s, *a: {"name": s.name, "mechanism": s.mechanism, "k": s.k, "m": s.m}
-    )
-    return trained
-
-
-def test_sweep_distinct_momenta_never_share_a_folder(six_root, tmp_path, capsys, monkeypatch):
-    from moco_fast import sweep
-
-    # the usual values keep the folder names they always had, so that earlier sweeps are found again
-    names = [s.name for s in sweep.expand([16], [0.99, 0.999, 0.0, 0.9, 1.0, 1e-05], ["moco"], [True])]
-    assert names == [f"moco_K16_m{m}_sbn-on" for m in ("0.99", "0.999", "0", "0.9", "1", "1e-05")]
-    trained = stub_sweep_runs(monkeypatch)
-    out = tmp_path / "sweep"
-    # `{:g}` wrote both as m1: the second setting reused the first one's run, one row for two settings
-    assert main(sweep_args(out, six_root, "--moco-m", "1,0.9999999")) == 0
-    folders = [Path(cfg.runtime.out).name for cfg in trained]
-    assert folders == ["moco_K16_m1_sbn-on", "moco_K16_m0.9999999_sbn-on"]
-    assert [r["m"] for r in json.loads((out / "sweep.json").read_text())] == [1.0, 0.9999999]
-    table = (out / "sweep.md").read_text()
-    assert "| moco | 16 | 1 |" in table and "| moco | 16 | 0.9999999 |" in table
-    # the guard: settings that would share a folder stop the sweep before anything trains
-    monkeypatch.setattr(sweep, "number_text", lambda v: f"{v:g}")
-    assert main(sweep_args(tmp_path / "s2", six_root, "--moco-m", "1,0.9999999")) == 2
-    assert "would share the folder" in last_error(capsys) and len(trained) == 2
-    assert not (tmp_path / "s2").exists()
-
-
-@pytest.mark.parametrize(
-    ("grid", "message"),
-    [
-        (["--moco-k", ","], "--moco-k ',' is an empty list"),
-        (["--moco-m", ""], "--moco-m '' is an empty list"),
-        (["--shuffle-bn", " , "], "--shuffle-bn ' , ' is an empty list"),
-        (["--moco-k", "16,,64"], "(got '16,,64': an empty item)"),
-        (["--moco-k", "16,4.5"], "'4.5' is not an integer"),
-        (["--moco-m", "0.9,x"], "'x' is not a number"),
-        (["--shuffle-bn", "on,maybe"], "'maybe' is not on or off"),
-    ],
-)
-def test_sweep_empty_or_malformed_grid_lists_are_one_line_errors(
-    grid, message, six_root, tmp_path, capsys, monkeypatch
-):
-    trained = stub_sweep_runs(monkeypatch)
-    assert main(sweep_args(tmp_path / "sweep", six_root, *grid)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("moco-fast sweep: error:") and message in err[0], err
-    assert not trained and not (tmp_path / "sweep").exists()
-
-
-def test_sweep_says_train_flags_go_after_the_separator(six_root, tmp_path, capsys):
-    for argv in (["--data", str(six_root)], ["--moco-k", "16", "--data", str(six_root), "--epochs", "1"]):
-        with pytest.raises(SystemExit) as e:
-            main(["sweep", "--out", str(tmp_path / "s"), *argv])
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert "moco-fast sweep: error: unrecognized arguments: --data" in err, err
-        assert "flags go after `--`" in err and "-- --data ROOT" in err, err
-    # a train argument without the `--` before it
-    assert main(["sweep", "--out", str(tmp_path / "s"), str(six_root)]) == 2
-    assert "flags go after `--`" in last_error(capsys)
-    assert not (tmp_path / "s").exists()
-
-
-def test_sweep_linear_classifier_on_a_single_class_is_an_error(tmp_path, capsys, caplog, monkeypatch):
-    trained = stub_sweep_runs(monkeypatch)
-    one = make_image_root(tmp_path / "one", per_class=8, classes=1, test_per_class=2)
-    assert main(sweep_args(tmp_path / "s", one, "--moco-m", "0.99", "--lincls-epochs", "1")) == 2
-    assert "holds a single class (airplane)" in last_error(capsys) and not trained
-    with caplog.at_level(logging.WARNING, logger="moco_fast"):  # kNN alone: a warning
-        assert main(sweep_args(tmp_path / "s", one, "--moco-m", "0.99")) == 0
-    assert (
-        "holds a single class (airplane): every neighbour votes for it, so kNN top-1 is 100%" in caplog.text
-        and len(trained) == 1
-    )
-
-
-def test_sweep_refuses_a_folder_whose_table_files_are_not_a_sweeps(six_root, tmp_path, capsys, monkeypatch):
-    # --out holding the user's sweep.md or sweep.png, beside no sweep.json (the mark of a sweep's
-    # folder): the first table overwrote them without a word, and a plot-less machine deleted the png
-    trained = stub_sweep_runs(monkeypatch)
-    out = tmp_path / "mine"
-    out.mkdir()
-    for name in ("sweep.md", "sweep.png"):
-        (out / name).write_text("my notes")
-        assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 2
-        assert last_error(capsys).endswith(
-            f"--out {out} holds {name} but no sweep.json: not a sweep's table, which the sweep would overwrite; "
-            "move it away or choose another --out"
-        )
-        assert not trained and (out / name).read_text() == "my notes"
-        (out / name).unlink()
-    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0 and len(trained) == 1
-    assert (out / "sweep.json").is_file() and (out / "sweep.md").is_file()  # its own, which it rewrites
 
 
 def test_a_sweep_warns_of_eval_copies_of_training_images_once(finished_sweep, six_root, tmp_path, caplog, monkeypatch):
