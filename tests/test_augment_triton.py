@@ -55,6 +55,16 @@ def test_matches_the_torch_where_path(interpret, order, hue):
 
 
 @pytest.mark.parametrize("order", ag.ORDERS)
+def test_images_of_several_blocks(interpret, monkeypatch, order):
+    # The tiny images above are one block of 1,024 pixels each; at 16 pixels a block an image of
+    # 9 x 7 is four, the last partly masked: the mean kernel sums across its loop's blocks and each
+    # colour program takes its own block (as 224 px images do on the GPU, 49 blocks each).
+    monkeypatch.setattr(at, "BLOCK", 16)
+    x, p = batch_and_params(order, replace(MOCO_V2, hue=0.4), seed=4, h=9, w=7)
+    torch.testing.assert_close(at.jitter_gray(x, p), ag._colour(x, p, index=False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ag.ORDERS)
 def test_gray_before_the_jitter(interpret, order):
     # MoCo v1: grayscale first, and hue always on; contrast's mean is of the grayed image.
     x, p = batch_and_params(order, MOCO_V1, seed=1)
