@@ -66,8 +66,11 @@ def test_images_of_several_blocks(interpret, monkeypatch, order):
 
 @pytest.mark.parametrize("order", ag.ORDERS)
 def test_gray_before_the_jitter(interpret, order):
-    # MoCo v1: grayscale first, and hue always on; contrast's mean is of the grayed image.
+    # MoCo v1: grayscale first, and hue always on; contrast's mean is of the grayed image. Grayed
+    # and jittered: images 0-2. Image 2 has hue before contrast, which moves the luma of a colour
+    # image and not of a grey one; brightness alone (image 1) moves both alike (LUMA sums to 0.9999).
     x, p = batch_and_params(order, MOCO_V1, seed=1)
+    p = replace(p, gray=torch.tensor([True, True, True, True, False, False]))
     assert p.gray_first and p.use_hue
     torch.testing.assert_close(at.jitter_gray(x, p), ag._colour(x, p, index=False), rtol=1e-5, atol=1e-5)
 
