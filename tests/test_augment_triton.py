@@ -138,9 +138,11 @@ def test_refuses_what_it_cannot_run(monkeypatch):
             ag.apply(x, p, kernel="triton")
 
 
-def test_sm90_build(monkeypatch):
+@pytest.mark.parametrize("spec", [MOCO_V2, MOCO_V1], ids=["v2", "v1"])
+def test_sm90_build(monkeypatch, spec):
     # Both kernels compile for an H100/H200 (sm_90) without a GPU (Triton's own ptxas): the compiled
     # frontend is stricter than the interpreter (globals only as constexprs, one type per branch).
+    # With each recipe's flags as jitter_gray passes them: MoCo v1's gray first is its own build.
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -153,7 +155,8 @@ def test_sm90_build(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     mean, colour = at._kernels()
     args = {"flags": "*i8", "order": "*i64", "factors": "*fp32", "HW": "i32"}
-    flags = {"USE_HUE": True, "USE_GRAY": True, "GRAY_FIRST": False, "BLOCK": at.BLOCK}
+    p = ag.sample_params(1, spec)
+    flags = {"USE_HUE": p.use_hue, "USE_GRAY": p.use_gray, "GRAY_FIRST": p.gray_first, "BLOCK": at.BLOCK}
     for fn, ptrs, extra in ((mean, ("x", "means"), {}), (colour, ("x", "out", "means"), {"USE_JITTER": True})):
         consts = flags | extra
         sig = dict.fromkeys(ptrs, "*fp32") | args | dict.fromkeys(consts, "constexpr")
