@@ -97,14 +97,16 @@ def _linear(cfg: TrainConfig, folder: Path, splits: DataSplits, epochs: int, lr:
     )
     # a sweep stopped in this setting's classifier continues it; one run with other settings (another
     # --lincls-epochs, a checkpoint trained further, other images in --data since), or one that cannot
-    # be read, is the sweep's own to start over; one it did not leave is refused (refuse_others_files).
-    # run_lincls takes the state as read here
+    # be read, is the sweep's own to start over; a result or state it did not leave is refused
+    # (refuse_others_files). run_lincls takes the state as read here
     with hold_output(out, "sweep"):  # two sweeps into one folder may evaluate the same setting
+        # run_sweep's check again, held: a user's run may have left its files there while other
+        # settings trained, which the classifier would write over, delete or continue as its own
+        refuse_others_files(folder)
         loaded = None
         if state_path(out).is_file():
             loaded, why = resumable_state(out, lc, "lincls", listing_fingerprint(splits))
             if loaded is None:
-                refuse_others_files(folder)  # run_sweep's check again before it goes: it may have come since
                 log.info("%s: its linear classifier %s; it starts over", folder, why)
                 clear_state(out)
         with continued_by(SWEEP_CONTINUES, "--lincls-lr"):
@@ -118,7 +120,7 @@ def refuse_others_files(folder: Path) -> None:
     would otherwise overwrite, delete as its own state of other settings, or take over. A state that
     cannot be read is the sweep's to start over (nothing resumes it); a result written before results
     recorded continued_by is taken for the sweep's. Called before any setting trains (run_sweep) and
-    before the classifier deletes a state."""
+    again as the classifier starts (_linear), holding its files."""
     from moco_fast import checkpoint as ckpt
     from moco_fast.classifier_epochs import state_path
     from moco_fast.data import DataError

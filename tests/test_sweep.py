@@ -213,9 +213,9 @@ def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
         assert main(args) == 0
     assert "--resume: lincls continues after epoch 1 of 2" in caplog.text and not state.exists()
     assert listed == ["train", "test"]
-    # a look at whose state it is before anything trains (mapped: refuse_others_files), then read once,
-    # whole, to compare it: run_lincls's check and its loop read it again
-    assert [mapped for name, mapped in reads if name == state.name] == [True, False]
+    # a look at whose state it is before anything trains and as the classifier starts (mapped:
+    # refuse_others_files), then read once, whole, to compare it: run_lincls's check and its loop read it again
+    assert [mapped for name, mapped in reads if name == state.name] == [True, True, False]
     with monkeypatch.context() as m:
         interrupt_at(m, moco_fast.lincls, 1)
         assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "4")) == 130
@@ -268,14 +268,18 @@ def test_sweep_restarts_a_linear_classifier_whose_images_or_state_changed(
     assert json.loads((out / SWEEP_RUN / "result.json").read_text())["lincls_epochs"] == 2
 
 
-@pytest.mark.parametrize("left", ["lincls state", "finetune state", "lincls result", "older lincls state"])
+@pytest.mark.parametrize(
+    "left", ["lincls state", "finetune state", "lincls result", "older lincls state", "lincls result since"]
+)
 def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six_root, tmp_path, monkeypatch, capsys):
     # A user's own `moco-fast lincls --out` under the sweep's name, stopped with other settings or
     # finished (or another command's state there): the sweep deleted the state as its own classifier's
     # ("starts over"), took another command's for a damaged one, and wrote over the result. It stops
     # before anything runs and keeps them. A state saved before states recorded what continues them
-    # (an older sweep's own, or not) is kept too, and said to be one it cannot tell.
+    # (an older sweep's own, or not) is kept too, and said to be one it cannot tell. A result that
+    # comes after that first look (while other settings train) was written over: the classifier looks again.
     import moco_fast.lincls
+    import moco_fast.sweep
 
     out = shutil.copytree(finished_sweep, tmp_path / "sweep")
     run = out / SWEEP_RUN
@@ -293,9 +297,12 @@ def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six
     else:
         assert main(user) == 0
     kept = {p: p.read_bytes() for p in (result, state) if p.exists()}
+    if left.endswith("since"):
+        aside, look = result.rename(tmp_path / "aside.json"), moco_fast.sweep.refuse_others_files
+        monkeypatch.setattr(moco_fast.sweep, "refuse_others_files", lambda folder: (look(folder), aside.rename(result)))
     assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")) == 2
     error = last_error(capsys)
-    if left == "lincls result":
+    if left.startswith("lincls result"):
         assert f"{result} holds a result that the sweep did not write" in error
     else:
         command = left.split()[-2]
