@@ -143,11 +143,13 @@ def refuse_others_files(folder: Path) -> None:
     if state.get("continued_by") == SWEEP_CONTINUES:
         return
     command = state.get("command")
-    what = f"an interrupted {command} run's state" if command in ("lincls", "finetune") else "a file"
-    finish = f" (`moco-fast {command} --resume --out {out}` with that run's flags finishes it)" if command else ""
-    # a state saved before states recorded continued_by may be an older sweep's own: said so, not denied
-    whose = "that the sweep cannot tell for its own (saved before states said what continues them)"
+    what, whose, finish = "a file", "that the sweep did not leave", ""  # a training checkpoint, say
+    if command in ("lincls", "finetune"):
+        what = f"an interrupted {command} run's state"
+        finish = f" (`moco-fast {command} --resume --out {out}` with that run's flags finishes it)"
+        if "continued_by" not in state:  # saved before states recorded it: an older sweep's own, maybe
+            whose = "that the sweep cannot tell for its own (saved before states said what continues them)"
     raise ConfigError(
-        f"{path} holds {what} {whose if 'continued_by' not in state else 'that the sweep did not leave'}{finish}: "
-        "the sweep's linear classifier of this setting keeps its state there; move it away, then run the sweep again"
+        f"{path} holds {what} {whose}{finish}: the sweep's linear classifier of this setting keeps its state "
+        "there; move it away, then run the sweep again"
     )

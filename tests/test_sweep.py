@@ -269,7 +269,8 @@ def test_sweep_restarts_a_linear_classifier_whose_images_or_state_changed(
 
 
 @pytest.mark.parametrize(
-    "left", ["lincls state", "finetune state", "lincls result", "older lincls state", "lincls result since"]
+    "left",
+    ["lincls state", "finetune state", "lincls result", "older lincls state", "lincls result since", "checkpoint"],
 )
 def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six_root, tmp_path, monkeypatch, capsys):
     # A user's own `moco-fast lincls --out` under the sweep's name, stopped with other settings or
@@ -278,6 +279,7 @@ def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six
     # before anything runs and keeps them. A state saved before states recorded what continues them
     # (an older sweep's own, or not) is kept too, and said to be one it cannot tell. A result that
     # comes after that first look (while other settings train) was written over: the classifier looks again.
+    # A file that is no classifier's state (a training checkpoint) was said to be an older state.
     import moco_fast.lincls
     import moco_fast.sweep
 
@@ -294,6 +296,8 @@ def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six
         torch.save({"command": "finetune", "continued_by": None, "config": {}, "epoch": 1, "history": []}, state)
     elif left == "older lincls state":
         torch.save({"command": "lincls", "config": {}, "epoch": 1, "history": []}, state)
+    elif left == "checkpoint":
+        shutil.copyfile(run / "checkpoint.pt", state)
     else:
         assert main(user) == 0
     kept = {p: p.read_bytes() for p in (result, state) if p.exists()}
@@ -304,6 +308,8 @@ def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six
     error = last_error(capsys)
     if left.startswith("lincls result"):
         assert f"{result} holds a result that the sweep did not write" in error
+    elif left == "checkpoint":
+        assert f"{state} holds a file that the sweep did not leave: " in error and "--resume" not in error
     else:
         command = left.split()[-2]
         whose = "cannot tell for its own" if left.startswith("older") else "did not leave"
