@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.config import ConfigError, TrainConfig, read_json_object
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import SWEEP_LINCLS_RESULT, hold_output
 
@@ -118,16 +118,16 @@ def refuse_others_files(folder: Path) -> None:
     beside it (sweep_lincls.state.pt), are not this sweep's classifier's (their continued_by): those
     of a user's `moco-fast lincls --out` of that name, or another command's state, which the sweep
     would otherwise overwrite, delete as its own state of other settings, or take over. A state that
-    cannot be read is the sweep's to start over (nothing resumes it); a result written before results
-    recorded continued_by is taken for the sweep's. Called before any setting trains (run_sweep) and
-    again as the classifier starts (_linear), holding its files."""
+    cannot be read is the sweep's to start over (nothing resumes it), a result that cannot be read its
+    to write over; a result written before results recorded continued_by is taken for the sweep's.
+    Called before any setting trains (run_sweep) and again as the classifier starts (_linear),
+    holding its files."""
     from moco_fast import checkpoint as ckpt
     from moco_fast.classifier_epochs import state_path
     from moco_fast.data import DataError
-    from moco_fast.sweep_plan import read_json
 
     out = folder / SWEEP_LINCLS_RESULT
-    result = read_json(out, dict) or {}
+    result = read_json_object(out) or {}  # one that cannot be read is the sweep's to write over, unsaid
     if result.get("continued_by", SWEEP_CONTINUES) != SWEEP_CONTINUES:
         raise ConfigError(
             f"{out} holds a result that the sweep did not write (a `moco-fast lincls --out` of that name?): the "

@@ -268,6 +268,18 @@ def test_sweep_restarts_a_linear_classifier_whose_images_or_state_changed(
     assert json.loads((out / SWEEP_RUN / "result.json").read_text())["lincls_epochs"] == 2
 
 
+def test_sweep_writes_its_classifier_result_over_one_cut_short(finished_sweep, six_root, tmp_path, caplog):
+    # nobody's to keep (an older moco-fast's, cut short by a crash): the classifier writes its own over
+    # it, saying nothing of it (the look at whose it is warned at each look, twice)
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    result = out / SWEEP_RUN / "sweep_lincls.json"
+    result.write_text('{"top1": 5')
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")) == 0
+    assert str(result) not in caplog.text
+    assert json.loads(result.read_text())["continued_by"] == "the same sweep command continues it"
+
+
 @pytest.mark.parametrize(
     "left",
     ["lincls state", "finetune state", "lincls result", "older lincls state", "lincls result since", "checkpoint"],
