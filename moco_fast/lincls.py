@@ -195,7 +195,8 @@ def evaluate(
     num_classes: int,
 ) -> tuple[float, float, int]:
     """(top-1 %, top-5 %, images evaluated) of `forward(x)` over (x, y) batches; top-5 is
-    top-min(5, classes), 100% with 5 classes or fewer (accuracy_text leaves it out). The count leaves out the images an evaluation pass could not decode."""
+    top-min(5, classes), 100% with 5 classes or fewer (accuracy_text leaves it out). The count
+    leaves out the images an evaluation pass could not decode."""
     k = min(5, num_classes)
     c1 = torch.zeros((), dtype=torch.long, device=device)
     ck = torch.zeros((), dtype=torch.long, device=device)
