@@ -125,13 +125,16 @@ def refuse_others_files(folder: Path) -> None:
     from moco_fast import checkpoint as ckpt
     from moco_fast.classifier_epochs import state_path
     from moco_fast.data import DataError
+    from moco_fast.finetune import PROTOCOL as FINETUNE_PROTOCOL
 
     out = folder / SWEEP_LINCLS_RESULT
     result = read_json_object(out) or {}  # one that cannot be read is the sweep's to write over, unsaid
     if result.get("continued_by", SWEEP_CONTINUES) != SWEEP_CONTINUES:
+        command = "finetune" if result.get("protocol") == FINETUNE_PROTOCOL else "lincls"  # they record it
         raise ConfigError(
-            f"{out} holds a result that the sweep did not write (a `moco-fast lincls --out` of that name?): the "
-            "sweep's linear classifier of this setting writes its own there; move it away, then run the sweep again"
+            f"{out} holds a {command} result that the sweep did not write (a `moco-fast {command} --out` of that "
+            "name): the sweep's linear classifier of this setting writes its own there; move it away, then run the "
+            "sweep again"
         )
     path = state_path(out)
     if not path.is_file():

@@ -282,7 +282,10 @@ def test_sweep_writes_its_classifier_result_over_one_cut_short(finished_sweep, s
 
 @pytest.mark.parametrize(
     "left",
-    ["lincls state", "finetune state", "lincls result", "older lincls state", "lincls result since", "checkpoint"],
+    [
+        *("lincls state", "finetune state", "lincls result", "older lincls state", "lincls result since"),
+        *("checkpoint", "finetune result"),
+    ],
 )
 def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six_root, tmp_path, monkeypatch, capsys):
     # A user's own `moco-fast lincls --out` under the sweep's name, stopped with other settings or
@@ -291,7 +294,8 @@ def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six
     # before anything runs and keeps them. A state saved before states recorded what continues them
     # (an older sweep's own, or not) is kept too, and said to be one it cannot tell. A result that
     # comes after that first look (while other settings train) was written over: the classifier looks again.
-    # A file that is no classifier's state (a training checkpoint) was said to be an older state.
+    # A file that is no classifier's state (a training checkpoint) was said to be an older state, a
+    # finetune result a lincls one.
     import moco_fast.lincls
     import moco_fast.sweep
 
@@ -310,6 +314,10 @@ def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six
         torch.save({"command": "lincls", "config": {}, "epoch": 1, "history": []}, state)
     elif left == "checkpoint":
         shutil.copyfile(run / "checkpoint.pt", state)
+    elif left == "finetune result":  # the fields that say whose it is (a finetune run takes minutes)
+        from moco_fast.finetune import PROTOCOL
+
+        result.write_text(json.dumps({"protocol": PROTOCOL, "top1": 50.0, "continued_by": None}))
     else:
         assert main(user) == 0
     kept = {p: p.read_bytes() for p in (result, state) if p.exists()}
@@ -318,8 +326,9 @@ def test_sweep_keeps_classifier_files_it_did_not_leave(left, finished_sweep, six
         monkeypatch.setattr(moco_fast.sweep, "refuse_others_files", lambda folder: (look(folder), aside.rename(result)))
     assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")) == 2
     error = last_error(capsys)
-    if left.startswith("lincls result"):
-        assert f"{result} holds a result that the sweep did not write" in error
+    if " result" in left:
+        command = left.split()[0]
+        assert f"{result} holds a {command} result that the sweep did not write (a `moco-fast {command} --out`" in error
     elif left == "checkpoint":
         assert f"{state} holds a file that the sweep did not leave: " in error and "--resume" not in error
     else:
