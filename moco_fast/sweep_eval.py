@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moco_fast")
 
-SWEEP_CONTINUES = "the same sweep command continues it"  # what its classifier's state records (continued_by)
+# What the sweep's classifier records in its state and result (continued_by), and so how the sweep
+# knows them for its own: a new wording would make every earlier sweep's files another run's.
+SWEEP_CONTINUES = "the same sweep command continues it"
 
 
 def _last_row(folder: Path) -> dict[str, Any]:
