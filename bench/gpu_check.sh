@@ -12,10 +12,11 @@
 #   splitbn     bench/split_bn.py: plain BN, split BN's whole-batch kernel, its per-sub-batch reference
 #               and the official demo's regroup, forward + backward on each BN shape of the ResNet-50
 #               encoder at batch 256, fp16 (the H200's 154 ms step) then bf16 (--amp auto), channels-last:
-#               which split-BN path is fastest (not run on a GPU yet; well under a minute expected)
-#   tests       pytest -m "gpu and not slow" (sync-free step, CUDA graph, Triton kernel, resume on CUDA,
+#               which split-BN path is fastest (not run on a GPU yet; under a minute expected)
+#   tests       pytest -m "gpu and not slow" (sync-free step, CUDA graph, Triton kernels, resume on CUDA,
 #               DALI/resident GPU paths, ...), test_sync_free.py and test_train.py first: first, so that
-#               a short budget still proves the step sync-free (45 s; DALI's 5 GPU tests: 55 s more)
+#               a short budget still proves the step sync-free (45 s; DALI's 5 GPU tests: 55 s more;
+#               split BN's CUDA cases and the fused augmentation kernels' compile, added since, not timed)
 #   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256: the reference row,
 #               bf16/fp16 eager, fp16 and the reference without split BN (plain BN, as the official
 #               ImageNet code on one GPU), + CUDA graph, Triton EMA, then torch.compile
@@ -36,8 +37,11 @@
 #   tests-slow  pytest -m "gpu and slow": the one-worker distributed overhead (issue 5, < 3%: three
 #               ResNet-50 steppers, an NCCL worker) and the compiled CUDA-graph step's sync check
 #               (a cold torch.compile) (197 s)
-# One 10-minute command does not hold them all: phases that no longer fit BUDGET are skipped and
-# named at the end; run those as a second command.
+# One 10-minute command does not hold them all. A phase starts only where half its time box is left
+# of BUDGET, its box cut to what is left, so a command never runs past its limit; the phases skipped
+# are named at the end: run those as a second command. At the times above, env, splitbn, tests and
+# throughput (which fills its 330 s box) take 450-510 s (DALI's tests the difference) of the default
+# 570: cifar-speed starts after them only at the lower end.
 # Not in the default list (a command of its own, ~9.5 min):
 #   cifar       the issue-7 target run: `moco-fast train --preset cifar --loader resident` on CIFAR-10,
 #               200 epochs (CIFAR_FLAGS adds flags: --cuda-graph, which the H200's cifar-speed rows
@@ -49,8 +53,6 @@
 # CIFAR-10 travels as one pack (bench/pack_folder.py; 60,000 files as a tar would pass 64 MiB):
 #   here:  python bench/pack_folder.py pack ../shared/data/cifar10 .devdata/cifar10.npz
 #   then:  run(command="bash bench/gpu_check.sh cifar-speed", carry=[".devdata/cifar10.npz"])
-# A phase starts only if its time box fits in what is left of BUDGET, so one 10-minute command never
-# runs past its limit; run the phases it skipped in a second command.
 # A session is lent 15 minutes of device time, machine start included (47 s on 2026-11-30). What one
 # session did then (bench/results/h200-2026-11-30.md): call 1 carries .device-dali/p1 and starts
 # `gpu_check.sh env tests` in the background (setsid, output to /tmp), calls 2-4 carry p2-p4 (6 s
@@ -61,9 +63,9 @@
 # in a process group of its own, so a signal to the script's group misses it). The working tree
 # (counted there as 8-17 MB: p1 with 9 MB more was refused) counts toward each call's 64 MiB.
 # Still owed, in order (a later session takes the next one):
-#   1. splitbn (under a minute expected; it says which split-BN path to keep), throughput (all rows,
-#      uncontended, after the split-BN rewrite), dali, e2e: issue 6's 3.5x, bf16 against fp16,
-#      compile; issue 3's >= 95% against a fast trainer
+#   1. splitbn (which split-BN path to keep), throughput (all rows, uncontended, after the split-BN
+#      rewrite), dali, e2e: issue 6's 3.5x, bf16 against fp16, compile; issue 3's >= 95% against a
+#      fast trainer
 #   2. cifar with CIFAR_FLAGS=--cuda-graph: issue 7's 200-epoch run; then cifar-lincls
 #   3. tests-slow alone (issue 5's one-worker overhead, measured while the GPU was shared in 2026-11)
 # Environment: BUDGET, TESTS (test files for tests/tests-slow), THROUGHPUT_ROWS (the throughput
