@@ -63,9 +63,10 @@
 # in a process group of its own, so a signal to the script's group misses it). The working tree
 # (counted there as 8-17 MB: p1 with 9 MB more was refused) counts toward each call's 64 MiB.
 # Still owed, in order (a later session takes the next one):
-#   1. splitbn (which split-BN path to keep), throughput (all rows, uncontended, after the split-BN
-#      rewrite), dali, e2e: issue 6's 3.5x, bf16 against fp16, compile; issue 3's >= 95% against a
-#      fast trainer
+#   1. splitbn (which split-BN path to keep), tests (split BN's and the fused augmentation kernels'
+#      CUDA cases never ran on a GPU), throughput (all rows, uncontended, after the split-BN rewrite),
+#      dali, e2e, ffcv (the aug-*-triton rows against torch's): issue 6's 3.5x, bf16 against fp16,
+#      compile; issue 3's >= 95% against a fast trainer; issue 4's < 5%
 #   2. cifar with CIFAR_FLAGS=--cuda-graph: issue 7's 200-epoch run; then cifar-lincls
 #   3. tests-slow alone (issue 5's one-worker overhead, measured while the GPU was shared in 2026-11)
 # Environment: BUDGET, TESTS (test files for tests/tests-slow), THROUGHPUT_ROWS (the throughput
