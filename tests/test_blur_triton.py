@@ -1,0 +1,119 @@
+"""The fused Triton blur + flip + normalise + cast + layout kernels against today's torch code path.
+
+On the CPU under Triton's interpreter (TRITON_INTERPRET=1, set per test) on tiny batches; the sm_90
+build is checked without a GPU with Triton's own ptxas, as in test_augment_triton.py.
+"""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from moco_fast.kernels import augment_gpu as ag  # noqa: E402
+from moco_fast.kernels import blur_triton as bt  # noqa: E402
+from triton_helpers import sm90_ptx  # noqa: E402
+
+from moco_fast.augment import MOCO_V2  # noqa: E402
+
+BLUR = torch.tensor([True, False, True, True])  # one image not blurred (a delta kernel)
+FLIP = torch.tensor([False, True, True, False])  # flipped and not, blurred and not
+MEAN, STD = torch.tensor(MOCO_V2.mean).view(1, 3, 1, 1), torch.tensor(MOCO_V2.std).view(1, 3, 1, 1)
+FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def batch(k: int, seed=0, h=9, w=7):
+    """4 images of h x w and their taps: k = 5 reads two rows and columns past every edge (reflect)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(4, 3, h, w, generator=g)
+    sigma = torch.rand(4, generator=g) * 1.5 + 0.5
+    return x, ag.gaussian_kernels(sigma, BLUR, k)
+
+
+def assert_close(got, want):
+    """fp32: equal to float rounding; bf16: one bf16 step apart at most, as Triton's interpreter
+    casts by truncation (a GPU rounds to nearest, as torch)."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0.0)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matches_the_torch_path(interpret, k, dtype, fmt):
+    x, kernels = batch(k)
+    args = (x, kernels, FLIP, MEAN, STD, dtype, FORMATS[fmt])
+    got, want = bt.blur_flip_normalize(*args), bt.reference(*args)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=FORMATS[fmt])
+    assert_close(got, want)
+    # The cases differ: a test that held without the blur or the flip would say nothing of them.
+    for without in ((x, None, FLIP), (x, kernels, None)):
+        assert not torch.equal(bt.reference(*without, MEAN, STD, dtype, FORMATS[fmt]), want)
+
+
+def test_without_blur_or_flip(interpret):
+    # A spec without blur (no taps: kernel 2 alone) or with FFCV's flip on the CPU (flip=None).
+    x, kernels = batch(3, seed=1)
+    for ks, flip in ((None, FLIP), (kernels, None), (None, None)):
+        args = (x, ks, flip, MEAN, STD, torch.float32, torch.channels_last)
+        torch.testing.assert_close(bt.blur_flip_normalize(*args), bt.reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_what_it_cannot_run(monkeypatch):
+    x, kernels = batch(5, h=5, w=2)  # 2 px: two taps past the edge would reflect twice
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = (MEAN, STD, torch.float32)
+    with pytest.raises(ValueError, match="larger than 2 px"):
+        bt.blur_flip_normalize(x, kernels, FLIP, *args)
+    with pytest.raises(ValueError, match="k odd"):
+        bt.blur_flip_normalize(x, kernels[:, :4], FLIP, *args)
+    with pytest.raises(ValueError, match="writes one of"):
+        bt.blur_flip_normalize(x, None, FLIP, MEAN, STD, torch.int8)
+    with pytest.raises(ValueError, match="float32"):
+        bt.blur_flip_normalize(x.double(), None, FLIP, *args)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA batch"):
+            bt.blur_flip_normalize(x, None, FLIP, *args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_kernels_on_cuda(monkeypatch):
+    # The compiled kernels at MoCo v2's size (224 px, 23 taps: 49 whole blocks; 225 px: a masked
+    # last block), bf16 channels-last as the trainer takes them, and without a host sync.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for side in (224, 225):
+        g = torch.Generator(device="cuda").manual_seed(side)
+        x = torch.rand(16, 3, side, side, device="cuda", generator=g)
+        p = ag.sample_params(16, MOCO_V2, "cuda", g)
+        kernels = ag.gaussian_kernels(p.sigma, p.blur, p.kernel_size)
+        args = (x, kernels, p.flip, MEAN.cuda(), STD.cuda(), torch.bfloat16, torch.channels_last)
+        bt.blur_flip_normalize(*args)  # compiled outside the sync check
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = bt.blur_flip_normalize(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.testing.assert_close(got, bt.reference(*args))
+
+
+def test_sm90_build(monkeypatch):
+    # Both kernels compile for an H100/H200 (sm_90) without a GPU (Triton's own ptxas), with and
+    # without blur and flip, into bf16 (the compiled frontend is stricter than the interpreter).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    vertical, horizontal = bt._kernels()
+    sides = {"H": "i32", "W": "i32"}
+    builds = [(vertical, {"x": "*fp32", "tmp": "*fp32", "taps": "*fp32"} | sides, {"K": 23, "BLOCK": bt.BLOCK})]
+    ptrs = {"tmp": "*fp32", "out": "*bf16", "taps": "*fp32", "flip": "*i8", "mean": "*fp32", "std": "*fp32"}
+    strides = dict.fromkeys(("s_n", "s_c", "s_h", "s_w"), "i32")
+    for on in (True, False):
+        builds.append((horizontal, ptrs | sides | strides, {"K": 23, "BLUR": on, "FLIP": on, "BLOCK": bt.BLOCK}))
+    for fn, sig, consts in builds:
+        assert ".entry" in sm90_ptx(fn, sig, consts)
