@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .augment_gpu import _col, gaussian_blur
+from .augment_gpu import AugParams, _check_batch, _col, gaussian_blur, gaussian_kernels
+from .augment_triton import jitter_gray
 from .momentum_triton import interpreting, tl, triton
 
 BLOCK = 1024  # pixels per program (times three channels)
@@ -196,3 +197,14 @@ def blur_flip_normalize(
         BLOCK=BLOCK,
     )
     return out
+
+
+def augment_normalize(
+    x: torch.Tensor, p: AugParams, mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype, memory_format
+) -> torch.Tensor:
+    """The whole device pass of `DeviceAugment` in the fused kernels: jitter and grayscale
+    (`augment_triton`), then blur, flip, normalisation, cast and layout (here): four passes over the
+    batch (three without jitter or blur), beside a few small per-image ops (the taps, the flags)."""
+    _check_batch(x, p)
+    kernels = gaussian_kernels(p.sigma, p.blur, p.kernel_size) if p.use_blur else None
+    return blur_flip_normalize(jitter_gray(x, p), kernels, p.flip, mean, std, dtype, memory_format)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
-from moco_fast.kernels.augment_gpu import apply, augment_into, sample_params
+from moco_fast.kernels.augment_gpu import KERNELS, apply, augment_into, sample_params
 
 from moco_fast.augment import AugSpec
 from moco_fast.data import DataSplits, load_splits
@@ -200,11 +200,14 @@ class DeviceAugment:
 
     Called with float 2N x 3 x S x S in [0, 1] on the device (view 1 of the N images, then view 2)
     and the device generator of the epoch; returns (im_q, im_k), N each. `kernel="triton"` (opt-in,
-    for the benches: its GPU speed is unmeasured) runs jitter and grayscale in the fused Triton
-    kernels (`augment_gpu.apply`'s `kernel`), on a GPU or under TRITON_INTERPRET=1."""
+    for the benches: its GPU speed is unmeasured) runs the whole pass in fused Triton kernels: jitter
+    and grayscale (`kernels/augment_triton.py`), then blur, flip, normalisation, cast and layout
+    (`kernels/blur_triton.py`), on a GPU or under TRITON_INTERPRET=1."""
 
     def __init__(self, args: LoaderArgs, jitter_order: str, flip: bool = True, kernel: str = "torch"):
         self.spec, self.device, self.dtype = args.aug, args.device, args.dtype
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.jitter_order, self.flip, self.kernel = jitter_order, flip, kernel
         self.mean = torch.tensor(args.aug.mean, device=args.device).view(1, 3, 1, 1)
         self.std = torch.tensor(args.aug.std, device=args.device).view(1, 3, 1, 1)
@@ -213,10 +216,14 @@ class DeviceAugment:
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # With jitter_order=batch the batch's one order is drawn on the host (no device sync).
         params = sample_params(x.shape[0], self.spec, self.device, generator, order=self.jitter_order, flip=self.flip)
-        if x.device.type == "cpu" and self.kernel == "torch":
+        if self.kernel == "triton":
+            from moco_fast.kernels.blur_triton import augment_normalize
+
+            x = augment_normalize(x, params, self.mean, self.std, self.dtype, self.memory_format)
+        elif x.device.type == "cpu":
             x = self._on_the_cpu(x, params)
         else:
-            x = apply(x, params, kernel=self.kernel)
+            x = apply(x, params)
             x = ((x - self.mean) / self.std).to(self.dtype).contiguous(memory_format=self.memory_format)
         n = x.shape[0] // 2
         return x[:n], x[n:]  # slices along N of a channels-last batch are channels-last: no copy

@@ -4,6 +4,8 @@ On the CPU under Triton's interpreter (TRITON_INTERPRET=1, set per test) on tiny
 build is checked without a GPU with Triton's own ptxas, as in test_augment_triton.py.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ triton = pytest.importorskip("triton")
 
 from moco_fast.kernels import augment_gpu as ag  # noqa: E402
 from moco_fast.kernels import blur_triton as bt  # noqa: E402
+from moco_fast.loaders.base import DeviceAugment, LoaderArgs  # noqa: E402
 from triton_helpers import sm90_ptx  # noqa: E402
 
 from moco_fast.augment import MOCO_V2  # noqa: E402
@@ -65,6 +68,20 @@ def test_without_blur_or_flip(interpret):
         torch.testing.assert_close(bt.blur_flip_normalize(*args), bt.reference(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_augment_runs_every_kernel(interpret, monkeypatch, dtype):
+    # DeviceAugment(kernel="triton"): jitter + gray, then blur, flip, normalise, cast and layout in
+    # the kernels (the torch blur is not called), the same views as the torch pass from one state.
+    args = LoaderArgs(None, replace(MOCO_V2, image_size=32, blur_prob=0.5), 3, torch.device("cpu"), dtype)
+    x = torch.rand(6, 3, 11, 10, generator=torch.Generator().manual_seed(5))
+    torch_views = DeviceAugment(args, "sample")(x.clone(), torch.Generator().manual_seed(6))
+    monkeypatch.setattr(ag, "gaussian_blur", None)  # augment_gpu's torch blur, which _apply calls
+    views = DeviceAugment(args, "sample", kernel="triton")(x.clone(), torch.Generator().manual_seed(6))
+    for a, b in zip(views, torch_views, strict=True):
+        assert a.dtype == dtype and a.is_contiguous(memory_format=torch.channels_last)
+        assert_close(a, b)
+
+
 def test_refuses_what_it_cannot_run(monkeypatch):
     x, kernels = batch(5, h=5, w=2)  # 2 px: two taps past the edge would reflect twice
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -77,6 +94,8 @@ def test_refuses_what_it_cannot_run(monkeypatch):
         bt.blur_flip_normalize(x, None, FLIP, MEAN, STD, torch.int8)
     with pytest.raises(ValueError, match="float32"):
         bt.blur_flip_normalize(x.double(), None, FLIP, *args)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        DeviceAugment(LoaderArgs(None, MOCO_V2, 3, torch.device("cpu")), "sample", kernel="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA batch"):
