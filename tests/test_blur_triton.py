@@ -60,6 +60,15 @@ def test_matches_the_torch_path(interpret, k, dtype, fmt):
         assert not torch.equal(bt.reference(*without, MEAN, STD, dtype, FORMATS[fmt]), want)
 
 
+def test_an_image_over_several_programs(interpret, monkeypatch):
+    # 63 pixels in programs of 16 (a GPU's 1,024 and the interpreter's larger block hold each tiny
+    # image whole): rows and columns read across the programs' edges, the last one partly masked.
+    monkeypatch.setattr(bt, "INTERPRET_BLOCK", 16)
+    x, kernels = batch(5, seed=2)
+    args = (x, kernels, FLIP, MEAN, STD, torch.float32, torch.channels_last)
+    assert_close(bt.blur_flip_normalize(*args), bt.reference(*args))
+
+
 def test_without_blur_or_flip(interpret):
     # A spec without blur (no taps: kernel 2 alone) or with FFCV's flip on the CPU (flip=None).
     x, kernels = batch(3, seed=1)
