@@ -18,7 +18,7 @@ and, for a like-for-like torch row, to a folder of the same 256-px JPEGs. Rows:
                     on the training device (here the CPU; on a GPU machine it runs there)
     aug-sample      only that device pass, on `--device`, for 2 x batch views of 224 px (uint8 in,
     aug-batch       normalised out), with ColorJitter order per image or per batch (no data needed)
-    aug-*-triton    the same with jitter + grayscale in the fused Triton kernels (kernels/augment_triton.py;
+    aug-*-triton    the same pass in the fused Triton kernels (kernels/augment_triton.py, blur_triton.py;
                     on a GPU, or on the CPU under TRITON_INTERPRET=1 at a crawl)
 
 Each row warms up (`--warmup` batches, which includes FFCV's Numba compile) and then times at least
@@ -59,7 +59,7 @@ with interrupted_before_rows(held=("torch",)):
 ROWS = ("torch", "torch-crops", "torch-256", "torch-crops-256", "ffcv", "ffcv-twice", "ffcv+aug")
 # The device pass alone (the FFCV backend's colour/blur/normalise step) on --device: not in the
 # default rows; on a GPU run `--rows aug-sample,aug-batch --device cuda --batch-size 256`. The
-# -triton rows: the same pass with jitter + grayscale in the fused Triton kernels, to time against.
+# -triton rows: the same pass in the fused Triton kernels (DeviceAugment(kernel="triton")), to time against.
 AUG_ROWS = ("aug-sample", "aug-batch", "aug-sample-triton", "aug-batch-triton")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
@@ -175,8 +175,8 @@ SETTINGS = {
     "ffcv+aug": "as ffcv + batched jitter/gray/blur/normalise on the CPU (torch)",
     "aug-sample": "device pass only, ColorJitter order per image",
     "aug-batch": "device pass only, ColorJitter order per batch",
-    "aug-sample-triton": "as aug-sample, jitter + gray in the fused Triton kernels",
-    "aug-batch-triton": "as aug-batch, jitter + gray in the fused Triton kernels",
+    "aug-sample-triton": "as aug-sample, in the fused Triton kernels",
+    "aug-batch-triton": "as aug-batch, in the fused Triton kernels",
 }
 
 

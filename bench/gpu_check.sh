@@ -90,7 +90,7 @@ if [[ -n $DRY ]]; then
   MOM=(--device cpu --arch resnet18 --repeats 1 --warmup 0)
   SBN=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --repeats 1 --warmup 0)
   AUG=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)
-  AUG_ENV=(env TRITON_INTERPRET=1)  # the aug-*-triton rows on the CPU: Triton's interpreter (~25 s)
+  AUG_ENV=(env TRITON_INTERPRET=1)  # the aug-*-triton rows on the CPU: Triton's interpreter (~40 s)
   TRAIN=(--device cpu --epochs 1 --batch-size 64 --moco-k 128 --stem imagenet --workers 0 --knn-every 0)
   KNN=(--device cpu --workers 0)
   LINCLS=(--device cpu --workers 0 --epochs 2 --schedule 1 --eval-every 1 --batch-size 256)
@@ -209,7 +209,7 @@ phase_ffcv() {
     run ffcv 150 $PY bench/ffcv_loader.py --device cuda --data "$FFCV_DATA" --json "$OUT/ffcv.json"
   else
     # No FFCV (or no data) on the machine: the batched GPU augmentation pass it shares needs neither.
-    # Each order with torch's jitter + gray and with the fused Triton kernels', 10 s a row.
+    # Each order with torch's pass and with the fused Triton kernels' (the whole pass), 10 s a row.
     run ffcv-aug 90 "${AUG_ENV[@]}" $PY bench/ffcv_loader.py --device cuda --batch-size 256 --min-seconds 10 \
       --rows aug-sample,aug-batch,aug-sample-triton,aug-batch-triton --json "$OUT/ffcv.json" "${AUG[@]}"
   fi
