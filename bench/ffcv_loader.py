@@ -140,6 +140,8 @@ def run_aug_row(row: str, a: argparse.Namespace) -> dict:
     from moco_fast.loaders.base import DeviceAugment, LoaderArgs
 
     dev = torch.device(a.device)
+    if dev.type == "cuda":  # this row's peak, not the highest of the rows before it in the process
+        torch.cuda.reset_peak_memory_stats(dev)
     spec, n = MOCO_V2, 2 * a.batch_size
     u8 = torch.randint(0, 256, (n, 3, spec.image_size, spec.image_size), dtype=torch.uint8, device=dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -30,8 +30,9 @@
 #               end-to-end)   (~1 min expected; its 120 s box ran out at 92 img/s, a loader defect,
 #               fixed since)
 #   hooks       the two phases ffcv and dali:
-#     ffcv      bench/ffcv_loader.py (whole FFCV rows with ffcv and FFCV_DATA=folder, else its GPU
-#               augmentation rows, torch's and the fused Triton kernels', 10 s each) (~50 s expected)
+#     ffcv      bench/ffcv_loader.py: its GPU augmentation rows, torch's and the fused Triton
+#               kernels', 10 s each (~50 s expected), always; first the whole FFCV rows where ffcv is
+#               importable and FFCV_DATA=folder (ffcv-loader.json)
 #     dali      DALI end to end (bench/throughput.py --loader dali [DALI_DATA=folder]), needs DALI
 #               brought over: ../shared/device/README.md (43 s)
 #   tests-slow  pytest -m "gpu and slow": the one-worker distributed overhead (issue 5, < 3%: three
@@ -205,14 +206,16 @@ phase_ffcv() {
   if [[ ! -f bench/ffcv_loader.py ]]; then
     echo "== ffcv: skipped (no bench/ffcv_loader.py)" | tee -a "$LOG"
     STATUS+=("ffcv: skipped (missing)")
-  elif $PY -c "import ffcv" 2>/dev/null && [[ -n "${FFCV_DATA:-}" ]]; then
-    run ffcv 150 $PY bench/ffcv_loader.py --device cuda --data "$FFCV_DATA" --json "$OUT/ffcv.json"
-  else
-    # No FFCV (or no data) on the machine: the batched GPU augmentation pass it shares needs neither.
-    # Each order with torch's pass and with the fused Triton kernels' (the whole pass), 10 s a row.
-    run ffcv-aug 90 "${AUG_ENV[@]}" $PY bench/ffcv_loader.py --device cuda --batch-size 256 --min-seconds 10 \
-      --rows aug-sample,aug-batch,aug-sample-triton,aug-batch-triton --json "$OUT/ffcv.json" "${AUG[@]}"
+    return
   fi
+  if $PY -c "import ffcv" 2>/dev/null && [[ -n "${FFCV_DATA:-}" ]]; then
+    run ffcv 150 $PY bench/ffcv_loader.py --device cuda --data "$FFCV_DATA" --json "$OUT/ffcv-loader.json"
+  fi
+  # The batched GPU augmentation pass (FFCV's device half) needs neither FFCV nor data, and the whole
+  # FFCV rows above do not time it: each order with torch's pass and with the fused Triton kernels'
+  # (the whole pass), 10 s a row.
+  run ffcv-aug 90 "${AUG_ENV[@]}" $PY bench/ffcv_loader.py --device cuda --batch-size 256 --min-seconds 10 \
+    --rows aug-sample,aug-batch,aug-sample-triton,aug-batch-triton --json "$OUT/ffcv.json" "${AUG[@]}"
 }
 phase_dali() {
   if $PY -c "import nvidia.dali" 2>/dev/null; then
