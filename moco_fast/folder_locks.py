@@ -10,7 +10,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,20 +169,24 @@ def remove_empty(made: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def hold_lock_file(lock: Path, busy: str) -> Iterator[None]:
-    """An exclusive flock on the hidden file `lock` while the block runs; RunFolderBusy(`busy`) at once
-    when another process holds it. The file is made (with its folder) if missing and removed when the
-    block ends; only a process killed while holding it leaves it, and a later one locks it again. A
-    process that locked a file the holder then removed locks the new one. Opened read-only: a lock
-    file another user left in a shared folder still locks. The folders made for it and left empty
-    (the command failed before writing) are removed."""
+def hold_lock_file(lock: Path, command: str, busy: Callable[[str | None], str]) -> Iterator[None]:
+    """An exclusive flock on the hidden file `lock` while the block runs; RunFolderBusy at once when
+    another process holds it, its line busy(the holder's command). The holder writes its `command`
+    ("lincls") into the file (_write_holder), and the process refused reads it there (_holder): a
+    lincls refused by a sweep's classifier names the sweep, not another lincls. The file is made (with
+    its folder) if missing and removed when the block ends; only a process killed while holding it
+    leaves it, and a later one locks it again. A process that locked a file the holder then removed
+    locks the new one. Opened read-only: a lock file another user left in a shared folder still locks.
+    The folders made for it and left empty (the command failed before writing) are removed."""
     created = missing_folders(lock.parent)
     fd, held = _opened_and_locked(lock.parent, lock, os.O_RDONLY | os.O_CREAT)
     if held is False:
+        holder = _holder(fd)
         os.close(fd)
-        raise RunFolderBusy(busy)
+        raise RunFolderBusy(busy(holder))
     _HELD.add(fd)
     try:
+        _write_holder(lock, command)
         yield
     finally:
         _HELD.discard(fd)
@@ -190,3 +194,22 @@ def hold_lock_file(lock: Path, busy: str) -> Iterator[None]:
             lock.unlink(missing_ok=True)  # while still held
         os.close(fd)
         remove_empty(created)
+
+
+def _write_holder(lock: Path, command: str) -> None:
+    """Writes `command` into the lock file this process holds, for the one it refuses (_holder). The
+    lock itself stays on the read-only descriptor: a lock file another user left (killed while holding
+    it) cannot be opened for writing, and keeps what that user's command wrote."""
+    with contextlib.suppress(OSError):
+        fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, command.encode())
+        finally:
+            os.close(fd)
+
+
+def _holder(fd: int) -> str | None:
+    """The command that its holder wrote into the lock file open as `fd` (_write_holder); None where it
+    names none: a lock from a moco-fast before the holder wrote it, or the holder not at its write yet."""
+    text = os.read(fd, 64).decode("ascii", "replace").strip()
+    return text if text.isascii() and text.isalpha() else None

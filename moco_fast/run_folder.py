@@ -252,12 +252,20 @@ def hold_sweep_folder(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def hold_output(out: Path, command: str) -> Iterator[None]:
+def hold_output(out: Path, command: str, unknown: str = "") -> Iterator[None]:
     """An exclusive lock on the result `out` of lincls or finetune while it runs, so that a second run
     writing the same result (and the same state between epochs) stops at once (RunFolderBusy). The
-    lock file is named after the state, `.NAME.state.pt.lock` (hold_lock_file)."""
-    busy = f"{out}: another moco-fast {command} is writing it now; wait for it to end or choose another --out"
-    with hold_lock_file(out.with_name(f".{state_name(out.name)}.lock"), busy):
+    lock file is named after the state, `.NAME.state.pt.lock`, and names its holder, `command`
+    (hold_lock_file); a lock that names none (from an earlier moco-fast) is said to be `unknown`'s,
+    by default `command`'s."""
+
+    def busy(holder: str | None) -> str:
+        return (
+            f"{out}: another moco-fast {holder or unknown or command} is writing it now; wait for it to end"
+            " or choose another --out"
+        )
+
+    with hold_lock_file(out.with_name(f".{state_name(out.name)}.lock"), command, busy):
         yield
 
 

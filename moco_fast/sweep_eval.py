@@ -101,7 +101,7 @@ def _linear(cfg: TrainConfig, folder: Path, splits: DataSplits, epochs: int, lr:
     # --lincls-epochs, a checkpoint trained further, other images in --data since), or one that cannot
     # be read, is the sweep's own to start over; a result or state it did not leave is refused
     # (refuse_others_files). run_lincls takes the state as read here
-    with hold_output(out, "lincls or finetune"):  # its other holder (a second sweep stops at hold_sweep_folder)
+    with hold_output(out, "sweep", "lincls or finetune"):  # its other holders (a second sweep stops earlier)
         # run_sweep's check again, held: a user's run may have left its files there while other
         # settings trained, which the classifier would write over, delete or continue as its own
         refuse_others_files(folder)

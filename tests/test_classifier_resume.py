@@ -309,15 +309,18 @@ def test_the_commands_judge_their_loss_against_their_classes(command, ckpt, six_
     assert f"{command} epoch 1: the mean loss" in caplog.text and "(ln 6 = 1.79)" in caplog.text
 
 
+# the line named the refused command as the holder: a lincls stopped by a finetune, or by a sweep's
+# classifier (sweep_lincls.json), said "another moco-fast lincls"
 @pytest.mark.parametrize("command", ["lincls", "finetune"])
-def test_a_second_run_into_the_same_result_stops_at_once(command, ckpt, six_root, tmp_path, capsys):
+@pytest.mark.parametrize("holder", ["lincls", "finetune", "sweep"])
+def test_a_second_run_into_the_same_result_stops_at_once(command, holder, ckpt, six_root, tmp_path, capsys):
     from moco_fast.run_folder import hold_output
 
     out = tmp_path / "l.json"
     argv = [command, "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
-    with hold_output(out, command):  # as a first run holds it
+    with hold_output(out, holder):  # as a first run holds it
         assert main([*argv, "--workers", "0", "--device", "cpu", "--out", str(out)]) == 2
-    assert f"{out}: another moco-fast {command} is writing it now" in capsys.readouterr().err
+    assert f"{out}: another moco-fast {holder} is writing it now" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # the lock file goes with the run that held it
 
 
@@ -345,6 +348,23 @@ def test_the_output_lock_follows_a_lock_file_its_holder_removed(tmp_path, monkey
                 with rf.hold_output(out, "lincls"):
                     pass
     assert not lock.exists()
+
+
+def test_a_lock_that_names_no_holder_is_said_to_be_the_guessed_ones(tmp_path):
+    # a lock file that a moco-fast from before its holders named themselves holds stays empty
+    import fcntl
+
+    import moco_fast.run_folder as rf
+
+    out = tmp_path / "l.json"
+    lock = tmp_path / ".l.state.pt.lock"
+    lock.touch()
+    with lock.open() as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        for args, said in (("lincls",), "lincls"), (("sweep", "lincls or finetune"), "lincls or finetune"):
+            with pytest.raises(rf.RunFolderBusy, match=f"{out}: another moco-fast {said} is writing it now"):
+                with rf.hold_output(out, *args):
+                    pass
 
 
 def test_a_damaged_state_says_how_to_go_on(ckpt, six_root, tmp_path, capsys):
