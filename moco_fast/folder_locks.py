@@ -199,7 +199,8 @@ def hold_lock_file(lock: Path, command: str, busy: Callable[[str | None], str]) 
 def _write_holder(lock: Path, command: str) -> None:
     """Writes `command` into the lock file this process holds, for the one it refuses (_holder). The
     lock itself stays on the read-only descriptor: a lock file another user left (killed while holding
-    it) cannot be opened for writing, and keeps what that user's command wrote."""
+    it) cannot be opened for writing, and keeps the command that user's run wrote, which a third
+    process refused then names instead of this one's."""
     with contextlib.suppress(OSError):
         fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)
         try:
@@ -210,6 +211,7 @@ def _write_holder(lock: Path, command: str) -> None:
 
 def _holder(fd: int) -> str | None:
     """The command that its holder wrote into the lock file open as `fd` (_write_holder); None where it
-    names none: a lock from a moco-fast before the holder wrote it, or the holder not at its write yet."""
+    names none: a lock from a moco-fast before holders wrote their command, or a holder not at its write
+    yet."""
     text = os.read(fd, 64).decode("ascii", "replace").strip()
     return text if text.isascii() and text.isalpha() else None
