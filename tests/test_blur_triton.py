@@ -132,16 +132,23 @@ def test_compiled_kernels_on_cuda(monkeypatch):
         torch.testing.assert_close(got, bt.reference(*args))
 
 
+# The horizontal kernel's builds as the loaders launch it: (BLUR, FLIP, the output's type). MoCo v2
+# on FFCV (blur, flipped on the CPU) into bf16, on the resident backend (both) into fp16, MoCo v1
+# (no blur) flipped here into fp32 and on FFCV into bf16: each flag pair is a build of its own.
+HORIZONTAL_BUILDS = [(True, False, "bf16"), (True, True, "fp16"), (False, True, "fp32"), (False, False, "bf16")]
+
+
 def test_sm90_build(monkeypatch):
-    # Both kernels compile for an H100/H200 (sm_90) without a GPU (Triton's own ptxas), with and
-    # without blur and flip, into bf16 (the compiled frontend is stricter than the interpreter).
+    # Both kernels compile for an H100/H200 (sm_90) without a GPU (Triton's own ptxas), for each
+    # flag pair and output type above (the compiled frontend is stricter than the interpreter).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     vertical, horizontal = bt._kernels()
     sides = {"H": "i32", "W": "i32"}
     builds = [(vertical, {"x": "*fp32", "tmp": "*fp32", "taps": "*fp32"} | sides, {"K": 23, "BLOCK": bt.BLOCK})]
-    ptrs = {"tmp": "*fp32", "out": "*bf16", "taps": "*fp32", "flip": "*i8", "mean": "*fp32", "std": "*fp32"}
+    ptrs = {"tmp": "*fp32", "taps": "*fp32", "flip": "*i8", "mean": "*fp32", "std": "*fp32"}
     strides = dict.fromkeys(("s_n", "s_c", "s_h", "s_w"), "i32")
-    for on in (True, False):
-        builds.append((horizontal, ptrs | sides | strides, {"K": 23, "BLUR": on, "FLIP": on, "BLOCK": bt.BLOCK}))
+    for blur, flip, out in HORIZONTAL_BUILDS:
+        sig = ptrs | {"out": f"*{out}"} | sides | strides
+        builds.append((horizontal, sig, {"K": 23, "BLUR": blur, "FLIP": flip, "BLOCK": bt.BLOCK}))
     for fn, sig, consts in builds:
         assert ".entry" in sm90_ptx(fn, sig, consts)
