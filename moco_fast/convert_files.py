@@ -42,9 +42,14 @@ def holding(dst: Path) -> Iterator[None]:
     a second convert to the same DST stops at once with one line (RunFolderBusy) instead of
     publishing its files between the first's (a .beton of one beside the sidecar of the other). The
     lock file goes when the convert ends, whether it wrote DST or failed; a convert killed outright
-    leaves it (hidden, naming convert), and the next convert to DST locks it again."""
-    busy = f"DST {dst}: another moco-fast convert is writing it now; wait for it to end or choose another DST"
-    with hold_lock_file(lock_path(dst), "convert", lambda holder: busy):  # its one holder: no other lock is named so
+    leaves it (hidden, naming convert), and the next convert to DST locks it again. A DST named
+    `NAME.state.pt` shares its lock with a lincls or finetune whose --out is NAME.json beside it (whose
+    state that is): the line names the lock's holder."""
+
+    def busy(holder: str | None) -> str:
+        return f"DST {dst}: another moco-fast {holder or 'convert'} is writing it now; wait for it to end or choose another DST"
+
+    with hold_lock_file(lock_path(dst), "convert", busy):
         yield
 
 

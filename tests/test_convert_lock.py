@@ -49,3 +49,15 @@ def test_a_dst_published_before_the_lock_is_checked_again(bad_root, tmp_path, mo
         convert(ConvertConfig(str(bad_root), str(dst), format="wds", workers=1))
     meta = (dst / "meta.json").read_text()
     assert '"format": "wds"' in meta and os.listdir(dst.parent) == ["wds"]
+
+
+def test_a_dst_that_is_a_classifiers_state_names_the_classifier_that_holds_it(tmp_path):
+    # DST l.state.pt is the state of a lincls --out l.json beside it, and its lock file is that
+    # run's: the line said "another moco-fast convert" while the lincls held it
+    from moco_fast.folder_locks import RunFolderBusy
+    from moco_fast.run_folder import hold_output
+
+    with hold_output(tmp_path / "l.json", "lincls"):
+        with pytest.raises(RunFolderBusy, match="another moco-fast lincls is writing it now"):
+            with holding(tmp_path / "l.state.pt"):
+                pass
