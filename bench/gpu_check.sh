@@ -32,7 +32,8 @@
 #   hooks       the two phases ffcv and dali:
 #     ffcv      bench/ffcv_loader.py: its GPU augmentation rows, torch's and the fused Triton
 #               kernels', 10 s each (~50 s expected), always; first the whole FFCV rows where ffcv is
-#               importable and FFCV_DATA=folder (ffcv-loader.json)
+#               importable and FFCV_DATA=folder (ffcv-loader.json; DRY: 1.5-2 min on 2 cores for the
+#               demo set, moco_fast/demo_data/train)
 #     dali      DALI end to end (bench/throughput.py --loader dali [DALI_DATA=folder]), needs DALI
 #               brought over: ../shared/device/README.md (43 s)
 #   tests-slow  pytest -m "gpu and slow": the one-worker distributed overhead (issue 5, < 3%: three
@@ -90,13 +91,13 @@ if [[ -n $DRY ]]; then
   TP=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --moco-k 64 --steps 1 --warmup 0 --workers 0)
   MOM=(--device cpu --arch resnet18 --repeats 1 --warmup 0)
   SBN=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --repeats 1 --warmup 0)
-  AUG=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)
+  FF=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)  # bench/ffcv_loader.py's rows, whole and aug-*
   AUG_ENV=(env TRITON_INTERPRET=1)  # the aug-*-triton rows on the CPU: Triton's interpreter (~40 s)
   TRAIN=(--device cpu --epochs 1 --batch-size 64 --moco-k 128 --stem imagenet --workers 0 --knn-every 0)
   KNN=(--device cpu --workers 0)
   LINCLS=(--device cpu --workers 0 --epochs 2 --schedule 1 --eval-every 1 --batch-size 256)
 else
-  TP=() MOM=() SBN=() AUG=() AUG_ENV=() TRAIN=() KNN=() LINCLS=()
+  TP=() MOM=() SBN=() FF=() AUG_ENV=() TRAIN=() KNN=() LINCLS=()
 fi
 PHASES=${*:-env splitbn tests throughput cifar-speed momentum e2e hooks tests-slow}
 LOG=$OUT/gpu_check.log
@@ -209,13 +210,13 @@ phase_ffcv() {
     return
   fi
   if $PY -c "import ffcv" 2>/dev/null && [[ -n "${FFCV_DATA:-}" ]]; then
-    run ffcv 150 $PY bench/ffcv_loader.py --device cuda --data "$FFCV_DATA" --json "$OUT/ffcv-loader.json"
+    run ffcv 150 $PY bench/ffcv_loader.py --device cuda --data "$FFCV_DATA" --json "$OUT/ffcv-loader.json" "${FF[@]}"
   fi
   # The batched GPU augmentation pass (FFCV's device half) needs neither FFCV nor data, and the whole
   # FFCV rows above do not time it: each order with torch's pass and with the fused Triton kernels'
   # (the whole pass), 10 s a row.
   run ffcv-aug 90 "${AUG_ENV[@]}" $PY bench/ffcv_loader.py --device cuda --batch-size 256 --min-seconds 10 \
-    --rows aug-sample,aug-batch,aug-sample-triton,aug-batch-triton --json "$OUT/ffcv.json" "${AUG[@]}"
+    --rows aug-sample,aug-batch,aug-sample-triton,aug-batch-triton --json "$OUT/ffcv.json" "${FF[@]}"
 }
 phase_dali() {
   if $PY -c "import nvidia.dali" 2>/dev/null; then
