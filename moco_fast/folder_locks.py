@@ -200,9 +200,10 @@ def _write_holder(lock: Path, command: str) -> None:
     """Writes `command` into the lock file this process holds, for the one it refuses (_holder). The
     lock itself stays on the read-only descriptor: a lock file another user left (killed while holding
     it) cannot be opened for writing, and keeps the command that user's run wrote, which a third
-    process refused then names instead of this one's."""
-    with contextlib.suppress(OSError):
-        fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)
+    process refused then names instead of this one's. Not through a link: the lock's open follows one
+    (to lock its file, harmlessly), but a write would empty the file it names."""
+    with contextlib.suppress(OSError):  # a link (ELOOP): the holder goes unnamed
+        fd = os.open(lock, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
         try:
             os.write(fd, command.encode())
         finally:

@@ -319,3 +319,16 @@ def test_a_busy_folder_that_its_holder_made_after_this_look_stays(hold, tmp_path
         with pytest.raises(rf.RunFolderBusy), getattr(rf, hold)(out) as second:
             rf.ensure_not_busy([second], out)
         assert first and out.is_dir()
+
+
+def test_a_lock_file_that_is_a_link_leaves_the_file_it_names_as_it_was(tmp_path):
+    # the holder wrote its command into the lock file through a link there (another user's, in a shared
+    # folder), emptying the file it named: .r.state.pt.lock -> notes.txt held "lincls" after the run
+    import moco_fast.run_folder as rf
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a week of notes")
+    (tmp_path / ".r.state.pt.lock").symlink_to(notes)
+    with rf.hold_output(tmp_path / "r.json", "lincls"):
+        pass
+    assert notes.read_text() == "a week of notes"
