@@ -7,12 +7,15 @@ its hold to its workers (FolderHold). What a run folder holds and who may write 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from moco_fast.cli import UserError
 
 log = logging.getLogger("moco_fast")
 
@@ -177,9 +180,14 @@ def hold_lock_file(lock: Path, command: str, busy: Callable[[str | None], str]) 
     its folder) if missing and removed when the block ends; only a process killed while holding it
     leaves it, and a later one locks it again. A process that locked a file the holder then removed
     locks the new one. Opened read-only: a lock file another user left in a shared folder still locks.
-    The folders made for it and left empty (the command failed before writing) are removed."""
+    Never through a link (_refuse_a_link). The folders made for it and left empty (the command failed
+    before writing) are removed."""
     created = missing_folders(lock.parent)
-    fd, held = _opened_and_locked(lock.parent, lock, os.O_RDONLY | os.O_CREAT)
+    try:
+        fd, held = _opened_and_locked(lock.parent, lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW)
+    except OSError as e:
+        _refuse_a_link(lock, e)
+        raise
     if held is False:
         holder = _holder(fd)
         os.close(fd)
@@ -196,12 +204,21 @@ def hold_lock_file(lock: Path, command: str, busy: Callable[[str | None], str]) 
         remove_empty(created)
 
 
+def _refuse_a_link(lock: Path, e: OSError) -> None:
+    """UserError where the lock's open failed (`e`) because `lock` is a link (ELOOP from O_NOFOLLOW):
+    another user's, in a shared folder, would have this command lock, or create (a link that points
+    nowhere), the file it names, wherever that is."""
+    if e.errno == errno.ELOOP and lock.is_symlink():
+        raise UserError(f"{lock} is a link, not a lock file: remove the link, then run again") from None
+
+
 def _write_holder(lock: Path, command: str) -> None:
     """Writes `command` into the lock file this process holds, for the one it refuses (_holder). The
     lock itself stays on the read-only descriptor: a lock file another user left (killed while holding
     it) cannot be opened for writing, and keeps the command that user's run wrote, which a third
-    process refused then names instead of this one's. Not through a link: the lock's open follows one
-    (to lock its file, harmlessly), but a write would empty the file it names."""
+    process refused then names instead of this one's. Not through a link: one put at the lock's name
+    after it was opened (hold_lock_file refuses one there before) would have the write empty the file
+    it names."""
     with contextlib.suppress(OSError):  # a link (ELOOP): the holder goes unnamed
         fd = os.open(lock, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
         try:

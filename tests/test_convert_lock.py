@@ -61,3 +61,19 @@ def test_a_dst_that_is_a_classifiers_state_names_the_classifier_that_holds_it(tm
         with pytest.raises(RunFolderBusy, match="another moco-fast lincls is writing it now"):
             with holding(tmp_path / "l.state.pt"):
                 pass
+
+
+@pytest.mark.parametrize("target", ["missing", "notes.txt"])
+def test_a_lock_file_that_is_a_link_is_refused_and_nothing_is_made_where_it_points(target, bad_root, tmp_path, capsys):
+    # DST's lock open followed a link at .DST.lock (another user's, in a shared folder): one that
+    # pointed nowhere had convert create an empty file at its target
+    out = tmp_path / "out"
+    out.mkdir()
+    notes, dst = out / "notes.txt", out / "wds"
+    notes.write_text("a week of notes")
+    lock_path(dst).symlink_to(out / target)
+    assert main(["convert", str(bad_root), str(dst), "--format", "wds", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{lock_path(dst)} is a link" in err[0] and "remove the link" in err[0], err
+    assert sorted(os.listdir(out)) == [lock_path(dst).name, "notes.txt"]
+    assert notes.read_text() == "a week of notes" and lock_path(dst).is_symlink()

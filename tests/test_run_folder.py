@@ -323,12 +323,29 @@ def test_a_busy_folder_that_its_holder_made_after_this_look_stays(hold, tmp_path
 
 def test_a_lock_file_that_is_a_link_leaves_the_file_it_names_as_it_was(tmp_path):
     # the holder wrote its command into the lock file through a link there (another user's, in a shared
-    # folder), emptying the file it named: .r.state.pt.lock -> notes.txt held "lincls" after the run
-    import moco_fast.run_folder as rf
+    # folder), emptying the file it named. hold_lock_file refuses a link before it opens the file (the
+    # test below); one put there after the open is not written through either
+    from moco_fast.folder_locks import _write_holder
 
     notes = tmp_path / "notes.txt"
     notes.write_text("a week of notes")
     (tmp_path / ".r.state.pt.lock").symlink_to(notes)
-    with rf.hold_output(tmp_path / "r.json", "lincls"):
-        pass
+    _write_holder(tmp_path / ".r.state.pt.lock", "lincls")
     assert notes.read_text() == "a week of notes"
+
+
+@pytest.mark.parametrize("target", ["missing.txt", "notes.txt"])
+def test_a_lock_file_that_is_a_link_is_refused_and_nothing_is_made_where_it_points(target, ckpt, tmp_path, capsys):
+    # the open that takes the lock followed a link at the lock's name (another user's, in a shared
+    # folder): one that pointed nowhere had lincls create an empty file at its target. Refused now, with
+    # the link named, whether it points nowhere or at a file (left as it was)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a week of notes")
+    lock = tmp_path / ".r.state.pt.lock"
+    lock.symlink_to(tmp_path / target)
+    argv = ["lincls", "--checkpoint", str(ckpt), "--data", str(tmp_path / "missing-data"), "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "r.json")]) == 2  # refused at the lock, before the data
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{lock} is a link" in err[0] and "remove the link" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lock.name, "notes.txt"]
+    assert notes.read_text() == "a week of notes" and lock.is_symlink()
