@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .augment_gpu import BRIGHTNESS, CONTRAST, HUE, LUMA, AugParams
-from .momentum_triton import interpreting, tl, triton
+from .momentum_triton import interpreting, jitted_for_mode, tl, triton
 
 BLOCK = 1024  # pixels per program of the colour kernel (and per step of the mean kernel's loop)
 
@@ -168,22 +168,14 @@ def _colour_body(
     tl.store(dst + 2 * HW + offs, b, mask=mask)
 
 
-# Jitted on first use, one set per mode, so that TRITON_INTERPRET set after import still counts
-# (as momentum_triton). A kernel finds its helpers by name among this module's globals, which
-# hold the plain functions until then and the current mode's jitted ones after.
-_HELPERS = ("_add", "_luma", "_sector", "_hue", "_op", "_gray", "_contrast_stage")
-_PLAIN = {name: globals()[name] for name in _HELPERS}
+# The kernels' helpers, jitted per mode with them (jitted_for_mode): until then the module's globals
+# hold the plain functions, after it the current mode's jitted ones.
+_HELPERS = {name: globals()[name] for name in ("_add", "_luma", "_sector", "_hue", "_op", "_gray", "_contrast_stage")}
 _KERNELS: dict[bool, tuple] = {}
 
 
 def _kernels() -> tuple:
-    mode = interpreting()
-    if mode not in _KERNELS:
-        helpers = {name: triton.jit(fn) for name, fn in _PLAIN.items()}
-        _KERNELS[mode] = (helpers, triton.jit(_mean_luma_body), triton.jit(_colour_body))
-    helpers, *kernels = _KERNELS[mode]
-    globals().update(helpers)
-    return tuple(kernels)
+    return jitted_for_mode(_KERNELS, globals(), _HELPERS, _mean_luma_body, _colour_body)
 
 
 @torch.no_grad()

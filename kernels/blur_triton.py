@@ -27,7 +27,7 @@ import torch
 
 from .augment_gpu import AugParams, _check_batch, _col, gaussian_blur, gaussian_kernels
 from .augment_triton import jitter_gray
-from .momentum_triton import interpreting, tl, triton
+from .momentum_triton import interpreting, jitted_for_mode, tl, triton
 
 BLOCK = 1024  # pixels per program (times three channels)
 # Under the interpreter each op of each program is a Python call over numpy arrays: the programs'
@@ -110,20 +110,14 @@ def _horizontal_body(
     tl.store(dst + 2 * s_c, ((b - tl.load(mean + 2)) / tl.load(std + 2)).to(ty), mask=mask)
 
 
-# Jitted on first use, one set per mode, so that TRITON_INTERPRET set after import still counts
-# (as augment_triton's): the kernels find `_zeros` among this module's globals, the plain function
-# until then and the current mode's jitted one after.
-_PLAIN_ZEROS = _zeros
+# Jitted per mode with its helper (jitted_for_mode, as augment_triton's): the kernels find `_zeros`
+# among this module's globals, the plain function until then and the current mode's jitted one after.
+_HELPERS = {"_zeros": _zeros}
 _KERNELS: dict[bool, tuple] = {}
 
 
 def _kernels() -> tuple:
-    global _zeros
-    mode = interpreting()
-    if mode not in _KERNELS:
-        _KERNELS[mode] = (triton.jit(_PLAIN_ZEROS), triton.jit(_vertical_body), triton.jit(_horizontal_body))
-    _zeros, *kernels = _KERNELS[mode]
-    return tuple(kernels)
+    return jitted_for_mode(_KERNELS, globals(), _HELPERS, _vertical_body, _horizontal_body)
 
 
 def reference(x, kernels, flip, mean, std, dtype, memory_format) -> torch.Tensor:

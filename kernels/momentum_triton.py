@@ -18,7 +18,7 @@ from __future__ import annotations
 import operator
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -88,16 +88,24 @@ def _momentum_body(
         tl.store(kp + offs, out, mask=mask)
 
 
-# The jitted kernel is made on first use, so that TRITON_INTERPRET set after import still counts;
-# one version per mode (a GPU process can also run the interpreter in a test).
-_KERNELS: dict[bool, object] = {}
+def jitted_for_mode(cache: dict, namespace: dict, helpers: dict[str, Callable], *bodies: Callable) -> tuple:
+    """`bodies` jitted, once per mode (compiled or TRITON_INTERPRET=1) in `cache`: made on first use,
+    so that TRITON_INTERPRET set after import still counts, and one set per mode (a GPU process can
+    also run the interpreter in a test). A kernel finds its helper functions by name among its
+    module's globals (`namespace`): they are jitted per mode too, and the current mode's put there."""
+    mode = interpreting()
+    if mode not in cache:
+        cache[mode] = ({name: triton.jit(fn) for name, fn in helpers.items()}, tuple(map(triton.jit, bodies)))
+    jitted_helpers, kernels = cache[mode]
+    namespace.update(jitted_helpers)
+    return kernels
+
+
+_KERNELS: dict[bool, tuple] = {}
 
 
 def _kernel():
-    mode = interpreting()
-    if mode not in _KERNELS:
-        _KERNELS[mode] = triton.jit(_momentum_body)
-    return _KERNELS[mode]
+    return jitted_for_mode(_KERNELS, globals(), {}, _momentum_body)[0]
 
 
 class _Tables:
