@@ -178,16 +178,22 @@ def _kernels() -> tuple:
     return jitted_for_mode(_KERNELS, globals(), _HELPERS, _mean_luma_body, _colour_body)
 
 
+def check_batch(x: torch.Tensor, kernel: str) -> None:
+    """The Triton augmentation kernels' (`kernel`, as the errors name it) one input: a float32
+    N x 3 x H x W batch on a GPU, or on the CPU under the interpreter; else a ValueError."""
+    if triton is None:
+        raise ValueError(f"{kernel} needs the triton package")
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{kernel} needs a CUDA batch (or TRITON_INTERPRET=1 on the CPU)")
+    if x.dtype != torch.float32 or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{kernel} takes float32 N x 3 x H x W, got {x.dtype} {tuple(x.shape)}")
+
+
 @torch.no_grad()
 def jitter_gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
     """`augment_gpu`'s colour jitter and grayscale of a batch (float32 N x 3 x H x W in [0, 1]) in
     two launches; a new contiguous tensor. No host sync: every per-image choice is read on the device."""
-    if triton is None:
-        raise ValueError("the triton augmentation kernel needs the triton package")
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError("the triton augmentation kernel needs a CUDA batch (or TRITON_INTERPRET=1 on the CPU)")
-    if x.dtype != torch.float32 or x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"the triton augmentation kernel takes float32 N x 3 x H x W, got {x.dtype} {tuple(x.shape)}")
+    check_batch(x, "the triton augmentation kernel")
     x = x.contiguous()
     n, _, h, w = x.shape
     out = torch.empty_like(x)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .augment_gpu import AugParams, _check_batch, _col, gaussian_blur, gaussian_kernels
-from .augment_triton import jitter_gray
+from .augment_triton import check_batch, jitter_gray
 from .momentum_triton import interpreting, jitted_for_mode, tl, triton
 
 BLOCK = 1024  # pixels per program (times three channels)
@@ -131,12 +131,7 @@ def reference(x, kernels, flip, mean, std, dtype, memory_format) -> torch.Tensor
 
 
 def _check(x, kernels, flip, dtype) -> None:
-    if triton is None:
-        raise ValueError("the triton blur kernel needs the triton package")
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError("the triton blur kernel needs a CUDA batch (or TRITON_INTERPRET=1 on the CPU)")
-    if x.dtype != torch.float32 or x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"the triton blur kernel takes float32 N x 3 x H x W, got {x.dtype} {tuple(x.shape)}")
+    check_batch(x, "the triton blur kernel")
     if dtype not in DTYPES:
         raise ValueError(f"the triton blur kernel writes one of {DTYPES}, not {dtype}")
     n, _, h, w = x.shape
