@@ -112,9 +112,8 @@ def eval_batches(
 ) -> EvalBatches:
     """Center-cropped uint8 batches of every decodable image of `images`, each once, in order: the
     one evaluation pass of kNN, lincls and finetune (and lincls's cached train features). `pin`:
-    in pinned memory (pinned by the DataLoader: in its pinning thread, or in the caller's with no
-    workers), for a pass on a GPU, where a copy from pageable memory may wait for the steps queued
-    before it: the host would wait at every batch."""
+    in pinned memory (loaders.base.pins says where, and why), pinned by the DataLoader: in its
+    pinning thread, or in the caller's with no workers."""
     ds = ImageDataset(images, eval_transform(image_size), substitute=False)
     warn_if_shm_short(workers, batch_size, image_size, desc)
     dl = DataLoader(

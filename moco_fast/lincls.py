@@ -129,9 +129,8 @@ def image_batches(
     does. Training batches: `loader.sampler.set_epoch(e)` before epoch e; the order comes from
     `loader.sampler.generator` (seeded with `seed`, saved by the classifier's state), each image's
     crop and flip from (seed, e, its index) alone (seeded_images), so that any --workers and a resumed
-    run draw the same. The workers persist across epochs: the epoch travels with each index. For a pass
-    on a CUDA `device` the batches come in pinned memory (knn.eval_batches' `pin`): a copy from
-    pageable memory may wait for the steps queued before it, the host at every batch."""
+    run draw the same. The workers persist across epochs: the epoch travels with each index. The
+    batches come in pinned memory where `device` asks for it (loaders.base.pins)."""
     pin = pins(device)
     if not train:
         return eval_batches(images, image_size, batch_size, workers, desc, pin=pin)
