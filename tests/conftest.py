@@ -29,6 +29,10 @@ from moco_fast.model import MoCo
 from moco_fast.signals import _on_stop_signal
 from moco_fast.trainer import train
 
+# The marks of a parameter that runs on a CUDA GPU only: `gpu`, so that `pytest -m gpu` (bench/gpu_check.sh)
+# selects it, and skipped without one.
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
 
 def make_image_root(dst: Path, per_class: int = 8, classes: int = 2, test_per_class: int = 4) -> Path:
     """A data root with train/ and test/ holding real CIFAR JPEGs from the demo set."""

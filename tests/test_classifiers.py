@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_image_root
+from conftest import ON_GPU, make_image_root
 from eval_helpers import checkpoint_backbone_state, interrupt_at
 from torch import nn
 
@@ -94,10 +94,7 @@ def test_lincls_learns_on_cached_features(ckpt, six_root, tmp_path):
     "device",
     [
         "cpu",
-        pytest.param(
-            "cuda",
-            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
-        ),
+        pytest.param("cuda", marks=ON_GPU),
     ],
 )
 def test_cached_feature_epochs_cover_each_row_once_in_the_seeded_order(device):

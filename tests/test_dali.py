@@ -22,7 +22,7 @@ pytest.importorskip("nvidia.dali")  # every test here needs DALI: skipped where 
 
 import numpy as np
 import torch
-from conftest import coordinate_image, crop_stats, to_uint8
+from conftest import ON_GPU, coordinate_image, crop_stats, to_uint8
 from dali_helpers import BLUR, COLOUR, CPU, IDENTITY, dali_loader
 from moco_fast.loaders.dali import DaliOptions
 from moco_fast.loaders.torch_loader import view_transform
@@ -35,10 +35,7 @@ from moco_fast.cli import main
 from moco_fast.config import ConfigError
 from moco_fast.data import load_splits
 
-CUDA = pytest.param(  # marked gpu too: `pytest -m gpu` (bench/gpu_check.sh) must select it
-    torch.device("cuda"),
-    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
-)
+CUDA = pytest.param(torch.device("cuda"), marks=ON_GPU)
 N_IMAGES = 40  # per synthetic root; batches of 40 over 5 epochs give 400 views
 EPOCHS = 5
 

@@ -16,7 +16,7 @@ pytest.importorskip("nvidia.dali")  # every test here needs DALI: skipped where 
 
 import numpy as np
 import PIL
-import torch
+from conftest import ON_GPU
 from dali_helpers import COLOUR, IDENTITY, dali_loader
 from moco_fast.loaders.dali import DaliOptions
 from moco_fast.loaders.dali_pipeline import DECODABLE, PipelineSettings, decodable, probe_pipeline
@@ -78,7 +78,7 @@ DECODERS = [
     pytest.param(
         MIXED,
         id="mixed",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        marks=ON_GPU,
     ),
 ]
 

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ON_GPU
 from moco_fast.kernels.split_bn import _SplitBatchNorm, _stats, split_batch_norm_reference, split_batch_norm_regroup
 from torch import nn
 
@@ -117,9 +118,7 @@ def test_split_bn_matches_its_reference(s, channels_last, affine, bf16):
     assert_same_state(bn, ref, **tol)
 
 
-CUDA = pytest.param(
-    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-)
+CUDA = pytest.param("cuda", marks=ON_GPU)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
