@@ -351,8 +351,12 @@ def augment_into(
 def _check_batch(x: torch.Tensor, params: AugParams) -> None:
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected N x 3 x H x W, got {tuple(x.shape)}")
-    if x.shape[0] != len(params):
-        raise ValueError(f"{x.shape[0]} images but parameters for {len(params)}")
+    check_count(x.shape[0], params)
+
+
+def check_count(n: int, params: AugParams) -> None:
+    if n != len(params):
+        raise ValueError(f"{n} images but parameters for {len(params)}")
 
 
 def _colour(x: torch.Tensor, p: AugParams, index: bool) -> torch.Tensor:

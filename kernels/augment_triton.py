@@ -13,8 +13,12 @@ before contrast in that image's order. So:
 
 The batch is read twice and written once. Arithmetic follows `augment_gpu` (torchvision's: clamps
 after each op, LUMA weights, hue through its closed-form HSV round trip), equal to its "where" path
-to float rounding. Blur and flip stay in torch (`augment_gpu._apply`). fp32 N x 3 x H x W,
-contiguous (a channels-last batch is copied first: one more pass).
+to float rounding. Blur and flip stay in torch (`augment_gpu._apply`), or run in `blur_triton`.
+
+The input is read through its strides (a channels-last batch is not copied first), as fp32 in
+[0, 1] or as uint8, which the kernels scale by 1/255 as they load it: FFCV's uint8 batch of two
+views, N x 2 x S x S x 3, is read where it lies, with no permute, float or divide pass before
+(`jitter_gray`). The output is fp32 (V * N) x 3 x H x W, contiguous.
 
 On the CPU the kernels run under Triton's interpreter (`TRITON_INTERPRET=1`), which is how the tests
 compare them with the torch version without a GPU. Opt-in: the GPU speed is not measured yet.
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .augment_gpu import BRIGHTNESS, CONTRAST, HUE, LUMA, AugParams
+from .augment_gpu import BRIGHTNESS, CONTRAST, HUE, LUMA, AugParams, check_count
 from .momentum_triton import interpreting, jitted_for_mode, tl, triton
 
 BLOCK = 1024  # pixels per program of the colour kernel (and per step of the mean kernel's loop)
@@ -95,6 +99,18 @@ def _contrast_stage(n, order):
     return at
 
 
+def _load_rgb(x, n, offs, mask, NI, W, s_v, s_i, s_c, s_h, s_w, U8: tl.constexpr):
+    """Image n's three channels at pixels `offs` as fp32 in [0, 1]: row n is image n % NI of view
+    n // NI, read through x's strides; uint8 is scaled by 1/255 here, in registers."""
+    src = x + (n // NI) * s_v + (n % NI) * s_i + (offs // W) * s_h + (offs % W) * s_w
+    r = tl.load(src, mask=mask, other=0).to(tl.float32)
+    g = tl.load(src + s_c, mask=mask, other=0).to(tl.float32)
+    b = tl.load(src + 2 * s_c, mask=mask, other=0).to(tl.float32)
+    if U8:  # div.rn, as torch's u8.float().div_(255): the same floats (`/` is div.full on a GPU)
+        r, g, b = tl.math.div_rn(r, 255.0), tl.math.div_rn(g, 255.0), tl.math.div_rn(b, 255.0)
+    return r, g, b
+
+
 def _mean_luma_body(
     x,
     means,
@@ -102,6 +118,14 @@ def _mean_luma_body(
     order,
     factors,
     HW,
+    W,
+    NI,
+    s_v,
+    s_i,
+    s_c,
+    s_h,
+    s_w,
+    U8: tl.constexpr,
     USE_HUE: tl.constexpr,
     USE_GRAY: tl.constexpr,
     GRAY_FIRST: tl.constexpr,
@@ -110,14 +134,11 @@ def _mean_luma_body(
     n = tl.program_id(0).to(tl.int64)  # n * 3 * HW passes 2**31 at 14k images of 224 px
     at = _contrast_stage(n, order)
     gr = tl.load(flags + 2 * n + 1) != 0
-    base = x + n * 3 * HW
     acc = tl.arange(0, BLOCK).to(tl.float32) * 0.0  # not tl.zeros: see the tl.reduce below
     for start in range(0, HW, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < HW
-        r = tl.load(base + offs, mask=mask, other=0.0)
-        g = tl.load(base + HW + offs, mask=mask, other=0.0)
-        b = tl.load(base + 2 * HW + offs, mask=mask, other=0.0)
+        r, g, b = _load_rgb(x, n, offs, mask, NI, W, s_v, s_i, s_c, s_h, s_w, U8)
         if USE_GRAY and GRAY_FIRST:
             r, g, b = _gray(r, g, b, gr)
         if tl.load(flags + 2 * n) != 0:
@@ -139,6 +160,14 @@ def _colour_body(
     order,
     factors,
     HW,
+    W,
+    NI,
+    s_v,
+    s_i,
+    s_c,
+    s_h,
+    s_w,
+    U8: tl.constexpr,
     USE_JITTER: tl.constexpr,
     USE_HUE: tl.constexpr,
     USE_GRAY: tl.constexpr,
@@ -148,10 +177,8 @@ def _colour_body(
     n = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < HW
-    src, dst = x + n * 3 * HW, out + n * 3 * HW
-    r = tl.load(src + offs, mask=mask)
-    g = tl.load(src + HW + offs, mask=mask)
-    b = tl.load(src + 2 * HW + offs, mask=mask)
+    dst = out + n * 3 * HW
+    r, g, b = _load_rgb(x, n, offs, mask, NI, W, s_v, s_i, s_c, s_h, s_w, U8)
     gr = tl.load(flags + 2 * n + 1) != 0
     if USE_GRAY and GRAY_FIRST:
         r, g, b = _gray(r, g, b, gr)
@@ -170,7 +197,10 @@ def _colour_body(
 
 # The kernels' helpers, jitted per mode with them (jitted_for_mode): until then the module's globals
 # hold the plain functions, after it the current mode's jitted ones.
-_HELPERS = {name: globals()[name] for name in ("_add", "_luma", "_sector", "_hue", "_op", "_gray", "_contrast_stage")}
+_HELPERS = {
+    name: globals()[name]
+    for name in ("_add", "_load_rgb", "_luma", "_sector", "_hue", "_op", "_gray", "_contrast_stage")
+}
 _KERNELS: dict[bool, tuple] = {}
 
 
@@ -178,25 +208,46 @@ def _kernels() -> tuple:
     return jitted_for_mode(_KERNELS, globals(), _HELPERS, _mean_luma_body, _colour_body)
 
 
-def check_batch(x: torch.Tensor, kernel: str) -> None:
-    """The Triton augmentation kernels' (`kernel`, as the errors name it) one input: a float32
-    N x 3 x H x W batch on a GPU, or on the CPU under the interpreter; else a ValueError."""
+def check_device(device: torch.device, kernel: str) -> None:
+    """Whether the Triton augmentation kernels (`kernel`, as the errors name it) can run on `device`:
+    triton importable, and a GPU, or the CPU under the interpreter; else a ValueError."""
     if triton is None:
         raise ValueError(f"{kernel} needs the triton package")
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError(f"{kernel} needs a CUDA batch (or TRITON_INTERPRET=1 on the CPU)")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"{kernel} needs a CUDA batch (or TRITON_INTERPRET=1 on the CPU), got a {device.type} one")
+
+
+def check_batch(x: torch.Tensor, kernel: str, views: bool = False) -> None:
+    """The Triton augmentation kernels' one input: a float32 N x 3 x H x W batch where check_device
+    allows; with `views` (jitter_gray's) also uint8, and V x N x 3 x H x W. Else a ValueError."""
+    check_device(x.device, kernel)
+    if views and x.dtype in (torch.float32, torch.uint8) and x.ndim in (4, 5) and x.shape[-3] == 3:
+        return
     if x.dtype != torch.float32 or x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"{kernel} takes float32 N x 3 x H x W, got {x.dtype} {tuple(x.shape)}")
+        takes = "float32 or uint8 N x 3 x H x W or V x N x 3 x H x W" if views else "float32 N x 3 x H x W"
+        raise ValueError(f"{kernel} takes {takes}, got {x.dtype} {tuple(x.shape)}")
+
+
+def image_rows(x: torch.Tensor) -> torch.Tensor:
+    """jitter_gray's input as V x N x 3 x H x W (a 4-D batch is one view): a view, no copy."""
+    return x if x.ndim == 5 else x.unsqueeze(0)
 
 
 @torch.no_grad()
 def jitter_gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
-    """`augment_gpu`'s colour jitter and grayscale of a batch (float32 N x 3 x H x W in [0, 1]) in
-    two launches; a new contiguous tensor. No host sync: every per-image choice is read on the device."""
-    check_batch(x, "the triton augmentation kernel")
-    x = x.contiguous()
-    n, _, h, w = x.shape
-    out = torch.empty_like(x)
+    """`augment_gpu`'s colour jitter and grayscale of a batch in two launches; a new contiguous
+    float32 (V * N) x 3 x H x W tensor. No host sync: every per-image choice is read on the device.
+
+    x: float32 in [0, 1] or uint8 (divided by 255 as it is read, as `x.float().div_(255)` does), of
+    any strides: N x 3 x H x W, or V x N x 3 x H x W, views of the same N images whose rows are
+    view-major (row v * N + i: image i of view v). FFCV's N x V x S x S x 3 batch permuted
+    (1, 0, 4, 2, 3) is such a view: the kernels read it where it lies, with no copy before them."""
+    check_batch(x, "the triton augmentation kernel", views=True)
+    rows = image_rows(x)
+    v, ni, _, h, w = rows.shape
+    n = v * ni
+    check_count(n, p)
+    out = torch.empty((n, 3, h, w), device=x.device, dtype=torch.float32)
     if n == 0:
         return out
     mean_kernel, colour_kernel = _kernels()
@@ -205,9 +256,11 @@ def jitter_gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
     flags = torch.stack([p.jitter, p.gray], dim=1).to(torch.int8)
     order, factors = p.order.contiguous(), p.factors.to(torch.float32).contiguous()
     spec = {"USE_HUE": p.use_hue, "USE_GRAY": p.use_gray, "GRAY_FIRST": p.gray_first, "BLOCK": BLOCK}
+    spec["U8"] = x.dtype == torch.uint8
+    layout = (h * w, w, ni, *rows.stride())  # HW, W, NI and the strides of views, images, C, H, W
     means = torch.empty(n, device=x.device, dtype=torch.float32)  # read only where p.use_jitter
     if p.use_jitter:
-        mean_kernel[(n,)](x, means, flags, order, factors, h * w, **spec)
+        mean_kernel[(n,)](rows, means, flags, order, factors, *layout, **spec)
     grid = (n, triton.cdiv(h * w, BLOCK))
-    colour_kernel[grid](x, out, means, flags, order, factors, h * w, USE_JITTER=p.use_jitter, **spec)
+    colour_kernel[grid](rows, out, means, flags, order, factors, *layout, USE_JITTER=p.use_jitter, **spec)
     return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .augment_gpu import AugParams, _check_batch, _col, gaussian_blur, gaussian_kernels
+from .augment_gpu import AugParams, _col, gaussian_blur, gaussian_kernels
 from .augment_triton import check_batch, jitter_gray
 from .momentum_triton import interpreting, jitted_for_mode, tl, triton
 
@@ -197,7 +197,8 @@ def augment_normalize(
 ) -> torch.Tensor:
     """The whole device pass of `DeviceAugment` in the fused kernels: jitter and grayscale
     (`augment_triton`), then blur, flip, normalisation, cast and layout (here): four passes over the
-    batch (three without jitter or blur), beside a few small per-image ops (the taps, the flags)."""
-    _check_batch(x, p)
+    batch (three without jitter or blur), beside a few small per-image ops (the taps, the flags).
+    x: what `augment_triton.jitter_gray` reads (float32 in [0, 1] or uint8, N x 3 x H x W or views
+    V x N x 3 x H x W, any strides); the result is (V * N) x 3 x H x W, view-major."""
     kernels = gaussian_kernels(p.sigma, p.blur, p.kernel_size) if p.use_blur else None
     return blur_flip_normalize(jitter_gray(x, p), kernels, p.flip, mean, std, dtype, memory_format)

@@ -65,6 +65,38 @@ def test_images_of_several_blocks(interpret, monkeypatch, order):
     torch.testing.assert_close(at.jitter_gray(x, p), ag._colour(x, p, index=False), rtol=1e-5, atol=1e-5)
 
 
+def ffcv_uint8(n: int, h: int, w: int, seed=0) -> torch.Tensor:
+    """An FFCV batch as its loader hands it on: uint8 N x 2 x H x W x 3, two views of N images."""
+    return torch.randint(0, 256, (n, 2, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("order", ag.ORDERS)
+@pytest.mark.parametrize("block", [1024, 16])
+def test_uint8_views_read_where_they_lie(interpret, monkeypatch, order, block):
+    # FFCV's batch read through its strides (view v of image i is row v * N + i) and divided by 255
+    # in the kernels: the same floats as the float path on the copy FFCVLoader made before
+    # (permute, reshape, float, div_), so the same result to the bit. 9 x 7: odd sides, and at 16
+    # pixels a block several blocks an image, the last partly masked.
+    monkeypatch.setattr(at, "BLOCK", block)
+    _, p = batch_and_params(order, replace(MOCO_V2, hue=0.4), seed=5)
+    u8 = ffcv_uint8(N // 2, 9, 7)
+    views = u8.permute(1, 0, 4, 2, 3)  # 2 x N x 3 x H x W, a view: no copy
+    floats = views.reshape(N, 3, 9, 7).float().div_(255.0)
+    got = at.jitter_gray(views, p)
+    assert torch.equal(got, at.jitter_gray(floats, p))
+    # the views' order matters: with view 2 first the rows are other images' (the test can fail)
+    assert not torch.equal(got, at.jitter_gray(views.flip(0), p))
+
+
+def test_any_strides_of_a_batch(interpret):
+    # A 4-D batch as uint8 or channels-last floats: read where it lies, no copy before the kernels.
+    x, p = batch_and_params("sample", seed=6, h=7, w=9)
+    u8 = (x * 255).round().to(torch.uint8)
+    want = at.jitter_gray(u8.float().div_(255.0), p)
+    assert torch.equal(at.jitter_gray(u8.contiguous(memory_format=torch.channels_last), p), want)
+    assert torch.equal(at.jitter_gray(x.contiguous(memory_format=torch.channels_last), p), at.jitter_gray(x, p))
+
+
 @pytest.mark.parametrize("order", ag.ORDERS)
 def test_gray_before_the_jitter(interpret, order):
     # MoCo v1: grayscale first, and hue always on; contrast's mean is of the grayed image. Grayed
@@ -133,6 +165,10 @@ def test_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="float32"):
         at.jitter_gray(x.half(), p)
+    with pytest.raises(ValueError, match="float32 or uint8"):
+        at.jitter_gray(x[:, :2], p)
+    with pytest.raises(ValueError, match="6 images but parameters for 3"):
+        at.jitter_gray(x.view(2, 3, 3, 8, 8), replace(p, **{f: getattr(p, f)[:3] for f in ("jitter", "gray")}))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA batch"):
@@ -140,14 +176,21 @@ def test_refuses_what_it_cannot_run(monkeypatch):
 
 
 @pytest.mark.parametrize("spec", [MOCO_V2, MOCO_V1], ids=["v2", "v1"])
-def test_sm90_build(monkeypatch, spec):
+@pytest.mark.parametrize("source", ["fp32", "u8"])
+def test_sm90_build(monkeypatch, spec, source):
     # Both kernels compile for an H100/H200 (sm_90) without a GPU (Triton's own ptxas): the compiled
     # frontend is stricter than the interpreter (globals only as constexprs, one type per branch).
-    # With each recipe's flags as jitter_gray passes them: MoCo v1's gray first is its own build.
+    # With each recipe's flags as jitter_gray passes them: MoCo v1's gray first is its own build,
+    # and so is each input type (FFCV's uint8, divided by 255 correctly rounded: div.rn).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     mean, colour = at._kernels()
-    args = {"flags": "*i8", "order": "*i64", "factors": "*fp32", "HW": "i32"}
+    args = {"flags": "*i8", "order": "*i64", "factors": "*fp32"}
+    args |= dict.fromkeys(("HW", "W", "NI", "s_v", "s_i", "s_c", "s_h", "s_w"), "i32")
     p = ag.sample_params(1, spec)
     flags = {"USE_HUE": p.use_hue, "USE_GRAY": p.use_gray, "GRAY_FIRST": p.gray_first, "BLOCK": at.BLOCK}
-    for fn, ptrs, extra in ((mean, ("x", "means"), {}), (colour, ("x", "out", "means"), {"USE_JITTER": True})):
-        assert ".entry" in sm90_ptx(fn, dict.fromkeys(ptrs, "*fp32") | args, flags | extra)
+    flags["U8"] = source == "u8"
+    for fn, ptrs, extra in ((mean, ("means",), {}), (colour, ("out", "means"), {"USE_JITTER": True})):
+        sig = {"x": f"*{source}"} | dict.fromkeys(ptrs, "*fp32") | args
+        ptx = sm90_ptx(fn, sig, flags | extra)
+        assert ".entry" in ptx
+        assert ("div.rn.f32" in ptx) == (source == "u8")
