@@ -199,9 +199,10 @@ class DeviceAugment:
     over both views at once, then normalisation into the trainer's dtype and memory format.
 
     Called with float 2N x 3 x S x S in [0, 1] on the device (view 1 of the N images, then view 2)
-    and the device generator of the epoch; returns (im_q, im_k), N each. `kernel="triton"` (opt-in,
-    for the benches: its GPU speed is unmeasured) runs the whole pass in fused Triton kernels: jitter
-    and grayscale (`kernels/augment_triton.py`), then blur, flip, normalisation, cast and layout
+    and the device generator of the epoch; returns (im_q, im_k), N each. `from_uint8` takes the
+    views as uint8 instead (FFCV's batch). `kernel="triton"` (opt-in, for the benches: its GPU speed
+    is unmeasured) runs the whole pass in fused Triton kernels: jitter and grayscale
+    (`kernels/augment_triton.py`), then blur, flip, normalisation, cast and layout
     (`kernels/blur_triton.py`), on a GPU or under TRITON_INTERPRET=1."""
 
     def __init__(self, args: LoaderArgs, jitter_order: str, flip: bool = True, kernel: str = "torch"):
@@ -214,8 +215,23 @@ class DeviceAugment:
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._augment(x, x.shape[0], generator)
+
+    def from_uint8(self, views: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same from uint8 2 x N x 3 x S x S on the device, any strides (FFCV's N x 2 x S x S x 3
+        batch permuted (1, 0, 4, 2, 3), a view): the pass of `views` as floats, view-major (row
+        v * N + i), divided by 255. The torch pass reads those floats, made here by a copy, a float()
+        and a div_ pass, as FFCVLoader made them before; the Triton kernels read the uint8 where it
+        lies and divide as they load it, three passes fewer (correctly rounded: torch's floats on
+        the CPU; on a GPU torch multiplies by 1/255, up to one ulp apart, see docs/ffcv.md)."""
+        if self.kernel == "torch":
+            return self(views.reshape(-1, *views.shape[2:]).float().div_(255.0), generator)
+        return self._augment(views, views.shape[0] * views.shape[1], generator)
+
+    def _augment(self, x: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass of the n images of x (2N x 3 x S x S, or views that only the triton kernels read)."""
         # With jitter_order=batch the batch's one order is drawn on the host (no device sync).
-        params = sample_params(x.shape[0], self.spec, self.device, generator, order=self.jitter_order, flip=self.flip)
+        params = sample_params(n, self.spec, self.device, generator, order=self.jitter_order, flip=self.flip)
         if self.kernel == "triton":
             from moco_fast.kernels.blur_triton import augment_normalize
 

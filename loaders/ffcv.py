@@ -310,12 +310,6 @@ class FFCVLoader:
         self.ffcv.next_epoch = epoch  # FFCV counts its epochs itself, one per __iter__
         self.ffcv.traversal_order.start = start_step * self.args.batch_size
 
-    def _views(self, u8: torch.Tensor) -> torch.Tensor:
-        """uint8 N x 2 x S x S x 3 -> float 2N x 3 x S x S in [0, 1] on the device, view 1 then view 2."""
-        u8 = u8.to(self.device, non_blocking=True)
-        n, _, s, _, _ = u8.shape
-        return u8.permute(1, 0, 4, 2, 3).reshape(2 * n, 3, s, s).float().div_(255.0)
-
     def _replacements(self, status: np.ndarray) -> torch.Tensor:
         """The row each row of a batch is read from: itself, or for a sample whose image could not be
         read (status: failure code, .beton index; see ResizedCrops) the next row that was read, as
@@ -388,7 +382,10 @@ class FFCVLoader:
                 rows = pinned_copy(self._replacements(status), self.device)
                 u8 = u8.to(self.device, non_blocking=True)
                 u8, label, index = (t.index_select(0, rows) for t in (u8, label, index))
-            im_q, im_k = self.augment(self._views(u8), g)  # from 2N x 3 x S x S in [0, 1]
+            # N x 2 x S x S x 3 as 2 x N x 3 x S x S, a view: the torch pass makes floats of it
+            # (2N x 3 x S x S in [0, 1]), the triton kernels read it where it lies
+            u8 = u8.to(self.device, non_blocking=True).permute(1, 0, 4, 2, 3)
+            im_q, im_k = self.augment.from_uint8(u8, g)
             yield Batch(im_q, im_k, label, index)
 
 

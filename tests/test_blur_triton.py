@@ -91,6 +91,24 @@ def test_device_augment_runs_every_kernel(interpret, monkeypatch, dtype):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("order", ag.ORDERS)
+def test_device_augment_from_uint8(interpret, order):
+    # FFCV's uint8 batch (N x 2 x H x W x 3, permuted: a view): the triton pass reads it where it lies
+    # and makes the views it makes of the floats FFCVLoader made before (to the bit: the same floats
+    # into the same kernels); the torch pass makes those floats itself, and the same views as before.
+    args = LoaderArgs(None, replace(MOCO_V2, image_size=32, blur_prob=0.5), 3, torch.device("cpu"), torch.bfloat16)
+    u8 = torch.randint(0, 256, (3, 2, 9, 7, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    views = u8.permute(1, 0, 4, 2, 3)
+    floats = views.reshape(6, 3, 9, 7).float().div_(255.0)
+    for kernel in ag.KERNELS:
+        augment = DeviceAugment(args, order, flip=False, kernel=kernel)
+        got = augment.from_uint8(views, torch.Generator().manual_seed(8))
+        want = augment(floats.clone(), torch.Generator().manual_seed(8))
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == (3, 3, 9, 7) and a.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(a, b)
+
+
 def test_refuses_what_it_cannot_run(monkeypatch):
     x, kernels = batch(5, h=5, w=2)  # 2 px: two taps past the edge would reflect twice
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -104,6 +104,28 @@ def test_views_follow_dtype_and_memory_format(loader):
     assert b.im_q.dtype == torch.bfloat16 and b.im_q.is_contiguous()
 
 
+def test_the_triton_pass_reads_ffcvs_uint8_batch(loader, monkeypatch):
+    # kernel="triton" (under the interpreter): the jitter kernels get FFCV's uint8 views, not a float
+    # copy, and the batches are the torch pass's to float rounding (the same crops, the same draws).
+    pytest.importorskip("triton")
+    from moco_fast.kernels import augment_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    other = copy.copy(loader)
+    other.augment = DeviceAugment(loader.args, loader.opts.jitter_order, flip=False, kernel="triton")
+    read, jitter_gray = [], augment_triton.jitter_gray
+    monkeypatch.setattr(augment_triton, "jitter_gray", lambda x, p: read.append(x.dtype) or jitter_gray(x, p))
+    batches = {}
+    for ld in (loader, other):  # one after the other: the copy shares FFCV's loader
+        ld.set_epoch(1)
+        batches[ld] = list(ld)
+    for a, b in zip(batches[loader], batches[other], strict=True):
+        assert torch.equal(a.index, b.index)
+        torch.testing.assert_close(b.im_q, a.im_q, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.im_k, a.im_k, rtol=1e-5, atol=1e-5)
+    assert read == [torch.uint8] * len(loader)
+
+
 def test_views_match_what_the_crops_and_colour_pass_make(loader):
     """Statistically: a gray view has equal channels, and about gray_prob of views are gray."""
     gray = total = 0
