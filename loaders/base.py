@@ -203,12 +203,17 @@ class DeviceAugment:
     views as uint8 instead (FFCV's batch). `kernel="triton"` (opt-in, for the benches: its GPU speed
     is unmeasured) runs the whole pass in fused Triton kernels: jitter and grayscale
     (`kernels/augment_triton.py`), then blur, flip, normalisation, cast and layout
-    (`kernels/blur_triton.py`), on a GPU or under TRITON_INTERPRET=1."""
+    (`kernels/blur_triton.py`), on a GPU or under TRITON_INTERPRET=1 (refused here otherwise, not at
+    the first batch)."""
 
     def __init__(self, args: LoaderArgs, jitter_order: str, flip: bool = True, kernel: str = "torch"):
         self.spec, self.device, self.dtype = args.aug, args.device, args.dtype
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel == "triton":  # imported only here: the torch pass needs no triton
+            from moco_fast.kernels.augment_triton import check_device
+
+            check_device(torch.device(args.device), "DeviceAugment(kernel='triton')")
         self.jitter_order, self.flip, self.kernel = jitter_order, flip, kernel
         self.mean = torch.tensor(args.aug.mean, device=args.device).view(1, 3, 1, 1)
         self.std = torch.tensor(args.aug.std, device=args.device).view(1, 3, 1, 1)

@@ -109,6 +109,16 @@ def test_device_augment_from_uint8(interpret, order):
             assert torch.equal(a, b)
 
 
+def test_triton_refused_where_it_cannot_run(monkeypatch):
+    # At construction, not at the loader's first batch: a CPU device without the interpreter.
+    args = LoaderArgs(None, MOCO_V2, 3, torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"DeviceAugment\(kernel='triton'\) needs a CUDA batch .* got a cpu one"):
+        DeviceAugment(args, "sample", kernel="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert DeviceAugment(args, "sample", kernel="triton").kernel == "triton"
+
+
 def test_refuses_what_it_cannot_run(monkeypatch):
     x, kernels = batch(5, h=5, w=2)  # 2 px: two taps past the edge would reflect twice
     monkeypatch.setenv("TRITON_INTERPRET", "1")
