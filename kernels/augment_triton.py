@@ -99,9 +99,11 @@ def _contrast_stage(n, order):
     return at
 
 
-def _load_rgb(x, n, offs, mask, NI, W, s_v, s_i, s_c, s_h, s_w, U8: tl.constexpr):
+def _load_rgb(x, n, offs, mask, layout, U8: tl.constexpr):
     """Image n's three channels at pixels `offs` as fp32 in [0, 1]: row n is image n % NI of view
-    n // NI, read through x's strides; uint8 is scaled by 1/255 here, in registers."""
+    n // NI, read through x's strides; uint8 is scaled by 1/255 here, in registers. `layout`: a
+    tuple (HW, W, NI, then x's strides of views, images, channels, rows, columns)."""
+    _, W, NI, s_v, s_i, s_c, s_h, s_w = layout
     src = x + (n // NI) * s_v + (n % NI) * s_i + (offs // W) * s_h + (offs % W) * s_w
     r = tl.load(src, mask=mask, other=0).to(tl.float32)
     g = tl.load(src + s_c, mask=mask, other=0).to(tl.float32)
@@ -117,14 +119,7 @@ def _mean_luma_body(
     flags,
     order,
     factors,
-    HW,
-    W,
-    NI,
-    s_v,
-    s_i,
-    s_c,
-    s_h,
-    s_w,
+    layout,
     U8: tl.constexpr,
     USE_HUE: tl.constexpr,
     USE_GRAY: tl.constexpr,
@@ -134,11 +129,12 @@ def _mean_luma_body(
     n = tl.program_id(0).to(tl.int64)  # n * 3 * HW passes 2**31 at 14k images of 224 px
     at = _contrast_stage(n, order)
     gr = tl.load(flags + 2 * n + 1) != 0
+    HW = layout[0]
     acc = tl.arange(0, BLOCK).to(tl.float32) * 0.0  # not tl.zeros: see the tl.reduce below
     for start in range(0, HW, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < HW
-        r, g, b = _load_rgb(x, n, offs, mask, NI, W, s_v, s_i, s_c, s_h, s_w, U8)
+        r, g, b = _load_rgb(x, n, offs, mask, layout, U8)
         if USE_GRAY and GRAY_FIRST:
             r, g, b = _gray(r, g, b, gr)
         if tl.load(flags + 2 * n) != 0:
@@ -159,14 +155,7 @@ def _colour_body(
     flags,
     order,
     factors,
-    HW,
-    W,
-    NI,
-    s_v,
-    s_i,
-    s_c,
-    s_h,
-    s_w,
+    layout,
     U8: tl.constexpr,
     USE_JITTER: tl.constexpr,
     USE_HUE: tl.constexpr,
@@ -175,10 +164,11 @@ def _colour_body(
     BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
+    HW = layout[0]
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < HW
     dst = out + n * 3 * HW
-    r, g, b = _load_rgb(x, n, offs, mask, NI, W, s_v, s_i, s_c, s_h, s_w, U8)
+    r, g, b = _load_rgb(x, n, offs, mask, layout, U8)
     gr = tl.load(flags + 2 * n + 1) != 0
     if USE_GRAY and GRAY_FIRST:
         r, g, b = _gray(r, g, b, gr)
@@ -260,7 +250,7 @@ def jitter_gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
     layout = (h * w, w, ni, *rows.stride())  # HW, W, NI and the strides of views, images, C, H, W
     means = torch.empty(n, device=x.device, dtype=torch.float32)  # read only where p.use_jitter
     if p.use_jitter:
-        mean_kernel[(n,)](rows, means, flags, order, factors, *layout, **spec)
+        mean_kernel[(n,)](rows, means, flags, order, factors, layout, **spec)
     grid = (n, triton.cdiv(h * w, BLOCK))
-    colour_kernel[grid](rows, out, means, flags, order, factors, *layout, USE_JITTER=p.use_jitter, **spec)
+    colour_kernel[grid](rows, out, means, flags, order, factors, layout, USE_JITTER=p.use_jitter, **spec)
     return out

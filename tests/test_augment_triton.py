@@ -184,8 +184,8 @@ def test_sm90_build(monkeypatch, spec, source):
     # and so is each input type (FFCV's uint8, divided by 255 correctly rounded: div.rn).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     mean, colour = at._kernels()
-    args = {"flags": "*i8", "order": "*i64", "factors": "*fp32"}
-    args |= dict.fromkeys(("HW", "W", "NI", "s_v", "s_i", "s_c", "s_h", "s_w"), "i32")
+    # layout: a tuple of (HW, W, NI, the input's five strides)
+    args = {"flags": "*i8", "order": "*i64", "factors": "*fp32", "layout": ("i32",) * 8}
     p = ag.sample_params(1, spec)
     flags = {"USE_HUE": p.use_hue, "USE_GRAY": p.use_gray, "GRAY_FIRST": p.gray_first, "BLOCK": at.BLOCK}
     flags["U8"] = source == "u8"
