@@ -17,9 +17,12 @@ and, for a like-for-like torch row, to a folder of the same 256-px JPEGs. Rows:
     ffcv+aug        the whole FFCV backend: + colour jitter, gray, blur, normalise in one batched pass
                     on the training device (here the CPU; on a GPU machine it runs there)
     aug-sample      only that device pass, on `--device`, for 2 x batch views of 224 px (uint8 in,
-    aug-batch       normalised out), with ColorJitter order per image or per batch (no data needed)
+    aug-batch       normalised out), with ColorJitter order per image or per batch (no data needed):
+                    the uint8 views' float() and div_ by 255, then DeviceAugment
     aug-*-triton    the same pass in the fused Triton kernels (kernels/augment_triton.py, blur_triton.py;
-                    on a GPU, or on the CPU under TRITON_INTERPRET=1 at a crawl)
+                    on a GPU, or on the CPU under TRITON_INTERPRET=1 at a crawl), which read FFCV's
+                    uint8 N x 2 x S x S x 3 batch itself (DeviceAugment.from_uint8): both rows time
+                    the way from the loader's uint8 batch to the trainer's views
 
 Each row warms up (`--warmup` batches, which includes FFCV's Numba compile) and then times at least
 `--steps` batches and `--min-seconds`, across epochs when the set is shorter. `img/s` counts images, each with its two views.
@@ -142,18 +145,27 @@ def run_aug_row(row: str, a: argparse.Namespace) -> dict:
     dev = torch.device(a.device)
     if dev.type == "cuda":  # this row's peak, not the highest of the rows before it in the process
         torch.cuda.reset_peak_memory_stats(dev)
-    spec, n = MOCO_V2, 2 * a.batch_size
-    u8 = torch.randint(0, 256, (n, 3, spec.image_size, spec.image_size), dtype=torch.uint8, device=dev)
+    spec, s = MOCO_V2, MOCO_V2.image_size
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     order, triton = row.removeprefix("aug-").removesuffix("-triton"), row.endswith("-triton")
     augment = DeviceAugment(
         LoaderArgs(None, spec, a.batch_size, dev, dtype), order, flip=False, kernel="triton" if triton else "torch"
     )
     g = torch.Generator(device=dev).manual_seed(0)
+    if triton:  # FFCV's batch (N x 2 x S x S x 3), which the kernels read where it lies (from_uint8)
+        u8 = torch.randint(0, 256, (a.batch_size, 2, s, s, 3), dtype=torch.uint8, device=dev)
+
+        def augment_u8():
+            return augment.from_uint8(u8.permute(1, 0, 4, 2, 3), g)
+    else:  # the torch pass reads floats: their float() and div_ passes are its cost
+        u8 = torch.randint(0, 256, (2 * a.batch_size, 3, s, s), dtype=torch.uint8, device=dev)
+
+        def augment_u8():
+            return augment(u8.float().div_(255.0), g)
 
     def passes():
         while True:
-            out = augment(u8.float().div_(255.0), g)
+            out = augment_u8()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             yield out
@@ -175,10 +187,10 @@ SETTINGS = {
     "ffcv": ".beton ({res} px, JPEG q{q}), Numba: 1 decode, 2 crops, flips; uint8 out",
     "ffcv-twice": "as ffcv with the stock decoder once per view",
     "ffcv+aug": "as ffcv + batched jitter/gray/blur/normalise on the CPU (torch)",
-    "aug-sample": "device pass only, ColorJitter order per image",
-    "aug-batch": "device pass only, ColorJitter order per batch",
-    "aug-sample-triton": "as aug-sample, in the fused Triton kernels",
-    "aug-batch-triton": "as aug-batch, in the fused Triton kernels",
+    "aug-sample": "device pass only, from the uint8 views (float + div_ + pass), ColorJitter order per image",
+    "aug-batch": "device pass only, from the uint8 views (float + div_ + pass), ColorJitter order per batch",
+    "aug-sample-triton": "as aug-sample, in the fused Triton kernels, which read FFCV's uint8 batch",
+    "aug-batch-triton": "as aug-batch, in the fused Triton kernels, which read FFCV's uint8 batch",
 }
 
 

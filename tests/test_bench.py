@@ -309,9 +309,26 @@ def test_ffcv_bench_interrupted_keeps_what_it_measured(tmp_path, capsys, monkeyp
     assert "123" in printed.out and "not run (interrupted)" in printed.out and "interrupted" in printed.err
 
 
+def test_ffcv_bench_triton_rows_time_the_pass_from_ffcvs_uint8_batch(tmp_path, monkeypatch):
+    # The fused kernels read FFCV's uint8 batch themselves: the row hands them that batch (2 x N
+    # views of N x 2 x S x S x 3), not floats made first. The pass itself is stubbed (the interpreter
+    # takes minutes at 224 px); DeviceAugment is built as the row builds it.
+    pytest.importorskip("triton")
+    import ffcv_loader
+    from moco_fast.loaders.base import DeviceAugment
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = []
+    monkeypatch.setattr(DeviceAugment, "from_uint8", lambda self, x, g: seen.append(x) or (x, x))
+    flags = ["--batch-size", "2", "--steps", "1", "--warmup", "0", "--min-seconds", "0"]
+    assert ffcv_loader.main(["--rows", "aug-batch-triton", *flags]) == 0
+    assert seen and all(x.dtype == torch.uint8 and x.shape == (2, 2, 3, 224, 224) for x in seen)
+    assert seen[0].permute(1, 0, 3, 4, 2).is_contiguous()  # a view of FFCV's layout: no copy made
+
+
 def test_ffcv_bench_triton_rows_reach_the_fused_kernels(tmp_path, monkeypatch):
-    # On a CPU without Triton's interpreter an aug-*-triton row gets as far as the fused kernels,
-    # which refuse the batch (so its order was parsed and its kernel chosen): that row fails and
+    # On a CPU without Triton's interpreter an aug-*-triton row gets as far as its DeviceAugment,
+    # which refuses the kernel (so its order was parsed and its kernel chosen): that row fails and
     # says why, the other is measured, exit 1; before, one failed aug row lost the whole run.
     pytest.importorskip("triton")
     import ffcv_loader
