@@ -158,6 +158,27 @@ def test_compiled_kernels_on_cuda(monkeypatch, order):
         torch.testing.assert_close(got, ag.apply(x, p, select="where"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_uint8_views_on_cuda(monkeypatch):
+    # FFCV's uint8 batch at MoCo's size, compiled, without a host sync, against the float path on
+    # torch's floats: those are u8 * float(1/255) on a GPU (a scalar divisor is a multiply there),
+    # the kernels' the rounded quotient, one ulp apart for about half the 256 values.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u8 = torch.randint(0, 256, (8, 2, 224, 224, 3), dtype=torch.uint8, device="cuda", generator=g)
+    views = u8.permute(1, 0, 4, 2, 3)
+    p = ag.sample_params(16, MOCO_V2, "cuda", g)
+    at.jitter_gray(views, p)  # compiled outside the sync check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = at.jitter_gray(views, p)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = at.jitter_gray(views.reshape(16, 3, 224, 224).float().div_(255.0), p)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_refuses_what_it_cannot_run(monkeypatch):
     x, p = batch_and_params("batch")
     with pytest.raises(ValueError, match="kernel must be one of"):
