@@ -108,13 +108,13 @@ def test_the_triton_pass_reads_ffcvs_uint8_batch(loader, monkeypatch):
     # kernel="triton" (under the interpreter): the jitter kernels get FFCV's uint8 views, not a float
     # copy, and the batches are the torch pass's to float rounding (the same crops, the same draws).
     pytest.importorskip("triton")
-    from moco_fast.kernels import augment_triton
+    from moco_fast.kernels import blur_triton
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     other = copy.copy(loader)
     other.augment = DeviceAugment(loader.args, loader.opts.jitter_order, flip=False, kernel="triton")
-    read, jitter_gray = [], augment_triton.jitter_gray
-    monkeypatch.setattr(augment_triton, "jitter_gray", lambda x, p: read.append(x.dtype) or jitter_gray(x, p))
+    read, jitter_gray = [], blur_triton.jitter_gray  # the name the pass calls
+    monkeypatch.setattr(blur_triton, "jitter_gray", lambda x, p: read.append(x.dtype) or jitter_gray(x, p))
     batches = {}
     for ld in (loader, other):  # one after the other: the copy shares FFCV's loader
         ld.set_epoch(1)
