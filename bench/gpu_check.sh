@@ -320,7 +320,8 @@ if res.get("rows"):
     for r in res["rows"]:
         got = f"{r['ms']:.3f} ms, {r['gb_per_s']:.0f} GB/s" if r.get("ms") is not None else f"failed: {r.get('error')}"
         print(f"  {r['name']:<24} {got}")
-for f in sorted(out.glob("split-bn-*.json")):
+# fp16 first (the default, and the reference's dtype), then bf16: the files' name order put bf16 first
+for f in sorted(out.glob("split-bn-*.json"), key=lambda f: (f.stem != "split-bn-fp16", f.stem)):
     res = load(f)
     if not res.get("rows"):
         continue

@@ -480,18 +480,19 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
     )
     (tmp_path / "momentum.json").write_text('{"cut short')
     config = {"arch": "resnet50", "batch_size": 256, "splits": 8, "dtype": "fp16", "channels_last": True}
-    (tmp_path / "split-bn-fp16.json").write_text(
-        json.dumps(
-            {
-                **rows,
-                "rows": [{"name": "256 x 64 x 112 x 112"}],
-                "total_ms": {"plain": 4.0, "split": 6.0, "regroup": None},
-                "errors": ["regroup on 256 x 64 x 112 x 112: OutOfMemoryError: ..."],
-                "layers": 53,
-                "config": config,
-            }
+    for dtype, split in ("fp16", 6.0), ("bf16", 5.0):
+        (tmp_path / f"split-bn-{dtype}.json").write_text(
+            json.dumps(
+                {
+                    **rows,
+                    "rows": [{"name": "256 x 64 x 112 x 112"}],
+                    "total_ms": {"plain": 4.0, "split": split, "regroup": None},
+                    "errors": ["regroup on 256 x 64 x 112 x 112: OutOfMemoryError: ..."],
+                    "layers": 53,
+                    "config": {**config, "dtype": dtype},
+                }
+            )
         )
-    )
     out = subprocess.run([sys.executable, "-", str(tmp_path)], input=summary, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "dali: end-to-end = 96.0% of trainer" in out.stdout
@@ -504,6 +505,9 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
     assert "momentum.json: unreadable" in out.stdout
     assert "split BN, 53 BN layers forward + backward, resnet50 batch 256, 8 splits, fp16 channels-last" in out.stdout
     assert "  split      6.00 ms/step, 1.50x plain\n  regroup    failed\n" in out.stdout
+    # fp16 first (the default, and the reference's dtype), then bf16: the files' name order put bf16 first
+    fp16, bf16 = (out.stdout.index(f"8 splits, {dtype} channels-last") for dtype in ("fp16", "bf16"))
+    assert fp16 < bf16 and "  split      5.00 ms/step, 1.25x plain\n" in out.stdout[bf16:]
 
 
 def test_the_progress_line_shows_a_slow_rows_images_a_second():
