@@ -102,8 +102,7 @@ def hold_folder(out: Path) -> Iterator[int | None]:
     gone once it holds it, and holds the folder made again (it held a removed folder, and its first
     file there failed with "No such file or directory"). A process that finds `out` busy removes
     nothing: what was missing when it looked may be the holder's, made since and empty still."""
-    created = missing_folders(out)
-    fd, held = _opened_and_locked(out, out, os.O_RDONLY)
+    fd, held, created = _opened_and_locked(out, out, os.O_RDONLY)
     _HELD.add(fd)
     try:
         yield fd if held is not False else None
@@ -114,16 +113,23 @@ def hold_folder(out: Path) -> Iterator[int | None]:
         os.close(fd)
 
 
-def _opened_and_locked(folder: Path, path: Path, flags: int) -> tuple[int, bool | None]:
-    """(`path` opened in its made `folder` (open_in_made_folder), _try_flock's answer on it). Where it
-    locked a file or folder that its holder removed meanwhile (_still_there), the one there now is
-    opened and locked instead: hold_folder's and hold_lock_file's loop, written once."""
-    while True:
-        fd = open_in_made_folder(folder, path, flags)
-        held = _try_flock(fd, path)
-        if held is not True or _still_there(path, fd):
-            return fd, held
-        os.close(fd)  # the one its holder removed
+def _opened_and_locked(folder: Path, path: Path, flags: int) -> tuple[int, bool | None, list[Path]]:
+    """(`path` opened in its made `folder` (open_in_made_folder), _try_flock's answer on it, the folders
+    made for it: missing_folders). Where it locked a file or folder that its holder removed meanwhile
+    (_still_there), the one there now is opened and locked instead: hold_folder's and hold_lock_file's
+    loop, written once. An open that fails (a lock file this user may not read, a link) removes the
+    folders it made (remove_empty: those that hold nothing) before its error goes up."""
+    created = missing_folders(folder)
+    try:
+        while True:
+            fd = open_in_made_folder(folder, path, flags)
+            held = _try_flock(fd, path)
+            if held is not True or _still_there(path, fd):
+                return fd, held, created
+            os.close(fd)  # the one its holder removed
+    except OSError:
+        remove_empty(created)
+        raise
 
 
 # the times a folder is made again where another command removed it before it was opened (below)
@@ -182,9 +188,8 @@ def hold_lock_file(lock: Path, command: str, busy: Callable[[str | None], str]) 
     locks the new one. Opened read-only: a lock file another user left in a shared folder still locks.
     Never through a link (_refuse_a_link). The folders made for it and left empty (the command failed
     before writing) are removed."""
-    created = missing_folders(lock.parent)
     try:
-        fd, held = _opened_and_locked(lock.parent, lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW)
+        fd, held, created = _opened_and_locked(lock.parent, lock, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW)
     except OSError as e:
         _refuse_a_link(lock, e)
         raise

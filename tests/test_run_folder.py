@@ -8,6 +8,7 @@ import json
 import os
 import stat
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,6 +281,35 @@ def test_a_new_folder_that_another_command_removed_before_the_open_is_made_again
         with hold():
             assert not removals and new.is_dir()
         assert not new.exists()  # made by this command, left empty: removed when it ends
+
+
+def test_a_lock_that_cannot_be_opened_removes_the_folders_made_for_it(tmp_path, monkeypatch):
+    # The open of the lock file (lincls, finetune, convert) or of the run folder (train, sweep) failed
+    # for another cause than a holder (a lock file this user may not read: EACCES), and the folders
+    # made for it stayed behind. Those it made go; one that was there, and one holding a file, stay
+    import errno
+
+    import moco_fast.run_folder as rf
+
+    kept, real_open = tmp_path / "kept", os.open
+    (kept / "full").mkdir(parents=True)
+    (kept / "full" / "notes.txt").write_text("a week of notes")
+
+    def refused(path, *args, **kw):
+        if Path(path).name in (".r.state.pt.lock", "run"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(rf.os, "open", refused)
+    for hold in (
+        partial(rf.hold_output, kept / "a" / "b" / "r.json", "lincls"),
+        partial(rf.hold_run_folder, kept / "c" / "run"),
+    ):
+        with pytest.raises(PermissionError), hold():
+            pass
+    with pytest.raises(PermissionError), rf.hold_output(kept / "full" / "r.json", "lincls"):
+        pass
+    assert sorted(p.name for p in kept.iterdir()) == ["full"] and os.listdir(kept / "full") == ["notes.txt"]
 
 
 def test_a_run_folder_that_its_holder_removed_before_the_flock_is_made_again(tmp_path, monkeypatch):
