@@ -280,6 +280,44 @@ def test_sweep_stops_where_a_users_classifier_writes_into_its_name(finished_swee
     assert f"{result}: another moco-fast lincls is writing it now" in last_error(capsys)
 
 
+def test_a_users_classifier_into_the_sweeps_name_is_told_the_sweep_holds_it(
+    finished_sweep, six_root, tmp_path, monkeypatch
+):
+    # run_sweep's own call of hold_output: the tests held that lock through hold_output with the
+    # sweep's arguments written out, so a call site passing another command ("lincls") or another
+    # result went unseen. A user's lincls into sweep_lincls.json while the sweep's classifier runs
+    import moco_fast.lincls as lincls
+    from moco_fast.run_folder import RunFolderBusy, hold_output
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    result, real_run, said = out / SWEEP_RUN / "sweep_lincls.json", lincls.run_lincls, []
+
+    def users_lincls_meanwhile(*args, **kw):
+        with pytest.raises(RunFolderBusy) as e, hold_output(result, "lincls"):  # as `moco-fast lincls --out` does
+            pass
+        said.append(str(e.value))
+        return real_run(*args, **kw)
+
+    monkeypatch.setattr(lincls, "run_lincls", users_lincls_meanwhile)
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")) == 0
+    assert said == [f"{result}: another moco-fast sweep is writing it now; wait for it to end or choose another --out"]
+
+
+def test_sweep_stops_where_a_lock_names_no_holder(finished_sweep, six_root, tmp_path, capsys):
+    # a lock file of a moco-fast from before its holders named themselves, held: the sweep's line names
+    # the commands that take that lock (run_sweep's call of hold_output, its `unknown`), not itself
+    import fcntl
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    lock = out / SWEEP_RUN / ".sweep_lincls.state.pt.lock"
+    lock.touch()
+    with lock.open() as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "2")) == 2
+    said = f"{out / SWEEP_RUN / 'sweep_lincls.json'}: another moco-fast lincls or finetune is writing it now"
+    assert said in last_error(capsys)
+
+
 def test_sweep_writes_its_classifier_result_over_one_cut_short(finished_sweep, six_root, tmp_path, caplog):
     # nobody's to keep (an older moco-fast's, cut short by a crash): the classifier writes its own over
     # it, saying nothing of it (the look at whose it is warned at each look, twice)
