@@ -92,10 +92,15 @@ def _rebuilt_hold(dup: Any) -> FolderHold:
     return FolderHold(dup.detach())  # in the worker: its copy of the launcher's descriptor
 
 
+HOLDER_NAME = ".moco-fast.holder"  # in a folder held by hold_folder: the command that holds it
+
+
 @contextlib.contextmanager
-def hold_folder(out: Path) -> Iterator[int | None]:
+def hold_folder(out: Path, command: str) -> Iterator[int | None]:
     """A flock on the folder `out` itself (no lock file), made if missing; yields its descriptor where
     this process holds it (or the file system has no flock), None where another process holds it.
+    The holder names itself, `command` ("train"), in a file in `out` for the one it refuses
+    (_name_holder, folder_holder): a train refused by a sweep names the sweep, not another train.
     The lock goes with the process; forked processes (DataLoader workers) close their copy.
     The folders created here (`out` and its missing parents) and left empty (the command failed
     before writing) are removed, while still held: a process that opened `out` meanwhile finds it
@@ -104,13 +109,60 @@ def hold_folder(out: Path) -> Iterator[int | None]:
     nothing: what was missing when it looked may be the holder's, made since and empty still."""
     fd, held, created = _opened_and_locked(out, out, os.O_RDONLY)
     _HELD.add(fd)
+    named = _name_holder(out, command) if held else None
     try:
         yield fd if held is not False else None
     finally:
+        if named is not None:
+            with contextlib.suppress(OSError):
+                (out / HOLDER_NAME).unlink()  # while still held, before remove_empty looks
+            _HELD.discard(named)
+            os.close(named)
         _HELD.discard(fd)
         if held is not False:
             remove_empty(created)
         os.close(fd)
+
+
+def _name_holder(folder: Path, command: str) -> int | None:
+    """Writes `command` into `folder`'s holder file, then flocks it: the descriptor that holds it, or
+    None where the holder goes unnamed. A folder's flock is on the folder, where nothing can be
+    written; and a holder file may be a killed run's, or held by a moco-fast before holders named
+    themselves, which writes none: folder_holder trusts a holder file only while it is locked, and
+    this process locks it only once its command is in it. Unnamed where the file cannot be written:
+    another user's left there (its command is not this one's), a folder this user may not write in
+    (the command says why when it writes there), a link (O_NOFOLLOW: not the file it names)."""
+    path = folder / HOLDER_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError:
+        return None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, command.encode())
+        if _try_flock(fd, path):  # a folder_holder that looks at this instant: unnamed, as before
+            _HELD.add(fd)
+            return fd
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        path.unlink()
+    os.close(fd)
+    return None
+
+
+def folder_holder(folder: Path) -> str | None:
+    """The command that holds `folder` (hold_folder), as its holder file names it (_name_holder); None
+    where the file is not locked (a killed run's, or none: a moco-fast before holders named
+    themselves, a holder not at its naming yet) or cannot be read (another user's, not readable)."""
+    try:
+        fd = os.open(folder / HOLDER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        return _holder(fd) if _try_flock(fd, folder / HOLDER_NAME) is False else None
+    finally:
+        os.close(fd)  # a lock this look took goes with it
 
 
 def _opened_and_locked(folder: Path, path: Path, flags: int) -> tuple[int, bool | None, list[Path]]:

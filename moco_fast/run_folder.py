@@ -19,7 +19,7 @@ from pathlib import Path
 from moco_fast import checkpoint as ckpt
 from moco_fast.config import ConfigError, TrainConfig, read_json_object
 from moco_fast.data import DataError
-from moco_fast.folder_locks import FolderHold, RunFolderBusy, handed, hold_folder, hold_lock_file
+from moco_fast.folder_locks import FolderHold, RunFolderBusy, folder_holder, handed, hold_folder, hold_lock_file
 from moco_fast.metrics import METRICS_NAME, SUMMARY_NAME, owes_row, read_rows
 from moco_fast.sweep_table import TABLE_JSON
 
@@ -211,9 +211,16 @@ def stopped_before_its_first_checkpoint(out: Path) -> bool:
 def ensure_not_busy(held: list[bool], out: Path) -> None:
     """RunFolderBusy unless every process that tried to hold the run folder (`hold_run_folder`) did."""
     if not all(held):
-        raise RunFolderBusy(
-            f"{out}: another moco-fast train is writing there now; wait for it to end or choose another --out"
-        )
+        raise folder_busy(out, "writing")
+
+
+def folder_busy(out: Path, doing: str) -> RunFolderBusy:
+    """The line of a train or sweep refused by the holder of `out`, which it names (folder_holder):
+    a train or a sweep, both where it names none (a moco-fast before holders named themselves)."""
+    holder = folder_holder(out) or "train or sweep"
+    return RunFolderBusy(
+        f"{out}: another moco-fast {holder} is {doing} there now; wait for it to end or choose another --out"
+    )
 
 
 @contextlib.contextmanager
@@ -225,7 +232,7 @@ def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
         yield True
         return
     check_run_folder(out)
-    with hold_folder(out) as fd:
+    with hold_folder(out, "train") as fd:
         yield fd is not None
 
 
@@ -234,7 +241,7 @@ def hold_for_workers(out: Path) -> Iterator[FolderHold]:
     """hold_run_folder for the launcher of `train --gpus N`: RunFolderBusy at once when another process
     holds `out`; else the hold to hand to the workers (FolderHold), kept until they end."""
     check_run_folder(out)
-    with hold_folder(out) as fd:
+    with hold_folder(out, "train") as fd:
         ensure_not_busy([fd is not None], out)
         yield FolderHold(fd)
 
@@ -243,11 +250,9 @@ def hold_for_workers(out: Path) -> Iterator[FolderHold]:
 def hold_sweep_folder(out: Path) -> Iterator[None]:
     """Holds an exclusive lock on a sweep's --out while the sweep runs: a second sweep there stops at
     once (RunFolderBusy) instead of training or evaluating the same settings beside the first."""
-    with hold_folder(out) as fd:
+    with hold_folder(out, "sweep") as fd:
         if fd is None:
-            raise RunFolderBusy(
-                f"{out}: another moco-fast sweep is running there now; wait for it to end or choose another --out"
-            )
+            raise folder_busy(out, "running")
         yield
 
 

@@ -190,6 +190,47 @@ def test_a_second_train_into_a_busy_folder_fails_at_once(tiny_root, tmp_path, ca
     assert not (tmp_path / "never").exists()
 
 
+def test_a_folder_whose_holder_names_none_is_said_to_be_a_train_or_sweeps(tmp_path, monkeypatch):
+    # Where the holder of a folder names none, the line must not guess: an earlier moco-fast's train
+    # holds it and writes no holder file, where a killed sweep left one ("sweep"); or another user's
+    # file is there, which the holder cannot write. Either read as the holder, the line was wrong
+    import errno
+    import fcntl
+
+    import moco_fast.folder_locks as locks
+    import moco_fast.run_folder as rf
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / locks.HOLDER_NAME).write_text("sweep")  # a killed sweep's
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # an earlier moco-fast's train
+    with pytest.raises(rf.RunFolderBusy, match="another moco-fast train or sweep is running there now"):
+        with rf.hold_sweep_folder(out):
+            pass
+    os.close(fd)
+    with rf.hold_run_folder(out) as held:  # this one writes its own over the killed sweep's
+        assert held
+        with pytest.raises(rf.RunFolderBusy, match="another moco-fast train is running there now"):
+            with rf.hold_sweep_folder(out):
+                pass
+    (out / locks.HOLDER_NAME).write_text("sweep")  # the killed sweep was another user's
+    real_open = os.open
+
+    def others(path, flags, *args):
+        if Path(path).name == locks.HOLDER_NAME and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(locks.os, "open", others)
+    with rf.hold_run_folder(out) as held:
+        assert held and (out / locks.HOLDER_NAME).read_text() == "sweep"
+        with pytest.raises(rf.RunFolderBusy, match="another moco-fast train or sweep is running there now"):
+            with rf.hold_sweep_folder(out):
+                pass
+    assert os.listdir(out) == [locks.HOLDER_NAME]  # not this one's to remove
+
+
 def test_a_failed_command_removes_the_folders_an_out_through_dot_dot_made(ckpt, tmp_path, capsys):
     # --out a/../b made a/ on the way to b/; the removal walked b's parents (a/.., then a/: "a/.." is
     # no folder to remove) and left a/ behind. Each folder made goes, in the order opposite to its

@@ -15,6 +15,7 @@ from run_helpers import SWEEP_RUN, SWEEP_TRAIN, last_error, stub_sweep_runs, swe
 
 from moco_fast.cli import build_parser, main
 from moco_fast.config import MAX_SEED
+from moco_fast.folder_locks import HOLDER_NAME
 
 
 @pytest.mark.parametrize("columns", [80, 100])
@@ -121,9 +122,30 @@ def test_a_second_sweep_into_a_running_sweeps_folder_stops_at_once(six_root, tmp
         assert last_error(capsys).endswith(
             f"{out}: another moco-fast sweep is running there now; wait for it to end or choose another --out"
         )
-        assert not trained and not any(out.iterdir())
+        assert not trained and [p.name for p in out.iterdir()] == [HOLDER_NAME]  # the first's, naming it
     assert not out.exists()  # the folder the first one made, left empty, goes with it
     assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0 and len(trained) == 1
+
+
+# A train refused by a sweep's folder (before its table is written) said "another moco-fast train is
+# writing there", a sweep refused by a train's folder "another moco-fast sweep is running there": a
+# folder's flock names no holder, and each line named the refused command. The holder names itself
+@pytest.mark.parametrize("holder, command", [("sweep", "train"), ("train", "sweep")])
+def test_a_folder_held_by_the_other_command_names_it(holder, command, six_root, tmp_path, capsys, monkeypatch):
+    from moco_fast.run_folder import hold_run_folder, hold_sweep_folder
+
+    trained = stub_sweep_runs(monkeypatch)
+    out = tmp_path / "new"
+    hold = hold_sweep_folder if holder == "sweep" else hold_run_folder
+    argv = tiny_args(six_root, out) if command == "train" else sweep_args(out, six_root, "--moco-m", "0.99")
+    doing = "writing" if command == "train" else "running"
+    with hold(out):  # the other command, running there
+        assert main(argv) == 2
+        assert last_error(capsys).endswith(
+            f"{out}: another moco-fast {holder} is {doing} there now; wait for it to end or choose another --out"
+        )
+        assert [p.name for p in out.iterdir()] == [HOLDER_NAME]
+    assert not out.exists() and not trained  # the holder's file goes with it, and the folder it made
 
 
 def test_a_sweep_folder_within_the_images_it_reads_is_refused(tmp_path, capsys, monkeypatch):
