@@ -379,6 +379,7 @@ def test_ranks_with_different_data_stop_instead_of_hanging(tmp_path):
 def test_every_torchrun_rank_stops_at_a_run_folder_in_use(tiny_root, tmp_path):
     # Rank 0 alone takes the folder's lock; the other ranks learn its result (all-gathered) and
     # stop too, instead of waiting in their first collective for a rank 0 that has gone.
+    from moco_fast.folder_locks import HOLDER_NAME
     from moco_fast.run_folder import hold_run_folder
 
     out = tmp_path / "run"
@@ -388,4 +389,4 @@ def test_every_torchrun_rank_stops_at_a_run_folder_in_use(tiny_root, tmp_path):
         p = subprocess.run(cmd + cli_args(tiny_root, out, 1), capture_output=True, text=True, env=env, timeout=180)
         assert p.returncode != 0
         assert p.stderr.count("another moco-fast train is writing there") == 2, p.stderr[-3000:]  # each rank's line
-        assert not any(out.iterdir())  # nothing written
+        assert [p.name for p in out.iterdir()] == [HOLDER_NAME]  # nothing written: the holder's file alone
