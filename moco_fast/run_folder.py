@@ -224,15 +224,16 @@ def folder_busy(out: Path, doing: str) -> RunFolderBusy:
 
 
 @contextlib.contextmanager
-def hold_run_folder(out: Path, enabled: bool = True) -> Iterator[bool]:
+def hold_run_folder(out: Path, enabled: bool = True, command: str = "train") -> Iterator[bool]:
     """Holds an exclusive lock on the run folder while a run uses it (rank 0 only), so that a second
     `train` into the same --out fails at once instead of mixing its rows and checkpoints with the
-    first's; yields False when another process holds it (and True otherwise, or when not `enabled`)."""
+    first's; yields False when another process holds it (and True otherwise, or when not `enabled`).
+    The lock names `command`, the one whose run it is (a sweep's setting: "sweep"), to one it refuses."""
     if not enabled or handed(out):
         yield True
         return
     check_run_folder(out)
-    with hold_folder(out, "train") as fd:
+    with hold_folder(out, command) as fd:
         yield fd is not None
 
 

@@ -233,13 +233,17 @@ def _checked_for(cfg: TrainConfig, device: torch.device, world: int, saved: Save
     return amp_dtype
 
 
-def train(cfg: TrainConfig, saved: SavedRun | None = None, splits: DataSplits | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, saved: SavedRun | None = None, splits: DataSplits | None = None, command: str = "train"
+) -> dict[str, Any]:
     """Train as configured; returns the last metrics row (plus final kNN figures when computed), {}
     where a resumed run had trained all its epochs and owes nothing (its caller says so: one line).
     saved: the checkpoint that --resume continues, where the caller read it already (train --resume,
     with its config); None: read where a check needs it. splits: the image folder `--data` as the
     caller listed it (a sweep, once for all its settings), which the loader reads instead of listing
-    it again (loaders.base.listed_splits says which listings it takes); None: the loader lists it."""
+    it again (loaders.base.listed_splits says which listings it takes); None: the loader lists it.
+    command: the one that runs this training, which the run folder's lock names to a train it
+    refuses there (a sweep's setting: "sweep")."""
     owns_group = init_from_env(cfg.runtime.device)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     setup_warnings = None
@@ -251,7 +255,7 @@ def train(cfg: TrainConfig, saved: SavedRun | None = None, splits: DataSplits | 
         amp_dtype = _checked_for(cfg, device, world, saved)  # on the flags as given (their warnings name them)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
         out = Path(cfg.runtime.out)
-        with hold_run_folder(out, enabled=dist_utils.is_main()) as held:
+        with hold_run_folder(out, enabled=dist_utils.is_main(), command=command) as held:
             ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone
             return _train_held(cfg, out, device, amp_dtype, world, rank, owns_group, setup_warnings, splits)
     except BaseException:

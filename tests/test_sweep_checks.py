@@ -148,6 +148,29 @@ def test_a_folder_held_by_the_other_command_names_it(holder, command, six_root, 
     assert not out.exists() and not trained  # the holder's file goes with it, and the folder it made
 
 
+def test_a_settings_folder_that_the_sweep_trains_in_names_the_sweep(six_root, tmp_path, monkeypatch):
+    # the sweep trains each setting through trainer.train, whose lock on the setting's folder named
+    # "train": a user's `moco-fast train --out` into it was told another train was writing there
+    from moco_fast import sweep, trainer
+    from moco_fast.run_folder import RunFolderBusy, ensure_not_busy, hold_run_folder
+
+    said = []
+
+    def a_users_train_meanwhile(cfg, out, *args):
+        with pytest.raises(RunFolderBusy) as e, hold_run_folder(out) as held:  # as train() does
+            ensure_not_busy([held], out)
+        said.append(str(e.value))
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(trainer, "_train_held", a_users_train_meanwhile)
+    monkeypatch.setattr(sweep, "evaluate_setting", lambda cfg, s, *a: {"name": s.name, "mechanism": s.mechanism})
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0
+    assert said == [
+        f"{out / SWEEP_RUN}: another moco-fast sweep is writing there now; wait for it to end or choose another --out"
+    ]
+
+
 def test_a_sweep_folder_within_the_images_it_reads_is_refused(tmp_path, capsys, monkeypatch):
     """--out under --data's train (or eval) folder: the table's sweep.png (an image) and the sweep's
     folder became a class of the next setting's training data and of its kNN (the demo grid's
