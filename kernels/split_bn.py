@@ -33,13 +33,27 @@ def split_batch_norm(
     its mean, and its unbiased variance. None for both (track_running_stats=False): nothing recorded."""
     xs = _split(x, num_splits)
     y, mean, var = _SplitBatchNorm.apply(xs, weight, bias, eps)
+    record_running(running_mean, running_var, mean, var, xs.numel() // mean.numel(), momentum)
+    return y.view(x.shape)
+
+
+def record_running(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """Moves the running statistics (in place; None: nothing recorded) towards the mean over
+    sub-batches of each one's `mean` and unbiased variance: `var` (biased, of `count` values per
+    channel) times count / (count - 1). `mean` and `var`: S x ... x C x ..., one value per sub-batch
+    and channel, S first (S x 1 x C x 1 x 1 here, S x C in the Triton version)."""
     if running_mean is None:
-        return y.view(x.shape)
-    with torch.no_grad():  # S x 1 x C x 1 x 1 statistics
-        count = xs.numel() // mean.numel()  # values per channel in a sub-batch
+        return
+    with torch.no_grad():
         running_mean.lerp_(mean.mean(0).flatten().to(running_mean.dtype), momentum)
         running_var.lerp_((var * (count / (count - 1))).mean(0).flatten().to(running_var.dtype), momentum)
-    return y.view(x.shape)
 
 
 def split_batch_norm_reference(

@@ -1,0 +1,271 @@
+"""The Triton split BN kernels (kernels/split_bn_triton.py) against `split_batch_norm_reference`
+(F.batch_norm per sub-batch): outputs, input, weight and bias gradients, running statistics.
+
+On the CPU under Triton's interpreter (TRITON_INTERPRET=1, set per test) on tiny batches; the sm_90
+build is checked without a GPU with Triton's own ptxas, as in test_augment_triton.py; the compiled
+kernels on CUDA where there is one.
+"""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from conftest import ON_GPU  # noqa: E402
+from moco_fast.kernels import split_bn_triton as sbt  # noqa: E402
+from moco_fast.kernels.split_bn import split_batch_norm, split_batch_norm_reference  # noqa: E402
+from triton_helpers import sm90_ptx  # noqa: E402
+
+FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+C = 6
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    # 16 values a program, 4 channels a channels-last tile: a sub-batch's 60 rows are 4-15 row tiles
+    # (the last partly masked) and 6 channels two channel tiles, so the partials' combination counts
+    monkeypatch.setattr(sbt, "INTERPRET_TILE", 16)
+    monkeypatch.setattr(sbt, "CL_CHANNELS", 4)
+
+
+def spread_batch(fmt: str, dtype=torch.float32, n: int = 8, seed: int = 0) -> torch.Tensor:
+    """n x C x 3 x 5 images whose mean and spread grow along the batch: each sub-batch has
+    statistics of its own, so mixing up the splits' statistics shows."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.linspace(0.5, 3, n).view(-1, 1, 1, 1)
+    x = torch.randn(n, C, 3, 5, generator=g) * spread + torch.arange(n).view(-1, 1, 1, 1)
+    return x.to(dtype).contiguous(memory_format=FORMATS[fmt])
+
+
+def affine(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+
+
+def run(fn, x, s, weight, bias, track=True, momentum=0.1):
+    """fn's output, input, weight and bias gradients of a weighted sum (a uniform gradient would hide
+    mistakes in the backward), and its running statistics (None where not tracked)."""
+    x = x.detach().clone().requires_grad_()
+    params = [None if t is None else t.detach().clone().requires_grad_() for t in (weight, bias)]
+    running = (torch.zeros(C), torch.ones(C)) if track else (None, None)
+    y = fn(x, s, *running, *params, momentum, 1e-5)
+    g = torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)
+    (y.float() * g).sum().backward()
+    return y, x.grad, *(None if t is None else t.grad for t in params), *running
+
+
+def tolerance(dtype):
+    """fp32: float rounding; fp16 / bf16: their rounding of values of a few units (the interpreter
+    casts bf16 by truncation, a GPU rounds to nearest)."""
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+
+
+def assert_as_reference(x, s, weight, bias, track=True):
+    got = run(sbt.split_batch_norm_triton, x, s, weight, bias, track)
+    want = run(split_batch_norm_reference if track else split_batch_norm, x, s, weight, bias, track)
+    y, dx = got[:2]
+    assert y.dtype == dx.dtype == x.dtype
+    for fmt in FORMATS.values():
+        assert (
+            y.is_contiguous(memory_format=fmt)
+            == dx.is_contiguous(memory_format=fmt)
+            == x.is_contiguous(memory_format=fmt)
+        )
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **tolerance(x.dtype))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("s", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_the_reference(interpret, fmt, s, dtype):
+    assert_as_reference(spread_batch(fmt, dtype), s, *affine())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("s", [1, 2, 4])
+def test_tiles_of_a_part_of_a_sub_batch(interpret, small_tiles, fmt, s):
+    assert_as_reference(spread_batch(fmt), s, *affine())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("with_weight", "with_bias"), [(False, False), (True, False), (False, True)])
+def test_without_weight_or_bias(interpret, fmt, with_weight, with_bias):
+    weight, bias = affine()
+    assert_as_reference(spread_batch(fmt), 2, weight if with_weight else None, bias if with_bias else None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_without_running_statistics(interpret, fmt):
+    # None for both: nothing recorded, the same output and gradients as split_batch_norm's
+    assert_as_reference(spread_batch(fmt), 2, *affine(), track=False)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_mean_far_from_zero_keeps_its_variance(interpret, small_tiles, fmt, dtype):
+    # Every value ~100 stds from 0: E[x^2] - E[x]^2 in fp32 would be off by ~1e-3 of the variance
+    # (10^4 at fp32's 1.2e-7); the tiles' centred sums and Chan's combination keep float64's
+    # statistics of the same values to fp32 precision. momentum 1: the running statistics are the
+    # sub-batches' mean and unbiased variance, averaged.
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(8, C, 3, 5, generator=g) + 100).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    y, *_, running_mean, running_var = run(sbt.split_batch_norm_triton, x, 2, None, None, momentum=1.0)
+    x64 = x.double().view(2, 4, C, 3, 5)
+    var, mean = torch.var_mean(x64, dim=(1, 3, 4), keepdim=True)  # unbiased
+    torch.testing.assert_close(running_mean, mean.mean(0).flatten().float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(running_var, var.mean(0).flatten().float(), rtol=1e-5, atol=0)
+    expected = (x64 - mean) / (var * (59 / 60) + 1e-5).sqrt()
+    torch.testing.assert_close(
+        y.double(), expected.view(x.shape), rtol=0, atol=1e-4 if dtype == torch.float32 else 2e-3
+    )
+
+
+def test_other_strides_are_copied_to_nchw(interpret):
+    # a slice of a channels-last batch along W is neither layout: copied first, its output NCHW
+    big = spread_batch("cl").requires_grad_()
+    x = big[..., 1:4]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    weight, bias = affine()
+    y = sbt.split_batch_norm_triton(x, 2, None, None, weight, bias, 0.1, 1e-5)
+    y_ref = split_batch_norm_reference(x, 2, torch.zeros(C), torch.ones(C), weight, bias, 0.1, 1e-5)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.cos(torch.arange(y.numel(), dtype=torch.float32)).view_as(y)
+    torch.testing.assert_close(*(torch.autograd.grad((t * g).sum(), big) for t in (y, y_ref)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gradient_in_other_strides(interpret):
+    # a channels-last batch whose output's gradient comes NCHW: read at x's strides after a copy
+    x = spread_batch("cl").requires_grad_()
+    ref = x.detach().clone().requires_grad_()
+    weight, bias = affine()
+    dy = torch.randn(x.shape)
+    assert dy.is_contiguous() and not dy.is_contiguous(memory_format=torch.channels_last)
+    (dx,) = torch.autograd.grad(sbt.split_batch_norm_triton(x, 2, None, None, weight, bias, 0.1, 1e-5), x, dy)
+    (dx_ref,) = torch.autograd.grad(split_batch_norm(ref, 2, None, None, weight, bias, 0.1, 1e-5), ref, dy)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_same_errors_as_split_batch_norm(interpret):
+    for x, s in ((torch.randn(6, 3, 2, 2), 4), (torch.randn(4, 3, 1, 1), 4)):
+        with pytest.raises(ValueError) as want:
+            split_batch_norm(x, s, None, None, None, None, 0.1, 1e-5)
+        with pytest.raises(ValueError) as got:
+            sbt.split_batch_norm_triton(x, s, None, None, None, None, 0.1, 1e-5)
+        assert str(got.value) == str(want.value)
+
+
+def test_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="N x C x H x W in one of"):
+        sbt.split_batch_norm_triton(torch.randn(4, 3, 2, 2).to(torch.int32), 2, None, None, None, None, 0.1, 1e-5)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA batch"):
+            sbt.split_batch_norm_triton(torch.randn(4, 3, 2, 2), 2, None, None, None, None, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_backward_is_the_gradient(interpret, fmt):
+    # fp64 through the kernels (fp64 accumulation for fp64 inputs), against finite differences;
+    # fast_mode (a random projection of the Jacobian): the interpreter takes ~0.1 s a call
+    x = spread_batch(fmt, torch.float64, n=4)[:, :3, :2].contiguous(memory_format=FORMATS[fmt]).requires_grad_()
+    weight, bias = (t[:3].double().requires_grad_() for t in affine())
+    fn = lambda *a: sbt._SplitBatchNormTriton.apply(*a, 1e-5, 2)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("block_c", [1, sbt.CL_CHANNELS], ids=["nchw", "cl"])
+def test_sm90_build(monkeypatch, dtype, block_c):
+    # Every kernel compiles for an H100/H200 (sm_90) without a GPU, for each input dtype and both
+    # tiles: the compiled frontend is stricter than the interpreter.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    stats, apply, grad_sums, dx = sbt._kernels()
+    sizes = dict.fromkeys(("R", "C", "HW", "M", "s_n", "s_c", "s_p"), "i32")
+    blocks = {"BLOCK_R": sbt.TILE // block_c, "BLOCK_C": block_c}
+    x, f32 = f"*{dtype}", "*fp32"
+    builds = [
+        (stats, {"x": x, "part_mean": f32, "part_m2": f32}, {"ACC": triton.language.float32}),
+        (apply, {"x": x, "y": x, "scale": f32, "shift": f32}, {}),
+        (grad_sums, {"x": x, "dy": x} | dict.fromkeys(("rstd", "shift0", "part_dy", "part_dyx"), f32), {}),
+        (dx, {"x": x, "dy": x, "dx": x} | dict.fromkeys(("rstd", "shift0", "scale", "mean_dy", "mean_dyx"), f32), {}),
+    ]
+    for fn, ptrs, consts in builds:
+        assert ".entry" in sm90_ptx(fn, ptrs | sizes, consts | blocks)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=ON_GPU)])
+def test_compiled_kernels_on_cuda(monkeypatch, device, fmt, dtype):
+    # The compiled kernels against cuDNN per sub-batch at a ResNet layer's shape (several tiles of
+    # each kind, a partly masked last one), without a host sync in forward or backward.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(0)
+    x = (torch.randn(64, 96, 15, 15, device=device) * 2 + 5).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    weight, bias = (torch.rand(96, device=device) + 0.5), torch.randn(96, device=device)
+    dy = torch.randn(x.shape, device=device).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    outs = []
+    for fn in (sbt.split_batch_norm_triton, split_batch_norm_reference):
+        xi, wi, bi = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
+        running = torch.zeros(96, device=device), torch.ones(96, device=device)
+        fn(xi, 8, *running, wi, bi, 0.1, 1e-5)  # compiled outside the sync check
+        running = torch.zeros(96, device=device), torch.ones(96, device=device)
+        torch.cuda.set_sync_debug_mode("error" if fn is sbt.split_batch_norm_triton else 0)
+        try:
+            y = fn(xi, 8, *running, wi, bi, 0.1, 1e-5)
+            grads = torch.autograd.grad(y, (xi, wi, bi), dy)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        outs.append((y, *grads, *running))
+    assert outs[0][0].is_contiguous(memory_format=FORMATS[fmt])
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=ON_GPU)])
+def test_a_cuda_graph_captures_forward_and_backward(monkeypatch, device):
+    # No host sync anywhere: the whole training pass replays from a CUDA graph, on new values.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(32, 64, 14, 14, device=device, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight, bias = (
+        (torch.rand(64, device=device) + 0.5).requires_grad_(),
+        torch.randn(64, device=device).requires_grad_(),
+    )
+    running = torch.zeros(64, device=device), torch.ones(64, device=device)
+    dy = torch.randn_like(x)
+
+    def step():
+        y = sbt.split_batch_norm_triton(x, 8, *running, weight, bias, 0.1, 1e-5)
+        return (y, *torch.autograd.grad(y, (x, weight, bias), dy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiled, and the allocator warmed, outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    with torch.no_grad():
+        x.mul_(3).add_(1)
+        running[0].zero_(), running[1].fill_(1)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_running = torch.zeros(64, device=device), torch.ones(64, device=device)
+    xr = x.detach().clone().requires_grad_()
+    y_ref = split_batch_norm_reference(xr, 8, *ref_running, weight, bias, 0.1, 1e-5)
+    want = (y_ref, *torch.autograd.grad(y_ref, (xr, weight, bias), dy))
+    for a, b in zip((*outs, *running), (*want, *ref_running), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=5e-2)
