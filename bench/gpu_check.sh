@@ -9,10 +9,12 @@
 # Phases (the default list, in this order; times seen on one H200 on 2026-11-30,
 # bench/results/h200-2026-11-30.md):
 #   env         nvidia-smi, versions                                            (6 s)
-#   splitbn     bench/split_bn.py: plain BN, split BN's whole-batch kernel, its per-sub-batch reference
-#               and the official demo's regroup, forward + backward on each BN shape of the ResNet-50
-#               encoder at batch 256, fp16 (the H200's 154 ms step) then bf16 (--amp auto), channels-last:
-#               which split-BN path is fastest (not run on a GPU yet; under a minute expected)
+#   splitbn     bench/split_bn.py: plain BN, split BN's whole-batch kernel, its per-sub-batch reference,
+#               the official demo's regroup and the Triton kernels (kernels/split_bn_triton.py),
+#               forward + backward on each BN shape of the ResNet-50 encoder at batch 256, fp16 (the
+#               H200's 154 ms step) then bf16 (--amp auto), channels-last:
+#               which split-BN path is fastest (not run on a GPU yet; under a minute expected before
+#               the Triton column, whose compiles, a few a dtype, fall in its warmup: a 90 s box a dtype)
 #   tests       pytest -m "gpu and not slow" (sync-free step, CUDA graph, Triton kernels, resume on CUDA,
 #               DALI/resident GPU paths, ...), test_sync_free.py and test_train.py first: first, so that
 #               a short budget still proves the step sync-free (45 s; DALI's 5 GPU tests: 55 s more;
@@ -92,12 +94,13 @@ if [[ -n $DRY ]]; then
   MOM=(--device cpu --arch resnet18 --repeats 1 --warmup 0)
   SBN=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --repeats 1 --warmup 0)
   FF=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)  # bench/ffcv_loader.py's rows, whole and aug-*
-  AUG_ENV=(env TRITON_INTERPRET=1)  # the aug-*-triton rows on the CPU: Triton's interpreter (~40 s)
+  # the Triton rows on the CPU (aug-*-triton: ~40 s; split BN's triton column: ~10 s): the interpreter
+  TRITON_ENV=(env TRITON_INTERPRET=1)
   TRAIN=(--device cpu --epochs 1 --batch-size 64 --moco-k 128 --stem imagenet --workers 0 --knn-every 0)
   KNN=(--device cpu --workers 0)
   LINCLS=(--device cpu --workers 0 --epochs 2 --schedule 1 --eval-every 1 --batch-size 256)
 else
-  TP=() MOM=() SBN=() FF=() AUG_ENV=() TRAIN=() KNN=() LINCLS=()
+  TP=() MOM=() SBN=() FF=() TRITON_ENV=() TRAIN=() KNN=() LINCLS=()
 fi
 PHASES=${*:-env splitbn tests throughput cifar-speed momentum e2e hooks tests-slow}
 LOG=$OUT/gpu_check.log
@@ -193,7 +196,7 @@ phase_cifar_speed() {
 }
 phase_splitbn() {
   for dtype in fp16 bf16; do
-    run "splitbn-$dtype" 60 $PY bench/split_bn.py --dtype "$dtype" --json "$OUT/split-bn-$dtype.json" "${SBN[@]}"
+    run "splitbn-$dtype" 90 "${TRITON_ENV[@]}" $PY bench/split_bn.py --dtype "$dtype" --json "$OUT/split-bn-$dtype.json" "${SBN[@]}"
   done
 }
 phase_momentum() {
@@ -215,7 +218,7 @@ phase_ffcv() {
   # The batched GPU augmentation pass (FFCV's device half) needs neither FFCV nor data, and the whole
   # FFCV rows above do not time it: each order with torch's pass and with the fused Triton kernels'
   # (the whole pass), 10 s a row.
-  run ffcv-aug 90 "${AUG_ENV[@]}" $PY bench/ffcv_loader.py --device cuda --batch-size 256 --min-seconds 10 \
+  run ffcv-aug 90 "${TRITON_ENV[@]}" $PY bench/ffcv_loader.py --device cuda --batch-size 256 --min-seconds 10 \
     --rows aug-sample,aug-batch,aug-sample-triton,aug-batch-triton --json "$OUT/ffcv.json" "${FF[@]}"
 }
 phase_dali() {

@@ -7,7 +7,10 @@ Candidates: `plain` (F.batch_norm on the whole batch: no sub-batches, the floor 
 shuffle BN can cost), `split` (split_batch_norm, the model's path: whole-batch passes), `reference`
 (split_batch_norm_reference: F.batch_norm per sub-batch, the path before it) and `regroup`
 (split_batch_norm_regroup: the official CIFAR demo's one F.batch_norm on N/S x S*C channels; a
-channels-last batch is copied in and out, and that is timed too). The shapes come from the encoder
+channels-last batch is copied in and out, and that is timed too) and `triton`
+(split_batch_norm_triton: the same as `split` in four Triton kernels, x read twice forward and
+(x, dy) twice backward; on a CUDA device, or on the CPU under TRITON_INTERPRET=1, where it is left
+out of the default rows otherwise). The shapes come from the encoder
 itself, run on the meta device; each shape's time counts once per layer that has it, so a column's
 total is its ms per step of all BN layers of the query encoder's forward + backward (the key
 encoder's forward, without backward, is not in it).
@@ -24,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, n
 
 import torch
 import torch.nn.functional as F
+from moco_fast.kernels.momentum_triton import interpreting, triton
 from moco_fast.kernels.split_bn import split_batch_norm, split_batch_norm_reference, split_batch_norm_regroup
+from moco_fast.kernels.split_bn_triton import split_batch_norm_triton
 from report import check_output_path, device_info, format_table, time_calls
 from torch import nn
 
@@ -44,6 +49,7 @@ CANDIDATES = {
     "split": split_batch_norm,
     "reference": split_batch_norm_reference,
     "regroup": split_batch_norm_regroup,
+    "triton": split_batch_norm_triton,
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Calls in one timed sample on a GPU (one on a CPU, where there is no queue). In an eager step a
@@ -93,6 +99,23 @@ def bn_call(fn, shape, splits: int, dtype: torch.dtype, channels_last: bool, dev
     return call
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """The Triton candidate's kernels run: compiled on a CUDA device, or on the CPU under the interpreter."""
+    return triton is not None and (device.type == "cuda" or interpreting())
+
+
+def rows_to_time(rows: str | None, device: torch.device) -> list[str]:
+    """--rows as a list of candidates (None: each that runs on `device`), or ConfigError."""
+    if rows is None:
+        return [n for n in CANDIDATES if n != "triton" or triton_runs_on(device)]
+    names = [n for n in rows.split(",") if n]
+    if not names or set(names) - set(CANDIDATES):
+        raise ConfigError(f"--rows {rows!r}: name some of {', '.join(CANDIDATES)}")
+    if "triton" in names and not triton_runs_on(device):
+        raise ConfigError("--rows triton needs the triton package and a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+    return names
+
+
 def shape_text(shape: tuple[int, ...]) -> str:
     return " x ".join(map(str, shape))
 
@@ -106,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", type=int, default=8, help="sub-batches, as train's --bn-splits (default 8)")
     p.add_argument("--dtype", choices=DTYPES, default="fp16", help="the activations' dtype (default fp16)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="(default on)")
-    p.add_argument("--rows", default=",".join(CANDIDATES), help=f"candidates to time (default {','.join(CANDIDATES)})")
+    p.add_argument(
+        "--rows", help=f"candidates to time, of {','.join(CANDIDATES)} (default: each that runs on the device)"
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed samples per shape and candidate first (default 3)")
     p.add_argument("--repeats", type=int, help="timed samples per shape and candidate (default 20 on GPU, 3 on CPU)")
     p.add_argument("--json", help="write the figures here, a .json file")
@@ -121,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         check_at_least("--splits", args.splits, 1)
         if args.batch_size % args.splits:
             raise ConfigError(f"--batch-size {args.batch_size} is not divisible by --splits {args.splits}")
-        names = [n for n in args.rows.split(",") if n]
-        if not names or set(names) - set(CANDIDATES):
-            raise ConfigError(f"--rows {args.rows!r}: name some of {', '.join(CANDIDATES)}")
+        names = rows_to_time(args.rows, device)
+        args.rows = ",".join(names)  # the JSON's config: the rows timed
         check_output_path(args.json, "--json", ".json")
         shapes = bn_shapes(ModelConfig(arch=args.arch), args.batch_size, args.image_size)
     except ConfigError as e:

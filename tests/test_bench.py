@@ -600,6 +600,27 @@ def test_split_bn_bench_ranks_only_the_paths_timed_on_every_shape(tmp_path, caps
     assert "failed: split on 8 x 64 x 32 x 32" in printed.err
 
 
+def test_split_bn_bench_times_the_triton_kernels_where_they_run(tmp_path, monkeypatch):
+    # On a CPU only under Triton's interpreter: left out of the default rows without it, refused when
+    # named; timed with it (the figures mean nothing there, the JSON's shape does)
+    import split_bn
+
+    from moco_fast.config import ConfigError
+
+    pytest.importorskip("triton")
+    args = ["--device", "cpu", "--arch", "resnet18", "--batch-size", "4", "--image-size", "16", "--splits", "2"]
+    flags = ["--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "split-bn.json")]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert split_bn.rows_to_time(None, torch.device("cpu")) == ["plain", "split", "reference", "regroup"]
+    assert split_bn.rows_to_time(None, torch.device("cuda")) == [*split_bn.CANDIDATES]
+    with pytest.raises(ConfigError, match="--rows triton needs the triton package and a CUDA device"):
+        split_bn.rows_to_time("plain,triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert split_bn.main([*args, "--rows", "split,triton", *flags]) == 0
+    res = json.loads((tmp_path / "split-bn.json").read_text())
+    assert res["errors"] == [] and res["total_ms"]["triton"] > 0 and res["config"]["rows"] == "split,triton"
+
+
 @pytest.mark.parametrize(
     "flags", [["--splits", "3"], ["--splits", "0"], ["--rows", "split,fused"], ["--image-size", "4"], ["--arch", "vgg"]]
 )
