@@ -38,11 +38,11 @@ def _close_held_in_child() -> None:
 os.register_at_fork(after_in_child=_close_held_in_child)
 
 
-def _try_flock(fd: int, what: Path) -> bool | None:
-    """An exclusive flock on `fd` without waiting: True when held, False when another process holds
-    it, None on a file system without flock (the run goes unguarded)."""
+def _try_flock(fd: int, what: Path, how: int = fcntl.LOCK_EX) -> bool | None:
+    """An exclusive flock on `fd` (or `how`: LOCK_SH) without waiting: True when held, False when
+    another process holds it, None on a file system without flock (the run goes unguarded)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError as e:
@@ -154,13 +154,16 @@ def _name_holder(folder: Path, command: str) -> int | None:
 def folder_holder(folder: Path) -> str | None:
     """The command that holds `folder` (hold_folder), as its holder file names it (_name_holder); None
     where the file is not locked (a killed run's, or none: a moco-fast before holders named
-    themselves, a holder not at its naming yet) or cannot be read (another user's, not readable)."""
+    themselves, a holder not at its naming yet) or cannot be read (another user's, not readable).
+    The look takes a shared lock: the holder's exclusive one excludes it, another look's does not (an
+    exclusive look would be taken for the holder by a second command refused at that instant,
+    torchrun's ranks, which would read a killed run's file)."""
     try:
         fd = os.open(folder / HOLDER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
-        return _holder(fd) if _try_flock(fd, folder / HOLDER_NAME) is False else None
+        return _holder(fd) if _try_flock(fd, folder / HOLDER_NAME, fcntl.LOCK_SH) is False else None
     finally:
         os.close(fd)  # a lock this look took goes with it
 

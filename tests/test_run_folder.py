@@ -231,6 +231,36 @@ def test_a_folder_whose_holder_names_none_is_said_to_be_a_train_or_sweeps(tmp_pa
     assert os.listdir(out) == [locks.HOLDER_NAME]  # not this one's to remove
 
 
+def test_two_commands_refused_at_once_never_name_a_killed_runs_holder(tmp_path, monkeypatch):
+    # A refused command looked at the holder file under an exclusive lock of its own, and a second one
+    # looking at that instant (torchrun's ranks, refused together) took that lock for the holder's and
+    # read the file: a killed sweep's "sweep", where the holder (an earlier moco-fast's train) names none
+    import fcntl
+
+    import moco_fast.folder_locks as locks
+    import moco_fast.run_folder as rf
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / locks.HOLDER_NAME).write_text("sweep")  # a killed sweep's
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # an earlier moco-fast's train
+    real_flock, second = locks._try_flock, []
+
+    def looked_at_once(fd, what, *args):
+        got = real_flock(fd, what, *args)
+        if what.name == locks.HOLDER_NAME and not second:
+            second.append(None)  # once: the second look's own flock comes through here too
+            second.append(str(rf.folder_busy(out, "writing")))  # while the first look holds what it took
+        return got
+
+    monkeypatch.setattr(locks, "_try_flock", looked_at_once)
+    first = str(rf.folder_busy(out, "writing"))
+    os.close(fd)
+    line = f"{out}: another moco-fast train or sweep is writing there now; wait for it to end or choose another --out"
+    assert [first, *second[1:]] == [line, line]
+
+
 def test_a_failed_command_removes_the_folders_an_out_through_dot_dot_made(ckpt, tmp_path, capsys):
     # --out a/../b made a/ on the way to b/; the removal walked b's parents (a/.., then a/: "a/.." is
     # no folder to remove) and left a/ behind. Each folder made goes, in the order opposite to its
