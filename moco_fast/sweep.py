@@ -306,9 +306,8 @@ def _train(cfg: TrainConfig, listed: DataSplits | None) -> None:
     cfg.runtime.final_knn = False
     cfg.runtime.knn_baseline = False
     cfg.runtime.resume = "auto" if (Path(cfg.runtime.out) / CHECKPOINT_NAME).is_file() else None
-    if not train(
-        cfg, splits=listed, command="sweep"
-    ):  # a train refused by its folder names the sweep  # a run stopped after its training, before its evaluation
+    trained = train(cfg, splits=listed, command="sweep")  # a train refused by the setting's folder names the sweep
+    if not trained:  # a run stopped after its training, before its evaluation
         log.info("%s; nothing to train", nothing_to_train(cfg))
 
 
