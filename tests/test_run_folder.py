@@ -190,21 +190,31 @@ def test_a_second_train_into_a_busy_folder_fails_at_once(tiny_root, tmp_path, ca
     assert not (tmp_path / "never").exists()
 
 
+def held_by_an_earlier_train(out: Path) -> tuple[Path, int]:
+    """`out` made, with the holder file a killed sweep left there, and held as a moco-fast from before
+    holders named themselves holds a folder (a flock on it, no holder file of its own): (`out`, the
+    descriptor that holds it)."""
+    import fcntl
+
+    from moco_fast.folder_locks import HOLDER_NAME
+
+    out.mkdir()
+    (out / HOLDER_NAME).write_text("sweep")  # a killed sweep's
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return out, fd
+
+
 def test_a_folder_whose_holder_names_none_is_said_to_be_a_train_or_sweeps(tmp_path, monkeypatch):
     # Where the holder of a folder names none, the line must not guess: an earlier moco-fast's train
     # holds it and writes no holder file, where a killed sweep left one ("sweep"); or another user's
     # file is there, which the holder cannot write. Either read as the holder, the line was wrong
     import errno
-    import fcntl
 
     import moco_fast.folder_locks as locks
     import moco_fast.run_folder as rf
 
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / locks.HOLDER_NAME).write_text("sweep")  # a killed sweep's
-    fd = os.open(out, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # an earlier moco-fast's train
+    out, fd = held_by_an_earlier_train(tmp_path / "run")
     with pytest.raises(rf.RunFolderBusy, match="another moco-fast train or sweep is running there now"):
         with rf.hold_sweep_folder(out):
             pass
@@ -235,20 +245,14 @@ def test_two_commands_refused_at_once_never_name_a_killed_runs_holder(tmp_path, 
     # A refused command looked at the holder file under an exclusive lock of its own, and a second one
     # looking at that instant (torchrun's ranks, refused together) took that lock for the holder's and
     # read the file: a killed sweep's "sweep", where the holder (an earlier moco-fast's train) names none
-    import fcntl
-
     import moco_fast.folder_locks as locks
     import moco_fast.run_folder as rf
 
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / locks.HOLDER_NAME).write_text("sweep")  # a killed sweep's
-    fd = os.open(out, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # an earlier moco-fast's train
+    out, fd = held_by_an_earlier_train(tmp_path / "run")
     real_flock, second = locks._try_flock, []
 
-    def looked_at_once(fd, what, *args):
-        got = real_flock(fd, what, *args)
+    def looked_at_once(opened, what, *args):
+        got = real_flock(opened, what, *args)
         if what.name == locks.HOLDER_NAME and not second:
             second.append(None)  # once: the second look's own flock comes through here too
             second.append(str(rf.folder_busy(out, "writing")))  # while the first look holds what it took
