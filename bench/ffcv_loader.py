@@ -18,7 +18,8 @@ and, for a like-for-like torch row, to a folder of the same 256-px JPEGs. Rows:
                     on the training device (here the CPU; on a GPU machine it runs there)
     aug-sample      only that device pass, on `--device`, for 2 x batch views of 224 px (uint8 in,
     aug-batch       normalised out), with ColorJitter order per image or per batch (no data needed):
-                    the uint8 views' float() and div_ by 255, then DeviceAugment
+                    from FFCV's uint8 N x 2 x S x S x 3 batch as FFCVLoader hands it on
+                    (DeviceAugment.from_uint8: its permute-and-reshape copy, float(), div_, the pass)
     aug-*-triton    the same pass in the fused Triton kernels (kernels/augment_triton.py, blur_triton.py;
                     on a GPU, or on the CPU under TRITON_INTERPRET=1 at a crawl), which read FFCV's
                     uint8 N x 2 x S x S x 3 batch itself (DeviceAugment.from_uint8): both rows time
@@ -147,25 +148,16 @@ def run_aug_row(row: str, a: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     spec, s = MOCO_V2, MOCO_V2.image_size
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    order, triton = row.removeprefix("aug-").removesuffix("-triton"), row.endswith("-triton")
-    augment = DeviceAugment(
-        LoaderArgs(None, spec, a.batch_size, dev, dtype), order, flip=False, kernel="triton" if triton else "torch"
-    )
+    order, kernel = row.removeprefix("aug-").removesuffix("-triton"), "triton" if row.endswith("-triton") else "torch"
+    augment = DeviceAugment(LoaderArgs(None, spec, a.batch_size, dev, dtype), order, flip=False, kernel=kernel)
     g = torch.Generator(device=dev).manual_seed(0)
-    if triton:  # FFCV's batch (N x 2 x S x S x 3), which the kernels read where it lies (from_uint8)
-        u8 = torch.randint(0, 256, (a.batch_size, 2, s, s, 3), dtype=torch.uint8, device=dev)
-
-        def augment_u8():
-            return augment.from_uint8(u8.permute(1, 0, 4, 2, 3), g)
-    else:  # the torch pass reads floats: their float() and div_ passes are its cost
-        u8 = torch.randint(0, 256, (2 * a.batch_size, 3, s, s), dtype=torch.uint8, device=dev)
-
-        def augment_u8():
-            return augment(u8.float().div_(255.0), g)
+    # FFCV's batch as FFCVLoader hands it to its pass (N x 2 x S x S x 3, permuted to 2 x N x 3 x S x S:
+    # a view): the torch pass copies it to floats first (from_uint8), the kernels read it where it lies
+    u8 = torch.randint(0, 256, (a.batch_size, 2, s, s, 3), dtype=torch.uint8, device=dev).permute(1, 0, 4, 2, 3)
 
     def passes():
         while True:
-            out = augment_u8()
+            out = augment.from_uint8(u8, g)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             yield out
@@ -187,8 +179,8 @@ SETTINGS = {
     "ffcv": ".beton ({res} px, JPEG q{q}), Numba: 1 decode, 2 crops, flips; uint8 out",
     "ffcv-twice": "as ffcv with the stock decoder once per view",
     "ffcv+aug": "as ffcv + batched jitter/gray/blur/normalise on the CPU (torch)",
-    "aug-sample": "device pass only, from the uint8 views (float + div_ + pass), ColorJitter order per image",
-    "aug-batch": "device pass only, from the uint8 views (float + div_ + pass), ColorJitter order per batch",
+    "aug-sample": "device pass only, from FFCV's uint8 batch (copy + float + div_ + pass), ColorJitter order per image",
+    "aug-batch": "device pass only, from FFCV's uint8 batch (copy + float + div_ + pass), ColorJitter order per batch",
     "aug-sample-triton": "as aug-sample, in the fused Triton kernels, which read FFCV's uint8 batch",
     "aug-batch-triton": "as aug-batch, in the fused Triton kernels, which read FFCV's uint8 batch",
 }

@@ -309,21 +309,27 @@ def test_ffcv_bench_interrupted_keeps_what_it_measured(tmp_path, capsys, monkeyp
     assert "123" in printed.out and "not run (interrupted)" in printed.out and "interrupted" in printed.err
 
 
-def test_ffcv_bench_triton_rows_time_the_pass_from_ffcvs_uint8_batch(tmp_path, monkeypatch):
-    # The fused kernels read FFCV's uint8 batch themselves: the row hands them that batch (2 x N
-    # views of N x 2 x S x S x 3), not floats made first. The pass itself is stubbed (the interpreter
-    # takes minutes at 224 px); DeviceAugment is built as the row builds it.
-    pytest.importorskip("triton")
+@pytest.mark.parametrize("row", ["aug-batch-triton", "aug-sample"])
+def test_ffcv_bench_aug_rows_time_the_pass_from_ffcvs_uint8_batch(tmp_path, monkeypatch, row):
+    # Both kinds of aug row start where FFCVLoader's pass starts, from FFCV's uint8 batch (2 x N
+    # views of N x 2 x S x S x 3) through DeviceAugment.from_uint8: the fused kernels read it where
+    # it lies, the torch pass pays for its copy to floats. Before, the torch rows started from a
+    # uint8 2N x 3 x S x S batch made in that layout, so they skipped FFCVLoader's permute copy. The
+    # pass itself is stubbed (the interpreter takes minutes at 224 px); DeviceAugment is built as
+    # the row builds it.
+    if row.endswith("-triton"):
+        pytest.importorskip("triton")
     import ffcv_loader
     from moco_fast.loaders.base import DeviceAugment
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     seen = []
-    monkeypatch.setattr(DeviceAugment, "from_uint8", lambda self, x, g: seen.append(x) or (x, x))
+    monkeypatch.setattr(DeviceAugment, "from_uint8", lambda self, x, g: seen.append((self.kernel, x)) or (x, x))
     flags = ["--batch-size", "2", "--steps", "1", "--warmup", "0", "--min-seconds", "0"]
-    assert ffcv_loader.main(["--rows", "aug-batch-triton", *flags]) == 0
-    assert seen and all(x.dtype == torch.uint8 and x.shape == (2, 2, 3, 224, 224) for x in seen)
-    assert seen[0].permute(1, 0, 3, 4, 2).is_contiguous()  # a view of FFCV's layout: no copy made
+    assert ffcv_loader.main(["--rows", row, *flags]) == 0
+    kernel = "triton" if row.endswith("-triton") else "torch"
+    assert seen and all(k == kernel and x.dtype == torch.uint8 and x.shape == (2, 2, 3, 224, 224) for k, x in seen)
+    assert seen[0][1].permute(1, 0, 3, 4, 2).is_contiguous()  # a view of FFCV's layout: no copy made
 
 
 def test_ffcv_bench_triton_rows_reach_the_fused_kernels(tmp_path, monkeypatch):
