@@ -223,6 +223,13 @@ def image_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.ndim == 5 else x.unsqueeze(0)
 
 
+def layout_of(rows: torch.Tensor) -> tuple[int, ...]:
+    """The kernels' `layout` of V x N x 3 x H x W rows: HW, W, NI and the strides of views, images,
+    channels, rows and columns (the JIT specialises each int: a stride of 1 is a constant)."""
+    _, ni, _, h, w = rows.shape
+    return (h * w, w, ni, *rows.stride())
+
+
 @torch.no_grad()
 def jitter_gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
     """`augment_gpu`'s colour jitter and grayscale of a batch in two launches; a new contiguous
@@ -247,7 +254,7 @@ def jitter_gray(x: torch.Tensor, p: AugParams) -> torch.Tensor:
     order, factors = p.order.contiguous(), p.factors.to(torch.float32).contiguous()
     spec = {"USE_HUE": p.use_hue, "USE_GRAY": p.use_gray, "GRAY_FIRST": p.gray_first, "BLOCK": BLOCK}
     spec["U8"] = x.dtype == torch.uint8
-    layout = (h * w, w, ni, *rows.stride())  # HW, W, NI and the strides of views, images, C, H, W
+    layout = layout_of(rows)
     means = torch.empty(n, device=x.device, dtype=torch.float32)  # read only where p.use_jitter
     if p.use_jitter:
         mean_kernel[(n,)](rows, means, flags, order, factors, layout, **spec)

@@ -202,16 +202,23 @@ def test_sm90_build(monkeypatch, spec, source):
     # Both kernels compile for an H100/H200 (sm_90) without a GPU (Triton's own ptxas): the compiled
     # frontend is stricter than the interpreter (globals only as constexprs, one type per branch).
     # With each recipe's flags as jitter_gray passes them: MoCo v1's gray first is its own build,
-    # and so is each input type (FFCV's uint8, divided by 255 correctly rounded: div.rn).
+    # and so is each input type (FFCV's uint8, divided by 255 correctly rounded: div.rn). The layout
+    # tuple as the JIT specialises it for that input at MoCo's size (each int an i32, a 1 a constant:
+    # the channel stride of FFCV's views, the column stride of a contiguous float batch).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     mean, colour = at._kernels()
-    # layout: a tuple of (HW, W, NI, the input's five strides)
-    args = {"flags": "*i8", "order": "*i64", "factors": "*fp32", "layout": ("i32",) * 8}
+    shape, dtype = ((256, 2, 224, 224, 3), torch.uint8) if source == "u8" else ((512, 3, 224, 224), torch.float32)
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    layout = at.layout_of(at.image_rows(x.permute(1, 0, 4, 2, 3) if source == "u8" else x))
+    args = {"flags": "*i8", "order": "*i64", "factors": "*fp32"}
+    args["layout"] = tuple("constexpr" if v == 1 else "i32" for v in layout)
     p = ag.sample_params(1, spec)
     flags = {"USE_HUE": p.use_hue, "USE_GRAY": p.use_gray, "GRAY_FIRST": p.gray_first, "BLOCK": at.BLOCK}
     flags["U8"] = source == "u8"
     for fn, ptrs, extra in ((mean, ("means",), {}), (colour, ("out", "means"), {"USE_JITTER": True})):
         sig = {"x": f"*{source}"} | dict.fromkeys(ptrs, "*fp32") | args
-        ptx = sm90_ptx(fn, sig, flags | extra)
+        ones = {(fn.arg_names.index("layout"), k): 1 for k, v in enumerate(layout) if v == 1}
+        assert len(ones) == 1  # a stride of 1: FFCV's channels, a contiguous batch's columns
+        ptx = sm90_ptx(fn, sig, flags | extra | ones)
         assert ".entry" in ptx
         assert ("div.rn.f32" in ptx) == (source == "u8")

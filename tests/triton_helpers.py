@@ -5,8 +5,9 @@ import pytest
 
 
 def sm90_ptx(fn, signature: dict, constexprs: dict) -> str:
-    """The PTX of the jitted `fn` for sm_90; the constexprs join the signature as such. Skips the
-    test on a triton build without its CUDA toolchain."""
+    """The PTX of the jitted `fn` for sm_90; the constexprs named by a parameter join the signature as
+    such (one keyed (parameter index, member) is a tuple's member: 'constexpr' in the signature's
+    tuple already). Skips the test on a triton build without its CUDA toolchain."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -17,7 +18,7 @@ def sm90_ptx(fn, signature: dict, constexprs: dict) -> str:
         get_ptxas(90)
     except Exception as e:
         pytest.skip(f"triton has no ptxas here: {e}")
-    sig = signature | dict.fromkeys(constexprs, "constexpr")
+    sig = signature | {k: "constexpr" for k in constexprs if isinstance(k, str)}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32)).asm[
         "ptx"
     ]
