@@ -16,7 +16,7 @@ after each op, LUMA weights, hue through its closed-form HSV round trip), equal 
 to float rounding. Blur and flip stay in torch (`augment_gpu._apply`), or run in `blur_triton`.
 
 The input is read through its strides (a channels-last batch is not copied first), as fp32 in
-[0, 1] or as uint8, which the kernels scale by 1/255 as they load it: FFCV's uint8 batch of two
+[0, 1] or as uint8, which the kernels divide by 255 as they load it: FFCV's uint8 batch of two
 views, N x 2 x S x S x 3, is read where it lies, with no permute, float or divide pass before
 (`jitter_gray`). The output is fp32 (V * N) x 3 x H x W, contiguous.
 
@@ -101,7 +101,7 @@ def _contrast_stage(n, order):
 
 def _load_rgb(x, n, offs, mask, layout, U8: tl.constexpr):
     """Image n's three channels at pixels `offs` as fp32 in [0, 1]: row n is image n % NI of view
-    n // NI, read through x's strides; uint8 is scaled by 1/255 here, in registers. `layout`: a
+    n // NI, read through x's strides; uint8 is divided by 255 here, in registers. `layout`: a
     tuple (HW, W, NI, then x's strides of views, images, channels, rows, columns)."""
     _, W, NI, s_v, s_i, s_c, s_h, s_w = layout
     src = x + (n // NI) * s_v + (n % NI) * s_i + (offs // W) * s_h + (offs % W) * s_w
