@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from ffcv_helpers import beton_labels, epoch_indices, loader_args
 from moco_fast.loaders import create_loader
+from moco_fast.loaders.base import stream_seed
 
 from moco_fast.cli import main
 from moco_fast.config import ConfigError
@@ -172,6 +173,26 @@ def test_corrupt_images_are_named_and_replaced(corrupt_beton, tiny_root, caplog)
         good = out["image_status"].numpy()[:, 0] == 0
         same = (out["image"][good] == out["image2"][good]).flatten(1).all(1)
         assert int(same.sum()) <= 1
+    # The default (torch) pass to the byte: FFCV's batch with the bad rows replaced (index_select
+    # on N x 2 x S x S x 3, before the views are taken apart), then FFCVLoader's float views as it
+    # made them before from_uint8 (permute, reshape, float, div_) into DeviceAugment, seeded by step.
+    ld.set_epoch(1)
+    got = list(ld)
+    ld.set_epoch(1)  # the same epoch again, read raw (its buffers are reused: copied)
+    raw = [[t.clone() for t in batch] for batch in ld.ffcv]
+    replaced = 0
+    for i, (b, batch) in enumerate(zip(got, raw, strict=True)):
+        out = dict(zip(names, batch, strict=True))
+        status = np.maximum(out["image_status"].numpy(), out["image2_status"].numpy())
+        replaced += int(status[:, 0].any())
+        u8 = torch.cat((out["image"], out["image2"]), dim=1).index_select(0, ld._replacements(status))
+        n, _, s, _, _ = u8.shape
+        views = u8.permute(1, 0, 4, 2, 3).reshape(2 * n, 3, s, s).float().div_(255.0)
+        g = torch.Generator().manual_seed(stream_seed(ld.args.seed, len(ld) + i, ld.args.rank))
+        q, k = ld.augment(views, g)
+        assert torch.equal(b.im_q, q) and torch.equal(b.im_k, k)
+        assert b.im_q.dtype == q.dtype and b.im_q.stride() == q.stride()
+    assert replaced  # a batch with rows replaced was compared
 
 
 def test_unreadable_images_past_the_limit_stop_the_run(loader):
