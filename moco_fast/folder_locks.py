@@ -108,9 +108,10 @@ def hold_folder(out: Path, command: str) -> Iterator[int | None]:
     file there failed with "No such file or directory"). A process that finds `out` busy removes
     nothing: what was missing when it looked may be the holder's, made since and empty still."""
     fd, held, created = _opened_and_locked(out, out, os.O_RDONLY)
-    _HELD.add(fd)
-    named = _name_holder(out, command) if held else None
-    try:
+    named = None
+    try:  # from here: a stop while it names the holder (Ctrl-C, a SIGTERM) still lets go of `out`
+        _HELD.add(fd)
+        named = _name_holder(out, command) if held else None
         yield fd if held is not False else None
     finally:
         if named is not None:

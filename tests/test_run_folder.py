@@ -265,6 +265,26 @@ def test_two_commands_refused_at_once_never_name_a_killed_runs_holder(tmp_path, 
     assert [first, *second[1:]] == [line, line]
 
 
+def test_a_command_stopped_while_it_names_the_holder_lets_go_of_the_folder(tmp_path, monkeypatch):
+    # A stop (Ctrl-C, a SIGTERM's Terminated) while hold_folder named the holder came before its try:
+    # the folder's descriptor stayed open, so a process that goes on (a notebook, a test) held the
+    # new --out, empty, until it ended, and the next train there was told it was busy
+    import moco_fast.folder_locks as locks
+    import moco_fast.run_folder as rf
+
+    def stopped(folder, command):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "new" / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(locks, "_name_holder", stopped)
+        with pytest.raises(KeyboardInterrupt), rf.hold_run_folder(out):
+            pass
+    assert not (tmp_path / "new").exists()  # made by the stopped command, empty: removed
+    with rf.hold_run_folder(out) as held:
+        assert held
+
+
 def test_a_failed_command_removes_the_folders_an_out_through_dot_dot_made(ckpt, tmp_path, capsys):
     # --out a/../b made a/ on the way to b/; the removal walked b's parents (a/.., then a/: "a/.." is
     # no folder to remove) and left a/ behind. Each folder made goes, in the order opposite to its
