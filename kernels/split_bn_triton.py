@@ -180,7 +180,10 @@ class _Tiles:
         n, c, h, w = x.shape
         s_n, s_c, s_h, s_w = x.stride()
         m, hw = n // s, h * w
-        block_c = 1 if x.is_contiguous() else min(CL_CHANNELS, triton.next_power_of_2(c))
+        # Channels along the tile where they are the innermost dimension (stride 1): channels-last,
+        # and an N x C x 1 x 1 batch, which is_contiguous() in both formats and whose pixel tile
+        # would read one channel at stride C. A single channel (C == 1): pixels along it.
+        block_c = min(CL_CHANNELS, triton.next_power_of_2(c)) if c > 1 and s_c == 1 else 1
         block_r = (INTERPRET_TILE if interpreting() else TILE) // block_c
         # a pixel's stride: W's, or H's where W is 1 (the stride of a size-1 dimension is arbitrary)
         args = (m * hw, c, hw, m, s_n, s_c, s_w if w > 1 else s_h)

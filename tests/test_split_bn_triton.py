@@ -128,6 +128,25 @@ def test_a_mean_far_from_zero_keeps_its_variance(interpret, small_tiles, fmt, dt
     )
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_tile_runs_along_the_innermost_dimension(fmt):
+    # Channels-last tiles take several channels (each row a contiguous run of them), NCHW tiles one
+    # (a run of its pixels). An N x C x 1 x 1 batch is contiguous in both formats: its channels are
+    # innermost, so channels-last tiles, not one channel read at stride C; one channel: NCHW tiles.
+    x = torch.empty(8, C, 3, 5).contiguous(memory_format=FORMATS[fmt])
+    assert sbt._Tiles.of(x, 2).blocks["BLOCK_C"] == (1 if fmt == "nchw" else 8)
+    assert sbt._Tiles.of(torch.empty(8, 96, 1, 1).contiguous(memory_format=FORMATS[fmt]), 2).blocks["BLOCK_C"] == 64
+    assert sbt._Tiles.of(torch.empty(8, 1, 3, 5).contiguous(memory_format=FORMATS[fmt]), 2).blocks["BLOCK_C"] == 1
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_batch_of_1_x_1_images(interpret, small_tiles, fmt):
+    # N x C x 1 x 1 in channels-last tiles: a row is an image, the pixel stride is never used
+    x = spread_batch(fmt, n=40)[..., :1, :1].contiguous(memory_format=FORMATS[fmt])
+    assert sbt._Tiles.of(x, 2).grid == (5, 2, 2)  # 20 images a sub-batch in 4-row tiles, 6 channels in 4s
+    assert_as_reference(x, 2, *affine())
+
+
 def test_other_strides_are_copied_to_nchw(interpret):
     # a slice of a channels-last batch along W is neither layout: copied first, its output NCHW
     big = spread_batch("cl").requires_grad_()
