@@ -27,8 +27,9 @@ def interpret(monkeypatch):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    # 16 values a program, 4 channels a channels-last tile: a sub-batch's 60 rows are 4-15 row tiles
-    # (the last partly masked) and 6 channels two channel tiles, so the partials' combination counts
+    # 16 values a program, 4 channels a channels-last tile: a sub-batch's 120 / 60 / 30 rows (1 / 2 /
+    # 4 splits) are NCHW tiles of 16 rows, the last partly masked, or channels-last tiles of 4 rows
+    # (the last partly masked at 4 splits) by 4 of the 6 channels, so the partials' combination counts
     monkeypatch.setattr(sbt, "INTERPRET_TILE", 16)
     monkeypatch.setattr(sbt, "CL_CHANNELS", 4)
 
@@ -206,11 +207,14 @@ def test_the_backward_is_the_gradient(interpret, fmt):
 @pytest.mark.parametrize("block_c", [1, sbt.CL_CHANNELS], ids=["nchw", "cl"])
 def test_sm90_build(monkeypatch, dtype, block_c):
     # Every kernel compiles for an H100/H200 (sm_90) without a GPU, for each input dtype and both
-    # tiles: the compiled frontend is stricter than the interpreter.
+    # tiles: the compiled frontend is stricter than the interpreter. As a launch builds them: Triton
+    # makes an int argument of 1 a constexpr, here the unit stride (a pixel's in NCHW, a channel's
+    # in channels-last).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     stats, apply, grad_sums, dx = sbt._kernels()
-    sizes = dict.fromkeys(("R", "C", "HW", "M", "s_n", "s_c", "s_p"), "i32")
-    blocks = {"BLOCK_R": sbt.TILE // block_c, "BLOCK_C": block_c}
+    unit = "s_p" if block_c == 1 else "s_c"
+    sizes = dict.fromkeys({"R", "C", "HW", "M", "s_n", "s_c", "s_p"} - {unit}, "i32")
+    blocks = {"BLOCK_R": sbt.TILE // block_c, "BLOCK_C": block_c, unit: 1}
     x, f32 = f"*{dtype}", "*fp32"
     builds = [
         (stats, {"x": x, "part_mean": f32, "part_m2": f32}, {"ACC": triton.language.float32}),
