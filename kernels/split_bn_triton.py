@@ -1,13 +1,14 @@
-"""Split BatchNorm's training pass (`split_bn.split_batch_norm`) as four Triton kernels.
+"""Split BatchNorm's training pass (`split_bn.split_batch_norm`) as five Triton kernels.
 
 Why: `split_batch_norm` is a few whole-batch torch passes, ~4 forward and ~6 backward with fp32
 temporaries; cuDNN's BN of one batch reads x twice forward and (x, dy) twice backward. Here, per
 (sub-batch, channel), as cuDNN does per batch:
 
     1. `_stats_body`: each program reads a tile of BLOCK_R values (rows: a sub-batch's images x
-       pixels) by BLOCK_C channels and writes the tile's mean and centred sum of squares (M2); torch
-       combines the S x tiles x C partials with Chan's formula (`_combine`). No atomics: the same
-       input gives the same bits. No E[x^2] - E[x]^2: a mean ~100 stds from 0 keeps its variance.
+       pixels) by BLOCK_C channels and writes the tile's mean and centred sum of squares (M2);
+       `_combine_body` combines the S x tiles x C partials with Chan's formula, one launch where
+       torch took 13 ops. No atomics: the same input gives the same bits. No E[x^2] - E[x]^2: a
+       mean ~100 stds from 0 keeps its variance. Torch makes rstd, scale and shift of the S x C.
     2. `_apply_body`: y = x * scale + shift, per (sub-batch, channel) scale and shift.
     3. `_grad_sums_body`: the tiles' sum(dy) and sum(dy * xhat), summed by torch over the tiles.
     4. `_dx_body`: dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), means per sub-batch;
@@ -40,6 +41,7 @@ TILE = 4096  # values per program: a tile of 16 KB of fp32 in registers (4 warps
 CL_CHANNELS = 64  # channels of a channels-last tile at most (a 128 B run of fp16 per row)
 # Under the interpreter each op of each program is a Python call: fewer, larger programs.
 INTERPRET_TILE = 16384
+COMBINE_TILES, COMBINE_CHANNELS = 64, 32  # the partials' combination: tiles by channels a step (128 B rows)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -86,6 +88,45 @@ def _stats_body(
     at = (tl.program_id(2) * tl.num_programs(0) + rb) * C + c  # S x tiles x C
     tl.store(part_mean + at, mean, mask=cmask)
     tl.store(part_m2 + at, _sum0(d * d), mask=cmask)
+
+
+def _combine_body(
+    part_mean,
+    part_m2,
+    mean,
+    var,
+    R,
+    C,
+    TILES,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Sub-batch program_id(0)'s mean and biased variance of BLOCK_C channels from its tiles'
+    partials (S x TILES x C): Chan's formula, M2 = sum of the tiles' M2 + sum of count * (tile mean
+    - mean)^2, the last tile's count being what is left of R rows. Two passes over the tiles."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    base = tl.program_id(0) * TILES * C
+    acc = part_mean.dtype.element_ty
+    total = tl.full([BLOCK_C], 0.0, acc)  # not tl.zeros: a jit function, as tl.sum (`_sum0`)
+    for t0 in range(0, TILES, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask = (t < TILES)[:, None] & cmask[None, :]
+        count = tl.minimum(R - t * BLOCK_R, BLOCK_R).to(acc)[:, None]
+        total += _sum0(tl.load(part_mean + base + t[:, None] * C + c[None, :], mask=mask, other=0.0) * count)
+    mu = total / R
+    m2 = tl.full([BLOCK_C], 0.0, acc)
+    for t0 in range(0, TILES, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        mask = (t < TILES)[:, None] & cmask[None, :]
+        count = tl.minimum(R - t * BLOCK_R, BLOCK_R).to(acc)[:, None]
+        at = base + t[:, None] * C + c[None, :]
+        d = tl.load(part_mean + at, mask=mask, other=0.0) - mu[None, :]
+        m2 += _sum0(tl.load(part_m2 + at, mask=mask, other=0.0) + tl.where(mask, count * d * d, 0.0))
+    out = tl.program_id(0) * C + c
+    tl.store(mean + out, mu, mask=cmask)
+    tl.store(var + out, m2 / R, mask=cmask)
 
 
 def _apply_body(x, y, scale, shift, R, C, HW, M, s_n, s_c, s_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -162,7 +203,9 @@ _KERNELS: dict[bool, tuple] = {}
 
 
 def _kernels() -> tuple:
-    return jitted_for_mode(_KERNELS, globals(), _HELPERS, _stats_body, _apply_body, _grad_sums_body, _dx_body)
+    return jitted_for_mode(
+        _KERNELS, globals(), _HELPERS, _stats_body, _combine_body, _apply_body, _grad_sums_body, _dx_body
+    )
 
 
 @dataclass(frozen=True)
@@ -195,31 +238,32 @@ class _Tiles:
         return torch.empty(2, self.grid[2], self.grid[0], self.args[1], device=x.device, dtype=dtype)
 
 
-def _combine(part_mean: torch.Tensor, part_m2: torch.Tensor, t: _Tiles) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance), S x C, from the tiles' means and M2s (S x tiles x C) with Chan's
-    formula: M2 = sum of the tiles' M2 + sum of count * (tile mean - mean)^2."""
-    rows, block_r = t.args[0], t.blocks["BLOCK_R"]
-    starts = torch.arange(0, rows, block_r, device=part_mean.device, dtype=part_mean.dtype)
-    counts = (rows - starts).clamp_(max=block_r).view(1, -1, 1)  # the last tile's count is what is left
-    mean = (part_mean * counts).sum(1) / rows
-    m2 = part_m2.sum(1) + (counts * (part_mean - mean.unsqueeze(1)).square()).sum(1)
-    return mean, m2 / rows
+def _combine(kernel, part: torch.Tensor, t: _Tiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance), S x C, from the tiles' means and M2s (`part`, 2 x S x tiles x C) in
+    one launch of `kernel` (`_combine_body`): torch took 13 small ops, each a pass over the partials
+    (x's values / 64 per figure in channels-last)."""
+    rows, c = t.args[:2]
+    out = torch.empty(2, t.grid[2], c, device=part.device, dtype=part.dtype)
+    grid = (t.grid[2], triton.cdiv(c, COMBINE_CHANNELS))
+    blocks = {"BLOCK_R": t.blocks["BLOCK_R"], "BLOCK_T": COMBINE_TILES, "BLOCK_C": COMBINE_CHANNELS}
+    kernel[grid](part[0], part[1], out[0], out[1], rows, c, t.grid[0], **blocks)
+    return out[0], out[1]
 
 
 class _SplitBatchNormTriton(torch.autograd.Function):
     """`split_bn._SplitBatchNorm`'s forward and closed-form backward on a dense N x C x H x W batch,
-    in the four kernels. Saved for backward: x as it came and the S x C figures. once_differentiable,
+    in the five kernels. Saved for backward: x as it came and the S x C figures. once_differentiable,
     as the torch version: no gradient of a gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, num_splits):
         t = _Tiles.of(x, num_splits)
         acc = torch.promote_types(x.dtype, torch.float32)
-        stats, apply, _, _ = _kernels()
+        stats, combine, apply, _, _ = _kernels()
         part = t.partials(x, acc)
         acc_tl = getattr(tl, str(acc).removeprefix("torch."))  # tl.float32 or tl.float64
         stats[t.grid](x, part[0], part[1], *t.args, ACC=acc_tl, **t.blocks)
-        mean, var = _combine(part[0], part[1], t)  # S x C
+        mean, var = _combine(combine, part, t)  # S x C
         rstd = torch.rsqrt(var + eps)
         shift0 = torch.mul(mean, rstd).neg_()  # xhat = x * rstd + shift0
         scale, shift = rstd, shift0
@@ -245,7 +289,7 @@ class _SplitBatchNormTriton(torch.autograd.Function):
         t = ctx.tiles
         if dy.stride() != x.stride():  # the kernels read dy at x's strides
             dy = torch.empty_like(x).copy_(dy)
-        _, _, grad_sums, dx_kernel = _kernels()
+        *_, grad_sums, dx_kernel = _kernels()
         part = t.partials(x, rstd.dtype)
         grad_sums[t.grid](x, dy, rstd, shift0, part[0], part[1], *t.args, **t.blocks)
         sum_dy, sum_dyx = part.sum(2)  # S x C each

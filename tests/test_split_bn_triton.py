@@ -8,6 +8,7 @@ kernels on CUDA where there is one.
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton")
 
@@ -32,6 +33,9 @@ def small_tiles(monkeypatch):
     # (the last partly masked at 4 splits) by 4 of the 6 channels, so the partials' combination counts
     monkeypatch.setattr(sbt, "INTERPRET_TILE", 16)
     monkeypatch.setattr(sbt, "CL_CHANNELS", 4)
+    # and the combination takes them 4 tiles by 4 channels a step: several steps, the last partial
+    monkeypatch.setattr(sbt, "COMBINE_TILES", 4)
+    monkeypatch.setattr(sbt, "COMBINE_CHANNELS", 4)
 
 
 def spread_batch(fmt: str, dtype=torch.float32, n: int = 8, seed: int = 0) -> torch.Tensor:
@@ -148,6 +152,47 @@ def test_a_batch_of_1_x_1_images(interpret, small_tiles, fmt):
     assert_as_reference(x, 2, *affine())
 
 
+def test_no_torch_op_reads_the_partials(interpret, small_tiles, monkeypatch):
+    # The forward's tiles' partials (S x tiles x C per figure; x's values / 64 in channels-last) are
+    # read by the kernels alone: Chan's combination was 13 torch ops, each a launch and a pass over
+    # them. (The backward's two sums are one torch sum over the tiles.)
+    x = spread_batch("cl")
+    tiles = sbt._Tiles.of(x, 2)
+    partial = (tiles.grid[0], C)  # the last two sizes of a partials tensor, and of nothing else here
+    assert partial not in (x.shape[-2:], (2, C))
+    read = []
+
+    class Record(TorchDispatchMode):
+        launching = False  # the interpreter's copies of a launch's arguments are not the forward's
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            reads = not (self.launching or func.is_view or func.overloadpacket.__name__.startswith("empty"))
+            if reads and any(tuple(a.shape[-2:]) == partial for a in tensors):
+                read.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    class Quiet:  # a kernel whose launches Record leaves out
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                mode.launching = True
+                try:
+                    return self.kernel[grid](*args, **kwargs)
+                finally:
+                    mode.launching = False
+
+            return launch
+
+    kernels = sbt._kernels()
+    monkeypatch.setattr(sbt, "_kernels", lambda: tuple(map(Quiet, kernels)))
+    with Record() as mode:
+        sbt.split_batch_norm_triton(x, 2, torch.zeros(C), torch.ones(C), *affine(), 0.1, 1e-5)
+    assert read == []
+
+
 def test_other_strides_are_copied_to_nchw(interpret):
     # a slice of a channels-last batch along W is neither layout: copied first, its output NCHW
     big = spread_batch("cl").requires_grad_()
@@ -211,19 +256,25 @@ def test_sm90_build(monkeypatch, dtype, block_c):
     # makes an int argument of 1 a constexpr, here the unit stride (a pixel's in NCHW, a channel's
     # in channels-last).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    stats, apply, grad_sums, dx = sbt._kernels()
+    stats, combine, apply, grad_sums, dx = sbt._kernels()
     unit = "s_p" if block_c == 1 else "s_c"
     sizes = dict.fromkeys({"R", "C", "HW", "M", "s_n", "s_c", "s_p"} - {unit}, "i32")
     blocks = {"BLOCK_R": sbt.TILE // block_c, "BLOCK_C": block_c, unit: 1}
+    combine_sizes = {"R": "i32", "C": "i32"}
+    combine_blocks = {"BLOCK_R": sbt.TILE // block_c, "BLOCK_T": sbt.COMBINE_TILES, "BLOCK_C": sbt.COMBINE_CHANNELS}
     x, f32 = f"*{dtype}", "*fp32"
     builds = [
         (stats, {"x": x, "part_mean": f32, "part_m2": f32}, {"ACC": triton.language.float32}),
+        (combine, dict.fromkeys(("part_mean", "part_m2", "mean", "var"), f32) | {"TILES": "i32"}, combine_blocks),
         (apply, {"x": x, "y": x, "scale": f32, "shift": f32}, {}),
         (grad_sums, {"x": x, "dy": x} | dict.fromkeys(("rstd", "shift0", "part_dy", "part_dyx"), f32), {}),
         (dx, {"x": x, "dy": x, "dx": x} | dict.fromkeys(("rstd", "shift0", "scale", "mean_dy", "mean_dyx"), f32), {}),
     ]
     for fn, ptrs, consts in builds:
-        assert ".entry" in sm90_ptx(fn, ptrs | sizes, consts | blocks)
+        if fn is combine:  # fp32 partials whatever x's dtype; sizes of its own
+            assert ".entry" in sm90_ptx(fn, ptrs | combine_sizes, consts)
+        else:
+            assert ".entry" in sm90_ptx(fn, ptrs | sizes, consts | blocks)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
