@@ -260,21 +260,24 @@ def test_sm90_build(monkeypatch, dtype, block_c):
     unit = "s_p" if block_c == 1 else "s_c"
     sizes = dict.fromkeys({"R", "C", "HW", "M", "s_n", "s_c", "s_p"} - {unit}, "i32")
     blocks = {"BLOCK_R": sbt.TILE // block_c, "BLOCK_C": block_c, unit: 1}
-    combine_sizes = {"R": "i32", "C": "i32"}
-    combine_blocks = {"BLOCK_R": sbt.TILE // block_c, "BLOCK_T": sbt.COMBINE_TILES, "BLOCK_C": sbt.COMBINE_CHANNELS}
     x, f32 = f"*{dtype}", "*fp32"
     builds = [
-        (stats, {"x": x, "part_mean": f32, "part_m2": f32}, {"ACC": triton.language.float32}),
-        (combine, dict.fromkeys(("part_mean", "part_m2", "mean", "var"), f32) | {"TILES": "i32"}, combine_blocks),
-        (apply, {"x": x, "y": x, "scale": f32, "shift": f32}, {}),
-        (grad_sums, {"x": x, "dy": x} | dict.fromkeys(("rstd", "shift0", "part_dy", "part_dyx"), f32), {}),
-        (dx, {"x": x, "dy": x, "dx": x} | dict.fromkeys(("rstd", "shift0", "scale", "mean_dy", "mean_dyx"), f32), {}),
+        (stats, {"x": x, "part_mean": f32, "part_m2": f32} | sizes, {"ACC": triton.language.float32} | blocks),
+        (apply, {"x": x, "y": x, "scale": f32, "shift": f32} | sizes, blocks),
+        (grad_sums, {"x": x, "dy": x} | dict.fromkeys(("rstd", "shift0", "part_dy", "part_dyx"), f32) | sizes, blocks),
+        (
+            dx,
+            {"x": x, "dy": x, "dx": x} | dict.fromkeys(("rstd", "shift0", "scale", "mean_dy", "mean_dyx"), f32) | sizes,
+            blocks,
+        ),
+        (  # fp32 partials whatever x's dtype
+            combine,
+            dict.fromkeys(("part_mean", "part_m2", "mean", "var"), f32) | dict.fromkeys(("R", "C", "TILES"), "i32"),
+            {"BLOCK_R": blocks["BLOCK_R"], "BLOCK_T": sbt.COMBINE_TILES, "BLOCK_C": sbt.COMBINE_CHANNELS},
+        ),
     ]
-    for fn, ptrs, consts in builds:
-        if fn is combine:  # fp32 partials whatever x's dtype; sizes of its own
-            assert ".entry" in sm90_ptx(fn, ptrs | combine_sizes, consts)
-        else:
-            assert ".entry" in sm90_ptx(fn, ptrs | sizes, consts | blocks)
+    for fn, signature, consts in builds:
+        assert ".entry" in sm90_ptx(fn, signature, consts)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
