@@ -12,7 +12,11 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from moco_fast.config import ConfigError
+from moco_fast.kernels.augment_triton import check_device
 from moco_fast.kernels.split_bn import split_batch_norm
+from moco_fast.kernels.split_bn_triton import split_batch_norm_triton
+
+BN_KERNELS = ("torch", "triton")  # SplitBatchNorm2d's training pass: kernels/split_bn.py, split_bn_triton.py
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -28,11 +32,16 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     (track_running_stats=False), the whole batch's statistics, not each sub-batch's as the demo's
     `training or not track_running_stats` would take (it fails there on the statistics it does not
     have): an evaluation batch, kNN's last, need not divide into the splits.
+
+    `kernel` "triton" runs the training pass in kernels/split_bn_triton.py's four kernels instead
+    (opt-in: its GPU speed is unmeasured). An attribute, not state: the state_dict is the same.
     """
 
-    def __init__(self, num_features: int, num_splits: int = 1, **kw):
+    def __init__(self, num_features: int, num_splits: int = 1, kernel: str = "torch", **kw):
+        check_bn_kernel(kernel)
         super().__init__(num_features, **kw)
         self.num_splits = num_splits
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1 or not x.numel():
@@ -45,10 +54,20 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         if self.momentum is None and track:  # nn.BatchNorm2d's cumulative average
             raise ValueError("split BN needs a momentum: momentum=None (a cumulative average) is not implemented")
         running = (self.running_mean, self.running_var) if track else (None, None)
-        y = split_batch_norm(x, self.num_splits, *running, self.weight, self.bias, self.momentum, self.eps)
+        split_bn = split_batch_norm_triton if self.kernel == "triton" else split_batch_norm
+        y = split_bn(x, self.num_splits, *running, self.weight, self.bias, self.momentum, self.eps)
         if track:
             self.num_batches_tracked.add_(1)
         return y
+
+
+def check_bn_kernel(kernel: str) -> None:
+    """ValueError unless split BN can run `kernel` here: one of BN_KERNELS, and for triton the package
+    and a GPU, or TRITON_INTERPRET=1 (checked when the model is built, before any batch)."""
+    if kernel not in BN_KERNELS:
+        raise ValueError(f"unknown split BN kernel {kernel!r}; choose from {', '.join(BN_KERNELS)}")
+    if kernel == "triton":
+        check_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"), "split BN's kernel 'triton'")
 
 
 class Conv2d(nn.Conv2d):
@@ -149,9 +168,13 @@ def resnet(arch: str, **kw) -> ResNet:
     return getattr(torchvision.models, arch)(weights=None, **kw)
 
 
-def build_backbone(arch: str, stem: str = "imagenet", bn_splits: int = 1) -> tuple[nn.Module, int]:
-    """A ResNet (`resnet`) without its classifier (`fc` is Identity) and its feature width."""
-    norm = partial(SplitBatchNorm2d, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
+def build_backbone(
+    arch: str, stem: str = "imagenet", bn_splits: int = 1, bn_kernel: str = "torch"
+) -> tuple[nn.Module, int]:
+    """A ResNet (`resnet`) without its classifier (`fc` is Identity) and its feature width; with
+    bn_splits > 1 its BN layers are SplitBatchNorm2d running `bn_kernel`."""
+    check_bn_kernel(bn_kernel)  # once, and also where no split BN is built
+    norm = partial(SplitBatchNorm2d, num_splits=bn_splits, kernel=bn_kernel) if bn_splits > 1 else nn.BatchNorm2d
     net = resnet(arch, norm_layer=norm)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)

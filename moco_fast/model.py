@@ -54,8 +54,8 @@ def info_nce_in_batch(q: torch.Tensor, k: torch.Tensor, t: float, offset: int = 
         return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == labels).float().mean()
 
 
-def build_encoder(model: ModelConfig, image_size: int, bn_splits: int) -> nn.Sequential:
-    backbone, width = build_backbone(model.arch, resolve_stem(model.stem, image_size), bn_splits)
+def build_encoder(model: ModelConfig, image_size: int, bn_splits: int, bn_kernel: str = "torch") -> nn.Sequential:
+    backbone, width = build_backbone(model.arch, resolve_stem(model.stem, image_size), bn_splits, bn_kernel)
     return nn.Sequential(OrderedDict(backbone=backbone, head=build_head(width, model.dim, model.mlp)))
 
 
@@ -67,6 +67,7 @@ class MoCo(nn.Module):
         image_size: int,
         num_images: int = 0,
         momentum_backend: str = "foreach",
+        bn_kernel: str = "torch",
     ):
         super().__init__()
         if moco.mechanism not in MECHANISMS:
@@ -82,8 +83,10 @@ class MoCo(nn.Module):
         self.momentum_backend = momentum_backend
         self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # _list_ema_pairs
         # Emulated shuffle BN on one device: sub-batches with their own statistics. Across several
-        # processes each rank's batch already has its own statistics (see distributed.py).
-        self.encoder_q = build_encoder(model, image_size, bn_splits(moco, dist_utils.world_size()))
+        # processes each rank's batch already has its own statistics (see distributed.py). `bn_kernel`:
+        # split BN's training pass, torch's (kernels/split_bn.py) or triton's (opt-in, split_bn_triton.py).
+        splits = bn_splits(moco, dist_utils.world_size())
+        self.encoder_q = build_encoder(model, image_size, splits, bn_kernel)
         self.encoder_k: nn.Module | None = None
         if self.mechanism == "moco":
             self.encoder_k = copy.deepcopy(self.encoder_q)

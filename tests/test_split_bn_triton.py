@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton")
 
 from conftest import ON_GPU  # noqa: E402
 from moco_fast.kernels import split_bn_triton as sbt  # noqa: E402
-from moco_fast.kernels.split_bn import split_batch_norm, split_batch_norm_reference  # noqa: E402
+from moco_fast.kernels.split_bn import record_running, split_batch_norm, split_batch_norm_reference  # noqa: E402
 from triton_helpers import sm90_ptx  # noqa: E402
 
 FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
@@ -346,3 +346,63 @@ def test_a_cuda_graph_captures_forward_and_backward(monkeypatch, device):
     want = (y_ref, *torch.autograd.grad(y_ref, (xr, weight, bias), dy))
     for a, b in zip((*outs, *running), (*want, *ref_running), strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=5e-2)
+
+
+# -- the kernel as split BN's choice in the model (backbone.SplitBatchNorm2d, MoCo(bn_kernel=...)) --------
+def tiny_moco(bn_kernel: str):
+    from moco_fast.config import build_config
+    from moco_fast.model import MoCo
+    from moco_fast.trainer import StepState, make_optimizer
+
+    over = {"model.arch": "resnet18", "model.stem": "imagenet", "moco.k": 64, "optim.batch_size": 8}
+    cfg = build_config("v2", {**over, "moco.bn_splits": 2})
+    torch.manual_seed(0)
+    model = MoCo(cfg.model, cfg.moco, 32, bn_kernel=bn_kernel).to(memory_format=torch.channels_last)
+    dev = torch.device("cpu")
+    return StepState(model, make_optimizer(model, cfg, dev), torch.amp.GradScaler("cpu", enabled=False), None, dev)
+
+
+def test_a_trainer_step_with_the_triton_kernel_is_torchs(interpret, monkeypatch):
+    from moco_fast.loaders.base import Batch
+
+    from moco_fast.step import train_step
+
+    ran = []  # the triton version's layer calls: a kernel choice that did not reach forward would pass
+    monkeypatch.setattr(sbt, "record_running", lambda *a: (ran.append(1), record_running(*a)))
+
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(8, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    batch = Batch(*views, torch.zeros(8, dtype=torch.long), torch.arange(8))
+    got = {}
+    for kernel in ("torch", "triton"):
+        s = tiny_moco(kernel)
+        torch.manual_seed(1)  # the key batch's shuffle
+        loss, _ = train_step(s, batch, 0.99)
+        grads = {n: p.grad for n, p in s.model.named_parameters() if p.grad is not None}
+        got[kernel] = (loss, grads, s.model.state_dict())
+    (loss_t, grads_t, state_t), (loss, grads, state) = got["torch"], got["triton"]
+    assert len(ran) == 2 * 20  # resnet18's 20 BN layers in each encoder
+    assert state.keys() == state_t.keys() and grads.keys() == grads_t.keys()
+    torch.testing.assert_close(loss, loss_t, rtol=1e-5, atol=1e-5)
+    for name in grads_t:
+        # fp32 sums in another order through 20 BN layers: to the gradient's scale, not elementwise
+        torch.testing.assert_close(grads[name], grads_t[name], rtol=0, atol=1e-3 * grads_t[name].abs().max().item())
+    moved = [n for n in state_t if n.endswith(("running_mean", "running_var"))]
+    assert any("encoder_k" in n for n in moved)  # both encoders' split BN ran
+    for name in [*moved, *(n for n in state_t if n.endswith("num_batches_tracked"))]:
+        torch.testing.assert_close(state[name], state_t[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_triton_kernel_is_refused_when_the_model_is_built_where_it_cannot_run(monkeypatch):
+    from moco_fast.backbone import SplitBatchNorm2d, build_backbone
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^split BN's kernel 'triton' needs a CUDA batch \(or TRITON_INTERPRET=1"):
+        build_backbone("resnet18", bn_splits=2, bn_kernel="triton")
+    with pytest.raises(ValueError, match="unknown split BN kernel 'cuda'; choose from torch, triton"):
+        SplitBatchNorm2d(4, 2, kernel="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    net, _ = build_backbone("resnet18", bn_splits=2, bn_kernel="triton")
+    assert {m.kernel for m in net.modules() if isinstance(m, SplitBatchNorm2d)} == {"triton"}
+    assert net.state_dict().keys() == build_backbone("resnet18", bn_splits=2)[0].state_dict().keys()

@@ -28,9 +28,9 @@ def small_cfg(**over):
     return build_config("v2", {**base, **over})
 
 
-def make_state(cfg, device, amp=None, backend="foreach"):
+def make_state(cfg, device, amp=None, backend="foreach", bn_kernel="torch"):
     torch.manual_seed(0)
-    model = MoCo(cfg.model, cfg.moco, 64, num_images=1024, momentum_backend=backend).to(device)
+    model = MoCo(cfg.model, cfg.moco, 64, num_images=1024, momentum_backend=backend, bn_kernel=bn_kernel).to(device)
     model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -118,6 +118,16 @@ def test_steady_state_step_has_no_host_sync(amp, backend, over, graph):
     s = make_state(small_cfg(**over), dev, amp, backend)
     step = GraphedStep(s, 0.99) if graph else (lambda b: train_step(s, b, 0.99))
     run_without_sync(step, batches(8, dev, amp or torch.float32))
+
+
+@pytest.mark.parametrize("amp", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_graphed_step_with_the_triton_split_bn_has_no_host_sync(amp):
+    # bench/throughput.py's trainer:fp16+graph+bntriton row: split BN's Triton kernels in the captured step
+    dev = torch.device("cuda")
+    s = make_state(small_cfg(), dev, amp, bn_kernel="triton")
+    run_without_sync(GraphedStep(s, 0.99), batches(8, dev, amp))
 
 
 @pytest.mark.slow
