@@ -21,9 +21,12 @@
 #               split BN's CUDA cases and the fused augmentation kernels' compile, added since, not timed)
 #   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256: the reference row,
 #               bf16/fp16 eager, fp16 and the reference without split BN (plain BN, as the official
-#               ImageNet code on one GPU), + CUDA graph, Triton EMA, then torch.compile
-#               rows (last: each compiles for 1-2 min); a profile breakdown of the first eager trainer
-#               row (7 rows and the profile: 345 s, the compile row not reached)
+#               ImageNet code on one GPU), + CUDA graph, fp16 on split BN's Triton kernels (eager and
+#               graph: trainer:fp16+bntriton, trainer:fp16+graph+bntriton), Triton EMA, then
+#               torch.compile rows (last: each compiles for 1-2 min); a profile breakdown of the first
+#               eager trainer row (7 rows and the profile: 345 s, the compile row not reached; the two
+#               bntriton rows, added since and not timed yet, come before the Triton EMA row, which
+#               the 330 s box may no longer reach)
 #   cifar-speed ResNet-18 CIFAR step (the cifar preset, batch 512) fed by --loader resident from
 #               CIFAR-10: trainer eager / CUDA graph, end-to-end, loader; predicts the 200-epoch wall
 #               time (37 s)
@@ -162,11 +165,15 @@ phase_tests() {
 }
 phase_throughput() {
   # torch.compile rows last (1-2 min each to compile): a time box that runs out loses only those.
+  # Split BN's Triton kernels (+bntriton) beside its torch passes (trainer:fp16) and plain BN
+  # (+noshuffle), eager and graphed; their compiles fall in the first one's warmup.
   ROWS=reference,trainer:bf16,trainer:fp16,reference:noshuffle,trainer:fp16+noshuffle,trainer:bf16+graph,trainer:fp16+graph
+  ROWS=$ROWS,trainer:fp16+bntriton,trainer:fp16+graph+bntriton
   ROWS=$ROWS,trainer:fp16+triton,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
-  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,reference:noshuffle,trainer:bf16+noshuffle  # no fp16, graphs, compiles
+  # no fp16, graphs, compiles; the bntriton row under the interpreter (TRITON_ENV)
+  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,reference:noshuffle,trainer:bf16+noshuffle,trainer:bf16+bntriton
   ROWS=${THROUGHPUT_ROWS:-$ROWS}
-  run throughput 330 $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
+  run throughput 330 "${TRITON_ENV[@]}" $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
     --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png" \
     "${TP[@]}"
 }

@@ -28,7 +28,11 @@ MODIFIERS = {
     "apex": {"momentum": "apex"},
     "loop": {"momentum": "reference"},
     "noshuffle": {"shuffle_bn": False},  # plain BN: what split BN (shuffle BN on one device) costs
+    # split BN's kernel (not "triton", the EMA's): torch's passes or kernels/split_bn_triton.py's
+    "bntorch": {"bn_kernel": "torch"},
+    "bntriton": {"bn_kernel": "triton"},
 }
+BN_KERNEL_MODIFIERS = ("bntorch", "bntriton")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,12 @@ class RowSpec:
     graph: bool
     momentum: str
     shuffle_bn: bool = True
+    bn_kernel: str = "torch"  # split BN's; a row without split BN (loader, noshuffle, reference) runs none
+
+    @property
+    def split_bn(self) -> bool:
+        """Whether the row's step runs split BN (and so its kernel)."""
+        return self.kind in ("trainer", "end-to-end") and self.shuffle_bn
 
     def settings(self, amp_dtype: torch.dtype | None, workers: int, loader: str) -> str:
         if self.kind == "reference":
@@ -52,12 +62,14 @@ class RowSpec:
             parts.insert(0, f"{loader} loader" + (f", workers {workers}" if loader == "torch" else ""))
         if self.kind != "loader":
             parts += ["compile"] * self.compile + ["cuda graph"] * self.graph + [f"EMA {self.momentum}"]
-            parts += ["no shuffle BN"] * (not self.shuffle_bn)
+            parts.append(f"split BN {self.bn_kernel}" if self.shuffle_bn else "no shuffle BN")
         return ", ".join(parts)
 
 
 def parse_rows(text: str, args: argparse.Namespace) -> list[RowSpec]:
-    base = RowSpec("", "", args.amp, args.channels_last, args.compile, args.cuda_graph, args.momentum_backend)
+    base = RowSpec(
+        "", "", args.amp, args.channels_last, args.compile, args.cuda_graph, args.momentum_backend, True, args.bn_kernel
+    )
     rows = []
     for item in filter(None, (x.strip() for x in text.split(","))):
         kind, _, mods = item.partition(":")
@@ -80,6 +92,10 @@ def parse_rows(text: str, args: argparse.Namespace) -> list[RowSpec]:
                     raise ConfigError(f"--rows: {item!r}: {chosen[field][0]} and {mod} contradict each other")
                 chosen[field] = (mod, value)
             spec = replace(spec, **MODIFIERS[mod])
+        bn_mod = next((m for m in mods.split("+") if m in BN_KERNEL_MODIFIERS), None)
+        if bn_mod and not spec.split_bn:
+            what = "the loader row runs no step" if kind == "loader" else "noshuffle runs plain BN"
+            raise ConfigError(f"--rows: {item!r}: {bn_mod} chooses split BN's kernel, and {what}")
         rows.append(spec)
     if not rows:
         raise ConfigError("--rows names no row")

@@ -45,6 +45,7 @@ with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here 
     )
     from row_specs import DEFAULT_ROWS, MODIFIERS, RowSpec, parse_rows
 
+    from moco_fast.backbone import BN_KERNELS
     from moco_fast.checkpoint import atomic_write_text
     from moco_fast.cli import log_as_lines
     from moco_fast.config import ConfigError, build_config, check_at_least, check_image_size, to_dict
@@ -112,7 +113,9 @@ class Bench:
         if spec.graph:
             check_cuda_graph(device)
         moco = c.moco if spec.shuffle_bn else replace(c.moco, shuffle_bn=False)
-        model = MoCo(c.model, moco, c.data.aug.image_size, num_images=num_images, momentum_backend=spec.momentum)
+        model = MoCo(
+            c.model, moco, c.data.aug.image_size, num_images, momentum_backend=spec.momentum, bn_kernel=spec.bn_kernel
+        )
         model = model.to(device)
         if spec.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -133,6 +136,7 @@ class Bench:
         row = {"name": spec.name, "kind": spec.kind, "settings": spec.settings(amp_dtype, self.workers, c.data.loader)}
         if spec.kind != "loader":
             row["shuffle_bn"] = spec.shuffle_bn
+            row["bn_kernel"] = spec.bn_kernel if spec.split_bn else None  # None: no split BN ran
         n = c.optim.batch_size
         it = None
         if spec.kind == "reference":
@@ -178,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Rows (--rows, comma-separated): loader (iterate the loader), trainer (the moco_fast step on one "
         "fixed synthetic batch), end-to-end (loader + step), reference (bench/reference_step.py: fp32, NCHW, "
         "per-parameter EMA loop, queue pointer read on the host). A row takes modifiers after a colon, joined "
-        f"by '+': {', '.join(MODIFIERS)}; e.g. trainer:fp16+compile+graph. CPU defaults: 64 px, batch 16, "
+        f"by '+': {', '.join(MODIFIERS)}; e.g. trainer:fp16+compile+graph (triton: the EMA's kernel; "
+        "bntriton: split BN's, opt-in, its GPU speed unmeasured). CPU defaults: 64 px, batch 16, "
         "the ImageNet stem (the CIFAR stem at 64 px costs 16x), 1 warm-up and 3 timed steps.",
     )
     B = argparse.BooleanOptionalAction
@@ -219,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--momentum-backend", default="foreach", help="EMA kernel: foreach, triton, apex, reference (default foreach)"
+    )
+    p.add_argument(
+        "--bn-kernel",
+        default="torch",
+        choices=BN_KERNELS,
+        help="split BN's kernel: torch (default) or triton (opt-in, its GPU speed unmeasured); per row +bntorch/+bntriton",
     )
     p.add_argument("--steps", type=int, help="timed steps per row (default 30; 3 on the CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 10; 1 on the CPU)")
@@ -266,6 +277,8 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
         if spec.kind == "reference":
             continue
         resolve_amp(spec.amp, device)
+        if spec.split_bn and spec.bn_kernel == "triton":
+            check_split_bn_kernel(spec, args, device)
         if spec.kind != "loader" and spec.momentum not in MOMENTUM_BACKENDS:
             if spec.momentum not in OPTIONAL_BACKENDS:  # a typo: nothing runs
                 raise ConfigError(
@@ -278,6 +291,19 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
         check_at_least("--profile-steps", args.profile_steps, 1)
     if args.profile and not any(s.kind == "trainer" and not s.graph for s in specs):
         raise ConfigError("--profile profiles the first eager trainer row, and --rows has none (add trainer)")
+
+
+def check_split_bn_kernel(spec: RowSpec, args: argparse.Namespace, device: torch.device) -> None:
+    """A row on split BN's triton kernel needs split BN (--bn-splits above 1) and a device the kernels
+    run on (a GPU, or the CPU under TRITON_INTERPRET=1)."""
+    from moco_fast.kernels.augment_triton import check_device
+
+    if args.bn_splits == 1:
+        raise ConfigError(f"--rows: {spec.name!r}: --bn-splits 1 runs plain BN, with no split BN for its triton kernel")
+    try:
+        check_device(device, "split BN's kernel 'triton'")
+    except ValueError as e:
+        raise ConfigError(f"--rows: {spec.name!r}: {e}") from None
 
 
 def loader_args(cfg, device: torch.device, workers: int, splits: DataSplits | None = None) -> LoaderArgs:

@@ -23,8 +23,9 @@ other strides than x's is copied to x's. Offsets are int64 from the image index 
 on the host (no `.item()`): a CUDA graph can capture both passes.
 
 On the CPU the kernels run under Triton's interpreter (`TRITON_INTERPRET=1`), which is how the tests
-compare them with `split_batch_norm_reference` without a GPU. Opt-in, used by no model yet: its GPU
-speed is not measured (bench/split_bn.py's `triton` column will).
+compare them with `split_batch_norm_reference` without a GPU. Opt-in (SplitBatchNorm2d's kernel,
+MoCo(bn_kernel="triton")): its GPU speed is not measured (bench/split_bn.py's `triton` column will,
+and bench/throughput.py's `bntriton` rows in the whole step).
 """
 
 from __future__ import annotations

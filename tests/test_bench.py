@@ -174,6 +174,14 @@ def test_rows_and_modifiers():
     # ... but not the reference row's: it stays the official step
     (ref,) = parse("reference", "--compile", "--cuda-graph", "--amp", "fp16")
     assert (ref.compile, ref.graph, ref.amp, ref.channels_last) == (False, False, "off", False)
+    # split BN's kernel: bntriton, not the EMA's triton; --bn-kernel the starting point, bntorch back
+    bn, both, plain, back = parse("trainer:bntriton,trainer:triton+bntriton,trainer,trainer:bntorch", "--amp", "bf16")
+    assert (bn.bn_kernel, bn.momentum, both.bn_kernel, both.momentum) == ("triton", "foreach", "triton", "triton")
+    assert plain.bn_kernel == back.bn_kernel == "torch"
+    assert "EMA foreach, split BN triton" in bn.settings(torch.bfloat16, 0, "synthetic")
+    assert "split BN torch" in plain.settings(torch.bfloat16, 0, "synthetic")
+    ((spec, back),) = [parse("end-to-end,trainer:bntorch", "--bn-kernel", "triton")]
+    assert (spec.bn_kernel, back.bn_kernel) == ("triton", "torch")
 
 
 @pytest.mark.parametrize(
@@ -187,6 +195,23 @@ def test_bad_rows_are_one_line_errors(rows, capsys):
     assert throughput.main([*TINY, "--rows", rows]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --rows") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "rows, says",
+    [  # split BN's kernel where no split BN runs, two kernels, and the triton one without the interpreter
+        ("trainer:noshuffle+bntriton", "bntriton chooses split BN's kernel, and noshuffle runs plain BN"),
+        ("loader:bntriton", "bntriton chooses split BN's kernel, and the loader row runs no step"),
+        ("reference:bntriton", "only noshuffle (plain BN) applies to it"),
+        ("trainer:bntriton+bntorch", "bntriton and bntorch contradict each other"),
+        ("trainer:bntriton", "split BN's kernel 'triton' needs a CUDA batch (or TRITON_INTERPRET=1 on the CPU)"),
+    ],
+)
+def test_split_bn_kernel_rows_that_cannot_run_are_one_line_errors(rows, says, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert throughput.main([*TINY, "--rows", rows]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --rows: {rows!r}: ") and says in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(
@@ -212,6 +237,7 @@ def test_bad_rows_are_one_line_errors(rows, capsys):
         (["--rows", "reference", "--profile"], "--rows has none"),
         (["--batch-size", "6", "--bn-splits", "4"], "--batch-size 6 must be a multiple of --bn-splits 4"),
         (["--arch", "resnet1"], "unknown arch 'resnet1'"),
+        (["--rows", "trainer", "--bn-kernel", "triton", "--bn-splits", "1"], "--bn-splits 1 runs plain BN"),
     ],
 )
 def test_bad_flags_fail_before_the_first_row(flags, says, tmp_path, capsys, monkeypatch):
@@ -224,6 +250,25 @@ def test_bad_flags_fail_before_the_first_row(flags, says, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says.format(tmp=tmp_path) in err and err.count("\n") == 1, err
     assert not ran
+
+
+def test_a_bntriton_row_times_the_step_on_split_bns_triton_kernels(tmp_path, monkeypatch):
+    # under the interpreter on the CPU: the row's MoCo runs its split BN in the kernels, and its
+    # settings and JSON say so; a noshuffle row (plain BN) says no kernel
+    pytest.importorskip("triton")
+    from moco_fast.kernels import split_bn_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ran = []
+    real = split_bn_triton._SplitBatchNormTriton.apply
+    monkeypatch.setattr(split_bn_triton._SplitBatchNormTriton, "apply", lambda *a: (ran.append(1), real(*a))[1])
+    out = tmp_path / "bn.json"
+    flags = ["--steps", "1", "--warmup", "0", "--bn-splits", "2", "--json", str(out)]
+    assert throughput.main([*TINY, *flags, "--rows", "trainer:bntriton,trainer:noshuffle"]) == 0
+    bn, plain = json.loads(out.read_text())["rows"]
+    assert (bn["bn_kernel"], plain["bn_kernel"]) == ("triton", None)
+    assert bn["settings"].endswith("split BN triton") and plain["settings"].endswith("no shuffle BN")
+    assert len(ran) == 2 * 20  # one step: resnet18's 20 BN layers in each encoder
 
 
 def test_json_never_replaces_a_run_s_own_files(tmp_path, capsys, monkeypatch):
