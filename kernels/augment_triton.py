@@ -44,10 +44,6 @@ def _luma(r, g, b):
     return _W0 * r + _W1 * g + _W2 * b
 
 
-def _add(a, b):
-    return a + b
-
-
 def _sector(n, h6, minc, cr):
     k = n + h6
     k = k - 6.0 * tl.floor(k / 6.0)  # torch.remainder: the sign of the divisor
@@ -130,7 +126,7 @@ def _mean_luma_body(
     at = _contrast_stage(n, order)
     gr = tl.load(flags + 2 * n + 1) != 0
     HW = layout[0]
-    acc = tl.arange(0, BLOCK).to(tl.float32) * 0.0  # not tl.zeros: see the tl.reduce below
+    acc = tl.arange(0, BLOCK).to(tl.float32) * 0.0  # not tl.zeros (a jit function of triton's: see below)
     for start in range(0, HW, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < HW
@@ -143,9 +139,11 @@ def _mean_luma_body(
                     op = tl.load(order + n * 4 + k)
                     r, g, b = _op(r, g, b, op, tl.load(factors + n * 4 + op), 0.0, USE_HUE)
         acc += tl.where(mask, _luma(r, g, b), 0.0)
-    # tl.reduce with a helper of this module's: tl.sum (a jit function of triton's, built without
-    # the interpreter when triton was imported before TRITON_INTERPRET was set) cannot run under it.
-    tl.store(means + n, tl.reduce(acc, 0, _add) / HW)
+    # Not tl.sum (a jit function of triton's, built without the interpreter when triton was imported
+    # before TRITON_INTERPRET was set, cannot run under it), nor tl.reduce with a helper of this
+    # module's (the interpreter calls it once per element, BLOCK a program); tl.reduce with triton's
+    # own sum combiner, a + b as the helper was (the same reduction compiled), one numpy sum there.
+    tl.store(means + n, tl.reduce(acc, 0, tl.standard._sum_combine) / HW)
 
 
 def _colour_body(
@@ -188,8 +186,7 @@ def _colour_body(
 # The kernels' helpers, jitted per mode with them (jitted_for_mode): until then the module's globals
 # hold the plain functions, after it the current mode's jitted ones.
 _HELPERS = {
-    name: globals()[name]
-    for name in ("_add", "_load_rgb", "_luma", "_sector", "_hue", "_op", "_gray", "_contrast_stage")
+    name: globals()[name] for name in ("_load_rgb", "_luma", "_sector", "_hue", "_op", "_gray", "_contrast_stage")
 }
 _KERNELS: dict[bool, tuple] = {}
 
