@@ -61,12 +61,14 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
-def check_bn_kernel(kernel: str) -> None:
-    """ValueError unless split BN can run `kernel` here: one of BN_KERNELS, and for triton the package
-    and a GPU, or TRITON_INTERPRET=1 (checked when the model is built, before any batch)."""
+def check_bn_kernel(kernel: str, runs: bool = True) -> None:
+    """ValueError unless split BN can run `kernel` here: one of BN_KERNELS, and for triton, where split
+    BN `runs` it, the package and a GPU, or TRITON_INTERPRET=1 (checked when the model is built, before
+    any batch). A model without split BN (one split, several processes, no shuffle BN) runs no kernel:
+    the name is checked, not the machine."""
     if kernel not in BN_KERNELS:
         raise ValueError(f"unknown split BN kernel {kernel!r}; choose from {', '.join(BN_KERNELS)}")
-    if kernel == "triton":
+    if kernel == "triton" and runs:
         check_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"), "split BN's kernel 'triton'")
 
 
@@ -173,7 +175,7 @@ def build_backbone(
 ) -> tuple[nn.Module, int]:
     """A ResNet (`resnet`) without its classifier (`fc` is Identity) and its feature width; with
     bn_splits > 1 its BN layers are SplitBatchNorm2d running `bn_kernel`."""
-    check_bn_kernel(bn_kernel)  # once, and also where no split BN is built
+    check_bn_kernel(bn_kernel, runs=bn_splits > 1)  # once; a wrong name also where no split BN is built
     norm = partial(SplitBatchNorm2d, num_splits=bn_splits, kernel=bn_kernel) if bn_splits > 1 else nn.BatchNorm2d
     net = resnet(arch, norm_layer=norm)
     if stem == "cifar":

@@ -406,3 +406,20 @@ def test_the_triton_kernel_is_refused_when_the_model_is_built_where_it_cannot_ru
     net, _ = build_backbone("resnet18", bn_splits=2, bn_kernel="triton")
     assert {m.kernel for m in net.modules() if isinstance(m, SplitBatchNorm2d)} == {"triton"}
     assert net.state_dict().keys() == build_backbone("resnet18", bn_splits=2)[0].state_dict().keys()
+
+
+def test_a_model_without_split_bn_builds_with_the_triton_kernel_where_it_cannot_run(monkeypatch):
+    # one split, or no shuffle BN (bench/throughput.py's noshuffle row under --bn-kernel triton), or
+    # several processes: no layer runs the kernel, so the machine is not refused; a wrong name still is
+    from moco_fast.backbone import SplitBatchNorm2d, build_backbone
+    from moco_fast.config import build_config
+    from moco_fast.model import MoCo
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    net, _ = build_backbone("resnet18", bn_splits=1, bn_kernel="triton")
+    assert not any(isinstance(m, SplitBatchNorm2d) for m in net.modules())
+    cfg = build_config("v2", {"model.arch": "resnet18", "moco.k": 64, "moco.shuffle_bn": False})
+    MoCo(cfg.model, cfg.moco, 32, bn_kernel="triton")
+    with pytest.raises(ValueError, match="unknown split BN kernel 'cuda'"):
+        build_backbone("resnet18", bn_splits=1, bn_kernel="cuda")
