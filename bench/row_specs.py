@@ -46,11 +46,12 @@ class RowSpec:
     momentum: str
     shuffle_bn: bool = True
     bn_kernel: str = "torch"  # split BN's; a row without split BN (loader, noshuffle, reference) runs none
+    bn_splits: int | None = None  # --bn-splits (None: the preset's, 8); 1 is plain BN, the key shuffle kept
 
     @property
     def split_bn(self) -> bool:
         """Whether the row's step runs split BN (and so its kernel)."""
-        return self.kind in ("trainer", "end-to-end") and self.shuffle_bn
+        return self.kind in ("trainer", "end-to-end") and self.shuffle_bn and self.bn_splits != 1
 
     def settings(self, amp_dtype: torch.dtype | None, workers: int, loader: str) -> str:
         if self.kind == "reference":
@@ -62,14 +63,16 @@ class RowSpec:
             parts.insert(0, f"{loader} loader" + (f", workers {workers}" if loader == "torch" else ""))
         if self.kind != "loader":
             parts += ["compile"] * self.compile + ["cuda graph"] * self.graph + [f"EMA {self.momentum}"]
-            parts.append(f"split BN {self.bn_kernel}" if self.shuffle_bn else "no shuffle BN")
+            if self.split_bn:
+                parts.append(f"split BN {self.bn_kernel}")
+            else:
+                parts.append("no shuffle BN" if not self.shuffle_bn else "plain BN (--bn-splits 1)")
         return ", ".join(parts)
 
 
 def parse_rows(text: str, args: argparse.Namespace) -> list[RowSpec]:
-    base = RowSpec(
-        "", "", args.amp, args.channels_last, args.compile, args.cuda_graph, args.momentum_backend, True, args.bn_kernel
-    )
+    base = RowSpec("", "", args.amp, args.channels_last, args.compile, args.cuda_graph, args.momentum_backend)
+    base = replace(base, bn_kernel=args.bn_kernel, bn_splits=args.bn_splits)
     rows = []
     for item in filter(None, (x.strip() for x in text.split(","))):
         kind, _, mods = item.partition(":")
@@ -94,7 +97,11 @@ def parse_rows(text: str, args: argparse.Namespace) -> list[RowSpec]:
             spec = replace(spec, **MODIFIERS[mod])
         bn_mod = next((m for m in mods.split("+") if m in BN_KERNEL_MODIFIERS), None)
         if bn_mod and not spec.split_bn:
-            what = "the loader row runs no step" if kind == "loader" else "noshuffle runs plain BN"
+            what = (
+                "the loader row runs no step"
+                if kind == "loader"
+                else ("noshuffle" if not spec.shuffle_bn else "--bn-splits 1") + " runs plain BN"
+            )
             raise ConfigError(f"--rows: {item!r}: {bn_mod} chooses split BN's kernel, and {what}")
         rows.append(spec)
     if not rows:

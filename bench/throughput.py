@@ -261,6 +261,8 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
         raise ConfigError(f"--rows names {dup!r} twice")
     if args.loader not in available_loaders():
         raise ConfigError(f"--loader {args.loader!r}: choose from {', '.join(available_loaders())}")
+    if args.bn_kernel == "triton" and args.bn_splits == 1:
+        raise ConfigError("--bn-kernel triton: --bn-splits 1 runs plain BN, with no split BN for its kernel")
     for spec in specs:
         # a row's own +graph or +fp16 on a CPU names the row: "drop --cuda-graph" or "use --amp bf16"
         # would name a flag that was not given
@@ -278,7 +280,7 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
             continue
         resolve_amp(spec.amp, device)
         if spec.split_bn and spec.bn_kernel == "triton":
-            check_split_bn_kernel(spec, args, device)
+            check_split_bn_kernel(spec, device)
         if spec.kind != "loader" and spec.momentum not in MOMENTUM_BACKENDS:
             if spec.momentum not in OPTIONAL_BACKENDS:  # a typo: nothing runs
                 raise ConfigError(
@@ -293,13 +295,12 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
         raise ConfigError("--profile profiles the first eager trainer row, and --rows has none (add trainer)")
 
 
-def check_split_bn_kernel(spec: RowSpec, args: argparse.Namespace, device: torch.device) -> None:
-    """A row on split BN's triton kernel needs split BN (--bn-splits above 1) and a device the kernels
-    run on (a GPU, or the CPU under TRITON_INTERPRET=1)."""
+def check_split_bn_kernel(spec: RowSpec, device: torch.device) -> None:
+    """A row on split BN's triton kernel needs a device the kernels run on (a GPU, or the CPU under
+    TRITON_INTERPRET=1). One without split BN (noshuffle, --bn-splits 1) refused its bntriton in
+    parse_rows; --bn-kernel triton with --bn-splits 1, in check_specs."""
     from moco_fast.kernels.augment_triton import check_device
 
-    if args.bn_splits == 1:
-        raise ConfigError(f"--rows: {spec.name!r}: --bn-splits 1 runs plain BN, with no split BN for its triton kernel")
     try:
         check_device(device, "split BN's kernel 'triton'")
     except ValueError as e:

@@ -182,6 +182,13 @@ def test_rows_and_modifiers():
     assert "split BN torch" in plain.settings(torch.bfloat16, 0, "synthetic")
     ((spec, back),) = [parse("end-to-end,trainer:bntorch", "--bn-kernel", "triton")]
     assert (spec.bn_kernel, back.bn_kernel) == ("triton", "torch")
+    # --bn-splits 1 is plain BN (the key batch still shuffled): no split BN, so no kernel to name or choose
+    (one,) = parse("trainer", "--bn-splits", "1")
+    assert not one.split_bn and one.settings(None, 0, "synthetic").endswith("EMA foreach, plain BN (--bn-splits 1)")
+    with pytest.raises(
+        throughput.ConfigError, match="'trainer:bntorch': bntorch chooses split BN's kernel, and --bn-splits 1 runs"
+    ):
+        parse("trainer:bntorch", "--bn-splits", "1")
 
 
 @pytest.mark.parametrize(
