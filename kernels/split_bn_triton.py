@@ -42,7 +42,9 @@ TILE = 4096  # values per program: a tile of 16 KB of fp32 in registers (4 warps
 CL_CHANNELS = 64  # channels of a channels-last tile at most (a 128 B run of fp16 per row)
 # Under the interpreter each op of each program is a Python call: fewer, larger programs.
 INTERPRET_TILE = 16384
-COMBINE_TILES, COMBINE_CHANNELS = 64, 32  # the partials' combination: tiles by channels a step (128 B rows)
+# The partials' combination: tiles by channels a step (128 B rows); under the interpreter up to
+# INTERPRET_TILE // COMBINE_TILES channels.
+COMBINE_TILES, COMBINE_CHANNELS = 64, 32
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -245,8 +247,11 @@ def _combine(kernel, part: torch.Tensor, t: _Tiles) -> tuple[torch.Tensor, torch
     (x's values / 64 per figure in channels-last)."""
     rows, c = t.args[:2]
     out = torch.empty(2, t.grid[2], c, device=part.device, dtype=part.dtype)
-    grid = (t.grid[2], triton.cdiv(c, COMBINE_CHANNELS))
-    blocks = {"BLOCK_R": t.blocks["BLOCK_R"], "BLOCK_T": COMBINE_TILES, "BLOCK_C": COMBINE_CHANNELS}
+    block_c = COMBINE_CHANNELS
+    if interpreting():  # INTERPRET_TILE values a step: a program costs ~10 ms there, whatever its size
+        block_c = min(triton.next_power_of_2(c), INTERPRET_TILE // COMBINE_TILES)
+    grid = (t.grid[2], triton.cdiv(c, block_c))
+    blocks = {"BLOCK_R": t.blocks["BLOCK_R"], "BLOCK_T": COMBINE_TILES, "BLOCK_C": block_c}
     kernel[grid](part[0], part[1], out[0], out[1], rows, c, t.grid[0], **blocks)
     return out[0], out[1]
 

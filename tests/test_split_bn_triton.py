@@ -33,9 +33,9 @@ def small_tiles(monkeypatch):
     # (the last partly masked at 4 splits) by 4 of the 6 channels, so the partials' combination counts
     monkeypatch.setattr(sbt, "INTERPRET_TILE", 16)
     monkeypatch.setattr(sbt, "CL_CHANNELS", 4)
-    # and the combination takes them 4 tiles by 4 channels a step: several steps, the last partial
+    # and the combination takes them 4 tiles by 4 channels a step (16 values, INTERPRET_TILE's):
+    # several steps, the last partial
     monkeypatch.setattr(sbt, "COMBINE_TILES", 4)
-    monkeypatch.setattr(sbt, "COMBINE_CHANNELS", 4)
 
 
 def spread_batch(fmt: str, dtype=torch.float32, n: int = 8, seed: int = 0) -> torch.Tensor:
@@ -191,6 +191,25 @@ def test_no_torch_op_reads_the_partials(interpret, small_tiles, monkeypatch):
     with Record() as mode:
         sbt.split_batch_norm_triton(x, 2, torch.zeros(C), torch.ones(C), *affine(), 0.1, 1e-5)
     assert read == []
+
+
+def test_the_interpreter_combines_in_few_programs(interpret, monkeypatch):
+    # Under the interpreter a program costs ~10 ms whatever its size: at the compiled 32 channels a
+    # program, combining a 512-channel layer's partials took 16 programs a sub-batch, and the
+    # combination ~40% of the resnet18 step below. INTERPRET_TILE values a program: 64 tiles by 256.
+    grids = []
+    stats, combine, *rest = sbt._kernels()
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return combine[grid]
+
+    monkeypatch.setattr(sbt, "_kernels", lambda: (stats, Recorded(), *rest))
+    for c in (512, 6):
+        x = torch.randn(4, c, 2, 2).contiguous(memory_format=torch.channels_last)
+        sbt.split_batch_norm_triton(x, 2, None, None, None, None, 0.1, 1e-5)
+    assert grids == [(2, 2), (2, 1)]
 
 
 def test_other_strides_are_copied_to_nchw(interpret):
