@@ -19,14 +19,18 @@
 #               DALI/resident GPU paths, ...), test_sync_free.py and test_train.py first: first, so that
 #               a short budget still proves the step sync-free (45 s; DALI's 5 GPU tests: 55 s more;
 #               split BN's CUDA cases and the fused augmentation kernels' compile, added since, not timed)
-#   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256: the reference row,
-#               bf16/fp16 eager, fp16 and the reference without split BN (plain BN, as the official
-#               ImageNet code on one GPU), + CUDA graph, fp16 on split BN's Triton kernels (eager and
-#               graph: trainer:fp16+bntriton, trainer:fp16+graph+bntriton), Triton EMA, then
-#               torch.compile rows (last: each compiles for 1-2 min); a profile breakdown of the first
-#               eager trainer row (7 rows and the profile: 345 s, the compile row not reached; the two
-#               bntriton rows, added since and not timed yet, come before the Triton EMA row, which
-#               the 330 s box may no longer reach)
+#   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256, in the order that
+#               loses the least to a box that runs out: the reference row; fp16 eager on split BN's
+#               torch passes (trainer:fp16, with a profile breakdown), on its Triton kernels (+bntriton)
+#               and on plain BN (+noshuffle, as the official ImageNet code on one GPU); fp16 + CUDA
+#               graph, split BN's torch passes then its Triton kernels; bf16 on split and plain BN
+#               (against fp16: --amp auto); the reference on plain BN; the Triton EMA; bf16 + CUDA
+#               graph; the torch.compile rows last (each compiles for 1-2 min). A row is 10 warm-up and
+#               30 timed steps (2.5-9.5 s at the 60-235 ms steps seen) besides its model, cuDNN's search
+#               or the graph's capture; the profile is 3 steps more. On 2026-11-30, 7 rows and the
+#               profile ran, then the first compile row until the box ended (345 s, the first 3 rows
+#               contended); the 11 rows before the compile rows now, not timed, are expected to take
+#               most of the 330 s box, the compile rows not reached
 #   cifar-speed ResNet-18 CIFAR step (the cifar preset, batch 512) fed by --loader resident from
 #               CIFAR-10: trainer eager / CUDA graph, end-to-end, loader; predicts the 200-epoch wall
 #               time (37 s)
@@ -164,14 +168,17 @@ phase_tests() {
   run tests 200 $PY -m pytest -m "gpu and not slow" "${GPU_TESTS[@]}"
 }
 phase_throughput() {
-  # torch.compile rows last (1-2 min each to compile): a time box that runs out loses only those.
-  # Split BN's Triton kernels (+bntriton) beside its torch passes (trainer:fp16) and plain BN
-  # (+noshuffle), eager and graphed; their compiles fall in the first one's warmup.
-  ROWS=reference,trainer:bf16,trainer:fp16,reference:noshuffle,trainer:fp16+noshuffle,trainer:bf16+graph,trainer:fp16+graph
-  ROWS=$ROWS,trainer:fp16+bntriton,trainer:fp16+graph+bntriton
-  ROWS=$ROWS,trainer:fp16+triton,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
-  # no fp16, graphs, compiles; the bntriton row under the interpreter (TRITON_ENV)
-  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,reference:noshuffle,trainer:bf16+noshuffle,trainer:bf16+bntriton
+  # In the order a time box that runs out loses the least: the reference; split BN's torch passes
+  # (trainer:fp16, the profiled row), its Triton kernels (+bntriton: their compiles fall in the row's
+  # warm-up) and plain BN (+noshuffle), eager then graphed; bf16 against fp16 (which decides --amp
+  # auto), split and plain BN; plain BN's reference (x ref of the +noshuffle rows, which take the
+  # split-BN reference's until it is measured); the Triton EMA (the momentum phase times it alone);
+  # bf16 graphed; the torch.compile rows last (1-2 min each to compile).
+  ROWS=reference,trainer:fp16,trainer:fp16+bntriton,trainer:fp16+noshuffle,trainer:fp16+graph,trainer:fp16+graph+bntriton
+  ROWS=$ROWS,trainer:bf16,trainer:bf16+noshuffle,reference:noshuffle,trainer:fp16+triton,trainer:bf16+graph
+  ROWS=$ROWS,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
+  # the same order with bf16 for fp16, no graphs or compiles; the bntriton row under the interpreter (TRITON_ENV)
+  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,trainer:bf16+bntriton,trainer:bf16+noshuffle,reference:noshuffle
   ROWS=${THROUGHPUT_ROWS:-$ROWS}
   run throughput 330 "${TRITON_ENV[@]}" $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
     --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png" \
