@@ -16,9 +16,11 @@
 #               which split-BN path is fastest (not run on a GPU yet; under a minute expected before
 #               the Triton column, whose compiles, a few a dtype, fall in its warmup: a 90 s box a dtype)
 #   tests       pytest -m "gpu and not slow" (sync-free step, CUDA graph, Triton kernels, resume on CUDA,
-#               DALI/resident GPU paths, ...), test_sync_free.py and test_train.py first: first, so that
-#               a short budget still proves the step sync-free (45 s; DALI's 5 GPU tests: 55 s more;
-#               split BN's CUDA cases and the fused augmentation kernels' compile, added since, not timed)
+#               DALI/resident GPU paths, ...): test_sync_free.py first, so that a short budget still
+#               proves the step sync-free; then the CUDA cases never run on a GPU (split BN's torch and
+#               Triton kernels, the fused augmentation kernels), test_train.py, the rest, DALI's last
+#               (on 2026-11-30: 28 tests in 45 s, DALI's 5 in 55 s more; now 56 and DALI's 48, not
+#               timed, the Triton ones compiling their kernels first)
 #   throughput  bench/throughput.py, synthetic input, ResNet-50 MoCo v2 batch 256, in the order that
 #               loses the least to a box that runs out: the reference row; fp16 eager on split BN's
 #               torch passes (trainer:fp16, with a profile breakdown), on its Triton kernels (+bntriton)
@@ -153,16 +155,21 @@ phase_env() {
       $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
   fi
 }
-# The step's own GPU tests first (files named one by one: pytest would merge a file into a folder
-# given beside it, in the folder's order).
+# Files named one by one (pytest would merge a file into a folder given beside it, in the folder's
+# order), in the order a time box that runs out loses the least: the sync-free step first, then the
+# CUDA cases that never ran on a GPU (split BN's torch and Triton kernels, the fused augmentation
+# kernels), the trainer's, the rest, and DALI's last (48 cases where DALI is importable, 44 of them
+# one image kind each: the first GPU run's one "mixed" case took 35 s).
 # TESTS="tests/test_a.py ..." narrows both test phases to those files (e.g. the DALI tests, once DALI is
 # brought over).
 GPU_TESTS=(-q -rs --durations=8 -p no:cacheprovider --continue-on-collection-errors)
 if [[ -n ${TESTS:-} ]]; then
   GPU_TESTS+=($TESTS)
 else
-  GPU_TESTS+=(tests/test_sync_free.py tests/test_train.py
-    $(ls tests/test_*.py | grep -v -e /test_sync_free.py -e /test_train.py))
+  FIRST=(tests/test_sync_free.py tests/test_split_bn_triton.py tests/test_split_bn.py tests/test_augment_triton.py
+    tests/test_blur_triton.py tests/test_train.py)
+  LAST=(tests/test_dali.py tests/test_dali_inputs.py)
+  GPU_TESTS+=("${FIRST[@]}" $(ls tests/test_*.py | grep -vxF -f <(printf '%s\n' "${FIRST[@]}" "${LAST[@]}")) "${LAST[@]}")
 fi
 phase_tests() {
   run tests 200 $PY -m pytest -m "gpu and not slow" "${GPU_TESTS[@]}"
