@@ -103,7 +103,8 @@ if [[ -n $DRY ]]; then
   MOM=(--device cpu --arch resnet18 --repeats 1 --warmup 0)
   SBN=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --repeats 1 --warmup 0)
   FF=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)  # bench/ffcv_loader.py's rows, whole and aug-*
-  # the Triton rows on the CPU (aug-*-triton: ~40 s; split BN's triton column: ~10 s): the interpreter
+  # the Triton rows on the CPU (aug-*-triton: ~20 s; split BN's triton column: ~10 s; the EMA's: ~10 s
+  # in momentum and in throughput's trainer:bf16+triton): the interpreter
   TRITON_ENV=(env TRITON_INTERPRET=1)
   TRAIN=(--device cpu --epochs 1 --batch-size 64 --moco-k 128 --stem imagenet --workers 0 --knn-every 0)
   KNN=(--device cpu --workers 0)
@@ -184,8 +185,8 @@ phase_throughput() {
   ROWS=reference,trainer:fp16,trainer:fp16+bntriton,trainer:fp16+noshuffle,trainer:fp16+graph,trainer:fp16+graph+bntriton
   ROWS=$ROWS,trainer:bf16,trainer:bf16+noshuffle,reference:noshuffle,trainer:fp16+triton,trainer:bf16+graph
   ROWS=$ROWS,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
-  # the same order with bf16 for fp16, no graphs or compiles; the bntriton row under the interpreter (TRITON_ENV)
-  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,trainer:bf16+bntriton,trainer:bf16+noshuffle,reference:noshuffle
+  # the same order with bf16 for fp16, no graphs or compiles; the Triton rows under the interpreter (TRITON_ENV)
+  [[ -n $DRY ]] && ROWS=reference,trainer:bf16,trainer:bf16+bntriton,trainer:bf16+noshuffle,reference:noshuffle,trainer:bf16+triton
   ROWS=${THROUGHPUT_ROWS:-$ROWS}
   run throughput 330 "${TRITON_ENV[@]}" $PY bench/throughput.py --device cuda --loader synthetic --rows "$ROWS" \
     --steps 30 --warmup 10 --profile --json "$OUT/throughput-synthetic.json" --plot "$OUT/throughput-synthetic.png" \
@@ -221,7 +222,7 @@ phase_splitbn() {
   done
 }
 phase_momentum() {
-  run momentum 90 $PY bench/momentum_kernels.py --json "$OUT/momentum.json" "${MOM[@]}"
+  run momentum 90 "${TRITON_ENV[@]}" $PY bench/momentum_kernels.py --json "$OUT/momentum.json" "${MOM[@]}"
 }
 phase_e2e() {
   run e2e 120 $PY bench/throughput.py --device cuda --loader torch ${E2E_DATA:+--data "$E2E_DATA"} --rows loader,end-to-end,trainer \
