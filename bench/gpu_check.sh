@@ -52,9 +52,14 @@
 #               (a cold torch.compile) (197 s)
 # One 10-minute command does not hold them all. A phase starts only where half its time box is left
 # of BUDGET, its box cut to what is left, so a command never runs past its limit; the phases skipped
-# are named at the end: run those as a second command. At the times above, env, splitbn, tests and
-# throughput (which fills its 330 s box) take 450-510 s (DALI's tests the difference) of the default
-# 570: cifar-speed starts after them only at the lower end.
+# are named at the end: run those as a second command. The first main command is the default's first
+# four, `env splitbn tests throughput`: their boxes (30 + 2 x 90 + 200 + 330 s) hold more than the
+# default BUDGET of 570, so throughput gets what the three before it leave: its whole 330 s where they
+# take 230 s or less (env 6 s, splitbn ~2 x 60 s and tests ~100 s expected), 174 s where splitbn and
+# tests fill their boxes. Throughput fills its box (the compile rows), so cifar-speed follows only
+# where env, splitbn and tests took under ~155 s. The second, `ffcv dali e2e momentum` (DALI brought
+# over; DALI_DATA and E2E_DATA carried), takes ~3 min at the times above (ffcv's 4 rows ~60 s). With
+# the machine's start and the carries, the two take ~14 of a session's 15 minutes.
 # Not in the default list (a command of its own, ~9.5 min):
 #   cifar       the issue-7 target run: `moco-fast train --preset cifar --loader resident` on CIFAR-10,
 #               200 epochs (CIFAR_FLAGS adds flags: --cuda-graph, which the H200's cifar-speed rows
@@ -76,15 +81,21 @@
 # in a process group of its own, so a signal to the script's group misses it). The working tree
 # (counted there as 8-17 MB: p1 with 9 MB more was refused) counts toward each call's 64 MiB.
 # Still owed, in order (a later session takes the next one):
-#   1. splitbn (which split-BN path to keep), tests (split BN's and the fused augmentation kernels'
-#      CUDA cases never ran on a GPU), throughput (all rows, uncontended, after the split-BN rewrite),
-#      dali, e2e, ffcv (the aug-*-triton rows against torch's): issue 6's 3.5x, bf16 against fp16,
-#      compile; issue 3's >= 95% against a fast trainer; issue 4's < 5%
-#   2. cifar with CIFAR_FLAGS=--cuda-graph: issue 7's 200-epoch run; then cifar-lincls
-#   3. tests-slow alone (issue 5's one-worker overhead, measured while the GPU was shared in 2026-11)
+#   1. `env splitbn tests throughput`: which split-BN path to keep (splitbn; the bntriton rows against
+#      trainer:fp16), the CUDA cases never run on a GPU (split BN's torch and Triton kernels, the
+#      bntriton CUDA graph's sync check, the fused augmentation kernels on FFCV's uint8 batch), issue
+#      6's 3.5x and bf16 against fp16, uncontended and after the split-BN rewrite
+#   2. `ffcv dali e2e momentum`: issue 4's < 5% (the aug-*-triton rows against torch's), issue 3's
+#      >= 95% against a fast trainer, the torch loader's batch parts, the EMA backends again (the
+#      Triton EMA's host time removed)
+#   3. the compile rows, which 1's box does not reach (issue 6's compiled figures): `throughput` with
+#      THROUGHPUT_ROWS=reference,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
+#   4. cifar with CIFAR_FLAGS=--cuda-graph: issue 7's 200-epoch run; then cifar-lincls
+#   5. tests-slow alone (issue 5's one-worker overhead, measured while the GPU was shared in 2026-11)
 # Environment: BUDGET, TESTS (test files for tests/tests-slow), THROUGHPUT_ROWS (the throughput
 # phase's --rows), CIFAR_DATA, CIFAR_FLAGS, E2E_DATA, DALI_DATA, FFCV_DATA, PYTHON, OUT, DRY.
-# First here: `DRY=1 bash bench/gpu_check.sh PHASES` (a minute on the CPU) for the phases you will run.
+# First here: `DRY=1 bash bench/gpu_check.sh PHASES` for the phases you will run (the first main
+# command: 1.5-2.5 min on the loaded 2-core CPU, the second ~1.2 min).
 # The machine has no package registry: nothing is installed. Without an installed moco_fast, a
 # symlinked package (moco_fast + loaders/ + kernels/) goes on PYTHONPATH (checked here by a clone
 # run with a Python that has the dependencies but not the project).
