@@ -403,8 +403,9 @@ for f in sorted(out.glob("throughput-*.json")):
         if p and "error" in p:
             print(f"\nprofile of {r['name']}: none ({p['error']})")
         elif p:
-            print(f"\nprofile of {r['name']}: wall {p['wall_ms_per_step']:.1f} ms/step, busy {p['busy_ms_per_step']:.1f}, "
-                  f"gaps {p['gaps_ms_per_step'] or 0:.1f}")
+            gaps = p.get("gaps_ms_per_step")  # None on a CPU (a dry run): its busy time is the ops' own
+            print(f"\nprofile of {r['name']}: wall {p['wall_ms_per_step']:.1f} ms/step, busy {p['busy_ms_per_step']:.1f}"
+                  + ("" if gaps is None else f", gaps {gaps:.1f}"))
             print("  phases: " + ", ".join(f"{k} {v:.2f}" for k, v in p["phases_ms"].items()))
             print("  kernels: " + ", ".join(f"{k} {v:.2f}" for k, v in p["kernels_ms"].items()))
 EOF

@@ -508,14 +508,19 @@ def test_pack_folder_refuses_what_it_cannot_use(tiny_root, tmp_path, capsys):
         inner.unlink(missing_ok=True)
 
 
+def gpu_check_summary(out: Path) -> subprocess.CompletedProcess:
+    """bench/gpu_check.sh's summary (its heredoc) run on the JSON left in `out`."""
+    text = (BENCH / "gpu_check.sh").read_text()
+    start = text.index("\n", text.index("<<'EOF'")) + 1
+    summary = text[start : text.index("\nEOF\n", start)]
+    return subprocess.run([sys.executable, "-", str(out)], input=summary, capture_output=True, text=True)
+
+
 def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
     # The script never runs here (it needs a GPU; `DRY=1` runs it on a CPU in minutes): its shell
     # syntax, and the one table it prints from the JSON the phases leave, are checked.
     script = BENCH / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    text = script.read_text()
-    start = text.index("\n", text.index("<<'EOF'")) + 1  # the heredoc of the summary
-    summary = text[start : text.index("\nEOF\n", start)]
     rows = {"device": {"name": "H100"}, "torch": "2.11"}
     (tmp_path / "throughput-synthetic.json").write_text(
         json.dumps({**rows, "rows": [{"name": "trainer:bf16", "img_per_s": 3000.0, "ms_per_step": 80.0}]})
@@ -551,7 +556,7 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
                 }
             )
         )
-    out = subprocess.run([sys.executable, "-", str(tmp_path)], input=summary, capture_output=True, text=True)
+    out = gpu_check_summary(tmp_path)
     assert out.returncode == 0, out.stderr
     assert "dali: end-to-end = 96.0% of trainer" in out.stdout
     lines = out.stdout.splitlines()
@@ -566,6 +571,27 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
     # fp16 first (the default, and the reference's dtype), then bf16: the files' name order put bf16 first
     fp16, bf16 = (out.stdout.index(f"8 splits, {dtype} channels-last") for dtype in ("fp16", "bf16"))
     assert fp16 < bf16 and "  split      5.00 ms/step, 1.25x plain\n" in out.stdout[bf16:]
+
+
+def test_gpu_check_summary_shows_no_gaps_for_a_cpu_profile(tmp_path):
+    # a dry run's profile is a CPU's: profile_step counts no gaps there (None), which the summary
+    # printed as "gaps 0.0", a figure no profile measured; a GPU profile's gaps are printed
+    cpu = {"wall_ms_per_step": 516.0, "busy_ms_per_step": 474.0, "gaps_ms_per_step": None}
+    gpu = cpu | {"gaps_ms_per_step": 12.5}
+    rows = [
+        {
+            "name": f"trainer:{n}",
+            "img_per_s": 6.3,
+            "ms_per_step": 2542.2,
+            "profile": p | {"phases_ms": {}, "kernels_ms": {}},
+        }
+        for n, p in (("bf16", cpu), ("fp16", gpu))
+    ]
+    (tmp_path / "throughput-synthetic.json").write_text(json.dumps({"device": {}, "torch": "2.14", "rows": rows}))
+    out = gpu_check_summary(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "profile of trainer:bf16: wall 516.0 ms/step, busy 474.0\n" in out.stdout
+    assert "profile of trainer:fp16: wall 516.0 ms/step, busy 474.0, gaps 12.5\n" in out.stdout
 
 
 def test_the_progress_line_shows_a_slow_rows_images_a_second():
