@@ -58,8 +58,8 @@
 # take 230 s or less (env 6 s, splitbn ~2 x 60 s and tests ~100 s expected), 174 s where splitbn and
 # tests fill their boxes. Throughput fills its box (the compile rows), so cifar-speed follows only
 # where env, splitbn and tests took under ~155 s. The second, `ffcv dali e2e momentum` (DALI brought
-# over; DALI_DATA and E2E_DATA carried), takes ~3 min at the times above (ffcv's 4 rows ~60 s). With
-# the machine's start and the carries, the two take ~14 of a session's 15 minutes.
+# over; DALI_DATA and E2E_DATA carried), takes ~3 min at the times above. With the machine's start
+# and the carries, the two take ~14 of a session's 15 minutes.
 # Not in the default list (a command of its own, ~9.5 min):
 #   cifar       the issue-7 target run: `moco-fast train --preset cifar --loader resident` on CIFAR-10,
 #               200 epochs (CIFAR_FLAGS adds flags: --cuda-graph, which the H200's cifar-speed rows
