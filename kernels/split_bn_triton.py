@@ -7,8 +7,9 @@ temporaries; cuDNN's BN of one batch reads x twice forward and (x, dy) twice bac
     1. `_stats_body`: each program reads a tile of BLOCK_R values (rows: a sub-batch's images x
        pixels) by BLOCK_C channels and writes the tile's mean and centred sum of squares (M2);
        `_combine_body` combines the S x tiles x C partials with Chan's formula, one launch where
-       torch took 13 ops. No atomics: the same input gives the same bits. No E[x^2] - E[x]^2: a
-       mean ~100 stds from 0 keeps its variance. Torch makes rstd, scale and shift of the S x C.
+       torch took 13 ops, and makes from them the S x C rstd, scale and shift (7 torch ops
+       before). No atomics: the same input gives the same bits. No E[x^2] - E[x]^2: a mean ~100
+       stds from 0 keeps its variance.
     2. `_apply_body`: y = x * scale + shift, per (sub-batch, channel) scale and shift.
     3. `_grad_sums_body`: the tiles' sum(dy) and sum(dy * xhat), summed by torch over the tiles.
     4. `_dx_body`: dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), means per sub-batch;
@@ -96,18 +97,25 @@ def _stats_body(
 def _combine_body(
     part_mean,
     part_m2,
-    mean,
-    var,
+    out,
+    weight,
+    bias,
+    eps,
     R,
     C,
     TILES,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Sub-batch program_id(0)'s mean and biased variance of BLOCK_C channels from its tiles'
-    partials (S x TILES x C): Chan's formula, M2 = sum of the tiles' M2 + sum of count * (tile mean
-    - mean)^2, the last tile's count being what is left of R rows. Two passes over the tiles."""
+    """Sub-batch program_id(0)'s figures of BLOCK_C channels from its tiles' partials (S x TILES x
+    C): the mean and biased variance by Chan's formula, M2 = sum of the tiles' M2 + sum of count *
+    (tile mean - mean)^2, the last tile's count being what is left of R rows (two passes over the
+    tiles); then what the other kernels take, so that no torch op makes it: rstd, shift0 = -mean *
+    rstd (xhat = x * rstd + shift0), scale and shift (y = x * scale + shift; rstd and shift0 without
+    weight and bias). `out`: those six, S x C each, in that order."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     base = tl.program_id(0) * TILES * C
@@ -127,9 +135,28 @@ def _combine_body(
         at = base + t[:, None] * C + c[None, :]
         d = tl.load(part_mean + at, mask=mask, other=0.0) - mu[None, :]
         m2 += _sum0(tl.load(part_m2 + at, mask=mask, other=0.0) + tl.where(mask, count * d * d, 0.0))
-    out = tl.program_id(0) * C + c
-    tl.store(mean + out, mu, mask=cmask)
-    tl.store(var + out, m2 / R, mask=cmask)
+    var = m2 / R
+    if acc == tl.float64:  # sqrt.rn.f64 and div.rn.f64: correctly rounded
+        rstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        # Both steps correctly rounded (Triton's fp32 sqrt and / are approximate): within ~1 ulp of
+        # 1 / sqrt(var + eps); torch.rsqrt on CUDA is rsqrtf, within 2 ulp
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    shift0 = -mu * rstd
+    scale, shift = rstd, shift0
+    if HAS_WEIGHT:
+        w = tl.load(weight + c, mask=cmask).to(acc)
+        scale, shift = rstd * w, shift0 * w
+    if HAS_BIAS:
+        shift = shift + tl.load(bias + c, mask=cmask).to(acc)
+    at = tl.program_id(0) * C + c
+    figure = tl.num_programs(0) * C  # the S x C of one figure
+    tl.store(out + at, mu, mask=cmask)
+    tl.store(out + figure + at, var, mask=cmask)
+    tl.store(out + 2 * figure + at, rstd, mask=cmask)
+    tl.store(out + 3 * figure + at, shift0, mask=cmask)
+    tl.store(out + 4 * figure + at, scale, mask=cmask)
+    tl.store(out + 5 * figure + at, shift, mask=cmask)
 
 
 def _apply_body(x, y, scale, shift, R, C, HW, M, s_n, s_c, s_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -241,19 +268,21 @@ class _Tiles:
         return torch.empty(2, self.grid[2], self.grid[0], self.args[1], device=x.device, dtype=dtype)
 
 
-def _combine(kernel, part: torch.Tensor, t: _Tiles) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance), S x C, from the tiles' means and M2s (`part`, 2 x S x tiles x C) in
-    one launch of `kernel` (`_combine_body`): torch took 13 small ops, each a pass over the partials
-    (x's values / 64 per figure in channels-last)."""
+def _combine(kernel, part: torch.Tensor, t: _Tiles, weight, bias, eps: float) -> torch.Tensor:
+    """(mean, biased variance, rstd, shift0, scale, shift), 6 x S x C, from the tiles' means and
+    M2s (`part`, 2 x S x tiles x C) in one launch of `kernel` (`_combine_body`): torch took 13 small
+    ops, each a pass over the partials (x's values / 64 per figure in channels-last), and 7 more for
+    the last four."""
     rows, c = t.args[:2]
-    out = torch.empty(2, t.grid[2], c, device=part.device, dtype=part.dtype)
+    out = torch.empty(6, t.grid[2], c, device=part.device, dtype=part.dtype)
     block_c = COMBINE_CHANNELS
     if interpreting():  # INTERPRET_TILE values a step: a program costs ~10 ms there, whatever its size
         block_c = min(triton.next_power_of_2(c), INTERPRET_TILE // COMBINE_TILES)
     grid = (t.grid[2], triton.cdiv(c, block_c))
     blocks = {"BLOCK_R": t.blocks["BLOCK_R"], "BLOCK_T": COMBINE_TILES, "BLOCK_C": block_c}
-    kernel[grid](part[0], part[1], out[0], out[1], rows, c, t.grid[0], **blocks)
-    return out[0], out[1]
+    flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}
+    kernel[grid](part[0], part[1], out, weight, bias, eps, rows, c, t.grid[0], **flags, **blocks)
+    return out
 
 
 class _SplitBatchNormTriton(torch.autograd.Function):
@@ -269,14 +298,7 @@ class _SplitBatchNormTriton(torch.autograd.Function):
         part = t.partials(x, acc)
         acc_tl = getattr(tl, str(acc).removeprefix("torch."))  # tl.float32 or tl.float64
         stats[t.grid](x, part[0], part[1], *t.args, ACC=acc_tl, **t.blocks)
-        mean, var = _combine(combine, part, t)  # S x C
-        rstd = torch.rsqrt(var + eps)
-        shift0 = torch.mul(mean, rstd).neg_()  # xhat = x * rstd + shift0
-        scale, shift = rstd, shift0
-        if weight is not None:
-            scale, shift = rstd * weight.to(acc), shift0 * weight.to(acc)
-        if bias is not None:
-            shift = shift + bias.to(acc)
+        mean, var, rstd, shift0, scale, shift = _combine(combine, part, t, weight, bias, eps)  # S x C each
         y = torch.empty_like(x)  # x's dtype and strides
         apply[t.grid](x, y, scale, shift, *t.args, **t.blocks)
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' gradients

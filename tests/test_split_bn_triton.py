@@ -152,45 +152,74 @@ def test_a_batch_of_1_x_1_images(interpret, small_tiles, fmt):
     assert_as_reference(x, 2, *affine())
 
 
+class TorchOps(TorchDispatchMode):
+    """The torch ops dispatched outside the kernels' launches (the interpreter's copies of a launch's
+    arguments are not the caller's): (name, whether a view, the storages of its tensor arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.launching = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.launching:
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            storages = {a.untyped_storage().data_ptr() for a in tensors}
+            self.ops.append((func.overloadpacket.__name__, func.is_view, storages))
+        return func(*args, **(kwargs or {}))
+
+    def quiet_kernels(self, monkeypatch):
+        """Has `sbt._kernels` give kernels whose launches this mode leaves out."""
+        mode = self
+
+        class Quiet:
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    mode.launching = True
+                    try:
+                        return self.kernel[grid](*args, **kwargs)
+                    finally:
+                        mode.launching = False
+
+                return launch
+
+        kernels = sbt._kernels()
+        monkeypatch.setattr(sbt, "_kernels", lambda: tuple(map(Quiet, kernels)))
+        return self
+
+
 def test_no_torch_op_reads_the_partials(interpret, small_tiles, monkeypatch):
     # The forward's tiles' partials (S x tiles x C per figure; x's values / 64 in channels-last) are
     # read by the kernels alone: Chan's combination was 13 torch ops, each a launch and a pass over
     # them. (The backward's two sums are one torch sum over the tiles.)
     # The partials are told by their storage, whatever view or shape an op takes of them; `made` keeps
     # them alive, so no later tensor gets their memory.
-    made, read = [], []
+    made = []
     partials = sbt._Tiles.partials
     monkeypatch.setattr(sbt._Tiles, "partials", lambda *a: made.append(partials(*a)) or made[-1])
-
-    class Record(TorchDispatchMode):
-        launching = False  # the interpreter's copies of a launch's arguments are not the forward's
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-            ptrs = {p.untyped_storage().data_ptr() for p in made}
-            if not (self.launching or func.is_view) and any(a.untyped_storage().data_ptr() in ptrs for a in tensors):
-                read.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    class Quiet:  # a kernel whose launches Record leaves out
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                mode.launching = True
-                try:
-                    return self.kernel[grid](*args, **kwargs)
-                finally:
-                    mode.launching = False
-
-            return launch
-
-    kernels = sbt._kernels()
-    monkeypatch.setattr(sbt, "_kernels", lambda: tuple(map(Quiet, kernels)))
-    with Record() as mode:
+    with TorchOps().quiet_kernels(monkeypatch) as mode:
         sbt.split_batch_norm_triton(spread_batch("cl"), 2, torch.zeros(C), torch.ones(C), *affine(), 0.1, 1e-5)
-    assert len(made) == 1 and read == []
+    ptrs = {p.untyped_storage().data_ptr() for p in made}
+    assert len(made) == 1 and [name for name, view, used in mode.ops if used & ptrs and not view] == []
+
+
+@pytest.mark.parametrize(("with_weight", "with_bias"), [(True, True), (False, False)])
+def test_the_forward_computes_only_the_running_statistics_in_torch(interpret, monkeypatch, with_weight, with_bias):
+    # The combination kernel writes rstd, shift0, scale and shift too: 7 small torch ops before, each
+    # a launch on a GPU. What torch computes (views and allocations aside) is record_running's update.
+    def computed(ops):
+        return [name for name, view, _ in ops if not view and name not in ("empty", "empty_like", "promote_types")]
+
+    weight, bias = affine()
+    x, params = spread_batch("cl"), (weight if with_weight else None, bias if with_bias else None)
+    running, figures = (torch.zeros(C), torch.ones(C)), (torch.rand(2, C), torch.rand(2, C))
+    with TorchOps().quiet_kernels(monkeypatch) as mode:
+        sbt.split_batch_norm_triton(x, 2, *running, *params, 0.1, 1e-5)
+    with TorchOps() as update:
+        record_running(*running, *figures, 60, 0.1)
+    assert computed(mode.ops) == computed(update.ops) != []
 
 
 def test_the_interpreter_combines_in_few_programs(interpret, monkeypatch):
@@ -289,12 +318,16 @@ def test_sm90_build(monkeypatch, dtype, block_c):
             {"x": x, "dy": x, "dx": x} | dict.fromkeys(("rstd", "shift0", "scale", "mean_dy", "mean_dyx"), f32) | sizes,
             blocks,
         ),
-        (  # fp32 partials whatever x's dtype
-            combine,
-            dict.fromkeys(("part_mean", "part_m2", "mean", "var"), f32) | dict.fromkeys(("R", "C", "TILES"), "i32"),
-            {"BLOCK_R": blocks["BLOCK_R"], "BLOCK_T": sbt.COMBINE_TILES, "BLOCK_C": sbt.COMBINE_CHANNELS},
-        ),
     ]
+    combine_blocks = {"BLOCK_R": blocks["BLOCK_R"], "BLOCK_T": sbt.COMBINE_TILES, "BLOCK_C": sbt.COMBINE_CHANNELS}
+    for has_weight, has_bias in ((True, True), (False, False), (True, False), (False, True)):
+        # fp32 partials whatever x's dtype, fp32 parameters; a None weight or bias is a constexpr
+        params = {name: f32 for name, given in (("weight", has_weight), ("bias", has_bias)) if given}
+        absent = {name: None for name, given in (("weight", has_weight), ("bias", has_bias)) if not given}
+        signature = dict.fromkeys(("part_mean", "part_m2", "out"), f32) | params | {"eps": "fp32"}
+        signature |= dict.fromkeys(("R", "C", "TILES"), "i32")
+        flags = {"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias}
+        builds.append((combine, signature, absent | flags | combine_blocks))
     for fn, signature, consts in builds:
         assert ".entry" in sm90_ptx(fn, signature, consts)
 
