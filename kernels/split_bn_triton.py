@@ -1,4 +1,4 @@
-"""Split BatchNorm's training pass (`split_bn.split_batch_norm`) as five Triton kernels.
+"""Split BatchNorm's training pass (`split_bn.split_batch_norm`) as six Triton kernels.
 
 Why: `split_batch_norm` is a few whole-batch torch passes, ~4 forward and ~6 backward with fp32
 temporaries; cuDNN's BN of one batch reads x twice forward and (x, dy) twice backward. Here, per
@@ -11,9 +11,10 @@ temporaries; cuDNN's BN of one batch reads x twice forward and (x, dy) twice bac
        before). No atomics: the same input gives the same bits. No E[x^2] - E[x]^2: a mean ~100
        stds from 0 keeps its variance.
     2. `_apply_body`: y = x * scale + shift, per (sub-batch, channel) scale and shift.
-    3. `_grad_sums_body`: the tiles' sum(dy) and sum(dy * xhat), summed by torch over the tiles.
-    4. `_dx_body`: dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), means per sub-batch;
-       dweight and dbias are the two sums summed over the sub-batches.
+    3. `_grad_sums_body`: the tiles' sum(dy) and sum(dy * xhat); `_grad_combine_body` sums them
+       over the tiles into their means per sub-batch, and over the sub-batches into dbias and
+       dweight, one launch where torch took 5 ops.
+    4. `_dx_body`: dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), means per sub-batch.
 
 So x is read twice forward and (x, dy) twice backward, with fp32 arithmetic (fp64 for fp64 inputs,
 which gradcheck takes) and outputs in x's dtype and memory format. One kernel per pass serves both
@@ -55,6 +56,14 @@ def _sum0(v):
     # module's (the interpreter calls it once per element: minutes for these tests); tl.reduce with
     # triton's own sum combiner, which the interpreter does as one numpy sum.
     return tl.reduce(v, 0, tl.standard._sum_combine)
+
+
+def _div_rn(a, b):
+    # Correctly rounded: Triton's fp32 / is approximate (div.full.f32), and torch's on CUDA by a
+    # number multiplies by its reciprocal
+    if a.dtype == tl.float64:
+        return a / b  # div.rn.f64
+    return tl.math.div_rn(a, b)
 
 
 def _tile(R, C, HW, M, s_n, s_c, s_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -196,6 +205,50 @@ def _grad_sums_body(
     tl.store(part_dyx + out, _sum0(g * xhat), mask=cmask)
 
 
+def _grad_combine_body(
+    part_dy,
+    part_dyx,
+    means,
+    dweight,
+    dbias,
+    R,
+    C,
+    S,
+    TILES,
+    HAS_DWEIGHT: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """BLOCK_C channels' sums of the tiles' sum(dy) and sum(dy * xhat) (S x TILES x C each): per
+    sub-batch their means over its R values (`means`, 2 x S x C, what `_dx_body` takes), and over
+    the sub-batches dbias and dweight, in their dtypes (None: not wanted). One launch where torch
+    took 5 ops."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    acc = part_dy.dtype.element_ty
+    total_dy = tl.full([BLOCK_C], 0.0, acc)
+    total_dyx = tl.full([BLOCK_C], 0.0, acc)
+    for s in range(0, S):
+        sum_dy = tl.full([BLOCK_C], 0.0, acc)
+        sum_dyx = tl.full([BLOCK_C], 0.0, acc)
+        for t0 in range(0, TILES, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            at = (s * TILES + t[:, None]) * C + c[None, :]
+            mask = (t < TILES)[:, None] & cmask[None, :]
+            sum_dy += _sum0(tl.load(part_dy + at, mask=mask, other=0.0))
+            sum_dyx += _sum0(tl.load(part_dyx + at, mask=mask, other=0.0))
+        rows = tl.full([BLOCK_C], R, acc)
+        tl.store(means + s * C + c, _div_rn(sum_dy, rows), mask=cmask)
+        tl.store(means + (S + s) * C + c, _div_rn(sum_dyx, rows), mask=cmask)
+        total_dy += sum_dy
+        total_dyx += sum_dyx
+    if HAS_DWEIGHT:
+        tl.store(dweight + c, total_dyx.to(dweight.dtype.element_ty), mask=cmask)
+    if HAS_DBIAS:
+        tl.store(dbias + c, total_dy.to(dbias.dtype.element_ty), mask=cmask)
+
+
 def _dx_body(
     x,
     dy,
@@ -228,13 +281,21 @@ def _dx_body(
 
 
 # Jitted per mode with their helpers (momentum_triton.jitted_for_mode, as augment_triton's).
-_HELPERS = {"_sum0": _sum0, "_tile": _tile}
+_HELPERS = {"_sum0": _sum0, "_div_rn": _div_rn, "_tile": _tile}
 _KERNELS: dict[bool, tuple] = {}
 
 
 def _kernels() -> tuple:
     return jitted_for_mode(
-        _KERNELS, globals(), _HELPERS, _stats_body, _combine_body, _apply_body, _grad_sums_body, _dx_body
+        _KERNELS,
+        globals(),
+        _HELPERS,
+        _stats_body,
+        _combine_body,
+        _apply_body,
+        _grad_sums_body,
+        _grad_combine_body,
+        _dx_body,
     )
 
 
@@ -268,6 +329,14 @@ class _Tiles:
         return torch.empty(2, self.grid[2], self.grid[0], self.args[1], device=x.device, dtype=dtype)
 
 
+def _combine_channels(c: int) -> int:
+    """Channels a program of the two combinations takes: COMBINE_CHANNELS; under the interpreter
+    INTERPRET_TILE values a step (a program costs ~10 ms there, whatever its size)."""
+    if interpreting():
+        return min(triton.next_power_of_2(c), INTERPRET_TILE // COMBINE_TILES)
+    return COMBINE_CHANNELS
+
+
 def _combine(kernel, part: torch.Tensor, t: _Tiles, weight, bias, eps: float) -> torch.Tensor:
     """(mean, biased variance, rstd, shift0, scale, shift), 6 x S x C, from the tiles' means and
     M2s (`part`, 2 x S x tiles x C) in one launch of `kernel` (`_combine_body`): torch took 13 small
@@ -275,9 +344,7 @@ def _combine(kernel, part: torch.Tensor, t: _Tiles, weight, bias, eps: float) ->
     the last four."""
     rows, c = t.args[:2]
     out = torch.empty(6, t.grid[2], c, device=part.device, dtype=part.dtype)
-    block_c = COMBINE_CHANNELS
-    if interpreting():  # INTERPRET_TILE values a step: a program costs ~10 ms there, whatever its size
-        block_c = min(triton.next_power_of_2(c), INTERPRET_TILE // COMBINE_TILES)
+    block_c = _combine_channels(c)
     grid = (t.grid[2], triton.cdiv(c, block_c))
     blocks = {"BLOCK_R": t.blocks["BLOCK_R"], "BLOCK_T": COMBINE_TILES, "BLOCK_C": block_c}
     flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}
@@ -285,16 +352,32 @@ def _combine(kernel, part: torch.Tensor, t: _Tiles, weight, bias, eps: float) ->
     return out
 
 
+def _grad_combine(kernel, part: torch.Tensor, t: _Tiles, w_dtype, b_dtype, wanted) -> tuple:
+    """(mean(dy) and mean(dy * xhat), 2 x S x C; dweight; dbias) from the tiles' sums (`part`,
+    2 x S x tiles x C) in one launch of `kernel` (`_grad_combine_body`); dweight (dbias) None where
+    not `wanted` (two bools)."""
+    rows, c = t.args[:2]
+    means = torch.empty(2, t.grid[2], c, device=part.device, dtype=part.dtype)
+    dw, db = (torch.empty(c, device=part.device, dtype=d) if w else None for d, w in zip((w_dtype, b_dtype), wanted))
+    block_c = _combine_channels(c)
+    flags = {"HAS_DWEIGHT": dw is not None, "HAS_DBIAS": db is not None}
+    blocks = {"BLOCK_T": COMBINE_TILES, "BLOCK_C": block_c}
+    kernel[(triton.cdiv(c, block_c),)](
+        part[0], part[1], means, dw, db, rows, c, t.grid[2], t.grid[0], **flags, **blocks
+    )
+    return means, dw, db
+
+
 class _SplitBatchNormTriton(torch.autograd.Function):
     """`split_bn._SplitBatchNorm`'s forward and closed-form backward on a dense N x C x H x W batch,
-    in the five kernels. Saved for backward: x as it came and the S x C figures. once_differentiable,
+    in the six kernels. Saved for backward: x as it came and the S x C figures. once_differentiable,
     as the torch version: no gradient of a gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, num_splits):
         t = _Tiles.of(x, num_splits)
         acc = torch.promote_types(x.dtype, torch.float32)
-        stats, combine, apply, _, _ = _kernels()
+        stats, combine, apply, *_ = _kernels()
         part = t.partials(x, acc)
         acc_tl = getattr(tl, str(acc).removeprefix("torch."))  # tl.float32 or tl.float64
         stats[t.grid](x, part[0], part[1], *t.args, ACC=acc_tl, **t.blocks)
@@ -317,20 +400,14 @@ class _SplitBatchNormTriton(torch.autograd.Function):
         t = ctx.tiles
         if dy.stride() != x.stride():  # the kernels read dy at x's strides
             dy = torch.empty_like(x).copy_(dy)
-        *_, grad_sums, dx_kernel = _kernels()
+        *_, grad_sums, grad_combine, dx_kernel = _kernels()
         part = t.partials(x, rstd.dtype)
         grad_sums[t.grid](x, dy, rstd, shift0, part[0], part[1], *t.args, **t.blocks)
-        sum_dy, sum_dyx = part.sum(2)  # S x C each
-        dx = dw = db = None
+        means, dw, db = _grad_combine(grad_combine, part, t, *ctx.param_dtypes, ctx.needs_input_grad[1:3])
+        dx = None
         if ctx.needs_input_grad[0]:
-            rows = t.args[0]
             dx = torch.empty_like(x)
-            dx_kernel[t.grid](x, dy, dx, rstd, shift0, scale, sum_dy / rows, sum_dyx / rows, *t.args, **t.blocks)
-        w_dtype, b_dtype = ctx.param_dtypes
-        if ctx.needs_input_grad[1]:
-            dw = sum_dyx.sum(0).to(w_dtype)
-        if ctx.needs_input_grad[2]:
-            db = sum_dy.sum(0).to(b_dtype)
+            dx_kernel[t.grid](x, dy, dx, rstd, shift0, scale, means[0], means[1], *t.args, **t.blocks)
         return dx, dw, db, None, None
 
 

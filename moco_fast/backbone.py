@@ -33,7 +33,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
     `training or not track_running_stats` would take (it fails there on the statistics it does not
     have): an evaluation batch, kNN's last, need not divide into the splits.
 
-    `kernel` "triton" runs the training pass in kernels/split_bn_triton.py's five kernels instead
+    `kernel` "triton" runs the training pass in kernels/split_bn_triton.py's six kernels instead
     (opt-in: its GPU speed is unmeasured). An attribute, not state: the state_dict is the same.
     """
 

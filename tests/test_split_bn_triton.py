@@ -193,7 +193,7 @@ class TorchOps(TorchDispatchMode):
 def test_no_torch_op_reads_the_partials(interpret, small_tiles, monkeypatch):
     # The forward's tiles' partials (S x tiles x C per figure; x's values / 64 in channels-last) are
     # read by the kernels alone: Chan's combination was 13 torch ops, each a launch and a pass over
-    # them. (The backward's two sums are one torch sum over the tiles.)
+    # them.
     # The partials are told by their storage, whatever view or shape an op takes of them; `made` keeps
     # them alive, so no later tensor gets their memory.
     made = []
@@ -206,20 +206,28 @@ def test_no_torch_op_reads_the_partials(interpret, small_tiles, monkeypatch):
 
 
 @pytest.mark.parametrize(("with_weight", "with_bias"), [(True, True), (False, False)])
-def test_the_forward_computes_only_the_running_statistics_in_torch(interpret, monkeypatch, with_weight, with_bias):
+def test_torch_computes_only_the_running_statistics(interpret, monkeypatch, with_weight, with_bias):
     # The combination kernel writes rstd, shift0, scale and shift too: 7 small torch ops before, each
-    # a launch on a GPU. What torch computes (views and allocations aside) is record_running's update.
+    # a launch on a GPU. What torch computes (views and allocations aside) is record_running's update;
+    # in the backward nothing: a kernel combines the tiles' sums (5 torch ops before).
     def computed(ops):
         return [name for name, view, _ in ops if not view and name not in ("empty", "empty_like", "promote_types")]
 
     weight, bias = affine()
     x, params = spread_batch("cl"), (weight if with_weight else None, bias if with_bias else None)
     running, figures = (torch.zeros(C), torch.ones(C)), (torch.rand(2, C), torch.rand(2, C))
-    with TorchOps().quiet_kernels(monkeypatch) as mode:
-        sbt.split_batch_norm_triton(x, 2, *running, *params, 0.1, 1e-5)
+    x.requires_grad_()
+    params = tuple(p if p is None else p.requires_grad_() for p in params)
+    mode = TorchOps().quiet_kernels(monkeypatch)
+    with mode:
+        y = sbt.split_batch_norm_triton(x, 2, *running, *params, 0.1, 1e-5)
+    forward, mode.ops, dy = mode.ops, [], torch.randn_like(y)
+    with mode:
+        torch.autograd.grad(y, [x, *(p for p in params if p is not None)], dy)
     with TorchOps() as update:
         record_running(*running, *figures, 60, 0.1)
-    assert computed(mode.ops) == computed(update.ops) != []
+    assert computed(forward) == computed(update.ops) != []
+    assert mode.ops and computed(mode.ops) == []
 
 
 def test_the_interpreter_combines_in_few_programs(interpret, monkeypatch):
@@ -304,7 +312,7 @@ def test_sm90_build(monkeypatch, dtype, block_c):
     # makes an int argument of 1 a constexpr, here the unit stride (a pixel's in NCHW, a channel's
     # in channels-last).
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    stats, combine, apply, grad_sums, dx = sbt._kernels()
+    stats, combine, apply, grad_sums, grad_combine, dx = sbt._kernels()
     unit = "s_p" if block_c == 1 else "s_c"
     sizes = dict.fromkeys({"R", "C", "HW", "M", "s_n", "s_c", "s_p"} - {unit}, "i32")
     blocks = {"BLOCK_R": sbt.TILE // block_c, "BLOCK_C": block_c, unit: 1}
@@ -328,6 +336,13 @@ def test_sm90_build(monkeypatch, dtype, block_c):
         signature |= dict.fromkeys(("R", "C", "TILES"), "i32")
         flags = {"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias}
         builds.append((combine, signature, absent | flags | combine_blocks))
+        # the backward's: fp32 sums, the parameters' gradients in fp32 or left out
+        grads = {name: f32 for name, given in (("dweight", has_weight), ("dbias", has_bias)) if given}
+        absent = {name: None for name, given in (("dweight", has_weight), ("dbias", has_bias)) if not given}
+        signature = dict.fromkeys(("part_dy", "part_dyx", "means"), f32) | grads
+        signature |= dict.fromkeys(("R", "C", "S", "TILES"), "i32")
+        flags = {"HAS_DWEIGHT": has_weight, "HAS_DBIAS": has_bias, "BLOCK_T": sbt.COMBINE_TILES}
+        builds.append((grad_combine, signature, absent | flags | {"BLOCK_C": sbt.COMBINE_CHANNELS}))
     for fn, signature, consts in builds:
         assert ".entry" in sm90_ptx(fn, signature, consts)
 
