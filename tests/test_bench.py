@@ -575,9 +575,12 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
 
 def test_gpu_check_summary_shows_no_gaps_for_a_cpu_profile(tmp_path):
     # a dry run's profile is a CPU's: profile_step counts no gaps there (None), which the summary
-    # printed as "gaps 0.0", a figure no profile measured; a GPU profile's gaps are printed
+    # printed as "gaps 0.0", a figure no profile measured; a GPU profile's gaps are printed, 0.0
+    # included (a measured figure: profile_step clamps at 0 a step whose kernels' times add up to its
+    # wall time or more, as kernels on several streams can)
     cpu = {"wall_ms_per_step": 516.0, "busy_ms_per_step": 474.0, "gaps_ms_per_step": None}
     gpu = cpu | {"gaps_ms_per_step": 12.5}
+    busy = cpu | {"gaps_ms_per_step": 0.0}
     rows = [
         {
             "name": f"trainer:{n}",
@@ -585,13 +588,14 @@ def test_gpu_check_summary_shows_no_gaps_for_a_cpu_profile(tmp_path):
             "ms_per_step": 2542.2,
             "profile": p | {"phases_ms": {}, "kernels_ms": {}},
         }
-        for n, p in (("bf16", cpu), ("fp16", gpu))
+        for n, p in (("bf16", cpu), ("fp16", gpu), ("fp16+noshuffle", busy))
     ]
     (tmp_path / "throughput-synthetic.json").write_text(json.dumps({"device": {}, "torch": "2.14", "rows": rows}))
     out = gpu_check_summary(tmp_path)
     assert out.returncode == 0, out.stderr
     assert "profile of trainer:bf16: wall 516.0 ms/step, busy 474.0\n" in out.stdout
     assert "profile of trainer:fp16: wall 516.0 ms/step, busy 474.0, gaps 12.5\n" in out.stdout
+    assert "profile of trainer:fp16+noshuffle: wall 516.0 ms/step, busy 474.0, gaps 0.0\n" in out.stdout
 
 
 def test_the_progress_line_shows_a_slow_rows_images_a_second():
