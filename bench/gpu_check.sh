@@ -56,10 +56,12 @@
 # four, `env splitbn tests throughput`: their boxes (30 + 2 x 90 + 200 + 330 s) hold more than the
 # default BUDGET of 570, so throughput gets what the three before it leave: its whole 330 s where they
 # take 230 s or less (env 6 s, splitbn ~2 x 60 s and tests ~100 s expected), 174 s where splitbn and
-# tests fill their boxes. Throughput fills its box (the compile rows), so cifar-speed follows only
-# where env, splitbn and tests took under ~155 s. The second, `ffcv dali e2e momentum` (DALI brought
-# over; DALI_DATA and E2E_DATA carried), takes ~3 min at the times above. With the machine's start
-# and the carries, the two take ~14 of a session's 15 minutes.
+# tests fill their boxes, only 9 s above the 165 s (half its box) it needs to start: a phase stopped
+# at its box's end may run up to 15 s more (timeout's --kill-after): 10 s of them skip throughput.
+# Throughput fills its box (the compile rows), so cifar-speed follows only where env, splitbn and
+# tests took under ~155 s. The second, `ffcv dali e2e momentum` (DALI brought over; DALI_DATA and
+# E2E_DATA carried), takes ~3 min at the times above. With the machine's start and the carries, the
+# two take ~14 of a session's 15 minutes.
 # Not in the default list (a command of its own, ~9.5 min):
 #   cifar       the issue-7 target run: `moco-fast train --preset cifar --loader resident` on CIFAR-10,
 #               200 epochs (CIFAR_FLAGS adds flags: --cuda-graph, which the H200's cifar-speed rows
