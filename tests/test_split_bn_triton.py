@@ -9,6 +9,7 @@ kernels on CUDA where there is one.
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 triton = pytest.importorskip("triton")
 
@@ -162,7 +163,8 @@ class TorchOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.launching:
-            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            # every tensor argument, also one in a list (cat, stack, foreach ops)
+            tensors = [a for a in tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
             storages = {a.untyped_storage().data_ptr() for a in tensors}
             self.ops.append((func.overloadpacket.__name__, func.is_view, storages))
         return func(*args, **(kwargs or {}))
@@ -194,8 +196,8 @@ def test_no_torch_op_reads_the_partials(interpret, small_tiles, monkeypatch):
     # The forward's tiles' partials (S x tiles x C per figure; x's values / 64 in channels-last) are
     # read by the kernels alone: Chan's combination was 13 torch ops, each a launch and a pass over
     # them.
-    # The partials are told by their storage, whatever view or shape an op takes of them; `made` keeps
-    # them alive, so no later tensor gets their memory.
+    # The partials are told by their storage, whatever view or shape an op takes of them, also in a
+    # list (cat, stack); `made` keeps them alive, so no later tensor gets their memory.
     made = []
     partials = sbt._Tiles.partials
     monkeypatch.setattr(sbt._Tiles, "partials", lambda *a: made.append(partials(*a)) or made[-1])
