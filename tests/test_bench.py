@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -508,12 +509,13 @@ def test_pack_folder_refuses_what_it_cannot_use(tiny_root, tmp_path, capsys):
         inner.unlink(missing_ok=True)
 
 
-def gpu_check_summary(out: Path) -> subprocess.CompletedProcess:
-    """bench/gpu_check.sh's summary (its heredoc) run on the JSON left in `out`."""
+def gpu_check_summary(out: Path, since: float = 0.0) -> subprocess.CompletedProcess:
+    """bench/gpu_check.sh's summary (its heredoc) run on the JSON left in `out`, by a command that
+    began at `since` (epoch seconds: every file is this command's by default)."""
     text = (BENCH / "gpu_check.sh").read_text()
     start = text.index("\n", text.index("<<'EOF'")) + 1
     summary = text[start : text.index("\nEOF\n", start)]
-    return subprocess.run([sys.executable, "-", str(out)], input=summary, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-", str(out), str(since)], input=summary, capture_output=True, text=True)
 
 
 def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
@@ -571,6 +573,41 @@ def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
     # fp16 first (the default, and the reference's dtype), then bf16: the files' name order put bf16 first
     fp16, bf16 = (out.stdout.index(f"8 splits, {dtype} channels-last") for dtype in ("fp16", "bf16"))
     assert fp16 < bf16 and "  split      5.00 ms/step, 1.25x plain\n" in out.stdout[bf16:]
+
+
+def test_gpu_check_summary_sets_each_ffcv_row_against_one_step_of_its_own_command(tmp_path):
+    # The plan's two commands on a warm machine write into one $OUT: command 1's throughput-synthetic
+    # (trainer:bf16, trainer:fp16), then command 2's ffcv.json and e2e's throughput-torch (trainer).
+    # The summary printed each augmentation row once per step it found, three lines a row.
+    def write(name, rows, age):
+        f = tmp_path / name
+        f.write_text(json.dumps({"device": {}, "torch": "2.11", "rows": rows}))
+        os.utime(f, (now - age, now - age))
+
+    now = time.time()
+    step = lambda name, ms: {"name": name, "img_per_s": 1000.0, "ms_per_step": ms}  # noqa: E731
+    aug = [{"row": f"aug-{n}", "img_per_s": 1e5, "ms_per_batch": 2.0} for n in ("sample", "batch")]
+
+    def ffcv_lines(since):
+        out = gpu_check_summary(tmp_path, since)
+        assert out.returncode == 0, out.stderr
+        return [x.strip() for x in out.stdout.splitlines() if x.startswith("  ffcv ")]
+
+    write("throughput-synthetic.json", [step("trainer:bf16", 80.0), step("trainer:fp16", 90.0)], 3600)
+    write("ffcv.json", aug, 100)
+    write("throughput-torch.json", [step("trainer", 100.0)], 10)
+    # command 2's summary: its own step (e2e's), not command 1's
+    assert ffcv_lines(now - 300) == [
+        f"ffcv aug-{n}: 2.00 ms = 2.0% of the trainer step (100.0 ms); 100,000 img/s" for n in ("sample", "batch")
+    ]
+    # one command that wrote them all: throughput's bf16 row first, as before
+    assert ffcv_lines(now - 7200) == [
+        f"ffcv aug-{n}: 2.00 ms = 2.5% of the trainer:bf16 step (80.0 ms); 100,000 img/s" for n in ("sample", "batch")
+    ]
+    # a third command rewrote throughput-synthetic (the compile rows): ffcv.json is command 2's, as e2e's step is
+    write("throughput-synthetic.json", [step("trainer:bf16", 70.0)], 0)
+    write("throughput-torch.json", [step("trainer", 100.0)], 200)
+    assert ffcv_lines(now - 60)[0] == "ffcv aug-sample: 2.00 ms = 2.0% of the trainer step (100.0 ms); 100,000 img/s"
 
 
 def test_gpu_check_summary_shows_no_gaps_for_a_cpu_profile(tmp_path):
