@@ -43,6 +43,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         self.num_splits = num_splits
         self.kernel = kernel
 
+    def extra_repr(self) -> str:
+        # nn.BatchNorm2d's fields, then what the training pass runs: print(model) would otherwise show
+        # a split BN layer as a plain one, whatever --bn-splits or bn_kernel built
+        return f"{super().extra_repr()}, num_splits={self.num_splits}, kernel={self.kernel!r}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1 or not x.numel():
             # an empty batch: nothing to normalise, and the statistics kernel would record 0 / 0

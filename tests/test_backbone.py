@@ -50,6 +50,22 @@ def test_conv_is_nn_conv2d(size, kernel, stride, padding):
     )
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_a_printed_model_says_how_its_bn_layers_split_and_what_runs_them(kernel, monkeypatch):
+    # print(model) showed a split BN layer as nn.BatchNorm2d's repr under another name: neither
+    # --bn-splits nor bn_kernel could be checked there
+    if kernel == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # builds on the CPU; nothing runs here
+    net, _ = build_backbone("resnet18", "cifar", bn_splits=4, bn_kernel=kernel)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns
+    for bn in bns:  # BatchNorm's own fields (they vary with the torch version) unchanged, then split BN's two
+        plain = nn.BatchNorm2d(bn.num_features).extra_repr()
+        assert repr(bn) == f"SplitBatchNorm2d({plain}, num_splits=4, kernel='{kernel}')"
+    assert str(net).count(f", num_splits=4, kernel='{kernel}')\n") == len(bns)  # and so print(model)
+
+
 def test_the_papers_wider_resnet50s_are_every_layer_k_times_wider():
     # R50w2x (MoCo Table 1, after Kolesnikov et al.): every tensor of torchvision's ResNet-50 under
     # the same name, its channel counts times 2 (the stem's output too; its 3 input channels stay)
