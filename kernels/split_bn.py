@@ -146,10 +146,16 @@ class _SplitBatchNorm(torch.autograd.Function):
         var, mean = _stats(xs, welford=xs.is_cuda)  # S x 1 x C x 1 x 1
         rstd = torch.rsqrt(var + eps)
         shift0 = torch.mul(mean, rstd).neg_()  # xhat = x * rstd + shift0
-        scale = rstd if weight is None else rstd * weight.view(-1, 1, 1)
-        shift = shift0 if bias is None else torch.addcmul(bias.view(-1, 1, 1), shift0, weight.view(-1, 1, 1))
+        w, b = (None if t is None else t.view(-1, 1, 1) for t in (weight, bias))
+        scale = rstd if w is None else rstd * w
+        # y = xhat * w + b: shift0 * w + b, each term where given (one op for both, as the model has)
+        if b is None:
+            shift = shift0 if w is None else shift0 * w
+        else:
+            shift = shift0 + b if w is None else torch.addcmul(b, shift0, w)
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' gradients
         ctx.save_for_backward(xs, rstd, shift0, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
         return _addcmul_like(xs, shift, xs, scale), mean, var
 
@@ -171,7 +177,7 @@ class _SplitBatchNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dw = sum_dy_xhat.sum(0).flatten().to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            db = sum_dy.sum(0).flatten().to(weight.dtype)
+            db = sum_dy.sum(0).flatten().to(ctx.bias_dtype)
         return dx, dw, db, None
 
 

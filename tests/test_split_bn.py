@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ON_GPU
-from moco_fast.kernels.split_bn import _SplitBatchNorm, _stats, split_batch_norm_reference, split_batch_norm_regroup
+from moco_fast.kernels.split_bn import (
+    _SplitBatchNorm,
+    _stats,
+    split_batch_norm,
+    split_batch_norm_reference,
+    split_batch_norm_regroup,
+)
 from torch import nn
 
 from moco_fast.backbone import SplitBatchNorm2d
@@ -218,6 +224,23 @@ def test_the_closed_form_backward_is_the_gradient(affine):
     affine_args = (torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64))
     args = (xs, *(t.requires_grad_() for t in affine_args)) if affine else (xs, None, None)
     assert torch.autograd.gradcheck(lambda *a: _SplitBatchNorm.apply(*a, 1e-5)[0], args)
+
+
+@pytest.mark.parametrize(("with_weight", "with_bias"), [(True, False), (False, True)])
+def test_a_weight_without_a_bias_and_a_bias_without_a_weight(with_weight, with_bias):
+    # F.batch_norm takes either alone; the shift was shift0 without a bias (a weight's output off by
+    # mean * rstd * (1 - weight)), and a bias without a weight raised on weight.view / weight.dtype
+    torch.manual_seed(0)
+    x = spread_batch(8).requires_grad_()
+    weight, bias = torch.rand(3) + 0.5, torch.randn(3)
+    params = [t.requires_grad_() if given else None for t, given in ((weight, with_weight), (bias, with_bias))]
+    got = split_batch_norm(x, 2, None, None, *params, 0.1, 1e-5)
+    want = torch.cat([F.batch_norm(c, None, None, *params, True) for c in x.chunk(2)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    inputs = [x, *(p for p in params if p is not None)]
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
 def test_split_bn_eval_is_plain_bn_and_rejects_spread_batches():
