@@ -69,7 +69,7 @@ def _combine_body(
     out,
     weight,
     bias,
-    eps,
+    eps: tl.float64,  # unannotated, a launch takes a Python float as fp32: 1e-5 off by 2.5e-14 in fp64
     R,
     C,
     TILES,
@@ -105,12 +105,13 @@ def _combine_body(
         d = tl.load(part_mean + at, mask=mask, other=0.0) - mu[None, :]
         m2 += _sum0(tl.load(part_m2 + at, mask=mask, other=0.0) + tl.where(mask, count * d * d, 0.0))
     var = m2 / R
+    var_eps = (var + eps).to(acc)  # an fp32 var + the fp64 eps is fp64 (compiled): rounded back once
     if acc == tl.float64:  # sqrt.rn.f64 and div.rn.f64: correctly rounded
-        rstd = 1.0 / tl.sqrt(var + eps)
+        rstd = 1.0 / tl.sqrt(var_eps)
     else:
         # Both steps correctly rounded (Triton's fp32 sqrt and / are approximate): within ~1 ulp of
         # 1 / sqrt(var + eps); torch.rsqrt on CUDA is rsqrtf, within 2 ulp
-        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var_eps))
     shift0 = -mu * rstd
     scale, shift = rstd, shift0
     if HAS_WEIGHT:

@@ -334,7 +334,7 @@ def test_sm90_build(monkeypatch, dtype, block_c):
         # fp32 partials whatever x's dtype, fp32 parameters; a None weight or bias is a constexpr
         params = {name: f32 for name, given in (("weight", has_weight), ("bias", has_bias)) if given}
         absent = {name: None for name, given in (("weight", has_weight), ("bias", has_bias)) if not given}
-        signature = dict.fromkeys(("part_mean", "part_m2", "out"), f32) | params | {"eps": "fp32"}
+        signature = dict.fromkeys(("part_mean", "part_m2", "out"), f32) | params | {"eps": "fp64"}
         signature |= dict.fromkeys(("R", "C", "TILES"), "i32")
         flags = {"HAS_WEIGHT": has_weight, "HAS_BIAS": has_bias}
         builds.append((combine, signature, absent | flags | combine_blocks))
@@ -347,6 +347,22 @@ def test_sm90_build(monkeypatch, dtype, block_c):
         builds.append((grad_combine, signature, absent | flags | {"BLOCK_C": sbt.COMBINE_CHANNELS}))
     for fn, signature, consts in builds:
         assert ".entry" in sm90_ptx(fn, signature, consts)
+
+
+@pytest.mark.parametrize("acc", ["fp32", "fp64"])
+def test_eps_reaches_the_combination_in_fp64(monkeypatch, acc):
+    # A launch types a Python float argument fp32 unless its parameter says otherwise: eps 1e-5 was
+    # 9.99999975e-06 in the compiled fp64 combination (gradcheck's dtype; the interpreter keeps the
+    # float, so the tests under it cannot see this). Annotated fp64, it is eps for fp64 partials and
+    # rounds once with the variance for fp32 ones: both build for sm_90.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    combine = sbt._kernels()[1]
+    assert {p.name: p.annotation_type for p in combine.params}["eps"] == "fp64"
+    signature = dict.fromkeys(("part_mean", "part_m2", "out"), f"*{acc}") | {"eps": "fp64"}
+    signature |= dict.fromkeys(("R", "C", "TILES"), "i32")
+    consts = {"weight": None, "bias": None, "HAS_WEIGHT": False, "HAS_BIAS": False, "BLOCK_R": sbt.TILE}
+    consts |= {"BLOCK_T": sbt.COMBINE_TILES, "BLOCK_C": sbt.COMBINE_CHANNELS}
+    assert ".entry" in sm90_ptx(combine, signature, consts)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
