@@ -194,6 +194,7 @@ def split_batch_norm_triton(
     _check(x)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()  # a copy: the kernels take the two dense layouts
+    weight, bias = (t if t is None else t.contiguous() for t in (weight, bias))  # read at stride 1
     y, mean, var = _SplitBatchNormTriton.apply(x, weight, bias, eps, num_splits)
     record_running(running_mean, running_var, mean, var, x.numel() // mean.numel(), momentum)
     return y

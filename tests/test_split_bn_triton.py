@@ -277,6 +277,20 @@ def test_a_gradient_in_other_strides(interpret):
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_weight_and_bias_of_other_strides(interpret):
+    # F.batch_norm takes parameters of any strides; the combination kernel reads them at stride 1
+    # (every other channel's here, before they were copied)
+    x = spread_batch("cl").requires_grad_()
+    leaves = [torch.stack([t, -t], 1).flatten().requires_grad_() for t in affine()]
+    weight, bias = (t[::2] for t in leaves)
+    g = torch.randn(x.shape)
+    y = sbt.split_batch_norm_triton(x, 2, None, None, weight, bias, 0.1, 1e-5)
+    y_ref = split_batch_norm_reference(x, 2, torch.zeros(C), torch.ones(C), weight, bias, 0.1, 1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(*(torch.autograd.grad(t, [x, *leaves], g) for t in (y, y_ref)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_the_same_errors_as_split_batch_norm(interpret):
     for x, s in ((torch.randn(6, 3, 2, 2), 4), (torch.randn(4, 3, 1, 1), 4)):
         with pytest.raises(ValueError) as want:
