@@ -5,15 +5,15 @@
 
 Candidates: `plain` (F.batch_norm on the whole batch: no sub-batches, the floor of what emulating
 shuffle BN can cost), `split` (split_batch_norm, the model's path: whole-batch passes), `reference`
-(split_batch_norm_reference: F.batch_norm per sub-batch, the path before it) and `regroup`
+(split_batch_norm_reference: F.batch_norm per sub-batch, the path before it), `regroup`
 (split_batch_norm_regroup: the official CIFAR demo's one F.batch_norm on N/S x S*C channels; a
 channels-last batch is copied in and out, and that is timed too) and `triton`
 (split_batch_norm_triton: the same as `split` in six Triton kernels, x read twice forward and
 (x, dy) twice backward; on a CUDA device, or on the CPU under TRITON_INTERPRET=1, where it is left
-out of the default rows otherwise). The shapes come from the encoder
-itself, run on the meta device; each shape's time counts once per layer that has it, so a column's
-total is its ms per step of all BN layers of the query encoder's forward + backward (the key
-encoder's forward, without backward, is not in it).
+out of the default rows otherwise). The shapes come from the encoder itself, run on the meta
+device; each shape's time counts once per layer that has it, so a column's total is its ms per step
+of all BN layers of the query encoder's forward + backward (the key encoder's forward, without
+backward, is not in it).
 """
 
 from __future__ import annotations
