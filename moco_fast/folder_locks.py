@@ -1,8 +1,9 @@
 """The flocks that keep a second command out of what one is writing: a run folder (`train`, a sweep),
 held on the folder itself, and a lock file beside an output (lincls, finetune, convert's DST). Each
-makes the folders it needs, and removes those it made and left empty when the command fails before
-writing; a forked child (a DataLoader worker) closes its copies, and a `train --gpus N` launcher hands
-its hold to its workers (FolderHold). What a run folder holds and who may write it: run_folder."""
+names its holder to the one it refuses (a folder's in a hidden file in it, HOLDER_NAME), makes the
+folders it needs, and removes those it made and left empty when the command fails before writing; a
+forked child (a DataLoader worker) closes its copies, and a `train --gpus N` launcher hands its hold
+to its workers (FolderHold). What a run folder holds and who may write it: run_folder."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ log = logging.getLogger("moco_fast")
 
 
 class RunFolderBusy(RuntimeError):
-    """Another `train` is writing to the same --out (or another lincls / finetune to the same result,
-    another convert to the same DST)."""
+    """Another `train` or sweep is writing to the same --out (or another lincls / finetune to the same
+    result, another convert to the same DST)."""
 
 
 _HELD: set[int] = set()  # the locks (run folders, lock files) this process holds
