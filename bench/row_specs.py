@@ -1,6 +1,7 @@
 """The rows of bench/throughput.py: `--rows` (loader, trainer, end-to-end, reference, each with
 modifiers after a colon joined by '+') parsed into one RowSpec each, checked for contradictions
-within a row. What a row needs of the machine is checked by throughput.check_specs."""
+within a row and for split BN's kernel (bntorch, bntriton) on a row that runs no split BN. What a
+row needs of the machine is checked by throughput.check_specs."""
 
 from __future__ import annotations
 
