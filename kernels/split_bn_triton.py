@@ -4,16 +4,16 @@ Why: `split_batch_norm` is a few whole-batch torch passes, ~4 forward and ~6 bac
 temporaries; cuDNN's BN of one batch reads x twice forward and (x, dy) twice backward. Here, per
 (sub-batch, channel), as cuDNN does per batch:
 
-    1. `_stats_body`: each program reads a tile of BLOCK_R values (rows: a sub-batch's images x
-       pixels) by BLOCK_C channels and writes the tile's mean and centred sum of squares (M2);
-       `_combine_body` combines the S x tiles x C partials with Chan's formula, one launch where
-       torch took 13 ops, and makes from them the S x C rstd, scale and shift (7 torch ops
-       before). No atomics: the same input gives the same bits. No E[x^2] - E[x]^2: a mean ~100
+    1. `_stats_body`: each program reads ROW_STEPS consecutive tiles of BLOCK_R values (rows: a
+       sub-batch's images x pixels) by BLOCK_C channels, merges their means and centred sums of
+       squares (M2) in registers (Chan's formula) and writes the group's; `_combine_body` combines
+       the S x groups x C partials with Chan's formula, one launch where torch took 13 ops, and
+       makes from them the S x C rstd, scale and shift (7 torch ops before). No atomics: the same input gives the same bits. No E[x^2] - E[x]^2: a mean ~100
        stds from 0 keeps its variance.
     2. `_apply_body`: y = x * scale + shift, per (sub-batch, channel) scale and shift.
-    3. `_grad_sums_body`: the tiles' sum(dy) and sum(dy * xhat); `_grad_combine_body` sums them
-       over the tiles into their means per sub-batch, and over the sub-batches into dbias and
-       dweight, one launch where torch took 5 ops.
+    3. `_grad_sums_body`: sum(dy) and sum(dy * xhat) over ROW_STEPS tiles a program;
+       `_grad_combine_body` sums them over the groups into their means per sub-batch, and over the
+       sub-batches into dbias and dweight, one launch where torch took 5 ops.
     4. `_dx_body`: dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), means per sub-batch.
 
 So x is read twice forward and (x, dy) twice backward, with fp32 arithmetic (fp64 for fp64 inputs,
@@ -48,7 +48,11 @@ TILE = 4096  # values per program: a tile of 16 KB of fp32 in registers (4 warps
 CL_CHANNELS = 64  # channels of a channels-last tile at most (a 128 B run of fp16 per row)
 # Under the interpreter each op of each program is a Python call: fewer, larger programs.
 INTERPRET_TILE = 16384
-# The partials' combination: tiles by channels a step (128 B rows); under the interpreter up to
+# Row tiles a statistics or grad-sums program walks, merging them in registers into one partial: the
+# partials and the combinations' work ROW_STEPS-fold fewer (ResNet-50's stem at batch 256, 8 splits:
+# 392 groups a sub-batch, not 6272 tiles), programs still many (3136 there). A guess: not timed on a GPU.
+ROW_STEPS = 16
+# The partials' combination: groups by channels a step (128 B rows); under the interpreter up to
 # INTERPRET_TILE // COMBINE_TILES channels.
 COMBINE_TILES, COMBINE_CHANNELS = 64, 32
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -58,11 +62,15 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class _Tiles:
     """How the kernels cut a dense N x C x H x W batch into S sub-batches: their geometry arguments
     (R = values per channel in a sub-batch, C, HW, M = images per sub-batch, and the strides of an
-    image, a channel and a pixel), the grid (row tiles, channel tiles, S) and the tile's constexprs."""
+    image, a channel and a pixel), the grid (row tiles, channel tiles, S) and the tile's constexprs;
+    `groups`, the statistics' and grad sums' grid: `row_steps` (ROW_STEPS) row tiles a program, one
+    partial each."""
 
     args: tuple[int, ...]
     grid: tuple[int, int, int]
     blocks: dict[str, int]
+    groups: tuple[int, int, int]
+    row_steps: int
 
     @classmethod
     def of(cls, x: torch.Tensor, s: int) -> _Tiles:
@@ -77,11 +85,22 @@ class _Tiles:
         # a pixel's stride: W's, or H's where W is 1 (the stride of a size-1 dimension is arbitrary)
         args = (m * hw, c, hw, m, s_n, s_c, s_w if w > 1 else s_h)
         grid = (triton.cdiv(m * hw, block_r), triton.cdiv(c, block_c), s)
-        return cls(args, grid, {"BLOCK_R": block_r, "BLOCK_C": block_c})
+        groups = (triton.cdiv(grid[0], ROW_STEPS), *grid[1:])
+        return cls(args, grid, {"BLOCK_R": block_r, "BLOCK_C": block_c}, groups, ROW_STEPS)
+
+    @property
+    def sums_blocks(self) -> dict[str, int]:
+        """The statistics' and grad sums' constexprs: the tile's and ROW_STEPS."""
+        return self.blocks | {"ROW_STEPS": self.row_steps}
+
+    @property
+    def group_rows(self) -> int:
+        """Rows of a partial: ROW_STEPS tiles' (what is left of R in the last group)."""
+        return self.blocks["BLOCK_R"] * self.row_steps
 
     def partials(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """2 x S x row tiles x C, for a pass's two per-tile figures."""
-        return torch.empty(2, self.grid[2], self.grid[0], self.args[1], device=x.device, dtype=dtype)
+        """2 x S x groups x C, for a pass's two per-group figures."""
+        return torch.empty(2, self.groups[2], self.groups[0], self.args[1], device=x.device, dtype=dtype)
 
 
 def _combine_channels(c: int) -> int:
@@ -93,23 +112,23 @@ def _combine_channels(c: int) -> int:
 
 
 def _combine(kernel, part: torch.Tensor, t: _Tiles, weight, bias, eps: float) -> torch.Tensor:
-    """(mean, biased variance, rstd, shift0, scale, shift), 6 x S x C, from the tiles' means and
-    M2s (`part`, 2 x S x tiles x C) in one launch of `kernel` (`_combine_body`): torch took 13 small
-    ops, each a pass over the partials (x's values / 64 per figure in channels-last), and 7 more for
-    the last four."""
+    """(mean, biased variance, rstd, shift0, scale, shift), 6 x S x C, from the groups' means and
+    M2s (`part`, 2 x S x groups x C) in one launch of `kernel` (`_combine_body`): torch took 13 small
+    ops, each a pass over the partials (x's values / (64 * ROW_STEPS) per figure in channels-last),
+    and 7 more for the last four."""
     rows, c = t.args[:2]
     out = torch.empty(6, t.grid[2], c, device=part.device, dtype=part.dtype)
     block_c = _combine_channels(c)
     grid = (t.grid[2], triton.cdiv(c, block_c))
-    blocks = {"BLOCK_R": t.blocks["BLOCK_R"], "BLOCK_T": COMBINE_TILES, "BLOCK_C": block_c}
+    blocks = {"GROUP_R": t.group_rows, "BLOCK_T": COMBINE_TILES, "BLOCK_C": block_c}
     flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}
-    kernel[grid](part[0], part[1], out, weight, bias, eps, rows, c, t.grid[0], **flags, **blocks)
+    kernel[grid](part[0], part[1], out, weight, bias, eps, rows, c, t.groups[0], **flags, **blocks)
     return out
 
 
 def _grad_combine(kernel, part: torch.Tensor, t: _Tiles, w_dtype, b_dtype, wanted) -> tuple:
-    """(mean(dy) and mean(dy * xhat), 2 x S x C; dweight; dbias) from the tiles' sums (`part`,
-    2 x S x tiles x C) in one launch of `kernel` (`_grad_combine_body`); dweight (dbias) None where
+    """(mean(dy) and mean(dy * xhat), 2 x S x C; dweight; dbias) from the groups' sums (`part`,
+    2 x S x groups x C) in one launch of `kernel` (`_grad_combine_body`); dweight (dbias) None where
     not `wanted` (two bools)."""
     rows, c = t.args[:2]
     means = torch.empty(2, t.grid[2], c, device=part.device, dtype=part.dtype)
@@ -118,7 +137,7 @@ def _grad_combine(kernel, part: torch.Tensor, t: _Tiles, w_dtype, b_dtype, wante
     flags = {"HAS_DWEIGHT": dw is not None, "HAS_DBIAS": db is not None}
     blocks = {"BLOCK_T": COMBINE_TILES, "BLOCK_C": block_c}
     kernel[(triton.cdiv(c, block_c),)](
-        part[0], part[1], means, dw, db, rows, c, t.grid[2], t.grid[0], **flags, **blocks
+        part[0], part[1], means, dw, db, rows, c, t.groups[2], t.groups[0], **flags, **blocks
     )
     return means, dw, db
 
@@ -135,7 +154,7 @@ class _SplitBatchNormTriton(torch.autograd.Function):
         stats, combine, apply, *_ = _kernels()
         part = t.partials(x, acc)
         acc_tl = getattr(tl, str(acc).removeprefix("torch."))  # tl.float32 or tl.float64
-        stats[t.grid](x, part[0], part[1], *t.args, ACC=acc_tl, **t.blocks)
+        stats[t.groups](x, part[0], part[1], *t.args, ACC=acc_tl, **t.sums_blocks)
         mean, var, rstd, shift0, scale, shift = _combine(combine, part, t, weight, bias, eps)  # S x C each
         y = torch.empty_like(x)  # x's dtype and strides
         apply[t.grid](x, y, scale, shift, *t.args, **t.blocks)
@@ -157,7 +176,7 @@ class _SplitBatchNormTriton(torch.autograd.Function):
             dy = torch.empty_like(x).copy_(dy)
         *_, grad_sums, grad_combine, dx_kernel = _kernels()
         part = t.partials(x, rstd.dtype)
-        grad_sums[t.grid](x, dy, rstd, shift0, part[0], part[1], *t.args, **t.blocks)
+        grad_sums[t.groups](x, dy, rstd, shift0, part[0], part[1], *t.args, **t.sums_blocks)
         means, dw, db = _grad_combine(grad_combine, part, t, *ctx.param_dtypes, ctx.needs_input_grad[1:3])
         dx = None
         if ctx.needs_input_grad[0]:

@@ -26,15 +26,26 @@ def _div_rn(a, b):
     return tl.math.div_rn(a, b)
 
 
-def _tile(R, C, HW, M, s_n, s_c, s_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's tile: rows r of sub-batch program_id(2) (image s * M + r // HW, pixel r % HW)
-    by channels; (value offsets, their mask, channels, channel mask)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _tile(rb, R, C, HW, M, s_n, s_c, s_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row tile rb of sub-batch program_id(2): rows r (image s * M + r // HW, pixel r % HW) by
+    channels; (value offsets, their mask, channels, channel mask)."""
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = (tl.program_id(2) * M + r // HW).to(tl.int64)  # n * s_n passes 2**31 in large batches
     row = n * s_n + (r % HW).to(tl.int64) * s_p
     offs = row[:, None] + c.to(tl.int64)[None, :] * s_c
     return offs, (r < R)[:, None] & (c < C)[None, :], c, c < C
+
+
+def _tile_stats(x, rb, R, C, HW, M, s_n, s_c, s_p, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row tile rb's count of rows (what is left of R in the last, partly masked; 0 past R), its
+    channels' means and M2s, its channels and their mask."""
+    offs, mask, c, cmask = _tile(rb, R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
+    v = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
+    count = tl.maximum(tl.minimum(R - rb * BLOCK_R, BLOCK_R), 0).to(ACC)
+    mean = _sum0(v) / tl.maximum(count, 1.0)  # 0 for a tile past R
+    d = tl.where(mask, v - mean[None, :], 0.0)
+    return count, mean, _sum0(d * d), c, cmask
 
 
 def _stats_body(
@@ -49,18 +60,25 @@ def _stats_body(
     s_c,
     s_p,
     ACC: tl.constexpr,
+    ROW_STEPS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    offs, mask, c, cmask = _tile(R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
-    v = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
-    rb = tl.program_id(0)
-    count = tl.minimum(R - rb * BLOCK_R, BLOCK_R).to(ACC)  # the last tile of rows is partly masked
-    mean = _sum0(v) / count
-    d = tl.where(mask, v - mean[None, :], 0.0)
-    at = (tl.program_id(2) * tl.num_programs(0) + rb) * C + c  # S x tiles x C
+    """ROW_STEPS consecutive row tiles from program_id(0) * ROW_STEPS on: each tile's count, mean and
+    M2, merged into the group's by Chan's formula (exact, as the combination's), one partial of the
+    group (S x groups x C). The last group's tiles past R count 0 and merge as nothing."""
+    rb = tl.program_id(0) * ROW_STEPS
+    n, mean, m2, c, cmask = _tile_stats(x, rb, R, C, HW, M, s_n, s_c, s_p, ACC, BLOCK_R, BLOCK_C)
+    for i in range(1, ROW_STEPS):
+        n_b, mean_b, m2_b, c, cmask = _tile_stats(x, rb + i, R, C, HW, M, s_n, s_c, s_p, ACC, BLOCK_R, BLOCK_C)
+        total = n + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta * delta * (n * n_b / total)  # the cross term of the two tiles' means
+        n = total
+    at = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * C + c  # S x groups x C
     tl.store(part_mean + at, mean, mask=cmask)
-    tl.store(part_m2 + at, _sum0(d * d), mask=cmask)
+    tl.store(part_m2 + at, m2, mask=cmask)
 
 
 def _combine_body(
@@ -75,14 +93,14 @@ def _combine_body(
     TILES,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    GROUP_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Sub-batch program_id(0)'s figures of BLOCK_C channels from its tiles' partials (S x TILES x
-    C): the mean and biased variance by Chan's formula, M2 = sum of the tiles' M2 + sum of count *
-    (tile mean - mean)^2, the last tile's count being what is left of R rows (two passes over the
-    tiles); then what the other kernels take, so that no torch op makes it: rstd, shift0 = -mean *
+    """Sub-batch program_id(0)'s figures of BLOCK_C channels from its groups' partials (S x TILES x
+    C, a group being GROUP_R rows): the mean and biased variance by Chan's formula, M2 = sum of the
+    groups' M2 + sum of count * (group mean - mean)^2, the last group's count being what is left of
+    R rows (two passes over the groups); then what the other kernels take, so that no torch op makes it: rstd, shift0 = -mean *
     rstd (xhat = x * rstd + shift0), scale and shift (y = x * scale + shift; rstd and shift0 without
     weight and bias). `out`: those six, S x C each, in that order."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -93,14 +111,14 @@ def _combine_body(
     for t0 in range(0, TILES, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         mask = (t < TILES)[:, None] & cmask[None, :]
-        count = tl.minimum(R - t * BLOCK_R, BLOCK_R).to(acc)[:, None]
+        count = tl.minimum(R - t * GROUP_R, GROUP_R).to(acc)[:, None]
         total += _sum0(tl.load(part_mean + base + t[:, None] * C + c[None, :], mask=mask, other=0.0) * count)
     mu = total / R
     m2 = tl.full([BLOCK_C], 0.0, acc)
     for t0 in range(0, TILES, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         mask = (t < TILES)[:, None] & cmask[None, :]
-        count = tl.minimum(R - t * BLOCK_R, BLOCK_R).to(acc)[:, None]
+        count = tl.minimum(R - t * GROUP_R, GROUP_R).to(acc)[:, None]
         at = base + t[:, None] * C + c[None, :]
         d = tl.load(part_mean + at, mask=mask, other=0.0) - mu[None, :]
         m2 += _sum0(tl.load(part_m2 + at, mask=mask, other=0.0) + tl.where(mask, count * d * d, 0.0))
@@ -130,7 +148,7 @@ def _combine_body(
 
 
 def _apply_body(x, y, scale, shift, R, C, HW, M, s_n, s_c, s_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs, mask, c, cmask = _tile(R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
+    offs, mask, c, cmask = _tile(tl.program_id(0), R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
     at = tl.program_id(2) * C + c  # S x C
     a = tl.load(scale + at, mask=cmask)
     b = tl.load(shift + at, mask=cmask)
@@ -152,18 +170,28 @@ def _grad_sums_body(
     s_n,
     s_c,
     s_p,
+    ROW_STEPS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    offs, mask, c, cmask = _tile(R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
+    """ROW_STEPS consecutive row tiles' sum(dy) and sum(dy * xhat), one partial of the group (S x
+    groups x C); tiles past R are all masked and add 0."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
     at = tl.program_id(2) * C + c
     k = tl.load(rstd + at, mask=cmask)
     k0 = tl.load(shift0 + at, mask=cmask)
-    g = tl.load(dy + offs, mask=mask, other=0.0).to(k.dtype)  # 0 where masked: no term in either sum
-    xhat = tl.load(x + offs, mask=mask, other=0.0).to(k.dtype) * k[None, :] + k0[None, :]
+    sum_dy = tl.full([BLOCK_C], 0.0, k.dtype)
+    sum_dyx = tl.full([BLOCK_C], 0.0, k.dtype)
+    for i in range(0, ROW_STEPS):
+        offs, mask, _, _ = _tile(tl.program_id(0) * ROW_STEPS + i, R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
+        g = tl.load(dy + offs, mask=mask, other=0.0).to(k.dtype)  # 0 where masked: no term in either sum
+        xhat = tl.load(x + offs, mask=mask, other=0.0).to(k.dtype) * k[None, :] + k0[None, :]
+        sum_dy += _sum0(g)
+        sum_dyx += _sum0(g * xhat)
     out = (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * C + c
-    tl.store(part_dy + out, _sum0(g), mask=cmask)
-    tl.store(part_dyx + out, _sum0(g * xhat), mask=cmask)
+    tl.store(part_dy + out, sum_dy, mask=cmask)
+    tl.store(part_dyx + out, sum_dyx, mask=cmask)
 
 
 def _grad_combine_body(
@@ -181,7 +209,7 @@ def _grad_combine_body(
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """BLOCK_C channels' sums of the tiles' sum(dy) and sum(dy * xhat) (S x TILES x C each): per
+    """BLOCK_C channels' sums of the groups' sum(dy) and sum(dy * xhat) (S x TILES x C each): per
     sub-batch their means over its R values (`means`, 2 x S x C, what `_dx_body` takes), and over
     the sub-batches dbias and dweight, in their dtypes (None: not wanted). One launch where torch
     took 5 ops."""
@@ -229,7 +257,7 @@ def _dx_body(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    offs, mask, c, cmask = _tile(R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
+    offs, mask, c, cmask = _tile(tl.program_id(0), R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
     at = tl.program_id(2) * C + c
     k = tl.load(rstd + at, mask=cmask)[None, :]
     k0 = tl.load(shift0 + at, mask=cmask)[None, :]
@@ -242,7 +270,7 @@ def _dx_body(
 
 
 # Jitted per mode with their helpers (momentum_triton.jitted_for_mode, as augment_triton's).
-_HELPERS = {"_sum0": _sum0, "_div_rn": _div_rn, "_tile": _tile}
+_HELPERS = {"_sum0": _sum0, "_div_rn": _div_rn, "_tile": _tile, "_tile_stats": _tile_stats}
 _KERNELS: dict[bool, tuple] = {}
 
 

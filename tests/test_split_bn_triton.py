@@ -29,13 +29,17 @@ def interpret(monkeypatch):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    # 16 values a program, 4 channels a channels-last tile: a sub-batch's 120 / 60 / 30 rows (1 / 2 /
+    # 16 values a tile, 4 channels a channels-last tile: a sub-batch's 120 / 60 / 30 rows (1 / 2 /
     # 4 splits) are NCHW tiles of 16 rows, the last partly masked, or channels-last tiles of 4 rows
-    # (the last partly masked at 4 splits) by 4 of the 6 channels, so the partials' combination counts
+    # (the last partly masked at 4 splits) by 4 of the 6 channels;
     monkeypatch.setattr(sbt, "INTERPRET_TILE", 16)
     monkeypatch.setattr(sbt, "CL_CHANNELS", 4)
-    # and the combination takes them 4 tiles by 4 channels a step (16 values, INTERPRET_TILE's):
-    # several steps, the last partial
+    # a program merges 3 tiles: NCHW's 8 / 4 / 2 tiles and channels-last's 8 at 4 splits end in a
+    # partly masked group (a partly masked tile, then 1 or 2 past the rows), so the merge and the
+    # partials' combination count;
+    monkeypatch.setattr(sbt, "ROW_STEPS", 3)
+    # and the combination takes the groups 4 by 4 channels a step (16 values, INTERPRET_TILE's):
+    # several steps (channels-last's 10 / 5 groups), the last partial
     monkeypatch.setattr(sbt, "COMBINE_TILES", 4)
 
 
@@ -193,7 +197,8 @@ class TorchOps(TorchDispatchMode):
 
 
 def test_no_torch_op_reads_the_partials(interpret, small_tiles, monkeypatch):
-    # The forward's tiles' partials (S x tiles x C per figure; x's values / 64 in channels-last) are
+    # The forward's partials (S x groups x C per figure; x's values / (64 * ROW_STEPS) in
+    # channels-last) are
     # read by the kernels alone: Chan's combination was 13 torch ops, each a launch and a pass over
     # them.
     # The partials are told by their storage, whatever view or shape an op takes of them, also in a
@@ -205,6 +210,39 @@ def test_no_torch_op_reads_the_partials(interpret, small_tiles, monkeypatch):
         sbt.split_batch_norm_triton(spread_batch("cl"), 2, torch.zeros(C), torch.ones(C), *affine(), 0.1, 1e-5)
     ptrs = {p.untyped_storage().data_ptr() for p in made}
     assert len(made) == 1 and [name for name, view, used in mode.ops if used & ptrs and not view] == []
+
+
+def forward_partials(monkeypatch, x: torch.Tensor, s: int, row_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's partials (means and M2s, S x groups x C) at `row_steps` tiles a program, and its
+    S x C variance."""
+    made = []
+    partials = sbt._Tiles.partials
+    monkeypatch.setattr(sbt._Tiles, "partials", lambda *a: made.append(partials(*a)) or made[-1])
+    monkeypatch.setattr(sbt, "ROW_STEPS", row_steps)
+    _, _, var = sbt._SplitBatchNormTriton.apply(x, None, None, 1e-5, s)
+    return made[0], var
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_group_of_tiles_merges_as_their_partials(interpret, small_tiles, monkeypatch, fmt):
+    # A program's ROW_STEPS tiles merged in registers make the partial that Chan's formula makes of
+    # the tiles' own (ROW_STEPS = 1): counts, the cross term of the tiles' means, a partly masked
+    # last tile and tiles past the rows (the last group of 3: 2 rows then none in channels-last, the
+    # 30 rows' second NCHW tile 14 of 16, then none). fp64, so that only rounding differs.
+    x, rows, steps = spread_batch(fmt, torch.float64), 30, 3
+    (tile_mean, tile_m2), var1 = forward_partials(monkeypatch, x, 4, 1)
+    (group_mean, group_m2), var3 = forward_partials(monkeypatch, x, 4, steps)
+    block_r = sbt.INTERPRET_TILE // (1 if fmt == "nchw" else 4)
+    tiles = tile_mean.shape[1]
+    n = (rows - torch.arange(tiles) * block_r).clamp(max=block_r).to(x.dtype).view(1, -1, 1)
+    assert group_mean.shape[1] == -(-tiles // steps) and tiles % steps
+    for g in range(group_mean.shape[1]):
+        t = slice(g * steps, (g + 1) * steps)
+        mean = (n[:, t] * tile_mean[:, t]).sum(1) / n[:, t].sum(1)
+        m2 = (tile_m2[:, t] + n[:, t] * (tile_mean[:, t] - mean[:, None]) ** 2).sum(1)
+        torch.testing.assert_close(group_mean[:, g], mean, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(group_m2[:, g], m2, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(var3, var1, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize(("with_weight", "with_bias"), [(True, True), (False, False)])
@@ -332,18 +370,23 @@ def test_sm90_build(monkeypatch, dtype, block_c):
     unit = "s_p" if block_c == 1 else "s_c"
     sizes = dict.fromkeys({"R", "C", "HW", "M", "s_n", "s_c", "s_p"} - {unit}, "i32")
     blocks = {"BLOCK_R": sbt.TILE // block_c, "BLOCK_C": block_c, unit: 1}
+    steps = blocks | {"ROW_STEPS": sbt.ROW_STEPS}  # the statistics' and grad sums' loop
     x, f32 = f"*{dtype}", "*fp32"
     builds = [
-        (stats, {"x": x, "part_mean": f32, "part_m2": f32} | sizes, {"ACC": triton.language.float32} | blocks),
+        (stats, {"x": x, "part_mean": f32, "part_m2": f32} | sizes, {"ACC": triton.language.float32} | steps),
         (apply, {"x": x, "y": x, "scale": f32, "shift": f32} | sizes, blocks),
-        (grad_sums, {"x": x, "dy": x} | dict.fromkeys(("rstd", "shift0", "part_dy", "part_dyx"), f32) | sizes, blocks),
+        (grad_sums, {"x": x, "dy": x} | dict.fromkeys(("rstd", "shift0", "part_dy", "part_dyx"), f32) | sizes, steps),
         (
             dx,
             {"x": x, "dy": x, "dx": x} | dict.fromkeys(("rstd", "shift0", "scale", "mean_dy", "mean_dyx"), f32) | sizes,
             blocks,
         ),
     ]
-    combine_blocks = {"BLOCK_R": blocks["BLOCK_R"], "BLOCK_T": sbt.COMBINE_TILES, "BLOCK_C": sbt.COMBINE_CHANNELS}
+    combine_blocks = {
+        "GROUP_R": blocks["BLOCK_R"] * sbt.ROW_STEPS,
+        "BLOCK_T": sbt.COMBINE_TILES,
+        "BLOCK_C": sbt.COMBINE_CHANNELS,
+    }
     for has_weight, has_bias in ((True, True), (False, False), (True, False), (False, True)):
         # fp32 partials whatever x's dtype, fp32 parameters; a None weight or bias is a constexpr
         params = {name: f32 for name, given in (("weight", has_weight), ("bias", has_bias)) if given}
@@ -374,7 +417,7 @@ def test_eps_reaches_the_combination_in_fp64(monkeypatch, acc):
     assert {p.name: p.annotation_type for p in combine.params}["eps"] == "fp64"
     signature = dict.fromkeys(("part_mean", "part_m2", "out"), f"*{acc}") | {"eps": "fp64"}
     signature |= dict.fromkeys(("R", "C", "TILES"), "i32")
-    consts = {"weight": None, "bias": None, "HAS_WEIGHT": False, "HAS_BIAS": False, "BLOCK_R": sbt.TILE}
+    consts = {"weight": None, "bias": None, "HAS_WEIGHT": False, "HAS_BIAS": False, "GROUP_R": sbt.TILE}
     consts |= {"BLOCK_T": sbt.COMBINE_TILES, "BLOCK_C": sbt.COMBINE_CHANNELS}
     assert ".entry" in sm90_ptx(combine, signature, consts)
 
