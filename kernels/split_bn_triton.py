@@ -52,6 +52,9 @@ INTERPRET_TILE = 16384
 # partials and the combinations' work ROW_STEPS-fold fewer (ResNet-50's stem at batch 256, 8 splits:
 # 392 groups a sub-batch, not 6272 tiles), programs still many (3136 there). A guess: not timed on a GPU.
 ROW_STEPS = 16
+# Under the interpreter a step of that loop costs what a program does, and a small batch's steps past
+# its rows cost as much: a tile a program (the tests' 4x slower at 16).
+INTERPRET_ROW_STEPS = 1
 # The partials' combination: groups by channels a step (128 B rows); under the interpreter up to
 # INTERPRET_TILE // COMBINE_TILES channels.
 COMBINE_TILES, COMBINE_CHANNELS = 64, 32
@@ -63,8 +66,8 @@ class _Tiles:
     """How the kernels cut a dense N x C x H x W batch into S sub-batches: their geometry arguments
     (R = values per channel in a sub-batch, C, HW, M = images per sub-batch, and the strides of an
     image, a channel and a pixel), the grid (row tiles, channel tiles, S) and the tile's constexprs;
-    `groups`, the statistics' and grad sums' grid: `row_steps` (ROW_STEPS) row tiles a program, one
-    partial each."""
+    `groups`, the statistics' and grad sums' grid: `row_steps` (ROW_STEPS, INTERPRET_ROW_STEPS) row
+    tiles a program, one partial each."""
 
     args: tuple[int, ...]
     grid: tuple[int, int, int]
@@ -85,8 +88,9 @@ class _Tiles:
         # a pixel's stride: W's, or H's where W is 1 (the stride of a size-1 dimension is arbitrary)
         args = (m * hw, c, hw, m, s_n, s_c, s_w if w > 1 else s_h)
         grid = (triton.cdiv(m * hw, block_r), triton.cdiv(c, block_c), s)
-        groups = (triton.cdiv(grid[0], ROW_STEPS), *grid[1:])
-        return cls(args, grid, {"BLOCK_R": block_r, "BLOCK_C": block_c}, groups, ROW_STEPS)
+        steps = INTERPRET_ROW_STEPS if interpreting() else ROW_STEPS
+        groups = (triton.cdiv(grid[0], steps), *grid[1:])
+        return cls(args, grid, {"BLOCK_R": block_r, "BLOCK_C": block_c}, groups, steps)
 
     @property
     def sums_blocks(self) -> dict[str, int]:
@@ -95,7 +99,7 @@ class _Tiles:
 
     @property
     def group_rows(self) -> int:
-        """Rows of a partial: ROW_STEPS tiles' (what is left of R in the last group)."""
+        """Rows of a partial: `row_steps` tiles' (what is left of R in the last group)."""
         return self.blocks["BLOCK_R"] * self.row_steps
 
     def partials(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -37,7 +37,7 @@ def small_tiles(monkeypatch):
     # a program merges 3 tiles: NCHW's 8 / 4 / 2 tiles and channels-last's 8 at 4 splits end in a
     # partly masked group (a partly masked tile, then 1 or 2 past the rows), so the merge and the
     # partials' combination count;
-    monkeypatch.setattr(sbt, "ROW_STEPS", 3)
+    monkeypatch.setattr(sbt, "INTERPRET_ROW_STEPS", 3)
     # and the combination takes the groups 4 by 4 channels a step (16 values, INTERPRET_TILE's):
     # several steps (channels-last's 10 / 5 groups), the last partial
     monkeypatch.setattr(sbt, "COMBINE_TILES", 4)
@@ -218,7 +218,7 @@ def forward_partials(monkeypatch, x: torch.Tensor, s: int, row_steps: int) -> tu
     made = []
     partials = sbt._Tiles.partials
     monkeypatch.setattr(sbt._Tiles, "partials", lambda *a: made.append(partials(*a)) or made[-1])
-    monkeypatch.setattr(sbt, "ROW_STEPS", row_steps)
+    monkeypatch.setattr(sbt, "INTERPRET_ROW_STEPS", row_steps)
     _, _, var = sbt._SplitBatchNormTriton.apply(x, None, None, 1e-5, s)
     return made[0], var
 
