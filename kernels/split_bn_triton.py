@@ -8,8 +8,8 @@ temporaries; cuDNN's BN of one batch reads x twice forward and (x, dy) twice bac
        sub-batch's images x pixels) by BLOCK_C channels, merges their means and centred sums of
        squares (M2) in registers (Chan's formula) and writes the group's; `_combine_body` combines
        the S x groups x C partials with Chan's formula, one launch where torch took 13 ops, and
-       makes from them the S x C rstd, scale and shift (7 torch ops before). No atomics: the same input gives the same bits. No E[x^2] - E[x]^2: a mean ~100
-       stds from 0 keeps its variance.
+       makes from them the S x C rstd, scale and shift (7 torch ops before). No atomics: the same
+       input gives the same bits. No E[x^2] - E[x]^2: a mean ~100 stds from 0 keeps its variance.
     2. `_apply_body`: y = x * scale + shift, per (sub-batch, channel) scale and shift.
     3. `_grad_sums_body`: sum(dy) and sum(dy * xhat) over ROW_STEPS tiles a program;
        `_grad_combine_body` sums them over the groups into their means per sub-batch, and over the

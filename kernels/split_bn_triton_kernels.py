@@ -100,9 +100,10 @@ def _combine_body(
     """Sub-batch program_id(0)'s figures of BLOCK_C channels from its groups' partials (S x TILES x
     C, a group being GROUP_R rows): the mean and biased variance by Chan's formula, M2 = sum of the
     groups' M2 + sum of count * (group mean - mean)^2, the last group's count being what is left of
-    R rows (two passes over the groups); then what the other kernels take, so that no torch op makes it: rstd, shift0 = -mean *
-    rstd (xhat = x * rstd + shift0), scale and shift (y = x * scale + shift; rstd and shift0 without
-    weight and bias). `out`: those six, S x C each, in that order."""
+    R rows (two passes over the groups); then what the other kernels take, so that no torch op
+    makes it: rstd, shift0 = -mean * rstd (xhat = x * rstd + shift0), scale and shift (y = x *
+    scale + shift; rstd and shift0 without weight and bias). `out`: those six, S x C each, in that
+    order."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     base = tl.program_id(0) * TILES * C

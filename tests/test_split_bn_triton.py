@@ -198,9 +198,8 @@ class TorchOps(TorchDispatchMode):
 
 def test_no_torch_op_reads_the_partials(interpret, small_tiles, monkeypatch):
     # The forward's partials (S x groups x C per figure; x's values / (64 * ROW_STEPS) in
-    # channels-last) are
-    # read by the kernels alone: Chan's combination was 13 torch ops, each a launch and a pass over
-    # them.
+    # channels-last) are read by the kernels alone: Chan's combination was 13 torch ops, each a
+    # launch and a pass over them.
     # The partials are told by their storage, whatever view or shape an op takes of them, also in a
     # list (cat, stack); `made` keeps them alive, so no later tensor gets their memory.
     made = []
