@@ -299,7 +299,7 @@ def check_split_bn_kernel(spec: RowSpec, device: torch.device) -> None:
     """A row on split BN's triton kernel needs a device the kernels run on (a GPU, or the CPU under
     TRITON_INTERPRET=1). One without split BN (noshuffle, --bn-splits 1) refused its bntriton in
     parse_rows; --bn-kernel triton with --bn-splits 1, in check_specs."""
-    from moco_fast.kernels.augment_triton import check_device
+    from moco_fast.kernels.momentum_triton import check_device
 
     try:
         check_device(device, "split BN's kernel 'triton'")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .augment_gpu import BRIGHTNESS, CONTRAST, HUE, LUMA, AugParams, check_count
-from .momentum_triton import interpreting, jitted_for_mode, tl, triton
+from .momentum_triton import check_device, jitted_for_mode, tl, triton
 
 BLOCK = 1024  # pixels per program of the colour kernel (and per step of the mean kernel's loop)
 
@@ -193,15 +193,6 @@ _KERNELS: dict[bool, tuple] = {}
 
 def _kernels() -> tuple:
     return jitted_for_mode(_KERNELS, globals(), _HELPERS, _mean_luma_body, _colour_body)
-
-
-def check_device(device: torch.device, kernel: str) -> None:
-    """Whether the Triton augmentation kernels (`kernel`, as the errors name it) can run on `device`:
-    triton importable, and a GPU, or the CPU under the interpreter; else a ValueError."""
-    if triton is None:
-        raise ValueError(f"{kernel} needs the triton package")
-    if device.type != "cuda" and not interpreting():
-        raise ValueError(f"{kernel} needs a CUDA batch (or TRITON_INTERPRET=1 on the CPU), got a {device.type} one")
 
 
 def check_batch(x: torch.Tensor, kernel: str, views: bool = False) -> None:

@@ -43,6 +43,16 @@ def triton_available() -> bool:
     return triton is not None and (torch.cuda.is_available() or interpreting())
 
 
+def check_device(device: torch.device, kernel: str) -> None:
+    """Whether a Triton kernel of this package (`kernel`, as the errors name it) can run on `device`:
+    triton importable, and a GPU, or the CPU under the interpreter; else a ValueError. The augmentation
+    kernels' and split BN's check, at construction and at each call."""
+    if triton is None:
+        raise ValueError(f"{kernel} needs the triton package")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"{kernel} needs a CUDA batch (or TRITON_INTERPRET=1 on the CPU), got a {device.type} one")
+
+
 def _momentum_body(
     k_addr,
     q_addr,

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .momentum_triton import interpreting, tl, triton
+from .momentum_triton import check_device, interpreting, tl, triton
 from .split_bn import _split, record_running
 from .split_bn_triton_kernels import _kernels
 
@@ -190,10 +190,7 @@ class _SplitBatchNormTriton(torch.autograd.Function):
 
 
 def _check(x: torch.Tensor) -> None:
-    if triton is None:
-        raise ValueError("the triton split BN kernel needs the triton package")
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError("the triton split BN kernel needs a CUDA batch (or TRITON_INTERPRET=1 on the CPU)")
+    check_device(x.device, "the triton split BN kernel")
     if x.ndim != 4 or x.dtype not in DTYPES:
         raise ValueError(
             f"the triton split BN kernel takes N x C x H x W in one of {DTYPES}, got {x.dtype} {tuple(x.shape)}"

@@ -211,7 +211,7 @@ class DeviceAugment:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if kernel == "triton":  # imported only here: the torch pass needs no triton
-            from moco_fast.kernels.augment_triton import check_device
+            from moco_fast.kernels.momentum_triton import check_device
 
             check_device(torch.device(args.device), "DeviceAugment(kernel='triton')")
         self.jitter_order, self.flip, self.kernel = jitter_order, flip, kernel

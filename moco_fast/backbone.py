@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from moco_fast.config import ConfigError
-from moco_fast.kernels.augment_triton import check_device
+from moco_fast.kernels.momentum_triton import check_device
 from moco_fast.kernels.split_bn import split_batch_norm
 from moco_fast.kernels.split_bn_triton import split_batch_norm_triton
 
