@@ -30,6 +30,7 @@ import torch
 
 from .augment_gpu import BRIGHTNESS, CONTRAST, HUE, LUMA, AugParams, check_count
 from .momentum_triton import check_device, jitted_for_mode, tl, triton
+from .momentum_triton import sum0 as _sum0  # a jit helper, jitted per mode below
 
 BLOCK = 1024  # pixels per program of the colour kernel (and per step of the mean kernel's loop)
 
@@ -139,11 +140,7 @@ def _mean_luma_body(
                     op = tl.load(order + n * 4 + k)
                     r, g, b = _op(r, g, b, op, tl.load(factors + n * 4 + op), 0.0, USE_HUE)
         acc += tl.where(mask, _luma(r, g, b), 0.0)
-    # Not tl.sum (a jit function of triton's, built without the interpreter when triton was imported
-    # before TRITON_INTERPRET was set, cannot run under it), nor tl.reduce with a helper of this
-    # module's (the interpreter calls it once per element, BLOCK a program); tl.reduce with triton's
-    # own sum combiner, a + b as the helper was (the same reduction compiled), one numpy sum there.
-    tl.store(means + n, tl.reduce(acc, 0, tl.standard._sum_combine) / HW)
+    tl.store(means + n, _sum0(acc) / HW)  # momentum_triton.sum0: not tl.sum, see there
 
 
 def _colour_body(
@@ -186,7 +183,8 @@ def _colour_body(
 # The kernels' helpers, jitted per mode with them (jitted_for_mode): until then the module's globals
 # hold the plain functions, after it the current mode's jitted ones.
 _HELPERS = {
-    name: globals()[name] for name in ("_load_rgb", "_luma", "_sector", "_hue", "_op", "_gray", "_contrast_stage")
+    "_sum0": _sum0,
+    **{name: globals()[name] for name in ("_load_rgb", "_luma", "_sector", "_hue", "_op", "_gray", "_contrast_stage")},
 }
 _KERNELS: dict[bool, tuple] = {}
 

@@ -43,6 +43,15 @@ def triton_available() -> bool:
     return triton is not None and (torch.cuda.is_available() or interpreting())
 
 
+def sum0(v):
+    """A jit helper of the kernel modules (jitted_for_mode): the sum of `v` along axis 0. Not tl.sum
+    (a jit function of triton's, built without the interpreter when triton was imported before
+    TRITON_INTERPRET was set, cannot run under it), nor tl.reduce with a combine function of ours (the
+    interpreter calls it once per element: minutes for the tests); tl.reduce with triton's own sum
+    combiner, a + b, which compiles as tl.sum does and which the interpreter does as one numpy sum."""
+    return tl.reduce(v, 0, tl.standard._sum_combine)
+
+
 def check_device(device: torch.device, kernel: str) -> None:
     """Whether a Triton kernel of this package (`kernel`, as the errors name it) can run on `device`:
     triton importable, and a GPU, or the CPU under the interpreter; else a ValueError. The augmentation

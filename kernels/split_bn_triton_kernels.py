@@ -8,14 +8,7 @@ split_bn_triton.py calls `_kernels` through its own name for it, which the tests
 from __future__ import annotations
 
 from .momentum_triton import jitted_for_mode, tl
-
-
-def _sum0(v):
-    # Not tl.sum (a jit function of triton's, built without the interpreter when triton was imported
-    # before TRITON_INTERPRET was set, cannot run under it), nor tl.reduce with a helper of this
-    # module's (the interpreter calls it once per element: minutes for these tests); tl.reduce with
-    # triton's own sum combiner, which the interpreter does as one numpy sum.
-    return tl.reduce(v, 0, tl.standard._sum_combine)
+from .momentum_triton import sum0 as _sum0  # a jit helper, jitted per mode below
 
 
 def _div_rn(a, b):
