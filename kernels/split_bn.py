@@ -32,6 +32,7 @@ def split_batch_norm(
     statistics move (in place) towards the mean over sub-batches of what each one's BN would record:
     its mean, and its unbiased variance. None for both (track_running_stats=False): nothing recorded."""
     xs = _split(x, num_splits)
+    check_channels(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     y, mean, var = _SplitBatchNorm.apply(xs, weight, bias, eps)
     record_running(running_mean, running_var, mean, var, xs.numel() // mean.numel(), momentum)
     return y.view(x.shape)
@@ -124,6 +125,16 @@ def _split(x: torch.Tensor, s: int) -> torch.Tensor:
     if x[: n // s, 0].numel() == 1:  # F.batch_norm's error
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x[: n // s].shape}")
     return x.view(s, n // s, *x.shape[1:])
+
+
+def check_channels(x: torch.Tensor, **per_channel: torch.Tensor | None) -> None:
+    """ValueError, in F.batch_norm's words, unless each tensor given (weight, bias, running statistics)
+    holds one value per channel of `x`: a weight of 1 would broadcast over every channel, and the
+    Triton kernels would read a shorter one past its end."""
+    c = x.shape[1]
+    for name, t in per_channel.items():
+        if t is not None and t.numel() != c:
+            raise ValueError(f"{name} should contain {c} elements not {t.numel()}")
 
 
 class _SplitBatchNorm(torch.autograd.Function):

@@ -41,7 +41,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .momentum_triton import check_device, interpreting, tl, triton
-from .split_bn import _split, record_running
+from .split_bn import _split, check_channels, record_running
 from .split_bn_triton_kernels import _kernels
 
 TILE = 4096  # values per program: a tile of 16 KB of fp32 in registers (4 warps: 32 a thread)
@@ -189,12 +189,18 @@ class _SplitBatchNormTriton(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def _check(x: torch.Tensor) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     check_device(x.device, "the triton split BN kernel")
     if x.ndim != 4 or x.dtype not in DTYPES:
         raise ValueError(
             f"the triton split BN kernel takes N x C x H x W in one of {DTYPES}, got {x.dtype} {tuple(x.shape)}"
         )
+    for name, t in (("weight", weight), ("bias", bias)):  # read by the combination kernel as x is
+        if t is not None and (t.device != x.device or t.dtype not in DTYPES):
+            raise ValueError(
+                f"the triton split BN kernel takes a {name} on x's device ({x.device}) in one of {DTYPES}, "
+                f"got a {t.dtype} one on {t.device}"
+            )
 
 
 def split_batch_norm_triton(
@@ -211,7 +217,8 @@ def split_batch_norm_triton(
     each sub-batch's own statistics; the running statistics (None: nothing recorded) move in place
     towards the mean over sub-batches of each one's mean and unbiased variance. The same errors."""
     _split(x, num_splits)
-    _check(x)
+    _check(x, weight, bias)
+    check_channels(x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()  # a copy: the kernels take the two dense layouts
     weight, bias = (t if t is None else t.contiguous() for t in (weight, bias))  # read at stride 1

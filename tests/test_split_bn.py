@@ -323,3 +323,19 @@ def test_split_bn_takes_inputs_of_any_strides(cut):
     torch.testing.assert_close(*(torch.autograd.grad((t * g).sum(), big) for t in (y, y_ref)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
     torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("length", [1, 2, 4])
+def test_split_bn_refuses_a_parameter_of_another_channel_count(name, length):
+    # F.batch_norm's error, in its words, before anything is computed: a weight or bias of 1 was
+    # broadcast over the 3 channels, other lengths failed in a broadcast whose error named no
+    # parameter, the running statistics' after the forward had run
+    x = torch.randn(4, 3, 2, 2)
+    given = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "weight": None, "bias": None}
+    given[name] = torch.ones(length)
+    with pytest.raises(RuntimeError) as want:
+        F.batch_norm(x, given["running_mean"], given["running_var"], given["weight"], given["bias"], True)
+    with pytest.raises(ValueError, match=f"^{name} should contain 3 elements not {length}$") as got:
+        split_batch_norm(x, 2, given["running_mean"], given["running_var"], given["weight"], given["bias"], 0.1, 1e-5)
+    assert str(got.value) == str(want.value)

@@ -329,11 +329,16 @@ def test_a_weight_and_bias_of_other_strides(interpret):
 
 
 def test_the_same_errors_as_split_batch_norm(interpret):
-    for x, s in ((torch.randn(6, 3, 2, 2), 4), (torch.randn(4, 3, 1, 1), 4)):
+    # a weight or bias of another length than the channels' too: the combination kernel read a shorter
+    # one past its end (a weight of 1: 2 values not its own, their gradient summed into its one)
+    x = torch.randn(4, 3, 2, 2)
+    cases = [(torch.randn(6, 3, 2, 2), 4, None, None), (torch.randn(4, 3, 1, 1), 4, None, None)]
+    cases += [(x, 2, torch.ones(n), None) for n in (1, 2, 4)] + [(x, 2, None, torch.ones(n)) for n in (1, 2, 4)]
+    for x, s, weight, bias in cases:
         with pytest.raises(ValueError) as want:
-            split_batch_norm(x, s, None, None, None, None, 0.1, 1e-5)
+            split_batch_norm(x, s, None, None, weight, bias, 0.1, 1e-5)
         with pytest.raises(ValueError) as got:
-            sbt.split_batch_norm_triton(x, s, None, None, None, None, 0.1, 1e-5)
+            sbt.split_batch_norm_triton(x, s, None, None, weight, bias, 0.1, 1e-5)
         assert str(got.value) == str(want.value)
 
 
@@ -341,6 +346,13 @@ def test_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="N x C x H x W in one of"):
         sbt.split_batch_norm_triton(torch.randn(4, 3, 2, 2).to(torch.int32), 2, None, None, None, None, 0.1, 1e-5)
+    # a weight or bias the kernel cannot read as it reads x: on another device (a meta one here: the
+    # interpreter failed on copying it), or not a float (an int32 one ran)
+    x = torch.randn(4, 3, 2, 2)
+    for param in (torch.ones(3, device="meta"), torch.ones(3, dtype=torch.int32)):
+        for weight, bias, name in ((param, None, "weight"), (None, param, "bias")):
+            with pytest.raises(ValueError, match=rf"takes a {name} on x's device \(cpu\) in one of .*, got a"):
+                sbt.split_batch_norm_triton(x, 2, None, None, weight, bias, 0.1, 1e-5)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA batch"):
