@@ -43,13 +43,29 @@ def triton_available() -> bool:
     return triton is not None and (torch.cuda.is_available() or interpreting())
 
 
+def _add(a, b):
+    return a + b
+
+
+def sum_combiner(standard) -> Callable:
+    """sum0's combine function: `standard`'s (triton.language.standard's) `_sum_combine`, a + b, which
+    compiles as tl.sum does and which the interpreter, knowing it, does as one numpy sum. A private
+    name: where a triton has none, `_add` as a JITFunction whatever the mode, correct in both (compiled
+    code calls it as a jit function, the interpreter its Python function), but under the interpreter
+    once per element (minutes for the tests)."""
+    found = getattr(standard, "_sum_combine", None)
+    return found if found is not None else triton.JITFunction(_add)
+
+
+_SUM_COMBINE = None if tl is None else sum_combiner(tl.standard)
+
+
 def sum0(v):
     """A jit helper of the kernel modules (jitted_for_mode): the sum of `v` along axis 0. Not tl.sum
     (a jit function of triton's, built without the interpreter when triton was imported before
-    TRITON_INTERPRET was set, cannot run under it), nor tl.reduce with a combine function of ours (the
-    interpreter calls it once per element: minutes for the tests); tl.reduce with triton's own sum
-    combiner, a + b, which compiles as tl.sum does and which the interpreter does as one numpy sum."""
-    return tl.reduce(v, 0, tl.standard._sum_combine)
+    TRITON_INTERPRET was set, cannot run under it), nor tl.reduce with a combine function of ours
+    where triton has its own (`sum_combiner`: the interpreter calls ours once per element)."""
+    return tl.reduce(v, 0, _SUM_COMBINE)
 
 
 def check_device(device: torch.device, kernel: str) -> None:

@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+tl = triton.language  # the sums kernel below is a jit function of this module
 
 from moco_fast.kernels import momentum_triton as mt  # noqa: E402
 from moco_fast.kernels import momentum_update_reference  # noqa: E402
@@ -237,3 +239,34 @@ def test_strides_of_size_one_dimensions_do_not_matter(interpret):
     k = torch.empty_strided((8, 4, 1, 1), (4, 1, 4, 4)).normal_()
     q = torch.empty_strided((8, 4, 1, 1), (4, 1, 1, 1)).normal_()
     check_against_reference([k], [q], 0.9)
+
+
+# -- sum0, the kernel modules' interpreter-safe sum along axis 0 ---------------------------------------
+def _column_sums_body(x, out, M: tl.constexpr, N: tl.constexpr):
+    v = tl.load(x + tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :])
+    tl.store(out + tl.arange(0, N), _sum0(v))  # noqa: F821 (jitted_for_mode puts it here)
+
+
+def column_sums():
+    """The kernel, jitted afresh (with sum0 as `_sum0`) in the current mode."""
+    return mt.jitted_for_mode({}, globals(), {"_sum0": mt.sum0}, _column_sums_body)[0]
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["tritons", "ours"])
+def test_sum0_with_tritons_sum_combiner_or_without(interpret, monkeypatch, own):
+    # sum0 reduces with triton.language.standard._sum_combine, a private name; where a triton has none
+    # (a module without the name here: triton itself untouched) a combiner of ours, the same sums
+    combine = mt.sum_combiner(tl.standard if own else SimpleNamespace())
+    assert (combine is tl.standard._sum_combine) == own
+    monkeypatch.setattr(mt, "_SUM_COMBINE", combine)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    out = torch.empty(4, dtype=torch.float64)
+    column_sums()[(1,)](x, out, M=8, N=4)
+    torch.testing.assert_close(out, x.sum(0), rtol=1e-15, atol=1e-15)
+
+
+def test_sum0_without_tritons_sum_combiner_builds_for_sm90(monkeypatch):
+    # the compiled frontend takes our combiner as a jit function, made whatever TRITON_INTERPRET said
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(mt, "_SUM_COMBINE", mt.sum_combiner(SimpleNamespace()))
+    assert ".entry" in sm90_ptx(column_sums(), {"x": "*fp32", "out": "*fp32"}, {"M": 8, "N": 4})
