@@ -21,8 +21,9 @@ which gradcheck takes) and outputs in x's dtype and memory format. One kernel pe
 dense layouts through strides (value n, c, pixel p at n * s_n + c * s_c + p * s_p): NCHW tiles are
 BLOCK_R x 1 (a channel's pixels are contiguous runs), channels-last tiles BLOCK_R x BLOCK_C (a pixel's
 channels are contiguous). Any other strides are copied to NCHW first (one more pass); a gradient in
-other strides than x's is copied to x's. Offsets are int64 from the image index on. Nothing is read
-on the host (no `.item()`): a CUDA graph can capture both passes.
+other strides than x's is copied to x's (a size-1 dimension's stride, never read, may differ). Offsets
+are int64 from the image index on. Nothing is read on the host (no `.item()`): a CUDA graph can
+capture both passes.
 
 On the CPU the kernels run under Triton's interpreter (`TRITON_INTERPRET=1`), which is how the tests
 compare them with `split_batch_norm_reference` without a GPU. Opt-in (SplitBatchNorm2d's kernel,
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .momentum_triton import check_device, interpreting, tl, triton
+from .momentum_triton import _strides, check_device, interpreting, tl, triton
 from .split_bn import _split, check_channels, record_running
 from .split_bn_triton_kernels import _kernels
 
@@ -176,7 +177,7 @@ class _SplitBatchNormTriton(torch.autograd.Function):
             return None, None, None, None, None
         x, rstd, shift0, scale = ctx.saved_tensors
         t = ctx.tiles
-        if dy.stride() != x.stride():  # the kernels read dy at x's strides
+        if _strides(dy) != _strides(x):  # the kernels read dy at x's strides (a size-1 dimension's: none)
             dy = torch.empty_like(x).copy_(dy)
         *_, grad_sums, grad_combine, dx_kernel = _kernels()
         part = t.partials(x, rstd.dtype)

@@ -314,6 +314,24 @@ def test_a_gradient_in_other_strides(interpret):
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_gradient_whose_size_1_dimension_has_another_stride_is_not_copied(interpret, monkeypatch, fmt):
+    # N x C x 3 x 1: the kernels never read W's stride, but a gradient whose only other stride was
+    # W's was copied to x's strides (a pass over dy on a GPU); now no torch op runs in the backward
+    x = spread_batch(fmt)[..., :1].contiguous(memory_format=FORMATS[fmt]).requires_grad_()
+    strides = (*x.stride()[:3], 7)
+    dy = torch.randn(x.numel()).as_strided(x.shape, strides)
+    assert dy.stride() != x.stride()
+    weight, bias = affine()
+    y = sbt.split_batch_norm_triton(x, 2, None, None, weight, bias, 0.1, 1e-5)
+    with TorchOps().quiet_kernels(monkeypatch) as mode:
+        (dx,) = torch.autograd.grad(y, x, dy)
+    assert [name for name, view, _ in mode.ops if not view and name not in ("empty", "empty_like")] == []
+    ref = x.detach().clone().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(split_batch_norm(ref, 2, None, None, weight, bias, 0.1, 1e-5), ref, dy)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_a_weight_and_bias_of_other_strides(interpret):
     # F.batch_norm takes parameters of any strides; the combination kernel reads them at stride 1
     # (every other channel's here, before they were copied)
