@@ -53,8 +53,9 @@ INTERPRET_TILE = 16384
 # partials and the combinations' work ROW_STEPS-fold fewer (ResNet-50's stem at batch 256, 8 splits:
 # 392 groups a sub-batch, not 6272 tiles), programs still many (3136 there). A guess: not timed on a GPU.
 ROW_STEPS = 16
-# Under the interpreter a step of that loop costs what a program does, and a small batch's steps past
-# its rows cost as much: a tile a program (the tests' 4x slower at 16).
+# Under the interpreter a step of that loop costs what a program does, so more tiles a program save
+# nothing there: a tile a program (the tests were 4x slower at 16 while the last group walked up to
+# 15 tiles past a small batch's rows; the loops stop at the rows now, and 16 took about as long as 1).
 INTERPRET_ROW_STEPS = 1
 # The partials' combination: groups by channels a step (128 B rows); under the interpreter up to
 # INTERPRET_TILE // COMBINE_TILES channels.

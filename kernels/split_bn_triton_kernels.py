@@ -30,13 +30,20 @@ def _tile(rb, R, C, HW, M, s_n, s_c, s_p, BLOCK_R: tl.constexpr, BLOCK_C: tl.con
     return offs, (r < R)[:, None] & (c < C)[None, :], c, c < C
 
 
+def _group_tiles(rb, R, ROW_STEPS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Tiles with rows from row tile rb (a group's first) on, ROW_STEPS at most: fewer in the last
+    group, whose tiles past R the loops then do not walk (each a step of masked loads). From the
+    arguments, nothing read on the host."""
+    return tl.minimum((R - rb * BLOCK_R + BLOCK_R - 1) // BLOCK_R, ROW_STEPS)
+
+
 def _tile_stats(x, rb, R, C, HW, M, s_n, s_c, s_p, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Row tile rb's count of rows (what is left of R in the last, partly masked; 0 past R), its
-    channels' means and M2s, its channels and their mask."""
+    """Row tile rb's count of rows (what is left of R in the last, partly masked; rb < the tiles),
+    its channels' means and M2s, its channels and their mask."""
     offs, mask, c, cmask = _tile(rb, R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
     v = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
-    count = tl.maximum(tl.minimum(R - rb * BLOCK_R, BLOCK_R), 0).to(ACC)
-    mean = _sum0(v) / tl.maximum(count, 1.0)  # 0 for a tile past R
+    count = tl.minimum(R - rb * BLOCK_R, BLOCK_R).to(ACC)
+    mean = _sum0(v) / count
     d = tl.where(mask, v - mean[None, :], 0.0)
     return count, mean, _sum0(d * d), c, cmask
 
@@ -57,12 +64,12 @@ def _stats_body(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """ROW_STEPS consecutive row tiles from program_id(0) * ROW_STEPS on: each tile's count, mean and
-    M2, merged into the group's by Chan's formula (exact, as the combination's), one partial of the
-    group (S x groups x C). The last group's tiles past R count 0 and merge as nothing."""
+    """ROW_STEPS consecutive row tiles from program_id(0) * ROW_STEPS on (the last group's up to R's
+    last): each tile's count, mean and M2, merged into the group's by Chan's formula (exact, as the
+    combination's), one partial of the group (S x groups x C)."""
     rb = tl.program_id(0) * ROW_STEPS
     n, mean, m2, c, cmask = _tile_stats(x, rb, R, C, HW, M, s_n, s_c, s_p, ACC, BLOCK_R, BLOCK_C)
-    for i in range(1, ROW_STEPS):
+    for i in range(1, _group_tiles(rb, R, ROW_STEPS, BLOCK_R)):
         n_b, mean_b, m2_b, c, cmask = _tile_stats(x, rb + i, R, C, HW, M, s_n, s_c, s_p, ACC, BLOCK_R, BLOCK_C)
         total = n + n_b
         delta = mean_b - mean
@@ -168,8 +175,8 @@ def _grad_sums_body(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """ROW_STEPS consecutive row tiles' sum(dy) and sum(dy * xhat), one partial of the group (S x
-    groups x C); tiles past R are all masked and add 0."""
+    """ROW_STEPS consecutive row tiles' (the last group's up to R's last) sum(dy) and sum(dy * xhat),
+    one partial of the group (S x groups x C)."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     at = tl.program_id(2) * C + c
@@ -177,8 +184,9 @@ def _grad_sums_body(
     k0 = tl.load(shift0 + at, mask=cmask)
     sum_dy = tl.full([BLOCK_C], 0.0, k.dtype)
     sum_dyx = tl.full([BLOCK_C], 0.0, k.dtype)
-    for i in range(0, ROW_STEPS):
-        offs, mask, _, _ = _tile(tl.program_id(0) * ROW_STEPS + i, R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
+    rb = tl.program_id(0) * ROW_STEPS
+    for i in range(0, _group_tiles(rb, R, ROW_STEPS, BLOCK_R)):
+        offs, mask, _, _ = _tile(rb + i, R, C, HW, M, s_n, s_c, s_p, BLOCK_R, BLOCK_C)
         g = tl.load(dy + offs, mask=mask, other=0.0).to(k.dtype)  # 0 where masked: no term in either sum
         xhat = tl.load(x + offs, mask=mask, other=0.0).to(k.dtype) * k[None, :] + k0[None, :]
         sum_dy += _sum0(g)
@@ -264,7 +272,13 @@ def _dx_body(
 
 
 # Jitted per mode with their helpers (momentum_triton.jitted_for_mode, as augment_triton's).
-_HELPERS = {"_sum0": _sum0, "_div_rn": _div_rn, "_tile": _tile, "_tile_stats": _tile_stats}
+_HELPERS = {
+    "_sum0": _sum0,
+    "_div_rn": _div_rn,
+    "_tile": _tile,
+    "_tile_stats": _tile_stats,
+    "_group_tiles": _group_tiles,
+}
 _KERNELS: dict[bool, tuple] = {}
 
 

@@ -6,6 +6,8 @@ build is checked without a GPU with Triton's own ptxas, as in test_augment_trito
 kernels on CUDA where there is one.
 """
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -15,6 +17,7 @@ triton = pytest.importorskip("triton")
 
 from conftest import ON_GPU  # noqa: E402
 from moco_fast.kernels import split_bn_triton as sbt  # noqa: E402
+from moco_fast.kernels import split_bn_triton_kernels as sbk  # noqa: E402
 from moco_fast.kernels.split_bn import record_running, split_batch_norm, split_batch_norm_reference  # noqa: E402
 from triton_helpers import sm90_ptx  # noqa: E402
 
@@ -35,8 +38,8 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(sbt, "INTERPRET_TILE", 16)
     monkeypatch.setattr(sbt, "CL_CHANNELS", 4)
     # a program merges 3 tiles: NCHW's 8 / 4 / 2 tiles and channels-last's 8 at 4 splits end in a
-    # partly masked group (a partly masked tile, then 1 or 2 past the rows), so the merge and the
-    # partials' combination count;
+    # short group (2 or 1 tiles, the last partly masked), so the merge, its bound at the rows and
+    # the partials' combination count;
     monkeypatch.setattr(sbt, "INTERPRET_ROW_STEPS", 3)
     # and the combination takes the groups 4 by 4 channels a step (16 values, INTERPRET_TILE's):
     # several steps (channels-last's 10 / 5 groups), the last partial
@@ -226,8 +229,8 @@ def forward_partials(monkeypatch, x: torch.Tensor, s: int, row_steps: int) -> tu
 def test_a_group_of_tiles_merges_as_their_partials(interpret, small_tiles, monkeypatch, fmt):
     # A program's ROW_STEPS tiles merged in registers make the partial that Chan's formula makes of
     # the tiles' own (ROW_STEPS = 1): counts, the cross term of the tiles' means, a partly masked
-    # last tile and tiles past the rows (the last group of 3: 2 rows then none in channels-last, the
-    # 30 rows' second NCHW tile 14 of 16, then none). fp64, so that only rounding differs.
+    # last tile in a short last group (of 3: 4 rows then 2 in channels-last, the 30 rows' NCHW tiles
+    # 16 then 14). fp64, so that only rounding differs.
     x, rows, steps = spread_batch(fmt, torch.float64), 30, 3
     (tile_mean, tile_m2), var1 = forward_partials(monkeypatch, x, 4, 1)
     (group_mean, group_m2), var3 = forward_partials(monkeypatch, x, 4, steps)
@@ -242,6 +245,23 @@ def test_a_group_of_tiles_merges_as_their_partials(interpret, small_tiles, monke
         torch.testing.assert_close(group_mean[:, g], mean, rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(group_m2[:, g], m2, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(var3, var1, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_last_group_walks_no_tile_past_the_rows(interpret, small_tiles, monkeypatch, fmt):
+    # The last group of 3 tiles at 4 splits ends past the 30 rows a sub-batch (NCHW: 2 tiles of 16,
+    # channels-last: 8 of 4); its statistics and grad sums programs walked those tiles too, each a
+    # step of masked loads. Now each pass reads each tile once: statistics, apply, grad sums, dx.
+    x = spread_batch(fmt).requires_grad_()
+    t = sbt._Tiles.of(x, 4)
+    assert t.groups[0] * t.row_steps > t.grid[0]
+    sbt._kernels()  # the helpers of this mode, jitted into the cache the kernels' globals come from
+    helpers = sbk._KERNELS[True][0]
+    tile, walked = helpers["_tile"], []
+    monkeypatch.setitem(helpers, "_tile", lambda *a: walked.append(1) or tile(*a))
+    y = sbt.split_batch_norm_triton(x, 4, None, None, *affine(), 0.1, 1e-5)
+    torch.autograd.grad(y, x, torch.randn_like(y))
+    assert len(walked) == 4 * math.prod(t.grid)
 
 
 @pytest.mark.parametrize(("with_weight", "with_bias"), [(True, True), (False, False)])
