@@ -38,6 +38,22 @@ COMMANDS = [
 DISTRIBUTED_COMMANDS = frozenset({"train"})
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: a flag or argument it does not take is its own error, under its usage
+    ("moco-fast knn: error: unrecognized arguments: --epochs 5"). argparse hands such words up to the
+    top-level parser, which printed moco-fast's usage (`COMMAND ...`) and "moco-fast: error:", as if the
+    command were the word it did not know."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(self.unrecognized(extras))
+        return parsed, extras
+
+    def unrecognized(self, extras: list[str]) -> str:
+        return f"unrecognized arguments: {' '.join(extras)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moco-fast",
@@ -46,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"moco-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
     return parser

@@ -299,6 +299,32 @@ def test_an_empty_path_is_a_one_line_error(argv, flag, tmp_path, monkeypatch, ca
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--device", "cpu", "--features", "head"],  # knn's flag
+        ["train", "runs/x"],  # a positional train has none of
+        ["knn", "--checkpoint", "c.pt", "--epochs", "5"],  # lincls's flag
+        ["lincls", "--checkpoint", "c.pt", "--features", "head"],
+        ["finetune", "--checkpoint", "c.pt", "--features", "head"],
+        ["export", "c.pt", "--format", "torchvision", "--output", "x.pth", "--epochs", "5"],
+        ["convert", "src", "dst.beton", "--epochs", "5"],
+    ],
+)
+def test_a_flag_the_command_does_not_take_is_its_own_error_under_its_usage(argv, tmp_path, monkeypatch, capsys):
+    # argparse left it to the top-level parser: "usage: moco-fast [-h] [-v] [--version] COMMAND ..." and
+    # "moco-fast: error: unrecognized arguments", as if the command were the word it did not know
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as end:
+        main(argv)
+    assert end.value.code == 2
+    err = capsys.readouterr().err
+    extras = " ".join(argv[-2:] if argv[-2].startswith("--") else argv[-1:])
+    assert err.startswith(f"usage: moco-fast {argv[0]} "), err
+    assert err.strip().splitlines()[-1] == f"moco-fast {argv[0]}: error: unrecognized arguments: {extras}", err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_version_prints_the_package_version_and_exits_0(capsys):
     import moco_fast
 

@@ -8,7 +8,7 @@ import logging
 import math
 from pathlib import Path
 
-from moco_fast.cli import EMPTY_PATH, empty_flag
+from moco_fast.cli import EMPTY_PATH, CommandParser, empty_flag
 from moco_fast.commands import HelpFormatter
 from moco_fast.config import ConfigError
 
@@ -81,15 +81,12 @@ TRAIN_FLAGS_HINT = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(CommandParser):
     """The sweep's parser: a flag it does not know (a train flag given before `--`) is an error that
-    says where train flags go, not the top-level parser's bare "unrecognized arguments"."""
+    says where train flags go."""
 
-    def parse_known_args(self, args=None, namespace=None):
-        parsed, extras = super().parse_known_args(args, namespace)
-        if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)} ({TRAIN_FLAGS_HINT})")
-        return parsed, extras
+    def unrecognized(self, extras: list[str]) -> str:
+        return f"{super().unrecognized(extras)} ({TRAIN_FLAGS_HINT})"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -100,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=_Formatter,
     )
-    p.__class__ = _Parser  # add_parser makes the top-level parser's class
+    p.__class__ = _Parser  # add_parser makes the subparsers' class, cli.CommandParser
     p.add_argument(
         "--out",
         required=True,
