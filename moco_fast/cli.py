@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     # The parser imports the commands' modules (tens of ms): under main's handlers, which hold a stop
     # there for the command (signals._Ending), as they do one before its body; before them, a Ctrl-C
     # was a KeyboardInterrupt's traceback
+    signals.quiet_at_exit()
     with signals.ending_held(_command), signals.stop_signals_handled(_say_stopped if _in_a_worker() else None):
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -6,6 +6,7 @@ they are in (import_holding_signals). A stop during the training steps is stops.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import importlib
@@ -22,6 +23,31 @@ from moco_fast.blocked_stderr import given_up_after
 # before a time limit or a preemption). Their default action ends the process at once, leaving
 # temporary files and saying nothing.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+# The stops that the process ignores once its command is over and the interpreter ends (quiet_at_exit):
+# Ctrl-C, and SLURM's warnings before a time limit. SIGTERM and SIGHUP keep their default action, so
+# that an ending that hangs (a library's teardown) can still be ended.
+QUIET_AT_EXIT = (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+_quiet_at_exit_registered = False
+
+
+def quiet_at_exit() -> None:
+    """From the last exit hook on, QUIET_AT_EXIT are ignored. As the interpreter ends it puts back
+    the default action of each signal that has a Python handler, and then unloads torch (a second or
+    more): a Ctrl-C then ended a command that had done its work and said so ("wrote 36 images to
+    ...") with exit status 130 and no line, where one a moment before, as the command returned, was
+    dropped (_Ending). main registers it as it starts, before the command imports torch and
+    multiprocessing, so that their exit hooks run before it and a stop still reaches them. Once."""
+    global _quiet_at_exit_registered
+    if not _quiet_at_exit_registered:
+        _quiet_at_exit_registered = True
+        atexit.register(_ignore_quiet_stops)
+
+
+def _ignore_quiet_stops() -> None:
+    for sig in QUIET_AT_EXIT:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Terminated(KeyboardInterrupt):

@@ -8,6 +8,8 @@ import os
 import sys
 from functools import partial
 
+import pytest
+
 from moco_fast import cli, signals
 from moco_fast.cli import main
 
@@ -300,3 +302,31 @@ def test_a_give_up_started_within_its_own_start_starts_once(monkeypatch):
     with blocked_stderr.given_up_after() as start:
         start()
     assert len(calls) == 1 and not calls[0].is_alive()
+
+
+# A stop after the exit hooks, as the interpreter ends: a global of __main__ is deleted there.
+STOP_AS_THE_INTERPRETER_ENDS = """
+import os, signal, sys
+from moco_fast.cli import main
+
+class StopAtItsEnd:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGNAME)
+
+late = StopAtItsEnd()
+sys.exit(main(["export", "missing.pt", "--format", "torchvision", "--output", "x.pth"]))
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGUSR1", "SIGTERM"])
+def test_a_stop_as_the_interpreter_ends_leaves_the_commands_exit_status(name, tmp_path):
+    # The interpreter puts back the default action of Python's handlers before it unloads torch (a
+    # second or more): a Ctrl-C then ended a command that had finished and said so with 130, no line.
+    # Ctrl-C and SLURM's warnings are ignored there; SIGTERM still ends an ending that would hang.
+    import signal
+    import subprocess
+
+    code = STOP_AS_THE_INTERPRETER_ENDS.replace("SIGNAME", name)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (-signal.SIGTERM if name == "SIGTERM" else 2), proc
+    assert proc.stderr.strip().splitlines() == ["moco-fast export: error: checkpoint not found: missing.pt"], proc
