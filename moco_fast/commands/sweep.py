@@ -133,7 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(other settings' folders are kept)",
     )
     p.add_argument(
-        "--device", help="cpu | cuda | auto (overrides a --device after --) (default: the --device after --, else auto)"
+        "--device",
+        help="cpu | cuda | cuda:N | auto (overrides a --device after --) (default: the --device after --, else auto)",
     )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="`--` then moco-fast train flags for every setting")
     p.set_defaults(func=run)
