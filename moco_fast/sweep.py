@@ -324,10 +324,21 @@ def _rows(found: dict[str, dict[str, Any]], order: list[str]) -> list[dict[str, 
     return rows
 
 
+# what a row's linear top-1 was measured with (run_sweep's evaluation flags)
+LINEAR_KEYS = ("lincls_epochs", "lincls_lr")
+
+
 def _mixed_settings(results: list[dict[str, Any]]) -> list[str]:
-    """The fields, other than the grid's, whose values differ between the table's runs."""
+    """The fields, other than the grid's, whose values differ between the table's runs: of their
+    training config, and of the linear classifier behind the linear column's figures (the sweep's
+    --lincls-epochs and --lincls-lr, which no config holds: another grid's figure in the folder may
+    come from another lr)."""
     values: dict[str, list[Any]] = {}
     for res in results:
+        for k in LINEAR_KEYS if res.get("linear_top1") is not None else ():
+            seen = values.setdefault(k, [])
+            if res.get(k) not in seen:
+                seen.append(res.get(k))
         config = res.get("config")
         if not isinstance(config, dict):
             continue

@@ -187,6 +187,33 @@ def test_sweep_linear_classifier_lr(finished_sweep, six_root, tmp_path, monkeypa
     assert main(sweep_args(out, six_root, "--moco-m", "0.99", "--lincls-epochs", "3", "--lincls-lr", "0")) == 2
 
 
+def test_the_table_warns_of_linear_figures_of_another_classifier(
+    finished_sweep, six_root, tmp_path, monkeypatch, caplog
+):
+    # Another grid's setting in the folder, classified with the default lr 30, and this grid's with
+    # 0.5: the linear column set both figures side by side without a word (the warning compared the
+    # training configs only, and --lincls-lr is the sweep's flag, in none of them).
+    from moco_fast import lincls
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")
+    other = json.loads((out / SWEEP_RUN / "result.json").read_text())
+    other.update(name="moco_K32_m0.99_sbn-on", k=32, linear_top1=40.0, lincls_epochs=3, lincls_lr=30.0)
+    (out / other["name"]).mkdir()
+    (out / other["name"] / "result.json").write_text(json.dumps(other))
+    monkeypatch.setattr(lincls, "run_lincls", lambda cfg, *listed: {"top1": 12.5})
+
+    def mixed(*flags: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            assert main(sweep_args(out, six_root, "--moco-m", "0.99", *flags)) == 0
+        return [m for m in caplog.messages if "the table mixes" in m]
+
+    assert mixed("--lincls-epochs", "3", "--lincls-lr", "0.5") == [
+        "the table mixes runs whose settings differ beyond the grid: lincls_lr (0.5, 30.0)"
+    ]
+    assert mixed("--lincls-epochs", "3", "--lincls-lr", "30") == []  # the same classifier: no line
+
+
 def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
     finished_sweep, six_root, tmp_path, monkeypatch, caplog, listed
 ):
