@@ -180,7 +180,8 @@ _LEGACY_TORCH_MAGIC = b"\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little"
 def not_a_checkpoint(path: Path) -> str | None:
     """What a file is when its first bytes show that torch.load cannot read it as a checkpoint (JSON,
     other text, a plain pickle such as a detectron2 export, an empty file, a zip without torch's
-    data.pkl); None when it may be one (torch.load decides). Cheap: the whole file is never read."""
+    data.pkl, any other binary file); None when it may be one (torch.load decides: also its legacy
+    tar format and, by the name, safetensors). Cheap: the whole file is never read."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(512)
@@ -205,7 +206,10 @@ def not_a_checkpoint(path: Path) -> str | None:
         if head.lstrip()[:1] in (b"{", b"["):
             return "it holds JSON text (a result file such as lincls.json?)"
         return "it is a text file"
-    return None
+    if path.suffix == ".safetensors" or head[257:262] == b"ustar":  # torch.load's other formats
+        return None
+    # torch.load's own line for it was "invalid load key, '\xff'."
+    return "it is neither torch.save's zip nor a pickle (an image, a compressed file?)"
 
 
 def _is_text(head: bytes) -> bool:

@@ -353,6 +353,7 @@ def test_finetune_from_scratch_checks_arch_before_the_data(tmp_path, monkeypatch
 
 # -- files that are not checkpoints -------------------------------------------------------------------
 def test_a_file_that_is_not_a_checkpoint_is_named_as_such(run_dir, data, tmp_path, monkeypatch, capsys):
+    import gzip
     import zipfile
 
     stop_training(monkeypatch)
@@ -364,6 +365,9 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(run_dir, data, tmp_pat
     with zipfile.ZipFile(tmp_path / "images.zip", "w") as z:
         z.writestr("a.txt", "not a checkpoint")
     (tmp_path / "cut.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes()[:4096])  # a copy cut short
+    jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256))  # torch.load: "invalid load key, '\xff'."
+    (tmp_path / "photo.pth").write_bytes(jpeg)
+    (tmp_path / "r18.pth.gz").write_bytes(gzip.compress((run_dir / "checkpoint.pt").read_bytes()[:4096]))
     kinds = {
         "lincls.json": "it holds JSON text",
         "notes.txt": "it is a text file",
@@ -371,6 +375,8 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(run_dir, data, tmp_pat
         "empty.pt": "it is empty",
         "images.zip": "it is a zip file without the data.pkl",
         "cut.pt": "it is a zip file (torch's format) that cannot be opened: cut short or damaged?",
+        "photo.pth": "it is neither torch.save's zip nor a pickle (an image, a compressed file?)",
+        "r18.pth.gz": "it is neither torch.save's zip nor a pickle (an image, a compressed file?)",
     }
     capsys.readouterr()
     for name, what in kinds.items():
