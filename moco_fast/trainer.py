@@ -354,7 +354,7 @@ def _train_held(
 
     finished = start_epoch >= cfg.optim.epochs  # nothing to train: the folder stays as it is
     if not finished and dist_utils.is_main():
-        warn_few_bn_images(cfg, world)
+        warn_few_bn_images(cfg, world, device)
     # resumed from the checkpoint in --out itself (clear_run below runs only where it is not)
     continuing = continues_in(out, resume_path)
     # ... unless the final evaluation of a finished run was interrupted: that part runs now

@@ -187,25 +187,29 @@ def test_a_run_whose_bn_sees_few_images_warns_once(tmp_path, caplog, flags, says
 
 
 @pytest.mark.parametrize(
-    "batch, splits, sync_bn, says",
+    "batch, splits, sync_bn, device, says",
     [
-        (4, 2, False, "--batch-size 4 gives each process's BN 4"),  # --bn-splits: no effect, --sync-bn helps
-        (8, 8, False, None),
-        (2, 8, True, "--sync-bn over 2 processes of --batch-size 2 gives BN 4"),
-        (4, 8, True, None),
+        (4, 2, False, "cuda", "--batch-size 4 gives each process's BN 4"),  # --bn-splits: no effect, --sync-bn helps
+        (4, 2, False, "cpu", "--batch-size 4 gives each process's BN 4"),  # where --sync-bn is refused
+        (8, 8, False, "cuda", None),
+        (2, 8, True, "cuda", "--sync-bn over 2 processes of --batch-size 2 gives BN 4"),
+        (4, 8, True, "cuda", None),
     ],
 )
-def test_two_processes_warn_of_the_images_their_bn_sees(caplog, batch, splits, sync_bn, says):
+def test_two_processes_warn_of_the_images_their_bn_sees(caplog, batch, splits, sync_bn, device, says):
     # with several processes --bn-splits does nothing: each process's BN normalises its own batch, or
-    # with --sync-bn the batches of all of them (rank 0 of the run says it)
+    # with --sync-bn the batches of all of them (rank 0 of the run says it). 2 CPU processes (torchrun,
+    # gloo) were told to add --sync-bn, which they refuse: it needs CUDA GPUs.
+    import torch
+
     from moco_fast.bn_batch import warn_few_bn_images
     from moco_fast.config import as_run, build_config
 
     cfg = build_config("v2", {"optim.batch_size": batch, "moco.bn_splits": splits, "runtime.sync_bn": sync_bn})
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
-        warn_few_bn_images(as_run(cfg, 2), 2)  # the config the run trains with
+        warn_few_bn_images(as_run(cfg, 2), 2, torch.device(device))  # the config the run trains with
     said = [m for m in caplog.messages if FEW_BN in m]
-    fix = "raise --batch-size" + " or add --sync-bn" * (not sync_bn)
+    fix = "raise --batch-size" + " or add --sync-bn" * (not sync_bn and device == "cuda")
     assert said == ([f"{says} {FEW_BN}: {fix}"] if says else [])
 
 
