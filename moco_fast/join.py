@@ -68,12 +68,21 @@ def init_from_env(device: str = "auto") -> bool:
     numbers = "RANK, WORLD_SIZE and MASTER_PORT must be numbers"
     if not all(v.strip().isdigit() for v in (rank, world, port)):  # before a wait that would be in vain
         raise ConfigError(f"{numbers} (RANK={rank}, WORLD_SIZE={world}, MASTER_PORT={port})")
+    # a RANK past the group (RANK=2 WORLD_SIZE=2) waited the join timeout for a rank 0 that nobody
+    # started; WORLD_SIZE=0 and a MASTER_PORT past 65535 were "must be numbers" from torch's errors
+    if not int(rank) < int(world):
+        raise ConfigError(
+            f"RANK={rank} with WORLD_SIZE={world}: the ranks of a group of WORLD_SIZE processes are 0 to "
+            "WORLD_SIZE - 1; start each process with its own RANK and the same WORLD_SIZE (at least 1)"
+        )
+    if int(port) > 65535:
+        raise ConfigError(f"MASTER_PORT={port} is not a port: give a free port of rank 0's machine (1 to 65535)")
     timeout = join_timeout()
     manual = "TORCHELASTIC_RUN_ID" not in os.environ  # torchrun's and --gpus's workers: gathered already
     if manual and rank == "0":  # it may wait a while
         log.info("waiting for WORLD_SIZE=%s processes to join at %s:%s (at most %s)", world, addr, port, _span(timeout))
     left = timeout
-    if manual and rank != "0" and 0 < int(port) < 65536:  # (a port out of range: torch's error below)
+    if manual and rank != "0" and int(port) > 0:
         started = time.monotonic()
         if (why := wait_for_rank_0(addr, int(port), timeout)) is not None:
             raise ConfigError(join_failed("", rank, world, addr, port, timeout, why))
@@ -82,8 +91,6 @@ def init_from_env(device: str = "auto") -> bool:
     try:
         # torch's own join (init_process_group's env:// rendezvous), with a timeout of its own
         store, _, _ = next(dist.rendezvous("env://", timeout=left))
-    except ValueError as e:  # a MASTER_PORT out of range
-        raise ConfigError(f"{numbers} ({e})") from None
     except dist.DistError as e:
         raise ConfigError(join_failed(str(e), rank, world, addr, port, timeout)) from None
     store.set_timeout(COLLECTIVE_TIMEOUT)

@@ -301,6 +301,39 @@ def test_a_manual_launch_without_its_address_or_rank_0_is_a_config_error(monkeyp
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize(
+    "rank, world, port, says",
+    [
+        (
+            "2",
+            "2",
+            None,
+            "RANK=2 with WORLD_SIZE=2: the ranks of a group of WORLD_SIZE processes are 0 to WORLD_SIZE - 1",
+        ),
+        (
+            "0",
+            "0",
+            None,
+            "RANK=0 with WORLD_SIZE=0: the ranks of a group of WORLD_SIZE processes are 0 to WORLD_SIZE - 1",
+        ),
+        ("1", "2", "99999", "MASTER_PORT=99999 is not a port: give a free port of rank 0's machine (1 to 65535)"),
+    ],
+)
+def test_a_manual_launch_outside_its_group_or_ports_is_one_line_at_once(
+    monkeypatch, held_port, rank, world, port, says
+):
+    # RANK=2 WORLD_SIZE=2 waited the join timeout (10 min by default) for a rank 0 nobody started and
+    # then blamed the address; WORLD_SIZE=0 and MASTER_PORT=99999 said "must be numbers" (torch's words)
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", port or str(held_port))  # nobody listens there
+    monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "1")
+    with pytest.raises(ConfigError) as e:
+        init_from_env("cpu")
+    assert str(e.value).startswith(says)
+    assert not dist.is_initialized()
+
+
 def test_a_rank_that_cannot_reach_rank_0_waits_its_timeout_in_silence_and_says_why(monkeypatch, capfd, held_port):
     # torch's client logged each try that failed as a C++ error with its stack (47 lines above the
     # one line) and tried again after a random delay: a join bounded at 3 s gave up after 8 s
