@@ -329,4 +329,8 @@ def restore_rng(state: dict[str, Any], cfg: TrainConfig, world: int, rank: int, 
         return
     dist_utils.resume_shuffle_generator(None)
     ckpt.seed_everything(cfg.runtime.seed + rank + 1_000_003 * epoch)
-    log.info("--resume: the checkpoint was written by %d processes, now %d: new random streams", len(per_rank), world)
+    saved = len(per_rank)
+    log.info(
+        "--resume: the checkpoint was written by %d process%s, now %d: new random streams",
+        *(saved, "es" * (saved != 1), world),
+    )

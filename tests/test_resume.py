@@ -329,9 +329,10 @@ def test_a_finished_run_resumed_on_other_data_says_which_its_final_knn_reads(tin
 
 
 @pytest.mark.parametrize(("rank", "epoch"), [(1, 0), (0, 3)])
-def test_new_random_streams_from_the_largest_seed(rank, epoch):
+def test_new_random_streams_from_the_largest_seed(rank, epoch, caplog):
     # seed + rank (+ 1_000_003 x epoch) passed numpy's 2**32 - 1: rank 1 of `--seed MAX_SEED` (train's
-    # start), a resumed run on another number of processes, raised numpy's ValueError
+    # start), a resumed run on another number of processes, raised numpy's ValueError. The line of
+    # a checkpoint of one process said "written by 1 processes".
     import numpy as np
 
     from moco_fast.config import MAX_SEED, TrainConfig
@@ -339,7 +340,9 @@ def test_new_random_streams_from_the_largest_seed(rank, epoch):
 
     cfg = TrainConfig()
     cfg.runtime.seed = MAX_SEED
-    restore_rng({"rng": None}, cfg, world=2, rank=rank, epoch=epoch)  # saved by 1 process, resumed by 2
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        restore_rng({"rng": None}, cfg, world=2, rank=rank, epoch=epoch)  # saved by 1 process, resumed by 2
+    assert caplog.messages == ["--resume: the checkpoint was written by 1 process, now 2: new random streams"]
     drawn = np.random.randint(2**31), torch.randint(2**31, ()).item()
     restore_rng({"rng": None}, cfg, world=2, rank=rank, epoch=epoch)
     assert (np.random.randint(2**31), torch.randint(2**31, ()).item()) == drawn
