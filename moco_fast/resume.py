@@ -329,8 +329,5 @@ def restore_rng(state: dict[str, Any], cfg: TrainConfig, world: int, rank: int, 
         return
     dist_utils.resume_shuffle_generator(None)
     ckpt.seed_everything(cfg.runtime.seed + rank + 1_000_003 * epoch)
-    saved = len(per_rank)
-    log.info(
-        "--resume: the checkpoint was written by %d process%s, now %d: new random streams",
-        *(saved, "es" * (saved != 1), world),
-    )
+    written = plural(len(per_rank), "process", "processes")
+    log.info("--resume: the checkpoint was written by %s, now %d: new random streams", written, world)
