@@ -89,6 +89,22 @@ def test_print_config_counts_the_processes_of_the_group_the_environment_describe
     assert "the keys one step enqueues (128)" in one_line(capsys)
 
 
+def test_print_config_under_torchrun_prints_one_config(monkeypatch, capsys):
+    # every torchrun rank runs the command: 2 ranks printed 2 configs, one after the other, which no
+    # JSON reader takes (`torchrun ... --print-config > config.json`). Every rank checks the flags.
+    flags = ["train", "--batch-size", "32", "--moco-k", "64", "--print-config"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    printed = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(flags) == 0
+        printed.append(capsys.readouterr().out)
+    assert json.loads("".join(printed))["optim"]["batch_size"] == 32
+    monkeypatch.setenv("RANK", "1")
+    assert main([*flags, "--moco-k", "32"]) == 2  # 64 keys a step
+    assert "the keys one step enqueues (64)" in one_line(capsys)
+
+
 def test_a_world_size_that_is_not_a_number_is_no_traceback(monkeypatch, capsys):
     # every command read WORLD_SIZE as a number to decide whether it runs in a worker: `WORLD_SIZE=x`
     # (a scheduler's template left unfilled) was a ValueError traceback before any check

@@ -461,7 +461,8 @@ def run(args: argparse.Namespace) -> int:
         world = launch_world(cfg)
         check_flags(cfg, world, saved_run)
 
-        print(json.dumps(to_dict(as_run(cfg, world)), indent=2))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank checks, rank 0 alone prints
+            print(json.dumps(to_dict(as_run(cfg, world)), indent=2))
         return 0
     if args.gpus is not None:  # asked for: checked (count, device, torchrun) even for one
         from moco_fast.launch import check_local_gpus
