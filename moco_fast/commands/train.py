@@ -154,7 +154,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--bn-splits", type=int, help="on one device, sub-batches with their own BN statistics (default 8)")
     g.add_argument(
-        "--sync-bn", action=B, default=None, help="SyncBatchNorm across processes instead of shuffle BN (default off)"
+        "--sync-bn",
+        action=B,
+        default=None,
+        help="SyncBatchNorm across processes instead of shuffle BN, on CUDA GPUs (several CPU processes: refused; "
+        "default off)",
     )
     g.add_argument(
         "--shuffle-exchange",
