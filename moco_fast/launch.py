@@ -65,8 +65,15 @@ def check_local_gpus(cfg: TrainConfig) -> int:
     check_gpus_flag(cfg)
     n, have = cfg.runtime.gpus, torch.cuda.device_count()
     if n > have:
-        raise ConfigError(f"--gpus {n}: this machine has {have} CUDA GPU{'s' if have != 1 else ''}")
+        # without a GPU, several processes are torchrun's on the CPU: --gpus 2 named no way to run them
+        cpu = f"; for {n} CPU processes use torchrun (gloo): {cpu_processes(n)}" if have == 0 and n > 1 else ""
+        raise ConfigError(f"--gpus {n}: this machine has {have} CUDA GPU{'s' if have != 1 else ''}{cpu}")
     return n
+
+
+def cpu_processes(n: int) -> str:
+    """The command that runs `n` training processes on this machine's CPU."""
+    return f"torchrun --standalone --nproc_per_node {n} -m moco_fast train --device cpu ..."
 
 
 def check_gpus_flag(cfg: TrainConfig) -> None:
@@ -81,8 +88,7 @@ def check_gpus_flag(cfg: TrainConfig) -> None:
         raise ConfigError("--gpus 1 asks for a GPU and --device cpu for none: drop --gpus to train on the CPU")
     if cfg.runtime.device == "cpu":
         raise ConfigError(
-            f"--gpus {n} starts one worker per GPU; for {n} CPU processes use torchrun (gloo): "
-            f"torchrun --standalone --nproc_per_node {n} -m moco_fast train --device cpu ..."
+            f"--gpus {n} starts one worker per GPU; for {n} CPU processes use torchrun (gloo): {cpu_processes(n)}"
         )
     if cfg.runtime.device not in ("auto", "cuda"):
         raise ConfigError(

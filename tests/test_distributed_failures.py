@@ -47,7 +47,13 @@ def test_more_gpus_than_the_machine_has_is_one_line(tiny_root, tmp_path, capsys)
     assert len(err) == 1 and "--gpus must be at least 1" in err[0], err
     if not torch.cuda.is_available():  # asked for one GPU where there is none: not a silent CPU run
         assert main([*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "1"]) == 2
-        assert "--gpus 1: this machine has 0 CUDA GPUs" in capsys.readouterr().err
+        assert capsys.readouterr().err == "moco-fast train: error: --gpus 1: this machine has 0 CUDA GPUs\n"
+        # several: the way to run them on the CPU, which --gpus 2 did not name
+        assert main([*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]) == 2
+        assert capsys.readouterr().err.endswith(
+            "--gpus 2: this machine has 0 CUDA GPUs; for 2 CPU processes use torchrun (gloo): "
+            "torchrun --standalone --nproc_per_node 2 -m moco_fast train --device cpu ...\n"
+        )
     assert not out.exists()  # nothing started
 
 
