@@ -10,7 +10,7 @@ import torch
 from moco_fast.kernels.augment_gpu import KERNELS, apply, augment_into, sample_params
 
 from moco_fast.augment import AugSpec
-from moco_fast.data import DataSplits, load_splits
+from moco_fast.data import DataError, DataSplits, load_splits
 
 
 class Batch(NamedTuple):
@@ -71,6 +71,24 @@ def listed_splits(args: LoaderArgs) -> DataSplits:
     if splits.checked != args.check_images or splits.eval_split not in ("list", args.eval_split):
         raise ValueError(f"LoaderArgs.splits was listed with (check, eval_split) {given}; the loader lists {wanted}")
     return splits
+
+
+def check_one_batch(num_images: int, args: LoaderArgs) -> None:
+    """A DataError where each process's share of the images (1/world of them, drop_last) holds less
+    than one --batch-size. Each backend said "48 images give fewer than one batch of 32 per process:
+    lower --batch-size" to 2 processes, where 48 images at 32 train in one: the line gives each one's
+    share, the largest --batch-size that fits, and fewer processes as the other way."""
+    world, batch = args.world_size, args.batch_size
+    share = num_images // world
+    if share >= batch:
+        return
+    fix = f"lower --batch-size (to {share} at most)" if share else "lower --batch-size"
+    if world > 1:
+        raise DataError(
+            f"{num_images} images give fewer than one batch of {batch} per process ({world} processes, "
+            f"{share} images each): {fix}, or start fewer processes"
+        )
+    raise DataError(f"{num_images} images give fewer than one batch of {batch}: {fix}")
 
 
 def check_start_step(start_step: int, steps: int) -> None:

@@ -61,7 +61,7 @@ from moco_fast.image_dataset import MAX_BAD_FRACTION, MAX_BAD_MIN
 from moco_fast.metrics import progress
 
 from . import register_loader
-from .base import Batch, LoaderArgs, check_start_step, listed_splits, pinned_copy, stream_seed
+from .base import Batch, LoaderArgs, check_one_batch, check_start_step, listed_splits, pinned_copy, stream_seed
 from .dali_pipeline import PipelineSettings, decodable, folder_pipeline, wds_pipeline
 from .dali_recovery import SkipsBadSamples, path_bytes
 from .options import DaliOptions, parse_loader_options
@@ -282,12 +282,8 @@ class DaliLoader(SkipsBadSamples):
             images = decodable_images(self.splits.train)  # the kNN monitor still reads them all (PIL)
             self.wds, self.folder = None, FolderSource(images, args.batch_size, args.seed, args.rank, args.world_size)
             self.num_images, self.classes = len(images), images.classes
+        check_one_batch(self.num_images, args)
         self.steps = self.num_images // args.world_size // args.batch_size
-        if self.steps < 1:
-            raise DataError(
-                f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: "
-                "lower --batch-size"
-            )
         self.epoch = 0
         self.start_step = 0
         # a shard set's order lives in DALI's reader, which starts at a shard's first sample only

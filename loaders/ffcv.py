@@ -81,7 +81,7 @@ from moco_fast.image_dataset import MAX_BAD_FRACTION, MAX_BAD_MIN
 from moco_fast.threads import handle_thread_errors
 
 from . import register_loader
-from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, pinned_copy, stream_seed
+from .base import Batch, DeviceAugment, LoaderArgs, check_one_batch, check_start_step, pinned_copy, stream_seed
 from .ffcv_cache import use_page_cache_manager
 from .ffcv_ops import FAILURES, DecodeStatus, EpochKey, FlipViews, ResizedCrops, SampleIndexDecoder
 from .options import FFCVOptions, parse_loader_options
@@ -249,10 +249,7 @@ class FFCVLoader:
         self.classes = read_classes(path, self.labels, fingerprint)
         self.bad: set[int] = set()  # .beton indices whose image could not be read (named once each)
         self.files = FileNames(path, self.num_images, fingerprint)
-        if self.num_images // args.world_size < args.batch_size:
-            raise DataError(
-                f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: lower --batch-size"
-            )
+        check_one_batch(self.num_images, args)
         images = reader.metadata[f"f{names.index('image')}"]
         decoders = 1 if self.opts.decode == "once" else 2
         processes = local_world_size()  # this machine's, each with its own buffers

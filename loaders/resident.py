@@ -44,7 +44,16 @@ from moco_fast.image_dataset import load_rgb
 from moco_fast.metrics import tqdm
 
 from . import register_loader
-from .base import Batch, DeviceAugment, LoaderArgs, check_start_step, listed_splits, pinned_copy, stream_seed
+from .base import (
+    Batch,
+    DeviceAugment,
+    LoaderArgs,
+    check_one_batch,
+    check_start_step,
+    listed_splits,
+    pinned_copy,
+    stream_seed,
+)
 from .center_crop import ResizeCenterCrop
 from .options import ResidentOptions, parse_loader_options
 from .torch_loader import EpochShardSampler
@@ -158,11 +167,7 @@ class ResidentLoader:
         )
         self.num_images = len(kept)
         self.classes = kept.classes
-        if self.num_images // args.world_size < args.batch_size:
-            raise DataError(
-                f"{self.num_images} images give fewer than one batch of {args.batch_size} per process: "
-                "lower --batch-size"
-            )
+        check_one_batch(self.num_images, args)
         self.sampler = EpochShardSampler(self.num_images, args.seed, args.rank, args.world_size)
         self.augment = DeviceAugment(args, self.opts.jitter_order)
         h, w = self.data.shape[2:]

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
 from moco_fast.augment import AugSpec
-from moco_fast.data import DataError, DataSplits
+from moco_fast.data import DataSplits
 from moco_fast.image_dataset import ImageDataset
 from moco_fast.seeded_images import KeyedImages
 from moco_fast.shared_memory import stack_shared, start_workers, tensor_shared, warn_if_short, worker_start
@@ -39,7 +39,7 @@ from moco_fast.signals import STOP_SIGNALS
 from moco_fast.stop_watch import end_daemonic_children
 
 from . import register_loader
-from .base import DevicePrefetcher, LoaderArgs, check_start_step, listed_splits, pins, stream_seed
+from .base import DevicePrefetcher, LoaderArgs, check_one_batch, check_start_step, listed_splits, pins, stream_seed
 from .center_crop import ResizeCenterCrop
 from .color_jitter import ColorJitter
 from .options import parse_loader_options
@@ -271,10 +271,7 @@ class TorchLoader:
 
     def __init__(self, splits: DataSplits, args: LoaderArgs):
         images = splits.train
-        if len(images) // args.world_size < args.batch_size:
-            raise DataError(
-                f"{len(images)} images give fewer than one batch of {args.batch_size} per process: lower --batch-size"
-            )
+        check_one_batch(len(images), args)
         self.args = args
         self.splits = splits
         self.num_images = len(images)

@@ -361,3 +361,28 @@ def test_a_batchs_parts_are_let_go_once_joined():
     assert first.index.tolist() == [0, 1, 2, 3]
     assert [r() is None for r in alive] == [True] * 8
     assert next(batches).index.tolist() == [4, 5, 6, 7]
+
+
+def test_images_too_few_for_a_batch_of_each_process_say_each_ones_share(tiny_root):
+    # 32 images at --batch-size 32 train in one process; 2 processes were told "fewer than one batch
+    # of 32 per process: lower --batch-size", which named neither their share nor what fits
+    from moco_fast.loaders import LoaderArgs, create_loader
+
+    from moco_fast.augment import MOCO_V2
+    from moco_fast.data import DataError
+
+    def loader(batch: int, world: int):
+        args = LoaderArgs(data=str(tiny_root), aug=MOCO_V2, batch_size=batch, device=torch.device("cpu"), workers=0,
+                          world_size=world, check_images=False)  # fmt: skip
+        return create_loader("torch", args)
+
+    assert loader(32, 1).num_images == 32
+    with pytest.raises(DataError) as e:
+        loader(32, 2)
+    assert str(e.value) == (
+        "32 images give fewer than one batch of 32 per process (2 processes, 16 images each): lower --batch-size "
+        "(to 16 at most), or start fewer processes"
+    )
+    with pytest.raises(DataError) as e:
+        loader(33, 1)
+    assert str(e.value) == "32 images give fewer than one batch of 33: lower --batch-size (to 32 at most)"
