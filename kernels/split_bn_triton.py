@@ -5,15 +5,17 @@ temporaries; cuDNN's BN of one batch reads x twice forward and (x, dy) twice bac
 (sub-batch, channel), as cuDNN does per batch:
 
     1. `_stats_body`: each program reads ROW_STEPS consecutive tiles of BLOCK_R values (rows: a
-       sub-batch's images x pixels) by BLOCK_C channels, merges their means and centred sums of
-       squares (M2) in registers (Chan's formula) and writes the group's; `_combine_body` combines
-       the S x groups x C partials with Chan's formula, one launch where torch took 13 ops, and
-       makes from them the S x C rstd, scale and shift (7 torch ops before). No atomics: the same
-       input gives the same bits. No E[x^2] - E[x]^2: a mean ~100 stds from 0 keeps its variance.
+       sub-batch's images x pixels) by BLOCK_C channels (fewer in the last group: its loop stops at
+       the rows, `_group_tiles`), merges their means and centred sums of squares (M2) in registers
+       (Chan's formula) and writes the group's; `_combine_body` combines the S x groups x C
+       partials with Chan's formula, one launch where torch took 13 ops, and makes from them the
+       S x C rstd, scale and shift (7 torch ops before). No atomics: the same input gives the same
+       bits. No E[x^2] - E[x]^2: a mean ~100 stds from 0 keeps its variance.
     2. `_apply_body`: y = x * scale + shift, per (sub-batch, channel) scale and shift.
-    3. `_grad_sums_body`: sum(dy) and sum(dy * xhat) over ROW_STEPS tiles a program;
-       `_grad_combine_body` sums them over the groups into their means per sub-batch, and over the
-       sub-batches into dbias and dweight, one launch where torch took 5 ops.
+    3. `_grad_sums_body`: sum(dy) and sum(dy * xhat) over ROW_STEPS tiles a program (the last
+       group's up to the rows); `_grad_combine_body` sums them over the groups into their means
+       per sub-batch, and over the sub-batches into dbias and dweight, one launch where torch took
+       5 ops.
     4. `_dx_body`: dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), means per sub-batch.
 
 So x is read twice forward and (x, dy) twice backward, with fp32 arithmetic (fp64 for fp64 inputs,
