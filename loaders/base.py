@@ -11,6 +11,7 @@ from moco_fast.kernels.augment_gpu import KERNELS, apply, augment_into, sample_p
 
 from moco_fast.augment import AugSpec
 from moco_fast.data import DataError, DataSplits, load_splits
+from moco_fast.text import plural
 
 
 class Batch(NamedTuple):
@@ -77,16 +78,18 @@ def check_one_batch(num_images: int, args: LoaderArgs) -> None:
     """A DataError where each process's share of the images (1/world of them, drop_last) holds less
     than one --batch-size. Each backend said "48 images give fewer than one batch of 32 per process:
     lower --batch-size" to 2 processes, where 48 images at 32 train in one: the line gives each one's
-    share, the largest --batch-size that fits, and fewer processes as the other way."""
+    share, the largest --batch-size that fits, and how many processes fit one --batch-size each where
+    some do (20 images at 32 fit none: fewer processes would not help)."""
     world, batch = args.world_size, args.batch_size
     share = num_images // world
     if share >= batch:
         return
     fix = f"lower --batch-size (to {share} at most)" if share else "lower --batch-size"
     if world > 1:
+        fewer = f", or start at most {plural(num_images // batch, 'process', 'processes')}" * (num_images >= batch)
         raise DataError(
             f"{num_images} images give fewer than one batch of {batch} per process ({world} processes, "
-            f"{share} images each): {fix}, or start fewer processes"
+            f"{plural(share, 'image')} each): {fix}{fewer}"
         )
     raise DataError(f"{num_images} images give fewer than one batch of {batch}: {fix}")
 

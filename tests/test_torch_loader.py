@@ -381,7 +381,14 @@ def test_images_too_few_for_a_batch_of_each_process_say_each_ones_share(tiny_roo
         loader(32, 2)
     assert str(e.value) == (
         "32 images give fewer than one batch of 32 per process (2 processes, 16 images each): lower --batch-size "
-        "(to 16 at most), or start fewer processes"
+        "(to 16 at most), or start at most 1 process"
+    )
+    # 32 images hold no batch of 33 in any number of processes: fewer of them is no way out
+    with pytest.raises(DataError) as e:
+        loader(33, 2)
+    assert str(e.value) == (
+        "32 images give fewer than one batch of 33 per process (2 processes, 16 images each): lower --batch-size "
+        "(to 16 at most)"
     )
     with pytest.raises(DataError) as e:
         loader(33, 1)
