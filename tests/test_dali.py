@@ -33,7 +33,7 @@ from torchvision.transforms import functional as TF
 from moco_fast.augment import MOCO_V1, MOCO_V2
 from moco_fast.cli import main
 from moco_fast.config import ConfigError
-from moco_fast.data import load_splits
+from moco_fast.data import DataError, load_splits
 
 CUDA = pytest.param(torch.device("cuda"), marks=ON_GPU)
 N_IMAGES = 40  # per synthetic root; batches of 40 over 5 epochs give 400 views
@@ -184,6 +184,17 @@ def test_ranks_get_disjoint_shares_and_equal_steps(tiny_root):
     assert [len(ld) for ld in loaders] == [2, 2, 2]  # 32 // 3 // 4
     shares = [{i for b in ld for i in b.index.tolist()} for ld in loaders]
     assert sum(map(len, shares)) == 24 and len(set().union(*shares)) == 24
+
+
+def test_images_too_few_for_a_batch_of_each_process_are_refused(tiny_root, tmp_path):
+    # the one check of the folder backends (loaders.base.check_one_batch), for an image folder and a
+    # shard set: each of 2 processes has 16 of their 32 images
+    write_shards(tiny_root / "train", tmp_path / "wds")
+    for data in (tiny_root, tmp_path / "wds"):
+        with pytest.raises(
+            DataError, match=r"^32 images give fewer than one batch of 32 per process \(2 processes, 16"
+        ):
+            dali_loader(data, COLOUR, batch_size=32, world_size=2)
 
 
 def test_epoch_cut_short_then_next_epoch_restarts_in_step(tiny_root):
