@@ -100,6 +100,11 @@ def test_print_config_under_torchrun_prints_one_config(monkeypatch, capsys):
         assert main(flags) == 0
         printed.append(capsys.readouterr().out)
     assert json.loads("".join(printed))["optim"]["batch_size"] == 32
+    # a RANK alone (a scheduler's, say) starts no group: the one process prints, as a WORLD_SIZE alone's does
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(flags) == 0
+    assert json.loads(capsys.readouterr().out)["optim"]["batch_size"] == 32
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert main([*flags, "--moco-k", "32"]) == 2  # 64 keys a step
     assert "the keys one step enqueues (64)" in one_line(capsys)

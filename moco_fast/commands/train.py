@@ -454,6 +454,7 @@ def run(args: argparse.Namespace) -> int:
     warn_unused(args, cfg.moco.mechanism, cfg.moco.shuffle_bn)
     if args.print_config:
         from moco_fast.config import as_run, to_dict
+        from moco_fast.join import describes_group
         from moco_fast.launch import check_gpus_flag
         from moco_fast.trainer import check_flags
 
@@ -465,7 +466,9 @@ def run(args: argparse.Namespace) -> int:
         world = launch_world(cfg)
         check_flags(cfg, world, saved_run)
 
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank checks, rank 0 alone prints
+        # under torchrun every rank checks, rank 0 alone prints; a RANK without WORLD_SIZE joins no group
+        # (join.describes_group): the one process prints, where it printed nothing and returned 0
+        if not describes_group() or os.environ["RANK"] == "0":
             print(json.dumps(to_dict(as_run(cfg, world)), indent=2))
         return 0
     if args.gpus is not None:  # asked for: checked (count, device, torchrun) even for one
