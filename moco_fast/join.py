@@ -75,14 +75,16 @@ def init_from_env(device: str = "auto") -> bool:
             f"RANK={rank} with WORLD_SIZE={world}: the ranks of a group of WORLD_SIZE processes are 0 to "
             "WORLD_SIZE - 1; start each process with its own RANK and the same WORLD_SIZE (at least 1)"
         )
-    if int(port) > 65535:
+    # MASTER_PORT=0: rank 0's store takes any free port, which no other process can know (rank 1 waited
+    # the join timeout and printed torch's C++ stack; rank 0 waited for it); one process needs none
+    if int(port) > 65535 or (int(port) == 0 and int(world) > 1):
         raise ConfigError(f"MASTER_PORT={port} is not a port: give a free port of rank 0's machine (1 to 65535)")
     timeout = join_timeout()
     manual = "TORCHELASTIC_RUN_ID" not in os.environ  # torchrun's and --gpus's workers: gathered already
     if manual and rank == "0":  # it may wait a while
         log.info("waiting for WORLD_SIZE=%s processes to join at %s:%s (at most %s)", world, addr, port, _span(timeout))
     left = timeout
-    if manual and rank != "0" and int(port) > 0:
+    if manual and rank != "0":
         started = time.monotonic()
         if (why := wait_for_rank_0(addr, int(port), timeout)) is not None:
             raise ConfigError(join_failed("", rank, world, addr, port, timeout, why))

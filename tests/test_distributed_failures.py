@@ -323,6 +323,9 @@ def test_a_manual_launch_without_its_address_or_rank_0_is_a_config_error(monkeyp
             "RANK=0 with WORLD_SIZE=0: the ranks of a group of WORLD_SIZE processes are 0 to WORLD_SIZE - 1",
         ),
         ("1", "2", "99999", "MASTER_PORT=99999 is not a port: give a free port of rank 0's machine (1 to 65535)"),
+        # port 0: rank 0's store took any port, which rank 1 cannot know (it waited the timeout)
+        ("1", "2", "0", "MASTER_PORT=0 is not a port: give a free port of rank 0's machine (1 to 65535)"),
+        ("0", "2", "0", "MASTER_PORT=0 is not a port: give a free port of rank 0's machine (1 to 65535)"),
     ],
 )
 def test_a_manual_launch_outside_its_group_or_ports_is_one_line_at_once(
