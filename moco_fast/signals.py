@@ -2,14 +2,17 @@
 status), and the two ways a stop is held instead of raised. main's handlers (stop_signals_handled)
 raise a stop in the command's body, and hold one that lands outside it (_Ending: as the command
 starts, or says its last line and returns). Over the imports a command makes, a stop is held until
-they are in (import_holding_signals). A stop during the training steps is stops.py's."""
+they are in (import_holding_signals). One that lands in a fork, whose hooks would swallow it, is
+signalled again after it (_after_the_fork). A stop during the training steps is stops.py's."""
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import gc
 import importlib
+import logging  # noqa: F401  (its at-fork hooks first: _fork_begins and _fork_ended go around them)
 import os
 import signal
 import threading
@@ -165,12 +168,60 @@ def saying_the_last_line() -> Iterator[Callable[[], None]]:
                 ending.arm(None)
 
 
+# Forks in progress in this process, from the first of os.fork's before-hooks to the last of its
+# after-in-parent ones (_fork_begins and _fork_ended, registered after logging's hooks, so around
+# them). A stop signal that lands in a fork (a DataLoader starting its workers: the kNN's, --loader
+# torch's) runs its handler in the first Python code after the fork, logging's hook, and Python
+# ignores what such a hook raises ("Exception ignored in: <function _releaseLock>"): the Ctrl-C,
+# or SLURM's SIGTERM, was lost and the run went on to exit status 0. The handler hands it to
+# _after_the_fork instead.
+_forks = 0
+_forks_ended = threading.Condition()
+
+
+def _fork_begins() -> None:
+    global _forks
+    _forks += 1
+
+
+def _fork_ended() -> None:
+    global _forks
+    with _forks_ended:
+        _forks -= 1
+        _forks_ended.notify_all()
+
+
+def _fork_child() -> None:  # the child's hooks: it runs no fork of its parent's
+    global _forks, _forks_ended
+    _forks, _forks_ended = 0, threading.Condition()
+
+
+os.register_at_fork(before=_fork_begins, after_in_parent=_fork_ended, after_in_child=_fork_child)
+
+
+def _after_the_fork(signum: int) -> None:
+    """Signal `signum` again to the main thread once no fork is in progress: a thread waits for the
+    forks' ends, as the handler runs inside one of them (_forks). interrupt_main calls the handler
+    as the signal does, at the main thread's next bytecode, out of the hooks by then (or in another
+    fork, where it comes back here)."""
+
+    def deliver() -> None:
+        with _forks_ended:
+            _forks_ended.wait_for(lambda: _forks == 0)
+        _thread.interrupt_main(signum)
+
+    threading.Thread(target=deliver, name="stop-after-fork", daemon=True).start()
+
+
 def _on_stop_signal(signum, frame):
     if os.getpid() != _MAIN_PID:  # a forked worker inherited this handler: die as before
         if signum == signal.SIGINT:  # Python's own handler was there: a KeyboardInterrupt
             signal.default_int_handler(signum, frame)
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+        return
+    if _forks:  # raised here, it would be lost in os.fork's hooks
+        _after_the_fork(signum)
         return
     if signum != signal.SIGINT:  # the stop watch's signals (stop_watch.watching): acted on, or held
         stop_watch.handler_ran()

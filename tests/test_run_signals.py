@@ -1,7 +1,8 @@
 """How a run ends on a signal: Ctrl-C and SIGTERM end it with their exit status (also inside a
 checkpoint's write), SIGHUP, SIGUSR1 and SIGUSR2 as SIGTERM does, each command holds Ctrl-C over
-the imports it makes, SIGTERM stops the watch on DataLoader workers, and a stopped command puts back
-the SIGCHLD handler it replaced. A stop as a command says its last line: test_last_line_stops.py."""
+the imports it makes, SIGTERM stops the watch on DataLoader workers, a stopped command puts back the
+SIGCHLD handler it replaced, and a stop that lands in a fork's hooks is not lost. A stop as a
+command says its last line: test_last_line_stops.py."""
 
 import json
 import os
@@ -339,3 +340,41 @@ def test_a_command_in_another_thread_leaves_a_stop_held_for_the_main_threads(mon
         other.start()
         other.join()
         assert (got, raised, signals._ending.held) == ([0], [], [signal.SIGTERM])
+
+
+def test_a_stop_that_lands_in_a_fork_is_not_lost_in_its_hooks(monkeypatch, request):
+    # A Ctrl-C or SIGTERM during a fork (a DataLoader starting its workers: the final kNN's) ran its
+    # handler in logging's after-fork hook, whose KeyboardInterrupt Python ignores: the run went on
+    # to exit status 0. Here the signal lands in that hook, as the parent releases logging's lock.
+    import logging
+    import signal
+    import time
+
+    class Lock:  # logging's module lock, which raises the signal as the fork's parent releases it
+        def __init__(self):
+            self.lock, self.armed = logging._lock, False
+
+        def acquire(self, *args):
+            return self.lock.acquire(*args)
+
+        def release(self):
+            self.lock.release()
+            if self.armed:
+                self.armed = False
+                signal.raise_signal(signal.SIGINT)
+
+        def _at_fork_reinit(self):
+            self.lock._at_fork_reinit()
+
+    request.addfinalizer(partial(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    lock = Lock()
+    monkeypatch.setattr(logging, "_lock", lock)
+    with pytest.raises(KeyboardInterrupt), signals.stop_signals_handled():
+        lock.armed = True
+        if (pid := os.fork()) == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        for _ in range(500):  # the stop comes at the main thread's next bytecodes, once the fork is out
+            time.sleep(0.01)
+    assert not lock.armed
