@@ -122,6 +122,16 @@ def test_the_final_report_names_the_knn_settings_the_run_used(capsys):
     assert "kNN top-1 (k=3, t=0.07, trained backbone): 50.00%" in capsys.readouterr().out
 
 
+def test_the_final_report_says_where_the_checkpoint_is(capsys):
+    # It gave the loss, the speed and the kNN figures, and the weights' file only where a kNN line
+    # needed it (no eval split): after `moco-fast train --data D` the user had to know runs/moco.
+    from moco_fast.commands.train import _report
+    from moco_fast.config import build_config
+
+    _report({"epoch": 2, "loss": 1.0, "img_per_s": 10.0, "final_knn_top1": 50.0}, build_config("v2", {}))
+    assert "finished epoch 2: loss 1.0000, 10 img/s; checkpoint runs/moco/checkpoint.pt" in capsys.readouterr().out
+
+
 def test_a_flat_eval_split_leaves_out_the_final_knn_and_stops_only_knn_every(tiny_root, tmp_path, capsys, caplog):
     # ImageNet's val/ comes flat. It stopped every folder loader before training, even with no kNN.
     data = tmp_path / "data"

@@ -499,7 +499,10 @@ def _report(row: dict, cfg) -> None:
     if not row:  # the command's last line, the one line that says so (train logs nothing of it)
         print(f"nothing to do: {nothing_to_train(cfg)}")
         return
-    print(f"finished epoch {row['epoch']}: loss {row['loss']:.4f}, {rate(row['img_per_s'])} img/s")
+    checkpoint = Path(cfg.runtime.out) / CHECKPOINT_NAME  # where the run's weights are: its summary says so
+    print(
+        f"finished epoch {row['epoch']}: loss {row['loss']:.4f}, {rate(row['img_per_s'])} img/s; checkpoint {checkpoint}"
+    )
     knn = f"k={row.get('knn_k', cfg.runtime.knn_k)}, t={cfg.runtime.knn_t:g}"  # knn_k: the k used
     if "final_knn_top1" in row:
         line = f"kNN top-1 ({knn}, trained backbone): {row['final_knn_top1']:.2f}%"
@@ -514,7 +517,6 @@ def _report(row: dict, cfg) -> None:
         # a .beton's or shard set's source, recorded by convert: the eval split beside it, where it still is
         from moco_fast.monitor import converted_from, knn_root
 
-        checkpoint = Path(cfg.runtime.out) / CHECKPOINT_NAME
         source = converted_from(cfg)
         root = None if source is None else knn_root(source)
         if root is not None:
