@@ -13,6 +13,7 @@ import errno
 import importlib
 import logging
 import os
+import re
 import sys
 import threading
 import warnings
@@ -122,6 +123,27 @@ def _environment_error(e: BaseException, where: str | None = None) -> str | None
     return f"{text} ({failed}; {what})"
 
 
+# torch's CPU allocator's refusal, a RuntimeError: "[enforce fail at alloc_cpu.cpp:127] ... can't
+# allocate memory: you tried to allocate 512000000000 bytes. Error code 12 (Cannot allocate memory)"
+_CPU_ALLOCATION = re.compile(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes")
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """The one line for an allocation that the machine's memory refused, or None: settings too large
+    for it (`--moco-k 1000000000` asked for a queue of 477 GiB), what the machine refuses as a full
+    disk is, where the traceback of torch's allocator said no more. Only `e` itself, as
+    _environment_error; a GPU's out-of-memory error keeps its traceback (not seen on a CPU-only
+    machine)."""
+    if isinstance(e, MemoryError):
+        return "out of memory: Python could not allocate what the command asked for: lower the setting that sizes it"
+    if isinstance(e, RuntimeError) and (m := _CPU_ALLOCATION.search(str(e))):
+        return (
+            f"out of memory: torch could not allocate {int(m[1]) / 2**30:.1f} GiB of CPU memory at once: lower "
+            "the setting that asks for it (train's queue is --moco-k x --dim floats, a batch --batch-size images)"
+        )
+    return None
+
+
 def command_paths(args: argparse.Namespace) -> str | None:
     """What a command reads and writes, from its flags (its parser's `io_paths`: (name, attribute)
     pairs), as an error without a file names it: "SRC data and DST x.beton"; None where not known."""
@@ -155,7 +177,7 @@ def one_line(e: BaseException, where: str | None = None) -> str | None:
         return error_text(e)
     if interruption(e) is not None:
         return None
-    return _environment_error(e, where) or shared_memory.exhausted_line(e)
+    return _environment_error(e, where) or _out_of_memory(e) or shared_memory.exhausted_line(e)
 
 
 def interruption(e: BaseException | None) -> KeyboardInterrupt | None:

@@ -254,6 +254,24 @@ def test_an_io_error_naming_its_file_is_one_line():
     assert one_line(OSError(errno.EINVAL, "Invalid argument", "/x")) is None  # a bug's: traceback
 
 
+def test_memory_the_machine_refuses_is_one_line(monkeypatch, capsys):
+    # `train --moco-k 1000000000` (a queue of 477 GiB) ended in the traceback of torch's CPU allocator,
+    # a bug's exit status 1; it is what the machine refuses, as a full disk is.
+    import torch
+
+    import moco_fast.commands.export as export
+
+    monkeypatch.setattr(export, "run", lambda args: torch.empty(2**50, dtype=torch.uint8))  # 1 PiB: refused
+    assert main(["export", "ckpt", "--format", "torchvision", "--output", "x.pth"]) == 2
+    assert one_line_error(capsys) == (
+        "moco-fast export: error: out of memory: torch could not allocate 1048576.0 GiB of CPU memory at once: lower "
+        "the setting that asks for it (train's queue is --moco-k x --dim floats, a batch --batch-size images)"
+    )
+    from moco_fast.cli import one_line
+
+    assert one_line(MemoryError()).startswith("out of memory: Python could not allocate")  # Python's own
+
+
 def test_an_io_error_without_a_file_is_one_line_naming_what_the_command_reads_and_writes(tmp_path, monkeypatch, capsys):
     # A read or write of a file already open raises EIO without a file: that was a bug's traceback.
     import errno
