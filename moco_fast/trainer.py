@@ -306,14 +306,13 @@ def _train_held(
         raise DataError("the data gives no full batch: lower --batch-size")
     splits = monitor_splits(cfg, loader.splits)
     ev = "" if splits is None or splits.eval is None else f"; kNN on {len(splits.eval)} eval images"
+    # synthetic's count and classes are made up (a step's batch over and over, 10 random labels): "8
+    # images in 10 classes" read as a count of the data
+    found = f"{plural(loader.num_images, 'image')} in {plural(len(loader.classes), 'class', 'classes')}"
+    what = "random images" if cfg.data.loader == "synthetic" else found
     log.info(
-        "data: %s in %s (--loader %s), %s of %d a process per epoch%s",
-        plural(loader.num_images, "image"),
-        plural(len(loader.classes), "class", "classes"),
-        cfg.data.loader,
-        plural(len(loader), "step"),
-        cfg.optim.batch_size,
-        ev,
+        "data: %s (--loader %s), %s of %d a process per epoch%s",
+        *(what, cfg.data.loader, plural(len(loader), "step"), cfg.optim.batch_size, ev),
     )
 
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images).to(device)

@@ -150,16 +150,18 @@ def test_a_flat_eval_split_leaves_out_the_final_knn_and_stops_only_knn_every(tin
     assert "no class subfolders in" in one_line_error(capsys)
 
 
-def test_synthetic_says_that_it_reads_no_data(tmp_path, caplog):
+def test_synthetic_says_that_it_reads_no_data_and_counts_no_images(tmp_path, caplog):
     # `--loader synthetic --data /nonexistent` trained without a word and kept the path in config.json
     argv = [
         "train", "--loader", "synthetic", "--synthetic-steps", "1", "--data", str(tmp_path / "gone"),
         "--arch", "resnet18", "--image-size", "16", "--batch-size", "8", "--bn-splits", "2", "--moco-k", "16",
         "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run"), "--no-final-knn",
     ]  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
         assert main(argv) == 0
     assert f"--loader synthetic makes its own images: --data {tmp_path / 'gone'} is not read" in caplog.text
+    # nor does it count images or classes: its line said "8 images in 10 classes"
+    assert "data: random images (--loader synthetic), 1 step of 8 a process per epoch" in caplog.messages
 
 
 FEW_BN = "images: their statistics are noisy and MoCo may not learn (docs/experiments.md)"
