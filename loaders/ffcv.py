@@ -106,12 +106,18 @@ class RankShardOrder(TraversalOrder):
 
     def __call__(self, loader):
         self.sampler = EpochShardSampler(len(loader.indices), self.seed, self.rank, self.world_size)
+        self.batch_size = loader.batch_size
         return self
 
     def sample_order(self, epoch: int):
         self.sampler.set_epoch(epoch)
-        # FFCV cuts the order into batches as it is: a shorter one starts the epoch at a later step
-        return self.sampler.indices()[self.start :].numpy()
+        order = self.sampler.indices()
+        # FFCV cuts the order into batches as it is: a shorter one starts the epoch at a later step.
+        # It drops the partial last batch by the length of its first epoch's order, not of this one:
+        # a shard of 36 in batches of 8 resumed at step 3 read 12 images as 2 steps, the second of 4
+        # images (an epoch of 5 steps). The order ends at the epoch's last whole batch.
+        end = len(order) // self.batch_size * self.batch_size
+        return order[self.start : end].numpy()
 
 
 def read_classes(beton: Path, labels: np.ndarray, fingerprint: str | None) -> list[str]:

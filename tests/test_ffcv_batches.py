@@ -70,6 +70,16 @@ def test_an_epoch_started_at_a_step_yields_the_rest_of_that_epoch(loader, tiny_b
     assert epoch_indices(loader, 2) == [i for b in whole for i in b.index.tolist()]
 
 
+def test_an_epoch_started_at_a_step_ends_at_its_last_whole_batch(tiny_beton):
+    # 32 images in batches of 6: 5 steps, 2 images left. Resumed at step 1, FFCV cut the rest (26) at
+    # its first epoch's whole batches (30) and read 5 steps, the last of 2 images
+    ld = create_loader("ffcv", loader_args(tiny_beton, batch_size=6))
+    ld.set_epoch(1)
+    whole = [b.index.tolist() for b in ld]
+    ld.set_epoch(1, start_step=1)
+    assert len(ld) == 5 and [b.index.tolist() for b in ld] == whole[1:]
+
+
 def views_by_image(batches) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     return {int(i): (b.im_q[r], b.im_k[r]) for b in batches for r, i in enumerate(b.index.tolist())}
 
@@ -149,6 +159,7 @@ def test_rank_shards_are_disjoint_and_equal():
 
     class FakeLoader:
         indices = range(30)
+        batch_size = 5  # the shards' 10 are 2 whole batches
 
     shards = [RankShardOrder(seed=1, rank=r, world_size=3)(FakeLoader()).sample_order(2).tolist() for r in range(3)]
     assert all(len(s) == 10 for s in shards)
