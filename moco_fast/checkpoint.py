@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tarfile
 import tempfile
 import uuid
 import zipfile
@@ -177,11 +178,27 @@ def damaged_record(path: Path) -> str | None:
 _LEGACY_TORCH_MAGIC = b"\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little")
 
 
+# the files of torch.save's legacy tar format (torch.load's legacy_load); a tar without them, such as a
+# WebDataset shard, ended as "cannot read checkpoint shard.tar: "filename 'storages' not found""
+_LEGACY_TORCH_TAR = frozenset({"sys_info", "pickle", "tensors", "storages"})
+
+
+def _first_tar_member(path: Path) -> str | None:
+    """The name of a tar's first file (one header read), or None when there is none or it cannot be read."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            member = tar.next()
+    except (tarfile.TarError, OSError):
+        return None
+    return member.name if member is not None else None
+
+
 def not_a_checkpoint(path: Path) -> str | None:
     """What a file is when its first bytes show that torch.load cannot read it as a checkpoint (JSON,
     other text, a plain pickle such as a detectron2 export, an empty file, a zip without torch's
-    data.pkl, any other binary file); None when it may be one (torch.load decides: also its legacy
-    tar format and, by the name, safetensors). Cheap: the whole file is never read."""
+    data.pkl, a tar without torch's legacy files, any other binary file); None when it may be one
+    (torch.load decides: also its legacy tar format and, by the name, safetensors). Cheap: the
+    whole file is never read."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(512)
@@ -206,7 +223,12 @@ def not_a_checkpoint(path: Path) -> str | None:
         if head.lstrip()[:1] in (b"{", b"["):
             return "it holds JSON text (a result file such as lincls.json?)"
         return "it is a text file"
-    if path.suffix == ".safetensors" or head[257:262] == b"ustar":  # torch.load's other formats
+    if head[257:262] == b"ustar":  # a tar: torch.load's legacy format, or convert's WebDataset shard
+        first = _first_tar_member(path)
+        if first is None or first in _LEGACY_TORCH_TAR:  # one tarfile cannot read: torch.load says why
+            return None
+        return "it is a tar archive, not torch's legacy format (a WebDataset shard?)"
+    if path.suffix == ".safetensors":  # torch.load reads it by the name
         return None
     # torch.load's own line for it was "invalid load key, '\xff'."
     return "it is neither torch.save's zip nor a pickle (an image, a compressed file?)"

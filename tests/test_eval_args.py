@@ -354,6 +354,7 @@ def test_finetune_from_scratch_checks_arch_before_the_data(tmp_path, monkeypatch
 # -- files that are not checkpoints -------------------------------------------------------------------
 def test_a_file_that_is_not_a_checkpoint_is_named_as_such(run_dir, data, tmp_path, monkeypatch, capsys):
     import gzip
+    import tarfile
     import zipfile
 
     stop_training(monkeypatch)
@@ -368,6 +369,8 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(run_dir, data, tmp_pat
     jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256))  # torch.load: "invalid load key, '\xff'."
     (tmp_path / "photo.pth").write_bytes(jpeg)
     (tmp_path / "r18.pth.gz").write_bytes(gzip.compress((run_dir / "checkpoint.pt").read_bytes()[:4096]))
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:  # convert's WebDataset: torch.load read it as its legacy tar
+        tar.add(d2, arcname="000000.jpg")
     kinds = {
         "lincls.json": "it holds JSON text",
         "notes.txt": "it is a text file",
@@ -377,6 +380,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(run_dir, data, tmp_pat
         "cut.pt": "it is a zip file (torch's format) that cannot be opened: cut short or damaged?",
         "photo.pth": "it is neither torch.save's zip nor a pickle (an image, a compressed file?)",
         "r18.pth.gz": "it is neither torch.save's zip nor a pickle (an image, a compressed file?)",
+        "shard.tar": "it is a tar archive, not torch's legacy format (a WebDataset shard?)",
     }
     capsys.readouterr()
     for name, what in kinds.items():

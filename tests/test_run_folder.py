@@ -57,6 +57,18 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
         ckpt.load_model(tmp_path / "d.pt")
 
 
+def test_a_tar_is_left_to_torch_load_only_when_it_holds_torch_legacy_files(tmp_path):
+    import io
+    import tarfile
+
+    for first, why in (("sys_info", None), ("000000.jpg", "it is a tar archive, not torch's legacy format")):
+        path = tmp_path / f"{first}.tar"
+        with tarfile.open(path, "w") as tar:
+            tar.addfile(tarfile.TarInfo(first), io.BytesIO())
+        said = ckpt.not_a_checkpoint(path)
+        assert said == why if why is None else said.startswith(why), said
+
+
 def test_a_damaged_checkpoint_is_named_before_its_weights_are_used(tmp_path):
     # A block of 0xff in the weights' bytes (a disk or copy fault): torch.load reads it as NaN
     # weights without a word, and a resumed run then "diverged"; the records' checksums tell.
