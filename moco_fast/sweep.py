@@ -332,13 +332,14 @@ def _mixed_settings(results: list[dict[str, Any]]) -> list[str]:
     """The fields, other than the grid's, whose values differ between the table's runs: of their
     training config, and of the linear classifier behind the linear column's figures (the sweep's
     --lincls-epochs and --lincls-lr, which no config holds: another grid's figure in the folder may
-    come from another lr)."""
+    come from another lr). A result of an older moco-fast records neither: its classifier is unknown
+    (the line named it None) and left out, as a result without a config is left out of the rest."""
     values: dict[str, list[Any]] = {}
     for res in results:
         for k in LINEAR_KEYS if res.get("linear_top1") is not None else ():
             seen = values.setdefault(k, [])
-            if res.get(k) not in seen:
-                seen.append(res.get(k))
+            if k in res and res[k] not in seen:
+                seen.append(res[k])
         config = res.get("config")
         if not isinstance(config, dict):
             continue

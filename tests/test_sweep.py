@@ -212,6 +212,12 @@ def test_the_table_warns_of_linear_figures_of_another_classifier(
         "the table mixes runs whose settings differ beyond the grid: lincls_lr (0.5, 30.0)"
     ]
     assert mixed("--lincls-epochs", "3", "--lincls-lr", "30") == []  # the same classifier: no line
+    # a result of an older moco-fast records neither flag (nor its config): its classifier is unknown,
+    # and the line named it "lincls_epochs (3, None), lincls_lr (0.5, None)"
+    for k in ("lincls_epochs", "lincls_lr", "config"):
+        del other[k]
+    (out / other["name"] / "result.json").write_text(json.dumps(other))
+    assert mixed("--lincls-epochs", "3", "--lincls-lr", "0.5") == []
 
 
 def test_sweep_continues_or_restarts_a_linear_classifier_it_left(
