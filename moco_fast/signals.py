@@ -12,11 +12,13 @@ import atexit
 import contextlib
 import gc
 import importlib
-import logging  # noqa: F401  (its at-fork hooks first: _fork_begins and _fork_ended go around them)
+import logging  # noqa: F401  (its at-fork hooks first: _forks's go around them)
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
 from moco_fast import stop_watch
 from moco_fast.blocked_stderr import given_up_after
@@ -168,46 +170,29 @@ def saying_the_last_line() -> Iterator[Callable[[], None]]:
                 ending.arm(None)
 
 
-# Forks in progress in this process, from the first of os.fork's before-hooks to the last of its
-# after-in-parent ones (_fork_begins and _fork_ended, registered after logging's hooks, so around
-# them). A stop signal that lands in a fork (a DataLoader starting its workers: the kNN's, --loader
-# torch's) runs its handler in the first Python code after the fork, logging's hook, and Python
-# ignores what such a hook raises ("Exception ignored in: <function _releaseLock>"): the Ctrl-C,
-# or SLURM's SIGTERM, was lost and the run went on to exit status 0. The handler hands it to
-# _after_the_fork instead.
-_forks = 0
-_forks_ended = threading.Condition()
-
-
-def _fork_begins() -> None:
-    global _forks
-    _forks += 1
-
-
-def _fork_ended() -> None:
-    global _forks
-    with _forks_ended:
-        _forks -= 1
-        _forks_ended.notify_all()
-
-
-def _fork_child() -> None:  # the child's hooks: it runs no fork of its parent's
-    global _forks, _forks_ended
-    _forks, _forks_ended = 0, threading.Condition()
-
-
-os.register_at_fork(before=_fork_begins, after_in_parent=_fork_ended, after_in_child=_fork_child)
+# Forks in progress in this process (one item each), from the first of os.fork's before-hooks to the
+# last of its after-in-parent ones (ours, registered after logging's, so around them). A stop signal
+# that lands in a fork (a DataLoader starting its workers: the kNN's, --loader torch's) runs its
+# handler in the first Python code after the fork, logging's hook, and Python ignores what such a
+# hook raises ("Exception ignored in: <function _releaseLock>"): the Ctrl-C, or SLURM's SIGTERM, was
+# lost and the run went on to exit status 0. The handler hands it to _after_the_fork instead.
+# The hooks are C methods of the list, which run no bytecode: a handler runs at a Python function's
+# first one, and in a Python hook that counted, one pending as the fork began ran before the count,
+# raised there (lost) and left it at -1, every later stop deferred for ever.
+_forks: list[None] = []
+os.register_at_fork(before=partial(_forks.append, None), after_in_parent=_forks.pop, after_in_child=_forks.clear)
 
 
 def _after_the_fork(signum: int) -> None:
     """Signal `signum` again to the main thread once no fork is in progress: a thread waits for the
-    forks' ends, as the handler runs inside one of them (_forks). interrupt_main calls the handler
-    as the signal does, at the main thread's next bytecode, out of the hooks by then (or in another
-    fork, where it comes back here)."""
+    forks' ends (their hooks, C methods, wake no one: it looks every millisecond; a fork lasts a few),
+    as the handler runs inside one of them (_forks). interrupt_main calls the handler as the signal
+    does, at the main thread's next bytecode, out of the hooks by then (or in another fork, where it
+    comes back here)."""
 
     def deliver() -> None:
-        with _forks_ended:
-            _forks_ended.wait_for(lambda: _forks == 0)
+        while _forks:
+            time.sleep(0.001)
         _thread.interrupt_main(signum)
 
     threading.Thread(target=deliver, name="stop-after-fork", daemon=True).start()

@@ -378,3 +378,34 @@ def test_a_stop_that_lands_in_a_fork_is_not_lost_in_its_hooks(monkeypatch, reque
         for _ in range(500):  # the stop comes at the main thread's next bytecodes, once the fork is out
             time.sleep(0.01)
     assert not lock.armed
+
+
+def test_a_stop_pending_as_a_fork_begins_is_not_lost_and_leaves_later_stops_alone(request):
+    # A stop pending as os.fork ran its hooks ran its handler in the first Python code there: the hook
+    # that counted the forks, before its count. Raised there, it was lost, and the count ended at -1:
+    # every later stop waited for the end of a fork that was not in progress. Here a before-hook that
+    # runs ahead of signals' (registered after it) and runs no bytecode leaves SIGINT pending, once.
+    import _thread
+    import collections
+    import signal
+    import time
+
+    request.addfinalizer(partial(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    once = map(_thread.interrupt_main, [signal.SIGINT])  # the hook stays registered: a no-op after once
+    os.register_at_fork(before=partial(collections.deque(maxlen=0).extend, once))
+
+    def fork_and_wait():
+        if (pid := os.fork()) == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        for _ in range(500):  # the stop comes at the main thread's next bytecodes, once the fork is out
+            time.sleep(0.01)
+
+    with signals.stop_signals_handled():
+        with pytest.raises(KeyboardInterrupt):
+            fork_and_wait()
+        with pytest.raises(KeyboardInterrupt):  # a later one, outside any fork
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(5)
+    assert not signals._forks
