@@ -133,9 +133,8 @@ def _out_of_memory(e: BaseException) -> str | None:
     for it (`--moco-k 1000000000` asked for a queue of 477 GiB), what the machine refuses as a full
     disk is, where the traceback of torch's allocator said no more. Only `e` itself, as
     _environment_error; a GPU's out-of-memory error keeps its traceback (not seen on a CPU-only
-    machine)."""
-    if isinstance(e, MemoryError):
-        return "out of memory: Python could not allocate what the command asked for: lower the setting that sizes it"
+    machine), and so does Python's MemoryError: it names neither the size nor what asked for it (a
+    setting, or a size a bug computed in a loader), which only its traceback says."""
     if isinstance(e, RuntimeError) and (m := _CPU_ALLOCATION.search(str(e))):
         return (
             f"out of memory: torch could not allocate {int(m[1]) / 2**30:.1f} GiB of CPU memory at once: lower "

@@ -271,7 +271,8 @@ def test_memory_the_machine_refuses_is_one_line(monkeypatch, capsys):
     )
     from moco_fast.cli import one_line
 
-    assert one_line(MemoryError()).startswith("out of memory: Python could not allocate")  # Python's own
+    # Python's own names neither the size nor what asked for it (a bug's too): its traceback says where
+    assert one_line(MemoryError()) is None
 
 
 def test_an_io_error_without_a_file_is_one_line_naming_what_the_command_reads_and_writes(tmp_path, monkeypatch, capsys):
