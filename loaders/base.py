@@ -85,13 +85,14 @@ def check_one_batch(num_images: int, args: LoaderArgs) -> None:
     if share >= batch:
         return
     fix = f"lower --batch-size (to {share} at most)" if share else "lower --batch-size"
+    images = f"{plural(num_images, 'image')} give{'s' * (num_images == 1)}"  # "1 images give" was said
     if world > 1:
         fewer = f", or start at most {plural(num_images // batch, 'process', 'processes')}" * (num_images >= batch)
         raise DataError(
-            f"{num_images} images give fewer than one batch of {batch} per process ({world} processes, "
+            f"{images} fewer than one batch of {batch} per process ({world} processes, "
             f"{plural(share, 'image')} each): {fix}{fewer}"
         )
-    raise DataError(f"{num_images} images give fewer than one batch of {batch}: {fix}")
+    raise DataError(f"{images} fewer than one batch of {batch}: {fix}")
 
 
 def check_start_step(start_step: int, steps: int) -> None:

@@ -393,3 +393,21 @@ def test_images_too_few_for_a_batch_of_each_process_say_each_ones_share(tiny_roo
     with pytest.raises(DataError) as e:
         loader(33, 1)
     assert str(e.value) == "32 images give fewer than one batch of 33: lower --batch-size (to 32 at most)"
+
+
+def test_one_image_too_few_for_a_batch_takes_the_singular():
+    # the line said "1 images give fewer than one batch of 2", where its share took text.plural
+    from moco_fast.loaders import LoaderArgs
+    from moco_fast.loaders.base import check_one_batch
+
+    from moco_fast.augment import MOCO_V2
+    from moco_fast.data import DataError
+
+    for world, line in [
+        (1, "1 image gives fewer than one batch of 2: lower --batch-size (to 1 at most)"),
+        (2, "1 image gives fewer than one batch of 2 per process (2 processes, 0 images each): lower --batch-size"),
+    ]:
+        args = LoaderArgs(data="unused", aug=MOCO_V2, batch_size=2, device=torch.device("cpu"), world_size=world)
+        with pytest.raises(DataError) as e:
+            check_one_batch(1, args)
+        assert str(e.value) == line
