@@ -383,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     with each_warning_once():  # each loader row decodes the data again (resident, DALI): its warnings too
         try:
             device = resolve_device(args.device)
+            if args.device == "auto" and device.type == "cpu":  # the README's bare command measures a GPU
+                print(
+                    "no CUDA GPU here: the rows run on the CPU, at its defaults where no flag sets them",
+                    file=sys.stderr,
+                )
             args.steps = default(args.steps, 3 if device.type == "cpu" else 30)
             args.warmup = default(args.warmup, 1 if device.type == "cpu" else 10)
             check_at_least("--steps", args.steps, 1)

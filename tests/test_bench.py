@@ -279,6 +279,16 @@ def test_a_bntriton_row_times_the_step_on_split_bns_triton_kernels(tmp_path, mon
     assert len(ran) == 2 * 20  # one step: resnet18's 20 BN layers in each encoder
 
 
+@pytest.mark.parametrize("device, says", [("auto", True), ("cpu", False)])
+def test_the_default_device_without_a_gpu_says_the_rows_run_on_the_cpu(device, says, capsys, monkeypatch):
+    # `python bench/throughput.py` (the README's "images/s per GPU") measured the CPU without a word
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert throughput.main([*TINY, "--device", device, "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert ("no CUDA GPU here: the rows run on the CPU" in err) == says, err
+    assert err.splitlines()[-1] == "error: --steps must be at least 1 (got 0)"
+
+
 def test_json_never_replaces_a_run_s_own_files(tmp_path, capsys, monkeypatch):
     # `--json runs/moco/config.json` (or summary.json, lincls.json) replaced the run's file with the
     # bench's results; an earlier bench result is replaced as before.
