@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import re
+import shlex
 import sys
 import threading
 import warnings
@@ -48,11 +49,18 @@ class CommandParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, namespace)
         if extras:
-            self.error(self.unrecognized(extras))
+            self.error(self.unrecognized(extras, parsed))
         return parsed, extras
 
-    def unrecognized(self, extras: list[str]) -> str:
-        return f"unrecognized arguments: {' '.join(extras)}"
+    def unrecognized(self, extras: list[str], parsed: argparse.Namespace) -> str:
+        """The error's text. A word first among them that is no flag, where the command reads its data
+        from --data and none was given, is most likely that data (`moco-fast train /data/x`): the text
+        names the flag for it. The namespace says whether --data was given."""
+        text = f"unrecognized arguments: {' '.join(extras)}"
+        data = next((a for a in self._actions if "--data" in a.option_strings), None)
+        if data is not None and getattr(parsed, data.dest) is None and not extras[0].startswith("-"):
+            text += f" (a path goes after a flag: --data {shlex.quote(extras[0])})"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:

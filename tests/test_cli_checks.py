@@ -303,7 +303,8 @@ def test_an_empty_path_is_a_one_line_error(argv, flag, tmp_path, monkeypatch, ca
     "argv",
     [
         ["train", "--device", "cpu", "--features", "head"],  # knn's flag
-        ["train", "runs/x"],  # a positional train has none of
+        ["train", "--data", "d", "runs/x"],  # a positional train has none of, --data given: no hint
+        ["convert", "src", "dst.beton", "runs/x"],  # a command without --data: no hint
         ["knn", "--checkpoint", "c.pt", "--epochs", "5"],  # lincls's flag
         ["lincls", "--checkpoint", "c.pt", "--features", "head"],
         ["finetune", "--checkpoint", "c.pt", "--features", "head"],
@@ -322,6 +323,25 @@ def test_a_flag_the_command_does_not_take_is_its_own_error_under_its_usage(argv,
     extras = " ".join(argv[-2:] if argv[-2].startswith("--") else argv[-1:])
     assert err.startswith(f"usage: moco-fast {argv[0]} "), err
     assert err.strip().splitlines()[-1] == f"moco-fast {argv[0]}: error: unrecognized arguments: {extras}", err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["train", "/data/x"], "/data/x (a path goes after a flag: --data /data/x)"),
+        (["train", "--epochs", "1", "my data"], "my data (a path goes after a flag: --data 'my data')"),
+        (["knn", "--checkpoint", "c.pt", "d", "--epochs", "5"], "d --epochs 5 (a path goes after a flag: --data d)"),
+    ],
+)
+def test_a_path_where_the_command_reads_data_names_the_data_flag(argv, says, tmp_path, monkeypatch, capsys):
+    # `moco-fast train /data/x` said "unrecognized arguments: /data/x" without a word of --data
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as end:
+        main(argv)
+    assert end.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"moco-fast {argv[0]}: error: unrecognized arguments: {says}", err
     assert list(tmp_path.iterdir()) == []
 
 

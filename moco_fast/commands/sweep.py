@@ -85,8 +85,8 @@ class _Parser(CommandParser):
     """The sweep's parser: a flag it does not know (a train flag given before `--`) is an error that
     says where train flags go."""
 
-    def unrecognized(self, extras: list[str]) -> str:
-        return f"{super().unrecognized(extras)} ({TRAIN_FLAGS_HINT})"
+    def unrecognized(self, extras: list[str], parsed: argparse.Namespace) -> str:
+        return f"{super().unrecognized(extras, parsed)} ({TRAIN_FLAGS_HINT})"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
