@@ -124,10 +124,15 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_the_folder_as_it_was(tiny_ro
     assert not new.exists()
     assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == ["notes.txt", "tb", "tb/events.old"]
     # stopped in epoch 1 (Ctrl-C, SIGTERM, a preemption): config.json stays, and --resume alone
-    # starts the run over with it
+    # starts the run over with it; stopped before it wrote one (reading its data), the folder it
+    # created goes, as README says
     import moco_fast.trainer
 
     stopped = tmp_path / "stopped"
+    monkeypatch.setattr(moco_fast.trainer, "create_loader", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(tiny_args(tiny_root, stopped)) == 130
+    monkeypatch.undo()
+    assert not stopped.exists()
     monkeypatch.setattr(moco_fast.trainer, "_run_epoch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(tiny_args(tiny_root, stopped)) == 130
     monkeypatch.undo()
