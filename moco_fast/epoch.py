@@ -133,9 +133,11 @@ def run_epoch(
             bar.update(1)
             if (i + 1) % cfg.runtime.log_every == 0 or i + 1 == steps:
                 # Host sync point: only every log_every steps, for the progress bar and what the
-                # ranks agree on (a stop, a save: one all-reduce with several processes).
+                # ranks agree on (a stop, a save: one all-reduce with several processes). The bar's
+                # count runs on between syncs, so its figures name the step they are of.
                 elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=rate(n * b * world / elapsed), refresh=False)
+                figures = f"loss={loss.item():.3f}, img_s={rate(n * b * world / elapsed)}"
+                bar.set_postfix_str(f"at step {i + 1}: {figures}", refresh=False)
                 # the last step's agreement comes after the loop: the loader ends its epoch first
                 signum, due = agree_at_sync(stops, clock, device) if i + 1 < steps else (None, False)
                 if (signum or due) and save is not None:

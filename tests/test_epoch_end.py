@@ -1,6 +1,7 @@
 """An epoch's end saves its checkpoint before the kNN monitor (--knn-every), which can take minutes:
 a stop or a crash in the kNN loses no step, and the epoch's row, which the checkpoint holds, is in
-metrics.jsonl after a --resume whether or not the run wrote it. Its row reads the device once."""
+metrics.jsonl after a --resume whether or not the run wrote it. Its row reads the device once, and
+its progress bar's figures, read at --log-every's syncs, name the step they are of."""
 
 import json
 import os
@@ -88,6 +89,37 @@ def test_an_epochs_row_reads_the_device_once(monkeypatch):
     step = lambda batch: (torch.tensor(2.0), torch.tensor(0.5))  # noqa: E731
     row = run_epoch(step, [None] * 4, build_config("v2", {"runtime.log_every": 100}), 0, 0.1, torch.device("cpu"), 1)
     assert reads == ["item", "tolist"] and (row["loss"], row["pretext_acc"]) == (2.0, 50.0)
+
+
+def test_the_bars_loss_names_the_step_it_is_of(monkeypatch):
+    # The loss is read at a --log-every sync only, and the bar's count runs on: at step 14 it showed
+    # step 10's loss as "loss=10.000" beside "14/25", as if it were step 14's
+    shown = []
+
+    class Bar:
+        n, postfix = 0, ""
+
+        def update(self, k):
+            self.n += k
+            shown.append((self.n, self.postfix))  # what a draw at this update shows
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix = text
+
+        def set_postfix(self, refresh=True, **figures):  # as tqdm writes them
+            self.postfix = ", ".join(f"{k}={v}" for k, v in figures.items())
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("moco_fast.epoch.progress", lambda **k: Bar())
+    losses = iter(range(1, 26))
+    step = lambda batch: (torch.tensor(float(next(losses))), torch.tensor(0.5))  # noqa: E731 (step i's loss is i)
+    run_epoch(step, [None] * 25, build_config("v2", {"runtime.log_every": 10}), 0, 0.1, torch.device("cpu"), 1)
+    assert len(shown) == 25
+    for count, postfix in shown:
+        synced = (count - 1) // 10 * 10  # the last sync before this update's draw (steps 10, 20)
+        assert postfix.startswith(f"at step {synced}: loss={synced:.3f}, img_s=" if synced else ""), (count, postfix)
 
 
 def test_a_non_finite_epoch_loss_reaches_the_check_as_the_rows(tmp_path, monkeypatch, caplog):
