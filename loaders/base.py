@@ -79,18 +79,24 @@ def check_one_batch(num_images: int, args: LoaderArgs) -> None:
     than one --batch-size. Each backend said "48 images give fewer than one batch of 32 per process:
     lower --batch-size" to 2 processes, where 48 images at 32 train in one: the line gives each one's
     share, the largest --batch-size that fits, and how many processes fit one --batch-size each where
-    some do (20 images at 32 fit none: fewer processes would not help)."""
+    some do (20 images at 32 fit none: fewer processes would not help). Fewer images than processes
+    leave each one none, which no --batch-size mends: the line gives the processes that fit it, or
+    one process at a --batch-size that fits (1 image in 2 processes was told "lower --batch-size")."""
     world, batch = args.world_size, args.batch_size
     share = num_images // world
     if share >= batch:
         return
-    fix = f"lower --batch-size (to {share} at most)" if share else "lower --batch-size"
+    ways = [f"lower --batch-size (to {share} at most)"] if share else []
+    if world > 1 and num_images >= batch:
+        ways.append(f"start at most {plural(num_images // batch, 'process', 'processes')}")
+    elif world > 1 and not share and num_images:  # fewer images than processes: no --batch-size fits them all
+        ways.append(f"lower --batch-size (to {num_images} at most) in 1 process")
+    fix = ", or ".join(ways) or "lower --batch-size"
     images = f"{plural(num_images, 'image')} give{'s' * (num_images == 1)}"  # "1 images give" was said
     if world > 1:
-        fewer = f", or start at most {plural(num_images // batch, 'process', 'processes')}" * (num_images >= batch)
         raise DataError(
             f"{images} fewer than one batch of {batch} per process ({world} processes, "
-            f"{plural(share, 'image')} each): {fix}{fewer}"
+            f"{plural(share, 'image')} each): {fix}"
         )
     raise DataError(f"{images} fewer than one batch of {batch}: {fix}")
 

@@ -405,9 +405,32 @@ def test_one_image_too_few_for_a_batch_takes_the_singular():
 
     for world, line in [
         (1, "1 image gives fewer than one batch of 2: lower --batch-size (to 1 at most)"),
-        (2, "1 image gives fewer than one batch of 2 per process (2 processes, 0 images each): lower --batch-size"),
+        (
+            2,
+            "1 image gives fewer than one batch of 2 per process (2 processes, 0 images each): lower --batch-size "
+            "(to 1 at most) in 1 process",
+        ),
     ]:
         args = LoaderArgs(data="unused", aug=MOCO_V2, batch_size=2, device=torch.device("cpu"), world_size=world)
         with pytest.raises(DataError) as e:
             check_one_batch(1, args)
         assert str(e.value) == line
+
+
+def test_fewer_images_than_processes_are_not_told_to_lower_the_batch_size_alone():
+    # each process's share is none, which no --batch-size mends: 1 image in 2 processes and 3 in 4 were
+    # told "lower --batch-size"
+    from moco_fast.loaders import LoaderArgs
+    from moco_fast.loaders.base import check_one_batch
+
+    from moco_fast.augment import MOCO_V2
+    from moco_fast.data import DataError
+
+    for images, world, fix in [
+        (1, 2, "lower --batch-size (to 1 at most) in 1 process"),
+        (3, 4, "start at most 1 process"),
+    ]:
+        args = LoaderArgs(data="unused", aug=MOCO_V2, batch_size=2, device=torch.device("cpu"), world_size=world)
+        with pytest.raises(DataError) as e:
+            check_one_batch(images, args)
+        assert str(e.value).endswith(f"({world} processes, 0 images each): {fix}"), e.value
