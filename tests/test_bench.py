@@ -279,10 +279,11 @@ def test_a_bntriton_row_times_the_step_on_split_bns_triton_kernels(tmp_path, mon
     assert len(ran) == 2 * 20  # one step: resnet18's 20 BN layers in each encoder
 
 
-@pytest.mark.parametrize("device, says", [("auto", True), ("cpu", False)])
-def test_the_default_device_without_a_gpu_says_the_rows_run_on_the_cpu(device, says, capsys, monkeypatch):
-    # `python bench/throughput.py` (the README's "images/s per GPU") measured the CPU without a word
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+@pytest.mark.parametrize("device, gpu, says", [("auto", False, True), ("cpu", False, False), ("auto", True, False)])
+def test_the_default_device_without_a_gpu_says_the_rows_run_on_the_cpu(device, gpu, says, capsys, monkeypatch):
+    # `python bench/throughput.py` (the README's "images/s per GPU") measured the CPU without a word;
+    # a GPU found (--steps 0 stops it before any CUDA call) or --device cpu asked for has nothing to say
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     assert throughput.main([*TINY, "--device", device, "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert ("no CUDA GPU here: the rows run on the CPU" in err) == says, err
