@@ -9,7 +9,8 @@ and every loader row a ratio to the fastest step row (above 1: the loader outpac
 Each row warms up, synchronizes, times `--steps` steps and synchronizes again (nanoGPT's bench.py).
 On a GPU the row also reports peak allocated memory and, from NVML (pynvml), the mean utilisation,
 memory-bus utilisation and power, and the most device memory used while it ran.
-The JSON (`--json`) is rewritten after every row, so a run cut short still leaves its finished rows.
+The JSON (`--json`) is rewritten after every row, so a run cut short still leaves its finished rows;
+its `complete` is true only once every row ran.
 """
 
 from __future__ import annotations
@@ -428,6 +429,7 @@ def measure(
     bench = Bench(args, cfg, device, splits)
     result = {
         "rows": [],
+        "complete": False,  # until every row ran: a file that a Ctrl-C, kill or crash left is no whole run
         "device": device_info(device),
         "torch": torch.__version__,
         "config": {"args": vars(args), "train": to_dict(cfg)},
@@ -458,6 +460,7 @@ def measure(
         print(f"[{len(result['rows'])}/{len(specs)}] {spec.name}: {row_done(row)}", file=sys.stderr, flush=True)
         if args.json:  # after every row, atomically: a run cut short keeps what it measured
             write_json(args.json, result)
+    result["complete"] = not interrupted
     if args.json:
         write_json(args.json, result)
     c = cfg

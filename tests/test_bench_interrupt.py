@@ -1,8 +1,10 @@
 """Ctrl-C before a bench's first row (torch importing, flags and data being checked) ends as an
-interrupted bench does: one line, exit status 130, nothing written; it was Python's traceback."""
+interrupted bench does: one line, exit status 130, nothing written; it was Python's traceback. One
+during the rows leaves a JSON that says it is no whole run."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +86,27 @@ def test_ffcv_bench_interrupted_in_its_checks(tmp_path, capsys, monkeypatch):
     assert status(ffcv_loader.main, ["--rows", "aug-sample", "--json", str(out)]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted") and err.count("\n") == 1 and not out.exists(), err
+
+
+@pytest.mark.parametrize("stop_at", ["trainer:eager", None])
+def test_throughputs_json_says_whether_every_row_ran(stop_at, tmp_path, capsys, monkeypatch):
+    # A Ctrl-C'd run's JSON said so in its rows' errors only: a script had to scan them to tell it
+    # from a whole run. `complete` says it, false too in the file as it stands between rows.
+    import throughput
+
+    out, on_disk = tmp_path / "rows.json", []
+
+    def run(bench, spec):
+        if out.exists():
+            on_disk.append(json.loads(out.read_text())["complete"])
+        if spec.name == stop_at:
+            raise KeyboardInterrupt
+        return {"name": spec.name, "kind": spec.kind, "img_per_s": 100.0, "ms_per_step": 160.0}
+
+    monkeypatch.setattr(throughput.Bench, "run", run)
+    argv = ["--device", "cpu", "--loader", "synthetic", "--rows", "trainer,reference,trainer:eager"]
+    assert status(throughput.main, [*argv, "--json", str(out)]) == (130 if stop_at else 0)
+    result = json.loads(out.read_text())
+    assert on_disk == [False, False] and result["complete"] is (stop_at is None)
+    errors = [r.get("error") for r in result["rows"]]
+    assert errors == [None, None, "not run (interrupted)" if stop_at else None]
