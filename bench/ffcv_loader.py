@@ -50,7 +50,16 @@ with interrupted_before_rows(held=("torch",)):
     import torch
     from moco_fast.loaders import LoaderArgs, create_loader
     from moco_fast.loaders.base import listed_splits
-    from report import NOT_RUN, check_output_path, device_info, each_warning_once, forever, format_table
+    from report import (
+        NOT_RUN,
+        check_output_path,
+        device_info,
+        each_warning_once,
+        forever,
+        format_table,
+        ms_text,
+        speed_text,
+    )
 
     from moco_fast.augment import MOCO_V2
     from moco_fast.checkpoint import atomic_write_text
@@ -168,7 +177,7 @@ def run_aug_row(row: str, a: argparse.Namespace) -> dict:
     return out
 
 
-COLUMNS = [("img_per_s", "img/s", "{:,.0f}"), ("ms_per_batch", "ms/batch", "{:.1f}"), ("vs_torch", "x torch", "{:.2f}")]
+COLUMNS = [("img_per_s", "img/s", speed_text), ("ms_per_batch", "ms/batch", ms_text), ("vs_torch", "x torch", "{:.2f}")]
 
 
 SETTINGS = {

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -61,9 +62,27 @@ def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-COLUMNS = [  # (key, header, format)
-    ("img_per_s", "img/s", "{:,.0f}"),  # one decimal below 100 (CPU figures), see _fmt
-    ("ms_per_step", "ms/step", "{:.1f}"),
+NOT_RUN = "not run (interrupted)"  # the error of the rows after the one Ctrl-C stopped
+
+
+def speed_text(img_per_s: float) -> str:
+    """Images/s as the table and the plot show it: one decimal below 100 (CPU figures), else whole."""
+    return f"{img_per_s:.1f}" if img_per_s < 100 else f"{img_per_s:,.0f}"
+
+
+def ms_text(ms: float) -> str:
+    """Milliseconds per step or batch as the table shows them: one decimal from 1 ms, two significant
+    digits below (a synthetic loader's batch of 16 on a CPU takes microseconds: "0.0" read as no time)."""
+    if not 0 < ms < 1:
+        return f"{ms:.1f}"
+    return f"{ms:.{1 - math.floor(math.log10(ms))}f}"
+
+
+Format = str | Callable[[float], str]  # a str.format pattern, or a function of the value
+
+COLUMNS: list[tuple[str, str, Format]] = [  # (key, header, format)
+    ("img_per_s", "img/s", speed_text),
+    ("ms_per_step", "ms/step", ms_text),
     ("vs_reference", "x ref", "{:.2f}"),  # trainer, end-to-end and reference rows: see add_ratios
     ("loader_over_step", "loader/step", "{:.2f}"),  # loader rows only
     ("peak_mem_gib", "peak GiB", "{:.1f}"),
@@ -74,23 +93,13 @@ COLUMNS = [  # (key, header, format)
 ]
 
 
-NOT_RUN = "not run (interrupted)"  # the error of the rows after the one Ctrl-C stopped
-
-
-def speed_text(img_per_s: float) -> str:
-    """Images/s as the table and the plot show it: one decimal below 100 (CPU figures), else whole."""
-    return f"{img_per_s:.1f}" if img_per_s < 100 else f"{img_per_s:,.0f}"
-
-
-def _fmt(value, fmt: str) -> str:
+def _fmt(value, fmt: Format) -> str:
     if value is None:
         return ""
-    if fmt == "{:,.0f}":
-        return speed_text(value)
-    return fmt.format(value)
+    return fmt(value) if callable(fmt) else fmt.format(value)
 
 
-def format_table(rows: list[dict], columns: list[tuple[str, str, str]] = COLUMNS, name_key: str = "name") -> str:
+def format_table(rows: list[dict], columns: list[tuple[str, str, Format]] = COLUMNS, name_key: str = "name") -> str:
     """One table; columns that no row has (GPU figures on a CPU) are left out."""
     cols = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
     header = ["row", "settings", *(h for _, h, _ in cols)]

@@ -52,6 +52,22 @@ def table_cells(table: str) -> dict[str, dict[str, str]]:
     return {row[0]: dict(zip(cut[0], row)) for row in cut[2:]}
 
 
+def test_a_step_under_a_millisecond_is_not_shown_as_no_time():
+    # A synthetic loader's batch of 16 on a CPU (8.4 us at 1.9M img/s) read "0.0 ms/step"; rows from
+    # 1 ms on keep one decimal.
+    ms = {"synthetic": 0.0084, "cached": 0.000042, "fast": 0.135, "trainer": 85.25, "reference": 1448.84}
+    rows = [{"name": n, "kind": "trainer", "img_per_s": 16 / m * 1000, "ms_per_step": m} for n, m in ms.items()]
+    cells = table_cells(format_table(rows))
+    shown = {n: cells[n]["ms/step"] for n in ms}
+    assert shown == {
+        "synthetic": "0.0084",
+        "cached": "0.000042",
+        "fast": "0.14",
+        "trainer": "85.2",
+        "reference": "1448.8",
+    }
+
+
 def test_a_loader_rows_ratio_is_over_the_fastest_step_and_not_under_x_ref():
     # A loader row's images/s over the reference step's stood in "x ref" beside the steps' ratios,
     # where 5.31 read as a training speed-up: it has its own column, over the fastest step row.
