@@ -368,7 +368,8 @@ def test_rank_0_blames_its_port_only_where_it_could_not_listen(monkeypatch):
     # rank 0 starts its store and then connects to it, within the join timeout: a timeout too short
     # for that connection (MOCO_FAST_JOIN_TIMEOUT=0.0001) said "choose a free MASTER_PORT", as a port
     # in use does. The ports are the test's: one it listens at, and MASTER_PORT 0 (the store's, from
-    # the system), so that no other process can take them first.
+    # the system), so that no other process can take them first. Port 0 is refused with several
+    # processes (the others could not know it), so the short timeout's join is one process's.
     import socket
 
     for name, value in (
@@ -389,6 +390,7 @@ def test_rank_0_blames_its_port_only_where_it_could_not_listen(monkeypatch):
     assert line.startswith(f"rank 0 could not listen at 127.0.0.1:{port} (The server socket has failed to "), line
     assert line.endswith("): choose a free MASTER_PORT"), line
     monkeypatch.setenv("MASTER_PORT", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("MOCO_FAST_JOIN_TIMEOUT", "0.0001")
     with pytest.raises(ConfigError) as e:
         init_from_env("cpu")
