@@ -55,12 +55,23 @@ class CommandParser(argparse.ArgumentParser):
     def unrecognized(self, extras: list[str], parsed: argparse.Namespace) -> str:
         """The error's text. A word first among them that is no flag, where the command reads its data
         from --data and none was given, is most likely that data (`moco-fast train /data/x`): the text
-        names the flag for it. The namespace says whether --data was given."""
+        names the flag for it. The namespace says whether --data was given. A number is no path but a
+        flag's value given twice (`--epochs 100 200`), as argparse leaves a negative one (`-5`)."""
         text = f"unrecognized arguments: {' '.join(extras)}"
         data = next((a for a in self._actions if "--data" in a.option_strings), None)
-        if data is not None and getattr(parsed, data.dest) is None and not extras[0].startswith("-"):
+        if data is not None and getattr(parsed, data.dest) is None and not _flag_or_number(extras[0]):
             text += f" (a path goes after a flag: --data {shlex.quote(extras[0])})"
         return text
+
+
+def _flag_or_number(word: str) -> bool:
+    if word.startswith("-"):
+        return True
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -305,6 +305,8 @@ def test_an_empty_path_is_a_one_line_error(argv, flag, tmp_path, monkeypatch, ca
         ["train", "--device", "cpu", "--features", "head"],  # knn's flag
         ["train", "--data", "d", "runs/x"],  # a positional train has none of, --data given: no hint
         ["convert", "src", "dst.beton", "runs/x"],  # a command without --data: no hint
+        ["train", "--epochs", "100", "200"],  # a flag's value given twice is no path: no hint
+        ["train", "-5"],  # nor a negative number
         ["knn", "--checkpoint", "c.pt", "--epochs", "5"],  # lincls's flag
         ["lincls", "--checkpoint", "c.pt", "--features", "head"],
         ["finetune", "--checkpoint", "c.pt", "--features", "head"],
