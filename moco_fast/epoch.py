@@ -134,9 +134,12 @@ def run_epoch(
             if (i + 1) % cfg.runtime.log_every == 0 or i + 1 == steps:
                 # Host sync point: only every log_every steps, for the progress bar and what the
                 # ranks agree on (a stop, a save: one all-reduce with several processes). The bar's
-                # count runs on between syncs, so its figures name the step they are of.
+                # count runs on between syncs, so its figures name the step they are of. The clock is
+                # read after the loss, whose copy waits for the step: before it, the rate counted steps
+                # the host had queued but the device had not run.
+                shown_loss = loss.item()
                 elapsed = time.perf_counter() - t0
-                figures = f"loss={loss.item():.3f}, img_s={rate(n * b * world / elapsed)}"
+                figures = f"loss={shown_loss:.3f}, img_s={rate(n * b * world / elapsed)}"
                 bar.set_postfix_str(f"at step {i + 1}: {figures}", refresh=False)
                 # the last step's agreement comes after the loop: the loader ends its epoch first
                 signum, due = agree_at_sync(stops, clock, device) if i + 1 < steps else (None, False)

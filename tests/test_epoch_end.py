@@ -91,35 +91,65 @@ def test_an_epochs_row_reads_the_device_once(monkeypatch):
     assert reads == ["item", "tolist"] and (row["loss"], row["pretext_acc"]) == (2.0, 50.0)
 
 
+class Bar:
+    """run_epoch's progress bar, which keeps what each draw (at an update) shows in `shown`."""
+
+    def __init__(self, shown: list):
+        self.n, self.postfix, self.shown = 0, "", shown
+
+    def update(self, k):
+        self.n += k
+        self.shown.append((self.n, self.postfix))
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfix = text
+
+    def set_postfix(self, refresh=True, **figures):  # as tqdm writes them
+        self.postfix = ", ".join(f"{k}={v}" for k, v in figures.items())
+
+    def close(self):
+        self.shown.append((self.n, self.postfix))
+
+
 def test_the_bars_loss_names_the_step_it_is_of(monkeypatch):
     # The loss is read at a --log-every sync only, and the bar's count runs on: at step 14 it showed
     # step 10's loss as "loss=10.000" beside "14/25", as if it were step 14's
     shown = []
-
-    class Bar:
-        n, postfix = 0, ""
-
-        def update(self, k):
-            self.n += k
-            shown.append((self.n, self.postfix))  # what a draw at this update shows
-
-        def set_postfix_str(self, text, refresh=True):
-            self.postfix = text
-
-        def set_postfix(self, refresh=True, **figures):  # as tqdm writes them
-            self.postfix = ", ".join(f"{k}={v}" for k, v in figures.items())
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr("moco_fast.epoch.progress", lambda **k: Bar())
+    monkeypatch.setattr("moco_fast.epoch.progress", lambda **k: Bar(shown))
     losses = iter(range(1, 26))
     step = lambda batch: (torch.tensor(float(next(losses))), torch.tensor(0.5))  # noqa: E731 (step i's loss is i)
     run_epoch(step, [None] * 25, build_config("v2", {"runtime.log_every": 10}), 0, 0.1, torch.device("cpu"), 1)
-    assert len(shown) == 25
-    for count, postfix in shown:
+    assert len(shown) == 26  # 25 updates and the close
+    for count, postfix in shown[:25]:
         synced = (count - 1) // 10 * 10  # the last sync before this update's draw (steps 10, 20)
         assert postfix.startswith(f"at step {synced}: loss={synced:.3f}, img_s=" if synced else ""), (count, postfix)
+
+
+def test_the_bars_rate_counts_the_wait_for_its_steps(monkeypatch):
+    # The clock was read before the loss's copy, which waits for the steps the host queued: on a
+    # GPU the rate counted steps the device had not run. Here a step's queueing takes 1 s and the
+    # device's run of both steps 8 s more, which the copy waits for: 2 steps of 256 in 10 s
+    from types import SimpleNamespace
+
+    clock = [0.0]
+    monkeypatch.setattr("moco_fast.epoch.time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    item = torch.Tensor.item
+
+    def waited(t):
+        clock[0] += 8
+        return item(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", waited)
+    shown = []
+    monkeypatch.setattr("moco_fast.epoch.progress", lambda **k: Bar(shown))
+
+    def step(batch):
+        clock[0] += 1
+        return torch.tensor(1.0), torch.tensor(0.5)
+
+    cfg = build_config("v2", {"runtime.log_every": 2, "optim.batch_size": 256})
+    run_epoch(step, [None] * 2, cfg, 0, 0.1, torch.device("cpu"), 1)
+    assert shown[-1][1] == "at step 2: loss=1.000, img_s=51", shown  # 512 images in 10 s, not in 2
 
 
 def test_a_non_finite_epoch_loss_reaches_the_check_as_the_rows(tmp_path, monkeypatch, caplog):
