@@ -178,9 +178,15 @@ def saying_the_last_line() -> Iterator[Callable[[], None]]:
 # lost and the run went on to exit status 0. The handler hands it to _after_the_fork instead.
 # The hooks are C methods of the list, which run no bytecode: a handler runs at a Python function's
 # first one, and in a Python hook that counted, one pending as the fork began ran before the count,
-# raised there (lost) and left it at -1, every later stop deferred for ever.
+# raised there (lost) and left it at -1, every later stop deferred for ever. A fork already in
+# progress as this module registers them runs the after-hook alone: it takes the last item if there is
+# one (the list's pop raised IndexError there, "Exception ignored in: <built-in method pop ...>").
 _forks: list[None] = []
-os.register_at_fork(before=partial(_forks.append, None), after_in_parent=_forks.pop, after_in_child=_forks.clear)
+os.register_at_fork(
+    before=partial(_forks.append, None),
+    after_in_parent=partial(_forks.__delitem__, slice(-1, None)),
+    after_in_child=_forks.clear,
+)
 
 
 def _after_the_fork(signum: int) -> None:
