@@ -7,7 +7,6 @@ signalled again after it (_after_the_fork). A stop during the training steps is 
 
 from __future__ import annotations
 
-import _thread
 import atexit
 import contextlib
 import gc
@@ -192,14 +191,16 @@ os.register_at_fork(
 def _after_the_fork(signum: int) -> None:
     """Signal `signum` again to the main thread once no fork is in progress: a thread waits for the
     forks' ends (their hooks, C methods, wake no one: it looks every millisecond; a fork lasts a few),
-    as the handler runs inside one of them (_forks). interrupt_main calls the handler as the signal
-    does, at the main thread's next bytecode, out of the hooks by then (or in another fork, where it
-    comes back here)."""
+    as the handler runs inside one of them (_forks). The signal itself, to the main thread: its
+    handler runs at the main thread's next bytecode, out of the hooks by then (or in another fork,
+    where it comes back here), and it ends a read or wait that the main thread is blocked in (a
+    DataLoader's for its workers' first batch), which _thread.interrupt_main left waiting."""
+    main = threading.main_thread().ident
 
     def deliver() -> None:
         while _forks:
             time.sleep(0.001)
-        _thread.interrupt_main(signum)
+        signal.pthread_kill(main, signum)
 
     threading.Thread(target=deliver, name="stop-after-fork", daemon=True).start()
 

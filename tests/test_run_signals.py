@@ -432,3 +432,32 @@ def test_a_fork_in_progress_as_signals_is_imported_ends_quietly():
 
     done = subprocess.run([sys.executable, "-c", IMPORTED_IN_A_FORK], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "0\n", "")
+
+
+def test_a_stop_that_lands_in_a_fork_wakes_the_main_thread_blocked_after_it(request):
+    # A stop handed back after a fork as _thread.interrupt_main did sets it pending and wakes nothing:
+    # a main thread then blocked in a read or a wait (a DataLoader's for its workers' first batch, a
+    # pool's for its results) went on waiting, where the signal itself ends the wait. The read here
+    # waits for the stop, or for a watchdog's byte after 60 s (then the stop did not wake it).
+    import _thread
+    import collections
+    import signal
+    import threading
+
+    request.addfinalizer(partial(signal.signal, signal.SIGINT, signal.getsignal(signal.SIGINT)))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    once = map(_thread.interrupt_main, [signal.SIGINT])  # the hook stays registered: a no-op after once
+    os.register_at_fork(before=partial(collections.deque(maxlen=0).extend, once))
+    r, w = os.pipe()
+    request.addfinalizer(partial(os.close, r))
+    request.addfinalizer(partial(os.close, w))
+    woke = []
+    watchdog = threading.Timer(60, lambda: woke.append(os.write(w, b"x")))
+    request.addfinalizer(watchdog.cancel)
+    with signals.stop_signals_handled(), pytest.raises(KeyboardInterrupt):
+        if (pid := os.fork()) == 0:
+            os._exit(0)
+        watchdog.start()
+        os.read(r, 1)
+    os.waitpid(pid, 0)
+    assert woke == []
