@@ -72,7 +72,10 @@ def speed_text(img_per_s: float) -> str:
 
 def ms_text(ms: float) -> str:
     """Milliseconds per step or batch as the table shows them: one decimal from 1 ms, two significant
-    digits below (a synthetic loader's batch of 16 on a CPU takes microseconds: "0.0" read as no time)."""
+    digits below (a synthetic loader's batch of 16 on a CPU takes microseconds: "0.0" read as no time).
+    The digits are counted after rounding: 0.0999 is "0.10", not "0.100", and 0.99996 is "1.0"."""
+    if 0 < ms < 1:
+        ms = float(f"{ms:.2g}")  # two significant digits; may round up to the next decade, or to 1
     if not 0 < ms < 1:
         return f"{ms:.1f}"
     return f"{ms:.{1 - math.floor(math.log10(ms))}f}"

@@ -68,6 +68,15 @@ def test_a_step_under_a_millisecond_is_not_shown_as_no_time():
     }
 
 
+def test_a_step_under_a_millisecond_that_rounds_up_keeps_two_digits():
+    # The decimals were counted from the figure before rounding, so one that rounds up to the next
+    # decade showed three significant digits ("0.100"), and one just under 1 ms "1.00" above "1.0"
+    ms = {"a": 0.0999, "b": 0.00995, "c": 0.99996, "d": 1.0, "e": 0.0046}
+    rows = [{"name": n, "kind": "trainer", "img_per_s": 16 / m * 1000, "ms_per_step": m} for n, m in ms.items()]
+    cells = table_cells(format_table(rows))
+    assert {n: cells[n]["ms/step"] for n in ms} == {"a": "0.10", "b": "0.010", "c": "1.0", "d": "1.0", "e": "0.0046"}
+
+
 def test_a_loader_rows_ratio_is_over_the_fastest_step_and_not_under_x_ref():
     # A loader row's images/s over the reference step's stood in "x ref" beside the steps' ratios,
     # where 5.31 read as a training speed-up: it has its own column, over the fastest step row.
