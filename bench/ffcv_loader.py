@@ -27,6 +27,7 @@ and, for a like-for-like torch row, to a folder of the same 256-px JPEGs. Rows:
 
 Each row warms up (`--warmup` batches, which includes FFCV's Numba compile) and then times at least
 `--steps` batches and `--min-seconds`, across epochs when the set is shorter. `img/s` counts images, each with its two views.
+The JSON is written once, after the rows; its `complete` is false when a Ctrl-C stopped them.
 """
 
 from __future__ import annotations
@@ -305,6 +306,7 @@ def measure(a: argparse.Namespace) -> int:
             },
             "conversion": conversion or None,
             "rows": results,
+            "complete": not interrupted,  # as throughput.py's: false after a Ctrl-C
         }
         atomic_write_text(a.json, json.dumps(doc, indent=1) + "\n")
     if interrupted:

@@ -367,10 +367,14 @@ def test_ffcv_bench_interrupted_keeps_what_it_measured(tmp_path, capsys, monkeyp
     monkeypatch.setattr(ffcv_loader, "run_aug_row", aug_row)
     out = tmp_path / "ffcv.json"
     assert ffcv_loader.main(["--rows", "aug-sample,aug-batch", "--json", str(out)]) == 130
-    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    result = json.loads(out.read_text())
+    rows = {r["row"]: r for r in result["rows"]}
     assert rows["aug-sample"]["img_per_s"] == 123.0 and rows["aug-batch"]["error"] == "not run (interrupted)"
+    assert result["complete"] is False  # as throughput.py's JSON says it; a script need not scan the rows
     printed = capsys.readouterr()
     assert "123" in printed.out and "not run (interrupted)" in printed.out and "interrupted" in printed.err
+    assert ffcv_loader.main(["--rows", "aug-sample", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["complete"] is True
 
 
 @pytest.mark.parametrize("row", ["aug-batch-triton", "aug-sample"])
