@@ -88,8 +88,15 @@ def test_ffcv_bench_interrupted_in_its_checks(tmp_path, capsys, monkeypatch):
     assert err.startswith("interrupted") and err.count("\n") == 1 and not out.exists(), err
 
 
-@pytest.mark.parametrize("stop_at", ["trainer:eager", None])
-def test_throughputs_json_says_whether_every_row_ran(stop_at, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("raised", "code", "complete", "error"),
+    [
+        (KeyboardInterrupt, 130, False, "not run (interrupted)"),
+        (RuntimeError("out of memory"), 1, True, "RuntimeError: out of memory"),  # a failed row ran
+        (None, 0, True, None),
+    ],
+)
+def test_throughputs_json_says_whether_every_row_ran(raised, code, complete, error, tmp_path, capsys, monkeypatch):
     # A Ctrl-C'd run's JSON said so in its rows' errors only: a script had to scan them to tell it
     # from a whole run. `complete` says it, false too in the file as it stands between rows.
     import throughput
@@ -99,14 +106,13 @@ def test_throughputs_json_says_whether_every_row_ran(stop_at, tmp_path, capsys, 
     def run(bench, spec):
         if out.exists():
             on_disk.append(json.loads(out.read_text())["complete"])
-        if spec.name == stop_at:
-            raise KeyboardInterrupt
+        if spec.name == "trainer:eager" and raised is not None:
+            raise raised
         return {"name": spec.name, "kind": spec.kind, "img_per_s": 100.0, "ms_per_step": 160.0}
 
     monkeypatch.setattr(throughput.Bench, "run", run)
     argv = ["--device", "cpu", "--loader", "synthetic", "--rows", "trainer,reference,trainer:eager"]
-    assert status(throughput.main, [*argv, "--json", str(out)]) == (130 if stop_at else 0)
+    assert status(throughput.main, [*argv, "--json", str(out)]) == code
     result = json.loads(out.read_text())
-    assert on_disk == [False, False] and result["complete"] is (stop_at is None)
-    errors = [r.get("error") for r in result["rows"]]
-    assert errors == [None, None, "not run (interrupted)" if stop_at else None]
+    assert on_disk == [False, False] and result["complete"] is complete
+    assert [r.get("error") for r in result["rows"]] == [None, None, error]
