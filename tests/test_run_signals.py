@@ -452,7 +452,12 @@ def test_a_stop_that_lands_in_a_fork_wakes_the_main_thread_blocked_after_it(requ
     request.addfinalizer(partial(os.close, r))
     request.addfinalizer(partial(os.close, w))
     woke = []
-    watchdog = threading.Timer(60, lambda: woke.append(os.write(w, b"x")))
+
+    def wake() -> None:  # recorded before the byte: the read it ends may reach the assert first
+        woke.append(None)
+        os.write(w, b"x")
+
+    watchdog = threading.Timer(60, wake)
     request.addfinalizer(watchdog.cancel)
     with signals.stop_signals_handled(), pytest.raises(KeyboardInterrupt):
         if (pid := os.fork()) == 0:
