@@ -249,7 +249,7 @@ class FFCVLoader:
                 )
         self.splits = None  # a .beton: no image folder
         self.path = path
-        self.num_images = reader.num_samples
+        self.num_images = int(reader.num_samples)  # FFCV's is a numpy uint64: arithmetic and text want an int
         self.labels = reader.metadata[f"f{names.index('label')}"]
         fingerprint = beton_fingerprint(path)  # what its sidecar and file list must record, if anything
         self.classes = read_classes(path, self.labels, fingerprint)
