@@ -308,11 +308,17 @@ def _train_held(
     ev = "" if splits is None or splits.eval is None else f"; kNN on {len(splits.eval)} eval images"
     # synthetic's count and classes are made up (a step's batch over and over, 10 random labels): "8
     # images in 10 classes" read as a count of the data
-    found = f"{plural(loader.num_images, 'image')} in {plural(len(loader.classes), 'class', 'classes')}"
-    what = "random images" if cfg.data.loader == "synthetic" else found
+    if cfg.data.loader == "synthetic":
+        what = "random images"
+    else:
+        what = f"{plural(loader.num_images, 'image')} in {plural(len(loader.classes), 'class', 'classes')}"
     log.info(
         "data: %s (--loader %s), %s of %d a process per epoch%s",
-        *(what, cfg.data.loader, plural(len(loader), "step"), cfg.optim.batch_size, ev),
+        what,
+        cfg.data.loader,
+        plural(len(loader), "step"),
+        cfg.optim.batch_size,
+        ev,
     )
 
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=loader.num_images).to(device)
