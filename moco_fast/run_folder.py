@@ -143,6 +143,18 @@ def refuse_unwritable(out: Path, then: str = "") -> None:
         raise ConfigError(f"--out {out}: cannot write in {out} ({why}){then}")
 
 
+def refuse_unwritable_out(out: Path) -> None:
+    """ConfigError naming --out where no file can be made in it or, where it is missing, in the folder
+    that would take it: one line before any work, instead of mkdir's bare "Permission denied: PATH"
+    when the command first makes the folder."""
+    from moco_fast.commands import check_writable_beside
+
+    if out.is_dir():
+        refuse_unwritable(out)
+    else:
+        check_writable_beside(out, "--out")
+
+
 def _saved(path: Path | None) -> dict:
     """The checkpoint at `path`, its tensors unread ({} where there is none or it cannot be read:
     resume says why later)."""
@@ -172,6 +184,8 @@ def check_run_folder(out: Path) -> None:
         raise ConfigError(f"--out {out} is a sweep's folder: a run needs a folder of its own (a setting's is in it)")
     if (out / CONFIG_NAME).is_file():
         read_run_config(out / CONFIG_NAME)
+    if not out.exists():  # an existing one: check_writable, which knows what a finished run still writes
+        refuse_unwritable_out(out)
 
 
 # The sections of a saved TrainConfig (config.json, a checkpoint's "config").

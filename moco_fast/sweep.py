@@ -31,7 +31,7 @@ from moco_fast.checkpoint import CHECKPOINT_NAME, file_stamp
 from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.data import DataSplits
 from moco_fast.metrics import read_rows
-from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run
+from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run, refuse_unwritable_out
 from moco_fast.sweep_eval import evaluate_setting, refuse_others_files
 from moco_fast.sweep_plan import GRID_KEYS, UNUSED, plan_setting, read_json, training_config
 from moco_fast.sweep_table import TABLE_JSON, number_text, refuse_others_tables, write_json, write_table
@@ -141,6 +141,7 @@ def run_sweep(
         raise ConfigError(f"--out {out} holds a training run: give the sweep a folder of its own")
     refuse_others_tables(out)
     _refuse_out_within_data(out, base)
+    refuse_unwritable_out(out)  # its table and the settings' folders go there
     with hold_sweep_folder(out):  # a second sweep there: one line, before any work
         found = {} if redo else _results_in(out)  # --redo: read once its folders are deleted
         # Every setting is checked against what its folder holds before the first one trains, and

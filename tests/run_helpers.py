@@ -1,9 +1,15 @@
 """What the run-folder test files share (not a test module: pytest does not collect it): the
 tiny `moco-fast train` command line and `moco-fast sweep`'s (test_sweep.py, test_sweep_checks.py),
 the rows of a run's metrics.jsonl and `ForkedCommands`, which runs commands each in a process of its
-own at the cost of one interpreter's imports."""
+own at the cost of one interpreter's imports, and `read_only_prefix`, a command prefix under which
+folders may not be written."""
 
 import json
+import os
+import shutil
+import subprocess
+
+import pytest
 
 
 def tiny_args(data, out, epochs=1):
@@ -113,3 +119,20 @@ class ForkedCommands:
         self.server.stdin.close()
         self.server.wait(self.timeout)
         self.server.stdout.close()
+
+
+def read_only_prefix(folders: list) -> list[str]:
+    """A command prefix under which `folders` (and what they hold) may not be written: mode 555 where
+    that binds (not for root, who writes anyway), else read-only bind mounts in a mount namespace of
+    the command's own. Skips where neither is possible."""
+    for f in folders:
+        f.chmod(0o555)
+    if not any(os.access(f, os.W_OK) for f in folders):
+        return []
+    for f in folders:
+        f.chmod(0o755)
+    mounts = " && ".join(f"mount --bind -o ro '{f}' '{f}'" for f in folders)
+    prefix = ["unshare", "-m", "sh", "-c", f'{mounts} && exec "$@"', "sh"]
+    if shutil.which("unshare") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("root here, and no read-only mount can be made (unshare -m, mount --bind -o ro)")
+    return prefix

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_image_root
-from run_helpers import SWEEP_RUN, SWEEP_TRAIN, last_error, stub_sweep_runs, sweep_args, tiny_args
+from run_helpers import (
+    SWEEP_RUN,
+    SWEEP_TRAIN,
+    last_error,
+    read_only_prefix,
+    stub_sweep_runs,
+    sweep_args,
+    tiny_args,
+)
 
 from moco_fast.cli import build_parser, main
 from moco_fast.config import MAX_SEED
@@ -92,6 +100,37 @@ def test_sweep_stops_before_training_on_what_would_fail_later(six_root, tmp_path
     args = ["sweep", "--out", str(tmp_path / "s2"), "--device", "cpu", "--lincls-epochs", "1", "--"]
     assert main([*args, "--loader", "synthetic", *SWEEP_TRAIN]) == 2
     assert "--lincls-epochs needs an image folder" in last_error(capsys) and not trained
+
+
+def test_a_sweep_out_that_may_not_be_written_is_one_line_naming_it(six_root, tmp_path):
+    """An --out in a folder that may not be written (a read-only mount; mode 555 where that binds), or
+    one that may not be written itself: one line naming --out and the folder, before anything trains.
+    It was mkdir's bare "Permission denied: PATH", and for an existing folder, that of the first
+    setting's folder."""
+    import subprocess
+    import sys
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    prefix = read_only_prefix([ro])
+    command = [*prefix, sys.executable, "-m", "moco_fast"]
+    try:
+        done = [
+            subprocess.run(
+                [*command, *sweep_args(out, six_root, "--moco-m", "0.99")], capture_output=True, text=True, timeout=300
+            )
+            for out in (ro / "new", ro)
+        ]
+    finally:
+        ro.chmod(0o755)
+    for run, out in zip(done, (ro / "new", ro)):
+        err = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(err) == 1, run.stderr[-2000:]
+        assert err[0] in (
+            f"moco-fast sweep: error: --out {out}: cannot write in {ro} ({why})"
+            for why in ("Permission denied", "Read-only file system")
+        ), err
+    assert list(ro.iterdir()) == []
 
 
 def test_a_sweep_and_a_training_run_never_share_a_folder(six_root, tmp_path, capsys, monkeypatch):
