@@ -252,6 +252,8 @@ def train(
         setup_warnings = HeldWarnings()  # until agree(): rank 0 says them, unless the ranks disagree
     try:
         device = dist_utils.local_device(resolve_device(cfg.runtime.device))
+        if cfg.runtime.device == "auto" and device.type == "cpu":  # the README's commands train on GPUs
+            log.info("no CUDA GPU here: training on the CPU (--device auto)")
         amp_dtype = _checked_for(cfg, device, world, saved)  # on the flags as given (their warnings name them)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
         out = Path(cfg.runtime.out)

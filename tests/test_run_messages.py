@@ -164,6 +164,21 @@ def test_synthetic_says_that_it_reads_no_data_and_counts_no_images(tmp_path, cap
     assert "data: random images (--loader synthetic), 1 step of 8 a process per epoch" in caplog.messages
 
 
+@pytest.mark.parametrize("device, says", [("auto", True), ("cpu", False)])
+def test_the_default_device_without_a_gpu_says_the_run_trains_on_the_cpu(tmp_path, caplog, monkeypatch, device, says):
+    # the README's `moco-fast train --data ... --loader dali` on a machine without a GPU trained (DALI on
+    # the CPU) without a word of it; --device cpu asked for the CPU and needs no line
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    argv = [
+        "train", "--loader", "synthetic", "--synthetic-steps", "1", "--arch", "resnet18", "--image-size", "16",
+        "--batch-size", "8", "--bn-splits", "2", "--moco-k", "16", "--epochs", "1", "--device", device,
+        "--out", str(tmp_path / "run"), "--no-final-knn",
+    ]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(argv) == 0
+    assert ("no CUDA GPU here: training on the CPU (--device auto)" in caplog.messages) == says, caplog.messages
+
+
 FEW_BN = "images: their statistics are noisy and MoCo may not learn (docs/experiments.md)"
 
 
