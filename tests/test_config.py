@@ -1,13 +1,17 @@
 """Configs: presets override the dataclass defaults, flags override presets, round trips are exact."""
 
 import json
+import math
 
 import pytest
+import torch
 
-from moco_fast.augment import MOCO_V1, MOCO_V2
+from moco_fast.augment import MOCO_CIFAR, MOCO_V1, MOCO_V2
+from moco_fast.backbone import build_head, resolve_stem
 from moco_fast.cli import build_parser, main
 from moco_fast.commands.train import config_from_args
 from moco_fast.config import ConfigError, build_config, from_dict, to_dict
+from moco_fast.trainer import base_lr, lr_at
 
 
 def parse(*argv):
@@ -21,6 +25,83 @@ def test_presets():
     assert MOCO_V1.blur_prob == 0 and MOCO_V2.blur_prob == 0.5
     with pytest.raises(ConfigError):
         build_config("v3")
+
+
+def run_values(preset: str) -> dict:
+    """What a one-process run of `preset` trains with, in the official scripts' terms: the lr at its
+    batch, and that of each epoch."""
+    cfg = parse("--data", "x", "--preset", preset)
+    base = base_lr(cfg, world=1)
+    lrs = [lr_at(cfg, e, base) for e in range(cfg.optim.epochs)]
+    m, o = cfg.moco, cfg.optim
+    return {
+        "arch": cfg.model.arch,
+        "mlp": cfg.model.mlp,
+        "dim": cfg.model.dim,
+        "K, m, T": (m.k, m.m, m.t),
+        "mechanism, symmetric, shuffle BN, splits": (m.mechanism, m.symmetric, m.shuffle_bn, m.bn_splits),
+        "epochs, batch, lr": (o.epochs, o.batch_size, pytest.approx(base)),
+        "sgd momentum, wd": (o.momentum, o.weight_decay),
+        "schedule": o.schedule,
+        "lr by epoch": pytest.approx(lrs),
+        "knn k, t": (cfg.runtime.knn_k, cfg.runtime.knn_t),
+    }
+
+
+# main_moco.py's defaults (v1; v2 adds --mlp --aug-plus --cos --moco-t 0.2) and the CIFAR-10 demo's
+# (moco_cifar10_demo.ipynb: lr 0.06 at batch 512, cos; the kNN monitor's k 200, t 0.1)
+OFFICIAL = {
+    "v1": {
+        "arch": "resnet50",
+        "mlp": False,
+        "dim": 128,
+        "K, m, T": (65536, 0.999, 0.07),
+        "mechanism, symmetric, shuffle BN, splits": ("moco", False, True, 8),
+        "epochs, batch, lr": (200, 256, 0.03),
+        "sgd momentum, wd": (0.9, 1e-4),
+        "schedule": "step",
+        "lr by epoch": [0.03 * 0.1 ** ((e >= 120) + (e >= 160)) for e in range(200)],  # --schedule 120 160
+        "knn k, t": (200, 0.1),
+    },
+}
+OFFICIAL["v2"] = {
+    **OFFICIAL["v1"],
+    "mlp": True,
+    "K, m, T": (65536, 0.999, 0.2),
+    "schedule": "cosine",
+    "lr by epoch": [0.03 * 0.5 * (1 + math.cos(math.pi * e / 200)) for e in range(200)],
+}
+OFFICIAL["cifar"] = {
+    **OFFICIAL["v2"],
+    "arch": "resnet18",
+    "mlp": False,
+    "K, m, T": (4096, 0.99, 0.1),
+    "epochs, batch, lr": (200, 512, 0.06),
+    "sgd momentum, wd": (0.9, 5e-4),
+    "lr by epoch": [0.06 * 0.5 * (1 + math.cos(math.pi * e / 200)) for e in range(200)],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(OFFICIAL))
+def test_the_presets_train_with_the_official_recipes(preset):
+    assert run_values(preset) == OFFICIAL[preset]
+    cfg = parse("--data", "x", "--preset", preset)
+    width = 512 if preset == "cifar" else 2048  # ResNet-18's and ResNet-50's pooled features
+    head = build_head(width, cfg.model.dim, cfg.model.mlp)
+    # v2's MLP: a hidden layer as wide as the backbone (2048-d), then ReLU; v1 and the demo: one fc
+    layers = [(m.in_features, m.out_features) for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert layers == ([(width, width)] if cfg.model.mlp else []) + [(width, 128)]
+    assert any(isinstance(m, torch.nn.ReLU) for m in head.modules()) == cfg.model.mlp
+    assert resolve_stem(cfg.model.stem, cfg.data.aug.image_size) == ("cifar" if preset == "cifar" else "imagenet")
+
+
+def test_the_demos_augmentation_is_the_notebooks():
+    # RandomResizedCrop(32) at torchvision's default scale, flip, jitter (0.4, 0.4, 0.4, 0.1) p 0.8,
+    # grayscale 0.2, no blur; Normalize with the notebook's CIFAR statistics
+    a = MOCO_CIFAR
+    assert (a.image_size, a.crop_scale, a.crop_ratio, a.flip_prob) == (32, (0.08, 1.0), (3 / 4, 4 / 3), 0.5)
+    assert (a.jitter_prob, a.brightness, a.contrast, a.saturation, a.hue, a.gray_prob) == (0.8, 0.4, 0.4, 0.4, 0.1, 0.2)
+    assert (a.blur_prob, a.mean, a.std) == (0.0, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 
 
 def test_flags_override_presets_and_unset_flags_do_not():
