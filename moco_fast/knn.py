@@ -1,5 +1,7 @@
-"""Weighted kNN monitor (Wu et al. 2018; the official MoCo CIFAR demo): k=200, t=0.1 on
-L2-normalised backbone features; the train split is the memory bank, val/test the queries."""
+"""Weighted kNN monitor (Wu et al. 2018; the official MoCo CIFAR demo): k=200, t=0.1 on the
+L2-normalised features of the network it is given: the pooled backbone's, or the whole query
+encoder's (its head's output, which the demo votes on; monitor.knn_figures measures both). The
+train split is the memory bank, val/test the queries."""
 
 from __future__ import annotations
 
