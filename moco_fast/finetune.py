@@ -86,7 +86,8 @@ def check_args(cfg: FinetuneConfig) -> None:
 
 
 def build_network(cfg: FinetuneConfig, num_classes: int):
-    """(backbone + linear classifier as one nn.Sequential, AugSpec, image size, what it started from,
+    """(backbone + linear classifier as one nn.Sequential, AugSpec, image size, what it started from
+    ("moco", "scratch", or "torchvision": a plain state dict, which may hold anything's weights),
     the `cfg` that ran: with a checkpoint, its architecture and stem, whatever --arch/--stem said)."""
     if cfg.checkpoint is None:
         if not cfg.from_scratch:
@@ -98,9 +99,11 @@ def build_network(cfg: FinetuneConfig, num_classes: int):
         ran = replace(cfg, arch=cfg.arch or SCRATCH_ARCH, stem=stem)
         return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, "scratch", ran
 
-    from moco_fast.checkpoint import load_model
+    from moco_fast.checkpoint import load, load_model
+    from moco_fast.foreign import INIT, as_training_state
 
-    model, train_cfg = load_model(cfg.checkpoint, "cpu", arch=cfg.arch)
+    state = as_training_state(load(cfg.checkpoint), cfg.checkpoint, cfg.arch)  # what it is, for the result's "init"
+    model, train_cfg = load_model(cfg.checkpoint, "cpu", state=state, arch=cfg.arch)
     spec = train_cfg.data.aug
     size = cfg.image_size or spec.image_size
     width = feature_width(model)
@@ -112,7 +115,7 @@ def build_network(cfg: FinetuneConfig, num_classes: int):
     else:
         backbone = model.encoder_q.backbone
         plain_bn_state(backbone)  # fine-tuning uses ordinary per-batch BN statistics
-        start = "moco"
+        start = state.get(INIT, "moco")
     return nn.Sequential(backbone, new_classifier(width, num_classes)), spec, size, start, ran
 
 
@@ -164,7 +167,7 @@ def fine_tune(cfg: FinetuneConfig, loaded: LoadedState | None = None) -> tuple[d
         return evaluate(forward, eval_batches, device, classes)
 
     parts = {"network": net, "optimizer": opt, "scaler": scaler}
-    out, listing = result_path(cfg, start), listing_fingerprint(splits)
+    out, listing = result_path(cfg), listing_fingerprint(splits)
     generator = loader.sampler.generator
     loop = EpochLoop("finetune", cfg, out, parts, generator, t0, data_listing=listing, classes=classes, loaded=loaded)
     history = loop.run(one_epoch, evaluate_now)
@@ -187,15 +190,17 @@ def run_finetune(
     if model_path is not None:
         save_atomic(backbone_state(net[0], net[1]), model_path)
         res["model"] = os.path.abspath(model_path)  # what a rerun may replace (commands.network_of)
-    out = result_path(cfg, res["init"])
+    out = result_path(cfg)
     write_json(res, out)
     clear_state(out)
     return res, net
 
 
-def result_path(cfg: FinetuneConfig, start: str) -> Path:
+def result_path(cfg: FinetuneConfig) -> Path:
+    """--out, else the name of a run from MoCo (a torchvision state dict's too) or from scratch."""
+    name = FINETUNE_RESULTS["scratch" if cfg.from_scratch else "moco"]
     if cfg.out:
         return Path(cfg.out)
     if cfg.checkpoint:
-        return result_beside(cfg.checkpoint, FINETUNE_RESULTS[start])
-    return Path(FINETUNE_RESULTS[start])
+        return result_beside(cfg.checkpoint, name)
+    return Path(name)

@@ -30,6 +30,9 @@ log = logging.getLogger("moco_fast")
 
 OFFICIAL_PREFIXES = ("module.encoder_q.", "encoder_q.")  # DDP's main_moco.py; a single-process save
 HEADLESS = "headless"  # a converted state's flag: the network has no MoCo head (its head is Identity)
+# a converted state's start, as a finetune result's "init" names it: "moco" (an official MoCo checkpoint) or
+# "torchvision" (a plain state dict, which says nothing of what trained it); a training checkpoint has none: "moco"
+INIT = "init"
 
 # What shapes may name (arch inference): torchvision's ResNet family and the paper's wider ResNet-50s.
 KNOWN_ARCHS = (
@@ -57,7 +60,7 @@ def as_training_state(
 ) -> dict[str, Any]:
     """`state` itself for a moco-fast training checkpoint; for an official MoCo checkpoint or a
     torchvision ResNet state dict, {"model": MoCo state dict (encoder_q.backbone.*, encoder_q.head.*
-    where there is a head), "config": a TrainConfig dict, HEADLESS: bool, "source": what was read}.
+    where there is a head), "config": a TrainConfig dict, HEADLESS: bool, "source": what was read, INIT}.
     `arch` (--arch): the architecture of a state dict that does not name one; it must match one that
     does. `say`: one log line naming what was read. A one-line DataError for anything else."""
     if is_training_state(state):
@@ -73,7 +76,7 @@ def as_training_state(
         epoch = state.get("epoch")
         source = f"official MoCo checkpoint, {arch}" + (f", epoch {epoch}" if isinstance(epoch, int) else "")
         what = "the query encoder's backbone" + (" and head" if head else " (its head is not MoCo's: no head figures)")
-        stem = "imagenet"
+        stem, init = "imagenet", "moco"
     else:
         backbone = torchvision_backbone(state)
         if backbone is None:
@@ -82,12 +85,12 @@ def as_training_state(
         if arch is not None and not fits(backbone, arch, stem):
             raise ConfigError(f"--arch {arch}: the tensors of {path} are not a {arch}'s; leave --arch out")
         arch = arch or infer_arch(backbone, stem, path)
-        head, mlp = {}, False
+        head, mlp, init = {}, False, "torchvision"
         source = f"torchvision {arch} state dict" + (" (CIFAR stem)" if stem == "cifar" else "")
         what = "the backbone (it has no MoCo head)"
     if say:
         log.info("%s: %s: %s", path, source, what)
-    return training_state(with_bn_counts(backbone), head, arch, stem, mlp, source)
+    return {**training_state(with_bn_counts(backbone), head, arch, stem, mlp, source), INIT: init}
 
 
 def training_state(

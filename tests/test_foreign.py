@@ -3,6 +3,7 @@ main_moco.py format) and a plain torchvision ResNet state dict, read by knn, lin
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -213,7 +214,9 @@ def test_finetune_starts_from_a_torchvision_state_dict(data, tmp_path, monkeypat
     out = tmp_path / "ft.json"
     argv = ["finetune", "--checkpoint", str(path), "--data", str(data), "--epochs", "1", "--image-size", "32"]
     assert main([*argv, "--batch-size", "4", "--out", str(out), "--no-save-model", *EVAL]) == 0
-    assert "fine-tuning from moco" in capsys.readouterr().out
+    # it said 'from moco': the file holds a plain network, which says nothing of how it was trained
+    assert f"fine-tuning from the torchvision state dict {path}: " in capsys.readouterr().out
+    assert json.loads(out.read_text())["init"] == "torchvision"
     assert_same(started[0], backbone_of(net.state_dict()))
     assert main([*argv, "--arch", "resnet34", "--out", str(tmp_path / "x.json"), *EVAL]) == 2
     assert one_line_error(capsys).endswith(
@@ -256,6 +259,7 @@ def test_results_of_downloaded_checkpoints_that_share_a_folder_do_not_collide(ru
         str(tmp_path / "moco_v1_200ep_pretrain.lincls.json"),
         str(tmp_path / "moco_v2_800ep_pretrain.lincls.json"),
     ]
-    assert result_path(FinetuneConfig(str(tmp_path / "r50.pth")), "moco") == tmp_path / "r50.finetune.json"
+    assert result_path(FinetuneConfig(str(tmp_path / "r50.pth"))) == tmp_path / "r50.finetune.json"
     # a run's checkpoint keeps the run folder's names
-    assert result_path(FinetuneConfig(str(run_dir / "checkpoint.pt")), "scratch") == run_dir / "finetune_scratch.json"
+    scratch = FinetuneConfig(str(run_dir / "checkpoint.pt"), from_scratch=True)
+    assert result_path(scratch) == run_dir / "finetune_scratch.json"

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch or (SCRATCH_ARCH if args.checkpoint is None else None),  # None: the checkpoint's
         stem=args.stem or DEFAULT_STEM,
     )
-    out = result_path(cfg, "scratch" if cfg.from_scratch else "moco")
+    out = result_path(cfg)
     out = check_output(out, "--out", inputs=(args.checkpoint,), replaces=result_of("finetune", PROTOCOL))
     model_path = None
     if not args.no_save_model:
@@ -149,9 +149,8 @@ def run(args: argparse.Namespace) -> int:
     with hold_output(out, "finetune"):
         loaded = check_state(out, cfg, "finetune")  # read here once: the run takes it
         res, _ = run_finetune(cfg, model_path, loaded)
-    print(
-        f"fine-tuning from {res['init']}: {accuracy_text(res)}  ({eval_images_of(res)}, {plural(args.epochs, 'epoch')})"
-    )
+    start = f"the torchvision state dict {args.checkpoint}" if res["init"] == "torchvision" else res["init"]
+    print(f"fine-tuning from {start}: {accuracy_text(res)}  ({eval_images_of(res)}, {plural(args.epochs, 'epoch')})")
     if model_path is not None:
         from moco_fast.commands.export import loading_notes
 
