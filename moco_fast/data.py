@@ -82,7 +82,10 @@ def resolve_root(data: str | None, name: str = "--data") -> Path:
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
-        if root.suffix == ".beton":  # what convert writes for --loader ffcv
+        from moco_fast.convert_dst import beton_samples  # imports this module
+
+        # what convert writes for --loader ffcv, by its name or (renamed, another tool's) its header
+        if root.suffix == ".beton" or isinstance(beton_samples(root), int):
             raise DataError(f"{name} {root} is an FFCV .beton, which --loader ffcv reads; this reads image folders")
         raise DataError(f"{name} must be a folder of images (class subfolders), got a file: {root}")
     from moco_fast.loaders.wds import is_wds_root  # loaders.wds imports this module

@@ -495,13 +495,18 @@ def test_a_meta_json_of_its_own_does_not_make_an_image_folder_a_shard_set(fresh_
             create_loader(loader, args)
 
 
-def test_a_beton_given_to_a_folder_loader_names_the_loader_that_reads_it(tmp_path):
+def test_a_beton_given_to_a_folder_loader_names_the_loader_that_reads_it(tmp_path, tiny_beton):
     from moco_fast.data import resolve_root
 
     beton = tmp_path / "x.beton"
     beton.write_bytes(b"\0" * 64)
     with pytest.raises(DataError, match=f"--data {beton} is an FFCV .beton, which --loader ffcv reads"):
         resolve_root(str(beton))
+    # one without the suffix is told by its header (it was "must be a folder of images ..., got a file")
+    renamed = tmp_path / "images"
+    shutil.copyfile(tiny_beton, renamed)
+    with pytest.raises(DataError, match=f"--data {renamed} is an FFCV .beton, which --loader ffcv reads"):
+        resolve_root(str(renamed))
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="must be a folder of images"):
         resolve_root(str(tmp_path / "notes.txt"))
