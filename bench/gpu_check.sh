@@ -325,6 +325,9 @@ $PY - "$OUT" "$START" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path("bench").resolve()))  # run from the repository's root, as the script cds there
+from report import ms_text  # the benches' own tables' ms: two significant digits under 1 ms
+
 out, since = Path(sys.argv[1]), float(sys.argv[2])  # files written since `since` are this command's
 print("\n==== GPU checks: summary ====")
 lines = [("what", "img/s", "ms/step", "x ref", "loader/step", "peak GiB", "GPU %", "W")]
@@ -336,14 +339,25 @@ def load(f):
         return {"rows": [], "device": {}, "torch": "?"}
 
 
+cut = []  # the files of runs stopped before their last row ("complete": false; none before 2026-11-30 had it)
+def mark(f, res):
+    """' *' after a row of a cut run's file (its rows measured, but the run is not whole), else ''."""
+    if res.get("complete") is not False:
+        return ""
+    if f.name not in cut:
+        cut.append(f.name)
+    return " *"
+
+
 for f in sorted(out.glob("throughput-*.json")):
     res = load(f)
     for r in res["rows"]:
+        what = f"{f.stem[11:]}: {r['name']}{mark(f, res)}"
         if r.get("img_per_s") is None:
-            lines.append((f"{f.stem[11:]}: {r['name']}", "failed: " + str(r.get("error", ""))[:60], *[""] * 6))
+            lines.append((what, "failed: " + str(r.get("error", ""))[:60], *[""] * 6))
             continue
-        fmt = lambda k, s: s.format(r[k]) if r.get(k) is not None else ""  # noqa: E731
-        lines.append((f"{f.stem[11:]}: {r['name']}", fmt("img_per_s", "{:,.0f}"), fmt("ms_per_step", "{:.1f}"),
+        fmt = lambda k, s: (s if callable(s) else s.format)(r[k]) if r.get(k) is not None else ""  # noqa: E731
+        lines.append((what, fmt("img_per_s", "{:,.0f}"), fmt("ms_per_step", ms_text),
                       fmt("vs_reference", "{:.2f}"), fmt("loader_over_step", "{:.2f}"), fmt("peak_mem_gib", "{:.1f}"),
                       fmt("gpu_util_pct", "{:.0f}"), fmt("gpu_power_w", "{:.0f}")))
     dev = res["device"].get("name", "?")
@@ -389,16 +403,17 @@ for f in sorted(out.glob("throughput-*.json")):
                 print(f"  {f.stem[11:]}: {name} = {100 * r['img_per_s'] / t['img_per_s']:.1f}% of {t['name']}")
 ff = out / "ffcv.json"
 if ff.exists():
+    res = load(ff)
     # One ResNet-50 b256 step to set each augmentation row against, not one line a step found: throughput's
     # rows (command 1) or e2e's (command 2), those of ffcv.json's own command first (this one's, or the
     # earlier ones' where ffcv.json is older), as $OUT may hold an earlier command's files
     new = ff.stat().st_mtime >= since
     found = [k for k in ("synthetic: trainer:bf16", "synthetic: trainer:fp16", "torch: trainer") if k in steps]
     k = min(found, key=lambda k: steps[k][1] != new, default=None)  # the first of the same command
-    for r in load(ff)["rows"]:
+    for r in res["rows"]:
         if k and r.get("row", "").startswith("aug") and r.get("ms_per_batch"):
             ms = steps[k][0]
-            print(f"  ffcv {r['row']}: {r['ms_per_batch']:.2f} ms = {100 * r['ms_per_batch'] / ms:.1f}% "
+            print(f"  ffcv {r['row']}{mark(ff, res)}: {r['ms_per_batch']:.2f} ms = {100 * r['ms_per_batch'] / ms:.1f}% "
                   f"of the {k.split(': ')[1]} step ({ms:.1f} ms); {r['img_per_s']:,.0f} img/s")
 lc = out / "lincls.json"
 if lc.exists():
@@ -418,6 +433,9 @@ for f in sorted(out.glob("throughput-*.json")):
                   + ("" if gaps is None else f", gaps {gaps:.1f}"))
             print("  phases: " + ", ".join(f"{k} {v:.2f}" for k, v in p["phases_ms"].items()))
             print("  kernels: " + ", ".join(f"{k} {v:.2f}" for k, v in p["kernels_ms"].items()))
+if cut:
+    print(f"\n*: a row of a run stopped before its last row (\"complete\": false in {', '.join(cut)}): "
+          "its rows are not all there")
 EOF
 echo
 printf '%s\n' "${STATUS[@]}" | tee -a "$LOG"

@@ -530,7 +530,8 @@ def gpu_check_summary(out: Path, since: float = 0.0) -> subprocess.CompletedProc
     text = (BENCH / "gpu_check.sh").read_text()
     start = text.index("\n", text.index("<<'EOF'")) + 1
     summary = text[start : text.index("\nEOF\n", start)]
-    return subprocess.run([sys.executable, "-", str(out), str(since)], input=summary, capture_output=True, text=True)
+    argv = [sys.executable, "-", str(out), str(since)]
+    return subprocess.run(argv, input=summary, capture_output=True, text=True, cwd=BENCH.parent)  # as the script cds
 
 
 def test_gpu_check_script_parses_and_its_summary_computes_the_ratios(tmp_path):
@@ -623,6 +624,33 @@ def test_gpu_check_summary_sets_each_ffcv_row_against_one_step_of_its_own_comman
     write("throughput-synthetic.json", [step("trainer:bf16", 70.0)], 0)
     write("throughput-torch.json", [step("trainer", 100.0)], 200)
     assert ffcv_lines(now - 60)[0] == "ffcv aug-sample: 2.00 ms = 2.0% of the trainer step (100.0 ms); 100,000 img/s"
+
+
+def test_gpu_check_summary_shows_short_steps_as_the_tables_do_and_marks_a_cut_run(tmp_path):
+    # its ms/step column said "0.0" for a step of 0.04 ms (report.ms_text's digits: "0.040"), and a run
+    # stopped early ("complete": false) was summarised as if whole
+    def write(name, complete, rows):
+        (tmp_path / name).write_text(json.dumps({"device": {}, "torch": "2.11", "rows": rows, **complete}))
+
+    step = lambda name, ms: {"name": name, "img_per_s": 1000.0, "ms_per_step": ms}  # noqa: E731
+    write("throughput-synthetic.json", {"complete": False}, [step("loader", 0.04), step("trainer", 0.4)])
+    write("throughput-torch.json", {"complete": True}, [step("trainer", 12.34)])
+    write("throughput-dali.json", {}, [step("trainer", 1.0)])  # before 'complete' was written: no mark
+    write("ffcv.json", {"complete": False}, [{"row": "aug-batch", "img_per_s": 1e5, "ms_per_batch": 2.0}])
+    out = gpu_check_summary(tmp_path)
+    assert out.returncode == 0, out.stderr
+    table = [x for x in out.stdout.splitlines() if x.startswith(("synthetic:", "torch:", "dali:"))]
+    assert {x.split("  ")[0]: x.split()[-1] for x in table} == {  # the row's name: its ms/step
+        "synthetic: loader *": "0.040",
+        "synthetic: trainer *": "0.40",
+        "torch: trainer": "12.3",
+        "dali: trainer": "1.0",
+    }
+    assert "  ffcv aug-batch *: 2.00 ms" in out.stdout
+    assert out.stdout.rstrip().endswith(
+        '*: a row of a run stopped before its last row ("complete": false in throughput-synthetic.json, '
+        "ffcv.json): its rows are not all there"
+    )
 
 
 def test_gpu_check_summary_shows_no_gaps_for_a_cpu_profile(tmp_path):
