@@ -57,28 +57,7 @@ def init_from_env(device: str = "auto") -> bool:
         return False
     from moco_fast.config import ConfigError
 
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
-    if missing:
-        raise ConfigError(
-            f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
-            "a manual launch sets MASTER_ADDR and MASTER_PORT (rank 0's address and a free port) in every "
-            "process; or start the processes with torchrun"
-        )
-    rank, world, addr, port = (os.environ[v] for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-    numbers = "RANK, WORLD_SIZE and MASTER_PORT must be numbers"
-    if not all(v.strip().isdigit() for v in (rank, world, port)):  # before a wait that would be in vain
-        raise ConfigError(f"{numbers} (RANK={rank}, WORLD_SIZE={world}, MASTER_PORT={port})")
-    # a RANK past the group (RANK=2 WORLD_SIZE=2) waited the join timeout for a rank 0 that nobody
-    # started; WORLD_SIZE=0 and a MASTER_PORT past 65535 were "must be numbers" from torch's errors
-    if not int(rank) < int(world):
-        raise ConfigError(
-            f"RANK={rank} with WORLD_SIZE={world}: the ranks of a group of WORLD_SIZE processes are 0 to "
-            "WORLD_SIZE - 1; start each process with its own RANK and the same WORLD_SIZE (at least 1)"
-        )
-    # MASTER_PORT=0: rank 0's store takes any free port, which no other process can know (rank 1 waited
-    # the join timeout and printed torch's C++ stack; rank 0 waited for it); one process needs none
-    if int(port) > 65535 or (int(port) == 0 and int(world) > 1):
-        raise ConfigError(f"MASTER_PORT={port} is not a port: give a free port of rank 0's machine (1 to 65535)")
+    rank, world, addr, port = check_group_env()
     timeout = join_timeout()
     manual = "TORCHELASTIC_RUN_ID" not in os.environ  # torchrun's and --gpus's workers: gathered already
     if manual and rank == "0":  # it may wait a while
@@ -105,6 +84,37 @@ def init_from_env(device: str = "auto") -> bool:
         timeout=COLLECTIVE_TIMEOUT,
     )
     return True
+
+
+def check_group_env() -> tuple[str, str, str, str]:
+    """(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) of the group the environment describes, or the
+    ConfigError of what no join could mend: the run's check before it joins, and --print-config's
+    (a config printed for an environment that the run refuses said "fine" to a run that stops)."""
+    from moco_fast.config import ConfigError
+
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise ConfigError(
+            f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+            "a manual launch sets MASTER_ADDR and MASTER_PORT (rank 0's address and a free port) in every "
+            "process; or start the processes with torchrun"
+        )
+    rank, world, addr, port = (os.environ[v] for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    numbers = "RANK, WORLD_SIZE and MASTER_PORT must be numbers"
+    if not all(v.strip().isdigit() for v in (rank, world, port)):  # before a wait that would be in vain
+        raise ConfigError(f"{numbers} (RANK={rank}, WORLD_SIZE={world}, MASTER_PORT={port})")
+    # a RANK past the group (RANK=2 WORLD_SIZE=2) waited the join timeout for a rank 0 that nobody
+    # started; WORLD_SIZE=0 and a MASTER_PORT past 65535 were "must be numbers" from torch's errors
+    if not int(rank) < int(world):
+        raise ConfigError(
+            f"RANK={rank} with WORLD_SIZE={world}: the ranks of a group of WORLD_SIZE processes are 0 to "
+            "WORLD_SIZE - 1; start each process with its own RANK and the same WORLD_SIZE (at least 1)"
+        )
+    # MASTER_PORT=0: rank 0's store takes any free port, which no other process can know (rank 1 waited
+    # the join timeout and printed torch's C++ stack; rank 0 waited for it); one process needs none
+    if int(port) > 65535 or (int(port) == 0 and int(world) > 1):
+        raise ConfigError(f"MASTER_PORT={port} is not a port: give a free port of rank 0's machine (1 to 65535)")
+    return rank, world, addr, port
 
 
 def wait_for_rank_0(addr: str, port: int, timeout: timedelta) -> str | None:

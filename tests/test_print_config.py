@@ -76,8 +76,15 @@ def test_print_config_leaves_this_machine_and_the_data_to_the_run(capsys, flags)
     assert json.loads(capsys.readouterr().out)["optim"]["epochs"] > 0
 
 
+def torchrun_env(monkeypatch) -> None:
+    """What torchrun sets besides RANK and WORLD_SIZE, which the run checks before it joins."""
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+
+
 def test_print_config_counts_the_processes_of_the_group_the_environment_describes(monkeypatch, capsys):
     flags = ["train", "--batch-size", "32", "--moco-k", "64", "--print-config"]
+    torchrun_env(monkeypatch)
     # a WORLD_SIZE alone starts no group (join.init_from_env): the run is one process and accepts these
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.delenv("RANK", raising=False)
@@ -93,6 +100,7 @@ def test_print_config_under_torchrun_prints_one_config(monkeypatch, capsys):
     # every torchrun rank runs the command: 2 ranks printed 2 configs, one after the other, which no
     # JSON reader takes (`torchrun ... --print-config > config.json`). Every rank checks the flags.
     flags = ["train", "--batch-size", "32", "--moco-k", "64", "--print-config"]
+    torchrun_env(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")
     printed = []
     for rank in ("0", "1"):
@@ -132,7 +140,43 @@ def test_a_world_size_that_is_not_a_number_is_no_traceback(monkeypatch, capsys):
 def test_print_config_records_shuffle_bn_as_sync_bn_runs_it(monkeypatch, capsys, world, shuffle_bn):
     # --sync-bn across processes turns shuffle BN off (SyncBatchNorm spans the global batch); the
     # config printed, and config.json, said shuffle_bn true for a run that trained without it
+    torchrun_env(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "--sync-bn", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["moco"]["shuffle_bn"] is shuffle_bn
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        (
+            {"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"},
+            "RANK=2 with WORLD_SIZE=2",
+        ),
+        ({"RANK": "0", "WORLD_SIZE": "x", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}, "must be numbers"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not"),
+    ],
+)
+def test_print_config_refuses_an_environment_the_run_refuses(monkeypatch, capsys, env, said):
+    # it printed a config (of one process, for WORLD_SIZE=x) and exit 0; the run stops at its first line
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", "--print-config"]) == 2
+    printed = one_line(capsys)
+    assert said in printed and capsys.readouterr().out == ""
+    assert main(["train", "--device", "cpu", "--epochs", "1", "--out", "/nonexistent/run"]) == 2
+    assert one_line(capsys) == printed
+
+
+def test_print_config_for_gpus_this_machine_lacks_says_the_run_here_would_stop(monkeypatch, capsys, caplog):
+    # the config is printed (it may be for another machine), and one line says that this one would refuse
+    # the run: it said nothing, and `train --gpus 4` then stopped at once
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    assert main(["train", "--gpus", "4", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["runtime"]["gpus"] == 4
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "a run on this machine would stop here: --gpus 4: this machine has 0 CUDA GPUs; for 4 CPU processes use "
+        "torchrun (gloo): torchrun --standalone --nproc_per_node 4 -m moco_fast train --device cpu ..."
+    ]

@@ -258,9 +258,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--print-config",
         action="store_true",
-        help="print the resolved config and exit, after the checks of the flags that the run makes before it "
-        "starts (loader options, --arch, --moco-k against the batch...); the data, --out and this machine's "
-        "GPUs are not checked: the config may be for another machine",
+        help="print the resolved config and exit, after the checks of the flags (and of RANK, WORLD_SIZE, ...) "
+        "that the run makes before it starts (loader options, --arch, --moco-k against the batch...); the data "
+        "and --out are not checked, and GPUs this machine lacks for --gpus are a warning: the config may be for "
+        "another machine",
     )
     p.set_defaults(func=run, io_paths=(("--data", "data"), ("--out", "out")))  # cli.command_paths
 
@@ -453,16 +454,23 @@ def run(args: argparse.Namespace) -> int:
     cfg, saved_run = configured(args)
     warn_unused(args, cfg.moco.mechanism, cfg.moco.shuffle_bn)
     if args.print_config:
-        from moco_fast.config import as_run, to_dict
-        from moco_fast.join import describes_group
-        from moco_fast.launch import check_gpus_flag
+        from moco_fast.config import ConfigError, as_run, to_dict
+        from moco_fast.join import check_group_env, describes_group
+        from moco_fast.launch import check_gpus_flag, check_local_gpus
         from moco_fast.trainer import check_flags
 
-        # what the run would refuse before its first step, as far as the flags decide it: not the data
-        # or the GPUs, which may be those of another machine. Its processes: --gpus N's workers, else
-        # the group the environment describes (launch_world)
+        # what the run would refuse before its first step, as far as the flags and the environment that
+        # describes its group decide it: not the data or the GPUs, which may be those of another machine
+        # (GPUs this one lacks for --gpus are one line, the config printed all the same). Its processes:
+        # --gpus N's workers, else the group the environment describes (launch_world)
+        if describes_group():
+            check_group_env()
         if args.gpus is not None:
             check_gpus_flag(cfg)
+            try:
+                check_local_gpus(cfg)
+            except ConfigError as e:
+                log.warning("a run on this machine would stop here: %s", e)
         world = launch_world(cfg)
         check_flags(cfg, world, saved_run)
 
