@@ -119,6 +119,26 @@ def resolve_workers(workers: int, device: torch.device) -> int:
     return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
 
 
+# The most --workers a core of this machine (all its training processes together): more add no decoding,
+# only processes that compete for the cores with the step, and a stop waits for them (--workers 400 on 2
+# cores: 90 s, all 400 started and decoding their parts ahead before step 10's sync acted on it).
+WORKERS_PER_CORE = 8
+
+
+def check_workers(workers: int) -> None:
+    """A ConfigError, before the run folder or the data, for more --workers than WORKERS_PER_CORE a core
+    of this machine can use (-1, auto, never is)."""
+    processes, cores = dist_utils.local_world_size(), available_cores()
+    most = max(1, WORKERS_PER_CORE * cores // processes)
+    if workers > most:
+        each = f" in each of its {processes} processes" if processes > 1 else ""
+        raise ConfigError(
+            f"--workers {workers}{each}: this machine has {plural(cores, 'CPU core')}, and more than "
+            f"{WORKERS_PER_CORE} data-loading workers a core only compete with each other and the step for them "
+            f"(a stop waits until they have all started): use at most {most} (-1: auto)"
+        )
+
+
 def eval_workers(workers: int, device: torch.device) -> int:
     """Workers for the kNN and linear feature passes after training: the run's own (resolved: -1 is
     "auto", not a count), at most 4."""
@@ -255,6 +275,7 @@ def train(
         if cfg.runtime.device == "auto" and device.type == "cpu":  # the README's commands train on GPUs
             log.info("no CUDA GPU here: training on the CPU (--device auto)")
         amp_dtype = _checked_for(cfg, device, world, saved)  # on the flags as given (their warnings name them)
+        check_workers(cfg.data.workers)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main(), command=command) as held:

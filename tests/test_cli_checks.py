@@ -377,3 +377,24 @@ def test_a_gpu_index_past_the_machine_s_gpus_is_a_one_line_error_in_train_too(ti
     assert main(["train", "--data", str(tiny_root), "--epochs", "1", "--workers", "0", *argv]) == 2
     # train's torch.cuda.set_device(3) raised CUDA's 'invalid device ordinal' traceback
     assert capsys.readouterr().err.strip().endswith("--device cuda:3: this machine has 1 GPU (cuda:0..)")
+
+
+def test_more_workers_than_the_cores_can_use_are_refused_before_any_start(tiny_root, tmp_path, monkeypatch, capsys):
+    # --workers 1000 on a 2-core CPU started every worker, which all decoded ahead while the step waited
+    # for the cores: a SIGTERM acted on at step 10's sync ended the run after ~68 s (400: 90 s)
+    import moco_fast.trainer
+
+    monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 2)
+    argv = ["train", "--data", str(tiny_root), "--device", "cpu", "--loader", "torch", "--epochs", "1"]
+    assert main([*argv, "--workers", "1000", "--out", str(tmp_path / "run")]) == 2
+    assert one_line_error(capsys).endswith(
+        "--workers 1000: this machine has 2 CPU cores, and more than 8 data-loading workers a core only compete "
+        "with each other and the step for them (a stop waits until they have all started): use at most 16 (-1: auto)"
+    )
+    assert not (tmp_path / "run").exists()
+    # each of a machine's processes has its share: 4 processes on 2 cores, 4 each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(moco_fast.trainer.ConfigError, match=r"^--workers 5 in each of its 4 processes: .* at most 4 "):
+        moco_fast.trainer.check_workers(5)
+    moco_fast.trainer.check_workers(4)
+    moco_fast.trainer.check_workers(-1)

@@ -87,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--workers",
         type=int,
-        help="data loading workers per process (default auto: up to 8 per GPU; half the cores on a CPU)",
+        help="data loading workers per process (default auto: up to 8 per GPU; half the cores on a CPU); at most "
+        "8 a core of the machine, its processes' together",
     )
     g.add_argument(
         "--image-size",
