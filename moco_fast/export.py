@@ -10,7 +10,8 @@
   `stem.`, `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`, `downsample.0/1` -> `shortcut` /
   `shortcut.norm`; numpy arrays in a pickled dict with `__author__: "MOCO"` and
   `matching_heuristics: True`. detectron2 has no CIFAR stem, so that export is refused. A wider
-  ResNet-50 keeps the names; detectron2's config gives it its widths (commands/export.loading_notes).
+  ResNet-50 keeps the names; detectron2's config gives it its widths, as it gives any ResNet but R-50
+  its depth or widths (commands/export.loading_notes).
 """
 
 from __future__ import annotations

@@ -91,3 +91,27 @@ def test_export_detectron2_names_resnet50(tmp_path):
     ref = model.encoder_q.backbone.state_dict()
     assert (keys["res4.5.conv3.weight"] == ref["layer3.5.conv3.weight"].numpy()).all()
     assert (keys["stem.conv1.norm.running_mean"] == ref["bn1.running_mean"].numpy()).all()
+
+
+def test_a_detectron2_export_of_another_resnet_names_its_config(ckpt, tmp_path, capsys):
+    # detectron2's R-50 configs (the official MoCo detection ones) skip each weight of another shape
+    # with a warning: a ResNet-18 export loaded there trained mostly from scratch without a word here
+    from moco_fast.commands.export import detectron2_resnet
+
+    out = tmp_path / "r18.pkl"
+    assert main(["export", str(ckpt), "--format", "detectron2", "--output", str(out)]) == 0
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert note.startswith("note: resnet18 is not detectron2's default R-50")
+    assert "MODEL.RESNETS.DEPTH 18 and MODEL.RESNETS.RES2_OUT_CHANNELS 64" in note
+    # the values detectron2 builds each network with (resnet50 is its default: no note)
+    assert detectron2_resnet("resnet50") == {
+        "DEPTH": 50,
+        "STEM_OUT_CHANNELS": 64,
+        "RES2_OUT_CHANNELS": 256,
+        "NUM_GROUPS": 1,
+        "WIDTH_PER_GROUP": 64,
+    }
+    assert detectron2_resnet("resnet101")["DEPTH"] == 101
+    assert detectron2_resnet("resnext101_32x8d")["NUM_GROUPS"] == 32
+    assert detectron2_resnet("resnext101_32x8d")["WIDTH_PER_GROUP"] == 8
+    assert detectron2_resnet("wide_resnet50_2")["WIDTH_PER_GROUP"] == 128

@@ -89,9 +89,44 @@ def loading_notes(fmt: str, arch: str, stem: str, num_classes: int | None = None
             f"CIFAR stem. Before load_state_dict, set net.conv1 = nn.Conv2d(3, {64 * k}, 3, 1, 1, bias=False) "
             "and net.maxpool = nn.Identity()"
         )
-    if fmt == "detectron2" and k > 1:
-        notes.append(
-            f"{arch} is {k}x wider than detectron2's R-50: set MODEL.RESNETS.STEM_OUT_CHANNELS {64 * k}, "
-            f"MODEL.RESNETS.RES2_OUT_CHANNELS {256 * k} and MODEL.RESNETS.WIDTH_PER_GROUP {64 * k} in its config"
-        )
+    if fmt == "detectron2":
+        differ = {key: v for key, v in detectron2_resnet(arch).items() if v != D2_R50[key]}
+        if differ:  # its default R-50 would skip each weight of another shape with a warning, no error
+            lines = [f"MODEL.RESNETS.{key} {v}" for key, v in differ.items()]
+            notes.append(
+                f"{arch} is not detectron2's default R-50: set {', '.join(lines[:-1])}"
+                + (" and " if len(lines) > 1 else "")
+                + f"{lines[-1]} in its config (an R-50 config loads only the weights whose shapes fit, "
+                "with a warning for each other one)"
+            )
     return notes
+
+
+# detectron2's MODEL.RESNETS defaults (detectron2/config/defaults.py): the ResNet-50 that its R-50
+# configs, the official MoCo detection configs among them, build
+D2_R50 = {"DEPTH": 50, "STEM_OUT_CHANNELS": 64, "RES2_OUT_CHANNELS": 256, "NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64}
+
+
+def detectron2_resnet(arch: str) -> dict[str, int]:
+    """The MODEL.RESNETS values with which detectron2 builds the network of `arch`, read off the
+    network itself (on the meta device: no memory, no initialisation). Basic blocks (ResNet-18/34)
+    have no groups: detectron2 wants NUM_GROUPS 1 there, its default."""
+    import torch
+    from torchvision.models.resnet import Bottleneck
+
+    from moco_fast.backbone import resnet
+
+    with torch.device("meta"):
+        net = resnet(arch)
+    stages = (net.layer1, net.layer2, net.layer3, net.layer4)
+    bottleneck = isinstance(net.layer1[0], Bottleneck)
+    last = net.layer1[0].conv3 if bottleneck else net.layer1[0].conv2
+    out = {
+        "DEPTH": sum(len(s) for s in stages) * (3 if bottleneck else 2) + 2,  # the convolutions, fc included
+        "STEM_OUT_CHANNELS": net.conv1.out_channels,
+        "RES2_OUT_CHANNELS": last.out_channels,
+    }
+    if bottleneck:
+        inner = net.layer1[0].conv2  # the 3x3: groups x width per group channels
+        out.update(NUM_GROUPS=inner.groups, WIDTH_PER_GROUP=inner.out_channels // inner.groups)
+    return out
