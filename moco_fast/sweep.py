@@ -30,6 +30,7 @@ from typing import Any
 from moco_fast.checkpoint import CHECKPOINT_NAME, file_stamp
 from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.data import DataSplits
+from moco_fast.divergence import Diverged
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run, refuse_unwritable_out
 from moco_fast.sweep_eval import evaluate_setting, refuse_others_files
@@ -167,10 +168,15 @@ def run_sweep(
         previous = read_json(out / TABLE_JSON, list) or []
         order = [r["name"] for r in previous if isinstance(r, dict) and isinstance(r.get("name"), str)]
         order += [s.name for s in settings]
+        failed: dict[str, dict[str, Any]] = {}  # this grid's diverged settings: a row each, no result
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
             try:
                 head = f"[{i + 1}/{len(settings)}] {s.name}"
                 _run_setting(cfg, s, plan, head, found, (listed, splits), evaluation)
+            except Diverged as e:  # the paper's "fail" of a setting: the others still train
+                log.warning("%s: %s; the sweep goes on without it", s.name, e)
+                failed[s.name] = {"mechanism": s.mechanism, "k": s.k, "m": s.m, "shuffle_bn": s.shuffle_bn}
+                failed[s.name].update(epochs=cfg.optim.epochs, error=str(e))
             except BaseException as e:
                 from moco_fast.cli import interruption
 
@@ -179,8 +185,8 @@ def run_sweep(
                         "sweep: stopped in %s; the same sweep command continues (finished settings are reused)", s.name
                     )
                 raise
-            write_table(_rows(found, order), out)  # a partial table survives an interruption
-        rows = _rows(found, order)
+            write_table(_rows({**found, **failed}, order), out)  # a partial table survives an interruption
+        rows = _rows({**found, **failed}, order)
         write_table(rows, out)
         mixed = _mixed_settings([found[r["name"]] for r in rows if r["name"] in found])
         if mixed:

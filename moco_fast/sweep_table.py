@@ -109,7 +109,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows as the markdown table shows them: K says where it is not the K asked for."""
+    """Rows as the markdown table shows them: K says where it is not the K asked for, and a setting
+    that diverged (no figures: the sweep went on without them) says so as its loss."""
     out = []
     for r in rows:
         r = dict(r)
@@ -117,6 +118,8 @@ def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r["k"] = f"{r['k']} (batch)"
         elif r.get("k_asked") is not None:
             r["k"] = f"{r['k']} (bank size; {r['k_asked']} asked)"
+        if r.get("error") is not None:
+            r["loss"] = "diverged"  # the JSON row keeps the whole line, with its epoch and advice
         if isinstance(r.get("m"), float):
             r["m"] = number_text(r["m"])  # 0.9999999, not the `{:g}` 1
         out.append(r)

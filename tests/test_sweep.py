@@ -539,3 +539,28 @@ def test_a_sweep_whose_classifiers_are_reused_lists_its_data_without_checking_ea
     headers.clear()
     assert main(args) == 0  # reused
     assert not headers
+
+
+def test_a_setting_that_diverges_is_a_row_and_the_sweep_goes_on(six_root, tmp_path, capsys, monkeypatch):
+    # a diverged setting (the paper's "fail" of m = 0) ended the whole grid: the settings after it
+    # never trained, and the table had no row for it
+    from moco_fast import sweep
+    from moco_fast.divergence import Diverged
+
+    trained = stub_sweep_runs(monkeypatch)
+
+    def train(cfg, listed):
+        trained.append(cfg)
+        if cfg.moco.m == 0:
+            raise Diverged("the run diverged in epoch 1: 3 tensors of the model hold NaN or inf; lower --lr")
+
+    monkeypatch.setattr(sweep, "_train", train)
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0,0.99")) == 1
+    assert [cfg.moco.m for cfg in trained] == [0, 0.99]  # the second setting still trained
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["name"] for r in rows] == ["moco_K16_m0_sbn-on", SWEEP_RUN]
+    assert "diverged in epoch 1" in rows[0]["error"] and "error" not in rows[1]
+    assert "| moco | 16 | 0 | on | 1 | diverged |" in (out / "sweep.md").read_text()
+    assert last_error(capsys) == "moco-fast sweep: error: diverged: moco_K16_m0_sbn-on (sweep.json has each error)"
+    assert not (out / "moco_K16_m0_sbn-on" / "result.json").exists()  # tried again by the next sweep

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from pathlib import Path
 
 from moco_fast.cli import EMPTY_PATH, CommandParser, empty_flag
@@ -44,7 +45,9 @@ trains the grid's settings again, or choose another --out. Other kNN or linear
 classifier flags only evaluate the finished checkpoint again.
 
 The table (OUT/sweep.md, sweep.json, sweep.png) lists every setting with a
-result in OUT, so that several grids can share one folder."""
+result in OUT, so that several grids can share one folder. A setting whose run
+diverges (NaN weights) is a 'diverged' row and the others still train; the
+sweep then exits with status 1."""
 
 
 def grid_list(text: str | None, flag: str, kind, what: str, example: str) -> list | None:
@@ -221,4 +224,8 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(shown(rows)), end="")
     written = [out / name for name in (TABLE_MD, TABLE_JSON, TABLE_PNG)]
     print("table:", ", ".join(str(path) for path in written if path.is_file()))
+    diverged = [r["name"] for r in rows if r.get("error") is not None]
+    if diverged:  # the table is whole but for them: exit 1, as a failed train does
+        print(f"moco-fast sweep: error: diverged: {', '.join(diverged)} (sweep.json has each error)", file=sys.stderr)
+        return 1
     return 0
