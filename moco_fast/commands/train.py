@@ -138,12 +138,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the paper's Figure 3 mechanisms (default moco)",
     )
     g.add_argument(
-        "--moco-k", type=int, help="queue length K: number of negatives (default 65536; cifar 4096, demo 1024)"
+        "--moco-k",
+        type=int,
+        help="queue length K: number of negatives; the memory bank draws K of its rows (one an image; at most all), "
+        "end-to-end ignores it (its negatives are the batch) (default 65536; cifar 4096, demo 1024)",
     )
     g.add_argument(
         "--moco-m",
         type=float,
-        help="key encoder momentum; 0 copies the query encoder (default 0.999; cifar and demo 0.99)",
+        help="key encoder momentum; 0 copies the query encoder; moco only: the memory bank and end-to-end have "
+        "no key encoder (default 0.999; cifar and demo 0.99)",
     )
     g.add_argument("--moco-t", type=float, help="softmax temperature (default 0.2; v1 0.07, cifar and demo 0.1)")
     g.add_argument("--symmetric", action=B, default=None, help="symmetric loss (both views as queries) (default off)")
