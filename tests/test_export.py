@@ -33,6 +33,7 @@ def test_export_torchvision_round_trip(ckpt, tmp_path, capsys):
     missing, unexpected = net.load_state_dict(torch.load(out), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
     net.fc = nn.Identity()
+    net.load_state_dict(torch.load(out), strict=True)  # the help's strict load
     ours = load_model(ckpt)[0].backbone()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
