@@ -132,7 +132,9 @@ def test_finetune_saves_the_network_as_torchvision_weights(run_dir, data, tmp_pa
     assert main([*argv, "--workers", "0", "--device", "cpu", "--out", str(out)]) == 0
     weights = out.with_suffix(".pt")
     assert json.loads(out.read_text())["model"] == str(weights)
-    assert str(weights) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(weights) in printed
+    assert "note: torchvision.models.resnet18(num_classes=3) loads it strictly" in printed  # not its default 1000
     state = torch.load(weights)
     net = torchvision.models.resnet18(num_classes=3)
     net.load_state_dict(state)  # strict: every key, the classifier included

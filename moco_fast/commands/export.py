@@ -86,6 +86,8 @@ def loading_notes(fmt: str, arch: str, stem: str, num_classes: int | None = None
             f"class, every width times {k}); load this file into it"
             + (" with strict=False" if num_classes is None else "")
         )
+    if fmt == "torchvision" and k == 1 and num_classes is not None:  # torchvision's default fc has 1000
+        notes.append(f"torchvision.models.{arch}(num_classes={num_classes}) loads it strictly")
     if fmt == "torchvision" and stem == "cifar":
         notes.append(
             f"CIFAR stem. Before load_state_dict, set net.conv1 = nn.Conv2d(3, {64 * k}, 3, 1, 1, bias=False) "
