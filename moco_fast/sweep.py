@@ -106,7 +106,8 @@ def run_sweep(
     lincls_lr: float = 30.0,
     redo: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run, continue or reuse each setting; write the table of every result in `out`; return its rows."""
+    """Run, continue or reuse each setting; write the table of every result in `out`; return its rows.
+    A setting whose run diverges is a row with its `error` (no result.json): the grid goes on."""
     from moco_fast.launch import under_torchrun
     from moco_fast.trainer import validate
 
