@@ -173,11 +173,10 @@ def run_sweep(
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
             try:
                 head = f"[{i + 1}/{len(settings)}] {s.name}"
-                _run_setting(cfg, s, plan, head, found, (listed, splits), evaluation)
-            except Diverged as e:  # the paper's "fail" of a setting: the others still train
-                log.warning("%s: %s; the sweep goes on without it", s.name, e)
-                failed[s.name] = {"mechanism": s.mechanism, "k": s.k, "m": s.m, "shuffle_bn": s.shuffle_bn}
-                failed[s.name].update(epochs=cfg.optim.epochs, error=str(e))
+                error = _run_setting(cfg, s, plan, head, found, (listed, splits), evaluation)
+                if error is not None:
+                    failed[s.name] = {"mechanism": s.mechanism, "k": s.k, "m": s.m, "shuffle_bn": s.shuffle_bn}
+                    failed[s.name].update(epochs=cfg.optim.epochs, error=error)
             except BaseException as e:
                 from moco_fast.cli import interruption
 
@@ -203,14 +202,16 @@ def _run_setting(
     found: dict[str, dict],
     data: tuple[DataSplits | None, DataSplits | None],
     evaluation: tuple[int, float],
-) -> None:
+) -> str | None:
     """Trains (or continues) and evaluates one setting as `plan` says, on `data`, the sweep's listing
     (_check_device_and_data's): its training reads the first, its kNN the second; its result goes
-    into `found`."""
+    into `found`. A training that diverges (the paper's "fail" of a setting) returns its error, and
+    the others still train; a linear classifier that diverges stops the sweep (--lincls-lr is wrong
+    for every setting, the training was fine)."""
     listed, splits = data
     if plan == "reuse":
         log.info("%s: finished earlier with the same settings, reused", head)
-        return
+        return None
     log.info(
         "%s%s",
         head,
@@ -221,7 +222,11 @@ def _run_setting(
         }[plan],
     )
     if plan in ("train", "resume"):
-        _train(cfg, listed)
+        try:
+            _train(cfg, listed)
+        except Diverged as e:
+            log.warning("%s: %s; the sweep goes on without it", s.name, e)
+            return str(e)
     t0 = time.perf_counter()
     res = evaluate_setting(cfg, s, splits, *evaluation)
     # training (every epoch, from its rows, also those of an earlier interrupted part) + evaluation
@@ -230,6 +235,7 @@ def _run_setting(
     res["checkpoint_stamp"] = file_stamp(Path(cfg.runtime.out) / CHECKPOINT_NAME)  # what was evaluated
     write_json(Path(cfg.runtime.out) / SWEEP_RESULT, res)
     found[s.name] = res
+    return None
 
 
 def _train_seconds(folder: Path) -> float:

@@ -564,3 +564,22 @@ def test_a_setting_that_diverges_is_a_row_and_the_sweep_goes_on(six_root, tmp_pa
     assert "| moco | 16 | 0 | on | 1 | diverged |" in (out / "sweep.md").read_text()
     assert last_error(capsys) == "moco-fast sweep: error: diverged: moco_K16_m0_sbn-on (sweep.json has each error)"
     assert not (out / "moco_K16_m0_sbn-on" / "result.json").exists()  # tried again by the next sweep
+
+
+def test_a_linear_classifier_that_diverges_still_stops_the_sweep(six_root, tmp_path, capsys, monkeypatch):
+    # a diverged training is a row and the grid goes on; a diverged classifier (--lincls-lr, the same
+    # for every setting) is no failure of the setting's training and must not be shown as one
+    from moco_fast import sweep
+    from moco_fast.divergence import Diverged
+
+    trained = stub_sweep_runs(monkeypatch)
+
+    def evaluate(cfg, s, *a):
+        raise Diverged("the classifier's weights became NaN or inf in epoch 1: lower --lr")
+
+    monkeypatch.setattr(sweep, "evaluate_setting", evaluate)
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0,0.99")) == 2 and len(trained) == 1
+    assert "classifier's weights became NaN" in last_error(capsys)
+    rows = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else []
+    assert not [r for r in rows if "error" in r]
