@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     written = [out / name for name in (TABLE_MD, TABLE_JSON, TABLE_PNG)]
     print("table:", ", ".join(str(path) for path in written if path.is_file()))
     diverged = [r["name"] for r in rows if r.get("error") is not None]
-    if diverged:  # the table is whole but for them: exit 1, as a failed train does
+    if diverged:  # the grid ran and its table is written, but for them: 1 (2 is a sweep that stopped)
         print(f"moco-fast sweep: error: diverged: {', '.join(diverged)} (sweep.json has each error)", file=sys.stderr)
         return 1
     return 0
