@@ -314,7 +314,7 @@ def warnings_as_lines() -> Iterator[None]:
 
 
 # the commands' path flags and arguments (their argparse dest)
-PATH_DESTS = ("data", "out", "checkpoint", "resume", "src", "dst", "output", "save_model")
+PATH_DESTS = ("data", "out", "checkpoint", "checkpoint_flag", "resume", "src", "dst", "output", "save_model")
 EMPTY_PATH = "{} is empty: give a path (an unset shell variable?)"
 
 

@@ -235,6 +235,24 @@ def test_knn_and_export_take_a_run_folder(run_dir, data, tmp_path, capsys):
     assert "is a folder without a checkpoint.pt" in one_line_error(capsys)
 
 
+def test_export_takes_the_checkpoint_and_out_as_the_other_commands_name_them(run_dir, tmp_path, capsys):
+    # knn, lincls and finetune take --checkpoint and --out: export took only its argument and --output,
+    # and `export --checkpoint RUN --out FILE` (a user of those) was "unrecognized arguments: --checkpoint"
+    first, second = tmp_path / "a.pth", tmp_path / "b.pth"
+    assert main(["export", str(run_dir), "--format", "torchvision", "--output", str(first)]) == 0
+    assert main(["export", "--checkpoint", str(run_dir), "--format", "torchvision", "--out", str(second)]) == 0
+    a, b = torch.load(first), torch.load(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    argv = ["--format", "torchvision", "--output", str(tmp_path / "c.pth")]
+    assert main(["export", str(run_dir), "--checkpoint", str(run_dir), *argv]) == 2
+    assert one_line_error(capsys).endswith("the checkpoint is given twice (CHECKPOINT and --checkpoint): give it once")
+    assert main(["export", *argv]) == 2
+    assert "give the checkpoint to export: moco-fast export CHECKPOINT" in one_line_error(capsys)
+    assert main(["export", "--checkpoint", str(tmp_path / "none.pt"), *argv]) == 2
+    assert one_line_error(capsys).endswith(f"--checkpoint: checkpoint not found: {tmp_path / 'none.pt'}")
+    assert not (tmp_path / "c.pth").exists()
+
+
 def test_knn_scores_a_state_dict_at_the_image_size_given(data, tmp_path, monkeypatch, capsys):
     # A file without a recipe is read at 224 px: an export of a 32 px run (the demo's) took 15 min on
     # the demo set on a CPU, against a minute for its checkpoint, with no flag to say 32 px

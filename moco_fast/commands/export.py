@@ -28,7 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "An official MoCo checkpoint converts as the official script does (its head left out).",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("checkpoint", nargs="?", help=f"{CHECKPOINT_HELP}; or give it as --checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        dest="checkpoint_flag",
+        metavar="CHECKPOINT",
+        help="the checkpoint as knn, lincls and finetune take it (default: the CHECKPOINT argument)",
+    )
     p.add_argument("--arch", help=ARCH_HELP)
     p.add_argument(
         "--format",
@@ -37,7 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="torchvision: a ResNet state dict (torch.save); detectron2: the official MoCo conversion (a pickle)",
     )
     p.add_argument(
-        "--output", required=True, help="file to write (.pth for torchvision; detectron2: a .pkl, which it needs)"
+        "--output",
+        "--out",
+        required=True,
+        help="file to write (.pth for torchvision; detectron2: a .pkl, which it needs); --out as lincls and "
+        "finetune name it",
     )
     p.add_argument(
         "--force",
@@ -46,6 +56,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu", help="accepted for symmetry with other commands; export runs on the CPU")
     p.set_defaults(func=run)
+
+
+def given_checkpoint(args: argparse.Namespace) -> tuple[str, str]:
+    """The checkpoint, given as the argument or as --checkpoint (the other commands' flag, which their
+    users type here too), and the flag that names it in an error ("" for the argument)."""
+    given = [(path, flag) for path, flag in ((args.checkpoint, ""), (args.checkpoint_flag, "--checkpoint")) if path]
+    require(len(given) < 2, "the checkpoint is given twice (CHECKPOINT and --checkpoint): give it once")
+    require(
+        len(given) == 1,
+        "give the checkpoint to export: moco-fast export CHECKPOINT --format F --output FILE, or --checkpoint "
+        "CHECKPOINT",
+    )
+    return given[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         args.format != "detectron2" or args.output.endswith(".pkl"),
         f"--output {args.output}: detectron2 reads this format only from a .pkl file: name it .pkl",
     )
-    checkpoint = resolve_checkpoint(args.checkpoint, flag="")
+    checkpoint = resolve_checkpoint(*given_checkpoint(args))
     # an existing folder, the checkpoint itself, or a run's own file is refused even with --force
     output = check_output(args.output, "--output", inputs=(checkpoint,), replaces=run_file)
     res = export(checkpoint, args.format, output, force=args.force, arch=args.arch)
