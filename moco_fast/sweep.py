@@ -109,7 +109,7 @@ def run_sweep(
     """Run, continue or reuse each setting; write the table of every result in `out`; return its rows.
     A setting whose run diverges is a row with its `error` (no result.json): the grid goes on."""
     from moco_fast.launch import under_torchrun
-    from moco_fast.trainer import validate
+    from moco_fast.trainer import resolve_device, say_if_on_the_cpu, validate
 
     if base.runtime.gpus > 1:
         raise ConfigError("moco-fast sweep runs each setting in this process: use --gpus 1")
@@ -160,6 +160,8 @@ def run_sweep(
         # a loader reads each image: a setting's training, or its linear classifier (one that is reused runs none)
         loads = any(plan in ("train", "resume") or (lincls_epochs > 0 and plan != "reuse") for plan in plans)
         listed, splits = _check_device_and_data(configs, lincls_epochs, loads)  # before --redo deletes anything
+        if any(plan in ("train", "resume") for plan in plans):  # once, not in each setting's train()
+            say_if_on_the_cpu(base.runtime.device, resolve_device(base.runtime.device))
         if redo:
             for s in settings:
                 if (out / s.name).is_dir():

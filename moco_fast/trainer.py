@@ -74,6 +74,14 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def say_if_on_the_cpu(asked: str, device: torch.device) -> None:
+    """One INFO line where --device auto (the default) found no CUDA GPU: the README's commands train
+    on GPUs, and on a machine without one they went on the CPU (DALI in its CPU-only mode) without a
+    word. --device cpu asked for it and gets none."""
+    if asked == "auto" and device.type == "cpu":
+        log.info("no CUDA GPU here: training on the CPU (--device auto)")
+
+
 def named_device(name: str) -> torch.device:
     """--device NAME (not auto) as a device, whether or not this machine has it."""
     try:
@@ -272,8 +280,8 @@ def train(
         setup_warnings = HeldWarnings()  # until agree(): rank 0 says them, unless the ranks disagree
     try:
         device = dist_utils.local_device(resolve_device(cfg.runtime.device))
-        if cfg.runtime.device == "auto" and device.type == "cpu":  # the README's commands train on GPUs
-            log.info("no CUDA GPU here: training on the CPU (--device auto)")
+        if command == "train":  # a sweep says it once, not once a setting
+            say_if_on_the_cpu(cfg.runtime.device, device)
         amp_dtype = _checked_for(cfg, device, world, saved)  # on the flags as given (their warnings name them)
         check_workers(cfg.data.workers)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see

@@ -210,6 +210,19 @@ def test_a_settings_folder_that_the_sweep_trains_in_names_the_sweep(six_root, tm
     ]
 
 
+def test_a_sweep_without_a_gpu_says_once_that_it_trains_on_the_cpu(six_root, tmp_path, caplog, monkeypatch):
+    # --device auto without a CUDA GPU: each setting's train() said "no CUDA GPU here", once a setting
+    from moco_fast import sweep, trainer
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(trainer, "_train_held", lambda *args: {"loss": 1.0})
+    monkeypatch.setattr(sweep, "evaluate_setting", lambda cfg, s, *a: {"name": s.name, "mechanism": s.mechanism})
+    argv = ["sweep", "--out", str(tmp_path / "sweep"), "--moco-m", "0.99,0.9", "--", "--data", str(six_root)]
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main([*argv, *SWEEP_TRAIN]) == 0
+    assert caplog.messages.count("no CUDA GPU here: training on the CPU (--device auto)") == 1, caplog.messages
+
+
 def test_a_sweep_folder_within_the_images_it_reads_is_refused(tmp_path, capsys, monkeypatch):
     """--out under --data's train (or eval) folder: the table's sweep.png (an image) and the sweep's
     folder became a class of the next setting's training data and of its kNN (the demo grid's
