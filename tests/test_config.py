@@ -49,7 +49,9 @@ def run_values(preset: str) -> dict:
 
 
 # main_moco.py's defaults (v1; v2 adds --mlp --aug-plus --cos --moco-t 0.2) and the CIFAR-10 demo's
-# (moco_cifar10_demo.ipynb: lr 0.06 at batch 512, cos; the kNN monitor's k 200, t 0.1)
+# (moco_cifar10_demo.ipynb: lr 0.06 at batch 512, cos; the kNN monitor's k 200, t 0.1). main_moco.py
+# has neither split BN nor a kNN monitor: v1's and v2's 8 splits stand for its 8 GPUs of 32 images
+# (one process shuffles BN over them), and their kNN settings are the demo's.
 OFFICIAL = {
     "v1": {
         "arch": "resnet50",
