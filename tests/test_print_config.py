@@ -180,3 +180,17 @@ def test_print_config_for_gpus_this_machine_lacks_says_the_run_here_would_stop(m
         "a run on this machine would stop here: --gpus 4: this machine has 0 CUDA GPUs; for 4 CPU processes use "
         "torchrun (gloo): torchrun --standalone --nproc_per_node 4 -m moco_fast train --device cpu ..."
     ]
+
+
+def test_print_config_says_the_line_the_run_says_first(monkeypatch, capsys):
+    # --gpus in an environment that describes a group without MASTER_ADDR/MASTER_PORT: the run stops at
+    # --gpus (it starts its own workers) before any join, where --print-config named the missing variables
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--gpus", "2", "--print-config"]) == 2
+    printed = one_line(capsys)
+    assert printed.endswith(
+        "--gpus starts its own workers: under torchrun leave it out (--nproc_per_node sets the count)"
+    )
+    assert main(["train", "--gpus", "2", "--epochs", "1", "--out", "/nonexistent/run"]) == 2
+    assert one_line(capsys) == printed

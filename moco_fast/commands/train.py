@@ -467,15 +467,16 @@ def run(args: argparse.Namespace) -> int:
         # what the run would refuse before its first step, as far as the flags and the environment that
         # describes its group decide it: not the data or the GPUs, which may be those of another machine
         # (GPUs this one lacks for --gpus are one line, the config printed all the same). Its processes:
-        # --gpus N's workers, else the group the environment describes (launch_world)
-        if describes_group():
-            check_group_env()
+        # --gpus N's workers, else the group the environment describes (launch_world). In the run's order:
+        # --gpus first (under a group it is refused, before any join), then the group, then the flags
         if args.gpus is not None:
             check_gpus_flag(cfg)
             try:
                 check_local_gpus(cfg)
             except ConfigError as e:
                 log.warning("a run on this machine would stop here: %s", e)
+        if describes_group():
+            check_group_env()
         world = launch_world(cfg)
         check_flags(cfg, world, saved_run)
 
