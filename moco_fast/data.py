@@ -84,8 +84,9 @@ def resolve_root(data: str | None, name: str = "--data") -> Path:
     if not root.is_dir():
         from moco_fast.convert_dst import beton_samples  # imports this module
 
-        # what convert writes for --loader ffcv, by its name or (renamed, another tool's) its header
-        if root.suffix == ".beton" or isinstance(beton_samples(root), int):
+        # what convert writes for --loader ffcv, by its name or (renamed, another tool's) its header; only
+        # a regular file's is read (a named pipe would wait for a writer, and lose what it reads)
+        if root.suffix == ".beton" or (root.is_file() and isinstance(beton_samples(root), int)):
             raise DataError(f"{name} {root} is an FFCV .beton, which --loader ffcv reads; this reads image folders")
         raise DataError(f"{name} must be a folder of images (class subfolders), got a file: {root}")
     from moco_fast.loaders.wds import is_wds_root  # loaders.wds imports this module

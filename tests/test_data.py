@@ -512,6 +512,23 @@ def test_a_beton_given_to_a_folder_loader_names_the_loader_that_reads_it(tmp_pat
         resolve_root(str(tmp_path / "notes.txt"))
 
 
+def test_a_pipe_given_as_data_is_not_read(tmp_path):
+    # 2b22886's header check opened any file that is no folder: a named pipe without a writer hung the
+    # command in open(), and one with a writer lost the bytes it read; a pipe is no .beton
+    from moco_fast.data import resolve_root
+
+    pipe = tmp_path / "images"
+    os.mkfifo(pipe)
+    fd = os.open(pipe, os.O_RDWR | os.O_NONBLOCK)  # a writer, so that a read would not wait
+    try:
+        os.write(fd, b"\0" * 4096)
+        with pytest.raises(DataError, match="must be a folder of images"):
+            resolve_root(str(pipe))
+        assert len(os.read(fd, 8192)) == 4096  # none of its bytes were taken
+    finally:
+        os.close(fd)
+
+
 def test_a_shard_set_given_where_image_folders_are_read_names_the_loader_that_reads_it(tmp_path, capsys):
     # knn, lincls, finetune and convert's SRC said "no class subfolders in DIR" or "needs an eval split"
     from moco_fast.cli import main
