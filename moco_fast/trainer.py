@@ -133,15 +133,22 @@ def resolve_workers(workers: int, device: torch.device) -> int:
 WORKERS_PER_CORE = 8
 
 
+def most_workers(processes: int) -> int:
+    """The most --workers each of this machine's `processes` training processes may start: their share
+    of WORKERS_PER_CORE a core."""
+    return max(1, WORKERS_PER_CORE * available_cores() // processes)
+
+
 def check_workers(workers: int) -> None:
     """A ConfigError, before the run folder or the data, for more --workers than WORKERS_PER_CORE a core
-    of this machine can use (-1, auto, never is)."""
-    processes, cores = dist_utils.local_world_size(), available_cores()
-    most = max(1, WORKERS_PER_CORE * cores // processes)
+    of this machine can use (-1, auto, never is). A resumed run not given --workers again takes its
+    saved count only as far as this machine's cores do (commands.train)."""
+    processes = dist_utils.local_world_size()
+    most = most_workers(processes)
     if workers > most:
         each = f" in each of its {processes} processes" if processes > 1 else ""
         raise ConfigError(
-            f"--workers {workers}{each}: this machine has {plural(cores, 'CPU core')}, and more than "
+            f"--workers {workers}{each}: this machine has {plural(available_cores(), 'CPU core')}, and more than "
             f"{WORKERS_PER_CORE} data-loading workers a core only compete with each other and the step for them "
             f"(a stop waits until they have all started): use at most {most} (-1: auto)"
         )

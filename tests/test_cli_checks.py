@@ -3,6 +3,7 @@ work: each a one-line error (exit 2) that leaves what is on disk as it was."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -399,3 +400,34 @@ def test_more_workers_than_the_cores_can_use_are_refused_before_any_start(tiny_r
         moco_fast.trainer.check_workers(5)
     moco_fast.trainer.check_workers(4)
     moco_fast.trainer.check_workers(-1)
+
+
+def test_a_resumed_run_takes_its_saved_workers_as_far_as_this_machine_s_cores_do(tmp_path, monkeypatch, capsys, caplog):
+    # a run configured with --workers 100 on a large machine, resumed on 2 cores without --workers: the
+    # saved count was refused ('--workers 100: ... use at most 16'), a flag the command line did not have
+    import moco_fast.trainer
+    from moco_fast.cli import build_parser
+    from moco_fast.commands.train import config_from_args
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = build_parser().parse_args(["train", "--loader", "synthetic", "--workers", "100", "--out", str(out)])
+    torch.save(
+        {"config": to_dict(config_from_args(args)), "model": {}, "optimizer": {}, "epoch": 1}, out / "checkpoint.pt"
+    )
+    monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 2)
+
+    def resumed_workers(*flags: str) -> int:
+        capsys.readouterr()
+        assert main(["train", "--resume", "--out", str(out), *flags, "--print-config"]) == 0
+        return json.loads(capsys.readouterr().out)["data"]["workers"]
+
+    assert resumed_workers() == 16
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "--resume: the run was configured with --workers 100, more than this machine's cores take; it continues "
+        "with 16 (--workers N to choose)"
+    ]
+    assert resumed_workers("--workers", "100") == 100  # typed: the run refuses it (check_workers)
+    monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 16)
+    assert resumed_workers() == 100  # within this machine's 128

@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         help="data loading workers per process (default auto: up to 8 per GPU; half the cores on a CPU); at most "
-        "8 a core of the machine, its processes' together",
+        "8 a core of the machine, its processes' together (--resume without it: the run's, lowered to that)",
     )
     g.add_argument(
         "--image-size",
@@ -294,6 +294,8 @@ def configured(args: argparse.Namespace):
             )
         if args.gpus is None and cfg.runtime.gpus > 1:
             cfg.runtime.gpus = _gpus_to_resume_with(cfg)
+        if args.workers is None:
+            cfg.data.workers = _workers_to_resume_with(cfg)
         if saved_runtime.sync_bn and args.shuffle_bn is not False:
             _shuffle_bn_where_sync_bn_stops(cfg, saved_run.world)
         if saved_run.checkpoint and cfg.model.stem == "auto" and args.stem is None and args.image_size is not None:
@@ -423,6 +425,27 @@ def _gpus_to_resume_with(cfg) -> int:
             *(n, e),
         )
         return 1
+
+
+def _workers_to_resume_with(cfg) -> int:
+    """The --workers of a resumed run not given the flag again: its saved count, or where this machine's
+    cores take fewer (trainer.check_workers refuses more), the most they take, with one line. The count
+    is where the run ran (a larger machine), not what it trains: it goes on, as with a saved --gpus N
+    that this machine cannot start, where a refusal named a --workers nobody had typed."""
+    from moco_fast.distributed import local_world_size
+    from moco_fast.trainer import most_workers
+
+    processes = cfg.runtime.gpus if cfg.runtime.gpus > 1 else local_world_size()  # --gpus N's, else torchrun's
+    most = most_workers(processes)
+    if cfg.data.workers <= most:
+        return cfg.data.workers
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs the command: rank 0 says it
+        log.warning(
+            "--resume: the run was configured with --workers %d, more than this machine's cores take; it "
+            "continues with %d%s (--workers N to choose)",
+            *(cfg.data.workers, most, f" in each of its {processes} processes" if processes > 1 else ""),
+        )
+    return most
 
 
 def _shuffle_bn_where_sync_bn_stops(cfg, saved_world: int) -> None:
