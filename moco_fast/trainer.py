@@ -139,11 +139,12 @@ def most_workers(processes: int) -> int:
     return max(1, WORKERS_PER_CORE * available_cores() // processes)
 
 
-def check_workers(workers: int) -> None:
+def check_workers(workers: int, processes: int | None = None) -> None:
     """A ConfigError, before the run folder or the data, for more --workers than WORKERS_PER_CORE a core
     of this machine can use (-1, auto, never is). A resumed run not given --workers again takes its
-    saved count only as far as this machine's cores do (commands.train)."""
-    processes = dist_utils.local_world_size()
+    saved count only as far as this machine's cores do (commands.train). `processes`: this machine's
+    training processes (None: this one's group's, LOCAL_WORLD_SIZE)."""
+    processes = processes or dist_utils.local_world_size()
     most = most_workers(processes)
     if workers > most:
         each = f" in each of its {processes} processes" if processes > 1 else ""

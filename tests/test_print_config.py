@@ -194,3 +194,19 @@ def test_print_config_says_the_line_the_run_says_first(monkeypatch, capsys):
     )
     assert main(["train", "--gpus", "2", "--epochs", "1", "--out", "/nonexistent/run"]) == 2
     assert one_line(capsys) == printed
+
+
+def test_print_config_for_more_workers_than_this_machine_s_cores_take_says_the_run_here_would_stop(
+    monkeypatch, capsys, caplog
+):
+    # it printed the config and said nothing: the run then stopped at its --workers (trainer.check_workers)
+    monkeypatch.setattr("moco_fast.trainer.available_cores", lambda: 2)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    assert main(["train", "--workers", "100", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["workers"] == 100
+    # --gpus 4's workers share the cores (LOCAL_WORLD_SIZE is theirs, not this process's)
+    assert main(["train", "--gpus", "4", "--workers", "5", "--print-config"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w.split(": ")[1] for w in warned] == ["--workers 100", "--workers 5 in each of its 4 processes"]
+    assert warned[0].startswith("a run on this machine would stop here: --workers 100: this machine has 2 CPU cores")
+    assert warned[0].endswith("use at most 16 (-1: auto)") and warned[1].endswith("use at most 4 (-1: auto)")

@@ -265,8 +265,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print the resolved config and exit, after the checks of the flags (and of RANK, WORLD_SIZE, ...) "
         "that the run makes before it starts (loader options, --arch, --moco-k against the batch...); the data "
-        "and --out are not checked, and GPUs this machine lacks for --gpus are a warning: the config may be for "
-        "another machine",
+        "and --out are not checked, and GPUs this machine lacks for --gpus (--workers past its cores) are a warning: "
+        "the config may be for another machine",
     )
     p.set_defaults(func=run, io_paths=(("--data", "data"), ("--out", "out")))  # cli.command_paths
 
@@ -432,10 +432,9 @@ def _workers_to_resume_with(cfg) -> int:
     cores take fewer (trainer.check_workers refuses more), the most they take, with one line. The count
     is where the run ran (a larger machine), not what it trains: it goes on, as with a saved --gpus N
     that this machine cannot start, where a refusal named a --workers nobody had typed."""
-    from moco_fast.distributed import local_world_size
     from moco_fast.trainer import most_workers
 
-    processes = cfg.runtime.gpus if cfg.runtime.gpus > 1 else local_world_size()  # --gpus N's, else torchrun's
+    processes = local_processes(cfg)
     most = most_workers(processes)
     if cfg.data.workers <= most:
         return cfg.data.workers
@@ -478,30 +477,47 @@ def launch_world(cfg) -> int:
     return cfg.runtime.gpus if cfg.runtime.gpus > 1 else env_world_size()
 
 
+def local_processes(cfg) -> int:
+    """This machine's training processes, which share its cores: --gpus N's workers, else torchrun's
+    (LOCAL_WORLD_SIZE), else one."""
+    from moco_fast.distributed import local_world_size
+
+    return cfg.runtime.gpus if cfg.runtime.gpus > 1 else local_world_size()
+
+
+def _said_if_refused_here(check) -> None:
+    """--print-config: what the run would refuse on this machine (its GPUs, its cores) but the config may be
+    for another machine: one warning line, the config printed all the same."""
+    from moco_fast.config import ConfigError
+
+    try:
+        check()
+    except ConfigError as e:
+        log.warning("a run on this machine would stop here: %s", e)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg, saved_run = configured(args)
     warn_unused(args, cfg.moco.mechanism, cfg.moco.shuffle_bn)
     if args.print_config:
-        from moco_fast.config import ConfigError, as_run, to_dict
+        from moco_fast.config import as_run, to_dict
         from moco_fast.join import check_group_env, describes_group
         from moco_fast.launch import check_gpus_flag, check_local_gpus
-        from moco_fast.trainer import check_flags
+        from moco_fast.trainer import check_flags, check_workers
 
         # what the run would refuse before its first step, as far as the flags and the environment that
         # describes its group decide it: not the data or the GPUs, which may be those of another machine
-        # (GPUs this one lacks for --gpus are one line, the config printed all the same). Its processes:
-        # --gpus N's workers, else the group the environment describes (launch_world). In the run's order:
-        # --gpus first (under a group it is refused, before any join), then the group, then the flags
+        # (GPUs this one lacks for --gpus, --workers past its cores: one line each). Its processes: --gpus
+        # N's workers, else the group the environment describes (launch_world). In the run's order: --gpus
+        # first (under a group it is refused, before any join), then the group, the flags, the workers
         if args.gpus is not None:
             check_gpus_flag(cfg)
-            try:
-                check_local_gpus(cfg)
-            except ConfigError as e:
-                log.warning("a run on this machine would stop here: %s", e)
+            _said_if_refused_here(lambda: check_local_gpus(cfg))
         if describes_group():
             check_group_env()
         world = launch_world(cfg)
         check_flags(cfg, world, saved_run)
+        _said_if_refused_here(lambda: check_workers(cfg.data.workers, local_processes(cfg)))
 
         # under torchrun every rank checks, rank 0 alone prints; a RANK without WORLD_SIZE joins no group
         # (join.describes_group): the one process prints, where it printed nothing and returned 0
