@@ -109,7 +109,7 @@ def run_sweep(
     """Run, continue or reuse each setting; write the table of every result in `out`; return its rows.
     A setting whose run diverges is a row with its `error` (no result.json): the grid goes on."""
     from moco_fast.launch import under_torchrun
-    from moco_fast.trainer import resolve_device, say_if_on_the_cpu, validate
+    from moco_fast.trainer import check_workers, resolve_device, say_if_on_the_cpu, validate
 
     if base.runtime.gpus > 1:
         raise ConfigError("moco-fast sweep runs each setting in this process: use --gpus 1")
@@ -137,6 +137,7 @@ def run_sweep(
     if errors:  # the first bad setting, in the grid's order
         name, why = next(iter(errors.items()))
         raise ConfigError(f"setting {name}: {why}")
+    check_workers(base.data.workers)  # train's check, made in its first setting after the data was listed
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be the sweep folder")
     if holds_run(out) or (out / CONFIG_NAME).is_file():  # its files and the settings' folders would mix

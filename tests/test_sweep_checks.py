@@ -331,3 +331,21 @@ def test_sweep_refuses_a_folder_whose_table_files_are_not_a_sweeps(six_root, tmp
         (out / name).unlink()
     assert main(sweep_args(out, six_root, "--moco-m", "0.99")) == 0 and len(trained) == 1
     assert (out / "sweep.json").is_file() and (out / "sweep.md").is_file()  # its own, which it rewrites
+
+
+def test_more_workers_than_the_cores_take_are_refused_before_the_data_is_listed(tmp_path, capsys, monkeypatch):
+    # train's check (bd7a260) came in the first setting's training, after the sweep had listed the data
+    # (minutes on ImageNet): here a --data that is not there was named first
+    monkeypatch.setattr("moco_fast.trainer.available_cores", lambda: 2)
+    args = ["sweep", "--out", str(tmp_path / "sweep"), "--moco-m", "0.9,0.99", "--device", "cpu", "--"]
+    assert (
+        main([*args, "--data", str(tmp_path / "nowhere"), "--batch-size", "8", "--bn-splits", "2", "--workers", "17"])
+        == 2
+    )
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("moco-fast sweep: error: --workers 17: this machine has 2 CPU cores")
+    )
+    assert not (tmp_path / "sweep").exists()
