@@ -431,3 +431,19 @@ def test_a_resumed_run_takes_its_saved_workers_as_far_as_this_machine_s_cores_do
     assert resumed_workers("--workers", "100") == 100  # typed: the run refuses it (check_workers)
     monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 16)
     assert resumed_workers() == 100  # within this machine's 128
+
+
+@pytest.mark.parametrize("command", ["knn", "lincls", "finetune"])
+def test_the_evaluations_refuse_more_workers_than_the_cores_take_as_train_does(tmp_path, monkeypatch, capsys, command):
+    # bd7a260 refused them in train alone: knn, lincls and finetune started all 17 on 2 cores; here the
+    # checkpoint, not there, was named first
+    import moco_fast.trainer
+
+    monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 2)
+    argv = [command, "--checkpoint", str(tmp_path / "nowhere.pt"), "--data", str(tmp_path), "--workers", "17"]
+    assert main(argv) == 2
+    assert one_line_error(capsys).endswith(
+        "--workers 17: this machine has 2 CPU cores, and more than 8 data-loading "
+        "workers a core only compete with each other and the step for them (a stop waits until they have all "
+        "started): use at most 16 (-1: auto)"
+    )
