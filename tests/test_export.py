@@ -101,7 +101,7 @@ def test_a_detectron2_export_of_another_resnet_names_its_config(ckpt, tmp_path, 
 
     out = tmp_path / "r18.pkl"
     assert main(["export", str(ckpt), "--format", "detectron2", "--output", str(out)]) == 0
-    note = capsys.readouterr().out.splitlines()[-1]
+    note = capsys.readouterr().out.splitlines()[1]
     assert note.startswith("note: resnet18 is not detectron2's default R-50")
     assert "MODEL.RESNETS.DEPTH 18 and MODEL.RESNETS.RES2_OUT_CHANNELS 64" in note
     # the values detectron2 builds each network with (resnet50 is its default: no note)
@@ -116,3 +116,15 @@ def test_a_detectron2_export_of_another_resnet_names_its_config(ckpt, tmp_path, 
     assert detectron2_resnet("resnext101_32x8d")["NUM_GROUPS"] == 32
     assert detectron2_resnet("resnext101_32x8d")["WIDTH_PER_GROUP"] == 8
     assert detectron2_resnet("wide_resnet50_2")["WIDTH_PER_GROUP"] == 128
+
+
+def test_a_detectron2_export_of_basic_blocks_says_that_a_c4_config_does_not_fit_its_res5():
+    # detectron2's Res5ROIHeads (the C4 configs, the official MoCo ones) builds res5 of bottleneck
+    # blocks for any DEPTH: a ResNet-18's res5 loaded there only where shapes happen to fit
+    from moco_fast.commands.export import loading_notes
+
+    for arch in ("resnet18", "resnet34"):
+        c4 = [n for n in loading_notes("detectron2", arch, "imagenet") if "C4 config" in n]
+        assert len(c4) == 1 and "use an FPN config" in c4[0], arch
+    for arch in ("resnet50", "resnet101", "resnext50_32x4d"):  # bottlenecks: a C4 head fits their res5
+        assert not [n for n in loading_notes("detectron2", arch, "imagenet") if "C4 config" in n], arch

@@ -117,7 +117,8 @@ def loading_notes(fmt: str, arch: str, stem: str, num_classes: int | None = None
             "and net.maxpool = nn.Identity()"
         )
     if fmt == "detectron2":
-        differ = {key: v for key, v in detectron2_resnet(arch).items() if v != D2_R50[key]}
+        d2 = detectron2_resnet(arch)
+        differ = {key: v for key, v in d2.items() if v != D2_R50[key]}
         if differ:  # its default R-50 would skip each weight of another shape with a warning, no error
             lines = [f"MODEL.RESNETS.{key} {v}" for key, v in differ.items()]
             notes.append(
@@ -125,6 +126,12 @@ def loading_notes(fmt: str, arch: str, stem: str, num_classes: int | None = None
                 + (" and " if len(lines) > 1 else "")
                 + f"{lines[-1]} in its config (an R-50 config loads only the weights whose shapes fit, "
                 "with a warning for each other one)"
+            )
+        if d2["DEPTH"] in (18, 34):  # basic blocks: detectron2 builds them in its backbone only
+            notes.append(
+                "a C4 config (the official MoCo ones) builds res5 in its ROI head (Res5ROIHeads) of bottleneck "
+                f"blocks whatever MODEL.RESNETS.DEPTH says, which {arch}'s basic blocks do not fit: res5 would "
+                "train mostly from scratch there; use an FPN config, whose backbone builds all of res2..res5"
             )
     return notes
 
