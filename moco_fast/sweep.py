@@ -107,7 +107,8 @@ def run_sweep(
     redo: bool = False,
 ) -> list[dict[str, Any]]:
     """Run, continue or reuse each setting; write the table of every result in `out`; return its rows.
-    A setting whose run diverges is a row with its `error` (no result.json): the grid goes on."""
+    A setting whose run diverges is a row with its `error` (no result.json): the grid goes on. Another
+    grid's diverged rows stay in the table."""
     from moco_fast.launch import under_torchrun
     from moco_fast.trainer import check_workers, resolve_device, say_if_on_the_cpu, validate
 
@@ -172,7 +173,14 @@ def run_sweep(
         previous = read_json(out / TABLE_JSON, list) or []
         order = [r["name"] for r in previous if isinstance(r, dict) and isinstance(r.get("name"), str)]
         order += [s.name for s in settings]
-        failed: dict[str, dict[str, Any]] = {}  # this grid's diverged settings: a row each, no result
+        # diverged settings, a row each without a result: this grid's are tried again below; another
+        # grid's keep their rows (no result.json finds them) until a sweep of theirs tries them again
+        failed: dict[str, dict[str, Any]] = {
+            r["name"]: r
+            for r in previous
+            if isinstance(r, dict) and r.get("error") is not None and r.get("name") in order
+            if r["name"] not in folders and r["name"] not in found
+        }
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
             try:
                 head = f"[{i + 1}/{len(settings)}] {s.name}"

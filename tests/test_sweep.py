@@ -583,3 +583,29 @@ def test_a_linear_classifier_that_diverges_still_stops_the_sweep(six_root, tmp_p
     assert "classifier's weights became NaN" in last_error(capsys)
     rows = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").exists() else []
     assert not [r for r in rows if "error" in r]
+
+
+def test_another_grids_diverged_setting_keeps_its_row(six_root, tmp_path, capsys, monkeypatch):
+    # a diverged setting has no result.json, and the table was rebuilt from the results alone: a second
+    # grid in the same folder dropped the first one's 'diverged' row (the paper's "fail" cell)
+    from moco_fast import sweep
+    from moco_fast.divergence import Diverged
+
+    stub_sweep_runs(monkeypatch)
+
+    def train(cfg, listed):
+        if cfg.moco.m == 0:
+            raise Diverged("the run diverged in epoch 1: 3 tensors of the model hold NaN or inf; lower --lr")
+
+    monkeypatch.setattr(sweep, "_train", train)
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0,0.99")) == 1
+    capsys.readouterr()
+    assert main(sweep_args(out, six_root, "--moco-m", "0.9")) == 0  # its own grid ran whole
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["name"] for r in rows] == ["moco_K16_m0_sbn-on", SWEEP_RUN, "moco_K16_m0.9_sbn-on"]
+    assert "diverged in epoch 1" in rows[0]["error"]
+    assert "| moco | 16 | 0 | on | 1 | diverged |" in (out / "sweep.md").read_text()
+    assert "diverged:" not in capsys.readouterr().err
+    assert main(sweep_args(out, six_root, "--moco-m", "0")) == 1  # its own grid tries it again
+    assert last_error(capsys) == "moco-fast sweep: error: diverged: moco_K16_m0_sbn-on (sweep.json has each error)"

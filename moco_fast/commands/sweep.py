@@ -47,7 +47,8 @@ classifier flags only evaluate the finished checkpoint again.
 The table (OUT/sweep.md, sweep.json, sweep.png) lists every setting with a
 result in OUT, so that several grids can share one folder. A setting whose run
 diverges (NaN weights) is a 'diverged' row and the others still train; the
-sweep then exits with status 1."""
+sweep then exits with status 1 (another grid's sweep in OUT keeps the row in
+its table, not the status)."""
 
 
 def grid_list(text: str | None, flag: str, kind, what: str, example: str) -> list | None:
@@ -224,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(shown(rows)), end="")
     written = [out / name for name in (TABLE_MD, TABLE_JSON, TABLE_PNG)]
     print("table:", ", ".join(str(path) for path in written if path.is_file()))
-    diverged = [r["name"] for r in rows if r.get("error") is not None]
+    grid = {s.name for s in settings}  # another grid's diverged rows are kept, but not this sweep's failure
+    diverged = [r["name"] for r in rows if r.get("error") is not None and r["name"] in grid]
     if diverged:  # the grid ran and its table is written, but for them: 1 (2 is a sweep that stopped)
         print(f"moco-fast sweep: error: diverged: {', '.join(diverged)} (sweep.json has each error)", file=sys.stderr)
         return 1
