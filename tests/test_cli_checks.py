@@ -286,7 +286,7 @@ def test_a_gpus_workers_warnings_print_as_one_line_each(tmp_path, monkeypatch):
         (["train", "--device", "cpu", "--out", ""], "--out"),  # the current folder became the run folder
         (["train", "--device", "cpu", "--data", " ", "--out", "x"], "--data"),
         (["knn", "--checkpoint", ""], "--checkpoint"),  # ./checkpoint.pt was read
-        (["export", "", "--format", "torchvision", "--output", "x.pth"], "checkpoint"),
+        (["export", "", "--format", "torchvision", "--output", "x.pth"], "CHECKPOINT"),  # as its usage names it
         (["export", "--checkpoint", " ", "--format", "torchvision", "--output", "x.pth"], "--checkpoint"),
         (["convert", "src", ""], "DST"),
         (["lincls", "--checkpoint", "c.pt", "--out", ""], "--out"),

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "An official MoCo checkpoint converts as the official script does (its head left out).",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("checkpoint", nargs="?", help=f"{CHECKPOINT_HELP}; or give it as --checkpoint")
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help=f"{CHECKPOINT_HELP}; or give it as --checkpoint")
     p.add_argument(
         "--checkpoint",
         dest="checkpoint_flag",
