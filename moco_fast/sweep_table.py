@@ -59,7 +59,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 def plot(results: list[dict[str, Any]], path: Path) -> bool:
     """A bar chart of kNN (and linear) accuracy and pretext accuracy per setting; False without matplotlib.
     The random init's kNN (--knn-baseline) is a bar beside the trained ones, as it is a column of the
-    table: what a setting's training gained is read against it (a short run can score below it)."""
+    table: what a setting's training gained is read against it (a short run can score below it).
+    A setting that diverged is named so under its empty place."""
     try:
         import matplotlib
 
@@ -68,7 +69,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     except ImportError:
         log.info("matplotlib is not installed: no plot (pip install matplotlib)")
         return False
-    names = [r["name"] for r in results]
+    # a diverged setting has no bar at all: its tick says why, as its row's final loss does
+    names = [r["name"] + ("\n(diverged)" if r.get("error") is not None else "") for r in results]
     x = range(len(results))
     series = [
         (k, label)
@@ -95,6 +97,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     ax2.bar([i for i, _ in pretext], [v for _, v in pretext], 0.6, color="gray")
     ax2.set_ylabel("pretext acc % (last epoch)")
     ax2.set_xticks(list(x))
+    ax2.set_xlim(-0.5, len(results) - 0.5)  # a setting without bars (the first, the last) keeps its place
     ax2.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
     try:  # atomically, named as itself: a full disk's error names sweep.png, not a temporary file

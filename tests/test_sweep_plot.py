@@ -69,3 +69,15 @@ def test_plot_shows_the_random_inits_knn_beside_the_trained_ones(tmp_path, figur
     top = figures[0].axes[0]
     assert sorted(round(p.get_height(), 3) for p in top.patches) == [10.0, 10.0, 12.5, 12.5, 15.0]
     assert [t.get_text() for t in top.get_legend().get_texts()] == ["kNN (backbone)", "kNN (head)", "kNN (random init)"]
+
+
+def test_plot_names_a_diverged_setting_under_its_empty_place(tmp_path, figures):
+    # a diverged setting (a sweep.json row with its error, no figures) was a bare name without bars,
+    # as if it had not been scored, where the table says 'diverged'
+    from moco_fast.sweep_table import plot
+
+    rows = [{"name": "b", "error": "the run diverged"}, {"name": "a", "knn_top1": 50.0, "pretext_acc": 40.0}]
+    assert plot(rows, tmp_path / "p.png") is True
+    bottom = figures[0].axes[1]
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["b\n(diverged)", "a"]
+    assert bottom.get_xlim() == (-0.5, 1.5)  # its place is shown (the axes began at a's bars)
