@@ -288,15 +288,13 @@ def train(
         setup_warnings = HeldWarnings()  # until agree(): rank 0 says them, unless the ranks disagree
     try:
         device = dist_utils.local_device(resolve_device(cfg.runtime.device))
-        if command == "train":  # a sweep says it once, not once a setting
-            say_if_on_the_cpu(cfg.runtime.device, device)
         amp_dtype = _checked_for(cfg, device, world, saved)  # on the flags as given (their warnings name them)
         check_workers(cfg.data.workers)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main(), command=command) as held:
             ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone
-            return _train_held(cfg, out, device, amp_dtype, world, rank, owns_group, setup_warnings, splits)
+            return _train_held(cfg, out, device, amp_dtype, world, rank, owns_group, setup_warnings, splits, command)
     except BaseException:
         if setup_warnings is not None:
             setup_warnings.release(show=True)  # nothing if agree() had passed
@@ -313,8 +311,10 @@ def _train_held(
     owns_group: bool,
     setup_warnings: HeldWarnings | None,
     listed: DataSplits | None,
+    command: str,
 ) -> dict[str, Any]:
-    """train() while this process holds the run folder (rank 0); `listed`: train's `splits`."""
+    """train() while this process holds the run folder (rank 0); `listed`, `command`: train's `splits`,
+    `command`."""
     resume_path = check_output(cfg)
     if dist_utils.is_main():
         check_writable(cfg, resume_path)
@@ -351,6 +351,10 @@ def _train_held(
         what = "random images"
     else:
         what = f"{plural(loader.num_images, 'image')} in {plural(len(loader.classes), 'class', 'classes')}"
+    # with the data line, past the checks of the flags, --out and the data: a refusal there stays one
+    # line (error: ...), not this one and then the error. A sweep says it once, not once a setting
+    if command == "train":
+        say_if_on_the_cpu(cfg.runtime.device, device)
     log.info(
         "data: %s (--loader %s), %s of %d a process per epoch%s",
         what,

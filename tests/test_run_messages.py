@@ -179,6 +179,27 @@ def test_the_default_device_without_a_gpu_says_the_run_trains_on_the_cpu(tmp_pat
     assert ("no CUDA GPU here: training on the CPU (--device auto)" in caplog.messages) == says, caplog.messages
 
 
+def test_a_refusal_without_a_gpu_is_one_line_at_the_default_device(tiny_root, tmp_path):
+    # --device auto (the default) said "no CUDA GPU here: training on the CPU" before train's checks,
+    # so that a refusal of the flags, --out or the data read two lines, the first of a run that never
+    # started. Each in a process of its own: its stderr as the user reads it
+    (tmp_path / "file").write_text("")
+    args = tiny_args(tiny_root, tmp_path / "run")
+    del args[args.index("--device") : args.index("--device") + 2]  # the default: auto
+    refusals = {
+        "--moco-k": ("7", "--moco-k 7 is smaller than the keys one step enqueues"),  # a flag: train()'s checks
+        "--out": (tmp_path / "file", "is a file: it must be a run folder"),  # --out: before the data
+        "--data": (tmp_path / "gone", "data folder not found"),  # the data: as the loader lists it
+    }
+    no_gpu = "import torch; torch.cuda.is_available = lambda: False"
+    with ForkedCommands(tmp_path) as train:
+        for flag, (value, says) in refusals.items():
+            changed = [*args]
+            changed[changed.index(flag) + 1] = value
+            rc, err = train(changed, setup=no_gpu)
+            assert rc == 2 and len(err) == 1 and says in err[0], (flag, err)
+
+
 FEW_BN = "images: their statistics are noisy and MoCo may not learn (docs/experiments.md)"
 
 
