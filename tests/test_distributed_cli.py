@@ -143,8 +143,8 @@ def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(
     assert not torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
     # resumed by 2 processes, sync BN still replaces shuffle BN: nothing said, nothing changed
     shutil.copy(*reversed(saved))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)  # as torchrun sets them
     caplog.clear()
     capsys.readouterr()
     with caplog.at_level(logging.WARNING, logger="moco_fast"):

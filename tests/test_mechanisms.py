@@ -365,7 +365,8 @@ def test_bn_splits_with_several_processes_is_named(tiny_root, tmp_path, monkeypa
     from moco_fast.cli import main
 
     args = ["train", "--data", str(tiny_root), "--out", str(tmp_path / "run"), "--device", "cpu", "--print-config"]
-    monkeypatch.setenv("RANK", "0")
+    for name, value in (("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):  # as torchrun sets
+        monkeypatch.setenv(name, value)
     for world, lines in (("2", 1), ("1", 0)):
         monkeypatch.setenv("WORLD_SIZE", world)
         caplog.clear()
