@@ -106,10 +106,11 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
     from moco_fast.resume import saved_run
     from moco_fast.run_folder import check_output, hold_for_workers
     from moco_fast.step import check_cuda_graph
-    from moco_fast.trainer import validate
+    from moco_fast.trainer import check_workers, validate
 
     n = check_local_gpus(cfg)
     validate(cfg, n, saved or partial(saved_run, cfg))  # contradicting flags fail here once, not in every worker
+    check_workers(cfg.data.workers, n)  # the n workers' share of the cores, as each checks it in train()
     # a run in progress there: one line, no workers; else the folder stays held, by this process and
     # the workers it hands the hold to, until they end (no other train takes it in between)
     with hold_for_workers(Path(cfg.runtime.out)) as hold:

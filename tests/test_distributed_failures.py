@@ -81,6 +81,28 @@ def test_gpus_checks_the_run_folder_before_starting_workers(tiny_root, tmp_path,
     assert main([*args, "--force"]) == 0 and len(started) == 1  # the folder is free: the workers start
 
 
+def test_gpus_checks_the_workers_against_the_cores_before_starting_workers(tiny_root, tmp_path, capsys, monkeypatch):
+    # --gpus N: more --workers than the N workers' share of the cores was refused by each worker in
+    # train(), after the launcher had held --out and started them all (here with 2 pretend GPUs)
+    from moco_fast import launch
+
+    started = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("moco_fast.trainer.available_cores", lambda: 2)
+    monkeypatch.setattr(launch, "run_workers", lambda *a, **k: started.append(a) or [{}])
+    out = tmp_path / "run"
+    args = [*cli_args(tiny_root, out, 1)[:-4], "--device", "auto", "--out", str(out), "--gpus", "2"]
+    assert main([*args, "--workers", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        "--workers 9 in each of its 2 processes: this machine has 2 CPU cores, and more than 8 data-loading "
+        "workers a core only compete with each other and the step for them (a stop waits until they have all "
+        "started): use at most 8 (-1: auto)"
+    ), err
+    assert not started and not out.exists()
+    assert main([*args, "--workers", "8"]) == 0 and len(started) == 1
+
+
 def test_gpus_holds_the_run_folder_while_its_workers_run(tiny_root, tmp_path, monkeypatch):
     # The launcher's hold of --out was released before the workers took it again: another train
     # there could take the folder in between (two runs in one folder, or the workers failing as
