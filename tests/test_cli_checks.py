@@ -425,8 +425,9 @@ def test_a_resumed_run_takes_its_saved_workers_as_far_as_this_machine_s_cores_do
     assert resumed_workers() == 16
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warned == [
-        "--resume: the run was configured with --workers 100, more than this machine's cores take; it continues "
-        "with 16 (--workers N to choose)"
+        "--resume: the run was configured with --workers 100, more than this machine's 2 CPU cores take: it "
+        "continues with 16, the most they take, which its config.json and checkpoint record from now on "
+        "(--workers N to choose, here or where it resumes next)"
     ]
     assert resumed_workers("--workers", "100") == 100  # typed: the run refuses it (check_workers)
     monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 16)

@@ -431,8 +431,11 @@ def _workers_to_resume_with(cfg) -> int:
     """The --workers of a resumed run not given the flag again: its saved count, or where this machine's
     cores take fewer (trainer.check_workers refuses more), the most they take, with one line. The count
     is where the run ran (a larger machine), not what it trains: it goes on, as with a saved --gpus N
-    that this machine cannot start, where a refusal named a --workers nobody had typed."""
-    from moco_fast.trainer import most_workers
+    that this machine cannot start, where a refusal named a --workers nobody had typed. What runs is
+    what config.json and the checkpoint record, so a later resume on the larger machine continues with
+    the lowered count: the line says so, and how to have the run's own back."""
+    from moco_fast.text import plural
+    from moco_fast.trainer import available_cores, most_workers
 
     processes = local_processes(cfg)
     most = most_workers(processes)
@@ -440,9 +443,11 @@ def _workers_to_resume_with(cfg) -> int:
         return cfg.data.workers
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs the command: rank 0 says it
         log.warning(
-            "--resume: the run was configured with --workers %d, more than this machine's cores take; it "
-            "continues with %d%s (--workers N to choose)",
-            *(cfg.data.workers, most, f" in each of its {processes} processes" if processes > 1 else ""),
+            "--resume: the run was configured with --workers %d, more than this machine's %s take: it continues "
+            "with %d%s, the most they take, which its config.json and checkpoint record from now on (--workers N "
+            "to choose, here or where it resumes next)",
+            *(cfg.data.workers, plural(available_cores(), "CPU core"), most),
+            f" in each of its {processes} processes" if processes > 1 else "",
         )
     return most
 
