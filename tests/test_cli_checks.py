@@ -448,3 +448,24 @@ def test_the_evaluations_refuse_more_workers_than_the_cores_take_as_train_does(t
         "workers a core only compete with each other and the step for them (a stop waits until they have all "
         "started): use at most 16 (-1: auto)"
     )
+
+
+def test_the_evaluations_refuse_only_a_typed_workers_count(tmp_path, monkeypatch, capsys):
+    # c9f3884 checked the count after the default was applied: 32 processes on this machine's 2 cores
+    # (LOCAL_WORLD_SIZE) take 1 worker each, and knn's default (4, no more than the cores: 2) was refused
+    # as '--workers 2 in each of its 32 processes', a flag nobody typed
+    import moco_fast.trainer
+
+    monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 2)
+    monkeypatch.setattr("moco_fast.cores.available_cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    argv = ["knn", "--checkpoint", str(tmp_path / "nowhere.pt"), "--data", str(tmp_path), "--device", "cpu"]
+    for workers in ([], ["--workers", "-1"], ["--workers", "0"], ["--workers", "1"]):
+        assert main([*argv, *workers]) == 2
+        assert "nowhere.pt" in one_line_error(capsys), workers  # the checkpoint's line, not the workers'
+    assert main([*argv, "--workers", "2"]) == 2
+    assert one_line_error(capsys).endswith(
+        "--workers 2 in each of its 32 processes: this machine has 2 CPU cores, "
+        "and more than 8 data-loading workers a core only compete with each other and the step for them (a stop "
+        "waits until they have all started): use at most 1 (-1: auto)"
+    )

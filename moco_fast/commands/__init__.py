@@ -47,7 +47,8 @@ def add_eval_runtime_flags(
         "--workers",
         type=int,
         default=None,
-        help=f"data loading workers; -1: auto (default: {workers}, at most the cores); at most 8 a core",
+        help=f"data loading workers; -1: auto (default: {workers}, no more than the cores); at most 8 a core of the "
+        "machine, as train's",
     )
     p.set_defaults(default_workers=workers)
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (a GPU when there is one)")
@@ -95,17 +96,19 @@ def check_device_name(name: str) -> None:
 
 def resolve_eval_runtime(args: argparse.Namespace) -> torch.device:
     """Checks the flags that `add_eval_runtime_flags` adds (--batch-size, --workers: at most train's
-    count a core, --device: an error for a GPU this machine lacks), turns --workers -1 (auto) into a count in `args`; returns the device."""
+    count a core, --device: an error for a GPU this machine lacks), turns --workers -1 (auto) into a
+    count in `args`; returns the device."""
     from moco_fast.cores import available_cores
     from moco_fast.trainer import check_workers, resolve_device, resolve_workers
 
     check_at_least("--batch-size", args.batch_size, 1)
     if args.workers is None:
         args.workers = min(args.default_workers, available_cores())
-    require(args.workers >= -1, f"--workers must be -1 (auto) or a count >= 0 (got {args.workers})")
+    else:  # train's check, of the count typed: the default (one a core) is no flag to name, as auto is not
+        require(args.workers >= -1, f"--workers must be -1 (auto) or a count >= 0 (got {args.workers})")
+        check_workers(args.workers)
     device = resolve_device(args.device)
     args.workers = resolve_workers(args.workers, device)
-    check_workers(args.workers)  # train's: more than the cores take only compete for them
     return device
 
 
