@@ -173,18 +173,19 @@ def run_sweep(
         previous = read_json(out / TABLE_JSON, list) or []
         order = [r["name"] for r in previous if isinstance(r, dict) and isinstance(r.get("name"), str)]
         order += [s.name for s in settings]
-        # diverged settings, a row each without a result: this grid's are tried again below; another
-        # grid's keep their rows (no result.json finds them) until a sweep of theirs tries them again
+        # diverged settings, a row each without a result (no result.json finds them): each keeps its row
+        # until a sweep tries it again, this grid's below (a partial table, if this one stops before it)
         failed: dict[str, dict[str, Any]] = {
             r["name"]: r
             for r in previous
             if isinstance(r, dict) and r.get("error") is not None and r.get("name") in order
-            if r["name"] not in folders and r["name"] not in found
+            if r["name"] not in found
         }
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
             try:
                 head = f"[{i + 1}/{len(settings)}] {s.name}"
                 error = _run_setting(cfg, s, plan, head, found, (listed, splits), evaluation)
+                failed.pop(s.name, None)  # tried again: its result now, or its new error
                 if error is not None:
                     failed[s.name] = {"mechanism": s.mechanism, "k": s.k, "m": s.m, "shuffle_bn": s.shuffle_bn}
                     failed[s.name].update(epochs=cfg.optim.epochs, error=error)

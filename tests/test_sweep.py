@@ -609,3 +609,33 @@ def test_another_grids_diverged_setting_keeps_its_row(six_root, tmp_path, capsys
     assert "diverged:" not in capsys.readouterr().err
     assert main(sweep_args(out, six_root, "--moco-m", "0")) == 1  # its own grid tries it again
     assert last_error(capsys) == "moco-fast sweep: error: diverged: moco_K16_m0_sbn-on (sweep.json has each error)"
+
+
+def test_a_diverged_row_not_yet_tried_again_survives_an_interrupted_sweep(six_root, tmp_path, capsys, monkeypatch):
+    # this grid's diverged rows were left out of the table until the sweep tried them again: a sweep
+    # stopped before that wrote its partial table without the row, and no later sweep found it again
+    from moco_fast import sweep
+    from moco_fast.divergence import Diverged
+
+    stub_sweep_runs(monkeypatch)
+    stop = {"m": 0.0}
+
+    def train(cfg, listed):
+        if cfg.moco.m == stop["m"]:
+            raise Diverged("the run diverged in epoch 1: 3 tensors of the model hold NaN or inf; lower --lr")
+        if cfg.moco.m == stop.get("interrupt"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "_train", train)
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5,0")) == 1
+    stop.update(m=-1.0, interrupt=0.5)  # the next sweep of the grid stops before it tries m=0 again
+    monkeypatch.setattr(sweep, "plan_setting", lambda cfg, s, found, evaluation: "train")
+    assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5,0")) == 130
+    rows = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())}
+    assert "diverged in epoch 1" in rows["moco_K16_m0_sbn-on"]["error"]
+    capsys.readouterr()
+    stop.pop("interrupt")  # tried again, it finishes: its result replaces the row
+    assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5,0")) == 0
+    rows = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())}
+    assert "error" not in rows["moco_K16_m0_sbn-on"] and len(rows) == 3
