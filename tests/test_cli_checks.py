@@ -15,7 +15,7 @@ import pytest
 import torch
 from eval_cli_helpers import one_line_error
 
-from moco_fast.cli import main
+from moco_fast.cli import build_parser, main
 from moco_fast.config import build_config, to_dict
 from moco_fast.model import MoCo
 
@@ -463,6 +463,12 @@ def test_the_evaluations_refuse_only_a_typed_workers_count(tmp_path, monkeypatch
     for workers in ([], ["--workers", "-1"], ["--workers", "0"], ["--workers", "1"]):
         assert main([*argv, *workers]) == 2
         assert "nowhere.pt" in one_line_error(capsys), workers  # the checkpoint's line, not the workers'
+    # and the default itself stays within the cap: 1 worker for each of the 32 processes, not 2 (64 on 2 cores)
+    from moco_fast.commands import resolve_eval_runtime
+
+    args = build_parser().parse_args(argv)
+    resolve_eval_runtime(args)
+    assert args.workers == 1
     assert main([*argv, "--workers", "2"]) == 2
     assert one_line_error(capsys).endswith(
         "--workers 2 in each of its 32 processes: this machine has 2 CPU cores, "

@@ -48,7 +48,7 @@ def add_eval_runtime_flags(
         type=int,
         default=None,
         help=f"data loading workers; -1: auto (default: {workers}, no more than the cores); at most 8 a core of the "
-        "machine, as train's",
+        "machine, its processes' together, as train's (the default too)",
     )
     p.set_defaults(default_workers=workers)
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (a GPU when there is one)")
@@ -99,11 +99,12 @@ def resolve_eval_runtime(args: argparse.Namespace) -> torch.device:
     count a core, --device: an error for a GPU this machine lacks), turns --workers -1 (auto) into a
     count in `args`; returns the device."""
     from moco_fast.cores import available_cores
-    from moco_fast.trainer import check_workers, resolve_device, resolve_workers
+    from moco_fast.distributed import local_world_size
+    from moco_fast.trainer import check_workers, most_workers, resolve_device, resolve_workers
 
     check_at_least("--batch-size", args.batch_size, 1)
-    if args.workers is None:
-        args.workers = min(args.default_workers, available_cores())
+    if args.workers is None:  # nor past the cap: the processes that share the cores (LOCAL_WORLD_SIZE) take it
+        args.workers = min(args.default_workers, available_cores(), most_workers(local_world_size()))
     else:  # train's check, of the count typed: the default (one a core) is no flag to name, as auto is not
         require(args.workers >= -1, f"--workers must be -1 (auto) or a count >= 0 (got {args.workers})")
         check_workers(args.workers)
