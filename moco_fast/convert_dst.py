@@ -304,7 +304,8 @@ def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
     exists = (dst.exists() or dst.is_symlink()) and not (wds and empty_folder(dst))
     where = dst.parent.resolve() / dst.name  # a link itself, where its target is d
     ours = shard_set_of_convert if wds else beton_of_convert
-    if exists and (s in d.parents or s in where.parents) and not (dst.is_dir() == wds and ours(dst) is None):
+    kind = dst.is_dir() if wds else dst.is_file()  # only a file's header is read: a named pipe's would hang
+    if exists and (s in d.parents or s in where.parents) and not (kind and ours(dst) is None):
         # (an earlier output beside train/, `convert data data/train.beton`, is replaced as anywhere)
         raise ConfigError(
             f"DST {dst} is inside SRC {src}: convert never replaces a file or folder there; give a path outside SRC"

@@ -220,6 +220,32 @@ def test_force_never_replaces_what_is_no_earlier_output(bad_root, tmp_path, monk
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no sidecar either
 
 
+@pytest.mark.parametrize("fmt", ["ffcv", "wds"])
+@pytest.mark.parametrize("dst", ["data/x.beton", "data/train/{cls}/x.beton", "x.beton"])
+def test_a_pipe_given_as_dst_is_not_read(bad_root, tmp_path, capsys, fmt, dst):
+    # a named pipe at DST inside SRC (beside train/, in a class folder) had its header read to tell
+    # whether it was an earlier output: open() waited for a writer, and convert hung
+    import signal
+
+    cls = sorted((bad_root / "train").iterdir())[0]
+    path = tmp_path / dst.format(cls=cls.name)
+    os.mkfifo(path)
+
+    def hung(*_):
+        pytest.fail("convert waited on the pipe")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        assert main(["convert", str(bad_root), str(path), "--format", fmt, "--force", "--workers", "1"]) == 2
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"DST {path} " in err[0], err
+    assert path.is_fifo()
+
+
 @pytest.mark.parametrize(
     "name, what, text",
     [
