@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(only fc.* missing; strict=True once net.fc = nn.Identity()); a CIFAR-stem backbone exports too, but "
         "rebuild its stem (3x3 conv1, no max-pool) before loading. detectron2: the official MoCo conversion "
         "(stem., res2..res5, shortcut, convK.norm; a pickle with matching_heuristics), for the paper's detection "
-        "transfer; for any ResNet but R-50 it prints the MODEL.RESNETS config lines that build it; CIFAR stems "
-        "are refused. "
+        "transfer; for any ResNet but R-50 it prints the MODEL.RESNETS config lines that build it (ResNet-18/34 "
+        "need an FPN config: a C4 config's ROI head builds res5 of bottleneck blocks); CIFAR stems are refused. "
         "An official MoCo checkpoint converts as the official script does (its head left out).",
         formatter_class=HelpFormatter,
     )
