@@ -33,7 +33,7 @@ from moco_fast.data import DataSplits
 from moco_fast.divergence import Diverged
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run, refuse_unwritable_out
-from moco_fast.sweep_eval import evaluate_setting, refuse_others_files
+from moco_fast.sweep_eval import evaluate_setting, k_columns, refuse_others_files
 from moco_fast.sweep_plan import GRID_KEYS, UNUSED, plan_setting, read_json, training_config
 from moco_fast.sweep_table import TABLE_JSON, number_text, refuse_others_tables, write_json, write_table
 
@@ -186,9 +186,10 @@ def run_sweep(
                 head = f"[{i + 1}/{len(settings)}] {s.name}"
                 error = _run_setting(cfg, s, plan, head, found, (listed, splits), evaluation)
                 failed.pop(s.name, None)  # tried again: its result now, or its new error
-                if error is not None:
-                    failed[s.name] = {"mechanism": s.mechanism, "k": s.k, "m": s.m, "shuffle_bn": s.shuffle_bn}
-                    failed[s.name].update(epochs=cfg.optim.epochs, error=error)
+                if error is not None:  # its columns as a finished row's: the K it ran with (no model to ask)
+                    bank = None if listed is None or s.mechanism != "memory-bank" else min(s.k, len(listed.train))
+                    failed[s.name] = {"mechanism": s.mechanism, **k_columns(cfg, bank), "m": s.m}
+                    failed[s.name].update(shuffle_bn=s.shuffle_bn, epochs=cfg.optim.epochs, error=error)
             except BaseException as e:
                 from moco_fast.cli import interruption
 

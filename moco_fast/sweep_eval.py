@@ -30,6 +30,18 @@ def _last_row(folder: Path) -> dict[str, Any]:
     return next((row for row in reversed(read_rows(folder)) if "loss" in row), {})
 
 
+def k_columns(cfg: TrainConfig, k: int | None) -> dict[str, Any]:
+    """A row's K as the setting ran it (sweep_table.shown says which): end-to-end's batch (the
+    negatives are the batch's other keys, one process), else `k`, the model's (the memory bank draws
+    at most one negative per training image), with the K asked where it differs. `k` None: not known
+    (a run that diverged on data not listed here), the K asked."""
+    if cfg.moco.mechanism == "end-to-end":
+        return {"k": cfg.optim.batch_size}
+    if k is None or k == cfg.moco.k:
+        return {"k": cfg.moco.k}
+    return {"k": k, "k_asked": cfg.moco.k}
+
+
 def evaluate_setting(
     cfg: TrainConfig, s: Setting, splits: DataSplits | None, lincls_epochs: int, lincls_lr: float
 ) -> dict[str, Any]:
@@ -44,13 +56,7 @@ def evaluate_setting(
     last = _last_row(folder)
     device = resolve_device(cfg.runtime.device)
     model, _ = load_model(folder / CHECKPOINT_NAME, device)
-    res: dict[str, Any] = {"name": s.name, "mechanism": s.mechanism}
-    if s.mechanism == "end-to-end":
-        res["k"] = cfg.optim.batch_size  # the negatives are the batch's other keys (one process)
-    else:
-        res["k"] = int(model.k)  # the memory bank draws at most one negative per training image
-        if res["k"] != cfg.moco.k:
-            res["k_asked"] = cfg.moco.k
+    res: dict[str, Any] = {"name": s.name, "mechanism": s.mechanism, **k_columns(cfg, int(model.k))}
     res.update(
         {
             "m": s.m,

@@ -566,6 +566,27 @@ def test_a_setting_that_diverges_is_a_row_and_the_sweep_goes_on(six_root, tmp_pa
     assert not (out / "moco_K16_m0_sbn-on" / "result.json").exists()  # tried again by the next sweep
 
 
+def test_a_diverged_setting_s_row_shows_the_k_it_ran_with(six_root, tmp_path, monkeypatch):
+    # a diverged row showed K as asked where a finished row shows what ran: end-to-end's K ('-', not
+    # the batch) and a memory bank larger than the 36 training images (64, not 36 with the K asked)
+    from moco_fast import sweep
+    from moco_fast.divergence import Diverged
+
+    stub_sweep_runs(monkeypatch)
+
+    def train(cfg, listed):
+        raise Diverged("the run diverged in epoch 1: 3 tensors of the model hold NaN or inf; lower --lr")
+
+    monkeypatch.setattr(sweep, "_train", train)
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, six_root, "--mechanism", "end-to-end,memory-bank", "--moco-k", "64")) == 1
+    e2e, bank = json.loads((out / "sweep.json").read_text())
+    assert e2e["k"] == 8 and bank["k"] == 36 and bank["k_asked"] == 64 and "k_asked" not in e2e
+    table = (out / "sweep.md").read_text()
+    assert "| end-to-end | 8 (batch) | on | 1 | diverged |" in table, table  # no m column: no key encoder
+    assert "| memory-bank | 36 (bank size; 64 asked) | on | 1 | diverged |" in table, table
+
+
 def test_a_linear_classifier_that_diverges_still_stops_the_sweep(six_root, tmp_path, capsys, monkeypatch):
     # a diverged training is a row and the grid goes on; a diverged classifier (--lincls-lr, the same
     # for every setting) is no failure of the setting's training and must not be shown as one
