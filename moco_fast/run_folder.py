@@ -173,8 +173,9 @@ def _epochs(state: dict) -> int:
 
 
 def check_run_folder(out: Path) -> None:
-    """ConfigError for an --out that is a file, or a folder whose config.json is not a run's (another
-    tool's folder: a run would overwrite that file)."""
+    """ConfigError for an --out that is a file, a folder whose config.json is not a run's (another
+    tool's folder: a run would overwrite that file), or a missing one that the folder above it may not
+    take (refuse_unwritable_out)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be a run folder")
     above = next((p for p in out.parents if p.exists()), None)  # the folder that mkdir would start from
