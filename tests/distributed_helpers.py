@@ -1,5 +1,6 @@
 """What the distributed test files share (not a test module: pytest does not collect it): the
-`moco-fast train` command lines of a tiny run on images and of a synthetic one, and torchrun's."""
+`moco-fast train` command lines of a tiny run on images and of a synthetic one, and torchrun's (its
+command, the environment it sets)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ FEW_SPLIT_IMAGES = (
     "--batch-size 8 split by --bn-splits 2 gives each BN sub-batch 4 images: their statistics are noisy and MoCo "
     "may not learn (docs/experiments.md): raise --batch-size or lower --bn-splits"
 )
+
+
+def torchrun_env(monkeypatch, **env: str) -> None:
+    """Sets `env` (RANK, WORLD_SIZE) and what torchrun sets besides, which the run checks before it
+    joins (join.check_group_env): MASTER_ADDR and MASTER_PORT."""
+    for name, value in {"MASTER_ADDR": "localhost", "MASTER_PORT": "29500", **env}.items():
+        monkeypatch.setenv(name, value)
 
 
 def torchrun(tmp_path, *flags: str) -> list[str]:

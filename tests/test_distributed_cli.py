@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from distributed_helpers import FEW_SPLIT_IMAGES, cli_args, synthetic_args, torchrun
+from distributed_helpers import FEW_SPLIT_IMAGES, cli_args, synthetic_args, torchrun, torchrun_env
 
 from moco_fast.cli import main
 from moco_fast.config import ConfigError, build_config
@@ -143,8 +143,7 @@ def test_a_sync_bn_run_of_two_processes_resumed_in_one_turns_shuffle_bn_back_on(
     assert not torch.load(out / "checkpoint.pt", weights_only=False)["config"]["moco"]["shuffle_bn"]
     # resumed by 2 processes, sync BN still replaces shuffle BN: nothing said, nothing changed
     shutil.copy(*reversed(saved))
-    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
-        monkeypatch.setenv(name, value)  # as torchrun sets them
+    torchrun_env(monkeypatch, WORLD_SIZE="2", RANK="0")
     caplog.clear()
     capsys.readouterr()
     with caplog.at_level(logging.WARNING, logger="moco_fast"):

@@ -362,11 +362,12 @@ def test_bn_splits_with_several_processes_is_named(tiny_root, tmp_path, monkeypa
     # batch (trainer.validate's splits), and --bn-splits 4 went without a word into config.json
     import logging
 
+    from distributed_helpers import torchrun_env
+
     from moco_fast.cli import main
 
     args = ["train", "--data", str(tiny_root), "--out", str(tmp_path / "run"), "--device", "cpu", "--print-config"]
-    for name, value in (("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):  # as torchrun sets
-        monkeypatch.setenv(name, value)
+    torchrun_env(monkeypatch, RANK="0")
     for world, lines in (("2", 1), ("1", 0)):
         monkeypatch.setenv("WORLD_SIZE", world)
         caplog.clear()

@@ -4,6 +4,7 @@ alone decide it, and prints configs for machines other than this one (their GPUs
 import json
 
 import pytest
+from distributed_helpers import torchrun_env
 
 from moco_fast.cli import main
 
@@ -76,12 +77,6 @@ def test_print_config_leaves_this_machine_and_the_data_to_the_run(capsys, flags)
     assert json.loads(capsys.readouterr().out)["optim"]["epochs"] > 0
 
 
-def torchrun_env(monkeypatch) -> None:
-    """What torchrun sets besides RANK and WORLD_SIZE, which the run checks before it joins."""
-    monkeypatch.setenv("MASTER_ADDR", "localhost")
-    monkeypatch.setenv("MASTER_PORT", "29500")
-
-
 def test_print_config_counts_the_processes_of_the_group_the_environment_describes(monkeypatch, capsys):
     flags = ["train", "--batch-size", "32", "--moco-k", "64", "--print-config"]
     torchrun_env(monkeypatch)
@@ -127,8 +122,7 @@ def test_a_world_size_that_is_not_a_number_is_no_traceback(monkeypatch, capsys):
     monkeypatch.delenv("RANK", raising=False)
     assert main(["train", "--print-config"]) == 0  # no group described: one process
     capsys.readouterr()
-    for name, value in (("RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29500")):
-        monkeypatch.setenv(name, value)
+    torchrun_env(monkeypatch, RANK="0")
     assert main(["train", "--device", "cpu", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
