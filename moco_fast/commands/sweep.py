@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 from pathlib import Path
 
-from moco_fast.cli import EMPTY_PATH, CommandParser, empty_flag
+from moco_fast.cli import EMPTY_PATH, CommandParser, empty_flag, say
 from moco_fast.commands import HelpFormatter
 from moco_fast.config import ConfigError
 
@@ -228,6 +227,6 @@ def run(args: argparse.Namespace) -> int:
     grid = {s.name for s in settings}  # another grid's diverged rows are kept, but not this sweep's failure
     diverged = [r["name"] for r in rows if r.get("error") is not None and r["name"] in grid]
     if diverged:  # the grid ran and its table is written, but for them: 1 (2 is a sweep that stopped)
-        print(f"moco-fast sweep: error: diverged: {', '.join(diverged)} (sweep.json has each error)", file=sys.stderr)
+        say(f"moco-fast sweep: error: diverged: {', '.join(diverged)} (sweep.json has each error)")
         return 1
     return 0
