@@ -107,8 +107,8 @@ def run_sweep(
     redo: bool = False,
 ) -> list[dict[str, Any]]:
     """Run, continue or reuse each setting; write the table of every result in `out`; return its rows.
-    A setting whose run diverges is a row with its `error` (no result.json): the grid goes on. Another
-    grid's diverged rows stay in the table."""
+    A setting whose run diverges is a row with its `error` (no result.json): the grid goes on. A diverged
+    row stays in the table until a sweep tries its setting again (--redo drops this grid's)."""
     from moco_fast.launch import under_torchrun
     from moco_fast.trainer import check_workers, resolve_device, say_if_on_the_cpu, validate
 
@@ -174,12 +174,13 @@ def run_sweep(
         order = [r["name"] for r in previous if isinstance(r, dict) and isinstance(r.get("name"), str)]
         order += [s.name for s in settings]
         # diverged settings, a row each without a result (no result.json finds them): each keeps its row
-        # until a sweep tries it again, this grid's below (a partial table, if this one stops before it)
+        # until a sweep tries it again, this grid's below (a partial table, if this one stops before it);
+        # --redo drops this grid's with the results it deleted, whose rows a partial table no longer has
         failed: dict[str, dict[str, Any]] = {
             r["name"]: r
             for r in previous
             if isinstance(r, dict) and r.get("error") is not None and r.get("name") in order
-            if r["name"] not in found
+            if r["name"] not in found and not (redo and r["name"] in folders)
         }
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
             try:

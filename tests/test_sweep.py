@@ -632,22 +632,30 @@ def test_another_grids_diverged_setting_keeps_its_row(six_root, tmp_path, capsys
     assert last_error(capsys) == "moco-fast sweep: error: diverged: moco_K16_m0_sbn-on (sweep.json has each error)"
 
 
-def test_a_diverged_row_not_yet_tried_again_survives_an_interrupted_sweep(six_root, tmp_path, capsys, monkeypatch):
-    # this grid's diverged rows were left out of the table until the sweep tried them again: a sweep
-    # stopped before that wrote its partial table without the row, and no later sweep found it again
+def stub_diverging_runs(monkeypatch, stop: dict) -> None:
+    """Stubbed sweep runs where the setting of m `stop["m"]` diverges and that of `stop["interrupt"]` is
+    stopped by Ctrl-C (each read when it trains: a test changes them between sweeps)."""
     from moco_fast import sweep
     from moco_fast.divergence import Diverged
 
     stub_sweep_runs(monkeypatch)
-    stop = {"m": 0.0}
 
     def train(cfg, listed):
-        if cfg.moco.m == stop["m"]:
+        if cfg.moco.m == stop.get("m"):
             raise Diverged("the run diverged in epoch 1: 3 tensors of the model hold NaN or inf; lower --lr")
         if cfg.moco.m == stop.get("interrupt"):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(sweep, "_train", train)
+
+
+def test_a_diverged_row_not_yet_tried_again_survives_an_interrupted_sweep(six_root, tmp_path, capsys, monkeypatch):
+    # this grid's diverged rows were left out of the table until the sweep tried them again: a sweep
+    # stopped before that wrote its partial table without the row, and no later sweep found it again
+    stop = {"m": 0.0}
+    stub_diverging_runs(monkeypatch, stop)
+    from moco_fast import sweep
+
     out = tmp_path / "sweep"
     assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5,0")) == 1
     stop.update(m=-1.0, interrupt=0.5)  # the next sweep of the grid stops before it tries m=0 again
@@ -660,3 +668,17 @@ def test_a_diverged_row_not_yet_tried_again_survives_an_interrupted_sweep(six_ro
     assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5,0")) == 0
     rows = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())}
     assert "error" not in rows["moco_K16_m0_sbn-on"] and len(rows) == 3
+
+
+def test_redo_drops_its_grids_diverged_rows_with_their_results(six_root, tmp_path, monkeypatch):
+    # --redo deleted the grid's folders and a partial table lost their results' rows, but kept the
+    # diverged one of the run it deleted: 'diverged' beside settings the table no longer had
+    stop = {"m": 0.0}
+    stub_diverging_runs(monkeypatch, stop)
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5,0")) == 1
+    stop.update(m=None, interrupt=0.5)  # --redo stops in its second setting, before the diverged one
+    assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5,0", "--redo")) == 130
+    rows = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())}
+    assert set(rows) == {"moco_K16_m0.9_sbn-on"}, rows
+    assert "diverged" not in (out / "sweep.md").read_text()
