@@ -59,6 +59,11 @@ def build_encoder(model: ModelConfig, image_size: int, bn_splits: int, bn_kernel
     return nn.Sequential(OrderedDict(backbone=backbone, head=build_head(width, model.dim, model.mlp)))
 
 
+def memory_bank_k(k: int, num_images: int) -> int:
+    """The negatives a memory-bank step draws from its rows: --moco-k, at most one a training image."""
+    return min(k, num_images)
+
+
 class MoCo(nn.Module):
     def __init__(
         self,
@@ -97,7 +102,7 @@ class MoCo(nn.Module):
                 raise ValueError("the memory bank needs the number of training images")
             bank = F.normalize(torch.randn(num_images, model.dim), dim=1)
             self.register_buffer("bank", bank)
-            self.k = min(moco.k, num_images)
+            self.k = memory_bank_k(moco.k, num_images)
         else:
             self.k = moco.k
         # Ring buffer of negatives: K x C, oldest keys overwritten first (only MoCo reads it: the other

@@ -33,7 +33,7 @@ from moco_fast.data import DataSplits
 from moco_fast.divergence import Diverged
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run, refuse_unwritable_out
-from moco_fast.sweep_eval import evaluate_setting, k_columns, refuse_others_files
+from moco_fast.sweep_eval import evaluate_setting, refuse_others_files, setting_columns
 from moco_fast.sweep_plan import GRID_KEYS, UNUSED, plan_setting, read_json, training_config
 from moco_fast.sweep_table import TABLE_JSON, number_text, refuse_others_tables, write_json, write_table
 
@@ -110,6 +110,7 @@ def run_sweep(
     A setting whose run diverges is a row with its `error` (no result.json): the grid goes on. A diverged
     row stays in the table until a sweep tries its setting again (--redo drops this grid's)."""
     from moco_fast.launch import under_torchrun
+    from moco_fast.model import memory_bank_k
     from moco_fast.trainer import check_workers, resolve_device, say_if_on_the_cpu, validate
 
     if base.runtime.gpus > 1:
@@ -188,9 +189,9 @@ def run_sweep(
                 error = _run_setting(cfg, s, plan, head, found, (listed, splits), evaluation)
                 failed.pop(s.name, None)  # tried again: its result now, or its new error
                 if error is not None:  # its columns as a finished row's: the K it ran with (no model to ask)
-                    bank = None if listed is None or s.mechanism != "memory-bank" else min(s.k, len(listed.train))
-                    failed[s.name] = {"mechanism": s.mechanism, **k_columns(cfg, bank), "m": s.m}
-                    failed[s.name].update(shuffle_bn=s.shuffle_bn, epochs=cfg.optim.epochs, error=error)
+                    bank = None if listed is None or s.mechanism != "memory-bank" else len(listed.train)
+                    k = None if bank is None else memory_bank_k(cfg.moco.k, bank)
+                    failed[s.name] = {**setting_columns(cfg, s, k), "error": error}
             except BaseException as e:
                 from moco_fast.cli import interruption
 

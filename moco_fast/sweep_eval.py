@@ -42,6 +42,13 @@ def k_columns(cfg: TrainConfig, k: int | None) -> dict[str, Any]:
     return {"k": k, "k_asked": cfg.moco.k}
 
 
+def setting_columns(cfg: TrainConfig, s: Setting, k: int | None) -> dict[str, Any]:
+    """The columns of a setting's row that say what it ran (k: as k_columns takes it), those of a
+    finished setting's result and of a diverged one's row alike."""
+    columns = {"name": s.name, "mechanism": s.mechanism, **k_columns(cfg, k)}
+    return {**columns, "m": s.m, "shuffle_bn": s.shuffle_bn, "epochs": cfg.optim.epochs}
+
+
 def evaluate_setting(
     cfg: TrainConfig, s: Setting, splits: DataSplits | None, lincls_epochs: int, lincls_lr: float
 ) -> dict[str, Any]:
@@ -56,12 +63,9 @@ def evaluate_setting(
     last = _last_row(folder)
     device = resolve_device(cfg.runtime.device)
     model, _ = load_model(folder / CHECKPOINT_NAME, device)
-    res: dict[str, Any] = {"name": s.name, "mechanism": s.mechanism, **k_columns(cfg, int(model.k))}
+    res = setting_columns(cfg, s, int(model.k))
     res.update(
         {
-            "m": s.m,
-            "shuffle_bn": s.shuffle_bn,
-            "epochs": cfg.optim.epochs,
             "loss": last.get("loss"),
             "pretext_acc": last.get("pretext_acc"),
             "knn_top1": None,
