@@ -72,6 +72,8 @@ def as_training_state(
         head, mlp = official_head({k[3:]: v for k, v in query.items() if k.startswith("fc.")})
         if named is not None and arch is not None and arch != named:
             raise ConfigError(f"--arch {arch} contradicts the checkpoint, a {named} (leave --arch out)")
+        if named is None:  # a save that does not name its arch (not main_moco.py's): --arch is checked as below
+            check_given_arch(backbone, arch, "imagenet", path)
         arch = named or arch or infer_arch(backbone, "imagenet", path)
         epoch = state.get("epoch")
         source = f"official MoCo checkpoint, {arch}" + (f", epoch {epoch}" if isinstance(epoch, int) else "")
@@ -82,8 +84,7 @@ def as_training_state(
         if backbone is None:
             raise DataError(f"{path} is not a checkpoint moco-fast can read: {found(state)}")
         stem = "cifar" if backbone["conv1.weight"].shape[-1] == 3 else "imagenet"
-        if arch is not None and not fits(backbone, arch, stem):
-            raise ConfigError(f"--arch {arch}: the tensors of {path} are not a {arch}'s; leave --arch out")
+        check_given_arch(backbone, arch, stem, path)
         arch = arch or infer_arch(backbone, stem, path)
         head, mlp, init = {}, False, "torchvision"
         source = f"torchvision {arch} state dict" + (" (CIFAR stem)" if stem == "cifar" else "")
@@ -154,6 +155,13 @@ def with_bn_counts(backbone: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if k.endswith(".running_mean"):
             out.setdefault(k[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0))
     return out
+
+
+def check_given_arch(backbone: dict[str, torch.Tensor], arch: str | None, stem: str, path: str | Path) -> None:
+    """A one-line error when --arch (`arch`, None: not given) does not fit the tensors of a file that
+    does not name its arch, before its network is built of that arch and fails to load them."""
+    if arch is not None and not fits(backbone, arch, stem):
+        raise ConfigError(f"--arch {arch}: the tensors of {path} are not a {arch}'s; leave --arch out")
 
 
 def infer_arch(backbone: dict[str, torch.Tensor], stem: str, path: str | Path) -> str:

@@ -115,6 +115,23 @@ def test_an_arch_that_contradicts_the_official_checkpoint_is_one_line(data, tmp_
     assert one_line_error(capsys).endswith("--arch resnet50 contradicts the checkpoint, a resnet18 (leave --arch out)")
 
 
+def test_an_arch_that_does_not_fit_an_official_checkpoint_without_one_is_one_line(data, tmp_path, capsys):
+    # a save that does not name its arch took --arch unchecked: a resnet50 was built, and the error was
+    # that "the saved weights do not fit the model its config describes", after a line naming a resnet50
+    path = tmp_path / "moco.pth.tar"
+    official_checkpoint(path)
+    state = torch.load(path)
+    del state["arch"]
+    torch.save(state, path)
+    for argv in (["knn", "--checkpoint", str(path), "--data", str(data), *EVAL],
+                 ["export", str(path), "--format", "torchvision", "--output", str(tmp_path / "out.pth")]):  # fmt: skip
+        assert main([*argv, "--arch", "resnet50"]) == 2
+        assert one_line_error(capsys).endswith(
+            f"--arch resnet50: the tensors of {path} are not a resnet50's; leave --arch out"
+        )
+    assert not (tmp_path / "out.pth").exists()
+
+
 def official_detectron2_names(query: dict[str, torch.Tensor]) -> set[str]:
     """The names facebookresearch/moco's detection/convert-pretrain-to-detectron2.py gives the query
     encoder's tensors, written out here from its rules, its fc (a head detectron2 ignores) left out."""
