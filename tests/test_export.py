@@ -126,5 +126,9 @@ def test_a_detectron2_export_of_basic_blocks_says_that_a_c4_config_does_not_fit_
     for arch in ("resnet18", "resnet34"):
         c4 = [n for n in loading_notes("detectron2", arch, "imagenet") if "C4 config" in n]
         assert len(c4) == 1 and "use an FPN config" in c4[0], arch
+        # detectron2's own FPN configs feed BGR with caffe's mean and a std of 1, not what these weights saw
+        assert c4[0].endswith(
+            "MODEL.PIXEL_MEAN [123.675, 116.280, 103.530], MODEL.PIXEL_STD [58.395, 57.120, 57.375], INPUT.FORMAT RGB"
+        ), arch
     for arch in ("resnet50", "resnet101", "resnext50_32x4d"):  # bottlenecks: a C4 head fits their res5
         assert not [n for n in loading_notes("detectron2", arch, "imagenet") if "C4 config" in n], arch

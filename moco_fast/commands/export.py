@@ -131,7 +131,9 @@ def loading_notes(fmt: str, arch: str, stem: str, num_classes: int | None = None
             notes.append(
                 "a C4 config (the official MoCo ones) builds res5 in its ROI head (Res5ROIHeads) of bottleneck "
                 f"blocks whatever MODEL.RESNETS.DEPTH says, which {arch}'s basic blocks do not fit: res5 would "
-                "train mostly from scratch there; use an FPN config, whose backbone builds all of res2..res5"
+                "train mostly from scratch there; use an FPN config, whose backbone builds all of res2..res5, "
+                "with the input lines of the MoCo configs (detectron2's own feed BGR, caffe's mean and a std of 1): "
+                + ", ".join(f"{key} {v}" for key, v in D2_TORCHVISION_INPUT.items())
             )
     return notes
 
@@ -139,6 +141,15 @@ def loading_notes(fmt: str, arch: str, stem: str, num_classes: int | None = None
 # detectron2's MODEL.RESNETS defaults (detectron2/config/defaults.py): the ResNet-50 that its R-50
 # configs, the official MoCo detection configs among them, build
 D2_R50 = {"DEPTH": 50, "STEM_OUT_CHANNELS": 64, "RES2_OUT_CHANNELS": 256, "NUM_GROUPS": 1, "WIDTH_PER_GROUP": 64}
+
+
+# The input the weights were trained on (RGB, torchvision's mean and std, on 0..255 pixels), as the
+# official MoCo detection configs set it; detectron2's defaults, which its own configs keep, are MSRA's
+D2_TORCHVISION_INPUT = {
+    "MODEL.PIXEL_MEAN": "[123.675, 116.280, 103.530]",
+    "MODEL.PIXEL_STD": "[58.395, 57.120, 57.375]",
+    "INPUT.FORMAT": "RGB",
+}
 
 
 def detectron2_resnet(arch: str) -> dict[str, int]:
