@@ -9,8 +9,8 @@
 - detectron2: the official MoCo `detection/convert-pretrain-to-detectron2.py` naming: the stem under
   `stem.`, `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`, `downsample.0/1` -> `shortcut` /
   `shortcut.norm`; numpy arrays in a pickled dict with `__author__: "MOCO"` and
-  `matching_heuristics: True`. detectron2 has no CIFAR stem, so that export is refused. A wider
-  ResNet-50 keeps the names; detectron2's config gives it its widths, as it gives any ResNet but R-50
+  `matching_heuristics: True`, pickled so that any numpy reads them (PortablePickler). detectron2
+  has no CIFAR stem, so that export is refused. A wider ResNet-50 keeps the names; detectron2's config gives it its widths, as it gives any ResNet but R-50
   its depth or widths (commands/export.loading_notes).
 """
 
@@ -21,6 +21,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +61,19 @@ def detectron2_name(key: str) -> str:
     return key.replace("downsample.1", "shortcut.norm")
 
 
+class PortablePickler(pickle.Pickler):
+    """Pickles a numpy array as numpy.ndarray(shape, dtype, bytearray): numpy 2's own pickle names
+    numpy._core.multiarray._reconstruct, a module that numpy before 1.26.1 does not have, and
+    detectron2's environments often pin an older numpy, which then cannot unpickle the export.
+    numpy.ndarray and builtins.bytearray unpickle in any numpy, as a writable array of the same
+    values (detectron2's torch.from_numpy shares its memory)."""
+
+    def reducer_override(self, obj):
+        if type(obj) is np.ndarray:
+            return np.ndarray, (obj.shape, obj.dtype.str, bytearray(np.ascontiguousarray(obj).tobytes()))
+        return NotImplemented
+
+
 def detectron2_checkpoint(model: nn.Module) -> dict[str, Any]:
     state = torchvision_state(model)
     return {
@@ -91,7 +105,7 @@ def export(
             )
         obj = detectron2_checkpoint(model)
         keys = len(obj["model"])
-        atomic_write(output, lambda fh: pickle.dump(obj, fh))
+        atomic_write(output, lambda fh: PortablePickler(fh).dump(obj))
     else:
         state = torchvision_state(model)
         keys = len(state)

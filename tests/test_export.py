@@ -94,6 +94,29 @@ def test_export_detectron2_names_resnet50(tmp_path):
     assert (keys["stem.conv1.norm.running_mean"] == ref["bn1.running_mean"].numpy()).all()
 
 
+def test_the_detectron2_export_unpickles_without_numpy_2_s_modules(tmp_path):
+    # numpy 2 pickles an array by numpy._core.multiarray._reconstruct, which numpy before 1.26.1 (often
+    # pinned where detectron2 runs) cannot import: its pickle.load of the export failed there
+    path = tmp_path / "r18.pt"
+    model = save_untrained_checkpoint(path, "v2")
+    out = tmp_path / "r18.pkl"
+    assert main(["export", str(path), "--format", "detectron2", "--output", str(out)]) == 0
+    named = set()
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module, name):
+            named.add((module, name))
+            return super().find_class(module, name)
+
+    with open(out, "rb") as fh:
+        obj = Recording(fh, encoding="latin1").load()  # as detectron2's DetectionCheckpointer reads a .pkl
+    assert named == {("numpy", "ndarray"), ("builtins", "bytearray")}  # names every numpy has
+    ref = model.encoder_q.backbone.state_dict()
+    weight, count = obj["model"]["res3.0.shortcut.weight"], obj["model"]["stem.conv1.norm.num_batches_tracked"]
+    assert weight.flags.writeable and (weight == ref["layer2.0.downsample.0.weight"].numpy()).all()
+    assert count.shape == () and count.dtype == "int64"
+
+
 def test_a_detectron2_export_of_another_resnet_names_its_config(ckpt, tmp_path, capsys):
     # detectron2's R-50 configs (the official MoCo detection ones) skip each weight of another shape
     # with a warning: a ResNet-18 export loaded there trained mostly from scratch without a word here
