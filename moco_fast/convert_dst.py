@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from moco_fast.config import ConfigError, read_json_object
-from moco_fast.data import SPLIT_NAMES
+from moco_fast.data import SPLIT_NAMES, DataError
 from moco_fast.loaders.wds import META_NAME
 
 log = logging.getLogger("moco_fast")
@@ -172,8 +172,14 @@ def read_sidecar(beton: Path, fingerprint: str | None = None) -> SidecarRead:
     """convert's sidecar of `beton` (sidecar_path) and whether it describes this .beton: not where it
     is missing, unreadable, no JSON object, or stale (it records another .beton's beton_fingerprint).
     `fingerprint`: this .beton's, where the caller has it; else it is hashed here, and only where the
-    sidecar records one (an older convert's does not)."""
+    sidecar records one (an older convert's does not). One that is no regular file is a DataError, as
+    a .beton that is none is refused (loaders.wds.beton_file, check_destination): a named pipe's read
+    waits for a writer (train and convert hung), a device's such as /dev/zero never ends."""
     side = sidecar_path(beton)
+    if side.exists() and not side.is_file():
+        raise DataError(
+            f"{side}, the sidecar of {beton.name}, is not a regular file (a device, FIFO or socket): delete it"
+        )
     meta = read_json_object(side)
     if meta is None:
         return SidecarRead(None, unread_why(side) if side.is_file() else None)  # (none there: nothing to say)

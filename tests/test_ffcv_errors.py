@@ -333,6 +333,24 @@ def test_a_sidecar_that_is_no_json_object_is_ignored_in_one_line(text, tmp_path,
     assert caplog.text.count("ignoring") == 1 and "x.beton.json" in caplog.text
 
 
+def test_a_sidecar_that_is_a_named_pipe_is_refused_not_read(tiny_beton, tiny_root, tmp_path):
+    # the loader's class names and convert --force's check read X.beton.json: a pipe without a writer
+    # hung both in open(), where a .beton that is a pipe is refused (the timeout fails a hang)
+    import subprocess
+
+    beton = tmp_path / "x.beton"
+    shutil.copyfile(tiny_beton, beton)
+    os.mkfifo(tmp_path / "x.beton.json")
+    said = f"{tmp_path / 'x.beton.json'}, the sidecar of x.beton, is not a regular file (a device, FIFO or socket)"
+    train = ["train", "--loader", "ffcv", "--device", "cpu", "--data", str(beton), "--arch", "resnet18"]
+    train += ["--batch-size", "8", "--bn-splits", "2", "--workers", "1", "--out", str(tmp_path / "run")]
+    convert = ["convert", str(tiny_root), str(beton), "--format", "ffcv", "--force", "--workers", "1"]
+    for argv in (train, convert):
+        done = subprocess.run([sys.executable, "-m", "moco_fast", *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == f"moco-fast {argv[0]}: error: {said}: delete it"
+
+
 def test_the_file_list_is_read_at_the_first_lookup_and_must_fit_the_beton(tmp_path, caplog):
     from moco_fast.loaders.ffcv import FileNames
 
