@@ -29,6 +29,7 @@ from typing import Any
 
 from moco_fast.checkpoint import CHECKPOINT_NAME, file_stamp
 from moco_fast.config import ConfigError, TrainConfig
+from moco_fast.convert_dst import beton_samples
 from moco_fast.data import DataSplits
 from moco_fast.divergence import Diverged
 from moco_fast.metrics import read_rows
@@ -189,7 +190,7 @@ def run_sweep(
                 error = _run_setting(cfg, s, plan, head, found, (listed, splits), evaluation)
                 failed.pop(s.name, None)  # tried again: its result now, or its new error
                 if error is not None:  # its columns as a finished row's: the K it ran with (no model to ask)
-                    bank = None if listed is None or s.mechanism != "memory-bank" else len(listed.train)
+                    bank = _training_images(cfg, listed) if s.mechanism == "memory-bank" else None
                     k = None if bank is None else memory_bank_k(cfg.moco.k, bank)
                     failed[s.name] = {**setting_columns(cfg, s, k), "error": error}
             except BaseException as e:
@@ -281,6 +282,17 @@ def _refuse_out_within_data(out: Path, base: TrainConfig) -> None:
                 f"--out {out} lies within {folder}, whose images the sweep reads: its files (sweep.png) would "
                 "be read as training images; give a folder outside it"
             )
+
+
+def _training_images(cfg: TrainConfig, listed: DataSplits | None) -> int | None:
+    """The images a setting's training read, as its memory bank counts them (a diverged row's K,
+    sweep_eval.k_columns): the image folder's listing, else a .beton's header (what FFCV's Reader
+    counts, --loader ffcv); None for other data (a shard set: the DALI loader counts its index files)."""
+    if listed is not None:
+        return len(listed.train)
+    data = Path(cfg.data.data) if cfg.data.loader == "ffcv" and cfg.data.data else None
+    samples = beton_samples(data) if data is not None and data.is_file() else None  # a pipe's read would wait
+    return samples if isinstance(samples, int) else None
 
 
 def _check_device_and_data(

@@ -566,7 +566,7 @@ def test_a_setting_that_diverges_is_a_row_and_the_sweep_goes_on(six_root, tmp_pa
     assert not (out / "moco_K16_m0_sbn-on" / "result.json").exists()  # tried again by the next sweep
 
 
-def test_a_diverged_setting_s_row_shows_the_k_it_ran_with(six_root, tmp_path, monkeypatch):
+def test_a_diverged_setting_s_row_shows_the_k_it_ran_with(six_root, tmp_path, monkeypatch, request):
     # a diverged row showed K as asked where a finished row shows what ran: end-to-end's K ('-', not
     # the batch) and a memory bank larger than the 36 training images (64, not 36 with the K asked)
     from moco_fast import sweep
@@ -585,6 +585,13 @@ def test_a_diverged_setting_s_row_shows_the_k_it_ran_with(six_root, tmp_path, mo
     table = (out / "sweep.md").read_text()
     assert "| end-to-end | 8 (batch) | on | 1 | diverged |" in table, table  # no m column: no key encoder
     assert "| memory-bank | 36 (bank size; 64 asked) | on | 1 | diverged |" in table, table
+    # on a .beton (no listing): its header's 32 images, where the row showed the 64 asked
+    pytest.importorskip("ffcv")
+    beton = request.getfixturevalue("tiny_beton")
+    out = tmp_path / "on_beton"
+    grid = ("--mechanism", "memory-bank", "--moco-k", "64")
+    assert main(sweep_args(out, beton, *grid, train=("--loader", "ffcv"))) == 1
+    assert "| memory-bank | 32 (bank size; 64 asked) | on | 1 | diverged |" in (out / "sweep.md").read_text()
 
 
 def test_a_linear_classifier_that_diverges_still_stops_the_sweep(six_root, tmp_path, capsys, monkeypatch):
