@@ -407,7 +407,7 @@ def test_a_resumed_run_takes_its_saved_workers_as_far_as_this_machine_s_cores_do
     # saved count was refused ('--workers 100: ... use at most 16'), a flag the command line did not have
     import moco_fast.trainer
     from moco_fast.cli import build_parser
-    from moco_fast.commands.train import config_from_args
+    from moco_fast.commands.train import config_from_args, configured
 
     out = tmp_path / "run"
     out.mkdir()
@@ -423,12 +423,16 @@ def test_a_resumed_run_takes_its_saved_workers_as_far_as_this_machine_s_cores_do
         return json.loads(capsys.readouterr().out)["data"]["workers"]
 
     assert resumed_workers() == 16
-    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warned == [
+    said = (
         "--resume: the run was configured with --workers 100, more than this machine's 2 CPU cores take: it "
-        "continues with 16, the most they take, which its config.json and checkpoint record from now on "
+        "continues with 16, the most they take, which its config.json and checkpoint record {} "
         "(--workers N to choose, here or where it resumes next)"
-    ]
+    )
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [said.format("when it goes on")]  # --print-config records nothing
+    caplog.clear()
+    assert configured(build_parser().parse_args(["train", "--resume", "--out", str(out)]))[0].data.workers == 16
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [said.format("from now on")]
     assert resumed_workers("--workers", "100") == 100  # typed: the run refuses it (check_workers)
     monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 16)
     assert resumed_workers() == 100  # within this machine's 128

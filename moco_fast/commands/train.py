@@ -295,7 +295,7 @@ def configured(args: argparse.Namespace):
         if args.gpus is None and cfg.runtime.gpus > 1:
             cfg.runtime.gpus = _gpus_to_resume_with(cfg)
         if args.workers is None:
-            cfg.data.workers = _workers_to_resume_with(cfg)
+            cfg.data.workers = _workers_to_resume_with(cfg, args.print_config)
         if saved_runtime.sync_bn and args.shuffle_bn is not False:
             _shuffle_bn_where_sync_bn_stops(cfg, saved_run.world)
         if saved_run.checkpoint and cfg.model.stem == "auto" and args.stem is None and args.image_size is not None:
@@ -427,13 +427,14 @@ def _gpus_to_resume_with(cfg) -> int:
         return 1
 
 
-def _workers_to_resume_with(cfg) -> int:
+def _workers_to_resume_with(cfg, printed: bool) -> int:
     """The --workers of a resumed run not given the flag again: its saved count, or where this machine's
     cores take fewer (trainer.check_workers refuses more), the most they take, with one line. The count
     is where the run ran (a larger machine), not what it trains: it goes on, as with a saved --gpus N
     that this machine cannot start, where a refusal named a --workers nobody had typed. What runs is
     what config.json and the checkpoint record, so a later resume on the larger machine continues with
-    the lowered count: the line says so, and how to have the run's own back."""
+    the lowered count: the line says so, and how to have the run's own back (`printed`: --print-config,
+    which writes nothing, so that it is recorded when the run goes on)."""
     from moco_fast.text import plural
     from moco_fast.trainer import available_cores, most_workers
 
@@ -444,10 +445,11 @@ def _workers_to_resume_with(cfg) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs the command: rank 0 says it
         log.warning(
             "--resume: the run was configured with --workers %d, more than this machine's %s take: it continues "
-            "with %d%s, the most they take, which its config.json and checkpoint record from now on (--workers N "
+            "with %d%s, the most they take, which its config.json and checkpoint record %s (--workers N "
             "to choose, here or where it resumes next)",
             *(cfg.data.workers, plural(available_cores(), "CPU core"), most),
             f" in each of its {processes} processes" if processes > 1 else "",
+            "when it goes on" if printed else "from now on",
         )
     return most
 
