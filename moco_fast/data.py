@@ -77,6 +77,11 @@ class DataSplits:
     eval_split: str
 
 
+# What reads a .beton or a shard set given where image folders are read: knn, lincls, finetune and
+# convert's SRC have no --loader, and train's and sweep's folder loaders are told which one
+TRAINING_READS = "training (train, sweep) reads with --loader"
+
+
 def resolve_root(data: str | None, name: str = "--data") -> Path:
     root = Path(data) if data else DEMO_ROOT
     if not root.exists():
@@ -87,12 +92,14 @@ def resolve_root(data: str | None, name: str = "--data") -> Path:
         # what convert writes for --loader ffcv, by its name or (renamed, another tool's) its header; only
         # a regular file's is read (a named pipe would wait for a writer, and lose what it reads)
         if root.suffix == ".beton" or (root.is_file() and isinstance(beton_samples(root), int)):
-            raise DataError(f"{name} {root} is an FFCV .beton, which --loader ffcv reads; this reads image folders")
+            raise DataError(f"{name} {root} is an FFCV .beton, which {TRAINING_READS} ffcv; this reads image folders")
         raise DataError(f"{name} must be a folder of images (class subfolders), got a file: {root}")
     from moco_fast.loaders.wds import is_wds_root  # loaders.wds imports this module
 
     if is_wds_root(root):  # its listing said "no class subfolders", or lincls "needs an eval split"
-        raise DataError(f"{name} {root} is a WebDataset shard set, which --loader dali reads; this reads image folders")
+        raise DataError(
+            f"{name} {root} is a WebDataset shard set, which {TRAINING_READS} dali; this reads image folders"
+        )
     return root
 
 

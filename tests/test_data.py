@@ -500,12 +500,12 @@ def test_a_beton_given_to_a_folder_loader_names_the_loader_that_reads_it(tmp_pat
 
     beton = tmp_path / "x.beton"
     beton.write_bytes(b"\0" * 64)
-    with pytest.raises(DataError, match=f"--data {beton} is an FFCV .beton, which --loader ffcv reads"):
+    with pytest.raises(DataError, match=f"--data {beton} is an FFCV .beton, which training"):
         resolve_root(str(beton))
     # one without the suffix is told by its header (it was "must be a folder of images ..., got a file")
     renamed = tmp_path / "images"
     shutil.copyfile(tiny_beton, renamed)
-    with pytest.raises(DataError, match=f"--data {renamed} is an FFCV .beton, which --loader ffcv reads"):
+    with pytest.raises(DataError, match=f"--data {renamed} is an FFCV .beton, which training"):
         resolve_root(str(renamed))
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="must be a folder of images"):
@@ -529,17 +529,25 @@ def test_a_pipe_given_as_data_is_not_read(tmp_path):
         os.close(fd)
 
 
-def test_a_shard_set_given_where_image_folders_are_read_names_the_loader_that_reads_it(tmp_path, capsys):
-    # knn, lincls, finetune and convert's SRC said "no class subfolders in DIR" or "needs an eval split"
+@pytest.mark.parametrize("kind", ["shard set", "beton"])
+def test_a_shard_set_or_beton_given_where_image_folders_are_read_names_what_reads_it(tmp_path, capsys, kind):
+    # knn, lincls, finetune and convert's SRC said "no class subfolders in DIR" or "needs an eval split";
+    # then "which --loader dali (ffcv) reads", a flag none of them has
     from moco_fast.cli import main
     from moco_fast.lincls import load_splits_with_eval
 
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "meta.json").write_text('{"format": "wds", "classes": ["a"], "num_images": 1, "shards": []}')
-    said = f"{shards} is a WebDataset shard set, which --loader dali reads; this reads image folders"
+    if kind == "beton":
+        data = tmp_path / "x.beton"
+        data.write_bytes(b"\0" * 64)
+        said = f"{data} is an FFCV .beton, which training (train, sweep) reads with --loader ffcv"
+    else:
+        data = tmp_path / "shards"
+        data.mkdir()
+        (data / "meta.json").write_text('{"format": "wds", "classes": ["a"], "num_images": 1, "shards": []}')
+        said = f"{data} is a WebDataset shard set, which training (train, sweep) reads with --loader dali"
+    said += "; this reads image folders"
     for read in (load_splits, load_splits_with_eval):
         with pytest.raises(DataError, match=f"^--data {re.escape(said)}$"):
-            read(str(shards))
-    assert main(["convert", str(shards), str(tmp_path / "x"), "--format", "wds", "--workers", "1"]) == 2
+            read(str(data))
+    assert main(["convert", str(data), str(tmp_path / "x"), "--format", "wds", "--workers", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"moco-fast convert: error: SRC {said}"]
