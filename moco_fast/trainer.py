@@ -139,6 +139,12 @@ def most_workers(processes: int) -> int:
     return max(1, WORKERS_PER_CORE * available_cores() // processes)
 
 
+def in_each(processes: int) -> str:
+    """What follows a --workers count that each of this machine's `processes` starts, in the lines
+    that name it (check_workers, a resumed run's lowered count): nothing for one process."""
+    return f" in each of its {processes} processes" if processes > 1 else ""
+
+
 def check_workers(workers: int, processes: int | None = None) -> None:
     """A ConfigError, before the run folder or the data, for more --workers than WORKERS_PER_CORE a core
     of this machine can use (-1, auto, never is). A resumed run not given --workers again takes its
@@ -147,9 +153,8 @@ def check_workers(workers: int, processes: int | None = None) -> None:
     processes = processes or dist_utils.local_world_size()
     most = most_workers(processes)
     if workers > most:
-        each = f" in each of its {processes} processes" if processes > 1 else ""
         raise ConfigError(
-            f"--workers {workers}{each}: this machine has {plural(available_cores(), 'CPU core')}, and more than "
+            f"--workers {workers}{in_each(processes)}: this machine has {plural(available_cores(), 'CPU core')}, and more than "
             f"{WORKERS_PER_CORE} data-loading workers a core only compete with each other and the step for them "
             f"(a stop waits until they have all started): use at most {most} (-1: auto)"
         )

@@ -436,7 +436,7 @@ def _workers_to_resume_with(cfg, printed: bool) -> int:
     the lowered count: the line says so, and how to have the run's own back (`printed`: --print-config,
     which writes nothing, so that it is recorded when the run goes on)."""
     from moco_fast.text import plural
-    from moco_fast.trainer import available_cores, most_workers
+    from moco_fast.trainer import available_cores, in_each, most_workers
 
     processes = local_processes(cfg)
     most = most_workers(processes)
@@ -448,7 +448,7 @@ def _workers_to_resume_with(cfg, printed: bool) -> int:
             "with %d%s, the most they take, which its config.json and checkpoint record %s (--workers N "
             "to choose, here or where it resumes next)",
             *(cfg.data.workers, plural(available_cores(), "CPU core"), most),
-            f" in each of its {processes} processes" if processes > 1 else "",
+            in_each(processes),
             "when it goes on" if printed else "from now on",
         )
     return most
