@@ -6,6 +6,7 @@ folders may not be written."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -24,6 +25,13 @@ def tiny_args(data, out, epochs=1):
 SWEEP_TRAIN = ["--preset", "cifar", "--arch", "resnet18", "--stem", "imagenet", "--epochs", "1"]
 SWEEP_TRAIN += ["--batch-size", "8", "--moco-k", "16", "--bn-splits", "2", "--workers", "0"]
 SWEEP_RUN = "moco_K16_m0.99_sbn-on"
+
+
+def refuses_workers(line: str, workers: str, cores: int, most: int) -> bool:
+    """Whether `line` ends with trainer.check_workers' refusal of `workers` ("--workers 9 in each of
+    its 2 processes") on `cores` CPU cores, naming `most`: the counts it says, not its reason's words."""
+    said = f"{re.escape(workers)}: this machine has {cores} CPU cores, .*: use at most {most} \\(-1: auto\\)$"
+    return re.search(said, line) is not None
 
 
 def sweep_args(out, root, *grid, train=()):

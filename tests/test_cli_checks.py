@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from eval_cli_helpers import one_line_error
+from run_helpers import refuses_workers
 
 from moco_fast.cli import build_parser, main
 from moco_fast.config import build_config, to_dict
@@ -389,10 +390,7 @@ def test_more_workers_than_the_cores_can_use_are_refused_before_any_start(tiny_r
     monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 2)
     argv = ["train", "--data", str(tiny_root), "--device", "cpu", "--loader", "torch", "--epochs", "1"]
     assert main([*argv, "--workers", "1000", "--out", str(tmp_path / "run")]) == 2
-    assert one_line_error(capsys).endswith(
-        "--workers 1000: this machine has 2 CPU cores, and more than 8 data-loading workers a core only compete "
-        "with each other and the step for them (a stop waits until they have all started): use at most 16 (-1: auto)"
-    )
+    assert refuses_workers(one_line_error(capsys), "--workers 1000", 2, 16)
     assert not (tmp_path / "run").exists()
     # each of a machine's processes has its share: 4 processes on 2 cores, 4 each
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
@@ -447,11 +445,7 @@ def test_the_evaluations_refuse_more_workers_than_the_cores_take_as_train_does(t
     monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 2)
     argv = [command, "--checkpoint", str(tmp_path / "nowhere.pt"), "--data", str(tmp_path), "--workers", "17"]
     assert main(argv) == 2
-    assert one_line_error(capsys).endswith(
-        "--workers 17: this machine has 2 CPU cores, and more than 8 data-loading "
-        "workers a core only compete with each other and the step for them (a stop waits until they have all "
-        "started): use at most 16 (-1: auto)"
-    )
+    assert refuses_workers(one_line_error(capsys), "--workers 17", 2, 16)
 
 
 def test_the_evaluations_refuse_only_a_typed_workers_count(tmp_path, monkeypatch, capsys):
@@ -474,8 +468,4 @@ def test_the_evaluations_refuse_only_a_typed_workers_count(tmp_path, monkeypatch
     resolve_eval_runtime(args)
     assert args.workers == 1
     assert main([*argv, "--workers", "2"]) == 2
-    assert one_line_error(capsys).endswith(
-        "--workers 2 in each of its 32 processes: this machine has 2 CPU cores, "
-        "and more than 8 data-loading workers a core only compete with each other and the step for them (a stop "
-        "waits until they have all started): use at most 1 (-1: auto)"
-    )
+    assert refuses_workers(one_line_error(capsys), "--workers 2 in each of its 32 processes", 2, 1)
