@@ -2,7 +2,8 @@
 
 Errors a user can fix (bad data, contradicting flags, missing files) print as one line and exit 2;
 anything else is a bug and keeps its traceback. A stop signal or Ctrl-C ends a command with its own
-line and exit status; how main's handlers raise or hold it is signals.py's.
+line and exit status; how main's handlers raise or hold it is signals.py's. A stdout that its reader
+closed (`| head -1`) ends it quietly, exit status 141 (closed_stdout.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 
-from moco_fast import __version__, bar_lines, shared_memory, signals
+from moco_fast import __version__, bar_lines, closed_stdout, shared_memory, signals
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args)`.
 COMMANDS = [
@@ -344,6 +345,10 @@ def log_as_lines(level: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return closed_stdout.ended_quietly(lambda: _main(argv))  # `| head -1`: no traceback, exit status 141
+
+
+def _main(argv: list[str] | None) -> int:
     # The parser imports the commands' modules (tens of ms): under main's handlers, which hold a stop
     # there for the command (signals._Ending), as they do one before its body; before them, a Ctrl-C
     # was a KeyboardInterrupt's traceback

@@ -1,0 +1,94 @@
+"""A command whose stdout's reader is gone (`| head -1`, `| grep -q`) ends quietly with exit status
+141, its files written; a BrokenPipeError that is not stdout's keeps its traceback (closed_stdout.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import moco_fast.commands.export
+from moco_fast import closed_stdout
+from moco_fast.cli import main
+
+
+def with_closed_stdout(argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`moco-fast ARGV` with stdout a pipe whose reader closed before it started (`| head -0`): its first
+    write to stdout fails, whenever it comes. PYTHONUNBUFFERED unset unless given: a user's stdout is
+    buffered, and the failure comes at the flush."""
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "moco_fast", *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+            env={**base, **env},
+        )
+    finally:
+        os.close(write)
+
+
+def test_an_export_to_a_closed_stdout_writes_its_file_and_ends_quietly(tmp_path):
+    # The print of "wrote ..." after the export raised BrokenPipeError: a traceback, exit status 1 (or,
+    # buffered, "Exception ignored ... BrokenPipeError" at exit, status 120)
+    src, out = tmp_path / "r18.pth", tmp_path / "export.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), src)
+    done = with_closed_stdout(["export", str(src), "--format", "torchvision", "--output", str(out)])
+    assert done.returncode == closed_stdout.EXIT_STATUS, done.stderr
+    assert done.stderr.splitlines() == [
+        f"INFO {src}: torchvision resnet18 state dict: the backbone (it has no MoCo head)"
+    ]
+    assert closed_stdout.EXIT_STATUS == 141  # 128 + SIGPIPE, as a shell reports a tool that SIGPIPE ended
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(out), strict=False)  # written whole
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+def test_a_print_that_fails_at_once_ends_quietly_too():
+    # unbuffered (PYTHONUNBUFFERED, python -u): the print itself raises, in the middle of the command
+    done = with_closed_stdout(["train", "--print-config", "--device", "cpu"], PYTHONUNBUFFERED="1")
+    assert (done.returncode, done.stderr) == (closed_stdout.EXIT_STATUS, ""), done.stderr
+
+
+@pytest.fixture
+def pipe():
+    """(a pipe's read end, a stream on its write end), both closed after the test where still open.
+    The test points sys.stdout at the stream itself: pytest's capture sets it again as the test starts."""
+    read, write = os.pipe()
+    stream = open(write, "w")
+    yield read, stream
+    with contextlib.suppress(OSError):
+        stream.close()
+    with contextlib.suppress(OSError):
+        os.close(read)
+
+
+def test_a_pipe_is_closed_once_its_reader_is_gone(pipe, tmp_path, monkeypatch):
+    read, stream = pipe
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert not closed_stdout.closed()
+    os.close(read)
+    assert closed_stdout.closed()
+    with open(tmp_path / "out.txt", "w") as file:  # a file is never closed in this sense
+        monkeypatch.setattr(sys, "stdout", file)
+        assert not closed_stdout.closed()
+
+
+def test_a_broken_pipe_while_stdout_is_read_keeps_its_traceback(pipe, monkeypatch):
+    # a socket's or a worker's pipe: a bug to see, not a reader that went away
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(moco_fast.commands.export, "run", broken)
+    monkeypatch.setattr(sys, "stdout", pipe[1])
+    with pytest.raises(BrokenPipeError):
+        main(["export", "x.pt", "--format", "torchvision", "--output", "y.pth"])
