@@ -12,6 +12,9 @@
   `matching_heuristics: True`, pickled so that any numpy reads them (PortablePickler). detectron2
   has no CIFAR stem, so that export is refused. A wider ResNet-50 keeps the names; detectron2's config gives it its widths, as it gives any ResNet but R-50
   its depth or widths (commands/export.loading_notes).
+- moco: the official MoCo checkpoint's layout (main_moco.py's save), which the official
+  main_lincls.py `--pretrained` and detection/convert-pretrain-to-detectron2.py read (moco_checkpoint).
+  Their networks are torchvision's, ImageNet stem: a CIFAR stem is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from torch import nn
 from moco_fast.backbone import plain_bn_state, resolve_stem
 from moco_fast.config import ConfigError
 
-FORMATS = ("torchvision", "detectron2")
+FORMATS = ("torchvision", "detectron2", "moco")
+
+# The formats whose readers build torchvision's ImageNet stem only, and why a CIFAR stem is refused there
+IMAGENET_STEM_ONLY = {
+    "detectron2": "detectron2 has no CIFAR stem (3x3 conv, no max-pool)",
+    "moco": "the official MoCo scripts build torchvision's ResNets, whose stem is not a CIFAR one (3x3 conv, "
+    "no max-pool)",
+}
 
 
 def backbone_state(backbone: nn.Module, fc: nn.Linear | None = None) -> dict[str, torch.Tensor]:
@@ -83,11 +93,30 @@ def detectron2_checkpoint(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def moco_checkpoint(model: nn.Module, arch: str) -> dict[str, Any]:
+    """The query encoder as main_moco.py saves it: {"arch", "state_dict"}, its tensors named
+    `module.encoder_q.<torchvision name>` (DDP's prefix), the head as `fc` (v1's Linear, v2's MLP as
+    fc.0/fc.2: build_head's indices) where the model has one. What the official scripts read of it:
+    main_lincls.py --pretrained loads module.encoder_q.* but fc into torchvision.models.<its --arch>()
+    (strict=False, asserting that only fc.weight and fc.bias are missing; its sanity check finds each
+    other tensor by this name, BN counts included); convert-pretrain-to-detectron2.py renames every
+    module.encoder_q.* (the head's too, which detectron2 leaves unused). Neither reads "arch" or
+    "epoch": "arch" is kept so that moco-fast reads the file back as that arch (foreign.py). No key
+    encoder, queue or optimizer: nothing reads them."""
+    from moco_fast.foreign import has_head
+
+    query = torchvision_state(model)
+    if has_head(model):
+        query.update({f"fc.{k}": v.detach().cpu().clone() for k, v in model.encoder_q.head.state_dict().items()})
+    return {"arch": arch, "state_dict": {f"module.encoder_q.{k}": v for k, v in query.items()}}
+
+
 def export(
     checkpoint: str | Path, fmt: str, output: str | Path, force: bool = False, arch: str | None = None
 ) -> dict[str, Any]:
     """Write the export of a training checkpoint, an official MoCo checkpoint or a torchvision state
-    dict (`arch`: --arch, foreign.py); returns {"format", "output", "keys", "arch", "stem"}."""
+    dict (`arch`: --arch, foreign.py); returns {"format", "output", "keys", "part" (what the keys are
+    of), "arch", "stem"}."""
     from moco_fast.checkpoint import atomic_write, load_model, save_atomic
 
     if fmt not in FORMATS:
@@ -97,17 +126,21 @@ def export(
         raise FileExistsError(f"{output} exists: pass --force to overwrite it")
     model, cfg = load_model(checkpoint, "cpu", arch=arch)
     stem = resolve_stem(cfg.model.stem, cfg.data.aug.image_size)
+    if stem == "cifar" and fmt in IMAGENET_STEM_ONLY:
+        raise ConfigError(
+            f"{IMAGENET_STEM_ONLY[fmt]}: this backbone cannot be exported with --format {fmt}; use --format torchvision"
+        )
+    part = "query backbone"
     if fmt == "detectron2":
-        if stem == "cifar":
-            raise ConfigError(
-                "detectron2 has no CIFAR stem (3x3 conv, no max-pool): this backbone cannot be exported "
-                "for detectron2; use --format torchvision"
-            )
         obj = detectron2_checkpoint(model)
         keys = len(obj["model"])
         atomic_write(output, lambda fh: PortablePickler(fh).dump(obj))
+    elif fmt == "moco":
+        obj, part = moco_checkpoint(model, cfg.model.arch), "query encoder"
+        keys = len(obj["state_dict"])
+        save_atomic(obj, output)
     else:
         state = torchvision_state(model)
         keys = len(state)
         save_atomic(state, output)
-    return {"format": fmt, "output": str(output), "keys": keys, "arch": cfg.model.arch, "stem": stem}
+    return {"format": fmt, "output": str(output), "keys": keys, "part": part, "arch": cfg.model.arch, "stem": stem}

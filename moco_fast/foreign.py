@@ -3,8 +3,9 @@ lincls, finetune and export evaluate them with the same protocol as ours:
 
 - an official MoCo checkpoint (facebookresearch/moco's main_moco.py: {"epoch", "arch", "state_dict",
   "optimizer"}, the query encoder under `module.encoder_q.` with torchvision ResNet names, its head as
-  `fc` (v1: one Linear; v2: `fc.0`, `fc.2`), the key encoder and the queue beside it): the query
-  encoder's backbone and head, ImageNet stem;
+  `fc` (v1: one Linear; v2: `fc.0`, `fc.2`), the key encoder and the queue beside it; `export --format
+  moco`: {"arch", "state_dict"} with the query encoder alone): the query encoder's backbone and head,
+  ImageNet stem;
 - a plain torchvision ResNet state dict (`export --format torchvision`, finetune's network,
   torchvision's own weights saved with torch.save; a `module.` prefix or a {"state_dict": ...} wrapper
   as DataParallel and the official main_lincls.py leave them): the backbone alone, its `fc` (a

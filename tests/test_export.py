@@ -1,9 +1,10 @@
-"""`moco-fast export`: torchvision weights that round-trip, the CIFAR stem, and detectron2's names
-for a ResNet-50."""
+"""`moco-fast export`: torchvision weights that round-trip, the CIFAR stem, detectron2's names
+for a ResNet-50, and an official MoCo checkpoint that the official scripts read."""
 
 from __future__ import annotations
 
 import pickle
+import re
 
 import torch
 import torchvision
@@ -58,9 +59,11 @@ def test_export_cifar_stem(tmp_path, capsys):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), model.backbone().eval()(x))  # split BN state is plain BN
-    assert main(["export", str(path), "--format", "detectron2", "--output", str(tmp_path / "d2.pkl")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "CIFAR stem" in err[0]
+    for fmt, reader in (("detectron2", "detectron2 has no CIFAR stem"), ("moco", "the official MoCo scripts")):
+        assert main(["export", str(path), "--format", fmt, "--output", str(tmp_path / "out.pkl")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and reader in err[0] and "CIFAR" in err[0], fmt
+        assert not (tmp_path / "out.pkl").exists()
 
 
 def test_export_detectron2_names_resnet50(tmp_path):
@@ -155,3 +158,84 @@ def test_a_detectron2_export_of_basic_blocks_says_that_a_c4_config_does_not_fit_
         ), arch
     for arch in ("resnet50", "resnet101", "resnext50_32x4d"):  # bottlenecks: a C4 head fits their res5
         assert not [n for n in loading_notes("detectron2", arch, "imagenet") if "C4 config" in n], arch
+
+
+def official_detectron2_name(name: str) -> str:
+    """The renaming of the official detection/convert-pretrain-to-detectron2.py, as read there, of a
+    name without its module.encoder_q. prefix: the stem's under stem., layerN -> res(N+1), bnK ->
+    convK.norm, downsample.0/1 -> shortcut and shortcut.norm."""
+    if "layer" not in name:
+        name = "stem." + name
+    name = re.sub(r"layer(\d)", lambda m: f"res{int(m[1]) + 1}", name)
+    name = re.sub(r"bn(\d)", r"conv\1.norm", name)
+    return name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+def test_a_moco_export_is_what_the_official_scripts_read(ckpt, six_root, tmp_path, capsys):
+    from moco_fast.checkpoint import load_model
+    from moco_fast.commands.export import loading_notes
+
+    out = tmp_path / "moco.pth.tar"
+    assert main(["export", str(ckpt), "--format", "moco", "--output", str(out)]) == 0
+    assert "tensors of the resnet18 query encoder (moco)" in capsys.readouterr().out
+    ours = load_model(ckpt)[0]
+    saved = torch.load(out, map_location="cpu")  # as both scripts load it (weights_only where torch says so)
+    assert saved["arch"] == "resnet18"
+    tensors = saved["state_dict"]
+
+    # main_lincls.py --pretrained: module.encoder_q.* but its fc, the prefix removed, into torchvision's
+    # network with strict=False, whose missing keys it asserts are fc's alone
+    kept = {
+        k[len("module.encoder_q.") :]: v
+        for k, v in tensors.items()
+        if k.startswith("module.encoder_q") and not k.startswith("module.encoder_q.fc")
+    }
+    net = torchvision.models.resnet18()
+    assert set(net.load_state_dict(kept, strict=False).missing_keys) == {"fc.weight", "fc.bias"}
+    # its sanity check after the first epoch finds every tensor but fc's under module.encoder_q.<name>
+    for name, t in net.state_dict().items():
+        if name not in ("fc.weight", "fc.bias"):
+            assert torch.equal(t, tensors["module.encoder_q." + name]), name
+    net.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), ours.backbone().eval()(x))
+
+    # convert-pretrain-to-detectron2.py: every module.encoder_q.* renamed, as numpy arrays: export
+    # --format detectron2's file, plus the head's stem.fc.* that detectron2 leaves unused
+    converted = {
+        official_detectron2_name(k[len("module.encoder_q.") :]): v.numpy()
+        for k, v in tensors.items()
+        if k.startswith("module.encoder_q.")
+    }
+    d2 = tmp_path / "r18.pkl"
+    assert main(["export", str(ckpt), "--format", "detectron2", "--output", str(d2)]) == 0
+    with open(d2, "rb") as fh:
+        direct = pickle.load(fh)["model"]
+    head = {k: v for k, v in converted.items() if k.startswith("stem.fc.")}
+    assert head and sorted(set(converted) - set(head)) == sorted(direct)
+    for name, array in direct.items():
+        assert (converted[name] == array).all(), name
+
+    # moco-fast reads it back as an official checkpoint: the same query encoder, head included
+    back = load_model(out)[0]
+    for part in ("backbone", "head"):
+        mine, theirs = getattr(ours.encoder_q, part).state_dict(), getattr(back.encoder_q, part).state_dict()
+        assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine), part
+    knn = [
+        "knn",
+        "--checkpoint",
+        str(out),
+        "--data",
+        str(six_root),
+        "--features",
+        "head",
+        "--image-size",
+        "32",
+        "--k",
+        "5",
+    ]
+    assert main([*knn, "--device", "cpu", "--workers", "0"]) == 0
+    assert "kNN top-1 (head, " in capsys.readouterr().out
+    # a wider ResNet-50 is no torchvision model, which main_lincls.py builds
+    assert any("main_lincls.py cannot build it" in n for n in loading_notes("moco", "resnet50w2", "imagenet"))

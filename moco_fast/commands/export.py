@@ -1,4 +1,5 @@
-"""`moco-fast export`: the query backbone for torchvision or detectron2."""
+"""`moco-fast export`: the query backbone for torchvision or detectron2, or the query encoder as an
+official MoCo checkpoint."""
 
 from __future__ import annotations
 
@@ -18,14 +19,18 @@ from moco_fast.commands import (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write the query backbone as a torchvision state dict or a detectron2 checkpoint",
+        help="write the query backbone as a torchvision state dict or a detectron2 checkpoint, or the query "
+        "encoder as an official MoCo checkpoint",
         description="torchvision: a ResNet state dict that torchvision.models.<arch>() loads with strict=False "
         "(only fc.* missing; strict=True once net.fc = nn.Identity()); a CIFAR-stem backbone exports too, but "
         "rebuild its stem (3x3 conv1, no max-pool) before loading. detectron2: the official MoCo conversion "
         "(stem., res2..res5, shortcut, convK.norm; a pickle with matching_heuristics), for the paper's detection "
         "transfer; for any ResNet but R-50 it prints the MODEL.RESNETS config lines that build it (ResNet-18/34 "
         "need an FPN config: a C4 config's ROI head builds res5 of bottleneck blocks); CIFAR stems are refused. "
-        "An official MoCo checkpoint converts as the official script does (its head left out).",
+        "An official MoCo checkpoint converts as the official script does (its head left out). moco: the official "
+        "main_moco.py checkpoint's layout ({'arch', 'state_dict'}: module.encoder_q.<torchvision name>, the head as "
+        "fc), which the official main_lincls.py --pretrained and detection/convert-pretrain-to-detectron2.py read, "
+        "as moco-fast's own commands do; CIFAR stems are refused.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help=f"{CHECKPOINT_HELP}; or give it as --checkpoint")
@@ -39,15 +44,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format",
         required=True,
-        choices=["torchvision", "detectron2"],
-        help="torchvision: a ResNet state dict (torch.save); detectron2: the official MoCo conversion (a pickle)",
+        choices=["torchvision", "detectron2", "moco"],
+        help="torchvision: a ResNet state dict (torch.save); detectron2: the official MoCo conversion (a pickle); "
+        "moco: an official MoCo checkpoint (torch.save)",
     )
     p.add_argument(
         "--output",
         "--out",
         required=True,
-        help="file to write (.pth for torchvision; detectron2: a .pkl, which it needs); --out as lincls and "
-        "finetune name it",
+        help="file to write (.pth for torchvision; detectron2: a .pkl, which it needs; moco: any name, "
+        "main_moco.py's are .pth.tar); --out as lincls and finetune name it",
     )
     p.add_argument(
         "--force",
@@ -89,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     # an existing folder, the checkpoint itself, or a run's own file is refused even with --force
     output = check_output(args.output, "--output", inputs=(checkpoint,), replaces=run_file)
     res = export(checkpoint, args.format, output, force=args.force, arch=args.arch)
-    print(f"wrote {res['output']}: {res['keys']} tensors of the {res['arch']} query backbone ({res['format']})")
+    print(f"wrote {res['output']}: {res['keys']} tensors of the {res['arch']} {res['part']} ({res['format']})")
     for line in loading_notes(res["format"], res["arch"], res["stem"]):
         print(f"note: {line}")
     return 0
@@ -111,6 +117,11 @@ def loading_notes(fmt: str, arch: str, stem: str, num_classes: int | None = None
         )
     if fmt == "torchvision" and k == 1 and num_classes is not None:  # torchvision's default fc has 1000
         notes.append(f"torchvision.models.{arch}(num_classes={num_classes}) loads it strictly")
+    if fmt == "moco" and k > 1:
+        notes.append(
+            f"{arch} is not in torchvision: the official main_lincls.py cannot build it (its --arch names "
+            "torchvision's models); moco-fast's knn, lincls and finetune read this file"
+        )
     if fmt == "torchvision" and stem == "cifar":
         notes.append(
             f"CIFAR stem. Before load_state_dict, set net.conv1 = nn.Conv2d(3, {64 * k}, 3, 1, 1, bias=False) "
