@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -230,21 +232,68 @@ def plain(v: Any) -> Any:
 
 
 def from_dict(d: dict[str, Any]) -> TrainConfig:
-    def build(cls: type, values: dict[str, Any]) -> Any:
+    """The TrainConfig of a saved dict (a checkpoint's, a config.json); a TypeError naming the field
+    whose value is not of its type (a config.json edited by hand: "epochs": "two" or "lr": null went
+    on to a TypeError's traceback in the checks of the flags, "mlp": "yes" trained as true)."""
+
+    def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+        if not isinstance(values, dict):
+            raise TypeError(f"{prefix.rstrip('.')} is {json.dumps(values, default=str)}, not an object of settings")
         kwargs = {}
+        hints = typing.get_type_hints(cls)
         for f in fields(cls):
             if f.name not in values:
                 continue
             v = values[f.name]
             if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-                kwargs[f.name] = build(f.default_factory, v)  # type: ignore[arg-type]
-            elif isinstance(v, list):
+                kwargs[f.name] = build(f.default_factory, v, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+                continue
+            if not _is_of(v, hints[f.name]):
+                raise TypeError(f"{prefix}{f.name} is {json.dumps(v, default=str)}, not {_type_name(hints[f.name])}")
+            if isinstance(v, list):
                 kwargs[f.name] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
             else:
                 kwargs[f.name] = v
         return cls(**kwargs)
 
     return build(TrainConfig, d)
+
+
+def _is_of(v: Any, hint: Any) -> bool:
+    """Whether a JSON value `v` fits a config field's type: an int is a float too, a bool no number,
+    a list a tuple of its elements' type (as many as a fixed one has)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_is_of(v, a) for a in args)
+    if origin is tuple:
+        fixed = args[-1] is not Ellipsis
+        return (
+            isinstance(v, (list, tuple))
+            and (not fixed or len(v) == len(args))
+            and all(_is_of(x, args[i] if fixed else args[0]) for i, x in enumerate(v))
+        )
+    if origin is dict:
+        return isinstance(v, dict) and all(_is_of(k, args[0]) and _is_of(x, args[1]) for k, x in v.items())
+    if hint is type(None):
+        return v is None
+    if hint is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, hint)
+
+
+def _type_name(hint: Any) -> str:
+    """`hint` as from_dict's TypeError names it: "a float", "a str or null", "a list of float"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        count = "" if args[-1] is Ellipsis else f"{len(args)} "
+        return f"a list of {count}{args[0].__name__}"
+    if origin is dict:
+        return f"an object of {args[1].__name__}"
+    return f"an {hint.__name__}" if hint is int else f"a {hint.__name__}"
 
 
 def read_json_object(path: Path, max_bytes: int = 16 << 20) -> dict[str, Any] | None:

@@ -449,3 +449,33 @@ def test_a_resume_into_fp16_of_a_run_without_it_starts_the_loss_scale_afresh():
     assert fp16.get_scale() == fp16.state_dict()["scale"] == 65536.0  # GradScaler's own start
     load_scaler(fp16, {**fp16.state_dict(), "scale": 1024.0})  # an fp16 run's: continued
     assert fp16.get_scale() == 1024.0
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "said"),
+    [
+        ("optim", "epochs", "two", 'optim.epochs is "two", not an int'),
+        ("optim", "lr", None, "optim.lr is null, not a float"),
+        ("model", "mlp", "yes", 'model.mlp is "yes", not a bool'),
+        ("data", "data", 7, "data.data is 7, not a str or null"),
+        ("moco", "k", 4.5, "moco.k is 4.5, not an int"),
+    ],
+)
+def test_a_config_json_edited_by_hand_with_a_value_of_another_type_is_named(
+    tiny_root, tmp_path, capsys, section, key, value, said
+):
+    # a run stopped before its first checkpoint starts over from its config.json: a value of another
+    # type there ("epochs": "two", "lr": null) ended in a TypeError's traceback in the checks of the
+    # flags, and "mlp": "yes" or "data": 7 went on (printed, trained) as if they were settings
+    out = tmp_path / "run"
+    assert main([*tiny_args(tiny_root, out), "--print-config"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    config[section][key] = value
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", "--out", str(out), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"moco-fast train: error: --resume: {out / 'config.json'} cannot be read ({said}): correct it, move it "
+        "away, or choose another --out"
+    ]

@@ -399,8 +399,10 @@ def _config_before_a_checkpoint(args: argparse.Namespace, out: Path):
         cfg, run = from_dict(obj), SavedRun.of_config(obj)
     except ConfigError:  # a ValueError that says what is wrong already (not a run's config.json)
         raise
-    except (TypeError, AttributeError, ValueError) as e:  # not a run's config.json (fields of other types)
-        raise DataError(f"--resume: {saved} cannot be read ({e}): move it away, or choose another --out") from None
+    except (TypeError, AttributeError, ValueError) as e:  # not a run's config.json, or one edited by hand
+        raise DataError(
+            f"--resume: {saved} cannot be read ({e}): correct it, move it away, or choose another --out"
+        ) from None
     if stopped_before_its_first_checkpoint(out):  # else check_output refuses it: the checkpoint is gone
         log.info("--resume: %s has no checkpoint yet; its run starts over with the settings of %s", out, saved)
     return _continued(cfg, str(out), args), run
