@@ -479,3 +479,18 @@ def test_a_config_json_edited_by_hand_with_a_value_of_another_type_is_named(
         f"moco-fast train: error: --resume: {out / 'config.json'} cannot be read ({said}): correct it, move it "
         "away, or choose another --out"
     ]
+
+
+@pytest.mark.parametrize("flags", [["--arch", "resnet34"], ["--dim", "64"], ["--moco-k", "32"]])
+def test_a_resume_with_another_model_is_refused_before_the_data_is_read(run, capsys, caplog, flags):
+    # the checkpoint's model settings cannot change on --resume, but the run read its data (minutes on
+    # a large folder; the resident loader decodes all of it) and built the model before it said so,
+    # and --print-config, which makes the checks of the flags, printed the config as a run's
+    argv = ["train", "--resume", "--out", str(run), "--epochs", "2", *flags]
+    assert main([*argv, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the checkpoint was trained with other" in err[0], err
+    with caplog.at_level(logging.INFO, logger="moco_fast"):
+        assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == err
+    assert not [r for r in caplog.records if r.getMessage().startswith("data:")], caplog.text

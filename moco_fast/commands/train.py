@@ -13,7 +13,7 @@ from pathlib import Path
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.commands import AMP_CHOICES, HelpFormatter
 from moco_fast.commands.unused_flags import warn_unused
-from moco_fast.config import MAX_IMAGE_SIZE, MAX_SEED, PRESETS, ConfigError, build_config, set_dotted
+from moco_fast.config import MAX_IMAGE_SIZE, MAX_SEED, PRESETS, ConfigError, build_config, set_dotted, to_dict
 
 log = logging.getLogger("moco_fast")
 
@@ -284,6 +284,7 @@ def configured(args: argparse.Namespace):
     not read it again."""
     saved, saved_run = _resumed_config(args)
     if saved is not None:
+        weights = to_dict(saved)  # the settings its checkpoint's weights were built with, before the flags
         cfg, saved_size, saved_runtime = saved, saved.data.aug.image_size, replace(saved.runtime)
         for dest, field in FLAG_FIELDS.items():
             if getattr(args, dest, None) is not None:
@@ -322,6 +323,12 @@ def configured(args: argparse.Namespace):
         cfg.data.aug = replace(cfg.data.aug, image_size=size, mean=demo.mean, std=demo.std)
     elif args.image_size is not None:
         cfg.data.aug = cfg.data.aug.with_size(args.image_size)
+    if saved is not None and saved_run.checkpoint:
+        from moco_fast.resume import check_same_model
+
+        # here, with the flags: the run read its data (minutes on a large folder) and built the model
+        # before resume.resume refused another --arch, and --print-config did not refuse it
+        check_same_model(weights, cfg)
     return cfg, saved_run
 
 
@@ -509,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, saved_run = configured(args)
     warn_unused(args, cfg.moco.mechanism, cfg.moco.shuffle_bn)
     if args.print_config:
-        from moco_fast.config import as_run, to_dict
+        from moco_fast.config import as_run
         from moco_fast.join import check_group_env, describes_group
         from moco_fast.launch import check_gpus_flag, check_local_gpus
         from moco_fast.trainer import check_flags, check_workers
