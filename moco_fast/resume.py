@@ -171,14 +171,19 @@ def saved_amp(state: dict[str, Any]) -> str | None:
 
 def warn_other_data(saved: dict[str, Any], cfg: TrainConfig) -> None:
     """A finished run resumed on other --data: the final kNN it still owes reads that data, and its
-    summary.json does not name it (it went into the run's figures without a word)."""
-    trained_on = saved.get("data", {}).get("data")
-    if trained_on is not None and cfg.data.data is not None and trained_on != cfg.data.data:
-        log.warning(
-            "--resume: the run trained on --data %s; its final kNN, where still owed, reads --data %s",
-            trained_on,
-            cfg.data.data,
-        )
+    summary.json does not name it (it went into the run's figures without a word). The demo set and
+    --loader synthetic's random images are data too: a synthetic run resumed with --loader torch
+    measured its final kNN on the demo set, which it never trained on, without a word."""
+    trained_on, reads = _images_of(saved.get("data", {})), _images_of(to_dict(cfg.data))
+    if trained_on != reads:
+        log.warning("--resume: the run trained on %s; its final kNN, where still owed, reads %s", trained_on, reads)
+
+
+def _images_of(data: dict[str, Any]) -> str:
+    """The images that a saved data config (DataConfig's dict) trains on, as warn_other_data names them."""
+    if data.get("loader") == "synthetic":
+        return "random images (--loader synthetic)"
+    return "the demo set" if data.get("data") is None else f"--data {data['data']}"
 
 
 def warn_rescheduled(

@@ -494,3 +494,24 @@ def test_a_resume_with_another_model_is_refused_before_the_data_is_read(run, cap
         assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines() == err
     assert not [r for r in caplog.records if r.getMessage().startswith("data:")], caplog.text
+
+
+def test_a_finished_run_resumed_on_the_demo_set_or_from_random_images_says_which_its_final_knn_reads(caplog):
+    # only two --data paths were compared: a run on --loader synthetic (no eval split, no final kNN)
+    # resumed with --loader torch computed its owed final kNN on the demo set, which it never trained
+    # on, and summary.json took those figures without a word; the demo set resumed on --data too
+    from moco_fast.config import build_config, to_dict
+    from moco_fast.resume import warn_other_data
+
+    synthetic = to_dict(build_config("v2", {"data.loader": "synthetic"}))
+    demo = to_dict(build_config("demo"))
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        warn_other_data(synthetic, build_config("v2", {"data.loader": "synthetic"}))  # the same: nothing
+        warn_other_data(demo, build_config("demo", {"data.loader": "torch"}))  # another loader, the same images
+        warn_other_data(synthetic, build_config("v2", {"data.loader": "torch"}))
+        warn_other_data(demo, build_config("demo", {"data.data": "/data/cifar10"}))
+    assert caplog.messages == [
+        "--resume: the run trained on random images (--loader synthetic); its final kNN, where still owed, reads "
+        "the demo set",
+        "--resume: the run trained on the demo set; its final kNN, where still owed, reads --data /data/cifar10",
+    ]
