@@ -68,7 +68,8 @@ def resume(
     part = {**state["epoch_part"], "step": state["step"]} if state.get("step") else None
     if part is not None and "num_images" in state:  # resumed_part: the same data, or the epoch restarts
         part["num_images"] = state["num_images"]
-    elif state["epoch"] < cfg.optim.epochs:
+    elif state["epoch"] < cfg.optim.epochs and cfg.data.loader != "synthetic":
+        # random images, steps x batch of them: another --batch-size is no data changed since (warn_changed names it)
         warn_other_images(state.get("num_images"), num_images)
     # state["epoch"]: the epochs done; "at epoch 0, step 1 of epoch 1" read as two positions
     done = state["epoch"]

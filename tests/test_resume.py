@@ -515,3 +515,16 @@ def test_a_finished_run_resumed_on_the_demo_set_or_from_random_images_says_which
         "the demo set",
         "--resume: the run trained on the demo set; its final kNN, where still owed, reads --data /data/cifar10",
     ]
+
+
+def test_a_synthetic_run_resumed_with_another_batch_size_names_no_images_changed(tmp_path, caplog):
+    # --loader synthetic's images are its steps x the batch: resumed with --batch-size 4 it said "the
+    # data has 8 images now, the run trained on 16 (images or class folders added or removed since)"
+    out = tmp_path / "run"
+    argv = ["train", "--loader", "synthetic", "--synthetic-steps", "2", "--image-size", "32", "--preset", "cifar"]
+    argv += ["--arch", "resnet18", "--stem", "imagenet", "--moco-k", "16", "--bn-splits", "2", "--device", "cpu"]
+    argv += ["--workers", "0", "--out", str(out)]
+    assert main([*argv, "--epochs", "1", "--batch-size", "8"]) == 0
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*argv, "--epochs", "2", "--batch-size", "4", "--resume"]) == 0
+    assert "optim.batch_size 8 -> 4" in caplog.text and "images now" not in caplog.text, caplog.text
