@@ -20,7 +20,7 @@ from moco_fast.backbone import check_arch
 from moco_fast.bn_batch import bn_splits, warn_few_bn_images
 from moco_fast.cli import interruption
 from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, as_run, check_at_least, check_image_size, save_json
-from moco_fast.cores import available_cores
+from moco_fast.cores import WORKERS_PER_CORE, available_cores
 from moco_fast.data import DataError, DataSplits
 from moco_fast.epoch import resumed_part
 from moco_fast.epoch import run_epoch as _run_epoch
@@ -125,12 +125,6 @@ def resolve_workers(workers: int, device: torch.device) -> int:
         return workers
     cores = max(1, available_cores() // dist_utils.local_world_size())
     return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
-
-
-# The most --workers a core of this machine (all its training processes together): more add no decoding,
-# only processes that compete for the cores with the step, and a stop waits for them (--workers 400 on 2
-# cores: 90 s, all 400 started and decoding their parts ahead before step 10's sync acted on it).
-WORKERS_PER_CORE = 8
 
 
 def most_workers(processes: int) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from moco_fast.config import MAX_SEED, ConfigError, check_at_least, check_image_size, read_json_object
+from moco_fast.cores import WORKERS_PER_CORE
 
 if TYPE_CHECKING:
     import torch
@@ -47,8 +48,8 @@ def add_eval_runtime_flags(
         "--workers",
         type=int,
         default=None,
-        help=f"data loading workers; -1: auto (default: {workers}, no more than the cores); at most 8 a core of the "
-        "machine, its processes' together, as train's (the default too)",
+        help=f"data loading workers; -1: auto (default: {workers}, no more than the cores); at most "
+        f"{WORKERS_PER_CORE} a core of the machine, its processes' together, as train's (the default too)",
     )
     p.set_defaults(default_workers=workers)
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (a GPU when there is one)")

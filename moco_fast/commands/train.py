@@ -14,6 +14,7 @@ from moco_fast.augment import AUG_PRESETS
 from moco_fast.commands import AMP_CHOICES, HelpFormatter
 from moco_fast.commands.unused_flags import warn_unused
 from moco_fast.config import MAX_IMAGE_SIZE, MAX_SEED, PRESETS, ConfigError, build_config, set_dotted, to_dict
+from moco_fast.cores import WORKERS_PER_CORE
 
 log = logging.getLogger("moco_fast")
 
@@ -88,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         help="data loading workers per process (default auto: up to 8 per GPU; half the cores on a CPU); at most "
-        "8 a core of the machine, its processes' together (--resume without it: the run's, lowered to that)",
+        f"{WORKERS_PER_CORE} a core of the machine, its processes' together (--resume without it: the run's, lowered to that)",
     )
     g.add_argument(
         "--image-size",
