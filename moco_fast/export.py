@@ -10,8 +10,9 @@
   `stem.`, `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`, `downsample.0/1` -> `shortcut` /
   `shortcut.norm`; numpy arrays in a pickled dict with `__author__: "MOCO"` and
   `matching_heuristics: True`, pickled so that any numpy reads them (PortablePickler). detectron2
-  has no CIFAR stem, so that export is refused. A wider ResNet-50 keeps the names; detectron2's config gives it its widths, as it gives any ResNet but R-50
-  its depth or widths (commands/export.loading_notes).
+  has no CIFAR stem, so that export is refused. A wider ResNet-50 keeps the names; detectron2's
+  config gives it its widths, as it gives any ResNet but R-50 its depth or widths
+  (commands/export.loading_notes).
 - moco: the official MoCo checkpoint's layout (main_moco.py's save), which the official
   main_lincls.py `--pretrained` and detection/convert-pretrain-to-detectron2.py read (moco_checkpoint).
   Their networks are torchvision's, ImageNet stem: a CIFAR stem is refused.
