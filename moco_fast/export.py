@@ -79,6 +79,13 @@ class PortablePickler(pickle.Pickler):
     numpy.ndarray and builtins.bytearray unpickle in any numpy, as a writable array of the same
     values (detectron2's torch.from_numpy shares its memory)."""
 
+    # Protocol 4, the default before Python 3.14: at 5 (3.14's) the bytes go out as a bytearray
+    # opcode that names no builtins.bytearray, and Pythons before 3.8 cannot read the file at all
+    PROTOCOL = 4
+
+    def __init__(self, fh) -> None:
+        super().__init__(fh, protocol=self.PROTOCOL)
+
     def reducer_override(self, obj):
         if type(obj) is np.ndarray:
             return np.ndarray, (obj.shape, obj.dtype.str, bytearray(np.ascontiguousarray(obj).tobytes()))

@@ -104,6 +104,7 @@ def test_the_detectron2_export_unpickles_without_numpy_2_s_modules(tmp_path):
     model = save_untrained_checkpoint(path, "v2")
     out = tmp_path / "r18.pkl"
     assert main(["export", str(path), "--format", "detectron2", "--output", str(out)]) == 0
+    assert out.read_bytes()[:2] == pickle.PROTO + bytes([4])  # 3.14's default, 5, writes other opcodes
     named = set()
 
     class Recording(pickle.Unpickler):
