@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from moco_fast.config import ConfigError
+from moco_fast.config import ConfigError, TrainConfig, from_dict
 from moco_fast.data import DataError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -269,6 +269,16 @@ def find_resume(resume: str | None, out: str | Path) -> Path | None:
     return p
 
 
+def saved_config(state: dict[str, Any], path: str | Path) -> TrainConfig:
+    """The TrainConfig a training checkpoint records (or foreign.as_training_state's), or a one-line
+    DataError naming the file: a value of another type in it (config.from_dict's TypeError) ended in
+    a traceback in each command that reads one (knn, lincls, finetune, export, train --resume)."""
+    try:
+        return from_dict(state["config"])
+    except TypeError as e:
+        raise DataError(f"{path}: its saved config cannot be read ({e})") from None
+
+
 def load_model(
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -279,14 +289,13 @@ def load_model(
     or a torchvision ResNet state dict (foreign.as_training_state; `arch`: --arch, which must match
     the checkpoint's). `state`: the one read already from `path` (converted or not). A backbone
     without a MoCo head has an Identity head (foreign.has_head)."""
-    from moco_fast.config import from_dict
     from moco_fast.foreign import HEADLESS, as_training_state
     from moco_fast.model import MoCo
 
     if state is None:
         state = load(path, map_location="cpu")
     state = as_training_state(state, path, arch)
-    cfg = from_dict(state["config"])
+    cfg = saved_config(state, path)
     if arch is not None and arch != cfg.model.arch:
         raise ConfigError(f"--arch {arch} contradicts the checkpoint, a {cfg.model.arch} (leave --arch out)")
     model = MoCo(cfg.model, cfg.moco, cfg.data.aug.image_size, num_images=state.get("num_images", 0))

@@ -175,7 +175,7 @@ def default_image_size(cfg: Any) -> int:
     from moco_fast.foreign import as_training_state
 
     state = as_training_state(ckpt.load(cfg.checkpoint, mmap=True), cfg.checkpoint, cfg.arch, say=False)
-    return state["config"]["data"]["aug"]["image_size"]
+    return ckpt.saved_config(state, cfg.checkpoint).data.aug.image_size
 
 
 def _amp_as_given(settings: dict[str, Any]) -> str:

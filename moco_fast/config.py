@@ -238,7 +238,9 @@ def from_dict(d: dict[str, Any]) -> TrainConfig:
 
     def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if not isinstance(values, dict):
-            raise TypeError(f"{prefix.rstrip('.')} is {json.dumps(values, default=str)}, not an object of settings")
+            raise TypeError(
+                f"{prefix.rstrip('.') or 'the config'} is {json.dumps(values, default=str)}, not an object of settings"
+            )
         kwargs = {}
         hints = typing.get_type_hints(cls)
         for f in fields(cls):

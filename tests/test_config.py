@@ -131,6 +131,18 @@ def test_round_trip():
     assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
 
 
+def test_a_config_saved_by_the_first_moco_fast_still_loads():
+    # from_dict checks each saved value's type (f26cb24); no field has changed its type or shape since
+    # the first version (git log -p moco_fast/config.py), whose configs lack the fields added since:
+    # as torch.save keeps them (tuples) and as config.json writes them (lists)
+    saved = to_dict(build_config("v1"))
+    del saved["moco"]["shuffle_exchange"], saved["data"]["loader_options"]
+    for name in ("cuda_graph", "force", "save_every"):
+        del saved["runtime"][name]
+    for form in (saved, json.loads(json.dumps(saved))):
+        assert from_dict(form) == build_config("v1")
+
+
 def test_bad_loader_option_and_help(capsys):
     assert main(["train", "--loader-option", "novalue", "--print-config"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err

@@ -420,6 +420,35 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(run_dir, data, tmp_pat
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda c: c["optim"].update(epochs="two"), 'optim.epochs is "two", not an int'),
+        (lambda c: c["data"]["aug"].update(image_size="32"), 'data.aug.image_size is "32", not an int'),
+        (lambda c: c.update(model=None), "model is null, not an object of settings"),
+    ],
+    ids=["epochs", "image_size", "model"],
+)
+def test_a_checkpoint_whose_config_holds_a_value_of_another_type_is_named(
+    run_dir, data, tmp_path, capsys, change, said
+):
+    # config.from_dict names a value of another type with a TypeError, which each command that reads a
+    # checkpoint's config let out as a traceback (exit 1)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    change(state["config"])
+    bad = tmp_path / "edited.pt"
+    torch.save(state, bad)
+    for argv in (
+        ["knn", "--checkpoint", str(bad), "--data", str(data)],
+        ["lincls", "--checkpoint", str(bad), "--out", str(tmp_path / "r.json")],
+        ["finetune", "--checkpoint", str(bad), "--out", str(tmp_path / "r.json")],
+        ["export", str(bad), "--format", "torchvision", "--output", str(tmp_path / "x.pth")],
+        ["train", "--resume", str(bad), "--out", str(tmp_path / "run"), "--print-config"],
+    ):
+        assert main([*argv, "--device", "cpu"]) == 2, argv
+        assert one_line_error(capsys).endswith(f"error: {bad}: its saved config cannot be read ({said})"), argv
+
+
 def test_checkpoints_in_torch_legacy_format_still_load(run_dir, tmp_path, capsys):
     state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     for protocol in (2, 4):

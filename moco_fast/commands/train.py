@@ -344,7 +344,7 @@ def _resumed_config(args: argparse.Namespace):
     if args.resume is None:
         return None, None
     from moco_fast import checkpoint as ckpt
-    from moco_fast.config import RuntimeConfig, from_dict
+    from moco_fast.config import RuntimeConfig
     from moco_fast.data import DataError
     from moco_fast.resume import SavedRun
     from moco_fast.run_folder import continues_in
@@ -365,7 +365,7 @@ def _resumed_config(args: argparse.Namespace):
     state = ckpt.load(path, map_location="cpu", mmap=True)  # its config: the weights are read by resume
     if not isinstance(state.get("config"), dict):
         raise DataError(f"--resume: {path} is not a moco-fast training checkpoint")
-    return _continued(from_dict(state["config"]), run_out, args), SavedRun.of(state)
+    return _continued(ckpt.saved_config(state, path), run_out, args), SavedRun.of(state)
 
 
 def _continued(cfg, out: str, args: argparse.Namespace):
