@@ -44,6 +44,7 @@ def resume(
     if not {"config", "model", "optimizer", "epoch"} <= set(state):
         raise DataError(f"--resume: {resume_path} is not a moco-fast training checkpoint")
     check_same_model(state["config"], cfg)
+    check_epochs(state["epoch"], cfg)
     if state["epoch"] < cfg.optim.epochs:
         saved = SavedRun.of(state)  # as train --resume read it with the checkpoint's config
         # shuffle BN back where sync BN stops replacing it: train --resume's own line says so
@@ -241,12 +242,13 @@ class SavedRun:
     world: int
     sync_bn: bool | None
     checkpoint: bool = True
+    epochs: int = 0  # the epochs its checkpoint finished (check_epochs)
 
     @classmethod
     def of(cls, state: dict[str, Any]) -> SavedRun:
         """That of a checkpoint read already (its tensors may be unread)."""
         world = _processes(state.get("world_size")) or len(state.get("rng_per_rank") or [None])
-        return cls(world, state["config"].get("runtime", {}).get("sync_bn"))
+        return cls(world, state["config"].get("runtime", {}).get("sync_bn"), epochs=state.get("epoch") or 0)
 
     @classmethod
     def of_config(cls, saved: dict[str, Any]) -> SavedRun:
@@ -322,6 +324,18 @@ def check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
                 f"--resume: the checkpoint was trained with other {section} settings "
                 + ", ".join(f"{k}={old[k]!r} (now {new[k]!r})" for k in diff)
             )
+
+
+def check_epochs(done: int, cfg: TrainConfig) -> None:
+    """A ConfigError where --epochs is fewer than the `done` epochs the checkpoint finished: its weights
+    cannot go back, and the run said "nothing to do: RUN trained for its 1 epoch already" of a run of
+    2, the --epochs given left aside without a word. As many as it finished (within the next, a stop)
+    is a finished run."""
+    if done > cfg.optim.epochs:
+        raise ConfigError(
+            f"--epochs {cfg.optim.epochs}: the checkpoint --resume continues has trained {plural(done, 'epoch')} "
+            f"already, and its weights cannot go back to fewer: give --epochs {done} or more, or leave --epochs out"
+        )
 
 
 def restore_rng(state: dict[str, Any], cfg: TrainConfig, world: int, rank: int, epoch: int) -> None:

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from run_helpers import rows
+from run_helpers import last_error, rows
 
 import moco_fast.trainer as trainer
 from moco_fast import checkpoint as ckpt
@@ -274,6 +274,22 @@ def test_a_checkpoint_within_an_epoch_past_a_shortened_run_is_a_finished_run(tmp
     assert row == {} and "continues" not in caplog.text
     assert "trained for its 1 epoch already" in trainer.nothing_to_train(shortened)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2  # left as it was
+
+
+def test_a_resume_with_fewer_epochs_than_its_checkpoint_finished_is_refused(tmp_path, capsys):
+    # a run of 2 resumed with --epochs 1 trained nothing and said "nothing to do: RUN trained for its 1
+    # epoch already", the --epochs given left aside without a word
+    trainer.train(config(tmp_path, **{"optim.epochs": 2}))
+    with pytest.raises(ConfigError, match="has trained 2 epochs already"):
+        trainer.train(config(tmp_path, **{"optim.epochs": 1, "runtime.resume": "auto"}))
+    for extra in ([], ["--print-config"]):  # refused with the flags, before the data is read
+        assert main(["train", "--resume", "--out", str(tmp_path), "--epochs", "1", *extra]) == 2
+        assert last_error(capsys) == (
+            "moco-fast train: error: --epochs 1: the checkpoint --resume continues has trained 2 epochs already, "
+            "and its weights cannot go back to fewer: give --epochs 2 or more, or leave --epochs out"
+        )
+    assert main(["train", "--resume", "--out", str(tmp_path), "--epochs", "2"]) == 0
+    assert capsys.readouterr().out == f"nothing to do: {tmp_path} trained for its 2 epochs already\n"
 
 
 def test_a_checkpoint_within_an_epoch_hands_its_image_count_to_the_resume(tmp_path, monkeypatch, handlers, caplog):

@@ -325,11 +325,13 @@ def configured(args: argparse.Namespace):
     elif args.image_size is not None:
         cfg.data.aug = cfg.data.aug.with_size(args.image_size)
     if saved is not None and saved_run.checkpoint:
-        from moco_fast.resume import check_same_model
+        from moco_fast.resume import check_epochs, check_same_model
 
         # here, with the flags: the run read its data (minutes on a large folder) and built the model
-        # before resume.resume refused another --arch, and --print-config did not refuse it
+        # before resume.resume refused another --arch (or fewer --epochs than it finished), and
+        # --print-config did not refuse it
         check_same_model(weights, cfg)
+        check_epochs(saved_run.epochs, cfg)
     return cfg, saved_run
 
 
