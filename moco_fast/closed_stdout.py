@@ -21,7 +21,10 @@ EXIT_STATUS = 128 + signal.SIGPIPE
 
 def ended_quietly(command: Callable[[], int]) -> int:
     """command()'s exit status, its output flushed while its pipe is known; EXIT_STATUS where stdout
-    is closed. Flushed also as --help, --version or a parse error exits (SystemExit)."""
+    is closed, unless the command had ended with its own failure (a sweep's diverged settings: 1), which
+    it said on stderr and which the lost lines do not replace. Flushed also as --help, --version or a
+    parse error exits (SystemExit)."""
+    status = 0
     try:
         try:
             status = command()
@@ -34,7 +37,7 @@ def ended_quietly(command: Callable[[], int]) -> int:
         if not closed():
             raise
         _discard()
-        return EXIT_STATUS
+        return status or EXIT_STATUS
 
 
 def _flush() -> None:

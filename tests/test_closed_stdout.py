@@ -92,3 +92,18 @@ def test_a_broken_pipe_while_stdout_is_read_keeps_its_traceback(pipe, monkeypatc
     monkeypatch.setattr(sys, "stdout", pipe[1])
     with pytest.raises(BrokenPipeError):
         main(["export", "x.pt", "--format", "torchvision", "--output", "y.pth"])
+
+
+def test_a_command_that_failed_keeps_its_exit_status_where_its_lines_are_lost(pipe, monkeypatch):
+    # a sweep with diverged settings prints its table, says so on stderr and ends with 1: a reader gone
+    # before the last flush turned the 1 into 141, as if the lost lines were all that went wrong
+    read, stream = pipe
+
+    def failed(args):
+        print("| setting | top-1 |")
+        return 1
+
+    monkeypatch.setattr(moco_fast.commands.export, "run", failed)
+    monkeypatch.setattr(sys, "stdout", stream)
+    os.close(read)
+    assert main(["export", "x.pt", "--format", "torchvision", "--output", "y.pth"]) == 1
