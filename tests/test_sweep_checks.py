@@ -296,9 +296,48 @@ def test_sweep_says_train_flags_go_after_the_separator(six_root, tmp_path, capsy
         assert "moco-fast sweep: error: unrecognized arguments: --data" in err, err
         assert "flags go after `--`" in err and "-- --data ROOT" in err, err
     # a train argument without the `--` before it
-    assert main(["sweep", "--out", str(tmp_path / "s"), str(six_root)]) == 2
-    assert "flags go after `--`" in last_error(capsys)
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--out", str(tmp_path / "s"), str(six_root)])
+    assert e.value.code == 2 and "flags go after `--`" in last_error(capsys)
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # a train flag before --out: every word from it on was read as train flags, --out with them
+        (["--gpus", "2", "--out", "S"], "unrecognized arguments: --gpus 2 (`moco-fast train` flags go after `--`"),
+        (["--moco-k", "16", "--gpus", "2", "--out", "S", "--", "--data", "D"], "unrecognized arguments: --gpus 2 ("),
+        (
+            ["--out", "S", "--moco-m", "0.9", "--epochs", "1", "--", "--data", "D"],
+            "unrecognized arguments: --epochs 1 (",
+        ),
+        (["D", "--out", "S"], "unrecognized arguments: D (`moco-fast train` flags go after `--`"),
+        # a sweep flag after `--`: --out was said to be missing, the others were unknown train flags
+        (["--", "--data", "D", "--out", "S"], "give the sweep folder as `moco-fast sweep --out DIR`, not after `--`"),
+        (["--out", "S", "--", "--data", "D", "--redo"], "--redo is a flag of the sweep, not of its training runs"),
+        (["--out", "S", "--", "--lincls-epochs=2", "--data", "D"], "--lincls-epochs is a flag of the sweep, not of"),
+    ],
+)
+def test_sweep_flags_in_the_wrong_place_are_errors_that_say_where_they_go(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", *argv])
+    err = last_error(capsys)
+    assert e.value.code == 2 and err.startswith("moco-fast sweep: error: ") and message in err, err
+
+
+def test_the_sweeps_own_flags_go_before_the_separator_in_any_order():
+    parse = build_parser().parse_args
+    base = ["--", "--data", "D", "--epochs", "1", "--moco-k", "64"]
+    for own in (
+        ["--out", "S", "--redo", "--moco-k", "16,32"],
+        ["--moco-k", "16,32", "--redo", "--out", "S"],
+        ["--redo", "--out=S", "--moco-k=16,32"],
+    ):
+        args = parse(["sweep", *own, *base])
+        assert (args.out, args.moco_k, args.redo) == ("S", "16,32", True), own
+        assert args.train_args == ["--data", "D", "--epochs", "1", "--moco-k", "64"], own
+    assert parse(["sweep", "--out", "S"]).train_args == []
 
 
 def test_sweep_linear_classifier_on_a_single_class_is_an_error(tmp_path, capsys, caplog, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from pathlib import Path
 
 from moco_fast.cli import EMPTY_PATH, CommandParser, empty_flag, say
@@ -84,9 +85,35 @@ TRAIN_FLAGS_HINT = (
 )
 
 
+OUT_BEFORE = "give the sweep folder as `moco-fast sweep --out DIR`, not after `--`"
+# the sweep's flags that no train flag shares: one after `--` is the sweep's, given in the wrong place
+SWEEP_ONLY = ("--out", "--redo", "--lincls-epochs", "--lincls-lr")
+
+
 class _Parser(CommandParser):
-    """The sweep's parser: a flag it does not know (a train flag given before `--`) is an error that
-    says where train flags go."""
+    """The sweep's parser: its own flags before `--`, the train flags after it. A flag it does not
+    know (a train flag given before `--`) is an error that says where train flags go."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        # The words after the first `--` are split off before argparse reads the sweep's flags: a
+        # REMAINDER positional took every word from the first flag it did not know, so
+        # `sweep --gpus 2 --out X` read `--gpus 2 --out X` as train flags, then said --out was missing
+        args = list(sys.argv[1:] if args is None else args)
+        cut = args.index("--") if "--" in args else len(args)
+        after = [word.split("=")[0] for word in args[cut + 1 :]]
+        misplaced = next((flag for flag in SWEEP_ONLY if flag in after), None)
+        if misplaced == "--out":
+            self.error(OUT_BEFORE)
+        if misplaced:
+            self.error(f"{misplaced} is a flag of the sweep, not of its training runs: give it before `--`")
+        # argparse's own reading, not CommandParser's: a word before `--` that no flag took is in its
+        # extras or in train_args (a path, a train flag's value), and the error names them all
+        parsed, extras = argparse.ArgumentParser.parse_known_args(self, args[:cut], namespace)
+        stray = extras + parsed.train_args
+        if stray:
+            self.error(self.unrecognized(sorted(stray, key=args.index), parsed))
+        parsed.train_args = args[cut + 1 :]
+        return parsed, []
 
     def unrecognized(self, extras: list[str], parsed: argparse.Namespace) -> str:
         return f"{super().unrecognized(extras, parsed)} ({TRAIN_FLAGS_HINT})"
@@ -139,7 +166,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--device",
         help="cpu | cuda | cuda:N | auto (overrides a --device after --) (default: the --device after --, else auto)",
     )
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="`--` then moco-fast train flags for every setting")
+    # read by _Parser from the words after `--`; a word before it that lands here is an error
+    p.add_argument(
+        "train_args", nargs="*", metavar="-- TRAIN_FLAGS", help="moco-fast train flags for every setting, after `--`"
+    )
     p.set_defaults(func=run)
 
 
@@ -148,22 +178,19 @@ GRID_FLAGS = {"moco_k": "--moco-k", "moco_m": "--moco-m", "mechanism": "--mechan
 
 
 def base_config(train_args: list[str], grid: tuple[str, ...] = ()):
-    """The TrainConfig that `moco-fast train <train_args>` would run. `grid`: the dests of the grid
-    flags given; a train flag after `--` that one replaces is named in a warning (it was replaced
-    without a word; a shared base command line under several grids is a fair use, so no error)."""
+    """The TrainConfig that `moco-fast train <train_args>` would run (`train_args`: the words after
+    `--`). `grid`: the dests of the grid flags given; a train flag after `--` that one replaces is
+    named in a warning (it was replaced without a word; a shared base command line under several
+    grids is a fair use, so no error)."""
     from moco_fast.commands import train as train_cmd
 
-    if train_args and train_args[0] == "--":
-        train_args = train_args[1:]
-    elif train_args:
-        raise ConfigError(f"unrecognized arguments: {' '.join(train_args)} ({TRAIN_FLAGS_HINT})")
     parser = _TrainFlags(prog="moco-fast sweep ... --")
     train_cmd.register(parser.add_subparsers(dest="command"))
     ns = parser.parse_args(["train", *train_args])
     # Read from the parsed flags, not their text: argparse takes an abbreviation (`--forc`, `--ou DIR`,
     # `--print-conf`), which passed a check of the words and was dropped or applied without a word.
     if ns.out is not None:
-        raise ConfigError("give the sweep folder as `moco-fast sweep --out DIR`, not after `--`")
+        raise ConfigError(OUT_BEFORE)
     refused = {
         "resume": ("--resume", "the sweep resumes and replaces runs itself (--redo)"),
         "force": ("--force", "the sweep resumes and replaces runs itself (--redo)"),
