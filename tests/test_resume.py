@@ -528,3 +528,28 @@ def test_a_synthetic_run_resumed_with_another_batch_size_names_no_images_changed
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert main([*argv, "--epochs", "2", "--batch-size", "4", "--resume"]) == 0
     assert "optim.batch_size 8 -> 4" in caplog.text and "images now" not in caplog.text, caplog.text
+
+
+def test_a_run_whose_data_folder_moved_says_that_resume_reads_its_saved_data(run, tmp_path, capsys):
+    # the run's --data, saved in its checkpoint, is gone (the folder moved): the line named a path the
+    # user never typed, without saying whose it was or how the run goes on
+    path = run / "checkpoint.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    gone = tmp_path / "moved-away"
+    state["config"]["data"]["data"] = str(gone)
+    torch.save(state, path)
+    argv = ["train", "--resume", "--out", str(run), "--epochs", "2", "--device", "cpu", "--workers", "0"]
+    assert main(argv) == 2
+    said = (
+        f"moco-fast train: error: data folder not found: {gone} (the --data the run was trained with, which "
+        "--resume reads where no --data is given; if its images moved, "
+        f"`moco-fast train --resume --out {run} --data NEW_PATH` continues the run there)"
+    )
+    assert capsys.readouterr().err.strip().splitlines() == [said]
+    other = ["train", "--resume", str(path), "--out", str(tmp_path / "b"), "--device", "cpu", "--workers", "0"]
+    assert main(other) == 2
+    assert f"`moco-fast train --resume {path} --out {tmp_path / 'b'} --data NEW_PATH`" in capsys.readouterr().err
+    # a --data given is the user's own path: its line is the data's alone; --print-config reads no data
+    assert main([*argv, "--data", str(tmp_path / "typo")]) == 2
+    assert capsys.readouterr().err.strip() == f"moco-fast train: error: data folder not found: {tmp_path / 'typo'}"
+    assert main([*argv, "--print-config"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -551,16 +552,40 @@ def run(args: argparse.Namespace) -> int:
         from moco_fast.cli import command_paths
         from moco_fast.launch import launch_local
 
-        rc, row = launch_local(cfg, command_paths(args), saved_run)  # named by a worker's EIO without a file
+        with _saved_data_named(args, cfg, saved_run):
+            rc, row = launch_local(cfg, command_paths(args), saved_run)  # named by a worker's EIO without a file
         if rc == 0:
             _report(row, cfg)
         return rc
     from moco_fast.trainer import train
 
-    row = train(cfg, saved_run)
+    with _saved_data_named(args, cfg, saved_run):
+        row = train(cfg, saved_run)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         _report(row, cfg)
     return 0
+
+
+@contextlib.contextmanager
+def _saved_data_named(args: argparse.Namespace, cfg, saved_run):
+    """A resumed run's saved --data that is gone (its folder moved): the data's error says that it is
+    the run's --data and how to continue the run on the new path; it named an old path the user never
+    typed. Said where the data is opened, not checked before: --print-config reads no data."""
+    from moco_fast.data import DataError
+    from moco_fast.launch import WorkerUserError
+
+    try:
+        yield
+    except (DataError, WorkerUserError) as e:
+        data = cfg.data.data
+        if saved_run is None or args.data is not None or not data or data not in str(e) or Path(data).exists():
+            raise
+        resume = "--resume" if args.resume == "auto" else f"--resume {shlex.quote(args.resume)}"
+        out = f" --out {shlex.quote(args.out)}" if args.out else ""
+        raise type(e)(
+            f"{e} (the --data the run was trained with, which --resume reads where no --data is given; if its "
+            f"images moved, `moco-fast train {resume}{out} --data NEW_PATH` continues the run there)"
+        ) from None
 
 
 def _report(row: dict, cfg) -> None:
