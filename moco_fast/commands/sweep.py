@@ -102,9 +102,9 @@ class _Parser(CommandParser):
         cut = args.index("--") if "--" in args else len(args)
         after = [word.split("=")[0] for word in args[cut + 1 :]]
         misplaced = next((flag for flag in SWEEP_ONLY if flag in after), None)
-        if misplaced == "--out":
-            self.error(OUT_BEFORE)
-        if misplaced:
+        if misplaced == "--out" and not any(word.startswith("--o") for word in args[:cut]):
+            self.error(OUT_BEFORE)  # it was 'required'; given before `--` too, base_config refuses it
+        elif misplaced and misplaced != "--out":
             self.error(f"{misplaced} is a flag of the sweep, not of its training runs: give it before `--`")
         # argparse's own reading, not CommandParser's: a word before `--` that no flag took is in its
         # extras or in train_args (a path, a train flag's value), and the error names them all
