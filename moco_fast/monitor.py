@@ -8,6 +8,7 @@ resident loader) has data for it; `eval_splits` says what is missing where there
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -91,6 +92,25 @@ def knn_root(source: Path) -> Path | None:
     if source.name in SPLIT_NAMES and source.is_dir() and split_dirs(root)[1] is not None:
         return root
     return None
+
+
+# Why a run or a sweep has no kNN figure: the start of its line (train's last, a sweep's warning)
+NO_EVAL_IMAGES = "--data gives no eval images (a .beton, shards, synthetic data, no val/ or test/)"
+
+
+def knn_data(cfg: TrainConfig) -> tuple[str, str]:
+    """What `moco-fast knn --data` takes to measure a checkpoint of the run, whose data gives no
+    eval images, and what that is: the root of the split that convert recorded as the .beton's or
+    shard set's source where it still has train/ and val/ or test/, else ROOT for the user to give
+    (naming a recorded source that is gone)."""
+    source = converted_from(cfg)
+    root = None if source is None else knn_root(source)
+    if root is not None:
+        return shlex.quote(str(root)), ", the image folder --data was converted from"
+    note = ", ROOT with train/ and val/ or test/"
+    if source is not None and not source.is_dir():
+        note += f" ({source}, which --data was converted from, is gone)"
+    return "ROOT", note
 
 
 def monitor_splits(cfg: TrainConfig, listed: DataSplits | None = None) -> DataSplits | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -314,7 +315,7 @@ def _check_device_and_data(
     lincls.load_splits_with_eval), and every setting's classifier reads it too."""
     from moco_fast.data import load_splits
     from moco_fast.knn import warn_if_single_class
-    from moco_fast.monitor import eval_splits, reads_image_folder
+    from moco_fast.monitor import NO_EVAL_IMAGES, eval_splits, knn_data, reads_image_folder
     from moco_fast.trainer import resolve_device, validate_device
 
     cfg = configs[0]  # the grid changes K, m, mechanism and shuffle BN only
@@ -334,6 +335,16 @@ def _check_device_and_data(
                 "where a linear classifier scores 100% whatever the backbone"
             )
         warn_if_single_class(splits.train)
+    else:  # a table of losses alone, which a grid compared by its kNN does not expect
+        data, what = knn_data(cfg)
+        log.warning(
+            "no kNN in the table: %s; it shows each setting's loss and pretext accuracy. For a setting's "
+            "figure run `moco-fast knn --checkpoint %s --data %s`%s",
+            NO_EVAL_IMAGES,
+            shlex.quote(str(Path(cfg.runtime.out).parent)) + "/SETTING/" + CHECKPOINT_NAME,
+            data,
+            what,
+        )
     return listed, splits
 
 

@@ -594,6 +594,34 @@ def test_a_diverged_setting_s_row_shows_the_k_it_ran_with(six_root, tmp_path, mo
     assert "| memory-bank | 32 (bank size; 64 asked) | on | 1 | diverged |" in (out / "sweep.md").read_text()
 
 
+def test_a_sweep_on_data_without_eval_images_says_its_table_has_no_knn(
+    six_root, tmp_path, caplog, monkeypatch, request
+):
+    # a sweep on a .beton (or a folder without val/ or test/) wrote a table of losses alone, its
+    # kNN columns left out without a word: it names why and the knn that measures a setting
+    stub_sweep_runs(monkeypatch)
+    caplog.set_level(logging.WARNING, logger="moco_fast")
+    assert main(sweep_args(tmp_path / "flat", six_root / "train", "--moco-m", "0.9")) == 0
+    out = tmp_path / "flat"
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("no kNN in the table")]
+    assert said == [
+        "no kNN in the table: --data gives no eval images (a .beton, shards, synthetic data, no val/ or test/); "
+        "it shows each setting's loss and pretext accuracy. For a setting's figure run `moco-fast knn "
+        f"--checkpoint {out}/SETTING/checkpoint.pt --data ROOT`, ROOT with train/ and val/ or test/"
+    ], said
+    # a .beton: the root its source split is in (recorded by convert), which has an eval split
+    pytest.importorskip("ffcv")
+    beton = request.getfixturevalue("tiny_beton")
+    caplog.clear()
+    assert main(sweep_args(tmp_path / "b", beton, "--moco-m", "0.9", train=("--loader", "ffcv"))) == 0
+    root = json.loads(Path(f"{beton}.json").read_text())["source"].rsplit("/", 1)[0]
+    assert any(f"--data {root}`, the image folder --data was converted from" in r.getMessage() for r in caplog.records)
+    # with an eval split, the table has its kNN: no such line
+    caplog.clear()
+    assert main(sweep_args(tmp_path / "both", six_root, "--moco-m", "0.9")) == 0
+    assert not [r for r in caplog.records if "no kNN" in r.getMessage()]
+
+
 def test_a_linear_classifier_that_diverges_still_stops_the_sweep(six_root, tmp_path, capsys, monkeypatch):
     # a diverged training is a row and the grid goes on; a diverged classifier (--lincls-lr, the same
     # for every setting) is no failure of the setting's training and must not be shown as one

@@ -611,18 +611,10 @@ def _report(row: dict, cfg) -> None:
     elif "final_knn_top1" not in row and cfg.runtime.final_knn:
         # no eval split to measure on (a .beton, shards, synthetic data, a folder without val/ or test/):
         # the run ends without a figure or summary.json, so say how to get one
-        # a .beton's or shard set's source, recorded by convert: the eval split beside it, where it still is
-        from moco_fast.monitor import converted_from, knn_root
+        from moco_fast.monitor import NO_EVAL_IMAGES, knn_data
 
-        source = converted_from(cfg)
-        root = None if source is None else knn_root(source)
-        if root is not None:
-            data = f"{shlex.quote(str(root))}`, the image folder --data was converted from"
-        else:
-            data = "ROOT`, ROOT with train/ and val/ or test/"
-            if source is not None and not source.is_dir():
-                data += f" ({source}, which --data was converted from, is gone)"
+        data, what = knn_data(cfg)
         print(
-            "no final kNN: --data gives no eval images (a .beton, shards, synthetic data, no val/ or test/); "
-            f"for a figure run `moco-fast knn --checkpoint {shlex.quote(str(checkpoint))} --data {data}"
+            f"no final kNN: {NO_EVAL_IMAGES}; "
+            f"for a figure run `moco-fast knn --checkpoint {shlex.quote(str(checkpoint))} --data {data}`{what}"
         )
