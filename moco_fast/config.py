@@ -285,17 +285,23 @@ def _is_of(v: Any, hint: Any) -> bool:
     return isinstance(v, hint)
 
 
+# The JSON names of the config's value types, as a config.json's editor knows them
+JSON_NAMES = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a number", "numbers")}
+JSON_NAMES[bool] = ("true or false", "true or false")
+
+
 def _type_name(hint: Any) -> str:
-    """`hint` as from_dict's TypeError names it: "a float", "a str or null", "a list of float"."""
+    """`hint` as from_dict's TypeError names it, in JSON's words: "a number", "a string or null",
+    "a list of 2 numbers", "an object of strings"."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (types.UnionType, typing.Union):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is tuple:
         count = "" if args[-1] is Ellipsis else f"{len(args)} "
-        return f"a list of {count}{args[0].__name__}"
+        return f"a list of {count}{JSON_NAMES[args[0]][1]}"
     if origin is dict:
-        return f"an object of {args[1].__name__}"
-    return f"an {hint.__name__}" if hint is int else f"a {hint.__name__}"
+        return f"an object of {JSON_NAMES[args[1]][1]}"
+    return JSON_NAMES[hint][0]
 
 
 def read_json_object(path: Path, max_bytes: int = 16 << 20) -> dict[str, Any] | None:

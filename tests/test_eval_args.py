@@ -423,8 +423,8 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(run_dir, data, tmp_pat
 @pytest.mark.parametrize(
     ("change", "said"),
     [
-        (lambda c: c["optim"].update(epochs="two"), 'optim.epochs is "two", not an int'),
-        (lambda c: c["data"]["aug"].update(image_size="32"), 'data.aug.image_size is "32", not an int'),
+        (lambda c: c["optim"].update(epochs="two"), 'optim.epochs is "two", not an integer'),
+        (lambda c: c["data"]["aug"].update(image_size="32"), 'data.aug.image_size is "32", not an integer'),
         (lambda c: c.update(model=None), "model is null, not an object of settings"),
     ],
     ids=["epochs", "image_size", "model"],

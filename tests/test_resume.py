@@ -454,11 +454,13 @@ def test_a_resume_into_fp16_of_a_run_without_it_starts_the_loss_scale_afresh():
 @pytest.mark.parametrize(
     ("section", "key", "value", "said"),
     [
-        ("optim", "epochs", "two", 'optim.epochs is "two", not an int'),
-        ("optim", "lr", None, "optim.lr is null, not a float"),
-        ("model", "mlp", "yes", 'model.mlp is "yes", not a bool'),
-        ("data", "data", 7, "data.data is 7, not a str or null"),
-        ("moco", "k", 4.5, "moco.k is 4.5, not an int"),
+        ("optim", "epochs", "two", 'optim.epochs is "two", not an integer'),
+        ("optim", "lr", None, "optim.lr is null, not a number"),
+        ("model", "mlp", "yes", 'model.mlp is "yes", not true or false'),
+        ("data", "data", 7, "data.data is 7, not a string or null"),
+        ("moco", "k", 4.5, "moco.k is 4.5, not an integer"),
+        ("optim", "lr_steps", [0.5, "x"], 'optim.lr_steps is [0.5, "x"], not a list of numbers'),
+        ("data", "loader_options", {"a": 1}, 'data.loader_options is {"a": 1}, not an object of strings'),
     ],
 )
 def test_a_config_json_edited_by_hand_with_a_value_of_another_type_is_named(
