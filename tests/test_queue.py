@@ -17,7 +17,7 @@ def test_enqueue_wraps_around(k, n, steps):
     expected = m.queue.clone()
     ptr = 0
     for s in range(steps):
-        keys = torch.full((n, 4), float(s + 1))
+        keys = torch.arange(n * 4, dtype=torch.float32).view(n, 4) + 100 * (s + 1)  # each row its own
         m.enqueue(keys)
         for j in range(n):  # the same ring buffer, written by hand
             expected[(ptr + j) % k] = keys[j]
