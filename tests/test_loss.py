@@ -54,19 +54,18 @@ def test_losses_stay_fp32_under_autocast(amp):
         assert b.dtype == torch.float32 and torch.equal(a, b)
 
 
-def test_info_nce_in_batch_matches_reference():
+@pytest.mark.parametrize(("keys", "offset"), [(6, 0), (12, 0), (12, 6)])
+def test_info_nce_in_batch_matches_reference(keys, offset):
+    # keys > 6: every rank's keys (12: two ranks of 6), this rank's queries' positives at `offset`
     g = torch.Generator().manual_seed(0)
-    q = F.normalize(torch.randn(6, 8, generator=g), dim=1)
-    k = F.normalize(torch.randn(6, 8, generator=g), dim=1)
-    loss, _ = info_nce_in_batch(q, k, 0.1)
-    # For sample i the positive is k[i] and the negatives are the other keys of the batch.
-    ref = (
-        sum(
-            reference_info_nce(
-                q[i : i + 1].double(), k[i : i + 1].double(), torch.cat([k[:i], k[i + 1 :]]).double(), 0.1
-            )[0]
-            for i in range(6)
-        )
-        / 6
-    )
-    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    k = F.normalize(torch.randn(keys, 8, generator=g), dim=1)
+    # near their positives, so that most are right and the accuracy says which column is the positive
+    q = F.normalize(k[offset : offset + 6] + 0.5 * torch.randn(6, 8, generator=g), dim=1)
+    loss, acc = info_nce_in_batch(q, k, 0.1, offset)
+    # For sample i the positive is k[offset + i] and the negatives are all the other keys.
+    refs = [
+        reference_info_nce(q[i : i + 1].double(), k[j : j + 1].double(), torch.cat([k[:j], k[j + 1 :]]).double(), 0.1)
+        for i, j in enumerate(range(offset, offset + 6))
+    ]
+    assert loss.item() == pytest.approx(sum(r[0] for r in refs) / 6, rel=1e-5)
+    assert acc.item() == pytest.approx(sum(r[1] for r in refs) / 6)
