@@ -97,6 +97,14 @@ def test_the_presets_train_with_the_official_recipes(preset):
     assert resolve_stem(cfg.model.stem, cfg.data.aug.image_size) == ("cifar" if preset == "cifar" else "imagenet")
 
 
+def test_the_lr_scales_with_the_global_batch():
+    # --lr is for a global batch of 256, --batch-size in each process times the processes
+    # (docs/distributed.md): 4 processes of 64 train at --lr, one of 64 at a quarter of it
+    cfg = parse("--data", "x", "--preset", "v2", "--batch-size", "64", "--lr", "0.03")
+    assert base_lr(cfg, world=4) == pytest.approx(0.03)
+    assert base_lr(cfg, world=1) == pytest.approx(0.03 / 4)
+
+
 def test_the_demos_augmentation_is_the_notebooks():
     # RandomResizedCrop(32) at torchvision's default scale, flip, jitter (0.4, 0.4, 0.4, 0.1) p 0.8,
     # grayscale 0.2, no blur; Normalize with the notebook's CIFAR statistics
