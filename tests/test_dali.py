@@ -179,6 +179,36 @@ def test_blur_fraction_and_kernel_match_spec_and_torch(synth):
     assert abs(blurred.mean() - tv_blurred.mean()) < 0.15
 
 
+def test_blur_sigma_and_jitter_ranges_match_the_spec(synth):
+    # The rates above say whether a view was blurred or jittered, not how much: a sigma range or a
+    # jitter range translated wrong (half of it) passed them. Here every view is blurred (jittered).
+    # Blur, sigma ~ U(0.1, 2): how much it changes noise images, against torchvision's blur.
+    spec = replace(BLUR, blur_prob=1.0, blur_sigma=MOCO_V2.blur_sigma)
+    plain, plain_index = dali_views(synth["noise"], IDENTITY, epochs=1)
+    reference = {int(i): v for v, i in zip(plain, plain_index, strict=True)}
+    views, index = dali_views(synth["noise"], spec, epochs=3)
+    diff = np.stack([np.abs(v.astype(int) - reference[int(i)]).mean() for v, i in zip(views, index, strict=True)])
+    tv = torch_views(synth["noise"], spec, n=len(views))
+    src = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted(synth["noise"].glob("c/*.jpg"))])
+    diff_t = np.abs(tv.astype(int) - src[np.arange(len(tv)) % N_IMAGES]).mean((1, 2, 3))
+    q = [0.25, 0.5, 0.75]
+    assert np.abs(np.quantile(diff, q) - np.quantile(diff_t, q)).max() < 5  # grey levels (measured: 2)
+    files = load_splits(str(synth["flat"]), check=False).train.files
+    colours = np.stack([np.asarray(Image.open(f).convert("RGB"), np.float64).mean((0, 1)) for f in files])
+    alone = {"jitter_prob": 1.0, "gray_prob": 0.0, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
+    # brightness 0.4: a factor ~ U(0.6, 1.4) on every channel; the darkest of 240 views is near 0.6
+    views, index = dali_views(synth["flat"], replace(COLOUR, **{**alone, "brightness": 0.4}), epochs=3)
+    factor = views.astype(np.float64).mean((1, 2)).sum(1) / colours[index].sum(1)
+    assert 0.57 < factor.min() < 0.65
+    # hue 0.1: a turn of the chroma (YIQ's I, Q) by up to 0.1 x 360 degrees either way
+    views, index = dali_views(synth["flat"], replace(COLOUR, **{**alone, "hue": 0.1}), epochs=3)
+    yiq = np.array([[0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])  # RGB -> I, Q
+    i_v, q_v = yiq @ views.astype(np.float64).mean((1, 2)).T
+    i_r, q_r = yiq @ colours[index].T
+    turn = (np.degrees(np.arctan2(q_v, i_v) - np.arctan2(q_r, i_r)) + 180) % 360 - 180
+    assert 32 < np.abs(turn).max() < 40
+
+
 def test_ranks_get_disjoint_shares_and_equal_steps(tiny_root):
     loaders = [dali_loader(tiny_root, COLOUR, batch_size=4, rank=r, world_size=3) for r in range(3)]
     assert [len(ld) for ld in loaders] == [2, 2, 2]  # 32 // 3 // 4
