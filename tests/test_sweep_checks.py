@@ -315,6 +315,9 @@ def test_sweep_says_train_flags_go_after_the_separator(six_root, tmp_path, capsy
         (["D", "--out", "S"], "unrecognized arguments: D (`moco-fast train` flags go after `--`"),
         # a sweep flag after `--`: --out was said to be missing, the others were unknown train flags
         (["--", "--data", "D", "--out", "S"], "give the sweep folder as `moco-fast sweep --out DIR`, not after `--`"),
+        # abbreviated, as train's parser takes it: it said '--out is required'
+        (["--", "--data", "D", "--ou", "S"], "give the sweep folder as `moco-fast sweep --out DIR`, not after `--`"),
+        (["--", "--o=S", "--data", "D"], "give the sweep folder as `moco-fast sweep --out DIR`, not after `--`"),
         (["--out", "S", "--", "--data", "D", "--redo"], "--redo is a flag of the sweep, not of its training runs"),
         (["--out", "S", "--", "--lincls-epochs=2", "--data", "D"], "--lincls-epochs is a flag of the sweep, not of"),
     ],
@@ -324,6 +327,17 @@ def test_sweep_flags_in_the_wrong_place_are_errors_that_say_where_they_go(argv, 
         main(["sweep", *argv])
     err = last_error(capsys)
     assert e.value.code == 2 and err.startswith("moco-fast sweep: error: ") and message in err, err
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help", "--", "--out", "S"], ["--out", "S", "--he", "--", "--redo"], ["-h", "--", "--ou", "S"]]
+)
+def test_help_before_the_separator_is_shown_whatever_follows_it(argv, capsys):
+    # a sweep flag after `--` was an error before argparse read the --help
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", *argv])
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and out.startswith("usage: moco-fast sweep") and not err, err
 
 
 def test_the_sweeps_own_flags_go_before_the_separator_in_any_order():

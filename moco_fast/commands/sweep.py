@@ -90,6 +90,12 @@ OUT_BEFORE = "give the sweep folder as `moco-fast sweep --out DIR`, not after `-
 SWEEP_ONLY = ("--out", "--redo", "--lincls-epochs", "--lincls-lr")
 
 
+def _names(flag: str, words: list[str]) -> bool:
+    """Whether a word names `flag` as argparse reads it: whole, with `=VALUE`, or abbreviated (`--ou DIR`,
+    `--he`). For --out and --help alone, which no other flag of the sweep or of train begins as."""
+    return any(len(name) > 2 and flag.startswith(name) for name in (word.split("=")[0] for word in words))
+
+
 class _Parser(CommandParser):
     """The sweep's parser: its own flags before `--`, the train flags after it. A flag it does not
     know (a train flag given before `--`) is an error that says where train flags go."""
@@ -100,11 +106,13 @@ class _Parser(CommandParser):
         # `sweep --gpus 2 --out X` read `--gpus 2 --out X` as train flags, then said --out was missing
         args = list(sys.argv[1:] if args is None else args)
         cut = args.index("--") if "--" in args else len(args)
-        after = [word.split("=")[0] for word in args[cut + 1 :]]
-        misplaced = next((flag for flag in SWEEP_ONLY if flag in after), None)
-        if misplaced == "--out" and not any(word.startswith("--o") for word in args[:cut]):
+        own, after = args[:cut], args[cut + 1 :]
+        misplaced = next((flag for flag in SWEEP_ONLY[1:] if flag in (w.split("=")[0] for w in after)), None)
+        if "-h" in own or _names("--help", own):
+            pass  # argparse shows the help, whatever follows `--`
+        elif _names("--out", after) and not _names("--out", own):
             self.error(OUT_BEFORE)  # it was 'required'; given before `--` too, base_config refuses it
-        elif misplaced and misplaced != "--out":
+        elif misplaced:
             self.error(f"{misplaced} is a flag of the sweep, not of its training runs: give it before `--`")
         # argparse's own reading, not CommandParser's: a word before `--` that no flag took is in its
         # extras or in train_args (a path, a train flag's value), and the error names them all
