@@ -87,7 +87,8 @@ TRAIN_FLAGS_HINT = (
 
 OUT_BEFORE = "give the sweep folder as `moco-fast sweep --out DIR`, not after `--`"
 # the sweep's flags that no train flag shares: one after `--` is the sweep's, given in the wrong place
-SWEEP_ONLY = ("--out", "--redo", "--lincls-epochs", "--lincls-lr")
+# (--out, which train has too, is OUT_BEFORE's, read by _names)
+SWEEP_ONLY = ("--redo", "--lincls-epochs", "--lincls-lr")
 
 
 def _names(flag: str, words: list[str]) -> bool:
@@ -107,7 +108,7 @@ class _Parser(CommandParser):
         args = list(sys.argv[1:] if args is None else args)
         cut = args.index("--") if "--" in args else len(args)
         own, after = args[:cut], args[cut + 1 :]
-        misplaced = next((flag for flag in SWEEP_ONLY[1:] if flag in (w.split("=")[0] for w in after)), None)
+        misplaced = next((flag for flag in SWEEP_ONLY if flag in (w.split("=")[0] for w in after)), None)
         if "-h" in own or _names("--help", own):
             pass  # argparse shows the help, whatever follows `--`
         elif _names("--out", after) and not _names("--out", own):
@@ -120,7 +121,7 @@ class _Parser(CommandParser):
         stray = extras + parsed.train_args
         if stray:
             self.error(self.unrecognized(sorted(stray, key=args.index), parsed))
-        parsed.train_args = args[cut + 1 :]
+        parsed.train_args = after
         return parsed, []
 
     def unrecognized(self, extras: list[str], parsed: argparse.Namespace) -> str:
