@@ -3,7 +3,7 @@
 Errors a user can fix (bad data, contradicting flags, missing files) print as one line and exit 2;
 anything else is a bug and keeps its traceback. A stop signal or Ctrl-C ends a command with its own
 line and exit status; how main's handlers raise or hold it is signals.py's. A stdout that its reader
-closed (`| head -1`) ends it quietly, exit status 141 (closed_stdout.py).
+closed (`| head -1`) ends it quietly, exit status 141 or the failed command's own (closed_stdout.py).
 """
 
 from __future__ import annotations
@@ -345,7 +345,8 @@ def log_as_lines(level: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return closed_stdout.ended_quietly(lambda: _main(argv))  # `| head -1`: no traceback, exit status 141
+    # `| head -1`: no traceback, exit status 141 (a command that failed keeps its own)
+    return closed_stdout.ended_quietly(lambda: _main(argv))
 
 
 def _main(argv: list[str] | None) -> int:

@@ -1,5 +1,6 @@
 """A command whose stdout its reader closed (`moco-fast export ... | head -1`, `| grep -q`, a pager
-quit early) ends as a Unix tool that SIGPIPE ends: quietly, with exit status 128 + SIGPIPE (141).
+quit early) ends as a Unix tool that SIGPIPE ends: quietly, with exit status 128 + SIGPIPE (141);
+one that had failed keeps its own status (ended_quietly).
 Python ignores SIGPIPE, so the next print raised BrokenPipeError, a traceback; or, where the lines
 waited in stdout's buffer, the interpreter's last flush failed ("Exception ignored ... BrokenPipeError",
 exit status 120). Each command prints after it has written its files (export, convert, a classifier's
