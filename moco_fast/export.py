@@ -1,4 +1,4 @@
-"""Export the query backbone for downstream use.
+"""Export the query backbone (`--format moco`: the query encoder, its head too) for downstream use.
 
 - torchvision: a plain ResNet state dict (`conv1.weight`, `layer1.0.bn1.running_mean`, ...), which
   `torchvision.models.<arch>()` loads with `strict=False`, only `fc.weight`/`fc.bias` missing.

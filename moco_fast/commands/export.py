@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def loading_notes(fmt: str, arch: str, stem: str, num_classes: int | None = None) -> list[str]:
-    """What loading the export needs beyond torchvision's or detectron2's defaults. `num_classes`:
-    the file holds a classifier of that many classes (finetune's network), loaded strictly."""
+    """What loading the export needs beyond torchvision's, detectron2's or the official MoCo scripts'
+    defaults. `num_classes`: the file holds a classifier of that many classes (finetune's network),
+    loaded strictly."""
     from moco_fast.backbone import WIDER
 
     k = WIDER.get(arch, 1)
