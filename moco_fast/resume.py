@@ -237,7 +237,8 @@ class SavedRun:
     handed to the checks that need it: the fixes that trainer.validate names, shuffle BN back on where
     sync BN stops (sync_bn_stops) and the line of --sync-bn in one process that it leaves out.
     checkpoint False: as its config.json says (of_config), a run stopped before its first checkpoint,
-    which starts over (train --resume); its model may change, and validate names no fix that keeps it."""
+    which starts over (train --resume); its model may change, and validate names no fix that keeps it.
+    epochs: those its checkpoint finished, fewer than which --epochs may not ask (check_epochs)."""
 
     world: int
     sync_bn: bool | None

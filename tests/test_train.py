@@ -57,11 +57,11 @@ def test_loss_falls_on_a_tiny_set(tiny_root, mechanism):
 def test_resume_equals_uninterrupted(tiny_root, tmp_path):
     # K = 24, not a multiple of an epoch's 32 keys: each save leaves the queue's pointer mid-queue
     # (at 32, the pointer of every epoch's end was 0, and a resume that lost it passed)
-    k = {"moco.k": 24}
+    queue24 = {"moco.k": 24}
     full = tmp_path / "full"
-    train(tiny_config(tiny_root, full, **k, **{"optim.epochs": 3}))
+    train(tiny_config(tiny_root, full, **queue24, **{"optim.epochs": 3}))
     part = tmp_path / "part"
-    train(tiny_config(tiny_root, part, **k, **{"optim.epochs": 1}))
+    train(tiny_config(tiny_root, part, **queue24, **{"optim.epochs": 1}))
     # the checkpoint holds everything a resume needs, and nothing temporary is left beside it
     state = torch.load(part / "checkpoint.pt", weights_only=False)
     assert {"config", "epoch", "model", "optimizer", "scaler", "rng"} <= set(state)
@@ -69,7 +69,7 @@ def test_resume_equals_uninterrupted(tiny_root, tmp_path):
     assert state["model"]["queue_ptr"].item() == 32 % 24  # the pointer is saved, mid-queue
     assert not list(part.glob(".checkpoint.pt.*"))
     assert (part / "config.json").is_file() and any((part / "tb").iterdir())
-    row = train(tiny_config(tiny_root, part, **k, **{"optim.epochs": 3, "runtime.resume": "auto"}))
+    row = train(tiny_config(tiny_root, part, **queue24, **{"optim.epochs": 3, "runtime.resume": "auto"}))
     a, b = read_metrics(full), read_metrics(part)
     assert [r["epoch"] for r in b] == [1, 2, 3]  # finished epochs are not redone
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
