@@ -555,3 +555,34 @@ def test_a_run_whose_data_folder_moved_says_that_resume_reads_its_saved_data(run
     assert main([*argv, "--data", str(tmp_path / "typo")]) == 2
     assert capsys.readouterr().err.strip() == f"moco-fast train: error: data folder not found: {tmp_path / 'typo'}"
     assert main([*argv, "--print-config"]) == 0
+
+
+@pytest.mark.parametrize("error", ["data", "damaged", "worker"])
+def test_the_saved_data_note_keeps_the_errors_class_and_fields(tmp_path, error):
+    # the note was added by rebuilding the error as type(e)(text): a checkpoint.Damaged (its
+    # constructor takes a path and a record) whose line named the gone --data ended as a TypeError
+    import argparse
+    from types import SimpleNamespace
+
+    from moco_fast.checkpoint import Damaged
+    from moco_fast.commands.train import _saved_data_named
+    from moco_fast.data import DataError
+    from moco_fast.launch import WorkerUserError
+
+    gone, damaged = tmp_path / "imgs", tmp_path / "imgs-run" / "checkpoint.pt"
+    raised = {
+        "data": DataError(f"data folder not found: {gone}"),
+        "damaged": Damaged(damaged, "archive/data/0"),
+        "worker": WorkerUserError(f"rank 1: data folder not found: {gone}"),
+    }[error]
+    line = str(raised)
+    args = argparse.Namespace(data=None, resume="auto", out=str(tmp_path / "run"))
+    cfg = SimpleNamespace(data=SimpleNamespace(data=str(gone)))
+    with pytest.raises(type(raised)) as caught:
+        with _saved_data_named(args, cfg, saved_run=object()):
+            raise raised
+    assert type(caught.value) is type(raised)
+    assert str(caught.value).startswith(f"{line} (the --data the run was trained with")
+    assert f"`moco-fast train --resume --out {tmp_path / 'run'} --data NEW_PATH`" in str(caught.value)
+    if error == "damaged":
+        assert (caught.value.path, caught.value.record) == (damaged, "archive/data/0")

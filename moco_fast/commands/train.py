@@ -582,10 +582,14 @@ def _saved_data_named(args: argparse.Namespace, cfg, saved_run):
             raise
         resume = "--resume" if args.resume == "auto" else f"--resume {shlex.quote(args.resume)}"
         out = f" --out {shlex.quote(args.out)}" if args.out else ""
-        raise type(e)(
+        # the message replaced in place, not the error rebuilt as type(e)(text): its class and fields
+        # stay, and a class whose constructor takes other arguments (checkpoint.Damaged's path and
+        # record) ended as a TypeError
+        e.args = (
             f"{e} (the --data the run was trained with, which --resume reads where no --data is given; if its "
-            f"images moved, `moco-fast train {resume}{out} --data NEW_PATH` continues the run there)"
-        ) from None
+            f"images moved, `moco-fast train {resume}{out} --data NEW_PATH` continues the run there)",
+        )
+        raise e from None
 
 
 def _report(row: dict, cfg) -> None:
