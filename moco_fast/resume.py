@@ -14,7 +14,7 @@ import torch
 from moco_fast import checkpoint as ckpt
 from moco_fast import distributed as dist_utils
 from moco_fast.backbone import resolve_stem
-from moco_fast.config import ConfigError, TrainConfig, from_dict, plain, sync_bn_replaces_shuffle_bn, to_dict
+from moco_fast.config import ConfigError, TrainConfig, plain, sync_bn_replaces_shuffle_bn, to_dict
 from moco_fast.data import DataError
 from moco_fast.epoch import other_images
 from moco_fast.model import MoCo
@@ -43,6 +43,7 @@ def resume(
     state = ckpt.load(resume_path, map_location="cpu")
     if not {"config", "model", "optimizer", "epoch"} <= set(state):
         raise DataError(f"--resume: {resume_path} is not a moco-fast training checkpoint")
+    before = ckpt.saved_config(state, resume_path)  # one line for a config edited to a wrong type, not a TypeError
     check_same_model(state["config"], cfg)
     check_epochs(state["epoch"], cfg)
     if state["epoch"] < cfg.optim.epochs:
@@ -50,8 +51,8 @@ def resume(
         # shuffle BN back where sync BN stops replacing it: train --resume's own line says so
         said = ("shuffle_bn",) if cfg.moco.shuffle_bn and sync_bn_stops(saved.sync_bn, saved.world, cfg, world) else ()
         warn_changed(saved_as_run(state["config"], saved.world), cfg, said)
-        warn_rescheduled(state["config"], cfg, state["epoch"], world, saved.world, state.get("step") or 0)
-        warn_rescaled(state["config"], cfg, world, saved.world)
+        warn_rescheduled(before, cfg, state["epoch"], world, saved.world, state.get("step") or 0)
+        warn_rescaled(before, cfg, world, saved.world)
         warn_other_amp(state, cfg, device)
     else:
         warn_other_data(state["config"], cfg)
@@ -189,15 +190,15 @@ def _images_of(data: dict[str, Any]) -> str:
 
 
 def warn_rescheduled(
-    saved: dict[str, Any], cfg: TrainConfig, done: int, world: int, saved_world: int, step: int = 0
+    before: TrainConfig, cfg: TrainConfig, done: int, world: int, saved_world: int, step: int = 0
 ) -> None:
     """A run extended (or shortened) with --epochs: the lr schedule is that of the new length, so the
     lr of its next epoch is not where the old schedule ended (a cosine run 200 -> 400 goes from about
     0 back to half the base lr). Said with the two figures. `step`: the steps of epoch done + 1 that
-    a checkpoint saved within it holds, trained at the old schedule's lr for that epoch."""
+    a checkpoint saved within it holds, trained at the old schedule's lr for that epoch. `before`: the
+    checkpoint's config, read by checkpoint.saved_config."""
     from moco_fast.trainer import base_lr, lr_at
 
-    before = from_dict(saved)
     if before.optim.epochs == cfg.optim.epochs:
         return
     # as the processes that trained it had it: that of its last epoch, or of the one it is within
@@ -212,13 +213,13 @@ def warn_rescheduled(
     )
 
 
-def warn_rescaled(saved: dict[str, Any], cfg: TrainConfig, world: int, saved_world: int) -> None:
+def warn_rescaled(before: TrainConfig, cfg: TrainConfig, world: int, saved_world: int) -> None:
     """A run resumed by another number of processes: --lr is for a global batch of 256 and scales
     with the global batch, so the lr changes with the world size (2 workers resumed in 1 halve it).
-    Said with the two figures and the --lr that keeps the old one; nothing where the lr stays."""
+    Said with the two figures and the --lr that keeps the old one; nothing where the lr stays.
+    `before`: the checkpoint's config, read by checkpoint.saved_config."""
     from moco_fast.trainer import base_lr
 
-    before = from_dict(saved)
     old, new = base_lr(before, saved_world), base_lr(cfg, world)
     if world == saved_world or math.isclose(old, new):
         return

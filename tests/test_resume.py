@@ -42,7 +42,7 @@ def test_resume_with_only_out_continues_the_run_as_configured(tiny_root, run, ca
     caplog.clear()
     now.optim.epochs = 3
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
-        warn_rescheduled(saved, now, 2, 1, 2)
+        warn_rescheduled(from_dict(saved), now, 2, 1, 2)
     assert "epoch 3 trains at lr 0.0002344 where epoch 2 had 0.0009375" in caplog.text, caplog.text
     assert [r["epoch"] for r in rows(out)] == [1, 2]
     saved = json.loads((out / "config.json").read_text())
@@ -586,3 +586,24 @@ def test_the_saved_data_note_keeps_the_errors_class_and_fields(tmp_path, error):
     assert f"`moco-fast train --resume --out {tmp_path / 'run'} --data NEW_PATH`" in str(caught.value)
     if error == "damaged":
         assert (caught.value.path, caught.value.record) == (damaged, "archive/data/0")
+
+
+@pytest.mark.parametrize("epochs", [2, 1])
+def test_a_checkpoint_config_of_a_wrong_type_is_one_line_for_a_direct_train_caller(run, epochs):
+    # train --resume reads the checkpoint's config through checkpoint.saved_config (one line), but
+    # resume.warn_rescheduled and warn_rescaled read it with config.from_dict: trainer.train called
+    # directly with a hand-edited config ended in from_dict's TypeError (a run extended), or took the
+    # config that train --resume refuses (a finished run: nothing to do)
+    from moco_fast.config import from_dict
+    from moco_fast.data import DataError
+    from moco_fast.trainer import train
+
+    path = run / "checkpoint.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["config"]["optim"]["lr"] = "fast"
+    torch.save(state, path)
+    cfg = from_dict(json.loads((run / "config.json").read_text()))
+    cfg.runtime.out, cfg.runtime.resume, cfg.optim.epochs = str(run), "auto", epochs
+    with pytest.raises(DataError) as caught:
+        train(cfg)
+    assert str(caught.value) == f'{path}: its saved config cannot be read (optim.lr is "fast", not a number)'
