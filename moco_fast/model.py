@@ -59,6 +59,12 @@ def build_encoder(model: ModelConfig, image_size: int, bn_splits: int, bn_kernel
     return nn.Sequential(OrderedDict(backbone=backbone, head=build_head(width, model.dim, model.mlp)))
 
 
+def reads_k(mechanism: str) -> bool:
+    """Whether a mechanism reads --moco-k: MoCo's queue length, the memory bank's negatives drawn each
+    step; end-to-end's negatives are the other keys of the batch (K = the batch), --moco-k unused."""
+    return mechanism != "end-to-end"
+
+
 def memory_bank_k(k: int, num_images: int) -> int:
     """The negatives a memory-bank step draws from its rows: --moco-k, at most one a training image."""
     return min(k, num_images)
@@ -77,7 +83,7 @@ class MoCo(nn.Module):
         super().__init__()
         if moco.mechanism not in MECHANISMS:
             raise ConfigError(f"unknown mechanism {moco.mechanism!r}; choose one of {MECHANISMS}")
-        if moco.mechanism != "end-to-end":  # end-to-end: K is the batch, --moco-k unused
+        if reads_k(moco.mechanism):
             check_at_least("--moco-k", moco.k, 1)
         self.mechanism = moco.mechanism
         self.t = moco.t

@@ -28,7 +28,7 @@ from moco_fast.join import init_from_env
 from moco_fast.launch import under_torchrun
 from moco_fast.loaders import LoaderArgs, check_loader, create_loader
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, owes_row, read_rows
-from moco_fast.model import MoCo
+from moco_fast.model import MoCo, reads_k
 from moco_fast.monitor import eval_split_use, knn_figures, knn_top1, monitor_splits
 from moco_fast.resume import SavedRun, bn_splits_fix, queue_fix, resume, saved_run, sync_bn_stops
 from moco_fast.run_checkpoint import RunCheckpoints
@@ -199,7 +199,7 @@ def validate(cfg: TrainConfig, world: int, saved: SavedRun | Callable[[], SavedR
         raise ConfigError(f"moco.bank_m (the memory bank's momentum) must be in [0, 1] (got {m.bank_m})")
     if not 0 < m.t < math.inf:
         raise ConfigError(f"--moco-t must be positive (got {m.t})")
-    if m.mechanism != "end-to-end":  # end-to-end: K is the batch, --moco-k unused
+    if reads_k(m.mechanism):
         # here, not at the model's build only: a sweep's memory-bank K 0 failed after its folder was made
         check_at_least("--moco-k", m.k, 1)
     keys_per_step = global_batch * (2 if m.symmetric else 1)  # --symmetric enqueues both views' keys
