@@ -13,10 +13,13 @@ from moco_fast.config import ConfigError, check_at_least
 
 T = TypeVar("T")
 
+# a boolean option's spellings, true then false
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
+
 
 def parse_options(cls: type[T], options: dict[str, str], backend: str) -> T:
     """`--loader-option KEY=VALUE` strings -> a backend's options dataclass. Each value is parsed as
-    the type of its field's default (bool accepts 1/0, true/false, yes/no); unknown keys and bad
+    the type of its field's default (bool accepts 1/0, true/false, yes/no, in any case); unknown keys and bad
     values are one-line errors. The backend checks ranges itself."""
     known = {f.name for f in fields(cls)}
     defaults = cls()
@@ -27,13 +30,15 @@ def parse_options(cls: type[T], options: dict[str, str], backend: str) -> T:
                 raise ConfigError(f"the {backend} loader takes no --loader-option (got {key}={raw})")
             raise ConfigError(f"unknown {backend} loader option {key!r}; known: {', '.join(sorted(known))}")
         kind = type(getattr(defaults, key))
+        if kind is bool:
+            # as the other options' checks read: each spelling it takes (os_cache=2 said "expected a bool")
+            if raw.lower() not in TRUE_WORDS + FALSE_WORDS:
+                on, off = ", ".join(TRUE_WORDS), ", ".join(FALSE_WORDS)
+                raise ConfigError(f"{backend} loader option {key} must be one of {on} (on) or {off} (off), got {raw!r}")
+            values[key] = raw.lower() in TRUE_WORDS
+            continue
         try:
-            if kind is bool:
-                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(raw)
-                values[key] = raw.lower() in ("1", "true", "yes")
-            else:
-                values[key] = kind(raw)
+            values[key] = kind(raw)
         except ValueError:
             raise ConfigError(
                 f"{backend} loader option {key}={raw!r}: expected {'an' if kind is int else 'a'} {kind.__name__}"

@@ -199,6 +199,11 @@ def test_a_loader_without_options_refuses_them(loader, tmp_path, capsys):
         (["--loader", "dali", "--loader-option", "hw_decoder_load=2"], "hw_decoder_load must be within 0-1"),
         (["--loader", "ffcv", "--loader-option", "decode=thrice"], "decode must be once or twice"),
         (["--loader", "ffcv", "--loader-option", "batches_ahead=0"], "batches_ahead must be at least 1 (got 0)"),
+        # a boolean names the spellings it takes: it said "os_cache='2': expected a bool"
+        (
+            ["--loader", "ffcv", "--loader-option", "os_cache=2"],
+            "error: ffcv loader option os_cache must be one of 1, true, yes (on) or 0, false, no (off), got '2'",
+        ),
         (["--loader", "resident", "--loader-option", "size=x"], "size='x': expected an int"),
         (["--loader", "torch", "--loader-option", "a=1"], "the torch loader takes no --loader-option"),
         (["--loader", "synthetic", "--loader-option", "a=1"], "the synthetic loader takes no --loader-option"),

@@ -78,8 +78,10 @@ def test_options_are_checked(tiny_beton):
         create_loader("ffcv", loader_args(tiny_beton, options={"speed": "max"}))
     with pytest.raises(ConfigError, match="jitter_order"):
         create_loader("ffcv", loader_args(tiny_beton, options={"jitter_order": "never"}))
-    with pytest.raises(ConfigError, match="expected a bool"):
+    with pytest.raises(ConfigError) as caught:  # the spellings a boolean takes: it said "expected a bool"
         create_loader("ffcv", loader_args(tiny_beton, options={"os_cache": "maybe"}))
+    said = "ffcv loader option os_cache must be one of 1, true, yes (on) or 0, false, no (off), got 'maybe'"
+    assert str(caught.value) == said
 
 
 def test_bad_data_is_a_clear_error(tiny_beton, tmp_path):
