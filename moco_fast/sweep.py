@@ -31,8 +31,9 @@ from typing import Any
 from moco_fast.checkpoint import CHECKPOINT_NAME, file_stamp
 from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.convert_dst import beton_samples
-from moco_fast.data import DataSplits
+from moco_fast.data import DataError, DataSplits
 from moco_fast.divergence import Diverged
+from moco_fast.loaders.wds import is_wds_root, read_meta
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run, refuse_unwritable_out
 from moco_fast.sweep_eval import evaluate_setting, refuse_others_files, setting_columns
@@ -288,9 +289,16 @@ def _refuse_out_within_data(out: Path, base: TrainConfig) -> None:
 def _training_images(cfg: TrainConfig, listed: DataSplits | None) -> int | None:
     """The images a setting's training read, as its memory bank counts them (a diverged row's K,
     sweep_eval.k_columns): the image folder's listing, else a .beton's header (what FFCV's Reader
-    counts, --loader ffcv); None for other data (a shard set: the DALI loader counts its index files)."""
+    counts, --loader ffcv), or a shard set's meta.json (--loader dali: the shards hold as many; where
+    one was cut short they hold fewer, which the loader warned of and trained on, and the row shows
+    meta.json's count); None for other data, or a count that cannot be read."""
     if listed is not None:
         return len(listed.train)
+    if cfg.data.loader == "dali" and is_wds_root(cfg.data.data):
+        try:  # one small file: the DALI loader's own count reads every shard's index
+            return read_meta(cfg.data.data).num_images
+        except DataError:
+            return None
     data = Path(cfg.data.data) if cfg.data.loader == "ffcv" and cfg.data.data else None
     samples = beton_samples(data) if data is not None and data.is_file() else None  # a pipe's read would wait
     return samples if isinstance(samples, int) else None

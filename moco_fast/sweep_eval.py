@@ -34,7 +34,7 @@ def k_columns(cfg: TrainConfig, k: int | None) -> dict[str, Any]:
     """A row's K as the setting ran it (sweep_table.shown says which): end-to-end's batch (the
     negatives are the batch's other keys, one process), else `k`, the model's (the memory bank draws
     at most one negative per training image), with the K asked where it differs. `k` None: not known
-    (a run that diverged on data whose images the sweep does not count: a shard set), the K asked."""
+    (a run that diverged on data whose images the sweep cannot count), the K asked."""
     if cfg.moco.mechanism == "end-to-end":
         return {"k": cfg.optim.batch_size}
     if k is None or k == cfg.moco.k:

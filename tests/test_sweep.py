@@ -592,6 +592,13 @@ def test_a_diverged_setting_s_row_shows_the_k_it_ran_with(six_root, tmp_path, mo
     grid = ("--mechanism", "memory-bank", "--moco-k", "64")
     assert main(sweep_args(out, beton, *grid, train=("--loader", "ffcv"))) == 1
     assert "| memory-bank | 32 (bank size; 64 asked) | on | 1 | diverged |" in (out / "sweep.md").read_text()
+    # on a shard set (--loader dali): its meta.json's 36 images, where the row showed the 64 asked
+    pytest.importorskip("nvidia.dali")
+    shards = tmp_path / "shards"
+    assert main(["convert", str(six_root), str(shards), "--format", "wds", "--workers", "1"]) == 0
+    out = tmp_path / "on_shards"
+    assert main(sweep_args(out, shards, *grid, train=("--loader", "dali"))) == 1
+    assert "| memory-bank | 36 (bank size; 64 asked) | on | 1 | diverged |" in (out / "sweep.md").read_text()
 
 
 def test_a_sweep_on_data_without_eval_images_says_its_table_has_no_knn(
