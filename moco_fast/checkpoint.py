@@ -279,6 +279,20 @@ def saved_config(state: dict[str, Any], path: str | Path) -> TrainConfig:
         raise DataError(f"{path}: its saved config cannot be read ({e})") from None
 
 
+def read_config(path: str | Path, arch: str | None = None) -> TrainConfig:
+    """The TrainConfig of a checkpoint (a foreign one's as foreign.as_training_state reads it; `arch`:
+    --arch), for the checks made before a command builds its model (finetune's --arch and --stem, a
+    classifier's default --image-size). Its tensors are mapped, not read: the command reads the
+    file's bytes once, where it builds the model (finetune read a ResNet-50 checkpoint with its queue
+    and optimizer state, hundreds of MB, twice). Errors as `load`'s and saved_config's."""
+    from moco_fast.foreign import as_training_state
+
+    # torch's legacy (non-zip) format cannot be mapped ("mmap can only be used with files saved with
+    # ..."): such a file, an older torchvision download, is read
+    state = load(path, map_location="cpu", mmap=zipfile.is_zipfile(path))
+    return saved_config(as_training_state(state, path, arch, say=False), path)
+
+
 def load_model(
     path: str | Path,
     device: torch.device | str = "cpu",

@@ -172,10 +172,7 @@ def default_image_size(cfg: Any) -> int:
     (its config; a foreign checkpoint's as foreign.py reads it), 224 without a checkpoint."""
     if not cfg.checkpoint:
         return 224
-    from moco_fast.foreign import as_training_state
-
-    state = as_training_state(ckpt.load(cfg.checkpoint, mmap=True), cfg.checkpoint, cfg.arch, say=False)
-    return ckpt.saved_config(state, cfg.checkpoint).data.aug.image_size
+    return ckpt.read_config(cfg.checkpoint, cfg.arch).data.aug.image_size
 
 
 def _amp_as_given(settings: dict[str, Any]) -> str:

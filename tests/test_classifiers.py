@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import ON_GPU, make_image_root
-from eval_helpers import checkpoint_backbone_state, interrupt_at
+from eval_helpers import checkpoint_backbone_state, interrupt_at, state_reads
 from torch import nn
 
 from moco_fast.cli import main
@@ -347,3 +347,37 @@ def test_classifier_batches_reach_a_gpu_from_pinned_memory(ckpt, six_root, tmp_p
     norm = lincls.Normalizer(lincls.AugSpec(), torch.device("cpu"))
     lincls.extract(lambda x: x.mean((2, 3)), [(x, y)] * 2, norm, torch.device("cpu"), None, "features")
     assert copies == [{"non_blocking": True}] * 2
+
+
+def test_finetune_reads_the_checkpoint_s_bytes_once(ckpt, six_root, tmp_path, monkeypatch, capsys):
+    # with --arch or --stem, check_arch read the whole checkpoint (and its checksums) before the
+    # network was built from a second whole read: a ResNet-50 run's file is hundreds of MB. Its config
+    # is read through checkpoint.read_config now, its tensors mapped, not read
+    reads = state_reads(monkeypatch)
+    out = tmp_path / "ft.json"
+    args = ["finetune", "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "8"]
+    args += ["--arch", "resnet18", "--stem", "imagenet", "--workers", "0", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    whole = [name for name, mmap in reads if name == ckpt.name and not mmap]
+    assert len(whole) == 1, reads  # the one read that builds the network; the check maps it
+    assert json.loads(out.read_text())["config"]["arch"] == "resnet18"
+    # --arch contradicting the checkpoint: the same line as before
+    capsys.readouterr()
+    assert main([*args, "--arch", "resnet50"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "moco-fast finetune: error: --arch resnet50 contradicts the checkpoint, a resnet18 (with --checkpoint the "
+        "network is the checkpoint's architecture; leave --arch out)"
+    )
+
+
+def test_a_classifier_s_default_image_size_reads_a_legacy_format_state_dict(ckpt, tmp_path):
+    # default_image_size mapped the checkpoint (mmap), which torch refuses for its legacy, non-zip
+    # format (an older torchvision download): "cannot read checkpoint ...: mmap can only be used ..."
+    from moco_fast.classifier_settings import default_image_size
+    from moco_fast.finetune import FinetuneConfig
+
+    backbone = checkpoint_backbone_state(ckpt)
+    legacy = tmp_path / "resnet18-legacy.pth"
+    torch.save(backbone, legacy, _use_new_zipfile_serialization=False)
+    cfg = FinetuneConfig(checkpoint=str(legacy), data=str(tmp_path), out=str(tmp_path / "ft.json"))
+    assert default_image_size(cfg) == 224  # a torchvision state dict's config: the ImageNet stem's v2 size

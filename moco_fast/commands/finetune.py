@@ -88,12 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def check_arch(args: argparse.Namespace) -> None:
     """ConfigError when --arch or --stem contradicts the checkpoint, whose architecture is what runs."""
     from moco_fast.backbone import resolve_stem
-    from moco_fast.checkpoint import load, saved_config
-    from moco_fast.foreign import as_training_state
+    from moco_fast.checkpoint import read_config
 
     # an official MoCo checkpoint names its arch; a torchvision state dict's comes from --arch or its shapes
-    state = as_training_state(load(args.checkpoint), args.checkpoint, args.arch, say=False)
-    cfg = saved_config(state, args.checkpoint)
+    cfg = read_config(args.checkpoint, args.arch)
     arch, stem = cfg.model.arch, resolve_stem(cfg.model.stem, cfg.data.aug.image_size)
     why = "with --checkpoint the network is the checkpoint's architecture"
     require(
