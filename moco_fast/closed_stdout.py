@@ -1,6 +1,6 @@
 """A command whose stdout its reader closed (`moco-fast export ... | head -1`, `| grep -q`, a pager
 quit early) ends as a Unix tool that SIGPIPE ends: quietly, with exit status 128 + SIGPIPE (141);
-one that had failed keeps its own status (ended_quietly).
+one that had failed keeps its own status (ended_quietly, failed_with).
 Python ignores SIGPIPE, so the next print raised BrokenPipeError, a traceback; or, where the lines
 waited in stdout's buffer, the interpreter's last flush failed ("Exception ignored ... BrokenPipeError",
 exit status 120). Each command prints after it has written its files (export, convert, a classifier's
@@ -15,7 +15,7 @@ import os
 import select
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 EXIT_STATUS = 128 + signal.SIGPIPE
 
@@ -34,11 +34,24 @@ def ended_quietly(command: Callable[[], int]) -> int:
             raise
         _flush()
         return status
-    except BrokenPipeError:
+    except BrokenPipeError as error:
         if not closed():
             raise
         _discard()
-        return status or EXIT_STATUS
+        return status or getattr(error, "failed_status", 0) or EXIT_STATUS
+
+
+@contextlib.contextmanager
+def failed_with(status: int) -> Iterator[None]:
+    """Around the lines a command prints after it has failed with `status` (and said so on stderr): a
+    closed stdout that ends it there ends it with `status`, as one at the last flush does (ended_quietly),
+    not with EXIT_STATUS. 0: nothing failed, nothing changes."""
+    try:
+        yield
+    except BrokenPipeError as error:
+        if status:
+            error.failed_status = status
+        raise
 
 
 def _flush() -> None:

@@ -4,6 +4,7 @@ it lists and checks its data. What it refuses before training: test_sweep_checks
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -724,3 +725,32 @@ def test_redo_drops_its_grids_diverged_rows_with_their_results(six_root, tmp_pat
     rows = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())}
     assert set(rows) == {"moco_K16_m0.9_sbn-on"}, rows
     assert "diverged" not in (out / "sweep.md").read_text()
+
+
+def test_a_diverged_setting_is_named_where_stdout_s_reader_went_away(six_root, tmp_path, capsys, monkeypatch):
+    # `moco-fast sweep ... | head`: the table's print failed at the closed pipe (a table longer than the
+    # pipe's buffer), the command ended there quietly (closed_stdout) and the diverged line, said after
+    # the table, was lost: exit status 1 without a word. A line-buffered stream fails at the first line.
+    import os
+    import sys
+
+    from moco_fast import sweep
+    from moco_fast.divergence import Diverged
+
+    stub_sweep_runs(monkeypatch)
+
+    def train(cfg, listed):
+        if cfg.moco.m == 0:
+            raise Diverged("the run diverged in epoch 1: 3 tensors of the model hold NaN or inf; lower --lr")
+
+    monkeypatch.setattr(sweep, "_train", train)
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w", buffering=1) as stream:
+        monkeypatch.setattr(sys, "stdout", stream)
+        status = main(sweep_args(tmp_path / "sweep", six_root, "--moco-m", "0,0.99"))
+        monkeypatch.undo()
+        with contextlib.suppress(OSError):  # its buffer is /dev/null's by now (closed_stdout._discard)
+            stream.close()
+    assert last_error(capsys) == "moco-fast sweep: error: diverged: moco_K16_m0_sbn-on (sweep.json has each error)"
+    assert status == 1  # its own, as where the lines were lost at the last flush (closed_stdout.failed_with)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from moco_fast.cli import EMPTY_PATH, CommandParser, empty_flag, say
+from moco_fast.closed_stdout import failed_with
 from moco_fast.commands import HelpFormatter
 from moco_fast.config import ConfigError
 
@@ -257,12 +258,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lincls-lr must be a positive number (got {args.lincls_lr})")
     out = Path(args.out)
     rows = run_sweep(base, settings, out, lincls_epochs=args.lincls_epochs, lincls_lr=args.lincls_lr, redo=args.redo)
-    print(markdown_table(shown(rows)), end="")
-    written = [out / name for name in (TABLE_MD, TABLE_JSON, TABLE_PNG)]
-    print("table:", ", ".join(str(path) for path in written if path.is_file()))
     grid = {s.name for s in settings}  # another grid's diverged rows are kept, but not this sweep's failure
     diverged = [r["name"] for r in rows if r.get("error") is not None and r["name"] in grid]
     if diverged:  # the grid ran and its table is written, but for them: 1 (2 is a sweep that stopped)
+        # said before the table: a stdout whose reader went away (`| head`) ends the command at the
+        # table's print (closed_stdout), and the line said after it was lost
         say(f"moco-fast sweep: error: diverged: {', '.join(diverged)} (sweep.json has each error)")
-        return 1
-    return 0
+    status = 1 if diverged else 0
+    with failed_with(status):
+        print(markdown_table(shown(rows)), end="")
+        written = [out / name for name in (TABLE_MD, TABLE_JSON, TABLE_PNG)]
+        print("table:", ", ".join(str(path) for path in written if path.is_file()))
+    return status
