@@ -71,6 +71,7 @@ from moco_fast.convert_dst import (
     beton_fingerprint,
     names_fingerprint,
     names_path,
+    refuse_unless_regular,
     sidecar_of,
     sidecar_path,
     stale,
@@ -178,10 +179,12 @@ class FileNames:
     ~40 MB for ImageNet), and each lookup reads its own line. None for every image where there is no
     list (an older convert's .beton, another tool's), or one that does not fit the .beton (said once):
     one of another count, or one whose header records another fingerprint than the .beton's,
-    `fingerprint` (beton_fingerprint; a convert stopped between publishing the two)."""
+    `fingerprint` (beton_fingerprint; a convert stopped between publishing the two). One that is no
+    regular file is refused at the start (a FIFO would hang the first lookup), as the sidecar is."""
 
     def __init__(self, beton: Path, num_images: int, fingerprint: str | None):
         self.beton, self.path, self.num_images, self.fingerprint = beton, names_path(beton), num_images, fingerprint
+        refuse_unless_regular(self.path, beton, "file list")
         self.starts: np.ndarray | None = None  # byte offset of each image's line, and the end of the last
         self.unusable = False
 

@@ -168,18 +168,25 @@ class SidecarRead(NamedTuple):
         return self.meta is not None and self.ignored is not None
 
 
+def refuse_unless_regular(path: Path, beton: Path, what: str) -> None:
+    """DataError where `path`, the `what` beside `beton` that a reader opens (its sidecar, its file
+    list), is there but no regular file: a named pipe's read waits for a writer (train and convert
+    hung), a device's such as /dev/zero never ends. A .beton that is none is refused the same way
+    (loaders.wds.beton_file, check_destination)."""
+    if path.exists() and not path.is_file():
+        raise DataError(
+            f"{path}, the {what} of {beton.name}, is not a regular file (a device, FIFO or socket): delete it"
+        )
+
+
 def read_sidecar(beton: Path, fingerprint: str | None = None) -> SidecarRead:
     """convert's sidecar of `beton` (sidecar_path) and whether it describes this .beton: not where it
     is missing, unreadable, no JSON object, or stale (it records another .beton's beton_fingerprint).
     `fingerprint`: this .beton's, where the caller has it; else it is hashed here, and only where the
-    sidecar records one (an older convert's does not). One that is no regular file is a DataError, as
-    a .beton that is none is refused (loaders.wds.beton_file, check_destination): a named pipe's read
-    waits for a writer (train and convert hung), a device's such as /dev/zero never ends."""
+    sidecar records one (an older convert's does not). One that is no regular file is a DataError
+    (refuse_unless_regular)."""
     side = sidecar_path(beton)
-    if side.exists() and not side.is_file():
-        raise DataError(
-            f"{side}, the sidecar of {beton.name}, is not a regular file (a device, FIFO or socket): delete it"
-        )
+    refuse_unless_regular(side, beton, "sidecar")
     meta = read_json_object(side)
     if meta is None:
         return SidecarRead(None, unread_why(side) if side.is_file() else None)  # (none there: nothing to say)

@@ -353,6 +353,19 @@ def test_a_sidecar_that_is_a_named_pipe_is_refused_not_read(tiny_beton, tiny_roo
         assert done.stderr.strip().splitlines()[-1] == f"moco-fast {argv[0]}: error: {said}: delete it"
 
 
+def test_a_file_list_that_is_a_named_pipe_is_refused_at_the_start(tmp_path):
+    # X.beton.files.txt, read to name a skipped image: a pipe without a writer hung that lookup in the
+    # middle of a run, where convert refuses it and the sidecar's pipe is refused at the start
+    from moco_fast.loaders.ffcv import FileNames
+
+    os.mkfifo(tmp_path / "x.beton.files.txt")
+    said = (
+        f"{tmp_path / 'x.beton.files.txt'}, the file list of x.beton, is not a regular file (a device, FIFO or socket)"
+    )
+    with pytest.raises(DataError, match=re.escape(said + ": delete it")):
+        FileNames(tmp_path / "x.beton", 4, "0f" * 16)
+
+
 def test_the_file_list_is_read_at_the_first_lookup_and_must_fit_the_beton(tmp_path, caplog):
     from moco_fast.loaders.ffcv import FileNames
 
