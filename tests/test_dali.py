@@ -200,11 +200,25 @@ def test_blur_sigma_and_jitter_ranges_match_the_spec(synth):
     views, index = dali_views(synth["flat"], replace(COLOUR, **{**alone, "brightness": 0.4}), epochs=3)
     factor = views.astype(np.float64).mean((1, 2)).sum(1) / colours[index].sum(1)
     assert 0.57 < factor.min() < 0.65
+    # contrast 0.4: a factor ~ U(0.6, 1.4) on each colour's distance from mid-grey (DALI's pivot, 128),
+    # its luma's too (the flat colours' lumas, 66 to 189, tell it from saturation's, which keeps it)
+    luma = np.array([0.299, 0.587, 0.114])
+    views, index = dali_views(synth["flat"], replace(COLOUR, **{**alone, "contrast": 0.4}), epochs=3)
+    moved, before = views.astype(np.float64).mean((1, 2)) - 128, colours[index] - 128
+    factor = (moved * before).sum(1) / (before * before).sum(1)  # least squares, over the three channels
+    assert 0.57 < factor.min() < 0.65 and 1.35 < factor.max() < 1.43
+    assert np.abs(moved @ luma - factor * (before @ luma)).max() < 3  # grey levels (measured: 0.4)
+    # saturation 0.4: a factor ~ U(0.6, 1.4) on the chroma (YIQ's I, Q), the luma kept
+    views, index = dali_views(synth["flat"], replace(COLOUR, **{**alone, "saturation": 0.4}), epochs=3)
+    after = views.astype(np.float64).mean((1, 2))
+    chroma = np.array([[0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])  # RGB -> I, Q
+    factor = np.hypot(*(chroma @ after.T)) / np.hypot(*(chroma @ colours[index].T))
+    assert 0.57 < factor.min() < 0.65 and 1.35 < factor.max() < 1.43
+    assert np.abs(after @ luma - colours[index] @ luma).max() < 3  # grey levels (measured: 1.1)
     # hue 0.1: a turn of the chroma (YIQ's I, Q) by up to 0.1 x 360 degrees either way
     views, index = dali_views(synth["flat"], replace(COLOUR, **{**alone, "hue": 0.1}), epochs=3)
-    yiq = np.array([[0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])  # RGB -> I, Q
-    i_v, q_v = yiq @ views.astype(np.float64).mean((1, 2)).T
-    i_r, q_r = yiq @ colours[index].T
+    i_v, q_v = chroma @ views.astype(np.float64).mean((1, 2)).T
+    i_r, q_r = chroma @ colours[index].T
     turn = (np.degrees(np.arctan2(q_v, i_v) - np.arctan2(q_r, i_r)) + 180) % 360 - 180
     assert 32 < np.abs(turn).max() < 40
 
