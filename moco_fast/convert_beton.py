@@ -286,6 +286,10 @@ def _labelled_bar() -> Iterator[None]:
 
 
 def write_beton(tmp: Path, files: list[str], labels: list[int], stored: list[int], cfg: ConvertConfig):
+    if "ffcv.fields" not in sys.modules:
+        # FFCV's import compiles Numba code (its image field's typed dict) and imports torch: ~5 s on
+        # a CPU between the checking bar and the writing one, without a word, as if convert hung
+        log.info("starting FFCV's writer (its import compiles Numba code: a few seconds)")
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 

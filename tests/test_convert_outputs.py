@@ -55,6 +55,25 @@ def test_beton_round_trip_and_bad_files(bad_root, tmp_path):
     assert "skipped 3" in summary.text() and "trunc.jpg" in summary.text()
 
 
+@pytest.mark.slow  # a process of its own: FFCV not imported yet
+def test_a_beton_convert_says_why_it_waits_before_its_writing_bar(tiny_root, tmp_path):
+    # FFCV's import compiles Numba code: ~5 s on a CPU between the checking bar and the writing one,
+    # without a word (as if convert hung). Said on stderr: stdout keeps the result line alone.
+    import subprocess
+    import sys
+
+    dst = tmp_path / "x.beton"
+    argv = ["convert", str(tiny_root), str(dst), "--format", "ffcv", "--workers", "1"]
+    done = subprocess.run([sys.executable, "-m", "moco_fast", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"wrote 32 images to {dst} ") and done.stdout.count("\n") == 1
+    lines = done.stderr.replace("\r", "\n").splitlines()
+    said = lines.index("INFO starting FFCV's writer (its import compiles Numba code: a few seconds)")
+    checked = max(i for i, line in enumerate(lines) if line.startswith("checking:"))
+    writing = min(i for i, line in enumerate(lines) if line.startswith("writing .beton:"))
+    assert checked < said < writing
+
+
 @pytest.mark.slow
 def test_max_resolution_shrinks(bad_root, tmp_path):
     dst = tmp_path / "small.beton"
