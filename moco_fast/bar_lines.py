@@ -30,6 +30,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import IO
 
+from moco_fast import closed_stdout
+
 _PID = os.getpid()  # the process whose bars are its own (own_bars); a forked child's are its parent's
 
 
@@ -181,6 +183,14 @@ class LineHandler(logging.StreamHandler):
                 super().emit(record)
         except Exception:  # a bar's stream gone: as the write's own errors, never the caller's
             self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """logging's report of a failed write (StreamHandler.emit calls it too), but for stderr's
+        reader gone during a training, a stop (closed_stdout.stderr_went_away): no report."""
+        error = sys.exc_info()[1]
+        if isinstance(error, BrokenPipeError) and closed_stdout.stderr_went_away(self.stream):
+            return
+        super().handleError(record)
 
 
 def between_bars(showwarning: Callable[..., None]) -> Callable[..., None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.std import TqdmDefaultWriteLock
 
-from moco_fast import bar_lines
+from moco_fast import bar_lines, closed_stdout
 from moco_fast.threads import handle_thread_errors
 
 log = logging.getLogger("moco_fast")
@@ -40,7 +41,11 @@ def share_bar_lock() -> None:
 
 
 def progress(total: int, desc: str, enabled: bool = True, initial: int = 0) -> tqdm:
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+    # stderr guarded: during a training, a reader gone (`2>&1 | head`) is a stop, not this bar's error
+    file = closed_stdout.Guarded(sys.stderr)
+    return tqdm(
+        total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False, file=file
+    )
 
 
 def rate(per_s: float) -> str:

@@ -13,6 +13,8 @@ SLURM's signal to every process), a second copy of the same stop; the launcher e
 has not stopped within its shutdown timeout (30 s) with SIGKILL. Outside the steps (the data scan,
 the kNN, a save) a first one stops a worker at once, as it stops one process
 (signals.stop_signals_handled), and the launcher ends the others.
+A stderr whose reader went away (closed_stdout.closed_stderr_stops) is taken for a SIGPIPE recorded
+at the next sync: saved, then ended with SIGPIPE's status (141).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
+from moco_fast import closed_stdout
 from moco_fast import distributed as dist_utils
 from moco_fast.signals import STOP_SIGNALS, Terminated
 
@@ -108,6 +111,8 @@ class SaveClock:
 def agree_at_sync(stops: StopRequests, clock: SaveClock, device: torch.device) -> tuple[int | None, bool]:
     """(the stop signal any rank recorded, None: none; whether rank 0's clock asks for a save). One
     all-reduce of two numbers with several processes: called only where the loop syncs the host."""
+    if stops.signum is None and closed_stdout.stderr_gone():  # a reader gone: saved, then ended as a stop
+        stops.signum = signal.SIGPIPE
     mine = [stops.signum or 0, int(clock.due())]
     if dist_utils.world_size() > 1:
         # on the device: NCCL reduces device tensors; .tolist() is a host sync, at a sync point

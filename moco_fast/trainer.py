@@ -19,6 +19,7 @@ from moco_fast.agreement import HeldWarnings, agree
 from moco_fast.backbone import check_arch
 from moco_fast.bn_batch import bn_splits, warn_few_bn_images
 from moco_fast.cli import interruption
+from moco_fast.closed_stdout import closed_stderr_stops
 from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, as_run, check_at_least, check_image_size, save_json
 from moco_fast.cores import WORKERS_PER_CORE, available_cores
 from moco_fast.data import DataError, DataSplits
@@ -291,7 +292,7 @@ def train(
         check_workers(cfg.data.workers)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
         out = Path(cfg.runtime.out)
-        with hold_run_folder(out, enabled=dist_utils.is_main(), command=command) as held:
+        with hold_run_folder(out, enabled=dist_utils.is_main(), command=command) as held, closed_stderr_stops():
             ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone
             return _train_held(cfg, out, device, amp_dtype, world, rank, owns_group, setup_warnings, splits, command)
     except BaseException:

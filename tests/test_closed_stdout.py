@@ -1,5 +1,6 @@
 """A command whose stdout's reader is gone (`| head -1`, `| grep -q`) ends quietly with exit status
-141, its files written; a BrokenPipeError that is not stdout's keeps its traceback (closed_stdout.py)."""
+141, its files written; a BrokenPipeError that is not stdout's keeps its traceback; a training whose
+stderr's reader is gone saves, then ends with 141 (closed_stdout.py)."""
 
 from __future__ import annotations
 
@@ -107,3 +108,32 @@ def test_a_command_that_failed_keeps_its_exit_status_where_its_lines_are_lost(pi
     monkeypatch.setattr(sys, "stdout", stream)
     os.close(read)
     assert main(["export", "x.pt", "--format", "torchvision", "--output", "y.pth"]) == 1
+
+
+def test_a_training_whose_stderr_reader_goes_away_saves_and_resumes(tmp_path, caplog):
+    # `moco-fast train ... 2>&1 | head`: the progress bar's next write after the reader went away raised
+    # BrokenPipeError in the training step, and the run ended (141) without saving the steps since its
+    # last checkpoint. It is a stop now: the next sync (--log-every 2) saves the step, then it ends with 141.
+    import logging
+
+    args = ["train", "--loader", "synthetic", "--synthetic-steps", "12", "--preset", "cifar", "--arch", "resnet18",
+            "--stem", "imagenet", "--epochs", "1", "--batch-size", "8", "--moco-k", "16", "--bn-splits", "2",
+            "--device", "cpu", "--workers", "0", "--log-every", "2", "--save-every", "0", "--no-final-knn",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    read, write = os.pipe()
+    run = subprocess.Popen([sys.executable, "-m", "moco_fast", *args], stdout=write, stderr=write)
+    os.close(write)
+    seen = b""
+    with open(read, "rb", buffering=0) as reader:  # closed once the epoch's bar is drawn: a reader gone
+        while b"epoch 1/1:" not in seen:
+            chunk = reader.read(4096)
+            assert chunk, seen.decode(errors="replace")  # it ended before its bar
+            seen += chunk
+    assert run.wait(timeout=300) == closed_stdout.EXIT_STATUS
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert 2 <= state["step"] < 12 and state["epoch"] == 0  # a step of a sync in the epoch, saved
+    with caplog.at_level(logging.INFO, "moco_fast"):
+        assert main([*args, "--resume"]) == 0
+    assert f"resumed from {tmp_path / 'run' / 'checkpoint.pt'} after step {state['step']} of epoch 1" in caplog.text
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and '"epoch": 1' in rows[0]

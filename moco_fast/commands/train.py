@@ -251,8 +251,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--log-every",
         type=int,
-        help="steps between progress-bar updates (each one is a host sync, where a stop signal or Ctrl-C is "
-        "acted on: a checkpoint of that step, then the run ends) (default 10)",
+        help="steps between progress-bar updates (each one is a host sync, where a stop signal, Ctrl-C or a "
+        "stderr whose reader went away (`2>&1 | head`: exit status 141) is acted on: a checkpoint of that step, "
+        "then the run ends) (default 10)",
     )
     g.add_argument(
         "--save-every",
