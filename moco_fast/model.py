@@ -65,6 +65,13 @@ def reads_k(mechanism: str) -> bool:
     return mechanism != "end-to-end"
 
 
+def k_sizes_state(mechanism: str) -> bool:
+    """Whether a checkpoint of a mechanism holds something sized by --moco-k, so that a resume cannot
+    change it: MoCo's queue. The memory bank's rows are one a training image, its K only how many each
+    step draws; end-to-end has no K."""
+    return mechanism == "moco"
+
+
 def memory_bank_k(k: int, num_images: int) -> int:
     """The negatives a memory-bank step draws from its rows: --moco-k, at most one a training image."""
     return min(k, num_images)

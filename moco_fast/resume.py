@@ -17,7 +17,7 @@ from moco_fast.backbone import resolve_stem
 from moco_fast.config import ConfigError, TrainConfig, plain, sync_bn_replaces_shuffle_bn, to_dict
 from moco_fast.data import DataError
 from moco_fast.epoch import other_images
-from moco_fast.model import MoCo, reads_k
+from moco_fast.model import MoCo, k_sizes_state
 from moco_fast.step import amp_as_run, load_optimizer_state
 from moco_fast.text import plural
 
@@ -285,7 +285,7 @@ def saved_run(cfg: TrainConfig) -> SavedRun | None:
 
 def queue_fix(cfg: TrainConfig, world: int, saved_world: int, per_image: int) -> str:
     """What to do where the resumed run's global batch enqueues more keys (per_image each) than its
-    queue holds. Not --moco-k: it is part of the model a checkpoint holds (check_same_model)."""
+    queue holds. Not --moco-k: the checkpoint holds a queue of that size (check_same_model)."""
     k, b = cfg.moco.k, cfg.optim.batch_size
     ways = []
     if k // (world * per_image) >= 1:
@@ -320,9 +320,9 @@ def check_same_model(saved: dict[str, Any], cfg: TrainConfig) -> None:
         # these change how a step runs, not the weights (split BN keeps plain BN's buffers): a run
         # trained by N processes (plain BN) resumes in one (split BN), and the other way round
         changeable = ("m", "t", "symmetric", "bank_m", "shuffle_exchange", "bn_splits", "shuffle_bn")
-        # end-to-end reads no K (its negatives are the batch); MoCo's K is its queue, which the checkpoint
-        # holds, and the memory bank's the negatives each step draws (refused as the other model settings)
-        if section == "moco" and old.get("mechanism") == new["mechanism"] and not reads_k(new["mechanism"]):
+        # only MoCo's checkpoint holds something sized by K (its queue); the memory bank's K is the negatives
+        # each step draws from a bank of one row a training image, and end-to-end reads none
+        if section == "moco" and old.get("mechanism") == new["mechanism"] and not k_sizes_state(new["mechanism"]):
             changeable += ("k",)
         diff = [k for k in new if k in old and old[k] != new[k] and k not in changeable]
         if diff:

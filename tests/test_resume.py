@@ -610,21 +610,22 @@ def test_a_checkpoint_config_of_a_wrong_type_is_one_line_for_a_direct_train_call
 
 
 @pytest.mark.parametrize("mechanism", ["end-to-end", "memory-bank", "moco"])
-def test_resume_with_another_moco_k_is_refused_only_where_the_mechanism_reads_k(run, mechanism, capsys):
-    # end-to-end's negatives are the other keys of the batch: --moco-k is unused, yet its resume with
-    # another one was refused as another model; MoCo's K is the queue the checkpoint holds, and the
-    # memory bank's the negatives each step draws (model.reads_k): those stay refused
+def test_resume_with_another_moco_k_is_refused_only_where_the_checkpoint_holds_a_k_sized_state(run, mechanism, capsys):
+    # end-to-end's negatives are the other keys of the batch, and the memory bank's K is how many of its
+    # rows (one a training image) each step draws: neither checkpoint holds anything sized by K, yet their
+    # resume with another --moco-k was refused as another model. MoCo's K is the queue the checkpoint
+    # holds (model.k_sizes_state): that stays refused
     path = run / "checkpoint.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
     state["config"]["moco"]["mechanism"] = mechanism
     torch.save(state, path)
     argv = ["train", "--resume", "--out", str(run), "--epochs", "2", "--moco-k", "32", "--print-config"]
     capsys.readouterr()
-    if mechanism == "end-to-end":
-        assert main(argv) == 0
-        printed = json.loads(capsys.readouterr().out)
-        assert (printed["moco"]["mechanism"], printed["moco"]["k"]) == ("end-to-end", 32)
-    else:
+    if mechanism == "moco":
         assert main(argv) == 2
         said = "moco-fast train: error: --resume: the checkpoint was trained with other moco settings k=16 (now 32)"
         assert capsys.readouterr().err.strip() == said
+    else:
+        assert main(argv) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert (printed["moco"]["mechanism"], printed["moco"]["k"]) == (mechanism, 32)

@@ -222,7 +222,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="continue from the checkpoint in --out, or from the given checkpoint path, with the settings "
         "it was trained with (data, optimisation and run flags given now override them; of the model and MoCo "
         "settings only --moco-m, --moco-t, --symmetric, --bn-splits, --shuffle-bn and --shuffle-exchange may "
-        "change; more --epochs extends the run)",
+        "change, and --moco-k but for --mechanism moco, whose queue the checkpoint holds; more --epochs "
+        "extends the run)",
     )
     g.add_argument(
         "--force",
