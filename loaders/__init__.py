@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 from moco_fast.config import ConfigError
+from moco_fast.threads import kept_torch_threads
 
 from .base import Batch, LoaderArgs, TrainLoader
 from .options import check_loader_options
@@ -63,7 +64,8 @@ def create_loader(name: str, args: LoaderArgs) -> TrainLoader:
     _check_name(name)
     if name not in _LOADERS:
         try:
-            importlib.import_module(_MODULES[name], __name__)
+            with kept_torch_threads():  # FFCV's import sets it to 1
+                importlib.import_module(_MODULES[name], __name__)
         except ModuleNotFoundError as e:
             if name not in _EXTRAS or (e.name or "").startswith("moco_fast"):
                 raise

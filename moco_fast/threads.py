@@ -1,10 +1,14 @@
 """One threading.excepthook for the threads of libraries whose errors moco-fast handles itself:
-FFCV's epoch thread (loaders/ffcv.py) and TensorBoard's event-file writer (metrics.py)."""
+FFCV's epoch thread (loaders/ffcv.py) and TensorBoard's event-file writer (metrics.py); and
+torch's thread count kept across a library's import that sets it (kept_torch_threads)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+import torch
 
 # Each gets an uncaught thread error first and returns True when it dealt with it.
 _HANDLERS: list[Callable[[threading.ExceptHookArgs], bool]] = []
@@ -25,3 +29,15 @@ def handle_thread_errors(handler: Callable[[threading.ExceptHookArgs], bool]) ->
 
     hook.moco_fast = True  # type: ignore[attr-defined]
     threading.excepthook = hook
+
+
+@contextlib.contextmanager
+def kept_torch_threads() -> Iterator[None]:
+    """Puts torch's thread count back after the block. FFCV's import sets it to 1 (ffcv.pipeline.compiler
+    runs Compiler.set_num_threads(1)): a program that built an FFCV loader or wrote a .beton went on on
+    one thread, and so did a CPU run's FFCV loader, which puts back the count it finds when built."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -12,7 +12,11 @@ import copy
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -252,3 +256,21 @@ def test_the_processs_torch_thread_count_survives_making_the_loader(tiny_beton):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_building_an_ffcv_loader_or_writing_a_beton_keeps_the_programs_torch_thread_count(
+    tiny_root, tiny_beton, tmp_path
+):
+    # FFCV's import sets torch's thread count to 1 (Compiler.set_num_threads(1)): a program that built
+    # an FFCV loader through the registry, or wrote a .beton, went on on one thread (so did a CPU run,
+    # whose loader puts back the count it finds). Each in a fresh process: this one has imported FFCV
+    build = f"create_loader('ffcv', loader_args({str(tiny_beton)!r}))"
+    write = f"convert(ConvertConfig({str(tiny_root)!r}, {str(tmp_path / 'x.beton')!r}, format='ffcv', workers=1))"
+    imports = "import torch; from ffcv_helpers import loader_args; from moco_fast.loaders import create_loader; "
+    imports += "from moco_fast.convert import ConvertConfig, convert; torch.set_num_threads(3); "
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    for code in (build, write):
+        script = imports + code + "; print(torch.get_num_threads())"
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-1] == "3", code
