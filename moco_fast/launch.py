@@ -332,15 +332,17 @@ def _temporary_files_in(folder: str) -> Iterator[None]:
 
 def _stopped(reports: str, rank: int, failure: Any) -> KeyboardInterrupt | None:
     """The stop behind the first worker to end (`rank`, its ProcessFailure), or None: its exit status
-    128 + a stop signal or SIGINT, that it said it ended with (_stop_ends). The launcher picks the
-    first before it ends the others, so a worker that its SIGTERM stopped after a crash is not it."""
+    128 + a stop signal, SIGINT or SIGPIPE (a stderr whose reader went away, which the worker saved
+    at and ended on as a stop: closed_stdout.closed_stderr_stops), that it said it ended with
+    (_stop_ends). The launcher picks the first before it ends the others, so a worker that its
+    SIGTERM stopped after a crash is not it."""
     said = Path(reports, f"stop.{rank}")
     n = failure.exitcode - 128
     if not said.is_file() or said.read_text() != str(failure.exitcode):
         return None
     if n == signal.SIGINT:
         return KeyboardInterrupt()
-    return Terminated(n) if n in STOP_SIGNALS else None
+    return Terminated(n) if n in (*STOP_SIGNALS, signal.SIGPIPE) else None
 
 
 def describe_failure(e: Any) -> str:

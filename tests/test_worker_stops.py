@@ -148,6 +148,51 @@ def test_the_first_worker_to_end_is_a_stop_only_if_it_said_so(tmp_path):
     stop = _stopped(str(tmp_path), 1, failure(138))
     assert isinstance(stop, Terminated) and stop.signum == signal.SIGUSR1
     assert _stopped(str(tmp_path), 1, failure(1)) is None  # a crash after it wrote that
+    (tmp_path / "stop.1").write_text("141")  # a stderr whose reader went away: saved, then a stop
+    stop = _stopped(str(tmp_path), 1, failure(141))
+    assert isinstance(stop, Terminated) and stop.signum == signal.SIGPIPE
+
+
+# `--gpus 2` on the CPU with 2 pretend GPUs (the workers' --device auto finds none)
+GPUS_2 = """
+import sys
+import torch
+
+torch.cuda.device_count = lambda: 2
+if __name__ == "__main__":
+    from moco_fast.cli import main
+
+    sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_a_gpus_job_whose_stderr_reader_goes_away_ends_as_a_stop_with_its_checkpoint(tmp_path):
+    # `train --gpus 2 ... 2>&1 | head`: each worker saved at its next sync and ended with 141 (a stop,
+    # closed_stdout.closed_stderr_stops), but the launcher took 141 for a failed worker: its error line
+    # failed on the closed stderr, a traceback and exit status 1. Stdout to a file here: with stdout the
+    # same pipe the launcher's closed stdout hid that as 141.
+    script, out = tmp_path / "gpus2.py", tmp_path / "run"
+    script.write_text(GPUS_2)
+    args = ["train", "--loader", "synthetic", "--synthetic-steps", "12", "--preset", "cifar", "--arch", "resnet18",
+            "--stem", "imagenet", "--epochs", "1", "--batch-size", "8", "--moco-k", "16", "--device", "auto",
+            "--gpus", "2", "--workers", "0", "--log-every", "2", "--save-every", "0", "--no-final-knn",
+            "--out", str(out)]  # fmt: skip
+    read, write = os.pipe()
+    with open(tmp_path / "stdout", "w") as stdout:
+        run = subprocess.Popen([sys.executable, str(script), *args], stdout=stdout, stderr=write, cwd=tmp_path,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    os.close(write)
+    seen = b""
+    with open(read, "rb", buffering=0) as reader:  # closed once the epoch's bar is drawn: a reader gone
+        while b"epoch 1/1:" not in seen:
+            chunk = reader.read(4096)
+            assert chunk, seen.decode(errors="replace")  # it ended before its bar
+            seen += chunk
+    assert run.wait(timeout=300) == 128 + signal.SIGPIPE
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert 2 <= state["step"] < 12 and state["epoch"] == 0  # a step of a sync in the epoch, saved
+    assert (tmp_path / "stdout").read_text() == ""
 
 
 def test_an_error_after_a_peers_stop_ends_the_worker_as_that_stop(tmp_path, monkeypatch):
