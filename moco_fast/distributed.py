@@ -50,12 +50,30 @@ def is_main() -> bool:
 
 def local_world_size() -> int:
     """Processes on this machine (torchrun sets LOCAL_WORLD_SIZE)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return _env_count("LOCAL_WORLD_SIZE", 1)
 
 
 def local_rank() -> int:
     """This process's index among the machine's (torchrun and --gpus set LOCAL_RANK; 0 alone)."""
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return _env_count("LOCAL_RANK", 0)
+
+
+def _env_count(name: str, default: int) -> int:
+    """The count in the environment variable `name` (`default` where unset), or a one-line ConfigError
+    for one that is not a count: LOCAL_WORLD_SIZE=x was a ValueError traceback, 0 a ZeroDivisionError
+    in the --workers cap, and a negative one a cap of 1 without a word."""
+    from moco_fast.config import ConfigError
+
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    least = 1 if default == 1 else 0  # a count of processes, or an index among them
+    if not text.strip().isdigit() or int(text) < least:
+        raise ConfigError(
+            f"{name}={text} is not a {'count of processes' if least else 'process index'} (torchrun sets it; "
+            f"a number >= {least}): unset it, or start the processes with torchrun"
+        )
+    return int(text)
 
 
 # -- gathering ------------------------------------------------------------------------------------

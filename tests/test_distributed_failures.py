@@ -362,6 +362,29 @@ def test_a_manual_launch_outside_its_group_or_ports_is_one_line_at_once(
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize(
+    "name, value, says",
+    [
+        ("LOCAL_WORLD_SIZE", "x", "LOCAL_WORLD_SIZE=x is not a count of processes"),  # was a ValueError traceback
+        ("LOCAL_WORLD_SIZE", "0", "LOCAL_WORLD_SIZE=0 is not a count of processes"),  # a ZeroDivisionError
+        ("LOCAL_WORLD_SIZE", "-3", "LOCAL_WORLD_SIZE=-3 is not a count of processes"),  # a cap of 1, unsaid
+        ("LOCAL_RANK", "x", "LOCAL_RANK=x is not a process index"),
+    ],
+)
+def test_local_process_counts_that_are_not_numbers_are_one_line(
+    tiny_root, tmp_path, capsys, monkeypatch, name, value, says
+):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"^{says} "):
+        dist_utils.local_world_size() if name == "LOCAL_WORLD_SIZE" else dist_utils.local_rank()
+    if name == "LOCAL_WORLD_SIZE":  # the --workers cap of an evaluation reads it: one line, not a traceback
+        ckpt = tmp_path / "none.pt"
+        assert main(["knn", "--checkpoint", str(ckpt), "--data", str(tiny_root), "--device", "cpu"]) == 2
+        assert capsys.readouterr().err.startswith(f"moco-fast knn: error: {says} ")
+    monkeypatch.setenv(name, "2")  # a real count reads as before
+    assert (dist_utils.local_world_size() if name == "LOCAL_WORLD_SIZE" else dist_utils.local_rank()) == 2
+
+
 def test_a_rank_that_cannot_reach_rank_0_waits_its_timeout_in_silence_and_says_why(monkeypatch, capfd, held_port):
     # torch's client logged each try that failed as a C++ error with its stack (47 lines above the
     # one line) and tried again after a random delay: a join bounded at 3 s gave up after 8 s
