@@ -129,6 +129,7 @@ def test_help_does_not_import_torch():
         (["knn", "--k", "-1"], "--k must be at least 1"),
         (["knn", "--k", "0"], "--k must be at least 1"),
         (["knn", "--t", "0"], "--t must be above 0"),
+        (["knn", "--t", "inf"], "--t must be above 0 and finite (got inf)"),  # was a plain vote, unsaid
         (["knn", "--batch-size", "0"], "--batch-size must be at least 1"),
         (["knn", "--image-size", "4"], "--image-size must be at least 8"),
         (["knn", "--workers", "-2"], "--workers must be -1 (auto)"),
@@ -144,6 +145,8 @@ def test_help_does_not_import_torch():
         (["finetune", "--lr", "0"], "--lr must be above 0"),
         (["lincls", "--eval-every", "-1"], "--eval-every must be 0 or more"),
         (["finetune", "--weight-decay", "-1"], "--weight-decay"),
+        (["lincls", "--weight-decay", "inf"], "--weight-decay must be 0 or more and finite (got inf)"),  # diverged
+        (["finetune", "--weight-decay", "inf"], "--weight-decay must be 0 or more and finite (got inf)"),
         (["lincls", "--seed", str(2**64)], "--seed must be in 0..4294967295"),  # torch's seed overflowed
         (["finetune", "--seed", "-1"], "--seed must be in 0..4294967295"),
         (["finetune", "--save-model", "m.pt", "--no-save-model"], "--save-model m.pt and --no-save-model contradict"),

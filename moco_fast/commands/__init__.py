@@ -138,7 +138,8 @@ def check_classifier_args(args: argparse.Namespace) -> None:
     require(args.epochs >= 1, f"--epochs must be positive (got {args.epochs})")
     require(args.lr > 0 and math.isfinite(args.lr), f"--lr must be above 0 (got {args.lr})")
     require(0 <= args.momentum < 1, f"--momentum must be in [0, 1) (got {args.momentum})")
-    require(args.weight_decay >= 0, f"--weight-decay must be 0 or more (got {args.weight_decay})")
+    # inf too, as train's: it passed here, and the run diverged at its first epoch's end
+    require(0 <= args.weight_decay < math.inf, f"--weight-decay must be 0 or more and finite (got {args.weight_decay})")
     if args.image_size is not None:  # None: the checkpoint's training size
         check_image_size(args.image_size)
     require(args.eval_every >= 0, f"--eval-every must be 0 or more (got {args.eval_every})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 from moco_fast.commands import (
     ARCH_HELP,
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Every value is checked before the checkpoint or the data is read.
     check_at_least("--k", args.k, 1)
-    require(args.t > 0, f"--t must be above 0 (got {args.t})")
+    # inf too, as train's --knn-t: every weight exp(s/t) is then 1, a plain vote that --t never meant
+    require(0 < args.t < math.inf, f"--t must be above 0 and finite (got {args.t})")
     if args.image_size is not None:  # None: the checkpoint's training size
         check_image_size(args.image_size)
     check_arch(args.arch)
