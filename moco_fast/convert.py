@@ -42,7 +42,7 @@ from moco_fast.convert_files import (
     tidy_after_a_stopped_convert,
     writing,
 )
-from moco_fast.cores import available_cores
+from moco_fast.cores import available_cores, workers_refused
 from moco_fast.data import DataError, ImageList, find_classes, list_images, resolve_root, split_dirs
 from moco_fast.loaders.wds import META_NAME
 
@@ -145,6 +145,11 @@ def validate(cfg: ConvertConfig) -> None:
         )
     if cfg.workers < 0:  # -2 ran on every core as 0 does, where the other commands refuse it
         raise ConfigError(f"--workers must be 0 (every core) or a count, got {cfg.workers}")
+    # train's cap: the pool forks every worker at once (--workers 100000: as many processes; past
+    # 2**31 an OverflowError traceback from its queue)
+    why = workers_refused(cfg.workers, 1, "0: every core", "processes a core only compete with each other for it")
+    if why is not None:
+        raise ConfigError(why)
     # wds's flags alone: --format ffcv ignores them, with a warning (commands/convert), not an error after it
     if cfg.format == "wds":
         check_at_least("--shard-size", cfg.shard_size, 1)

@@ -21,7 +21,7 @@ from moco_fast.bn_batch import bn_splits, warn_few_bn_images
 from moco_fast.cli import interruption
 from moco_fast.closed_stdout import closed_stderr_stops
 from moco_fast.config import MAX_SEED, ConfigError, TrainConfig, as_run, check_at_least, check_image_size, save_json
-from moco_fast.cores import WORKERS_PER_CORE, available_cores
+from moco_fast.cores import available_cores, workers_refused
 from moco_fast.data import DataError, DataSplits
 from moco_fast.epoch import resumed_part
 from moco_fast.epoch import run_epoch as _run_epoch
@@ -128,31 +128,14 @@ def resolve_workers(workers: int, device: torch.device) -> int:
     return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
 
 
-def most_workers(processes: int) -> int:
-    """The most --workers each of this machine's `processes` training processes may start: their share
-    of WORKERS_PER_CORE a core."""
-    return max(1, WORKERS_PER_CORE * available_cores() // processes)
-
-
-def in_each(processes: int) -> str:
-    """What follows a --workers count that each of this machine's `processes` starts, in the lines
-    that name it (check_workers, a resumed run's lowered count): nothing for one process."""
-    return f" in each of its {processes} processes" if processes > 1 else ""
-
-
 def check_workers(workers: int, processes: int | None = None) -> None:
     """A ConfigError, before the run folder or the data, for more --workers than WORKERS_PER_CORE a core
     of this machine can use (-1, auto, never is). A resumed run not given --workers again takes its
     saved count only as far as this machine's cores do (commands.train). `processes`: this machine's
     training processes (None: this one's group's, LOCAL_WORLD_SIZE)."""
-    processes = processes or dist_utils.local_world_size()
-    most = most_workers(processes)
-    if workers > most:
-        raise ConfigError(
-            f"--workers {workers}{in_each(processes)}: this machine has {plural(available_cores(), 'CPU core')}, and more than "
-            f"{WORKERS_PER_CORE} data-loading workers a core only compete with each other and the step for them "
-            f"(a stop waits until they have all started): use at most {most} (-1: auto)"
-        )
+    why = workers_refused(workers, processes or dist_utils.local_world_size(), "-1: auto")
+    if why is not None:
+        raise ConfigError(why)
 
 
 def eval_workers(workers: int, device: torch.device) -> int:

@@ -388,6 +388,7 @@ def test_more_workers_than_the_cores_can_use_are_refused_before_any_start(tiny_r
     import moco_fast.trainer
 
     monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 2)
+    monkeypatch.setattr("moco_fast.cores.available_cores", lambda: 2)  # the --workers cap's count
     argv = ["train", "--data", str(tiny_root), "--device", "cpu", "--loader", "torch", "--epochs", "1"]
     assert main([*argv, "--workers", "1000", "--out", str(tmp_path / "run")]) == 2
     assert refuses_workers(one_line_error(capsys), "--workers 1000", 2, 16)
@@ -414,6 +415,7 @@ def test_a_resumed_run_takes_its_saved_workers_as_far_as_this_machine_s_cores_do
         {"config": to_dict(config_from_args(args)), "model": {}, "optimizer": {}, "epoch": 1}, out / "checkpoint.pt"
     )
     monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 2)
+    monkeypatch.setattr("moco_fast.cores.available_cores", lambda: 2)  # the --workers cap's count
 
     def resumed_workers(*flags: str) -> int:
         capsys.readouterr()
@@ -433,6 +435,7 @@ def test_a_resumed_run_takes_its_saved_workers_as_far_as_this_machine_s_cores_do
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [said.format("from now on")]
     assert resumed_workers("--workers", "100") == 100  # typed: the run refuses it (check_workers)
     monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 16)
+    monkeypatch.setattr("moco_fast.cores.available_cores", lambda: 16)  # the --workers cap's count
     assert resumed_workers() == 100  # within this machine's 128
 
 
@@ -443,6 +446,7 @@ def test_the_evaluations_refuse_more_workers_than_the_cores_take_as_train_does(t
     import moco_fast.trainer
 
     monkeypatch.setattr(moco_fast.trainer, "available_cores", lambda: 2)
+    monkeypatch.setattr("moco_fast.cores.available_cores", lambda: 2)  # the --workers cap's count
     argv = [command, "--checkpoint", str(tmp_path / "nowhere.pt"), "--data", str(tmp_path), "--workers", "17"]
     assert main(argv) == 2
     assert refuses_workers(one_line_error(capsys), "--workers 17", 2, 16)

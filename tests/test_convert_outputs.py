@@ -217,6 +217,21 @@ def test_bad_numbers_are_one_line_errors_before_any_image_is_read(flag, value, t
     assert not dst.parent.exists()
 
 
+@pytest.mark.parametrize("workers", ["17", str(10**12)])
+def test_more_workers_than_the_cores_take_are_refused_as_trains_are(workers, tmp_path, capsys, monkeypatch):
+    # 10**12 was an OverflowError traceback from the process pool's queue, and a count below it forked
+    # that many processes at once; train's cap (8 a core) refuses both before any image is read
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    dst = tmp_path / "out" / "x"
+    assert main(["convert", str(tmp_path / "no-such-src"), str(dst), "--format", "wds", "--workers", workers]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"moco-fast convert: error: --workers {workers}: this machine has 2 CPU cores, and more than 8 processes a "
+        "core only compete with each other for it: use at most 16 (0: every core)"
+    ]
+    assert not dst.parent.exists()
+
+
 @pytest.mark.parametrize(("flag", "value", "least"), [("--shard-size", "0", 1), ("--max-resolution", "4", 8)])
 def test_lower_bounds_are_worded_as_the_other_commands_word_them(flag, value, least, tmp_path, capsys):
     # convert said "--shard-size must be at least 1, got 0" and "--max-resolution must be at least 8

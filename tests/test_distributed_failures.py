@@ -90,6 +90,7 @@ def test_gpus_checks_the_workers_against_the_cores_before_starting_workers(tiny_
     started = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr("moco_fast.trainer.available_cores", lambda: 2)
+    monkeypatch.setattr("moco_fast.cores.available_cores", lambda: 2)  # the --workers cap's count
     monkeypatch.setattr(launch, "run_workers", lambda *a, **k: started.append(a) or [{}])
     out = tmp_path / "run"
     args = [*cli_args(tiny_root, out, 1)[:-4], "--device", "auto", "--out", str(out), "--gpus", "2"]

@@ -195,6 +195,7 @@ def test_print_config_for_more_workers_than_this_machine_s_cores_take_says_the_r
 ):
     # it printed the config and said nothing: the run then stopped at its --workers (trainer.check_workers)
     monkeypatch.setattr("moco_fast.trainer.available_cores", lambda: 2)
+    monkeypatch.setattr("moco_fast.cores.available_cores", lambda: 2)  # the --workers cap's count
     monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
     assert main(["train", "--workers", "100", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["workers"] == 100

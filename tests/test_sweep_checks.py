@@ -390,6 +390,7 @@ def test_more_workers_than_the_cores_take_are_refused_before_the_data_is_listed(
     # train's check (bd7a260) came in the first setting's training, after the sweep had listed the data
     # (minutes on ImageNet): here a --data that is not there was named first
     monkeypatch.setattr("moco_fast.trainer.available_cores", lambda: 2)
+    monkeypatch.setattr("moco_fast.cores.available_cores", lambda: 2)  # the --workers cap's count
     args = ["sweep", "--out", str(tmp_path / "sweep"), "--moco-m", "0.9,0.99", "--device", "cpu", "--"]
     assert (
         main([*args, "--data", str(tmp_path / "nowhere"), "--batch-size", "8", "--bn-splits", "2", "--workers", "17"])

@@ -99,9 +99,9 @@ def resolve_eval_runtime(args: argparse.Namespace) -> torch.device:
     """Checks the flags that `add_eval_runtime_flags` adds (--batch-size, --workers: at most train's
     count a core, --device: an error for a GPU this machine lacks), turns --workers -1 (auto) into a
     count in `args`; returns the device."""
-    from moco_fast.cores import available_cores
+    from moco_fast.cores import available_cores, most_workers
     from moco_fast.distributed import local_world_size
-    from moco_fast.trainer import check_workers, most_workers, resolve_device, resolve_workers
+    from moco_fast.trainer import check_workers, resolve_device, resolve_workers
 
     check_at_least("--batch-size", args.batch_size, 1)
     if args.workers is None:  # nor past the cap: the processes that share the cores (LOCAL_WORLD_SIZE) take it

@@ -8,6 +8,7 @@ import sys
 
 from moco_fast.commands import HelpFormatter, dataclass_from_args
 from moco_fast.config import MAX_SEED
+from moco_fast.cores import WORKERS_PER_CORE
 
 log = logging.getLogger("moco_fast")
 
@@ -56,7 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, help=f"wds: seed of the shuffled sample order across shards, 0..{MAX_SEED} (default 0)"
     )
-    p.add_argument("--workers", type=int, default=0, help="processes decoding and encoding (0: every core)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help=f"processes decoding and encoding (0: every core); at most {WORKERS_PER_CORE} a core",
+    )
     p.add_argument(
         "--force",
         action="store_true",

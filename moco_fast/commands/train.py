@@ -450,8 +450,8 @@ def _workers_to_resume_with(cfg, printed: bool) -> int:
     what config.json and the checkpoint record, so a later resume on the larger machine continues with
     the lowered count: the line says so, and how to have the run's own back (`printed`: --print-config,
     which writes nothing, so that it is recorded when the run goes on)."""
+    from moco_fast.cores import available_cores, in_each, most_workers
     from moco_fast.text import plural
-    from moco_fast.trainer import available_cores, in_each, most_workers
 
     processes = local_processes(cfg)
     most = most_workers(processes)
