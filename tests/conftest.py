@@ -5,11 +5,20 @@ loader), each section naming its files; the plain helpers of an area live in its
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+# Before torch's import (libgomp reads it as it loads), for this process and every process a test
+# starts: an OpenMP thread that waits for its peers sleeps at once instead of spinning (libgomp's
+# default spins up to 300,000 times). With more busy threads than cores (a test's DataLoader workers,
+# FFCV's and DALI's threads, a subprocess, anything else on a 2-core machine) a spinning thread took
+# the core its peer needed: a 4-step tiny training ran its epoch in 28 s instead of 1 s on a loaded
+# 2-core machine. What the tests compute is the same; a user's OMP_WAIT_POLICY is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import eval_cli_helpers
 import eval_helpers
