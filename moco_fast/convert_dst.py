@@ -308,8 +308,9 @@ def check_destination(src: Path, dst: Path, fmt: str, force: bool) -> None:
     `replaces` callbacks above), a DST in a folder that a scan of SRC reads (scanned_folder), or a
     folder that does not take new files. Refused with or without --force; an earlier output without
     --force is a FileExistsError."""
-    from moco_fast.commands import check_output
+    from moco_fast.commands import check_output, refuse_dead_link
 
+    refuse_dead_link(dst, "DST", missing_target=False)  # a link to nothing is replaced with --force, as a file
     s, d = src.resolve(), dst.resolve()
     if d == s or d in s.parents:
         raise ConfigError(f"DST {dst} holds the images it would replace (SRC {src}): choose another DST")

@@ -145,10 +145,12 @@ def refuse_unwritable(out: Path, then: str = "") -> None:
 
 def refuse_unwritable_out(out: Path) -> None:
     """ConfigError naming --out where no file can be made in it or, where it is missing, in the folder
-    that would take it: one line before any work, instead of mkdir's bare "Permission denied: PATH"
-    when the command first makes the folder."""
-    from moco_fast.commands import check_writable_beside
+    that would take it, or where it is a symbolic link to nothing (refuse_dead_link): one line before any
+    work, instead of mkdir's bare "Permission denied: PATH" or "File exists: PATH" when the command
+    first makes the folder."""
+    from moco_fast.commands import check_writable_beside, refuse_dead_link
 
+    refuse_dead_link(out, "--out")
     if out.is_dir():
         refuse_unwritable(out)
     else:

@@ -232,6 +232,19 @@ def test_more_workers_than_the_cores_take_are_refused_as_trains_are(workers, tmp
     assert not dst.parent.exists()
 
 
+def test_a_dst_in_a_loop_of_links_is_one_line(tmp_path, capsys):
+    # pathlib's resolve raised "RuntimeError: Symlink loop from PATH" as a traceback
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    src = tmp_path / "src" / "cat"
+    src.mkdir(parents=True)
+    dst = tmp_path / "a"
+    assert main(["convert", str(src.parent), str(dst), "--format", "wds"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"moco-fast convert: error: DST {dst} leads into a loop of symbolic links: remove the link or give another path"
+    ]
+
+
 @pytest.mark.parametrize(("flag", "value", "least"), [("--shard-size", "0", 1), ("--max-resolution", "4", 8)])
 def test_lower_bounds_are_worded_as_the_other_commands_word_them(flag, value, least, tmp_path, capsys):
     # convert said "--shard-size must be at least 1, got 0" and "--max-resolution must be at least 8

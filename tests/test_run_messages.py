@@ -430,6 +430,27 @@ def test_an_out_that_is_or_lies_under_a_file_is_one_line(tiny_root, tmp_path, ca
     assert (tmp_path / "notes.txt").read_text() == "a file"
 
 
+def test_an_out_that_is_a_link_to_nothing_is_one_line(tiny_root, tmp_path, capsys):
+    # a loop of links or a link to a missing folder: mkdir said "[Errno 17] File exists: 'PATH'"
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "dead").symlink_to(tmp_path / "gone")
+    for out, why in (
+        ("a", "leads into a loop of symbolic links: remove the link or give another path"),
+        ("a/run", "leads into a loop of symbolic links: remove the link or give another path"),
+        (
+            "dead",
+            f"is a symbolic link to {tmp_path / 'gone'}, which does not exist: make its target first, or remove the link",
+        ),
+    ):
+        assert main(tiny_args(tiny_root, tmp_path / out)) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"moco-fast train: error: --out {tmp_path / out} {why}"]
+    assert not (tmp_path / "gone").exists()
+    (tmp_path / "gone").mkdir()  # a link to a folder is a run folder as before
+    assert main(tiny_args(tiny_root, tmp_path / "dead")) == 0
+    assert (tmp_path / "gone" / "checkpoint.pt").is_file()
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's own traceback
 def test_tensorboard_logs_on_a_full_disk_are_named(tiny_root, tmp_path, monkeypatch, capsys):
     # TensorBoard writes its event file in a thread; a full disk there came back from add_scalar or

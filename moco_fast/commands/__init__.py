@@ -4,6 +4,7 @@ evaluation commands (knn, lincls, finetune) share, so that they read and default
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -246,6 +247,25 @@ def check_writable_beside(p: Path, flag: str) -> None:
     require(folder.is_dir(), f"{flag} {p}: {folder} is not a folder")
     why = write_refused(folder)
     require(why is None, f"{flag} {p}: cannot write in {folder} ({why})")
+
+
+def refuse_dead_link(p: Path, flag: str, missing_target: bool = True) -> None:
+    """ConfigError for a `p` that no stat reaches through symbolic links: a loop of them (pathlib's
+    resolve raised a RuntimeError traceback, mkdir "[Errno 40]") and, with `missing_target`, a link to
+    nothing (mkdir said only "[Errno 17] File exists: 'PATH'"); nothing where `p` is there or plainly
+    missing."""
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(
+                f"{flag} {p} leads into a loop of symbolic links: remove the link or give another path"
+            ) from None
+        if missing_target and p.is_symlink():
+            raise ConfigError(
+                f"{flag} {p} is a symbolic link to {os.readlink(p)}, which does not exist: make its target first, "
+                "or remove the link"
+            ) from None
 
 
 def write_refused(folder: Path) -> str | None:
