@@ -65,6 +65,10 @@ with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here 
     )
 
 
+# --profile's steps under the profiler where --profile-steps is not given.
+PROFILE_STEPS = 3
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -239,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results here, a .json file (rewritten after every row)")
     p.add_argument("--plot", help="write a bar chart of the rows here, a .png file (needs matplotlib)")
     p.add_argument("--profile", action="store_true", help="profile breakdown of the first eager trainer row")
-    p.add_argument("--profile-steps", type=int, default=3, help="steps under the profiler (default 3)")
+    p.add_argument(
+        "--profile-steps", type=int, help=f"steps under the profiler, with --profile (default {PROFILE_STEPS})"
+    )
     return p
 
 
@@ -290,6 +296,12 @@ def check_specs(specs: list[RowSpec], args: argparse.Namespace, device: torch.de
                 )
             # a backend this machine lacks fails its own rows only (the others of a GPU run stay)
             print(f"warning: {spec.name}: momentum backend {spec.momentum!r} is not available here", file=sys.stderr)
+    if args.profile_steps is None:
+        args.profile_steps = PROFILE_STEPS
+    elif not args.profile:  # it was read by nothing, without a word
+        raise ConfigError(
+            f"--profile-steps {args.profile_steps} sets the steps of --profile: add --profile, or drop it"
+        )
     if args.profile:
         check_at_least("--profile-steps", args.profile_steps, 1)
     if args.profile and not any(s.kind == "trainer" and not s.graph for s in specs):

@@ -243,6 +243,8 @@ def test_split_bn_kernel_rows_that_cannot_run_are_one_line_errors(rows, says, ca
         (["--loader", "ffcv", "--data", "{tmp}", "--rows", "loader"], "--data {tmp} is a folder (make one"),
         (["--rows", "trainer", "--profile", "--profile-steps", "0"], "--profile-steps must be at least 1 (got 0)"),
         (["--rows", "reference", "--profile"], "--rows has none"),
+        # read by nothing without --profile, without a word
+        (["--rows", "trainer", "--profile-steps", "5"], "--profile-steps 5 sets the steps of --profile: add --profile"),
         (["--batch-size", "6", "--bn-splits", "4"], "--batch-size 6 must be a multiple of --bn-splits 4"),
         (["--arch", "resnet1"], "unknown arch 'resnet1'"),
         (["--rows", "trainer", "--bn-kernel", "triton", "--bn-splits", "1"], "--bn-splits 1 runs plain BN"),
