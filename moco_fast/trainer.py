@@ -412,6 +412,9 @@ def _train_held(
     if dist_utils.is_main() and not finished:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, str(out / CONFIG_NAME), world)
+    # the caller's, put back when the training returns or raises: a program that trains and then does
+    # more (a notebook, a script) kept cuDNN's benchmark mode, a process-wide setting, on
+    benchmark = torch.backends.cudnn.benchmark
     try:
         base = base_lr(cfg, world)
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
@@ -464,6 +467,8 @@ def _train_held(
         if dist_utils.is_main() and interruption(e) is None:  # a stop keeps config.json: --resume reads it
             forget_a_run_without_epochs(out, made())  # what it made before its first epoch ended
         raise
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     writer.close()
     dist_utils.barrier()
     if owns_group:

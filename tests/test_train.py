@@ -432,3 +432,24 @@ def test_a_run_without_an_eval_split_says_how_to_get_its_knn(tiny_root, tmp_path
     printed = capsys.readouterr().out
     assert not (tmp_path / "run" / "summary.json").exists()
     assert f"`moco-fast knn --checkpoint {tmp_path / 'run' / 'checkpoint.pt'} --data ROOT`" in printed, printed
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_puts_back_the_callers_cudnn_benchmark_mode(tiny_root, tmp_path, monkeypatch, fails):
+    # train sets torch.backends.cudnn.benchmark (process-wide) for its fixed shapes: a program that
+    # called trainer.train and went on (a notebook) kept it on, whether the training returned or raised
+    import moco_fast.trainer as trainer
+
+    def failing_epoch(*args, **kwargs):  # an error in the epoch, after the mode was set (a loader's)
+        raise RuntimeError("the epoch failed")
+
+    if fails:
+        monkeypatch.setattr(trainer, "_run_epoch", failing_epoch)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = tiny_config(tiny_root, tmp_path / "run")
+    if fails:
+        with pytest.raises(RuntimeError, match="the epoch failed"):
+            train(cfg)
+    else:
+        assert train(cfg)["epoch"] == 1
+    assert torch.backends.cudnn.benchmark is False
