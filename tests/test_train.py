@@ -446,7 +446,7 @@ def test_train_puts_back_the_callers_cudnn_benchmark_mode(tiny_root, tmp_path, m
     if fails:
         monkeypatch.setattr(trainer, "_run_epoch", failing_epoch)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    cfg = tiny_config(tiny_root, tmp_path / "run")
+    cfg = tiny_config(tiny_root, tmp_path / "run", **{"optim.epochs": 1, "runtime.final_knn": False})
     if fails:
         with pytest.raises(RuntimeError, match="the epoch failed"):
             train(cfg)
