@@ -281,6 +281,11 @@ def train(
     except BaseException:
         if setup_warnings is not None:
             setup_warnings.release(show=True)  # nothing if agree() had passed
+        if owns_group:
+            # the group this call made ends with it (one the caller made stays): a caller that went on
+            # in this process (a notebook's next train) ran in the failed run's group and left it up
+            with contextlib.suppress(Exception):  # the run's error stands
+                dist_utils.destroy()
         raise
 
 

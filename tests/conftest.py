@@ -53,6 +53,22 @@ def make_image_root(dst: Path, per_class: int = 8, classes: int = 2, test_per_cl
     return dst
 
 
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port of 127.0.0.1 held for the test: bound, not listening, with SO_REUSEADDR. Nothing answers
+    there until rank 0's store listens at it, which SO_REUSEADDR allows (torch's store sets it too);
+    a bind without it fails, and binds to port 0 pick other ports. A port found free and let go (bind
+    to port 0, close), as these tests did, was free only then: rank 0 binds it seconds later, in a
+    new process, and another process may take it first, the likely cause of one failure of
+    test_distributed_failures.py's test_a_manual_launch_whose_peer_never_comes_ends_with_one_line on a loaded machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     """2 classes x 16 train / 4 test images: read-only, shared by the session."""

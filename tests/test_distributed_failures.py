@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -273,22 +272,6 @@ def test_the_workers_user_errors_name_the_ranks_only_where_they_differ():
         "data folder not found: /x"
     )
     assert user_error_text({1: "b", 0: "a"}) == "rank 0: a; rank 1: b"
-
-
-@pytest.fixture
-def held_port() -> Iterator[int]:
-    """A port of 127.0.0.1 held for the test: bound, not listening, with SO_REUSEADDR. Nothing answers
-    there until rank 0's store listens at it, which SO_REUSEADDR allows (torch's store sets it too);
-    a bind without it fails, and binds to port 0 pick other ports. A port found free and let go (bind
-    to port 0, close), as these tests did, was free only then: rank 0 binds it seconds later, in a
-    new process, and another process may take it first, the likely cause of one failure of
-    test_a_manual_launch_whose_peer_never_comes_ends_with_one_line on a loaded machine."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -453,3 +453,28 @@ def test_train_puts_back_the_callers_cudnn_benchmark_mode(tiny_root, tmp_path, m
     else:
         assert train(cfg)["epoch"] == 1
     assert torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.parametrize("whose", ["train's", "the caller's"])
+def test_a_failed_train_ends_the_process_group_it_made_and_no_other(tiny_root, tmp_path, monkeypatch, held_port, whose):
+    # torchrun's variables for one process: train joins a 1-process gloo group. A train that raised left
+    # the group it made up: the caller's next train in the process (a notebook) ran in it and left it up
+    import torch.distributed as dist
+    from distributed_helpers import torchrun_env
+
+    import moco_fast.trainer as trainer
+
+    def failing_run(*args, **kwargs):  # an error after the join (a loader's, an epoch's)
+        raise RuntimeError("the run failed")
+
+    torchrun_env(monkeypatch, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(held_port))
+    monkeypatch.setattr(trainer, "_train_held", failing_run)
+    try:
+        if whose == "the caller's":
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{held_port}", rank=0, world_size=1)
+        with pytest.raises(RuntimeError, match="the run failed"):
+            train(tiny_config(tiny_root, tmp_path / "run"))
+        assert dist.is_initialized() is (whose == "the caller's")
+    finally:
+        if dist.is_initialized():  # the next tests run without it, whatever failed here
+            dist.destroy_process_group()
