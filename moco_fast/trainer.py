@@ -266,6 +266,7 @@ def train(
     owns_group = init_from_env(cfg.runtime.device)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     setup_warnings = None
+    level = log.level  # the caller's, put back on the way out: a notebook's rank went on silenced
     if rank != 0:
         log.setLevel(logging.WARNING)  # only rank 0 logs progress; warnings and errors from every rank
         setup_warnings = HeldWarnings()  # until agree(): rank 0 says them, unless the ranks disagree
@@ -287,6 +288,8 @@ def train(
             with contextlib.suppress(Exception):  # the run's error stands
                 dist_utils.destroy()
         raise
+    finally:
+        log.setLevel(level)
 
 
 def _train_held(

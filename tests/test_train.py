@@ -478,3 +478,36 @@ def test_a_failed_train_ends_the_process_group_it_made_and_no_other(tiny_root, t
     finally:
         if dist.is_initialized():  # the next tests run without it, whatever failed here
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_on_a_rank_past_0_puts_back_the_callers_log_level(tiny_root, tmp_path, monkeypatch, fails):
+    # ranks past 0 log warnings alone while they train; the caller's level of the `moco_fast` logger
+    # stayed WARNING after train returned or raised (a notebook's rank 1 went on with its INFO silenced)
+    import moco_fast.distributed as dist_utils
+    import moco_fast.trainer as trainer
+
+    levels = []
+
+    def held(cfg, out, device, amp_dtype, world, rank, owns_group, setup_warnings, *rest):
+        levels.append(logging.getLogger("moco_fast").level)
+        setup_warnings.release(show=False)  # as the run's agree() does
+        if fails:
+            raise RuntimeError("the run failed")
+        return {"epoch": 1}
+
+    monkeypatch.setattr(dist_utils, "rank", lambda: 1)
+    monkeypatch.setattr(trainer, "_train_held", held)
+    logger = logging.getLogger("moco_fast")
+    before = logger.level
+    logger.setLevel(logging.DEBUG)  # setLevel, not the attribute: it clears the logger's level cache
+    try:
+        if fails:
+            with pytest.raises(RuntimeError, match="the run failed"):
+                train(tiny_config(tiny_root, tmp_path / "run"))
+        else:
+            assert train(tiny_config(tiny_root, tmp_path / "run")) == {"epoch": 1}
+        assert levels == [logging.WARNING]  # the run's own: quiet
+        assert logger.level == logging.DEBUG
+    finally:
+        logger.setLevel(before)
