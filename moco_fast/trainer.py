@@ -282,9 +282,11 @@ def train(
     except BaseException:
         if setup_warnings is not None:
             setup_warnings.release(show=True)  # nothing if agree() had passed
-        if owns_group:
+        if owns_group and dist_utils.world_size() == 1:
             # the group this call made ends with it (one the caller made stays): a caller that went on
-            # in this process (a notebook's next train) ran in the failed run's group and left it up
+            # in this process (a notebook's next train) ran in the failed run's group and left it up.
+            # One process only: with peers, NCCL's destroy may wait on a peer stuck in a collective,
+            # and a failed rank's process ends anyway (torchrun and --gpus end the others)
             with contextlib.suppress(Exception):  # the run's error stands
                 dist_utils.destroy()
         raise
