@@ -240,3 +240,38 @@ def test_a_moco_export_is_what_the_official_scripts_read(ckpt, six_root, tmp_pat
     assert "kNN top-1 (head, " in capsys.readouterr().out
     # a wider ResNet-50 is no torchvision model, which main_lincls.py builds
     assert any("main_lincls.py cannot build it" in n for n in loading_notes("moco", "resnet50w2", "imagenet"))
+
+
+def test_a_device_export_does_not_use_is_named(ckpt, tmp_path, caplog):
+    # `export --device cuda` wrote the file on the CPU without a word, as if the flag took effect
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(["export", str(ckpt), "--format", "torchvision", "--output", str(tmp_path / "a.pth")]) == 0
+        assert (
+            main(
+                [
+                    *("export", str(ckpt), "--format", "torchvision"),
+                    "--output",
+                    str(tmp_path / "b.pth"),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(
+                [
+                    *("export", str(ckpt), "--format", "torchvision"),
+                    "--output",
+                    str(tmp_path / "c.pth"),
+                    "--device",
+                    "cuda",
+                ]
+            )
+            == 0
+        )
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == ["--device cuda has no effect: export copies tensors and runs on the CPU"]
+    assert (tmp_path / "c.pth").is_file()

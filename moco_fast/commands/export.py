@@ -4,6 +4,7 @@ official MoCo checkpoint."""
 from __future__ import annotations
 
 import argparse
+import logging
 
 from moco_fast.commands import (
     ARCH_HELP,
@@ -14,6 +15,8 @@ from moco_fast.commands import (
     require,
     resolve_checkpoint,
 )
+
+log = logging.getLogger("moco_fast")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="overwrite --output if it exists (never a run's own file: checkpoint.pt, config.json...)",
     )
-    p.add_argument("--device", default="cpu", help="accepted for symmetry with other commands; export runs on the CPU")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="accepted for symmetry with other commands; export runs on the CPU (any other device is named in "
+        "a warning: it has no effect)",
+    )
     p.set_defaults(func=run)
 
 
@@ -83,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     from moco_fast.run_folder import run_file
 
     check_device_name(args.device)
+    if args.device != "cpu":  # `--device cuda` exported on the CPU without a word, as if it took effect
+        log.warning("--device %s has no effect: export copies tensors and runs on the CPU", args.device)
     check_arch(args.arch)
     # detectron2's DetectionCheckpointer picks its reader by the name: only a .pkl is unpickled (with
     # matching_heuristics); any other name goes to torch.load, which cannot read this plain pickle.
