@@ -339,6 +339,31 @@ def loader_args(cfg, device: torch.device, workers: int, splits: DataSplits | No
     )
 
 
+def warn_unread(args: argparse.Namespace, specs: list[RowSpec]) -> None:
+    """One line for --data or --workers given where no row reads them (`--loader synthetic --workers
+    8` ran as if the workers made its batches): the synthetic loader makes its batches without data
+    or workers; trainer and reference rows step on one synthetic batch."""
+    from moco_fast.loaders.synthetic import DATA_UNREAD
+
+    if args.loader == "synthetic":
+        if args.data is not None:
+            print(f"warning: {DATA_UNREAD % args.data}", file=sys.stderr)
+        if args.workers != -1:
+            print(
+                f"warning: --workers {args.workers} has no effect with --loader synthetic: it makes its batches "
+                "without workers",
+                file=sys.stderr,
+            )
+    elif not any(s.kind in ("loader", "end-to-end") for s in specs):
+        for flag, value in (("--data", args.data), ("--workers", None if args.workers == -1 else args.workers)):
+            if value is not None:
+                print(
+                    f"warning: {flag} {value} has no effect: no row of --rows reads data (only loader and "
+                    "end-to-end rows do)",
+                    file=sys.stderr,
+                )
+
+
 def check_data(cfg, device: torch.device) -> DataSplits | None:
     """The loader rows' data, listed before the first row runs (without decoding or building a
     loader: the resident loader alone would decode the whole set). Returns the listing of an image
@@ -414,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = make_config(args, device)
             specs = parse_rows(args.rows, args)
             check_specs(specs, args, device)
+            warn_unread(args, specs)
             splits = check_data(cfg, device) if any(s.kind in ("loader", "end-to-end") for s in specs) else None
         except (ConfigError, DataError) as e:
             print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,9 @@ from . import register_loader
 from .base import Batch, LoaderArgs, check_start_step
 from .options import parse_loader_options
 
+# what train and bench/throughput.py say of a --data given with --loader synthetic (format: the path)
+DATA_UNREAD = "--loader synthetic makes its own images: --data %s is not read"
+
 
 class SyntheticLoader:
     starts_mid_epoch = True

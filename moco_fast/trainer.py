@@ -28,6 +28,7 @@ from moco_fast.epoch import run_epoch as _run_epoch
 from moco_fast.join import init_from_env
 from moco_fast.launch import under_torchrun
 from moco_fast.loaders import LoaderArgs, check_loader, create_loader
+from moco_fast.loaders.synthetic import DATA_UNREAD as SYNTHETIC_DATA_UNREAD
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, owes_row, read_rows
 from moco_fast.model import MoCo, reads_k
 from moco_fast.monitor import eval_split_use, knn_figures, knn_top1, monitor_splits
@@ -314,7 +315,7 @@ def _train_held(
     ckpt.seed_everything(cfg.runtime.seed + rank)
 
     if cfg.data.loader == "synthetic" and cfg.data.data is not None:
-        log.warning("--loader synthetic makes its own images: --data %s is not read", cfg.data.data)
+        log.warning(SYNTHETIC_DATA_UNREAD, cfg.data.data)
     loader = create_loader(
         cfg.data.loader,
         LoaderArgs(

@@ -800,3 +800,21 @@ def test_split_bn_bench_refuses_bad_flags_in_one_line(flags, capsys):
     assert split_bn.main(["--device", "cpu", "--batch-size", "16", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_data_and_workers_that_no_row_reads_are_named(tiny_root, capsys):
+    # `--loader synthetic --workers 8` ran as if the workers made its batches, without a word
+    run = [*TINY, "--rows", "loader", "--steps", "1", "--warmup", "0"]
+    assert throughput.main([*run, "--loader", "synthetic", "--workers", "3", "--data", str(tiny_root)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert said == [
+        f"warning: --loader synthetic makes its own images: --data {tiny_root} is not read",
+        "warning: --workers 3 has no effect with --loader synthetic: it makes its batches without workers",
+    ]
+    assert throughput.main([*TINY, "--rows", "reference", "--steps", "1", "--warmup", "0", "--workers", "2"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert said == [
+        "warning: --workers 2 has no effect: no row of --rows reads data (only loader and end-to-end rows do)"
+    ]
+    assert throughput.main([*run, "--loader", "synthetic"]) == 0  # nothing given that goes unread
+    assert "warning:" not in capsys.readouterr().err
