@@ -203,7 +203,9 @@ class EpochLoop:
                 self._evaluate(history, evaluate)  # interrupted in that evaluation
             for epoch in range(start, self.cfg.epochs):
                 history.append(one_epoch(epoch))
-                self._refuse_divergence(epoch + 1)  # before the save: the state keeps the last good epoch
+                self._refuse_divergence(
+                    epoch + 1, history[-1]["lr"]
+                )  # before the save: the state keeps the last good epoch
                 self._save(history)
                 if self._due(epoch + 1):
                     self._evaluate(history, evaluate)
@@ -224,7 +226,22 @@ class EpochLoop:
             raise
         return history
 
-    def _refuse_divergence(self, epoch: int) -> None:
+    def _lower(self, lr: float) -> str:
+        """The advice of a loss that overshoots or a divergence, at an epoch's `lr` (what the
+        optimizer stepped with): lower the lr; and the weight decay too where lr x weight decay is at
+        least 2 (1 + momentum), where the decay alone makes SGD's weights grow (with momentum m, w
+        follows w' = (1 + m - lr wd) w - m w'', stable only for 0 < lr wd < 2 (1 + m)): lincls
+        --weight-decay 1e12 was told to lower --lr alone."""
+        fix = f"lower {_LR_FLAG.get()} (now {self.cfg.lr:g})"
+        wd, m = self.cfg.weight_decay, self.cfg.momentum
+        if lr * wd >= 2 * (1 + m):
+            fix += (
+                f" or --weight-decay (now {wd:g}): at lr {lr:g} a step's decay lr x weight decay = {lr * wd:.3g} is "
+                f"past 2 (1 + --momentum {m:g}) = {2 * (1 + m):g}, where the decay alone makes the weights grow"
+            )
+        return fix
+
+    def _refuse_divergence(self, epoch: int, lr: float) -> None:
         """Diverged when what trains (the parts that are modules: lincls's classifier, finetune's
         network with its BatchNorm statistics) holds NaN or inf after `epoch`: NaN logits still have a
         top-1 (lincls reported 33% on 3 classes) and finetune would write the network. One host sync
@@ -237,7 +254,7 @@ class EpochLoop:
             if bool(finite.all()):  # host sync: once per epoch
                 continue
             bad = [k for k, ok in zip(state, finite.tolist(), strict=True) if not ok]
-            fix = f"lower {_LR_FLAG.get()} (now {self.cfg.lr:g})"
+            fix = self._lower(lr)
             fix += ", or use --amp bf16 or off" if self.cfg.amp == "fp16" else ""
             held = "epoch 1" if self.saved == 1 else f"epochs 1-{self.saved}"
             # the sweep starts its own state over when its flags change: nothing to delete
@@ -267,9 +284,8 @@ class EpochLoop:
         self.warned_loss = True
         log.warning(
             "%s epoch %d: the mean loss %.3g is over %dx chance's (ln %d = %.2f): the steps overshoot, and the "
-            "accuracy means little; lower %s (now %g)",
-            *(self.command, row["epoch"], row["loss"], LOSS_OVER_CHANCE, self.classes, chance, _LR_FLAG.get()),
-            self.cfg.lr,
+            "accuracy means little; %s",
+            *(self.command, row["epoch"], row["loss"], LOSS_OVER_CHANCE, self.classes, chance, self._lower(row["lr"])),
         )
 
     def _due(self, epochs_done: int) -> bool:

@@ -300,6 +300,41 @@ def test_a_loss_far_above_chance_warns_once_naming_the_lr_flag(tmp_path, caplog)
         assert run(losses, 6, "d.json")[0].endswith("lower --lincls-lr (now 30)")
 
 
+def test_a_weight_decay_that_makes_the_weights_grow_is_named_with_the_lr(tmp_path, caplog):
+    # lincls --weight-decay 1e12 overshot (lr x weight decay past 2 (1 + momentum): the decay alone
+    # grows the weights) and was told "lower --lr" alone
+    import time
+
+    from moco_fast.classifier_epochs import EpochLoop
+    from moco_fast.divergence import Diverged
+    from moco_fast.lincls import LinclsConfig
+
+    def run(weight_decay: float, out: str, diverge: bool = False) -> str:
+        cfg = LinclsConfig(str(tmp_path / "none.pt"), epochs=1, out=str(tmp_path / out), weight_decay=weight_decay)
+        net = nn.Linear(2, 6)
+        if diverge:
+            net.bias.data[0] = float("nan")
+        loop = EpochLoop("lincls", cfg, tmp_path / out, {"classifier": net}, None, time.perf_counter(), classes=6)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moco_fast"):
+            try:
+                loop.run(lambda epoch: {"epoch": 1, "lr": 3.0, "loss": 50.0}, lambda: (50.0, 90.0, 10))
+            except Diverged as e:
+                return str(e)
+        return caplog.records[0].getMessage()
+
+    grows = (
+        "lower --lr (now 30) or --weight-decay (now 1e+12): at lr 3 a step's decay lr x weight decay = 3e+12 is "
+        "past 2 (1 + --momentum 0.9) = 3.8, where the decay alone makes the weights grow"
+    )
+    assert run(1e12, "a.json").endswith(f"accuracy means little; {grows}")
+    assert f"(first: bias): {grows} and start over" in run(1e12, "b.json", diverge=True)
+    assert run(1.2, "c.json").endswith("accuracy means little; lower --lr (now 30)")  # 3 x 1.2 = 3.6: stable
+    assert run(1.3, "d.json").endswith(
+        "= 3.9 is past 2 (1 + --momentum 0.9) = 3.8, where the decay alone makes the weights grow"
+    )
+
+
 @pytest.mark.parametrize("command", ["lincls", "finetune"])
 def test_the_commands_judge_their_loss_against_their_classes(command, ckpt, six_root, tmp_path, caplog):
     args = [command, "--checkpoint", str(ckpt), "--data", str(six_root), "--epochs", "1", "--batch-size", "12"]
