@@ -18,7 +18,8 @@ Options (`--loader-option KEY=VALUE`):
     hw_decoder_load  share of JPEGs for the hardware decoder, 0-1 (default 0.9: 17,500 img/s of
                      two-view v2 batches on an H200, against 16,000 at DALI's default 0.65, by
                      a DALI pipeline other than this loader: ../shared/device/README.md)
-    threads          DALI CPU threads (default: the resolved --workers, at least 1)
+    threads          DALI CPU threads (default: the resolved --workers, at least 1; at most 8 a core,
+                     as --workers)
     prefetch         batches prepared ahead (default 2)
     decoder          auto | mixed | cpu (auto: mixed on a GPU, cpu without one)
     shuffle_buffer   samples in the shard reader's shuffle buffer (default 1024; shard sets only)

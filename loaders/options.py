@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from moco_fast.config import ConfigError, check_at_least
+from moco_fast.cores import workers_refused
 
 T = TypeVar("T")
 
@@ -68,6 +69,17 @@ class DaliOptions:
             raise ConfigError("--loader-option decoder must be auto, mixed or cpu")
         if o.threads < 0 or o.prefetch < 1 or o.shuffle_buffer < 1:
             raise ConfigError("--loader-option threads must be >= 0, prefetch and shuffle_buffer >= 1")
+        # threads=1000000 was taken, where --workers past WORKERS_PER_CORE a core is refused: DALI
+        # starts them all. Bounded for one process (this check runs before a process count is known)
+        why = workers_refused(
+            o.threads,
+            1,
+            "0: the resolved --workers",
+            "DALI threads a core only compete with each other and the step for them",
+            flag="--loader-option threads",
+        )
+        if why is not None:
+            raise ConfigError(why)
         return o
 
     def check_device(self, gpu: bool) -> None:

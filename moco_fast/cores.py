@@ -41,13 +41,16 @@ LOADING_WORKERS = (
 )
 
 
-def workers_refused(workers: int, processes: int, auto: str, why: str = LOADING_WORKERS) -> str | None:
+def workers_refused(
+    workers: int, processes: int, auto: str, why: str = LOADING_WORKERS, flag: str = "--workers"
+) -> str | None:
     """The one line refusing a --workers count past most_workers(processes), or None: `auto` names the
-    command's automatic count ("-1: auto"), `why` says what more workers a core would do."""
+    command's automatic count ("-1: auto"), `why` says what more workers a core would do; `flag`: the
+    setting that gave the count (DALI's --loader-option threads)."""
     most = most_workers(processes)
     if workers <= most:
         return None
     return (
-        f"--workers {workers}{in_each(processes)}: this machine has {plural(available_cores(), 'CPU core')}, "
+        f"{flag} {workers}{in_each(processes)}: this machine has {plural(available_cores(), 'CPU core')}, "
         f"and more than {WORKERS_PER_CORE} {why}: use at most {most} ({auto})"
     )

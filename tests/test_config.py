@@ -197,6 +197,11 @@ def test_a_loader_without_options_refuses_them(loader, tmp_path, capsys):
     [
         (["--loader", "dali", "--loader-option", "no_such_key=1"], "unknown DALI loader option 'no_such_key'"),
         (["--loader", "dali", "--loader-option", "hw_decoder_load=2"], "hw_decoder_load must be within 0-1"),
+        # DALI started a million threads where --workers past 8 a core is refused
+        (
+            ["--loader", "dali", "--loader-option", "threads=1000000"],
+            "--loader-option threads 1000000: this machine has",
+        ),
         (["--loader", "ffcv", "--loader-option", "decode=thrice"], "decode must be once or twice"),
         (["--loader", "ffcv", "--loader-option", "batches_ahead=0"], "batches_ahead must be at least 1 (got 0)"),
         # a boolean names the spellings it takes: it said "os_cache='2': expected a bool"
