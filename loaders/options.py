@@ -63,12 +63,19 @@ class DaliOptions:
     @classmethod
     def parse(cls, options: dict[str, str]) -> DaliOptions:
         o = parse_options(cls, options, "DALI")
+        # each names the value given, as ffcv's and resident's do ("decoder must be auto, mixed or cpu"
+        # left `decoder=CPU` to be spotted; "threads must be >= 0, prefetch and shuffle_buffer >= 1"
+        # named three options for one)
         if not 0 <= o.hw_decoder_load <= 1:
-            raise ConfigError("--loader-option hw_decoder_load must be within 0-1")
+            raise ConfigError(f"DALI loader option hw_decoder_load must be within 0-1, got {o.hw_decoder_load:g}")
         if o.decoder not in ("auto", "mixed", "cpu"):
-            raise ConfigError("--loader-option decoder must be auto, mixed or cpu")
-        if o.threads < 0 or o.prefetch < 1 or o.shuffle_buffer < 1:
-            raise ConfigError("--loader-option threads must be >= 0, prefetch and shuffle_buffer >= 1")
+            raise ConfigError(f"DALI loader option decoder must be auto, mixed or cpu, got {o.decoder!r}")
+        if o.threads < 0:
+            raise ConfigError(
+                f"DALI loader option threads must be 0 (the resolved --workers) or a count, got {o.threads}"
+            )
+        check_at_least("DALI loader option prefetch", o.prefetch, 1)
+        check_at_least("DALI loader option shuffle_buffer", o.shuffle_buffer, 1)
         # threads=1000000 was taken, where --workers past WORKERS_PER_CORE a core is refused: DALI
         # starts them all. Bounded for one process (this check runs before a process count is known)
         why = workers_refused(

@@ -196,7 +196,18 @@ def test_a_loader_without_options_refuses_them(loader, tmp_path, capsys):
     ("flags", "said"),
     [
         (["--loader", "dali", "--loader-option", "no_such_key=1"], "unknown DALI loader option 'no_such_key'"),
-        (["--loader", "dali", "--loader-option", "hw_decoder_load=2"], "hw_decoder_load must be within 0-1"),
+        (["--loader", "dali", "--loader-option", "hw_decoder_load=2"], "hw_decoder_load must be within 0-1, got 2"),
+        # DALI's refusals name the value given (decoder=CPU read "must be auto, mixed or cpu")
+        (["--loader", "dali", "--loader-option", "decoder=CPU"], "decoder must be auto, mixed or cpu, got 'CPU'"),
+        (
+            ["--loader", "dali", "--loader-option", "threads=-2"],
+            "threads must be 0 (the resolved --workers) or a count, got -2",
+        ),
+        (
+            ["--loader", "dali", "--loader-option", "shuffle_buffer=0"],
+            "option shuffle_buffer must be at least 1 (got 0)",
+        ),
+        (["--loader", "dali", "--loader-option", "prefetch=0"], "option prefetch must be at least 1 (got 0)"),
         # DALI started a million threads where --workers past 8 a core is refused
         (
             ["--loader", "dali", "--loader-option", "threads=1000000"],
