@@ -96,11 +96,23 @@ def read_meta(root: str | Path) -> WdsMeta:
         raise DataError(f"cannot read {path}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != "wds":
         raise DataError(f'{path}: expected {{"format": "wds", ...}}')
-    for key, kind in (("classes", list), ("num_images", int), ("shards", list)):
+    for key, kind, name in (("classes", list, "a list"), ("num_images", int, "an int"), ("shards", list, "a list")):
         if not isinstance(meta.get(key), kind):
-            raise DataError(f"{path}: {key!r} must be a {kind.__name__}")
+            raise DataError(f"{path}: {key!r} must be {name}")
     if not meta["shards"] or meta["num_images"] < 1:
         raise DataError(f"{path}: no shards or no images")
+    # a name that is no string was a TypeError at the first batch (root / 5); a shard listed twice had
+    # its samples read twice an epoch without a word (its count matched a num_images edited to it)
+    if not all(isinstance(s, str) and s for s in meta["shards"]):
+        raise DataError(f"{path}: 'shards' must be a list of file names, got {meta['shards'][:5]}")
+    if not meta["classes"]:
+        raise DataError(f"{path}: 'classes' is empty: the labels of the shards need their class names")
+    seen: dict[Path, str] = {}  # each shard's file: one listed by two names is read twice too
+    for s in meta["shards"]:
+        if (twin := seen.get(file := (root / s).resolve())) is not None:
+            what = f"the shard {s} twice" if twin == s else f"{twin} and {s}, one file"
+            raise DataError(f"{path} lists {what}: its samples would be read twice an epoch; list each shard once")
+        seen[file] = s
     missing = [s for s in meta["shards"] if not (root / s).is_file()]
     if missing:
         raise DataError(f"{path} lists shards that are not there: {', '.join(missing[:5])}")

@@ -6,6 +6,7 @@ limit decoded without PIL's warnings."""
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import warnings
@@ -133,6 +134,31 @@ def test_wds_meta_reads_with_the_loader_contract(bad_root, tmp_path):
     convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=10, workers=1))
     meta = wds.read_meta(dst)
     assert meta.num_images == 18 and len(meta.shards) == 2
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [  # meta.json edited by hand: a name that is no string was a TypeError at the first batch, a shard
+        # listed twice was read twice an epoch without a word, no classes failed only at a batch
+        ({"shards": [5, "shard-000001.tar"]}, "'shards' must be a list of file names, got [5, 'shard-000001.tar']"),
+        ({"shards": ["shard-000000.tar", "shard-000000.tar"]}, "lists the shard shard-000000.tar twice: its samples"),
+        (
+            {"shards": ["shard-000000.tar", "./shard-000000.tar"]},
+            "lists shard-000000.tar and ./shard-000000.tar, one file",
+        ),
+        ({"classes": []}, "'classes' is empty"),
+        ({"num_images": 18.0}, "'num_images' must be an int"),
+    ],
+)
+def test_a_hand_edited_meta_json_is_one_error(bad_root, tmp_path, edit, said):
+    from moco_fast.loaders import wds
+
+    dst = tmp_path / "wds"
+    convert(ConvertConfig(str(bad_root), str(dst), format="wds", shard_size=10, workers=1))
+    meta = json.loads((dst / "meta.json").read_text())
+    (dst / "meta.json").write_text(json.dumps({**meta, **edit}))
+    with pytest.raises(DataError, match=re.escape(said)):
+        wds.read_meta(dst)
 
 
 def test_nothing_convertible_is_a_clear_error(tmp_path, capsys):
