@@ -236,7 +236,7 @@ def list_images(
         raise DataError(f"data folder not found: {folder}")
     skipped: list[tuple[str, str]] = []
     found: list[str] = []
-    loose = 0  # image files directly in `folder`
+    loose = tars = 0  # image files and .tar files directly in `folder`
     for d in sorted(os.scandir(folder), key=lambda e: e.name):
         if _is_hidden(d.name):
             continue
@@ -247,6 +247,17 @@ def list_images(
         elif _is_image_file(d):  # read by nothing: said, not dropped without a word
             loose += 1
             skipped.append((d.path, f"directly in {folder.name}/, not in a class folder {folder.name}/<class>/"))
+        elif d.name.endswith(".tar"):
+            tars += 1
+    if not found and tars:
+        # shards copied without their meta.json read as a folder without classes, which said nothing of it
+        from moco_fast.loaders.wds import META_NAME  # loaders.wds imports this module
+
+        raise DataError(
+            f"no class subfolders in {folder}, and {plural(tars, '.tar file')} without a {META_NAME}: a WebDataset "
+            f"shard set (for --loader dali) needs the {META_NAME} that `moco-fast convert SRC DST --format wds` "
+            "writes beside its shards; an image folder needs <class>/<image files>"
+        )
     if not found:
         # a folder of unlabelled images, which pretraining needs no labels for: one class folder will do
         hint = (

@@ -137,6 +137,19 @@ def test_a_flat_folder_of_images_is_told_how_to_train_on_it(tmp_path):
         assert "MoCo needs no labels" not in str(e.value)
 
 
+def test_shards_without_their_meta_json_are_named(tmp_path):
+    # a shard set copied without meta.json said only "no class subfolders ... expected <class>/<image files>"
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000000.idx"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError) as e:
+        list_images(tmp_path)
+    assert str(e.value) == (
+        f"no class subfolders in {tmp_path}, and 2 .tar files without a meta.json: a WebDataset shard set "
+        "(for --loader dali) needs the meta.json that `moco-fast convert SRC DST --format wds` writes beside its "
+        "shards; an image folder needs <class>/<image files>"
+    )
+
+
 # -- files skipped without a word before --------------------------------------------------------------
 def test_broken_links_and_nested_files_are_named(fresh_root, caplog):
     train = fresh_root / "train"
