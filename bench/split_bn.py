@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     chain = CHAINED if device.type == "cuda" else 1
     torch.manual_seed(0)
     rows, errors = [], []
-    for shape, layers in shapes.items():
+    for i, (shape, layers) in enumerate(shapes.items()):
+        # a line a shape, as throughput.py's a row: on the CPU the defaults (ResNet-50, batch 256, 224 px)
+        # ran for minutes with nothing written until the table
+        print(f"[{i + 1}/{len(shapes)}] {shape_text(shape)}: {', '.join(names)}", file=sys.stderr, flush=True)
         row = {"name": shape_text(shape), "settings": f"{layers} layer{'s' * (layers > 1)}", "shape": shape}
         row["layers"] = layers
         for name in names:

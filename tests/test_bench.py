@@ -741,9 +741,17 @@ def test_split_bn_bench_times_each_candidate_on_each_bn_shape_of_the_encoder(tmp
     for n in names:
         assert res["total_ms"][n] == pytest.approx(sum(r[n] for r in res["rows"])) and res["total_ms"][n] > 0
         assert res["vs_plain"][n] == pytest.approx(res["total_ms"][n] / res["total_ms"]["plain"])
-    printed = capsys.readouterr().out
+    said = capsys.readouterr()
+    printed = said.out
     assert "all 20 BN layers" in printed and "x plain" in printed and "fastest split path: " in printed
     assert res["device"]["type"] == "cpu" and res["errors"] == []
+    # a line a shape as it is timed (the CPU's run of the GPU defaults wrote nothing for minutes)
+    shapes = len(res["rows"])
+    assert said.err.splitlines()[:2] == [
+        f"[1/{shapes}] 8 x 64 x 32 x 32: plain, split, reference, regroup",
+        f"[2/{shapes}] 8 x 128 x 16 x 16: plain, split, reference, regroup",
+    ]
+    assert len(said.err.splitlines()) == shapes
     assert res["config"]["repeats"] == 1 and res["calls_per_sample"] == 1  # how a figure was taken
 
 
