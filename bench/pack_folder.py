@@ -13,6 +13,7 @@ about 2 MB.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -41,8 +42,16 @@ def pack(src: Path, dst: Path) -> int:
     np.cumsum([len(b) for b in blobs], out=offsets[1:])
     # bytes (1/4 of numpy's str), as the file system names them (any encoding)
     names = np.array([os.fsencode(p.relative_to(src).as_posix()) for p in paths])
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(tmp, data=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, names=names)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, data=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, names=names)
+    except BaseException as e:  # a full disk or Ctrl-C: no half pack left beside DST
+        with contextlib.suppress(OSError):  # nothing there to remove where DST's folder could not be made
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # DST under /proc was a traceback naming the temporary file
+            where = f"{e.filename}: " if e.filename and e.filename != str(tmp) else ""  # a file where a folder goes
+            raise PackError(f"cannot write {dst} ({where}{e.strerror or e})") from None
+        raise
     os.replace(tmp, dst)
     return len(paths)
 

@@ -508,6 +508,9 @@ def test_pack_folder_refuses_what_it_cannot_use(tiny_root, tmp_path, capsys):
         ["pack", str(tiny_root), str(tmp_path)],  # a folder as the pack
         ["unpack", str(tmp_path / "missing.npz"), str(tmp_path / "o1")],
         ["unpack", str(tmp_path / "notes.txt"), str(tmp_path / "o2")],
+        # a place that cannot be written: a traceback naming the temporary file
+        ["pack", str(tiny_root), "/proc/set.npz"],
+        ["pack", str(tiny_root), str(tmp_path / "notes.txt" / "set.npz")],
     ):
         assert pack_folder.main(argv) == 2, argv
         err = capsys.readouterr().err
