@@ -341,6 +341,14 @@ def check_args(a: argparse.Namespace, rows: list[str]) -> None:
             raise DataError(f"--data {data}: not a folder (the loader rows convert an image folder)")
         if not any(data.iterdir()):
             raise DataError(f"--data {data} is empty")
+        # class_tree takes class folders, or images it groups by name: a folder of neither (a shard
+        # set, a folder of .tar files) made no tree, and the conversion ended in a traceback naming
+        # the bench's temporary folder ("data folder not found: /tmp/ffcv-bench-.../full")
+        if not any(p.is_dir() or p.suffix.lower() in IMAGE_EXTENSIONS for p in data.iterdir()):
+            raise DataError(
+                f"--data {data} holds no class folders and no image files (the loader rows convert an image "
+                "folder: <class>/<images>, or images named <class>_<name>)"
+            )
 
 
 if __name__ == "__main__":

@@ -344,11 +344,16 @@ def test_momentum_bench_refuses_bad_flags_in_one_line(flags, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--data", "{tmp}/missing"], ["--batch-size", "0"], ["--steps", "0"], ["--rows", ","], ["--device", "gpu"]],
+    [
+        *(["--data", "{tmp}/missing"], ["--batch-size", "0"], ["--steps", "0"], ["--rows", ","], ["--device", "gpu"]),
+        ["--data", "{tmp}/shards"],  # neither class folders nor images: a traceback naming the bench's temporary folder
+    ],
 )
 def test_ffcv_bench_refuses_bad_flags_in_one_line(flags, tmp_path, capsys, monkeypatch):
     import ffcv_loader
 
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-000000.tar").write_bytes(b"")
     ran = []
     monkeypatch.setattr(ffcv_loader, "run_loader_rows", lambda *a: ran.append(a))
     assert ffcv_loader.main([f.format(tmp=tmp_path) for f in flags]) == 2
