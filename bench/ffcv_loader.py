@@ -331,8 +331,12 @@ def check_args(a: argparse.Namespace, rows: list[str]) -> None:
         ("--jpeg-quality", a.jpeg_quality, 1),
     ):
         check_at_least(flag, value, least)
-    if not 0 <= a.min_seconds < float("inf") or a.jpeg_quality > 100:
-        raise ConfigError("--min-seconds must be 0 or more and --jpeg-quality at most 100")
+    # one flag a line, with its value: "--min-seconds must be 0 or more and --jpeg-quality at most 100"
+    # named both for either
+    if not 0 <= a.min_seconds < float("inf"):
+        raise ConfigError(f"--min-seconds must be a finite count of seconds, 0 or more (got {a.min_seconds:g})")
+    if a.jpeg_quality > 100:
+        raise ConfigError(f"--jpeg-quality must be at most 100 (got {a.jpeg_quality})")
     resolve_device(a.device)  # ConfigError: not cpu/cuda, or no GPU
     check_output_path(a.json, "--json", ".json")
     if any(r not in AUG_ROWS for r in rows):

@@ -346,6 +346,8 @@ def test_momentum_bench_refuses_bad_flags_in_one_line(flags, tmp_path, capsys):
     "flags",
     [
         *(["--data", "{tmp}/missing"], ["--batch-size", "0"], ["--steps", "0"], ["--rows", ","], ["--device", "gpu"]),
+        ["--jpeg-quality", "101"],
+        ["--min-seconds", "-1"],
         ["--data", "{tmp}/shards"],  # neither class folders nor images: a traceback naming the bench's temporary folder
     ],
 )
@@ -359,6 +361,9 @@ def test_ffcv_bench_refuses_bad_flags_in_one_line(flags, tmp_path, capsys, monke
     assert ffcv_loader.main([f.format(tmp=tmp_path) for f in flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and not ran, err
+    if flags[0] in ("--jpeg-quality", "--min-seconds"):  # the flag given, alone, with its value
+        other = {"--jpeg-quality": "--min-seconds", "--min-seconds": "--jpeg-quality"}[flags[0]]
+        assert flags[0] in err and f"(got {flags[1]})" in err and other not in err, err
 
 
 def test_ffcv_bench_interrupted_keeps_what_it_measured(tmp_path, capsys, monkeypatch):
