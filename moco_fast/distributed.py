@@ -68,7 +68,7 @@ def _env_count(name: str, default: int) -> int:
     if text is None:
         return default
     least = 1 if default == 1 else 0  # a count of processes, or an index among them
-    if not text.strip().isdigit() or int(text) < least:
+    if not text.strip().isdecimal() or int(text) < least:  # isdigit takes "²", which int() does not
         raise ConfigError(
             f"{name}={text} is not a {'count of processes' if least else 'process index'} (torchrun sets it; "
             f"a number >= {least}): unset it, or start the processes with torchrun"

@@ -353,6 +353,7 @@ def test_a_manual_launch_outside_its_group_or_ports_is_one_line_at_once(
         ("LOCAL_WORLD_SIZE", "0", "LOCAL_WORLD_SIZE=0 is not a count of processes"),  # a ZeroDivisionError
         ("LOCAL_WORLD_SIZE", "-3", "LOCAL_WORLD_SIZE=-3 is not a count of processes"),  # a cap of 1, unsaid
         ("LOCAL_RANK", "x", "LOCAL_RANK=x is not a process index"),
+        ("LOCAL_RANK", "\u00b2", "LOCAL_RANK=\u00b2 is not a process index"),  # a digit to isdigit, not to int()
     ],
 )
 def test_local_process_counts_that_are_not_numbers_are_one_line(
