@@ -288,8 +288,9 @@ def read_config(path: str | Path, arch: str | None = None) -> TrainConfig:
     from moco_fast.foreign import as_training_state
 
     # torch's legacy (non-zip) format cannot be mapped ("mmap can only be used with files saved with
-    # ..."): such a file, an older torchvision download, is read
-    state = load(path, map_location="cpu", mmap=zipfile.is_zipfile(path))
+    # ..."): such a file, an older torchvision download, is read. is_zipfile opens the file: a named
+    # pipe's open waits for a writer, so only a regular file is looked at (load refuses the others)
+    state = load(path, map_location="cpu", mmap=Path(path).is_file() and zipfile.is_zipfile(path))
     return saved_config(as_training_state(state, path, arch, say=False), path)
 
 

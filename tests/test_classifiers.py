@@ -381,3 +381,16 @@ def test_a_classifier_s_default_image_size_reads_a_legacy_format_state_dict(ckpt
     torch.save(backbone, legacy, _use_new_zipfile_serialization=False)
     cfg = FinetuneConfig(checkpoint=str(legacy), data=str(tmp_path), out=str(tmp_path / "ft.json"))
     assert default_image_size(cfg) == 224  # a torchvision state dict's config: the ImageNet stem's v2 size
+
+
+def test_read_config_of_a_named_pipe_is_the_missing_checkpoint_s_error(tmp_path):
+    # read_config asked zipfile.is_zipfile before load's check for a regular file: its open of a FIFO
+    # waited for a writer, forever (a child process, so that a hang fails the test instead of the run)
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "ckpt.pt"
+    os.mkfifo(fifo)
+    code = f"from moco_fast.checkpoint import read_config\nread_config({str(fifo)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert f"FileNotFoundError: checkpoint not found: {fifo}" in done.stderr
