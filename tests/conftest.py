@@ -53,6 +53,17 @@ def make_image_root(dst: Path, per_class: int = 8, classes: int = 2, test_per_cl
     return dst
 
 
+def read_until_then_close(fd: int, marker: bytes) -> None:
+    """Reads the pipe `fd` until `marker` has come, then closes it: its writer's reader goes away there
+    (`| head` once it has its lines). An AssertionError with what came where the writer ended first."""
+    seen = b""
+    with open(fd, "rb", buffering=0) as reader:
+        while marker not in seen:
+            chunk = reader.read(4096)
+            assert chunk, seen.decode(errors="replace")  # the writer ended before the marker
+            seen += chunk
+
+
 @pytest.fixture
 def held_port() -> Iterator[int]:
     """A port of 127.0.0.1 held for the test: bound, not listening, with SO_REUSEADDR. Nothing answers

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torchvision
+from conftest import read_until_then_close
 
 import moco_fast.commands.export
 from moco_fast import closed_stdout
@@ -123,12 +124,7 @@ def test_a_training_whose_stderr_reader_goes_away_saves_and_resumes(tmp_path, ca
     read, write = os.pipe()
     run = subprocess.Popen([sys.executable, "-m", "moco_fast", *args], stdout=write, stderr=write)
     os.close(write)
-    seen = b""
-    with open(read, "rb", buffering=0) as reader:  # closed once the epoch's bar is drawn: a reader gone
-        while b"epoch 1/1:" not in seen:
-            chunk = reader.read(4096)
-            assert chunk, seen.decode(errors="replace")  # it ended before its bar
-            seen += chunk
+    read_until_then_close(read, b"epoch 1/1:")  # once the epoch's bar is drawn: a reader gone
     assert run.wait(timeout=300) == closed_stdout.EXIT_STATUS
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert 2 <= state["step"] < 12 and state["epoch"] == 0  # a step of a sync in the epoch, saved

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from conftest import read_until_then_close
 
 from moco_fast.checkpoint import load_model
 from moco_fast.cli import main
@@ -183,12 +184,7 @@ def test_a_gpus_job_whose_stderr_reader_goes_away_ends_as_a_stop_with_its_checkp
         run = subprocess.Popen([sys.executable, str(script), *args], stdout=stdout, stderr=write, cwd=tmp_path,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     os.close(write)
-    seen = b""
-    with open(read, "rb", buffering=0) as reader:  # closed once the epoch's bar is drawn: a reader gone
-        while b"epoch 1/1:" not in seen:
-            chunk = reader.read(4096)
-            assert chunk, seen.decode(errors="replace")  # it ended before its bar
-            seen += chunk
+    read_until_then_close(read, b"epoch 1/1:")  # once the epoch's bar is drawn: a reader gone
     assert run.wait(timeout=300) == 128 + signal.SIGPIPE
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert 2 <= state["step"] < 12 and state["epoch"] == 0  # a step of a sync in the epoch, saved
