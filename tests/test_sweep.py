@@ -734,16 +734,7 @@ def test_a_diverged_setting_is_named_where_stdout_s_reader_went_away(six_root, t
     import os
     import sys
 
-    from moco_fast import sweep
-    from moco_fast.divergence import Diverged
-
-    stub_sweep_runs(monkeypatch)
-
-    def train(cfg, listed):
-        if cfg.moco.m == 0:
-            raise Diverged("the run diverged in epoch 1: 3 tensors of the model hold NaN or inf; lower --lr")
-
-    monkeypatch.setattr(sweep, "_train", train)
+    stub_diverging_runs(monkeypatch, {"m": 0.0})
     read, write = os.pipe()
     os.close(read)
     with open(write, "w", buffering=1) as stream:
