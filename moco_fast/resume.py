@@ -118,7 +118,8 @@ def sync_bn_stops(saved_sync_bn: bool | None, saved_world: int, cfg: TrainConfig
 
 def warn_changed(saved: dict[str, Any], cfg: TrainConfig, said: tuple[str, ...] = ()) -> None:
     """A resumed run may change its data, optimisation, epochs and the MoCo settings that
-    check_same_model lets change (--moco-m, --moco-t, --symmetric, shuffle BN); say what changed.
+    check_same_model lets change (--moco-m, --moco-t, --symmetric, shuffle BN, and --moco-k of the
+    memory bank and end-to-end); say what changed.
     said: the settings that another line named already."""
     now = to_dict(cfg)
     changed = []
