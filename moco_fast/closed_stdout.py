@@ -91,7 +91,10 @@ def _discard(stream: IO[str] | None = None) -> None:
 
 
 _training = 0  # closed_stderr_stops' depth: a sweep's settings train one after another, each in it
-_stderr_gone = False  # a write to stderr found its reader gone while _training (stderr_went_away)
+# a write to stderr found its reader gone while _training (stderr_went_away). Kept for the rest of the
+# process, as stderr stays /dev/null's: a reader gone after a training's last sync (its final kNN) stops
+# the next training at its first sync (a sweep's next setting), which found no error to stop on
+_stderr_gone = False
 
 
 @contextlib.contextmanager
@@ -100,15 +103,14 @@ def closed_stderr_stops() -> Iterator[None]:
     bar's, through Guarded; a log line's, bar_lines.LineHandler) ends nothing: stderr is pointed at
     /dev/null and stderr_gone() is True, which the training loop takes for a stop at its next sync
     (stops.agree_at_sync: it saves the step, then ends as a stop signal ends it, with SIGPIPE's
-    status, 141). Outside it such a write raises as before, and the command ends quietly."""
-    global _training, _stderr_gone
+    status, 141); one gone after a training's last sync stops the next training at its first.
+    Outside it such a write raises as before, and the command ends quietly."""
+    global _training
     _training += 1
     try:
         yield
     finally:
         _training -= 1
-        if not _training:
-            _stderr_gone = False
 
 
 def stderr_gone() -> bool:

@@ -511,3 +511,26 @@ def test_train_on_a_rank_past_0_puts_back_the_callers_log_level(tiny_root, tmp_p
         assert logger.level == logging.DEBUG
     finally:
         logger.setLevel(before)
+
+
+def test_a_stderr_gone_after_a_trainings_last_sync_stops_the_next_training(tiny_root, tmp_path, monkeypatch):
+    # stderr's reader went away after a training's last sync (its final kNN, a sweep setting's
+    # evaluation): stderr was pointed at /dev/null there, but the mark was dropped as the training
+    # returned, so the next training in the process (a sweep's next setting) ran whole without a word
+    # or a stop, where one whose reader goes away during its steps saves and stops (exit status 141)
+    import os
+    import signal
+
+    from moco_fast import closed_stdout
+
+    monkeypatch.setattr(closed_stdout, "_stderr_gone", False)  # put back after the test, for the others
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w") as gone, closed_stdout.closed_stderr_stops():  # the earlier training
+        assert closed_stdout.stderr_went_away(gone)
+    cfg = tiny_config(tiny_root, tmp_path / "run", **{"optim.epochs": 1, "runtime.log_every": 1})
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(cfg)
+    assert stopped.value.signum == signal.SIGPIPE
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 0 and state["step"] >= 1  # saved within the epoch, at a sync
