@@ -79,7 +79,7 @@ from moco_fast.convert_dst import (
 from moco_fast.data import DataError
 from moco_fast.distributed import local_world_size
 from moco_fast.image_dataset import MAX_BAD_FRACTION, MAX_BAD_MIN
-from moco_fast.threads import handle_thread_errors
+from moco_fast.threads import handle_thread_errors, kept_torch_threads
 
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, check_one_batch, check_start_step, pinned_copy, stream_seed
@@ -269,8 +269,8 @@ class FFCVLoader:
         # Loader's __init__ and at each epoch's start: the process's own count, taken before, is put
         # back after each (a `--gpus` worker's 1 thread: 2 on 2 processes made each CPU step 5-10x slower)
         self.threads = torch.get_num_threads()
-        self.ffcv = self._build(path)
-        torch.set_num_threads(self.threads)
+        with kept_torch_threads():
+            self.ffcv = self._build(path)
 
     def _pipelines(self) -> dict:
         spec = self.args.aug
