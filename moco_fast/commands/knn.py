@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "official checkpoint, which have none: 224, or the CIFAR preset's 32 for a CIFAR stem)",
     )
     p.add_argument("--k", type=int, default=200, help="neighbours (at least 1)")
-    p.add_argument("--t", type=float, default=0.1, help="temperature of the neighbour weights (above 0)")
+    p.add_argument("--t", type=float, default=0.1, help="temperature of the neighbour weights (above 0, finite)")
     p.add_argument(
         "--features",
         choices=["backbone", "head", "both"],
