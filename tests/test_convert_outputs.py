@@ -496,3 +496,16 @@ def test_the_beton_writes_of_one_process_set_up_ffcvs_writer_one_at_a_time(tmp_p
         t.join()
     assert waited and second_in.is_set()
     assert [getattr(module, name) for module, name in names] == plain
+
+
+def test_a_dst_in_a_folder_that_is_a_link_to_nothing_is_one_line(tmp_path, capsys):
+    # mkdir of DST's parents said only "[Errno 17] File exists: 'PATH'"
+    (tmp_path / "dead").symlink_to(tmp_path / "gone")
+    src = tmp_path / "src" / "cat"
+    src.mkdir(parents=True)
+    dst = tmp_path / "dead" / "x"
+    assert main(["convert", str(src.parent), str(dst), "--format", "wds"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"moco-fast convert: error: DST {dst} lies in {tmp_path / 'dead'}, a symbolic link to {tmp_path / 'gone'}, "
+        "which does not exist: make its target first, or remove the link"
+    ]

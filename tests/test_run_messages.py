@@ -442,6 +442,11 @@ def test_an_out_that_is_a_link_to_nothing_is_one_line(tiny_root, tmp_path, capsy
             "dead",
             f"is a symbolic link to {tmp_path / 'gone'}, which does not exist: make its target first, or remove the link",
         ),
+        (  # a folder above it: mkdir of its parents said "[Errno 17] File exists: 'PATH'" too
+            "dead/run",
+            f"lies in {tmp_path / 'dead'}, a symbolic link to {tmp_path / 'gone'}, which does not exist: make its "
+            "target first, or remove the link",
+        ),
     ):
         assert main(tiny_args(tiny_root, tmp_path / out)) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"moco-fast train: error: --out {tmp_path / out} {why}"]

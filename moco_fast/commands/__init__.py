@@ -251,8 +251,9 @@ def check_writable_beside(p: Path, flag: str) -> None:
 
 def refuse_dead_link(p: Path, flag: str, missing_target: bool = True) -> None:
     """ConfigError for a `p` that no stat reaches through symbolic links: a loop of them (pathlib's
-    resolve raised a RuntimeError traceback, mkdir "[Errno 40]") and, with `missing_target`, a link to
-    nothing (mkdir said only "[Errno 17] File exists: 'PATH'"); nothing where `p` is there or plainly
+    resolve raised a RuntimeError traceback, mkdir "[Errno 40]"), a folder above it that is a link to
+    nothing (mkdir of its parents said only "[Errno 17] File exists: 'FOLDER'") and, with
+    `missing_target`, `p` itself a link to nothing (the same); nothing where `p` is there or plainly
     missing."""
     try:
         os.stat(p)
@@ -261,11 +262,14 @@ def refuse_dead_link(p: Path, flag: str, missing_target: bool = True) -> None:
             raise ConfigError(
                 f"{flag} {p} leads into a loop of symbolic links: remove the link or give another path"
             ) from None
-        if missing_target and p.is_symlink():
-            raise ConfigError(
-                f"{flag} {p} is a symbolic link to {os.readlink(p)}, which does not exist: make its target first, "
-                "or remove the link"
-            ) from None
+        dead = next((q for q in (p, *p.parents) if q.is_symlink() and not q.exists()), None)
+        if dead is None or (dead == p and not missing_target):
+            return
+        where = f"{p} is" if dead == p else f"{p} lies in {dead},"
+        raise ConfigError(
+            f"{flag} {where} a symbolic link to {os.readlink(dead)}, which does not exist: make its target first, "
+            "or remove the link"
+        ) from None
 
 
 def write_refused(folder: Path) -> str | None:
