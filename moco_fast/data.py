@@ -251,8 +251,13 @@ def list_images(
             tars += 1
     if not found and tars:
         # shards copied without their meta.json read as a folder without classes, which said nothing of it
-        from moco_fast.loaders.wds import META_NAME  # loaders.wds imports this module
+        from moco_fast.loaders.wds import META_NAME, is_wds_root  # loaders.wds imports this module
 
+        if is_wds_root(folder):  # its meta.json is there: a set met as a split (--data ROOT with ROOT/train/ one)
+            raise DataError(
+                f"no class subfolders in {folder}: it is a WebDataset shard set, which {TRAINING_READS} dali "
+                f"given as --data {folder} itself; this reads image folders (<class>/<image files>)"
+            )
         raise DataError(
             f"no class subfolders in {folder}, and {plural(tars, '.tar file')} without a {META_NAME}: a WebDataset "
             f"shard set (for --loader dali) needs the {META_NAME} that `moco-fast convert SRC DST --format wds` "

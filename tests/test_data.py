@@ -150,6 +150,21 @@ def test_shards_without_their_meta_json_are_named(tmp_path):
     )
 
 
+def test_a_shard_set_met_as_a_split_is_not_said_to_lack_its_meta_json(tmp_path):
+    # --data ROOT whose ROOT/train/ is a shard set with its meta.json was told the set "needs the
+    # meta.json", which is there: a shard set is read as --data itself, by --loader dali
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "shard-000000.tar").write_bytes(b"")
+    (train / "meta.json").write_text('{"format": "wds"}')
+    with pytest.raises(DataError) as e:
+        list_images(train)
+    assert str(e.value) == (
+        f"no class subfolders in {train}: it is a WebDataset shard set, which training (train, sweep) reads "
+        f"with --loader dali given as --data {train} itself; this reads image folders (<class>/<image files>)"
+    )
+
+
 # -- files skipped without a word before --------------------------------------------------------------
 def test_broken_links_and_nested_files_are_named(fresh_root, caplog):
     train = fresh_root / "train"
