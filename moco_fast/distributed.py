@@ -50,24 +50,24 @@ def is_main() -> bool:
 
 def local_world_size() -> int:
     """Processes on this machine (torchrun sets LOCAL_WORLD_SIZE)."""
-    return _env_count("LOCAL_WORLD_SIZE", 1)
+    return _env_count("LOCAL_WORLD_SIZE", default=1, least=1)
 
 
 def local_rank() -> int:
     """This process's index among the machine's (torchrun and --gpus set LOCAL_RANK; 0 alone)."""
-    return _env_count("LOCAL_RANK", 0)
+    return _env_count("LOCAL_RANK", default=0, least=0)
 
 
-def _env_count(name: str, default: int) -> int:
+def _env_count(name: str, default: int, least: int) -> int:
     """The count in the environment variable `name` (`default` where unset), or a one-line ConfigError
-    for one that is not a count: LOCAL_WORLD_SIZE=x was a ValueError traceback, 0 a ZeroDivisionError
+    for one that is not a count of at least `least` (1: a count of processes; 0: an index among them):
+    LOCAL_WORLD_SIZE=x was a ValueError traceback, 0 a ZeroDivisionError
     in the --workers cap, and a negative one a cap of 1 without a word."""
     from moco_fast.config import ConfigError
 
     text = os.environ.get(name)
     if text is None:
         return default
-    least = 1 if default == 1 else 0  # a count of processes, or an index among them
     if not text.strip().isdecimal() or int(text) < least:  # isdigit takes "²", which int() does not
         raise ConfigError(
             f"{name}={text} is not a {'count of processes' if least else 'process index'} (torchrun sets it; "
