@@ -3,11 +3,15 @@ on the training device, in the trainer's dtype and memory format, plus labels an
 
 Backends register themselves with `@register_loader(name)`; `create_loader(name, args)` imports the
 backend module on first use, so a missing optional dependency (DALI, FFCV) only matters when asked for.
+A library user's `@register_loader("mine")` adds a loader that `create_loader` and `trainer.train`
+(`data.loader = "mine"`) take in that Python process; the CLI, which runs none of the user's code,
+knows the built-in ones only. A built-in name cannot be taken.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from moco_fast.config import ConfigError
 from moco_fast.threads import kept_torch_threads
@@ -37,7 +41,26 @@ IMAGE_FOLDER_LOADERS = ("torch", "dali", "resident")
 
 
 def register_loader(name: str):
+    """Decorator: `fn(LoaderArgs) -> TrainLoader` is the loader `name`. A built-in name is refused
+    (its module, imported on first use, would replace the user's loader or be replaced by it, as the
+    order of imports fell); a name taken by another function too (one defined again under the same
+    module and name, a reloaded module or a notebook cell run twice, replaces it)."""
+
     def deco(fn):
+        where = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', fn)}"
+        if name in _MODULES and getattr(fn, "__module__", None) != importlib.util.resolve_name(
+            _MODULES[name], __name__
+        ):
+            raise ValueError(
+                f"register_loader({name!r}): {name} is a built-in loader; register {where} under another name"
+            )
+        held = _LOADERS.get(name)
+        if held is not None and name not in _MODULES:
+            was = f"{getattr(held, '__module__', None)}.{getattr(held, '__qualname__', held)}"
+            if was != where:
+                raise ValueError(
+                    f"register_loader({name!r}): the name is {was}'s already; register {where} under another name"
+                )
         _LOADERS[name] = fn
         return fn
 
@@ -45,7 +68,8 @@ def register_loader(name: str):
 
 
 def available_loaders() -> list[str]:
-    return sorted(_MODULES)
+    """The built-in loaders' names and those registered in this process."""
+    return sorted(set(_MODULES) | set(_LOADERS))
 
 
 def check_loader(name: str, options: dict[str, str], cpu: bool = False) -> None:
@@ -56,7 +80,7 @@ def check_loader(name: str, options: dict[str, str], cpu: bool = False) -> None:
 
 
 def _check_name(name: str) -> None:
-    if name not in _MODULES:
+    if name not in _MODULES and name not in _LOADERS:
         raise ConfigError(f"unknown loader {name!r}; choose one of {available_loaders()}")
 
 

@@ -1,0 +1,90 @@
+"""A loader a library user registers (`@register_loader`): create_loader and trainer.train take it
+in that process; a built-in name, or one that another function holds, is refused as it is registered."""
+
+from dataclasses import replace
+
+import pytest
+from moco_fast.loaders import _LOADERS, _MODULES, available_loaders, check_loader, create_loader, register_loader
+from moco_fast.loaders.options import PARSERS
+from run_helpers import rows as read_metrics
+
+from moco_fast.config import ConfigError, build_config
+from moco_fast.trainer import train
+
+
+@pytest.fixture
+def registry():
+    """The registry as it was, back after the test: a user's loader does not leak into other tests."""
+    held = dict(_LOADERS)
+    yield
+    _LOADERS.clear()
+    _LOADERS.update(held)
+
+
+def test_a_registered_loader_trains_from_python(registry, tmp_path):
+    built = []
+
+    @register_loader("mine")
+    def mine(args):
+        built.append(dict(args.options))
+        return create_loader("synthetic", replace(args, options={}))
+
+    assert "mine" in available_loaders()
+    check_loader("mine", {"any": "thing"})  # its options are its own to read
+    cfg = build_config(
+        "cifar",
+        {
+            "data.loader": "mine",
+            "data.loader_options": {"size": "3"},
+            "data.synthetic_steps": 2,
+            "optim.epochs": 1,
+            "optim.batch_size": 8,
+            "moco.k": 32,
+            "moco.bn_splits": 2,
+            "data.workers": 0,
+            "runtime.device": "cpu",
+            "runtime.out": str(tmp_path / "run"),
+            "runtime.final_knn": False,
+            "runtime.knn_baseline": False,
+        },
+    )
+    train(cfg)
+    assert built == [{"size": "3"}]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [1]
+
+
+def test_an_unregistered_name_is_still_refused():
+    with pytest.raises(ConfigError, match="unknown loader 'nosuch'"):
+        check_loader("nosuch", {})
+
+
+@pytest.mark.parametrize("name", ["torch", "ffcv"])
+def test_a_built_in_name_is_refused(registry, name):
+    with pytest.raises(ValueError, match=f"{name} is a built-in loader"):
+
+        @register_loader(name)
+        def mine(args):
+            raise AssertionError
+
+
+def test_a_name_another_function_holds_is_refused_and_the_same_one_again_replaces_it(registry):
+    def first(args):
+        return 1
+
+    register_loader("mine")(first)
+    with pytest.raises(ValueError, match=r"the name is .*first's already"):
+
+        @register_loader("mine")
+        def second(args):
+            return 2
+
+    def again(args):
+        return 3
+
+    again.__qualname__ = first.__qualname__  # defined anew: a reloaded module, a cell run twice
+    register_loader("mine")(again)
+    assert _LOADERS["mine"] is again
+
+
+def test_each_built_in_loader_has_its_options_parser():
+    assert set(_MODULES) == set(PARSERS)
