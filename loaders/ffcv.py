@@ -57,14 +57,18 @@ from queue import Full
 
 import numpy as np
 import torch
-from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.basics import IntDecoder
-from ffcv.loader import Loader
-from ffcv.loader.epoch_iterator import EpochIterator
-from ffcv.pipeline.pipeline_spec import PipelineSpec
-from ffcv.reader import Reader
-from ffcv.transforms import ToDevice, ToTensor
-from ffcv.traversal_order.base import TraversalOrder
+
+from moco_fast.threads import handle_thread_errors, kept_ffcv_import_threads, kept_torch_threads
+
+with kept_ffcv_import_threads():  # FFCV's import sets torch's and Numba's thread counts to 1
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.pipeline_spec import PipelineSpec
+    from ffcv.reader import Reader
+    from ffcv.transforms import ToDevice, ToTensor
+    from ffcv.traversal_order.base import TraversalOrder
 
 from moco_fast.convert_dst import (
     NAMES_HEADER,
@@ -79,7 +83,6 @@ from moco_fast.convert_dst import (
 from moco_fast.data import DataError
 from moco_fast.distributed import local_world_size
 from moco_fast.image_dataset import MAX_BAD_FRACTION, MAX_BAD_MIN
-from moco_fast.threads import handle_thread_errors, kept_torch_threads
 
 from . import register_loader
 from .base import Batch, DeviceAugment, LoaderArgs, check_one_batch, check_start_step, pinned_copy, stream_seed

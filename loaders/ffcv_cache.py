@@ -17,11 +17,15 @@ tables writable, as FFCV's effectively are. `use_page_cache_manager` has FFCV's 
 
 from __future__ import annotations
 
-import ffcv.loader.loader
 import numba as nb
 import numpy as np
-from ffcv.memory_managers import OSCacheManager
-from ffcv.pipeline.compiler import Compiler
+
+from moco_fast.threads import kept_ffcv_import_threads
+
+with kept_ffcv_import_threads():  # FFCV's import sets torch's and Numba's thread counts to 1
+    import ffcv.loader.loader
+    from ffcv.memory_managers import OSCacheManager
+    from ffcv.pipeline.compiler import Compiler
 
 BYTES = nb.types.Array(nb.uint8, 1, "C", readonly=True)  # a slice of np.memmap(mode="r")
 TABLE = nb.types.Array(nb.uint64, 1, "C")  # the manager's sorted pointers and sizes

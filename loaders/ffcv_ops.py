@@ -20,12 +20,16 @@ from dataclasses import replace
 import numba
 import numpy as np
 import torch
-from ffcv.fields.basics import BasicDecoder
-from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-from ffcv.libffcv import ctypes_memcopy, imdecode, resize_crop
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
+
+from moco_fast.threads import kept_ffcv_import_threads
+
+with kept_ffcv_import_threads():  # FFCV's import sets torch's and Numba's thread counts to 1
+    from ffcv.fields.basics import BasicDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.libffcv import ctypes_memcopy, imdecode, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
 
 # Why a sample's image could not be read, as the decoder records it in its status (0: read).
 EMPTY, BAD_JPEG, BAD_SIZE, BAD_RAW, BAD_MODE = 1, 2, 3, 4, 5

@@ -33,7 +33,7 @@ from moco_fast.convert_files import writing
 from moco_fast.convert_images import load_resized, parallel_map
 from moco_fast.data import DataError, ImageList
 from moco_fast.signals import STOP_SIGNALS
-from moco_fast.threads import kept_torch_threads
+from moco_fast.threads import kept_ffcv_import_threads
 
 if TYPE_CHECKING:
     from moco_fast.convert import ConvertConfig
@@ -291,7 +291,7 @@ def write_beton(tmp: Path, files: list[str], labels: list[int], stored: list[int
         # FFCV's import compiles Numba code (its image field's typed dict) and imports torch: ~5 s on
         # a CPU between the checking bar and the writing one, without a word, as if convert hung
         log.info("starting FFCV's writer (its import compiles Numba code: a few seconds)")
-    with kept_torch_threads():  # FFCV's import sets it to 1
+    with kept_ffcv_import_threads():  # FFCV's import sets them to 1
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
 

@@ -1,6 +1,7 @@
 """One threading.excepthook for the threads of libraries whose errors moco-fast handles itself:
 FFCV's epoch thread (loaders/ffcv.py) and TensorBoard's event-file writer (metrics.py); and
-torch's thread count kept across a library's import that sets it (kept_torch_threads)."""
+torch's thread count kept across a library's import that sets it (kept_torch_threads), and Numba's
+with it across FFCV's (kept_ffcv_import_threads)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,19 @@ def kept_torch_threads() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def kept_ffcv_import_threads() -> Iterator[None]:
+    """Puts torch's and Numba's thread counts back after the block, which imports FFCV: the import of
+    ffcv.pipeline.compiler sets both to 1 (Compiler.set_num_threads(1): numba.set_num_threads and
+    torch.set_num_threads). Numba's is read before: a caller's numba.set_num_threads(n), or its
+    NUMBA_NUM_THREADS (by default the cores), as the caller would find it without FFCV."""
+    import numba  # FFCV's dependency: the block imports it anyway
+
+    numba_threads = numba.get_num_threads()
+    try:
+        with kept_torch_threads():
+            yield
+    finally:
+        numba.set_num_threads(numba_threads)
