@@ -33,7 +33,7 @@ decode and count as unreadable images.
 Backend options (`--loader-option KEY=VALUE`):
     os_cache=1          map the file through the OS page cache (best when it fits in RAM, and shared
                         by the processes of a machine); 0: FFCV's own process cache
-    batches_ahead=3     batches FFCV prepares ahead of the one in use
+    batches_ahead=3     batches FFCV prepares ahead of the one in use, 1-32
     jitter_order=sample ColorJitter order per image as torchvision (sample) or one per batch (batch:
                         cheaper, see kernels/augment_gpu.py)
     decode=once         once: one JPEG decode for both views; twice: one decode per view, one

@@ -94,6 +94,10 @@ class DaliOptions:
             raise ConfigError("--loader-option decoder=mixed needs a CUDA device")
 
 
+# ffcv's batches_ahead, at most: FFCV holds the decode buffers of batches_ahead + 2 batches
+MAX_BATCHES_AHEAD = 32
+
+
 @dataclass
 class FFCVOptions:
     os_cache: bool = True
@@ -109,6 +113,14 @@ class FFCVOptions:
         if out.decode not in ("once", "twice"):
             raise ConfigError(f"ffcv loader option decode must be once or twice, got {out.decode!r}")
         check_at_least("ffcv loader option batches_ahead", out.batches_ahead, 1)
+        # batches_ahead=10**9 went on to FFCV, which sizes its buffers for batches_ahead + 2 batches at
+        # once: a traceback (an array too large) or the OOM killer, not a line. Batches prepared ahead
+        # only absorb the jitter of the decode; FFCV's recipes use 3
+        if out.batches_ahead > MAX_BATCHES_AHEAD:
+            raise ConfigError(
+                f"ffcv loader option batches_ahead must be at most {MAX_BATCHES_AHEAD} (got {out.batches_ahead}): "
+                "each holds a batch's decode buffers in memory (default 3)"
+            )
         return out
 
 

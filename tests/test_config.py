@@ -215,6 +215,11 @@ def test_a_loader_without_options_refuses_them(loader, tmp_path, capsys):
         ),
         (["--loader", "ffcv", "--loader-option", "decode=thrice"], "decode must be once or twice"),
         (["--loader", "ffcv", "--loader-option", "batches_ahead=0"], "batches_ahead must be at least 1 (got 0)"),
+        # 10**9 went on to FFCV, which sizes its buffers for batches_ahead + 2 batches: a traceback
+        (
+            ["--loader", "ffcv", "--loader-option", "batches_ahead=1000000000"],
+            "error: ffcv loader option batches_ahead must be at most 32 (got 1000000000)",
+        ),
         # a boolean names the spellings it takes: it said "os_cache='2': expected a bool"
         (
             ["--loader", "ffcv", "--loader-option", "os_cache=2"],
