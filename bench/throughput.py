@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a backend option, as `moco-fast train --loader-option` takes it (repeatable)",
+        help="a backend option, as `moco-fast train --loader-option` takes it (repeatable, each KEY once)",
     )
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet, or resnet50w2/resnet50w4 (default resnet50)")
     p.add_argument("--preset", default="v2", help="config preset: v1, v2, cifar, demo (default v2)")
@@ -382,6 +382,8 @@ def check_data(cfg, device: torch.device) -> DataSplits | None:
 
 
 def make_config(args: argparse.Namespace, device: torch.device):
+    from moco_fast.loaders.options import option_flags
+
     cpu = device.type == "cpu"
     overrides = {
         "model.arch": args.arch,
@@ -395,11 +397,7 @@ def make_config(args: argparse.Namespace, device: torch.device):
         "runtime.device": str(device),
     }
     cfg = build_config(args.preset, overrides)
-    for opt in args.loader_option:
-        key, sep, value = opt.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--loader-option expects KEY=VALUE, got {opt!r}")
-        cfg.data.loader_options[key] = value
+    cfg.data.loader_options.update(option_flags(args.loader_option))
     size = default(args.image_size, 64 if cpu else None)
     if size is not None:
         cfg.data.aug = cfg.data.aug.with_size(size)

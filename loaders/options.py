@@ -47,6 +47,23 @@ def parse_options(cls: type[T], options: dict[str, str], backend: str) -> T:
     return cls(**values)
 
 
+def option_flags(given: list[str]) -> dict[str, str]:
+    """`--loader-option KEY=VALUE` flags (train's, bench/throughput.py's) -> {KEY: VALUE}. A key given
+    twice with different values is refused (`threads=2 ... threads=4` took the last without a word);
+    the same value again is taken (nothing is lost)."""
+    options: dict[str, str] = {}
+    for opt in given:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--loader-option expects KEY=VALUE, got {opt!r}")
+        if options.get(key, value) != value:
+            raise ConfigError(
+                f"--loader-option {key} is given twice ({key}={options[key]}, {key}={value}): give it once"
+            )
+        options[key] = value
+    return options
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """The options of a backend that has none: any --loader-option is an error, not ignored."""

@@ -427,6 +427,15 @@ def test_ffcv_bench_triton_rows_reach_the_fused_kernels(tmp_path, monkeypatch):
     assert "needs a CUDA batch" in rows["aug-batch-triton"]["error"] and rows["aug-sample"]["img_per_s"] > 0
 
 
+def test_a_loader_option_given_twice_is_refused_by_the_bench(capsys):
+    flags = ["--loader-option", "decode=once", "--loader-option", "decode=twice"]
+    assert throughput.main([*TINY, "--rows", "reference", "--loader", "ffcv", *flags]) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: --loader-option decode is given twice (decode=once, decode=twice): give it once\n"
+    )
+
+
 def test_cuda_graph_on_cpu_is_refused_before_any_work(capsys):
     # each error names what asked for the graph: the flag, or the row's +graph (no flag to drop)
     assert throughput.main([*TINY, "--rows", "trainer", "--cuda-graph"]) == 2

@@ -229,6 +229,11 @@ def test_a_loader_without_options_refuses_them(loader, tmp_path, capsys):
         (["--loader", "torch", "--loader-option", "a=1"], "the torch loader takes no --loader-option"),
         (["--loader", "synthetic", "--loader-option", "a=1"], "the synthetic loader takes no --loader-option"),
         (["--loader", "nosuch"], "unknown loader 'nosuch'"),
+        # the last was taken without a word
+        (
+            ["--loader", "dali", "--loader-option", "threads=2", "--loader-option", "threads=4"],
+            "error: --loader-option threads is given twice (threads=2, threads=4): give it once",
+        ),
     ],
 )
 def test_print_config_refuses_the_loader_options_the_run_refuses(capsys, flags, said):
@@ -262,3 +267,9 @@ def test_print_config_checks_options_where_the_backend_is_not_installed(monkeypa
     good = {"dali": "prefetch=3", "ffcv": "batches_ahead=2"}[loader]
     assert main([*args, "--loader-option", good]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == dict([good.split("=")])
+
+
+def test_a_loader_option_given_twice_with_the_same_value_is_taken(capsys):
+    flags = ["--loader", "ffcv", "--loader-option", "batches_ahead=2", "--loader-option", "batches_ahead=2"]
+    assert main(["train", *flags, "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == {"batches_ahead": "2"}

@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="backend-specific loader setting, repeatable (e.g. dali: hw_decoder_load=0.9) (default: the "
+        help="backend-specific loader setting, repeatable, each KEY once (e.g. dali: hw_decoder_load=0.9) (default: the "
         "backend's own, listed in docs/dali.md, docs/ffcv.md and docs/resident.md; torch and synthetic take none)",
     )
     g.add_argument("--synthetic-steps", type=int, help="steps per epoch with --loader synthetic (default 100)")
@@ -286,6 +286,8 @@ def configured(args: argparse.Namespace):
     """(config_from_args, the resume.SavedRun of the run it continues, or None): read with its config
     (a checkpoint's or config.json's), the SavedRun goes to the run's checks (trainer.train), which need
     not read it again."""
+    from moco_fast.loaders.options import option_flags
+
     saved, saved_run = _resumed_config(args)
     if saved is not None:
         weights = to_dict(saved)  # the settings its checkpoint's weights were built with, before the flags
@@ -312,11 +314,7 @@ def configured(args: argparse.Namespace):
     else:
         preset = args.preset or _default_preset(args)
         cfg = build_config(preset, {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()})
-    for opt in args.loader_option:
-        key, sep, value = opt.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--loader-option expects KEY=VALUE, got {opt!r}")
-        cfg.data.loader_options[key] = value
+    cfg.data.loader_options.update(option_flags(args.loader_option))
     if args.data is not None:  # saved in config.json and the checkpoint: a --resume from elsewhere finds it
         cfg.data.data = os.path.abspath(args.data)
     if saved is None and args.data is None and cfg.data.loader != "synthetic":
