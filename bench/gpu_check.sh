@@ -115,6 +115,7 @@ if [[ -n $DRY ]]; then
   TP=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --moco-k 64 --steps 1 --warmup 0 --workers 0)
   MOM=(--device cpu --arch resnet18 --repeats 1 --warmup 0)
   SBN=(--device cpu --arch resnet18 --batch-size 16 --image-size 32 --repeats 1 --warmup 0)
+  SBN_DTYPES=(fp32 bf16)  # fp16 needs a GPU (bench/split_bn.py refuses it on the CPU)
   FF=(--device cpu --batch-size 4 --steps 1 --warmup 0 --min-seconds 0)  # bench/ffcv_loader.py's rows, whole and aug-*
   # the Triton rows on the CPU (aug-*-triton: ~20 s; split BN's triton column: ~10 s; the EMA's: ~10 s
   # in momentum and in throughput's trainer:bf16+triton): the interpreter
@@ -124,6 +125,7 @@ if [[ -n $DRY ]]; then
   LINCLS=(--device cpu --workers 0 --epochs 2 --schedule 1 --eval-every 1 --batch-size 256)
 else
   TP=() MOM=() SBN=() FF=() TRITON_ENV=() TRAIN=() KNN=() LINCLS=()
+  SBN_DTYPES=(fp16 bf16)
 fi
 PHASES=${*:-env splitbn tests throughput cifar-speed momentum e2e hooks tests-slow}
 LOG=$OUT/gpu_check.log
@@ -233,7 +235,7 @@ phase_cifar_speed() {
   fi
 }
 phase_splitbn() {
-  for dtype in fp16 bf16; do
+  for dtype in "${SBN_DTYPES[@]}"; do
     run "splitbn-$dtype" 90 "${TRITON_ENV[@]}" $PY bench/split_bn.py --dtype "$dtype" --json "$OUT/split-bn-$dtype.json" "${SBN[@]}"
   done
 }

@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="images per step (default 256)")
     p.add_argument("--image-size", type=int, default=224, help="(default 224; 64 or less: the CIFAR stem)")
     p.add_argument("--splits", type=int, default=8, help="sub-batches, as train's --bn-splits (default 8)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp16", help="the activations' dtype (default fp16)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="the activations' dtype (default fp16 on a GPU, fp32 on the CPU; fp16 needs a GPU, as train's --amp fp16)",
+    )
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="(default on)")
     p.add_argument(
         "--rows", help=f"candidates to time, of {','.join(CANDIDATES)} (default: each that runs on the device)"
@@ -144,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         check_at_least("--batch-size", args.batch_size, 1)
         check_image_size(args.image_size)
         check_at_least("--splits", args.splits, 1)
+        # fp16 on the CPU ran, emulated, minutes at the defaults, timing a path no run takes: train
+        # refuses --amp fp16 there (and trains in fp32 by default)
+        if args.dtype is None:
+            args.dtype = "fp16" if device.type == "cuda" else "fp32"
+        elif args.dtype == "fp16" and device.type != "cuda":
+            raise ConfigError(f"--dtype fp16 needs a GPU, as train's --amp fp16; use --dtype bf16 or fp32 on {device}")
         if args.batch_size % args.splits:
             raise ConfigError(f"--batch-size {args.batch_size} is not divisible by --splits {args.splits}")
         names = rows_to_time(args.rows, device)

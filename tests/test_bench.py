@@ -795,6 +795,7 @@ def test_split_bn_bench_ranks_only_the_paths_timed_on_every_shape(tmp_path, caps
     res = json.loads(out.read_text())
     assert res["total_ms"]["split"] is None and res["total_ms"]["regroup"] > 0
     assert res["errors"] == ["split on 8 x 64 x 32 x 32: OutOfMemoryError: CUDA out of memory"]
+    assert res["config"]["dtype"] == "fp32"  # the CPU's default, as train's: fp16 ran emulated there
     printed = capsys.readouterr()
     assert "fastest split path: regroup, " in printed.out and "; not ranked, failed on a shape: split\n" in printed.out
     assert "failed: split on 8 x 64 x 32 x 32" in printed.err
@@ -822,7 +823,15 @@ def test_split_bn_bench_times_the_triton_kernels_where_they_run(tmp_path, monkey
 
 
 @pytest.mark.parametrize(
-    "flags", [["--splits", "3"], ["--splits", "0"], ["--rows", "split,fused"], ["--image-size", "4"], ["--arch", "vgg"]]
+    "flags",
+    [
+        ["--splits", "3"],
+        ["--splits", "0"],
+        ["--rows", "split,fused"],
+        ["--image-size", "4"],
+        ["--arch", "vgg"],
+        ["--dtype", "fp16"],  # on the CPU: it ran, emulated, a path train refuses (--amp fp16)
+    ],
 )
 def test_split_bn_bench_refuses_bad_flags_in_one_line(flags, capsys):
     import split_bn
