@@ -130,7 +130,10 @@ def export(
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     output = Path(output)
-    if output.exists() and not force:
+    # a symbolic link there, to a file or to nothing, is replaced by the export (the rename of
+    # atomic_write), its target left as it is, as convert's DST: only with force (a link to nothing
+    # was replaced without it)
+    if (output.exists() or output.is_symlink()) and not force:
         raise FileExistsError(f"{output} exists: pass --force to overwrite it")
     model, cfg = load_model(checkpoint, "cpu", arch=arch)
     stem = resolve_stem(cfg.model.stem, cfg.data.aug.image_size)

@@ -275,3 +275,34 @@ def test_a_device_export_does_not_use_is_named(ckpt, tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert said == ["--device cuda has no effect: export copies tensors and runs on the CPU"]
     assert (tmp_path / "c.pth").is_file()
+
+
+def test_an_output_that_is_a_symbolic_link_is_replaced_with_force_only_its_target_kept(tmp_path, capsys):
+    # as convert's DST: the export replaces the link, never writes through it (a link to a run's
+    # checkpoint.pt would pass the run-file check, which judges the name given); a link to nothing
+    # was replaced without --force, a loop of links too, and a folder above --output that is a link
+    # to nothing said "[Errno 17] File exists"
+    ckpt = tmp_path / "c.pt"
+    save_untrained_checkpoint(ckpt)
+    export = ["export", str(ckpt), "--format", "torchvision", "--output"]
+    target = tmp_path / "target.pth"
+    target.write_text("kept")
+    (tmp_path / "link.pth").symlink_to(target)
+    (tmp_path / "dead.pth").symlink_to(tmp_path / "gone.pth")
+    (tmp_path / "l1").symlink_to(tmp_path / "l2")
+    (tmp_path / "l2").symlink_to(tmp_path / "l1")
+    (tmp_path / "deaddir").symlink_to(tmp_path / "nodir")
+    for name in ("link.pth", "dead.pth"):
+        assert main([*export, str(tmp_path / name)]) == 2
+        assert "exists: pass --force to overwrite it" in capsys.readouterr().err
+        assert (tmp_path / name).is_symlink()
+    assert main([*export, str(tmp_path / "l1")]) == 2
+    assert "leads into a loop of symbolic links" in capsys.readouterr().err
+    assert main([*export, str(tmp_path / "deaddir" / "x.pth")]) == 2
+    assert f"lies in {tmp_path / 'deaddir'}, a symbolic link to {tmp_path / 'nodir'}" in capsys.readouterr().err
+    assert main([*export, str(tmp_path / "link.pth"), "--force"]) == 0
+    assert not (tmp_path / "link.pth").is_symlink() and target.read_text() == "kept"
+    assert "conv1.weight" in torch.load(tmp_path / "link.pth")
+    assert f"note: {tmp_path / 'link.pth'} was a symbolic link to {target}: the file replaced the link" in (
+        capsys.readouterr().out
+    )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
 
 from moco_fast.commands import (
     ARCH_HELP,
@@ -12,6 +14,7 @@ from moco_fast.commands import (
     HelpFormatter,
     check_device_name,
     check_output,
+    refuse_dead_link,
     require,
     resolve_checkpoint,
 )
@@ -61,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="overwrite --output if it exists (never a run's own file: checkpoint.pt, config.json...)",
+        help="overwrite --output if it exists (never a run's own file: checkpoint.pt, config.json...); a symbolic "
+        "link there is replaced by the file, its target left as it is, as convert's DST",
     )
     p.add_argument(
         "--device",
@@ -103,9 +107,18 @@ def run(args: argparse.Namespace) -> int:
     )
     checkpoint = resolve_checkpoint(*given_checkpoint(args))
     # an existing folder, the checkpoint itself, or a run's own file is refused even with --force
+    # a loop of links, or a folder above --output that is a link to nothing: one line (mkdir said
+    # "[Errno 17] File exists", and one link of a loop was replaced without --force), as convert's DST
+    refuse_dead_link(Path(args.output), "--output", missing_target=False)
     output = check_output(args.output, "--output", inputs=(checkpoint,), replaces=run_file)
+    # A link at --output is replaced by the file (with --force), its target left as it is, as
+    # convert's DST: written through, a link to a run's checkpoint.pt or config.json would pass
+    # run_file, which judges the name given, and each write would land beside the target
+    link = os.readlink(output) if output.is_symlink() else None
     res = export(checkpoint, args.format, output, force=args.force, arch=args.arch)
     print(f"wrote {res['output']}: {res['keys']} tensors of the {res['arch']} {res['part']} ({res['format']})")
+    if link is not None:
+        print(f"note: {output} was a symbolic link to {link}: the file replaced the link, and {link} is unchanged")
     for line in loading_notes(res["format"], res["arch"], res["stem"]):
         print(f"note: {line}")
     return 0
