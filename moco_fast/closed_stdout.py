@@ -118,6 +118,21 @@ def stderr_gone() -> bool:
     return _stderr_gone
 
 
+def stderr_lost() -> bool:
+    """Between trainings (a sweep, before its next setting): whether stderr's reader is gone, marked
+    by a training (stderr_gone) or found closed now (it went while no training wrote to it: a sweep
+    setting's evaluation, whose failed log lines logging drops). One found closed is pointed at
+    /dev/null and marked, as stderr_went_away does during a training."""
+    global _stderr_gone
+    if _stderr_gone:
+        return True
+    if sys.stderr is None or not closed(sys.stderr):
+        return False
+    _discard(sys.stderr)
+    _stderr_gone = True
+    return True
+
+
 def stderr_went_away(stream: IO[str]) -> bool:
     """For a BrokenPipeError of a write to `stream` (stderr, or a bar's stream): whether it is a
     training's stderr whose reader is gone (closed_stderr_stops); then it is pointed at /dev/null, so

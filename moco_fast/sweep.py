@@ -23,11 +23,13 @@ import itertools
 import logging
 import shlex
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moco_fast import closed_stdout
 from moco_fast.checkpoint import CHECKPOINT_NAME, file_stamp
 from moco_fast.config import ConfigError, TrainConfig
 from moco_fast.convert_dst import beton_samples
@@ -36,6 +38,7 @@ from moco_fast.divergence import Diverged
 from moco_fast.loaders.wds import is_wds_root, read_meta
 from moco_fast.metrics import read_rows
 from moco_fast.run_folder import CONFIG_NAME, SWEEP_RESULT, hold_sweep_folder, holds_run, refuse_unwritable_out
+from moco_fast.signals import Terminated
 from moco_fast.sweep_eval import evaluate_setting, refuse_others_files, setting_columns
 from moco_fast.sweep_plan import GRID_KEYS, UNUSED, plan_setting, read_json, training_config
 from moco_fast.sweep_table import TABLE_JSON, number_text, refuse_others_tables, write_json, write_table
@@ -187,6 +190,17 @@ def run_sweep(
             if r["name"] not in found and not (redo and r["name"] in folders)
         }
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
+            if closed_stdout.stderr_lost():  # stderr's reader gone where no training stopped on it (after
+                # a setting's last sync, in its evaluation, before the first setting): the next setting
+                # started (its folder, its steps up to its first sync) only to stop there. The sweep
+                # stops before it, as a stop signal stops it (exit status 141), its finished rows written
+                log.warning(
+                    "sweep: stderr's reader went away; stopped before %s (not run: %s); the same sweep "
+                    "command continues",
+                    s.name,
+                    ", ".join(x.name for x in settings[i:]),
+                )
+                raise Terminated(signal.SIGPIPE)
             try:
                 head = f"[{i + 1}/{len(settings)}] {s.name}"
                 error = _run_setting(cfg, s, plan, head, found, (listed, splits), evaluation)
@@ -199,8 +213,11 @@ def run_sweep(
                 from moco_fast.cli import interruption
 
                 if interruption(e) is not None:
+                    rest = settings[i + 1 :]
                     log.warning(
-                        "sweep: stopped in %s; the same sweep command continues (finished settings are reused)", s.name
+                        "sweep: stopped in %s%s; the same sweep command continues (finished settings are reused)",
+                        s.name,
+                        f" (not run: {', '.join(x.name for x in rest)})" if rest else "",
                     )
                 raise
             write_table(_rows({**found, **failed}, order), out)  # a partial table survives an interruption

@@ -745,3 +745,46 @@ def test_a_diverged_setting_is_named_where_stdout_s_reader_went_away(six_root, t
             stream.close()
     assert last_error(capsys) == "moco-fast sweep: error: diverged: moco_K16_m0_sbn-on (sweep.json has each error)"
     assert status == 1  # its own, as where the lines were lost at the last flush (closed_stdout.failed_with)
+
+
+@pytest.mark.parametrize("where", ["training", "evaluation"])
+def test_a_sweep_whose_stderr_went_away_starts_no_next_setting(where, six_root, tmp_path, caplog, monkeypatch):
+    # stderr's reader gone after a setting's last sync (marked by its training) or in its evaluation
+    # (no training to mark it): the sweep started the next setting, its folder and its steps up to its
+    # first sync, only to stop there; it stops before it now, saying which settings it did not run
+    import os
+    import sys
+
+    from moco_fast import closed_stdout, sweep
+
+    monkeypatch.setattr(closed_stdout, "_stderr_gone", False)  # put back after the test, for the others
+    trained = stub_sweep_runs(monkeypatch)
+    evaluate = sweep.evaluate_setting
+    read, write = os.pipe()
+    os.close(read)
+    gone = open(write, "w")
+
+    def evaluate_and_lose_stderr(cfg, s, *a):
+        if cfg.moco.m != 0.9:  # the first setting's
+            pass
+        elif where == "training":
+            with closed_stdout.closed_stderr_stops():
+                assert closed_stdout.stderr_went_away(gone)
+        else:
+            monkeypatch.setattr(sys, "stderr", gone)
+        return evaluate(cfg, s, *a)
+
+    monkeypatch.setattr(sweep, "evaluate_setting", evaluate_and_lose_stderr)
+    out = tmp_path / "sweep"
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        status = main(sweep_args(out, six_root, "--moco-m", "0.9,0.5,0"))
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    with contextlib.suppress(OSError):
+        gone.close()
+    assert status == 141
+    assert [cfg.moco.m for cfg in trained] == [0.9]
+    assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["moco_K16_m0.9_sbn-on"]
+    line = "stopped before moco_K16_m0.5_sbn-on (not run: moco_K16_m0.5_sbn-on, moco_K16_m0_sbn-on)"
+    assert line in caplog.text
+    if where == "evaluation":
+        assert closed_stdout.stderr_gone()
