@@ -74,6 +74,7 @@ class ConvertSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     bytes: int = 0
     seconds: float = 0.0
+    empty_classes: list[str] = field(default_factory=list)  # in the class list, no image written
 
     def text(self, show: int = 20) -> str:
         lines = [
@@ -84,6 +85,11 @@ class ConvertSummary:
             lines.append(f"  skipped {path}: {reason}")
         if len(self.skipped) > show:
             lines.append(f"  ... and {len(self.skipped) - show} more (all listed in the output's json)")
+        if self.empty_classes:
+            lines.append(
+                f"  no image written of class(es) {', '.join(self.empty_classes)}: every one was skipped; they stay "
+                "in the class list (as in SRC's listing, so that labels match its other split), with no samples"
+            )
         return "\n".join(lines)
 
 
@@ -197,10 +203,12 @@ def _convert(cfg: ConvertConfig, dst: Path) -> ConvertSummary:
             from moco_fast.convert_wds import write_shard_set
 
             written, skipped, info = write_shard_set(images, tmp, cfg)
+        empty = classes_without_images(images, skipped)
         skipped = images.skipped + skipped
         meta = {
             "format": cfg.format,
             "classes": images.classes,
+            "classes_without_images": empty,
             "num_images": written,
             **info,
             "source": os.path.abspath(images.root),  # train's last line finds its eval split from any folder
@@ -237,4 +245,21 @@ def _convert(cfg: ConvertConfig, dst: Path) -> ConvertSummary:
             # gave it DST's temporary.
             raise OSError(refused.errno, refused.strerror, str(final)) from e
         raise
-    return ConvertSummary(dst, written, skipped, size_of(dst), time.perf_counter() - start)
+    if empty:
+        log.warning(
+            "%s: no image of class(es) %s could be written (every one was skipped); they stay in the class list "
+            "with no samples, numbered as SRC's listing numbers them (its other split, the torch loader)",
+            dst,
+            ", ".join(empty),
+        )
+    return ConvertSummary(dst, written, skipped, size_of(dst), time.perf_counter() - start, empty)
+
+
+def classes_without_images(images: ImageList, skipped: list[tuple[str, str]]) -> list[str]:
+    """The classes of `images` of which no image is written: all their files failed the listing's
+    check or the decode (`skipped`). Kept in the class list (find_classes counts a folder of image
+    files whatever they hold): dropped and renumbered, the labels would no longer match the folder's
+    other split, converted against these classes, nor a torch-loader run on the folder."""
+    failed = {path for path, _ in skipped}
+    written = {label for path, label in zip(images.files, images.labels, strict=True) if path not in failed}
+    return [name for i, name in enumerate(images.classes) if i not in written]

@@ -509,3 +509,25 @@ def test_a_dst_in_a_folder_that_is_a_link_to_nothing_is_one_line(tmp_path, capsy
         f"moco-fast convert: error: DST {dst} lies in {tmp_path / 'dead'}, a symbolic link to {tmp_path / 'gone'}, "
         "which does not exist: make its target first, or remove the link"
     ]
+
+
+@pytest.mark.parametrize("fmt", ["wds", "ffcv"])
+def test_a_class_whose_images_all_fail_stays_numbered_and_is_named(fmt, fresh_root, tmp_path, capsys, caplog):
+    # a class of which no image could be written stayed in the class list without a word: labels and
+    # the class count disagreed with the data (a linear classifier got a class with no samples). It
+    # stays, as SRC's listing numbers it (its other split is converted against these classes, and a
+    # torch-loader run on the folder has it), and the output says so: report, warning, meta
+    first, second = sorted((fresh_root / "train").iterdir())
+    for f in sorted(first.iterdir()):  # headers fine, decodes fail; one not an image at all
+        f.write_bytes(f.read_bytes()[: int(f.stat().st_size * 0.9)])
+    (first / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    dst = tmp_path / ("out.beton" if fmt == "ffcv" else "out")
+    assert main(["convert", str(fresh_root), str(dst), "--format", fmt, "--workers", "1"]) == 0
+    assert f"no image written of class(es) {first.name}: every one was skipped" in capsys.readouterr().out
+    assert f"no image of class(es) {first.name} could be written" in caplog.text
+    meta = json.loads((dst.parent / "out.beton.json" if fmt == "ffcv" else dst / "meta.json").read_text())
+    assert meta["classes"] == [first.name, second.name] and meta["classes_without_images"] == [first.name]
+    assert meta["num_images"] == 8
+    if fmt == "ffcv":
+        labels, _, _ = beton_images(dst)
+        assert set(labels) == {1}  # numbered as the folder is: the second class keeps its label
