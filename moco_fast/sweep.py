@@ -18,6 +18,7 @@ and no momentum; the memory bank has no key encoder, so no m.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -189,17 +190,25 @@ def run_sweep(
             if isinstance(r, dict) and r.get("error") is not None and r.get("name") in order
             if r["name"] not in found and not (redo and r["name"] in folders)
         }
+
+        def unfinished(first: int) -> list[str]:
+            """The settings from the `first` on that a sweep stopped there leaves to the next (all but
+            those it reuses: finished earlier)."""
+            return [x.name for x, plan in zip(settings[first:], plans[first:]) if plan != "reuse"]
+
         for i, (cfg, s, plan) in enumerate(zip(configs, settings, plans)):
-            if closed_stdout.stderr_lost():  # stderr's reader gone where no training stopped on it (after
-                # a setting's last sync, in its evaluation, before the first setting): the next setting
-                # started (its folder, its steps up to its first sync) only to stop there. The sweep
-                # stops before it, as a stop signal stops it (exit status 141), its finished rows written
+            # stderr's reader gone where no training stopped on it (after a setting's last sync, in its
+            # evaluation, before the first setting): the next setting started (its folder, its steps up
+            # to its first sync) only to stop there. The sweep stops before it, as a stop signal stops
+            # it (exit status 141), its table written with the settings it leaves (the line is lost)
+            if plan != "reuse" and closed_stdout.stderr_lost():
                 log.warning(
                     "sweep: stderr's reader went away; stopped before %s (not run: %s); the same sweep "
                     "command continues",
                     s.name,
-                    ", ".join(x.name for x in settings[i:]),
+                    ", ".join(unfinished(i)),
                 )
+                write_table(_rows({**found, **failed}, order), out, unfinished(i))
                 raise Terminated(signal.SIGPIPE)
             try:
                 head = f"[{i + 1}/{len(settings)}] {s.name}"
@@ -213,12 +222,14 @@ def run_sweep(
                 from moco_fast.cli import interruption
 
                 if interruption(e) is not None:
-                    rest = settings[i + 1 :]
+                    rest = unfinished(i + 1)
                     log.warning(
                         "sweep: stopped in %s%s; the same sweep command continues (finished settings are reused)",
                         s.name,
-                        f" (not run: {', '.join(x.name for x in rest)})" if rest else "",
+                        f" (not run: {', '.join(rest)})" if rest else "",
                     )
+                    with contextlib.suppress(Exception):  # the stop stands, and the table after the last setting
+                        write_table(_rows({**found, **failed}, order), out, [s.name, *rest])
                 raise
             write_table(_rows({**found, **failed}, order), out)  # a partial table survives an interruption
         rows = _rows({**found, **failed}, order)

@@ -143,10 +143,15 @@ def refuse_others_tables(out: Path) -> None:
             )
 
 
-def write_table(rows: list[dict[str, Any]], out: Path) -> None:
+def write_table(rows: list[dict[str, Any]], out: Path, not_run: list[str] = ()) -> None:
     """OUT/sweep.json, sweep.md and (with matplotlib) sweep.png, each replaced whole; sweep.json first:
-    a sweep.md or sweep.png without it is not a sweep's (refuse_others_tables)."""
+    a sweep.md or sweep.png without it is not a sweep's (refuse_others_tables). `not_run`: the grid's
+    settings that a stopped sweep left unfinished, named under sweep.md's table (where a stderr whose
+    reader went away took the stop's line, the table is what is left to read)."""
     write_json(out / TABLE_JSON, rows)
-    atomic_write_text(out / TABLE_MD, markdown_table(shown(rows)))
+    text = markdown_table(shown(rows))
+    if not_run:
+        text += f"\nNot finished (the sweep stopped; the same sweep command runs them): {', '.join(not_run)}\n"
+    atomic_write_text(out / TABLE_MD, text)
     if not plot(rows, out / TABLE_PNG):
         (out / TABLE_PNG).unlink(missing_ok=True)  # an old plot would not show these rows

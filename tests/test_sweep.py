@@ -706,6 +706,11 @@ def test_a_diverged_row_not_yet_tried_again_survives_an_interrupted_sweep(six_ro
     assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5,0")) == 130
     rows = {r["name"]: r for r in json.loads((out / "sweep.json").read_text())}
     assert "diverged in epoch 1" in rows["moco_K16_m0_sbn-on"]["error"]
+    assert (
+        (out / "sweep.md")
+        .read_text()
+        .endswith("stopped; the same sweep command runs them): moco_K16_m0.5_sbn-on, moco_K16_m0_sbn-on\n")
+    )
     capsys.readouterr()
     stop.pop("interrupt")  # tried again, it finishes: its result replaces the row
     assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5,0")) == 0
@@ -786,5 +791,10 @@ def test_a_sweep_whose_stderr_went_away_starts_no_next_setting(where, six_root, 
     assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["moco_K16_m0.9_sbn-on"]
     line = "stopped before moco_K16_m0.5_sbn-on (not run: moco_K16_m0.5_sbn-on, moco_K16_m0_sbn-on)"
     assert line in caplog.text
+    # the line went where stderr went: the table says it too
+    note = (
+        "Not finished (the sweep stopped; the same sweep command runs them): moco_K16_m0.5_sbn-on, moco_K16_m0_sbn-on"
+    )
+    assert (out / "sweep.md").read_text().splitlines()[-1] == note
     if where == "evaluation":
         assert closed_stdout.stderr_gone()
