@@ -149,9 +149,9 @@ def write_table(rows: list[dict[str, Any]], out: Path, not_run: list[str] = ()) 
     settings that a stopped sweep left unfinished, named under sweep.md's table (where a stderr whose
     reader went away took the stop's line, the table is what is left to read)."""
     write_json(out / TABLE_JSON, rows)
-    text = markdown_table(shown(rows))
+    text = markdown_table(shown(rows)) if rows else ""  # none: a sweep stopped in its first setting
     if not_run:
         text += f"\nNot finished (the sweep stopped; the same sweep command runs them): {', '.join(not_run)}\n"
-    atomic_write_text(out / TABLE_MD, text)
-    if not plot(rows, out / TABLE_PNG):
+    atomic_write_text(out / TABLE_MD, text.lstrip("\n"))
+    if not rows or not plot(rows, out / TABLE_PNG):
         (out / TABLE_PNG).unlink(missing_ok=True)  # an old plot would not show these rows

@@ -798,3 +798,15 @@ def test_a_sweep_whose_stderr_went_away_starts_no_next_setting(where, six_root, 
     assert (out / "sweep.md").read_text().splitlines()[-1] == note
     if where == "evaluation":
         assert closed_stdout.stderr_gone()
+
+
+def test_a_sweep_stopped_in_its_first_setting_names_the_settings_it_left(six_root, tmp_path, monkeypatch):
+    # no row yet: sweep.md is the line alone (an empty table was a header without columns, "|  |")
+    stub_diverging_runs(monkeypatch, {"interrupt": 0.9})
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5")) == 130
+    note = (
+        "Not finished (the sweep stopped; the same sweep command runs them): moco_K16_m0.9_sbn-on, moco_K16_m0.5_sbn-on"
+    )
+    assert (out / "sweep.md").read_text() == note + "\n"
+    assert json.loads((out / "sweep.json").read_text()) == [] and not (out / "sweep.png").exists()
