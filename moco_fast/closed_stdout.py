@@ -93,7 +93,8 @@ def _discard(stream: IO[str] | None = None) -> None:
 _training = 0  # closed_stderr_stops' depth: a sweep's settings train one after another, each in it
 # a write to stderr found its reader gone while _training (stderr_went_away). Kept for the rest of the
 # process, as stderr stays /dev/null's: a reader gone after a training's last sync (its final kNN) stops
-# the next training at its first sync (a sweep's next setting), which found no error to stop on
+# the next training at its first sync, which found no error to stop on (a sweep stops before its next
+# setting: stderr_lost)
 _stderr_gone = False
 
 
