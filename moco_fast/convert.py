@@ -87,8 +87,9 @@ class ConvertSummary:
             lines.append(f"  ... and {len(self.skipped) - show} more (all listed in the output's json)")
         if self.empty_classes:
             lines.append(
-                f"  no image written of class(es) {', '.join(self.empty_classes)}: every one was skipped; they stay "
-                "in the class list (as in SRC's listing, so that labels match its other split), with no samples"
+                f"  no image written of class(es) {', '.join(self.empty_classes)}: every one was skipped (or, in "
+                "--split, none is there); they stay in the class list (as in SRC's listing, so that labels match "
+                "its other split), with no samples"
             )
         return "\n".join(lines)
 
@@ -247,8 +248,9 @@ def _convert(cfg: ConvertConfig, dst: Path) -> ConvertSummary:
         raise
     if empty:
         log.warning(
-            "%s: no image of class(es) %s could be written (every one was skipped); they stay in the class list "
-            "with no samples, numbered as SRC's listing numbers them (its other split, the torch loader)",
+            "%s: no image of class(es) %s could be written (every one was skipped, or, in --split, none is "
+            "there); they stay in the class list with no samples, numbered as SRC's listing numbers them (its "
+            "other split, the torch loader)",
             dst,
             ", ".join(empty),
         )

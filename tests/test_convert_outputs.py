@@ -531,3 +531,13 @@ def test_a_class_whose_images_all_fail_stays_numbered_and_is_named(fmt, fresh_ro
     if fmt == "ffcv":
         labels, _, _ = beton_images(dst)
         assert set(labels) == {1}  # numbered as the folder is: the second class keeps its label
+
+
+def test_an_eval_split_without_a_training_class_names_it(fresh_root, tmp_path, caplog):
+    # --split test converts against train/'s classes: one with no folder in test/ has no image there
+    first = sorted((fresh_root / "test").iterdir())[0]
+    shutil.rmtree(first)
+    summary = convert(ConvertConfig(str(fresh_root), str(tmp_path / "t"), format="wds", split="test", workers=1))
+    assert summary.empty_classes == [first.name]
+    assert "or, in --split, none is there" in summary.text()
+    assert json.loads((tmp_path / "t" / "meta.json").read_text())["classes_without_images"] == [first.name]
