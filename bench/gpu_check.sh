@@ -94,6 +94,24 @@
 #      THROUGHPUT_ROWS=reference,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
 #   4. cifar with CIFAR_FLAGS=--cuda-graph: issue 7's 200-epoch run; then cifar-lincls
 #   5. tests-slow alone (issue 5's one-worker overhead, measured while the GPU was shared in 2026-11)
+# That plan's time, added up (2026-12-01, on paper: nothing timed): the 900 s count the machine's
+# start (47 s once; "minutes" by the tool's notes), each call's transfer, the idle time between calls
+# and the commands: ~60 + p1-p4 and the data (5 calls, ~15 s each) + 1's 570 + 2's ~180 = ~885 s
+# before any pause between calls, so 2 (DALI, e2e, the FFCV augmentation rows: issues 3 and 4) is
+# what a session loses. FFCV itself is not on the machine: its whole rows cannot run there. Proposed
+# instead, the figures the issues owe first, nothing timed beside another GPU job:
+#   call 1 (carry p1): copy p1; then in the background, not timed beside anything (the calls below
+#     only copy files): `(BUDGET=280 TESTS="tests/test_sync_free.py tests/test_split_bn_triton.py"
+#     bash bench/gpu_check.sh env momentum splitbn tests; touch /tmp/bg.done) >/tmp/bg.log 2>&1 &`
+#     under setsid (~30 s momentum + 2 x <90 s splitbn; the tests get what is left)
+#   calls 2-4: p2-p4; call 5: the ImageNet subset (DALI_DATA=E2E_DATA)
+#   call 6 (carry p5): install DALI, `until [ -f /tmp/bg.done ]; do sleep 2; done` (not `pgrep -f
+#     bench/gpu_check.sh`: it matches the call's own command line, which names the script), then
+#     `BUDGET=$((570 - SECONDS)) DALI_DATA=... bash bench/gpu_check.sh dali throughput ffcv`: issue 3's
+#     DALI rows (43 s seen), throughput's uncontended rows (3.5x, bf16 against fp16, bntriton), then
+#     the FFCV augmentation rows (issue 4) if ~45 s are left; cat /tmp/bg.log at the end.
+#   ~60 + 5 x 15 + 570 = ~705 s, ~3 min to spare for pauses; e2e, the compile rows, the rest of the
+#   tests, cifar and tests-slow go to the session after.
 # Environment: BUDGET, TESTS (test files for tests/tests-slow), THROUGHPUT_ROWS (the throughput
 # phase's --rows), CIFAR_DATA, CIFAR_FLAGS, E2E_DATA, DALI_DATA, FFCV_DATA, PYTHON, OUT, DRY.
 # First here: `DRY=1 bash bench/gpu_check.sh PHASES` for the phases you will run (the first main
