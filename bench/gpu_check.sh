@@ -112,6 +112,12 @@
 #     the FFCV augmentation rows (issue 4) if ~45 s are left; cat /tmp/bg.log at the end.
 #   ~60 + 5 x 15 + 570 = ~705 s, ~3 min to spare for pauses; e2e, the compile rows, the rest of the
 #   tests, cifar and tests-slow go to the session after.
+#   Compiles are not what the boxes wait on: split BN's six kernels (ResNet-50's BN shapes at batch
+#   256, 8 splits, fp16/bf16/fp32, NCHW and channels-last) and the augmentation kernels (FFCV's
+#   uint8 views and fp32 batches, v1/v2/cifar, both orders) built for sm_90 as their real launches
+#   specialise them, on the CPU with triton 3.8 (the machine has 3.6): each in 0.2-8 s (the blur's
+#   23 taps the longest), all without error (2026-12-01: a fake driver whose target is sm_90 and
+#   each kernel's JITFunction.warmup with the launch's own arguments; not in the tests).
 # Environment: BUDGET, TESTS (test files for tests/tests-slow), THROUGHPUT_ROWS (the throughput
 # phase's --rows), CIFAR_DATA, CIFAR_FLAGS, E2E_DATA, DALI_DATA, FFCV_DATA, PYTHON, OUT, DRY.
 # First here: `DRY=1 bash bench/gpu_check.sh PHASES` for the phases you will run (the first main
