@@ -101,15 +101,18 @@
 # what a session loses. FFCV itself is not on the machine: its whole rows cannot run there. Proposed
 # instead, the figures the issues owe first, nothing timed beside another GPU job:
 #   call 1 (carry p1): copy p1; then in the background, not timed beside anything (the calls below
-#     only copy files): `(BUDGET=280 TESTS="tests/test_sync_free.py tests/test_split_bn_triton.py"
-#     bash bench/gpu_check.sh env momentum splitbn tests; touch /tmp/bg.done) >/tmp/bg.log 2>&1 &`
-#     under setsid (~30 s momentum + 2 x <90 s splitbn; the tests get what is left)
+#     only copy files): `(OUT=/tmp/gco BUDGET=280 TESTS="tests/test_sync_free.py
+#     tests/test_split_bn_triton.py" bash bench/gpu_check.sh env momentum splitbn tests; touch
+#     /tmp/bg.done) >/tmp/bg.log 2>&1 &` under setsid (~30 s momentum + 2 x <90 s splitbn; the tests
+#     get what is left). /tmp/gco, not the call's $OUT: each call has its own, and only the last
+#     call's comes back
 #   calls 2-4: p2-p4; call 5: the ImageNet subset (DALI_DATA=E2E_DATA)
 #   call 6 (carry p5): install DALI, `until [ -f /tmp/bg.done ]; do sleep 2; done` (not `pgrep -f
 #     bench/gpu_check.sh`: it matches the call's own command line, which names the script), then
-#     `BUDGET=$((570 - SECONDS)) DALI_DATA=... bash bench/gpu_check.sh dali throughput ffcv`: issue 3's
-#     DALI rows (43 s seen), throughput's uncontended rows (3.5x, bf16 against fp16, bntriton), then
-#     the FFCV augmentation rows (issue 4) if ~45 s are left; cat /tmp/bg.log at the end.
+#     `OUT=/tmp/gco BUDGET=$((570 - SECONDS)) DALI_DATA=... bash bench/gpu_check.sh dali throughput
+#     ffcv`: issue 3's DALI rows (43 s seen), throughput's uncontended rows (3.5x, bf16 against
+#     fp16, bntriton), then the FFCV augmentation rows (issue 4) if ~45 s are left; the summary
+#     takes in the background's JSON too (the same OUT); last `cp /tmp/bg.log /tmp/gco/* "$OUT"/`.
 #   ~60 + 5 x 15 + 570 = ~705 s, ~3 min to spare for pauses; e2e, the compile rows, the rest of the
 #   tests, cifar and tests-slow go to the session after.
 #   Compiles are not what the boxes wait on: split BN's six kernels (ResNet-50's BN shapes at batch
