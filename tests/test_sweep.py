@@ -810,3 +810,23 @@ def test_a_sweep_stopped_in_its_first_setting_names_the_settings_it_left(six_roo
     )
     assert (out / "sweep.md").read_text() == note + "\n"
     assert json.loads((out / "sweep.json").read_text()) == [] and not (out / "sweep.png").exists()
+
+
+@pytest.mark.parametrize("grid", ["0.99,0.9,0", "0.9,0.99,0"])  # the reused setting before the stop, after it
+def test_a_sweep_whose_stderr_is_gone_reuses_finished_settings_and_names_only_those_left(
+    grid, finished_sweep, six_root, tmp_path, caplog, monkeypatch
+):
+    # a reused setting runs nothing that stderr's loss would stop: the sweep stops before the first one
+    # it would run, and neither its line nor sweep.md names a reused setting as not finished
+    from moco_fast import closed_stdout
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")  # m 0.99 finished
+    monkeypatch.setattr(closed_stdout, "_stderr_gone", True)  # as a training marks it; put back after
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        status = main(sweep_args(out, six_root, "--moco-m", grid))
+    assert status == 141
+    left = "moco_K16_m0.9_sbn-on, moco_K16_m0_sbn-on"
+    assert f"stopped before moco_K16_m0.9_sbn-on (not run: {left})" in caplog.text
+    note = f"Not finished (the sweep stopped; the same sweep command runs them): {left}"
+    assert (out / "sweep.md").read_text().splitlines()[-1] == note
+    assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["moco_K16_m0.99_sbn-on"]
