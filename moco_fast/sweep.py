@@ -229,7 +229,7 @@ def run_sweep(
                         f" (not run: {', '.join(rest)})" if rest else "",
                     )
                     with contextlib.suppress(Exception):  # the stop stands, and the table after the last setting
-                        write_table(_rows({**found, **failed}, order), out, [s.name, *rest])
+                        write_table(_rows({**found, **failed}, order), out, unfinished(i))
                 raise
             write_table(_rows({**found, **failed}, order), out)  # a partial table survives an interruption
         rows = _rows({**found, **failed}, order)

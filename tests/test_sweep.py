@@ -830,3 +830,23 @@ def test_a_sweep_whose_stderr_is_gone_reuses_finished_settings_and_names_only_th
     note = f"Not finished (the sweep stopped; the same sweep command runs them): {left}"
     assert (out / "sweep.md").read_text().splitlines()[-1] == note
     assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["moco_K16_m0.99_sbn-on"]
+
+
+def test_a_sweep_stopped_in_a_reused_setting_does_not_name_it_unfinished(
+    finished_sweep, six_root, tmp_path, monkeypatch
+):
+    # a reused setting is finished: a stop while the sweep passes over it leaves only those after it
+    from moco_fast import sweep
+
+    out = shutil.copytree(finished_sweep, tmp_path / "sweep")  # m 0.99 finished
+    run_setting = sweep._run_setting
+
+    def stopped_in_reuse(cfg, s, plan, *a):
+        if plan == "reuse":
+            raise KeyboardInterrupt
+        return run_setting(cfg, s, plan, *a)
+
+    monkeypatch.setattr(sweep, "_run_setting", stopped_in_reuse)
+    assert main(sweep_args(out, six_root, "--moco-m", "0.99,0.9")) == 130
+    note = "Not finished (the sweep stopped; the same sweep command runs them): moco_K16_m0.9_sbn-on"
+    assert (out / "sweep.md").read_text().splitlines()[-1] == note
