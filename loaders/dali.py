@@ -20,7 +20,7 @@ Options (`--loader-option KEY=VALUE`):
                      a DALI pipeline other than this loader: ../shared/device/README.md)
     threads          DALI CPU threads (default: the resolved --workers, at least 1; at most 8 a core,
                      as --workers)
-    prefetch         batches prepared ahead (default 2)
+    prefetch         batches prepared ahead, 1-32 (default 2)
     decoder          auto | mixed | cpu (auto: mixed on a GPU, cpu without one)
     shuffle_buffer   samples in the shard reader's shuffle buffer (default 1024; shard sets only)
 

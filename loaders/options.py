@@ -92,6 +92,13 @@ class DaliOptions:
                 f"DALI loader option threads must be 0 (the resolved --workers) or a count, got {o.threads}"
             )
         check_at_least("DALI loader option prefetch", o.prefetch, 1)
+        # prefetch=10**9 went on to DALI, which allocates a buffer set per batch of its queue: as ffcv's
+        # batches_ahead, a fixed bound (the memory depends on the images and the processes)
+        if o.prefetch > MAX_BATCHES_AHEAD:
+            raise ConfigError(
+                f"DALI loader option prefetch must be at most {MAX_BATCHES_AHEAD} (got {o.prefetch}): "
+                "each holds a batch's buffers in memory (default 2)"
+            )
         check_at_least("DALI loader option shuffle_buffer", o.shuffle_buffer, 1)
         # threads=1000000 was taken, where --workers past WORKERS_PER_CORE a core is refused: DALI
         # starts them all. Bounded for one process (this check runs before a process count is known)

@@ -220,6 +220,11 @@ def test_a_loader_without_options_refuses_them(loader, tmp_path, capsys):
             ["--loader", "ffcv", "--loader-option", "batches_ahead=1000000000"],
             "error: ffcv loader option batches_ahead must be at most 32 (got 1000000000)",
         ),
+        # and DALI's prefetch, which went on to DALI's queue, a buffer set per batch
+        (
+            ["--loader", "dali", "--loader-option", "prefetch=1000000000"],
+            "error: DALI loader option prefetch must be at most 32 (got 1000000000)",
+        ),
         # a boolean names the spellings it takes: it said "os_cache='2': expected a bool"
         (
             ["--loader", "ffcv", "--loader-option", "os_cache=2"],
