@@ -101,17 +101,23 @@ class DaliOptions:
             )
         check_at_least("DALI loader option shuffle_buffer", o.shuffle_buffer, 1)
         # threads=1000000 was taken, where --workers past WORKERS_PER_CORE a core is refused: DALI
-        # starts them all. Bounded for one process (this check runs before a process count is known)
+        # starts them all. Bounded for one process here (no process count known); the run checks it
+        # again for this machine's processes (trainer.check_workers), as --workers
+        o.check_threads(1)
+        return o
+
+    def check_threads(self, processes: int) -> None:
+        """A ConfigError where `threads` passes each of this machine's `processes` processes' share of
+        WORKERS_PER_CORE a core (each starts its own)."""
         why = workers_refused(
-            o.threads,
-            1,
+            self.threads,
+            processes,
             "0: the resolved --workers",
             "DALI threads a core only compete with each other and the step for them",
             flag="--loader-option threads",
         )
         if why is not None:
             raise ConfigError(why)
-        return o
 
     def check_device(self, gpu: bool) -> None:
         if self.decoder == "mixed" and not gpu:

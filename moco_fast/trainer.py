@@ -129,14 +129,22 @@ def resolve_workers(workers: int, device: torch.device) -> int:
     return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
 
 
-def check_workers(workers: int, processes: int | None = None) -> None:
+def check_workers(
+    workers: int, processes: int | None = None, loader: str = "", options: dict[str, str] | None = None
+) -> None:
     """A ConfigError, before the run folder or the data, for more --workers than WORKERS_PER_CORE a core
     of this machine can use (-1, auto, never is). A resumed run not given --workers again takes its
     saved count only as far as this machine's cores do (commands.train). `processes`: this machine's
-    training processes (None: this one's group's, LOCAL_WORLD_SIZE)."""
-    why = workers_refused(workers, processes or dist_utils.local_world_size(), "-1: auto")
+    training processes (None: this one's group's, LOCAL_WORLD_SIZE). `loader` dali: its `options`'
+    threads too, which each process starts (its options' parse checks them for one process)."""
+    processes = processes or dist_utils.local_world_size()
+    why = workers_refused(workers, processes, "-1: auto")
     if why is not None:
         raise ConfigError(why)
+    if loader == "dali":
+        from moco_fast.loaders.options import parse_loader_options
+
+        parse_loader_options("dali", options or {}).check_threads(processes)
 
 
 def eval_workers(workers: int, device: torch.device) -> int:
@@ -274,7 +282,7 @@ def train(
     try:
         device = dist_utils.local_device(resolve_device(cfg.runtime.device))
         amp_dtype = _checked_for(cfg, device, world, saved)  # on the flags as given (their warnings name them)
-        check_workers(cfg.data.workers)
+        check_workers(cfg.data.workers, None, cfg.data.loader, cfg.data.loader_options)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main(), command=command) as held, closed_stderr_stops():

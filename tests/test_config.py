@@ -278,3 +278,16 @@ def test_a_loader_option_given_twice_with_the_same_value_is_taken(capsys):
     flags = ["--loader", "ffcv", "--loader-option", "batches_ahead=2", "--loader-option", "batches_ahead=2"]
     assert main(["train", *flags, "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == {"batches_ahead": "2"}
+
+
+def test_the_run_checks_dali_threads_for_each_of_its_processes(monkeypatch):
+    # threads=16 passed on 2 cores (16 for one process) though 8 processes each start 16 threads, where
+    # --workers is checked for all of them
+    from moco_fast import cores
+    from moco_fast.trainer import check_workers
+
+    monkeypatch.setattr(cores, "available_cores", lambda: 2)
+    check_workers(1, 1, "dali", {"threads": "16"})
+    with pytest.raises(ConfigError, match=r"^--loader-option threads 16 .*use at most 2 "):
+        check_workers(1, 8, "dali", {"threads": "16"})
+    check_workers(1, 8, "torch", {})
