@@ -210,6 +210,7 @@ def run_sweep(
                 )
                 write_table(_rows({**found, **failed}, order), out, unfinished(i))
                 raise Terminated(signal.SIGPIPE)
+            done = False  # a stop in the table's write after the setting: the setting is finished
             try:
                 head = f"[{i + 1}/{len(settings)}] {s.name}"
                 error = _run_setting(cfg, s, plan, head, found, (listed, splits), evaluation)
@@ -218,20 +219,22 @@ def run_sweep(
                     bank = _training_images(cfg, listed) if s.mechanism == "memory-bank" else None
                     k = None if bank is None else memory_bank_k(cfg.moco.k, bank)
                     failed[s.name] = {**setting_columns(cfg, s, k), "error": error}
+                done = True
+                write_table(_rows({**found, **failed}, order), out)  # a partial table survives an interruption
             except BaseException as e:
                 from moco_fast.cli import interruption
 
                 if interruption(e) is not None:
                     rest = unfinished(i + 1)
                     log.warning(
-                        "sweep: stopped in %s%s; the same sweep command continues (finished settings are reused)",
+                        "sweep: stopped %s %s%s; the same sweep command continues (finished settings are reused)",
+                        "after" if done else "in",
                         s.name,
                         f" (not run: {', '.join(rest)})" if rest else "",
                     )
                     with contextlib.suppress(Exception):  # the stop stands, and the table after the last setting
-                        write_table(_rows({**found, **failed}, order), out, unfinished(i))
+                        write_table(_rows({**found, **failed}, order), out, rest if done else unfinished(i))
                 raise
-            write_table(_rows({**found, **failed}, order), out)  # a partial table survives an interruption
         rows = _rows({**found, **failed}, order)
         write_table(rows, out)
         mixed = _mixed_settings([found[r["name"]] for r in rows if r["name"] in found])

@@ -850,3 +850,27 @@ def test_a_sweep_stopped_in_a_reused_setting_does_not_name_it_unfinished(
     assert main(sweep_args(out, six_root, "--moco-m", "0.99,0.9")) == 130
     note = "Not finished (the sweep stopped; the same sweep command runs them): moco_K16_m0.9_sbn-on"
     assert (out / "sweep.md").read_text().splitlines()[-1] == note
+
+
+def test_a_sweep_stopped_in_the_table_write_after_a_setting_names_the_settings_left(six_root, tmp_path, monkeypatch):
+    # Ctrl-C while the table was written after a setting: no stop line, and sweep.md without the note
+    # (or the table before that setting, where it came between sweep.json and sweep.md)
+    from moco_fast import sweep
+
+    stub_sweep_runs(monkeypatch)
+    write_table = sweep.write_table
+    calls = []
+
+    def interrupted_once(rows, out, not_run=()):
+        calls.append(list(not_run))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        write_table(rows, out, not_run)
+
+    monkeypatch.setattr(sweep, "write_table", interrupted_once)
+    out = tmp_path / "sweep"
+    assert main(sweep_args(out, six_root, "--moco-m", "0.9,0.5")) == 130
+    assert calls == [[], ["moco_K16_m0.5_sbn-on"]]
+    note = "Not finished (the sweep stopped; the same sweep command runs them): moco_K16_m0.5_sbn-on"
+    assert (out / "sweep.md").read_text().splitlines()[-1] == note
+    assert [r["name"] for r in json.loads((out / "sweep.json").read_text())] == ["moco_K16_m0.9_sbn-on"]
