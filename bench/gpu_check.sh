@@ -67,9 +67,12 @@
 #               200 epochs (CIFAR_FLAGS adds flags: --cuda-graph, which the H200's cifar-speed rows
 #               put at ~7 min against ~20 eager), then kNN on backbone and head.
 #               It resumes from runs/cifar10-r18 when run again on the same warm machine.
-#   cifar-lincls the linear protocol on that checkpoint (runs/cifar10-r18, so the same warm machine, right
-#               after `cifar`): 100 epochs, lr 30, steps at 60 and 80, evaluated every 10 epochs (best and
-#               last); it continues with --resume when run again (its state is kept after every epoch).
+#   cifar-lincls the linear protocol on that checkpoint (runs/cifar10-r18, so the same warm machine, in
+#               the command after `cifar`'s): 100 epochs, lr 30, steps at 60 and 80, evaluated every 10
+#               epochs (best and last); it continues with --resume when run again (its state is kept
+#               after every epoch). Never `cifar cifar-lincls` in one command: cifar's 560 s box leaves
+#               cifar-lincls less than the half of its own 560 s it needs to start (the script refuses
+#               the two together unless BUDGET holds both).
 # CIFAR-10 travels as one pack (bench/pack_folder.py; 60,000 files as a tar would pass 64 MiB):
 #   here:  python bench/pack_folder.py pack ../shared/data/cifar10 .devdata/cifar10.npz
 #   then:  run(command="bash bench/gpu_check.sh cifar-speed", carry=[".devdata/cifar10.npz"])
@@ -79,8 +82,12 @@
 # each, the machine stays warm 30 s), one call carries the data (ImageNet JPEGs for DALI_DATA and
 # E2E_DATA, a CIFAR pack), the main call carries p5, installs DALI, waits for the background run to
 # END, then runs the timed phases. Never let a background phase overlap a timed one: stopping one
-# takes `pkill -INT -f bench/gpu_check.sh; pkill -INT -f pytest` (each phase runs under `timeout`,
-# in a process group of its own, so a signal to the script's group misses it). The working tree
+# takes `p=$(cat /tmp/gco/gpu_check.pid) && kill -INT $p && pkill -INT -P $p -x timeout` (the
+# script writes its pid to $OUT/gpu_check.pid and removes it at its end; on INT or TERM it runs no
+# further phase but still prints its table; the phase running under `timeout`, in a process group of
+# its own that a signal to the script's group misses, is stopped through that timeout, which passes
+# the signal on to the phase's whole group). Not `pkill -f bench/gpu_check.sh`: it matches the
+# calling command's own command line, which names the script. The working tree
 # (counted there as 8-17 MB: p1 with 9 MB more was refused) counts toward each call's 64 MiB.
 # Still owed, in order (a later session takes the next one):
 #   1. `env splitbn tests throughput`: which split-BN path to keep (splitbn; the bntriton rows against
@@ -92,7 +99,8 @@
 #      Triton EMA's host time removed)
 #   3. the compile rows, which 1's box does not reach (issue 6's compiled figures): `throughput` with
 #      THROUGHPUT_ROWS=reference,trainer:fp16+compile,trainer:fp16+compile+graph,trainer:bf16+compile
-#   4. cifar with CIFAR_FLAGS=--cuda-graph: issue 7's 200-epoch run; then cifar-lincls
+#   4. cifar with CIFAR_FLAGS=--cuda-graph: issue 7's 200-epoch run; then cifar-lincls (a command of
+#      its own, on the same warm machine)
 #   5. tests-slow alone (issue 5's one-worker overhead, measured while the GPU was shared in 2026-11)
 # That plan's time, added up (2026-12-01, on paper: nothing timed): the 900 s count the machine's
 # start (47 s once; "minutes" by the tool's notes), each call's transfer, the idle time between calls
@@ -179,6 +187,11 @@ STATUS=()
 run() {
   local name=$1 max=$2
   shift 2
+  if [[ -n ${STOPPED:-} ]]; then
+    echo "== $name: not run (the script was stopped)" | tee -a "$LOG"
+    STATUS+=("$name: not run (stopped)")
+    return
+  fi
   local left=$((BUDGET - SECONDS - 10))
   if ((left < max / 2)); then
     echo "== $name: skipped, ${left}s left of BUDGET=${BUDGET}s (needs ~${max}s)" | tee -a "$LOG"
@@ -345,7 +358,25 @@ for p in $PHASES; do
     exit 2
   fi
 done
+# cifar's boxes (560 + its kNN's 60 s) leave cifar-lincls less than the half of its 560 s it needs to
+# start: refused here, not found skipped ~10 minutes later.
+if [[ " $PHASES " == *" cifar "* && " $PHASES " == *" cifar-lincls "* ]] && ((BUDGET < 560 + 60 + 280 + 20)); then
+  echo "gpu_check.sh: cifar-lincls cannot start after cifar in one command (cifar's 560 s box leaves it under the 280 s it needs of BUDGET=${BUDGET}s): run cifar-lincls as a command of its own, after cifar's" >&2
+  exit 2
+fi
+# $OUT/gpu_check.pid: this script's pid, to stop a background run without `pkill -f` (which matches
+# the caller's own command line): `kill -INT` it, and `pkill -INT -P PID -x timeout` for the phase
+# running (see the header). On INT/TERM no further phase runs; the table is still printed.
+echo $$ >"$OUT/gpu_check.pid"
+trap 'rm -f "$OUT/gpu_check.pid"' EXIT
+STOPPED=
+trap 'STOPPED=1' INT TERM
 for p in $PHASES; do
+  if [[ -n $STOPPED ]]; then
+    echo "== $p: not run (the script was stopped)" | tee -a "$LOG"
+    STATUS+=("$p: not run (stopped)")
+    continue
+  fi
   "phase_${p//-/_}"
 done
 
