@@ -30,7 +30,7 @@ from moco_fast import bar_lines
 from moco_fast.cli import ENVIRONMENT_ERRNOS
 from moco_fast.convert_dst import NAMES_FINGERPRINT, NAMES_HEADER, beton_fingerprint
 from moco_fast.convert_files import writing
-from moco_fast.convert_images import load_resized, parallel_map
+from moco_fast.convert_images import exit_with_parent, load_resized, parallel_map
 from moco_fast.data import DataError, ImageList
 from moco_fast.signals import STOP_SIGNALS
 from moco_fast.threads import kept_ffcv_import_threads
@@ -243,10 +243,17 @@ def _forked_writer_workers() -> Iterator[None]:
     import ffcv.writer
 
     fork = mp.get_context("fork")
+    parent = os.getpid()
+
+    class Process(fork.Process):  # FFCV's workers end with this process, even a SIGKILLed one
+        def run(self) -> None:
+            exit_with_parent(parent)
+            super().run()
+
     names = ((ffcv.writer, "Process"), (ffcv.writer, "Queue"), (ffcv.writer, "Value"), (ffcv.memory_allocator, "Value"))
     plain = [getattr(module, name) for module, name in names]
     for module, name in names:
-        setattr(module, name, getattr(fork, name))
+        setattr(module, name, Process if name == "Process" else getattr(fork, name))
     try:
         yield
     finally:

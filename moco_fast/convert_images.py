@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
@@ -35,6 +38,20 @@ def load_resized(path: str, max_resolution: int | None) -> Image.Image:
     return img
 
 
+def exit_with_parent(parent: int) -> None:
+    """In a convert's forked worker: ends it (os._exit) within a second of its parent's end. A parent
+    killed without warning (SIGKILL: the OOM killer, a preemption) closed none of its queues, and
+    its workers, each waiting on a queue whose other end a sibling still holds, were left running
+    forever. A thread that polls, not PR_SET_PDEATHSIG: that fires when the forking thread ends."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def parallel_map(fn: Callable, jobs: list, workers: int, desc: str) -> Iterator:
     """fn over jobs in order, in `workers` processes, with a progress bar. Works in windows, so that
     results never pile up in memory faster than the caller consumes them."""
@@ -46,7 +63,9 @@ def parallel_map(fn: Callable, jobs: list, workers: int, desc: str) -> Iterator:
                 bar.update()
             return
         window = workers * 64
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+        with ProcessPoolExecutor(
+            workers, mp_context=mp.get_context("fork"), initializer=exit_with_parent, initargs=(os.getpid(),)
+        ) as ex:
             for start in range(0, len(jobs), window):
                 chunk = jobs[start : start + window]
                 for r in ex.map(fn, chunk, chunksize=16):

@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from convert_helpers import no_partials
@@ -333,3 +335,62 @@ def test_a_writer_workers_error_is_dsts_only_when_the_disk_refused_its_page(code
         assert "writer worker (pid" in err[0] and "exit status 1 (its error is printed above)" in err[0], err
         assert f"OSError: [Errno {getattr(errno, code)}]" in p.stderr and str(dst) not in err[0]
     assert not dst.parent.exists()  # no output, no temporary, and the folder the convert made is gone
+
+
+# Run by a convert in a child process: each worker writes its pid, then waits as if at work; the
+# parent, once both have, kills itself as the OOM killer or a preemption does (no chance to clean up).
+KILLED_PARENT = """
+import os, signal, sys, time
+from pathlib import Path
+from moco_fast import convert_beton, convert_wds
+pids, parent = Path(sys.argv[1]), os.getpid()
+def waits(job):
+    if os.getpid() != parent:
+        (pids / str(os.getpid())).touch()
+        time.sleep(60)
+    return job
+def patched(real, job):
+    return real(waits(job))
+def task(real):
+    import functools
+    return functools.partial(patched, real)
+real_map = convert_wds.parallel_map
+def killed_map(fn, jobs, workers, desc):
+    it = real_map(task(fn), jobs, workers, desc)
+    def dies():
+        while len(list(pids.iterdir())) < workers:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+    import threading
+    threading.Thread(target=dies, daemon=True).start()
+    yield from it
+convert_wds.parallel_map = killed_map
+sys.exit(__import__("moco_fast.cli").cli.main(sys.argv[2:]))
+"""
+
+
+def test_the_workers_of_a_sigkilled_convert_end_with_it(bad_root, tmp_path):
+    # A convert killed without warning closes none of its pool's queues: its workers, each waiting on
+    # one whose other end a sibling holds, were left running forever (ppid 1). They end within ~1 s.
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    argv = ["convert", "--format", "wds", str(bad_root), str(tmp_path / "out"), "--workers", "2"]
+    with open(tmp_path / "stderr", "wb") as err:  # not a pipe: the workers would hold it open
+        p = subprocess.run([sys.executable, "-c", KILLED_PARENT, str(pids), *argv], stderr=err, timeout=180)
+    assert p.returncode == -9, (tmp_path / "stderr").read_text()[-2000:]
+    workers = [int(f.name) for f in pids.iterdir()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, "a worker outlived its SIGKILLed convert"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (FileNotFoundError, IndexError):
+        return False
