@@ -86,12 +86,17 @@ class ConvertSummary:
         if len(self.skipped) > show:
             lines.append(f"  ... and {len(self.skipped) - show} more (all listed in the output's json)")
         if self.empty_classes:
-            lines.append(
-                f"  no image written of class(es) {', '.join(self.empty_classes)}: every one was skipped (or, in "
-                "--split, none is there); they stay in the class list (as in SRC's listing, so that labels match "
-                "its other split), with no samples"
-            )
+            lines.append(f"  {empty_classes_text(self.empty_classes)}")
         return "\n".join(lines)
+
+
+def empty_classes_text(names: list[str]) -> str:
+    """What convert says, in its warning and its summary, of classes of which no image was written."""
+    return (
+        f"no image written of class(es) {', '.join(names)}: every one was skipped (or, in --split, none is "
+        "there); they stay in the class list with no samples, numbered as SRC's listing numbers them (so that "
+        "labels match its other split and a torch-loader run on SRC)"
+    )
 
 
 # ---- input -------------------------------------------------------------------------------------
@@ -247,13 +252,7 @@ def _convert(cfg: ConvertConfig, dst: Path) -> ConvertSummary:
             raise OSError(refused.errno, refused.strerror, str(final)) from e
         raise
     if empty:
-        log.warning(
-            "%s: no image of class(es) %s could be written (every one was skipped, or, in --split, none is "
-            "there); they stay in the class list with no samples, numbered as SRC's listing numbers them (its "
-            "other split, the torch loader)",
-            dst,
-            ", ".join(empty),
-        )
+        log.warning("%s: %s", dst, empty_classes_text(empty))
     return ConvertSummary(dst, written, skipped, size_of(dst), time.perf_counter() - start, empty)
 
 
