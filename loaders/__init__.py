@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 
 from moco_fast.config import ConfigError
-from moco_fast.threads import kept_torch_threads
 
 from .base import Batch, LoaderArgs, TrainLoader
 from .options import check_loader_options
@@ -88,8 +87,7 @@ def create_loader(name: str, args: LoaderArgs) -> TrainLoader:
     _check_name(name)
     if name not in _LOADERS:
         try:
-            with kept_torch_threads():  # FFCV's import sets it to 1
-                importlib.import_module(_MODULES[name], __name__)
+            importlib.import_module(_MODULES[name], __name__)  # FFCV's modules keep the thread counts
         except ModuleNotFoundError as e:
             if name not in _EXTRAS or (e.name or "").startswith("moco_fast"):
                 raise
