@@ -45,8 +45,11 @@ def register_loader(name: str):
     order of imports fell); a name taken by another function too (one defined again under the same
     module and name, a reloaded module or a notebook cell run twice, replaces it)."""
 
+    def named(fn) -> str:
+        return f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', fn)}"
+
     def deco(fn):
-        where = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', fn)}"
+        where = named(fn)
         if name in _MODULES and getattr(fn, "__module__", None) != importlib.util.resolve_name(
             _MODULES[name], __name__
         ):
@@ -55,7 +58,7 @@ def register_loader(name: str):
             )
         held = _LOADERS.get(name)
         if held is not None and name not in _MODULES:
-            was = f"{getattr(held, '__module__', None)}.{getattr(held, '__qualname__', held)}"
+            was = named(held)
             if was != where:
                 raise ValueError(
                     f"register_loader({name!r}): the name is {was}'s already; register {where} under another name"
