@@ -196,8 +196,9 @@ class MoCo(nn.Module):
             q1, q2 = self.encode_q(im_q), self.encode_q(im_k)
             with torch.no_grad():
                 k1, k2 = self.encode_k(im_q, self.encoder_k), self.encode_k(im_k, self.encoder_k)
-            loss1, acc1 = info_nce(q1, k2, self.queue.clone(), self.t)
-            loss2, acc2 = info_nce(q2, k1, self.queue.clone(), self.t)
+            negatives = self.queue.clone()  # one copy for both losses (see below)
+            loss1, acc1 = info_nce(q1, k2, negatives, self.t)
+            loss2, acc2 = info_nce(q2, k1, negatives, self.t)
             self.enqueue(dist_utils.all_gather(torch.cat([k1, k2])))
             return loss1 + loss2, (acc1 + acc2) / 2
         q = self.encode_q(im_q)

@@ -207,6 +207,7 @@ def test_symmetric_loss_uses_both_views_as_queries():
     rows = [(20 + i) % 24 for i in range(2 * N)]
     torch.testing.assert_close(model.queue[rows], torch.cat([k1, k2]))
     assert model.queue_ptr.item() == (20 + 2 * N) % 24
+    loss.backward()  # both losses saw the queue before the enqueue overwrote it in place
 
 
 def test_symmetric_needs_a_queue_of_two_batches():
