@@ -6,7 +6,7 @@ Each backend's module docstring documents its options."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
 from moco_fast.config import ConfigError, check_at_least
@@ -198,3 +198,19 @@ def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) 
     parsed = parse_loader_options(name, options)
     if isinstance(parsed, DaliOptions):
         parsed.check_device(gpu=not cpu)
+
+
+def option_values(name: str, options: dict[str, str]) -> dict[str, Any]:
+    """Backend `name`'s `options` as the values its loader reads, each one left out at its default: what
+    a resumed run compares (resume.warn_changed), where `threads=02` is `threads=2` and `threads=0` given
+    is none given. A value refused (a saved one past today's bound), an option the backend lacks and those of
+    a loader registered by a library user stay as text."""
+    if name not in PARSERS:
+        return dict(options)
+    values = asdict(parse_loader_options(name, {}))
+    for key, raw in options.items():
+        try:
+            values[key] = getattr(parse_loader_options(name, {key: raw}), key)
+        except ConfigError:
+            values[key] = raw
+    return values

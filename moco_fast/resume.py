@@ -17,6 +17,7 @@ from moco_fast.backbone import resolve_stem
 from moco_fast.config import ConfigError, TrainConfig, plain, sync_bn_replaces_shuffle_bn, to_dict
 from moco_fast.data import DataError
 from moco_fast.epoch import other_images
+from moco_fast.loaders.options import option_values
 from moco_fast.model import MoCo, k_sizes_state
 from moco_fast.step import amp_as_run, load_optimizer_state
 from moco_fast.text import plural
@@ -129,10 +130,13 @@ def warn_changed(saved: dict[str, Any], cfg: TrainConfig, said: tuple[str, ...] 
             if k in ("epochs", "workers", *said) or plain(new) == plain(old):
                 continue
             if isinstance(old, dict) and isinstance(new, dict):  # augmentation, loader options: by field
+                # the same loader's options by the values it reads, not as typed (threads=02 is threads=2)
+                same_loader = k == "loader_options" and saved["data"].get("loader") == cfg.data.loader
+                read = [option_values(cfg.data.loader, o) for o in (old, new)] if same_loader else [old, new]
                 changed += [
                     f"{section}.{k}.{f} {old.get(f)!r} -> {new.get(f)!r}"
                     for f in {**old, **new}
-                    if plain(new.get(f)) != plain(old.get(f))
+                    if plain(read[1].get(f)) != plain(read[0].get(f))
                 ]
             else:
                 changed.append(f"{section}.{k} {old!r} -> {new!r}")

@@ -365,6 +365,22 @@ def test_a_resume_names_the_moco_settings_it_changes(caplog):
     ]
 
 
+def test_a_resume_compares_loader_options_by_the_values_the_loader_reads(caplog):
+    # options are saved as typed: threads=02 resumed with threads=2 (or prefetch=2 given, DALI's default,
+    # where none was saved) is the same run, and was named as a changed setting
+    from moco_fast.config import build_config, to_dict
+    from moco_fast.resume import warn_changed
+
+    saved = to_dict(build_config("cifar", {"data.loader": "dali", "data.loader_options": {"threads": "02"}}))
+    same = build_config("cifar", {"data.loader": "dali", "data.loader_options": {"threads": "2", "prefetch": "2"}})
+    other = build_config("cifar", {"data.loader": "dali", "data.loader_options": {"threads": "3"}})
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        warn_changed(saved, same)
+        warn_changed(saved, other)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["--resume with changed settings: data.loader_options.threads '02' -> '3'"]
+
+
 def test_a_resume_compares_shuffle_bn_as_the_saved_run_ran_it(caplog):
     # a checkpoint from before config.json recorded it says shuffle BN on beside --sync-bn of 2
     # processes; resumed the same way (shuffle BN off, as it ran) it warned of a change
