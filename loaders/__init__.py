@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from typing import Any
 
 from moco_fast.config import ConfigError
 
@@ -74,11 +75,12 @@ def available_loaders() -> list[str]:
     return sorted(set(_MODULES) | set(_LOADERS))
 
 
-def check_loader(name: str, options: dict[str, str], cpu: bool = False) -> None:
+def check_loader(name: str, options: dict[str, str], cpu: bool = False) -> Any:
     """ConfigError for a --loader, or a --loader-option of it, that create_loader would refuse (on the
-    CPU where `cpu`), without importing the backend (its library may be missing here: train --print-config)."""
+    CPU where `cpu`), without importing the backend (its library may be missing here: train --print-config).
+    Returns the options parsed (options.check_loader_options: None for a user's loader)."""
     _check_name(name)
-    check_loader_options(name, options, cpu)
+    return check_loader_options(name, options, cpu)
 
 
 def _check_name(name: str) -> None:

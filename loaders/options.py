@@ -189,15 +189,18 @@ def parse_loader_options(name: str, options: dict[str, str]) -> Any:
     return PARSERS[name](options)
 
 
-def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) -> None:
+def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) -> Any:
     """ConfigError for what backend `name` (a registered one: loaders.check_loader) would refuse in
-    `options` (on the CPU where `cpu`), as its loader does when it is built. A loader registered by a
-    library user (register_loader) reads its LoaderArgs.options itself, when it is built."""
+    `options` (on the CPU where `cpu`), as its loader does when it is built; else the options parsed
+    (parse_loader_options), which the run's later checks read (trainer.check_workers). None for a loader
+    registered by a library user (register_loader), which reads its LoaderArgs.options itself, when it
+    is built."""
     if name not in PARSERS:
-        return
+        return None
     parsed = parse_loader_options(name, options)
     if isinstance(parsed, DaliOptions):
         parsed.check_device(gpu=not cpu)
+    return parsed
 
 
 def option_values(name: str, options: dict[str, str]) -> dict[str, Any]:

@@ -117,6 +117,7 @@ def run_sweep(
     A setting whose run diverges is a row with its `error` (no result.json): the grid goes on. A diverged
     row stays in the table until a sweep tries its setting again (--redo drops this grid's)."""
     from moco_fast.launch import under_torchrun
+    from moco_fast.loaders import check_loader
     from moco_fast.model import memory_bank_k
     from moco_fast.trainer import check_workers, resolve_device, say_if_on_the_cpu, validate
 
@@ -146,7 +147,9 @@ def run_sweep(
     if errors:  # the first bad setting, in the grid's order
         name, why = next(iter(errors.items()))
         raise ConfigError(f"setting {name}: {why}")
-    check_workers(base.data.workers)  # train's check, made in its first setting after the data was listed
+    # train's checks, made in its first setting after the data was listed: the grid changes no loader
+    # option, so each setting's loader reads these (their device: with the data's, below)
+    check_workers(base.data.workers, None, check_loader(base.data.loader, base.data.loader_options))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: it must be the sweep folder")
     if holds_run(out) or (out / CONFIG_NAME).is_file():  # its files and the settings' folders would mix

@@ -129,22 +129,21 @@ def resolve_workers(workers: int, device: torch.device) -> int:
     return min(8, cores) if device.type == "cuda" else max(1, cores // 2)
 
 
-def check_workers(
-    workers: int, processes: int | None = None, loader: str = "", options: dict[str, str] | None = None
-) -> None:
+def check_workers(workers: int, processes: int | None = None, options: Any = None) -> None:
     """A ConfigError, before the run folder or the data, for more --workers than WORKERS_PER_CORE a core
     of this machine can use (-1, auto, never is). A resumed run not given --workers again takes its
     saved count only as far as this machine's cores do (commands.train). `processes`: this machine's
-    training processes (None: this one's group's, LOCAL_WORLD_SIZE). `loader` dali: its `options`'
-    threads too, which each process starts (its options' parse checks them for one process)."""
+    training processes (None: this one's group's, LOCAL_WORLD_SIZE). `options`: the loader's options as
+    check_loader parsed them; DALI's: its threads too, which each process starts (their parse checks
+    them for one process)."""
+    from moco_fast.loaders.options import DaliOptions
+
     processes = processes or dist_utils.local_world_size()
     why = workers_refused(workers, processes, "-1: auto")
     if why is not None:
         raise ConfigError(why)
-    if loader == "dali":
-        from moco_fast.loaders.options import parse_loader_options
-
-        parse_loader_options("dali", options or {}).check_threads(processes)
+    if isinstance(options, DaliOptions):
+        options.check_threads(processes)
 
 
 def eval_workers(workers: int, device: torch.device) -> int:
@@ -241,15 +240,15 @@ def validate_device(cfg: TrainConfig, device: torch.device, world: int) -> None:
         raise ConfigError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm runs on GPUs only)")
 
 
-def check_flags(cfg: TrainConfig, world: int, saved: SavedRun | None = None) -> None:
+def check_flags(cfg: TrainConfig, world: int, saved: SavedRun | None = None) -> Any:
     """What train() refuses before it reads data or builds the model, as far as the flags alone decide
     it (`train --print-config`; world: the processes the run would start; saved: as train's). Left to the run: what
     depends on the machine it runs on (--device auto or cuda, an optional backend's library), the run
-    folder (--out, --force) and the data."""
+    folder (--out, --force) and the data. Returns the loader's options parsed (check_loader's)."""
     # --device cpu is on every machine; auto and cuda are checked as on one with a GPU
     cpu = cfg.runtime.device != "auto" and named_device(cfg.runtime.device).type == "cpu"
     _checked_for(cfg, torch.device("cpu" if cpu else "cuda"), world, saved)
-    check_loader(cfg.data.loader, cfg.data.loader_options, cpu)
+    return check_loader(cfg.data.loader, cfg.data.loader_options, cpu)
 
 
 def _checked_for(cfg: TrainConfig, device: torch.device, world: int, saved: SavedRun | None) -> torch.dtype | None:
@@ -282,7 +281,8 @@ def train(
     try:
         device = dist_utils.local_device(resolve_device(cfg.runtime.device))
         amp_dtype = _checked_for(cfg, device, world, saved)  # on the flags as given (their warnings name them)
-        check_workers(cfg.data.workers, None, cfg.data.loader, cfg.data.loader_options)
+        options = check_loader(cfg.data.loader, cfg.data.loader_options, device.type == "cpu")
+        check_workers(cfg.data.workers, None, options)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main(), command=command) as held, closed_stderr_stops():

@@ -287,7 +287,10 @@ def test_the_run_checks_dali_threads_for_each_of_its_processes(monkeypatch):
     from moco_fast.trainer import check_workers
 
     monkeypatch.setattr(cores, "available_cores", lambda: 2)
-    check_workers(1, 1, "dali", {"threads": "16"})
+    from moco_fast.loaders import check_loader
+
+    threads = check_loader("dali", {"threads": "16"})
+    check_workers(1, 1, threads)
     with pytest.raises(ConfigError, match=r"^--loader-option threads 16 .*use at most 2 "):
-        check_workers(1, 8, "dali", {"threads": "16"})
-    check_workers(1, 8, "torch", {})
+        check_workers(1, 8, threads)
+    check_workers(1, 8, check_loader("torch", {}))

@@ -403,3 +403,18 @@ def test_more_workers_than_the_cores_take_are_refused_before_the_data_is_listed(
         .startswith("moco-fast sweep: error: --workers 17: this machine has 2 CPU cores")
     )
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(
+    "option, said",
+    [("threads=17", "--loader-option threads 17"), ("prefetch=0", "DALI loader option prefetch must be")],
+)
+def test_dali_options_are_refused_before_the_data_is_listed(option, said, tmp_path, capsys, monkeypatch):
+    # the early check of --workers did not read DALI's options: threads past the cores (each setting's
+    # train() checks them) were named after the sweep had listed the data, here a --data that is not there
+    monkeypatch.setattr("moco_fast.cores.available_cores", lambda: 2)
+    args = ["sweep", "--out", str(tmp_path / "sweep"), "--moco-m", "0.9,0.99", "--device", "cpu", "--"]
+    flags = ["--loader", "dali", "--loader-option", option, "--batch-size", "8", "--bn-splits", "2"]
+    assert main([*args, "--data", str(tmp_path / "nowhere"), *flags, "--workers", "1"]) == 2
+    assert said in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "sweep").exists()

@@ -536,10 +536,8 @@ def run(args: argparse.Namespace) -> int:
         if describes_group():
             check_group_env()
         world = launch_world(cfg)
-        check_flags(cfg, world, saved_run)
-        _said_if_refused_here(
-            lambda: check_workers(cfg.data.workers, local_processes(cfg), cfg.data.loader, cfg.data.loader_options)
-        )
+        options = check_flags(cfg, world, saved_run)
+        _said_if_refused_here(lambda: check_workers(cfg.data.workers, local_processes(cfg), options))
 
         # under torchrun every rank checks, rank 0 alone prints; a RANK without WORLD_SIZE joins no group
         # (join.describes_group): the one process prints, where it printed nothing and returned 0
