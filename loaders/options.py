@@ -126,6 +126,9 @@ class DaliOptions:
 
 # ffcv's batches_ahead, at most: FFCV holds the decode buffers of batches_ahead + 2 batches
 MAX_BATCHES_AHEAD = 32
+# each backend's option that MAX_BATCHES_AHEAD bounds: a run saved with more (before the bound) resumes
+# with it, at most (replaced_option)
+BATCHES_AHEAD = {"dali": "prefetch", "ffcv": "batches_ahead"}
 
 
 @dataclass
@@ -201,6 +204,25 @@ def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) 
     if isinstance(parsed, DaliOptions):
         parsed.check_device(gpu=not cpu)
     return parsed
+
+
+def replaced_option(name: str, options: dict[str, str], given: dict[str, str]) -> tuple[str, str, str] | None:
+    """A resumed run's saved option (in `options`, not replaced by one `given` now) that today's checks of
+    backend `name` refuse, as (key, its saved value, a value they take): a `batches_ahead=64` saved before
+    MAX_BATCHES_AHEAD bounded it (MAX_BATCHES_AHEAD then), else the option's default. None: none is refused."""
+    for key, raw in options.items():
+        if key in given:
+            continue
+        try:
+            check_loader_options(name, {key: raw})
+        except ConfigError:
+            if key == BATCHES_AHEAD.get(name):
+                return key, raw, str(MAX_BATCHES_AHEAD)
+            if key in (default := asdict(parse_loader_options(name, {}))):
+                value = default[key]
+                return key, raw, ("1" if value else "0") if isinstance(value, bool) else str(value)
+            return None  # an option the backend lacks: no value replaces it
+    return None
 
 
 def option_values(name: str, options: dict[str, str]) -> dict[str, Any]:

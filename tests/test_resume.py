@@ -645,3 +645,25 @@ def test_resume_with_another_moco_k_is_refused_only_where_the_checkpoint_holds_a
         assert main(argv) == 0
         printed = json.loads(capsys.readouterr().out)
         assert (printed["moco"]["mechanism"], printed["moco"]["k"]) == (mechanism, 32)
+
+
+@pytest.mark.parametrize(
+    "loader, key, fix", [("ffcv", "batches_ahead", "batches_ahead=32"), ("dali", "prefetch", "prefetch=32")]
+)
+def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_names(run, loader, key, fix, capsys):
+    # batches_ahead=64, saved before MAX_BATCHES_AHEAD bounded it: --resume said the bound alone, as if
+    # the user had typed the value, and not how to go on
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["data"].update(loader=loader, loader_options={key: "64"})
+    torch.save(state, run / "checkpoint.pt")
+    argv = ["train", "--resume", "--out", str(run), "--device", "cpu", "--workers", "1", "--print-config"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "must be at most 32 (got 64)" in err
+    assert err.endswith(
+        f"; the run was saved with --loader-option {key}=64: continue it with "
+        f"`moco-fast train --resume --out {run} --loader-option {fix}`"
+    ), err
+    # the fix it names goes on: past the run's checks of the flags, which --print-config makes
+    assert main([*argv, "--loader-option", fix]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == {key: "32"}

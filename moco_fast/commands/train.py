@@ -314,7 +314,10 @@ def configured(args: argparse.Namespace):
     else:
         preset = args.preset or _default_preset(args)
         cfg = build_config(preset, {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()})
-    cfg.data.loader_options.update(option_flags(args.loader_option))
+    given_options = option_flags(args.loader_option)
+    cfg.data.loader_options.update(given_options)
+    if saved is not None:
+        _check_saved_loader_options(cfg, given_options, args)
     if args.data is not None:  # saved in config.json and the checkpoint: a --resume from elsewhere finds it
         cfg.data.data = os.path.abspath(args.data)
     if saved is None and args.data is None and cfg.data.loader != "synthetic":
@@ -334,6 +337,31 @@ def configured(args: argparse.Namespace):
         check_same_model(weights, cfg)
         check_epochs(saved_run.epochs, cfg)
     return cfg, saved_run
+
+
+def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Namespace) -> None:
+    """A ConfigError where a resumed run's saved --loader-option is one that today's checks refuse (a
+    `batches_ahead=64` saved before its bound of 32): the error, and the --resume that replaces it, which
+    a --loader-option given now does (it said the bound alone, as if the user had typed the value)."""
+    from moco_fast.loaders.options import check_loader_options, replaced_option
+
+    try:
+        check_loader_options(cfg.data.loader, cfg.data.loader_options)
+    except ConfigError as e:
+        refused = replaced_option(cfg.data.loader, cfg.data.loader_options, given)
+        if refused is None:
+            raise
+        key, saved, value = refused
+        raise ConfigError(
+            f"{e}; the run was saved with --loader-option {key}={saved}: continue it with "
+            f"`moco-fast train {_resume_flags(args)} --loader-option {key}={value}`"
+        ) from None
+
+
+def _resume_flags(args: argparse.Namespace) -> str:
+    """The --resume (and --out) of this command line, as a line that says how to go on names them."""
+    resume = "--resume" if args.resume == "auto" else f"--resume {shlex.quote(args.resume)}"
+    return resume + (f" --out {shlex.quote(args.out)}" if args.out else "")
 
 
 def _default_preset(args: argparse.Namespace) -> str:
@@ -580,14 +608,12 @@ def _saved_data_named(args: argparse.Namespace, cfg, saved_run):
         data = cfg.data.data
         if saved_run is None or args.data is not None or not data or data not in str(e) or Path(data).exists():
             raise
-        resume = "--resume" if args.resume == "auto" else f"--resume {shlex.quote(args.resume)}"
-        out = f" --out {shlex.quote(args.out)}" if args.out else ""
         # the message replaced in place, not the error rebuilt as type(e)(text): its class and fields
         # stay, and a class whose constructor takes other arguments (checkpoint.Damaged's path and
         # record) ended as a TypeError
         e.args = (
             f"{e} (the --data the run was trained with, which --resume reads where no --data is given; if its "
-            f"images moved, `moco-fast train {resume}{out} --data NEW_PATH` continues the run there)",
+            f"images moved, `moco-fast train {_resume_flags(args)} --data NEW_PATH` continues the run there)",
         )
         raise e from None
 
