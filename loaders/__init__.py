@@ -5,7 +5,8 @@ Backends register themselves with `@register_loader(name)`; `create_loader(name,
 backend module on first use, so a missing optional dependency (DALI, FFCV) only matters when asked for.
 A library user's `@register_loader("mine")` adds a loader that `create_loader` and `trainer.train`
 (`data.loader = "mine"`) take in that Python process; the CLI, which runs none of the user's code,
-knows the built-in ones only. A built-in name cannot be taken.
+knows the built-in ones only (a run trained with one records its module, `data.loader_module`, which
+`train --resume` names). A built-in name cannot be taken.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def register_loader(name: str):
     return deco
 
 
+def registered_by(name: str) -> str | None:
+    """The module whose `register_loader` made loader `name`; None for a built-in one, or a name not registered."""
+    fn = None if name in _MODULES else _LOADERS.get(name)
+    return None if fn is None else getattr(fn, "__module__", None)
+
+
 def available_loaders() -> list[str]:
     """The built-in loaders' names and those registered in this process."""
     return sorted(set(_MODULES) | set(_LOADERS))
@@ -112,4 +119,5 @@ __all__ = [
     "check_loader",
     "create_loader",
     "register_loader",
+    "registered_by",
 ]

@@ -71,6 +71,9 @@ class DataConfig:
     aug: AugSpec = field(default_factory=AugSpec)
     synthetic_steps: int = 100  # steps per epoch of the synthetic loader
     loader_options: dict[str, str] = field(default_factory=dict)  # backend-specific, see each loader
+    # the module whose register_loader made `loader` (a library user's, not a built-in one): trainer.train
+    # records it, and `train --resume` of such a run, which cannot import it, names it (commands.train)
+    loader_module: str | None = None
 
 
 # --seed's range: numpy's global generator takes no seed outside 0..2**32-1, and torch's none above

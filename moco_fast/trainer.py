@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from moco_fast.epoch import resumed_part
 from moco_fast.epoch import run_epoch as _run_epoch
 from moco_fast.join import init_from_env
 from moco_fast.launch import under_torchrun
-from moco_fast.loaders import LoaderArgs, check_loader, create_loader
+from moco_fast.loaders import LoaderArgs, check_loader, create_loader, registered_by
 from moco_fast.loaders.synthetic import DATA_UNREAD as SYNTHETIC_DATA_UNREAD
 from moco_fast.metrics import SUMMARY_NAME, MetricsWriter, owes_row, read_rows
 from moco_fast.model import MoCo, reads_k
@@ -284,6 +285,9 @@ def train(
         options = check_loader(cfg.data.loader, cfg.data.loader_options, device.type == "cpu")
         check_workers(cfg.data.workers, None, options)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
+        if (module := registered_by(cfg.data.loader)) != cfg.data.loader_module and module is not None:
+            # a library user's loader: its module, which a resume from the CLI names (commands.train)
+            cfg = replace(cfg, data=replace(cfg.data, loader_module=module))
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main(), command=command) as held, closed_stderr_stops():
             ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone

@@ -88,3 +88,30 @@ def test_a_name_another_function_holds_is_refused_and_the_same_one_again_replace
 
 def test_each_built_in_loader_has_its_options_parser():
     assert set(_MODULES) == set(PARSERS)
+
+
+def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the_cli(registry, tmp_path, capsys):
+    # the CLI runs none of the user's code: `train --resume` of such a run said "unknown loader 'mine'" alone
+    from moco_fast.cli import main
+
+    @register_loader("mine")
+    def mine(args):
+        return create_loader("synthetic", args)
+
+    out = tmp_path / "run"
+    fields = {"data.loader": "mine", "data.synthetic_steps": 2, "optim.epochs": 1, "optim.batch_size": 8}
+    fields |= {"moco.k": 32, "moco.bn_splits": 2, "data.workers": 0, "runtime.device": "cpu"}
+    fields |= {"runtime.out": str(out), "runtime.final_knn": False, "runtime.knn_baseline": False}
+    train(build_config("cifar", fields))
+    argv = ["train", "--resume", "--out", str(out), "--epochs", "2"]
+    _LOADERS.pop("mine")  # as in a shell, where the module that registered it is not imported
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"moco-fast train: error: --resume: the run was trained with loader 'mine', registered by module {__name__} "
+        "(@register_loader), which this command cannot know: it runs no code of yours. Resume it from Python: "
+        f"`import {__name__}` (which registers it), then `moco_fast.cli.main({argv[:4]!r})`"
+    )
+    # the way it names: the loader registered in this process, the CLI's train resumes the run
+    register_loader("mine")(mine)
+    assert main(argv) == 0
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]

@@ -317,6 +317,7 @@ def configured(args: argparse.Namespace):
     given_options = option_flags(args.loader_option)
     cfg.data.loader_options.update(given_options)
     if saved is not None:
+        _check_users_loader(cfg, args)
         _check_saved_loader_options(cfg, given_options, args)
     if args.data is not None:  # saved in config.json and the checkpoint: a --resume from elsewhere finds it
         cfg.data.data = os.path.abspath(args.data)
@@ -337,6 +338,34 @@ def configured(args: argparse.Namespace):
         check_same_model(weights, cfg)
         check_epochs(saved_run.epochs, cfg)
     return cfg, saved_run
+
+
+def _check_users_loader(cfg, args: argparse.Namespace) -> None:
+    """A ConfigError where the resumed run was trained from Python with a loader of the user's
+    (register_loader), which the CLI does not know (it runs no code of the user's): the loader, the
+    module that registered it (data.loader_module, as the run recorded it) and how to resume it, from
+    Python. It said "unknown loader" alone."""
+    from moco_fast.loaders import available_loaders
+
+    loader, module = cfg.data.loader, cfg.data.loader_module
+    if loader in available_loaders() or not module:
+        return
+    argv = [
+        "train",
+        "--resume",
+        *([args.resume] if args.resume != "auto" else []),
+        *(["--out", args.out] * bool(args.out)),
+    ]
+    how = (
+        "run its @register_loader again there (it was in a script or notebook: __main__)"
+        if module == "__main__"
+        else f"`import {module}` (which registers it)"
+    )
+    raise ConfigError(
+        f"--resume: the run was trained with loader {loader!r}, registered by module {module} "
+        "(@register_loader), which this command cannot know: it runs no code of yours. Resume it from Python: "
+        f"{how}, then `moco_fast.cli.main({argv!r})`"
+    )
 
 
 def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Namespace) -> None:
