@@ -206,22 +206,23 @@ def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) 
     return parsed
 
 
-def replaced_option(name: str, options: dict[str, str], given: dict[str, str]) -> tuple[str, str, str] | None:
+def replaced_option(name: str, options: dict[str, str], given: dict[str, str]) -> tuple[str, str, str, str] | None:
     """A resumed run's saved option (in `options`, not replaced by one `given` now) that today's checks of
-    backend `name` refuse, as (key, its saved value, a value they take): a `batches_ahead=64` saved before
-    MAX_BATCHES_AHEAD bounded it (MAX_BATCHES_AHEAD then), else the option's default. None: none is refused."""
+    backend `name` refuse, as (key, its saved value, a value they take, their refusal): a `batches_ahead=64`
+    saved before MAX_BATCHES_AHEAD bounded it (MAX_BATCHES_AHEAD then), else the option's default. None:
+    none is refused, or one the backend lacks (no value replaces it)."""
     for key, raw in options.items():
         if key in given:
             continue
         try:
             check_loader_options(name, {key: raw})
-        except ConfigError:
+        except ConfigError as e:
             if key == BATCHES_AHEAD.get(name):
-                return key, raw, str(MAX_BATCHES_AHEAD)
+                return key, raw, str(MAX_BATCHES_AHEAD), str(e)
             if key in (default := asdict(parse_loader_options(name, {}))):
                 value = default[key]
-                return key, raw, ("1" if value else "0") if isinstance(value, bool) else str(value)
-            return None  # an option the backend lacks: no value replaces it
+                return key, raw, ("1" if value else "0") if isinstance(value, bool) else str(value), str(e)
+            return None
     return None
 
 

@@ -664,6 +664,10 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
         f"; the run was saved with --loader-option {key}=64: continue it with "
         f"`moco-fast train --resume --out {run} --loader-option {fix}`"
     ), err
+    # an option refused that was given now is said alone, as in a fresh run
+    assert main([*argv, "--loader-option", "nope=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unknown" in err and "'nope'" in err and "saved" not in err, err
     # the fix it names goes on: past the run's checks of the flags, which --print-config makes
     assert main([*argv, "--loader-option", fix]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == {key: "32"}

@@ -376,13 +376,14 @@ def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Names
 
     try:
         check_loader_options(cfg.data.loader, cfg.data.loader_options)
-    except ConfigError as e:
+    except ConfigError:
+        check_loader_options(cfg.data.loader, given)  # one given now that is refused: its own error
         refused = replaced_option(cfg.data.loader, cfg.data.loader_options, given)
         if refused is None:
             raise
-        key, saved, value = refused
+        key, saved, value, why = refused
         raise ConfigError(
-            f"{e}; the run was saved with --loader-option {key}={saved}: continue it with "
+            f"{why}; the run was saved with --loader-option {key}={saved}: continue it with "
             f"`moco-fast train {_resume_flags(args)} --loader-option {key}={value}`"
         ) from None
 
