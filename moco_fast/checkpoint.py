@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import random
 import tarfile
@@ -17,6 +19,8 @@ import torch
 
 from moco_fast.config import ConfigError, TrainConfig, from_dict
 from moco_fast.data import DataError
+
+log = logging.getLogger("moco_fast")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -77,12 +81,15 @@ def new_save_id() -> str:
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
-    """write(fh) into a temporary file in the same folder, then rename: a crash never leaves a
-    half-written file under the final name (checkpoints, exports, result JSON)."""
+    """write(fh) into a temporary file in the same folder (`.NAME.HOST-PID.XXXXXXXX.tmp`: its writer
+    named, remove_ended_writers_temporaries), then rename: a crash never leaves a half-written file
+    under the final name (checkpoints, exports, result JSON)."""
+    from moco_fast.folder_locks import owner_name
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_name()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:  # a folder that may not be written: name the file, not the temporary one
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
@@ -101,6 +108,21 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         if cause is not None and not cause.filename:  # a full disk from a write or fsync: name the file
             raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
+
+
+def remove_ended_writers_temporaries(path: str | Path) -> None:
+    """The temporary files of atomic_write(path) whose writer, a process of this machine, has ended (a
+    kill, a power loss): those of a writer still running, or of another machine, are left alone, so
+    that a command need not hold `path` to call it (export)."""
+    from moco_fast.folder_locks import ended_here
+
+    path = Path(path)
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        owner = tmp.name[len(prefix) : -len(".tmp")].rpartition(".")[0]  # HOST-PID of HOST-PID.XXXXXXXX
+        if ended_here(owner):
+            log.info("removing %s, left by a write that was stopped", tmp)
+            tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:

@@ -13,21 +13,14 @@ import glob
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS
 from moco_fast.convert_dst import empty_folder, names_path, sidecar_path
-from moco_fast.folder_locks import hold_lock_file
+from moco_fast.folder_locks import ended_here, hold_lock_file, owner_name
 
 log = logging.getLogger("moco_fast")
-
-
-def _owner() -> str:
-    """This process, as temporary names record it: host and PID (a shared folder may be written from
-    several machines, where a PID says nothing)."""
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def lock_path(dst: Path) -> Path:
@@ -63,7 +56,7 @@ def outputs_there(dst: Path) -> tuple[bool, ...]:
 
 
 def temp_path(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.partial-{_owner()}")
+    return dst.with_name(f".{dst.name}.partial-{owner_name()}")
 
 
 def tidy_after_a_stopped_convert(dst: Path) -> None:
@@ -71,13 +64,11 @@ def tidy_after_a_stopped_convert(dst: Path) -> None:
     (`.DST.partial-HOST-PID`, and the .beton sidecars') is removed; the previous output it had moved
     aside to replace it (`.DST.old-HOST-PID`) is put back where DST is missing (it is then the only
     copy), else removed. Files of a process still running, or of another machine, are left alone."""
-    host = socket.gethostname()
     for name in (dst.name, sidecar_path(dst).name, names_path(dst).name):
         for kind in ("partial", "old"):
             prefix = f".{name}.{kind}-"
             for tmp in dst.parent.glob(glob.escape(prefix) + "*"):
-                owner, _, pid = tmp.name[len(prefix) :].rpartition("-")
-                if owner != host or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                if not ended_here(tmp.name[len(prefix) :]):
                     continue
                 target = tmp.with_name(name)
                 try:
@@ -118,16 +109,6 @@ def output_of(filename, temporaries: dict[Path, Path]) -> Path | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -143,7 +124,7 @@ def publish(tmp: Path, dst: Path, force: bool) -> None:
     if (dst.exists() or dst.is_symlink()) and not empty_folder(dst):
         if not force:
             raise FileExistsError(f"{dst} exists: pass --force to replace it")
-        old = dst.with_name(f".{dst.name}.old-{_owner()}")
+        old = dst.with_name(f".{dst.name}.old-{owner_name()}")
         os.replace(dst, old)
     os.replace(tmp, dst)
     if old is not None:

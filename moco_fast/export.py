@@ -125,11 +125,12 @@ def export(
     """Write the export of a training checkpoint, an official MoCo checkpoint or a torchvision state
     dict (`arch`: --arch, foreign.py); returns {"format", "output", "keys", "part" (what the keys are
     of), "arch", "stem"}."""
-    from moco_fast.checkpoint import atomic_write, load_model, save_atomic
+    from moco_fast.checkpoint import atomic_write, load_model, remove_ended_writers_temporaries, save_atomic
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     output = Path(output)
+    remove_ended_writers_temporaries(output)  # a killed export's checkpoint-sized temporary file
     # a symbolic link there, to a file or to nothing, is replaced by the export (the rename of
     # atomic_write), its target left as it is, as convert's DST: only with force (a link to nothing
     # was replaced without it)

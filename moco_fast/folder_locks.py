@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,27 @@ log = logging.getLogger("moco_fast")
 class RunFolderBusy(RuntimeError):
     """Another `train` or sweep is writing to the same --out (or another lincls / finetune to the same
     result, another convert to the same DST)."""
+
+
+def owner_name() -> str:
+    """This process, as the names of its temporary files record it: "HOST-PID" (a shared folder may be
+    written from several machines, where a PID says nothing)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def ended_here(owner: str) -> bool:
+    """Whether `owner` (an owner_name) names a process of this machine, not this one, that has ended:
+    what it left may go. Another machine's, a running process's, or a name that is no owner_name: no."""
+    host, _, pid = owner.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's process; a PID no process can have
+        return False
+    return False
 
 
 _HELD: set[int] = set()  # the locks (run folders, lock files) this process holds

@@ -1,0 +1,50 @@
+"""Files after a kill -9 or a power loss: a killed export's temporary file goes at the next export
+(one of a writer still running stays)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from test_export import save_untrained_checkpoint
+
+from moco_fast.cli import main
+
+KILLED_WRITER = """
+import sys, time
+from moco_fast.checkpoint import atomic_write
+def write(fh):
+    fh.write(b"x" * 4096)
+    fh.flush()
+    print("writing", flush=True)
+    time.sleep(600)  # killed here
+atomic_write(sys.argv[1], write)
+"""
+
+
+def test_a_killed_exports_temporary_file_goes_at_the_next_export_a_running_writers_stays(tmp_path):
+    path = tmp_path / "cifar.pt"
+    save_untrained_checkpoint(path)
+    out = tmp_path / "r18.pth"
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline().strip() == "writing"
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    left = list(tmp_path.glob(f".{out.name}.*.tmp"))
+    assert len(left) == 1 and f"{socket.gethostname()}-{killed.pid}." in left[0].name, left
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = tmp_path / f".{out.name}.{socket.gethostname()}-{running.pid}.abcdefgh.tmp"  # being written
+        elsewhere = tmp_path / f".{out.name}.elsewhere-{killed.pid}.abcdefgh.tmp"  # maybe running there
+        for p in (live, elsewhere):
+            p.write_bytes(b"x")
+        assert main(["export", str(path), "--format", "torchvision", "--output", str(out)]) == 0
+        assert not left[0].exists()
+        assert live.exists() and elsewhere.exists()
+    finally:
+        running.kill()
+        running.wait()
+    assert sorted(p.name for p in tmp_path.glob(f".{out.name}.*")) == sorted([live.name, elsewhere.name])
