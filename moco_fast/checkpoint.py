@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -82,8 +83,9 @@ def new_save_id() -> str:
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """write(fh) into a temporary file in the same folder (`.NAME.HOST-PID.XXXXXXXX.tmp`: its writer
-    named, remove_ended_writers_temporaries), then rename: a crash never leaves a half-written file
-    under the final name (checkpoints, exports, result JSON)."""
+    named, remove_ended_writers_temporaries), then rename, then fsync the folder: a crash never leaves
+    a half-written file under the final name (checkpoints, exports, result JSON), and a power loss
+    after the return does not bring the old file back."""
     from moco_fast.folder_locks import owner_name
 
     path = Path(path)
@@ -99,6 +101,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     except BaseException as e:
         from moco_fast.cli import interruption, os_error_behind
 
@@ -108,6 +111,25 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         if cause is not None and not cause.filename:  # a full disk from a write or fsync: name the file
             raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
+
+
+def fsync_folder(folder: Path) -> None:
+    """fsync(2) of `folder`, which makes a rename in it durable (POSIX). Skipped where it cannot be
+    done: no O_DIRECTORY (Windows), a folder that may not be read, a file system that does not fsync
+    folders (EINVAL)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def remove_ended_writers_temporaries(path: str | Path) -> None:

@@ -1,5 +1,5 @@
 """Files after a kill -9 or a power loss: a killed export's temporary file goes at the next export
-(one of a writer still running stays)."""
+(one of a writer still running stays), and atomic writes fsync their folder after the rename."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 
 from test_export import save_untrained_checkpoint
 
+from moco_fast import checkpoint as ckpt
 from moco_fast.cli import main
 
 KILLED_WRITER = """
@@ -48,3 +49,20 @@ def test_a_killed_exports_temporary_file_goes_at_the_next_export_a_running_write
         running.kill()
         running.wait()
     assert sorted(p.name for p in tmp_path.glob(f".{out.name}.*")) == sorted([live.name, elsewhere.name])
+
+
+def test_an_atomic_write_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatch):
+    path = tmp_path / "out" / "result.json"
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        synced.append(((st.st_dev, st.st_ino), path.exists()))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ckpt.atomic_write_text(path, "{}\n")
+    folder = path.parent.stat()
+    assert ((folder.st_dev, folder.st_ino), True) in synced, synced  # the folder, once renamed into
+    assert path.read_text() == "{}\n"
