@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import sys
 import threading
 from pathlib import Path
@@ -56,17 +57,31 @@ def rate(per_s: float) -> str:
 
 def read_rows(out: str | Path) -> list[dict[str, Any]]:
     """The rows of OUT/metrics.jsonl in order (none without the file); a row cut short by a crash
-    is left out."""
-    path = Path(out) / METRICS_NAME
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    is left out, with a warning (_lines)."""
+    return [row for _, row in _lines(Path(out) / METRICS_NAME) if row is not None]
+
+
+_WARNED: set[tuple[str, int, str]] = set()  # the lines _lines has warned of (said once per process)
+
+
+def _lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """Each line of `path` with its row, None where the line is no JSON object (a row cut short by a
+    power loss or a full disk, which MetricsWriter.write ends with its newline): such a line is named
+    in a warning, file and line number, once."""
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    parsed = []
+    for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+            row = None
+        if not isinstance(row, dict):
+            row = None
+            if line.strip() and (str(path), number, line) not in _WARNED:  # an empty line: nothing lost
+                _WARNED.add((str(path), number, line))
+                log.warning("%s:%d: not a row (cut short by a crash?), skipped: %r", path, number, line[:60])
+        parsed.append((line, row))
+    return parsed
 
 
 def owes_row(out: str | Path, row: Any) -> bool:
@@ -96,8 +111,12 @@ class MetricsWriter:
             return
         path = self.out / METRICS_NAME
         try:
-            with open(path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            with open(path, "ab+") as fh:  # appends, whatever the position read from
+                # a last row without its newline (a power loss, a full disk) is ended first: joined
+                # to this one, neither could be read
+                end = fh.seek(0, os.SEEK_END)
+                torn = end > 0 and fh.seek(end - 1) >= 0 and fh.read(1) != b"\n"
+                fh.write((b"\n" if torn else b"") + (json.dumps(row) + "\n").encode())
         except OSError as e:
             if e.filename:
                 raise
@@ -125,14 +144,8 @@ class MetricsWriter:
         path = self.out / METRICS_NAME
         if not self.enabled:
             return
-        lines = path.read_text().splitlines() if path.is_file() else []
-        kept = []
-        for line in lines:
-            try:
-                if json.loads(line).get("epoch", 0) <= last:
-                    kept.append(line)
-            except ValueError:  # a row cut short by a crash
-                pass
+        lines = _lines(path)  # a row cut short by a crash is dropped too
+        kept = [line for line, row in lines if row is not None and row.get("epoch", 0) <= last]
         if len(kept) != len(lines):
             log.info(
                 "metrics.jsonl: dropped %d rows after epoch %d (the checkpoint resumed)", len(lines) - len(kept), last

@@ -1,8 +1,10 @@
-"""Files after a kill -9 or a power loss: a killed export's temporary file goes at the next export
-(one of a writer still running stays), and atomic writes fsync their folder after the rename."""
+"""Files after a kill -9 or a power loss: atomic writes fsync their folder after the rename, a killed
+export's temporary file goes at the next export (one of a writer still running stays), and a
+metrics.jsonl row cut short is ended before the next row, its readers skipping it with a warning."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +15,7 @@ from test_export import save_untrained_checkpoint
 
 from moco_fast import checkpoint as ckpt
 from moco_fast.cli import main
+from moco_fast.metrics import METRICS_NAME, MetricsWriter, read_rows
 
 KILLED_WRITER = """
 import sys, time
@@ -24,6 +27,23 @@ def write(fh):
     time.sleep(600)  # killed here
 atomic_write(sys.argv[1], write)
 """
+
+
+def test_an_atomic_write_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatch):
+    path = tmp_path / "out" / "result.json"
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        synced.append(((st.st_dev, st.st_ino), path.exists()))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ckpt.atomic_write_text(path, "{}\n")
+    folder = path.parent.stat()
+    assert ((folder.st_dev, folder.st_ino), True) in synced, synced  # the folder, once renamed into
+    assert path.read_text() == "{}\n"
 
 
 def test_a_killed_exports_temporary_file_goes_at_the_next_export_a_running_writers_stays(tmp_path):
@@ -51,18 +71,18 @@ def test_a_killed_exports_temporary_file_goes_at_the_next_export_a_running_write
     assert sorted(p.name for p in tmp_path.glob(f".{out.name}.*")) == sorted([live.name, elsewhere.name])
 
 
-def test_an_atomic_write_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatch):
-    path = tmp_path / "out" / "result.json"
-    synced = []
-    real = os.fsync
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        synced.append(((st.st_dev, st.st_ino), path.exists()))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    ckpt.atomic_write_text(path, "{}\n")
-    folder = path.parent.stat()
-    assert ((folder.st_dev, folder.st_ino), True) in synced, synced  # the folder, once renamed into
-    assert path.read_text() == "{}\n"
+def test_a_row_cut_short_is_ended_before_the_next_and_skipped_with_a_warning(tmp_path, caplog):
+    path = tmp_path / METRICS_NAME
+    path.write_text(json.dumps({"epoch": 0, "loss": 9.0}) + '\n{"epoch": 1, "lo')  # a power loss in row 2
+    writer = MetricsWriter(tmp_path)
+    writer.write({"epoch": 1, "loss": 8.0})
+    writer.write({"epoch": 2, "loss": 7.0})
+    writer.close()
+    assert [r["epoch"] for r in read_rows(tmp_path)] == [0, 1, 2]
+    assert path.read_text().splitlines()[1] == '{"epoch": 1, "lo'  # one line, which no row joined
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f'{path}:2: not a row (cut short by a crash?), skipped: \'{{"epoch": 1, "lo\''], warned
+    writer = MetricsWriter(tmp_path)
+    writer.keep_epochs(1)  # a resume from epoch 1: the torn line goes with the later row
+    writer.close()
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
