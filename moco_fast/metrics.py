@@ -150,7 +150,10 @@ class MetricsWriter:
             log.info(
                 "metrics.jsonl: dropped %d rows after epoch %d (the checkpoint resumed)", len(lines) - len(kept), last
             )
-            path.write_text("".join(line + "\n" for line in kept))
+            from moco_fast.checkpoint import atomic_write_text
+
+            # atomically: a kill or a full disk in a rewrite in place would have lost the rows kept
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         if last_row is not None and last_row.get("epoch") == last and owes_row(self.out, last_row):
             log.info("metrics.jsonl: epoch %d's row from the checkpoint (the run ended before writing it)", last)
             self.write(last_row)

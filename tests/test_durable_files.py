@@ -1,9 +1,11 @@
 """Files after a kill -9 or a power loss: atomic writes fsync their folder after the rename, a killed
 export's temporary file goes at the next export (one of a writer still running stays), and a
-metrics.jsonl row cut short is ended before the next row, its readers skipping it with a warning."""
+metrics.jsonl row cut short is ended before the next row, its readers skipping it with a warning;
+--resume rewrites metrics.jsonl atomically."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from test_export import save_untrained_checkpoint
 
 from moco_fast import checkpoint as ckpt
@@ -86,3 +89,19 @@ def test_a_row_cut_short_is_ended_before_the_next_and_skipped_with_a_warning(tmp
     writer.keep_epochs(1)  # a resume from epoch 1: the torn line goes with the later row
     writer.close()
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
+
+
+def test_a_resume_that_cannot_rewrite_metrics_jsonl_leaves_its_rows(tmp_path, monkeypatch):
+    path = tmp_path / METRICS_NAME
+    text = "".join(json.dumps({"epoch": e, "loss": 9.0 - e}) + "\n" for e in (1, 2, 3))
+    path.write_text(text)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)  # the disk refuses the rewrite's data
+    writer = MetricsWriter(tmp_path)
+    with pytest.raises(OSError, match="No space left"):
+        writer.keep_epochs(1)  # a resume from epoch 1 drops rows 2 and 3
+    writer.close()
+    assert path.read_text() == text  # not half rewritten
