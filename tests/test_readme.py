@@ -1,12 +1,19 @@
-"""README.md's "Use from Python" block, run as written on a tiny image folder: the README cannot drift
-from the functions it shows."""
+"""README.md's "Use from Python" block, run as written on a tiny image folder, and docs/dali.md's
+corrupt-JPEG finder, run on damaged JPEGs: the docs cannot drift from what they show."""
 
+import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DALI_DOC = README.parent / "docs" / "dali.md"
 
 
 def python_block() -> str:
@@ -38,3 +45,33 @@ def test_the_readmes_python_block_runs_as_written(tiny_root, tmp_path):
     assert names["run_cfg"].runtime.out == str(out)
     assert names["batch"].im_q.shape[0] == 8 and names["features"].shape[0] == 8
     assert "conv1.weight" in torch.load(out / "resnet.pth")  # a torchvision ResNet's state dict
+
+
+def test_the_dali_docs_corrupt_jpeg_finder_names_each_damaged_file_and_no_good_one(tmp_path):
+    pytest.importorskip("cv2")  # the finder decodes with OpenCV (the ffcv extra)
+    section = DALI_DOC.read_text().split("## Corrupt images\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    (tmp_path / "find.py").write_text(block)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), np.uint8)).save(buf, "JPEG")
+    good = buf.getvalue()
+    data = tmp_path / "data"
+    data.mkdir()
+    scan = good.index(b"\xff\xda")
+    damaged = bytearray(good)
+    damaged[scan + 40 : -50 : 37] = bytes(b ^ 0x5A for b in damaged[scan + 40 : -50 : 37])
+    files = {
+        "good.JPEG": good,
+        "empty.jpg": b"",  # the finder's earlier cv2-only version died here, its traceback in the captured stderr
+        "garbage.jpg": np.random.default_rng(1).bytes(4000),
+        "header.jpg": b"\0\0" + good[2:],
+        "truncated.jpg": good[: len(good) * 6 // 10],  # OpenCV 5 fails it without a word
+        "end.jpg": good[:-2],
+        "scan.jpg": bytes(damaged),  # decodes, with libjpeg's "Corrupt JPEG data" warning
+    }
+    for name, content in files.items():
+        (data / name).write_bytes(content)
+    out = subprocess.run([sys.executable, "find.py", str(data)], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    named = {Path(line.split(" ", 1)[0]).name for line in out.stdout.splitlines()}
+    assert named == set(files) - {"good.JPEG"}, out.stdout
