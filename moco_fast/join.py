@@ -7,7 +7,9 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
+import sys
 import time
 from datetime import timedelta
 
@@ -83,7 +85,21 @@ def init_from_env(device: str = "auto") -> bool:
         world_size=int(world),
         timeout=COLLECTIVE_TIMEOUT,
     )
+    if not manual:
+        stop_with_the_launcher()
     return True
+
+
+def stop_with_the_launcher() -> None:
+    """A SIGTERM to this process when its parent ends: a torchrun worker stops (its step saved, as on
+    `kill`) when torchrun is killed without warning (SIGKILL), instead of training on to its last
+    epoch, an orphan holding the run folder (torchrun starts its workers in sessions of their own,
+    with no such signal). A `--gpus` worker had SIGINT for it until here (torch's spawn): one stop.
+    PR_SET_PDEATHSIG fires when the thread that started the process ends: the launcher's main thread."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
 
 
 def check_group_env() -> tuple[str, str, str, str]:

@@ -1,8 +1,8 @@
 """The failures of `--gpus` and of several processes: too many GPUs, a run folder in use, device flags
 checked before the data is read, a dying worker or a user error in one ends the job with its rank
 and cause (an EIO without a file names the command's --data and --out, as in one process), a manual
-launch without its peer or address, the ranks' setup warnings, each worker's OMP threads, and a stop
-signal to the launcher.
+launch without its peer or address, the ranks' setup warnings, each worker's OMP threads, a stop
+signal to the launcher, and a torchrun worker whose launcher was killed.
 
 The workers of these tests import this module: the model and trainer are imported only where needed
 (moco_fast.trainer brings torchvision and torch._dynamo: ~2 s more in each spawned worker).
@@ -10,6 +10,7 @@ The workers of these tests import this module: the model and trainer are importe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -572,3 +573,39 @@ def test_a_launcher_started_by_nohup_keeps_sighup_ignored(tmp_path):
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, old)
+
+
+def test_a_torchrun_worker_stops_when_its_launcher_is_killed(tmp_path):
+    # torchrun starts its workers in sessions of their own, with no signal for their parent's end: one
+    # SIGKILLed left them training on, orphans holding the run folder, to their last epoch. Now each
+    # joined worker gets SIGTERM (a stop: its step saved). Here a worker of a launcher killed at once.
+    import signal
+
+    marker = str(tmp_path / "worker")
+    worker = (
+        "import os, signal, sys, time; from moco_fast.join import stop_with_the_launcher; "
+        "stop_with_the_launcher(); got = lambda s, f: (open(sys.argv[1] + '.got', 'w').write(str(s)), os._exit(0)); "
+        "signal.signal(signal.SIGTERM, got); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    launcher = (
+        "import subprocess, sys; subprocess.Popen([sys.executable, *sys.argv[1:]], start_new_session=True).wait()"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher, "-c", worker, marker])
+    pid = None
+    try:
+        for _ in range(600):
+            if (Path(marker).exists() and Path(marker).read_text()) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        pid = int(Path(marker).read_text())
+        proc.kill()
+        proc.wait()
+        for _ in range(200):
+            if Path(f"{marker}.got").exists():
+                break
+            time.sleep(0.05)
+        assert Path(f"{marker}.got").read_text() == str(int(signal.SIGTERM))
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
