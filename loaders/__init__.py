@@ -90,9 +90,14 @@ def check_loader(name: str, options: dict[str, str], cpu: bool = False) -> Any:
     return check_loader_options(name, options, cpu)
 
 
+def unknown_loader(name: str) -> str:
+    """What a loader name that no loader has is told: the names there are."""
+    return f"unknown loader {name!r}; choose one of {available_loaders()}"
+
+
 def _check_name(name: str) -> None:
     if name not in _MODULES and name not in _LOADERS:
-        raise ConfigError(f"unknown loader {name!r}; choose one of {available_loaders()}")
+        raise ConfigError(unknown_loader(name))
 
 
 def create_loader(name: str, args: LoaderArgs) -> TrainLoader:
@@ -120,4 +125,5 @@ __all__ = [
     "create_loader",
     "register_loader",
     "registered_by",
+    "unknown_loader",
 ]

@@ -1,6 +1,7 @@
 """A loader a library user registers (`@register_loader`): create_loader and trainer.train take it
 in that process; a built-in name, or one that another function holds, is refused as it is registered."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -90,6 +91,14 @@ def test_each_built_in_loader_has_its_options_parser():
     assert set(_MODULES) == set(PARSERS)
 
 
+def one_epoch_with_mine(out):
+    """A CPU run of one epoch with loader "mine" (a user's, registered by the test), into `out`."""
+    fields = {"data.loader": "mine", "data.synthetic_steps": 2, "optim.epochs": 1, "optim.batch_size": 8}
+    fields |= {"moco.k": 32, "moco.bn_splits": 2, "data.workers": 0, "runtime.device": "cpu"}
+    fields |= {"runtime.out": str(out), "runtime.final_knn": False, "runtime.knn_baseline": False}
+    return build_config("cifar", fields)
+
+
 def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the_cli(registry, tmp_path, capsys):
     # the CLI runs none of the user's code: `train --resume` of such a run said "unknown loader 'mine'" alone
     from moco_fast.cli import main
@@ -99,10 +108,7 @@ def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the
         return create_loader("synthetic", args)
 
     out = tmp_path / "run"
-    fields = {"data.loader": "mine", "data.synthetic_steps": 2, "optim.epochs": 1, "optim.batch_size": 8}
-    fields |= {"moco.k": 32, "moco.bn_splits": 2, "data.workers": 0, "runtime.device": "cpu"}
-    fields |= {"runtime.out": str(out), "runtime.final_knn": False, "runtime.knn_baseline": False}
-    train(build_config("cifar", fields))
+    train(one_epoch_with_mine(out))
     argv = ["train", "--resume", "--out", str(out), "--epochs", "2"]
     _LOADERS.pop("mine")  # as in a shell, where the module that registered it is not imported
     assert main(argv) == 2
@@ -115,3 +121,35 @@ def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the
     register_loader("mine")(mine)
     assert main(argv) == 0
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_a_users_loader_whose_module_the_run_did_not_record_is_resumed_from_python(
+    registry, tmp_path, capsys, monkeypatch
+):
+    # a run saved before data.loader_module, resumed from the CLI, said "unknown loader 'mine'; choose
+    # one of [...]" alone: it says too that a loader registered from Python is resumed from Python
+    from moco_fast import trainer
+    from moco_fast.cli import main
+
+    @register_loader("mine")
+    def mine(args):
+        return create_loader("synthetic", args)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "registered_by", lambda name: None)  # as before the run recorded the module
+        train(one_epoch_with_mine(out))
+    assert json.loads((out / "config.json").read_text())["data"]["loader_module"] is None
+    _LOADERS.pop("mine")
+    argv = ["train", "--resume", "--out", str(out), "--epochs", "2"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"moco-fast train: error: --resume: unknown loader 'mine'; choose one of {available_loaders()}. A loader "
+        "registered from Python (@register_loader) is one which this command cannot know: it runs no code of "
+        "yours. Resume it from Python: import the module that registers it (or run its @register_loader again), "
+        f"then `moco_fast.cli.main({argv[:4]!r})`"
+    )
+    # a --loader given now that no loader has is that flag's error alone
+    assert main([*argv, "--loader", "nosuch"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.endswith(f"unknown loader 'nosuch'; choose one of {available_loaders()}")

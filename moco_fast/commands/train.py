@@ -344,26 +344,31 @@ def _check_users_loader(cfg, args: argparse.Namespace) -> None:
     """A ConfigError where the resumed run was trained from Python with a loader of the user's
     (register_loader), which the CLI does not know (it runs no code of the user's): the loader, the
     module that registered it (data.loader_module, as the run recorded it) and how to resume it, from
-    Python. It said "unknown loader" alone."""
-    from moco_fast.loaders import available_loaders
+    Python. It said "unknown loader" alone; so it still does, with how to resume from Python, for a
+    loader the run did not record the module of (a run saved before data.loader_module)."""
+    from moco_fast.loaders import available_loaders, unknown_loader
 
     loader, module = cfg.data.loader, cfg.data.loader_module
-    if loader in available_loaders() or not module:
-        return
+    if loader in available_loaders() or (not module and args.loader is not None):
+        return  # (a --loader given now that no loader has: check_loader's "unknown loader" alone)
     argv = [
         "train",
         "--resume",
         *([args.resume] if args.resume != "auto" else []),
         *(["--out", args.out] * bool(args.out)),
     ]
-    how = (
-        "run its @register_loader again there (it was in a script or notebook: __main__)"
-        if module == "__main__"
-        else f"`import {module}` (which registers it)"
-    )
+    if not module:
+        said = f"{unknown_loader(loader)}. A loader registered from Python (@register_loader) is one"
+        how = "import the module that registers it (or run its @register_loader again)"
+    else:
+        said = f"the run was trained with loader {loader!r}, registered by module {module} (@register_loader),"
+        how = (
+            "run its @register_loader again there (it was in a script or notebook: __main__)"
+            if module == "__main__"
+            else f"`import {module}` (which registers it)"
+        )
     raise ConfigError(
-        f"--resume: the run was trained with loader {loader!r}, registered by module {module} "
-        "(@register_loader), which this command cannot know: it runs no code of yours. Resume it from Python: "
+        f"--resume: {said} which this command cannot know: it runs no code of yours. Resume it from Python: "
         f"{how}, then `moco_fast.cli.main({argv!r})`"
     )
 
