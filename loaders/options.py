@@ -206,16 +206,19 @@ def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) 
     return parsed
 
 
-def replaced_option(name: str, options: dict[str, str], given: dict[str, str]) -> tuple[str, str, str, str] | None:
+def replaced_option(
+    name: str, options: dict[str, str], given: dict[str, str], cpu: bool = False
+) -> tuple[str, str, str, str] | None:
     """A resumed run's saved option (in `options`, not replaced by one `given` now) that today's checks of
-    backend `name` refuse, as (key, its saved value, a value they take, their refusal): a `batches_ahead=64`
-    saved before MAX_BATCHES_AHEAD bounded it (MAX_BATCHES_AHEAD then), else the option's default. None:
-    none is refused, or one the backend lacks (no value replaces it)."""
+    backend `name` refuse (on the CPU where `cpu`: DALI's decoder=mixed), as (key, its saved value, a value
+    they take, their refusal): a `batches_ahead=64` saved before MAX_BATCHES_AHEAD bounded it
+    (MAX_BATCHES_AHEAD then), else the option's default. None: none is refused, or one the backend lacks (no
+    value replaces it)."""
     for key, raw in options.items():
         if key in given:
             continue
         try:
-            check_loader_options(name, {key: raw})
+            check_loader_options(name, {key: raw}, cpu)
         except ConfigError as e:
             if key == BATCHES_AHEAD.get(name):
                 return key, raw, str(MAX_BATCHES_AHEAD), str(e)

@@ -96,6 +96,12 @@ def named_device(name: str) -> torch.device:
     return dev
 
 
+def asks_for_the_cpu(name: str) -> bool:
+    """Whether --device NAME is the CPU, which is on every machine: the checks made before a run (check_flags,
+    a resume's saved loader options) take auto and cuda as on a machine with a GPU, which the config may be for."""
+    return name != "auto" and named_device(name).type == "cpu"
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype, or None for fp32. auto: bf16 on CUDA (no loss scaling needed), fp32 on the CPU."""
     amp = amp_as_run(amp, device.type)
@@ -246,8 +252,7 @@ def check_flags(cfg: TrainConfig, world: int, saved: SavedRun | None = None) -> 
     it (`train --print-config`; world: the processes the run would start; saved: as train's). Left to the run: what
     depends on the machine it runs on (--device auto or cuda, an optional backend's library), the run
     folder (--out, --force) and the data. Returns the loader's options parsed (check_loader's)."""
-    # --device cpu is on every machine; auto and cuda are checked as on one with a GPU
-    cpu = cfg.runtime.device != "auto" and named_device(cfg.runtime.device).type == "cpu"
+    cpu = asks_for_the_cpu(cfg.runtime.device)
     _checked_for(cfg, torch.device("cpu" if cpu else "cuda"), world, saved)
     return check_loader(cfg.data.loader, cfg.data.loader_options, cpu)
 

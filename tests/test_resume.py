@@ -671,3 +671,25 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
     # the fix it names goes on: past the run's checks of the flags, which --print-config makes
     assert main([*argv, "--loader-option", fix]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == {key: "32"}
+
+
+def test_a_run_saved_with_dalis_gpu_decoder_resumed_on_the_cpu_names_the_fix(run, capsys):
+    # decoder=mixed, saved by a GPU run, resumed with --device cpu: --resume said "needs a CUDA device"
+    # alone, as if the user had typed it, and not how to go on
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["data"].update(loader="dali", loader_options={"decoder": "mixed"})
+    torch.save(state, run / "checkpoint.pt")
+    argv = ["train", "--resume", "--out", str(run), "--device", "cpu", "--workers", "1", "--print-config"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "moco-fast train: error: --loader-option decoder=mixed needs a CUDA device; the run was saved with "
+        f"--loader-option decoder=mixed: continue it with `moco-fast train --resume --out {run} --loader-option "
+        "decoder=auto`"
+    )
+    # given now, it is said alone, as in a fresh run
+    assert main([*argv, "--loader-option", "decoder=mixed"]) == 2
+    said = "moco-fast train: error: --loader-option decoder=mixed needs a CUDA device"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == said
+    # the fix it names goes on
+    assert main([*argv, "--loader-option", "decoder=auto"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == {"decoder": "auto"}

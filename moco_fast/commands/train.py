@@ -375,15 +375,18 @@ def _check_users_loader(cfg, args: argparse.Namespace) -> None:
 
 def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Namespace) -> None:
     """A ConfigError where a resumed run's saved --loader-option is one that today's checks refuse (a
-    `batches_ahead=64` saved before its bound of 32): the error, and the --resume that replaces it, which
-    a --loader-option given now does (it said the bound alone, as if the user had typed the value)."""
+    `batches_ahead=64` saved before its bound of 32), or that the device it resumes on does (DALI's
+    decoder=mixed resumed with --device cpu): the error, and the --resume that replaces it, which a
+    --loader-option given now does (it said the refusal alone, as if the user had typed the value)."""
     from moco_fast.loaders.options import check_loader_options, replaced_option
+    from moco_fast.trainer import asks_for_the_cpu
 
+    cpu = asks_for_the_cpu(cfg.runtime.device)
     try:
-        check_loader_options(cfg.data.loader, cfg.data.loader_options)
+        check_loader_options(cfg.data.loader, cfg.data.loader_options, cpu)
     except ConfigError:
-        check_loader_options(cfg.data.loader, given)  # one given now that is refused: its own error
-        refused = replaced_option(cfg.data.loader, cfg.data.loader_options, given)
+        check_loader_options(cfg.data.loader, given, cpu)  # one given now that is refused: its own error
+        refused = replaced_option(cfg.data.loader, cfg.data.loader_options, given, cpu)
         if refused is None:
             raise
         key, saved, value, why = refused
