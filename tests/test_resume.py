@@ -50,6 +50,23 @@ def test_resume_with_only_out_continues_the_run_as_configured(tiny_root, run, ca
     assert "finished epoch 2" in capsys.readouterr().out
 
 
+def test_a_run_saved_before_data_loader_module_resumes(run, capsys, caplog):
+    # data.loader_module came after runs that were saved without it: their checkpoint and config.json
+    # lack it, and they resume as they were (a built-in loader's module is none: None, as saved now)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    del state["config"]["data"]["loader_module"]
+    torch.save(state, run / "checkpoint.pt")
+    config = json.loads((run / "config.json").read_text())
+    del config["data"]["loader_module"]
+    (run / "config.json").write_text(json.dumps(config))
+    argv = ["train", "--resume", "--out", str(run), "--epochs", "2", "--device", "cpu", "--workers", "0"]
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main(argv) == 0
+    assert "changed settings" not in caplog.text, caplog.text
+    assert [r["epoch"] for r in rows(run)] == [1, 2]
+    assert json.loads((run / "config.json").read_text())["data"]["loader_module"] is None
+
+
 def test_resuming_a_finished_run_changes_nothing(tiny_root, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     args = [*tiny_args(tiny_root, out), "--final-knn"]
