@@ -710,3 +710,22 @@ def test_a_run_saved_with_dalis_gpu_decoder_resumed_on_the_cpu_names_the_fix(run
     # the fix it names goes on
     assert main([*argv, "--loader-option", "decoder=auto"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == {"decoder": "auto"}
+
+
+def test_a_run_saved_with_dalis_gpu_decoder_resumed_where_auto_finds_no_gpu_names_the_fix(run, capsys, monkeypatch):
+    # --device auto (the run's own) on a machine without a GPU runs on the CPU: the run's check of the
+    # loader said "needs a CUDA device" alone. --print-config checks auto as on a GPU machine (check_flags)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["data"].update(loader="dali", loader_options={"decoder": "mixed"})
+    state["config"]["runtime"]["device"] = "auto"
+    torch.save(state, run / "checkpoint.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["train", "--resume", "--out", str(run), "--workers", "1"]
+    assert main([*argv, "--print-config"]) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "moco-fast train: error: --loader-option decoder=mixed needs a CUDA device; the run was saved with "
+        f"--loader-option decoder=mixed: continue it with `moco-fast train --resume --out {run} --loader-option "
+        "decoder=auto`"
+    )

@@ -376,12 +376,16 @@ def _check_users_loader(cfg, args: argparse.Namespace) -> None:
 def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Namespace) -> None:
     """A ConfigError where a resumed run's saved --loader-option is one that today's checks refuse (a
     `batches_ahead=64` saved before its bound of 32), or that the device it resumes on does (DALI's
-    decoder=mixed resumed with --device cpu): the error, and the --resume that replaces it, which a
-    --loader-option given now does (it said the refusal alone, as if the user had typed the value)."""
+    decoder=mixed resumed with --device cpu, or with auto on a machine without a GPU): the error, and the
+    --resume that replaces it, which a --loader-option given now does (it said the refusal alone, as if
+    the user had typed the value). --print-config checks auto as on a machine with a GPU, as check_flags."""
+    import torch
+
     from moco_fast.loaders.options import check_loader_options, replaced_option
     from moco_fast.trainer import asks_for_the_cpu
 
-    cpu = asks_for_the_cpu(cfg.runtime.device)
+    auto_on_the_cpu = cfg.runtime.device == "auto" and not args.print_config and not torch.cuda.is_available()
+    cpu = asks_for_the_cpu(cfg.runtime.device) or auto_on_the_cpu
     try:
         check_loader_options(cfg.data.loader, cfg.data.loader_options, cpu)
     except ConfigError:
