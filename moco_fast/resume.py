@@ -127,7 +127,8 @@ def warn_changed(saved: dict[str, Any], cfg: TrainConfig, said: tuple[str, ...] 
     for section in ("data", "optim", "moco"):
         for k, old in saved.get(section, {}).items():
             new = now[section].get(k)
-            if k in ("epochs", "workers", *said) or plain(new) == plain(old):
+            # loader_module: the module of data.loader's, which says the change (trainer.train)
+            if k in ("epochs", "workers", "loader_module", *said) or plain(new) == plain(old):
                 continue
             if isinstance(old, dict) and isinstance(new, dict):  # augmentation, loader options: by field
                 # the same loader's options by the values it reads, not as typed (threads=02 is threads=2)

@@ -290,8 +290,9 @@ def train(
         options = check_loader(cfg.data.loader, cfg.data.loader_options, device.type == "cpu")
         check_workers(cfg.data.workers, None, options)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
-        if (module := registered_by(cfg.data.loader)) != cfg.data.loader_module and module is not None:
-            # a library user's loader: its module, which a resume from the CLI names (commands.train)
+        if (module := registered_by(cfg.data.loader)) != cfg.data.loader_module:
+            # a library user's loader: its module, which a resume from the CLI names (commands.train);
+            # None for a built-in one (a resume that changed the loader keeps no other's module)
             cfg = replace(cfg, data=replace(cfg.data, loader_module=module))
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main(), command=command) as held, closed_stderr_stops():

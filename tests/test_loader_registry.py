@@ -123,6 +123,23 @@ def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
 
 
+def test_a_run_resumed_with_a_built_in_loader_keeps_no_users_module(registry, tmp_path, caplog):
+    # the module of the user's loader stayed in the config of a run resumed with --loader synthetic
+    from moco_fast.cli import main
+
+    @register_loader("mine")
+    def mine(args):
+        return create_loader("synthetic", args)
+
+    out = tmp_path / "run"
+    train(one_epoch_with_mine(out))
+    assert json.loads((out / "config.json").read_text())["data"]["loader_module"] == __name__
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--loader", "synthetic"]) == 0
+    assert json.loads((out / "config.json").read_text())["data"]["loader_module"] is None
+    said = [r.getMessage() for r in caplog.records if "changed" in r.getMessage()]
+    assert said and "data.loader 'mine' -> 'synthetic'" in said[0] and "loader_module" not in said[0]
+
+
 def test_a_users_loader_whose_module_the_run_did_not_record_is_resumed_from_python(
     registry, tmp_path, capsys, monkeypatch
 ):
