@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moco_fast.checkpoint import fsync_folder
+
 
 class PackError(Exception):
     """Input the script cannot use: one line, exit status 2."""
@@ -53,6 +55,7 @@ def pack(src: Path, dst: Path) -> int:
             raise PackError(f"cannot write {dst} ({where}{e.strerror or e})") from None
         raise
     os.replace(tmp, dst)
+    fsync_folder(dst.parent)  # the rename made durable
     return len(paths)
 
 
@@ -81,6 +84,7 @@ def unpack(src: Path, dst: Path) -> int:
     if dst.exists():
         dst.rmdir()  # empty (checked above)
     os.replace(tmp, dst)
+    fsync_folder(dst.parent)  # the rename made durable
     return len(decoded)
 
 

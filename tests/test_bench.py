@@ -504,11 +504,16 @@ def test_plot_script_reads_either_bench_json_and_refuses_others(tmp_path, capsys
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
-def test_pack_folder_round_trip(tiny_root, tmp_path, capsys):
+def test_pack_folder_round_trip(tiny_root, tmp_path, capsys, monkeypatch):
+    from test_durable_files import file_id, recorded_fsyncs
+
     pack = tmp_path / "p" / "set.npz"
+    synced = recorded_fsyncs(monkeypatch, lambda: (pack.exists(), (tmp_path / "out").exists()))
     assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
     assert not list(pack.parent.glob("*.part*"))
     assert pack_folder.main(["unpack", str(pack), str(tmp_path / "out")]) == 0
+    # each rename into place made durable: its folder fsynced once the pack, then the folder, is there
+    assert synced == [(file_id(pack.parent), (True, False)), (file_id(tmp_path), (True, True))], synced
     src = sorted(p.relative_to(tiny_root) for p in tiny_root.rglob("*") if p.is_file())
     got = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert src == got and len(src) == 40

@@ -1,4 +1,4 @@
-"""Files after a kill -9 or a power loss: atomic writes fsync their folder after the rename, a killed
+"""Files after a kill -9 or a power loss: atomic writes and convert's output fsync their folder after the rename, a killed
 export's temporary file goes at the next export (one of a writer still running stays), and a
 metrics.jsonl row cut short is ended before the next row, its readers skipping it with a warning;
 --resume rewrites metrics.jsonl atomically."""
@@ -12,12 +12,15 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from test_export import save_untrained_checkpoint
 
 from moco_fast import checkpoint as ckpt
 from moco_fast.cli import main
+from moco_fast.convert_files import publish
 from moco_fast.metrics import METRICS_NAME, MetricsWriter, read_rows
 
 KILLED_WRITER = """
@@ -32,21 +35,42 @@ atomic_write(sys.argv[1], write)
 """
 
 
-def test_an_atomic_write_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatch):
-    path = tmp_path / "out" / "result.json"
-    synced = []
-    real = os.fsync
+def recorded_fsyncs(monkeypatch, seen: Callable[[], Any]) -> list[tuple[tuple[int, int], Any]]:
+    """os.fsync recorded: each call's file (file_id) with what `seen()` returned then."""
+    synced, real = [], os.fsync
 
     def fsync(fd):
         st = os.fstat(fd)
-        synced.append(((st.st_dev, st.st_ino), path.exists()))
+        synced.append(((st.st_dev, st.st_ino), seen()))
         real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def file_id(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def test_an_atomic_write_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatch):
+    path = tmp_path / "out" / "result.json"
+    synced = recorded_fsyncs(monkeypatch, path.exists)
     ckpt.atomic_write_text(path, "{}\n")
-    folder = path.parent.stat()
-    assert ((folder.st_dev, folder.st_ino), True) in synced, synced  # the folder, once renamed into
+    assert (file_id(path.parent), True) in synced, synced  # the folder, once renamed into
     assert path.read_text() == "{}\n"
+
+
+def test_convert_fsyncs_dsts_folder_after_publishing_before_the_old_output_goes(tmp_path, monkeypatch):
+    # publish renamed the temporary output into place with no fsync of the folder: after a power loss
+    # the folder could come back with the old output, or (--force) with neither
+    dst, tmp = tmp_path / "out.beton", tmp_path / ".out.beton.partial"
+    dst.write_text("old")
+    tmp.write_text("new")
+    synced = recorded_fsyncs(monkeypatch, lambda: (dst.read_text(), len(list(tmp_path.glob(".out.beton.old-*")))))
+    publish(tmp, dst, force=True)
+    assert synced == [(file_id(tmp_path), ("new", 1))]  # the new output in place, the old one not yet gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.beton"]
 
 
 def test_a_killed_exports_temporary_file_goes_at_the_next_export_a_running_writers_stays(tmp_path):
