@@ -24,6 +24,8 @@ from moco_fast.data import DataError
 log = logging.getLogger("moco_fast")
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# a file name's bytes at most (Linux's NAME_MAX; macOS's too)
+NAME_MAX = 255
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,15 +85,16 @@ def new_save_id() -> str:
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """write(fh) into a temporary file in the same folder (`.NAME.HOST-PID.XXXXXXXX.tmp`: its writer
-    named, remove_ended_writers_temporaries), then rename, then fsync the folder: a crash never leaves
-    a half-written file under the final name (checkpoints, exports, result JSON), and a power loss
-    after the return does not bring the old file back."""
+    named, remove_ended_writers_temporaries; NAME cut where the whole would pass NAME_MAX, temp_prefix),
+    then rename, then fsync the folder: a crash never leaves a half-written file under the final name
+    (checkpoints, exports, result JSON), and a power loss after the return does not bring the old file
+    back."""
     from moco_fast.folder_locks import owner_name
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_name()}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(path)}{owner_name()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:  # a folder that may not be written: name the file, not the temporary one
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
@@ -132,6 +135,19 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def temp_prefix(path: Path) -> str:
+    """`.NAME.`, which atomic_write's temporary files of `path` start with: NAME cut (whole characters)
+    so that `.NAME.HOST-PID.XXXXXXXX.tmp` (mkstemp's 8 random characters) fits NAME_MAX for any
+    owner_name. A long name took a temporary name past it (ENAMETOOLONG) once HOST-PID was added to it."""
+    from moco_fast.folder_locks import OWNER_NAME_MAX
+
+    room = NAME_MAX - len(".." + "." + "XXXXXXXX" + ".tmp") - OWNER_NAME_MAX
+    name = path.name
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return f".{name}."
+
+
 def remove_ended_writers_temporaries(path: str | Path) -> None:
     """The temporary files of atomic_write(path) whose writer, a process of this machine, has ended (a
     kill, a power loss): those of a writer still running, or of another machine, are left alone, so
@@ -139,7 +155,7 @@ def remove_ended_writers_temporaries(path: str | Path) -> None:
     from moco_fast.folder_locks import ended_here
 
     path = Path(path)
-    prefix = f".{path.name}."
+    prefix = temp_prefix(path)
     for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
         owner = tmp.name[len(prefix) : -len(".tmp")].rpartition(".")[0]  # HOST-PID of HOST-PID.XXXXXXXX
         if ended_here(owner):

@@ -27,6 +27,11 @@ class RunFolderBusy(RuntimeError):
     result, another convert to the same DST)."""
 
 
+# owner_name's length at most: a host name of HOST_NAME_MAX (64) bytes, "-", a PID of Linux's largest
+# pid_max (4194304: 7 digits)
+OWNER_NAME_MAX = 64 + 1 + 7
+
+
 def owner_name() -> str:
     """This process, as the names of its temporary files record it: "HOST-PID" (a shared folder may be
     written from several machines, where a PID says nothing)."""

@@ -98,6 +98,20 @@ def test_a_killed_exports_temporary_file_goes_at_the_next_export_a_running_write
     assert sorted(p.name for p in tmp_path.glob(f".{out.name}.*")) == sorted([live.name, elsewhere.name])
 
 
+def test_a_long_names_atomic_write_fits_name_max_and_its_ended_writers_temporary_goes(tmp_path):
+    # HOST-PID in the temporary name took a name that fitted (240 bytes) past NAME_MAX: ENAMETOOLONG
+    path = tmp_path / ("x" + "\u00e9" * 117 + ".json")  # 240 bytes, the name cut within no character
+    seen = []
+    ckpt.atomic_write(path, lambda fh: seen.extend(p.name for p in tmp_path.glob("*.tmp")))
+    assert path.read_bytes() == b"" and len(seen) == 1, seen
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    left = tmp_path / seen[0].replace(f"-{os.getpid()}.", f"-{ended.pid}.")  # its writer killed
+    left.write_bytes(b"x")
+    ckpt.remove_ended_writers_temporaries(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_a_row_cut_short_is_ended_before_the_next_and_skipped_with_a_warning(tmp_path, caplog):
     path = tmp_path / METRICS_NAME
     path.write_text(json.dumps({"epoch": 0, "loss": 9.0}) + '\n{"epoch": 1, "lo')  # a power loss in row 2
