@@ -24,6 +24,7 @@ RUNTIME_ONLY = frozenset(
     {
         "preset",  # a source of values; the values themselves are compared
         "data.workers",
+        "data.loader_module",  # a record of the module that registered data.loader (train() writes it)
         "runtime.out",
         "runtime.resume",
         "runtime.force",

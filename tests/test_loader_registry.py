@@ -170,3 +170,19 @@ def test_a_users_loader_whose_module_the_run_did_not_record_is_resumed_from_pyth
     assert main([*argv, "--loader", "nosuch"]) == 2
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.endswith(f"unknown loader 'nosuch'; choose one of {available_loaders()}")
+
+
+def test_a_sweep_resumes_a_setting_trained_with_a_users_loader(tmp_path):
+    # train() records data.loader_module, which a setting's config is built without: a sweep run from
+    # Python with a user's loader found its interrupted setting "trained with other settings"
+    import torch
+
+    from moco_fast.config import to_dict
+    from moco_fast.sweep import Setting
+    from moco_fast.sweep_plan import plan_setting
+
+    cfg = build_config("cifar", {"data.loader": "mine", "runtime.out": str(tmp_path)})
+    trained = replace(cfg, data=replace(cfg.data, loader_module="users_module"))
+    torch.save({"config": to_dict(trained)}, tmp_path / "checkpoint.pt")
+    setting = Setting(cfg.moco.mechanism, cfg.moco.k, cfg.moco.m, cfg.moco.shuffle_bn)
+    assert plan_setting(cfg, setting, None, (0, 0.0)) == "resume"
