@@ -351,12 +351,7 @@ def _check_users_loader(cfg, args: argparse.Namespace) -> None:
     loader, module = cfg.data.loader, cfg.data.loader_module
     if loader in available_loaders() or (not module and args.loader is not None):
         return  # (a --loader given now that no loader has: check_loader's "unknown loader" alone)
-    argv = [
-        "train",
-        "--resume",
-        *([args.resume] if args.resume != "auto" else []),
-        *(["--out", args.out] * bool(args.out)),
-    ]
+    argv = ["train", *_resume_argv(args)]
     if not module:
         said = f"{unknown_loader(loader)}. A loader registered from Python (@register_loader) is one"
         how = "import the module that registers it (or run its @register_loader again)"
@@ -396,14 +391,14 @@ def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Names
         key, saved, value, why = refused
         raise ConfigError(
             f"{why}; the run was saved with --loader-option {key}={saved}: continue it with "
-            f"`moco-fast train {_resume_flags(args)} --loader-option {key}={value}`"
+            f"`moco-fast train {shlex.join(_resume_argv(args))} --loader-option {key}={value}`"
         ) from None
 
 
-def _resume_flags(args: argparse.Namespace) -> str:
-    """The --resume (and --out) of this command line, as a line that says how to go on names them."""
-    resume = "--resume" if args.resume == "auto" else f"--resume {shlex.quote(args.resume)}"
-    return resume + (f" --out {shlex.quote(args.out)}" if args.out else "")
+def _resume_argv(args: argparse.Namespace) -> list[str]:
+    """The --resume (and --out) of this command line, as arguments: what a line that says how to go on
+    names (shlex.join'ed for a shell; as they are for moco_fast.cli.main: _check_users_loader)."""
+    return ["--resume", *([args.resume] if args.resume != "auto" else []), *(["--out", args.out] if args.out else [])]
 
 
 def _default_preset(args: argparse.Namespace) -> str:
@@ -655,7 +650,7 @@ def _saved_data_named(args: argparse.Namespace, cfg, saved_run):
         # record) ended as a TypeError
         e.args = (
             f"{e} (the --data the run was trained with, which --resume reads where no --data is given; if its "
-            f"images moved, `moco-fast train {_resume_flags(args)} --data NEW_PATH` continues the run there)",
+            f"images moved, `moco-fast train {shlex.join(_resume_argv(args))} --data NEW_PATH` continues the run there)",
         )
         raise e from None
 
