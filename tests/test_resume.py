@@ -729,3 +729,16 @@ def test_a_run_saved_with_dalis_gpu_decoder_resumed_where_auto_finds_no_gpu_name
         f"--loader-option decoder=mixed: continue it with `moco-fast train --resume --out {run} --loader-option "
         "decoder=auto`"
     )
+
+
+def test_a_saved_options_fix_is_named_with_that_options_refusal(run, capsys):
+    # two saved options refused: the fix named (batches_ahead, the first) followed the refusal of the
+    # other (decode, which FFCV's parse checks first)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["data"].update(loader="ffcv", loader_options={"batches_ahead": "64", "decode": "thrice"})
+    torch.save(state, run / "checkpoint.pt")
+    argv = ["train", "--resume", "--out", str(run), "--device", "cpu", "--workers", "1", "--print-config"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "batches_ahead must be at most 32 (got 64)" in err and "thrice" not in err, err
+    assert err.endswith("--loader-option batches_ahead=32`"), err
