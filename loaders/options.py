@@ -220,8 +220,8 @@ def replaced_option(
         try:
             check_loader_options(name, {key: raw}, cpu)
         except ConfigError as e:
-            if key == BATCHES_AHEAD.get(name):
-                return key, raw, str(MAX_BATCHES_AHEAD), str(e)
+            if key == BATCHES_AHEAD.get(name) and raw.strip().isdigit() and int(raw) > MAX_BATCHES_AHEAD:
+                return key, raw, str(MAX_BATCHES_AHEAD), str(e)  # past the bound: at most it (prefetch=0: the default)
             if key in (default := asdict(parse_loader_options(name, {}))):
                 value = default[key]
                 return key, raw, ("1" if value else "0") if isinstance(value, bool) else str(value), str(e)

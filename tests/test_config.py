@@ -294,3 +294,12 @@ def test_the_run_checks_dali_threads_for_each_of_its_processes(monkeypatch):
     with pytest.raises(ConfigError, match=r"^--loader-option threads 16 .*use at most 2 "):
         check_workers(1, 8, threads)
     check_workers(1, 8, check_loader("torch", {}))
+
+
+def test_a_saved_option_refused_below_its_bound_is_replaced_by_its_default_not_the_bound():
+    # replaced_option named prefetch=32 for any refused prefetch: a saved prefetch=0 too
+    from moco_fast.loaders.options import replaced_option
+
+    assert replaced_option("dali", {"prefetch": "0"}, {})[:3] == ("prefetch", "0", "2")
+    assert replaced_option("ffcv", {"batches_ahead": "64"}, {})[:3] == ("batches_ahead", "64", "32")
+    assert replaced_option("ffcv", {"os_cache": "on"}, {})[:3] == ("os_cache", "on", "1")  # a bool's default
