@@ -578,12 +578,15 @@ def test_a_run_whose_data_folder_moved_says_that_resume_reads_its_saved_data(run
     said = (
         f"moco-fast train: error: data folder not found: {gone} (the --data the run was trained with, which "
         "--resume reads where no --data is given; if its images moved, "
-        f"`moco-fast train --resume --out {run} --data NEW_PATH` continues the run there)"
+        f"`moco-fast train --resume --out {run} --device cpu --data NEW_PATH` continues the run there)"
     )
     assert capsys.readouterr().err.strip().splitlines() == [said]
     other = ["train", "--resume", str(path), "--out", str(tmp_path / "b"), "--device", "cpu", "--workers", "0"]
     assert main(other) == 2
-    assert f"`moco-fast train --resume {path} --out {tmp_path / 'b'} --data NEW_PATH`" in capsys.readouterr().err
+    assert (
+        f"`moco-fast train --resume {path} --out {tmp_path / 'b'} --device cpu --data NEW_PATH`"
+        in capsys.readouterr().err
+    )
     # a --data given is the user's own path: its line is the data's alone; --print-config reads no data
     assert main([*argv, "--data", str(tmp_path / "typo")]) == 2
     assert capsys.readouterr().err.strip() == f"moco-fast train: error: data folder not found: {tmp_path / 'typo'}"
@@ -679,7 +682,7 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
     assert "must be at most 32 (got 64)" in err
     assert err.endswith(
         f"; the run was saved with --loader-option {key}=64: continue it with "
-        f"`moco-fast train --resume --out {run} --loader-option {fix}`"
+        f"`moco-fast train --resume --out {run} --device cpu --loader-option {fix}`"  # the --device given too
     ), err
     # an option refused that was given now is said alone, as in a fresh run
     assert main([*argv, "--loader-option", "nope=1"]) == 2
@@ -700,8 +703,8 @@ def test_a_run_saved_with_dalis_gpu_decoder_resumed_on_the_cpu_names_the_fix(run
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "moco-fast train: error: --loader-option decoder=mixed needs a CUDA device; the run was saved with "
-        f"--loader-option decoder=mixed: continue it with `moco-fast train --resume --out {run} --loader-option "
-        "decoder=auto`"
+        f"--loader-option decoder=mixed: continue it with `moco-fast train --resume --out {run} --device cpu "
+        "--loader-option decoder=auto`"  # the --device given: as written, it resumes on the CPU too
     )
     # given now, it is said alone, as in a fresh run
     assert main([*argv, "--loader-option", "decoder=mixed"]) == 2
