@@ -35,6 +35,11 @@ KNOCK_INTERVAL = 0.5
 
 log = logging.getLogger("moco_fast")
 
+# This process's parent when this module was first imported (a torchrun worker: as it starts, before
+# its checks and its join), which stop_with_the_launcher compares with the parent it finds once the
+# parent's end is signalled: a launcher killed in between leaves its worker to another parent.
+STARTED_BY = os.getppid()
+
 
 def describes_group() -> bool:
     """RANK and WORLD_SIZE are both set: init_from_env joins a group (a WORLD_SIZE alone, as some
@@ -62,6 +67,8 @@ def init_from_env(device: str = "auto") -> bool:
     rank, world, addr, port = check_group_env()
     timeout = join_timeout()
     manual = "TORCHELASTIC_RUN_ID" not in os.environ  # torchrun's and --gpus's workers: gathered already
+    if not manual:  # before the join: a launcher gone by then stops its worker now, not at the join's timeout
+        stop_with_the_launcher(STARTED_BY)
     if manual and rank == "0":  # it may wait a while
         log.info("waiting for WORLD_SIZE=%s processes to join at %s:%s (at most %s)", world, addr, port, _span(timeout))
     left = timeout
@@ -85,21 +92,23 @@ def init_from_env(device: str = "auto") -> bool:
         world_size=int(world),
         timeout=COLLECTIVE_TIMEOUT,
     )
-    if not manual:
-        stop_with_the_launcher()
     return True
 
 
-def stop_with_the_launcher() -> None:
+def stop_with_the_launcher(launcher: int) -> None:
     """A SIGTERM to this process when its parent ends: a torchrun worker stops (its step saved, as on
     `kill`) when torchrun is killed without warning (SIGKILL), instead of training on to its last
     epoch, an orphan holding the run folder (torchrun starts its workers in sessions of their own,
     with no such signal). A `--gpus` worker had SIGINT for it until here (torch's spawn): one stop.
-    PR_SET_PDEATHSIG fires when the thread that started the process ends: the launcher's main thread."""
+    PR_SET_PDEATHSIG fires when the thread that started the process ends: the launcher's main thread.
+    It fires on an end after it is set only: `launcher`, the parent this process had before (STARTED_BY),
+    gone by then, sends the same SIGTERM now."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != launcher:  # the launcher ended before (this process was handed to another)
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check_group_env() -> tuple[str, str, str, str]:

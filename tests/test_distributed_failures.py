@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -575,22 +576,28 @@ def test_a_launcher_started_by_nohup_keeps_sighup_ignored(tmp_path):
         signal.signal(signal.SIGHUP, old)
 
 
-def test_a_torchrun_worker_stops_when_its_launcher_is_killed(tmp_path):
+@pytest.mark.parametrize("killed", ["after", "before"])
+def test_a_torchrun_worker_stops_when_its_launcher_is_killed(tmp_path, killed):
     # torchrun starts its workers in sessions of their own, with no signal for their parent's end: one
     # SIGKILLed left them training on, orphans holding the run folder, to their last epoch. Now each
-    # joined worker gets SIGTERM (a stop: its step saved). Here a worker of a launcher killed at once.
-    import signal
-
+    # launched worker gets SIGTERM (a stop: its step saved). Here a worker of a launcher killed at once,
+    # after the worker set the signal or before (PR_SET_PDEATHSIG then never fires: the worker sees
+    # another parent than the one it started under, and sends itself the SIGTERM)
     marker = str(tmp_path / "worker")
     worker = (
         "import os, signal, sys, time; from moco_fast.join import stop_with_the_launcher; "
-        "stop_with_the_launcher(); got = lambda s, f: (open(sys.argv[1] + '.got', 'w').write(str(s)), os._exit(0)); "
-        "signal.signal(signal.SIGTERM, got); open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+        "launcher = os.getppid(); "
+        "got = lambda s, f: (open(sys.argv[1] + '.got', 'w').write(str(s)), os._exit(0)); "
+        "signal.signal(signal.SIGTERM, got); "
+        "sys.argv[2] == 'after' and stop_with_the_launcher(launcher); "
+        "open(sys.argv[1], 'w').write(str(os.getpid())); "
+        "[time.sleep(0.05) for _ in range(600) if os.getppid() == launcher]; "
+        "sys.argv[2] == 'before' and stop_with_the_launcher(launcher); time.sleep(60)"
     )
     launcher = (
         "import subprocess, sys; subprocess.Popen([sys.executable, *sys.argv[1:]], start_new_session=True).wait()"
     )
-    proc = subprocess.Popen([sys.executable, "-c", launcher, "-c", worker, marker])
+    proc = subprocess.Popen([sys.executable, "-c", launcher, "-c", worker, marker, killed])
     pid = None
     try:
         for _ in range(600):
@@ -601,7 +608,7 @@ def test_a_torchrun_worker_stops_when_its_launcher_is_killed(tmp_path):
         proc.kill()
         proc.wait()
         for _ in range(200):
-            if Path(f"{marker}.got").exists():
+            if Path(f"{marker}.got").exists() and Path(f"{marker}.got").read_text():  # made, then written
                 break
             time.sleep(0.05)
         assert Path(f"{marker}.got").read_text() == str(int(signal.SIGTERM))
@@ -609,3 +616,23 @@ def test_a_torchrun_worker_stops_when_its_launcher_is_killed(tmp_path):
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_launched_worker_sets_the_signal_before_its_join_and_a_manual_one_none(tmp_path, held_port):
+    # a launcher gone before its worker joins stops it at once, not at the join's timeout; a manual
+    # launch's parent (a shell, a scheduler's step) is no launcher of the group: no signal
+    worker = (
+        "import ctypes; from moco_fast.config import ConfigError; from moco_fast.join import init_from_env\n"
+        "try:\n    init_from_env('cpu')\nexcept ConfigError:\n    pass\n"  # rank 1 never comes
+        "v = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(v)); print(v.value)"  # 2: PR_GET_PDEATHSIG
+    )
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(held_port),
+           "MOCO_FAST_JOIN_TIMEOUT": "0.5", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    said = {}
+    for how, extra in (("launched", {"TORCHELASTIC_RUN_ID": "moco-fast-test"}), ("manual", {})):
+        out = subprocess.run([sys.executable, "-c", worker], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        said[how] = out.stdout.strip()
+    assert said == {"launched": str(int(signal.SIGTERM)), "manual": "0"}
