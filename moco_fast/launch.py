@@ -13,6 +13,7 @@ first to end; one that the launcher stopped after another's crash does not make 
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ import torch
 
 from moco_fast.cli import UserError, log_as_lines, say
 from moco_fast.config import ConfigError, TrainConfig, check_at_least
+from moco_fast.folder_locks import ended_here, owner_name
 from moco_fast.signals import STOP_SIGNALS, Terminated, exit_status, stop_signals_handled
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ log = logging.getLogger("moco_fast")
 
 # A worker's exit status for an error a user can fix (cli.one_line), as the CLI's own.
 USER_ERROR_EXIT = 2
+# The prefixes of run_workers' temporary folders: its workers' reports, and the elastic agent's own.
+LAUNCH_FOLDERS = ("moco-fast-workers-", "moco-fast-agent-")
 # The loggers that report a failed worker in the launching process: the failure with the worker's
 # traceback (ERROR), and the others being stopped (WARNING).
 FAILURE_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn")
@@ -255,10 +259,12 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
 
     # The agent's step-by-step INFO lines would bury the training log.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
-    reports = tempfile.mkdtemp(prefix="moco-fast-workers-")  # the workers' user errors, one file a rank
+    remove_killed_launchers_folders()
+    # the workers' user errors, one file a rank
+    reports = tempfile.mkdtemp(prefix=f"{LAUNCH_FOLDERS[0]}{owner_name()}.")
     # the agent's own folder (its error files, a folder a rank): by default a new torchelastic_* in
     # the temporary directory that nobody removes, one more for each run
-    agent_dir = tempfile.mkdtemp(prefix="moco-fast-agent-")
+    agent_dir = tempfile.mkdtemp(prefix=f"{LAUNCH_FOLDERS[1]}{owner_name()}.")
     quiet = _QuietOnUserErrors(reports)
     for name in FAILURE_LOGGERS:
         logging.getLogger(name).addFilter(quiet)
@@ -318,6 +324,19 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
         shutil.rmtree(reports, ignore_errors=True)
         shutil.rmtree(agent_dir, ignore_errors=True)
     return [results[r] for r in sorted(results)]
+
+
+def remove_killed_launchers_folders() -> None:
+    """The temporary folders (LAUNCH_FOLDERS) of a launcher of this machine that has ended without
+    removing them (killed: SIGKILL, a power loss), which run_workers names with their owner
+    (folder_locks.owner_name) for this; a running launcher's, another machine's, and those of a
+    launcher before they were so named are left alone."""
+    for prefix in LAUNCH_FOLDERS:
+        for folder in Path(tempfile.gettempdir()).glob(glob.escape(prefix) + "*"):
+            # HOST-PID.XXXXXXXX (mkdtemp's suffix has no dot)
+            if folder.is_dir() and ended_here(folder.name[len(prefix) :].rpartition(".")[0]):
+                log.debug("removing %s, left by a launcher that was killed", folder)
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

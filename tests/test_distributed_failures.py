@@ -636,3 +636,36 @@ def test_a_launched_worker_sets_the_signal_before_its_join_and_a_manual_one_none
         assert out.returncode == 0, out.stderr[-3000:]
         said[how] = out.stdout.strip()
     assert said == {"launched": str(int(signal.SIGTERM)), "manual": "0"}
+
+
+def _rank_worker() -> str:
+    return os.environ["RANK"]
+
+
+def test_a_launch_removes_the_folders_a_killed_launcher_left(tmp_path, monkeypatch):
+    # a `--gpus` launcher SIGKILLed left its folders in the temporary directory, one pair a run; the
+    # next launch removes those of an ended launcher of this machine, and no other
+    import socket
+    import tempfile
+
+    from moco_fast.launch import run_workers
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the launcher's; the worker's is its own
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    owners = {"ended": f"{host}-{ended.stdout.strip()}", "running": f"{host}-{os.getppid()}",
+              "elsewhere": f"{host}.other-{ended.stdout.strip()}"}  # fmt: skip
+    for owner in owners.values():
+        for prefix in ("moco-fast-workers-", "moco-fast-agent-"):
+            (tmp_path / f"{prefix}{owner}.ab_c12de" / "0").mkdir(parents=True)
+    (tmp_path / "moco-fast-workers-x1y2z3w4").mkdir()  # unnamed: an earlier launcher's, owner unknown
+    assert run_workers(_rank_worker, (), 1) == ["0"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(
+        [
+            f"{prefix}{owners[k]}.ab_c12de"
+            for k in ("running", "elsewhere")
+            for prefix in ("moco-fast-workers-", "moco-fast-agent-")
+        ]
+        + ["moco-fast-workers-x1y2z3w4"]
+    )
