@@ -99,16 +99,24 @@ def one_epoch_with_mine(out):
     return build_config("cifar", fields)
 
 
+def users_loader(args):
+    """Loader "mine", a user's as a test registers it: the synthetic one under another name."""
+    return create_loader("synthetic", args)
+
+
+def trained_with_mine(tmp_path):
+    """The folder of one_epoch_with_mine's run, "mine" registered (users_loader) for it."""
+    register_loader("mine")(users_loader)
+    out = tmp_path / "run"
+    train(one_epoch_with_mine(out))
+    return out
+
+
 def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the_cli(registry, tmp_path, capsys):
     # the CLI runs none of the user's code: `train --resume` of such a run said "unknown loader 'mine'" alone
     from moco_fast.cli import main
 
-    @register_loader("mine")
-    def mine(args):
-        return create_loader("synthetic", args)
-
-    out = tmp_path / "run"
-    train(one_epoch_with_mine(out))
+    out = trained_with_mine(tmp_path)
     argv = ["train", "--resume", "--out", str(out), "--epochs", "2"]
     _LOADERS.pop("mine")  # as in a shell, where the module that registered it is not imported
     assert main(argv) == 2
@@ -118,7 +126,7 @@ def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the
         f"`import {__name__}` (which registers it), then `moco_fast.cli.main({argv[:4]!r})`"
     )
     # the way it names: the loader registered in this process, the CLI's train resumes the run
-    register_loader("mine")(mine)
+    register_loader("mine")(users_loader)
     assert main(argv) == 0
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
 
@@ -127,12 +135,7 @@ def test_a_run_resumed_with_a_built_in_loader_keeps_no_users_module(registry, tm
     # the module of the user's loader stayed in the config of a run resumed with --loader synthetic
     from moco_fast.cli import main
 
-    @register_loader("mine")
-    def mine(args):
-        return create_loader("synthetic", args)
-
-    out = tmp_path / "run"
-    train(one_epoch_with_mine(out))
+    out = trained_with_mine(tmp_path)
     assert json.loads((out / "config.json").read_text())["data"]["loader_module"] == __name__
     assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--loader", "synthetic"]) == 0
     assert json.loads((out / "config.json").read_text())["data"]["loader_module"] is None
@@ -148,14 +151,9 @@ def test_a_users_loader_whose_module_the_run_did_not_record_is_resumed_from_pyth
     from moco_fast import trainer
     from moco_fast.cli import main
 
-    @register_loader("mine")
-    def mine(args):
-        return create_loader("synthetic", args)
-
-    out = tmp_path / "run"
     with monkeypatch.context() as m:
         m.setattr(trainer, "registered_by", lambda name: None)  # as before the run recorded the module
-        train(one_epoch_with_mine(out))
+        out = trained_with_mine(tmp_path)
     assert json.loads((out / "config.json").read_text())["data"]["loader_module"] is None
     _LOADERS.pop("mine")
     argv = ["train", "--resume", "--out", str(out), "--epochs", "2"]
