@@ -151,7 +151,8 @@ def temp_prefix(path: Path) -> str:
 def remove_ended_writers_temporaries(path: str | Path) -> None:
     """The temporary files of atomic_write(path) whose writer, a process of this machine, has ended (a
     kill, a power loss): those of a writer still running, or of another machine, are left alone, so
-    that a command need not hold `path` to call it (export)."""
+    that a command need not hold `path` to call it (export). One that may not be removed (another user's,
+    in a sticky folder) is a warning: the write goes on, as convert's tidy does."""
     from moco_fast.folder_locks import ended_here
 
     path = Path(path)
@@ -160,7 +161,10 @@ def remove_ended_writers_temporaries(path: str | Path) -> None:
         owner = tmp.name[len(prefix) : -len(".tmp")].rpartition(".")[0]  # HOST-PID of HOST-PID.XXXXXXXX
         if ended_here(owner):
             log.info("removing %s, left by a write that was stopped", tmp)
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("could not remove %s, left by a write that was stopped: %s", tmp, e)
 
 
 def _umask() -> int:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -143,3 +144,30 @@ def test_a_resume_that_cannot_rewrite_metrics_jsonl_leaves_its_rows(tmp_path, mo
         writer.keep_epochs(1)  # a resume from epoch 1 drops rows 2 and 3
     writer.close()
     assert path.read_text() == text  # not half rewritten
+
+
+def test_an_ended_writers_temporary_file_that_may_not_be_removed_leaves_the_export_to_go_on(
+    tmp_path, monkeypatch, caplog
+):
+    # another user's, in a sticky folder (/tmp): its unlink's PermissionError stopped the export
+    path = tmp_path / "cifar.pt"
+    save_untrained_checkpoint(path)
+    out = tmp_path / "r18.pth"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left = tmp_path / f".{out.name}.{socket.gethostname()}-{gone.pid}.abcdefgh.tmp"
+    left.write_bytes(b"x")
+    unlink = Path.unlink
+
+    def refused(self, missing_ok=False):
+        if self == left:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(out)]) == 0
+    assert out.is_file() and left.exists()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        f"could not remove {left}, left by a write that was stopped: [Errno 1] Operation not permitted: '{left}'"
+    ]
