@@ -124,6 +124,8 @@ def test_a_row_cut_short_is_ended_before_the_next_and_skipped_with_a_warning(tmp
     assert path.read_text().splitlines()[1] == '{"epoch": 1, "lo'  # one line, which no row joined
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warned == [f'{path}:2: not a row (cut short by a crash?), skipped: \'{{"epoch": 1, "lo\''], warned
+    read_rows(tmp_path)  # read again (a process reads it more than once): the line is said once
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
     writer = MetricsWriter(tmp_path)
     writer.keep_epochs(1)  # a resume from epoch 1: the torn line goes with the later row
     writer.close()
