@@ -125,6 +125,13 @@ def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the
         "(@register_loader), which this command cannot know: it runs no code of yours. Resume it from Python: "
         f"`import {__name__}` (which registers it), then `moco_fast.cli.main({argv[:4]!r})`"
     )
+    # a --loader given now that no loader has is that flag's error alone: it said "the run was trained
+    # with loader 'nosuch', registered by module ..."; the run's own, given again, is the run's
+    assert main([*argv, "--loader", "nosuch"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == f"moco-fast train: error: unknown loader 'nosuch'; choose one of {available_loaders()}", said
+    assert main([*argv, "--loader", "mine"]) == 2
+    assert f"registered by module {__name__} (@register_loader)" in capsys.readouterr().err
     # the way it names: the loader registered in this process, the CLI's train resumes the run
     register_loader("mine")(users_loader)
     assert main(argv) == 0

@@ -317,7 +317,7 @@ def configured(args: argparse.Namespace):
     given_options = option_flags(args.loader_option)
     cfg.data.loader_options.update(given_options)
     if saved is not None:
-        _check_users_loader(cfg, args)
+        _check_users_loader(cfg, weights["data"]["loader"], args)
         _check_saved_loader_options(cfg, given_options, args)
     if args.data is not None:  # saved in config.json and the checkpoint: a --resume from elsewhere finds it
         cfg.data.data = os.path.abspath(args.data)
@@ -340,16 +340,17 @@ def configured(args: argparse.Namespace):
     return cfg, saved_run
 
 
-def _check_users_loader(cfg, args: argparse.Namespace) -> None:
+def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> None:
     """A ConfigError where the resumed run was trained from Python with a loader of the user's
     (register_loader), which the CLI does not know (it runs no code of the user's): the loader, the
     module that registered it (data.loader_module, as the run recorded it) and how to resume it, from
     Python. It said "unknown loader" alone; so it still does, with how to resume from Python, for a
-    loader the run did not record the module of (a run saved before data.loader_module)."""
+    loader the run did not record the module of (a run saved before data.loader_module). A --loader given now
+    that is not the run's (`saved_loader`) is that flag's: check_loader's "unknown loader" alone."""
     from moco_fast.loaders import available_loaders, unknown_loader
 
     loader, module = cfg.data.loader, cfg.data.loader_module
-    if loader in available_loaders() or (not module and args.loader is not None):
+    if loader in available_loaders() or loader != saved_loader:
         return  # (a --loader given now that no loader has: check_loader's "unknown loader" alone)
     argv = ["train", *_resume_argv(args)]
     if not module:
