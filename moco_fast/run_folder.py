@@ -346,6 +346,9 @@ def forget_a_run_without_epochs(out: Path, made: list[Path]) -> None:
 
 
 def remove_stale_temporaries(out: Path) -> None:
-    """Temporary checkpoint files left by a killed run (call it while holding the folder)."""
-    for tmp in out.glob(f".{ckpt.CHECKPOINT_NAME}.*.tmp"):
-        tmp.unlink()
+    """The temporary files of the atomic writes of a killed run: its checkpoint's, and those of the files that
+    only the run writes (metrics.jsonl, which --resume rewrites; summary.json; config.json). Call it while
+    holding the folder: no writer of them is running."""
+    for name in (ckpt.CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, CONFIG_NAME):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)

@@ -99,6 +99,7 @@ def test_a_damaged_checkpoint_is_named_before_its_weights_are_used(tmp_path):
 
 def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tiny_root, run, capsys):
     (run / ".checkpoint.pt.4242.tmp").write_bytes(b"half")  # left by a run killed while saving
+    (run / ".metrics.jsonl.host-4242.abcdefgh.tmp").write_text("{}\n")  # killed in --resume's rewrite
     before = (run / "checkpoint.pt").read_bytes()
     capsys.readouterr()
     assert main([*tiny_args(tiny_root, run, epochs=2), "--resume", "--lr", "1e30"]) == 2
