@@ -1,3 +1,12 @@
 """moco-fast: fast MoCo self-supervised pretraining."""
 
+import os
+
 __version__ = "0.1.0"
+
+# This process's parent as moco-fast started in it: the package is the first of moco-fast that a
+# torchrun or --gpus worker imports (`python -m moco_fast`, the moco-fast script, a spawned worker's
+# function), before torch and the CLI's checks, which take seconds. join.stop_with_the_launcher
+# compares it with the parent it finds when it sets the signal for the parent's end: a launcher
+# killed in between leaves its worker to another parent.
+STARTED_BY = os.getppid()

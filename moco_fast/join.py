@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moco_fast import STARTED_BY
+
 # How long a collective may wait for the slowest rank. Rank 0 alone runs the kNN monitor while the
 # others wait at a barrier, which can take longer than the 10-minute NCCL default on large sets. A
 # rank that dies does not wait this long: torchrun / `--gpus` end the job as soon as a worker exits.
@@ -34,11 +36,6 @@ JOIN_TIMEOUT_ENV = "MOCO_FAST_JOIN_TIMEOUT"
 KNOCK_INTERVAL = 0.5
 
 log = logging.getLogger("moco_fast")
-
-# This process's parent when this module was first imported (a torchrun worker: as it starts, before
-# its checks and its join), which stop_with_the_launcher compares with the parent it finds once the
-# parent's end is signalled: a launcher killed in between leaves its worker to another parent.
-STARTED_BY = os.getppid()
 
 
 def describes_group() -> bool:

@@ -582,17 +582,19 @@ def test_a_torchrun_worker_stops_when_its_launcher_is_killed(tmp_path, killed):
     # SIGKILLed left them training on, orphans holding the run folder, to their last epoch. Now each
     # launched worker gets SIGTERM (a stop: its step saved). Here a worker of a launcher killed at once,
     # after the worker set the signal or before (PR_SET_PDEATHSIG then never fires: the worker sees
-    # another parent than the one it started under, and sends itself the SIGTERM)
+    # another parent than the one it started under, and sends itself the SIGTERM). Before: also before
+    # the worker imported moco_fast.join (torch's import and the CLI's checks, seconds), the package
+    # alone imported, as `python -m moco_fast` and the moco-fast script start
     marker = str(tmp_path / "worker")
     worker = (
-        "import os, signal, sys, time; from moco_fast.join import stop_with_the_launcher; "
-        "launcher = os.getppid(); "
+        "import os, signal, sys, time; import moco_fast; launcher = os.getppid(); "
         "got = lambda s, f: (open(sys.argv[1] + '.got', 'w').write(str(s)), os._exit(0)); "
         "signal.signal(signal.SIGTERM, got); "
-        "sys.argv[2] == 'after' and stop_with_the_launcher(launcher); "
+        "stop = lambda: (j := __import__('moco_fast.join').join).stop_with_the_launcher(j.STARTED_BY); "  # init_from_env's
+        "sys.argv[2] == 'after' and stop(); "
         "open(sys.argv[1], 'w').write(str(os.getpid())); "
         "[time.sleep(0.05) for _ in range(600) if os.getppid() == launcher]; "
-        "sys.argv[2] == 'before' and stop_with_the_launcher(launcher); time.sleep(60)"
+        "sys.argv[2] == 'before' and stop(); time.sleep(60)"
     )
     launcher = (
         "import subprocess, sys; subprocess.Popen([sys.executable, *sys.argv[1:]], start_new_session=True).wait()"
