@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moco_fast.checkpoint import fsync_folder
+from moco_fast.checkpoint import fsync_contents, fsync_folder
 
 
 class PackError(Exception):
@@ -47,6 +47,7 @@ def pack(src: Path, dst: Path) -> int:
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, data=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, names=names)
+        fsync_contents(tmp)  # its bytes durable before the rename puts it in place
     except BaseException as e:  # a full disk or Ctrl-C: no half pack left beside DST
         with contextlib.suppress(OSError):  # nothing there to remove where DST's folder could not be made
             tmp.unlink(missing_ok=True)
@@ -81,6 +82,7 @@ def unpack(src: Path, dst: Path) -> int:
         out = tmp / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data[offsets[i] : offsets[i + 1]].tobytes())
+    fsync_contents(tmp)  # its files durable before the rename puts it in place
     if dst.exists():
         dst.rmdir()  # empty (checked above)
     os.replace(tmp, dst)

@@ -7,6 +7,7 @@ import glob
 import logging
 import os
 import random
+import stat
 import tarfile
 import tempfile
 import uuid
@@ -126,11 +127,37 @@ def fsync_folder(folder: Path) -> None:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return
+    _fsync(fd, folder)
+
+
+def fsync_contents(path: Path) -> None:
+    """fsync(2) of the file `path`, or of each file in the folder `path` (its subfolders too) and of
+    each folder: what a rename is to put in place made durable before it, so that a power loss after
+    the rename cannot leave it empty or short under its final name (convert's publish, and
+    bench/pack_folder.py). Each file is opened read-only by its path (its writer may hold it open
+    still), which flushes the file's dirty pages on Linux; nothing is read back. Links and other
+    files that are no regular file are left alone. An error is raised with the file's path (a full
+    disk met by the write-back)."""
+    if not path.is_dir() or path.is_symlink():
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            _fsync(os.open(path, os.O_RDONLY), path)
+        return
+    for folder, _, names in os.walk(path, topdown=False):  # each folder after the files in it
+        for name in names:
+            file = os.path.join(folder, name)
+            if stat.S_ISREG(os.lstat(file).st_mode):
+                _fsync(os.open(file, os.O_RDONLY), file)
+        fsync_folder(Path(folder))
+
+
+def _fsync(fd: int, path: str | Path) -> None:
+    """fsync(2) of `fd` (of `path`), then closed: an error is raised with the path, but for a file
+    that cannot be fsynced (EINVAL: a file system that does not, a folder on some)."""
     try:
         os.fsync(fd)
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
+            raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         os.close(fd)
 

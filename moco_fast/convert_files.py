@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from moco_fast.checkpoint import fsync_folder
+from moco_fast.checkpoint import fsync_contents, fsync_folder
 from moco_fast.cli import ENVIRONMENT_ERRNOS
 from moco_fast.convert_dst import empty_folder, names_path, sidecar_path
 from moco_fast.folder_locks import ended_here, hold_lock_file, owner_name
@@ -121,13 +121,17 @@ def publish(tmp: Path, dst: Path, force: bool) -> None:
     """Rename tmp to dst. An existing dst (only with force) is moved aside first and removed after,
     so that dst is never a half-written output. An empty folder at dst (a shard set's, made
     beforehand) is renamed over: rename(2) replaces an empty folder (one filled since: ENOTEMPTY).
-    DST's folder is fsynced after the rename, before the old output goes: a power loss does not bring
-    the old output back, nor leave the folder without either (checkpoint.fsync_folder)."""
+    tmp's files (and folders) are fsynced before the rename, before the old output is moved aside
+    (checkpoint.fsync_contents): a power loss after it leaves no output empty or short under its
+    final name. DST's folder is fsynced after the rename, before the old output goes: a power loss
+    does not bring the old output back, nor leave the folder without either (checkpoint.fsync_folder)."""
     old = None
     if (dst.exists() or dst.is_symlink()) and not empty_folder(dst):
         if not force:
             raise FileExistsError(f"{dst} exists: pass --force to replace it")
         old = dst.with_name(f".{dst.name}.old-{owner_name()}")
+    fsync_contents(tmp)
+    if old is not None:
         os.replace(dst, old)
     os.replace(tmp, dst)
     fsync_folder(dst.parent)

@@ -512,8 +512,12 @@ def test_pack_folder_round_trip(tiny_root, tmp_path, capsys, monkeypatch):
     assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
     assert not list(pack.parent.glob("*.part*"))
     assert pack_folder.main(["unpack", str(pack), str(tmp_path / "out")]) == 0
-    # each rename into place made durable: its folder fsynced once the pack, then the folder, is there
-    assert synced == [(file_id(pack.parent), (True, False)), (file_id(tmp_path), (True, True))], synced
+    # what each rename puts in place made durable before it (the pack; each file and folder of the
+    # unpacked one), and the rename after it: its folder fsynced once the pack, then the folder, is there
+    out = [tmp_path / "out", *(tmp_path / "out").rglob("*")]
+    assert synced[:2] == [(file_id(pack), (False, False)), (file_id(pack.parent), (True, False))], synced
+    assert sorted(synced[2:-1]) == sorted((file_id(p), (True, False)) for p in out), synced
+    assert synced[-1] == (file_id(tmp_path), (True, True))
     src = sorted(p.relative_to(tiny_root) for p in tiny_root.rglob("*") if p.is_file())
     got = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert src == got and len(src) == 40

@@ -1,7 +1,7 @@
-"""Files after a kill -9 or a power loss: atomic writes and convert's output fsync their folder after the rename, a killed
-export's temporary file goes at the next export (one of a writer still running stays), and a
-metrics.jsonl row cut short is ended before the next row, its readers skipping it with a warning;
---resume rewrites metrics.jsonl atomically."""
+"""Files after a kill -9 or a power loss: atomic writes and convert's output fsync their folder after
+the rename (convert's output its files before it), a killed export's temporary file goes at the next
+export (one of a writer still running stays), and a metrics.jsonl row cut short is ended before the
+next row, its readers skipping it with a warning; --resume rewrites metrics.jsonl atomically."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from test_export import save_untrained_checkpoint
 
 from moco_fast import checkpoint as ckpt
 from moco_fast.cli import main
+from moco_fast.convert import ConvertConfig, convert
+from moco_fast.convert_dst import names_path, sidecar_path
 from moco_fast.convert_files import publish
 from moco_fast.metrics import METRICS_NAME, MetricsWriter, read_rows
 
@@ -62,16 +64,65 @@ def test_an_atomic_write_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatc
     assert path.read_text() == "{}\n"
 
 
-def test_convert_fsyncs_dsts_folder_after_publishing_before_the_old_output_goes(tmp_path, monkeypatch):
+def test_convert_fsyncs_its_output_before_publishing_and_dsts_folder_after(tmp_path, monkeypatch):
     # publish renamed the temporary output into place with no fsync of the folder: after a power loss
-    # the folder could come back with the old output, or (--force) with neither
+    # the folder could come back with the old output, or (--force) with neither; nor of the output's
+    # bytes: it could come back empty or short under its final name
     dst, tmp = tmp_path / "out.beton", tmp_path / ".out.beton.partial"
     dst.write_text("old")
     tmp.write_text("new")
     synced = recorded_fsyncs(monkeypatch, lambda: (dst.read_text(), len(list(tmp_path.glob(".out.beton.old-*")))))
     publish(tmp, dst, force=True)
-    assert synced == [(file_id(tmp_path), ("new", 1))]  # the new output in place, the old one not yet gone
+    # the new output's bytes while the old output is in place still; the folder with the new output
+    # in place, the old one not yet gone
+    assert synced == [(file_id(dst), ("old", 0)), (file_id(tmp_path), ("new", 1))], synced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.beton"]
+
+
+def test_publish_fsyncs_each_file_and_folder_of_a_temporary_folder_before_the_rename(tmp_path, monkeypatch):
+    # a shard set renamed into place could come back from a power loss with its shards empty or short
+    dst, tmp = tmp_path / "wds", tmp_path / ".wds.partial"
+    (tmp / "sub").mkdir(parents=True)
+    for name in ("shard-000000.tar", "meta.json", "sub/x"):
+        (tmp / name).write_text(name)
+    (tmp_path / "elsewhere").write_text("not the output's")
+    (tmp / "link").symlink_to(tmp_path / "elsewhere")  # no file of the output: not followed
+    synced = recorded_fsyncs(monkeypatch, dst.exists)
+    publish(tmp, dst, force=False)
+    inside = [dst, dst / "sub", dst / "shard-000000.tar", dst / "meta.json", dst / "sub" / "x"]
+    assert sorted(synced[:-1]) == sorted((file_id(p), False) for p in inside), synced  # before the rename
+    assert synced[-1] == (file_id(tmp_path), True)  # the rename made durable
+
+
+@pytest.mark.parametrize("fmt", ["wds", "ffcv"])
+def test_each_file_convert_writes_is_fsynced_before_it_is_renamed_into_place(fresh_root, tmp_path, monkeypatch, fmt):
+    dst = tmp_path / ("out.beton" if fmt == "ffcv" else "wds")
+    outputs = [dst, sidecar_path(dst), names_path(dst)] if fmt == "ffcv" else [dst]
+    synced = recorded_fsyncs(monkeypatch, lambda: tuple(p.exists() for p in outputs))
+    convert(ConvertConfig(str(fresh_root), str(dst), format=fmt, workers=1))
+    for i, out in enumerate(outputs):  # each while it and the ones after it are not in place yet
+        there = tuple(j < i for j in range(len(outputs)))
+        files = [out, *out.rglob("*")] if out.is_dir() else [out]
+        assert len(files) > 1 or fmt == "ffcv"
+        assert all((file_id(p), there) in synced for p in files), (out, synced)
+
+
+def test_a_shard_that_the_disk_refuses_at_its_fsync_is_dsts_error(fresh_root, tmp_path, monkeypatch, capsys):
+    # a full disk met by the write-back of a shard (delayed allocation): DST named, as for a write
+    dst = tmp_path / "out" / "wds"
+    real = os.fsync
+
+    def full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tar"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    argv = ["convert", str(fresh_root), str(dst), "--format", "wds", "--workers", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"moco-fast convert: error: No space left on device: {dst}"), err
+    assert not dst.parent.exists()  # no output, no temporary, and the folder the convert made is gone
 
 
 def test_a_killed_exports_temporary_file_goes_at_the_next_export_a_running_writers_stays(tmp_path):
