@@ -87,20 +87,15 @@ def new_save_id() -> str:
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """write(fh) into a temporary file in the same folder (`.NAME.HOST-PID.XXXXXXXX.tmp`: its writer
     named, remove_ended_writers_temporaries; NAME cut where the whole would pass NAME_MAX, temp_prefix),
-    then rename, then fsync the folder: a crash never leaves a half-written file under the final name
-    (checkpoints, exports, result JSON), and a power loss after the return does not bring the old file
-    back."""
-    from moco_fast.folder_locks import owner_name
-
+    locked from before its first byte until after the rename (folder_locks.lock_temporary), then rename,
+    then fsync the folder: a crash never leaves a half-written file under the final name (checkpoints,
+    exports, result JSON), and a power loss after the return does not bring the old file back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(path)}{owner_name()}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:  # a folder that may not be written: name the file, not the temporary one
-        raise OSError(e.errno, e.strerror, str(path)) from None
+    fd, tmp = _locked_temporary(path)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would follow the umask
-        with os.fdopen(fd, "wb") as fh:
+        with os.fdopen(fd, "wb", closefd=False) as fh:  # fd, and its lock, kept until after the rename
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -115,6 +110,29 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         if cause is not None and not cause.filename:  # a full disk from a write or fsync: name the file
             raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
+    finally:
+        os.close(fd)
+
+
+def _locked_temporary(path: Path) -> tuple[int, str]:
+    """mkstemp's (descriptor, name) of atomic_write's temporary file of `path`, locked
+    (folder_locks.lock_temporary); made again where a remover in another PID namespace, which took its
+    writer for ended, removed it before it was locked."""
+    from moco_fast.folder_locks import lock_temporary, owner_name
+
+    while True:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(path)}{owner_name()}.", suffix=".tmp", dir=path.parent)
+        except OSError as e:  # a folder that may not be written: name the file, not the temporary one
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        try:
+            if lock_temporary(fd, Path(tmp)):
+                return fd, tmp
+        except BaseException:  # a stop while it waits for the lock
+            os.close(fd)
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        os.close(fd)
 
 
 def fsync_folder(folder: Path) -> None:
@@ -177,19 +195,26 @@ def temp_prefix(path: Path) -> str:
 
 def remove_ended_writers_temporaries(path: str | Path) -> None:
     """The temporary files of atomic_write(path) whose writer, a process of this machine, has ended (a
-    kill, a power loss): those of a writer still running, or of another machine, are left alone, so
-    that a command need not hold `path` to call it (export). One that may not be removed (another user's,
-    in a sticky folder) is a warning: the write goes on, as convert's tidy does."""
-    from moco_fast.folder_locks import ended_here
+    kill, a power loss): by its HOST-PID (folder_locks.ended_here) and by its lock, which a live writer
+    holds (folder_locks.free_to_remove: one in another PID namespace of this machine, whose PID this
+    process cannot see). Those of a writer still running, or of another machine (flock across machines
+    is not to be trusted), are left alone, so that a command need not hold `path` to call it (export).
+    One that may not be removed (another user's, in a sticky folder) is a warning: the write goes on, as
+    convert's tidy does."""
+    from moco_fast.folder_locks import ended_here, free_to_remove
 
     path = Path(path)
     prefix = temp_prefix(path)
     for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
         owner = tmp.name[len(prefix) : -len(".tmp")].rpartition(".")[0]  # HOST-PID of HOST-PID.XXXXXXXX
-        if ended_here(owner):
+        if not ended_here(owner):
+            continue
+        with free_to_remove(tmp) as free:
+            if not free:
+                continue
             log.info("removing %s, left by a write that was stopped", tmp)
             try:
-                tmp.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)  # while locked
             except OSError as e:
                 log.warning("could not remove %s, left by a write that was stopped: %s", tmp, e)
 

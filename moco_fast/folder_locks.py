@@ -53,6 +53,42 @@ def ended_here(owner: str) -> bool:
     return False
 
 
+def lock_temporary(fd: int, path: Path) -> bool:
+    """An exclusive flock on `fd`, the temporary file `path` just made (checkpoint.atomic_write), which
+    its writer keeps until the file is renamed: the kernel lets go of it when the writer ends, in
+    whatever PID namespace, where a HOST-PID says nothing (containers that share the host's name but not
+    its PIDs, whose live writers ended_here takes for ended): free_to_remove. Waits out a remover's look;
+    False where that remover removed the file before it was locked (make another one). True where the
+    file system has no flock (the write goes unguarded)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held by a remover only while it looks
+    except OSError as e:
+        log.debug("no lock on %s: %s", path, e)
+        return True
+    return _still_there(path, fd)
+
+
+@contextlib.contextmanager
+def free_to_remove(path: Path) -> Iterator[bool]:
+    """Whether the temporary file `path`, whose writer ended_here takes for ended, is no live writer's
+    (lock_temporary): True while this process holds its lock (remove it in the block: a writer that
+    made it meanwhile finds it gone once it locks it), False where a writer holds it (one in another PID
+    namespace of this machine) or it is gone. Where no lock can tell (a file system without flock, a
+    file this user may not read), True: its HOST-PID alone decides, as before writers locked theirs."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO there: no wait for a writer
+    except FileNotFoundError:
+        yield False
+        return
+    except OSError:
+        yield True
+        return
+    try:
+        yield _try_flock(fd, path) is not False
+    finally:
+        os.close(fd)
+
+
 _HELD: set[int] = set()  # the locks (run folders, lock files) this process holds
 
 

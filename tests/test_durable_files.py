@@ -1,17 +1,20 @@
 """Files after a kill -9 or a power loss: atomic writes and convert's output fsync their folder after
 the rename (convert's output its files before it), a killed export's temporary file goes at the next
-export (one of a writer still running stays), and a metrics.jsonl row cut short is ended before the
+export (one of a writer still running stays: it holds its lock, which tells where its HOST-PID
+cannot), and a metrics.jsonl row cut short is ended before the
 next row, its readers skipping it with a warning; --resume rewrites metrics.jsonl atomically."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,6 +151,73 @@ def test_a_killed_exports_temporary_file_goes_at_the_next_export_a_running_write
         running.kill()
         running.wait()
     assert sorted(p.name for p in tmp_path.glob(f".{out.name}.*")) == sorted([live.name, elsewhere.name])
+
+
+def test_a_temporary_file_whose_writer_holds_its_lock_stays_though_its_host_pid_has_ended(tmp_path):
+    # containers that share the host's name but not its PIDs see each other's live writers as ended by
+    # HOST-PID: an export there removed a concurrent export's temporary file, whose rename then failed
+    out = tmp_path / "r18.pth"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        (written,) = tmp_path.glob(f".{out.name}.*.tmp")
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        seen = tmp_path / f".{out.name}.{socket.gethostname()}-{gone.pid}.abcdefgh.tmp"  # as another namespace sees it
+        written.rename(seen)  # the writer's lock goes with the file
+        ckpt.remove_ended_writers_temporaries(out)
+        assert seen.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    ckpt.remove_ended_writers_temporaries(out)  # its lock gone with its writer
+    assert not seen.exists()
+
+
+def test_an_atomic_write_locks_its_temporary_file_before_the_first_byte_until_after_the_rename(tmp_path, monkeypatch):
+    path = tmp_path / "result.json"
+    locked, replace = [], os.replace
+
+    def lock_taken(tmp):
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def write(fh):
+        (tmp,) = tmp_path.glob("*.tmp")
+        locked.append(("write", tmp.stat().st_size, lock_taken(tmp)))
+        fh.write(b"{}")
+
+    def renamed(src, dst):
+        locked.append(("rename", lock_taken(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", renamed)
+    ckpt.atomic_write(path, write)
+    assert locked == [("write", 0, True), ("rename", True)]
+    assert path.read_bytes() == b"{}"
+
+
+def test_an_atomic_writes_temporary_file_removed_before_it_was_locked_is_made_again(tmp_path, monkeypatch):
+    # a remover in another PID namespace took this writer for ended between mkstemp and the lock
+    path, mkstemp, made = tmp_path / "result.json", tempfile.mkstemp, []
+
+    def removed_at_once(**kwargs):
+        fd, tmp = mkstemp(**kwargs)
+        made.append(tmp)
+        if len(made) == 1:
+            os.unlink(tmp)
+        return fd, tmp
+
+    monkeypatch.setattr(tempfile, "mkstemp", removed_at_once)
+    ckpt.atomic_write_text(path, "{}\n")
+    assert path.read_text() == "{}\n" and len(made) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_a_long_names_atomic_write_fits_name_max_and_its_ended_writers_temporary_goes(tmp_path):
