@@ -138,7 +138,7 @@ def _locked_temporary(path: Path) -> tuple[int, str]:
 def fsync_folder(folder: Path) -> None:
     """fsync(2) of `folder`, which makes a rename in it durable (POSIX). Skipped where it cannot be
     done: no O_DIRECTORY (Windows), a folder that may not be read, a file system that does not fsync
-    folders (EINVAL)."""
+    folders (EINVAL, ENOTSUP, EBADF)."""
     if not hasattr(os, "O_DIRECTORY"):
         return
     try:
