@@ -684,6 +684,8 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
         f"; the run was saved with --loader-option {key}=64: continue it with "
         f"`moco-fast train --resume --out {run} --device cpu --loader-option {fix}`"  # the --device given too
     ), err
+    assert main([*argv, "--gpus", "1"]) == 2  # and the --gpus given
+    assert capsys.readouterr().err.strip().endswith(f"--out {run} --device cpu --gpus 1 --loader-option {fix}`")
     # an option refused that was given now is said alone, as in a fresh run
     assert main([*argv, "--loader-option", "nope=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

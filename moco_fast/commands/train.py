@@ -397,12 +397,17 @@ def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Names
 
 
 def _resume_argv(args: argparse.Namespace) -> list[str]:
-    """The --resume (and --out, --device) of this command line, as arguments: what a line that says how
-    to go on names (shlex.join'ed for a shell; as they are for moco_fast.cli.main: _check_users_loader).
-    --device too: run as written, it resumes where this one would (a saved cuda, on a machine without
-    one, stopped it)."""
-    resume = ["--resume", *([args.resume] if args.resume != "auto" else [])]
-    return [*resume, *(["--out", args.out] if args.out else []), *(["--device", args.device] if args.device else [])]
+    """The --resume (and --out, --device, --gpus) of this command line, as arguments: what a line that
+    says how to go on names (shlex.join'ed for a shell; as they are for moco_fast.cli.main:
+    _check_users_loader). --device and --gpus too: run as written, it resumes where and as this one
+    would (a saved cuda, on a machine without one, stopped it; a saved --gpus 8 came back)."""
+    where = [*(["--device", args.device] if args.device else []), *(["--gpus", str(args.gpus)] if args.gpus else [])]
+    return [
+        "--resume",
+        *([args.resume] if args.resume != "auto" else []),
+        *(["--out", args.out] if args.out else []),
+        *where,
+    ]
 
 
 def _default_preset(args: argparse.Namespace) -> str:
