@@ -686,6 +686,9 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
     ), err
     assert main([*argv, "--gpus", "1"]) == 2  # and the --gpus given
     assert capsys.readouterr().err.strip().endswith(f"--out {run} --device cpu --gpus 1 --loader-option {fix}`")
+    # --gpus 0 too, as typed (it was left out: the line resumed with the run's saved count)
+    assert main([*argv, "--gpus", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--out {run} --device cpu --gpus 0 --loader-option {fix}`")
     # an option refused that was given now is said alone, as in a fresh run
     assert main([*argv, "--loader-option", "nope=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

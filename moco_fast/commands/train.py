@@ -400,8 +400,10 @@ def _resume_argv(args: argparse.Namespace) -> list[str]:
     """The --resume (and --out, --device, --gpus) of this command line, as arguments: what a line that
     says how to go on names (shlex.join'ed for a shell; as they are for moco_fast.cli.main:
     _check_users_loader). --device and --gpus too: run as written, it resumes where and as this one
-    would (a saved cuda, on a machine without one, stopped it; a saved --gpus 8 came back)."""
-    where = [*(["--device", args.device] if args.device else []), *(["--gpus", str(args.gpus)] if args.gpus else [])]
+    would (a saved cuda, on a machine without one, stopped it; a saved --gpus 8 came back). A --gpus
+    given is repeated whatever its count: --gpus 0 was left out, and the line resumed with the saved one."""
+    gpus = ["--gpus", str(args.gpus)] if args.gpus is not None else []
+    where = [*(["--device", args.device] if args.device else []), *gpus]
     return [
         "--resume",
         *([args.resume] if args.resume != "auto" else []),
