@@ -220,6 +220,42 @@ def test_an_atomic_writes_temporary_file_removed_before_it_was_locked_is_made_ag
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
+@pytest.mark.parametrize("no_lock", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_an_atomic_write_on_a_file_system_without_flock_writes_and_its_ended_writers_temporary_goes(
+    tmp_path, monkeypatch, no_lock
+):
+    # every checkpoint save goes through atomic_write: where flock fails, the write goes on unguarded
+    # and a remover falls back to HOST-PID alone, as before writers locked their temporary files
+    def flock(fd, how):
+        raise OSError(no_lock, os.strerror(no_lock))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    path = tmp_path / "result.json"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left = tmp_path / f".{path.name}.{socket.gethostname()}-{gone.pid}.abcdefgh.tmp"
+    left.write_bytes(b"x")
+    ckpt.atomic_write_text(path, "{}\n")
+    ckpt.remove_ended_writers_temporaries(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert path.read_text() == "{}\n"
+
+
+def test_a_stop_while_an_atomic_write_waits_for_its_lock_leaves_no_temporary_file_and_no_descriptor(
+    tmp_path, monkeypatch
+):
+    # Ctrl-C (or a SIGTERM raised as Terminated) during the wait for a remover's look
+    def flock(fd, how):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_write_text(tmp_path / "result.json", "{}\n")
+    assert list(tmp_path.iterdir()) == []
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
 def test_a_long_names_atomic_write_fits_name_max_and_its_ended_writers_temporary_goes(tmp_path):
     # HOST-PID in the temporary name took a name that fitted (240 bytes) past NAME_MAX: ENAMETOOLONG
     path = tmp_path / ("x" + "\u00e9" * 117 + ".json")  # 240 bytes, the name cut within no character
