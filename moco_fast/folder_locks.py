@@ -75,8 +75,12 @@ def free_to_remove(path: Path) -> Iterator[bool]:
     made it meanwhile finds it gone once it locks it), False where a writer holds it (one in another PID
     namespace of this machine) or it is gone. Where no lock can tell (a file system without flock, a
     file this user may not read), True: its HOST-PID alone decides, as before writers locked theirs."""
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO there: no wait for a writer
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO there: no wait for a writer
+        try:  # for writing: NFS takes a flock as fcntl's lock, whose exclusive one needs that (else EBADF)
+            fd = os.open(path, os.O_RDWR | flags)
+        except PermissionError:  # another user's file: a local file system's flock needs it only read
+            fd = os.open(path, os.O_RDONLY | flags)
     except FileNotFoundError:
         yield False
         return

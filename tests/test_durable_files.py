@@ -174,6 +174,36 @@ def test_a_temporary_file_whose_writer_holds_its_lock_stays_though_its_host_pid_
     assert not seen.exists()
 
 
+def test_a_live_writers_temporary_file_stays_where_flock_is_taken_as_fcntl_locks_nfs(tmp_path, monkeypatch):
+    # the NFS client takes a flock as an fcntl lock of the whole file, whose exclusive one needs a
+    # descriptor opened for writing (EBADF else): a remover that opened the file only to read it took
+    # that for no flock at all and removed a live writer's file by its HOST-PID
+    real = fcntl.flock
+
+    def nfs_flock(fd, how):
+        if how & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        real(fd, how)
+
+    out = tmp_path / "r18.pth"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        (written,) = tmp_path.glob(f".{out.name}.*.tmp")
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        seen = tmp_path / f".{out.name}.{socket.gethostname()}-{gone.pid}.abcdefgh.tmp"  # as another namespace sees it
+        written.rename(seen)
+        monkeypatch.setattr(fcntl, "flock", nfs_flock)
+        ckpt.remove_ended_writers_temporaries(out)
+        assert seen.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    ckpt.remove_ended_writers_temporaries(out)
+    assert not seen.exists()
+
+
 def test_an_atomic_write_locks_its_temporary_file_before_the_first_byte_until_after_the_rename(tmp_path, monkeypatch):
     path = tmp_path / "result.json"
     locked, replace = [], os.replace
