@@ -590,7 +590,9 @@ def test_a_torchrun_worker_stops_when_its_launcher_is_killed(tmp_path, killed):
         "import os, signal, sys, time; import moco_fast; launcher = os.getppid(); "
         "got = lambda s, f: (open(sys.argv[1] + '.got', 'w').write(str(s)), os._exit(0)); "
         "signal.signal(signal.SIGTERM, got); "
-        "stop = lambda: (j := __import__('moco_fast.join').join).stop_with_the_launcher(j.STARTED_BY); "  # init_from_env's
+        # init_from_env's, once torch is imported (seconds on a loaded machine: the .imported file says when)
+        "stop = lambda: (time.sleep(11), j := __import__('moco_fast.join').join, open(sys.argv[1] + '.imported', 'w').close(), "
+        "j.stop_with_the_launcher(j.STARTED_BY)); "
         "sys.argv[2] == 'after' and stop(); "
         "open(sys.argv[1], 'w').write(str(os.getpid())); "
         "[time.sleep(0.05) for _ in range(600) if os.getppid() == launcher]; "
@@ -609,6 +611,10 @@ def test_a_torchrun_worker_stops_when_its_launcher_is_killed(tmp_path, killed):
         pid = int(Path(marker).read_text())
         proc.kill()
         proc.wait()
+        for _ in range(2400):  # before: the worker imports moco_fast.join only now (15 s seen on 2 busy cores)
+            if Path(f"{marker}.imported").exists():
+                break
+            time.sleep(0.05)
         for _ in range(200):
             if Path(f"{marker}.got").exists() and Path(f"{marker}.got").read_text():  # made, then written
                 break
