@@ -155,17 +155,22 @@ def fsync_contents(path: Path) -> None:
     bench/pack_folder.py). Each file is opened read-only by its path (its writer may hold it open
     still), which flushes the file's dirty pages on Linux; nothing is read back. Links and other
     files that are no regular file are left alone. An error is raised with the file's path (a full
-    disk met by the write-back)."""
+    disk met by the write-back), as is one of a folder that cannot be listed (os.walk's default
+    skips it: its files would go unsynced, unsaid)."""
     if not path.is_dir() or path.is_symlink():
         if stat.S_ISREG(os.lstat(path).st_mode):
             _fsync(os.open(path, os.O_RDONLY), path)
         return
-    for folder, _, names in os.walk(path, topdown=False):  # each folder after the files in it
+    for folder, _, names in os.walk(path, topdown=False, onerror=_raise):  # each folder after the files in it
         for name in names:
             file = os.path.join(folder, name)
             if stat.S_ISREG(os.lstat(file).st_mode):
                 _fsync(os.open(file, os.O_RDONLY), file)
         fsync_folder(Path(folder))
+
+
+def _raise(e: OSError) -> None:
+    raise e
 
 
 def _fsync(fd: int, path: str | Path) -> None:

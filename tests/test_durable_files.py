@@ -97,6 +97,25 @@ def test_publish_fsyncs_each_file_and_folder_of_a_temporary_folder_before_the_re
     assert synced[-1] == (file_id(tmp_path), True)  # the rename made durable
 
 
+def test_a_folder_of_the_output_that_cannot_be_listed_stops_the_publish(tmp_path, monkeypatch):
+    # os.walk skips a folder it cannot list: its files went unsynced, and the output was put in place
+    dst, tmp = tmp_path / "wds", tmp_path / ".wds.partial"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "sub" / "shard-000000.tar").write_text("x")
+    real = os.scandir
+
+    def failing(path="."):
+        if os.fspath(path) == str(tmp / "sub"):
+            raise OSError(errno.EIO, "Input/output error", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", failing)
+    with pytest.raises(OSError) as e:
+        publish(tmp, dst, force=False)
+    assert (e.value.errno, e.value.filename) == (errno.EIO, str(tmp / "sub"))
+    assert not dst.exists() and tmp.is_dir()
+
+
 @pytest.mark.parametrize("fmt", ["wds", "ffcv"])
 def test_each_file_convert_writes_is_fsynced_before_it_is_renamed_into_place(fresh_root, tmp_path, monkeypatch, fmt):
     dst = tmp_path / ("out.beton" if fmt == "ffcv" else "wds")
