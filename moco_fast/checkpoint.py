@@ -175,7 +175,7 @@ def _raise(e: OSError) -> None:
 
 def _fsync(fd: int, path: str | Path) -> None:
     """fsync(2) of `fd` (of `path`), then closed: an error is raised with the path, but for a file
-    that cannot be fsynced (EINVAL: a file system that does not, a folder on some)."""
+    that cannot be fsynced (EINVAL, ENOTSUP, EBADF: a file system that does not, a folder on some)."""
     try:
         os.fsync(fd)
     except OSError as e:
