@@ -6,6 +6,7 @@ next row, its readers skipping it with a warning; --resume rewrites metrics.json
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -176,21 +177,29 @@ def test_a_temporary_file_whose_writer_holds_its_lock_stays_though_its_host_pid_
     # containers that share the host's name but not its PIDs see each other's live writers as ended by
     # HOST-PID: an export there removed a concurrent export's temporary file, whose rename then failed
     out = tmp_path / "r18.pth"
+    with written_under_an_ended_pid(out) as seen:
+        ckpt.remove_ended_writers_temporaries(out)
+        assert seen.exists()
+    ckpt.remove_ended_writers_temporaries(out)  # its lock gone with its writer
+    assert not seen.exists()
+
+
+@contextlib.contextmanager
+def written_under_an_ended_pid(out):
+    """The temporary file of `out` of a real atomic_write, its writer alive, renamed to a HOST-PID that
+    has ended (as another PID namespace sees it); the writer killed on the way out."""
     writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "writing"
-        (written,) = tmp_path.glob(f".{out.name}.*.tmp")
+        (written,) = out.parent.glob(f".{out.name}.*.tmp")
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
-        seen = tmp_path / f".{out.name}.{socket.gethostname()}-{gone.pid}.abcdefgh.tmp"  # as another namespace sees it
+        seen = out.parent / f".{out.name}.{socket.gethostname()}-{gone.pid}.abcdefgh.tmp"
         written.rename(seen)  # the writer's lock goes with the file
-        ckpt.remove_ended_writers_temporaries(out)
-        assert seen.exists()
+        yield seen
     finally:
         writer.kill()
         writer.wait()
-    ckpt.remove_ended_writers_temporaries(out)  # its lock gone with its writer
-    assert not seen.exists()
 
 
 def test_a_live_writers_temporary_file_stays_where_flock_is_taken_as_fcntl_locks_nfs(tmp_path, monkeypatch):
@@ -205,20 +214,10 @@ def test_a_live_writers_temporary_file_stays_where_flock_is_taken_as_fcntl_locks
         real(fd, how)
 
     out = tmp_path / "r18.pth"
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout.readline().strip() == "writing"
-        (written,) = tmp_path.glob(f".{out.name}.*.tmp")
-        gone = subprocess.Popen([sys.executable, "-c", "pass"])
-        gone.wait()
-        seen = tmp_path / f".{out.name}.{socket.gethostname()}-{gone.pid}.abcdefgh.tmp"  # as another namespace sees it
-        written.rename(seen)
+    with written_under_an_ended_pid(out) as seen:
         monkeypatch.setattr(fcntl, "flock", nfs_flock)
         ckpt.remove_ended_writers_temporaries(out)
         assert seen.exists()
-    finally:
-        writer.kill()
-        writer.wait()
     ckpt.remove_ended_writers_temporaries(out)
     assert not seen.exists()
 
