@@ -198,6 +198,13 @@ def temp_prefix(path: Path) -> str:
     return f".{name}."
 
 
+def temporaries_of(path: Path) -> list[Path]:
+    """The temporary files that atomic_write(path) makes, whoever their writer (a long NAME cut as
+    temp_prefix cuts it): what a remover holding `path`'s folder removes, and
+    remove_ended_writers_temporaries looks at."""
+    return sorted(path.parent.glob(glob.escape(temp_prefix(path)) + "*.tmp"))
+
+
 def remove_ended_writers_temporaries(path: str | Path) -> None:
     """The temporary files of atomic_write(path) whose writer, a process of this machine, has ended (a
     kill, a power loss): by its HOST-PID (folder_locks.ended_here) and by its lock, which a live writer
@@ -210,7 +217,7 @@ def remove_ended_writers_temporaries(path: str | Path) -> None:
 
     path = Path(path)
     prefix = temp_prefix(path)
-    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+    for tmp in temporaries_of(path):
         owner = tmp.name[len(prefix) : -len(".tmp")].rpartition(".")[0]  # HOST-PID of HOST-PID.XXXXXXXX
         if not ended_here(owner):
             continue

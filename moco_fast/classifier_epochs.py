@@ -154,7 +154,7 @@ def clear_state(out: Path) -> None:
 def remove_partial_saves(out: Path) -> None:
     """The temporary files of state saves cut short (a kill while saving: a finetune state is hundreds
     of MB); call it only while holding the output's lock."""
-    for tmp in out.parent.glob(f".{state_path(out).name}.*.tmp"):
+    for tmp in ckpt.temporaries_of(state_path(out)):
         tmp.unlink(missing_ok=True)
 
 

@@ -350,5 +350,5 @@ def remove_stale_temporaries(out: Path) -> None:
     only the run writes (metrics.jsonl, which --resume rewrites; summary.json; config.json). Call it while
     holding the folder: no writer of them is running."""
     for name in (ckpt.CHECKPOINT_NAME, METRICS_NAME, SUMMARY_NAME, CONFIG_NAME):
-        for tmp in out.glob(f".{name}.*.tmp"):
+        for tmp in ckpt.temporaries_of(out / name):
             tmp.unlink(missing_ok=True)

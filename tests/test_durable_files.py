@@ -378,3 +378,16 @@ def test_an_ended_writers_temporary_file_that_may_not_be_removed_leaves_the_expo
     assert warned == [
         f"could not remove {left}, left by a write that was stopped: [Errno 1] Operation not permitted: '{left}'"
     ]
+
+
+def test_a_killed_classifier_saves_temporary_goes_though_its_long_name_was_cut(tmp_path):
+    # atomic_write cuts a long NAME in its temporary's name (temp_prefix): lincls's and finetune's removal
+    # of a killed save's temporary (hundreds of MB) globbed the whole name and missed it
+    from moco_fast.classifier_epochs import remove_partial_saves, state_path
+
+    out = tmp_path / ("lincls-" + "x" * 200 + ".json")
+    left = tmp_path / f"{ckpt.temp_prefix(state_path(out))}host-4242.abcdefgh.tmp"
+    left.write_bytes(b"half")
+    assert len(left.name.encode()) <= ckpt.NAME_MAX and state_path(out).name not in left.name  # cut
+    remove_partial_saves(out)
+    assert not left.exists()
