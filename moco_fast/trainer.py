@@ -429,7 +429,7 @@ def _train_held(
     if dist_utils.is_main() and not continuing:
         if cfg.runtime.force or starts_over(cfg, resume_path):
             clear_run(out)  # all but config.json: a kill from here to its save leaves a run to --resume
-    if dist_utils.is_main() and not finished:
+    if dist_utils.is_main():  # a finished run too: it may write its summary and its row (a kill left their temporaries)
         remove_stale_temporaries(out)
     # the checkpoint's row belongs in its own run's folder only: another run's epochs were logged there
     own_row = saved_row if continuing else None

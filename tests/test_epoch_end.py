@@ -73,8 +73,10 @@ def test_a_finished_run_killed_in_its_last_knn_gets_its_row_without_a_final_knn(
     trainer.train(config(tmp_path, tiny_root, **run))
     (row,) = rows(tmp_path)
     (tmp_path / "metrics.jsonl").unlink()  # a SIGKILL in the last epoch's kNN: the checkpoint, no row
+    (tmp_path / ".summary.json.host-4242.abcdefgh.tmp").write_text("{")  # and one in a finished run's summary write
     trainer.train(config(tmp_path, tiny_root, **run, **{"runtime.resume": "auto"}))
     assert rows(tmp_path) == [{k: v for k, v in row.items() if k != "knn_top1"}]
+    assert not list(tmp_path.glob(".summary.json.*.tmp"))  # a finished run's start removes it too
 
 
 def test_an_epochs_row_reads_the_device_once(monkeypatch):
