@@ -8,5 +8,15 @@ __version__ = "0.1.0"
 # torchrun or --gpus worker imports (`python -m moco_fast`, the moco-fast script, a spawned worker's
 # function), before torch and the CLI's checks, which take seconds. join.stop_with_the_launcher
 # compares it with the parent it finds when it sets the signal for the parent's end: a launcher
-# killed in between leaves its worker to another parent.
+# killed in between leaves its worker to another parent. A process forked from one that imported the
+# package (a launcher's fork start method) records its own parent, the forking process.
 STARTED_BY = os.getppid()
+
+
+def _started_by_the_forking_process() -> None:
+    global STARTED_BY
+    STARTED_BY = os.getppid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_started_by_the_forking_process)

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from moco_fast import STARTED_BY
+import moco_fast
 
 # How long a collective may wait for the slowest rank. Rank 0 alone runs the kNN monitor while the
 # others wait at a barrier, which can take longer than the 10-minute NCCL default on large sets. A
@@ -65,7 +65,7 @@ def init_from_env(device: str = "auto") -> bool:
     timeout = join_timeout()
     manual = "TORCHELASTIC_RUN_ID" not in os.environ  # torchrun's and --gpus's workers: gathered already
     if not manual:  # before the join: a launcher gone by then stops its worker now, not at the join's timeout
-        stop_with_the_launcher(STARTED_BY)
+        stop_with_the_launcher(moco_fast.STARTED_BY)  # read now: a forked process records its own
     if manual and rank == "0":  # it may wait a while
         log.info("waiting for WORLD_SIZE=%s processes to join at %s:%s (at most %s)", world, addr, port, _span(timeout))
     left = timeout
@@ -98,7 +98,7 @@ def stop_with_the_launcher(launcher: int) -> None:
     epoch, an orphan holding the run folder (torchrun starts its workers in sessions of their own,
     with no such signal). A `--gpus` worker had SIGINT for it until here (torch's spawn): one stop.
     PR_SET_PDEATHSIG fires when the thread that started the process ends: the launcher's main thread.
-    It fires on an end after it is set only: `launcher`, the parent this process had before (STARTED_BY),
+    It fires on an end after it is set only: `launcher`, the parent this process had before (moco_fast.STARTED_BY),
     gone by then, sends the same SIGTERM now."""
     if sys.platform.startswith("linux"):
         import ctypes

@@ -591,8 +591,8 @@ def test_a_torchrun_worker_stops_when_its_launcher_is_killed(tmp_path, killed):
         "got = lambda s, f: (open(sys.argv[1] + '.got', 'w').write(str(s)), os._exit(0)); "
         "signal.signal(signal.SIGTERM, got); "
         # init_from_env's, once torch is imported (seconds on a loaded machine: the .imported file says when)
-        "stop = lambda: (time.sleep(11), j := __import__('moco_fast.join').join, open(sys.argv[1] + '.imported', 'w').close(), "
-        "j.stop_with_the_launcher(j.STARTED_BY)); "
+        "stop = lambda: (j := __import__('moco_fast.join').join, open(sys.argv[1] + '.imported', 'w').close(), "
+        "j.stop_with_the_launcher(moco_fast.STARTED_BY)); "
         "sys.argv[2] == 'after' and stop(); "
         "open(sys.argv[1], 'w').write(str(os.getpid())); "
         "[time.sleep(0.05) for _ in range(600) if os.getppid() == launcher]; "
@@ -677,3 +677,20 @@ def test_a_launch_removes_the_folders_a_killed_launcher_left(tmp_path, monkeypat
         ]
         + ["moco-fast-workers-x1y2z3w4"]
     )
+
+
+def test_a_process_forked_after_the_packages_import_records_its_own_parent():
+    # the parent read as the package was imported was inherited by a process forked from it (a launcher's
+    # fork start method): that worker took the forking process for a new parent and stopped itself at its join
+    import moco_fast
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: says whether it records its own parent, and ends at once
+        os.write(write, b"1" if moco_fast.STARTED_BY == os.getppid() else b"0")
+        os._exit(0)
+    os.close(write)
+    said = os.read(read, 1)
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert said == b"1"
