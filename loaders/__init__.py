@@ -5,8 +5,8 @@ Backends register themselves with `@register_loader(name)`; `create_loader(name,
 backend module on first use, so a missing optional dependency (DALI, FFCV) only matters when asked for.
 A library user's `@register_loader("mine")` adds a loader that `create_loader` and `trainer.train`
 (`data.loader = "mine"`) take in that Python process; the CLI, which runs none of the user's code,
-knows the built-in ones only (a run trained with one records its module, `data.loader_module`, which
-`train --resume` names). A built-in name cannot be taken.
+knows the built-in ones only (a run trained with a user's loader records its module,
+`data.loader_module`, which `train --resume` names). A built-in name cannot be taken.
 """
 
 from __future__ import annotations

@@ -126,8 +126,8 @@ class DaliOptions:
 
 # ffcv's batches_ahead, at most: FFCV holds the decode buffers of batches_ahead + 2 batches
 MAX_BATCHES_AHEAD = 32
-# each backend's option that MAX_BATCHES_AHEAD bounds: a run saved with more (before the bound) resumes
-# with it, at most (replaced_option)
+# each backend's option that MAX_BATCHES_AHEAD bounds: a run saved with more (before the bound) is
+# resumed with MAX_BATCHES_AHEAD in its place (replaced_option names the --loader-option)
 BATCHES_AHEAD = {"dali": "prefetch", "ffcv": "batches_ahead"}
 
 

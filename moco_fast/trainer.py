@@ -97,8 +97,9 @@ def named_device(name: str) -> torch.device:
 
 
 def asks_for_the_cpu(name: str) -> bool:
-    """Whether --device NAME is the CPU, which is on every machine: the checks made before a run (check_flags,
-    a resume's saved loader options) take auto and cuda as on a machine with a GPU, which the config may be for."""
+    """Whether --device NAME is the CPU, which is on every machine: the checks made before a run (check_flags)
+    take auto and cuda as on a machine with a GPU, which the config may be for (a resume's check of its saved
+    loader options takes auto as the CPU where no GPU is: commands.train._check_saved_loader_options)."""
     return name != "auto" and named_device(name).type == "cpu"
 
 
