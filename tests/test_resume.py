@@ -612,7 +612,7 @@ def test_the_saved_data_note_keeps_the_errors_class_and_fields(tmp_path, error):
         "worker": WorkerUserError(f"rank 1: data folder not found: {gone}"),
     }[error]
     line = str(raised)
-    args = argparse.Namespace(data=None, resume="auto", out=str(tmp_path / "run"))
+    args = argparse.Namespace(data=None, resume="auto", out=str(tmp_path / "run"), device=None, gpus=None)
     cfg = SimpleNamespace(data=SimpleNamespace(data=str(gone)))
     with pytest.raises(type(raised)) as caught:
         with _saved_data_named(args, cfg, saved_run=object()):
