@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from typing import Any
 
 from moco_fast.config import ConfigError
 
 from .base import Batch, LoaderArgs, TrainLoader
 from .options import check_loader_options
+
+log = logging.getLogger("moco_fast")
 
 _LOADERS: dict = {}
 # Backend name -> module that registers it (imported lazily: DALI and FFCV are optional).
@@ -72,9 +75,43 @@ def register_loader(name: str):
 
 
 def registered_by(name: str) -> str | None:
-    """The module whose `register_loader` made loader `name`; None for a built-in one, or a name not registered."""
+    """The module whose `register_loader` made loader `name`; None for a built-in one, or a name not
+    registered. `__main__` for one registered at the top level of the script that started this process:
+    a spawned `--gpus` worker imports that script as `__mp_main__`, and records what its launcher does."""
     fn = None if name in _MODULES else _LOADERS.get(name)
-    return None if fn is None else getattr(fn, "__module__", None)
+    module = None if fn is None else getattr(fn, "__module__", None)
+    return "__main__" if module == "__mp_main__" else module
+
+
+def import_loader_module(name: str, module: str | None) -> None:
+    """Registers loader `name` in this process, where it is not known, by importing `module`, the one that
+    registered it where the run was configured (`data.loader_module`, registered_by's): a `--gpus` worker
+    is spawned, and runs only what its launcher's script runs at its top level (imported as `__mp_main__`),
+    not a REPL's, a notebook's, `python -c`'s or a function's registration. A ConfigError, one line, where
+    that is `__main__` (which cannot be imported by name) or the module cannot be imported here (the
+    cause chained, its traceback a DEBUG line: --verbose) or does not register `name`."""
+    if module is None or name in _MODULES or name in _LOADERS:
+        return
+    # the workers are new processes: they run the launching script's top level, and import modules by name
+    where = "register it at a script's top level or in an importable module"
+    if module == "__main__":
+        raise ConfigError(
+            f"loader {name!r} was registered in __main__ (a notebook, a REPL, python -c, or a script's "
+            f"`if __name__ == '__main__':` block or function), which a --gpus worker cannot import: {where}"
+        )
+    try:
+        importlib.import_module(module)
+    except Exception as e:
+        log.debug("importing %s, which registers loader %r", module, name, exc_info=True)
+        raise ConfigError(
+            f"loader {name!r}: its module {module} (data.loader_module), which registers it, cannot be imported "
+            f"in a --gpus worker: {type(e).__name__}: {e}"
+        ) from e
+    if name not in _LOADERS:
+        raise ConfigError(
+            f"loader {name!r}: a --gpus worker imported its module {module} (data.loader_module), which did not "
+            f"register it: {where}"
+        )
 
 
 def available_loaders() -> list[str]:
@@ -123,6 +160,7 @@ __all__ = [
     "available_loaders",
     "check_loader",
     "create_loader",
+    "import_loader_module",
     "register_loader",
     "registered_by",
     "unknown_loader",

@@ -110,9 +110,10 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
     from moco_fast.resume import saved_run
     from moco_fast.run_folder import check_output, hold_for_workers
     from moco_fast.step import check_cuda_graph
-    from moco_fast.trainer import check_workers, validate
+    from moco_fast.trainer import check_workers, validate, with_loader_module
 
     n = check_local_gpus(cfg)
+    cfg = with_loader_module(cfg)  # a user's loader: the module that each worker imports (_train_worker)
     validate(cfg, n, saved or partial(saved_run, cfg))  # contradicting flags fail here once, not in every worker
     check_workers(cfg.data.workers, n)  # the n workers' share of the cores, as each checks it in train()
     # a run in progress there: one line, no workers; else the folder stays held, by this process and
@@ -131,11 +132,16 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
 
 
 def _train_worker(cfg: TrainConfig, hold: FolderHold, level: int) -> dict:
+    from moco_fast.loaders import import_loader_module
     from moco_fast.trainer import train
 
     # as main()'s: moco-fast's from the launcher's level, other libraries' from WARNING (a spawned
     # worker sets its own up)
     log_as_lines(level)
+    # a library user's loader: the worker, spawned, knows it where the launcher's script registered it
+    # at its top level; else it imports the module that did (launch_local recorded it), or says, in one
+    # line, why it cannot (a ConfigError: _reported)
+    import_loader_module(cfg.data.loader, cfg.data.loader_module)
     with hold.taken():  # the launcher's hold of the run folder: rank 0 holds it already
         return train(cfg)
 

@@ -267,6 +267,16 @@ def _checked_for(cfg: TrainConfig, device: torch.device, world: int, saved: Save
     return amp_dtype
 
 
+def with_loader_module(cfg: TrainConfig) -> TrainConfig:
+    """cfg with `data.loader_module`, the module that registered `data.loader` in this process
+    (loaders.registered_by): a library user's loader's, which a resume from the CLI names (commands.train)
+    and a `--gpus` worker imports (launch._train_worker); None for a built-in one (a resume that changed
+    the loader keeps no other's module). train() records it, and launch_local before its workers start."""
+    if (module := registered_by(cfg.data.loader)) != cfg.data.loader_module:
+        cfg = replace(cfg, data=replace(cfg.data, loader_module=module))
+    return cfg
+
+
 def train(
     cfg: TrainConfig, saved: SavedRun | None = None, splits: DataSplits | None = None, command: str = "train"
 ) -> dict[str, Any]:
@@ -291,10 +301,7 @@ def train(
         options = check_loader(cfg.data.loader, cfg.data.loader_options, device.type == "cpu")
         check_workers(cfg.data.workers, None, options)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see
-        if (module := registered_by(cfg.data.loader)) != cfg.data.loader_module:
-            # a library user's loader: its module, which a resume from the CLI names (commands.train);
-            # None for a built-in one (a resume that changed the loader keeps no other's module)
-            cfg = replace(cfg, data=replace(cfg.data, loader_module=module))
+        cfg = with_loader_module(cfg)
         out = Path(cfg.runtime.out)
         with hold_run_folder(out, enabled=dist_utils.is_main(), command=command) as held, closed_stderr_stops():
             ensure_not_busy(dist_utils.all_gather_objects(held), out)  # every rank stops, not rank 0 alone

@@ -1,11 +1,24 @@
 """A loader a library user registers (`@register_loader`): create_loader and trainer.train take it
 in that process; a built-in name, or one that another function holds, is refused as it is registered."""
 
+import contextlib
 import json
+import logging
+import sys
+import types
 from dataclasses import replace
 
 import pytest
-from moco_fast.loaders import _LOADERS, _MODULES, available_loaders, check_loader, create_loader, register_loader
+from moco_fast.loaders import (
+    _LOADERS,
+    _MODULES,
+    available_loaders,
+    check_loader,
+    create_loader,
+    import_loader_module,
+    register_loader,
+    registered_by,
+)
 from moco_fast.loaders.options import PARSERS
 from run_helpers import rows as read_metrics
 
@@ -91,9 +104,9 @@ def test_each_built_in_loader_has_its_options_parser():
     assert set(_MODULES) == set(PARSERS)
 
 
-def one_epoch_with_mine(out):
+def one_epoch_with_mine(out, loader="mine"):
     """A CPU run of one epoch with loader "mine" (a user's, registered by the test), into `out`."""
-    fields = {"data.loader": "mine", "data.synthetic_steps": 2, "optim.epochs": 1, "optim.batch_size": 8}
+    fields = {"data.loader": loader, "data.synthetic_steps": 2, "optim.epochs": 1, "optim.batch_size": 8}
     fields |= {"moco.k": 32, "moco.bn_splits": 2, "data.workers": 0, "runtime.device": "cpu"}
     fields |= {"runtime.out": str(out), "runtime.final_knn": False, "runtime.knn_baseline": False}
     return build_config("cifar", fields)
@@ -191,3 +204,191 @@ def test_a_sweep_resumes_a_setting_trained_with_a_users_loader(tmp_path):
     torch.save({"config": to_dict(trained)}, tmp_path / "checkpoint.pt")
     setting = Setting(cfg.moco.mechanism, cfg.moco.k, cfg.moco.m, cfg.moco.shuffle_bn)
     assert plan_setting(cfg, setting, None, (0, 0.0)) == "resume"
+
+
+# A library user's module that registers loader "theirs" as it is imported.
+USERS_MODULE = """
+from moco_fast.loaders import create_loader, register_loader
+
+
+@register_loader("theirs")
+def theirs(args):
+    return create_loader("synthetic", args)
+"""
+
+
+@pytest.fixture
+def users_module(registry, tmp_path, monkeypatch):
+    """The name of a module of the user's (USERS_MODULE) that this process can import, not imported yet."""
+    name = "users_loaders_for_workers"
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / f"{name}.py").write_text(USERS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path / "users"))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def as_a_worker(cfg):
+    """What a `--gpus` worker runs (launch._train_worker), in this process: no CUDA here to launch one."""
+    from moco_fast.launch import _train_worker
+
+    return _train_worker(cfg, types.SimpleNamespace(taken=contextlib.nullcontext), logging.getLogger("moco_fast").level)
+
+
+def with_module(cfg, module):
+    return replace(cfg, data=replace(cfg.data, loader_module=module))
+
+
+def test_a_gpus_worker_imports_the_module_that_registered_the_users_loader(users_module, tmp_path):
+    # a --gpus worker is spawned: it knew a user's loader only where the launcher's script registered
+    # it at its top level, and every rank failed with "unknown loader" (a loader registered in an
+    # imported module, in a notebook, python -c...). It imports the module that the launcher recorded
+    assert "theirs" not in available_loaders()
+    out = tmp_path / "run"
+    as_a_worker(with_module(one_epoch_with_mine(out, "theirs"), users_module))
+    assert registered_by("theirs") == users_module
+    assert json.loads((out / "config.json").read_text())["data"]["loader_module"] == users_module
+    assert [r["epoch"] for r in read_metrics(out)] == [1]
+
+
+def test_the_gpus_launcher_records_the_users_loaders_module(users_module, tmp_path, monkeypatch):
+    # the launcher handed its workers the config without data.loader_module (train() records it, in
+    # each worker): they had no module to import. 2 pretend GPUs, no worker started
+    import importlib
+
+    import torch
+
+    from moco_fast import launch
+    from moco_fast.cli import main
+
+    importlib.import_module(users_module)  # as the user's script does, before moco_fast.cli.main
+    handed = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch, "run_workers", lambda fn, args, n, where=None: handed.append(args) or [{}])
+    argv = ["train", "--loader", "theirs", "--arch", "resnet18", "--image-size", "16", "--dim", "16"]
+    argv += ["--batch-size", "8", "--moco-k", "32", "--epochs", "1", "--workers", "0", "--no-final-knn"]
+    assert main([*argv, "--device", "auto", "--gpus", "2", "--out", str(tmp_path / "run")]) == 0
+    ((cfg, _, _),) = handed
+    assert cfg.data.loader_module == users_module
+
+
+@pytest.mark.parametrize(
+    "source, cause",
+    [
+        (None, "ModuleNotFoundError: No module named 'users_loaders_for_workers'"),  # not on the worker's path
+        ("raise RuntimeError('no licence for this machine')\n", "RuntimeError: no licence for this machine"),
+    ],
+)
+def test_a_users_loaders_module_that_a_worker_cannot_import_is_one_line(
+    users_module, tmp_path, monkeypatch, caplog, source, cause
+):
+    # each rank's traceback of "unknown loader 'theirs'": the launcher's CLI says one line, from the
+    # workers' report (launch._reported), naming the loader, its module and why it failed
+    from moco_fast.launch import USER_ERROR_EXIT, _reported, _train_worker
+
+    users = tmp_path / "users" / f"{users_module}.py"
+    if source is None:
+        users.unlink()
+    else:
+        users.write_text(source)
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = with_module(one_epoch_with_mine(tmp_path / "run", "theirs"), users_module)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    hold = types.SimpleNamespace(taken=contextlib.nullcontext)
+    with pytest.raises(SystemExit) as e:
+        _reported(_train_worker, str(reports), None, cfg, hold, logging.getLogger("moco_fast").level)
+    assert e.value.code == USER_ERROR_EXIT
+    line = (
+        f"loader 'theirs': its module {users_module} (data.loader_module), which registers it, cannot be imported "
+        f"in a --gpus worker: {cause}"
+    )
+    assert [(p.name, p.read_text()) for p in reports.iterdir()] == [("0", line)]
+    # the cause stays chained, and its traceback is a DEBUG line (--verbose)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, "moco_fast"), pytest.raises(ConfigError) as e:
+        import_loader_module("theirs", users_module)
+    assert str(e.value) == line and type(e.value.__cause__).__name__ == cause.partition(":")[0]
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [type(e.value.__cause__)]
+
+
+def test_a_users_loaders_module_that_does_not_register_it_when_imported_is_one_line(users_module, tmp_path):
+    # its @register_loader under `if __name__ == "__main__":`: the import registered nothing, and the
+    # worker went on to "unknown loader 'theirs'", which named no module
+    (tmp_path / "users" / f"{users_module}.py").write_text(
+        f'if __name__ == "__main__":\n{USERS_MODULE}'.replace("\n", "\n    ")
+    )
+    with pytest.raises(ConfigError) as e:
+        import_loader_module("theirs", users_module)
+    assert str(e.value) == (
+        f"loader 'theirs': a --gpus worker imported its module {users_module} (data.loader_module), which did not "
+        "register it: register it at a script's top level or in an importable module"
+    )
+
+
+def mp_mains_loader(args):
+    """Loader "mine" as a spawned worker has it where the launcher's script registered it at its top level."""
+    return create_loader("synthetic", args)
+
+
+mp_mains_loader.__module__ = "__mp_main__"  # the name a spawned process gives its launcher's script
+
+
+def test_a_users_loader_registered_in_main_trains_in_a_worker_only_from_a_scripts_top_level(registry, tmp_path):
+    # a spawned worker runs its launcher's script's top level as __mp_main__: a loader registered there
+    # is the worker's, and it records __main__, as the launcher did (it recorded __mp_main__); one
+    # registered elsewhere in __main__ (a notebook, python -c, `if __name__ == "__main__":`) is not,
+    # and no worker can import __main__ by name: one line that says where to register it
+    cfg = with_module(one_epoch_with_mine(tmp_path / "run", "mine"), "__main__")
+    with pytest.raises(ConfigError) as e:
+        as_a_worker(cfg)
+    assert str(e.value) == (
+        "loader 'mine' was registered in __main__ (a notebook, a REPL, python -c, or a script's "
+        "`if __name__ == '__main__':` block or function), which a --gpus worker cannot import: register it at "
+        "a script's top level or in an importable module"
+    )
+    register_loader("mine")(mp_mains_loader)
+    assert registered_by("mine") == "__main__"
+    as_a_worker(cfg)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["loader_module"] == "__main__"
+
+
+# A user's script that registers loader "mine" at its top level and trains with --gpus 2 (pretend GPUs:
+# the workers train on the CPU).
+USERS_SCRIPT = """
+import sys
+
+import torch
+
+torch.cuda.device_count = lambda: 2
+from moco_fast.cli import main
+from moco_fast.loaders import create_loader, register_loader
+
+
+@register_loader("mine")
+def mine(args):
+    return create_loader("synthetic", args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # ~10 s: 2 spawned workers
+def test_gpus_workers_train_with_a_loader_their_launchers_script_registers_at_its_top_level(tmp_path):
+    # the workers, spawned, run the script's top level as __mp_main__: rank 0 recorded that module,
+    # which is no module's name, where the launcher recorded __main__
+    import os
+    import subprocess
+
+    from distributed_helpers import synthetic_args
+
+    script = tmp_path / "users_script.py"
+    script.write_text(USERS_SCRIPT)
+    out = tmp_path / "run"
+    args = [*synthetic_args(out), "--loader", "mine", "--device", "auto", "--gpus", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["data"]["loader_module"] == "__main__"

@@ -125,7 +125,8 @@ def train(cfg):  # what a worker's run logs, without the run
 sys.modules["moco_fast.trainer"] = types.SimpleNamespace(train=train)
 from moco_fast.launch import _train_worker
 
-_train_worker(None, types.SimpleNamespace(taken=contextlib.nullcontext), int(sys.argv[1]))
+cfg = types.SimpleNamespace(data=types.SimpleNamespace(loader="synthetic", loader_module=None))
+_train_worker(cfg, types.SimpleNamespace(taken=contextlib.nullcontext), int(sys.argv[1]))
 """
 
 
