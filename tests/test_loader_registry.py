@@ -353,6 +353,38 @@ def test_a_users_loader_registered_in_main_trains_in_a_worker_only_from_a_script
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["loader_module"] == "__main__"
 
 
+def test_a_resume_of_a_run_whose_loader_main_registered_says_where_its_workers_find_it(registry, tmp_path, capsys):
+    # a --gpus resume's workers cannot import __main__: registering the loader again in a notebook or
+    # python -c, as it said, failed in every worker
+    from moco_fast.cli import main
+
+    def in_main(args):
+        return create_loader("synthetic", args)
+
+    in_main.__module__ = "__main__"
+    register_loader("mine")(in_main)
+    out = tmp_path / "run"
+    train(one_epoch_with_mine(out))
+    _LOADERS.pop("mine")
+    argv = ["train", "--resume", "--out", str(out)]
+    assert main(argv) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "Resume it from Python: run its @register_loader again there (it was in a script or notebook: __main__),"
+        in said
+    )
+    assert main([*argv, "--gpus", "2"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith(
+            "Resume it from Python: register it again at a script's top level or in an importable module (--gpus's "
+            f"workers import it), then `moco_fast.cli.main({[*argv, '--gpus', '2']!r})`"
+        )
+    )
+
+
 # A user's script that registers loader "mine" at its top level and trains with --gpus 2 (pretend GPUs:
 # the workers train on the CPU).
 USERS_SCRIPT = """

@@ -344,7 +344,8 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> Non
     """A ConfigError where the resumed run was trained from Python with a loader of the user's
     (register_loader), which the CLI does not know (it runs no code of the user's): the loader, the
     module that registered it (data.loader_module, as the run recorded it) and how to resume it, from
-    Python. It said "unknown loader" alone; so it still does, with how to resume from Python, for a
+    Python (one registered in __main__, resumed with --gpus: registered again at a script's top level or in
+    an importable module, which the spawned workers run: loaders.import_loader_module). It said "unknown loader" alone; so it still does, with how to resume from Python, for a
     loader the run did not record the module of (a run saved before data.loader_module). A --loader given now
     that is not the run's (`saved_loader`) is that flag's: check_loader's "unknown loader" alone."""
     from moco_fast.loaders import available_loaders, unknown_loader
@@ -358,11 +359,12 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> Non
         how = "import the module that registers it (or run its @register_loader again)"
     else:
         said = f"the run was trained with loader {loader!r}, registered by module {module} (@register_loader),"
-        how = (
-            "run its @register_loader again there (it was in a script or notebook: __main__)"
-            if module == "__main__"
-            else f"`import {module}` (which registers it)"
-        )
+        how = f"`import {module}` (which registers it)"
+        if module == "__main__":
+            how = "run its @register_loader again there (it was in a script or notebook: __main__)"
+        if module == "__main__" and cfg.runtime.gpus > 1:
+            # its --gpus workers, spawned, cannot import __main__ (loaders.import_loader_module)
+            how = "register it again at a script's top level or in an importable module (--gpus's workers import it)"
     raise ConfigError(
         f"--resume: {said} which this command cannot know: it runs no code of yours. Resume it from Python: "
         f"{how}, then `moco_fast.cli.main({argv!r})`"
