@@ -6,7 +6,9 @@ backend module on first use, so a missing optional dependency (DALI, FFCV) only 
 A library user's `@register_loader("mine")` adds a loader that `create_loader` and `trainer.train`
 (`data.loader = "mine"`) take in that Python process; the CLI, which runs none of the user's code,
 knows the built-in ones only (a run trained with a user's loader records its module,
-`data.loader_module`, which `train --resume` names). A built-in name cannot be taken.
+`data.loader_module`, which `train --resume` names). `--gpus N` run from Python (`moco_fast.cli.main`)
+takes it where it is registered in an importable module or at a script's top level: the spawned workers
+import that module (`import_loader_module`) or run that script's top level. A built-in name cannot be taken.
 """
 
 from __future__ import annotations
