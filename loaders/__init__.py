@@ -105,9 +105,11 @@ def import_loader_module(name: str, module: str | None) -> None:
         importlib.import_module(module)
     except Exception as e:
         log.debug("importing %s, which registers loader %r", module, name, exc_info=True)
+        said = str(e).strip().splitlines()  # its first line: the rest is in the traceback (--verbose)
+        cause = f"{type(e).__name__}: {said[0]}" if said else type(e).__name__
         raise ConfigError(
             f"loader {name!r}: its module {module} (data.loader_module), which registers it, cannot be imported "
-            f"in a --gpus worker: {type(e).__name__}: {e}"
+            f"in a --gpus worker: {cause}"
         ) from e
     if name not in _LOADERS:
         raise ConfigError(

@@ -277,6 +277,9 @@ def test_the_gpus_launcher_records_the_users_loaders_module(users_module, tmp_pa
     [
         (None, "ModuleNotFoundError: No module named 'users_loaders_for_workers'"),  # not on the worker's path
         ("raise RuntimeError('no licence for this machine')\n", "RuntimeError: no licence for this machine"),
+        # a message of several lines: its first (numpy's and CUDA libraries' say more below)
+        ("raise ImportError('libfoo.so: cannot open\\n\\nsee its docs')\n", "ImportError: libfoo.so: cannot open"),
+        ("raise ImportError\n", "ImportError"),
     ],
 )
 def test_a_users_loaders_module_that_a_worker_cannot_import_is_one_line(
