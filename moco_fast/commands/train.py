@@ -344,9 +344,10 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> Non
     """A ConfigError where the resumed run was trained from Python with a loader of the user's
     (register_loader), which the CLI does not know (it runs no code of the user's): the loader, the
     module that registered it (data.loader_module, as the run recorded it) and how to resume it, from
-    Python (one registered in __main__, resumed with --gpus: registered again at a script's top level or in
-    an importable module, which the spawned workers run: loaders.import_loader_module). It said "unknown loader" alone; so it still does, with how to resume from Python, for a
-    loader the run did not record the module of (a run saved before data.loader_module). A --loader given now
+    Python (one registered in __main__, resumed with --gpus: registered again at a script's top level or
+    in an importable module, which the spawned workers run: loaders.import_loader_module). It said
+    "unknown loader" alone; so it still does, with how to resume from Python, for a loader the run did
+    not record the module of (a run saved before data.loader_module). A --loader given now
     that is not the run's (`saved_loader`) is that flag's: check_loader's "unknown loader" alone."""
     from moco_fast.loaders import available_loaders, unknown_loader
 
