@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moco_fast.checkpoint import fsync_contents, fsync_folder
+from moco_fast.durable import fsync_contents, fsync_folder
 
 
 class PackError(Exception):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import glob
 import logging
 import os
 import random
-import stat
 import tarfile
 import tempfile
 import uuid
@@ -21,6 +19,7 @@ import torch
 
 from moco_fast.config import ConfigError, TrainConfig, from_dict
 from moco_fast.data import DataError
+from moco_fast.durable import fsync_folder
 
 log = logging.getLogger("moco_fast")
 
@@ -132,56 +131,6 @@ def _locked_temporary(path: Path) -> tuple[int, str]:
             os.close(fd)
             Path(tmp).unlink(missing_ok=True)
             raise
-        os.close(fd)
-
-
-def fsync_folder(folder: Path) -> None:
-    """fsync(2) of `folder`, which makes a rename in it durable (POSIX). Skipped where it cannot be
-    done: no O_DIRECTORY (Windows), a folder that may not be read, a file system that does not fsync
-    folders (EINVAL, ENOTSUP, EBADF)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    _fsync(fd, folder)
-
-
-def fsync_contents(path: Path) -> None:
-    """fsync(2) of the file `path`, or of each file in the folder `path` (its subfolders too) and of
-    each folder: what a rename is to put in place made durable before it, so that a power loss after
-    the rename cannot leave it empty or short under its final name (convert's publish, and
-    bench/pack_folder.py). Each file is opened read-only by its path (its writer may hold it open
-    still), which flushes the file's dirty pages on Linux; nothing is read back. Links and other
-    files that are no regular file are left alone. An error is raised with the file's path (a full
-    disk met by the write-back), as is one of a folder that cannot be listed (os.walk's default
-    skips it: its files would go unsynced, unsaid)."""
-    if not path.is_dir() or path.is_symlink():
-        if stat.S_ISREG(os.lstat(path).st_mode):
-            _fsync(os.open(path, os.O_RDONLY), path)
-        return
-    for folder, _, names in os.walk(path, topdown=False, onerror=_raise):  # each folder after the files in it
-        for name in names:
-            file = os.path.join(folder, name)
-            if stat.S_ISREG(os.lstat(file).st_mode):
-                _fsync(os.open(file, os.O_RDONLY), file)
-        fsync_folder(Path(folder))
-
-
-def _raise(e: OSError) -> None:
-    raise e
-
-
-def _fsync(fd: int, path: str | Path) -> None:
-    """fsync(2) of `fd` (of `path`), then closed: an error is raised with the path, but for a file
-    that cannot be fsynced (EINVAL, ENOTSUP, EBADF: a file system that does not, a folder on some)."""
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise OSError(e.errno, e.strerror, str(path)) from e
-    finally:
         os.close(fd)
 
 

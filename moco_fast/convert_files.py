@@ -16,9 +16,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from moco_fast.checkpoint import fsync_contents, fsync_folder
 from moco_fast.cli import ENVIRONMENT_ERRNOS
 from moco_fast.convert_dst import empty_folder, names_path, sidecar_path
+from moco_fast.durable import fsync_contents, fsync_folder
 from moco_fast.folder_locks import ended_here, hold_lock_file, owner_name
 
 log = logging.getLogger("moco_fast")
@@ -122,9 +122,9 @@ def publish(tmp: Path, dst: Path, force: bool) -> None:
     so that dst is never a half-written output. An empty folder at dst (a shard set's, made
     beforehand) is renamed over: rename(2) replaces an empty folder (one filled since: ENOTEMPTY).
     tmp's files (and folders) are fsynced before the rename, before the old output is moved aside
-    (checkpoint.fsync_contents): a power loss after it leaves no output empty or short under its
+    (durable.fsync_contents): a power loss after it leaves no output empty or short under its
     final name. DST's folder is fsynced after the rename, before the old output goes: a power loss
-    does not bring the old output back, nor leave the folder without either (checkpoint.fsync_folder)."""
+    does not bring the old output back, nor leave the folder without either (durable.fsync_folder)."""
     old = None
     if (dst.exists() or dst.is_symlink()) and not empty_folder(dst):
         if not force:

@@ -525,6 +525,21 @@ def test_pack_folder_round_trip(tiny_root, tmp_path, capsys, monkeypatch):
     assert "packed 40 files" in capsys.readouterr().out
 
 
+def test_pack_folder_imports_no_torch(tiny_root, tmp_path):
+    # it imported torch (seconds, and a torch where only numpy is needed) for the fsync helpers alone,
+    # through moco_fast.checkpoint: a pack and an unpack, then what the process imported
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import pack_folder; "
+        "assert pack_folder.main(['pack', sys.argv[2], sys.argv[3]]) == 0; "
+        "assert pack_folder.main(['unpack', sys.argv[3], sys.argv[4]]) == 0; "
+        "print('torch' in sys.modules)"
+    )
+    argv = [str(BENCH), str(tiny_root), str(tmp_path / "set.npz"), str(tmp_path / "out")]
+    run = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines()[-1] == "False", run.stdout
+
+
 def test_pack_folder_refuses_what_it_cannot_use(tiny_root, tmp_path, capsys):
     # one line and exit 2, nothing half-written under a final name
     pack = tmp_path / "set.npz"
