@@ -234,8 +234,10 @@ def _convert(cfg: ConvertConfig, dst: Path) -> ConvertSummary:
             # fingerprint, and its readers (the loader, --force) see that it is stale.
             names_path(dst).unlink(missing_ok=True)  # check_destination: an earlier list of convert only
             publish(tmp, dst, cfg.force)
-            publish(side_tmp, sidecar_path(dst), cfg.force)  # check_destination: an earlier sidecar only
-            publish(names_tmp, names_path(dst), cfg.force)
+            # the sidecar (check_destination: an earlier sidecar only) and the file
+            # list: small, flushed without a line of their own (announce)
+            publish(side_tmp, sidecar_path(dst), cfg.force, announce=False)
+            publish(names_tmp, names_path(dst), cfg.force, announce=False)
         else:
             with writing(tmp):
                 (tmp / META_NAME).write_text(json.dumps(meta, indent=1))

@@ -100,11 +100,11 @@ def test_a_convert_killed_between_publishing_its_files_leaves_a_set_its_readers_
     old_side = (tmp_path / "x.beton.json").read_text()
     real, calls = convert_module.publish, []
 
-    def killed(tmp, final, force):
+    def killed(tmp, final, force, **announce):
         if len(calls) == published:
             raise KeyboardInterrupt
         calls.append(final)
-        real(tmp, final, force)
+        real(tmp, final, force, **announce)
 
     monkeypatch.setattr(convert_module, "publish", killed)
     with pytest.raises(KeyboardInterrupt):
