@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moco_fast.cli import ENVIRONMENT_ERRNOS, one_line
 from moco_fast.durable import fsync_contents, fsync_folder
 
 
@@ -48,21 +50,21 @@ def pack(src: Path, dst: Path) -> int:
         dst.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, data=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, names=names)
         fsync_contents(tmp)  # its bytes durable before the rename puts it in place
+        os.replace(tmp, dst)
+        fsync_folder(dst.parent)  # the rename made durable
     except BaseException as e:  # a full disk or Ctrl-C: no half pack left beside DST
         with contextlib.suppress(OSError):  # nothing there to remove where DST's folder could not be made
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):  # DST under /proc was a traceback naming the temporary file
-            where = f"{e.filename}: " if e.filename and e.filename != str(tmp) else ""  # a file where a folder goes
-            raise PackError(f"cannot write {dst} ({where}{e.strerror or e})") from None
+            raise write_error(e, dst, tmp) from None
         raise
-    os.replace(tmp, dst)
-    fsync_folder(dst.parent)  # the rename made durable
     return len(paths)
 
 
 def unpack(src: Path, dst: Path) -> int:
-    """Into a new (or empty) folder, through DST.part: an interrupted unpack leaves no half folder
-    under the final name, and the next one starts over."""
+    """Into a new (or empty) folder, through DST.part: an unpack that fails (a full disk) or is
+    interrupted removes it, and one that was killed leaves no half folder under the final name (the
+    next one starts over)."""
     if not src.is_file():
         raise PackError(f"{src} is not a file")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -78,16 +80,34 @@ def unpack(src: Path, dst: Path) -> int:
         raise PackError(f"refusing a path outside the destination: {unsafe[0]}")
     tmp = dst.with_name(dst.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
-    for i, name in enumerate(decoded):
-        out = tmp / name
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(data[offsets[i] : offsets[i + 1]].tobytes())
-    fsync_contents(tmp)  # its files durable before the rename puts it in place
-    if dst.exists():
-        dst.rmdir()  # empty (checked above)
-    os.replace(tmp, dst)
-    fsync_folder(dst.parent)  # the rename made durable
+    try:
+        for i, name in enumerate(decoded):
+            out = tmp / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(data[offsets[i] : offsets[i + 1]].tobytes())
+        fsync_contents(tmp)  # its files durable before the rename puts it in place
+        if dst.exists():
+            dst.rmdir()  # empty (checked above)
+        os.replace(tmp, dst)
+        fsync_folder(dst.parent)  # the rename made durable
+    except BaseException as e:  # a full disk or Ctrl-C: the half folder goes, and the space it took
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk was a traceback
+            raise write_error(e, dst, tmp) from None
+        raise
     return len(decoded)
+
+
+def write_error(e: OSError, dst: Path, tmp: Path) -> PackError:
+    """The one line of `e`, met while DST was written through its temporary `tmp` (a file or folder):
+    what the machine refused (a full disk, a failing disk) as convert says it (cli.one_line: "No space
+    left on device: DST"), else "cannot write DST (why)". A file that is neither the temporary nor in
+    it is named instead of DST (a file where a folder goes); the temporary never is."""
+    name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes)) else None
+    other = name if name and name != str(tmp) and not name.startswith(str(tmp) + os.sep) else None
+    if e.errno in ENVIRONMENT_ERRNOS or e.errno == errno.EIO:
+        return PackError(one_line(OSError(e.errno, e.strerror, other or str(dst))))
+    return PackError(f"cannot write {dst} ({f'{other}: ' if other else ''}{e.strerror or e})")
 
 
 def main(argv: list[str] | None = None) -> int:

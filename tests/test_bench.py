@@ -572,6 +572,34 @@ def test_pack_folder_refuses_what_it_cannot_use(tiny_root, tmp_path, capsys):
         inner.unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize("action", ["pack", "unpack"])
+def test_pack_folder_on_a_full_disk_is_one_line_naming_dst(tiny_root, tmp_path, capsys, monkeypatch, action):
+    # an unpack's file write that the disk refused (ENOSPC) was a traceback, its half DST.part left
+    # taking the space; a pack's was "cannot write DST (No space left on device)", convert's words apart
+    import errno
+
+    pack = tmp_path / "set.npz"
+    assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
+    dst = tmp_path / ("again.npz" if action == "pack" else "out")
+    written = []
+
+    def full(path, data):  # the pack's write fails, an unpack's second one: part of it written
+        with open(path, "wb") as fh:
+            fh.write(data[:10])
+        written.append(path)
+        if len(written) == 2 or action == "pack":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    if action == "pack":
+        monkeypatch.setattr(pack_folder.np, "savez", lambda file, **arrays: full(file, b"PK\x03\x04 half a pack"))
+    else:
+        monkeypatch.setattr(Path, "write_bytes", full)
+    capsys.readouterr()
+    assert pack_folder.main([action, str(pack if action == "unpack" else tiny_root), str(dst)]) == 2
+    assert capsys.readouterr().err == f"error: No space left on device: {dst}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.npz"]  # no half output, no DST.part
+
+
 def gpu_check_summary(out: Path, since: float = 0.0) -> subprocess.CompletedProcess:
     """bench/gpu_check.sh's summary (its heredoc) run on the JSON left in `out`, by a command that
     began at `since` (epoch seconds: every file is this command's by default)."""
