@@ -162,13 +162,12 @@ def remove_ended_writers_temporaries(path: str | Path) -> None:
     is not to be trusted), are left alone, so that a command need not hold `path` to call it (export).
     One that may not be removed (another user's, in a sticky folder) is a warning: the write goes on, as
     convert's tidy does."""
-    from moco_fast.folder_locks import ended_here, free_to_remove
+    from moco_fast.folder_locks import ended_here, free_to_remove, owner_of
 
     path = Path(path)
     prefix = temp_prefix(path)
     for tmp in temporaries_of(path):
-        owner = tmp.name[len(prefix) : -len(".tmp")].rpartition(".")[0]  # HOST-PID of HOST-PID.XXXXXXXX
-        if not ended_here(owner):
+        if not ended_here(owner_of(tmp.name, prefix, ".tmp", mktemp=True)):  # .NAME.HOST-PID.XXXXXXXX.tmp
             continue
         with free_to_remove(tmp) as free:
             if not free:

@@ -19,7 +19,7 @@ from pathlib import Path
 from moco_fast.cli import ENVIRONMENT_ERRNOS
 from moco_fast.convert_dst import empty_folder, names_path, sidecar_path
 from moco_fast.durable import fsync_contents, fsync_folder
-from moco_fast.folder_locks import ended_here, hold_lock_file, owner_name
+from moco_fast.folder_locks import ended_here, hold_lock_file, owner_name, owner_of
 
 log = logging.getLogger("moco_fast")
 
@@ -69,7 +69,7 @@ def tidy_after_a_stopped_convert(dst: Path) -> None:
         for kind in ("partial", "old"):
             prefix = f".{name}.{kind}-"
             for tmp in dst.parent.glob(glob.escape(prefix) + "*"):
-                if not ended_here(tmp.name[len(prefix) :]):
+                if not ended_here(owner_of(tmp.name, prefix)):
                     continue
                 target = tmp.with_name(name)
                 try:

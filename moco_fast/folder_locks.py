@@ -38,14 +38,38 @@ def owner_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def ended_here(owner: str) -> bool:
-    """Whether `owner` (an owner_name) names a process of this machine, not this one, that has ended:
-    what it left may go. Another machine's, a running process's, or a name that is no owner_name: no."""
-    host, _, pid = owner.rpartition("-")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+def owner_of(name: str, prefix: str, suffix: str = "", mktemp: bool = False) -> tuple[str, int] | None:
+    """The writer (HOST, PID) that the file or folder `name` records: PREFIX, owner_name, SUFFIX; with
+    `mktemp`, PREFIX, owner_name, "." and tempfile's random characters, SUFFIX (mkstemp's and mkdtemp's
+    names, whose random characters hold no dot: the last dot ends HOST-PID, whatever dots the host
+    name has). The last dash ends HOST, whatever dashes it has (a PID has none). None where `name` is
+    no such name: another prefix or suffix, no dash, no host, a PID that is not ASCII digits (a file
+    named like one: "²".isdigit() is true, and int() refused it with a traceback where HOST was this
+    machine's; int() reads Arabic-Indic digits as another PID). The one reader of the names that
+    owner_name writes: convert's temporaries, atomic_write's, the launcher's folders."""
+    if not name.startswith(prefix) or not name.endswith(suffix) or len(name) < len(prefix) + len(suffix):
+        return None
+    owner = name[len(prefix) : len(name) - len(suffix)]
+    if mktemp:
+        owner, dot, _ = owner.rpartition(".")
+        if not dot:
+            return None
+    host, dash, pid = owner.rpartition("-")
+    if not dash or not host or not (pid.isascii() and pid.isdigit()):
+        return None
+    return host, int(pid)
+
+
+def ended_here(owner: tuple[str, int] | None) -> bool:
+    """Whether `owner` (owner_of a name) is a process of this machine, not this one, that has ended:
+    what it left may go. Another machine's, a running process's, or None (no owner_name): no."""
+    if owner is None:
+        return False
+    host, pid = owner
+    if host != socket.gethostname() or pid == os.getpid():
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except (PermissionError, OverflowError):  # another user's process; a PID no process can have

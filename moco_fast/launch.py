@@ -29,7 +29,7 @@ import torch
 
 from moco_fast.cli import UserError, log_as_lines, say
 from moco_fast.config import ConfigError, TrainConfig, check_at_least
-from moco_fast.folder_locks import ended_here, owner_name
+from moco_fast.folder_locks import ended_here, owner_name, owner_of
 from moco_fast.signals import STOP_SIGNALS, Terminated, exit_status, stop_signals_handled
 
 if TYPE_CHECKING:
@@ -339,8 +339,8 @@ def remove_killed_launchers_folders() -> None:
     launcher before they were so named are left alone."""
     for prefix in LAUNCH_FOLDERS:
         for folder in Path(tempfile.gettempdir()).glob(glob.escape(prefix) + "*"):
-            # HOST-PID.XXXXXXXX (mkdtemp's suffix has no dot)
-            if folder.is_dir() and ended_here(folder.name[len(prefix) :].rpartition(".")[0]):
+            # PREFIX + HOST-PID.XXXXXXXX (mkdtemp's)
+            if folder.is_dir() and ended_here(owner_of(folder.name, prefix, mktemp=True)):
                 log.debug("removing %s, left by a launcher that was killed", folder)
                 shutil.rmtree(folder, ignore_errors=True)
 

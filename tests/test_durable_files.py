@@ -29,6 +29,7 @@ from moco_fast.cli import main
 from moco_fast.convert import ConvertConfig, convert
 from moco_fast.convert_dst import names_path, sidecar_path
 from moco_fast.convert_files import publish
+from moco_fast.folder_locks import ended_here, owner_name, owner_of
 from moco_fast.metrics import METRICS_NAME, MetricsWriter, read_rows
 
 KILLED_WRITER = """
@@ -158,6 +159,42 @@ def test_a_shard_that_the_disk_refuses_at_its_fsync_is_dsts_error(fresh_root, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(f"moco-fast convert: error: No space left on device: {dst}"), err
     assert not dst.parent.exists()  # no output, no temporary, and the folder the convert made is gone
+
+
+@pytest.mark.parametrize(
+    "name, prefix, suffix, mktemp, owner",
+    [
+        ("node1.cluster.org-1234", "", "", False, ("node1.cluster.org", 1234)),  # a host name with dots
+        ("gpu-node-07-99", "", "", False, ("gpu-node-07", 99)),  # and with dashes: the last one ends it
+        (".x.beton.partial-my-host.lab-5", ".x.beton.partial-", "", False, ("my-host.lab", 5)),  # convert's
+        (".c.pt.gpu-1.example.com-4242.ab_9xyz.tmp", ".c.pt.", ".tmp", True, ("gpu-1.example.com", 4242)),
+        ("moco-fast-workers-host-1-77.k2j_3abc", "moco-fast-workers-", "", True, ("host-1", 77)),  # launch's
+        ("host-12a", "", "", False, None),  # a PID that is not digits
+        ("host-", "", "", False, None),
+        ("host-\u00b2", "", "", False, None),  # "²".isdigit(), which int() refuses
+        ("host-\u0661\u0662", "", "", False, None),  # Arabic-Indic digits, which int() reads as 12
+        ("host1234", "", "", False, None),  # no separator
+        ("-1234", "", "", False, None),  # no host
+        ("host-12", "", "", True, None),  # no mktemp characters
+        (".c.pt.host-12.abcdefgh.tmp", ".d.pt.", ".tmp", True, None),  # another file's prefix
+        (".c.pt.host-12.abcdefgh.tmp", ".c.pt.", ".json", True, None),  # another suffix
+        (".a.tmp", ".a.", ".tmp", False, None),  # prefix and suffix overlap: nothing between them
+    ],
+)
+def test_owner_of_reads_the_host_pid_of_a_name_and_refuses_what_is_no_owner_name(name, prefix, suffix, mktemp, owner):
+    assert owner_of(name, prefix, suffix, mktemp=mktemp) == owner
+    assert owner is not None or not ended_here(owner_of(name, prefix, suffix, mktemp=mktemp))
+
+
+def test_owner_of_reads_the_names_owner_name_writes(tmp_path):
+    me = (socket.gethostname(), os.getpid())
+    assert owner_of(f".out.partial-{owner_name()}", ".out.partial-") == me
+    fd, tmp = tempfile.mkstemp(prefix=f".out.json.{owner_name()}.", suffix=".tmp", dir=tmp_path)  # atomic_write's
+    os.close(fd)
+    assert owner_of(Path(tmp).name, ".out.json.", ".tmp", mktemp=True) == me
+    folder = tempfile.mkdtemp(prefix=f"moco-fast-agent-{owner_name()}.", dir=tmp_path)  # the launcher's
+    assert owner_of(Path(folder).name, "moco-fast-agent-", mktemp=True) == me
+    assert not ended_here(me)  # this process
 
 
 def test_a_killed_exports_temporary_file_goes_at_the_next_export_a_running_writers_stays(tmp_path):
