@@ -88,7 +88,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     named, remove_ended_writers_temporaries; NAME cut where the whole would pass NAME_MAX, temp_prefix),
     locked from before its first byte until after the rename (folder_locks.lock_temporary), then rename,
     then fsync the folder: a crash never leaves a half-written file under the final name (checkpoints,
-    exports, result JSON), and a power loss after the return does not bring the old file back."""
+    exports, result JSON), and a power loss after the return does not bring the old file back.
+    An error before the rename (write's, a full disk met by the file's fsync) or a stop removes the
+    temporary file, the old file left in place; one that names no file is raised naming `path`. An
+    error of the folder's fsync after the rename (an EIO; durable.fsync_folder skips a folder that
+    cannot be opened or fsynced at all) is raised too, naming the folder, though the new file is in
+    place by then: the caller learns that a power loss may still bring the old file back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _locked_temporary(path)

@@ -70,6 +70,26 @@ def test_an_atomic_write_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatc
     assert path.read_text() == "{}\n"
 
 
+def test_an_atomic_write_whose_folder_fsync_fails_after_the_rename_raises_it_with_the_new_file_in_place(
+    tmp_path, monkeypatch
+):
+    # as its docstring says: the rename is done, but its durability is not, and the caller is told so
+    path = tmp_path / "result.json"
+    path.write_text("old")
+    real = os.fsync
+
+    def failing(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError) as e:
+        ckpt.atomic_write_text(path, "new")
+    assert (e.value.errno, e.value.filename) == (errno.EIO, str(tmp_path))
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_convert_fsyncs_its_output_before_publishing_and_dsts_folder_after(tmp_path, monkeypatch):
     # publish renamed the temporary output into place with no fsync of the folder: after a power loss
     # the folder could come back with the old output, or (--force) with neither; nor of the output's
