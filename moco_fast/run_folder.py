@@ -83,12 +83,13 @@ def check_output(cfg: TrainConfig, say: bool = True) -> Path | None:
     out = Path(cfg.runtime.out)
     check_run_folder(out)
     resume_path = ckpt.find_resume(cfg.runtime.resume, out)
-    if starts_over(cfg, resume_path) and say:
-        log.warning(
-            "--resume: no checkpoint in %s yet; starting from scratch%s",
-            out,
-            " (the rows its run logged before its first checkpoint go)" if holds_run(out) else "",
-        )
+    if starts_over(cfg, resume_path):
+        if say:  # (not `and say` above: the launcher then took the rows there for a run's, and refused it)
+            log.warning(
+                "--resume: no checkpoint in %s yet; starting from scratch%s",
+                out,
+                " (the rows its run logged before its first checkpoint go)" if holds_run(out) else "",
+            )
     elif holds_run(out) and not continues_in(out, resume_path) and not cfg.runtime.force:
         if cfg.runtime.resume == "auto" and resume_path is None:  # "--resume continues it" would be no help
             raise ConfigError(

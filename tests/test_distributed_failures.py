@@ -144,6 +144,24 @@ def test_gpus_leaves_the_line_of_a_run_that_starts_over_to_its_rank_0(tiny_root,
     assert not [r for r in caplog.records if "starting from scratch" in r.getMessage()]
 
 
+def test_gpus_resumes_a_run_whose_first_row_came_before_its_first_checkpoint(tiny_root, tmp_path, monkeypatch, capsys):
+    # a run killed between its epoch 1 row and that epoch's checkpoint starts over on --resume; the
+    # launcher's check of --out (say=False) took its row for a run past its first checkpoint: refused
+    from moco_fast import launch
+
+    started = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch, "run_workers", lambda *a, **k: started.append(a) or [{}])
+    out = tmp_path / "run"
+    args = [*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]
+    assert main([*args, "--print-config"]) == 0
+    out.mkdir()
+    (out / "config.json").write_text(capsys.readouterr().out)
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "loss": 9.0}\n')
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    assert len(started) == 1
+
+
 def _handed_worker(out: str, hold) -> tuple[bool, bool, bool]:
     # in a worker handed the launcher's hold: the worker's own hold_run_folder (rank 0's, in train),
     # the handed lock taken again on its descriptor (the launcher's lock itself), and a fresh lock
