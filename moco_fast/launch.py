@@ -107,6 +107,7 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
     as train's (the workers read it where a check needs it)."""
     from functools import partial
 
+    from moco_fast.metrics import torn_lines_said
     from moco_fast.resume import saved_run
     from moco_fast.run_folder import check_output, hold_for_workers
     from moco_fast.step import check_cuda_graph
@@ -124,20 +125,23 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
             check_cuda_graph(torch.device("cuda"), n)
         level = log.getEffectiveLevel()  # main's (--verbose: DEBUG): a spawned worker has none of its own
         try:
-            rows = run_workers(_train_worker, (cfg, hold, level), n, where=where)
+            # the torn metrics.jsonl lines said here (the folder's checks): rank 0 does not say them again
+            rows = run_workers(_train_worker, (cfg, hold, level, torn_lines_said()), n, where=where)
         except WorkerFailed as e:
             say(f"moco-fast train: error: {e}")
             return 1, {}
     return 0, rows[0]
 
 
-def _train_worker(cfg: TrainConfig, hold: FolderHold, level: int) -> dict:
+def _train_worker(cfg: TrainConfig, hold: FolderHold, level: int, said: frozenset | set = frozenset()) -> dict:
     from moco_fast.loaders import import_loader_module
+    from moco_fast.metrics import said_already
     from moco_fast.trainer import train
 
     # as main()'s: moco-fast's from the launcher's level, other libraries' from WARNING (a spawned
     # worker sets its own up)
     log_as_lines(level)
+    said_already(said)  # what the launcher warned of (a torn metrics.jsonl line), said once a run
     # a library user's loader: the worker, spawned, knows it where the launcher's script registered it
     # at its top level; else it imports the module that did (launch_local recorded it), or says, in one
     # line, why it cannot (a ConfigError: _reported)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from tqdm.std import TqdmDefaultWriteLock
 
 from moco_fast import bar_lines, closed_stdout
+from moco_fast.text import plural
 from moco_fast.threads import handle_thread_errors
 
 log = logging.getLogger("moco_fast")
@@ -64,10 +65,30 @@ def read_rows(out: str | Path) -> list[dict[str, Any]]:
 _WARNED: set[tuple[str, int, str]] = set()  # the lines _lines has warned of (said once per process)
 
 
+def torn_lines_said() -> set[tuple[str, int, str]]:
+    """The lines this process has warned of (_lines), for the processes it starts (train --gpus's
+    workers: launch._train_worker), which then do not say them again."""
+    return set(_WARNED)
+
+
+def said_already(lines: set[tuple[str, int, str]]) -> None:
+    """Lines that the process which started this one has warned of (torn_lines_said): not said again."""
+    _WARNED.update(lines)
+
+
+def _says_torn_lines() -> bool:
+    """Whether this process warns of a torn line: rank 0 of a run alone, as the run's other warnings.
+    Every rank reads the file (the CLI's --resume, the run folder's checks), and each said it: a
+    torchrun worker before its process group is made, so RANK too, which torchrun sets."""
+    from moco_fast import distributed as dist_utils
+
+    return os.environ.get("RANK", "0") == "0" and dist_utils.is_main()
+
+
 def _lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
     """Each line of `path` with its row, None where the line is no JSON object (a row cut short by a
     power loss or a full disk, which MetricsWriter.write ends with its newline): such a line is named
-    in a warning, file and line number, once."""
+    in a warning, file and line number, once a run (by rank 0: _says_torn_lines)."""
     lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
     parsed = []
     for number, line in enumerate(lines, 1):
@@ -77,8 +98,9 @@ def _lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
             row = None
         if not isinstance(row, dict):
             row = None
-            if line.strip() and (str(path), number, line) not in _WARNED:  # an empty line: nothing lost
-                _WARNED.add((str(path), number, line))
+            said = (str(path), number, line)
+            if line.strip() and said not in _WARNED and _says_torn_lines():  # an empty line: nothing lost
+                _WARNED.add(said)
                 log.warning("%s:%d: not a row (cut short by a crash?), skipped: %r", path, number, line[:60])
         parsed.append((line, row))
     return parsed
@@ -144,12 +166,14 @@ class MetricsWriter:
         path = self.out / METRICS_NAME
         if not self.enabled:
             return
-        lines = _lines(path)  # a row cut short by a crash is dropped too
+        lines = _lines(path)  # a row cut short by a crash (warned of there) and empty lines go too
         kept = [line for line, row in lines if row is not None and row.get("epoch", 0) <= last]
         if len(kept) != len(lines):
-            log.info(
-                "metrics.jsonl: dropped %d rows after epoch %d (the checkpoint resumed)", len(lines) - len(kept), last
-            )
+            # rows only: a torn line counted as one of the epochs' rows dropped (_lines names it)
+            if dropped := sum(row is not None for _, row in lines) - len(kept):
+                log.info(
+                    "metrics.jsonl: dropped %s after epoch %d (the checkpoint resumed)", plural(dropped, "row"), last
+                )
             from moco_fast.checkpoint import atomic_write_text
 
             # atomically: a kill or a full disk in a rewrite in place would have lost the rows kept

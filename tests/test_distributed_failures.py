@@ -162,6 +162,47 @@ def test_gpus_resumes_a_run_whose_first_row_came_before_its_first_checkpoint(tin
     assert len(started) == 1
 
 
+TORN_LINE_WORKER = """
+import ast, contextlib, logging, sys, types
+from moco_fast.metrics import read_rows
+
+def train(cfg):  # a --gpus worker's rank 0: its checks of --out read metrics.jsonl again
+    read_rows(sys.argv[1])
+    return {}
+
+sys.modules["moco_fast.trainer"] = types.SimpleNamespace(train=train)
+from moco_fast.launch import _train_worker
+
+cfg = types.SimpleNamespace(data=types.SimpleNamespace(loader="synthetic", loader_module=None))
+_train_worker(cfg, types.SimpleNamespace(taken=contextlib.nullcontext), logging.INFO, ast.literal_eval(sys.argv[2]))
+"""
+
+
+def test_gpus_says_a_torn_metrics_line_once(tiny_root, tmp_path, monkeypatch, capsys, caplog):
+    # the launcher's read of --out (--resume, before a checkpoint) warned of a torn row, and its rank 0
+    # (a spawned process) said it again: the launcher hands what it said to the workers
+    from moco_fast import launch
+
+    started = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch, "run_workers", lambda *a, **k: started.append(a) or [{}])
+    out = tmp_path / "run"
+    args = [*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]
+    assert main([*args, "--print-config"]) == 0
+    out.mkdir()
+    (out / "config.json").write_text(capsys.readouterr().out)  # as a run killed in its first epoch left it
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "lo')  # and its row cut short
+    with caplog.at_level(logging.WARNING, logger="moco_fast"):
+        assert main([*args, "--resume"]) == 0
+    assert len([r for r in caplog.records if "not a row" in r.getMessage()]) == 1  # the launcher's
+    ((_, (_, _, _, said), _),) = started
+    worker = [sys.executable, "-c", TORN_LINE_WORKER, str(out)]
+    p = subprocess.run([*worker, repr(said)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "not a row" not in p.stderr, p.stderr[-2000:]
+    p = subprocess.run([*worker, "set()"], capture_output=True, text=True, timeout=120)  # nothing said before it
+    assert p.returncode == 0 and "not a row" in p.stderr, p.stderr[-2000:]
+
+
 def _handed_worker(out: str, hold) -> tuple[bool, bool, bool]:
     # in a worker handed the launcher's hold: the worker's own hold_run_folder (rank 0's, in train),
     # the handed lock taken again on its descriptor (the launcher's lock itself), and a fresh lock

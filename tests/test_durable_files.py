@@ -406,6 +406,45 @@ def test_a_row_cut_short_is_ended_before_the_next_and_skipped_with_a_warning(tmp
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
 
 
+def test_a_torn_row_is_said_by_rank_0_alone(tmp_path, monkeypatch, caplog):
+    # every rank reads metrics.jsonl (the CLI's --resume, the run folder's checks), and each warned of
+    # the torn line: said N times by N torchrun workers
+    from moco_fast import distributed as dist_utils
+
+    path = tmp_path / METRICS_NAME
+    path.write_text(json.dumps({"epoch": 0}) + '\n{"epoch": 1, "lo')
+    monkeypatch.setenv("RANK", "1")  # a torchrun worker before its process group is made
+    assert [r["epoch"] for r in read_rows(tmp_path)] == [0]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist_utils, "rank", lambda: 1)  # a group's rank 1, RANK aside (a library's group)
+    assert [r["epoch"] for r in read_rows(tmp_path)] == [0]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    monkeypatch.setattr(dist_utils, "rank", lambda: 0)  # rank 0 says it
+    read_rows(tmp_path)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f'{path}:2: not a row (cut short by a crash?), skipped: \'{{"epoch": 1, "lo\''
+    ]
+
+
+def test_a_resumes_dropped_rows_count_rows_alone(tmp_path, caplog):
+    # the count took the torn and empty lines for rows: "dropped 4 rows after epoch 1" of 2 rows
+    path = tmp_path / METRICS_NAME
+    rows = [json.dumps({"epoch": e}) for e in (0, 1, 2, 3)]
+    path.write_text("\n".join([*rows[:2], "", *rows[2:], '{"epoch": 4, "lo']))
+    writer = MetricsWriter(tmp_path)
+    with caplog.at_level("INFO", logger="moco_fast"):
+        writer.keep_epochs(1)
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("metrics.jsonl: dropped")]
+        assert said == ["metrics.jsonl: dropped 2 rows after epoch 1 (the checkpoint resumed)"], said
+        assert path.read_text() == "".join(row + "\n" for row in rows[:2])
+        path.write_text(rows[0] + "\n\n" + rows[1] + "\n" + '{"epoch": 2, "lo')
+        caplog.clear()
+        writer.keep_epochs(1)  # no row dropped: not "dropped 2 rows"
+    writer.close()
+    assert not [r for r in caplog.records if r.getMessage().startswith("metrics.jsonl: dropped")]
+    assert path.read_text() == "".join(row + "\n" for row in rows[:2])
+
+
 def test_a_resume_that_cannot_rewrite_metrics_jsonl_leaves_its_rows(tmp_path, monkeypatch):
     path = tmp_path / METRICS_NAME
     text = "".join(json.dumps({"epoch": e, "loss": 9.0 - e}) + "\n" for e in (1, 2, 3))

@@ -149,7 +149,7 @@ def test_a_workers_log_lines_are_the_commands(tiny_root, tmp_path, monkeypatch, 
         assert main([*(["--verbose"] if verbose else []), *args]) == 0
     finally:
         moco_fast_log.setLevel(before)  # main's, for the tests after this one
-    ((_, _, level),) = handed
+    ((_, _, level, _),) = handed
     p = subprocess.run([sys.executable, "-c", WORKER_LOGS, str(level)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     debug = ["DEBUG moco-fast's DEBUG"] if verbose else []
