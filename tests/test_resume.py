@@ -5,6 +5,7 @@ old run leaves a folder that resumes."""
 
 import json
 import logging
+import shlex
 
 import pytest
 import torch
@@ -597,10 +598,10 @@ def test_a_run_whose_data_folder_moved_says_that_resume_reads_its_saved_data(run
 def test_the_saved_data_note_keeps_the_errors_class_and_fields(tmp_path, error):
     # the note was added by rebuilding the error as type(e)(text): a checkpoint.Damaged (its
     # constructor takes a path and a record) whose line named the gone --data ended as a TypeError
-    import argparse
     from types import SimpleNamespace
 
     from moco_fast.checkpoint import Damaged
+    from moco_fast.cli import build_parser
     from moco_fast.commands.train import _saved_data_named
     from moco_fast.data import DataError
     from moco_fast.launch import WorkerUserError
@@ -612,8 +613,8 @@ def test_the_saved_data_note_keeps_the_errors_class_and_fields(tmp_path, error):
         "worker": WorkerUserError(f"rank 1: data folder not found: {gone}"),
     }[error]
     line = str(raised)
-    args = argparse.Namespace(data=None, resume="auto", out=str(tmp_path / "run"), device=None, gpus=None)
-    cfg = SimpleNamespace(data=SimpleNamespace(data=str(gone)))
+    args = build_parser().parse_args(["train", "--resume", "--out", str(tmp_path / "run")])  # all train's flags
+    cfg = SimpleNamespace(data=SimpleNamespace(data=str(gone)), runtime=SimpleNamespace(device="cpu"))
     with pytest.raises(type(raised)) as caught:
         with _saved_data_named(args, cfg, saved_run=object()):
             raise raised
@@ -684,11 +685,21 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
         f"; the run was saved with --loader-option {key}=64: continue it with "
         f"`moco-fast train --resume --out {run} --device cpu --loader-option {fix}`"  # the --device given too
     ), err
-    assert main([*argv, "--gpus", "1"]) == 2  # and the --gpus given
-    assert capsys.readouterr().err.strip().endswith(f"--out {run} --device cpu --gpus 1 --loader-option {fix}`")
-    # --gpus 0 too, as typed (it was left out: the line resumed with the run's saved count)
-    assert main([*argv, "--gpus", "0"]) == 2
-    assert capsys.readouterr().err.strip().endswith(f"--out {run} --device cpu --gpus 0 --loader-option {fix}`")
+    assert main([*argv, "--device", "auto", "--gpus", "2"]) == 2  # and the --gpus given
+    again = f"--out {run} --device auto --gpus 2 --loader-option {fix}`"
+    assert capsys.readouterr().err.strip().endswith(again)
+    # but not one that the command refuses with that --device: --gpus 1 --device cpu was repeated, and
+    # the line met its own error next. --gpus 0 is no fewer than one process (left out: the line
+    # resumed with the run's saved count)
+    for gpus in ("1", "0"):
+        assert main([*argv, "--gpus", gpus]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"--out {run} --device cpu --loader-option {fix}`"), err
+        named = shlex.split(err.split("`")[-2])[1:]  # the line as the user runs it, less `moco-fast`
+        assert main([*named, "--workers", "1", "--print-config"]) == 0  # past the checks of the flags
+        capsys.readouterr()
+    assert main([*argv, "--device", "auto", "--gpus", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--out {run} --device auto --gpus 1 --loader-option {fix}`")
     # an option refused that was given now is said alone, as in a fresh run
     assert main([*argv, "--loader-option", "nope=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -696,6 +707,44 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
     # the fix it names goes on: past the run's checks of the flags, which --print-config makes
     assert main([*argv, "--loader-option", fix]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == {key: "32"}
+
+
+@pytest.mark.parametrize(
+    "given, saved, where",
+    [
+        (["--device", "cpu", "--gpus", "1"], "cuda", ["--device", "cpu"]),  # "drop --gpus to train on the CPU"
+        (["--device", "cpu", "--gpus", "2"], "cuda", ["--device", "cpu"]),  # more CPU processes: torchrun's
+        (["--gpus", "0"], "cpu", []),  # the run's CPU, one process
+        (["--gpus", "0"], "auto", ["--gpus", "1"]),  # one process, not the saved count
+        (["--gpus", "2"], "cpu", ["--device", "cuda", "--gpus", "2"]),  # the GPUs asked for, not the saved CPU
+        (["--device", "cuda:1", "--gpus", "2"], "cuda", ["--device", "cuda", "--gpus", "2"]),
+        (["--gpus", "2"], "torchrun", []),  # --nproc_per_node sets the count
+    ],
+)
+def test_the_line_that_resumes_repeats_no_device_and_gpus_that_the_command_refuses(given, saved, where, monkeypatch):
+    # _resume_argv repeated --device and --gpus as typed, a contradiction too (--device cpu --gpus 1):
+    # the line it named met that error next
+    from moco_fast.cli import build_parser
+    from moco_fast.commands.train import _resume_argv
+    from moco_fast.config import build_config
+    from moco_fast.launch import check_gpus_flag
+
+    if saved == "torchrun":
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        saved = "cpu"
+
+    def checked(args):  # what train's run() checks of --gpus, on the run's device (given, else saved)
+        if args.gpus is not None:
+            check_gpus_flag(build_config("v2", {"runtime.device": args.device or saved, "runtime.gpus": args.gpus}))
+
+    parse = build_parser().parse_args
+    args = parse(["train", "--resume", "--out", "runs/a", *given])
+    with pytest.raises(ConfigError):  # the command line given is refused
+        checked(args)
+    line = _resume_argv(args, args.device or saved)
+    assert line == ["--resume", "--out", "runs/a", *where]
+    checked(parse(["train", *line]))  # the line named is not
 
 
 def test_a_run_saved_with_dalis_gpu_decoder_resumed_on_the_cpu_names_the_fix(run, capsys):

@@ -354,7 +354,7 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> Non
     loader, module = cfg.data.loader, cfg.data.loader_module
     if loader in available_loaders() or loader != saved_loader:
         return  # (a --loader given now that no loader has: check_loader's "unknown loader" alone)
-    argv = ["train", *_resume_argv(args)]
+    argv = ["train", *_resume_argv(args, cfg.runtime.device)]
     if not module:
         said = f"{unknown_loader(loader)}. A loader registered from Python (@register_loader) is one"
         how = "import the module that registers it (or run its @register_loader again)"
@@ -393,26 +393,43 @@ def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Names
         if refused is None:
             raise
         key, saved, value, why = refused
+        again = shlex.join(_resume_argv(args, cfg.runtime.device))
         raise ConfigError(
             f"{why}; the run was saved with --loader-option {key}={saved}: continue it with "
-            f"`moco-fast train {shlex.join(_resume_argv(args))} --loader-option {key}={value}`"
+            f"`moco-fast train {again} --loader-option {key}={value}`"
         ) from None
 
 
-def _resume_argv(args: argparse.Namespace) -> list[str]:
+def _resume_argv(args: argparse.Namespace, device: str) -> list[str]:
     """The --resume (and --out, --device, --gpus) of this command line, as arguments: what a line that
     says how to go on names (shlex.join'ed for a shell; as they are for moco_fast.cli.main:
     _check_users_loader). --device and --gpus too: run as written, it resumes where and as this one
-    would (a saved cuda, on a machine without one, stopped it; a saved --gpus 8 came back). A --gpus
-    given is repeated whatever its count: --gpus 0 was left out, and the line resumed with the saved one."""
-    gpus = ["--gpus", str(args.gpus)] if args.gpus is not None else []
-    where = [*(["--device", args.device] if args.device else []), *gpus]
+    would (a saved cuda, on a machine without one, stopped it; a saved --gpus 8 came back), less what
+    the CLI would refuse of them (_where_to_resume). `device`: the run's, given or saved."""
     return [
         "--resume",
         *([args.resume] if args.resume != "auto" else []),
         *(["--out", args.out] if args.out else []),
-        *where,
+        *_where_to_resume(args.device, args.gpus, device),
     ]
+
+
+def _where_to_resume(given_device: str | None, gpus: int | None, device: str) -> list[str]:
+    """The --device and --gpus given (`given_device`, `gpus`; None where not given), for a line that
+    continues the run on `device` (the one given, else the run's saved one), with a contradiction that
+    launch.check_gpus_flag refuses made right as it says: the line, run as written, met that error
+    next (`--device cpu --gpus 1`). A --gpus given is repeated whatever its count, as one process at
+    least: left out, the line resumed with the run's saved count."""
+    from moco_fast.launch import under_torchrun
+
+    where = ["--device", given_device] if given_device else []
+    if gpus is None or under_torchrun():  # under torchrun --nproc_per_node sets the count: no --gpus
+        return where
+    if device == "cpu" and (given_device or gpus < 1):
+        return where  # --gpus 1 on the CPU: "drop --gpus" (more CPU processes are torchrun's, not a flag)
+    if device not in ("auto", "cuda"):  # a saved cpu or a cuda:1 given: --gpus N chooses its own GPUs
+        where = ["--device", "cuda"]
+    return [*where, "--gpus", str(max(gpus, 1))]
 
 
 def _default_preset(args: argparse.Namespace) -> str:
@@ -662,9 +679,10 @@ def _saved_data_named(args: argparse.Namespace, cfg, saved_run):
         # the message replaced in place, not the error rebuilt as type(e)(text): its class and fields
         # stay, and a class whose constructor takes other arguments (checkpoint.Damaged's path and
         # record) ended as a TypeError
+        again = shlex.join(_resume_argv(args, cfg.runtime.device))
         e.args = (
             f"{e} (the --data the run was trained with, which --resume reads where no --data is given; if its "
-            f"images moved, `moco-fast train {shlex.join(_resume_argv(args))} --data NEW_PATH` continues the run there)",
+            f"images moved, `moco-fast train {again} --data NEW_PATH` continues the run there)",
         )
         raise e from None
 
