@@ -127,7 +127,7 @@ class DaliOptions:
 # ffcv's batches_ahead, at most: FFCV holds the decode buffers of batches_ahead + 2 batches
 MAX_BATCHES_AHEAD = 32
 # each backend's option that MAX_BATCHES_AHEAD bounds: a run saved with more (before the bound) is
-# resumed with MAX_BATCHES_AHEAD in its place (replaced_option names the --loader-option)
+# resumed with MAX_BATCHES_AHEAD in its place (replaced_options names the --loader-option)
 BATCHES_AHEAD = {"dali": "prefetch", "ffcv": "batches_ahead"}
 
 
@@ -206,14 +206,16 @@ def check_loader_options(name: str, options: dict[str, str], cpu: bool = False) 
     return parsed
 
 
-def replaced_option(
+def replaced_options(
     name: str, options: dict[str, str], given: dict[str, str], cpu: bool = False
-) -> tuple[str, str, str, str] | None:
-    """A resumed run's saved option (in `options`, not replaced by one `given` now) that today's checks of
-    backend `name` refuse (on the CPU where `cpu`: DALI's decoder=mixed), as (key, its saved value, a value
-    they take, their refusal): a `batches_ahead=64` saved before MAX_BATCHES_AHEAD bounded it
-    (MAX_BATCHES_AHEAD then), else the option's default. None: none is refused, or one the backend lacks (no
-    value replaces it)."""
+) -> list[tuple[str, str, str, str]]:
+    """A resumed run's saved options (in `options`, not replaced by one `given` now) that today's checks
+    of backend `name` refuse (on the CPU where `cpu`: DALI's decoder=mixed), each as (key, its saved
+    value, a value they take, their refusal): a `batches_ahead=64` saved before MAX_BATCHES_AHEAD bounded
+    it (MAX_BATCHES_AHEAD then), else the option's default. All of them: naming the first alone, the
+    line that continued the run met the second. None ([]): none is refused, or one is that no value
+    replaces (an option the backend lacks)."""
+    replaced = []
     for key, raw in options.items():
         if key in given:
             continue
@@ -221,12 +223,13 @@ def replaced_option(
             check_loader_options(name, {key: raw}, cpu)
         except ConfigError as e:
             if key == BATCHES_AHEAD.get(name) and raw.strip().isdigit() and int(raw) > MAX_BATCHES_AHEAD:
-                return key, raw, str(MAX_BATCHES_AHEAD), str(e)  # past the bound: at most it (prefetch=0: the default)
-            if key in (default := asdict(parse_loader_options(name, {}))):
-                value = default[key]
-                return key, raw, ("1" if value else "0") if isinstance(value, bool) else str(value), str(e)
-            return None
-    return None
+                value = str(MAX_BATCHES_AHEAD)  # past the bound: at most it (prefetch=0: the default)
+            elif key in (default := asdict(parse_loader_options(name, {}))):
+                value = ("1" if default[key] else "0") if isinstance(default[key], bool) else str(default[key])
+            else:
+                return []
+            replaced.append((key, raw, value, str(e)))
+    return replaced  # (each checked alone: no check of these options reads another)
 
 
 def option_values(name: str, options: dict[str, str]) -> dict[str, Any]:

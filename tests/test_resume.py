@@ -788,14 +788,32 @@ def test_a_run_saved_with_dalis_gpu_decoder_resumed_where_auto_finds_no_gpu_name
     )
 
 
-def test_a_saved_options_fix_is_named_with_that_options_refusal(run, capsys):
-    # two saved options refused: the fix named (batches_ahead, the first) followed the refusal of the
-    # other (decode, which FFCV's parse checks first)
+def test_every_refused_saved_option_is_named_with_its_fix_at_once(run, capsys):
+    # two saved options refused: the line named the first one's fix alone (batches_ahead), and the
+    # line it named met the other's refusal (decode) at the next try
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     state["config"]["data"].update(loader="ffcv", loader_options={"batches_ahead": "64", "decode": "thrice"})
     torch.save(state, run / "checkpoint.pt")
     argv = ["train", "--resume", "--out", str(run), "--device", "cpu", "--workers", "1", "--print-config"]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "batches_ahead must be at most 32 (got 64)" in err and "thrice" not in err, err
-    assert err.endswith("--loader-option batches_ahead=32`"), err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    said = (
+        "batches_ahead must be at most 32 (got 64): each holds a batch's decode buffers in memory (default 3); "
+        "ffcv loader option decode must be once or twice, got 'thrice'; the run was saved with --loader-option "
+        "batches_ahead=64, --loader-option decode=thrice: continue it with"
+    )
+    assert said in err[0], err
+    assert err[0].endswith(
+        f"`moco-fast train --resume --out {run} --device cpu --loader-option batches_ahead=32 "
+        "--loader-option decode=once`"
+    ), err
+    named = shlex.split(err[0].split("`")[-2])[1:]  # the line as the user runs it, less `moco-fast`
+    assert main([*named, "--workers", "1", "--print-config"]) == 0  # it goes on
+    assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == {"batches_ahead": "32", "decode": "once"}
+    # one given now replaces its saved one: the other is named alone
+    assert main([*argv, "--loader-option", "decode=twice"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "thrice" not in err, err  # and the line keeps it: without it, the saved one came back
+    assert err.endswith("--device cpu --loader-option decode=twice --loader-option batches_ahead=32`"), err
+    assert main([*shlex.split(err.split("`")[-2])[1:], "--workers", "1", "--print-config"]) == 0

@@ -375,12 +375,12 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> Non
 def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Namespace) -> None:
     """A ConfigError where a resumed run's saved --loader-option is one that today's checks refuse (a
     `batches_ahead=64` saved before its bound of 32), or that the device it resumes on does (DALI's
-    decoder=mixed resumed with --device cpu, or with auto on a machine without a GPU): the error, and the
-    --resume that replaces it, which a --loader-option given now does (it said the refusal alone, as if
-    the user had typed the value). --print-config checks auto as on a machine with a GPU, as check_flags."""
+    decoder=mixed resumed with --device cpu, or with auto on a machine without a GPU): the error of each
+    such option, and the --resume that replaces them all, which a --loader-option given now does (it said
+    the refusal alone, as if the user had typed the value). --print-config checks auto as on a machine with a GPU, as check_flags."""
     import torch
 
-    from moco_fast.loaders.options import check_loader_options, replaced_option
+    from moco_fast.loaders.options import check_loader_options, replaced_options
     from moco_fast.trainer import asks_for_the_cpu
 
     auto_on_the_cpu = cfg.runtime.device == "auto" and not args.print_config and not torch.cuda.is_available()
@@ -389,14 +389,18 @@ def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Names
         check_loader_options(cfg.data.loader, cfg.data.loader_options, cpu)
     except ConfigError:
         check_loader_options(cfg.data.loader, given, cpu)  # one given now that is refused: its own error
-        refused = replaced_option(cfg.data.loader, cfg.data.loader_options, given, cpu)
-        if refused is None:
+        refused = replaced_options(cfg.data.loader, cfg.data.loader_options, given, cpu)
+        if not refused:
             raise
-        key, saved, value, why = refused
+        # every refused one at once: naming the first alone, the next try met the second
+        why = "; ".join(why for _, _, _, why in refused)
+        saved = ", ".join(f"--loader-option {key}={saved}" for key, saved, _, _ in refused)
+        # with those given now, which replace a saved one (the line without them met it again)
+        options = [*given.items(), *((key, value) for key, _, value, _ in refused)]
+        fixes = shlex.join([arg for key, value in options for arg in ("--loader-option", f"{key}={value}")])
         again = shlex.join(_resume_argv(args, cfg.runtime.device))
         raise ConfigError(
-            f"{why}; the run was saved with --loader-option {key}={saved}: continue it with "
-            f"`moco-fast train {again} --loader-option {key}={value}`"
+            f"{why}; the run was saved with {saved}: continue it with `moco-fast train {again} {fixes}`"
         ) from None
 
 
