@@ -3,6 +3,7 @@ environment, with a join timeout of its own and one line naming what to check wh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -11,6 +12,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
@@ -99,13 +101,34 @@ def stop_with_the_launcher(launcher: int) -> None:
     with no such signal). A `--gpus` worker had SIGINT for it until here (torch's spawn): one stop.
     PR_SET_PDEATHSIG fires when the thread that started the process ends: the launcher's main thread.
     It fires on an end after it is set only: `launcher`, the parent this process had before (moco_fast.STARTED_BY),
-    gone by then, sends the same SIGTERM now."""
+    gone by then, sends the same SIGTERM now. Set for the training alone: trainer.train puts back what
+    was before as it returns or raises (parent_death_signal_kept)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
         if os.getppid() != launcher:  # the launcher ended before (this process was handed to another)
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def parent_death_signal_kept() -> Iterator[None]:
+    """The parent-death signal of this process as it was (none, but for a caller's own), put back on the
+    way out of a train() whose init_from_env set it (stop_with_the_launcher): a script under torchrun
+    that went on after its training (an evaluation, another run) kept it, and was SIGTERMed when
+    torchrun ended, later. Linux only, as the signal."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    import ctypes
+
+    prctl = ctypes.CDLL(None).prctl
+    before = ctypes.c_int()
+    prctl(2, ctypes.byref(before))  # 2: PR_GET_PDEATHSIG
+    try:
+        yield
+    finally:
+        prctl(1, before.value)  # 1: PR_SET_PDEATHSIG
 
 
 def check_group_env() -> tuple[str, str, str, str]:

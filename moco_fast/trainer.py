@@ -26,7 +26,7 @@ from moco_fast.cores import available_cores, workers_refused
 from moco_fast.data import DataError, DataSplits
 from moco_fast.epoch import resumed_part
 from moco_fast.epoch import run_epoch as _run_epoch
-from moco_fast.join import init_from_env
+from moco_fast.join import init_from_env, parent_death_signal_kept
 from moco_fast.launch import under_torchrun
 from moco_fast.loaders import LoaderArgs, check_loader, create_loader, registered_by
 from moco_fast.loaders.synthetic import DATA_UNREAD as SYNTHETIC_DATA_UNREAD
@@ -288,6 +288,14 @@ def train(
     it again (loaders.base.listed_splits says which listings it takes); None: the loader lists it.
     command: the one that runs this training, which the run folder's lock names to a train it
     refuses there (a sweep's setting: "sweep")."""
+    # a launched worker's SIGTERM at its launcher's end (init_from_env) lasts while it trains: a script
+    # under torchrun that went on after train() returned was stopped when torchrun ended, later
+    with parent_death_signal_kept():
+        return _train(cfg, saved, splits, command)
+
+
+def _train(cfg: TrainConfig, saved: SavedRun | None, splits: DataSplits | None, command: str) -> dict[str, Any]:
+    """train(), its arguments, once the parent-death signal is kept."""
     owns_group = init_from_env(cfg.runtime.device)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     setup_warnings = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -703,6 +704,45 @@ def test_a_launched_worker_sets_the_signal_before_its_join_and_a_manual_one_none
         assert out.returncode == 0, out.stderr[-3000:]
         said[how] = out.stdout.strip()
     assert said == {"launched": str(int(signal.SIGTERM)), "manual": "0"}
+
+
+DEATH_SIGNAL_WORKER = """
+import ctypes, json, sys
+from moco_fast import trainer
+from moco_fast.cli import build_parser
+from moco_fast.commands.train import config_from_args
+from moco_fast.config import ConfigError
+
+def signal_now():
+    v = ctypes.c_int()
+    ctypes.CDLL(None).prctl(2, ctypes.byref(v))  # 2: PR_GET_PDEATHSIG
+    return v.value
+
+during, run_epoch = [], trainer._run_epoch
+trainer._run_epoch = lambda *a, **k: during.append(signal_now()) or run_epoch(*a, **k)
+trainer.train(config_from_args(build_parser().parse_args(sys.argv[1:])))
+after = signal_now()
+open("a-file", "w").close()
+try:  # a train that raises once joined: its --out a file
+    trainer.train(config_from_args(build_parser().parse_args([*sys.argv[1:], "--out", "a-file"])))
+except ConfigError:
+    pass
+print(json.dumps({"training": during, "after": after, "after an error": signal_now()}))
+"""
+
+
+def test_a_launched_workers_signal_at_its_launchers_end_lasts_while_it_trains(tmp_path, held_port):
+    # set before the join, it stayed after train() returned: a script under torchrun that went on after
+    # its training was SIGTERMed when torchrun ended later (one process as torchrun starts it; this
+    # test's process the launcher)
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(held_port), "TORCHELASTIC_RUN_ID": "moco-fast-test", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    argv = synthetic_args(tmp_path / "run", "--bn-splits", "2")
+    out = subprocess.run([sys.executable, "-c", DEATH_SIGNAL_WORKER, *argv], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = json.loads(out.stdout.splitlines()[-1])
+    assert said == {"training": [int(signal.SIGTERM)], "after": 0, "after an error": 0}, out.stderr[-3000:]
 
 
 def _rank_worker() -> str:
