@@ -210,8 +210,12 @@ def as_a_process_of_its_own() -> None:
 
 
 def _note_stop(reports: str, rank: str, status: int) -> None:
-    """A worker's stop and its exit status, written where the launcher reads it (_stopped)."""
-    Path(reports, f"stop.{rank}").write_text(str(status))
+    """A worker's stop and its exit status, written where the launcher reads it (_stopped). Not where
+    its folder is gone: the orphan of a killed launcher, still stopping when the next launch removed
+    that launcher's folders (remove_killed_launchers_folders), ended with this write's traceback and
+    exit status 1 instead of its stop's; nobody reads the note then."""
+    with contextlib.suppress(FileNotFoundError):
+        Path(reports, f"stop.{rank}").write_text(str(status))
 
 
 def _stop_ends(reports: str, rank: str, status: int) -> NoReturn:

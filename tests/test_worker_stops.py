@@ -208,6 +208,23 @@ def test_an_error_after_a_peers_stop_ends_the_worker_as_that_stop(tmp_path, monk
     assert ended.value.code == 138 and (tmp_path / "stop.1").read_text() == "138"
 
 
+def test_a_stop_whose_launchers_folder_was_removed_keeps_its_exit_status(tmp_path, monkeypatch):
+    # an orphan of a killed launcher, still stopping when the next launch removed that launcher's
+    # folders (remove_killed_launchers_folders): its note's write raised FileNotFoundError, and the
+    # worker ended with that traceback and exit status 1, not 143 (its checkpoint saved by then)
+    from moco_fast.launch import _reported
+    from moco_fast.signals import Terminated
+
+    def stopped():
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as ended:
+        _reported(stopped, str(tmp_path / "removed"), None)
+    assert ended.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "removed").exists()  # nothing made again for a launcher that is gone
+
+
 BLOCKED_IN_NATIVE_CODE = """
 import ctypes, multiprocessing, os, signal, sys, threading, time
 from moco_fast import stop_watch
