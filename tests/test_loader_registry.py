@@ -268,7 +268,7 @@ def test_the_gpus_launcher_records_the_users_loaders_module(users_module, tmp_pa
     argv = ["train", "--loader", "theirs", "--arch", "resnet18", "--image-size", "16", "--dim", "16"]
     argv += ["--batch-size", "8", "--moco-k", "32", "--epochs", "1", "--workers", "0", "--no-final-knn"]
     assert main([*argv, "--device", "auto", "--gpus", "2", "--out", str(tmp_path / "run")]) == 0
-    ((cfg, _, _),) = handed
+    ((cfg, *_),) = handed
     assert cfg.data.loader_module == users_module
 
 
@@ -376,14 +376,14 @@ def test_a_resume_of_a_run_whose_loader_main_registered_says_where_its_workers_f
         "Resume it from Python: run its @register_loader again there (it was in a script or notebook: __main__),"
         in said
     )
-    assert main([*argv, "--gpus", "2"]) == 2
+    assert main([*argv, "--gpus", "2"]) == 2  # a run of the CPU's: its line asks for --device cuda too
     assert (
         capsys.readouterr()
         .err.strip()
         .splitlines()[-1]
         .endswith(
             "Resume it from Python: register it again at a script's top level or in an importable module (--gpus's "
-            f"workers import it), then `moco_fast.cli.main({[*argv, '--gpus', '2']!r})`"
+            f"workers import it), then `moco_fast.cli.main({[*argv, '--device', 'cuda', '--gpus', '2']!r})`"
         )
     )
 
