@@ -19,7 +19,7 @@ import torch
 
 from moco_fast.config import ConfigError, TrainConfig, from_dict
 from moco_fast.data import DataError
-from moco_fast.durable import fsync_folder
+from moco_fast.durable import fsync_folder, fsync_open_file
 
 log = logging.getLogger("moco_fast")
 
@@ -89,11 +89,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     locked from before its first byte until after the rename (folder_locks.lock_temporary), then rename,
     then fsync the folder: a crash never leaves a half-written file under the final name (checkpoints,
     exports, result JSON), and a power loss after the return does not bring the old file back.
-    An error before the rename (write's, a full disk met by the file's fsync) or a stop removes the
-    temporary file, the old file left in place; one that names no file is raised naming `path`. An
-    error of the folder's fsync after the rename (an EIO; durable.fsync_folder skips a folder that
-    cannot be opened or fsynced at all) is raised too, naming the folder, though the new file is in
-    place by then: the caller learns that a power loss may still bring the old file back."""
+    An error before the rename (write's, a full disk met by the file's fsync: a file system that
+    cannot fsync at all is skipped, durable.fsync_open_file) or a stop removes the temporary file, the
+    old file left in place; one that names no file is raised naming `path`. An error of the folder's
+    fsync after the rename (an EIO; durable.fsync_folder skips a folder that cannot be opened or
+    fsynced at all) is raised too, naming the folder, though the new file is in place by then: the
+    caller learns that a power loss may still bring the old file back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _locked_temporary(path)
@@ -102,7 +103,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         with os.fdopen(fd, "wb", closefd=False) as fh:  # fd, and its lock, kept until after the rename
             write(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            fsync_open_file(fh.fileno(), path)  # skipped where the file system cannot, as durable's others
         os.replace(tmp, path)
         fsync_folder(path.parent)
     except BaseException as e:

@@ -1,5 +1,6 @@
-"""fsync(2) of what a rename puts in place (fsync_contents) and of the folder it is renamed in
-(fsync_folder): checkpoint.atomic_write, convert's publish and bench/pack_folder.py. Torch-free, as
+"""fsync(2) of what a rename puts in place (fsync_contents; fsync_open_file, of a file its writer
+holds open) and of the folder it is renamed in (fsync_folder): checkpoint.atomic_write, convert's
+publish and bench/pack_folder.py, each skipping alike a file system that cannot fsync. Torch-free, as
 the package's import is (STARTED_BY, moco_fast/__init__.py): pack_folder.py, which carries CIFAR-10
 to the GPU machine, imported torch (seconds) for these alone while they lived in checkpoint.py."""
 
@@ -49,13 +50,22 @@ def _raise(e: OSError) -> None:
     raise e
 
 
-def _fsync(fd: int, path: str | Path) -> None:
-    """fsync(2) of `fd` (of `path`), then closed: an error is raised with the path, but for a file
-    that cannot be fsynced (EINVAL, ENOTSUP, EBADF: a file system that does not, a folder on some)."""
+def fsync_open_file(fd: int, path: str | Path) -> None:
+    """fsync(2) of `fd`, open on `path` (left open): an error is raised with the path, but for a file
+    that cannot be fsynced (EINVAL, ENOTSUP, EBADF: a file system that does not, some FUSE mounts; a
+    folder on some), which is skipped: raised, it failed every write to such a file system, which
+    offers no fsync to wait for. atomic_write's temporary file (its writer holds it), and the files and
+    folders of fsync_contents and fsync_folder."""
     try:
         os.fsync(fd)
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def _fsync(fd: int, path: str | Path) -> None:
+    """fsync_open_file, then `fd` closed."""
+    try:
+        fsync_open_file(fd, path)
     finally:
         os.close(fd)

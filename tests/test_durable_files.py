@@ -70,6 +70,26 @@ def test_an_atomic_write_fsyncs_its_folder_after_the_rename(tmp_path, monkeypatc
     assert path.read_text() == "{}\n"
 
 
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP], ids=["EINVAL", "ENOTSUP"])
+def test_an_atomic_write_on_a_file_system_that_cannot_fsync_files_writes_the_file(tmp_path, monkeypatch, code):
+    # some FUSE mounts refuse fsync(2) of a file: atomic_write's own os.fsync failed every checkpoint
+    # save there, where durable's helpers (convert's, the folder's) skip the refusal
+    path = tmp_path / "result.json"
+    path.write_text("old")
+    real, refused = os.fsync, []
+
+    def files_refused(fd):
+        if os.path.isfile(f"/proc/self/fd/{fd}"):
+            refused.append(fd)
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", files_refused)
+    ckpt.atomic_write_text(path, "new")
+    assert refused  # the temporary file's fsync was asked, and refused
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_an_atomic_write_whose_folder_fsync_fails_after_the_rename_raises_it_with_the_new_file_in_place(
     tmp_path, monkeypatch
 ):
