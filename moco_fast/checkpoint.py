@@ -93,8 +93,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     cannot fsync at all is skipped, durable.fsync_open_file) or a stop removes the temporary file, the
     old file left in place; one that names no file is raised naming `path`. An error of the folder's
     fsync after the rename (an EIO; durable.fsync_folder skips a folder that cannot be opened or
-    fsynced at all) is raised too, naming the folder, though the new file is in place by then: the
-    caller learns that a power loss may still bring the old file back."""
+    fsynced at all) is raised too, naming the folder and saying that the file was written, for it is
+    in place by then: the caller learns that a power loss may still bring the old file back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _locked_temporary(path)
@@ -105,7 +105,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             fh.flush()
             fsync_open_file(fh.fileno(), path)  # skipped where the file system cannot, as durable's others
         os.replace(tmp, path)
-        fsync_folder(path.parent)
+        _fsync_folder_written_in(path)
     except BaseException as e:
         from moco_fast.cli import interruption, os_error_behind
 
@@ -117,6 +117,17 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         raise
     finally:
         os.close(fd)
+
+
+def _fsync_folder_written_in(path: Path) -> None:
+    """durable.fsync_folder of `path`'s folder, once `path` is renamed into it: an error is raised
+    naming the folder and saying that `path` was written. Alone, "Input/output error: FOLDER" read
+    as a write that had failed, the old file in place, where the new one is."""
+    try:
+        fsync_folder(path.parent)
+    except OSError as e:
+        written = f"{e.strerror} flushing the folder to disk after {path.name} was written in it"
+        raise OSError(e.errno, written, e.filename) from e
 
 
 def _locked_temporary(path: Path) -> tuple[int, str]:

@@ -110,6 +110,32 @@ def test_an_atomic_write_whose_folder_fsync_fails_after_the_rename_raises_it_wit
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
+def test_an_export_whose_folder_fsync_fails_says_the_folder_and_that_the_file_was_written(
+    tmp_path, monkeypatch, capsys
+):
+    # "Input/output error: FOLDER" alone read as an export that had failed, where it is in place; the
+    # error stays (an EIO is a failing disk), its line says both
+    path = tmp_path / "cifar.pt"
+    save_untrained_checkpoint(path)
+    out = tmp_path / "out" / "r18.pth"
+    out.parent.mkdir()
+    real = os.fsync
+
+    def failing(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    capsys.readouterr()
+    assert main(["export", str(path), "--format", "torchvision", "--output", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "moco-fast export: error: Input/output error flushing the folder to disk after r18.pth was written in "
+        f"it: {out.parent} (the disk or the network file system failed to read or write it)"
+    )
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
 def test_convert_fsyncs_its_output_before_publishing_and_dsts_folder_after(tmp_path, monkeypatch):
     # publish renamed the temporary output into place with no fsync of the folder: after a power loss
     # the folder could come back with the old output, or (--force) with neither; nor of the output's
