@@ -600,6 +600,27 @@ def test_pack_folder_on_a_full_disk_is_one_line_naming_dst(tiny_root, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set.npz"]  # no half output, no DST.part
 
 
+def test_pack_folder_unpack_names_dst_not_a_file_of_its_removed_part(tiny_root, tmp_path, capsys, monkeypatch):
+    # a full disk met by open() (no inode left) names the file it made, under DST.part, which the
+    # unpack removes: the line names DST, as for a write's error that names no file
+    import errno
+
+    pack, dst = tmp_path / "set.npz", tmp_path / "out"
+    assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
+    real = Path.write_bytes
+
+    def full(path, data):
+        if any(path.parent.iterdir()):  # the second file of a folder
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    capsys.readouterr()
+    assert pack_folder.main(["unpack", str(pack), str(dst)]) == 2
+    assert capsys.readouterr().err == f"error: No space left on device: {dst}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.npz"]
+
+
 def gpu_check_summary(out: Path, since: float = 0.0) -> subprocess.CompletedProcess:
     """bench/gpu_check.sh's summary (its heredoc) run on the JSON left in `out`, by a command that
     began at `since` (epoch seconds: every file is this command's by default)."""
