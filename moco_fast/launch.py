@@ -164,8 +164,8 @@ def _recorded(call: tuple[Callable[..., Any], str, str | None, tuple]) -> Any:
 def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: Any) -> Any:
     """fn(*args), the stop signals ending it as they end one process (signals.stop_signals_handled); a
     user error (cli.one_line; `where` for an EIO without a file, as the CLI's command_paths) is
-    written to `reports`/RANK and ends the worker with USER_ERROR_EXIT, without a traceback: the
-    launcher prints it as the CLI would. A stop ends it with its exit status (128 + the signal),
+    written to `reports`/RANK (its stderr where that folder is gone: _report_user_error) and ends the
+    worker with USER_ERROR_EXIT, without a traceback: the launcher prints it as the CLI would. A stop ends it with its exit status (128 + the signal),
     written to `reports`/stop.RANK: the launcher takes it for a stop (_stopped)."""
     from moco_fast.cli import interruption, one_line, warnings_as_lines
     from moco_fast.metrics import share_bar_lock
@@ -189,8 +189,21 @@ def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: An
                 # same stop, whichever of the two the launcher sees end first
                 _stop_ends(reports, rank, status)
             raise
-        Path(reports, rank).write_text(line)
+        _report_user_error(reports, rank, line)
         sys.exit(USER_ERROR_EXIT)  # not an Exception: `record` and spawn let it end the process as it is
+
+
+def _report_user_error(reports: str, rank: str, line: str) -> None:
+    """A worker's user error, written where the launcher reads it (run_workers). Where its folder is
+    gone (the orphan of a killed launcher, whose folders the next launch removed:
+    remove_killed_launchers_folders), said on the worker's stderr instead, as the CLI says it (the one
+    command that launches workers is train): the write ended it with a FileNotFoundError's traceback
+    and exit status 1, not its one line and USER_ERROR_EXIT; nobody reads the folder then
+    (_note_stop)."""
+    try:
+        Path(reports, rank).write_text(line)
+    except FileNotFoundError:
+        say(f"moco-fast train: error: {line}")
 
 
 def as_a_process_of_its_own() -> None:

@@ -225,6 +225,25 @@ def test_a_stop_whose_launchers_folder_was_removed_keeps_its_exit_status(tmp_pat
     assert not (tmp_path / "removed").exists()  # nothing made again for a launcher that is gone
 
 
+def test_a_user_error_whose_launchers_folder_was_removed_is_said_on_the_workers_stderr(tmp_path, monkeypatch, capsys):
+    # the same orphan, at a user error (a full disk, a bad file): its report's write raised
+    # FileNotFoundError, and the worker ended with that traceback and exit status 1, not its one line
+    # and exit status 2
+    from moco_fast.config import ConfigError
+    from moco_fast.launch import USER_ERROR_EXIT, _reported
+
+    def bad_input():
+        raise ConfigError("--moco-k 10 is not a multiple of the batch size 4")
+
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as ended:
+        _reported(bad_input, str(tmp_path / "removed"), None)
+    assert ended.value.code == USER_ERROR_EXIT
+    said = capsys.readouterr().err
+    assert said == "moco-fast train: error: --moco-k 10 is not a multiple of the batch size 4\n"
+    assert not (tmp_path / "removed").exists()
+
+
 BLOCKED_IN_NATIVE_CODE = """
 import ctypes, multiprocessing, os, signal, sys, threading, time
 from moco_fast import stop_watch
