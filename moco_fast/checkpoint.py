@@ -132,23 +132,17 @@ def _fsync_folder_written_in(path: Path) -> None:
 
 def _locked_temporary(path: Path) -> tuple[int, str]:
     """mkstemp's (descriptor, name) of atomic_write's temporary file of `path`, locked
-    (folder_locks.lock_temporary); made again where a remover in another PID namespace, which took its
+    (folder_locks.locked_temporary); made again where a remover in another PID namespace, which took its
     writer for ended, removed it before it was locked."""
-    from moco_fast.folder_locks import lock_temporary, owner_name
+    from moco_fast.folder_locks import locked_temporary, owner_name
 
-    while True:
+    def made() -> tuple[int, str]:
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(path)}{owner_name()}.", suffix=".tmp", dir=path.parent)
+            return tempfile.mkstemp(prefix=f"{temp_prefix(path)}{owner_name()}.", suffix=".tmp", dir=path.parent)
         except OSError as e:  # a folder that may not be written: name the file, not the temporary one
             raise OSError(e.errno, e.strerror, str(path)) from None
-        try:
-            if lock_temporary(fd, Path(tmp)):
-                return fd, tmp
-        except BaseException:  # a stop while it waits for the lock
-            os.close(fd)
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        os.close(fd)
+
+    return locked_temporary(made, lambda tmp: Path(tmp).unlink(missing_ok=True))
 
 
 def temp_prefix(path: Path) -> str:

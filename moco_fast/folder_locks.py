@@ -78,12 +78,13 @@ def ended_here(owner: tuple[str, int] | None) -> bool:
 
 
 def lock_temporary(fd: int, path: Path) -> bool:
-    """An exclusive flock on `fd`, the temporary file `path` just made (checkpoint.atomic_write), which
-    its writer keeps until the file is renamed: the kernel lets go of it when the writer ends, in
-    whatever PID namespace, where a HOST-PID says nothing (containers that share the host's name but not
-    its PIDs, whose live writers ended_here takes for ended): free_to_remove. Waits out a remover's look;
-    False where that remover removed the file before it was locked (make another one). True where the
-    file system has no flock (the write goes unguarded)."""
+    """An exclusive flock on `fd`, the temporary file or folder `path` just made (checkpoint.atomic_write's
+    file, the `--gpus` launcher's folders: locked_temporary), which its maker keeps while it uses it: the
+    kernel lets go of it when the maker ends, in whatever PID namespace, where a HOST-PID says nothing
+    (containers that share the host's name and /tmp but not its PIDs, whose live makers ended_here
+    takes for ended): free_to_remove. Waits out a remover's look; False where that remover removed
+    `path` before it was locked (make another one). True where the file system has no flock (it goes
+    unguarded)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # held by a remover only while it looks
     except OSError as e:
@@ -92,18 +93,36 @@ def lock_temporary(fd: int, path: Path) -> bool:
     return _still_there(path, fd)
 
 
+def locked_temporary(make: Callable[[], tuple[int, str]], remove: Callable[[str], None]) -> tuple[int, str]:
+    """make()'s (descriptor, name) of a new temporary file or folder, locked (lock_temporary); made again
+    where a remover in another PID namespace, which took its maker for ended, removed it before it was
+    locked. A stop while it waits for the lock (Ctrl-C) closes it and remove()s it."""
+    while True:
+        fd, name = make()
+        try:
+            if lock_temporary(fd, Path(name)):
+                return fd, name
+        except BaseException:
+            os.close(fd)
+            remove(name)
+            raise
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def free_to_remove(path: Path) -> Iterator[bool]:
-    """Whether the temporary file `path`, whose writer ended_here takes for ended, is no live writer's
-    (lock_temporary): True while this process holds its lock (remove it in the block: a writer that
-    made it meanwhile finds it gone once it locks it), False where a writer holds it (one in another PID
-    namespace of this machine) or it is gone. Where no lock can tell (a file system without flock, a
-    file this user may not read), True: its HOST-PID alone decides, as before writers locked theirs."""
+    """Whether the temporary file or folder `path`, whose maker ended_here takes for ended, is no live
+    maker's (lock_temporary): True while this process holds its lock (remove it in the block: a maker
+    that made it meanwhile finds it gone once it locks it), False where a maker holds it (one in another
+    PID namespace of this machine) or it is gone. Where no lock can tell (a file system without flock, a
+    file this user may not read), True: its HOST-PID alone decides, as before makers locked theirs."""
     flags = os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO there: no wait for a writer
     try:
         try:  # for writing: NFS takes a flock as fcntl's lock, whose exclusive one needs that (else EBADF)
             fd = os.open(path, os.O_RDWR | flags)
-        except PermissionError:  # another user's file: a local file system's flock needs it only read
+        # another user's file: a local file system's flock needs it only read; a folder opens only so
+        # (on NFS its lock then fails, as its maker's does: HOST-PID decides)
+        except (PermissionError, IsADirectoryError):
             fd = os.open(path, os.O_RDONLY | flags)
     except FileNotFoundError:
         yield False

@@ -29,7 +29,7 @@ import torch
 
 from moco_fast.cli import UserError, log_as_lines, say
 from moco_fast.config import ConfigError, TrainConfig, check_at_least
-from moco_fast.folder_locks import ended_here, owner_name, owner_of
+from moco_fast.folder_locks import ended_here, free_to_remove, locked_temporary, owner_name, owner_of
 from moco_fast.signals import STOP_SIGNALS, Terminated, exit_status, stop_signals_handled
 
 if TYPE_CHECKING:
@@ -288,10 +288,10 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     remove_killed_launchers_folders()
     # the workers' user errors, one file a rank
-    reports = tempfile.mkdtemp(prefix=f"{LAUNCH_FOLDERS[0]}{owner_name()}.")
+    reports_lock, reports = _launchers_folder(LAUNCH_FOLDERS[0])
     # the agent's own folder (its error files, a folder a rank): by default a new torchelastic_* in
     # the temporary directory that nobody removes, one more for each run
-    agent_dir = tempfile.mkdtemp(prefix=f"{LAUNCH_FOLDERS[1]}{owner_name()}.")
+    agent_lock, agent_dir = _launchers_folder(LAUNCH_FOLDERS[1])
     quiet = _QuietOnUserErrors(reports)
     for name in FAILURE_LOGGERS:
         logging.getLogger(name).addFilter(quiet)
@@ -348,22 +348,43 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
             logging.getLogger(name).removeFilter(quiet)
         if omp is not None:  # this process's own setting is as it was
             del os.environ["OMP_NUM_THREADS"]
-        shutil.rmtree(reports, ignore_errors=True)
-        shutil.rmtree(agent_dir, ignore_errors=True)
+        for folder, lock in ((reports, reports_lock), (agent_dir, agent_lock)):
+            shutil.rmtree(folder, ignore_errors=True)  # while still locked
+            os.close(lock)
     return [results[r] for r in sorted(results)]
+
+
+def _launchers_folder(prefix: str) -> tuple[int, str]:
+    """(a descriptor that holds its lock, the folder): a new temporary folder of run_workers, named
+    PREFIX + HOST-PID (owner_name) and locked while the launcher uses it (folder_locks.locked_temporary),
+    for remove_killed_launchers_folders."""
+
+    def made() -> tuple[int, str]:
+        while True:
+            folder = tempfile.mkdtemp(prefix=f"{prefix}{owner_name()}.")
+            with contextlib.suppress(FileNotFoundError):  # removed at once, by such a remover
+                return os.open(folder, os.O_RDONLY | os.O_DIRECTORY), folder
+
+    return locked_temporary(made, lambda folder: shutil.rmtree(folder, ignore_errors=True))
 
 
 def remove_killed_launchers_folders() -> None:
     """The temporary folders (LAUNCH_FOLDERS) of a launcher of this machine that has ended without
     removing them (killed: SIGKILL, a power loss), which run_workers names with their owner
-    (folder_locks.owner_name) for this; a running launcher's, another machine's, and those of a
-    launcher before they were so named are left alone."""
+    (folder_locks.owner_name) and locks while it runs (_launchers_folder): one goes where its HOST-PID
+    has ended and its lock is free (folder_locks.free_to_remove; HOST-PID alone on a file system
+    without flock). A running launcher's (one in another PID namespace of a machine of the same name
+    that shares this /tmp, whose PID ended_here takes for ended, holds its lock), another machine's,
+    and those of a launcher before they were so named are left alone."""
     for prefix in LAUNCH_FOLDERS:
         for folder in Path(tempfile.gettempdir()).glob(glob.escape(prefix) + "*"):
             # PREFIX + HOST-PID.XXXXXXXX (mkdtemp's)
-            if folder.is_dir() and ended_here(owner_of(folder.name, prefix, mktemp=True)):
-                log.debug("removing %s, left by a launcher that was killed", folder)
-                shutil.rmtree(folder, ignore_errors=True)
+            if not (folder.is_dir() and ended_here(owner_of(folder.name, prefix, mktemp=True))):
+                continue
+            with free_to_remove(folder) as free:
+                if free:
+                    log.debug("removing %s, left by a launcher that was killed", folder)
+                    shutil.rmtree(folder, ignore_errors=True)  # while locked
 
 
 @contextlib.contextmanager

@@ -778,6 +778,118 @@ def test_a_launch_removes_the_folders_a_killed_launcher_left(tmp_path, monkeypat
     )
 
 
+# holds a flock on the folder argv[1] until its stdin closes: a live launcher in another PID namespace
+HOLDS_A_FOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _an_ended_launchers_folder(tmp_path: Path, prefix: str = "moco-fast-workers-") -> Path:
+    """The name of a folder of a launcher of this machine whose HOST-PID has ended (not made)."""
+    import socket
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    return tmp_path / f"{prefix}{socket.gethostname()}-{ended.pid}.ab_c12de"
+
+
+def test_a_launchers_folder_whose_host_pid_has_ended_stays_while_its_lock_is_held(tmp_path, monkeypatch):
+    # containers that share a host name and /tmp but not their PIDs: a launcher's live folders were
+    # removed by another's launch, which took its HOST-PID for ended
+    import tempfile
+
+    from moco_fast.launch import remove_killed_launchers_folders
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = _an_ended_launchers_folder(tmp_path)
+    (folder / "0").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDS_A_FOLDER, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        remove_killed_launchers_folders()
+        assert (folder / "0").is_dir()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    remove_killed_launchers_folders()  # its lock gone with its holder
+    assert list(tmp_path.iterdir()) == []
+
+
+def _launchers_folders_locked(temporary: str) -> list[bool]:
+    # in the worker: whether each of its launcher's folders is locked by another process (the launcher)
+    import fcntl
+
+    held = []
+    for folder in sorted(Path(temporary).glob("moco-fast-*")):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+    return held
+
+
+def test_a_launcher_holds_its_folders_locked_while_its_workers_run(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the launcher's; the worker's is its own
+    assert run_workers(_launchers_folders_locked, (str(tmp_path),), 1) == [[True, True]]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_launchers_folder_removed_before_it_was_locked_is_made_again(tmp_path, monkeypatch):
+    # a remover in another PID namespace took this launcher for ended between mkdtemp and the lock
+    import tempfile
+
+    from moco_fast.launch import _launchers_folder
+
+    mkdtemp, made = tempfile.mkdtemp, []
+
+    def removed_at_once(**kwargs):
+        folder = mkdtemp(dir=str(tmp_path), **kwargs)
+        made.append(folder)
+        if len(made) == 1:
+            os.rmdir(folder)
+        return folder
+
+    monkeypatch.setattr(tempfile, "mkdtemp", removed_at_once)
+    fd, folder = _launchers_folder("moco-fast-workers-")
+    os.close(fd)
+    assert folder == made[1] and [p.name for p in tmp_path.iterdir()] == [Path(folder).name]
+
+
+@pytest.mark.parametrize("no_lock", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_on_a_file_system_without_flock_a_launchers_folder_goes_by_its_host_pid(tmp_path, monkeypatch, no_lock):
+    # as atomic_write's temporaries: where flock fails the launcher's folders go unguarded, and an
+    # ended launcher's go by HOST-PID alone
+    import fcntl
+    import tempfile
+
+    from moco_fast.launch import _launchers_folder, remove_killed_launchers_folders
+
+    def flock(fd, how):
+        raise OSError(no_lock, os.strerror(no_lock))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = _an_ended_launchers_folder(tmp_path, "moco-fast-agent-")
+    (ended / "0").mkdir(parents=True)
+    fd, mine = _launchers_folder("moco-fast-workers-")  # made, unlocked
+    try:
+        remove_killed_launchers_folders()
+        assert [p.name for p in tmp_path.iterdir()] == [Path(mine).name]
+    finally:
+        os.close(fd)
+
+
 def test_a_process_forked_after_the_packages_import_records_its_own_parent():
     # the parent read as the package was imported was inherited by a process forked from it (a launcher's
     # fork start method): that worker took the forking process for a new parent and stopped itself at its join
