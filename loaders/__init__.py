@@ -89,7 +89,8 @@ def import_loader_module(name: str, module: str | None) -> None:
     """Registers loader `name` in this process, where it is not known, by importing `module`, the one that
     registered it where the run was configured (`data.loader_module`, registered_by's): a `--gpus` worker
     is spawned, and runs only what its launcher's script runs at its top level (imported as `__mp_main__`),
-    not a REPL's, a notebook's, `python -c`'s or a function's registration. A ConfigError, one line, where
+    not a REPL's, a notebook's, `python -c`'s or a function's registration, nor a package's `__main__.py`
+    (`python -m PKG`: multiprocessing runs none of it in a spawned process). A ConfigError, one line, where
     that is `__main__` (which cannot be imported by name) or the module cannot be imported here (the
     cause chained, its traceback a DEBUG line: --verbose) or does not register `name`."""
     if module is None or name in _MODULES or name in _LOADERS:
@@ -98,8 +99,9 @@ def import_loader_module(name: str, module: str | None) -> None:
     where = "register it at a script's top level or in an importable module"
     if module == "__main__":
         raise ConfigError(
-            f"loader {name!r} was registered in __main__ (a notebook, a REPL, python -c, or a script's "
-            f"`if __name__ == '__main__':` block or function), which a --gpus worker cannot import: {where}"
+            f"loader {name!r} was registered in __main__ (a notebook, a REPL, python -c, a package's __main__.py "
+            f"run by python -m, or a script's `if __name__ == '__main__':` block or function), which a --gpus "
+            f"worker cannot import: {where}"
         )
     try:
         importlib.import_module(module)

@@ -340,15 +340,16 @@ mp_mains_loader.__module__ = "__mp_main__"  # the name a spawned process gives i
 def test_a_users_loader_registered_in_main_trains_in_a_worker_only_from_a_scripts_top_level(registry, tmp_path):
     # a spawned worker runs its launcher's script's top level as __mp_main__: a loader registered there
     # is the worker's, and it records __main__, as the launcher did (it recorded __mp_main__); one
-    # registered elsewhere in __main__ (a notebook, python -c, `if __name__ == "__main__":`) is not,
-    # and no worker can import __main__ by name: one line that says where to register it
+    # registered elsewhere in __main__ (a notebook, python -c, `if __name__ == "__main__":`, a package's
+    # __main__.py run by `python -m PKG`, of which multiprocessing runs nothing in a spawned worker) is
+    # not, and no worker can import __main__ by name: one line that says where to register it
     cfg = with_module(one_epoch_with_mine(tmp_path / "run", "mine"), "__main__")
     with pytest.raises(ConfigError) as e:
         as_a_worker(cfg)
     assert str(e.value) == (
-        "loader 'mine' was registered in __main__ (a notebook, a REPL, python -c, or a script's "
-        "`if __name__ == '__main__':` block or function), which a --gpus worker cannot import: register it at "
-        "a script's top level or in an importable module"
+        "loader 'mine' was registered in __main__ (a notebook, a REPL, python -c, a package's __main__.py run by "
+        "python -m, or a script's `if __name__ == '__main__':` block or function), which a --gpus worker cannot "
+        "import: register it at a script's top level or in an importable module"
     )
     register_loader("mine")(mp_mains_loader)
     assert registered_by("mine") == "__main__"
