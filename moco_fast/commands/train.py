@@ -346,9 +346,10 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> Non
     module that registered it (data.loader_module, as the run recorded it) and how to resume it, from
     Python (one registered in __main__, resumed with --gpus: registered again at a script's top level or
     in an importable module, which the spawned workers run: loaders.import_loader_module). It said
-    "unknown loader" alone; so it still does, with how to resume from Python, for a loader the run did
-    not record the module of (a run saved before data.loader_module). A --loader given now
-    that is not the run's (`saved_loader`) is that flag's: check_loader's "unknown loader" alone."""
+    "unknown loader" alone; so it still does, with how to resume from Python (with --gpus: by an import,
+    or registered again at a script's top level), for a loader the run did not record the module of (a
+    run saved before data.loader_module). A --loader given now that is not the run's (`saved_loader`) is
+    that flag's: check_loader's "unknown loader" alone."""
     from moco_fast.loaders import available_loaders, unknown_loader
 
     loader, module = cfg.data.loader, cfg.data.loader_module
@@ -358,6 +359,12 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> Non
     if not module:
         said = f"{unknown_loader(loader)}. A loader registered from Python (@register_loader) is one"
         how = "import the module that registers it (or run its @register_loader again)"
+        if cfg.runtime.gpus > 1:
+            # as for __main__ below: run again in a notebook or python -c, it fails in every --gpus worker
+            how = (
+                "import the module that registers it (or register it again at a script's top level: "
+                "--gpus's workers run it)"
+            )
     else:
         said = f"the run was trained with loader {loader!r}, registered by module {module} (@register_loader),"
         how = f"`import {module}` (which registers it)"
