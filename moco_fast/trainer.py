@@ -271,7 +271,8 @@ def with_loader_module(cfg: TrainConfig) -> TrainConfig:
     """cfg with `data.loader_module`, the module that registered `data.loader` in this process
     (loaders.registered_by): a library user's loader's, which a resume from the CLI names (commands.train)
     and a `--gpus` worker imports (launch._train_worker); None for a built-in one (a resume that changed
-    the loader keeps no other's module). train() records it, and launch_local before its workers start."""
+    the loader keeps no other's module). train() records it, launch_local before its workers start, and
+    train --print-config prints it."""
     if (module := registered_by(cfg.data.loader)) != cfg.data.loader_module:
         cfg = replace(cfg, data=replace(cfg.data, loader_module=module))
     return cfg

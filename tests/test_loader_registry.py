@@ -151,6 +151,16 @@ def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
 
 
+def test_print_config_names_the_users_loaders_module_as_the_run_records_it(registry, tmp_path, capsys):
+    # --print-config printed data.loader_module null for a run whose config.json records the module
+    from moco_fast.cli import main
+
+    register_loader("mine")(users_loader)
+    argv = ["train", "--loader", "mine", "--device", "cpu", "--out", str(tmp_path / "run"), "--print-config"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["loader_module"] == __name__
+
+
 def test_a_run_resumed_with_a_built_in_loader_keeps_no_users_module(registry, tmp_path, caplog):
     # the module of the user's loader stayed in the config of a run resumed with --loader synthetic
     from moco_fast.cli import main

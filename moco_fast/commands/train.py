@@ -630,7 +630,7 @@ def run(args: argparse.Namespace) -> int:
         from moco_fast.config import as_run
         from moco_fast.join import check_group_env, describes_group
         from moco_fast.launch import check_gpus_flag, check_local_gpus
-        from moco_fast.trainer import check_flags, check_workers
+        from moco_fast.trainer import check_flags, check_workers, with_loader_module
 
         # what the run would refuse before its first step, as far as the flags and the environment that
         # describes its group decide it: not the data or the GPUs, which may be those of another machine
@@ -649,7 +649,8 @@ def run(args: argparse.Namespace) -> int:
         # under torchrun every rank checks, rank 0 alone prints; a RANK without WORLD_SIZE joins no group
         # (join.describes_group): the one process prints, where it printed nothing and returned 0
         if not describes_group() or os.environ["RANK"] == "0":
-            print(json.dumps(to_dict(as_run(cfg, world)), indent=2))
+            # a user's loader's module too (run from Python), which config.json records (train, launch_local)
+            print(json.dumps(to_dict(with_loader_module(as_run(cfg, world))), indent=2))
         return 0
     if args.gpus is not None:  # asked for: checked (count, device, torchrun) even for one
         from moco_fast.launch import check_local_gpus
