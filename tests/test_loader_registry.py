@@ -445,3 +445,25 @@ def test_gpus_workers_train_with_a_loader_their_launchers_script_registers_at_it
     p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["data"]["loader_module"] == "__main__"
+
+
+@pytest.mark.slow  # ~10 s: 2 spawned workers
+def test_gpus_workers_import_the_users_loaders_module_that_python_c_imported(tmp_path):
+    # python -c, as a notebook: the workers run none of the launcher's code, and import the module that
+    # registered the loader, found on the launcher's sys.path (which a spawned worker starts with)
+    import os
+    import subprocess
+
+    from distributed_helpers import synthetic_args
+
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "users_loaders_for_workers.py").write_text(USERS_MODULE)
+    code = f"import sys; sys.path.insert(0, {str(users)!r}); import users_loaders_for_workers; import torch; "
+    code += "torch.cuda.device_count = lambda: 2; from moco_fast.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = tmp_path / "run"
+    args = [*synthetic_args(out), "--loader", "theirs", "--device", "auto", "--gpus", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["data"]["loader_module"] == "users_loaders_for_workers"
