@@ -8,7 +8,8 @@ A library user's `@register_loader("mine")` adds a loader that `create_loader` a
 knows the built-in ones only (a run trained with a user's loader records its module,
 `data.loader_module`, which `train --resume` names). `--gpus N` run from Python (`moco_fast.cli.main`)
 takes it where it is registered in an importable module or at a script's top level: the spawned workers
-import that module (`import_loader_module`) or run that script's top level. A built-in name cannot be taken.
+import that module (`import_loader_module`) or run that script's top level (not a package's `__main__.py`,
+run by `python -m PKG`, of which they run nothing). A built-in name cannot be taken.
 """
 
 from __future__ import annotations
