@@ -195,11 +195,11 @@ def test_a_users_loader_whose_module_the_run_did_not_record_is_resumed_from_pyth
         f"then `moco_fast.cli.main({argv[:4]!r})`"
     )
     # with --gpus, a @register_loader run again in a notebook or python -c failed in every spawned worker
-    assert main([*argv, "--gpus", "2"]) == 2
+    assert main([*argv, "--gpus", "2"]) == 2  # a run of the CPU's: its line asks for --device cuda too
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.endswith(
         "Resume it from Python: import the module that registers it (or register it again at a script's top "
-        f"level: --gpus's workers run it), then `moco_fast.cli.main({[*argv[:4], '--gpus', '2']!r})`"
+        f"level: --gpus's workers run it), then `moco_fast.cli.main({[*argv[:4], '--device', 'cuda', '--gpus', '2']!r})`"
     )
     # a --loader given now that no loader has is that flag's error alone
     assert main([*argv, "--loader", "nosuch"]) == 2
