@@ -126,19 +126,26 @@ def test_gpus_holds_the_run_folder_while_its_workers_run(tiny_root, tmp_path, mo
         assert held
 
 
-def test_gpus_leaves_the_line_of_a_run_that_starts_over_to_its_rank_0(tiny_root, tmp_path, monkeypatch, capsys, caplog):
-    # --resume of a run stopped before its first checkpoint: the launcher's check of --out said that it
-    # starts from scratch, and rank 0's own check (in train, as without --gpus) said it again
+def _gpus_run_killed_early(tiny_root, tmp_path, monkeypatch, capsys) -> tuple[list[str], Path, list[tuple]]:
+    """A `--gpus 2` command (its workers not started: each call's arguments go to the list returned)
+    and its --out as a run killed before its first checkpoint left it: its config.json alone."""
     from moco_fast import launch
 
-    started = []
+    started: list[tuple] = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(launch, "run_workers", lambda *a, **k: started.append(a) or [{}])
     out = tmp_path / "run"
     args = [*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]
     assert main([*args, "--print-config"]) == 0
     out.mkdir()
-    (out / "config.json").write_text(capsys.readouterr().out)  # as a run killed in its setup left it
+    (out / "config.json").write_text(capsys.readouterr().out)
+    return args, out, started
+
+
+def test_gpus_leaves_the_line_of_a_run_that_starts_over_to_its_rank_0(tiny_root, tmp_path, monkeypatch, capsys, caplog):
+    # --resume of a run stopped before its first checkpoint: the launcher's check of --out said that it
+    # starts from scratch, and rank 0's own check (in train, as without --gpus) said it again
+    args, _, started = _gpus_run_killed_early(tiny_root, tmp_path, monkeypatch, capsys)
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert main([*args, "--resume"]) == 0
     assert len(started) == 1
@@ -148,16 +155,7 @@ def test_gpus_leaves_the_line_of_a_run_that_starts_over_to_its_rank_0(tiny_root,
 def test_gpus_resumes_a_run_whose_first_row_came_before_its_first_checkpoint(tiny_root, tmp_path, monkeypatch, capsys):
     # a run killed between its epoch 1 row and that epoch's checkpoint starts over on --resume; the
     # launcher's check of --out (say=False) took its row for a run past its first checkpoint: refused
-    from moco_fast import launch
-
-    started = []
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(launch, "run_workers", lambda *a, **k: started.append(a) or [{}])
-    out = tmp_path / "run"
-    args = [*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]
-    assert main([*args, "--print-config"]) == 0
-    out.mkdir()
-    (out / "config.json").write_text(capsys.readouterr().out)
+    args, out, started = _gpus_run_killed_early(tiny_root, tmp_path, monkeypatch, capsys)
     (out / "metrics.jsonl").write_text('{"epoch": 1, "loss": 9.0}\n')
     assert main([*args, "--resume"]) == 0, capsys.readouterr().err
     assert len(started) == 1
@@ -182,16 +180,7 @@ _train_worker(cfg, types.SimpleNamespace(taken=contextlib.nullcontext), logging.
 def test_gpus_says_a_torn_metrics_line_once(tiny_root, tmp_path, monkeypatch, capsys, caplog):
     # the launcher's read of --out (--resume, before a checkpoint) warned of a torn row, and its rank 0
     # (a spawned process) said it again: the launcher hands what it said to the workers
-    from moco_fast import launch
-
-    started = []
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(launch, "run_workers", lambda *a, **k: started.append(a) or [{}])
-    out = tmp_path / "run"
-    args = [*cli_args(tiny_root, out, 1)[:-2], "--device", "auto", "--out", str(out), "--gpus", "2"]
-    assert main([*args, "--print-config"]) == 0
-    out.mkdir()
-    (out / "config.json").write_text(capsys.readouterr().out)  # as a run killed in its first epoch left it
+    args, out, started = _gpus_run_killed_early(tiny_root, tmp_path, monkeypatch, capsys)
     (out / "metrics.jsonl").write_text('{"epoch": 1, "lo')  # and its row cut short
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         assert main([*args, "--resume"]) == 0
