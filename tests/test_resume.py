@@ -788,6 +788,20 @@ def test_a_run_saved_with_dalis_gpu_decoder_resumed_where_auto_finds_no_gpu_name
     )
 
 
+def test_a_run_resumed_with_another_loader_leaves_the_saved_loaders_options(run, capsys):
+    # the saved backend's options went to the loader given now: "the torch loader takes no
+    # --loader-option (got batches_ahead=8)" of an ffcv run resumed with --loader torch, and no flag
+    # takes a saved option away
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["data"].update(loader="ffcv", loader_options={"batches_ahead": "8"})
+    torch.save(state, run / "checkpoint.pt")
+    argv = ["train", "--resume", "--out", str(run), "--device", "cpu", "--workers", "1", "--print-config"]
+    for loader, options in (("torch", {}), ("ffcv", {"batches_ahead": "8"})):  # its own loader keeps them
+        assert main([*argv, "--loader", loader]) == 0, capsys.readouterr().err
+        printed = json.loads(capsys.readouterr().out)["data"]
+        assert (printed["loader"], printed["loader_options"]) == (loader, options)
+
+
 def test_every_refused_saved_option_is_named_with_its_fix_at_once(run, capsys):
     # two saved options refused: the line named the first one's fix alone (batches_ahead), and the
     # line it named met the other's refusal (decode) at the next try

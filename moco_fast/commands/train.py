@@ -295,6 +295,10 @@ def configured(args: argparse.Namespace):
         for dest, field in FLAG_FIELDS.items():
             if getattr(args, dest, None) is not None:
                 set_dotted(cfg, field, getattr(args, dest))
+        if args.loader is not None and args.loader != weights["data"]["loader"]:
+            # the saved options are the saved backend's, which another one refused ("the torch loader
+            # takes no --loader-option (got batches_ahead=8)"), and no flag takes a saved one away
+            cfg.data.loader_options = {}
         if args.preset is not None and args.preset != cfg.preset:
             log.warning(
                 "--resume: the run was configured with preset %s; --preset %s is ignored", cfg.preset, args.preset
