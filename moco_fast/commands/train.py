@@ -388,7 +388,8 @@ def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Names
     `batches_ahead=64` saved before its bound of 32), or that the device it resumes on does (DALI's
     decoder=mixed resumed with --device cpu, or with auto on a machine without a GPU): the error of each
     such option, and the --resume that replaces them all, which a --loader-option given now does (it said
-    the refusal alone, as if the user had typed the value). --print-config checks auto as on a machine with a GPU, as check_flags."""
+    the refusal alone, as if the user had typed the value), with the --loader-option flags given now.
+    --print-config checks auto as on a machine with a GPU, as check_flags."""
     import torch
 
     from moco_fast.loaders.options import check_loader_options, replaced_options
