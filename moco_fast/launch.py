@@ -287,71 +287,82 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
     # The agent's step-by-step INFO lines would bury the training log.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     remove_killed_launchers_folders()
-    # the workers' user errors, one file a rank
-    reports_lock, reports = _launchers_folder(LAUNCH_FOLDERS[0])
-    # the agent's own folder (its error files, a folder a rank): by default a new torchelastic_* in
-    # the temporary directory that nobody removes, one more for each run
-    agent_lock, agent_dir = _launchers_folder(LAUNCH_FOLDERS[1])
-    quiet = _QuietOnUserErrors(reports)
-    for name in FAILURE_LOGGERS:
-        logging.getLogger(name).addFilter(quiet)
-    # The launcher turns these into its SignalException and ends the workers with the same signal; by
-    # default not SIGUSR1 and SIGUSR2 (SLURM's warning before a time limit), which would end it at
-    # once and leave the workers running. One that is ignored (SIGHUP under `nohup`) stays ignored.
-    handled = [s for s in (signal.SIGINT, signal.SIGQUIT, *STOP_SIGNALS) if signal.getsignal(s) is not signal.SIG_IGN]
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nprocs,
-        run_id=f"moco-fast-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
-        max_restarts=0,  # a failed step is not retried on its own: the user decides (--resume)
-        monitor_interval=0.1,
-        start_method="spawn",  # CUDA cannot be forked
-        signals_to_handle=",".join(s.name for s in handled),
-        logs_specs=DefaultLogsSpecs(log_dir=agent_dir),
-    )
-    # As torchrun: with several workers on a machine, one OpenMP thread each unless the user says
-    # otherwise. Each worker's CPU ops (and its data loading) would start a thread per core, and the
-    # workers together oversubscribe the cores (a 2-worker CPU run: 83.9 s an epoch, 11.0 s with 1).
-    omp = None if "OMP_NUM_THREADS" in os.environ or nprocs < 2 else "1"
-    if omp is not None:
-        log.warning(
-            "setting OMP_NUM_THREADS=%s for each of the %d workers, as torchrun does, so that they do not "
-            "overload the machine; set OMP_NUM_THREADS to tune it",
-            *(omp, nprocs),
-        )
-        os.environ["OMP_NUM_THREADS"] = omp  # the agent passes it to the workers
-    # The launcher installs its own handlers for those: put ours back afterwards, and let each signal
-    # end the command as it does without --gpus.
-    handlers = {s: signal.getsignal(s) for s in handled}
-    try:
-        # start_processes' error files (a failed worker's traceback) are temporary files of this
-        # process that nobody removes: they go to agent_dir too
-        with _temporary_files_in(agent_dir):
-            results = elastic_launch(config, _recorded)((fn, reports, where, args))
-    except ChildFailedError as e:
-        said = {int(p.name): p.read_text() for p in Path(reports).iterdir() if p.name.isdigit()}
-        if said and e.get_first_failure()[0] in said:
-            raise WorkerUserError(user_error_text(said)) from None
-        if (stop := _stopped(reports, *e.get_first_failure())) is not None:
-            raise stop from None  # the workers stopped on a signal that reached them, not the launcher
-        raise WorkerFailed(describe_failure(e)) from None
-    except SignalException as e:
-        raise (KeyboardInterrupt() if e.sigval == signal.SIGINT else Terminated(e.sigval)) from None
-    finally:
-        for s, h in handlers.items():
-            if h is not None:
-                signal.signal(s, h)
+    # Each step that must be undone registers its undoing as it is done, so that a stop or error at
+    # any point (Ctrl-C between the two folders) leaves no folder, lock or setting behind; undone last
+    # first: the handlers put back, the folders removed while still locked, then their locks closed.
+    with contextlib.ExitStack() as undo:
+        # the workers' user errors, one file a rank
+        reports = _held_launchers_folder(undo, LAUNCH_FOLDERS[0])
+        # the agent's own folder (its error files, a folder a rank): by default a new torchelastic_* in
+        # the temporary directory that nobody removes, one more for each run
+        agent_dir = _held_launchers_folder(undo, LAUNCH_FOLDERS[1])
+        quiet = _QuietOnUserErrors(reports)
         for name in FAILURE_LOGGERS:
-            logging.getLogger(name).removeFilter(quiet)
-        if omp is not None:  # this process's own setting is as it was
-            del os.environ["OMP_NUM_THREADS"]
-        for folder, lock in ((reports, reports_lock), (agent_dir, agent_lock)):
-            shutil.rmtree(folder, ignore_errors=True)  # while still locked
-            os.close(lock)
+            logging.getLogger(name).addFilter(quiet)
+            undo.callback(logging.getLogger(name).removeFilter, quiet)
+        # The launcher turns these into its SignalException and ends the workers with the same signal; by
+        # default not SIGUSR1 and SIGUSR2 (SLURM's warning before a time limit), which would end it at
+        # once and leave the workers running. One that is ignored (SIGHUP under `nohup`) stays ignored.
+        handled = [
+            s for s in (signal.SIGINT, signal.SIGQUIT, *STOP_SIGNALS) if signal.getsignal(s) is not signal.SIG_IGN
+        ]
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nprocs,
+            run_id=f"moco-fast-{uuid.uuid4().hex[:8]}",
+            rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
+            max_restarts=0,  # a failed step is not retried on its own: the user decides (--resume)
+            monitor_interval=0.1,
+            start_method="spawn",  # CUDA cannot be forked
+            signals_to_handle=",".join(s.name for s in handled),
+            logs_specs=DefaultLogsSpecs(log_dir=agent_dir),
+        )
+        # As torchrun: with several workers on a machine, one OpenMP thread each unless the user says
+        # otherwise. Each worker's CPU ops (and its data loading) would start a thread per core, and the
+        # workers together oversubscribe the cores (a 2-worker CPU run: 83.9 s an epoch, 11.0 s with 1).
+        if "OMP_NUM_THREADS" not in os.environ and nprocs >= 2:
+            log.warning(
+                "setting OMP_NUM_THREADS=1 for each of the %d workers, as torchrun does, so that they do not "
+                "overload the machine; set OMP_NUM_THREADS to tune it",
+                nprocs,
+            )
+            os.environ["OMP_NUM_THREADS"] = "1"  # the agent passes it to the workers
+            undo.callback(os.environ.pop, "OMP_NUM_THREADS", None)  # this process's own is as it was
+        # The launcher installs its own handlers for those: put ours back afterwards, and let each signal
+        # end the command as it does without --gpus.
+        undo.callback(_put_back, {s: signal.getsignal(s) for s in handled})
+        try:
+            # start_processes' error files (a failed worker's traceback) are temporary files of this
+            # process that nobody removes: they go to agent_dir too
+            with _temporary_files_in(agent_dir):
+                results = elastic_launch(config, _recorded)((fn, reports, where, args))
+        except ChildFailedError as e:
+            said = {int(p.name): p.read_text() for p in Path(reports).iterdir() if p.name.isdigit()}
+            if said and e.get_first_failure()[0] in said:
+                raise WorkerUserError(user_error_text(said)) from None
+            if (stop := _stopped(reports, *e.get_first_failure())) is not None:
+                raise stop from None  # the workers stopped on a signal that reached them, not the launcher
+            raise WorkerFailed(describe_failure(e)) from None
+        except SignalException as e:
+            raise (KeyboardInterrupt() if e.sigval == signal.SIGINT else Terminated(e.sigval)) from None
     return [results[r] for r in sorted(results)]
+
+
+def _put_back(handlers: dict[signal.Signals, Any]) -> None:
+    """Each signal's handler as it was (getsignal's None: one not set from Python, left as it is)."""
+    for s, h in handlers.items():
+        if h is not None:
+            signal.signal(s, h)
+
+
+def _held_launchers_folder(undo: contextlib.ExitStack, prefix: str) -> str:
+    """_launchers_folder's folder, removed (while still locked) and its lock closed when `undo` ends."""
+    lock, folder = _launchers_folder(prefix)
+    undo.callback(os.close, lock)
+    undo.callback(shutil.rmtree, folder, ignore_errors=True)  # the first of the two, as undone last first
+    return folder
 
 
 def _launchers_folder(prefix: str) -> tuple[int, str]:

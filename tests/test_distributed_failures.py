@@ -855,6 +855,30 @@ def test_a_launchers_folder_removed_before_it_was_locked_is_made_again(tmp_path,
     assert folder == made[1] and [p.name for p in tmp_path.iterdir()] == [Path(folder).name]
 
 
+def test_a_stop_while_a_launcher_makes_its_second_folder_leaves_neither_folder_nor_lock(tmp_path, monkeypatch):
+    # Ctrl-C after the first of the two folders was made and locked, before the launch: that folder
+    # and its open descriptor were left, made before the cleanup that removes them took charge
+    import tempfile
+
+    from moco_fast import launch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made, opened = launch._launchers_folder, []
+
+    def stopped_at_the_second(prefix):
+        if opened:
+            raise KeyboardInterrupt
+        opened.append(made(prefix))
+        return opened[0]
+
+    monkeypatch.setattr(launch, "_launchers_folder", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_workers(_launchers_folders_locked, (str(tmp_path),), 1)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(opened[0][0])  # closed
+
+
 @pytest.mark.parametrize("no_lock", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
 def test_on_a_file_system_without_flock_a_launchers_folder_goes_by_its_host_pid(tmp_path, monkeypatch, no_lock):
     # as atomic_write's temporaries: where flock fails the launcher's folders go unguarded, and an
