@@ -136,7 +136,7 @@ def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"moco-fast train: error: --resume: the run was trained with loader 'mine', registered by module {__name__} "
         "(@register_loader), which this command cannot know: it runs no code of yours. Resume it from Python: "
-        f"`import {__name__}` (which registers it), then `moco_fast.cli.main({argv[:4]!r})`"
+        f"`import {__name__}` (which registers it), then `moco_fast.cli.main({argv!r})`"
     )
     # a --loader given now that no loader has is that flag's error alone: it said "the run was trained
     # with loader 'nosuch', registered by module ..."; the run's own, given again, is the run's
@@ -192,7 +192,7 @@ def test_a_users_loader_whose_module_the_run_did_not_record_is_resumed_from_pyth
         f"moco-fast train: error: --resume: unknown loader 'mine'; choose one of {available_loaders()}. A loader "
         "registered from Python (@register_loader) is one which this command cannot know: it runs no code of "
         "yours. Resume it from Python: import the module that registers it (or run its @register_loader again), "
-        f"then `moco_fast.cli.main({argv[:4]!r})`"
+        f"then `moco_fast.cli.main({argv!r})`"
     )
     # with --gpus, a @register_loader run again in a notebook or python -c failed in every spawned worker
     assert main([*argv, "--gpus", "2"]) == 2  # a run of the CPU's: its line asks for --device cuda too

@@ -571,7 +571,7 @@ def test_a_run_whose_data_folder_moved_says_that_resume_reads_its_saved_data(run
     # user never typed, without saying whose it was or how the run goes on
     path = run / "checkpoint.pt"
     state = torch.load(path, map_location="cpu", weights_only=False)
-    gone = tmp_path / "moved-away"
+    gone, data = tmp_path / "moved-away", state["config"]["data"]["data"]
     state["config"]["data"]["data"] = str(gone)
     torch.save(state, path)
     argv = ["train", "--resume", "--out", str(run), "--epochs", "2", "--device", "cpu", "--workers", "0"]
@@ -579,13 +579,18 @@ def test_a_run_whose_data_folder_moved_says_that_resume_reads_its_saved_data(run
     said = (
         f"moco-fast train: error: data folder not found: {gone} (the --data the run was trained with, which "
         "--resume reads where no --data is given; if its images moved, "
-        f"`moco-fast train --resume --out {run} --device cpu --data NEW_PATH` continues the run there)"
+        f"`moco-fast train --resume --out {run} --device cpu --workers 0 --epochs 2 --data NEW_PATH` continues the run there)"
     )
     assert capsys.readouterr().err.strip().splitlines() == [said]
+    # the line keeps the flags given: it left out --epochs 2, and run as written it resumed the run's 1
+    # epoch ("nothing to do")
+    named = shlex.split(said.split("`")[-2].replace("NEW_PATH", data))[1:]  # as the user runs it
+    assert main([*named, "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["optim"]["epochs"] == 2
     other = ["train", "--resume", str(path), "--out", str(tmp_path / "b"), "--device", "cpu", "--workers", "0"]
     assert main(other) == 2
     assert (
-        f"`moco-fast train --resume {path} --out {tmp_path / 'b'} --device cpu --data NEW_PATH`"
+        f"`moco-fast train --resume {path} --out {tmp_path / 'b'} --device cpu --workers 0 --data NEW_PATH`"
         in capsys.readouterr().err
     )
     # a --data given is the user's own path: its line is the data's alone; --print-config reads no data
@@ -683,10 +688,10 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
     assert "must be at most 32 (got 64)" in err
     assert err.endswith(
         f"; the run was saved with --loader-option {key}=64: continue it with "
-        f"`moco-fast train --resume --out {run} --device cpu --loader-option {fix}`"  # the --device given too
+        f"`moco-fast train --resume --out {run} --device cpu --workers 1 --loader-option {fix}`"  # the flags given too
     ), err
     assert main([*argv, "--device", "auto", "--gpus", "2"]) == 2  # and the --gpus given
-    again = f"--out {run} --device auto --gpus 2 --loader-option {fix}`"
+    again = f"--out {run} --device auto --gpus 2 --workers 1 --loader-option {fix}`"
     assert capsys.readouterr().err.strip().endswith(again)
     # but not one that the command refuses with that --device: --gpus 1 --device cpu was repeated, and
     # the line met its own error next. --gpus 0 is no fewer than one process (left out: the line
@@ -694,12 +699,16 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
     for gpus in ("1", "0"):
         assert main([*argv, "--gpus", gpus]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.endswith(f"--out {run} --device cpu --loader-option {fix}`"), err
+        assert err.endswith(f"--out {run} --device cpu --workers 1 --loader-option {fix}`"), err
         named = shlex.split(err.split("`")[-2])[1:]  # the line as the user runs it, less `moco-fast`
         assert main([*named, "--workers", "1", "--print-config"]) == 0  # past the checks of the flags
         capsys.readouterr()
     assert main([*argv, "--device", "auto", "--gpus", "0"]) == 2
-    assert capsys.readouterr().err.strip().endswith(f"--out {run} --device auto --gpus 1 --loader-option {fix}`")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"--out {run} --device auto --gpus 1 --workers 1 --loader-option {fix}`")
+    )
     # an option refused that was given now is said alone, as in a fresh run
     assert main([*argv, "--loader-option", "nope=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -758,7 +767,7 @@ def test_a_run_saved_with_dalis_gpu_decoder_resumed_on_the_cpu_names_the_fix(run
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "moco-fast train: error: --loader-option decoder=mixed needs a CUDA device; the run was saved with "
         f"--loader-option decoder=mixed: continue it with `moco-fast train --resume --out {run} --device cpu "
-        "--loader-option decoder=auto`"  # the --device given: as written, it resumes on the CPU too
+        "--workers 1 --loader-option decoder=auto`"  # the --device given: as written, it resumes on the CPU too
     )
     # given now, it is said alone, as in a fresh run
     assert main([*argv, "--loader-option", "decoder=mixed"]) == 2
@@ -783,8 +792,8 @@ def test_a_run_saved_with_dalis_gpu_decoder_resumed_where_auto_finds_no_gpu_name
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "moco-fast train: error: --loader-option decoder=mixed needs a CUDA device; the run was saved with "
-        f"--loader-option decoder=mixed: continue it with `moco-fast train --resume --out {run} --loader-option "
-        "decoder=auto`"
+        f"--loader-option decoder=mixed: continue it with `moco-fast train --resume --out {run} --workers 1 "
+        "--loader-option decoder=auto`"
     )
 
 
@@ -819,7 +828,7 @@ def test_every_refused_saved_option_is_named_with_its_fix_at_once(run, capsys):
     )
     assert said in err[0], err
     assert err[0].endswith(
-        f"`moco-fast train --resume --out {run} --device cpu --loader-option batches_ahead=32 "
+        f"`moco-fast train --resume --out {run} --device cpu --workers 1 --loader-option batches_ahead=32 "
         "--loader-option decode=once`"
     ), err
     named = shlex.split(err[0].split("`")[-2])[1:]  # the line as the user runs it, less `moco-fast`
@@ -829,5 +838,5 @@ def test_every_refused_saved_option_is_named_with_its_fix_at_once(run, capsys):
     assert main([*argv, "--loader-option", "decode=twice"]) == 2
     err = capsys.readouterr().err.strip()
     assert "thrice" not in err, err  # and the line keeps it: without it, the saved one came back
-    assert err.endswith("--device cpu --loader-option decode=twice --loader-option batches_ahead=32`"), err
+    assert err.endswith("--device cpu --workers 1 --loader-option decode=twice --loader-option batches_ahead=32`"), err
     assert main([*shlex.split(err.split("`")[-2])[1:], "--workers", "1", "--print-config"]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -410,24 +411,58 @@ def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Names
         # with those given now, which replace a saved one (the line without them met it again)
         options = [*given.items(), *((key, value) for key, _, value, _ in refused)]
         fixes = shlex.join([arg for key, value in options for arg in ("--loader-option", f"{key}={value}")])
-        again = shlex.join(_resume_argv(args, cfg.runtime.device))
+        again = shlex.join(_resume_argv(args, cfg.runtime.device, loader_options=False))  # fixes has them
         raise ConfigError(
             f"{why}; the run was saved with {saved}: continue it with `moco-fast train {again} {fixes}`"
         ) from None
 
 
-def _resume_argv(args: argparse.Namespace, device: str) -> list[str]:
-    """The --resume (and --out, --device, --gpus) of this command line, as arguments: what a line that
-    says how to go on names (shlex.join'ed for a shell; as they are for moco_fast.cli.main:
-    _check_users_loader). --device and --gpus too: run as written, it resumes where and as this one
-    would (a saved cuda, on a machine without one, stopped it; a saved --gpus 8 came back), less what
-    the CLI would refuse of them (_where_to_resume). `device`: the run's, given or saved."""
+def _resume_argv(args: argparse.Namespace, device: str, loader_options: bool = True) -> list[str]:
+    """The --resume (and --out, --device, --gpus, then every other flag given) of this command line, as
+    arguments: what a line that says how to go on names (shlex.join'ed for a shell; as they are for
+    moco_fast.cli.main: _check_users_loader). --device and --gpus too: run as written, it resumes where
+    and as this one would (a saved cuda, on a machine without one, stopped it; a saved --gpus 8 came
+    back), less what the CLI would refuse of them (_where_to_resume). The other flags given (_given_flags;
+    the --loader-option ones where `loader_options`): the line left them out, and run as written it
+    resumed without them (`--epochs 2` given to extend a run of 1: "nothing to do"). `device`: the run's,
+    given or saved."""
+    options = (args.loader_option or []) if loader_options else []
     return [
         "--resume",
         *([args.resume] if args.resume != "auto" else []),
         *(["--out", args.out] if args.out else []),
         *_where_to_resume(args.device, args.gpus, device),
+        *_given_flags(args),
+        *(arg for option in options for arg in ("--loader-option", option)),
     ]
+
+
+# the flags that _given_flags leaves out: _resume_argv's own, and those of a command that does not go on
+# (--force would replace the run, --print-config only prints it)
+_NOT_REPEATED = {"help", "resume", "out", "device", "gpus", "loader_option", "force", "print_config"}
+
+
+@functools.cache
+def _flags() -> tuple[argparse.Action, ...]:
+    """train's flags, as its parser has them (register)."""
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    return tuple(sub.choices["train"]._actions)
+
+
+def _given_flags(args: argparse.Namespace) -> list[str]:
+    """The flags of `args` given on its command line (each defaults to None) as arguments, in the
+    parser's order, less _NOT_REPEATED."""
+    given = []
+    for action in _flags():
+        value = getattr(args, action.dest, None)
+        if value is None or action.dest in _NOT_REPEATED:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):  # (--mlp, --no-mlp)
+            given.append(action.option_strings[0 if value else 1])
+        else:
+            given += [action.option_strings[0], str(value)]
+    return given
 
 
 def _where_to_resume(given_device: str | None, gpus: int | None, device: str) -> list[str]:
