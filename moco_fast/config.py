@@ -205,7 +205,12 @@ def set_dotted(cfg: Any, name: str, value: Any) -> None:
         obj = getattr(obj, part)
     if not any(f.name == last for f in fields(obj)):
         raise KeyError(f"unknown config field {name!r}")
-    setattr(obj, last, value)
+    if path and obj.__dataclass_params__.frozen:
+        # data.aug (an AugSpec, shared by the presets): a new one in its place, as `--image-size` does
+        # (setattr raised FrozenInstanceError for a Python caller's "data.aug.image_size")
+        set_dotted(cfg, ".".join(path), dataclasses.replace(obj, **{last: value}))
+    else:
+        setattr(obj, last, value)
 
 
 def build_config(preset: str = "v2", overrides: dict[str, Any] | None = None) -> TrainConfig:

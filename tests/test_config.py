@@ -303,3 +303,13 @@ def test_a_saved_option_refused_below_its_bound_is_replaced_by_its_default_not_t
     assert [r[:3] for r in replaced_options("dali", {"prefetch": "0"}, {})] == [("prefetch", "0", "2")]
     assert [r[:3] for r in replaced_options("ffcv", {"batches_ahead": "64"}, {})] == [("batches_ahead", "64", "32")]
     assert [r[:3] for r in replaced_options("ffcv", {"os_cache": "on"}, {})] == [("os_cache", "on", "1")]  # a bool's
+
+
+def test_a_field_of_the_augmentations_is_set_by_its_dotted_name():
+    # build_config(preset, {"data.aug.image_size": 16}), the dotted name --print-config shows, ended in
+    # FrozenInstanceError's traceback: the AugSpec is frozen (the presets share it)
+    from moco_fast.augment import AUG_PRESETS
+
+    cfg = build_config("cifar", {"data.aug.image_size": 16, "data.aug.blur_prob": 0.5})
+    assert (cfg.data.aug.image_size, cfg.data.aug.blur_prob) == (16, 0.5)
+    assert (AUG_PRESETS["cifar"].image_size, AUG_PRESETS["cifar"].blur_prob) == (32, 0.0)  # the preset's own
