@@ -199,7 +199,7 @@ def test_a_users_loader_whose_module_the_run_did_not_record_is_resumed_from_pyth
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.endswith(
         "Resume it from Python: import the module that registers it (or register it again at a script's top "
-        f"level: --gpus's workers run it), then `moco_fast.cli.main({[*argv[:4], '--device', 'cuda', '--gpus', '2']!r})`"
+        f"level: --gpus's workers run it), then `moco_fast.cli.main({[*argv[:4], '--device', 'cuda', '--gpus', '2', *argv[4:]]!r})`"
     )
     # a --loader given now that no loader has is that flag's error alone
     assert main([*argv, "--loader", "nosuch"]) == 2
