@@ -676,7 +676,9 @@ def test_resume_with_another_moco_k_is_refused_only_where_the_checkpoint_holds_a
 @pytest.mark.parametrize(
     "loader, key, fix", [("ffcv", "batches_ahead", "batches_ahead=32"), ("dali", "prefetch", "prefetch=32")]
 )
-def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_names(run, loader, key, fix, capsys):
+def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_names(
+    run, loader, key, fix, capsys, monkeypatch
+):
     # batches_ahead=64, saved before MAX_BATCHES_AHEAD bounded it: --resume said the bound alone, as if
     # the user had typed the value, and not how to go on
     state = torch.load(run / "checkpoint.pt", weights_only=False)
@@ -703,12 +705,16 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
         named = shlex.split(err.split("`")[-2])[1:]  # the line as the user runs it, less `moco-fast`
         assert main([*named, "--workers", "1", "--print-config"]) == 0  # past the checks of the flags
         capsys.readouterr()
-    assert main([*argv, "--device", "auto", "--gpus", "0"]) == 2
-    assert (
-        capsys.readouterr()
-        .err.strip()
-        .endswith(f"--out {run} --device auto --gpus 1 --workers 1 --loader-option {fix}`")
-    )
+    # --gpus 0 with device auto: one process, --gpus 1 where this machine has a GPU; where it has none,
+    # no --gpus (--gpus 1 met "this machine has 0 CUDA GPUs")
+    for have, gpus in ((1, " --gpus 1"), (0, "")):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda have=have: have)
+        assert main([*argv, "--device", "auto", "--gpus", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"--out {run} --device auto{gpus} --workers 1 --loader-option {fix}`"), err
+    named = shlex.split(err.split("`")[-2])[1:]
+    assert main([*named, "--workers", "1", "--print-config"]) == 0  # this machine takes it
+    capsys.readouterr()
     # an option refused that was given now is said alone, as in a fresh run
     assert main([*argv, "--loader-option", "nope=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -725,6 +731,7 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
         (["--device", "cpu", "--gpus", "2"], "cuda", ["--device", "cpu"]),  # more CPU processes: torchrun's
         (["--gpus", "0"], "cpu", []),  # the run's CPU, one process
         (["--gpus", "0"], "auto", ["--gpus", "1"]),  # one process, not the saved count
+        (["--gpus", "0"], "auto, no GPU", []),  # --gpus 1: "this machine has 0 CUDA GPUs"; one process runs
         (["--gpus", "2"], "cpu", ["--device", "cuda", "--gpus", "2"]),  # the GPUs asked for, not the saved CPU
         (["--device", "cuda:1", "--gpus", "2"], "cuda", ["--device", "cuda", "--gpus", "2"]),
         (["--gpus", "2"], "torchrun", []),  # --nproc_per_node sets the count
@@ -736,16 +743,20 @@ def test_the_line_that_resumes_repeats_no_device_and_gpus_that_the_command_refus
     from moco_fast.cli import build_parser
     from moco_fast.commands.train import _resume_argv
     from moco_fast.config import build_config
-    from moco_fast.launch import check_gpus_flag
+    from moco_fast.launch import check_local_gpus
 
     if saved == "torchrun":
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", "2")
         saved = "cpu"
+    # the GPUs this machine has: two, or none for "no GPU"
+    saved, have = (saved.removesuffix(", no GPU"), 0) if saved.endswith(", no GPU") else (saved, 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: have)
 
     def checked(args):  # what train's run() checks of --gpus, on the run's device (given, else saved)
         if args.gpus is not None:
-            check_gpus_flag(build_config("v2", {"runtime.device": args.device or saved, "runtime.gpus": args.gpus}))
+            # check_gpus_flag's refusals and the GPUs this machine has
+            check_local_gpus(build_config("v2", {"runtime.device": args.device or saved, "runtime.gpus": args.gpus}))
 
     parse = build_parser().parse_args
     args = parse(["train", "--resume", "--out", "runs/a", *given])

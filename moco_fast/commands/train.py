@@ -470,7 +470,10 @@ def _where_to_resume(given_device: str | None, gpus: int | None, device: str) ->
     continues the run on `device` (the one given, else the run's saved one), with a contradiction that
     launch.check_gpus_flag refuses made right as it says: the line, run as written, met that error
     next (`--device cpu --gpus 1`). A --gpus given is repeated whatever its count, as one process at
-    least: left out, the line resumed with the run's saved count."""
+    least: left out, the line resumed with the run's saved count; but not --gpus 0 on a machine without
+    a GPU (device auto), where --gpus 1 met "this machine has 0 CUDA GPUs" and one process is what runs."""
+    import torch
+
     from moco_fast.launch import under_torchrun
 
     where = ["--device", given_device] if given_device else []
@@ -478,6 +481,9 @@ def _where_to_resume(given_device: str | None, gpus: int | None, device: str) ->
         return where
     if device == "cpu" and (given_device or gpus < 1):
         return where  # --gpus 1 on the CPU: "drop --gpus" (more CPU processes are torchrun's, not a flag)
+    if gpus < 1 and device == "auto" and not torch.cuda.device_count():
+        # left out, a saved --gpus N this machine cannot start continues in one process too (_gpus_to_resume_with)
+        return where
     if device not in ("auto", "cuda"):  # a saved cpu or a cuda:1 given: --gpus N chooses its own GPUs
         where = ["--device", "cuda"]
     return [*where, "--gpus", str(max(gpus, 1))]
