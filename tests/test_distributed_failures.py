@@ -832,6 +832,13 @@ def test_a_launcher_holds_its_folders_locked_while_its_workers_run(tmp_path, mon
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the launcher's; the worker's is its own
     assert run_workers(_launchers_folders_locked, (str(tmp_path),), 1) == [[True, True]]
     assert list(tmp_path.iterdir()) == []
+    # and let go of as it returns: a library user's launches (a notebook's, each run) kept a descriptor
+    # of each removed folder open
+    opened = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # listdir's own, closed by now
+            opened.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert [name for name in opened if name.startswith(str(tmp_path))] == []
 
 
 def test_a_launchers_folder_removed_before_it_was_locked_is_made_again(tmp_path, monkeypatch):
