@@ -165,8 +165,9 @@ def _reported(fn: Callable[..., Any], reports: str, where: str | None, *args: An
     """fn(*args), the stop signals ending it as they end one process (signals.stop_signals_handled); a
     user error (cli.one_line; `where` for an EIO without a file, as the CLI's command_paths) is
     written to `reports`/RANK (its stderr where that folder is gone: _report_user_error) and ends the
-    worker with USER_ERROR_EXIT, without a traceback: the launcher prints it as the CLI would. A stop ends it with its exit status (128 + the signal),
-    written to `reports`/stop.RANK: the launcher takes it for a stop (_stopped)."""
+    worker with USER_ERROR_EXIT, without a traceback: the launcher prints it as the CLI would. A stop
+    ends it with its exit status (128 + the signal), written to `reports`/stop.RANK: the launcher takes
+    it for a stop (_stopped)."""
     from moco_fast.cli import interruption, one_line, warnings_as_lines
     from moco_fast.metrics import share_bar_lock
 
