@@ -79,10 +79,13 @@ def said_already(lines: set[tuple[str, int, str]]) -> None:
 def _says_torn_lines() -> bool:
     """Whether this process warns of a torn line: rank 0 of a run alone, as the run's other warnings.
     Every rank reads the file (the CLI's --resume, the run folder's checks), and each said it: a
-    torchrun worker before its process group is made, so RANK too, which torchrun sets."""
+    torchrun worker before its process group is made, so RANK too, which torchrun sets, where the
+    environment describes a group (join.describes_group, as --print-config reads it): a RANK
+    without WORLD_SIZE starts no group, and its one process says it."""
     from moco_fast import distributed as dist_utils
+    from moco_fast.join import describes_group
 
-    return os.environ.get("RANK", "0") == "0" and dist_utils.is_main()
+    return (not describes_group() or os.environ["RANK"] == "0") and dist_utils.is_main()
 
 
 def _lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:

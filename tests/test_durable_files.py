@@ -460,6 +460,7 @@ def test_a_torn_row_is_said_by_rank_0_alone(tmp_path, monkeypatch, caplog):
     path = tmp_path / METRICS_NAME
     path.write_text(json.dumps({"epoch": 0}) + '\n{"epoch": 1, "lo')
     monkeypatch.setenv("RANK", "1")  # a torchrun worker before its process group is made
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert [r["epoch"] for r in read_rows(tmp_path)] == [0]
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(dist_utils, "rank", lambda: 1)  # a group's rank 1, RANK aside (a library's group)
@@ -467,6 +468,19 @@ def test_a_torn_row_is_said_by_rank_0_alone(tmp_path, monkeypatch, caplog):
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     monkeypatch.setattr(dist_utils, "rank", lambda: 0)  # rank 0 says it
     read_rows(tmp_path)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f'{path}:2: not a row (cut short by a crash?), skipped: \'{{"epoch": 1, "lo\''
+    ]
+
+
+def test_a_torn_row_is_said_by_one_process_whose_rank_starts_no_group(tmp_path, monkeypatch, caplog):
+    # a stray RANK=1 without WORLD_SIZE (a shell's, a scheduler's) joins no group (join.describes_group):
+    # the run is one process, which said nothing of the torn line
+    path = tmp_path / METRICS_NAME
+    path.write_text(json.dumps({"epoch": 0}) + '\n{"epoch": 1, "lo')
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert [r["epoch"] for r in read_rows(tmp_path)] == [0]
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         f'{path}:2: not a row (cut short by a crash?), skipped: \'{{"epoch": 1, "lo\''
     ]
