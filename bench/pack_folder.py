@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS, one_line
-from moco_fast.durable import fsync_contents, fsync_folder
+from moco_fast.durable import fsync_contents, fsync_folder_written_in
 
 
 class PackError(Exception):
@@ -51,7 +51,7 @@ def pack(src: Path, dst: Path) -> int:
         np.savez(tmp, data=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, names=names)
         fsync_contents(tmp)  # its bytes durable before the rename puts it in place
         os.replace(tmp, dst)
-        fsync_folder(dst.parent)  # the rename made durable
+        fsync_folder_written_in(dst)  # the rename made durable; an error says that DST is in place
     except BaseException as e:  # a full disk or Ctrl-C: no half pack left beside DST
         with contextlib.suppress(OSError):  # nothing there to remove where DST's folder could not be made
             tmp.unlink(missing_ok=True)
@@ -89,7 +89,7 @@ def unpack(src: Path, dst: Path) -> int:
         if dst.exists():
             dst.rmdir()  # empty (checked above)
         os.replace(tmp, dst)
-        fsync_folder(dst.parent)  # the rename made durable
+        fsync_folder_written_in(dst)  # the rename made durable; an error says that DST is in place
     except BaseException as e:  # a full disk or Ctrl-C: the half folder goes, and the space it took
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # a full disk was a traceback

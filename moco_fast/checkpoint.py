@@ -19,7 +19,7 @@ import torch
 
 from moco_fast.config import ConfigError, TrainConfig, from_dict
 from moco_fast.data import DataError
-from moco_fast.durable import fsync_folder, fsync_open_file
+from moco_fast.durable import fsync_folder_written_in, fsync_open_file
 
 log = logging.getLogger("moco_fast")
 
@@ -105,7 +105,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             fh.flush()
             fsync_open_file(fh.fileno(), path)  # skipped where the file system cannot, as durable's others
         os.replace(tmp, path)
-        _fsync_folder_written_in(path)
+        fsync_folder_written_in(path)
     except BaseException as e:
         from moco_fast.cli import interruption, os_error_behind
 
@@ -117,17 +117,6 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
         raise
     finally:
         os.close(fd)
-
-
-def _fsync_folder_written_in(path: Path) -> None:
-    """durable.fsync_folder of `path`'s folder, once `path` is renamed into it: an error is raised
-    naming the folder and saying that `path` was written. Alone, "Input/output error: FOLDER" read
-    as a write that had failed, the old file in place, where the new one is."""
-    try:
-        fsync_folder(path.parent)
-    except OSError as e:
-        written = f"{e.strerror} flushing the folder to disk after {path.name} was written in it"
-        raise OSError(e.errno, written, e.filename) from e
 
 
 def _locked_temporary(path: Path) -> tuple[int, str]:

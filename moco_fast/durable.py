@@ -1,8 +1,9 @@
 """fsync(2) of what a rename puts in place (fsync_contents; fsync_open_file, of a file its writer
-holds open) and of the folder it is renamed in (fsync_folder): checkpoint.atomic_write, convert's
-publish and bench/pack_folder.py, each skipping alike a file system that cannot fsync. Torch-free, as
-the package's import is (STARTED_BY, moco_fast/__init__.py): pack_folder.py, which carries CIFAR-10
-to the GPU machine, imported torch (seconds) for these alone while they lived in checkpoint.py."""
+holds open) and of the folder it is renamed in (fsync_folder; fsync_folder_written_in, whose error
+says that the file is in place): checkpoint.atomic_write, convert's publish and bench/pack_folder.py,
+each skipping alike a file system that cannot fsync. Torch-free, as the package's import is
+(STARTED_BY, moco_fast/__init__.py): pack_folder.py, which carries CIFAR-10 to the GPU machine,
+imported torch (seconds) for these alone while they lived in checkpoint.py."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ def fsync_folder(folder: Path) -> None:
     except OSError:
         return
     _fsync(fd, folder)
+
+
+def fsync_folder_written_in(path: Path) -> None:
+    """fsync_folder of `path`'s folder, once `path` is renamed into it: an error is raised naming the
+    folder and saying that `path` was written (atomic_write, bench/pack_folder.py). Alone,
+    "Input/output error: FOLDER" read as a write that had failed, the old file in place, where the
+    new one is."""
+    try:
+        fsync_folder(path.parent)
+    except OSError as e:
+        written = f"{e.strerror} flushing the folder to disk after {path.name} was written in it"
+        raise OSError(e.errno, written, e.filename) from e
 
 
 def fsync_contents(path: Path) -> None:

@@ -621,6 +621,35 @@ def test_pack_folder_unpack_names_dst_not_a_file_of_its_removed_part(tiny_root, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set.npz"]
 
 
+@pytest.mark.parametrize("action", ["pack", "unpack"])
+def test_pack_folder_says_dst_was_written_where_its_folders_fsync_fails_after_the_rename(
+    tiny_root, tmp_path, capsys, monkeypatch, action
+):
+    # an EIO of DST's folder's fsync, after the rename put DST in place, said "Input/output error:
+    # FOLDER": a write that had failed, where DST is there (atomic_write says both)
+    import errno
+
+    pack = tmp_path / "set.npz"
+    assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
+    (tmp_path / "in").mkdir()
+    dst = tmp_path / "in" / ("again.npz" if action == "pack" else "out")
+    real = os.fsync
+
+    def failing(fd):  # DST's folder alone: an unpack's own folders are fsynced before the rename
+        if os.readlink(f"/proc/self/fd/{fd}") == str(dst.parent):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    capsys.readouterr()
+    assert pack_folder.main([action, str(pack if action == "unpack" else tiny_root), str(dst)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: Input/output error flushing the folder to disk after {dst.name} was written in it: {dst.parent} "
+        "(the disk or the network file system failed to read or write it)\n"
+    )
+    assert [p.name for p in dst.parent.iterdir()] == [dst.name]  # in place
+
+
 def gpu_check_summary(out: Path, since: float = 0.0) -> subprocess.CompletedProcess:
     """bench/gpu_check.sh's summary (its heredoc) run on the JSON left in `out`, by a command that
     began at `since` (epoch seconds: every file is this command's by default)."""
