@@ -92,8 +92,9 @@ def import_loader_module(name: str, module: str | None) -> None:
     is spawned, and runs only what its launcher's script runs at its top level (imported as `__mp_main__`),
     not a REPL's, a notebook's, `python -c`'s or a function's registration, nor a package's `__main__.py`
     (`python -m PKG`: multiprocessing runs none of it in a spawned process). A ConfigError, one line, where
-    that is `__main__` (which cannot be imported by name) or the module cannot be imported here (the
-    cause chained, its traceback a DEBUG line: --verbose) or does not register `name`."""
+    that is `__main__` (which cannot be imported by name) or the module cannot be imported here (its error,
+    a sys.exit() at its top level too, chained, its traceback a DEBUG line: --verbose) or does not
+    register `name`."""
     if module is None or name in _MODULES or name in _LOADERS:
         return
     # the workers are new processes: they run the launching script's top level, and import modules by name
@@ -106,7 +107,7 @@ def import_loader_module(name: str, module: str | None) -> None:
         )
     try:
         importlib.import_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a module that calls sys.exit() at import too; not a Ctrl-C
         log.debug("importing %s, which registers loader %r", module, name, exc_info=True)
         said = str(e).strip().splitlines()  # its first line: the rest is in the traceback (--verbose)
         cause = f"{type(e).__name__}: {said[0]}" if said else type(e).__name__

@@ -297,6 +297,10 @@ def test_the_gpus_launcher_records_the_users_loaders_module(users_module, tmp_pa
         # a message of several lines: its first (numpy's and CUDA libraries' say more below)
         ("raise ImportError('libfoo.so: cannot open\\n\\nsee its docs')\n", "ImportError: libfoo.so: cannot open"),
         ("raise ImportError\n", "ImportError"),
+        # a sys.exit() at its top level (a script's guard for a missing licence or GPU): each rank's
+        # traceback of SystemExit, or a worker ended with its status and no word of why
+        ("import sys\nsys.exit('needs a licence')\n", "SystemExit: needs a licence"),
+        ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
     ],
 )
 def test_a_users_loaders_module_that_a_worker_cannot_import_is_one_line(
