@@ -886,6 +886,62 @@ def test_a_stop_while_a_launcher_makes_its_second_folder_leaves_neither_folder_n
         os.fstat(opened[0][0])  # closed
 
 
+def test_a_stop_while_a_launcher_undoes_its_steps_still_undoes_the_rest(tmp_path, monkeypatch):
+    # A second Ctrl-C while the launcher removes its first folder (a SIGTERM ended the launch): the
+    # other folder, both locks, the log filters, OMP_NUM_THREADS and the signal handlers were the undoing
+    # that a `finally` left behind at the first step that raised. Each folder goes while still locked.
+    import shutil
+    import tempfile
+
+    import torch.distributed.launcher.api as launcher_api
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from moco_fast import launch
+    from moco_fast.signals import Terminated
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, *launch.STOP_SIGNALS)}
+    made, events, removed = launch._launchers_folder, [], shutil.rmtree
+
+    def folder(prefix):
+        lock, path = made(prefix)
+        events.append(("made", lock, path))
+        return lock, path
+
+    def remove(path, **kwargs):
+        (lock,) = (lock for event, lock, made_path in events if (event, made_path) == ("made", path))
+        os.fstat(lock)  # still open: still locked as it goes
+        events.append(("removed", lock, path))
+        removed(path, **kwargs)
+        if sum(event == "removed" for event, *_ in events) == 1:
+            raise KeyboardInterrupt  # the second stop, at the first folder's removal
+
+    def launched(config, fn):
+        def start(args):
+            assert os.environ["OMP_NUM_THREADS"] == "1"
+            signal.signal(signal.SIGTERM, lambda *_: None)  # the launcher's own handler
+            raise SignalException("stopped", signal.SIGTERM)
+
+        return start
+
+    monkeypatch.setattr(launch, "_launchers_folder", folder)
+    monkeypatch.setattr(launch.shutil, "rmtree", remove)
+    monkeypatch.setattr(launcher_api, "elastic_launch", launched)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_workers(_launchers_folders_locked, (str(tmp_path),), 2)
+    assert isinstance(stopped.value.__context__, Terminated)  # the launcher's SignalException, as before
+    assert list(tmp_path.iterdir()) == []  # both folders
+    for _, lock, _ in (e for e in events if e[0] == "made"):
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(lock)  # closed
+    assert "OMP_NUM_THREADS" not in os.environ
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    assert not any(
+        isinstance(f, launch._QuietOnUserErrors) for n in launch.FAILURE_LOGGERS for f in logging.getLogger(n).filters
+    )
+
+
 @pytest.mark.parametrize("no_lock", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
 def test_on_a_file_system_without_flock_a_launchers_folder_goes_by_its_host_pid(tmp_path, monkeypatch, no_lock):
     # as atomic_write's temporaries: where flock fails the launcher's folders go unguarded, and an
