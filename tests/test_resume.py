@@ -851,3 +851,38 @@ def test_every_refused_saved_option_is_named_with_its_fix_at_once(run, capsys):
     assert "thrice" not in err, err  # and the line keeps it: without it, the saved one came back
     assert err.endswith("--device cpu --workers 1 --loader-option decode=twice --loader-option batches_ahead=32`"), err
     assert main([*shlex.split(err.split("`")[-2])[1:], "--workers", "1", "--print-config"]) == 0
+
+
+def test_every_flag_a_resume_line_repeats_defaults_to_none_and_takes_one_value():
+    # _given_flags repeats each train flag whose value is not None as `FLAG str(value)` (--x or --no-x
+    # for a BooleanOptional one): a flag with another default (store_true's False, append's []), another
+    # action (store_true's True) or several values (nargs's list) was repeated as "False", "True" or a
+    # list's str, which the line's next run refused or took for another value
+    import argparse
+
+    from moco_fast.commands.train import _NOT_REPEATED, _flags
+
+    assert _NOT_REPEATED <= {action.dest for action in _flags()}  # each one a flag's (no typo)
+    for action in _flags():
+        if action.dest in _NOT_REPEATED:
+            continue
+        assert action.default is None, action.dest
+        assert type(action) in (argparse._StoreAction, argparse.BooleanOptionalAction), action.dest
+        assert isinstance(action, argparse.BooleanOptionalAction) or action.nargs is None, action.dest
+        assert action.type in (None, int, float), action.dest  # str(value) is the value as typed
+
+
+def test_the_line_that_resumes_repeats_each_flag_given_as_typed():
+    # the flags given as they parse again: --no-X for a BooleanOptional one, a value with a space one
+    # argument (shlex.join quotes it for a shell), and --preset, which a --resume ignores but for the
+    # default --out it picks (runs/moco, runs/demo): without it the line looked for the run elsewhere
+    from moco_fast.cli import build_parser
+    from moco_fast.commands.train import _resume_argv
+
+    given = ["--preset", "v1", "--no-mlp", "--symmetric", "--lr", "0.5", "--data", "my data", "--save-every", "0"]
+    args = build_parser().parse_args(["train", "--resume", *given, "--loader-option", "decode=once"])
+    line = _resume_argv(args, "cpu")
+    assert line == ["--resume", "--data", "my data", "--preset", "v1", "--no-mlp", "--symmetric", "--lr", "0.5",
+                    "--save-every", "0.0", "--loader-option", "decode=once"]  # fmt: skip
+    again = build_parser().parse_args(["train", *shlex.split(shlex.join(line))])
+    assert vars(again) == vars(args)
