@@ -886,3 +886,22 @@ def test_the_line_that_resumes_repeats_each_flag_given_as_typed():
                     "--save-every", "0.0", "--loader-option", "decode=once"]  # fmt: skip
     again = build_parser().parse_args(["train", *shlex.split(shlex.join(line))])
     assert vars(again) == vars(args)
+
+
+def test_a_moved_data_line_of_a_resume_without_out_names_the_runs_folder(run, tmp_path, capsys, monkeypatch):
+    # `--resume` alone finds the demo preset's runs/demo (no --data: the default preset is demo); the
+    # line adds --data NEW_PATH, with which the default preset is v2 and the default --out runs/moco:
+    # run as printed, it looked there and, finding no run, started a fresh one of v2's recipe
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    run.rename(tmp_path / "runs" / "demo")
+    path = tmp_path / "runs" / "demo" / "checkpoint.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    data, state["config"]["data"]["data"] = state["config"]["data"]["data"], str(tmp_path / "moved-away")
+    torch.save(state, path)
+    assert main(["train", "--resume", "--device", "cpu", "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "`moco-fast train --resume --out runs/demo --device cpu --workers 0 --data NEW_PATH`" in err, err
+    named = shlex.split(err.split("`")[-2].replace("NEW_PATH", data))[1:]  # as the user runs it
+    assert main([*named, "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["runtime"]["out"] == "runs/demo"

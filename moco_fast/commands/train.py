@@ -737,7 +737,12 @@ def _saved_data_named(args: argparse.Namespace, cfg, saved_run):
         # the message replaced in place, not the error rebuilt as type(e)(text): its class and fields
         # stay, and a class whose constructor takes other arguments (checkpoint.Damaged's path and
         # record) ended as a TypeError
-        again = shlex.join(_resume_argv(args, cfg.runtime.device))
+        again = _resume_argv(args, cfg.runtime.device)
+        if args.out is None and args.resume == "auto":
+            # the run's folder named: --data NEW_PATH picks another default preset, and with it another
+            # default --out (v2's runs/moco for the demo's runs/demo), where the line found no run
+            again[1:1] = ["--out", cfg.runtime.out]
+        again = shlex.join(again)
         e.args = (
             f"{e} (the --data the run was trained with, which --resume reads where no --data is given; if its "
             f"images moved, `moco-fast train {again} --data NEW_PATH` continues the run there)",
