@@ -905,3 +905,18 @@ def test_a_moved_data_line_of_a_resume_without_out_names_the_runs_folder(run, tm
     named = shlex.split(err.split("`")[-2].replace("NEW_PATH", data))[1:]  # as the user runs it
     assert main([*named, "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["runtime"]["out"] == "runs/demo"
+
+
+def test_a_flag_that_the_resume_refuses_is_said_before_a_line_that_would_repeat_it(run, capsys):
+    # a refused saved option's line repeats every flag given, a refused one too (another --arch, fewer
+    # --epochs than the run finished): it was checked first, and the line as printed met that flag's error
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["data"].update(loader="dali", loader_options={"decoder": "mixed"})
+    torch.save(state, run / "checkpoint.pt")
+    argv = ["train", "--resume", "--out", str(run), "--device", "cpu", "--workers", "1", "--print-config"]
+    assert main([*argv, "--arch", "resnet50"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("moco-fast train: error: --resume: the checkpoint was trained with other model"), err
+    assert main([*argv, "--epochs", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("moco-fast train: error: --epochs 0: the checkpoint --resume continues has"), err

@@ -321,9 +321,6 @@ def configured(args: argparse.Namespace):
         cfg = build_config(preset, {field: getattr(args, dest, None) for dest, field in FLAG_FIELDS.items()})
     given_options = option_flags(args.loader_option)
     cfg.data.loader_options.update(given_options)
-    if saved is not None:
-        _check_users_loader(cfg, weights["data"]["loader"], args)
-        _check_saved_loader_options(cfg, given_options, args)
     if args.data is not None:  # saved in config.json and the checkpoint: a --resume from elsewhere finds it
         cfg.data.data = os.path.abspath(args.data)
     if saved is None and args.data is None and cfg.data.loader != "synthetic":
@@ -342,6 +339,11 @@ def configured(args: argparse.Namespace):
         # --print-config did not refuse it
         check_same_model(weights, cfg)
         check_epochs(saved_run.epochs, cfg)
+    if saved is not None:
+        # after the flags' own refusals: the line these name repeats every flag given, and run as printed
+        # it met the refusal of one (another --arch) next
+        _check_users_loader(cfg, weights["data"]["loader"], args)
+        _check_saved_loader_options(cfg, given_options, args)
     return cfg, saved_run
 
 
