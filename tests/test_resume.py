@@ -6,6 +6,7 @@ old run leaves a folder that resumes."""
 import json
 import logging
 import shlex
+import shutil
 
 import pytest
 import torch
@@ -920,3 +921,20 @@ def test_a_flag_that_the_resume_refuses_is_said_before_a_line_that_would_repeat_
     assert main([*argv, "--epochs", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("moco-fast train: error: --epochs 0: the checkpoint --resume continues has"), err
+
+
+def test_a_line_that_resumes_a_checkpoint_in_another_runs_folder_keeps_its_force(run, tmp_path, capsys):
+    # `--resume PATH --out B --force`: PATH's run continued in B, which holds another run. The line of
+    # a moved --data left --force out, and run as printed it was refused: "B holds another run"
+    path = run / "checkpoint.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    data, state["config"]["data"]["data"] = state["config"]["data"]["data"], str(tmp_path / "moved-away")
+    torch.save(state, path)
+    other = tmp_path / "other"
+    shutil.copytree(run, other)  # another run: its own checkpoint
+    argv = ["train", "--resume", str(path), "--out", str(other), "--force", "--device", "cpu", "--workers", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"`moco-fast train --resume {path} --out {other} --device cpu --force --workers 0 --data NEW_PATH`" in err
+    named = shlex.split(err.split("`")[-2].replace("NEW_PATH", data))[1:]  # as the user runs it
+    assert main(named) == 0, capsys.readouterr().err

@@ -420,9 +420,9 @@ def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Names
 
 
 def _resume_argv(args: argparse.Namespace, device: str, loader_options: bool = True) -> list[str]:
-    """The --resume (and --out, --device, --gpus, then every other flag given) of this command line, as
-    arguments: what a line that says how to go on names (shlex.join'ed for a shell; as they are for
-    moco_fast.cli.main: _check_users_loader). --device and --gpus too: run as written, it resumes where
+    """The --resume (and --out, --device, --gpus, --force, then every other flag given) of this command
+    line, as arguments: what a line that says how to go on names (shlex.join'ed for a shell; as they are
+    for moco_fast.cli.main: _check_users_loader). --device and --gpus too: run as written, it resumes where
     and as this one would (a saved cuda, on a machine without one, stopped it; a saved --gpus 8 came
     back), less what the CLI would refuse of them (_where_to_resume). The other flags given (_given_flags;
     the --loader-option ones where `loader_options`): the line left them out, and run as written it
@@ -434,13 +434,16 @@ def _resume_argv(args: argparse.Namespace, device: str, loader_options: bool = T
         *([args.resume] if args.resume != "auto" else []),
         *(["--out", args.out] if args.out else []),
         *_where_to_resume(args.device, args.gpus, device),
+        # with --resume PATH, --force continues PATH's run in an --out that holds another one (the line
+        # without it was refused there); with --resume of --out's own run, --force is refused already
+        *(["--force"] if args.force and args.resume != "auto" else []),
         *_given_flags(args),
         *(arg for option in options for arg in ("--loader-option", option)),
     ]
 
 
-# the flags that _given_flags leaves out: _resume_argv's own, and those of a command that does not go on
-# (--force would replace the run, --print-config only prints it)
+# the flags that _given_flags leaves out: _resume_argv's own (--force a store_true, repeated with a
+# --resume PATH alone), and --print-config, of a command that does not go on (it only prints the config)
 _NOT_REPEATED = {"help", "resume", "out", "device", "gpus", "loader_option", "force", "print_config"}
 
 
