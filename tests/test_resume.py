@@ -887,6 +887,12 @@ def test_the_line_that_resumes_repeats_each_flag_given_as_typed():
                     "--save-every", "0.0", "--loader-option", "decode=once"]  # fmt: skip
     again = build_parser().parse_args(["train", *shlex.split(shlex.join(line))])
     assert vars(again) == vars(args)
+    # a value that starts with "-" is one argument with its flag: as two, argparse took it for a flag
+    given = ["--data=-odd data", "--lr=-1", "--out=-run"]
+    args = build_parser().parse_args(["train", "--resume=-old", *given])
+    line = _resume_argv(args, "cpu")
+    assert line == ["--resume=-old", "--out=-run", "--data=-odd data", "--lr=-1.0"]
+    assert vars(build_parser().parse_args(["train", *shlex.split(shlex.join(line))])) == vars(args)
 
 
 def test_a_moved_data_line_of_a_resume_without_out_names_the_runs_folder(run, tmp_path, capsys, monkeypatch):

@@ -430,9 +430,8 @@ def _resume_argv(args: argparse.Namespace, device: str, loader_options: bool = T
     given or saved."""
     options = (args.loader_option or []) if loader_options else []
     return [
-        "--resume",
-        *([args.resume] if args.resume != "auto" else []),
-        *(["--out", args.out] if args.out else []),
+        *(_flag("--resume", args.resume) if args.resume != "auto" else ["--resume"]),
+        *(_flag("--out", args.out) if args.out else []),
         *_where_to_resume(args.device, args.gpus, device),
         # with --resume PATH, --force continues PATH's run in an --out that holds another one (the line
         # without it was refused there); with --resume of --out's own run, --force is refused already
@@ -466,8 +465,14 @@ def _given_flags(args: argparse.Namespace) -> list[str]:
         if isinstance(action, argparse.BooleanOptionalAction):  # (--mlp, --no-mlp)
             given.append(action.option_strings[0 if value else 1])
         else:
-            given += [action.option_strings[0], str(value)]
+            given += _flag(action.option_strings[0], str(value))
     return given
+
+
+def _flag(option: str, value: str) -> list[str]:
+    """`option value` as arguments; one `option=value` where the value starts with "-" (a --data
+    -odd/ folder): argparse takes it for a flag of its own, and the line as printed was refused."""
+    return [f"{option}={value}"] if value.startswith("-") else [option, value]
 
 
 def _where_to_resume(given_device: str | None, gpus: int | None, device: str) -> list[str]:
