@@ -18,7 +18,7 @@ from pathlib import Path
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS
 from moco_fast.convert_dst import empty_folder, names_path, sidecar_path
-from moco_fast.durable import fsync_contents, fsync_folder
+from moco_fast.durable import fsync_contents, fsync_folder_written_in
 from moco_fast.folder_locks import ended_here, hold_lock_file, owner_name, owner_of
 
 log = logging.getLogger("moco_fast")
@@ -124,7 +124,9 @@ def publish(tmp: Path, dst: Path, force: bool, announce: bool = True) -> None:
     tmp's files (and folders) are fsynced before the rename, before the old output is moved aside
     (durable.fsync_contents): a power loss after it leaves no output empty or short under its
     final name. DST's folder is fsynced after the rename, before the old output goes: a power loss
-    does not bring the old output back, nor leave the folder without either (durable.fsync_folder).
+    does not bring the old output back, nor leave the folder without either (durable.fsync_folder_written_in:
+    its error says that DST was written; the old output, kept, goes at the next convert to DST,
+    tidy_after_a_stopped_convert).
     `announce`: a line says the fsync before it (a 140 GB .beton's dirty pages take minutes on a slow
     disk, a pause otherwise silent); convert passes False for the .beton's small sidecars."""
     old = None
@@ -138,7 +140,7 @@ def publish(tmp: Path, dst: Path, force: bool, announce: bool = True) -> None:
     if old is not None:
         os.replace(dst, old)
     os.replace(tmp, dst)
-    fsync_folder(dst.parent)
+    fsync_folder_written_in(dst)  # its error says that DST is in place, not a convert that failed
     if old is not None:
         remove(old)
 

@@ -28,9 +28,9 @@ def fsync_folder(folder: Path) -> None:
 
 def fsync_folder_written_in(path: Path) -> None:
     """fsync_folder of `path`'s folder, once `path` is renamed into it: an error is raised naming the
-    folder and saying that `path` was written (atomic_write, bench/pack_folder.py). Alone,
-    "Input/output error: FOLDER" read as a write that had failed, the old file in place, where the
-    new one is."""
+    folder and saying that `path` was written (atomic_write, convert's publish, bench/pack_folder.py).
+    Alone, "Input/output error: FOLDER" read as a write that had failed, the old file in place, where
+    the new one is."""
     try:
         fsync_folder(path.parent)
     except OSError as e:

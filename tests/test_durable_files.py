@@ -227,6 +227,28 @@ def test_a_shard_that_the_disk_refuses_at_its_fsync_is_dsts_error(fresh_root, tm
     assert not dst.parent.exists()  # no output, no temporary, and the folder the convert made is gone
 
 
+def test_a_converts_folder_fsync_that_fails_after_the_rename_says_that_dst_was_written(
+    fresh_root, tmp_path, monkeypatch, capsys
+):
+    # publish's fsync of DST's folder, after the rename put DST in place: "Input/output error: FOLDER"
+    # alone read as a convert that had failed (atomic_write's and pack_folder's say both)
+    dst = tmp_path / "out" / "wds"
+    real = os.fsync
+
+    def failing(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(dst.parent):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    assert main(["convert", str(fresh_root), str(dst), "--format", "wds", "--workers", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"moco-fast convert: error: Input/output error flushing the folder to disk after wds was written in it: "
+        f"{dst.parent} (the disk or the network file system failed to read or write it)"
+    )
+    assert [p.name for p in dst.parent.iterdir()] == ["wds"]  # in place, no temporary beside it
+
+
 @pytest.mark.parametrize(
     "name, prefix, suffix, mktemp, owner",
     [
