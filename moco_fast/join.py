@@ -94,6 +94,17 @@ def init_from_env(device: str = "auto") -> bool:
     return True
 
 
+# prctl(2)'s options (linux/prctl.h) for the parent-death signal
+PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2
+
+
+def _prctl():
+    """libc's prctl(2) (Linux)."""
+    import ctypes
+
+    return ctypes.CDLL(None).prctl
+
+
 def stop_with_the_launcher(launcher: int) -> None:
     """A SIGTERM to this process when its parent ends: a torchrun worker stops (its step saved, as on
     `kill`) when torchrun is killed without warning (SIGKILL), instead of training on to its last
@@ -104,9 +115,7 @@ def stop_with_the_launcher(launcher: int) -> None:
     gone by then, sends the same SIGTERM now. Set for the training alone: trainer.train puts back what
     was before as it returns or raises (parent_death_signal_kept)."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+        _prctl()(PR_SET_PDEATHSIG, int(signal.SIGTERM))
         if os.getppid() != launcher:  # the launcher ended before (this process was handed to another)
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -122,13 +131,12 @@ def parent_death_signal_kept() -> Iterator[None]:
         return
     import ctypes
 
-    prctl = ctypes.CDLL(None).prctl
     before = ctypes.c_int()
-    prctl(2, ctypes.byref(before))  # 2: PR_GET_PDEATHSIG
+    _prctl()(PR_GET_PDEATHSIG, ctypes.byref(before))
     try:
         yield
     finally:
-        prctl(1, before.value)  # 1: PR_SET_PDEATHSIG
+        _prctl()(PR_SET_PDEATHSIG, before.value)
 
 
 def check_group_env() -> tuple[str, str, str, str]:
