@@ -374,12 +374,13 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> Non
             )
     else:
         said = f"the run was trained with loader {loader!r}, registered by module {module} (@register_loader),"
-        how = f"`import {module}` (which registers it)"
-        if module == "__main__":
-            how = "run its @register_loader again there (it was in a script or notebook: __main__)"
-        if module == "__main__" and cfg.runtime.gpus > 1:
+        if module != "__main__":
+            how = f"`import {module}` (which registers it)"
+        elif cfg.runtime.gpus > 1:
             # its --gpus workers, spawned, cannot import __main__ (loaders.import_loader_module)
             how = "register it again at a script's top level or in an importable module (--gpus's workers import it)"
+        else:
+            how = "run its @register_loader again there (it was in a script or notebook: __main__)"
     raise ConfigError(
         f"--resume: {said} which this command cannot know: it runs no code of yours. Resume it from Python: "
         f"{how}, then `moco_fast.cli.main({argv!r})`"
