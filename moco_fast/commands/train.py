@@ -752,7 +752,7 @@ def _saved_data_named(args: argparse.Namespace, cfg, saved_run):
         if args.out is None and args.resume == "auto":
             # the run's folder named: --data NEW_PATH picks another default preset, and with it another
             # default --out (v2's runs/moco for the demo's runs/demo), where the line found no run
-            again[1:1] = ["--out", cfg.runtime.out]
+            again[1:1] = _flag("--out", cfg.runtime.out)
         again = shlex.join(again)
         e.args = (
             f"{e} (the --data the run was trained with, which --resume reads where no --data is given; if its "
