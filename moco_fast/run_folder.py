@@ -84,7 +84,7 @@ def check_output(cfg: TrainConfig, say: bool = True) -> Path | None:
     check_run_folder(out)
     resume_path = ckpt.find_resume(cfg.runtime.resume, out)
     if starts_over(cfg, resume_path):
-        if say:  # (not `and say` above: the launcher then took the rows there for a run's, and refused it)
+        if say:  # quiet or not, a run that starts over is no refusal (the launcher's check is quiet)
             log.warning(
                 "--resume: no checkpoint in %s yet; starting from scratch%s",
                 out,
