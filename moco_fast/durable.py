@@ -3,7 +3,7 @@ holds open) and of the folder it is renamed in (fsync_folder; fsync_folder_writt
 says that the file is in place): checkpoint.atomic_write, convert's publish and bench/pack_folder.py,
 each skipping alike a file system that cannot fsync. Torch-free, as the package's import is
 (STARTED_BY, moco_fast/__init__.py): pack_folder.py, which carries CIFAR-10 to the GPU machine,
-imported torch (seconds) for these alone while they lived in checkpoint.py."""
+needs these and no torch (seconds to import)."""
 
 from __future__ import annotations
 
