@@ -1,7 +1,8 @@
 """fsync(2) of what a rename puts in place (fsync_contents; fsync_open_file, of a file its writer
 holds open) and of the folder it is renamed in (fsync_folder; fsync_folder_written_in, whose error
-says that the file is in place): checkpoint.atomic_write, convert's publish and bench/pack_folder.py,
-each skipping alike a file system that cannot fsync. Torch-free, as the package's import is
+says that the file is in place): checkpoint.atomic_write, convert's publish, bench/pack_folder.py and
+metrics.jsonl before each checkpoint (metrics.sync_rows), each skipping alike a file system that cannot
+fsync. Torch-free, as the package's import is
 (STARTED_BY, moco_fast/__init__.py): pack_folder.py, which carries CIFAR-10 to the GPU machine,
 needs these and no torch (seconds to import)."""
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from tqdm.std import TqdmDefaultWriteLock
 
 from moco_fast import bar_lines, closed_stdout
+from moco_fast.durable import fsync_contents
 from moco_fast.text import plural
 from moco_fast.threads import handle_thread_errors
 
@@ -107,6 +108,16 @@ def _lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
                 log.warning("%s:%d: not a row (cut short by a crash?), skipped: %r", path, number, line[:60])
         parsed.append((line, row))
     return parsed
+
+
+def sync_rows(out: str | Path) -> None:
+    """fsync(2) of OUT/metrics.jsonl, where there is one: the rows written so far on disk before a
+    checkpoint that covers them is (RunCheckpoints.save). Rows are appended without one (a row per
+    epoch, each in the page cache only): a power loss after the save kept the checkpoint and lost
+    them, and the run resumed from it never writes them again. Once a save, not once a row."""
+    path = Path(out) / METRICS_NAME
+    if path.is_file():
+        fsync_contents(path)
 
 
 def owes_row(out: str | Path, row: Any) -> bool:

@@ -11,6 +11,7 @@ from moco_fast import distributed as dist_utils
 from moco_fast.config import TrainConfig, to_dict
 from moco_fast.divergence import check_finite
 from moco_fast.epoch import EpochPart
+from moco_fast.metrics import sync_rows
 from moco_fast.model import MoCo
 from moco_fast.step import amp_name
 
@@ -72,6 +73,7 @@ class RunCheckpoints:
         if row is not None:
             state["row"] = row
         path = self.out / ckpt.CHECKPOINT_NAME
+        sync_rows(self.out)  # the rows this save covers: a resume from it would not write them again
         ckpt.save_atomic(state, path)
         if part is not None:
             log.info("saved %s at step %d of epoch %d", path, part.step, epochs_done + 1)

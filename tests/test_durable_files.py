@@ -581,3 +581,30 @@ def test_a_killed_classifier_saves_temporary_goes_though_its_long_name_was_cut(t
     assert len(left.name.encode()) <= ckpt.NAME_MAX and state_path(out).name not in left.name  # cut
     remove_partial_saves(out)
     assert not left.exists()
+
+
+def test_the_rows_a_checkpoint_covers_are_on_disk_before_it(tmp_path, monkeypatch):
+    # metrics.jsonl's rows were appended without an fsync and the checkpoint after them fsynced: a power
+    # loss then kept the checkpoint and lost the rows, which a resume from it never writes again
+    out = tmp_path / "run"
+    metrics = out / METRICS_NAME
+
+    def rows_on_disk() -> int:  # at an fsync of metrics.jsonl: the rows it makes durable
+        return len(read_rows(out)) if metrics.is_file() else 0
+
+    synced = recorded_fsyncs(monkeypatch, rows_on_disk)
+    saves, save_atomic = [], ckpt.save_atomic
+
+    def save(state, path):  # each save: the rows written before it, and how many fsyncs came before
+        saves.append((len(read_rows(out)), len(synced)))
+        save_atomic(state, path)
+
+    monkeypatch.setattr(ckpt, "save_atomic", save)
+    argv = ["train", "--loader", "synthetic", "--synthetic-steps", "1", "--image-size", "16", "--preset", "cifar"]
+    argv += ["--arch", "resnet18", "--stem", "imagenet", "--moco-k", "16", "--bn-splits", "2", "--device", "cpu"]
+    argv += ["--batch-size", "8", "--workers", "0", "--no-final-knn", "--epochs", "3", "--out", str(out)]
+    assert main(argv) == 0
+    assert [rows for rows, _ in saves] == [0, 1, 2], saves  # a save at each epoch's end
+    for rows, before in saves[1:]:
+        durable = [n for fid, n in synced[:before] if metrics.is_file() and fid == file_id(metrics)]
+        assert durable and durable[-1] == rows, (rows, synced[:before])
