@@ -253,6 +253,12 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
+def say_error(command: str, line: str) -> None:
+    """A command's error, its last line (say): "moco-fast COMMAND: error: LINE", as argparse words one
+    (a `--gpus` launcher's and its workers' too: launch.py)."""
+    say(f"moco-fast {command}: error: {line}")
+
+
 def _ours(filename: str) -> bool:
     """Whether a warning was raised in moco-fast's own code (the package, its loaders and kernels)."""
     roots = [os.path.dirname(__file__)]
@@ -408,7 +414,7 @@ def _run(args: argparse.Namespace) -> int:
             # and user_errors() imports modules that import torch.
             line = one_line(e, command_paths(args))
             if line is not None:
-                say(f"moco-fast {args.command}: error: {line}")
+                say_error(args.command, line)
                 return 2
             stop = interruption(e)
             if stop is None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from moco_fast.cli import UserError, log_as_lines, say
+from moco_fast.cli import UserError, log_as_lines, say_error
 from moco_fast.config import ConfigError, TrainConfig, check_at_least
 from moco_fast.folder_locks import ended_here, free_to_remove, locked_temporary, owner_name, owner_of
 from moco_fast.signals import STOP_SIGNALS, Terminated, exit_status, stop_signals_handled
@@ -128,7 +128,7 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
             # the torn metrics.jsonl lines said here (the folder's checks): rank 0 does not say them again
             rows = run_workers(_train_worker, (cfg, hold, level, torn_lines_said()), n, where=where)
         except WorkerFailed as e:
-            say(f"moco-fast train: error: {e}")
+            say_error("train", str(e))
             return 1, {}
     return 0, rows[0]
 
@@ -204,7 +204,7 @@ def _report_user_error(reports: str, rank: str, line: str) -> None:
     try:
         Path(reports, rank).write_text(line)
     except FileNotFoundError:
-        say(f"moco-fast train: error: {line}")
+        say_error("train", line)
 
 
 def as_a_process_of_its_own() -> None:
