@@ -93,12 +93,15 @@ def lock_temporary(fd: int, path: Path) -> bool:
     return _still_there(path, fd)
 
 
-def locked_temporary(make: Callable[[], tuple[int, str]], remove: Callable[[str], None]) -> tuple[int, str]:
+def locked_temporary(make: Callable[[], tuple[int, str] | None], remove: Callable[[str], None]) -> tuple[int, str]:
     """make()'s (descriptor, name) of a new temporary file or folder, locked (lock_temporary); made again
     where a remover in another PID namespace, which took its maker for ended, removed it before it was
-    locked. A stop while it waits for the lock (Ctrl-C) closes it and remove()s it."""
+    locked, or before make() could open it (make() returns None then: mkdtemp's folder, opened after it
+    is made). A stop while it waits for the lock (Ctrl-C) closes it and remove()s it."""
     while True:
-        fd, name = make()
+        if (made := make()) is None:
+            continue
+        fd, name = made
         try:
             if lock_temporary(fd, Path(name)):
                 return fd, name

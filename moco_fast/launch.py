@@ -371,11 +371,12 @@ def _launchers_folder(prefix: str) -> tuple[int, str]:
     PREFIX + HOST-PID (owner_name) and locked while the launcher uses it (folder_locks.locked_temporary),
     for remove_killed_launchers_folders."""
 
-    def made() -> tuple[int, str]:
-        while True:
-            folder = tempfile.mkdtemp(prefix=f"{prefix}{owner_name()}.")
-            with contextlib.suppress(FileNotFoundError):  # removed at once, by such a remover
-                return os.open(folder, os.O_RDONLY | os.O_DIRECTORY), folder
+    def made() -> tuple[int, str] | None:
+        folder = tempfile.mkdtemp(prefix=f"{prefix}{owner_name()}.")
+        try:
+            return os.open(folder, os.O_RDONLY | os.O_DIRECTORY), folder
+        except FileNotFoundError:  # removed at once, by such a remover: locked_temporary makes another
+            return None
 
     return locked_temporary(made, lambda folder: shutil.rmtree(folder, ignore_errors=True))
 
