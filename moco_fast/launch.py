@@ -281,7 +281,6 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
     naming the first rank that failed, with its exit code or signal and its error.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -292,6 +291,9 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
     # any point (Ctrl-C between the two folders) leaves no folder, lock or setting behind; undone last
     # first: the handlers put back, the folders removed while still locked, then their locks closed.
     with contextlib.ExitStack() as undo:
+        # first in, so last out: the launcher's handlers stay until _put_back (below) runs as the
+        # undoing begins, and a stop there, after the launch returned, is a stop too
+        undo.enter_context(_launchers_signals_as_stops())
         # the workers' user errors, one file a rank
         reports = _held_launchers_folder(undo, LAUNCH_FOLDERS[0])
         # the agent's own folder (its error files, a folder a rank): by default a new torchelastic_* in
@@ -337,7 +339,8 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
         try:
             # start_processes' error files (a failed worker's traceback) are temporary files of this
             # process that nobody removes: they go to agent_dir too
-            with _temporary_files_in(agent_dir):
+            # the launcher's stop made ours here, so that the undoing below runs under it
+            with _launchers_signals_as_stops(), _temporary_files_in(agent_dir):
                 results = elastic_launch(config, _recorded)((fn, reports, where, args))
         except ChildFailedError as e:
             said = {int(p.name): p.read_text() for p in Path(reports).iterdir() if p.name.isdigit()}
@@ -346,9 +349,21 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
             if (stop := _stopped(reports, *e.get_first_failure())) is not None:
                 raise stop from None  # the workers stopped on a signal that reached them, not the launcher
             raise WorkerFailed(describe_failure(e)) from None
-        except SignalException as e:
-            raise (KeyboardInterrupt() if e.sigval == signal.SIGINT else Terminated(e.sigval)) from None
     return [results[r] for r in sorted(results)]
+
+
+@contextlib.contextmanager
+def _launchers_signals_as_stops() -> Iterator[None]:
+    """The launcher's SignalException (its handlers raise it for each signal it handles, from its start
+    until run_workers puts the process's own back) raised as the stop it is, as without --gpus: Ctrl-C's
+    KeyboardInterrupt, else Terminated, which the CLI ends with its line and exit status 128 + the
+    signal, where SignalException was a traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    try:
+        yield
+    except SignalException as e:
+        raise (KeyboardInterrupt() if e.sigval == signal.SIGINT else Terminated(e.sigval)) from None
 
 
 def _put_back(handlers: dict[signal.Signals, Any]) -> None:

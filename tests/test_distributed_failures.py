@@ -942,6 +942,45 @@ def test_a_stop_while_a_launcher_undoes_its_steps_still_undoes_the_rest(tmp_path
     )
 
 
+def test_a_stop_after_the_launch_returned_ends_as_a_stop_and_leaves_no_folder(tmp_path, monkeypatch):
+    # The launcher's handlers (SignalException) stay until run_workers puts the process's back, as its
+    # undoing begins: a SIGTERM there, after elastic_launch returned, went up as SignalException (a
+    # traceback from main), not as the stop it is.
+    import tempfile
+
+    import torch.distributed.launcher.api as launcher_api
+    from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
+
+    from moco_fast import launch
+    from moco_fast.signals import Terminated
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, *launch.STOP_SIGNALS)}
+
+    def launched(config, fn):
+        def start(args):
+            signal.signal(signal.SIGTERM, _terminate_process_handler)  # as the launcher's PContext.start
+            return {0: "trained"}
+
+        return start
+
+    put_back = launch._put_back
+
+    def stopped_as_it_puts_back(before):
+        try:
+            signal.raise_signal(signal.SIGTERM)  # the launcher's handler still in place
+        finally:
+            put_back(before)
+
+    monkeypatch.setattr(launcher_api, "elastic_launch", launched)
+    monkeypatch.setattr(launch, "_put_back", stopped_as_it_puts_back)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_workers(_launchers_folders_locked, (str(tmp_path),), 1)
+    assert isinstance(stopped.value, Terminated) and stopped.value.signum == signal.SIGTERM, repr(stopped.value)
+    assert list(tmp_path.iterdir()) == []
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
 @pytest.mark.parametrize("no_lock", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
 def test_on_a_file_system_without_flock_a_launchers_folder_goes_by_its_host_pid(tmp_path, monkeypatch, no_lock):
     # as atomic_write's temporaries: where flock fails the launcher's folders go unguarded, and an
