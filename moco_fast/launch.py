@@ -30,7 +30,7 @@ import torch
 from moco_fast.cli import UserError, log_as_lines, say_error
 from moco_fast.config import ConfigError, TrainConfig, check_at_least
 from moco_fast.folder_locks import ended_here, free_to_remove, locked_temporary, owner_name, owner_of
-from moco_fast.signals import STOP_SIGNALS, Terminated, exit_status, stop_signals_handled
+from moco_fast.signals import STOP_SIGNALS, Terminated, exit_status, stop_signals_handled, stops_held
 
 if TYPE_CHECKING:
     from moco_fast.folder_locks import FolderHold
@@ -374,10 +374,14 @@ def _put_back(handlers: dict[signal.Signals, Any]) -> None:
 
 
 def _held_launchers_folder(undo: contextlib.ExitStack, prefix: str) -> str:
-    """_launchers_folder's folder, removed (while still locked) and its lock closed when `undo` ends."""
-    lock, folder = _launchers_folder(prefix)
-    undo.callback(os.close, lock)
-    undo.callback(shutil.rmtree, folder, ignore_errors=True)  # the first of the two, as undone last first
+    """_launchers_folder's folder, removed (while still locked) and its lock closed when `undo` ends.
+    A stop is held from the making to the registering (signals.stops_held), then acted on: one between
+    the two left the folder and its descriptor. Its lock's wait included: a remover holds the lock only
+    while it looks (lock_temporary)."""
+    with stops_held():
+        lock, folder = _launchers_folder(prefix)
+        undo.callback(os.close, lock)
+        undo.callback(shutil.rmtree, folder, ignore_errors=True)  # the first of the two, as undone last first
     return folder
 
 

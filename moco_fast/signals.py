@@ -310,13 +310,23 @@ def _stops_held() -> Iterator[list[int]]:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
 
 
+@contextlib.contextmanager
+def stops_held() -> Iterator[None]:
+    """While in it, Ctrl-C and the STOP_SIGNALS are held (_stops_held), then the first is acted on as
+    it ends, through the handlers in place then (the command's); one held in a block that raises goes
+    with its error. For what a stop must not split: an import (import_holding_signals), a temporary
+    folder made and its removal registered (launch.run_workers). Main thread only."""
+    with _stops_held() as held:
+        yield
+    if held:
+        signal.raise_signal(held[0])
+
+
 def import_holding_signals(modules: tuple[str, ...]) -> None:
     """Imports what a command imports (HELD_IMPORTS, or its own `held_imports`; a bench's, in
     bench/before_rows.py) with Ctrl-C and the STOP_SIGNALS held until it is in, then acts on them:
     one that lands in the C++ side of the import (a pybind11 callback) aborted the process (SIGABRT,
     "terminate called after throwing ... KeyboardInterrupt")."""
-    with _stops_held() as held:
+    with stops_held():
         for name in modules:
             importlib.import_module(name)
-    if held:
-        signal.raise_signal(held[0])  # now, through the handlers the command runs with

@@ -886,6 +886,29 @@ def test_a_stop_while_a_launcher_makes_its_second_folder_leaves_neither_folder_n
         os.fstat(opened[0][0])  # closed
 
 
+def test_a_stop_between_a_launchers_folder_and_its_undoing_leaves_neither_folder_nor_lock(tmp_path, monkeypatch):
+    # Ctrl-C as the folder was made and locked, before run_workers registered its removal: the folder
+    # and its open descriptor were left behind
+    import tempfile
+
+    from moco_fast import launch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made, opened = launch._launchers_folder, []
+
+    def stopped_once_made(prefix):
+        opened.append(made(prefix))
+        signal.raise_signal(signal.SIGINT)  # Python's handler: a KeyboardInterrupt at the next bytecode
+        return opened[-1]
+
+    monkeypatch.setattr(launch, "_launchers_folder", stopped_once_made)
+    with pytest.raises(KeyboardInterrupt):
+        run_workers(_launchers_folders_locked, (str(tmp_path),), 1)
+    assert len(opened) == 1 and list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(opened[0][0])  # closed
+
+
 def test_a_stop_while_a_launcher_undoes_its_steps_still_undoes_the_rest(tmp_path, monkeypatch):
     # A second Ctrl-C while the launcher removes its first folder (a SIGTERM ended the launch): the
     # other folder, both locks, the log filters, OMP_NUM_THREADS and the signal handlers were the undoing
