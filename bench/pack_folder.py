@@ -31,6 +31,10 @@ class PackError(Exception):
     """Input the script cannot use: one line, exit status 2."""
 
 
+class Interrupted(PackError):
+    """Ctrl-C: one line that says whether DST was written, exit status 130."""
+
+
 def pack(src: Path, dst: Path) -> int:
     if not src.is_dir():
         raise PackError(f"{src} is not a folder")
@@ -46,18 +50,18 @@ def pack(src: Path, dst: Path) -> int:
     np.cumsum([len(b) for b in blobs], out=offsets[1:])
     # bytes (1/4 of numpy's str), as the file system names them (any encoding)
     names = np.array([os.fsencode(p.relative_to(src).as_posix()) for p in paths])
+    written = False
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, data=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, names=names)
         fsync_contents(tmp)  # its bytes durable before the rename puts it in place
         os.replace(tmp, dst)
+        written = True
         fsync_folder_written_in(dst)  # the rename made durable; an error says that DST is in place
     except BaseException as e:  # a full disk or Ctrl-C: no half pack left beside DST
-        with contextlib.suppress(OSError):  # nothing there to remove where DST's folder could not be made
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):  # DST under /proc was a traceback naming the temporary file
-            raise write_error(e, dst, tmp) from None
-        raise
+        if (line := failed(e, dst, tmp, written)) is None:
+            raise
+        raise line from None  # DST under /proc was a traceback naming the temporary file
     return len(paths)
 
 
@@ -80,6 +84,7 @@ def unpack(src: Path, dst: Path) -> int:
         raise PackError(f"refusing a path outside the destination: {unsafe[0]}")
     tmp = dst.with_name(dst.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
+    written = False
     try:
         for i, name in enumerate(decoded):
             out = tmp / name
@@ -89,25 +94,42 @@ def unpack(src: Path, dst: Path) -> int:
         if dst.exists():
             dst.rmdir()  # empty (checked above)
         os.replace(tmp, dst)
+        written = True
         fsync_folder_written_in(dst)  # the rename made durable; an error says that DST is in place
-    except BaseException as e:  # a full disk or Ctrl-C: the half folder goes, and the space it took
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk was a traceback
-            raise write_error(e, dst, tmp) from None
-        raise
+    except BaseException as e:  # a full disk (a traceback) or Ctrl-C: the half folder goes
+        if (line := failed(e, dst, tmp, written)) is None:
+            raise
+        raise line from None
     return len(decoded)
 
 
-def write_error(e: OSError, dst: Path, tmp: Path) -> PackError:
+def failed(e: BaseException, dst: Path, tmp: Path, written: bool) -> PackError | None:
+    """The one line for `e`, met while DST was written through its temporary `tmp` (a file or folder),
+    once `tmp` is removed (and the space it took): Ctrl-C's says whether DST was `written` (renamed into
+    place), an OSError's is write_error's; None for another error (a bug: its traceback). A `tmp` that
+    cannot be removed (a failing disk that went read-only) is named as left behind."""
+    with contextlib.suppress(OSError):  # nothing there where DST's folder could not be made
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
+    left = f"; {tmp} is left behind: remove it" if os.path.lexists(tmp) else ""
+    if isinstance(e, KeyboardInterrupt):
+        return Interrupted(f"interrupted: {dst} {'written' if written else 'not written'}{left}")
+    return PackError(write_error(e, dst, tmp) + left) if isinstance(e, OSError) else None
+
+
+def write_error(e: OSError, dst: Path, tmp: Path) -> str:
     """The one line of `e`, met while DST was written through its temporary `tmp` (a file or folder):
     what the machine refused (a full disk, a failing disk) as convert says it (cli.one_line: "No space
     left on device: DST"), else "cannot write DST (why)". A file that is neither the temporary nor in
-    it is named instead of DST (a file where a folder goes); the temporary never is."""
+    it is named instead of DST (a file where a folder goes); the temporary never is. After the rename
+    (durable.fsync_folder_written_in's error) it says that DST was written."""
     name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes)) else None
     other = name if name and name != str(tmp) and not name.startswith(str(tmp) + os.sep) else None
     if e.errno in ENVIRONMENT_ERRNOS or e.errno == errno.EIO:
-        return PackError(one_line(OSError(e.errno, e.strerror, other or str(dst))))
-    return PackError(f"cannot write {dst} ({f'{other}: ' if other else ''}{e.strerror or e})")
+        return one_line(OSError(e.errno, e.strerror, other or str(dst)))
+    return f"cannot write {dst} ({f'{other}: ' if other else ''}{e.strerror or e})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         n = (pack if a.action == "pack" else unpack)(a.src, a.dst)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the write began (reading SRC, a pack's files)
+        print(f"interrupted: {a.dst} not written", file=sys.stderr)
+        return 130
     except PackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -650,6 +650,62 @@ def test_pack_folder_says_dst_was_written_where_its_folders_fsync_fails_after_th
     assert [p.name for p in dst.parent.iterdir()] == [dst.name]  # in place
 
 
+@pytest.mark.parametrize("action", ["pack", "unpack"])
+def test_pack_folder_interrupted_says_whether_dst_was_written_and_leaves_no_part(
+    tiny_root, tmp_path, capsys, monkeypatch, action
+):
+    # Ctrl-C was Python's traceback, which said nothing of DST: before the rename it is not written
+    # (DST.part removed), after it it is in place
+    pack = tmp_path / "set.npz"
+    assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
+    for step, said in (("fsync_contents", "not written"), ("fsync_folder_written_in", "written")):
+        dst = tmp_path / step / ("again.npz" if action == "pack" else "out")
+
+        def stopped(path):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(pack_folder, step, stopped)
+            capsys.readouterr()
+            assert pack_folder.main([action, str(pack if action == "unpack" else tiny_root), str(dst)]) == 130
+        assert capsys.readouterr().err == f"interrupted: {dst} {said}\n"
+        assert [p.name for p in dst.parent.iterdir()] == ([dst.name] if said == "written" else [])
+    if action == "pack":  # as it reads the files to pack, before any write
+        monkeypatch.setattr(Path, "read_bytes", stopped)
+        assert pack_folder.main(["pack", str(tiny_root), str(tmp_path / "early.npz")]) == 130
+        assert capsys.readouterr().err == f"interrupted: {tmp_path / 'early.npz'} not written\n"
+
+
+@pytest.mark.parametrize("action", ["pack", "unpack"])
+def test_pack_folder_names_its_part_where_it_cannot_remove_it(tiny_root, tmp_path, capsys, monkeypatch, action):
+    # a disk that failed (EIO) and went read-only: DST.part could not be removed, and the line did not
+    # say that it was left behind, taking its space
+    import errno
+
+    pack = tmp_path / "set.npz"
+    assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
+    dst = tmp_path / "in" / ("again.npz" if action == "pack" else "out")
+    part = dst.with_name(dst.name + (".part.npz" if action == "pack" else ".part"))
+
+    def failing(path):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def read_only(path, *args, **kwargs):
+        if Path(path) == part:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(pack_folder, "fsync_contents", failing)
+    monkeypatch.setattr(os, "unlink", read_only)
+    monkeypatch.setattr(os, "rmdir", read_only)
+    capsys.readouterr()
+    assert pack_folder.main([action, str(pack if action == "unpack" else tiny_root), str(dst)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: Input/output error: {dst} (the disk or the network file system failed to read or write it); "
+        f"{part} is left behind: remove it\n"
+    )
+    assert [p.name for p in dst.parent.iterdir()] == [part.name]
+
+
 def gpu_check_summary(out: Path, since: float = 0.0) -> subprocess.CompletedProcess:
     """bench/gpu_check.sh's summary (its heredoc) run on the JSON left in `out`, by a command that
     began at `since` (epoch seconds: every file is this command's by default)."""
