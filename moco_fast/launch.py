@@ -287,9 +287,11 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
     # The agent's step-by-step INFO lines would bury the training log.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     remove_killed_launchers_folders()
-    # Each step that must be undone registers its undoing as it is done, so that a stop or error at
-    # any point (Ctrl-C between the two folders) leaves no folder, lock or setting behind; undone last
-    # first: the handlers put back, the folders removed while still locked, then their locks closed.
+    # Each step that must be undone registers its undoing before it is done (undoing a step not done
+    # yet changes nothing), or with stops held over both (a folder's, whose name comes with it), so
+    # that a stop or error at any point (Ctrl-C between the two folders) leaves no folder, lock or
+    # setting behind; undone last first: the handlers put back, the folders removed while still
+    # locked, then their locks closed.
     with contextlib.ExitStack() as undo:
         # first in, so last out: the launcher's handlers stay until _put_back (below) runs as the
         # undoing begins, and a stop there, after the launch returned, is a stop too
@@ -301,8 +303,8 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
         agent_dir = _held_launchers_folder(undo, LAUNCH_FOLDERS[1])
         quiet = _QuietOnUserErrors(reports)
         for name in FAILURE_LOGGERS:
-            logging.getLogger(name).addFilter(quiet)
             undo.callback(logging.getLogger(name).removeFilter, quiet)
+            logging.getLogger(name).addFilter(quiet)
         # The launcher turns these into its SignalException and ends the workers with the same signal; by
         # default not SIGUSR1 and SIGUSR2 (SLURM's warning before a time limit), which would end it at
         # once and leave the workers running. One that is ignored (SIGHUP under `nohup`) stays ignored.
@@ -331,8 +333,8 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
                 "overload the machine; set OMP_NUM_THREADS to tune it",
                 nprocs,
             )
-            os.environ["OMP_NUM_THREADS"] = "1"  # the agent passes it to the workers
             undo.callback(os.environ.pop, "OMP_NUM_THREADS", None)  # this process's own is as it was
+            os.environ["OMP_NUM_THREADS"] = "1"  # the agent passes it to the workers
         # The launcher installs its own handlers for those: put ours back afterwards, and let each signal
         # end the command as it does without --gpus.
         undo.callback(_put_back, {s: signal.getsignal(s) for s in handled})

@@ -909,6 +909,43 @@ def test_a_stop_between_a_launchers_folder_and_its_undoing_leaves_neither_folder
         os.fstat(opened[0][0])  # closed
 
 
+@pytest.mark.parametrize("step", ["log filter", "OMP_NUM_THREADS"])
+def test_a_stop_as_a_launcher_sets_a_step_leaves_it_undone(tmp_path, monkeypatch, step):
+    # Ctrl-C just after the launcher set its log filter or OMP_NUM_THREADS, before it registered the
+    # undoing: the filter stayed on the failure loggers of a process that goes on (a notebook), reading
+    # a folder removed since at each log, and OMP_NUM_THREADS=1 stayed in its environment
+    import tempfile
+
+    from moco_fast import launch
+
+    class StoppingEnviron(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            if key == "OMP_NUM_THREADS":
+                raise KeyboardInterrupt
+
+    def stopping_add_filter(logger, f):
+        logger.filters.append(f)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for name in launch.FAILURE_LOGGERS:  # as they were after the test, whatever it leaves
+        monkeypatch.setattr(logging.getLogger(name), "filters", list(logging.getLogger(name).filters))
+    if step == "log filter":
+        monkeypatch.setattr(logging.Logger, "addFilter", stopping_add_filter)
+    else:
+        environ = StoppingEnviron(os.environ)
+        environ.pop("OMP_NUM_THREADS", None)
+        monkeypatch.setattr(os, "environ", environ)
+    with pytest.raises(KeyboardInterrupt):
+        run_workers(_launchers_folders_locked, (str(tmp_path),), 2)
+    assert not any(
+        isinstance(f, launch._QuietOnUserErrors) for n in launch.FAILURE_LOGGERS for f in logging.getLogger(n).filters
+    )
+    assert "OMP_NUM_THREADS" not in os.environ
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_stop_while_a_launcher_undoes_its_steps_still_undoes_the_rest(tmp_path, monkeypatch):
     # A second Ctrl-C while the launcher removes its first folder (a SIGTERM ended the launch): the
     # other folder, both locks, the log filters, OMP_NUM_THREADS and the signal handlers were the undoing
