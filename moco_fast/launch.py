@@ -398,6 +398,9 @@ def _launchers_folder(prefix: str) -> tuple[int, str]:
             return os.open(folder, os.O_RDONLY | os.O_DIRECTORY), folder
         except FileNotFoundError:  # removed at once, by such a remover: locked_temporary makes another
             return None
+        except OSError:  # no descriptor left (EMFILE): the folder goes with the error, not left unlocked
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     return locked_temporary(made, lambda folder: shutil.rmtree(folder, ignore_errors=True))
 

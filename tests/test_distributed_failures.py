@@ -862,6 +862,28 @@ def test_a_launchers_folder_removed_before_it_was_locked_is_made_again(tmp_path,
     assert folder == made[1] and [p.name for p in tmp_path.iterdir()] == [Path(folder).name]
 
 
+def test_a_launchers_folder_that_cannot_be_opened_is_removed_with_the_error(tmp_path, monkeypatch):
+    # mkdtemp made it, and its open failed (too many open files: a notebook's leaked descriptors): the
+    # folder stayed, unlocked, until a later launch after this process's end
+    import errno
+    import tempfile
+
+    from moco_fast.launch import _launchers_folder
+
+    real = os.open
+
+    def no_descriptor_left(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECTORY:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(os, "open", no_descriptor_left)
+    with pytest.raises(OSError, match="Too many open files"):
+        _launchers_folder("moco-fast-workers-")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_stop_while_a_launcher_makes_its_second_folder_leaves_neither_folder_nor_lock(tmp_path, monkeypatch):
     # Ctrl-C after the first of the two folders was made and locked, before the launch: that folder
     # and its open descriptor were left, made before the cleanup that removes them took charge
