@@ -254,13 +254,13 @@ def check_flags(cfg: TrainConfig, world: int, saved: SavedRun | None = None) -> 
     depends on the machine it runs on (--device auto or cuda, an optional backend's library), the run
     folder (--out, --force) and the data. Returns the loader's options parsed (check_loader's)."""
     cpu = asks_for_the_cpu(cfg.runtime.device)
-    _checked_for(cfg, torch.device("cpu" if cpu else "cuda"), world, saved)
+    check_flags_on(cfg, torch.device("cpu" if cpu else "cuda"), world, saved)
     return check_loader(cfg.data.loader, cfg.data.loader_options, cpu)
 
 
-def _checked_for(cfg: TrainConfig, device: torch.device, world: int, saved: SavedRun | None) -> torch.dtype | None:
-    """The checks of the flags on `device` with `world` processes, the run's and check_flags' alike;
-    returns the AMP dtype."""
+def check_flags_on(cfg: TrainConfig, device: torch.device, world: int, saved: SavedRun | None) -> torch.dtype | None:
+    """The checks of the flags on `device` with `world` processes, the run's, check_flags' and those of
+    train --resume's refusals that name a line to run (commands.train) alike; returns the AMP dtype."""
     amp_dtype = resolve_amp(cfg.runtime.amp, device)
     validate(cfg, world, saved or partial(saved_run, cfg))
     validate_device(cfg, device, world)
@@ -306,7 +306,7 @@ def _train(cfg: TrainConfig, saved: SavedRun | None, splits: DataSplits | None, 
         setup_warnings = HeldWarnings()  # until agree(): rank 0 says them, unless the ranks disagree
     try:
         device = dist_utils.local_device(resolve_device(cfg.runtime.device))
-        amp_dtype = _checked_for(cfg, device, world, saved)  # on the flags as given (their warnings name them)
+        amp_dtype = check_flags_on(cfg, device, world, saved)  # on the flags as given (their warnings name them)
         options = check_loader(cfg.data.loader, cfg.data.loader_options, device.type == "cpu")
         check_workers(cfg.data.workers, None, options)
         cfg = as_run(cfg, world)  # what runs is what config.json, the checkpoint and resume's comparison see

@@ -726,6 +726,29 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
 
 
 @pytest.mark.parametrize(
+    "saved_data",
+    [
+        {"loader": "ffcv", "loader_options": {"batches_ahead": "64"}},
+        {"loader": "mine", "loader_module": "users_module"},
+    ],
+)
+def test_a_refused_flag_given_to_a_resume_is_said_before_the_line_that_would_repeat_it(run, saved_data, capsys):
+    # the refusals of a saved loader option and of a user's loader name a line that repeats every flag
+    # given; they came before the checks of the flags, so `--lr=-1` was repeated, and the line, run as
+    # printed, met "--lr must be positive" only then
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["data"].update(saved_data)
+    torch.save(state, run / "checkpoint.pt")
+    argv = ["train", "--resume", "--out", str(run), "--device", "cpu", "--workers", "1", "--print-config"]
+    assert main([*argv, "--lr=-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["moco-fast train: error: --lr must be positive and --weight-decay not negative (got -1.0, 0.0005)"]
+    assert main([*argv, "--lr", "0.1"]) == 2  # a flag the checks take: the saved loader's line, which repeats it
+    err = capsys.readouterr().err.strip()
+    assert ("--lr 0.1" in err and "continue it with" in err) or "'--lr', '0.1']" in err, err
+
+
+@pytest.mark.parametrize(
     "given, saved, where",
     [
         (["--device", "cpu", "--gpus", "1"], "cuda", ["--device", "cpu"]),  # "drop --gpus to train on the CPU"

@@ -342,12 +342,12 @@ def configured(args: argparse.Namespace):
     if saved is not None:
         # after the flags' own refusals: the line these name repeats every flag given, and run as printed
         # it met the refusal of one (another --arch) next
-        _check_users_loader(cfg, weights["data"]["loader"], args)
-        _check_saved_loader_options(cfg, given_options, args)
+        _check_users_loader(cfg, weights["data"]["loader"], args, saved_run)
+        _check_saved_loader_options(cfg, given_options, args, saved_run)
     return cfg, saved_run
 
 
-def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> None:
+def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace, saved_run) -> None:
     """A ConfigError where the resumed run was trained from Python with a loader of the user's
     (register_loader), which the CLI does not know (it runs no code of the user's): the loader, the
     module that registered it (data.loader_module, as the run recorded it) and how to resume it, from
@@ -356,12 +356,13 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> Non
     "unknown loader" alone; so it still does, with how to resume from Python (with --gpus: by an import,
     or registered again at a script's top level), for a loader the run did not record the module of (a
     run saved before data.loader_module). A --loader given now that is not the run's (`saved_loader`) is
-    that flag's: check_loader's "unknown loader" alone."""
+    that flag's: check_loader's "unknown loader" alone. saved_run: the run's resume.SavedRun."""
     from moco_fast.loaders import available_loaders, unknown_loader
 
     loader, module = cfg.data.loader, cfg.data.loader_module
     if loader in available_loaders() or loader != saved_loader:
         return  # (a --loader given now that no loader has: check_loader's "unknown loader" alone)
+    _flags_refused_first(cfg, args, saved_run)
     argv = ["train", *_resume_argv(args, cfg.runtime.device)]
     if not module:
         said = f"{unknown_loader(loader)}. A loader registered from Python (@register_loader) is one"
@@ -387,23 +388,21 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace) -> Non
     )
 
 
-def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Namespace) -> None:
+def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Namespace, saved_run) -> None:
     """A ConfigError where a resumed run's saved --loader-option is one that today's checks refuse (a
     `batches_ahead=64` saved before its bound of 32), or that the device it resumes on does (DALI's
     decoder=mixed resumed with --device cpu, or with auto on a machine without a GPU): the error of each
     such option, and the --resume that replaces them all, which a --loader-option given now does (it said
     the refusal alone, as if the user had typed the value), with the --loader-option flags given now.
-    --print-config checks auto as on a machine with a GPU, as check_flags."""
-    import torch
-
+    --print-config checks auto as on a machine with a GPU, as check_flags. saved_run: the run's
+    resume.SavedRun."""
     from moco_fast.loaders.options import check_loader_options, replaced_options
-    from moco_fast.trainer import asks_for_the_cpu
 
-    auto_on_the_cpu = cfg.runtime.device == "auto" and not args.print_config and not torch.cuda.is_available()
-    cpu = asks_for_the_cpu(cfg.runtime.device) or auto_on_the_cpu
+    cpu = _resumes_on_the_cpu(cfg, args)
     try:
         check_loader_options(cfg.data.loader, cfg.data.loader_options, cpu)
     except ConfigError:
+        _flags_refused_first(cfg, args, saved_run)
         check_loader_options(cfg.data.loader, given, cpu)  # one given now that is refused: its own error
         refused = replaced_options(cfg.data.loader, cfg.data.loader_options, given, cpu)
         if not refused:
@@ -418,6 +417,30 @@ def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Names
         raise ConfigError(
             f"{why}; the run was saved with {saved}: continue it with `moco-fast train {again} {fixes}`"
         ) from None
+
+
+def _resumes_on_the_cpu(cfg, args: argparse.Namespace) -> bool:
+    """Whether the resumed run trains on the CPU: --device cpu, or auto on a machine without a GPU;
+    --print-config takes auto as on a machine with one, as check_flags."""
+    import torch
+
+    from moco_fast.trainer import asks_for_the_cpu
+
+    auto_on_the_cpu = cfg.runtime.device == "auto" and not args.print_config and not torch.cuda.is_available()
+    return asks_for_the_cpu(cfg.runtime.device) or auto_on_the_cpu
+
+
+def _flags_refused_first(cfg, args: argparse.Namespace, saved_run) -> None:
+    """The refusals of the flags given (--lr=-1, --amp fp16 on the CPU...: trainer.check_flags_on, which
+    the run makes before it checks the loader), before a refusal of the resumed run's saved loader that
+    names a line to continue it: that line repeats every flag given, and run as printed it met the
+    refusal of one of them next."""
+    import torch
+
+    from moco_fast.trainer import check_flags_on
+
+    device = torch.device("cpu" if _resumes_on_the_cpu(cfg, args) else "cuda")
+    check_flags_on(cfg, device, launch_world(cfg), saved_run)
 
 
 def _resume_argv(args: argparse.Namespace, device: str, loader_options: bool = True) -> list[str]:
