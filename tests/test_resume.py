@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from distributed_helpers import torchrun_env
 from run_helpers import ForkedCommands, rows, tiny_args
 
 from moco_fast.cli import main
@@ -723,6 +724,30 @@ def test_a_run_saved_with_an_option_past_todays_bound_resumes_with_the_fix_it_na
     # the fix it names goes on: past the run's checks of the flags, which --print-config makes
     assert main([*argv, "--loader-option", fix]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["loader_options"] == {key: "32"}
+
+
+def test_a_resume_line_under_torchrun_is_a_torchrun_command_that_rank_0_says(run, capsys, monkeypatch):
+    # under torchrun the line was `moco-fast train ...`, one process, where the run had N; and every
+    # rank said it. Checked for real with 2 CPU processes: the line continues the run as it ran
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["data"].update(loader="ffcv", loader_options={"batches_ahead": "64"})
+    torch.save(state, run / "checkpoint.pt")
+    argv = ["train", "--resume", "--out", str(run), "--device", "cpu", "--workers", "1", "--print-config"]
+    said = "; the run was saved with --loader-option batches_ahead=64"
+    again = f"-m moco_fast train --resume --out {run} --device cpu --workers 1 --loader-option batches_ahead=32`"
+    torchrun_env(monkeypatch, RANK="0", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="t")
+    # 2 processes: on one machine, or one on each of two
+    for nodes, where in (("1", "--standalone"), ("2", "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT")):
+        per_node = str(2 // int(nodes))
+        monkeypatch.setenv("GROUP_WORLD_SIZE", nodes)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", per_node)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"{said}: continue it with `torchrun {where} --nproc_per_node {per_node} {again}"), err
+    monkeypatch.setenv("RANK", "1")  # the other ranks: the refusal, the line left to rank 0
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(said) and "`" not in err, err
 
 
 @pytest.mark.parametrize(

@@ -412,11 +412,10 @@ def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Names
         saved = ", ".join(f"--loader-option {key}={saved}" for key, saved, _, _ in refused)
         # with those given now, which replace a saved one (the line without them met it again)
         options = [*given.items(), *((key, value) for key, _, value, _ in refused)]
-        fixes = shlex.join([arg for key, value in options for arg in ("--loader-option", f"{key}={value}")])
-        again = shlex.join(_resume_argv(args, cfg.runtime.device, loader_options=False))  # fixes has them
-        raise ConfigError(
-            f"{why}; the run was saved with {saved}: continue it with `moco-fast train {again} {fixes}`"
-        ) from None
+        fixes = [arg for key, value in options for arg in ("--loader-option", f"{key}={value}")]
+        line = _as_launched([*_resume_argv(args, cfg.runtime.device, loader_options=False), *fixes])
+        said = f"{why}; the run was saved with {saved}"
+        raise ConfigError(said if line is None else f"{said}: continue it with `{line}`") from None
 
 
 def _resumes_on_the_cpu(cfg, args: argparse.Namespace) -> bool:
@@ -441,6 +440,24 @@ def _flags_refused_first(cfg, args: argparse.Namespace, saved_run) -> None:
 
     device = torch.device("cpu" if _resumes_on_the_cpu(cfg, args) else "cuda")
     check_flags_on(cfg, device, launch_world(cfg), saved_run)
+
+
+def _as_launched(argv: list[str]) -> str | None:
+    """The shell line that runs `moco-fast train ARGV` as this command runs: under torchrun, the torchrun
+    command with its processes a machine (--nproc_per_node) and machines (--nnodes), which continues
+    the run as it ran (`moco-fast train` alone was one process); None on its ranks but 0, which leave
+    the line to rank 0 (every rank ends with the error: N copies of it). A group started by hand (RANK,
+    WORLD_SIZE...) runs the line as it is in each of its processes."""
+    from moco_fast.distributed import local_world_size
+    from moco_fast.launch import torchrun_train
+
+    line = shlex.join(argv)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return f"moco-fast train {line}"
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    nodes = os.environ.get("GROUP_WORLD_SIZE", "1")  # torchrun's count of machines (its agents)
+    return torchrun_train(local_world_size(), line, int(nodes) if nodes.isdigit() else 1)
 
 
 def _resume_argv(args: argparse.Namespace, device: str, loader_options: bool = True) -> list[str]:
@@ -776,11 +793,9 @@ def _saved_data_named(args: argparse.Namespace, cfg, saved_run):
             # the run's folder named: --data NEW_PATH picks another default preset, and with it another
             # default --out (v2's runs/moco for the demo's runs/demo), where the line found no run
             again[1:1] = _flag("--out", cfg.runtime.out)
-        again = shlex.join(again)
-        e.args = (
-            f"{e} (the --data the run was trained with, which --resume reads where no --data is given; if its "
-            f"images moved, `moco-fast train {again} --data NEW_PATH` continues the run there)",
-        )
+        said = f"{e} (the --data the run was trained with, which --resume reads where no --data is given"
+        line = _as_launched([*again, "--data", "NEW_PATH"])
+        e.args = (f"{said})" if line is None else f"{said}; if its images moved, `{line}` continues the run there)",)
         raise e from None
 
 
