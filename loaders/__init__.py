@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import sys
 from typing import Any
 
 from moco_fast.config import ConfigError
@@ -27,6 +28,8 @@ from .options import check_loader_options
 log = logging.getLogger("moco_fast")
 
 _LOADERS: dict = {}
+# Loader name -> the module whose code called register_loader for it (registered_by).
+_REGISTRARS: dict[str, str | None] = {}
 # Backend name -> module that registers it (imported lazily: DALI and FFCV are optional).
 _MODULES = {
     "torch": ".torch_loader",
@@ -51,7 +54,9 @@ def register_loader(name: str):
     """Decorator: `fn(LoaderArgs) -> TrainLoader` is the loader `name`. A built-in name is refused
     (its module, imported on first use, would replace the user's loader or be replaced by it, as the
     order of imports fell); a name taken by another function too (one defined again under the same
-    module and name, a reloaded module or a notebook cell run twice, replaces it)."""
+    module and name, a reloaded module or a notebook cell run twice, replaces it). The module whose code
+    registers it is recorded (registered_by), not the function's: a function imported from a library
+    and registered in the user's module is registered by importing the user's module."""
 
     def named(fn) -> str:
         return f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', fn)}"
@@ -72,6 +77,8 @@ def register_loader(name: str):
                     f"register_loader({name!r}): the name is {was}'s already; register {where} under another name"
                 )
         _LOADERS[name] = fn
+        # the frame that applied the decorator: a module's top level, whose import registers it again
+        _REGISTRARS[name] = sys._getframe(1).f_globals.get("__name__")
         return fn
 
     return deco
@@ -81,8 +88,7 @@ def registered_by(name: str) -> str | None:
     """The module whose `register_loader` made loader `name`; None for a built-in one, or a name not
     registered. `__main__` for one registered at the top level of the script that started this process:
     a spawned `--gpus` worker imports that script as `__mp_main__`, and records what its launcher does."""
-    fn = None if name in _MODULES else _LOADERS.get(name)
-    module = None if fn is None else getattr(fn, "__module__", None)
+    module = None if name in _MODULES or name not in _LOADERS else _REGISTRARS.get(name)
     return "__main__" if module == "__mp_main__" else module
 
 

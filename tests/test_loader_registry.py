@@ -350,12 +350,44 @@ def test_a_users_loaders_module_that_does_not_register_it_when_imported_is_one_l
     )
 
 
+def test_a_library_function_registered_in_the_users_module_records_that_module(registry, tmp_path, monkeypatch):
+    # registered_by named the loader function's module: a function imported from a library and
+    # registered in the user's module recorded the library, whose import in a --gpus worker registers
+    # nothing ("... which did not register it")
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    (libs / "library_of_loaders.py").write_text(
+        "from moco_fast.loaders import create_loader\n\n\ndef their_loader(args):\n"
+        '    return create_loader("synthetic", args)\n'
+    )
+    (libs / "users_registrations.py").write_text(
+        "from library_of_loaders import their_loader\nfrom moco_fast.loaders import register_loader\n\n"
+        'register_loader("libs")(their_loader)\n'
+    )
+    monkeypatch.syspath_prepend(str(libs))
+    try:
+        import users_registrations  # noqa: F401
+
+        assert registered_by("libs") == "users_registrations"
+        # a worker, a new process, imports it and has the loader
+        _LOADERS.pop("libs")
+        del sys.modules["users_registrations"]
+        import_loader_module("libs", "users_registrations")
+        assert "libs" in available_loaders()
+    finally:
+        for name in ("library_of_loaders", "users_registrations"):
+            sys.modules.pop(name, None)
+
+
 def mp_mains_loader(args):
     """Loader "mine" as a spawned worker has it where the launcher's script registered it at its top level."""
     return create_loader("synthetic", args)
 
 
-mp_mains_loader.__module__ = "__mp_main__"  # the name a spawned process gives its launcher's script
+def registered_in(module: str, name: str, fn) -> None:
+    """register_loader(name)(fn), run at the top level of a module named `module` (__main__; __mp_main__,
+    the name a spawned process gives its launcher's script): the module that registers it."""
+    exec("register_loader(name)(fn)", {"__name__": module, "register_loader": register_loader, "name": name, "fn": fn})
 
 
 def test_a_users_loader_registered_in_main_trains_in_a_worker_only_from_a_scripts_top_level(registry, tmp_path):
@@ -372,7 +404,7 @@ def test_a_users_loader_registered_in_main_trains_in_a_worker_only_from_a_script
         "python -m, or a script's `if __name__ == '__main__':` block or function), which a --gpus worker cannot "
         "import: register it at a script's top level or in an importable module"
     )
-    register_loader("mine")(mp_mains_loader)
+    registered_in("__mp_main__", "mine", mp_mains_loader)
     assert registered_by("mine") == "__main__"
     as_a_worker(cfg)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["loader_module"] == "__main__"
@@ -386,8 +418,7 @@ def test_a_resume_of_a_run_whose_loader_main_registered_says_where_its_workers_f
     def in_main(args):
         return create_loader("synthetic", args)
 
-    in_main.__module__ = "__main__"
-    register_loader("mine")(in_main)
+    registered_in("__main__", "mine", in_main)
     out = tmp_path / "run"
     train(one_epoch_with_mine(out))
     _LOADERS.pop("mine")
