@@ -92,6 +92,33 @@ def registered_by(name: str) -> str | None:
     return "__main__" if module == "__mp_main__" else module
 
 
+# where a --gpus worker, a new process, finds a user's loader: it runs the launching script's top level,
+# and imports modules by name
+_WHERE = "register it at a script's top level or in an importable module"
+
+
+def check_main_reaches_workers(name: str, module: str | None) -> None:
+    """In the --gpus launcher, before its workers are spawned: a ConfigError where loader `name` was
+    registered in __main__ (`module`, registered_by's) and the workers run none of __main__'s code, as
+    multiprocessing's spawn decides it: python -c, a REPL or a notebook (no __main__.__file__), a
+    package's __main__.py (`python -m PKG`). Each worker refused it in import_loader_module, after
+    all of them had started. A script's `if __name__ == "__main__":` block is not told apart here: its
+    workers say it."""
+    if module != "__main__" or name in _MODULES:
+        return
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name is not None:  # python -m: spawn runs the module again, a package's __main__.py not
+        if spec_name != "__main__" and not spec_name.endswith(".__main__"):
+            return
+        what = f"{spec_name}, a package's __main__.py run by python -m, of which"
+    elif getattr(main, "__file__", None) is not None:  # a script: spawn runs its top level
+        return
+    else:
+        what = "python -c, a REPL or a notebook (no script), of whose code"
+    raise ConfigError(f"loader {name!r} was registered in __main__ ({what} a --gpus worker runs nothing): {_WHERE}")
+
+
 def import_loader_module(name: str, module: str | None) -> None:
     """Registers loader `name` in this process, where it is not known, by importing `module`, the one that
     registered it where the run was configured (`data.loader_module`, registered_by's): a `--gpus` worker
@@ -103,13 +130,11 @@ def import_loader_module(name: str, module: str | None) -> None:
     register `name`."""
     if module is None or name in _MODULES or name in _LOADERS:
         return
-    # the workers are new processes: they run the launching script's top level, and import modules by name
-    where = "register it at a script's top level or in an importable module"
     if module == "__main__":
         raise ConfigError(
             f"loader {name!r} was registered in __main__ (a notebook, a REPL, python -c, a package's __main__.py "
             f"run by python -m, or a script's `if __name__ == '__main__':` block or function), which a --gpus "
-            f"worker cannot import: {where}"
+            f"worker cannot import: {_WHERE}"
         )
     try:
         importlib.import_module(module)
@@ -124,7 +149,7 @@ def import_loader_module(name: str, module: str | None) -> None:
     if name not in _LOADERS:
         raise ConfigError(
             f"loader {name!r}: a --gpus worker imported its module {module} (data.loader_module), which did not "
-            f"register it: {where}"
+            f"register it: {_WHERE}"
         )
 
 
@@ -173,6 +198,7 @@ __all__ = [
     "TrainLoader",
     "available_loaders",
     "check_loader",
+    "check_main_reaches_workers",
     "create_loader",
     "import_loader_module",
     "register_loader",

@@ -115,6 +115,7 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
     as train's (the workers read it where a check needs it)."""
     from functools import partial
 
+    from moco_fast.loaders import check_main_reaches_workers
     from moco_fast.metrics import torn_lines_said
     from moco_fast.resume import saved_run
     from moco_fast.run_folder import check_output, hold_for_workers
@@ -123,6 +124,7 @@ def launch_local(cfg: TrainConfig, where: str | None = None, saved: SavedRun | N
 
     n = check_local_gpus(cfg)
     cfg = with_loader_module(cfg)  # a user's loader: the module that each worker imports (_train_worker)
+    check_main_reaches_workers(cfg.data.loader, cfg.data.loader_module)  # once here, not in each worker
     validate(cfg, n, saved or partial(saved_run, cfg))  # contradicting flags fail here once, not in every worker
     check_workers(cfg.data.workers, n)  # the n workers' share of the cores, as each checks it in train()
     # a run in progress there: one line, no workers; else the folder stays held, by this process and

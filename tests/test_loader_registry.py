@@ -410,6 +410,54 @@ def test_a_users_loader_registered_in_main_trains_in_a_worker_only_from_a_script
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["loader_module"] == "__main__"
 
 
+@pytest.mark.parametrize(
+    "spec_name, file, said",
+    [
+        (None, None, "python -c, a REPL or a notebook (no script), of whose code"),
+        (
+            "tools.__main__",
+            "/x/tools/__main__.py",
+            "tools.__main__, a package's __main__.py run by python -m, of which",
+        ),
+        (None, "/x/users_script.py", None),  # a script: the workers run its top level
+        ("users_script", "/x/users_script.py", None),  # python -m users_script: the workers run it again
+    ],
+)
+def test_a_loader_registered_in_a_main_that_the_gpus_workers_do_not_run_is_refused_before_they_start(
+    registry, tmp_path, monkeypatch, capsys, spec_name, file, said
+):
+    # each worker was spawned, refused the loader (import_loader_module) and ended; the launcher, which
+    # knows from __main__ whether spawn runs any of it in a worker, says it once. 2 pretend GPUs
+    import importlib.machinery
+
+    import torch
+
+    from moco_fast import launch
+    from moco_fast.cli import main
+
+    fake_main = types.ModuleType("__main__")
+    fake_main.__spec__ = None if spec_name is None else importlib.machinery.ModuleSpec(spec_name, None)
+    if file is not None:
+        fake_main.__file__ = file
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+    registered_in("__main__", "mine", mp_mains_loader)
+    started = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch, "run_workers", lambda fn, args, n, where=None: started.append(n) or [{}])
+    argv = ["train", "--loader", "mine", "--arch", "resnet18", "--image-size", "16", "--dim", "16", "--batch-size"]
+    argv += ["8", "--moco-k", "32", "--epochs", "1", "--workers", "0", "--no-final-knn", "--out", str(tmp_path / "r")]
+    rc = main([*argv, "--device", "auto", "--gpus", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    if said is None:
+        assert (rc, started) == (0, [2])
+        return
+    assert (rc, started) == (2, [])
+    assert err[-1] == (
+        f"moco-fast train: error: loader 'mine' was registered in __main__ ({said} a --gpus worker runs nothing): "
+        "register it at a script's top level or in an importable module"
+    )
+
+
 def test_a_resume_of_a_run_whose_loader_main_registered_says_where_its_workers_find_it(registry, tmp_path, capsys):
     # a --gpus resume's workers cannot import __main__: registering the loader again in a notebook or
     # python -c, as it said, failed in every worker
