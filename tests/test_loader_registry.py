@@ -195,6 +195,9 @@ def test_a_users_loader_whose_module_the_run_did_not_record_is_resumed_from_pyth
         f"then `moco_fast.cli.main({argv!r})`"
     )
     # with --gpus, a @register_loader run again in a notebook or python -c failed in every spawned worker
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the GPUs the line asks for (else refused first)
     assert main([*argv, "--gpus", "2"]) == 2  # a run of the CPU's: its line asks for --device cuda too
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said.endswith(
@@ -458,7 +461,9 @@ def test_a_loader_registered_in_a_main_that_the_gpus_workers_do_not_run_is_refus
     )
 
 
-def test_a_resume_of_a_run_whose_loader_main_registered_says_where_its_workers_find_it(registry, tmp_path, capsys):
+def test_a_resume_of_a_run_whose_loader_main_registered_says_where_its_workers_find_it(
+    registry, tmp_path, capsys, monkeypatch
+):
     # a --gpus resume's workers cannot import __main__: registering the loader again in a notebook or
     # python -c, as it said, failed in every worker
     from moco_fast.cli import main
@@ -477,6 +482,9 @@ def test_a_resume_of_a_run_whose_loader_main_registered_says_where_its_workers_f
         "Resume it from Python: run its @register_loader again there (it was in a script or notebook: __main__),"
         in said
     )
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the GPUs the line asks for (else refused first)
     assert main([*argv, "--gpus", "2"]) == 2  # a run of the CPU's: its line asks for --device cuda too
     assert (
         capsys.readouterr()

@@ -750,6 +750,26 @@ def test_a_resume_line_under_torchrun_is_a_torchrun_command_that_rank_0_says(run
     assert err.endswith(said) and "`" not in err, err
 
 
+def test_a_resume_line_with_gpus_this_machine_lacks_is_not_named_the_gpus_are_refused_first(run, capsys, monkeypatch):
+    # `--resume --gpus 2` with --device auto on a machine without a GPU: the saved option's line repeated
+    # --gpus 2, which run as printed met "this machine has 0 CUDA GPUs"; the flag's own refusal comes first
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["data"].update(loader="ffcv", loader_options={"batches_ahead": "64"})
+    state["config"]["runtime"]["device"] = "auto"
+    torch.save(state, run / "checkpoint.pt")
+    argv = ["train", "--resume", "--out", str(run), "--workers", "1", "--gpus", "2"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moco-fast train: error: --gpus 2: this machine has 0 CUDA GPUs"), err
+    # where the GPUs are, the line with them; and --print-config, whose config may be for another machine
+    for have, extra in ((2, []), (0, ["--print-config"])):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda have=have: have)
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"--out {run} --gpus 2 --workers 1 --loader-option batches_ahead=32`"), err
+
+
 @pytest.mark.parametrize(
     "saved_data",
     [

@@ -431,13 +431,21 @@ def _resumes_on_the_cpu(cfg, args: argparse.Namespace) -> bool:
 
 def _flags_refused_first(cfg, args: argparse.Namespace, saved_run) -> None:
     """The refusals of the flags given (--lr=-1, --amp fp16 on the CPU...: trainer.check_flags_on, which
-    the run makes before it checks the loader), before a refusal of the resumed run's saved loader that
-    names a line to continue it: that line repeats every flag given, and run as printed it met the
-    refusal of one of them next."""
+    the run makes before it checks the loader; a --gpus N that this machine's GPUs cannot start), before a
+    refusal of the resumed run's saved loader that names a line to continue it: that line repeats every
+    flag given, and run as printed it met the refusal of one of them next. --print-config leaves the GPUs
+    alone: its config may be for another machine."""
     import torch
 
+    from moco_fast.launch import check_local_gpus
     from moco_fast.trainer import check_flags_on
 
+    where = _where_to_resume(args.device, args.gpus, cfg.runtime.device)
+    if "--gpus" in where and not args.print_config:
+        # the line's --gpus, with its --device (a contradiction with the run's saved one made right), as
+        # run() checks it next: `--resume --gpus 2` on a machine without a GPU named a line with --gpus 2
+        device = where[where.index("--device") + 1] if "--device" in where else cfg.runtime.device
+        check_local_gpus(replace(cfg, runtime=replace(cfg.runtime, device=device, gpus=int(where[-1]))))
     device = torch.device("cpu" if _resumes_on_the_cpu(cfg, args) else "cuda")
     check_flags_on(cfg, device, launch_world(cfg), saved_run)
 
