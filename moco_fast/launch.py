@@ -77,15 +77,15 @@ def check_local_gpus(cfg: TrainConfig) -> int:
 
 def cpu_processes(n: int) -> str:
     """The command that runs `n` training processes on this machine's CPU."""
-    return torchrun_train(n, "--device cpu ...")
+    return torchrun_command(n, "-m moco_fast train --device cpu ...")
 
 
-def torchrun_train(n: int, args: str, nodes: int = 1) -> str:
-    """The torchrun command that runs `moco-fast train ARGS` in `n` processes a machine: on this one
-    alone (--standalone), or on each of `nodes` machines, whose rendezvous flags (--rdzv-endpoint...)
-    it names without their values, which only the launch that started them knows."""
+def torchrun_command(n: int, program: str, nodes: int = 1) -> str:
+    """The torchrun command that runs `program` (`-m moco_fast train ARGS`, a script) in `n` processes a
+    machine: on this one alone (--standalone), or on each of `nodes` machines, whose rendezvous flags
+    (--rdzv-endpoint...) it names without their values, which only the launch that started them knows."""
     where = "--standalone" if nodes == 1 else f"--nnodes {nodes} --rdzv-backend c10d --rdzv-endpoint HOST:PORT"
-    return f"torchrun {where} --nproc_per_node {n} -m moco_fast train {args}"
+    return f"torchrun {where} --nproc_per_node {n} {program}"
 
 
 def check_gpus_flag(cfg: TrainConfig) -> None:

@@ -151,6 +151,32 @@ def test_a_run_trained_with_a_users_loader_names_its_module_on_a_resume_from_the
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
 
 
+def test_a_users_loaders_resume_under_torchrun_says_how_to_run_it_there_on_rank_0(
+    registry, tmp_path, capsys, monkeypatch
+):
+    # under torchrun every rank said to run moco_fast.cli.main(...), which from Python alone resumes in
+    # one process: rank 0 names the torchrun command for the script, the other ranks leave it to rank 0
+    from distributed_helpers import torchrun_env
+
+    from moco_fast.cli import main
+
+    out = trained_with_mine(tmp_path)
+    _LOADERS.pop("mine")
+    argv = ["train", "--resume", "--out", str(out), "--epochs", "2", "--print-config"]
+    torchrun_env(monkeypatch, RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", TORCHELASTIC_RUN_ID="t")
+    assert main(argv) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    run = f"`moco_fast.cli.main({argv[:-1]!r})`"  # the line runs, not --print-config
+    assert said.endswith(
+        f"then {run} in a SCRIPT.py that torchrun starts as it did this command: "
+        "`torchrun --standalone --nproc_per_node 2 SCRIPT.py`"
+    ), said
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.endswith("which this command cannot know: it runs no code of yours"), said
+
+
 def test_print_config_names_the_users_loaders_module_as_the_run_records_it(registry, tmp_path, capsys):
     # --print-config printed data.loader_module null for a run whose config.json records the module
     from moco_fast.cli import main

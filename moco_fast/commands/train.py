@@ -382,10 +382,13 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace, saved_
             how = "register it again at a script's top level or in an importable module (--gpus's workers import it)"
         else:
             how = "run its @register_loader again there (it was in a script or notebook: __main__)"
-    raise ConfigError(
-        f"--resume: {said} which this command cannot know: it runs no code of yours. Resume it from Python: "
-        f"{how}, then `moco_fast.cli.main({argv!r})`"
-    )
+    said = f"--resume: {said} which this command cannot know: it runs no code of yours"
+    run = f"`moco_fast.cli.main({argv!r})`"
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # the job's processes, each running it: rank 0 says how
+        if (job := _under_torchrun("SCRIPT.py")) is None:
+            raise ConfigError(said)
+        run += f" in a SCRIPT.py that torchrun starts as it did this command: `{job}`"
+    raise ConfigError(f"{said}. Resume it from Python: {how}, then {run}")
 
 
 def _check_saved_loader_options(cfg, given: dict[str, str], args: argparse.Namespace, saved_run) -> None:
@@ -452,20 +455,26 @@ def _flags_refused_first(cfg, args: argparse.Namespace, saved_run) -> None:
 
 def _as_launched(argv: list[str]) -> str | None:
     """The shell line that runs `moco-fast train ARGV` as this command runs: under torchrun, the torchrun
-    command with its processes a machine (--nproc_per_node) and machines (--nnodes), which continues
-    the run as it ran (`moco-fast train` alone was one process); None on its ranks but 0, which leave
-    the line to rank 0 (every rank ends with the error: N copies of it). A group started by hand (RANK,
-    WORLD_SIZE...) runs the line as it is in each of its processes."""
-    from moco_fast.distributed import local_world_size
-    from moco_fast.launch import torchrun_train
-
+    command (_under_torchrun), which continues the run as it ran (`moco-fast train` alone was one
+    process); None on its ranks but 0, which leave the line to rank 0 (every rank ends with the error:
+    N copies of it). A group started by hand (RANK, WORLD_SIZE...) runs the line as it is in each of
+    its processes."""
     line = shlex.join(argv)
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return f"moco-fast train {line}"
+    return _under_torchrun(f"-m moco_fast train {line}")
+
+
+def _under_torchrun(program: str) -> str | None:
+    """This torchrun job's command for `program`, with its processes a machine (--nproc_per_node) and
+    machines (--nnodes), on rank 0; None on the other ranks."""
+    from moco_fast.distributed import local_world_size
+    from moco_fast.launch import torchrun_command
+
     if os.environ.get("RANK", "0") != "0":
         return None
     nodes = os.environ.get("GROUP_WORLD_SIZE", "1")  # torchrun's count of machines (its agents)
-    return torchrun_train(local_world_size(), line, int(nodes) if nodes.isdigit() else 1)
+    return torchrun_command(local_world_size(), program, int(nodes) if nodes.isdigit() else 1)
 
 
 def _resume_argv(args: argparse.Namespace, device: str, loader_options: bool = True) -> list[str]:
