@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -379,7 +380,11 @@ def _launchers_signals_as_stops() -> Iterator[None]:
 
 
 def _put_back(handlers: dict[signal.Signals, Any]) -> None:
-    """Each signal's handler as it was (getsignal's None: one not set from Python, left as it is)."""
+    """Each signal's handler as it was (getsignal's None: one not set from Python, left as it is). In
+    another thread than the main one, none: the launcher sets its handlers in the main thread only, and
+    no handler can be set elsewhere (a `--gpus` training that cli.main ran in a thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     for s, h in handlers.items():
         if h is not None:
             signal.signal(s, h)

@@ -315,7 +315,11 @@ def stops_held() -> Iterator[None]:
     """While in it, Ctrl-C and the STOP_SIGNALS are held (_stops_held), then the first is acted on as
     it ends, through the handlers in place then (the command's); one held in a block that raises goes
     with its error. For what a stop must not split: an import (import_holding_signals), a temporary
-    folder made and its removal registered (launch.run_workers). Main thread only."""
+    folder made and its removal registered (launch.run_workers). In another thread it holds nothing:
+    no handler can be set there, and a stop runs its handler in the main thread, not in this block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     with _stops_held() as held:
         yield
     if held:

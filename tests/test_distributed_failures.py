@@ -1024,6 +1024,36 @@ def test_a_stop_while_a_launcher_undoes_its_steps_still_undoes_the_rest(tmp_path
     )
 
 
+def test_a_launcher_run_in_a_thread_returns_its_results_and_leaves_no_folder(tmp_path, monkeypatch):
+    # cli.main run in a thread (its signal steps are the main thread's only): run_workers set signal
+    # handlers there, holding stops over a folder's making or putting the launcher's back, which
+    # Python refuses outside the main thread (ValueError), where the launcher had set none
+    import tempfile
+    import threading
+
+    import torch.distributed.launcher.api as launcher_api
+
+    from moco_fast.signals import STOP_SIGNALS
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(launcher_api, "elastic_launch", lambda config, fn: lambda args: {0: "trained"})
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, *STOP_SIGNALS)}
+    ended: dict[str, object] = {}
+
+    def launch():
+        try:
+            ended["results"] = run_workers(_launchers_folders_locked, (str(tmp_path),), 1)
+        except BaseException as e:  # the thread's error, asserted on below
+            ended["error"] = e
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    thread.join()
+    assert ended == {"results": ["trained"]}, ended
+    assert list(tmp_path.iterdir()) == []
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
 def test_a_stop_after_the_launch_returned_ends_as_a_stop_and_leaves_no_folder(tmp_path, monkeypatch):
     # The launcher's handlers (SignalException) stay until run_workers puts the process's back, as its
     # undoing begins: a SIGTERM there, after elastic_launch returned, went up as SignalException (a
