@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from moco_fast.cli import EMPTY_PATH, CommandParser, empty_flag, say
+from moco_fast.cli import EMPTY_PATH, CommandParser, empty_flag, say_error
 from moco_fast.closed_stdout import failed_with
 from moco_fast.commands import HelpFormatter
 from moco_fast.config import ConfigError
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     if diverged:  # the grid ran and its table is written, but for them: 1 (2 is a sweep that stopped)
         # said before the table: a stdout whose reader went away (`| head`) ends the command at the
         # table's print (closed_stdout), and the line said after it was lost
-        say(f"moco-fast sweep: error: diverged: {', '.join(diverged)} (sweep.json has each error)")
+        say_error("sweep", f"diverged: {', '.join(diverged)} (sweep.json has each error)")
     status = 1 if diverged else 0
     with failed_with(status):
         print(markdown_table(shown(rows)), end="")
