@@ -43,7 +43,8 @@ def fsync_contents(path: Path) -> None:
     """fsync(2) of the file `path`, or of each file in the folder `path` (its subfolders too) and of
     each folder: what a rename is to put in place made durable before it, so that a power loss after
     the rename cannot leave it empty or short under its final name (convert's publish, and
-    bench/pack_folder.py). Each file is opened read-only by its path (its writer may hold it open
+    bench/pack_folder.py); and metrics.jsonl, appended to in place, before a checkpoint that covers its
+    rows (metrics.sync_rows). Each file is opened read-only by its path (its writer may hold it open
     still), which flushes the file's dirty pages on Linux; nothing is read back. Links and other
     files that are no regular file are left alone. An error is raised with the file's path (a full
     disk met by the write-back), as is one of a folder that cannot be listed (os.walk's default
