@@ -295,8 +295,6 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # The agent's step-by-step INFO lines would bury the training log.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     remove_killed_launchers_folders()
     # Each step that must be undone registers its undoing before it is done (undoing a step not done
     # yet changes nothing), or with stops held over both (a folder's, whose name comes with it), so
@@ -312,6 +310,11 @@ def run_workers(fn: Callable[..., Any], args: tuple, nprocs: int, where: str | N
         # the agent's own folder (its error files, a folder a rank): by default a new torchelastic_* in
         # the temporary directory that nobody removes, one more for each run
         agent_dir = _held_launchers_folder(undo, LAUNCH_FOLDERS[1])
+        # The agent's step-by-step INFO lines would bury the training log; the level is put back for a
+        # process that goes on (a notebook), whose own setting it is
+        agent_log = logging.getLogger("torch.distributed.elastic")
+        undo.callback(agent_log.setLevel, agent_log.level)
+        agent_log.setLevel(logging.WARNING)
         quiet = _QuietOnUserErrors(reports)
         for name in FAILURE_LOGGERS:
             undo.callback(logging.getLogger(name).removeFilter, quiet)

@@ -1024,6 +1024,30 @@ def test_a_stop_while_a_launcher_undoes_its_steps_still_undoes_the_rest(tmp_path
     )
 
 
+def test_a_launcher_puts_back_its_agents_log_level(tmp_path, monkeypatch):
+    # it set torch.distributed.elastic's logger to WARNING (the agent's INFO lines would bury the
+    # training log) and left it there: a process that goes on (a notebook) lost its own level
+    import tempfile
+
+    import torch.distributed.launcher.api as launcher_api
+
+    agent_log = logging.getLogger("torch.distributed.elastic")
+    seen, before = [], agent_log.level
+
+    def launched(config, fn):
+        seen.append(agent_log.level)
+        return lambda args: {0: "trained"}
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(launcher_api, "elastic_launch", launched)
+    agent_log.setLevel(logging.DEBUG)  # the notebook's (setLevel: the loggers' caches cleared too)
+    try:
+        assert run_workers(_launchers_folders_locked, (str(tmp_path),), 1) == ["trained"]
+        assert seen == [logging.WARNING] and agent_log.level == logging.DEBUG
+    finally:
+        agent_log.setLevel(before)
+
+
 def test_a_launcher_run_in_a_thread_returns_its_results_and_leaves_no_folder(tmp_path, monkeypatch):
     # cli.main run in a thread (its signal steps are the main thread's only): run_workers set signal
     # handlers there, holding stops over a folder's making or putting the launcher's back, which
