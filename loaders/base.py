@@ -34,6 +34,9 @@ class LoaderArgs:
     rank: int = 0
     world_size: int = 1
     synthetic_steps: int = 100
+    # The run's epoch count: the torch loader's workers start the next epoch's first batches while
+    # an epoch's last ones are taken, up to this many epochs (None: each epoch starts its own)
+    epochs: int | None = None
     check_images: bool = True
     # The eval split beside train/ (moco_fast.data.load_splits): "list" it, "try" (only the final
     # kNN uses it), or "skip" it (nothing evaluates). Folder loaders only.

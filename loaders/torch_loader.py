@@ -11,7 +11,10 @@ Randomness: each epoch's order comes from (seed, epoch); the draws of an image's
 travels with each index), whichever worker or rank makes it and whatever it made before. So the
 views are the same with any --workers, and an epoch resumed at a step (`set_epoch(epoch,
 start_step)`) reads the same images from there on with the same views: a resumed run trains as an
-uninterrupted one. (lincls and finetune have their own training loader, resumed at epoch ends and
+uninterrupted one. Given the run's epoch count (`LoaderArgs.epochs`, as the trainer gives it), the
+workers start the next epoch's first batch parts while an epoch's last batches are taken (its order
+and draws known from (seed, epoch) alone), and none past the last epoch; an epoch set at a step, or
+after one left before its end, starts its own. (lincls and finetune have their own training loader, resumed at epoch ends and
 seeded the same way: moco_fast/seeded_images.py.)
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import itertools
 import signal
 import weakref
 from collections.abc import Iterator
@@ -141,10 +145,11 @@ class EpochShardSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.per_rank
 
-    def indices(self) -> torch.Tensor:
-        """This rank's share of the epoch's order: per_rank dataset positions (long, on the host)."""
+    def indices(self, epoch: int | None = None) -> torch.Tensor:
+        """This rank's share of the order of `epoch` (None: the epoch set): per_rank dataset positions
+        (long, on the host)."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + (self.epoch if epoch is None else epoch))
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
@@ -167,9 +172,11 @@ class EpochShardKeys(Sampler[tuple[int, int]]):
         return len(self.sampler) - self.start_step * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.sampler.epoch  # fixed when the epoch's iteration starts
-        # the skipped samples are not read
-        order = self.sampler.indices()[self.start_step * self.batch_size :].tolist()
+        return self.of(self.sampler.epoch, self.start_step)  # the epoch fixed when its iteration starts
+
+    def of(self, epoch: int, start_step: int) -> Iterator[tuple[int, int]]:
+        """The keys of `epoch` from step `start_step` on, whichever epoch is set."""
+        order = self.sampler.indices(epoch)[start_step * self.batch_size :].tolist()  # the skipped ones not read
         return ((epoch, i) for i in order)
 
 
@@ -179,16 +186,27 @@ class BatchParts(Sampler[list[tuple[int, int]]]):
     together). With a part per worker, every worker makes a share of every batch. A whole batch per
     worker made each batch at one core's speed: every epoch's first batch waited for one worker
     alone, and a data set of one batch an epoch (407 images, batch 256) ran as fast with 8 workers
-    as with one (92 img/s on a 16-core machine)."""
+    as with one (92 img/s on a 16-core machine).
 
-    def __init__(self, keys: EpochShardKeys, parts: int):
-        self.keys, self.parts = keys, parts
+    Its iteration goes on past the epoch set into the next ones, up to `epochs` (None: none): the
+    DataLoader's workers then start the next epoch's first parts (its prefetch) while the trainer
+    takes an epoch's last batches, and TorchLoader hands out one epoch's parts at a time. `len` is
+    the epoch's."""
+
+    def __init__(self, keys: EpochShardKeys, parts: int, epochs: int | None = None):
+        self.keys, self.parts, self.epochs = keys, parts, epochs
 
     def __len__(self) -> int:
         return len(self.keys) // self.keys.batch_size * self.parts
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        n, keys = self.keys.batch_size, list(self.keys)
+        epoch = self.keys.sampler.epoch
+        yield from self._cut(list(self.keys))
+        for later in range(epoch + 1, self.epochs or 0):
+            yield from self._cut(list(self.keys.of(later, 0)))
+
+    def _cut(self, keys: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
+        n = self.keys.batch_size
         for start in range(0, len(keys) - n + 1, n):
             batch = keys[start : start + n]
             yield from (batch[p * n // self.parts : (p + 1) * n // self.parts] for p in range(self.parts))
@@ -281,6 +299,10 @@ class TorchLoader:
         self.keys = EpochShardKeys(self.sampler, args.batch_size)
         self.parts = batch_parts(args.batch_size, args.workers)
         self._batches: DataLoader | None = None  # made at the first __iter__, its workers kept to the end
+        self.batch_parts = BatchParts(self.keys, self.parts, args.epochs)
+        # (the DataLoader's iterator, the epoch it goes on into) once an epoch was read to its end
+        # with a next epoch to run: that epoch's __iter__ takes it on, its first parts made ahead
+        self._goes_on: tuple[Iterator, int] | None = None
         self._prefetch: DevicePrefetcher | None = None  # made at the first __iter__, after the fork; kept
         # before the epoch's progress bar: a part's two uint8 views, its labels and indices (int64)
         part = -(-args.batch_size // self.parts)
@@ -306,7 +328,7 @@ class TorchLoader:
                 atexit.register(_close_at_exit, weakref.ref(self))
             batches = DataLoader(
                 self.dataset,
-                batch_sampler=BatchParts(self.keys, self.parts),
+                batch_sampler=self.batch_parts,
                 num_workers=a.workers,
                 collate_fn=collate_views,
                 pin_memory=pins(a.device),
@@ -323,12 +345,24 @@ class TorchLoader:
                 multiprocessing_context=worker_start(a.workers),
             )
             self._batches = batches
-        # the DataLoader's iterator made here, not at DevicePrefetcher's first batch: see `start_workers`;
-        # its persistent workers start at the first iterator only, the one that needs /dev/shm checked
-        it = start_workers(self._batches, check=first)
+        goes_on, self._goes_on = self._goes_on, None
+        if goes_on is not None and goes_on[1] == self.sampler.epoch and self.keys.start_step == 0:
+            it = goes_on[0]
+        else:
+            # the DataLoader's iterator made here, not at DevicePrefetcher's first batch: see
+            # `start_workers`; its persistent workers start at the first iterator only, the one that
+            # needs /dev/shm checked. A new iterator drops what the workers made for another epoch.
+            it = start_workers(self._batches, check=first)
         if self._prefetch is None:  # once: its constants' copy to the device waits for the GPU
             self._prefetch = DevicePrefetcher(a.aug, a.device, a.dtype, a.channels_last)
-        return self._prefetch(JoinedParts(it, self.parts))
+        return self._prefetch(JoinedParts(self._one_epoch(it, self.sampler.epoch), self.parts))
+
+    def _one_epoch(self, it: Iterator, epoch: int) -> Iterator:
+        """The epoch's parts from `it`, which goes on into the next epoch's (BatchParts): left to that
+        epoch's __iter__ once this one is read to its end."""
+        yield from itertools.islice(it, len(self.batch_parts))
+        if epoch + 1 < (self.args.epochs or 0):
+            self._goes_on = (it, epoch + 1)
 
     def close(self) -> None:
         """Ends the workers as a finished DataLoader does (they leave their loop and exit), also at
@@ -336,7 +370,7 @@ class TorchLoader:
         SIGTERM (leave_stops_to_the_trainer), so end_daemonic_children would wait out its grace for
         them and SIGKILL them, 2 s more of every stop. torch has no public call for it: dropping the
         DataLoader does not end workers whose iterator a traceback's frame still holds."""
-        batches, self._batches = self._batches, None
+        batches, self._batches, self._goes_on = self._batches, None, None
         it = getattr(batches, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()

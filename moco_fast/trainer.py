@@ -365,6 +365,7 @@ def _train_held(
             rank=rank,
             world_size=world,
             synthetic_steps=cfg.data.synthetic_steps,
+            epochs=cfg.optim.epochs,
             eval_split=eval_split_use(cfg),
             splits=listed,
             options=dict(cfg.data.loader_options),

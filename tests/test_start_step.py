@@ -15,7 +15,7 @@ from moco_fast.augment import MOCO_CIFAR
 CPU = torch.device("cpu")
 
 
-def loader(name, root, world=1, rank=0, batch=4, workers=0):
+def loader(name, root, world=1, rank=0, batch=4, workers=0, epochs=None):
     args = LoaderArgs(
         None if name == "synthetic" else str(root),
         MOCO_CIFAR,
@@ -26,6 +26,7 @@ def loader(name, root, world=1, rank=0, batch=4, workers=0):
         rank=rank,
         world_size=world,
         synthetic_steps=6,
+        epochs=epochs,
     )
     return create_loader(name, args)
 
@@ -126,3 +127,54 @@ def test_the_torch_loaders_workers_are_started_once_per_run_and_an_epoch_left_ea
     assert len(workers[0]) == 2 and workers[0] == workers[1] == workers[2]
     fresh = loader("torch", tiny_root)
     assert same_batches(epoch(fresh, 3, start=1), epoch(ld, 3, start=1))
+
+
+def parts_asked_for(monkeypatch) -> list[int]:
+    """The epoch of each batch part the torch loader's DataLoader takes from its sampler (to give its
+    workers), in order, from here on."""
+    asked = []
+    cut = torch_loader.BatchParts._cut
+
+    def logged(self, keys):
+        for part in cut(self, keys):
+            asked.append(part[0][0])
+            yield part
+
+    monkeypatch.setattr(torch_loader.BatchParts, "_cut", logged)
+    return asked
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1)])
+def test_the_torch_loaders_workers_start_the_next_epoch_before_the_epoch_ends(tiny_root, monkeypatch, world, rank):
+    # each epoch's first batch waited for its parts, the workers idle while the last epoch's last
+    # batches were taken: they start the next epoch's parts then, and none for an epoch that never runs
+    asked = parts_asked_for(monkeypatch)
+    ld = loader("torch", tiny_root, world, rank, workers=2, epochs=3)
+    try:
+        for e in range(3):
+            ld.set_epoch(e)
+            batches = iter(ld)
+            for _ in range(len(ld)):
+                next(batches)
+            ahead = asked.count(e + 1)  # before the epoch's iteration ends
+            assert ahead > 0 if e < 2 else ahead == 0
+            assert next(batches, None) is None
+        assert set(asked) == {0, 1, 2}
+    finally:
+        ld.close()
+
+
+def test_the_torch_loaders_look_ahead_keeps_the_views_and_a_resumed_step(tiny_root):
+    # the same views, epoch after epoch, as a loader that starts each epoch anew (with no workers);
+    # an epoch set at a step (a resumed run), or after one left early, is not the one made ahead
+    ahead = loader("torch", tiny_root, workers=2, epochs=5)
+    anew = loader("torch", tiny_root)
+    try:
+        for e in range(2):
+            assert same_batches(epoch(ahead, e), epoch(anew, e))
+        assert same_batches(epoch(ahead, 2, start=1), epoch(anew, 2, start=1))
+        ahead.set_epoch(3)
+        next(iter(ahead))  # left after its first batch
+        assert same_batches(epoch(ahead, 4), epoch(anew, 4))
+    finally:
+        ahead.close()

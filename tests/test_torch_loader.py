@@ -226,6 +226,21 @@ def test_the_training_workers_are_gone_before_the_final_evaluation(tiny_root, tm
     assert main(argv) == 0 and alive == [0]
 
 
+def test_the_trainer_tells_the_loader_its_epochs(tiny_root, tmp_path, monkeypatch):
+    # the torch loader's workers start each next epoch's first batches as an epoch ends, up to the
+    # run's last epoch (test_start_step.py), which the loader knows from the trainer alone
+    from run_helpers import tiny_args
+
+    import moco_fast.trainer as trainer
+    from moco_fast.cli import main
+
+    told, create_loader = [], trainer.create_loader
+    monkeypatch.setattr(
+        trainer, "create_loader", lambda name, args: told.append(args.epochs) or create_loader(name, args)
+    )
+    assert main(tiny_args(tiny_root, tmp_path / "run", epochs=2)) == 0 and told == [2]
+
+
 def test_the_training_workers_are_the_trainers_own_children_under_any_start_method(tiny_root, monkeypatch):
     # Python 3.14's default start method on Linux is forkserver: the workers were then children of a
     # server process that a stop signal to the process group (SLURM, `docker stop`) ends, and torch's
