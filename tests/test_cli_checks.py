@@ -62,6 +62,35 @@ def test_an_output_that_is_a_fifo_or_device_is_refused_not_replaced(ckpt, tmp_pa
         assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
+@pytest.mark.parametrize("command", ["export", "lincls", "finetune", "finetune --save-model"])
+def test_an_output_path_ending_with_a_slash_is_refused_not_written_as_a_file(
+    command, ckpt, tmp_path, monkeypatch, capsys
+):
+    # Path("exports/") is Path("exports"): `--output exports/` wrote the export as a file named exports
+    import moco_fast.finetune
+    import moco_fast.lincls
+
+    def ran(*args, **kwargs):
+        raise Ran
+
+    monkeypatch.setattr(moco_fast.lincls, "run_lincls", ran)
+    monkeypatch.setattr(moco_fast.finetune, "run_finetune", ran)
+    folder = tmp_path / "exports"
+    given = f"{folder}{os.sep}"
+    ft = ["finetune", "--checkpoint", str(ckpt), "--device", "cpu"]
+    argv, flag = {
+        "export": (["export", str(ckpt), "--format", "torchvision", "--output", given], "--output"),
+        "lincls": (["lincls", "--checkpoint", str(ckpt), "--device", "cpu", "--out", given], "--out"),
+        "finetune": ([*ft, "--out", given], "--out"),
+        "finetune --save-model": ([*ft, "--out", str(tmp_path / "f.json"), "--save-model", given], "--save-model"),
+    }[command]
+    assert main(argv) == 2
+    assert one_line_error(capsys).endswith(
+        f"{flag} {given} ends with {os.sep}, a folder that does not exist: give a file path ({given}NAME)"
+    )
+    assert not folder.exists()
+
+
 @pytest.mark.parametrize("lr", ["0", "-1", "nan", "inf"])
 def test_sweep_linear_classifier_lr_must_be_a_positive_number(lr, tmp_path, monkeypatch, capsys):
     # --lincls-lr inf passed the check: every setting trained, then its classifier's weights were NaN.

@@ -127,8 +127,10 @@ def run(args: argparse.Namespace) -> int:
         arch=args.arch or (SCRATCH_ARCH if args.checkpoint is None else None),  # None: the checkpoint's
         stem=args.stem or DEFAULT_STEM,
     )
-    out = result_path(cfg)
-    out = check_output(out, "--out", inputs=(args.checkpoint,), replaces=result_of("finetune", PROTOCOL))
+    # --out as typed (result_path's Path drops a trailing "/", which check_output refuses)
+    out = check_output(
+        args.out or result_path(cfg), "--out", inputs=(args.checkpoint,), replaces=result_of("finetune", PROTOCOL)
+    )
     model_path = None
     if not args.no_save_model:
         model_path = args.save_model or out.with_suffix(".pt")
