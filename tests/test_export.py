@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import re
 
+import pytest
 import torch
 import torchvision
 from eval_helpers import TINY
@@ -170,6 +171,30 @@ def official_detectron2_name(name: str) -> str:
     name = re.sub(r"layer(\d)", lambda m: f"res{int(m[1]) + 1}", name)
     name = re.sub(r"bn(\d)", r"conv\1.norm", name)
     return name.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+def test_the_strict_loading_note_of_a_cifar_stem_network_says_to_rebuild_its_stem():
+    # finetune's note said torchvision.models.resnet18(num_classes=4) loads the network strictly, which
+    # a CIFAR stem's 3x3 conv1 does not fit: only the next note, followed first, made it true
+    from moco_fast.backbone import build_backbone
+    from moco_fast.commands.export import loading_notes
+    from moco_fast.export import backbone_state
+
+    backbone, width = build_backbone("resnet18", "cifar")
+    state = backbone_state(backbone, nn.Linear(width, 4))
+    with pytest.raises(RuntimeError, match=re.escape("size mismatch for conv1.weight")):
+        torchvision.models.resnet18(num_classes=4).load_state_dict(state)
+    notes = loading_notes("torchvision", "resnet18", "cifar", num_classes=4)
+    strict = [n for n in notes if "loads it strictly" in n]
+    assert strict == [
+        "torchvision.models.resnet18(num_classes=4) loads it strictly once its stem is the CIFAR one (next note)"
+    ]
+    assert notes[notes.index(strict[0]) + 1].startswith("CIFAR stem. Before load_state_dict, set net.conv1")
+    net = torchvision.models.resnet18(num_classes=4)
+    net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    net.load_state_dict(state)  # strict, as the notes say together
+    imagenet = loading_notes("torchvision", "resnet18", "imagenet", num_classes=4)
+    assert imagenet == ["torchvision.models.resnet18(num_classes=4) loads it strictly"]
 
 
 def test_a_moco_export_is_what_the_official_scripts_read(ckpt, six_root, tmp_path, capsys):

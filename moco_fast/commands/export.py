@@ -140,7 +140,9 @@ def loading_notes(fmt: str, arch: str, stem: str, num_classes: int | None = None
             + (" with strict=False" if num_classes is None else "")
         )
     if fmt == "torchvision" and k == 1 and num_classes is not None:  # torchvision's default fc has 1000
-        notes.append(f"torchvision.models.{arch}(num_classes={num_classes}) loads it strictly")
+        # torchvision's ImageNet stem does not take a CIFAR stem's 3x3 conv1 (a size mismatch)
+        rebuilt = " once its stem is the CIFAR one (next note)" if stem == "cifar" else ""
+        notes.append(f"torchvision.models.{arch}(num_classes={num_classes}) loads it strictly{rebuilt}")
     if fmt == "moco" and k > 1:
         notes.append(
             f"{arch} is not in torchvision: the official main_lincls.py cannot build it (its --arch names "
