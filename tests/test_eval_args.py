@@ -54,6 +54,15 @@ def test_every_flag_has_help_that_states_its_default(capsys):
     assert "(default: 100)" in text and "SGD weight decay (default: 0.0)" in text and "--seed SEED random" in text
 
 
+def test_sweep_help_says_the_linear_classifiers_schedule(capsys):
+    # --lincls-epochs said "for this many epochs" alone: its lr drops (sweep_eval._linear's 60% and 80%,
+    # lincls' 60,80 of 100) were in no help or doc, so a figure could not be matched with a lincls run
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "for this many epochs, its lr x0.1 at 60% and 80% of them as lincls' 60,80 of 100" in text
+
+
 def test_train_help_names_each_presets_own_defaults():
     # train's flags default to the preset's value: a help that gave only v2's (--epochs "default 200")
     # was wrong for the demo preset that plain `moco-fast train` runs (8 epochs, batch 128, K 1024)
