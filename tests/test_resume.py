@@ -770,6 +770,29 @@ def test_a_resume_line_with_gpus_this_machine_lacks_is_not_named_the_gpus_are_re
         assert err.endswith(f"--out {run} --gpus 2 --workers 1 --loader-option batches_ahead=32`"), err
 
 
+@pytest.mark.parametrize("saved, given", [("cpu", ["--device", "cuda"]), ("cpu", ["--device", "cuda:1"]), ("cuda", [])])
+def test_a_resume_line_with_a_cuda_device_this_machine_lacks_is_not_named_the_device_is_refused_first(
+    run, capsys, monkeypatch, saved, given
+):
+    # --device cuda, given or saved, on a machine without a GPU: the saved option's line repeated it, which
+    # run as printed met "no CUDA GPU is available"; the device's own refusal comes first
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["data"].update(loader="ffcv", loader_options={"batches_ahead": "64"})
+    state["config"]["runtime"]["device"] = saved
+    torch.save(state, run / "checkpoint.pt")
+    argv = ["train", "--resume", "--out", str(run), "--workers", "1", *given]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    device = given[1] if given else saved
+    assert err == [f"moco-fast train: error: --device {device} was asked for but no CUDA GPU is available"], err
+    # --print-config, whose config may be for another machine, names the line
+    assert main([*argv, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--workers 1 --loader-option batches_ahead=32`"), err
+
+
 @pytest.mark.parametrize(
     "saved_data",
     [

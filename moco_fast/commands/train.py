@@ -434,21 +434,25 @@ def _resumes_on_the_cpu(cfg, args: argparse.Namespace) -> bool:
 
 def _flags_refused_first(cfg, args: argparse.Namespace, saved_run) -> None:
     """The refusals of the flags given (--lr=-1, --amp fp16 on the CPU...: trainer.check_flags_on, which
-    the run makes before it checks the loader; a --gpus N that this machine's GPUs cannot start), before a
-    refusal of the resumed run's saved loader that names a line to continue it: that line repeats every
-    flag given, and run as printed it met the refusal of one of them next. --print-config leaves the GPUs
-    alone: its config may be for another machine."""
+    the run makes before it checks the loader; a --gpus N that this machine's GPUs cannot start, a --device
+    cuda, given or saved, on a machine without one), before a refusal of the resumed run's saved loader that
+    names a line to continue it: that line repeats every flag given, and run as printed it met the refusal
+    of one of them next. --print-config leaves the GPUs alone: its config may be for another machine."""
     import torch
 
     from moco_fast.launch import check_local_gpus
-    from moco_fast.trainer import check_flags_on
+    from moco_fast.trainer import check_flags_on, resolve_device
 
     where = _where_to_resume(args.device, args.gpus, cfg.runtime.device)
-    if "--gpus" in where and not args.print_config:
-        # the line's --gpus, with its --device (a contradiction with the run's saved one made right), as
-        # run() checks it next: `--resume --gpus 2` on a machine without a GPU named a line with --gpus 2
+    if not args.print_config:
+        # the line's --device (a contradiction with the run's saved one made right) and --gpus, as run()
+        # checks them next: `--resume --gpus 2` or --device cuda on a machine without a GPU named a line
+        # that met "this machine has 0 CUDA GPUs" or "no CUDA GPU is available"
         device = where[where.index("--device") + 1] if "--device" in where else cfg.runtime.device
-        check_local_gpus(replace(cfg, runtime=replace(cfg.runtime, device=device, gpus=int(where[-1]))))
+        if "--gpus" in where:  # the launcher's check, as run() makes it first (its workers resolve the device)
+            check_local_gpus(replace(cfg, runtime=replace(cfg.runtime, device=device, gpus=int(where[-1]))))
+        else:
+            resolve_device(device)
     device = torch.device("cpu" if _resumes_on_the_cpu(cfg, args) else "cuda")
     check_flags_on(cfg, device, launch_world(cfg), saved_run)
 
