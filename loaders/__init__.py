@@ -77,7 +77,8 @@ def register_loader(name: str):
                     f"register_loader({name!r}): the name is {was}'s already; register {where} under another name"
                 )
         _LOADERS[name] = fn
-        # the frame that applied the decorator: a module's top level, whose import registers it again
+        # the frame that applied it: at a module's top level, the module whose import registers it again; in
+        # a function, that function's module, whose import does not (a worker's import_loader_module says so)
         _REGISTRARS[name] = sys._getframe(1).f_globals.get("__name__")
         return fn
 
