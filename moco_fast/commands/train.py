@@ -385,7 +385,7 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace, saved_
     said = f"--resume: {said} which this command cannot know: it runs no code of yours"
     run = f"`moco_fast.cli.main({argv!r})`"
     if "TORCHELASTIC_RUN_ID" in os.environ:  # the job's processes, each running it: rank 0 says how
-        if (job := _under_torchrun("SCRIPT.py")) is None:
+        if (job := _torchrun_line("SCRIPT.py")) is None:
             raise ConfigError(said)
         run += f" in a SCRIPT.py that torchrun starts as it did this command: `{job}`"
     raise ConfigError(f"{said}. Resume it from Python: {how}, then {run}")
@@ -459,17 +459,17 @@ def _flags_refused_first(cfg, args: argparse.Namespace, saved_run) -> None:
 
 def _as_launched(argv: list[str]) -> str | None:
     """The shell line that runs `moco-fast train ARGV` as this command runs: under torchrun, the torchrun
-    command (_under_torchrun), which continues the run as it ran (`moco-fast train` alone was one
+    command (_torchrun_line), which continues the run as it ran (`moco-fast train` alone was one
     process); None on its ranks but 0, which leave the line to rank 0 (every rank ends with the error:
     N copies of it). A group started by hand (RANK, WORLD_SIZE...) runs the line as it is in each of
     its processes."""
     line = shlex.join(argv)
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return f"moco-fast train {line}"
-    return _under_torchrun(f"-m moco_fast train {line}")
+    return _torchrun_line(f"-m moco_fast train {line}")
 
 
-def _under_torchrun(program: str) -> str | None:
+def _torchrun_line(program: str) -> str | None:
     """This torchrun job's command for `program`, with its processes a machine (--nproc_per_node) and
     machines (--nnodes), on rank 0; None on the other ranks."""
     from moco_fast.distributed import local_world_size
