@@ -112,6 +112,11 @@ def measure(data: str | None, images: int | None, epochs: int, seed: int, look_a
     }
 
 
+def write(path: str | None, result: dict) -> None:
+    if path:
+        atomic_write_text(path, json.dumps(result, indent=2, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", action="append", help="an image folder (repeatable; default: the demo set)")
@@ -138,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             row["load_avg_1min"] = os.getloadavg()[0]  # a shared machine's figures are noisy: say how busy
             result["rows"].append(row)
             result["device"] = device_info(torch.device("cpu"))
-            if args.json:  # after every row: a run cut short keeps what it measured
-                atomic_write_text(args.json, json.dumps(result, indent=2, default=str))
+            write(args.json, result)  # after every row: a run cut short keeps what it measured
         result["complete"] = True
+        write(args.json, result)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

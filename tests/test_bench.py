@@ -1,7 +1,7 @@
 """bench/: the throughput script end to end on the CPU, its row parsing, its flags' checks, the plot,
-the momentum, split-BN and FFCV benches' flags, bench/pack_folder.py, and each script's --help as gpu_check.sh
-runs it (the profile breakdown and the reference step: test_bench_reference.py; the table and its
-ratios: test_bench_report.py)."""
+the momentum, split-BN and FFCV benches' flags, the epoch-start bench's JSON, bench/pack_folder.py,
+and each script's --help as gpu_check.sh runs it (the profile breakdown and the reference step:
+test_bench_reference.py; the table and its ratios: test_bench_report.py)."""
 
 import argparse
 import json
@@ -1015,3 +1015,16 @@ def test_data_and_workers_that_no_row_reads_are_named(tiny_root, capsys):
     ]
     assert throughput.main([*run, "--loader", "synthetic"]) == 0  # nothing given that goes unread
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_the_epoch_start_bench_marks_its_json_complete_once_every_row_ran(tmp_path, monkeypatch, capsys):
+    # the JSON was written after each row only, before `complete` was set: a whole run's file said
+    # false, as a run cut short does
+    import epoch_start
+
+    row = {"name": "demo set", "settings": "", "first_batch_s": 0.5, "other_batch_ms": 20.0, "epoch_s": 9.0}
+    monkeypatch.setattr(epoch_start, "measure", lambda *args: dict(row))
+    out = tmp_path / "r.json"
+    assert epoch_start.main(["--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] is True and len(result["rows"]) == 2
