@@ -96,19 +96,28 @@ def measure(data: str | None, images: int | None, epochs: int, seed: int, look_a
             )
     finally:
         loader.close()
-    later = epochs_seen[1:]
-    epoch_s = statistics.median(e["epoch_s"] for e in later)
     return {
         "name": "demo set" if data is None else f"{data} ({loader.num_images} images)",
         "settings": f"{'look-ahead' if look_ahead else 'none'}, {workers} worker(s), {len(loader)} steps of {cfg.optim.batch_size}",
         "look_ahead": look_ahead,
-        "first_batch_s": statistics.median(e["first_batch_s"] for e in later),
-        "other_batch_ms": statistics.median(w for e in later for w in e["waits_s"][1:]) * 1000,
-        "epoch_s": epoch_s,
-        "img_per_s": len(loader) * cfg.optim.batch_size / epoch_s,
+        **figures(epochs_seen, len(loader) * cfg.optim.batch_size),
         "workers": workers,
         "epochs": epochs_seen,
         "config": to_dict(cfg),
+    }
+
+
+def figures(epochs_seen: list[dict], images: int) -> dict:
+    """A row's figures, medians over the epochs after the first (the workers' start), of `images`
+    each: `other_batch_ms` is None where an epoch is one step (it has no other batch)."""
+    later = epochs_seen[1:]
+    waits = [w for e in later for w in e["waits_s"][1:]]
+    epoch_s = statistics.median(e["epoch_s"] for e in later)
+    return {
+        "first_batch_s": statistics.median(e["first_batch_s"] for e in later),
+        "other_batch_ms": statistics.median(waits) * 1000 if waits else None,
+        "epoch_s": epoch_s,
+        "img_per_s": images / epoch_s,
     }
 
 

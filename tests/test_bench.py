@@ -1028,3 +1028,15 @@ def test_the_epoch_start_bench_marks_its_json_complete_once_every_row_ran(tmp_pa
     assert epoch_start.main(["--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["complete"] is True and len(result["rows"]) == 2
+
+
+def test_the_epoch_start_bench_takes_epochs_of_one_step():
+    # an epoch of one step (--images at the demo batch) has no other batch: their median was a
+    # StatisticsError's traceback after the row's epochs had run
+    import epoch_start
+
+    one_step = [{"first_batch_s": s, "waits_s": [s], "epoch_s": 2 * s} for s in (3.0, 0.5, 0.25)]
+    row = epoch_start.figures(one_step, 128)
+    assert row["other_batch_ms"] is None and row["first_batch_s"] == 0.375 and row["img_per_s"] == 128 / 0.75
+    two_steps = [{"first_batch_s": 1.0, "waits_s": [1.0, w], "epoch_s": 4.0} for w in (9.0, 0.02, 0.04)]
+    assert epoch_start.figures(two_steps, 256)["other_batch_ms"] == pytest.approx(30.0)
