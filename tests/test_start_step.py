@@ -166,8 +166,9 @@ def test_the_torch_loaders_workers_start_the_next_epoch_before_the_epoch_ends(ti
 
 def test_the_torch_loaders_look_ahead_keeps_the_views_and_a_resumed_step(tiny_root):
     # the same views, epoch after epoch, as a loader that starts each epoch anew (with no workers);
-    # an epoch set at a step (a resumed run), or after one left early, is not the one made ahead
-    ahead = loader("torch", tiny_root, workers=2, epochs=5)
+    # an epoch set at a step (a resumed run), or after one left early, is not the one made ahead, nor
+    # is one other than the next after an epoch read to its end (the same again, one further on)
+    ahead = loader("torch", tiny_root, workers=2, epochs=7)
     anew = loader("torch", tiny_root)
     try:
         for e in range(2):
@@ -176,5 +177,7 @@ def test_the_torch_loaders_look_ahead_keeps_the_views_and_a_resumed_step(tiny_ro
         ahead.set_epoch(3)
         next(iter(ahead))  # left after its first batch
         assert same_batches(epoch(ahead, 4), epoch(anew, 4))
+        assert same_batches(epoch(ahead, 4), epoch(anew, 4))
+        assert same_batches(epoch(ahead, 6), epoch(anew, 6))
     finally:
         ahead.close()
