@@ -55,6 +55,11 @@ def measure(data: str | None, images: int | None, epochs: int, seed: int, look_a
     if images is not None and images < len(splits.train):  # every k-th image: all classes kept
         keep = list(range(0, len(splits.train), len(splits.train) // images))[:images]
         splits.train = splits.train.keeping(keep, [])
+    if len(splits.train) < cfg.optim.batch_size:  # the loader's line would say to lower a --batch-size it has not
+        where = "the demo set" if data is None else data
+        raise DataError(
+            f"{where}: {len(splits.train)} images, fewer than the demo preset's batch of {cfg.optim.batch_size}"
+        )
     workers = resolve_workers(cfg.data.workers, device)
     loader = create_loader(
         "torch",

@@ -1040,3 +1040,16 @@ def test_the_epoch_start_bench_takes_epochs_of_one_step():
     assert row["other_batch_ms"] is None and row["first_batch_s"] == 0.375 and row["img_per_s"] == 128 / 0.75
     two_steps = [{"first_batch_s": 1.0, "waits_s": [1.0, w], "epoch_s": 4.0} for w in (9.0, 0.02, 0.04)]
     assert epoch_start.figures(two_steps, 256)["other_batch_ms"] == pytest.approx(30.0)
+
+
+def test_the_epoch_start_bench_says_too_few_images_for_its_batch_in_its_own_terms(tiny_root, capsys):
+    # the loader's line told to lower --batch-size, a flag the bench does not have (the demo preset's batch)
+    import epoch_start
+
+    from moco_fast.config import build_config
+
+    batch = build_config("demo", {}).optim.batch_size  # more than tiny_root's 32 images
+    for argv in (["--images", "3"], ["--data", str(tiny_root)]):
+        assert epoch_start.main(argv) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"fewer than the demo preset's batch of {batch}" in line and "--batch-size" not in line, line
