@@ -62,11 +62,13 @@ def test_an_output_that_is_a_fifo_or_device_is_refused_not_replaced(ckpt, tmp_pa
         assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
+@pytest.mark.parametrize("ending", ["", ".", ".."])
 @pytest.mark.parametrize("command", ["export", "lincls", "finetune", "finetune --save-model"])
 def test_an_output_path_ending_with_a_slash_is_refused_not_written_as_a_file(
-    command, ckpt, tmp_path, monkeypatch, capsys
+    command, ending, ckpt, tmp_path, monkeypatch, capsys
 ):
-    # Path("exports/") is Path("exports"): `--output exports/` wrote the export as a file named exports
+    # Path("exports/") and Path("exports/.") are Path("exports"): `--output exports/` wrote the export
+    # as a file named exports; exports/.. names a folder too
     import moco_fast.finetune
     import moco_fast.lincls
 
@@ -76,7 +78,7 @@ def test_an_output_path_ending_with_a_slash_is_refused_not_written_as_a_file(
     monkeypatch.setattr(moco_fast.lincls, "run_lincls", ran)
     monkeypatch.setattr(moco_fast.finetune, "run_finetune", ran)
     folder = tmp_path / "exports"
-    given = f"{folder}{os.sep}"
+    given = f"{folder}{os.sep}{ending}"
     ft = ["finetune", "--checkpoint", str(ckpt), "--device", "cpu"]
     argv, flag = {
         "export": (["export", str(ckpt), "--format", "torchvision", "--output", given], "--output"),
@@ -86,7 +88,8 @@ def test_an_output_path_ending_with_a_slash_is_refused_not_written_as_a_file(
     }[command]
     assert main(argv) == 2
     assert one_line_error(capsys).endswith(
-        f"{flag} {given} ends with {os.sep}, a folder that does not exist: give a file path ({given}NAME)"
+        f"{flag} {given} ends with {ending or os.sep}, a folder that does not exist: give a file path "
+        f"({os.path.join(given, 'NAME')})"
     )
     assert not folder.exists()
 

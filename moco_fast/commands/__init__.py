@@ -187,11 +187,13 @@ def check_output(
         require(not p.exists() or p.is_dir(), f"{flag} {p} is a file: give a folder path")
     else:
         require(not p.is_dir(), f"{flag} {p} is a folder: give a file path")
-        # Path drops a trailing "/": `--output exports/` would write a file named exports, where the
-        # slash says that a folder was meant
+        # Path drops a trailing "/" or "/.": `--output exports/` (or exports/.) would write a file named
+        # exports, where the ending says that a folder was meant; a last ".." names a folder too
+        tail = os.path.basename(str(path))
         require(
-            not str(path).endswith(os.sep),
-            f"{flag} {path} ends with {os.sep}, a folder that does not exist: give a file path ({path}NAME)",
+            tail not in ("", ".", ".."),
+            f"{flag} {path} ends with {tail or os.sep}, a folder that does not exist: give a file path "
+            f"({os.path.join(path, 'NAME')})",
         )
         # atomic_write renames its temporary file over the path: a device (/dev/null), FIFO or socket
         # there would be replaced by a regular file, not written to (as root, even in /dev)
