@@ -54,13 +54,24 @@ def test_every_flag_has_help_that_states_its_default(capsys):
     assert "(default: 100)" in text and "SGD weight decay (default: 0.0)" in text and "--seed SEED random" in text
 
 
-def test_sweep_help_says_the_linear_classifiers_schedule(capsys):
-    # --lincls-epochs said "for this many epochs" alone: its lr drops (sweep_eval._linear's 60% and 80%,
-    # lincls' 60,80 of 100) were in no help or doc, so a figure could not be matched with a lincls run
+def test_sweep_help_says_the_linear_classifiers_schedule(tmp_path, monkeypatch, capsys):
+    # --lincls-epochs said "for this many epochs" alone: its lr drops were in no help or doc, so a
+    # figure could not be matched with a lincls run. The schedule named is the one the classifier runs
+    import moco_fast.lincls
+    from moco_fast.config import build_config
+    from moco_fast.sweep_eval import _linear
+
+    ran = []
+    monkeypatch.setattr(moco_fast.lincls, "run_lincls", lambda cfg, *a: ran.append(cfg) or {"top1": 0.0})
+    cfg = build_config("cifar", {"data.data": str(tmp_path / "data"), "runtime.device": "cpu"})
+    _linear(cfg, tmp_path, None, 100, 30.0)
+    first, second = ran[0].schedule.split(",")
+    assert (moco_fast.lincls.LinclsConfig.epochs, moco_fast.lincls.LinclsConfig.schedule) == (100, ran[0].schedule)
     with pytest.raises(SystemExit):
         main(["sweep", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "for this many epochs, its lr x0.1 at 60% and 80% of them as lincls' 60,80 of 100" in text
+    said = f"for this many epochs, its lr x0.1 at {first}% and {second}% of them as lincls' {first},{second} of 100"
+    assert said in text
 
 
 def test_train_help_names_each_presets_own_defaults():
