@@ -145,9 +145,11 @@ def validate(cfg: ConvertConfig) -> None:
         raise ConfigError(f"--jpeg-quality must be in 1..100, got {cfg.jpeg_quality}")
     if cfg.max_resolution is not None:
         check_at_least("--max-resolution", cfg.max_resolution, 8)
-    if cfg.format == "ffcv" and cfg.dst.endswith(("/", os.sep)):  # Path drops the slash: `out/` wrote a file `out`
+    # Path drops a last "/" or "/.": `out/` (or out/.) wrote a file `out`
+    if cfg.format == "ffcv" and (cfg.dst.endswith(("/", os.sep)) or os.path.basename(cfg.dst) == "."):
+        ending = "a slash" if cfg.dst.endswith(("/", os.sep)) else f"{os.sep}."
         raise ConfigError(
-            f"DST {cfg.dst} ends with a slash (a folder), and --format ffcv writes one file: "
+            f"DST {cfg.dst} ends with {ending} (a folder), and --format ffcv writes one file: "
             f"give its name ({os.path.join(cfg.dst, 'train.beton')})"
         )
     if Path(cfg.dst).name in ("", ".."):  # `.`, `..`, `/`: DST's lock, temporary and sidecars are named after it
