@@ -1,5 +1,6 @@
 """README.md's "Use from Python" block, run as written on a tiny image folder, and docs/dali.md's
-corrupt-JPEG finder, run on damaged JPEGs: the docs cannot drift from what they show."""
+corrupt-JPEG finder, run on damaged JPEGs, and each documented sweep's settings checked: the docs
+cannot drift from what they show."""
 
 import io
 import re
@@ -75,3 +76,37 @@ def test_the_dali_docs_corrupt_jpeg_finder_names_each_damaged_file_and_no_good_o
     assert out.returncode == 0, out.stderr
     named = {Path(line.split(" ", 1)[0]).name for line in out.stdout.splitlines()}
     assert named == set(files) - {"good.JPEG"}, out.stdout
+
+
+def documented_sweeps() -> list[str]:
+    """Each `moco-fast sweep` command in the fenced blocks of README.md and docs/experiments.md, its
+    continued lines joined and its comment left off."""
+    found = []
+    for doc in (README, README.parent / "docs" / "experiments.md"):
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", doc.read_text(), re.S):
+            for command in block.replace("\\\n", " ").splitlines():
+                if command.startswith("moco-fast sweep "):
+                    found.append(command.split("  #", 1)[0])
+    return found
+
+
+def test_each_documented_sweep_passes_every_settings_checks(tmp_path, monkeypatch, capsys):
+    # the README's `--moco-k 256,4096 ... -- --preset cifar` was refused before anything trained: the
+    # cifar preset's batch of 512 enqueues more keys a step than a queue of 256 holds
+    import moco_fast.trainer
+    from moco_fast.cli import main
+
+    class Checked(Exception):
+        """Raised where the sweep has checked every setting, before the data is read."""
+
+    def checked(*args, **kwargs):
+        raise Checked
+
+    monkeypatch.setattr(moco_fast.trainer, "check_workers", checked)  # run_sweep's next step
+    monkeypatch.chdir(tmp_path)
+    commands = documented_sweeps()
+    assert len(commands) >= 3, commands  # the README's and experiments.md's two
+    for command in commands:
+        with pytest.raises(Checked):
+            main(command.split()[1:])
+            pytest.fail(f"{command}: {capsys.readouterr().err.strip()}")
