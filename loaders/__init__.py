@@ -102,9 +102,9 @@ def check_main_reaches_workers(name: str, module: str | None) -> None:
     """In the --gpus launcher, before its workers are spawned: a ConfigError where loader `name` was
     registered in __main__ (`module`, registered_by's) and the workers run none of __main__'s code, as
     multiprocessing's spawn decides it: python -c, a REPL or a notebook (no __main__.__file__), a
-    package's __main__.py (`python -m PKG`). Each worker refused it in import_loader_module, after
-    all of them had started. A script's `if __name__ == "__main__":` block is not told apart here: its
-    workers say it."""
+    package's __main__.py (`python -m PKG`): said once here, where each worker's import_loader_module
+    would say it only after all of them had started. A script's `if __name__ == "__main__":` block is
+    not told apart here: its workers say it."""
     if module != "__main__" or name in _MODULES:
         return
     main = sys.modules.get("__main__")

@@ -373,7 +373,7 @@ def _launchers_signals_as_stops() -> Iterator[None]:
     """The launcher's SignalException (its handlers raise it for each signal it handles, from its start
     until run_workers puts the process's own back) raised as the stop it is, as without --gpus: Ctrl-C's
     KeyboardInterrupt, else Terminated, which the CLI ends with its line and exit status 128 + the
-    signal, where SignalException was a traceback."""
+    signal (a SignalException is no stop to it: a traceback)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     try:
