@@ -160,6 +160,9 @@ def test_the_torch_loaders_workers_start_the_next_epoch_before_the_epoch_ends(ti
             assert ahead > 0 if e < 2 else ahead == 0
             assert next(batches, None) is None
         assert set(asked) == {0, 1, 2}
+        # the next epoch takes on the parts made ahead: a new iterator there had the workers finish
+        # them, dropped them and asked for the epoch's every part again, its first batch waiting as before
+        assert [asked.count(e) for e in range(3)] == [len(ld.batch_parts)] * 3, asked
     finally:
         ld.close()
 
