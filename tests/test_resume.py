@@ -750,6 +750,38 @@ def test_a_resume_line_under_torchrun_is_a_torchrun_command_that_rank_0_says(run
     assert err.endswith(said) and "`" not in err, err
 
 
+def test_a_moved_data_line_under_torchrun_is_a_torchrun_command_that_rank_0_says(run, tmp_path, capsys, monkeypatch):
+    # the --data NEW_PATH line of a run whose folder moved, under torchrun: `moco-fast train ...` ran
+    # one process where the job had N, and every rank said it. The data's error is raised where the
+    # training opens it (after the job's group is joined, which this test does not start)
+    import moco_fast.trainer
+    from moco_fast.data import DataError
+
+    path = run / "checkpoint.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    gone = tmp_path / "moved-away"
+    state["config"]["data"]["data"] = str(gone)
+    torch.save(state, path)
+
+    def opens_the_data(cfg, saved=None):
+        raise DataError(f"data folder not found: {gone}")
+
+    monkeypatch.setattr(moco_fast.trainer, "train", opens_the_data)
+    torchrun_env(monkeypatch, RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", TORCHELASTIC_RUN_ID="t")
+    argv = ["train", "--resume", "--out", str(run), "--device", "cpu", "--workers", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    said = f"data folder not found: {gone} (the --data the run was trained with, which --resume reads where no --data is given"
+    assert err.endswith(
+        f"{said}; if its images moved, `torchrun --standalone --nproc_per_node 2 -m moco_fast train --resume "
+        f"--out {run} --device cpu --workers 0 --data NEW_PATH` continues the run there)"
+    ), err
+    monkeypatch.setenv("RANK", "1")  # the other ranks: the error, the line left to rank 0
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{said})") and "`" not in err, err
+
+
 def test_a_resume_line_with_gpus_this_machine_lacks_is_not_named_the_gpus_are_refused_first(run, capsys, monkeypatch):
     # `--resume --gpus 2` with --device auto on a machine without a GPU: the saved option's line repeated
     # --gpus 2, which run as printed met "this machine has 0 CUDA GPUs"; the flag's own refusal comes first
