@@ -107,7 +107,10 @@ class Bench:
 
     def loader(self, amp_dtype, channels_last: bool, synthetic: bool = False):
         args = loader_args(self.cfg, self.device, self.workers, self.splits)
-        args = replace(args, dtype=amp_dtype or torch.float32, channels_last=channels_last)
+        # the epochs a row's batches can cross (forever's, a step each at least), which the trainer gives
+        # its loader as a run's: the torch loader's workers start each next one's first batch ahead
+        epochs = self.args.warmup + self.args.steps
+        args = replace(args, dtype=amp_dtype or torch.float32, channels_last=channels_last, epochs=epochs)
         if synthetic:
             args = replace(args, splits=None, options={})
         return create_loader("synthetic" if synthetic else self.cfg.data.loader, args)

@@ -1053,3 +1053,17 @@ def test_the_epoch_start_bench_says_too_few_images_for_its_batch_in_its_own_term
         assert epoch_start.main(argv) == 2
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"fewer than the demo preset's batch of {batch}" in line and "--batch-size" not in line, line
+
+
+def test_a_torch_loader_row_looks_ahead_across_epochs_as_the_trainers_loader_does(tiny_root, monkeypatch, capsys):
+    # the trainer gives the torch loader its epochs, whose workers then start each next epoch's first
+    # batch as an epoch ends; the bench's loader was given none: a row crossing epochs (a small set)
+    # waited at each epoch's start for what training no longer waits for, and timed it
+    from moco_fast.loaders import torch_loader
+
+    started, start_workers = [], torch_loader.start_workers
+    monkeypatch.setattr(torch_loader, "start_workers", lambda *a, **k: started.append(1) or start_workers(*a, **k))
+    # 32 images, batch 16: 2 steps an epoch, so a row of 5 steps crosses 3 epochs
+    rows = ["--rows", "loader", "--loader", "torch", "--workers", "1", "--steps", "4", "--warmup", "1"]
+    assert throughput.main([*TINY, "--data", str(tiny_root), *rows]) == 0, capsys.readouterr().err
+    assert started == [1]  # one iteration, begun once, goes on into each next epoch
