@@ -14,8 +14,8 @@ start_step)`) reads the same images from there on with the same views: a resumed
 uninterrupted one. Given the run's epoch count (`LoaderArgs.epochs`, as the trainer gives it), the
 workers start the next epoch's first batch parts while an epoch's last batches are taken (its order
 and draws known from (seed, epoch) alone), and none past the last epoch; an epoch set at a step, or
-after one left before its end, starts its own. (lincls and finetune have their own training loader, resumed at epoch ends and
-seeded the same way: moco_fast/seeded_images.py.)
+after one left before its end, starts its own. (lincls and finetune have their own training loader,
+resumed at epoch ends and seeded the same way: moco_fast/seeded_images.py.)
 """
 
 from __future__ import annotations

@@ -771,7 +771,10 @@ def test_a_moved_data_line_under_torchrun_is_a_torchrun_command_that_rank_0_says
     argv = ["train", "--resume", "--out", str(run), "--device", "cpu", "--workers", "0"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    said = f"data folder not found: {gone} (the --data the run was trained with, which --resume reads where no --data is given"
+    said = (
+        f"data folder not found: {gone} (the --data the run was trained with, which --resume reads where no "
+        "--data is given"
+    )
     assert err.endswith(
         f"{said}; if its images moved, `torchrun --standalone --nproc_per_node 2 -m moco_fast train --resume "
         f"--out {run} --device cpu --workers 0 --data NEW_PATH` continues the run there)"
