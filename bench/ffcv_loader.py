@@ -26,7 +26,8 @@ and, for a like-for-like torch row, to a folder of the same 256-px JPEGs. Rows:
                     the way from the loader's uint8 batch to the trainer's views
 
 Each row warms up (`--warmup` batches, which includes FFCV's Numba compile) and then times at least
-`--steps` batches and `--min-seconds`, across epochs when the set is shorter. `img/s` counts images, each with its two views.
+`--steps` batches and `--min-seconds`, across epochs when the set is shorter (the torch loader's
+workers starting each next epoch's first batch ahead, as in training). `img/s` counts images, each with its two views.
 The JSON is written once, after the rows; its `complete` is false when a Ctrl-C stopped them.
 """
 
@@ -133,6 +134,10 @@ def run_row(row: str, roots: dict, a: argparse.Namespace, listings: dict[Path, D
         check_images=False,
         eval_split="skip",  # no row evaluates: an ImageNet val/ not yet sorted into classes is no error
         options=options,
+        # the epochs the row's batches may cross, as the trainer gives its loader a run's (the torch
+        # loader's workers start each next epoch's first batch ahead): timed's --min-seconds leaves
+        # the count open, so one that no row reaches
+        epochs=sys.maxsize,
     )
     if data is not None:  # a torch row: the folder listed once, as its loader lists it
         if data not in listings:

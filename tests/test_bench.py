@@ -1067,3 +1067,20 @@ def test_a_torch_loader_row_looks_ahead_across_epochs_as_the_trainers_loader_doe
     rows = ["--rows", "loader", "--loader", "torch", "--workers", "1", "--steps", "4", "--warmup", "1"]
     assert throughput.main([*TINY, "--data", str(tiny_root), *rows]) == 0, capsys.readouterr().err
     assert started == [1]  # one iteration, begun once, goes on into each next epoch
+
+
+@pytest.mark.slow
+def test_the_ffcv_benchs_torch_rows_look_ahead_across_epochs_as_the_trainers_loader_does(
+    tiny_root, monkeypatch, capsys
+):
+    # as throughput.py's rows: the torch rows' loader was given no epochs, so each epoch's start waited
+    # for what training's loader has made ahead, against FFCV on a set of a few batches an epoch
+    import ffcv_loader
+    from moco_fast.loaders import torch_loader
+
+    started, start_workers = [], torch_loader.start_workers
+    monkeypatch.setattr(torch_loader, "start_workers", lambda *a, **k: started.append(1) or start_workers(*a, **k))
+    # 32 images, batch 16: 2 steps an epoch, so a row of 5 steps crosses 3 epochs
+    flags = ["--rows", "torch", "--workers", "1", "--batch-size", "16", "--min-seconds", "0", "--steps", "4"]
+    assert ffcv_loader.main(["--data", str(tiny_root / "train"), *flags, "--warmup", "1"]) == 0, capsys.readouterr().err
+    assert started == [1]  # one iteration, begun once, goes on into each next epoch
