@@ -924,8 +924,14 @@ def test_a_stop_between_a_launchers_folder_and_its_undoing_leaves_neither_folder
         return opened[-1]
 
     monkeypatch.setattr(launch, "_launchers_folder", stopped_once_made)
-    with pytest.raises(KeyboardInterrupt):
-        run_workers(_launchers_folders_locked, (str(tmp_path),), 1)
+    # Python's own handler, also under a test run that ignores SIGINT (one started in the background
+    # by a non-interactive shell: there the stop was ignored and the launch ran on)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_workers(_launchers_folders_locked, (str(tmp_path),), 1)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert len(opened) == 1 and list(tmp_path.iterdir()) == []
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(opened[0][0])  # closed
