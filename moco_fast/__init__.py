@@ -20,3 +20,12 @@ def _started_by_the_forking_process() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_started_by_the_forking_process)
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun or `--gpus`'s launcher started: torch's elastic agent, the
+    engine of both, sets TORCHELASTIC_RUN_ID for its workers. False in one started alone and in a
+    manual env:// launch (RANK, WORLD_SIZE... set by hand or by a scheduler), which
+    launch.under_torchrun counts as well. Here, not in launch.py beside it: the CLI asks it as it
+    starts (cli._in_a_worker), before torch, which launch imports, is in."""
+    return "TORCHELASTIC_RUN_ID" in os.environ

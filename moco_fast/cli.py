@@ -21,7 +21,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 
-from moco_fast import __version__, bar_lines, closed_stdout, shared_memory, signals
+from moco_fast import __version__, bar_lines, closed_stdout, launched_by_torchrun, shared_memory, signals
 
 # Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args)`.
 COMMANDS = [
@@ -372,7 +372,7 @@ def _main(argv: list[str] | None) -> int:
 def _in_a_worker() -> bool:
     """A process of a job of several (torchrun, or RANK and WORLD_SIZE set by hand)."""
     world = os.environ.get("WORLD_SIZE", "1").strip()  # not a number: the run refuses it (join), in one line
-    return (world.isdigit() and int(world) > 1) or "TORCHELASTIC_RUN_ID" in os.environ
+    return (world.isdigit() and int(world) > 1) or launched_by_torchrun()
 
 
 def _say_stopped(signum: int) -> None:

@@ -65,7 +65,7 @@ def init_from_env(device: str = "auto") -> bool:
 
     rank, world, addr, port = check_group_env()
     timeout = join_timeout()
-    manual = "TORCHELASTIC_RUN_ID" not in os.environ  # torchrun's and --gpus's workers: gathered already
+    manual = not moco_fast.launched_by_torchrun()  # torchrun's and --gpus's workers: gathered already
     if not manual:  # before the join: a launcher gone by then stops its worker now, not at the join's timeout
         stop_with_the_launcher(moco_fast.STARTED_BY)  # read now: a forked process records its own
     if manual and rank == "0":  # it may wait a while

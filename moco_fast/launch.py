@@ -61,7 +61,9 @@ class WorkerUserError(UserError):
 
 
 def under_torchrun() -> bool:
-    """True in a process that torchrun (or --gpus's launcher) started: it joins a process group."""
+    """True in a process that torchrun (or --gpus's launcher) started, or one of a manual env:// launch
+    (RANK, WORLD_SIZE set by hand): it joins a process group. Launched by torchrun or --gpus alone:
+    moco_fast.launched_by_torchrun."""
     return any(v in os.environ for v in TORCHRUN_VARS)
 
 

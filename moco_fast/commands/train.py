@@ -12,6 +12,7 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
+from moco_fast import launched_by_torchrun
 from moco_fast.augment import AUG_PRESETS
 from moco_fast.commands import AMP_CHOICES, HelpFormatter
 from moco_fast.commands.unused_flags import warn_unused
@@ -384,7 +385,7 @@ def _check_users_loader(cfg, saved_loader: str, args: argparse.Namespace, saved_
             how = "run its @register_loader again there (it was in a script or notebook: __main__)"
     said = f"--resume: {said} which this command cannot know: it runs no code of yours"
     run = f"`moco_fast.cli.main({argv!r})`"
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # the job's processes, each running it: rank 0 says how
+    if launched_by_torchrun():  # the job's processes, each running it: rank 0 says how
         if (job := _torchrun_line("SCRIPT.py")) is None:
             raise ConfigError(said)
         run += f" in a SCRIPT.py that torchrun starts as it did this command: `{job}`"
@@ -464,7 +465,7 @@ def _as_launched(argv: list[str]) -> str | None:
     N copies of it). A group started by hand (RANK, WORLD_SIZE...) runs the line as it is in each of
     its processes."""
     line = shlex.join(argv)
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
+    if not launched_by_torchrun():
         return f"moco-fast train {line}"
     return _torchrun_line(f"-m moco_fast train {line}")
 
