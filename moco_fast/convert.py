@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moco_fast.cli import ENVIRONMENT_ERRNOS, interruption, os_error_behind
+from moco_fast.commands import require_a_file_name
 from moco_fast.config import MAX_SEED, ConfigError, check_at_least
 from moco_fast.convert_beton import convert_ffcv
 from moco_fast.convert_dst import check_destination, names_path, sidecar_path
@@ -145,13 +146,10 @@ def validate(cfg: ConvertConfig) -> None:
         raise ConfigError(f"--jpeg-quality must be in 1..100, got {cfg.jpeg_quality}")
     if cfg.max_resolution is not None:
         check_at_least("--max-resolution", cfg.max_resolution, 8)
-    # Path drops a last "/" or "/.": `out/` (or out/.) wrote a file `out`
-    if cfg.format == "ffcv" and (cfg.dst.endswith(("/", os.sep)) or os.path.basename(cfg.dst) == "."):
-        ending = "a slash" if cfg.dst.endswith(("/", os.sep)) else f"{os.sep}."
-        raise ConfigError(
-            f"DST {cfg.dst} ends with {ending} (a folder), and --format ffcv writes one file: "
-            f"give its name ({os.path.join(cfg.dst, 'train.beton')})"
-        )
+    # Path drops a last "/" or "/.": `out/` (or out/.) wrote a file `out`. In the words of every
+    # command's output file (commands.check_output, which refuses an existing folder itself, later)
+    if cfg.format == "ffcv" and not Path(cfg.dst).is_dir():
+        require_a_file_name(cfg.dst, "DST")
     if Path(cfg.dst).name in ("", ".."):  # `.`, `..`, `/`: DST's lock, temporary and sidecars are named after it
         raise ConfigError(
             f"DST {cfg.dst} names a folder without its name, and convert writes DST beside itself under a "

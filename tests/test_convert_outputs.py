@@ -283,17 +283,17 @@ def test_lower_bounds_are_worded_as_the_other_commands_word_them(flag, value, le
 @pytest.mark.parametrize("ending", ["/", "/."])
 def test_a_beton_dst_ending_with_a_slash_is_refused_before_any_image_is_read(ending, tmp_path, monkeypatch, capsys):
     # `convert data betons/` (or betons/.) wrote a .beton file named betons (Path drops the ending), not
-    # one in it
+    # one in it; refused in the words of every other command's output file (test_cli_checks)
     import moco_fast.convert
 
     monkeypatch.setattr(moco_fast.convert, "missing_modules", lambda names: [])  # an FFCV-less CI gets as far
     dst = f"{tmp_path}/betons{ending}"
     assert main(["convert", str(tmp_path / "no-such-src"), dst]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    said = "a slash" if ending == "/" else "/."
+    said = "/" if ending == "/" else "."
     assert err == [
-        f"moco-fast convert: error: DST {dst} ends with {said} (a folder), and --format ffcv writes one file: "
-        f"give its name ({os.path.join(dst, 'train.beton')})"
+        f"moco-fast convert: error: DST {dst} ends with {said}, a folder that does not exist: give a file path "
+        f"({os.path.join(dst, 'NAME')})"
     ]
     assert sorted(tmp_path.iterdir()) == []
 

@@ -187,14 +187,7 @@ def check_output(
         require(not p.exists() or p.is_dir(), f"{flag} {p} is a file: give a folder path")
     else:
         require(not p.is_dir(), f"{flag} {p} is a folder: give a file path")
-        # Path drops a trailing "/" or "/.": `--output exports/` (or exports/.) would write a file named
-        # exports, where the ending says that a folder was meant; a last ".." names a folder too
-        tail = os.path.basename(str(path))
-        require(
-            tail not in ("", ".", ".."),
-            f"{flag} {path} ends with {tail or os.sep}, a folder that does not exist: give a file path "
-            f"({os.path.join(path, 'NAME')})",
-        )
+        require_a_file_name(path, flag)
         # atomic_write renames its temporary file over the path: a device (/dev/null), FIFO or socket
         # there would be replaced by a regular file, not written to (as root, even in /dev)
         require(
@@ -211,6 +204,19 @@ def check_output(
         require(why is None, f"{flag} {p} exists and {why}: give another path, or delete it first")
     check_writable_beside(p, flag)
     return p
+
+
+def require_a_file_name(path: str | Path, flag: str) -> None:
+    """ConfigError where `path`, a file to write that is no existing folder, ends as a folder's path
+    does: Path drops a trailing "/" or "/.", and `--output exports/` (or exports/.) would write a file
+    named exports, where the ending says that a folder was meant; a last ".." names a folder too. For
+    check_output, and convert's .beton, checked before the images are read (convert.validate)."""
+    tail = os.path.basename(str(path))
+    require(
+        tail not in ("", ".", ".."),
+        f"{flag} {path} ends with {tail or os.sep}, a folder that does not exist: give a file path "
+        f"({os.path.join(path, 'NAME')})",
+    )
 
 
 def result_of(command: str, protocol: str) -> Callable[[Path], str | None]:
