@@ -17,7 +17,6 @@ epoch's wall time, set_epoch to its last step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,9 +30,8 @@ from before_rows import interrupted_before_rows
 with interrupted_before_rows():
     import torch
     from moco_fast.loaders import LoaderArgs, create_loader
-    from report import check_output_path, device_info, format_table, ms_text
+    from report import check_output_path, device_info, format_table, ms_text, write_json
 
-    from moco_fast.checkpoint import atomic_write_text
     from moco_fast.config import ConfigError, build_config, check_at_least, to_dict
     from moco_fast.data import DataError, load_splits
     from moco_fast.model import MoCo
@@ -126,11 +124,6 @@ def figures(epochs_seen: list[dict], images: int) -> dict:
     }
 
 
-def write(path: str | None, result: dict) -> None:
-    if path:
-        atomic_write_text(path, json.dumps(result, indent=2, default=str))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", action="append", help="an image folder (repeatable; default: the demo set)")
@@ -157,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             row["load_avg_1min"] = os.getloadavg()[0]  # a shared machine's figures are noisy: say how busy
             result["rows"].append(row)
             result["device"] = device_info(torch.device("cpu"))
-            write(args.json, result)  # after every row: a run cut short keeps what it measured
+            if args.json:  # after every row: a run cut short keeps what it measured
+                write_json(args.json, result)
         result["complete"] = True
-        write(args.json, result)
+        if args.json:
+            write_json(args.json, result)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,10 @@
 """The table, the machine description, the call timer, the endless batch stream, the output-path
-check and the log lines said once of the bench/ scripts."""
+check, the result's write and the log lines said once of the bench/ scripts."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from moco_fast.checkpoint import atomic_write_text
 from moco_fast.config import ConfigError
 
 
@@ -205,6 +207,13 @@ def check_output_path(path: str | None, flag: str, suffix: str) -> None:
     if Path(path).suffix.lower() != suffix:
         raise ConfigError(f"{flag} {path}: name a {suffix} file")
     check_output(path, flag, replaces=run_file)
+
+
+def write_json(path: str, result: dict) -> None:
+    """A bench's result at `path` (its --json, checked by check_output_path), through atomic_write: a
+    bench writes it after every row, so that a run cut short keeps what it measured, and a reader
+    never meets half a file."""
+    atomic_write_text(path, json.dumps(result, indent=2, default=str))
 
 
 @contextlib.contextmanager

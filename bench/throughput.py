@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import sys
 import time
@@ -43,11 +42,11 @@ with interrupted_before_rows():  # torch takes seconds to import: a Ctrl-C here 
         format_table,
         ratio_notes,
         speed_text,
+        write_json,
     )
     from row_specs import DEFAULT_ROWS, MODIFIERS, RowSpec, parse_rows
 
     from moco_fast.backbone import BN_KERNELS
-    from moco_fast.checkpoint import atomic_write_text
     from moco_fast.cli import log_as_lines
     from moco_fast.config import ConfigError, build_config, check_at_least, check_image_size, to_dict
     from moco_fast.data import DataError, DataSplits
@@ -177,10 +176,6 @@ class Bench:
         return row
 
     profiled = False
-
-
-def write_json(path: str, result: dict) -> None:
-    atomic_write_text(path, json.dumps(result, indent=2, default=str))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -485,7 +485,9 @@ def test_a_full_disk_under_json_or_plot_is_one_line(tmp_path, capsys, monkeypatc
     def no_space(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(throughput, "atomic_write_text", no_space)
+    import report
+
+    monkeypatch.setattr(report, "atomic_write_text", no_space)  # the benches' write_json
     out = tmp_path / "r2.json"
     assert throughput.main([*TINY, "--rows", "reference", "--json", str(out)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: No space left on device: {out}"
