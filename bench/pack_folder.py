@@ -68,7 +68,8 @@ def pack(src: Path, dst: Path) -> int:
 def unpack(src: Path, dst: Path) -> int:
     """Into a new (or empty) folder, through DST.part: an unpack that fails (a full disk) or is
     interrupted removes it, and one that was killed leaves no half folder under the final name (the
-    next one starts over)."""
+    next one removes it and starts over; one it cannot remove is refused, not written into). An
+    empty DST is replaced by the rename itself, so that one that fails leaves it as it was."""
     if not src.is_file():
         raise PackError(f"{src} is not a file")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -83,7 +84,15 @@ def unpack(src: Path, dst: Path) -> int:
     if unsafe:  # checked before anything is written
         raise PackError(f"refusing a path outside the destination: {unsafe[0]}")
     tmp = dst.with_name(dst.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        remove_temporary(tmp)  # left by an unpack that was killed
+    except OSError as e:
+        # where it stays, the files would be written into it, beside what it holds (or through a link
+        # into another folder); nothing there (DST's folder is missing, or is a file): the write says why
+        if os.path.lexists(tmp):
+            raise PackError(
+                f"{tmp}, left by an earlier unpack, cannot be removed ({e.strerror or e}): remove it"
+            ) from None
     written = False
     try:
         for i, name in enumerate(decoded):
@@ -91,8 +100,8 @@ def unpack(src: Path, dst: Path) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(data[offsets[i] : offsets[i + 1]].tobytes())
         fsync_contents(tmp)  # its files durable before the rename puts it in place
-        if dst.exists():
-            dst.rmdir()  # empty (checked above)
+        # over an empty DST at once (rename(2) replaces an empty folder): removed first, a rename that
+        # then failed left the user without it; one that is no longer empty is refused (ENOTEMPTY)
         os.replace(tmp, dst)
         written = True
         fsync_folder_written_in(dst)  # the rename made durable; an error says that DST is in place
@@ -109,14 +118,20 @@ def failed(e: BaseException, dst: Path, tmp: Path, written: bool) -> PackError |
     place), an OSError's is write_error's; None for another error (a bug: its traceback). A `tmp` that
     cannot be removed (a failing disk that went read-only) is named as left behind."""
     with contextlib.suppress(OSError):  # nothing there where DST's folder could not be made
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp)
-        else:
-            tmp.unlink(missing_ok=True)
+        remove_temporary(tmp)
     left = f"; {tmp} is left behind: remove it" if os.path.lexists(tmp) else ""
     if isinstance(e, KeyboardInterrupt):
         return Interrupted(f"interrupted: {dst} {'written' if written else 'not written'}{left}")
     return PackError(write_error(e, dst, tmp) + left) if isinstance(e, OSError) else None
+
+
+def remove_temporary(tmp: Path) -> None:
+    """DST's temporary `tmp` removed, a file, folder or link (the link itself: rmtree refuses one), if
+    there; an OSError where it cannot be."""
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp)
+    else:
+        tmp.unlink(missing_ok=True)
 
 
 def write_error(e: OSError, dst: Path, tmp: Path) -> str:

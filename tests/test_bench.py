@@ -623,6 +623,64 @@ def test_pack_folder_unpack_names_dst_not_a_file_of_its_removed_part(tiny_root, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set.npz"]
 
 
+def test_pack_folder_unpack_keeps_an_empty_dst_where_the_rename_fails(tiny_root, tmp_path, capsys, monkeypatch):
+    # an empty DST was removed before the rename that puts the unpacked folder there: a rename that
+    # failed left the user without their folder, and without a result
+    import errno
+
+    pack, dst = tmp_path / "set.npz", tmp_path / "out"
+    assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
+    dst.mkdir()
+
+    def refused(src, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    with monkeypatch.context() as m:
+        m.setattr(pack_folder.os, "replace", refused)
+        capsys.readouterr()
+        assert pack_folder.main(["unpack", str(pack), str(dst)]) == 2
+    assert capsys.readouterr().err == f"error: cannot write {dst} (Invalid cross-device link)\n"
+    assert dst.is_dir() and not any(dst.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "set.npz"]  # no DST.part
+    # the rename itself replaces the empty folder
+    assert pack_folder.main(["unpack", str(pack), str(dst)]) == 0
+    assert len([p for p in dst.rglob("*") if p.is_file()]) == 40
+
+
+def test_pack_folder_unpack_never_writes_into_a_stale_part_it_could_not_remove(
+    tiny_root, tmp_path, capsys, monkeypatch
+):
+    # DST.part, left by an unpack that was killed, was removed with ignore_errors: one that stayed was
+    # written into, and put in place as DST. A link there (rmtree refuses one) took the files into the
+    # folder it names; a folder that cannot be removed kept its stale files in DST
+    import errno
+
+    pack, dst = tmp_path / "set.npz", tmp_path / "out"
+    assert pack_folder.main(["pack", str(tiny_root), str(pack)]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out.part").symlink_to(tmp_path / "elsewhere")
+    assert pack_folder.main(["unpack", str(pack), str(dst)]) == 0  # the link removed, not followed
+    assert not any((tmp_path / "elsewhere").iterdir()) and dst.is_dir() and not dst.is_symlink()
+    stale = tmp_path / "again.part"
+    stale.mkdir()
+    (stale / "stale.jpg").write_bytes(b"from an earlier unpack")
+    real = shutil.rmtree
+
+    def stuck(path, ignore_errors=False, **kwargs):  # as rmtree meets a file it may not remove
+        if Path(path) != stale:
+            return real(path, ignore_errors=ignore_errors, **kwargs)
+        if not ignore_errors:
+            raise PermissionError(errno.EACCES, "Permission denied", str(stale / "stale.jpg"))
+
+    monkeypatch.setattr(pack_folder.shutil, "rmtree", stuck)
+    capsys.readouterr()
+    assert pack_folder.main(["unpack", str(pack), str(tmp_path / "again")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {stale}, left by an earlier unpack, cannot be removed (Permission denied): remove it\n"
+    )
+    assert not (tmp_path / "again").exists() and [p.name for p in stale.iterdir()] == ["stale.jpg"]
+
+
 @pytest.mark.parametrize("action", ["pack", "unpack"])
 def test_pack_folder_says_dst_was_written_where_its_folders_fsync_fails_after_the_rename(
     tiny_root, tmp_path, capsys, monkeypatch, action
