@@ -31,7 +31,14 @@ import torch
 from moco_fast.cli import UserError, log_as_lines, say_error
 from moco_fast.config import ConfigError, TrainConfig, check_at_least
 from moco_fast.folder_locks import ended_here, free_to_remove, locked_temporary, owner_name, owner_of
-from moco_fast.signals import STOP_SIGNALS, Terminated, exit_status, stop_signals_handled, stops_held
+from moco_fast.signals import (
+    STOP_SIGNALS,
+    Terminated,
+    exit_status,
+    set_handlers,
+    stop_signals_handled,
+    stops_held,
+)
 
 if TYPE_CHECKING:
     from moco_fast.folder_locks import FolderHold
@@ -385,14 +392,15 @@ def _launchers_signals_as_stops() -> Iterator[None]:
 
 
 def _put_back(handlers: dict[signal.Signals, Any]) -> None:
-    """Each signal's handler as it was (getsignal's None: one not set from Python, left as it is). In
-    another thread than the main one, none: the launcher sets its handlers in the main thread only, and
-    no handler can be set elsewhere (a `--gpus` training that cli.main ran in a thread)."""
+    """Each signal's handler as it was (getsignal's None: one not set from Python, left as it is), all
+    of them where a stop lands in between (signals.set_handlers): the loop that a stop ended left the
+    launcher's on the later signals, whose SignalException then came from a stop after the command
+    (a notebook's next cell). In another thread than the main one, none: the launcher sets its
+    handlers in the main thread only, and no handler can be set elsewhere (a `--gpus` training that
+    cli.main ran in a thread)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for s, h in handlers.items():
-        if h is not None:
-            signal.signal(s, h)
+    set_handlers({s: h for s, h in handlers.items() if h is not None})
 
 
 def _held_launchers_folder(undo: contextlib.ExitStack, prefix: str) -> str:

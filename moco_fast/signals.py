@@ -272,6 +272,21 @@ def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[N
             signal.signal(sig, handler)
 
 
+def set_handlers(handlers: dict[signal.Signals, Callable | int]) -> None:
+    """Each signal's handler set as `handlers` says, every one of them even where a stop lands between
+    two: one whose handler is set already raises its stop there (signal.signal runs a pending
+    handler before it sets the next), or one whose handler is still to be replaced (a launcher's), and
+    the loop ended with the later signals on the handlers they had. That stop goes on once all are
+    set. Main thread only, as signal.signal. A second stop while the rest are set ends that too: as
+    a repeated Ctrl-C, it stops at once."""
+    try:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    finally:  # after a stop between two, the rest; each one set already is set again, to the same
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def _put_back_sigchld() -> None:
     """The SIGCHLD handler that an earlier command's stop replaced (torch's, which it sets once per
     process) put back as the next command starts, in a process that went on (a test, a notebook):
