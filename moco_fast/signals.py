@@ -267,9 +267,8 @@ def stop_signals_handled(end: Callable[[int], None] | None = None) -> Iterator[N
             previous[sig] = signal.SIG_DFL if handler is None else handler  # None: set outside Python
         with stop_watch.watching(end, _on_stop_signal, STOP_SIGNALS) if end else contextlib.nullcontext():
             yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    finally:  # every one, where a stop lands in between (set_handlers)
+        set_handlers(previous)
 
 
 def set_handlers(handlers: dict[signal.Signals, Callable | int]) -> None:
@@ -321,8 +320,9 @@ def _stops_held() -> Iterator[list[int]]:
             signal.signal(sig, lambda signum, frame: held.append(signum))
         yield held
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        # every one, where a stop lands in between: one left recording would swallow the later stops.
+        # None: set outside Python
+        set_handlers({sig: signal.SIG_DFL if h is None else h for sig, h in previous.items()})
 
 
 @contextlib.contextmanager

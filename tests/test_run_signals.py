@@ -466,3 +466,41 @@ def test_a_stop_that_lands_in_a_fork_wakes_the_main_thread_blocked_after_it(requ
         os.read(r, 1)
     os.waitpid(pid, 0)
     assert woke == []
+
+
+@pytest.mark.parametrize("block", ["stops_held", "stop_signals_handled"])
+def test_a_stop_while_a_blocks_handlers_are_put_back_leaves_none_of_the_blocks(block, monkeypatch):
+    # each block puts the handlers from before back one signal after another: a stop that landed after
+    # one was put back (its handler raised it there) ended the loop, and the later signals kept the
+    # block's handler, stops_held's recording one, which swallowed every later stop of the command
+    import signal
+
+    from moco_fast.signals import Terminated
+
+    def ours(signum, frame):
+        raise Terminated(signum)
+
+    real = signal.signal
+    sigs = (signal.SIGUSR1, signal.SIGUSR2)
+    before = {s: signal.getsignal(s) for s in sigs}
+    raised: list[int] = []
+
+    def stop_lands(sig, handler):  # the stop comes as the first of ours is put back: its handler raises it
+        previous = real(sig, handler)
+        if handler is ours and not raised:
+            raised.append(sig)
+            signal.raise_signal(sig)
+        return previous
+
+    try:
+        for s in sigs:
+            real(s, ours)
+        with monkeypatch.context() as m:
+            m.setattr(signal, "signal", stop_lands)
+            with pytest.raises(Terminated) as stopped, getattr(signals, block)():
+                pass
+        assert raised == [signal.SIGUSR1] and stopped.value.signum == signal.SIGUSR1
+        assert [signal.getsignal(s) for s in sigs] == [ours, ours]
+    finally:
+        for s, h in before.items():
+            real(s, signal.SIG_DFL if h is None else h)
