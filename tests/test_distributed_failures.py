@@ -1123,45 +1123,6 @@ def test_a_stop_after_the_launch_returned_ends_as_a_stop_and_leaves_no_folder(tm
     assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
-def test_a_stop_while_the_handlers_are_put_back_leaves_no_launchers_handler(monkeypatch):
-    # run_workers puts the process's handlers back one signal after another: a stop that landed after
-    # the first (its handler, put back, raised it) ended the loop, and the later signals kept the
-    # launcher's handler, whose SignalException a stop after the command (a notebook's) then raised
-    from moco_fast import launch
-    from moco_fast.signals import Terminated
-
-    def launchers(signum, frame):
-        raise AssertionError("the launcher's handler ran")
-
-    def ours(signum, frame):
-        raise Terminated(signum)
-
-    real = signal.signal
-    sigs = (signal.SIGUSR1, signal.SIGUSR2)
-    before = {s: signal.getsignal(s) for s in sigs}
-    set_signals: list[int] = []
-
-    def stop_lands(sig, handler):  # the stop comes as the first is put back: its handler raises it
-        previous = real(sig, handler)
-        set_signals.append(sig)
-        if len(set_signals) == 1:
-            signal.raise_signal(sig)
-        return previous
-
-    try:
-        for s in sigs:
-            real(s, launchers)
-        with monkeypatch.context() as m:
-            m.setattr(signal, "signal", stop_lands)
-            with pytest.raises(Terminated) as stopped:
-                launch._put_back(dict.fromkeys(sigs, ours))
-        assert stopped.value.signum == signal.SIGUSR1
-        assert [signal.getsignal(s) for s in sigs] == [ours, ours]
-    finally:
-        for s, h in before.items():
-            real(s, signal.SIG_DFL if h is None else h)
-
-
 @pytest.mark.parametrize("no_lock", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
 def test_on_a_file_system_without_flock_a_launchers_folder_goes_by_its_host_pid(tmp_path, monkeypatch, no_lock):
     # as atomic_write's temporaries: where flock fails the launcher's folders go unguarded, and an

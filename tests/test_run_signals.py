@@ -468,17 +468,22 @@ def test_a_stop_that_lands_in_a_fork_wakes_the_main_thread_blocked_after_it(requ
     assert woke == []
 
 
-@pytest.mark.parametrize("block", ["stops_held", "stop_signals_handled"])
-def test_a_stop_while_a_blocks_handlers_are_put_back_leaves_none_of_the_blocks(block, monkeypatch):
-    # each block puts the handlers from before back one signal after another: a stop that landed after
-    # one was put back (its handler raised it there) ended the loop, and the later signals kept the
-    # block's handler, stops_held's recording one, which swallowed every later stop of the command
+@pytest.mark.parametrize("block", ["stops_held", "stop_signals_handled", "launch._put_back"])
+def test_a_stop_while_handlers_are_put_back_leaves_none_of_those_they_replace(block, monkeypatch):
+    # Each puts handlers back one signal after another: a stop that landed after one was put back (its
+    # handler raised it there) ended the loop, and the later signals kept the handler being replaced:
+    # stops_held's recording one, which swallowed every later stop of the command; the launcher's
+    # (run_workers, after the launch), whose SignalException a later stop raised (a notebook's)
     import signal
 
+    from moco_fast import launch
     from moco_fast.signals import Terminated
 
     def ours(signum, frame):
         raise Terminated(signum)
+
+    def launchers(signum, frame):
+        raise AssertionError("the launcher's handler ran")
 
     real = signal.signal
     sigs = (signal.SIGUSR1, signal.SIGUSR2)
@@ -492,13 +497,22 @@ def test_a_stop_while_a_blocks_handlers_are_put_back_leaves_none_of_the_blocks(b
             signal.raise_signal(sig)
         return previous
 
+    def put_back():
+        if block == "launch._put_back":
+            for s in sigs:
+                signal.signal(s, launchers)  # as the launcher's start sets them
+            launch._put_back(dict.fromkeys(sigs, ours))
+        else:
+            with getattr(signals, block)():  # ours before it, put back as it ends
+                pass
+
     try:
         for s in sigs:
             real(s, ours)
         with monkeypatch.context() as m:
             m.setattr(signal, "signal", stop_lands)
-            with pytest.raises(Terminated) as stopped, getattr(signals, block)():
-                pass
+            with pytest.raises(Terminated) as stopped:
+                put_back()
         assert raised == [signal.SIGUSR1] and stopped.value.signum == signal.SIGUSR1
         assert [signal.getsignal(s) for s in sigs] == [ours, ours]
     finally:
