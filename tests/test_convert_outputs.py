@@ -298,6 +298,23 @@ def test_a_beton_dst_ending_with_a_slash_is_refused_before_any_image_is_read(end
     assert sorted(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("ending", ["/", "/."])
+def test_an_existing_folder_as_a_beton_dst_is_refused_as_a_folder_whatever_its_ending(
+    ending, tmp_path, monkeypatch, capsys
+):
+    # the ending's line says "a folder that does not exist": an existing folder there gets
+    # check_output's own line, as one named without the ending does, and stays as it was
+    import moco_fast.convert
+
+    monkeypatch.setattr(moco_fast.convert, "missing_modules", lambda names: [])  # an FFCV-less CI gets as far
+    (tmp_path / "src").mkdir()
+    (tmp_path / "betons").mkdir()
+    assert main(["convert", str(tmp_path / "src"), f"{tmp_path}/betons{ending}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"moco-fast convert: error: DST {tmp_path / 'betons'} is a folder: give a file path"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["betons", "src"] and not any((tmp_path / "betons").iterdir())
+
+
 @pytest.mark.parametrize("dst", [".", "..", "sub/.."])
 def test_a_dst_without_a_name_is_one_line(dst, tmp_path, monkeypatch, capsys):
     # `convert data . --format wds` (the shards into the current folder) ended in a traceback,
