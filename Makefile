@@ -9,6 +9,11 @@ STAMP := $(VENV)/.installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev
 PYTEST_ARGS ?=
+# The tests run in this many processes (pytest-xdist), one per core up to 4. In one process the suite
+# kept about one core busy (its CPU time about its wall time): a 2-core machine ran it in 14 min with
+# 2 processes, against 23.5 min in one (2026-12-02).
+# TEST_WORKERS=0: all in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
 
 .PHONY: venv demo test lint bench clean
 
@@ -38,7 +43,7 @@ demo: $(STAMP)
 	$(BIN)/moco-fast train --device cpu --force
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -49,7 +49,7 @@ setup(
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "ffcv": ["ffcv", "numba", "opencv-python-headless"],
         "plot": ["matplotlib"],
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "pytest-xdist", "ruff"],
     },
     entry_points={"console_scripts": ["moco-fast=moco_fast.cli:main"]},
     cmdclass={"build_py": FreshBuildPy},
